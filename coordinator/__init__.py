@@ -1,0 +1,1 @@
+"""The fleetwave coordinator: planning, the rollout engine, its runner, the API and the CLI."""

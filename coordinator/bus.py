@@ -1,0 +1,390 @@
+"""The coordinator side's one seam to NATS: the only module of this package that imports ``nats``.
+
+Everything above it speaks bytes, keys and subjects; nats-py exceptions are turned here into the
+coordinator's error tree (NotReachable, BusError, Conflict) and never travel further.
+
+Known nats-py pitfalls handled here:
+- the initial connect does not retry by itself: ``connect`` retries with backoff up to a deadline;
+- a KV watcher does not survive a server restart (an ordered consumer that is never recreated):
+  ``watch`` re-creates its watcher after every reconnect, resuming from the last revision seen,
+  and callers treat it as level-triggered (a full read on every restart of the watch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js import api as js_api
+from nats.micro import add_service
+from nats.micro.service import EndpointConfig, ServiceConfig
+
+from coordinator.errors import BusError, Conflict, NotReachable
+from protocol import subjects
+
+REQUEST_TIMEOUT = 5.0
+OP_TIMEOUT = 10.0
+EVENTS_MAX_AGE = 90 * 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    value: bytes | None  # None: deleted
+    revision: int
+
+
+Handler = Callable[[bytes], Awaitable[bytes]]
+
+
+class Bus:
+    """A connected NATS client with JetStream, for one fleet."""
+
+    def __init__(self, nc: Client, fleet: str) -> None:
+        self.nc = nc
+        self.js = nc.jetstream(timeout=OP_TIMEOUT)
+        self.fleet = fleet
+        self.reconnects = 0
+        self._reconnected = asyncio.Event()
+        self._kv: dict[str, Any] = {}
+        self._services: list[Any] = []
+
+    # -- connection -------------------------------------------------------------------------------
+
+    @classmethod
+    async def connect(
+        cls, url: str, fleet: str, *, name: str = "fleetwave", connect_deadline: float = 5.0,
+        reconnect_forever: bool = False,
+    ) -> Bus:
+        """Connect, retrying until ``connect_deadline``; raise NotReachable with the fix."""
+        holder: list[Bus] = []
+
+        async def on_reconnect() -> None:
+            if holder:
+                holder[0].reconnects += 1
+                holder[0]._reconnected.set()
+
+        async def on_error(exc: Exception) -> None:  # logged by the owner; never raised here
+            return None
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + connect_deadline
+        delay = 0.05
+        while True:
+            try:
+                nc = await nats.connect(
+                    url,
+                    name=name,
+                    connect_timeout=2,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1 if reconnect_forever else 120,
+                    reconnect_time_wait=0.5,
+                    reconnected_cb=on_reconnect,
+                    error_cb=on_error,
+                    ping_interval=5,
+                    max_outstanding_pings=3,
+                )
+                break
+            except (OSError, nats.errors.Error, TimeoutError) as exc:
+                if loop.time() + delay > deadline:
+                    raise NotReachable(
+                        f"cannot reach NATS at {url} ({type(exc).__name__}); start a broker with "
+                        "'fleetwave broker' or a dev fleet with 'fleetwave dev up', or pass --nats"
+                    ) from None
+                await asyncio.sleep(delay * (1 + random.random() / 2))
+                delay = min(delay * 2, 1.0)
+        bus = cls(nc, fleet)
+        holder.append(bus)
+        return bus
+
+    async def close(self) -> None:
+        for svc in self._services:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(svc.stop(), 2)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.nc.drain(), 5)
+        if not self.nc.is_closed:
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+
+    # -- fleet set-up -----------------------------------------------------------------------------
+
+    async def ensure_fleet(self) -> None:
+        """Create the fleet's buckets, stream and object store if they do not exist (idempotent)."""
+        f = self.fleet
+        buckets = {
+            subjects.desired_bucket(f): 5,
+            subjects.observed_bucket(f): 1,
+            subjects.rollouts_bucket(f): 5,
+            subjects.nodes_bucket(f): 1,
+            subjects.locks_bucket(f): 1,
+        }
+        try:
+            for bucket, history in buckets.items():
+                await self.js.create_key_value(
+                    bucket=bucket, history=history, storage=js_api.StorageType.FILE
+                )
+            await self.js.create_object_store(
+                bucket=subjects.releases_store(f), storage=js_api.StorageType.FILE
+            )
+            with contextlib.suppress(nats.js.errors.BadRequestError):
+                await self.js.add_stream(
+                    name=subjects.events_stream(f),
+                    subjects=[subjects.events(f)],
+                    storage=js_api.StorageType.FILE,
+                    max_age=EVENTS_MAX_AGE,
+                )
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot set up fleet {f!r} in JetStream: {exc}") from None
+
+    # -- core NATS --------------------------------------------------------------------------------
+
+    async def publish(self, subject: str, data: bytes) -> None:
+        try:
+            await self.nc.publish(subject, data)
+        except nats.errors.Error as exc:
+            raise BusError(f"cannot publish on {subject}: {exc}") from None
+
+    async def subscribe(
+        self, subject: str, cb: Callable[[str, bytes], Awaitable[None]], queue: str = ""
+    ) -> Any:
+        async def handler(msg: Any) -> None:
+            await cb(msg.subject, msg.data)
+
+        return await self.nc.subscribe(subject, queue=queue, cb=handler)
+
+    async def request(self, subject: str, data: bytes, timeout: float = REQUEST_TIMEOUT) -> bytes:
+        """Request/reply; NotReachable when nobody answers (no coordinator)."""
+        try:
+            msg = await self.nc.request(subject, data, timeout=timeout)
+        except nats.errors.NoRespondersError:
+            raise NotReachable(
+                f"no coordinator answers for fleet {self.fleet!r}; start one with "
+                "'fleetwave coordinator' (or 'fleetwave dev up')"
+            ) from None
+        except (nats.errors.TimeoutError, TimeoutError):
+            raise NotReachable(
+                f"the coordinator of fleet {self.fleet!r} did not answer within {timeout:g}s; "
+                "check that it is running and not overloaded"
+            ) from None
+        except nats.errors.Error as exc:
+            raise BusError(f"request on {subject} failed: {exc}") from None
+        data_out: bytes = msg.data
+        return data_out
+
+    async def serve(
+        self, name: str, version: str, endpoints: dict[str, tuple[str, Handler]]
+    ) -> None:
+        """Serve a NATS micro service; ``endpoints`` maps a name to (subject, handler)."""
+        svc = await add_service(
+            self.nc, ServiceConfig(name=name, version=version, description="fleetwave")
+        )
+        for ep_name, (subject, handler) in endpoints.items():
+            async def on_request(req: Any, handler: Handler = handler) -> None:
+                await req.respond(await handler(req.data))
+
+            await svc.add_endpoint(
+                EndpointConfig(name=ep_name, subject=subject, handler=on_request,
+                               queue_group="fleetwave-coordinator")
+            )
+        self._services.append(svc)
+
+    # -- JetStream KV -----------------------------------------------------------------------------
+
+    async def _bucket(self, bucket: str) -> Any:
+        kv = self._kv.get(bucket)
+        if kv is None:
+            try:
+                kv = await self.js.key_value(bucket)
+            except nats.js.errors.BucketNotFoundError:
+                raise BusError(
+                    f"bucket {bucket} does not exist; is a coordinator running for fleet "
+                    f"{self.fleet!r}? ('fleetwave coordinator' creates it)"
+                ) from None
+            except (nats.errors.Error, TimeoutError) as exc:
+                raise BusError(f"cannot open bucket {bucket}: {exc}") from None
+            self._kv[bucket] = kv
+        return kv
+
+    async def kv_get(self, bucket: str, key: str) -> Entry | None:
+        kv = await self._bucket(bucket)
+        try:
+            e = await kv.get(key)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            return None
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot read {bucket}/{key}: {exc}") from None
+        return Entry(key, e.value, e.revision or 0)
+
+    async def kv_put(self, bucket: str, key: str, value: bytes) -> int:
+        kv = await self._bucket(bucket)
+        try:
+            rev: int = await kv.put(key, value)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot write {bucket}/{key}: {exc}") from None
+        return rev
+
+    async def kv_create(self, bucket: str, key: str, value: bytes) -> int:
+        """Write only if the key does not exist; Conflict otherwise."""
+        kv = await self._bucket(bucket)
+        try:
+            rev: int = await kv.create(key, value)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            raise Conflict(f"{bucket}/{key} already exists") from None
+        except nats.js.errors.APIError as exc:
+            if getattr(exc, "err_code", None) == 10071:
+                raise Conflict(f"{bucket}/{key} already exists") from None
+            raise BusError(f"cannot create {bucket}/{key}: {exc}") from None
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot create {bucket}/{key}: {exc}") from None
+        return rev
+
+    async def kv_update(self, bucket: str, key: str, value: bytes, last: int) -> int:
+        """Compare-and-set on the revision; Conflict if someone wrote in between."""
+        kv = await self._bucket(bucket)
+        try:
+            rev: int = await kv.update(key, value, last=last)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            raise Conflict(f"{bucket}/{key} changed under us") from None
+        except nats.js.errors.APIError as exc:
+            if getattr(exc, "err_code", None) == 10071:
+                raise Conflict(f"{bucket}/{key} changed under us") from None
+            raise BusError(f"cannot update {bucket}/{key}: {exc}") from None
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot update {bucket}/{key}: {exc}") from None
+        return rev
+
+    async def kv_delete(self, bucket: str, key: str, last: int | None = None) -> None:
+        kv = await self._bucket(bucket)
+        try:
+            await kv.delete(key, last=last)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            raise Conflict(f"{bucket}/{key} changed under us") from None
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot delete {bucket}/{key}: {exc}") from None
+
+    async def kv_entries(self, bucket: str, pattern: str = ">") -> list[Entry]:
+        """Every live entry whose key matches ``pattern``, read once (a snapshot)."""
+        out: list[Entry] = []
+        async for e in self._watch_once(bucket, pattern):
+            out.append(e)
+        return [e for e in out if e.value is not None]
+
+    async def _watch_once(self, bucket: str, pattern: str) -> AsyncIterator[Entry]:
+        kv = await self._bucket(bucket)
+        try:
+            w = await kv.watch(pattern, ignore_deletes=True)
+            try:
+                while True:
+                    e = await w.updates(timeout=OP_TIMEOUT)
+                    if e is None:
+                        return
+                    yield Entry(e.key, e.value, e.revision or 0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await w.stop()
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot read {bucket}: {exc}") from None
+
+    async def watch(self, bucket: str, pattern: str) -> AsyncIterator[Entry | None]:
+        """Every entry matching ``pattern``, then every change, for ever; survives reconnects.
+
+        Yields ``None`` each time it has delivered the current contents (after the start and after
+        each re-creation), so a caller can treat what it saw since as a full, level-triggered view.
+        """
+        while True:
+            kv = await self._bucket(bucket)
+            self._reconnected.clear()
+            try:
+                w = await kv.watch(pattern)
+            except (nats.errors.Error, TimeoutError):
+                await asyncio.sleep(0.5)
+                continue
+            try:
+                while not self._reconnected.is_set():
+                    try:
+                        e = await w.updates(timeout=1.0)
+                    except (nats.errors.TimeoutError, TimeoutError):
+                        continue
+                    if e is None:
+                        yield None
+                        continue
+                    deleted = e.operation in ("DEL", "PURGE")
+                    yield Entry(e.key, None if deleted else e.value, e.revision or 0)
+            except nats.errors.Error:
+                await asyncio.sleep(0.5)
+            finally:
+                with contextlib.suppress(Exception):
+                    await w.stop()
+
+    # -- object store -----------------------------------------------------------------------------
+
+    async def obj_put(self, store: str, name: str, data: bytes, *, description: str = "") -> None:
+        try:
+            obs = await self.js.object_store(store)
+            await obs.put(name, data, meta=js_api.ObjectMeta(name=name, description=description))
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot store {name} in {store}: {exc}") from None
+
+    async def obj_get(self, store: str, name: str) -> bytes | None:
+        try:
+            obs = await self.js.object_store(store)
+            res = await obs.get(name)
+        except nats.js.errors.ObjectNotFoundError:
+            return None
+        except nats.js.errors.ObjectDeletedError:
+            return None
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot fetch {name} from {store}: {exc}") from None
+        data: bytes = res.data
+        return data
+
+    # -- events stream ----------------------------------------------------------------------------
+
+    async def js_publish(self, subject: str, data: bytes) -> None:
+        try:
+            await self.js.publish(subject, data, timeout=OP_TIMEOUT)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot record event on {subject}: {exc}") from None
+
+    async def stream_messages(
+        self, stream: str, subject: str, *, follow: bool = False, last: int | None = None
+    ) -> AsyncIterator[bytes]:
+        """Messages of ``stream`` on ``subject`` from the start (or the ``last`` N), then live."""
+        try:
+            info = await self.js.stream_info(stream)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot read stream {stream}: {exc}") from None
+        first = info.state.first_seq
+        if last is not None:
+            first = max(first, info.state.last_seq - last + 1)
+        end = info.state.last_seq
+        sub = await self.js.subscribe(
+            subject, stream=stream, ordered_consumer=True,
+            config=js_api.ConsumerConfig(
+                deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(first, 1)
+            ),
+        )
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=0.5 if not follow else 3600)
+                except (nats.errors.TimeoutError, TimeoutError):
+                    if follow:
+                        continue
+                    return
+                yield msg.data
+                seq = msg.metadata.sequence.stream if msg.metadata else 0
+                if not follow and seq >= end:
+                    return
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()

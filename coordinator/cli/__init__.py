@@ -1,0 +1,52 @@
+"""The ``fleetwave`` command line: thin click commands that parse, call one function, render.
+
+Errors are caught here and only here: a FleetwaveError or ProtocolError becomes one line on stderr
+and its exit code (1 error, 2 usage); click's own usage errors also exit 2 with one line. Commands
+live in one module per area and register themselves on ``cli``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from coordinator.cli.base import Ctx, cli
+from coordinator.errors import FleetwaveError
+from protocol.errors import ProtocolError
+
+# Each module adds its commands to ``cli`` when imported.
+from coordinator.cli import infra, proto  # noqa: E402,F401  (registration by import)
+
+__all__ = ["Ctx", "cli", "main"]
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Entry point of ``fleetwave``: run the command, turn errors into one line and an exit code."""
+    try:
+        rv = cli.main(args=argv, prog_name="fleetwave", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("fleetwave: interrupted", err=True)
+        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        msg = exc.format_message().replace("\n", " ")
+        hint = ""
+        if isinstance(exc, click.UsageError) and exc.ctx is not None:
+            hint = f" (see '{exc.ctx.command_path} --help')"
+        click.echo(f"fleetwave: {msg}{hint}", err=True)
+        sys.exit(exc.exit_code)
+    except FleetwaveError as exc:
+        click.echo(f"fleetwave: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except ProtocolError as exc:
+        click.echo(f"fleetwave: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("fleetwave: interrupted", err=True)
+        sys.exit(130)
+    if isinstance(rv, int):
+        sys.exit(rv)
+    sys.exit(0)

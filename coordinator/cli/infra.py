@@ -1,0 +1,49 @@
+"""``fleetwave broker``: the embedded nats-server in the foreground."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import click
+
+from coordinator.broker import Broker
+from coordinator.cli.base import cli
+
+
+@cli.command()
+@click.option("--port", type=click.IntRange(1, 65535), default=4222, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--store-dir", type=click.Path(file_okay=False, path_type=Path),
+    default=Path("./fleetwave-data/jetstream"), show_default=True,
+    help="Where JetStream keeps its data.",
+)
+def broker(port: int, host: str, store_dir: Path) -> int:
+    """Run nats-server with JetStream in the foreground (Ctrl-C stops it)."""
+    return asyncio.run(_run_broker(port, host, store_dir))
+
+
+async def _run_broker(port: int, host: str, store_dir: Path) -> int:
+    b = Broker(port=port, host=host, store_dir=store_dir.resolve())
+    await b.start()
+    click.echo(f"broker ready on {b.url} (JetStream in {b.store_dir}); Ctrl-C to stop", err=True)
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    waiter = asyncio.create_task(b.wait())
+    stopper = asyncio.create_task(stopping.wait())
+    try:
+        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+        if not waiter.done():
+            waiter.cancel()
+            await b.stop()
+            click.echo("broker stopped", err=True)
+            return 0
+    code = waiter.result()
+    click.echo(f"broker exited with status {code}", err=True)
+    return 1 if code else 0

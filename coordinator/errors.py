@@ -1,0 +1,55 @@
+"""The coordinator's error tree.
+
+    FleetwaveError                 anything the CLI prints as one line and an exit code
+    ├── UsageError                 the operator asked for something malformed (exit 2)
+    ├── ConfigError                a bad file: manifest, rollout.toml, bundle (exit 2)
+    ├── BrokerError                the embedded nats-server could not start or stopped (exit 1)
+    ├── NotReachable               no NATS server or no coordinator answers (exit 1)
+    ├── BusError                   NATS/JetStream failed a request we made (exit 1)
+    │   └── Conflict               a KV compare-and-set lost the race (a lock is held)
+    └── RemoteError                the coordinator refused a request; ``code`` says why (exit 1,
+                                   or 2 for ``usage``)
+
+Our own bugs are not in this tree: they surface as tracebacks in logs, never as a user message.
+``protocol.ProtocolError`` is mapped to ConfigError at the CLI boundary.
+"""
+
+from __future__ import annotations
+
+
+class FleetwaveError(Exception):
+    """An error meant for a person: the message is one line (what, why, what to do)."""
+
+    exit_code = 1
+
+
+class UsageError(FleetwaveError):
+    exit_code = 2
+
+
+class ConfigError(FleetwaveError):
+    exit_code = 2
+
+
+class BrokerError(FleetwaveError):
+    pass
+
+
+class NotReachable(FleetwaveError):
+    pass
+
+
+class BusError(FleetwaveError):
+    pass
+
+
+class Conflict(BusError):
+    pass
+
+
+class RemoteError(FleetwaveError):
+    def __init__(self, message: str, code: str = "internal") -> None:
+        super().__init__(message)
+        self.code = code
+        if code == "usage":
+            self.exit_code = 2

@@ -1,0 +1,390 @@
+"""Wire messages: what agents, the coordinator and integrations say to each other.
+
+Vocabulary (see DESIGN.md): a *node* runs one agent; each *service* on a node has two *slots*,
+``a`` and ``b``, each running one *release*; the node's *router* splits the service's traffic
+between the slots by *weight* and may *mirror* a share to a shadow slot. The coordinator writes a
+*desired state* per (node, service) with a *generation* that only grows; the agent answers with an
+*observed state* whose ``observed_generation`` says which desired state it has converged on.
+
+Rules: every Struct here is a wire Struct, so none forbids unknown fields and every field added
+later gets a default. Times are Unix seconds (float). Percentages are 0-100 numbers; rates are
+fractions 0-1.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+SLOTS: tuple[str, str] = ("a", "b")
+Slot = Literal["a", "b"]
+
+# Router latency histogram: upper bounds in milliseconds of each bucket; a last implicit bucket
+# holds everything slower. Log-spaced (about x1.25) so that p99 is known to within ~12%.
+LATENCY_BOUNDS_MS: tuple[float, ...] = tuple(
+    round(0.25 * 1.25**i, 3) for i in range(0, 52)
+)  # 0.25 ms ... ~26 s
+
+
+class NodeInfo(msgspec.Struct, kw_only=True):
+    """What an agent says about its host when it registers."""
+
+    id: str
+    labels: dict[str, str] = {}
+    agent_version: str = ""
+    hostname: str = ""
+    platform: str = ""
+    python: str = ""
+    cpu_count: int = 0
+    mem_total: int = 0
+    bind_host: str = ""
+    boot_time: float = 0.0
+    started_at: float = 0.0
+    simulated: bool = False
+
+
+class SlotProcess(msgspec.Struct, kw_only=True):
+    """psutil figures of one slot's process, carried in heartbeats."""
+
+    service: str
+    slot: str
+    version: str = ""
+    pid: int | None = None
+    rss: int = 0
+    cpu_percent: float = 0.0
+    restarts: int = 0
+
+
+class ServiceSummary(msgspec.Struct, kw_only=True):
+    """One line per service in a heartbeat: what the node serves now."""
+
+    service: str
+    version: str = ""
+    healthy: bool = False
+    generation: int = 0
+    observed_generation: int = 0
+
+
+class Heartbeat(msgspec.Struct, kw_only=True):
+    """Published on core NATS every 2 s by every node; missing 3 in a row makes a node offline."""
+
+    schema: int = 1
+    node: str
+    seq: int = 0
+    time: float = 0.0
+    interval: float = 2.0
+    labels: dict[str, str] = {}
+    cpu_percent: float = 0.0
+    mem_percent: float = 0.0
+    disk_percent: float = 0.0
+    load1: float = 0.0
+    agent_rss: int = 0
+    agent_cpu_percent: float = 0.0
+    services: list[ServiceSummary] = []
+    slots: list[SlotProcess] = []
+
+
+# -- desired state ---------------------------------------------------------------------------------
+
+
+class ReleaseRef(msgspec.Struct, kw_only=True, frozen=True):
+    """A release as the coordinator names it: the object store key and the sha256 of the bundle."""
+
+    service: str
+    version: str
+    digest: str  # "sha256:<hex>"
+    size: int = 0
+
+
+class MirrorSpec(msgspec.Struct, kw_only=True, frozen=True):
+    """Mirror ``percent`` of the requests with ``methods`` to ``slot`` and compare the answers."""
+
+    slot: str
+    percent: float
+    methods: list[str] = msgspec.field(default_factory=lambda: ["GET", "HEAD"])
+    ignore_headers: list[str] = []
+    ignore_json_fields: list[str] = []
+
+
+class DesiredState(msgspec.Struct, kw_only=True):
+    """What the coordinator wants one service on one node to be.
+
+    ``slots`` maps a slot name to the release it must run; a slot that is absent must be stopped.
+    ``weights`` maps slot names to integer shares of the live traffic (they need not sum to 100;
+    the router normalises over the healthy slots with a positive weight). ``generation`` only grows.
+    """
+
+    schema: int = 1
+    fleet: str
+    node: str
+    service: str
+    generation: int
+    slots: dict[str, ReleaseRef] = {}
+    weights: dict[str, int] = {}
+    mirror: MirrorSpec | None = None
+    rollout: str = ""
+    time: float = 0.0
+
+
+class SignedEnvelope(msgspec.Struct, kw_only=True):
+    """A payload signed by a coordinator key (ed25519 via nkeys).
+
+    The signature covers ``fleet``, ``node``, ``service``, ``generation``, ``kind`` and the payload
+    bytes, so an envelope cannot be replayed to another node, service or fleet, nor to an older
+    generation. ``key`` is the signer's public nkey; agents trust only configured keys.
+    """
+
+    schema: int = 1
+    kind: str = "desired"
+    fleet: str
+    node: str
+    service: str
+    generation: int
+    payload: bytes
+    key: str = ""
+    sig: bytes = b""
+
+
+# -- observed state --------------------------------------------------------------------------------
+
+SlotStatusName = Literal[
+    "empty", "fetching", "starting", "healthy", "unhealthy", "draining", "stopping", "stopped",
+    "failed",
+]
+
+
+class SlotStatus(msgspec.Struct, kw_only=True):
+    """What one slot is doing now."""
+
+    slot: str
+    status: SlotStatusName = "empty"
+    version: str = ""
+    digest: str = ""
+    pid: int | None = None
+    port: int | None = None
+    restarts: int = 0
+    reason: str = ""
+    since: float = 0.0
+    last_exit: int | None = None
+
+
+class SlotTraffic(msgspec.Struct, kw_only=True):
+    """Router counters for one slot, cumulative since the router started (``RouterStats.epoch``).
+
+    ``latency`` has one count per bucket of LATENCY_BOUNDS_MS plus a last overflow bucket.
+    """
+
+    requests: int = 0
+    errors: int = 0  # 5xx answers and failed upstream attempts that reached the user
+    failures: int = 0  # upstream connection errors (retried elsewhere when possible)
+    latency: list[int] = []
+
+
+class MismatchSample(msgspec.Struct, kw_only=True):
+    method: str
+    path: str
+    what: str  # "status 200 vs 500", "body digest", "header x-foo", "json field $.id"
+    live: str = ""
+    shadow: str = ""
+
+
+class MirrorTraffic(msgspec.Struct, kw_only=True):
+    """Shadow comparison counters, cumulative since the router started."""
+
+    mirrored: int = 0
+    compared: int = 0
+    mismatched: int = 0
+    dropped: int = 0  # copies not sent because the shadow fell behind
+    shadow_errors: int = 0
+    shadow_latency: list[int] = []
+    live_latency: list[int] = []
+    samples: list[MismatchSample] = []
+
+
+class RouterStats(msgspec.Struct, kw_only=True):
+    epoch: float = 0.0  # router start time; counters reset when it changes
+    pid: int | None = None
+    port: int | None = None
+    weights: dict[str, int] = {}  # as applied
+    slots: dict[str, SlotTraffic] = {}
+    mirror: MirrorTraffic | None = None
+
+
+class ObservedState(msgspec.Struct, kw_only=True):
+    """What the agent reports for one service on its node, after every change and periodically."""
+
+    schema: int = 1
+    node: str
+    service: str
+    generation: int = 0  # the newest desired generation the agent has seen
+    observed_generation: int = 0  # the generation it has fully converged on
+    slots: dict[str, SlotStatus] = {}
+    weights: dict[str, int] = {}
+    router: RouterStats | None = None
+    phase: Literal["converging", "converged", "failed"] = "converging"
+    error: str = ""
+    time: float = 0.0
+
+
+# -- rollouts --------------------------------------------------------------------------------------
+
+Strategy = Literal["rolling", "canary", "blue-green", "shadow"]
+RolloutStateName = Literal[
+    "pending", "running", "paused", "succeeded", "rolled_back", "failed", "aborted"
+]
+TERMINAL_STATES: frozenset[str] = frozenset({"succeeded", "rolled_back", "failed", "aborted"})
+
+
+class Gates(msgspec.Struct, kw_only=True):
+    """Checks after each wave or step; None means the gate is off."""
+
+    min_healthy: float | None = None  # fraction 0-1 of the wave's nodes healthy
+    max_error_rate: float | None = None  # fraction 0-1 of new-slot requests
+    max_p99_ratio: float | None = None  # p99(new) / p99(old) over the same window
+    max_mismatch_rate: float | None = None  # shadow only
+    min_requests: int | None = None  # fewer → inconclusive → paused
+
+
+class RolloutSpec(msgspec.Struct, kw_only=True):
+    """What an operator asked for: the settings of ``fleetwave deploy`` or a rollout.toml."""
+
+    service: str
+    version: str
+    strategy: Strategy = "rolling"
+    selector: dict[str, str] = {}
+    batch: str = "1"  # "N" or "P%"
+    max_unavailable: str = "1"  # "N" or "P%"
+    steps: list[str] = []  # canary: "1", "10%", ...
+    weights: list[int] = []  # canary: 5, 25, 100
+    bake: float = 0.0
+    mirror: float = 0.0  # shadow: percent
+    mirror_methods: list[str] = msgspec.field(default_factory=lambda: ["GET", "HEAD"])
+    ignore_headers: list[str] = []
+    ignore_json_fields: list[str] = []
+    then: Literal["blue-green", "rolling"] | None = None
+    scale_down_delay: float = 300.0
+    gates: Gates = msgspec.field(default_factory=Gates)
+    progress_deadline: float = 120.0
+    on_failure: Literal["rollback", "pause"] = "rollback"
+
+
+class NodeProgress(msgspec.Struct, kw_only=True):
+    """One target node in a rollout: what it had, what it must get, where it is."""
+
+    node: str
+    wave: int = -1
+    state: Literal[
+        "waiting", "updating", "done", "failed", "rolling_back", "rolled_back"
+    ] = "waiting"
+    previous: DesiredState | None = None
+    target: DesiredState | None = None
+    reason: str = ""
+    healthy: bool = False
+    version: str = ""
+
+
+class WaveRecord(msgspec.Struct, kw_only=True):
+    index: int
+    nodes: list[str]
+    weight: int = 100  # canary weight share for the new slot on these nodes
+    state: Literal[
+        "waiting", "updating", "baking", "passed", "failed", "inconclusive"
+    ] = "waiting"
+    started: float = 0.0
+    finished: float = 0.0
+    gates: dict[str, Any] = {}  # figures and thresholds of the last evaluation
+
+
+class RolloutRecord(msgspec.Struct, kw_only=True):
+    """A rollout as persisted in KV ``fw-<fleet>-rollouts`` (key: its id) before any command runs."""
+
+    schema: int = 1
+    id: str
+    spec: RolloutSpec
+    release: ReleaseRef
+    from_version: str = ""
+    state: RolloutStateName = "pending"
+    reason: str = ""
+    created: float = 0.0
+    updated: float = 0.0
+    finished: float = 0.0
+    waves: list[WaveRecord] = []
+    current_wave: int = 0
+    nodes: dict[str, NodeProgress] = {}
+    promote: Literal["", "step", "full"] = ""
+    report: dict[str, Any] = {}
+    revision: int = 0  # bumped on every persisted change
+
+
+class Event(msgspec.Struct, kw_only=True):
+    """One decision or observation, published on ``fw.<fleet>.evt.<kind>`` and kept in the stream.
+
+    ``kind`` is dotted: ``node.online``, ``node.offline``, ``agent.refused``, ``slot.failed``,
+    ``rollout.started``, ``wave.started``, ``gate.passed``, ``gate.failed``, ``rollout.succeeded``,
+    ``rollout.rolled_back``, ``rollout.paused`` ... ``data`` carries the figures behind it.
+    """
+
+    schema: int = 1
+    id: str
+    time: float
+    fleet: str
+    kind: str
+    message: str = ""
+    node: str = ""
+    service: str = ""
+    rollout: str = ""
+    data: dict[str, Any] = {}
+
+
+# -- coordinator API -------------------------------------------------------------------------------
+
+
+class ApiReply(msgspec.Struct, kw_only=True):
+    """Every answer of the coordinator API: ``ok`` with ``data``, or an ``error`` line and a code.
+
+    ``code`` is ``usage`` (the request was wrong), ``conflict`` (e.g. a rollout already runs),
+    ``not_found`` or ``internal``.
+    """
+
+    ok: bool
+    data: Any = None
+    error: str = ""
+    code: str = ""
+
+
+class NodeView(msgspec.Struct, kw_only=True):
+    """One row of ``fleetwave nodes -o json``."""
+
+    id: str
+    labels: dict[str, str] = {}
+    online: bool = False
+    last_seen: float | None = None
+    cpu_percent: float | None = None
+    mem_percent: float | None = None
+    services: dict[str, Any] = {}
+
+
+class NodesRequest(msgspec.Struct, kw_only=True):
+    selector: dict[str, str] = {}
+
+
+class DeployRequest(msgspec.Struct, kw_only=True):
+    spec: RolloutSpec
+
+
+class RolloutRequest(msgspec.Struct, kw_only=True):
+    """pause/resume/promote/abort/status of one rollout ("" = the latest)."""
+
+    id: str = ""
+    full: bool = False
+
+
+class RollbackRequest(msgspec.Struct, kw_only=True):
+    service: str
+    to_version: str = ""
+
+
+class ListRolloutsRequest(msgspec.Struct, kw_only=True):
+    service: str = ""
+    limit: int = 50

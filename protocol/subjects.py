@@ -1,0 +1,100 @@
+"""Every NATS subject, KV bucket, stream and object store name fleetwave uses, in one place.
+
+Names are functions of the fleet so that several fleets share one NATS system without meeting.
+KV keys are ``<node>.<service>``; node ids and service names are therefore restricted to
+``[A-Za-z0-9_-]`` (checked by ``check_name``) so that a key can never be split differently.
+"""
+
+import re
+
+from protocol.errors import ProtocolError
+
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def check_name(kind: str, value: str) -> str:
+    """Return ``value`` if it is a usable fleet, node or service name, else raise ProtocolError."""
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise ProtocolError(
+            f"{kind} name {value!r} is not allowed: use 1-64 letters, digits, '-' or '_'"
+        )
+    return value
+
+
+# -- core NATS subjects ---------------------------------------------------------------------------
+
+def heartbeat(fleet: str, node: str) -> str:
+    return f"fw.{fleet}.hb.{node}"
+
+
+def heartbeats(fleet: str) -> str:
+    return f"fw.{fleet}.hb.*"
+
+
+def register(fleet: str) -> str:
+    """Agents announce their NodeInfo here on connect and on every reconnect."""
+    return f"fw.{fleet}.register"
+
+
+def api(fleet: str, verb: str) -> str:
+    return f"fw.{fleet}.api.{verb}"
+
+
+def api_prefix(fleet: str) -> str:
+    return f"fw.{fleet}.api"
+
+
+def event(fleet: str, kind: str) -> str:
+    return f"fw.{fleet}.evt.{kind}"
+
+
+def events(fleet: str) -> str:
+    return f"fw.{fleet}.evt.>"
+
+
+def rollout_events(fleet: str) -> str:
+    return f"fw.{fleet}.evt.rollout.>"
+
+
+# -- JetStream -------------------------------------------------------------------------------------
+
+def desired_bucket(fleet: str) -> str:
+    return f"fw-{fleet}-desired"
+
+
+def observed_bucket(fleet: str) -> str:
+    return f"fw-{fleet}-observed"
+
+
+def rollouts_bucket(fleet: str) -> str:
+    return f"fw-{fleet}-rollouts"
+
+
+def nodes_bucket(fleet: str) -> str:
+    """Last NodeInfo of every node that ever registered (survives coordinator restarts)."""
+    return f"fw-{fleet}-nodes"
+
+
+def locks_bucket(fleet: str) -> str:
+    return f"fw-{fleet}-locks"
+
+
+def releases_store(fleet: str) -> str:
+    return f"fw-{fleet}-releases"
+
+
+def events_stream(fleet: str) -> str:
+    return f"FW_{fleet}_EVENTS"
+
+
+def node_service_key(node: str, service: str) -> str:
+    return f"{node}.{service}"
+
+
+def node_keys(node: str) -> str:
+    """KV key filter for every service of one node (an agent watches only this)."""
+    return f"{node}.*"
+
+
+def release_key(service: str, version: str) -> str:
+    return f"{service}/{version}"
