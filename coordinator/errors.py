@@ -4,14 +4,12 @@
     ├── UsageError                 the operator asked for something malformed (exit 2)
     ├── ConfigError                a bad file: manifest, rollout.toml, bundle (exit 2)
     ├── BrokerError                the embedded nats-server could not start or stopped (exit 1)
-    ├── NotReachable               no NATS server or no coordinator answers (exit 1)
-    ├── BusError                   NATS/JetStream failed a request we made (exit 1)
-    │   └── Conflict               a KV compare-and-set lost the race (a lock is held)
     └── RemoteError                the coordinator refused a request; ``code`` says why (exit 1,
                                    or 2 for ``usage``)
 
 Our own bugs are not in this tree: they surface as tracebacks in logs, never as a user message.
-``protocol.ProtocolError`` is mapped to ConfigError at the CLI boundary.
+``protocol.errors`` (ProtocolError, BusError, NotReachable, Conflict) are caught at the CLI
+boundary too: ProtocolError exits 2, the bus errors exit 1.
 """
 
 from __future__ import annotations
@@ -32,18 +30,6 @@ class ConfigError(FleetwaveError):
 
 
 class BrokerError(FleetwaveError):
-    pass
-
-
-class NotReachable(FleetwaveError):
-    pass
-
-
-class BusError(FleetwaveError):
-    pass
-
-
-class Conflict(BusError):
     pass
 
 

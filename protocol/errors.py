@@ -1,12 +1,27 @@
-"""The protocol package's one error.
+"""The protocol package's errors.
 
     ProtocolError          anything that cannot be decoded, parsed or verified: a malformed
                            message, a manifest with an unknown key, a bad duration, a bad signature.
+    BusError               NATS or JetStream failed a request we made
+    ├── NotReachable       no NATS server, or nobody answers on a subject (no coordinator)
+    └── Conflict           a KV compare-and-set lost the race (a lock is held, a key changed)
 
-The message says what is wrong and where (a field path or a file name), in one line, so that the
-CLI can print it as is and an agent can put it in an event.
+Each message says what is wrong and what to do, in one line, so that the CLI can print it as is
+and an agent can put it in an event. nats-py's own exceptions never leave ``protocol.bus``.
 """
 
 
 class ProtocolError(ValueError):
     """A payload, a manifest or a signature that fleetwave refuses; the message says why."""
+
+
+class BusError(Exception):
+    """A NATS or JetStream operation failed; the message says which and why."""
+
+
+class NotReachable(BusError):
+    """Nothing answers: no NATS server at the URL, or no coordinator on the fleet's API."""
+
+
+class Conflict(BusError):
+    """A compare-and-set write lost: someone else wrote the key first."""

@@ -14,7 +14,7 @@ import click
 
 from coordinator.cli.base import Ctx, cli
 from coordinator.errors import FleetwaveError
-from protocol.errors import ProtocolError
+from protocol.errors import BusError, ProtocolError
 
 # Each module adds its commands to ``cli`` when imported.
 from coordinator.cli import infra, proto  # noqa: E402,F401  (registration by import)
@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> Any:
     except ProtocolError as exc:
         click.echo(f"fleetwave: {exc}", err=True)
         sys.exit(2)
+    except BusError as exc:
+        click.echo(f"fleetwave: {exc}", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         click.echo("fleetwave: interrupted", err=True)
         sys.exit(130)

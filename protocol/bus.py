@@ -1,7 +1,9 @@
-"""The coordinator side's one seam to NATS: the only module of this package that imports ``nats``.
+"""The one seam to NATS: the only module in fleetwave that imports ``nats``.
 
-Everything above it speaks bytes, keys and subjects; nats-py exceptions are turned here into the
-coordinator's error tree (NotReachable, BusError, Conflict) and never travel further.
+It lives in ``protocol`` because the agent and the coordinator speak the same bus with the same
+pitfalls, which must be handled once. Everything above it speaks bytes, keys and subjects;
+nats-py exceptions become ``protocol.errors`` (NotReachable, BusError, Conflict) here and never
+travel further.
 
 Known nats-py pitfalls handled here:
 - the initial connect does not retry by itself: ``connect`` retries with backoff up to a deadline;
@@ -27,7 +29,7 @@ from nats.js import api as js_api
 from nats.micro import add_service
 from nats.micro.service import EndpointConfig, ServiceConfig
 
-from coordinator.errors import BusError, Conflict, NotReachable
+from protocol.errors import BusError, Conflict, NotReachable
 from protocol import subjects
 
 REQUEST_TIMEOUT = 5.0
