@@ -29,8 +29,8 @@ from nats.js import api as js_api
 from nats.micro import add_service
 from nats.micro.service import EndpointConfig, ServiceConfig
 
-from protocol.errors import BusError, Conflict, NotReachable
 from protocol import subjects
+from protocol.errors import BusError, Conflict, NotReachable
 
 REQUEST_TIMEOUT = 5.0
 OP_TIMEOUT = 10.0
@@ -346,7 +346,7 @@ class Bus:
             return None
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusError(f"cannot fetch {name} from {store}: {exc}") from None
-        data: bytes = res.data
+        data: bytes = res.data or b""
         return data
 
     # -- events stream ----------------------------------------------------------------------------

@@ -32,7 +32,7 @@ def _decoder(tp: Any) -> msgspec.json.Decoder[Any]:
 def decode(tp: type[T], data: bytes | bytearray | memoryview | str) -> T:
     """Decode JSON ``data`` into ``tp``; any failure becomes one ProtocolError naming the type."""
     try:
-        result: T = _decoder(tp).decode(data)
+        result: T = _decoder(tp).decode(data)  # type: ignore[arg-type]  # types are hashable
     except msgspec.ValidationError as exc:
         raise ProtocolError(f"invalid {_name(tp)}: {exc}") from None
     except msgspec.DecodeError as exc:
@@ -54,8 +54,9 @@ def convert(tp: type[T], obj: Any, *, what: str | None = None) -> T:
     return result
 
 
-_UNKNOWN = re.compile(r"Object contains unknown field `(?P<key>[^`]*)`(?: - at `\$\.?(?P<at>[^`]*)`)?")
-_MISSING = re.compile(r"Object missing required field `(?P<key>[^`]*)`(?: - at `\$\.?(?P<at>[^`]*)`)?")
+_WHERE = r"(?: - at `\$\.?(?P<at>[^`]*)`)?"
+_UNKNOWN = re.compile(r"Object contains unknown field `(?P<key>[^`]*)`" + _WHERE)
+_MISSING = re.compile(r"Object missing required field `(?P<key>[^`]*)`" + _WHERE)
 _AT = re.compile(r"^(?P<msg>.*) - at `\$\.?(?P<at>[^`]*)`$")
 
 

@@ -1,8 +1,8 @@
 """Durations as people write them: ``500ms``, ``30s``, ``2m``, ``1h``, ``1m30s``.
 
 A duration is a sequence of ``<number><unit>`` terms with units ``ms``, ``s``, ``m``, ``h``; the
-plain ``0`` is also accepted. A bare number such as ``"5"`` is refused: it is a common slip (seconds?
-milliseconds?) and the error names the fix.
+plain ``0`` is also accepted. A bare number such as ``"5"`` is refused: it is a common slip
+(seconds? milliseconds?) and the error names the fix.
 """
 
 import re
@@ -15,9 +15,9 @@ MAX_SECONDS = 366 * 24 * 3600.0
 
 
 def parse_duration(text: str, *, what: str = "duration") -> float:
-    """Return the number of seconds in ``text``; raise ProtocolError naming ``what`` if it is bad."""
+    """Return the seconds in ``text``; raise ProtocolError naming ``what`` if it is bad."""
     if not isinstance(text, str):
-        raise ProtocolError(f"{what}: expected a duration string like '500ms' or '30s', got {text!r}")
+        raise ProtocolError(f"{what}: expected a duration like '500ms' or '30s', got {text!r}")
     s = text.strip()
     if s == "0":
         return 0.0
@@ -39,13 +39,13 @@ def parse_duration(text: str, *, what: str = "duration") -> float:
 
 
 def format_duration(seconds: float) -> str:
-    """Render seconds the way people write them (the inverse of parse_duration, rounded)."""
+    """Render seconds the way people write them (the inverse of parse_duration, to the second)."""
     if seconds < 1 and seconds != 0:
         return f"{round(seconds * 1000)}ms"
     if seconds < 60:
         return f"{seconds:g}s"
-    minutes, secs = divmod(round(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m{secs}s" if secs else f"{minutes}m"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes}m" if minutes else f"{hours}h"
+    rest = round(seconds)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [(hours, "h"), (minutes, "m"), (secs, "s")]
+    return "".join(f"{n}{unit}" for n, unit in parts if n)

@@ -124,9 +124,8 @@ def _check(m: Manifest, source: str) -> None:
         raise ProtocolError(f"{source}: health.http must be a path starting with '/'")
     if m.health.exec is not None and not m.health.exec:
         raise ProtocolError(f"{source}: health.exec must be a non-empty list of arguments")
-    if m.health.http is not None or m.health.tcp:
-        if m.port is None:
-            raise ProtocolError(f"{source}: an http or tcp health check needs a port")
+    if (m.health.http is not None or m.health.tcp) and m.port is None:
+        raise ProtocolError(f"{source}: an http or tcp health check needs a port")
     for key in ("healthy_threshold", "unhealthy_threshold"):
         if getattr(m.health, key) < 1:
             raise ProtocolError(f"{source}: health.{key} must be at least 1")

@@ -297,7 +297,7 @@ class WaveRecord(msgspec.Struct, kw_only=True):
 
 
 class RolloutRecord(msgspec.Struct, kw_only=True):
-    """A rollout as persisted in KV ``fw-<fleet>-rollouts`` (key: its id) before any command runs."""
+    """A rollout as persisted in KV ``fw-<fleet>-rollouts`` (key: its id) before commands run."""
 
     schema: int = 1
     id: str

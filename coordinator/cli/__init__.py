@@ -12,12 +12,11 @@ from typing import Any
 
 import click
 
+# Each module adds its commands to ``cli`` when imported.
+from coordinator.cli import infra, proto  # noqa: F401  (registration by import)
 from coordinator.cli.base import Ctx, cli
 from coordinator.errors import FleetwaveError
 from protocol.errors import BusError, ProtocolError
-
-# Each module adds its commands to ``cli`` when imported.
-from coordinator.cli import infra, proto  # noqa: E402,F401  (registration by import)
 
 __all__ = ["Ctx", "cli", "main"]
 

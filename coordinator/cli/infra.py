@@ -22,11 +22,11 @@ from coordinator.cli.base import cli
 )
 def broker(port: int, host: str, store_dir: Path) -> int:
     """Run nats-server with JetStream in the foreground (Ctrl-C stops it)."""
-    return asyncio.run(_run_broker(port, host, store_dir))
+    return asyncio.run(_run_broker(port, host, store_dir.absolute()))
 
 
 async def _run_broker(port: int, host: str, store_dir: Path) -> int:
-    b = Broker(port=port, host=host, store_dir=store_dir.resolve())
+    b = Broker(port=port, host=host, store_dir=store_dir)
     await b.start()
     click.echo(f"broker ready on {b.url} (JetStream in {b.store_dir}); Ctrl-C to stop", err=True)
     loop = asyncio.get_running_loop()
@@ -42,8 +42,9 @@ async def _run_broker(port: int, host: str, store_dir: Path) -> int:
         if not waiter.done():
             waiter.cancel()
             await b.stop()
-            click.echo("broker stopped", err=True)
-            return 0
+    if stopping.is_set():
+        click.echo("broker stopped", err=True)
+        return 0
     code = waiter.result()
     click.echo(f"broker exited with status {code}", err=True)
     return 1 if code else 0
