@@ -1,0 +1,258 @@
+"""Control API of the per-node router: the agent's side (client, spawner) and the wire messages.
+
+Theory of operation: the router is its own process (so it outlives the agent) and listens on a unix
+socket. The agent sends one JSON object per line and reads one JSON line back; every read on both
+sides has a timeout. A ``configure`` is validated and applied atomically by the router: either the
+whole new config is in force, or the old one stays and the answer says why.
+
+Errors: ``RouterUnavailable`` is the one error type the agent sees; its message says why in one
+line. ``RouterRunning`` (a subclass) is raised by ``start_router`` when a live router already owns
+the socket: the caller should just use it (``.pid`` says which process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import msgspec
+
+from protocol.messages import MirrorSpec, RouterStats
+
+# sun_path is 108 bytes on Linux, 104 on macOS; stay under both.
+MAX_SOCKET_PATH = 100
+MAX_LINE = 1 << 20  # 1 MiB: a config is a few hundred bytes; anything larger is garbage
+DEFAULT_TIMEOUT = 5.0
+# The router must import this package even if the agent runs from a checkout.
+_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+class RouterUnavailable(Exception):
+    """The router cannot be reached, started, or refused a request; the message says why."""
+
+
+class RouterRunning(RouterUnavailable):
+    """A live router already owns the control socket (use it: ``RouterClient`` on that path)."""
+
+    def __init__(self, message: str, pid: int) -> None:
+        super().__init__(message)
+        self.pid = pid
+
+
+class Upstream(msgspec.Struct, kw_only=True):
+    """One slot's service process as the router sees it."""
+
+    slot: str  # "a" | "b"
+    host: str = "127.0.0.1"
+    port: int
+    weight: int  # share of live traffic; 0 = none
+    healthy: bool  # the agent's probe verdict; False = send nothing
+
+
+class RouterConfig(msgspec.Struct, kw_only=True):
+    """Everything the router does for one service; replaced as a whole by ``configure``."""
+
+    service: str
+    listen_host: str
+    listen_port: int
+    upstreams: list[Upstream] = []
+    mirror: MirrorSpec | None = None
+    drain_timeout: float = 10.0
+
+
+# -- wire messages (one per line) -----------------------------------------------------------------
+
+
+class Ping(msgspec.Struct, tag="ping", kw_only=True):
+    pass
+
+
+class Configure(msgspec.Struct, tag="configure", kw_only=True):
+    config: RouterConfig
+
+
+class GetStats(msgspec.Struct, tag="stats", kw_only=True):
+    pass
+
+
+class Shutdown(msgspec.Struct, tag="shutdown", kw_only=True):
+    pass
+
+
+Request = Ping | Configure | GetStats | Shutdown
+
+
+class Reply(msgspec.Struct, kw_only=True):
+    """The router's answer: ``ok`` with ``pid`` and/or ``stats``, or an ``error`` line."""
+
+    ok: bool
+    error: str = ""
+    pid: int = 0
+    stats: RouterStats | None = None
+
+
+REQUEST_DECODER: msgspec.json.Decoder[Request] = msgspec.json.Decoder(Request)
+REPLY_DECODER: msgspec.json.Decoder[Reply] = msgspec.json.Decoder(Reply)
+ENCODER = msgspec.json.Encoder()
+
+
+def check_socket_path(socket_path: Path) -> None:
+    """Refuse a control socket path the kernel cannot bind, with the reason."""
+    if len(os.fsencode(socket_path)) > MAX_SOCKET_PATH:
+        raise RouterUnavailable(
+            f"router control socket path {socket_path} is longer than {MAX_SOCKET_PATH} bytes; "
+            "use a shorter data directory"
+        )
+
+
+class RouterClient:
+    """The agent's handle on one router: a short-lived unix connection per call."""
+
+    def __init__(self, socket_path: Path, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.socket_path = Path(socket_path)
+        self.timeout = timeout
+
+    async def ping(self) -> int:
+        """Return the router's pid; raises RouterUnavailable if nothing answers."""
+        return (await self._call(Ping())).pid
+
+    async def configure(self, cfg: RouterConfig) -> RouterStats:
+        """Apply ``cfg`` atomically; returns the stats as applied or raises with the reason."""
+        reply = await self._call(Configure(config=cfg))
+        assert reply.stats is not None  # the router always answers a configure with stats
+        return reply.stats
+
+    async def stats(self) -> RouterStats:
+        """Cumulative counters since ``epoch``, with the weights as applied, pid and port."""
+        reply = await self._call(GetStats())
+        assert reply.stats is not None
+        return reply.stats
+
+    async def shutdown(self) -> None:
+        """Ask the router to drain in-flight requests and exit (it answers before draining)."""
+        await self._call(Shutdown())
+
+    async def _call(self, request: Request) -> Reply:
+        what = f"router at {self.socket_path}"
+        check_socket_path(self.socket_path)
+        writer: asyncio.StreamWriter | None = None
+        try:
+            async with asyncio.timeout(self.timeout):
+                reader, writer = await asyncio.open_unix_connection(
+                    self.socket_path, limit=MAX_LINE
+                )
+                writer.write(ENCODER.encode(request) + b"\n")
+                await writer.drain()
+                line = await reader.readline()
+        except TimeoutError:
+            raise RouterUnavailable(
+                f"{what} did not answer within {self.timeout:g}s; check its log"
+            ) from None
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise RouterUnavailable(f"{what} is not running (no listener on the socket)") from None
+        except (OSError, ValueError) as exc:
+            raise RouterUnavailable(f"{what} failed: {exc}; check its log") from None
+        finally:
+            if writer is not None:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await asyncio.wait_for(writer.wait_closed(), 1.0)
+        if not line.endswith(b"\n"):
+            raise RouterUnavailable(f"{what} closed the connection without answering")
+        try:
+            reply = REPLY_DECODER.decode(line)
+        except msgspec.DecodeError as exc:
+            raise RouterUnavailable(f"{what} answered garbage: {exc}") from None
+        if not reply.ok:
+            raise RouterUnavailable(f"{what} refused: {reply.error}")
+        return reply
+
+
+async def start_router(
+    socket_path: Path,
+    log_path: Path,
+    *,
+    python: str = sys.executable,
+    timeout: float = 5.0,
+) -> int:
+    """Spawn ``python -m agent.router --control SOCK`` detached and return its pid once it answers.
+
+    The router double-forks (the launcher we wait for exits at once), runs in its own session with
+    stdin on /dev/null and output appended to ``log_path``, so it depends on nothing of ours and we
+    leave no zombie. If a live router already answers on ``socket_path`` this raises RouterRunning
+    (carrying its pid) and starts nothing; a stale socket file is removed.
+    """
+    socket_path = Path(socket_path)
+    check_socket_path(socket_path)
+    client = RouterClient(socket_path, timeout=min(timeout, 2.0))
+    if socket_path.exists():
+        try:
+            pid = await client.ping()
+        except RouterUnavailable:
+            with contextlib.suppress(FileNotFoundError):
+                socket_path.unlink()  # stale: its router is gone
+        else:
+            raise RouterRunning(
+                f"a router (pid {pid}) already runs on {socket_path}; use it", pid
+            )
+    socket_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    argv = [python, "-m", "agent.router", "--control", str(socket_path), "--detach"]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH", "")) if p)
+    deadline = asyncio.get_running_loop().time() + timeout
+    with log_path.open("ab") as log:
+        try:
+            launcher = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                close_fds=True,
+                env=env,
+            )
+        except OSError as exc:
+            raise RouterUnavailable(f"cannot start the router with {python}: {exc}") from None
+    try:
+        code = await asyncio.wait_for(launcher.wait(), timeout)
+    except TimeoutError:
+        launcher.kill()
+        await launcher.wait()
+        raise RouterUnavailable(
+            f"the router launcher did not detach within {timeout:g}s; see {log_path}"
+        ) from None
+    if code != 0:
+        raise RouterUnavailable(
+            f"the router failed to start (exit {code}): {_log_tail(log_path)}; see {log_path}"
+        )
+    last = "no answer"
+    while True:
+        try:
+            return await client.ping()
+        except RouterUnavailable as exc:
+            last = str(exc)
+        if asyncio.get_running_loop().time() >= deadline:
+            raise RouterUnavailable(
+                f"the router did not answer within {timeout:g}s ({last}): {_log_tail(log_path)}"
+            )
+        await asyncio.sleep(0.02)  # polling the socket for readiness, bounded by the deadline
+
+
+def _log_tail(log_path: Path) -> str:
+    """The last non-empty line of the router log, for error messages."""
+    try:
+        lines = log_path.read_bytes()[-4096:].decode("utf-8", "replace").strip().splitlines()
+    except OSError:
+        return "no log"
+    return lines[-1] if lines else "empty log"
+
+
+def encode_reply(reply: Reply) -> bytes:
+    """One reply line."""
+    return ENCODER.encode(reply) + b"\n"
+
