@@ -1,0 +1,201 @@
+"""The coordinator's node table: who is in the fleet, who is alive, what each one runs.
+
+Theory of operation: a pure state machine fed with what arrives on the bus and the time it
+arrived. ``register`` takes an agent's NodeInfo, ``heartbeat`` its periodic Heartbeat, ``tick``
+lets time pass; each returns the *transitions* it caused (a node came online or went offline),
+which the daemon turns into events. Nothing here awaits or reads a clock: ``now`` is always given,
+so tests run in virtual time.
+
+Vocabulary: a node is *online* while its last sign of life is at most ``MISSED_BEATS`` of its own
+announced heartbeat intervals old (3 missed heartbeats make it offline). The time of a sign of life
+is the coordinator's receive time, never the agent's clock, so a skewed agent clock cannot make a
+node look alive or dead. Nodes loaded from the nodes bucket at start are known but offline until
+they beat.
+
+Selectors are ``{label: value}`` maps; a node matches when it carries every pair (an empty
+selector matches every node).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from protocol.codec import to_builtins
+from protocol.errors import ProtocolError
+from protocol.messages import Heartbeat, NodeInfo, NodeView
+
+MISSED_BEATS = 3
+# Bounds on an announced interval: a hostile or buggy agent must not be able to stay "online" for
+# a year after one heartbeat, nor flap offline between two heartbeats a microsecond apart.
+MIN_INTERVAL = 0.05
+MAX_INTERVAL = 300.0
+DEFAULT_INTERVAL = 2.0
+
+_LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,62}$")
+_LABEL_VALUE = re.compile(r"^[A-Za-z0-9_.-]{1,63}$")
+
+TransitionKind = Literal["node.online", "node.offline"]
+
+
+@dataclass(frozen=True)
+class Transition:
+    """A node changed state; the daemon publishes it as an Event of the same ``kind``."""
+
+    kind: TransitionKind
+    node: str
+    message: str
+    data: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass
+class NodeRecord:
+    """Everything the coordinator knows about one node."""
+
+    id: str
+    info: NodeInfo | None = None
+    heartbeat: Heartbeat | None = None
+    last_seen: float | None = None
+    online: bool = False
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """The registered labels, or those of the last heartbeat if the node never registered."""
+        if self.info is not None:
+            return self.info.labels
+        return self.heartbeat.labels if self.heartbeat is not None else {}
+
+    @property
+    def interval(self) -> float:
+        announced = self.heartbeat.interval if self.heartbeat is not None else DEFAULT_INTERVAL
+        return clamp_interval(announced)
+
+    def deadline(self) -> float | None:
+        """When the node goes offline if nothing more is heard from it."""
+        if self.last_seen is None:
+            return None
+        return self.last_seen + MISSED_BEATS * self.interval
+
+
+def clamp_interval(interval: float) -> float:
+    if math.isnan(interval):  # from a hostile heartbeat
+        return DEFAULT_INTERVAL
+    return min(max(interval, MIN_INTERVAL), MAX_INTERVAL)
+
+
+class Fleet:
+    """The node table of one fleet; every method takes ``now`` (Unix seconds) and never awaits."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, NodeRecord] = {}
+
+    def load(self, info: NodeInfo) -> None:
+        """Know a node from the nodes bucket (at start): offline until it beats."""
+        rec = self.nodes.setdefault(info.id, NodeRecord(info.id))
+        rec.info = info
+
+    def register(self, info: NodeInfo, now: float) -> list[Transition]:
+        """An agent (re)connected and announced itself: a sign of life."""
+        rec = self.nodes.setdefault(info.id, NodeRecord(info.id))
+        rec.info = info
+        return self._alive(rec, now, "registered")
+
+    def heartbeat(self, hb: Heartbeat, now: float) -> list[Transition]:
+        """A heartbeat arrived at ``now``."""
+        rec = self.nodes.setdefault(hb.node, NodeRecord(hb.node))
+        rec.heartbeat = hb
+        return self._alive(rec, now, "heartbeat")
+
+    def tick(self, now: float) -> list[Transition]:
+        """Let time pass: every online node whose deadline is behind ``now`` goes offline."""
+        out: list[Transition] = []
+        for rec in self.nodes.values():
+            deadline = rec.deadline()
+            if rec.online and deadline is not None and now > deadline:
+                rec.online = False
+                silent = now - (rec.last_seen or now)
+                out.append(
+                    Transition(
+                        "node.offline",
+                        rec.id,
+                        f"node {rec.id} is offline: no heartbeat for {silent:.1f}s "
+                        f"({MISSED_BEATS} x {rec.interval:g}s missed)",
+                        {"last_seen": rec.last_seen, "interval": rec.interval},
+                    )
+                )
+        return out
+
+    def next_deadline(self) -> float | None:
+        """The earliest time at which ``tick`` could change something (None: nothing pending)."""
+        deadlines = [d for r in self.nodes.values() if r.online and (d := r.deadline()) is not None]
+        return min(deadlines, default=None)
+
+    def view(self, selector: Mapping[str, str] | None = None) -> list[NodeView]:
+        """The rows of ``fleetwave nodes``: nodes matching ``selector``, sorted by id."""
+        rows = []
+        for rec in sorted(self.nodes.values(), key=lambda r: _natural_key(r.id)):
+            if not matches(selector or {}, rec.labels):
+                continue
+            hb = rec.heartbeat
+            rows.append(
+                NodeView(
+                    id=rec.id,
+                    labels=dict(rec.labels),
+                    online=rec.online,
+                    last_seen=rec.last_seen,
+                    cpu_percent=hb.cpu_percent if hb is not None else None,
+                    mem_percent=hb.mem_percent if hb is not None else None,
+                    services={s.service: to_builtins(s) for s in hb.services} if hb else {},
+                )
+            )
+        return rows
+
+    def online_ids(self, selector: Mapping[str, str] | None = None) -> list[str]:
+        """Ids of the online nodes matching ``selector`` (what a rollout may target)."""
+        return [v.id for v in self.view(selector) if v.online]
+
+    def _alive(self, rec: NodeRecord, now: float, why: str) -> list[Transition]:
+        rec.last_seen = now
+        if rec.online:
+            return []
+        rec.online = True
+        return [
+            Transition(
+                "node.online",
+                rec.id,
+                f"node {rec.id} is online ({why})",
+                {"labels": dict(rec.labels)},
+            )
+        ]
+
+
+def matches(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    """True when ``labels`` carries every ``key=value`` of ``selector``."""
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def parse_selector(items: Iterable[str], *, what: str = "selector") -> dict[str, str]:
+    """Turn ``["zone=a", "role=web,tier=1"]`` into a dict; ProtocolError names the bad item."""
+    out: dict[str, str] = {}
+    for item in items:
+        for part in item.split(","):
+            key, sep, value = part.strip().partition("=")
+            if not sep or not _LABEL_KEY.match(key) or not _LABEL_VALUE.match(value):
+                raise ProtocolError(
+                    f"{what} {part.strip()!r} is not key=value; write e.g. 'zone=a' (keys and "
+                    "values: letters, digits, '-', '_', '.')"
+                )
+            if key in out and out[key] != value:
+                raise ProtocolError(
+                    f"{what} names {key!r} twice ({out[key]!r} and {value!r}); keep one"
+                )
+            out[key] = value
+    return out
+
+
+def _natural_key(node_id: str) -> tuple[object, ...]:
+    """Sort node-2 before node-10."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", node_id))
