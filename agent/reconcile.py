@@ -1,0 +1,374 @@
+"""The agent's reconciler: a pure function from (desired, local view, now) to actions.
+
+Theory of operation. The shell calls ``reconcile`` on every change and on a tick; it carries out
+the returned actions, which change the local view, and calls again. Nothing here remembers
+anything: every decision is made from the view (level-triggered), so calling twice with the same
+input returns the same actions, and a restarted agent that rebuilt its view resumes where it was.
+
+Make-before-break, in the order the actions come out over successive calls:
+
+    Fetch(release) → Start(slot) → [slot becomes healthy] → Route(weights) → Drain(old)
+    → [stop.drain elapses] → Stop(old)
+
+Vocabulary:
+- *target weights*: what the router should apply now. Desired weights restricted to slots that are
+  healthy and run the desired release. When none of those is healthy, the slots that are healthy
+  now keep serving (the *fallback*), so the router is never left without a healthy slot while one
+  exists. A slot that is not healthy never gets weight; the mirror target never gets weight.
+- *retiring* a slot: it is running but not wanted (absent from desired, or running another
+  release). It may only be drained once the router gives it no weight and no mirror, and only
+  stopped once it is out of the target weights, so the last healthy serving slot stays up until
+  its replacement is healthy.
+- *bridge*: when desired changes the release of the slot that alone serves, the new release is
+  started in the other slot (if desired leaves it free) and inherits the weight; once it serves,
+  the original slot is replaced and the bridge retired. The coordinator normally avoids this by
+  putting new releases in the idle slot; the bridge keeps the agent safe when it does not.
+- *worker*: a service without a port has no router; a healthy slot is serving by being up, and
+  the same ordering applies (start new, healthy, stop old).
+
+Failures: a slot still ``starting`` after ``health.start_timeout`` gets ``Fail``; a slot that
+failed is not started again for the same generation (a new generation retries). Failed fetches
+are retried after ``FETCH_RETRY`` seconds and reported meanwhile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from protocol.messages import SLOTS, DesiredState, MirrorSpec, ReleaseRef, SlotStatusName
+
+FETCH_RETRY = 5.0
+RUNNING: frozenset[str] = frozenset({"starting", "healthy", "unhealthy", "draining"})
+IDLE: frozenset[str] = frozenset({"empty", "stopped", "failed"})
+
+
+# -- the local view --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SlotView:
+    """One slot as the agent sees it; ``generation``: the desired generation it started for."""
+
+    slot: str
+    status: SlotStatusName = "empty"
+    digest: str = ""
+    version: str = ""
+    since: float = 0.0
+    restarts: int = 0
+    reason: str = ""
+    generation: int = 0
+    last_exit: int | None = None
+
+
+@dataclass(frozen=True)
+class ReleaseInfo:
+    """What the reconciler needs from a fetched release's manifest."""
+
+    digest: str
+    port: int | None = None
+    start_timeout: float = 30.0
+    drain: float = 2.0
+    stop_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class FetchError:
+    reason: str
+    at: float
+
+
+@dataclass(frozen=True)
+class ServiceView:
+    """Everything the agent knows locally about one service."""
+
+    service: str
+    slots: Mapping[str, SlotView] = field(default_factory=dict)
+    releases: Mapping[str, ReleaseInfo] = field(default_factory=dict)  # fetched, by digest
+    fetching: frozenset[str] = frozenset()
+    fetch_errors: Mapping[str, FetchError] = field(default_factory=dict)
+    applied_weights: Mapping[str, int] = field(default_factory=dict)  # as the router has them
+    applied_mirror: MirrorSpec | None = None
+    observed_generation: int = 0
+
+    def slot(self, name: str) -> SlotView:
+        return self.slots.get(name) or SlotView(slot=name)
+
+
+# -- actions ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fetch:
+    release: ReleaseRef
+
+
+@dataclass(frozen=True)
+class Start:
+    slot: str
+    release: ReleaseRef
+    generation: int
+
+
+@dataclass(frozen=True)
+class Fail:
+    slot: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Route:
+    """Apply these weights (every slot named, 0 for no traffic) and this mirror."""
+
+    weights: Mapping[str, int]
+    mirror: MirrorSpec | None
+
+
+@dataclass(frozen=True)
+class Drain:
+    slot: str
+
+
+@dataclass(frozen=True)
+class Resume:
+    """A draining slot is needed again (its replacement went away): back to healthy."""
+
+    slot: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    slot: str
+    timeout: float
+
+
+Action = Fetch | Start | Fail | Route | Drain | Resume | Stop
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """What the observed state says: the phase, its error, and the generation converged on."""
+
+    phase: Literal["converging", "converged", "failed"]
+    error: str
+    observed_generation: int
+
+
+# -- decisions -------------------------------------------------------------------------------------
+
+
+def is_worker(desired: DesiredState | None, local: ServiceView) -> bool:
+    """A worker's releases have no port; known once fetched (desired ones first, else running)."""
+    digests = [r.digest for r in desired.slots.values()] if desired else []
+    infos = [local.releases[d] for d in digests if d in local.releases]
+    if not infos:
+        infos = [
+            local.releases[v.digest] for v in local.slots.values()
+            if v.status in RUNNING and v.digest in local.releases
+        ]
+    return bool(infos) and all(i.port is None for i in infos)
+
+
+def effective(desired: DesiredState, local: ServiceView) -> dict[str, tuple[ReleaseRef, int]]:
+    """Desired releases and weights per slot, plus a bridge slot where one is needed."""
+    worker = is_worker(desired, local)
+    eff: dict[str, tuple[ReleaseRef, int]] = {
+        s: (ref, 1 if worker else max(0, desired.weights.get(s, 0)))
+        for s, ref in desired.slots.items()
+        if s in SLOTS
+    }
+    for s, (ref, w) in list(eff.items()):
+        other = _other(s)
+        cur = local.slot(s)
+        if other in desired.slots or cur.digest == ref.digest or cur.status != "healthy":
+            continue
+        if not (worker or local.applied_weights.get(s, 0) > 0):
+            continue  # not serving: it can simply be replaced
+        o = local.slot(other)
+        if (o.digest == ref.digest and o.status in RUNNING) or o.status in IDLE:
+            eff[other] = (ref, w)
+    return eff
+
+
+def target_weights(desired: DesiredState, local: ServiceView) -> dict[str, int]:
+    """Weights the router should apply now: only healthy slots, never the mirror target."""
+    eff = effective(desired, local)
+    m = target_mirror_slot(desired, local)
+    mirror = m if m in desired.slots else None
+    out = {
+        s: w
+        for s, (ref, w) in eff.items()
+        if w > 0 and s != mirror and _ready(local.slot(s), ref.digest)
+    }
+    if out or not any(w > 0 and s != mirror for s, (_r, w) in eff.items()):
+        return out  # (or nothing is meant to serve: an empty or all-zero desired state)
+    # Fallback: nothing meant to serve is ready; what is healthy now keeps serving, preferring
+    # slots that already run their desired release (they need no replacement, so the others
+    # can be replaced), and a slot being drained is taken back rather than leave nothing.
+    # The mirror slot is excluded only while it runs the shadow release.
+    shadow = None
+    if mirror and local.slot(mirror).digest == desired.slots[mirror].digest:
+        shadow = mirror
+    settled = [s for s in SLOTS if s in eff and local.slot(s).digest == eff[s][0].digest]
+    healthy = [s for s in SLOTS if s != shadow and local.slot(s).status == "healthy"]
+    groups = (
+        [s for s in healthy if s in settled],
+        [s for s in healthy if s not in settled],
+        [s for s in SLOTS if s != shadow and local.slot(s).status == "draining"],
+    )
+    for group in groups:
+        kept = {s: local.applied_weights.get(s, 0) for s in group}
+        kept = {s: w for s, w in kept.items() if w > 0}
+        if kept:
+            return kept
+        if group:
+            return dict.fromkeys(group, 1)
+    return {}
+
+
+def target_mirror_slot(desired: DesiredState, local: ServiceView) -> str | None:
+    """The slot desired as shadow; workers have no router and so no mirror."""
+    m = desired.mirror
+    if m is None or m.slot not in desired.slots or is_worker(desired, local):
+        return None
+    return m.slot
+
+
+def target_mirror(desired: DesiredState, local: ServiceView) -> MirrorSpec | None:
+    """The desired mirror, once its slot is healthy on the desired release."""
+    m = desired.mirror
+    if m is None or target_mirror_slot(desired, local) is None:
+        return None
+    if _ready(local.slot(m.slot), desired.slots[m.slot].digest):
+        return m
+    return None
+
+
+def reconcile(desired: DesiredState | None, local: ServiceView, now: float) -> list[Action]:
+    """The actions that move ``local`` one safe step towards ``desired`` at time ``now``."""
+    if desired is None:
+        return []
+    worker = is_worker(desired, local)
+    eff = effective(desired, local)
+    actions: list[Action] = []
+
+    # 1. releases: fetch what a wanted slot needs.
+    for ref, _w in eff.values():
+        if ref.digest in local.releases or ref.digest in local.fetching:
+            continue
+        err = local.fetch_errors.get(ref.digest)
+        if err is not None and now - err.at < FETCH_RETRY:
+            continue
+        if not any(isinstance(a, Fetch) and a.release.digest == ref.digest for a in actions):
+            actions.append(Fetch(ref))
+
+    # 2. the router: weights and mirror.
+    target = target_weights(desired, local)
+    mirror = target_mirror(desired, local)
+    applied = dict(target) if worker else {s: w for s, w in local.applied_weights.items() if w > 0}
+    route_needed = not worker and (applied != target or local.applied_mirror != mirror)
+
+    # 3. each slot.
+    for s in SLOTS:
+        cur = local.slot(s)
+        want = eff.get(s)
+        info = local.releases.get(cur.digest)
+        stop_timeout = info.stop_timeout if info else 10.0
+        drain = info.drain if info else 2.0
+        wanted_here = want is not None and cur.digest == want[0].digest
+        if cur.status == "starting":
+            if wanted_here:
+                limit = info.start_timeout if info else 30.0
+                if now - cur.since >= limit:
+                    actions.append(Fail(s, f"not healthy within {limit:g}s (health.start_timeout)"))
+            elif target.get(s, 0) == 0:
+                actions.append(Stop(s, stop_timeout))
+            continue
+        if cur.status in ("healthy", "unhealthy"):
+            if wanted_here or target.get(s, 0) > 0:
+                continue
+            if applied.get(s, 0) == 0 and not (mirror_on(local, s) and not worker):
+                actions.append(Drain(s))
+            continue
+        if cur.status == "draining":
+            if target.get(s, 0) > 0 or wanted_here:
+                actions.append(Resume(s))
+            elif now - cur.since >= drain:
+                actions.append(Stop(s, stop_timeout))
+            continue
+        if cur.status in ("stopping", "fetching"):
+            continue
+        # empty, stopped, failed: start what is wanted here, once its release is local.
+        if want is None:
+            continue
+        ref = want[0]
+        if _failed_for(cur, ref, desired.generation):
+            continue
+        if ref.digest in local.releases:
+            actions.append(Start(s, ref, desired.generation))
+    if route_needed:
+        # After any Resume (a resumed slot is healthy again), before any Drain (which needs the
+        # router to have moved traffic away already, so it never comes in the same batch).
+        first = [a for a in actions if isinstance(a, Fetch | Resume)]
+        rest = [a for a in actions if not isinstance(a, Fetch | Resume)]
+        actions = [*first, Route({s: target.get(s, 0) for s in SLOTS}, mirror), *rest]
+    return actions
+
+
+def mirror_on(local: ServiceView, slot: str) -> bool:
+    return local.applied_mirror is not None and local.applied_mirror.slot == slot
+
+
+def assess(desired: DesiredState | None, local: ServiceView) -> Assessment:
+    """Phase, error and observed generation for the observed state."""
+    if desired is None:
+        return Assessment("converged", "", local.observed_generation)
+    errors: list[str] = []
+    for s, ref in sorted(desired.slots.items()):
+        cur = local.slot(s)
+        if _failed_for(cur, ref, desired.generation):
+            errors.append(f"slot {s} ({ref.version}) failed: {cur.reason}")
+        err = local.fetch_errors.get(ref.digest)
+        if err is not None and ref.digest not in local.releases:
+            errors.append(f"release {ref.service} {ref.version} cannot be fetched: {err.reason}")
+    if errors:
+        return Assessment("failed", "; ".join(errors), local.observed_generation)
+    if converged(desired, local):
+        return Assessment("converged", "", desired.generation)
+    return Assessment("converging", "", local.observed_generation)
+
+
+def converged(desired: DesiredState, local: ServiceView) -> bool:
+    """Everything desired is true: slots healthy, weights and mirror applied, the rest stopped."""
+    for s in SLOTS:
+        cur = local.slot(s)
+        ref = desired.slots.get(s)
+        if ref is None:
+            if cur.status not in IDLE:
+                return False
+        elif not _ready(cur, ref.digest):
+            return False
+    if is_worker(desired, local):
+        return True
+    want = {s: w for s, w in desired.weights.items() if w > 0 and s in desired.slots}
+    if desired.mirror is not None and desired.mirror.slot in want:
+        want.pop(desired.mirror.slot)
+    have = {s: w for s, w in local.applied_weights.items() if w > 0}
+    return have == want and local.applied_mirror == desired.mirror
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def _other(slot: str) -> str:
+    return "b" if slot == "a" else "a"
+
+
+def _ready(cur: SlotView, digest: str) -> bool:
+    return cur.status == "healthy" and cur.digest == digest
+
+
+def _failed_for(cur: SlotView, ref: ReleaseRef, generation: int) -> bool:
+    """This slot already failed with this release for this generation: do not retry it."""
+    return cur.status == "failed" and cur.digest == ref.digest and cur.generation >= generation
