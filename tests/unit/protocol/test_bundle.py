@@ -1,0 +1,313 @@
+"""protocol.bundle: deterministic packing, digests, and refusal of every hostile tarball."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import stat
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from protocol.bundle import BundleError, Limits, digest, inspect, pack, safe_unpack
+
+MANIFEST = b'name = "hello"\nversion = "1.0.0"\nport = 8080\ncommand = ["python3", "app.py"]\n'
+
+
+def make_dir(root: Path) -> Path:
+    (root / "lib").mkdir(parents=True)
+    (root / "fleetwave.toml").write_bytes(MANIFEST)
+    (root / "app.py").write_text("print('hi')\n")
+    (root / "run.sh").write_text("#!/bin/sh\n")
+    (root / "run.sh").chmod(0o755)
+    (root / "lib" / "util.py").write_text("X = 1\n")
+    (root / "lib" / "current").symlink_to("util.py")
+    (root / "empty").mkdir()
+    return root
+
+
+Member = tuple[str, str, bytes | str]  # (name, kind, data or link target)
+
+
+def tarball(
+    members: list[Member], *, manifest: bool = True,
+    tweak: Callable[[tarfile.TarInfo], None] | None = None,
+) -> bytes:
+    """A .tar.gz built member by member, hostile on purpose when asked."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz", format=tarfile.PAX_FORMAT) as tf:
+        if manifest:
+            info = tarfile.TarInfo("fleetwave.toml")
+            info.size = len(MANIFEST)
+            tf.addfile(info, io.BytesIO(MANIFEST))
+        for name, kind, payload in members:
+            info = tarfile.TarInfo(name)
+            if kind == "file":
+                assert isinstance(payload, bytes)
+                info.size = len(payload)
+                if tweak:
+                    tweak(info)
+                tf.addfile(info, io.BytesIO(payload))
+                continue
+            info.type = {
+                "dir": tarfile.DIRTYPE, "sym": tarfile.SYMTYPE, "hard": tarfile.LNKTYPE,
+                "chr": tarfile.CHRTYPE, "blk": tarfile.BLKTYPE, "fifo": tarfile.FIFOTYPE,
+            }[kind]
+            if kind in ("sym", "hard"):
+                assert isinstance(payload, str)
+                info.linkname = payload
+            if tweak:
+                tweak(info)
+            tf.addfile(info)
+    return buf.getvalue()
+
+
+def test_pack_is_deterministic_across_mtimes_and_copies(tmp_path: Path) -> None:
+    """The same tree packed twice, with other mtimes, gives identical bytes and digest."""
+    a = make_dir(tmp_path / "a")
+    data1, m = pack(a)
+    for p in a.rglob("*"):
+        os.utime(p, (1_000_000, 1_000_000), follow_symlinks=False)
+    (a / "__pycache__").mkdir()
+    (a / "__pycache__" / "app.cpython-311.pyc").write_bytes(b"junk")
+    data2, _ = pack(a)
+    assert data1 == data2
+    assert m.name == "hello" and m.version == "1.0.0"
+    assert digest(data1) == digest(data2)
+
+
+def test_content_change_changes_digest(tmp_path: Path) -> None:
+    """One changed byte in one file gives another digest."""
+    a = make_dir(tmp_path / "a")
+    before = digest(pack(a)[0])
+    (a / "app.py").write_text("print('ho')\n")
+    assert digest(pack(a)[0]) != before
+
+
+def test_digest_format() -> None:
+    """digest() is 'sha256:' and 64 hex digits of the bytes."""
+    d = digest(b"abc")
+    assert d == "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_tarball_input_is_repacked_to_the_same_digest(tmp_path: Path) -> None:
+    """A .tar.gz made by another tool (./ prefixes, owners, mtimes) re-packs to the dir's digest."""
+    a = make_dir(tmp_path / "a")
+    foreign = tmp_path / "foreign.tar.gz"
+    with tarfile.open(foreign, "w:gz") as tf:  # tarfile's defaults: real mtimes, uid, uname
+        tf.add(a, arcname=".")
+    assert digest(pack(foreign)[0]) == digest(pack(a)[0])
+
+
+def test_unpack_round_trip_and_modes(tmp_path: Path) -> None:
+    """Unpacking gives back files, dirs and in-tree symlinks with normalised modes."""
+    a = make_dir(tmp_path / "a")
+    data, _ = pack(a)
+    dest = tmp_path / "out" / "rel"
+    manifest = safe_unpack(data, dest)
+    assert manifest.version == "1.0.0"
+    assert (dest / "app.py").read_text() == "print('hi')\n"
+    assert (dest / "lib" / "current").is_symlink()
+    assert os.readlink(dest / "lib" / "current") == "util.py"
+    assert (dest / "empty").is_dir()
+    assert stat.S_IMODE((dest / "run.sh").stat().st_mode) == 0o755
+    assert stat.S_IMODE((dest / "app.py").stat().st_mode) == 0o644
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["rel"]  # temp dir gone
+
+
+def test_setuid_and_world_writable_bits_are_stripped(tmp_path: Path) -> None:
+    """Decision: setuid/setgid/sticky and group/other write bits are stripped, not refused."""
+
+    def evil_mode(info: tarfile.TarInfo) -> None:
+        info.mode = 0o6777
+
+    data = tarball([("tool", "file", b"#!/bin/sh\n")], tweak=evil_mode)
+    dest = tmp_path / "rel"
+    safe_unpack(data, dest)
+    assert stat.S_IMODE((dest / "tool").stat().st_mode) == 0o755
+
+
+def test_hardlink_in_tree_becomes_a_copy(tmp_path: Path) -> None:
+    """A hardlink to an earlier regular file is accepted and unpacked as an independent copy."""
+    data = tarball([("a.txt", "file", b"A"), ("b.txt", "hard", "a.txt")])
+    dest = tmp_path / "rel"
+    safe_unpack(data, dest)
+    assert (dest / "b.txt").read_bytes() == b"A"
+    assert os.stat(dest / "a.txt").st_ino != os.stat(dest / "b.txt").st_ino
+
+
+def test_symlink_with_dotdot_inside_the_tree_is_accepted(tmp_path: Path) -> None:
+    """A relative symlink that climbs but stays inside the bundle is fine."""
+    data = tarball([("bin/", "dir", b""), ("pkg/tool.py", "file", b"x"),
+                    ("bin/tool", "sym", "../pkg/tool.py")])
+    safe_unpack(data, tmp_path / "rel")
+    assert (tmp_path / "rel" / "bin" / "tool").read_bytes() == b"x"
+
+
+def _gzip(raw: bytes) -> bytes:
+    return gzip.compress(raw, mtime=0)
+
+
+def _bomb() -> bytes:
+    """A small .tar.gz whose one member inflates far past a 1 MiB limit."""
+    return tarball([("big.bin", "file", b"\0" * (4 * 1024 * 1024))])
+
+
+def _garbage_after_entries() -> bytes:
+    ok = gzip.decompress(tarball([("a.txt", "file", b"A")]))
+    end = ok.rstrip(b"\0")
+    end += b"\0" * (-len(end) % 512)
+    return _gzip(end + b"GARBAGE!" * 64 + b"\0" * 1024)
+
+
+HOSTILE: dict[str, tuple[Callable[[], bytes], str]] = {
+    "absolute path": (lambda: tarball([("/etc/evil", "file", b"x")]), "absolute path"),
+    "dotdot path": (lambda: tarball([("../evil", "file", b"x")]), "'..' component"),
+    "dotdot deep": (lambda: tarball([("a/../../evil", "file", b"x")]), "'..' component"),
+    "symlink absolute": (lambda: tarball([("l", "sym", "/etc/passwd")]), "absolute path"),
+    "symlink escapes": (lambda: tarball([("l", "sym", "../outside")]), "leads out"),
+    "symlink escapes deep": (
+        lambda: tarball([("a/b/l", "sym", "../../../x")]), "leads out",
+    ),
+    "symlink escapes via another symlink": (
+        lambda: tarball([("up", "sym", "."), ("d/", "dir", b""), ("d/l", "sym", "../up/../x")]),
+        "leads out",
+    ),
+    "symlink chain escapes": (
+        lambda: tarball([("s/", "dir", b""), ("s/e", "sym", ".."), ("s/f", "sym", "e/..")]),
+        "leads out",
+    ),
+    "symlink loop": (lambda: tarball([("a", "sym", "b"), ("b", "sym", "a")]), "loop"),
+    "write through symlink dir": (
+        lambda: tarball([("d", "sym", "."), ("d/x", "file", b"x")]), "which is a symlink",
+    ),
+    "file under a file": (
+        lambda: tarball([("f", "file", b"x"), ("f/x", "file", b"x")]), "which is a file",
+    ),
+    "hardlink out of tree": (lambda: tarball([("h", "hard", "/etc/passwd")]), "hardlink"),
+    "hardlink dotdot": (lambda: tarball([("h", "hard", "../x")]), "'..' component"),
+    "hardlink to later file": (
+        lambda: tarball([("h", "hard", "z.txt"), ("z.txt", "file", b"z")]), "hardlink",
+    ),
+    "character device": (lambda: tarball([("tty", "chr", b"")]), "character device"),
+    "block device": (lambda: tarball([("sda", "blk", b"")]), "block device"),
+    "fifo": (lambda: tarball([("pipe", "fifo", b"")]), "fifo"),
+    "duplicate entry": (
+        lambda: tarball([("a.txt", "file", b"1"), ("a.txt", "file", b"2")]), "appears twice",
+    ),
+    "missing manifest": (lambda: tarball([("a.txt", "file", b"x")], manifest=False), "no "),
+    "manifest is a symlink": (
+        lambda: tarball([("real.toml", "file", MANIFEST), ("fleetwave.toml", "sym", "real.toml")],
+                        manifest=False),
+        "regular file",
+    ),
+    "invalid manifest": (
+        lambda: _gzip(_tar_with_manifest(b'name = "hello"\nbogus = 1\n')), "bogus",
+    ),
+    "not gzip": (lambda: b"PK\x03\x04 a zip file", "not a gzip"),
+    "truncated gzip": (lambda: tarball([("a", "file", b"x" * 5000)])[:-40], "truncated"),
+    "garbage after entries": (_garbage_after_entries, "unreadable data"),
+    "decompression bomb": (_bomb, "decompression limit"),
+    "too many entries": (
+        lambda: tarball([(f"f{i}", "file", b"") for i in range(30)]), "entries",
+    ),
+    "long path": (lambda: tarball([("d/" * 600 + "x", "file", b"x")]), "path above"),
+}
+
+
+def _tar_with_manifest(text: bytes) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        info = tarfile.TarInfo("fleetwave.toml")
+        info.size = len(text)
+        tf.addfile(info, io.BytesIO(text))
+    return buf.getvalue()
+
+
+SMALL = Limits(max_entries=20, max_bytes=1024 * 1024)
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_tarball_is_refused_and_nothing_is_written(case: str, tmp_path: Path) -> None:
+    """Every hostile tarball is refused with its reason, and the parent dir stays empty."""
+    make, reason = HOSTILE[case]
+    data = make()
+    parent = tmp_path / "releases"
+    parent.mkdir()
+    with pytest.raises(BundleError) as info:
+        safe_unpack(data, parent / "rel", limits=SMALL)
+    assert reason in str(info.value)
+    assert "\n" not in str(info.value)
+    assert list(parent.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["releases"]
+    with pytest.raises(BundleError):
+        inspect(data, limits=SMALL)
+
+
+@pytest.mark.parametrize("case", ["absolute path", "symlink escapes", "character device"])
+def test_pack_refuses_hostile_tarball_input(case: str, tmp_path: Path) -> None:
+    """pack() applies the same rules to a .tar.gz it is given."""
+    path = tmp_path / "in.tar.gz"
+    path.write_bytes(HOSTILE[case][0]())
+    with pytest.raises(BundleError):
+        pack(path)
+
+
+def test_pack_refuses_symlink_out_of_directory(tmp_path: Path) -> None:
+    """A bundle directory with a symlink pointing outside it cannot be packed."""
+    a = make_dir(tmp_path / "a")
+    (a / "leak").symlink_to("/etc/passwd")
+    with pytest.raises(BundleError, match="absolute"):
+        pack(a)
+    (a / "leak").unlink()
+    (a / "leak").symlink_to("../../secret")
+    with pytest.raises(BundleError, match="leads out"):
+        pack(a)
+
+
+def test_pack_refuses_fifo_in_directory(tmp_path: Path) -> None:
+    """A fifo in a bundle directory is named and refused."""
+    a = make_dir(tmp_path / "a")
+    os.mkfifo(a / "pipe")
+    with pytest.raises(BundleError, match="'pipe' is a fifo"):
+        pack(a)
+
+
+def test_pack_refuses_missing_or_bad_manifest(tmp_path: Path) -> None:
+    """No fleetwave.toml, or one with an unknown key, is refused naming the problem."""
+    a = make_dir(tmp_path / "a")
+    (a / "fleetwave.toml").write_bytes(MANIFEST + b"colour = 'red'\n")
+    with pytest.raises(BundleError, match="colour"):
+        pack(a)
+    (a / "fleetwave.toml").unlink()
+    with pytest.raises(BundleError, match=r"no fleetwave\.toml"):
+        pack(a)
+
+
+def test_pack_refuses_missing_path(tmp_path: Path) -> None:
+    """A path that does not exist is one clear error."""
+    with pytest.raises(BundleError, match="no such"):
+        pack(tmp_path / "nope")
+
+
+def test_unpack_refuses_existing_destination(tmp_path: Path) -> None:
+    """safe_unpack never merges into or replaces an existing directory."""
+    data, _ = pack(make_dir(tmp_path / "a"))
+    dest = tmp_path / "rel"
+    dest.mkdir()
+    (dest / "keep").write_text("mine")
+    with pytest.raises(BundleError, match="already exists"):
+        safe_unpack(data, dest)
+    assert [p.name for p in dest.iterdir()] == ["keep"]
+
+
+def test_limits_apply_to_directories(tmp_path: Path) -> None:
+    """Packing a directory above the entry limit is refused."""
+    a = make_dir(tmp_path / "a")
+    for i in range(30):
+        (a / f"f{i}").write_text("x")
+    with pytest.raises(BundleError, match="entries"):
+        pack(a, limits=SMALL)
