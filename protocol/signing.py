@@ -1,0 +1,197 @@
+"""Signed desired states: a coordinator key signs, agents verify before acting.
+
+Theory of operation. A coordinator holds an ed25519 key as an nkeys *seed* (``SA...``; the same
+key format NATS uses for identities) in a file only its owner can read. ``sign`` encodes a
+DesiredState and signs a canonical byte string that binds, length-prefixed so no two field lists
+can ever encode alike: a domain tag, the envelope kind, fleet, node, service, generation and the
+payload bytes. ``verify`` is what an agent calls before it acts; it refuses, with a ProtocolError
+whose message says why (fit for an ``agent.refused`` event):
+
+- a kind other than ``desired``;
+- a key that is not in the agent's trusted set (``unknown key``);
+- a signature that does not match (any changed byte of payload or envelope field);
+- an envelope addressed to another fleet, node or service;
+- a payload whose fleet/node/service/generation disagree with the envelope;
+- a generation not newer than ``min_generation`` (a replay or a rollback to old state).
+
+The release digests sit inside the payload, so they are covered by the signature too.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import os
+import secrets
+import stat
+from collections.abc import Collection
+from pathlib import Path
+
+import nacl.exceptions
+import nacl.signing
+import nkeys
+
+from protocol.codec import decode, encode
+from protocol.errors import ProtocolError
+from protocol.messages import DesiredState, SignedEnvelope
+
+DOMAIN = b"fleetwave-envelope-v1"
+KIND_DESIRED = "desired"
+# Coordinator keys are "account" nkeys (seed "SA...", public key "A..."); the role byte is part
+# of the key text, so a NATS user or server key pasted by mistake is recognisably different.
+_PREFIX = nkeys.PREFIX_BYTE_ACCOUNT
+
+
+def generate_seed() -> bytes:
+    """Return a new random coordinator seed (nkeys text, ``SA...``)."""
+    seed: bytes = nkeys.encode_seed(secrets.token_bytes(32), _PREFIX)
+    return seed
+
+
+def public_key(seed: bytes) -> str:
+    """Return the public key text (``A...``) of ``seed``; ProtocolError if it is not a seed."""
+    return _keypair(seed)[1]
+
+
+def store_seed(path: Path, seed: bytes) -> None:
+    """Write ``seed`` to ``path`` atomically, readable by its owner only (0600)."""
+    public_key(seed)  # refuse to store something that is not a seed
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(seed + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with contextlib.suppress(OSError):  # some filesystems refuse fsync on directories
+            os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def load_seed(path: Path) -> bytes:
+    """Read a seed file; refuse one that others can read, or that holds no valid seed."""
+    path = Path(path)
+    try:
+        st = path.stat()
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ProtocolError(f"{path}: cannot read the signing key: {exc.strerror}") from None
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        raise ProtocolError(
+            f"{path}: signing key is readable by others (mode {stat.S_IMODE(st.st_mode):o}); "
+            f"run 'chmod 600 {path}'"
+        )
+    seed = text.strip()
+    try:
+        public_key(seed)
+    except ProtocolError:
+        raise ProtocolError(f"{path}: does not hold an nkeys seed (SA...)") from None
+    return seed
+
+
+def signed_bytes(env: SignedEnvelope) -> bytes:
+    """The exact bytes a signature covers: each binding field length-prefixed, then the payload."""
+    parts = [
+        DOMAIN,
+        env.kind.encode(),
+        env.fleet.encode(),
+        env.node.encode(),
+        env.service.encode(),
+        str(env.generation).encode(),
+        bytes(env.payload),
+    ]
+    return b"".join(len(p).to_bytes(8, "big") + p for p in parts)
+
+
+def sign(seed: bytes, desired: DesiredState) -> SignedEnvelope:
+    """Sign ``desired`` into an envelope bound to its fleet, node, service and generation."""
+    key, pub = _keypair(seed)
+    env = SignedEnvelope(
+        kind=KIND_DESIRED,
+        fleet=desired.fleet,
+        node=desired.node,
+        service=desired.service,
+        generation=desired.generation,
+        payload=encode(desired),
+        key=pub,
+    )
+    env.sig = key.sign(signed_bytes(env)).signature
+    return env
+
+
+def verify(
+    env: SignedEnvelope,
+    trusted_public_keys: Collection[str],
+    *,
+    fleet: str,
+    node: str,
+    service: str,
+    min_generation: int,
+) -> DesiredState:
+    """Return the DesiredState in ``env`` if it is genuine and meant for us; else ProtocolError."""
+    if env.kind != KIND_DESIRED:
+        raise ProtocolError(f"refused envelope: kind {env.kind!r} is not {KIND_DESIRED!r}")
+    if env.key not in trusted_public_keys:
+        raise ProtocolError(
+            f"refused envelope: signed by unknown key {env.key[:12]!r}...; trust it in the agent "
+            "configuration if it is the coordinator's"
+        )
+    try:
+        _verify_key(env.key).verify(signed_bytes(env), bytes(env.sig))
+    except nacl.exceptions.BadSignatureError:
+        raise ProtocolError("refused envelope: bad signature (tampered or forged)") from None
+    except (ValueError, TypeError, nacl.exceptions.CryptoError) as exc:
+        raise ProtocolError(f"refused envelope: unusable signature: {exc}") from None
+    for name, want in (("fleet", fleet), ("node", node), ("service", service)):
+        got = getattr(env, name)
+        if got != want:
+            raise ProtocolError(f"refused envelope: addressed to {name} {got!r}, not {want!r}")
+    if env.generation <= min_generation:
+        raise ProtocolError(
+            f"refused envelope: generation {env.generation} is not newer than {min_generation} "
+            "(replayed or stale)"
+        )
+    desired = decode(DesiredState, env.payload)
+    for name in ("fleet", "node", "service", "generation"):
+        if getattr(desired, name) != getattr(env, name):
+            raise ProtocolError(
+                f"refused envelope: payload {name} {getattr(desired, name)!r} disagrees with the "
+                f"envelope's {getattr(env, name)!r}"
+            )
+    return desired
+
+
+# -- keys ------------------------------------------------------------------------------------------
+
+
+def _keypair(seed: bytes) -> tuple[nacl.signing.SigningKey, str]:
+    try:
+        kp = nkeys.from_seed(bytes(seed))
+        pub: str = kp.public_key.decode()
+    except (nkeys.NkeysError, binascii.Error, ValueError, TypeError, IndexError):
+        raise ProtocolError("not an nkeys seed (expected text starting with 'S')") from None
+    key: nacl.signing.SigningKey = kp._keys  # nkeys exposes no public accessor for the signing key
+    return key, pub
+
+
+def _verify_key(public: str) -> nacl.signing.VerifyKey:
+    """Decode an nkeys public key (prefix byte, 32 key bytes, crc16) into an ed25519 verify key."""
+    try:
+        raw = base64.b32decode(public + "=" * (-len(public) % 8))
+    except (binascii.Error, ValueError):
+        raise ProtocolError(f"refused envelope: key {public[:12]!r} is not an nkeys key") from None
+    if len(raw) != 35 or raw[0] != _PREFIX:
+        raise ProtocolError(f"refused envelope: key {public[:12]!r} is not a coordinator key")
+    if nkeys.crc16(bytearray(raw[:33])) != int.from_bytes(raw[33:], "little"):
+        raise ProtocolError(f"refused envelope: key {public[:12]!r} has a bad checksum")
+    return nacl.signing.VerifyKey(raw[1:33])
