@@ -1,0 +1,77 @@
+"""``python -m agent.router --control SOCK [--detach]``: run one router process.
+
+With ``--detach`` the process forks at once and the parent exits 0, so whoever started it can reap
+it immediately; the child goes on in its own session with no tie to its starter (which may be
+killed at any time: the router keeps serving). Output goes wherever the starter pointed it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+from agent.router.control import RouterClient, RouterUnavailable, check_socket_path
+from agent.router.server import RouterServer
+
+
+def _run_loop(main: object) -> None:
+    try:
+        import uvloop  # the fast event loop when installed; asyncio's otherwise
+    except ImportError:
+        asyncio.run(main)  # type: ignore[arg-type]  # main is a coroutine
+    else:
+        uvloop.run(main)  # type: ignore[arg-type]
+
+
+async def _serve(socket_path: Path) -> int:
+    # Local metadata calls on a socket file: instant, and nothing else runs on the loop yet.
+    if socket_path.exists():  # noqa: ASYNC240
+        try:
+            pid = await RouterClient(socket_path, timeout=1.0).ping()
+        except RouterUnavailable:
+            socket_path.unlink(missing_ok=True)  # noqa: ASYNC240  # stale: its router is gone
+        else:
+            print(f"router: a router (pid {pid}) already runs on {socket_path}", file=sys.stderr)
+            return 1
+    await RouterServer(socket_path).run()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m agent.router")
+    parser.add_argument("--control", required=True, type=Path, help="unix socket to listen on")
+    parser.add_argument("--detach", action="store_true", help="fork and let the parent exit")
+    args = parser.parse_args(argv)
+    socket_path: Path = args.control
+    try:
+        check_socket_path(socket_path)
+    except RouterUnavailable as exc:
+        print(f"router: {exc}", file=sys.stderr)
+        return 2
+    if args.detach:
+        # Forking before any thread or event loop exists is safe; the parent only exits.
+        if os.fork() > 0:
+            os._exit(0)
+        with contextlib.suppress(OSError):
+            os.setsid()
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s router[{os.getpid()}] %(levelname)s %(message)s",
+    )
+    code = 1
+
+    async def go() -> None:
+        nonlocal code
+        code = await _serve(socket_path)
+
+    _run_loop(go())
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

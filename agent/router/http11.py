@@ -1,0 +1,284 @@
+"""HTTP/1.1 message heads for the router: pure parsing and rewriting, no sockets.
+
+The proxy reads a head (everything up to the blank line) and hands its bytes here. We parse only
+what a proxy needs: the request line or status line, body framing (Content-Length, chunked, or
+read-until-close), persistence (keep-alive), and the hop-by-hop headers that must not cross the
+proxy. The head we send on is rebuilt from the original header lines minus the hop-by-hop ones, so
+header order and case pass through unchanged.
+
+Garbage never raises anything but ``HttpError``, whose ``status`` is what the router answers
+(400, 431, 501, 505) and whose message goes in the response body.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+MAX_HEAD = 64 * 1024  # bytes of a request or response head (431 beyond)
+MAX_HEADERS = 128  # header lines per head (431 beyond)
+MAX_CHUNK_LINE = 4096  # a chunk-size line with extensions
+
+# Headers that describe one connection, not the message (RFC 9110 7.6.1), plus the legacy ones.
+# Transfer-Encoding is not here: the router forwards chunked bodies as they are, framing included.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+
+_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_STATUS_LINE = re.compile(rb"^HTTP/1\.([01]) ([0-9]{3})(?: .*)?$")
+_HEX = re.compile(rb"^[0-9A-Fa-f]{1,16}$")
+
+
+class HttpError(Exception):
+    """A message the router refuses; ``status`` is the answer to give."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(slots=True)
+class RequestHead:
+    """A parsed request head and the head to send upstream."""
+
+    method: str
+    target: str
+    version: bytes  # b"HTTP/1.1" or b"HTTP/1.0"
+    keep_alive: bool  # the client wants the connection kept after this exchange
+    content_length: int | None
+    chunked: bool
+    expect_continue: bool
+    headers: list[tuple[bytes, bytes]]  # (name as sent, value), hop-by-hop removed
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    """A parsed response head; ``body`` says how its body is framed for the request it answers."""
+
+    status: int
+    version: bytes
+    reason: bytes
+    keep_alive: bool  # the upstream will keep the connection after this response
+    body: str  # "none" | "length" | "chunked" | "close"
+    content_length: int
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # hop-by-hop removed
+
+
+Headers = list[tuple[bytes, bytes]]
+
+
+def _split_headers(lines: list[bytes]) -> tuple[Headers, dict[bytes, list[bytes]]]:
+    """Header lines to (name, value) pairs and a lower-case index; raises on garbage."""
+    if len(lines) > MAX_HEADERS:
+        raise HttpError(431, f"more than {MAX_HEADERS} header lines")
+    pairs: list[tuple[bytes, bytes]] = []
+    index: dict[bytes, list[bytes]] = {}
+    for line in lines:
+        name, sep, value = line.partition(b":")
+        if not sep or not name or not _TOKEN.match(name):
+            # Also refuses obs-fold (a line starting with a space): RFC 9112 5.2 lets us.
+            raise HttpError(400, "malformed header line")
+        value = value.strip(b" \t")
+        if _BAD_VALUE.search(value):
+            raise HttpError(400, "control character in a header value")
+        pairs.append((name, value))
+        index.setdefault(name.lower(), []).append(value)
+    return pairs, index
+
+
+def _connection_tokens(index: dict[bytes, list[bytes]]) -> set[bytes]:
+    tokens: set[bytes] = set()
+    for value in index.get(b"connection", ()):
+        tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return tokens
+
+
+def _strip_hop_by_hop(
+    pairs: list[tuple[bytes, bytes]], tokens: set[bytes]
+) -> list[tuple[bytes, bytes]]:
+    drop = HOP_BY_HOP | tokens
+    return [(n, v) for n, v in pairs if n.lower() not in drop]
+
+
+def _framing(index: dict[bytes, list[bytes]]) -> tuple[int | None, bool]:
+    """(content_length, chunked) from the headers; raises on ambiguity (request smuggling)."""
+    te = index.get(b"transfer-encoding")
+    cl = index.get(b"content-length")
+    if te is not None:
+        if cl is not None:
+            raise HttpError(400, "both Transfer-Encoding and Content-Length")
+        codings = [c.strip().lower() for v in te for c in v.split(b",") if c.strip()]
+        if not codings or codings[-1] != b"chunked" or codings.count(b"chunked") != 1:
+            raise HttpError(501, "unsupported Transfer-Encoding (only chunked, last)")
+        return None, True
+    if cl is not None:
+        values = {c.strip() for v in cl for c in v.split(b",")}
+        if len(values) != 1:
+            raise HttpError(400, "conflicting Content-Length values")
+        (value,) = values
+        if not value.isdigit() or len(value) > 18:
+            raise HttpError(400, "invalid Content-Length")
+        return int(value), False
+    return None, False
+
+
+def parse_request(head: bytes) -> RequestHead:
+    """Parse a request head (with or without its final blank line)."""
+    if len(head) > MAX_HEAD:
+        raise HttpError(431, f"request head larger than {MAX_HEAD} bytes")
+    lines = head.rstrip(b"\r\n").split(b"\r\n")
+    while lines and not lines[0]:
+        lines.pop(0)  # RFC 9112 2.2: a server should ignore empty lines before the request line
+    if not lines:
+        raise HttpError(400, "empty request")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3:
+        raise HttpError(400, "malformed request line")
+    method, target, version = parts
+    if not _TOKEN.match(method) or not target or _BAD_VALUE.search(target):
+        raise HttpError(400, "malformed request line")
+    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        if version.startswith(b"HTTP/"):
+            raise HttpError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
+        raise HttpError(400, "malformed request line")
+    pairs, index = _split_headers(lines[1:])
+    content_length, chunked = _framing(index)
+    if version == b"HTTP/1.0" and chunked:
+        raise HttpError(400, "chunked request body in HTTP/1.0")
+    tokens = _connection_tokens(index)
+    if version == b"HTTP/1.1":
+        if b"host" not in index:
+            raise HttpError(400, "HTTP/1.1 request without Host")
+        keep_alive = b"close" not in tokens
+    else:
+        keep_alive = b"keep-alive" in tokens
+    expect = index.get(b"expect")
+    expect_continue = expect is not None and expect[-1].lower() == b"100-continue"
+    headers = _strip_hop_by_hop(pairs, tokens)
+    if expect_continue:
+        # The router answers 100 Continue itself and buffers the body, so the upstream must not.
+        headers = [(n, v) for n, v in headers if n.lower() != b"expect"]
+    return RequestHead(
+        method=method.decode("ascii"),
+        target=target.decode("latin-1"),
+        version=version,
+        keep_alive=keep_alive,
+        content_length=content_length,
+        chunked=chunked,
+        expect_continue=expect_continue,
+        headers=headers,
+    )
+
+
+def upstream_request_head(req: RequestHead, client_ip: str) -> bytes:
+    """The head to send upstream: the client's, hop-by-hop removed, X-Forwarded-For added."""
+    out = [f"{req.method} {req.target} ".encode("latin-1") + req.version]
+    xff = client_ip.encode("ascii")
+    for name, value in req.headers:
+        if name.lower() == b"x-forwarded-for":
+            xff = value + b", " + xff
+            continue
+        out.append(name + b": " + value)
+    out.append(b"X-Forwarded-For: " + xff)
+    out.append(b"\r\n")
+    return b"\r\n".join(out)
+
+
+def parse_response(head: bytes, request_method: str) -> ResponseHead:
+    """Parse a response head and decide its body framing for a request with ``request_method``."""
+    if len(head) > MAX_HEAD:
+        raise HttpError(502, f"upstream response head larger than {MAX_HEAD} bytes")
+    lines = head.rstrip(b"\r\n").split(b"\r\n")
+    m = _STATUS_LINE.match(lines[0]) if lines else None
+    if m is None:
+        raise HttpError(502, "upstream sent a malformed status line")
+    version = b"HTTP/1." + m.group(1)
+    status = int(m.group(2))
+    reason = lines[0][13:] or b"-"
+    try:
+        pairs, index = _split_headers(lines[1:])
+        content_length, chunked = _framing(index)
+    except HttpError as exc:
+        raise HttpError(502, f"upstream sent a bad response head: {exc}") from None
+    tokens = _connection_tokens(index)
+    keep_alive = b"close" not in tokens if version == b"HTTP/1.1" else b"keep-alive" in tokens
+    if request_method == "HEAD" or status < 200 or status in (204, 304):
+        body, length = "none", 0
+    elif chunked:
+        body, length = "chunked", 0
+    elif content_length is not None:
+        body, length = "length", content_length
+    else:
+        body, length, keep_alive = "close", 0, False
+    return ResponseHead(
+        status=status,
+        version=version,
+        reason=reason,
+        keep_alive=keep_alive,
+        body=body,
+        content_length=length,
+        headers=_strip_hop_by_hop(pairs, tokens),
+    )
+
+
+def client_response_head(resp: ResponseHead, *, keep_alive: bool, http10: bool) -> bytes:
+    """The head to send the client: the upstream's, hop-by-hop removed, our persistence added."""
+    out = [b"HTTP/1.1 " + str(resp.status).encode() + b" " + resp.reason]
+    out.extend(name + b": " + value for name, value in resp.headers)
+    if not keep_alive:
+        out.append(b"Connection: close")
+    elif http10:
+        out.append(b"Connection: keep-alive")
+    out.append(b"\r\n")
+    return b"\r\n".join(out)
+
+
+def parse_chunk_size(line: bytes) -> int:
+    """The size in a chunk-size line (extensions ignored); raises HttpError(400) on garbage."""
+    size = line.split(b";", 1)[0].strip(b" \t\r\n")
+    if not _HEX.match(size):
+        raise HttpError(400, "malformed chunk size")
+    return int(size, 16)
+
+
+REASONS = {
+    100: "Continue",
+    400: "Bad Request",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    431: "Request Header Fields Too Large",
+    501: "Not Implemented",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+    505: "HTTP Version Not Supported",
+}
+
+
+def error_response(status: int, message: str, *, keep_alive: bool = False) -> bytes:
+    """A complete plain-text response the router itself produces."""
+    body = f"fleetwave router: {message}\n".encode()
+    head = (
+        f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n"
+        f"Content-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f"Cache-Control: no-store\r\n"
+    )
+    if not keep_alive:
+        head += "Connection: close\r\n"
+    return head.encode() + b"\r\n" + body

@@ -1,0 +1,105 @@
+"""A router config, validated and turned into what the proxy consults per request (pure).
+
+``build_routing`` refuses a config that makes no sense with one line saying what and why (the
+router then keeps its previous config). The ``Routing`` it returns is replaced as a whole on every
+reconfigure, so a request sees either the old or the new config, never a mix; its balancer starts
+fresh, which is what a weight switch means.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from agent.router.balance import SmoothWeighted
+from agent.router.control import RouterConfig, Upstream
+from protocol.messages import SLOTS, MirrorSpec
+
+
+class ConfigError(ValueError):
+    """A router config the router refuses; the message says why."""
+
+
+@dataclass(slots=True)
+class Routing:
+    """What one config means for the next requests."""
+
+    config: RouterConfig
+    upstreams: dict[str, Upstream]
+    balancer: SmoothWeighted
+    weights: dict[str, int]  # as configured, for stats
+    mirror: MirrorSpec | None = None
+    mirror_target: Upstream | None = None  # None when off or the shadow is unhealthy
+    mirror_methods: frozenset[str] = frozenset()
+    ignore_headers: frozenset[bytes] = frozenset()
+    ignore_json_fields: tuple[str, ...] = ()
+    reasons: str = field(default="")  # why a slot may not serve users, for the 503 body
+
+    def pick(self) -> str | None:
+        return self.balancer.pick()
+
+
+def _check_port(port: int, what: str, *, allow_zero: bool) -> None:
+    low = 0 if allow_zero else 1
+    if not low <= port <= 65535:
+        raise ConfigError(f"{what} {port} is not a TCP port ({low}-65535)")
+
+
+def build_routing(cfg: RouterConfig) -> Routing:
+    """Validate ``cfg`` and build its routing; raises ConfigError with the reason."""
+    if not cfg.service:
+        raise ConfigError("service name is empty")
+    if not cfg.listen_host:
+        raise ConfigError("listen_host is empty")
+    _check_port(cfg.listen_port, "listen_port", allow_zero=True)
+    if cfg.drain_timeout < 0:
+        raise ConfigError(f"drain_timeout {cfg.drain_timeout} is negative")
+    upstreams: dict[str, Upstream] = {}
+    for up in cfg.upstreams:
+        if up.slot not in SLOTS:
+            raise ConfigError(f"unknown slot {up.slot!r} (slots are {', '.join(SLOTS)})")
+        if up.slot in upstreams:
+            raise ConfigError(f"slot {up.slot} is configured twice")
+        _check_port(up.port, f"slot {up.slot} port", allow_zero=False)
+        if up.weight < 0:
+            raise ConfigError(f"slot {up.slot} weight {up.weight} is negative")
+        upstreams[up.slot] = up
+    mirror = cfg.mirror
+    target: Upstream | None = None
+    if mirror is not None:
+        shadow = upstreams.get(mirror.slot)
+        if shadow is None:
+            raise ConfigError(f"mirror slot {mirror.slot!r} has no upstream configured")
+        if shadow.weight > 0:
+            raise ConfigError(
+                f"mirror slot {mirror.slot} also serves users (weight {shadow.weight}); "
+                "set its weight to 0 to shadow it"
+            )
+        if not 0 <= mirror.percent <= 100:
+            raise ConfigError(f"mirror percent {mirror.percent} is outside 0-100")
+        target = shadow if shadow.healthy and mirror.percent > 0 else None
+    serving = [
+        (up.slot, up.weight)
+        for up in upstreams.values()
+        if up.healthy and up.weight > 0
+    ]
+    reasons = "; ".join(
+        f"slot {up.slot} {'unhealthy' if not up.healthy else 'weight 0'}"
+        for up in upstreams.values()
+        if not (up.healthy and up.weight > 0)
+    ) or "no slot configured"
+    return Routing(
+        config=cfg,
+        upstreams=upstreams,
+        balancer=SmoothWeighted(sorted(serving)),
+        weights={up.slot: up.weight for up in upstreams.values()},
+        mirror=mirror,
+        mirror_target=target,
+        mirror_methods=frozenset(m.upper() for m in mirror.methods) if mirror else frozenset(),
+        ignore_headers=(
+            frozenset(h.lower().encode("latin-1") for h in mirror.ignore_headers)
+            if mirror
+            else frozenset()
+        ),
+        ignore_json_fields=tuple(mirror.ignore_json_fields) if mirror else (),
+        reasons=reasons,
+    )

@@ -1,0 +1,202 @@
+"""The router process: its control socket, its listening socket, and its orderly exit.
+
+Theory of operation: the process starts unconfigured, listening only on its control socket. A
+``configure`` is validated (``build_routing``), then, if the listen address changed, the new
+address is bound *before* the old one is closed; a bind failure refuses the config and leaves the
+old one in force. The same address keeps the same listening socket, so no connection is dropped by
+a reconfigure. On SIGTERM, SIGINT or a ``shutdown`` request the router stops accepting, closes idle
+keep-alive connections, lets in-flight requests finish for up to ``drain_timeout``, then cancels
+what is left and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import msgspec
+
+from agent.router.control import (
+    MAX_LINE,
+    REQUEST_DECODER,
+    Configure,
+    GetStats,
+    Ping,
+    Reply,
+    RouterConfig,
+    Shutdown,
+    encode_reply,
+)
+from agent.router.http11 import MAX_HEAD
+from agent.router.proxy import Proxy
+from agent.router.routing import ConfigError, build_routing
+from agent.router.stats import router_stats
+from protocol.messages import RouterStats
+
+log = logging.getLogger(__name__)
+
+CONTROL_IDLE = 30.0  # a control connection silent for this long is closed
+BACKLOG = 1024
+
+
+class RouterServer:
+    """One router process; ``run`` returns when it has drained and stopped."""
+
+    def __init__(self, socket_path: Path) -> None:
+        self.socket_path = socket_path
+        self.proxy = Proxy()
+        self.epoch = time.time()
+        self.pid = os.getpid()
+        self.config: RouterConfig | None = None
+        self.listener: asyncio.Server | None = None
+        self.address: tuple[str, int] | None = None  # (host, bound port)
+        self.stopping = asyncio.Event()
+        self._configuring = asyncio.Lock()
+        self._control_tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        """Serve until asked to stop, then drain and return."""
+        loop = asyncio.get_running_loop()
+        control = await asyncio.start_unix_server(
+            self._control, path=str(self.socket_path), limit=MAX_LINE
+        )
+        self.socket_path.chmod(0o600)  # only the agent's user may reconfigure the router
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        self.proxy.mirror.start()
+        log.info("router %d ready on %s", self.pid, self.socket_path)
+        try:
+            await self.stopping.wait()
+        finally:
+            control.close()
+            with contextlib.suppress(FileNotFoundError):
+                self.socket_path.unlink()
+            await self._drain()
+            for task in list(self._control_tasks):
+                task.cancel()
+            await asyncio.gather(*self._control_tasks, return_exceptions=True)
+            await self.proxy.mirror.close()
+            for pool in self.proxy.pools.values():
+                pool.close()
+            log.info("router %d stopped", self.pid)
+
+    async def _drain(self) -> None:
+        """Stop accepting, close idle clients, give in-flight requests ``drain_timeout``."""
+        self.proxy.closing = True
+        if self.listener is not None:
+            self.listener.close()
+        timeout = self.config.drain_timeout if self.config is not None else 0.0
+        deadline = time.monotonic() + timeout
+        while self.proxy.clients:
+            for task in self.proxy.idle_clients():
+                task.cancel()
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.01)  # polling in-flight requests, bounded by the deadline
+        tasks = list(self.proxy.clients)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- configuration ----------------------------------------------------------------------------
+
+    def stats(self) -> RouterStats:
+        return router_stats(
+            epoch=self.epoch,
+            pid=self.pid,
+            port=self.address[1] if self.address else None,
+            weights=self.proxy.routing.weights if self.proxy.routing else {},
+            slots=self.proxy.slots,
+            mirror=self.proxy.mirror_counters if self.config and self.config.mirror else None,
+        )
+
+    async def configure(self, cfg: RouterConfig) -> RouterStats:
+        """Apply ``cfg`` as a whole or not at all; raises ConfigError with the reason."""
+        async with self._configuring:
+            if self.stopping.is_set():
+                raise ConfigError("the router is shutting down")
+            routing = build_routing(cfg)
+            same = self.address is not None and self.address[0] == cfg.listen_host and (
+                cfg.listen_port in (0, self.address[1])
+            )
+            if not same:
+                try:
+                    listener = await asyncio.start_server(
+                        self.proxy.handle,
+                        cfg.listen_host,
+                        cfg.listen_port,
+                        limit=MAX_HEAD,
+                        backlog=BACKLOG,
+                        reuse_address=True,
+                    )
+                except OSError as exc:
+                    raise ConfigError(
+                        f"cannot listen on {cfg.listen_host}:{cfg.listen_port}: "
+                        f"{exc.strerror or exc}; free the port or pick another"
+                    ) from None
+                old, self.listener = self.listener, listener
+                port = listener.sockets[0].getsockname()[1]
+                self.address = (cfg.listen_host, port)
+                if old is not None:
+                    old.close()  # stops accepting; connections it accepted carry on
+            self.proxy.apply(routing)
+            self.config = cfg
+            log.info(
+                "configured %s on %s:%s weights=%s mirror=%s",
+                cfg.service, *(self.address or ("?", "?")), routing.weights,
+                cfg.mirror.slot if cfg.mirror else None,
+            )
+            return self.stats()
+
+    # -- the control socket -----------------------------------------------------------------------
+
+    async def _control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._control_tasks.add(task)
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(CONTROL_IDLE):
+                        line = await reader.readline()
+                except (TimeoutError, ValueError, OSError):
+                    return  # idle, a line over the limit, or gone
+                if not line:
+                    return
+                reply, stop = await self._answer(line)
+                writer.write(encode_reply(reply))
+                async with asyncio.timeout(CONTROL_IDLE):
+                    await writer.drain()
+                if stop:
+                    self.stopping.set()
+        except (OSError, TimeoutError):
+            pass
+        finally:
+            self._control_tasks.discard(task)
+            writer.close()
+
+    async def _answer(self, line: bytes) -> tuple[Reply, bool]:
+        """The reply to one control line, and whether to stop after sending it."""
+        try:
+            request = REQUEST_DECODER.decode(line)
+        except msgspec.DecodeError as exc:
+            return Reply(ok=False, error=f"bad control message: {exc}"), False
+        match request:
+            case Ping():
+                return Reply(ok=True, pid=self.pid), False
+            case GetStats():
+                return Reply(ok=True, pid=self.pid, stats=self.stats()), False
+            case Configure(config=cfg):
+                try:
+                    stats = await self.configure(cfg)
+                except ConfigError as exc:
+                    return Reply(ok=False, pid=self.pid, error=f"config refused: {exc}"), False
+                return Reply(ok=True, pid=self.pid, stats=stats), False
+            case Shutdown():
+                return Reply(ok=True, pid=self.pid), True
+        return Reply(ok=False, error="unknown request"), False  # unreachable: the union is closed

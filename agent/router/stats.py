@@ -1,0 +1,120 @@
+"""Router counters: cumulative since the router started (its epoch), mutated in place per request.
+
+The proxy holds one ``SlotCounters`` per slot name (plus ``ROUTER_SLOT`` for the 503s it answers
+when no slot may serve) and one ``MirrorCounters``; ``snapshot`` turns them into the wire
+``RouterStats``. Counters are never reset while the process lives, so the coordinator can subtract
+two snapshots of the same epoch (see ``protocol.histogram.delta``).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections import deque
+
+from protocol.histogram import empty
+from protocol.messages import (
+    LATENCY_BOUNDS_MS,
+    MirrorTraffic,
+    MismatchSample,
+    RouterStats,
+    SlotTraffic,
+)
+
+# Requests answered by the router itself because no slot could take them (503) are counted here.
+ROUTER_SLOT = "router"
+MAX_SAMPLES = 10
+
+
+class SlotCounters:
+    """What one slot has served: requests, 5xx answers, connect failures, latency histogram."""
+
+    __slots__ = ("errors", "failures", "latency", "requests")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.errors = 0
+        self.failures = 0
+        self.latency = empty()
+
+    def observe(self, status: int, latency_ms: float) -> None:
+        """Count one answered request."""
+        self.requests += 1
+        if status >= 500:
+            self.errors += 1
+        self.latency[bisect_left(LATENCY_BOUNDS_MS, latency_ms)] += 1
+
+    def snapshot(self) -> SlotTraffic:
+        return SlotTraffic(
+            requests=self.requests,
+            errors=self.errors,
+            failures=self.failures,
+            latency=list(self.latency),
+        )
+
+
+class MirrorCounters:
+    """Shadow traffic: copies sent, compared, mismatched, dropped, failed; latencies; samples."""
+
+    __slots__ = (
+        "compared",
+        "dropped",
+        "live_latency",
+        "mirrored",
+        "mismatched",
+        "samples",
+        "shadow_errors",
+        "shadow_latency",
+    )
+
+    def __init__(self) -> None:
+        self.mirrored = 0
+        self.compared = 0
+        self.mismatched = 0
+        self.dropped = 0
+        self.shadow_errors = 0
+        self.shadow_latency = empty()
+        self.live_latency = empty()
+        self.samples: deque[MismatchSample] = deque(maxlen=MAX_SAMPLES)  # the most recent
+
+    def compared_pair(
+        self, live_ms: float, shadow_ms: float, sample: MismatchSample | None
+    ) -> None:
+        """Count one comparison; ``sample`` is the mismatch, or None when they agreed."""
+        self.compared += 1
+        self.live_latency[bisect_left(LATENCY_BOUNDS_MS, live_ms)] += 1
+        self.shadow_latency[bisect_left(LATENCY_BOUNDS_MS, shadow_ms)] += 1
+        if sample is not None:
+            self.mismatched += 1
+            self.samples.append(sample)
+
+    def snapshot(self) -> MirrorTraffic:
+        return MirrorTraffic(
+            mirrored=self.mirrored,
+            compared=self.compared,
+            mismatched=self.mismatched,
+            dropped=self.dropped,
+            shadow_errors=self.shadow_errors,
+            shadow_latency=list(self.shadow_latency),
+            live_latency=list(self.live_latency),
+            samples=list(self.samples),
+        )
+
+
+def router_stats(
+    *,
+    epoch: float,
+    pid: int,
+    port: int | None,
+    weights: dict[str, int],
+    slots: dict[str, SlotCounters],
+    mirror: MirrorCounters | None,
+) -> RouterStats:
+    """The wire snapshot of everything counted so far."""
+    return RouterStats(
+        epoch=epoch,
+        pid=pid,
+        port=port,
+        weights=dict(weights),
+        slots={name: c.snapshot() for name, c in slots.items()},
+        mirror=mirror.snapshot() if mirror is not None else None,
+    )

@@ -1,0 +1,202 @@
+"""Connections to upstreams and message bodies: the IO primitives the proxy and the mirror share.
+
+``Pool`` keeps a few idle keep-alive connections per upstream address and hands out fresh ones;
+``BodyReader`` reads one body off a stream in raw pieces (framing included, so chunked bodies pass
+through unchanged) while optionally feeding the decoded bytes to a ``Capture`` (sha256 and a bounded
+copy, for the mirror comparison). Every read and connect runs under a timeout.
+
+Errors: ``Broken`` means the peer closed or sent garbage in the middle of a body; connect errors are
+the plain ``OSError``/``TimeoutError`` the caller counts as a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections import deque
+
+from agent.router.http11 import MAX_HEAD, HttpError, parse_chunk_size
+
+PIECE = 64 * 1024  # bytes per read while streaming a body
+MAX_TRAILERS = 64
+
+
+class Broken(Exception):
+    """A body ended early or was malformed; the connection is unusable."""
+
+
+Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+def close_conn(conn: Conn) -> None:
+    """Close a connection without waiting (the transport finishes on its own)."""
+    conn[1].close()
+
+
+class Pool:
+    """Idle keep-alive connections to one upstream address, most recently used first."""
+
+    __slots__ = ("_idle", "host", "max_idle", "port")
+
+    def __init__(self, host: str, port: int, *, max_idle: int = 64) -> None:
+        self.host = host
+        self.port = port
+        self.max_idle = max_idle
+        self._idle: deque[Conn] = deque()
+
+    def take_idle(self) -> Conn | None:
+        """An idle connection the server has not closed yet, or None."""
+        while self._idle:
+            conn = self._idle.pop()
+            # A server that closed an idle connection has sent FIN: at_eof() is then true.
+            if conn[0].at_eof() or conn[1].is_closing():
+                close_conn(conn)
+                continue
+            return conn
+        return None
+
+    async def connect(self, timeout: float) -> Conn:
+        """A new connection; raises OSError or TimeoutError."""
+        async with asyncio.timeout(timeout):
+            return await asyncio.open_connection(self.host, self.port, limit=MAX_HEAD)
+
+    def give_back(self, conn: Conn) -> None:
+        """Keep a connection whose last exchange ended cleanly, if there is room."""
+        if len(self._idle) < self.max_idle and not conn[1].is_closing():
+            self._idle.append(conn)
+        else:
+            close_conn(conn)
+
+    def close(self) -> None:
+        """Close every idle connection."""
+        while self._idle:
+            close_conn(self._idle.pop())
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+
+class Capture:
+    """sha256 of a decoded body and its first ``limit`` bytes (``truncated`` if longer)."""
+
+    __slots__ = ("_buf", "_sha", "limit", "size", "truncated")
+
+    def __init__(self, limit: int) -> None:
+        self._sha = hashlib.sha256()
+        self._buf = bytearray()
+        self.limit = limit
+        self.size = 0
+        self.truncated = False
+
+    def feed(self, data: bytes) -> None:
+        self._sha.update(data)
+        self.size += len(data)
+        room = self.limit - len(self._buf)
+        if room > 0:
+            self._buf += data[:room]
+        if len(data) > room:
+            self.truncated = True
+
+    @property
+    def digest(self) -> str:
+        return self._sha.hexdigest()
+
+    @property
+    def body(self) -> bytes:
+        return bytes(self._buf)
+
+
+class BodyReader:
+    """Reads one body in raw pieces; ``read()`` returns b"" once the body is complete.
+
+    ``mode`` is "none", "length" (``length`` bytes), "chunked", or "close" (until EOF).
+    """
+
+    __slots__ = ("_left", "_reader", "capture", "done", "mode", "timeout")
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        mode: str,
+        length: int,
+        timeout: float,
+        capture: Capture | None = None,
+    ) -> None:
+        self._reader = reader
+        self.mode = mode
+        self._left = length if mode == "length" else 0
+        self.timeout = timeout
+        self.capture = capture
+        self.done = mode == "none" or (mode == "length" and length == 0)
+
+    async def read(self) -> bytes:
+        if self.done:
+            return b""
+        async with asyncio.timeout(self.timeout):
+            if self.mode == "length":
+                return await self._read_length()
+            if self.mode == "chunked":
+                return await self._read_chunked()
+            data = await self._reader.read(PIECE)  # "close": the body ends with the connection
+            if not data:
+                self.done = True
+            elif self.capture is not None:
+                self.capture.feed(data)
+            return data
+
+    async def _read_length(self) -> bytes:
+        data = await self._reader.read(min(self._left, PIECE))
+        if not data:
+            raise Broken(f"connection closed with {self._left} body bytes missing")
+        self._left -= len(data)
+        if self._left == 0:
+            self.done = True
+        if self.capture is not None:
+            self.capture.feed(data)
+        return data
+
+    async def _read_chunked(self) -> bytes:
+        head = b""
+        if self._left == 0:
+            head = await self._readline()
+            try:
+                size = parse_chunk_size(head)
+            except HttpError as exc:
+                raise Broken(str(exc)) from None
+            if size == 0:
+                return head + await self._read_trailers()
+            self._left = size
+        data = await self._reader.read(min(self._left, PIECE))
+        if not data:
+            raise Broken("connection closed inside a chunk")
+        self._left -= len(data)
+        if self.capture is not None:
+            self.capture.feed(data)
+        if self._left == 0:
+            try:
+                crlf = await self._reader.readexactly(2)
+            except asyncio.IncompleteReadError:
+                raise Broken("connection closed after a chunk") from None
+            if crlf != b"\r\n":
+                raise Broken("chunk not followed by CRLF")
+            return head + data + crlf
+        return head + data
+
+    async def _read_trailers(self) -> bytes:
+        parts: list[bytes] = []
+        for _ in range(MAX_TRAILERS):
+            line = await self._readline()
+            parts.append(line)
+            if line == b"\r\n":
+                self.done = True
+                return b"".join(parts)
+        raise Broken(f"more than {MAX_TRAILERS} trailer lines")
+
+    async def _readline(self) -> bytes:
+        try:
+            return await self._reader.readuntil(b"\r\n")
+        except asyncio.IncompleteReadError:
+            raise Broken("connection closed inside a chunked body") from None
+        except asyncio.LimitOverrunError:
+            raise Broken("chunk-size line too long") from None
