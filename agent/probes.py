@@ -1,0 +1,176 @@
+"""Health probes of a slot: http (GET path, 2xx/3xx), tcp (connect) or exec (argv, exit 0).
+
+Two parts. ``Thresholds`` is pure: it turns a stream of probe results into health, with the
+manifest's healthy/unhealthy thresholds (a slot becomes healthy after ``healthy_threshold``
+successes in a row, and unhealthy after ``unhealthy_threshold`` failures in a row once it was
+healthy). ``probe_once`` is the IO: one attempt, bounded by ``timeout``, that never raises; it
+returns whether it passed and a short reason. ``Prober.run`` loops every ``interval`` and reports
+each change of health; the start timeout is the reconciler's business (time injected there).
+
+Probes go to 127.0.0.1 on the slot's private port, never through the router.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from protocol.manifest import HealthConfig
+
+PROBE_HOST = "127.0.0.1"
+_MAX_STATUS_LINE = 1024
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    ok: bool
+    reason: str = ""
+
+
+@dataclass
+class Thresholds:
+    """Consecutive-result counting; ``feed`` returns the new health when it changes, else None."""
+
+    healthy_threshold: int
+    unhealthy_threshold: int
+    healthy: bool = False
+    ok_run: int = 0
+    fail_run: int = 0
+
+    def feed(self, ok: bool) -> bool | None:
+        if ok:
+            self.ok_run += 1
+            self.fail_run = 0
+            if not self.healthy and self.ok_run >= self.healthy_threshold:
+                self.healthy = True
+                return True
+        else:
+            self.fail_run += 1
+            self.ok_run = 0
+            if self.healthy and self.fail_run >= self.unhealthy_threshold:
+                self.healthy = False
+                return False
+        return None
+
+
+async def http_probe(port: int, path: str, timeout: float, host: str = PROBE_HOST) -> ProbeResult:
+    """GET ``path``; 2xx and 3xx pass. The connection is closed after the status line."""
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(
+                f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: fleetwave-probe\r\n"
+                "Connection: close\r\n\r\n".encode("latin-1")
+            )
+            await writer.drain()
+            line = await reader.readline()
+    except TimeoutError:
+        return ProbeResult(False, f"http {path}: no answer within {timeout:g}s")
+    except OSError as exc:
+        return ProbeResult(False, f"http {path}: {_os_reason(exc)}")
+    finally:
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
+    parts = line[:_MAX_STATUS_LINE].decode("latin-1", "replace").split()
+    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+        return ProbeResult(False, f"http {path}: not an HTTP answer: {line[:80]!r}")
+    status = int(parts[1])
+    if 200 <= status < 400:
+        return ProbeResult(True)
+    return ProbeResult(False, f"http {path}: status {status}")
+
+
+async def tcp_probe(port: int, timeout: float, host: str = PROBE_HOST) -> ProbeResult:
+    """A TCP connect that succeeds within ``timeout`` passes."""
+    try:
+        async with asyncio.timeout(timeout):
+            _reader, writer = await asyncio.open_connection(host, port)
+    except TimeoutError:
+        return ProbeResult(False, f"tcp {port}: no connection within {timeout:g}s")
+    except OSError as exc:
+        return ProbeResult(False, f"tcp {port}: {_os_reason(exc)}")
+    writer.close()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(writer.wait_closed(), 1.0)
+    return ProbeResult(True)
+
+
+async def exec_probe(
+    argv: list[str], cwd: Path, env: Mapping[str, str], timeout: float
+) -> ProbeResult:
+    """Run ``argv`` in the release dir; exit 0 passes; killed (and reaped) at ``timeout``."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, cwd=cwd, env=dict(env), stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        return ProbeResult(False, f"exec {argv[0]}: {_os_reason(exc)}")
+    try:
+        async with asyncio.timeout(timeout):
+            code = await proc.wait()
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 9)
+        await proc.wait()
+        return ProbeResult(False, f"exec {argv[0]}: no exit within {timeout:g}s")
+    except asyncio.CancelledError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 9)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(proc.wait(), 2.0)
+        raise
+    return ProbeResult(code == 0, "" if code == 0 else f"exec {argv[0]}: exit status {code}")
+
+
+async def probe_once(
+    health: HealthConfig, port: int | None, cwd: Path, env: Mapping[str, str]
+) -> ProbeResult:
+    """One probe as the manifest says; a manifest without probe passes once the process runs."""
+    if health.http is not None and port is not None:
+        return await http_probe(port, health.http, health.timeout)
+    if health.tcp and port is not None:
+        return await tcp_probe(port, health.timeout)
+    if health.exec is not None:
+        return await exec_probe(health.exec, cwd, env, health.timeout)
+    return ProbeResult(True)
+
+
+class Prober:
+    """Probes one slot every ``interval`` and calls ``on_change(healthy, reason)`` on changes."""
+
+    def __init__(
+        self, health: HealthConfig, port: int | None, cwd: Path, env: Mapping[str, str],
+        on_change: Callable[[bool, str], Awaitable[None]],
+    ) -> None:
+        self.health = health
+        self.port = port
+        self.cwd = cwd
+        self.env = env
+        self.on_change = on_change
+        self.thresholds = Thresholds(health.healthy_threshold, health.unhealthy_threshold)
+        self.last = ProbeResult(False, "not probed yet")
+
+    async def run(self) -> None:
+        """Probe until cancelled."""
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            self.last = await probe_once(self.health, self.port, self.cwd, self.env)
+            changed = self.thresholds.feed(self.last.ok)
+            if changed is not None:
+                await self.on_change(changed, self.last.reason)
+            await asyncio.sleep(max(0.0, self.health.interval - (loop.time() - started)))
+
+
+def _os_reason(exc: OSError) -> str:
+    """The OS's words for the error (asyncio wraps refused connects in its own text)."""
+    return os.strerror(exc.errno) if exc.errno else (str(exc) or type(exc).__name__)
