@@ -49,11 +49,15 @@ async def serve() -> AsyncIterator[Callable[[bytes, float], asyncio.Future[int]]
 
     async def start(answer: bytes, delay: float = 0.0) -> int:
         async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            await r.readuntil(b"\r\n\r\n")
-            await asyncio.sleep(delay)
-            w.write(answer)
-            await w.drain()
-            w.close()
+            try:
+                await r.readuntil(b"\r\n\r\n")
+                await asyncio.sleep(delay)
+                w.write(answer)
+                await w.drain()
+            except (OSError, asyncio.IncompleteReadError):
+                pass  # the probe hung up first (tcp probe, timeout): fine
+            finally:
+                w.close()
 
         srv = await asyncio.start_server(handle, "127.0.0.1", 0)
         servers.append(srv)
