@@ -282,6 +282,11 @@ class NodeProgress(msgspec.Struct, kw_only=True):
     reason: str = ""
     healthy: bool = False
     version: str = ""
+    # Added by the rollout engine: the last generation written for this node (generations only
+    # grow), the slot that receives the new release, and whether heartbeats say the node is alive.
+    generation: int = 0
+    slot: str = ""
+    online: bool = True
 
 
 class WaveRecord(msgspec.Struct, kw_only=True):
@@ -294,6 +299,11 @@ class WaveRecord(msgspec.Struct, kw_only=True):
     started: float = 0.0
     finished: float = 0.0
     gates: dict[str, Any] = {}  # figures and thresholds of the last evaluation
+    # Added by the rollout engine: when the wave's nodes must have converged, when its bake ends,
+    # and the router counters of every target node when the bake started (the gates' baseline).
+    deadline: float = 0.0
+    bake_until: float = 0.0
+    baseline: dict[str, RouterStats] = {}
 
 
 class RolloutRecord(msgspec.Struct, kw_only=True):
@@ -315,6 +325,10 @@ class RolloutRecord(msgspec.Struct, kw_only=True):
     promote: Literal["", "step", "full"] = ""
     report: dict[str, Any] = {}
     revision: int = 0  # bumped on every persisted change
+    # Added by the rollout engine: "rollback" once the touched nodes are being restored, and the
+    # deadline by which every one of them must have converged back.
+    phase: Literal["forward", "rollback"] = "forward"
+    rollback_deadline: float = 0.0
 
 
 class Event(msgspec.Struct, kw_only=True):

@@ -1,0 +1,252 @@
+"""Gates: the health and traffic checks that decide whether a wave may be followed by the next.
+
+Theory of operation: the engine takes a snapshot of every target node's RouterStats when a wave's
+bake starts and another when it ends. Router counters are cumulative since the router started
+(``RouterStats.epoch``), so the traffic *in the window* is the difference of the two snapshots; if
+the epoch changed, the router restarted inside the window and its counters start from zero, so the
+window is the end snapshot alone (the traffic since the restart: a shorter window, never a
+negative one). ``window`` does this per slot; ``figures`` sums the windows of the new slots of the
+wave and of the old slots of every target node; ``evaluate`` applies the thresholds.
+
+Verdicts: ``pass``, ``fail`` (a threshold was crossed: the reasons say which, with the figures) or
+``inconclusive`` (too little data to judge). No data is never a pass: a traffic gate with zero
+requests in the window is inconclusive even without ``--min-requests``. A failed check outweighs
+an inconclusive one, so the verdict is ``fail`` if any check fails.
+
+Quantiles come from the router's latency histogram (bounds ``LATENCY_BOUNDS_MS``, plus a last
+overflow bucket): the q-quantile is the upper bound of the bucket that holds the ceil(q * count)-th
+fastest request, so it errs on the slow side by at most one bucket (~25%).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from protocol.messages import LATENCY_BOUNDS_MS, Gates, MirrorTraffic, RouterStats, SlotTraffic
+
+# What the overflow bucket reports as its bound: one log step above the last finite bound.
+OVERFLOW_MS = round(LATENCY_BOUNDS_MS[-1] * 1.25, 3)
+
+Outcome = Literal["pass", "fail", "inconclusive"]
+
+
+@dataclass(frozen=True)
+class Window:
+    """Traffic of one slot (or a sum of slots) inside the bake window."""
+
+    requests: int = 0
+    errors: int = 0
+    latency: tuple[int, ...] = ()
+
+    def __add__(self, other: Window) -> Window:
+        return Window(
+            self.requests + other.requests, self.errors + other.errors,
+            add_histograms(self.latency, other.latency),
+        )
+
+
+def add_histograms(a: Sequence[int], b: Sequence[int]) -> tuple[int, ...]:
+    """Bucket-wise sum; a shorter histogram (an older router) counts as zeros."""
+    n = max(len(a), len(b))
+    return tuple((a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0) for i in range(n))
+
+
+def sub_histograms(end: Sequence[int], start: Sequence[int]) -> tuple[int, ...]:
+    """Bucket-wise ``end - start``, clamped at zero."""
+    n = max(len(end), len(start))
+    return tuple(
+        max(0, (end[i] if i < len(end) else 0) - (start[i] if i < len(start) else 0))
+        for i in range(n)
+    )
+
+
+def quantile(histogram: Sequence[int], q: float) -> float | None:
+    """The q-quantile in ms of a latency histogram, or None if it is empty."""
+    total = sum(histogram)
+    if total <= 0:
+        return None
+    rank = max(1, math.ceil(q * total))
+    seen = 0
+    for i, count in enumerate(histogram):
+        seen += count
+        if seen >= rank:
+            return LATENCY_BOUNDS_MS[i] if i < len(LATENCY_BOUNDS_MS) else OVERFLOW_MS
+    return OVERFLOW_MS  # unreachable: seen reaches total
+
+
+def window(start: RouterStats | None, end: RouterStats | None, slot: str) -> Window:
+    """The traffic of ``slot`` between two snapshots of one router (see the module docstring)."""
+    if end is None:
+        return Window()
+    after = end.slots.get(slot, SlotTraffic())
+    before = SlotTraffic()
+    if start is not None and start.epoch == end.epoch:
+        before = start.slots.get(slot, SlotTraffic())
+    if after.requests < before.requests or after.errors < before.errors:
+        before = SlotTraffic()  # counters went backwards: a restart the epoch did not show
+    return Window(
+        after.requests - before.requests, after.errors - before.errors,
+        sub_histograms(after.latency, before.latency),
+    )
+
+
+def mirror_window(start: RouterStats | None, end: RouterStats | None) -> tuple[int, int]:
+    """(compared, mismatched) shadow comparisons between two snapshots of one router."""
+    if end is None or end.mirror is None:
+        return 0, 0
+    after = end.mirror
+    before = MirrorTraffic()
+    if start is not None and start.epoch == end.epoch and start.mirror is not None:
+        before = start.mirror
+    if after.compared < before.compared or after.mismatched < before.mismatched:
+        before = MirrorTraffic()
+    return after.compared - before.compared, after.mismatched - before.mismatched
+
+
+@dataclass(frozen=True)
+class Figures:
+    """Everything the gates look at for one wave."""
+
+    nodes: int
+    healthy: int
+    new: Window
+    old: Window
+    compared: int = 0
+    mismatched: int = 0
+
+    @property
+    def healthy_fraction(self) -> float:
+        return self.healthy / self.nodes if self.nodes else 0.0
+
+    @property
+    def error_rate(self) -> float | None:
+        return self.new.errors / self.new.requests if self.new.requests else None
+
+    @property
+    def p99_new(self) -> float | None:
+        return quantile(self.new.latency, 0.99)
+
+    @property
+    def p99_old(self) -> float | None:
+        return quantile(self.old.latency, 0.99)
+
+    @property
+    def p99_ratio(self) -> float | None:
+        new, old = self.p99_new, self.p99_old
+        return new / old if new is not None and old else None
+
+    @property
+    def mismatch_rate(self) -> float | None:
+        return self.mismatched / self.compared if self.compared else None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain figures for events and the rollout record (JSON-safe: no infinities)."""
+        return {
+            "nodes": self.nodes, "healthy": self.healthy,
+            "healthy_fraction": round(self.healthy_fraction, 4),
+            "requests": self.new.requests, "errors": self.new.errors,
+            "error_rate": _round(self.error_rate),
+            "p99_new_ms": self.p99_new, "p99_old_ms": self.p99_old,
+            "old_requests": self.old.requests, "p99_ratio": _round(self.p99_ratio),
+            "compared": self.compared, "mismatched": self.mismatched,
+            "mismatch_rate": _round(self.mismatch_rate),
+        }
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
+
+
+def figures(
+    nodes: int, healthy: int, new: Iterable[Window], old: Iterable[Window],
+    mirror: Iterable[tuple[int, int]] = (),
+) -> Figures:
+    """Sum per-slot windows into the figures of one wave."""
+    total_new = sum(new, Window())
+    total_old = sum(old, Window())
+    compared = mismatched = 0
+    for c, m in mirror:
+        compared += c
+        mismatched += m
+    return Figures(nodes, healthy, total_new, total_old, compared, mismatched)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    outcome: Outcome
+    reasons: tuple[str, ...]
+    figures: dict[str, Any]
+
+    @property
+    def reason(self) -> str:
+        """All reasons in one line."""
+        return "; ".join(self.reasons)
+
+
+def evaluate(gates: Gates, fig: Figures) -> Verdict:
+    """Apply every configured gate to ``fig``: fail beats inconclusive beats pass."""
+    fails: list[str] = []
+    unsure: list[str] = []
+    if gates.min_healthy is not None and fig.healthy_fraction < gates.min_healthy:
+        fails.append(
+            f"healthy {fig.healthy}/{fig.nodes} ({fig.healthy_fraction:.0%}) is below "
+            f"min-healthy {gates.min_healthy:.0%}"
+        )
+    traffic_gates = gates.max_error_rate is not None or gates.max_p99_ratio is not None
+    enough = True
+    if gates.min_requests is not None and fig.new.requests < gates.min_requests:
+        unsure.append(
+            f"{fig.new.requests} requests reached the new release, fewer than min-requests "
+            f"{gates.min_requests}"
+        )
+        enough = False
+    elif traffic_gates and fig.new.requests == 0:
+        unsure.append("no request reached the new release during the bake, so traffic gates "
+                      "cannot pass")
+        enough = False
+    if enough and gates.max_error_rate is not None:
+        rate = fig.error_rate or 0.0
+        if rate > gates.max_error_rate:
+            fails.append(
+                f"error rate {rate:.2%} ({fig.new.errors}/{fig.new.requests}) is above "
+                f"max-error-rate {gates.max_error_rate:.2%}"
+            )
+    if enough and gates.max_p99_ratio is not None:
+        ratio = fig.p99_ratio
+        if ratio is None:
+            unsure.append("no old-release traffic in the window to compare p99 latency with")
+        elif ratio > gates.max_p99_ratio:
+            fails.append(
+                f"p99 {fig.p99_new}ms vs {fig.p99_old}ms (x{ratio:.2f}) is above "
+                f"max-p99-ratio x{gates.max_p99_ratio:g}"
+            )
+    if gates.max_mismatch_rate is not None:
+        if gates.min_requests is not None and fig.compared < gates.min_requests:
+            unsure.append(
+                f"{fig.compared} mirrored requests compared, fewer than min-requests "
+                f"{gates.min_requests}"
+            )
+        elif fig.mismatch_rate is None:
+            unsure.append("no mirrored request was compared, so the mismatch gate cannot pass")
+        elif fig.mismatch_rate > gates.max_mismatch_rate:
+            fails.append(
+                f"mismatch rate {fig.mismatch_rate:.2%} ({fig.mismatched}/{fig.compared}) is "
+                f"above max-mismatch-rate {gates.max_mismatch_rate:.2%}"
+            )
+    data = fig.as_dict() | {"thresholds": _thresholds(gates)}
+    if fails:
+        return Verdict("fail", tuple(fails), data)
+    if unsure:
+        return Verdict("inconclusive", tuple(unsure), data)
+    return Verdict("pass", (), data)
+
+
+def _thresholds(gates: Gates) -> dict[str, Any]:
+    return {
+        "min_healthy": gates.min_healthy, "max_error_rate": gates.max_error_rate,
+        "max_p99_ratio": gates.max_p99_ratio, "max_mismatch_rate": gates.max_mismatch_rate,
+        "min_requests": gates.min_requests,
+    }

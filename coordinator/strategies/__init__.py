@@ -1,0 +1,99 @@
+"""One module per strategy; each cuts the selected nodes into waves (``planning.Wave``).
+
+``plan_strategy(selected, spec)`` dispatches on ``spec.strategy``. Every strategy returns waves
+that together hold every selected node, each node's final wave with weight 100. The functions
+below them build the desired state one node is given for a wave, a rollback or the retirement of
+its old slot.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from coordinator.errors import UsageError
+from coordinator.planning import Wave
+from coordinator.strategies import canary, rolling
+from protocol.messages import SLOTS, DesiredState, ReleaseRef, RolloutSpec
+
+
+def plan_strategy(selected: list[str], spec: RolloutSpec) -> list[Wave]:
+    """The waves of ``spec.strategy`` over ``selected`` (already ordered, non-empty)."""
+    if spec.strategy == "rolling":
+        return rolling.plan(selected, spec)
+    if spec.strategy == "canary":
+        return canary.plan(selected, spec)
+    raise UsageError(
+        f"strategy {spec.strategy!r} is not supported by this coordinator yet; "
+        "use --strategy rolling or canary"
+    )
+
+
+# -- what one node is told -------------------------------------------------------------------------
+# The coordinator only says what it wants; make-before-break happens on the agent. The new release
+# always goes to the node's idle slot, and the serving slot keeps the old release (at the remaining
+# weight) until the rollout is over, so that a rollback is a weight switch back to a warm slot.
+
+
+def serving_slot(desired: DesiredState | None) -> str | None:
+    """The slot with the largest weight (ties: a before b), or the only slot; None if empty."""
+    if desired is None or not desired.slots:
+        return None
+    present = [s for s in SLOTS if s in desired.slots]
+    return max(present, key=lambda s: (desired.weights.get(s, 0), -SLOTS.index(s)))
+
+
+def idle_slot(desired: DesiredState | None) -> str:
+    """The slot that receives the new release: the one that is not serving."""
+    serving = serving_slot(desired)
+    return "b" if serving == "a" else "a"
+
+
+def runs(desired: DesiredState | None, release: ReleaseRef) -> bool:
+    """Whether ``desired`` already serves ``release`` with all of the traffic."""
+    serving = serving_slot(desired)
+    if desired is None or serving is None:
+        return False
+    positive = {s for s, w in desired.weights.items() if w > 0 and s in desired.slots}
+    return positive == {serving} and desired.slots[serving].digest == release.digest
+
+
+def forward_target(
+    previous: DesiredState | None, *, fleet: str, node: str, release: ReleaseRef, slot: str,
+    weight: int, generation: int, rollout: str, now: float,
+) -> DesiredState:
+    """The new release in ``slot`` at ``weight`` percent, the old serving slot kept for the rest."""
+    slots: dict[str, ReleaseRef] = {}
+    weights: dict[str, int] = {}
+    serving = serving_slot(previous)
+    if previous is not None and serving is not None and serving != slot:
+        slots[serving] = previous.slots[serving]
+        weights[serving] = 100 - weight
+    slots[slot] = release
+    weights[slot] = weight
+    return DesiredState(
+        fleet=fleet, node=node, service=release.service, generation=generation, slots=slots,
+        weights=weights, rollout=rollout, time=now,
+    )
+
+
+def restore_target(
+    previous: DesiredState | None, *, fleet: str, node: str, service: str, generation: int,
+    rollout: str, now: float,
+) -> DesiredState:
+    """The node's previous desired state again, under a new generation (no slots if none)."""
+    if previous is None:
+        return DesiredState(
+            fleet=fleet, node=node, service=service, generation=generation, rollout=rollout,
+            time=now,
+        )
+    return msgspec.structs.replace(previous, generation=generation, rollout=rollout, time=now)
+
+
+def retire_target(
+    target: DesiredState, *, slot: str, generation: int, now: float,
+) -> DesiredState:
+    """Only the new release's slot, with all of the traffic: the old slot is stopped."""
+    return msgspec.structs.replace(
+        target, slots={slot: target.slots[slot]}, weights={slot: 100}, mirror=None,
+        generation=generation, time=now,
+    )

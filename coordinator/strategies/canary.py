@@ -1,0 +1,94 @@
+"""Canary: move nodes step by step (``--steps``) and/or shift traffic by weight (``--weights``).
+
+Formulas, for ``n`` selected nodes:
+
+- ``--steps s1,s2,...,sk``: each step is a count or a percentage of ``n`` (percentages round up)
+  and says how many nodes run the new release *in total* after that step; so wave ``i`` moves
+  ``c_i - c_{i-1}`` nodes. Steps must strictly increase, none may exceed ``n``, and the last must
+  reach every node (``100%`` or ``n``), or the rollout would never finish. Two steps that round to
+  the same count (``1,5%`` over 10 nodes) are one wave.
+- ``--weights w1,...,wm``: integer percentages 1-100, strictly increasing, the last 100. Every node
+  of a weighted wave runs both slots and sends ``w`` percent of its traffic to the new one.
+- both: the nodes of the first step go through every weight in turn; later steps move fully.
+- neither: ``1,100%`` (one canary node, then the rest).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from coordinator.errors import UsageError
+from coordinator.planning import Wave, parse_amount
+from protocol.messages import RolloutSpec
+
+DEFAULT_STEPS = ("1", "100%")
+
+
+def step_counts(steps: list[str] | tuple[str, ...], total: int) -> list[int]:
+    """Cumulative node counts of ``--steps`` over ``total`` nodes; raise UsageError saying why."""
+    counts: list[int] = []
+    previous: tuple[str, float, bool] | None = None
+    for raw in steps:
+        amount = parse_amount(raw, flag="--steps item")
+        count = amount.resolve(total, round_up=True)
+        if not amount.percent and count > total:
+            raise UsageError(
+                f"--steps {raw} is more than the {total} selected nodes; use a count up to "
+                f"{total} or a percentage"
+            )
+        if previous is not None:
+            p_raw, p_value, p_percent = previous
+            same_kind_not_up = p_percent == amount.percent and amount.value <= p_value
+            if same_kind_not_up or (counts and count < counts[-1]):
+                raise UsageError(
+                    f"--steps must strictly increase, but {raw} comes after {p_raw}; "
+                    "write them in growing order like 1,10%,50%,100%"
+                )
+        previous = (raw, amount.value, amount.percent)
+        if not counts or count > counts[-1]:
+            counts.append(count)
+    if not counts or counts[-1] != total:
+        last = steps[-1] if steps else "(none)"
+        raise UsageError(
+            f"--steps must end at 100% so that every node is moved, but the last step {last} "
+            f"reaches {counts[-1] if counts else 0} of {total} nodes; add 100% at the end"
+        )
+    return counts
+
+
+def parse_weights(weights: list[int] | tuple[int, ...]) -> list[int]:
+    """Validate ``--weights``: 1-100, strictly increasing, ending at 100."""
+    previous = 0
+    for w in weights:
+        if isinstance(w, bool) or not isinstance(w, int) or not 1 <= w <= 100:
+            raise UsageError(
+                f"--weights item {w!r} is out of range; each weight is a whole percentage 1-100"
+            )
+        if w <= previous:
+            raise UsageError(
+                f"--weights must strictly increase, but {w} comes after {previous}; "
+                "write them like 5,25,100"
+            )
+        previous = w
+    if weights and weights[-1] != 100:
+        raise UsageError(
+            f"--weights must end at 100 so that the new release takes all traffic, but the last "
+            f"is {weights[-1]}; add 100 at the end"
+        )
+    return list(weights)
+
+
+def plan(selected: list[str], spec: RolloutSpec) -> list[Wave]:
+    """Waves of the canary: weighted waves over the first step's nodes, then one wave per step."""
+    total = len(selected)
+    weights = parse_weights(spec.weights)
+    if spec.weights and not spec.steps:
+        return [Wave(i, tuple(selected), w) for i, w in enumerate(weights)]
+    counts = step_counts(spec.steps or list(DEFAULT_STEPS), total)
+    waves: list[Wave] = []
+    first = tuple(selected[: counts[0]])
+    for w in weights or [100]:
+        waves.append(Wave(len(waves), first, w))
+    for lo, hi in itertools.pairwise(counts):
+        waves.append(Wave(len(waves), tuple(selected[lo:hi])))
+    return waves

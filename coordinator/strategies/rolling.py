@@ -1,0 +1,27 @@
+"""Rolling: fixed-size waves over the selected nodes, in order.
+
+Formula: ``size = min(batch, max_unavailable)`` where both are resolved against the number of
+selected nodes ``n`` (see ``planning`` for rounding); waves are ``ceil(n / size)`` consecutive
+chunks, the last one possibly smaller. Capping the wave at max-unavailable means that a wave whose
+every node is mid-update can never exceed the bound; the engine still checks the bound against
+nodes that are offline or failed before it starts each node.
+"""
+
+from __future__ import annotations
+
+from coordinator.planning import Wave, batch_size, max_unavailable
+from protocol.messages import RolloutSpec
+
+
+def wave_size(total: int, spec: RolloutSpec) -> int:
+    """Nodes per rolling wave: the batch, capped by max-unavailable."""
+    return min(batch_size(spec.batch, total), max_unavailable(spec.max_unavailable, total))
+
+
+def plan(selected: list[str], spec: RolloutSpec) -> list[Wave]:
+    """Consecutive chunks of ``wave_size`` nodes, each moved fully (weight 100)."""
+    size = wave_size(len(selected), spec)
+    return [
+        Wave(i, tuple(selected[start:start + size]))
+        for i, start in enumerate(range(0, len(selected), size))
+    ]
