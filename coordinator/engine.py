@@ -1,0 +1,710 @@
+"""The rollout engine: a sans-IO state machine per rollout (after h11's ``_state.py``).
+
+Theory of operation: ``Rollout.handle(event, now)`` takes one event (an operator request, a node's
+observed state, a node going offline or online, a timer tick) and returns the commands that carry
+out its decisions: ``Persist(record)`` first whenever the record changed, then ``WriteDesired`` and
+``EmitEvent``. It never awaits, never reads a clock and never touches the bus; the runner does,
+in that order, so a coordinator killed between two commands resumes from the persisted record and
+re-issues its desired writes (idempotent by generation: ``Rollout.intended``).
+
+Everything that decides which events a rollout accepts and which states follow which lives in the
+two tables below, ``ACCEPTS`` and ``MOVES``. An event a state does not accept raises
+IllegalTransition and leaves the rollout exactly as it was (``handle`` works on a copy and commits
+only on success).
+
+Vocabulary: the *mode* of a rollout is its state, except that a running rollout restoring its
+touched nodes is in mode ``rolling_back``. A node is *touched* once a desired state was written for
+it. A node is *unavailable* while it is being updated, has failed, or is offline; a node is only
+started when the number of unavailable target nodes stays within max-unavailable. A node is *done*
+with a wave when it reports ``observed_generation`` at least the written generation, a healthy new
+slot and the wave's weights applied. It *fails* when it reports phase ``failed`` for that
+generation, goes offline, or has not converged by the wave's deadline. When every node of a wave
+is done the wave *bakes* for ``spec.bake`` seconds, and then its gates (``coordinator.gates``)
+decide: pass → next wave; fail → ``on_failure`` (rollback or pause); inconclusive → pause.
+Rollback writes every touched node's previous desired state, each with a higher generation, in one
+wave; it ends ``rolled_back`` when all converged back, or ``failed`` naming the nodes that did not
+by the rollback deadline. Observed states older (by their ``time``) than one already seen are stale
+and ignored, so late and reordered reports cannot move a rollout backwards.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from coordinator import gates as gatelib
+from coordinator.errors import FleetwaveError, UsageError
+from coordinator.planning import NodeLike, max_unavailable, plan
+from coordinator.strategies import (
+    forward_target,
+    idle_slot,
+    restore_target,
+    retire_target,
+    runs,
+    serving_slot,
+)
+from protocol.durations import format_duration
+from protocol.messages import (
+    TERMINAL_STATES,
+    DesiredState,
+    NodeProgress,
+    ObservedState,
+    ReleaseRef,
+    RolloutRecord,
+    RolloutSpec,
+    WaveRecord,
+)
+
+# -- events ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Start:
+    """Begin the first wave."""
+
+
+@dataclass(frozen=True)
+class ObservedChanged:
+    """A node's agent reported its observed state for the rollout's service."""
+
+    node: str
+    observed: ObservedState
+
+
+@dataclass(frozen=True)
+class NodeOffline:
+    """The node missed its heartbeats."""
+
+    node: str
+
+
+@dataclass(frozen=True)
+class NodeOnline:
+    """The node beats again."""
+
+    node: str
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Time passed: deadlines and bakes may have run out."""
+
+
+@dataclass(frozen=True)
+class Pause:
+    reason: str = "paused by operator"
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Continue a paused rollout; a failed wave retries its failed nodes."""
+
+
+@dataclass(frozen=True)
+class Promote:
+    """Skip the current bake and gates (``full``: of every remaining wave too)."""
+
+    full: bool = False
+
+
+@dataclass(frozen=True)
+class Abort:
+    """Stop here: no more writes, nodes stay as they are."""
+
+    reason: str = "aborted by operator"
+
+
+@dataclass(frozen=True)
+class RollbackRequested:
+    reason: str = "rollback requested by operator"
+
+
+EngineEvent = (
+    Start | ObservedChanged | NodeOffline | NodeOnline | Tick | Pause | Resume | Promote | Abort
+    | RollbackRequested
+)
+
+# -- commands --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Persist:
+    """Store the record (always the first command of a step that changed it)."""
+
+    record: RolloutRecord
+
+
+@dataclass(frozen=True)
+class WriteDesired:
+    """Write (sign and put) this desired state unless the stored one has a generation >= it."""
+
+    desired: DesiredState
+
+
+@dataclass(frozen=True)
+class EmitEvent:
+    """Publish a decision with its reason and figures."""
+
+    kind: str
+    message: str
+    node: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+Command = Persist | WriteDesired | EmitEvent
+
+
+class IllegalTransition(FleetwaveError):
+    """The rollout's state does not accept this request; nothing was changed."""
+
+
+# -- the state machine, as data --------------------------------------------------------------------
+
+_WATCH: frozenset[type] = frozenset({ObservedChanged, NodeOffline, NodeOnline, Tick})
+ACCEPTS: dict[str, frozenset[type]] = {
+    "pending": _WATCH | {Start, Abort},
+    "running": _WATCH | {Pause, Promote, Abort, RollbackRequested},
+    "rolling_back": _WATCH | {Abort},
+    "paused": _WATCH | {Resume, Promote, Abort, RollbackRequested},
+    "succeeded": frozenset(),
+    "rolled_back": frozenset(),
+    "failed": frozenset(),
+    "aborted": frozenset(),
+}
+MOVES: dict[str, frozenset[str]] = {
+    "pending": frozenset({"running", "aborted"}),
+    "running": frozenset({"paused", "succeeded", "rolled_back", "failed", "aborted"}),
+    "paused": frozenset({"running", "aborted"}),
+    "succeeded": frozenset(),
+    "rolled_back": frozenset(),
+    "failed": frozenset(),
+    "aborted": frozenset(),
+}
+_VERBS: dict[type, str] = {
+    Start: "start", Pause: "pause", Resume: "resume", Promote: "promote", Abort: "abort",
+    RollbackRequested: "roll back", ObservedChanged: "observe", NodeOffline: "observe",
+    NodeOnline: "observe", Tick: "tick",
+}
+
+
+def mode(record: RolloutRecord) -> str:
+    """The key into ACCEPTS: the state, or ``rolling_back`` while a rollback runs."""
+    if record.state == "running" and record.phase == "rollback":
+        return "rolling_back"
+    return record.state
+
+
+# -- creating a rollout ----------------------------------------------------------------------------
+
+
+def new_record(
+    *, id: str, spec: RolloutSpec, release: ReleaseRef, nodes: Iterable[NodeLike],
+    current: Mapping[str, DesiredState], now: float,
+) -> RolloutRecord:
+    """Plan ``spec`` over ``nodes`` and record each target node's current desired state."""
+    if release.service != spec.service or release.version != spec.version:
+        raise UsageError(
+            f"release {release.service} {release.version} does not match the rollout of "
+            f"{spec.service} {spec.version}; push the release first with 'fleetwave release push'"
+        )
+    waves = plan(nodes, spec)
+    progress: dict[str, NodeProgress] = {}
+    for wave in waves:
+        for node in wave.nodes:
+            if node in progress:
+                continue
+            previous = current.get(node)
+            serving = serving_slot(previous)
+            version = previous.slots[serving].version if previous and serving else ""
+            progress[node] = NodeProgress(
+                node=node, previous=previous, generation=previous.generation if previous else 0,
+                version=version,
+            )
+    versions = Counter(p.version for p in progress.values() if p.version)
+    return RolloutRecord(
+        id=id, spec=spec, release=release, state="pending", created=now, updated=now,
+        from_version=versions.most_common(1)[0][0] if versions else "",
+        waves=[WaveRecord(index=w.index, nodes=list(w.nodes), weight=w.weight) for w in waves],
+        nodes=progress,
+    )
+
+
+# -- the machine -----------------------------------------------------------------------------------
+
+
+def _copy(record: RolloutRecord) -> RolloutRecord:
+    return msgspec.msgpack.decode(msgspec.msgpack.encode(record), type=RolloutRecord)
+
+
+class Rollout:
+    """One rollout: its persisted record plus the latest observed state of each target node.
+
+    Observed states are not persisted: after a restart the runner feeds the current ones again
+    (a KV watch delivers every current value first), which is all a level-triggered engine needs.
+    """
+
+    def __init__(self, record: RolloutRecord, *, fleet: str) -> None:
+        self.fleet = fleet
+        self._record = record
+        self._observed: dict[str, ObservedState] = {}
+
+    @property
+    def record(self) -> RolloutRecord:
+        """The current record; treat it as read-only (the engine replaces it, never edits it)."""
+        return self._record
+
+    @property
+    def state(self) -> str:
+        return self._record.state
+
+    @property
+    def done(self) -> bool:
+        return self._record.state in TERMINAL_STATES
+
+    def intended(self) -> list[DesiredState]:
+        """Every desired state this rollout decided on, for the runner to (re)write on resume."""
+        return [p.target for p in self._record.nodes.values() if p.target is not None]
+
+    def handle(self, event: EngineEvent, now: float) -> list[Command]:
+        """Apply ``event`` at time ``now``; return the commands, Persist first if anything changed.
+
+        Raises IllegalTransition (and changes nothing) if the rollout's mode does not accept it.
+        """
+        current = mode(self._record)
+        if type(event) not in ACCEPTS[current]:
+            raise IllegalTransition(
+                f"cannot {_VERBS[type(event)]} rollout {self._record.id}: it is "
+                f"{current.replace('_', ' ')}"
+                + (f" ({self._record.reason})" if self._record.reason else "")
+            )
+        work = _copy(self._record)
+        observed = dict(self._observed)
+        step = _Step(self.fleet, work, observed, now)
+        step.apply(event)
+        step.advance()
+        commands: list[Command] = list(step.commands)
+        if msgspec.msgpack.encode(work) != msgspec.msgpack.encode(self._record):
+            work.revision += 1
+            work.updated = now
+            commands.insert(0, Persist(work))
+        self._record = work
+        self._observed = observed
+        return commands
+
+
+class _Step:
+    """The working state of one ``handle`` call: a copy of the record, and the commands so far."""
+
+    def __init__(
+        self, fleet: str, record: RolloutRecord, observed: dict[str, ObservedState], now: float,
+    ) -> None:
+        self.fleet = fleet
+        self.r = record
+        self.obs = observed
+        self.now = now
+        self.spec = record.spec
+        self.commands: list[Command] = []
+        self.cap = max_unavailable(self.spec.max_unavailable, len(record.nodes))
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def emit(self, kind: str, message: str, node: str = "", **data: Any) -> None:
+        self.commands.append(EmitEvent(kind, message, node, data))
+
+    def move(self, to: str) -> None:
+        if to not in MOVES[self.r.state]:  # a bug in this module, never an operator's mistake
+            raise IllegalTransition(f"rollout {self.r.id}: no move from {self.r.state} to {to}")
+        self.r.state = to  # type: ignore[assignment]  # checked against MOVES just above
+
+    def next_generation(self, p: NodeProgress) -> int:
+        seen = self.obs.get(p.node)
+        p.generation = max(p.generation, seen.generation if seen else 0) + 1
+        return p.generation
+
+    def write(self, p: NodeProgress, desired: DesiredState) -> None:
+        p.target = desired
+        self.commands.append(WriteDesired(desired))
+
+    def unavailable(self) -> set[str]:
+        return {
+            n for n, p in self.r.nodes.items()
+            if p.state in ("updating", "failed") or not p.online
+        }
+
+    # -- events ------------------------------------------------------------------------------------
+
+    def apply(self, event: EngineEvent) -> None:
+        r = self.r
+        match event:
+            case Start():
+                self.move("running")
+                self.emit(
+                    "rollout.started",
+                    f"rolling {r.spec.service} from {r.from_version or '(nothing)'} to "
+                    f"{r.release.version} on {len(r.nodes)} nodes in {len(r.waves)} waves "
+                    f"({r.spec.strategy}, max-unavailable {self.cap})",
+                    strategy=r.spec.strategy, nodes=len(r.nodes), waves=len(r.waves),
+                    max_unavailable=self.cap,
+                )
+            case ObservedChanged(node=node, observed=seen):
+                self.observe(node, seen)
+            case NodeOffline(node=node) | NodeOnline(node=node):
+                p = r.nodes.get(node)
+                online = isinstance(event, NodeOnline)
+                if p is not None and p.online != online:
+                    p.online = online
+                    kind = "node.online" if online else "node.offline"
+                    self.emit(f"rollout.{kind}", f"target node {node} is "
+                              f"{'back online' if online else 'offline'}", node)
+            case Tick():
+                pass
+            case Pause(reason=reason):
+                self.pause(reason)
+            case Resume():
+                self.resume()
+            case Promote(full=full):
+                r.promote = "full" if full else "step"
+                what = "every remaining bake and gate" if full else "this wave's bake and gates"
+                self.emit("rollout.promoted", f"promoted: skipping {what}", full=full)
+                if r.state == "paused":
+                    self.resume()
+            case Abort(reason=reason):
+                self.finish("aborted", reason)
+            case RollbackRequested(reason=reason):
+                if r.state == "paused":
+                    self.move("running")
+                self.start_rollback(reason)
+
+    def observe(self, node: str, seen: ObservedState) -> None:
+        p = self.r.nodes.get(node)
+        if p is None or seen.node != node or seen.service != self.spec.service:
+            return  # not ours, or a payload claiming another key: the runner logs it
+        last = self.obs.get(node)
+        if last is not None and seen.time < last.time:
+            return  # a late report: a newer one was already seen
+        self.obs[node] = seen
+        healthy = any(
+            w > 0 and (s := seen.slots.get(slot)) is not None and s.status == "healthy"
+            for slot, w in seen.weights.items()
+        )
+        serving = max(seen.weights, key=lambda s: seen.weights[s], default=None)
+        version = seen.slots[serving].version if serving in seen.slots else p.version
+        if (p.healthy, p.version) != (healthy, version):
+            p.healthy, p.version = healthy, version
+
+    # -- operator requests -------------------------------------------------------------------------
+
+    def pause(self, reason: str) -> None:
+        self.move("paused")
+        self.r.reason = reason
+        self.emit("rollout.paused", f"paused: {reason}", wave=self.r.current_wave)
+
+    def resume(self) -> None:
+        r = self.r
+        self.move("running")
+        r.reason = ""
+        wave = r.waves[r.current_wave]
+        if wave.state == "failed":
+            retried = []
+            for n in wave.nodes:
+                p = r.nodes[n]
+                if p.state == "failed":
+                    p.state, p.reason = "waiting", ""
+                    retried.append(n)
+                    if p.online:  # already counted as unavailable: retrying costs nothing
+                        self.start_node(p, wave)
+            wave.state = "updating"
+            wave.deadline = self.now + self.spec.progress_deadline
+            self.emit("rollout.resumed", f"resumed: retrying wave {wave.index}",
+                      wave=wave.index, retried=retried)
+            return
+        if wave.state == "inconclusive":
+            self.start_bake(wave)
+        elif wave.state == "updating":
+            wave.deadline = self.now + self.spec.progress_deadline
+        self.emit("rollout.resumed", f"resumed at wave {wave.index}", wave=wave.index)
+
+    # -- forward progress --------------------------------------------------------------------------
+
+    def advance(self) -> None:
+        """Move as far as what is known allows (level-triggered: safe to run after any event)."""
+        r = self.r
+        if r.state != "running":
+            return
+        if r.phase == "rollback":
+            self.advance_rollback()
+            return
+        while True:
+            wave = r.waves[r.current_wave]
+            if wave.state == "waiting":
+                self.start_wave(wave)
+            if wave.state == "updating":
+                self.update_wave(wave)
+            if wave.state == "baking":
+                self.bake(wave)
+            if wave.state != "passed":
+                return
+            if r.current_wave + 1 >= len(r.waves):
+                self.succeed()
+                return
+            r.current_wave += 1
+
+    def start_wave(self, wave: WaveRecord) -> None:
+        wave.state = "updating"
+        wave.started = self.now
+        wave.deadline = self.now + self.spec.progress_deadline
+        for n in wave.nodes:
+            p = self.r.nodes[n]
+            p.wave, p.state, p.reason = wave.index, "waiting", ""
+        self.emit("wave.started", f"wave {wave.index}: {len(wave.nodes)} nodes at weight "
+                  f"{wave.weight}%", wave=wave.index, nodes=wave.nodes, weight=wave.weight)
+
+    def start_node(self, p: NodeProgress, wave: WaveRecord) -> None:
+        if not p.slot:
+            p.slot = idle_slot(p.previous)
+        desired = forward_target(
+            p.previous, fleet=self.fleet, node=p.node, release=self.r.release, slot=p.slot,
+            weight=wave.weight, generation=self.next_generation(p), rollout=self.r.id,
+            now=self.now,
+        )
+        p.state = "updating"
+        self.write(p, desired)
+        self.emit("node.updating", f"{p.node}: {self.r.release.version} in slot {p.slot} at "
+                  f"weight {wave.weight}% (generation {p.generation})", p.node,
+                  generation=p.generation, slot=p.slot, weight=wave.weight)
+
+    def fail_node(self, p: NodeProgress, reason: str) -> None:
+        p.state, p.reason = "failed", reason
+        self.emit("node.failed", f"{p.node}: {reason}", p.node, reason=reason)
+
+    def update_wave(self, wave: WaveRecord) -> None:
+        r = self.r
+        for n in wave.nodes:
+            p = r.nodes[n]
+            if p.state == "updating":
+                self.check_node(p)
+        unavailable = self.unavailable()
+        blocked: list[str] = []
+        for n in wave.nodes:
+            p = r.nodes[n]
+            if p.state != "waiting":
+                continue
+            if p.target is None and wave.weight == 100 and runs(p.previous, r.release):
+                p.state = "done"
+                self.emit("node.done", f"{n}: already runs {r.release.version}", n)
+            elif not p.online:
+                self.fail_node(p, "node is offline")
+            elif len(unavailable) + (n not in unavailable) <= self.cap:
+                self.start_node(p, wave)
+                unavailable.add(n)
+            else:
+                blocked.append(n)
+        failed = [r.nodes[n] for n in wave.nodes if r.nodes[n].state == "failed"]
+        if not failed and self.now >= wave.deadline:
+            limit = format_duration(self.spec.progress_deadline)
+            for n in wave.nodes:
+                p = r.nodes[n]
+                if p.state == "updating":
+                    seen = self.obs.get(n)
+                    got = seen.observed_generation if seen else "none"
+                    self.fail_node(p, f"did not converge within {limit} (observed generation "
+                                      f"{got}, wanted {p.generation})")
+                elif p.state == "waiting":
+                    self.fail_node(p, f"could not start within {limit}: "
+                                      f"{len(unavailable)} target nodes unavailable "
+                                      f"(max-unavailable {self.cap})")
+            failed = [r.nodes[n] for n in wave.nodes if r.nodes[n].state == "failed"]
+        if failed:
+            wave.state = "failed"
+            wave.finished = self.now
+            why = "; ".join(f"{p.node}: {p.reason}" for p in failed)
+            self.on_failure(wave, f"wave {wave.index} failed: {why}")
+            return
+        if all(r.nodes[n].state == "done" for n in wave.nodes):
+            self.emit("wave.converged", f"wave {wave.index}: all {len(wave.nodes)} nodes "
+                      "converged", wave=wave.index)
+            self.start_bake(wave)
+
+    def check_node(self, p: NodeProgress) -> None:
+        seen = self.obs.get(p.node)
+        if not p.online:
+            self.fail_node(p, "node went offline")
+        elif seen is not None and seen.generation >= p.generation and seen.phase == "failed":
+            self.fail_node(p, f"agent reports failure: {seen.error or 'no reason given'}")
+        elif seen is not None and p.target is not None and converged(seen, p.target):
+            p.state = "done"
+            self.emit("node.done", f"{p.node}: converged on generation {p.generation}", p.node,
+                      generation=p.generation)
+
+    def start_bake(self, wave: WaveRecord) -> None:
+        wave.state = "baking"
+        wave.bake_until = self.now + self.spec.bake
+        wave.baseline = {n: o.router for n, o in self.obs.items()
+                         if n in self.r.nodes and o.router is not None}
+        if self.spec.bake:
+            self.emit("wave.baking", f"wave {wave.index}: baking for "
+                      f"{format_duration(self.spec.bake)}", wave=wave.index)
+
+    def bake(self, wave: WaveRecord) -> None:
+        r = self.r
+        for n in wave.nodes:
+            p = r.nodes[n]
+            seen = self.obs.get(n)
+            if not p.online:
+                self.fail_node(p, "node went offline during the bake")
+            elif seen is not None and seen.generation > p.generation:
+                pass  # someone else wrote a newer desired state; judged by the gates' figures
+            elif seen is not None and seen.observed_generation >= p.generation:
+                slot = seen.slots.get(p.slot)
+                status = slot.status if slot is not None else "empty"
+                if seen.phase == "failed" or status != "healthy":
+                    self.fail_node(p, f"new slot {p.slot} is {status} during the bake"
+                                      + (f": {seen.error}" if seen.error else ""))
+        failed = [r.nodes[n] for n in wave.nodes if r.nodes[n].state == "failed"]
+        if failed:
+            wave.state, wave.finished = "failed", self.now
+            why = "; ".join(f"{p.node}: {p.reason}" for p in failed)
+            self.on_failure(wave, f"wave {wave.index} failed: {why}")
+            return
+        if r.promote:
+            wave.state, wave.finished = "passed", self.now
+            wave.gates = {"outcome": "promoted"}
+            self.emit("gate.skipped", f"wave {wave.index}: promoted by operator, gates skipped",
+                      wave=wave.index)
+            if r.promote == "step":
+                r.promote = ""
+            return
+        if self.now < wave.bake_until:
+            return
+        verdict = self.verdict(wave)
+        wave.gates = verdict.figures | {"outcome": verdict.outcome,
+                                        "reasons": list(verdict.reasons)}
+        if verdict.outcome == "pass":
+            wave.state, wave.finished = "passed", self.now
+            self.emit("gate.passed", f"wave {wave.index}: gates passed", wave=wave.index,
+                      **verdict.figures)
+        elif verdict.outcome == "fail":
+            wave.state, wave.finished = "failed", self.now
+            self.emit("gate.failed", f"wave {wave.index}: {verdict.reason}", wave=wave.index,
+                      **verdict.figures)
+            self.on_failure(wave, f"wave {wave.index} gates failed: {verdict.reason}")
+        else:
+            wave.state = "inconclusive"
+            self.emit("gate.inconclusive", f"wave {wave.index}: {verdict.reason}",
+                      wave=wave.index, **verdict.figures)
+            self.pause(f"wave {wave.index} gates inconclusive: {verdict.reason}")
+
+    def verdict(self, wave: WaveRecord) -> gatelib.Verdict:
+        new, old, mirror = [], [], []
+        healthy = 0
+        for n, p in self.r.nodes.items():
+            seen = self.obs.get(n)
+            end = seen.router if seen is not None else None
+            start = wave.baseline.get(n)
+            serving = serving_slot(p.previous)
+            if serving is not None and serving != p.slot:
+                old.append(gatelib.window(start, end, serving))
+            if n not in wave.nodes:
+                continue
+            new.append(gatelib.window(start, end, p.slot))
+            mirror.append(gatelib.mirror_window(start, end))
+            slot = seen.slots.get(p.slot) if seen is not None else None
+            healthy += slot is not None and slot.status == "healthy"
+        fig = gatelib.figures(len(wave.nodes), healthy, new, old, mirror)
+        return gatelib.evaluate(self.spec.gates, fig)
+
+    def on_failure(self, wave: WaveRecord, reason: str) -> None:
+        self.emit("wave.failed", reason, wave=wave.index)
+        if self.spec.on_failure == "pause":
+            self.pause(reason)
+        else:
+            self.start_rollback(reason)
+
+    def succeed(self) -> None:
+        r = self.r
+        for p in r.nodes.values():
+            if p.target is not None and len(p.target.slots) > 1:
+                self.write(p, retire_target(p.target, slot=p.slot,
+                                            generation=self.next_generation(p), now=self.now))
+        self.finish("succeeded", "")
+
+    def finish(self, state: str, reason: str) -> None:
+        r = self.r
+        self.move(state)
+        r.reason, r.finished = reason, self.now
+        moved = sorted(n for n, p in r.nodes.items()
+                       if p.target is not None and p.state in ("done", "updating"))
+        self.emit(f"rollout.{state}", f"{state.replace('_', ' ')}"
+                  + (f": {reason}" if reason else f": {r.spec.service} {r.release.version} on "
+                     f"{len(r.nodes)} nodes"), reason=reason, moved=moved)
+
+    # -- rollback ----------------------------------------------------------------------------------
+
+    def start_rollback(self, reason: str) -> None:
+        r = self.r
+        r.phase, r.reason = "rollback", reason
+        r.rollback_deadline = self.now + self.spec.progress_deadline
+        touched = sorted(n for n, p in r.nodes.items() if p.target is not None)
+        for p in r.nodes.values():
+            if p.target is None and p.state == "failed":
+                p.state = "waiting"  # never written to, so still on its previous version
+        self.emit("rollout.rolling_back", f"rolling back {len(touched)} nodes: {reason}",
+                  reason=reason, nodes=touched)
+        for n in touched:
+            p = r.nodes[n]
+            p.state, p.reason = "rolling_back", ""
+            self.write(p, restore_target(
+                p.previous, fleet=self.fleet, node=n, service=self.spec.service,
+                generation=self.next_generation(p), rollout=r.id, now=self.now,
+            ))
+        self.advance_rollback()
+
+    def advance_rollback(self) -> None:
+        r = self.r
+        pending = []
+        for n, p in r.nodes.items():
+            if p.state != "rolling_back" or p.target is None:
+                continue
+            seen = self.obs.get(n)
+            if seen is not None and converged(seen, p.target):
+                p.state = "rolled_back"
+                self.emit("node.rolled_back", f"{n}: back on generation {p.generation}", n)
+            elif seen is not None and seen.generation >= p.generation and seen.phase == "failed":
+                self.fail_node(p, f"rollback failed: {seen.error or 'no reason given'}")
+            else:
+                pending.append(p)
+        if pending and self.now >= r.rollback_deadline:
+            limit = format_duration(self.spec.progress_deadline)
+            for p in pending:
+                self.fail_node(p, f"did not converge back within {limit}"
+                                  + ("" if p.online else " (offline)"))
+            pending = []
+        if pending:
+            return
+        failed = sorted(n for n, p in r.nodes.items() if p.state == "failed")
+        if failed:
+            self.finish("failed", f"rollback incomplete on {', '.join(failed)} ("
+                        + "; ".join(r.nodes[n].reason for n in failed)
+                        + f") after: {r.reason}")
+        else:
+            self.finish("rolled_back", r.reason)
+
+
+def converged(seen: ObservedState, target: DesiredState) -> bool:
+    """Whether a node has converged on ``target``: generation reached, traffic slots healthy and
+    the weights applied as asked."""
+    if seen.observed_generation < target.generation or seen.phase == "failed":
+        return False
+    for slot, weight in target.weights.items():
+        status = seen.slots.get(slot)
+        if weight > 0 and (status is None or status.status != "healthy"):
+            return False
+    return _positive(seen.weights) == _positive(target.weights)
+
+
+def _positive(weights: Mapping[str, int]) -> dict[str, int]:
+    return {s: w for s, w in weights.items() if w > 0}
