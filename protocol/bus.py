@@ -34,6 +34,13 @@ from protocol.errors import BusError, Conflict, NotReachable
 
 REQUEST_TIMEOUT = 5.0
 OP_TIMEOUT = 10.0
+# Long-lived clients (agents, coordinator) reconnect with capped exponential backoff and jitter so
+# that a fleet does not hammer a restarting server in lock-step; see ``reconnect_delay``.
+RECONNECT_BASE = 0.25
+RECONNECT_CAP = 5.0
+# In lame-duck mode a server closes its clients over ``lame_duck_duration``; clients of a cluster
+# move away at a random moment within this spread instead of all at once.
+LAME_DUCK_SPREAD = 5.0
 EVENTS_MAX_AGE = 90 * 24 * 3600.0
 
 
@@ -58,6 +65,9 @@ class Bus:
         self._reconnected = asyncio.Event()
         self._kv: dict[str, Any] = {}
         self._services: list[Any] = []
+        self.lame_ducks = 0  # how many times a server told us it is going away
+        self._leaving: str | None = None  # netloc of the server in lame-duck mode
+        self._ldm_task: asyncio.Task[None] | None = None
 
     # -- connection -------------------------------------------------------------------------------
 
@@ -77,6 +87,22 @@ class Bus:
         async def on_error(exc: Exception) -> None:  # logged by the owner; never raised here
             return None
 
+        async def on_lame_duck() -> None:
+            if holder:
+                holder[0]._on_lame_duck()
+
+        def pick_server(servers: list[Any], info: dict[str, Any]) -> tuple[Any, float]:
+            avoid = holder[0]._leaving if holder else None
+            ranked = sorted(
+                servers,
+                key=lambda s: (s.uri.netloc == avoid, s.reconnects, random.random()),
+            )
+            return ranked[0], reconnect_delay(ranked[0].reconnects)
+
+        forever: dict[str, Any] = (
+            {"reconnect_to_server_handler": pick_server} if reconnect_forever else {}
+        )
+
         loop = asyncio.get_running_loop()
         deadline = loop.time() + connect_deadline
         delay = 0.05
@@ -93,6 +119,8 @@ class Bus:
                     error_cb=on_error,
                     ping_interval=5,
                     max_outstanding_pings=3,
+                    lame_duck_mode_cb=on_lame_duck,
+                    **forever,
                 )
                 break
             except (OSError, nats.errors.Error, TimeoutError) as exc:
@@ -107,7 +135,32 @@ class Bus:
         holder.append(bus)
         return bus
 
+    @property
+    def connected(self) -> bool:
+        """True while the client is connected (False while it reconnects or after close)."""
+        return bool(self.nc.is_connected)
+
+    def _on_lame_duck(self) -> None:
+        """The server is going away: leave it soon for another server of the cluster, if any.
+
+        Called from inside nats-py's read loop, so it must not await; the move runs in a task the
+        Bus owns. With a single server there is nowhere to go: the server closes us and the
+        ordinary reconnect loop waits (with backoff) for it or its replacement.
+        """
+        self.lame_ducks += 1
+        here = self.nc.connected_url
+        self._leaving = here.netloc if here is not None else None
+        others = [u for u in self.nc.servers if u.netloc != self._leaving]
+        if others and (self._ldm_task is None or self._ldm_task.done()):
+            self._ldm_task = asyncio.get_running_loop().create_task(self._leave())
+
+    async def _leave(self) -> None:
+        await asyncio.sleep(random.uniform(0, LAME_DUCK_SPREAD))
+        await self.nc.force_reconnect()
+
     async def close(self) -> None:
+        if self._ldm_task is not None:
+            self._ldm_task.cancel()
         for svc in self._services:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(svc.stop(), 2)
@@ -390,3 +443,13 @@ class Bus:
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+
+def reconnect_delay(attempts: int) -> float:
+    """Seconds to wait before reconnect attempt number ``attempts`` (0 = first) to one server.
+
+    Capped exponential backoff with "equal jitter": half the step is fixed, half random, so a
+    fleet spreads out while no client waits much longer than the step.
+    """
+    step = min(RECONNECT_CAP, RECONNECT_BASE * 2.0 ** min(attempts, 16))
+    return step / 2 + random.uniform(0, step / 2)

@@ -13,7 +13,12 @@ from typing import Any
 import click
 
 # Each module adds its commands to ``cli`` when imported.
-from coordinator.cli import infra, proto  # noqa: F401  (registration by import)
+from coordinator.cli import (  # noqa: F401  (registration by import)
+    dev_cmds,
+    fleet_cmds,
+    infra,
+    proto,
+)
 from coordinator.cli.base import Ctx, cli
 from coordinator.errors import FleetwaveError
 from protocol.errors import BusError, ProtocolError

@@ -1,0 +1,208 @@
+"""The agent daemon: connects to NATS, keeps its node registered and beating, runs its services.
+
+Theory of operation: ``Agent.run(stop)`` connects (waiting as long as it takes for a broker), then
+owns three tasks in one TaskGroup until ``stop`` is set:
+
+- *registration*: publishes the node's NodeInfo on ``register`` and writes it to the nodes bucket,
+  on connect and again after every reconnect (``Bus.reconnects`` grows). The bucket may not exist
+  yet (no coordinator ever ran): that is retried with backoff and jitter, logged once, never fatal.
+- *heartbeats*: every ``interval`` a Heartbeat with psutil figures and ``services.summary()``.
+  While disconnected no heartbeat is sent: nats-py would buffer them and flush a burst of stale
+  ones on reconnect.
+- *services*: ``services.run()`` (the service manager), if one is plugged in.
+
+A failure of one task is a bug: the TaskGroup cancels the others and ``run`` raises, and the
+process exits 1 (systemd restarts it). Bus errors are expected weather and are retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from agent import presence
+from agent.hostinfo import HostSampler, host_facts
+from protocol import subjects
+from protocol.bus import Bus
+from protocol.codec import encode
+from protocol.errors import BusError
+from protocol.messages import NodeInfo, ServiceSummary, SlotProcess
+
+log = logging.getLogger("fleetwave.agent")
+
+# The agent waits for a broker as long as it takes: it is started by systemd before NATS may be up.
+CONNECT_FOREVER = 10 * 365 * 24 * 3600.0
+REGISTER_TIMEOUT = 5.0  # one publish + one KV put; bounded so a dead link cannot hang the loop
+RECONNECT_POLL = 0.2
+
+
+class ServiceSource(Protocol):
+    """What the service manager offers the daemon (agent.shell.ServiceManager implements it)."""
+
+    async def run(self) -> None:
+        """Run until cancelled."""
+
+    def summary(self) -> tuple[list[ServiceSummary], list[SlotProcess]]:
+        """The services and slot processes of this node now, for the next heartbeat."""
+        ...
+
+
+ServiceFactory = Callable[[Bus], ServiceSource]
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    node_id: str
+    nats_url: str
+    fleet: str = "default"
+    labels: dict[str, str] = field(default_factory=dict)
+    data_dir: Path = Path("fleetwave-data/agent")
+    bind_host: str = "127.0.0.1"
+    heartbeat_interval: float = presence.DEFAULT_INTERVAL
+
+
+class Agent:
+    """One agent: owns its bus connection and every task it starts."""
+
+    def __init__(self, options: AgentOptions, services: ServiceFactory | None = None) -> None:
+        self.options = options
+        self._services_factory = services
+        self.bus: Bus | None = None
+        self.registrations = 0
+        self.heartbeats = 0
+        self._started_at = time.time()
+        self._sampler = HostSampler(options.data_dir)
+        self._info = presence.node_info(
+            node=options.node_id,
+            labels=options.labels,
+            facts=host_facts(),
+            bind_host=options.bind_host,
+            started_at=self._started_at,
+        )
+
+    @property
+    def info(self) -> NodeInfo:
+        return self._info
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Connect, then register, beat and run services until ``stop`` is set."""
+        bus = await self._connect(stop)
+        if bus is None:
+            return
+        self.bus = bus
+        log.info("connected to %s as node %s", self.options.nats_url, self.options.node_id)
+        try:
+            services = self._services_factory(bus) if self._services_factory else None
+            async with asyncio.TaskGroup() as tg:
+                tasks = [
+                    tg.create_task(self._register_loop(bus), name="register"),
+                    tg.create_task(self._heartbeat_loop(bus, services), name="heartbeat"),
+                ]
+                if services is not None:
+                    tasks.append(tg.create_task(services.run(), name="services"))
+                await stop.wait()
+                for t in tasks:
+                    t.cancel()
+        finally:
+            await bus.close()
+            log.info("node %s stopped", self.options.node_id)
+
+    async def _connect(self, stop: asyncio.Event) -> Bus | None:
+        """The connected bus, or None if ``stop`` was set first."""
+        connecting = asyncio.create_task(
+            Bus.connect(
+                self.options.nats_url,
+                self.options.fleet,
+                name=f"fleetwave-agent-{self.options.node_id}",
+                connect_deadline=CONNECT_FOREVER,
+                reconnect_forever=True,
+            )
+        )
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not connecting.done():
+                connecting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await connecting
+        if connecting.cancelled():
+            return None
+        return connecting.result()
+
+    async def _register_loop(self, bus: Bus) -> None:
+        f, node = self.options.fleet, self.options.node_id
+        data = encode(self._info)
+        done_for: int | None = None  # the value of bus.reconnects at the last registration
+        attempt = 0
+        while True:
+            if done_for == bus.reconnects or not bus.connected:
+                await asyncio.sleep(RECONNECT_POLL)
+                continue
+            generation = bus.reconnects
+            try:
+                async with asyncio.timeout(REGISTER_TIMEOUT):
+                    await bus.publish(subjects.register(f), data)
+                    await bus.kv_put(subjects.nodes_bucket(f), node, data)
+            except (BusError, TimeoutError) as exc:
+                delay = presence.retry_delay(attempt)
+                if attempt == 0:
+                    why = str(exc) or "timed out"
+                    log.warning("cannot register node %s yet (%s); retrying", node, why)
+                attempt += 1
+                await asyncio.sleep(delay)
+                continue
+            done_for = generation
+            attempt = 0
+            self.registrations += 1
+            log.info("registered node %s (registration %d)", node, self.registrations)
+
+    async def _heartbeat_loop(self, bus: Bus, services: ServiceSource | None) -> None:
+        o = self.options
+        subject = subjects.heartbeat(o.fleet, o.node_id)
+        loop = asyncio.get_running_loop()
+        due = loop.time()
+        seq = 0
+        failing = False
+        while True:
+            delay = due - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            due = presence.next_beat(due, o.heartbeat_interval, loop.time())
+            if not bus.connected:
+                continue
+            svc, slots = self._summary(services)
+            hb = presence.heartbeat(
+                node=o.node_id, seq=seq, now=time.time(), interval=o.heartbeat_interval,
+                labels=o.labels, figures=self._sampler.sample(), services=svc, slots=slots,
+            )
+            seq += 1
+            try:
+                await bus.publish(subject, encode(hb))
+            except BusError as exc:
+                if not failing:
+                    log.warning("cannot send heartbeat: %s", exc)
+                failing = True
+                continue
+            failing = False
+            self.heartbeats += 1
+
+    def _summary(
+        self, services: ServiceSource | None
+    ) -> tuple[list[ServiceSummary], list[SlotProcess]]:
+        if services is None:
+            return [], []
+        try:
+            return services.summary()
+        except Exception:
+            # A bug in the service manager must not silence the node: it would look dead and a
+            # rollout would route around a healthy host. Beat without services and say why.
+            log.exception("services.summary() failed; heartbeat sent without services")
+            return [], []

@@ -1,0 +1,171 @@
+"""``fleetwave-agent``: the agent's command line (also ``python -m agent.main``).
+
+Parses and checks the flags (one-line errors, exit 2), builds the Agent in one place
+(``build_agent``) and runs it until SIGTERM or SIGINT (exit 0). Anything unexpected is a bug: it
+is logged with its traceback and the process exits 1, for systemd to restart it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from agent import presence
+from agent.daemon import Agent, AgentOptions
+from protocol.errors import ProtocolError
+from protocol.subjects import check_name
+
+DEFAULT_NATS = "nats://127.0.0.1:4222"
+
+log = logging.getLogger("fleetwave.agent")
+
+
+def build_agent(options: AgentOptions) -> Agent:
+    """The one place an Agent is put together; plug the service manager in here.
+
+    To run services, pass a factory that receives the connected Bus, e.g.::
+
+        from agent.shell import ServiceManager
+        return Agent(options, services=lambda bus: ServiceManager(
+            bus=bus, fleet=options.fleet, node=options.node_id,
+            data_dir=options.data_dir, bind_host=options.bind_host))
+    """
+    return Agent(options)
+
+
+def _node_id(_: click.Context, __: click.Parameter, value: str) -> str:
+    try:
+        return check_name("node", value)
+    except ProtocolError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _fleet(_: click.Context, __: click.Parameter, value: str) -> str:
+    try:
+        return check_name("fleet", value)
+    except ProtocolError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _labels(_: click.Context, __: click.Parameter, value: tuple[str, ...]) -> dict[str, str]:
+    try:
+        return presence.parse_labels(value)
+    except ProtocolError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _bind_host(_: click.Context, __: click.Parameter, value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an IP address, e.g. 127.0.0.1") from None
+    return value
+
+
+def _interval(_: click.Context, __: click.Parameter, value: float) -> float:
+    try:
+        return presence.check_interval(value)
+    except ProtocolError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--node-id", required=True, callback=_node_id, help="This node's id (unique).")
+@click.option(
+    "--label", "labels", multiple=True, callback=_labels, metavar="KEY=VALUE",
+    help="A label for selectors, e.g. zone=a (repeatable).",
+)
+@click.option(
+    "--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="Where the agent keeps releases and state [default: ./fleetwave-data/agent-<node-id>].",
+)
+@click.option(
+    "--bind-host", default="127.0.0.1", show_default=True, callback=_bind_host,
+    help="Address the node's routers and slots listen on.",
+)
+@click.option(
+    "--nats", "nats_url", envvar="FLEETWAVE_NATS", default=DEFAULT_NATS, show_default=True,
+    help="NATS server URL, or several separated by commas (env FLEETWAVE_NATS).",
+)
+@click.option(
+    "--fleet", envvar="FLEETWAVE_FLEET", default="default", show_default=True, callback=_fleet,
+    help="Fleet namespace (env FLEETWAVE_FLEET).",
+)
+@click.option(
+    "--heartbeat-interval", type=float, envvar="FLEETWAVE_HEARTBEAT_INTERVAL",
+    default=presence.DEFAULT_INTERVAL, callback=_interval, hidden=True,
+    help="Seconds between heartbeats (tests use short ones).",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log debug details.")
+def agent_command(
+    node_id: str,
+    labels: dict[str, str],
+    data_dir: Path | None,
+    bind_host: str,
+    nats_url: str,
+    fleet: str,
+    heartbeat_interval: float,
+    verbose: bool,
+) -> int:
+    """Run the fleetwave agent for this node in the foreground (SIGTERM or Ctrl-C stops it)."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format=f"%(asctime)s fleetwave-agent[{node_id}] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    directory = (data_dir or Path(f"fleetwave-data/agent-{node_id}")).absolute()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise click.ClickException(
+            f"cannot create the data dir {directory}: {exc.strerror}; pick another with --data-dir"
+        ) from None
+    options = AgentOptions(
+        node_id=node_id,
+        nats_url=nats_url,
+        fleet=fleet,
+        labels=labels,
+        data_dir=directory,
+        bind_host=bind_host,
+        heartbeat_interval=heartbeat_interval,
+    )
+    return asyncio.run(_run(build_agent(options)))
+
+
+async def _run(agent: Agent) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await agent.run(stop)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``fleetwave-agent``: one line and exit 2 for bad flags, 1 for a failure."""
+    try:
+        code = agent_command.main(args=argv, prog_name="fleetwave-agent", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        msg = exc.format_message().replace("\n", " ")
+        hint = " (see 'fleetwave-agent --help')" if isinstance(exc, click.UsageError) else ""
+        click.echo(f"fleetwave-agent: {msg}{hint}", err=True)
+        sys.exit(exc.exit_code)
+    except Exception:
+        # A bug: the traceback goes to the log (journald), the exit status to systemd.
+        log.exception("fleetwave-agent crashed")
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""How an agent makes itself known: its NodeInfo at registration and its periodic Heartbeat.
+
+Pure: everything is built from values handed in (host facts, figures, the service summary, the
+time), so the messages can be checked without a host, a bus or a clock. The loops that send them
+live in ``agent.daemon``.
+
+Two schedules are decided here too, because they are arithmetic and deserve tests:
+- ``next_beat``: heartbeats keep a fixed cadence and skip beats that are already late (after a
+  stall) instead of sending a burst that would make a dead node look alive;
+- ``retry_delay``: registration retries back off exponentially with jitter up to a cap, so a
+  fleet waiting for its coordinator does not hammer NATS.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Iterable
+
+from agent import __version__
+from agent.hostinfo import HostFacts, HostFigures
+from protocol.errors import ProtocolError
+from protocol.messages import Heartbeat, NodeInfo, ServiceSummary, SlotProcess
+
+DEFAULT_INTERVAL = 2.0
+MIN_INTERVAL = 0.05
+MAX_INTERVAL = 300.0
+RETRY_BASE = 0.5
+RETRY_CAP = 15.0
+
+_LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,62}$")
+_LABEL_VALUE = re.compile(r"^[A-Za-z0-9_.-]{1,63}$")
+
+
+def parse_labels(items: Iterable[str]) -> dict[str, str]:
+    """``["zone=a", "role=web"]`` → dict; ProtocolError names the first bad item.
+
+    Same grammar as the coordinator's selectors (``coordinator.fleet.parse_selector``) so that
+    every label an agent accepts can be selected.
+    """
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not _LABEL_KEY.match(key) or not _LABEL_VALUE.match(value):
+            raise ProtocolError(
+                f"label {item!r} is not key=value; write e.g. --label zone=a (keys and values: "
+                "letters, digits, '-', '_', '.')"
+            )
+        if key in out:
+            raise ProtocolError(f"label {key!r} is given twice; keep one --label {key}=...")
+        out[key] = value
+    return out
+
+
+def check_interval(seconds: float) -> float:
+    """A heartbeat interval the coordinator will honour, or ProtocolError."""
+    if not MIN_INTERVAL <= seconds <= MAX_INTERVAL:
+        raise ProtocolError(
+            f"heartbeat interval {seconds:g}s is out of range; use {MIN_INTERVAL:g}s to "
+            f"{MAX_INTERVAL:g}s"
+        )
+    return seconds
+
+
+def node_info(
+    *,
+    node: str,
+    labels: dict[str, str],
+    facts: HostFacts,
+    bind_host: str,
+    started_at: float,
+) -> NodeInfo:
+    """What the agent registers (on connect and on every reconnect)."""
+    return NodeInfo(
+        id=node,
+        labels=dict(labels),
+        agent_version=__version__,
+        hostname=facts.hostname,
+        platform=facts.platform,
+        python=facts.python,
+        cpu_count=facts.cpu_count,
+        mem_total=facts.mem_total,
+        bind_host=bind_host,
+        boot_time=facts.boot_time,
+        started_at=started_at,
+    )
+
+
+def heartbeat(
+    *,
+    node: str,
+    seq: int,
+    now: float,
+    interval: float,
+    labels: dict[str, str],
+    figures: HostFigures,
+    services: list[ServiceSummary],
+    slots: list[SlotProcess],
+) -> Heartbeat:
+    """One heartbeat: the figures of this moment and the services' summary."""
+    return Heartbeat(
+        node=node,
+        seq=seq,
+        time=now,
+        interval=interval,
+        labels=dict(labels),
+        cpu_percent=figures.cpu_percent,
+        mem_percent=figures.mem_percent,
+        disk_percent=figures.disk_percent,
+        load1=figures.load1,
+        agent_rss=figures.agent_rss,
+        agent_cpu_percent=figures.agent_cpu_percent,
+        services=services,
+        slots=slots,
+    )
+
+
+def next_beat(previous: float, interval: float, now: float) -> float:
+    """When to send the next heartbeat after the one due at ``previous``.
+
+    On cadence: ``previous + interval``. If that moment has already passed (the loop stalled),
+    the missed beats are skipped and the next one is one interval from ``now``.
+    """
+    due = previous + interval
+    return due if due > now else now + interval
+
+
+def retry_delay(attempt: int, rng: random.Random | None = None) -> float:
+    """Seconds before registration retry ``attempt`` (0 = first retry): backoff with jitter."""
+    step = min(RETRY_CAP, RETRY_BASE * 2.0 ** min(attempt, 16))
+    return step / 2 + (rng or random).uniform(0, step / 2)

@@ -1,0 +1,67 @@
+"""The CLI's one way to talk to NATS and to the coordinator's API.
+
+``connected(ctx)`` is a connection bounded in time (a CLI must fail fast when there is no NATS,
+whatever nats-py's own reconnect settings would do); ``call(ctx, verb, request)`` sends one API
+request and returns the reply's ``data``, or raises:
+
+    NotReachable   no NATS at the URL, or no coordinator answers (one line saying how to start one)
+    RemoteError    the coordinator answered ``ok=False``; ``code`` "usage" exits 2, others 1
+    ProtocolError  the reply is not an ApiReply (a coordinator of another protocol version)
+
+``request(ctx, verb, req)`` is the synchronous form click commands use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from coordinator.cli.base import Ctx
+from coordinator.errors import RemoteError
+from protocol import subjects
+from protocol.bus import REQUEST_TIMEOUT, Bus
+from protocol.codec import decode, encode
+from protocol.errors import NotReachable
+from protocol.messages import ApiReply
+
+CONNECT_TIMEOUT = 3.0
+
+
+@contextlib.asynccontextmanager
+async def connected(ctx: Ctx, *, timeout: float = CONNECT_TIMEOUT) -> AsyncIterator[Bus]:
+    """A Bus for one CLI command; NotReachable within ``timeout`` if NATS does not answer."""
+    try:
+        async with asyncio.timeout(timeout):
+            bus = await Bus.connect(
+                ctx.nats_url, ctx.fleet, name="fleetwave-cli", connect_deadline=timeout
+            )
+    except TimeoutError:
+        # nats-py retries the first connect by itself for as long as its reconnect settings
+        # allow (a minute), past Bus.connect's own deadline: the CLI cuts it short here.
+        raise NotReachable(
+            f"cannot reach NATS at {ctx.nats_url} (no answer within {timeout:g}s); start a broker "
+            "with 'fleetwave broker' or a dev fleet with 'fleetwave dev up', or pass --nats"
+        ) from None
+    try:
+        yield bus
+    finally:
+        await bus.close()
+
+
+async def call(
+    ctx: Ctx, verb: str, request: Any, *, timeout: float = REQUEST_TIMEOUT
+) -> Any:
+    """Send ``request`` to the coordinator's ``verb`` endpoint and return the reply's data."""
+    async with connected(ctx) as bus:
+        raw = await bus.request(subjects.api(ctx.fleet, verb), encode(request), timeout=timeout)
+    reply = decode(ApiReply, raw)
+    if not reply.ok:
+        raise RemoteError(reply.error or f"the coordinator refused {verb!r}", reply.code)
+    return reply.data
+
+
+def request(ctx: Ctx, verb: str, req: Any, *, timeout: float = REQUEST_TIMEOUT) -> Any:
+    """``call`` for click commands (runs its own event loop)."""
+    return asyncio.run(call(ctx, verb, req, timeout=timeout))

@@ -1,0 +1,117 @@
+"""``fleetwave dev up``: a broker, a coordinator and N agents on this machine, in the foreground."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import click
+
+from coordinator.cli.base import Ctx, cli
+from coordinator.devfleet import MAX_AGENTS, DevFleet
+from coordinator.errors import BrokerError
+
+WATCH_INTERVAL = 0.5
+
+
+@cli.group()
+def dev() -> None:
+    """A whole fleet on this machine, for trying fleetwave out."""
+
+
+@dev.command()
+@click.option("--agents", type=click.IntRange(0, MAX_AGENTS), default=3, show_default=True,
+              help="How many agents (node-1..N, bound to 127.0.1.1..N).")
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("fleetwave-dev"), show_default=True,
+              help="Where JetStream data, agent data dirs and logs go.")
+@click.option("--port", type=click.IntRange(1, 65535), default=4222, show_default=True,
+              help="NATS port of the embedded broker.")
+@click.option("--heartbeat-interval", type=click.FloatRange(0.05, 300), default=None, hidden=True)
+@click.pass_obj
+def up(
+    ctx: Ctx, agents: int, directory: Path, port: int, heartbeat_interval: float | None
+) -> int:
+    """Run broker + coordinator + agents in the foreground; Ctrl-C stops them all."""
+    return asyncio.run(_up(ctx, agents, directory, port, heartbeat_interval))
+
+
+async def _up(
+    ctx: Ctx, agents: int, directory: Path, port: int, heartbeat_interval: float | None
+) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    fleet = DevFleet(
+        directory, agents=agents, port=port, fleet=ctx.fleet,
+        heartbeat_interval=heartbeat_interval,
+    )
+    click.echo(f"starting a dev fleet of {agents} agents in {fleet.dir} ...", err=True)
+    starting = asyncio.create_task(fleet.__aenter__())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()  # __aenter__ stops whatever it had started
+    try:
+        await starting
+    except asyncio.CancelledError:
+        click.echo("interrupted while starting; everything stopped", err=True)
+        return 130
+    finally:
+        stopping.cancel()
+    try:
+        click.echo(describe(fleet))
+        return await _watch(fleet, stop)
+    finally:
+        click.echo("stopping agents, coordinator and broker ...", err=True)
+        await fleet.stop()
+        click.echo("dev fleet stopped", err=True)
+
+
+async def _watch(fleet: DevFleet, stop: asyncio.Event) -> int:
+    """Wait for Ctrl-C; report agents that die; give up if the broker or coordinator dies."""
+    reported: set[str] = set()
+    while not stop.is_set():
+        if fleet.coordinator.returncode is not None:
+            raise BrokerError(
+                f"the coordinator exited with status {fleet.coordinator.returncode}; see "
+                f"{fleet.coordinator.log_path}"
+            )
+        for a in fleet.agents:
+            if a.returncode is not None and a.name not in reported:
+                reported.add(a.name)
+                click.echo(f"{a.name} exited with status {a.returncode}; see {a.log_path}",
+                           err=True)
+        if fleet.broker.pid is None:
+            raise BrokerError("the broker stopped")
+        try:
+            await asyncio.wait_for(stop.wait(), WATCH_INTERVAL)
+        except TimeoutError:
+            continue
+    return 0
+
+
+def describe(fleet: DevFleet) -> str:
+    """What runs where, and how to use it."""
+    lines = [
+        "dev fleet is up:",
+        f"  broker       {fleet.nats_url}  JetStream in {fleet.broker.store_dir}",
+        f"  coordinator  pid {fleet.coordinator.pid}  log {fleet.coordinator.log_path}",
+    ]
+    for i, a in enumerate(fleet.agents, start=1):
+        labels = ",".join(f"{k}={v}" for k, v in fleet.labels(i).items())
+        lines.append(
+            f"  {a.name:<11}  {fleet.bind_host(i):<11}  {labels}  pid {a.pid}  log {a.log_path}"
+        )
+    fleet_flag = "" if fleet.fleet == "default" else f" --fleet {fleet.fleet}"
+    lines += [
+        "",
+        "in another shell:",
+        f"  export FLEETWAVE_NATS={fleet.nats_url}",
+        f"  fleetwave{fleet_flag} nodes",
+        "",
+        "Ctrl-C stops everything.",
+    ]
+    return "\n".join(lines)

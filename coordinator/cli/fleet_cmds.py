@@ -1,0 +1,122 @@
+"""``fleetwave coordinator`` (the daemon, in the foreground) and ``fleetwave nodes``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from typing import Any
+
+import click
+import msgspec
+from rich.console import Console
+from rich.table import Table
+
+from coordinator.cli import client
+from coordinator.cli.base import Ctx, cli, output_option
+from coordinator.daemon import Coordinator
+from coordinator.fleet import parse_selector
+from protocol.codec import to_builtins
+from protocol.errors import ProtocolError
+from protocol.messages import NodesRequest, NodeView
+
+
+@cli.command()
+@click.option("-v", "--verbose", is_flag=True, help="Log debug details.")
+@click.pass_obj
+def coordinator(ctx: Ctx, verbose: bool) -> int:
+    """Run the coordinator daemon in the foreground (SIGTERM or Ctrl-C stops it)."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s fleetwave-coordinator %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    return asyncio.run(_run_coordinator(ctx))
+
+
+async def _run_coordinator(ctx: Ctx) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    logging.getLogger("fleetwave.coordinator").info(
+        "connecting to %s for fleet %r", ctx.nats_url, ctx.fleet
+    )
+    await Coordinator(ctx.nats_url, ctx.fleet).run(stop)
+    return 0
+
+
+def _selector(_: click.Context, __: click.Parameter, value: tuple[str, ...]) -> dict[str, str]:
+    try:
+        return parse_selector(value, what="--selector")
+    except ProtocolError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@cli.command()
+@click.option(
+    "-l", "--selector", multiple=True, callback=_selector, metavar="KEY=VALUE",
+    help="Only nodes with this label (repeatable; all must match).",
+)
+@output_option
+@click.pass_obj
+def nodes(ctx: Ctx, selector: dict[str, str], output: str) -> None:
+    """List the fleet's nodes: online or not, last seen, load and services."""
+    data = client.request(ctx, "nodes", NodesRequest(selector=selector))
+    try:
+        rows = msgspec.convert(data, list[NodeView])
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(f"the coordinator sent an unexpected node list: {exc}") from None
+    if output == "json":
+        click.echo(json.dumps([to_builtins(r) for r in rows], indent=2, sort_keys=True))
+        return
+    if not rows:
+        which = " matching " + ",".join(f"{k}={v}" for k, v in selector.items()) if selector else ""
+        click.echo(f"no nodes{which} in fleet {ctx.fleet!r}; start agents with 'fleetwave-agent'")
+        return
+    Console(soft_wrap=True).print(render_table(rows, time.time()))
+
+
+def render_table(rows: list[NodeView], now: float) -> Table:
+    """The people's view of ``fleetwave nodes``."""
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("NODE", "STATUS", "LAST SEEN", "CPU", "MEM", "LABELS", "SERVICES"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r.id,
+            "[green]online[/]" if r.online else "[red]offline[/]",
+            _ago(r.last_seen, now),
+            _pct(r.cpu_percent),
+            _pct(r.mem_percent),
+            ",".join(f"{k}={v}" for k, v in sorted(r.labels.items())) or "-",
+            _services(r.services) or "-",
+        )
+    return table
+
+
+def _ago(t: float | None, now: float) -> str:
+    if t is None:
+        return "never"
+    s = max(0.0, now - t)
+    if s < 60:
+        return f"{s:.0f}s ago"
+    if s < 3600:
+        return f"{s / 60:.0f}m ago"
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f}%"
+
+
+def _services(services: dict[str, Any]) -> str:
+    parts = []
+    for name, s in sorted(services.items()):
+        version = s.get("version", "") if isinstance(s, dict) else ""
+        healthy = isinstance(s, dict) and s.get("healthy")
+        parts.append(f"{name}@{version or '?'}" + ("" if healthy else " (unhealthy)"))
+    return " ".join(parts)
