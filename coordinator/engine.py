@@ -236,10 +236,6 @@ def new_record(
 # -- the machine -----------------------------------------------------------------------------------
 
 
-def _copy(record: RolloutRecord) -> RolloutRecord:
-    return msgspec.msgpack.decode(msgspec.msgpack.encode(record), type=RolloutRecord)
-
-
 class Rollout:
     """One rollout: its persisted record plus the latest observed state of each target node.
 
@@ -250,6 +246,7 @@ class Rollout:
     def __init__(self, record: RolloutRecord, *, fleet: str) -> None:
         self.fleet = fleet
         self._record = record
+        self._encoded = msgspec.msgpack.encode(record)  # of the committed record, to spot changes
         self._observed: dict[str, ObservedState] = {}
 
     @property
@@ -281,17 +278,19 @@ class Rollout:
                 f"{current.replace('_', ' ')}"
                 + (f" ({self._record.reason})" if self._record.reason else "")
             )
-        work = _copy(self._record)
+        work = msgspec.msgpack.decode(self._encoded, type=RolloutRecord)
         observed = dict(self._observed)
         step = _Step(self.fleet, work, observed, now)
         step.apply(event)
         step.advance()
         commands: list[Command] = list(step.commands)
-        if msgspec.msgpack.encode(work) != msgspec.msgpack.encode(self._record):
+        encoded = msgspec.msgpack.encode(work)
+        if encoded != self._encoded:
             work.revision += 1
             work.updated = now
             commands.insert(0, Persist(work))
-        self._record = work
+            encoded = msgspec.msgpack.encode(work)
+        self._record, self._encoded = work, encoded
         self._observed = observed
         return commands
 
@@ -412,10 +411,14 @@ class _Step:
             retried = []
             for n in wave.nodes:
                 p = r.nodes[n]
-                if p.state == "failed":
+                if p.state == "waiting":
+                    p.reason = ""
+                elif p.state == "failed":
                     p.state, p.reason = "waiting", ""
                     retried.append(n)
-                    if p.online:  # already counted as unavailable: retrying costs nothing
+                    if p.online and p.target is not None:
+                        # Written and failed: already counted as unavailable, so a retry costs
+                        # nothing; nodes never written wait for capacity like any other.
                         self.start_node(p, wave)
             wave.state = "updating"
             wave.deadline = self.now + self.spec.progress_deadline
@@ -513,11 +516,13 @@ class _Step:
                     got = seen.observed_generation if seen else "none"
                     self.fail_node(p, f"did not converge within {limit} (observed generation "
                                       f"{got}, wanted {p.generation})")
+                    failed.append(p)
                 elif p.state == "waiting":
-                    self.fail_node(p, f"could not start within {limit}: "
-                                      f"{len(unavailable)} target nodes unavailable "
-                                      f"(max-unavailable {self.cap})")
-            failed = [r.nodes[n] for n in wave.nodes if r.nodes[n].state == "failed"]
+                    # Never started, so not disrupted: it stays waiting (and does not count as
+                    # unavailable), but the wave cannot pass without it.
+                    p.reason = (f"could not start within {limit}: {len(unavailable)} target "
+                                f"nodes unavailable (max-unavailable {self.cap})")
+                    failed.append(p)
         if failed:
             wave.state = "failed"
             wave.finished = self.now

@@ -131,7 +131,7 @@ def test_illegal_transitions_raise_and_change_nothing(state: str, event: object)
     if state == "paused":
         r.handle(Pause(), 1.0)
     elif state == "succeeded":
-        r._record = msgspec.structs.replace(r.record, state="succeeded")
+        r = Rollout(msgspec.structs.replace(r.record, state="succeeded"), fleet="f")
     elif state == "aborted":
         r.handle(Abort(), 1.0)
     elif state == "rolled_back":
