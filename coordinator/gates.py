@@ -15,7 +15,10 @@ an inconclusive one, so the verdict is ``fail`` if any check fails.
 
 Quantiles come from the router's latency histogram (bounds ``LATENCY_BOUNDS_MS``, plus a last
 overflow bucket): the q-quantile is the upper bound of the bucket that holds the ceil(q * count)-th
-fastest request, so it errs on the slow side by at most one bucket (~25%).
+fastest request, so it errs on the slow side by at most one bucket (~25%). This is the rule of
+``protocol.histogram`` too; the helpers here differ on purpose in tolerating histograms of another
+length (an agent of another version) instead of raising, and in reporting the overflow bucket as a
+finite figure so that gate figures stay valid JSON.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ def quantile(histogram: Sequence[int], q: float) -> float | None:
     total = sum(histogram)
     if total <= 0:
         return None
-    rank = max(1, math.ceil(q * total))
+    rank = max(1, math.ceil(q * total - 1e-9))  # 0.99 * n must not round up to the next rank
     seen = 0
     for i, count in enumerate(histogram):
         seen += count

@@ -32,6 +32,10 @@ def test_quantile_is_the_upper_bound_of_the_bucket_holding_the_rank() -> None:
     assert quantile(h, 0.99) == LATENCY_BOUNDS_MS[20]
     assert quantile(h, 0.5) == LATENCY_BOUNDS_MS[10]
     assert quantile([0] * NB, 0.99) is None
+    h7 = hist(b1=692, b2=7)  # 699 requests: 0.99 * 699 = 692.01, rank 693 is in bucket 2
+    assert quantile(h7, 0.99) == LATENCY_BOUNDS_MS[2]
+    h_exact = hist(b1=99, b2=1)  # rank 99 exactly: still bucket 1, never rounded up to 100
+    assert quantile(h_exact, 0.99) == LATENCY_BOUNDS_MS[1]
 
 
 def test_quantile_of_the_overflow_bucket_is_finite() -> None:
