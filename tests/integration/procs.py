@@ -1,0 +1,136 @@
+"""Helpers for integration tests that run real fleetwave processes.
+
+- ``spawn_agent`` / ``spawn_coordinator`` start ``python -m agent.main`` / ``python -m
+  coordinator.daemon`` as children (``coordinator.devfleet.Child``: SIGTERM, then SIGKILL, always
+  reaped); ``reaping(...)`` guarantees it even when a test fails half-way.
+- ``fleetwave(...)`` runs the CLI in a subprocess and returns (exit code, stdout, stderr).
+- ``wait_until(...)`` polls a condition until a deadline; it never sleeps to hide a race, and on
+  timeout says what it last saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from coordinator.devfleet import Child, python_module
+
+T = TypeVar("T")
+
+HEARTBEAT = 0.3  # seconds; short so that offline detection takes about a second
+CLI_TIMEOUT = 20.0
+
+
+def spawn_agent(
+    nats_url: str,
+    node: str,
+    base: Path,
+    *,
+    labels: dict[str, str] | None = None,
+    fleet: str = "default",
+    interval: float = HEARTBEAT,
+    extra: list[str] | None = None,
+) -> Child:
+    """An agent child for ``node`` with its data dir and log under ``base`` (not started)."""
+    args = [
+        "--node-id", node, "--nats", nats_url, "--fleet", fleet,
+        "--data-dir", str(base / node), "--heartbeat-interval", str(interval),
+    ]
+    for k, v in (labels or {}).items():
+        args += ["--label", f"{k}={v}"]
+    return Child(node, python_module("agent.main", *args, *(extra or [])),
+                 base / "logs" / f"{node}.log")
+
+
+def spawn_coordinator(nats_url: str, base: Path, *, fleet: str = "default") -> Child:
+    """A coordinator child with its log under ``base`` (not started)."""
+    return Child(
+        "coordinator",
+        python_module("coordinator.daemon", "--nats", nats_url, "--fleet", fleet),
+        base / "logs" / "coordinator.log",
+    )
+
+
+@contextlib.asynccontextmanager
+async def reaping(*children: Child) -> AsyncIterator[tuple[Child, ...]]:
+    """Start ``children``; on exit stop and reap every one of them, whatever happened."""
+    try:
+        for c in children:
+            await c.start()
+        yield children
+    finally:
+        await asyncio.gather(*(c.stop(timeout=5.0) for c in children), return_exceptions=True)
+
+
+async def fleetwave(
+    *args: str, nats_url: str | None = None, timeout: float = CLI_TIMEOUT
+) -> tuple[int, str, str]:
+    """Run ``fleetwave ARGS`` in a subprocess; return (exit code, stdout, stderr)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETWAVE_")}
+    if nats_url is not None:
+        env["FLEETWAVE_NATS"] = nats_url
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import sys; from coordinator.cli import main; main(sys.argv[1:])",
+        *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env=env,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def nodes_json(nats_url: str, *args: str) -> dict[str, dict[str, Any]]:
+    """``fleetwave nodes -o json`` as {node id: row}; fails the test on a CLI error."""
+    code, out, err = await fleetwave("nodes", "-o", "json", *args, nats_url=nats_url)
+    assert code == 0, f"fleetwave nodes failed ({code}): {err}"
+    return {row["id"]: row for row in json.loads(out)}
+
+
+async def wait_until(
+    probe: Callable[[], Awaitable[T]],
+    ok: Callable[[T], bool],
+    *,
+    timeout: float,
+    what: str,
+    interval: float = 0.1,
+) -> T:
+    """Call ``probe`` until ``ok(result)``; AssertionError naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: Any = "nothing yet"
+    while True:
+        try:
+            last = await probe()
+            if ok(last):
+                return last
+        except (AssertionError, OSError) as exc:
+            last = exc
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}; last: {last}")
+        await asyncio.sleep(interval)
+
+
+def online(rows: dict[str, dict[str, Any]], ids: list[str], state: bool = True) -> bool:
+    return all(i in rows and rows[i]["online"] is state for i in ids)
+
+
+async def read_text(path: Path) -> str:
+    """A log file's text so far ("" before it exists), read off the event loop."""
+    def read() -> str:
+        try:
+            return path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    return await asyncio.to_thread(read)

@@ -1,0 +1,137 @@
+"""`fleetwave nodes`, `fleetwave-agent` and `fleetwave dev up` as a user runs them: subprocesses."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from coordinator.broker import Broker, free_port
+from coordinator.devfleet import Child, python_module
+from tests.integration.procs import fleetwave, read_text, wait_until
+
+
+def one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    assert "Traceback" not in err
+    return lines[0]
+
+
+async def test_nodes_without_nats_says_so_in_one_line() -> None:
+    """No NATS at the URL: one line naming the URL and how to start a broker, exit 1."""
+    url = f"nats://127.0.0.1:{free_port()}"
+    code, out, err = await fleetwave("nodes", nats_url=url)
+    line = one_line(err)
+    assert code == 1 and out == ""
+    assert url in line and "fleetwave broker" in line and "fleetwave dev up" in line
+
+
+async def test_nodes_without_coordinator_says_so_in_one_line(broker: Broker) -> None:
+    """NATS up but no coordinator: one line saying none answers and how to start one, exit 1."""
+    code, out, err = await fleetwave("nodes", "-o", "json", nats_url=broker.url)
+    line = one_line(err)
+    assert code == 1 and out == ""
+    assert "no coordinator answers" in line and "fleetwave coordinator" in line
+
+
+@pytest.mark.parametrize("bad", ["zone", "zone=a b", "=a", "zone=a,zone=b"])
+async def test_nodes_with_a_bad_selector_is_a_usage_error(bad: str) -> None:
+    """A malformed --selector is refused before any connection, in one line, exit 2."""
+    code, out, err = await fleetwave("nodes", "--selector", bad, nats_url="nats://127.0.0.1:1")
+    line = one_line(err)
+    assert code == 2 and out == ""
+    assert "--selector" in line
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--node-id", "bad id"], "node name"),
+        (["--node-id", "n1", "--label", "zone"], "not key=value"),
+        (["--node-id", "n1", "--bind-host", "localhost"], "not an IP address"),
+        (["--node-id", "n1", "--fleet", "a.b"], "fleet name"),
+        (["--node-id", "n1", "--heartbeat-interval", "0"], "out of range"),
+        (["--label", "zone=a"], "--node-id"),
+    ],
+)
+async def test_agent_flag_errors_are_one_line(args: list[str], needle: str) -> None:
+    """Bad agent flags exit 2 with one line naming the problem, before connecting anywhere."""
+    proc = await asyncio.create_subprocess_exec(
+        *python_module("agent.main", *args), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 20)
+    line = one_line(err.decode())
+    assert proc.returncode == 2 and out == b""
+    assert needle in line and line.startswith("fleetwave-agent:")
+
+
+async def test_agent_stops_cleanly_while_waiting_for_nats(tmp_path: Path) -> None:
+    """An agent with no broker keeps waiting, and SIGTERM still stops it with exit 0."""
+    agent = Child(
+        "lonely",
+        python_module("agent.main", "--node-id", "lonely", "--data-dir", str(tmp_path / "d"),
+                      "--nats", f"nats://127.0.0.1:{free_port()}"),
+        tmp_path / "lonely.log",
+    )
+    await agent.start()
+    try:
+        with pytest.raises(TimeoutError):
+            await agent.wait(1.5)  # still running: it does not give up on NATS
+        agent.signal(signal.SIGTERM)
+        assert await agent.wait(10) == 0
+    finally:
+        await agent.stop()
+
+
+async def test_dev_up_runs_a_fleet_and_stops_it_on_sigint(tmp_path: Path) -> None:
+    """`dev up` starts broker, coordinator and agents, says how to use them; SIGINT reaps all."""
+    port = free_port()
+    out_path = tmp_path / "dev-up.out"
+    dev = Child(
+        "dev-up",
+        [sys.executable, "-c", "import sys; from coordinator.cli import main; main(sys.argv[1:])",
+         "dev", "up", "--agents", "2", "--dir", str(tmp_path / "fleet"), "--port", str(port),
+         "--heartbeat-interval", "0.3"],
+        out_path,
+    )
+    await dev.start()
+    try:
+        text = await wait_until(lambda: read_text(out_path), lambda t: "Ctrl-C stops" in t,
+                                timeout=30, what="dev up to report the fleet")
+        assert f"export FLEETWAVE_NATS=nats://127.0.0.1:{port}" in text
+        assert "127.0.1.2" in text
+        code, out, err = await fleetwave("nodes", "-o", "json",
+                                         nats_url=f"nats://127.0.0.1:{port}")
+        assert code == 0, err
+        rows = json.loads(out)
+        assert [(r["id"], r["online"], r["labels"]) for r in rows] == [
+            ("node-1", True, {"role": "web", "zone": "a"}),
+            ("node-2", True, {"role": "web", "zone": "b"}),
+        ]
+        assert dev.pid is not None
+        children = psutil.Process(dev.pid).children(recursive=True)
+        assert len(children) == 4  # nats-server, coordinator, two agents
+        dev.signal(signal.SIGINT)
+        assert await dev.wait(30) == 0
+        _gone, alive = psutil.wait_procs(children, timeout=5)
+        assert alive == [], f"left running: {alive}"
+    finally:
+        await dev.stop()
+    assert "dev fleet stopped" in await read_text(out_path)
+
+
+async def test_dev_up_on_a_busy_port_fails_in_one_line(broker: Broker, tmp_path: Path) -> None:
+    """A port already taken is reported in one line, exit 1, with nothing left running."""
+    code, _out, err = await fleetwave(
+        "dev", "up", "--agents", "1", "--dir", str(tmp_path / "f"), "--port", str(broker.port)
+    )
+    assert code == 1
+    assert "already in use" in err.strip().splitlines()[-1]
+    assert "Traceback" not in err

@@ -1,0 +1,170 @@
+"""Agents and the coordinator as real processes on a real nats-server: presence end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+from coordinator.broker import Broker
+from coordinator.devfleet import DevFleet
+from protocol import subjects
+from protocol.bus import Bus
+from protocol.codec import decode, encode
+from protocol.messages import ApiReply, Event, Heartbeat, NodeInfo, NodesRequest
+from tests.integration.procs import (
+    HEARTBEAT,
+    nodes_json,
+    online,
+    read_text,
+    reaping,
+    spawn_agent,
+    spawn_coordinator,
+    wait_until,
+)
+
+NODES = ["node-1", "node-2", "node-3"]
+LABELS = {"node-1": {"zone": "a", "role": "web"}, "node-2": {"zone": "b", "role": "web"},
+          "node-3": {"zone": "a", "role": "db"}}
+
+
+async def events_of(bus: Bus, kind: str) -> list[Event]:
+    out = []
+    stream = subjects.events_stream(bus.fleet)
+    async for raw in bus.stream_messages(stream, subjects.event(bus.fleet, kind)):
+        out.append(decode(Event, raw))
+    return out
+
+
+async def test_three_agents_come_online_with_their_labels(broker: Broker, tmp_path: Path) -> None:
+    """Three agent processes show online with their labels and figures in `fleetwave nodes`."""
+    agents = [spawn_agent(broker.url, n, tmp_path, labels=LABELS[n]) for n in NODES]
+    async with reaping(spawn_coordinator(broker.url, tmp_path), *agents):
+        rows = await wait_until(
+            lambda: nodes_json(broker.url), lambda r: online(r, NODES), timeout=15,
+            what="three nodes online",
+        )
+        for n in NODES:
+            assert rows[n]["labels"] == LABELS[n]
+            assert rows[n]["cpu_percent"] is not None and rows[n]["mem_percent"] > 0
+            assert set(rows[n]) == {"id", "labels", "online", "last_seen", "cpu_percent",
+                                    "mem_percent", "services"}
+        zone_a = await nodes_json(broker.url, "--selector", "zone=a")
+        assert sorted(zone_a) == ["node-1", "node-3"]
+        assert sorted(await nodes_json(broker.url, "-l", "zone=a", "-l", "role=db")) == ["node-3"]
+        # Every agent wrote its NodeInfo to the nodes bucket.
+        bus = await Bus.connect(broker.url, "default")
+        try:
+            for n in NODES:
+                entry = await bus.kv_get(subjects.nodes_bucket("default"), n)
+                assert entry is not None
+                assert decode(NodeInfo, entry.value or b"").labels == LABELS[n]
+        finally:
+            await bus.close()
+    assert [a.returncode for a in agents] == [0, 0, 0]  # SIGTERM is a clean stop
+
+
+async def test_killed_agent_goes_offline_and_comes_back(tmp_path: Path) -> None:
+    """An agent killed with SIGKILL is offline within 3 heartbeats and online after a restart."""
+    async with DevFleet(tmp_path, agents=2, heartbeat_interval=HEARTBEAT) as fleet:
+        await fleet.agent(2).kill()
+        await fleet.wait_online(["node-2"], online=False, timeout=3 * HEARTBEAT + 3)
+        assert (await fleet.wait_online(["node-1"], timeout=1))  # the other one is untouched
+        await fleet.agent(2).start()
+        await fleet.wait_online(["node-2"], timeout=10)
+        bus = await Bus.connect(fleet.nats_url, "default")
+        try:
+            offline = await wait_until(
+                lambda: events_of(bus, "node.offline"), lambda ev: len(ev) >= 1, timeout=10,
+                what="a node.offline event",
+            )
+            assert [e.node for e in offline] == ["node-2"]
+            assert "no heartbeat" in offline[0].message
+            online_events = await events_of(bus, "node.online")
+            assert [e.node for e in online_events].count("node-2") == 2
+        finally:
+            await bus.close()
+
+
+async def test_agents_reconnect_after_the_broker_restarts(broker: Broker, tmp_path: Path) -> None:
+    """Broker SIGKILLed and restarted on its store: agents and coordinator come back alone."""
+    agents = [spawn_agent(broker.url, n, tmp_path, labels=LABELS[n]) for n in NODES]
+    coordinator = spawn_coordinator(broker.url, tmp_path)
+    async with reaping(coordinator, *agents):
+        await wait_until(lambda: nodes_json(broker.url), lambda r: online(r, NODES),
+                         timeout=15, what="three nodes online")
+        await broker.kill()
+        await asyncio.sleep(3 * HEARTBEAT + 0.5)  # an outage longer than the offline deadline
+        await broker.start()
+        await wait_until(lambda: nodes_json(broker.url), lambda r: online(r, NODES),
+                         timeout=15, what="three nodes online again after the broker restart")
+        assert all(a.running for a in agents) and coordinator.running
+    for n in NODES:
+        log = await read_text(tmp_path / "logs" / f"{n}.log")
+        assert "registration 2" in log, f"{n} did not register again after reconnecting:\n{log}"
+
+
+async def test_agent_waits_for_the_coordinator_to_create_the_buckets(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """An agent started before any coordinator keeps retrying and registers once one runs."""
+    agent = spawn_agent(broker.url, "early", tmp_path, labels={"zone": "a"})
+    async with reaping(agent):
+        log = tmp_path / "logs" / "early.log"
+        await wait_until(lambda: read_text(log), lambda t: "cannot register" in t, timeout=10,
+                         what="the agent to report the missing bucket")
+        assert agent.running
+        async with reaping(spawn_coordinator(broker.url, tmp_path)):
+            rows = await wait_until(lambda: nodes_json(broker.url), lambda r: online(r, ["early"]),
+                                    timeout=15, what="the early agent online")
+            assert rows["early"]["labels"] == {"zone": "a"}
+            await wait_until(lambda: read_text(log), lambda t: "registered node early" in t,
+                             timeout=15, what="the agent to register")
+
+
+async def test_restarted_coordinator_knows_offline_nodes(broker: Broker, tmp_path: Path) -> None:
+    """A coordinator started after an agent left lists it offline, from the nodes bucket."""
+    agent = spawn_agent(broker.url, "gone", tmp_path, labels={"zone": "b"})
+    async with reaping(spawn_coordinator(broker.url, tmp_path), agent):
+        await wait_until(lambda: nodes_json(broker.url), lambda r: online(r, ["gone"]),
+                         timeout=15, what="the agent online")
+    async with reaping(spawn_coordinator(broker.url, tmp_path)):
+        rows = await wait_until(lambda: nodes_json(broker.url), lambda r: "gone" in r,
+                                timeout=15, what="the new coordinator to answer")
+        assert rows["gone"]["online"] is False and rows["gone"]["labels"] == {"zone": "b"}
+
+
+async def test_malformed_messages_do_not_crash_the_coordinator(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """Garbage heartbeats, registrations and requests are ignored or refused; it keeps serving."""
+    coordinator = spawn_coordinator(broker.url, tmp_path)
+    async with reaping(coordinator):
+        bus = await Bus.connect(broker.url, "default")
+        try:
+            await wait_until(lambda: nodes_json(broker.url), lambda r: r == {}, timeout=15,
+                             what="the coordinator to answer")
+            f = "default"
+            await bus.publish(subjects.heartbeat(f, "x"), b"\xff not json")
+            await bus.publish(subjects.heartbeat(f, "x"), b'{"node": 5}')
+            await bus.publish(subjects.heartbeat(f, "y"), encode(Heartbeat(node="spoofed")))
+            await bus.publish(subjects.register(f), b"[1, 2]")
+            await bus.publish(subjects.register(f), encode(NodeInfo(id="bad id!")))
+            bad = decode(ApiReply, await bus.request(subjects.api(f, "nodes"), b"{{"))
+            assert (bad.ok, bad.code) == (False, "usage")
+            good = decode(ApiReply, await bus.request(
+                subjects.api(f, "nodes"), encode(NodesRequest())))
+            assert (good.ok, good.data) == (True, [])  # nothing above made a node appear
+            await bus.publish(subjects.heartbeat(f, "real"), encode(Heartbeat(node="real")))
+            rows = await wait_until(lambda: nodes_json(broker.url), lambda r: "real" in r,
+                                    timeout=5, what="a valid heartbeat to count")
+            assert list(rows) == ["real"]
+        finally:
+            await bus.close()
+        assert coordinator.running
+        coordinator.signal(signal.SIGTERM)
+        assert await coordinator.wait(10) == 0
+    log = await read_text(tmp_path / "logs" / "coordinator.log")
+    assert "Traceback" not in log
+    assert "claims to be from node 'spoofed'" in log
+    assert log.count("ignored malformed heartbeat from x") == 1  # once per source, not a flood
