@@ -119,6 +119,8 @@ class Proxy:
             await self._serve(reader, writer, client, ip)
         except (ClientGone, ConnectionError, TimeoutError):
             pass
+        except asyncio.CancelledError:
+            pass  # the drain on shutdown cancelled us: the connection just closes
         except Exception:  # a bug must cost one connection, never the router
             log.exception("client connection from %s failed", ip)
         finally:

@@ -176,6 +176,8 @@ class RouterServer:
                     self.stopping.set()
         except (OSError, TimeoutError):
             pass
+        except asyncio.CancelledError:
+            pass  # shutdown cancelled an idle control connection
         finally:
             self._control_tasks.discard(task)
             writer.close()
