@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from coordinator.broker import Broker, free_port
+from coordinator.broker import Broker, find_nats_server, free_port
 from coordinator.devfleet import Child, python_module
 from tests.integration.procs import fleetwave, read_text, wait_until
 
@@ -135,3 +135,18 @@ async def test_dev_up_on_a_busy_port_fails_in_one_line(broker: Broker, tmp_path:
     assert code == 1
     assert "already in use" in err.strip().splitlines()[-1]
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "name", ["single.conf", "cluster-1.conf", "cluster-2.conf", "cluster-3.conf", "auth.conf"]
+)
+async def test_shipped_nats_configs_are_valid(name: str) -> None:
+    """Every config in deploy/nats passes the real nats-server's own check (-t)."""
+    conf = Path(__file__).resolve().parents[2] / "deploy" / "nats" / name
+    proc = await asyncio.create_subprocess_exec(
+        find_nats_server(), "-c", str(conf), "-t", stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 0, out.decode()
+    assert b"is valid" in out

@@ -6,11 +6,14 @@ import asyncio
 import signal
 from pathlib import Path
 
-from coordinator.broker import Broker
-from coordinator.devfleet import DevFleet
+import pytest
+
+from coordinator.broker import Broker, find_nats_server, free_port
+from coordinator.devfleet import Child, DevFleet
 from protocol import subjects
 from protocol.bus import Bus
 from protocol.codec import decode, encode
+from protocol.errors import BusError
 from protocol.messages import ApiReply, Event, Heartbeat, NodeInfo, NodesRequest
 from tests.integration.procs import (
     HEARTBEAT,
@@ -23,6 +26,7 @@ from tests.integration.procs import (
     wait_until,
 )
 
+REPO = Path(__file__).resolve().parents[2]
 NODES = ["node-1", "node-2", "node-3"]
 LABELS = {"node-1": {"zone": "a", "role": "web"}, "node-2": {"zone": "b", "role": "web"},
           "node-3": {"zone": "a", "role": "db"}}
@@ -168,3 +172,60 @@ async def test_malformed_messages_do_not_crash_the_coordinator(
     assert "Traceback" not in log
     assert "claims to be from node 'spoofed'" in log
     assert log.count("ignored malformed heartbeat from x") == 1  # once per source, not a flood
+
+
+async def test_auth_example_confines_an_agent_to_its_own_keys(tmp_path: Path) -> None:
+    """With deploy/nats/auth.conf an agent registers and beats, but cannot write others' keys."""
+    port = free_port()
+    server = Child("nats", [find_nats_server(), "-c", str(_auth_conf(tmp_path, port))],
+                   tmp_path / "logs" / "nats.log")
+
+    def url(user: str) -> str:
+        return f"nats://{user}:change-me-{user}@127.0.0.1:{port}"
+
+    agent = spawn_agent(url("node-1"), "node-1", tmp_path, labels={"zone": "a"})
+    async with reaping(server):
+        await wait_until(lambda: _connects(url("operator")), bool, timeout=10,
+                         what="the auth example server to accept clients")
+        async with reaping(spawn_coordinator(url("coordinator"), tmp_path), agent):
+            rows = await wait_until(lambda: nodes_json(url("operator")),
+                                    lambda r: online(r, ["node-1"]), timeout=15,
+                                    what="node-1 online through the auth example")
+            assert rows["node-1"]["labels"] == {"zone": "a"}
+            bus = await Bus.connect(url("node-1"), "default")
+            try:
+                await bus.kv_put(subjects.observed_bucket("default"), "node-1.hello", b"{}")
+                for bucket, key in [
+                    (subjects.observed_bucket("default"), "node-2.hello"),
+                    (subjects.nodes_bucket("default"), "node-2"),
+                    (subjects.desired_bucket("default"), "node-1.hello"),
+                ]:
+                    with pytest.raises((BusError, TimeoutError)):
+                        async with asyncio.timeout(2):
+                            await bus.kv_put(bucket, key, b"{}")
+            finally:
+                await bus.close()
+    log = await read_text(tmp_path / "logs" / "nats.log")
+    assert 'Publish Violation - Subject "$KV.fw-default-observed.node-2.hello"' in log
+    assert 'Publish Violation - Subject "$KV.fw-default-desired.node-1.hello"' in log
+
+
+def _auth_conf(tmp_path: Path, port: int) -> Path:
+    """deploy/nats/auth.conf as shipped, but on free ports and a temp store."""
+    conf = (REPO / "deploy" / "nats" / "auth.conf").read_text()
+    conf = conf.replace("/var/lib/fleetwave/jetstream", str(tmp_path / "js"))
+    conf = conf.replace("port: 4222", f"port: {port}")
+    conf = conf.replace("127.0.0.1:8222", f"127.0.0.1:{free_port()}")
+    assert str(port) in conf and str(tmp_path) in conf  # the file still has the lines we replace
+    out = tmp_path / "auth.conf"
+    out.write_text(conf)
+    return out
+
+
+async def _connects(url: str) -> bool:
+    try:
+        bus = await Bus.connect(url, "default", connect_deadline=0.5)
+    except BusError:
+        return False
+    await bus.close()
+    return True
