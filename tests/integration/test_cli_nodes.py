@@ -15,6 +15,8 @@ from coordinator.broker import Broker, find_nats_server, free_port
 from coordinator.devfleet import Child, python_module
 from tests.integration.procs import fleetwave, read_text, wait_until
 
+DEPLOY_NATS = Path(__file__).resolve().parents[2] / "deploy" / "nats"
+
 
 def one_line(err: str) -> str:
     lines = err.strip().splitlines()
@@ -142,7 +144,7 @@ async def test_dev_up_on_a_busy_port_fails_in_one_line(broker: Broker, tmp_path:
 )
 async def test_shipped_nats_configs_are_valid(name: str) -> None:
     """Every config in deploy/nats passes the real nats-server's own check (-t)."""
-    conf = Path(__file__).resolve().parents[2] / "deploy" / "nats" / name
+    conf = DEPLOY_NATS / name
     proc = await asyncio.create_subprocess_exec(
         find_nats_server(), "-c", str(conf), "-t", stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
