@@ -103,13 +103,15 @@ class Bus:
             {"reconnect_to_server_handler": pick_server} if reconnect_forever else {}
         )
 
+        # A cluster is written "nats://a:4222,nats://b:4222"; nats-py wants a list.
+        servers = [u.strip() for u in url.split(",") if u.strip()] or [url]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + connect_deadline
         delay = 0.05
         while True:
             try:
                 nc = await nats.connect(
-                    url,
+                    servers,
                     name=name,
                     connect_timeout=2,
                     allow_reconnect=True,

@@ -229,3 +229,39 @@ async def _connects(url: str) -> bool:
         return False
     await bus.close()
     return True
+
+
+async def test_lame_duck_moves_clients_to_another_server(tmp_path: Path) -> None:
+    """A server entering lame-duck mode (SIGUSR2) makes a long-lived Bus move to the other one."""
+    ports = [free_port() for _ in range(2)]
+    routes = [free_port() for _ in range(2)]
+    servers = []
+    for i in range(2):
+        conf = tmp_path / f"s{i}.conf"
+        conf.write_text(
+            f'server_name: "s{i}"\nhost: "127.0.0.1"\nport: {ports[i]}\n'
+            'lame_duck_grace_period: "1s"\nlame_duck_duration: "30s"\n'
+            f'cluster {{ name: "ldm"\n listen: "127.0.0.1:{routes[i]}"\n'
+            f'  routes: ["nats-route://127.0.0.1:{routes[1 - i]}"] }}\n'
+        )
+        servers.append(Child(f"s{i}", [find_nats_server(), "-c", str(conf)],
+                             tmp_path / "logs" / f"s{i}.log"))
+    async with reaping(*servers):
+        first = f"nats://127.0.0.1:{ports[0]}"
+        await wait_until(lambda: _connects(first), bool, timeout=10, what="server s0")
+        bus = await Bus.connect(f"{first},nats://127.0.0.1:{ports[1]}", "default",
+                                reconnect_forever=True)
+        try:
+            await wait_until(lambda: _at(bus), lambda p: p == ports[0], timeout=5,
+                             what="the bus on s0")
+            servers[0].signal(signal.SIGUSR2)
+            await wait_until(lambda: _at(bus), lambda p: p == ports[1], timeout=15,
+                             what="the bus to move to s1")
+            assert bus.lame_ducks == 1
+        finally:
+            await bus.close()
+
+
+async def _at(bus: Bus) -> int | None:
+    url = bus.nc.connected_url
+    return url.port if url is not None else None
