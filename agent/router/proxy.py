@@ -321,8 +321,8 @@ class Proxy:
                 except (OSError, TimeoutError):
                     close_conn(conn)
                     raise ClientGone("client stopped reading") from None
-        if resp.keep_alive:
-            pool.give_back(conn)
+        if resp.keep_alive and self.pools.get((pool.host, pool.port)) is pool:
+            pool.give_back(conn)  # (a pool dropped by a reconfigure meanwhile gets nothing back)
         else:
             close_conn(conn)
         latency_ms = (time.perf_counter() - started) * 1000.0
