@@ -1,0 +1,102 @@
+"""The embedded broker: a real nats-server from the wheel, started, crashed, restarted, refused."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from coordinator.broker import Broker, find_nats_server, free_port
+from coordinator.errors import BrokerError
+from protocol.bus import Bus
+
+FLEETWAVE = [sys.executable, "-c", "from coordinator.cli import main; main()"]
+
+
+async def test_jetstream_data_survives_a_crash(tmp_path: Path) -> None:
+    """A KV write acknowledged before SIGKILL is there after a restart on the same store dir."""
+    broker = Broker(store_dir=tmp_path / "js")
+    await broker.start()
+    try:
+        bus = await Bus.connect(broker.url, "t")
+        await bus.ensure_fleet()
+        await bus.kv_put("fw-t-locks", "k", b"v1")
+        await bus.close()
+        await broker.kill()
+        await broker.start()
+        bus = await Bus.connect(broker.url, "t")
+        entry = await bus.kv_get("fw-t-locks", "k")
+        await bus.close()
+    finally:
+        await broker.stop()
+    assert entry is not None and entry.value == b"v1"
+
+
+async def test_config_syncs_every_write(tmp_path: Path) -> None:
+    """The generated config asks JetStream to fsync every write (Jepsen 2025)."""
+    async with Broker(store_dir=tmp_path / "js") as broker:
+        conf = (broker.store_dir / "nats-server.conf").read_text()
+    assert "sync_interval: always" in conf
+
+
+async def test_port_in_use_is_refused(tmp_path: Path) -> None:
+    """A taken port is a clear BrokerError naming the port, not a hang or a crash."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(BrokerError, match=f"port {port} .* already in use"):
+            await Broker(port=port, store_dir=tmp_path / "js").start()
+
+
+def test_missing_binary_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A FLEETWAVE_NATS_SERVER that points nowhere is refused with the fix."""
+    monkeypatch.setenv("FLEETWAVE_NATS_SERVER", str(tmp_path / "nope"))
+    with pytest.raises(BrokerError, match="not an executable file"):
+        find_nats_server()
+
+
+async def test_cli_broker_runs_and_stops_on_sigint(tmp_path: Path) -> None:
+    """`fleetwave broker` serves clients and exits 0 on Ctrl-C."""
+    port = free_port()
+    with subprocess.Popen(
+        [*FLEETWAVE, "broker", "--port", str(port), "--store-dir", str(tmp_path / "js")],
+        stderr=subprocess.PIPE, text=True,
+    ) as proc:
+        await _serve_then_interrupt(proc, port)
+
+
+async def _serve_then_interrupt(proc: subprocess.Popen[str], port: int) -> None:
+    try:
+        assert proc.stderr is not None
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stderr.readline), 20)
+        assert f"127.0.0.1:{port}" in line
+        bus = await Bus.connect(f"nats://127.0.0.1:{port}", "t")
+        await bus.close()
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(asyncio.to_thread(proc.wait), 20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_cli_broker_port_taken_is_one_line(tmp_path: Path) -> None:
+    """`fleetwave broker` on a taken port prints one line and exits 1, no traceback."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        res = subprocess.run(
+            [*FLEETWAVE, "broker", "--port", str(port), "--store-dir", str(tmp_path / "js")],
+            capture_output=True, text=True, timeout=30, env=os.environ.copy(),
+        )
+    assert res.returncode == 1
+    assert res.stderr.count("\n") == 1 and "already in use" in res.stderr
+    assert "Traceback" not in res.stderr
