@@ -15,6 +15,7 @@ Known nats-py pitfalls handled here:
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -51,6 +52,14 @@ class Entry:
     revision: int
 
 
+@dataclass(frozen=True)
+class ObjectStat:
+    name: str
+    size: int
+    sha256: str  # hex, as the object store computed it on upload; "" if unknown
+    description: str = ""
+
+
 Handler = Callable[[bytes], Awaitable[bytes]]
 
 
@@ -61,8 +70,7 @@ class Bus:
         self.nc = nc
         self.js = nc.jetstream(timeout=OP_TIMEOUT)
         self.fleet = fleet
-        self.reconnects = 0
-        self._reconnected = asyncio.Event()
+        self.reconnects = 0  # watchers compare it to know that they must start again
         self._kv: dict[str, Any] = {}
         self._services: list[Any] = []
         self.lame_ducks = 0  # how many times a server told us it is going away
@@ -82,7 +90,6 @@ class Bus:
         async def on_reconnect() -> None:
             if holder:
                 holder[0].reconnects += 1
-                holder[0]._reconnected.set()
 
         async def on_error(exc: Exception) -> None:  # logged by the owner; never raised here
             return None
@@ -110,7 +117,9 @@ class Bus:
         delay = 0.05
         while True:
             try:
-                nc = await nats.connect(
+                # nats-py retries the first connect max_reconnect_attempts times by itself (a
+                # minute with 120 x 0.5 s, for ever for agents): bound it by our deadline.
+                nc = await asyncio.wait_for(nats.connect(
                     servers,
                     name=name,
                     connect_timeout=2,
@@ -123,7 +132,7 @@ class Bus:
                     max_outstanding_pings=3,
                     lame_duck_mode_cb=on_lame_duck,
                     **forever,
-                )
+                ), timeout=max(deadline - loop.time(), 0.5))
                 break
             except (OSError, nats.errors.Error, TimeoutError) as exc:
                 if loop.time() + delay > deadline:
@@ -183,6 +192,7 @@ class Bus:
             subjects.rollouts_bucket(f): 5,
             subjects.nodes_bucket(f): 1,
             subjects.locks_bucket(f): 1,
+            subjects.release_index_bucket(f): 1,
         }
         try:
             for bucket, history in buckets.items():
@@ -347,7 +357,7 @@ class Bus:
                     yield Entry(e.key, e.value, e.revision or 0)
             finally:
                 with contextlib.suppress(Exception):
-                    await w.stop()
+                    await asyncio.wait_for(w.stop(), 2)
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusError(f"cannot read {bucket}: {exc}") from None
 
@@ -359,28 +369,33 @@ class Bus:
         """
         while True:
             kv = await self._bucket(bucket)
-            self._reconnected.clear()
+            epoch = self.reconnects
             try:
                 w = await kv.watch(pattern)
             except (nats.errors.Error, TimeoutError):
                 await asyncio.sleep(0.5)
                 continue
             try:
-                while not self._reconnected.is_set():
+                while self.reconnects == epoch:
                     try:
-                        e = await w.updates(timeout=1.0)
+                        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                        # cancellation that races with a completed get, and the task never ends.
+                        async with asyncio.timeout(1.0):
+                            e = await w.updates(timeout=None)
                     except (nats.errors.TimeoutError, TimeoutError):
                         continue
                     if e is None:
                         yield None
                         continue
+                    if not hasattr(e, "key"):  # the watcher's stop sentinel: start a new one
+                        break
                     deleted = e.operation in ("DEL", "PURGE")
                     yield Entry(e.key, None if deleted else e.value, e.revision or 0)
             except nats.errors.Error:
                 await asyncio.sleep(0.5)
             finally:
                 with contextlib.suppress(Exception):
-                    await w.stop()
+                    await asyncio.wait_for(w.stop(), 2)
 
     # -- object store -----------------------------------------------------------------------------
 
@@ -403,6 +418,23 @@ class Bus:
             raise BusError(f"cannot fetch {name} from {store}: {exc}") from None
         data: bytes = res.data or b""
         return data
+
+    async def obj_info(self, store: str, name: str) -> ObjectStat | None:
+        """Size and sha256 of a stored object without fetching it; None if it is absent."""
+        try:
+            obs = await self.js.object_store(store)
+            info = await obs.get_info(name)
+        except (nats.js.errors.ObjectNotFoundError, nats.js.errors.ObjectDeletedError):
+            return None
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot look up {name} in {store}: {exc}") from None
+        raw = (info.digest or "").partition("=")[2]  # "SHA-256=<base64url>"
+        try:
+            sha = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).hex()
+        except ValueError:
+            sha = ""
+        return ObjectStat(name=name, size=info.size or 0, sha256=sha,
+                          description=info.description or "")
 
     # -- events stream ----------------------------------------------------------------------------
 
@@ -444,7 +476,7 @@ class Bus:
                     return
         finally:
             with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+                await asyncio.wait_for(sub.unsubscribe(), 2)
 
 
 def reconnect_delay(attempts: int) -> float:

@@ -83,6 +83,11 @@ def releases_store(fleet: str) -> str:
     return f"fw-{fleet}-releases"
 
 
+def release_index_bucket(fleet: str) -> str:
+    """One record per pushed release (digest, size, manifest summary, time): what 'list' reads."""
+    return f"fw-{fleet}-release-index"
+
+
 def events_stream(fleet: str) -> str:
     return f"FW_{fleet}_EVENTS"
 
@@ -98,3 +103,21 @@ def node_keys(node: str) -> str:
 
 def release_key(service: str, version: str) -> str:
     return f"{service}/{version}"
+
+
+def release_record_key(service: str, version: str) -> str:
+    """KV key of a release record: ``<service>.<version>`` with the version escaped.
+
+    KV keys allow neither ``+`` nor empty tokens (a version such as ``1..0``), so every byte of the
+    version outside ``[A-Za-z0-9_-]`` is written ``=XX`` (hex); ``<service>.>`` lists one service.
+    """
+    escaped = "".join(
+        chr(b) if chr(b).isascii() and (chr(b).isalnum() or chr(b) in "_-") else f"={b:02X}"
+        for b in version.encode()
+    )
+    return f"{service}.{escaped}"
+
+
+def release_records(service: str | None = None) -> str:
+    """KV key filter for the release records of one service, or of all."""
+    return f"{service}.>" if service else ">"

@@ -18,6 +18,7 @@ from coordinator.cli import (  # noqa: F401  (registration by import)
     fleet_cmds,
     infra,
     proto,
+    release_cmds,
 )
 from coordinator.cli.base import Ctx, cli
 from coordinator.errors import FleetwaveError

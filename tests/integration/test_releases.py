@@ -1,0 +1,402 @@
+"""Releases end to end with a real nats-server: push/list via the CLI, resolve, the agent cache,
+a corrupted object, and the example ``hello`` service as a real process over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import shutil
+import signal
+import sys
+import tarfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from agent.releases import ReleaseCache, ReleaseError
+from coordinator.broker import Broker, free_port
+from coordinator.releases import (
+    ReleaseExists,
+    UnknownRelease,
+    list_releases,
+    push_release,
+    resolve_release,
+)
+from protocol import subjects
+from protocol.bundle import digest, pack
+from protocol.bus import Bus
+
+REPO = Path(__file__).resolve().parents[2]
+HELLO = REPO / "deploy" / "examples" / "hello"
+FLEETWAVE = Path(sys.executable).parent / "fleetwave"
+FLEET = "t"
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+
+async def cli(broker: Broker, *args: str, timeout: float = 60) -> Run:
+    """Run the real ``fleetwave`` CLI in a subprocess against the broker."""
+    proc = await asyncio.create_subprocess_exec(
+        str(FLEETWAVE), "--nats", broker.url, "--fleet", FLEET, *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return Run(proc.returncode, out.decode(), err.decode())
+
+
+@pytest.fixture
+async def bus(broker: Broker) -> AsyncIterator[Bus]:
+    b = await Bus.connect(broker.url, FLEET)
+    try:
+        yield b
+    finally:
+        await b.close()
+
+
+def copy_bundle(version: str, dest: Path) -> Path:
+    shutil.copytree(HELLO / version, dest)
+    return dest
+
+
+# -- push / list / resolve -------------------------------------------------------------------------
+
+
+async def test_push_list_repush_and_refuse_changed_content(broker: Broker, tmp_path: Path) -> None:
+    """push stores both versions, list shows them, a re-push is a no-op, changed content refused."""
+    for version in ("1.0.0", "2.0.0"):
+        run = await cli(broker, "release", "push", str(HELLO / version))
+        assert run.code == 0, run.err
+        assert run.out.startswith(f"pushed hello {version} (sha256:")
+
+    run = await cli(broker, "release", "list", "-o", "json")
+    assert run.code == 0, run.err
+    rows = json.loads(run.out)
+    assert [(r["service"], r["version"]) for r in rows] == [("hello", "1.0.0"), ("hello", "2.0.0")]
+    for r in rows:
+        assert r["digest"] == digest(pack(HELLO / r["version"])[0])
+        assert r["port"] == 8080 and r["size"] > 0 and r["pushed_at"] > 0
+
+    run = await cli(broker, "release", "list", "hello")
+    assert run.code == 0 and "hello    1.0.0" in run.out and "2.0.0" in run.out
+    run = await cli(broker, "release", "list", "other")
+    assert run.code == 0 and "no releases of other" in run.out
+
+    again = await cli(broker, "release", "push", str(HELLO / "1.0.0"))
+    assert again.code == 0 and "already present" in again.out
+
+    changed = copy_bundle("1.0.0", tmp_path / "changed")
+    (changed / "app.py").write_text((changed / "app.py").read_text() + "\n# changed\n")
+    refused = await cli(broker, "release", "push", str(changed))
+    assert refused.code == 1
+    assert refused.out == ""
+    assert refused.err.count("\n") == 1
+    assert "already exists with digest" in refused.err and "bump the version" in refused.err
+    assert "Traceback" not in refused.err
+
+    rows_after = json.loads((await cli(broker, "release", "list", "-o", "json")).out)
+    assert rows_after == rows  # the refused push changed nothing
+
+
+async def test_push_refuses_bad_bundles_with_one_line(broker: Broker, tmp_path: Path) -> None:
+    """A hostile tarball or a bad manifest exits 2 with one line, and nothing is stored."""
+    evil = tmp_path / "evil.tar.gz"
+    with tarfile.open(evil, "w:gz") as tf:
+        for name, data in (("fleetwave.toml", (HELLO / "1.0.0" / "fleetwave.toml").read_bytes()),
+                           ("../../etc/cron.d/x", b"* * * * * root true\n")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    bad = copy_bundle("1.0.0", tmp_path / "bad")
+    (bad / "fleetwave.toml").write_text((bad / "fleetwave.toml").read_text() + "colour = 1\n")
+    for path, reason in ((evil, "'..' component"), (bad, "unknown key 'stop.colour'")):
+        run = await cli(broker, "release", "push", str(path))
+        assert run.code == 2, run
+        assert reason in run.err and run.err.count("\n") == 1 and "Traceback" not in run.err
+    run = await cli(broker, "release", "list", "-o", "json")  # refused before creating anything
+    assert run.code == 1 and "does not exist" in run.err and run.err.count("\n") == 1
+
+
+async def test_tarball_push_equals_directory_push(broker: Broker, tmp_path: Path) -> None:
+    """Pushing a .tar.gz of a pushed directory is 'already present' (same canonical digest)."""
+    assert (await cli(broker, "release", "push", str(HELLO / "2.0.0"))).code == 0
+    tgz = tmp_path / "hello-2.0.0.tar.gz"
+    with tarfile.open(tgz, "w:gz") as tf:
+        tf.add(HELLO / "2.0.0", arcname="hello-2.0.0-root-is-renamed", filter=None)
+    # a tarball whose files sit under a top directory is not a bundle: the manifest is not at root
+    run = await cli(broker, "release", "push", str(tgz))
+    assert run.code == 2 and "no fleetwave.toml at the root" in run.err
+    with tarfile.open(tgz, "w:gz") as tf:
+        tf.add(HELLO / "2.0.0", arcname=".")
+    run = await cli(broker, "release", "push", str(tgz), "-o", "json")
+    assert run.code == 0, run.err
+    assert json.loads(run.out)["status"] == "already present"
+
+
+async def test_cli_without_nats_says_so(tmp_path: Path) -> None:
+    """With no NATS server, list fails with one line saying how to start one."""
+    proc = await asyncio.create_subprocess_exec(
+        str(FLEETWAVE), "--nats", f"nats://127.0.0.1:{free_port()}", "release", "list",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(30):
+        _, err = await proc.communicate()
+    assert proc.returncode == 1
+    assert err.decode().count("\n") == 1 and "cannot reach NATS" in err.decode()
+
+
+async def test_resolve_and_list_api(bus: Bus) -> None:
+    """resolve_release returns the pushed ref; an unknown version names the known ones."""
+    r1 = await push_release(bus, HELLO / "1.0.0")
+    await push_release(bus, HELLO / "2.1.0")
+    assert r1.status == "pushed"
+    ref = await resolve_release(bus, "hello", "1.0.0")
+    assert ref == r1.info.ref
+    assert ref.digest == digest(pack(HELLO / "1.0.0")[0])
+    with pytest.raises(UnknownRelease, match=r"no release hello 9\.9 .*known: 1\.0\.0, 2\.1\.0"):
+        await resolve_release(bus, "hello", "9.9")
+    assert [r.version for r in await list_releases(bus, "hello")] == ["1.0.0", "2.1.0"]
+    assert await list_releases(bus, "nothing") == []
+
+
+async def test_concurrent_pushes_of_one_version_with_different_content(
+    bus: Bus, tmp_path: Path
+) -> None:
+    """Two bundles pushed as one version at once: exactly one wins, the other is refused."""
+    a = copy_bundle("2.0.0", tmp_path / "a")
+    b = copy_bundle("2.0.0", tmp_path / "b")
+    (b / "extra.txt").write_text("b")
+    results = await asyncio.gather(
+        push_release(bus, a), push_release(bus, b), return_exceptions=True
+    )
+    assert sorted(type(r).__name__ for r in results) == ["PushResult", "ReleaseExists"]
+    winner = next(r for r in results if not isinstance(r, BaseException))
+    ref = await resolve_release(bus, "hello", "2.0.0")
+    assert ref.digest == winner.info.digest  # type: ignore[union-attr]
+    stored = await bus.obj_get(subjects.releases_store(FLEET), "hello/2.0.0")
+    assert stored is not None and digest(stored) == ref.digest
+
+
+# -- the agent cache against the real object store -------------------------------------------------
+
+
+async def test_cache_fetches_verifies_and_refuses_corrupt_object(
+    bus: Bus, tmp_path: Path
+) -> None:
+    """ensure() fetches and unpacks a pushed release once; a corrupted object is refused by digest,
+    and pushing the same bundle again repairs it."""
+    r1 = await push_release(bus, HELLO / "1.0.0")
+    r2 = await push_release(bus, HELLO / "2.0.0")
+    cache = ReleaseCache(tmp_path / "releases")
+    path = await cache.ensure(bus, FLEET, r1.info.ref)
+    assert (path / "app.py").read_bytes() == (HELLO / "1.0.0" / "app.py").read_bytes()
+    assert await cache.ensure(bus, FLEET, r1.info.ref) == path
+    assert cache.fetches == 1
+
+    wrong = pack(HELLO / "2.1.0")[0]
+    await bus.obj_put(subjects.releases_store(FLEET), "hello/2.0.0", wrong)
+    with pytest.raises(ReleaseError, match="refused") as info:
+        await cache.ensure(bus, FLEET, r2.info.ref)
+    assert "expected " + r2.info.digest[:19] in info.value.reason
+    assert cache.path_for(r2.info.ref) is None
+    assert sorted(p.name for p in (tmp_path / "releases").iterdir()) == [path.name]
+
+    repaired = await push_release(bus, HELLO / "2.0.0")
+    assert repaired.status == "repaired"
+    assert (await push_release(bus, HELLO / "2.0.0")).status == "already present"
+    path2 = await cache.ensure(bus, FLEET, r2.info.ref)
+    assert "2.0.0" in (path2 / "fleetwave.toml").read_text()
+
+
+async def test_missing_object_is_unknown_to_resolve(bus: Bus) -> None:
+    """A record whose bundle vanished from the store cannot be resolved; a re-push repairs it."""
+    await push_release(bus, HELLO / "1.0.0")
+    obs = await bus.js.object_store(subjects.releases_store(FLEET))
+    await obs.delete("hello/1.0.0")
+    with pytest.raises(UnknownRelease, match="missing from the store"):
+        await resolve_release(bus, "hello", "1.0.0")
+    assert (await push_release(bus, HELLO / "1.0.0")).status == "repaired"
+    assert (await resolve_release(bus, "hello", "1.0.0")).version == "1.0.0"
+
+
+async def test_push_of_other_content_is_refused_by_the_api(bus: Bus, tmp_path: Path) -> None:
+    """push_release raises ReleaseExists for a known version with other content."""
+    await push_release(bus, HELLO / "1.0.0")
+    changed = copy_bundle("1.0.0", tmp_path / "c")
+    (changed / "more.txt").write_text("x")
+    with pytest.raises(ReleaseExists, match="bump the version"):
+        await push_release(bus, changed)
+
+
+# -- the example service as a real process -------------------------------------------------------
+
+
+@dataclass
+class App:
+    proc: asyncio.subprocess.Process
+    port: int
+
+
+@pytest.fixture
+async def start_app() -> AsyncIterator[object]:
+    apps: list[App] = []
+
+    async def start(version: str = "1.0.0", **env: str) -> App:
+        port = free_port()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "app.py", cwd=HELLO / version,
+            env={**os.environ, "PORT": str(port), "FLEETWAVE_VERSION": version,
+                 "FLEETWAVE_NODE": "node-7", "FLEETWAVE_SLOT": "b", **env},
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )
+        app = App(proc, port)
+        apps.append(app)
+        async with asyncio.timeout(10):
+            while True:
+                try:
+                    status, _, _ = await http(port, "GET", "/healthz")
+                    if status in (200, 503):
+                        return app
+                except OSError:
+                    if proc.returncode is not None:
+                        raise AssertionError(f"app exited with {proc.returncode}") from None
+                    await asyncio.sleep(0.02)
+
+    yield start
+    for app in apps:
+        if app.proc.returncode is None:
+            app.proc.kill()
+        await app.proc.wait()
+
+
+async def http(port: int, method: str, path: str, body: bytes = b"") -> tuple[int, dict[str, str],
+                                                                               bytes]:
+    """One HTTP/1.1 request on a new connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        return await exchange(reader, writer, method, path, body)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, method: str, path: str,
+    body: bytes = b"",
+) -> tuple[int, dict[str, str], bytes]:
+    writer.write(
+        f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    await writer.drain()
+    async with asyncio.timeout(10):
+        status_line = await reader.readline()
+        headers: dict[str, str] = {}
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            k, _, v = line.decode().partition(":")
+            headers[k.strip().lower()] = v.strip()
+        data = b""
+        if method != "HEAD":
+            data = await reader.readexactly(int(headers.get("content-length", "0")))
+    return int(status_line.split()[1]), headers, data
+
+
+async def test_app_answers_with_identity_and_keeps_connections_alive(start_app: object) -> None:
+    """GET / is JSON with version, node and slot; two requests share one keep-alive connection."""
+    app = await start_app()  # type: ignore[operator]
+    reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
+    try:
+        s1, h1, b1 = await exchange(reader, writer, "GET", "/")
+        s2, _, b2 = await exchange(reader, writer, "GET", "/healthz")
+        s3, _, b3 = await exchange(reader, writer, "POST", "/echo", b"ping")
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    assert (s1, s2, s3) == (200, 200, 200)
+    doc = json.loads(b1)
+    assert doc["version"] == "1.0.0" and doc["node"] == "node-7" and doc["slot"] == "b"
+    assert doc["greeting"] == "hello"  # GREETING comes from the manifest env, unset here
+    assert h1["content-type"] == "application/json"
+    assert b2 == b"ok\n" and b3 == b"ping"
+    assert (await http(app.port, "GET", "/nope"))[0] == 404
+
+
+async def test_error_rate_knob_fails_exactly_that_share(start_app: object) -> None:
+    """ERROR_RATE=0.5 answers exactly every other GET / with 500; health still passes."""
+    app = await start_app(ERROR_RATE="0.5")  # type: ignore[operator]
+    statuses = [(await http(app.port, "GET", "/"))[0] for _ in range(20)]
+    assert statuses == [200, 500] * 10
+    assert (await http(app.port, "GET", "/healthz"))[0] == 200
+
+
+async def test_health_fail_and_latency_knobs(start_app: object) -> None:
+    """HEALTH_FAIL=1 makes /healthz 503; EXTRA_LATENCY_MS delays GET / by at least that much."""
+    app = await start_app(HEALTH_FAIL="1", EXTRA_LATENCY_MS="150")  # type: ignore[operator]
+    assert (await http(app.port, "GET", "/healthz"))[0] == 503
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    assert (await http(app.port, "GET", "/"))[0] == 200
+    assert loop.time() - t0 >= 0.15  # a lower bound: the knob works (not a speed assertion)
+
+
+async def test_crash_after_exits_with_status_3(start_app: object) -> None:
+    """CRASH_AFTER_S makes the process exit with status 3 after that many seconds."""
+    app = await start_app(CRASH_AFTER_S="0.5")  # type: ignore[operator]
+    async with asyncio.timeout(10):
+        assert await app.proc.wait() == 3
+
+
+async def test_sigterm_finishes_in_flight_request_then_exits_0(start_app: object) -> None:
+    """On SIGTERM a request in flight is answered (with Connection: close), then exit 0."""
+    app = await start_app(EXTRA_LATENCY_MS="500")  # type: ignore[operator]
+    reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
+    idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", app.port)
+    try:
+        assert (await exchange(reader, writer, "GET", "/healthz"))[0] == 200
+        assert (await exchange(idle_reader, idle_writer, "GET", "/healthz"))[0] == 200
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        app.proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(10):
+            status_line = await reader.readline()
+            rest = await reader.read()  # until the server closes the connection
+            idle_eof = await idle_reader.read()  # the idle keep-alive connection is closed
+            code = await app.proc.wait()
+    finally:
+        for w in (writer, idle_writer):
+            w.close()
+    assert status_line.startswith(b"HTTP/1.1 200")
+    assert b"connection: close" in rest.lower() and b'"version": "1.0.0"' in rest
+    assert idle_eof == b""
+    assert code == 0
+
+
+def test_app_is_identical_in_every_version_and_bundles_are_valid() -> None:
+    """Every example version carries the same app.py and packs into a valid bundle."""
+    versions = sorted(p.name for p in HELLO.iterdir() if p.is_dir())
+    assert versions == ["1.0.0", "2.0.0", "2.1.0", "2.2.0", "2.3.0"]
+    apps = {(HELLO / v / "app.py").read_bytes() for v in versions}
+    assert len(apps) == 1
+    for v in versions:
+        _, manifest = pack(HELLO / v)
+        assert (manifest.name, manifest.version, manifest.port) == ("hello", v, 8080)
+        assert manifest.health.http == "/healthz" and manifest.health.interval == 0.2
+        assert manifest.health.start_timeout == 10 and manifest.stop.drain == 0.5
+    assert pack(HELLO / "2.1.0")[1].env["HEALTH_FAIL"] == "1"
+    assert pack(HELLO / "2.2.0")[1].env["ERROR_RATE"] == "0.5"
+    assert pack(HELLO / "2.3.0")[1].env["EXTRA_LATENCY_MS"] == "200"
