@@ -27,6 +27,7 @@ from pathlib import Path
 from types import TracebackType
 
 import msgspec
+import psutil
 
 from coordinator.broker import Broker
 from coordinator.errors import BrokerError, FleetwaveError, UsageError
@@ -115,6 +116,36 @@ class Child:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+
+def reap_leftovers(directory: Path, *, exclude: set[int | None], timeout: float = 5.0) -> int:
+    """Stop every process still working under ``directory``: services and routers.
+
+    By design they outlive their agent (a restarted agent adopts them), so stopping the agents
+    leaves them running; a throwaway dev fleet must not. A process belongs to the fleet when its
+    working directory or one of its arguments lies under ``directory``. SIGTERM, then SIGKILL
+    after ``timeout``; returns how many there were.
+    """
+    root = str(directory)
+    me = psutil.Process()
+    spared = {me.pid, *exclude, *(p.pid for p in me.parents())}  # never our own callers
+    found: list[psutil.Process] = []
+    for proc in psutil.process_iter(["pid", "cwd", "cmdline"]):
+        if proc.pid in spared:
+            continue
+        cwd = proc.info.get("cwd") or ""
+        argv = proc.info.get("cmdline") or []
+        if cwd.startswith(root) or any(root in arg for arg in argv):
+            found.append(proc)
+    for proc in found:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(found, timeout=timeout)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=timeout)
+    return len(found)
 
 
 def python_module(module: str, *args: str) -> list[str]:
@@ -218,6 +249,7 @@ class DevFleet:
                 await asyncio.gather(
                     *(c.stop() for c in [*self.agents, self.coordinator]), return_exceptions=True
                 )
+                await asyncio.to_thread(reap_leftovers, self.dir, exclude={self.broker.pid})
             finally:
                 await self.broker.stop()
 
