@@ -137,6 +137,25 @@ class Traffic:
             r.failures.append(reason)
 
 
+async def probe_version(host: str, port: int, path: str = "/") -> str:
+    """One GET on a fresh connection: the version named in the answer, or why there is none."""
+    try:
+        async with asyncio.timeout(REQUEST_TIMEOUT):
+            conn = await asyncio.open_connection(host, port)
+            try:
+                status, body, _ = await _get(conn, host, path, keep_alive=False)
+            finally:
+                _close(conn)
+    except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
+        return f"<{type(exc).__name__}>"
+    if status >= 500:
+        return f"<{status}>"
+    try:
+        return str(json.loads(body).get("version", "?"))
+    except (ValueError, AttributeError):
+        return "<not json>"
+
+
 async def _get(
     conn: tuple[asyncio.StreamReader, asyncio.StreamWriter], host: str, path: str, keep_alive: bool
 ) -> tuple[int, bytes, bool]:

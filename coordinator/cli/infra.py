@@ -48,3 +48,16 @@ async def _run_broker(port: int, host: str, store_dir: Path) -> int:
     code = waiter.result()
     click.echo(f"broker exited with status {code}", err=True)
     return 1 if code else 0
+
+
+@cli.command()
+@click.option(
+    "--examples", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+    help="Folder with the example hello bundles (default: deploy/examples/hello of this checkout).",
+)
+@click.option("--keep", is_flag=True, help="Keep the fleet's directory and logs afterwards.")
+def demo(examples: Path | None, keep: bool) -> int:
+    """A scripted tour on a throwaway fleet: install, roll, and an automatic rollback."""
+    from coordinator.demo import examples_dir, run_demo
+
+    return asyncio.run(run_demo(examples_dir(examples), keep_dir=keep))
