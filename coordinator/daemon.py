@@ -30,11 +30,15 @@ from typing import Any, TypeVar
 
 from coordinator.api import Api
 from coordinator.fleet import Fleet, Transition
+from coordinator.releases import resolve_release
+from coordinator.rollouts_api import RolloutsApi
+from coordinator.runner import Runner
 from protocol import subjects
 from protocol.bus import Bus
 from protocol.codec import decode, encode
 from protocol.errors import BusError, ProtocolError
 from protocol.messages import Event, Heartbeat, NodeInfo, NodesRequest, NodeView
+from protocol.signing import generate_seed, public_key
 
 log = logging.getLogger("fleetwave.coordinator")
 
@@ -59,7 +63,8 @@ class Coordinator:
     """One coordinator for one fleet; owns its bus connection and every task it starts."""
 
     def __init__(
-        self, nats_url: str, fleet: str, *, clock: Callable[[], float] = time.time
+        self, nats_url: str, fleet: str, *, clock: Callable[[], float] = time.time,
+        seed: bytes | None = None,
     ) -> None:
         self.nats_url = nats_url
         self.fleet_name = fleet
@@ -72,6 +77,11 @@ class Coordinator:
         self._clock = clock
         self._events: asyncio.Queue[Event] = asyncio.Queue(EVENT_QUEUE)
         self._complained: set[tuple[str, str]] = set()
+        # The key that signs desired states; without a key file (tests) a throwaway one, which
+        # agents trust only if told its public key (API verb ``key``).
+        self.seed = seed if seed is not None else generate_seed()
+        self.public_key = public_key(self.seed)
+        self.runner: Runner | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set."""
@@ -93,11 +103,15 @@ class Coordinator:
                     tg.create_task(self._tick_loop(), name="tick"),
                     tg.create_task(self._publish_loop(bus), name="events"),
                 ]
+                if self.runner is not None:
+                    tasks.append(tg.create_task(self.runner.run(), name="rollouts"))
                 self.ready.set()
                 log.info(
                     "coordinator of fleet %r ready on %s (%d known nodes)",
                     self.fleet_name, self.nats_url, len(self.table.nodes),
                 )
+                log.info("signing key %s: start agents with --trust-key %s",
+                         self.public_key, self.public_key)
                 await stop.wait()
                 for t in tasks:
                     t.cancel()
@@ -120,6 +134,11 @@ class Coordinator:
                 await asyncio.sleep(delay)
         await bus.subscribe(subjects.heartbeats(f), self._on_heartbeat)
         await bus.subscribe(subjects.register(f), self._on_register)
+        self.runner = Runner(bus, seed=self.seed, nodes=self.table.view, clock=self._clock)
+        RolloutsApi(
+            self.runner, public_key=self.public_key,
+            resolve=lambda service, version: resolve_release(bus, service, version),
+        ).register(self.api)
         await bus.serve(SERVICE_NAME, _version(), self.api.endpoints(f))
         return True
 
@@ -219,7 +238,11 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m coordinator.daemon [--nats URL] [--fleet NAME]``: same as the CLI command."""
     from coordinator.cli import main as cli_main
 
-    cli_main([*(sys.argv[1:] if argv is None else argv), "coordinator"])
+    args = list(sys.argv[1:] if argv is None else argv)
+    # Options of the 'coordinator' command itself (--key-file) follow the word 'coordinator'.
+    has_command = any(a == "coordinator" and (i == 0 or args[i - 1] not in ("--nats", "--fleet"))
+                      for i, a in enumerate(args))
+    cli_main(args if has_command else [*args, "coordinator"])
 
 
 if __name__ == "__main__":

@@ -402,3 +402,7 @@ class RollbackRequest(msgspec.Struct, kw_only=True):
 class ListRolloutsRequest(msgspec.Struct, kw_only=True):
     service: str = ""
     limit: int = 50
+
+
+class KeyRequest(msgspec.Struct, kw_only=True):
+    """``key``: the coordinator's public signing key (what agents pass as ``--trust-key``)."""

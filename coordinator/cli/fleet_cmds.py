@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import click
@@ -19,6 +20,7 @@ from coordinator.cli import client
 from coordinator.cli.base import Ctx, cli, output_option
 from coordinator.daemon import Coordinator
 from coordinator.fleet import parse_selector
+from coordinator.runner import coordinator_seed
 from protocol.codec import to_builtins
 from protocol.errors import ProtocolError
 from protocol.messages import NodesRequest, NodeView
@@ -26,18 +28,25 @@ from protocol.messages import NodesRequest, NodeView
 
 @cli.command()
 @click.option("-v", "--verbose", is_flag=True, help="Log debug details.")
+@click.option(
+    "--key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    envvar="FLEETWAVE_KEY_FILE",
+    help="Signing key (nkeys seed) for desired states; created 0600 if missing "
+    "[default: fleetwave-data/coordinator/coordinator.seed].",
+)
 @click.pass_obj
-def coordinator(ctx: Ctx, verbose: bool) -> int:
+def coordinator(ctx: Ctx, verbose: bool, key_file: Path | None) -> int:
     """Run the coordinator daemon in the foreground (SIGTERM or Ctrl-C stops it)."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s fleetwave-coordinator %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    return asyncio.run(_run_coordinator(ctx))
+    seed = coordinator_seed(key_file or Path("fleetwave-data/coordinator/coordinator.seed"))
+    return asyncio.run(_run_coordinator(ctx, seed))
 
 
-async def _run_coordinator(ctx: Ctx) -> int:
+async def _run_coordinator(ctx: Ctx, seed: bytes) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -45,7 +54,7 @@ async def _run_coordinator(ctx: Ctx) -> int:
     logging.getLogger("fleetwave.coordinator").info(
         "connecting to %s for fleet %r", ctx.nats_url, ctx.fleet
     )
-    await Coordinator(ctx.nats_url, ctx.fleet).run(stop)
+    await Coordinator(ctx.nats_url, ctx.fleet, seed=seed).run(stop)
     return 0
 
 
