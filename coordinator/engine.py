@@ -31,13 +31,35 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
 from coordinator import gates as gatelib
-from coordinator.errors import FleetwaveError, UsageError
+from coordinator.engine_types import (
+    ACCEPTS,
+    MOVES,
+    VERBS,
+    Abort,
+    Command,
+    EmitEvent,
+    EngineEvent,
+    IllegalTransition,
+    NodeOffline,
+    NodeOnline,
+    ObservedChanged,
+    Pause,
+    Persist,
+    Promote,
+    Resume,
+    RollbackRequested,
+    Start,
+    Tick,
+    WriteDesired,
+    converged,
+    mode,
+)
+from coordinator.errors import UsageError
 from coordinator.planning import NodeLike, max_unavailable, plan
 from coordinator.strategies import (
     forward_target,
@@ -59,143 +81,13 @@ from protocol.messages import (
     WaveRecord,
 )
 
-# -- events ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Start:
-    """Begin the first wave."""
-
-
-@dataclass(frozen=True)
-class ObservedChanged:
-    """A node's agent reported its observed state for the rollout's service."""
-
-    node: str
-    observed: ObservedState
-
-
-@dataclass(frozen=True)
-class NodeOffline:
-    """The node missed its heartbeats."""
-
-    node: str
-
-
-@dataclass(frozen=True)
-class NodeOnline:
-    """The node beats again."""
-
-    node: str
-
-
-@dataclass(frozen=True)
-class Tick:
-    """Time passed: deadlines and bakes may have run out."""
-
-
-@dataclass(frozen=True)
-class Pause:
-    reason: str = "paused by operator"
-
-
-@dataclass(frozen=True)
-class Resume:
-    """Continue a paused rollout; a failed wave retries its failed nodes."""
-
-
-@dataclass(frozen=True)
-class Promote:
-    """Skip the current bake and gates (``full``: of every remaining wave too)."""
-
-    full: bool = False
-
-
-@dataclass(frozen=True)
-class Abort:
-    """Stop here: no more writes, nodes stay as they are."""
-
-    reason: str = "aborted by operator"
-
-
-@dataclass(frozen=True)
-class RollbackRequested:
-    reason: str = "rollback requested by operator"
-
-
-EngineEvent = (
-    Start | ObservedChanged | NodeOffline | NodeOnline | Tick | Pause | Resume | Promote | Abort
-    | RollbackRequested
-)
-
-# -- commands --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Persist:
-    """Store the record (always the first command of a step that changed it)."""
-
-    record: RolloutRecord
-
-
-@dataclass(frozen=True)
-class WriteDesired:
-    """Write (sign and put) this desired state unless the stored one has a generation >= it."""
-
-    desired: DesiredState
-
-
-@dataclass(frozen=True)
-class EmitEvent:
-    """Publish a decision with its reason and figures."""
-
-    kind: str
-    message: str
-    node: str = ""
-    data: dict[str, Any] = field(default_factory=dict)
-
-
-Command = Persist | WriteDesired | EmitEvent
-
-
-class IllegalTransition(FleetwaveError):
-    """The rollout's state does not accept this request; nothing was changed."""
-
-
-# -- the state machine, as data --------------------------------------------------------------------
-
-_WATCH: frozenset[type] = frozenset({ObservedChanged, NodeOffline, NodeOnline, Tick})
-ACCEPTS: dict[str, frozenset[type]] = {
-    "pending": _WATCH | {Start, Abort},
-    "running": _WATCH | {Pause, Promote, Abort, RollbackRequested},
-    "rolling_back": _WATCH | {Abort},
-    "paused": _WATCH | {Resume, Promote, Abort, RollbackRequested},
-    "succeeded": frozenset(),
-    "rolled_back": frozenset(),
-    "failed": frozenset(),
-    "aborted": frozenset(),
-}
-MOVES: dict[str, frozenset[str]] = {
-    "pending": frozenset({"running", "aborted"}),
-    "running": frozenset({"paused", "succeeded", "rolled_back", "failed", "aborted"}),
-    "paused": frozenset({"running", "aborted"}),
-    "succeeded": frozenset(),
-    "rolled_back": frozenset(),
-    "failed": frozenset(),
-    "aborted": frozenset(),
-}
-_VERBS: dict[type, str] = {
-    Start: "start", Pause: "pause", Resume: "resume", Promote: "promote", Abort: "abort",
-    RollbackRequested: "roll back", ObservedChanged: "observe", NodeOffline: "observe",
-    NodeOnline: "observe", Tick: "tick",
-}
-
-
-def mode(record: RolloutRecord) -> str:
-    """The key into ACCEPTS: the state, or ``rolling_back`` while a rollback runs."""
-    if record.state == "running" and record.phase == "rollback":
-        return "rolling_back"
-    return record.state
+# Everything the runner and the tests import from here, wherever it is defined.
+__all__ = [
+    "ACCEPTS", "MOVES", "Abort", "Command", "EmitEvent", "EngineEvent", "IllegalTransition",
+    "NodeOffline", "NodeOnline", "ObservedChanged", "Pause", "Persist", "Promote", "Resume",
+    "RollbackRequested", "Rollout", "Start", "Step", "Tick", "WriteDesired", "converged", "mode",
+    "new_record",
+]
 
 
 # -- creating a rollout ----------------------------------------------------------------------------
@@ -274,13 +166,13 @@ class Rollout:
         current = mode(self._record)
         if type(event) not in ACCEPTS[current]:
             raise IllegalTransition(
-                f"cannot {_VERBS[type(event)]} rollout {self._record.id}: it is "
+                f"cannot {VERBS[type(event)]} rollout {self._record.id}: it is "
                 f"{current.replace('_', ' ')}"
                 + (f" ({self._record.reason})" if self._record.reason else "")
             )
         work = msgspec.msgpack.decode(self._encoded, type=RolloutRecord)
         observed = dict(self._observed)
-        step = _Step(self.fleet, work, observed, now)
+        step = Step(self.fleet, work, observed, now)
         step.apply(event)
         step.advance()
         commands: list[Command] = list(step.commands)
@@ -295,7 +187,7 @@ class Rollout:
         return commands
 
 
-class _Step:
+class Step:
     """The working state of one ``handle`` call: a copy of the record, and the commands so far."""
 
     def __init__(
@@ -697,19 +589,3 @@ class _Step:
                         + f") after: {r.reason}")
         else:
             self.finish("rolled_back", r.reason)
-
-
-def converged(seen: ObservedState, target: DesiredState) -> bool:
-    """Whether a node has converged on ``target``: generation reached, traffic slots healthy and
-    the weights applied as asked."""
-    if seen.observed_generation < target.generation or seen.phase == "failed":
-        return False
-    for slot, weight in target.weights.items():
-        status = seen.slots.get(slot)
-        if weight > 0 and (status is None or status.status != "healthy"):
-            return False
-    return _positive(seen.weights) == _positive(target.weights)
-
-
-def _positive(weights: Mapping[str, int]) -> dict[str, int]:
-    return {s: w for s, w in weights.items() if w > 0}
