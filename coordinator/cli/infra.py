@@ -27,12 +27,16 @@ def broker(port: int, host: str, store_dir: Path) -> int:
 
 async def _run_broker(port: int, host: str, store_dir: Path) -> int:
     b = Broker(port=port, host=host, store_dir=store_dir)
-    await b.start()
-    click.echo(f"broker ready on {b.url} (JetStream in {b.store_dir}); Ctrl-C to stop", err=True)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
+    try:
+        await b.start()
+    except BaseException:
+        await b.stop()
+        raise
+    click.echo(f"broker ready on {b.url} (JetStream in {b.store_dir}); Ctrl-C to stop", err=True)
     waiter = asyncio.create_task(b.wait())
     stopper = asyncio.create_task(stopping.wait())
     try:

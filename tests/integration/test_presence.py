@@ -45,7 +45,7 @@ async def test_three_agents_come_online_with_their_labels(broker: Broker, tmp_pa
     agents = [spawn_agent(broker.url, n, tmp_path, labels=LABELS[n]) for n in NODES]
     async with reaping(spawn_coordinator(broker.url, tmp_path), *agents):
         rows = await wait_until(
-            lambda: nodes_json(broker.url), lambda r: online(r, NODES), timeout=15,
+            lambda: nodes_json(broker.url), lambda r: online(r, NODES), timeout=30,
             what="three nodes online",
         )
         for n in NODES:
@@ -96,16 +96,17 @@ async def test_agents_reconnect_after_the_broker_restarts(broker: Broker, tmp_pa
     coordinator = spawn_coordinator(broker.url, tmp_path)
     async with reaping(coordinator, *agents):
         await wait_until(lambda: nodes_json(broker.url), lambda r: online(r, NODES),
-                         timeout=15, what="three nodes online")
+                         timeout=30, what="three nodes online")
         await broker.kill()
         await asyncio.sleep(3 * HEARTBEAT + 0.5)  # an outage longer than the offline deadline
         await broker.start()
         await wait_until(lambda: nodes_json(broker.url), lambda r: online(r, NODES),
-                         timeout=15, what="three nodes online again after the broker restart")
+                         timeout=30, what="three nodes online again after the broker restart")
         assert all(a.running for a in agents) and coordinator.running
-    for n in NODES:
-        log = await read_text(tmp_path / "logs" / f"{n}.log")
-        assert "registration 2" in log, f"{n} did not register again after reconnecting:\n{log}"
+        for n in NODES:  # registration follows the reconnect, perhaps after a heartbeat or two
+            await wait_until(lambda n=n: read_text(tmp_path / "logs" / f"{n}.log"),
+                             lambda log: "registration 2" in log, timeout=30,
+                             what=f"{n} to register again after reconnecting")
 
 
 async def test_agent_waits_for_the_coordinator_to_create_the_buckets(
@@ -120,10 +121,10 @@ async def test_agent_waits_for_the_coordinator_to_create_the_buckets(
         assert agent.running
         async with reaping(spawn_coordinator(broker.url, tmp_path)):
             rows = await wait_until(lambda: nodes_json(broker.url), lambda r: online(r, ["early"]),
-                                    timeout=15, what="the early agent online")
+                                    timeout=30, what="the early agent online")
             assert rows["early"]["labels"] == {"zone": "a"}
             await wait_until(lambda: read_text(log), lambda t: "registered node early" in t,
-                             timeout=15, what="the agent to register")
+                             timeout=30, what="the agent to register")
 
 
 async def test_restarted_coordinator_knows_offline_nodes(broker: Broker, tmp_path: Path) -> None:
@@ -131,10 +132,10 @@ async def test_restarted_coordinator_knows_offline_nodes(broker: Broker, tmp_pat
     agent = spawn_agent(broker.url, "gone", tmp_path, labels={"zone": "b"})
     async with reaping(spawn_coordinator(broker.url, tmp_path), agent):
         await wait_until(lambda: nodes_json(broker.url), lambda r: online(r, ["gone"]),
-                         timeout=15, what="the agent online")
+                         timeout=30, what="the agent online")
     async with reaping(spawn_coordinator(broker.url, tmp_path)):
         rows = await wait_until(lambda: nodes_json(broker.url), lambda r: "gone" in r,
-                                timeout=15, what="the new coordinator to answer")
+                                timeout=30, what="the new coordinator to answer")
         assert rows["gone"]["online"] is False and rows["gone"]["labels"] == {"zone": "b"}
 
 
@@ -146,7 +147,7 @@ async def test_malformed_messages_do_not_crash_the_coordinator(
     async with reaping(coordinator):
         bus = await Bus.connect(broker.url, "default")
         try:
-            await wait_until(lambda: nodes_json(broker.url), lambda r: r == {}, timeout=15,
+            await wait_until(lambda: nodes_json(broker.url), lambda r: r == {}, timeout=30,
                              what="the coordinator to answer")
             f = "default"
             await bus.publish(subjects.heartbeat(f, "x"), b"\xff not json")
@@ -189,7 +190,7 @@ async def test_auth_example_confines_an_agent_to_its_own_keys(tmp_path: Path) ->
                          what="the auth example server to accept clients")
         async with reaping(spawn_coordinator(url("coordinator"), tmp_path), agent):
             rows = await wait_until(lambda: nodes_json(url("operator")),
-                                    lambda r: online(r, ["node-1"]), timeout=15,
+                                    lambda r: online(r, ["node-1"]), timeout=30,
                                     what="node-1 online through the auth example")
             assert rows["node-1"]["labels"] == {"zone": "a"}
             bus = await Bus.connect(url("node-1"), "default")
@@ -258,7 +259,7 @@ async def test_lame_duck_moves_clients_to_another_server(tmp_path: Path) -> None
             assert here is not None
             leaving = ports.index(here)
             servers[leaving].signal(signal.SIGUSR2)
-            await wait_until(lambda: _at(bus), lambda p: p == ports[1 - leaving], timeout=15,
+            await wait_until(lambda: _at(bus), lambda p: p == ports[1 - leaving], timeout=30,
                              what="the bus to move to the other server")
             assert bus.lame_ducks == 1
         finally:
