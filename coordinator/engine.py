@@ -62,22 +62,28 @@ from coordinator.engine_types import (
 from coordinator.errors import UsageError
 from coordinator.planning import NodeLike, max_unavailable, plan
 from coordinator.strategies import (
+    WaveKind,
+    blue_green,
     forward_target,
     idle_slot,
     restore_target,
     retire_target,
     runs,
     serving_slot,
+    shadow,
+    wave_kind,
 )
 from protocol.durations import format_duration
 from protocol.messages import (
     TERMINAL_STATES,
     DesiredState,
+    Gates,
     NodeProgress,
     ObservedState,
     ReleaseRef,
     RolloutRecord,
     RolloutSpec,
+    RouterStats,
     WaveRecord,
 )
 
@@ -220,6 +226,9 @@ class Step:
         p.target = desired
         self.commands.append(WriteDesired(desired))
 
+    def kind(self, wave: WaveRecord) -> WaveKind:
+        return wave_kind(self.spec, wave.index)
+
     def unavailable(self) -> set[str]:
         return {
             n for n, p in self.r.nodes.items()
@@ -286,6 +295,7 @@ class Step:
         version = seen.slots[serving].version if serving in seen.slots else p.version
         if (p.healthy, p.version) != (healthy, version):
             p.healthy, p.version = healthy, version
+        blue_green.note(self, p, seen)
 
     # -- operator requests -------------------------------------------------------------------------
 
@@ -344,7 +354,8 @@ class Step:
             if wave.state != "passed":
                 return
             if r.current_wave + 1 >= len(r.waves):
-                self.succeed()
+                if not blue_green.keep_warm(self):
+                    self.succeed()
                 return
             r.current_wave += 1
 
@@ -355,8 +366,15 @@ class Step:
         for n in wave.nodes:
             p = self.r.nodes[n]
             p.wave, p.state, p.reason = wave.index, "waiting", ""
+        kind = self.kind(wave)
+        if kind in ("stage", "shadow"):
+            # The previous wave's traffic window starts here (blue_green.start_switch uses it).
+            wave.baseline = self.snapshot()
         self.emit("wave.started", f"wave {wave.index}: {len(wave.nodes)} nodes at weight "
-                  f"{wave.weight}%", wave=wave.index, nodes=wave.nodes, weight=wave.weight)
+                  f"{wave.weight}%" + (f" ({kind})" if kind else ""), wave=wave.index,
+                  nodes=wave.nodes, weight=wave.weight, wave_kind=kind)
+        if kind == "switch":
+            blue_green.start_switch(self, wave.index)
 
     def start_node(self, p: NodeProgress, wave: WaveRecord) -> None:
         if not p.slot:
@@ -365,6 +383,7 @@ class Step:
             p.previous, fleet=self.fleet, node=p.node, release=self.r.release, slot=p.slot,
             weight=wave.weight, generation=self.next_generation(p), rollout=self.r.id,
             now=self.now,
+            mirror=shadow.mirror_spec(self.spec, p.slot) if self.kind(wave) == "shadow" else None,
         )
         p.state = "updating"
         self.write(p, desired)
@@ -383,17 +402,22 @@ class Step:
             if p.state == "updating":
                 self.check_node(p)
         unavailable = self.unavailable()
+        # Staging at weight 0 and switching to a staged healthy slot stop no node from serving,
+        # so only ordinary waves are bounded by max-unavailable.
+        kind = self.kind(wave)
+        capped = kind == ""
         blocked: list[str] = []
         for n in wave.nodes:
             p = r.nodes[n]
             if p.state != "waiting":
                 continue
-            if p.target is None and wave.weight == 100 and runs(p.previous, r.release):
+            if (p.target is None and (wave.weight == 100 or kind in ("stage", "shadow"))
+                    and runs(p.previous, r.release)):
                 p.state = "done"
                 self.emit("node.done", f"{n}: already runs {r.release.version}", n)
             elif not p.online:
                 self.fail_node(p, "node is offline")
-            elif len(unavailable) + (n not in unavailable) <= self.cap:
+            elif not capped or len(unavailable) + (n not in unavailable) <= self.cap:
                 self.start_node(p, wave)
                 unavailable.add(n)
             else:
@@ -424,6 +448,8 @@ class Step:
         if all(r.nodes[n].state == "done" for n in wave.nodes):
             self.emit("wave.converged", f"wave {wave.index}: all {len(wave.nodes)} nodes "
                       "converged", wave=wave.index)
+            if kind == "switch":
+                blue_green.switched(self, wave.index)
             self.start_bake(wave)
 
     def check_node(self, p: NodeProgress) -> None:
@@ -432,16 +458,26 @@ class Step:
             self.fail_node(p, "node went offline")
         elif seen is not None and seen.generation >= p.generation and seen.phase == "failed":
             self.fail_node(p, f"agent reports failure: {seen.error or 'no reason given'}")
-        elif seen is not None and p.target is not None and converged(seen, p.target):
+        elif (seen is not None and p.target is not None and converged(seen, p.target)
+              and (s := seen.slots.get(p.slot)) is not None and s.status == "healthy"):
+            # Converged says the traffic slots are healthy; a staged slot (weight 0) must be too.
             p.state = "done"
             self.emit("node.done", f"{p.node}: converged on generation {p.generation}", p.node,
                       generation=p.generation)
 
+    def snapshot(self) -> dict[str, RouterStats]:
+        return {n: o.router for n, o in self.obs.items()
+                if n in self.r.nodes and o.router is not None}
+
     def start_bake(self, wave: WaveRecord) -> None:
         wave.state = "baking"
+        if self.kind(wave) == "stage":
+            # Staged slots carry no traffic, so there is nothing to bake: only --min-healthy
+            # is judged, now; the baseline taken at the wave's start is kept for the switch.
+            wave.bake_until = self.now
+            return
         wave.bake_until = self.now + self.spec.bake
-        wave.baseline = {n: o.router for n, o in self.obs.items()
-                         if n in self.r.nodes and o.router is not None}
+        wave.baseline = self.snapshot()
         if self.spec.bake:
             self.emit("wave.baking", f"wave {wave.index}: baking for "
                       f"{format_duration(self.spec.bake)}", wave=wave.index)
@@ -496,6 +532,12 @@ class Step:
             self.pause(f"wave {wave.index} gates inconclusive: {verdict.reason}")
 
     def verdict(self, wave: WaveRecord) -> gatelib.Verdict:
+        kind = self.kind(wave)
+        if kind == "shadow":
+            return shadow.verdict(self, wave)
+        gates = self.spec.gates
+        if kind == "stage":
+            gates = Gates(min_healthy=gates.min_healthy)
         new, old, mirror = [], [], []
         healthy = 0
         for n, p in self.r.nodes.items():
@@ -511,18 +553,26 @@ class Step:
             mirror.append(gatelib.mirror_window(start, end))
             slot = seen.slots.get(p.slot) if seen is not None else None
             healthy += slot is not None and slot.status == "healthy"
+        if kind == "switch":
+            old = [blue_green.old_window(self)]  # after the switch the old slots get no traffic
         fig = gatelib.figures(len(wave.nodes), healthy, new, old, mirror)
-        return gatelib.evaluate(self.spec.gates, fig)
+        return gatelib.evaluate(gates, fig)
 
     def on_failure(self, wave: WaveRecord, reason: str) -> None:
         self.emit("wave.failed", reason, wave=wave.index)
-        if self.spec.on_failure == "pause":
+        # A failed stage or shadow ends the rollout: nothing serves the new release yet, so
+        # there is nothing to hold for an operator, and staged slots would only burn resources.
+        if self.spec.on_failure == "pause" and self.kind(wave) not in ("stage", "shadow"):
             self.pause(reason)
         else:
             self.start_rollback(reason)
 
     def succeed(self) -> None:
         r = self.r
+        if self.kind(r.waves[-1]) == "shadow":
+            shadow.retire(self)  # a shadow without --then: report, and back to how it was
+            self.finish("succeeded", "")
+            return
         for p in r.nodes.values():
             if p.target is not None and len(p.target.slots) > 1:
                 self.write(p, retire_target(p.target, slot=p.slot,
@@ -551,14 +601,22 @@ class Step:
                 p.state = "waiting"  # never written to, so still on its previous version
         self.emit("rollout.rolling_back", f"rolling back {len(touched)} nodes: {reason}",
                   reason=reason, nodes=touched)
+        switching = any(self.kind(w) == "switch" for w in r.waves)
         for n in touched:
             p = r.nodes[n]
             p.state, p.reason = "rolling_back", ""
-            self.write(p, restore_target(
-                p.previous, fleet=self.fleet, node=n, service=self.spec.service,
-                generation=self.next_generation(p), rollout=r.id, now=self.now,
-            ))
+            back = blue_green.rollback_target(self, p) if switching else None
+            self.write(p, back or self.restore(p))
+        if "switch_back" in r.report:
+            self.emit("bluegreen.switching_back", "switching every node back to the old slots",
+                      at=self.now)
         self.advance_rollback()
+
+    def restore(self, p: NodeProgress) -> DesiredState:
+        return restore_target(
+            p.previous, fleet=self.fleet, node=p.node, service=self.spec.service,
+            generation=self.next_generation(p), rollout=self.r.id, now=self.now,
+        )
 
     def advance_rollback(self) -> None:
         r = self.r
@@ -567,7 +625,12 @@ class Step:
             if p.state != "rolling_back" or p.target is None:
                 continue
             seen = self.obs.get(n)
-            if seen is not None and converged(seen, p.target):
+            previous = dict(p.previous.slots) if p.previous is not None else {}
+            if seen is not None and converged(seen, p.target) and dict(p.target.slots) != previous:
+                # Switched back with both slots kept: now retire the new one.
+                self.write(p, self.restore(p))
+                pending.append(p)
+            elif seen is not None and converged(seen, p.target):
                 p.state = "rolled_back"
                 self.emit("node.rolled_back", f"{n}: back on generation {p.generation}", n)
             elif seen is not None and seen.generation >= p.generation and seen.phase == "failed":
@@ -580,6 +643,7 @@ class Step:
                 self.fail_node(p, f"did not converge back within {limit}"
                                   + ("" if p.online else " (offline)"))
             pending = []
+        blue_green.switched_back(self)
         if pending:
             return
         failed = sorted(n for n, p in r.nodes.items() if p.state == "failed")

@@ -253,3 +253,153 @@ def _thresholds(gates: Gates) -> dict[str, Any]:
         "max_p99_ratio": gates.max_p99_ratio, "max_mismatch_rate": gates.max_mismatch_rate,
         "min_requests": gates.min_requests,
     }
+
+
+# -- shadow ----------------------------------------------------------------------------------------
+# A shadow slot gets no live traffic, so its gates read the router's mirror counters instead: of
+# the requests copied to the shadow, how many were compared with the live answer, how many
+# differed, how many the shadow answered with an error, and both sides' latency histograms.
+
+
+@dataclass(frozen=True)
+class ShadowWindow:
+    """Mirror counters of one router (or a sum of routers) inside the bake window."""
+
+    mirrored: int = 0
+    compared: int = 0
+    mismatched: int = 0
+    dropped: int = 0
+    shadow_errors: int = 0
+    shadow_latency: tuple[int, ...] = ()
+    live_latency: tuple[int, ...] = ()
+
+    def __add__(self, other: ShadowWindow) -> ShadowWindow:
+        return ShadowWindow(
+            self.mirrored + other.mirrored, self.compared + other.compared,
+            self.mismatched + other.mismatched, self.dropped + other.dropped,
+            self.shadow_errors + other.shadow_errors,
+            add_histograms(self.shadow_latency, other.shadow_latency),
+            add_histograms(self.live_latency, other.live_latency),
+        )
+
+
+_MIRROR_COUNTERS = ("mirrored", "compared", "mismatched", "dropped", "shadow_errors")
+
+
+def shadow_window(start: RouterStats | None, end: RouterStats | None) -> ShadowWindow:
+    """The mirror traffic between two snapshots of one router (same epoch rule as ``window``)."""
+    if end is None or end.mirror is None:
+        return ShadowWindow()
+    after = end.mirror
+    before = MirrorTraffic()
+    if start is not None and start.epoch == end.epoch and start.mirror is not None:
+        before = start.mirror
+    if any(getattr(after, c) < getattr(before, c) for c in _MIRROR_COUNTERS):
+        before = MirrorTraffic()  # counters went backwards: a restart the epoch did not show
+    return ShadowWindow(
+        after.mirrored - before.mirrored, after.compared - before.compared,
+        after.mismatched - before.mismatched, after.dropped - before.dropped,
+        after.shadow_errors - before.shadow_errors,
+        sub_histograms(after.shadow_latency, before.shadow_latency),
+        sub_histograms(after.live_latency, before.live_latency),
+    )
+
+
+@dataclass(frozen=True)
+class ShadowFigures:
+    """Everything the shadow gates look at: staged-slot health and the summed mirror window."""
+
+    nodes: int
+    healthy: int
+    mirror: ShadowWindow
+
+    @property
+    def healthy_fraction(self) -> float:
+        return self.healthy / self.nodes if self.nodes else 0.0
+
+    @property
+    def mismatch_rate(self) -> float | None:
+        m = self.mirror
+        return m.mismatched / m.compared if m.compared else None
+
+    @property
+    def error_rate(self) -> float | None:
+        """Shadow errors per compared pair (an error answer is compared too)."""
+        m = self.mirror
+        return m.shadow_errors / m.compared if m.compared else None
+
+    @property
+    def p99_shadow(self) -> float | None:
+        return quantile(self.mirror.shadow_latency, 0.99)
+
+    @property
+    def p99_live(self) -> float | None:
+        return quantile(self.mirror.live_latency, 0.99)
+
+    @property
+    def p99_ratio(self) -> float | None:
+        shadow, live = self.p99_shadow, self.p99_live
+        return shadow / live if shadow is not None and live else None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain figures for events, the wave's gates and the rollout report (JSON-safe)."""
+        m = self.mirror
+        return {
+            "nodes": self.nodes, "healthy": self.healthy,
+            "healthy_fraction": round(self.healthy_fraction, 4),
+            "mirrored": m.mirrored, "compared": m.compared, "mismatched": m.mismatched,
+            "dropped": m.dropped, "shadow_errors": m.shadow_errors,
+            "mismatch_rate": _round(self.mismatch_rate), "error_rate": _round(self.error_rate),
+            "p99_shadow_ms": self.p99_shadow, "p99_live_ms": self.p99_live,
+            "p99_ratio": _round(self.p99_ratio),
+        }
+
+
+def evaluate_shadow(gates: Gates, fig: ShadowFigures) -> Verdict:
+    """Apply the gates to a shadow's figures: fail beats inconclusive beats pass.
+
+    Every traffic gate is judged over compared pairs; fewer than ``min_requests`` of them (or none
+    at all while a traffic gate is set) is inconclusive, never a pass.
+    """
+    fails: list[str] = []
+    unsure: list[str] = []
+    m = fig.mirror
+    if gates.min_healthy is not None and fig.healthy_fraction < gates.min_healthy:
+        fails.append(
+            f"shadow slots healthy {fig.healthy}/{fig.nodes} ({fig.healthy_fraction:.0%}) is "
+            f"below min-healthy {gates.min_healthy:.0%}"
+        )
+    traffic = (gates.max_mismatch_rate, gates.max_error_rate, gates.max_p99_ratio)
+    enough = True
+    if gates.min_requests is not None and m.compared < gates.min_requests:
+        unsure.append(f"{m.compared} mirrored requests compared, fewer than min-requests "
+                      f"{gates.min_requests}")
+        enough = False
+    elif any(g is not None for g in traffic) and m.compared == 0:
+        unsure.append("no mirrored request was compared during the bake, so the shadow gates "
+                      "cannot pass")
+        enough = False
+    if enough and gates.max_mismatch_rate is not None:
+        rate = fig.mismatch_rate or 0.0
+        if rate > gates.max_mismatch_rate:
+            fails.append(f"mismatch rate {rate:.2%} ({m.mismatched}/{m.compared}) is above "
+                         f"max-mismatch-rate {gates.max_mismatch_rate:.2%}")
+    if enough and gates.max_error_rate is not None:
+        rate = fig.error_rate or 0.0
+        if rate > gates.max_error_rate:
+            fails.append(f"shadow error rate {rate:.2%} ({m.shadow_errors}/{m.compared}) is "
+                         f"above max-error-rate {gates.max_error_rate:.2%}")
+    if enough and gates.max_p99_ratio is not None:
+        ratio = fig.p99_ratio
+        if ratio is None:
+            unsure.append("no latency of both the shadow and the live answers to compare p99 "
+                          "with")
+        elif ratio > gates.max_p99_ratio:
+            fails.append(f"shadow p99 {fig.p99_shadow}ms vs live {fig.p99_live}ms "
+                         f"(x{ratio:.2f}) is above max-p99-ratio x{gates.max_p99_ratio:g}")
+    data = fig.as_dict() | {"thresholds": _thresholds(gates)}
+    if fails:
+        return Verdict("fail", tuple(fails), data)
+    if unsure:
+        return Verdict("inconclusive", tuple(unsure), data)
+    return Verdict("pass", (), data)

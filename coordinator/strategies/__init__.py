@@ -8,12 +8,16 @@ its old slot.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
 
 from coordinator.errors import UsageError
 from coordinator.planning import Wave
-from coordinator.strategies import canary, rolling
-from protocol.messages import SLOTS, DesiredState, ReleaseRef, RolloutSpec
+from coordinator.strategies import blue_green, canary, rolling, shadow
+from protocol.messages import SLOTS, DesiredState, MirrorSpec, ReleaseRef, RolloutSpec
+
+WaveKind = Literal["", "stage", "shadow", "switch"]
 
 
 def plan_strategy(selected: list[str], spec: RolloutSpec) -> list[Wave]:
@@ -22,10 +26,30 @@ def plan_strategy(selected: list[str], spec: RolloutSpec) -> list[Wave]:
         return rolling.plan(selected, spec)
     if spec.strategy == "canary":
         return canary.plan(selected, spec)
+    if spec.strategy == "blue-green":
+        return blue_green.plan(selected, spec)
+    if spec.strategy == "shadow":
+        return shadow.plan(selected, spec)
     raise UsageError(
-        f"strategy {spec.strategy!r} is not supported by this coordinator yet; "
-        "use --strategy rolling or canary"
+        f"strategy {spec.strategy!r} is not supported by this coordinator; "
+        "use --strategy rolling, canary, blue-green or shadow"
     )
+
+
+def wave_kind(spec: RolloutSpec, index: int) -> WaveKind:
+    """What wave ``index`` of a rollout of ``spec`` does, derived from the plan's fixed shape.
+
+    ``stage``: the new release in the idle slot at weight 0 (blue-green); ``shadow``: the same
+    with a mirror; ``switch``: every node's weights moved to the staged slot at once; ``""``: an
+    ordinary rolling or canary wave.
+    """
+    if spec.strategy == "blue-green":
+        return "stage" if index == 0 else "switch"
+    if spec.strategy == "shadow":
+        if index == 0:
+            return "shadow"
+        return "switch" if spec.then == "blue-green" else ""
+    return ""
 
 
 # -- what one node is told -------------------------------------------------------------------------
@@ -59,9 +83,10 @@ def runs(desired: DesiredState | None, release: ReleaseRef) -> bool:
 
 def forward_target(
     previous: DesiredState | None, *, fleet: str, node: str, release: ReleaseRef, slot: str,
-    weight: int, generation: int, rollout: str, now: float,
+    weight: int, generation: int, rollout: str, now: float, mirror: MirrorSpec | None = None,
 ) -> DesiredState:
-    """The new release in ``slot`` at ``weight`` percent, the old serving slot kept for the rest."""
+    """The new release in ``slot`` at ``weight`` percent, the old serving slot kept for the rest;
+    ``mirror`` (shadow) copies a share of the requests to ``slot``."""
     slots: dict[str, ReleaseRef] = {}
     weights: dict[str, int] = {}
     serving = serving_slot(previous)
@@ -72,7 +97,7 @@ def forward_target(
     weights[slot] = weight
     return DesiredState(
         fleet=fleet, node=node, service=release.service, generation=generation, slots=slots,
-        weights=weights, rollout=rollout, time=now,
+        weights=weights, mirror=mirror, rollout=rollout, time=now,
     )
 
 

@@ -185,7 +185,7 @@ def test_canary_weights_and_steps_weigh_the_first_step() -> None:
 def test_unsupported_strategy_is_a_usage_error() -> None:
     """A strategy this coordinator cannot run is refused before anything moves."""
     with pytest.raises(UsageError, match="not supported"):
-        plan(fleet(2), spec(strategy="shadow"))
+        plan(fleet(2), spec(strategy="bogus"))
 
 
 amounts = st.one_of(

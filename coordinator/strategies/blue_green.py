@@ -1,0 +1,201 @@
+"""Blue-green: stage the new release beside the old one everywhere, switch every node at once,
+keep the old slot warm for a while, then retire it.
+
+Phases, as waves (``coordinator.strategies.wave_kind`` names them):
+
+- wave 0, ``stage``: every selected node gets the new release in its idle slot at weight 0, in one
+  batch (max-unavailable does not bound it: a staged slot carries no traffic, so no node stops
+  serving). A node that fails to stage (the agent reports failure, it goes offline, or it has not
+  converged by the progress deadline) blocks the switch for all: nothing is switched, the staged
+  slots are retired and the rollout ends rolled back, naming the node. Once every node is staged,
+  ``--min-healthy`` is judged on the staged slots (an agent calls a slot healthy only after the
+  release's ``validate`` hook passed).
+- wave 1, ``switch``: every node's weights go to the staged slot in one batch of writes (new 100,
+  old 0, both slots kept). A node's *switch time* is the time of its first observed state whose
+  weights show the switch; ``record.report["switch"]`` keeps them with the *spread* (last - first)
+  and the *lag* (last - decision). The wave then bakes for ``--bake`` under the usual gates; since
+  the old slots carry no traffic after the switch, ``--max-p99-ratio`` compares with the old slots'
+  traffic from the previous wave's start up to the switch.
+- *warm*: the old slot keeps running until ``switch decision + --scale-down-delay`` (and at least
+  until the gates passed). A failed gate or a rollback inside that window is a *switch back*:
+  weights only (old 100, new 0), both slots kept, so no process starts; once a node has switched
+  back its new slot is retired (its previous desired state again). After the window the old slots
+  are retired and the rollout succeeds; a rollback after that is a new rollout. ``promote`` in the
+  window retires now.
+
+Everything here is a function of the engine's working ``Step`` (no IO, time is ``step.now``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from coordinator import gates as gatelib
+from coordinator.errors import UsageError
+from coordinator.planning import Wave
+from protocol.durations import format_duration
+from protocol.messages import DesiredState, NodeProgress, ObservedState, RolloutSpec
+
+if TYPE_CHECKING:  # the engine imports the strategies; this module only needs its type
+    from coordinator.engine import Step
+
+
+def plan(selected: list[str], spec: RolloutSpec) -> list[Wave]:
+    """Two waves over every selected node: stage at weight 0, then switch to weight 100."""
+    if spec.scale_down_delay < 0:
+        raise UsageError(
+            f"--scale-down-delay {spec.scale_down_delay:g}s is negative; give a duration like "
+            "5m (0 retires the old slots as soon as the gates passed)"
+        )
+    nodes = tuple(selected)
+    return [Wave(0, nodes, 0), Wave(1, nodes, 100)]
+
+
+# -- pure arithmetic -------------------------------------------------------------------------------
+
+
+def shows_switch(seen: ObservedState, slot: str) -> bool:
+    """Whether observed weights give ``slot`` traffic and every other slot none."""
+    return seen.weights.get(slot, 0) > 0 and all(
+        w <= 0 for s, w in seen.weights.items() if s != slot
+    )
+
+
+def spread(times: Mapping[str, float], at: float) -> dict[str, Any]:
+    """Summary of per-node switch times: first, last, ``spread = last - first``, ``lag = last -
+    at`` (``at``: when the switch was decided); None figures when no node reported yet."""
+    if not times:
+        return {"first": None, "last": None, "spread": None, "lag": None, "nodes": {}}
+    first, last = min(times.values()), max(times.values())
+    return {"first": first, "last": last, "spread": round(last - first, 6),
+            "lag": round(last - at, 6), "nodes": dict(sorted(times.items()))}
+
+
+def switch_back_target(
+    target: DesiredState, *, serving: str, generation: int, now: float,
+) -> DesiredState:
+    """``target`` with all of the traffic back on ``serving``: weights only, both slots kept."""
+    weights = dict.fromkeys(target.slots, 0) | {serving: 100}
+    return msgspec.structs.replace(
+        target, weights=weights, mirror=None, generation=generation, time=now,
+    )
+
+
+# -- the engine's hooks ----------------------------------------------------------------------------
+
+
+def start_switch(step: Step, index: int) -> None:
+    """Record the switch decision and the old slots' traffic since the previous wave started."""
+    r = step.r
+    before = r.waves[index - 1].baseline if index > 0 else {}
+    old = gatelib.Window()
+    for n, p in r.nodes.items():
+        seen = step.obs.get(n)
+        serving = _old_slot(p)
+        if serving is not None and seen is not None:
+            old += gatelib.window(before.get(n), seen.router, serving)
+    r.report["switch"] = {
+        "at": step.now, "wave": index, "nodes": {},
+        "old": {"requests": old.requests, "errors": old.errors, "latency": list(old.latency)},
+    }
+    step.emit("bluegreen.switching", f"switching {len(r.waves[index].nodes)} nodes to "
+              f"{r.release.version} at once", wave=index, at=step.now)
+
+
+def old_window(step: Step) -> gatelib.Window:
+    """The old slots' traffic recorded when the switch was decided (the p99 comparison)."""
+    old = step.r.report.get("switch", {}).get("old", {})
+    return gatelib.Window(old.get("requests", 0), old.get("errors", 0),
+                          tuple(old.get("latency", ())))
+
+
+def note(step: Step, p: NodeProgress, seen: ObservedState) -> None:
+    """Record when a node's observed weights first show the switch, or the switch back."""
+    switch = step.r.report.get("switch")
+    if switch is None or not p.slot:
+        return
+    if step.r.phase == "forward":
+        if shows_switch(seen, p.slot):
+            switch["nodes"].setdefault(p.node, seen.time)
+        return
+    back = step.r.report.get("switch_back")
+    old = _old_slot(p)
+    if back is not None and old is not None and p.node in switch["nodes"] and shows_switch(
+            seen, old):
+        back["nodes"].setdefault(p.node, seen.time)
+
+
+def switched(step: Step, index: int) -> None:
+    """Every node converged on the switch: put the spread in the report and announce it."""
+    switch = step.r.report["switch"]
+    summary = spread(switch["nodes"], switch["at"])
+    switch.update(summary)
+    step.emit("bluegreen.switched", f"all nodes switched; spread {_ms(summary['spread'])} "
+              f"(first to last), lag {_ms(summary['lag'])} after the decision", wave=index,
+              at=switch["at"], first=summary["first"], last=summary["last"],
+              spread=summary["spread"], lag=summary["lag"])
+
+
+def keep_warm(step: Step) -> bool:
+    """Whether the rollout must still wait, its switch passed, before retiring the old slots."""
+    r = step.r
+    switch = r.report.get("switch")
+    if switch is None:
+        return False
+    until = switch["at"] + step.spec.scale_down_delay
+    if r.promote:
+        r.promote = ""
+        step.emit("bluegreen.promoted", "promoted: retiring the old slots now", until=until)
+        return False
+    if step.now >= until:
+        return False
+    if "warm_until" not in switch:
+        switch["warm_until"] = until
+        step.emit("bluegreen.warm", f"old slots stay warm for "
+                  f"{format_duration(until - step.now)} so that a rollback is an instant "
+                  "switch back", until=until)
+    return True
+
+
+def rollback_target(step: Step, p: NodeProgress) -> DesiredState | None:
+    """The switch back for a node whose target gives the new slot traffic and still holds its
+    old serving slot; None where a plain restore of the previous state is right."""
+    t = p.target
+    old = _old_slot(p)
+    if t is None or old is None or p.previous is None or t.weights.get(p.slot, 0) <= 0:
+        return None
+    if t.slots.get(old) != p.previous.slots[old]:
+        return None  # the old release is no longer there: only a restore can bring it back
+    back = step.r.report.setdefault("switch_back", {"at": step.now, "nodes": {}, "expect": []})
+    back["expect"].append(p.node)
+    return switch_back_target(t, serving=old, generation=step.next_generation(p), now=step.now)
+
+
+def switched_back(step: Step) -> None:
+    """Put the switch back's spread in the report once every switched node is back."""
+    back = step.r.report.get("switch_back")
+    if back is None or "spread" in back:
+        return
+    for n in back["expect"]:
+        p = step.r.nodes[n]
+        if p.state != "failed" and p.target is not None and p.target.slots.get(p.slot) is not None:
+            return  # still on its switch-back target (the new slot is retired after it)
+    back.update(spread(back["nodes"], back["at"]))
+    step.emit("bluegreen.switched_back", f"traffic back on the old slots; spread "
+              f"{_ms(back['spread'])}", at=back["at"], spread=back["spread"], lag=back["lag"])
+
+
+def _old_slot(p: NodeProgress) -> str | None:
+    """The slot that served before the rollout, if it is not the one receiving the release."""
+    # Imported here: the package's __init__ imports this module before it defines its helpers.
+    from coordinator.strategies import serving_slot
+
+    serving = serving_slot(p.previous)
+    return serving if serving != p.slot else None
+
+
+def _ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1000:.0f}ms"

@@ -1,0 +1,131 @@
+"""Shadow: run the new release beside the old one, copy a share of the live requests to it, and
+judge it by how its answers compare, without a user ever seeing one.
+
+Phases, as waves (``coordinator.strategies.wave_kind`` names them):
+
+- wave 0, ``shadow``: every selected node gets the new release in its idle slot at weight 0 and a
+  ``MirrorSpec(slot=new, percent=--mirror, methods, ignore_headers, ignore_json_fields)``, in one
+  batch (no node stops serving, so max-unavailable does not bound it). By default only GET and
+  HEAD are mirrored: a copied POST would have its side effects twice.
+- the bake: ``--bake`` seconds; the window is the difference of each router's mirror counters
+  at its start and end (``coordinator.gates.shadow_window``: counters are cumulative and reset
+  when the router's epoch changes). Gates: ``--min-requests`` compared pairs (fewer: inconclusive,
+  the rollout pauses), ``--max-mismatch-rate`` (mismatched / compared), ``--max-error-rate``
+  (shadow errors / compared), ``--max-p99-ratio`` (shadow p99 / live p99) and ``--min-healthy``
+  over the shadow slots. The figures, the thresholds and a few sample mismatches (node, method,
+  path, what differed) go into ``record.report["shadow"]`` and the wave's gates.
+- then, without ``--then``: the shadow is retired (every node's previous desired state again) and
+  the rollout succeeds with the report; if the gates failed it is retired all the same and the
+  rollout ends rolled back with the report and the reason (whatever ``--on-failure`` says: there
+  is nothing to pause for, the shadow served nobody). With ``--then blue-green|rolling`` and every
+  gate passed, the rollout continues as that strategy from the staged slots: a ``switch`` wave
+  (blue-green) or rolling waves that move the weights, with the mirror dropped.
+
+Formulas: ``mismatch_rate = mismatched / compared``; ``error_rate = shadow_errors / compared``;
+``p99_ratio = p99(shadow latency) / p99(live latency)`` over the same compared pairs.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from coordinator import gates as gatelib
+from coordinator.errors import UsageError
+from coordinator.planning import Wave
+from coordinator.strategies import rolling
+from protocol.messages import MirrorSpec, RolloutSpec, WaveRecord
+
+if TYPE_CHECKING:  # the engine imports the strategies; this module only needs its type
+    from coordinator.engine import Step
+
+MAX_SAMPLES = 5
+_METHOD = re.compile(r"^[A-Za-z]+$")
+
+
+def plan(selected: list[str], spec: RolloutSpec) -> list[Wave]:
+    """The shadow wave over every selected node, then the waves of ``--then`` if any."""
+    if not 0 < spec.mirror <= 100:
+        raise UsageError(
+            f"--mirror {spec.mirror:g}% is out of range; a shadow needs the share of requests "
+            "to copy to the new release, above 0% and at most 100%, like --mirror 10%"
+        )
+    if not spec.mirror_methods:
+        raise UsageError("--mirror-methods is empty, so nothing would be mirrored; leave it out "
+                         "for GET and HEAD")
+    for method in spec.mirror_methods:
+        if not isinstance(method, str) or not _METHOD.match(method):
+            raise UsageError(f"mirror method {method!r} is not an HTTP method; write GET, HEAD")
+    if spec.then not in (None, "blue-green", "rolling"):
+        raise UsageError(f"--then {spec.then!r} is not a strategy a shadow can continue as; "
+                         "use --then blue-green or --then rolling")
+    nodes = tuple(selected)
+    waves = [Wave(0, nodes, 0)]
+    if spec.then == "blue-green":
+        waves.append(Wave(1, nodes, 100))
+    elif spec.then == "rolling":
+        waves += [Wave(1 + w.index, w.nodes, w.weight) for w in rolling.plan(selected, spec)]
+    return waves
+
+
+def mirror_spec(spec: RolloutSpec, slot: str) -> MirrorSpec:
+    """What the router on every node mirrors to the shadow ``slot``."""
+    return MirrorSpec(
+        slot=slot, percent=spec.mirror, methods=[m.upper() for m in spec.mirror_methods],
+        ignore_headers=list(spec.ignore_headers),
+        ignore_json_fields=list(spec.ignore_json_fields),
+    )
+
+
+# -- the engine's hooks ----------------------------------------------------------------------------
+
+
+def verdict(step: Step, wave: WaveRecord) -> gatelib.Verdict:
+    """Judge the shadow over the bake window and write the report into the record."""
+    r = step.r
+    total = gatelib.ShadowWindow()
+    nodes = healthy = 0
+    samples: list[dict[str, Any]] = []
+    for n in wave.nodes:
+        p = r.nodes[n]
+        if p.target is None:
+            continue  # already ran the release: nothing was shadowed there
+        seen = step.obs.get(n)
+        end = seen.router if seen is not None else None
+        window = gatelib.shadow_window(wave.baseline.get(n), end)
+        total += window
+        nodes += 1
+        slot = seen.slots.get(p.slot) if seen is not None else None
+        healthy += slot is not None and slot.status == "healthy"
+        if window.mismatched and end is not None and end.mirror is not None:
+            # The router keeps its latest samples; with mismatches in the window, they are
+            # the window's (or close enough for a report: they are examples, not counts).
+            samples += [{"node": n, "method": s.method, "path": s.path, "what": s.what,
+                         "live": s.live, "shadow": s.shadow}
+                        for s in end.mirror.samples[-MAX_SAMPLES:]]
+    fig = gatelib.ShadowFigures(nodes, healthy, total)
+    result = gatelib.evaluate_shadow(step.spec.gates, fig)
+    r.report["shadow"] = fig.as_dict() | {
+        "mirror_percent": step.spec.mirror,
+        "methods": [m.upper() for m in step.spec.mirror_methods],
+        "window": [wave.bake_until - step.spec.bake, step.now], "outcome": result.outcome,
+        "reasons": list(result.reasons), "samples": samples[:MAX_SAMPLES],
+    }
+    return result
+
+
+def retire(step: Step) -> None:
+    """Give every staged node its previous desired state again: the shadow is stopped."""
+    # Imported here: the package's __init__ imports this module before it defines its helpers.
+    from coordinator.strategies import restore_target
+
+    r = step.r
+    staged = sorted(n for n, p in r.nodes.items() if p.target is not None)
+    for n in staged:
+        p = r.nodes[n]
+        step.write(p, restore_target(
+            p.previous, fleet=step.fleet, node=n, service=step.spec.service,
+            generation=step.next_generation(p), rollout=r.id, now=step.now,
+        ))
+    step.emit("shadow.retired", f"shadow of {r.release.version} retired on {len(staged)} nodes",
+              nodes=staged, report=r.report.get("shadow", {}))
