@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent.router.http11 import HOP_BY_HOP, HttpError, parse_response
+from agent.router.http11 import HOP_BY_HOP, MAX_HEAD, HttpError, parse_response
 from agent.router.stats import MirrorCounters
 from agent.router.upstream import BodyReader, Broken, Capture, Pool, close_conn
 from protocol.messages import MismatchSample
@@ -254,14 +254,14 @@ class Mirror:
         reusable = False
         try:
             async with asyncio.timeout(self._timeout):
-                conn[1].write(job.head + job.body)
-                head = await conn[0].readuntil(b"\r\n\r\n")
+                conn.write(job.head + job.body)
+                head = await conn.readuntil(b"\r\n\r\n", MAX_HEAD)
                 resp = parse_response(head, job.method)
                 while 100 <= resp.status < 200:
-                    head = await conn[0].readuntil(b"\r\n\r\n")
+                    head = await conn.readuntil(b"\r\n\r\n", MAX_HEAD)
                     resp = parse_response(head, job.method)
                 capture = Capture(CAPTURE_LIMIT)
-                body = BodyReader(conn[0], resp.body, resp.content_length, self._timeout, capture)
+                body = BodyReader(conn, resp.body, resp.content_length, self._timeout, capture)
                 while await body.read():
                     pass
             reusable = resp.keep_alive

@@ -1,30 +1,46 @@
-"""The reverse proxy: one task per client connection, one upstream exchange per request.
+"""The reverse proxy: client connections as Protocols, a callback fast path, a general path.
 
-Per request: read the head (bounded, under the idle timeout), parse it (garbage gets 400/431 and
-the connection closes), read the body into memory when it is small enough (then the request can be
-retried and mirrored; larger bodies are streamed), pick a slot from the *current* routing (so a
-weight switch takes effect on the next request of a keep-alive connection), and exchange with it:
+Theory of operation. Each client connection is a ``ClientConn`` (a ``Channel``). Its bytes
+accumulate in its buffer; when a whole request head is there it is parsed (garbage gets
+400/431/501/505 and the connection closes) and, the routing in force *now* having picked a slot
+(so a weight switch takes effect on the next request of a keep-alive connection), it takes one of
+two paths:
 
-    attempt 1: the chosen slot, an idle pooled connection if there is one
-    attempt 2: the chosen slot, a fresh connection
-    attempt 3+: each other serving slot, heaviest first
+- **fast path** (no request body, an idle pooled upstream connection, not picked for mirroring):
+  the head is written upstream and everything else happens in callbacks (``fastpath``): the
+  response head is parsed as it arrives, rewritten, and sent to the client with whatever body came
+  with it in one write; the rest of a Content-Length body is relayed piece by piece, reading the
+  upstream paused while the client's write buffer is full. No task, no future, no timer per
+  request: one sweeper per proxy enforces the deadlines.
+- **general path** (everything else): one task for this request runs ``exchange``, the
+  await-based exchange with bodies, retries and mirroring described there. The fast path hands
+  over to it when the pooled connection turns out stale before any response byte (the retry), or
+  when the response is not one it relays (1xx, chunked, until-close).
 
-An attempt fails over to the next when the connect fails, or when the connection breaks before any
-response byte and the request is buffered and either the connection was a reused one (a stale
-keep-alive the upstream closed) or the method is idempotent; each such failure is counted on its
-slot. Anything else answers 502 (504 on a timeout). Once the response head is sent to the client
-nothing can be retried: a broken upstream body closes the client connection.
-
-The mirror copy (if this request is picked) is offered after the live response is complete.
+Either way, once the response is complete the next request already buffered (pipelined) is
+served, in order. Every exchange is counted on its slot (``ROUTER_SLOT`` for the 503 the router
+answers when no slot may serve).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
+from agent.router.channel import Channel
+from agent.router.exchange import (
+    CONNECT_TIMEOUT,
+    IDLE_TIMEOUT,
+    READ_TIMEOUT,
+    RESPONSE_TIMEOUT,
+    WRITE_TIMEOUT,
+    ClientGone,
+    Exchange,
+)
 from agent.router.http11 import (
+    MAX_HEAD,
     HttpError,
     RequestHead,
     client_response_head,
@@ -33,38 +49,32 @@ from agent.router.http11 import (
     parse_response,
     upstream_request_head,
 )
-from agent.router.mirror import CAPTURE_LIMIT, MIRROR_BODY_LIMIT, Answer, Mirror, MirrorJob
+from agent.router.mirror import Mirror
 from agent.router.routing import Routing
 from agent.router.stats import ROUTER_SLOT, MirrorCounters, SlotCounters
-from agent.router.upstream import BodyReader, Broken, Capture, Conn, Pool, close_conn
+from agent.router.upstream import Pool
 
 log = logging.getLogger(__name__)
 
-IDLE_TIMEOUT = 15.0  # a client connection with no request for this long is closed
-CONNECT_TIMEOUT = 2.0
-RESPONSE_TIMEOUT = 60.0  # from the request sent to the response head
-READ_TIMEOUT = 60.0  # per body read, either side
-WRITE_TIMEOUT = 60.0  # a client that does not read its response for this long is dropped
-BUFFER_LIMIT = 1024 * 1024  # request bodies up to this are buffered (retryable, mirrorable)
-HIGH_WATER = 256 * 1024
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "HIGH_WATER",
+    "IDLE_TIMEOUT",
+    "READ_TIMEOUT",
+    "RESPONSE_TIMEOUT",
+    "WRITE_TIMEOUT",
+    "ClientConn",
+    "Proxy",
+]
 
-_UPSTREAM_ERRORS = (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, Broken)
+HIGH_WATER = 256 * 1024  # client write buffer above which the upstream is paused
+SWEEP_EVERY = 0.25  # seconds between deadline checks (timeouts are this coarse)
+PIPELINE_LIMIT = 2 * MAX_HEAD  # buffered bytes of later requests before we stop reading a client
+SINGLE_WRITE = 64 * 1024  # bodies up to this go out joined to the head in one write
+_HEAD_END = b"\r\n\r\n"
 
-
-class ClientGone(Exception):
-    """The client closed, stalled or sent a broken body; its connection is dropped."""
-
-
-class _Client:
-    """One client connection, as the drain on shutdown sees it."""
-
-    __slots__ = ("busy", "writer")
-
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self.writer = writer
-        self.busy = False
+# What an in-flight fast exchange is waiting for, for the sweeper.
+_IDLE, _HEAD, _BODY = 0, 1, 2
 
 
 class Proxy:
@@ -76,9 +86,10 @@ class Proxy:
         self.slots: dict[str, SlotCounters] = {}
         self.mirror_counters = MirrorCounters()
         self.mirror = Mirror(self.mirror_counters, self.pool_for)
-        self.clients: dict[asyncio.Task[None], _Client] = {}
+        self.clients: set[ClientConn] = set()
         self.closing = False
-        self._mirror_acc = 0.0
+        self.exchange = Exchange(self)
+        self._sweeper: asyncio.Task[None] | None = None
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -103,270 +114,400 @@ class Proxy:
         for key in [k for k in self.pools if k not in live]:
             self.pools.pop(key).close()
 
-    def idle_clients(self) -> list[asyncio.Task[None]]:
-        return [task for task, c in self.clients.items() if not c.busy]
+    def protocol(self) -> ClientConn:
+        """The protocol factory for the listening socket."""
+        return ClientConn(self)
 
-    # -- a client connection ----------------------------------------------------------------------
+    # -- lifecycle --------------------------------------------------------------------------------
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Serve one client connection until it closes, misbehaves or idles out."""
-        task = asyncio.current_task()
-        assert task is not None  # asyncio.start_server runs us in a task
-        client = self.clients[task] = _Client(writer)
-        peer = writer.get_extra_info("peername")
-        ip = peer[0] if isinstance(peer, tuple) else "unknown"
+    def start(self) -> None:
+        """Start the deadline sweeper (the proxy owns it; ``close`` ends it)."""
+        self._sweeper = asyncio.create_task(self._sweep(), name="router-sweeper")
+
+    def close_idle(self) -> None:
+        """Close every client connection that has no request in flight."""
+        for client in list(self.clients):
+            if not client.busy:
+                client.close()
+
+    async def close(self) -> None:
+        """Drop every client connection and stop the sweeper and the general-path tasks."""
+        tasks = [c.task for c in self.clients if c.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for client in list(self.clients):
+            client.abort_exchange()
+            client.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(SWEEP_EVERY)  # the sweeper's period, not a wait for anything
+            now = loop.time()
+            for client in [c for c in self.clients if c.task is None and c.deadline < now]:
+                try:
+                    client.expire()
+                except Exception:  # a bug must cost one connection, never the sweeper
+                    log.exception("expiring a client connection failed")
+                    client.abort()
+
+
+class ClientConn(Channel):
+    """One client connection: parses requests from its buffer and serves them in order."""
+
+    __slots__ = (
+        "_loop",
+        "body_left",
+        "busy",
+        "deadline",
+        "ip",
+        "keep",
+        "phase",
+        "pool",
+        "proxy",
+        "req",
+        "resp_status",
+        "reusable",
+        "slot",
+        "started",
+        "task",
+        "up",
+    )
+
+    def __init__(self, proxy: Proxy) -> None:
+        super().__init__(PIPELINE_LIMIT)
+        self.proxy = proxy
+        self._loop = asyncio.get_running_loop()
+        self.ip = "unknown"
+        self.busy = False  # a request is in flight (the drain waits for it)
+        self.task: asyncio.Task[None] | None = None  # the general path serving the request
+        self.deadline = 0.0
+        # The fast exchange in flight, if any:
+        self.phase = _IDLE
+        self.up: Channel | None = None
+        self.req: RequestHead | None = None
+        self.slot = ""
+        self.pool: Pool | None = None
+        self.started = 0.0
+        self.resp_status = 0
+        self.body_left = 0
+        self.keep = False  # the client connection stays open after this response
+        self.reusable = False  # the upstream connection may go back to its pool
+
+    # -- asyncio.Protocol -------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        assert self.transport is not None
+        self.transport.set_write_buffer_limits(high=HIGH_WATER)
+        peer = self.transport.get_extra_info("peername")
+        self.ip = peer[0] if isinstance(peer, tuple) else "unknown"
+        self.deadline = self._loop.time() + IDLE_TIMEOUT
+        self.proxy.clients.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.task is not None:  # the general path reads through awaits
+            super().data_received(data)
+            return
+        self.buf += data
+        if self.busy:  # a later (pipelined) request waits for the current one
+            if len(self.buf) > PIPELINE_LIMIT and not self._read_paused:
+                assert self.transport is not None
+                self._read_paused = True
+                self.transport.pause_reading()
+            return
+        self.next_request()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self.task is not None:
+            self._wake()
+        elif not self.busy:
+            self.next_request()  # answers a partial head with 400, or just closes
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.proxy.clients.discard(self)
+        self.abort_exchange()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.deadline = self._loop.time() + WRITE_TIMEOUT
+        if self.up is not None and self.up.transport is not None:
+            self.up.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.up is not None and self.up.transport is not None:
+            self.deadline = self._loop.time() + READ_TIMEOUT
+            self.up.transport.resume_reading()
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def next_request(self) -> None:
+        """Serve the requests whose heads are buffered, until one needs to wait for something."""
+        while not self.busy and self.task is None and not self.closed:
+            buf = self.buf
+            i = buf.find(_HEAD_END)
+            if i < 0 or i + 4 > MAX_HEAD:
+                if i >= 0 or len(buf) > MAX_HEAD:
+                    self._answer_and_close(error_response(431, "request head too large"))
+                elif self.eof:
+                    if buf.strip():
+                        self._answer_and_close(error_response(400, "incomplete request head"))
+                    else:
+                        self.close()
+                elif self._read_paused and self.transport is not None:
+                    self._read_paused = False
+                    self.transport.resume_reading()
+                return
+            head = bytes(buf[: i + 4])
+            del buf[: i + 4]
+            self.busy = True
+            self.started = time.perf_counter()
+            try:
+                req = parse_request(head)
+            except HttpError as exc:
+                self._answer_and_close(error_response(exc.status, str(exc)))
+                return
+            self._dispatch(req)
+
+    def _dispatch(self, req: RequestHead) -> None:
+        proxy = self.proxy
+        routing = proxy.routing
+        if req.has_body or req.expect_continue or routing is None:
+            self._general(req)
+            return
+        capture = proxy.exchange.mirror_capture(req, routing, 0)
+        if capture is not None:
+            self._general(req, capture=capture)
+            return
+        slot = routing.pick()
+        if slot is None:
+            keep = req.keep_alive and not proxy.closing
+            message = f"no healthy upstream for {routing.config.service} ({routing.reasons})"
+            self.write(error_response(503, message, keep_alive=keep))
+            self._done(proxy.counters(ROUTER_SLOT), 503, keep)
+            return
+        up = routing.upstreams[slot]
+        pool = proxy.pool_for(up.host, up.port)
+        conn = pool.take_idle()
+        if conn is None:
+            self._general(req, first=slot)
+            return
+        # The fast path: attempt 1 of the plan, an idle pooled connection.
+        self.req, self.slot, self.pool, self.up = req, slot, pool, conn
+        self.phase = _HEAD
+        self.deadline = self._loop.time() + RESPONSE_TIMEOUT
+        conn.sink = self
+        conn.write(upstream_request_head(req, self.ip))
+
+    def _general(self, req: RequestHead, **kwargs: object) -> None:
+        """Serve ``req`` on the general path, in a task this connection owns."""
+        self.task = self._loop.create_task(self._run_general(req, kwargs))
+
+    async def _run_general(self, req: RequestHead, kwargs: dict[str, object]) -> None:
+        keep = False
         try:
-            await self._serve(reader, writer, client, ip)
+            keep = await self.proxy.exchange.serve(self, req, **kwargs)  # type: ignore[arg-type]
         except (ClientGone, ConnectionError, TimeoutError):
             pass
         except asyncio.CancelledError:
             pass  # the drain on shutdown cancelled us: the connection just closes
         except Exception:  # a bug must cost one connection, never the router
-            log.exception("client connection from %s failed", ip)
+            log.exception("request from %s failed", self.ip)
         finally:
-            del self.clients[task]
-            writer.close()
-
-    async def _serve(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        client: _Client,
-        ip: str,
-    ) -> None:
-        while not self.closing:
-            client.busy = False
-            try:
-                async with asyncio.timeout(IDLE_TIMEOUT):
-                    head = await reader.readuntil(b"\r\n\r\n")
-            except asyncio.IncompleteReadError as exc:
-                if exc.partial.strip():
-                    writer.write(error_response(400, "incomplete request head"))
-                return
-            except asyncio.LimitOverrunError:
-                writer.write(error_response(431, "request head too large"))
-                return
-            client.busy = True
-            started = time.perf_counter()
-            try:
-                req = parse_request(head)
-            except HttpError as exc:
-                writer.write(error_response(exc.status, str(exc)))
-                return
-            if not await self._exchange(req, reader, writer, ip, started):
-                return
-
-    # -- one request ------------------------------------------------------------------------------
-
-    async def _exchange(
-        self,
-        req: RequestHead,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        ip: str,
-        started: float,
-    ) -> bool:
-        """Answer one request; True if the client connection stays open for the next one."""
-        if req.expect_continue and req.has_body:
-            writer.write(CONTINUE)
-        source = BodyReader(
-            reader, "chunked" if req.chunked else "length", req.content_length or 0, READ_TIMEOUT
-        )
-        pieces: list[bytes] = []
-        size = 0
-        try:
-            while size <= BUFFER_LIMIT:
-                piece = await source.read()
-                if not piece:
-                    break
-                pieces.append(piece)
-                size += len(piece)
-        except (Broken, TimeoutError, OSError) as exc:
-            raise ClientGone(str(exc)) from None
-        body = b"".join(pieces)
-        buffered = source.done
-        routing = self.routing  # the routing in force now: a switch affects the next request
-        first = routing.pick() if routing is not None else None
-        if routing is None or first is None:
-            reason = routing.reasons if routing is not None else "not configured yet"
-            service = routing.config.service if routing is not None else "this service"
-            keep = req.keep_alive and buffered and not self.closing
-            message = f"no healthy upstream for {service} ({reason})"
-            writer.write(error_response(503, message, keep_alive=keep))
-            self.counters(ROUTER_SLOT).observe(503, (time.perf_counter() - started) * 1000.0)
-            return keep
-        head = upstream_request_head(req, ip)
-        plan = [(first, True), (first, False)] + [(o, True) for o in routing.balancer.others(first)]
-        failure = ""
-        for slot, allow_idle in plan:
-            up = routing.upstreams[slot]
-            pool = self.pool_for(up.host, up.port)
-            counters = self.counters(slot)
-            conn = pool.take_idle() if allow_idle else None
-            reused = conn is not None
-            if conn is None:
-                try:
-                    conn = await pool.connect(CONNECT_TIMEOUT)
-                except (OSError, TimeoutError) as exc:
-                    counters.failures += 1
-                    failure = f"slot {slot} refused the connection ({exc.__class__.__name__})"
-                    continue
-            try:
-                async with asyncio.timeout(RESPONSE_TIMEOUT):
-                    conn[1].write(head + body)
-                    if not buffered:
-                        await self._stream_request(source, conn)
-                    resp_head = await conn[0].readuntil(b"\r\n\r\n")
-            except ClientGone:
-                close_conn(conn)
-                raise
-            except TimeoutError:
-                close_conn(conn)
-                return self._fail(writer, counters, 504, f"slot {slot} did not answer", started)
-            except _UPSTREAM_ERRORS as exc:
-                close_conn(conn)
-                counters.failures += 1
-                failure = f"slot {slot} closed the connection ({exc.__class__.__name__})"
-                nothing = not (isinstance(exc, asyncio.IncompleteReadError) and exc.partial)
-                if buffered and nothing and (reused or req.method in IDEMPOTENT):
-                    continue
-                return self._fail(writer, counters, 502, failure, started)
-            return await self._respond(
-                req, routing, slot, pool, conn, resp_head, writer, head, body, started
-            )
-        counters = self.counters(first)
-        return self._fail(writer, counters, 502, failure or "no upstream answered", started)
-
-    async def _stream_request(self, source: BodyReader, conn: Conn) -> None:
-        """Send the rest of a large request body as it arrives from the client."""
-        while True:
-            try:
-                piece = await source.read()
-            except (Broken, TimeoutError, OSError) as exc:
-                raise ClientGone(str(exc)) from None
-            if not piece:
-                return
-            conn[1].write(piece)
-            await conn[1].drain()
-
-    def _fail(
-        self,
-        writer: asyncio.StreamWriter,
-        counters: SlotCounters,
-        status: int,
-        message: str,
-        started: float,
-    ) -> bool:
-        """Answer an error the router produced itself, count it, and close the connection."""
-        writer.write(error_response(status, message))
-        counters.observe(status, (time.perf_counter() - started) * 1000.0)
-        return False
-
-    async def _respond(
-        self,
-        req: RequestHead,
-        routing: Routing,
-        slot: str,
-        pool: Pool,
-        conn: Conn,
-        resp_head: bytes,
-        writer: asyncio.StreamWriter,
-        head: bytes,
-        body: bytes,
-        started: float,
-    ) -> bool:
-        """Relay the upstream's response to the client; then maybe offer a mirror copy."""
-        counters = self.counters(slot)
-        upstream_reader = conn[0]
-        try:
-            resp = parse_response(resp_head, req.method)
-            while 100 <= resp.status < 200:
-                if resp.status == 101:
-                    raise HttpError(502, "upgrades are not supported")
-                if req.version == b"HTTP/1.1":
-                    writer.write(client_response_head(resp, keep_alive=True, http10=False))
-                async with asyncio.timeout(RESPONSE_TIMEOUT):
-                    resp_head = await upstream_reader.readuntil(b"\r\n\r\n")
-                resp = parse_response(resp_head, req.method)
-        except HttpError as exc:
-            close_conn(conn)
-            return self._fail(writer, counters, 502, f"slot {slot}: {exc}", started)
-        except (*_UPSTREAM_ERRORS, TimeoutError) as exc:
-            close_conn(conn)
-            counters.failures += 1
-            return self._fail(writer, counters, 502, f"slot {slot} broke: {exc!r}", started)
-        capture = self._mirror_capture(req, routing, len(body))
-        keep = req.keep_alive and resp.body != "close" and not self.closing
-        writer.write(
-            client_response_head(resp, keep_alive=keep, http10=req.version == b"HTTP/1.0")
-        )
-        reader = BodyReader(upstream_reader, resp.body, resp.content_length, READ_TIMEOUT, capture)
-        transport = writer.transport
-        while True:
-            try:
-                piece = await reader.read()
-            except (*_UPSTREAM_ERRORS, TimeoutError):
-                # The head is already with the client: all we can do is cut the connection.
-                close_conn(conn)
-                counters.failures += 1
-                counters.observe(502, (time.perf_counter() - started) * 1000.0)
-                return False
-            if not piece:
-                break
-            writer.write(piece)
-            if transport.get_write_buffer_size() > HIGH_WATER:
-                try:
-                    async with asyncio.timeout(WRITE_TIMEOUT):
-                        await writer.drain()
-                except (OSError, TimeoutError):
-                    close_conn(conn)
-                    raise ClientGone("client stopped reading") from None
-        if resp.keep_alive and self.pools.get((pool.host, pool.port)) is pool:
-            pool.give_back(conn)  # (a pool dropped by a reconfigure meanwhile gets nothing back)
+            self.task = None
+        if keep and not self.closed:
+            self.busy = False
+            self.deadline = self._loop.time() + IDLE_TIMEOUT
+            self.next_request()
         else:
-            close_conn(conn)
-        latency_ms = (time.perf_counter() - started) * 1000.0
-        counters.observe(resp.status, latency_ms)
-        if capture is not None and routing.mirror_target is not None:
-            target = routing.mirror_target
-            self.mirror.offer(
-                MirrorJob(
-                    host=target.host,
-                    port=target.port,
-                    method=req.method,
-                    target=req.target,
-                    head=head,
-                    body=body,
-                    live=Answer(
-                        status=resp.status,
-                        headers=resp.headers,
-                        digest=capture.digest,
-                        body=capture.body,
-                        truncated=capture.truncated,
-                        latency_ms=latency_ms,
-                    ),
-                    ignore_headers=routing.ignore_headers,
-                    ignore_json_fields=routing.ignore_json_fields,
-                )
-            )
-        return keep
+            self.close()
 
-    def _mirror_capture(self, req: RequestHead, routing: Routing, body_size: int) -> Capture | None:
-        """A capture for the live body if this request is to be mirrored, else None.
+    def _answer_and_close(self, data: bytes) -> None:
+        self.write(data)
+        self.close()
 
-        The choice is deterministic: each eligible request adds ``percent`` to an accumulator and
-        is mirrored when it reaches 100, so 10% means exactly every tenth eligible request.
-        """
-        if (
-            routing.mirror_target is None
-            or routing.mirror is None
-            or req.method not in routing.mirror_methods
-            or body_size > MIRROR_BODY_LIMIT
-        ):
-            return None
-        self._mirror_acc += routing.mirror.percent
-        if self._mirror_acc < 100.0:
-            return None
-        self._mirror_acc -= 100.0
-        return Capture(CAPTURE_LIMIT)
+    def _done(self, counters: SlotCounters, status: int, keep: bool) -> None:
+        """Count the request just answered, then serve the next one or close."""
+        counters.observe(status, (time.perf_counter() - self.started) * 1000.0)
+        if keep and not self.closed:
+            self.busy = False
+            self.deadline = self._loop.time() + IDLE_TIMEOUT
+            if self.write_paused:
+                self.deadline = self._loop.time() + WRITE_TIMEOUT
+        else:
+            self.close()
 
+    # -- the fast exchange: the upstream channel's sink --------------------------------------------
+
+    def on_data(self, channel: Channel, data: bytes) -> None:
+        """Response bytes from the upstream of the fast exchange in flight."""
+        if channel is not self.up:
+            channel.abort()  # a connection we gave up on: nothing it says matters
+            return
+        if self.phase == _HEAD:
+            if channel.buf:  # the head came in pieces
+                channel.buf += data
+                data = bytes(channel.buf)
+                channel.buf.clear()
+            i = data.find(_HEAD_END)
+            if i < 0:
+                channel.buf += data
+                if len(data) > MAX_HEAD:
+                    self._fast_fail(502, f"slot {self.slot}: upstream response head too large")
+                return
+            if not self._start_response(channel, data, i + 4):
+                return
+        else:
+            self._relay(data, 0)
+        if self.body_left == 0 and self.phase == _BODY:
+            self._fast_done()
+        else:
+            self.deadline = self._loop.time() + READ_TIMEOUT
+
+    def _start_response(self, channel: Channel, data: bytes, end: int) -> bool:
+        """Parse the response head in ``data[:end]`` and send it on; False if handed over."""
+        req = self.req
+        assert req is not None
+        try:
+            resp = parse_response(data[:end], req.method)
+        except HttpError as exc:
+            self._fast_fail(502, f"slot {self.slot}: {exc}")
+            return False
+        if resp.status < 200 or resp.body not in ("length", "none"):
+            # Interim responses, chunked and until-close bodies: the general path relays those.
+            channel.buf += data
+            self._handover(resp_pending=True)
+            return False
+        self.phase = _BODY
+        self.resp_status = resp.status
+        self.reusable = resp.keep_alive
+        self.keep = req.keep_alive and not self.proxy.closing
+        head = client_response_head(resp, keep_alive=self.keep, http10=req.version == b"HTTP/1.0")
+        self.body_left = resp.content_length if resp.body == "length" else 0
+        rest = len(data) - end
+        if rest == 0:
+            self.write(head)
+        elif rest <= SINGLE_WRITE:
+            take = min(rest, self.body_left)
+            self.write(head + data[end : end + take])
+            self.body_left -= take
+            if rest > take:
+                self.reusable = False  # bytes past the body: the connection is out of step
+        else:
+            self.write(head)
+            self._relay(data, end)
+        return True
+
+    def _relay(self, data: bytes, start: int) -> None:
+        left = self.body_left
+        size = len(data) - start
+        if size <= left and start == 0:
+            self.write(data)
+            self.body_left = left - size
+            return
+        take = min(size, left)
+        if take:
+            assert self.transport is not None
+            if not self.closed:
+                self.transport.write(memoryview(data)[start : start + take])
+        self.body_left = left - take
+        if size > take:
+            self.reusable = False
+
+    def _fast_done(self) -> None:
+        up, pool = self.up, self.pool
+        assert up is not None and pool is not None
+        self._detach()
+        proxy = self.proxy
+        if self.reusable and proxy.pools.get((pool.host, pool.port)) is pool:
+            pool.give_back(up)  # (a pool dropped by a reconfigure meanwhile gets nothing back)
+        else:
+            up.close()
+        self._done(proxy.counters(self.slot), self.resp_status, self.keep)
+        self.next_request()
+
+    def _detach(self) -> Channel | None:
+        up = self.up
+        if up is not None:
+            up.sink = None
+            if up.transport is not None and self.write_paused:
+                up.transport.resume_reading()
+        self.up = None
+        self.phase = _IDLE
+        return up
+
+    def on_closed(self, channel: Channel) -> None:
+        """The upstream of the fast exchange closed (FIN or reset)."""
+        if channel is not self.up:
+            return
+        counters = self.proxy.counters(self.slot)
+        counters.failures += 1
+        if self.phase == _HEAD and not channel.buf:
+            # A stale keep-alive the upstream closed, before any response byte: retry.
+            self._handover(resp_pending=False)
+        elif self.phase == _HEAD:
+            self._fast_fail(502, f"slot {self.slot} closed the connection mid-head", count=False)
+        else:
+            # The head is already with the client: all we can do is cut the connection.
+            self._detach()
+            channel.abort()
+            counters.observe(502, (time.perf_counter() - self.started) * 1000.0)
+            self.close()
+
+    def _handover(self, *, resp_pending: bool) -> None:
+        """Let the general path finish this request (a retry, or a response it relays)."""
+        req, slot, pool = self.req, self.slot, self.pool
+        assert req is not None and pool is not None
+        up = self._detach()
+        assert up is not None
+        if resp_pending:
+            self._general(req, first=slot, pending=(pool, up))
+        else:
+            up.abort()
+            self._general(req, first=slot, skip_idle=True)
+
+    def _fast_fail(self, status: int, message: str, *, count: bool = True) -> None:
+        """Answer an error the router produced itself and close both connections."""
+        up = self._detach()
+        if up is not None:
+            up.abort()
+        counters = self.proxy.counters(self.slot)
+        if count:
+            counters.failures += 1
+        self.write(error_response(status, message))
+        counters.observe(status, (time.perf_counter() - self.started) * 1000.0)
+        self.close()
+
+    def expire(self) -> None:
+        """A deadline passed: an idle connection closes, a stuck exchange fails."""
+        if self.phase == _HEAD:
+            self._fast_fail(504, f"slot {self.slot} did not answer", count=False)
+        elif self.phase == _BODY:
+            up = self._detach()
+            if up is not None:
+                up.abort()
+            if not self.write_paused:  # the upstream stalled mid-body (not the client)
+                counters = self.proxy.counters(self.slot)
+                counters.failures += 1
+                counters.observe(502, (time.perf_counter() - self.started) * 1000.0)
+            self.abort()
+        elif self.write_paused:
+            self.abort()  # a client that stopped reading its answers would never let us flush
+        else:
+            self.close()
+
+    def abort_exchange(self) -> None:
+        """The client is gone: drop the upstream connection of a fast exchange mid-way."""
+        up = self._detach()
+        if up is not None:
+            up.abort()

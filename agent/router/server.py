@@ -32,7 +32,6 @@ from agent.router.control import (
     Shutdown,
     encode_reply,
 )
-from agent.router.http11 import MAX_HEAD
 from agent.router.proxy import Proxy
 from agent.router.routing import ConfigError, build_routing
 from agent.router.stats import router_stats
@@ -69,6 +68,7 @@ class RouterServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         self.proxy.mirror.start()
+        self.proxy.start()
         log.info("router %d ready on %s", self.pid, self.socket_path)
         try:
             await self.stopping.wait()
@@ -93,15 +93,11 @@ class RouterServer:
         timeout = self.config.drain_timeout if self.config is not None else 0.0
         deadline = time.monotonic() + timeout
         while self.proxy.clients:
-            for task in self.proxy.idle_clients():
-                task.cancel()
+            self.proxy.close_idle()
             if time.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.01)  # polling in-flight requests, bounded by the deadline
-        tasks = list(self.proxy.clients)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.proxy.close()
 
     # -- configuration ----------------------------------------------------------------------------
 
@@ -126,11 +122,10 @@ class RouterServer:
             )
             if not same:
                 try:
-                    listener = await asyncio.start_server(
-                        self.proxy.handle,
+                    listener = await asyncio.get_running_loop().create_server(
+                        self.proxy.protocol,
                         cfg.listen_host,
                         cfg.listen_port,
-                        limit=MAX_HEAD,
                         backlog=BACKLOG,
                         reuse_address=True,
                     )

@@ -1,6 +1,6 @@
 """Connections to upstreams and message bodies: the IO primitives the proxy and the mirror share.
 
-``Pool`` keeps a few idle keep-alive connections per upstream address and hands out fresh ones;
+``Pool`` keeps a few idle keep-alive ``Channel``s per upstream address and hands out fresh ones;
 ``BodyReader`` reads one body off a stream in raw pieces (framing included, so chunked bodies pass
 through unchanged) while optionally feeding the decoded bytes to a ``Capture`` (sha256 and a bounded
 copy, for the mirror comparison). Every read and connect runs under a timeout.
@@ -15,7 +15,8 @@ import asyncio
 import hashlib
 from collections import deque
 
-from agent.router.http11 import MAX_HEAD, HttpError, parse_chunk_size
+from agent.router.channel import Channel, close_conn
+from agent.router.http11 import HttpError, parse_chunk_size
 
 PIECE = 64 * 1024  # bytes per read while streaming a body
 MAX_TRAILERS = 64
@@ -25,12 +26,9 @@ class Broken(Exception):
     """A body ended early or was malformed; the connection is unusable."""
 
 
-Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+Conn = Channel
 
-
-def close_conn(conn: Conn) -> None:
-    """Close a connection without waiting (the transport finishes on its own)."""
-    conn[1].close()
+__all__ = ["BodyReader", "Broken", "Capture", "Conn", "Pool", "close_conn"]
 
 
 class Pool:
@@ -48,8 +46,9 @@ class Pool:
         """An idle connection the server has not closed yet, or None."""
         while self._idle:
             conn = self._idle.pop()
-            # A server that closed an idle connection has sent FIN: at_eof() is then true.
-            if conn[0].at_eof() or conn[1].is_closing():
+            # A server that closed an idle connection has sent FIN (eof); one that sent bytes
+            # nobody asked for is out of step with us: neither can carry a request.
+            if conn.eof or conn.buf or conn.is_closing():
                 close_conn(conn)
                 continue
             return conn
@@ -57,12 +56,15 @@ class Pool:
 
     async def connect(self, timeout: float) -> Conn:
         """A new connection; raises OSError or TimeoutError."""
+        loop = asyncio.get_running_loop()
         async with asyncio.timeout(timeout):
-            return await asyncio.open_connection(self.host, self.port, limit=MAX_HEAD)
+            _, conn = await loop.create_connection(Channel, self.host, self.port)
+        return conn
 
     def give_back(self, conn: Conn) -> None:
         """Keep a connection whose last exchange ended cleanly, if there is room."""
-        if len(self._idle) < self.max_idle and not conn[1].is_closing():
+        conn.sink = None
+        if len(self._idle) < self.max_idle and not conn.is_closing() and not conn.buf:
             self._idle.append(conn)
         else:
             close_conn(conn)
@@ -117,7 +119,7 @@ class BodyReader:
 
     def __init__(
         self,
-        reader: asyncio.StreamReader,
+        reader: Channel,
         mode: str,
         length: int,
         timeout: float,

@@ -1,0 +1,299 @@
+"""The general path: one request with awaits, for what the callback fast path does not handle.
+
+Per request: read the body into memory when it is small enough (then the request can be retried
+and mirrored; larger bodies are streamed), pick a slot from the *current* routing unless the fast
+path already did, and exchange with it:
+
+    attempt 1: the chosen slot, an idle pooled connection if there is one
+    attempt 2: the chosen slot, a fresh connection
+    attempt 3+: each other serving slot, heaviest first
+
+An attempt fails over to the next when the connect fails, or when the connection breaks before any
+response byte and the request is buffered and either the connection was a reused one (a stale
+keep-alive the upstream closed) or the method is idempotent; each such failure is counted on its
+slot. Anything else answers 502 (504 on a timeout). Once the response head is sent to the client
+nothing can be retried: a broken upstream body closes the client connection.
+
+The fast path enters here at attempt 2 when its pooled connection was stale (``skip_idle``), or
+with the upstream connection whose response head it left unread (``pending``: interim responses,
+chunked and until-close bodies). The mirror copy (if this request is picked) is offered after the
+live response is complete. Every await runs under a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+from agent.router.http11 import (
+    MAX_HEAD,
+    HttpError,
+    RequestHead,
+    client_response_head,
+    error_response,
+    parse_response,
+    upstream_request_head,
+)
+from agent.router.mirror import CAPTURE_LIMIT, MIRROR_BODY_LIMIT, Answer, MirrorJob
+from agent.router.routing import Routing
+from agent.router.stats import ROUTER_SLOT, SlotCounters
+from agent.router.upstream import BodyReader, Broken, Capture, Conn, Pool, close_conn
+
+if TYPE_CHECKING:
+    from agent.router.proxy import ClientConn, Proxy
+
+IDLE_TIMEOUT = 15.0  # a client connection with no request for this long is closed
+CONNECT_TIMEOUT = 2.0
+RESPONSE_TIMEOUT = 60.0  # from the request sent to the response head
+READ_TIMEOUT = 60.0  # per body read, either side
+WRITE_TIMEOUT = 60.0  # a client that does not read its response for this long is dropped
+BUFFER_LIMIT = 1024 * 1024  # request bodies up to this are buffered (retryable, mirrorable)
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+_UPSTREAM_ERRORS = (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, Broken)
+
+
+class ClientGone(Exception):
+    """The client closed, stalled or sent a broken body; its connection is dropped."""
+
+
+class Exchange:
+    """The await-based exchange of one request; shares the proxy's routing, pools and counters."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self._mirror_acc = 0.0
+
+    async def serve(
+        self,
+        client: ClientConn,
+        req: RequestHead,
+        *,
+        first: str | None = None,
+        skip_idle: bool = False,
+        pending: tuple[Pool, Conn] | None = None,
+        capture: Capture | None = None,
+    ) -> bool:
+        """Answer one request; True if the client connection stays open for the next one.
+
+        ``first`` is the slot the fast path already picked (None: pick here); ``capture`` the
+        mirror capture it already decided on.
+        """
+        proxy = self.proxy
+        started = client.started
+        if req.expect_continue and req.has_body:
+            client.write(CONTINUE)
+        source = BodyReader(
+            client, "chunked" if req.chunked else "length", req.content_length or 0, READ_TIMEOUT
+        )
+        pieces: list[bytes] = []
+        size = 0
+        try:
+            while size <= BUFFER_LIMIT:
+                piece = await source.read()
+                if not piece:
+                    break
+                pieces.append(piece)
+                size += len(piece)
+        except (Broken, TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
+            raise ClientGone(str(exc)) from None
+        body = b"".join(pieces)
+        buffered = source.done
+        routing = proxy.routing  # the routing in force now: a switch affects the next request
+        if first is None and routing is not None:
+            if capture is None:  # (else the fast path has decided already)
+                capture = self.mirror_capture(req, routing, len(body))
+            first = routing.pick()
+        if routing is None or first is None:
+            reason = routing.reasons if routing is not None else "not configured yet"
+            service = routing.config.service if routing is not None else "this service"
+            keep = req.keep_alive and buffered and not proxy.closing
+            message = f"no healthy upstream for {service} ({reason})"
+            client.write(error_response(503, message, keep_alive=keep))
+            proxy.counters(ROUTER_SLOT).observe(503, (time.perf_counter() - started) * 1000.0)
+            return keep
+        head = upstream_request_head(req, client.ip)
+        if pending is not None:
+            pool, conn = pending
+            return await self._respond(
+                client, req, routing, first, pool, conn, None, head, body, capture, started
+            )
+        plan = [(first, True), (first, False)] + [(o, True) for o in routing.balancer.others(first)]
+        if skip_idle:
+            plan = plan[1:]
+        failure = ""
+        for slot, allow_idle in plan:
+            up = routing.upstreams[slot]
+            pool = proxy.pool_for(up.host, up.port)
+            counters = proxy.counters(slot)
+            idle = pool.take_idle() if allow_idle else None
+            reused = idle is not None
+            if idle is not None:
+                conn = idle
+            else:
+                try:
+                    conn = await pool.connect(CONNECT_TIMEOUT)
+                except (OSError, TimeoutError) as exc:
+                    counters.failures += 1
+                    failure = f"slot {slot} refused the connection ({exc.__class__.__name__})"
+                    continue
+            try:
+                async with asyncio.timeout(RESPONSE_TIMEOUT):
+                    conn.write(head + body)
+                    if not buffered:
+                        await self._stream_request(source, conn)
+                    resp_head = await conn.readuntil(b"\r\n\r\n", MAX_HEAD)
+            except ClientGone:
+                close_conn(conn)
+                raise
+            except TimeoutError:
+                close_conn(conn)
+                return self._fail(client, counters, 504, f"slot {slot} did not answer", started)
+            except _UPSTREAM_ERRORS as exc:
+                close_conn(conn)
+                counters.failures += 1
+                failure = f"slot {slot} closed the connection ({exc.__class__.__name__})"
+                nothing = not (isinstance(exc, asyncio.IncompleteReadError) and exc.partial)
+                if buffered and nothing and (reused or req.method in IDEMPOTENT):
+                    continue
+                return self._fail(client, counters, 502, failure, started)
+            return await self._respond(
+                client, req, routing, slot, pool, conn, resp_head, head, body, capture, started
+            )
+        counters = proxy.counters(first)
+        return self._fail(client, counters, 502, failure or "no upstream answered", started)
+
+    async def _stream_request(self, source: BodyReader, conn: Conn) -> None:
+        """Send the rest of a large request body as it arrives from the client."""
+        while True:
+            try:
+                piece = await source.read()
+            except (Broken, TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
+                raise ClientGone(str(exc)) from None
+            if not piece:
+                return
+            conn.write(piece)
+            await conn.drain()
+
+    def _fail(
+        self, client: ClientConn, counters: SlotCounters, status: int, message: str, started: float
+    ) -> bool:
+        """Answer an error the router produced itself, count it, and close the connection."""
+        client.write(error_response(status, message))
+        counters.observe(status, (time.perf_counter() - started) * 1000.0)
+        return False
+
+    async def _respond(
+        self,
+        client: ClientConn,
+        req: RequestHead,
+        routing: Routing,
+        slot: str,
+        pool: Pool,
+        conn: Conn,
+        resp_head: bytes | None,
+        head: bytes,
+        body: bytes,
+        capture: Capture | None,
+        started: float,
+    ) -> bool:
+        """Relay the upstream's response to the client; then maybe offer a mirror copy.
+
+        ``resp_head`` None: the head is still at the front of ``conn``'s buffer.
+        """
+        proxy = self.proxy
+        counters = proxy.counters(slot)
+        try:
+            if resp_head is None:
+                async with asyncio.timeout(RESPONSE_TIMEOUT):
+                    resp_head = await conn.readuntil(b"\r\n\r\n", MAX_HEAD)
+            resp = parse_response(resp_head, req.method)
+            while 100 <= resp.status < 200:
+                if resp.status == 101:
+                    raise HttpError(502, "upgrades are not supported")
+                if req.version == b"HTTP/1.1":
+                    client.write(client_response_head(resp, keep_alive=True, http10=False))
+                async with asyncio.timeout(RESPONSE_TIMEOUT):
+                    resp_head = await conn.readuntil(b"\r\n\r\n", MAX_HEAD)
+                resp = parse_response(resp_head, req.method)
+        except HttpError as exc:
+            close_conn(conn)
+            return self._fail(client, counters, 502, f"slot {slot}: {exc}", started)
+        except (*_UPSTREAM_ERRORS, TimeoutError) as exc:
+            close_conn(conn)
+            counters.failures += 1
+            return self._fail(client, counters, 502, f"slot {slot} broke: {exc!r}", started)
+        keep = req.keep_alive and resp.body != "close" and not proxy.closing
+        client.write(
+            client_response_head(resp, keep_alive=keep, http10=req.version == b"HTTP/1.0")
+        )
+        reader = BodyReader(conn, resp.body, resp.content_length, READ_TIMEOUT, capture)
+        while True:
+            try:
+                piece = await reader.read()
+            except (*_UPSTREAM_ERRORS, TimeoutError):
+                # The head is already with the client: all we can do is cut the connection.
+                close_conn(conn)
+                counters.failures += 1
+                counters.observe(502, (time.perf_counter() - started) * 1000.0)
+                return False
+            if not piece:
+                break
+            client.write(piece)
+            if client.write_paused:
+                try:
+                    async with asyncio.timeout(WRITE_TIMEOUT):
+                        await client.drain()
+                except (OSError, TimeoutError):
+                    close_conn(conn)
+                    raise ClientGone("client stopped reading") from None
+        if resp.keep_alive and proxy.pools.get((pool.host, pool.port)) is pool:
+            pool.give_back(conn)  # (a pool dropped by a reconfigure meanwhile gets nothing back)
+        else:
+            close_conn(conn)
+        latency_ms = (time.perf_counter() - started) * 1000.0
+        counters.observe(resp.status, latency_ms)
+        if capture is not None and routing.mirror_target is not None:
+            target = routing.mirror_target
+            proxy.mirror.offer(
+                MirrorJob(
+                    host=target.host,
+                    port=target.port,
+                    method=req.method,
+                    target=req.target,
+                    head=head,
+                    body=body,
+                    live=Answer(
+                        status=resp.status,
+                        headers=resp.headers,
+                        digest=capture.digest,
+                        body=capture.body,
+                        truncated=capture.truncated,
+                        latency_ms=latency_ms,
+                    ),
+                    ignore_headers=routing.ignore_headers,
+                    ignore_json_fields=routing.ignore_json_fields,
+                )
+            )
+        return keep
+
+    def mirror_capture(self, req: RequestHead, routing: Routing, body_size: int) -> Capture | None:
+        """A capture for the live body if this request is to be mirrored, else None.
+
+        The choice is deterministic: each eligible request adds ``percent`` to an accumulator and
+        is mirrored when it reaches 100, so 10% means exactly every tenth eligible request.
+        """
+        if (
+            routing.mirror_target is None
+            or routing.mirror is None
+            or req.method not in routing.mirror_methods
+            or body_size > MIRROR_BODY_LIMIT
+        ):
+            return None
+        self._mirror_acc += routing.mirror.percent
+        if self._mirror_acc < 100.0:
+            return None
+        self._mirror_acc -= 100.0
+        return Capture(CAPTURE_LIMIT)
