@@ -19,6 +19,7 @@ from coordinator.cli import (  # noqa: F401  (registration by import)
     infra,
     proto,
     release_cmds,
+    rollout_cmds,
 )
 from coordinator.cli.base import Ctx, cli
 from coordinator.errors import FleetwaveError

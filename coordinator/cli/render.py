@@ -1,0 +1,152 @@
+"""How rollouts look to people: rich tables for a terminal, plain lines for logs and CI.
+
+Everything here is pure: it takes the status dict of ``coordinator.rollouts_api.status_dict`` (or
+rows, or Events) and returns text or rich renderables; the commands print them. Following a
+rollout without a terminal prints only what changed since the last poll (``progress_lines``), so
+a CI log reads as a story, not as a screen redrawn every half second.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from protocol.messages import Event
+
+STATE_STYLE = {
+    "pending": "dim", "running": "cyan", "paused": "yellow", "succeeded": "green",
+    "rolled_back": "magenta", "failed": "red", "aborted": "red",
+    "waiting": "dim", "updating": "cyan", "baking": "blue", "passed": "green",
+    "inconclusive": "yellow", "done": "green", "rolling_back": "magenta",
+}
+
+
+def headline(st: dict[str, Any]) -> str:
+    """One line: which rollout, what to what, and where it is."""
+    waves = st.get("waves") or []
+    where = (f"wave {st.get('current_wave', 0) + 1}/{len(waves)}"
+             if waves and st.get("state") == "running" else "")
+    if st.get("phase") == "rollback" and st.get("state") == "running":
+        where = "rolling back"
+    parts = [
+        f"rollout {st.get('id')}: {st.get('service')} {st.get('from_version') or '(nothing)'} -> "
+        f"{st.get('version')} ({st.get('strategy')})",
+        str(st.get("state", "?")).replace("_", " "),
+    ]
+    if where:
+        parts.append(where)
+    if st.get("reason"):
+        parts.append(str(st["reason"]))
+    return "  ".join(parts[:1]) + ": " + ", ".join(parts[1:])
+
+
+def gates_text(gates: dict[str, Any]) -> str:
+    """The figures of a wave's last gate evaluation, compactly; "" if never evaluated."""
+    if not gates:
+        return ""
+    if gates.get("outcome") == "promoted":
+        return "promoted (gates skipped)"
+    bits = [str(gates.get("outcome", ""))]
+    if "healthy" in gates:
+        bits.append(f"healthy {gates['healthy']}/{gates.get('nodes', '?')}")
+    if gates.get("requests"):
+        rate = gates.get("error_rate")
+        bits.append(f"req {gates['requests']} err {gates.get('errors', 0)}"
+                    + (f" ({rate:.2%})" if isinstance(rate, float) else ""))
+    if gates.get("p99_new_ms") is not None:
+        ratio = gates.get("p99_ratio")
+        bits.append(f"p99 {gates['p99_new_ms']}ms vs {gates.get('p99_old_ms')}ms"
+                    + (f" (x{ratio:.2f})" if isinstance(ratio, float) else ""))
+    if gates.get("compared"):
+        bits.append(f"mirror {gates.get('mismatched', 0)}/{gates['compared']} mismatched")
+    reasons = gates.get("reasons") or []
+    if reasons:
+        bits.append("; ".join(str(r) for r in reasons))
+    return ", ".join(b for b in bits if b)
+
+
+def _styled(state: str) -> Text:
+    return Text(state.replace("_", " "), style=STATE_STYLE.get(state, ""))
+
+
+def status_renderable(st: dict[str, Any]) -> RenderableType:
+    """The people's view of one rollout: a headline, its waves and its nodes."""
+    waves = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("WAVE", "STATE", "WEIGHT", "NODES", "GATES"):
+        waves.add_column(col)
+    for w in st.get("waves") or []:
+        waves.add_row(str(w["index"] + 1), _styled(w["state"]), f"{w['weight']}%",
+                      ",".join(w["nodes"]), gates_text(w.get("gates") or {}) or "-")
+    nodes = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("NODE", "STATE", "VERSION", "HEALTHY", "ONLINE", "GEN", "REASON"):
+        nodes.add_column(col)
+    for node, p in (st.get("nodes") or {}).items():
+        nodes.add_row(node, _styled(p["state"]), p.get("version") or "-",
+                      "yes" if p.get("healthy") else "no", "yes" if p.get("online") else "no",
+                      str(p.get("generation", "")), p.get("reason") or "")
+    return Group(Text(headline(st), style="bold"), Text(""), waves, Text(""), nodes)
+
+
+def status_text(st: dict[str, Any]) -> str:
+    """The same view as plain lines (no terminal)."""
+    lines = [headline(st)]
+    for w in st.get("waves") or []:
+        g = gates_text(w.get("gates") or {})
+        lines.append(f"  wave {w['index'] + 1}: {w['state']} at {w['weight']}% on "
+                     f"{','.join(w['nodes'])}" + (f" [{g}]" if g else ""))
+    for node, p in (st.get("nodes") or {}).items():
+        lines.append(f"  {node}: {p['state']} {p.get('version') or '-'} "
+                     f"{'healthy' if p.get('healthy') else 'unhealthy'}"
+                     + ("" if p.get("online", True) else " offline")
+                     + (f" ({p['reason']})" if p.get("reason") else ""))
+    return "\n".join(lines)
+
+
+def progress_lines(before: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:
+    """What changed between two polls of a rollout's status, one line per change."""
+    if before is None:
+        return [headline(now)]
+    out: list[str] = []
+    stamp = time.strftime("%H:%M:%S")
+    old_waves = {w["index"]: w for w in before.get("waves") or []}
+    for w in now.get("waves") or []:
+        prev = old_waves.get(w["index"])
+        if prev is None or prev["state"] != w["state"]:
+            g = gates_text(w.get("gates") or {})
+            out.append(f"{stamp} wave {w['index'] + 1}: {w['state']}" + (f" [{g}]" if g else ""))
+    old_nodes = before.get("nodes") or {}
+    for node, p in (now.get("nodes") or {}).items():
+        prev = old_nodes.get(node) or {}
+        if (prev.get("state"), prev.get("online")) != (p["state"], p.get("online")):
+            out.append(f"{stamp} {node}: {p['state']}"
+                       + (f" {p['version']}" if p.get("version") else "")
+                       + ("" if p.get("online", True) else " (offline)")
+                       + (f": {p['reason']}" if p.get("reason") else ""))
+    if (before.get("state"), before.get("phase")) != (now.get("state"), now.get("phase")):
+        out.append(f"{stamp} {headline(now)}")
+    return out
+
+
+def rollouts_table(rows: list[dict[str, Any]]) -> Table:
+    """The people's view of ``fleetwave rollouts``."""
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("ROLLOUT", "SERVICE", "FROM", "TO", "STRATEGY", "STATE", "NODES", "CREATED",
+                "REASON"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["id"], r["service"], r.get("from_version") or "-", r["version"],
+                      r["strategy"], _styled(r["state"]), str(r.get("nodes", "")),
+                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.get("created", 0))),
+                      r.get("reason") or "")
+    return table
+
+
+def event_line(e: Event) -> str:
+    """One event as a log line: time, kind, where, message."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.time))
+    where = " ".join(x for x in (e.rollout, e.node) if x)
+    return f"{stamp} {e.kind:<22} {where + ' ' if where else ''}{e.message}"

@@ -1,0 +1,398 @@
+"""``fleetwave deploy|status|rollouts|events|pause|resume|promote|abort|rollback``.
+
+``deploy`` turns flags, or a ``rollout.toml`` with the same keys (snake_case: ``max_unavailable``),
+into a RolloutSpec: both go through one path, ``build_spec``, so a file and the flags can never
+disagree on what a value means. Flags given on the command line override the file. Bad values are
+one line and exit 2, before anything is sent.
+
+Following a rollout (``deploy`` without ``--detach``) polls ``status`` twice a second and draws it
+(rich Live on a terminal, one line per change otherwise). A coordinator that stops answering for a
+while (it restarts) is waited for up to ``FOLLOW_PATIENCE``. Exit codes: 0 succeeded, 3 rolled
+back, 4 paused or failed (an operator must act), 1 aborted or error, 2 usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import click
+import msgspec
+from rich.console import Console
+from rich.live import Live
+
+from coordinator.cli import client
+from coordinator.cli.base import Ctx, cli, output_option
+from coordinator.cli.render import (
+    event_line,
+    progress_lines,
+    rollouts_table,
+    status_renderable,
+    status_text,
+)
+from coordinator.errors import ConfigError, UsageError
+from coordinator.fleet import parse_selector
+from protocol import subjects
+from protocol.codec import convert, decode, encode
+from protocol.durations import parse_duration
+from protocol.errors import NotReachable, ProtocolError
+from protocol.messages import (
+    DeployRequest,
+    Event,
+    Gates,
+    ListRolloutsRequest,
+    RollbackRequest,
+    RolloutRequest,
+    RolloutSpec,
+)
+
+POLL = 0.5
+FOLLOW_PATIENCE = 60.0  # how long a silent coordinator is waited for while following
+EXIT_CODES = {"succeeded": 0, "rolled_back": 3, "paused": 4, "failed": 4, "aborted": 1}
+
+
+class RolloutFile(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The keys of a rollout.toml (and of the deploy flags, with dashes for underscores)."""
+
+    service: str | None = None
+    version: str | None = None
+    strategy: str | None = None
+    selector: dict[str, str] | list[str] | str | None = None
+    batch: str | int | None = None
+    max_unavailable: str | int | None = None
+    steps: list[str | int] | str | None = None
+    weights: list[int] | str | None = None
+    bake: str | None = None
+    mirror: str | float | None = None
+    then: str | None = None
+    scale_down_delay: str | None = None
+    min_healthy: str | float | None = None
+    max_error_rate: str | float | None = None
+    max_p99_ratio: str | float | None = None
+    max_mismatch_rate: str | float | None = None
+    min_requests: str | int | None = None
+    progress_deadline: str | None = None
+    on_failure: str | None = None
+
+
+STRATEGIES = ("rolling", "canary", "blue-green", "shadow")
+
+
+def build_spec(settings: dict[str, Any]) -> RolloutSpec:
+    """A RolloutSpec from rollout.toml keys (values as TOML or flag text); UsageError says why."""
+    f = convert(RolloutFile, settings, what="rollout settings")
+    if not f.service or not f.version:
+        raise UsageError("deploy needs a SERVICE and a VERSION (as arguments or in the file)")
+    spec = RolloutSpec(service=f.service, version=f.version)
+    if f.strategy is not None:
+        spec.strategy = _choice("--strategy", f.strategy, STRATEGIES)  # type: ignore[assignment]
+    if f.selector is not None:
+        items = [f"{k}={v}" for k, v in f.selector.items()] if isinstance(f.selector, dict) \
+            else [f.selector] if isinstance(f.selector, str) else f.selector
+        spec.selector = parse_selector(items, what="--selector")
+    if f.batch is not None:
+        spec.batch = str(f.batch)
+    if f.max_unavailable is not None:
+        spec.max_unavailable = str(f.max_unavailable)
+    if f.steps is not None:
+        spec.steps = [str(s).strip() for s in _items(f.steps)]
+    if f.weights is not None:
+        spec.weights = [_int("--weights", w) for w in _items(f.weights)]
+    if f.bake is not None:
+        spec.bake = parse_duration(f.bake, what="--bake")
+    if f.mirror is not None:
+        spec.mirror = _fraction("--mirror", f.mirror) * 100
+    if f.then is not None:
+        spec.then = _choice("--then", f.then, ("blue-green", "rolling"))  # type: ignore[assignment]
+    if f.scale_down_delay is not None:
+        spec.scale_down_delay = parse_duration(f.scale_down_delay, what="--scale-down-delay")
+    if f.progress_deadline is not None:
+        spec.progress_deadline = parse_duration(f.progress_deadline, what="--progress-deadline")
+    if f.on_failure is not None:
+        spec.on_failure = _choice(  # type: ignore[assignment]
+            "--on-failure", f.on_failure, ("rollback", "pause"))
+    spec.gates = Gates(
+        min_healthy=None if f.min_healthy is None else _fraction("--min-healthy", f.min_healthy),
+        max_error_rate=None if f.max_error_rate is None
+        else _fraction("--max-error-rate", f.max_error_rate),
+        max_p99_ratio=None if f.max_p99_ratio is None
+        else _float("--max-p99-ratio", f.max_p99_ratio),
+        max_mismatch_rate=None if f.max_mismatch_rate is None
+        else _fraction("--max-mismatch-rate", f.max_mismatch_rate),
+        min_requests=None if f.min_requests is None
+        else _int("--min-requests", f.min_requests),
+    )
+    return spec
+
+
+def _items(value: list[Any] | str) -> list[Any]:
+    return [p for p in value.split(",") if p.strip()] if isinstance(value, str) else value
+
+
+def _choice(flag: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise UsageError(f"{flag} {value!r} is not one of {', '.join(allowed)}")
+    return value
+
+
+def _int(flag: str, value: str | int) -> int:
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise UsageError(f"{flag} {value!r} is not a whole number") from None
+
+
+def _float(flag: str, value: str | float) -> float:
+    try:
+        return float(str(value).strip())
+    except ValueError:
+        raise UsageError(f"{flag} {value!r} is not a number, e.g. 1.5") from None
+
+
+def _fraction(flag: str, value: str | float) -> float:
+    """``5%`` or ``0.05`` → 0.05; refuses anything outside 0-1."""
+    text = str(value).strip()
+    try:
+        number = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise UsageError(f"{flag} {value!r} is not a percentage like 5% or a fraction like "
+                         "0.05") from None
+    if not 0 <= number <= 1:
+        raise UsageError(f"{flag} {value!r} is out of range; use 0% to 100% (or 0 to 1)")
+    return number
+
+
+def read_rollout_file(path: Path) -> dict[str, Any]:
+    """The settings of a rollout.toml; ConfigError (exit 2) if it is not readable TOML."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        convert(RolloutFile, data, what=str(path))  # unknown keys named with the file
+    except ProtocolError as exc:
+        raise ConfigError(str(exc)) from None
+    return data
+
+
+# -- deploy ----------------------------------------------------------------------------------------
+
+_FLAGS = ("strategy", "selector", "batch", "max_unavailable", "steps", "weights", "bake",
+          "mirror", "then", "scale_down_delay", "min_healthy", "max_error_rate", "max_p99_ratio",
+          "max_mismatch_rate", "min_requests", "progress_deadline", "on_failure")
+
+
+@cli.command()
+@click.argument("service", required=False)
+@click.argument("version", required=False)
+@click.option("-f", "--file", "file", type=click.Path(dir_okay=False, path_type=Path),
+              help="A rollout.toml with the same settings as these flags.")
+@click.option("--strategy", help="rolling (default), canary, blue-green or shadow.")
+@click.option("--selector", multiple=True, metavar="KEY=VALUE",
+              help="Only nodes with this label (repeatable; all must match).")
+@click.option("--batch", metavar="N|P%", help="Nodes per wave (rolling).")
+@click.option("--max-unavailable", metavar="N|P%", help="Target nodes allowed down at once.")
+@click.option("--steps", metavar="LIST", help="Canary steps: nodes fully moved, e.g. 1,10%,100%.")
+@click.option("--weights", metavar="LIST", help="Canary traffic shares, e.g. 5,25,100.")
+@click.option("--bake", metavar="DUR", help="How long each wave bakes before its gates.")
+@click.option("--mirror", metavar="P%", help="Shadow: share of requests mirrored.")
+@click.option("--then", metavar="STRATEGY", help="Shadow: promote with blue-green or rolling.")
+@click.option("--scale-down-delay", metavar="DUR", help="Blue-green: keep the old slot warm.")
+@click.option("--min-healthy", metavar="P%", help="Gate: share of the wave's nodes healthy.")
+@click.option("--max-error-rate", metavar="X", help="Gate: new-slot error rate (0.01 or 1%).")
+@click.option("--max-p99-ratio", metavar="X", help="Gate: p99 new / p99 old.")
+@click.option("--max-mismatch-rate", metavar="X", help="Gate: shadow mismatch rate.")
+@click.option("--min-requests", metavar="N", help="Gate: fewer requests is inconclusive.")
+@click.option("--progress-deadline", metavar="DUR", help="Time for a wave's nodes to converge.")
+@click.option("--on-failure", metavar="rollback|pause", help="What a failed gate does.")
+@click.option("--detach", is_flag=True, help="Print the rollout id and return at once.")
+@output_option
+@click.pass_obj
+def deploy(ctx: Ctx, /, service: str | None, version: str | None, file: Path | None,
+           detach: bool, output: str, **flags: Any) -> int:
+    """Roll SERVICE out to VERSION across the fleet, and follow it until it ends."""
+    settings: dict[str, Any] = read_rollout_file(file) if file is not None else {}
+    if service is not None:
+        settings["service"] = service
+    if version is not None:
+        settings["version"] = version
+    for key in _FLAGS:
+        value = flags.get(key)
+        if value is not None and value != ():
+            settings[key] = list(value) if key == "selector" else value
+    spec = build_spec(settings)
+    data = client.request(ctx, "deploy", DeployRequest(spec=spec), timeout=30.0)
+    rid = str(data["id"])
+    if detach:
+        click.echo(json.dumps({"id": rid}) if output == "json" else rid)
+        return 0
+    if output != "json":
+        click.echo(f"rollout {rid} started; following it (Ctrl-C stops following, not the "
+                   "rollout)", err=True)
+    return asyncio.run(follow(ctx, rid, output=output))
+
+
+async def follow(ctx: Ctx, rid: str, *, output: str) -> int:
+    """Poll the rollout's status until it ends or waits for an operator; return the exit code."""
+    tty = output != "json" and sys.stdout.isatty()
+    console = Console(soft_wrap=not tty)
+    last: dict[str, Any] | None = None
+    silent_since: float | None = None
+    live = Live(console=console, refresh_per_second=4, transient=False) if tty else None
+    try:
+        if live is not None:
+            live.start()
+        while True:
+            try:
+                st = await client.call(ctx, "status", RolloutRequest(id=rid))
+                silent_since = None
+            except NotReachable as exc:
+                now = time.monotonic()
+                silent_since = silent_since or now
+                if now - silent_since > FOLLOW_PATIENCE:
+                    raise NotReachable(f"{exc} (lost rollout {rid} for {FOLLOW_PATIENCE:g}s; "
+                                       f"check later with 'fleetwave status {rid}')") from None
+                await asyncio.sleep(POLL)
+                continue
+            if live is not None:
+                live.update(status_renderable(st))
+            elif output != "json":
+                for line in progress_lines(last, st):
+                    click.echo(line)
+            last = st
+            state = st.get("state", "")
+            if state in EXIT_CODES:
+                break
+            await asyncio.sleep(POLL)
+    finally:
+        if live is not None:
+            live.stop()
+    if output == "json":
+        click.echo(json.dumps(last, indent=2, sort_keys=True))
+    elif last is not None and last.get("reason"):
+        click.echo(f"rollout {rid} {last['state'].replace('_', ' ')}: {last['reason']}", err=True)
+    return EXIT_CODES[str(last["state"])] if last else 1
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("rollout", required=False, default="")
+@output_option
+@click.pass_obj
+def status(ctx: Ctx, rollout: str, output: str) -> None:
+    """Show one rollout (the latest without ROLLOUT): waves, gate figures, nodes."""
+    st = client.request(ctx, "status", RolloutRequest(id=rollout))
+    if output == "json":
+        click.echo(json.dumps(st, indent=2, sort_keys=True))
+    elif sys.stdout.isatty():
+        Console().print(status_renderable(st))
+    else:
+        click.echo(status_text(st))
+
+
+@cli.command()
+@click.option("--service", default="", help="Only rollouts of this service.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@output_option
+@click.pass_obj
+def rollouts(ctx: Ctx, service: str, limit: int, output: str) -> None:
+    """List rollouts, newest first."""
+    rows = client.request(ctx, "rollouts", ListRolloutsRequest(service=service, limit=limit))
+    if output == "json":
+        click.echo(json.dumps(rows, indent=2, sort_keys=True))
+    elif not rows:
+        click.echo("no rollouts yet; start one with 'fleetwave deploy SERVICE VERSION'")
+    else:
+        Console(soft_wrap=True).print(rollouts_table(rows))
+
+
+@cli.command()
+@click.option("--follow", is_flag=True, help="Keep printing new events (Ctrl-C stops).")
+@click.option("--rollout", default="", help="Only events of this rollout.")
+@click.option("--last", type=click.IntRange(1), default=None, help="Only the last N events.")
+@output_option
+@click.pass_obj
+def events(ctx: Ctx, follow: bool, rollout: str, last: int | None, output: str) -> None:
+    """Print the fleet's events (the audit log), oldest first."""
+    asyncio.run(_events(ctx, follow=follow, rollout=rollout, last=last, output=output))
+
+
+async def _events(ctx: Ctx, *, follow: bool, rollout: str, last: int | None, output: str) -> None:
+    async with client.connected(ctx) as bus:
+        stream = bus.stream_messages(subjects.events_stream(ctx.fleet), subjects.events(ctx.fleet),
+                                     follow=follow, last=last)
+        async for data in stream:
+            try:
+                event = decode(Event, data)
+            except ProtocolError:
+                continue  # not ours to judge: someone published junk on the subject
+            if rollout and event.rollout != rollout:
+                continue
+            if output == "json":
+                click.echo(encode(event).decode())
+            else:
+                click.echo(event_line(event))
+
+
+# -- operator requests -----------------------------------------------------------------------------
+
+
+def _operator(verb: str, done: str) -> None:
+    @cli.command(name=verb, help=f"{done.capitalize()} a running rollout.")
+    @click.argument("rollout")
+    @output_option
+    @click.pass_obj
+    def command(ctx: Ctx, rollout: str, output: str) -> None:
+        st = client.request(ctx, verb, RolloutRequest(id=rollout))
+        _said(st, output)
+
+    del command
+
+
+def _said(st: dict[str, Any], output: str) -> None:
+    if output == "json":
+        click.echo(json.dumps(st, indent=2, sort_keys=True))
+    else:
+        state = str(st["state"]).replace("_", " ")
+        click.echo(f"rollout {st['id']}: {state}" + (f" ({st['reason']})" if st["reason"] else ""))
+
+
+for _verb, _done in (("pause", "pause"), ("resume", "resume"), ("abort", "abort")):
+    _operator(_verb, _done)
+
+
+@cli.command()
+@click.argument("rollout")
+@click.option("--full", is_flag=True, help="Skip every remaining bake and gate, not just this one.")
+@output_option
+@click.pass_obj
+def promote(ctx: Ctx, rollout: str, full: bool, output: str) -> None:
+    """Skip the current wave's bake and gates (--full: of every remaining wave)."""
+    _said(client.request(ctx, "promote", RolloutRequest(id=rollout, full=full)), output)
+
+
+@cli.command()
+@click.argument("service")
+@click.option("--to", "to_version", default="", metavar="VERSION",
+              help="Deploy this version instead of the one before the last rollout.")
+@output_option
+@click.pass_obj
+def rollback(ctx: Ctx, service: str, to_version: str, output: str) -> None:
+    """Roll SERVICE back: its running rollout, or to the version it ran before."""
+    data = client.request(ctx, "rollback", RollbackRequest(service=service, to_version=to_version),
+                          timeout=30.0)
+    if output == "json":
+        click.echo(json.dumps(data, sort_keys=True))
+    else:
+        click.echo(f"rollout {data['id']}: {data['action']}; follow it with 'fleetwave status "
+                   f"{data['id']}'")
+
