@@ -18,6 +18,7 @@ import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from protocol.manifest import HealthConfig
 
@@ -107,10 +108,9 @@ async def exec_probe(
 ) -> ProbeResult:
     """Run ``argv`` in the release dir; exit 0 passes; killed (and reaped) at ``timeout``."""
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv, cwd=cwd, env=dict(env), stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-            start_new_session=True,
+        proc = await spawn_owned(
+            argv, cwd=cwd, env=dict(env), stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
         )
     except OSError as exc:
         return ProbeResult(False, f"exec {argv[0]}: {_os_reason(exc)}")
@@ -118,17 +118,58 @@ async def exec_probe(
         async with asyncio.timeout(timeout):
             code = await proc.wait()
     except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 9)
-        await proc.wait()
+        await kill_and_reap(proc)
         return ProbeResult(False, f"exec {argv[0]}: no exit within {timeout:g}s")
     except asyncio.CancelledError:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 9)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(proc.wait(), 2.0)
+        await kill_and_reap(proc)
         raise
     return ProbeResult(code == 0, "" if code == 0 else f"exec {argv[0]}: exit status {code}")
+
+
+async def spawn_owned(argv: list[str], **kw: Any) -> asyncio.subprocess.Process:
+    """Start a short-lived child in its own session; if cancelled meanwhile, kill and reap it.
+
+    (A cancel that lands while asyncio is still creating the process would otherwise leave a
+    child nobody waits for.)
+    """
+    creating = asyncio.ensure_future(
+        asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, start_new_session=True, **kw
+        )
+    )
+    try:
+        return await asyncio.shield(creating)
+    except asyncio.CancelledError:
+        _keep(asyncio.ensure_future(_reap_when_created(creating)))
+        raise
+
+
+async def _reap_when_created(creating: asyncio.Future[asyncio.subprocess.Process]) -> None:
+    proc = await asyncio.wait_for(creating, 5.0)
+    await kill_and_reap(proc)
+
+
+def _keep(fut: asyncio.Future[Any]) -> None:
+    """Hold a cleanup future until it is done (the loop keeps only weak references to tasks)."""
+    _reaping.add(fut)
+    fut.add_done_callback(_reaping.discard)
+    fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+
+_reaping: set[asyncio.Future[Any]] = set()
+
+
+async def kill_and_reap(proc: asyncio.subprocess.Process, timeout: float = 5.0) -> None:
+    """SIGKILL a child's session and wait for it; a second cancel does not stop the reaping.
+
+    The wait runs shielded and is kept referenced until done, so the child is always reaped even
+    if our caller is cancelled again meanwhile (as happens when a shutdown cancels a cleanup).
+    """
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, 9)
+    waiting = asyncio.ensure_future(asyncio.wait_for(proc.wait(), timeout))
+    _keep(waiting)
+    await asyncio.shield(waiting)
 
 
 async def probe_once(
