@@ -31,11 +31,13 @@ import psutil
 
 from coordinator.broker import Broker
 from coordinator.errors import BrokerError, FleetwaveError, UsageError
+from coordinator.runner import coordinator_seed
 from protocol import subjects
 from protocol.bus import Bus
 from protocol.codec import decode, encode
 from protocol.errors import BusError
 from protocol.messages import ApiReply, NodesRequest, NodeView
+from protocol.signing import public_key
 
 STOP_TIMEOUT = 10.0
 READY_TIMEOUT = 30.0
@@ -148,6 +150,13 @@ def reap_leftovers(directory: Path, *, exclude: set[int | None], timeout: float 
     return len(found)
 
 
+def _agent_has_trust_key() -> bool:
+    """Whether this tree's agent takes ``--trust-key`` (older agents verified nothing)."""
+    from agent.main import agent_command  # the dev fleet runs this very agent
+
+    return any("--trust-key" in p.opts for p in agent_command.params)
+
+
 def python_module(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
@@ -173,9 +182,14 @@ class DevFleet:
         self.heartbeat_interval = heartbeat_interval
         self.ready_timeout = ready_timeout
         self.broker = Broker(port=port, store_dir=self.dir / "jetstream")
+        # The coordinator's signing key; created before the agents start so that they can be
+        # told to trust it.
+        self.key_file = self.dir / "coordinator.seed"
+        self.public_key: str | None = None
         self.coordinator = Child(
             "coordinator",
-            python_module("coordinator.daemon", "--nats", self.nats_url, "--fleet", fleet),
+            python_module("coordinator.daemon", "--nats", self.nats_url, "--fleet", fleet,
+                          "coordinator", "--key-file", str(self.key_file)),
             self.dir / "logs" / "coordinator.log",
         )
         self.agents = [self._agent_child(i) for i in range(1, agents + 1)]
@@ -232,6 +246,11 @@ class DevFleet:
     async def start(self) -> None:
         """Start everything and wait until every agent shows online."""
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.public_key = public_key(await asyncio.to_thread(coordinator_seed, self.key_file))
+        if _agent_has_trust_key():
+            for a in self.agents:
+                if "--trust-key" not in a.argv:
+                    a.argv += ["--trust-key", self.public_key]
         await self.broker.start()
         await self.coordinator.start()
         await asyncio.gather(*(a.start() for a in self.agents))
