@@ -18,6 +18,7 @@ import click
 
 from agent import presence
 from agent.daemon import Agent, AgentOptions
+from protocol.bus import Bus
 from protocol.errors import ProtocolError
 from protocol.subjects import check_name
 
@@ -26,17 +27,17 @@ DEFAULT_NATS = "nats://127.0.0.1:4222"
 log = logging.getLogger("fleetwave.agent")
 
 
-def build_agent(options: AgentOptions) -> Agent:
-    """The one place an Agent is put together; plug the service manager in here.
+def build_agent(options: AgentOptions, trusted_keys: tuple[str, ...] = ()) -> Agent:
+    """The one place an Agent is put together: the daemon with its service manager plugged in."""
+    from agent.shell import ServiceManager  # here: the daemon alone must not need the shell
 
-    To run services, pass a factory that receives the connected Bus, e.g.::
+    def services(bus: Bus) -> ServiceManager:
+        return ServiceManager(
+            bus=bus, fleet=options.fleet, node=options.node_id, data_dir=options.data_dir,
+            bind_host=options.bind_host, trusted_keys=trusted_keys,
+        )
 
-        from agent.shell import ServiceManager
-        return Agent(options, services=lambda bus: ServiceManager(
-            bus=bus, fleet=options.fleet, node=options.node_id,
-            data_dir=options.data_dir, bind_host=options.bind_host))
-    """
-    return Agent(options)
+    return Agent(options, services=services)
 
 
 def _node_id(_: click.Context, __: click.Parameter, value: str) -> str:
@@ -102,6 +103,11 @@ def _interval(_: click.Context, __: click.Parameter, value: float) -> float:
     default=presence.DEFAULT_INTERVAL, callback=_interval, hidden=True,
     help="Seconds between heartbeats (tests use short ones).",
 )
+@click.option(
+    "--trust-key", "trust_keys", multiple=True, envvar="FLEETWAVE_TRUST_KEYS", metavar="KEY",
+    help="Public key of a coordinator whose desired states to accept (repeatable; env "
+    "FLEETWAVE_TRUST_KEYS, space-separated).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log debug details.")
 def agent_command(
     node_id: str,
@@ -111,6 +117,7 @@ def agent_command(
     nats_url: str,
     fleet: str,
     heartbeat_interval: float,
+    trust_keys: tuple[str, ...],
     verbose: bool,
 ) -> int:
     """Run the fleetwave agent for this node in the foreground (SIGTERM or Ctrl-C stops it)."""
@@ -135,7 +142,9 @@ def agent_command(
         bind_host=bind_host,
         heartbeat_interval=heartbeat_interval,
     )
-    return asyncio.run(_run(build_agent(options)))
+    if not trust_keys:
+        log.warning("no --trust-key given: every desired state will be refused")
+    return asyncio.run(_run(build_agent(options, trust_keys)))
 
 
 async def _run(agent: Agent) -> int:

@@ -39,6 +39,7 @@ import psutil
 
 from agent.probes import Prober, kill_and_reap, spawn_owned
 from protocol.manifest import Manifest
+from protocol.messages import SlotStatusName
 
 log = logging.getLogger("fleetwave.agent.slots")
 
@@ -50,6 +51,10 @@ LOG_MAX_BYTES = 10 * 1024 * 1024
 ADOPTED_POLL = 0.2
 KILL_WAIT = 5.0
 BASE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER", "LOGNAME")
+
+_LIVE: dict[str, SlotStatusName] = {
+    "starting": "starting", "healthy": "healthy", "unhealthy": "unhealthy", "draining": "draining",
+}
 
 Notify = Callable[["SlotRunner", str, str], None]  # (runner, event kind, message)
 
@@ -176,7 +181,7 @@ class SlotRunner:
         self.notify = notify
         self.now = now
         self.policy = policy or CrashPolicy()
-        self.status = "starting"
+        self.status: SlotStatusName = "starting"
         self.since = now()
         self.reason = ""
         self.restarts = 0
@@ -200,8 +205,7 @@ class SlotRunner:
         r = cls(spec, notify)
         r.pid, r.create_time, r._adopted = pid, create_time, True
         r._validated = True  # it passed validation before the agent restarted, or is starting
-        live = ("starting", "healthy", "unhealthy", "draining")
-        r.status = status if status in live else "starting"
+        r.status = _LIVE.get(status, "starting")
         r._probe_healthy = r.status in ("healthy", "draining")
         r.since, r.restarts = since, restarts
         return r
@@ -431,7 +435,7 @@ class SlotRunner:
         self._stopping = True
         await self._terminate(0.5)
 
-    def _set(self, status: str, reason: str) -> None:
+    def _set(self, status: SlotStatusName, reason: str) -> None:
         if status != self.status:
             self.since = self.now()
         self.status = status

@@ -1,0 +1,349 @@
+"""The agent's service manager end to end: a real broker, a real agent process, the hello bundles
+pushed as releases, real HTTP traffic through the router under steady load."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import signal
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+
+from coordinator.broker import Broker, free_port
+from coordinator.releases import push_release
+from protocol import subjects
+from protocol.bus import Bus
+from protocol.codec import decode, encode
+from protocol.messages import DesiredState, Event, ObservedState, ReleaseRef
+from protocol.signing import generate_seed, public_key, sign
+from tests.integration.procs import reaping, spawn_agent, wait_until
+
+HELLO = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "hello"
+NODE = "n1"
+
+
+# -- load: fresh and keep-alive connections -------------------------------------------------------
+
+
+@dataclass
+class Load:
+    """Steady GET / traffic on one port; every request that is not a 200 counts as failed."""
+
+    port: int
+    ok: int = 0
+    failed: int = 0
+    versions: dict[str, int] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def _request(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, keep: bool
+    ) -> None:
+        conn = "keep-alive" if keep else "close"
+        writer.write(f"GET / HTTP/1.1\r\nHost: t\r\nConnection: {conn}\r\n\r\n".encode())
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        body = await reader.readexactly(length)
+        if status != 200:
+            raise OSError(f"status {status}: {body[:100]!r}")
+        version = json.loads(body).get("version", "?")
+        self.versions[version] = self.versions.get(version, 0) + 1
+
+    async def _fresh(self) -> None:
+        while not self._stop.is_set():
+            writer = None
+            try:
+                async with asyncio.timeout(5):
+                    reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                    await self._request(reader, writer, keep=False)
+                self.ok += 1
+            except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as exc:
+                self._fail(f"fresh: {exc!r}")
+            finally:
+                if writer is not None:
+                    writer.close()
+                    with contextlib.suppress(Exception):
+                        await writer.wait_closed()
+            await asyncio.sleep(0.005)
+
+    async def _keepalive(self) -> None:
+        reader = writer = None
+        while not self._stop.is_set():
+            try:
+                async with asyncio.timeout(5):
+                    if writer is None:
+                        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                    assert reader is not None
+                    await self._request(reader, writer, keep=True)
+                self.ok += 1
+            except asyncio.IncompleteReadError as exc:
+                if exc.partial:
+                    self._fail(f"keep-alive: cut mid-answer {exc!r}")
+                # else: the server closed an idle keep-alive connection between requests, which
+                # HTTP allows; a client retries such a request on a new connection.
+                writer = None
+            except (OSError, TimeoutError, ValueError) as exc:
+                self._fail(f"keep-alive: {exc!r}")
+                writer = None
+            await asyncio.sleep(0.005)
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    def _fail(self, what: str) -> None:
+        self.failed += 1
+        if len(self.errors) < 20:
+            self.errors.append(what)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Load]:
+        tasks = [asyncio.create_task(self._fresh()), asyncio.create_task(self._keepalive())]
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            await asyncio.wait_for(asyncio.gather(*tasks), 15)
+
+
+# -- fixtures -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Fleet:
+    bus: Bus
+    seed: bytes
+    port: int
+    base: Path
+    refs: dict[str, ReleaseRef]
+    generation: int = 0
+
+    async def desire(
+        self, slots: dict[str, str], weights: dict[str, int], *, seed: bytes | None = None,
+        generation: int | None = None,
+    ) -> int:
+        gen = generation if generation is not None else self.generation + 1
+        self.generation = max(self.generation, gen)
+        d = DesiredState(
+            fleet="default", node=NODE, service="hello", generation=gen,
+            slots={s: self.refs[v] for s, v in slots.items()}, weights=weights,
+        )
+        env = sign(seed or self.seed, d)
+        await self.bus.kv_put(
+            subjects.desired_bucket("default"), subjects.node_service_key(NODE, "hello"),
+            encode(env),
+        )
+        return gen
+
+    async def observed(self) -> ObservedState | None:
+        e = await self.bus.kv_get(
+            subjects.observed_bucket("default"), subjects.node_service_key(NODE, "hello")
+        )
+        return decode(ObservedState, e.value) if e and e.value else None
+
+    async def converged(self, gen: int, timeout: float = 40) -> ObservedState:
+        obs = await wait_until(
+            self.observed, lambda o: o is not None and o.observed_generation >= gen,
+            timeout=timeout, what=f"observed generation {gen}",
+        )
+        assert obs is not None
+        return obs
+
+
+def _bundle(src: Path, dest: Path, port: int) -> Path:
+    """A copy of a hello bundle whose router port is ``port`` (tests must not share 8080)."""
+    shutil.copytree(src, dest)
+    m = dest / "fleetwave.toml"
+    m.write_text(m.read_text().replace("port = 8080", f"port = {port}"))
+    return dest
+
+
+def _leftovers(base: Path) -> list[psutil.Process]:
+    """Slot processes and routers the agent started under ``base`` (they outlive the agent)."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "cwd"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+            cwd = p.info["cwd"] or ""
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if str(base) in cmd or cwd.startswith(str(base)):
+            found.append(p)
+    return found
+
+
+@pytest.fixture
+async def fleet(broker: Broker, tmp_path: Path) -> AsyncIterator[Fleet]:
+    bus = await Bus.connect(broker.url, "default")
+    await bus.ensure_fleet()
+    port = free_port()
+    refs = {}
+    for version in ("1.0.0", "2.0.0", "2.1.0"):
+        path = _bundle(HELLO / version, tmp_path / "bundles" / version, port)
+        refs[version] = (await push_release(bus, path)).info.ref
+    try:
+        yield Fleet(bus=bus, seed=generate_seed(), port=port, base=tmp_path / "agents", refs=refs)
+    finally:
+        await bus.close()
+        procs = _leftovers(tmp_path)
+        for p in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(procs, timeout=5)
+
+
+def _agent(f: Fleet, broker: Broker):  # type: ignore[no-untyped-def]
+    return spawn_agent(broker.url, NODE, f.base, extra=["--trust-key", public_key(f.seed)])
+
+
+async def _events(bus: Bus, kind: str) -> list[Event]:
+    out = []
+    async for data in bus.stream_messages(
+        subjects.events_stream("default"), subjects.event("default", kind)
+    ):
+        out.append(decode(Event, data))
+    return out
+
+
+# -- tests ----------------------------------------------------------------------------------------
+
+
+async def test_make_before_break_loses_no_request(fleet: Fleet, broker: Broker) -> None:
+    """1.0.0 → 2.0.0 under steady load (fresh and keep-alive): zero failed requests."""
+    async with reaping(_agent(fleet, broker)):
+        gen = await fleet.desire({"a": "1.0.0"}, {"a": 100})
+        obs = await fleet.converged(gen)
+        assert obs.phase == "converged" and obs.slots["a"].status == "healthy"
+        async with Load(fleet.port).running() as load:
+            await wait_until(_const(load), lambda ld: ld.ok > 50, timeout=20, what="load")
+            gen = await fleet.desire({"b": "2.0.0"}, {"b": 100})
+            obs = await fleet.converged(gen)
+            before = load.versions.get("2.0.0", 0)
+            await wait_until(_const(load), lambda ld: ld.versions.get("2.0.0", 0) > before + 50,
+                             timeout=20, what="traffic on 2.0.0")
+        assert load.failed == 0, load.errors
+        assert load.versions.get("1.0.0", 0) > 0 and load.versions.get("2.0.0", 0) > 0
+        assert obs.phase == "converged"
+        assert obs.slots["b"].status == "healthy" and obs.slots["b"].version == "2.0.0"
+        assert obs.slots["a"].status == "stopped"
+        assert obs.weights == {"b": 100}
+        kinds = {e.kind for e in await _events(fleet.bus, "slot.>")}
+        assert {"slot.started", "slot.healthy", "slot.stopped"} <= kinds
+
+
+async def test_release_that_never_gets_healthy_fails_and_old_keeps_serving(
+    fleet: Fleet, broker: Broker
+) -> None:
+    """hello 2.1.0 never passes its health check: failed with the reason, 1.0.0 serves on."""
+    async with reaping(_agent(fleet, broker)):
+        gen = await fleet.desire({"a": "1.0.0"}, {"a": 100})
+        await fleet.converged(gen)
+        async with Load(fleet.port).running() as load:
+            gen = await fleet.desire({"b": "2.1.0"}, {"b": 100})
+            obs = await wait_until(
+                fleet.observed, lambda o: o is not None and o.phase == "failed",
+                timeout=40, what="phase failed",
+            )
+            await wait_until(_const(load), lambda ld: ld.ok > 50, timeout=20, what="load")
+        assert obs is not None
+        assert load.failed == 0, load.errors
+        assert set(load.versions) == {"1.0.0"}
+        assert obs.generation == gen and obs.observed_generation == gen - 1
+        assert "start_timeout" in obs.error and "2.1.0" in obs.error
+        assert obs.slots["b"].status == "failed"
+        assert obs.slots["a"].status == "healthy"
+        failed = await _events(fleet.bus, "slot.failed")
+        assert any("start_timeout" in e.message for e in failed)
+
+
+async def test_forged_and_replayed_states_are_refused(fleet: Fleet, broker: Broker) -> None:
+    """A wrong key and an older generation are refused with agent.refused and change nothing."""
+    async with reaping(_agent(fleet, broker)):
+        gen = await fleet.desire({"a": "1.0.0"}, {"a": 100}, generation=5)
+        await fleet.converged(gen)
+        await fleet.desire({"b": "2.0.0"}, {"b": 100}, seed=generate_seed(), generation=6)
+        await fleet.desire({"b": "2.0.0"}, {"b": 100}, generation=4)
+        refused = await wait_until(
+            lambda: _events(fleet.bus, "agent.refused"), lambda evs: len(evs) >= 2,
+            timeout=20, what="two agent.refused events",
+        )
+        reasons = " | ".join(e.message for e in refused)
+        assert "unknown key" in reasons and "not newer than 5" in reasons
+        obs = await fleet.observed()
+        assert obs is not None
+        assert obs.generation == 5 and obs.observed_generation == 5
+        assert set(obs.slots) == {"a"} and obs.weights == {"a": 100}
+
+
+async def test_crash_loop_ends_failed_and_agent_stays_up(
+    fleet: Fleet, broker: Broker, tmp_path: Path
+) -> None:
+    """A service that keeps crashing ends failed with its last exit status; the agent lives."""
+    src = _bundle(HELLO / "1.0.0", tmp_path / "crashy", fleet.port)
+    m = src / "fleetwave.toml"
+    m.write_text(
+        m.read_text()
+        .replace('version = "1.0.0"', 'version = "9.9.9"')
+        .replace('GREETING = "hello from 1.0.0"', 'GREETING = "crashy", CRASH_AFTER_S = "0.2"')
+        .replace('start_timeout = "10s"', 'start_timeout = "60s"')
+    )
+    fleet.refs["9.9.9"] = (await push_release(fleet.bus, src)).info.ref
+    async with reaping(_agent(fleet, broker)) as (agent,):
+        await fleet.desire({"a": "9.9.9"}, {"a": 100})
+        obs = await wait_until(
+            fleet.observed, lambda o: o is not None and o.phase == "failed",
+            timeout=60, what="crash loop detected",
+        )
+        assert obs is not None
+        assert "crash loop" in obs.error and "exited with status 3" in obs.error
+        assert obs.slots["a"].last_exit == 3
+        assert agent.running
+
+
+async def test_kill_9_of_the_agent_loses_nothing_and_adopts(fleet: Fleet, broker: Broker) -> None:
+    """kill -9 of the agent under load: zero failures; the new agent adopts, no second process."""
+    agent = _agent(fleet, broker)
+    async with reaping(agent):
+        gen = await fleet.desire({"a": "1.0.0"}, {"a": 100})
+        obs = await fleet.converged(gen)
+        pid = obs.slots["a"].pid
+        assert pid is not None
+        async with Load(fleet.port).running() as load:
+            await wait_until(_const(load), lambda ld: ld.ok > 30, timeout=20, what="load")
+            agent.signal(signal.SIGKILL)
+            await agent.stop(timeout=0)
+            served = load.ok
+            await wait_until(_const(load), lambda ld: ld.ok > served + 50, timeout=20,
+                             what="traffic with the agent dead")
+            await agent.start()
+            gen = await fleet.desire({"a": "1.0.0", "b": "2.0.0"}, {"a": 50, "b": 50})
+            obs = await fleet.converged(gen)
+        assert load.failed == 0, load.errors
+        assert obs.slots["a"].pid == pid  # adopted, not restarted
+        hello_a = [
+            p for p in _leftovers(fleet.base)
+            if "app.py" in " ".join(p.cmdline()) and p.environ().get("FLEETWAVE_SLOT") == "a"
+        ]
+        assert [p.pid for p in hello_a] == [pid]
+
+
+def _const(load: Load):  # type: ignore[no-untyped-def]
+    async def probe() -> Load:
+        return load
+
+    return probe
+
+
+_ = time
