@@ -538,6 +538,9 @@ class Step:
         gates = self.spec.gates
         if kind == "stage":
             gates = Gates(min_healthy=gates.min_healthy)
+        elif self.spec.strategy == "shadow":
+            # After a shadow, --then waves serve live traffic: nothing is mirrored any more.
+            gates = msgspec.structs.replace(gates, max_mismatch_rate=None)
         new, old, mirror = [], [], []
         healthy = 0
         for n, p in self.r.nodes.items():
