@@ -1,12 +1,15 @@
 """Router benchmark: the same keep-alive load direct to an upstream and through the router.
 
-Usage: python tests/perf/bench_router.py [--json] [--duration 5] [--concurrency 1,16]
+Usage: python tests/perf/bench_router.py [--json] [--duration 5] [--concurrency 1,4,16] [--no-wrk]
 
 An asyncio HTTP/1.1 upstream runs in its own process; the router is started with ``start_router``
 in front of it; a small asyncio keep-alive client with fixed concurrency drives each target for
 ``--duration`` seconds per concurrency level. Printed per level: requests/s, p50 and p99 latency
-direct and proxied, and the ratios (throughput proxied/direct, added p50/p99 in ms). With 2 cores
-the client, the upstream and the router share the CPU, so the figures are a floor.
+direct and proxied, the ratios (throughput proxied/direct, added p50/p99 in ms), and the router's
+CPU time per proxied request (user+system, from /proc). When ``wrk`` is installed the same levels
+run again with wrk as the client (a native client: a second opinion that does not share the
+Python client's overhead). The client, the upstream and the router share the machine's cores, so
+the ratios measure the router's cost *in that company*; see the CPU column for its own cost.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import argparse
 import asyncio
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,7 +97,34 @@ async def drive(port: int, concurrency: int, duration: float) -> dict[str, float
     }
 
 
-async def bench(duration: float, levels: list[int]) -> list[dict[str, object]]:
+def cpu_seconds(pid: int) -> float:
+    """User+system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+async def drive_wrk(port: int, concurrency: int, duration: float) -> dict[str, float]:
+    """The same load with wrk (one thread, ``concurrency`` keep-alive connections)."""
+    proc = await asyncio.create_subprocess_exec(
+        "wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(duration))}s", "--latency",
+        f"http://127.0.0.1:{port}/bench", stdout=subprocess.PIPE,
+    )
+    async with asyncio.timeout(duration + 30):
+        out = (await proc.communicate())[0].decode()
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    return {"requests": total, "rps": rps, "p50_ms": _ms(lat["50"]), "p99_ms": _ms(lat["99"])}
+
+
+async def bench(
+    duration: float, levels: list[int], use_wrk: bool
+) -> list[dict[str, object]]:
     upstream = subprocess.Popen(  # noqa: ASYNC220  # returns at once; nothing runs yet
         [sys.executable, __file__, "--serve"], stdout=subprocess.PIPE, text=True
     )
@@ -113,19 +145,25 @@ async def bench(duration: float, levels: list[int]) -> list[dict[str, object]]:
         await drive(stats.port, 4, 0.5)  # warm up both paths
         await drive(up_port, 4, 0.5)
         rows: list[dict[str, object]] = []
-        for c in levels:
-            direct = await drive(up_port, c, duration)
-            proxied = await drive(stats.port, c, duration)
-            rows.append(
-                {
-                    "concurrency": c,
-                    "direct": direct,
-                    "router": proxied,
-                    "throughput_ratio": proxied["rps"] / direct["rps"],
-                    "added_p50_ms": proxied["p50_ms"] - direct["p50_ms"],
-                    "added_p99_ms": proxied["p99_ms"] - direct["p99_ms"],
-                }
-            )
+        clients = [("python", drive)] + ([("wrk", drive_wrk)] if use_wrk else [])
+        for client_name, run_load in clients:
+            for c in levels:
+                direct = await run_load(up_port, c, duration)
+                cpu0 = cpu_seconds(router_pid)
+                proxied = await run_load(stats.port, c, duration)
+                cpu = cpu_seconds(router_pid) - cpu0
+                proxied["router_cpu_us_per_req"] = cpu * 1e6 / max(1.0, proxied["requests"])
+                rows.append(
+                    {
+                        "client": client_name,
+                        "concurrency": c,
+                        "direct": direct,
+                        "router": proxied,
+                        "throughput_ratio": proxied["rps"] / direct["rps"],
+                        "added_p50_ms": proxied["p50_ms"] - direct["p50_ms"],
+                        "added_p99_ms": proxied["p99_ms"] - direct["p99_ms"],
+                    }
+                )
         await RouterClient(sock).shutdown()
         return rows
     finally:
@@ -155,23 +193,28 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", action="store_true", help="print JSON only")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per run")
-    parser.add_argument("--concurrency", default="1,16", help="comma-separated levels")
+    parser.add_argument("--concurrency", default="1,4,16", help="comma-separated levels")
+    parser.add_argument("--no-wrk", action="store_true", help="skip the wrk runs")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         run(serve_upstream())
         return
     levels = [int(x) for x in args.concurrency.split(",")]
-    rows = run(bench(args.duration, levels))
+    use_wrk = not args.no_wrk and shutil.which("wrk") is not None
+    rows = run(bench(args.duration, levels, use_wrk))
     assert isinstance(rows, list)
     if not args.json:
-        print(f"{'conc':>4} {'target':>7} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
+        print(f"{'client':>6} {'conc':>4} {'target':>7} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+              f"{'router cpu/req':>14}")
         for r in rows:
             for name in ("direct", "router"):
                 f = r[name]
-                print(f"{r['concurrency']:>4} {name:>7} {f['rps']:>9.0f} {f['p50_ms']:>8.3f} "
-                      f"{f['p99_ms']:>8.3f}")
-            print(f"{'':>4} {'ratio':>7} {r['throughput_ratio']:>9.2f} "
+                cpu = f.get("router_cpu_us_per_req")
+                print(f"{r['client']:>6} {r['concurrency']:>4} {name:>7} {f['rps']:>9.0f} "
+                      f"{f['p50_ms']:>8.3f} {f['p99_ms']:>8.3f} "
+                      f"{'' if cpu is None else f'{cpu:.1f} us':>14}")
+            print(f"{'':>6} {'':>4} {'ratio':>7} {r['throughput_ratio']:>9.2f} "
                   f"{r['added_p50_ms']:>+8.3f} {r['added_p99_ms']:>+8.3f}")
     print(json.dumps({"benchmark": "router", "duration_s": args.duration, "results": rows}))
 
