@@ -8,6 +8,7 @@ is logged with its traceback and the process exits 1, for systemd to restart it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import signal
@@ -108,6 +109,10 @@ def _interval(_: click.Context, __: click.Parameter, value: float) -> float:
     help="Public key of a coordinator whose desired states to accept (repeatable; env "
     "FLEETWAVE_TRUST_KEYS, space-separated).",
 )
+@click.option(
+    "--simulate", type=click.IntRange(0, 100_000), default=0, metavar="N",
+    help="Host N simulated nodes <node-id>-1..N (instant slots) for control-plane scale tests.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log debug details.")
 def agent_command(
     node_id: str,
@@ -118,6 +123,7 @@ def agent_command(
     fleet: str,
     heartbeat_interval: float,
     trust_keys: tuple[str, ...],
+    simulate: int,
     verbose: bool,
 ) -> int:
     """Run the fleetwave agent for this node in the foreground (SIGTERM or Ctrl-C stops it)."""
@@ -144,6 +150,8 @@ def agent_command(
     )
     if not trust_keys:
         log.warning("no --trust-key given: every desired state will be refused")
+    if simulate:
+        return asyncio.run(_run_simulated(options, trust_keys, simulate))
     return asyncio.run(_run(build_agent(options, trust_keys)))
 
 
@@ -153,6 +161,47 @@ async def _run(agent: Agent) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await agent.run(stop)
+    return 0
+
+
+async def _run_simulated(options: AgentOptions, trusted_keys: tuple[str, ...], count: int) -> int:
+    """Run ``count`` simulated nodes on one connection until SIGTERM or SIGINT."""
+    from agent.hostinfo import HostSampler
+    from agent.simulate import SimulatedNodes
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    connecting = asyncio.create_task(Bus.connect(
+        options.nats_url, options.fleet, name=f"fleetwave-sim-{options.node_id}",
+        connect_deadline=10 * 365 * 24 * 3600.0, reconnect_forever=True,
+    ))
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not connecting.done():
+        connecting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await connecting
+        return 0
+    stopping.cancel()
+    bus = connecting.result()
+    sim = SimulatedNodes(
+        bus=bus, fleet=options.fleet, base=options.node_id, count=count, labels=options.labels,
+        trusted_keys=trusted_keys, bind_host=options.bind_host,
+        sampler=HostSampler(options.data_dir), interval=options.heartbeat_interval,
+    )
+    log.info("simulating %d nodes %s-1..%d", count, options.node_id, count)
+    try:
+        running = asyncio.create_task(sim.run())
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({running, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running  # re-raises if the simulation itself failed: a bug, exit 1
+    finally:
+        await bus.close()
     return 0
 
 

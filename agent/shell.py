@@ -172,6 +172,7 @@ class ServiceManager:
         self.cache = ReleaseCache(self.data_dir / "releases")
         self.services: dict[str, Service] = {}
         self.refused = 0
+        self._refused_values: dict[str, bytes] = {}
         self._wake = asyncio.Event()
         self._events: asyncio.Queue[Event] = asyncio.Queue(maxsize=10_000)
         self._tg: asyncio.TaskGroup | None = None
@@ -259,10 +260,13 @@ class ServiceManager:
     async def _offer(self, key: str, value: bytes) -> None:
         """Accept a desired state if it is genuine, meant for us and newer; else refuse it."""
         service = key.split(".", 1)[1] if "." in key else key
+        if self._refused_values.get(key) == value:
+            return  # refused already (the re-read sees it again): one event is enough
         svc = self.services.get(service)
         try:
             env = decode(SignedEnvelope, value)
         except ProtocolError as exc:
+            self._refused_values[key] = value
             await self._refuse(service, f"malformed desired state at {key}: {exc}")
             return
         if svc is not None and svc.envelope is not None and env == svc.envelope:
@@ -278,6 +282,7 @@ class ServiceManager:
                 min_generation=current,
             )
         except ProtocolError as exc:
+            self._refused_values[key] = value
             await self._refuse(service, str(exc), generation=env.generation)
             return
         if svc is None:

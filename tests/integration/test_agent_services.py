@@ -8,7 +8,6 @@ import contextlib
 import json
 import shutil
 import signal
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -345,5 +344,3 @@ def _const(load: Load):  # type: ignore[no-untyped-def]
 
     return probe
 
-
-_ = time

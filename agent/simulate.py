@@ -1,0 +1,219 @@
+"""The simulated driver: one process hosts N virtual nodes, for control-plane scale tests.
+
+``fleetwave-agent --node-id sim --simulate N`` runs nodes ``sim-1`` ... ``sim-N``. Each registers
+and heartbeats like a real node (through ``agent.presence``, the same code the daemon uses), and
+answers its desired states through the same protocol path: envelopes are verified with
+``protocol.signing.verify`` (trusted keys, fleet, node, service, newer generation) and refused
+with an ``agent.refused`` event otherwise. What differs is the work: a virtual node has no
+processes, so every desired slot is healthy at once and the weights are applied at once, and the
+observed state says ``converged`` on the desired generation straight away.
+
+Scale: ONE watch on the whole desired bucket, filtered in process (N watches would cost N
+consumers on the server), heartbeats published in one pass per interval over one connection, and
+KV writes (registrations, observed states) spread over a few worker tasks with bounded waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Collection
+from dataclasses import dataclass
+
+import msgspec
+
+from agent import presence
+from agent.hostinfo import HostSampler, host_facts
+from protocol import subjects
+from protocol.bus import Bus
+from protocol.codec import decode, encode
+from protocol.errors import BusError, ProtocolError
+from protocol.messages import (
+    DesiredState,
+    Event,
+    ObservedState,
+    ServiceSummary,
+    SignedEnvelope,
+    SlotStatus,
+)
+from protocol.signing import verify
+
+log = logging.getLogger("fleetwave.agent.simulate")
+
+WRITERS = 16
+WRITE_TIMEOUT = 10.0
+
+
+def node_ids(base: str, count: int) -> list[str]:
+    """The virtual node ids: ``<base>-1`` ... ``<base>-<count>``."""
+    return [f"{base}-{i}" for i in range(1, count + 1)]
+
+
+def instant_observed(node: str, desired: DesiredState, now: float) -> ObservedState:
+    """What a virtual node reports: every desired slot healthy, weights applied, converged."""
+    mirror = desired.mirror.slot if desired.mirror else None
+    slots = {
+        s: SlotStatus(slot=s, status="healthy", version=ref.version, digest=ref.digest, since=now)
+        for s, ref in desired.slots.items()
+    }
+    weights = {
+        s: w for s, w in desired.weights.items() if w > 0 and s in desired.slots and s != mirror
+    }
+    return ObservedState(
+        node=node, service=desired.service, generation=desired.generation,
+        observed_generation=desired.generation, slots=slots, weights=weights, phase="converged",
+        time=now,
+    )
+
+
+def summary_of(desired: DesiredState) -> ServiceSummary:
+    """The heartbeat line of a virtual node's service: the version with the largest weight."""
+    best = max(desired.weights.items(), key=lambda kv: kv[1], default=("", 0))
+    ref = desired.slots.get(best[0]) or next(iter(desired.slots.values()), None)
+    return ServiceSummary(
+        service=desired.service, version=ref.version if ref else "", healthy=ref is not None,
+        generation=desired.generation, observed_generation=desired.generation,
+    )
+
+
+@dataclass
+class _Accepted:
+    envelope: SignedEnvelope
+    desired: DesiredState
+
+
+class SimulatedNodes:
+    """N virtual nodes over one bus connection; ``run`` until cancelled."""
+
+    def __init__(
+        self, *, bus: Bus, fleet: str, base: str, count: int, labels: dict[str, str],
+        trusted_keys: Collection[str], bind_host: str = "127.0.0.1",
+        sampler: HostSampler, interval: float = presence.DEFAULT_INTERVAL,
+    ) -> None:
+        self.bus = bus
+        self.fleet = fleet
+        self.nodes = node_ids(base, count)
+        self._members = frozenset(self.nodes)
+        self.labels = labels
+        self.trusted_keys = frozenset(trusted_keys)
+        self.interval = interval
+        self.sampler = sampler
+        self.accepted: dict[tuple[str, str], _Accepted] = {}
+        self.refused = 0
+        self.registered = 0
+        started = time.time()
+        facts = host_facts()
+        self._infos = {
+            n: msgspec.structs.replace(
+                presence.node_info(node=n, labels=labels, facts=facts, bind_host=bind_host,
+                                   started_at=started),
+                simulated=True,
+            )
+            for n in self.nodes
+        }
+        self._writes: asyncio.Queue[tuple[str, str, bytes]] = asyncio.Queue()
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            for i in range(WRITERS):
+                tg.create_task(self._writer(), name=f"sim-writer-{i}")
+            tg.create_task(self._register_loop(), name="sim-register")
+            tg.create_task(self._heartbeat_loop(), name="sim-heartbeat")
+            await self._watch_loop()
+
+    # -- presence ---------------------------------------------------------------------------------
+
+    async def _register_loop(self) -> None:
+        """Register every node on connect and again after every reconnect."""
+        done_for: int | None = None
+        while True:
+            if done_for == self.bus.reconnects or not self.bus.connected:
+                await asyncio.sleep(0.2)
+                continue
+            done_for = self.bus.reconnects
+            for n in self.nodes:
+                data = encode(self._infos[n])
+                with contextlib.suppress(BusError):
+                    await self.bus.publish(subjects.register(self.fleet), data)
+                await self._writes.put((subjects.nodes_bucket(self.fleet), n, data))
+            self.registered += 1
+            log.info("registered %d simulated nodes", len(self.nodes))
+
+    async def _heartbeat_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        due = loop.time()
+        seq = 0
+        while True:
+            delay = due - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            due = presence.next_beat(due, self.interval, loop.time())
+            if not self.bus.connected:
+                continue
+            figures = self.sampler.sample()  # one host: every virtual node reports its figures
+            now = time.time()
+            by_node: dict[str, list[ServiceSummary]] = {}
+            for (node, _svc), acc in self.accepted.items():
+                by_node.setdefault(node, []).append(summary_of(acc.desired))
+            for n in self.nodes:
+                hb = presence.heartbeat(
+                    node=n, seq=seq, now=now, interval=self.interval, labels=self.labels,
+                    figures=figures, services=by_node.get(n, []), slots=[],
+                )
+                try:
+                    await self.bus.publish(subjects.heartbeat(self.fleet, n), encode(hb))
+                except BusError:
+                    break  # disconnected meanwhile: the next pass tries again
+            seq += 1
+
+    # -- desired and observed ---------------------------------------------------------------------
+
+    async def _watch_loop(self) -> None:
+        async for entry in self.bus.watch(subjects.desired_bucket(self.fleet), ">"):
+            if entry is None or entry.value is None or "." not in entry.key:
+                continue
+            node, service = entry.key.split(".", 1)
+            if node in self._members:
+                self.offer(node, service, entry.value)
+
+    def offer(self, node: str, service: str, value: bytes) -> bool:
+        """Verify and accept a desired state for a virtual node; True if accepted."""
+        prev = self.accepted.get((node, service))
+        try:
+            env = decode(SignedEnvelope, value)
+            if prev is not None and env == prev.envelope:
+                return False
+            desired = verify(env, self.trusted_keys, fleet=self.fleet, node=node,
+                             service=service, min_generation=prev.desired.generation if prev else 0)
+        except ProtocolError as exc:
+            self.refused += 1
+            ev = Event(id=uuid.uuid4().hex, time=time.time(), fleet=self.fleet,
+                       kind="agent.refused", message=str(exc), node=node, service=service)
+            self._writes.put_nowait(("", subjects.event(self.fleet, "agent.refused"), encode(ev)))
+            return False
+        self.accepted[(node, service)] = _Accepted(env, desired)
+        obs = instant_observed(node, desired, time.time())
+        self._writes.put_nowait((subjects.observed_bucket(self.fleet),
+                                 subjects.node_service_key(node, service), encode(obs)))
+        return True
+
+    async def _writer(self) -> None:
+        """KV writes and events, retried with backoff; bucket "" means an event subject."""
+        while True:
+            bucket, key, data = await self._writes.get()
+            for attempt in range(10):
+                try:
+                    async with asyncio.timeout(WRITE_TIMEOUT):
+                        if bucket:
+                            await self.bus.kv_put(bucket, key, data)
+                        else:
+                            await self.bus.js_publish(key, data)
+                    break
+                except (BusError, TimeoutError) as exc:
+                    if attempt == 0:
+                        log.warning("simulated write to %s %s failed (%s); retrying", bucket, key,
+                                    exc or "timeout")
+                    await asyncio.sleep(presence.retry_delay(attempt))
