@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
+import pytest
 
 from coordinator.engine import (
     Abort,
@@ -45,10 +46,12 @@ from coordinator.engine import (
     new_record,
 )
 from coordinator.planning import max_unavailable
+from coordinator.strategies import wave_kind
 from protocol.messages import (
     LATENCY_BOUNDS_MS,
     DesiredState,
     Gates,
+    MirrorTraffic,
     NodeView,
     ObservedState,
     ReleaseRef,
@@ -90,6 +93,7 @@ class Agent:
     phase: str = "converged"
     error: str = ""
     token: int = 0  # bumped on every new desired state or death: stale timers do nothing
+    mirror: MirrorTraffic = field(default_factory=MirrorTraffic)  # the router's, cumulative
 
     def serving(self) -> set[str]:
         """Releases (by version) of the slots that carry traffic."""
@@ -98,7 +102,7 @@ class Agent:
 
 
 class World:
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, strategy: str = "") -> None:
         self.seed = seed
         rng = self.rng = random.Random(seed)
         self.now = 0.0
@@ -116,9 +120,20 @@ class World:
             gates.min_healthy = 1.0
         if rng.random() < 0.2:
             gates.max_p99_ratio = 2.0
-        strategy = "canary" if rng.random() < 0.3 else "rolling"
+        if not strategy:
+            strategy = "canary" if rng.random() < 0.3 else "rolling"
+        self.mismatchy = rng.random() < 0.2  # the shadow answers differently
         kw: dict[str, object] = {}
-        if strategy == "canary":
+        if strategy == "blue-green":
+            kw["scale_down_delay"] = rng.choice([0.0, 30.0, 120.0])
+        elif strategy == "shadow":
+            kw["mirror"] = 10.0
+            kw["then"] = rng.choice([None, "blue-green", "rolling"])
+            kw["batch"] = rng.choice(["1", "50%"])
+            kw["scale_down_delay"] = rng.choice([0.0, 60.0])
+            if rng.random() < 0.7:
+                gates.max_mismatch_rate = 0.05
+        elif strategy == "canary":
             if rng.random() < 0.5:
                 kw["steps"] = ["1", "50%", "100%"]
             if rng.random() < 0.5:
@@ -151,6 +166,7 @@ class World:
         self.offline: set[str] = set()  # as reported to the engine
         self.resumes = 0
         self.max_operator_actions = 6
+        self.new_weight_at: float | None = None  # when a write first gave the new release traffic
 
     # -- scheduling -----------------------------------------------------------------------------
 
@@ -173,12 +189,25 @@ class World:
         forward = {c.desired.node for c in cmds if isinstance(c, WriteDesired)
                    and record.state == "running" and record.phase == "forward"}
         before = self.unavailable()
+        last = {}  # a batch may start a node and roll it back: judge its last write
+        for c in cmds:
+            if isinstance(c, WriteDesired):
+                last[c.desired.node] = c.desired.generation
+        kind = wave_kind(self.spec, record.current_wave)
+        forward = forward if kind == "" else set()  # staging and switching disrupt nobody
         for c in cmds:
             if isinstance(c, WriteDesired):
                 d = c.desired
                 old = self.store[d.node]
                 assert d.generation > old.generation, (
                     f"seed {self.seed}: {d.node} generation {d.generation} <= {old.generation}")
+                if self.new_weight_at is None and any(
+                        d.weights.get(s, 0) > 0 for s, r in d.slots.items() if r == NEW):
+                    self.new_weight_at = self.now
+                if record.phase == "rollback" and d.generation == last[d.node]:
+                    # A rollback starts no release: every slot it names already runs that one.
+                    assert all(old.slots.get(s) == r for s, r in d.slots.items()), (
+                        f"seed {self.seed}: rollback of {d.node} starts {d.slots}")
                 self.store[d.node] = d
                 self.at(self.now + self.rng.uniform(0.05, 2.0), lambda d=d: self.deliver(d))
         if forward - before:  # the engine disrupts a node that was serving: is there room?
@@ -192,7 +221,8 @@ class World:
     def unavailable(self) -> set[str]:
         """Nodes in flight (a forward desired state not converged on) or reported offline."""
         in_flight = {n for n, d in self.store.items()
-                     if NEW in d.slots.values() and not self.converged(n, d)}
+                     if any(d.weights.get(s, 0) > 0 for s, r in d.slots.items() if r == NEW)
+                     and not self.converged(n, d)}
         return in_flight | self.offline
 
     def converged(self, node: str, d: DesiredState) -> bool:
@@ -240,9 +270,9 @@ class World:
     def try_converge(self, a: Agent) -> None:
         d = a.desired
         assert d is not None
-        if any(w > 0 and a.slots[s].status != "healthy" for s, w in d.weights.items()):
+        if any(a.slots[s].status != "healthy" for s in d.slots):
             self.report(a)
-            return  # make-before-break: traffic stays where it is
+            return  # make-before-break: traffic stays where it is, until every slot is healthy
         a.weights = dict(d.weights)
         for name in list(a.slots):
             if name not in d.slots:
@@ -254,6 +284,7 @@ class World:
         if not a.alive:
             return
         d = a.desired
+        m = a.mirror
         obs = ObservedState(
             node=a.node, service="hello", generation=d.generation if d else 0,
             observed_generation=a.observed_generation, phase=a.phase,  # type: ignore[arg-type]
@@ -262,7 +293,10 @@ class World:
                    for n, s in a.slots.items()},
             router=RouterStats(epoch=1.0, weights=dict(a.weights), slots={
                 n: SlotTraffic(requests=s.requests, errors=s.errors, latency=list(s.latency))
-                for n, s in a.slots.items()}),
+                for n, s in a.slots.items()},
+                mirror=MirrorTraffic(compared=m.compared, mismatched=m.mismatched,
+                                     shadow_latency=list(m.shadow_latency),
+                                     live_latency=list(m.live_latency))),
         )
         # Late and reordered delivery: the engine must judge by the report's time.
         self.at(self.now + self.rng.choice([0.0, 0.1, 0.5, 3.0]),
@@ -281,7 +315,15 @@ class World:
                 slot.requests += n
                 slot.errors += int(n * rate)
                 slot.latency[12 if slot.release == NEW else 10] += n
-
+            m, d = a.mirror, a.desired
+            if (d is not None and d.mirror is not None and a.observed_generation >= d.generation
+                    and d.mirror.slot in a.slots and a.slots[d.mirror.slot].status == "healthy"):
+                if not m.shadow_latency:
+                    m.shadow_latency, m.live_latency = [0] * BUCKETS, [0] * BUCKETS
+                m.compared += 2
+                m.mismatched += 2 if self.mismatchy else 0
+                m.shadow_latency[11] += 2
+                m.live_latency[10] += 2
     def periodic(self) -> None:
         for a in self.agents.values():
             self.report(a)
@@ -377,9 +419,16 @@ class World:
         elif rec.state == "failed":
             missing = [n for n in off_previous if n not in rec.reason]
             assert not missing, f"seed {self.seed}: {missing} not named in {rec.reason!r}"
+        elif rec.state == "succeeded" and self.spec.strategy == "shadow" and not self.spec.then:
+            assert off_previous == [], f"seed {self.seed}: shadow left {off_previous} moved"
         elif rec.state == "succeeded":
             assert all(d.slots == {self.engine.record.nodes[n].slot: NEW}
                        for n, d in self.store.items()), f"seed {self.seed}"
+        if self.spec.strategy in ("blue-green", "shadow") and rec.waves[0].state == "failed":
+            assert self.new_weight_at is None, f"seed {self.seed}: a failed stage switched"
+        if self.spec.strategy == "shadow" and self.new_weight_at is not None:
+            assert self.spec.then and rec.waves[0].state == "passed", (
+                f"seed {self.seed}: the shadow got traffic without a passed --then")
 
 
 def bound(world: World) -> float:
@@ -387,6 +436,19 @@ def bound(world: World) -> float:
     spec = world.spec
     per_wave = spec.progress_deadline + spec.bake + 2 * TICK
     return (len(world.engine.record.waves) + 4) * per_wave * 4 + 600.0
+
+
+@pytest.mark.parametrize("strategy", ["blue-green", "shadow"])
+def test_simulation_invariants_per_strategy(strategy: str) -> None:
+    """Over 1000 seeds of faults per strategy, every rollout ends and all invariants hold."""
+    outcomes: dict[str, int] = {}
+    for seed in range(SEEDS):
+        world = World(seed, strategy)
+        world.run(bound(world))
+        world.check_end()
+        outcomes[world.engine.state] = outcomes.get(world.engine.state, 0) + 1
+    assert {"succeeded", "rolled_back", "aborted"} <= set(outcomes), outcomes
+    assert outcomes["succeeded"] > SEEDS // 10, outcomes
 
 
 def test_simulation_invariants_over_many_seeds() -> None:
