@@ -23,7 +23,11 @@ is done the wave *bakes* for ``spec.bake`` seconds, and then its gates (``coordi
 decide: pass → next wave; fail → ``on_failure`` (rollback or pause); inconclusive → pause.
 Rollback writes every touched node's previous desired state, each with a higher generation, in one
 wave; it ends ``rolled_back`` when all converged back, or ``failed`` naming the nodes that did not
-by the rollback deadline. Observed states older (by their ``time``) than one already seen are stale
+by the rollback deadline. Blue-green and shadow add kinds of waves (``strategies.wave_kind``:
+stage, shadow, switch) whose phase logic lives in ``strategies.blue_green`` and
+``strategies.shadow``; the engine calls them at fixed points (wave start and convergence, bake
+verdict, success, rollback). Events, commands and the transition tables are in ``engine_types``.
+Observed states older (by their ``time``) than one already seen are stale
 and ignored, so late and reordered reports cannot move a rollout backwards.
 """
 
