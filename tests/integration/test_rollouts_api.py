@@ -4,16 +4,19 @@ a coordinator killed with SIGKILL drives its rollout again after a restart."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 from coordinator.broker import Broker
+from coordinator.cli.base import Ctx
+from coordinator.cli.client import call
 from coordinator.devfleet import Child, python_module
 from protocol import subjects
 from protocol.bus import Bus
 from protocol.codec import decode
 from protocol.errors import NotReachable
-from protocol.messages import DesiredState, SignedEnvelope
+from protocol.messages import DesiredState, KeyRequest, SignedEnvelope
 from protocol.signing import load_seed, public_key, verify
 from tests.integration.procs import fleetwave, nodes_json, online, reaping, spawn_agent, wait_until
 
@@ -33,6 +36,15 @@ def one_line(text: str) -> str:
     assert len(lines) == 1, f"expected one line, got: {text!r}"
     assert "Traceback" not in text
     return lines[0]
+
+
+async def key_of(url: str) -> dict[str, str] | None:
+    """The coordinator's ``key`` reply, or None while no coordinator answers."""
+    try:
+        reply: dict[str, str] = await call(Ctx(url, "default"), "key", KeyRequest())
+    except NotReachable:
+        return None
+    return reply
 
 
 async def ready(url: str, nodes: list[str]) -> None:
@@ -74,15 +86,20 @@ async def test_deploys_locks_requests_and_resume_after_kill(broker: Broker, tmp_
     SIGKILL of the coordinator mid-rollout, and the restarted one drives it again."""
     url = broker.url
     coord = coordinator_child(url, tmp_path)
+    # Agents without --trust-key: they refuse every desired state, so the rollout stays in its
+    # first wave, which leaves time to poke it.
     agents = [spawn_agent(url, f"node-{i}", tmp_path, labels={"zone": "a"}) for i in (1, 2)]
-    async with reaping(coord, *agents):
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(reaping(coord))
+        await wait_until(lambda: key_of(url), lambda r: r is not None, timeout=30,
+                         what="the coordinator's API (it creates the buckets agents watch)")
+        await stack.enter_async_context(reaping(*agents))
         await ready(url, ["node-1", "node-2"])
         code, _, err = await fleetwave("deploy", "hello", "1.0.0", "--detach", nats_url=url)
         assert code == 2 and "release push" in one_line(err)
         code, _, err = await fleetwave("release", "push", str(EXAMPLES / "1.0.0"), nats_url=url)
         assert code == 0, err
 
-        # Agents here run no services, so the rollout stays in its first wave: time to poke it.
         code, out, err = await fleetwave("deploy", "hello", "1.0.0", "--detach", "-o", "json",
                                          "--progress-deadline", "10m", nats_url=url)
         assert code == 0, err
@@ -142,20 +159,10 @@ async def test_deploys_locks_requests_and_resume_after_kill(broker: Broker, tmp_
 
 async def test_the_key_verb_names_the_key_file_public_key(broker: Broker, tmp_path: Path) -> None:
     """The coordinator creates its key file 0600 and publishes the matching public key."""
-    from coordinator.cli.base import Ctx
-    from coordinator.cli.client import call
-    from protocol.messages import KeyRequest
-
-    async def key() -> dict[str, str] | None:
-        try:
-            reply: dict[str, str] = await call(Ctx(broker.url, "default"), "key", KeyRequest())
-        except NotReachable:  # not up yet
-            return None
-        return reply
-
     coord = coordinator_child(broker.url, tmp_path)
     async with reaping(coord):
-        reply = await wait_until(key, lambda r: r is not None, timeout=30, what="the key verb")
+        reply = await wait_until(lambda: key_of(broker.url), lambda r: r is not None, timeout=30,
+                                 what="the key verb")
     assert reply is not None
     seed_file = tmp_path / "coordinator.seed"
     assert seed_file.stat().st_mode & 0o077 == 0
