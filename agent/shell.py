@@ -91,6 +91,7 @@ REREAD = 30.0
 OBSERVE_EVERY = 5.0
 STATS_EVERY = 2.0
 BUS_TIMEOUT = 10.0
+PRUNE_EVERY = 60.0
 
 
 @dataclass
@@ -120,9 +121,13 @@ class Service:
     router_stats: RouterStats | None = None
     last_observed: bytes = b""
     last_observed_at: float = 0.0
+    pending_observed: ObservedState | None = None
+    # Failed slots remembered from the state file (no process): so that a restarted agent does
+    # not retry a generation that already failed.
+    idle: dict[str, SlotView] = field(default_factory=dict)
 
     def view(self) -> ServiceView:
-        slots = {}
+        slots = {s: v for s, v in self.idle.items() if s not in self.runners}
         for s, r in self.runners.items():
             slots[s] = SlotView(
                 slot=s,
@@ -174,6 +179,8 @@ class ServiceManager:
         self.refused = 0
         self._refused_values: dict[str, bytes] = {}
         self._wake = asyncio.Event()
+        self._observed_dirty = asyncio.Event()
+        self._pruned_at = 0.0
         self._events: asyncio.Queue[Event] = asyncio.Queue(maxsize=10_000)
         self._tg: asyncio.TaskGroup | None = None
         self._saved = b""
@@ -195,6 +202,7 @@ class ServiceManager:
                 tg.create_task(self._reread_loop(), name="desired-reread")
                 tg.create_task(self._events_loop(), name="events")
                 tg.create_task(self._stats_loop(), name="router-stats")
+                tg.create_task(self._observed_loop(), name="observed")
                 await self._reconcile_loop()
         finally:
             self._tg = None
@@ -309,6 +317,24 @@ class ServiceManager:
                     await self._do(svc, action)
                 await self._observe(svc)
             await self._save()
+            self._prune()
+
+    def _prune(self) -> None:
+        """Drop unpacked releases nobody runs or wants, keeping the cache's recent few."""
+        now = time.time()
+        if now - self._pruned_at < PRUNE_EVERY:
+            return
+        self._pruned_at = now
+        in_use: set[str] = set()
+        for svc in self.services.values():
+            in_use |= {r.spec.digest for r in svc.runners.values()}
+            in_use |= set(svc.fetching)
+            if svc.desired is not None:
+                in_use |= {ref.digest for ref in svc.desired.slots.values()}
+        try:
+            self.cache.prune(in_use)
+        except OSError as exc:
+            log.warning("cannot prune the release cache: %s", exc)
 
     async def _do(self, svc: Service, action: Action) -> None:
         tg = self._tg
@@ -378,6 +404,7 @@ class ServiceManager:
         )
         runner = SlotRunner(spec, self._on_slot)
         svc.runners[slot] = runner
+        svc.idle.pop(slot, None)
         assert self._tg is not None
         self._tg.create_task(runner.run(), name=f"slot-{svc.name}-{slot}")
         log.info("starting %s %s in slot %s on port %s", svc.name, ref.version, slot, port)
@@ -526,20 +553,35 @@ class ServiceManager:
         if body == svc.last_observed and now - svc.last_observed_at < OBSERVE_EVERY:
             return
         obs.time = now
-        try:
-            async with asyncio.timeout(BUS_TIMEOUT):
-                await self.bus.kv_put(
-                    subjects.observed_bucket(self.fleet),
-                    subjects.node_service_key(self.node, svc.name),
-                    encode(obs),
-                )
-        except (BusError, TimeoutError) as exc:
-            if not self._bus_failing:
-                log.warning("cannot write observed state of %s: %s", svc.name, exc or "timeout")
-            self._bus_failing = True
-            return
-        self._bus_failing = False
         svc.last_observed, svc.last_observed_at = body, now
+        svc.pending_observed = obs
+        self._observed_dirty.set()
+
+    async def _observed_loop(self) -> None:
+        """Write the newest observed state of each service; a slow bus never holds the loop."""
+        while True:
+            await self._observed_dirty.wait()
+            self._observed_dirty.clear()
+            for svc in list(self.services.values()):
+                obs, svc.pending_observed = svc.pending_observed, None
+                if obs is None:
+                    continue
+                try:
+                    async with asyncio.timeout(BUS_TIMEOUT):
+                        await self.bus.kv_put(
+                            subjects.observed_bucket(self.fleet),
+                            subjects.node_service_key(self.node, svc.name),
+                            encode(obs),
+                        )
+                except (BusError, TimeoutError) as exc:
+                    if not self._bus_failing:
+                        log.warning(
+                            "cannot write observed state of %s: %s", svc.name, exc or "timeout"
+                        )
+                    self._bus_failing = True
+                    svc.last_observed = b""  # written again on the next pass
+                    continue
+                self._bus_failing = False
 
     def _event(self, kind: str, service: str, message: str, **data: Any) -> None:
         ev = Event(
@@ -593,6 +635,19 @@ class ServiceManager:
                 )
                 for s, r in svc.runners.items()
             }
+            for s, v in svc.idle.items():
+                if s not in slots:
+                    slots[s] = SlotRecord(
+                        slot=s,
+                        status=v.status,
+                        digest=v.digest,
+                        version=v.version,
+                        since=v.since,
+                        restarts=v.restarts,
+                        reason=v.reason,
+                        generation=v.generation,
+                        last_exit=v.last_exit,
+                    )
             services[svc.name] = ServiceRecord(
                 service=svc.name,
                 envelope=svc.envelope,
@@ -655,6 +710,19 @@ class ServiceManager:
         return adopted
 
     def _adopt(self, svc: Service, slot: str, rec: SlotRecord) -> SlotRunner | None:
+        if slot in SLOTS and rec.status == "failed" and rec.digest:
+            svc.idle[slot] = SlotView(
+                slot=slot,
+                status="failed",
+                digest=rec.digest,
+                version=rec.version,
+                since=rec.since,
+                restarts=rec.restarts,
+                reason=rec.reason,
+                generation=rec.generation,
+                last_exit=rec.last_exit,
+            )
+            return None
         if slot not in SLOTS or rec.pid is None or rec.create_time is None or not rec.digest:
             return None
         ref = ReleaseRef(service=svc.name, version=rec.version, digest=rec.digest)

@@ -268,18 +268,23 @@ async def test_release_that_never_gets_healthy_fails_and_old_keeps_serving(
 
 
 async def test_forged_and_replayed_states_are_refused(fleet: Fleet, broker: Broker) -> None:
-    """A wrong key and an older generation are refused with agent.refused and change nothing."""
+    """A wrong key, an older generation and garbage are refused (agent.refused), nothing changes."""
     async with reaping(_agent(fleet, broker)):
         gen = await fleet.desire({"a": "1.0.0"}, {"a": 100}, generation=5)
         await fleet.converged(gen)
         await fleet.desire({"b": "2.0.0"}, {"b": 100}, seed=generate_seed(), generation=6)
         await fleet.desire({"b": "2.0.0"}, {"b": 100}, generation=4)
+        await fleet.bus.kv_put(
+            subjects.desired_bucket("default"), subjects.node_service_key(NODE, "hello"),
+            b'{"not": "an envelope"',
+        )
         refused = await wait_until(
-            lambda: _events(fleet.bus, "agent.refused"), lambda evs: len(evs) >= 2,
-            timeout=20, what="two agent.refused events",
+            lambda: _events(fleet.bus, "agent.refused"), lambda evs: len(evs) >= 3,
+            timeout=20, what="three agent.refused events",
         )
         reasons = " | ".join(e.message for e in refused)
         assert "unknown key" in reasons and "not newer than 5" in reasons
+        assert "malformed desired state" in reasons
         obs = await fleet.observed()
         assert obs is not None
         assert obs.generation == 5 and obs.observed_generation == 5
