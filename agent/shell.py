@@ -246,10 +246,20 @@ class ServiceManager:
 
     async def _watch_loop(self) -> None:
         bucket = subjects.desired_bucket(self.fleet)
-        async for entry in self.bus.watch(bucket, subjects.node_keys(self.node)):
-            if entry is None or entry.value is None:
-                continue  # end of the initial contents, or a deletion: nothing to accept
-            await self._offer(entry.key, entry.value)
+        attempt = 0
+        while True:
+            try:
+                async for entry in self.bus.watch(bucket, subjects.node_keys(self.node)):
+                    attempt = 0
+                    if entry is None or entry.value is None:
+                        continue  # end of the initial contents, or a deletion: nothing to accept
+                    await self._offer(entry.key, entry.value)
+            except BusError as exc:
+                # Typically: no coordinator has created the fleet's buckets yet. Wait for it.
+                if attempt == 0:
+                    log.warning("cannot watch desired states yet (%s); retrying", exc)
+                await asyncio.sleep(min(5.0, 0.2 * 2**attempt))
+                attempt += 1
 
     async def _reread_loop(self) -> None:
         bucket = subjects.desired_bucket(self.fleet)
@@ -312,11 +322,18 @@ class ServiceManager:
                 await asyncio.wait_for(self._wake.wait(), self.tick)
             self._wake.clear()
             for svc in list(self.services.values()):
-                now = time.time()
-                for action in reconcile(svc.desired, svc.view(), now):
-                    await self._do(svc, action)
-                await self._observe(svc)
-            await self._save()
+                try:
+                    for action in reconcile(svc.desired, svc.view(), time.time()):
+                        await self._do(svc, action)
+                    await self._observe(svc)
+                except Exception:
+                    # A bug in one service's pass must not stop the others (nor the agent);
+                    # the next pass tries again from the view, which is level-triggered.
+                    log.exception("reconciling %s failed; retrying on the next pass", svc.name)
+            try:
+                await self._save()
+            except OSError as exc:
+                log.error("cannot write the agent state %s: %s", self.state_path, exc)
             self._prune()
 
     def _prune(self) -> None:
@@ -366,7 +383,7 @@ class ServiceManager:
             manifest = await asyncio.to_thread(load_manifest, path / MANIFEST_NAME)
             if manifest.name != svc.name:
                 raise ReleaseError(f"bundle is for service {manifest.name!r}, not {svc.name!r}")
-        except (ReleaseError, ProtocolError) as exc:
+        except (ReleaseError, ProtocolError, OSError) as exc:
             reason = getattr(exc, "reason", None) or str(exc)
             svc.fetch_errors[ref.digest] = FetchError(reason, time.time())
             log.warning("cannot fetch %s %s: %s", ref.service, ref.version, reason)

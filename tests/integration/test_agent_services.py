@@ -349,3 +349,80 @@ def _const(load: Load):  # type: ignore[no-untyped-def]
 
     return probe
 
+
+
+WORKER = """\
+import os, pathlib, signal, sys, time
+flag = pathlib.Path(os.environ["FLEETWAVE_SLOT"] + ".alive")
+signal.signal(signal.SIGTERM, lambda *_: (flag.unlink(missing_ok=True), sys.exit(0)))
+flag.write_text(os.environ["FLEETWAVE_VERSION"])
+while True:
+    time.sleep(0.1)
+"""
+
+
+def _worker_bundle(dest: Path, version: str) -> Path:
+    dest.mkdir(parents=True)
+    (dest / "worker.py").write_text(WORKER)
+    (dest / "check.py").write_text(
+        "import os, pathlib, sys\n"
+        "sys.exit(0 if pathlib.Path(os.environ['FLEETWAVE_SLOT'] + '.alive').exists() else 1)\n"
+    )
+    (dest / "fleetwave.toml").write_text(
+        f'name = "hello"\nversion = "{version}"\ncommand = ["python3", "worker.py"]\n'
+        '[health]\nexec = ["python3", "check.py"]\ninterval = "100ms"\nhealthy_threshold = 1\n'
+        '[stop]\ndrain = "100ms"\ntimeout = "2s"\n'
+    )
+    return dest
+
+
+async def test_worker_without_port_is_replaced_make_before_break(
+    fleet: Fleet, broker: Broker, tmp_path: Path
+) -> None:
+    """A worker (no port, no router) gets its new slot healthy before the old one stops."""
+    for v in ("w1", "w2"):
+        bundle = _worker_bundle(tmp_path / "worker" / v, v)
+        fleet.refs[v] = (await push_release(fleet.bus, bundle)).info.ref
+    async with reaping(_agent(fleet, broker)):
+        await fleet.converged(await fleet.desire({"a": "w1"}, {}))
+        obs = await fleet.converged(await fleet.desire({"b": "w2"}, {}))
+        assert obs.slots["b"].status == "healthy" and obs.slots["a"].status == "stopped"
+        assert obs.router is None and obs.weights == {}
+        events = await _events(fleet.bus, "slot.>")
+        order = [(e.kind, e.data.get("slot")) for e in events]
+        assert order.index(("slot.healthy", "b")) < order.index(("slot.stopped", "a"))
+
+
+async def test_agent_started_before_the_fleet_exists_waits_for_it(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """An agent up before any coordinator created the buckets keeps waiting, then converges."""
+    seed = generate_seed()
+    agent = spawn_agent(broker.url, NODE, tmp_path / "agents",
+                        extra=["--trust-key", public_key(seed)])
+    async with reaping(agent):
+        bus = await Bus.connect(broker.url, "default")
+        try:
+            await wait_until(
+                lambda: _log_has(agent.log_path, "cannot watch desired states yet"), bool,
+                timeout=20, what="the agent to notice the missing bucket",
+            )
+            await bus.ensure_fleet()
+            port = free_port()
+            path = _bundle(HELLO / "1.0.0", tmp_path / "b1", port)
+            ref = (await push_release(bus, path)).info.ref
+            f = Fleet(bus=bus, seed=seed, port=port, base=tmp_path / "agents", refs={"1.0.0": ref})
+            obs = await f.converged(await f.desire({"a": "1.0.0"}, {"a": 100}))
+            assert obs.slots["a"].status == "healthy" and agent.running
+        finally:
+            await bus.close()
+            procs = _leftovers(tmp_path)
+            for p in procs:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.kill()
+            psutil.wait_procs(procs, timeout=5)
+
+
+async def _log_has(path: Path, text: str) -> bool:
+    return text in await asyncio.to_thread(lambda: path.read_text(errors="replace")
+                                           if path.exists() else "")
