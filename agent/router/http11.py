@@ -38,6 +38,10 @@ _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _STATUS_LINE = re.compile(rb"^HTTP/1\.([01]) ([0-9]{3})(?: .*)?$")
 _HEX = re.compile(rb"^[0-9A-Fa-f]{1,16}$")
+# The headers the index holds: those whose values the router reads, and the hop-by-hop ones (so
+# that a head without any needs no filtering).
+_READ = frozenset({b"connection", b"content-length", b"transfer-encoding", b"host", b"expect"})
+_INDEXED = _READ | HOP_BY_HOP
 
 
 class HttpError(Exception):
@@ -83,9 +87,12 @@ Headers = list[tuple[bytes, bytes]]
 
 
 def _split_headers(lines: list[bytes]) -> tuple[Headers, dict[bytes, list[bytes]]]:
-    """Header lines to (name, value) pairs and a lower-case index; raises on garbage."""
+    """Header lines to (name, value) pairs and an index of the ones we read; raises on garbage."""
     if len(lines) > MAX_HEADERS:
         raise HttpError(431, f"more than {MAX_HEADERS} header lines")
+    # One scan of all the lines for control characters instead of one per value: the common
+    # case is clean, and a dirty head is refused below with the precise reason.
+    checked = _BAD_VALUE.search(b"".join(lines)) is None
     pairs: list[tuple[bytes, bytes]] = []
     index: dict[bytes, list[bytes]] = {}
     for line in lines:
@@ -94,10 +101,12 @@ def _split_headers(lines: list[bytes]) -> tuple[Headers, dict[bytes, list[bytes]
             # Also refuses obs-fold (a line starting with a space): RFC 9112 5.2 lets us.
             raise HttpError(400, "malformed header line")
         value = value.strip(b" \t")
-        if _BAD_VALUE.search(value):
+        if not checked and _BAD_VALUE.search(value):
             raise HttpError(400, "control character in a header value")
         pairs.append((name, value))
-        index.setdefault(name.lower(), []).append(value)
+        lower = name.lower()
+        if lower in _INDEXED:
+            index.setdefault(lower, []).append(value)
     return pairs, index
 
 
@@ -109,8 +118,10 @@ def _connection_tokens(index: dict[bytes, list[bytes]]) -> set[bytes]:
 
 
 def _strip_hop_by_hop(
-    pairs: list[tuple[bytes, bytes]], tokens: set[bytes]
+    pairs: list[tuple[bytes, bytes]], tokens: set[bytes], index: dict[bytes, list[bytes]]
 ) -> list[tuple[bytes, bytes]]:
+    if not tokens and HOP_BY_HOP.isdisjoint(index):
+        return pairs  # nothing to drop (the usual case)
     drop = HOP_BY_HOP | tokens
     return [(n, v) for n, v in pairs if n.lower() not in drop]
 
@@ -169,7 +180,7 @@ def parse_request(head: bytes) -> RequestHead:
         keep_alive = b"keep-alive" in tokens
     expect = index.get(b"expect")
     expect_continue = expect is not None and expect[-1].lower() == b"100-continue"
-    headers = _strip_hop_by_hop(pairs, tokens)
+    headers = _strip_hop_by_hop(pairs, tokens, index)
     if expect_continue:
         # The router answers 100 Continue itself and buffers the body, so the upstream must not.
         headers = [(n, v) for n, v in headers if n.lower() != b"expect"]
@@ -232,7 +243,7 @@ def parse_response(head: bytes, request_method: str) -> ResponseHead:
         keep_alive=keep_alive,
         body=body,
         content_length=length,
-        headers=_strip_hop_by_hop(pairs, tokens),
+        headers=_strip_hop_by_hop(pairs, tokens, index),
     )
 
 

@@ -215,6 +215,17 @@ class ClientConn(Channel):
         if self.task is not None:  # the general path reads through awaits
             super().data_received(data)
             return
+        if (
+            not self.busy
+            and not self.buf
+            and data.endswith(_HEAD_END)
+            and data.find(_HEAD_END) == len(data) - 4
+        ):
+            # The common case: the segment is exactly one request head. Serve it uncopied.
+            self._serve_head(data)
+            if not self.busy:
+                self.next_request()  # (the router answered it itself: go on as usual)
+            return
         self.buf += data
         if self.busy:  # a later (pipelined) request waits for the current one
             if len(self.buf) > PIPELINE_LIMIT and not self._read_paused:
@@ -270,14 +281,20 @@ class ClientConn(Channel):
                 return
             head = bytes(buf[: i + 4])
             del buf[: i + 4]
-            self.busy = True
-            self.started = time.perf_counter()
-            try:
-                req = parse_request(head)
-            except HttpError as exc:
-                self._answer_and_close(error_response(exc.status, str(exc)))
-                return
-            self._dispatch(req)
+            self._serve_head(head)
+
+    def _serve_head(self, head: bytes) -> None:
+        self.busy = True
+        self.started = time.perf_counter()
+        if len(head) > MAX_HEAD:
+            self._answer_and_close(error_response(431, "request head too large"))
+            return
+        try:
+            req = parse_request(head)
+        except HttpError as exc:
+            self._answer_and_close(error_response(exc.status, str(exc)))
+            return
+        self._dispatch(req)
 
     def _dispatch(self, req: RequestHead) -> None:
         proxy = self.proxy

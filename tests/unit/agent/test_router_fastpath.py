@@ -415,3 +415,17 @@ async def test_no_request_reaches_a_weight_zero_slot_on_the_fast_path(rig: Rig) 
     writer.close()
     assert (a.requests, b.requests) == (10, 10)
     assert rig.proxy.slots["a"].requests == rig.proxy.slots["b"].requests == 10
+
+
+async def test_a_head_split_into_tiny_segments_is_reassembled(rig: Rig) -> None:
+    """A request head sent a few bytes at a time (even 3) is served once it is whole."""
+    await rig.upstream(echo_path)
+    reader, writer = await connect(rig.port)
+    head = get("/split")
+    for i in range(0, len(head), 3):
+        writer.write(head[i : i + 3])
+        await writer.drain()
+        await asyncio.sleep(0.001)  # separate segments; the answer is awaited below, not timed
+    status, _, body = await read_response(reader)
+    writer.close()
+    assert (status, body) == (200, b"/split conn=1")
