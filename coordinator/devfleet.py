@@ -253,8 +253,10 @@ class DevFleet:
                     a.argv += ["--trust-key", self.public_key]
         await self.broker.start()
         await self.coordinator.start()
-        await asyncio.gather(*(a.start() for a in self.agents))
         self._bus = await Bus.connect(self.nats_url, self.fleet, name="fleetwave-dev")
+        # Agents watch buckets the coordinator creates: start them once its API answers.
+        await self.wait_online([])
+        await asyncio.gather(*(a.start() for a in self.agents))
         await self.wait_online([f"node-{i}" for i in range(1, len(self.agents) + 1)])
 
     async def stop(self) -> None:
