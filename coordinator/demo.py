@@ -67,7 +67,7 @@ async def run_demo(examples: Path, *, keep_dir: bool = False) -> int:
     async with DevFleet(base / "fleet", agents=AGENTS, heartbeat_interval=1.0) as fleet:
         nodes = await fleet.nodes()
         say(f"  {len(nodes)} nodes online: " + ", ".join(
-            f"{n.id} ({DevFleet.bind_host(i + 1)})" for i, n in enumerate(nodes)))
+            f"{n.id} ({fleet.host(i + 1)})" for i, n in enumerate(nodes)))
         bus = await Bus.connect(fleet.nats_url, fleet.fleet, name="fleetwave-demo")
         try:
             for version in ("1.0.0", "2.0.0", "2.1.0"):
@@ -76,7 +76,7 @@ async def run_demo(examples: Path, *, keep_dir: bool = False) -> int:
         finally:
             await bus.close()
         cli = _Cli(fleet.nats_url, fleet.fleet)
-        targets = [(DevFleet.bind_host(i), PORT) for i in range(1, AGENTS + 1)]
+        targets = [(fleet.host(i), PORT) for i in range(1, AGENTS + 1)]
 
         say("\n== Install hello 1.0.0 on every node")
         t0 = time.monotonic()

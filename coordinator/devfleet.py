@@ -173,12 +173,16 @@ class DevFleet:
         fleet: str = "default",
         heartbeat_interval: float | None = None,
         ready_timeout: float = READY_TIMEOUT,
+        subnet: str = "127.0.1",
     ) -> None:
         if not 0 <= agents <= MAX_AGENTS:
             raise UsageError(f"--agents {agents} is out of range; use 0 to {MAX_AGENTS}")
         subjects.check_name("fleet", fleet)
         self.dir = Path(directory).absolute()
         self.fleet = fleet
+        # Agents bind to <subnet>.1..N; tests that run side by side pick different subnets of
+        # 127/8 so that the same service port on every node never collides between fleets.
+        self.subnet = subnet
         self.heartbeat_interval = heartbeat_interval
         self.ready_timeout = ready_timeout
         self.broker = Broker(port=port, store_dir=self.dir / "jetstream")
@@ -210,13 +214,17 @@ class DevFleet:
         return {"zone": "a" if i % 2 else "b", "role": "web"}
 
     @staticmethod
-    def bind_host(i: int) -> str:
-        return f"127.0.1.{i}"
+    def bind_host(i: int, subnet: str = "127.0.1") -> str:
+        return f"{subnet}.{i}"
+
+    def host(self, i: int) -> str:
+        """The address node-i binds to in this fleet."""
+        return self.bind_host(i, self.subnet)
 
     def _agent_child(self, i: int) -> Child:
         node = f"node-{i}"
         args = [
-            "--node-id", node, "--data-dir", str(self.dir / node), "--bind-host", self.bind_host(i),
+            "--node-id", node, "--data-dir", str(self.dir / node), "--bind-host", self.host(i),
             "--nats", self.nats_url, "--fleet", self.fleet,
         ]
         for k, v in self.labels(i).items():

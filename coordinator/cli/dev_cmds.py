@@ -103,7 +103,7 @@ def describe(fleet: DevFleet) -> str:
     for i, a in enumerate(fleet.agents, start=1):
         labels = ",".join(f"{k}={v}" for k, v in fleet.labels(i).items())
         lines.append(
-            f"  {a.name:<11}  {fleet.bind_host(i):<11}  {labels}  pid {a.pid}  log {a.log_path}"
+            f"  {a.name:<11}  {fleet.host(i):<11}  {labels}  pid {a.pid}  log {a.log_path}"
         )
     fleet_flag = "" if fleet.fleet == "default" else f" --fleet {fleet.fleet}"
     lines += [
