@@ -1,7 +1,7 @@
 """hello: the example fleetwave service (stdlib only; identical in every version directory).
 
 GET /         {"service", "version", "node", "slot", "greeting"} as JSON
-GET /healthz  200 "ok" (503 with HEALTH_FAIL=1)
+GET /healthz  200 "ok" (503 with HEALTH_FAIL=1, or on the node HEALTH_FAIL_ON_NODE names)
 POST /echo    the request body back, to exercise request bodies through the router
 
 Environment: PORT (required, set by the agent), BIND_HOST (default 127.0.0.1),
@@ -12,7 +12,12 @@ ERROR_RATE        fraction 0-1 of GET / answered 500; deterministic (error n is 
                   floor(n * rate) grows), so 0.5 is exactly every other request
 EXTRA_LATENCY_MS  added before answering GET / and POST /echo (not /healthz)
 HEALTH_FAIL=1     /healthz never passes
+HEALTH_FAIL_ON_NODE=ID  /healthz never passes where FLEETWAVE_NODE is ID (one bad node of many:
+                  every node gets the same release, so the knob must pick the node itself)
 CRASH_AFTER_S     exit with status 3 after that many seconds
+
+``python3 app.py --smoke`` is a validate hook: one GET / to 127.0.0.1:PORT that must answer 200
+with this FLEETWAVE_VERSION (exit 0, else 1 with the reason).
 
 SIGTERM (or SIGINT): stop accepting, finish the requests in flight, close idle keep-alive
 connections, exit 0.
@@ -44,7 +49,10 @@ class Knobs:
         self.greeting = env.get("GREETING", "hello")
         self.error_rate = min(1.0, max(0.0, float(env.get("ERROR_RATE", "0") or 0)))
         self.extra_latency = float(env.get("EXTRA_LATENCY_MS", "0") or 0) / 1000.0
-        self.health_fail = env.get("HEALTH_FAIL", "") == "1"
+        fail_on = env.get("HEALTH_FAIL_ON_NODE", "")
+        self.health_fail = env.get("HEALTH_FAIL", "") == "1" or bool(
+            fail_on and fail_on == self.node
+        )
         crash = env.get("CRASH_AFTER_S", "")
         self.crash_after = float(crash) if crash else None
 
@@ -128,7 +136,7 @@ class Handler(BaseHTTPRequestHandler):
         k = self.server.knobs
         if self.path == "/healthz":
             if k.health_fail:
-                self._send(503, b"unhealthy (HEALTH_FAIL=1)\n", "text/plain")
+                self._send(503, b"unhealthy (HEALTH_FAIL knob)\n", "text/plain")
             else:
                 self._send(200, b"ok\n", "text/plain")
             return
@@ -173,7 +181,29 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
 
+def smoke() -> int:
+    """The validate hook: this slot answers GET / with 200 and its own version."""
+    import urllib.request
+
+    try:
+        port = int(os.environ["PORT"])
+        want = os.environ.get("FLEETWAVE_VERSION", "dev")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as resp:
+            doc = json.loads(resp.read())
+    except (KeyError, ValueError, OSError) as exc:
+        print(f"smoke: GET / failed: {exc}", file=sys.stderr)
+        return 1
+    if doc.get("version") != want:
+        print(f"smoke: GET / named version {doc.get('version')!r}, expected {want!r}",
+              file=sys.stderr)
+        return 1
+    print(f"smoke ok: {want} on port {port}")
+    return 0
+
+
 def main() -> int:
+    if sys.argv[1:] == ["--smoke"]:
+        return smoke()
     try:
         port = int(os.environ["PORT"])
         knobs = Knobs(dict(os.environ))
