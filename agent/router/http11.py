@@ -41,7 +41,7 @@ _HEX = re.compile(rb"^[0-9A-Fa-f]{1,16}$")
 # The headers the index holds: those whose values the router reads, and the hop-by-hop ones (so
 # that a head without any needs no filtering).
 _READ = frozenset({b"connection", b"content-length", b"transfer-encoding", b"host", b"expect"})
-_INDEXED = _READ | HOP_BY_HOP
+_INDEXED = _READ | HOP_BY_HOP | {b"x-forwarded-for"}
 
 
 class HttpError(Exception):
@@ -64,6 +64,9 @@ class RequestHead:
     chunked: bool
     expect_continue: bool
     headers: list[tuple[bytes, bytes]]  # (name as sent, value), hop-by-hop removed
+    # The head as received when it can go upstream as it is (plus X-Forwarded-For): it had
+    # nothing to remove. b"" when it must be rebuilt from ``headers``.
+    raw: bytes = b""
 
     @property
     def has_body(self) -> bool:
@@ -81,6 +84,9 @@ class ResponseHead:
     body: str  # "none" | "length" | "chunked" | "close"
     content_length: int
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # hop-by-hop removed
+    # The head as received when it can reach the client as it is (HTTP/1.1, nothing to remove);
+    # b"" when it must be rebuilt from ``headers``.
+    raw: bytes = b""
 
 
 Headers = list[tuple[bytes, bytes]]
@@ -184,6 +190,12 @@ def parse_request(head: bytes) -> RequestHead:
     if expect_continue:
         # The router answers 100 Continue itself and buffers the body, so the upstream must not.
         headers = [(n, v) for n, v in headers if n.lower() != b"expect"]
+    verbatim = (
+        headers is pairs
+        and b"x-forwarded-for" not in index
+        and head.endswith(b"\r\n\r\n")
+        and not head.startswith(b"\r\n")
+    )
     return RequestHead(
         method=method.decode("ascii"),
         target=target.decode("latin-1"),
@@ -193,11 +205,14 @@ def parse_request(head: bytes) -> RequestHead:
         chunked=chunked,
         expect_continue=expect_continue,
         headers=headers,
+        raw=head if verbatim else b"",
     )
 
 
 def upstream_request_head(req: RequestHead, client_ip: str) -> bytes:
     """The head to send upstream: the client's, hop-by-hop removed, X-Forwarded-For added."""
+    if req.raw:
+        return req.raw[:-2] + b"X-Forwarded-For: " + client_ip.encode("ascii") + b"\r\n\r\n"
     out = [f"{req.method} {req.target} ".encode("latin-1") + req.version]
     xff = client_ip.encode("ascii")
     for name, value in req.headers:
@@ -236,6 +251,13 @@ def parse_response(head: bytes, request_method: str) -> ResponseHead:
         body, length = "length", content_length
     else:
         body, length, keep_alive = "close", 0, False
+    headers = _strip_hop_by_hop(pairs, tokens, index)
+    verbatim = (
+        headers is pairs
+        and version == b"HTTP/1.1"
+        and len(lines[0]) > 13
+        and head.endswith(b"\r\n\r\n")
+    )
     return ResponseHead(
         status=status,
         version=version,
@@ -243,12 +265,19 @@ def parse_response(head: bytes, request_method: str) -> ResponseHead:
         keep_alive=keep_alive,
         body=body,
         content_length=length,
-        headers=_strip_hop_by_hop(pairs, tokens, index),
+        headers=headers,
+        raw=head if verbatim else b"",
     )
 
 
 def client_response_head(resp: ResponseHead, *, keep_alive: bool, http10: bool) -> bytes:
     """The head to send the client: the upstream's, hop-by-hop removed, our persistence added."""
+    if resp.raw:  # (then it has no Connection header of its own)
+        if not keep_alive:
+            return resp.raw[:-2] + b"Connection: close\r\n\r\n"
+        if http10:
+            return resp.raw[:-2] + b"Connection: keep-alive\r\n\r\n"
+        return resp.raw
     out = [b"HTTP/1.1 " + str(resp.status).encode() + b" " + resp.reason]
     out.extend(name + b": " + value for name, value in resp.headers)
     if not keep_alive:

@@ -152,3 +152,62 @@ def test_chunk_sizes_and_error_responses() -> None:
     head, _, body = resp.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 503 Service Unavailable")
     assert f"Content-Length: {len(body)}".encode() in head and b"Connection: close" in head
+
+
+def _normalized(head: bytes) -> list[bytes]:
+    """Head lines with the spacing around header values normalized, for comparing heads."""
+    lines = head.split(b"\r\n")
+    return [lines[0]] + [b"%s: %s" % (n, v.strip()) for n, _, v in
+                         (ln.partition(b":") for ln in lines[1:] if ln)]
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /a?b=1 HTTP/1.1\r\nHost: x\r\nAccept:  */*  \r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Drop: 1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 10.0.0.1\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
+        b"\r\nGET / HTTP/1.0\r\nHost: x\r\n\r\n",
+    ],
+)
+def test_verbatim_request_head_equals_the_rebuilt_one(head: bytes) -> None:
+    """Forwarding a request head as received gives what rebuilding it would (spacing aside)."""
+    req = parse_request(head)
+    fast = upstream_request_head(req, "127.0.0.9")
+    req.raw = b""
+    assert _normalized(fast) == _normalized(upstream_request_head(req, "127.0.0.9"))
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A:  b \r\n\r\n",
+        b"HTTP/1.1 200 \r\nContent-Length: 2\r\n\r\n",
+        b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n",
+        b"HTTP/1.1 204 No Content\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\n\r\n",
+    ],
+)
+@pytest.mark.parametrize(("keep", "http10"), [(True, False), (False, False), (True, True)])
+def test_verbatim_response_head_equals_the_rebuilt_one(
+    head: bytes, keep: bool, http10: bool
+) -> None:
+    """Passing a response head through as received gives what rebuilding it would."""
+    resp = parse_response(head, "GET")
+    fast = client_response_head(resp, keep_alive=keep, http10=http10)
+    resp.raw = b""
+    slow = client_response_head(resp, keep_alive=keep, http10=http10)
+    assert _normalized(fast) == _normalized(slow)
+    assert fast.endswith(b"\r\n\r\n") and fast.count(b"\r\n\r\n") == 1
+
+
+def test_only_heads_with_nothing_to_remove_pass_verbatim() -> None:
+    """A clean head is kept as received; one with hop-by-hop headers or XFF is rebuilt."""
+    clean = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    assert parse_request(clean).raw == clean
+    assert parse_request(b"GET / HTTP/1.1\r\nHost: x\r\nTE: trailers\r\n\r\n").raw == b""
+    assert parse_request(b"GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: a\r\n\r\n").raw == b""
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    assert parse_response(ok, "GET").raw == ok
+    assert parse_response(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", "GET").raw == b""
+    assert parse_response(b"HTTP/1.1 200 OK\r\nKeep-Alive: 5\r\n\r\n", "GET").raw == b""
