@@ -69,6 +69,36 @@ def gates_text(gates: dict[str, Any]) -> str:
     return ", ".join(b for b in bits if b)
 
 
+def shadow_report_lines(report: dict[str, Any]) -> list[str]:
+    """The shadow's report (``record.report["shadow"]``) as lines; [] if there is none."""
+    sh = report.get("shadow")
+    if not isinstance(sh, dict) or not sh:
+        return []
+
+    def rate(key: str) -> str:
+        value = sh.get(key)
+        return f"{value:.2%}" if isinstance(value, (int, float)) else "-"
+
+    methods = ",".join(str(m) for m in sh.get("methods") or [])
+    lines = [
+        f"shadow report: {sh.get('outcome', '?')} ({sh.get('mirror_percent', 0):g}% of "
+        f"{methods or 'GET,HEAD'} mirrored to {sh.get('healthy', 0)}/{sh.get('nodes', 0)} "
+        "healthy shadows)",
+        f"  mirrored {sh.get('mirrored', 0)}, compared {sh.get('compared', 0)}, mismatched "
+        f"{sh.get('mismatched', 0)} ({rate('mismatch_rate')}), shadow errors "
+        f"{sh.get('shadow_errors', 0)} ({rate('error_rate')}), dropped {sh.get('dropped', 0)}",
+        f"  p99 shadow {sh.get('p99_shadow_ms', '-')}ms vs live {sh.get('p99_live_ms', '-')}ms"
+        + (f" (x{sh['p99_ratio']:.2f})" if isinstance(sh.get("p99_ratio"), float) else ""),
+    ]
+    lines += [f"  gate: {r}" for r in sh.get("reasons") or []]
+    for x in sh.get("samples") or []:
+        lines.append(f"  mismatch on {x.get('node', '?')}: {x.get('method', '')} "
+                     f"{x.get('path', '')}: {x.get('what', '')}")
+        lines.append(f"    live:   {x.get('live', '')}")
+        lines.append(f"    shadow: {x.get('shadow', '')}")
+    return lines
+
+
 def _styled(state: str) -> Text:
     return Text(state.replace("_", " "), style=STATE_STYLE.get(state, ""))
 
@@ -88,7 +118,9 @@ def status_renderable(st: dict[str, Any]) -> RenderableType:
         nodes.add_row(node, _styled(p["state"]), p.get("version") or "-",
                       "yes" if p.get("healthy") else "no", "yes" if p.get("online") else "no",
                       str(p.get("generation", "")), p.get("reason") or "")
-    return Group(Text(headline(st), style="bold"), Text(""), waves, Text(""), nodes)
+    report = shadow_report_lines(st.get("report") or {})
+    tail = [Text(""), Text("\n".join(report))] if report else []
+    return Group(Text(headline(st), style="bold"), Text(""), waves, Text(""), nodes, *tail)
 
 
 def status_text(st: dict[str, Any]) -> str:
@@ -103,6 +135,7 @@ def status_text(st: dict[str, Any]) -> str:
                      f"{'healthy' if p.get('healthy') else 'unhealthy'}"
                      + ("" if p.get("online", True) else " offline")
                      + (f" ({p['reason']})" if p.get("reason") else ""))
+    lines += shadow_report_lines(st.get("report") or {})
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 import time
 import tomllib
@@ -32,6 +33,7 @@ from coordinator.cli.render import (
     event_line,
     progress_lines,
     rollouts_table,
+    shadow_report_lines,
     status_renderable,
     status_text,
 )
@@ -69,6 +71,9 @@ class RolloutFile(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     weights: list[int] | str | None = None
     bake: str | None = None
     mirror: str | float | None = None
+    mirror_methods: list[str] | str | None = None
+    ignore_headers: list[str] | str | None = None
+    ignore_json_fields: list[str] | str | None = None
     then: str | None = None
     scale_down_delay: str | None = None
     min_healthy: str | float | None = None
@@ -107,6 +112,15 @@ def build_spec(settings: dict[str, Any]) -> RolloutSpec:
         spec.bake = parse_duration(f.bake, what="--bake")
     if f.mirror is not None:
         spec.mirror = _fraction("--mirror", f.mirror) * 100
+    if f.mirror_methods is not None:
+        spec.mirror_methods = [_method(m) for m in _names(f.mirror_methods)]
+        if not spec.mirror_methods:
+            raise UsageError("--mirror-methods is empty, so nothing would be mirrored; leave it "
+                             "out for GET and HEAD")
+    if f.ignore_headers is not None:
+        spec.ignore_headers = [_header(h) for h in _names(f.ignore_headers)]
+    if f.ignore_json_fields is not None:
+        spec.ignore_json_fields = [_json_field(p) for p in _names(f.ignore_json_fields)]
     if f.then is not None:
         spec.then = _choice("--then", f.then, ("blue-green", "rolling"))  # type: ignore[assignment]
     if f.scale_down_delay is not None:
@@ -132,6 +146,39 @@ def build_spec(settings: dict[str, Any]) -> RolloutSpec:
 
 def _items(value: list[Any] | str) -> list[Any]:
     return [p for p in value.split(",") if p.strip()] if isinstance(value, str) else value
+
+
+def _names(value: list[str] | str) -> list[str]:
+    """Repeated flags, comma-separated lists, or both: ``["a,b", "c"]`` → ``["a", "b", "c"]``."""
+    return [p.strip() for v in ([value] if isinstance(value, str) else value)
+            for p in str(v).split(",") if p.strip()]
+
+
+def _method(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z]+", value):
+        raise UsageError(f"--mirror-methods {value!r} is not an HTTP method; write a list like "
+                         "GET,HEAD,OPTIONS")
+    return value.upper()
+
+
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an HTTP header name (RFC 9110 token)
+
+
+def _header(value: str) -> str:
+    name = str(value).strip()
+    if not _TOKEN.match(name):
+        raise UsageError(f"--ignore-header {value!r} is not a header name; write one name per "
+                         "flag, like --ignore-header x-request-id")
+    return name.lower()
+
+
+def _json_field(value: str) -> str:
+    """A dotted path into a JSON answer (``id``, ``$.meta.time``); no empty parts."""
+    path = str(value).strip()
+    if not path or any(not part for part in path.removeprefix("$.").split(".")):
+        raise UsageError(f"--ignore-json-field {value!r} is not a dotted field path; write "
+                         "names like version or meta.time (comma-separated or repeated)")
+    return path
 
 
 def _choice(flag: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -185,7 +232,8 @@ def read_rollout_file(path: Path) -> dict[str, Any]:
 # -- deploy ----------------------------------------------------------------------------------------
 
 _FLAGS = ("strategy", "selector", "batch", "max_unavailable", "steps", "weights", "bake",
-          "mirror", "then", "scale_down_delay", "min_healthy", "max_error_rate", "max_p99_ratio",
+          "mirror", "mirror_methods", "ignore_headers", "ignore_json_fields", "then",
+          "scale_down_delay", "min_healthy", "max_error_rate", "max_p99_ratio",
           "max_mismatch_rate", "min_requests", "progress_deadline", "on_failure")
 
 
@@ -203,6 +251,13 @@ _FLAGS = ("strategy", "selector", "batch", "max_unavailable", "steps", "weights"
 @click.option("--weights", metavar="LIST", help="Canary traffic shares, e.g. 5,25,100.")
 @click.option("--bake", metavar="DUR", help="How long each wave bakes before its gates.")
 @click.option("--mirror", metavar="P%", help="Shadow: share of requests mirrored.")
+@click.option("--mirror-methods", metavar="LIST",
+              help="Shadow: methods mirrored (default GET,HEAD; others have side effects).")
+@click.option("--ignore-header", "ignore_headers", multiple=True, metavar="NAME",
+              help="Shadow: a response header not compared (repeatable).")
+@click.option("--ignore-json-field", "ignore_json_fields", multiple=True, metavar="PATH",
+              help="Shadow: a JSON body field not compared, e.g. meta.time (repeatable, or a "
+                   "comma-separated list).")
 @click.option("--then", metavar="STRATEGY", help="Shadow: promote with blue-green or rolling.")
 @click.option("--scale-down-delay", metavar="DUR", help="Blue-green: keep the old slot warm.")
 @click.option("--min-healthy", metavar="P%", help="Gate: share of the wave's nodes healthy.")
@@ -226,7 +281,7 @@ def deploy(ctx: Ctx, /, service: str | None, version: str | None, file: Path | N
     for key in _FLAGS:
         value = flags.get(key)
         if value is not None and value != ():
-            settings[key] = list(value) if key == "selector" else value
+            settings[key] = list(value) if isinstance(value, tuple) else value
     spec = build_spec(settings)
     data = client.request(ctx, "deploy", DeployRequest(spec=spec), timeout=30.0)
     rid = str(data["id"])
@@ -276,7 +331,11 @@ async def follow(ctx: Ctx, rid: str, *, output: str) -> int:
             live.stop()
     if output == "json":
         click.echo(json.dumps(last, indent=2, sort_keys=True))
-    elif last is not None and last.get("reason"):
+        return EXIT_CODES[str(last["state"])] if last else 1
+    if last is not None and live is None:
+        for line in shadow_report_lines(last.get("report") or {}):
+            click.echo(line)  # on a terminal the Live view already shows it
+    if last is not None and last.get("reason"):
         click.echo(f"rollout {rid} {last['state'].replace('_', ' ')}: {last['reason']}", err=True)
     return EXIT_CODES[str(last["state"])] if last else 1
 
