@@ -1,0 +1,106 @@
+"""Control-plane benchmark: rolling rollouts across N simulated nodes, against the bus floor.
+
+Usage: python tests/perf/bench_control_plane.py [--nodes 100,1000,5000] [--json] [--keep]
+
+For each N: a fresh broker, the real coordinator, and ``fleetwave-agent --simulate N``; every node
+is first installed with hello 1.0.0, then rolled to 2.0.0 in waves of 10% (bake 0,
+max-unavailable 10%): that second rollout is measured. Figures:
+
+- total: from the deploy request to the ``rollout.succeeded`` event reaching us (it is emitted after
+  the last desired write, including the retirement of the old slots);
+- per wave: mean and max of ``wave.started`` → next ``wave.started`` (the last wave ends at the
+  terminal event), from the coordinator's own event times;
+- node-updates/s: N / total;
+- coordinator CPU seconds during the rollout and its peak RSS (VmHWM, psutil/proc);
+- the bus floor: the same N desired puts and N observed replies in as many waves by bare nats-py
+  on the same broker, with payloads of the size of our signed desired states; ratio = ours ÷ floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from perf_support import SimFleet, bus_floor, cpu_seconds, emit, peak_rss_mb, rolling
+
+from protocol import subjects
+
+
+async def measure(n: int, keep: bool) -> dict[str, Any]:
+    async with SimFleet(n, keep=keep) as fleet:
+        assert fleet.coordinator.pid is not None and fleet.bus is not None
+        rid, _ = await fleet.deploy(rolling("1.0.0"))
+        ev, _ = await fleet.finish(rid, timeout=120 + n / 10)
+        if ev.kind != "rollout.succeeded":
+            raise RuntimeError(f"install of 1.0.0 ended {ev.kind}: {ev.message}")
+
+        pid = fleet.coordinator.pid
+        cpu0 = cpu_seconds(pid)
+        rid, sent = await fleet.deploy(rolling("2.0.0"))
+        ev, received = await fleet.finish(rid, timeout=120 + n / 10)
+        cpu = cpu_seconds(pid) - cpu0
+        if ev.kind != "rollout.succeeded":
+            raise RuntimeError(f"rollout to 2.0.0 ended {ev.kind}: {ev.message}")
+        total = received - sent
+        starts = sorted(e.time for e in fleet.tap.of(rid, "wave.started"))
+        ends = [*starts[1:], ev.time]
+        waves = [b - a for a, b in zip(starts, ends, strict=True)]
+        updates = len(fleet.tap.of(rid, "node.updating"))
+
+        entry = await fleet.bus.kv_get(subjects.desired_bucket(fleet.fleet), "sim-1.hello")
+        payload = len(entry.value) if entry is not None and entry.value else 600
+        floor = await bus_floor(fleet.broker.url, n, len(starts), payload)
+        return {
+            "nodes": n, "waves": len(starts), "node_updates": updates,
+            "total_s": round(total, 3),
+            "wave_mean_s": round(sum(waves) / len(waves), 3) if waves else None,
+            "wave_max_s": round(max(waves), 3) if waves else None,
+            "node_updates_per_s": round(n / total, 1),
+            "coordinator_cpu_s": round(cpu, 3),
+            "coordinator_peak_rss_mb": round(peak_rss_mb(pid), 1),
+            "desired_payload_bytes": payload,
+            "floor_s": round(floor, 3),
+            "ratio_to_floor": round(total / floor, 2),
+        }
+
+
+def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
+    return [
+        ("waves", f"{r['waves']} ({r['node_updates']} node updates)"),
+        ("total", f"{r['total_s']:.3f} s"),
+        ("per wave", f"mean {r['wave_mean_s']:.3f} s, max {r['wave_max_s']:.3f} s"),
+        ("node-updates/s", f"{r['node_updates_per_s']:.0f}"),
+        ("coordinator CPU", f"{r['coordinator_cpu_s']:.2f} s"),
+        ("coordinator peak RSS", f"{r['coordinator_peak_rss_mb']:.1f} MiB"),
+        ("bus floor", f"{r['floor_s']:.3f} s ({r['desired_payload_bytes']} B desired states)"),
+        ("ours / floor", f"{r['ratio_to_floor']:.2f}x"),
+    ]
+
+
+async def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nodes", default="100,1000,5000", help="comma-separated fleet sizes")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs) of each run")
+    args = ap.parse_args()
+    results = []
+    for n in (int(x) for x in args.nodes.split(",")):
+        started = time.monotonic()
+        r = await measure(n, args.keep)
+        results.append(r)
+        if not args.json:
+            emit(False, f"rolling 1.0.0 -> 2.0.0 on {n} simulated nodes, batch 10%, bake 0 "
+                 f"(run took {time.monotonic() - started:.0f} s)", r, rows(r))
+    if args.json:
+        emit(True, "", {"control_plane": results}, [])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

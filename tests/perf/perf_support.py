@@ -1,0 +1,387 @@
+"""Shared machinery of the control-plane benchmarks (bench_control_plane, bench_fanout,
+bench_rollback, bench_agent): a throwaway fleet on loopback, an event tap, process figures, the
+bare-NATS "bus floor", and printing.
+
+``SimFleet`` (an async context manager) starts a real nats-server (``coordinator.broker.Broker``,
+JetStream on disk in a temp dir, a free port), the real coordinator as a child process with its
+own signing key, and one ``fleetwave-agent --simulate N`` child hosting nodes ``sim-1..N``; it
+waits until the coordinator lists every node online. Leaving stops the children (SIGTERM, then
+SIGKILL) and the broker, and reaps them, whatever happened.
+
+``EventTap`` subscribes (core NATS) to every event of the fleet and keeps each with its receive
+time, so a benchmark reads its figures from the coordinator's own audit trail: the ``time`` of an
+event is the coordinator's clock at the decision, on the same machine as ours.
+
+``bus_floor`` is the yardstick for "within 3x of the bus": the same number of desired-state KV
+writes and observed-state KV replies, in the same number of waves, done by a bare nats-py writer
+and a bare nats-py responder process (one KV watch, one put per desired key it sees), on the same
+broker, with payloads of the same size. It is what the protocol costs with no fleetwave logic.
+
+This file is a benchmark helper, not part of the packages: it imports nats directly for the floor
+(that is the point of a floor) and is run as ``python tests/perf/bench_*.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import psutil  # noqa: E402
+
+from coordinator.broker import Broker  # noqa: E402
+from coordinator.devfleet import Child, python_module  # noqa: E402
+from coordinator.releases import push_release  # noqa: E402
+from coordinator.runner import coordinator_seed  # noqa: E402
+from protocol import subjects  # noqa: E402
+from protocol.bus import Bus  # noqa: E402
+from protocol.codec import decode, encode  # noqa: E402
+from protocol.messages import (  # noqa: E402
+    TERMINAL_STATES,
+    ApiReply,
+    DeployRequest,
+    Event,
+    NodesRequest,
+    RolloutRequest,
+    RolloutSpec,
+)
+from protocol.signing import public_key  # noqa: E402
+
+EXAMPLES = ROOT / "deploy" / "examples" / "hello"
+FLEET = "perf"
+SUBNET = "127.0.12"  # this suite's loopback subnet (see the task brief): never collides
+API_TIMEOUT = 60.0
+
+
+# -- processes -------------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    t = psutil.Process(pid).cpu_times()
+    return float(t.user + t.system)
+
+
+def rss_mb(pid: int) -> float:
+    return float(psutil.Process(pid).memory_info().rss) / 2**20
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's lifetime peak resident set (VmHWM, Linux), in MiB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return rss_mb(pid)
+
+
+async def poll(probe: Callable[[], Any], ok: Callable[[Any], bool], *, timeout: float,
+               what: str, interval: float = 0.05) -> Any:
+    """Await ``probe()`` until ``ok(result)``; RuntimeError naming ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        last = await probe()
+        if ok(last):
+            return last
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout:g}s waiting for {what}; last: "
+                               f"{str(last)[:300]}")
+        await asyncio.sleep(interval)
+
+
+# -- the event tap ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Seen:
+    event: Event
+    received: float  # time.time() when it reached us
+
+
+@dataclass
+class EventTap:
+    events: list[Seen] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def start(self, bus: Bus) -> None:
+        async def on_event(subject: str, data: bytes) -> None:
+            self.events.append(Seen(decode(Event, data), time.time()))
+            self.changed.set()
+
+        await bus.subscribe(subjects.events(bus.fleet), on_event)
+
+    def of(self, rollout: str, *kinds: str) -> list[Event]:
+        return [s.event for s in self.events
+                if s.event.rollout == rollout and (not kinds or s.event.kind in kinds)]
+
+    async def wait_for(self, rollout: str, kinds: tuple[str, ...], timeout: float) -> Seen:
+        """The first event of ``rollout`` of one of ``kinds`` (waiting up to ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for s in self.events:
+                if s.event.rollout == rollout and s.event.kind in kinds:
+                    return s
+            left = deadline - time.monotonic()
+            if left <= 0:
+                seen = [s.event.kind for s in self.events if s.event.rollout == rollout][-5:]
+                raise RuntimeError(f"rollout {rollout}: no {'/'.join(kinds)} event within "
+                                   f"{timeout:g}s (last events: {seen})")
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(left, 1.0)):
+                    await self.changed.wait()
+
+
+# -- the fleet -------------------------------------------------------------------------------------
+
+
+class SimFleet:
+    """Broker + coordinator + one ``--simulate N`` agent in a temp dir; an async context manager."""
+
+    def __init__(self, nodes: int, *, fleet: str = FLEET, sim_env: dict[str, str] | None = None,
+                 heartbeat: float = 2.0, keep: bool = False) -> None:
+        self.n = nodes
+        self.fleet = fleet
+        self.heartbeat = heartbeat
+        self.sim_env = sim_env or {}
+        self.keep = keep
+        self.dir = Path(tempfile.mkdtemp(prefix="fw-perf-"))
+        self.broker = Broker(store_dir=self.dir / "js")
+        self.key_file = self.dir / "coordinator.seed"
+        self.coordinator = Child(
+            "coordinator",
+            python_module("coordinator.daemon", "--nats", self.broker.url, "--fleet", fleet,
+                          "coordinator", "--key-file", str(self.key_file)),
+            self.dir / "logs" / "coordinator.log")
+        self.agent: Child | None = None
+        self.bus: Bus | None = None
+        self.tap = EventTap()
+
+    async def __aenter__(self) -> SimFleet:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, t: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        key = public_key(await asyncio.to_thread(coordinator_seed, self.key_file))
+        await self.broker.start()
+        await self.coordinator.start()
+        self.bus = await Bus.connect(self.broker.url, self.fleet, name="fleetwave-perf")
+        await poll(self._nodes_or_none, lambda rows: rows is not None, timeout=30,
+                   what="the coordinator's API")
+        await self.tap.start(self.bus)
+        if self.n:
+            self.agent = Child("sim", python_module(
+                "agent.main", "--node-id", "sim", "--simulate", str(self.n), "--trust-key", key,
+                "--nats", self.broker.url, "--fleet", self.fleet, "--data-dir",
+                str(self.dir / "sim"), "--bind-host", f"{SUBNET}.1",
+                "--heartbeat-interval", str(self.heartbeat)), self.dir / "logs" / "sim.log")
+            old = {k: os.environ.get(k) for k in self.sim_env}
+            os.environ.update(self.sim_env)  # Child passes os.environ on to the agent
+            try:
+                await self.agent.start()
+            finally:
+                for k, v in old.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+            await self.wait_online(self.n, timeout=60 + self.n / 50)
+        for v in ("1.0.0", "2.0.0"):
+            await push_release(self.bus, EXAMPLES / v)
+
+    async def stop(self) -> None:
+        try:
+            if self.bus is not None:
+                await self.bus.close()
+                self.bus = None
+            children = [c for c in (self.agent, self.coordinator) if c is not None]
+            await asyncio.gather(*(c.stop(timeout=10) for c in children), return_exceptions=True)
+        finally:
+            await self.broker.stop()
+            if not self.keep:
+                shutil.rmtree(self.dir, ignore_errors=True)
+
+    async def _nodes_or_none(self) -> list[dict[str, Any]] | None:
+        try:
+            return await self.api("nodes", NodesRequest(), timeout=5)  # type: ignore[no-any-return]
+        except RuntimeError:
+            return None
+
+    async def wait_online(self, count: int, *, timeout: float) -> None:
+        await poll(self._nodes_or_none,
+                   lambda rows: rows is not None and sum(r["online"] for r in rows) >= count,
+                   timeout=timeout, what=f"{count} nodes online", interval=0.5)
+
+    async def api(self, verb: str, request: Any, *, timeout: float = API_TIMEOUT) -> Any:
+        assert self.bus is not None
+        try:
+            raw = await self.bus.request(subjects.api(self.fleet, verb), encode(request),
+                                         timeout=timeout)
+        except Exception as exc:  # NotReachable, BusError: say which verb
+            raise RuntimeError(f"api {verb}: {exc}") from None
+        reply = decode(ApiReply, raw)
+        if not reply.ok:
+            raise RuntimeError(f"api {verb} refused: {reply.error}")
+        return reply.data
+
+    async def deploy(self, spec: RolloutSpec) -> tuple[str, float]:
+        """Start a rollout; return its id and the time.time() the request was sent."""
+        sent = time.time()
+        data = await self.api("deploy", DeployRequest(spec=spec))
+        return str(data["id"]), sent
+
+    async def finish(self, rollout: str, timeout: float) -> tuple[Event, float]:
+        """Wait for the rollout's terminal event; return it and when we received it."""
+        kinds = (*tuple(f"rollout.{s}" for s in TERMINAL_STATES), "rollout.paused")
+        seen = await self.tap.wait_for(rollout, kinds, timeout)
+        return seen.event, seen.received
+
+    async def status(self, rollout: str) -> dict[str, Any]:
+        return await self.api("status", RolloutRequest(id=rollout))  # type: ignore[no-any-return]
+
+
+def rolling(version: str, *, batch: str = "10%") -> RolloutSpec:
+    """A rolling rollout in waves of ``batch`` with bake 0 and max-unavailable = the batch."""
+    return RolloutSpec(service="hello", version=version, batch=batch, max_unavailable=batch,
+                       bake=0.0, progress_deadline=120.0)
+
+
+# -- the bus floor ---------------------------------------------------------------------------------
+
+FLOOR_DESIRED = "floor-desired"
+FLOOR_OBSERVED = "floor-observed"
+
+
+async def floor_responder(url: str) -> None:
+    """The bare responder: one watch on the desired bucket, one observed put per entry seen."""
+    import nats
+
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    desired = await js.key_value(FLOOR_DESIRED)
+    observed = await js.key_value(FLOOR_OBSERVED)
+    w = await desired.watch(">")
+    print("ready", flush=True)
+    pending: set[asyncio.Task[Any]] = set()
+    while True:
+        e = await w.updates(timeout=None)
+        if e is None or e.value is None:
+            continue
+        t = asyncio.create_task(observed.put(e.key, e.value))
+        pending.add(t)
+        t.add_done_callback(pending.discard)
+
+
+async def bus_floor(url: str, nodes: int, waves: int, payload: int, *,
+                    concurrency: int = 256) -> float:
+    """Seconds for ``nodes`` desired puts and as many observed replies, in ``waves`` waves."""
+    import nats
+    from nats.js import api as js_api
+
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        for b, hist in ((FLOOR_DESIRED, 5), (FLOOR_OBSERVED, 1)):
+            with contextlib.suppress(Exception):
+                await js.delete_key_value(b)
+            await js.create_key_value(bucket=b, history=hist, storage=js_api.StorageType.FILE)
+        desired = await js.key_value(FLOOR_DESIRED)
+        observed = await js.key_value(FLOOR_OBSERVED)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "floor-responder", url, stdout=asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.DEVNULL)
+        try:
+            assert proc.stdout is not None
+            async with asyncio.timeout(30):
+                await proc.stdout.readline()
+            seen: set[str] = set()
+            done = asyncio.Event()
+            want: set[str] = set()
+            w = await observed.watch(">")
+
+            async def collect() -> None:
+                while True:
+                    e = await w.updates(timeout=None)
+                    if e is None:
+                        continue
+                    seen.add(e.key)
+                    if want <= seen:
+                        done.set()
+
+            collector = asyncio.create_task(collect())
+            value = b"x" * payload
+            keys = [f"node-{i}.hello" for i in range(1, nodes + 1)]
+            size = -(-nodes // waves)
+            sem = asyncio.Semaphore(concurrency)
+
+            async def put(k: str) -> None:
+                async with sem:
+                    await desired.put(k, value)
+
+            started = time.perf_counter()
+            for i in range(0, nodes, size):
+                wave = keys[i:i + size]
+                want.update(wave)
+                done.clear()
+                if not want <= seen:
+                    await asyncio.gather(*(put(k) for k in wave))
+                    async with asyncio.timeout(120):
+                        await done.wait()
+            elapsed = time.perf_counter() - started
+            collector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await collector
+            return elapsed
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+    finally:
+        await nc.close()
+
+
+# -- printing --------------------------------------------------------------------------------------
+
+
+def print_table(title: str, rows: list[tuple[str, str]]) -> None:
+    width = max(len(k) for k, _ in rows)
+    print(f"\n{title}")
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+
+
+def emit(as_json: bool, title: str, figures: dict[str, Any],
+         rows: list[tuple[str, str]]) -> None:
+    if as_json:
+        print(json.dumps(figures, indent=2, sort_keys=True))
+    else:
+        print_table(title, rows)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["floor-responder"]:
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(floor_responder(sys.argv[2]))
