@@ -27,7 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+import os
+import stat
+import tempfile
 import time
 import uuid
 from collections.abc import Collection
@@ -55,6 +59,7 @@ from agent.reconcile import (
 )
 from agent.releases import ReleaseCache, ReleaseError
 from agent.router.control import (
+    MAX_SOCKET_PATH,
     RouterClient,
     RouterConfig,
     RouterRunning,
@@ -122,6 +127,7 @@ class Service:
     last_observed: bytes = b""
     last_observed_at: float = 0.0
     pending_observed: ObservedState | None = None
+    router_error: str = ""  # why the last configure failed; reported until one succeeds
     # Failed slots remembered from the state file (no process): so that a restarted agent does
     # not retry a generation that already failed.
     idle: dict[str, SlotView] = field(default_factory=dict)
@@ -149,6 +155,28 @@ class Service:
             applied_weights=dict(self.applied_weights),
             applied_mirror=self.applied_mirror,
             observed_generation=self.observed_generation,
+        )
+
+
+def router_socket(data_dir: Path, service: str) -> Path:
+    """``<data_dir>/run/router-<service>.sock``; when that path is too long for a unix socket
+    (about 100 bytes), a short one in the temp dir derived from the data dir, so that a restarted
+    agent finds the same router again."""
+    path = data_dir / "run" / f"router-{service}.sock"
+    if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
+        return path
+    tag = hashlib.sha256(os.fsencode(data_dir.resolve())).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"fleetwave-{tag}" / f"router-{service}.sock"
+
+
+def _private_dir(path: Path) -> None:
+    """Create ``path`` 0700 if needed and refuse it unless it is ours and a real directory (a
+    shared temp dir is where another user could have planted a symlink)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise RouterUnavailable(
+            f"{path} is not a private directory of this user; remove it or use a shorter --data-dir"
         )
 
 
@@ -443,7 +471,7 @@ class ServiceManager:
     # -- the router -------------------------------------------------------------------------------
 
     def _socket(self, service: str) -> Path:
-        return self.data_dir / "run" / f"router-{service}.sock"
+        return router_socket(self.data_dir, service)
 
     async def _route(
         self, svc: Service, weights: dict[str, int], mirror: MirrorSpec | None
@@ -475,10 +503,13 @@ class ServiceManager:
         try:
             client = await self._router(svc)
             svc.router_stats = await client.configure(cfg)
+            svc.router_stats.time = time.time()
         except RouterUnavailable as exc:
-            log.warning("router of %s: %s", svc.name, exc)
-            svc.router = None
+            if svc.router_error != str(exc):
+                log.warning("router of %s: %s", svc.name, exc)
+            svc.router, svc.router_error = None, str(exc)
             return
+        svc.router_error = ""
         svc.applied_weights = {s: w for s, w in weights.items() if w > 0}
         svc.applied_mirror = mirror
         log.info(
@@ -503,6 +534,8 @@ class ServiceManager:
         if svc.router is not None:
             return svc.router
         sock = self._socket(svc.name)
+        if not sock.is_relative_to(self.data_dir):
+            _private_dir(sock.parent)
         try:
             pid = await start_router(sock, self.data_dir / "logs" / f"router-{svc.name}.log")
         except RouterRunning as running:
@@ -518,7 +551,9 @@ class ServiceManager:
                 if svc.router is None:
                     continue
                 try:
-                    svc.router_stats = await svc.router.stats()
+                    stats = await svc.router.stats()
+                    stats.time = time.time()  # the gates measure their window with it
+                    svc.router_stats = stats
                 except RouterUnavailable as exc:
                     log.warning(
                         "router of %s is gone (%s); it will be started again", svc.name, exc
@@ -563,7 +598,7 @@ class ServiceManager:
             weights=dict(svc.applied_weights),
             router=svc.router_stats,
             phase=a.phase,
-            error=a.error,
+            error=a.error or (f"router: {svc.router_error}" if svc.router_error else ""),
         )
         body = encode(obs)
         now = time.time()
@@ -721,6 +756,7 @@ class ServiceManager:
                 except RouterUnavailable as exc:
                     log.warning("router of %s not found again (%s); starting a new one", name, exc)
                 else:
+                    stats.time = time.time()
                     svc.router, svc.router_stats = client, stats
                     svc.applied_weights = {s: w for s, w in stats.weights.items() if w > 0}
                     log.info("adopted router of %s (pid %s)", name, svc.router_pid)

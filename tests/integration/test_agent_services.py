@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from agent.shell import router_socket
 from coordinator.broker import Broker, free_port
 from coordinator.releases import push_release
 from protocol import subjects
@@ -172,13 +173,14 @@ def _bundle(src: Path, dest: Path, port: int) -> Path:
 def _leftovers(base: Path) -> list[psutil.Process]:
     """Slot processes and routers the agent started under ``base`` (they outlive the agent)."""
     found = []
+    sock = str(router_socket(base / "agents" / NODE, "hello"))
     for p in psutil.process_iter(["cmdline", "cwd"]):
         try:
             cmd = " ".join(p.info["cmdline"] or [])
             cwd = p.info["cwd"] or ""
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if str(base) in cmd or cwd.startswith(str(base)):
+        if str(base) in cmd or cwd.startswith(str(base)) or sock in cmd:
             found.append(p)
     return found
 
@@ -201,6 +203,14 @@ async def fleet(broker: Broker, tmp_path: Path) -> AsyncIterator[Fleet]:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
         psutil.wait_procs(procs, timeout=5)
+        _remove_socket_dir(tmp_path)
+
+
+def _remove_socket_dir(base: Path) -> None:
+    """A data dir too long for a unix socket puts it in the temp dir: clean that up too."""
+    sock = router_socket(base / "agents" / NODE, "hello")
+    if not sock.is_relative_to(base):
+        shutil.rmtree(sock.parent, ignore_errors=True)
 
 
 def _agent(f: Fleet, broker: Broker):  # type: ignore[no-untyped-def]
@@ -421,6 +431,7 @@ async def test_agent_started_before_the_fleet_exists_waits_for_it(
                 with contextlib.suppress(psutil.NoSuchProcess):
                     p.kill()
             psutil.wait_procs(procs, timeout=5)
+        _remove_socket_dir(tmp_path)
 
 
 async def _log_has(path: Path, text: str) -> bool:
