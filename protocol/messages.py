@@ -209,6 +209,9 @@ class RouterStats(msgspec.Struct, kw_only=True):
     weights: dict[str, int] = {}  # as applied
     slots: dict[str, SlotTraffic] = {}
     mirror: MirrorTraffic | None = None
+    # When the agent read these counters, by its own clock (0: unknown, an older agent). Two
+    # snapshots of one router tell how long the window between them really is.
+    time: float = 0.0
 
 
 class ObservedState(msgspec.Struct, kw_only=True):
