@@ -323,10 +323,20 @@ class ShadowFigures:
         return m.mismatched / m.compared if m.compared else None
 
     @property
+    def sent(self) -> int:
+        """Copies sent to the shadow: answered (and so compared) or failed (no answer in time)."""
+        return self.mirror.compared + self.mirror.shadow_errors
+
+    @property
     def error_rate(self) -> float | None:
-        """Shadow errors per compared pair (an error answer is compared too)."""
-        m = self.mirror
-        return m.shadow_errors / m.compared if m.compared else None
+        """Copies the shadow did not answer (refused, reset, timed out) per copy sent.
+
+        An error *answer* (a 5xx) is compared instead, and differs from the live answer in its
+        status class. Judged over copies sent, not compared pairs: a shadow that never answers
+        has no compared pair at all, and must fail this gate rather than look inconclusive.
+        """
+        sent = self.sent
+        return self.mirror.shadow_errors / sent if sent else None
 
     @property
     def p99_shadow(self) -> float | None:
@@ -347,7 +357,8 @@ class ShadowFigures:
         return {
             "nodes": self.nodes, "healthy": self.healthy,
             "healthy_fraction": round(self.healthy_fraction, 4),
-            "mirrored": m.mirrored, "compared": m.compared, "mismatched": m.mismatched,
+            "mirrored": m.mirrored, "sent": self.sent, "compared": m.compared,
+            "mismatched": m.mismatched,
             "dropped": m.dropped, "shadow_errors": m.shadow_errors,
             "mismatch_rate": _round(self.mismatch_rate), "error_rate": _round(self.error_rate),
             "p99_shadow_ms": self.p99_shadow, "p99_live_ms": self.p99_live,
@@ -358,8 +369,9 @@ class ShadowFigures:
 def evaluate_shadow(gates: Gates, fig: ShadowFigures) -> Verdict:
     """Apply the gates to a shadow's figures: fail beats inconclusive beats pass.
 
-    Every traffic gate is judged over compared pairs; fewer than ``min_requests`` of them (or none
-    at all while a traffic gate is set) is inconclusive, never a pass.
+    The mismatch and p99 gates are judged over compared pairs, the error gate over copies sent
+    (a hanging shadow answers nothing, so it has errors but no pairs); fewer than
+    ``min_requests`` of them (or none at all while the gate is set) is inconclusive, never a pass.
     """
     fails: list[str] = []
     unsure: list[str] = []
@@ -369,27 +381,34 @@ def evaluate_shadow(gates: Gates, fig: ShadowFigures) -> Verdict:
             f"shadow slots healthy {fig.healthy}/{fig.nodes} ({fig.healthy_fraction:.0%}) is "
             f"below min-healthy {gates.min_healthy:.0%}"
         )
-    traffic = (gates.max_mismatch_rate, gates.max_error_rate, gates.max_p99_ratio)
-    enough = True
-    if gates.min_requests is not None and m.compared < gates.min_requests:
-        unsure.append(f"{m.compared} mirrored requests compared, fewer than min-requests "
-                      f"{gates.min_requests}")
-        enough = False
-    elif any(g is not None for g in traffic) and m.compared == 0:
-        unsure.append("no mirrored request was compared during the bake, so the shadow gates "
-                      "cannot pass")
-        enough = False
-    if enough and gates.max_mismatch_rate is not None:
+    pairs = gates.max_mismatch_rate is not None or gates.max_p99_ratio is not None
+    errors = gates.max_error_rate is not None
+    n = gates.min_requests
+    if n is not None:
+        compared, sent = m.compared >= n, fig.sent >= n
+        if not compared and (pairs or not errors):
+            unsure.append(f"{m.compared} mirrored requests compared, fewer than min-requests {n}")
+        elif errors and not sent:
+            unsure.append(f"{fig.sent} copies sent to the shadow, fewer than min-requests {n}")
+    else:
+        compared, sent = m.compared > 0, fig.sent > 0
+        if pairs and not compared:
+            unsure.append("no mirrored request was compared during the bake, so the shadow "
+                          "gates cannot pass")
+        elif errors and not sent:
+            unsure.append("no request was mirrored during the bake, so the shadow error gate "
+                          "cannot pass")
+    if gates.max_error_rate is not None and sent:
+        rate = fig.error_rate or 0.0
+        if rate > gates.max_error_rate:
+            fails.append(f"shadow error rate {rate:.2%} ({m.shadow_errors} of {fig.sent} copies "
+                         f"unanswered) is above max-error-rate {gates.max_error_rate:.2%}")
+    if compared and gates.max_mismatch_rate is not None:
         rate = fig.mismatch_rate or 0.0
         if rate > gates.max_mismatch_rate:
             fails.append(f"mismatch rate {rate:.2%} ({m.mismatched}/{m.compared}) is above "
                          f"max-mismatch-rate {gates.max_mismatch_rate:.2%}")
-    if enough and gates.max_error_rate is not None:
-        rate = fig.error_rate or 0.0
-        if rate > gates.max_error_rate:
-            fails.append(f"shadow error rate {rate:.2%} ({m.shadow_errors}/{m.compared}) is "
-                         f"above max-error-rate {gates.max_error_rate:.2%}")
-    if enough and gates.max_p99_ratio is not None:
+    if compared and gates.max_p99_ratio is not None:
         ratio = fig.p99_ratio
         if ratio is None:
             unsure.append("no latency of both the shadow and the live answers to compare p99 "
