@@ -11,7 +11,8 @@ Phases, as waves (``coordinator.strategies.wave_kind`` names them):
   at its start and end (``coordinator.gates.shadow_window``: counters are cumulative and reset
   when the router's epoch changes). Gates: ``--min-requests`` compared pairs (fewer: inconclusive,
   the rollout pauses), ``--max-mismatch-rate`` (mismatched / compared), ``--max-error-rate``
-  (shadow errors / compared), ``--max-p99-ratio`` (shadow p99 / live p99) and ``--min-healthy``
+  (unanswered copies / copies sent: a hanging shadow has no compared pair, yet fails it),
+  ``--max-p99-ratio`` (shadow p99 / live p99) and ``--min-healthy``
   over the shadow slots. The figures, the thresholds and a few sample mismatches (node, method,
   path, what differed) go into ``record.report["shadow"]`` and the wave's gates.
 - then, without ``--then``: the shadow is retired (every node's previous desired state again) and
@@ -21,7 +22,8 @@ Phases, as waves (``coordinator.strategies.wave_kind`` names them):
   gate passed, the rollout continues as that strategy from the staged slots: a ``switch`` wave
   (blue-green) or rolling waves that move the weights, with the mirror dropped.
 
-Formulas: ``mismatch_rate = mismatched / compared``; ``error_rate = shadow_errors / compared``;
+Formulas: ``mismatch_rate = mismatched / compared``;
+``error_rate = shadow_errors / (compared + shadow_errors)``;
 ``p99_ratio = p99(shadow latency) / p99(live latency)`` over the same compared pairs.
 """
 
