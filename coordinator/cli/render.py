@@ -99,6 +99,30 @@ def shadow_report_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def bluegreen_lines(report: dict[str, Any]) -> list[str]:
+    """The blue-green switch (``record.report["switch"]``), its warm window and the switch back
+    (``report["switch_back"]``) as lines; a switch not yet seen on every node says nothing."""
+
+    def ms(x: Any) -> str:
+        return f"{x * 1000:.1f}ms" if isinstance(x, (int, float)) else "n/a"
+
+    out: list[str] = []
+    switch, back = report.get("switch"), report.get("switch_back")
+    if isinstance(switch, dict) and isinstance(switch.get("spread"), (int, float)):
+        out.append(f"switched {len(switch.get('nodes') or {})} nodes at once: spread "
+                   f"{ms(switch['spread'])} (first to last), lag {ms(switch.get('lag'))} after "
+                   "the decision")
+        until = switch.get("warm_until")
+        if isinstance(until, (int, float)):
+            out.append(f"old slots stay warm until "
+                       f"{time.strftime('%H:%M:%S', time.localtime(until))}: a rollback before "
+                       "then is an instant switch back")
+    if isinstance(back, dict) and isinstance(back.get("spread"), (int, float)):
+        out.append(f"switched {len(back.get('nodes') or {})} nodes back at once: spread "
+                   f"{ms(back['spread'])}, lag {ms(back.get('lag'))} after the decision")
+    return out
+
+
 def _styled(state: str) -> Text:
     return Text(state.replace("_", " "), style=STATE_STYLE.get(state, ""))
 
@@ -118,7 +142,8 @@ def status_renderable(st: dict[str, Any]) -> RenderableType:
         nodes.add_row(node, _styled(p["state"]), p.get("version") or "-",
                       "yes" if p.get("healthy") else "no", "yes" if p.get("online") else "no",
                       str(p.get("generation", "")), p.get("reason") or "")
-    report = shadow_report_lines(st.get("report") or {})
+    report = (bluegreen_lines(st.get("report") or {})
+              + shadow_report_lines(st.get("report") or {}))
     tail = [Text(""), Text("\n".join(report))] if report else []
     return Group(Text(headline(st), style="bold"), Text(""), waves, Text(""), nodes, *tail)
 
@@ -135,6 +160,7 @@ def status_text(st: dict[str, Any]) -> str:
                      f"{'healthy' if p.get('healthy') else 'unhealthy'}"
                      + ("" if p.get("online", True) else " offline")
                      + (f" ({p['reason']})" if p.get("reason") else ""))
+    lines += bluegreen_lines(st.get("report") or {})
     lines += shadow_report_lines(st.get("report") or {})
     return "\n".join(lines)
 
@@ -159,6 +185,9 @@ def progress_lines(before: dict[str, Any] | None, now: dict[str, Any]) -> list[s
                        + (f" {p['version']}" if p.get("version") else "")
                        + ("" if p.get("online", True) else " (offline)")
                        + (f": {p['reason']}" if p.get("reason") else ""))
+    said = bluegreen_lines(before.get("report") or {})
+    out += [f"{stamp} {line}" for line in bluegreen_lines(now.get("report") or {})
+            if line not in said]
     if (before.get("state"), before.get("phase")) != (now.get("state"), now.get("phase")):
         out.append(f"{stamp} {headline(now)}")
     return out
