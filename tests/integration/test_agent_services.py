@@ -8,6 +8,7 @@ import contextlib
 import json
 import shutil
 import signal
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,18 +132,27 @@ class Fleet:
     generation: int = 0
 
     async def desire(
-        self, slots: dict[str, str], weights: dict[str, int], *, seed: bytes | None = None,
+        self,
+        slots: dict[str, str],
+        weights: dict[str, int],
+        *,
+        seed: bytes | None = None,
         generation: int | None = None,
     ) -> int:
         gen = generation if generation is not None else self.generation + 1
         self.generation = max(self.generation, gen)
         d = DesiredState(
-            fleet="default", node=NODE, service="hello", generation=gen,
-            slots={s: self.refs[v] for s, v in slots.items()}, weights=weights,
+            fleet="default",
+            node=NODE,
+            service="hello",
+            generation=gen,
+            slots={s: self.refs[v] for s, v in slots.items()},
+            weights=weights,
         )
         env = sign(seed or self.seed, d)
         await self.bus.kv_put(
-            subjects.desired_bucket("default"), subjects.node_service_key(NODE, "hello"),
+            subjects.desired_bucket("default"),
+            subjects.node_service_key(NODE, "hello"),
             encode(env),
         )
         return gen
@@ -155,8 +165,10 @@ class Fleet:
 
     async def converged(self, gen: int, timeout: float = 40) -> ObservedState:
         obs = await wait_until(
-            self.observed, lambda o: o is not None and o.observed_generation >= gen,
-            timeout=timeout, what=f"observed generation {gen}",
+            self.observed,
+            lambda o: o is not None and o.observed_generation >= gen,
+            timeout=timeout,
+            what=f"observed generation {gen}",
         )
         assert obs is not None
         return obs
@@ -240,8 +252,12 @@ async def test_make_before_break_loses_no_request(fleet: Fleet, broker: Broker) 
             gen = await fleet.desire({"b": "2.0.0"}, {"b": 100})
             obs = await fleet.converged(gen)
             before = load.versions.get("2.0.0", 0)
-            await wait_until(_const(load), lambda ld: ld.versions.get("2.0.0", 0) > before + 50,
-                             timeout=20, what="traffic on 2.0.0")
+            await wait_until(
+                _const(load),
+                lambda ld: ld.versions.get("2.0.0", 0) > before + 50,
+                timeout=20,
+                what="traffic on 2.0.0",
+            )
         assert load.failed == 0, load.errors
         assert load.versions.get("1.0.0", 0) > 0 and load.versions.get("2.0.0", 0) > 0
         assert obs.phase == "converged"
@@ -262,8 +278,10 @@ async def test_release_that_never_gets_healthy_fails_and_old_keeps_serving(
         async with Load(fleet.port).running() as load:
             gen = await fleet.desire({"b": "2.1.0"}, {"b": 100})
             obs = await wait_until(
-                fleet.observed, lambda o: o is not None and o.phase == "failed",
-                timeout=40, what="phase failed",
+                fleet.observed,
+                lambda o: o is not None and o.phase == "failed",
+                timeout=40,
+                what="phase failed",
             )
             await wait_until(_const(load), lambda ld: ld.ok > 50, timeout=20, what="load")
         assert obs is not None
@@ -285,12 +303,15 @@ async def test_forged_and_replayed_states_are_refused(fleet: Fleet, broker: Brok
         await fleet.desire({"b": "2.0.0"}, {"b": 100}, seed=generate_seed(), generation=6)
         await fleet.desire({"b": "2.0.0"}, {"b": 100}, generation=4)
         await fleet.bus.kv_put(
-            subjects.desired_bucket("default"), subjects.node_service_key(NODE, "hello"),
+            subjects.desired_bucket("default"),
+            subjects.node_service_key(NODE, "hello"),
             b'{"not": "an envelope"',
         )
         refused = await wait_until(
-            lambda: _events(fleet.bus, "agent.refused"), lambda evs: len(evs) >= 3,
-            timeout=20, what="three agent.refused events",
+            lambda: _events(fleet.bus, "agent.refused"),
+            lambda evs: len(evs) >= 3,
+            timeout=20,
+            what="three agent.refused events",
         )
         reasons = " | ".join(e.message for e in refused)
         assert "unknown key" in reasons and "not newer than 5" in reasons
@@ -317,8 +338,10 @@ async def test_crash_loop_ends_failed_and_agent_stays_up(
     async with reaping(_agent(fleet, broker)) as (agent,):
         await fleet.desire({"a": "9.9.9"}, {"a": 100})
         obs = await wait_until(
-            fleet.observed, lambda o: o is not None and o.phase == "failed",
-            timeout=60, what="crash loop detected",
+            fleet.observed,
+            lambda o: o is not None and o.phase == "failed",
+            timeout=60,
+            what="crash loop detected",
         )
         assert obs is not None
         assert "crash loop" in obs.error and "exited with status 3" in obs.error
@@ -339,15 +362,20 @@ async def test_kill_9_of_the_agent_loses_nothing_and_adopts(fleet: Fleet, broker
             agent.signal(signal.SIGKILL)
             await agent.stop(timeout=0)
             served = load.ok
-            await wait_until(_const(load), lambda ld: ld.ok > served + 50, timeout=20,
-                             what="traffic with the agent dead")
+            await wait_until(
+                _const(load),
+                lambda ld: ld.ok > served + 50,
+                timeout=20,
+                what="traffic with the agent dead",
+            )
             await agent.start()
             gen = await fleet.desire({"a": "1.0.0", "b": "2.0.0"}, {"a": 50, "b": 50})
             obs = await fleet.converged(gen)
         assert load.failed == 0, load.errors
         assert obs.slots["a"].pid == pid  # adopted, not restarted
         hello_a = [
-            p for p in _leftovers(fleet.base)
+            p
+            for p in _leftovers(fleet.base)
             if "app.py" in " ".join(p.cmdline()) and p.environ().get("FLEETWAVE_SLOT") == "a"
         ]
         assert [p.pid for p in hello_a] == [pid]
@@ -358,7 +386,6 @@ def _const(load: Load):  # type: ignore[no-untyped-def]
         return load
 
     return probe
-
 
 
 WORKER = """\
@@ -408,14 +435,17 @@ async def test_agent_started_before_the_fleet_exists_waits_for_it(
 ) -> None:
     """An agent up before any coordinator created the buckets keeps waiting, then converges."""
     seed = generate_seed()
-    agent = spawn_agent(broker.url, NODE, tmp_path / "agents",
-                        extra=["--trust-key", public_key(seed)])
+    agent = spawn_agent(
+        broker.url, NODE, tmp_path / "agents", extra=["--trust-key", public_key(seed)]
+    )
     async with reaping(agent):
         bus = await Bus.connect(broker.url, "default")
         try:
             await wait_until(
-                lambda: _log_has(agent.log_path, "cannot watch desired states yet"), bool,
-                timeout=20, what="the agent to notice the missing bucket",
+                lambda: _log_has(agent.log_path, "cannot watch desired states yet"),
+                bool,
+                timeout=20,
+                what="the agent to notice the missing bucket",
             )
             await bus.ensure_fleet()
             port = free_port()
@@ -435,5 +465,37 @@ async def test_agent_started_before_the_fleet_exists_waits_for_it(
 
 
 async def _log_has(path: Path, text: str) -> bool:
-    return text in await asyncio.to_thread(lambda: path.read_text(errors="replace")
-                                           if path.exists() else "")
+    return text in await asyncio.to_thread(
+        lambda: path.read_text(errors="replace") if path.exists() else ""
+    )
+
+
+async def test_failed_generation_is_not_retried_after_an_agent_restart(
+    fleet: Fleet, broker: Broker
+) -> None:
+    """A restarted agent remembers that a generation failed: it reports it and starts nothing."""
+    agent = _agent(fleet, broker)
+    async with reaping(agent):
+        await fleet.converged(await fleet.desire({"a": "1.0.0"}, {"a": 100}))
+        gen = await fleet.desire({"b": "2.1.0"}, {"b": 100})
+        await wait_until(
+            fleet.observed,
+            lambda o: o is not None and o.phase == "failed",
+            timeout=40,
+            what="phase failed",
+        )
+        await agent.stop(timeout=0)  # SIGKILL
+        restarted = time.time()
+        await agent.start()
+        obs = await wait_until(
+            fleet.observed,
+            lambda o: o is not None and o.time > restarted,
+            timeout=20,
+            what="an observed state from the restarted agent",
+        )
+        assert obs is not None and obs.phase == "failed" and obs.generation == gen
+        assert obs.slots["b"].status == "failed" and obs.slots["a"].status == "healthy"
+        started_b = [
+            e for e in await _events(fleet.bus, "slot.started") if e.data.get("slot") == "b"
+        ]
+        assert len(started_b) == 1
