@@ -22,7 +22,7 @@ from coordinator.releases import push_release
 from protocol import subjects
 from protocol.bus import Bus
 from protocol.codec import decode, encode
-from protocol.messages import DesiredState, Event, ObservedState, ReleaseRef
+from protocol.messages import DesiredState, Event, Heartbeat, ObservedState, ReleaseRef
 from protocol.signing import generate_seed, public_key, sign
 from tests.integration.procs import reaping, spawn_agent, wait_until
 
@@ -266,6 +266,28 @@ async def test_make_before_break_loses_no_request(fleet: Fleet, broker: Broker) 
         assert obs.weights == {"b": 100}
         kinds = {e.kind for e in await _events(fleet.bus, "slot.>")}
         assert {"slot.started", "slot.healthy", "slot.stopped"} <= kinds
+        beat = await _heartbeat(fleet.bus)
+        assert [
+            (x.service, x.version, x.healthy, x.observed_generation) for x in beat.services
+        ] == [("hello", "2.0.0", True, gen)]
+        procs = {p.slot: p for p in beat.slots}
+        assert set(procs) == {"b"} and procs["b"].rss > 0 and procs["b"].pid == obs.slots["b"].pid
+
+
+async def _heartbeat(bus: Bus) -> Heartbeat:
+    """The next heartbeat of the node that reports a slot process."""
+    got: asyncio.Queue[Heartbeat] = asyncio.Queue()
+
+    async def on_beat(subject: str, data: bytes) -> None:
+        hb = decode(Heartbeat, data)
+        if hb.slots:
+            got.put_nowait(hb)
+
+    sub = await bus.subscribe(subjects.heartbeat("default", NODE), on_beat)
+    try:
+        return await asyncio.wait_for(got.get(), 10)
+    finally:
+        await sub.unsubscribe()
 
 
 async def test_release_that_never_gets_healthy_fails_and_old_keeps_serving(
