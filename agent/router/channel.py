@@ -5,7 +5,8 @@ handles most requests without either. A ``Channel`` is an ``asyncio.Protocol`` w
 
 - to its ``sink`` when one is set (callback mode, the proxy's fast path): ``on_data`` gets each
   piece as the transport delivered it, so a response that arrives in one segment is relayed
-  without being copied into any buffer, and ``on_closed`` says the peer went away;
+  without passing through a buffer (at most one copy, to join it to its head), and ``on_closed``
+  says the peer went away;
 - otherwise into ``buf``, where the awaitable ``readuntil``/``read``/``readexactly`` find them
   (stream mode, for the general path and the mirror). Reading pauses while ``buf`` holds more than
   ``limit`` bytes and resumes as the reader takes them: that is the backpressure.

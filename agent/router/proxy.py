@@ -7,11 +7,12 @@ accumulate in its buffer; when a whole request head is there it is parsed (garba
 two paths:
 
 - **fast path** (no request body, an idle pooled upstream connection, not picked for mirroring):
-  the head is written upstream and everything else happens in callbacks (``fastpath``): the
-  response head is parsed as it arrives, rewritten, and sent to the client with whatever body came
-  with it in one write; the rest of a Content-Length body is relayed piece by piece, reading the
-  upstream paused while the client's write buffer is full. No task, no future, no timer per
-  request: one sweeper per proxy enforces the deadlines.
+  the head is written upstream and everything else happens in callbacks (``on_data``,
+  ``on_closed``: the ``ClientConn`` is the upstream channel's sink): the response head is parsed
+  as it arrives, rewritten, and sent to the client with whatever body came with it in one write;
+  the rest of a Content-Length body is relayed piece by piece, reading the upstream paused while
+  the client's write buffer is above ``HIGH_WATER``. No task, no future, no timer per request:
+  one sweeper per proxy enforces the deadlines (so they are ``SWEEP_EVERY`` coarse).
 - **general path** (everything else): one task for this request runs ``exchange``, the
   await-based exchange with bodies, retries and mirroring described there. The fast path hands
   over to it when the pooled connection turns out stale before any response byte (the retry), or
