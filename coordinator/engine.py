@@ -19,8 +19,9 @@ started when the number of unavailable target nodes stays within max-unavailable
 with a wave when it reports ``observed_generation`` at least the written generation, a healthy new
 slot and the wave's weights applied. It *fails* when it reports phase ``failed`` for that
 generation, goes offline, or has not converged by the wave's deadline. When every node of a wave
-is done the wave *bakes* for ``spec.bake`` seconds, and then its gates (``coordinator.gates``)
-decide: pass → next wave; fail → ``on_failure`` (rollback or pause); inconclusive → pause.
+is done the wave *bakes* for ``spec.bake`` seconds, and then, once every node's router counters
+cover the whole bake (``window_covers_bake``), its gates (``coordinator.gates``) decide:
+pass → next wave; fail → ``on_failure`` (rollback or pause); inconclusive → pause.
 Rollback writes every touched node's previous desired state, each with a higher generation, in one
 wave; it ends ``rolled_back`` when all converged back, or ``failed`` naming the nodes that did not
 by the rollback deadline. Blue-green and shadow add kinds of waves (``strategies.wave_kind``:
@@ -90,6 +91,10 @@ from protocol.messages import (
     RouterStats,
     WaveRecord,
 )
+
+# How long past its end a bake waits for router counters that cover it (window_covers_bake)
+# before its gates judge what they have; agents read the counters every 2 s.
+STATS_GRACE = 10.0
 
 # Everything the runner and the tests import from here, wherever it is defined.
 __all__ = [
@@ -517,6 +522,8 @@ class Step:
             return
         if self.now < wave.bake_until:
             return
+        if self.now < wave.bake_until + STATS_GRACE and not self.window_covers_bake(wave):
+            return  # the agents' latest counters were read before the bake ended: wait for them
         verdict = self.verdict(wave)
         wave.gates = verdict.figures | {"outcome": verdict.outcome,
                                         "reasons": list(verdict.reasons)}
@@ -534,6 +541,25 @@ class Step:
             self.emit("gate.inconclusive", f"wave {wave.index}: {verdict.reason}",
                       wave=wave.index, **verdict.figures)
             self.pause(f"wave {wave.index} gates inconclusive: {verdict.reason}")
+
+    def window_covers_bake(self, wave: WaveRecord) -> bool:
+        """Whether every wave node's router counters span the whole bake since its baseline.
+
+        Agents read their router's counters every few seconds, so the snapshots the bake starts
+        and ends with are each up to that old, and a short bake could be judged on a window of
+        almost nothing. Both snapshots carry the agent's read time (one clock per node, so no
+        skew between hosts matters): the window is complete once they are ``bake`` apart.
+        Unknown times (older agents), no baseline or a restarted router cannot be waited for.
+        """
+        for n in wave.nodes:
+            seen = self.obs.get(n)
+            end = seen.router if seen is not None else None
+            start = wave.baseline.get(n)
+            if end is None or start is None or not end.time or not start.time:
+                continue
+            if start.epoch == end.epoch and end.time - start.time < self.spec.bake:
+                return False
+        return True
 
     def verdict(self, wave: WaveRecord) -> gatelib.Verdict:
         kind = self.kind(wave)
@@ -562,8 +588,41 @@ class Step:
             healthy += slot is not None and slot.status == "healthy"
         if kind == "switch":
             old = [blue_green.old_window(self)]  # after the switch the old slots get no traffic
+        reference = ""
+        if kind == "":
+            old, reference = self.old_reference(wave, old)
         fig = gatelib.figures(len(wave.nodes), healthy, new, old, mirror)
-        return gatelib.evaluate(gates, fig)
+        verdict = gatelib.evaluate(gates, fig)
+        if reference:
+            verdict.figures["p99_old_from"] = reference
+        return verdict
+
+    def old_reference(
+        self, wave: WaveRecord, old: list[gatelib.Window],
+    ) -> tuple[list[gatelib.Window], str]:
+        """The old release's traffic to compare this wave's new slots with, and where it is from.
+
+        Normally the old slots' traffic in the same window. The last wave of a canary or rolling
+        rollout leaves no old slot serving, so then it is the old traffic of the latest earlier
+        window that had some (kept in ``report["old_window"]``), or failing that the old slots'
+        counters up to this bake (since their routers started): no old traffic in the window must
+        not make a healthy last step inconclusive.
+        """
+        total = sum(old, gatelib.Window())
+        if total.requests:
+            self.r.report["old_window"] = {"wave": wave.index, "requests": total.requests,
+                                           "errors": total.errors, "latency": list(total.latency)}
+            return old, ""
+        kept = self.r.report.get("old_window")
+        if kept:
+            return [gatelib.Window(kept["requests"], kept["errors"], tuple(kept["latency"]))], \
+                f"wave {kept['wave']}"
+        before = []
+        for n, p in self.r.nodes.items():
+            serving = serving_slot(p.previous)
+            if serving is not None and serving != p.slot:
+                before.append(gatelib.window(None, wave.baseline.get(n), serving))
+        return before, "old slots before this bake"
 
     def on_failure(self, wave: WaveRecord, reason: str) -> None:
         self.emit("wave.failed", reason, wave=wave.index)

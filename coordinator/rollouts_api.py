@@ -14,12 +14,13 @@ touched node); without one it deploys the version the fleet ran before its last 
 The status dict is the one shape people and programs read (``fleetwave status -o json``)::
 
     {"id", "service", "version", "from_version", "strategy", "state", "reason", "phase",
-     "created", "updated", "finished", "current_wave", "report",
+     "created", "updated", "finished", "current_wave", "report", "bake", "gates",
      "waves": [{"index", "nodes", "weight", "state", "started", "finished", "gates"}],
      "nodes": {id: {"version", "state", "healthy", "online", "wave", "generation", "slot",
                     "reason"}}}
 
-where ``gates`` holds the figures and thresholds of the wave's last evaluation.
+where a wave's ``gates`` holds the figures and thresholds of its last evaluation, and the top-level
+``gates`` (with ``bake``, seconds) the thresholds every wave is judged on.
 """
 
 from __future__ import annotations
@@ -189,6 +190,7 @@ def status_dict(r: RolloutRecord) -> dict[str, Any]:
         "from_version": r.from_version, "strategy": r.spec.strategy, "state": r.state,
         "reason": r.reason, "phase": r.phase, "created": r.created, "updated": r.updated,
         "finished": r.finished, "current_wave": r.current_wave, "report": dict(r.report),
+        "bake": r.spec.bake, "gates": msgspec.to_builtins(r.spec.gates),
         "waves": [
             {"index": w.index, "nodes": list(w.nodes), "weight": w.weight, "state": w.state,
              "started": w.started, "finished": w.finished, "gates": dict(w.gates)}

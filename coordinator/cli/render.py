@@ -44,29 +44,85 @@ def headline(st: dict[str, Any]) -> str:
     return "  ".join(parts[:1]) + ": " + ", ".join(parts[1:])
 
 
+def _pct(x: Any) -> str:
+    return f"{x:.2%}" if isinstance(x, (int, float)) else "-"
+
+
+def _limit(thresholds: dict[str, Any], key: str, text: str) -> str:
+    """`` (text)`` when the threshold ``key`` is set, so each figure sits next to its bound."""
+    return f" ({text})" if thresholds.get(key) is not None else ""
+
+
 def gates_text(gates: dict[str, Any]) -> str:
-    """The figures of a wave's last gate evaluation, compactly; "" if never evaluated."""
+    """The figures of a wave's last gate evaluation, each next to its threshold; "" if never
+    evaluated. Figures without a threshold are shown only when there is something to show."""
     if not gates:
         return ""
     if gates.get("outcome") == "promoted":
         return "promoted (gates skipped)"
+    th: dict[str, Any] = gates.get("thresholds") or {}
     bits = [str(gates.get("outcome", ""))]
     if "healthy" in gates:
-        bits.append(f"healthy {gates['healthy']}/{gates.get('nodes', '?')}")
-    if gates.get("requests"):
-        rate = gates.get("error_rate")
-        bits.append(f"req {gates['requests']} err {gates.get('errors', 0)}"
-                    + (f" ({rate:.2%})" if isinstance(rate, float) else ""))
-    if gates.get("p99_new_ms") is not None:
+        bits.append(f"healthy {gates['healthy']}/{gates.get('nodes', '?')}"
+                    + _limit(th, "min_healthy", f"min {_pct(th.get('min_healthy'))}"))
+    traffic = any(th.get(k) is not None for k in ("max_error_rate", "max_p99_ratio",
+                                                   "min_requests"))
+    if "requests" in gates and (gates["requests"] or traffic):
+        bits.append(f"req {gates['requests']}"
+                    + _limit(th, "min_requests", f"min {th.get('min_requests')}"))
+        if gates["requests"] or th.get("max_error_rate") is not None:
+            bits.append(f"err {gates.get('errors', 0)} = {_pct(gates.get('error_rate'))}"
+                        + _limit(th, "max_error_rate", f"max {_pct(th.get('max_error_rate'))}"))
+    if gates.get("p99_new_ms") is not None or th.get("max_p99_ratio") is not None:
         ratio = gates.get("p99_ratio")
-        bits.append(f"p99 {gates['p99_new_ms']}ms vs {gates.get('p99_old_ms')}ms"
-                    + (f" (x{ratio:.2f})" if isinstance(ratio, float) else ""))
-    if gates.get("compared"):
-        bits.append(f"mirror {gates.get('mismatched', 0)}/{gates['compared']} mismatched")
+        bits.append(f"p99 {_ms(gates.get('p99_new_ms'))} vs {_ms(gates.get('p99_old_ms'))}"
+                    + (f" = x{ratio:.2f}" if isinstance(ratio, (int, float)) else "")
+                    + _limit(th, "max_p99_ratio", f"max x{th.get('max_p99_ratio'):g}"
+                             if th.get("max_p99_ratio") is not None else ""))
+    if gates.get("compared") or th.get("max_mismatch_rate") is not None:
+        bits.append(f"mirror {gates.get('mismatched', 0)}/{gates.get('compared', 0)} mismatched"
+                    + _limit(th, "max_mismatch_rate",
+                             f"max {_pct(th.get('max_mismatch_rate'))}"))
     reasons = gates.get("reasons") or []
     if reasons:
         bits.append("; ".join(str(r) for r in reasons))
     return ", ".join(b for b in bits if b)
+
+
+def _ms(x: Any) -> str:
+    return f"{x:g}ms" if isinstance(x, (int, float)) else "-"
+
+
+def pending_gates_text(st: dict[str, Any]) -> str:
+    """What the current wave will be judged on after its bake (``status_dict``'s ``gates`` and
+    ``bake``), for a wave not evaluated yet; "" if no gate is set."""
+    th: dict[str, Any] = st.get("gates") or {}
+    bits = []
+    if th.get("min_healthy") is not None:
+        bits.append(f"healthy min {_pct(th['min_healthy'])}")
+    if th.get("min_requests") is not None:
+        bits.append(f"req min {th['min_requests']}")
+    if th.get("max_error_rate") is not None:
+        bits.append(f"err max {_pct(th['max_error_rate'])}")
+    if th.get("max_p99_ratio") is not None:
+        bits.append(f"p99 max x{th['max_p99_ratio']:g}")
+    if th.get("max_mismatch_rate") is not None:
+        bits.append(f"mirror max {_pct(th['max_mismatch_rate'])}")
+    if not bits:
+        return ""
+    bake = st.get("bake")
+    return (f"after a {bake:g}s bake: " if isinstance(bake, (int, float)) and bake else
+            "gates: ") + ", ".join(bits)
+
+
+def _wave_gates(st: dict[str, Any], w: dict[str, Any]) -> str:
+    """A wave's gate figures, or for the current wave still to be judged, its thresholds."""
+    done = gates_text(w.get("gates") or {})
+    if done:
+        return done
+    if w["index"] == st.get("current_wave") and w["state"] in ("updating", "baking"):
+        return pending_gates_text(st)
+    return ""
 
 
 def shadow_report_lines(report: dict[str, Any]) -> list[str]:
@@ -134,7 +190,7 @@ def status_renderable(st: dict[str, Any]) -> RenderableType:
         waves.add_column(col)
     for w in st.get("waves") or []:
         waves.add_row(str(w["index"] + 1), _styled(w["state"]), f"{w['weight']}%",
-                      ",".join(w["nodes"]), gates_text(w.get("gates") or {}) or "-")
+                      ",".join(w["nodes"]), _wave_gates(st, w) or "-")
     nodes = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("NODE", "STATE", "VERSION", "HEALTHY", "ONLINE", "GEN", "REASON"):
         nodes.add_column(col)
@@ -152,7 +208,7 @@ def status_text(st: dict[str, Any]) -> str:
     """The same view as plain lines (no terminal)."""
     lines = [headline(st)]
     for w in st.get("waves") or []:
-        g = gates_text(w.get("gates") or {})
+        g = _wave_gates(st, w)
         lines.append(f"  wave {w['index'] + 1}: {w['state']} at {w['weight']}% on "
                      f"{','.join(w['nodes'])}" + (f" [{g}]" if g else ""))
     for node, p in (st.get("nodes") or {}).items():
@@ -175,7 +231,7 @@ def progress_lines(before: dict[str, Any] | None, now: dict[str, Any]) -> list[s
     for w in now.get("waves") or []:
         prev = old_waves.get(w["index"])
         if prev is None or prev["state"] != w["state"]:
-            g = gates_text(w.get("gates") or {})
+            g = _wave_gates(now, w)
             out.append(f"{stamp} wave {w['index'] + 1}: {w['state']}" + (f" [{g}]" if g else ""))
     old_nodes = before.get("nodes") or {}
     for node, p in (now.get("nodes") or {}).items():
