@@ -429,3 +429,37 @@ async def test_a_head_split_into_tiny_segments_is_reassembled(rig: Rig) -> None:
     status, _, body = await read_response(reader)
     writer.close()
     assert (status, body) == (200, b"/split conn=1")
+
+
+async def test_drain_lets_a_fast_exchange_finish_and_closes_idle_clients(rig: Rig) -> None:
+    """When the proxy starts closing, an in-flight request still completes (with
+    Connection: close) and an idle keep-alive client is disconnected."""
+    release = asyncio.Event()
+
+    async def slow(c: int, r: int, head: bytes, _: object, w: asyncio.StreamWriter) -> bool:
+        if path_of(head) == b"/slow":
+            async with asyncio.timeout(10):
+                await release.wait()
+        w.write(ok(b"done"))
+        return True
+
+    await rig.upstream(slow)
+    busy_r, busy_w = await connect(rig.port)
+    idle_r, idle_w = await connect(rig.port)
+    for r, w in ((busy_r, busy_w), (idle_r, idle_w)):
+        w.write(get("/warm"))
+        await read_response(r)
+    busy_w.write(get("/slow"))
+    await until(lambda: any(c.busy for c in rig.proxy.clients))
+    rig.proxy.closing = True
+    rig.proxy.close_idle()
+    async with asyncio.timeout(5):
+        assert await idle_r.read() == b""  # the idle client is let go at once
+    release.set()
+    status, head, body = await read_response(busy_r)
+    async with asyncio.timeout(5):
+        assert await busy_r.read() == b""  # and the busy one after its answer
+    busy_w.close()
+    idle_w.close()
+    assert (status, body) == (200, b"done") and b"Connection: close" in head
+    await until(lambda: not rig.proxy.clients)
