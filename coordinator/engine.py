@@ -35,7 +35,7 @@ and ignored, so late and reordered reports cannot move a rollout backwards.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -185,10 +185,31 @@ class Rollout:
                 f"{current.replace('_', ' ')}"
                 + (f" ({self._record.reason})" if self._record.reason else "")
             )
+        return self._step([event], now)
+
+    def handle_all(self, events: Sequence[EngineEvent], now: float) -> list[Command]:
+        """Apply several feed events (observed states, offline/online, ticks) at once, at ``now``.
+
+        The engine is level-triggered, so deciding once on the latest of everything reported is
+        what handling them one by one decides by the last one, at one decode, one encode and one
+        Persist instead of one each: the runner batches what arrives while it is busy, which keeps
+        a wave of N nodes O(N) instead of O(N^2). Raises IllegalTransition (and changes nothing)
+        if one of them is not a feed event or the rollout's mode does not accept it.
+        """
+        current = mode(self._record)
+        for event in events:
+            if not isinstance(event, FEED_EVENTS) or type(event) not in ACCEPTS[current]:
+                raise IllegalTransition(
+                    f"cannot {VERBS[type(event)]} rollout {self._record.id} in a batch: it is "
+                    f"{current.replace('_', ' ')}")
+        return self._step(events, now) if events else []
+
+    def _step(self, events: Sequence[EngineEvent], now: float) -> list[Command]:
         work = msgspec.msgpack.decode(self._encoded, type=RolloutRecord)
         observed = dict(self._observed)
         step = Step(self.fleet, work, observed, now)
-        step.apply(event)
+        for event in events:
+            step.apply(event)
         step.advance()
         commands: list[Command] = list(step.commands)
         encoded = msgspec.msgpack.encode(work)
@@ -200,6 +221,9 @@ class Rollout:
         self._record, self._encoded = work, encoded
         self._observed = observed
         return commands
+
+
+FEED_EVENTS = (ObservedChanged, NodeOffline, NodeOnline, Tick)
 
 
 class Step:

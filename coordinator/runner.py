@@ -94,6 +94,8 @@ STARTUP_GRACE = 10.0  # > 3 heartbeats of 2 s: time for every live node to beat 
 RESYNC_INTERVAL = 30.0
 EVENT_QUEUE = 10_000
 EVENT_ATTEMPTS = 5
+WRITE_CONCURRENCY = 64  # desired writes in flight at once (each is one KV round trip)
+EVENTS_IN_FLIGHT = 128  # event publishes awaiting their JetStream ack at once
 
 T = TypeVar("T")
 _ROLLOUT_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
@@ -162,6 +164,11 @@ class Runner:
         self.ready = asyncio.Event()  # ... and every live rollout was resumed
         self._resync_wanted = asyncio.Event()
         self._complained: set[str] = set()
+        self._inbox: list[Entry | None] = []
+        self._inbox_ready = asyncio.Event()
+        # (revision, generation) of every desired key this runner wrote: the next write of the
+        # key is then one compare-and-set instead of a read and a write (a miss reads first).
+        self._desired_revs: dict[str, tuple[int, int]] = {}
 
     # -- buckets -----------------------------------------------------------------------------------
 
@@ -183,16 +190,37 @@ class Runner:
         """Watch, tick, resume and publish until cancelled (every task owned here)."""
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._watch_loop(), name="runner-observed")
+            tg.create_task(self._observed_loop(), name="runner-observed-feed")
             tg.create_task(self._publish_loop(), name="runner-events")
             tg.create_task(self._resync_loop(), name="runner-resync")
             tg.create_task(self._tick_loop(), name="runner-tick")
 
     async def _watch_loop(self) -> None:
+        """Queue what the observed watch delivers; ``_observed_loop`` takes it in batches."""
         async for entry in self.bus.watch(subjects.observed_bucket(self.fleet), ">"):
-            if entry is None:
+            self._inbox.append(entry)
+            self._inbox_ready.set()
+
+    async def _observed_loop(self) -> None:
+        """Feed everything that arrived while the last batch was carried out, as one batch.
+
+        A wave of N nodes reports N observed states within moments; handling them one by one
+        costs N engine steps, N record writes and N round trips. A ``None`` (the watch delivered
+        the full contents) is honoured only after the entries before it are fed.
+        """
+        while True:
+            await self._inbox_ready.wait()
+            self._inbox_ready.clear()
+            items, self._inbox = self._inbox, []
+            batch: list[Entry] = []
+            for item in items:
+                if item is not None:
+                    batch.append(item)
+                    continue
+                await self.on_observed_batch(batch)
+                batch = []
                 self.synced.set()
-                continue
-            await self.on_observed(entry)
+            await self.on_observed_batch(batch)
 
     async def _tick_loop(self) -> None:
         await self.synced.wait()
@@ -221,45 +249,75 @@ class Runner:
                 pass
 
     async def _publish_loop(self) -> None:
-        while True:
-            event = await self._events.get()
-            data = encode(event)
-            subject = subjects.event(self.fleet, event.kind)
-            for attempt in range(EVENT_ATTEMPTS):
-                try:
-                    async with asyncio.timeout(OP_TIMEOUT):
-                        await self.bus.js_publish(subject, data)
-                    break
-                except (BusError, TimeoutError) as exc:
-                    if attempt == EVENT_ATTEMPTS - 1:
-                        log.error("event %s of rollout %s not recorded: %s", event.kind,
-                                  event.rollout, exc)
-                    else:
-                        await asyncio.sleep(0.5 * 2**attempt)
+        """Publish queued events, up to EVENTS_IN_FLIGHT awaiting their acks at once (a wave
+        emits two per node; one ack at a time would trail the rollout by seconds). They leave
+        in queue order on the one connection, so the stream keeps that order unless a publish
+        has to be retried."""
+        slots = asyncio.Semaphore(EVENTS_IN_FLIGHT)
+        async with asyncio.TaskGroup() as tg:
+            while True:
+                event = await self._events.get()
+                await slots.acquire()
+                task = tg.create_task(self._publish(event))
+                task.add_done_callback(lambda _: slots.release())
+
+    async def _publish(self, event: Event) -> None:
+        data = encode(event)
+        subject = subjects.event(self.fleet, event.kind)
+        for attempt in range(EVENT_ATTEMPTS):
+            try:
+                async with asyncio.timeout(OP_TIMEOUT):
+                    await self.bus.js_publish(subject, data)
+                break
+            except (BusError, TimeoutError) as exc:
+                if attempt == EVENT_ATTEMPTS - 1:
+                    log.error("event %s of rollout %s not recorded: %s", event.kind,
+                              event.rollout, exc)
+                else:
+                    await asyncio.sleep(0.5 * 2**attempt)
 
     # -- feeds -------------------------------------------------------------------------------------
 
     async def on_observed(self, entry: Entry) -> None:
         """One change in the observed bucket: cache it and feed the drivers of its service."""
-        node, _, service = entry.key.partition(".")
-        if entry.value is None:
-            self.observed.pop((node, service), None)
+        await self.on_observed_batch([entry])
+
+    async def on_observed_batch(self, entries: Sequence[Entry]) -> None:
+        """Changes in the observed bucket, in order: cache them, then feed each driver the
+        changes of its target nodes as one batch (the latest per node)."""
+        changed: dict[tuple[str, str], ObservedState] = {}
+        for entry in entries:
+            node, _, service = entry.key.partition(".")
+            if entry.value is None:
+                self.observed.pop((node, service), None)
+                changed.pop((node, service), None)
+                continue
+            try:
+                seen = decode(ObservedState, entry.value)
+                if (seen.node, seen.service) != (node, service):
+                    raise ProtocolError(f"it claims to be {seen.node}.{seen.service}")
+            except ProtocolError as exc:
+                if entry.key not in self._complained:  # once per key: a flood must not fill log
+                    self._complained.add(entry.key)
+                    log.warning("ignoring observed state %s: %s", entry.key, exc)
+                continue
+            self.observed[(node, service)] = seen
+            changed[(node, service)] = seen
+        if not changed:
             return
-        try:
-            seen = decode(ObservedState, entry.value)
-            if (seen.node, seen.service) != (node, service):
-                raise ProtocolError(f"it claims to be {seen.node}.{seen.service}")
-        except ProtocolError as exc:
-            if entry.key not in self._complained:  # once per key: a flood must not fill the log
-                self._complained.add(entry.key)
-                log.warning("ignoring observed state %s: %s", entry.key, exc)
-            return
-        self.observed[(node, service)] = seen
-        for driver in [d for d in self.drivers.values() if d.service == service]:
-            await self._feed_quietly(driver, ObservedChanged(node, seen))
+        for driver in list(self.drivers.values()):
+            targets = driver.rollout.record.nodes
+            events: list[EngineEvent] = [
+                ObservedChanged(node, seen) for (node, service), seen in changed.items()
+                if service == driver.service and node in targets
+            ]
+            if events:
+                await self._feed_quietly(driver, *events)
 
     async def step(self) -> None:
         """One tick: tell every rollout which target nodes went offline or came back, then Tick."""
+        if not self.drivers:
+            return  # the node table costs O(fleet) to build: not when nothing needs it
         now = self._clock()
         views = {v.id: v for v in self._nodes()}
         for driver in list(self.drivers.values()):
@@ -320,8 +378,9 @@ class Runner:
                 ObservedChanged(node, seen) for (node, svc), seen in self.observed.items()
                 if svc == spec.service and node in record.nodes
             ]
-            for event in [*events, Start()]:
-                await self.feed(driver, event)
+            if events:  # one batch: one engine step, not one per node
+                await self.feed(driver, *events)
+            await self.feed(driver, Start())
             return driver.rollout.record
 
     async def request(self, rollout_id: str, event: EngineEvent) -> RolloutRecord:
@@ -423,10 +482,10 @@ class Runner:
                     ObservedChanged(node, seen) for (node, svc), seen in self.observed.items()
                     if svc == record.spec.service and node in record.nodes
                 ]
+                if events:  # one batch: one engine step, not one per node
+                    await self.feed(driver, *events)
                 if record.state == "pending":  # killed between creating and starting it
-                    events.append(Start())
-                for event in events:
-                    await self.feed(driver, event)
+                    await self.feed(driver, Start())
             except BusError as exc:
                 self._drop(driver, f"cannot resume it yet: {exc}")
             except RemoteError as exc:  # another coordinator owns it: feed() logged and dropped
@@ -434,16 +493,18 @@ class Runner:
 
     # -- carrying out commands ---------------------------------------------------------------------
 
-    async def feed(self, driver: Driver, event: EngineEvent) -> None:
-        """Handle one event and carry out its commands in order; the driver is dropped on a bus
-        failure (rebuilt by the next resync) or when another coordinator owns the record."""
+    async def feed(self, driver: Driver, event: EngineEvent, *more: EngineEvent) -> None:
+        """Handle one event (or a batch of feed events, ``Rollout.handle_all``) and carry out
+        the commands; the driver is dropped on a bus failure (rebuilt by the next resync) or
+        when another coordinator owns the record."""
         async with driver.lock:
             if self.drivers.get(driver.id) is not driver:
                 raise RemoteError(f"rollout {driver.id} is being reloaded; try again", "conflict")
-            commands = driver.rollout.handle(event, self._clock())
+            now = self._clock()
+            commands = (driver.rollout.handle_all([event, *more], now) if more
+                        else driver.rollout.handle(event, now))
             try:
-                for command in commands:
-                    await self._carry_out(driver, command)
+                await self._carry_out_all(driver, commands)
             except Foreign as exc:
                 self.foreign.add(driver.id)
                 self._drop(driver, str(exc), level=logging.ERROR)
@@ -461,10 +522,10 @@ class Runner:
                     self._resync_wanted.set()
                 log.info("rollout %s %s", driver.id, driver.rollout.state)
 
-    async def _feed_quietly(self, driver: Driver, event: EngineEvent) -> None:
+    async def _feed_quietly(self, driver: Driver, event: EngineEvent, *more: EngineEvent) -> None:
         """``feed`` for the watch and the ticker, whose failures are logged, never raised."""
         try:
-            await self.feed(driver, event)
+            await self.feed(driver, event, *more)
         except IllegalTransition as exc:
             log.debug("%s", exc)
         except (RemoteError, BusError) as exc:
@@ -481,6 +542,47 @@ class Runner:
         else:
             log.log(level, "rollout %s dropped until the next resync: %s", driver.id, why)
             self._resync_wanted.set()
+
+    async def _carry_out_all(self, driver: Driver, commands: Sequence[Command]) -> None:
+        """Carry out ``commands``: each Persist before anything after it, the desired writes
+        between two Persists concurrently (different keys; for one key only the newest
+        generation counts), then the events among them, which thus never announce a write
+        before it is done."""
+        writes: dict[str, DesiredState] = {}
+        events: list[Command] = []
+
+        async def flush() -> None:
+            if writes:
+                sem = asyncio.Semaphore(WRITE_CONCURRENCY)
+
+                async def one(desired: DesiredState) -> None:
+                    async with sem:
+                        await self._retrying(lambda: self._write_desired(desired))
+
+                pending = list(writes.values())
+                writes.clear()
+                async with asyncio.TaskGroup() as tg:
+                    for desired in pending:
+                        tg.create_task(one(desired))
+            for event in events:
+                await self._carry_out(driver, event)
+            events.clear()
+
+        try:
+            for command in commands:
+                if isinstance(command, Persist):
+                    await flush()
+                    await self._carry_out(driver, command)
+                elif isinstance(command, WriteDesired):
+                    key = subjects.node_service_key(command.desired.node, command.desired.service)
+                    old = writes.get(key)
+                    if old is None or old.generation <= command.desired.generation:
+                        writes[key] = command.desired
+                else:
+                    events.append(command)
+            await flush()
+        except BaseExceptionGroup as group:  # a failed concurrent write: raise the first cause
+            raise _first(group) from None
 
     async def _carry_out(self, driver: Driver, command: Command) -> None:
         match command:
@@ -508,6 +610,15 @@ class Runner:
     async def _write_desired(self, desired: DesiredState) -> bool:
         """Sign and store ``desired`` unless the stored generation is >=; True if written."""
         key = subjects.node_service_key(desired.node, desired.service)
+        known = self._desired_revs.pop(key, None)
+        if known is not None and known[1] < desired.generation:
+            data = encode(sign(self._seed, desired))
+            try:
+                rev = await self._bounded(self.bus.kv_update(self._desired, key, data, known[0]))
+                self._desired_revs[key] = (rev, desired.generation)
+                return True
+            except Conflict:
+                pass  # written by someone else since: read it and compare generations
         for _ in range(5):
             entry = await self._bounded(self.bus.kv_get(self._desired, key))
             if entry is not None and entry.value is not None:
@@ -520,10 +631,11 @@ class Runner:
             data = encode(sign(self._seed, desired))
             try:
                 if entry is None:
-                    await self._bounded(self.bus.kv_create(self._desired, key, data))
+                    rev = await self._bounded(self.bus.kv_create(self._desired, key, data))
                 else:
-                    await self._bounded(self.bus.kv_update(self._desired, key, data,
-                                                           entry.revision))
+                    rev = await self._bounded(self.bus.kv_update(self._desired, key, data,
+                                                                 entry.revision))
+                self._desired_revs[key] = (rev, desired.generation)
                 return True
             except Conflict:
                 continue  # written in between: read again and compare generations
@@ -608,6 +720,14 @@ class Runner:
                 log.warning("retrying in %.1fs: %s", delay, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first leaf exception of a (nested) exception group."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 def new_rollout_id(service: str, now: float) -> str:
