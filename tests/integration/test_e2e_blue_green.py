@@ -142,8 +142,9 @@ async def test_switch_and_rollback_inside_the_window(tmp_path: Path) -> None:
             assert {"1.0.0", "2.0.0"} <= set(at_switch.versions), at_switch.versions
 
             async with PidWatch(fleet) as watch:
-                started = time.monotonic()
+                started, wall = time.monotonic(), time.time()
                 code, out, err = await fleetwave("rollback", "hello", nats_url=url)
+                answered = time.monotonic() - started
                 assert code == 0, f"rollback failed ({code}): {out}{err}"
                 assert rid in out and "rolling back" in out, out
                 await all_serve(fleet, "1.0.0", interval=0.01)
@@ -163,14 +164,19 @@ async def test_switch_and_rollback_inside_the_window(tmp_path: Path) -> None:
         assert final["state"] == "rolled_back", final
         back = final["report"]["switch_back"]
         assert sorted(back["nodes"]) == list(NODES) and back["spread"] is not None, back
-        kinds = [e["kind"] for e in await events_of(url, rid)]
+        evs = await events_of(url, rid)
+        when = {e["kind"]: float(e["time"]) - wall for e in evs}
+        kinds = [e["kind"] for e in evs]
         assert "bluegreen.switched" in kinds and "bluegreen.switched_back" in kinds, kinds
 
     print(f"\nblue-green 1.0.0 -> 2.0.0 on 3 nodes: switch spread {switch['spread'] * 1000:.1f} ms "
           f"(first to last node), lag {switch['lag'] * 1000:.1f} ms after the decision; "
           f"{at_switch.requests} requests, 0 failed")
+    asked, back_at = when["rollout.rolling_back"], when["bluegreen.switched_back"]
     print(f"fleetwave rollback hello (inside the window) -> last node serving 1.0.0: "
-          f"{rollback_s:.3f}s (switch-back spread {back['spread'] * 1000:.1f} ms); "
+          f"{rollback_s:.3f}s; the coordinator had the request at +{asked:.3f}s (the CLI "
+          f"process starting), every router switched back at +{back_at:.3f}s (spread "
+          f"{back['spread'] * 1000:.1f} ms), the CLI answered at +{answered:.3f}s; "
           f"{report.requests} requests in all, 0 failed, no process started")
 
 
