@@ -39,6 +39,7 @@ from coordinator.cli.render import (
 )
 from coordinator.errors import ConfigError, UsageError
 from coordinator.fleet import parse_selector
+from coordinator.strategies import canary
 from protocol import subjects
 from protocol.codec import convert, decode, encode
 from protocol.durations import parse_duration
@@ -108,6 +109,9 @@ def build_spec(settings: dict[str, Any]) -> RolloutSpec:
         spec.steps = [str(s).strip() for s in _items(f.steps)]
     if f.weights is not None:
         spec.weights = [_int("--weights", w) for w in _items(f.weights)]
+    # What needs no fleet to judge is refused here, before anything is sent.
+    canary.check_steps(spec.steps)
+    canary.parse_weights(spec.weights)
     if f.bake is not None:
         spec.bake = parse_duration(f.bake, what="--bake")
     if f.mirror is not None:

@@ -24,6 +24,28 @@ from protocol.messages import RolloutSpec
 DEFAULT_STEPS = ("1", "100%")
 
 
+def check_steps(steps: list[str] | tuple[str, ...]) -> None:
+    """What can be said of ``--steps`` without knowing the fleet: each item a count or a
+    percentage in range, each kind strictly increasing, a last percentage of 100%. The CLI runs
+    this before sending anything; ``step_counts`` says the rest once the nodes are known."""
+    previous: dict[bool, tuple[str, float]] = {}
+    amount = None
+    for raw in steps:
+        amount = parse_amount(raw, flag="--steps item")
+        before = previous.get(amount.percent)
+        if before is not None and amount.value <= before[1]:
+            raise UsageError(
+                f"--steps must strictly increase, but {raw} comes after {before[0]}; "
+                "write them in growing order like 1,10%,50%,100%"
+            )
+        previous[amount.percent] = (raw, amount.value)
+    if amount is not None and amount.percent and amount.value < 100:
+        raise UsageError(
+            f"--steps must end at 100% so that every node is moved, but the last step is "
+            f"{steps[-1]}; add 100% at the end"
+        )
+
+
 def step_counts(steps: list[str] | tuple[str, ...], total: int) -> list[int]:
     """Cumulative node counts of ``--steps`` over ``total`` nodes; raise UsageError saying why."""
     counts: list[int] = []
