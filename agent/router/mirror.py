@@ -217,6 +217,24 @@ class Mirror:
         else:
             self.counters.mirrored += 1
 
+    def discard_stale(self, target: tuple[str, int] | None) -> int:
+        """Drop the queued copies bound for anything but ``target`` (host, port), counted as
+        dropped; how many. Called when the routing changes: copies for a shadow that is gone or
+        replaced (a hanging one leaves a full queue, each copy worth a timeout) must not delay
+        the next shadow's. A copy a worker already holds finishes within the timeout."""
+        keep: list[MirrorJob] = []
+        stale = 0
+        while not self._queue.empty():
+            job = self._queue.get_nowait()
+            if (job.host, job.port) == target:
+                keep.append(job)
+            else:
+                stale += 1
+        for job in keep:
+            self._queue.put_nowait(job)  # fewer than were taken out: never full
+        self.counters.dropped += stale
+        return stale
+
     async def _work(self) -> None:
         while True:
             job = await self._queue.get()

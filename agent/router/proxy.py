@@ -109,6 +109,8 @@ class Proxy:
     def apply(self, routing: Routing) -> None:
         """Put ``routing`` in force for the next request; forget pools of vanished upstreams."""
         self.routing = routing
+        target = routing.mirror_target
+        self.mirror.discard_stale(None if target is None else (target.host, target.port))
         for up in routing.upstreams.values():
             self.counters(up.slot)
         live = {(up.host, up.port) for up in routing.upstreams.values()}
