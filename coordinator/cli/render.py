@@ -143,7 +143,7 @@ def shadow_report_lines(report: dict[str, Any]) -> list[str]:
         f"  mirrored {sh.get('mirrored', 0)}, compared {sh.get('compared', 0)}, mismatched "
         f"{sh.get('mismatched', 0)} ({rate('mismatch_rate')}), shadow errors "
         f"{sh.get('shadow_errors', 0)} ({rate('error_rate')}), dropped {sh.get('dropped', 0)}",
-        f"  p99 shadow {sh.get('p99_shadow_ms', '-')}ms vs live {sh.get('p99_live_ms', '-')}ms"
+        f"  p99 shadow {_ms(sh.get('p99_shadow_ms'))} vs live {_ms(sh.get('p99_live_ms'))}"
         + (f" (x{sh['p99_ratio']:.2f})" if isinstance(sh.get("p99_ratio"), float) else ""),
     ]
     lines += [f"  gate: {r}" for r in sh.get("reasons") or []]

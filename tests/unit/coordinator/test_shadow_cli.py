@@ -77,6 +77,14 @@ def test_report_lines_name_counts_rates_and_what_differed() -> None:
     assert 'shadow: 200 {"version": "2.0.0"}' in text
 
 
+def test_report_without_answers_shows_dashes() -> None:
+    """A shadow that never answered has no latency: dashes, not "None"."""
+    sh = REPORT["shadow"] | {"p99_shadow_ms": None, "p99_live_ms": None, "p99_ratio": None,
+                             "compared": 0, "mismatch_rate": None}
+    text = "\n".join(shadow_report_lines({"shadow": sh}))
+    assert "p99 shadow - vs live -" in text and "None" not in text
+
+
 def test_no_shadow_no_report() -> None:
     """A rollout of another strategy prints no shadow report, in status either."""
     assert shadow_report_lines({}) == []
