@@ -261,7 +261,14 @@ async def test_post_switch_gate_switches_back_by_itself(tmp_path: Path) -> None:
             report.failures
         final = await status(url, rid)
         assert final["state"] == "rolled_back" and "error rate" in final["reason"], final
-        assert sorted(final["report"]["switch_back"]["nodes"]) == list(NODES), final["report"]
+        back = final["report"]["switch_back"]
+        assert sorted(back["nodes"]) == list(NODES), final["report"]
+        when = {e["kind"]: float(e["time"]) for e in await events_of(url, rid)}
+
+    print(f"\n2.2.0 error-rate gate failed -> every router switched back: "
+          f"{when['bluegreen.switched_back'] - when['gate.failed']:.3f}s (spread "
+          f"{back['spread'] * 1000:.1f} ms); {report.requests} requests, {report.failed} of them "
+          "2.2.0's own 500s, no other failure, no process started")
 
 
 async def test_failed_staging_switches_nothing(tmp_path: Path) -> None:
