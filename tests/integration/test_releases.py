@@ -354,6 +354,31 @@ async def test_health_fail_and_latency_knobs(start_app: object) -> None:
     assert loop.time() - t0 >= 0.15  # a lower bound: the knob works (not a speed assertion)
 
 
+async def test_health_fail_on_node_knob_fails_only_that_node(start_app: object) -> None:
+    """HEALTH_FAIL_ON_NODE fails /healthz only where FLEETWAVE_NODE names that node."""
+    bad = await start_app(HEALTH_FAIL_ON_NODE="node-7")  # type: ignore[operator]
+    good = await start_app(HEALTH_FAIL_ON_NODE="node-2")  # type: ignore[operator]
+    assert (await http(bad.port, "GET", "/healthz"))[0] == 503
+    assert (await http(good.port, "GET", "/healthz"))[0] == 200
+
+
+async def test_smoke_mode_checks_the_version_it_serves(start_app: object) -> None:
+    """``app.py --smoke`` (a validate hook) exits 0 against its own version, 1 otherwise."""
+    app = await start_app("1.0.0")  # type: ignore[operator]
+
+    async def smoke(version: str) -> int:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "app.py", "--smoke", cwd=HELLO / "1.0.0",
+            env={**os.environ, "PORT": str(app.port), "FLEETWAVE_VERSION": version},
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )
+        async with asyncio.timeout(10):
+            return await proc.wait()
+
+    assert await smoke("1.0.0") == 0
+    assert await smoke("9.9.9") == 1
+
+
 async def test_crash_after_exits_with_status_3(start_app: object) -> None:
     """CRASH_AFTER_S makes the process exit with status 3 after that many seconds."""
     app = await start_app(CRASH_AFTER_S="0.5")  # type: ignore[operator]
@@ -389,7 +414,7 @@ async def test_sigterm_finishes_in_flight_request_then_exits_0(start_app: object
 def test_app_is_identical_in_every_version_and_bundles_are_valid() -> None:
     """Every example version carries the same app.py and packs into a valid bundle."""
     versions = sorted(p.name for p in HELLO.iterdir() if p.is_dir())
-    assert versions == ["1.0.0", "2.0.0", "2.1.0", "2.2.0", "2.3.0"]
+    assert versions == ["1.0.0", "2.0.0", "2.1.0", "2.2.0", "2.3.0", "2.4.0", "2.9.0"]
     apps = {(HELLO / v / "app.py").read_bytes() for v in versions}
     assert len(apps) == 1
     for v in versions:
@@ -400,3 +425,6 @@ def test_app_is_identical_in_every_version_and_bundles_are_valid() -> None:
     assert pack(HELLO / "2.1.0")[1].env["HEALTH_FAIL"] == "1"
     assert pack(HELLO / "2.2.0")[1].env["ERROR_RATE"] == "0.5"
     assert pack(HELLO / "2.3.0")[1].env["EXTRA_LATENCY_MS"] == "200"
+    m24 = pack(HELLO / "2.4.0")[1]
+    assert m24.env["HEALTH_FAIL_ON_NODE"] == "node-2"
+    assert m24.hooks.validate == ["python3", "app.py", "--smoke"]
