@@ -62,14 +62,19 @@ class Traffic:
         self.path = path
         self.report = TrafficReport()
         self._tasks: list[asyncio.Task[None]] = []
+        # Checked by every worker too: on Python 3.11 asyncio.wait_for can swallow a cancel that
+        # arrives as its request completes, and the worker would then run (and stop() wait) forever.
+        self._stopped = False
 
     def start(self) -> None:
+        self._stopped = False
         for host, port in self.targets:
             for i in range(self.workers_per_target):
                 keep_alive = i % 2 == 0
                 self._tasks.append(asyncio.create_task(self._worker(host, port, keep_alive)))
 
     async def stop(self) -> TrafficReport:
+        self._stopped = True
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -86,7 +91,7 @@ class Traffic:
     async def _worker(self, host: str, port: int, keep_alive: bool) -> None:
         conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         try:
-            while True:
+            while not self._stopped:
                 started = time.monotonic()
                 if conn is None:
                     try:
