@@ -110,6 +110,8 @@ def verdict(step: Step, wave: WaveRecord) -> gatelib.Verdict:
     r.report["shadow"] = fig.as_dict() | {
         "mirror_percent": step.spec.mirror,
         "methods": [m.upper() for m in step.spec.mirror_methods],
+        "ignore_headers": list(step.spec.ignore_headers),
+        "ignore_json_fields": list(step.spec.ignore_json_fields),
         "window": [wave.bake_until - step.spec.bake, step.now], "outcome": result.outcome,
         "reasons": list(result.reasons), "samples": samples[:MAX_SAMPLES],
     }
