@@ -9,6 +9,7 @@ real CLI and real traffic through every node's router, every answer checked.
   with ``--then blue-green`` is promoted: every router switches to it;
 - a shadow that hangs (2.9.0: healthy, but ``GET /`` answers after 10 minutes) is judged by the
   shadow error gate, and its copies are dropped, not waited for.
+- with ``--then rolling`` a passing shadow is rolled out node by node (``--batch 1``).
 
 Throughout, users get only the live version's answers (never the shadow's) and no request fails.
 """
@@ -40,7 +41,8 @@ from tests.integration.procs import fleetwave, wait_until
 SUBNET = "127.0.11"
 NODES = 3
 SHADOW = ("--strategy", "shadow", "--mirror", "50%", "--bake", "3s", "--min-requests", "30")
-SAME = ("--ignore-json-field", "version,greeting", "--ignore-json-field", "slot")
+SAME = ("--ignore-json-field", "version,greeting", "--ignore-json-field", "slot",
+        "--ignore-header", "X-Trace-Id")
 
 
 @dataclass
@@ -135,8 +137,8 @@ def report(st: dict[str, Any]) -> dict[str, Any]:
 
 async def test_shadow_mismatch_identical_promotion_and_hang(tmp_path: Path) -> None:
     """Differing answers fail the mismatch gate with the difference named; ignoring the fields
-    that name the release makes them pass, and --then blue-green promotes; a hanging shadow fails
-    the error gate; users only ever see the live version, and no request fails."""
+    that name the release makes them pass, and --then blue-green or rolling promotes; a hanging
+    shadow fails the error gate; users only ever see the live version, and no request fails."""
     async with DevFleet(tmp_path / "fleet", agents=NODES, subnet=SUBNET,
                         heartbeat_interval=0.5) as fleet:
         url = fleet.nats_url
@@ -180,6 +182,8 @@ async def test_shadow_mismatch_identical_promotion_and_hang(tmp_path: Path) -> N
         sh = report(st)
         assert st["state"] == "succeeded" and sh["outcome"] == "pass", sh
         assert sh["compared"] >= 30 and sh["mismatched"] == 0 and sh["samples"] == [], sh
+        assert sh["ignore_json_fields"] == ["version", "greeting", "slot"], sh
+        assert sh["ignore_headers"] == ["x-trace-id"] and sh["methods"] == ["GET", "HEAD"], sh
         assert "shadow report: pass" in out and "mismatched 0 (0.00%)" in out, out
         # Users saw 2.0.0 only once the routers switched, never while it was the shadow.
         evs = await events_of(url, st["id"])
@@ -205,3 +209,19 @@ async def test_shadow_mismatch_identical_promotion_and_hang(tmp_path: Path) -> N
         assert sh["dropped"] > 0, sh  # the queue filled while the workers waited
         await wait_until(lambda: shadow_slots(fleet, "2.9.0"), lambda n: n == 0, timeout=30,
                          what="the hanging shadow slots to be stopped")
+
+        # 4. --then rolling: an equal shadow of 1.0.0 passes and is rolled out node by node.
+        async with answers(fleet) as load:
+            code, out, err = await deploy(url, "1.0.0", *SHADOW, *SAME, "--max-mismatch-rate",
+                                          "1%", "--then", "rolling", "--batch", "1")
+            await wait_until(lambda: serving(fleet), lambda v: set(v.values()) == {"1.0.0"},
+                             timeout=10, what="every node serving 1.0.0")
+        assert code == 0, f"an equal shadow must pass and roll out ({code}): {out}{err}"
+        assert load.failures == [], load.failures[:5]
+        assert load.versions() == {"1.0.0", "2.0.0"}, load.versions()
+        st = await status(url)
+        assert st["state"] == "succeeded" and report(st)["outcome"] == "pass"
+        assert len(st["waves"]) == 1 + NODES  # the shadow, then one rolling wave per node
+        for i in range(1, NODES + 1):  # per node: 2.0.0 until its wave, 1.0.0 after
+            order = [v for _, n, v in load.seen if n == f"node-{i}"]
+            assert order == sorted(order, reverse=True), f"node-{i} went back to 2.0.0"
