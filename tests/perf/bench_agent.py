@@ -1,0 +1,139 @@
+"""Agent benchmark: RSS and CPU of one REAL agent idle, during a rollout, and over a soak.
+
+Usage: python tests/perf/bench_agent.py [--idle 60] [--soak-minutes 10] [--json]
+
+A dev fleet (``coordinator.devfleet.DevFleet``: broker, coordinator, one real agent bound to
+127.0.12.1, heartbeats every 2 s) runs the example hello service. Measured on the agent process
+alone (its service processes and router are separate processes, by design):
+
+- idle: after hello 1.0.0 is installed, ``--idle`` seconds with nothing to do: RSS at the end and
+  CPU as a percentage of one core over the window (psutil CPU times);
+- rollout: CPU percentage and peak RSS (VmHWM) while 1.0.0 -> 2.0.0 rolls;
+- soak: ``--soak-minutes`` of heartbeats with one rollout a minute (alternating 2.0.0 and 1.0.0);
+  RSS growth = RSS at the end minus RSS after the first soak rollout (warm-up excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from perf_support import EXAMPLES, SUBNET, cpu_seconds, emit, peak_rss_mb, rss_mb
+
+from coordinator.devfleet import DevFleet
+from coordinator.releases import push_release
+from protocol import subjects
+from protocol.bus import Bus
+from protocol.codec import decode, encode
+from protocol.messages import TERMINAL_STATES, ApiReply, DeployRequest, RolloutRequest, RolloutSpec
+
+
+async def deploy(bus: Bus, version: str) -> float:
+    """Roll hello to ``version`` and wait until it succeeds; return the seconds it took."""
+    started = time.monotonic()
+    spec = RolloutSpec(service="hello", version=version, progress_deadline=60.0)
+    reply = decode(ApiReply, await bus.request(subjects.api(bus.fleet, "deploy"),
+                                               encode(DeployRequest(spec=spec)), timeout=30))
+    if not reply.ok:
+        raise RuntimeError(f"deploy {version} refused: {reply.error}")
+    rid = reply.data["id"]
+    deadline = time.monotonic() + 90
+    while True:
+        raw = await bus.request(subjects.api(bus.fleet, "status"),
+                                encode(RolloutRequest(id=rid)), timeout=10)
+        state = decode(ApiReply, raw).data["state"]
+        if state in TERMINAL_STATES:
+            if state != "succeeded":
+                raise RuntimeError(f"rollout {rid} to {version} ended {state}")
+            return time.monotonic() - started
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rollout {rid} to {version} still {state} after 90 s")
+        await asyncio.sleep(0.2)
+
+
+def cpu_percent(pid: int, cpu0: float, t0: float) -> float:
+    return 100.0 * (cpu_seconds(pid) - cpu0) / (time.monotonic() - t0)
+
+
+async def measure(idle: float, soak_minutes: float) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="fw-perf-agent-") as tmp:
+        async with DevFleet(Path(tmp) / "fleet", agents=1, subnet=SUBNET, fleet="perfagent",
+                            heartbeat_interval=2.0) as fleet:
+            bus = await Bus.connect(fleet.nats_url, fleet.fleet, name="perf-agent")
+            try:
+                for v in ("1.0.0", "2.0.0"):
+                    await push_release(bus, EXAMPLES / v)
+                pid = fleet.agent(1).pid
+                assert pid is not None
+                await deploy(bus, "1.0.0")
+
+                cpu0, t0 = cpu_seconds(pid), time.monotonic()
+                await asyncio.sleep(idle)  # the measurement window itself, not a race
+                idle_cpu, idle_rss = cpu_percent(pid, cpu0, t0), rss_mb(pid)
+
+                cpu0, t0 = cpu_seconds(pid), time.monotonic()
+                roll_s = await deploy(bus, "2.0.0")
+                roll_cpu, roll_peak = cpu_percent(pid, cpu0, t0), peak_rss_mb(pid)
+
+                soak_start = time.monotonic()
+                versions = ["1.0.0", "2.0.0"]
+                rollouts, rss_warm = 0, 0.0
+                samples: list[float] = []
+                cpu0 = cpu_seconds(pid)
+                while time.monotonic() - soak_start < soak_minutes * 60:
+                    minute = time.monotonic()
+                    await deploy(bus, versions[rollouts % 2])
+                    rollouts += 1
+                    if rollouts == 1:
+                        rss_warm = rss_mb(pid)
+                    samples.append(rss_mb(pid))
+                    left = 60 - (time.monotonic() - minute)
+                    left = min(left, soak_minutes * 60 - (time.monotonic() - soak_start))
+                    if left > 0:
+                        await asyncio.sleep(left)  # the soak's pace: one rollout a minute
+                soak_cpu = cpu_percent(pid, cpu0, soak_start)
+                rss_end = rss_mb(pid)
+            finally:
+                await bus.close()
+    return {
+        "idle_window_s": idle, "idle_rss_mb": round(idle_rss, 1),
+        "idle_cpu_percent": round(idle_cpu, 3),
+        "rollout_s": round(roll_s, 2), "rollout_cpu_percent": round(roll_cpu, 1),
+        "peak_rss_mb": round(roll_peak, 1),
+        "soak_minutes": soak_minutes, "soak_rollouts": rollouts,
+        "soak_cpu_percent": round(soak_cpu, 2),
+        "soak_rss_after_first_mb": round(rss_warm, 1), "soak_rss_end_mb": round(rss_end, 1),
+        "soak_rss_growth_mb": round(rss_end - rss_warm, 2),
+        "soak_rss_samples_mb": [round(s, 1) for s in samples],
+    }
+
+
+async def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--idle", type=float, default=60.0, help="idle window in seconds")
+    ap.add_argument("--soak-minutes", type=float, default=10.0)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    r = await measure(args.idle, args.soak_minutes)
+    emit(args.json, "one real agent (the agent process only)", r, [
+        ("idle RSS", f"{r['idle_rss_mb']:.1f} MiB after {r['idle_window_s']:g} s"),
+        ("idle CPU", f"{r['idle_cpu_percent']:.3f} % of a core"),
+        ("rollout 1.0.0 -> 2.0.0", f"{r['rollout_s']:.2f} s, CPU {r['rollout_cpu_percent']:.1f} %"
+                                   f" of a core, peak RSS {r['peak_rss_mb']:.1f} MiB"),
+        ("soak", f"{r['soak_minutes']:g} min, {r['soak_rollouts']} rollouts, CPU "
+                 f"{r['soak_cpu_percent']:.2f} %"),
+        ("soak RSS growth", f"{r['soak_rss_growth_mb']:+.2f} MiB ({r['soak_rss_after_first_mb']}"
+                            f" -> {r['soak_rss_end_mb']} MiB)"),
+    ])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
