@@ -95,3 +95,30 @@ def test_failed_write_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.undo()
     assert load_state(p).node == "old"
     assert sorted(os.listdir(tmp_path)) == ["state.json"]
+
+
+def test_overlapping_writers_never_leave_a_mixed_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two saves that overlap (a final save while a threaded one is mid-write) each write whole.
+
+    The agent saves from a worker thread and again on shutdown; a shared temp name let the
+    second writer truncate the first one's temp file, which then got the tail of a longer state.
+    """
+    p = tmp_path / "state.json"
+    long_state = _state()
+    short_state = AgentState(node="short")
+    real_write = os.write
+    nested = []
+
+    def write(fd: int, data: object) -> int:
+        if not nested:
+            nested.append(True)
+            save_state(p, long_state)  # the other writer, between our open and our write
+        return real_write(fd, data)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "write", write)
+    save_state(p, short_state)
+    monkeypatch.undo()
+    assert load_state(p) == short_state  # the last rename wins, whole
+    assert sorted(os.listdir(tmp_path)) == ["state.json"]
