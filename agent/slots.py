@@ -245,6 +245,8 @@ class SlotRunner:
         if not self._adopted:
             if not await self._hook("pre_start"):
                 return
+            if self._stopping:
+                return  # stopped or failed while the hook ran: the service must not start
             if not await self._spawn():
                 return
         while True:

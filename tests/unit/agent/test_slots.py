@@ -297,3 +297,27 @@ async def test_adopted_process_exit_is_noticed_and_restarted(release, tmp_path, 
     await asyncio.wait_for(r._proc.wait(), 5)
     await ev.until(lambda: adopted.restarts == 1 and adopted.status == "healthy")
     assert adopted.pid != r.pid
+
+
+@pytest.mark.parametrize("how", ["stop", "fail"])
+async def test_stop_or_fail_during_pre_start_hook_starts_no_process(
+    how: str, release, tmp_path, runners
+) -> None:
+    """A slot stopped or failed while its pre_start hook runs never spawns the service after it."""
+    hooks = HooksConfig(
+        pre_start=[
+            sys.executable, "-c",
+            "import pathlib, time; pathlib.Path('hook-started').touch(); time.sleep(1)",
+        ]
+    )
+    ev = Events()
+    r = _start(runners, _spec(release, tmp_path, _manifest(release, hooks=hooks)), ev)
+    await ev.until(lambda: (release / "hook-started").exists())
+    if how == "stop":
+        await asyncio.wait_for(r.stop(1.0), 10)
+    else:
+        await asyncio.wait_for(r.fail("not healthy in time"), 10)
+    await asyncio.wait_for(asyncio.shield(runners[-1][1]), 20)
+    assert r.pid is None and r._proc is None
+    assert r.status == ("stopped" if how == "stop" else "failed")
+    assert "slot.started" not in [k for k, _ in ev.seen]
