@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import sys
 import time
@@ -39,6 +40,7 @@ from coordinator.cli.render import (
 )
 from coordinator.errors import ConfigError, UsageError
 from coordinator.fleet import parse_selector
+from coordinator.planning import parse_amount
 from coordinator.strategies import canary
 from protocol import subjects
 from protocol.codec import convert, decode, encode
@@ -103,8 +105,10 @@ def build_spec(settings: dict[str, Any]) -> RolloutSpec:
         spec.selector = parse_selector(items, what="--selector")
     if f.batch is not None:
         spec.batch = str(f.batch)
+        parse_amount(spec.batch, flag="--batch")
     if f.max_unavailable is not None:
         spec.max_unavailable = str(f.max_unavailable)
+        parse_amount(spec.max_unavailable, flag="--max-unavailable")
     if f.steps is not None:
         spec.steps = [str(s).strip() for s in _items(f.steps)]
     if f.weights is not None:
@@ -199,10 +203,14 @@ def _int(flag: str, value: str | int) -> int:
 
 
 def _float(flag: str, value: str | float) -> float:
+    """A positive finite number: JSON carries nan and inf as null, which would drop the gate."""
     try:
-        return float(str(value).strip())
+        number = float(str(value).strip())
     except ValueError:
         raise UsageError(f"{flag} {value!r} is not a number, e.g. 1.5") from None
+    if not (math.isfinite(number) and number > 0):
+        raise UsageError(f"{flag} {value!r} must be a positive number, e.g. 1.5")
+    return number
 
 
 def _fraction(flag: str, value: str | float) -> float:
