@@ -7,7 +7,8 @@ nodes too), subscribes to heartbeats and registrations, serves the API as the NA
 "fleetwave-coordinator", and then owns two tasks until ``stop`` is set:
 
 - the *ticker* lets time pass in the pure node table (``coordinator.fleet``) so that silent nodes
-  go offline;
+  go offline; not while the coordinator's own connection is down (then the silence is ours), and
+  after a reconnect it excuses the fleet for as long as agents may take to reconnect too;
 - the *event publisher* records every transition as an Event in the events stream; it retries a
   while when JetStream is away and drops (with a log line) only when its queue is full.
 
@@ -34,7 +35,7 @@ from coordinator.releases import resolve_release
 from coordinator.rollouts_api import RolloutsApi
 from coordinator.runner import Runner
 from protocol import subjects
-from protocol.bus import Bus
+from protocol.bus import RECONNECT_CAP, Bus
 from protocol.codec import decode, encode
 from protocol.errors import BusError, ProtocolError
 from protocol.messages import Event, Heartbeat, NodeInfo, NodesRequest, NodeView
@@ -199,8 +200,17 @@ class Coordinator:
             self._events.put_nowait(event)
 
     async def _tick_loop(self) -> None:
+        deaf = False
         while True:
-            self._emit(self.table.tick(self._clock()))
+            if self.bus is not None and not self.bus.connected:
+                deaf = True  # nothing reaches us: the nodes' silence is not theirs
+            else:
+                if deaf:
+                    # Agents reconnect with jittered backoff of up to RECONNECT_CAP after the
+                    # broker is back; until then their silence is still no evidence.
+                    self.table.excuse(self._clock() + RECONNECT_CAP)
+                    deaf = False
+                self._emit(self.table.tick(self._clock()))
             await asyncio.sleep(TICK)
 
     async def _publish_loop(self, bus: Bus) -> None:

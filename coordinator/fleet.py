@@ -10,7 +10,9 @@ Vocabulary: a node is *online* while its last sign of life is at most ``MISSED_B
 announced heartbeat intervals old (3 missed heartbeats make it offline). The time of a sign of life
 is the coordinator's receive time, never the agent's clock, so a skewed agent clock cannot make a
 node look alive or dead. Nodes loaded from the nodes bucket at start are known but offline until
-they beat.
+they beat. While the coordinator itself cannot hear (its NATS connection is down), silence is no
+evidence: ``excuse(until)`` counts every node as heard from at ``until`` at the latest, so a broker
+restart does not make the whole fleet "offline" (and fail every rollout under way).
 
 Selectors are ``{label: value}`` maps; a node matches when it carries every pair (an empty
 selector matches every node).
@@ -91,6 +93,7 @@ class Fleet:
 
     def __init__(self) -> None:
         self.nodes: dict[str, NodeRecord] = {}
+        self.excused_until = 0.0  # see ``excuse``
 
     def load(self, info: NodeInfo) -> None:
         """Know a node from the nodes bucket (at start): offline until it beats."""
@@ -113,7 +116,7 @@ class Fleet:
         """Let time pass: every online node whose deadline is behind ``now`` goes offline."""
         out: list[Transition] = []
         for rec in self.nodes.values():
-            deadline = rec.deadline()
+            deadline = self._deadline(rec)
             if rec.online and deadline is not None and now > deadline:
                 rec.online = False
                 silent = now - (rec.last_seen or now)
@@ -130,8 +133,20 @@ class Fleet:
 
     def next_deadline(self) -> float | None:
         """The earliest time at which ``tick`` could change something (None: nothing pending)."""
-        deadlines = [d for r in self.nodes.values() if r.online and (d := r.deadline()) is not None]
+        deadlines = [d for r in self.nodes.values()
+                     if r.online and (d := self._deadline(r)) is not None]
         return min(deadlines, default=None)
+
+    def excuse(self, until: float) -> None:
+        """The coordinator could not hear the fleet until ``until`` (it was disconnected, and
+        agents reconnect with backoff): no online node goes offline for silence before then."""
+        self.excused_until = max(self.excused_until, until)
+
+    def _deadline(self, rec: NodeRecord) -> float | None:
+        deadline = rec.deadline()
+        if deadline is None:
+            return None
+        return max(deadline, self.excused_until + MISSED_BEATS * rec.interval)
 
     def view(self, selector: Mapping[str, str] | None = None) -> list[NodeView]:
         """The rows of ``fleetwave nodes``: nodes matching ``selector``, sorted by id."""

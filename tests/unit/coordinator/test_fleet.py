@@ -42,6 +42,22 @@ def test_offline_only_after_three_missed_heartbeats() -> None:
     assert not f.view()[0].online
 
 
+def test_silence_while_the_coordinator_was_deaf_is_excused() -> None:
+    """After ``excuse(until)`` no node goes offline before 3 of its intervals past ``until``;
+    nodes that beat again stay online, silent ones go offline then, and excuses never shrink."""
+    f = Fleet()
+    f.heartbeat(hb("n1", interval=1.0), T0)
+    f.heartbeat(hb("n2", interval=1.0), T0)
+    f.excuse(T0 + 10.0)  # e.g. the broker was down from T0 to T0 + 5, plus 5 s of reconnects
+    f.excuse(T0 + 4.0)
+    assert f.tick(T0 + 13.0) == []
+    assert f.next_deadline() == T0 + 13.0
+    f.heartbeat(hb("n1", interval=1.0), T0 + 12.0)
+    [t] = f.tick(T0 + 13.01)
+    assert (t.kind, t.node) == ("node.offline", "n2")
+    assert f.tick(T0 + 15.01)[0].node == "n1"
+
+
 def test_offline_deadline_follows_the_announced_interval() -> None:
     """The deadline is 3 x the interval the node announces, not a global constant."""
     f = Fleet()
