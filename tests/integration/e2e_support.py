@@ -7,6 +7,11 @@
   (not from what the agents say), as {pid: (node, slot, version)}.
 - ``loaded(fleet)``: steady checked traffic (``coordinator.traffic.Traffic``) through every
   node's router while the block runs.
+- ``install(fleet, version)``: every node on ``version`` at once, checked through the routers.
+- ``deploy_detached(url, version, *flags)``: ``fleetwave deploy hello VERSION --detach``; the id.
+- ``record_of(bus, rid)``: the rollout record as stored (cheaper than ``status`` in a tight poll).
+- ``desired_log(url)``: every desired state still kept in the desired bucket's history (the KV
+  stream), oldest first, as signed envelopes.
 """
 
 from __future__ import annotations
@@ -22,7 +27,12 @@ import psutil
 
 from coordinator.devfleet import DevFleet
 from coordinator.traffic import Traffic, probe_version
-from tests.integration.procs import fleetwave
+from protocol import subjects
+from protocol.bus import Bus
+from protocol.codec import decode
+from protocol.errors import BusError
+from protocol.messages import RolloutRecord, SignedEnvelope
+from tests.integration.procs import fleetwave, wait_until
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "hello"
 PORT = 8080
@@ -91,3 +101,63 @@ async def loaded(fleet: DevFleet, *, rate: float = 20.0) -> AsyncIterator[Traffi
         yield traffic
     finally:
         await traffic.stop()
+
+
+async def desired_log(url: str, fleet: str = "default") -> list[SignedEnvelope]:
+    """Every desired-state write the bucket's history still holds, oldest first.
+
+    The bucket keeps the last few revisions per key, so a caller that wants the whole story checks
+    that each key's oldest kept generation is its first one.
+    """
+    bucket = subjects.desired_bucket(fleet)
+    bus = await Bus.connect(url, fleet, name="fleetwave-test")
+    try:
+        return [decode(SignedEnvelope, raw)
+                async for raw in bus.stream_messages(f"KV_{bucket}", f"$KV.{bucket}.>") if raw]
+    finally:
+        await bus.close()
+
+
+async def install(fleet: DevFleet, version: str) -> None:
+    """Every node on ``version`` in one wave (nothing serves yet), checked through the routers."""
+    code, out, err = await fleetwave("deploy", "hello", version, "--batch", "100%",
+                                     "--max-unavailable", "100%", nats_url=fleet.nats_url,
+                                     timeout=DEPLOY_TIMEOUT)
+    assert code == 0, f"installing {version} failed ({code}): {out}{err}"
+    await wait_until(lambda: serving(fleet), lambda v: set(v.values()) == {version},
+                     timeout=30, what=f"every node serving {version}")
+
+
+async def deploy_detached(url: str, version: str, *flags: str) -> str:
+    """``fleetwave deploy hello VERSION FLAGS --detach``; the rollout id."""
+    code, out, err = await fleetwave("deploy", "hello", version, *flags, "--detach", nats_url=url)
+    assert code == 0, f"deploy {version} refused ({code}): {out}{err}"
+    return out.strip()
+
+
+async def record_of(bus: Bus, rid: str) -> RolloutRecord:
+    """The rollout record as the coordinator persisted it (AssertionError, which ``wait_until``
+    retries, while the broker cannot be read)."""
+    try:
+        entry = await bus.kv_get(subjects.rollouts_bucket(bus.fleet), rid)
+    except BusError as exc:
+        raise AssertionError(f"cannot read rollout {rid}: {exc}") from None
+    assert entry is not None and entry.value, f"no rollout {rid} in the rollouts bucket"
+    return decode(RolloutRecord, entry.value)
+
+
+def desired_history(log: list[SignedEnvelope]) -> dict[str, list[int]]:
+    """Check a ``desired_log``: per (node, service) key the generations it was written with,
+    in write order; fails the test if one generation came with two different contents or if the
+    history was cut (a key's oldest kept write is not generation 1)."""
+    seen: dict[tuple[str, str, int], bytes] = {}
+    out: dict[str, list[int]] = {}
+    for env in log:
+        key = subjects.node_service_key(env.node, env.service)
+        first = seen.setdefault((env.node, env.service, env.generation), env.payload)
+        assert first == env.payload, (
+            f"{key} got generation {env.generation} twice with different contents")
+        out.setdefault(key, []).append(env.generation)
+    for key, gens in out.items():
+        assert gens[0] == 1, f"{key}: history starts at generation {gens[0]}, not 1 (cut)"
+    return out
