@@ -21,6 +21,7 @@ from agent import presence
 from agent.daemon import Agent, AgentOptions
 from protocol.bus import Bus
 from protocol.errors import ProtocolError
+from protocol.signing import check_public_key
 from protocol.subjects import check_name
 
 DEFAULT_NATS = "nats://127.0.0.1:4222"
@@ -70,6 +71,13 @@ def _bind_host(_: click.Context, __: click.Parameter, value: str) -> str:
     return value
 
 
+def _trust_keys(_: click.Context, __: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    try:
+        return tuple(check_public_key(k) for k in value)
+    except ProtocolError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 def _interval(_: click.Context, __: click.Parameter, value: float) -> float:
     try:
         return presence.check_interval(value)
@@ -106,6 +114,7 @@ def _interval(_: click.Context, __: click.Parameter, value: float) -> float:
 )
 @click.option(
     "--trust-key", "trust_keys", multiple=True, envvar="FLEETWAVE_TRUST_KEYS", metavar="KEY",
+    callback=_trust_keys,
     help="Public key of a coordinator whose desired states to accept (repeatable; env "
     "FLEETWAVE_TRUST_KEYS, space-separated).",
 )

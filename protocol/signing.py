@@ -99,6 +99,22 @@ def load_seed(path: Path) -> bytes:
     return seed
 
 
+def check_public_key(text: str) -> str:
+    """Return ``text`` (stripped) if it is a coordinator public key (``A...``); else ProtocolError
+    saying why, so that an agent refuses a mistyped ``--trust-key`` at start, not every state."""
+    key = text.strip()
+    if not key:
+        raise ProtocolError("empty key; pass the public key the coordinator prints (A...)")
+    if key.startswith("S"):
+        raise ProtocolError("that is a seed (a secret), not a public key; pass the public key "
+                            "the coordinator prints (A...)")
+    try:
+        _verify_key(key)
+    except ProtocolError as exc:
+        raise ProtocolError(str(exc).removeprefix("refused envelope: ")) from None
+    return key
+
+
 def signed_bytes(env: SignedEnvelope) -> bytes:
     """The exact bytes a signature covers: each binding field length-prefixed, then the payload."""
     parts = [
