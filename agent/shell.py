@@ -114,6 +114,9 @@ class Service:
     name: str
     envelope: SignedEnvelope | None = None
     desired: DesiredState | None = None
+    # The newest generation this node ever accepted, kept even when the remembered envelope can
+    # no longer be verified (a rotated key): anything not newer is a replay.
+    floor: int = 0
     runners: dict[str, SlotRunner] = field(default_factory=dict)
     releases: dict[str, Release] = field(default_factory=dict)
     fetching: set[str] = field(default_factory=set)
@@ -317,7 +320,9 @@ class ServiceManager:
             return
         if svc is not None and svc.envelope is not None and env == svc.envelope:
             return  # the one we already run (a re-read or a restarted watch): not a replay
-        current = svc.desired.generation if svc is not None and svc.desired else 0
+        current = 0
+        if svc is not None:
+            current = max(svc.floor, svc.desired.generation if svc.desired else 0)
         try:
             desired = verify(
                 env,
@@ -703,7 +708,7 @@ class ServiceManager:
             services[svc.name] = ServiceRecord(
                 service=svc.name,
                 envelope=svc.envelope,
-                generation=svc.desired.generation if svc.desired else 0,
+                generation=max(svc.floor, svc.desired.generation if svc.desired else 0),
                 observed_generation=svc.observed_generation,
                 slots=slots,
                 router_pid=svc.router_pid,
@@ -729,6 +734,7 @@ class ServiceManager:
         adopted: list[SlotRunner] = []
         for name, rec in state.services.items():
             svc = Service(name=name, observed_generation=rec.observed_generation)
+            svc.floor = max(rec.generation, rec.envelope.generation if rec.envelope else 0)
             if rec.envelope is not None:
                 try:
                     svc.desired = verify(
