@@ -6,9 +6,13 @@ Theory of operation. ``ServiceManager.run`` owns every task in one TaskGroup:
   envelope, verified against the trusted keys, the node and the service, and accepted only if its
   generation is newer than the accepted one. Anything else is refused with an ``agent.refused``
   event saying why, and changes nothing. A full re-read every ``REREAD`` seconds is a safety net.
-- *reconcile*: on every change and every ``tick`` seconds, per service, build the local view,
-  call ``reconcile`` and carry out its actions; then write the state file if it changed and the
-  ObservedState if it changed (and every ``OBSERVE_EVERY`` seconds, with the router's stats).
+- *reconcile*: on every change (a wake: new desired state, slot event, fetch done, fresh router
+  stats) and, as a safety net, every ``tick`` seconds while something is in motion or every
+  ``IDLE_TICK`` seconds once every service is settled (``settled``: no timer of the reconciler can
+  fire), per service, build the local view, call ``reconcile`` and carry out its actions; then
+  write the state file if it changed and the ObservedState if it changed (and every
+  ``OBSERVE_EVERY`` seconds, with the router's stats). An idle agent thus passes once per stats
+  fetch instead of five times a second.
   Actions that take long (fetch, stop, fail) run as their own tasks so that one slow service never
   holds the others; the view says "fetching"/"stopping" meanwhile, so the reconciler waits.
 - *runners*: one ``SlotRunner.run`` task per slot process; cancelling them leaves the processes
@@ -92,6 +96,7 @@ from protocol.signing import verify
 log = logging.getLogger("fleetwave.agent.services")
 
 TICK = 0.2
+IDLE_TICK = 2.0  # all settled: wakes bring every change; this only guards against a missed one
 REREAD = 30.0
 OBSERVE_EVERY = 5.0
 STATS_EVERY = 2.0
@@ -161,6 +166,18 @@ class Service:
         )
 
 
+# Slot statuses with a reconciler timer running (start timeout, drain time) or an end to await.
+_MOVING = frozenset({"starting", "draining", "stopping", "fetching"})
+
+
+def settled(view: ServiceView) -> bool:
+    """Whether no timer of ``reconcile`` can fire for this view: nothing fetching or waiting to
+    retry a fetch, no slot starting, draining or stopping. A settled service changes only through
+    a wake (desired state, slot event, router stats), so the loop may sleep for ``IDLE_TICK``."""
+    return (not view.fetching and not view.fetch_errors
+            and not any(v.status in _MOVING for v in view.slots.values()))
+
+
 def router_socket(data_dir: Path, service: str) -> Path:
     """``<data_dir>/run/router-<service>.sock``; when that path is too long for a unix socket
     (about 100 bytes), a short one in the temp dir derived from the data dir, so that a restarted
@@ -196,6 +213,7 @@ class ServiceManager:
         bind_host: str,
         trusted_keys: Collection[str],
         tick: float = TICK,
+        idle_tick: float = IDLE_TICK,
     ) -> None:
         self.bus = bus
         self.fleet = fleet
@@ -204,6 +222,7 @@ class ServiceManager:
         self.bind_host = bind_host
         self.trusted_keys = frozenset(trusted_keys)
         self.tick = tick
+        self.idle_tick = idle_tick
         self.state_path = self.data_dir / "state.json"
         self.cache = ReleaseCache(self.data_dir / "releases")
         self.services: dict[str, Service] = {}
@@ -350,18 +369,24 @@ class ServiceManager:
     # -- the loop ---------------------------------------------------------------------------------
 
     async def _reconcile_loop(self) -> None:
+        busy = True
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.tick)
+                await asyncio.wait_for(self._wake.wait(), self.tick if busy else self.idle_tick)
             self._wake.clear()
+            busy = False
             for svc in list(self.services.values()):
                 try:
-                    for action in reconcile(svc.desired, svc.view(), time.time()):
+                    view = svc.view()
+                    actions = reconcile(svc.desired, view, time.time())
+                    busy = busy or bool(actions) or not settled(view)
+                    for action in actions:
                         await self._do(svc, action)
                     await self._observe(svc)
                 except Exception:
                     # A bug in one service's pass must not stop the others (nor the agent);
                     # the next pass tries again from the view, which is level-triggered.
+                    busy = True
                     log.exception("reconciling %s failed; retrying on the next pass", svc.name)
             try:
                 await self._save()
@@ -559,6 +584,7 @@ class ServiceManager:
                     stats = await svc.router.stats()
                     stats.time = time.time()  # the gates measure their window with it
                     svc.router_stats = stats
+                    self._wake.set()  # fresh figures go out in the observed state at once
                 except RouterUnavailable as exc:
                     log.warning(
                         "router of %s is gone (%s); it will be started again", svc.name, exc
