@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import os
 import secrets
 import stat
@@ -191,6 +192,11 @@ def verify(
 
 
 def _keypair(seed: bytes) -> tuple[nacl.signing.SigningKey, str]:
+    return _keypair_of(bytes(seed))
+
+
+@functools.lru_cache(maxsize=8)  # a coordinator signs thousands of states with one seed
+def _keypair_of(seed: bytes) -> tuple[nacl.signing.SigningKey, str]:
     try:
         kp = nkeys.from_seed(bytes(seed))
         pub: str = kp.public_key.decode()
