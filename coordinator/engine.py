@@ -205,7 +205,7 @@ class Rollout:
         return self._step(events, now) if events else []
 
     def _step(self, events: Sequence[EngineEvent], now: float) -> list[Command]:
-        work = msgspec.msgpack.decode(self._encoded, type=RolloutRecord)
+        work = working_copy(self._record)
         observed = dict(self._observed)
         step = Step(self.fleet, work, observed, now)
         for event in events:
@@ -224,6 +224,23 @@ class Rollout:
 
 
 FEED_EVENTS = (ObservedChanged, NodeOffline, NodeOnline, Tick)
+
+
+def working_copy(record: RolloutRecord) -> RolloutRecord:
+    """A copy of ``record`` that a Step may edit without touching the committed one.
+
+    Deep where the engine edits in place (the waves, with their gates and baselines, and the
+    report's nested dicts; decoded from msgpack, the fastest deep copy), shallow per node: a
+    Step sets a NodeProgress's fields but replaces its ``previous`` and ``target`` desired states
+    whole and never edits them, so they are shared. A full decode of the record was most of a
+    step's cost (40 ms of a 3.6 MB record at 5,000 nodes, every tick and every batch).
+    """
+    return msgspec.structs.replace(
+        record,
+        waves=msgspec.msgpack.decode(msgspec.msgpack.encode(record.waves), type=list[WaveRecord]),
+        report=msgspec.msgpack.decode(msgspec.msgpack.encode(record.report)),
+        nodes={n: msgspec.structs.replace(p) for n, p in record.nodes.items()},
+    )
 
 
 class Step:
