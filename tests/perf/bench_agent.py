@@ -3,8 +3,8 @@
 Usage: python tests/perf/bench_agent.py [--idle 60] [--soak-minutes 10] [--json]
 
 A dev fleet (``coordinator.devfleet.DevFleet``: broker, coordinator, one real agent bound to
-127.0.12.1, heartbeats every 2 s) runs the example hello service. Measured on the agent process
-alone (its service processes and router are separate processes, by design):
+<SUBNET>.1, see perf_support, heartbeats every 2 s) runs the example hello service. Measured on
+the agent process alone (its service processes and router are separate processes, by design):
 
 - idle: after hello 1.0.0 is installed, ``--idle`` seconds with nothing to do: RSS at the end and
   CPU as a percentage of one core over the window (psutil CPU times);

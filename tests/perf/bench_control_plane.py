@@ -1,6 +1,7 @@
 """Control-plane benchmark: rolling rollouts across N simulated nodes, against the bus floor.
 
 Usage: python tests/perf/bench_control_plane.py [--nodes 100,1000,5000] [--json] [--keep]
+       [--profile DIR]   (py-spy record of the coordinator during the measured rollout)
 
 For each N: a fresh broker, the real coordinator, and ``fleetwave-agent --simulate N``; every node
 is first installed with hello 1.0.0, then rolled to 2.0.0 in waves of 10% (bake 0,
@@ -27,12 +28,21 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from perf_support import SimFleet, bus_floor, cpu_seconds, emit, peak_rss_mb, rolling
+from perf_support import (
+    Profile,
+    SimFleet,
+    bus_floor,
+    cpu_seconds,
+    emit,
+    peak_rss_mb,
+    print_top,
+    rolling,
+)
 
 from protocol import subjects
 
 
-async def measure(n: int, keep: bool) -> dict[str, Any]:
+async def measure(n: int, keep: bool, profile: Path | None = None) -> dict[str, Any]:
     async with SimFleet(n, keep=keep) as fleet:
         assert fleet.coordinator.pid is not None and fleet.bus is not None
         rid, _ = await fleet.deploy(rolling("1.0.0"))
@@ -42,10 +52,14 @@ async def measure(n: int, keep: bool) -> dict[str, Any]:
 
         pid = fleet.coordinator.pid
         desired_seq0 = await stream_seq(fleet, subjects.desired_bucket(fleet.fleet))
-        cpu0 = cpu_seconds(pid)
-        rid, sent = await fleet.deploy(rolling("2.0.0"))
-        ev, received = await fleet.finish(rid, timeout=120 + n / 10)
-        cpu = cpu_seconds(pid) - cpu0
+        out = profile / f"coordinator-{n}.txt" if profile else None
+        async with Profile(pid, out):
+            cpu0 = cpu_seconds(pid)
+            rid, sent = await fleet.deploy(rolling("2.0.0"))
+            ev, received = await fleet.finish(rid, timeout=120 + n / 10)
+            cpu = cpu_seconds(pid) - cpu0
+        if out is not None:
+            print_top(out)
         if ev.kind != "rollout.succeeded":
             raise RuntimeError(f"rollout to 2.0.0 ended {ev.kind}: {ev.message}")
         total = received - sent
@@ -100,11 +114,13 @@ async def main() -> int:
     ap.add_argument("--nodes", default="100,1000,5000", help="comma-separated fleet sizes")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs) of each run")
+    ap.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                    help="py-spy record the coordinator during each measured rollout into DIR")
     args = ap.parse_args()
     results = []
     for n in (int(x) for x in args.nodes.split(",")):
         started = time.monotonic()
-        r = await measure(n, args.keep)
+        r = await measure(n, args.keep, args.profile)
         results.append(r)
         if not args.json:
             emit(False, f"rolling 1.0.0 -> 2.0.0 on {n} simulated nodes, batch 10%, bake 0 "

@@ -62,7 +62,7 @@ from protocol.signing import public_key  # noqa: E402
 
 EXAMPLES = ROOT / "deploy" / "examples" / "hello"
 FLEET = "perf"
-SUBNET = "127.0.12"  # this suite's loopback subnet (see the task brief): never collides
+SUBNET = os.environ.get("FLEETWAVE_PERF_SUBNET", "127.0.15")  # own loopback subnet: never collides
 API_TIMEOUT = 60.0
 
 
@@ -103,6 +103,71 @@ async def poll(probe: Callable[[], Any], ok: Callable[[Any], bool], *, timeout: 
             raise RuntimeError(f"timed out after {timeout:g}s waiting for {what}; last: "
                                f"{str(last)[:300]}")
         await asyncio.sleep(interval)
+
+
+class Profile:
+    """``py-spy record`` of one process while the ``async with`` block runs (raw collapsed stacks
+    in ``out``, summarised by ``top``); does nothing when ``out`` is None. py-spy samples from
+    outside (no instrumentation in the measured process); it needs ptrace rights (root, or
+    kernel.yama.ptrace_scope 0)."""
+
+    def __init__(self, pid: int, out: Path | None, rate: int = 200) -> None:
+        self.pid, self.out, self.rate = pid, out, rate
+        self._proc: asyncio.subprocess.Process | None = None
+
+    async def __aenter__(self) -> Profile:
+        if self.out is None:
+            return self
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self._proc = await asyncio.create_subprocess_exec(
+            spy, "record", "--pid", str(self.pid), "--format", "raw", "--rate", str(self.rate),
+            "--output", str(self.out), "--nonblocking",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        await asyncio.sleep(1.0)  # py-spy attaches before the measured work starts
+        return self
+
+    async def __aexit__(self, t: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.returncode is None:
+            proc.send_signal(2)  # SIGINT: py-spy writes its output and exits
+        try:
+            async with asyncio.timeout(30):
+                await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+def top(raw: Path, n: int = 25) -> list[tuple[str, float, float]]:
+    """(function, self %, total %) of the ``n`` costliest functions in a py-spy raw profile."""
+    own: dict[str, int] = {}
+    total: dict[str, int] = {}
+    samples = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        k = int(count)
+        samples += k
+        frames = [f.split(" (")[0] + " " + f.rsplit("/", 1)[-1].rstrip(")")
+                  for f in stack.split(";")]
+        for f in set(frames):
+            total[f] = total.get(f, 0) + k
+        own[frames[-1]] = own.get(frames[-1], 0) + k
+    if not samples:
+        return []
+    ranked = sorted(own, key=lambda f: -own[f])[:n]
+    return [(f, 100 * own[f] / samples, 100 * total[f] / samples) for f in ranked]
+
+
+def print_top(raw: Path, n: int = 25) -> None:
+    print(f"\n  profile {raw} (self %, total %):")
+    for f, mine, incl in top(raw, n):
+        print(f"  {mine:6.1f} {incl:6.1f}  {f}")
 
 
 # -- the event tap ---------------------------------------------------------------------------------
