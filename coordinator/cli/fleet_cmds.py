@@ -23,7 +23,7 @@ from coordinator.fleet import parse_selector
 from coordinator.runner import coordinator_seed
 from protocol.codec import to_builtins
 from protocol.errors import ProtocolError
-from protocol.messages import NodesRequest, NodeView
+from protocol.messages import KeyRequest, NodesRequest, NodeView
 
 
 @cli.command()
@@ -129,3 +129,17 @@ def _services(services: dict[str, Any]) -> str:
         healthy = isinstance(s, dict) and s.get("healthy")
         parts.append(f"{name}@{version or '?'}" + ("" if healthy else " (unhealthy)"))
     return " ".join(parts)
+
+
+@cli.command()
+@output_option
+@click.pass_obj
+def key(ctx: Ctx, output: str) -> None:
+    """Print the coordinator's public signing key (what agents take as --trust-key)."""
+    data = client.request(ctx, "key", KeyRequest())
+    if not isinstance(data, dict) or not isinstance(data.get("public_key"), str):
+        raise ProtocolError(f"the coordinator sent an unexpected key reply: {data!r}")
+    if output == "json":
+        click.echo(json.dumps({"public_key": data["public_key"]}))
+    else:
+        click.echo(data["public_key"])

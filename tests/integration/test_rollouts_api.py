@@ -163,7 +163,9 @@ async def test_the_key_verb_names_the_key_file_public_key(broker: Broker, tmp_pa
     async with reaping(coord):
         reply = await wait_until(lambda: key_of(broker.url), lambda r: r is not None, timeout=30,
                                  what="the key verb")
+        code, out, err = await fleetwave("key", nats_url=broker.url)
     assert reply is not None
+    assert (code, out.strip(), err) == (0, reply["public_key"], "")
     seed_file = tmp_path / "coordinator.seed"
     assert seed_file.stat().st_mode & 0o077 == 0
     assert reply["public_key"] == public_key(load_seed(seed_file))
