@@ -3,6 +3,11 @@
 Parses and checks the flags (one-line errors, exit 2), builds the Agent in one place
 (``build_agent``) and runs it until SIGTERM or SIGINT (exit 0). Anything unexpected is a bug: it
 is logged with its traceback and the process exits 1, for systemd to restart it.
+
+Footprint: the agent runs on every host, so what it imports stays resident on every host. The
+bus (and with it nats-py) is imported only once the flags are good, and without
+``importlib.metadata``: nats-py looks its own version up with it on import, which loads email,
+zipfile, csv and more, 2.6 MiB of resident memory for one string in CONNECT (``_import_bus``).
 """
 
 from __future__ import annotations
@@ -14,24 +19,56 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from agent import presence
-from agent.daemon import Agent, AgentOptions
-from protocol.bus import Bus
 from protocol.errors import ProtocolError
 from protocol.signing import check_public_key
 from protocol.subjects import check_name
+
+if TYPE_CHECKING:
+    from agent.daemon import Agent, AgentOptions
 
 DEFAULT_NATS = "nats://127.0.0.1:4222"
 
 log = logging.getLogger("fleetwave.agent")
 
 
+def _import_bus() -> None:
+    """Import ``protocol.bus`` (so nats-py) without letting nats-py import ``importlib.metadata``.
+
+    nats-py 2.x runs ``try: from importlib.metadata import version ... except Exception:`` on
+    import; a ``None`` in ``sys.modules`` makes that import fail (documented import-system
+    behaviour), so nats-py takes its fallback, and the real version is put back from the name of
+    its dist-info directory (one directory listing). Nothing is done when ``importlib.metadata``
+    is loaded already (a test run, say): there is nothing to save.
+    """
+    if "protocol.bus" in sys.modules or "importlib.metadata" in sys.modules:
+        import protocol.bus  # already paid for, or nothing to save
+        return
+    sys.modules["importlib.metadata"] = None  # type: ignore[assignment]  # blocks the import
+    try:
+        import protocol.bus  # noqa: F401
+    finally:
+        del sys.modules["importlib.metadata"]
+    import nats
+    import nats.aio.client as nats_client
+
+    site = Path(nats.__file__).resolve().parent.parent
+    with contextlib.suppress(OSError):
+        for dist in site.glob("nats_py-*.dist-info"):
+            nats_client.__version__ = dist.name[len("nats_py-"):-len(".dist-info")]
+            break
+
+
 def build_agent(options: AgentOptions, trusted_keys: tuple[str, ...] = ()) -> Agent:
     """The one place an Agent is put together: the daemon with its service manager plugged in."""
+    _import_bus()
+    from agent.daemon import Agent
     from agent.shell import ServiceManager  # here: the daemon alone must not need the shell
+    from protocol.bus import Bus
 
     def services(bus: Bus) -> ServiceManager:
         return ServiceManager(
@@ -141,6 +178,9 @@ def agent_command(
         format=f"%(asctime)s fleetwave-agent[{node_id}] %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    _import_bus()
+    from agent.daemon import AgentOptions
+
     directory = (data_dir or Path(f"fleetwave-data/agent-{node_id}")).absolute()
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -177,6 +217,7 @@ async def _run_simulated(options: AgentOptions, trusted_keys: tuple[str, ...], c
     """Run ``count`` simulated nodes on one connection until SIGTERM or SIGINT."""
     from agent.hostinfo import HostSampler
     from agent.simulate import SimulatedNodes
+    from protocol.bus import Bus
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
