@@ -71,7 +71,7 @@ from agent.router.control import (
     Upstream,
     start_router,
 )
-from agent.slots import SlotRunner, SlotSpec, free_port
+from agent.slots import SlotRunner, SlotSpec, find_orphans, free_port, stop_orphans
 from agent.state import AgentState, ServiceRecord, SlotRecord, load_state, save_state
 from protocol import subjects
 from protocol.bus import Bus
@@ -496,6 +496,13 @@ class ServiceManager:
             last_exit=runner.last_exit,
             restarts=runner.restarts,
         )
+        if kind == "slot.started":
+            # Record the new pid at once: a kill before the end of this pass must not leave a
+            # process the restarted agent knows nothing of (find_orphans is the last resort).
+            try:
+                self._save_now()
+            except OSError as exc:
+                log.warning("cannot save the state file after starting a slot: %s", exc)
         self._wake.set()
 
     # -- the router -------------------------------------------------------------------------------
@@ -792,6 +799,14 @@ class ServiceManager:
                     svc.router, svc.router_stats = client, stats
                     svc.applied_weights = {s: w for s, w in stats.weights.items() if w > 0}
                     log.info("adopted router of %s (pid %s)", name, svc.router_pid)
+        keep = {r.pid for r in adopted if r.pid is not None}
+        orphans = await asyncio.to_thread(find_orphans, self.cache.root, self.node, keep)
+        if orphans:
+            # Started by our previous life after its last state save: nothing watches them and
+            # the reconciler will start what is wanted again, so they must go.
+            log.warning("stopping %d slot process(es) no state record accounts for: pids %s",
+                        len(orphans), ", ".join(str(o.pid) for o in orphans))
+            await asyncio.to_thread(stop_orphans, orphans)
         return adopted
 
     def _adopt(self, svc: Service, slot: str, rec: SlotRecord) -> SlotRunner | None:
