@@ -53,13 +53,17 @@ async def measure(n: int, keep: bool, profile: Path | None = None) -> dict[str, 
         pid = fleet.coordinator.pid
         desired_seq0 = await stream_seq(fleet, subjects.desired_bucket(fleet.fleet))
         out = profile / f"coordinator-{n}.txt" if profile else None
-        async with Profile(pid, out):
-            cpu0 = cpu_seconds(pid)
+        sim_out = profile / f"sim-agent-{n}.txt" if profile else None
+        sim_pid = fleet.agent.pid if fleet.agent is not None else None
+        assert sim_pid is not None
+        async with Profile(pid, out), Profile(sim_pid, sim_out):
+            cpu0, sim_cpu0 = cpu_seconds(pid), cpu_seconds(sim_pid)
             rid, sent = await fleet.deploy(rolling("2.0.0"))
             ev, received = await fleet.finish(rid, timeout=120 + n / 10)
-            cpu = cpu_seconds(pid) - cpu0
-        if out is not None:
-            print_top(out)
+            cpu, sim_cpu = cpu_seconds(pid) - cpu0, cpu_seconds(sim_pid) - sim_cpu0
+        for raw in (out, sim_out):
+            if raw is not None:
+                print_top(raw)
         if ev.kind != "rollout.succeeded":
             raise RuntimeError(f"rollout to 2.0.0 ended {ev.kind}: {ev.message}")
         total = received - sent
@@ -80,7 +84,7 @@ async def measure(n: int, keep: bool, profile: Path | None = None) -> dict[str, 
             "wave_mean_s": round(sum(waves) / len(waves), 3) if waves else None,
             "wave_max_s": round(max(waves), 3) if waves else None,
             "node_updates_per_s": round(n / total, 1),
-            "coordinator_cpu_s": round(cpu, 3),
+            "coordinator_cpu_s": round(cpu, 3), "sim_agent_cpu_s": round(sim_cpu, 3),
             "coordinator_peak_rss_mb": round(peak_rss_mb(pid), 1),
             "desired_payload_bytes": payload,
             "floor_s": round(floor, 3),
@@ -102,7 +106,8 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         ("total", f"{r['total_s']:.3f} s"),
         ("per wave", f"mean {r['wave_mean_s']:.3f} s, max {r['wave_max_s']:.3f} s"),
         ("node-updates/s", f"{r['node_updates_per_s']:.0f}"),
-        ("coordinator CPU", f"{r['coordinator_cpu_s']:.2f} s"),
+        ("coordinator CPU", f"{r['coordinator_cpu_s']:.2f} s (simulated agent: "
+                            f"{r['sim_agent_cpu_s']:.2f} s)"),
         ("coordinator peak RSS", f"{r['coordinator_peak_rss_mb']:.1f} MiB"),
         ("bus floor", f"{r['floor_s']:.3f} s ({r['desired_payload_bytes']} B desired states)"),
         ("ours / floor", f"{r['ratio_to_floor']:.2f}x"),
