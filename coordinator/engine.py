@@ -28,6 +28,8 @@ by the rollback deadline. Blue-green and shadow add kinds of waves (``strategies
 stage, shadow, switch) whose phase logic lives in ``strategies.blue_green`` and
 ``strategies.shadow``; the engine calls them at fixed points (wave start and convergence, bake
 verdict, success, rollback). Events, commands and the transition tables are in ``engine_types``.
+The working ``Step`` is built in layers: its primitives in ``engine_step``, a failed wave and the
+rollback in ``engine_rollback``, the bake and its gates in ``engine_bake``.
 Observed states older (by their ``time``) than one already seen are stale
 and ignored, so late and reordered reports cannot move a rollout backwards.
 """
@@ -36,11 +38,10 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
 
 import msgspec
 
-from coordinator import gates as gatelib
+from coordinator.engine_bake import STATS_GRACE, BakeSteps
 from coordinator.engine_types import (
     ACCEPTS,
     MOVES,
@@ -65,43 +66,34 @@ from coordinator.engine_types import (
     mode,
 )
 from coordinator.errors import UsageError
-from coordinator.planning import NodeLike, max_unavailable, plan
+from coordinator.planning import NodeLike, plan
 from coordinator.strategies import (
-    WaveKind,
     blue_green,
     forward_target,
     idle_slot,
-    restore_target,
     retire_target,
     runs,
     serving_slot,
     shadow,
-    wave_kind,
 )
 from protocol.durations import format_duration
 from protocol.messages import (
     TERMINAL_STATES,
     DesiredState,
-    Gates,
     NodeProgress,
     ObservedState,
     ReleaseRef,
     RolloutRecord,
     RolloutSpec,
-    RouterStats,
     WaveRecord,
 )
 
-# How long past its end a bake waits for router counters that cover it (window_covers_bake)
-# before its gates judge what they have; agents read the counters every 2 s.
-STATS_GRACE = 10.0
-
 # Everything the runner and the tests import from here, wherever it is defined.
 __all__ = [
-    "ACCEPTS", "MOVES", "Abort", "Command", "EmitEvent", "EngineEvent", "IllegalTransition",
-    "NodeOffline", "NodeOnline", "ObservedChanged", "Pause", "Persist", "Promote", "Resume",
-    "RollbackRequested", "Rollout", "Start", "Step", "Tick", "WriteDesired", "converged", "mode",
-    "new_record",
+    "ACCEPTS", "MOVES", "STATS_GRACE", "Abort", "Command", "EmitEvent", "EngineEvent",
+    "IllegalTransition", "NodeOffline", "NodeOnline", "ObservedChanged", "Pause", "Persist",
+    "Promote", "Resume", "RollbackRequested", "Rollout", "Start", "Step", "Tick", "WriteDesired",
+    "converged", "mode", "new_record",
 ]
 
 
@@ -243,47 +235,13 @@ def working_copy(record: RolloutRecord) -> RolloutRecord:
     )
 
 
-class Step:
-    """The working state of one ``handle`` call: a copy of the record, and the commands so far."""
 
-    def __init__(
-        self, fleet: str, record: RolloutRecord, observed: dict[str, ObservedState], now: float,
-    ) -> None:
-        self.fleet = fleet
-        self.r = record
-        self.obs = observed
-        self.now = now
-        self.spec = record.spec
-        self.commands: list[Command] = []
-        self.cap = max_unavailable(self.spec.max_unavailable, len(record.nodes))
+class Step(BakeSteps):
+    """The working state of one ``handle`` call: a copy of the record, and the commands so far.
 
-    # -- helpers -----------------------------------------------------------------------------------
-
-    def emit(self, kind: str, message: str, node: str = "", **data: Any) -> None:
-        self.commands.append(EmitEvent(kind, message, node, data))
-
-    def move(self, to: str) -> None:
-        if to not in MOVES[self.r.state]:  # a bug in this module, never an operator's mistake
-            raise IllegalTransition(f"rollout {self.r.id}: no move from {self.r.state} to {to}")
-        self.r.state = to  # type: ignore[assignment]  # checked against MOVES just above
-
-    def next_generation(self, p: NodeProgress) -> int:
-        seen = self.obs.get(p.node)
-        p.generation = max(p.generation, seen.generation if seen else 0) + 1
-        return p.generation
-
-    def write(self, p: NodeProgress, desired: DesiredState) -> None:
-        p.target = desired
-        self.commands.append(WriteDesired(desired))
-
-    def kind(self, wave: WaveRecord) -> WaveKind:
-        return wave_kind(self.spec, wave.index)
-
-    def unavailable(self) -> set[str]:
-        return {
-            n for n, p in self.r.nodes.items()
-            if p.state in ("updating", "failed") or not p.online
-        }
+    The primitives are in ``engine_step``, the rollback in ``engine_rollback``, the bake and its
+    gates in ``engine_bake``; here are the events and the forward progress through the waves.
+    """
 
     # -- events ------------------------------------------------------------------------------------
 
@@ -348,11 +306,6 @@ class Step:
         blue_green.note(self, p, seen)
 
     # -- operator requests -------------------------------------------------------------------------
-
-    def pause(self, reason: str) -> None:
-        self.move("paused")
-        self.r.reason = reason
-        self.emit("rollout.paused", f"paused: {reason}", wave=self.r.current_wave)
 
     def resume(self) -> None:
         r = self.r
@@ -441,10 +394,6 @@ class Step:
                   f"weight {wave.weight}% (generation {p.generation})", p.node,
                   generation=p.generation, slot=p.slot, weight=wave.weight)
 
-    def fail_node(self, p: NodeProgress, reason: str) -> None:
-        p.state, p.reason = "failed", reason
-        self.emit("node.failed", f"{p.node}: {reason}", p.node, reason=reason)
-
     def update_wave(self, wave: WaveRecord) -> None:
         r = self.r
         for n in wave.nodes:
@@ -515,165 +464,6 @@ class Step:
             self.emit("node.done", f"{p.node}: converged on generation {p.generation}", p.node,
                       generation=p.generation)
 
-    def snapshot(self) -> dict[str, RouterStats]:
-        return {n: o.router for n, o in self.obs.items()
-                if n in self.r.nodes and o.router is not None}
-
-    def start_bake(self, wave: WaveRecord) -> None:
-        wave.state = "baking"
-        if self.kind(wave) == "stage":
-            # Staged slots carry no traffic, so there is nothing to bake: only --min-healthy
-            # is judged, now; the baseline taken at the wave's start is kept for the switch.
-            wave.bake_until = self.now
-            return
-        wave.bake_until = self.now + self.spec.bake
-        wave.baseline = self.snapshot()
-        if self.spec.bake:
-            self.emit("wave.baking", f"wave {wave.index}: baking for "
-                      f"{format_duration(self.spec.bake)}", wave=wave.index)
-
-    def bake(self, wave: WaveRecord) -> None:
-        r = self.r
-        for n in wave.nodes:
-            p = r.nodes[n]
-            seen = self.obs.get(n)
-            if not p.online:
-                self.fail_node(p, "node went offline during the bake")
-            elif seen is not None and seen.generation > p.generation:
-                pass  # someone else wrote a newer desired state; judged by the gates' figures
-            elif seen is not None and seen.observed_generation >= p.generation:
-                slot = seen.slots.get(p.slot)
-                status = slot.status if slot is not None else "empty"
-                if seen.phase == "failed" or status != "healthy":
-                    self.fail_node(p, f"new slot {p.slot} is {status} during the bake"
-                                      + (f": {seen.error}" if seen.error else ""))
-        failed = [r.nodes[n] for n in wave.nodes if r.nodes[n].state == "failed"]
-        if failed:
-            wave.state, wave.finished = "failed", self.now
-            why = "; ".join(f"{p.node}: {p.reason}" for p in failed)
-            self.on_failure(wave, f"wave {wave.index} failed: {why}")
-            return
-        if r.promote:
-            wave.state, wave.finished = "passed", self.now
-            wave.gates = {"outcome": "promoted"}
-            self.emit("gate.skipped", f"wave {wave.index}: promoted by operator, gates skipped",
-                      wave=wave.index)
-            if r.promote == "step":
-                r.promote = ""
-            return
-        if self.now < wave.bake_until:
-            return
-        if self.now < wave.bake_until + STATS_GRACE and not self.window_covers_bake(wave):
-            return  # the agents' latest counters were read before the bake ended: wait for them
-        verdict = self.verdict(wave)
-        wave.gates = verdict.figures | {"outcome": verdict.outcome,
-                                        "reasons": list(verdict.reasons)}
-        if verdict.outcome == "pass":
-            wave.state, wave.finished = "passed", self.now
-            self.emit("gate.passed", f"wave {wave.index}: gates passed", wave=wave.index,
-                      **verdict.figures)
-        elif verdict.outcome == "fail":
-            wave.state, wave.finished = "failed", self.now
-            self.emit("gate.failed", f"wave {wave.index}: {verdict.reason}", wave=wave.index,
-                      **verdict.figures)
-            self.on_failure(wave, f"wave {wave.index} gates failed: {verdict.reason}")
-        else:
-            wave.state = "inconclusive"
-            self.emit("gate.inconclusive", f"wave {wave.index}: {verdict.reason}",
-                      wave=wave.index, **verdict.figures)
-            self.pause(f"wave {wave.index} gates inconclusive: {verdict.reason}")
-
-    def window_covers_bake(self, wave: WaveRecord) -> bool:
-        """Whether every wave node's router counters span the whole bake since its baseline.
-
-        Agents read their router's counters every few seconds, so the snapshots the bake starts
-        and ends with are each up to that old, and a short bake could be judged on a window of
-        almost nothing. Both snapshots carry the agent's read time (one clock per node, so no
-        skew between hosts matters): the window is complete once they are ``bake`` apart.
-        Unknown times (older agents), no baseline or a restarted router cannot be waited for.
-        """
-        for n in wave.nodes:
-            seen = self.obs.get(n)
-            end = seen.router if seen is not None else None
-            start = wave.baseline.get(n)
-            if end is None or start is None or not end.time or not start.time:
-                continue
-            if start.epoch == end.epoch and end.time - start.time < self.spec.bake:
-                return False
-        return True
-
-    def verdict(self, wave: WaveRecord) -> gatelib.Verdict:
-        kind = self.kind(wave)
-        if kind == "shadow":
-            return shadow.verdict(self, wave)
-        gates = self.spec.gates
-        if kind == "stage":
-            gates = Gates(min_healthy=gates.min_healthy)
-        elif self.spec.strategy == "shadow":
-            # After a shadow, --then waves serve live traffic: nothing is mirrored any more.
-            gates = msgspec.structs.replace(gates, max_mismatch_rate=None)
-        new, old, mirror = [], [], []
-        healthy = 0
-        for n, p in self.r.nodes.items():
-            seen = self.obs.get(n)
-            end = seen.router if seen is not None else None
-            start = wave.baseline.get(n)
-            serving = serving_slot(p.previous)
-            if serving is not None and serving != p.slot:
-                old.append(gatelib.window(start, end, serving))
-            if n not in wave.nodes:
-                continue
-            new.append(gatelib.window(start, end, p.slot))
-            mirror.append(gatelib.mirror_window(start, end))
-            slot = seen.slots.get(p.slot) if seen is not None else None
-            healthy += slot is not None and slot.status == "healthy"
-        if kind == "switch":
-            old = [blue_green.old_window(self)]  # after the switch the old slots get no traffic
-        reference = ""
-        if kind == "":
-            old, reference = self.old_reference(wave, old)
-        fig = gatelib.figures(len(wave.nodes), healthy, new, old, mirror)
-        verdict = gatelib.evaluate(gates, fig)
-        if reference:
-            verdict.figures["p99_old_from"] = reference
-        return verdict
-
-    def old_reference(
-        self, wave: WaveRecord, old: list[gatelib.Window],
-    ) -> tuple[list[gatelib.Window], str]:
-        """The old release's traffic to compare this wave's new slots with, and where it is from.
-
-        Normally the old slots' traffic in the same window. The last wave of a canary or rolling
-        rollout leaves no old slot serving, so then it is the old traffic of the latest earlier
-        window that had some (kept in ``report["old_window"]``), or failing that the old slots'
-        counters up to this bake (since their routers started): no old traffic in the window must
-        not make a healthy last step inconclusive.
-        """
-        total = sum(old, gatelib.Window())
-        if total.requests:
-            self.r.report["old_window"] = {"wave": wave.index, "requests": total.requests,
-                                           "errors": total.errors, "latency": list(total.latency)}
-            return old, ""
-        kept = self.r.report.get("old_window")
-        if kept:
-            return [gatelib.Window(kept["requests"], kept["errors"], tuple(kept["latency"]))], \
-                f"wave {kept['wave']}"
-        before = []
-        for n, p in self.r.nodes.items():
-            serving = serving_slot(p.previous)
-            if serving is not None and serving != p.slot:
-                before.append(gatelib.window(None, wave.baseline.get(n), serving))
-        return before, "old slots before this bake"
-
-    def on_failure(self, wave: WaveRecord, reason: str) -> None:
-        self.emit("wave.failed", reason, wave=wave.index)
-        # A failed stage or shadow ends the rollout: nothing serves the new release yet, so
-        # there is nothing to hold for an operator, and staged slots would only burn resources.
-        if self.spec.on_failure == "pause" and self.kind(wave) not in ("stage", "shadow"):
-            self.pause(reason)
-        else:
-            self.start_rollback(reason)
-
     def succeed(self) -> None:
         r = self.r
         if self.kind(r.waves[-1]) == "shadow":
@@ -685,78 +475,3 @@ class Step:
                 self.write(p, retire_target(p.target, slot=p.slot,
                                             generation=self.next_generation(p), now=self.now))
         self.finish("succeeded", "")
-
-    def finish(self, state: str, reason: str) -> None:
-        r = self.r
-        self.move(state)
-        r.reason, r.finished = reason, self.now
-        moved = sorted(n for n, p in r.nodes.items()
-                       if p.target is not None and p.state in ("done", "updating"))
-        self.emit(f"rollout.{state}", f"{state.replace('_', ' ')}"
-                  + (f": {reason}" if reason else f": {r.spec.service} {r.release.version} on "
-                     f"{len(r.nodes)} nodes"), reason=reason, moved=moved)
-
-    # -- rollback ----------------------------------------------------------------------------------
-
-    def start_rollback(self, reason: str) -> None:
-        r = self.r
-        r.phase, r.reason = "rollback", reason
-        r.rollback_deadline = self.now + self.spec.progress_deadline
-        touched = sorted(n for n, p in r.nodes.items() if p.target is not None)
-        for p in r.nodes.values():
-            if p.target is None and p.state == "failed":
-                p.state = "waiting"  # never written to, so still on its previous version
-        self.emit("rollout.rolling_back", f"rolling back {len(touched)} nodes: {reason}",
-                  reason=reason, nodes=touched)
-        switching = any(self.kind(w) == "switch" for w in r.waves)
-        for n in touched:
-            p = r.nodes[n]
-            p.state, p.reason = "rolling_back", ""
-            back = blue_green.rollback_target(self, p) if switching else None
-            self.write(p, back or self.restore(p))
-        if "switch_back" in r.report:
-            self.emit("bluegreen.switching_back", "switching every node back to the old slots",
-                      at=self.now)
-        self.advance_rollback()
-
-    def restore(self, p: NodeProgress) -> DesiredState:
-        return restore_target(
-            p.previous, fleet=self.fleet, node=p.node, service=self.spec.service,
-            generation=self.next_generation(p), rollout=self.r.id, now=self.now,
-        )
-
-    def advance_rollback(self) -> None:
-        r = self.r
-        pending = []
-        for n, p in r.nodes.items():
-            if p.state != "rolling_back" or p.target is None:
-                continue
-            seen = self.obs.get(n)
-            previous = dict(p.previous.slots) if p.previous is not None else {}
-            if seen is not None and converged(seen, p.target) and dict(p.target.slots) != previous:
-                # Switched back with both slots kept: now retire the new one.
-                self.write(p, self.restore(p))
-                pending.append(p)
-            elif seen is not None and converged(seen, p.target):
-                p.state = "rolled_back"
-                self.emit("node.rolled_back", f"{n}: back on generation {p.generation}", n)
-            elif seen is not None and seen.generation >= p.generation and seen.phase == "failed":
-                self.fail_node(p, f"rollback failed: {seen.error or 'no reason given'}")
-            else:
-                pending.append(p)
-        if pending and self.now >= r.rollback_deadline:
-            limit = format_duration(self.spec.progress_deadline)
-            for p in pending:
-                self.fail_node(p, f"did not converge back within {limit}"
-                                  + ("" if p.online else " (offline)"))
-            pending = []
-        blue_green.switched_back(self)
-        if pending:
-            return
-        failed = sorted(n for n, p in r.nodes.items() if p.state == "failed")
-        if failed:
-            self.finish("failed", f"rollback incomplete on {', '.join(failed)} ("
-                        + "; ".join(r.nodes[n].reason for n in failed)
-                        + f") after: {r.reason}")
-        else:
-            self.finish("rolled_back", r.reason)

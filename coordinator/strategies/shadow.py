@@ -39,7 +39,7 @@ from coordinator.strategies import rolling
 from protocol.messages import MirrorSpec, RolloutSpec, WaveRecord
 
 if TYPE_CHECKING:  # the engine imports the strategies; this module only needs its type
-    from coordinator.engine import Step
+    from coordinator.engine_step import StepBase as Step  # all these hooks use of it
 
 MAX_SAMPLES = 5
 _METHOD = re.compile(r"^[A-Za-z]+$")

@@ -1,0 +1,95 @@
+"""The rollback phase of the engine's step: what a failed wave leads to, and undoing a rollout.
+
+Theory of operation: a wave that fails (a node failed, a deadline passed, the gates said fail)
+goes to ``on_failure``: with ``--on-failure pause`` (and not a stage or shadow wave, which serve
+nothing new) the rollout pauses for an operator; otherwise ``start_rollback`` writes every touched
+node's previous desired state (blue-green: switch back to the old slots first), each with a higher
+generation, in one wave. ``advance_rollback`` then checks each node level-triggered, as
+``Step.advance`` does forward: a node is *rolled back* once it converged on that state, and
+fails when it reports phase ``failed`` or has not converged by ``rollback_deadline``. The rollout
+ends ``rolled_back``, or ``failed`` naming the nodes that did not make it back.
+"""
+
+from __future__ import annotations
+
+from coordinator.engine_step import StepBase
+from coordinator.engine_types import converged
+from coordinator.strategies import blue_green, restore_target
+from protocol.durations import format_duration
+from protocol.messages import DesiredState, NodeProgress, WaveRecord
+
+
+class RollbackSteps(StepBase):
+    """The failure and rollback methods of ``coordinator.engine.Step``."""
+
+    def on_failure(self, wave: WaveRecord, reason: str) -> None:
+        self.emit("wave.failed", reason, wave=wave.index)
+        # A failed stage or shadow ends the rollout: nothing serves the new release yet, so
+        # there is nothing to hold for an operator, and staged slots would only burn resources.
+        if self.spec.on_failure == "pause" and self.kind(wave) not in ("stage", "shadow"):
+            self.pause(reason)
+        else:
+            self.start_rollback(reason)
+
+    def start_rollback(self, reason: str) -> None:
+        r = self.r
+        r.phase, r.reason = "rollback", reason
+        r.rollback_deadline = self.now + self.spec.progress_deadline
+        touched = sorted(n for n, p in r.nodes.items() if p.target is not None)
+        for p in r.nodes.values():
+            if p.target is None and p.state == "failed":
+                p.state = "waiting"  # never written to, so still on its previous version
+        self.emit("rollout.rolling_back", f"rolling back {len(touched)} nodes: {reason}",
+                  reason=reason, nodes=touched)
+        switching = any(self.kind(w) == "switch" for w in r.waves)
+        for n in touched:
+            p = r.nodes[n]
+            p.state, p.reason = "rolling_back", ""
+            back = blue_green.rollback_target(self, p) if switching else None
+            self.write(p, back or self.restore(p))
+        if "switch_back" in r.report:
+            self.emit("bluegreen.switching_back", "switching every node back to the old slots",
+                      at=self.now)
+        self.advance_rollback()
+
+    def restore(self, p: NodeProgress) -> DesiredState:
+        return restore_target(
+            p.previous, fleet=self.fleet, node=p.node, service=self.spec.service,
+            generation=self.next_generation(p), rollout=self.r.id, now=self.now,
+        )
+
+    def advance_rollback(self) -> None:
+        r = self.r
+        pending = []
+        for n, p in r.nodes.items():
+            if p.state != "rolling_back" or p.target is None:
+                continue
+            seen = self.obs.get(n)
+            previous = dict(p.previous.slots) if p.previous is not None else {}
+            if seen is not None and converged(seen, p.target) and dict(p.target.slots) != previous:
+                # Switched back with both slots kept: now retire the new one.
+                self.write(p, self.restore(p))
+                pending.append(p)
+            elif seen is not None and converged(seen, p.target):
+                p.state = "rolled_back"
+                self.emit("node.rolled_back", f"{n}: back on generation {p.generation}", n)
+            elif seen is not None and seen.generation >= p.generation and seen.phase == "failed":
+                self.fail_node(p, f"rollback failed: {seen.error or 'no reason given'}")
+            else:
+                pending.append(p)
+        if pending and self.now >= r.rollback_deadline:
+            limit = format_duration(self.spec.progress_deadline)
+            for p in pending:
+                self.fail_node(p, f"did not converge back within {limit}"
+                                  + ("" if p.online else " (offline)"))
+            pending = []
+        blue_green.switched_back(self)
+        if pending:
+            return
+        failed = sorted(n for n, p in r.nodes.items() if p.state == "failed")
+        if failed:
+            self.finish("failed", f"rollback incomplete on {', '.join(failed)} ("
+                        + "; ".join(r.nodes[n].reason for n in failed)
+                        + f") after: {r.reason}")
+        else:
+            self.finish("rolled_back", r.reason)

@@ -1,0 +1,98 @@
+"""The engine's working step: the record being edited, the commands so far, and the primitives.
+
+Theory of operation: ``Rollout.handle`` (``coordinator.engine``) makes one ``Step`` per call over a
+working copy of the record and the observed states; the step's methods edit that copy and append
+commands, and the rollout commits the copy only if the whole call succeeds. ``Step`` is assembled
+from layers, each calling only what lies below it:
+
+    StepBase       (here) emitting, moving between states, writing desired states, failing a
+                   node, pausing, finishing: what every phase uses
+    RollbackSteps  (``engine_rollback``) a failed wave and the rollback phase
+    BakeSteps      (``engine_bake``) the bake and the gates' verdict on it
+    Step           (``engine``) the events and forward progress through the waves
+
+The strategies' hooks (``strategies.blue_green``, ``strategies.shadow``) take a ``StepBase``: they
+use only what is defined here. Nothing here awaits or reads a clock: time is ``now``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from coordinator.engine_types import MOVES, Command, EmitEvent, IllegalTransition, WriteDesired
+from coordinator.planning import max_unavailable
+from coordinator.strategies import WaveKind, wave_kind
+from protocol.messages import (
+    DesiredState,
+    NodeProgress,
+    ObservedState,
+    RolloutRecord,
+    RouterStats,
+    WaveRecord,
+)
+
+
+class StepBase:
+    """The working state of one ``handle`` call: a copy of the record, and the commands so far."""
+
+    def __init__(
+        self, fleet: str, record: RolloutRecord, observed: dict[str, ObservedState], now: float,
+    ) -> None:
+        self.fleet = fleet
+        self.r = record
+        self.obs = observed
+        self.now = now
+        self.spec = record.spec
+        self.commands: list[Command] = []
+        self.cap = max_unavailable(self.spec.max_unavailable, len(record.nodes))
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def emit(self, kind: str, message: str, node: str = "", **data: Any) -> None:
+        self.commands.append(EmitEvent(kind, message, node, data))
+
+    def move(self, to: str) -> None:
+        if to not in MOVES[self.r.state]:  # a bug in this module, never an operator's mistake
+            raise IllegalTransition(f"rollout {self.r.id}: no move from {self.r.state} to {to}")
+        self.r.state = to  # type: ignore[assignment]  # checked against MOVES just above
+
+    def next_generation(self, p: NodeProgress) -> int:
+        seen = self.obs.get(p.node)
+        p.generation = max(p.generation, seen.generation if seen else 0) + 1
+        return p.generation
+
+    def write(self, p: NodeProgress, desired: DesiredState) -> None:
+        p.target = desired
+        self.commands.append(WriteDesired(desired))
+
+    def kind(self, wave: WaveRecord) -> WaveKind:
+        return wave_kind(self.spec, wave.index)
+
+    def unavailable(self) -> set[str]:
+        return {
+            n for n, p in self.r.nodes.items()
+            if p.state in ("updating", "failed") or not p.online
+        }
+
+    def snapshot(self) -> dict[str, RouterStats]:
+        return {n: o.router for n, o in self.obs.items()
+                if n in self.r.nodes and o.router is not None}
+
+    def fail_node(self, p: NodeProgress, reason: str) -> None:
+        p.state, p.reason = "failed", reason
+        self.emit("node.failed", f"{p.node}: {reason}", p.node, reason=reason)
+
+    def pause(self, reason: str) -> None:
+        self.move("paused")
+        self.r.reason = reason
+        self.emit("rollout.paused", f"paused: {reason}", wave=self.r.current_wave)
+
+    def finish(self, state: str, reason: str) -> None:
+        r = self.r
+        self.move(state)
+        r.reason, r.finished = reason, self.now
+        moved = sorted(n for n, p in r.nodes.items()
+                       if p.target is not None and p.state in ("done", "updating"))
+        self.emit(f"rollout.{state}", f"{state.replace('_', ' ')}"
+                  + (f": {reason}" if reason else f": {r.spec.service} {r.release.version} on "
+                     f"{len(r.nodes)} nodes"), reason=reason, moved=moved)
