@@ -36,6 +36,10 @@ whose rollout is terminal or missing (a crash in between) is stale and taken ove
 Failures: a bus error while carrying out commands is retried with backoff for ``COMMAND_DEADLINE``;
 if it persists the driver is dropped and rebuilt from KV by the next resync (exactly the restart
 path). Every bus call is bounded by ``OP_TIMEOUT``; every task belongs to ``run``'s TaskGroup.
+
+The runner is built in layers: its state, bounded bus calls and reading of records in
+``runner_base``, carrying out commands and publishing events in ``persist``, the per-service
+lock in ``locks``; here are the feeds, the operator requests and resuming.
 """
 
 from __future__ import annotations
@@ -43,146 +47,63 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import re
 import secrets
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, TypeVar
 
 from coordinator.engine import (
-    Command,
-    EmitEvent,
     EngineEvent,
     IllegalTransition,
     NodeOffline,
     NodeOnline,
     ObservedChanged,
-    Persist,
     Rollout,
     Start,
     Tick,
-    WriteDesired,
     new_record,
 )
 from coordinator.errors import RemoteError, UsageError
+from coordinator.locks import Locks
+from coordinator.persist import EVENT_ATTEMPTS, EVENTS_IN_FLIGHT, WRITE_CONCURRENCY, Commands
+from coordinator.runner_base import (
+    COMMAND_DEADLINE,
+    EVENT_QUEUE,
+    OP_TIMEOUT,
+    STARTUP_GRACE,
+    TICK,
+    Driver,
+    Foreign,
+    RunnerBus,
+)
 from protocol import subjects
 from protocol.bus import Entry
 from protocol.codec import decode, encode
-from protocol.errors import BusError, Conflict, ProtocolError
+from protocol.errors import BusError, ProtocolError
 from protocol.messages import (
     TERMINAL_STATES,
-    DesiredState,
-    Event,
     NodeView,
     ObservedState,
     ReleaseRef,
     RolloutRecord,
     RolloutSpec,
-    SignedEnvelope,
 )
-from protocol.signing import generate_seed, load_seed, sign, store_seed
+from protocol.signing import generate_seed, load_seed, store_seed
 
 log = logging.getLogger("fleetwave.coordinator.runner")
 
-TICK = 0.2
-OP_TIMEOUT = 12.0  # one bus call; the Bus has its own 10 s timeouts inside
-COMMAND_DEADLINE = 20.0  # how long one command is retried before the driver is rebuilt from KV
-STARTUP_GRACE = 10.0  # > 3 heartbeats of 2 s: time for every live node to beat once
 RESYNC_INTERVAL = 30.0
-EVENT_QUEUE = 10_000
-EVENT_ATTEMPTS = 5
-WRITE_CONCURRENCY = 64  # desired writes in flight at once (each is one KV round trip)
-EVENTS_IN_FLIGHT = 128  # event publishes awaiting their JetStream ack at once
 
-T = TypeVar("T")
-_ROLLOUT_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
-
-
-class RunnerBus(Protocol):
-    """What the runner needs of ``protocol.bus.Bus`` (a fake stands in for it in unit tests)."""
-
-    fleet: str
-
-    async def kv_get(self, bucket: str, key: str) -> Entry | None: ...
-    async def kv_put(self, bucket: str, key: str, value: bytes) -> int: ...
-    async def kv_create(self, bucket: str, key: str, value: bytes) -> int: ...
-    async def kv_update(self, bucket: str, key: str, value: bytes, last: int) -> int: ...
-    async def kv_delete(self, bucket: str, key: str, last: int | None = None) -> None: ...
-    async def kv_entries(self, bucket: str, pattern: str = ">") -> list[Entry]: ...
-    def watch(self, bucket: str, pattern: str) -> AsyncIterator[Entry | None]: ...
-    async def js_publish(self, subject: str, data: bytes) -> None: ...
+# Every public name this module had before it was split, wherever it is defined now.
+__all__ = [
+    "COMMAND_DEADLINE", "EVENTS_IN_FLIGHT", "EVENT_ATTEMPTS", "EVENT_QUEUE", "OP_TIMEOUT",
+    "RESYNC_INTERVAL", "STARTUP_GRACE", "TICK", "WRITE_CONCURRENCY", "Driver", "Foreign", "Runner",
+    "RunnerBus", "coordinator_seed", "new_rollout_id",
+]
 
 
-class Foreign(Conflict):
-    """Another coordinator wrote our rollout record: we stop driving it."""
-
-
-@dataclass(eq=False)
-class Driver:
-    """One live rollout: the engine, the revision of its record in KV, and its event lock."""
-
-    rollout: Rollout
-    revision: int
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-    @property
-    def id(self) -> str:
-        return self.rollout.record.id
-
-    @property
-    def service(self) -> str:
-        return self.rollout.record.spec.service
-
-
-class Runner:
+class Runner(Commands, Locks):
     """Drives every live rollout of one fleet; see the module docstring."""
-
-    def __init__(
-        self, bus: RunnerBus, *, seed: bytes, nodes: Callable[[], Sequence[NodeView]],
-        clock: Callable[[], float] = time.time, tick: float = TICK,
-        startup_grace: float = STARTUP_GRACE, command_deadline: float = COMMAND_DEADLINE,
-    ) -> None:
-        self.bus = bus
-        self.fleet = bus.fleet
-        self._seed = seed
-        self._nodes = nodes
-        self._clock = clock
-        self._tick = tick
-        self._grace = startup_grace
-        self._command_deadline = command_deadline
-        self.started = clock()
-        self.drivers: dict[str, Driver] = {}
-        self.observed: dict[tuple[str, str], ObservedState] = {}
-        self.foreign: set[str] = set()
-        self._settled: set[str] = set()  # terminal rollouts whose lock is known released
-        self._deploying = asyncio.Lock()
-        self._events: asyncio.Queue[Event] = asyncio.Queue(EVENT_QUEUE)
-        self.synced = asyncio.Event()  # the observed watch delivered its first snapshot
-        self.ready = asyncio.Event()  # ... and every live rollout was resumed
-        self._resync_wanted = asyncio.Event()
-        self._complained: set[str] = set()
-        self._inbox: list[Entry | None] = []
-        self._inbox_ready = asyncio.Event()
-        # (revision, generation) of every desired key this runner wrote: the next write of the
-        # key is then one compare-and-set instead of a read and a write (a miss reads first).
-        self._desired_revs: dict[str, tuple[int, int]] = {}
-
-    # -- buckets -----------------------------------------------------------------------------------
-
-    @property
-    def _rollouts(self) -> str:
-        return subjects.rollouts_bucket(self.fleet)
-
-    @property
-    def _desired(self) -> str:
-        return subjects.desired_bucket(self.fleet)
-
-    @property
-    def _locks(self) -> str:
-        return subjects.locks_bucket(self.fleet)
 
     # -- the tasks ---------------------------------------------------------------------------------
 
@@ -247,34 +168,6 @@ class Runner:
                     await self._resync_wanted.wait()
             except TimeoutError:
                 pass
-
-    async def _publish_loop(self) -> None:
-        """Publish queued events, up to EVENTS_IN_FLIGHT awaiting their acks at once (a wave
-        emits two per node; one ack at a time would trail the rollout by seconds). They leave
-        in queue order on the one connection, so the stream keeps that order unless a publish
-        has to be retried."""
-        slots = asyncio.Semaphore(EVENTS_IN_FLIGHT)
-        async with asyncio.TaskGroup() as tg:
-            while True:
-                event = await self._events.get()
-                await slots.acquire()
-                task = tg.create_task(self._publish(event))
-                task.add_done_callback(lambda _: slots.release())
-
-    async def _publish(self, event: Event) -> None:
-        data = encode(event)
-        subject = subjects.event(self.fleet, event.kind)
-        for attempt in range(EVENT_ATTEMPTS):
-            try:
-                async with asyncio.timeout(OP_TIMEOUT):
-                    await self.bus.js_publish(subject, data)
-                break
-            except (BusError, TimeoutError) as exc:
-                if attempt == EVENT_ATTEMPTS - 1:
-                    log.error("event %s of rollout %s not recorded: %s", event.kind,
-                              event.rollout, exc)
-                else:
-                    await asyncio.sleep(0.5 * 2**attempt)
 
     # -- feeds -------------------------------------------------------------------------------------
 
@@ -409,54 +302,6 @@ class Runner:
         """The live rollout of ``service`` driven here, if any."""
         return next((d for d in self.drivers.values() if d.service == service), None)
 
-    # -- reading -----------------------------------------------------------------------------------
-
-    async def get(self, rollout_id: str) -> RolloutRecord | None:
-        """A rollout's record: the live one if driven here, else as persisted."""
-        if (driver := self.drivers.get(rollout_id)) is not None:
-            return driver.rollout.record
-        if not _ROLLOUT_ID.match(rollout_id):
-            return None
-        entry = await self._bounded(self.bus.kv_get(self._rollouts, rollout_id))
-        if entry is None or entry.value is None:
-            return None
-        return self._decode_record(entry)
-
-    async def records(self) -> list[RolloutRecord]:
-        """Every rollout of the fleet, newest first (live ones as they are now)."""
-        entries = await self._bounded(self.bus.kv_entries(self._rollouts))
-        out = {}
-        for entry in entries:
-            if (rec := self._decode_record(entry)) is not None:
-                out[rec.id] = rec
-        for rid, driver in self.drivers.items():
-            out[rid] = driver.rollout.record
-        return sorted(out.values(), key=lambda r: (r.created, r.id), reverse=True)
-
-    async def current_desired(self, service: str) -> dict[str, DesiredState]:
-        """Every node's current desired state of ``service``, from the desired bucket."""
-        entries = await self._bounded(self.bus.kv_entries(self._desired, f"*.{service}"))
-        out: dict[str, DesiredState] = {}
-        for entry in entries:
-            try:
-                env = decode(SignedEnvelope, entry.value or b"")
-                desired = decode(DesiredState, env.payload)
-            except ProtocolError as exc:
-                raise BusError(f"desired state {entry.key} is unreadable ({exc}); was it written "
-                               "by another tool? delete the key to start that node afresh"
-                               ) from None
-            out[desired.node] = desired
-        return out
-
-    def _decode_record(self, entry: Entry) -> RolloutRecord | None:
-        try:
-            return decode(RolloutRecord, entry.value or b"")
-        except ProtocolError as exc:
-            if entry.key not in self._complained:
-                self._complained.add(entry.key)
-                log.error("ignoring unreadable rollout record %s: %s", entry.key, exc)
-            return None
-
     # -- resuming ----------------------------------------------------------------------------------
 
     async def resync(self) -> None:
@@ -542,192 +387,6 @@ class Runner:
         else:
             log.log(level, "rollout %s dropped until the next resync: %s", driver.id, why)
             self._resync_wanted.set()
-
-    async def _carry_out_all(self, driver: Driver, commands: Sequence[Command]) -> None:
-        """Carry out ``commands``: each Persist before anything after it, the desired writes
-        between two Persists concurrently (different keys; for one key only the newest
-        generation counts), then the events among them, which thus never announce a write
-        before it is done."""
-        writes: dict[str, DesiredState] = {}
-        events: list[Command] = []
-
-        async def flush() -> None:
-            if writes:
-                sem = asyncio.Semaphore(WRITE_CONCURRENCY)
-
-                async def one(desired: DesiredState) -> None:
-                    async with sem:
-                        await self._retrying(lambda: self._write_desired(desired))
-
-                pending = list(writes.values())
-                writes.clear()
-                async with asyncio.TaskGroup() as tg:
-                    for desired in pending:
-                        tg.create_task(one(desired))
-            for event in events:
-                await self._carry_out(driver, event)
-            events.clear()
-
-        try:
-            for command in commands:
-                if isinstance(command, Persist):
-                    await flush()
-                    await self._carry_out(driver, command)
-                elif isinstance(command, WriteDesired):
-                    key = subjects.node_service_key(command.desired.node, command.desired.service)
-                    old = writes.get(key)
-                    if old is None or old.generation <= command.desired.generation:
-                        writes[key] = command.desired
-                else:
-                    events.append(command)
-            await flush()
-        except BaseExceptionGroup as group:  # a failed concurrent write: raise the first cause
-            raise _first(group) from None
-
-    async def _carry_out(self, driver: Driver, command: Command) -> None:
-        match command:
-            case Persist(record=record):
-                await self._retrying(lambda: self._persist(driver, record))
-            case WriteDesired(desired=desired):
-                await self._retrying(lambda: self._write_desired(desired))
-            case EmitEvent(kind=kind, message=message, node=node, data=data):
-                self._emit(driver.rollout.record, kind, message, node, data)
-
-    async def _persist(self, driver: Driver, record: RolloutRecord) -> None:
-        data = encode(record)
-        try:
-            driver.revision = await self._bounded(
-                self.bus.kv_update(self._rollouts, record.id, data, driver.revision))
-        except Conflict:
-            entry = await self._bounded(self.bus.kv_get(self._rollouts, record.id))
-            if entry is not None and entry.value == data:  # ours: the reply was lost, not the write
-                driver.revision = entry.revision
-                return
-            raise Foreign(f"rollout {record.id} was changed by another coordinator (revision "
-                          f"{entry.revision if entry else 'deleted'}, ours {driver.revision}); "
-                          "this one stops driving it") from None
-
-    async def _write_desired(self, desired: DesiredState) -> bool:
-        """Sign and store ``desired`` unless the stored generation is >=; True if written."""
-        key = subjects.node_service_key(desired.node, desired.service)
-        known = self._desired_revs.pop(key, None)
-        if known is not None and known[1] < desired.generation:
-            data = encode(sign(self._seed, desired))
-            try:
-                rev = await self._bounded(self.bus.kv_update(self._desired, key, data, known[0]))
-                self._desired_revs[key] = (rev, desired.generation)
-                return True
-            except Conflict:
-                pass  # written by someone else since: read it and compare generations
-        for _ in range(5):
-            entry = await self._bounded(self.bus.kv_get(self._desired, key))
-            if entry is not None and entry.value is not None:
-                try:
-                    stored = decode(SignedEnvelope, entry.value).generation
-                except ProtocolError:
-                    stored = 0  # unreadable: replace it with a valid state
-                if stored >= desired.generation:
-                    return False
-            data = encode(sign(self._seed, desired))
-            try:
-                if entry is None:
-                    rev = await self._bounded(self.bus.kv_create(self._desired, key, data))
-                else:
-                    rev = await self._bounded(self.bus.kv_update(self._desired, key, data,
-                                                                 entry.revision))
-                self._desired_revs[key] = (rev, desired.generation)
-                return True
-            except Conflict:
-                continue  # written in between: read again and compare generations
-        raise BusError(f"desired state {key} keeps changing under us; is a second coordinator "
-                       "writing it?")
-
-    def _emit(self, record: RolloutRecord, kind: str, message: str, node: str,
-              data: dict[str, object]) -> None:
-        event = Event(id=uuid.uuid4().hex, time=self._clock(), fleet=self.fleet, kind=kind,
-                      message=message, node=node, service=record.spec.service,
-                      rollout=record.id, data=dict(data))
-        log.info("rollout %s: %s %s", record.id, kind, message)
-        if self._events.full():
-            dropped = self._events.get_nowait()
-            log.error("event queue full; dropped %s of %s", dropped.kind, dropped.rollout)
-        self._events.put_nowait(event)
-
-    def pending_events(self) -> list[Event]:
-        """Events not yet published (tests look at them; the publisher drains them)."""
-        out = []
-        while not self._events.empty():
-            out.append(self._events.get_nowait())
-        return out
-
-    # -- the per-service lock ----------------------------------------------------------------------
-
-    async def _take_lock(self, service: str, rollout_id: str) -> None:
-        for _ in range(2):
-            try:
-                await self._bounded(self.bus.kv_create(self._locks, service, rollout_id.encode()))
-                return
-            except Conflict:
-                entry = await self._bounded(self.bus.kv_get(self._locks, service))
-                if entry is None or entry.value is None:
-                    continue  # released in between
-                holder = entry.value.decode(errors="replace")
-                record = await self.get(holder)
-                if record is not None and record.state not in TERMINAL_STATES:
-                    raise Conflict(
-                        f"service {service} already has rollout {holder} {record.state}; wait "
-                        f"for it ('fleetwave status {holder}') or stop it with 'fleetwave abort "
-                        f"{holder}'") from None
-                log.warning("taking over the stale lock of %s from %s rollout %s", service,
-                            record.state if record else "missing", holder)
-                try:
-                    await self._bounded(self.bus.kv_delete(self._locks, service, entry.revision))
-                except Conflict:
-                    continue
-        raise Conflict(f"the lock of service {service} keeps changing; try again")
-
-    async def _release_lock(self, service: str, rollout_id: str) -> None:
-        entry = await self._bounded(self.bus.kv_get(self._locks, service))
-        if entry is None or entry.value != rollout_id.encode():
-            return  # not ours (anymore)
-        try:
-            await self._bounded(self.bus.kv_delete(self._locks, service, entry.revision))
-        except Conflict:
-            return  # someone changed it in between: no longer ours to release
-
-    # -- bounding and retrying ---------------------------------------------------------------------
-
-    async def _bounded(self, work: Awaitable[T]) -> T:
-        try:
-            async with asyncio.timeout(OP_TIMEOUT):
-                return await work
-        except TimeoutError:
-            raise BusError(f"NATS did not answer within {OP_TIMEOUT:g}s") from None
-
-    async def _retrying(self, op: Callable[[], Awaitable[T]]) -> T:
-        """Run ``op`` until it succeeds; BusError is retried with backoff up to the deadline."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._command_deadline
-        delay = 0.1
-        while True:
-            try:
-                return await op()
-            except Conflict:
-                raise
-            except BusError as exc:
-                if loop.time() + delay > deadline:
-                    raise
-                log.warning("retrying in %.1fs: %s", delay, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-
-
-def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The first leaf exception of a (nested) exception group."""
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
 
 
 def new_rollout_id(service: str, now: float) -> str:
