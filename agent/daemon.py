@@ -8,7 +8,9 @@ owns three tasks in one TaskGroup until ``stop`` is set:
   yet (no coordinator ever ran): that is retried with backoff and jitter, logged once, never fatal.
 - *heartbeats*: every ``interval`` a Heartbeat with psutil figures and ``services.summary()``.
   While disconnected no heartbeat is sent: nats-py would buffer them and flush a burst of stale
-  ones on reconnect.
+  ones on reconnect. The same loop returns the C heap's free pages to the OS
+  (``hostinfo.trim_heap``) once start-up is over and then every ``TRIM_EVERY`` seconds: the agent
+  sits on every host, and most of its life is idle.
 - *services*: ``services.run()`` (the service manager), if one is plugged in.
 
 A failure of one task is a bug: the TaskGroup cancels the others and ``run`` raises, and the
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Protocol
 
 from agent import presence
-from agent.hostinfo import HostSampler, host_facts
+from agent.hostinfo import HostSampler, host_facts, trim_heap
 from protocol import subjects
 from protocol.bus import Bus
 from protocol.codec import encode
@@ -40,6 +42,10 @@ log = logging.getLogger("fleetwave.agent")
 CONNECT_FOREVER = 10 * 365 * 24 * 3600.0
 REGISTER_TIMEOUT = 5.0  # one publish + one KV put; bounded so a dead link cannot hang the loop
 RECONNECT_POLL = 0.2
+# First trim once start-up is done (connected, registered, services started), then now and then:
+# a trim walks the heap (about a millisecond), so once a minute costs nothing measurable.
+TRIM_AFTER_START = 10.0
+TRIM_EVERY = 60.0
 
 
 class ServiceSource(Protocol):
@@ -76,6 +82,7 @@ class Agent:
         self.bus: Bus | None = None
         self.registrations = 0
         self.heartbeats = 0
+        self.trims = 0
         self._started_at = time.time()
         self._sampler = HostSampler(options.data_dir)
         self._info = presence.node_info(
@@ -169,6 +176,7 @@ class Agent:
         subject = subjects.heartbeat(o.fleet, o.node_id)
         loop = asyncio.get_running_loop()
         due = loop.time()
+        trim_due = due + TRIM_AFTER_START
         seq = 0
         failing = False
         while True:
@@ -176,6 +184,9 @@ class Agent:
             if delay > 0:
                 await asyncio.sleep(delay)
             due = presence.next_beat(due, o.heartbeat_interval, loop.time())
+            if loop.time() >= trim_due:
+                self.trims += trim_heap()
+                trim_due = loop.time() + TRIM_EVERY
             if not bus.connected:
                 continue
             svc, slots = self._summary(services)

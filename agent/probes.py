@@ -8,6 +8,14 @@ returns whether it passed and a short reason. ``Prober.run`` loops every ``inter
 each change of health; the start timeout is the reconciler's business (time injected there).
 
 Probes go to 127.0.0.1 on the slot's private port, never through the router.
+
+Cost: an interval of 200 ms is five probes a second per slot for the agent's whole life, so
+``Prober`` keeps its http connection open between probes (``HttpProbeConnection``, HTTP/1.1
+keep-alive) instead of connecting, writing, reading and closing five times a second. The
+connection is dropped and reopened whenever it cannot be reused: the server said
+``Connection: close``, the body has no Content-Length (chunked, or read-until-close), an answer
+was malformed or late. A reused connection the server closed while idle is retried once on a fresh
+one within the same probe, so a keep-alive timeout never counts as a failed probe.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ from protocol.manifest import HealthConfig
 
 PROBE_HOST = "127.0.0.1"
 _MAX_STATUS_LINE = 1024
+_MAX_HEADERS = 100
+_MAX_KEEPALIVE_BODY = 64 * 1024  # a bigger health body is read by closing, not kept alive for
 
 
 @dataclass(frozen=True)
@@ -86,6 +96,106 @@ async def http_probe(port: int, path: str, timeout: float, host: str = PROBE_HOS
     if 200 <= status < 400:
         return ProbeResult(True)
     return ProbeResult(False, f"http {path}: status {status}")
+
+
+class HttpProbeConnection:
+    """A keep-alive HTTP/1.1 connection for repeated GETs of one health path; owned by a Prober."""
+
+    def __init__(self, port: int, path: str, host: str = PROBE_HOST) -> None:
+        self.port = port
+        self.path = path
+        self.host = host
+        self.connects = 0  # how many TCP connections were opened (tests watch reuse with it)
+        self._request = (
+            f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: fleetwave-probe\r\n\r\n"
+        ).encode("latin-1")
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def probe(self, timeout: float) -> ProbeResult:
+        """GET the path (2xx and 3xx pass), reusing the open connection when there is one."""
+        reused = self._writer is not None
+        try:
+            async with asyncio.timeout(timeout):
+                try:
+                    return await self._exchange()
+                except (OSError, asyncio.IncompleteReadError, _Closed):
+                    if not reused:
+                        raise
+                    await self.close()  # the server closed the idle connection: once more
+                    return await self._exchange()
+        except TimeoutError:
+            await self.close()
+            return ProbeResult(False, f"http {self.path}: no answer within {timeout:g}s")
+        except OSError as exc:
+            await self.close()
+            return ProbeResult(False, f"http {self.path}: {_os_reason(exc)}")
+        except (asyncio.IncompleteReadError, _Closed):
+            await self.close()
+            return ProbeResult(False, f"http {self.path}: connection closed before an answer")
+        except _Malformed as exc:
+            await self.close()
+            return ProbeResult(False, f"http {self.path}: not an HTTP answer: {exc}")
+        except BaseException:
+            await self.close()  # cancelled mid-answer: the connection is out of step
+            raise
+
+    async def _exchange(self) -> ProbeResult:
+        if self._writer is None:
+            self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+            self.connects += 1
+        reader, writer = self._reader, self._writer
+        assert reader is not None
+        writer.write(self._request)
+        await writer.drain()
+        line = await reader.readline()
+        if not line:
+            raise _Closed
+        parts = line[:_MAX_STATUS_LINE].decode("latin-1", "replace").split()
+        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+            raise _Malformed(repr(line[:80]))
+        status = int(parts[1])
+        keep = parts[0] == "HTTP/1.1"
+        length: int | None = None
+        for _ in range(_MAX_HEADERS):
+            header = await reader.readline()
+            if header in (b"\r\n", b"\n"):
+                break
+            if not header:
+                raise _Closed
+            name, _, value = header.decode("latin-1").partition(":")
+            name, value = name.strip().lower(), value.strip().lower()
+            if name == "content-length" and value.isdigit():
+                length = int(value)
+            elif name == "connection" and "close" in value:
+                keep = False
+            elif name == "transfer-encoding":
+                keep = False  # chunked bodies are not worth parsing for a status code
+        else:
+            raise _Malformed(f"more than {_MAX_HEADERS} header lines")
+        if keep and length is not None and length <= _MAX_KEEPALIVE_BODY:
+            await reader.readexactly(length)  # leave the connection at the next answer's start
+        else:
+            await self.close()
+        if 200 <= status < 400:
+            return ProbeResult(True)
+        return ProbeResult(False, f"http {self.path}: status {status}")
+
+    async def close(self) -> None:
+        """Close the connection (the next probe opens a new one); never raises."""
+        writer, self._reader, self._writer = self._writer, None, None
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
+
+
+class _Closed(Exception):
+    """The server closed the connection before a complete answer."""
+
+
+class _Malformed(Exception):
+    """The bytes received are no HTTP answer."""
 
 
 async def tcp_probe(port: int, timeout: float, host: str = PROBE_HOST) -> ProbeResult:
@@ -201,15 +311,26 @@ class Prober:
         self.last = ProbeResult(False, "not probed yet")
 
     async def run(self) -> None:
-        """Probe until cancelled."""
+        """Probe until cancelled (an http probe's connection is closed then)."""
         loop = asyncio.get_running_loop()
-        while True:
-            started = loop.time()
-            self.last = await probe_once(self.health, self.port, self.cwd, self.env)
-            changed = self.thresholds.feed(self.last.ok)
-            if changed is not None:
-                await self.on_change(changed, self.last.reason)
-            await asyncio.sleep(max(0.0, self.health.interval - (loop.time() - started)))
+        http = (
+            HttpProbeConnection(self.port, self.health.http)
+            if self.health.http is not None and self.port is not None else None
+        )
+        try:
+            while True:
+                started = loop.time()
+                if http is not None:
+                    self.last = await http.probe(self.health.timeout)
+                else:
+                    self.last = await probe_once(self.health, self.port, self.cwd, self.env)
+                changed = self.thresholds.feed(self.last.ok)
+                if changed is not None:
+                    await self.on_change(changed, self.last.reason)
+                await asyncio.sleep(max(0.0, self.health.interval - (loop.time() - started)))
+        finally:
+            if http is not None:
+                await http.close()
 
 
 def _os_reason(exc: OSError) -> str:

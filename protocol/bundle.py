@@ -35,15 +35,19 @@ import os
 import posixpath
 import shutil
 import stat
-import tarfile
 import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from protocol.errors import ProtocolError
 from protocol.manifest import MANIFEST_NAME, Manifest, parse_manifest
+
+if TYPE_CHECKING:
+    # tarfile itself is imported where bundles are packed or read, not here: every agent imports
+    # this module, and an idle agent that has nothing to unpack should not keep tarfile resident.
+    import tarfile
 
 FIXED_MTIME = 0
 MAX_SYMLINK_DEPTH = 40
@@ -204,6 +208,8 @@ def _inflate(data: bytes, limits: Limits) -> bytes:
 
 
 def _read_tar(data: bytes, limits: Limits) -> list[_Entry]:
+    import tarfile
+
     raw = _inflate(data, limits)
     entries: list[_Entry] = []
     files: dict[str, _Entry] = {}
@@ -268,10 +274,10 @@ def _member(
     )
 
 
-_TAR_KINDS = {
-    tarfile.CHRTYPE: "character device",
-    tarfile.BLKTYPE: "block device",
-    tarfile.FIFOTYPE: "fifo",
+_TAR_KINDS = {  # POSIX ustar typeflags (tarfile.CHRTYPE, BLKTYPE, FIFOTYPE)
+    b"3": "character device",
+    b"4": "block device",
+    b"6": "fifo",
 }
 
 
@@ -379,6 +385,8 @@ def _manifest(entries: list[_Entry], source: str) -> Manifest:
 
 
 def _write_tar(entries: list[_Entry]) -> bytes:
+    import tarfile
+
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:", format=tarfile.PAX_FORMAT) as tf:
         for e in entries:
