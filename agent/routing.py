@@ -1,0 +1,156 @@
+"""The manager's side of each service's router: start or find it, configure it, read its stats.
+
+Theory of operation: every service with a public port has one router process (``agent.router``),
+reached on a unix socket at ``router_socket`` (stable across agent restarts, so a restarted agent
+finds the same router again). ``_route`` carries out the reconciler's ``Route`` action: it starts
+the router if none is known (one already running on the socket is adopted), then sends the whole
+configuration (upstream slots, weights, mirror); only on success are the weights and mirror
+recorded as applied, else the error is reported in the observed state until a configure succeeds.
+``_stats_loop`` reads every router's counters every ``STATS_EVERY`` seconds for the observed
+states; a router that does not answer is forgotten, so the next pass starts it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import stat
+import tempfile
+import time
+from pathlib import Path
+
+from agent.router.control import (
+    MAX_SOCKET_PATH,
+    RouterClient,
+    RouterConfig,
+    RouterRunning,
+    RouterUnavailable,
+    Upstream,
+    start_router,
+)
+from agent.service_state import STATS_EVERY, ManagerBase, Service
+from protocol.messages import MirrorSpec
+
+log = logging.getLogger("fleetwave.agent.services")
+
+
+def router_socket(data_dir: Path, service: str) -> Path:
+    """``<data_dir>/run/router-<service>.sock``; when that path is too long for a unix socket
+    (about 100 bytes), a short one in the temp dir derived from the data dir, so that a restarted
+    agent finds the same router again."""
+    path = data_dir / "run" / f"router-{service}.sock"
+    if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
+        return path
+    tag = hashlib.sha256(os.fsencode(data_dir.resolve())).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"fleetwave-{tag}" / f"router-{service}.sock"
+
+
+def _private_dir(path: Path) -> None:
+    """Create ``path`` 0700 if needed and refuse it unless it is ours and a real directory (a
+    shared temp dir is where another user could have planted a symlink)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise RouterUnavailable(
+            f"{path} is not a private directory of this user; remove it or use a shorter --data-dir"
+        )
+
+
+
+class RouterLink(ManagerBase):
+    """The router methods of ``agent.shell.ServiceManager``."""
+
+    def _socket(self, service: str) -> Path:
+        return router_socket(self.data_dir, service)
+
+    async def _route(
+        self, svc: Service, weights: dict[str, int], mirror: MirrorSpec | None
+    ) -> None:
+        port = self._public_port(svc)
+        if port is None:
+            return
+        upstreams = [
+            Upstream(
+                slot=s,
+                host="127.0.0.1",
+                port=r.spec.port,
+                weight=weights.get(s, 0),
+                healthy=r.status in ("healthy", "draining"),
+            )
+            for s, r in sorted(svc.runners.items())
+            if r.spec.port is not None
+            and r.status in ("starting", "healthy", "unhealthy", "draining")
+        ]
+        drain = max((r.spec.manifest.stop.drain for r in svc.runners.values()), default=2.0)
+        cfg = RouterConfig(
+            service=svc.name,
+            listen_host=self.bind_host,
+            listen_port=port,
+            upstreams=upstreams,
+            mirror=mirror,
+            drain_timeout=max(drain, 1.0),
+        )
+        try:
+            client = await self._router(svc)
+            svc.router_stats = await client.configure(cfg)
+            svc.router_stats.time = time.time()
+        except RouterUnavailable as exc:
+            if svc.router_error != str(exc):
+                log.warning("router of %s: %s", svc.name, exc)
+            svc.router, svc.router_error = None, str(exc)
+            return
+        svc.router_error = ""
+        svc.applied_weights = {s: w for s, w in weights.items() if w > 0}
+        svc.applied_mirror = mirror
+        log.info(
+            "router of %s: weights %s mirror %s",
+            svc.name,
+            svc.applied_weights,
+            mirror.slot if mirror else None,
+        )
+
+    def _public_port(self, svc: Service) -> int | None:
+        refs = list(svc.desired.slots.values()) if svc.desired else []
+        for ref in refs:
+            rel = svc.releases.get(ref.digest)
+            if rel is not None and rel.manifest.port is not None:
+                return rel.manifest.port
+        for r in svc.runners.values():
+            if r.spec.manifest.port is not None:
+                return r.spec.manifest.port
+        return None
+
+    async def _router(self, svc: Service) -> RouterClient:
+        if svc.router is not None:
+            return svc.router
+        sock = self._socket(svc.name)
+        if not sock.is_relative_to(self.data_dir):
+            _private_dir(sock.parent)
+        try:
+            pid = await start_router(sock, self.data_dir / "logs" / f"router-{svc.name}.log")
+        except RouterRunning as running:
+            pid = running.pid
+        svc.router, svc.router_pid = RouterClient(sock), pid
+        return svc.router
+
+    async def _stats_loop(self) -> None:
+        """Router stats for observed states; a router that went away is noticed and restarted."""
+        while True:
+            await asyncio.sleep(STATS_EVERY)
+            for svc in list(self.services.values()):
+                if svc.router is None:
+                    continue
+                try:
+                    stats = await svc.router.stats()
+                    stats.time = time.time()  # the gates measure their window with it
+                    svc.router_stats = stats
+                    self._wake.set()  # fresh figures go out in the observed state at once
+                except RouterUnavailable as exc:
+                    log.warning(
+                        "router of %s is gone (%s); it will be started again", svc.name, exc
+                    )
+                    svc.router, svc.router_stats = None, None
+                    svc.applied_weights, svc.applied_mirror = {}, None
+                    self._wake.set()

@@ -1,0 +1,197 @@
+"""What the service manager holds: its per-service records, its timings and its event queue.
+
+Theory of operation: a ``Service`` is everything mutable the manager (``agent.shell``) holds for
+one service: the accepted signed envelope and desired state, the replay floor, the slot runners,
+the fetched releases, what the router was last told, and what was last reported. ``view`` turns it
+into the reconciler's pure ``ServiceView``; ``settled`` says when no timer of the reconciler can
+fire, so the loop may idle. ``ManagerBase`` holds the manager's own state (every layer of
+``ServiceManager`` builds on it) and its one output every layer uses: events, queued without
+awaiting and published in order to the events stream by ``_events_loop``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.reconcile import (
+    FetchError,
+    ReleaseInfo,
+    ServiceView,
+    SlotView,
+)
+from agent.releases import ReleaseCache
+from agent.router.control import RouterClient
+from agent.slots import SlotRunner
+from protocol import subjects
+from protocol.bus import Bus
+from protocol.codec import encode
+from protocol.errors import BusError
+from protocol.manifest import Manifest
+from protocol.messages import (
+    DesiredState,
+    Event,
+    MirrorSpec,
+    ObservedState,
+    ReleaseRef,
+    RouterStats,
+    SignedEnvelope,
+)
+
+log = logging.getLogger("fleetwave.agent.services")
+
+TICK = 0.2
+IDLE_TICK = 2.0  # all settled: wakes bring every change; this only guards against a missed one
+REREAD = 30.0
+OBSERVE_EVERY = 5.0
+STATS_EVERY = 2.0
+BUS_TIMEOUT = 10.0
+PRUNE_EVERY = 60.0
+
+
+@dataclass
+class Release:
+    path: Path
+    manifest: Manifest
+    info: ReleaseInfo
+    ref: ReleaseRef
+
+
+@dataclass
+class Service:
+    """Everything mutable the manager holds for one service."""
+
+    name: str
+    envelope: SignedEnvelope | None = None
+    desired: DesiredState | None = None
+    # The newest generation this node ever accepted, kept even when the remembered envelope can
+    # no longer be verified (a rotated key): anything not newer is a replay.
+    floor: int = 0
+    runners: dict[str, SlotRunner] = field(default_factory=dict)
+    releases: dict[str, Release] = field(default_factory=dict)
+    fetching: set[str] = field(default_factory=set)
+    fetch_errors: dict[str, FetchError] = field(default_factory=dict)
+    applied_weights: dict[str, int] = field(default_factory=dict)
+    applied_mirror: MirrorSpec | None = None
+    observed_generation: int = 0
+    router: RouterClient | None = None
+    router_pid: int | None = None
+    router_stats: RouterStats | None = None
+    last_observed: bytes = b""
+    last_observed_at: float = 0.0
+    pending_observed: ObservedState | None = None
+    router_error: str = ""  # why the last configure failed; reported until one succeeds
+    # Failed slots remembered from the state file (no process): so that a restarted agent does
+    # not retry a generation that already failed.
+    idle: dict[str, SlotView] = field(default_factory=dict)
+
+    def view(self) -> ServiceView:
+        slots = {s: v for s, v in self.idle.items() if s not in self.runners}
+        for s, r in self.runners.items():
+            slots[s] = SlotView(
+                slot=s,
+                status=r.status,
+                digest=r.spec.digest,
+                version=r.spec.manifest.version,
+                since=r.since,
+                restarts=r.restarts,
+                reason=r.reason,
+                generation=r.spec.generation,
+                last_exit=r.last_exit,
+            )
+        return ServiceView(
+            service=self.name,
+            slots=slots,
+            releases={d: rel.info for d, rel in self.releases.items()},
+            fetching=frozenset(self.fetching),
+            fetch_errors=dict(self.fetch_errors),
+            applied_weights=dict(self.applied_weights),
+            applied_mirror=self.applied_mirror,
+            observed_generation=self.observed_generation,
+        )
+
+
+# Slot statuses with a reconciler timer running (start timeout, drain time) or an end to await.
+_MOVING = frozenset({"starting", "draining", "stopping", "fetching"})
+
+
+def settled(view: ServiceView) -> bool:
+    """Whether no timer of ``reconcile`` can fire for this view: nothing fetching or waiting to
+    retry a fetch, no slot starting, draining or stopping. A settled service changes only through
+    a wake (desired state, slot event, router stats), so the loop may sleep for ``IDLE_TICK``."""
+    return (not view.fetching and not view.fetch_errors
+            and not any(v.status in _MOVING for v in view.slots.values()))
+
+
+
+class ManagerBase:
+    """The state of a ``ServiceManager`` and its events; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        bus: Bus,
+        fleet: str,
+        node: str,
+        data_dir: Path,
+        bind_host: str,
+        trusted_keys: Collection[str],
+        tick: float = TICK,
+        idle_tick: float = IDLE_TICK,
+    ) -> None:
+        self.bus = bus
+        self.fleet = fleet
+        self.node = node
+        self.data_dir = Path(data_dir)
+        self.bind_host = bind_host
+        self.trusted_keys = frozenset(trusted_keys)
+        self.tick = tick
+        self.idle_tick = idle_tick
+        self.state_path = self.data_dir / "state.json"
+        self.cache = ReleaseCache(self.data_dir / "releases")
+        self.services: dict[str, Service] = {}
+        self.refused = 0
+        self._refused_values: dict[str, bytes] = {}
+        self._wake = asyncio.Event()
+        self._observed_dirty = asyncio.Event()
+        self._pruned_at = 0.0
+        self._events: asyncio.Queue[Event] = asyncio.Queue(maxsize=10_000)
+        self._tg: asyncio.TaskGroup | None = None
+        self._saved = b""
+        self._bus_failing = False
+
+    def _event(self, kind: str, service: str, message: str, **data: Any) -> None:
+        ev = Event(
+            id=uuid.uuid4().hex,
+            time=time.time(),
+            fleet=self.fleet,
+            kind=kind,
+            message=message,
+            node=self.node,
+            service=service,
+            data={k: v for k, v in data.items() if v is not None},
+        )
+        try:
+            self._events.put_nowait(ev)
+        except asyncio.QueueFull:
+            log.warning("event queue full; dropped %s %s", kind, message)
+
+    async def _events_loop(self) -> None:
+        while True:
+            ev = await self._events.get()
+            for attempt in range(3):
+                try:
+                    async with asyncio.timeout(BUS_TIMEOUT):
+                        await self.bus.js_publish(subjects.event(self.fleet, ev.kind), encode(ev))
+                    break
+                except (BusError, TimeoutError) as exc:
+                    log.warning(
+                        "cannot publish event %s (%s); attempt %d", ev.kind, exc, attempt + 1
+                    )
+                    await asyncio.sleep(0.5 * (attempt + 1))
