@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -439,8 +440,17 @@ class Bus:
     # -- events stream ----------------------------------------------------------------------------
 
     async def js_publish(self, subject: str, data: bytes) -> None:
+        """Store ``data`` in the stream bound to ``subject``, at most once.
+
+        A publish whose ack was lost (the server stored it, then died) is retried by callers; the
+        message id, a digest of the bytes, lets JetStream drop the second copy within its
+        duplicate window, so the audit log never shows one event twice.
+        """
+        msg_id = hashlib.sha256(data).hexdigest()
         try:
-            await self.js.publish(subject, data, timeout=OP_TIMEOUT)
+            await self.js.publish(
+                subject, data, timeout=OP_TIMEOUT, headers={"Nats-Msg-Id": msg_id}
+            )
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusError(f"cannot record event on {subject}: {exc}") from None
 

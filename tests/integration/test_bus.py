@@ -82,3 +82,17 @@ async def test_request_without_coordinator(broker: Broker) -> None:
             await bus.request("fw.t.api.nodes", b"{}")
     finally:
         await bus.close()
+
+
+async def test_a_retried_event_is_stored_once(broker: Broker) -> None:
+    """The same event published twice (a retry after a lost ack) is one message in the stream."""
+    bus = await Bus.connect(broker.url, "t")
+    try:
+        await bus.ensure_fleet()
+        await bus.js_publish("fw.t.evt.x", b'{"id": "e1"}')
+        await bus.js_publish("fw.t.evt.x", b'{"id": "e1"}')
+        await bus.js_publish("fw.t.evt.x", b'{"id": "e2"}')
+        stored = [m async for m in bus.stream_messages("FW_t_EVENTS", "fw.t.evt.>")]
+    finally:
+        await bus.close()
+    assert stored == [b'{"id": "e1"}', b'{"id": "e2"}']
