@@ -42,6 +42,10 @@ log = logging.getLogger("fleetwave.agent")
 CONNECT_FOREVER = 10 * 365 * 24 * 3600.0
 REGISTER_TIMEOUT = 5.0  # one publish + one KV put; bounded so a dead link cannot hang the loop
 RECONNECT_POLL = 0.2
+# Registered and connected, the loop only watches for a reconnect, and a re-registration a second
+# late is harmless (heartbeats say the node is alive meanwhile); five wakeups a second for ever
+# were a fifth of an idle agent's wakeups.
+REGISTERED_POLL = 1.0
 # First trim once start-up is done (connected, registered, services started), then now and then:
 # a trim walks the heap (about a millisecond), so once a minute costs nothing measurable.
 TRIM_AFTER_START = 10.0
@@ -150,8 +154,11 @@ class Agent:
         done_for: int | None = None  # the value of bus.reconnects at the last registration
         attempt = 0
         while True:
-            if done_for == bus.reconnects or not bus.connected:
+            if not bus.connected:
                 await asyncio.sleep(RECONNECT_POLL)
+                continue
+            if done_for == bus.reconnects:
+                await asyncio.sleep(REGISTERED_POLL)
                 continue
             generation = bus.reconnects
             try:
