@@ -4,24 +4,31 @@ Parses and checks the flags (one-line errors, exit 2), builds the Agent in one p
 (``build_agent``) and runs it until SIGTERM or SIGINT (exit 0). Anything unexpected is a bug: it
 is logged with its traceback and the process exits 1, for systemd to restart it.
 
-Footprint: the agent runs on every host, so what it imports stays resident on every host. The
-bus (and with it nats-py) is imported only once the flags are good, and without
-``importlib.metadata``: nats-py looks its own version up with it on import, which loads email,
-zipfile, csv and more, 2.6 MiB of resident memory for one string in CONNECT (``_import_bus``).
+Footprint: the agent runs on every host, so what it imports stays resident on every host.
+- The flags are parsed with argparse, not click (click with its types module pulls in uuid,
+  gettext and more: 0.8 MiB resident for one parse). They are declared once, in ``FLAGS``; the
+  click command other code inspects (``agent_command``: the dev fleet, tests) is built from the
+  same table, on demand (module ``__getattr__``), so the agent process itself never imports click.
+- The bus (and with it nats-py) is imported only once the flags are good, without
+  ``importlib.metadata`` (nats-py looks its own version up with it on import, which loads email,
+  zipfile, csv and more) and without ``email.parser`` (nats.js.client builds one
+  ``BytesParser`` it never uses); see ``_import_bus``.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import signal
 import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-import click
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from agent import presence
 from protocol.errors import ProtocolError
@@ -29,38 +36,78 @@ from protocol.signing import check_public_key
 from protocol.subjects import check_name
 
 if TYPE_CHECKING:
+    import click
+
     from agent.daemon import Agent, AgentOptions
 
 DEFAULT_NATS = "nats://127.0.0.1:4222"
+PROG = "fleetwave-agent"
+SUMMARY = "Run the fleetwave agent for this node in the foreground (SIGTERM or Ctrl-C stops it)."
+MAX_SIMULATED = 100_000
 
 log = logging.getLogger("fleetwave.agent")
 
 
 def _import_bus() -> None:
-    """Import ``protocol.bus`` (so nats-py) without letting nats-py import ``importlib.metadata``.
+    """Import ``protocol.bus`` (so nats-py) without ``importlib.metadata`` and ``email.parser``.
 
     nats-py 2.x runs ``try: from importlib.metadata import version ... except Exception:`` on
     import; a ``None`` in ``sys.modules`` makes that import fail (documented import-system
     behaviour), so nats-py takes its fallback, and the real version is put back from the name of
-    its dist-info directory (one directory listing). Nothing is done when ``importlib.metadata``
-    is loaded already (a test run, say): there is nothing to save.
+    its dist-info directory (one directory listing). ``nats.js.client`` imports ``BytesParser``
+    from ``email.parser`` only to build an attribute nothing reads (0.7 MiB resident): it gets a
+    stand-in class for the duration of the import, and only when its source shows that the parser
+    is still unused (a future nats-py that reads it gets the real module). Nothing is done when
+    the modules are loaded already (a test run, say): there is nothing to save.
     """
-    if "protocol.bus" in sys.modules or "importlib.metadata" in sys.modules:
-        import protocol.bus  # already paid for, or nothing to save
+    if "protocol.bus" in sys.modules:
         return
-    sys.modules["importlib.metadata"] = None  # type: ignore[assignment]  # blocks the import
+    blocked: dict[str, Any] = {}
+    if "importlib.metadata" not in sys.modules:
+        blocked["importlib.metadata"] = None  # makes the import fail: nats-py's fallback
+    if "email.parser" not in sys.modules and _hdr_parser_unused():
+        blocked["email.parser"] = _stand_in_email_parser()
+    sys.modules.update(blocked)
     try:
         import protocol.bus  # noqa: F401
     finally:
-        del sys.modules["importlib.metadata"]
-    import nats
-    import nats.aio.client as nats_client
+        for name in blocked:
+            del sys.modules[name]
+    if "importlib.metadata" in blocked:
+        import nats
+        import nats.aio.client as nats_client
 
-    site = Path(nats.__file__).resolve().parent.parent
-    with contextlib.suppress(OSError):
-        for dist in site.glob("nats_py-*.dist-info"):
-            nats_client.__version__ = dist.name[len("nats_py-"):-len(".dist-info")]
-            break
+        site = Path(nats.__file__).resolve().parent.parent
+        with contextlib.suppress(OSError):
+            for dist in site.glob("nats_py-*.dist-info"):
+                nats_client.__version__ = dist.name[len("nats_py-"):-len(".dist-info")]
+                break
+
+
+def _hdr_parser_unused() -> bool:
+    """Whether nats.js.client's source mentions its ``_hdr_parser`` once (where it is built)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nats.js.client")
+    if spec is None or spec.origin is None:
+        return False
+    try:
+        source = Path(spec.origin).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return source.count("_hdr_parser") == 1 and "= BytesParser()" in source
+
+
+def _stand_in_email_parser() -> Any:
+    import types
+
+    module = types.ModuleType("email.parser", "stand-in: nats.js.client never parses with it")
+
+    class BytesParser:  # nats.js.client builds one and never calls it
+        pass
+
+    module.BytesParser = BytesParser  # type: ignore[attr-defined]  # a module built by hand
+    return module
 
 
 def build_agent(options: AgentOptions, trusted_keys: tuple[str, ...] = ()) -> Agent:
@@ -79,129 +126,234 @@ def build_agent(options: AgentOptions, trusted_keys: tuple[str, ...] = ()) -> Ag
     return Agent(options, services=services)
 
 
-def _node_id(_: click.Context, __: click.Parameter, value: str) -> str:
-    try:
-        return check_name("node", value)
-    except ProtocolError as exc:
-        raise click.BadParameter(str(exc)) from None
+# -- the flags -------------------------------------------------------------------------------------
 
 
-def _fleet(_: click.Context, __: click.Parameter, value: str) -> str:
-    try:
-        return check_name("fleet", value)
-    except ProtocolError as exc:
-        raise click.BadParameter(str(exc)) from None
+class UsageError(Exception):
+    """A bad flag or flag value; the message is one line, printed with the program's name."""
 
 
-def _labels(_: click.Context, __: click.Parameter, value: tuple[str, ...]) -> dict[str, str]:
-    try:
-        return presence.parse_labels(value)
-    except ProtocolError as exc:
-        raise click.BadParameter(str(exc)) from None
+def _node_id(value: str) -> str:
+    return check_name("node", value)
 
 
-def _bind_host(_: click.Context, __: click.Parameter, value: str) -> str:
+def _fleet(value: str) -> str:
+    return check_name("fleet", value)
+
+
+def _labels(values: tuple[str, ...]) -> dict[str, str]:
+    return presence.parse_labels(values)
+
+
+def _bind_host(value: str) -> str:
     try:
         ipaddress.ip_address(value)
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not an IP address, e.g. 127.0.0.1") from None
+        raise ProtocolError(f"{value!r} is not an IP address, e.g. 127.0.0.1") from None
     return value
 
 
-def _trust_keys(_: click.Context, __: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+def _trust_keys(values: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(check_public_key(k) for k in values)
+
+
+def _interval(value: str) -> float:
     try:
-        return tuple(check_public_key(k) for k in value)
-    except ProtocolError as exc:
-        raise click.BadParameter(str(exc)) from None
+        seconds = float(value)
+    except ValueError:
+        raise ProtocolError(f"{value!r} is not a valid float.") from None
+    return presence.check_interval(seconds)
 
 
-def _interval(_: click.Context, __: click.Parameter, value: float) -> float:
+def _simulate(value: str) -> int:
     try:
-        return presence.check_interval(value)
-    except ProtocolError as exc:
-        raise click.BadParameter(str(exc)) from None
+        n = int(value)
+    except ValueError:
+        raise ProtocolError(f"{value!r} is not a valid integer.") from None
+    if not 0 <= n <= MAX_SIMULATED:
+        raise ProtocolError(f"{n} is not in the range 0<=x<={MAX_SIMULATED}.")
+    return n
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--node-id", required=True, callback=_node_id, help="This node's id (unique).")
-@click.option(
-    "--label", "labels", multiple=True, callback=_labels, metavar="KEY=VALUE",
-    help="A label for selectors, e.g. zone=a (repeatable).",
+def _data_dir(value: str) -> Path:
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise ProtocolError(f"Directory '{value}' is a file.")
+    return path
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One flag of ``fleetwave-agent``: the one declaration both parsers are built from.
+
+    ``check`` takes the text given (a tuple of texts for a repeatable flag) and returns the value,
+    or raises ProtocolError saying what is wrong. A repeatable flag's env var is split on spaces.
+    """
+
+    opts: tuple[str, ...]
+    dest: str
+    help: str
+    check: Callable[[Any], Any] | None = None
+    default: Any = None
+    env: str | None = None
+    metavar: str | None = None
+    repeat: bool = False
+    required: bool = False
+    hidden: bool = False
+    switch: bool = False
+    show_default: bool = False
+
+
+FLAGS: tuple[Flag, ...] = (
+    Flag(("--node-id",), "node_id", "This node's id (unique).", _node_id, required=True,
+         metavar="TEXT"),
+    Flag(("--label",), "labels", "A label for selectors, e.g. zone=a (repeatable).", _labels,
+         default=(), metavar="KEY=VALUE", repeat=True),
+    Flag(("--data-dir",), "data_dir", "Where the agent keeps releases and state [default: "
+         "./fleetwave-data/agent-<node-id>].", _data_dir, metavar="DIRECTORY"),
+    Flag(("--bind-host",), "bind_host", "Address the node's routers and slots listen on.",
+         _bind_host, default="127.0.0.1", metavar="TEXT", show_default=True),
+    Flag(("--nats",), "nats_url", "NATS server URL, or several separated by commas (env "
+         "FLEETWAVE_NATS).", default=DEFAULT_NATS, env="FLEETWAVE_NATS", metavar="TEXT",
+         show_default=True),
+    Flag(("--fleet",), "fleet", "Fleet namespace (env FLEETWAVE_FLEET).", _fleet,
+         default="default", env="FLEETWAVE_FLEET", metavar="TEXT", show_default=True),
+    Flag(("--heartbeat-interval",), "heartbeat_interval", "Seconds between heartbeats (tests "
+         "use short ones).", _interval, default=str(presence.DEFAULT_INTERVAL),
+         env="FLEETWAVE_HEARTBEAT_INTERVAL", metavar="FLOAT", hidden=True),
+    Flag(("--trust-key",), "trust_keys", "Public key of a coordinator whose desired states to "
+         "accept (repeatable; env FLEETWAVE_TRUST_KEYS, space-separated).", _trust_keys,
+         default=(), env="FLEETWAVE_TRUST_KEYS", metavar="KEY", repeat=True),
+    Flag(("--simulate",), "simulate", "Host N simulated nodes <node-id>-1..N (instant slots) for "
+         f"control-plane scale tests.  [0<=x<={MAX_SIMULATED}]", _simulate, default="0",
+         metavar="N"),
+    Flag(("-v", "--verbose"), "verbose", "Log debug details.", default=False, switch=True),
 )
-@click.option(
-    "--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-    help="Where the agent keeps releases and state [default: ./fleetwave-data/agent-<node-id>].",
-)
-@click.option(
-    "--bind-host", default="127.0.0.1", show_default=True, callback=_bind_host,
-    help="Address the node's routers and slots listen on.",
-)
-@click.option(
-    "--nats", "nats_url", envvar="FLEETWAVE_NATS", default=DEFAULT_NATS, show_default=True,
-    help="NATS server URL, or several separated by commas (env FLEETWAVE_NATS).",
-)
-@click.option(
-    "--fleet", envvar="FLEETWAVE_FLEET", default="default", show_default=True, callback=_fleet,
-    help="Fleet namespace (env FLEETWAVE_FLEET).",
-)
-@click.option(
-    "--heartbeat-interval", type=float, envvar="FLEETWAVE_HEARTBEAT_INTERVAL",
-    default=presence.DEFAULT_INTERVAL, callback=_interval, hidden=True,
-    help="Seconds between heartbeats (tests use short ones).",
-)
-@click.option(
-    "--trust-key", "trust_keys", multiple=True, envvar="FLEETWAVE_TRUST_KEYS", metavar="KEY",
-    callback=_trust_keys,
-    help="Public key of a coordinator whose desired states to accept (repeatable; env "
-    "FLEETWAVE_TRUST_KEYS, space-separated).",
-)
-@click.option(
-    "--simulate", type=click.IntRange(0, 100_000), default=0, metavar="N",
-    help="Host N simulated nodes <node-id>-1..N (instant slots) for control-plane scale tests.",
-)
-@click.option("-v", "--verbose", is_flag=True, help="Log debug details.")
-def agent_command(
-    node_id: str,
-    labels: dict[str, str],
-    data_dir: Path | None,
-    bind_host: str,
-    nats_url: str,
-    fleet: str,
-    heartbeat_interval: float,
-    trust_keys: tuple[str, ...],
-    simulate: int,
-    verbose: bool,
-) -> int:
-    """Run the fleetwave agent for this node in the foreground (SIGTERM or Ctrl-C stops it)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message[:1].upper() + message[1:] + ".")
+
+
+def _argparser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description=SUMMARY, add_help=False, allow_abbrev=False,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-h", "--help", action="help", help="Show this message and exit.")
+    for f in FLAGS:
+        text = argparse.SUPPRESS if f.hidden else f.help + (
+            f"  [default: {f.default}]" if f.show_default else ""
+        ) + ("  [required]" if f.required else "")
+        if f.switch:
+            parser.add_argument(*f.opts, dest=f.dest, action="store_true", help=text)
+        else:
+            parser.add_argument(*f.opts, dest=f.dest, metavar=f.metavar, help=text,
+                                action="append" if f.repeat else "store")
+    return parser
+
+
+def parse_flags(argv: Sequence[str], environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """The checked value of every flag by its ``dest``, or UsageError (one line, nothing done).
+
+    Precedence as with click: the command line, then the flag's env var, then its default.
+    """
+    env = os.environ if environ is None else environ
+    given, extra = _argparser().parse_known_args(list(argv))
+    if extra:
+        raise UsageError(f"No such option '{extra[0]}'." if extra[0].startswith("-")
+                         else f"Got unexpected extra argument ({extra[0]}).")
+    values: dict[str, Any] = {}
+    for f in FLAGS:
+        raw = getattr(given, f.dest)
+        if f.switch:
+            values[f.dest] = bool(raw)
+            continue
+        if raw is None and f.env and env.get(f.env):
+            raw = env[f.env].split() if f.repeat else env[f.env]
+        if raw is None:
+            if f.required:
+                raise UsageError(f"Missing option '{f.opts[-1]}'.")
+            raw = f.default
+        if f.repeat:
+            raw = tuple(raw)
+        try:
+            values[f.dest] = f.check(raw) if f.check is not None and raw is not None else raw
+        except ProtocolError as exc:
+            raise UsageError(f"Invalid value for '{f.opts[-1]}': {exc}") from None
+    return values
+
+
+def _click_command() -> click.Command:
+    """The same flags as a click command (for code that inspects or drives the CLI with click)."""
+    import click
+
+    def callback(f: Flag) -> Callable[[click.Context, click.Parameter, Any], Any]:
+        def check(_: click.Context, __: click.Parameter, value: Any) -> Any:
+            if f.check is None or value is None:
+                return value
+            try:
+                return f.check(tuple(value) if f.repeat else value)
+            except ProtocolError as exc:
+                raise click.BadParameter(str(exc)) from None
+        return check
+
+    params: list[click.Parameter] = [
+        click.Option([*f.opts, f.dest], is_flag=f.switch, multiple=f.repeat, envvar=f.env,
+                     default=f.default, required=f.required, hidden=f.hidden, help=f.help,
+                     metavar=f.metavar, show_default=f.show_default, callback=callback(f))
+        for f in FLAGS
+    ]
+    return click.Command(PROG, params=params, help=SUMMARY,
+                         context_settings={"help_option_names": ["-h", "--help"]},
+                         callback=lambda **values: start(values))
+
+
+def __getattr__(name: str) -> Any:
+    if name == "agent_command":  # built on first use only: the agent process never needs click
+        command = _click_command()
+        globals()["agent_command"] = command
+        return command
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def start(values: dict[str, Any]) -> int:
+    """Run the agent (or the simulated nodes) with checked flag values until it is stopped."""
+    node_id: str = values["node_id"]
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if values["verbose"] else logging.INFO,
         format=f"%(asctime)s fleetwave-agent[{node_id}] %(levelname)s %(message)s",
         stream=sys.stderr,
     )
     _import_bus()
     from agent.daemon import AgentOptions
 
+    data_dir: Path | None = values["data_dir"]
     directory = (data_dir or Path(f"fleetwave-data/agent-{node_id}")).absolute()
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise click.ClickException(
+        raise Failure(
             f"cannot create the data dir {directory}: {exc.strerror}; pick another with --data-dir"
         ) from None
     options = AgentOptions(
         node_id=node_id,
-        nats_url=nats_url,
-        fleet=fleet,
-        labels=labels,
+        nats_url=values["nats_url"],
+        fleet=values["fleet"],
+        labels=values["labels"],
         data_dir=directory,
-        bind_host=bind_host,
-        heartbeat_interval=heartbeat_interval,
+        bind_host=values["bind_host"],
+        heartbeat_interval=values["heartbeat_interval"],
     )
+    trust_keys: tuple[str, ...] = values["trust_keys"]
     if not trust_keys:
         log.warning("no --trust-key given: every desired state will be refused")
-    if simulate:
-        return asyncio.run(_run_simulated(options, trust_keys, simulate))
+    if values["simulate"]:
+        return asyncio.run(_run_simulated(options, trust_keys, values["simulate"]))
     return asyncio.run(_run(build_agent(options, trust_keys)))
+
+
+class Failure(Exception):
+    """A failure the user can fix (exit 1, one line): not a bug."""
 
 
 async def _run(agent: Agent) -> int:
@@ -258,21 +410,22 @@ async def _run_simulated(options: AgentOptions, trusted_keys: tuple[str, ...], c
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``fleetwave-agent``: one line and exit 2 for bad flags, 1 for a failure."""
     try:
-        code = agent_command.main(args=argv, prog_name="fleetwave-agent", standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+        values = parse_flags(sys.argv[1:] if argv is None else argv)
+    except UsageError as exc:
+        print(f"{PROG}: {exc} (see '{PROG} --help')", file=sys.stderr)
+        sys.exit(2)
+    try:
+        code = start(values)
+    except Failure as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
         sys.exit(130)
-    except click.ClickException as exc:
-        msg = exc.format_message().replace("\n", " ")
-        hint = " (see 'fleetwave-agent --help')" if isinstance(exc, click.UsageError) else ""
-        click.echo(f"fleetwave-agent: {msg}{hint}", err=True)
-        sys.exit(exc.exit_code)
     except Exception:
         # A bug: the traceback goes to the log (journald), the exit status to systemd.
         log.exception("fleetwave-agent crashed")
         sys.exit(1)
-    sys.exit(code if isinstance(code, int) else 0)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

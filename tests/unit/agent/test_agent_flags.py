@@ -1,0 +1,94 @@
+"""agent.main's flags: argparse for the agent itself, one table shared with the click command."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent import main as agent_main
+from agent.main import FLAGS, UsageError, parse_flags
+from protocol.signing import generate_seed, public_key
+
+
+def test_defaults_and_types() -> None:
+    """With only --node-id every flag has its default, typed as the agent expects it."""
+    v = parse_flags(["--node-id", "n1"], environ={})
+    assert v == {
+        "node_id": "n1", "labels": {}, "data_dir": None, "bind_host": "127.0.0.1",
+        "nats_url": "nats://127.0.0.1:4222", "fleet": "default", "heartbeat_interval": 2.0,
+        "trust_keys": (), "simulate": 0, "verbose": False,
+    }
+
+
+def test_command_line_beats_env_beats_default() -> None:
+    """A flag given wins over its env var, which wins over the default; keys split on spaces."""
+    k1, k2 = public_key(generate_seed()), public_key(generate_seed())
+    env = {"FLEETWAVE_NATS": "nats://10.0.0.1:4222", "FLEETWAVE_FLEET": "prod",
+           "FLEETWAVE_TRUST_KEYS": f"{k1} {k2}", "FLEETWAVE_HEARTBEAT_INTERVAL": "0.5"}
+    v = parse_flags(["--node-id", "n1", "--fleet", "staging", "--label", "zone=a",
+                     "--label", "role=web", "-v", "--data-dir", "/tmp/x"], environ=env)
+    assert v["fleet"] == "staging" and v["nats_url"] == "nats://10.0.0.1:4222"
+    assert v["trust_keys"] == (k1, k2) and v["heartbeat_interval"] == 0.5
+    assert v["labels"] == {"zone": "a", "role": "web"} and v["verbose"] is True
+    assert v["data_dir"] == Path("/tmp/x")
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        pytest.param([], {}, "Missing option '--node-id'.", id="missing"),
+        pytest.param(["--node-id", "n1", "--bogus"], {}, "No such option '--bogus'.", id="unknown"),
+        pytest.param(["--node-id", "n1", "stray"], {}, "unexpected extra argument", id="extra"),
+        pytest.param(["--node-id"], {}, "expected one argument", id="no-value"),
+        pytest.param(["--node-id", "n1", "--node"], {}, "No such option '--node'.",
+                     id="no-abbreviations"),
+        pytest.param(["--node-id", "bad id"], {}, "Invalid value for '--node-id': ", id="node"),
+        pytest.param(["--node-id", "n1", "--simulate", "100001"], {}, "not in the range",
+                     id="simulate-range"),
+        pytest.param(["--node-id", "n1", "--simulate", "x"], {}, "not a valid integer",
+                     id="simulate-int"),
+        pytest.param(["--node-id", "n1"], {"FLEETWAVE_HEARTBEAT_INTERVAL": "0"}, "out of range",
+                     id="env-checked-too"),
+        pytest.param(["--node-id", "n1", "--label", "zone=a", "--label", "zone=b"], {},
+                     "given twice", id="label-twice"),
+    ],
+)
+def test_bad_flags_are_one_line_usage_errors(
+    args: list[str], env: dict[str, str], message: str
+) -> None:
+    """Each bad flag or value is a UsageError whose one-line message names the problem."""
+    with pytest.raises(UsageError) as info:
+        parse_flags(args, environ=env)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_file_is_no_data_dir(tmp_path: Path) -> None:
+    """--data-dir naming an existing file is refused, as click's Path(file_okay=False) did."""
+    (tmp_path / "f").write_text("")
+    with pytest.raises(UsageError, match="is a file"):
+        parse_flags(["--node-id", "n1", "--data-dir", str(tmp_path / "f")], environ={})
+
+
+def test_the_click_command_has_the_same_flags() -> None:
+    """agent_command (for the dev fleet and tests) is built from FLAGS and parses alike."""
+    command = agent_main.agent_command
+    assert [tuple(p.opts + p.secondary_opts) for p in command.params] == [f.opts for f in FLAGS]
+    ctx = command.make_context("fleetwave-agent", ["--node-id", "n1", "--label", "zone=a"])
+    assert ctx.params == {**parse_flags(["--node-id", "n1", "--label", "zone=a"], environ={}),
+                          "heartbeat_interval": 2.0}
+
+
+def test_the_agent_never_imports_click() -> None:
+    """Parsing the flags and importing everything the agent runs leaves click unloaded."""
+    code = (
+        "import sys; from agent.main import parse_flags, _import_bus; "
+        "parse_flags(['--node-id', 'n1']); _import_bus(); import agent.daemon, agent.shell; "
+        "print(sorted(m for m in ('click', 'rich', 'coordinator', 'email.parser', "
+        "'importlib.metadata') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert out.strip() == "[]"
