@@ -88,11 +88,13 @@ def _hdr_parser_unused() -> bool:
     """Whether nats.js.client's source mentions its ``_hdr_parser`` once (where it is built)."""
     import importlib.util
 
-    spec = importlib.util.find_spec("nats.js.client")
-    if spec is None or spec.origin is None:
+    # find_spec of "nats.js.client" would import nats (with importlib.metadata); "nats" does not.
+    spec = importlib.util.find_spec("nats")
+    if spec is None or not spec.submodule_search_locations:
         return False
     try:
-        source = Path(spec.origin).read_text(encoding="utf-8")
+        path = Path(next(iter(spec.submodule_search_locations))) / "js" / "client.py"
+        source = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return False
     return source.count("_hdr_parser") == 1 and "= BytesParser()" in source
