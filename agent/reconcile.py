@@ -77,6 +77,9 @@ class ReleaseInfo:
 class FetchError:
     reason: str
     at: float
+    # A bus outage: retried every FETCH_RETRY and not a failure of the node (the coordinator's
+    # progress deadline bounds the wait); anything else fails the generation at once.
+    transient: bool = False
 
 
 @dataclass(frozen=True)
@@ -330,7 +333,7 @@ def assess(desired: DesiredState | None, local: ServiceView) -> Assessment:
         if _failed_for(cur, ref, desired.generation):
             errors.append(f"slot {s} ({ref.version}) failed: {cur.reason}")
         err = local.fetch_errors.get(ref.digest)
-        if err is not None and ref.digest not in local.releases:
+        if err is not None and not err.transient and ref.digest not in local.releases:
             errors.append(f"release {ref.service} {ref.version} cannot be fetched: {err.reason}")
     if errors:
         return Assessment("failed", "; ".join(errors), local.observed_generation)

@@ -39,11 +39,16 @@ _HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
 class ReleaseError(Exception):
-    """A release that cannot be made ready on this node; ``reason`` says why in one line."""
+    """A release that cannot be made ready on this node; ``reason`` says why in one line.
 
-    def __init__(self, reason: str) -> None:
+    ``transient`` marks a failure of the bus (a timeout, a broker away), which a later attempt
+    may not meet; anything else (not stored, wrong digest, hostile bundle) will not change.
+    """
+
+    def __init__(self, reason: str, *, transient: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.transient = transient
 
 
 class ObjectSource(Protocol):
@@ -116,10 +121,11 @@ class ReleaseCache:
                 data = await bus.obj_get(subjects.releases_store(fleet), key)
         except TimeoutError:
             raise ReleaseError(
-                f"{what}: fetching {key} took more than {self.fetch_timeout:g}s; will retry"
+                f"{what}: fetching {key} took more than {self.fetch_timeout:g}s; will retry",
+                transient=True,
             ) from None
         except BusError as exc:
-            raise ReleaseError(f"{what}: cannot fetch it: {exc}") from None
+            raise ReleaseError(f"{what}: cannot fetch it: {exc}", transient=True) from None
         if data is None:
             raise ReleaseError(
                 f"{what} is not in the fleet's object store (key {key}); push it with "

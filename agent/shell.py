@@ -223,7 +223,8 @@ class ServiceManager(DesiredWatch, Observing, Restoring):
                 raise ReleaseError(f"bundle is for service {manifest.name!r}, not {svc.name!r}")
         except (ReleaseError, ProtocolError, OSError) as exc:
             reason = getattr(exc, "reason", None) or str(exc)
-            svc.fetch_errors[ref.digest] = FetchError(reason, time.time())
+            transient = isinstance(exc, ReleaseError) and exc.transient
+            svc.fetch_errors[ref.digest] = FetchError(reason, time.time(), transient)
             log.warning("cannot fetch %s %s: %s", ref.service, ref.version, reason)
             self._event("release.failed", svc.name, reason, version=ref.version)
         else:

@@ -126,6 +126,19 @@ def test_failed_fetch_is_retried_after_a_pause_and_reported() -> None:
     assert a.phase == "failed" and "sha256 mismatch" in a.error
 
 
+def test_a_bus_outage_while_fetching_is_retried_not_a_failure() -> None:
+    """A transient fetch error (broker away) is retried and leaves the phase converging."""
+    d = desired(2, {"a": V1, "b": V2}, {"a": 100})
+    local = view(
+        healthy("a", V1),
+        weights={"a": 100},
+        releases={V1.digest: INFO[V1.digest]},
+        fetch_errors={V2.digest: FetchError("nats: timeout", at=10.0, transient=True)},
+    )
+    assert reconcile(d, local, 15.0) == [Fetch(V2)]
+    assert assess(d, local).phase == "converging"
+
+
 def test_new_release_starts_in_the_idle_slot_without_traffic() -> None:
     """The new slot starts; the router is not touched until it is healthy."""
     d = desired(2, {"a": V1, "b": V2}, {"b": 100})

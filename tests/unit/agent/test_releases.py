@@ -94,6 +94,7 @@ async def test_digest_mismatch_is_refused_and_nothing_kept(tmp_path: Path) -> No
     cache = ReleaseCache(tmp_path / "releases")
     with pytest.raises(ReleaseError, match="expected sha256:") as info:
         await cache.ensure(store, "test", ref)
+    assert not info.value.transient  # the bytes are wrong: retrying will not help
     assert "refused" in info.value.reason
     assert list((tmp_path / "releases").iterdir()) == []
     assert cache.path_for(ref) is None
@@ -162,8 +163,9 @@ async def test_fetch_that_hangs_times_out(tmp_path: Path) -> None:
     store.gate = asyncio.Event()  # never set
     ref = publish(store, bundle(tmp_path, "1.0.0"), "1.0.0")
     cache = ReleaseCache(tmp_path / "releases", fetch_timeout=0.05)
-    with pytest.raises(ReleaseError, match="took more than"):
+    with pytest.raises(ReleaseError, match="took more than") as info:
         await cache.ensure(store, "test", ref)
+    assert info.value.transient  # a bus outage: retried, not a failure of the node
     assert cache._locks == {}
 
 
