@@ -10,9 +10,8 @@ Footprint: the agent runs on every host, so what it imports stays resident on ev
   click command other code inspects (``agent_command``: the dev fleet, tests) is built from the
   same table, on demand (module ``__getattr__``), so the agent process itself never imports click.
 - The bus (and with it nats-py) is imported only once the flags are good, without
-  ``importlib.metadata`` (nats-py looks its own version up with it on import, which loads email,
-  zipfile, csv and more) and without ``email.parser`` (nats.js.client builds one
-  ``BytesParser`` it never uses); see ``_import_bus``.
+  ``importlib.metadata`` (nats-py looks its own version up with it on import, which loads
+  zipfile, csv and more); see ``_import_bus``.
 """
 
 from __future__ import annotations
@@ -49,67 +48,33 @@ log = logging.getLogger("fleetwave.agent")
 
 
 def _import_bus() -> None:
-    """Import ``protocol.bus`` (so nats-py) without ``importlib.metadata`` and ``email.parser``.
+    """Import ``protocol.bus`` (so nats-py) without letting nats-py import ``importlib.metadata``.
 
     nats-py 2.x runs ``try: from importlib.metadata import version ... except Exception:`` on
     import; a ``None`` in ``sys.modules`` makes that import fail (documented import-system
     behaviour), so nats-py takes its fallback, and the real version is put back from the name of
-    its dist-info directory (one directory listing). ``nats.js.client`` imports ``BytesParser``
-    from ``email.parser`` only to build an attribute nothing reads (0.7 MiB resident): it gets a
-    stand-in class for the duration of the import, and only when its source shows that the parser
-    is still unused (a future nats-py that reads it gets the real module). Nothing is done when
-    the modules are loaded already (a test run, say): there is nothing to save.
+    its dist-info directory (one directory listing). Nothing is done when ``importlib.metadata``
+    is loaded already (a test run, say): there is nothing to save.
+
+    (``email.parser``, which nats.js imports, stays: its ``BytesParser`` parses the headers of
+    JetStream direct gets, the object store's included.)
     """
-    if "protocol.bus" in sys.modules:
+    if "protocol.bus" in sys.modules or "importlib.metadata" in sys.modules:
+        import protocol.bus  # already paid for, or nothing to save
         return
-    blocked: dict[str, Any] = {}
-    if "importlib.metadata" not in sys.modules:
-        blocked["importlib.metadata"] = None  # makes the import fail: nats-py's fallback
-    if "email.parser" not in sys.modules and _hdr_parser_unused():
-        blocked["email.parser"] = _stand_in_email_parser()
-    sys.modules.update(blocked)
+    sys.modules["importlib.metadata"] = None  # type: ignore[assignment]  # blocks the import
     try:
         import protocol.bus  # noqa: F401
     finally:
-        for name in blocked:
-            del sys.modules[name]
-    if "importlib.metadata" in blocked:
-        import nats
-        import nats.aio.client as nats_client
+        del sys.modules["importlib.metadata"]
+    import nats
+    import nats.aio.client as nats_client
 
-        site = Path(nats.__file__).resolve().parent.parent
-        with contextlib.suppress(OSError):
-            for dist in site.glob("nats_py-*.dist-info"):
-                nats_client.__version__ = dist.name[len("nats_py-"):-len(".dist-info")]
-                break
-
-
-def _hdr_parser_unused() -> bool:
-    """Whether nats.js.client's source mentions its ``_hdr_parser`` once (where it is built)."""
-    import importlib.util
-
-    # find_spec of "nats.js.client" would import nats (with importlib.metadata); "nats" does not.
-    spec = importlib.util.find_spec("nats")
-    if spec is None or not spec.submodule_search_locations:
-        return False
-    try:
-        path = Path(next(iter(spec.submodule_search_locations))) / "js" / "client.py"
-        source = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return False
-    return source.count("_hdr_parser") == 1 and "= BytesParser()" in source
-
-
-def _stand_in_email_parser() -> Any:
-    import types
-
-    module = types.ModuleType("email.parser", "stand-in: nats.js.client never parses with it")
-
-    class BytesParser:  # nats.js.client builds one and never calls it
-        pass
-
-    module.BytesParser = BytesParser  # type: ignore[attr-defined]  # a module built by hand
-    return module
+    site = Path(nats.__file__).resolve().parent.parent
+    with contextlib.suppress(OSError):
+        for dist in site.glob("nats_py-*.dist-info"):
+            nats_client.__version__ = dist.name[len("nats_py-"):-len(".dist-info")]
+            break
 
 
 def build_agent(options: AgentOptions, trusted_keys: tuple[str, ...] = ()) -> Agent:
