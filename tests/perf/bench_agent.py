@@ -7,7 +7,10 @@ A dev fleet (``coordinator.devfleet.DevFleet``: broker, coordinator, one real ag
 the agent process alone (its service processes and router are separate processes, by design):
 
 - idle: after hello 1.0.0 is installed, ``--idle`` seconds with nothing to do: RSS at the end and
-  CPU as a percentage of one core over the window (psutil CPU times);
+  CPU as a percentage of one core over the window (psutil CPU times); also USS at the end (the
+  memory only this process holds: RSS less the shared libraries' pages, which every Python
+  process on the host shares) and wakeups a second (voluntary context switches: each one is a
+  trip round the event loop, which is what idle CPU is made of);
 - rollout: CPU percentage and peak RSS (VmHWM) while 1.0.0 -> 2.0.0 rolls;
 - soak: ``--soak-minutes`` of heartbeats with one rollout a minute (alternating 2.0.0 and 1.0.0);
   RSS growth = RSS at the end minus RSS after the first soak rollout (warm-up excluded).
@@ -22,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -74,9 +79,13 @@ async def measure(idle: float, soak_minutes: float) -> dict[str, Any]:
                 assert pid is not None
                 await deploy(bus, "1.0.0")
 
+                proc = psutil.Process(pid)
                 cpu0, t0 = cpu_seconds(pid), time.monotonic()
+                switches0 = proc.num_ctx_switches().voluntary
                 await asyncio.sleep(idle)  # the measurement window itself, not a race
                 idle_cpu, idle_rss = cpu_percent(pid, cpu0, t0), rss_mb(pid)
+                wakeups = (proc.num_ctx_switches().voluntary - switches0) / (time.monotonic() - t0)
+                idle_uss = float(proc.memory_full_info().uss) / 2**20
 
                 cpu0, t0 = cpu_seconds(pid), time.monotonic()
                 roll_s = await deploy(bus, "2.0.0")
@@ -104,7 +113,8 @@ async def measure(idle: float, soak_minutes: float) -> dict[str, Any]:
                 await bus.close()
     return {
         "idle_window_s": idle, "idle_rss_mb": round(idle_rss, 1),
-        "idle_cpu_percent": round(idle_cpu, 3),
+        "idle_cpu_percent": round(idle_cpu, 3), "idle_uss_mb": round(idle_uss, 1),
+        "idle_wakeups_per_s": round(wakeups, 1),
         "rollout_s": round(roll_s, 2), "rollout_cpu_percent": round(roll_cpu, 1),
         "peak_rss_mb": round(roll_peak, 1),
         "soak_minutes": soak_minutes, "soak_rollouts": rollouts,
@@ -124,7 +134,9 @@ async def main() -> int:
     r = await measure(args.idle, args.soak_minutes)
     emit(args.json, "one real agent (the agent process only)", r, [
         ("idle RSS", f"{r['idle_rss_mb']:.1f} MiB after {r['idle_window_s']:g} s"),
-        ("idle CPU", f"{r['idle_cpu_percent']:.3f} % of a core"),
+        ("idle CPU", f"{r['idle_cpu_percent']:.3f} % of a core, {r['idle_wakeups_per_s']:.1f} "
+                     "wakeups/s"),
+        ("idle USS", f"{r['idle_uss_mb']:.1f} MiB (private: RSS less shared libraries)"),
         ("rollout 1.0.0 -> 2.0.0", f"{r['rollout_s']:.2f} s, CPU {r['rollout_cpu_percent']:.1f} %"
                                    f" of a core, peak RSS {r['peak_rss_mb']:.1f} MiB"),
         ("soak", f"{r['soak_minutes']:g} min, {r['soak_rollouts']} rollouts, CPU "
