@@ -64,11 +64,17 @@ def _import_bus() -> None:
         return
     sys.modules["importlib.metadata"] = None  # type: ignore[assignment]  # blocks the import
     try:
-        import protocol.bus  # noqa: F401
+        import protocol.bus
+    except ImportError:
+        # Some other import needed importlib.metadata after all (a newer nats-py, say): the
+        # saving is not worth a dead agent, so import normally below and pay the memory.
+        pass
     finally:
         del sys.modules["importlib.metadata"]
     import nats
     import nats.aio.client as nats_client
+
+    import protocol.bus  # noqa: F401  # a no-op when the first import worked
 
     site = Path(nats.__file__).resolve().parent.parent
     with contextlib.suppress(OSError):
