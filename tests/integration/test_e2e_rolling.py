@@ -125,7 +125,11 @@ async def test_rolling_rollback_and_coordinator_kill(tmp_path: Path) -> None:
                                              nats_url=url, timeout=DEPLOY_TIMEOUT)
             rolling_s = time.monotonic() - started
             assert code == 0, f"rolling 2.0.0 failed ({code}): {out}{err}"
-            await asyncio.sleep(0.5)  # let the load see the last node's new answers
+            async def seen() -> set[str]:
+                return load.seen
+
+            await wait_until(seen, lambda v: "2.0.0" in v, timeout=10,
+                             what="the load to see the new answers")
         assert load.failures == [], load.failures[:10]
         assert load.ok > 100 and {"1.0.0", "2.0.0"} <= load.seen
         rolling_requests = load.ok
