@@ -15,10 +15,10 @@ an inconclusive one, so the verdict is ``fail`` if any check fails.
 
 Quantiles come from the router's latency histogram (bounds ``LATENCY_BOUNDS_MS``, plus a last
 overflow bucket): the q-quantile is the upper bound of the bucket that holds the ceil(q * count)-th
-fastest request, so it errs on the slow side by at most one bucket (~25%). This is the rule of
-``protocol.histogram`` too; the helpers here differ on purpose in tolerating histograms of another
-length (an agent of another version) instead of raising, and in reporting the overflow bucket as a
-finite figure so that gate figures stay valid JSON.
+fastest request, so it errs on the slow side by at most one bucket (~25%). ``quantile`` here is
+``protocol.histogram.quantile`` read tolerantly: a histogram of another length (an agent of
+another version) is fitted to our bounds instead of refused, and the overflow bucket is reported
+as a finite figure so that gate figures stay valid JSON.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from protocol.histogram import quantile as histogram_quantile
 from protocol.messages import LATENCY_BOUNDS_MS, Gates, MirrorTraffic, RouterStats, SlotTraffic
 
 # What the overflow bucket reports as its bound: one log step above the last finite bound.
@@ -67,17 +68,17 @@ def sub_histograms(end: Sequence[int], start: Sequence[int]) -> tuple[int, ...]:
 
 
 def quantile(histogram: Sequence[int], q: float) -> float | None:
-    """The q-quantile in ms of a latency histogram, or None if it is empty."""
-    total = sum(histogram)
-    if total <= 0:
-        return None
-    rank = max(1, math.ceil(q * total - 1e-9))  # 0.99 * n must not round up to the next rank
-    seen = 0
-    for i, count in enumerate(histogram):
-        seen += count
-        if seen >= rank:
-            return LATENCY_BOUNDS_MS[i] if i < len(LATENCY_BOUNDS_MS) else OVERFLOW_MS
-    return OVERFLOW_MS  # unreachable: seen reaches total
+    """The q-quantile in ms of a latency histogram, or None if it is empty.
+
+    ``protocol.histogram.quantile``, made tolerant of what an agent of another version may send:
+    a histogram of another length is read against our bounds (missing buckets count as zero,
+    extra ones as overflow), and the overflow bucket reports OVERFLOW_MS rather than infinity, so
+    that gate figures stay finite JSON.
+    """
+    n = len(LATENCY_BOUNDS_MS)
+    counts = [*histogram[:n], *([0] * (n - len(histogram))), sum(histogram[n:])]
+    value = histogram_quantile(counts, q)
+    return OVERFLOW_MS if value == math.inf else value
 
 
 def window(start: RouterStats | None, end: RouterStats | None, slot: str) -> Window:
