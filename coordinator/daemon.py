@@ -135,7 +135,8 @@ class Coordinator:
                 await asyncio.sleep(delay)
         await bus.subscribe(subjects.heartbeats(f), self._on_heartbeat)
         await bus.subscribe(subjects.register(f), self._on_register)
-        self.runner = Runner(bus, seed=self.seed, nodes=self.table.view, clock=self._clock)
+        self.runner = Runner(bus, seed=self.seed, nodes=self.table.view,
+                             liveness=self.table.liveness, clock=self._clock)
         RolloutsApi(
             self.runner, public_key=self.public_key,
             resolve=lambda service, version: resolve_release(bus, service, version),

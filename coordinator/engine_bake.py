@@ -158,7 +158,7 @@ class BakeSteps(RollbackSteps):
         counters up to this bake (since their routers started): no old traffic in the window must
         not make a healthy last step inconclusive.
         """
-        total = sum(old, gatelib.Window())
+        total = gatelib.total(old)
         if total.requests:
             self.r.report["old_window"] = {"wave": wave.index, "requests": total.requests,
                                            "errors": total.errors, "latency": list(total.latency)}

@@ -49,7 +49,7 @@ import functools
 import logging
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from coordinator.engine import (
@@ -74,6 +74,7 @@ from coordinator.runner_base import (
     TICK,
     Driver,
     Foreign,
+    Liveness,
     RunnerBus,
 )
 from protocol import subjects
@@ -82,7 +83,6 @@ from protocol.codec import decode, encode
 from protocol.errors import BusError, ProtocolError
 from protocol.messages import (
     TERMINAL_STATES,
-    NodeView,
     ObservedState,
     ReleaseRef,
     RolloutRecord,
@@ -208,25 +208,30 @@ class Runner(Commands, Locks):
                 await self._feed_quietly(driver, *events)
 
     async def step(self) -> None:
-        """One tick: tell every rollout which target nodes went offline or came back, then Tick."""
+        """One tick: tell every rollout which target nodes went offline or came back, then Tick
+        (one engine step per rollout: the changes and the Tick as one batch)."""
         if not self.drivers:
-            return  # the node table costs O(fleet) to build: not when nothing needs it
+            return
         now = self._clock()
-        views = {v.id: v for v in self._nodes()}
+        liveness = self._liveness or self._liveness_from_views()
         for driver in list(self.drivers.values()):
+            events: list[EngineEvent] = []
             for node, progress in driver.rollout.record.nodes.items():
-                online = self._online(views.get(node), now)
+                online = self._online(liveness(node), now)
                 if online is not None and online != progress.online:
-                    event = NodeOnline(node) if online else NodeOffline(node)
-                    await self._feed_quietly(driver, event)
-            await self._feed_quietly(driver, Tick())
+                    events.append(NodeOnline(node) if online else NodeOffline(node))
+            await self._feed_quietly(driver, *events, Tick())
 
-    def _online(self, view: NodeView | None, now: float) -> bool | None:
+    def _liveness_from_views(self) -> Callable[[str], Liveness | None]:
+        """``liveness`` read off the node table's views (when the runner was given no lookup)."""
+        table = {v.id: (v.online, v.last_seen is not None) for v in self._nodes()}
+        return table.get
+
+    def _online(self, seen: Liveness | None, now: float) -> bool | None:
         """What the node table says of a node, or None while it cannot know yet."""
-        if view is not None and view.online:
+        if seen is not None and seen[0]:
             return True
-        heard = view is not None and view.last_seen is not None
-        if heard or now - self.started >= self._grace:
+        if (seen is not None and seen[1]) or now - self.started >= self._grace:
             return False
         return None
 

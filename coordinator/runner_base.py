@@ -60,6 +60,10 @@ class RunnerBus(Protocol):
     async def js_publish(self, subject: str, data: bytes) -> None: ...
 
 
+# What the node table says of one node: (online now, ever heard from). ``Fleet.liveness``.
+Liveness = tuple[bool, bool]
+
+
 class Foreign(Conflict):
     """Another coordinator wrote our rollout record: we stop driving it."""
 
@@ -87,6 +91,7 @@ class RunnerBase:
 
     def __init__(
         self, bus: RunnerBus, *, seed: bytes, nodes: Callable[[], Sequence[NodeView]],
+        liveness: Callable[[str], Liveness | None] | None = None,
         clock: Callable[[], float] = time.time, tick: float = TICK,
         startup_grace: float = STARTUP_GRACE, command_deadline: float = COMMAND_DEADLINE,
     ) -> None:
@@ -94,6 +99,7 @@ class RunnerBase:
         self.fleet = bus.fleet
         self._seed = seed
         self._nodes = nodes
+        self._liveness = liveness  # O(1) per node for the tick; else read off nodes()
         self._clock = clock
         self._tick = tick
         self._grace = startup_grace

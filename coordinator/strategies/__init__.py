@@ -62,8 +62,11 @@ def serving_slot(desired: DesiredState | None) -> str | None:
     """The slot with the largest weight (ties: a before b), or the only slot; None if empty."""
     if desired is None or not desired.slots:
         return None
-    present = [s for s in SLOTS if s in desired.slots]
-    return max(present, key=lambda s: (desired.weights.get(s, 0), -SLOTS.index(s)))
+    best, most = None, -1
+    for slot in SLOTS:  # called per node per verdict: a loop, not max() with a key
+        if slot in desired.slots and (weight := desired.weights.get(slot, 0)) > most:
+            best, most = slot, weight
+    return best
 
 
 def idle_slot(desired: DesiredState | None) -> str:

@@ -67,6 +67,25 @@ def test_offline_deadline_follows_the_announced_interval() -> None:
     assert f.next_deadline() == pytest.approx(T0 + 30.0)
 
 
+def test_a_shorter_interval_announced_later_is_honoured_between_scans() -> None:
+    """``tick`` skips the scan until the earliest deadline it knows of; a heartbeat that
+    announces a shorter interval brings that point forward, so the node still goes offline on
+    time, and a node that beats on stays online however many ticks pass."""
+    f = Fleet()
+    f.heartbeat(hb("n1", interval=10.0), T0)
+    f.heartbeat(hb("n2", interval=10.0), T0)
+    assert f.tick(T0 + 1.0) == []
+    f.heartbeat(hb("n1", interval=0.5), T0 + 2.0)  # deadline now T0 + 3.5, not T0 + 30
+    for i in range(1, 30):  # n2 beats every second on its 10 s interval
+        f.heartbeat(hb("n2", interval=10.0), T0 + 2.0 + i * 0.1)
+    assert f.tick(T0 + 3.5) == []
+    assert [t.node for t in f.tick(T0 + 3.51)] == ["n1"]
+    for i in range(1, 60):
+        f.heartbeat(hb("n2", interval=10.0), T0 + 3.0 + i)
+        assert f.tick(T0 + 3.0 + i + 0.5) == []
+    assert [t.node for t in f.tick(T0 + 62.0 + 30.01)] == ["n2"]
+
+
 def test_node_comes_back_online_after_offline() -> None:
     """A heartbeat after an offline transition emits node.online again."""
     f = Fleet()

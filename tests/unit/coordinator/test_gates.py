@@ -6,7 +6,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from coordinator.gates import Window, evaluate, figures, mirror_window, quantile, window
+from coordinator.gates import (
+    NO_TRAFFIC,
+    Window,
+    evaluate,
+    figures,
+    mirror_window,
+    quantile,
+    total,
+    window,
+)
 from protocol.messages import LATENCY_BOUNDS_MS, Gates, MirrorTraffic, RouterStats, SlotTraffic
 
 NB = len(LATENCY_BOUNDS_MS) + 1
@@ -142,3 +151,23 @@ def test_quantiles_are_ordered(h: list[int]) -> None:
     q50, q99, q100 = quantile(h, 0.5), quantile(h, 0.99), quantile(h, 1.0)
     assert q50 is not None and q99 is not None and q100 is not None
     assert q50 <= q99 <= q100
+
+
+def test_total_adds_windows_of_any_histogram_length() -> None:
+    """``total`` is the bucket-wise sum, a shorter histogram counting as zeros, and skips the
+    shared no-traffic window without changing the result."""
+    parts = [Window(3, 1, (1, 2)), NO_TRAFFIC, Window(5, 0, (0, 1, 4)), Window(0, 0, ())]
+    assert total(parts) == Window(8, 1, (1, 3, 4))
+    assert total([]) == Window() == NO_TRAFFIC
+
+
+def test_a_window_with_no_new_traffic_is_the_shared_empty_one() -> None:
+    """Equal counters on both snapshots give NO_TRAFFIC; a counter that went backwards counts
+    everything since the restart."""
+    a = RouterStats(epoch=1.0, slots={"a": SlotTraffic(requests=10, errors=1, latency=[4, 6])})
+    assert window(a, a, "a") is NO_TRAFFIC
+    assert window(a, a, "b") is NO_TRAFFIC
+    later = RouterStats(epoch=1.0, slots={"a": SlotTraffic(requests=12, errors=1, latency=[5, 7])})
+    assert window(a, later, "a").requests == 2 and window(a, later, "a").latency == (1, 1)
+    reset = RouterStats(epoch=1.0, slots={"a": SlotTraffic(requests=3, errors=0, latency=[3])})
+    assert window(a, reset, "a").requests == 3
