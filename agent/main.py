@@ -12,12 +12,16 @@ Footprint: the agent runs on every host, so what it imports stays resident on ev
 - The bus (and with it nats-py) is imported only once the flags are good, without
   ``importlib.metadata`` (nats-py looks its own version up with it on import, which loads
   zipfile, csv and more); see ``_import_bus``.
+- ``main`` imports asyncio and hashlib without OpenSSL before anything else (``agent.lean``:
+  5.9 MiB, loaded again only if a TLS connection needs it), so nothing this module imports at
+  its top may import asyncio, hashlib or ssl (the unit tests check it): asyncio is imported in
+  the functions that run the loop, and the trust-key check imports ``protocol.signing`` (which
+  imports hashlib) when it runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import ipaddress
 import logging
@@ -29,9 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from agent import presence
+from agent import lean, presence
 from protocol.errors import ProtocolError
-from protocol.signing import check_public_key
 from protocol.subjects import check_name
 
 if TYPE_CHECKING:
@@ -127,6 +130,8 @@ def _bind_host(value: str) -> str:
 
 
 def _trust_keys(values: tuple[str, ...]) -> tuple[str, ...]:
+    from protocol.signing import check_public_key  # here: it imports hashlib (see the docstring)
+
     return tuple(check_public_key(k) for k in values)
 
 
@@ -320,6 +325,8 @@ def start(values: dict[str, Any]) -> int:
     trust_keys: tuple[str, ...] = values["trust_keys"]
     if not trust_keys:
         log.warning("no --trust-key given: every desired state will be refused")
+    import asyncio
+
     if values["simulate"]:
         return asyncio.run(_run_simulated(options, trust_keys, values["simulate"]))
     return asyncio.run(_run(build_agent(options, trust_keys)))
@@ -330,6 +337,8 @@ class Failure(Exception):
 
 
 async def _run(agent: Agent) -> int:
+    import asyncio
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -340,6 +349,8 @@ async def _run(agent: Agent) -> int:
 
 async def _run_simulated(options: AgentOptions, trusted_keys: tuple[str, ...], count: int) -> int:
     """Run ``count`` simulated nodes on one connection until SIGTERM or SIGINT."""
+    import asyncio
+
     from agent.hostinfo import HostSampler
     from agent.simulate import SimulatedNodes
     from protocol.bus import Bus
@@ -382,6 +393,7 @@ async def _run_simulated(options: AgentOptions, trusted_keys: tuple[str, ...], c
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``fleetwave-agent``: one line and exit 2 for bad flags, 1 for a failure."""
+    lean.import_lean()  # first: before anything imports asyncio or hashlib
     try:
         values = parse_flags(sys.argv[1:] if argv is None else argv)
     except UsageError as exc:

@@ -1,0 +1,100 @@
+"""What the agent process leaves out of memory: OpenSSL, until a TLS connection needs it.
+
+The agent runs on every host and is idle most of its life, so what it imports stays resident on
+every host. OpenSSL is the largest piece it does not use on a plain ``nats://`` link: ``asyncio``
+imports ``ssl`` (``_ssl``, linked to libssl and libcrypto) and ``hashlib`` loads ``_hashlib``
+(libcrypto again) at import, which is about 5.9 MiB of resident memory (3.7 MiB of it libcrypto's
+pages touched by its initialisation, 2.2 MiB the ssl module and libssl) for sha256 digests that
+Python's own ``_sha256`` computes as well, and for TLS that a plain link never uses.
+
+``import_lean`` runs first thing in the agent process (``agent.main``, before anything imports
+asyncio) and imports the stack without them:
+
+- ``_hashlib`` is blocked for the life of the process (a ``None`` in ``sys.modules`` makes its
+  import fail, documented import-system behaviour), so ``hashlib`` and ``hmac`` take their
+  documented fallback: the builtin ``_sha256``, ``_md5``, ... (same digests; a large release
+  bundle hashes a few times slower than with OpenSSL, a fraction of a second per 100 MB).
+- ``ssl`` is blocked while ``asyncio`` is imported (its modules then hold ``ssl = None``), and
+  replaced by ``LazySSL``, a stand-in module, for every later ``import ssl`` (nats-py's client
+  and transport import it at the top but touch it only to make a TLS context). The first
+  attribute read on the stand-in imports the real ``ssl`` and gives it to every module that holds
+  the stand-in or ``None`` (asyncio's three, nats-py's two, any other), so a ``tls://`` URL, or a
+  server that requires TLS on a ``nats://`` URL, works exactly as before; the process then pays
+  for OpenSSL from that moment on (except ``_hashlib``, which stays out: ``_ssl`` does not need
+  it).
+
+Nothing is done when ``asyncio`` or ``hashlib`` is already imported (a test process, a process
+that imports ``agent.main`` as a library): there is nothing left to save. If the lean import
+fails for an unforeseen reason, the normal import follows: the saving is not worth a dead agent.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import threading
+import types
+from typing import Any
+
+# asyncio's modules that import ssl and keep it as a global (CPython 3.11 to 3.13).
+_ASYNCIO_SSL_USERS = ("asyncio.base_events", "asyncio.selector_events", "asyncio.sslproto")
+
+_loading = threading.Lock()
+_real_ssl: types.ModuleType | None = None
+
+
+class LazySSL(types.ModuleType):
+    """Stands in for ``ssl`` in ``sys.modules`` until a TLS connection needs the real module."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)  # introspection (copy, pickle, help) loads nothing
+        return getattr(load_ssl(), name)
+
+
+def load_ssl() -> types.ModuleType:
+    """Import the real ``ssl`` (once) and hand it to every module holding the stand-in or None."""
+    global _real_ssl
+    with _loading:
+        if _real_ssl is not None:
+            return _real_ssl
+        if sys.modules.get("ssl") is None or isinstance(sys.modules["ssl"], LazySSL):
+            sys.modules.pop("ssl", None)
+        real = importlib.import_module("ssl")
+        for name, module in list(sys.modules.items()):
+            # The module's own dict, not getattr: a module ``__getattr__`` must not run here.
+            held = getattr(module, "__dict__", {}).get("ssl", real)
+            if isinstance(held, LazySSL) or (held is None and name in _ASYNCIO_SSL_USERS):
+                setattr(module, "ssl", real)  # noqa: B010  # a module global, not an attribute
+        sslproto = sys.modules.get("asyncio.sslproto")
+        if sslproto is not None and not hasattr(sslproto, "SSLAgainErrors"):
+            # asyncio defines it at import only when ssl is there (``if ssl is not None:``).
+            setattr(sslproto, "SSLAgainErrors",  # noqa: B010  # a module global, as above
+                    (real.SSLWantReadError, real.SSLSyscallError))
+        _real_ssl = real
+        return real
+
+
+def ssl_loaded() -> bool:
+    """Whether the real ``ssl`` module is in this process (and OpenSSL with it)."""
+    module = sys.modules.get("ssl")
+    return module is not None and not isinstance(module, LazySSL)
+
+
+def import_lean() -> bool:
+    """Import asyncio and hashlib without OpenSSL; True if done, False if nothing to save."""
+    if {"asyncio", "hashlib", "ssl"} & sys.modules.keys():
+        return False
+    sys.modules["_hashlib"] = None  # type: ignore[assignment]  # for good: see the docstring
+    sys.modules["ssl"] = None  # type: ignore[assignment]  # asyncio sees no ssl module
+    try:
+        import asyncio  # noqa: F401
+        import hashlib  # noqa: F401
+    except ImportError:
+        # Something in the chain needed them after all: give everything the real modules.
+        if sys.modules.get("_hashlib", 0) is None:
+            del sys.modules["_hashlib"]
+        load_ssl()
+        return False
+    sys.modules["ssl"] = LazySSL("ssl", "stand-in for ssl until TLS is needed (agent.lean)")
+    return True
