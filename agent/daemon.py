@@ -6,7 +6,11 @@ owns three tasks in one TaskGroup until ``stop`` is set:
 - *registration*: publishes the node's NodeInfo on ``register`` and writes it to the nodes bucket,
   on connect and again after every reconnect (``Bus.reconnects`` grows). The bucket may not exist
   yet (no coordinator ever ran): that is retried with backoff and jitter, logged once, never fatal.
-- *heartbeats*: every ``interval`` a Heartbeat with psutil figures and ``services.summary()``.
+  Once registered it does not poll for a reconnect on a timer of its own: every heartbeat tick
+  wakes it to look (a re-registration at most one interval after a reconnect, which is also when
+  the first heartbeat after it goes out).
+- *heartbeats*: every ``interval``, on the grid of ``agent.cadence`` (so the router stats and the
+  probes share its wakeups), a Heartbeat with psutil figures and ``services.summary()``.
   While disconnected no heartbeat is sent: nats-py would buffer them and flush a burst of stale
   ones on reconnect. The same loop returns the C heap's free pages to the OS
   (``hostinfo.trim_heap``) once start-up is over and then every ``TRIM_EVERY`` seconds: the agent
@@ -29,6 +33,7 @@ from pathlib import Path
 from typing import Protocol
 
 from agent import presence
+from agent.cadence import sleep_to_tick
 from agent.hostinfo import HostSampler, host_facts, trim_heap
 from protocol import subjects
 from protocol.bus import Bus
@@ -41,11 +46,6 @@ log = logging.getLogger("fleetwave.agent")
 # The agent waits for a broker as long as it takes: it is started by systemd before NATS may be up.
 CONNECT_FOREVER = 10 * 365 * 24 * 3600.0
 REGISTER_TIMEOUT = 5.0  # one publish + one KV put; bounded so a dead link cannot hang the loop
-RECONNECT_POLL = 0.2
-# Registered and connected, the loop only watches for a reconnect, and a re-registration a second
-# late is harmless (heartbeats say the node is alive meanwhile); five wakeups a second for ever
-# were a fifth of an idle agent's wakeups.
-REGISTERED_POLL = 1.0
 # First trim once start-up is done (connected, registered, services started), then now and then:
 # a trim walks the heap (about a millisecond), so once a minute costs nothing measurable.
 TRIM_AFTER_START = 10.0
@@ -87,6 +87,7 @@ class Agent:
         self.registrations = 0
         self.heartbeats = 0
         self.trims = 0
+        self._tick = asyncio.Event()  # set by every heartbeat tick: the registration looks then
         self._started_at = time.time()
         self._sampler = HostSampler(options.data_dir)
         self._info = presence.node_info(
@@ -154,11 +155,9 @@ class Agent:
         done_for: int | None = None  # the value of bus.reconnects at the last registration
         attempt = 0
         while True:
-            if not bus.connected:
-                await asyncio.sleep(RECONNECT_POLL)
-                continue
-            if done_for == bus.reconnects:
-                await asyncio.sleep(REGISTERED_POLL)
+            if not bus.connected or done_for == bus.reconnects:
+                await self._tick.wait()
+                self._tick.clear()
                 continue
             generation = bus.reconnects
             try:
@@ -182,15 +181,15 @@ class Agent:
         o = self.options
         subject = subjects.heartbeat(o.fleet, o.node_id)
         loop = asyncio.get_running_loop()
-        due = loop.time()
-        trim_due = due + TRIM_AFTER_START
+        trim_due = loop.time() + TRIM_AFTER_START
         seq = 0
         failing = False
+        first = True
         while True:
-            delay = due - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            due = presence.next_beat(due, o.heartbeat_interval, loop.time())
+            if not first:  # the first beat at once, then on the grid (late: skip missed beats)
+                await sleep_to_tick(o.heartbeat_interval)
+            first = False
+            self._tick.set()
             if loop.time() >= trim_due:
                 self.trims += trim_heap()
                 trim_due = loop.time() + TRIM_EVERY

@@ -4,8 +4,9 @@ Two parts. ``Thresholds`` is pure: it turns a stream of probe results into healt
 manifest's healthy/unhealthy thresholds (a slot becomes healthy after ``healthy_threshold``
 successes in a row, and unhealthy after ``unhealthy_threshold`` failures in a row once it was
 healthy). ``probe_once`` is the IO: one attempt, bounded by ``timeout``, that never raises; it
-returns whether it passed and a short reason. ``Prober.run`` loops every ``interval`` and reports
-each change of health; the start timeout is the reconciler's business (time injected there).
+returns whether it passed and a short reason. ``Prober.run`` probes every ``interval`` (on the
+grid of ``agent.cadence``) and reports each change of health; the start timeout is the
+reconciler's business (time injected there).
 
 Probes go to 127.0.0.1 on the slot's private port, never through the router.
 
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.cadence import sleep_to_tick
 from protocol.manifest import HealthConfig
 
 PROBE_HOST = "127.0.0.1"
@@ -312,14 +314,12 @@ class Prober:
 
     async def run(self) -> None:
         """Probe until cancelled (an http probe's connection is closed then)."""
-        loop = asyncio.get_running_loop()
         http = (
             HttpProbeConnection(self.port, self.health.http)
             if self.health.http is not None and self.port is not None else None
         )
         try:
             while True:
-                started = loop.time()
                 if http is not None:
                     self.last = await http.probe(self.health.timeout)
                 else:
@@ -327,7 +327,9 @@ class Prober:
                 changed = self.thresholds.feed(self.last.ok)
                 if changed is not None:
                     await self.on_change(changed, self.last.reason)
-                await asyncio.sleep(max(0.0, self.health.interval - (loop.time() - started)))
+                # On the shared grid (agent.cadence): probes of every slot and the agent's other
+                # timers fall due together instead of each waking the agent on its own.
+                await sleep_to_tick(self.health.interval)
         finally:
             if http is not None:
                 await http.close()

@@ -12,7 +12,6 @@ states; a router that does not answer is forgotten, so the next pass starts it a
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import os
@@ -21,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from agent.cadence import sleep_to_tick
 from agent.router.control import (
     MAX_SOCKET_PATH,
     RouterClient,
@@ -138,7 +138,7 @@ class RouterLink(ManagerBase):
     async def _stats_loop(self) -> None:
         """Router stats for observed states; a router that went away is noticed and restarted."""
         while True:
-            await asyncio.sleep(STATS_EVERY)
+            await sleep_to_tick(STATS_EVERY)  # with the heartbeat and the probes (agent.cadence)
             for svc in list(self.services.values()):
                 if svc.router is None:
                     continue

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import psutil
 
+from agent.cadence import next_tick
 from agent.probes import Prober, kill_and_reap, spawn_owned
 from protocol.manifest import Manifest
 from protocol.messages import SlotStatusName
@@ -49,6 +50,7 @@ BACKOFF_FIRST = 0.2
 BACKOFF_MAX = 10.0
 LOG_MAX_BYTES = 10 * 1024 * 1024
 ADOPTED_POLL = 0.2
+LOG_CAP_EVERY = 5.0
 KILL_WAIT = 5.0
 BASE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER", "LOGNAME")
 
@@ -346,10 +348,14 @@ class SlotRunner:
         while True:
             if loop.time() >= next_cap:
                 cap_log(self.spec.log_path)
-                next_cap = loop.time() + 5.0
+                next_cap = next_tick(loop.time(), LOG_CAP_EVERY)
             if self._proc is not None:
+                # The exit wakes this wait by itself; the timeout only brings the next log cap
+                # check (on the shared grid: agent.cadence), not a poll once a second.
                 try:
-                    return await asyncio.wait_for(self._proc.wait(), 1.0)
+                    return await asyncio.wait_for(
+                        self._proc.wait(), max(0.0, next_cap - loop.time())
+                    )
                 except TimeoutError:
                     continue
             if self.pid is None or self.create_time is None:
