@@ -3,11 +3,14 @@
 Theory of operation: ``_carry_out_all`` takes the commands of one engine step in order. A
 ``Persist`` is a compare-and-set on the record's last revision (a Conflict whose stored value is
 not ours means another coordinator drives the rollout: ``Foreign``); it happens before anything
-after it. The desired writes between two Persists go out concurrently (different keys; for one
-key only the newest generation counts), each signed and written only if the stored generation is
-lower, so re-issuing them is harmless. Events are queued after the writes they announce and
-published in order by ``_publish_loop``, several awaiting their acks at once; an event that
-cannot be published after ``EVENT_ATTEMPTS`` is logged and lost (the record is the truth).
+after it. The desired writes between two Persists go out together (different keys; for one key
+only the newest generation counts), each signed and written only if the stored generation is
+lower, so re-issuing them is harmless: a key whose revision this runner knows is one pipelined
+compare-and-set (``Bus.kv_update_all``), any other, or one that lost its compare-and-set, is read
+and compared first (``_write_desired``). Events are queued after the writes they announce and
+published in order by ``_publish_loop``, everything queued while a batch is out going in the next
+one, pipelined; an event that cannot be published after ``EVENT_ATTEMPTS`` is logged and lost
+(the record is the truth).
 """
 
 
@@ -22,7 +25,7 @@ from coordinator.engine import (
     Persist,
     WriteDesired,
 )
-from coordinator.runner_base import OP_TIMEOUT, Driver, Foreign, RunnerBase
+from coordinator.runner_base import Driver, Foreign, RunnerBase
 from protocol import subjects
 from protocol.codec import decode, encode
 from protocol.errors import BusError, Conflict, ProtocolError
@@ -37,40 +40,44 @@ from protocol.signing import sign
 log = logging.getLogger("fleetwave.coordinator.runner")
 
 EVENT_ATTEMPTS = 5
-WRITE_CONCURRENCY = 64  # desired writes in flight at once (each is one KV round trip)
-EVENTS_IN_FLIGHT = 128  # event publishes awaiting their JetStream ack at once
+WRITE_CONCURRENCY = 64  # desired writes read-then-written at once (each is two KV round trips)
+EVENT_BATCH = 1024  # events published (pipelined) before their acks are awaited
+# Routine progress of one node: logged at debug level only (a failure is always logged).
+QUIET_EVENTS = frozenset({"node.updating", "node.done", "node.rolled_back"})
 
 
 class Commands(RunnerBase):
     """The command and event methods of ``coordinator.runner.Runner``."""
 
     async def _publish_loop(self) -> None:
-        """Publish queued events, up to EVENTS_IN_FLIGHT awaiting their acks at once (a wave
-        emits two per node; one ack at a time would trail the rollout by seconds). They leave
-        in queue order on the one connection, so the stream keeps that order unless a publish
-        has to be retried."""
-        slots = asyncio.Semaphore(EVENTS_IN_FLIGHT)
-        async with asyncio.TaskGroup() as tg:
-            while True:
-                event = await self._events.get()
-                await slots.acquire()
-                task = tg.create_task(self._publish(event))
-                task.add_done_callback(lambda _: slots.release())
+        """Publish queued events in batches: everything queued while the last batch was out
+        (a wave emits two per node), pipelined, in queue order on the one connection."""
+        while True:
+            batch = [await self._events.get()]
+            while not self._events.empty() and len(batch) < EVENT_BATCH:
+                batch.append(self._events.get_nowait())
+            await self._publish(batch)
 
-    async def _publish(self, event: Event) -> None:
-        data = encode(event)
-        subject = subjects.event(self.fleet, event.kind)
+    async def _publish(self, events: list[Event]) -> None:
+        """Publish ``events``, retrying those not stored with backoff (the message id makes a
+        retry of a stored event harmless); after EVENT_ATTEMPTS an event is logged and lost."""
+        pending = [(subjects.event(self.fleet, e.kind), encode(e), e) for e in events]
         for attempt in range(EVENT_ATTEMPTS):
             try:
-                async with asyncio.timeout(OP_TIMEOUT):
-                    await self.bus.js_publish(subject, data)
-                break
-            except (BusError, TimeoutError) as exc:
-                if attempt == EVENT_ATTEMPTS - 1:
+                results = await self.bus.js_publish_events([(s, d) for s, d, _ in pending])
+            except BusError as exc:
+                results = [exc] * len(pending)
+            failed = [(item, error) for item, error in zip(pending, results, strict=True)
+                      if error is not None]
+            if not failed:
+                return
+            if attempt == EVENT_ATTEMPTS - 1:
+                for (_, _, event), error in failed:
                     log.error("event %s of rollout %s not recorded: %s", event.kind,
-                              event.rollout, exc)
-                else:
-                    await asyncio.sleep(0.5 * 2**attempt)
+                              event.rollout, error)
+                return
+            pending = [item for item, _ in failed]
+            await asyncio.sleep(0.5 * 2**attempt)
 
     async def _carry_out_all(self, driver: Driver, commands: Sequence[Command]) -> None:
         """Carry out ``commands``: each Persist before anything after it, the desired writes
@@ -82,17 +89,9 @@ class Commands(RunnerBase):
 
         async def flush() -> None:
             if writes:
-                sem = asyncio.Semaphore(WRITE_CONCURRENCY)
-
-                async def one(desired: DesiredState) -> None:
-                    async with sem:
-                        await self._retrying(lambda: self._write_desired(desired))
-
                 pending = list(writes.values())
                 writes.clear()
-                async with asyncio.TaskGroup() as tg:
-                    for desired in pending:
-                        tg.create_task(one(desired))
+                await self._write_all(pending)
             for event in events:
                 await self._carry_out(driver, event)
             events.clear()
@@ -136,6 +135,44 @@ class Commands(RunnerBase):
                           f"{entry.revision if entry else 'deleted'}, ours {driver.revision}); "
                           "this one stops driving it") from None
 
+    async def _write_all(self, pending: Sequence[DesiredState]) -> None:
+        """Write ``pending`` (one per key): those whose stored revision this runner knows as one
+        pipelined batch of compare-and-sets, the rest (and those that lost theirs) through
+        ``_write_desired``, WRITE_CONCURRENCY at a time."""
+        known: list[tuple[str, DesiredState, int]] = []
+        slow: list[DesiredState] = []
+        for desired in pending:
+            key = subjects.node_service_key(desired.node, desired.service)
+            rev = self._desired_revs.get(key)
+            if rev is not None and rev[1] < desired.generation:
+                known.append((key, desired, rev[0]))
+            else:
+                slow.append(desired)
+        if known:
+            for key, _, _ in known:
+                del self._desired_revs[key]  # unknown until this write's ack says otherwise
+            try:
+                results: list[int | BusError] = await self.bus.kv_update_all(
+                    self._desired,
+                    [(key, encode(sign(self._seed, d)), rev) for key, d, rev in known])
+            except BusError as exc:
+                results = [exc] * len(known)
+            for (key, desired, _), result in zip(known, results, strict=True):
+                if isinstance(result, int):
+                    self._desired_revs[key] = (result, desired.generation)
+                else:
+                    slow.append(desired)  # read it and compare generations, then write
+        if slow:
+            sem = asyncio.Semaphore(WRITE_CONCURRENCY)
+
+            async def one(desired: DesiredState) -> None:
+                async with sem:
+                    await self._retrying(lambda: self._write_desired(desired))
+
+            async with asyncio.TaskGroup() as tg:
+                for desired in slow:
+                    tg.create_task(one(desired))
+
     async def _write_desired(self, desired: DesiredState) -> bool:
         """Sign and store ``desired`` unless the stored generation is >=; True if written."""
         key = subjects.node_service_key(desired.node, desired.service)
@@ -176,7 +213,9 @@ class Commands(RunnerBase):
         event = Event(id=uuid.uuid4().hex, time=self._clock(), fleet=self.fleet, kind=kind,
                       message=message, node=node, service=record.spec.service,
                       rollout=record.id, data=dict(data))
-        log.info("rollout %s: %s %s", record.id, kind, message)
+        # Thousands of lines a rollout otherwise: the event stream (``fleetwave events``) has them.
+        log.log(logging.DEBUG if kind in QUIET_EVENTS else logging.INFO, "rollout %s: %s %s",
+                record.id, kind, message)
         if self._events.full():
             dropped = self._events.get_nowait()
             log.error("event queue full; dropped %s of %s", dropped.kind, dropped.rollout)

@@ -65,7 +65,7 @@ from coordinator.engine import (
 )
 from coordinator.errors import RemoteError, UsageError
 from coordinator.locks import Locks
-from coordinator.persist import EVENT_ATTEMPTS, EVENTS_IN_FLIGHT, WRITE_CONCURRENCY, Commands
+from coordinator.persist import EVENT_ATTEMPTS, EVENT_BATCH, WRITE_CONCURRENCY, Commands
 from coordinator.runner_base import (
     COMMAND_DEADLINE,
     EVENT_QUEUE,
@@ -96,7 +96,7 @@ RESYNC_INTERVAL = 30.0
 
 # Every public name this module had before it was split, wherever it is defined now.
 __all__ = [
-    "COMMAND_DEADLINE", "EVENTS_IN_FLIGHT", "EVENT_ATTEMPTS", "EVENT_QUEUE", "OP_TIMEOUT",
+    "COMMAND_DEADLINE", "EVENT_ATTEMPTS", "EVENT_BATCH", "EVENT_QUEUE", "OP_TIMEOUT",
     "RESYNC_INTERVAL", "STARTUP_GRACE", "TICK", "WRITE_CONCURRENCY", "Driver", "Foreign", "Runner",
     "RunnerBus", "coordinator_seed", "new_rollout_id",
 ]

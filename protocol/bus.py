@@ -18,8 +18,9 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import json
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +78,11 @@ class Bus:
         self.lame_ducks = 0  # how many times a server told us it is going away
         self._leaving: str | None = None  # netloc of the server in lame-duck mode
         self._ldm_task: asyncio.Task[None] | None = None
+        # Pipelined JetStream publishes (js_publish_all): one reply subscription, a future per
+        # message awaiting its ack, keyed by the reply subject's last token.
+        self._acks: dict[str, asyncio.Future[int]] = {}
+        self._ack_prefix = ""
+        self._ack_count = 0
 
     # -- connection -------------------------------------------------------------------------------
 
@@ -454,6 +460,107 @@ class Bus:
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusError(f"cannot record event on {subject}: {exc}") from None
 
+    async def js_publish_all(
+        self, messages: Sequence[tuple[str, bytes, dict[str, str]]], *,
+        timeout: float = OP_TIMEOUT,
+    ) -> list[int | BusError]:
+        """Publish ``messages`` (subject, data, headers) to JetStream in order, pipelined, and
+        wait up to ``timeout`` for their acks: per message its stream sequence, or the error
+        (a Conflict when an expected-last-sequence header did not hold).
+
+        Each message goes out with a reply subject under one shared subscription (``_on_ack``),
+        so N messages cost N writes and N acks instead of N request round trips, each with its
+        own future, timer and wait (about 2.4x less client CPU per message here). nats-py's own
+        ``publish_async`` does the same but loses API errors (``APIError.from_error`` raises in
+        its reply callback, so a failed compare-and-set would never resolve). Acks that do not
+        come in time are given up and reported as BusError: the caller decides what to retry.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        pending: list[tuple[str, asyncio.Future[int]]] = []
+        unsent: BusError | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                if not self._ack_prefix:
+                    prefix = f"{self.nc.new_inbox()}."
+                    await self.nc.subscribe(f"{prefix}*", cb=self._on_ack)
+                    self._ack_prefix = prefix
+                for subject, data, headers in messages:
+                    self._ack_count += 1
+                    token = str(self._ack_count)
+                    future: asyncio.Future[int] = loop.create_future()
+                    self._acks[token] = future
+                    pending.append((token, future))
+                    await self.nc.publish(subject, data, reply=self._ack_prefix + token,
+                                          headers=headers)
+        except (nats.errors.Error, TimeoutError) as exc:
+            unsent = BusError(f"cannot publish to JetStream: {exc or 'timed out'}")
+        try:
+            if pending:
+                await asyncio.wait([f for _, f in pending],
+                                   timeout=max(0.0, deadline - loop.time()))
+        finally:
+            for token, future in pending:
+                if not future.done():
+                    self._acks.pop(token, None)
+                    future.cancel()
+        results: list[int | BusError] = []
+        for (subject, _, _), (_, future) in zip(messages, pending, strict=False):
+            if future.cancelled():
+                results.append(BusError(f"no JetStream ack for {subject} within {timeout:g}s"))
+            elif (failure := future.exception()) is not None:
+                results.append(failure if isinstance(failure, BusError)
+                               else BusError(f"cannot publish to {subject}: {failure}"))
+            else:
+                results.append(future.result())
+        results.extend(unsent or BusError("not published") for _ in messages[len(pending):])
+        return results
+
+    async def _on_ack(self, msg: Any) -> None:
+        """A JetStream ack (or error) for one message of ``js_publish_all``."""
+        future = self._acks.pop(msg.subject[len(self._ack_prefix):], None)
+        if future is None or future.done():
+            return  # given up on already
+        if msg.headers and msg.headers.get("Status") == "503":
+            future.set_exception(BusError("no JetStream stream answers on that subject"))
+            return
+        try:
+            ack = json.loads(msg.data)
+        except ValueError:
+            future.set_exception(BusError(f"malformed JetStream ack: {msg.data[:80]!r}"))
+            return
+        error = ack.get("error") if isinstance(ack, dict) else {"description": "not an object"}
+        if error:
+            future.set_exception(_publish_error(error))
+        else:
+            future.set_result(int(ack.get("seq", 0)))
+
+    async def kv_update_all(
+        self, bucket: str, writes: Sequence[tuple[str, bytes, int]], *,
+        timeout: float = OP_TIMEOUT,
+    ) -> list[int | BusError]:
+        """Compare-and-set every (key, value, last revision) of ``bucket`` pipelined
+        (``js_publish_all``): per write its new revision, a Conflict, or a BusError."""
+        kv = await self._bucket(bucket)
+        prefix = kv._pre  # "$KV.<bucket>." (or the domain's): what KeyValue.update publishes to
+        return await self.js_publish_all(
+            [(f"{prefix}{key}", value, {"Nats-Expected-Last-Subject-Sequence": str(last)})
+             for key, value, last in writes],
+            timeout=timeout,
+        )
+
+    async def js_publish_events(
+        self, messages: Sequence[tuple[str, bytes]], *, timeout: float = OP_TIMEOUT,
+    ) -> list[BusError | None]:
+        """``js_publish`` for many messages at once, pipelined: per message None once stored,
+        else the error (retrying is safe: the message id de-duplicates)."""
+        results = await self.js_publish_all(
+            [(subject, data, {"Nats-Msg-Id": hashlib.sha256(data).hexdigest()})
+             for subject, data in messages],
+            timeout=timeout,
+        )
+        return [r if isinstance(r, BusError) else None for r in results]
+
     async def stream_messages(
         self, stream: str, subject: str, *, follow: bool = False, last: int | None = None
     ) -> AsyncIterator[bytes]:
@@ -497,3 +604,11 @@ def reconnect_delay(attempts: int) -> float:
     """
     step = min(RECONNECT_CAP, RECONNECT_BASE * 2.0 ** min(attempts, 16))
     return step / 2 + random.uniform(0, step / 2)
+
+
+def _publish_error(error: dict[str, Any]) -> BusError:
+    """What a JetStream publish error means to us: a lost compare-and-set is a Conflict."""
+    what = error.get("description") or error
+    if error.get("err_code") in (10071, 10164):  # wrong last (subject) sequence
+        return Conflict(f"changed under us: {what}")
+    return BusError(f"JetStream refused the message: {what}")

@@ -10,7 +10,7 @@ import pytest
 
 from coordinator.broker import Broker, free_port
 from protocol.bus import Bus, Entry
-from protocol.errors import Conflict, NotReachable
+from protocol.errors import BusError, Conflict, NotReachable
 
 
 async def test_watch_survives_a_broker_restart(tmp_path: Path) -> None:
@@ -96,3 +96,59 @@ async def test_a_retried_event_is_stored_once(broker: Broker) -> None:
     finally:
         await bus.close()
     assert stored == [b'{"id": "e1"}', b'{"id": "e2"}']
+
+
+async def test_pipelined_compare_and_sets_report_each_write(broker: Broker) -> None:
+    """kv_update_all: per write its new revision, or a Conflict when its revision was stale;
+    the stale write changes nothing and the others land."""
+    bus = await Bus.connect(broker.url, "t")
+    try:
+        await bus.ensure_fleet()
+        bucket = "fw-t-desired"
+        revs = {k: await bus.kv_create(bucket, k, b"v1") for k in ("a.x", "b.x", "c.x")}
+        results = await bus.kv_update_all(
+            bucket, [("a.x", b"v2", revs["a.x"]), ("b.x", b"v2", revs["b.x"] - 1),
+                     ("c.x", b"v2", revs["c.x"])])
+        assert isinstance(results[0], int) and results[0] > max(revs.values())
+        assert isinstance(results[1], Conflict)
+        assert isinstance(results[2], int) and results[2] > results[0]
+        got = {k: await bus.kv_get(bucket, k) for k in revs}
+        assert {k: e.value for k, e in got.items() if e is not None} == {
+            "a.x": b"v2", "b.x": b"v1", "c.x": b"v2"}
+        assert got["a.x"] is not None and got["a.x"].revision == results[0]
+    finally:
+        await bus.close()
+
+
+async def test_pipelined_events_are_stored_once_in_order(broker: Broker) -> None:
+    """js_publish_events stores every message in order; publishing the batch again (a retry
+    after lost acks) adds nothing."""
+    bus = await Bus.connect(broker.url, "t")
+    try:
+        await bus.ensure_fleet()
+        batch = [("fw.t.evt.x", f'{{"id": "e{i}"}}'.encode()) for i in range(300)]
+        assert await bus.js_publish_events(batch) == [None] * 300
+        assert await bus.js_publish_events(batch[:10]) == [None] * 10
+        stored = [m async for m in bus.stream_messages("FW_t_EVENTS", "fw.t.evt.>")]
+    finally:
+        await bus.close()
+    assert stored == [data for _, data in batch]
+
+
+async def test_pipelined_publishes_without_a_broker_fail_in_bounded_time(tmp_path: Path) -> None:
+    """With the broker gone, every message of the batch comes back as a BusError within the
+    timeout (no ack is waited for forever)."""
+    port = free_port()
+    broker = Broker(port=port, store_dir=tmp_path / "js")
+    await broker.start()
+    bus = await Bus.connect(broker.url, "t")
+    try:
+        await bus.ensure_fleet()
+        await broker.stop()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        results = await bus.js_publish_events([("fw.t.evt.x", b"{}")] * 5, timeout=1.0)
+        assert loop.time() - started < 5.0
+        assert len(results) == 5 and all(isinstance(r, BusError) for r in results)
+    finally:
+        await bus.close()

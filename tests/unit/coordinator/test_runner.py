@@ -4,7 +4,7 @@ desired writes, the per-service lock, resuming after a crash, and failures of th
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import pytest
@@ -111,6 +111,23 @@ class FakeBus:
 
     async def js_publish(self, subject: str, data: bytes) -> None:
         self.published.append((subject, data))
+
+    async def kv_update_all(self, bucket: str, writes: Sequence[tuple[str, bytes, int]], *,
+                            timeout: float = 5.0) -> list[int | BusError]:
+        """One kv_update per write, in order; a BusError is that write's result (as the real
+        pipelined batch reports it), anything else (Killed) ends the process here."""
+        out: list[int | BusError] = []
+        for key, value, last in writes:
+            try:
+                out.append(await self.kv_update(bucket, key, value, last))
+            except BusError as exc:
+                out.append(exc)
+        return out
+
+    async def js_publish_events(self, messages: Sequence[tuple[str, bytes]], *,
+                                timeout: float = 5.0) -> list[BusError | None]:
+        self.published.extend(messages)
+        return [None] * len(messages)
 
     # -- test helpers ------------------------------------------------------------------------------
 
