@@ -11,8 +11,12 @@ two paths:
   ``on_closed``: the ``ClientConn`` is the upstream channel's sink): the response head is parsed
   as it arrives, rewritten, and sent to the client with whatever body came with it in one write;
   the rest of a Content-Length body is relayed piece by piece, reading the upstream paused while
-  the client's write buffer is above ``HIGH_WATER``. No task, no future, no timer per request:
-  one sweeper per proxy enforces the deadlines (so they are ``SWEEP_EVERY`` coarse).
+  the client's write buffer is above ``HIGH_WATER``. A small response (a body up to
+  ``SINGLE_WRITE``) whose body comes in later segments than its head (an upstream that writes
+  them separately, as Python's http.server does) is held until complete and sent in one write:
+  one send and one client wake-up per response instead of two or more. No task, no future, no
+  timer per request: one sweeper per proxy enforces the deadlines (so they are ``SWEEP_EVERY``
+  coarse).
 - **general path** (everything else): one task for this request runs ``exchange``, the
   await-based exchange with bodies, retries and mirroring described there. The fast path hands
   over to it when the pooled connection turns out stale before any response byte (the retry), or
@@ -169,6 +173,7 @@ class ClientConn(Channel):
         "body_left",
         "busy",
         "deadline",
+        "held",
         "ip",
         "keep",
         "phase",
@@ -200,6 +205,7 @@ class ClientConn(Channel):
         self.started = 0.0
         self.resp_status = 0
         self.body_left = 0
+        self.held: list[bytes] | None = None  # a small response held until its body is whole
         self.keep = False  # the client connection stays open after this response
         self.reusable = False  # the upstream connection may go back to its pool
 
@@ -387,6 +393,8 @@ class ClientConn(Channel):
                 return
             if not self._start_response(channel, data, i + 4):
                 return
+        elif self.held is not None:
+            self._hold(data)
         else:
             self._relay(data, 0)
         if self.body_left == 0 and self.phase == _BODY:
@@ -413,9 +421,13 @@ class ClientConn(Channel):
         self.reusable = resp.keep_alive
         self.keep = req.keep_alive and not self.proxy.closing
         head = client_response_head(resp, keep_alive=self.keep, http10=req.version == b"HTTP/1.0")
-        self.body_left = resp.content_length if resp.body == "length" else 0
+        self.body_left = left = resp.content_length if resp.body == "length" else 0
         rest = len(data) - end
-        if rest == 0:
+        if rest < left <= SINGLE_WRITE:
+            # The rest of a small body is on its way: send the response whole once it is here.
+            self.held = [head, data[end:]] if rest else [head]
+            self.body_left = left - rest
+        elif rest == 0:
             self.write(head)
         elif rest <= SINGLE_WRITE:
             take = min(rest, self.body_left)
@@ -427,6 +439,22 @@ class ClientConn(Channel):
             self.write(head)
             self._relay(data, end)
         return True
+
+    def _hold(self, data: bytes) -> None:
+        """Add a piece of a held response's body; send the response once it is complete."""
+        held = self.held
+        assert held is not None
+        left = self.body_left
+        if len(data) < left:
+            held.append(data)
+            self.body_left = left - len(data)
+            return
+        held.append(data if len(data) == left else data[:left])
+        if len(data) > left:
+            self.reusable = False  # bytes past the body: the connection is out of step
+        self.body_left = 0
+        self.held = None
+        self.write(b"".join(held))
 
     def _relay(self, data: bytes, start: int) -> None:
         left = self.body_left
@@ -464,6 +492,7 @@ class ClientConn(Channel):
                 up.transport.resume_reading()
         self.up = None
         self.phase = _IDLE
+        self.held = None
         return up
 
     def on_closed(self, channel: Channel) -> None:
@@ -478,7 +507,10 @@ class ClientConn(Channel):
         elif self.phase == _HEAD:
             self._fast_fail(502, f"slot {self.slot} closed the connection mid-head", count=False)
         else:
-            # The head is already with the client: all we can do is cut the connection.
+            # The head is with the client (or is sent now, with what came of the body): all we
+            # can do is cut the connection.
+            if self.held is not None:
+                self.write(b"".join(self.held))
             self._detach()
             channel.abort()
             counters.observe(502, (time.perf_counter() - self.started) * 1000.0)

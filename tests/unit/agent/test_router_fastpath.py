@@ -225,6 +225,42 @@ async def test_bytes_past_the_body_keep_a_connection_out_of_the_pool(rig: Rig) -
     assert pool.idle == 0
 
 
+async def test_a_small_body_written_after_its_head_reaches_the_client_in_one_write(
+    rig: Rig,
+) -> None:
+    """A head and a small body the upstream writes apart are held, then sent together; the
+    upstream connection stays pooled."""
+    go = asyncio.Event()
+
+    async def split(c: int, r: int, head: bytes, _: object, w: asyncio.StreamWriter) -> bool:
+        if r != 2:
+            w.write(ok(b"plain"))
+            return True
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+        await w.drain()
+        await go.wait()
+        w.write(b"split")
+        await w.drain()
+        w.write(b" body")
+        return True
+
+    up = await rig.upstream(split)
+    reader, writer = await connect(rig.port)
+    writer.write(get("/warm"))
+    assert (await read_response(reader))[2] == b"plain"
+    writer.write(get("/split"))
+    client = next(iter(rig.proxy.clients))
+    await until(lambda: client.held is not None)
+    assert client.held is not None and client.held[0].startswith(b"HTTP/1.1 200 OK\r\n")
+    go.set()
+    status, _, body = await read_response(reader)
+    assert (status, body) == (200, b"split body")
+    writer.write(get("/after"))
+    assert (await read_response(reader))[2] == b"plain"
+    writer.close()
+    assert client.held is None and up.conns == 1 and rig.proxy.slots["a"].requests == 3
+
+
 async def test_large_response_pauses_the_upstream_while_the_client_does_not_read(
     rig: Rig,
 ) -> None:
