@@ -52,12 +52,17 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import msgspec
+
 from coordinator.engine import (
+    Command,
+    EmitEvent,
     EngineEvent,
     IllegalTransition,
     NodeOffline,
     NodeOnline,
     ObservedChanged,
+    Persist,
     Rollout,
     Start,
     Tick,
@@ -93,6 +98,9 @@ from protocol.signing import generate_seed, load_seed, store_seed
 log = logging.getLogger("fleetwave.coordinator.runner")
 
 RESYNC_INTERVAL = 30.0
+# How long a record change of node progress only may wait for the next Persist (_coalesce).
+HOLD_PERSIST = 0.25
+PROGRESS_EVENTS = frozenset({"node.done", "node.rolled_back"})
 
 # Every public name this module had before it was split, wherever it is defined now.
 __all__ = [
@@ -351,8 +359,10 @@ class Runner(Commands, Locks):
             if self.drivers.get(driver.id) is not driver:
                 raise RemoteError(f"rollout {driver.id} is being reloaded; try again", "conflict")
             now = self._clock()
+            before = driver.rollout.record
             commands = (driver.rollout.handle_all([event, *more], now) if more
                         else driver.rollout.handle(event, now))
+            commands = self._coalesce(driver, before, commands, now)
             try:
                 await self._carry_out_all(driver, commands)
             except Foreign as exc:
@@ -371,6 +381,30 @@ class Runner(Commands, Locks):
                     log.warning("cannot release the lock of %s yet: %s", driver.service, exc)
                     self._resync_wanted.set()
                 log.info("rollout %s %s", driver.id, driver.rollout.state)
+
+    def _coalesce(self, driver: Driver, before: RolloutRecord, commands: list[Command],
+                  now: float) -> list[Command]:
+        """Hold back a step that only records node progress (nodes done or rolled back, health
+        and versions seen) for up to HOLD_PERSIST, so that the reports of a big wave, arriving in
+        many batches, cost a few record writes instead of one each (the record is megabytes at
+        thousands of nodes). What is held is persisted, then its events published, ahead of the
+        next step's commands, or by the next step that changes nothing (every tick is one).
+        Nothing is lost by holding: a coordinator that dies meanwhile never published those
+        events, and its successor derives the same progress again from the observed states.
+        """
+        fresh = not driver.held or now - driver.held_since < HOLD_PERSIST
+        if (fresh and commands and isinstance(commands[0], Persist)
+                and _progress_only(before, commands)):
+            if not driver.held:
+                driver.held_since = now
+            driver.held = [commands[0], *driver.held[1:], *commands[1:]]
+            return []
+        if not driver.held:
+            return commands
+        held, driver.held = driver.held, []
+        if commands and isinstance(commands[0], Persist):  # the newer record includes the held
+            return [commands[0], *held[1:], *commands[1:]]
+        return [*held, *commands]
 
     async def _feed_quietly(self, driver: Driver, event: EngineEvent, *more: EngineEvent) -> None:
         """``feed`` for the watch and the ticker, whose failures are logged, never raised."""
@@ -392,6 +426,18 @@ class Runner(Commands, Locks):
         else:
             log.log(level, "rollout %s dropped until the next resync: %s", driver.id, why)
             self._resync_wanted.set()
+
+
+def _progress_only(before: RolloutRecord, commands: list[Command]) -> bool:
+    """Whether a step's commands (Persist first) record node progress and nothing else: no
+    desired write, only routine node events, and the rollout's own fields and waves as they
+    were (so neither a decision nor a deadline waits behind a held Persist)."""
+    after = commands[0].record if isinstance(commands[0], Persist) else before
+    if any(not isinstance(c, EmitEvent) or c.kind not in PROGRESS_EVENTS for c in commands[1:]):
+        return False
+    same_nodes = msgspec.structs.replace(after, nodes=before.nodes, revision=before.revision,
+                                         updated=before.updated)
+    return same_nodes == before
 
 
 def new_rollout_id(service: str, now: float) -> str:

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
-from coordinator.engine import Rollout
+from coordinator.engine import Command, Rollout
 from protocol import subjects
 from protocol.bus import Entry
 from protocol.codec import decode
@@ -81,6 +81,10 @@ class Driver:
     rollout: Rollout
     revision: int
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # A record change of node progress only, and its events, held back for the next Persist
+    # (``Runner._coalesce``) since ``held_since``.
+    held: list[Command] = field(default_factory=list)
+    held_since: float = 0.0
 
     @property
     def id(self) -> str:

@@ -11,7 +11,7 @@ import pytest
 
 from coordinator.engine import Pause, Resume, Rollout
 from coordinator.errors import RemoteError, UsageError
-from coordinator.runner import Runner
+from coordinator.runner import HOLD_PERSIST, Runner
 from protocol import subjects
 from protocol.bus import Entry
 from protocol.codec import decode, encode
@@ -457,3 +457,61 @@ async def test_malformed_or_misaddressed_observed_states_are_ignored() -> None:
     assert r.observed == {}
     await r.on_observed(Entry("node-1.hello", None, 3))
     assert r.observed == {}
+
+
+async def test_node_progress_is_held_for_the_next_persist_and_never_published_before_it() -> None:
+    """Reports that only mark nodes done are persisted together, by the next step that changes
+    nothing (a tick) or decides something; their events follow that Persist, never precede it."""
+    bus, clock = fleet_bus(), Clock()
+    r = runner(bus, clock)
+    rec = await r.deploy(spec(batch="100%", max_unavailable="100%"), NEW)
+    r.pending_events()
+    persisted = len([1 for _, b, _, v in bus.log if b == ROLLOUTS and v is not None])
+    clock.t += 0.01
+    await report(r, bus, "node-1", clock.t)
+    await report(r, bus, "node-2", clock.t)
+    assert bus.record(rec.id).nodes["node-1"].state == "updating"  # held
+    live = await r.get(rec.id)
+    assert live is not None and live.nodes["node-2"].state == "done"  # what the API shows
+    assert [e.kind for e in r.pending_events()] == []
+    await r.step()  # the tick: nothing to decide, so the held change is written now
+    assert {n: p.state for n, p in bus.record(rec.id).nodes.items()} == {
+        "node-1": "done", "node-2": "done", "node-3": "updating"}
+    assert [(e.kind, e.node) for e in r.pending_events()] == [
+        ("node.done", "node-1"), ("node.done", "node-2")]
+    assert len([1 for _, b, _, v in bus.log if b == ROLLOUTS and v is not None]) == persisted + 1
+    clock.t += 0.01
+    await report(r, bus, "node-3", clock.t)  # the wave converges: decided and written at once
+    assert bus.record(rec.id).state == "succeeded"
+    kinds = [e.kind for e in r.pending_events()]
+    assert kinds[0] == "node.done" and kinds[-1] == "rollout.succeeded"
+
+
+async def test_held_progress_is_written_within_the_hold_time_however_many_reports_come() -> None:
+    """A stream of progress-only reports still persists at least every HOLD_PERSIST."""
+    bus, clock = fleet_bus(5), Clock()
+    r = runner(bus, clock, views(5))
+    rec = await r.deploy(spec(batch="100%", max_unavailable="100%"), NEW)
+    await report(r, bus, "node-1", clock.t)
+    clock.t += HOLD_PERSIST + 0.01
+    await report(r, bus, "node-2", clock.t)  # held for longer than allowed: written with it
+    assert [bus.record(rec.id).nodes[f"node-{i}"].state for i in (1, 2, 3)] == [
+        "done", "done", "updating"]
+
+
+async def test_held_progress_lost_with_its_coordinator_is_derived_again_once() -> None:
+    """A coordinator that dies holding progress published none of it; the next one derives it
+    from the observed states and emits each node's event exactly once."""
+    bus, clock = fleet_bus(), Clock()
+    r = runner(bus, clock)
+    rec = await r.deploy(spec(batch="100%", max_unavailable="100%"), NEW)
+    clock.t += 0.01
+    await report(r, bus, "node-1", clock.t)
+    assert not any(e.kind == "node.done" for e in r.pending_events())
+    seen = dict(r.observed)
+    r2 = runner(bus, clock)  # the first one is gone (kill -9): its held change with it
+    r2.observed.update(seen)
+    await r2.resync()
+    await r2.step()
+    assert bus.record(rec.id).nodes["node-1"].state == "done"
+    assert [e.node for e in r2.pending_events() if e.kind == "node.done"] == ["node-1"]
