@@ -60,31 +60,39 @@ class RollbackSteps(StepBase):
 
     def advance_rollback(self) -> None:
         r = self.r
-        pending = []
+        waiting: list[NodeProgress] = []
+        back: list[NodeProgress] = []  # switched back, both slots kept: the new one to retire
         for n, p in r.nodes.items():
             if p.state != "rolling_back" or p.target is None:
                 continue
             seen = self.obs.get(n)
-            previous = dict(p.previous.slots) if p.previous is not None else {}
-            if seen is not None and converged(seen, p.target) and dict(p.target.slots) != previous:
-                # Switched back with both slots kept: now retire the new one.
-                self.write(p, self.restore(p))
-                pending.append(p)
+            if seen is not None and converged(seen, p.target) and _keeps_new_slot(p):
+                back.append(p)
             elif seen is not None and converged(seen, p.target):
                 p.state = "rolled_back"
                 self.emit("node.rolled_back", f"{n}: back on generation {p.generation}", n)
             elif seen is not None and seen.generation >= p.generation and seen.phase == "failed":
                 self.fail_node(p, f"rollback failed: {seen.error or 'no reason given'}")
             else:
-                pending.append(p)
-        if pending and self.now >= r.rollback_deadline:
+                waiting.append(p)
+        if waiting and self.now >= r.rollback_deadline:
             limit = format_duration(self.spec.progress_deadline)
-            for p in pending:
+            for p in waiting:
                 self.fail_node(p, f"did not converge back within {limit}"
                                   + ("" if p.online else " (offline)"))
-            pending = []
+            waiting = []
+        # The new slots are retired once no node is still switching back: the switch back is
+        # what users feel, and retiring the first nodes' slots while the others still wait for
+        # theirs would put those writes ahead of the rest of it.
+        if back and not any(_keeps_new_slot(p) for p in waiting):
+            if self.now >= r.rollback_deadline:  # the last ones failed: time to retire the rest
+                r.rollback_deadline = self.now + self.spec.progress_deadline
+            for p in back:
+                self.write(p, self.restore(p))
+            waiting += back
+            back = []
         blue_green.switched_back(self)
-        if pending:
+        if waiting or back:
             return
         failed = sorted(n for n, p in r.nodes.items() if p.state == "failed")
         if failed:
@@ -93,3 +101,10 @@ class RollbackSteps(StepBase):
                         + f") after: {r.reason}")
         else:
             self.finish("rolled_back", r.reason)
+
+
+def _keeps_new_slot(p: NodeProgress) -> bool:
+    """Whether ``p``'s target is a switch back: the previous state's slots plus the new one."""
+    assert p.target is not None
+    previous = dict(p.previous.slots) if p.previous is not None else {}
+    return dict(p.target.slots) != previous

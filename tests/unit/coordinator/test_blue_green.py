@@ -261,6 +261,41 @@ def test_rollback_in_the_window_switches_back_then_retires_the_new_slot(trigger:
     assert gens == [10, 10, 11, 11]
 
 
+def test_a_rollback_retires_the_new_slots_only_once_every_node_is_back() -> None:
+    """The switch back goes first everywhere: a node back on its old slot keeps the new one
+    until the last node is back, then every new slot is retired in the same step."""
+    r = rollout(3, bake=30.0, scale_down_delay=300.0)
+    staged_and_switched(r)
+    r.handle(Tick(), 100.0)
+    back = writes(r.handle(RollbackRequested(), 101.0))
+    first = r.handle(ObservedChanged(back[0].node, observed(back[0], 102.0)), 102.0)
+    second = r.handle(ObservedChanged(back[1].node, observed(back[1], 102.1)), 102.1)
+    assert writes(first) == writes(second) == []  # node-3 is still on the new slot
+    last = r.handle(ObservedChanged(back[2].node, observed(back[2], 102.2)), 102.2)
+    assert sorted(d.node for d in writes(last)) == ["node-1", "node-2", "node-3"]
+    assert all(d.slots == {"a": OLD} for d in writes(last))
+    assert events(last, "bluegreen.switched_back")
+
+
+def test_a_node_that_never_switches_back_fails_and_the_others_are_still_retired() -> None:
+    """At the rollback deadline a node still on the new slot fails; the nodes that are back
+    then get their new slots retired, with time to converge, and end rolled back."""
+    r = rollout(3, bake=30.0, scale_down_delay=300.0, progress_deadline=60.0)
+    staged_and_switched(r)
+    r.handle(Tick(), 100.0)
+    back = writes(r.handle(RollbackRequested(), 101.0))
+    for d in back[:2]:
+        r.handle(ObservedChanged(d.node, observed(d, 102.0)), 102.0)
+    cmds = r.handle(Tick(), 161.5)  # past 101 + 60: node-3 never answered
+    assert [e.node for e in events(cmds, "node.failed")] == [back[2].node]
+    retire = writes(cmds)
+    assert sorted(d.node for d in retire) == sorted(d.node for d in back[:2])
+    converge(r, cmds, 162.0)
+    assert r.state == "failed"
+    assert {n: p.state for n, p in r.record.nodes.items()} == {
+        back[0].node: "rolled_back", back[1].node: "rolled_back", back[2].node: "failed"}
+
+
 def test_after_the_window_the_old_slot_is_retired_and_rollback_is_illegal() -> None:
     """The old slots stay warm until switch + scale-down-delay, then are retired."""
     r = rollout(2, scale_down_delay=60.0)
