@@ -43,7 +43,7 @@ from protocol.signing import verify
 
 log = logging.getLogger("fleetwave.agent.simulate")
 
-WRITERS = 16
+WRITE_BATCH = 2048  # writes pipelined before their acks are awaited
 WRITE_TIMEOUT = 10.0
 
 
@@ -118,8 +118,7 @@ class SimulatedNodes:
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
-            for i in range(WRITERS):
-                tg.create_task(self._writer(), name=f"sim-writer-{i}")
+            tg.create_task(self._writer(), name="sim-writer")
             tg.create_task(self._register_loop(), name="sim-register")
             tg.create_task(self._heartbeat_loop(), name="sim-heartbeat")
             await self._watch_loop()
@@ -201,19 +200,48 @@ class SimulatedNodes:
         return True
 
     async def _writer(self) -> None:
-        """KV writes and events, retried with backoff; bucket "" means an event subject."""
+        """KV writes and events, pipelined in batches: everything queued while the last batch
+        was out, the latest value per key. What fails is retried with backoff before the next
+        batch is taken, so a key never goes back to an older value. One writer stands for the
+        fleet's N agents writing at once: N request round trips one after another would make
+        the simulator, not the coordinator, what a scale test measures."""
         while True:
-            bucket, key, data = await self._writes.get()
+            batch = [await self._writes.get()]
+            while not self._writes.empty() and len(batch) < WRITE_BATCH:
+                batch.append(self._writes.get_nowait())
+            latest: dict[object, tuple[str, str, bytes]] = {}
+            for i, (bucket, key, data) in enumerate(batch):
+                latest[(bucket, key) if bucket else i] = (bucket, key, data)
+            pending = list(latest.values())
             for attempt in range(10):
-                try:
-                    async with asyncio.timeout(WRITE_TIMEOUT):
-                        if bucket:
-                            await self.bus.kv_put(bucket, key, data)
-                        else:
-                            await self.bus.js_publish(key, data)
+                pending = await self._write_batch(pending)
+                if not pending:
                     break
-                except (BusError, TimeoutError) as exc:
-                    if attempt == 0:
-                        log.warning("simulated write to %s %s failed (%s); retrying", bucket, key,
-                                    exc or "timeout")
-                    await asyncio.sleep(presence.retry_delay(attempt))
+                if attempt == 0:
+                    log.warning("%d simulated writes failed; retrying", len(pending))
+                await asyncio.sleep(presence.retry_delay(attempt))
+            if pending:
+                log.error("%d simulated writes given up", len(pending))
+
+    async def _write_batch(
+        self, items: list[tuple[str, str, bytes]],
+    ) -> list[tuple[str, str, bytes]]:
+        """Write ``items`` (bucket "" means an event subject); return those that failed."""
+        failed: list[tuple[str, str, bytes]] = []
+        by_bucket: dict[str, list[tuple[str, str, bytes]]] = {}
+        for item in items:
+            by_bucket.setdefault(item[0], []).append(item)
+        for bucket, group in by_bucket.items():
+            results: list[object]
+            try:
+                if bucket:
+                    results = list(await self.bus.kv_put_all(
+                        bucket, [(k, d) for _, k, d in group], timeout=WRITE_TIMEOUT))
+                else:
+                    results = list(await self.bus.js_publish_events(
+                        [(k, d) for _, k, d in group], timeout=WRITE_TIMEOUT))
+            except BusError as exc:  # the bucket cannot even be opened: all of them failed
+                results = [exc] * len(group)
+            failed += [item for item, r in zip(group, results, strict=True)
+                       if isinstance(r, BusError)]
+        return failed

@@ -49,7 +49,7 @@ class StepBase:
     # -- helpers -----------------------------------------------------------------------------------
 
     def emit(self, kind: str, message: str, node: str = "", **data: Any) -> None:
-        self.commands.append(EmitEvent(kind, message, node, data))
+        self.commands.append(EmitEvent(kind, message, node, data, self.now))
 
     def move(self, to: str) -> None:
         if to not in MOVES[self.r.state]:  # a bug in this module, never an operator's mistake

@@ -109,6 +109,7 @@ class EmitEvent:
     message: str
     node: str = ""
     data: dict[str, Any] = field(default_factory=dict)
+    time: float | None = None  # when the engine decided (its ``now``); None: when published
 
 
 Command = Persist | WriteDesired | EmitEvent

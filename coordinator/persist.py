@@ -118,8 +118,8 @@ class Commands(RunnerBase):
                 await self._retrying(lambda: self._persist(driver, record))
             case WriteDesired(desired=desired):
                 await self._retrying(lambda: self._write_desired(desired))
-            case EmitEvent(kind=kind, message=message, node=node, data=data):
-                self._emit(driver.rollout.record, kind, message, node, data)
+            case EmitEvent(kind=kind, message=message, node=node, data=data, time=when):
+                self._emit(driver.rollout.record, kind, message, node, data, when)
 
     async def _persist(self, driver: Driver, record: RolloutRecord) -> None:
         data = encode(record)
@@ -209,8 +209,12 @@ class Commands(RunnerBase):
                        "writing it?")
 
     def _emit(self, record: RolloutRecord, kind: str, message: str, node: str,
-              data: dict[str, object]) -> None:
-        event = Event(id=uuid.uuid4().hex, time=self._clock(), fleet=self.fleet, kind=kind,
+              data: dict[str, object], when: float | None = None) -> None:
+        """Queue an event; its time is the decision's (the engine's ``now``) when given, so
+        that the audit trail says when things were decided, not when the writes they announce
+        were done."""
+        event = Event(id=uuid.uuid4().hex, time=self._clock() if when is None else when,
+                      fleet=self.fleet, kind=kind,
                       message=message, node=node, service=record.spec.service,
                       rollout=record.id, data=dict(data))
         # Thousands of lines a rollout otherwise: the event stream (``fleetwave events``) has them.

@@ -549,6 +549,15 @@ class Bus:
             timeout=timeout,
         )
 
+    async def kv_put_all(
+        self, bucket: str, writes: Sequence[tuple[str, bytes]], *, timeout: float = OP_TIMEOUT,
+    ) -> list[int | BusError]:
+        """Put every (key, value) of ``bucket`` pipelined (``js_publish_all``): per write its
+        new revision or a BusError."""
+        kv = await self._bucket(bucket)
+        return await self.js_publish_all(
+            [(f"{kv._pre}{key}", value, {}) for key, value in writes], timeout=timeout)
+
     async def js_publish_events(
         self, messages: Sequence[tuple[str, bytes]], *, timeout: float = OP_TIMEOUT,
     ) -> list[BusError | None]:
