@@ -298,7 +298,8 @@ async def probe_once(
 
 
 class Prober:
-    """Probes one slot every ``interval`` and calls ``on_change(healthy, reason)`` on changes."""
+    """Probes one slot every ``interval`` (``start_interval`` until it is first healthy) and
+    calls ``on_change(healthy, reason)`` on changes."""
 
     def __init__(
         self, health: HealthConfig, port: int | None, cwd: Path, env: Mapping[str, str],
@@ -318,6 +319,8 @@ class Prober:
             HttpProbeConnection(self.port, self.health.http)
             if self.health.http is not None and self.port is not None else None
         )
+        starting = self.health.start_interval or self.health.interval
+        started = False  # healthy once: from then on every ``interval``
         try:
             while True:
                 if http is not None:
@@ -325,11 +328,13 @@ class Prober:
                 else:
                     self.last = await probe_once(self.health, self.port, self.cwd, self.env)
                 changed = self.thresholds.feed(self.last.ok)
+                if changed:
+                    started = True
                 if changed is not None:
                     await self.on_change(changed, self.last.reason)
                 # On the shared grid (agent.cadence): probes of every slot and the agent's other
                 # timers fall due together instead of each waking the agent on its own.
-                await sleep_to_tick(self.health.interval)
+                await sleep_to_tick(self.health.interval if started else starting)
         finally:
             if http is not None:
                 await http.close()

@@ -25,6 +25,9 @@ class HealthConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     tcp: bool = False
     exec: list[str] | None = None
     interval: float = 0.5
+    # Until the slot is first healthy, probe this often instead (Docker's --start-interval): a
+    # new slot is found ready quickly while a long-running one is probed at ``interval``.
+    start_interval: float | None = None
     timeout: float = 1.0
     healthy_threshold: int = 2
     unhealthy_threshold: int = 3
@@ -54,7 +57,7 @@ class Manifest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 _DURATIONS = {
-    "health": ("interval", "timeout", "start_timeout"),
+    "health": ("interval", "start_interval", "timeout", "start_timeout"),
     "stop": ("drain", "timeout"),
     "hooks": ("timeout",),
 }
@@ -131,6 +134,8 @@ def _check(m: Manifest, source: str) -> None:
             raise ProtocolError(f"{source}: health.{key} must be at least 1")
     if m.health.interval <= 0 or m.health.timeout <= 0:
         raise ProtocolError(f"{source}: health.interval and health.timeout must be above 0")
+    if m.health.start_interval is not None and m.health.start_interval <= 0:
+        raise ProtocolError(f"{source}: health.start_interval must be above 0")
     for key in m.env:
         if not key or "=" in key or "\0" in key:
             raise ProtocolError(f"{source}: env key {key!r} is not a valid variable name")

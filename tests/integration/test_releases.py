@@ -420,7 +420,8 @@ def test_app_is_identical_in_every_version_and_bundles_are_valid() -> None:
     for v in versions:
         _, manifest = pack(HELLO / v)
         assert (manifest.name, manifest.version, manifest.port) == ("hello", v, 8080)
-        assert manifest.health.http == "/healthz" and manifest.health.interval == 0.2
+        health = manifest.health
+        assert (health.http, health.interval, health.start_interval) == ("/healthz", 1.0, 0.2)
         assert manifest.health.start_timeout == 10 and manifest.stop.drain == 0.5
     assert pack(HELLO / "2.1.0")[1].env["HEALTH_FAIL"] == "1"
     assert pack(HELLO / "2.2.0")[1].env["ERROR_RATE"] == "0.5"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -10,7 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from agent.probes import Prober, Thresholds, exec_probe, http_probe, probe_once, tcp_probe
+from agent import probes
+from agent.probes import (
+    Prober,
+    ProbeResult,
+    Thresholds,
+    exec_probe,
+    http_probe,
+    probe_once,
+    tcp_probe,
+)
 from protocol.manifest import HealthConfig
 
 
@@ -159,3 +169,38 @@ async def test_prober_reports_health_changes(tmp_path: Path) -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def test_prober_probes_at_start_interval_until_first_healthy(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``start_interval`` paces the probes until the slot is first healthy, ``interval`` after
+    (also after it turns unhealthy again: the start period is over)."""
+    periods: list[float] = []
+    results = iter([True, True, True, False, False, True] + [True] * 100)
+    enough = asyncio.Event()
+
+    async def fake_sleep(period: float) -> None:
+        periods.append(period)
+        if len(periods) >= 8:
+            enough.set()
+        await asyncio.sleep(0)
+
+    async def fake_probe(*_: object) -> ProbeResult:
+        return ProbeResult(next(results), "")
+
+    monkeypatch.setattr(probes, "sleep_to_tick", fake_sleep)
+    monkeypatch.setattr(probes, "probe_once", fake_probe)
+    changes: list[bool] = []
+
+    async def on_change(healthy: bool, reason: str) -> None:
+        changes.append(healthy)
+
+    health = HealthConfig(interval=1.0, start_interval=0.2, healthy_threshold=2,
+                          unhealthy_threshold=2)
+    task = asyncio.create_task(Prober(health, None, tmp_path, {}, on_change).run())
+    await asyncio.wait_for(enough.wait(), 5)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert changes[:2] == [True, False]
+    assert periods[:8] == [0.2, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
