@@ -154,6 +154,11 @@ class Bus:
         return bus
 
     @property
+    def max_payload(self) -> int:
+        """The largest message the server takes (its INFO's max_payload), in bytes."""
+        return int(self.nc.max_payload)
+
+    @property
     def connected(self) -> bool:
         """True while the client is connected (False while it reconnects or after close)."""
         return bool(self.nc.is_connected)
@@ -353,15 +358,32 @@ class Bus:
         return [e for e in out if e.value is not None]
 
     async def _watch_once(self, bucket: str, pattern: str) -> AsyncIterator[Entry]:
+        """The current entries matching ``pattern`` (a deleted key with value None), read once.
+
+        A KV watch's "caught up" marker can come before entries already on their way to us
+        (nats-py #842), and a snapshot ended there would be silently partial: a coordinator
+        that forgot known nodes, or a deploy that missed a node's current state. So the keys
+        the stream holds are listed first (its info, filtered by subject), and the snapshot
+        ends only once the marker came and every one of them was delivered.
+        """
         kv = await self._bucket(bucket)
         try:
-            w = await kv.watch(pattern, ignore_deletes=True)
+            info = await self.js.stream_info(f"KV_{bucket}",
+                                             subjects_filter=f"$KV.{bucket}.{pattern}")
+            skip = len(f"$KV.{bucket}.")
+            expected = {subject[skip:] for subject in (info.state.subjects or {})}
+            w = await kv.watch(pattern)  # deletes too: a deleted key is delivered as one
             try:
-                while True:
+                seen: set[str] = set()
+                caught_up = False
+                while not (caught_up and expected <= seen):
                     e = await w.updates(timeout=OP_TIMEOUT)
                     if e is None:
-                        return
-                    yield Entry(e.key, e.value, e.revision or 0)
+                        caught_up = True
+                        continue
+                    seen.add(e.key)
+                    deleted = e.operation in ("DEL", "PURGE")
+                    yield Entry(e.key, None if deleted else e.value, e.revision or 0)
             finally:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(w.stop(), 2)

@@ -152,3 +152,24 @@ async def test_pipelined_publishes_without_a_broker_fail_in_bounded_time(tmp_pat
         assert len(results) == 5 and all(isinstance(r, BusError) for r in results)
     finally:
         await bus.close()
+
+
+async def test_a_snapshot_holds_every_live_key_and_no_deleted_one(broker: Broker) -> None:
+    """kv_entries lists the stream's keys before reading (a watch's caught-up marker can come
+    early, nats-py #842) and ends once each was delivered: deleted keys count as delivered and
+    are left out, keys outside the pattern are never waited for."""
+    bus = await Bus.connect(broker.url, "t")
+    try:
+        await bus.ensure_fleet()
+        bucket = "fw-t-desired"
+        for i in range(300):
+            await bus.kv_put(bucket, f"n{i}.hello", b"v")
+        await bus.kv_put(bucket, "n0.other", b"v")
+        for i in range(0, 300, 7):
+            await bus.kv_delete(bucket, f"n{i}.hello")
+        want = {f"n{i}.hello" for i in range(300) if i % 7}
+        for _ in range(3):
+            got = await bus.kv_entries(bucket, "*.hello")
+            assert {e.key for e in got} == want
+    finally:
+        await bus.close()

@@ -133,6 +133,14 @@ async def test_restarted_coordinator_knows_offline_nodes(broker: Broker, tmp_pat
     async with reaping(spawn_coordinator(broker.url, tmp_path), agent):
         await wait_until(lambda: nodes_json(broker.url), lambda r: online(r, ["gone"]),
                          timeout=30, what="the agent online")
+        # A heartbeat makes it online; what a later coordinator reads is its registration in
+        # the nodes bucket, which may come later (the agent retries until the bucket exists).
+        bus = await Bus.connect(broker.url, "default")
+        try:
+            await wait_until(lambda: bus.kv_get(subjects.nodes_bucket("default"), "gone"),
+                             lambda e: e is not None, timeout=30, what="the registration")
+        finally:
+            await bus.close()
     async with reaping(spawn_coordinator(broker.url, tmp_path)):
         rows = await wait_until(lambda: nodes_json(broker.url), lambda r: "gone" in r,
                                 timeout=30, what="the new coordinator to answer")
