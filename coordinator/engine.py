@@ -77,6 +77,7 @@ from coordinator.strategies import (
     serving_slot,
     shadow,
 )
+from protocol.codec import encode
 from protocol.durations import format_duration
 from protocol.messages import (
     TERMINAL_STATES,
@@ -86,6 +87,7 @@ from protocol.messages import (
     ReleaseRef,
     RolloutRecord,
     RolloutSpec,
+    RouterStats,
     WaveRecord,
 )
 
@@ -94,7 +96,7 @@ __all__ = [
     "ACCEPTS", "MOVES", "STATS_GRACE", "Abort", "Command", "EmitEvent", "EngineEvent",
     "IllegalTransition", "NodeOffline", "NodeOnline", "ObservedChanged", "Pause", "Persist",
     "Promote", "Resume", "RollbackRequested", "Rollout", "Start", "Step", "Tick", "WriteDesired",
-    "converged", "mode", "new_record",
+    "converged", "mode", "new_record", "worst_case_size",
 ]
 
 
@@ -131,6 +133,21 @@ def new_record(
         waves=[WaveRecord(index=w.index, nodes=list(w.nodes), weight=w.weight) for w in waves],
         nodes=progress,
     )
+
+
+def worst_case_size(record: RolloutRecord, routers: Mapping[str, RouterStats]) -> int:
+    """Bytes the record of a new rollout can reach: every node with a two-slot target and two
+    wave baselines holding its router's counters (``routers``: the latest per node)."""
+    nodes = {
+        n: msgspec.structs.replace(p, target=forward_target(
+            p.previous, fleet="", node=n, release=record.release, slot=idle_slot(p.previous),
+            weight=100, generation=p.generation + 1, rollout=record.id, now=record.created))
+        for n, p in record.nodes.items()
+    }
+    baseline = {n: stats for n, stats in routers.items() if n in nodes}
+    waves = [msgspec.structs.replace(w, baseline=baseline) for w in record.waves[:2]]
+    return len(encode(msgspec.structs.replace(record, nodes=nodes,
+                                              waves=waves + record.waves[2:])))
 
 
 # -- the machine -----------------------------------------------------------------------------------
@@ -371,6 +388,11 @@ class Step(BakeSteps):
             r.current_wave += 1
 
     def start_wave(self, wave: WaveRecord) -> None:
+        for done in self.r.waves[:max(0, wave.index - 1)]:
+            # Only this wave's baseline and the one before it are ever read again (the bake's
+            # window, the switch's old traffic): a snapshot of every node per wave would make
+            # the record grow with waves x nodes.
+            done.baseline = {}
         wave.state = "updating"
         wave.started = self.now
         wave.deadline = self.now + self.spec.progress_deadline

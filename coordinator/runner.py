@@ -67,6 +67,7 @@ from coordinator.engine import (
     Start,
     Tick,
     new_record,
+    worst_case_size,
 )
 from coordinator.errors import RemoteError, UsageError
 from coordinator.locks import Locks
@@ -260,6 +261,7 @@ class Runner(Commands, Locks):
                 if live != views and "no node matches" in str(exc):
                     raise UsageError(f"{exc} (offline nodes are not targeted)") from None
                 raise
+            self._check_size(record)
             skipped = sorted(v.id for v in views if not v.online
                              and all(v.labels.get(k) == x for k, x in spec.selector.items()))
             if skipped:
@@ -288,6 +290,23 @@ class Runner(Commands, Locks):
                 await self.feed(driver, *events)
             await self.feed(driver, Start())
             return driver.rollout.record
+
+    def _check_size(self, record: RolloutRecord) -> None:
+        """Refuse a rollout whose record could outgrow what the NATS server takes in one
+        message (it is persisted whole): better a clear no now than a rollout stuck mid-way."""
+        limit = getattr(self.bus, "max_payload", 0)
+        if not limit:
+            return
+        routers = {node: seen.router for (node, service), seen in self.observed.items()
+                   if service == record.spec.service and seen.router is not None}
+        size = worst_case_size(record, routers)
+        if size > limit:
+            raise UsageError(
+                f"a rollout of {len(record.nodes)} nodes needs a record of up to "
+                f"{size / 2**20:.1f} MiB, more than the NATS server takes in one message "
+                f"(max_payload {limit / 2**20:.1f} MiB); raise max_payload in the server's "
+                "configuration (deploy/nats/*.conf set 8MB, at most 64MB) or roll the fleet "
+                "out in parts with --selector")
 
     async def request(self, rollout_id: str, event: EngineEvent) -> RolloutRecord:
         """Feed an operator request to a live rollout; RemoteError says why it cannot be."""

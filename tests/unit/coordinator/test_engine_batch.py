@@ -14,6 +14,7 @@ from coordinator.engine import (
     Start,
     Tick,
 )
+from protocol.messages import RouterStats, SlotTraffic
 from tests.unit.coordinator.test_engine import kinds, observed, rollout, writes
 
 
@@ -64,3 +65,20 @@ def test_an_empty_batch_does_nothing() -> None:
     """No events, no commands."""
     r, _ = started(2)
     assert r.handle_all([], 3.0) == []
+
+
+def test_only_the_last_two_waves_keep_their_router_baseline() -> None:
+    """Baselines of finished waves are dropped when a wave starts (only the bake's and the one
+    before it are read again), so the record does not grow with waves x nodes."""
+    r = rollout(4, batch="1", max_unavailable="1", bake=0.0)
+    stats = RouterStats(epoch=1.0, slots={"a": SlotTraffic(requests=5)})
+    cmds = r.handle(Start(), 1.0)
+    t = 2.0
+    while not r.done:
+        written = writes(cmds)
+        cmds = r.handle_all([ObservedChanged(d.node, observed(d, t, router=stats))
+                             for d in written], t) if written else r.handle(Tick(), t)
+        t += 1.0
+        current = r.record.current_wave
+        assert all(not w.baseline for w in r.record.waves[:max(0, current - 1)])
+    assert r.state == "succeeded" and r.record.waves[-1].baseline

@@ -515,3 +515,15 @@ async def test_held_progress_lost_with_its_coordinator_is_derived_again_once() -
     await r2.step()
     assert bus.record(rec.id).nodes["node-1"].state == "done"
     assert [e.node for e in r2.pending_events() if e.kind == "node.done"] == ["node-1"]
+
+
+async def test_a_rollout_whose_record_could_outgrow_a_nats_message_is_refused() -> None:
+    """The record is persisted whole: a deploy it could outgrow the server's max_payload with
+    is refused up front, naming the fix, and writes nothing."""
+    bus, clock = fleet_bus(), Clock()
+    bus.max_payload = 2000  # type: ignore[attr-defined]  # the real Bus reads the server's INFO
+    with pytest.raises(UsageError, match=r"max_payload .*--selector"):
+        await runner(bus, clock).deploy(spec(), NEW)
+    assert bus.log == []
+    bus.max_payload = 1 << 20  # type: ignore[attr-defined]
+    await runner(bus, clock).deploy(spec(), NEW)
