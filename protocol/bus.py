@@ -80,6 +80,7 @@ class Bus:
         self._ldm_task: asyncio.Task[None] | None = None
         # Pipelined JetStream publishes (js_publish_all): one reply subscription, a future per
         # message awaiting its ack, keyed by the reply subject's last token.
+        self._watchers: set[Any] = set()  # live KV watchers of ``watch``, woken on reconnect
         self._acks: dict[str, asyncio.Future[int]] = {}
         self._ack_prefix = ""
         self._ack_count = 0
@@ -96,7 +97,7 @@ class Bus:
 
         async def on_reconnect() -> None:
             if holder:
-                holder[0].reconnects += 1
+                holder[0]._reconnected()
 
         async def on_error(exc: Exception) -> None:  # logged by the owner; never raised here
             return None
@@ -152,6 +153,19 @@ class Bus:
         bus = cls(nc, fleet)
         holder.append(bus)
         return bus
+
+    def _reconnected(self) -> None:
+        """The client reconnected: every ``watch`` must start a new KV watcher (the old one's
+        consumer may be gone), so each is woken with its stop sentinel now."""
+        self.reconnects += 1
+        for w in list(self._watchers):
+            while True:
+                try:
+                    w._updates.put_nowait(w.STOP_ITER)
+                    break
+                except asyncio.QueueFull:  # it is restarted and re-reads everything anyway
+                    with contextlib.suppress(asyncio.QueueEmpty):
+                        w._updates.get_nowait()
 
     @property
     def max_payload(self) -> int:
@@ -404,15 +418,12 @@ class Bus:
             except (nats.errors.Error, TimeoutError):
                 await asyncio.sleep(0.5)
                 continue
+            self._watchers.add(w)
             try:
+                # No polling: ``_reconnected`` wakes this with the stop sentinel (checked for
+                # here too, in case the reconnect came while the watcher was being created).
                 while self.reconnects == epoch:
-                    try:
-                        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
-                        # cancellation that races with a completed get, and the task never ends.
-                        async with asyncio.timeout(1.0):
-                            e = await w.updates(timeout=None)
-                    except (nats.errors.TimeoutError, TimeoutError):
-                        continue
+                    e = await w.updates(timeout=None)
                     if e is None:
                         yield None
                         continue
@@ -423,6 +434,7 @@ class Bus:
             except nats.errors.Error:
                 await asyncio.sleep(0.5)
             finally:
+                self._watchers.discard(w)
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(w.stop(), 2)
 
