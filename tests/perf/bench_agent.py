@@ -16,10 +16,11 @@ the agent process alone (its service processes and router are separate processes
 - soak: ``--soak-minutes`` of heartbeats with one rollout a minute (alternating 2.0.0 and 1.0.0);
   RSS growth = RSS at the end minus RSS after the first soak rollout (warm-up excluded).
 
-The example's health probe runs every 200 ms (deploy/examples/hello/*/fleetwave.toml), which is
-most of an idle agent's wakeups. ``--probe-interval 2s`` runs the same bundles with that interval
+The example's health probe runs every 200 ms while a slot starts and every 1 s once it is healthy
+(deploy/examples/hello/*/fleetwave.toml: ``start_interval``, ``interval``), which is most of an
+idle agent's wakeups. ``--probe-interval 200ms`` (or any) runs the same bundles with that interval
 written into a copy of their manifests (the examples themselves are untouched), to show the
-agent's own cost at an interval closer to what services use in production.
+agent's cost at another interval.
 """
 
 from __future__ import annotations
@@ -143,7 +144,8 @@ async def measure(idle: float, soak_minutes: float, probe_interval: str | None) 
             finally:
                 await bus.close()
     return {
-        "probe_interval": probe_interval or "example's (200ms)", "openssl_mapped": openssl,
+        "probe_interval": probe_interval or "example's (1s; 200ms while starting)",
+        "openssl_mapped": openssl,
         "idle_window_s": idle, "idle_rss_mb": round(idle_rss, 1),
         "idle_cpu_percent": round(idle_cpu, 3), "idle_uss_mb": round(idle_uss, 1),
         "idle_wakeups_per_s": round(wakeups, 1),
@@ -163,7 +165,7 @@ async def main() -> int:
     ap.add_argument("--soak-minutes", type=float, default=10.0)
     ap.add_argument("--probe-interval", metavar="DUR", default=None,
                     help="health probe interval written into copies of the example manifests "
-                         "(default: the examples' own, 200ms)")
+                         "(default: the examples' own: 1s, 200ms while starting)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     r = await measure(args.idle, args.soak_minutes, args.probe_interval)
