@@ -60,8 +60,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # (after the path: the benchmark runs from a checkout without the package installed too)
+from perf_support import await_exit  # noqa: E402
+
 from agent.router import RouterClient, RouterConfig, Upstream, start_router  # noqa: E402
 from agent.slots import SlotSpec  # noqa: E402
 from protocol.manifest import load_manifest  # noqa: E402
@@ -450,15 +453,7 @@ async def bench(args: argparse.Namespace, use_wrk: bool) -> list[dict[str, objec
     finally:
         for proc in procs:
             stop(proc)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                os.kill(router_pid, 0)
-            except ProcessLookupError:
-                break
-            await asyncio.sleep(0.05)  # the router exits on its own after the shutdown request
-        else:
-            os.kill(router_pid, signal.SIGKILL)
+        await await_exit(router_pid)  # it exits on its own after the shutdown request
 
 
 # -- output ---------------------------------------------------------------------------------------

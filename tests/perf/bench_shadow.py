@@ -38,6 +38,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from perf_support import await_exit
 
 from agent.router import RouterClient, RouterConfig, Upstream, start_router
 from protocol.messages import MirrorSpec, MirrorTraffic
@@ -228,16 +231,7 @@ async def bench(duration: float, rounds: int, rate: float, connections: int,
                 proc.kill()
                 proc.wait(5)
         if router_pid is not None:
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                try:
-                    os.kill(router_pid, 0)
-                except ProcessLookupError:
-                    break
-                await asyncio.sleep(0.05)
-            else:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(router_pid, 9)
+            await await_exit(router_pid)
 
 
 def table(result: dict[str, Any]) -> str:

@@ -28,6 +28,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -67,6 +68,20 @@ API_TIMEOUT = 60.0
 
 
 # -- processes -------------------------------------------------------------------------------------
+
+
+async def await_exit(pid: int, timeout: float = 10.0) -> None:
+    """Wait for a process that is not our child (a detached router told to shut down) to exit;
+    SIGKILL it after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        await asyncio.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
 
 
 def cpu_seconds(pid: int) -> float:
