@@ -31,7 +31,7 @@ class Observing(ManagerBase):
     """The observed-state methods of ``agent.shell.ServiceManager``."""
 
     async def _observe(self, svc: Service) -> None:
-        view = svc.view()
+        view = svc.view(time.time())
         a = assess(svc.desired, view)
         svc.observed_generation = a.observed_generation
         slots = {

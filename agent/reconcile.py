@@ -94,6 +94,7 @@ class ServiceView:
     applied_weights: Mapping[str, int] = field(default_factory=dict)  # as the router has them
     applied_mirror: MirrorSpec | None = None
     observed_generation: int = 0
+    router_failure: str = ""  # why the router has not taken its configuration for a while
 
     def slot(self, name: str) -> SlotView:
         return self.slots.get(name) or SlotView(slot=name)
@@ -335,6 +336,8 @@ def assess(desired: DesiredState | None, local: ServiceView) -> Assessment:
         err = local.fetch_errors.get(ref.digest)
         if err is not None and not err.transient and ref.digest not in local.releases:
             errors.append(f"release {ref.service} {ref.version} cannot be fetched: {err.reason}")
+    if local.router_failure:
+        errors.append(f"router: {local.router_failure}")
     if errors:
         return Assessment("failed", "; ".join(errors), local.observed_generation)
     if converged(desired, local):

@@ -99,6 +99,8 @@ class RouterLink(ManagerBase):
         except RouterUnavailable as exc:
             if svc.router_error != str(exc):
                 log.warning("router of %s: %s", svc.name, exc)
+            if not svc.router_error:
+                svc.router_error_since = time.time()
             svc.router, svc.router_error = None, str(exc)
             return
         svc.router_error = ""

@@ -50,6 +50,10 @@ TICK = 0.2
 IDLE_TICK = 2.0  # all settled: wakes bring every change; this only guards against a missed one
 REREAD = 30.0
 OBSERVE_EVERY = 5.0
+# A router that cannot be configured (its public port is taken, ...) for this long fails the
+# service's desired state: the rollout learns why at once instead of at its progress deadline,
+# while a router being restarted (a few seconds at most) fails nothing.
+ROUTER_FAILS_AFTER = 10.0
 STATS_EVERY = 2.0
 BUS_TIMEOUT = 10.0
 PRUNE_EVERY = 60.0
@@ -87,11 +91,14 @@ class Service:
     last_observed_at: float = 0.0
     pending_observed: ObservedState | None = None
     router_error: str = ""  # why the last configure failed; reported until one succeeds
+    router_error_since: float = 0.0  # time.time() of the first failure of this run of them
     # Failed slots remembered from the state file (no process): so that a restarted agent does
     # not retry a generation that already failed.
     idle: dict[str, SlotView] = field(default_factory=dict)
 
-    def view(self) -> ServiceView:
+    def view(self, now: float | None = None) -> ServiceView:
+        """The reconciler's view; given ``now``, a router failing for ROUTER_FAILS_AFTER is in
+        it (``router_failure``)."""
         slots = {s: v for s, v in self.idle.items() if s not in self.runners}
         for s, r in self.runners.items():
             slots[s] = SlotView(
@@ -114,6 +121,9 @@ class Service:
             applied_weights=dict(self.applied_weights),
             applied_mirror=self.applied_mirror,
             observed_generation=self.observed_generation,
+            router_failure=self.router_error if (
+                self.router_error and now is not None
+                and now - self.router_error_since >= ROUTER_FAILS_AFTER) else "",
         )
 
 

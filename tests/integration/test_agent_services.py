@@ -8,6 +8,7 @@ import contextlib
 import json
 import shutil
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from agent.service_state import ROUTER_FAILS_AFTER
 from agent.shell import router_socket
 from coordinator.broker import Broker, free_port
 from coordinator.releases import push_release
@@ -315,6 +317,31 @@ async def test_release_that_never_gets_healthy_fails_and_old_keeps_serving(
         assert obs.slots["a"].status == "healthy"
         failed = await _events(fleet.bus, "slot.failed")
         assert any("start_timeout" in e.message for e in failed)
+
+
+async def test_a_public_port_taken_by_another_process_fails_with_the_reason(
+    fleet: Fleet, broker: Broker
+) -> None:
+    """Another process holds the service's public port: the router cannot listen, and after
+    ROUTER_FAILS_AFTER the observed state says failed with that reason (a rollout learns it at
+    once instead of at its progress deadline)."""
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    squatter.bind(("127.0.0.1", fleet.port))
+    squatter.listen()
+    try:
+        async with reaping(_agent(fleet, broker)):
+            gen = await fleet.desire({"a": "1.0.0"}, {"a": 100})
+            obs = await wait_until(
+                fleet.observed,
+                lambda o: o is not None and o.phase == "failed",
+                timeout=ROUTER_FAILS_AFTER + 30,
+                what="phase failed",
+            )
+    finally:
+        squatter.close()
+    assert obs is not None and obs.generation == gen
+    assert "router:" in obs.error and "cannot listen" in obs.error, obs.error
 
 
 async def test_forged_and_replayed_states_are_refused(fleet: Fleet, broker: Broker) -> None:

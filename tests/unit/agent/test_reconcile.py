@@ -24,6 +24,7 @@ from agent.reconcile import (
     assess,
     reconcile,
 )
+from agent.service_state import ROUTER_FAILS_AFTER, Service
 from protocol.messages import SLOTS, DesiredState, MirrorSpec, ReleaseRef
 
 V1 = ReleaseRef(service="hello", version="1.0.0", digest="sha256:11")
@@ -137,6 +138,27 @@ def test_a_bus_outage_while_fetching_is_retried_not_a_failure() -> None:
     )
     assert reconcile(d, local, 15.0) == [Fetch(V2)]
     assert assess(d, local).phase == "converging"
+
+
+def test_a_router_that_cannot_take_its_configuration_fails_the_desired_state() -> None:
+    """A router failure the shell has seen for long enough (``router_failure``) is a failed
+    phase naming it; without one the same view is converging."""
+    d = desired(2, {"a": V1}, {"a": 100})
+    failing = view(healthy("a", V1), router_failure="cannot listen on 127.0.0.1:8080")
+    a = assess(d, failing)
+    assert a.phase == "failed" and "router: cannot listen" in a.error
+    assert assess(d, view(healthy("a", V1))).phase == "converging"
+
+
+def test_the_service_reports_a_router_failure_only_after_it_lasted() -> None:
+    """Service.view puts the router's error in the view once it has lasted ROUTER_FAILS_AFTER."""
+    svc = Service(name="hello")
+    svc.router_error, svc.router_error_since = "cannot listen", 100.0
+    assert svc.view(100.0 + ROUTER_FAILS_AFTER - 0.1).router_failure == ""
+    assert svc.view(100.0 + ROUTER_FAILS_AFTER).router_failure == "cannot listen"
+    assert svc.view().router_failure == ""  # no clock, no verdict
+    svc.router_error = ""
+    assert svc.view(1e9).router_failure == ""
 
 
 def test_new_release_starts_in_the_idle_slot_without_traffic() -> None:
