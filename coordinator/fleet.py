@@ -129,9 +129,11 @@ class Fleet:
         check_at = math.inf
         for rec in self.nodes.values():
             deadline = self._deadline(rec)
-            if deadline is not None and rec.online and now <= deadline:
+            if not rec.online or deadline is None:
+                continue
+            if now <= deadline:
                 check_at = min(check_at, deadline)
-            if rec.online and deadline is not None and now > deadline:
+            else:
                 rec.online = False
                 silent = now - (rec.last_seen or now)
                 out.append(

@@ -294,7 +294,7 @@ class Runner(Commands, Locks):
     def _check_size(self, record: RolloutRecord) -> None:
         """Refuse a rollout whose record could outgrow what the NATS server takes in one
         message (it is persisted whole): better a clear no now than a rollout stuck mid-way."""
-        limit = getattr(self.bus, "max_payload", 0)
+        limit = self.bus.max_payload
         if not limit:
             return
         routers = {node: seen.router for (node, service), seen in self.observed.items()

@@ -480,19 +480,12 @@ class Bus:
     # -- events stream ----------------------------------------------------------------------------
 
     async def js_publish(self, subject: str, data: bytes) -> None:
-        """Store ``data`` in the stream bound to ``subject``, at most once.
-
-        A publish whose ack was lost (the server stored it, then died) is retried by callers; the
-        message id, a digest of the bytes, lets JetStream drop the second copy within its
-        duplicate window, so the audit log never shows one event twice.
-        """
-        msg_id = hashlib.sha256(data).hexdigest()
-        try:
-            await self.js.publish(
-                subject, data, timeout=OP_TIMEOUT, headers={"Nats-Msg-Id": msg_id}
-            )
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise BusError(f"cannot record event on {subject}: {exc}") from None
+        """Store ``data`` in the stream bound to ``subject``, at most once (``js_publish_events``
+        for one message: its id, a digest of the bytes, lets JetStream drop a retried copy
+        within its duplicate window, so the audit log never shows one event twice)."""
+        [error] = await self.js_publish_events([(subject, data)])
+        if error is not None:
+            raise BusError(f"cannot record event on {subject}: {error}")
 
     async def js_publish_all(
         self, messages: Sequence[tuple[str, bytes, dict[str, str]]], *,

@@ -91,12 +91,11 @@ def start_switch(step: Step, index: int) -> None:
     """Record the switch decision and the old slots' traffic since the previous wave started."""
     r = step.r
     before = r.waves[index - 1].baseline if index > 0 else {}
-    old = gatelib.Window()
-    for n, p in r.nodes.items():
-        seen = step.obs.get(n)
-        serving = _old_slot(p)
-        if serving is not None and seen is not None:
-            old += gatelib.window(before.get(n), seen.router, serving)
+    old = gatelib.total(
+        gatelib.window(before.get(n), seen.router, serving)
+        for n, p in r.nodes.items()
+        if (serving := _old_slot(p)) is not None and (seen := step.obs.get(n)) is not None
+    )
     r.report["switch"] = {
         "at": step.now, "wave": index, "nodes": {},
         "old": {"requests": old.requests, "errors": old.errors, "latency": list(old.latency)},

@@ -47,6 +47,7 @@ class FakeBus:
     """Just enough JetStream KV: revisions, compare-and-set, wildcards, and injected faults."""
 
     fleet: str = FLEET
+    max_payload: int = 0  # unknown: the record's size is not checked
     kv: dict[str, dict[str, Entry]] = field(default_factory=dict)
     seq: int = 0
     log: list[tuple[str, str, str, bytes | None]] = field(default_factory=list)
@@ -108,9 +109,6 @@ class FakeBus:
         for e in await self.kv_entries(bucket, pattern):
             yield e
         yield None
-
-    async def js_publish(self, subject: str, data: bytes) -> None:
-        self.published.append((subject, data))
 
     async def kv_update_all(self, bucket: str, writes: Sequence[tuple[str, bytes, int]], *,
                             timeout: float = 5.0) -> list[int | BusError]:
@@ -521,9 +519,9 @@ async def test_a_rollout_whose_record_could_outgrow_a_nats_message_is_refused() 
     """The record is persisted whole: a deploy it could outgrow the server's max_payload with
     is refused up front, naming the fix, and writes nothing."""
     bus, clock = fleet_bus(), Clock()
-    bus.max_payload = 2000  # type: ignore[attr-defined]  # the real Bus reads the server's INFO
+    bus.max_payload = 2000  # the real Bus reads it from the server's INFO
     with pytest.raises(UsageError, match=r"max_payload .*--selector"):
         await runner(bus, clock).deploy(spec(), NEW)
     assert bus.log == []
-    bus.max_payload = 1 << 20  # type: ignore[attr-defined]
+    bus.max_payload = 1 << 20
     await runner(bus, clock).deploy(spec(), NEW)
