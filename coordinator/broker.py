@@ -70,6 +70,17 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+PORT_ATTEMPTS = 5
+
+
+class _PortTaken(Exception):
+    """nats-server could not bind a port (``monitor``: the monitoring one, always ours)."""
+
+    def __init__(self, message: str, *, monitor: bool) -> None:
+        super().__init__(message)
+        self.monitor = monitor
+
+
 def render_config(
     *, host: str, port: int, monitor_port: int, store_dir: Path, server_name: str
 ) -> str:
@@ -103,6 +114,7 @@ class Broker:
         log_file: Path | None = None,
     ) -> None:
         self.host = host
+        self._chosen_port = port is None  # ours to pick again if another process takes it
         self.port = port if port is not None else free_port(host)
         self._own_store = store_dir is None
         self.store_dir = Path(store_dir) if store_dir else Path(tempfile.mkdtemp(prefix="fw-js-"))
@@ -135,13 +147,30 @@ class Broker:
             shutil.rmtree(self.store_dir, ignore_errors=True)
 
     async def start(self) -> None:
-        """Start nats-server and return once it accepts clients with JetStream ready."""
+        """Start nats-server and return once it accepts clients with JetStream ready.
+
+        Ports the broker picked itself (``free_port``) can be taken by another process between
+        the pick and nats-server's bind (any outgoing connection draws from the same range):
+        then it picks again, up to PORT_ATTEMPTS times. A port the caller asked for is refused
+        with a clear error instead.
+        """
+        for attempt in range(PORT_ATTEMPTS):
+            try:
+                await self._start_once()
+                return
+            except _PortTaken as exc:
+                if (not self._chosen_port and not exc.monitor) or attempt == PORT_ATTEMPTS - 1:
+                    raise BrokerError(str(exc)) from None
+                if self._chosen_port:
+                    self.port = free_port(self.host)
+                self.monitor_port = free_port("127.0.0.1")
+
+    async def _start_once(self) -> None:
         binary = find_nats_server()
         if port_in_use(self.host, self.port):
-            raise BrokerError(
+            raise _PortTaken(
                 f"cannot start the broker: port {self.port} on {self.host} is already in use; "
-                "stop what holds it or pick another with --port"
-            )
+                "stop what holds it or pick another with --port", monitor=False)
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self._conf = self.store_dir / "nats-server.conf"
         self._conf.write_text(
@@ -159,7 +188,13 @@ class Broker:
                 binary, "-c", str(self._conf), stdout=out, stderr=out,
                 stdin=asyncio.subprocess.DEVNULL,
             )
-        await self._wait_ready(log)
+        try:
+            await self._wait_ready(log)
+        except BrokerError as exc:
+            last = str(exc)
+            if "address already in use" in last:
+                raise _PortTaken(last, monitor=f":{self.monitor_port}" in last) from None
+            raise
 
     async def _wait_ready(self, log: Path) -> None:
         assert self._proc is not None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.broker import Broker, find_nats_server, free_port
+from coordinator.broker import Broker, find_nats_server, free_port, port_in_use
 from coordinator.errors import BrokerError
 from protocol.bus import Bus
 
@@ -43,6 +43,18 @@ async def test_config_syncs_every_write(tmp_path: Path) -> None:
     async with Broker(store_dir=tmp_path / "js") as broker:
         conf = (broker.store_dir / "nats-server.conf").read_text()
     assert "sync_interval: always" in conf
+
+
+async def test_a_port_it_picked_that_gets_taken_is_picked_again(tmp_path: Path) -> None:
+    """Between picking a free port and nats-server binding it another process can take it
+    (outgoing connections draw from the same range): a broker that chose the port picks again."""
+    broker = Broker(store_dir=tmp_path / "js")
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", broker.port))
+        squatter.listen()
+        taken = broker.port
+        async with broker:
+            assert broker.port != taken and port_in_use("127.0.0.1", broker.port)
 
 
 async def test_port_in_use_is_refused(tmp_path: Path) -> None:
