@@ -162,7 +162,7 @@ class Agent:
             generation = bus.reconnects
             try:
                 async with asyncio.timeout(REGISTER_TIMEOUT):
-                    await bus.publish(subjects.register(f), data)
+                    await bus.publish(subjects.register(f, node), data)
                     await bus.kv_put(subjects.nodes_bucket(f), node, data)
             except (BusError, TimeoutError) as exc:
                 delay = presence.retry_delay(attempt)

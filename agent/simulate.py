@@ -136,7 +136,7 @@ class SimulatedNodes:
             for n in self.nodes:
                 data = encode(self._infos[n])
                 with contextlib.suppress(BusError):
-                    await self.bus.publish(subjects.register(self.fleet), data)
+                    await self.bus.publish(subjects.register(self.fleet, n), data)
                 await self._writes.put((subjects.nodes_bucket(self.fleet), n, data))
             self.registered += 1
             log.info("registered %d simulated nodes", len(self.nodes))

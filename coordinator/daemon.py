@@ -134,7 +134,7 @@ class Coordinator:
                 attempt += 1
                 await asyncio.sleep(delay)
         await bus.subscribe(subjects.heartbeats(f), self._on_heartbeat)
-        await bus.subscribe(subjects.register(f), self._on_register)
+        await bus.subscribe(subjects.registrations(f), self._on_register)
         self.runner = Runner(bus, seed=self.seed, nodes=self.table.view,
                              liveness=self.table.liveness, clock=self._clock)
         RolloutsApi(
@@ -149,6 +149,8 @@ class Coordinator:
             try:
                 info = decode(NodeInfo, entry.value or b"")
                 subjects.check_name("node", info.id)
+                if info.id != entry.key:  # only node K may write key K (deploy/nats/auth.conf)
+                    raise ProtocolError(f"the entry of node {entry.key!r} claims to be {info.id!r}")
             except ProtocolError as exc:
                 self._complain(entry.key, "nodes-bucket", f"ignoring nodes bucket entry: {exc}")
                 continue
@@ -168,11 +170,16 @@ class Coordinator:
         self._emit(self.table.heartbeat(hb, self._clock()))
 
     async def _on_register(self, subject: str, data: bytes) -> None:
+        # The subject names the sender (the server lets a node publish only on its own), so a
+        # registration is believed for that node alone: never for another, never for a new one.
+        node = subject.rsplit(".", 1)[-1]
         try:
             info = decode(NodeInfo, data)
             subjects.check_name("node", info.id)
+            if info.id != node:
+                raise ProtocolError(f"registration on {subject} claims to be node {info.id!r}")
         except ProtocolError as exc:
-            self._complain("?", "registration", str(exc))
+            self._complain(node, "registration", str(exc))
             return
         log.info("node %s registered (labels %s)", info.id, info.labels)
         self._emit(self.table.register(info, self._clock()))

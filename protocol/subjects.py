@@ -31,9 +31,17 @@ def heartbeats(fleet: str) -> str:
     return f"fw.{fleet}.hb.*"
 
 
-def register(fleet: str) -> str:
-    """Agents announce their NodeInfo here on connect and on every reconnect."""
-    return f"fw.{fleet}.register"
+def register(fleet: str, node: str) -> str:
+    """An agent announces its NodeInfo here on connect and on every reconnect.
+
+    One subject per node, like heartbeats, so that a server's permissions bind a registration to
+    the credentials that sent it: a node's user may publish only on its own.
+    """
+    return f"fw.{fleet}.register.{node}"
+
+
+def registrations(fleet: str) -> str:
+    return f"fw.{fleet}.register.*"
 
 
 def api(fleet: str, verb: str) -> str:

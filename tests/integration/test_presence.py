@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -161,8 +163,9 @@ async def test_malformed_messages_do_not_crash_the_coordinator(
             await bus.publish(subjects.heartbeat(f, "x"), b"\xff not json")
             await bus.publish(subjects.heartbeat(f, "x"), b'{"node": 5}')
             await bus.publish(subjects.heartbeat(f, "y"), encode(Heartbeat(node="spoofed")))
-            await bus.publish(subjects.register(f), b"[1, 2]")
-            await bus.publish(subjects.register(f), encode(NodeInfo(id="bad id!")))
+            await bus.publish(subjects.register(f, "x"), b"[1, 2]")
+            await bus.publish(subjects.register(f, "x"), encode(NodeInfo(id="bad id!")))
+            await bus.publish(subjects.register(f, "z"), encode(NodeInfo(id="other")))
             bad = decode(ApiReply, await bus.request(subjects.api(f, "nodes"), b"{{"))
             assert (bad.ok, bad.code) == (False, "usage")
             good = decode(ApiReply, await bus.request(
@@ -180,6 +183,7 @@ async def test_malformed_messages_do_not_crash_the_coordinator(
     log = await read_text(tmp_path / "logs" / "coordinator.log")
     assert "Traceback" not in log
     assert "claims to be from node 'spoofed'" in log
+    assert "registration on fw.default.register.z claims to be node 'other'" in log
     assert log.count("ignored malformed heartbeat from x") == 1  # once per source, not a flood
 
 
@@ -217,6 +221,66 @@ async def test_auth_example_confines_an_agent_to_its_own_keys(tmp_path: Path) ->
     log = await read_text(tmp_path / "logs" / "nats.log")
     assert 'Publish Violation - Subject "$KV.fw-default-observed.node-2.hello"' in log
     assert 'Publish Violation - Subject "$KV.fw-default-desired.node-1.hello"' in log
+
+
+async def test_a_node_cannot_register_for_another_node(tmp_path: Path) -> None:
+    """Through the auth example, node-1's credentials can neither rewrite node-2's registration
+    (labels, liveness) nor invent a node, on any registration subject they can reach."""
+    port = free_port()
+    server = Child("nats", [find_nats_server(), "-c", str(_auth_conf(tmp_path, port))],
+                   tmp_path / "logs" / "nats.log")
+
+    def url(user: str) -> str:
+        return f"nats://{user}:change-me-{user}@127.0.0.1:{port}"
+
+    agents = [spawn_agent(url(n), n, tmp_path, labels=LABELS[n]) for n in ("node-1", "node-2")]
+    async with reaping(server):
+        await wait_until(lambda: _connects(url("operator")), bool, timeout=10,
+                         what="the auth example server to accept clients")
+        async with reaping(spawn_coordinator(url("coordinator"), tmp_path), *agents):
+            await wait_until(lambda: nodes_json(url("operator")),
+                             lambda r: online(r, ["node-1", "node-2"]), timeout=30,
+                             what="node-1 and node-2 online through the auth example")
+            forged = NodeInfo(id="node-2", labels={"zone": "forged"})
+            ghost = NodeInfo(id="ghost", labels={"zone": "a"})
+            bus = await Bus.connect(url("node-1"), "default")
+            try:
+                # Every subject a registration could take: the shared one of old, the sender's
+                # own, and the victim's; the server or the coordinator must refuse each.
+                for subject in ("fw.default.register", "fw.default.register.node-2",
+                                "fw.default.register.node-1"):
+                    for info in (ghost, forged):
+                        with contextlib.suppress(BusError):
+                            await bus.publish(subject, encode(info))
+                await bus.nc.flush()
+            finally:
+                await bus.close()
+            log = tmp_path / "logs" / "coordinator.log"
+            rows = await wait_until(
+                lambda: _rows_and_log(url("operator"), log),
+                lambda r: r[0]["node-2"]["labels"] != LABELS["node-2"] or "ghost" in r[0]
+                or "claims to be node 'ghost'" in r[1],
+                timeout=15, what="the coordinator to handle the forged registrations",
+            )
+            nodes, _ = await _rows_and_log(url("operator"), log)
+            assert rows[0]["node-2"]["labels"] == LABELS["node-2"]
+            assert sorted(nodes) == ["node-1", "node-2"] and nodes["node-2"]["labels"] == \
+                LABELS["node-2"]
+        # The nodes bucket: node-1 may write only its own key, and a coordinator that starts
+        # later must not take what is there as another node's registration.
+        bus = await Bus.connect(url("node-1"), "default")
+        try:
+            await bus.kv_put(subjects.nodes_bucket("default"), "node-1", encode(ghost))
+        finally:
+            await bus.close()
+        async with reaping(spawn_coordinator(url("coordinator"), tmp_path)):
+            nodes = await wait_until(lambda: nodes_json(url("operator")), lambda r: "node-2" in r,
+                                     timeout=30, what="a new coordinator to load the nodes bucket")
+            assert "ghost" not in nodes and nodes["node-2"]["labels"] == LABELS["node-2"]
+
+
+async def _rows_and_log(operator: str, log: Path) -> tuple[dict[str, Any], str]:
+    return await nodes_json(operator), await read_text(log)
 
 
 def _auth_conf(tmp_path: Path, port: int) -> Path:
