@@ -36,7 +36,7 @@ from agent import presence
 from agent.cadence import sleep_to_tick
 from agent.hostinfo import HostSampler, host_facts, trim_heap
 from protocol import subjects
-from protocol.bus import Bus
+from protocol.bus import Bus, redact
 from protocol.codec import encode
 from protocol.errors import BusError
 from protocol.messages import NodeInfo, ServiceSummary, SlotProcess
@@ -108,7 +108,7 @@ class Agent:
         if bus is None:
             return
         self.bus = bus
-        log.info("connected to %s as node %s", self.options.nats_url, self.options.node_id)
+        log.info("connected to %s as node %s", redact(self.options.nats_url), self.options.node_id)
         try:
             services = self._services_factory(bus) if self._services_factory else None
             async with asyncio.TaskGroup() as tg:

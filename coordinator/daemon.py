@@ -35,7 +35,7 @@ from coordinator.releases import resolve_release
 from coordinator.rollouts_api import RolloutsApi
 from coordinator.runner import Runner
 from protocol import subjects
-from protocol.bus import RECONNECT_CAP, Bus
+from protocol.bus import RECONNECT_CAP, Bus, redact
 from protocol.codec import decode, encode
 from protocol.errors import BusError, ProtocolError
 from protocol.messages import Event, Heartbeat, NodeInfo, NodesRequest, NodeView
@@ -109,7 +109,7 @@ class Coordinator:
                 self.ready.set()
                 log.info(
                     "coordinator of fleet %r ready on %s (%d known nodes)",
-                    self.fleet_name, self.nats_url, len(self.table.nodes),
+                    self.fleet_name, redact(self.nats_url), len(self.table.nodes),
                 )
                 log.info("signing key %s: start agents with --trust-key %s",
                          self.public_key, self.public_key)

@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import random
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,22 @@ from protocol import subjects
 from protocol.errors import BusError, Conflict, NotReachable
 
 REQUEST_TIMEOUT = 5.0
+_USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)?(?P<info>[^@/]*)@")
+
+
+def redact(url: str) -> str:
+    """``url`` (one server or several, comma-separated) fit for a log or a message: a password
+    becomes ``***`` (``nats://node-1:***@host``) and so does a token (``nats://***@host``)."""
+
+    def one(part: str) -> str:
+        def hide(m: re.Match[str]) -> str:
+            user, sep, _ = m["info"].partition(":")
+            return f"{m['scheme'] or ''}{user + ':***' if sep else '***'}@"
+        return _USERINFO.sub(hide, part.strip(), count=1)
+
+    return ",".join(one(p) for p in url.split(","))
+
+
 OP_TIMEOUT = 10.0
 # Long-lived clients (agents, coordinator) reconnect with capped exponential backoff and jitter so
 # that a fleet does not hammer a restarting server in lock-step; see ``reconnect_delay``.
@@ -145,8 +162,9 @@ class Bus:
             except (OSError, nats.errors.Error, TimeoutError) as exc:
                 if loop.time() + delay > deadline:
                     raise NotReachable(
-                        f"cannot reach NATS at {url} ({type(exc).__name__}); start a broker with "
-                        "'fleetwave broker' or a dev fleet with 'fleetwave dev up', or pass --nats"
+                        f"cannot reach NATS at {redact(url)} ({type(exc).__name__}); start a "
+                        "broker with 'fleetwave broker' or a dev fleet with 'fleetwave dev up', "
+                        "or pass --nats"
                     ) from None
                 await asyncio.sleep(delay * (1 + random.random() / 2))
                 delay = min(delay * 2, 1.0)

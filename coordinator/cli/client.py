@@ -21,7 +21,7 @@ from typing import Any
 from coordinator.cli.base import Ctx
 from coordinator.errors import RemoteError
 from protocol import subjects
-from protocol.bus import REQUEST_TIMEOUT, Bus
+from protocol.bus import REQUEST_TIMEOUT, Bus, redact
 from protocol.codec import decode, encode
 from protocol.errors import NotReachable
 from protocol.messages import ApiReply
@@ -41,8 +41,8 @@ async def connected(ctx: Ctx, *, timeout: float = CONNECT_TIMEOUT) -> AsyncItera
         # nats-py retries the first connect by itself for as long as its reconnect settings
         # allow (a minute), past Bus.connect's own deadline: the CLI cuts it short here.
         raise NotReachable(
-            f"cannot reach NATS at {ctx.nats_url} (no answer within {timeout:g}s); start a broker "
-            "with 'fleetwave broker' or a dev fleet with 'fleetwave dev up', or pass --nats"
+            f"cannot reach NATS at {redact(ctx.nats_url)} (no answer within {timeout:g}s); start a "
+            "broker with 'fleetwave broker' or a dev fleet with 'fleetwave dev up', or pass --nats"
         ) from None
     try:
         yield bus

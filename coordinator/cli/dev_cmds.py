@@ -11,6 +11,7 @@ import click
 from coordinator.cli.base import Ctx, cli
 from coordinator.devfleet import MAX_AGENTS, DevFleet
 from coordinator.errors import BrokerError
+from protocol.bus import redact
 
 WATCH_INTERVAL = 0.5
 
@@ -97,7 +98,7 @@ def describe(fleet: DevFleet) -> str:
     """What runs where, and how to use it."""
     lines = [
         "dev fleet is up:",
-        f"  broker       {fleet.nats_url}  JetStream in {fleet.broker.store_dir}",
+        f"  broker       {redact(fleet.nats_url)}  JetStream in {fleet.broker.store_dir}",
         f"  coordinator  pid {fleet.coordinator.pid}  log {fleet.coordinator.log_path}",
     ]
     for i, a in enumerate(fleet.agents, start=1):

@@ -21,6 +21,7 @@ from coordinator.cli.base import Ctx, cli, output_option
 from coordinator.daemon import Coordinator
 from coordinator.fleet import parse_selector
 from coordinator.runner import coordinator_seed
+from protocol.bus import redact
 from protocol.codec import to_builtins
 from protocol.errors import ProtocolError
 from protocol.messages import KeyRequest, NodesRequest, NodeView
@@ -52,7 +53,7 @@ async def _run_coordinator(ctx: Ctx, seed: bytes) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     logging.getLogger("fleetwave.coordinator").info(
-        "connecting to %s for fleet %r", ctx.nats_url, ctx.fleet
+        "connecting to %s for fleet %r", redact(ctx.nats_url), ctx.fleet
     )
     await Coordinator(ctx.nats_url, ctx.fleet, seed=seed).run(stop)
     return 0

@@ -34,6 +34,16 @@ async def test_nodes_without_nats_says_so_in_one_line() -> None:
     assert url in line and "fleetwave broker" in line and "fleetwave dev up" in line
 
 
+async def test_nodes_never_prints_the_password_of_its_url() -> None:
+    """A URL with credentials (one server or several) is shown with its secrets as ***."""
+    a, b = free_port(), free_port()
+    url = f"nats://operator:s3cret@127.0.0.1:{a},nats://t0ken@127.0.0.1:{b}"
+    code, _, err = await fleetwave("nodes", nats_url=url)
+    line = one_line(err)
+    assert code == 1 and "s3cret" not in line and "t0ken" not in line
+    assert f"nats://operator:***@127.0.0.1:{a}" in line and f"nats://***@127.0.0.1:{b}" in line
+
+
 async def test_nodes_without_coordinator_says_so_in_one_line(broker: Broker) -> None:
     """NATS up but no coordinator: one line saying none answers and how to start one, exit 1."""
     code, out, err = await fleetwave("nodes", "-o", "json", nats_url=broker.url)

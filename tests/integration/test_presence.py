@@ -220,6 +220,9 @@ async def test_auth_example_confines_an_agent_to_its_own_keys(tmp_path: Path) ->
                 await bus.close()
     log = await read_text(tmp_path / "logs" / "nats.log")
     assert 'Publish Violation - Subject "$KV.fw-default-observed.node-2.hello"' in log
+    for name in ("node-1", "coordinator"):  # credentials in the URL never reach a log
+        text = await read_text(tmp_path / "logs" / f"{name}.log")
+        assert f"{name}:***@127.0.0.1:{port}" in text and "change-me" not in text, name
     assert 'Publish Violation - Subject "$KV.fw-default-desired.node-1.hello"' in log
 
 
