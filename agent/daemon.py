@@ -35,6 +35,7 @@ from typing import Protocol
 from agent import presence
 from agent.cadence import sleep_to_tick
 from agent.hostinfo import HostSampler, host_facts, trim_heap
+from agent.identity import RunAs
 from protocol import subjects
 from protocol.bus import Bus, redact
 from protocol.codec import encode
@@ -75,6 +76,7 @@ class AgentOptions:
     data_dir: Path = Path("fleetwave-data/agent")
     bind_host: str = "127.0.0.1"
     heartbeat_interval: float = presence.DEFAULT_INTERVAL
+    service_user: RunAs | None = None  # see agent.identity
 
 
 class Agent:

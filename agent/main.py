@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     import click
 
     from agent.daemon import Agent, AgentOptions
+    from agent.identity import RunAs
 
 DEFAULT_NATS = "nats://127.0.0.1:4222"
 PROG = "fleetwave-agent"
@@ -96,7 +97,7 @@ def build_agent(options: AgentOptions, trusted_keys: tuple[str, ...] = ()) -> Ag
     def services(bus: Bus) -> ServiceManager:
         return ServiceManager(
             bus=bus, fleet=options.fleet, node=options.node_id, data_dir=options.data_dir,
-            bind_host=options.bind_host, trusted_keys=trusted_keys,
+            bind_host=options.bind_host, trusted_keys=trusted_keys, run_as=options.service_user,
         )
 
     return Agent(options, services=services)
@@ -141,6 +142,12 @@ def _interval(value: str) -> float:
     except ValueError:
         raise ProtocolError(f"{value!r} is not a valid float.") from None
     return presence.check_interval(seconds)
+
+
+def _service_user(value: str) -> RunAs:
+    from agent.identity import RunAs
+
+    return RunAs.lookup(value)
 
 
 def _simulate(value: str) -> int:
@@ -202,6 +209,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--trust-key",), "trust_keys", "Public key of a coordinator whose desired states to "
          "accept (repeatable; env FLEETWAVE_TRUST_KEYS, space-separated).", _trust_keys,
          default=(), env="FLEETWAVE_TRUST_KEYS", metavar="KEY", repeat=True),
+    Flag(("--service-user",), "service_user", "Run services, their hooks and probes, and the "
+         "routers as this user, not as the agent's (the agent must run as root; env "
+         "FLEETWAVE_SERVICE_USER). They then cannot read the agent's environment or data.",
+         _service_user, env="FLEETWAVE_SERVICE_USER", metavar="USER"),
     Flag(("--simulate",), "simulate", "Host N simulated nodes <node-id>-1..N (instant slots) for "
          f"control-plane scale tests.  [0<=x<={MAX_SIMULATED}]", _simulate, default="0",
          metavar="N"),
@@ -309,6 +320,12 @@ def start(values: dict[str, Any]) -> int:
     directory = (data_dir or Path(f"fleetwave-data/agent-{node_id}")).absolute()
     try:
         directory.mkdir(parents=True, exist_ok=True)
+        if values["service_user"] is not None:
+            # Services run as another user: they may reach their release by path, but list
+            # nothing, and read neither the state file (0600) nor any log.
+            directory.chmod(0o711)
+            (directory / "logs").mkdir(mode=0o700, exist_ok=True)
+            (directory / "logs").chmod(0o700)
     except OSError as exc:
         raise Failure(
             f"cannot create the data dir {directory}: {exc.strerror}; pick another with --data-dir"
@@ -321,6 +338,7 @@ def start(values: dict[str, Any]) -> int:
         data_dir=directory,
         bind_host=values["bind_host"],
         heartbeat_interval=values["heartbeat_interval"],
+        service_user=values["service_user"],
     )
     trust_keys: tuple[str, ...] = values["trust_keys"]
     if not trust_keys:

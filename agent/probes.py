@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.cadence import sleep_to_tick
+from agent.identity import RunAs, spawn_kwargs
 from protocol.manifest import HealthConfig
 
 PROBE_HOST = "127.0.0.1"
@@ -216,13 +217,15 @@ async def tcp_probe(port: int, timeout: float, host: str = PROBE_HOST) -> ProbeR
 
 
 async def exec_probe(
-    argv: list[str], cwd: Path, env: Mapping[str, str], timeout: float
+    argv: list[str], cwd: Path, env: Mapping[str, str], timeout: float,
+    run_as: RunAs | None = None,
 ) -> ProbeResult:
-    """Run ``argv`` in the release dir; exit 0 passes; killed (and reaped) at ``timeout``."""
+    """Run ``argv`` in the release dir (as ``run_as``, like the service); exit 0 passes; killed
+    (and reaped) at ``timeout``."""
     try:
         proc = await spawn_owned(
             argv, cwd=cwd, env=dict(env), stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL, **spawn_kwargs(run_as),
         )
     except OSError as exc:
         return ProbeResult(False, f"exec {argv[0]}: {_os_reason(exc)}")
@@ -285,7 +288,8 @@ async def kill_and_reap(proc: asyncio.subprocess.Process, timeout: float = 5.0) 
 
 
 async def probe_once(
-    health: HealthConfig, port: int | None, cwd: Path, env: Mapping[str, str]
+    health: HealthConfig, port: int | None, cwd: Path, env: Mapping[str, str],
+    run_as: RunAs | None = None,
 ) -> ProbeResult:
     """One probe as the manifest says; a manifest without probe passes once the process runs."""
     if health.http is not None and port is not None:
@@ -293,7 +297,7 @@ async def probe_once(
     if health.tcp and port is not None:
         return await tcp_probe(port, health.timeout)
     if health.exec is not None:
-        return await exec_probe(health.exec, cwd, env, health.timeout)
+        return await exec_probe(health.exec, cwd, env, health.timeout, run_as)
     return ProbeResult(True)
 
 
@@ -303,12 +307,13 @@ class Prober:
 
     def __init__(
         self, health: HealthConfig, port: int | None, cwd: Path, env: Mapping[str, str],
-        on_change: Callable[[bool, str], Awaitable[None]],
+        on_change: Callable[[bool, str], Awaitable[None]], *, run_as: RunAs | None = None,
     ) -> None:
         self.health = health
         self.port = port
         self.cwd = cwd
         self.env = env
+        self.run_as = run_as
         self.on_change = on_change
         self.thresholds = Thresholds(health.healthy_threshold, health.unhealthy_threshold)
         self.last = ProbeResult(False, "not probed yet")
@@ -326,7 +331,8 @@ class Prober:
                 if http is not None:
                     self.last = await http.probe(self.health.timeout)
                 else:
-                    self.last = await probe_once(self.health, self.port, self.cwd, self.env)
+                    self.last = await probe_once(self.health, self.port, self.cwd, self.env,
+                                                 self.run_as)
                 changed = self.thresholds.feed(self.last.ok)
                 if changed:
                     started = True

@@ -210,6 +210,7 @@ class Restoring(RouterLink):
             digest=rec.digest,
             port=rec.port,
             log_dir=self.data_dir / "logs",
+            run_as=self.run_as,
             generation=rec.generation,
         )
         runner = SlotRunner.adopt(

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from agent.cadence import sleep_to_tick
+from agent.identity import RunAs
 from agent.router.control import (
     MAX_SOCKET_PATH,
     RouterClient,
@@ -47,12 +48,13 @@ def router_socket(data_dir: Path, service: str) -> Path:
     return Path(tempfile.gettempdir()) / f"fleetwave-{tag}" / f"router-{service}.sock"
 
 
-def _private_dir(path: Path) -> None:
-    """Create ``path`` 0700 if needed and refuse it unless it is ours and a real directory (a
-    shared temp dir is where another user could have planted a symlink)."""
+def _private_dir(path: Path, run_as: RunAs | None = None) -> None:
+    """Create ``path`` 0700 if needed and refuse it unless it is ours (or the routers' user's) and
+    a real directory (a shared temp dir is where another user could have planted a symlink)."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = path.lstat()
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+    owners = {os.getuid()} | ({run_as.uid} if run_as is not None else set())
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid not in owners or st.st_mode & 0o077:
         raise RouterUnavailable(
             f"{path} is not a private directory of this user; remove it or use a shorter --data-dir"
         )
@@ -129,9 +131,10 @@ class RouterLink(ManagerBase):
             return svc.router
         sock = self._socket(svc.name)
         if not sock.is_relative_to(self.data_dir):
-            _private_dir(sock.parent)
+            _private_dir(sock.parent, self.run_as)
         try:
-            pid = await start_router(sock, self.data_dir / "logs" / f"router-{svc.name}.log")
+            pid = await start_router(sock, self.data_dir / "logs" / f"router-{svc.name}.log",
+                                     run_as=self.run_as)
         except RouterRunning as running:
             pid = running.pid
         svc.router, svc.router_pid = RouterClient(sock), pid

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.identity import RunAs
 from agent.reconcile import (
     FetchError,
     ReleaseInfo,
@@ -154,6 +155,7 @@ class ManagerBase:
         trusted_keys: Collection[str],
         tick: float = TICK,
         idle_tick: float = IDLE_TICK,
+        run_as: RunAs | None = None,
     ) -> None:
         self.bus = bus
         self.fleet = fleet
@@ -161,6 +163,7 @@ class ManagerBase:
         self.data_dir = Path(data_dir)
         self.bind_host = bind_host
         self.trusted_keys = frozenset(trusted_keys)
+        self.run_as = run_as  # services, hooks, probes and routers run as this user
         self.tick = tick
         self.idle_tick = idle_tick
         self.state_path = self.data_dir / "state.json"

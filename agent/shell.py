@@ -256,6 +256,7 @@ class ServiceManager(DesiredWatch, Observing, Restoring):
             digest=ref.digest,
             port=port,
             log_dir=self.data_dir / "logs",
+            run_as=self.run_as,
             generation=generation,
         )
         runner = SlotRunner(spec, self._on_slot)

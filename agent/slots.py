@@ -38,6 +38,7 @@ from pathlib import Path
 import psutil
 
 from agent.cadence import next_tick
+from agent.identity import RunAs, child_env, spawn_kwargs
 from agent.probes import Prober, kill_and_reap, spawn_owned
 from protocol.manifest import Manifest
 from protocol.messages import SlotStatusName
@@ -52,7 +53,6 @@ LOG_MAX_BYTES = 10 * 1024 * 1024
 ADOPTED_POLL = 0.2
 LOG_CAP_EVERY = 5.0
 KILL_WAIT = 5.0
-BASE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER", "LOGNAME")
 
 _LIVE: dict[str, SlotStatusName] = {
     "starting": "starting", "healthy": "healthy", "unhealthy": "unhealthy", "draining": "draining",
@@ -191,20 +191,20 @@ class SlotSpec:
     log_dir: Path
     generation: int = 0
     host: str = "127.0.0.1"
+    run_as: RunAs | None = None  # None: as the agent's own user
 
     @property
     def log_path(self) -> Path:
         return self.log_dir / f"{self.service}-{self.slot}.log"
 
     def env(self) -> dict[str, str]:
-        env = {k: os.environ[k] for k in BASE_ENV if k in os.environ}
-        env.update(self.manifest.env)
+        env = dict(self.manifest.env)
         if self.port is not None:
             env["PORT"] = str(self.port)
         env["FLEETWAVE_NODE"] = self.node
         env["FLEETWAVE_SLOT"] = self.slot
         env["FLEETWAVE_VERSION"] = self.manifest.version
-        return env
+        return child_env(self.run_as, env)
 
 
 class SlotRunner:
@@ -316,7 +316,7 @@ class SlotRunner:
                 self._proc = await asyncio.create_subprocess_exec(
                     *spec.manifest.command, cwd=spec.release_dir, env=spec.env(),
                     stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
-                    start_new_session=True, close_fds=True,
+                    start_new_session=True, close_fds=True, **spawn_kwargs(spec.run_as),
                 )
         except OSError as exc:
             self._set_failed(f"cannot start {spec.manifest.command[0]}: {exc.strerror or exc}")
@@ -332,7 +332,7 @@ class SlotRunner:
     async def _watch(self) -> int | None:
         """Probe while the process runs; return its exit status (None when adopted)."""
         prober = Prober(self.spec.manifest.health, self.spec.port, self.spec.release_dir,
-                        self.spec.env(), self._on_health)
+                        self.spec.env(), self._on_health, run_as=self.spec.run_as)
         async with asyncio.TaskGroup() as tg:
             probing = tg.create_task(prober.run(), name=f"probe-{self.spec.slot}")
             try:
@@ -394,7 +394,8 @@ class SlotRunner:
         try:
             with hook_log.open("wb") as out:
                 proc = await spawn_owned(
-                    argv, cwd=self.spec.release_dir, env=self.spec.env(), stdout=out, stderr=out
+                    argv, cwd=self.spec.release_dir, env=self.spec.env(), stdout=out, stderr=out,
+                    **spawn_kwargs(self.spec.run_as),
                 )
         except OSError as exc:
             self._set_failed(f"hooks.{name} cannot start {argv[0]}: {exc.strerror or exc}")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import msgspec
 
+from agent.identity import RunAs, child_env, spawn_kwargs
 from protocol.messages import MirrorSpec, RouterStats
 
 # sun_path is 108 bytes on Linux, 104 on macOS; stay under both.
@@ -178,13 +179,16 @@ async def start_router(
     *,
     python: str = sys.executable,
     timeout: float = 5.0,
+    run_as: RunAs | None = None,
 ) -> int:
     """Spawn ``python -m agent.router --control SOCK`` detached and return its pid once it answers.
 
     The router double-forks (the launcher we wait for exits at once), runs in its own session with
     stdin on /dev/null and output appended to ``log_path``, so it depends on nothing of ours and we
     leave no zombie. If a live router already answers on ``socket_path`` this raises RouterRunning
-    (carrying its pid) and starts nothing; a stale socket file is removed.
+    (carrying its pid) and starts nothing; a stale socket file is removed. It faces the internet,
+    so it inherits none of the agent's environment (``agent.identity``) and runs as ``run_as``
+    when given (then the socket's directory is handed to that user to create the socket in).
     """
     socket_path = Path(socket_path)
     check_socket_path(socket_path)
@@ -200,10 +204,12 @@ async def start_router(
                 f"a router (pid {pid}) already runs on {socket_path}; use it", pid
             )
     socket_path.parent.mkdir(parents=True, exist_ok=True)
+    if run_as is not None:
+        os.chown(socket_path.parent, run_as.uid, run_as.gid)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     argv = [python, "-m", "agent.router", "--control", str(socket_path), "--detach"]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH", "")) if p)
+    path = os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH", "")) if p)
+    env = child_env(run_as, {"PYTHONPATH": path})
     deadline = asyncio.get_running_loop().time() + timeout
     with log_path.open("ab") as log:
         try:
@@ -215,6 +221,7 @@ async def start_router(
                 start_new_session=True,
                 close_fds=True,
                 env=env,
+                **spawn_kwargs(run_as),
             )
         except OSError as exc:
             raise RouterUnavailable(f"cannot start the router with {python}: {exc}") from None

@@ -37,6 +37,7 @@ def spawn_agent(
     fleet: str = "default",
     interval: float = HEARTBEAT,
     extra: list[str] | None = None,
+    python: str = sys.executable,
 ) -> Child:
     """An agent child for ``node`` with its data dir and log under ``base`` (not started)."""
     args = [
@@ -45,7 +46,7 @@ def spawn_agent(
     ]
     for k, v in (labels or {}).items():
         args += ["--label", f"{k}={v}"]
-    return Child(node, python_module("agent.main", *args, *(extra or [])),
+    return Child(node, [python, *python_module("agent.main", *args, *(extra or []))[1:]],
                  base / "logs" / f"{node}.log")
 
 

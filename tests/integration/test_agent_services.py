@@ -201,23 +201,30 @@ def _leftovers(base: Path) -> list[psutil.Process]:
 
 @pytest.fixture
 async def fleet(broker: Broker, tmp_path: Path) -> AsyncIterator[Fleet]:
+    async with hello_fleet(broker, tmp_path) as f:
+        yield f
+
+
+@contextlib.asynccontextmanager
+async def hello_fleet(broker: Broker, base: Path) -> AsyncIterator[Fleet]:
+    """The hello releases pushed, agents' data under ``base``; every process they left, killed."""
     bus = await Bus.connect(broker.url, "default")
     await bus.ensure_fleet()
     port = free_port()
     refs = {}
     for version in ("1.0.0", "2.0.0", "2.1.0"):
-        path = _bundle(HELLO / version, tmp_path / "bundles" / version, port)
+        path = _bundle(HELLO / version, base / "bundles" / version, port)
         refs[version] = (await push_release(bus, path)).info.ref
     try:
-        yield Fleet(bus=bus, seed=generate_seed(), port=port, base=tmp_path / "agents", refs=refs)
+        yield Fleet(bus=bus, seed=generate_seed(), port=port, base=base / "agents", refs=refs)
     finally:
         await bus.close()
-        procs = _leftovers(tmp_path)
+        procs = _leftovers(base)
         for p in procs:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
         psutil.wait_procs(procs, timeout=5)
-        _remove_socket_dir(tmp_path)
+        _remove_socket_dir(base)
 
 
 def _remove_socket_dir(base: Path) -> None:

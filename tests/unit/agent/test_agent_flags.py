@@ -19,7 +19,7 @@ def test_defaults_and_types() -> None:
     assert v == {
         "node_id": "n1", "labels": {}, "data_dir": None, "bind_host": "127.0.0.1",
         "nats_url": "nats://127.0.0.1:4222", "fleet": "default", "heartbeat_interval": 2.0,
-        "trust_keys": (), "simulate": 0, "verbose": False,
+        "trust_keys": (), "service_user": None, "simulate": 0, "verbose": False,
     }
 
 

@@ -1,0 +1,127 @@
+"""Who the agent's children run as, and what they inherit from it.
+
+The agent holds what a service must never see: its NATS credentials (in its environment), the
+state file with every service's desired state, and the other services' logs. Its children are
+the service processes, their hooks and exec probes, and the per-service routers (the processes
+that face the internet). They get:
+
+- an environment rebuilt from a short list (``BASE_ENV``) plus what the child needs (``PORT``,
+  the manifest's ``env``...), never the agent's own: ``FLEETWAVE_NATS`` stays with the agent;
+- with ``--service-user NAME`` (``RunAs``), another user's uid, primary gid and no supplementary
+  groups, so that they can read neither ``/proc/<agent>/environ`` nor the agent's data dir (the
+  agent keeps it 0711: releases are reachable by path, nothing can be listed, the state file and
+  the logs stay 0600/0700). Switching users needs root (or the same user, a no-op), and the user
+  must be able to run the agent's Python (the routers are ``python -m agent.router``): the agent
+  checks both at start and says what to change, instead of failing on the first service.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import stat
+import sys
+import sysconfig
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from protocol.errors import ProtocolError
+
+# What a child inherits from the agent's environment: enough to find programs and speak the
+# host's locale, nothing that configures fleetwave itself.
+BASE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER", "LOGNAME")
+
+
+@dataclass(frozen=True)
+class RunAs:
+    """The user that services, hooks, exec probes and routers run as."""
+
+    name: str
+    uid: int
+    gid: int
+    home: str
+
+    @classmethod
+    def lookup(cls, name: str) -> RunAs:
+        """The user ``name`` (or a numeric uid) as the agent can switch to it, or ProtocolError."""
+        try:
+            pw = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
+        except (KeyError, OverflowError):
+            raise ProtocolError(
+                f"no user {name!r} on this host; create it (useradd --system {name}) or name "
+                "another"
+            ) from None
+        if pw.pw_uid == 0:
+            raise ProtocolError("services must not run as root; name an unprivileged user")
+        if os.geteuid() not in (0, pw.pw_uid):
+            raise ProtocolError(
+                f"running services as {pw.pw_name!r} needs an agent started as root; start it "
+                f"as root or drop --service-user"
+            )
+        run_as = cls(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir)
+        for path in _python_paths():
+            if (why := run_as.cannot_read(path)) is not None:
+                raise ProtocolError(
+                    f"user {pw.pw_name!r} cannot run this agent's Python ({why}); install "
+                    "fleetwave where that user can read it (e.g. a virtualenv in /opt/fleetwave)"
+                )
+        return run_as
+
+    def cannot_read(self, path: Path) -> str | None:
+        """Why this user cannot reach and read ``path`` (walking every directory above it by
+        its mode bits, as the kernel would), or None if it can."""
+        path = path.resolve()
+        for part in [*reversed(path.parents), path]:
+            try:
+                st = part.stat()
+            except OSError as exc:
+                return f"{part}: {exc.strerror}"
+            if st.st_uid == self.uid:
+                bits = st.st_mode >> 6
+            elif st.st_gid == self.gid:
+                bits = st.st_mode >> 3
+            else:
+                bits = st.st_mode
+            need = 0o5 if stat.S_ISDIR(st.st_mode) or part != path else 0o4
+            if bits & need != need:
+                return f"{part} is {stat.filemode(st.st_mode)} {_owner(st.st_uid)}"
+        return None
+
+    def spawn_kwargs(self) -> dict[str, Any]:
+        """Arguments for ``asyncio.create_subprocess_exec`` that start the child as this user."""
+        return {"user": self.uid, "group": self.gid, "extra_groups": []}
+
+
+def spawn_kwargs(run_as: RunAs | None) -> dict[str, Any]:
+    """``run_as.spawn_kwargs()``, or nothing when children run as the agent's own user."""
+    return run_as.spawn_kwargs() if run_as is not None else {}
+
+
+def child_env(run_as: RunAs | None, extra: Mapping[str, str]) -> dict[str, str]:
+    """The environment of a child: ``BASE_ENV`` from the agent's, the user's own ``HOME``,
+    ``USER`` and ``LOGNAME`` when it runs as another, then ``extra``."""
+    env = {k: os.environ[k] for k in BASE_ENV if k in os.environ}
+    if run_as is not None:
+        env.update(HOME=run_as.home, USER=run_as.name, LOGNAME=run_as.name)
+    env.update(extra)
+    return env
+
+
+def _python_paths() -> list[Path]:
+    """What a router needs to read to start: the interpreter, its standard library, and the
+    directories fleetwave and its compiled dependencies are imported from."""
+    import msgspec
+
+    import agent
+
+    return [Path(sys.executable), Path(sysconfig.get_paths()["stdlib"]) / "os.py",
+            Path(agent.__file__), Path(msgspec.__file__)]
+
+
+def _owner(uid: int) -> str:
+    try:
+        return f"owned by {pwd.getpwuid(uid).pw_name}"
+    except KeyError:
+        return f"owned by uid {uid}"

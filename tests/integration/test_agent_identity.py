@@ -1,0 +1,176 @@
+"""What the agent's children inherit (issue 20, defect 4): the router and the services never see
+the agent's environment; with --service-user they run as another user who can read neither the
+agent's environment nor its state."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import pwd
+import shutil
+import site
+import stat
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from agent.identity import RunAs, child_env
+from agent.probes import exec_probe
+from agent.router import RouterClient, start_router
+from coordinator.broker import Broker
+from protocol.signing import public_key
+from tests.integration.procs import reaping, spawn_agent, wait_until
+from tests.integration.test_agent_services import NODE, hello_fleet
+
+SECRET = "nats://node-1:s3cret@127.0.0.1:4222"
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _environ(pid: int) -> dict[str, str]:
+    return psutil.Process(pid).environ()
+
+
+async def test_the_router_inherits_nothing_of_the_agents_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A router started by the agent gets PATH and the like, never FLEETWAVE_NATS or others."""
+    monkeypatch.setenv("FLEETWAVE_NATS", SECRET)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "hunter2")
+    sock = tmp_path / "run" / "router.sock"
+    pid = await start_router(sock, tmp_path / "router.log")
+    try:
+        env = _environ(pid)
+        assert "FLEETWAVE_NATS" not in env and "AWS_SECRET_ACCESS_KEY" not in env
+        assert env["PATH"] == os.environ["PATH"] and "PYTHONPATH" in env
+    finally:
+        with contextlib.suppress(Exception):
+            await RouterClient(sock).shutdown()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.Process(pid).kill()
+
+
+@pytest.fixture
+def open_base() -> Iterator[Path]:
+    """A base dir another user can traverse (pytest's own tmp dirs are 0700 to their owner)."""
+    base = Path(tempfile.mkdtemp(prefix="fw-identity-"))
+    base.chmod(0o711)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root (CI runs as root)")
+async def test_services_and_routers_run_as_the_service_user(
+    broker: Broker, open_base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --service-user nobody the slot, its probes and the router run as nobody, serve
+    traffic, and can read neither the agent's environment nor its state file."""
+    nobody = pwd.getpwnam("nobody")
+    monkeypatch.setenv("FLEETWAVE_NATS", broker.url)  # the agent's secret, in its environment
+    python = _python_for(RunAs(nobody.pw_name, nobody.pw_uid, nobody.pw_gid, nobody.pw_dir),
+                         monkeypatch)
+    async with hello_fleet(broker, open_base) as fleet:
+        agent = spawn_agent(broker.url, NODE, fleet.base, python=python, extra=[
+            "--trust-key", public_key(fleet.seed), "--service-user", "nobody"])
+        async with reaping(agent):
+            gen = await fleet.desire({"a": "1.0.0"}, {"a": 100})
+            obs = await fleet.converged(gen)
+            assert obs.phase == "converged" and obs.slots["a"].status == "healthy"
+            body = await wait_until(lambda: _get(fleet.port), lambda b: b is not None,
+                                    timeout=10, what="the router to answer")
+            assert body is not None and body["version"] == "1.0.0"
+
+            slot_pid = obs.slots["a"].pid
+            assert slot_pid is not None and agent.pid is not None
+            router = _router_pid(fleet.base / NODE)
+            for pid in (slot_pid, router):
+                proc = psutil.Process(pid)
+                assert proc.uids().real == nobody.pw_uid, proc.cmdline()
+                assert proc.gids().real == nobody.pw_gid
+                env = _environ(pid)
+                assert "FLEETWAVE_NATS" not in env and env["HOME"] == nobody.pw_dir
+                assert env["USER"] == "nobody"
+
+            data = fleet.base / NODE
+            assert stat.S_IMODE(data.stat().st_mode) == 0o711
+            assert stat.S_IMODE((data / "state.json").stat().st_mode) == 0o600
+            assert stat.S_IMODE((data / "logs").stat().st_mode) == 0o700
+            # What the service's user can actually do, tried as that user.
+            for argv in (["cat", f"/proc/{agent.pid}/environ"], ["cat", str(data / "state.json")],
+                         ["ls", str(data)]):
+                assert await _exit_as(nobody.pw_uid, argv) != 0, argv
+
+
+async def _exit_as(uid: int, argv: list[str]) -> int:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, user=uid, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    return await asyncio.wait_for(proc.wait(), 10)
+
+
+async def _get(port: int) -> dict[str, str] | None:
+    """GET / through the router; None while nothing answers."""
+    try:
+        async with asyncio.timeout(2):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            raw = await reader.read()
+            writer.close()
+    except (OSError, TimeoutError):
+        return None
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return json.loads(body) if head.startswith(b"HTTP/1.1 200") else None  # type: ignore[no-any-return]
+
+
+def _router_pid(data_dir: Path) -> int:
+    """The router serving this data dir's hello service (its argv names its socket)."""
+    from agent.shell import router_socket
+
+    sock = str(router_socket(data_dir, "hello"))
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if "agent.router" in cmd and sock in cmd:
+            return p.pid
+    raise AssertionError(f"no router runs on {sock}")
+
+
+def _python_for(user: RunAs, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A Python that ``user`` can run, with this test run's packages on its path.
+
+    The agent checks that its service user can run its interpreter (routers are Python). A
+    virtualenv made from an interpreter under /root (pyenv) fails that check, as it should: then
+    the same minor version from /usr/bin runs the agent, with the virtualenv's packages (the same
+    ABI) and the checkout on PYTHONPATH.
+    """
+    if user.cannot_read(Path(sys.executable)) is None:
+        return sys.executable
+    system = Path(f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}")
+    assert user.cannot_read(system) is None, (
+        f"neither {sys.executable} nor {system} can be run by {user.name}: make a virtualenv "
+        "from a system Python to run this test")
+    paths = [str(REPO), *site.getsitepackages(), os.environ.get("PYTHONPATH", "")]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in paths if p))
+    return str(system)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root (CI runs as root)")
+async def test_exec_probes_run_as_the_service_user(open_base: Path) -> None:
+    """An exec probe runs as the service user, with the user's HOME and none of the agent's env."""
+    nobody = pwd.getpwnam("nobody")
+    run_as = RunAs(nobody.pw_name, nobody.pw_uid, nobody.pw_gid, nobody.pw_dir)
+    check = f'test "$(id -u)" = {nobody.pw_uid} && test "$HOME" = {nobody.pw_dir} && test -z "$X"'
+    env = child_env(run_as, {})
+    os.environ["X"] = "agent-only"
+    try:
+        as_user = await exec_probe(["sh", "-c", check], open_base, env, 5.0, run_as)
+        as_agent = await exec_probe(["sh", "-c", check], open_base, env, 5.0)
+    finally:
+        del os.environ["X"]
+    assert as_user.ok, as_user.reason
+    assert not as_agent.ok  # the same check fails as the agent's own user: it is a real check
