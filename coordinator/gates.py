@@ -153,8 +153,10 @@ def mirror_window(start: RouterStats | None, end: RouterStats | None) -> tuple[i
 _SLOT_COUNTERS = ("requests", "errors", "failures")
 _MIRROR_COUNTERS = ("mirrored", "compared", "mismatched", "dropped", "shadow_errors")
 _MIRROR_HISTOGRAMS = ("shadow_latency", "live_latency")
-# Reasons name this many untrusted nodes, then count the rest (the figures hold them all).
+# Reasons name this many untrusted nodes, then count the rest; figures keep MAX_LISTED of them
+# with why, so that a fleet of liars cannot grow the rollout record past what the bus takes.
 MAX_NAMED = 5
+MAX_LISTED = 20
 
 
 def distrust(start: RouterStats | None, end: RouterStats | None) -> str | None:
@@ -267,6 +269,11 @@ class Evidence:
             self.untrusted.setdefault(node, why)
 
 
+def listed(untrusted: Mapping[str, str]) -> dict[str, str]:
+    """The first MAX_LISTED untrusted nodes with why, for figures and records."""
+    return dict(sorted(untrusted.items())[:MAX_LISTED])
+
+
 def left_out(untrusted: Mapping[str, str]) -> list[str]:
     """The reasons that name the nodes whose figures were left out (the first MAX_NAMED)."""
     named = sorted(untrusted.items())
@@ -324,7 +331,8 @@ class Figures:
             "p99_new_ms": self.p99_new, "p99_old_ms": self.p99_old,
             "old_requests": self.old.requests, "p99_ratio": _round(self.p99_ratio),
             "compared": self.compared, "mismatched": self.mismatched,
-            "mismatch_rate": _round(self.mismatch_rate), "untrusted": dict(self.untrusted),
+            "mismatch_rate": _round(self.mismatch_rate), "untrusted": listed(self.untrusted),
+            "untrusted_nodes": len(self.untrusted),
         }
 
 
@@ -543,7 +551,8 @@ class ShadowFigures:
             "dropped": m.dropped, "shadow_errors": m.shadow_errors,
             "mismatch_rate": _round(self.mismatch_rate), "error_rate": _round(self.error_rate),
             "p99_shadow_ms": self.p99_shadow, "p99_live_ms": self.p99_live,
-            "p99_ratio": _round(self.p99_ratio), "untrusted": dict(self.untrusted),
+            "p99_ratio": _round(self.p99_ratio), "untrusted": listed(self.untrusted),
+            "untrusted_nodes": len(self.untrusted),
         }
 
 

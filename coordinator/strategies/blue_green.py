@@ -101,7 +101,7 @@ def start_switch(step: Step, index: int) -> None:
     r.report["switch"] = {
         "at": step.now, "wave": index, "nodes": {},
         "old": {"requests": old.requests, "errors": old.errors, "latency": list(old.latency),
-                "untrusted": evidence.untrusted},
+                "untrusted": gatelib.listed(evidence.untrusted)},
     }
     step.emit("bluegreen.switching", f"switching {len(r.waves[index].nodes)} nodes to "
               f"{r.release.version} at once", wave=index, at=step.now)

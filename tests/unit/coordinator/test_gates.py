@@ -293,3 +293,16 @@ def test_untrusted_shadow_figures_are_named_and_never_a_pass() -> None:
     v = gatelib.evaluate_shadow(Gates(max_mismatch_rate=0.1),
                               gatelib.ShadowFigures(2, 2, w, untrusted={"node-2": "why"}))
     assert v.outcome == "inconclusive" and "node-2's router figures are invalid (why)" in v.reason
+
+
+def test_many_untrusted_nodes_are_counted_not_all_listed() -> None:
+    """Reasons name the first few nodes and count the rest; figures list a bounded number, so
+    a fleet of lying nodes cannot grow the rollout record without bound."""
+    untrusted = {f"node-{i:03}": "slot 'b': errors -1 is negative" for i in range(500)}
+    v = evaluate(Gates(max_error_rate=0.01), gatelib.figures(500, 500, [], [],
+                                                              untrusted=untrusted))
+    assert v.outcome == "inconclusive"
+    assert len(v.reasons) == 1 + gatelib.MAX_NAMED + 1  # no traffic, five named, the rest
+    assert v.reasons[-1].startswith(f"{500 - gatelib.MAX_NAMED} more nodes'")
+    assert len(v.figures["untrusted"]) == gatelib.MAX_LISTED
+    assert v.figures["untrusted_nodes"] == 500
