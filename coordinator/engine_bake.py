@@ -129,11 +129,12 @@ class BakeSteps(RollbackSteps):
             end = seen.router if seen is not None else None
             start = wave.baseline.get(n)
             serving = serving_slot(p.previous)
-            reads_old = serving is not None and serving != p.slot
+            old_slot = serving if serving != p.slot else None
             in_wave = n in wave.nodes
-            if (reads_old or in_wave) and evidence.admits(n, start, end):
-                if serving is not None and reads_old:
-                    old.append(gatelib.window(start, end, serving))
+            # A node's figures are judged only where they are read, and left out as a whole.
+            if (old_slot is not None or in_wave) and evidence.admits(n, start, end):
+                if old_slot is not None:
+                    old.append(gatelib.window(start, end, old_slot))
                 if in_wave:
                     new.append(gatelib.window(start, end, p.slot))
                     mirror.append(gatelib.mirror_window(start, end))
