@@ -123,32 +123,38 @@ class BakeSteps(RollbackSteps):
             gates = msgspec.structs.replace(gates, max_mismatch_rate=None)
         new, old, mirror = [], [], []
         healthy = 0
+        evidence = gatelib.Evidence()
         for n, p in self.r.nodes.items():
             seen = self.obs.get(n)
             end = seen.router if seen is not None else None
             start = wave.baseline.get(n)
             serving = serving_slot(p.previous)
-            if serving is not None and serving != p.slot:
-                old.append(gatelib.window(start, end, serving))
-            if n not in wave.nodes:
-                continue
-            new.append(gatelib.window(start, end, p.slot))
-            mirror.append(gatelib.mirror_window(start, end))
-            slot = seen.slots.get(p.slot) if seen is not None else None
-            healthy += slot is not None and slot.status == "healthy"
+            old_slot = serving if serving != p.slot else None
+            in_wave = n in wave.nodes
+            # A node's figures are judged only where they are read, and left out as a whole.
+            if (old_slot is not None or in_wave) and evidence.admits(n, start, end):
+                if old_slot is not None:
+                    old.append(gatelib.window(start, end, old_slot))
+                if in_wave:
+                    new.append(gatelib.window(start, end, p.slot))
+                    mirror.append(gatelib.mirror_window(start, end))
+            if in_wave:
+                slot = seen.slots.get(p.slot) if seen is not None else None
+                healthy += slot is not None and slot.status == "healthy"
         if kind == "switch":
             old = [blue_green.old_window(self)]  # after the switch the old slots get no traffic
+            evidence.add(blue_green.old_untrusted(self))
         reference = ""
         if kind == "":
-            old, reference = self.old_reference(wave, old)
-        fig = gatelib.figures(len(wave.nodes), healthy, new, old, mirror)
+            old, reference = self.old_reference(wave, old, evidence)
+        fig = gatelib.figures(len(wave.nodes), healthy, new, old, mirror, evidence.untrusted)
         verdict = gatelib.evaluate(gates, fig)
         if reference:
             verdict.figures["p99_old_from"] = reference
         return verdict
 
     def old_reference(
-        self, wave: WaveRecord, old: list[gatelib.Window],
+        self, wave: WaveRecord, old: list[gatelib.Window], evidence: gatelib.Evidence,
     ) -> tuple[list[gatelib.Window], str]:
         """The old release's traffic to compare this wave's new slots with, and where it is from.
 
@@ -170,6 +176,7 @@ class BakeSteps(RollbackSteps):
         before = []
         for n, p in self.r.nodes.items():
             serving = serving_slot(p.previous)
-            if serving is not None and serving != p.slot:
-                before.append(gatelib.window(None, wave.baseline.get(n), serving))
+            baseline = wave.baseline.get(n)
+            if serving is not None and serving != p.slot and evidence.admits(n, None, baseline):
+                before.append(gatelib.window(None, baseline, serving))
         return before, "old slots before this bake"

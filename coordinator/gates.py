@@ -13,21 +13,34 @@ Verdicts: ``pass``, ``fail`` (a threshold was crossed: the reasons say which, wi
 requests in the window is inconclusive even without ``--min-requests``. A failed check outweighs
 an inconclusive one, so the verdict is ``fail`` if any check fails.
 
+Trust: the figures are each node's own word, so a buggy or compromised node could hide a bad
+release's errors or invent some to force a rollback. ``distrust`` names what no real router can
+report (a negative count, more errors than requests, a histogram that does not hold as many
+requests as claimed or has the wrong number of buckets, a non-finite time, counters that went
+backwards within one router epoch); such a node's figures are left out of every sum (``Evidence``)
+and the verdict names it. Left out is not a pass: when a gate reads traffic, a node left out
+makes a verdict that would pass inconclusive (the rollout pauses for an operator), while a
+failure of the trusted figures still fails. So one node can at worst pause a rollout, never pass
+a bad release nor roll back a good one. What ``distrust`` cannot catch is a consistent lie (clean
+traffic invented in the right shape): the figures are only as honest as the nodes.
+
 Quantiles come from the router's latency histogram (bounds ``LATENCY_BOUNDS_MS``, plus a last
 overflow bucket): the q-quantile is the upper bound of the bucket that holds the ceil(q * count)-th
 fastest request, so it errs on the slow side by at most one bucket (~25%). ``quantile`` here is
-``protocol.histogram.quantile`` read tolerantly: a histogram of another length (an agent of
-another version) is fitted to our bounds instead of refused, and the overflow bucket is reported
-as a finite figure so that gate figures stay valid JSON.
+``protocol.histogram.quantile`` read tolerantly (a histogram of another length is fitted to our
+bounds; ``distrust`` keeps such reports out, but a sum kept in a rollout record is read the same
+way), and the overflow bucket is reported as a finite figure so that gate figures stay valid JSON.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from protocol.histogram import is_count
+from protocol.histogram import problem as histogram_problem
 from protocol.histogram import quantile as histogram_quantile
 from protocol.messages import LATENCY_BOUNDS_MS, Gates, MirrorTraffic, RouterStats
 
@@ -94,7 +107,8 @@ def window(start: RouterStats | None, end: RouterStats | None, slot: str) -> Win
     if before is None:
         return Window(after.requests, after.errors, tuple(after.latency))
     if after.requests < before.requests or after.errors < before.errors:
-        # counters went backwards: a restart the epoch did not show
+        # Counters went backwards: ``distrust`` keeps such a report from the gates; here only
+        # so that a window is never negative.
         return Window(after.requests, after.errors, tuple(after.latency))
     if (after.requests, after.errors, after.latency) == (
             before.requests, before.errors, before.latency):
@@ -134,6 +148,142 @@ def mirror_window(start: RouterStats | None, end: RouterStats | None) -> tuple[i
     return after.compared - before.compared, after.mismatched - before.mismatched
 
 
+# -- trust -----------------------------------------------------------------------------------------
+
+_SLOT_COUNTERS = ("requests", "errors", "failures")
+_MIRROR_COUNTERS = ("mirrored", "compared", "mismatched", "dropped", "shadow_errors")
+_MIRROR_HISTOGRAMS = ("shadow_latency", "live_latency")
+# Reasons name this many untrusted nodes, then count the rest; figures keep MAX_LISTED of them
+# with why, so that a fleet of liars cannot grow the rollout record past what the bus takes.
+MAX_NAMED = 5
+MAX_LISTED = 20
+
+
+def distrust(start: RouterStats | None, end: RouterStats | None) -> str | None:
+    """Why one node's router figures over the window ``start``..``end`` cannot be true, or None.
+
+    ``start`` is judged only when the window reads it (same epoch); then every counter and
+    bucket must have grown or stayed, since a router never resets its counters while it lives.
+    """
+    if end is None:
+        return None
+    why = _impossible(end)
+    if why is not None:
+        return why
+    if start is None or start.epoch != end.epoch:
+        return None
+    why = _impossible(start)
+    if why is not None:
+        return f"at the window's start: {why}"
+    return _backwards(start, end)
+
+
+def _impossible(stats: RouterStats) -> str | None:
+    """What in one snapshot no router can report, or None."""
+    for name in ("epoch", "time"):
+        value = getattr(stats, name)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"{name} {value!r} is not a finite time"
+    for slot, traffic in sorted(stats.slots.items()):
+        why = _not_counts(traffic, _SLOT_COUNTERS)
+        if why is None and traffic.errors > traffic.requests:
+            why = f"errors {traffic.errors} > requests {traffic.requests}"
+        if why is None and (h := histogram_problem(traffic.latency, traffic.requests)):
+            why = f"latency {h}"
+        if why is not None:
+            return f"slot {_label(slot)}: {why}"
+    m = stats.mirror
+    if m is None:
+        return None
+    why = _not_counts(m, _MIRROR_COUNTERS)
+    if why is None and m.mismatched > m.compared:
+        why = f"mismatched {m.mismatched} > compared {m.compared}"
+    for name in _MIRROR_HISTOGRAMS:
+        if why is None and (h := histogram_problem(getattr(m, name), m.compared)):
+            why = f"{name} {h}"
+    return None if why is None else f"mirror: {why}"
+
+
+def _not_counts(obj: object, names: Iterable[str]) -> str | None:
+    for name in names:
+        value = getattr(obj, name)
+        if not is_count(value):
+            return f"{name} {value!r} is " + ("negative" if isinstance(value, int)
+                                               else "not a count")
+    return None
+
+
+def _backwards(start: RouterStats, end: RouterStats) -> str | None:
+    """A counter or bucket of one router epoch that went down, or a slot that vanished."""
+    for slot, before in sorted(start.slots.items()):
+        after = end.slots.get(slot)
+        why = ("vanished within one router epoch" if after is None
+               else _went_back(before, after, _SLOT_COUNTERS, ("latency",)))
+        if why is not None:
+            return f"slot {_label(slot)}: {why}"
+    if start.mirror is not None and end.mirror is not None:
+        why = _went_back(start.mirror, end.mirror, _MIRROR_COUNTERS, _MIRROR_HISTOGRAMS)
+        if why is not None:
+            return f"mirror: {why}"
+    return None
+
+
+def _went_back(
+    before: object, after: object, counters: Iterable[str], histograms: Iterable[str],
+) -> str | None:
+    for name in counters:
+        b, a = getattr(before, name), getattr(after, name)
+        if a < b:
+            return f"{name} went from {b} to {a} within one router epoch"
+    for name in histograms:
+        # Both are valid here: of equal length, or one empty and then its counter caught it.
+        for i, (b, a) in enumerate(zip(getattr(before, name), getattr(after, name),
+                                       strict=False)):
+            if a < b:
+                return f"{name} bucket {i} went from {b} to {a} within one router epoch"
+    return None
+
+
+def _label(name: str) -> str:
+    """A node-chosen slot name, quoted and cut short enough for a reason line."""
+    return repr(name if len(name) <= 32 else name[:32] + "...")
+
+
+class Evidence:
+    """Which nodes' router figures may feed a wave's gates; the others with why (``distrust``)."""
+
+    def __init__(self) -> None:
+        self.untrusted: dict[str, str] = {}
+
+    def admits(self, node: str, start: RouterStats | None, end: RouterStats | None) -> bool:
+        """Whether ``node``'s figures over ``start``..``end`` may be summed; if not, note why."""
+        why = distrust(start, end)
+        if why is None:
+            return True
+        self.untrusted.setdefault(node, why)
+        return False
+
+    def add(self, untrusted: Mapping[str, str]) -> None:
+        """Nodes left out of figures gathered earlier (the blue-green switch's old traffic)."""
+        for node, why in untrusted.items():
+            self.untrusted.setdefault(node, why)
+
+
+def listed(untrusted: Mapping[str, str]) -> dict[str, str]:
+    """The first MAX_LISTED untrusted nodes with why, for figures and records."""
+    return dict(sorted(untrusted.items())[:MAX_LISTED])
+
+
+def left_out(untrusted: Mapping[str, str]) -> list[str]:
+    """The reasons that name the nodes whose figures were left out (the first MAX_NAMED)."""
+    named = sorted(untrusted.items())
+    notes = [f"{node}'s router figures are invalid ({why}); left out"
+             for node, why in named[:MAX_NAMED]]
+    if len(named) > MAX_NAMED:
+        notes.append(f"{len(named) - MAX_NAMED} more nodes' router figures are invalid; left out")
+    return notes
+
+
 @dataclass(frozen=True)
 class Figures:
     """Everything the gates look at for one wave."""
@@ -144,6 +294,7 @@ class Figures:
     old: Window
     compared: int = 0
     mismatched: int = 0
+    untrusted: Mapping[str, str] = field(default_factory=dict)  # node -> why, left out
 
     @property
     def healthy_fraction(self) -> float:
@@ -180,7 +331,8 @@ class Figures:
             "p99_new_ms": self.p99_new, "p99_old_ms": self.p99_old,
             "old_requests": self.old.requests, "p99_ratio": _round(self.p99_ratio),
             "compared": self.compared, "mismatched": self.mismatched,
-            "mismatch_rate": _round(self.mismatch_rate),
+            "mismatch_rate": _round(self.mismatch_rate), "untrusted": listed(self.untrusted),
+            "untrusted_nodes": len(self.untrusted),
         }
 
 
@@ -190,16 +342,17 @@ def _round(x: float | None) -> float | None:
 
 def figures(
     nodes: int, healthy: int, new: Iterable[Window], old: Iterable[Window],
-    mirror: Iterable[tuple[int, int]] = (),
+    mirror: Iterable[tuple[int, int]] = (), untrusted: Mapping[str, str] | None = None,
 ) -> Figures:
-    """Sum per-slot windows into the figures of one wave."""
+    """Sum per-slot windows into the figures of one wave (``untrusted``: the nodes left out)."""
     total_new = total(new)
     total_old = total(old)
     compared = mismatched = 0
     for c, m in mirror:
         compared += c
         mismatched += m
-    return Figures(nodes, healthy, total_new, total_old, compared, mismatched)
+    return Figures(nodes, healthy, total_new, total_old, compared, mismatched,
+                   dict(untrusted or {}))
 
 
 @dataclass(frozen=True)
@@ -212,6 +365,17 @@ class Verdict:
     def reason(self) -> str:
         """All reasons in one line."""
         return "; ".join(self.reasons)
+
+
+def _judged(fails: list[str], unsure: list[str], reads_traffic: bool,
+            untrusted: Mapping[str, str], data: dict[str, Any]) -> Verdict:
+    """Fail beats inconclusive beats pass; figures left out of a traffic gate are never a pass."""
+    notes = left_out(untrusted) if reads_traffic else []
+    if fails:
+        return Verdict("fail", tuple(fails + notes), data)
+    if unsure or notes:
+        return Verdict("inconclusive", tuple(unsure + notes), data)
+    return Verdict("pass", (), data)
 
 
 def evaluate(gates: Gates, fig: Figures) -> Verdict:
@@ -265,11 +429,13 @@ def evaluate(gates: Gates, fig: Figures) -> Verdict:
                 f"above max-mismatch-rate {gates.max_mismatch_rate:.2%}"
             )
     data = fig.as_dict() | {"thresholds": _thresholds(gates)}
-    if fails:
-        return Verdict("fail", tuple(fails), data)
-    if unsure:
-        return Verdict("inconclusive", tuple(unsure), data)
-    return Verdict("pass", (), data)
+    return _judged(fails, unsure, _reads_traffic(gates), fig.untrusted, data)
+
+
+def _reads_traffic(gates: Gates) -> bool:
+    """Whether any gate set reads router figures (--min-healthy reads the slots' health)."""
+    return any(x is not None for x in (gates.max_error_rate, gates.max_p99_ratio,
+                                       gates.max_mismatch_rate, gates.min_requests))
 
 
 def _thresholds(gates: Gates) -> dict[str, Any]:
@@ -308,9 +474,6 @@ class ShadowWindow:
         )
 
 
-_MIRROR_COUNTERS = ("mirrored", "compared", "mismatched", "dropped", "shadow_errors")
-
-
 def shadow_window(start: RouterStats | None, end: RouterStats | None) -> ShadowWindow:
     """The mirror traffic between two snapshots of one router (same epoch rule as ``window``)."""
     if end is None or end.mirror is None:
@@ -337,6 +500,7 @@ class ShadowFigures:
     nodes: int
     healthy: int
     mirror: ShadowWindow
+    untrusted: Mapping[str, str] = field(default_factory=dict)  # node -> why, left out
 
     @property
     def healthy_fraction(self) -> float:
@@ -387,7 +551,8 @@ class ShadowFigures:
             "dropped": m.dropped, "shadow_errors": m.shadow_errors,
             "mismatch_rate": _round(self.mismatch_rate), "error_rate": _round(self.error_rate),
             "p99_shadow_ms": self.p99_shadow, "p99_live_ms": self.p99_live,
-            "p99_ratio": _round(self.p99_ratio),
+            "p99_ratio": _round(self.p99_ratio), "untrusted": listed(self.untrusted),
+            "untrusted_nodes": len(self.untrusted),
         }
 
 
@@ -442,8 +607,4 @@ def evaluate_shadow(gates: Gates, fig: ShadowFigures) -> Verdict:
             fails.append(f"shadow p99 {fig.p99_shadow}ms vs live {fig.p99_live}ms "
                          f"(x{ratio:.2f}) is above max-p99-ratio x{gates.max_p99_ratio:g}")
     data = fig.as_dict() | {"thresholds": _thresholds(gates)}
-    if fails:
-        return Verdict("fail", tuple(fails), data)
-    if unsure:
-        return Verdict("inconclusive", tuple(unsure), data)
-    return Verdict("pass", (), data)
+    return _judged(fails, unsure, _reads_traffic(gates), fig.untrusted, data)

@@ -61,6 +61,33 @@ def quantile(
     return float("inf")  # unreachable: seen ends at n >= rank
 
 
+def is_count(value: object) -> bool:
+    """Whether ``value`` can be a counter: a whole number, not negative (a bool is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def problem(
+    counts: Sequence[object], observations: int, bounds: Sequence[float] = LATENCY_BOUNDS_MS
+) -> str | None:
+    """Why ``counts`` cannot be the histogram of ``observations`` over ``bounds``; None if it can.
+
+    For figures a node reports about itself: every bucket a count, one per bound plus the
+    overflow, adding up to the observations they claim to hold. Empty is the histogram of no
+    observation at all.
+    """
+    if not counts and observations == 0:
+        return None
+    if len(counts) != len(bounds) + 1:
+        return f"has {len(counts)} buckets, not {len(bounds) + 1}"
+    for i, c in enumerate(counts):
+        if not is_count(c):
+            return f"bucket {i} is {c!r}, not a count"
+    added = sum(counts)  # type: ignore[arg-type]  # every item is an int, checked above
+    if added != observations:
+        return f"buckets add up to {added}, not {observations}"
+    return None
+
+
 def delta(newer: Sequence[int], older: Sequence[int] | None) -> list[int]:
     """Counts observed between two cumulative snapshots of the same router epoch.
 

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from coordinator.cli import client
 from coordinator.cli.base import Ctx, cli, output_option
+from coordinator.cli.render import cell
 from coordinator.daemon import Coordinator
 from coordinator.fleet import parse_selector
 from coordinator.runner import coordinator_seed
@@ -96,14 +97,14 @@ def render_table(rows: list[NodeView], now: float) -> Table:
     for col in ("NODE", "STATUS", "LAST SEEN", "CPU", "MEM", "LABELS", "SERVICES"):
         table.add_column(col)
     for r in rows:
-        table.add_row(
-            r.id,
+        table.add_row(  # what a node registered is shown as text (render.cell), never markup
+            cell(r.id),
             "[green]online[/]" if r.online else "[red]offline[/]",
             _ago(r.last_seen, now),
             _pct(r.cpu_percent),
             _pct(r.mem_percent),
-            ",".join(f"{k}={v}" for k, v in sorted(r.labels.items())) or "-",
-            _services(r.services) or "-",
+            cell(",".join(f"{k}={v}" for k, v in sorted(r.labels.items())) or "-"),
+            cell(_services(r.services) or "-"),
         )
     return table
 

@@ -4,6 +4,11 @@ Everything here is pure: it takes the status dict of ``coordinator.rollouts_api.
 rows, or Events) and returns text or rich renderables; the commands print them. Following a
 rollout without a terminal prints only what changed since the last poll (``progress_lines``), so
 a CI log reads as a story, not as a screen redrawn every half second.
+
+Much of what is shown was written by nodes (their ids, labels, reasons, mismatch samples, event
+messages), and a node may be hostile: every line and cell made here passes through ``safe``,
+which shows control characters as escapes, and table cells are ``Text`` (``cell``), never rich
+markup. JSON output (``-o json``) does not come through here and stays exact.
 """
 
 from __future__ import annotations
@@ -16,6 +21,28 @@ from rich.table import Table
 from rich.text import Text
 
 from protocol.messages import Event
+
+# What a terminal would act on rather than show: C0 controls (ESC starts every escape sequence;
+# line breaks could forge a line of output), DEL, C1 controls (0x9b is a one-byte CSI), and the
+# bidi controls that reorder what is shown (Trojan Source), with the line/paragraph separators.
+_UNSAFE: dict[int, str] = {
+    c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))
+} | {
+    c: f"\\u{c:04x}"
+    for c in (0x061C, 0x200E, 0x200F, 0x2028, 0x2029, *range(0x202A, 0x202F),
+              *range(0x2066, 0x206A))
+}
+
+
+def safe(text: object) -> str:
+    """``text`` with every character a terminal would act on shown as an escape (``\\x1b``)."""
+    return str(text).translate(_UNSAFE)
+
+
+def cell(text: object, style: str = "") -> Text:
+    """A table cell that shows ``text`` as it is: escaped by ``safe``, never read as markup."""
+    return Text(safe(text), style=style)
+
 
 STATE_STYLE = {
     "pending": "dim", "running": "cyan", "paused": "yellow", "succeeded": "green",
@@ -41,7 +68,7 @@ def headline(st: dict[str, Any]) -> str:
         parts.append(where)
     if st.get("reason"):
         parts.append(str(st["reason"]))
-    return "  ".join(parts[:1]) + ": " + ", ".join(parts[1:])
+    return safe("  ".join(parts[:1]) + ": " + ", ".join(parts[1:]))
 
 
 def _pct(x: Any) -> str:
@@ -86,7 +113,7 @@ def gates_text(gates: dict[str, Any]) -> str:
     reasons = gates.get("reasons") or []
     if reasons:
         bits.append("; ".join(str(r) for r in reasons))
-    return ", ".join(b for b in bits if b)
+    return safe(", ".join(b for b in bits if b))
 
 
 def _ms(x: Any) -> str:
@@ -152,7 +179,7 @@ def shadow_report_lines(report: dict[str, Any]) -> list[str]:
                      f"{x.get('path', '')}: {x.get('what', '')}")
         lines.append(f"    live:   {x.get('live', '')}")
         lines.append(f"    shadow: {x.get('shadow', '')}")
-    return lines
+    return [safe(line) for line in lines]
 
 
 def bluegreen_lines(report: dict[str, Any]) -> list[str]:
@@ -180,7 +207,7 @@ def bluegreen_lines(report: dict[str, Any]) -> list[str]:
 
 
 def _styled(state: str) -> Text:
-    return Text(state.replace("_", " "), style=STATE_STYLE.get(state, ""))
+    return cell(state.replace("_", " "), STATE_STYLE.get(state, ""))
 
 
 def status_renderable(st: dict[str, Any]) -> RenderableType:
@@ -189,18 +216,18 @@ def status_renderable(st: dict[str, Any]) -> RenderableType:
     for col in ("WAVE", "STATE", "WEIGHT", "NODES", "GATES"):
         waves.add_column(col)
     for w in st.get("waves") or []:
-        waves.add_row(str(w["index"] + 1), _styled(w["state"]), f"{w['weight']}%",
-                      ",".join(w["nodes"]), _wave_gates(st, w) or "-")
+        waves.add_row(str(w["index"] + 1), _styled(w["state"]), cell(f"{w['weight']}%"),
+                      cell(",".join(w["nodes"])), cell(_wave_gates(st, w) or "-"))
     nodes = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("NODE", "STATE", "VERSION", "HEALTHY", "ONLINE", "GEN", "REASON"):
         nodes.add_column(col)
     for node, p in (st.get("nodes") or {}).items():
-        nodes.add_row(node, _styled(p["state"]), p.get("version") or "-",
+        nodes.add_row(cell(node), _styled(p["state"]), cell(p.get("version") or "-"),
                       "yes" if p.get("healthy") else "no", "yes" if p.get("online") else "no",
-                      str(p.get("generation", "")), p.get("reason") or "")
+                      cell(p.get("generation", "")), cell(p.get("reason") or ""))
     report = (bluegreen_lines(st.get("report") or {})
               + shadow_report_lines(st.get("report") or {}))
-    tail = [Text(""), Text("\n".join(report))] if report else []
+    tail = [Text(""), Text("\n".join(safe(line) for line in report))] if report else []
     return Group(Text(headline(st), style="bold"), Text(""), waves, Text(""), nodes, *tail)
 
 
@@ -218,13 +245,13 @@ def status_text(st: dict[str, Any]) -> str:
                      + (f" ({p['reason']})" if p.get("reason") else ""))
     lines += bluegreen_lines(st.get("report") or {})
     lines += shadow_report_lines(st.get("report") or {})
-    return "\n".join(lines)
+    return "\n".join(safe(line) for line in lines)
 
 
 def progress_lines(before: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:
     """What changed between two polls of a rollout's status, one line per change."""
     if before is None:
-        return [headline(now)]
+        return [headline(now)]  # safe already
     out: list[str] = []
     stamp = time.strftime("%H:%M:%S")
     old_waves = {w["index"]: w for w in before.get("waves") or []}
@@ -246,7 +273,7 @@ def progress_lines(before: dict[str, Any] | None, now: dict[str, Any]) -> list[s
             if line not in said]
     if (before.get("state"), before.get("phase")) != (now.get("state"), now.get("phase")):
         out.append(f"{stamp} {headline(now)}")
-    return out
+    return [safe(line) for line in out]
 
 
 def rollouts_table(rows: list[dict[str, Any]]) -> Table:
@@ -256,10 +283,11 @@ def rollouts_table(rows: list[dict[str, Any]]) -> Table:
                 "REASON"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["id"], r["service"], r.get("from_version") or "-", r["version"],
-                      r["strategy"], _styled(r["state"]), str(r.get("nodes", "")),
+        table.add_row(cell(r["id"]), cell(r["service"]), cell(r.get("from_version") or "-"),
+                      cell(r["version"]), cell(r["strategy"]), _styled(r["state"]),
+                      cell(r.get("nodes", "")),
                       time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.get("created", 0))),
-                      r.get("reason") or "")
+                      cell(r.get("reason") or ""))
     return table
 
 
@@ -267,4 +295,4 @@ def event_line(e: Event) -> str:
     """One event as a log line: time, kind, where, message."""
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.time))
     where = " ".join(x for x in (e.rollout, e.node) if x)
-    return f"{stamp} {e.kind:<22} {where + ' ' if where else ''}{e.message}"
+    return safe(f"{stamp} {e.kind:<22} {where + ' ' if where else ''}{e.message}")

@@ -34,6 +34,7 @@ from coordinator.cli.render import (
     event_line,
     progress_lines,
     rollouts_table,
+    safe,
     shadow_report_lines,
     status_renderable,
     status_text,
@@ -348,7 +349,8 @@ async def follow(ctx: Ctx, rid: str, *, output: str) -> int:
         for line in shadow_report_lines(last.get("report") or {}):
             click.echo(line)  # on a terminal the Live view already shows it
     if last is not None and last.get("reason"):
-        click.echo(f"rollout {rid} {last['state'].replace('_', ' ')}: {last['reason']}", err=True)
+        click.echo(safe(f"rollout {rid} {last['state'].replace('_', ' ')}: {last['reason']}"),
+                   err=True)
     return EXIT_CODES[str(last["state"])] if last else 1
 
 
@@ -434,7 +436,8 @@ def _said(st: dict[str, Any], output: str) -> None:
         click.echo(json.dumps(st, indent=2, sort_keys=True))
     else:
         state = str(st["state"]).replace("_", " ")
-        click.echo(f"rollout {st['id']}: {state}" + (f" ({st['reason']})" if st["reason"] else ""))
+        click.echo(safe(f"rollout {st['id']}: {state}"
+                        + (f" ({st['reason']})" if st["reason"] else "")))
 
 
 for _verb, _done in (("pause", "pause"), ("resume", "resume"), ("abort", "abort")):

@@ -91,14 +91,17 @@ def start_switch(step: Step, index: int) -> None:
     """Record the switch decision and the old slots' traffic since the previous wave started."""
     r = step.r
     before = r.waves[index - 1].baseline if index > 0 else {}
+    evidence = gatelib.Evidence()
     old = gatelib.total(
         gatelib.window(before.get(n), seen.router, serving)
         for n, p in r.nodes.items()
         if (serving := _old_slot(p)) is not None and (seen := step.obs.get(n)) is not None
+        and evidence.admits(n, before.get(n), seen.router)
     )
     r.report["switch"] = {
         "at": step.now, "wave": index, "nodes": {},
-        "old": {"requests": old.requests, "errors": old.errors, "latency": list(old.latency)},
+        "old": {"requests": old.requests, "errors": old.errors, "latency": list(old.latency),
+                "untrusted": gatelib.listed(evidence.untrusted)},
     }
     step.emit("bluegreen.switching", f"switching {len(r.waves[index].nodes)} nodes to "
               f"{r.release.version} at once", wave=index, at=step.now)
@@ -109,6 +112,12 @@ def old_window(step: Step) -> gatelib.Window:
     old = step.r.report.get("switch", {}).get("old", {})
     return gatelib.Window(old.get("requests", 0), old.get("errors", 0),
                           tuple(old.get("latency", ())))
+
+
+def old_untrusted(step: Step) -> dict[str, str]:
+    """The nodes whose figures were left out of ``old_window``, with why."""
+    untrusted = step.r.report.get("switch", {}).get("old", {}).get("untrusted", {})
+    return {str(n): str(why) for n, why in untrusted.items()}
 
 
 def note(step: Step, p: NodeProgress, seen: ObservedState) -> None:

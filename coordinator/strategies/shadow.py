@@ -88,24 +88,27 @@ def verdict(step: Step, wave: WaveRecord) -> gatelib.Verdict:
     total = gatelib.ShadowWindow()
     nodes = healthy = 0
     samples: list[dict[str, Any]] = []
+    evidence = gatelib.Evidence()
     for n in wave.nodes:
         p = r.nodes[n]
         if p.target is None:
             continue  # already ran the release: nothing was shadowed there
         seen = step.obs.get(n)
         end = seen.router if seen is not None else None
-        window = gatelib.shadow_window(wave.baseline.get(n), end)
-        total += window
         nodes += 1
         slot = seen.slots.get(p.slot) if seen is not None else None
         healthy += slot is not None and slot.status == "healthy"
+        if not evidence.admits(n, wave.baseline.get(n), end):
+            continue
+        window = gatelib.shadow_window(wave.baseline.get(n), end)
+        total += window
         if window.mismatched and end is not None and end.mirror is not None:
             # The router keeps its latest samples; with mismatches in the window, they are
             # the window's (or close enough for a report: they are examples, not counts).
             samples += [{"node": n, "method": s.method, "path": s.path, "what": s.what,
                          "live": s.live, "shadow": s.shadow}
                         for s in end.mirror.samples[-MAX_SAMPLES:]]
-    fig = gatelib.ShadowFigures(nodes, healthy, total)
+    fig = gatelib.ShadowFigures(nodes, healthy, total, evidence.untrusted)
     result = gatelib.evaluate_shadow(step.spec.gates, fig)
     r.report["shadow"] = fig.as_dict() | {
         "mirror_percent": step.spec.mirror,

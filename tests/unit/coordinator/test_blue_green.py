@@ -351,6 +351,30 @@ def test_p99_ratio_compares_with_old_traffic_before_the_switch() -> None:
     assert events(cmds, "gate.failed") and r.record.phase == "rollback"
 
 
+def test_a_node_cannot_hide_a_slow_release_behind_invented_old_latency() -> None:
+    """Old traffic recorded at the switch leaves out a node whose histogram holds more requests
+    than it reports (here all "slow", which would make any new p99 look fine), and names it."""
+    r = rollout(2, bake=10.0, gates=Gates(max_p99_ratio=1.5))
+    d1, d2 = writes(r.handle(Start(), 0.0))
+    liar = RouterStats(epoch=1.0, slots={"a": SlotTraffic(requests=10, latency=[0] * (NB - 1)
+                                                          + [1000])})
+    r.handle(ObservedChanged("node-1", observed(d1, 1.0, router=traffic(a=(100, 0, 10)))), 1.0)
+    switch = r.handle(ObservedChanged("node-2", observed(d2, 1.0, router=liar)), 1.0)
+    assert r.record.report["switch"]["old"]["requests"] == 100
+    s1, s2 = writes(switch)
+    for s in (s1, s2):
+        r.handle(ObservedChanged(s.node, observed(s, 2.0, router=traffic(a=(100, 0, 10)))), 2.0)
+    slow = traffic(a=(100, 0, 10), b=(100, 0, 20))
+    for s in (s1, s2):
+        r.handle(ObservedChanged(s.node, observed(s, 5.0, router=slow)), 5.0)
+    cmds = r.handle(Tick(), 12.0)
+    gates = r.record.waves[1].gates
+    assert gates["p99_old_ms"] == LATENCY_BOUNDS_MS[10]
+    assert events(cmds, "gate.failed") and r.record.phase == "rollback"
+    assert "node-2's router figures are invalid (slot 'a': latency buckets add up to 1000, " \
+        "not 10); left out" in r.record.reason
+
+
 @pytest.mark.parametrize(
     ("setup", "event"),
     [

@@ -252,6 +252,46 @@ def test_gates_fail_after_the_bake_and_roll_back() -> None:
     assert r.record.phase == "rollback" and "max-error-rate" in r.record.reason
 
 
+def baked_wave(r: Rollout, start: dict[str, RouterStats], end: dict[str, RouterStats]
+               ) -> list[Command]:
+    """Converge the first wave with ``start`` counters, report ``end`` at t=20, tick at t=31."""
+    ds = writes(r.handle(Start(), 0.0))
+    for d in ds:
+        r.handle(ObservedChanged(d.node, observed(d, 1.0, router=start[d.node])), 1.0)
+    assert r.record.waves[0].state == "baking"
+    for d in ds:
+        r.handle(ObservedChanged(d.node, observed(d, 20.0, router=end[d.node])), 20.0)
+    return r.handle(Tick(), 31.0)
+
+
+def test_a_node_cannot_hide_the_errors_of_a_bad_release() -> None:
+    """A node reporting negative errors would cancel the others' errors and pass the gate;
+    its figures are left out instead, so the honest node's errors fail it."""
+    r = rollout(2, batch="2", max_unavailable="2", bake=30.0, gates=Gates(max_error_rate=0.05))
+    start = {"node-1": router(1.0, 0, 0), "node-2": router(1.0, 0, 0)}
+    end = {"node-1": router(1.0, 100, 30), "node-2": router(1.0, 100, -30)}
+    cmds = baked_wave(r, start, end)
+    assert "gate.failed" in kinds(cmds)
+    assert r.record.phase == "rollback"
+    assert "node-2's router figures are invalid (slot 'b': errors -30 is negative); left out" \
+        in r.record.reason
+    assert r.record.waves[0].gates["errors"] == 30
+    assert r.record.waves[0].gates["untrusted"] == {"node-2": "slot 'b': errors -30 is negative"}
+
+
+def test_a_node_cannot_force_a_rollback_with_invented_errors() -> None:
+    """A node reporting more errors than requests would fail a healthy release; its figures are
+    left out, and since untrusted evidence is never a pass the rollout pauses, naming it."""
+    r = rollout(2, batch="2", max_unavailable="2", bake=30.0, gates=Gates(max_error_rate=0.05))
+    start = {"node-1": router(1.0, 0, 0), "node-2": router(1.0, 0, 0)}
+    end = {"node-1": router(1.0, 100, 0), "node-2": router(1.0, 10, 500)}
+    cmds = baked_wave(r, start, end)
+    assert "gate.inconclusive" in kinds(cmds) and "gate.failed" not in kinds(cmds)
+    assert r.state == "paused" and r.record.phase == "forward"
+    assert "node-2's router figures are invalid (slot 'b': errors 500 > requests 10)" \
+        in r.record.reason
+
+
 def test_no_traffic_is_inconclusive_then_promote_continues() -> None:
     """A traffic gate with no requests pauses as inconclusive; promote passes the wave."""
     r = rollout(2, bake=10.0, gates=Gates(max_error_rate=0.05))

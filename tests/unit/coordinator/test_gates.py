@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from coordinator import gates as gatelib
 from coordinator.gates import (
     NO_TRAFFIC,
     Window,
@@ -171,3 +173,136 @@ def test_a_window_with_no_new_traffic_is_the_shared_empty_one() -> None:
     assert window(a, later, "a").requests == 2 and window(a, later, "a").latency == (1, 1)
     reset = RouterStats(epoch=1.0, slots={"a": SlotTraffic(requests=3, errors=0, latency=[3])})
     assert window(a, reset, "a").requests == 3
+
+
+# -- trust: a node's own figures are checked before they feed a gate -------------------------------
+
+def lying(**slot: object) -> RouterStats:
+    """Router stats with one slot ``b`` built from raw fields, however impossible."""
+    fields: dict[str, object] = {"requests": 10, "errors": 0, "latency": hist(b3=10)} | slot
+    return RouterStats(epoch=1.0, slots={"b": SlotTraffic(**fields)})  # type: ignore[arg-type]
+
+
+def mirrored(**fields: object) -> RouterStats:
+    """Router stats with mirror counters built from raw fields, however impossible."""
+    base: dict[str, object] = {"mirrored": 10, "compared": 10, "mismatched": 1,
+                               "shadow_latency": hist(b3=10), "live_latency": hist(b2=10)}
+    return RouterStats(epoch=1.0, mirror=MirrorTraffic(**(base | fields)))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "says"),
+    [
+        pytest.param(None, lying(), None, id="consistent"),
+        pytest.param(None, lying(requests=0, latency=[]), None, id="nothing-counted-yet"),
+        pytest.param(None, None, None, id="no-report"),
+        pytest.param(None, lying(requests=-5, latency=hist(b3=-5)), "requests -5 is negative",
+                     id="negative-requests"),
+        pytest.param(None, lying(errors=-40), "errors -40 is negative", id="negative-errors"),
+        pytest.param(None, lying(failures=-1), "failures -1 is negative", id="negative-failures"),
+        pytest.param(None, lying(errors=50), "errors 50 > requests 10", id="errors-over-requests"),
+        pytest.param(None, lying(latency=hist(b3=7)), "latency buckets add up to 7, not 10",
+                     id="histogram-total-mismatched"),
+        pytest.param(None, lying(latency=[]), f"latency has 0 buckets, not {NB}",
+                     id="histogram-missing"),
+        pytest.param(None, lying(latency=[10, 0, 0]), f"latency has 3 buckets, not {NB}",
+                     id="wrong-bucket-count"),
+        pytest.param(None, lying(latency=hist(b3=12, b4=-2)), "latency bucket 4 is -2",
+                     id="negative-bucket"),
+        pytest.param(None, lying(latency=[float("nan")] + [0] * (NB - 1)),
+                     "latency bucket 0 is nan", id="nan-latency"),
+        pytest.param(None, lying(latency=[*hist(b3=9)[:-1], float("inf")]),
+                     f"latency bucket {NB - 1} is inf", id="inf-latency"),
+        pytest.param(None, RouterStats(epoch=float("nan")), "epoch nan is not a finite time",
+                     id="nan-epoch"),
+        pytest.param(lying(requests=20, latency=hist(b3=20)), lying(),
+                     "requests went from 20 to 10 within one router epoch",
+                     id="counters-backwards"),
+        pytest.param(lying(latency=hist(b3=5, b4=5)), lying(requests=12, latency=hist(b3=12)),
+                     "latency bucket 4 went from 5 to 0 within one router epoch",
+                     id="bucket-backwards"),
+        pytest.param(lying(errors=99), lying(requests=30, latency=hist(b3=30)),
+                     "at the window's start: slot 'b': errors 99 > requests 10",
+                     id="invalid-start"),
+        pytest.param(lying(errors=99), msgspec.structs.replace(lying(), epoch=2.0), None,
+                     id="invalid-start-of-another-epoch-is-not-read"),
+        pytest.param(None, mirrored(), None, id="mirror-consistent"),
+        pytest.param(None, mirrored(mismatched=11), "mirror: mismatched 11 > compared 10",
+                     id="mirror-mismatched-over-compared"),
+        pytest.param(None, mirrored(compared=-10, mismatched=0), "mirror: compared -10 is neg",
+                     id="mirror-negative"),
+        pytest.param(None, mirrored(live_latency=hist(b2=3)),
+                     "mirror: live_latency buckets add up to 3, not 10",
+                     id="mirror-histogram-total-mismatched"),
+        pytest.param(mirrored(mismatched=5), mirrored(mismatched=2),
+                     "mirror: mismatched went from 5 to 2 within one router epoch",
+                     id="mirror-backwards"),
+    ],
+)
+def test_distrust_table(start: RouterStats | None, end: RouterStats | None,
+                        says: str | None) -> None:
+    """Figures no real router can produce are named with why; consistent ones are trusted."""
+    why = gatelib.distrust(start, end)
+    if says is None:
+        assert why is None
+    else:
+        assert why is not None and says in why, why
+
+
+def test_untrusted_figures_are_named_and_never_a_pass() -> None:
+    """Traffic gates that would pass on the trusted nodes alone are inconclusive when a node's
+    figures were left out, and the reason names the node and why."""
+    good = Window(1000, 0, tuple(hist(b10=1000)))
+    figs = gatelib.figures(3, 3, [good], [good],
+                         untrusted={"node-3": "slot 'b': errors 50 > requests 10"})
+    v = evaluate(Gates(max_error_rate=0.01), figs)
+    assert v.outcome == "inconclusive"
+    assert v.reasons == ("node-3's router figures are invalid (slot 'b': errors 50 > requests "
+                         "10); left out",)
+    assert v.figures["untrusted"] == {"node-3": "slot 'b': errors 50 > requests 10"}
+
+
+def test_untrusted_figures_do_not_hide_a_failure_of_the_trusted_ones() -> None:
+    """Errors on the trusted nodes still fail the gate, and the left-out node is named too."""
+    bad = Window(1000, 300, tuple(hist(b10=1000)))
+    v = evaluate(Gates(max_error_rate=0.01),
+                 gatelib.figures(2, 2, [bad], [bad], untrusted={"node-2": "why"}))
+    assert v.outcome == "fail"
+    assert "error rate 30.00%" in v.reason and "node-2's router figures are invalid" in v.reason
+
+
+def test_untrusted_figures_leaving_too_few_requests_are_inconclusive() -> None:
+    """A node left out counts none of its requests: below --min-requests is inconclusive."""
+    few = Window(40, 0, tuple(hist(b10=40)))
+    v = evaluate(Gates(max_error_rate=0.01, min_requests=100),
+                 gatelib.figures(2, 2, [few], [few], untrusted={"node-2": "why"}))
+    assert v.outcome == "inconclusive" and "fewer than min-requests 100" in v.reason
+
+
+def test_untrusted_figures_do_not_matter_to_gates_that_read_no_traffic() -> None:
+    """Only --min-healthy set (a stage wave): router figures are not evidence, so no pause."""
+    v = evaluate(Gates(min_healthy=1.0),
+                 gatelib.figures(2, 2, [], [], untrusted={"node-2": "why"}))
+    assert v.outcome == "pass"
+
+
+def test_untrusted_shadow_figures_are_named_and_never_a_pass() -> None:
+    """The shadow gates read the same untrusted list and treat it the same way."""
+    w = gatelib.ShadowWindow(mirrored=100, compared=100, mismatched=0,
+                           shadow_latency=tuple(hist(b3=100)), live_latency=tuple(hist(b3=100)))
+    v = gatelib.evaluate_shadow(Gates(max_mismatch_rate=0.1),
+                              gatelib.ShadowFigures(2, 2, w, untrusted={"node-2": "why"}))
+    assert v.outcome == "inconclusive" and "node-2's router figures are invalid (why)" in v.reason
+
+
+def test_many_untrusted_nodes_are_counted_not_all_listed() -> None:
+    """Reasons name the first few nodes and count the rest; figures list a bounded number, so
+    a fleet of lying nodes cannot grow the rollout record without bound."""
+    untrusted = {f"node-{i:03}": "slot 'b': errors -1 is negative" for i in range(500)}
+    v = evaluate(Gates(max_error_rate=0.01), gatelib.figures(500, 500, [], [],
+                                                              untrusted=untrusted))
+    assert v.outcome == "inconclusive"
+    assert len(v.reasons) == 1 + gatelib.MAX_NAMED + 1  # no traffic, five named, the rest
+    assert v.reasons[-1].startswith(f"{500 - gatelib.MAX_NAMED} more nodes'")
+    assert len(v.figures["untrusted"]) == gatelib.MAX_LISTED
+    assert v.figures["untrusted_nodes"] == 500

@@ -162,6 +162,25 @@ def test_gates_pass_without_then_retire_the_shadow_and_succeed_with_a_report() -
     assert r.record.waves[0].gates["compared"] == 200
 
 
+def test_a_node_cannot_fail_a_shadow_with_impossible_mismatches() -> None:
+    """A node claiming more mismatches than comparisons would fail the shadow; its mirror
+    figures are left out, and the rollout pauses naming it (untrusted evidence is no pass)."""
+    r = rollout(2, gates=Gates(max_mismatch_rate=0.1, min_requests=50))
+    r.handle(Start(), 0.0)
+    report_all(r, 1.0, mirror(100))
+    liar = msgspec.structs.replace(mirror(200), mirror=msgspec.structs.replace(
+        mirror(200).mirror, mismatched=900))
+    for d in r.intended():
+        end = liar if d.node == "node-2" else mirror(200)
+        r.handle(ObservedChanged(d.node, observed(d, 30.0, end)), 30.0)
+    cmds = r.handle(Tick(), 61.0)
+    assert "gate.inconclusive" in kinds(cmds) and r.state == "paused"
+    rep = r.record.report["shadow"]
+    assert (rep["compared"], rep["mismatched"], rep["outcome"]) == (100, 0, "inconclusive")
+    assert "node-2's router figures are invalid (mirror: mismatched 900 > compared 200)" \
+        in r.record.reason
+
+
 @pytest.mark.parametrize(
     ("gates", "end", "reason"),
     [
@@ -169,7 +188,7 @@ def test_gates_pass_without_then_retire_the_shadow_and_succeed_with_a_report() -
                      id="mismatch"),
         pytest.param(Gates(max_error_rate=0.05), mirror(200, 0, 30), "shadow error rate",
                      id="shadow-errors"),
-        pytest.param(Gates(max_p99_ratio=1.5), mirror(200, shadow_bucket=20),
+        pytest.param(Gates(max_p99_ratio=1.5), mirror(200, shadow_bucket=20, epoch=2.0),
                      "p99", id="p99-ratio"),
     ],
 )

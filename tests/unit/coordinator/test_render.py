@@ -1,0 +1,145 @@
+"""Text that nodes supply (ids, labels, reasons, mismatch samples, event messages) reaches the
+operator's terminal escaped: no escape sequence, control character, bidi override or rich markup
+of theirs is ever acted on; ``-o json`` stays exact."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from rich.console import Console, RenderableType
+
+from coordinator.cli import render
+from coordinator.cli.base import cli
+from coordinator.cli.fleet_cmds import render_table
+from protocol.codec import decode, encode
+from protocol.messages import Event, NodeView
+
+HOSTILE = "\x1b]0;pwned\x07\x1b[2J"
+ESCAPED = "\\x1b]0;pwned\\x07\\x1b[2J"
+MARKUP = "[link=https://evil.example]click[/link] [/oops]"
+
+
+def shown(renderable: RenderableType) -> str:
+    """What a colour terminal receives for ``renderable``."""
+    out = io.StringIO()
+    Console(file=out, force_terminal=True, width=400, color_system="standard").print(renderable)
+    return out.getvalue()
+
+
+def assert_inert(text: str) -> None:
+    """Only rich's own colour codes (``ESC[...m``) are left: no OSC (titles, hyperlinks), no
+    screen clear, no bell, no C1 control, no bidi override."""
+    rest = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    assert "\x1b" not in rest and "\x07" not in rest and "\x9b" not in rest, repr(rest)
+    assert "\u202e" not in rest
+
+
+def event(**kw: Any) -> Event:
+    base: dict[str, Any] = {"id": "e1", "time": 0.0, "fleet": "f", "kind": "gate.failed"}
+    return Event(**(base | kw))
+
+
+def status(reason: str = "", node: str = "node-1", **extra: Any) -> dict[str, Any]:
+    return {
+        "id": "r1", "service": "hello", "version": "2.0.0", "from_version": "1.0.0",
+        "strategy": "rolling", "state": "paused", "phase": "forward", "reason": reason,
+        "current_wave": 0,
+        "waves": [{"index": 0, "state": "inconclusive", "weight": 100, "nodes": [node],
+                   "gates": {"outcome": "inconclusive", "reasons": [reason]}}],
+        "nodes": {node: {"state": "failed", "version": "2.0.0", "healthy": False,
+                         "online": True, "generation": 8, "reason": reason}},
+        **extra,
+    }
+
+
+def test_an_event_reason_is_printed_escaped() -> None:
+    """The line ``fleetwave events`` prints shows a hostile message's escapes as text."""
+    line = render.event_line(event(message=f"wave 1: {HOSTILE}", node=f"node-3{HOSTILE}"))
+    assert ESCAPED in line and "\x1b" not in line and "\x07" not in line
+
+
+@pytest.mark.parametrize(
+    ("text", "seen"),
+    [
+        pytest.param("a\nb\rc\td", "a\\x0ab\\x0dc\\x09d", id="line-breaks-and-tabs"),
+        pytest.param("\x9b2J", "\\x9b2J", id="c1-csi"),
+        pytest.param("\x7f\x00", "\\x7f\\x00", id="del-and-nul"),
+        pytest.param("abc\u202edef\u2066x\u2069", "abc\\u202edef\\u2066x\\u2069", id="bidi"),
+        pytest.param("node-1 ok é 名前", "node-1 ok é 名前", id="plain-text-unchanged"),
+    ],
+)
+def test_safe_table(text: str, seen: str) -> None:
+    """Every C0 and C1 control, DEL and bidi control is shown as an escape; the rest is kept."""
+    assert render.safe(text) == seen
+    assert render.safe(render.safe(text)) == seen
+
+
+def test_events_command_escapes_and_json_stays_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``fleetwave events`` escapes node text; ``-o json`` prints the event exactly."""
+    hostile = event(message=HOSTILE, node="node-3")
+
+    class FakeBus:
+        def stream_messages(self, *_: Any, **__: Any) -> AsyncIterator[bytes]:
+            async def gen() -> AsyncIterator[bytes]:
+                yield encode(hostile)
+            return gen()
+
+    @asynccontextmanager
+    async def connected(*_: Any, **__: Any) -> AsyncIterator[FakeBus]:
+        yield FakeBus()
+
+    monkeypatch.setattr("coordinator.cli.client.connected", connected)
+    runner = CliRunner()
+    plain = runner.invoke(cli, ["events"])
+    assert plain.exit_code == 0, plain.output
+    assert ESCAPED in plain.output and "\x1b" not in plain.output
+    as_json = runner.invoke(cli, ["events", "-o", "json"])
+    assert as_json.exit_code == 0, as_json.output
+    assert decode(Event, as_json.output.strip()).message == HOSTILE
+    assert json.loads(as_json.output)["message"] == HOSTILE
+
+
+def test_status_on_a_terminal_shows_node_text_escaped_and_no_markup() -> None:
+    """Node ids and reasons in the rich view are text: escapes shown, markup not parsed (a
+    stray closing tag would otherwise raise, and a link tag would make a hyperlink)."""
+    out = shown(render.status_renderable(status(f"{HOSTILE} {MARKUP}", node="n\u202e1")))
+    assert_inert(out)
+    assert ESCAPED in out and MARKUP in out and "n\\u202e1" in out
+
+
+def test_status_text_and_progress_lines_escape_node_text() -> None:
+    """Without a terminal, ``status`` and a followed ``deploy`` print the same text escaped."""
+    st = status(HOSTILE, report={"shadow": {"outcome": "fail", "samples": [
+        {"node": "node-1", "method": "GET", "path": f"/x{HOSTILE}", "what": "body digest",
+         "live": f"ok{HOSTILE}", "shadow": "line1\nline2"}]}})
+    text = render.status_text(st)
+    assert ESCAPED in text and "\x1b" not in text and "line1\\x0aline2" in text
+    lines = render.progress_lines({}, st)
+    assert lines and all("\x1b" not in line and "\x07" not in line for line in lines)
+    assert any(ESCAPED in line for line in lines)
+
+
+def test_rollouts_table_escapes_reasons() -> None:
+    """A rollout's reason (which quotes nodes) is shown escaped in ``fleetwave rollouts``."""
+    row = {"id": "r1", "service": "hello", "from_version": "1", "version": "2",
+           "strategy": "rolling", "state": "paused", "nodes": 1, "created": 0.0,
+           "reason": f"{HOSTILE}{MARKUP}"}
+    out = shown(render.rollouts_table([row]))
+    assert_inert(out)
+    assert ESCAPED in out and MARKUP in out
+
+
+def test_nodes_table_escapes_ids_labels_and_services() -> None:
+    """``fleetwave nodes`` shows what a node registered (id, labels, services) escaped."""
+    row = NodeView(id=f"node-1{HOSTILE}", labels={"zone": f"a{HOSTILE}", "x": MARKUP},
+                   online=True, services={f"web{HOSTILE}": {"version": MARKUP, "healthy": True}})
+    out = shown(render_table([row], 0.0))
+    assert_inert(out)
+    assert out.count(ESCAPED) == 3 and out.count(MARKUP) == 2
