@@ -105,6 +105,9 @@ class MirrorSpec(msgspec.Struct, kw_only=True, frozen=True):
     methods: list[str] = msgspec.field(default_factory=lambda: ["GET", "HEAD"])
     ignore_headers: list[str] = []
     ignore_json_fields: list[str] = []
+    # Credential headers (Cookie, Authorization) the shadow gets all the same; by default the
+    # copies go without them.
+    keep_headers: list[str] = []
 
 
 class DesiredState(msgspec.Struct, kw_only=True):
@@ -265,6 +268,7 @@ class RolloutSpec(msgspec.Struct, kw_only=True):
     mirror_methods: list[str] = msgspec.field(default_factory=lambda: ["GET", "HEAD"])
     ignore_headers: list[str] = []
     ignore_json_fields: list[str] = []
+    mirror_keep_headers: list[str] = []  # shadow: --mirror-keep-header
     then: Literal["blue-green", "rolling"] | None = None
     scale_down_delay: float = 300.0
     gates: Gates = msgspec.field(default_factory=Gates)

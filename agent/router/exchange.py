@@ -275,6 +275,7 @@ class Exchange:
                     ),
                     ignore_headers=routing.ignore_headers,
                     ignore_json_fields=routing.ignore_json_fields,
+                    keep_headers=routing.mirror_keep_headers,
                 )
             )
         return keep

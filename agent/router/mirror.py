@@ -7,6 +7,17 @@ dropped and counted. A worker replays the request on the shadow under a timeout,
 (pure) says what differs: status class, body (sha256, or JSON after removing ignored dotted
 fields), headers (minus hop-by-hop, Date, framing and ignored ones). Latency is recorded, not
 compared. The shadow's answer goes nowhere else.
+
+What leaves the live exchange is bounded, because the shadow is a release under test and the
+samples end up in observed states, rollout records and ``fleetwave status``:
+
+- the copy loses the user's credentials (``CREDENTIAL_HEADERS``) unless the mirror keeps them
+  (``MirrorSpec.keep_headers``, ``--mirror-keep-header``): the shadow must not act as the user;
+- a mismatch sample names the path and the query's keys, never their values, and describes each
+  answer by status, size and digest, never by its bytes;
+- JSON is compared structurally only down to ``MAX_JSON_DEPTH`` levels (deeper: by digest), so no
+  response can exhaust the stack; and a worker survives whatever ``compare`` raises (the pair
+  counts as a mismatch with the reason: a pair nobody could judge must not pass a gate).
 """
 
 from __future__ import annotations
@@ -16,7 +27,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +43,12 @@ CAPTURE_LIMIT = 1024 * 1024  # bytes of a response kept for the JSON comparison
 QUEUE_SIZE = 64
 WORKERS = 4
 SHADOW_TIMEOUT = 5.0
-EXCERPT = 120
+MAX_JSON_DEPTH = 64  # JSON nested deeper is compared by digest (bounded recursion)
+MAX_SAMPLE_TEXT = 200  # characters of a sample's path or difference
+REDACTED = "REDACTED"
+# The user's credentials: the shadow does not get them unless the mirror keeps them.
+# (Proxy-Authorization is hop-by-hop and so never reaches any upstream: listed for the record.)
+CREDENTIAL_HEADERS = frozenset({b"cookie", b"authorization", b"proxy-authorization"})
 # Headers that differ between two healthy replicas for reasons unrelated to the release.
 UNCOMPARED_HEADERS = HOP_BY_HOP | {b"date", b"content-length", b"transfer-encoding"}
 
@@ -62,6 +78,7 @@ class MirrorJob:
     live: Answer
     ignore_headers: frozenset[bytes]
     ignore_json_fields: tuple[str, ...]
+    keep_headers: frozenset[bytes] = frozenset()  # credential headers the shadow gets all the same
 
 
 # -- pure comparison -------------------------------------------------------------------------------
@@ -110,14 +127,53 @@ def first_difference(a: Any, b: Any, path: str = "$") -> str | None:
     return None
 
 
-def _json(body: bytes) -> tuple[bool, Any]:
-    stripped = body.lstrip()
-    if stripped[:1] not in (b"{", b"["):
-        return False, None
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether containers nest more than ``limit`` levels (iterative: nothing to overflow)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children: Iterable[Any]
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _json(body: bytes) -> tuple[str, Any]:
+    """("json", value), ("text", None), or ("deep", None) when nested beyond MAX_JSON_DEPTH."""
+    if body.lstrip()[:1] not in (b"{", b"["):
+        return "text", None
     try:
-        return True, json.loads(body)
+        value = json.loads(body)
+    except RecursionError:  # the decoder's own guard: nested deeper than the stack allows
+        return "deep", None
     except ValueError:
-        return False, None
+        return "text", None
+    if body.count(b"[") + body.count(b"{") <= MAX_JSON_DEPTH:  # (the usual, small case)
+        return "json", value
+    return ("deep", None) if _deeper_than(value, MAX_JSON_DEPTH) else ("json", value)
+
+
+def _body_difference(live: Answer, shadow: Answer, ignore_json_fields: Sequence[str]) -> str:
+    """Why two bodies whose digests differ differ; "" if only ignored JSON fields do."""
+    if live.truncated or shadow.truncated:
+        return "body digest"
+    kind_live, value_live = _json(live.body)
+    kind_shadow, value_shadow = _json(shadow.body)
+    if "deep" in (kind_live, kind_shadow):
+        return f"body digest (JSON deeper than {MAX_JSON_DEPTH} levels)"
+    if kind_live != "json" or kind_shadow != "json":
+        return "body digest"
+    a = strip_json_fields(value_live, ignore_json_fields)
+    b = strip_json_fields(value_shadow, ignore_json_fields)
+    where = first_difference(a, b)
+    return "" if where is None else f"json field {where}"
 
 
 def _comparable_headers(
@@ -147,15 +203,7 @@ def compare(
     if live.status // 100 != shadow.status // 100:
         diffs.append(f"status {live.status} vs {shadow.status}")
     if live.digest != shadow.digest:
-        what = "body digest"
-        if not live.truncated and not shadow.truncated:
-            ok_live, value_live = _json(live.body)
-            ok_shadow, value_shadow = _json(shadow.body)
-            if ok_live and ok_shadow:
-                a = strip_json_fields(value_live, ignore_json_fields)
-                b = strip_json_fields(value_shadow, ignore_json_fields)
-                where = first_difference(a, b)
-                what = "" if where is None else f"json field {where}"
+        what = _body_difference(live, shadow, ignore_json_fields)
         if what:
             diffs.append(what)
     lh = _comparable_headers(live.headers, ignore_headers)
@@ -167,10 +215,50 @@ def compare(
     return "; ".join(diffs) if diffs else None
 
 
-def excerpt(answer: Answer) -> str:
-    """A short human-readable view of an answer for a mismatch sample."""
-    text = answer.body[:EXCERPT].decode("utf-8", "replace")
-    return f"{answer.status} {text}".rstrip()
+def _bounded(text: str) -> str:
+    return text if len(text) <= MAX_SAMPLE_TEXT else text[:MAX_SAMPLE_TEXT] + "..."
+
+
+def redact_target(target: str) -> str:
+    """A request target fit for a stored sample: the path, and the query's keys with their
+    values replaced (they carry tokens, e-mail addresses, search terms); no userinfo."""
+    path, sep, query = target.partition("?")
+    path = path.partition("#")[0]
+    if "://" in path:  # absolute-form: keep the scheme, host and path
+        scheme, _, rest = path.partition("://")
+        authority, slash, tail = rest.partition("/")
+        path = f"{scheme}://{authority.rpartition('@')[2]}{slash}{tail}"
+    if sep:
+        pairs = (p.partition("=") for p in query.partition("#")[0].split("&"))
+        path += "?" + "&".join(key + (f"={REDACTED}" if eq else "") for key, eq, _ in pairs)
+    return _bounded(path)
+
+
+def summary(answer: Answer) -> str:
+    """An answer in a mismatch sample: status, size and digest, never the body's bytes."""
+    size = f"{len(answer.body)}{'+' if answer.truncated else ''}"
+    return f"{answer.status}, {size} bytes, sha256:{answer.digest[:16]}"
+
+
+def mismatch_sample(job: MirrorJob, shadow: Answer, what: str) -> MismatchSample:
+    return MismatchSample(
+        method=job.method,
+        path=redact_target(job.target),
+        what=_bounded(what),
+        live=summary(job.live),
+        shadow=summary(shadow),
+    )
+
+
+def shadow_head(head: bytes, keep: frozenset[bytes]) -> bytes:
+    """The live request head without the credential headers not in ``keep`` (lower-case)."""
+    drop = CREDENTIAL_HEADERS - keep
+    lines = head.split(b"\r\n")
+    # The names were checked as tokens when the request was parsed: the part before ":" is one.
+    kept = [line for line in lines[1:] if line.partition(b":")[0].lower() not in drop]
+    if len(kept) == len(lines) - 1:
+        return head
+    return b"\r\n".join([lines[0], *kept])
 
 
 # -- the shadow workers ----------------------------------------------------------------------------
@@ -194,6 +282,7 @@ class Mirror:
         self._workers = workers
         self._timeout = timeout
         self._tasks: list[asyncio.Task[None]] = []
+        self._compare_failed = False
 
     def start(self) -> None:
         for i in range(self._workers):
@@ -245,25 +334,31 @@ class Mirror:
                 self.counters.shadow_errors += 1
                 continue
             except Exception:  # a bug here must not kill the worker; say so once per event
-                log.exception("mirror worker failed on %s %s", job.method, job.target)
+                log.exception("mirror worker failed on %s %s", job.method,
+                              redact_target(job.target))
                 self.counters.shadow_errors += 1
                 continue
+            sample = self._judge(job, shadow)
+            self.counters.compared_pair(job.live.latency_ms, shadow.latency_ms, sample)
+
+    def _judge(self, job: MirrorJob, shadow: Answer) -> MismatchSample | None:
+        """The mismatch sample of a compared pair, None if they agree. Whatever ``compare``
+        raises is a mismatch with the reason, logged the first time only (a response that
+        trips it may come with every request)."""
+        try:
             what = compare(
                 job.live,
                 shadow,
                 ignore_headers=job.ignore_headers,
                 ignore_json_fields=job.ignore_json_fields,
             )
-            sample = None
-            if what is not None:
-                sample = MismatchSample(
-                    method=job.method,
-                    path=job.target,
-                    what=what,
-                    live=excerpt(job.live),
-                    shadow=excerpt(shadow),
-                )
-            self.counters.compared_pair(job.live.latency_ms, shadow.latency_ms, sample)
+        except Exception as exc:
+            if not self._compare_failed:
+                self._compare_failed = True
+                log.exception("mirror: comparing the answers to %s %s failed; such pairs count "
+                              "as mismatches (logged once)", job.method, redact_target(job.target))
+            what = f"not compared: {exc.__class__.__name__}"
+        return None if what is None else mismatch_sample(job, shadow, what)
 
     async def _replay(self, job: MirrorJob) -> Answer:
         pool = self._pool_for(job.host, job.port)
@@ -272,7 +367,7 @@ class Mirror:
         reusable = False
         try:
             async with asyncio.timeout(self._timeout):
-                conn.write(job.head + job.body)
+                conn.write(shadow_head(job.head, job.keep_headers) + job.body)
                 head = await conn.readuntil(b"\r\n\r\n", MAX_HEAD)
                 resp = parse_response(head, job.method)
                 while 100 <= resp.status < 200:

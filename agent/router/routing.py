@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from agent.router.balance import SmoothWeighted
 from agent.router.control import RouterConfig, Upstream
+from agent.router.http11 import _TOKEN as HEADER_NAME  # the request parser's rule for names
 from protocol.messages import SLOTS, MirrorSpec
 
 
@@ -32,6 +33,7 @@ class Routing:
     mirror_methods: frozenset[str] = frozenset()
     ignore_headers: frozenset[bytes] = frozenset()
     ignore_json_fields: tuple[str, ...] = ()
+    mirror_keep_headers: frozenset[bytes] = frozenset()  # credentials the shadow gets anyway
     reasons: str = field(default="")  # why a slot may not serve users, for the 503 body
 
     def pick(self) -> str | None:
@@ -42,6 +44,14 @@ def _check_port(port: int, what: str, *, allow_zero: bool) -> None:
     low = 0 if allow_zero else 1
     if not low <= port <= 65535:
         raise ConfigError(f"{what} {port} is not a TCP port ({low}-65535)")
+
+
+def _header_names(names: list[str], what: str) -> frozenset[bytes]:
+    """Lower-case header names as the proxy compares them; refuses what is not a name."""
+    for name in names:
+        if not (name.isascii() and HEADER_NAME.fullmatch(name.encode("ascii"))):
+            raise ConfigError(f"{what} mirror header {name!r} is not a header name")
+    return frozenset(name.lower().encode("ascii") for name in names)
 
 
 def build_routing(cfg: RouterConfig) -> Routing:
@@ -95,11 +105,8 @@ def build_routing(cfg: RouterConfig) -> Routing:
         mirror=mirror,
         mirror_target=target,
         mirror_methods=frozenset(m.upper() for m in mirror.methods) if mirror else frozenset(),
-        ignore_headers=(
-            frozenset(h.lower().encode("latin-1") for h in mirror.ignore_headers)
-            if mirror
-            else frozenset()
-        ),
+        ignore_headers=_header_names(mirror.ignore_headers, "ignored") if mirror else frozenset(),
         ignore_json_fields=tuple(mirror.ignore_json_fields) if mirror else (),
+        mirror_keep_headers=_header_names(mirror.keep_headers, "kept") if mirror else frozenset(),
         reasons=reasons,
     )

@@ -42,7 +42,7 @@ from coordinator.cli.render import (
 from coordinator.errors import ConfigError, UsageError
 from coordinator.fleet import parse_selector
 from coordinator.planning import parse_amount
-from coordinator.strategies import canary
+from coordinator.strategies import canary, shadow
 from protocol import subjects
 from protocol.codec import convert, decode, encode
 from protocol.durations import parse_duration
@@ -78,6 +78,7 @@ class RolloutFile(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     mirror_methods: list[str] | str | None = None
     ignore_headers: list[str] | str | None = None
     ignore_json_fields: list[str] | str | None = None
+    mirror_keep_headers: list[str] | str | None = None
     then: str | None = None
     scale_down_delay: str | None = None
     min_healthy: str | float | None = None
@@ -127,9 +128,13 @@ def build_spec(settings: dict[str, Any]) -> RolloutSpec:
             raise UsageError("--mirror-methods is empty, so nothing would be mirrored; leave it "
                              "out for GET and HEAD")
     if f.ignore_headers is not None:
-        spec.ignore_headers = [_header(h) for h in _names(f.ignore_headers)]
+        spec.ignore_headers = [_header("--ignore-header", h) for h in _names(f.ignore_headers)]
     if f.ignore_json_fields is not None:
         spec.ignore_json_fields = [_json_field(p) for p in _names(f.ignore_json_fields)]
+    if f.mirror_keep_headers is not None:
+        spec.mirror_keep_headers = [
+            _header("--mirror-keep-header", h) for h in _names(f.mirror_keep_headers)
+        ]
     if f.then is not None:
         spec.then = _choice("--then", f.then, ("blue-green", "rolling"))  # type: ignore[assignment]
     if f.scale_down_delay is not None:
@@ -170,14 +175,9 @@ def _method(value: str) -> str:
     return value.upper()
 
 
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an HTTP header name (RFC 9110 token)
-
-
-def _header(value: str) -> str:
+def _header(flag: str, value: str) -> str:
     name = str(value).strip()
-    if not _TOKEN.match(name):
-        raise UsageError(f"--ignore-header {value!r} is not a header name; write one name per "
-                         "flag, like --ignore-header x-request-id")
+    shadow.check_header_names(flag, [name])
     return name.lower()
 
 
@@ -245,7 +245,8 @@ def read_rollout_file(path: Path) -> dict[str, Any]:
 # -- deploy ----------------------------------------------------------------------------------------
 
 _FLAGS = ("strategy", "selector", "batch", "max_unavailable", "steps", "weights", "bake",
-          "mirror", "mirror_methods", "ignore_headers", "ignore_json_fields", "then",
+          "mirror", "mirror_methods", "ignore_headers", "ignore_json_fields",
+          "mirror_keep_headers", "then",
           "scale_down_delay", "min_healthy", "max_error_rate", "max_p99_ratio",
           "max_mismatch_rate", "min_requests", "progress_deadline", "on_failure")
 
@@ -271,6 +272,11 @@ _FLAGS = ("strategy", "selector", "batch", "max_unavailable", "steps", "weights"
 @click.option("--ignore-json-field", "ignore_json_fields", multiple=True, metavar="PATH",
               help="Shadow: a JSON body field not compared, e.g. meta.time (repeatable, or a "
                    "comma-separated list).")
+@click.option("--mirror-keep-header", "mirror_keep_headers", multiple=True, metavar="NAME",
+              help="Shadow: send this request header to the shadow too (repeatable). By default "
+                   "the copies go without the user's Cookie and Authorization headers: the "
+                   "shadow must not act as the user. Keep one only if the release under test "
+                   "needs it and may see users' credentials.")
 @click.option("--then", metavar="STRATEGY", help="Shadow: promote with blue-green or rolling.")
 @click.option("--scale-down-delay", metavar="DUR", help="Blue-green: keep the old slot warm.")
 @click.option("--min-healthy", metavar="P%", help="Gate: share of the wave's nodes healthy.")

@@ -4,9 +4,11 @@ judge it by how its answers compare, without a user ever seeing one.
 Phases, as waves (``coordinator.strategies.wave_kind`` names them):
 
 - wave 0, ``shadow``: every selected node gets the new release in its idle slot at weight 0 and a
-  ``MirrorSpec(slot=new, percent=--mirror, methods, ignore_headers, ignore_json_fields)``, in one
-  batch (no node stops serving, so max-unavailable does not bound it). By default only GET and
-  HEAD are mirrored: a copied POST would have its side effects twice.
+  ``MirrorSpec(slot=new, percent=--mirror, methods, ignore_headers, ignore_json_fields,
+  keep_headers)``, in one batch (no node stops serving, so max-unavailable does not bound it). By
+  default only GET and HEAD are mirrored: a copied POST would have its side effects twice; and
+  the copies go without the user's Cookie and Authorization unless ``--mirror-keep-header``
+  names them.
 - the bake: ``--bake`` seconds; the window is the difference of each router's mirror counters
   at its start and end (``coordinator.gates.shadow_window``: counters are cumulative and reset
   when the router's epoch changes). Gates: ``--min-requests`` compared pairs (fewer: inconclusive,
@@ -43,6 +45,15 @@ if TYPE_CHECKING:  # the engine imports the strategies; this module only needs i
 
 MAX_SAMPLES = 5
 _METHOD = re.compile(r"^[A-Za-z]+$")
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token (fullmatch)
+
+
+def check_header_names(flag: str, names: list[str]) -> None:
+    """Refuse what is not a header name: the router would refuse the whole configuration."""
+    for name in names:
+        if not isinstance(name, str) or not HEADER_NAME.fullmatch(name):
+            raise UsageError(f"{flag} {name!r} is not a header name; write one name per flag, "
+                             f"like {flag} x-request-id")
 
 
 def plan(selected: list[str], spec: RolloutSpec) -> list[Wave]:
@@ -58,6 +69,8 @@ def plan(selected: list[str], spec: RolloutSpec) -> list[Wave]:
     for method in spec.mirror_methods:
         if not isinstance(method, str) or not _METHOD.match(method):
             raise UsageError(f"mirror method {method!r} is not an HTTP method; write GET, HEAD")
+    check_header_names("--ignore-header", spec.ignore_headers)
+    check_header_names("--mirror-keep-header", spec.mirror_keep_headers)
     if spec.then not in (None, "blue-green", "rolling"):
         raise UsageError(f"--then {spec.then!r} is not a strategy a shadow can continue as; "
                          "use --then blue-green or --then rolling")
@@ -76,6 +89,7 @@ def mirror_spec(spec: RolloutSpec, slot: str) -> MirrorSpec:
         slot=slot, percent=spec.mirror, methods=[m.upper() for m in spec.mirror_methods],
         ignore_headers=list(spec.ignore_headers),
         ignore_json_fields=list(spec.ignore_json_fields),
+        keep_headers=list(spec.mirror_keep_headers),
     )
 
 
@@ -115,6 +129,7 @@ def verdict(step: Step, wave: WaveRecord) -> gatelib.Verdict:
         "methods": [m.upper() for m in step.spec.mirror_methods],
         "ignore_headers": list(step.spec.ignore_headers),
         "ignore_json_fields": list(step.spec.ignore_json_fields),
+        "keep_headers": list(step.spec.mirror_keep_headers),
         "window": [wave.bake_until - step.spec.bake, step.now], "outcome": result.outcome,
         "reasons": list(result.reasons), "samples": samples[:MAX_SAMPLES],
     }

@@ -6,7 +6,20 @@ import hashlib
 import json
 from typing import Any
 
-from agent.router.mirror import Answer, compare, first_difference, strip_json_fields
+import pytest
+
+from agent.router.mirror import (
+    MAX_JSON_DEPTH,
+    MAX_SAMPLE_TEXT,
+    Answer,
+    MirrorJob,
+    compare,
+    first_difference,
+    mismatch_sample,
+    redact_target,
+    shadow_head,
+    strip_json_fields,
+)
 from agent.router.stats import MAX_SAMPLES, MirrorCounters, SlotCounters
 from protocol.messages import MismatchSample
 
@@ -69,6 +82,72 @@ def test_strip_and_first_difference() -> None:
     assert first_difference([1], [1, 2]) == "$"
     assert first_difference(1, 1.0) == "$"
     assert first_difference({"x": None}, {"x": None}) is None
+
+
+@pytest.mark.parametrize("depth", [MAX_JSON_DEPTH + 1, 900, 5000, 100_000])
+def test_json_nested_too_deep_is_compared_by_digest(depth: int) -> None:
+    """JSON nested past MAX_JSON_DEPTH (near, at and far past the recursion limit, where the
+    decoder itself gives up) is a body digest difference, never an exception."""
+    live = answer(body=b"[" * depth + b"1" + b"]" * depth)
+    shadow = answer(body=b"[" * depth + b"2" + b"]" * depth)
+    assert compare(live, shadow, ignore_json_fields=["a.b"]) == (
+        f"body digest (JSON deeper than {MAX_JSON_DEPTH} levels)")
+    assert compare(live, live) is None
+
+
+def test_json_down_to_the_depth_limit_is_compared_field_by_field() -> None:
+    """Objects nested exactly MAX_JSON_DEPTH levels are still compared by field path."""
+    def nested(leaf: int) -> dict[str, Any]:
+        value: dict[str, Any] = {"v": leaf}
+        for _ in range(MAX_JSON_DEPTH - 1):
+            value = {"k": value}
+        return value
+
+    what = compare(answer(body=nested(1)), answer(body=nested(2)))
+    assert what == "json field $" + ".k" * (MAX_JSON_DEPTH - 1) + ".v"
+
+
+@pytest.mark.parametrize(
+    ("target", "redacted"),
+    [
+        ("/", "/"),
+        ("/a/b", "/a/b"),
+        ("/s?q=alice%40example.com", "/s?q=REDACTED"),
+        ("/s?token=t&page=2&flag&=x", "/s?token=REDACTED&page=REDACTED&flag&=REDACTED"),
+        ("/s?", "/s?"),
+        ("/p#frag", "/p"),
+        ("http://user:pw@host:8080/p?k=v", "http://host:8080/p?k=REDACTED"),
+        ("/" + "x" * 300, "/" + "x" * (MAX_SAMPLE_TEXT - 1) + "..."),
+    ],
+)
+def test_redact_target_keeps_the_path_and_the_query_keys(target: str, redacted: str) -> None:
+    """A sample's path: query values and userinfo replaced or dropped, length bounded."""
+    assert redact_target(target) == redacted
+
+
+def test_mismatch_sample_is_bounded_and_holds_no_body() -> None:
+    """A sample's difference is cut at MAX_SAMPLE_TEXT; answers are status, size and digest
+    (a "+" when the body was longer than what was kept)."""
+    live, shadow = answer(body=b'{"secret": 1}'), answer(503, body=b"x" * 10)
+    shadow.truncated = True
+    job = MirrorJob(host="h", port=1, method="GET", target="/p?k=v", head=b"", body=b"",
+                    live=live, ignore_headers=frozenset(), ignore_json_fields=())
+    sample = mismatch_sample(job, shadow, "header " + "x" * 500)
+    assert sample.path == "/p?k=REDACTED" and len(sample.what) == MAX_SAMPLE_TEXT + 3
+    assert sample.live == f"200, 13 bytes, sha256:{live.digest[:16]}"
+    assert sample.shadow == f"503, 10+ bytes, sha256:{shadow.digest[:16]}"
+
+
+def test_shadow_head_drops_credentials_unless_kept() -> None:
+    """Cookie, Authorization and Proxy-Authorization (any case) go; kept ones and the rest stay;
+    a head with none is returned as it is."""
+    head = (b"GET /?a=1 HTTP/1.1\r\nHost: h\r\nCookie: c=1\r\nauthorization: x\r\n"
+            b"Proxy-Authorization: p\r\nX-Cookie: y\r\n\r\n")
+    assert shadow_head(head, frozenset()) == b"GET /?a=1 HTTP/1.1\r\nHost: h\r\nX-Cookie: y\r\n\r\n"
+    assert shadow_head(head, frozenset({b"authorization"})) == (
+        b"GET /?a=1 HTTP/1.1\r\nHost: h\r\nauthorization: x\r\nX-Cookie: y\r\n\r\n")
+    plain = b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"
+    assert shadow_head(plain, frozenset()) is plain
 
 
 def test_counters_keep_the_last_samples() -> None:

@@ -114,6 +114,8 @@ def baked(r: Rollout, start: RouterStats | None, end: RouterStats | None,
         pytest.param({"mirror_methods": []}, "mirror-methods", id="no-methods"),
         pytest.param({"mirror_methods": ["GET /x"]}, "HTTP method", id="bad-method"),
         pytest.param({"then": "canary"}, "--then", id="then-canary"),
+        pytest.param({"mirror_keep_headers": ["a b"]}, "--mirror-keep-header", id="bad-kept"),
+        pytest.param({"ignore_headers": ["x:"]}, "--ignore-header", id="bad-ignored"),
     ],
 )
 def test_plan_refuses_bad_shadow_settings(kw: dict[str, object], match: str) -> None:
@@ -140,13 +142,15 @@ def test_plan_shapes(kw: dict[str, object], expected: list[tuple[int, int]]) -> 
 
 def test_start_stages_every_node_with_the_mirror_and_no_weight() -> None:
     """Every node gets the new release at weight 0 and a mirror to it, in one batch."""
-    r = rollout(3, mirror_methods=["get"], ignore_headers=["date"], ignore_json_fields=["$.ts"])
+    r = rollout(3, mirror_methods=["get"], ignore_headers=["date"], ignore_json_fields=["$.ts"],
+                mirror_keep_headers=["x-foo"])
     ds = writes(r.handle(Start(), 0.0))
     assert len(ds) == 3
     for d in ds:
         assert d.slots == {"a": OLD, "b": NEW} and d.weights == {"a": 100, "b": 0}
         assert d.mirror == MirrorSpec(slot="b", percent=10.0, methods=["GET"],
-                                      ignore_headers=["date"], ignore_json_fields=["$.ts"])
+                                      ignore_headers=["date"], ignore_json_fields=["$.ts"],
+                                      keep_headers=["x-foo"])
 
 
 def test_gates_pass_without_then_retire_the_shadow_and_succeed_with_a_report() -> None:
@@ -158,6 +162,7 @@ def test_gates_pass_without_then_retire_the_shadow_and_succeed_with_a_report() -
                and d.generation == 9 for d in writes(cmds))
     rep = r.record.report["shadow"]
     assert (rep["compared"], rep["mismatched"], rep["mismatch_rate"]) == (200, 10, 0.05)
+    assert rep["keep_headers"] == []  # the report says whether credentials reached the shadow
     assert rep["outcome"] == "pass" and rep["window"] == [1.0, 61.0]
     assert r.record.waves[0].gates["compared"] == 200
 
