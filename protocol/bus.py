@@ -62,6 +62,12 @@ RECONNECT_CAP = 5.0
 # move away at a random moment within this spread instead of all at once.
 LAME_DUCK_SPREAD = 5.0
 EVENTS_MAX_AGE = 90 * 24 * 3600.0
+# The events stream is written by nodes too (their agent and slot events), so it has a budget:
+# past it the oldest events go first, and no one event may be larger than a 50,000-node wave's
+# (its node list). A node cannot fill the broker's disk; what it can still do, flood the budget
+# and push old events out, needs a JetStream budget of the nodes' own (NATS accounts).
+EVENTS_MAX_BYTES = 8 * 1024**3
+EVENTS_MAX_EVENT = 4 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -246,15 +252,33 @@ class Bus:
             await self.js.create_object_store(
                 bucket=subjects.releases_store(f), storage=js_api.StorageType.FILE
             )
-            with contextlib.suppress(nats.js.errors.BadRequestError):
-                await self.js.add_stream(
-                    name=subjects.events_stream(f),
-                    subjects=[subjects.events(f)],
-                    storage=js_api.StorageType.FILE,
-                    max_age=EVENTS_MAX_AGE,
-                )
+            events = js_api.StreamConfig(
+                name=subjects.events_stream(f),
+                subjects=[subjects.events(f)],
+                storage=js_api.StorageType.FILE,
+                max_age=EVENTS_MAX_AGE,
+                max_bytes=EVENTS_MAX_BYTES,
+                max_msg_size=EVENTS_MAX_EVENT,
+                discard=js_api.DiscardPolicy.OLD,
+            )
+            try:
+                await self.js.add_stream(events)
+            except nats.js.errors.BadRequestError:  # it exists: made by an older release?
+                await self._bound_events(events)
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusError(f"cannot set up fleet {f!r} in JetStream: {exc}") from None
+
+    async def _bound_events(self, want: js_api.StreamConfig) -> None:
+        """Give an existing events stream the limits of ``want`` (a fleet made before there were
+        any); its subjects and everything else stay as they are."""
+        assert want.name is not None
+        have = (await self.js.stream_info(want.name)).config
+        limits = {"max_age": want.max_age, "max_bytes": want.max_bytes,
+                  "max_msg_size": want.max_msg_size, "discard": want.discard}
+        if any(getattr(have, k) != v for k, v in limits.items()):
+            for k, v in limits.items():
+                setattr(have, k, v)
+            await self.js.update_stream(have)
 
     # -- core NATS --------------------------------------------------------------------------------
 

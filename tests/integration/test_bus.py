@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from coordinator.broker import Broker, free_port
-from protocol.bus import Bus, Entry
+from nats.js.api import DiscardPolicy
+
+from protocol.bus import EVENTS_MAX_AGE, EVENTS_MAX_BYTES, EVENTS_MAX_EVENT, Bus, Entry
 from protocol.errors import BusError, Conflict, NotReachable
 
 
@@ -173,3 +175,28 @@ async def test_a_snapshot_holds_every_live_key_and_no_deleted_one(broker: Broker
             assert {e.key for e in got} == want
     finally:
         await bus.close()
+
+
+async def test_the_events_stream_is_bounded(tmp_path: Path) -> None:
+    """The events stream has a byte budget (oldest dropped first) and a size cap per event, and a
+    fleet made before it had them gets them at the next ensure_fleet."""
+    broker = Broker(store_dir=tmp_path / "js")
+    await broker.start()
+    bus = await Bus.connect(broker.url, "t")
+    try:
+        # A stream as older releases made it: no limits but its age.
+        await bus.js.add_stream(name="FW_t_EVENTS", subjects=["fw.t.evt.>"],
+                                max_age=EVENTS_MAX_AGE)
+        await bus.ensure_fleet()
+        info = await bus.js.stream_info("FW_t_EVENTS")
+        assert info.config.max_bytes == EVENTS_MAX_BYTES
+        assert info.config.max_msg_size == EVENTS_MAX_EVENT
+        assert info.config.discard == DiscardPolicy.OLD
+        assert info.config.subjects == ["fw.t.evt.>"]
+        await bus.js_publish("fw.t.evt.slot.started", b"{}")
+        with pytest.raises(BusError, match="maximum"):
+            await bus.js_publish("fw.t.evt.slot.started", b"x" * (EVENTS_MAX_EVENT + 1))
+        await bus.ensure_fleet()  # again: nothing to change, nothing fails
+    finally:
+        await bus.close()
+        await broker.stop()
