@@ -7,10 +7,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-
-from coordinator.broker import Broker, free_port
 from nats.js.api import DiscardPolicy
 
+from coordinator.broker import Broker, free_port
 from protocol.bus import EVENTS_MAX_AGE, EVENTS_MAX_BYTES, EVENTS_MAX_EVENT, Bus, Entry
 from protocol.errors import BusError, Conflict, NotReachable
 
