@@ -318,27 +318,32 @@ def test_limits_apply_to_directories(tmp_path: Path) -> None:
 # -- sizes: sparse members, hardlink copies, declared sizes, memory --------------------------------
 
 
-def _member(info: tarfile.TarInfo, data: bytes = b"", fmt: int = tarfile.PAX_FORMAT) -> bytes:
-    """One raw tar member (header blocks, data, padding), as tarfile would write it."""
-    return info.tobuf(format=fmt) + data + b"\0" * (-len(data) % 512)
+def _member(info: tarfile.TarInfo, data: bytes = b"") -> bytes:
+    """One raw PAX tar member (header blocks, data, padding), as tarfile would write it."""
+    return info.tobuf(format=tarfile.PAX_FORMAT) + data + b"\0" * (-len(data) % 512)
 
 
-def _archive(*members: bytes) -> bytes:
-    """A gzipped tar of the manifest then ``members`` (raw), closed by two zero blocks."""
-    manifest = tarfile.TarInfo("fleetwave.toml")
-    manifest.size = len(MANIFEST)
-    return _gzip(_member(manifest, MANIFEST) + b"".join(members) + b"\0" * 1024)
+def archive_of(*members: bytes, manifest: bytes = MANIFEST) -> bytes:
+    """A gzipped tar of ``manifest`` then ``members`` (raw), closed by two zero blocks."""
+    info = tarfile.TarInfo("fleetwave.toml")
+    info.size = len(manifest)
+    return _gzip(_member(info, manifest) + b"".join(members) + b"\0" * 1024)
 
 
-def _gnu_sparse(realsize: int, data: bytes = b"x" * 100) -> bytes:
+def _num12(n: int) -> bytes:
+    """A 12-byte tar number field: octal, or GNU base-256 when octal cannot hold it."""
+    return b"%011o\0" % n if n < 8**11 else b"\x80" + n.to_bytes(11, "big")
+
+
+def gnu_sparse(realsize: int, data: bytes = b"x" * 100) -> bytes:
     """An old-GNU sparse member ('S'): ``data`` at offset 0 of a file of ``realsize`` bytes."""
     info = tarfile.TarInfo("holes.bin")
     info.size = len(data)
     head = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))
     head[156:157] = tarfile.GNUTYPE_SPARSE
-    head[386:398] = tarfile.itn(0, 12, tarfile.GNU_FORMAT)  # first struct: offset 0 ...
-    head[398:410] = tarfile.itn(len(data), 12, tarfile.GNU_FORMAT)  # ... holding len(data)
-    head[483:495] = tarfile.itn(realsize, 12, tarfile.GNU_FORMAT)
+    head[386:398] = _num12(0)  # the first sparse struct: offset 0 ...
+    head[398:410] = _num12(len(data))  # ... holding len(data) bytes
+    head[483:495] = _num12(realsize)
     chksum = sum(head[:148]) + sum(head[156:512]) + 8 * ord(" ")
     head[148:155] = b"%06o\0" % chksum
     return bytes(head) + data + b"\0" * (-len(data) % 512)
@@ -383,32 +388,32 @@ def _many_hardlinks(count: int, size: int) -> bytes:
         link.type = tarfile.LNKTYPE
         link.linkname = "big.bin"
         links.append(_member(link))
-    return _archive(_member(big, b"\0" * size), *links)
+    return archive_of(_member(big, b"\0" * size), *links)
 
 
 def _declared_size(size: int) -> bytes:
     """A regular member whose PAX header declares ``size`` bytes that are not there."""
     info = tarfile.TarInfo("huge.bin")
     info.size = size
-    return _archive(info.tobuf(format=tarfile.PAX_FORMAT))
+    return archive_of(info.tobuf(format=tarfile.PAX_FORMAT))
 
 
 def _big_extended_header() -> bytes:
     """A member whose PAX header carries two MiB of made-up records."""
     info = tarfile.TarInfo("a.txt")
     info.pax_headers = {"comment": "x" * (2 * 1024 * 1024)}
-    return _archive(_member(info))
+    return archive_of(_member(info))
 
 
 MIB = 1024 * 1024
 SIZES: dict[str, tuple[Callable[[], bytes], str]] = {
-    "GNU sparse, 50 MiB of holes": (lambda: _archive(_gnu_sparse(50 * MIB)), "sparse"),
-    "GNU sparse, 1 TiB of holes": (lambda: _archive(_gnu_sparse(1 << 40)), "sparse"),
-    "PAX sparse 0.0": (lambda: _archive(_pax_sparse("0.0", 50 * MIB)), "sparse"),
-    "PAX sparse 0.1": (lambda: _archive(_pax_sparse("0.1", 50 * MIB)), "sparse"),
-    "PAX sparse 1.0": (lambda: _archive(_pax_sparse("1.0", 50 * MIB)), "sparse"),
-    "PAX sparse 1.0, 1 TiB": (lambda: _archive(_pax_sparse("1.0", 1 << 40)), "sparse"),
-    "PAX sparse map off the end": (lambda: _archive(_sparse_map_off_the_end()), "sparse"),
+    "GNU sparse, 50 MiB of holes": (lambda: archive_of(gnu_sparse(50 * MIB)), "sparse"),
+    "GNU sparse, 1 TiB of holes": (lambda: archive_of(gnu_sparse(1 << 40)), "sparse"),
+    "PAX sparse 0.0": (lambda: archive_of(_pax_sparse("0.0", 50 * MIB)), "sparse"),
+    "PAX sparse 0.1": (lambda: archive_of(_pax_sparse("0.1", 50 * MIB)), "sparse"),
+    "PAX sparse 1.0": (lambda: archive_of(_pax_sparse("1.0", 50 * MIB)), "sparse"),
+    "PAX sparse 1.0, 1 TiB": (lambda: archive_of(_pax_sparse("1.0", 1 << 40)), "sparse"),
+    "PAX sparse map off the end": (lambda: archive_of(_sparse_map_off_the_end()), "sparse"),
     "hardlink copies above the limit": (lambda: _many_hardlinks(15, 256 * 1024), "limit"),
     "declared size of 1 TiB": (lambda: _declared_size(1 << 40), "limit"),
     "extended header of 2 MiB": (_big_extended_header, "extended header"),
