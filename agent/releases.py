@@ -9,28 +9,40 @@ Recency: every ``ensure`` stamps the release directory's mtime (strictly increas
 process), and ``prune`` keeps the ``keep`` most recently ensured releases plus those in use, so
 the previous versions stay for a fast rollback.
 
+Fetching. The object is streamed into an unnamed temp file under ``<root>`` as its chunks
+arrive, hashed on the way, and refused as soon as it passes its declared size (``ReleaseRef.size``,
+or ``Limits.max_bytes`` when the ref declares none); the file vanishes on any failure or crash, as
+it never had a name. ``safe_unpack`` then reads that file, inflating into another such file beside
+the release, so neither the object nor any member of it is ever held in memory whole.
+
 Failure modes, each a ``ReleaseError`` whose ``reason`` is one line fit for an observed state or
 an event: malformed digest in the ref, release absent from the object store, NATS failure or
-timeout while fetching, bytes whose sha256 is not the ref's digest (corrupt or replaced object;
-nothing is kept), a hostile or invalid bundle (``protocol.bundle`` names the entry), a bundle whose
-manifest names another service or version, and a disk error while unpacking.
+timeout while fetching, an object larger than declared or allowed, bytes whose sha256 is not the
+ref's digest (corrupt or replaced object; nothing is kept), a hostile or invalid bundle
+(``protocol.bundle`` names the entry), a bundle whose manifest names another service or version,
+a disk error, and any other error while unpacking (``MemoryError`` included): a release that
+cannot be made ready fails that release, never the agent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import re
 import secrets
 import shutil
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import IO, Protocol
 
 from protocol import subjects
-from protocol.bundle import DEFAULT_LIMITS, Limits, digest, safe_unpack
+from protocol.bundle import DEFAULT_LIMITS, Limits, safe_unpack
 from protocol.errors import BusError, ProtocolError
+from protocol.manifest import Manifest
 from protocol.messages import ReleaseRef
 
 FETCH_TIMEOUT = 120.0
@@ -54,7 +66,30 @@ class ReleaseError(Exception):
 class ObjectSource(Protocol):
     """The one bus operation the cache needs (``protocol.bus.Bus`` provides it)."""
 
-    async def obj_get(self, store: str, name: str) -> bytes | None: ...
+    async def obj_get_into(
+        self, store: str, name: str, write: Callable[[bytes], object]
+    ) -> bool: ...
+
+
+class _Download:
+    """One object on its way to a temp file: counted, hashed, and stopped past ``limit`` bytes."""
+
+    def __init__(self, file: IO[bytes], limit: int, too_large: str) -> None:
+        self.file = file
+        self.limit = limit
+        self.too_large = too_large
+        self.size = 0
+        self._sha = hashlib.sha256()
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.limit:
+            raise ReleaseError(self.too_large)
+        self._sha.update(chunk)
+        self.file.write(chunk)
+
+    def digest(self) -> str:
+        return "sha256:" + self._sha.hexdigest()
 
 
 class _Users:
@@ -115,10 +150,49 @@ class ReleaseCache:
         what = f"release {ref.service} {ref.version}"
         if ref.size > self.limits.max_bytes:
             raise ReleaseError(f"{what} is {ref.size} bytes, above this agent's bundle limit")
+        try:
+            # Unnamed (O_TMPFILE where there is one): a crash or a failure leaves nothing behind.
+            tmp = tempfile.TemporaryFile(dir=self.root)  # noqa: SIM115 (the with below owns it)
+        except OSError as exc:
+            raise ReleaseError(f"{what}: cannot make a temp file: {exc.strerror}") from None
+        with tmp:
+            got = await self._download(bus, fleet, ref, tmp, what)
+            if got != ref.digest:
+                raise ReleaseError(
+                    f"{what}: fetched bundle has digest {got[:19]}..., expected "
+                    f"{ref.digest[:19]}...; refused (the stored object is corrupt or was replaced)"
+                )
+            dest = self.root / hexd
+            manifest = await self._unpack(tmp, dest, what)
+        if (manifest.name, manifest.version) != (ref.service, ref.version):
+            self._discard(dest)
+            raise ReleaseError(
+                f"{what}: the bundle's manifest says {manifest.name} {manifest.version}; refused"
+            )
+        return dest
+
+    async def _download(
+        self, bus: ObjectSource, fleet: str, ref: ReleaseRef, tmp: IO[bytes], what: str
+    ) -> str:
+        """Stream the object into ``tmp``, bounded by its declared size; return its digest."""
         key = subjects.release_key(ref.service, ref.version)
+        if ref.size:
+            limit = ref.size
+            too_large = (
+                f"{what}: the stored object is larger than its declared {limit} bytes, so it is "
+                f"not the expected {ref.digest[:19]}...; refused (the stored object is corrupt or "
+                "was replaced)"
+            )
+        else:
+            limit = self.limits.max_bytes
+            too_large = (
+                f"{what}: the stored object is larger than this agent's {limit} byte bundle "
+                "limit; refused"
+            )
+        sink = _Download(tmp, limit, too_large)
         try:
             async with asyncio.timeout(self.fetch_timeout):
-                data = await bus.obj_get(subjects.releases_store(fleet), key)
+                found = await bus.obj_get_into(subjects.releases_store(fleet), key, sink.write)
         except TimeoutError:
             raise ReleaseError(
                 f"{what}: fetching {key} took more than {self.fetch_timeout:g}s; will retry",
@@ -126,29 +200,28 @@ class ReleaseCache:
             ) from None
         except BusError as exc:
             raise ReleaseError(f"{what}: cannot fetch it: {exc}", transient=True) from None
-        if data is None:
+        except OSError as exc:
+            raise ReleaseError(f"{what}: cannot write the download: {exc.strerror}") from None
+        if not found:
             raise ReleaseError(
                 f"{what} is not in the fleet's object store (key {key}); push it with "
                 "'fleetwave release push'"
             )
         self.fetches += 1
-        got = digest(data)
-        if got != ref.digest:
-            raise ReleaseError(
-                f"{what}: fetched bundle has digest {got[:19]}..., expected {ref.digest[:19]}...; "
-                "refused (the stored object is corrupt or was replaced)"
-            )
-        dest = self.root / hexd
+        return sink.digest()
+
+    async def _unpack(self, tmp: IO[bytes], dest: Path, what: str) -> Manifest:
+        """Unpack the verified download; every error, whatever it is, becomes a ReleaseError."""
         try:
-            manifest = await asyncio.to_thread(safe_unpack, data, dest, limits=self.limits)
+            return await asyncio.to_thread(safe_unpack, tmp, dest, limits=self.limits)
         except ProtocolError as exc:
             raise ReleaseError(f"{what}: refused bundle: {exc}") from None
-        if (manifest.name, manifest.version) != (ref.service, ref.version):
+        except Exception as exc:  # MemoryError, or a bug: it fails this release, not the agent
             self._discard(dest)
+            detail = f": {exc}" if str(exc) else ""
             raise ReleaseError(
-                f"{what}: the bundle's manifest says {manifest.name} {manifest.version}; refused"
-            )
-        return dest
+                f"{what}: cannot unpack the bundle: {type(exc).__name__}{detail}".replace("\n", " ")
+            ) from None
 
     def prune(self, in_use: set[str]) -> None:
         """Delete releases beyond the ``keep`` most recently ensured, except those ``in_use``.

@@ -13,13 +13,28 @@ it, and a directory and a tarball of the same tree are the same release.
 byte (Python 3.11's tarfile extraction filters are not relied on). Refused, with the entry named:
 absolute paths, ``..`` components, duplicate paths, paths that pass through a symlink or a file,
 symlinks whose target is absolute or resolves (following the archive's own symlinks) outside the
-tree, hardlinks to anything but an earlier regular file, devices, fifos and every other member
-type, too many entries or too many bytes once decompressed (the decompression-bomb limit, enforced
-while inflating), trailing garbage, and a missing or invalid ``fleetwave.toml``. Modes are
-normalised, not refused: files become 0644 or 0755 (if any execute bit was set), directories
-0755, so setuid/setgid/sticky bits and world-writable files never reach the disk. Hardlinks become
-independent copies. Extraction goes into a fresh temp directory beside ``dest`` that is renamed
-into place only when everything is written and fsynced, so ``dest`` is either absent or complete.
+tree, hardlinks to anything but an earlier regular file, devices, fifos, sparse files (every GNU
+form: the old ``S`` type and the PAX ``GNU.sparse.*`` headers 0.0, 0.1 and 1.0) and every other
+member type, too many entries, too many bytes once decompressed (the decompression-bomb limit,
+enforced while inflating), files that add up to more than that same limit (hardlink copies
+counted in full), a member declaring more bytes than the archive holds, header data (PAX
+records, GNU long names) above ``MAX_HEADER_DATA``, trailing garbage, and a missing or invalid
+``fleetwave.toml``. Modes are normalised, not refused: files become 0644 or 0755 (if any execute
+bit was set), directories 0755, so setuid/setgid/sticky bits and world-writable files never reach
+the disk. Extraction goes into a fresh temp directory beside ``dest`` that is renamed into place
+only when everything is written and fsynced, so ``dest`` is either absent or complete.
+
+Memory. A bundle is never held whole once inflated, nor is any member: the gzip stream is inflated
+chunk by chunk into an unnamed temp file (beside ``dest`` when unpacking, so it lands on the
+release cache's disk and not in a RAM-backed /tmp), members are remembered as spans of that file,
+and files are copied out of it in ``CHUNK``-sized pieces. Sparse members are refused while their
+header is parsed, before tarfile builds their map or reads a byte of them, and the sizes that
+header blocks declare are bounded before tarfile reads them. Unpacking counts every byte it writes
+against ``Limits.max_bytes`` as well as checking the sum beforehand.
+
+Decision: hardlinks become independent copies, counted in full against the byte limit, not real
+links. ``pack`` re-packs a tarball's links as copies, so a release unpacks to the same tree
+whichever client wrote the object; and a service that rewrites one path cannot change another.
 
 Decision: ``__pycache__`` directories and ``*.pyc`` files are left out when packing a directory:
 they are interpreter caches, appear by merely importing the code, and would make one source tree
@@ -29,17 +44,21 @@ push as two different digests.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import hashlib
 import io
 import os
 import posixpath
+import re
 import shutil
 import stat
 import tempfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import IO, TYPE_CHECKING, Literal, Protocol
 
 from protocol.errors import ProtocolError
 from protocol.manifest import MANIFEST_NAME, Manifest, parse_manifest
@@ -49,8 +68,13 @@ if TYPE_CHECKING:
     # this module, and an idle agent that has nothing to unpack should not keep tarfile resident.
     import tarfile
 
+    from _typeshed import ReadableBuffer
+
 FIXED_MTIME = 0
 MAX_SYMLINK_DEPTH = 40
+CHUNK = 64 * 1024  # the most of any member, or of the gzip stream, held in memory at once
+MAX_HEADER_DATA = 1024 * 1024  # one PAX header or GNU long name; real ones are a few hundred bytes
+MAX_MANIFEST = 1024 * 1024
 _GZIP_MAGIC = b"\x1f\x8b"
 _SKIP_DIRS = frozenset({"__pycache__"})
 _SKIP_SUFFIXES = (".pyc",)
@@ -65,13 +89,24 @@ class Limits:
     """What one bundle may hold; beyond it the bundle is refused before anything is written."""
 
     max_entries: int = 10_000
-    max_bytes: int = 256 * 1024 * 1024  # decompressed tar size, headers included
+    # Both the decompressed tar size (headers included) and the sum of the files that unpacking
+    # writes (every hardlink copy counted in full).
+    max_bytes: int = 256 * 1024 * 1024
     max_path: int = 1024
 
 
 DEFAULT_LIMITS = Limits()
 
 Kind = Literal["file", "dir", "symlink"]
+Source = bytes | IO[bytes]  # a bundle's gzip bytes, or a file of them (read from its start)
+
+
+@dataclass(frozen=True)
+class _Span:
+    """Where a file's bytes lie in the inflated tar."""
+
+    offset: int
+    size: int
 
 
 @dataclass(frozen=True)
@@ -79,8 +114,13 @@ class _Entry:
     path: str  # normalised, relative, "/"-separated, never "" or "."
     kind: Kind
     mode: int = 0
-    data: bytes = b""
+    data: bytes = b""  # files read from a directory
     target: str = ""  # symlinks only
+    span: _Span | None = None  # files read from a tarball
+
+    @property
+    def size(self) -> int:
+        return self.span.size if self.span is not None else len(self.data)
 
 
 def digest(data: bytes) -> str:
@@ -92,37 +132,48 @@ def pack(path: Path, *, limits: Limits = DEFAULT_LIMITS) -> tuple[bytes, Manifes
     """Pack a bundle directory or ``.tar.gz`` into canonical gzip-tar bytes and its manifest."""
     path = Path(path)
     if path.is_dir():
-        entries = _read_dir(path, limits)
-        source = str(path)
-    elif path.is_file():
-        try:
-            raw = path.read_bytes()
-        except OSError as exc:
-            raise BundleError(f"{path}: cannot read: {exc.strerror}") from None
-        entries = _read_tar(raw, limits)
-        source = str(path)
-    else:
+        return _pack(_read_dir(path, limits), None, str(path), limits)
+    if not path.is_file():
         raise BundleError(f"{path}: no such directory or .tar.gz file")
+    try:
+        src = path.open("rb")
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot read: {exc.strerror}") from None
+    with src, _open_tar(src, limits, None) as archive:
+        return _pack(archive.entries, archive, str(path), limits)
+
+
+def _pack(
+    entries: list[_Entry], archive: _Archive | None, source: str, limits: Limits
+) -> tuple[bytes, Manifest]:
     entries = _canonical(entries)
-    manifest = _manifest(entries, source)
-    data = _write_tar(entries)
+    manifest = _manifest(entries, archive, source)
+    data = _write_tar(entries, archive)
     if len(data) > limits.max_bytes:
         raise BundleError(
-            f"{path}: bundle is {len(data)} bytes, above the {limits.max_bytes} limit"
+            f"{source}: bundle is {len(data)} bytes, above the {limits.max_bytes} limit"
         )
     return data, manifest
 
 
-def inspect(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Manifest:
-    """Validate bundle bytes with every unpacking rule, without writing; return the manifest."""
-    return _manifest(_canonical(_read_tar(data, limits)), "bundle")
+def inspect(data: Source, *, limits: Limits = DEFAULT_LIMITS) -> Manifest:
+    """Validate a bundle with every unpacking rule, without writing; return the manifest."""
+    with _open_tar(data, limits, None) as archive:
+        return _manifest(_canonical(archive.entries), archive, "bundle")
 
 
-def safe_unpack(data: bytes, dest: Path, *, limits: Limits = DEFAULT_LIMITS) -> Manifest:
+def safe_unpack(data: Source, dest: Path, *, limits: Limits = DEFAULT_LIMITS) -> Manifest:
     """Check every member of ``data``, then unpack it to ``dest`` (which must not exist) at once."""
     dest = Path(dest)
-    entries = _canonical(_read_tar(data, limits))
-    manifest = _manifest(entries, "bundle")
+    spill = dest.parent if dest.parent.is_dir() else None
+    with _open_tar(data, limits, spill) as archive:
+        entries = _canonical(archive.entries)
+        manifest = _manifest(entries, archive, "bundle")
+        _unpack(entries, archive, dest, limits)
+    return manifest
+
+
+def _unpack(entries: list[_Entry], archive: _Archive, dest: Path, limits: Limits) -> None:
     if dest.exists() or dest.is_symlink():
         raise BundleError(f"{dest}: already exists; unpack into a new directory")
     parent = dest.parent
@@ -132,7 +183,7 @@ def safe_unpack(data: bytes, dest: Path, *, limits: Limits = DEFAULT_LIMITS) -> 
     except OSError as exc:
         raise BundleError(f"{dest}: cannot create a directory beside it: {exc.strerror}") from None
     try:
-        _extract(entries, tmp)
+        _extract(entries, tmp, archive, limits)
         tmp.chmod(0o755)  # mkdtemp makes 0700; a release dir is readable by the services
         _fsync_dir(tmp)
         tmp.rename(dest)
@@ -142,7 +193,6 @@ def safe_unpack(data: bytes, dest: Path, *, limits: Limits = DEFAULT_LIMITS) -> 
         if isinstance(exc, OSError):
             raise BundleError(f"{dest}: cannot unpack: {exc.strerror or exc}") from None
         raise
-    return manifest
 
 
 # -- reading ---------------------------------------------------------------------------------------
@@ -182,74 +232,232 @@ def _read_dir(root: Path, limits: Limits) -> list[_Entry]:
     return entries
 
 
-def _inflate(data: bytes, limits: Limits) -> bytes:
-    """Gunzip ``data`` (possibly several gzip members), refusing output above the byte limit."""
-    if not data.startswith(_GZIP_MAGIC):
-        raise BundleError("bundle is not a gzip-compressed tar (.tar.gz)")
-    out = bytearray()
-    rest = data
+class _Archive:
+    """An inflated tar in an unnamed temp file, with its members read as entries (not yet
+    checked as a tree); file bytes stay in the file until copied out."""
+
+    def __init__(self, file: IO[bytes], entries: list[_Entry]) -> None:
+        self.file = file
+        self.entries = entries
+
+    def read(self, span: _Span) -> bytes:
+        """The bytes of a small span (callers bound its size)."""
+        self.file.seek(span.offset)
+        data = self.file.read(span.size)
+        if len(data) != span.size:  # spans are checked against the length when read
+            raise BundleError("bundle is truncated: a file's data ends early")
+        return data
+
+    def seek(self, span: _Span) -> IO[bytes]:
+        """The file, positioned at the start of ``span``, for a reader that takes ``span.size``."""
+        self.file.seek(span.offset)
+        return self.file
+
+    def copy(self, span: _Span, out: IO[bytes]) -> None:
+        """Copy ``span`` to ``out`` ``CHUNK`` bytes at a time."""
+        self.file.seek(span.offset)
+        left = span.size
+        while left:
+            chunk = self.file.read(min(CHUNK, left))
+            if not chunk:
+                raise BundleError("bundle is truncated: a file's data ends early")
+            out.write(chunk)
+            left -= len(chunk)
+
+
+@contextlib.contextmanager
+def _open_tar(source: Source, limits: Limits, spill: Path | None) -> Iterator[_Archive]:
+    """Inflate ``source`` into a temp file in ``spill`` (the system's if None) and read it."""
+    src: IO[bytes] = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
-        while rest:
-            d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-            chunk = d.decompress(rest, limits.max_bytes + 1 - len(out))
-            out += chunk
-            if len(out) > limits.max_bytes or d.unconsumed_tail:
+        tar = tempfile.TemporaryFile(dir=spill)  # noqa: SIM115 (the with below owns it)
+    except OSError as exc:
+        msg = f"cannot make a temp file to inflate the bundle: {exc.strerror}"
+        raise BundleError(msg) from None
+    with tar:
+        try:
+            src.seek(0)
+            length = _inflate(src, tar, limits)
+            entries = _read_tar(tar, length, limits)
+        except OSError as exc:
+            raise BundleError(f"cannot inflate the bundle: {exc.strerror or exc}") from None
+        yield _Archive(tar, entries)
+
+
+def _inflate(src: IO[bytes], out: IO[bytes], limits: Limits) -> int:
+    """Gunzip ``src`` (possibly several gzip members) into ``out``; refuse output above the limit.
+
+    Returns the inflated length. At most ``CHUNK`` bytes of input and of output are held at once.
+    """
+    buf = _read_at_least(src, b"", len(_GZIP_MAGIC))
+    if not buf.startswith(_GZIP_MAGIC):
+        raise BundleError("bundle is not a gzip-compressed tar (.tar.gz)")
+    d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    total = 0
+    try:
+        while True:
+            starved = False
+            if not buf:
+                buf = src.read(CHUNK)
+                starved = not buf
+            chunk = d.decompress(buf, CHUNK)
+            buf = d.unconsumed_tail
+            total += len(chunk)
+            if total > limits.max_bytes:
                 raise BundleError(
                     f"bundle inflates to more than {limits.max_bytes} bytes (decompression limit)"
                 )
-            if not d.eof:
+            out.write(chunk)
+            if d.eof:
+                rest = _read_at_least(src, d.unused_data + buf, len(_GZIP_MAGIC))
+                if not rest:
+                    return total
+                if not rest.startswith(_GZIP_MAGIC):
+                    raise BundleError("bundle has trailing bytes after the gzip stream")
+                d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+                buf = rest
+            elif starved and not chunk:
                 raise BundleError("bundle is truncated: the gzip stream ends early")
-            rest = d.unused_data
-            if rest and not rest.startswith(_GZIP_MAGIC):
-                raise BundleError("bundle has trailing bytes after the gzip stream")
     except zlib.error as exc:
         raise BundleError(f"bundle is not valid gzip: {exc}") from None
-    return bytes(out)
 
 
-def _read_tar(data: bytes, limits: Limits) -> list[_Entry]:
+def _read_at_least(src: IO[bytes], buf: bytes, n: int) -> bytes:
+    while len(buf) < n:
+        more = src.read(CHUNK)
+        if not more:
+            break
+        buf += more
+    return buf
+
+
+def _read_tar(tar: IO[bytes], length: int, limits: Limits) -> list[_Entry]:
     import tarfile
 
-    raw = _inflate(data, limits)
+    tar.seek(0)
     entries: list[_Entry] = []
     files: dict[str, _Entry] = {}
+    written = 0  # what unpacking will write: every file, hardlink copies in full
     try:
-        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tf:
-            for count, member in enumerate(tf, start=1):
+        with tarfile.open(fileobj=tar, mode="r:", tarinfo=_guarded_tarinfo()) as tf:
+            count = 0
+            while (member := tf.next()) is not None:
+                # tarfile keeps every header it read (PAX records and all); only entries are kept
+                # here. ``members`` is a plain attribute that typeshed's stub leaves out.
+                tf.members.clear()  # type: ignore[attr-defined]
+                count += 1
                 if count > limits.max_entries:
                     raise BundleError(f"bundle has more than {limits.max_entries} entries")
-                entry = _member(tf, member, files, limits)
+                entry = _member(member, files, length, limits)
                 if entry is None:
                     continue
                 entries.append(entry)
-                if entry.kind == "file":
-                    files[entry.path] = entry
+                if entry.kind != "file":
+                    continue
+                files[entry.path] = entry
+                written += entry.size
+                if written > limits.max_bytes:
+                    raise BundleError(
+                        f"bundle entry {member.name!r} brings its files to more than "
+                        f"{limits.max_bytes} bytes (the byte limit; hardlink copies count in full)"
+                    )
             end = tf.offset
     except tarfile.TarError as exc:
         raise BundleError(f"bundle is not a valid tar: {exc}") from None
-    except (EOFError, OSError) as exc:
+    except (EOFError, ValueError) as exc:
         raise BundleError(f"bundle is truncated or corrupt: {exc}") from None
-    if raw[end:].strip(b"\0"):
-        raise BundleError("bundle has unreadable data after its last valid entry (corrupt tar)")
+    _check_tail(tar, end, length)
     return entries
 
 
+def _check_tail(tar: IO[bytes], end: int, length: int) -> None:
+    """Only zero padding may follow the last entry (anything else is a damaged or spliced tar)."""
+    tar.seek(min(end, length))
+    while chunk := tar.read(CHUNK):
+        if chunk.strip(b"\0"):
+            raise BundleError("bundle has unreadable data after its last valid entry (corrupt tar)")
+
+
+@functools.cache
+def _guarded_tarinfo() -> type[tarfile.TarInfo]:
+    """A TarInfo that refuses what tarfile would otherwise read unbounded, as it parses headers.
+
+    tarfile's header parsing reads a GNU sparse member's map (old ``S`` extension blocks, or a
+    PAX 1.0 map in the member's data, numbers one per line) into lists before any caller sees the
+    member, and reads PAX headers and GNU long names whole. ``_proc_member`` is tarfile's
+    documented hook for subclasses ("can be overridden in a subclass"), called on every header.
+    """
+    import tarfile
+
+    header_types = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
+                    tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
+    pax_types = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
+
+    class Guarded(tarfile.TarInfo):
+        def _proc_member(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
+            if self.type == tarfile.GNUTYPE_SPARSE:
+                raise BundleError(_sparse_reason(self.name))
+            if self.type in header_types and self.size > MAX_HEADER_DATA:
+                raise BundleError(
+                    f"bundle has an extended header of {self.size} bytes, above the "
+                    f"{MAX_HEADER_DATA} limit"
+                )
+            if self.type in pax_types and tf.fileobj is not None:
+                _refuse_sparse_keys(tf.fileobj, self.size)
+            # the hook is not in typeshed's stub of TarInfo, but is tarfile's own extension point
+            member: tarfile.TarInfo = super()._proc_member(tf)  # type: ignore[misc]
+            return member
+
+    return Guarded
+
+
+_PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")  # tarfile's own record syntax: "<len> <key>=<value>\n"
+
+
+class _Readable(Protocol):
+    def read(self, size: int, /) -> bytes: ...
+    def tell(self) -> int: ...
+    def seek(self, pos: int, /) -> object: ...
+
+
+def _refuse_sparse_keys(f: _Readable, size: int) -> None:
+    """Refuse a PAX header (about to be parsed by tarfile) with any ``GNU.sparse.*`` record."""
+    at = f.tell()
+    buf = f.read(size)
+    f.seek(at)
+    pos = 0
+    while (m := _PAX_RECORD.match(buf, pos)) is not None and int(m.group(1)) > 0:
+        if m.group(2).startswith(b"GNU.sparse."):
+            raise BundleError(_sparse_reason(f"(PAX record {m.group(2).decode(errors='replace')})"))
+        pos += int(m.group(1))
+
+
+def _sparse_reason(name: str) -> str:
+    return (
+        f"bundle entry {name!r} is a sparse file; bundles hold only plain regular files, "
+        "directories and in-tree links"
+    )
+
+
 def _member(
-    tf: tarfile.TarFile, m: tarfile.TarInfo, files: dict[str, _Entry], limits: Limits
+    m: tarfile.TarInfo, files: dict[str, _Entry], length: int, limits: Limits
 ) -> _Entry | None:
+    if m.sparse is not None or any(k.startswith("GNU.sparse.") for k in m.pax_headers):
+        raise BundleError(_sparse_reason(m.name))  # the parse hook refuses these first
     path = _clean(m.name, limits)
     if path is None:  # the archive's root itself ("." or "./")
         if not m.isdir():
             raise BundleError(f"bundle entry {m.name!r} names the root but is not a directory")
         return None
     if m.isreg():
-        f = tf.extractfile(m)
-        if f is None:  # isreg() members always have data; defensive for odd tarfile subclasses
-            raise BundleError(f"bundle entry {m.name!r} has no data")
-        payload = f.read()
-        if len(payload) != m.size:
+        if m.size > limits.max_bytes:
+            raise BundleError(
+                f"bundle entry {m.name!r} declares {m.size} bytes, above the {limits.max_bytes} "
+                "limit"
+            )
+        if m.offset_data + m.size > length:
             raise BundleError(f"bundle entry {m.name!r} is truncated")
-        return _Entry(path, "file", m.mode, payload)
+        return _Entry(path, "file", m.mode, span=_Span(m.offset_data, m.size))
     if m.isdir():
         return _Entry(path, "dir", m.mode)
     if m.issym():
@@ -267,7 +475,8 @@ def _member(
                 f"bundle entry {m.name!r} is a hardlink to {m.linkname!r}, which is not a regular "
                 "file earlier in the bundle"
             )
-        return _Entry(path, "file", files[target].mode, files[target].data)
+        original = files[target]
+        return _Entry(path, "file", original.mode, span=original.span)
     raise BundleError(
         f"bundle entry {m.name!r} is a {_TAR_KINDS.get(m.type, f'type {m.type!r} member')}; "
         "bundles hold only regular files, directories and in-tree links"
@@ -333,7 +542,7 @@ def _canonical(entries: list[_Entry]) -> list[_Entry]:
             mode = 0o755
         else:
             mode = 0o777
-        out.append(_Entry(path, e.kind, mode, e.data, e.target))
+        out.append(dataclasses.replace(e, mode=mode))
     return out
 
 
@@ -365,14 +574,19 @@ def _resolve(
     return stack
 
 
-def _manifest(entries: list[_Entry], source: str) -> Manifest:
+def _manifest(entries: list[_Entry], archive: _Archive | None, source: str) -> Manifest:
     entry = next((e for e in entries if e.path == MANIFEST_NAME), None)
     if entry is None:
         raise BundleError(f"{source}: no {MANIFEST_NAME} at the root of the bundle")
     if entry.kind != "file":
         raise BundleError(f"{source}: {MANIFEST_NAME} must be a regular file, not a {entry.kind}")
+    if entry.size > MAX_MANIFEST:
+        raise BundleError(
+            f"{source}: {MANIFEST_NAME} is {entry.size} bytes, above the {MAX_MANIFEST} limit"
+        )
+    raw = entry.data if entry.span is None or archive is None else archive.read(entry.span)
     try:
-        text = entry.data.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise BundleError(f"{source}: {MANIFEST_NAME} is not UTF-8 text") from None
     try:
@@ -384,11 +598,40 @@ def _manifest(entries: list[_Entry], source: str) -> Manifest:
 # -- writing ---------------------------------------------------------------------------------------
 
 
-def _write_tar(entries: list[_Entry]) -> bytes:
+class _Gzip(io.BufferedIOBase):
+    """A write-only file that gzips what it is given as it comes (tarfile writes into it).
+
+    Zero mtime and no file name in the header, so the bytes depend on content only; zlib's output
+    does not depend on how its input is split, so this gives the same bytes as one compress call.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._z = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+        self._parts: list[bytes] = []
+        self._pos = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: ReadableBuffer) -> int:
+        view = memoryview(data)
+        self._parts.append(self._z.compress(view))
+        self._pos += view.nbytes
+        return view.nbytes
+
+    def tell(self) -> int:
+        return self._pos
+
+    def getvalue(self) -> bytes:
+        return b"".join(self._parts) + self._z.flush()
+
+
+def _write_tar(entries: list[_Entry], archive: _Archive | None) -> bytes:
     import tarfile
 
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:", format=tarfile.PAX_FORMAT) as tf:
+    out = _Gzip()
+    with tarfile.open(fileobj=out, mode="w:", format=tarfile.PAX_FORMAT) as tf:
         for e in entries:
             info = tarfile.TarInfo(e.path)
             info.mtime = FIXED_MTIME
@@ -397,8 +640,11 @@ def _write_tar(entries: list[_Entry]) -> bytes:
             info.mode = e.mode
             if e.kind == "file":
                 info.type = tarfile.REGTYPE
-                info.size = len(e.data)
-                tf.addfile(info, io.BytesIO(e.data))
+                info.size = e.size
+                if e.span is not None and archive is not None:
+                    tf.addfile(info, archive.seek(e.span))
+                else:
+                    tf.addfile(info, io.BytesIO(e.data))
             elif e.kind == "dir":
                 info.type = tarfile.DIRTYPE
                 tf.addfile(info)
@@ -406,14 +652,13 @@ def _write_tar(entries: list[_Entry]) -> bytes:
                 info.type = tarfile.SYMTYPE
                 info.linkname = e.target
                 tf.addfile(info)
-    # gzip by hand: zero mtime and no file name in the header, so the bytes depend on content only.
-    comp = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
-    return comp.compress(buf.getvalue()) + comp.flush()
+    return out.getvalue()
 
 
-def _extract(entries: list[_Entry], root: Path) -> None:
+def _extract(entries: list[_Entry], root: Path, archive: _Archive, limits: Limits) -> None:
     # Entries are sorted, so every parent directory is created before its children; paths were
     # checked to pass through no symlink, so O_NOFOLLOW|O_EXCL on the last component suffices.
+    written = 0
     for e in entries:
         target = root / e.path
         if e.kind == "dir":
@@ -421,9 +666,17 @@ def _extract(entries: list[_Entry], root: Path) -> None:
         elif e.kind == "symlink":
             target.symlink_to(e.target)
         else:
+            # The sum was checked when reading; counting here too keeps the cap true of what is
+            # written, whatever the reading side becomes.
+            written += e.size
+            if written > limits.max_bytes:
+                raise BundleError(f"bundle files add up to more than {limits.max_bytes} bytes")
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "wb") as f:
-                f.write(e.data)
+                if e.span is not None:
+                    archive.copy(e.span, f)
+                else:
+                    f.write(e.data)
                 f.flush()
                 os.fsync(f.fileno())
             target.chmod(e.mode)

@@ -30,6 +30,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.js import api as js_api
+from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE
 from nats.micro import add_service
 from nats.micro.service import EndpointConfig, ServiceConfig
 
@@ -501,6 +502,40 @@ class Bus:
             raise BusError(f"cannot fetch {name} from {store}: {exc}") from None
         data: bytes = res.data or b""
         return data
+
+    async def obj_get_into(self, store: str, name: str, write: Callable[[bytes], object]) -> bool:
+        """Hand an object's chunks to ``write`` as they arrive, never holding it whole.
+
+        False if the object is absent. ``write`` may raise to stop the transfer: its exception
+        propagates, and the consumer is removed either way (nats-py's ``get(writeinto=)`` leaves
+        it subscribed). The store's own digest is not checked: callers check the one they expect.
+        """
+        try:
+            obs = await self.js.object_store(store)
+            info = await obs.get_info(name)
+        except (nats.js.errors.ObjectNotFoundError, nats.js.errors.ObjectDeletedError):
+            return False
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot fetch {name} from {store}: {exc}") from None
+        if not info.size or not info.nuid:
+            return True
+        try:
+            sub = await self.js.subscribe(
+                OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=store, obj=info.nuid), ordered_consumer=True
+            )
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot fetch {name} from {store}: {exc}") from None
+        try:
+            async for msg in sub.messages:
+                write(msg.data)
+                if msg.metadata.num_pending == 0:
+                    break
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot fetch {name} from {store}: {exc}") from None
+        finally:
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await sub.unsubscribe()
+        return True
 
     async def obj_info(self, store: str, name: str) -> ObjectStat | None:
         """Size and sha256 of a stored object without fetching it; None if it is absent."""

@@ -29,6 +29,8 @@ from coordinator.releases import (
 from protocol import subjects
 from protocol.bundle import digest, pack
 from protocol.bus import Bus
+from protocol.messages import ReleaseRef
+from tests.integration.procs import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 HELLO = REPO / "deploy" / "examples" / "hello"
@@ -429,3 +431,32 @@ def test_app_is_identical_in_every_version_and_bundles_are_valid() -> None:
     m24 = pack(HELLO / "2.4.0")[1]
     assert m24.env["HEALTH_FAIL_ON_NODE"] == "node-2"
     assert m24.hooks.validate == ["python3", "app.py", "--smoke"]
+
+
+# -- the agent's download is streamed and bounded --------------------------------------------------
+
+
+async def test_object_above_its_declared_size_stops_and_leaves_no_consumer(
+    bus: Bus, tmp_path: Path
+) -> None:
+    """An object longer than the ref declares is refused mid-transfer from the real store; a
+    multi-chunk object is fetched intact; neither transfer leaves a consumer behind for good (the
+    server drops an unsubscribed ordered consumer after its inactivity threshold, a few seconds)."""
+    big = copy_bundle("1.0.0", tmp_path / "big")
+    (big / "noise.bin").write_bytes(os.urandom(600_000))  # several object-store chunks
+    pushed = await push_release(bus, big)
+    stream = f"OBJ_{subjects.releases_store(FLEET)}"
+
+    async def consumers() -> int:
+        return (await bus.js.stream_info(stream)).state.consumer_count
+
+    short = ReleaseRef(service="hello", version="1.0.0", digest=pushed.info.digest, size=200_000)
+    cache = ReleaseCache(tmp_path / "releases")
+    with pytest.raises(ReleaseError, match="larger than its declared 200000 bytes") as info:
+        await cache.ensure(bus, FLEET, short)
+    assert not info.value.transient
+    assert list((tmp_path / "releases").iterdir()) == []
+
+    path = await cache.ensure(bus, FLEET, pushed.info.ref)
+    assert (path / "noise.bin").read_bytes() == (big / "noise.bin").read_bytes()
+    await wait_until(consumers, lambda n: n == 0, timeout=30, what="no consumer left")

@@ -4,21 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import tarfile
+import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from agent import releases
 from agent.releases import ReleaseCache, ReleaseError
-from protocol.bundle import digest, pack
+from protocol.bundle import Limits, digest, pack
 from protocol.errors import BusError
 from protocol.messages import ReleaseRef
+from tests.unit.protocol.test_bundle import archive_of, gnu_sparse
 
 STORE = "fw-test-releases"
+MANIFEST_666 = b'name = "hello"\nversion = "6.6.6"\ncommand = ["x"]\n'
+
+
+CHUNK = 128 * 1024  # what the NATS object store sends per message
 
 
 class FakeStore:
-    """An object store in memory; ``gate`` holds fetches until set, ``fail`` raises BusError."""
+    """An object store in memory, sent in chunks; ``gate`` holds fetches until set, ``fail`` raises
+    BusError, and ``endless`` names an object whose chunks of zeros never end."""
 
     def __init__(self) -> None:
         self.objects: dict[str, bytes] = {}
@@ -26,8 +36,10 @@ class FakeStore:
         self.gate: asyncio.Event | None = None
         self.fail = False
         self.started = asyncio.Event()
+        self.endless = ""
+        self.sent = 0  # bytes handed to the reader
 
-    async def obj_get(self, store: str, name: str) -> bytes | None:
+    async def _begin(self, store: str) -> None:
         assert store == STORE
         self.gets += 1
         self.started.set()
@@ -35,7 +47,23 @@ class FakeStore:
             await self.gate.wait()
         if self.fail:
             raise BusError("cannot fetch: connection closed")
-        return self.objects.get(name)
+
+    async def obj_get_into(self, store: str, name: str, write: Callable[[bytes], object]) -> bool:
+        await self._begin(store)
+        if name == self.endless:
+            while True:
+                self.sent += CHUNK
+                write(bytes(CHUNK))
+                await asyncio.sleep(0)
+        data = self.objects.get(name)
+        if data is None:
+            return False
+        view = memoryview(data)
+        for i in range(0, len(data), CHUNK):
+            self.sent += len(view[i : i + CHUNK])
+            write(bytes(view[i : i + CHUNK]))
+            await asyncio.sleep(0)
+        return True
 
 
 def bundle(tmp: Path, version: str, extra: str = "") -> bytes:
@@ -187,3 +215,76 @@ async def test_prune_keeps_recent_and_in_use(tmp_path: Path) -> None:
     assert not debris.exists()
     assert len(list((tmp_path / "releases").iterdir())) == 3
     assert store.gets == 4
+
+
+# -- hostile sizes: the download and the unpack are bounded, and never raise out -----------------
+
+
+async def test_sparse_bundle_fails_the_fetch_with_the_reason(tmp_path: Path) -> None:
+    """A verified bundle with a sparse member of 1 TiB is a refused release, not a MemoryError."""
+    store = FakeStore()
+    sparse = archive_of(gnu_sparse(1 << 40), manifest=MANIFEST_666)
+    ref = publish(store, sparse, "6.6.6")
+    cache = ReleaseCache(tmp_path / "releases")
+    with pytest.raises(ReleaseError, match=r"refused bundle: .*sparse") as info:
+        await cache.ensure(store, "test", ref)
+    assert not info.value.transient and "\n" not in info.value.reason
+    assert list((tmp_path / "releases").iterdir()) == []
+
+
+async def test_any_error_while_unpacking_becomes_the_release_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever unpacking raises (here MemoryError) ends as a ReleaseError with a reason; the
+    cache stays usable and empty."""
+
+    def exhausted(*args: object, **kwargs: object) -> object:
+        raise MemoryError
+
+    store = FakeStore()
+    ref = publish(store, bundle(tmp_path, "1.0.0"), "1.0.0")
+    cache = ReleaseCache(tmp_path / "releases")
+    monkeypatch.setattr(releases, "safe_unpack", exhausted)
+    with pytest.raises(ReleaseError, match="MemoryError") as info:
+        await cache.ensure(store, "test", ref)
+    assert not info.value.transient and "\n" not in info.value.reason
+    assert list((tmp_path / "releases").iterdir()) == []
+    assert cache._locks == {}
+
+
+@pytest.mark.parametrize("declared", [0, 300_000])
+async def test_object_larger_than_allowed_stops_the_download(declared: int, tmp_path: Path) -> None:
+    """An object that keeps coming beyond its declared size (or, undeclared, beyond the agent's
+    limit) is refused as soon as it passes it; nothing is kept in the cache."""
+    store = FakeStore()
+    store.endless = "hello/1.0.0"
+    ref = ReleaseRef(service="hello", version="1.0.0", digest="sha256:" + "0" * 64, size=declared)
+    limit = 1024 * 1024
+    cache = ReleaseCache(tmp_path / "releases", limits=Limits(max_bytes=limit))
+    with pytest.raises(ReleaseError, match="larger than") as info:
+        await cache.ensure(store, "test", ref)
+    assert not info.value.transient and "\n" not in info.value.reason
+    assert store.sent <= (declared or limit) + CHUNK
+    assert list((tmp_path / "releases").iterdir()) == []
+
+
+async def test_fetch_and_unpack_hold_neither_the_object_nor_a_file_whole(tmp_path: Path) -> None:
+    """An 8 MiB incompressible release is fetched, verified and unpacked with a small peak of
+    memory: the object goes to a temp file as it arrives, and each file is copied in chunks."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "fleetwave.toml").write_text('name = "hello"\nversion = "1.0.0"\ncommand = ["x"]\n')
+    payload = os.urandom(8 * 1024 * 1024)
+    (src / "blob.bin").write_bytes(payload)
+    store = FakeStore()
+    ref = publish(store, pack(src)[0], "1.0.0")
+    cache = ReleaseCache(tmp_path / "releases")
+    tracemalloc.start()
+    try:
+        path = await cache.ensure(store, "test", ref)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (path / "blob.bin").read_bytes() == payload
+    assert peak < 2 * 1024 * 1024, f"{peak} bytes allocated for an 8 MiB release"
+    assert names(tmp_path / "releases") == [path.name]  # no download or temp file left behind

@@ -7,6 +7,8 @@ import io
 import os
 import stat
 import tarfile
+import tracemalloc
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -311,3 +313,171 @@ def test_limits_apply_to_directories(tmp_path: Path) -> None:
         (a / f"f{i}").write_text("x")
     with pytest.raises(BundleError, match="entries"):
         pack(a, limits=SMALL)
+
+
+# -- sizes: sparse members, hardlink copies, declared sizes, memory --------------------------------
+
+
+def _member(info: tarfile.TarInfo, data: bytes = b"") -> bytes:
+    """One raw PAX tar member (header blocks, data, padding), as tarfile would write it."""
+    return info.tobuf(format=tarfile.PAX_FORMAT) + data + b"\0" * (-len(data) % 512)
+
+
+def archive_of(*members: bytes, manifest: bytes = MANIFEST) -> bytes:
+    """A gzipped tar of ``manifest`` then ``members`` (raw), closed by two zero blocks."""
+    info = tarfile.TarInfo("fleetwave.toml")
+    info.size = len(manifest)
+    return _gzip(_member(info, manifest) + b"".join(members) + b"\0" * 1024)
+
+
+def _num12(n: int) -> bytes:
+    """A 12-byte tar number field: octal, or GNU base-256 when octal cannot hold it."""
+    return b"%011o\0" % n if n < 8**11 else b"\x80" + n.to_bytes(11, "big")
+
+
+def gnu_sparse(realsize: int, data: bytes = b"x" * 100) -> bytes:
+    """An old-GNU sparse member ('S'): ``data`` at offset 0 of a file of ``realsize`` bytes."""
+    info = tarfile.TarInfo("holes.bin")
+    info.size = len(data)
+    head = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))
+    head[156:157] = tarfile.GNUTYPE_SPARSE
+    head[386:398] = _num12(0)  # the first sparse struct: offset 0 ...
+    head[398:410] = _num12(len(data))  # ... holding len(data) bytes
+    head[483:495] = _num12(realsize)
+    chksum = sum(head[:148]) + sum(head[156:512]) + 8 * ord(" ")
+    head[148:155] = b"%06o\0" % chksum
+    return bytes(head) + data + b"\0" * (-len(data) % 512)
+
+
+def _pax_sparse(version: str, realsize: int, data: bytes = b"x" * 100) -> bytes:
+    """A member in one of GNU tar's PAX sparse formats (0.0, 0.1 or 1.0)."""
+    info = tarfile.TarInfo("holes.bin")
+    n = len(data)
+    if version == "1.0":  # the map sits at the start of the member's data
+        sparse_map = b"1\n0\n%d\n" % n
+        data = sparse_map + b"\0" * (-len(sparse_map) % 512) + data
+        info.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+                            "GNU.sparse.name": "holes.bin", "GNU.sparse.realsize": str(realsize)}
+    elif version == "0.1":
+        info.pax_headers = {"GNU.sparse.size": str(realsize), "GNU.sparse.numblocks": "1",
+                            "GNU.sparse.map": f"0,{n}"}
+    else:
+        info.pax_headers = {"GNU.sparse.size": str(realsize), "GNU.sparse.numblocks": "1",
+                            "GNU.sparse.offset": "0", "GNU.sparse.numbytes": str(n)}
+    info.size = len(data)
+    return _member(info, data)
+
+
+def _sparse_map_off_the_end() -> bytes:
+    """A PAX 1.0 sparse member whose map claims far more numbers than the archive holds."""
+    info = tarfile.TarInfo("holes.bin")
+    info.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+                        "GNU.sparse.realsize": "1000"}
+    data = b"99999999\n" + b"1\n" * 2000
+    info.size = len(data)
+    return _member(info, data)
+
+
+def _many_hardlinks(count: int, size: int) -> bytes:
+    """One ``size``-byte file and ``count`` hardlinks to it (each a full copy when unpacked)."""
+    big = tarfile.TarInfo("big.bin")
+    big.size = size
+    links = []
+    for i in range(count):
+        link = tarfile.TarInfo(f"copy{i}")
+        link.type = tarfile.LNKTYPE
+        link.linkname = "big.bin"
+        links.append(_member(link))
+    return archive_of(_member(big, b"\0" * size), *links)
+
+
+def _declared_size(size: int) -> bytes:
+    """A regular member whose PAX header declares ``size`` bytes that are not there."""
+    info = tarfile.TarInfo("huge.bin")
+    info.size = size
+    return archive_of(info.tobuf(format=tarfile.PAX_FORMAT))
+
+
+def _big_extended_header() -> bytes:
+    """A member whose PAX header carries two MiB of made-up records."""
+    info = tarfile.TarInfo("a.txt")
+    info.pax_headers = {"comment": "x" * (2 * 1024 * 1024)}
+    return archive_of(_member(info))
+
+
+MIB = 1024 * 1024
+SIZES: dict[str, tuple[Callable[[], bytes], str]] = {
+    "GNU sparse, 50 MiB of holes": (lambda: archive_of(gnu_sparse(50 * MIB)), "sparse"),
+    "GNU sparse, 1 TiB of holes": (lambda: archive_of(gnu_sparse(1 << 40)), "sparse"),
+    "PAX sparse 0.0": (lambda: archive_of(_pax_sparse("0.0", 50 * MIB)), "sparse"),
+    "PAX sparse 0.1": (lambda: archive_of(_pax_sparse("0.1", 50 * MIB)), "sparse"),
+    "PAX sparse 1.0": (lambda: archive_of(_pax_sparse("1.0", 50 * MIB)), "sparse"),
+    "PAX sparse 1.0, 1 TiB": (lambda: archive_of(_pax_sparse("1.0", 1 << 40)), "sparse"),
+    "PAX sparse map off the end": (lambda: archive_of(_sparse_map_off_the_end()), "sparse"),
+    "hardlink copies above the limit": (lambda: _many_hardlinks(15, 256 * 1024), "limit"),
+    "declared size of 1 TiB": (lambda: _declared_size(1 << 40), "limit"),
+    "extended header of 2 MiB": (_big_extended_header, "extended header"),
+}
+ROOMY = Limits(max_entries=20, max_bytes=4 * MIB)  # room for the 2 MiB header to be read at all
+
+
+@pytest.mark.parametrize("case", sorted(SIZES))
+def test_oversized_members_are_refused_in_bounded_memory(case: str, tmp_path: Path) -> None:
+    """Sparse members, hardlink copies above the byte limit and huge declared sizes are refused
+    by name before anything is written, and refusing them never allocates the sizes they claim."""
+    make, reason = SIZES[case]
+    data = make()
+    parent = tmp_path / "releases"
+    parent.mkdir()
+    tracemalloc.start()
+    try:
+        with pytest.raises(BundleError) as info:
+            safe_unpack(data, parent / "rel", limits=ROOMY if "header" in case else SMALL)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert reason in str(info.value), str(info.value)
+    assert "\n" not in str(info.value)
+    assert peak < MIB // 2, f"{peak} bytes allocated to refuse {case}"
+    assert list(parent.iterdir()) == []
+    with pytest.raises(BundleError, match=reason):
+        inspect(data, limits=ROOMY if "header" in case else SMALL)
+
+
+def test_hardlinks_within_the_limit_are_counted_and_copied(tmp_path: Path) -> None:
+    """Hardlink copies that fit the byte limit together with their file are unpacked as copies."""
+    data = _many_hardlinks(3, 200 * 1024)  # 800 KiB written under a 1 MiB limit
+    safe_unpack(data, tmp_path / "rel", limits=SMALL)
+    assert [(tmp_path / "rel" / f"copy{i}").stat().st_size for i in range(3)] == [200 * 1024] * 3
+
+
+def test_pack_refuses_hardlink_copies_above_the_limit(tmp_path: Path) -> None:
+    """pack() of a .tar.gz counts hardlink copies against the limit before re-packing them."""
+    path = tmp_path / "links.tar.gz"
+    path.write_bytes(_many_hardlinks(15, 256 * 1024))
+    with pytest.raises(BundleError, match="limit"):
+        pack(path, limits=SMALL)
+
+
+def test_large_member_is_unpacked_in_bounded_memory(tmp_path: Path) -> None:
+    """A 16 MiB file is unpacked whole and intact while at most a small buffer is held at once."""
+    payload = os.urandom(MIB) * 16
+    data = tarball([("big.bin", "file", payload)])
+    tracemalloc.start()
+    try:
+        safe_unpack(data, tmp_path / "rel")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (tmp_path / "rel" / "big.bin").read_bytes() == payload
+    assert peak < 2 * MIB, f"{peak} bytes allocated to unpack a {len(payload)}-byte file"
+
+
+def test_repack_is_byte_identical_to_the_whole_buffer_form(tmp_path: Path) -> None:
+    """pack() gives the same bytes as gzip of the whole PAX tar at once (stable digests)."""
+    a = make_dir(tmp_path / "a")
+    (a / "big.bin").write_bytes(os.urandom(300_000))
+    data, _ = pack(a)
+    raw = gzip.decompress(data)
+    comp = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    assert data == comp.compress(raw) + comp.flush()
