@@ -28,6 +28,8 @@ from protocol.messages import MirrorSpec, RouterStats
 MAX_SOCKET_PATH = 100
 MAX_LINE = 1 << 20  # 1 MiB: a config is a few hundred bytes; anything larger is garbage
 DEFAULT_TIMEOUT = 5.0
+MAX_CONNECTIONS = 4096  # client connections a router holds at once, by default
+BODY_TIMEOUT = 60.0  # seconds for a whole request body, by default
 # The router must import this package even if the agent runs from a checkout.
 _ROOT = str(Path(__file__).resolve().parents[2])
 
@@ -63,6 +65,13 @@ class RouterConfig(msgspec.Struct, kw_only=True):
     upstreams: list[Upstream] = []
     mirror: MirrorSpec | None = None
     drain_timeout: float = 10.0
+    # The public port's limits. Connections past max_connections get a 503 and are closed (the
+    # router also keeps two descriptors per connection within its open-file limit).
+    max_connections: int = MAX_CONNECTIONS
+    body_timeout: float = BODY_TIMEOUT  # a request body must be whole this long after its head
+    # Peers (addresses or networks, "10.0.0.0/8") whose X-Forwarded-For is kept and appended to;
+    # from anyone else it is replaced by the peer's address.
+    trusted_proxies: list[str] = []
 
 
 # -- wire messages (one per line) -----------------------------------------------------------------

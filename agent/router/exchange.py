@@ -2,7 +2,8 @@
 
 Per request: read the body into memory when it is small enough (then the request can be retried
 and mirrored; larger bodies are streamed), pick a slot from the *current* routing unless the fast
-path already did, and exchange with it:
+path already did, and exchange with it (the whole body must arrive within the config's
+``body_timeout`` of the head, else 408: a trickle holds no buffer and descriptor for long):
 
     attempt 1: the chosen slot, an idle pooled connection if there is one
     attempt 2: the chosen slot, a fresh connection
@@ -86,7 +87,8 @@ class Exchange:
         if req.expect_continue and req.has_body:
             client.write(CONTINUE)
         source = BodyReader(
-            client, "chunked" if req.chunked else "length", req.content_length or 0, READ_TIMEOUT
+            client, "chunked" if req.chunked else "length", req.content_length or 0, READ_TIMEOUT,
+            deadline=asyncio.get_running_loop().time() + proxy.body_timeout,
         )
         pieces: list[bytes] = []
         size = 0
@@ -98,7 +100,7 @@ class Exchange:
                 pieces.append(piece)
                 size += len(piece)
         except (Broken, TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
-            raise ClientGone(str(exc)) from None
+            raise self._body_failed(client, exc) from None
         body = b"".join(pieces)
         buffered = source.done
         routing = proxy.routing  # the routing in force now: a switch affects the next request
@@ -114,7 +116,8 @@ class Exchange:
             client.write(error_response(503, message, keep_alive=keep))
             proxy.counters(ROUTER_SLOT).observe(503, (time.perf_counter() - started) * 1000.0)
             return keep
-        head = upstream_request_head(req, client.ip)
+        trusted = req.forwarded and routing.trusts(client.ip)
+        head = upstream_request_head(req, client.ip, trusted_proxy=trusted)
         if pending is not None:
             pool, conn = pending
             return await self._respond(
@@ -143,7 +146,7 @@ class Exchange:
                 async with asyncio.timeout(RESPONSE_TIMEOUT):
                     conn.write(head + body)
                     if not buffered:
-                        await self._stream_request(source, conn)
+                        await self._stream_request(client, source, conn)
                     resp_head = await conn.readuntil(b"\r\n\r\n", MAX_HEAD)
             except ClientGone:
                 close_conn(conn)
@@ -165,17 +168,31 @@ class Exchange:
         counters = proxy.counters(first)
         return self._fail(client, counters, 502, failure or "no upstream answered", started)
 
-    async def _stream_request(self, source: BodyReader, conn: Conn) -> None:
+    async def _stream_request(self, client: ClientConn, source: BodyReader, conn: Conn) -> None:
         """Send the rest of a large request body as it arrives from the client."""
         while True:
             try:
                 piece = await source.read()
             except (Broken, TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
-                raise ClientGone(str(exc)) from None
+                raise self._body_failed(client, exc) from None
             if not piece:
                 return
             conn.write(piece)
             await conn.drain()
+
+    def _body_failed(self, client: ClientConn, exc: Exception) -> ClientGone:
+        """Tell a client whose body was late (408) or malformed (400) why, and count it; the
+        connection is dropped either way. No response can have begun: the body comes first."""
+        if isinstance(exc, TimeoutError):
+            status, message = 408, "request body not received in time"
+        elif isinstance(exc, Broken):
+            status, message = 400, f"bad request body: {exc}"
+        else:
+            return ClientGone(str(exc))  # the connection is gone: nobody to tell
+        client.write(error_response(status, message))
+        elapsed_ms = (time.perf_counter() - client.started) * 1000.0
+        self.proxy.counters(ROUTER_SLOT).observe(status, elapsed_ms)
+        return ClientGone(message)
 
     def _fail(
         self, client: ClientConn, counters: SlotCounters, status: int, message: str, started: float

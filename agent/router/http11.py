@@ -8,6 +8,13 @@ header order and case pass through unchanged.
 
 Garbage never raises anything but ``HttpError``, whose ``status`` is what the router answers
 (400, 431, 501, 505) and whose message goes in the response body.
+
+Framing is read once and must mean the same to every hop: a request whose ``Connection`` names
+Content-Length, Transfer-Encoding or Host is refused (the router would frame the body on a header
+the upstream never sees, and the upstream would read the body as a request of its own), and those
+headers are never dropped as hop-by-hop whatever ``Connection`` says (a response is not refused
+for it, and a second layer costs nothing). Chunk-size lines are checked whole (no bare CR or LF,
+well-formed extensions, at most ``MAX_CHUNK_LINE`` bytes) and re-emitted without extensions.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ MAX_HEADERS = 128  # header lines per head (431 beyond)
 MAX_CHUNK_LINE = 4096  # a chunk-size line with extensions
 
 # Headers that describe one connection, not the message (RFC 9110 7.6.1), plus the legacy ones.
-# Transfer-Encoding is not here: the router forwards chunked bodies as they are, framing included.
+# Transfer-Encoding is not here: the router forwards chunked bodies chunked (see parse_chunk_size).
 HOP_BY_HOP = frozenset(
     {
         b"connection",
@@ -34,10 +41,18 @@ HOP_BY_HOP = frozenset(
     }
 )
 
-_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _STATUS_LINE = re.compile(rb"^HTTP/1\.([01]) ([0-9]{3})(?: .*)?$")
-_HEX = re.compile(rb"^[0-9A-Fa-f]{1,16}$")
+_TOKEN_CHARS = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_TOKEN = re.compile(rb"^%s$" % _TOKEN_CHARS)
+_QUOTED = rb'"(?:[^"\\\x00-\x08\x0a-\x1f\x7f]|\\[\t\x20-\x7e\x80-\xff])*"'
+# RFC 9112 7.1.1: chunk-size [ chunk-ext ] CRLF, with the optional whitespace around ";" and "="
+_CHUNK_LINE = re.compile(
+    rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[ \t]*%s(?:[ \t]*=[ \t]*(?:%s|%s))?)*[ \t]*\r\n"
+    % (_TOKEN_CHARS, _TOKEN_CHARS, _QUOTED)
+)
+# Headers whose removal would change how a message is framed or where it goes: never hop-by-hop.
+_NOT_HOP_BY_HOP = frozenset({b"content-length", b"transfer-encoding", b"host"})
 # The headers the index holds: those whose values the router reads, and the hop-by-hop ones (so
 # that a head without any needs no filtering).
 _READ = frozenset({b"connection", b"content-length", b"transfer-encoding", b"host", b"expect"})
@@ -67,6 +82,7 @@ class RequestHead:
     # The head as received when it can go upstream as it is (plus X-Forwarded-For): it had
     # nothing to remove. b"" when it must be rebuilt from ``headers``.
     raw: bytes = b""
+    forwarded: bool = False  # the client sent X-Forwarded-For (trusted or replaced upstream)
 
     @property
     def has_body(self) -> bool:
@@ -128,7 +144,7 @@ def _strip_hop_by_hop(
 ) -> list[tuple[bytes, bytes]]:
     if not tokens and HOP_BY_HOP.isdisjoint(index):
         return pairs  # nothing to drop (the usual case)
-    drop = HOP_BY_HOP | tokens
+    drop = (HOP_BY_HOP | tokens) - _NOT_HOP_BY_HOP
     return [(n, v) for n, v in pairs if n.lower() not in drop]
 
 
@@ -178,6 +194,9 @@ def parse_request(head: bytes) -> RequestHead:
     if version == b"HTTP/1.0" and chunked:
         raise HttpError(400, "chunked request body in HTTP/1.0")
     tokens = _connection_tokens(index)
+    if not tokens.isdisjoint(_NOT_HOP_BY_HOP):
+        named = b", ".join(sorted(tokens & _NOT_HOP_BY_HOP)).decode("ascii")
+        raise HttpError(400, f"Connection may not name {named}")
     if version == b"HTTP/1.1":
         if b"host" not in index:
             raise HttpError(400, "HTTP/1.1 request without Host")
@@ -206,21 +225,31 @@ def parse_request(head: bytes) -> RequestHead:
         expect_continue=expect_continue,
         headers=headers,
         raw=head if verbatim else b"",
+        forwarded=b"x-forwarded-for" in index,
     )
 
 
-def upstream_request_head(req: RequestHead, client_ip: str) -> bytes:
-    """The head to send upstream: the client's, hop-by-hop removed, X-Forwarded-For added."""
+def upstream_request_head(
+    req: RequestHead, client_ip: str, *, trusted_proxy: bool = False
+) -> bytes:
+    """The head to send upstream: the client's, hop-by-hop removed, X-Forwarded-For set.
+
+    X-Forwarded-For is the peer's address alone: what a client says it forwards is its own
+    claim. Only a ``trusted_proxy`` peer's list is kept (all its lines, in order) and appended to.
+    """
+    peer = client_ip.encode("ascii")
     if req.raw:
-        return req.raw[:-2] + b"X-Forwarded-For: " + client_ip.encode("ascii") + b"\r\n\r\n"
+        return req.raw[:-2] + b"X-Forwarded-For: " + peer + b"\r\n\r\n"
     out = [f"{req.method} {req.target} ".encode("latin-1") + req.version]
-    xff = client_ip.encode("ascii")
+    chain: list[bytes] = []
     for name, value in req.headers:
         if name.lower() == b"x-forwarded-for":
-            xff = value + b", " + xff
+            if trusted_proxy and value:
+                chain.append(value)
             continue
         out.append(name + b": " + value)
-    out.append(b"X-Forwarded-For: " + xff)
+    chain.append(peer)
+    out.append(b"X-Forwarded-For: " + b", ".join(chain))
     out.append(b"\r\n")
     return b"\r\n".join(out)
 
@@ -289,11 +318,25 @@ def client_response_head(resp: ResponseHead, *, keep_alive: bool, http10: bool) 
 
 
 def parse_chunk_size(line: bytes) -> int:
-    """The size in a chunk-size line (extensions ignored); raises HttpError(400) on garbage."""
-    size = line.split(b";", 1)[0].strip(b" \t\r\n")
-    if not _HEX.match(size):
-        raise HttpError(400, "malformed chunk size")
-    return int(size, 16)
+    """The size in a chunk-size line ending in CRLF; raises HttpError(400) on garbage.
+
+    Extensions are checked, then ignored: the router forwards the size alone. A bare CR or LF
+    anywhere is refused, since a lenient parser behind us could end the line there and frame
+    the body differently.
+    """
+    if len(line) > MAX_CHUNK_LINE:
+        raise HttpError(400, f"chunk-size line longer than {MAX_CHUNK_LINE} bytes")
+    m = _CHUNK_LINE.fullmatch(line)
+    if m is None:
+        raise HttpError(400, "malformed chunk-size line")
+    return int(m.group(1), 16)
+
+
+def check_trailer_line(line: bytes) -> None:
+    """Refuse a trailer field line (ending in CRLF) that would not pass as a header line."""
+    if not line.endswith(b"\r\n"):
+        raise HttpError(400, "malformed trailer line")
+    _split_headers([line[:-2]])
 
 
 REASONS = {

@@ -25,6 +25,11 @@ two paths:
 Either way, once the response is complete the next request already buffered (pipelined) is
 served, in order. Every exchange is counted on its slot (``ROUTER_SLOT`` for the 503 the router
 answers when no slot may serve).
+
+Limits at the edge: at most ``max_connections`` client connections at once (one more is answered
+503 and closed at once, counted on ``ROUTER_SLOT``); a request head must be whole within
+``IDLE_TIMEOUT`` of the connection opening or of the previous response (bytes arriving do not
+extend it); a request body within the config's ``body_timeout`` of its head (see ``exchange``).
 """
 
 from __future__ import annotations
@@ -32,9 +37,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 
 from agent.router.channel import Channel
+from agent.router.control import BODY_TIMEOUT, MAX_CONNECTIONS
 from agent.router.exchange import (
     CONNECT_TIMEOUT,
     IDLE_TIMEOUT,
@@ -76,6 +83,7 @@ HIGH_WATER = 256 * 1024  # client write buffer above which the upstream is pause
 SWEEP_EVERY = 0.25  # seconds between deadline checks (timeouts are this coarse)
 PIPELINE_LIMIT = 2 * MAX_HEAD  # buffered bytes of later requests before we stop reading a client
 SINGLE_WRITE = 64 * 1024  # bodies up to this go out joined to the head in one write
+REFUSAL_LOG_EVERY = 10.0  # seconds between log lines about connections over the cap
 _HEAD_END = b"\r\n\r\n"
 
 # What an in-flight fast exchange is waiting for, for the sweeper.
@@ -95,6 +103,13 @@ class Proxy:
         self.closing = False
         self.exchange = Exchange(self)
         self._sweeper: asyncio.Task[None] | None = None
+        # Client connections the open-file limit allows (the server sets it); the config's cap
+        # applies within it.
+        self.fd_budget = sys.maxsize
+        self.max_connections = MAX_CONNECTIONS
+        self.body_timeout = BODY_TIMEOUT
+        self.refused = 0  # connections refused over the cap
+        self._refusal_logged = -REFUSAL_LOG_EVERY
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -113,6 +128,8 @@ class Proxy:
     def apply(self, routing: Routing) -> None:
         """Put ``routing`` in force for the next request; forget pools of vanished upstreams."""
         self.routing = routing
+        self.max_connections = min(routing.config.max_connections, self.fd_budget)
+        self.body_timeout = routing.config.body_timeout
         target = routing.mirror_target
         self.mirror.discard_stale(None if target is None else (target.host, target.port))
         for up in routing.upstreams.values():
@@ -124,6 +141,21 @@ class Proxy:
     def protocol(self) -> ClientConn:
         """The protocol factory for the listening socket."""
         return ClientConn(self)
+
+    def refuse(self, client: ClientConn) -> None:
+        """Answer a connection over the cap with 503 and close it; count it."""
+        client.busy = True  # (whatever it sends before the close takes effect is not served)
+        client.write(error_response(503, "too many connections; try again later"))
+        client.close()
+        self.refused += 1
+        self.counters(ROUTER_SLOT).observe(503, 0.0)
+        now = time.monotonic()
+        if now - self._refusal_logged >= REFUSAL_LOG_EVERY:
+            self._refusal_logged = now
+            log.warning(
+                "%d client connections open (the cap): refusing more (%d so far)",
+                len(self.clients), self.refused,
+            )
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -215,6 +247,9 @@ class ClientConn(Channel):
         super().connection_made(transport)
         assert self.transport is not None
         self.transport.set_write_buffer_limits(high=HIGH_WATER)
+        if len(self.proxy.clients) >= self.proxy.max_connections:
+            self.proxy.refuse(self)
+            return
         peer = self.transport.get_extra_info("peername")
         self.ip = peer[0] if isinstance(peer, tuple) else "unknown"
         self.deadline = self._loop.time() + IDLE_TIMEOUT
@@ -333,7 +368,8 @@ class ClientConn(Channel):
         self.phase = _HEAD
         self.deadline = self._loop.time() + RESPONSE_TIMEOUT
         conn.sink = self
-        conn.write(upstream_request_head(req, self.ip))
+        trusted = req.forwarded and routing.trusts(self.ip)
+        conn.write(upstream_request_head(req, self.ip, trusted_proxy=trusted))
 
     def _general(self, req: RequestHead, **kwargs: object) -> None:
         """Serve ``req`` on the general path, in a task this connection owns."""

@@ -8,6 +8,7 @@ fresh, which is what a weight switch means.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 
 from agent.router.balance import SmoothWeighted
@@ -35,9 +36,22 @@ class Routing:
     ignore_json_fields: tuple[str, ...] = ()
     mirror_keep_headers: frozenset[bytes] = frozenset()  # credentials the shadow gets anyway
     reasons: str = field(default="")  # why a slot may not serve users, for the 503 body
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     def pick(self) -> str | None:
         return self.balancer.pick()
+
+    def trusts(self, ip: str) -> bool:
+        """Whether a peer at ``ip`` is a trusted proxy (its X-Forwarded-For is believed)."""
+        if not self.trusted_proxies:
+            return False
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped  # a dual-stack listener sees IPv4 peers this way
+        return any(addr in net for net in self.trusted_proxies)
 
 
 def _check_port(port: int, what: str, *, allow_zero: bool) -> None:
@@ -63,6 +77,11 @@ def build_routing(cfg: RouterConfig) -> Routing:
     _check_port(cfg.listen_port, "listen_port", allow_zero=True)
     if cfg.drain_timeout < 0:
         raise ConfigError(f"drain_timeout {cfg.drain_timeout} is negative")
+    if cfg.max_connections < 1:
+        raise ConfigError(f"max_connections {cfg.max_connections} is below 1")
+    if not cfg.body_timeout > 0:
+        raise ConfigError(f"body_timeout {cfg.body_timeout} is not a positive number of seconds")
+    trusted = _networks(cfg.trusted_proxies)
     upstreams: dict[str, Upstream] = {}
     for up in cfg.upstreams:
         if up.slot not in SLOTS:
@@ -109,4 +128,18 @@ def build_routing(cfg: RouterConfig) -> Routing:
         ignore_json_fields=tuple(mirror.ignore_json_fields) if mirror else (),
         mirror_keep_headers=_header_names(mirror.keep_headers, "kept") if mirror else frozenset(),
         reasons=reasons,
+        trusted_proxies=trusted,
     )
+
+
+def _networks(entries: list[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """``trusted_proxies`` as networks (an address is a network of one); raises ConfigError."""
+    nets = []
+    for entry in entries:
+        try:
+            nets.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            raise ConfigError(
+                f"trusted_proxies entry {entry!r} is not an IP address or network"
+            ) from None
+    return tuple(nets)

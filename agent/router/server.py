@@ -7,6 +7,11 @@ old one in force. The same address keeps the same listening socket, so no connec
 a reconfigure. On SIGTERM, SIGINT or a ``shutdown`` request the router stops accepting, closes idle
 keep-alive connections, lets in-flight requests finish for up to ``drain_timeout``, then cancels
 what is left and exits 0.
+
+At start the process raises its soft open-file limit to the hard one: each client connection may
+hold two descriptors (its own and an upstream's), so the config's ``max_connections`` is honoured
+only up to what that limit allows (the log says so when it clamps), and past the cap a client
+gets a 503 instead of the listener failing to accept.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import time
 from pathlib import Path
@@ -41,6 +47,20 @@ log = logging.getLogger(__name__)
 
 CONTROL_IDLE = 30.0  # a control connection silent for this long is closed
 BACKLOG = 1024
+RESERVED_FDS = 64  # descriptors kept for the listener, control, mirror, logs
+
+
+def client_fd_budget() -> int:
+    """Raise the soft open-file limit to the hard one; the client connections it allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass  # keep the soft limit we have
+    return max(1, (soft - RESERVED_FDS) // 2)
 
 
 class RouterServer:
@@ -65,6 +85,7 @@ class RouterServer:
             self._control, path=str(self.socket_path), limit=MAX_LINE
         )
         self.socket_path.chmod(0o600)  # only the agent's user may reconfigure the router
+        self.proxy.fd_budget = client_fd_budget()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         self.proxy.mirror.start()
@@ -140,7 +161,13 @@ class RouterServer:
                 if old is not None:
                     old.close()  # stops accepting; connections it accepted carry on
             self.proxy.apply(routing)
+            changed = self.config is None or self.config.max_connections != cfg.max_connections
             self.config = cfg
+            if changed and self.proxy.max_connections < cfg.max_connections:
+                log.warning(
+                    "max_connections %d lowered to %d: the open-file limit allows no more",
+                    cfg.max_connections, self.proxy.max_connections,
+                )
             log.info(
                 "configured %s on %s:%s weights=%s mirror=%s",
                 cfg.service, *(self.address or ("?", "?")), routing.weights,

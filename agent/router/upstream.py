@@ -1,9 +1,13 @@
 """Connections to upstreams and message bodies: the IO primitives the proxy and the mirror share.
 
 ``Pool`` keeps a few idle keep-alive ``Channel``s per upstream address and hands out fresh ones;
-``BodyReader`` reads one body off a stream in raw pieces (framing included, so chunked bodies pass
-through unchanged) while optionally feeding the decoded bytes to a ``Capture`` (sha256 and a bounded
-copy, for the mirror comparison). Every read and connect runs under a timeout.
+``BodyReader`` reads one body off a stream in raw pieces (framing included: a chunked body stays
+chunked) while optionally feeding the decoded bytes to a ``Capture`` (sha256 and a bounded copy, for
+the mirror comparison). Chunked framing is checked, not trusted: each chunk-size line goes on as the
+size alone (extensions dropped), and trailer fields are checked and dropped (as nginx does: the
+router strips the ``Trailer`` header, and a field some hop merges into the head could override
+what the router checked there). Every read and connect runs under a timeout; a request body also
+under a deadline for the whole of it.
 
 Errors: ``Broken`` means the peer closed or sent garbage in the middle of a body; connect errors are
 the plain ``OSError``/``TimeoutError`` the caller counts as a failure.
@@ -16,10 +20,17 @@ import hashlib
 from collections import deque
 
 from agent.router.channel import Channel, close_conn
-from agent.router.http11 import HttpError, parse_chunk_size
+from agent.router.http11 import (
+    MAX_CHUNK_LINE,
+    MAX_HEAD,
+    HttpError,
+    check_trailer_line,
+    parse_chunk_size,
+)
 
 PIECE = 64 * 1024  # bytes per read while streaming a body
 MAX_TRAILERS = 64
+LAST_CHUNK = b"0\r\n\r\n"
 
 
 class Broken(Exception):
@@ -112,10 +123,12 @@ class Capture:
 class BodyReader:
     """Reads one body in raw pieces; ``read()`` returns b"" once the body is complete.
 
-    ``mode`` is "none", "length" (``length`` bytes), "chunked", or "close" (until EOF).
+    ``mode`` is "none", "length" (``length`` bytes), "chunked", or "close" (until EOF). Each read
+    waits at most ``timeout``; with a ``deadline`` (event-loop time) the whole body must be in by
+    then too, else TimeoutError.
     """
 
-    __slots__ = ("_left", "_reader", "capture", "done", "mode", "timeout")
+    __slots__ = ("_left", "_reader", "capture", "deadline", "done", "mode", "timeout")
 
     def __init__(
         self,
@@ -124,18 +137,26 @@ class BodyReader:
         length: int,
         timeout: float,
         capture: Capture | None = None,
+        *,
+        deadline: float | None = None,
     ) -> None:
         self._reader = reader
         self.mode = mode
         self._left = length if mode == "length" else 0
         self.timeout = timeout
         self.capture = capture
+        self.deadline = deadline
         self.done = mode == "none" or (mode == "length" and length == 0)
 
     async def read(self) -> bytes:
         if self.done:
             return b""
-        async with asyncio.timeout(self.timeout):
+        timeout = self.timeout
+        if self.deadline is not None:
+            timeout = min(timeout, self.deadline - asyncio.get_running_loop().time())
+            if timeout <= 0:
+                raise TimeoutError("the body's deadline passed")
+        async with asyncio.timeout(timeout):
             if self.mode == "length":
                 return await self._read_length()
             if self.mode == "chunked":
@@ -161,13 +182,14 @@ class BodyReader:
     async def _read_chunked(self) -> bytes:
         head = b""
         if self._left == 0:
-            head = await self._readline()
             try:
-                size = parse_chunk_size(head)
+                size = parse_chunk_size(await self._readline(MAX_CHUNK_LINE))
             except HttpError as exc:
                 raise Broken(str(exc)) from None
             if size == 0:
-                return head + await self._read_trailers()
+                await self._read_trailers()
+                return LAST_CHUNK
+            head = b"%x\r\n" % size
             self._left = size
         data = await self._reader.read(min(self._left, PIECE))
         if not data:
@@ -185,20 +207,25 @@ class BodyReader:
             return head + data + crlf
         return head + data
 
-    async def _read_trailers(self) -> bytes:
-        parts: list[bytes] = []
-        for _ in range(MAX_TRAILERS):
-            line = await self._readline()
-            parts.append(line)
+    async def _read_trailers(self) -> None:
+        """Read the trailer section up to its blank line, checking each field; keep none."""
+        room = MAX_HEAD
+        for _ in range(MAX_TRAILERS + 1):
+            line = await self._readline(room)
             if line == b"\r\n":
                 self.done = True
-                return b"".join(parts)
+                return
+            room -= len(line)
+            try:
+                check_trailer_line(line)
+            except HttpError as exc:
+                raise Broken(str(exc)) from None
         raise Broken(f"more than {MAX_TRAILERS} trailer lines")
 
-    async def _readline(self) -> bytes:
+    async def _readline(self, limit: int) -> bytes:
         try:
-            return await self._reader.readuntil(b"\r\n")
+            return await self._reader.readuntil(b"\r\n", limit)
         except asyncio.IncompleteReadError:
             raise Broken("connection closed inside a chunked body") from None
         except asyncio.LimitOverrunError:
-            raise Broken("chunk-size line too long") from None
+            raise Broken(f"a chunk-size or trailer line longer than {limit} bytes") from None

@@ -7,7 +7,10 @@ import os
 
 import pytest
 
+from agent.router.channel import Channel
 from agent.router.http11 import (
+    MAX_CHUNK_LINE,
+    MAX_HEAD,
     HttpError,
     client_response_head,
     error_response,
@@ -16,10 +19,11 @@ from agent.router.http11 import (
     parse_response,
     upstream_request_head,
 )
+from agent.router.upstream import BodyReader, Broken
 
 
 def test_request_head_is_rewritten_for_the_upstream() -> None:
-    """Hop-by-hop headers (and those Connection names) go; Host stays; XFF is appended."""
+    """Hop-by-hop headers (and those Connection names) go; Host stays; XFF is the peer's."""
     req = parse_request(
         b"GET /p?q=1 HTTP/1.1\r\nHost: svc\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\n"
         b"Keep-Alive: timeout=5\r\nX-Forwarded-For: 10.0.0.1\r\nAccept: */*\r\n\r\n"
@@ -29,8 +33,69 @@ def test_request_head_is_rewritten_for_the_upstream() -> None:
     head = upstream_request_head(req, "127.0.0.9")
     assert head == (
         b"GET /p?q=1 HTTP/1.1\r\nHost: svc\r\nAccept: */*\r\n"
-        b"X-Forwarded-For: 10.0.0.1, 127.0.0.9\r\n\r\n"
+        b"X-Forwarded-For: 127.0.0.9\r\n\r\n"
     )
+
+
+def test_x_forwarded_for_is_set_at_the_edge() -> None:
+    """A client's own X-Forwarded-For (every line of it) is replaced by the peer address."""
+    req = parse_request(
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 10.0.0.1\r\n"
+        b"x-forwarded-for: 6.6.6.6, 7.7.7.7\r\n\r\n"
+    )
+    assert req.forwarded
+    head = upstream_request_head(req, "192.0.2.7")
+    assert head == b"GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 192.0.2.7\r\n\r\n"
+
+
+def test_x_forwarded_for_of_a_trusted_proxy_is_appended_to() -> None:
+    """Behind a trusted proxy its X-Forwarded-For lines are kept, in order, and the peer added."""
+    req = parse_request(
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 10.0.0.1\r\n"
+        b"x-forwarded-for: 6.6.6.6, 7.7.7.7\r\n\r\n"
+    )
+    head = upstream_request_head(req, "192.0.2.7", trusted_proxy=True)
+    assert head == (
+        b"GET / HTTP/1.1\r\nHost: x\r\n"
+        b"X-Forwarded-For: 10.0.0.1, 6.6.6.6, 7.7.7.7, 192.0.2.7\r\n\r\n"
+    )
+    plain = parse_request(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert not plain.forwarded
+    assert upstream_request_head(plain, "192.0.2.7", trusted_proxy=True).endswith(
+        b"X-Forwarded-For: 192.0.2.7\r\n\r\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "connection",
+    [b"Content-Length", b"transfer-encoding", b"HOST", b"keep-alive, Content-Length",
+     b"close,Transfer-Encoding"],
+)
+def test_connection_may_not_name_framing_or_host(connection: bytes) -> None:
+    """A Connection token naming Content-Length, Transfer-Encoding or Host is refused with 400.
+
+    Dropping the header it names after the router framed the body on it would let the upstream
+    read the body as a request of its own (request smuggling).
+    """
+    for framing in (b"Content-Length: 5\r\n", b"Transfer-Encoding: chunked\r\n", b""):
+        head = (b"POST / HTTP/1.1\r\nHost: x\r\n" + framing + b"Connection: " + connection
+                + b"\r\n\r\n")
+        with pytest.raises(HttpError) as info:
+            parse_request(head)
+        assert info.value.status == 400
+        assert "Connection" in str(info.value)
+
+
+def test_upstream_framing_headers_outlive_its_connection_tokens() -> None:
+    """A response whose Connection names Content-Length still reaches the client with it."""
+    resp = parse_response(
+        b"HTTP/1.1 200 OK\r\nConnection: Content-Length, X-Hop\r\nX-Hop: 1\r\n"
+        b"Content-Length: 2\r\n\r\n",
+        "GET",
+    )
+    assert (resp.body, resp.content_length) == ("length", 2)
+    head = client_response_head(resp, keep_alive=True, http10=False)
+    assert head == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"
 
 
 @pytest.mark.parametrize(
@@ -144,6 +209,7 @@ def test_client_response_head() -> None:
 def test_chunk_sizes_and_error_responses() -> None:
     """Chunk sizes parse with extensions; garbage is refused; error responses are complete."""
     assert parse_chunk_size(b"1a;name=v\r\n") == 26
+    assert parse_chunk_size(b"1A ; a ; b = \"x;y\\\"z\"\t\r\n") == 26
     assert parse_chunk_size(b"0\r\n") == 0
     for bad in (b"\r\n", b"zz\r\n", b"-1\r\n", b"1" * 20 + b"\r\n"):
         with pytest.raises(HttpError):
@@ -152,6 +218,79 @@ def test_chunk_sizes_and_error_responses() -> None:
     head, _, body = resp.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 503 Service Unavailable")
     assert f"Content-Length: {len(body)}".encode() in head and b"Connection: close" in head
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"5\nGET / HTTP/1.1\r\n",  # a bare LF: another parser may end the line there
+        b"5;a=b\nc\r\n",
+        b"5;a\rb\r\n",
+        b"5;a=\x00\r\n",
+        b"5;\r\n",  # an extension without a name
+        b"5;a=\"open\r\n",  # an unterminated quoted string
+        b"5;a b\r\n",
+        b"5 6\r\n",
+        b"5",  # no CRLF at all
+        b"5;x=" + b"y" * MAX_CHUNK_LINE + b"\r\n",
+    ],
+)
+def test_malformed_chunk_lines_are_refused(line: bytes) -> None:
+    """Bare LF or CR, control characters, bad extensions and over-long lines raise HttpError."""
+    with pytest.raises(HttpError) as info:
+        parse_chunk_size(line)
+    assert info.value.status == 400
+
+
+def _reader(data: bytes, limit: int = 1 << 20) -> BodyReader:
+    """A BodyReader over a channel that already holds ``data`` and then its end (no socket)."""
+    channel = Channel(limit)
+    channel.buf += data
+    channel.eof = True
+    return BodyReader(channel, "chunked", 0, 5.0)
+
+
+async def _forwarded(data: bytes) -> bytes:
+    reader = _reader(data)
+    out = b""
+    while piece := await reader.read():
+        out += piece
+    assert reader.done
+    return out
+
+
+async def test_chunked_body_is_forwarded_without_extensions_or_trailers() -> None:
+    """Chunk extensions are checked then dropped; trailers are checked then dropped."""
+    body = (
+        b"5;name=value\r\nhello\r\n"
+        b"1A ; q=\"a;b\"\r\n" + b"x" * 26 + b"\r\n"
+        b"0;last\r\nX-Checksum: abc\r\nContent-Length: 99\r\n\r\n"
+    )
+    assert await _forwarded(body) == (
+        b"5\r\nhello\r\n1a\r\n" + b"x" * 26 + b"\r\n0\r\n\r\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"5\nhello\r\n0\r\n\r\n",  # bare LF after the size
+        b"5;a=b\nc\r\nhello\r\n0\r\n\r\n",  # bare LF inside an extension
+        b"5;" + b"e" * MAX_CHUNK_LINE + b"\r\nhello\r\n0\r\n\r\n",  # over MAX_CHUNK_LINE
+        b"5;" + b"e" * (2 * MAX_CHUNK_LINE),  # no line end within MAX_CHUNK_LINE
+        b"5\r\nhello\n0\r\n\r\n",  # chunk data ended by a bare LF
+        b"0\r\nX-A: 1\nX-B: 2\r\n\r\n",  # bare LF in the trailers
+        b"0\r\nnot a header\r\n\r\n",
+        b"0\r\nX-A: \x01\r\n\r\n",
+        b"0\r\n folded: 1\r\n\r\n",
+        b"0\r\n" + b"X-A: 1\r\n" * 100 + b"\r\n",  # too many trailer lines
+        b"0\r\nX-A: " + b"v" * MAX_HEAD + b"\r\n\r\n",  # trailers over MAX_HEAD
+    ],
+)
+async def test_malformed_chunked_bodies_are_broken(body: bytes) -> None:
+    """Each malformed chunked body raises Broken (the connection is dropped), nothing else."""
+    with pytest.raises(Broken):
+        await _forwarded(body)
 
 
 def _normalized(head: bytes) -> list[bytes]:
