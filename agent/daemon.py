@@ -34,6 +34,7 @@ from typing import Protocol
 
 from agent import presence
 from agent.cadence import sleep_to_tick
+from agent.edge import Edge
 from agent.hostinfo import HostSampler, host_facts, trim_heap
 from agent.identity import RunAs
 from protocol import subjects
@@ -77,6 +78,7 @@ class AgentOptions:
     bind_host: str = "127.0.0.1"
     heartbeat_interval: float = presence.DEFAULT_INTERVAL
     service_user: RunAs | None = None  # see agent.identity
+    edge: Edge = field(default_factory=Edge)  # every router's public-port limits
 
 
 class Agent:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from agent import lean, presence
+from agent.edge import BODY_TIMEOUT, MAX_CONNECTIONS, Edge
 from protocol.errors import ProtocolError
 from protocol.subjects import check_name
 
@@ -98,6 +99,7 @@ def build_agent(options: AgentOptions, trusted_keys: tuple[str, ...] = ()) -> Ag
         return ServiceManager(
             bus=bus, fleet=options.fleet, node=options.node_id, data_dir=options.data_dir,
             bind_host=options.bind_host, trusted_keys=trusted_keys, run_as=options.service_user,
+            edge=options.edge,
         )
 
     return Agent(options, services=services)
@@ -148,6 +150,34 @@ def _service_user(value: str) -> RunAs:
     from agent.identity import RunAs
 
     return RunAs.lookup(value)
+
+
+def _proxies(values: tuple[str, ...]) -> tuple[str, ...]:
+    for value in values:
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise ProtocolError(f"{value!r} is not an IP address or network (CIDR)") from None
+    return values
+
+
+def _max_connections(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise ProtocolError(f"{value!r} is not a valid integer.") from None
+    if n < 1:
+        raise ProtocolError(f"{n} is below 1.")
+    return n
+
+
+def _body_timeout(value: str) -> float:
+    from protocol.durations import parse_duration
+
+    seconds = parse_duration(value, what="--router-body-timeout")
+    if seconds <= 0:
+        raise ProtocolError(f"{value!r} is not above zero")
+    return seconds
 
 
 def _simulate(value: str) -> int:
@@ -213,6 +243,19 @@ FLAGS: tuple[Flag, ...] = (
          "routers as this user, not as the agent's (the agent must run as root; env "
          "FLEETWAVE_SERVICE_USER). They then cannot read the agent's environment or data.",
          _service_user, env="FLEETWAVE_SERVICE_USER", metavar="USER"),
+    Flag(("--router-trusted-proxy",), "trusted_proxies", "An address or network (CIDR) of a "
+         "proxy in front of this node whose X-Forwarded-For the routers keep and append to; "
+         "from anyone else it is replaced by the peer's address (repeatable; env "
+         "FLEETWAVE_ROUTER_TRUSTED_PROXIES, space-separated).", _proxies, default=(),
+         env="FLEETWAVE_ROUTER_TRUSTED_PROXIES", metavar="CIDR", repeat=True),
+    Flag(("--router-max-connections",), "max_connections", "Client connections one router "
+         "holds at once; more are answered 503 and closed.", _max_connections,
+         default=str(MAX_CONNECTIONS), env="FLEETWAVE_ROUTER_MAX_CONNECTIONS", metavar="N",
+         show_default=True),
+    Flag(("--router-body-timeout",), "body_timeout", "How long a router waits for a whole "
+         "request body after its head (then 408).", _body_timeout,
+         default=f"{BODY_TIMEOUT:g}s", env="FLEETWAVE_ROUTER_BODY_TIMEOUT", metavar="DURATION",
+         show_default=True),
     Flag(("--simulate",), "simulate", "Host N simulated nodes <node-id>-1..N (instant slots) for "
          f"control-plane scale tests.  [0<=x<={MAX_SIMULATED}]", _simulate, default="0",
          metavar="N"),
@@ -339,6 +382,8 @@ def start(values: dict[str, Any]) -> int:
         bind_host=values["bind_host"],
         heartbeat_interval=values["heartbeat_interval"],
         service_user=values["service_user"],
+        edge=Edge(max_connections=values["max_connections"], body_timeout=values["body_timeout"],
+                  trusted_proxies=values["trusted_proxies"]),
     )
     trust_keys: tuple[str, ...] = values["trust_keys"]
     if not trust_keys:

@@ -93,6 +93,9 @@ class RouterLink(ManagerBase):
             upstreams=upstreams,
             mirror=mirror,
             drain_timeout=max(drain, 1.0),
+            max_connections=self.edge.max_connections,
+            body_timeout=self.edge.body_timeout,
+            trusted_proxies=list(self.edge.trusted_proxies),
         )
         try:
             client = await self._router(svc)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.edge import Edge
 from agent.identity import RunAs
 from agent.reconcile import (
     FetchError,
@@ -156,6 +157,7 @@ class ManagerBase:
         tick: float = TICK,
         idle_tick: float = IDLE_TICK,
         run_as: RunAs | None = None,
+        edge: Edge | None = None,
     ) -> None:
         self.bus = bus
         self.fleet = fleet
@@ -164,6 +166,7 @@ class ManagerBase:
         self.bind_host = bind_host
         self.trusted_keys = frozenset(trusted_keys)
         self.run_as = run_as  # services, hooks, probes and routers run as this user
+        self.edge = edge or Edge()  # the routers' public-port limits
         self.tick = tick
         self.idle_tick = idle_tick
         self.state_path = self.data_dir / "state.json"

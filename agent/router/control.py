@@ -21,6 +21,7 @@ from pathlib import Path
 
 import msgspec
 
+from agent.edge import BODY_TIMEOUT, MAX_CONNECTIONS
 from agent.identity import RunAs, child_env, spawn_kwargs
 from protocol.messages import MirrorSpec, RouterStats
 
@@ -28,8 +29,6 @@ from protocol.messages import MirrorSpec, RouterStats
 MAX_SOCKET_PATH = 100
 MAX_LINE = 1 << 20  # 1 MiB: a config is a few hundred bytes; anything larger is garbage
 DEFAULT_TIMEOUT = 5.0
-MAX_CONNECTIONS = 4096  # client connections a router holds at once, by default
-BODY_TIMEOUT = 60.0  # seconds for a whole request body, by default
 # The router must import this package even if the agent runs from a checkout.
 _ROOT = str(Path(__file__).resolve().parents[2])
 

@@ -40,8 +40,8 @@ import logging
 import sys
 import time
 
+from agent.edge import BODY_TIMEOUT, MAX_CONNECTIONS
 from agent.router.channel import Channel
-from agent.router.control import BODY_TIMEOUT, MAX_CONNECTIONS
 from agent.router.exchange import (
     CONNECT_TIMEOUT,
     IDLE_TIMEOUT,

@@ -555,3 +555,30 @@ async def test_failed_generation_is_not_retried_after_an_agent_restart(
             e for e in await _events(fleet.bus, "slot.started") if e.data.get("slot") == "b"
         ]
         assert len(started_b) == 1
+
+
+async def test_router_flags_reach_the_router(fleet: Fleet, broker: Broker) -> None:
+    """--router-trusted-proxy and --router-max-connections given to the agent are what its
+    router does: a trusted peer's X-Forwarded-For is appended to, the cap answers 503."""
+    agent = spawn_agent(broker.url, NODE, fleet.base, extra=[
+        "--trust-key", public_key(fleet.seed), "--router-trusted-proxy", "127.0.0.0/8",
+        "--router-max-connections", "2", "--router-body-timeout", "5s"])
+    async with reaping(agent):
+        obs = await fleet.converged(await fleet.desire({"a": "1.0.0"}, {"a": 100}))
+        assert obs.phase == "converged"
+        reader, writer = await asyncio.open_connection("127.0.0.1", fleet.port)
+        try:
+            writer.write(b"GET / HTTP/1.1\r\nHost: t\r\nX-Forwarded-For: 203.0.113.7\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            body = json.loads(await asyncio.wait_for(reader.readexactly(length), 5))
+            assert body["forwarded_for"] == "203.0.113.7, 127.0.0.1"
+            # The second connection is the cap's last place; a third is turned away.
+            second = await asyncio.open_connection("127.0.0.1", fleet.port)
+            third = await asyncio.open_connection("127.0.0.1", fleet.port)
+            status = await asyncio.wait_for(third[0].readline(), 5)
+            assert status.startswith(b"HTTP/1.1 503"), status
+            for _, w in (second, third):
+                w.close()
+        finally:
+            writer.close()

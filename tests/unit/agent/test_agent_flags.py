@@ -19,7 +19,8 @@ def test_defaults_and_types() -> None:
     assert v == {
         "node_id": "n1", "labels": {}, "data_dir": None, "bind_host": "127.0.0.1",
         "nats_url": "nats://127.0.0.1:4222", "fleet": "default", "heartbeat_interval": 2.0,
-        "trust_keys": (), "service_user": None, "simulate": 0, "verbose": False,
+        "trust_keys": (), "service_user": None, "trusted_proxies": (), "max_connections": 4096,
+        "body_timeout": 60.0, "simulate": 0, "verbose": False,
     }
 
 
@@ -92,3 +93,26 @@ def test_the_agent_never_imports_click() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_router_flags_parse_into_the_edge_limits() -> None:
+    """--router-* flags (and their env vars) give every router's public-port limits."""
+    v = parse_flags(["--node-id", "n1", "--router-trusted-proxy", "10.0.0.0/8",
+                     "--router-trusted-proxy", "192.0.2.1", "--router-body-timeout", "2500ms"],
+                    environ={"FLEETWAVE_ROUTER_MAX_CONNECTIONS": "100"})
+    assert v["trusted_proxies"] == ("10.0.0.0/8", "192.0.2.1")
+    assert v["max_connections"] == 100 and v["body_timeout"] == 2.5
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [(["--router-trusted-proxy", "10.0.0.0/33"], "not an IP address or network"),
+     (["--router-max-connections", "0"], "below 1"),
+     (["--router-max-connections", "x"], "not a valid integer"),
+     (["--router-body-timeout", "0s"], "not above zero"),
+     (["--router-body-timeout", "soon"], "--router-body-timeout")],
+)
+def test_router_flag_errors_are_usage_errors(args: list[str], needle: str) -> None:
+    """A bad --router-* value stops the agent before it connects, naming the flag."""
+    with pytest.raises(UsageError, match=needle):
+        parse_flags(["--node-id", "n1", *args], environ={})

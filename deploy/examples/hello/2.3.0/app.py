@@ -150,7 +150,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         self._json(200, {
             "service": "hello", "version": k.version, "node": k.node, "slot": k.slot,
-            "greeting": k.greeting,
+            "greeting": k.greeting, "forwarded_for": self.headers.get("X-Forwarded-For"),
         })
 
     def do_HEAD(self) -> None:
