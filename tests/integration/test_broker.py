@@ -77,26 +77,22 @@ def test_missing_binary_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_pa
 async def test_cli_broker_runs_and_stops_on_sigint(tmp_path: Path) -> None:
     """`fleetwave broker` serves clients and exits 0 on Ctrl-C."""
     port = free_port()
-    with subprocess.Popen(
-        [*FLEETWAVE, "broker", "--port", str(port), "--store-dir", str(tmp_path / "js")],
-        stderr=subprocess.PIPE, text=True,
-    ) as proc:
-        await _serve_then_interrupt(proc, port)
-
-
-async def _serve_then_interrupt(proc: subprocess.Popen[str], port: int) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *FLEETWAVE, "broker", "--port", str(port), "--store-dir", str(tmp_path / "js"),
+        stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )
     try:
         assert proc.stderr is not None
-        line = await asyncio.wait_for(asyncio.to_thread(proc.stderr.readline), 20)
+        line = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode()
         assert f"127.0.0.1:{port}" in line
         bus = await Bus.connect(f"nats://127.0.0.1:{port}", "t")
         await bus.close()
         proc.send_signal(signal.SIGINT)
-        assert await asyncio.wait_for(asyncio.to_thread(proc.wait), 20) == 0
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
     finally:
-        if proc.poll() is None:
+        if proc.returncode is None:
             proc.kill()
-            proc.wait()
+            await proc.wait()
 
 
 def test_cli_broker_port_taken_is_one_line(tmp_path: Path) -> None:
