@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from agent import lean, presence
 from agent.edge import BODY_TIMEOUT, MAX_CONNECTIONS, Edge
+from agent.errors import FlagError, StartupError
 from protocol.errors import ProtocolError
 from protocol.subjects import check_name
 
@@ -106,10 +107,6 @@ def build_agent(options: AgentOptions, trusted_keys: tuple[str, ...] = ()) -> Ag
 
 
 # -- the flags -------------------------------------------------------------------------------------
-
-
-class UsageError(Exception):
-    """A bad flag or flag value; the message is one line, printed with the program's name."""
 
 
 def _node_id(value: str) -> str:
@@ -265,7 +262,7 @@ FLAGS: tuple[Flag, ...] = (
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        raise UsageError(message[:1].upper() + message[1:] + ".")
+        raise FlagError(message[:1].upper() + message[1:] + ".")
 
 
 def _argparser() -> argparse.ArgumentParser:
@@ -285,14 +282,14 @@ def _argparser() -> argparse.ArgumentParser:
 
 
 def parse_flags(argv: Sequence[str], environ: dict[str, str] | None = None) -> dict[str, Any]:
-    """The checked value of every flag by its ``dest``, or UsageError (one line, nothing done).
+    """The checked value of every flag by its ``dest``, or FlagError (one line, nothing done).
 
     Precedence as with click: the command line, then the flag's env var, then its default.
     """
     env = os.environ if environ is None else environ
     given, extra = _argparser().parse_known_args(list(argv))
     if extra:
-        raise UsageError(f"No such option '{extra[0]}'." if extra[0].startswith("-")
+        raise FlagError(f"No such option '{extra[0]}'." if extra[0].startswith("-")
                          else f"Got unexpected extra argument ({extra[0]}).")
     values: dict[str, Any] = {}
     for f in FLAGS:
@@ -304,14 +301,14 @@ def parse_flags(argv: Sequence[str], environ: dict[str, str] | None = None) -> d
             raw = env[f.env].split() if f.repeat else env[f.env]
         if raw is None:
             if f.required:
-                raise UsageError(f"Missing option '{f.opts[-1]}'.")
+                raise FlagError(f"Missing option '{f.opts[-1]}'.")
             raw = f.default
         if f.repeat:
             raw = tuple(raw)
         try:
             values[f.dest] = f.check(raw) if f.check is not None and raw is not None else raw
         except ProtocolError as exc:
-            raise UsageError(f"Invalid value for '{f.opts[-1]}': {exc}") from None
+            raise FlagError(f"Invalid value for '{f.opts[-1]}': {exc}") from None
     return values
 
 
@@ -370,7 +367,7 @@ def start(values: dict[str, Any]) -> int:
             (directory / "logs").mkdir(mode=0o700, exist_ok=True)
             (directory / "logs").chmod(0o700)
     except OSError as exc:
-        raise Failure(
+        raise StartupError(
             f"cannot create the data dir {directory}: {exc.strerror}; pick another with --data-dir"
         ) from None
     options = AgentOptions(
@@ -393,10 +390,6 @@ def start(values: dict[str, Any]) -> int:
     if values["simulate"]:
         return asyncio.run(_run_simulated(options, trust_keys, values["simulate"]))
     return asyncio.run(_run(build_agent(options, trust_keys)))
-
-
-class Failure(Exception):
-    """A failure the user can fix (exit 1, one line): not a bug."""
 
 
 async def _run(agent: Agent) -> int:
@@ -459,12 +452,12 @@ def main(argv: list[str] | None = None) -> None:
     lean.import_lean()  # first: before anything imports asyncio or hashlib
     try:
         values = parse_flags(sys.argv[1:] if argv is None else argv)
-    except UsageError as exc:
+    except FlagError as exc:
         print(f"{PROG}: {exc} (see '{PROG} --help')", file=sys.stderr)
         sys.exit(2)
     try:
         code = start(values)
-    except Failure as exc:
+    except StartupError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

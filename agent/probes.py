@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.cadence import sleep_to_tick
+from agent.errors import AnswerClosed, AnswerMalformed
 from agent.identity import RunAs, spawn_kwargs
 from protocol.manifest import HealthConfig
 
@@ -122,7 +123,7 @@ class HttpProbeConnection:
             async with asyncio.timeout(timeout):
                 try:
                     return await self._exchange()
-                except (OSError, asyncio.IncompleteReadError, _Closed):
+                except (OSError, asyncio.IncompleteReadError, AnswerClosed):
                     if not reused:
                         raise
                     await self.close()  # the server closed the idle connection: once more
@@ -133,10 +134,10 @@ class HttpProbeConnection:
         except OSError as exc:
             await self.close()
             return ProbeResult(False, f"http {self.path}: {_os_reason(exc)}")
-        except (asyncio.IncompleteReadError, _Closed):
+        except (asyncio.IncompleteReadError, AnswerClosed):
             await self.close()
             return ProbeResult(False, f"http {self.path}: connection closed before an answer")
-        except _Malformed as exc:
+        except AnswerMalformed as exc:
             await self.close()
             return ProbeResult(False, f"http {self.path}: not an HTTP answer: {exc}")
         except BaseException:
@@ -153,10 +154,10 @@ class HttpProbeConnection:
         await writer.drain()
         line = await reader.readline()
         if not line:
-            raise _Closed
+            raise AnswerClosed
         parts = line[:_MAX_STATUS_LINE].decode("latin-1", "replace").split()
         if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
-            raise _Malformed(repr(line[:80]))
+            raise AnswerMalformed(repr(line[:80]))
         status = int(parts[1])
         keep = parts[0] == "HTTP/1.1"
         length: int | None = None
@@ -165,7 +166,7 @@ class HttpProbeConnection:
             if header in (b"\r\n", b"\n"):
                 break
             if not header:
-                raise _Closed
+                raise AnswerClosed
             name, _, value = header.decode("latin-1").partition(":")
             name, value = name.strip().lower(), value.strip().lower()
             if name == "content-length" and value.isdigit():
@@ -175,7 +176,7 @@ class HttpProbeConnection:
             elif name == "transfer-encoding":
                 keep = False  # chunked bodies are not worth parsing for a status code
         else:
-            raise _Malformed(f"more than {_MAX_HEADERS} header lines")
+            raise AnswerMalformed(f"more than {_MAX_HEADERS} header lines")
         if keep and length is not None and length <= _MAX_KEEPALIVE_BODY:
             await reader.readexactly(length)  # leave the connection at the next answer's start
         else:
@@ -191,14 +192,6 @@ class HttpProbeConnection:
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
-
-
-class _Closed(Exception):
-    """The server closed the connection before a complete answer."""
-
-
-class _Malformed(Exception):
-    """The bytes received are no HTTP answer."""
 
 
 async def tcp_probe(port: int, timeout: float, host: str = PROBE_HOST) -> ProbeResult:

@@ -39,6 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Protocol
 
+from agent.errors import ReleaseError
 from protocol import subjects
 from protocol.bundle import DEFAULT_LIMITS, Limits, safe_unpack
 from protocol.errors import BusError, ProtocolError
@@ -48,19 +49,6 @@ from protocol.messages import ReleaseRef
 FETCH_TIMEOUT = 120.0
 _DIGEST = re.compile(r"^sha256:([0-9a-f]{64})$")
 _HEX = re.compile(r"^[0-9a-f]{64}$")
-
-
-class ReleaseError(Exception):
-    """A release that cannot be made ready on this node; ``reason`` says why in one line.
-
-    ``transient`` marks a failure of the bus (a timeout, a broker away), which a later attempt
-    may not meet; anything else (not stored, wrong digest, hostile bundle) will not change.
-    """
-
-    def __init__(self, reason: str, *, transient: bool = False) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.transient = transient
 
 
 class ObjectSource(Protocol):

@@ -18,14 +18,12 @@ import time
 
 import msgspec
 
+from agent.errors import RouterUnavailable
 from agent.reconcile import (
     ReleaseInfo,
     SlotView,
 )
-from agent.router.control import (
-    RouterClient,
-    RouterUnavailable,
-)
+from agent.router.control import RouterClient
 from agent.routing import RouterLink
 from agent.service_state import Release, Service
 from agent.slots import SlotRunner, SlotSpec, find_orphans, stop_orphans

@@ -21,13 +21,12 @@ import time
 from pathlib import Path
 
 from agent.cadence import sleep_to_tick
+from agent.errors import RouterRunning, RouterUnavailable
 from agent.identity import RunAs
 from agent.router.control import (
     MAX_SOCKET_PATH,
     RouterClient,
     RouterConfig,
-    RouterRunning,
-    RouterUnavailable,
     Upstream,
     start_router,
 )

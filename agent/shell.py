@@ -39,6 +39,7 @@ import logging
 import time
 
 from agent.desired import DesiredWatch
+from agent.errors import ReleaseError
 from agent.observed import Observing
 from agent.reconcile import (
     Action,
@@ -53,7 +54,6 @@ from agent.reconcile import (
     Stop,
     reconcile,
 )
-from agent.releases import ReleaseError
 from agent.restore import Restoring
 from agent.routing import router_socket
 from agent.service_state import (

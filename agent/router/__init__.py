@@ -4,14 +4,8 @@ The agent spawns it with ``start_router`` and drives it through ``RouterClient``
 see ``control`` for the API and ``proxy`` for what happens to a request.
 """
 
-from agent.router.control import (
-    RouterClient,
-    RouterConfig,
-    RouterRunning,
-    RouterUnavailable,
-    Upstream,
-    start_router,
-)
+from agent.errors import RouterRunning, RouterUnavailable
+from agent.router.control import RouterClient, RouterConfig, Upstream, start_router
 
 __all__ = [
     "RouterClient",

@@ -22,6 +22,7 @@ from pathlib import Path
 import msgspec
 
 from agent.edge import BODY_TIMEOUT, MAX_CONNECTIONS
+from agent.errors import RouterRunning, RouterUnavailable
 from agent.identity import RunAs, child_env, spawn_kwargs
 from protocol.messages import MirrorSpec, RouterStats
 
@@ -31,18 +32,6 @@ MAX_LINE = 1 << 20  # 1 MiB: a config is a few hundred bytes; anything larger is
 DEFAULT_TIMEOUT = 5.0
 # The router must import this package even if the agent runs from a checkout.
 _ROOT = str(Path(__file__).resolve().parents[2])
-
-
-class RouterUnavailable(Exception):
-    """The router cannot be reached, started, or refused a request; the message says why."""
-
-
-class RouterRunning(RouterUnavailable):
-    """A live router already owns the control socket (use it: ``RouterClient`` on that path)."""
-
-    def __init__(self, message: str, pid: int) -> None:
-        super().__init__(message)
-        self.pid = pid
 
 
 class Upstream(msgspec.Struct, kw_only=True):

@@ -27,9 +27,9 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
+from agent.router.errors import Broken, ClientGone, HttpError
 from agent.router.http11 import (
     MAX_HEAD,
-    HttpError,
     RequestHead,
     client_response_head,
     error_response,
@@ -39,7 +39,7 @@ from agent.router.http11 import (
 from agent.router.mirror import CAPTURE_LIMIT, MIRROR_BODY_LIMIT, Answer, MirrorJob
 from agent.router.routing import Routing
 from agent.router.stats import ROUTER_SLOT, SlotCounters
-from agent.router.upstream import BodyReader, Broken, Capture, Conn, Pool, close_conn
+from agent.router.upstream import BodyReader, Capture, Conn, Pool, close_conn
 
 if TYPE_CHECKING:
     from agent.router.proxy import ClientConn, Proxy
@@ -54,10 +54,6 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 _UPSTREAM_ERRORS = (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, Broken)
-
-
-class ClientGone(Exception):
-    """The client closed, stalled or sent a broken body; its connection is dropped."""
 
 
 class Exchange:

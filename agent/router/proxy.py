@@ -42,18 +42,17 @@ import time
 
 from agent.edge import BODY_TIMEOUT, MAX_CONNECTIONS
 from agent.router.channel import Channel
+from agent.router.errors import ClientGone, HttpError
 from agent.router.exchange import (
     CONNECT_TIMEOUT,
     IDLE_TIMEOUT,
     READ_TIMEOUT,
     RESPONSE_TIMEOUT,
     WRITE_TIMEOUT,
-    ClientGone,
     Exchange,
 )
 from agent.router.http11 import (
     MAX_HEAD,
-    HttpError,
     RequestHead,
     client_response_head,
     error_response,

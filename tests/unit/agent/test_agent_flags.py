@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from agent import main as agent_main
-from agent.main import FLAGS, UsageError, parse_flags
+from agent.errors import FlagError
+from agent.main import FLAGS, parse_flags
 from protocol.signing import generate_seed, public_key
 
 
@@ -60,8 +61,8 @@ def test_command_line_beats_env_beats_default() -> None:
 def test_bad_flags_are_one_line_usage_errors(
     args: list[str], env: dict[str, str], message: str
 ) -> None:
-    """Each bad flag or value is a UsageError whose one-line message names the problem."""
-    with pytest.raises(UsageError) as info:
+    """Each bad flag or value is a FlagError whose one-line message names the problem."""
+    with pytest.raises(FlagError) as info:
         parse_flags(args, environ=env)
     assert message in str(info.value) and "\n" not in str(info.value)
 
@@ -69,7 +70,7 @@ def test_bad_flags_are_one_line_usage_errors(
 def test_a_file_is_no_data_dir(tmp_path: Path) -> None:
     """--data-dir naming an existing file is refused, as click's Path(file_okay=False) did."""
     (tmp_path / "f").write_text("")
-    with pytest.raises(UsageError, match="is a file"):
+    with pytest.raises(FlagError, match="is a file"):
         parse_flags(["--node-id", "n1", "--data-dir", str(tmp_path / "f")], environ={})
 
 
@@ -114,5 +115,5 @@ def test_router_flags_parse_into_the_edge_limits() -> None:
 )
 def test_router_flag_errors_are_usage_errors(args: list[str], needle: str) -> None:
     """A bad --router-* value stops the agent before it connects, naming the flag."""
-    with pytest.raises(UsageError, match=needle):
+    with pytest.raises(FlagError, match=needle):
         parse_flags(["--node-id", "n1", *args], environ={})

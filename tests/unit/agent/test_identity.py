@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from agent.errors import FlagError
 from agent.identity import BASE_ENV, RunAs, child_env
-from agent.main import UsageError, parse_flags
+from agent.main import parse_flags
 from protocol.errors import ProtocolError
 
 USER = RunAs("svc", 4242, 4242, "/home/svc")
@@ -71,5 +72,5 @@ def test_cannot_read_names_the_directory_in_the_way() -> None:
 
 def test_service_user_flag_errors_are_usage_errors() -> None:
     """--service-user with an unknown user stops the agent before it connects (exit 2)."""
-    with pytest.raises(UsageError, match=r"--service-user.*no user 'no-such-user-fw'"):
+    with pytest.raises(FlagError, match=r"--service-user.*no user 'no-such-user-fw'"):
         parse_flags(["--node-id", "n1", "--service-user", "no-such-user-fw"], environ={})

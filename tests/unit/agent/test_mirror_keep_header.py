@@ -8,7 +8,8 @@ import pytest
 
 from agent.reconcile import ReleaseInfo, Route, ServiceView, SlotView, reconcile
 from agent.router.control import REQUEST_DECODER, Configure, RouterConfig, Upstream
-from agent.router.routing import ConfigError, build_routing
+from agent.router.errors import RouterConfigError
+from agent.router.routing import build_routing
 from protocol.codec import decode, encode
 from protocol.messages import DesiredState, MirrorSpec, ReleaseRef
 from protocol.signing import generate_seed, public_key, sign, verify
@@ -74,7 +75,7 @@ def test_the_router_config_carries_them_to_the_routing() -> None:
 @pytest.mark.parametrize("name", ["bad name", "x\r\nInjected: 1", "caf\u00e9", ""])
 def test_the_router_refuses_what_is_not_a_header_name(name: str) -> None:
     """A kept or ignored name that is not a token is refused with the reason, not a crash."""
-    with pytest.raises(ConfigError, match="is not a header name"):
+    with pytest.raises(RouterConfigError, match="is not a header name"):
         build_routing(config(MirrorSpec(slot="b", percent=10, keep_headers=[name])))
-    with pytest.raises(ConfigError, match="is not a header name"):
+    with pytest.raises(RouterConfigError, match="is not a header name"):
         build_routing(config(MirrorSpec(slot="b", percent=10, ignore_headers=[name])))

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from agent import releases
-from agent.releases import ReleaseCache, ReleaseError
+from agent.errors import ReleaseError
+from agent.releases import ReleaseCache
 from protocol.bundle import Limits, digest, pack
 from protocol.errors import BusError
 from protocol.messages import ReleaseRef

@@ -8,7 +8,8 @@ import pytest
 
 from agent.router.balance import SmoothWeighted
 from agent.router.control import RouterConfig, Upstream
-from agent.router.routing import ConfigError, build_routing
+from agent.router.errors import RouterConfigError
+from agent.router.routing import build_routing
 from protocol.messages import MirrorSpec
 
 
@@ -93,7 +94,7 @@ def test_routing_serves_only_healthy_positive_weights() -> None:
 )
 def test_bad_configs_are_refused_with_the_reason(cfg: RouterConfig, message: str) -> None:
     """Each nonsensical config is refused with a message naming what is wrong."""
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(RouterConfigError, match=message):
         build_routing(cfg)
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from agent.router.control import RouterConfig
-from agent.router.routing import ConfigError, build_routing
+from agent.router.errors import RouterConfigError
+from agent.router.routing import build_routing
 
 
 def _cfg(**options: object) -> RouterConfig:
@@ -40,5 +41,5 @@ def test_nobody_is_trusted_by_default() -> None:
 )
 def test_bad_edge_options_are_refused(options: dict[str, object], reason: str) -> None:
     """Each nonsensical edge option refuses the config with a one-line reason."""
-    with pytest.raises(ConfigError, match=reason):
+    with pytest.raises(RouterConfigError, match=reason):
         build_routing(_cfg(**options))

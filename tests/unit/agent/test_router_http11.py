@@ -8,10 +8,10 @@ import os
 import pytest
 
 from agent.router.channel import Channel
+from agent.router.errors import Broken, HttpError
 from agent.router.http11 import (
     MAX_CHUNK_LINE,
     MAX_HEAD,
-    HttpError,
     client_response_head,
     error_response,
     parse_chunk_size,
@@ -19,7 +19,7 @@ from agent.router.http11 import (
     parse_response,
     upstream_request_head,
 )
-from agent.router.upstream import BodyReader, Broken
+from agent.router.upstream import BodyReader
 
 
 def test_request_head_is_rewritten_for_the_upstream() -> None:
