@@ -19,7 +19,7 @@ import asyncio
 import hashlib
 from collections import deque
 
-from agent.router.channel import Channel, close_conn
+from agent.router.channel import Channel, Readable, close_conn
 from agent.router.errors import Broken, HttpError
 from agent.router.http11 import (
     MAX_CHUNK_LINE,
@@ -128,7 +128,7 @@ class BodyReader:
 
     def __init__(
         self,
-        reader: Channel,
+        reader: Readable,
         mode: str,
         length: int,
         timeout: float,
