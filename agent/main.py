@@ -9,9 +9,8 @@ Footprint: the agent runs on every host, so what it imports stays resident on ev
   gettext and more: 0.8 MiB resident for one parse). They are declared once, in ``FLAGS``; the
   click command other code inspects (``agent_command``: the dev fleet, tests) is built from the
   same table, on demand (module ``__getattr__``), so the agent process itself never imports click.
-- The bus (and with it nats-py) is imported only once the flags are good, without
-  ``importlib.metadata`` (nats-py looks its own version up with it on import, which loads
-  zipfile, csv and more); see ``_import_bus``.
+- The bus (and with it nats-py) is imported only once the flags are good, and without
+  ``importlib.metadata`` (which loads zipfile, csv and more); see ``_import_bus``.
 - ``main`` imports asyncio and hashlib without OpenSSL before anything else (``agent.lean``:
   5.9 MiB, loaded again only if a TLS connection needs it), so nothing this module imports at
   its top may import asyncio, hashlib or ssl (the unit tests check it): asyncio is imported in
@@ -54,12 +53,11 @@ log = logging.getLogger("fleetwave.agent")
 
 
 def _import_bus() -> None:
-    """Import ``protocol.bus`` (so nats-py) without letting nats-py import ``importlib.metadata``.
+    """Import ``protocol.bus`` with ``importlib.metadata`` blocked for the time of the import.
 
-    nats-py 2.x runs ``try: from importlib.metadata import version ... except Exception:`` on
-    import; a ``None`` in ``sys.modules`` makes that import fail (documented import-system
-    behaviour), so nats-py takes its fallback, and the real version is put back from the name of
-    its dist-info directory (one directory listing). Nothing is done when ``importlib.metadata``
+    A ``None`` in ``sys.modules`` makes an import fail (documented import-system behaviour); what
+    imports it to look a version up takes its fallback (the bus then names nats-py's version
+    itself: ``protocol.bus._name_client_version``). Nothing is done when ``importlib.metadata``
     is loaded already (a test run, say): there is nothing to save.
 
     (``email.parser``, which nats.js imports, stays: its ``BytesParser`` parses the headers of
@@ -77,16 +75,7 @@ def _import_bus() -> None:
         pass
     finally:
         del sys.modules["importlib.metadata"]
-    import nats
-    import nats.aio.client as nats_client
-
     import protocol.bus  # noqa: F401  # a no-op when the first import worked
-
-    site = Path(nats.__file__).resolve().parent.parent
-    with contextlib.suppress(OSError):
-        for dist in site.glob("nats_py-*.dist-info"):
-            nats_client.__version__ = dist.name[len("nats_py-"):-len(".dist-info")]
-            break
 
 
 def build_agent(options: AgentOptions, trusted_keys: tuple[str, ...] = ()) -> Agent:

@@ -96,6 +96,19 @@ def test_the_agent_never_imports_click() -> None:
     assert out.strip() == "[]"
 
 
+def test_the_lean_bus_import_still_names_the_nats_client_version() -> None:
+    """With importlib.metadata kept out, nats-py still reports its real version to the server."""
+    code = (
+        "import sys; from agent.main import _import_bus; _import_bus(); "
+        "import nats.aio.client; ok = 'importlib.metadata' not in sys.modules; "
+        "v = nats.aio.client.__version__; from importlib.metadata import version; "
+        "print(ok, v == version('nats-py'), v != '0.0.0')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert out.strip() == "True True True"
+
+
 def test_router_flags_parse_into_the_edge_limits() -> None:
     """--router-* flags (and their env vars) give every router's public-port limits."""
     v = parse_flags(["--node-id", "n1", "--router-trusted-proxy", "10.0.0.0/8",
