@@ -55,7 +55,7 @@ TRIM_EVERY = 60.0
 
 
 class ServiceSource(Protocol):
-    """What the service manager offers the daemon (agent.shell.ServiceManager implements it)."""
+    """What the service manager offers the daemon (``agent.manager.shell.ServiceManager``)."""
 
     async def run(self) -> None:
         """Run until cancelled."""

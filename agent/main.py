@@ -82,7 +82,7 @@ def build_agent(options: AgentOptions, trusted_keys: tuple[str, ...] = ()) -> Ag
     """The one place an Agent is put together: the daemon with its service manager plugged in."""
     _import_bus()
     from agent.daemon import Agent
-    from agent.shell import ServiceManager  # here: the daemon alone must not need the shell
+    from agent.manager.shell import ServiceManager  # here: the daemon alone must not need it
     from protocol.bus import Bus
 
     def services(bus: Bus) -> ServiceManager:

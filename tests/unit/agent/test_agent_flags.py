@@ -87,7 +87,8 @@ def test_the_agent_never_imports_click() -> None:
     """Parsing the flags and importing everything the agent runs leaves click unloaded."""
     code = (
         "import sys; from agent.main import parse_flags, _import_bus; "
-        "parse_flags(['--node-id', 'n1']); _import_bus(); import agent.daemon, agent.shell; "
+        "parse_flags(['--node-id', 'n1']); _import_bus(); "
+        "import agent.daemon, agent.manager.shell; "
         "print(sorted(m for m in ('click', 'rich', 'coordinator', "
         "'importlib.metadata') if m in sys.modules))"
     )

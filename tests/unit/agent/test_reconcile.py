@@ -8,6 +8,7 @@ import msgspec
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from agent.manager.service import ROUTER_FAILS_AFTER, Service
 from agent.reconcile import (
     Action,
     Drain,
@@ -24,7 +25,6 @@ from agent.reconcile import (
     assess,
     reconcile,
 )
-from agent.service_state import ROUTER_FAILS_AFTER, Service
 from protocol.messages import SLOTS, DesiredState, MirrorSpec, ReleaseRef
 
 V1 = ReleaseRef(service="hello", version="1.0.0", digest="sha256:11")

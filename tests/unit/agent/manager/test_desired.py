@@ -1,11 +1,12 @@
-"""A restarted agent whose remembered desired state no longer verifies still refuses replays."""
+"""agent.manager.desired: a restarted agent whose remembered desired state no longer verifies
+still refuses replays (the floor survives the restore)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from agent.shell import ServiceManager
+from agent.manager.shell import ServiceManager
 from agent.state import AgentState, ServiceRecord, save_state
 from protocol.codec import encode
 from protocol.messages import DesiredState
@@ -30,14 +31,14 @@ async def test_replay_is_refused_after_the_remembered_envelope_fails_to_verify(
     """Generation 7 was accepted under an old key; after a key change, generation 3 is a replay."""
     old, new = generate_seed(), generate_seed()
     mgr = _manager(tmp_path, [public_key(new)])
-    save_state(mgr.state_path, AgentState(services={
+    save_state(mgr.restorer.state_path, AgentState(services={
         SERVICE: ServiceRecord(service=SERVICE, envelope=_env(old, 7), generation=7),
     }))
-    await mgr._restore()
+    await mgr.restorer.restore(lambda *_: None)
     assert mgr.services[SERVICE].desired is None  # the old key is no longer trusted
-    await mgr._offer(f"{NODE}.{SERVICE}", encode(_env(new, 3)))
+    await mgr.desired.offer(f"{NODE}.{SERVICE}", encode(_env(new, 3)))
     assert mgr.services[SERVICE].desired is None
-    assert mgr.refused == 1
-    await mgr._offer(f"{NODE}.{SERVICE}", encode(_env(new, 8)))
+    assert mgr.desired.refused == 1
+    await mgr.desired.offer(f"{NODE}.{SERVICE}", encode(_env(new, 8)))
     desired = mgr.services[SERVICE].desired
     assert desired is not None and desired.generation == 8

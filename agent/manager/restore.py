@@ -3,11 +3,12 @@
 Theory of operation: the state file (``state.json``, written atomically) records per service the
 accepted envelope and the replay floor, each slot's process (pid + create_time, so that a reused
 pid is never mistaken for ours), the failed slots, and the router. It is saved after every pass
-that changed it, and at once when a slot process starts (``_on_slot``): a kill before the end of
-that pass must not leave a process the restarted agent knows nothing of. On start ``_restore``
-verifies the remembered envelopes again, adopts the slot processes that are still alive and finds
-each router again on its socket; slot processes of this node that no record accounts for are
-orphans and are stopped, since the reconciler will start what is wanted again.
+that changed it (``save``), and at once when a slot process starts (``save_now``, from the
+manager's slot callback): a kill before the end of that pass must not leave a process the
+restarted agent knows nothing of. On start ``restore`` verifies the remembered envelopes again,
+adopts the slot processes that are still alive and finds each router again on its socket; slot
+processes of this node that no record accounts for are orphans and are stopped, since the
+reconciler will start what is wanted again.
 """
 
 from __future__ import annotations
@@ -15,18 +16,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 import msgspec
 
 from agent.errors import RouterUnavailable
+from agent.manager.routing import RouterLink
+from agent.manager.service import NodeConfig, Release, Service, Services
 from agent.reconcile import (
     ReleaseInfo,
     SlotView,
 )
+from agent.releases import ReleaseCache
 from agent.router.control import RouterClient
-from agent.routing import RouterLink
-from agent.service_state import Release, Service
-from agent.slots import SlotRunner, SlotSpec, find_orphans, stop_orphans
+from agent.slots import Notify, SlotRunner, SlotSpec, find_orphans, stop_orphans
 from agent.state import AgentState, ServiceRecord, SlotRecord, load_state, save_state
 from protocol.errors import ProtocolError
 from protocol.manifest import MANIFEST_NAME, load_manifest
@@ -39,29 +42,20 @@ from protocol.signing import verify
 log = logging.getLogger("fleetwave.agent.services")
 
 
-class Restoring(RouterLink):
-    """The state save and restore methods of ``agent.shell.ServiceManager``."""
+class Restorer:
+    """Saves the manager's ``services`` to the state file, and fills them from it on start."""
 
-    def _on_slot(self, runner: SlotRunner, kind: str, message: str) -> None:
-        spec = runner.spec
-        self._event(
-            kind,
-            spec.service,
-            message,
-            slot=spec.slot,
-            version=spec.manifest.version,
-            pid=runner.pid,
-            last_exit=runner.last_exit,
-            restarts=runner.restarts,
-        )
-        if kind == "slot.started":
-            # Record the new pid at once: a kill before the end of this pass must not leave a
-            # process the restarted agent knows nothing of (find_orphans is the last resort).
-            try:
-                self._save_now()
-            except OSError as exc:
-                log.warning("cannot save the state file after starting a slot: %s", exc)
-        self._wake.set()
+    def __init__(
+        self, config: NodeConfig, services: Services, cache: ReleaseCache, routers: RouterLink,
+        *, clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.state_path = config.state_path
+        self.services = services
+        self.cache = cache
+        self.routers = routers
+        self.clock = clock
+        self._saved = b""  # the state file's body as last written
 
     def _snapshot(self) -> AgentState:
         services = {}
@@ -103,12 +97,13 @@ class Restoring(RouterLink):
                 observed_generation=svc.observed_generation,
                 slots=slots,
                 router_pid=svc.router_pid,
-                router_socket=str(self._socket(svc.name)),
+                router_socket=str(self.routers.socket(svc.name)),
                 router_weights=dict(svc.applied_weights),
             )
-        return AgentState(node=self.node, services=services)
+        return AgentState(node=self.config.node, services=services)
 
-    async def _save(self) -> None:
+    async def save(self) -> None:
+        """Write the state file if it changed since the last write (in a thread)."""
         state = self._snapshot()
         body = msgspec.json.encode(state)
         if body == self._saved:
@@ -116,11 +111,13 @@ class Restoring(RouterLink):
         await asyncio.to_thread(save_state, self.state_path, state)
         self._saved = body
 
-    def _save_now(self) -> None:
+    def save_now(self) -> None:
+        """Write the state file now, in this thread."""
         save_state(self.state_path, self._snapshot())
 
-    async def _restore(self) -> list[SlotRunner]:
-        """Load the state file: accepted envelopes, slot processes to adopt, routers to find."""
+    async def restore(self, on_slot: Notify) -> list[SlotRunner]:
+        """Load the state file: accepted envelopes, slot processes to adopt (reporting to
+        ``on_slot``), routers to find. Returns the adopted runners, for the caller to run."""
         state = await asyncio.to_thread(load_state, self.state_path)
         adopted: list[SlotRunner] = []
         for name, rec in state.services.items():
@@ -130,9 +127,9 @@ class Restoring(RouterLink):
                 try:
                     svc.desired = verify(
                         rec.envelope,
-                        self.trusted_keys,
-                        fleet=self.fleet,
-                        node=self.node,
+                        self.config.trusted_keys,
+                        fleet=self.config.fleet,
+                        node=self.config.node,
                         service=name,
                         min_generation=rec.envelope.generation - 1,
                     )
@@ -141,10 +138,10 @@ class Restoring(RouterLink):
                     log.error("remembered desired state of %s is refused: %s", name, exc)
             self.services[name] = svc
             for slot, srec in rec.slots.items():
-                runner = self._adopt(svc, slot, srec)
+                runner = self._adopt(svc, slot, srec, on_slot)
                 if runner is not None:
                     adopted.append(runner)
-            sock = self._socket(name)
+            sock = self.routers.socket(name)
             if sock.exists():
                 client = RouterClient(sock)
                 try:
@@ -153,12 +150,12 @@ class Restoring(RouterLink):
                 except RouterUnavailable as exc:
                     log.warning("router of %s not found again (%s); starting a new one", name, exc)
                 else:
-                    stats.time = time.time()
+                    stats.time = self.clock()
                     svc.router, svc.router_stats = client, stats
                     svc.applied_weights = {s: w for s, w in stats.weights.items() if w > 0}
                     log.info("adopted router of %s (pid %s)", name, svc.router_pid)
         keep = {r.pid for r in adopted if r.pid is not None}
-        orphans = await asyncio.to_thread(find_orphans, self.cache.root, self.node, keep)
+        orphans = await asyncio.to_thread(find_orphans, self.cache.root, self.config.node, keep)
         if orphans:
             # Started by our previous life after its last state save: nothing watches them and
             # the reconciler will start what is wanted again, so they must go.
@@ -167,7 +164,9 @@ class Restoring(RouterLink):
             await asyncio.to_thread(stop_orphans, orphans)
         return adopted
 
-    def _adopt(self, svc: Service, slot: str, rec: SlotRecord) -> SlotRunner | None:
+    def _adopt(
+        self, svc: Service, slot: str, rec: SlotRecord, on_slot: Notify
+    ) -> SlotRunner | None:
         if slot in SLOTS and rec.status == "failed" and rec.digest:
             svc.idle[slot] = SlotView(
                 slot=slot,
@@ -202,20 +201,20 @@ class Restoring(RouterLink):
         spec = SlotSpec(
             service=svc.name,
             slot=slot,
-            node=self.node,
+            node=self.config.node,
             release_dir=path,
             manifest=manifest,
             digest=rec.digest,
             port=rec.port,
-            log_dir=self.data_dir / "logs",
-            run_as=self.run_as,
+            log_dir=self.config.log_dir,
+            run_as=self.config.run_as,
             generation=rec.generation,
         )
         runner = SlotRunner.adopt(
             spec,
             rec.pid,
             rec.create_time,
-            self._on_slot,
+            on_slot,
             status=rec.status,
             since=rec.since,
             restarts=rec.restarts,

@@ -1,9 +1,9 @@
 """Desired states: the watch, the periodic re-read, verification and the replay floor.
 
-Theory of operation: ``_watch_loop`` watches ``<node>.*`` in the fleet's desired bucket (the watch
+Theory of operation: ``watch`` watches ``<node>.*`` in the fleet's desired bucket (the watch
 survives reconnects; before the coordinator creates the bucket it retries with backoff), and
-``_reread_loop`` re-reads it every ``REREAD`` seconds as a safety net. Each value goes to
-``_offer``: a signed envelope is accepted only if it verifies against the trusted keys, names this
+``reread`` re-reads it every ``REREAD`` seconds as a safety net. Each value goes to
+``offer``: a signed envelope is accepted only if it verifies against the trusted keys, names this
 fleet, node and service, and has a generation above the service's *floor* (the newest generation
 this node ever accepted, kept even when the remembered envelope no longer verifies, so that an old
 state cannot be replayed). Anything else is refused with one ``agent.refused`` event saying why
@@ -15,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from agent.service_state import BUS_TIMEOUT, REREAD, ManagerBase, Service
+from agent.manager.events import EventQueue
+from agent.manager.service import BUS_TIMEOUT, REREAD, NodeConfig, Service, Services
 from protocol import subjects
+from protocol.bus import Bus
 from protocol.codec import decode
 from protocol.errors import BusError, ProtocolError
 from protocol.messages import SignedEnvelope
@@ -25,10 +27,25 @@ from protocol.signing import verify
 log = logging.getLogger("fleetwave.agent.services")
 
 
-class DesiredWatch(ManagerBase):
-    """The desired-state methods of ``agent.shell.ServiceManager``."""
+class DesiredWatch:
+    """Accepts this node's desired states into ``services`` and wakes the reconcile loop."""
 
-    async def _watch_loop(self) -> None:
+    def __init__(
+        self, bus: Bus, config: NodeConfig, services: Services, events: EventQueue,
+        wake: asyncio.Event,
+    ) -> None:
+        self.bus = bus
+        self.fleet = config.fleet
+        self.node = config.node
+        self.trusted_keys = config.trusted_keys
+        self.services = services
+        self.events = events
+        self.wake = wake
+        self.refused = 0  # desired states refused so far
+        self._refused_values: dict[str, bytes] = {}
+
+    async def watch(self) -> None:
+        """Offer every value of the watch, for ever; wait for the bucket while there is none."""
         bucket = subjects.desired_bucket(self.fleet)
         attempt = 0
         while True:
@@ -37,7 +54,7 @@ class DesiredWatch(ManagerBase):
                     attempt = 0
                     if entry is None or entry.value is None:
                         continue  # end of the initial contents, or a deletion: nothing to accept
-                    await self._offer(entry.key, entry.value)
+                    await self.offer(entry.key, entry.value)
             except BusError as exc:
                 # Typically: no coordinator has created the fleet's buckets yet. Wait for it.
                 if attempt == 0:
@@ -45,7 +62,8 @@ class DesiredWatch(ManagerBase):
                 await asyncio.sleep(min(5.0, 0.2 * 2**attempt))
                 attempt += 1
 
-    async def _reread_loop(self) -> None:
+    async def reread(self) -> None:
+        """Offer every value again every ``REREAD`` seconds: the safety net under the watch."""
         bucket = subjects.desired_bucket(self.fleet)
         while True:
             await asyncio.sleep(REREAD)
@@ -57,9 +75,9 @@ class DesiredWatch(ManagerBase):
                 continue
             for e in entries:
                 if e.value is not None:
-                    await self._offer(e.key, e.value)
+                    await self.offer(e.key, e.value)
 
-    async def _offer(self, key: str, value: bytes) -> None:
+    async def offer(self, key: str, value: bytes) -> None:
         """Accept a desired state if it is genuine, meant for us and newer; else refuse it."""
         service = key.split(".", 1)[1] if "." in key else key
         if self._refused_values.get(key) == value:
@@ -93,9 +111,9 @@ class DesiredWatch(ManagerBase):
             svc = self.services[service] = Service(name=service)
         svc.envelope, svc.desired = env, desired
         log.info("accepted desired state of %s generation %d", service, desired.generation)
-        self._wake.set()
+        self.wake.set()
 
     async def _refuse(self, service: str, reason: str, generation: int = 0) -> None:
         self.refused += 1
         log.warning("refused desired state for %s: %s", service, reason)
-        self._event("agent.refused", service, reason, generation=generation)
+        self.events.emit("agent.refused", service, reason, generation=generation)

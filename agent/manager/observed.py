@@ -1,8 +1,8 @@
 """The observed states the agent reports, one per service, written without holding the loop.
 
-Theory of operation: after each pass over a service, ``_observe`` builds its ``ObservedState``
+Theory of operation: after each pass over a service, ``observe`` builds its ``ObservedState``
 (the reconciler's ``assess``, each slot, the applied weights, the router's counters) and queues it
-only if it changed or ``OBSERVE_EVERY`` seconds passed since the last one. ``_observed_loop``
+only if it changed or ``OBSERVE_EVERY`` seconds passed since the last one. ``run``
 writes the newest queued state of each service to the observed bucket, each write bounded by
 ``BUS_TIMEOUT``: a slow or failing bus never holds the reconcile loop, and a failed write is
 written again on the next pass (the failure is logged once until a write succeeds).
@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
+from agent.manager.service import BUS_TIMEOUT, OBSERVE_EVERY, NodeConfig, Service, Services
 from agent.reconcile import assess
-from agent.service_state import BUS_TIMEOUT, OBSERVE_EVERY, ManagerBase, Service
 from protocol import subjects
+from protocol.bus import Bus
 from protocol.codec import encode
 from protocol.errors import BusError
 from protocol.messages import (
@@ -27,11 +29,24 @@ from protocol.messages import (
 log = logging.getLogger("fleetwave.agent.services")
 
 
-class Observing(ManagerBase):
-    """The observed-state methods of ``agent.shell.ServiceManager``."""
+class ObservedWriter:
+    """Reports each service's observed state to the fleet's observed bucket."""
 
-    async def _observe(self, svc: Service) -> None:
-        view = svc.view(time.time())
+    def __init__(
+        self, bus: Bus, config: NodeConfig, services: Services, *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.bus = bus
+        self.fleet = config.fleet
+        self.node = config.node
+        self.services = services
+        self.clock = clock
+        self._dirty = asyncio.Event()  # a state is pending
+        self._bus_failing = False  # the last write failed (logged once until one succeeds)
+
+    def observe(self, svc: Service) -> None:
+        """Queue ``svc``'s observed state if it changed or ``OBSERVE_EVERY`` passed."""
+        view = svc.view(self.clock())
         a = assess(svc.desired, view)
         svc.observed_generation = a.observed_generation
         slots = {
@@ -67,19 +82,19 @@ class Observing(ManagerBase):
             error=a.error or (f"router: {svc.router_error}" if svc.router_error else ""),
         )
         body = encode(obs)
-        now = time.time()
+        now = self.clock()
         if body == svc.last_observed and now - svc.last_observed_at < OBSERVE_EVERY:
             return
         obs.time = now
         svc.last_observed, svc.last_observed_at = body, now
         svc.pending_observed = obs
-        self._observed_dirty.set()
+        self._dirty.set()
 
-    async def _observed_loop(self) -> None:
+    async def run(self) -> None:
         """Write the newest observed state of each service; a slow bus never holds the loop."""
         while True:
-            await self._observed_dirty.wait()
-            self._observed_dirty.clear()
+            await self._dirty.wait()
+            self._dirty.clear()
             for svc in list(self.services.values()):
                 obs, svc.pending_observed = svc.pending_observed, None
                 if obs is None:

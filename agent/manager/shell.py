@@ -26,9 +26,12 @@ converges from there: nothing is started twice.
 Every await on the bus or a router is bounded (the bus and RouterClient have timeouts; the rest
 uses ``asyncio.timeout``). Bus errors are weather: logged once and retried on the next pass.
 
-The manager is built in layers: its state, per-service records and events in ``service_state``,
-the desired-state watch in ``desired``, the router in ``routing``, the observed states in
-``observed``, the state file and adoption in ``restore``; here are the tasks and the loop.
+The manager is composed of one object per concern, sharing the ``services`` map and a ``wake``
+event: ``DesiredWatch`` (``desired``: what is accepted), ``RouterLink`` (``routing``: each
+service's router), ``ObservedWriter`` (``observed``: what is reported), ``Restorer``
+(``restore``: the state file and adoption) and ``EventQueue`` (``events``). Here are the tasks,
+the loop and the actions the reconciler asks for. The clock (``clock``, seconds since the epoch)
+is an argument, for tests in virtual time.
 """
 
 from __future__ import annotations
@@ -37,10 +40,27 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable, Collection
+from pathlib import Path
 
-from agent.desired import DesiredWatch
+from agent.edge import Edge
 from agent.errors import ReleaseError
-from agent.observed import Observing
+from agent.identity import RunAs
+from agent.manager.desired import DesiredWatch
+from agent.manager.events import EventQueue
+from agent.manager.observed import ObservedWriter
+from agent.manager.restore import Restorer
+from agent.manager.routing import RouterLink
+from agent.manager.service import (
+    IDLE_TICK,
+    PRUNE_EVERY,
+    TICK,
+    NodeConfig,
+    Release,
+    Service,
+    Services,
+    settled,
+)
 from agent.reconcile import (
     Action,
     Drain,
@@ -54,21 +74,9 @@ from agent.reconcile import (
     Stop,
     reconcile,
 )
-from agent.restore import Restoring
-from agent.routing import router_socket
-from agent.service_state import (
-    BUS_TIMEOUT,
-    IDLE_TICK,
-    OBSERVE_EVERY,
-    PRUNE_EVERY,
-    REREAD,
-    STATS_EVERY,
-    TICK,
-    Release,
-    Service,
-    settled,
-)
+from agent.releases import ReleaseCache
 from agent.slots import SlotRunner, SlotSpec, free_port
+from protocol.bus import Bus
 from protocol.errors import ProtocolError
 from protocol.manifest import MANIFEST_NAME, load_manifest
 from protocol.messages import (
@@ -79,21 +87,50 @@ from protocol.messages import (
 
 log = logging.getLogger("fleetwave.agent.services")
 
-# Every public name this module had before it was split, wherever it is defined now.
-__all__ = [
-    "BUS_TIMEOUT", "IDLE_TICK", "OBSERVE_EVERY", "PRUNE_EVERY", "REREAD", "STATS_EVERY", "TICK",
-    "Release", "Service", "ServiceManager", "router_socket", "settled",
-]
 
-
-class ServiceManager(DesiredWatch, Observing, Restoring):
+class ServiceManager:
     """Runs this node's services as its desired states say; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        bus: Bus,
+        fleet: str,
+        node: str,
+        data_dir: Path,
+        bind_host: str,
+        trusted_keys: Collection[str],
+        tick: float = TICK,
+        idle_tick: float = IDLE_TICK,
+        run_as: RunAs | None = None,
+        edge: Edge | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = NodeConfig(
+            fleet=fleet, node=node, data_dir=Path(data_dir), bind_host=bind_host,
+            trusted_keys=frozenset(trusted_keys), run_as=run_as, edge=edge or Edge(),
+        )
+        self.bus = bus
+        self.tick = tick
+        self.idle_tick = idle_tick
+        self.clock = clock
+        self.cache = ReleaseCache(self.config.data_dir / "releases")
+        self.services: Services = {}
+        self.wake = asyncio.Event()  # something changed: reconcile now
+        self.events = EventQueue(bus, fleet, node, clock=clock)
+        self.desired = DesiredWatch(bus, self.config, self.services, self.events, self.wake)
+        self.routers = RouterLink(self.config, self.services, self.wake, clock=clock)
+        self.observed = ObservedWriter(bus, self.config, self.services, clock=clock)
+        self.restorer = Restorer(self.config, self.services, self.cache, self.routers,
+                                 clock=clock)
+        self._tg: asyncio.TaskGroup | None = None
+        self._pruned_at = 0.0
 
     # -- daemon interface -------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Adopt what the state file remembers, then converge for ever (until cancelled)."""
-        adopted = await self._restore()
+        adopted = await self.restorer.restore(self._on_slot)
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
@@ -101,16 +138,16 @@ class ServiceManager(DesiredWatch, Observing, Restoring):
                     tg.create_task(
                         runner.run(), name=f"slot-{runner.spec.service}-{runner.spec.slot}"
                     )
-                tg.create_task(self._watch_loop(), name="desired-watch")
-                tg.create_task(self._reread_loop(), name="desired-reread")
-                tg.create_task(self._events_loop(), name="events")
-                tg.create_task(self._stats_loop(), name="router-stats")
-                tg.create_task(self._observed_loop(), name="observed")
+                tg.create_task(self.desired.watch(), name="desired-watch")
+                tg.create_task(self.desired.reread(), name="desired-reread")
+                tg.create_task(self.events.run(), name="events")
+                tg.create_task(self.routers.stats_loop(), name="router-stats")
+                tg.create_task(self.observed.run(), name="observed")
                 await self._reconcile_loop()
         finally:
             self._tg = None
             with contextlib.suppress(OSError):
-                self._save_now()
+                self.restorer.save_now()
 
     def summary(self) -> tuple[list[ServiceSummary], list[SlotProcess]]:
         """Services and slot processes for the next heartbeat."""
@@ -152,31 +189,31 @@ class ServiceManager(DesiredWatch, Observing, Restoring):
         busy = True
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.tick if busy else self.idle_tick)
-            self._wake.clear()
+                await asyncio.wait_for(self.wake.wait(), self.tick if busy else self.idle_tick)
+            self.wake.clear()
             busy = False
             for svc in list(self.services.values()):
                 try:
                     view = svc.view()
-                    actions = reconcile(svc.desired, view, time.time())
+                    actions = reconcile(svc.desired, view, self.clock())
                     busy = busy or bool(actions) or not settled(view)
                     for action in actions:
                         await self._do(svc, action)
-                    await self._observe(svc)
+                    self.observed.observe(svc)
                 except Exception:
                     # A bug in one service's pass must not stop the others (nor the agent);
                     # the next pass tries again from the view, which is level-triggered.
                     busy = True
                     log.exception("reconciling %s failed; retrying on the next pass", svc.name)
             try:
-                await self._save()
+                await self.restorer.save()
             except OSError as exc:
-                log.error("cannot write the agent state %s: %s", self.state_path, exc)
+                log.error("cannot write the agent state %s: %s", self.restorer.state_path, exc)
             self._prune()
 
     def _prune(self) -> None:
         """Drop unpacked releases nobody runs or wants, keeping the cache's recent few."""
-        now = time.time()
+        now = self.clock()
         if now - self._pruned_at < PRUNE_EVERY:
             return
         self._pruned_at = now
@@ -204,10 +241,10 @@ class ServiceManager(DesiredWatch, Observing, Restoring):
                 runner = svc.runners[slot]
                 tg.create_task(runner.fail(reason), name=f"fail-{svc.name}-{slot}")
             case Route(weights=weights, mirror=mirror):
-                await self._route(svc, dict(weights), mirror)
+                await self.routers.route(svc, dict(weights), mirror)
             case Drain(slot=slot):
                 svc.runners[slot].drain()
-                self._event("slot.draining", svc.name, f"slot {slot} drains", slot=slot)
+                self.events.emit("slot.draining", svc.name, f"slot {slot} drains", slot=slot)
             case Resume(slot=slot):
                 svc.runners[slot].resume()
             case Stop(slot=slot, timeout=timeout):
@@ -217,16 +254,16 @@ class ServiceManager(DesiredWatch, Observing, Restoring):
 
     async def _fetch(self, svc: Service, ref: ReleaseRef) -> None:
         try:
-            path = await self.cache.ensure(self.bus, self.fleet, ref)
+            path = await self.cache.ensure(self.bus, self.config.fleet, ref)
             manifest = await asyncio.to_thread(load_manifest, path / MANIFEST_NAME)
             if manifest.name != svc.name:
                 raise ReleaseError(f"bundle is for service {manifest.name!r}, not {svc.name!r}")
         except (ReleaseError, ProtocolError, OSError) as exc:
             reason = getattr(exc, "reason", None) or str(exc)
             transient = isinstance(exc, ReleaseError) and exc.transient
-            svc.fetch_errors[ref.digest] = FetchError(reason, time.time(), transient)
+            svc.fetch_errors[ref.digest] = FetchError(reason, self.clock(), transient)
             log.warning("cannot fetch %s %s: %s", ref.service, ref.version, reason)
-            self._event("release.failed", svc.name, reason, version=ref.version)
+            self.events.emit("release.failed", svc.name, reason, version=ref.version)
         else:
             svc.fetch_errors.pop(ref.digest, None)
             info = ReleaseInfo(
@@ -239,7 +276,7 @@ class ServiceManager(DesiredWatch, Observing, Restoring):
             svc.releases[ref.digest] = Release(path, manifest, info, ref)
         finally:
             svc.fetching.discard(ref.digest)
-            self._wake.set()
+            self.wake.set()
 
     def _start(self, svc: Service, slot: str, ref: ReleaseRef, generation: int) -> None:
         rel = svc.releases[ref.digest]
@@ -250,13 +287,13 @@ class ServiceManager(DesiredWatch, Observing, Restoring):
         spec = SlotSpec(
             service=svc.name,
             slot=slot,
-            node=self.node,
+            node=self.config.node,
             release_dir=rel.path,
             manifest=rel.manifest,
             digest=ref.digest,
             port=port,
-            log_dir=self.data_dir / "logs",
-            run_as=self.run_as,
+            log_dir=self.config.log_dir,
+            run_as=self.config.run_as,
             generation=generation,
         )
         runner = SlotRunner(spec, self._on_slot)
@@ -265,3 +302,25 @@ class ServiceManager(DesiredWatch, Observing, Restoring):
         assert self._tg is not None
         self._tg.create_task(runner.run(), name=f"slot-{svc.name}-{slot}")
         log.info("starting %s %s in slot %s on port %s", svc.name, ref.version, slot, port)
+
+    def _on_slot(self, runner: SlotRunner, kind: str, message: str) -> None:
+        """Every slot runner's events: published, and the state saved at once on a start."""
+        spec = runner.spec
+        self.events.emit(
+            kind,
+            spec.service,
+            message,
+            slot=spec.slot,
+            version=spec.manifest.version,
+            pid=runner.pid,
+            last_exit=runner.last_exit,
+            restarts=runner.restarts,
+        )
+        if kind == "slot.started":
+            # Record the new pid at once: a kill before the end of this pass must not leave a
+            # process the restarted agent knows nothing of (find_orphans is the last resort).
+            try:
+                self.restorer.save_now()
+            except OSError as exc:
+                log.warning("cannot save the state file after starting a slot: %s", exc)
+        self.wake.set()

@@ -1,24 +1,18 @@
-"""What the service manager holds: its per-service records, its timings and its event queue.
+"""What the service manager knows: its node's settings, its per-service records, its timings.
 
-Theory of operation: a ``Service`` is everything mutable the manager (``agent.shell``) holds for
-one service: the accepted signed envelope and desired state, the replay floor, the slot runners,
-the fetched releases, what the router was last told, and what was last reported. ``view`` turns it
-into the reconciler's pure ``ServiceView``; ``settled`` says when no timer of the reconciler can
-fire, so the loop may idle. ``ManagerBase`` holds the manager's own state (every layer of
-``ServiceManager`` builds on it) and its one output every layer uses: events, queued without
-awaiting and published in order to the events stream by ``_events_loop``.
+Theory of operation: a ``Service`` is everything mutable the manager holds for one service: the
+accepted signed envelope and desired state, the replay floor, the slot runners, the fetched
+releases, what the router was last told, and what was last reported. The manager's parts share one
+``Services`` map of them (each part reads and writes only its own fields: see each part's module).
+``view`` turns a record into the reconciler's pure ``ServiceView``; ``settled`` says when no timer
+of the reconciler can fire, so the loop may idle. ``NodeConfig`` is what the agent was started
+with, the same for every part.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import time
-import uuid
-from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from agent.edge import Edge
 from agent.identity import RunAs
@@ -28,25 +22,17 @@ from agent.reconcile import (
     ServiceView,
     SlotView,
 )
-from agent.releases import ReleaseCache
 from agent.router.control import RouterClient
 from agent.slots import SlotRunner
-from protocol import subjects
-from protocol.bus import Bus
-from protocol.codec import encode
-from protocol.errors import BusError
 from protocol.manifest import Manifest
 from protocol.messages import (
     DesiredState,
-    Event,
     MirrorSpec,
     ObservedState,
     ReleaseRef,
     RouterStats,
     SignedEnvelope,
 )
-
-log = logging.getLogger("fleetwave.agent.services")
 
 TICK = 0.2
 IDLE_TICK = 2.0  # all settled: wakes bring every change; this only guards against a missed one
@@ -59,6 +45,27 @@ ROUTER_FAILS_AFTER = 10.0
 STATS_EVERY = 2.0
 BUS_TIMEOUT = 10.0
 PRUNE_EVERY = 60.0
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """What the agent was started with, as every part of the manager needs it."""
+
+    fleet: str
+    node: str
+    data_dir: Path
+    bind_host: str  # the routers' public ports listen here
+    trusted_keys: frozenset[str]  # coordinators whose desired states are accepted
+    run_as: RunAs | None = None  # services, hooks, probes and routers run as this user
+    edge: Edge = field(default_factory=Edge)  # the routers' public-port limits
+
+    @property
+    def state_path(self) -> Path:
+        return self.data_dir / "state.json"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.data_dir / "logs"
 
 
 @dataclass
@@ -133,81 +140,12 @@ class Service:
 _MOVING = frozenset({"starting", "draining", "stopping", "fetching"})
 
 
+Services = dict[str, Service]  # by name; shared by the manager's parts
+
+
 def settled(view: ServiceView) -> bool:
     """Whether no timer of ``reconcile`` can fire for this view: nothing fetching or waiting to
     retry a fetch, no slot starting, draining or stopping. A settled service changes only through
     a wake (desired state, slot event, router stats), so the loop may sleep for ``IDLE_TICK``."""
     return (not view.fetching and not view.fetch_errors
             and not any(v.status in _MOVING for v in view.slots.values()))
-
-
-
-class ManagerBase:
-    """The state of a ``ServiceManager`` and its events; see the module docstring."""
-
-    def __init__(
-        self,
-        *,
-        bus: Bus,
-        fleet: str,
-        node: str,
-        data_dir: Path,
-        bind_host: str,
-        trusted_keys: Collection[str],
-        tick: float = TICK,
-        idle_tick: float = IDLE_TICK,
-        run_as: RunAs | None = None,
-        edge: Edge | None = None,
-    ) -> None:
-        self.bus = bus
-        self.fleet = fleet
-        self.node = node
-        self.data_dir = Path(data_dir)
-        self.bind_host = bind_host
-        self.trusted_keys = frozenset(trusted_keys)
-        self.run_as = run_as  # services, hooks, probes and routers run as this user
-        self.edge = edge or Edge()  # the routers' public-port limits
-        self.tick = tick
-        self.idle_tick = idle_tick
-        self.state_path = self.data_dir / "state.json"
-        self.cache = ReleaseCache(self.data_dir / "releases")
-        self.services: dict[str, Service] = {}
-        self.refused = 0
-        self._refused_values: dict[str, bytes] = {}
-        self._wake = asyncio.Event()
-        self._observed_dirty = asyncio.Event()
-        self._pruned_at = 0.0
-        self._events: asyncio.Queue[Event] = asyncio.Queue(maxsize=10_000)
-        self._tg: asyncio.TaskGroup | None = None
-        self._saved = b""
-        self._bus_failing = False
-
-    def _event(self, kind: str, service: str, message: str, **data: Any) -> None:
-        ev = Event(
-            id=uuid.uuid4().hex,
-            time=time.time(),
-            fleet=self.fleet,
-            kind=kind,
-            message=message,
-            node=self.node,
-            service=service,
-            data={k: v for k, v in data.items() if v is not None},
-        )
-        try:
-            self._events.put_nowait(ev)
-        except asyncio.QueueFull:
-            log.warning("event queue full; dropped %s %s", kind, message)
-
-    async def _events_loop(self) -> None:
-        while True:
-            ev = await self._events.get()
-            for attempt in range(3):
-                try:
-                    async with asyncio.timeout(BUS_TIMEOUT):
-                        await self.bus.js_publish(subjects.event(self.fleet, ev.kind), encode(ev))
-                    break
-                except (BusError, TimeoutError) as exc:
-                    log.warning(
-                        "cannot publish event %s (%s); attempt %d", ev.kind, exc, attempt + 1
-                    )
-                    await asyncio.sleep(0.5 * (attempt + 1))

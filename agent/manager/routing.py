@@ -2,27 +2,30 @@
 
 Theory of operation: every service with a public port has one router process (``agent.router``),
 reached on a unix socket at ``router_socket`` (stable across agent restarts, so a restarted agent
-finds the same router again). ``_route`` carries out the reconciler's ``Route`` action: it starts
+finds the same router again). ``route`` carries out the reconciler's ``Route`` action: it starts
 the router if none is known (one already running on the socket is adopted), then sends the whole
 configuration (upstream slots, weights, mirror); only on success are the weights and mirror
 recorded as applied, else the error is reported in the observed state until a configure succeeds.
-``_stats_loop`` reads every router's counters every ``STATS_EVERY`` seconds for the observed
+``stats_loop`` reads every router's counters every ``STATS_EVERY`` seconds for the observed
 states; a router that does not answer is forgotten, so the next pass starts it again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
 import stat
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from agent.cadence import sleep_to_tick
 from agent.errors import RouterRunning, RouterUnavailable
 from agent.identity import RunAs
+from agent.manager.service import STATS_EVERY, NodeConfig, Service, Services
 from agent.router.control import (
     MAX_SOCKET_PATH,
     RouterClient,
@@ -30,7 +33,6 @@ from agent.router.control import (
     Upstream,
     start_router,
 )
-from agent.service_state import STATS_EVERY, ManagerBase, Service
 from protocol.messages import MirrorSpec
 
 log = logging.getLogger("fleetwave.agent.services")
@@ -60,15 +62,29 @@ def _private_dir(path: Path, run_as: RunAs | None = None) -> None:
 
 
 
-class RouterLink(ManagerBase):
-    """The router methods of ``agent.shell.ServiceManager``."""
+class RouterLink:
+    """Each service's router as the manager drives it: started, configured, its stats read."""
 
-    def _socket(self, service: str) -> Path:
+    def __init__(
+        self, config: NodeConfig, services: Services, wake: asyncio.Event, *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.data_dir = config.data_dir
+        self.bind_host = config.bind_host
+        self.run_as = config.run_as
+        self.edge = config.edge
+        self.services = services
+        self.wake = wake
+        self.clock = clock
+
+    def socket(self, service: str) -> Path:
+        """The control socket of ``service``'s router."""
         return router_socket(self.data_dir, service)
 
-    async def _route(
+    async def route(
         self, svc: Service, weights: dict[str, int], mirror: MirrorSpec | None
     ) -> None:
+        """Configure ``svc``'s router (starting it if needed) with these weights and mirror."""
         port = self._public_port(svc)
         if port is None:
             return
@@ -99,12 +115,12 @@ class RouterLink(ManagerBase):
         try:
             client = await self._router(svc)
             svc.router_stats = await client.configure(cfg)
-            svc.router_stats.time = time.time()
+            svc.router_stats.time = self.clock()
         except RouterUnavailable as exc:
             if svc.router_error != str(exc):
                 log.warning("router of %s: %s", svc.name, exc)
             if not svc.router_error:
-                svc.router_error_since = time.time()
+                svc.router_error_since = self.clock()
             svc.router, svc.router_error = None, str(exc)
             return
         svc.router_error = ""
@@ -131,7 +147,7 @@ class RouterLink(ManagerBase):
     async def _router(self, svc: Service) -> RouterClient:
         if svc.router is not None:
             return svc.router
-        sock = self._socket(svc.name)
+        sock = self.socket(svc.name)
         if not sock.is_relative_to(self.data_dir):
             _private_dir(sock.parent, self.run_as)
         try:
@@ -142,7 +158,7 @@ class RouterLink(ManagerBase):
         svc.router, svc.router_pid = RouterClient(sock), pid
         return svc.router
 
-    async def _stats_loop(self) -> None:
+    async def stats_loop(self) -> None:
         """Router stats for observed states; a router that went away is noticed and restarted."""
         while True:
             await sleep_to_tick(STATS_EVERY)  # with the heartbeat and the probes (agent.cadence)
@@ -151,13 +167,13 @@ class RouterLink(ManagerBase):
                     continue
                 try:
                     stats = await svc.router.stats()
-                    stats.time = time.time()  # the gates measure their window with it
+                    stats.time = self.clock()  # the gates measure their window with it
                     svc.router_stats = stats
-                    self._wake.set()  # fresh figures go out in the observed state at once
+                    self.wake.set()  # fresh figures go out in the observed state at once
                 except RouterUnavailable as exc:
                     log.warning(
                         "router of %s is gone (%s); it will be started again", svc.name, exc
                     )
                     svc.router, svc.router_stats = None, None
                     svc.applied_weights, svc.applied_mirror = {}, None
-                    self._wake.set()
+                    self.wake.set()
