@@ -35,8 +35,8 @@ from typing import Protocol
 from agent import presence
 from agent.cadence import sleep_to_tick
 from agent.edge import Edge
-from agent.hostinfo import HostSampler, host_facts, trim_heap
-from agent.identity import RunAs
+from agent.host.hostinfo import HostSampler, host_facts, trim_heap
+from agent.host.identity import RunAs
 from protocol import subjects
 from protocol.bus import Bus, redact
 from protocol.codec import encode
@@ -77,7 +77,7 @@ class AgentOptions:
     data_dir: Path = Path("fleetwave-data/agent")
     bind_host: str = "127.0.0.1"
     heartbeat_interval: float = presence.DEFAULT_INTERVAL
-    service_user: RunAs | None = None  # see agent.identity
+    service_user: RunAs | None = None  # see agent.host.identity
     edge: Edge = field(default_factory=Edge)  # every router's public-port limits
 
 

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     import click
 
     from agent.daemon import Agent, AgentOptions
-    from agent.identity import RunAs
+    from agent.host.identity import RunAs
 
 DEFAULT_NATS = "nats://127.0.0.1:4222"
 PROG = "fleetwave-agent"
@@ -133,7 +133,7 @@ def _interval(value: str) -> float:
 
 
 def _service_user(value: str) -> RunAs:
-    from agent.identity import RunAs
+    from agent.host.identity import RunAs
 
     return RunAs.lookup(value)
 
@@ -396,7 +396,7 @@ async def _run_simulated(options: AgentOptions, trusted_keys: tuple[str, ...], c
     """Run ``count`` simulated nodes on one connection until SIGTERM or SIGINT."""
     import asyncio
 
-    from agent.hostinfo import HostSampler
+    from agent.host.hostinfo import HostSampler
     from agent.simulate import SimulatedNodes
     from protocol.bus import Bus
 

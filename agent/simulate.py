@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import msgspec
 
 from agent import presence
-from agent.hostinfo import HostSampler, host_facts
+from agent.host.hostinfo import HostSampler, host_facts
 from protocol import subjects
 from protocol.bus import Bus
 from protocol.codec import decode, encode

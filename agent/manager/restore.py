@@ -21,16 +21,16 @@ from collections.abc import Callable
 import msgspec
 
 from agent.errors import RouterUnavailable
+from agent.host.releases import ReleaseCache
+from agent.host.slots import Notify, SlotRunner, SlotSpec, find_orphans, stop_orphans
+from agent.host.state import AgentState, ServiceRecord, SlotRecord, load_state, save_state
 from agent.manager.routing import RouterLink
 from agent.manager.service import NodeConfig, Release, Service, Services
 from agent.reconcile import (
     ReleaseInfo,
     SlotView,
 )
-from agent.releases import ReleaseCache
 from agent.router.control import RouterClient
-from agent.slots import Notify, SlotRunner, SlotSpec, find_orphans, stop_orphans
-from agent.state import AgentState, ServiceRecord, SlotRecord, load_state, save_state
 from protocol.errors import ProtocolError
 from protocol.manifest import MANIFEST_NAME, load_manifest
 from protocol.messages import (

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from agent.cadence import sleep_to_tick
 from agent.errors import RouterRunning, RouterUnavailable
-from agent.identity import RunAs
+from agent.host.identity import RunAs
 from agent.manager.service import STATS_EVERY, NodeConfig, Service, Services
 from agent.router.control import (
     MAX_SOCKET_PATH,

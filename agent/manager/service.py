@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.edge import Edge
-from agent.identity import RunAs
+from agent.host.identity import RunAs
+from agent.host.slots import SlotRunner
 from agent.reconcile import (
     FetchError,
     ReleaseInfo,
@@ -23,7 +24,6 @@ from agent.reconcile import (
     SlotView,
 )
 from agent.router.control import RouterClient
-from agent.slots import SlotRunner
 from protocol.manifest import Manifest
 from protocol.messages import (
     DesiredState,

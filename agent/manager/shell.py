@@ -45,7 +45,9 @@ from pathlib import Path
 
 from agent.edge import Edge
 from agent.errors import ReleaseError
-from agent.identity import RunAs
+from agent.host.identity import RunAs
+from agent.host.releases import ReleaseCache
+from agent.host.slots import SlotRunner, SlotSpec, free_port
 from agent.manager.desired import DesiredWatch
 from agent.manager.events import EventQueue
 from agent.manager.observed import ObservedWriter
@@ -74,8 +76,6 @@ from agent.reconcile import (
     Stop,
     reconcile,
 )
-from agent.releases import ReleaseCache
-from agent.slots import SlotRunner, SlotSpec, free_port
 from protocol.bus import Bus
 from protocol.errors import ProtocolError
 from protocol.manifest import MANIFEST_NAME, load_manifest

@@ -23,7 +23,7 @@ import msgspec
 
 from agent.edge import BODY_TIMEOUT, MAX_CONNECTIONS
 from agent.errors import RouterRunning, RouterUnavailable
-from agent.identity import RunAs, child_env, spawn_kwargs
+from agent.host.identity import RunAs, child_env, spawn_kwargs
 from protocol.messages import MirrorSpec, RouterStats
 
 # sun_path is 108 bytes on Linux, 104 on macOS; stay under both.
@@ -184,7 +184,7 @@ async def start_router(
     stdin on /dev/null and output appended to ``log_path``, so it depends on nothing of ours and we
     leave no zombie. If a live router already answers on ``socket_path`` this raises RouterRunning
     (carrying its pid) and starts nothing; a stale socket file is removed. It faces the internet,
-    so it inherits none of the agent's environment (``agent.identity``) and runs as ``run_as``
+    so it inherits none of the agent's environment (``agent.host.identity``) and runs as ``run_as``
     when given (then the socket's directory is handed to that user to create the socket in).
     """
     socket_path = Path(socket_path)

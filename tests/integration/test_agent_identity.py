@@ -20,8 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from agent.identity import RunAs, child_env
-from agent.probes import exec_probe
+from agent.host.identity import RunAs, child_env
+from agent.host.probes import exec_probe
 from agent.router import RouterClient, start_router
 from coordinator.broker import Broker
 from protocol.signing import public_key

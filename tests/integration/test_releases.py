@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from agent.errors import ReleaseError
-from agent.releases import ReleaseCache
+from agent.host.releases import ReleaseCache
 from coordinator.broker import Broker, free_port
 from coordinator.releases import (
     ReleaseExists,

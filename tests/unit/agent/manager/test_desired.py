@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from agent.host.state import AgentState, ServiceRecord, save_state
 from agent.manager.shell import ServiceManager
-from agent.state import AgentState, ServiceRecord, save_state
 from protocol.codec import encode
 from protocol.messages import DesiredState
 from protocol.signing import generate_seed, public_key, sign

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from agent.probes import HttpProbeConnection
+from agent.host.probes import HttpProbeConnection
 
 Answer = Callable[[int], bytes | None]  # request number (1-based) -> bytes to send, None: close
 

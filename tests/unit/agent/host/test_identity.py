@@ -1,4 +1,4 @@
-"""agent.identity: what the agent's children inherit, and the checks on --service-user."""
+"""agent.host.identity: what the agent's children inherit, and the checks on --service-user."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from agent.errors import FlagError
-from agent.identity import BASE_ENV, RunAs, child_env
+from agent.host.identity import BASE_ENV, RunAs, child_env
 from agent.main import parse_flags
 from protocol.errors import ProtocolError
 

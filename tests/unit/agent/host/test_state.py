@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.state import AgentState, ServiceRecord, SlotRecord, load_state, save_state
+from agent.host.state import AgentState, ServiceRecord, SlotRecord, load_state, save_state
 from protocol.messages import SignedEnvelope
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import probes
-from agent.probes import (
+from agent.host import probes
+from agent.host.probes import (
     Prober,
     ProbeResult,
     Thresholds,

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from agent import hostinfo
+from agent.host import hostinfo
 
 
 @pytest.fixture(autouse=True)

@@ -31,7 +31,7 @@ from typing import Any
 
 from agent.cadence import sleep_to_tick
 from agent.errors import AnswerClosed, AnswerMalformed
-from agent.identity import RunAs, spawn_kwargs
+from agent.host.identity import RunAs, spawn_kwargs
 from protocol.manifest import HealthConfig
 
 PROBE_HOST = "127.0.0.1"

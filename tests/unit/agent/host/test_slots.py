@@ -15,8 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from agent import probes
-from agent.slots import (
+from agent.host import probes
+from agent.host.slots import (
     CrashPolicy,
     SlotRunner,
     SlotSpec,
@@ -27,7 +27,7 @@ from agent.slots import (
 )
 from protocol.manifest import HealthConfig, HooksConfig, Manifest, StopConfig
 
-HELLO = Path(__file__).resolve().parents[3] / "deploy" / "examples" / "hello" / "1.0.0"
+HELLO = Path(__file__).resolve().parents[4] / "deploy" / "examples" / "hello" / "1.0.0"
 
 
 def test_crash_policy_backs_off_then_fails_a_crash_loop() -> None:

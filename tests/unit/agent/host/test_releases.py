@@ -1,4 +1,4 @@
-"""agent.releases: fetch once per digest, verify, unpack safely, keep the last few."""
+"""agent.host.releases: fetch once per digest, verify, unpack safely, keep the last few."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import releases
 from agent.errors import ReleaseError
-from agent.releases import ReleaseCache
+from agent.host import releases
+from agent.host.releases import ReleaseCache
 from protocol.bundle import Limits, digest, pack
 from protocol.errors import BusError
 from protocol.messages import ReleaseRef

@@ -38,8 +38,8 @@ from pathlib import Path
 import psutil
 
 from agent.cadence import next_tick
-from agent.identity import RunAs, child_env, spawn_kwargs
-from agent.probes import Prober, kill_and_reap, spawn_owned
+from agent.host.identity import RunAs, child_env, spawn_kwargs
+from agent.host.probes import Prober, kill_and_reap, spawn_owned
 from protocol.manifest import Manifest
 from protocol.messages import SlotStatusName
 
