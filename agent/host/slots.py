@@ -233,11 +233,12 @@ class SlotRunner:
 
     @classmethod
     def adopt(cls, spec: SlotSpec, pid: int, create_time: float, notify: Notify, *,
-              status: str, since: float, restarts: int = 0) -> SlotRunner | None:
+              status: str, since: float, restarts: int = 0,
+              now: Callable[[], float] = time.time) -> SlotRunner | None:
         """A runner for a live process from the state file, or None if that process is gone."""
         if not process_matches(pid, create_time):
             return None
-        r = cls(spec, notify)
+        r = cls(spec, notify, now=now)
         r.pid, r.create_time, r._adopted = pid, create_time, True
         r._validated = True  # it passed validation before the agent restarted, or is starting
         r.status = _LIVE.get(status, "starting")

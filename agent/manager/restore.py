@@ -218,6 +218,7 @@ class Restorer:
             status=rec.status,
             since=rec.since,
             restarts=rec.restarts,
+            now=self.clock,
         )
         if runner is None:
             log.info(

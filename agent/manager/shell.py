@@ -296,7 +296,7 @@ class ServiceManager:
             run_as=self.config.run_as,
             generation=generation,
         )
-        runner = SlotRunner(spec, self._on_slot)
+        runner = SlotRunner(spec, self._on_slot, now=self.clock)
         svc.runners[slot] = runner
         svc.idle.pop(slot, None)
         assert self._tg is not None
