@@ -10,7 +10,7 @@
 
 The parts share the ``services`` map and a ``wake`` event, and are given what else they use
 (the bus, the clock, each other) when ``ServiceManager`` builds them. They may import the
-reconciler, ``agent.host``-level modules (slots, releases, state), ``agent.router.control`` and
-``protocol``; nothing here imports another part but through ``service`` (and ``restore`` uses
-``routing`` for the sockets' paths).
+reconciler, ``agent.host``, ``agent.router.control`` (the router's client), ``agent.errors`` and
+``protocol``. A part imports ``service`` and the parts it is handed (``desired`` the events,
+``restore`` the router link); only ``shell`` imports them all.
 """
