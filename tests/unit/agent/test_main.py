@@ -1,4 +1,5 @@
-"""agent.main's flags: argparse for the agent itself, one table shared with the click command."""
+"""agent.main: its flags (argparse for the agent itself, one table shared with the click command),
+the --trust-key check, and what the agent process imports."""
 
 from __future__ import annotations
 
@@ -6,12 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 
 from agent import main as agent_main
 from agent.errors import FlagError
-from agent.main import FLAGS, parse_flags
-from protocol.signing import generate_seed, public_key
+from agent.main import FLAGS, agent_command, parse_flags
+from protocol.errors import ProtocolError
+from protocol.signing import check_public_key, generate_seed, public_key
 
 
 def test_defaults_and_types() -> None:
@@ -131,3 +134,47 @@ def test_router_flag_errors_are_usage_errors(args: list[str], needle: str) -> No
     """A bad --router-* value stops the agent before it connects, naming the flag."""
     with pytest.raises(FlagError, match=needle):
         parse_flags(["--node-id", "n1", *args], environ={})
+
+
+# -- --trust-key: text that is no coordinator key is refused at start -----------------------------
+
+
+def _click_parse(*args: str) -> click.Context:
+    return agent_command.make_context("fleetwave-agent", ["--node-id", "n1", *args])
+
+
+def test_a_coordinator_public_key_is_accepted() -> None:
+    """The key a coordinator prints is accepted as it is, also with stray spaces."""
+    key = public_key(generate_seed())
+    assert check_public_key(f" {key} ") == key
+    assert _click_parse("--trust-key", key).params["trust_keys"] == (key,)
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        pytest.param("bogus", "not an nkeys", id="garbage"),
+        pytest.param("", "empty", id="empty"),
+        pytest.param("seed", "seed", id="a-seed"),
+        pytest.param("user", "not a coordinator", id="a-user-key"),
+        pytest.param("typo", "checksum", id="one-character-off"),
+    ],
+)
+def test_anything_else_is_refused_at_start(text: str, why: str) -> None:
+    """A typo, a seed or another kind of nkey is a usage error naming the flag, not an agent that
+    silently refuses every desired state."""
+    import nkeys
+
+    seed = generate_seed()
+    key = public_key(seed)
+    text = {
+        "seed": seed.decode(),
+        "user": nkeys.from_seed(nkeys.encode_seed(b"\1" * 32, nkeys.PREFIX_BYTE_USER))
+        .public_key.decode(),
+        "typo": key[:-2] + ("A" if key[-2] != "A" else "B") + key[-1],
+    }.get(text, text)
+    with pytest.raises(ProtocolError, match=why):
+        check_public_key(text)
+    with pytest.raises(click.BadParameter, match=why) as info:
+        _click_parse("--trust-key", text)
+    assert info.value.param is not None and info.value.param.name == "trust_keys"
