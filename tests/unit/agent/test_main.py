@@ -1,10 +1,8 @@
-"""agent.main: its flags (argparse for the agent itself, one table shared with the click command),
-the --trust-key check, and what the agent process imports."""
+"""agent.main: its flags (argparse for the agent itself, one table shared with the click command)
+and the --trust-key check. What the agent process imports: tests/integration/test_agent_lean.py."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import click
@@ -84,33 +82,6 @@ def test_the_click_command_has_the_same_flags() -> None:
     ctx = command.make_context("fleetwave-agent", ["--node-id", "n1", "--label", "zone=a"])
     assert ctx.params == {**parse_flags(["--node-id", "n1", "--label", "zone=a"], environ={}),
                           "heartbeat_interval": 2.0}
-
-
-def test_the_agent_never_imports_click() -> None:
-    """Parsing the flags and importing everything the agent runs leaves click unloaded."""
-    code = (
-        "import sys; from agent.main import parse_flags, _import_bus; "
-        "parse_flags(['--node-id', 'n1']); _import_bus(); "
-        "import agent.daemon, agent.manager.shell; "
-        "print(sorted(m for m in ('click', 'rich', 'coordinator', "
-        "'importlib.metadata') if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60, check=True).stdout
-    assert out.strip() == "[]"
-
-
-def test_the_lean_bus_import_still_names_the_nats_client_version() -> None:
-    """With importlib.metadata kept out, nats-py still reports its real version to the server."""
-    code = (
-        "import sys; from agent.main import _import_bus; _import_bus(); "
-        "import nats.aio.client; ok = 'importlib.metadata' not in sys.modules; "
-        "v = nats.aio.client.__version__; from importlib.metadata import version; "
-        "print(ok, v == version('nats-py'), v != '0.0.0')"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60, check=True).stdout
-    assert out.strip() == "True True True"
 
 
 def test_router_flags_parse_into_the_edge_limits() -> None:

@@ -16,7 +16,7 @@ from agent.router import mirror as mirror_mod
 from agent.router.mirror import WORKERS, Answer, Mirror, MirrorJob
 from agent.router.stats import MirrorCounters
 from agent.router.upstream import Pool
-from tests.unit.agent.router.mirror_upstream import RecordingUpstream
+from tests.integration.mirror_upstream import RecordingUpstream
 
 DEPTH = 100_000  # far past Python's recursion limit, yet well under the capture limit
 DEEP_LIVE = b"[" * DEPTH + b"1" + b"]" * DEPTH

@@ -1,4 +1,5 @@
-"""agent.lean: the agent process runs without OpenSSL until a TLS connection needs it.
+"""The agent process's footprint: agent.lean keeps OpenSSL out until a TLS connection needs it,
+and agent.main imports neither click nor importlib.metadata.
 
 Each check runs in a fresh interpreter: the test process itself imported asyncio long ago.
 """
@@ -91,3 +92,30 @@ def test_nothing_done_when_asyncio_is_there_already() -> None:
         print(lean.import_lean(), "_ssl" in sys.modules, lean.ssl_loaded())
     """)
     assert out == "False True True"
+
+
+def test_the_agent_never_imports_click() -> None:
+    """Parsing the flags and importing everything the agent runs leaves click unloaded."""
+    code = (
+        "import sys; from agent.main import parse_flags, _import_bus; "
+        "parse_flags(['--node-id', 'n1']); _import_bus(); "
+        "import agent.daemon, agent.manager.shell; "
+        "print(sorted(m for m in ('click', 'rich', 'coordinator', "
+        "'importlib.metadata') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_the_lean_bus_import_still_names_the_nats_client_version() -> None:
+    """With importlib.metadata kept out, nats-py still reports its real version to the server."""
+    code = (
+        "import sys; from agent.main import _import_bus; _import_bus(); "
+        "import nats.aio.client; ok = 'importlib.metadata' not in sys.modules; "
+        "v = nats.aio.client.__version__; from importlib.metadata import version; "
+        "print(ok, v == version('nats-py'), v != '0.0.0')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert out.strip() == "True True True"
