@@ -1,7 +1,8 @@
 """The fleetwave agent: one per host; runs services in slots behind a router, make-before-break.
 
-    main.py        ``fleetwave-agent``: flags, ``build_agent``, exit codes (imports nothing heavy
-                   at its top: ``lean`` keeps OpenSSL out of the agent process)
+    main.py        ``fleetwave-agent``: ``build_agent``, the run, exit codes (imports nothing
+                   heavy at its top: ``lean`` keeps OpenSSL out of the agent process)
+    flags.py       its flags: one table, the argparse parser, the click command built from it
     daemon.py      Agent: connect, register, heartbeat (``presence``), run the manager
     reconcile.py   the pure reconciler: (desired, local view, now) -> actions, and its slot table
     manager/       the async shell around it, composed by concern (desired states, routers,

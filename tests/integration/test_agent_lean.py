@@ -97,7 +97,7 @@ def test_nothing_done_when_asyncio_is_there_already() -> None:
 def test_the_agent_never_imports_click() -> None:
     """Parsing the flags and importing everything the agent runs leaves click unloaded."""
     code = (
-        "import sys; from agent.main import parse_flags, _import_bus; "
+        "import sys; from agent.flags import parse_flags; from agent.main import _import_bus; "
         "parse_flags(['--node-id', 'n1']); _import_bus(); "
         "import agent.daemon, agent.manager.shell; "
         "print(sorted(m for m in ('click', 'rich', 'coordinator', "

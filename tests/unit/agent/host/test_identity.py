@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from agent.errors import FlagError
+from agent.flags import parse_flags
 from agent.host.identity import BASE_ENV, RunAs, child_env
-from agent.main import parse_flags
 from protocol.errors import ProtocolError
 
 USER = RunAs("svc", 4242, 4242, "/home/svc")

@@ -1,5 +1,6 @@
-"""agent.main: its flags (argparse for the agent itself, one table shared with the click command)
-and the --trust-key check. What the agent process imports: tests/integration/test_agent_lean.py."""
+"""agent.flags: argparse for the agent itself, one table shared with the click command
+(``agent.main.agent_command``), and the --trust-key check. What the agent process imports:
+tests/integration/test_agent_lean.py."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 
 from agent import main as agent_main
 from agent.errors import FlagError
-from agent.main import FLAGS, agent_command, parse_flags
+from agent.flags import FLAGS, parse_flags
+from agent.main import agent_command
 from protocol.errors import ProtocolError
 from protocol.signing import check_public_key, generate_seed, public_key
 
