@@ -25,9 +25,7 @@ slot cannot take the agent down. Cancelling ``run`` stops watching but leaves th
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import signal
 import socket
 import time
@@ -40,6 +38,7 @@ import psutil
 from agent.cadence import next_tick
 from agent.host.identity import RunAs, child_env, spawn_kwargs
 from agent.host.probes import Prober, kill_and_reap, spawn_owned
+from agent.host.processes import killpg, process_matches
 from protocol.manifest import Manifest
 from protocol.messages import SlotStatusName
 
@@ -130,48 +129,6 @@ def last_line(path: Path) -> str:
     except OSError:
         return ""
     return lines[-1][:200] if lines else ""
-
-
-def process_matches(pid: int, create_time: float) -> bool:
-    """True if ``pid`` is alive and is the very process started at ``create_time``."""
-    try:
-        p = psutil.Process(pid)
-        return abs(p.create_time() - create_time) < 0.01 and p.status() != psutil.STATUS_ZOMBIE
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
-
-
-def find_orphans(releases_dir: Path, node: str, keep: set[int]) -> list[psutil.Process]:
-    """Slot processes of this node that no state record accounts for.
-
-    An agent killed between starting a slot and saving its state file leaves a process nobody
-    watches; its restarted self would start the slot again beside it and leak it for good. A slot
-    process is recognised as a session leader (slots get their own session) whose working
-    directory lies under this agent's ``releases_dir`` and whose ``FLEETWAVE_NODE`` is ``node``;
-    ``keep`` holds the pids adopted from the state file.
-    """
-    root = str(releases_dir.absolute()) + os.sep
-    found: list[psutil.Process] = []
-    for proc in psutil.process_iter(["pid", "cwd"]):
-        try:
-            cwd = proc.info.get("cwd") or ""
-            if proc.pid in keep or not cwd.startswith(root) or os.getsid(proc.pid) != proc.pid:
-                continue
-            if proc.environ().get("FLEETWAVE_NODE") == node:
-                found.append(proc)
-        except (psutil.Error, ProcessLookupError, PermissionError):
-            continue
-    return found
-
-
-def stop_orphans(procs: list[psutil.Process], timeout: float = 10.0) -> None:
-    """SIGTERM each orphan's process group, SIGKILL what is left after ``timeout``."""
-    for proc in procs:
-        _killpg(proc.pid, signal.SIGTERM)
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for proc in alive:
-        _killpg(proc.pid, signal.SIGKILL)
-    psutil.wait_procs(alive, timeout=timeout)
 
 
 # -- the runner ------------------------------------------------------------------------------------
@@ -374,7 +331,7 @@ class SlotRunner:
                 # It never had traffic. Kill without waiting: this runs inside the probe task,
                 # which the watcher cancels as soon as the process is gone (and reaps it).
                 if self.pid is not None and self._is_ours():
-                    _killpg(self.pid, signal.SIGKILL)
+                    killpg(self.pid, signal.SIGKILL)
                 return
             self._validated = True
         if healthy and self.status != "healthy":
@@ -447,9 +404,9 @@ class SlotRunner:
         if self.pid is None or not self._is_ours():
             self._exited.set()
             return
-        _killpg(self.pid, signal.SIGTERM)
+        killpg(self.pid, signal.SIGTERM)
         if not await self._wait_gone(timeout):
-            _killpg(self.pid, signal.SIGKILL)
+            killpg(self.pid, signal.SIGKILL)
             await self._wait_gone(KILL_WAIT)
         if self._proc is not None and self._proc.returncode is not None:
             self.last_exit = self._proc.returncode
@@ -490,9 +447,3 @@ class SlotRunner:
         self._set("failed", reason)
         log.warning("slot %s/%s failed: %s", self.spec.service, self.spec.slot, reason)
         self.notify(self, "slot.failed", reason)
-
-
-def _killpg(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)
-

@@ -21,8 +21,9 @@ from collections.abc import Callable
 import msgspec
 
 from agent.errors import RouterUnavailable
+from agent.host.processes import find_orphans, stop_orphans
 from agent.host.releases import ReleaseCache
-from agent.host.slots import Notify, SlotRunner, SlotSpec, find_orphans, stop_orphans
+from agent.host.slots import Notify, SlotRunner, SlotSpec
 from agent.host.state import AgentState, ServiceRecord, SlotRecord, load_state, save_state
 from agent.manager.routing import RouterLink
 from agent.manager.service import NodeConfig, Release, Service, Services

@@ -16,12 +16,12 @@ import psutil
 import pytest
 
 from agent.host import probes
+from agent.host.processes import process_matches
 from agent.host.slots import (
     CrashPolicy,
     SlotRunner,
     SlotSpec,
     free_port,
-    process_matches,
 )
 from protocol.manifest import HealthConfig, HooksConfig, Manifest, StopConfig
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.host.slots import find_orphans, stop_orphans
+from agent.host.processes import find_orphans, stop_orphans
 
 SLEEP = [sys.executable, "-c", "import time; time.sleep(60)"]
 
