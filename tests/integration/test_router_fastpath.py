@@ -1,4 +1,4 @@
-"""The proxy's callback fast path and its hand-overs, in-process on real 127.0.0.1 sockets.
+"""agent.router.client and proxy: the fast path and its hand-overs, in-process on real sockets.
 
 A ``Proxy`` listens on a real socket in the test's event loop; upstreams are small scripted asyncio
 servers whose misbehaviour each test chooses (close a reused connection, hang, send too much, die
@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
+import agent.router.client as client_mod
 import agent.router.proxy as proxy_mod
+from agent.router.client import HIGH_WATER
 from agent.router.control import RouterConfig, Upstream
-from agent.router.proxy import HIGH_WATER, Proxy
+from agent.router.proxy import Proxy
 from agent.router.routing import build_routing
 
 # handler(conn_no, req_no, head, reader, writer) -> True to keep the connection open
@@ -347,7 +349,7 @@ async def test_client_leaving_mid_response_drops_that_upstream_connection(rig: R
 
 async def test_fast_path_timeout_answers_504(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     """A pooled upstream that never answers gets a 504 after the response timeout."""
-    monkeypatch.setattr(proxy_mod, "RESPONSE_TIMEOUT", 0.3)
+    monkeypatch.setattr(client_mod, "RESPONSE_TIMEOUT", 0.3)
     monkeypatch.setattr(proxy_mod, "SWEEP_EVERY", 0.05)
 
     async def hang(c: int, r: int, head: bytes, reader: object, w: asyncio.StreamWriter) -> bool:
@@ -374,7 +376,7 @@ async def test_idle_client_is_closed_after_the_idle_timeout(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A client that sends nothing (or half a head) is disconnected by the sweeper."""
-    monkeypatch.setattr(proxy_mod, "IDLE_TIMEOUT", 0.2)
+    monkeypatch.setattr(client_mod, "IDLE_TIMEOUT", 0.2)
     monkeypatch.setattr(proxy_mod, "SWEEP_EVERY", 0.05)
     await rig.upstream(echo_path)
     reader, writer = await connect(rig.port)
