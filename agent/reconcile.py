@@ -29,6 +29,9 @@ Vocabulary:
 Failures: a slot still ``starting`` after ``health.start_timeout`` gets ``Fail``; a slot that
 failed is not started again for the same generation (a new generation retries). Failed fetches
 are retried after ``FETCH_RETRY`` seconds and reported meanwhile.
+
+Everything that affects the reconciler's decisions lives in this file (so it runs past 400
+lines): the view, the actions, the weights, and the slot table ``SLOT_RULES``.
 """
 
 from __future__ import annotations

@@ -32,7 +32,9 @@ to the proxy's ``refuse``: 503 and closed at once); a request head must be whole
 extend it); a request body within the config's ``body_timeout`` of its head (see ``exchange``).
 
 The connection sees its proxy through ``Owner`` (below), so that this module does not import
-``proxy``, which builds the connections.
+``proxy``, which builds the connections. It is one module (about 500 lines) on purpose: the fast
+path is one state machine over one connection's fields (``phase``, ``deadline``, ``held``, ...),
+driven from five callbacks, and it reads correctly only as a whole.
 """
 
 from __future__ import annotations
