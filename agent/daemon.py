@@ -84,15 +84,19 @@ class AgentOptions:
 class Agent:
     """One agent: owns its bus connection and every task it starts."""
 
-    def __init__(self, options: AgentOptions, services: ServiceFactory | None = None) -> None:
+    def __init__(
+        self, options: AgentOptions, services: ServiceFactory | None = None, *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.options = options
+        self.clock = clock
         self._services_factory = services
         self.bus: Bus | None = None
         self.registrations = 0
         self.heartbeats = 0
         self.trims = 0
         self._tick = asyncio.Event()  # set by every heartbeat tick: the registration looks then
-        self._started_at = time.time()
+        self._started_at = clock()
         self._sampler = HostSampler(options.data_dir)
         self._info = presence.node_info(
             node=options.node_id,
@@ -201,7 +205,7 @@ class Agent:
                 continue
             svc, slots = self._summary(services)
             hb = presence.heartbeat(
-                node=o.node_id, seq=seq, now=time.time(), interval=o.heartbeat_interval,
+                node=o.node_id, seq=seq, now=self.clock(), interval=o.heartbeat_interval,
                 labels=o.labels, figures=self._sampler.sample(), services=svc, slots=slots,
             )
             seq += 1

@@ -100,7 +100,7 @@ class Service:
     last_observed_at: float = 0.0
     pending_observed: ObservedState | None = None
     router_error: str = ""  # why the last configure failed; reported until one succeeds
-    router_error_since: float = 0.0  # time.time() of the first failure of this run of them
+    router_error_since: float = 0.0  # the clock at the first failure of this run of them
     # Failed slots remembered from the state file (no process): so that a restarted agent does
     # not retry a generation that already failed.
     idle: dict[str, SlotView] = field(default_factory=dict)
