@@ -35,8 +35,8 @@ from typing import Protocol
 from agent import presence
 from agent.cadence import sleep_to_tick
 from agent.edge import Edge
-from agent.hostinfo import HostSampler, host_facts, trim_heap
-from agent.identity import RunAs
+from agent.host.hostinfo import HostSampler, host_facts, trim_heap
+from agent.host.identity import RunAs
 from protocol import subjects
 from protocol.bus import Bus, redact
 from protocol.codec import encode
@@ -55,7 +55,7 @@ TRIM_EVERY = 60.0
 
 
 class ServiceSource(Protocol):
-    """What the service manager offers the daemon (agent.shell.ServiceManager implements it)."""
+    """What the service manager offers the daemon (``agent.manager.shell.ServiceManager``)."""
 
     async def run(self) -> None:
         """Run until cancelled."""
@@ -77,22 +77,26 @@ class AgentOptions:
     data_dir: Path = Path("fleetwave-data/agent")
     bind_host: str = "127.0.0.1"
     heartbeat_interval: float = presence.DEFAULT_INTERVAL
-    service_user: RunAs | None = None  # see agent.identity
+    service_user: RunAs | None = None  # see agent.host.identity
     edge: Edge = field(default_factory=Edge)  # every router's public-port limits
 
 
 class Agent:
     """One agent: owns its bus connection and every task it starts."""
 
-    def __init__(self, options: AgentOptions, services: ServiceFactory | None = None) -> None:
+    def __init__(
+        self, options: AgentOptions, services: ServiceFactory | None = None, *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.options = options
+        self.clock = clock
         self._services_factory = services
         self.bus: Bus | None = None
         self.registrations = 0
         self.heartbeats = 0
         self.trims = 0
         self._tick = asyncio.Event()  # set by every heartbeat tick: the registration looks then
-        self._started_at = time.time()
+        self._started_at = clock()
         self._sampler = HostSampler(options.data_dir)
         self._info = presence.node_info(
             node=options.node_id,
@@ -201,7 +205,7 @@ class Agent:
                 continue
             svc, slots = self._summary(services)
             hb = presence.heartbeat(
-                node=o.node_id, seq=seq, now=time.time(), interval=o.heartbeat_interval,
+                node=o.node_id, seq=seq, now=self.clock(), interval=o.heartbeat_interval,
                 labels=o.labels, figures=self._sampler.sample(), services=svc, slots=slots,
             )
             seq += 1

@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterable
 
 from agent import __version__
-from agent.hostinfo import HostFacts, HostFigures
+from agent.host.hostinfo import HostFacts, HostFigures
 from protocol.errors import ProtocolError
 from protocol.messages import Heartbeat, NodeInfo, ServiceSummary, SlotProcess
 

@@ -29,11 +29,14 @@ Vocabulary:
 Failures: a slot still ``starting`` after ``health.start_timeout`` gets ``Fail``; a slot that
 failed is not started again for the same generation (a new generation retries). Failed fetches
 are retried after ``FETCH_RETRY`` seconds and reported meanwhile.
+
+Everything that affects the reconciler's decisions lives in this file (so it runs past 400
+lines): the view, the actions, the weights, and the slot table ``SLOT_RULES``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -249,6 +252,89 @@ def target_mirror(desired: DesiredState, local: ServiceView) -> MirrorSpec | Non
     return None
 
 
+@dataclass(frozen=True)
+class SlotCase:
+    """One slot in one pass, as its status's rule sees it."""
+
+    name: str
+    cur: SlotView
+    want: ReleaseRef | None  # the release wanted in this slot (bridges included), if any
+    info: ReleaseInfo | None  # the manifest's figures of the release the slot runs, if fetched
+    release_local: bool  # the wanted release is fetched
+    target: int  # the weight the router should give the slot now
+    applied: int  # the weight the router gives it now
+    mirrored: bool  # the router copies requests to it (never for a worker)
+    generation: int  # the desired generation
+    now: float
+
+    @property
+    def wanted_here(self) -> bool:
+        """The slot runs the release wanted in it."""
+        return self.want is not None and self.cur.digest == self.want.digest
+
+    @property
+    def stop_timeout(self) -> float:
+        return self.info.stop_timeout if self.info else 10.0
+
+
+def _starting(c: SlotCase) -> Action | None:
+    if c.wanted_here:
+        limit = c.info.start_timeout if c.info else 30.0
+        if c.now - c.cur.since >= limit:
+            return Fail(c.name, f"not healthy within {limit:g}s (health.start_timeout)")
+        return None
+    return Stop(c.name, c.stop_timeout) if c.target == 0 else None
+
+
+def _up(c: SlotCase) -> Action | None:
+    if c.wanted_here or c.target > 0:
+        return None
+    return Drain(c.name) if c.applied == 0 and not c.mirrored else None
+
+
+def _draining(c: SlotCase) -> Action | None:
+    if c.target > 0 or c.wanted_here:
+        return Resume(c.name)
+    drain = c.info.drain if c.info else 2.0
+    return Stop(c.name, c.stop_timeout) if c.now - c.cur.since >= drain else None
+
+
+def _moving(_c: SlotCase) -> Action | None:
+    return None  # a stop or a fetch under way ends with a slot event: wait for it
+
+
+def _idle(c: SlotCase) -> Action | None:
+    if c.want is None or _failed_for(c.cur, c.want, c.generation) or not c.release_local:
+        return None
+    return Start(c.name, c.want, c.generation)
+
+
+# What a slot in each status may be asked to do, and when (at most one action per pass). A reader
+# checks every slot decision here; the router's weights are decided before, in ``target_weights``.
+#
+#   status               action   when
+#   empty/stopped/failed Start    a release is wanted here and fetched, and the slot did not fail
+#                                 with it for this generation
+#   starting             Fail     it runs the wanted release and health.start_timeout passed
+#                        Stop     it runs an unwanted release and the router gives it no weight
+#   healthy/unhealthy    Drain    it is not wanted, not in the target weights, and the router
+#                                 neither gives it weight nor mirrors to it
+#   draining             Resume   it is wanted again, or in the target weights again
+#                        Stop     stop.drain passed since it started draining
+#   stopping/fetching    -        wait for the slot event that ends it
+SLOT_RULES: dict[SlotStatusName, Callable[[SlotCase], Action | None]] = {
+    "empty": _idle,
+    "stopped": _idle,
+    "failed": _idle,
+    "starting": _starting,
+    "healthy": _up,
+    "unhealthy": _up,
+    "draining": _draining,
+    "stopping": _moving,
+    "fetching": _moving,
+}
+
+
 def reconcile(desired: DesiredState | None, local: ServiceView, now: float) -> list[Action]:
     """The actions that move ``local`` one safe step towards ``desired`` at time ``now``."""
     if desired is None:
@@ -273,44 +359,25 @@ def reconcile(desired: DesiredState | None, local: ServiceView, now: float) -> l
     applied = dict(target) if worker else {s: w for s, w in local.applied_weights.items() if w > 0}
     route_needed = not worker and (applied != target or local.applied_mirror != mirror)
 
-    # 3. each slot.
-    for s in SLOTS:
-        cur = local.slot(s)
-        want = eff.get(s)
-        info = local.releases.get(cur.digest)
-        stop_timeout = info.stop_timeout if info else 10.0
-        drain = info.drain if info else 2.0
-        wanted_here = want is not None and cur.digest == want[0].digest
-        if cur.status == "starting":
-            if wanted_here:
-                limit = info.start_timeout if info else 30.0
-                if now - cur.since >= limit:
-                    actions.append(Fail(s, f"not healthy within {limit:g}s (health.start_timeout)"))
-            elif target.get(s, 0) == 0:
-                actions.append(Stop(s, stop_timeout))
-            continue
-        if cur.status in ("healthy", "unhealthy"):
-            if wanted_here or target.get(s, 0) > 0:
-                continue
-            if applied.get(s, 0) == 0 and not (mirror_on(local, s) and not worker):
-                actions.append(Drain(s))
-            continue
-        if cur.status == "draining":
-            if target.get(s, 0) > 0 or wanted_here:
-                actions.append(Resume(s))
-            elif now - cur.since >= drain:
-                actions.append(Stop(s, stop_timeout))
-            continue
-        if cur.status in ("stopping", "fetching"):
-            continue
-        # empty, stopped, failed: start what is wanted here, once its release is local.
-        if want is None:
-            continue
-        ref = want[0]
-        if _failed_for(cur, ref, desired.generation):
-            continue
-        if ref.digest in local.releases:
-            actions.append(Start(s, ref, desired.generation))
+    # 3. each slot: the rule of its status (SLOT_RULES).
+    for name in SLOTS:
+        cur = local.slot(name)
+        want = eff.get(name)
+        case = SlotCase(
+            name=name,
+            cur=cur,
+            want=want[0] if want is not None else None,
+            info=local.releases.get(cur.digest),
+            release_local=want is not None and want[0].digest in local.releases,
+            target=target.get(name, 0),
+            applied=applied.get(name, 0),
+            mirrored=mirror_on(local, name) and not worker,
+            generation=desired.generation,
+            now=now,
+        )
+        action = SLOT_RULES[cur.status](case)
+        if action is not None:
+            actions.append(action)
     if route_needed:
         # After any Resume (a resumed slot is healthy again), before any Drain (which needs the
         # router to have moved traffic away already, so it never comes in the same batch).

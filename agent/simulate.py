@@ -20,13 +20,13 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import msgspec
 
 from agent import presence
-from agent.hostinfo import HostSampler, host_facts
+from agent.host.hostinfo import HostSampler, host_facts
 from protocol import subjects
 from protocol.bus import Bus
 from protocol.codec import decode, encode
@@ -92,8 +92,10 @@ class SimulatedNodes:
         self, *, bus: Bus, fleet: str, base: str, count: int, labels: dict[str, str],
         trusted_keys: Collection[str], bind_host: str = "127.0.0.1",
         sampler: HostSampler, interval: float = presence.DEFAULT_INTERVAL,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.bus = bus
+        self.clock = clock
         self.fleet = fleet
         self.nodes = node_ids(base, count)
         self._members = frozenset(self.nodes)
@@ -104,7 +106,7 @@ class SimulatedNodes:
         self.accepted: dict[tuple[str, str], _Accepted] = {}
         self.refused = 0
         self.registered = 0
-        started = time.time()
+        started = clock()
         facts = host_facts()
         self._infos = {
             n: msgspec.structs.replace(
@@ -153,7 +155,7 @@ class SimulatedNodes:
             if not self.bus.connected:
                 continue
             figures = self.sampler.sample()  # one host: every virtual node reports its figures
-            now = time.time()
+            now = self.clock()
             by_node: dict[str, list[ServiceSummary]] = {}
             for (node, _svc), acc in self.accepted.items():
                 by_node.setdefault(node, []).append(summary_of(acc.desired))
@@ -189,12 +191,12 @@ class SimulatedNodes:
                              service=service, min_generation=prev.desired.generation if prev else 0)
         except ProtocolError as exc:
             self.refused += 1
-            ev = Event(id=uuid.uuid4().hex, time=time.time(), fleet=self.fleet,
+            ev = Event(id=uuid.uuid4().hex, time=self.clock(), fleet=self.fleet,
                        kind="agent.refused", message=str(exc), node=node, service=service)
             self._writes.put_nowait(("", subjects.event(self.fleet, "agent.refused"), encode(ev)))
             return False
         self.accepted[(node, service)] = _Accepted(env, desired)
-        obs = instant_observed(node, desired, time.time())
+        obs = instant_observed(node, desired, self.clock())
         self._writes.put_nowait((subjects.observed_bucket(self.fleet),
                                  subjects.node_service_key(node, service), encode(obs)))
         return True

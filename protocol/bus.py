@@ -23,9 +23,11 @@ import random
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import nats
+import nats.aio.client
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
@@ -38,6 +40,26 @@ from protocol import subjects
 from protocol.errors import BusError, Conflict, NotReachable
 
 REQUEST_TIMEOUT = 5.0
+
+
+def _name_client_version() -> None:
+    """Give nats-py its own version when it could not look it up on import.
+
+    nats-py 2.x imports ``importlib.metadata`` for that and falls back to ``"0.0.0"`` when the
+    import fails, which a lean process (``agent.main``) arranges to stay small: the version is
+    then read from the name of nats-py's dist-info directory (one directory listing), so the
+    server still sees the client's real version. Nothing is done when the lookup worked.
+    """
+    if nats.aio.client.__version__ != "0.0.0":
+        return
+    site = Path(nats.__file__).resolve().parent.parent
+    with contextlib.suppress(OSError):
+        for dist in site.glob("nats_py-*.dist-info"):
+            nats.aio.client.__version__ = dist.name[len("nats_py-"):-len(".dist-info")]
+            return
+
+
+_name_client_version()
 _USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)?(?P<info>[^@/]*)@")
 
 

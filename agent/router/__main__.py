@@ -15,7 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-from agent.router.control import RouterClient, RouterUnavailable, check_socket_path
+from agent.errors import RouterUnavailable
+from agent.router.control import RouterClient, check_socket_path
 from agent.router.server import RouterServer
 
 

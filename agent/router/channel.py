@@ -26,6 +26,17 @@ from typing import Protocol, cast
 DEFAULT_LIMIT = 256 * 1024
 
 
+class Readable(Protocol):
+    """The stream side of a channel: what a body reader needs."""
+
+    async def readuntil(self, separator: bytes = b"\r\n\r\n", limit: int | None = None) -> bytes:
+        ...
+
+    async def read(self, n: int) -> bytes: ...
+
+    async def readexactly(self, n: int) -> bytes: ...
+
+
 class Sink(Protocol):
     """Who receives a channel's events in callback mode."""
 

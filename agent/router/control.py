@@ -22,7 +22,8 @@ from pathlib import Path
 import msgspec
 
 from agent.edge import BODY_TIMEOUT, MAX_CONNECTIONS
-from agent.identity import RunAs, child_env, spawn_kwargs
+from agent.errors import RouterRunning, RouterUnavailable
+from agent.host.identity import RunAs, child_env, spawn_kwargs
 from protocol.messages import MirrorSpec, RouterStats
 
 # sun_path is 108 bytes on Linux, 104 on macOS; stay under both.
@@ -31,18 +32,6 @@ MAX_LINE = 1 << 20  # 1 MiB: a config is a few hundred bytes; anything larger is
 DEFAULT_TIMEOUT = 5.0
 # The router must import this package even if the agent runs from a checkout.
 _ROOT = str(Path(__file__).resolve().parents[2])
-
-
-class RouterUnavailable(Exception):
-    """The router cannot be reached, started, or refused a request; the message says why."""
-
-
-class RouterRunning(RouterUnavailable):
-    """A live router already owns the control socket (use it: ``RouterClient`` on that path)."""
-
-    def __init__(self, message: str, pid: int) -> None:
-        super().__init__(message)
-        self.pid = pid
 
 
 class Upstream(msgspec.Struct, kw_only=True):
@@ -195,7 +184,7 @@ async def start_router(
     stdin on /dev/null and output appended to ``log_path``, so it depends on nothing of ours and we
     leave no zombie. If a live router already answers on ``socket_path`` this raises RouterRunning
     (carrying its pid) and starts nothing; a stale socket file is removed. It faces the internet,
-    so it inherits none of the agent's environment (``agent.identity``) and runs as ``run_as``
+    so it inherits none of the agent's environment (``agent.host.identity``) and runs as ``run_as``
     when given (then the socket's directory is handed to that user to create the socket in).
     """
     socket_path = Path(socket_path)

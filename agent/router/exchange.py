@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
 
+from agent.router.errors import Broken, ClientGone, HttpError
 from agent.router.http11 import (
     MAX_HEAD,
-    HttpError,
     RequestHead,
     client_response_head,
     error_response,
@@ -37,12 +36,10 @@ from agent.router.http11 import (
     upstream_request_head,
 )
 from agent.router.mirror import CAPTURE_LIMIT, MIRROR_BODY_LIMIT, Answer, MirrorJob
+from agent.router.ports import Client, ProxyState
 from agent.router.routing import Routing
 from agent.router.stats import ROUTER_SLOT, SlotCounters
-from agent.router.upstream import BodyReader, Broken, Capture, Conn, Pool, close_conn
-
-if TYPE_CHECKING:
-    from agent.router.proxy import ClientConn, Proxy
+from agent.router.upstream import BodyReader, Capture, Conn, Pool, close_conn
 
 IDLE_TIMEOUT = 15.0  # a client connection with no request for this long is closed
 CONNECT_TIMEOUT = 2.0
@@ -56,20 +53,16 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _UPSTREAM_ERRORS = (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, Broken)
 
 
-class ClientGone(Exception):
-    """The client closed, stalled or sent a broken body; its connection is dropped."""
-
-
 class Exchange:
     """The await-based exchange of one request; shares the proxy's routing, pools and counters."""
 
-    def __init__(self, proxy: Proxy) -> None:
+    def __init__(self, proxy: ProxyState) -> None:
         self.proxy = proxy
         self._mirror_acc = 0.0
 
     async def serve(
         self,
-        client: ClientConn,
+        client: Client,
         req: RequestHead,
         *,
         first: str | None = None,
@@ -168,7 +161,7 @@ class Exchange:
         counters = proxy.counters(first)
         return self._fail(client, counters, 502, failure or "no upstream answered", started)
 
-    async def _stream_request(self, client: ClientConn, source: BodyReader, conn: Conn) -> None:
+    async def _stream_request(self, client: Client, source: BodyReader, conn: Conn) -> None:
         """Send the rest of a large request body as it arrives from the client."""
         while True:
             try:
@@ -180,7 +173,7 @@ class Exchange:
             conn.write(piece)
             await conn.drain()
 
-    def _body_failed(self, client: ClientConn, exc: Exception) -> ClientGone:
+    def _body_failed(self, client: Client, exc: Exception) -> ClientGone:
         """Tell a client whose body was late (408) or malformed (400) why, and count it; the
         connection is dropped either way. No response can have begun: the body comes first."""
         if isinstance(exc, TimeoutError):
@@ -195,7 +188,7 @@ class Exchange:
         return ClientGone(message)
 
     def _fail(
-        self, client: ClientConn, counters: SlotCounters, status: int, message: str, started: float
+        self, client: Client, counters: SlotCounters, status: int, message: str, started: float
     ) -> bool:
         """Answer an error the router produced itself, count it, and close the connection."""
         client.write(error_response(status, message))
@@ -204,7 +197,7 @@ class Exchange:
 
     async def _respond(
         self,
-        client: ClientConn,
+        client: Client,
         req: RequestHead,
         routing: Routing,
         slot: str,

@@ -22,6 +22,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from agent.router.errors import HttpError
+
 MAX_HEAD = 64 * 1024  # bytes of a request or response head (431 beyond)
 MAX_HEADERS = 128  # header lines per head (431 beyond)
 MAX_CHUNK_LINE = 4096  # a chunk-size line with extensions
@@ -57,14 +59,6 @@ _NOT_HOP_BY_HOP = frozenset({b"content-length", b"transfer-encoding", b"host"})
 # that a head without any needs no filtering).
 _READ = frozenset({b"connection", b"content-length", b"transfer-encoding", b"host", b"expect"})
 _INDEXED = _READ | HOP_BY_HOP | {b"x-forwarded-for"}
-
-
-class HttpError(Exception):
-    """A message the router refuses; ``status`` is the answer to give."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(slots=True)

@@ -31,9 +31,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent.router.http11 import HOP_BY_HOP, MAX_HEAD, HttpError, parse_response
+from agent.router.errors import Broken, HttpError
+from agent.router.http11 import HOP_BY_HOP, MAX_HEAD, parse_response
 from agent.router.stats import MirrorCounters
-from agent.router.upstream import BodyReader, Broken, Capture, Pool, close_conn
+from agent.router.upstream import BodyReader, Capture, Pool, close_conn
 from protocol.messages import MismatchSample
 
 log = logging.getLogger(__name__)

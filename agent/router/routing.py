@@ -13,12 +13,9 @@ from dataclasses import dataclass, field
 
 from agent.router.balance import SmoothWeighted
 from agent.router.control import RouterConfig, Upstream
+from agent.router.errors import RouterConfigError
 from agent.router.http11 import _TOKEN as HEADER_NAME  # the request parser's rule for names
 from protocol.messages import SLOTS, MirrorSpec
-
-
-class ConfigError(ValueError):
-    """A router config the router refuses; the message says why."""
 
 
 @dataclass(slots=True)
@@ -57,54 +54,56 @@ class Routing:
 def _check_port(port: int, what: str, *, allow_zero: bool) -> None:
     low = 0 if allow_zero else 1
     if not low <= port <= 65535:
-        raise ConfigError(f"{what} {port} is not a TCP port ({low}-65535)")
+        raise RouterConfigError(f"{what} {port} is not a TCP port ({low}-65535)")
 
 
 def _header_names(names: list[str], what: str) -> frozenset[bytes]:
     """Lower-case header names as the proxy compares them; refuses what is not a name."""
     for name in names:
         if not (name.isascii() and HEADER_NAME.fullmatch(name.encode("ascii"))):
-            raise ConfigError(f"{what} mirror header {name!r} is not a header name")
+            raise RouterConfigError(f"{what} mirror header {name!r} is not a header name")
     return frozenset(name.lower().encode("ascii") for name in names)
 
 
 def build_routing(cfg: RouterConfig) -> Routing:
-    """Validate ``cfg`` and build its routing; raises ConfigError with the reason."""
+    """Validate ``cfg`` and build its routing; raises RouterConfigError with the reason."""
     if not cfg.service:
-        raise ConfigError("service name is empty")
+        raise RouterConfigError("service name is empty")
     if not cfg.listen_host:
-        raise ConfigError("listen_host is empty")
+        raise RouterConfigError("listen_host is empty")
     _check_port(cfg.listen_port, "listen_port", allow_zero=True)
     if cfg.drain_timeout < 0:
-        raise ConfigError(f"drain_timeout {cfg.drain_timeout} is negative")
+        raise RouterConfigError(f"drain_timeout {cfg.drain_timeout} is negative")
     if cfg.max_connections < 1:
-        raise ConfigError(f"max_connections {cfg.max_connections} is below 1")
+        raise RouterConfigError(f"max_connections {cfg.max_connections} is below 1")
     if not cfg.body_timeout > 0:
-        raise ConfigError(f"body_timeout {cfg.body_timeout} is not a positive number of seconds")
+        raise RouterConfigError(
+            f"body_timeout {cfg.body_timeout} is not a positive number of seconds"
+        )
     trusted = _networks(cfg.trusted_proxies)
     upstreams: dict[str, Upstream] = {}
     for up in cfg.upstreams:
         if up.slot not in SLOTS:
-            raise ConfigError(f"unknown slot {up.slot!r} (slots are {', '.join(SLOTS)})")
+            raise RouterConfigError(f"unknown slot {up.slot!r} (slots are {', '.join(SLOTS)})")
         if up.slot in upstreams:
-            raise ConfigError(f"slot {up.slot} is configured twice")
+            raise RouterConfigError(f"slot {up.slot} is configured twice")
         _check_port(up.port, f"slot {up.slot} port", allow_zero=False)
         if up.weight < 0:
-            raise ConfigError(f"slot {up.slot} weight {up.weight} is negative")
+            raise RouterConfigError(f"slot {up.slot} weight {up.weight} is negative")
         upstreams[up.slot] = up
     mirror = cfg.mirror
     target: Upstream | None = None
     if mirror is not None:
         shadow = upstreams.get(mirror.slot)
         if shadow is None:
-            raise ConfigError(f"mirror slot {mirror.slot!r} has no upstream configured")
+            raise RouterConfigError(f"mirror slot {mirror.slot!r} has no upstream configured")
         if shadow.weight > 0:
-            raise ConfigError(
+            raise RouterConfigError(
                 f"mirror slot {mirror.slot} also serves users (weight {shadow.weight}); "
                 "set its weight to 0 to shadow it"
             )
         if not 0 <= mirror.percent <= 100:
-            raise ConfigError(f"mirror percent {mirror.percent} is outside 0-100")
+            raise RouterConfigError(f"mirror percent {mirror.percent} is outside 0-100")
         target = shadow if shadow.healthy and mirror.percent > 0 else None
     serving = [
         (up.slot, up.weight)
@@ -133,13 +132,13 @@ def build_routing(cfg: RouterConfig) -> Routing:
 
 
 def _networks(entries: list[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    """``trusted_proxies`` as networks (an address is a network of one); raises ConfigError."""
+    """``trusted_proxies`` as networks (an address is a network of one), or RouterConfigError."""
     nets = []
     for entry in entries:
         try:
             nets.append(ipaddress.ip_network(entry, strict=False))
         except ValueError:
-            raise ConfigError(
+            raise RouterConfigError(
                 f"trusted_proxies entry {entry!r} is not an IP address or network"
             ) from None
     return tuple(nets)

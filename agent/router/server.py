@@ -38,8 +38,9 @@ from agent.router.control import (
     Shutdown,
     encode_reply,
 )
+from agent.router.errors import RouterConfigError
 from agent.router.proxy import Proxy
-from agent.router.routing import ConfigError, build_routing
+from agent.router.routing import build_routing
 from agent.router.stats import router_stats
 from protocol.messages import RouterStats
 
@@ -133,10 +134,10 @@ class RouterServer:
         )
 
     async def configure(self, cfg: RouterConfig) -> RouterStats:
-        """Apply ``cfg`` as a whole or not at all; raises ConfigError with the reason."""
+        """Apply ``cfg`` as a whole or not at all; raises RouterConfigError with the reason."""
         async with self._configuring:
             if self.stopping.is_set():
-                raise ConfigError("the router is shutting down")
+                raise RouterConfigError("the router is shutting down")
             routing = build_routing(cfg)
             same = self.address is not None and self.address[0] == cfg.listen_host and (
                 cfg.listen_port in (0, self.address[1])
@@ -151,7 +152,7 @@ class RouterServer:
                         reuse_address=True,
                     )
                 except OSError as exc:
-                    raise ConfigError(
+                    raise RouterConfigError(
                         f"cannot listen on {cfg.listen_host}:{cfg.listen_port}: "
                         f"{exc.strerror or exc}; free the port or pick another"
                     ) from None
@@ -218,7 +219,7 @@ class RouterServer:
             case Configure(config=cfg):
                 try:
                     stats = await self.configure(cfg)
-                except ConfigError as exc:
+                except RouterConfigError as exc:
                     return Reply(ok=False, pid=self.pid, error=f"config refused: {exc}"), False
                 return Reply(ok=True, pid=self.pid, stats=stats), False
             case Shutdown():

@@ -19,11 +19,11 @@ import asyncio
 import hashlib
 from collections import deque
 
-from agent.router.channel import Channel, close_conn
+from agent.router.channel import Channel, Readable, close_conn
+from agent.router.errors import Broken, HttpError
 from agent.router.http11 import (
     MAX_CHUNK_LINE,
     MAX_HEAD,
-    HttpError,
     check_trailer_line,
     parse_chunk_size,
 )
@@ -33,13 +33,9 @@ MAX_TRAILERS = 64
 LAST_CHUNK = b"0\r\n\r\n"
 
 
-class Broken(Exception):
-    """A body ended early or was malformed; the connection is unusable."""
-
-
 Conn = Channel
 
-__all__ = ["BodyReader", "Broken", "Capture", "Conn", "Pool", "close_conn"]
+__all__ = ["BodyReader", "Capture", "Conn", "Pool", "close_conn"]
 
 
 class Pool:
@@ -132,7 +128,7 @@ class BodyReader:
 
     def __init__(
         self,
-        reader: Channel,
+        reader: Readable,
         mode: str,
         length: int,
         timeout: float,

@@ -20,8 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from agent.identity import RunAs, child_env
-from agent.probes import exec_probe
+from agent.host.identity import RunAs, child_env
+from agent.host.probes import exec_probe
 from agent.router import RouterClient, start_router
 from coordinator.broker import Broker
 from protocol.signing import public_key
@@ -130,7 +130,7 @@ async def _get(port: int) -> dict[str, str] | None:
 
 def _router_pid(data_dir: Path) -> int:
     """The router serving this data dir's hello service (its argv names its socket)."""
-    from agent.shell import router_socket
+    from agent.manager.routing import router_socket
 
     sock = str(router_socket(data_dir, "hello"))
     for p in psutil.process_iter(["cmdline"]):

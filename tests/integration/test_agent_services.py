@@ -17,8 +17,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from agent.service_state import ROUTER_FAILS_AFTER
-from agent.shell import router_socket
+from agent.manager.routing import router_socket
+from agent.manager.service import ROUTER_FAILS_AFTER
 from coordinator.broker import Broker, free_port
 from coordinator.releases import push_release
 from protocol import subjects

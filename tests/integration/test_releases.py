@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.releases import ReleaseCache, ReleaseError
+from agent.errors import ReleaseError
+from agent.host.releases import ReleaseCache
 from coordinator.broker import Broker, free_port
 from coordinator.releases import (
     ReleaseExists,

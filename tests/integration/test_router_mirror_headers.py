@@ -17,7 +17,7 @@ import pytest
 
 from agent.router import RouterClient, RouterConfig, RouterUnavailable, Upstream, start_router
 from protocol.messages import MirrorSpec
-from tests.unit.agent.mirror_upstream import RecordingUpstream
+from tests.integration.mirror_upstream import RecordingUpstream
 
 CREDENTIALS = (
     "Cookie: session=user-secret\r\n"

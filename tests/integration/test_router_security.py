@@ -1,6 +1,6 @@
 """The router process at its edge, as an attacker would meet it: smuggling, forged X-Forwarded-For,
 chunk extensions and trailers, too many connections, trickled bodies. (A trickled head is cut by
-the idle deadline: tests/unit/agent/test_router_fastpath.py.)
+the idle deadline: tests/integration/test_router_fastpath.py.)
 
 Each test runs a real router process (``start_router``) in front of a real upstream HTTP server on
 127.0.0.1 that records exactly what it received (the bytes, and the requests it parsed out of

@@ -8,7 +8,7 @@ Two upstreams, each measured direct and through the router with the same client 
 
 - ``example`` (issue 8's figure): the example service ``deploy/examples/hello/<version>/app.py``
   started as the agent starts a slot: its manifest's ``command`` in the release directory, the
-  environment ``agent.slots.SlotSpec.env`` builds (``PORT``, ``FLEETWAVE_*``, the manifest's
+  environment ``agent.host.slots.SlotSpec.env`` builds (``PORT``, ``FLEETWAVE_*``, the manifest's
   ``env``), its own session, output to a log file; plus ``BIND_HOST`` so that it listens on this
   benchmark's loopback address. The load is ``GET /``.
 - ``canned``: a one-process asyncio server answering every request head with a canned response
@@ -65,8 +65,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # (after the path: the benchmark runs from a checkout without the package installed too)
 from perf_support import await_exit  # noqa: E402
 
+from agent.host.slots import SlotSpec  # noqa: E402
 from agent.router import RouterClient, RouterConfig, Upstream, start_router  # noqa: E402
-from agent.slots import SlotSpec  # noqa: E402
 from protocol.manifest import load_manifest  # noqa: E402
 
 HOST = "127.0.21.1"  # this benchmark's loopback address (other engineers use other ones)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from agent import __version__, presence
-from agent.hostinfo import HostFacts, HostFigures, HostSampler, host_facts
+from agent.host.hostinfo import HostFacts, HostFigures, HostSampler, host_facts
 from protocol.codec import decode, encode
 from protocol.errors import ProtocolError
 from protocol.messages import Heartbeat, NodeInfo, ServiceSummary, SlotProcess

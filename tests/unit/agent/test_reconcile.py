@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import get_args
 
 import msgspec
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from agent.manager.service import ROUTER_FAILS_AFTER, Service
 from agent.reconcile import (
+    SLOT_RULES,
     Action,
     Drain,
     Fail,
@@ -24,8 +27,7 @@ from agent.reconcile import (
     assess,
     reconcile,
 )
-from agent.service_state import ROUTER_FAILS_AFTER, Service
-from protocol.messages import SLOTS, DesiredState, MirrorSpec, ReleaseRef
+from protocol.messages import SLOTS, DesiredState, MirrorSpec, ReleaseRef, SlotStatusName
 
 V1 = ReleaseRef(service="hello", version="1.0.0", digest="sha256:11")
 V2 = ReleaseRef(service="hello", version="2.0.0", digest="sha256:22")
@@ -476,3 +478,8 @@ def test_converges_when_every_process_becomes_healthy(worker: bool, d: DesiredSt
         if assess(d, local).phase == "converged":
             break
     assert assess(d, local).phase == "converged", local
+
+
+def test_every_slot_status_has_exactly_one_rule() -> None:
+    """The slot table names every status a slot can report, and nothing else."""
+    assert set(SLOT_RULES) == set(get_args(SlotStatusName))

@@ -1,0 +1,249 @@
+"""The agent's release cache: fetch each release once per digest, verify it, unpack it safely.
+
+Layout: ``<root>/<sha256-hex>/`` is one unpacked release, complete or absent (``safe_unpack``
+renames a finished temp dir into place). ``.<hex>.tmp-*`` are unpacks in progress, and
+``.<hex>.trash-*`` releases being deleted; both are swept by ``prune`` when nobody owns them,
+so a crash at any point leaves nothing that looks like a release and is not one.
+
+Recency: every ``ensure`` stamps the release directory's mtime (strictly increasing within the
+process), and ``prune`` keeps the ``keep`` most recently ensured releases plus those in use, so
+the previous versions stay for a fast rollback.
+
+Fetching. The object is streamed into an unnamed temp file under ``<root>`` as its chunks
+arrive, hashed on the way, and refused as soon as it passes its declared size (``ReleaseRef.size``,
+or ``Limits.max_bytes`` when the ref declares none); the file vanishes on any failure or crash, as
+it never had a name. ``safe_unpack`` then reads that file, inflating into another such file beside
+the release, so neither the object nor any member of it is ever held in memory whole.
+
+Failure modes, each a ``ReleaseError`` whose ``reason`` is one line fit for an observed state or
+an event: malformed digest in the ref, release absent from the object store, NATS failure or
+timeout while fetching, an object larger than declared or allowed, bytes whose sha256 is not the
+ref's digest (corrupt or replaced object; nothing is kept), a hostile or invalid bundle
+(``protocol.bundle`` names the entry), a bundle whose manifest names another service or version,
+a disk error, and any other error while unpacking (``MemoryError`` included): a release that
+cannot be made ready fails that release, never the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import re
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Protocol
+
+from agent.errors import ReleaseError
+from protocol import subjects
+from protocol.bundle import DEFAULT_LIMITS, Limits, safe_unpack
+from protocol.errors import BusError, ProtocolError
+from protocol.manifest import Manifest
+from protocol.messages import ReleaseRef
+
+FETCH_TIMEOUT = 120.0
+_DIGEST = re.compile(r"^sha256:([0-9a-f]{64})$")
+_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ObjectSource(Protocol):
+    """The one bus operation the cache needs (``protocol.bus.Bus`` provides it)."""
+
+    async def obj_get_into(
+        self, store: str, name: str, write: Callable[[bytes], object]
+    ) -> bool: ...
+
+
+class _Download:
+    """One object on its way to a temp file: counted, hashed, and stopped past ``limit`` bytes."""
+
+    def __init__(self, file: IO[bytes], limit: int, too_large: str) -> None:
+        self.file = file
+        self.limit = limit
+        self.too_large = too_large
+        self.size = 0
+        self._sha = hashlib.sha256()
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.limit:
+            raise ReleaseError(self.too_large)
+        self._sha.update(chunk)
+        self.file.write(chunk)
+
+    def digest(self) -> str:
+        return "sha256:" + self._sha.hexdigest()
+
+
+class _Users:
+    """The ensure() calls on one digest: a lock, and how many hold or wait for it."""
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.count = 0
+
+
+class ReleaseCache:
+    """Unpacked releases under ``root``, fetched from the fleet's object store on demand."""
+
+    def __init__(
+        self, root: Path, keep: int = 5, *, limits: Limits = DEFAULT_LIMITS,
+        fetch_timeout: float = FETCH_TIMEOUT,
+    ) -> None:
+        self.root = Path(root)
+        self.keep = keep
+        self.limits = limits
+        self.fetch_timeout = fetch_timeout
+        self.fetches = 0  # how many times a bundle was downloaded (tests and metrics)
+        self._locks: dict[str, _Users] = {}  # digest hex -> ensure() calls on it now
+        self._last_stamp = 0
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path_for(self, ref: ReleaseRef) -> Path | None:
+        """The unpacked release directory of ``ref`` if it is in the cache, else None."""
+        m = _DIGEST.match(ref.digest)
+        if m is None:
+            return None
+        path = self.root / m.group(1)
+        return path if path.is_dir() and not path.is_symlink() else None
+
+    async def ensure(self, bus: ObjectSource, fleet: str, ref: ReleaseRef) -> Path:
+        """Return the unpacked release of ``ref``, fetching and verifying it only if absent."""
+        m = _DIGEST.match(ref.digest)
+        if m is None:
+            raise ReleaseError(
+                f"release {ref.service} {ref.version}: digest {ref.digest!r} is not 'sha256:<hex>'"
+            )
+        hexd = m.group(1)
+        user = self._locks.setdefault(hexd, _Users())
+        user.count += 1
+        try:
+            async with user.lock:  # concurrent ensure() of one digest: one fetches, others wait
+                path = self.path_for(ref)
+                if path is None:
+                    path = await self._fetch(bus, fleet, ref, hexd)
+                self._stamp(path)
+                return path
+        finally:
+            user.count -= 1
+            if user.count == 0:
+                del self._locks[hexd]
+
+    async def _fetch(self, bus: ObjectSource, fleet: str, ref: ReleaseRef, hexd: str) -> Path:
+        what = f"release {ref.service} {ref.version}"
+        if ref.size > self.limits.max_bytes:
+            raise ReleaseError(f"{what} is {ref.size} bytes, above this agent's bundle limit")
+        try:
+            # Unnamed (O_TMPFILE where there is one): a crash or a failure leaves nothing behind.
+            tmp = tempfile.TemporaryFile(dir=self.root)  # noqa: SIM115 (the with below owns it)
+        except OSError as exc:
+            raise ReleaseError(f"{what}: cannot make a temp file: {exc.strerror}") from None
+        with tmp:
+            got = await self._download(bus, fleet, ref, tmp, what)
+            if got != ref.digest:
+                raise ReleaseError(
+                    f"{what}: fetched bundle has digest {got[:19]}..., expected "
+                    f"{ref.digest[:19]}...; refused (the stored object is corrupt or was replaced)"
+                )
+            dest = self.root / hexd
+            manifest = await self._unpack(tmp, dest, what)
+        if (manifest.name, manifest.version) != (ref.service, ref.version):
+            self._discard(dest)
+            raise ReleaseError(
+                f"{what}: the bundle's manifest says {manifest.name} {manifest.version}; refused"
+            )
+        return dest
+
+    async def _download(
+        self, bus: ObjectSource, fleet: str, ref: ReleaseRef, tmp: IO[bytes], what: str
+    ) -> str:
+        """Stream the object into ``tmp``, bounded by its declared size; return its digest."""
+        key = subjects.release_key(ref.service, ref.version)
+        if ref.size:
+            limit = ref.size
+            too_large = (
+                f"{what}: the stored object is larger than its declared {limit} bytes, so it is "
+                f"not the expected {ref.digest[:19]}...; refused (the stored object is corrupt or "
+                "was replaced)"
+            )
+        else:
+            limit = self.limits.max_bytes
+            too_large = (
+                f"{what}: the stored object is larger than this agent's {limit} byte bundle "
+                "limit; refused"
+            )
+        sink = _Download(tmp, limit, too_large)
+        try:
+            async with asyncio.timeout(self.fetch_timeout):
+                found = await bus.obj_get_into(subjects.releases_store(fleet), key, sink.write)
+        except TimeoutError:
+            raise ReleaseError(
+                f"{what}: fetching {key} took more than {self.fetch_timeout:g}s; will retry",
+                transient=True,
+            ) from None
+        except BusError as exc:
+            raise ReleaseError(f"{what}: cannot fetch it: {exc}", transient=True) from None
+        except OSError as exc:
+            raise ReleaseError(f"{what}: cannot write the download: {exc.strerror}") from None
+        if not found:
+            raise ReleaseError(
+                f"{what} is not in the fleet's object store (key {key}); push it with "
+                "'fleetwave release push'"
+            )
+        self.fetches += 1
+        return sink.digest()
+
+    async def _unpack(self, tmp: IO[bytes], dest: Path, what: str) -> Manifest:
+        """Unpack the verified download; every error, whatever it is, becomes a ReleaseError."""
+        try:
+            return await asyncio.to_thread(safe_unpack, tmp, dest, limits=self.limits)
+        except ProtocolError as exc:
+            raise ReleaseError(f"{what}: refused bundle: {exc}") from None
+        except Exception as exc:  # MemoryError, or a bug: it fails this release, not the agent
+            self._discard(dest)
+            detail = f": {exc}" if str(exc) else ""
+            raise ReleaseError(
+                f"{what}: cannot unpack the bundle: {type(exc).__name__}{detail}".replace("\n", " ")
+            ) from None
+
+    def prune(self, in_use: set[str]) -> None:
+        """Delete releases beyond the ``keep`` most recently ensured, except those ``in_use``.
+
+        ``in_use`` holds digests (``sha256:<hex>`` or bare hex). Leftover temp and trash
+        directories from an earlier crash are removed too, unless an ensure() owns them now.
+        """
+        keep_hex = {d.removeprefix("sha256:") for d in in_use}
+        releases: list[tuple[int, str]] = []
+        for entry in os.scandir(self.root):
+            name = entry.name
+            if _HEX.match(name) and entry.is_dir(follow_symlinks=False):
+                releases.append((entry.stat(follow_symlinks=False).st_mtime_ns, name))
+            elif name.startswith(".") and (".tmp-" in name or ".trash-" in name):
+                owner = name[1:].split(".", 1)[0]
+                if owner not in self._locks:
+                    shutil.rmtree(entry.path, ignore_errors=True)
+        releases.sort(reverse=True)
+        recent = {name for _, name in releases[: self.keep]}
+        for _, name in releases:
+            if name not in recent and name not in keep_hex and name not in self._locks:
+                self._discard(self.root / name)
+
+    def _stamp(self, path: Path) -> None:
+        stamp = max(time.time_ns(), self._last_stamp + 1)
+        self._last_stamp = stamp
+        with contextlib.suppress(OSError):  # recency is a hint; failing to record it is harmless
+            os.utime(path, ns=(stamp, stamp))
+
+    def _discard(self, path: Path) -> None:
+        """Remove a release so that it never looks present while half deleted."""
+        trash = path.with_name(f".{path.name}.trash-{secrets.token_hex(4)}")
+        try:
+            path.rename(trash)
+        except OSError:
+            return
+        shutil.rmtree(trash, ignore_errors=True)

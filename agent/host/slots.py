@@ -1,0 +1,449 @@
+"""Slots: one service process per slot, supervised, that outlives the agent.
+
+Theory of operation. A ``SlotRunner`` owns one slot's process from start to stop:
+
+    starting ── pre_start hook ─ spawn ─ probes pass ─ validate hook ──▶ healthy ⇄ unhealthy
+        │ crash: restart after backoff (status starting, restarts += 1)
+        │ crash loop (CRASH_LOOP_RESTARTS within CRASH_LOOP_WINDOW), failing hook ──▶ failed
+    draining (set by the shell; the process keeps running) ── stop() ──▶ stopping ──▶ stopped
+
+The process is started with argv (never a shell) in the release directory, in a new session so
+that it survives the agent (``kill -9`` of the agent drops no request). Its output goes straight
+to a log file, not to a pipe: a pipe would break when the agent dies. The agent caps the log
+from its side (``cap_log``: the tail is kept in ``<log>.1`` and the live file truncated; the
+service opened it with O_APPEND, so its next write lands at the new end).
+
+Adoption: a restarted agent rebuilds runners from its state file with ``SlotRunner.adopt``, which
+accepts a pid only if psutil's create_time matches the recorded one (never a recycled pid). An
+adopted process is not our child, so it is watched by polling psutil and its exit status is not
+known (init reaps it).
+
+The runner never raises out of ``run``: a bug becomes a ``failed`` slot with the reason, so one
+slot cannot take the agent down. Cancelling ``run`` stops watching but leaves the process alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from agent.cadence import next_tick
+from agent.host.identity import RunAs, child_env, spawn_kwargs
+from agent.host.probes import Prober, kill_and_reap, spawn_owned
+from agent.host.processes import killpg, process_matches
+from protocol.manifest import Manifest
+from protocol.messages import SlotStatusName
+
+log = logging.getLogger("fleetwave.agent.slots")
+
+CRASH_LOOP_RESTARTS = 5
+CRASH_LOOP_WINDOW = 60.0
+BACKOFF_FIRST = 0.2
+BACKOFF_MAX = 10.0
+LOG_MAX_BYTES = 10 * 1024 * 1024
+ADOPTED_POLL = 0.2
+LOG_CAP_EVERY = 5.0
+KILL_WAIT = 5.0
+
+_LIVE: dict[str, SlotStatusName] = {
+    "starting": "starting", "healthy": "healthy", "unhealthy": "unhealthy", "draining": "draining",
+}
+
+Notify = Callable[["SlotRunner", str, str], None]  # (runner, event kind, message)
+
+
+# -- pure policy -----------------------------------------------------------------------------------
+
+
+@dataclass
+class CrashPolicy:
+    """Restart with exponential backoff; a crash loop (too many restarts in a window) fails."""
+
+    max_restarts: int = CRASH_LOOP_RESTARTS
+    window: float = CRASH_LOOP_WINDOW
+    first: float = BACKOFF_FIRST
+    cap: float = BACKOFF_MAX
+    crashes: list[float] = field(default_factory=list)
+
+    def on_crash(self, now: float) -> float | None:
+        """Seconds to wait before the restart, or None when the slot must fail (a crash loop)."""
+        self.crashes = [t for t in self.crashes if now - t < self.window] + [now]
+        if len(self.crashes) > self.max_restarts:
+            return None
+        return float(min(self.cap, self.first * 2 ** (len(self.crashes) - 1)))
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "exited (status unknown: adopted process)"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = str(-code)
+        return f"killed by signal {name}"
+    return f"exited with status {code}"
+
+
+def free_port(host: str = "127.0.0.1", avoid: frozenset[int] = frozenset()) -> int:
+    """A port that nothing listens on now (the kernel picks; ``avoid`` skips ports in use by us)."""
+    for _ in range(20):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in avoid:
+            return port
+    raise OSError("no free port found")
+
+
+def cap_log(path: Path, max_bytes: int = LOG_MAX_BYTES) -> bool:
+    """If ``path`` grew past ``max_bytes``, keep its tail in ``<path>.1`` and truncate it."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return False
+    if size <= max_bytes:
+        return False
+    keep = max_bytes // 2
+    with path.open("rb") as f:
+        f.seek(max(0, size - keep))
+        tail = f.read(keep)
+    old = path.with_name(path.name + ".1")
+    old.write_bytes(tail)
+    with path.open("r+b") as f:
+        f.truncate(0)
+    return True
+
+
+def last_line(path: Path) -> str:
+    try:
+        lines = path.read_bytes()[-4096:].decode("utf-8", "replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1][:200] if lines else ""
+
+
+# -- the runner ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SlotSpec:
+    """Everything needed to run one release in one slot."""
+
+    service: str
+    slot: str
+    node: str
+    release_dir: Path
+    manifest: Manifest
+    digest: str
+    port: int | None
+    log_dir: Path
+    generation: int = 0
+    host: str = "127.0.0.1"
+    run_as: RunAs | None = None  # None: as the agent's own user
+
+    @property
+    def log_path(self) -> Path:
+        return self.log_dir / f"{self.service}-{self.slot}.log"
+
+    def env(self) -> dict[str, str]:
+        env = dict(self.manifest.env)
+        if self.port is not None:
+            env["PORT"] = str(self.port)
+        env["FLEETWAVE_NODE"] = self.node
+        env["FLEETWAVE_SLOT"] = self.slot
+        env["FLEETWAVE_VERSION"] = self.manifest.version
+        return child_env(self.run_as, env)
+
+
+class SlotRunner:
+    """Supervises one slot's process; see the module docstring for the life cycle."""
+
+    def __init__(self, spec: SlotSpec, notify: Notify, *, now: Callable[[], float] = time.time,
+                 policy: CrashPolicy | None = None) -> None:
+        self.spec = spec
+        self.notify = notify
+        self.now = now
+        self.policy = policy or CrashPolicy()
+        self.status: SlotStatusName = "starting"
+        self.since = now()
+        self.reason = ""
+        self.restarts = 0
+        self.last_exit: int | None = None
+        self.pid: int | None = None
+        self.create_time: float | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._adopted = False
+        self._validated = spec.manifest.hooks.validate is None
+        self._probe_healthy = False
+        self._stopping = False
+        self._exited = asyncio.Event()
+        self._psutil: psutil.Process | None = None
+
+    @classmethod
+    def adopt(cls, spec: SlotSpec, pid: int, create_time: float, notify: Notify, *,
+              status: str, since: float, restarts: int = 0,
+              now: Callable[[], float] = time.time) -> SlotRunner | None:
+        """A runner for a live process from the state file, or None if that process is gone."""
+        if not process_matches(pid, create_time):
+            return None
+        r = cls(spec, notify, now=now)
+        r.pid, r.create_time, r._adopted = pid, create_time, True
+        r._validated = True  # it passed validation before the agent restarted, or is starting
+        r.status = _LIVE.get(status, "starting")
+        r._probe_healthy = r.status in ("healthy", "draining")
+        r.since, r.restarts = since, restarts
+        return r
+
+    # -- figures ----------------------------------------------------------------------------------
+
+    def figures(self) -> tuple[int, float]:
+        """(RSS bytes, CPU percent since the last call) of the slot's process, 0 when none."""
+        if self.pid is None:
+            return 0, 0.0
+        try:
+            if self._psutil is None or self._psutil.pid != self.pid:
+                self._psutil = psutil.Process(self.pid)
+            with self._psutil.oneshot():
+                return int(self._psutil.memory_info().rss), float(self._psutil.cpu_percent(None))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return 0, 0.0
+
+    @property
+    def alive(self) -> bool:
+        return self.pid is not None and not self._exited.is_set()
+
+    # -- life cycle -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Start (unless adopted), watch, probe and restart until stopped or failed."""
+        try:
+            await self._run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug here must fail this slot, not the agent
+            log.exception("slot %s/%s supervisor failed", self.spec.service, self.spec.slot)
+            self._set_failed(f"agent error supervising the slot: {exc!r}")
+            await self._kill_now()
+
+    async def _run(self) -> None:
+        if not self._adopted:
+            if not await self._hook("pre_start"):
+                return
+            if self._stopping:
+                return  # stopped or failed while the hook ran: the service must not start
+            if not await self._spawn():
+                return
+        while True:
+            code = await self._watch()
+            if self._stopping or self.status == "failed":
+                return
+            self.last_exit = code
+            delay = self.policy.on_crash(self.now())
+            if delay is None:
+                self._set_failed(
+                    f"crash loop: {describe_exit(code)} after {self.restarts} restarts "
+                    f"within {self.policy.window:g}s; last output: {last_line(self.spec.log_path)}"
+                )
+                return
+            self._set("starting", f"{describe_exit(code)}; restarting in {delay:g}s")
+            self.notify(self, "slot.crashed", self.reason)
+            await asyncio.sleep(delay)
+            if self._stopping:
+                return
+            self.restarts += 1
+            self._adopted = False
+            if not await self._spawn():
+                return
+
+    async def _spawn(self) -> bool:
+        spec = self.spec
+        spec.log_dir.mkdir(parents=True, exist_ok=True)
+        self._exited = asyncio.Event()
+        self._probe_healthy = False
+        try:
+            with spec.log_path.open("ab") as out:
+                self._proc = await asyncio.create_subprocess_exec(
+                    *spec.manifest.command, cwd=spec.release_dir, env=spec.env(),
+                    stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
+                    start_new_session=True, close_fds=True, **spawn_kwargs(spec.run_as),
+                )
+        except OSError as exc:
+            self._set_failed(f"cannot start {spec.manifest.command[0]}: {exc.strerror or exc}")
+            return False
+        self.pid = self._proc.pid
+        try:
+            self.create_time = psutil.Process(self.pid).create_time()
+        except psutil.NoSuchProcess:
+            self.create_time = None  # already gone: _watch sees the exit
+        self.notify(self, "slot.started", f"pid {self.pid} on port {spec.port}")
+        return True
+
+    async def _watch(self) -> int | None:
+        """Probe while the process runs; return its exit status (None when adopted)."""
+        prober = Prober(self.spec.manifest.health, self.spec.port, self.spec.release_dir,
+                        self.spec.env(), self._on_health, run_as=self.spec.run_as)
+        async with asyncio.TaskGroup() as tg:
+            probing = tg.create_task(prober.run(), name=f"probe-{self.spec.slot}")
+            try:
+                code = await self._wait_exit()
+            finally:
+                probing.cancel()
+        self._exited.set()
+        return code
+
+    async def _wait_exit(self) -> int | None:
+        loop = asyncio.get_running_loop()
+        next_cap = loop.time()
+        while True:
+            if loop.time() >= next_cap:
+                cap_log(self.spec.log_path)
+                next_cap = next_tick(loop.time(), LOG_CAP_EVERY)
+            if self._proc is not None:
+                # The exit wakes this wait by itself; the timeout only brings the next log cap
+                # check (on the shared grid: agent.cadence), not a poll once a second.
+                try:
+                    return await asyncio.wait_for(
+                        self._proc.wait(), max(0.0, next_cap - loop.time())
+                    )
+                except TimeoutError:
+                    continue
+            if self.pid is None or self.create_time is None:
+                return None
+            if not process_matches(self.pid, self.create_time):
+                return None
+            await asyncio.sleep(ADOPTED_POLL)
+
+    async def _on_health(self, healthy: bool, reason: str) -> None:
+        self._probe_healthy = healthy
+        if self.status in ("draining", "stopping", "stopped", "failed"):
+            return
+        if healthy and not self._validated:
+            if not await self._hook("validate"):
+                # It never had traffic. Kill without waiting: this runs inside the probe task,
+                # which the watcher cancels as soon as the process is gone (and reaps it).
+                if self.pid is not None and self._is_ours():
+                    killpg(self.pid, signal.SIGKILL)
+                return
+            self._validated = True
+        if healthy and self.status != "healthy":
+            self._set("healthy", "")
+            self.notify(self, "slot.healthy", f"pid {self.pid}")
+        elif not healthy and self.status == "healthy":
+            self._set("unhealthy", reason)
+            self.notify(self, "slot.unhealthy", reason)
+
+    async def _hook(self, name: str) -> bool:
+        """Run a hook if the manifest has one; on failure the slot fails with its status."""
+        argv = getattr(self.spec.manifest.hooks, name)
+        if argv is None:
+            return True
+        timeout = self.spec.manifest.hooks.timeout
+        self.spec.log_dir.mkdir(parents=True, exist_ok=True)
+        hook_log = self.spec.log_dir / f"{self.spec.service}-{self.spec.slot}.{name}.log"
+        try:
+            with hook_log.open("wb") as out:
+                proc = await spawn_owned(
+                    argv, cwd=self.spec.release_dir, env=self.spec.env(), stdout=out, stderr=out,
+                    **spawn_kwargs(self.spec.run_as),
+                )
+        except OSError as exc:
+            self._set_failed(f"hooks.{name} cannot start {argv[0]}: {exc.strerror or exc}")
+            return False
+        try:
+            async with asyncio.timeout(timeout):
+                code = await proc.wait()
+        except TimeoutError:
+            await kill_and_reap(proc)
+            self._set_failed(f"hooks.{name} did not finish within {timeout:g}s")
+            return False
+        except asyncio.CancelledError:
+            await kill_and_reap(proc)
+            raise
+        if code != 0:
+            self.last_exit = code
+            self._set_failed(f"hooks.{name} {describe_exit(code)}: {last_line(hook_log)}")
+            return False
+        return True
+
+    def drain(self) -> None:
+        """Traffic has moved away: keep running until stopped (in-flight requests finish)."""
+        if self.status in ("healthy", "unhealthy", "starting"):
+            self._set("draining", "")
+
+    def resume(self) -> None:
+        """A draining slot is needed again."""
+        if self.status == "draining":
+            self._set("healthy" if self._probe_healthy else "unhealthy", "")
+
+    async def stop(self, timeout: float) -> None:
+        """SIGTERM to the slot's process group, SIGKILL after ``timeout``; always reaped."""
+        self._stopping = True
+        if self.status != "failed":
+            self._set("stopping", "")
+        await self._terminate(timeout)
+        if self.status != "failed":
+            self._set("stopped", "")
+        self.notify(self, "slot.stopped", describe_exit(self.last_exit))
+
+    async def fail(self, reason: str) -> None:
+        """Give up on this slot (e.g. not healthy in time): kill its process, record why."""
+        self._set_failed(reason)
+        self._stopping = True
+        await self._terminate(1.0)
+
+    async def _terminate(self, timeout: float) -> None:
+        if self.pid is None or not self._is_ours():
+            self._exited.set()
+            return
+        killpg(self.pid, signal.SIGTERM)
+        if not await self._wait_gone(timeout):
+            killpg(self.pid, signal.SIGKILL)
+            await self._wait_gone(KILL_WAIT)
+        if self._proc is not None and self._proc.returncode is not None:
+            self.last_exit = self._proc.returncode
+
+    def _is_ours(self) -> bool:
+        if self._proc is not None:
+            return self._proc.returncode is None
+        return self.create_time is not None and process_matches(self.pid or 0, self.create_time)
+
+    async def _wait_gone(self, timeout: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            if self._proc is not None:
+                try:
+                    await asyncio.wait_for(self._proc.wait(), max(0.01, deadline - loop.time()))
+                    return True
+                except TimeoutError:
+                    return False
+            if not self._is_ours():
+                return True
+            await asyncio.sleep(0.05)  # polling an adopted process, bounded by the deadline
+        return not self._is_ours()
+
+    async def _kill_now(self) -> None:
+        self._stopping = True
+        await self._terminate(0.5)
+
+    def _set(self, status: SlotStatusName, reason: str) -> None:
+        if status != self.status:
+            self.since = self.now()
+        self.status = status
+        self.reason = reason
+
+    def _set_failed(self, reason: str) -> None:
+        if self.status == "failed":
+            return
+        self._set("failed", reason)
+        log.warning("slot %s/%s failed: %s", self.spec.service, self.spec.slot, reason)
+        self.notify(self, "slot.failed", reason)

@@ -1,0 +1,119 @@
+"""Desired states: the watch, the periodic re-read, verification and the replay floor.
+
+Theory of operation: ``watch`` watches ``<node>.*`` in the fleet's desired bucket (the watch
+survives reconnects; before the coordinator creates the bucket it retries with backoff), and
+``reread`` re-reads it every ``REREAD`` seconds as a safety net. Each value goes to
+``offer``: a signed envelope is accepted only if it verifies against the trusted keys, names this
+fleet, node and service, and has a generation above the service's *floor* (the newest generation
+this node ever accepted, kept even when the remembered envelope no longer verifies, so that an old
+state cannot be replayed). Anything else is refused with one ``agent.refused`` event saying why
+(once per refused value) and changes nothing. An accepted state wakes the reconcile loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from agent.manager.events import EventQueue
+from agent.manager.service import BUS_TIMEOUT, REREAD, NodeConfig, Service, Services
+from protocol import subjects
+from protocol.bus import Bus
+from protocol.codec import decode
+from protocol.errors import BusError, ProtocolError
+from protocol.messages import SignedEnvelope
+from protocol.signing import verify
+
+log = logging.getLogger("fleetwave.agent.services")
+
+
+class DesiredWatch:
+    """Accepts this node's desired states into ``services`` and wakes the reconcile loop."""
+
+    def __init__(
+        self, bus: Bus, config: NodeConfig, services: Services, events: EventQueue,
+        wake: asyncio.Event,
+    ) -> None:
+        self.bus = bus
+        self.fleet = config.fleet
+        self.node = config.node
+        self.trusted_keys = config.trusted_keys
+        self.services = services
+        self.events = events
+        self.wake = wake
+        self.refused = 0  # desired states refused so far
+        self._refused_values: dict[str, bytes] = {}
+
+    async def watch(self) -> None:
+        """Offer every value of the watch, for ever; wait for the bucket while there is none."""
+        bucket = subjects.desired_bucket(self.fleet)
+        attempt = 0
+        while True:
+            try:
+                async for entry in self.bus.watch(bucket, subjects.node_keys(self.node)):
+                    attempt = 0
+                    if entry is None or entry.value is None:
+                        continue  # end of the initial contents, or a deletion: nothing to accept
+                    await self.offer(entry.key, entry.value)
+            except BusError as exc:
+                # Typically: no coordinator has created the fleet's buckets yet. Wait for it.
+                if attempt == 0:
+                    log.warning("cannot watch desired states yet (%s); retrying", exc)
+                await asyncio.sleep(min(5.0, 0.2 * 2**attempt))
+                attempt += 1
+
+    async def reread(self) -> None:
+        """Offer every value again every ``REREAD`` seconds: the safety net under the watch."""
+        bucket = subjects.desired_bucket(self.fleet)
+        while True:
+            await asyncio.sleep(REREAD)
+            try:
+                async with asyncio.timeout(BUS_TIMEOUT):
+                    entries = await self.bus.kv_entries(bucket, subjects.node_keys(self.node))
+            except (BusError, TimeoutError) as exc:
+                log.warning("cannot re-read desired states: %s", exc or "timed out")
+                continue
+            for e in entries:
+                if e.value is not None:
+                    await self.offer(e.key, e.value)
+
+    async def offer(self, key: str, value: bytes) -> None:
+        """Accept a desired state if it is genuine, meant for us and newer; else refuse it."""
+        service = key.split(".", 1)[1] if "." in key else key
+        if self._refused_values.get(key) == value:
+            return  # refused already (the re-read sees it again): one event is enough
+        svc = self.services.get(service)
+        try:
+            env = decode(SignedEnvelope, value)
+        except ProtocolError as exc:
+            self._refused_values[key] = value
+            await self._refuse(service, f"malformed desired state at {key}: {exc}")
+            return
+        if svc is not None and svc.envelope is not None and env == svc.envelope:
+            return  # the one we already run (a re-read or a restarted watch): not a replay
+        current = 0
+        if svc is not None:
+            current = max(svc.floor, svc.desired.generation if svc.desired else 0)
+        try:
+            desired = verify(
+                env,
+                self.trusted_keys,
+                fleet=self.fleet,
+                node=self.node,
+                service=service,
+                min_generation=current,
+            )
+        except ProtocolError as exc:
+            self._refused_values[key] = value
+            await self._refuse(service, str(exc), generation=env.generation)
+            return
+        if svc is None:
+            svc = self.services[service] = Service(name=service)
+        svc.envelope, svc.desired = env, desired
+        log.info("accepted desired state of %s generation %d", service, desired.generation)
+        self.wake.set()
+
+    async def _refuse(self, service: str, reason: str, generation: int = 0) -> None:
+        self.refused += 1
+        log.warning("refused desired state for %s: %s", service, reason)
+        self.events.emit("agent.refused", service, reason, generation=generation)

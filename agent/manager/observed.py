@@ -1,0 +1,117 @@
+"""The observed states the agent reports, one per service, written without holding the loop.
+
+Theory of operation: after each pass over a service, ``observe`` builds its ``ObservedState``
+(the reconciler's ``assess``, each slot, the applied weights, the router's counters) and queues it
+only if it changed or ``OBSERVE_EVERY`` seconds passed since the last one. ``run``
+writes the newest queued state of each service to the observed bucket, each write bounded by
+``BUS_TIMEOUT``: a slow or failing bus never holds the reconcile loop, and a failed write is
+written again on the next pass (the failure is logged once until a write succeeds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from agent.manager.service import BUS_TIMEOUT, OBSERVE_EVERY, NodeConfig, Service, Services
+from agent.reconcile import assess
+from protocol import subjects
+from protocol.bus import Bus
+from protocol.codec import encode
+from protocol.errors import BusError
+from protocol.messages import (
+    ObservedState,
+    SlotStatus,
+)
+
+log = logging.getLogger("fleetwave.agent.services")
+
+
+class ObservedWriter:
+    """Reports each service's observed state to the fleet's observed bucket."""
+
+    def __init__(
+        self, bus: Bus, config: NodeConfig, services: Services, *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.bus = bus
+        self.fleet = config.fleet
+        self.node = config.node
+        self.services = services
+        self.clock = clock
+        self._dirty = asyncio.Event()  # a state is pending
+        self._bus_failing = False  # the last write failed (logged once until one succeeds)
+
+    def observe(self, svc: Service) -> None:
+        """Queue ``svc``'s observed state if it changed or ``OBSERVE_EVERY`` passed."""
+        view = svc.view(self.clock())
+        a = assess(svc.desired, view)
+        svc.observed_generation = a.observed_generation
+        slots = {
+            s: SlotStatus(
+                slot=s,
+                status=v.status,
+                version=v.version,
+                digest=v.digest,
+                pid=svc.runners[s].pid if s in svc.runners else None,
+                port=svc.runners[s].spec.port if s in svc.runners else None,
+                restarts=v.restarts,
+                reason=v.reason,
+                since=v.since,
+                last_exit=v.last_exit,
+            )
+            for s, v in view.slots.items()
+        }
+        if svc.desired is not None:
+            for s, ref in svc.desired.slots.items():
+                if s not in slots and ref.digest in svc.fetching:
+                    slots[s] = SlotStatus(
+                        slot=s, status="fetching", version=ref.version, digest=ref.digest
+                    )
+        obs = ObservedState(
+            node=self.node,
+            service=svc.name,
+            generation=svc.desired.generation if svc.desired else 0,
+            observed_generation=a.observed_generation,
+            slots=slots,
+            weights=dict(svc.applied_weights),
+            router=svc.router_stats,
+            phase=a.phase,
+            error=a.error or (f"router: {svc.router_error}" if svc.router_error else ""),
+        )
+        body = encode(obs)
+        now = self.clock()
+        if body == svc.last_observed and now - svc.last_observed_at < OBSERVE_EVERY:
+            return
+        obs.time = now
+        svc.last_observed, svc.last_observed_at = body, now
+        svc.pending_observed = obs
+        self._dirty.set()
+
+    async def run(self) -> None:
+        """Write the newest observed state of each service; a slow bus never holds the loop."""
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            for svc in list(self.services.values()):
+                obs, svc.pending_observed = svc.pending_observed, None
+                if obs is None:
+                    continue
+                try:
+                    async with asyncio.timeout(BUS_TIMEOUT):
+                        await self.bus.kv_put(
+                            subjects.observed_bucket(self.fleet),
+                            subjects.node_service_key(self.node, svc.name),
+                            encode(obs),
+                        )
+                except (BusError, TimeoutError) as exc:
+                    if not self._bus_failing:
+                        log.warning(
+                            "cannot write observed state of %s: %s", svc.name, exc or "timeout"
+                        )
+                    self._bus_failing = True
+                    svc.last_observed = b""  # written again on the next pass
+                    continue
+                self._bus_failing = False

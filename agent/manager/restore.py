@@ -1,0 +1,231 @@
+"""The agent's state file: what is saved, and how a restarted agent takes up where it was.
+
+Theory of operation: the state file (``state.json``, written atomically) records per service the
+accepted envelope and the replay floor, each slot's process (pid + create_time, so that a reused
+pid is never mistaken for ours), the failed slots, and the router. It is saved after every pass
+that changed it (``save``), and at once when a slot process starts (``save_now``, from the
+manager's slot callback): a kill before the end of that pass must not leave a process the
+restarted agent knows nothing of. On start ``restore`` verifies the remembered envelopes again,
+adopts the slot processes that are still alive and finds each router again on its socket; slot
+processes of this node that no record accounts for are orphans and are stopped, since the
+reconciler will start what is wanted again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import msgspec
+
+from agent.errors import RouterUnavailable
+from agent.host.processes import find_orphans, stop_orphans
+from agent.host.releases import ReleaseCache
+from agent.host.slots import Notify, SlotRunner, SlotSpec
+from agent.host.state import AgentState, ServiceRecord, SlotRecord, load_state, save_state
+from agent.manager.routing import RouterLink
+from agent.manager.service import NodeConfig, Release, Service, Services
+from agent.reconcile import (
+    ReleaseInfo,
+    SlotView,
+)
+from agent.router.control import RouterClient
+from protocol.errors import ProtocolError
+from protocol.manifest import MANIFEST_NAME, load_manifest
+from protocol.messages import (
+    SLOTS,
+    ReleaseRef,
+)
+from protocol.signing import verify
+
+log = logging.getLogger("fleetwave.agent.services")
+
+
+class Restorer:
+    """Saves the manager's ``services`` to the state file, and fills them from it on start."""
+
+    def __init__(
+        self, config: NodeConfig, services: Services, cache: ReleaseCache, routers: RouterLink,
+        *, clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.state_path = config.state_path
+        self.services = services
+        self.cache = cache
+        self.routers = routers
+        self.clock = clock
+        self._saved = b""  # the state file's body as last written
+
+    def _snapshot(self) -> AgentState:
+        services = {}
+        for svc in self.services.values():
+            slots = {
+                s: SlotRecord(
+                    slot=s,
+                    status=r.status,
+                    digest=r.spec.digest,
+                    version=r.spec.manifest.version,
+                    pid=r.pid if r.alive else None,
+                    create_time=r.create_time if r.alive else None,
+                    port=r.spec.port,
+                    since=r.since,
+                    restarts=r.restarts,
+                    reason=r.reason,
+                    generation=r.spec.generation,
+                    last_exit=r.last_exit,
+                )
+                for s, r in svc.runners.items()
+            }
+            for s, v in svc.idle.items():
+                if s not in slots:
+                    slots[s] = SlotRecord(
+                        slot=s,
+                        status=v.status,
+                        digest=v.digest,
+                        version=v.version,
+                        since=v.since,
+                        restarts=v.restarts,
+                        reason=v.reason,
+                        generation=v.generation,
+                        last_exit=v.last_exit,
+                    )
+            services[svc.name] = ServiceRecord(
+                service=svc.name,
+                envelope=svc.envelope,
+                generation=max(svc.floor, svc.desired.generation if svc.desired else 0),
+                observed_generation=svc.observed_generation,
+                slots=slots,
+                router_pid=svc.router_pid,
+                router_socket=str(self.routers.socket(svc.name)),
+                router_weights=dict(svc.applied_weights),
+            )
+        return AgentState(node=self.config.node, services=services)
+
+    async def save(self) -> None:
+        """Write the state file if it changed since the last write (in a thread)."""
+        state = self._snapshot()
+        body = msgspec.json.encode(state)
+        if body == self._saved:
+            return
+        await asyncio.to_thread(save_state, self.state_path, state)
+        self._saved = body
+
+    def save_now(self) -> None:
+        """Write the state file now, in this thread."""
+        save_state(self.state_path, self._snapshot())
+
+    async def restore(self, on_slot: Notify) -> list[SlotRunner]:
+        """Load the state file: accepted envelopes, slot processes to adopt (reporting to
+        ``on_slot``), routers to find. Returns the adopted runners, for the caller to run."""
+        state = await asyncio.to_thread(load_state, self.state_path)
+        adopted: list[SlotRunner] = []
+        for name, rec in state.services.items():
+            svc = Service(name=name, observed_generation=rec.observed_generation)
+            svc.floor = max(rec.generation, rec.envelope.generation if rec.envelope else 0)
+            if rec.envelope is not None:
+                try:
+                    svc.desired = verify(
+                        rec.envelope,
+                        self.config.trusted_keys,
+                        fleet=self.config.fleet,
+                        node=self.config.node,
+                        service=name,
+                        min_generation=rec.envelope.generation - 1,
+                    )
+                    svc.envelope = rec.envelope
+                except ProtocolError as exc:
+                    log.error("remembered desired state of %s is refused: %s", name, exc)
+            self.services[name] = svc
+            for slot, srec in rec.slots.items():
+                runner = self._adopt(svc, slot, srec, on_slot)
+                if runner is not None:
+                    adopted.append(runner)
+            sock = self.routers.socket(name)
+            if sock.exists():
+                client = RouterClient(sock)
+                try:
+                    svc.router_pid = await client.ping()
+                    stats = await client.stats()
+                except RouterUnavailable as exc:
+                    log.warning("router of %s not found again (%s); starting a new one", name, exc)
+                else:
+                    stats.time = self.clock()
+                    svc.router, svc.router_stats = client, stats
+                    svc.applied_weights = {s: w for s, w in stats.weights.items() if w > 0}
+                    log.info("adopted router of %s (pid %s)", name, svc.router_pid)
+        keep = {r.pid for r in adopted if r.pid is not None}
+        orphans = await asyncio.to_thread(find_orphans, self.cache.root, self.config.node, keep)
+        if orphans:
+            # Started by our previous life after its last state save: nothing watches them and
+            # the reconciler will start what is wanted again, so they must go.
+            log.warning("stopping %d slot process(es) no state record accounts for: pids %s",
+                        len(orphans), ", ".join(str(o.pid) for o in orphans))
+            await asyncio.to_thread(stop_orphans, orphans)
+        return adopted
+
+    def _adopt(
+        self, svc: Service, slot: str, rec: SlotRecord, on_slot: Notify
+    ) -> SlotRunner | None:
+        if slot in SLOTS and rec.status == "failed" and rec.digest:
+            svc.idle[slot] = SlotView(
+                slot=slot,
+                status="failed",
+                digest=rec.digest,
+                version=rec.version,
+                since=rec.since,
+                restarts=rec.restarts,
+                reason=rec.reason,
+                generation=rec.generation,
+                last_exit=rec.last_exit,
+            )
+            return None
+        if slot not in SLOTS or rec.pid is None or rec.create_time is None or not rec.digest:
+            return None
+        ref = ReleaseRef(service=svc.name, version=rec.version, digest=rec.digest)
+        path = self.cache.path_for(ref)
+        if path is None:
+            return None
+        try:
+            manifest = load_manifest(path / MANIFEST_NAME)
+        except ProtocolError:
+            return None
+        info = ReleaseInfo(
+            rec.digest,
+            port=manifest.port,
+            start_timeout=manifest.health.start_timeout,
+            drain=manifest.stop.drain,
+            stop_timeout=manifest.stop.timeout,
+        )
+        svc.releases[rec.digest] = Release(path, manifest, info, ref)
+        spec = SlotSpec(
+            service=svc.name,
+            slot=slot,
+            node=self.config.node,
+            release_dir=path,
+            manifest=manifest,
+            digest=rec.digest,
+            port=rec.port,
+            log_dir=self.config.log_dir,
+            run_as=self.config.run_as,
+            generation=rec.generation,
+        )
+        runner = SlotRunner.adopt(
+            spec,
+            rec.pid,
+            rec.create_time,
+            on_slot,
+            status=rec.status,
+            since=rec.since,
+            restarts=rec.restarts,
+            now=self.clock,
+        )
+        if runner is None:
+            log.info(
+                "slot %s/%s (pid %s) is gone; it will be started again", svc.name, slot, rec.pid
+            )
+            return None
+        svc.runners[slot] = runner
+        log.info("adopted slot %s/%s pid %s", svc.name, slot, rec.pid)
+        return runner

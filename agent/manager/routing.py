@@ -1,0 +1,179 @@
+"""The manager's side of each service's router: start or find it, configure it, read its stats.
+
+Theory of operation: every service with a public port has one router process (``agent.router``),
+reached on a unix socket at ``router_socket`` (stable across agent restarts, so a restarted agent
+finds the same router again). ``route`` carries out the reconciler's ``Route`` action: it starts
+the router if none is known (one already running on the socket is adopted), then sends the whole
+configuration (upstream slots, weights, mirror); only on success are the weights and mirror
+recorded as applied, else the error is reported in the observed state until a configure succeeds.
+``stats_loop`` reads every router's counters every ``STATS_EVERY`` seconds for the observed
+states; a router that does not answer is forgotten, so the next pass starts it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import stat
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from agent.cadence import sleep_to_tick
+from agent.errors import RouterRunning, RouterUnavailable
+from agent.host.identity import RunAs
+from agent.manager.service import STATS_EVERY, NodeConfig, Service, Services
+from agent.router.control import (
+    MAX_SOCKET_PATH,
+    RouterClient,
+    RouterConfig,
+    Upstream,
+    start_router,
+)
+from protocol.messages import MirrorSpec
+
+log = logging.getLogger("fleetwave.agent.services")
+
+
+def router_socket(data_dir: Path, service: str) -> Path:
+    """``<data_dir>/run/router-<service>.sock``; when that path is too long for a unix socket
+    (about 100 bytes), a short one in the temp dir derived from the data dir, so that a restarted
+    agent finds the same router again."""
+    path = data_dir / "run" / f"router-{service}.sock"
+    if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
+        return path
+    tag = hashlib.sha256(os.fsencode(data_dir.resolve())).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"fleetwave-{tag}" / f"router-{service}.sock"
+
+
+def _private_dir(path: Path, run_as: RunAs | None = None) -> None:
+    """Create ``path`` 0700 if needed and refuse it unless it is ours (or the routers' user's) and
+    a real directory (a shared temp dir is where another user could have planted a symlink)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.lstat()
+    owners = {os.getuid()} | ({run_as.uid} if run_as is not None else set())
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid not in owners or st.st_mode & 0o077:
+        raise RouterUnavailable(
+            f"{path} is not a private directory of this user; remove it or use a shorter --data-dir"
+        )
+
+
+
+class RouterLink:
+    """Each service's router as the manager drives it: started, configured, its stats read."""
+
+    def __init__(
+        self, config: NodeConfig, services: Services, wake: asyncio.Event, *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.data_dir = config.data_dir
+        self.bind_host = config.bind_host
+        self.run_as = config.run_as
+        self.edge = config.edge
+        self.services = services
+        self.wake = wake
+        self.clock = clock
+
+    def socket(self, service: str) -> Path:
+        """The control socket of ``service``'s router."""
+        return router_socket(self.data_dir, service)
+
+    async def route(
+        self, svc: Service, weights: dict[str, int], mirror: MirrorSpec | None
+    ) -> None:
+        """Configure ``svc``'s router (starting it if needed) with these weights and mirror."""
+        port = self._public_port(svc)
+        if port is None:
+            return
+        upstreams = [
+            Upstream(
+                slot=s,
+                host="127.0.0.1",
+                port=r.spec.port,
+                weight=weights.get(s, 0),
+                healthy=r.status in ("healthy", "draining"),
+            )
+            for s, r in sorted(svc.runners.items())
+            if r.spec.port is not None
+            and r.status in ("starting", "healthy", "unhealthy", "draining")
+        ]
+        drain = max((r.spec.manifest.stop.drain for r in svc.runners.values()), default=2.0)
+        cfg = RouterConfig(
+            service=svc.name,
+            listen_host=self.bind_host,
+            listen_port=port,
+            upstreams=upstreams,
+            mirror=mirror,
+            drain_timeout=max(drain, 1.0),
+            max_connections=self.edge.max_connections,
+            body_timeout=self.edge.body_timeout,
+            trusted_proxies=list(self.edge.trusted_proxies),
+        )
+        try:
+            client = await self._router(svc)
+            svc.router_stats = await client.configure(cfg)
+            svc.router_stats.time = self.clock()
+        except RouterUnavailable as exc:
+            if svc.router_error != str(exc):
+                log.warning("router of %s: %s", svc.name, exc)
+            if not svc.router_error:
+                svc.router_error_since = self.clock()
+            svc.router, svc.router_error = None, str(exc)
+            return
+        svc.router_error = ""
+        svc.applied_weights = {s: w for s, w in weights.items() if w > 0}
+        svc.applied_mirror = mirror
+        log.info(
+            "router of %s: weights %s mirror %s",
+            svc.name,
+            svc.applied_weights,
+            mirror.slot if mirror else None,
+        )
+
+    def _public_port(self, svc: Service) -> int | None:
+        refs = list(svc.desired.slots.values()) if svc.desired else []
+        for ref in refs:
+            rel = svc.releases.get(ref.digest)
+            if rel is not None and rel.manifest.port is not None:
+                return rel.manifest.port
+        for r in svc.runners.values():
+            if r.spec.manifest.port is not None:
+                return r.spec.manifest.port
+        return None
+
+    async def _router(self, svc: Service) -> RouterClient:
+        if svc.router is not None:
+            return svc.router
+        sock = self.socket(svc.name)
+        if not sock.is_relative_to(self.data_dir):
+            _private_dir(sock.parent, self.run_as)
+        try:
+            pid = await start_router(sock, self.data_dir / "logs" / f"router-{svc.name}.log",
+                                     run_as=self.run_as)
+        except RouterRunning as running:
+            pid = running.pid
+        svc.router, svc.router_pid = RouterClient(sock), pid
+        return svc.router
+
+    async def stats_loop(self) -> None:
+        """Router stats for observed states; a router that went away is noticed and restarted."""
+        while True:
+            await sleep_to_tick(STATS_EVERY)  # with the heartbeat and the probes (agent.cadence)
+            for svc in list(self.services.values()):
+                if svc.router is None:
+                    continue
+                try:
+                    stats = await svc.router.stats()
+                    stats.time = self.clock()  # the gates measure their window with it
+                    svc.router_stats = stats
+                    self.wake.set()  # fresh figures go out in the observed state at once
+                except RouterUnavailable as exc:
+                    log.warning(
+                        "router of %s is gone (%s); it will be started again", svc.name, exc
+                    )
+                    svc.router, svc.router_stats = None, None
+                    svc.applied_weights, svc.applied_mirror = {}, None
+                    self.wake.set()

@@ -1,0 +1,151 @@
+"""What the service manager knows: its node's settings, its per-service records, its timings.
+
+Theory of operation: a ``Service`` is everything mutable the manager holds for one service: the
+accepted signed envelope and desired state, the replay floor, the slot runners, the fetched
+releases, what the router was last told, and what was last reported. The manager's parts share one
+``Services`` map of them (each part reads and writes only its own fields: see each part's module).
+``view`` turns a record into the reconciler's pure ``ServiceView``; ``settled`` says when no timer
+of the reconciler can fire, so the loop may idle. ``NodeConfig`` is what the agent was started
+with, the same for every part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.edge import Edge
+from agent.host.identity import RunAs
+from agent.host.slots import SlotRunner
+from agent.reconcile import (
+    FetchError,
+    ReleaseInfo,
+    ServiceView,
+    SlotView,
+)
+from agent.router.control import RouterClient
+from protocol.manifest import Manifest
+from protocol.messages import (
+    DesiredState,
+    MirrorSpec,
+    ObservedState,
+    ReleaseRef,
+    RouterStats,
+    SignedEnvelope,
+)
+
+TICK = 0.2
+IDLE_TICK = 2.0  # all settled: wakes bring every change; this only guards against a missed one
+REREAD = 30.0
+OBSERVE_EVERY = 5.0
+# A router that cannot be configured (its public port is taken, ...) for this long fails the
+# service's desired state: the rollout learns why at once instead of at its progress deadline,
+# while a router being restarted (a few seconds at most) fails nothing.
+ROUTER_FAILS_AFTER = 10.0
+STATS_EVERY = 2.0
+BUS_TIMEOUT = 10.0
+PRUNE_EVERY = 60.0
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """What the agent was started with, as every part of the manager needs it."""
+
+    fleet: str
+    node: str
+    data_dir: Path
+    bind_host: str  # the routers' public ports listen here
+    trusted_keys: frozenset[str]  # coordinators whose desired states are accepted
+    run_as: RunAs | None = None  # services, hooks, probes and routers run as this user
+    edge: Edge = field(default_factory=Edge)  # the routers' public-port limits
+
+    @property
+    def state_path(self) -> Path:
+        return self.data_dir / "state.json"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+
+@dataclass
+class Release:
+    path: Path
+    manifest: Manifest
+    info: ReleaseInfo
+    ref: ReleaseRef
+
+
+@dataclass
+class Service:
+    """Everything mutable the manager holds for one service."""
+
+    name: str
+    envelope: SignedEnvelope | None = None
+    desired: DesiredState | None = None
+    # The newest generation this node ever accepted, kept even when the remembered envelope can
+    # no longer be verified (a rotated key): anything not newer is a replay.
+    floor: int = 0
+    runners: dict[str, SlotRunner] = field(default_factory=dict)
+    releases: dict[str, Release] = field(default_factory=dict)
+    fetching: set[str] = field(default_factory=set)
+    fetch_errors: dict[str, FetchError] = field(default_factory=dict)
+    applied_weights: dict[str, int] = field(default_factory=dict)
+    applied_mirror: MirrorSpec | None = None
+    observed_generation: int = 0
+    router: RouterClient | None = None
+    router_pid: int | None = None
+    router_stats: RouterStats | None = None
+    last_observed: bytes = b""
+    last_observed_at: float = 0.0
+    pending_observed: ObservedState | None = None
+    router_error: str = ""  # why the last configure failed; reported until one succeeds
+    router_error_since: float = 0.0  # the clock at the first failure of this run of them
+    # Failed slots remembered from the state file (no process): so that a restarted agent does
+    # not retry a generation that already failed.
+    idle: dict[str, SlotView] = field(default_factory=dict)
+
+    def view(self, now: float | None = None) -> ServiceView:
+        """The reconciler's view; given ``now``, a router failing for ROUTER_FAILS_AFTER is in
+        it (``router_failure``)."""
+        slots = {s: v for s, v in self.idle.items() if s not in self.runners}
+        for s, r in self.runners.items():
+            slots[s] = SlotView(
+                slot=s,
+                status=r.status,
+                digest=r.spec.digest,
+                version=r.spec.manifest.version,
+                since=r.since,
+                restarts=r.restarts,
+                reason=r.reason,
+                generation=r.spec.generation,
+                last_exit=r.last_exit,
+            )
+        return ServiceView(
+            service=self.name,
+            slots=slots,
+            releases={d: rel.info for d, rel in self.releases.items()},
+            fetching=frozenset(self.fetching),
+            fetch_errors=dict(self.fetch_errors),
+            applied_weights=dict(self.applied_weights),
+            applied_mirror=self.applied_mirror,
+            observed_generation=self.observed_generation,
+            router_failure=self.router_error if (
+                self.router_error and now is not None
+                and now - self.router_error_since >= ROUTER_FAILS_AFTER) else "",
+        )
+
+
+# Slot statuses with a reconciler timer running (start timeout, drain time) or an end to await.
+_MOVING = frozenset({"starting", "draining", "stopping", "fetching"})
+
+
+Services = dict[str, Service]  # by name; shared by the manager's parts
+
+
+def settled(view: ServiceView) -> bool:
+    """Whether no timer of ``reconcile`` can fire for this view: nothing fetching or waiting to
+    retry a fetch, no slot starting, draining or stopping. A settled service changes only through
+    a wake (desired state, slot event, router stats), so the loop may sleep for ``IDLE_TICK``."""
+    return (not view.fetching and not view.fetch_errors
+            and not any(v.status in _MOVING for v in view.slots.values()))

@@ -1,0 +1,326 @@
+"""The service manager: the async shell around the pure reconciler.
+
+Theory of operation. ``ServiceManager.run`` owns every task in one TaskGroup:
+
+- *watch*: ``bus.watch(desired, "<node>.*")`` (it survives reconnects); each value is a signed
+  envelope, verified against the trusted keys, the node and the service, and accepted only if its
+  generation is newer than the accepted one. Anything else is refused with an ``agent.refused``
+  event saying why, and changes nothing. A full re-read every ``REREAD`` seconds is a safety net.
+- *reconcile*: on every change (a wake: new desired state, slot event, fetch done, fresh router
+  stats) and, as a safety net, every ``tick`` seconds while something is in motion or every
+  ``IDLE_TICK`` seconds once every service is settled (``settled``: no timer of the reconciler can
+  fire), per service, build the local view, call ``reconcile`` and carry out its actions; then
+  write the state file if it changed and the ObservedState if it changed (and every
+  ``OBSERVE_EVERY`` seconds, with the router's stats). An idle agent thus passes once per stats
+  fetch instead of five times a second.
+  Actions that take long (fetch, stop, fail) run as their own tasks so that one slow service never
+  holds the others; the view says "fetching"/"stopping" meanwhile, so the reconciler waits.
+- *runners*: one ``SlotRunner.run`` task per slot process; cancelling them leaves the processes
+  alive (they outlive the agent by design).
+- *events*: slot and refusal events are queued and published to the events stream in order.
+
+On start the state file is loaded: accepted envelopes are verified again, slot processes are
+adopted by pid + create_time, and each router is found again on its control socket. Then the loop
+converges from there: nothing is started twice.
+
+Every await on the bus or a router is bounded (the bus and RouterClient have timeouts; the rest
+uses ``asyncio.timeout``). Bus errors are weather: logged once and retried on the next pass.
+
+The manager is composed of one object per concern, sharing the ``services`` map and a ``wake``
+event: ``DesiredWatch`` (``desired``: what is accepted), ``RouterLink`` (``routing``: each
+service's router), ``ObservedWriter`` (``observed``: what is reported), ``Restorer``
+(``restore``: the state file and adoption) and ``EventQueue`` (``events``). Here are the tasks,
+the loop and the actions the reconciler asks for. The clock (``clock``, seconds since the epoch)
+is an argument, for tests in virtual time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Collection
+from pathlib import Path
+
+from agent.edge import Edge
+from agent.errors import ReleaseError
+from agent.host.identity import RunAs
+from agent.host.releases import ReleaseCache
+from agent.host.slots import SlotRunner, SlotSpec, free_port
+from agent.manager.desired import DesiredWatch
+from agent.manager.events import EventQueue
+from agent.manager.observed import ObservedWriter
+from agent.manager.restore import Restorer
+from agent.manager.routing import RouterLink
+from agent.manager.service import (
+    IDLE_TICK,
+    PRUNE_EVERY,
+    TICK,
+    NodeConfig,
+    Release,
+    Service,
+    Services,
+    settled,
+)
+from agent.reconcile import (
+    Action,
+    Drain,
+    Fail,
+    Fetch,
+    FetchError,
+    ReleaseInfo,
+    Resume,
+    Route,
+    Start,
+    Stop,
+    reconcile,
+)
+from protocol.bus import Bus
+from protocol.errors import ProtocolError
+from protocol.manifest import MANIFEST_NAME, load_manifest
+from protocol.messages import (
+    ReleaseRef,
+    ServiceSummary,
+    SlotProcess,
+)
+
+log = logging.getLogger("fleetwave.agent.services")
+
+
+class ServiceManager:
+    """Runs this node's services as its desired states say; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        bus: Bus,
+        fleet: str,
+        node: str,
+        data_dir: Path,
+        bind_host: str,
+        trusted_keys: Collection[str],
+        tick: float = TICK,
+        idle_tick: float = IDLE_TICK,
+        run_as: RunAs | None = None,
+        edge: Edge | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = NodeConfig(
+            fleet=fleet, node=node, data_dir=Path(data_dir), bind_host=bind_host,
+            trusted_keys=frozenset(trusted_keys), run_as=run_as, edge=edge or Edge(),
+        )
+        self.bus = bus
+        self.tick = tick
+        self.idle_tick = idle_tick
+        self.clock = clock
+        self.cache = ReleaseCache(self.config.data_dir / "releases")
+        self.services: Services = {}
+        self.wake = asyncio.Event()  # something changed: reconcile now
+        self.events = EventQueue(bus, fleet, node, clock=clock)
+        self.desired = DesiredWatch(bus, self.config, self.services, self.events, self.wake)
+        self.routers = RouterLink(self.config, self.services, self.wake, clock=clock)
+        self.observed = ObservedWriter(bus, self.config, self.services, clock=clock)
+        self.restorer = Restorer(self.config, self.services, self.cache, self.routers,
+                                 clock=clock)
+        self._tg: asyncio.TaskGroup | None = None
+        self._pruned_at = 0.0
+
+    # -- daemon interface -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Adopt what the state file remembers, then converge for ever (until cancelled)."""
+        adopted = await self.restorer.restore(self._on_slot)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                for runner in adopted:
+                    tg.create_task(
+                        runner.run(), name=f"slot-{runner.spec.service}-{runner.spec.slot}"
+                    )
+                tg.create_task(self.desired.watch(), name="desired-watch")
+                tg.create_task(self.desired.reread(), name="desired-reread")
+                tg.create_task(self.events.run(), name="events")
+                tg.create_task(self.routers.stats_loop(), name="router-stats")
+                tg.create_task(self.observed.run(), name="observed")
+                await self._reconcile_loop()
+        finally:
+            self._tg = None
+            with contextlib.suppress(OSError):
+                self.restorer.save_now()
+
+    def summary(self) -> tuple[list[ServiceSummary], list[SlotProcess]]:
+        """Services and slot processes for the next heartbeat."""
+        services: list[ServiceSummary] = []
+        procs: list[SlotProcess] = []
+        for svc in self.services.values():
+            healthy = [r for r in svc.runners.values() if r.status == "healthy"]
+            serving = sorted(healthy, key=lambda r: -svc.applied_weights.get(r.spec.slot, 0))
+            services.append(
+                ServiceSummary(
+                    service=svc.name,
+                    version=serving[0].spec.manifest.version if serving else "",
+                    healthy=bool(serving),
+                    generation=svc.desired.generation if svc.desired else 0,
+                    observed_generation=svc.observed_generation,
+                )
+            )
+            for r in svc.runners.values():
+                if r.status in ("stopped", "failed") and not r.alive:
+                    continue
+                rss, cpu = r.figures()
+                procs.append(
+                    SlotProcess(
+                        service=svc.name,
+                        slot=r.spec.slot,
+                        version=r.spec.manifest.version,
+                        pid=r.pid,
+                        rss=rss,
+                        cpu_percent=cpu,
+                        restarts=r.restarts,
+                    )
+                )
+        return services, procs
+
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    async def _reconcile_loop(self) -> None:
+        busy = True
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), self.tick if busy else self.idle_tick)
+            self.wake.clear()
+            busy = False
+            for svc in list(self.services.values()):
+                try:
+                    view = svc.view()
+                    actions = reconcile(svc.desired, view, self.clock())
+                    busy = busy or bool(actions) or not settled(view)
+                    for action in actions:
+                        await self._do(svc, action)
+                    self.observed.observe(svc)
+                except Exception:
+                    # A bug in one service's pass must not stop the others (nor the agent);
+                    # the next pass tries again from the view, which is level-triggered.
+                    busy = True
+                    log.exception("reconciling %s failed; retrying on the next pass", svc.name)
+            try:
+                await self.restorer.save()
+            except OSError as exc:
+                log.error("cannot write the agent state %s: %s", self.restorer.state_path, exc)
+            self._prune()
+
+    def _prune(self) -> None:
+        """Drop unpacked releases nobody runs or wants, keeping the cache's recent few."""
+        now = self.clock()
+        if now - self._pruned_at < PRUNE_EVERY:
+            return
+        self._pruned_at = now
+        in_use: set[str] = set()
+        for svc in self.services.values():
+            in_use |= {r.spec.digest for r in svc.runners.values()}
+            in_use |= set(svc.fetching)
+            if svc.desired is not None:
+                in_use |= {ref.digest for ref in svc.desired.slots.values()}
+        try:
+            self.cache.prune(in_use)
+        except OSError as exc:
+            log.warning("cannot prune the release cache: %s", exc)
+
+    async def _do(self, svc: Service, action: Action) -> None:
+        tg = self._tg
+        assert tg is not None  # only called from inside run()
+        match action:
+            case Fetch(release=ref):
+                svc.fetching.add(ref.digest)
+                tg.create_task(self._fetch(svc, ref), name=f"fetch-{ref.digest[:16]}")
+            case Start(slot=slot, release=ref, generation=gen):
+                self._start(svc, slot, ref, gen)
+            case Fail(slot=slot, reason=reason):
+                runner = svc.runners[slot]
+                tg.create_task(runner.fail(reason), name=f"fail-{svc.name}-{slot}")
+            case Route(weights=weights, mirror=mirror):
+                await self.routers.route(svc, dict(weights), mirror)
+            case Drain(slot=slot):
+                svc.runners[slot].drain()
+                self.events.emit("slot.draining", svc.name, f"slot {slot} drains", slot=slot)
+            case Resume(slot=slot):
+                svc.runners[slot].resume()
+            case Stop(slot=slot, timeout=timeout):
+                runner = svc.runners[slot]
+                runner.status = "stopping"  # at once, so the next pass waits for it
+                tg.create_task(runner.stop(timeout), name=f"stop-{svc.name}-{slot}")
+
+    async def _fetch(self, svc: Service, ref: ReleaseRef) -> None:
+        try:
+            path = await self.cache.ensure(self.bus, self.config.fleet, ref)
+            manifest = await asyncio.to_thread(load_manifest, path / MANIFEST_NAME)
+            if manifest.name != svc.name:
+                raise ReleaseError(f"bundle is for service {manifest.name!r}, not {svc.name!r}")
+        except (ReleaseError, ProtocolError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or str(exc)
+            transient = isinstance(exc, ReleaseError) and exc.transient
+            svc.fetch_errors[ref.digest] = FetchError(reason, self.clock(), transient)
+            log.warning("cannot fetch %s %s: %s", ref.service, ref.version, reason)
+            self.events.emit("release.failed", svc.name, reason, version=ref.version)
+        else:
+            svc.fetch_errors.pop(ref.digest, None)
+            info = ReleaseInfo(
+                ref.digest,
+                port=manifest.port,
+                start_timeout=manifest.health.start_timeout,
+                drain=manifest.stop.drain,
+                stop_timeout=manifest.stop.timeout,
+            )
+            svc.releases[ref.digest] = Release(path, manifest, info, ref)
+        finally:
+            svc.fetching.discard(ref.digest)
+            self.wake.set()
+
+    def _start(self, svc: Service, slot: str, ref: ReleaseRef, generation: int) -> None:
+        rel = svc.releases[ref.digest]
+        used = frozenset(
+            r.spec.port for r in svc.runners.values() if r.spec.port is not None and r.alive
+        )
+        port = free_port("127.0.0.1", used) if rel.manifest.port is not None else None
+        spec = SlotSpec(
+            service=svc.name,
+            slot=slot,
+            node=self.config.node,
+            release_dir=rel.path,
+            manifest=rel.manifest,
+            digest=ref.digest,
+            port=port,
+            log_dir=self.config.log_dir,
+            run_as=self.config.run_as,
+            generation=generation,
+        )
+        runner = SlotRunner(spec, self._on_slot, now=self.clock)
+        svc.runners[slot] = runner
+        svc.idle.pop(slot, None)
+        assert self._tg is not None
+        self._tg.create_task(runner.run(), name=f"slot-{svc.name}-{slot}")
+        log.info("starting %s %s in slot %s on port %s", svc.name, ref.version, slot, port)
+
+    def _on_slot(self, runner: SlotRunner, kind: str, message: str) -> None:
+        """Every slot runner's events: published, and the state saved at once on a start."""
+        spec = runner.spec
+        self.events.emit(
+            kind,
+            spec.service,
+            message,
+            slot=spec.slot,
+            version=spec.manifest.version,
+            pid=runner.pid,
+            last_exit=runner.last_exit,
+            restarts=runner.restarts,
+        )
+        if kind == "slot.started":
+            # Record the new pid at once: a kill before the end of this pass must not leave a
+            # process the restarted agent knows nothing of (find_orphans is the last resort).
+            try:
+                self.restorer.save_now()
+            except OSError as exc:
+                log.warning("cannot save the state file after starting a slot: %s", exc)
+        self.wake.set()

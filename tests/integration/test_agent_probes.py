@@ -1,0 +1,143 @@
+"""agent.host.probes against real local sockets and processes: http, tcp and exec attempts.
+
+The thresholds and the prober's pacing (pure) are in tests/unit/agent/host/test_probes.py."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from agent.host.probes import (
+    Prober,
+    exec_probe,
+    http_probe,
+    tcp_probe,
+)
+from protocol.manifest import HealthConfig
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], object]
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Callable[[bytes, float], asyncio.Future[int]]]:
+    servers: list[asyncio.Server] = []
+
+    async def start(answer: bytes, delay: float = 0.0) -> int:
+        async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            try:
+                await r.readuntil(b"\r\n\r\n")
+                await asyncio.sleep(delay)
+                w.write(answer)
+                await w.drain()
+            except (OSError, asyncio.IncompleteReadError):
+                pass  # the probe hung up first (tcp probe, timeout): fine
+            finally:
+                w.close()
+
+        srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+        servers.append(srv)
+        return int(srv.sockets[0].getsockname()[1])
+
+    yield start  # type: ignore[misc]
+    for s in servers:
+        s.close()
+        await s.wait_closed()
+
+
+async def test_http_2xx_and_3xx_pass(serve) -> None:
+    """A 200 and a 302 answer both pass."""
+    assert (await http_probe(await serve(b"HTTP/1.1 200 OK\r\n\r\n"), "/h", 1.0)).ok
+    assert (await http_probe(await serve(b"HTTP/1.0 302 Found\r\n\r\n"), "/h", 1.0)).ok
+
+
+async def test_http_5xx_fails_with_the_status(serve) -> None:
+    """A 503 fails and the reason names the status."""
+    r = await http_probe(await serve(b"HTTP/1.1 503 Unavailable\r\n\r\n"), "/h", 1.0)
+    assert not r.ok and "503" in r.reason
+
+
+async def test_http_garbage_fails(serve) -> None:
+    """An answer that is not HTTP fails."""
+    r = await http_probe(await serve(b"SSH-2.0-hello\r\n"), "/h", 1.0)
+    assert not r.ok and "not an HTTP answer" in r.reason
+
+
+async def test_http_slow_answer_times_out(serve) -> None:
+    """An answer later than the timeout fails."""
+    r = await http_probe(await serve(b"HTTP/1.1 200 OK\r\n\r\n", 2.0), "/h", 0.2)
+    assert not r.ok and "within 0.2s" in r.reason
+
+
+async def test_http_and_tcp_refused_connection_fail() -> None:
+    """Nothing listening: both fail with the OS reason."""
+    port = _free_port()
+    assert not (await http_probe(port, "/", 1.0)).ok
+    r = await tcp_probe(port, 1.0)
+    assert not r.ok and "refused" in r.reason.lower()
+
+
+async def test_tcp_connect_passes(serve) -> None:
+    """A listening socket passes the tcp probe."""
+    assert (await tcp_probe(await serve(b""), 1.0)).ok
+
+
+async def test_exec_exit_status(tmp_path: Path) -> None:
+    """Exit 0 passes; another status fails and is named."""
+    env = {"PATH": "/usr/bin:/bin"}
+    assert (await exec_probe([sys.executable, "-c", "pass"], tmp_path, env, 5)).ok
+    r = await exec_probe([sys.executable, "-c", "raise SystemExit(3)"], tmp_path, env, 5)
+    assert not r.ok and "exit status 3" in r.reason
+
+
+async def test_exec_timeout_kills_the_probe(tmp_path: Path) -> None:
+    """A probe that hangs is killed at the timeout and fails."""
+    r = await exec_probe([sys.executable, "-c", "import time; time.sleep(30)"], tmp_path, {}, 0.3)
+    assert not r.ok and "no exit within" in r.reason
+
+
+async def test_exec_missing_program_fails(tmp_path: Path) -> None:
+    """A probe program that does not exist fails with the OS reason."""
+    r = await exec_probe([str(tmp_path / "nope")], tmp_path, {}, 1)
+    assert not r.ok
+
+
+async def test_prober_reports_health_changes(tmp_path: Path) -> None:
+    """The probe loop reports healthy once the thresholds are met, and unhealthy after."""
+    flag = tmp_path / "ok"
+    flag.touch()
+    check = [
+        sys.executable,
+        "-c",
+        f"import os,sys; sys.exit(0 if os.path.exists({str(flag)!r}) else 1)",
+    ]
+    health = HealthConfig(
+        exec=check, interval=0.05, timeout=5, healthy_threshold=2, unhealthy_threshold=2
+    )
+    changes: asyncio.Queue[tuple[bool, str]] = asyncio.Queue()
+
+    async def on_change(healthy: bool, reason: str) -> None:
+        await changes.put((healthy, reason))
+
+    p = Prober(health, None, tmp_path, {}, on_change)
+    task = asyncio.create_task(p.run())
+    try:
+        assert (await asyncio.wait_for(changes.get(), 10))[0] is True
+        flag.unlink()
+        healthy, reason = await asyncio.wait_for(changes.get(), 10)
+        assert healthy is False and "exit status 1" in reason
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task

@@ -1,0 +1,291 @@
+"""Slot supervision: real processes started, probed, restarted, failed, stopped and adopted."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import os
+import shutil
+import sys
+import urllib.request
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import psutil
+import pytest
+
+from agent.host import probes
+from agent.host.processes import process_matches
+from agent.host.slots import (
+    CrashPolicy,
+    SlotRunner,
+    SlotSpec,
+    free_port,
+)
+from protocol.manifest import HealthConfig, HooksConfig, Manifest, StopConfig
+
+HELLO = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "hello" / "1.0.0"
+
+
+@pytest.fixture
+def release(tmp_path: Path) -> Path:
+    d = tmp_path / "release"
+    shutil.copytree(HELLO, d)
+    return d
+
+
+def _manifest(
+    release: Path,
+    *,
+    env: dict[str, str] | None = None,
+    command: list[str] | None = None,
+    hooks: HooksConfig | None = None,
+    stop_timeout: float = 5.0,
+) -> Manifest:
+    return Manifest(
+        name="hello",
+        version="1.0.0",
+        port=8080,
+        command=command or [sys.executable, "app.py"],
+        env=env or {},
+        health=HealthConfig(
+            http="/healthz", interval=0.05, timeout=1, healthy_threshold=1, unhealthy_threshold=2
+        ),
+        stop=StopConfig(drain=0.1, timeout=stop_timeout),
+        hooks=hooks or HooksConfig(),
+    )
+
+
+class Events:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+        self.changed = asyncio.Event()
+
+    def __call__(self, runner: SlotRunner, kind: str, message: str) -> None:
+        self.seen.append((kind, message))
+        self.changed.set()
+
+    async def until(self, cond: Callable[[], bool], timeout: float = 20.0) -> None:
+        async with asyncio.timeout(timeout):
+            while not cond():
+                self.changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.changed.wait(), 0.1)
+
+
+@pytest.fixture
+async def runners() -> AsyncIterator[list[tuple[SlotRunner, asyncio.Task[None]]]]:
+    made: list[tuple[SlotRunner, asyncio.Task[None]]] = []
+    gc.collect()
+    yield made
+    for r, t in made:
+        t.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await t
+        if r.pid is not None and r.create_time and process_matches(r.pid, r.create_time):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(r.pid, 9)
+        if r._proc is not None:
+            await asyncio.wait_for(r._proc.wait(), 5)
+    await _reaped()
+    gc.collect()  # a child nobody reaped would warn now, in the test that leaked it
+
+
+async def _reaped() -> None:
+    """Wait (bounded) for background kills of cancelled hooks and probes to reap their child."""
+    async with asyncio.timeout(10):
+        await asyncio.gather(*probes._reaping, return_exceptions=True)
+
+
+def _spec(release: Path, tmp_path: Path, manifest: Manifest, slot: str = "a") -> SlotSpec:
+    return SlotSpec(
+        service="hello",
+        slot=slot,
+        node="n1",
+        release_dir=release,
+        manifest=manifest,
+        digest="sha256:x",
+        port=free_port(),
+        log_dir=tmp_path / "logs",
+    )
+
+
+def _start(runners: list, spec: SlotSpec, events: Events, **kw) -> SlotRunner:
+    r = SlotRunner(spec, events, **kw)
+    runners.append((r, asyncio.create_task(r.run())))
+    return r
+
+
+async def test_slot_starts_healthy_with_its_env_in_its_own_session(
+    release, tmp_path, runners
+) -> None:
+    """The process gets PORT and FLEETWAVE_* env, its own session, and becomes healthy."""
+    ev = Events()
+    spec = _spec(release, tmp_path, _manifest(release, env={"GREETING": "hey"}))
+    r = _start(runners, spec, ev)
+    await ev.until(lambda: r.status == "healthy")
+    assert r.pid is not None and os.getsid(r.pid) == r.pid
+    body = await asyncio.to_thread(
+        lambda: urllib.request.urlopen(f"http://127.0.0.1:{spec.port}/", timeout=5).read()
+    )
+    assert b'"slot": "a"' in body or b'"slot":"a"' in body
+    assert b"hey" in body and b"n1" in body
+    assert [k for k, _ in ev.seen][:2] == ["slot.started", "slot.healthy"]
+    rss, _cpu = r.figures()
+    assert rss > 0
+
+
+async def test_stop_terminates_and_reaps(release, tmp_path, runners) -> None:
+    """stop() sends SIGTERM, the process exits and is reaped, the slot is stopped."""
+    ev = Events()
+    r = _start(runners, _spec(release, tmp_path, _manifest(release)), ev)
+    await ev.until(lambda: r.status == "healthy")
+    pid = r.pid
+    await asyncio.wait_for(r.stop(5.0), 10)
+    assert r.status == "stopped" and r.last_exit == 0
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+
+
+async def test_stop_kills_a_process_that_ignores_sigterm(release, tmp_path, runners) -> None:
+    """A process ignoring SIGTERM is SIGKILLed after stop.timeout."""
+    (release / "stubborn.py").write_text(
+        "import signal, time, pathlib\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "pathlib.Path('ready').touch()\ntime.sleep(60)\n"
+    )
+    m = _manifest(release, command=[sys.executable, "stubborn.py"])
+    m.health.http = None  # healthy once the SIGTERM handler is in place
+    m.health.exec = [sys.executable, "-c", "import os,sys; sys.exit(not os.path.exists('ready'))"]
+    ev = Events()
+    r = _start(runners, _spec(release, tmp_path, m), ev)
+    await ev.until(lambda: r.status == "healthy")
+    await asyncio.wait_for(r.stop(0.5), 10)
+    assert r.status == "stopped" and r.last_exit == -9
+
+
+async def test_crash_loop_fails_with_the_last_exit_status(release, tmp_path, runners) -> None:
+    """A service that keeps exiting is restarted with backoff, then fails naming its status."""
+    ev = Events()
+    m = _manifest(release, env={"CRASH_AFTER_S": "0.05"})
+    r = _start(
+        runners,
+        _spec(release, tmp_path, m),
+        ev,
+        policy=CrashPolicy(max_restarts=3, window=60, first=0.05, cap=0.2),
+    )
+    await ev.until(lambda: r.status == "failed")
+    assert r.restarts == 3
+    assert "crash loop" in r.reason and "exited with status 3" in r.reason
+    assert r.last_exit == 3
+    assert [k for k, _ in ev.seen].count("slot.crashed") == 3
+
+
+async def test_failing_pre_start_hook_fails_the_slot(release, tmp_path, runners) -> None:
+    """A pre_start hook that fails keeps the service from starting and names status and output."""
+    (release / "migrate.py").write_text(
+        "print('migrating'); print('db locked'); raise SystemExit(4)\n"
+    )
+    ev = Events()
+    m = _manifest(release, hooks=HooksConfig(pre_start=[sys.executable, "migrate.py"]))
+    r = _start(runners, _spec(release, tmp_path, m), ev)
+    await ev.until(lambda: r.status == "failed")
+    assert r.pid is None
+    assert r.reason == "hooks.pre_start exited with status 4: db locked"
+
+
+async def test_hung_hook_is_killed_at_its_timeout(release, tmp_path, runners) -> None:
+    """A hook that does not finish within hooks.timeout is killed and fails the slot."""
+    ev = Events()
+    hooks = HooksConfig(
+        pre_start=[sys.executable, "-c", "import time; time.sleep(60)"], timeout=0.3
+    )
+    r = _start(runners, _spec(release, tmp_path, _manifest(release, hooks=hooks)), ev)
+    await ev.until(lambda: r.status == "failed")
+    assert "did not finish within 0.3s" in r.reason
+
+
+async def test_failing_validate_hook_fails_after_health(release, tmp_path, runners) -> None:
+    """validate runs once probes pass; failing it fails the slot and stops the process."""
+    ev = Events()
+    hooks = HooksConfig(
+        validate=[sys.executable, "-c", "print('smoke failed'); raise SystemExit(1)"]
+    )
+    r = _start(runners, _spec(release, tmp_path, _manifest(release, hooks=hooks)), ev)
+    await ev.until(lambda: r.status == "failed")
+    assert r.reason == "hooks.validate exited with status 1: smoke failed"
+    assert "slot.healthy" not in [k for k, _ in ev.seen]
+    await ev.until(lambda: r._proc is not None and r._proc.returncode is not None)
+
+
+async def test_missing_program_fails_the_slot(release, tmp_path, runners) -> None:
+    """A command that cannot be executed fails the slot with the OS reason."""
+    ev = Events()
+    m = _manifest(release, command=["./does-not-exist"])
+    r = _start(runners, _spec(release, tmp_path, m), ev)
+    await ev.until(lambda: r.status == "failed")
+    assert "cannot start ./does-not-exist" in r.reason
+
+
+async def test_process_survives_the_supervisor_and_is_adopted(release, tmp_path, runners) -> None:
+    """Cancelling the supervisor leaves the process running; adopt() finds it by pid+create_time."""
+    ev = Events()
+    spec = _spec(release, tmp_path, _manifest(release))
+    r = _start(runners, spec, ev)
+    await ev.until(lambda: r.status == "healthy")
+    runners[-1][1].cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await runners[-1][1]
+    assert r.pid is not None and r.create_time is not None
+    assert process_matches(r.pid, r.create_time)
+
+    assert SlotRunner.adopt(spec, r.pid, r.create_time + 5, ev, status="healthy", since=0) is None
+    adopted = SlotRunner.adopt(spec, r.pid, r.create_time, ev, status="healthy", since=1.0)
+    assert adopted is not None and adopted.status == "healthy"
+    runners.append((adopted, asyncio.create_task(adopted.run())))
+    await asyncio.wait_for(adopted.stop(5.0), 10)
+    assert adopted.status == "stopped"
+    await asyncio.wait_for(r._proc.wait(), 5)  # we are still its parent in this test: reap it
+    assert not process_matches(r.pid, r.create_time)
+
+
+async def test_adopted_process_exit_is_noticed_and_restarted(release, tmp_path, runners) -> None:
+    """An adopted process that dies is seen by polling and the slot is started again."""
+    ev = Events()
+    spec = _spec(release, tmp_path, _manifest(release))
+    r = _start(runners, spec, ev)
+    await ev.until(lambda: r.status == "healthy")
+    runners[-1][1].cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await runners[-1][1]
+    adopted = SlotRunner.adopt(spec, r.pid, r.create_time, ev, status="healthy", since=1.0)
+    assert adopted is not None
+    adopted.policy = CrashPolicy(first=0.05)
+    runners.append((adopted, asyncio.create_task(adopted.run())))
+    os.killpg(r.pid, 9)
+    await asyncio.wait_for(r._proc.wait(), 5)
+    await ev.until(lambda: adopted.restarts == 1 and adopted.status == "healthy")
+    assert adopted.pid != r.pid
+
+
+@pytest.mark.parametrize("how", ["stop", "fail"])
+async def test_stop_or_fail_during_pre_start_hook_starts_no_process(
+    how: str, release, tmp_path, runners
+) -> None:
+    """A slot stopped or failed while its pre_start hook runs never spawns the service after it."""
+    hooks = HooksConfig(
+        pre_start=[
+            sys.executable, "-c",
+            "import pathlib, time; pathlib.Path('hook-started').touch(); time.sleep(1)",
+        ]
+    )
+    ev = Events()
+    r = _start(runners, _spec(release, tmp_path, _manifest(release, hooks=hooks)), ev)
+    await ev.until(lambda: (release / "hook-started").exists())
+    if how == "stop":
+        await asyncio.wait_for(r.stop(1.0), 10)
+    else:
+        await asyncio.wait_for(r.fail("not healthy in time"), 10)
+    await asyncio.wait_for(asyncio.shield(runners[-1][1]), 20)
+    assert r.pid is None and r._proc is None
+    assert r.status == ("stopped" if how == "stop" else "failed")
+    assert "slot.started" not in [k for k, _ in ev.seen]

@@ -1,0 +1,503 @@
+"""agent.router.client and proxy: the fast path and its hand-overs, in-process on real sockets.
+
+A ``Proxy`` listens on a real socket in the test's event loop; upstreams are small scripted asyncio
+servers whose misbehaviour each test chooses (close a reused connection, hang, send too much, die
+mid-body). The router process as a whole is covered by tests/integration/test_router.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+import agent.router.client as client_mod
+import agent.router.proxy as proxy_mod
+from agent.router.client import HIGH_WATER
+from agent.router.control import RouterConfig, Upstream
+from agent.router.proxy import Proxy
+from agent.router.routing import build_routing
+
+# handler(conn_no, req_no, head, reader, writer) -> True to keep the connection open
+Handler = Callable[
+    [int, int, bytes, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[bool]
+]
+
+
+def ok(body: bytes, *, extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
+
+
+@dataclass
+class Scripted:
+    """An upstream server that lets ``handler`` answer each request head."""
+
+    handler: Handler
+    port: int = 0
+    conns: int = 0
+    requests: int = 0
+    writers: list[asyncio.StreamWriter] = field(default_factory=list)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    server: asyncio.Server | None = None
+
+    async def start(self) -> Scripted:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.conns += 1
+        conn_no, req_no = self.conns, 0
+        self.writers.append(writer)
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                req_no += 1
+                self.requests += 1
+                if not await self.handler(conn_no, req_no, head, reader, writer):
+                    break
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        except asyncio.CancelledError:
+            pass  # stop() ends a handler that is still waiting (a hanging upstream)
+        finally:
+            self.tasks.discard(task)
+            writer.close()
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for w in self.writers:
+            w.close()
+        tasks = list(self.tasks)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks)
+        await self.server.wait_closed()
+
+
+def path_of(head: bytes) -> bytes:
+    return head.split(b" ", 2)[1]
+
+
+async def echo_path(c: int, r: int, head: bytes, _: object, w: asyncio.StreamWriter) -> bool:
+    w.write(ok(b"%s conn=%d" % (path_of(head), c)))
+    return True
+
+
+@dataclass
+class Rig:
+    proxy: Proxy
+    port: int
+    upstreams: list[Scripted]
+
+    async def upstream(self, handler: Handler, weight: int = 1, slot: str = "a") -> Scripted:
+        up = await Scripted(handler).start()
+        self.upstreams.append(up)
+        routing = build_routing(
+            RouterConfig(
+                service="svc", listen_host="127.0.0.1", listen_port=self.port,
+                upstreams=[Upstream(slot=slot, port=up.port, weight=weight, healthy=True)],
+            )
+        )
+        self.proxy.apply(routing)
+        return up
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[Rig]:
+    proxy = Proxy()
+    proxy.start()
+    server = await asyncio.get_running_loop().create_server(proxy.protocol, "127.0.0.1", 0)
+    r = Rig(proxy, server.sockets[0].getsockname()[1], [])
+    try:
+        yield r
+    finally:
+        server.close()
+        await proxy.close()
+        for pool in proxy.pools.values():
+            pool.close()
+        for up in r.upstreams:
+            await up.stop()
+        await server.wait_closed()
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bytes]:
+    """(status, head, body) of one Content-Length response."""
+    async with asyncio.timeout(10):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        body = await reader.readexactly(length)
+    return int(head.split(b" ")[1]), head, body
+
+
+async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", port)
+
+
+def get(path: str, extra: str = "") -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode()
+
+
+async def until(pred: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``pred`` until it holds (bounded)."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+async def test_pipelined_requests_are_answered_in_order(rig: Rig) -> None:
+    """Five requests in one write, one with a body, get five answers in request order."""
+    await rig.upstream(echo_path)
+    reader, writer = await connect(rig.port)
+    post = b"POST /p3 HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
+    writer.write(get("/p1") + get("/p2") + post + get("/p4") + get("/p5"))
+    paths = []
+    for _ in range(5):
+        status, _, body = await read_response(reader)
+        assert status == 200
+        paths.append(body.split(b" ")[0])
+    writer.close()
+    assert paths == [b"/p1", b"/p2", b"/p3", b"/p4", b"/p5"]
+    assert rig.proxy.slots["a"].requests == 5
+
+
+async def test_keepalive_requests_reuse_one_upstream_connection(rig: Rig) -> None:
+    """After the first request, a keep-alive client's requests ride one pooled connection."""
+    up = await rig.upstream(echo_path)
+    reader, writer = await connect(rig.port)
+    for i in range(20):
+        writer.write(get(f"/{i}"))
+        status, _, body = await read_response(reader)
+        assert (status, body) == (200, f"/{i} conn=1".encode())
+    writer.close()
+    assert up.conns == 1 and up.requests == 20
+
+
+async def test_stale_pooled_connection_is_retried_on_a_fresh_one(rig: Rig) -> None:
+    """An upstream closing a reused connection before answering costs the client nothing."""
+
+    async def first_only(c: int, r: int, head: bytes, _: object, w: asyncio.StreamWriter) -> bool:
+        if r > 1:
+            return False  # close without a byte of response
+        w.write(ok(b"conn=%d" % c))
+        return True
+
+    up = await rig.upstream(first_only)
+    reader, writer = await connect(rig.port)
+    for _ in range(4):
+        writer.write(get("/"))
+        status, _, body = await read_response(reader)
+        assert status == 200, body
+    writer.close()
+    assert up.conns == 4  # every reused connection failed once and a fresh one answered
+    assert rig.proxy.slots["a"].failures == 3
+    assert rig.proxy.slots["a"].requests == 4 and rig.proxy.slots["a"].errors == 0
+
+
+async def test_bytes_past_the_body_keep_a_connection_out_of_the_pool(rig: Rig) -> None:
+    """An upstream sending more than its Content-Length has its connection dropped, not reused."""
+
+    async def too_much(c: int, r: int, head: bytes, _: object, w: asyncio.StreamWriter) -> bool:
+        w.write(ok(b"right") + b"garbage")
+        return True
+
+    up = await rig.upstream(too_much)
+    reader, writer = await connect(rig.port)
+    for _ in range(3):
+        writer.write(get("/"))
+        status, _, body = await read_response(reader)
+        assert (status, body) == (200, b"right")
+    writer.close()
+    await until(lambda: up.conns == 3)
+    pool = next(iter(rig.proxy.pools.values()))
+    assert pool.idle == 0
+
+
+async def test_a_small_body_written_after_its_head_reaches_the_client_in_one_write(
+    rig: Rig,
+) -> None:
+    """A head and a small body the upstream writes apart are held, then sent together; the
+    upstream connection stays pooled."""
+    go = asyncio.Event()
+
+    async def split(c: int, r: int, head: bytes, _: object, w: asyncio.StreamWriter) -> bool:
+        if r != 2:
+            w.write(ok(b"plain"))
+            return True
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+        await w.drain()
+        await go.wait()
+        w.write(b"split")
+        await w.drain()
+        w.write(b" body")
+        return True
+
+    up = await rig.upstream(split)
+    reader, writer = await connect(rig.port)
+    writer.write(get("/warm"))
+    assert (await read_response(reader))[2] == b"plain"
+    writer.write(get("/split"))
+    client = next(iter(rig.proxy.clients))
+    await until(lambda: client.held is not None)
+    assert client.held is not None and client.held[0].startswith(b"HTTP/1.1 200 OK\r\n")
+    go.set()
+    status, _, body = await read_response(reader)
+    assert (status, body) == (200, b"split body")
+    writer.write(get("/after"))
+    assert (await read_response(reader))[2] == b"plain"
+    writer.close()
+    assert client.held is None and up.conns == 1 and rig.proxy.slots["a"].requests == 3
+
+
+async def test_large_response_pauses_the_upstream_while_the_client_does_not_read(
+    rig: Rig,
+) -> None:
+    """A 64 MiB body to a client that stops reading is held back upstream, then arrives whole."""
+    big = os.urandom(64 * 1024 * 1024)
+
+    async def large(c: int, r: int, head: bytes, _: object, w: asyncio.StreamWriter) -> bool:
+        if r == 1:
+            w.write(ok(b"warm"))  # the first exchange pools the connection
+        else:
+            w.write(ok(big))
+        return True
+
+    up = await rig.upstream(large)
+    reader, writer = await connect(rig.port)
+    writer.write(get("/warm"))
+    assert (await read_response(reader))[2] == b"warm"
+    writer.write(get("/big"))
+    # The client reads nothing: the router must stop reading the upstream rather than buffer
+    # the body. Watch for a second that what the router holds stays bounded.
+    (client,) = rig.proxy.clients
+    held = 0
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        assert client.transport is not None
+        held = max(held, client.transport.get_write_buffer_size())
+        await asyncio.sleep(0.01)
+    assert held < HIGH_WATER + 2 * 1024 * 1024
+    # Socket buffers on loopback take some MiB; the rest is still upstream.
+    assert up.writers[0].transport.get_write_buffer_size() > 32 * 1024 * 1024
+    status, _, body = await read_response(reader)
+    writer.close()
+    assert status == 200 and hashlib.sha256(body).digest() == hashlib.sha256(big).digest()
+    assert rig.proxy.slots["a"].requests == 2
+
+
+async def test_upstream_dying_mid_body_cuts_the_client_and_counts(rig: Rig) -> None:
+    """A body cut short upstream closes the client connection; the slot counts a 502."""
+
+    async def cut(c: int, r: int, head: bytes, _: object, w: asyncio.StreamWriter) -> bool:
+        if r == 1:
+            w.write(ok(b"warm"))
+            return True
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b")
+        await w.drain()
+        return False
+
+    await rig.upstream(cut)
+    reader, writer = await connect(rig.port)
+    writer.write(get("/warm"))
+    await read_response(reader)
+    writer.write(get("/cut"))
+    async with asyncio.timeout(10):
+        head = await reader.readuntil(b"\r\n\r\n")
+        rest = await reader.read()  # until the router closes the connection
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 200") and rest == b"only ten b"
+    c = rig.proxy.slots["a"]
+    assert c.failures == 1 and c.errors == 1 and c.requests == 2
+
+
+async def test_client_leaving_mid_response_drops_that_upstream_connection(rig: Rig) -> None:
+    """A client gone mid-body costs its upstream connection; the next client is served."""
+    big = os.urandom(8 * 1024 * 1024)
+
+    async def large(c: int, r: int, head: bytes, _: object, w: asyncio.StreamWriter) -> bool:
+        w.write(ok(big if path_of(head) == b"/big" else b"small"))
+        return True
+
+    up = await rig.upstream(large)
+    reader, writer = await connect(rig.port)
+    writer.write(get("/small"))
+    await read_response(reader)
+    writer.write(get("/big"))
+    await reader.readuntil(b"\r\n\r\n")
+    writer.transport.abort()
+    await until(lambda: not rig.proxy.clients)
+    reader, writer = await connect(rig.port)
+    writer.write(get("/small"))
+    assert (await read_response(reader))[2] == b"small"
+    writer.close()
+    assert up.conns == 2  # the aborted exchange's connection was not reused
+
+
+async def test_fast_path_timeout_answers_504(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pooled upstream that never answers gets a 504 after the response timeout."""
+    monkeypatch.setattr(client_mod, "RESPONSE_TIMEOUT", 0.3)
+    monkeypatch.setattr(proxy_mod, "SWEEP_EVERY", 0.05)
+
+    async def hang(c: int, r: int, head: bytes, reader: object, w: asyncio.StreamWriter) -> bool:
+        if r == 1:
+            w.write(ok(b"warm"))
+            return True
+        await asyncio.sleep(30)  # never answers within the test
+        return False
+
+    await rig.upstream(hang)
+    reader, writer = await connect(rig.port)
+    writer.write(get("/warm"))
+    await read_response(reader)
+    started = time.monotonic()
+    writer.write(get("/hang"))
+    status, head, body = await read_response(reader)
+    writer.close()
+    assert status == 504 and b"did not answer" in body and b"Connection: close" in head
+    assert time.monotonic() - started < 5
+    assert rig.proxy.slots["a"].errors == 1
+
+
+async def test_idle_client_is_closed_after_the_idle_timeout(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that sends nothing (or half a head) is disconnected by the sweeper."""
+    monkeypatch.setattr(client_mod, "IDLE_TIMEOUT", 0.2)
+    monkeypatch.setattr(proxy_mod, "SWEEP_EVERY", 0.05)
+    await rig.upstream(echo_path)
+    reader, writer = await connect(rig.port)
+    writer.write(b"GET / HTTP/1.1\r\nHo")
+    async with asyncio.timeout(5):
+        assert await reader.read() == b""
+    writer.close()
+    await until(lambda: not rig.proxy.clients)
+
+
+async def test_interim_and_chunked_responses_are_handed_over(rig: Rig) -> None:
+    """1xx then a chunked response on a pooled connection reach the client intact."""
+
+    async def chunked(c: int, r: int, head: bytes, _: object, w: asyncio.StreamWriter) -> bool:
+        if r != 2:
+            w.write(ok(b"warm"))
+        else:
+            w.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n")
+            w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            w.write(b"3\r\nabc\r\n0\r\n\r\n")
+        return True
+
+    up = await rig.upstream(chunked)
+    reader, writer = await connect(rig.port)
+    writer.write(get("/"))
+    await read_response(reader)
+    writer.write(get("/"))
+    async with asyncio.timeout(10):
+        interim = await reader.readuntil(b"\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        body = await reader.readuntil(b"0\r\n\r\n")
+    writer.write(get("/"))
+    again = await read_response(reader)
+    writer.close()
+    assert interim.startswith(b"HTTP/1.1 103") and head.startswith(b"HTTP/1.1 200")
+    assert body == b"3\r\nabc\r\n0\r\n\r\n" and again[0] == 200
+    assert up.conns == 1  # the hand-over returned the connection to the pool
+
+
+async def test_half_closed_client_still_gets_its_answer(rig: Rig) -> None:
+    """A client that shuts down its sending side after the request still reads the response."""
+    await rig.upstream(echo_path)
+    reader, writer = await connect(rig.port)
+    writer.write(get("/a"))
+    await read_response(reader)  # the next request will be a fast-path one
+    writer.write(get("/b"))
+    writer.write_eof()
+    status, _, body = await read_response(reader)
+    async with asyncio.timeout(5):
+        assert await reader.read() == b""  # then the router closes
+    writer.close()
+    assert (status, body) == (200, b"/b conn=1")
+
+
+async def test_no_request_reaches_a_weight_zero_slot_on_the_fast_path(rig: Rig) -> None:
+    """Switching weights between keep-alive requests moves the very next request."""
+    a = await rig.upstream(echo_path, slot="a")
+    b = await Scripted(echo_path).start()
+    rig.upstreams.append(b)
+
+    def weights(wa: int, wb: int) -> None:
+        rig.proxy.apply(build_routing(RouterConfig(
+            service="svc", listen_host="127.0.0.1", listen_port=rig.port,
+            upstreams=[Upstream(slot="a", port=a.port, weight=wa, healthy=True),
+                       Upstream(slot="b", port=b.port, weight=wb, healthy=True)],
+        )))
+
+    reader, writer = await connect(rig.port)
+    for wa, wb in ((1, 0), (0, 1), (1, 0), (0, 1)):
+        weights(wa, wb)
+        for _ in range(5):
+            writer.write(get("/"))
+            await read_response(reader)
+    writer.close()
+    assert (a.requests, b.requests) == (10, 10)
+    assert rig.proxy.slots["a"].requests == rig.proxy.slots["b"].requests == 10
+
+
+async def test_a_head_split_into_tiny_segments_is_reassembled(rig: Rig) -> None:
+    """A request head sent a few bytes at a time (even 3) is served once it is whole."""
+    await rig.upstream(echo_path)
+    reader, writer = await connect(rig.port)
+    head = get("/split")
+    for i in range(0, len(head), 3):
+        writer.write(head[i : i + 3])
+        await writer.drain()
+        await asyncio.sleep(0.001)  # separate segments; the answer is awaited below, not timed
+    status, _, body = await read_response(reader)
+    writer.close()
+    assert (status, body) == (200, b"/split conn=1")
+
+
+async def test_drain_lets_a_fast_exchange_finish_and_closes_idle_clients(rig: Rig) -> None:
+    """When the proxy starts closing, an in-flight request still completes (with
+    Connection: close) and an idle keep-alive client is disconnected."""
+    release = asyncio.Event()
+
+    async def slow(c: int, r: int, head: bytes, _: object, w: asyncio.StreamWriter) -> bool:
+        if path_of(head) == b"/slow":
+            async with asyncio.timeout(10):
+                await release.wait()
+        w.write(ok(b"done"))
+        return True
+
+    await rig.upstream(slow)
+    busy_r, busy_w = await connect(rig.port)
+    idle_r, idle_w = await connect(rig.port)
+    for r, w in ((busy_r, busy_w), (idle_r, idle_w)):
+        w.write(get("/warm"))
+        await read_response(r)
+    busy_w.write(get("/slow"))
+    await until(lambda: any(c.busy for c in rig.proxy.clients))
+    rig.proxy.closing = True
+    rig.proxy.close_idle()
+    async with asyncio.timeout(5):
+        assert await idle_r.read() == b""  # the idle client is let go at once
+    release.set()
+    status, head, body = await read_response(busy_r)
+    async with asyncio.timeout(5):
+        assert await busy_r.read() == b""  # and the busy one after its answer
+    busy_w.close()
+    idle_w.close()
+    assert (status, body) == (200, b"done") and b"Connection: close" in head
+    await until(lambda: not rig.proxy.clients)

@@ -1,0 +1,76 @@
+"""agent.host.identity: what the agent's children inherit, and the checks on --service-user."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from agent.errors import FlagError
+from agent.flags import parse_flags
+from agent.host.identity import BASE_ENV, RunAs, child_env
+from protocol.errors import ProtocolError
+
+USER = RunAs("svc", 4242, 4242, "/home/svc")
+
+
+def test_child_env_keeps_only_the_base_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent's FLEETWAVE_NATS (and anything not in BASE_ENV) never reaches a child."""
+    monkeypatch.setenv("FLEETWAVE_NATS", "nats://u:pw@h")
+    monkeypatch.setenv("PATH", "/usr/bin")
+    env = child_env(None, {"PORT": "1"})
+    assert env["PATH"] == "/usr/bin" and env["PORT"] == "1"
+    assert set(env) <= {*BASE_ENV, "PORT"}
+
+
+def test_child_env_of_another_user_names_that_user(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HOME, USER and LOGNAME are the service user's, and ``extra`` wins over all."""
+    monkeypatch.setenv("HOME", "/root")
+    env = child_env(USER, {"LOGNAME": "custom"})
+    assert (env["HOME"], env["USER"], env["LOGNAME"]) == ("/home/svc", "svc", "custom")
+
+
+@pytest.mark.parametrize(
+    ("name", "needle"),
+    [("no-such-user-fw", "no user 'no-such-user-fw'"), ("root", "must not run as root"),
+     ("0", "must not run as root")],
+)
+def test_lookup_refuses_unknown_users_and_root(name: str, needle: str) -> None:
+    """An unknown user or root is refused with what to do."""
+    with pytest.raises(ProtocolError, match=needle):
+        RunAs.lookup(name)
+
+
+def test_lookup_needs_root_to_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An agent that is not root cannot run services as someone else, and is told so."""
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(ProtocolError, match="needs an agent started as root"):
+        RunAs.lookup("nobody")
+
+
+def test_cannot_read_names_the_directory_in_the_way() -> None:
+    """A 0700 directory of another owner above a file makes it unreadable, and is named."""
+    base = Path(tempfile.mkdtemp())  # in /tmp itself: pytest's tmp_path sits in a 0700 dir
+    try:
+        base.chmod(0o755)
+        shut = base / "shut"
+        shut.mkdir(mode=0o700)
+        (shut / "python").write_bytes(b"")
+        why = USER.cannot_read(shut / "python")
+        assert why is not None and str(shut) in why and "drwx------" in why
+        shut.chmod(0o755)
+        (shut / "python").chmod(0o644)
+        assert USER.cannot_read(shut / "python") is None
+        (shut / "python").chmod(0o640)
+        assert USER.cannot_read(shut / "python") is not None
+    finally:
+        shutil.rmtree(base)
+
+
+def test_service_user_flag_errors_are_usage_errors() -> None:
+    """--service-user with an unknown user stops the agent before it connects (exit 2)."""
+    with pytest.raises(FlagError, match=r"--service-user.*no user 'no-such-user-fw'"):
+        parse_flags(["--node-id", "n1", "--service-user", "no-such-user-fw"], environ={})

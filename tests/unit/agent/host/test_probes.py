@@ -1,0 +1,81 @@
+"""agent.host.probes, the pure parts: thresholds, and the prober's pacing with a fake sleep.
+
+The http, tcp and exec attempts against real sockets and processes are in
+tests/integration/test_agent_probes.py."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+import pytest
+
+from agent.host import probes
+from agent.host.probes import (
+    Prober,
+    ProbeResult,
+    Thresholds,
+    probe_once,
+)
+from protocol.manifest import HealthConfig
+
+
+def test_thresholds_need_consecutive_successes_to_become_healthy() -> None:
+    """Healthy only after healthy_threshold successes in a row; a failure resets the run."""
+    t = Thresholds(healthy_threshold=2, unhealthy_threshold=3)
+    assert [t.feed(x) for x in (True, False, True, True)] == [None, None, None, True]
+    assert t.healthy
+
+
+def test_thresholds_need_consecutive_failures_to_become_unhealthy() -> None:
+    """Once healthy, unhealthy_threshold failures in a row are needed, and a success resets."""
+    t = Thresholds(healthy_threshold=1, unhealthy_threshold=2, healthy=True)
+    assert [t.feed(x) for x in (False, True, False, False)] == [None, None, None, False]
+    assert [t.feed(x) for x in (True,)] == [True]
+
+
+def test_thresholds_report_only_changes() -> None:
+    """Repeated successes after becoming healthy report nothing new."""
+    t = Thresholds(healthy_threshold=1, unhealthy_threshold=1)
+    assert [t.feed(True) for _ in range(3)] == [True, None, None]
+
+
+async def test_no_probe_configured_passes(tmp_path: Path) -> None:
+    """A manifest without a health check is healthy once its process runs."""
+    assert (await probe_once(HealthConfig(), None, tmp_path, {})).ok
+
+
+async def test_prober_probes_at_start_interval_until_first_healthy(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``start_interval`` paces the probes until the slot is first healthy, ``interval`` after
+    (also after it turns unhealthy again: the start period is over)."""
+    periods: list[float] = []
+    results = iter([True, True, True, False, False, True] + [True] * 100)
+    enough = asyncio.Event()
+
+    async def fake_sleep(period: float) -> None:
+        periods.append(period)
+        if len(periods) >= 8:
+            enough.set()
+        await asyncio.sleep(0)
+
+    async def fake_probe(*_: object) -> ProbeResult:
+        return ProbeResult(next(results), "")
+
+    monkeypatch.setattr(probes, "sleep_to_tick", fake_sleep)
+    monkeypatch.setattr(probes, "probe_once", fake_probe)
+    changes: list[bool] = []
+
+    async def on_change(healthy: bool, reason: str) -> None:
+        changes.append(healthy)
+
+    health = HealthConfig(interval=1.0, start_interval=0.2, healthy_threshold=2,
+                          unhealthy_threshold=2)
+    task = asyncio.create_task(Prober(health, None, tmp_path, {}, on_change).run())
+    await asyncio.wait_for(enough.wait(), 5)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert changes[:2] == [True, False]
+    assert periods[:8] == [0.2, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]

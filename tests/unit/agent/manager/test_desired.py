@@ -1,0 +1,44 @@
+"""agent.manager.desired: a restarted agent whose remembered desired state no longer verifies
+still refuses replays (the floor survives the restore)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from agent.host.state import AgentState, ServiceRecord, save_state
+from agent.manager.shell import ServiceManager
+from protocol.codec import encode
+from protocol.messages import DesiredState
+from protocol.signing import generate_seed, public_key, sign
+
+NODE, FLEET, SERVICE = "node-1", "default", "hello"
+
+
+def _env(seed: bytes, generation: int) -> Any:
+    return sign(seed, DesiredState(fleet=FLEET, node=NODE, service=SERVICE,
+                                   generation=generation))
+
+
+def _manager(tmp_path: Path, trusted: list[str]) -> ServiceManager:
+    return ServiceManager(bus=None, fleet=FLEET, node=NODE, data_dir=tmp_path,  # type: ignore[arg-type]
+                          bind_host="127.0.0.1", trusted_keys=trusted)
+
+
+async def test_replay_is_refused_after_the_remembered_envelope_fails_to_verify(
+    tmp_path: Path,
+) -> None:
+    """Generation 7 was accepted under an old key; after a key change, generation 3 is a replay."""
+    old, new = generate_seed(), generate_seed()
+    mgr = _manager(tmp_path, [public_key(new)])
+    save_state(mgr.restorer.state_path, AgentState(services={
+        SERVICE: ServiceRecord(service=SERVICE, envelope=_env(old, 7), generation=7),
+    }))
+    await mgr.restorer.restore(lambda *_: None)
+    assert mgr.services[SERVICE].desired is None  # the old key is no longer trusted
+    await mgr.desired.offer(f"{NODE}.{SERVICE}", encode(_env(new, 3)))
+    assert mgr.services[SERVICE].desired is None
+    assert mgr.desired.refused == 1
+    await mgr.desired.offer(f"{NODE}.{SERVICE}", encode(_env(new, 8)))
+    desired = mgr.services[SERVICE].desired
+    assert desired is not None and desired.generation == 8

@@ -1,0 +1,153 @@
+"""agent.flags: argparse for the agent itself, one table shared with the click command
+(``agent.main.agent_command``), and the --trust-key check. What the agent process imports:
+tests/integration/test_agent_lean.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import pytest
+
+from agent import main as agent_main
+from agent.errors import FlagError
+from agent.flags import FLAGS, parse_flags
+from agent.main import agent_command
+from protocol.errors import ProtocolError
+from protocol.signing import check_public_key, generate_seed, public_key
+
+
+def test_defaults_and_types() -> None:
+    """With only --node-id every flag has its default, typed as the agent expects it."""
+    v = parse_flags(["--node-id", "n1"], environ={})
+    assert v == {
+        "node_id": "n1", "labels": {}, "data_dir": None, "bind_host": "127.0.0.1",
+        "nats_url": "nats://127.0.0.1:4222", "fleet": "default", "heartbeat_interval": 2.0,
+        "trust_keys": (), "service_user": None, "trusted_proxies": (), "max_connections": 4096,
+        "body_timeout": 60.0, "simulate": 0, "verbose": False,
+    }
+
+
+def test_command_line_beats_env_beats_default() -> None:
+    """A flag given wins over its env var, which wins over the default; keys split on spaces."""
+    k1, k2 = public_key(generate_seed()), public_key(generate_seed())
+    env = {"FLEETWAVE_NATS": "nats://10.0.0.1:4222", "FLEETWAVE_FLEET": "prod",
+           "FLEETWAVE_TRUST_KEYS": f"{k1} {k2}", "FLEETWAVE_HEARTBEAT_INTERVAL": "0.5"}
+    v = parse_flags(["--node-id", "n1", "--fleet", "staging", "--label", "zone=a",
+                     "--label", "role=web", "-v", "--data-dir", "/tmp/x"], environ=env)
+    assert v["fleet"] == "staging" and v["nats_url"] == "nats://10.0.0.1:4222"
+    assert v["trust_keys"] == (k1, k2) and v["heartbeat_interval"] == 0.5
+    assert v["labels"] == {"zone": "a", "role": "web"} and v["verbose"] is True
+    assert v["data_dir"] == Path("/tmp/x")
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        pytest.param([], {}, "Missing option '--node-id'.", id="missing"),
+        pytest.param(["--node-id", "n1", "--bogus"], {}, "No such option '--bogus'.", id="unknown"),
+        pytest.param(["--node-id", "n1", "stray"], {}, "unexpected extra argument", id="extra"),
+        pytest.param(["--node-id"], {}, "expected one argument", id="no-value"),
+        pytest.param(["--node-id", "n1", "--node"], {}, "No such option '--node'.",
+                     id="no-abbreviations"),
+        pytest.param(["--node-id", "bad id"], {}, "Invalid value for '--node-id': ", id="node"),
+        pytest.param(["--node-id", "n1", "--simulate", "100001"], {}, "not in the range",
+                     id="simulate-range"),
+        pytest.param(["--node-id", "n1", "--simulate", "x"], {}, "not a valid integer",
+                     id="simulate-int"),
+        pytest.param(["--node-id", "n1"], {"FLEETWAVE_HEARTBEAT_INTERVAL": "0"}, "out of range",
+                     id="env-checked-too"),
+        pytest.param(["--node-id", "n1", "--label", "zone=a", "--label", "zone=b"], {},
+                     "given twice", id="label-twice"),
+    ],
+)
+def test_bad_flags_are_one_line_usage_errors(
+    args: list[str], env: dict[str, str], message: str
+) -> None:
+    """Each bad flag or value is a FlagError whose one-line message names the problem."""
+    with pytest.raises(FlagError) as info:
+        parse_flags(args, environ=env)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_file_is_no_data_dir(tmp_path: Path) -> None:
+    """--data-dir naming an existing file is refused, as click's Path(file_okay=False) did."""
+    (tmp_path / "f").write_text("")
+    with pytest.raises(FlagError, match="is a file"):
+        parse_flags(["--node-id", "n1", "--data-dir", str(tmp_path / "f")], environ={})
+
+
+def test_the_click_command_has_the_same_flags() -> None:
+    """agent_command (for the dev fleet and tests) is built from FLAGS and parses alike."""
+    command = agent_main.agent_command
+    assert [tuple(p.opts + p.secondary_opts) for p in command.params] == [f.opts for f in FLAGS]
+    ctx = command.make_context("fleetwave-agent", ["--node-id", "n1", "--label", "zone=a"])
+    assert ctx.params == {**parse_flags(["--node-id", "n1", "--label", "zone=a"], environ={}),
+                          "heartbeat_interval": 2.0}
+
+
+def test_router_flags_parse_into_the_edge_limits() -> None:
+    """--router-* flags (and their env vars) give every router's public-port limits."""
+    v = parse_flags(["--node-id", "n1", "--router-trusted-proxy", "10.0.0.0/8",
+                     "--router-trusted-proxy", "192.0.2.1", "--router-body-timeout", "2500ms"],
+                    environ={"FLEETWAVE_ROUTER_MAX_CONNECTIONS": "100"})
+    assert v["trusted_proxies"] == ("10.0.0.0/8", "192.0.2.1")
+    assert v["max_connections"] == 100 and v["body_timeout"] == 2.5
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [(["--router-trusted-proxy", "10.0.0.0/33"], "not an IP address or network"),
+     (["--router-max-connections", "0"], "below 1"),
+     (["--router-max-connections", "x"], "not a valid integer"),
+     (["--router-body-timeout", "0s"], "not above zero"),
+     (["--router-body-timeout", "soon"], "--router-body-timeout")],
+)
+def test_router_flag_errors_are_usage_errors(args: list[str], needle: str) -> None:
+    """A bad --router-* value stops the agent before it connects, naming the flag."""
+    with pytest.raises(FlagError, match=needle):
+        parse_flags(["--node-id", "n1", *args], environ={})
+
+
+# -- --trust-key: text that is no coordinator key is refused at start -----------------------------
+
+
+def _click_parse(*args: str) -> click.Context:
+    return agent_command.make_context("fleetwave-agent", ["--node-id", "n1", *args])
+
+
+def test_a_coordinator_public_key_is_accepted() -> None:
+    """The key a coordinator prints is accepted as it is, also with stray spaces."""
+    key = public_key(generate_seed())
+    assert check_public_key(f" {key} ") == key
+    assert _click_parse("--trust-key", key).params["trust_keys"] == (key,)
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        pytest.param("bogus", "not an nkeys", id="garbage"),
+        pytest.param("", "empty", id="empty"),
+        pytest.param("seed", "seed", id="a-seed"),
+        pytest.param("user", "not a coordinator", id="a-user-key"),
+        pytest.param("typo", "checksum", id="one-character-off"),
+    ],
+)
+def test_anything_else_is_refused_at_start(text: str, why: str) -> None:
+    """A typo, a seed or another kind of nkey is a usage error naming the flag, not an agent that
+    silently refuses every desired state."""
+    import nkeys
+
+    seed = generate_seed()
+    key = public_key(seed)
+    text = {
+        "seed": seed.decode(),
+        "user": nkeys.from_seed(nkeys.encode_seed(b"\1" * 32, nkeys.PREFIX_BYTE_USER))
+        .public_key.decode(),
+        "typo": key[:-2] + ("A" if key[-2] != "A" else "B") + key[-1],
+    }.get(text, text)
+    with pytest.raises(ProtocolError, match=why):
+        check_public_key(text)
+    with pytest.raises(click.BadParameter, match=why) as info:
+        _click_parse("--trust-key", text)
+    assert info.value.param is not None and info.value.param.name == "trust_keys"
