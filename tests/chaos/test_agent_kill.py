@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from coordinator.devfleet import DevFleet
+from coordinator.dev.devfleet import DevFleet
 from protocol.bus import Bus
 from protocol.messages import RolloutRecord
 from tests.integration.e2e_support import (

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.broker import Broker, find_nats_server, free_port, port_in_use
+from coordinator.dev.broker import Broker, find_nats_server, free_port, port_in_use
 from coordinator.errors import BrokerError
 from protocol.bus import Bus
 
@@ -77,10 +77,9 @@ def test_missing_binary_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_pa
 async def test_cli_broker_runs_and_stops_on_sigint(tmp_path: Path) -> None:
     """`fleetwave broker` serves clients and exits 0 on Ctrl-C."""
     port = free_port()
-    with subprocess.Popen(
-        [*FLEETWAVE, "broker", "--port", str(port), "--store-dir", str(tmp_path / "js")],
-        stderr=subprocess.PIPE, text=True,
-    ) as proc:
+    argv = [*FLEETWAVE, "broker", "--port", str(port), "--store-dir", str(tmp_path / "js")]
+    # Popen forks and execs: off the event loop, like every other blocking call here.
+    with await asyncio.to_thread(subprocess.Popen, argv, stderr=subprocess.PIPE, text=True) as proc:
         await _serve_then_interrupt(proc, port)
 
 

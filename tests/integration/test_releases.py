@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from agent.releases import ReleaseCache, ReleaseError
-from coordinator.broker import Broker, free_port
+from coordinator.dev.broker import Broker, free_port
 from coordinator.releases import (
     ReleaseExists,
     UnknownRelease,

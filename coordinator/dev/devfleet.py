@@ -2,7 +2,7 @@
 the demo and the integration tests.
 
 Theory of operation: ``DevFleet`` is an async context manager. Entering starts the embedded broker
-(``coordinator.broker.Broker``, JetStream in ``<dir>/jetstream``), the coordinator as a child
+(``coordinator.dev.broker.Broker``, JetStream in ``<dir>/jetstream``), the coordinator as a child
 process, and agents ``node-1..N`` as child processes bound to ``127.0.1.1..N`` (all of 127/8 is
 loopback on Linux, so each node gets its own address and the same service port on every node does
 not collide), with data dirs ``<dir>/node-i`` and labels ``zone=a|b`` (alternating) and
@@ -29,7 +29,7 @@ from types import TracebackType
 import msgspec
 import psutil
 
-from coordinator.broker import Broker
+from coordinator.dev.broker import Broker
 from coordinator.errors import BrokerError, FleetwaveError, UsageError
 from coordinator.runner import coordinator_seed
 from protocol import subjects
@@ -42,6 +42,7 @@ from protocol.signing import public_key
 STOP_TIMEOUT = 10.0
 READY_TIMEOUT = 30.0
 MAX_AGENTS = 254  # 127.0.1.1 .. 127.0.1.254
+AGENT_MODULE = "agent.main"  # the agent's entry point (see coordinator/dev/__init__.py)
 
 
 class Child:
@@ -152,7 +153,8 @@ def reap_leftovers(directory: Path, *, exclude: set[int | None], timeout: float 
 
 def _agent_has_trust_key() -> bool:
     """Whether this tree's agent takes ``--trust-key`` (older agents verified nothing)."""
-    from agent.main import agent_command  # the dev fleet runs this very agent
+    # The documented entry point (coordinator/dev/__init__.py): the dev fleet runs this very agent.
+    from agent.main import agent_command
 
     return any("--trust-key" in p.opts for p in agent_command.params)
 
@@ -231,7 +233,7 @@ class DevFleet:
             args += ["--label", f"{k}={v}"]
         if self.heartbeat_interval is not None:
             args += ["--heartbeat-interval", str(self.heartbeat_interval)]
-        return Child(node, python_module("agent.main", *args), self.dir / "logs" / f"{node}.log")
+        return Child(node, python_module(AGENT_MODULE, *args), self.dir / "logs" / f"{node}.log")
 
     # -- lifecycle --------------------------------------------------------------------------------
 

@@ -27,15 +27,15 @@ from pathlib import Path
 
 import click
 
-from coordinator.devfleet import DevFleet
+from coordinator.dev.devfleet import DevFleet
+from coordinator.dev.traffic import Traffic, TrafficReport, probe_version
 from coordinator.errors import FleetwaveError
 from coordinator.releases import push_release
-from coordinator.traffic import Traffic, TrafficReport, probe_version
 from protocol.bus import Bus
 
 AGENTS = 3
 PORT = 8080
-EXAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "examples" / "hello"
+EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "hello"
 
 
 @dataclass
