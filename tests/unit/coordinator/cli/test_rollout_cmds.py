@@ -1,4 +1,4 @@
-"""Review findings in ``fleetwave deploy``'s checks: values that must be refused before sending."""
+"""``fleetwave deploy``'s checks: values that must be refused before anything is sent."""
 
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import msgspec
 
-from coordinator.api import Api
+from coordinator.api.verbs import Api
 from coordinator.engine import Abort, EngineEvent, Pause, Promote, Resume, RollbackRequested
 from coordinator.errors import RemoteError, UsageError
 from coordinator.releases import UnknownRelease

@@ -7,7 +7,7 @@ import asyncio
 import msgspec
 import pytest
 
-from coordinator.api import Api
+from coordinator.api.verbs import Api
 from coordinator.errors import RemoteError, UsageError
 from protocol.codec import decode, encode
 from protocol.errors import BusError, Conflict
