@@ -1,4 +1,4 @@
-"""The rollout verbs of the coordinator's API, on top of ``coordinator.runner``.
+"""The rollout verbs of the coordinator's API, on top of ``coordinator.runtime.runner``.
 
     deploy     DeployRequest(spec)            → {"id"}          usage: bad spec, unknown release
     status     RolloutRequest(id; "" latest)  → status dict     not_found
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
@@ -35,7 +35,6 @@ from coordinator.api.verbs import Api
 from coordinator.engine import Abort, EngineEvent, Pause, Promote, Resume, RollbackRequested
 from coordinator.errors import RemoteError, UsageError
 from coordinator.releases import UnknownRelease
-from coordinator.runner import Runner
 from protocol import subjects
 from protocol.messages import (
     TERMINAL_STATES,
@@ -51,6 +50,26 @@ from protocol.messages import (
 
 Resolve = Callable[[str, str], Awaitable[ReleaseRef]]
 MAX_LIMIT = 1000
+
+
+class LiveRollout(Protocol):
+    """A rollout driven by this coordinator (``coordinator.runtime.driver.Driver``)."""
+
+    @property
+    def id(self) -> str: ...
+
+
+class Runner(Protocol):
+    """What the verbs need of ``coordinator.runtime.runner.Runner`` (the API does not import
+    the runtime: the daemon, in the runtime, wires the two together)."""
+
+    fleet: str
+
+    async def deploy(self, spec: RolloutSpec, release: ReleaseRef) -> RolloutRecord: ...
+    async def request(self, rollout_id: str, event: EngineEvent) -> RolloutRecord: ...
+    async def get(self, rollout_id: str) -> RolloutRecord | None: ...
+    async def records(self) -> list[RolloutRecord]: ...
+    def active(self, service: str) -> LiveRollout | None: ...
 
 
 class RolloutsApi:

@@ -31,7 +31,7 @@ import psutil
 
 from coordinator.dev.broker import Broker
 from coordinator.errors import BrokerError, FleetwaveError, UsageError
-from coordinator.runner import coordinator_seed
+from coordinator.runtime.keyfile import coordinator_seed
 from protocol import subjects
 from protocol.bus import Bus
 from protocol.codec import decode, encode

@@ -9,8 +9,9 @@ nodes too), subscribes to heartbeats and registrations, serves the API as the NA
 - the *ticker* lets time pass in the pure node table (``coordinator.fleet``) so that silent nodes
   go offline; not while the coordinator's own connection is down (then the silence is ours), and
   after a reconnect it excuses the fleet for as long as agents may take to reconnect too;
-- the *event publisher* records every transition as an Event in the events stream; it retries a
-  while when JetStream is away and drops (with a log line) only when its queue is full.
+- the *event publisher* (``coordinator.runtime.events``) records every transition as an Event in
+  the events stream; it retries a while when JetStream is away and drops (with a log line) only
+  when its queue is full.
 
 Messages from the fleet are untrusted: a heartbeat or registration that does not decode, or that
 claims another node than its subject names, is counted, logged (once per node and kind, not per
@@ -32,10 +33,11 @@ from coordinator.api.rollouts import RolloutsApi
 from coordinator.api.verbs import Api
 from coordinator.fleet import Fleet, Transition
 from coordinator.releases import resolve_release
-from coordinator.runner import Runner
+from coordinator.runtime.events import EventPublisher
+from coordinator.runtime.runner import TICK, Runner
 from protocol import subjects
 from protocol.bus import RECONNECT_CAP, Bus, redact
-from protocol.codec import decode, encode
+from protocol.codec import decode
 from protocol.errors import BusError, ProtocolError
 from protocol.messages import Event, Heartbeat, NodeInfo, NodesRequest, NodeView
 from protocol.signing import generate_seed, public_key
@@ -44,9 +46,6 @@ log = logging.getLogger("fleetwave.coordinator")
 
 SERVICE_NAME = "fleetwave-coordinator"
 CONNECT_FOREVER = 10 * 365 * 24 * 3600.0
-TICK = 0.2
-EVENT_QUEUE = 10_000
-EVENT_ATTEMPTS = 5
 SETUP_RETRY_CAP = 5.0
 
 T = TypeVar("T")
@@ -75,7 +74,7 @@ class Coordinator:
         self.bus: Bus | None = None
         self.ready = asyncio.Event()
         self._clock = clock
-        self._events: asyncio.Queue[Event] = asyncio.Queue(EVENT_QUEUE)
+        self.events = EventPublisher(fleet, logger=log)
         self._complained: set[tuple[str, str]] = set()
         # The key that signs desired states; without a key file (tests) a throwaway one, which
         # agents trust only if told its public key (API verb ``key``).
@@ -101,7 +100,7 @@ class Coordinator:
             async with asyncio.TaskGroup() as tg:
                 tasks = [
                     tg.create_task(self._tick_loop(), name="tick"),
-                    tg.create_task(self._publish_loop(bus), name="events"),
+                    tg.create_task(self.events.run(bus), name="events"),
                 ]
                 if self.runner is not None:
                     tasks.append(tg.create_task(self.runner.run(), name="rollouts"))
@@ -201,10 +200,7 @@ class Coordinator:
                 id=uuid.uuid4().hex, time=self._clock(), fleet=self.fleet_name, kind=t.kind,
                 message=t.message, node=t.node, data=dict(t.data),
             )
-            if self._events.full():
-                dropped = self._events.get_nowait()
-                log.error("event queue full; dropped %s of %s", dropped.kind, dropped.node)
-            self._events.put_nowait(event)
+            self.events.put(event)
 
     async def _tick_loop(self) -> None:
         deaf = False
@@ -219,22 +215,6 @@ class Coordinator:
                     deaf = False
                 self._emit(self.table.tick(self._clock()))
             await asyncio.sleep(TICK)
-
-    async def _publish_loop(self, bus: Bus) -> None:
-        while True:
-            event = await self._events.get()
-            data = encode(event)
-            subject = subjects.event(self.fleet_name, event.kind)
-            for attempt in range(EVENT_ATTEMPTS):
-                try:
-                    await bus.js_publish(subject, data)
-                    break
-                except BusError as exc:
-                    if attempt == EVENT_ATTEMPTS - 1:
-                        log.error("event %s of %s not recorded: %s", event.kind, event.node, exc)
-                    else:
-                        await asyncio.sleep(0.5 * 2**attempt)
-
 
 async def _until(stop: asyncio.Event, work: Coroutine[Any, Any, T]) -> T | None:
     """Run ``work`` unless ``stop`` is set first; then cancel it and return None."""

@@ -46,7 +46,7 @@ import psutil  # noqa: E402
 from coordinator.dev.broker import Broker  # noqa: E402
 from coordinator.dev.devfleet import Child, python_module  # noqa: E402
 from coordinator.releases import push_release  # noqa: E402
-from coordinator.runner import coordinator_seed  # noqa: E402
+from coordinator.runtime.keyfile import coordinator_seed  # noqa: E402
 from protocol import subjects  # noqa: E402
 from protocol.bus import Bus  # noqa: E402
 from protocol.codec import decode, encode  # noqa: E402

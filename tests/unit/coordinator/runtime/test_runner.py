@@ -11,7 +11,8 @@ import pytest
 
 from coordinator.engine import Pause, Resume, Rollout
 from coordinator.errors import RemoteError, UsageError
-from coordinator.runner import HOLD_PERSIST, Runner
+from coordinator.runtime.driver import HOLD_PERSIST
+from coordinator.runtime.runner import Runner
 from protocol import subjects
 from protocol.bus import Entry
 from protocol.codec import decode, encode
@@ -236,7 +237,7 @@ async def test_a_rollout_runs_to_success_and_releases_its_lock() -> None:
     for i in (1, 2, 3):
         d = bus.desired(f"node-{i}")
         assert d is not None and d.slots == {"b": NEW} and d.weights == {"b": 100}
-    events = r.pending_events()
+    events = r.events.pending()
     kinds = [e.kind for e in events]
     assert kinds[0] == "rollout.started" and kinds[-1] == "rollout.succeeded"
     assert all(e.rollout == rec.id and e.service == "hello" and e.fleet == FLEET for e in events)
@@ -249,12 +250,12 @@ async def test_desired_writes_are_idempotent_by_generation() -> None:
     r = runner(bus, clock)
     same = DesiredState(fleet=FLEET, node="node-1", service="hello", generation=7,
                         slots={"b": NEW}, weights={"b": 100})
-    assert await r._write_desired(same) is False
+    assert await r.desired.write(same) is False
     assert bus.desired("node-1").slots == {"a": OLD}  # type: ignore[union-attr]
     newer = DesiredState(fleet=FLEET, node="node-1", service="hello", generation=8,
                          slots={"b": NEW}, weights={"b": 100})
-    assert await r._write_desired(newer) is True
-    assert await r._write_desired(newer) is False
+    assert await r.desired.write(newer) is True
+    assert await r.desired.write(newer) is False
     assert bus.desired_writes() == [("node-1.hello", 8)]
 
 
@@ -373,7 +374,7 @@ async def test_a_lost_reply_to_our_own_persist_is_not_mistaken_for_another_write
     driver = r.drivers[rec.id]
     written = bus.kv[ROLLOUTS][rec.id]
     driver.revision = written.revision - 100  # stale revision, but KV holds exactly our bytes
-    await r._persist(driver, decode(RolloutRecord, written.value or b""))
+    await r._executor.persist(driver, decode(RolloutRecord, written.value or b""))
     assert driver.revision == written.revision
 
 
@@ -463,7 +464,7 @@ async def test_node_progress_is_held_for_the_next_persist_and_never_published_be
     bus, clock = fleet_bus(), Clock()
     r = runner(bus, clock)
     rec = await r.deploy(spec(batch="100%", max_unavailable="100%"), NEW)
-    r.pending_events()
+    r.events.pending()
     persisted = len([1 for _, b, _, v in bus.log if b == ROLLOUTS and v is not None])
     clock.t += 0.01
     await report(r, bus, "node-1", clock.t)
@@ -471,17 +472,17 @@ async def test_node_progress_is_held_for_the_next_persist_and_never_published_be
     assert bus.record(rec.id).nodes["node-1"].state == "updating"  # held
     live = await r.get(rec.id)
     assert live is not None and live.nodes["node-2"].state == "done"  # what the API shows
-    assert [e.kind for e in r.pending_events()] == []
+    assert [e.kind for e in r.events.pending()] == []
     await r.step()  # the tick: nothing to decide, so the held change is written now
     assert {n: p.state for n, p in bus.record(rec.id).nodes.items()} == {
         "node-1": "done", "node-2": "done", "node-3": "updating"}
-    assert [(e.kind, e.node) for e in r.pending_events()] == [
+    assert [(e.kind, e.node) for e in r.events.pending()] == [
         ("node.done", "node-1"), ("node.done", "node-2")]
     assert len([1 for _, b, _, v in bus.log if b == ROLLOUTS and v is not None]) == persisted + 1
     clock.t += 0.01
     await report(r, bus, "node-3", clock.t)  # the wave converges: decided and written at once
     assert bus.record(rec.id).state == "succeeded"
-    kinds = [e.kind for e in r.pending_events()]
+    kinds = [e.kind for e in r.events.pending()]
     assert kinds[0] == "node.done" and kinds[-1] == "rollout.succeeded"
 
 
@@ -505,14 +506,14 @@ async def test_held_progress_lost_with_its_coordinator_is_derived_again_once() -
     rec = await r.deploy(spec(batch="100%", max_unavailable="100%"), NEW)
     clock.t += 0.01
     await report(r, bus, "node-1", clock.t)
-    assert not any(e.kind == "node.done" for e in r.pending_events())
+    assert not any(e.kind == "node.done" for e in r.events.pending())
     seen = dict(r.observed)
     r2 = runner(bus, clock)  # the first one is gone (kill -9): its held change with it
     r2.observed.update(seen)
     await r2.resync()
     await r2.step()
     assert bus.record(rec.id).nodes["node-1"].state == "done"
-    assert [e.node for e in r2.pending_events() if e.kind == "node.done"] == ["node-1"]
+    assert [e.node for e in r2.events.pending() if e.kind == "node.done"] == ["node-1"]
 
 
 async def test_a_rollout_whose_record_could_outgrow_a_nats_message_is_refused() -> None:

@@ -29,17 +29,17 @@ judges a bake without the figures behind it, and offline transitions are held ba
 ``startup_grace`` seconds after start unless the node beat since (a restarted coordinator knows
 no node alive until its first heartbeat).
 
-One rollout at a time per service: ``deploy`` creates ``fw-<fleet>-locks/<service>`` (value: the
-rollout id) before it creates the record; the lock is deleted once the rollout is terminal. A lock
-whose rollout is terminal or missing (a crash in between) is stale and taken over.
+One rollout at a time per service: ``deploy`` takes the service's lock (``RolloutStore``) before
+it creates the record, and the lock is released once the rollout is terminal.
 
 Failures: a bus error while carrying out commands is retried with backoff for ``COMMAND_DEADLINE``;
 if it persists the driver is dropped and rebuilt from KV by the next resync (exactly the restart
 path). Every bus call is bounded by ``OP_TIMEOUT``; every task belongs to ``run``'s TaskGroup.
 
-The runner is built in layers: its state, bounded bus calls and reading of records in
-``runner_base``, carrying out commands and publishing events in ``persist``, the per-service
-lock in ``locks``; here are the feeds, the operator requests and resuming.
+The runner is composed of one object per concern: the ``RolloutStore`` (records and locks), the
+``DesiredWriter``, the ``EventPublisher``, and the ``Executor`` that carries out an engine step
+through them; each ``Driver`` holds one live rollout. Here are the feeds, the operator requests
+and resuming.
 """
 
 from __future__ import annotations
@@ -50,19 +50,13 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
-
-import msgspec
 
 from coordinator.engine import (
-    Command,
-    EmitEvent,
     EngineEvent,
     IllegalTransition,
     NodeOffline,
     NodeOnline,
     ObservedChanged,
-    Persist,
     Rollout,
     Start,
     Tick,
@@ -70,49 +64,71 @@ from coordinator.engine import (
     worst_case_size,
 )
 from coordinator.errors import RemoteError, UsageError
-from coordinator.locks import Locks
-from coordinator.persist import EVENT_ATTEMPTS, EVENT_BATCH, WRITE_CONCURRENCY, Commands
-from coordinator.runner_base import (
-    COMMAND_DEADLINE,
-    EVENT_QUEUE,
-    OP_TIMEOUT,
-    STARTUP_GRACE,
-    TICK,
-    Driver,
-    Foreign,
-    Liveness,
-    RunnerBus,
-)
+from coordinator.runtime.calls import COMMAND_DEADLINE, Retrying
+from coordinator.runtime.desired import DesiredWriter
+from coordinator.runtime.driver import Driver
+from coordinator.runtime.events import EventPublisher
+from coordinator.runtime.executor import Executor
+from coordinator.runtime.ports import RunnerBus
+from coordinator.runtime.store import Foreign, RolloutStore
 from protocol import subjects
 from protocol.bus import Entry
-from protocol.codec import decode, encode
+from protocol.codec import decode
 from protocol.errors import BusError, ProtocolError
 from protocol.messages import (
     TERMINAL_STATES,
+    DesiredState,
+    NodeView,
     ObservedState,
     ReleaseRef,
     RolloutRecord,
     RolloutSpec,
 )
-from protocol.signing import generate_seed, load_seed, store_seed
 
 log = logging.getLogger("fleetwave.coordinator.runner")
 
+TICK = 0.2  # how often time passes for the rollouts (and for the daemon's node table)
+STARTUP_GRACE = 10.0  # > 3 heartbeats of 2 s: time for every live node to beat once
 RESYNC_INTERVAL = 30.0
-# How long a record change of node progress only may wait for the next Persist (_coalesce).
-HOLD_PERSIST = 0.25
-PROGRESS_EVENTS = frozenset({"node.done", "node.rolled_back"})
 
-# Every public name this module had before it was split, wherever it is defined now.
-__all__ = [
-    "COMMAND_DEADLINE", "EVENT_ATTEMPTS", "EVENT_BATCH", "EVENT_QUEUE", "OP_TIMEOUT",
-    "RESYNC_INTERVAL", "STARTUP_GRACE", "TICK", "WRITE_CONCURRENCY", "Driver", "Foreign", "Runner",
-    "RunnerBus", "coordinator_seed", "new_rollout_id",
-]
+# What the node table says of one node: (online now, ever heard from). ``Fleet.liveness``.
+Liveness = tuple[bool, bool]
 
 
-class Runner(Commands, Locks):
+class Runner:
     """Drives every live rollout of one fleet; see the module docstring."""
+
+    def __init__(
+        self, bus: RunnerBus, *, seed: bytes, nodes: Callable[[], Sequence[NodeView]],
+        liveness: Callable[[str], Liveness | None] | None = None,
+        clock: Callable[[], float] = time.time, tick: float = TICK,
+        startup_grace: float = STARTUP_GRACE, command_deadline: float = COMMAND_DEADLINE,
+    ) -> None:
+        self.bus = bus
+        self.fleet = bus.fleet
+        self._nodes = nodes
+        self._liveness = liveness  # O(1) per node for the tick; else read off nodes()
+        self._clock = clock
+        self._tick = tick
+        self._grace = startup_grace
+        self._retrying = Retrying(command_deadline)
+        self.started = clock()
+        self.drivers: dict[str, Driver] = {}
+        self.observed: dict[tuple[str, str], ObservedState] = {}
+        self.foreign: set[str] = set()
+        self.store = RolloutStore(bus, live=self._live_record)
+        self.desired = DesiredWriter(bus, seed=seed, retrying=self._retrying)
+        self.events = EventPublisher(self.fleet, logger=log)
+        self._executor = Executor(store=self.store, desired=self.desired, events=self.events,
+                                  retrying=self._retrying, clock=clock)
+        self._settled: set[str] = set()  # terminal rollouts whose lock is known released
+        self._deploying = asyncio.Lock()
+        self.synced = asyncio.Event()  # the observed watch delivered its first snapshot
+        self.ready = asyncio.Event()  # ... and every live rollout was resumed
+        self._resync_wanted = asyncio.Event()
+        self._complained: set[str] = set()
+        self._inbox: list[Entry | None] = []
+        self._inbox_ready = asyncio.Event()
 
     # -- the tasks ---------------------------------------------------------------------------------
 
@@ -121,7 +137,7 @@ class Runner(Commands, Locks):
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._watch_loop(), name="runner-observed")
             tg.create_task(self._observed_loop(), name="runner-observed-feed")
-            tg.create_task(self._publish_loop(), name="runner-events")
+            tg.create_task(self.events.run(self.bus), name="runner-events")
             tg.create_task(self._resync_loop(), name="runner-resync")
             tg.create_task(self._tick_loop(), name="runner-tick")
 
@@ -266,18 +282,10 @@ class Runner(Commands, Locks):
                              and all(v.labels.get(k) == x for k, x in spec.selector.items()))
             if skipped:
                 record.report["skipped_offline"] = skipped
-            await self._take_lock(spec.service, rid)
-            try:
-                revision = await self._bounded(self.bus.kv_create(
-                    self._rollouts, rid, encode(record)))
-            except BusError:
-                # A lost reply may hide a write that happened: keep the lock if the record is
-                # there (the resync resumes it), release it if not.
-                entry = await self._bounded(self.bus.kv_get(self._rollouts, rid))
-                if entry is None or entry.value != encode(record):
-                    await self._release_lock(spec.service, rid)
-                    raise
-                revision = entry.revision
+            await self.store.take_lock(spec.service, rid)
+            # A lost reply may hide a write that happened: the store keeps the lock if the
+            # record is there (the resync resumes it) and releases it if not.
+            revision = await self.store.create(record)
             driver = Driver(Rollout(record, fleet=self.fleet), revision)
             self.drivers[rid] = driver
             log.info("rollout %s created: %s %s on %d nodes", rid, spec.service, spec.version,
@@ -334,17 +342,41 @@ class Runner(Commands, Locks):
         """The live rollout of ``service`` driven here, if any."""
         return next((d for d in self.drivers.values() if d.service == service), None)
 
+    # -- reading ----------------------------------------------------------------------------------
+
+    def _live_record(self, rollout_id: str) -> RolloutRecord | None:
+        driver = self.drivers.get(rollout_id)
+        return driver.rollout.record if driver is not None else None
+
+    async def get(self, rollout_id: str) -> RolloutRecord | None:
+        """A rollout's record: the live one if driven here, else as persisted."""
+        return self._live_record(rollout_id) or await self.store.load(rollout_id)
+
+    async def records(self) -> list[RolloutRecord]:
+        """Every rollout of the fleet, newest first (live ones as they are now)."""
+        out = {}
+        for entry in await self.store.entries():
+            if (rec := self.store.decode(entry)) is not None:
+                out[rec.id] = rec
+        for rid, driver in self.drivers.items():
+            out[rid] = driver.rollout.record
+        return sorted(out.values(), key=lambda r: (r.created, r.id), reverse=True)
+
+    async def current_desired(self, service: str) -> dict[str, DesiredState]:
+        """Every node's current desired state of ``service``, from the desired bucket."""
+        return await self.store.current_desired(service)
+
     # -- resuming ----------------------------------------------------------------------------------
 
     async def resync(self) -> None:
         """Drive every non-terminal rollout in KV that is not driven yet; release stale locks."""
-        for entry in await self._bounded(self.bus.kv_entries(self._rollouts)):
-            record = self._decode_record(entry)
+        for entry in await self.store.entries():
+            record = self.store.decode(entry)
             if record is None or record.id in self.drivers or record.id in self.foreign:
                 continue
             if record.state in TERMINAL_STATES:
                 if record.id not in self._settled:
-                    await self._release_lock(record.spec.service, record.id)
+                    await self.store.release_lock(record.spec.service, record.id)
                     self._settled.add(record.id)
                 continue
             driver = Driver(Rollout(record, fleet=self.fleet), entry.revision)
@@ -354,7 +386,7 @@ class Runner(Commands, Locks):
             try:
                 async with driver.lock:
                     for desired in driver.rollout.intended():
-                        await self._retrying(functools.partial(self._write_desired, desired))
+                        await self._retrying(functools.partial(self.desired.write, desired))
                 events: list[EngineEvent] = [
                     ObservedChanged(node, seen) for (node, svc), seen in self.observed.items()
                     if svc == record.spec.service and node in record.nodes
@@ -381,9 +413,9 @@ class Runner(Commands, Locks):
             before = driver.rollout.record
             commands = (driver.rollout.handle_all([event, *more], now) if more
                         else driver.rollout.handle(event, now))
-            commands = self._coalesce(driver, before, commands, now)
+            commands = driver.coalesce(before, commands, now)
             try:
-                await self._carry_out_all(driver, commands)
+                await self._executor.carry_out(driver, commands)
             except Foreign as exc:
                 self.foreign.add(driver.id)
                 self._drop(driver, str(exc), level=logging.ERROR)
@@ -394,36 +426,12 @@ class Runner(Commands, Locks):
             if driver.rollout.done:
                 self.drivers.pop(driver.id, None)
                 try:
-                    await self._retrying(lambda: self._release_lock(driver.service, driver.id))
+                    await self._retrying(lambda: self.store.release_lock(driver.service, driver.id))
                     self._settled.add(driver.id)
                 except BusError as exc:  # the next resync releases it: the record is terminal
                     log.warning("cannot release the lock of %s yet: %s", driver.service, exc)
                     self._resync_wanted.set()
                 log.info("rollout %s %s", driver.id, driver.rollout.state)
-
-    def _coalesce(self, driver: Driver, before: RolloutRecord, commands: list[Command],
-                  now: float) -> list[Command]:
-        """Hold back a step that only records node progress (nodes done or rolled back, health
-        and versions seen) for up to HOLD_PERSIST, so that the reports of a big wave, arriving in
-        many batches, cost a few record writes instead of one each (the record is megabytes at
-        thousands of nodes). What is held is persisted, then its events published, ahead of the
-        next step's commands, or by the next step that changes nothing (every tick is one).
-        Nothing is lost by holding: a coordinator that dies meanwhile never published those
-        events, and its successor derives the same progress again from the observed states.
-        """
-        fresh = not driver.held or now - driver.held_since < HOLD_PERSIST
-        if (fresh and commands and isinstance(commands[0], Persist)
-                and _progress_only(before, commands)):
-            if not driver.held:
-                driver.held_since = now
-            driver.held = [commands[0], *driver.held[1:], *commands[1:]]
-            return []
-        if not driver.held:
-            return commands
-        held, driver.held = driver.held, []
-        if commands and isinstance(commands[0], Persist):  # the newer record includes the held
-            return [commands[0], *held[1:], *commands[1:]]
-        return [*held, *commands]
 
     async def _feed_quietly(self, driver: Driver, event: EngineEvent, *more: EngineEvent) -> None:
         """``feed`` for the watch and the ticker, whose failures are logged, never raised."""
@@ -447,35 +455,7 @@ class Runner(Commands, Locks):
             self._resync_wanted.set()
 
 
-def _progress_only(before: RolloutRecord, commands: list[Command]) -> bool:
-    """Whether a step's commands (Persist first) record node progress and nothing else: no
-    desired write, only routine node events, and the rollout's own fields and waves as they
-    were (so neither a decision nor a deadline waits behind a held Persist)."""
-    after = commands[0].record if isinstance(commands[0], Persist) else before
-    if any(not isinstance(c, EmitEvent) or c.kind not in PROGRESS_EVENTS for c in commands[1:]):
-        return False
-    same_nodes = msgspec.structs.replace(after, nodes=before.nodes, revision=before.revision,
-                                         updated=before.updated)
-    return same_nodes == before
-
-
 def new_rollout_id(service: str, now: float) -> str:
     """A readable, sortable, unique id: ``<service>-<UTC yyyymmdd-hhmmss>-<4 hex>``."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
     return f"{service}-{stamp}-{secrets.token_hex(2)}"
-
-
-def coordinator_seed(path: Path) -> bytes:
-    """The coordinator's signing seed from ``path``, created (0600, atomically) if missing."""
-    path = Path(path)
-    if path.exists():
-        return load_seed(path)  # refuses a file others can read, or one holding no seed
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        seed = generate_seed()
-        store_seed(path, seed)
-    except OSError as exc:
-        raise ProtocolError(f"{path}: cannot create the signing key: {exc.strerror}; pick "
-                            "another place with --key-file") from None
-    log.warning("created a new signing key in %s", path)
-    return seed
