@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import msgspec
 
 from coordinator.api.verbs import Api
-from coordinator.engine import Abort, EngineEvent, Pause, Promote, Resume, RollbackRequested
+from coordinator.core.engine import Abort, EngineEvent, Pause, Promote, Resume, RollbackRequested
 from coordinator.errors import RemoteError, UsageError
 from coordinator.releases import UnknownRelease
 from protocol import subjects

@@ -19,7 +19,7 @@ from rich.table import Table
 from coordinator.cli import client
 from coordinator.cli.base import Ctx, cli, output_option
 from coordinator.cli.render import cell
-from coordinator.fleet import parse_selector
+from coordinator.core.fleet import parse_selector
 from coordinator.runtime.daemon import Coordinator
 from coordinator.runtime.keyfile import coordinator_seed
 from protocol.bus import redact

@@ -39,9 +39,9 @@ from coordinator.cli.render import (
     status_renderable,
     status_text,
 )
+from coordinator.core.amounts import parse_amount
+from coordinator.core.fleet import parse_selector
 from coordinator.errors import ConfigError, UsageError
-from coordinator.fleet import parse_selector
-from coordinator.planning import parse_amount
 from coordinator.strategies import canary, shadow
 from protocol import subjects
 from protocol.codec import convert, decode, encode

@@ -6,7 +6,7 @@ every node ever registered from the nodes bucket (so that a restarted coordinato
 nodes too), subscribes to heartbeats and registrations, serves the API as the NATS micro service
 "fleetwave-coordinator", and then owns two tasks until ``stop`` is set:
 
-- the *ticker* lets time pass in the pure node table (``coordinator.fleet``) so that silent nodes
+- the *ticker* lets time pass in the pure node table (``core.fleet``) so that silent nodes
   go offline; not while the coordinator's own connection is down (then the silence is ours), and
   after a reconnect it excuses the fleet for as long as agents may take to reconnect too;
 - the *event publisher* (``coordinator.runtime.events``) records every transition as an Event in
@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 from coordinator.api.rollouts import RolloutsApi
 from coordinator.api.verbs import Api
-from coordinator.fleet import Fleet, Transition
+from coordinator.core.fleet import Fleet, Transition
 from coordinator.releases import resolve_release
 from coordinator.runtime.events import EventPublisher
 from coordinator.runtime.runner import TICK, Runner

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from coordinator.engine import Command, EmitEvent, Persist, Rollout
+from coordinator.core.engine import Command, EmitEvent, Persist, Rollout
 from protocol.messages import RolloutRecord
 
 # How long a record change of node progress only may wait for the next Persist.

@@ -15,7 +15,7 @@ import logging
 import uuid
 from collections.abc import Callable, Sequence
 
-from coordinator.engine import Command, EmitEvent, Persist, WriteDesired
+from coordinator.core.engine import Command, EmitEvent, Persist, WriteDesired
 from coordinator.runtime.calls import Retrying
 from coordinator.runtime.desired import DesiredWriter
 from coordinator.runtime.driver import Driver

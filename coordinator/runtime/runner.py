@@ -1,7 +1,7 @@
 """The rollout runner: the only part of the rollout machinery that awaits.
 
 Theory of operation: for each live rollout the runner holds a *driver*, which is a
-``coordinator.engine.Rollout`` plus the KV revision of its persisted record and a lock that
+``coordinator.core.engine.Rollout`` plus the KV revision of its persisted record and a lock that
 serialises its events. Events come from four feeds:
 
 - one watch over the observed bucket (all nodes, all services), dispatched by service to the
@@ -51,7 +51,7 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 
-from coordinator.engine import (
+from coordinator.core.engine import (
     EngineEvent,
     IllegalTransition,
     NodeOffline,

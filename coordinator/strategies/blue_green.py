@@ -1,7 +1,7 @@
 """Blue-green: stage the new release beside the old one everywhere, switch every node at once,
 keep the old slot warm for a while, then retire it.
 
-Phases, as waves (``coordinator.strategies.wave_kind`` names them):
+Phases, as waves (``core.planning.wave_kind`` names them):
 
 - wave 0, ``stage``: every selected node gets the new release in its idle slot at weight 0, in one
   batch (max-unavailable does not bound it: a staged slot carries no traffic, so no node stops
@@ -33,14 +33,15 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from coordinator import gates as gatelib
+from coordinator.core import gates as gatelib
+from coordinator.core.planning import Wave
+from coordinator.core.targets import serving_slot
 from coordinator.errors import UsageError
-from coordinator.planning import Wave
 from protocol.durations import format_duration
 from protocol.messages import DesiredState, NodeProgress, ObservedState, RolloutSpec
 
 if TYPE_CHECKING:  # the engine imports the strategies; this module only needs its type
-    from coordinator.engine_step import StepBase as Step  # all these hooks use of it
+    from coordinator.core.engine_step import StepBase as Step  # all these hooks use of it
 
 
 def plan(selected: list[str], spec: RolloutSpec) -> list[Wave]:
@@ -199,7 +200,6 @@ def switched_back(step: Step) -> None:
 def _old_slot(p: NodeProgress) -> str | None:
     """The slot that served before the rollout, if it is not the one receiving the release."""
     # Imported here: the package's __init__ imports this module before it defines its helpers.
-    from coordinator.strategies import serving_slot
 
     serving = serving_slot(p.previous)
     return serving if serving != p.slot else None

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import itertools
 
+from coordinator.core.amounts import parse_amount
+from coordinator.core.planning import Wave
 from coordinator.errors import UsageError
-from coordinator.planning import Wave, parse_amount
 from protocol.messages import RolloutSpec
 
 DEFAULT_STEPS = ("1", "100%")

@@ -9,7 +9,8 @@ nodes that are offline or failed before it starts each node.
 
 from __future__ import annotations
 
-from coordinator.planning import Wave, batch_size, max_unavailable
+from coordinator.core.amounts import batch_size, max_unavailable
+from coordinator.core.planning import Wave
 from protocol.messages import RolloutSpec
 
 

@@ -1,7 +1,7 @@
 """Shadow: run the new release beside the old one, copy a share of the live requests to it, and
 judge it by how its answers compare, without a user ever seeing one.
 
-Phases, as waves (``coordinator.strategies.wave_kind`` names them):
+Phases, as waves (``core.planning.wave_kind`` names them):
 
 - wave 0, ``shadow``: every selected node gets the new release in its idle slot at weight 0 and a
   ``MirrorSpec(slot=new, percent=--mirror, methods, ignore_headers, ignore_json_fields,
@@ -10,7 +10,7 @@ Phases, as waves (``coordinator.strategies.wave_kind`` names them):
   the copies go without the user's Cookie and Authorization unless ``--mirror-keep-header``
   names them.
 - the bake: ``--bake`` seconds; the window is the difference of each router's mirror counters
-  at its start and end (``coordinator.gates.shadow_window``: counters are cumulative and reset
+  at its start and end (``coordinator.core.gates.shadow_window``: counters are cumulative and reset
   when the router's epoch changes). Gates: ``--min-requests`` compared pairs (fewer: inconclusive,
   the rollout pauses), ``--max-mismatch-rate`` (mismatched / compared), ``--max-error-rate``
   (unanswered copies / copies sent: a hanging shadow has no compared pair, yet fails it),
@@ -34,14 +34,15 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
-from coordinator import gates as gatelib
+from coordinator.core import gates as gatelib
+from coordinator.core.planning import Wave
+from coordinator.core.targets import restore_target
 from coordinator.errors import UsageError
-from coordinator.planning import Wave
 from coordinator.strategies import rolling
 from protocol.messages import MirrorSpec, RolloutSpec, WaveRecord
 
 if TYPE_CHECKING:  # the engine imports the strategies; this module only needs its type
-    from coordinator.engine_step import StepBase as Step  # all these hooks use of it
+    from coordinator.core.engine_step import StepBase as Step  # all these hooks use of it
 
 MAX_SAMPLES = 5
 _METHOD = re.compile(r"^[A-Za-z]+$")
@@ -139,7 +140,6 @@ def verdict(step: Step, wave: WaveRecord) -> gatelib.Verdict:
 def retire(step: Step) -> None:
     """Give every staged node its previous desired state again: the shadow is stopped."""
     # Imported here: the package's __init__ imports this module before it defines its helpers.
-    from coordinator.strategies import restore_target
 
     r = step.r
     staged = sorted(n for n, p in r.nodes.items() if p.target is not None)

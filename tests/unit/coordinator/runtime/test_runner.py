@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from coordinator.engine import Pause, Resume, Rollout
+from coordinator.core.engine import Pause, Resume, Rollout
 from coordinator.errors import RemoteError, UsageError
 from coordinator.runtime.driver import HOLD_PERSIST
 from coordinator.runtime.runner import Runner

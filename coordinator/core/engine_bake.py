@@ -6,7 +6,7 @@ wave, which carries no traffic, is judged at once). Meanwhile ``bake`` fails any
 offline or whose new slot stops being healthy. Once the bake is over and every node's counters
 cover it (``window_covers_bake``, or ``STATS_GRACE`` later at most), ``verdict`` measures the new
 slots' traffic since the baseline against the old slots' (``old_reference`` when no old slot
-serves any more) and ``coordinator.gates`` decides: pass → the next wave; fail → ``on_failure``;
+serves any more) and ``core.gates`` decides: pass → the next wave; fail → ``on_failure``;
 inconclusive → pause. An operator's promote skips the gates of one wave or of all.
 """
 
@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import msgspec
 
-from coordinator import gates as gatelib
-from coordinator.engine_rollback import RollbackSteps
-from coordinator.strategies import blue_green, serving_slot, shadow
+from coordinator.core import gates as gatelib
+from coordinator.core.engine_rollback import RollbackSteps
+from coordinator.core.targets import serving_slot
+from coordinator.strategies import blue_green, shadow
 from protocol.durations import format_duration
 from protocol.messages import Gates, WaveRecord
 
@@ -26,7 +27,7 @@ STATS_GRACE = 10.0
 
 
 class BakeSteps(RollbackSteps):
-    """The bake and gate methods of ``coordinator.engine.Step``."""
+    """The bake and gate methods of ``coordinator.core.engine.Step``."""
 
     def start_bake(self, wave: WaveRecord) -> None:
         wave.state = "baking"

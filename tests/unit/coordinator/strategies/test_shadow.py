@@ -6,7 +6,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from coordinator.engine import (
+from coordinator.core.engine import (
     Command,
     EmitEvent,
     IllegalTransition,
@@ -19,9 +19,9 @@ from coordinator.engine import (
     WriteDesired,
     new_record,
 )
+from coordinator.core.gates import ShadowFigures, ShadowWindow, evaluate_shadow, shadow_window
 from coordinator.errors import UsageError
-from coordinator.gates import ShadowFigures, ShadowWindow, evaluate_shadow, shadow_window
-from coordinator.planning import plan
+from coordinator.strategies import plan
 from protocol.messages import (
     LATENCY_BOUNDS_MS,
     DesiredState,

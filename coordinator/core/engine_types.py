@@ -1,7 +1,7 @@
 """The rollout engine's vocabulary: its events, its commands, and its state machine as data.
 
 Everything that decides which events a rollout accepts and which states may follow which lives in
-the two tables here, ``ACCEPTS`` and ``MOVES`` (after h11's ``_state.py``); ``coordinator.engine``
+the two tables here, ``ACCEPTS`` and ``MOVES`` (after h11's ``_state.py``); ``core.engine``
 applies them. Events and commands are frozen dataclasses: the runner builds events from bus
 messages and timers, and carries out commands in order (``Persist`` first).
 """

@@ -12,15 +12,16 @@ ends ``rolled_back``, or ``failed`` naming the nodes that did not make it back.
 
 from __future__ import annotations
 
-from coordinator.engine_step import StepBase
-from coordinator.engine_types import converged
-from coordinator.strategies import blue_green, restore_target
+from coordinator.core.engine_step import StepBase
+from coordinator.core.engine_types import converged
+from coordinator.core.targets import restore_target
+from coordinator.strategies import blue_green
 from protocol.durations import format_duration
 from protocol.messages import DesiredState, NodeProgress, WaveRecord
 
 
 class RollbackSteps(StepBase):
-    """The failure and rollback methods of ``coordinator.engine.Step``."""
+    """The failure and rollback methods of ``coordinator.core.engine.Step``."""
 
     def on_failure(self, wave: WaveRecord, reason: str) -> None:
         self.emit("wave.failed", reason, wave=wave.index)

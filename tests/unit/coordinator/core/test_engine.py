@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from coordinator.engine import (
+from coordinator.core.engine import (
     ACCEPTS,
     Abort,
     Command,

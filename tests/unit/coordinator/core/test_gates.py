@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from coordinator import gates as gatelib
-from coordinator.gates import (
+from coordinator.core import gates as gatelib
+from coordinator.core.gates import (
     NO_TRAFFIC,
     Window,
     evaluate,

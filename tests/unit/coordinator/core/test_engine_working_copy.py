@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from coordinator.engine import working_copy
+from coordinator.core.engine import working_copy
 from protocol.messages import (
     DesiredState,
     NodeProgress,

@@ -1,6 +1,6 @@
 """The engine's working step: the record being edited, the commands so far, and the primitives.
 
-Theory of operation: ``Rollout.handle`` (``coordinator.engine``) makes one ``Step`` per call over a
+Theory of operation: ``Rollout.handle`` (``core.engine``) makes one ``Step`` per call over a
 working copy of the record and the observed states; the step's methods edit that copy and append
 commands, and the rollout commits the copy only if the whole call succeeds. ``Step`` is assembled
 from layers, each calling only what lies below it:
@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from coordinator.engine_types import MOVES, Command, EmitEvent, IllegalTransition, WriteDesired
-from coordinator.planning import max_unavailable
-from coordinator.strategies import WaveKind, wave_kind
+from coordinator.core.amounts import max_unavailable
+from coordinator.core.engine_types import MOVES, Command, EmitEvent, IllegalTransition, WriteDesired
+from coordinator.core.planning import WaveKind, wave_kind
 from protocol.messages import (
     DesiredState,
     NodeProgress,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.fleet import (
+from coordinator.core.fleet import (
     MAX_INTERVAL,
     MIN_INTERVAL,
     Fleet,

@@ -6,15 +6,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from coordinator.core.amounts import batch_size, max_unavailable, parse_amount
+from coordinator.core.planning import natural_key, select
 from coordinator.errors import UsageError
-from coordinator.planning import (
-    batch_size,
-    max_unavailable,
-    natural_key,
-    parse_amount,
-    plan,
-    select,
-)
+from coordinator.strategies import plan
 from coordinator.strategies.canary import parse_weights, step_counts
 from protocol.messages import NodeView, RolloutSpec
 

@@ -20,11 +20,11 @@ with a wave when it reports ``observed_generation`` at least the written generat
 slot and the wave's weights applied. It *fails* when it reports phase ``failed`` for that
 generation, goes offline, or has not converged by the wave's deadline. When every node of a wave
 is done the wave *bakes* for ``spec.bake`` seconds, and then, once every node's router counters
-cover the whole bake (``window_covers_bake``), its gates (``coordinator.gates``) decide:
+cover the whole bake (``window_covers_bake``), its gates (``coordinator.core.gates``) decide:
 pass → next wave; fail → ``on_failure`` (rollback or pause); inconclusive → pause.
 Rollback writes every touched node's previous desired state, each with a higher generation, in one
 wave; it ends ``rolled_back`` when all converged back, or ``failed`` naming the nodes that did not
-by the rollback deadline. Blue-green and shadow add kinds of waves (``strategies.wave_kind``:
+by the rollback deadline. Blue-green and shadow add kinds of waves (``planning.wave_kind``:
 stage, shadow, switch) whose phase logic lives in ``strategies.blue_green`` and
 ``strategies.shadow``; the engine calls them at fixed points (wave start and convergence, bake
 verdict, success, rollback). Events, commands and the transition tables are in ``engine_types``.
@@ -42,8 +42,8 @@ from typing import Any
 
 import msgspec
 
-from coordinator.engine_bake import STATS_GRACE, BakeSteps
-from coordinator.engine_types import (
+from coordinator.core.engine_bake import STATS_GRACE, BakeSteps
+from coordinator.core.engine_types import (
     ACCEPTS,
     MOVES,
     VERBS,
@@ -66,17 +66,10 @@ from coordinator.engine_types import (
     converged,
     mode,
 )
+from coordinator.core.planning import NodeLike
+from coordinator.core.targets import forward_target, idle_slot, retire_target, runs, serving_slot
 from coordinator.errors import UsageError
-from coordinator.planning import NodeLike, plan
-from coordinator.strategies import (
-    blue_green,
-    forward_target,
-    idle_slot,
-    retire_target,
-    runs,
-    serving_slot,
-    shadow,
-)
+from coordinator.strategies import blue_green, plan, shadow
 from protocol.codec import encode
 from protocol.durations import format_duration
 from protocol.messages import (

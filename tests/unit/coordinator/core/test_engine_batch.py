@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.engine import (
+from coordinator.core.engine import (
     IllegalTransition,
     NodeOffline,
     ObservedChanged,
@@ -15,7 +15,7 @@ from coordinator.engine import (
     Tick,
 )
 from protocol.messages import RouterStats, SlotTraffic
-from tests.unit.coordinator.test_engine import kinds, observed, rollout, writes
+from tests.unit.coordinator.core.test_engine import kinds, observed, rollout, writes
 
 
 def started(n: int, **kw: object) -> tuple[Rollout, list[ObservedChanged]]:

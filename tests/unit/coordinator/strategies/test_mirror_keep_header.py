@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from coordinator.cli import client, main
-from coordinator.engine import Rollout, Start, WriteDesired, new_record
+from coordinator.core.engine import Rollout, Start, WriteDesired, new_record
 from coordinator.errors import UsageError
 from coordinator.strategies import shadow
 from protocol.messages import DeployRequest, DesiredState, NodeView, ReleaseRef, RolloutSpec

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import msgspec
 import pytest
 
-from coordinator.engine import (
+from coordinator.core.amounts import max_unavailable
+from coordinator.core.engine import (
     Abort,
     Command,
     EngineEvent,
@@ -45,8 +46,7 @@ from coordinator.engine import (
     WriteDesired,
     new_record,
 )
-from coordinator.planning import max_unavailable
-from coordinator.strategies import wave_kind
+from coordinator.core.planning import wave_kind
 from protocol.messages import (
     LATENCY_BOUNDS_MS,
     DesiredState,

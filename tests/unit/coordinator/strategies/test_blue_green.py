@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from coordinator.engine import (
+from coordinator.core.engine import (
     Command,
     EmitEvent,
     IllegalTransition,
@@ -22,7 +22,7 @@ from coordinator.engine import (
     new_record,
 )
 from coordinator.errors import UsageError
-from coordinator.planning import plan
+from coordinator.strategies import plan
 from coordinator.strategies.blue_green import spread
 from protocol.messages import (
     LATENCY_BOUNDS_MS,

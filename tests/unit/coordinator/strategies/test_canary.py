@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from coordinator.cli import main
-from coordinator.engine import (
+from coordinator.core.engine import (
     STATS_GRACE,
     Command,
     EmitEvent,

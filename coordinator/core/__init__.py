@@ -1,0 +1,15 @@
+"""The coordinator's pure core: decisions from inputs, with time given, never read.
+
+- ``engine``        ``Rollout``: the rollout state machine; ``handle(event, now)`` returns commands.
+  ``engine_types``  its vocabulary (events, commands) and its tables: ``ACCEPTS`` and ``MOVES``
+                    for the rollout.
+  ``engine_step``, ``engine_bake``, ``engine_rollback``  the step of one ``handle`` call.
+- ``planning``      which nodes a rollout targets and the shape of its waves; ``amounts``: ``N``
+                    or ``P%`` of the nodes; ``targets``: the desired state one node is given.
+- ``gates``         whether a wave's figures pass its thresholds.
+- ``fleet``         the node table: liveness from heartbeats, the views the API lists.
+
+X
+vocabulary back, never the engine itself); never ``asyncio``, ``nats``, the runtime, the API or
+the CLI, and nothing here reads the clock.
+"""
