@@ -2,7 +2,7 @@
 
 - ``engine``        ``Rollout``: the rollout state machine; ``handle(event, now)`` returns commands.
   ``engine_types``  its vocabulary (events, commands) and its tables: ``ACCEPTS`` and ``MOVES``
-                    for the rollout.
+                    for the rollout, ``WAVE_MOVES`` and ``NODE_MOVES`` for waves and nodes.
   ``engine_step``, ``engine_bake``, ``engine_rollback``  the step of one ``handle`` call.
 - ``planning``      which nodes a rollout targets and the shape of its waves; ``amounts``: ``N``
                     or ``P%`` of the nodes; ``targets``: the desired state one node is given.

@@ -65,6 +65,8 @@ from coordinator.core.engine_types import (
     WriteDesired,
     converged,
     mode,
+    move_node,
+    move_wave,
 )
 from coordinator.core.planning import NodeLike
 from coordinator.core.targets import forward_target, idle_slot, retire_target, runs, serving_slot
@@ -337,13 +339,14 @@ class Step(BakeSteps):
                 if p.state == "waiting":
                     p.reason = ""
                 elif p.state == "failed":
-                    p.state, p.reason = "waiting", ""
+                    move_node(p, "waiting")
+                    p.reason = ""
                     retried.append(n)
                     if p.online and p.target is not None:
                         # Written and failed: already counted as unavailable, so a retry costs
                         # nothing; nodes never written wait for capacity like any other.
                         self.start_node(p, wave)
-            wave.state = "updating"
+            move_wave(wave, "updating")
             wave.deadline = self.now + self.spec.progress_deadline
             self.emit("rollout.resumed", f"resumed: retrying wave {wave.index}",
                       wave=wave.index, retried=retried)
@@ -386,12 +389,14 @@ class Step(BakeSteps):
             # window, the switch's old traffic): a snapshot of every node per wave would make
             # the record grow with waves x nodes.
             done.baseline = {}
-        wave.state = "updating"
+        move_wave(wave, "updating")
         wave.started = self.now
         wave.deadline = self.now + self.spec.progress_deadline
         for n in wave.nodes:
             p = self.r.nodes[n]
-            p.wave, p.state, p.reason = wave.index, "waiting", ""
+            p.wave = wave.index
+            move_node(p, "waiting")
+            p.reason = ""
         kind = self.kind(wave)
         if kind in ("stage", "shadow"):
             # The previous wave's traffic window starts here (blue_green.start_switch uses it).
@@ -411,7 +416,7 @@ class Step(BakeSteps):
             now=self.now,
             mirror=shadow.mirror_spec(self.spec, p.slot) if self.kind(wave) == "shadow" else None,
         )
-        p.state = "updating"
+        move_node(p, "updating")
         self.write(p, desired)
         self.emit("node.updating", f"{p.node}: {self.r.release.version} in slot {p.slot} at "
                   f"weight {wave.weight}% (generation {p.generation})", p.node,
@@ -435,7 +440,7 @@ class Step(BakeSteps):
                 continue
             if (p.target is None and (wave.weight == 100 or kind in ("stage", "shadow"))
                     and runs(p.previous, r.release)):
-                p.state = "done"
+                move_node(p, "done")
                 self.emit("node.done", f"{n}: already runs {r.release.version}", n)
             elif not p.online:
                 self.fail_node(p, "node is offline")
@@ -462,7 +467,7 @@ class Step(BakeSteps):
                                 f"nodes unavailable (max-unavailable {self.cap})")
                     failed.append(p)
         if failed:
-            wave.state = "failed"
+            move_wave(wave, "failed")
             wave.finished = self.now
             why = "; ".join(f"{p.node}: {p.reason}" for p in failed)
             self.on_failure(wave, f"wave {wave.index} failed: {why}")
@@ -483,7 +488,7 @@ class Step(BakeSteps):
         elif (seen is not None and p.target is not None and converged(seen, p.target)
               and (s := seen.slots.get(p.slot)) is not None and s.status == "healthy"):
             # Converged says the traffic slots are healthy; a staged slot (weight 0) must be too.
-            p.state = "done"
+            move_node(p, "done")
             self.emit("node.done", f"{p.node}: converged on generation {p.generation}", p.node,
                       generation=p.generation)
 

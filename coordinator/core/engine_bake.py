@@ -16,6 +16,7 @@ import msgspec
 
 from coordinator.core import gates as gatelib
 from coordinator.core.engine_rollback import RollbackSteps
+from coordinator.core.engine_types import move_wave
 from coordinator.core.targets import serving_slot
 from coordinator.strategies import blue_green, shadow
 from protocol.durations import format_duration
@@ -30,7 +31,7 @@ class BakeSteps(RollbackSteps):
     """The bake and gate methods of ``coordinator.core.engine.Step``."""
 
     def start_bake(self, wave: WaveRecord) -> None:
-        wave.state = "baking"
+        move_wave(wave, "baking")
         if self.kind(wave) == "stage":
             # Staged slots carry no traffic, so there is nothing to bake: only --min-healthy
             # is judged, now; the baseline taken at the wave's start is kept for the switch.
@@ -59,12 +60,14 @@ class BakeSteps(RollbackSteps):
                                       + (f": {seen.error}" if seen.error else ""))
         failed = [r.nodes[n] for n in wave.nodes if r.nodes[n].state == "failed"]
         if failed:
-            wave.state, wave.finished = "failed", self.now
+            move_wave(wave, "failed")
+            wave.finished = self.now
             why = "; ".join(f"{p.node}: {p.reason}" for p in failed)
             self.on_failure(wave, f"wave {wave.index} failed: {why}")
             return
         if r.promote:
-            wave.state, wave.finished = "passed", self.now
+            move_wave(wave, "passed")
+            wave.finished = self.now
             wave.gates = {"outcome": "promoted"}
             self.emit("gate.skipped", f"wave {wave.index}: promoted by operator, gates skipped",
                       wave=wave.index)
@@ -79,16 +82,18 @@ class BakeSteps(RollbackSteps):
         wave.gates = verdict.figures | {"outcome": verdict.outcome,
                                         "reasons": list(verdict.reasons)}
         if verdict.outcome == "pass":
-            wave.state, wave.finished = "passed", self.now
+            move_wave(wave, "passed")
+            wave.finished = self.now
             self.emit("gate.passed", f"wave {wave.index}: gates passed", wave=wave.index,
                       **verdict.figures)
         elif verdict.outcome == "fail":
-            wave.state, wave.finished = "failed", self.now
+            move_wave(wave, "failed")
+            wave.finished = self.now
             self.emit("gate.failed", f"wave {wave.index}: {verdict.reason}", wave=wave.index,
                       **verdict.figures)
             self.on_failure(wave, f"wave {wave.index} gates failed: {verdict.reason}")
         else:
-            wave.state = "inconclusive"
+            move_wave(wave, "inconclusive")
             self.emit("gate.inconclusive", f"wave {wave.index}: {verdict.reason}",
                       wave=wave.index, **verdict.figures)
             self.pause(f"wave {wave.index} gates inconclusive: {verdict.reason}")

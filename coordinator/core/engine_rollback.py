@@ -13,7 +13,7 @@ ends ``rolled_back``, or ``failed`` naming the nodes that did not make it back.
 from __future__ import annotations
 
 from coordinator.core.engine_step import StepBase
-from coordinator.core.engine_types import converged
+from coordinator.core.engine_types import converged, move_node
 from coordinator.core.targets import restore_target
 from coordinator.strategies import blue_green
 from protocol.durations import format_duration
@@ -39,13 +39,14 @@ class RollbackSteps(StepBase):
         touched = sorted(n for n, p in r.nodes.items() if p.target is not None)
         for p in r.nodes.values():
             if p.target is None and p.state == "failed":
-                p.state = "waiting"  # never written to, so still on its previous version
+                move_node(p, "waiting")  # never written to, so still on its previous version
         self.emit("rollout.rolling_back", f"rolling back {len(touched)} nodes: {reason}",
                   reason=reason, nodes=touched)
         switching = any(self.kind(w) == "switch" for w in r.waves)
         for n in touched:
             p = r.nodes[n]
-            p.state, p.reason = "rolling_back", ""
+            move_node(p, "rolling_back")
+            p.reason = ""
             back = blue_green.rollback_target(self, p) if switching else None
             self.write(p, back or self.restore(p))
         if "switch_back" in r.report:
@@ -70,7 +71,7 @@ class RollbackSteps(StepBase):
             if seen is not None and converged(seen, p.target) and _keeps_new_slot(p):
                 back.append(p)
             elif seen is not None and converged(seen, p.target):
-                p.state = "rolled_back"
+                move_node(p, "rolled_back")
                 self.emit("node.rolled_back", f"{n}: back on generation {p.generation}", n)
             elif seen is not None and seen.generation >= p.generation and seen.phase == "failed":
                 self.fail_node(p, f"rollback failed: {seen.error or 'no reason given'}")

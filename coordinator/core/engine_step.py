@@ -20,7 +20,14 @@ from __future__ import annotations
 from typing import Any
 
 from coordinator.core.amounts import max_unavailable
-from coordinator.core.engine_types import MOVES, Command, EmitEvent, IllegalTransition, WriteDesired
+from coordinator.core.engine_types import (
+    MOVES,
+    Command,
+    EmitEvent,
+    IllegalTransition,
+    WriteDesired,
+    move_node,
+)
 from coordinator.core.planning import WaveKind, wave_kind
 from protocol.messages import (
     DesiredState,
@@ -79,7 +86,8 @@ class StepBase:
                 if n in self.r.nodes and o.router is not None}
 
     def fail_node(self, p: NodeProgress, reason: str) -> None:
-        p.state, p.reason = "failed", reason
+        move_node(p, "failed")
+        p.reason = reason
         self.emit("node.failed", f"{p.node}: {reason}", p.node, reason=reason)
 
     def pause(self, reason: str) -> None:

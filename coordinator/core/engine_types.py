@@ -1,19 +1,26 @@
 """The rollout engine's vocabulary: its events, its commands, and its state machine as data.
 
 Everything that decides which events a rollout accepts and which states may follow which lives in
-the two tables here, ``ACCEPTS`` and ``MOVES`` (after h11's ``_state.py``); ``core.engine``
-applies them. Events and commands are frozen dataclasses: the runner builds events from bus
-messages and timers, and carries out commands in order (``Persist`` first).
+the tables here, ``ACCEPTS`` and ``MOVES`` for the rollout, ``WAVE_MOVES`` and ``NODE_MOVES`` for
+its waves and target nodes (after h11's ``_state.py``); ``core.engine`` applies them. Events and
+commands are frozen dataclasses: the runner builds events from bus messages and timers, and
+carries out commands in order (``Persist`` first).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from coordinator.errors import FleetwaveError
-from protocol.messages import DesiredState, ObservedState, RolloutRecord
+from protocol.messages import (
+    DesiredState,
+    NodeProgress,
+    ObservedState,
+    RolloutRecord,
+    WaveRecord,
+)
 
 # -- events ----------------------------------------------------------------------------------------
 
@@ -141,6 +148,45 @@ MOVES: dict[str, frozenset[str]] = {
     "failed": frozenset(),
     "aborted": frozenset(),
 }
+# A wave: started, its nodes updating, then baked and judged. A failed wave is retried by a resume
+# (``on_failure=pause``, then resume or promote); an inconclusive one is baked again by a resume.
+WaveState = Literal["waiting", "updating", "baking", "passed", "failed", "inconclusive"]
+WAVE_MOVES: dict[str, frozenset[str]] = {
+    "waiting": frozenset({"updating"}),
+    "updating": frozenset({"baking", "failed"}),
+    "baking": frozenset({"passed", "failed", "inconclusive"}),
+    "failed": frozenset({"updating"}),
+    "inconclusive": frozenset({"baking"}),
+    "passed": frozenset(),
+}
+# A target node: waiting for its wave (again, for a node in several waves: a canary's steps, a
+# blue-green's stage then switch), updating, done; failed when it goes offline, reports failure
+# or does not converge, and then retried (waiting) or rolled back with the rest.
+NodeState = Literal["waiting", "updating", "done", "failed", "rolling_back", "rolled_back"]
+NODE_MOVES: dict[str, frozenset[str]] = {
+    "waiting": frozenset({"waiting", "updating", "done", "failed", "rolling_back"}),
+    "updating": frozenset({"done", "failed", "rolling_back"}),
+    "done": frozenset({"waiting", "failed", "rolling_back"}),
+    "failed": frozenset({"waiting", "rolling_back"}),
+    "rolling_back": frozenset({"rolled_back", "failed"}),
+    "rolled_back": frozenset(),
+}
+
+
+def move_wave(wave: WaveRecord, to: WaveState) -> None:
+    """Move ``wave`` to ``to`` if WAVE_MOVES has that row; else IllegalTransition, unchanged."""
+    if to not in WAVE_MOVES[wave.state]:
+        raise IllegalTransition(f"wave {wave.index}: no move from {wave.state} to {to}")
+    wave.state = to
+
+
+def move_node(progress: NodeProgress, to: NodeState) -> None:
+    """Move a node to ``to`` if NODE_MOVES has that row; else IllegalTransition, unchanged."""
+    if to not in NODE_MOVES[progress.state]:
+        raise IllegalTransition(f"node {progress.node}: no move from {progress.state} to {to}")
+    progress.state = to
+
+
 VERBS: dict[type, str] = {
     Start: "start", Pause: "pause", Resume: "resume", Promote: "promote", Abort: "abort",
     RollbackRequested: "roll back", ObservedChanged: "observe", NodeOffline: "observe",
