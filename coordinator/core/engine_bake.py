@@ -15,7 +15,8 @@ from __future__ import annotations
 import msgspec
 
 from coordinator.core import gates as gatelib
-from coordinator.core.engine_rollback import RollbackSteps
+from coordinator.core.engine_rollback import Rollback
+from coordinator.core.engine_step import Step
 from coordinator.core.engine_types import move_wave
 from coordinator.core.targets import serving_slot
 from coordinator.strategies import blue_green, shadow
@@ -27,76 +28,82 @@ from protocol.messages import Gates, WaveRecord
 STATS_GRACE = 10.0
 
 
-class BakeSteps(RollbackSteps):
-    """The bake and gate methods of ``coordinator.core.engine.Step``."""
+class Bake:
+    """The bake of a converged wave and its gates' verdict, over one working ``Step``; a failed
+    wave goes to ``rollback.on_failure``."""
+
+    def __init__(self, step: Step, rollback: Rollback) -> None:
+        self.step = step
+        self.rollback = rollback
 
     def start_bake(self, wave: WaveRecord) -> None:
         move_wave(wave, "baking")
-        if self.kind(wave) == "stage":
+        if self.step.kind(wave) == "stage":
             # Staged slots carry no traffic, so there is nothing to bake: only --min-healthy
             # is judged, now; the baseline taken at the wave's start is kept for the switch.
-            wave.bake_until = self.now
+            wave.bake_until = self.step.now
             return
-        wave.bake_until = self.now + self.spec.bake
-        wave.baseline = self.snapshot()
-        if self.spec.bake:
-            self.emit("wave.baking", f"wave {wave.index}: baking for "
-                      f"{format_duration(self.spec.bake)}", wave=wave.index)
+        wave.bake_until = self.step.now + self.step.spec.bake
+        wave.baseline = self.step.snapshot()
+        if self.step.spec.bake:
+            self.step.emit("wave.baking", f"wave {wave.index}: baking for "
+                           f"{format_duration(self.step.spec.bake)}", wave=wave.index)
 
     def bake(self, wave: WaveRecord) -> None:
-        r = self.r
+        r = self.step.r
         for n in wave.nodes:
             p = r.nodes[n]
-            seen = self.obs.get(n)
+            seen = self.step.obs.get(n)
             if not p.online:
-                self.fail_node(p, "node went offline during the bake")
+                self.step.fail_node(p, "node went offline during the bake")
             elif seen is not None and seen.generation > p.generation:
                 pass  # someone else wrote a newer desired state; judged by the gates' figures
             elif seen is not None and seen.observed_generation >= p.generation:
                 slot = seen.slots.get(p.slot)
                 status = slot.status if slot is not None else "empty"
                 if seen.phase == "failed" or status != "healthy":
-                    self.fail_node(p, f"new slot {p.slot} is {status} during the bake"
-                                      + (f": {seen.error}" if seen.error else ""))
+                    self.step.fail_node(p, f"new slot {p.slot} is {status} during the bake"
+                                        + (f": {seen.error}" if seen.error else ""))
         failed = [r.nodes[n] for n in wave.nodes if r.nodes[n].state == "failed"]
         if failed:
             move_wave(wave, "failed")
-            wave.finished = self.now
+            wave.finished = self.step.now
             why = "; ".join(f"{p.node}: {p.reason}" for p in failed)
-            self.on_failure(wave, f"wave {wave.index} failed: {why}")
+            self.rollback.on_failure(wave, f"wave {wave.index} failed: {why}")
             return
         if r.promote:
             move_wave(wave, "passed")
-            wave.finished = self.now
+            wave.finished = self.step.now
             wave.gates = {"outcome": "promoted"}
-            self.emit("gate.skipped", f"wave {wave.index}: promoted by operator, gates skipped",
-                      wave=wave.index)
+            self.step.emit("gate.skipped",
+                           f"wave {wave.index}: promoted by operator, gates skipped",
+                           wave=wave.index)
             if r.promote == "step":
                 r.promote = ""
             return
-        if self.now < wave.bake_until:
+        if self.step.now < wave.bake_until:
             return
-        if self.now < wave.bake_until + STATS_GRACE and not self.window_covers_bake(wave):
+        if self.step.now < wave.bake_until + STATS_GRACE and not self.window_covers_bake(wave):
             return  # the agents' latest counters were read before the bake ended: wait for them
         verdict = self.verdict(wave)
         wave.gates = verdict.figures | {"outcome": verdict.outcome,
                                         "reasons": list(verdict.reasons)}
         if verdict.outcome == "pass":
             move_wave(wave, "passed")
-            wave.finished = self.now
-            self.emit("gate.passed", f"wave {wave.index}: gates passed", wave=wave.index,
-                      **verdict.figures)
+            wave.finished = self.step.now
+            self.step.emit("gate.passed", f"wave {wave.index}: gates passed", wave=wave.index,
+                           **verdict.figures)
         elif verdict.outcome == "fail":
             move_wave(wave, "failed")
-            wave.finished = self.now
-            self.emit("gate.failed", f"wave {wave.index}: {verdict.reason}", wave=wave.index,
-                      **verdict.figures)
-            self.on_failure(wave, f"wave {wave.index} gates failed: {verdict.reason}")
+            wave.finished = self.step.now
+            self.step.emit("gate.failed", f"wave {wave.index}: {verdict.reason}", wave=wave.index,
+                           **verdict.figures)
+            self.rollback.on_failure(wave, f"wave {wave.index} gates failed: {verdict.reason}")
         else:
             move_wave(wave, "inconclusive")
-            self.emit("gate.inconclusive", f"wave {wave.index}: {verdict.reason}",
-                      wave=wave.index, **verdict.figures)
-            self.pause(f"wave {wave.index} gates inconclusive: {verdict.reason}")
+            self.step.emit("gate.inconclusive", f"wave {wave.index}: {verdict.reason}",
+                           wave=wave.index, **verdict.figures)
+            self.step.pause(f"wave {wave.index} gates inconclusive: {verdict.reason}")
 
     def window_covers_bake(self, wave: WaveRecord) -> bool:
         """Whether every wave node's router counters span the whole bake since its baseline.
@@ -108,30 +115,30 @@ class BakeSteps(RollbackSteps):
         Unknown times (older agents), no baseline or a restarted router cannot be waited for.
         """
         for n in wave.nodes:
-            seen = self.obs.get(n)
+            seen = self.step.obs.get(n)
             end = seen.router if seen is not None else None
             start = wave.baseline.get(n)
             if end is None or start is None or not end.time or not start.time:
                 continue
-            if start.epoch == end.epoch and end.time - start.time < self.spec.bake:
+            if start.epoch == end.epoch and end.time - start.time < self.step.spec.bake:
                 return False
         return True
 
     def verdict(self, wave: WaveRecord) -> gatelib.Verdict:
-        kind = self.kind(wave)
+        kind = self.step.kind(wave)
         if kind == "shadow":
-            return shadow.verdict(self, wave)
-        gates = self.spec.gates
+            return shadow.verdict(self.step, wave)
+        gates = self.step.spec.gates
         if kind == "stage":
             gates = Gates(min_healthy=gates.min_healthy)
-        elif self.spec.strategy == "shadow":
+        elif self.step.spec.strategy == "shadow":
             # After a shadow, --then waves serve live traffic: nothing is mirrored any more.
             gates = msgspec.structs.replace(gates, max_mismatch_rate=None)
         new, old, mirror = [], [], []
         healthy = 0
         evidence = gatelib.Evidence()
-        for n, p in self.r.nodes.items():
-            seen = self.obs.get(n)
+        for n, p in self.step.r.nodes.items():
+            seen = self.step.obs.get(n)
             end = seen.router if seen is not None else None
             start = wave.baseline.get(n)
             serving = serving_slot(p.previous)
@@ -148,8 +155,9 @@ class BakeSteps(RollbackSteps):
                 slot = seen.slots.get(p.slot) if seen is not None else None
                 healthy += slot is not None and slot.status == "healthy"
         if kind == "switch":
-            old = [blue_green.old_window(self)]  # after the switch the old slots get no traffic
-            evidence.add(blue_green.old_untrusted(self))
+            # After the switch the old slots get no traffic.
+            old = [blue_green.old_window(self.step)]
+            evidence.add(blue_green.old_untrusted(self.step))
         reference = ""
         if kind == "":
             old, reference = self.old_reference(wave, old, evidence)
@@ -172,15 +180,16 @@ class BakeSteps(RollbackSteps):
         """
         total = gatelib.total(old)
         if total.requests:
-            self.r.report["old_window"] = {"wave": wave.index, "requests": total.requests,
-                                           "errors": total.errors, "latency": list(total.latency)}
+            self.step.r.report["old_window"] = {
+                "wave": wave.index, "requests": total.requests, "errors": total.errors,
+                "latency": list(total.latency)}
             return old, ""
-        kept = self.r.report.get("old_window")
+        kept = self.step.r.report.get("old_window")
         if kept:
             return [gatelib.Window(kept["requests"], kept["errors"], tuple(kept["latency"]))], \
                 f"wave {kept['wave']}"
         before = []
-        for n, p in self.r.nodes.items():
+        for n, p in self.step.r.nodes.items():
             serving = serving_slot(p.previous)
             baseline = wave.baseline.get(n)
             if serving is not None and serving != p.slot and evidence.admits(n, None, baseline):

@@ -12,7 +12,7 @@ ends ``rolled_back``, or ``failed`` naming the nodes that did not make it back.
 
 from __future__ import annotations
 
-from coordinator.core.engine_step import StepBase
+from coordinator.core.engine_step import Step
 from coordinator.core.engine_types import converged, move_node
 from coordinator.core.targets import restore_target
 from coordinator.strategies import blue_green
@@ -20,89 +20,93 @@ from protocol.durations import format_duration
 from protocol.messages import DesiredState, NodeProgress, WaveRecord
 
 
-class RollbackSteps(StepBase):
-    """The failure and rollback methods of ``coordinator.core.engine.Step``."""
+class Rollback:
+    """A failed wave and the rollback phase, over one working ``Step``."""
+
+    def __init__(self, step: Step) -> None:
+        self.step = step
 
     def on_failure(self, wave: WaveRecord, reason: str) -> None:
-        self.emit("wave.failed", reason, wave=wave.index)
+        self.step.emit("wave.failed", reason, wave=wave.index)
         # A failed stage or shadow ends the rollout: nothing serves the new release yet, so
         # there is nothing to hold for an operator, and staged slots would only burn resources.
-        if self.spec.on_failure == "pause" and self.kind(wave) not in ("stage", "shadow"):
-            self.pause(reason)
+        if self.step.spec.on_failure == "pause" and self.step.kind(wave) not in ("stage", "shadow"):
+            self.step.pause(reason)
         else:
             self.start_rollback(reason)
 
     def start_rollback(self, reason: str) -> None:
-        r = self.r
+        r = self.step.r
         r.phase, r.reason = "rollback", reason
-        r.rollback_deadline = self.now + self.spec.progress_deadline
+        r.rollback_deadline = self.step.now + self.step.spec.progress_deadline
         touched = sorted(n for n, p in r.nodes.items() if p.target is not None)
         for p in r.nodes.values():
             if p.target is None and p.state == "failed":
                 move_node(p, "waiting")  # never written to, so still on its previous version
-        self.emit("rollout.rolling_back", f"rolling back {len(touched)} nodes: {reason}",
-                  reason=reason, nodes=touched)
-        switching = any(self.kind(w) == "switch" for w in r.waves)
+        self.step.emit("rollout.rolling_back", f"rolling back {len(touched)} nodes: {reason}",
+                       reason=reason, nodes=touched)
+        switching = any(self.step.kind(w) == "switch" for w in r.waves)
         for n in touched:
             p = r.nodes[n]
             move_node(p, "rolling_back")
             p.reason = ""
-            back = blue_green.rollback_target(self, p) if switching else None
-            self.write(p, back or self.restore(p))
+            back = blue_green.rollback_target(self.step, p) if switching else None
+            self.step.write(p, back or self.restore(p))
         if "switch_back" in r.report:
-            self.emit("bluegreen.switching_back", "switching every node back to the old slots",
-                      at=self.now)
+            self.step.emit("bluegreen.switching_back", "switching every node back to the old slots",
+                           at=self.step.now)
         self.advance_rollback()
 
     def restore(self, p: NodeProgress) -> DesiredState:
         return restore_target(
-            p.previous, fleet=self.fleet, node=p.node, service=self.spec.service,
-            generation=self.next_generation(p), rollout=self.r.id, now=self.now,
+            p.previous, fleet=self.step.fleet, node=p.node, service=self.step.spec.service,
+            generation=self.step.next_generation(p), rollout=self.step.r.id, now=self.step.now,
         )
 
     def advance_rollback(self) -> None:
-        r = self.r
+        r = self.step.r
         waiting: list[NodeProgress] = []
         back: list[NodeProgress] = []  # switched back, both slots kept: the new one to retire
         for n, p in r.nodes.items():
             if p.state != "rolling_back" or p.target is None:
                 continue
-            seen = self.obs.get(n)
+            seen = self.step.obs.get(n)
             if seen is not None and converged(seen, p.target) and _keeps_new_slot(p):
                 back.append(p)
             elif seen is not None and converged(seen, p.target):
                 move_node(p, "rolled_back")
-                self.emit("node.rolled_back", f"{n}: back on generation {p.generation}", n)
+                self.step.emit("node.rolled_back", f"{n}: back on generation {p.generation}", n)
             elif seen is not None and seen.generation >= p.generation and seen.phase == "failed":
-                self.fail_node(p, f"rollback failed: {seen.error or 'no reason given'}")
+                self.step.fail_node(p, f"rollback failed: {seen.error or 'no reason given'}")
             else:
                 waiting.append(p)
-        if waiting and self.now >= r.rollback_deadline:
-            limit = format_duration(self.spec.progress_deadline)
+        if waiting and self.step.now >= r.rollback_deadline:
+            limit = format_duration(self.step.spec.progress_deadline)
             for p in waiting:
-                self.fail_node(p, f"did not converge back within {limit}"
-                                  + ("" if p.online else " (offline)"))
+                self.step.fail_node(p, f"did not converge back within {limit}"
+                                    + ("" if p.online else " (offline)"))
             waiting = []
         # The new slots are retired once no node is still switching back: the switch back is
         # what users feel, and retiring the first nodes' slots while the others still wait for
         # theirs would put those writes ahead of the rest of it.
         if back and not any(_keeps_new_slot(p) for p in waiting):
-            if self.now >= r.rollback_deadline:  # the last ones failed: time to retire the rest
-                r.rollback_deadline = self.now + self.spec.progress_deadline
+            # The last ones failed: time to retire the rest.
+            if self.step.now >= r.rollback_deadline:
+                r.rollback_deadline = self.step.now + self.step.spec.progress_deadline
             for p in back:
-                self.write(p, self.restore(p))
+                self.step.write(p, self.restore(p))
             waiting += back
             back = []
-        blue_green.switched_back(self)
+        blue_green.switched_back(self.step)
         if waiting or back:
             return
         failed = sorted(n for n, p in r.nodes.items() if p.state == "failed")
         if failed:
-            self.finish("failed", f"rollback incomplete on {', '.join(failed)} ("
-                        + "; ".join(r.nodes[n].reason for n in failed)
-                        + f") after: {r.reason}")
+            self.step.finish("failed", f"rollback incomplete on {', '.join(failed)} ("
+                             + "; ".join(r.nodes[n].reason for n in failed)
+                             + f") after: {r.reason}")
         else:
-            self.finish("rolled_back", r.reason)
+            self.step.finish("rolled_back", r.reason)
 
 
 def _keeps_new_slot(p: NodeProgress) -> bool:

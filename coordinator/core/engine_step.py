@@ -2,16 +2,16 @@
 
 Theory of operation: ``Rollout.handle`` (``core.engine``) makes one ``Step`` per call over a
 working copy of the record and the observed states; the step's methods edit that copy and append
-commands, and the rollout commits the copy only if the whole call succeeds. ``Step`` is assembled
-from layers, each calling only what lies below it:
+commands, and the rollout commits the copy only if the whole call succeeds. The concerns of a
+step are objects composed over it, each using only the ones below it:
 
-    StepBase       (here) emitting, moving between states, writing desired states, failing a
-                   node, pausing, finishing: what every phase uses
-    RollbackSteps  (``engine_rollback``) a failed wave and the rollback phase
-    BakeSteps      (``engine_bake``) the bake and the gates' verdict on it
-    Step           (``engine``) the events and forward progress through the waves
+    Step      (here) emitting, moving between states, writing desired states, failing a node,
+              pausing, finishing: what every concern uses
+    Rollback  (``engine_rollback``) a failed wave and the rollback phase
+    Bake      (``engine_bake``) the bake and the gates' verdict on it; a failure goes to Rollback
+    Progress  (``engine``) the events and forward progress through the waves, over all three
 
-The strategies' hooks (``strategies.blue_green``, ``strategies.shadow``) take a ``StepBase``: they
+The strategies' hooks (``strategies.blue_green``, ``strategies.shadow``) take a ``Step``: they
 use only what is defined here. Nothing here awaits or reads a clock: time is ``now``.
 """
 
@@ -39,7 +39,7 @@ from protocol.messages import (
 )
 
 
-class StepBase:
+class Step:
     """The working state of one ``handle`` call: a copy of the record, and the commands so far."""
 
     def __init__(

@@ -41,7 +41,7 @@ from protocol.durations import format_duration
 from protocol.messages import DesiredState, NodeProgress, ObservedState, RolloutSpec
 
 if TYPE_CHECKING:  # the engine imports the strategies; this module only needs its type
-    from coordinator.core.engine_step import StepBase as Step  # all these hooks use of it
+    from coordinator.core.engine_step import Step  # all these hooks use of it
 
 
 def plan(selected: list[str], spec: RolloutSpec) -> list[Wave]:

@@ -42,7 +42,7 @@ from coordinator.strategies import rolling
 from protocol.messages import MirrorSpec, RolloutSpec, WaveRecord
 
 if TYPE_CHECKING:  # the engine imports the strategies; this module only needs its type
-    from coordinator.core.engine_step import StepBase as Step  # all these hooks use of it
+    from coordinator.core.engine_step import Step  # all these hooks use of it
 
 MAX_SAMPLES = 5
 _METHOD = re.compile(r"^[A-Za-z]+$")
