@@ -9,7 +9,7 @@ step are objects composed over it, each using only the ones below it:
               pausing, finishing: what every concern uses
     Rollback  (``engine_rollback``) a failed wave and the rollback phase
     Bake      (``engine_bake``) the bake and the gates' verdict on it; a failure goes to Rollback
-    Progress  (``engine``) the events and forward progress through the waves, over all three
+    Progress  (``engine_progress``) the events and forward progress through the waves
 
 The strategies' hooks (``strategies.blue_green``, ``strategies.shadow``) take a ``Step``: they
 use only what is defined here. Nothing here awaits or reads a clock: time is ``now``.
