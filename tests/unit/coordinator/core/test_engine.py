@@ -9,7 +9,6 @@ from coordinator.core.engine import (
     ACCEPTS,
     Abort,
     Command,
-    EmitEvent,
     IllegalTransition,
     NodeOffline,
     NodeOnline,
@@ -31,36 +30,18 @@ from protocol.messages import (
     Gates,
     NodeView,
     ObservedState,
-    ReleaseRef,
     RolloutSpec,
     RouterStats,
     SlotStatus,
     SlotTraffic,
 )
-
-OLD = ReleaseRef(service="hello", version="1.0.0", digest="sha256:old")
-NEW = ReleaseRef(service="hello", version="2.0.0", digest="sha256:new")
+from protocol.testing import NEW, OLD
+from tests.unit.coordinator.kit import kinds, rollout, writes
 
 
 def previous(node: str, generation: int = 7) -> DesiredState:
     return DesiredState(fleet="f", node=node, service="hello", generation=generation,
                         slots={"a": OLD}, weights={"a": 100})
-
-
-def rollout(n: int = 3, **kw: object) -> Rollout:
-    spec = RolloutSpec(service="hello", version="2.0.0", **kw)  # type: ignore[arg-type]
-    nodes = [NodeView(id=f"node-{i}") for i in range(1, n + 1)]
-    current = {v.id: previous(v.id) for v in nodes}
-    rec = new_record(id="r1", spec=spec, release=NEW, nodes=nodes, current=current, now=0.0)
-    return Rollout(rec, fleet="f")
-
-
-def writes(cmds: list[Command]) -> list[DesiredState]:
-    return [c.desired for c in cmds if isinstance(c, WriteDesired)]
-
-
-def kinds(cmds: list[Command]) -> list[str]:
-    return [c.kind for c in cmds if isinstance(c, EmitEvent)]
 
 
 def observed(d: DesiredState, t: float, *, healthy: bool = True, failed: str = "",

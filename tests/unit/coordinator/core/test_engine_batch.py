@@ -15,7 +15,8 @@ from coordinator.core.engine import (
     Tick,
 )
 from protocol.messages import RouterStats, SlotTraffic
-from tests.unit.coordinator.core.test_engine import kinds, observed, rollout, writes
+from tests.unit.coordinator.core.test_engine import observed
+from tests.unit.coordinator.kit import kinds, rollout, writes
 
 
 def started(n: int, **kw: object) -> tuple[Rollout, list[ObservedChanged]]:

@@ -3,10 +3,6 @@ desired writes, the per-service lock, resuming after a crash, and failures of th
 
 from __future__ import annotations
 
-import fnmatch
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
-
 import pytest
 
 from coordinator.core.engine import Pause, Resume, Rollout
@@ -21,17 +17,13 @@ from protocol.messages import (
     DesiredState,
     NodeView,
     ObservedState,
-    ReleaseRef,
     RolloutRecord,
-    RolloutSpec,
     SignedEnvelope,
     SlotStatus,
 )
 from protocol.signing import generate_seed, sign
+from protocol.testing import FLEET, NEW, OLD, FakeBus, FakeClock, desired, spec
 
-FLEET = "f"
-OLD = ReleaseRef(service="hello", version="1.0.0", digest="sha256:old")
-NEW = ReleaseRef(service="hello", version="2.0.0", digest="sha256:new")
 SEED = generate_seed()
 DESIRED = subjects.desired_bucket(FLEET)
 ROLLOUTS = subjects.rollouts_bucket(FLEET)
@@ -43,124 +35,12 @@ class Killed(BaseException):
     """The coordinator process died here (kill -9): nothing after it runs."""
 
 
-@dataclass
-class FakeBus:
-    """Just enough JetStream KV: revisions, compare-and-set, wildcards, and injected faults."""
-
-    fleet: str = FLEET
-    max_payload: int = 0  # unknown: the record's size is not checked
-    kv: dict[str, dict[str, Entry]] = field(default_factory=dict)
-    seq: int = 0
-    log: list[tuple[str, str, str, bytes | None]] = field(default_factory=list)
-    published: list[tuple[str, bytes]] = field(default_factory=list)
-    faults: dict[tuple[str, str], BaseException] = field(default_factory=dict)  # (op, bucket)
-    fault_count: dict[tuple[str, str], int] = field(default_factory=dict)
-
-    def _fault(self, op: str, bucket: str) -> None:
-        key = (op, bucket)
-        if key in self.faults and self.fault_count.get(key, 1) > 0:
-            self.fault_count[key] = self.fault_count.get(key, 1) - 1
-            raise self.faults[key]
-
-    def _set(self, op: str, bucket: str, key: str, value: bytes | None) -> int:
-        self.seq += 1
-        self.kv.setdefault(bucket, {})[key] = Entry(key, value, self.seq)
-        self.log.append((op, bucket, key, value))
-        return self.seq
-
-    def live(self, bucket: str, key: str) -> Entry | None:
-        e = self.kv.get(bucket, {}).get(key)
-        return e if e is not None and e.value is not None else None
-
-    async def kv_get(self, bucket: str, key: str) -> Entry | None:
-        self._fault("get", bucket)
-        return self.live(bucket, key)
-
-    async def kv_put(self, bucket: str, key: str, value: bytes) -> int:
-        self._fault("put", bucket)
-        return self._set("put", bucket, key, value)
-
-    async def kv_create(self, bucket: str, key: str, value: bytes) -> int:
-        self._fault("create", bucket)
-        if self.live(bucket, key) is not None:
-            raise Conflict(f"{bucket}/{key} already exists")
-        return self._set("create", bucket, key, value)
-
-    async def kv_update(self, bucket: str, key: str, value: bytes, last: int) -> int:
-        self._fault("update", bucket)
-        e = self.kv.get(bucket, {}).get(key)
-        if e is None or e.revision != last:
-            raise Conflict(f"{bucket}/{key} changed under us")
-        return self._set("update", bucket, key, value)
-
-    async def kv_delete(self, bucket: str, key: str, last: int | None = None) -> None:
-        self._fault("delete", bucket)
-        e = self.kv.get(bucket, {}).get(key)
-        if last is not None and (e is None or e.revision != last):
-            raise Conflict(f"{bucket}/{key} changed under us")
-        self._set("delete", bucket, key, None)
-
-    async def kv_entries(self, bucket: str, pattern: str = ">") -> list[Entry]:
-        self._fault("entries", bucket)
-        glob = pattern.replace(">", "*")
-        return [e for k, e in sorted(self.kv.get(bucket, {}).items())
-                if e.value is not None and fnmatch.fnmatchcase(k, glob)]
-
-    async def watch(self, bucket: str, pattern: str) -> AsyncIterator[Entry | None]:
-        for e in await self.kv_entries(bucket, pattern):
-            yield e
-        yield None
-
-    async def kv_update_all(self, bucket: str, writes: Sequence[tuple[str, bytes, int]], *,
-                            timeout: float = 5.0) -> list[int | BusError]:
-        """One kv_update per write, in order; a BusError is that write's result (as the real
-        pipelined batch reports it), anything else (Killed) ends the process here."""
-        out: list[int | BusError] = []
-        for key, value, last in writes:
-            try:
-                out.append(await self.kv_update(bucket, key, value, last))
-            except BusError as exc:
-                out.append(exc)
-        return out
-
-    async def js_publish_events(self, messages: Sequence[tuple[str, bytes]], *,
-                                timeout: float = 5.0) -> list[BusError | None]:
-        self.published.extend(messages)
-        return [None] * len(messages)
-
-    # -- test helpers ------------------------------------------------------------------------------
-
-    def desired(self, node: str) -> DesiredState | None:
-        e = self.live(DESIRED, f"{node}.hello")
-        if e is None or e.value is None:
-            return None
-        return decode(DesiredState, decode(SignedEnvelope, e.value).payload)
-
-    def record(self, rid: str) -> RolloutRecord:
-        e = self.live(ROLLOUTS, rid)
-        assert e is not None and e.value is not None
-        return decode(RolloutRecord, e.value)
-
-    def desired_writes(self) -> list[tuple[str, int]]:
-        return [(k, decode(SignedEnvelope, v).generation) for op, b, k, v in self.log
-                if b == DESIRED and v is not None]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
 def fleet_bus(n: int = 3) -> FakeBus:
     """A bus whose desired bucket has every node on 1.0.0 at generation 7."""
     bus = FakeBus()
     for i in range(1, n + 1):
-        d = DesiredState(fleet=FLEET, node=f"node-{i}", service="hello", generation=7,
-                         slots={"a": OLD}, weights={"a": 100})
-        bus._set("put", DESIRED, f"node-{i}.hello", encode(sign(SEED, d)))
+        d = desired(f"node-{i}")
+        bus.set("put", DESIRED, f"node-{i}.hello", encode(sign(SEED, d)))
     bus.log.clear()
     return bus
 
@@ -170,13 +50,10 @@ def views(n: int = 3, *, offline: tuple[str, ...] = (), heard: bool = True) -> l
                      last_seen=1000.0 if heard else None) for i in range(1, n + 1)]
 
 
-def runner(bus: FakeBus, clock: Clock, nodes: list[NodeView] | None = None, **kw: float) -> Runner:
+def runner(bus: FakeBus, clock: FakeClock, nodes: list[NodeView] | None = None,
+           **kw: float) -> Runner:
     table = nodes if nodes is not None else views()
     return Runner(bus, seed=SEED, nodes=lambda: table, clock=clock, **kw)
-
-
-def spec(**kw: object) -> RolloutSpec:
-    return RolloutSpec(service="hello", version="2.0.0", **kw)  # type: ignore[arg-type]
 
 
 async def report(r: Runner, bus: FakeBus, node: str, t: float, *, healthy: bool = True) -> None:
@@ -194,7 +71,7 @@ async def report(r: Runner, bus: FakeBus, node: str, t: float, *, healthy: bool 
     await r.on_observed(Entry(f"{node}.hello", encode(seen), 1))
 
 
-async def drive(r: Runner, bus: FakeBus, clock: Clock, rid: str, *, limit: int = 50) -> str:
+async def drive(r: Runner, bus: FakeBus, clock: FakeClock, rid: str, *, limit: int = 50) -> str:
     """Let every node converge on whatever it is told, tick by tick, until the rollout ends."""
     for _ in range(limit):
         clock.t += 1
@@ -208,7 +85,7 @@ async def drive(r: Runner, bus: FakeBus, clock: Clock, rid: str, *, limit: int =
 
 async def test_persist_comes_before_the_desired_writes_it_decided() -> None:
     """Every desired write happens after a persisted record already names that generation."""
-    bus, clock = fleet_bus(), Clock()
+    bus, clock = fleet_bus(), FakeClock()
     r = runner(bus, clock)
     rec = await r.deploy(spec(), NEW)
     assert await drive(r, bus, clock, rec.id) == "succeeded"
@@ -228,7 +105,7 @@ async def test_persist_comes_before_the_desired_writes_it_decided() -> None:
 
 async def test_a_rollout_runs_to_success_and_releases_its_lock() -> None:
     """Nodes move one by one; success retires old slots, deletes the lock, emits every event."""
-    bus, clock = fleet_bus(), Clock()
+    bus, clock = fleet_bus(), FakeClock()
     r = runner(bus, clock)
     rec = await r.deploy(spec(), NEW)
     assert bus.live(LOCKS, "hello") is not None
@@ -246,7 +123,7 @@ async def test_a_rollout_runs_to_success_and_releases_its_lock() -> None:
 
 async def test_desired_writes_are_idempotent_by_generation() -> None:
     """A desired state is skipped when KV holds that generation or newer, written when older."""
-    bus, clock = fleet_bus(), Clock()
+    bus, clock = fleet_bus(), FakeClock()
     r = runner(bus, clock)
     same = DesiredState(fleet=FLEET, node="node-1", service="hello", generation=7,
                         slots={"b": NEW}, weights={"b": 100})
@@ -261,7 +138,7 @@ async def test_desired_writes_are_idempotent_by_generation() -> None:
 
 async def test_a_second_deploy_of_the_service_is_refused_naming_the_first() -> None:
     """While a rollout runs, another deploy of its service is a Conflict and writes nothing."""
-    bus, clock = fleet_bus(), Clock()
+    bus, clock = fleet_bus(), FakeClock()
     r = runner(bus, clock)
     first = await r.deploy(spec(), NEW)
     before = list(bus.log)
@@ -273,8 +150,8 @@ async def test_a_second_deploy_of_the_service_is_refused_naming_the_first() -> N
 
 async def test_a_stale_lock_of_a_finished_rollout_is_taken_over() -> None:
     """A lock naming a terminal (or missing) rollout does not block a new deploy."""
-    bus, clock = fleet_bus(), Clock()
-    bus._set("create", LOCKS, "hello", b"hello-gone")
+    bus, clock = fleet_bus(), FakeClock()
+    bus.set("create", LOCKS, "hello", b"hello-gone")
     r = runner(bus, clock)
     rec = await r.deploy(spec(), NEW)
     lock = bus.live(LOCKS, "hello")
@@ -283,7 +160,7 @@ async def test_a_stale_lock_of_a_finished_rollout_is_taken_over() -> None:
 
 async def test_a_bad_spec_is_refused_before_anything_is_written() -> None:
     """A spec planning refuses raises UsageError and leaves no lock and no record."""
-    bus, clock = fleet_bus(), Clock()
+    bus, clock = fleet_bus(), FakeClock()
     r = runner(bus, clock)
     with pytest.raises(UsageError, match="--batch"):
         await r.deploy(spec(batch="zero"), NEW)
@@ -294,7 +171,7 @@ async def test_a_bad_spec_is_refused_before_anything_is_written() -> None:
 
 async def test_resume_after_a_crash_between_persist_and_write_rewrites_only_the_missing() -> None:
     """Killed after persisting wave 0 but before writing node-1, a new runner writes it once."""
-    bus, clock = fleet_bus(), Clock()
+    bus, clock = fleet_bus(), FakeClock()
     bus.faults[("create", DESIRED)] = Killed()
     bus.faults[("update", DESIRED)] = Killed()
     with pytest.raises(Killed):
@@ -318,7 +195,7 @@ async def test_resume_after_a_crash_between_persist_and_write_rewrites_only_the_
 
 async def test_resume_starts_a_rollout_killed_before_its_start() -> None:
     """A record still pending (killed between creating and starting it) is started on resume."""
-    bus, clock = fleet_bus(), Clock()
+    bus, clock = fleet_bus(), FakeClock()
     bus.faults[("update", ROLLOUTS)] = Killed()
     with pytest.raises(Killed):
         await runner(bus, clock).deploy(spec(), NEW)
@@ -333,7 +210,7 @@ async def test_resume_starts_a_rollout_killed_before_its_start() -> None:
 
 async def test_resume_feeds_cached_observed_states_so_progress_is_not_repeated() -> None:
     """A resumed rollout learns from the observed cache that node-1 already converged."""
-    bus, clock = fleet_bus(), Clock()
+    bus, clock = fleet_bus(), FakeClock()
     r = runner(bus, clock)
     rec = await r.deploy(spec(), NEW)
     clock.t += 1
@@ -349,7 +226,7 @@ async def test_resume_feeds_cached_observed_states_so_progress_is_not_repeated()
 
 async def test_a_record_changed_by_another_coordinator_stops_this_one() -> None:
     """On a compare-and-set conflict the runner stops driving the rollout and keeps the lock."""
-    bus, clock = fleet_bus(), Clock()
+    bus, clock = fleet_bus(), FakeClock()
     r = runner(bus, clock)
     rec = await r.deploy(spec(), NEW)
     other = Rollout(bus.record(rec.id), fleet=FLEET)
@@ -368,7 +245,7 @@ async def test_a_record_changed_by_another_coordinator_stops_this_one() -> None:
 
 async def test_a_lost_reply_to_our_own_persist_is_not_mistaken_for_another_writer() -> None:
     """If the write landed but the answer was lost, the retry's conflict finds our own bytes."""
-    bus, clock = fleet_bus(), Clock()
+    bus, clock = fleet_bus(), FakeClock()
     r = runner(bus, clock)
     rec = await r.deploy(spec(), NEW)
     driver = r.drivers[rec.id]
@@ -380,7 +257,7 @@ async def test_a_lost_reply_to_our_own_persist_is_not_mistaken_for_another_write
 
 async def test_a_bus_outage_drops_the_driver_and_the_resync_rebuilds_it() -> None:
     """A persist that keeps failing drops the driver; resync drives the rollout again."""
-    bus, clock = fleet_bus(), Clock()
+    bus, clock = fleet_bus(), FakeClock()
     r = runner(bus, clock, command_deadline=0.3)
     rec = await r.deploy(spec(), NEW)
     bus.faults[("update", ROLLOUTS)] = BusError("NATS is away")
@@ -399,7 +276,7 @@ async def test_a_bus_outage_drops_the_driver_and_the_resync_rebuilds_it() -> Non
 
 async def test_operator_requests_say_why_they_cannot_be_done() -> None:
     """Unknown ids are not_found, finished rollouts and illegal moves are conflicts."""
-    bus, clock = fleet_bus(), Clock()
+    bus, clock = fleet_bus(), FakeClock()
     r = runner(bus, clock)
     with pytest.raises(RemoteError) as missing:
         await r.request("nope", Pause())
@@ -416,7 +293,7 @@ async def test_operator_requests_say_why_they_cannot_be_done() -> None:
 
 async def test_offline_nodes_are_reported_only_after_the_startup_grace() -> None:
     """A node the table has not heard from since start is not called offline during the grace."""
-    bus, clock = fleet_bus(), Clock()
+    bus, clock = fleet_bus(), FakeClock()
     table = views(heard=False)
     r = Runner(bus, seed=SEED, nodes=lambda: table, clock=clock, startup_grace=10.0)
     rec = await r.deploy(spec(), NEW)
@@ -433,7 +310,7 @@ async def test_offline_nodes_are_reported_only_after_the_startup_grace() -> None
 
 async def test_a_failing_node_rolls_the_rollout_back() -> None:
     """An agent reporting failure rolls back every touched node to its previous state."""
-    bus, clock = fleet_bus(), Clock()
+    bus, clock = fleet_bus(), FakeClock()
     r = runner(bus, clock)
     rec = await r.deploy(spec(), NEW)
     clock.t += 1
@@ -447,7 +324,7 @@ async def test_a_failing_node_rolls_the_rollout_back() -> None:
 
 async def test_malformed_or_misaddressed_observed_states_are_ignored() -> None:
     """Garbage, or a state claiming another key, neither reaches a rollout nor the cache."""
-    bus, clock = fleet_bus(), Clock()
+    bus, clock = fleet_bus(), FakeClock()
     r = runner(bus, clock)
     await r.deploy(spec(), NEW)
     await r.on_observed(Entry("node-1.hello", b"{not json", 1))
@@ -461,7 +338,7 @@ async def test_malformed_or_misaddressed_observed_states_are_ignored() -> None:
 async def test_node_progress_is_held_for_the_next_persist_and_never_published_before_it() -> None:
     """Reports that only mark nodes done are persisted together, by the next step that changes
     nothing (a tick) or decides something; their events follow that Persist, never precede it."""
-    bus, clock = fleet_bus(), Clock()
+    bus, clock = fleet_bus(), FakeClock()
     r = runner(bus, clock)
     rec = await r.deploy(spec(batch="100%", max_unavailable="100%"), NEW)
     r.events.pending()
@@ -488,7 +365,7 @@ async def test_node_progress_is_held_for_the_next_persist_and_never_published_be
 
 async def test_held_progress_is_written_within_the_hold_time_however_many_reports_come() -> None:
     """A stream of progress-only reports still persists at least every HOLD_PERSIST."""
-    bus, clock = fleet_bus(5), Clock()
+    bus, clock = fleet_bus(5), FakeClock()
     r = runner(bus, clock, views(5))
     rec = await r.deploy(spec(batch="100%", max_unavailable="100%"), NEW)
     await report(r, bus, "node-1", clock.t)
@@ -501,7 +378,7 @@ async def test_held_progress_is_written_within_the_hold_time_however_many_report
 async def test_held_progress_lost_with_its_coordinator_is_derived_again_once() -> None:
     """A coordinator that dies holding progress published none of it; the next one derives it
     from the observed states and emits each node's event exactly once."""
-    bus, clock = fleet_bus(), Clock()
+    bus, clock = fleet_bus(), FakeClock()
     r = runner(bus, clock)
     rec = await r.deploy(spec(batch="100%", max_unavailable="100%"), NEW)
     clock.t += 0.01
@@ -519,7 +396,7 @@ async def test_held_progress_lost_with_its_coordinator_is_derived_again_once() -
 async def test_a_rollout_whose_record_could_outgrow_a_nats_message_is_refused() -> None:
     """The record is persisted whole: a deploy it could outgrow the server's max_payload with
     is refused up front, naming the fix, and writes nothing."""
-    bus, clock = fleet_bus(), Clock()
+    bus, clock = fleet_bus(), FakeClock()
     bus.max_payload = 2000  # the real Bus reads it from the server's INFO
     with pytest.raises(UsageError, match=r"max_payload .*--selector"):
         await runner(bus, clock).deploy(spec(), NEW)

@@ -7,7 +7,6 @@ import pytest
 
 from coordinator.core.engine import (
     Command,
-    EmitEvent,
     IllegalTransition,
     NodeOffline,
     ObservedChanged,
@@ -19,7 +18,6 @@ from coordinator.core.engine import (
     Start,
     Tick,
     WriteDesired,
-    new_record,
 )
 from coordinator.errors import UsageError
 from coordinator.strategies import plan
@@ -30,15 +28,15 @@ from protocol.messages import (
     Gates,
     NodeView,
     ObservedState,
-    ReleaseRef,
     RolloutSpec,
     RouterStats,
     SlotStatus,
     SlotTraffic,
 )
+from protocol.testing import NEW, OLD
+from tests.unit.coordinator import kit
+from tests.unit.coordinator.kit import events, writes
 
-OLD = ReleaseRef(service="hello", version="1.0.0", digest="sha256:old")
-NEW = ReleaseRef(service="hello", version="2.0.0", digest="sha256:new")
 NB = len(LATENCY_BOUNDS_MS) + 1
 
 
@@ -48,20 +46,7 @@ def previous(node: str) -> DesiredState:
 
 
 def rollout(n: int = 3, **kw: object) -> Rollout:
-    spec = RolloutSpec(service="hello", version="2.0.0", strategy="blue-green",
-                       **kw)  # type: ignore[arg-type]
-    nodes = [NodeView(id=f"node-{i}") for i in range(1, n + 1)]
-    rec = new_record(id="bg", spec=spec, release=NEW, nodes=nodes,
-                     current={v.id: previous(v.id) for v in nodes}, now=0.0)
-    return Rollout(rec, fleet="f")
-
-
-def writes(cmds: list[Command]) -> list[DesiredState]:
-    return [c.desired for c in cmds if isinstance(c, WriteDesired)]
-
-
-def events(cmds: list[Command], kind: str) -> list[EmitEvent]:
-    return [c for c in cmds if isinstance(c, EmitEvent) and c.kind == kind]
+    return kit.rollout(n, id="bg", strategy="blue-green", **kw)
 
 
 def traffic(epoch: float = 1.0, **slots: tuple[int, int, int]) -> RouterStats:

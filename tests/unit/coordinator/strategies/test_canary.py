@@ -9,8 +9,6 @@ import pytest
 from coordinator.cli import main
 from coordinator.core.engine import (
     STATS_GRACE,
-    Command,
-    EmitEvent,
     ObservedChanged,
     Pause,
     Promote,
@@ -18,24 +16,19 @@ from coordinator.core.engine import (
     Rollout,
     Start,
     Tick,
-    WriteDesired,
-    new_record,
 )
 from protocol.messages import (
     LATENCY_BOUNDS_MS,
     DesiredState,
     Gates,
-    NodeView,
     ObservedState,
-    ReleaseRef,
-    RolloutSpec,
     RouterStats,
     SlotStatus,
     SlotTraffic,
 )
-
-OLD = ReleaseRef(service="hello", version="1.0.0", digest="sha256:old")
-NEW = ReleaseRef(service="hello", version="2.0.0", digest="sha256:new")
+from protocol.testing import OLD
+from tests.unit.coordinator import kit
+from tests.unit.coordinator.kit import kinds, writes
 
 # -- the CLI ---------------------------------------------------------------------------------------
 
@@ -87,21 +80,7 @@ def test_a_rollout_file_gets_the_same_checks(
 
 
 def rollout(n: int, **kw: object) -> Rollout:
-    spec = RolloutSpec(service="hello", version="2.0.0", strategy="canary",
-                       **kw)  # type: ignore[arg-type]
-    nodes = [NodeView(id=f"node-{i}") for i in range(1, n + 1)]
-    current = {v.id: DesiredState(fleet="f", node=v.id, service="hello", generation=7,
-                                  slots={"a": OLD}, weights={"a": 100}) for v in nodes}
-    rec = new_record(id="r1", spec=spec, release=NEW, nodes=nodes, current=current, now=0.0)
-    return Rollout(rec, fleet="f")
-
-
-def writes(cmds: list[Command]) -> list[DesiredState]:
-    return [c.desired for c in cmds if isinstance(c, WriteDesired)]
-
-
-def kinds(cmds: list[Command]) -> list[str]:
-    return [c.kind for c in cmds if isinstance(c, EmitEvent)]
+    return kit.rollout(n, strategy="canary", **kw)
 
 
 def stats(at: float, **slots: tuple[int, int, int]) -> RouterStats:

@@ -8,7 +8,6 @@ import pytest
 
 from coordinator.core.engine import (
     Command,
-    EmitEvent,
     IllegalTransition,
     ObservedChanged,
     Promote,
@@ -16,8 +15,6 @@ from coordinator.core.engine import (
     Rollout,
     Start,
     Tick,
-    WriteDesired,
-    new_record,
 )
 from coordinator.core.gates import ShadowFigures, ShadowWindow, evaluate_shadow, shadow_window
 from coordinator.errors import UsageError
@@ -31,14 +28,14 @@ from protocol.messages import (
     MismatchSample,
     NodeView,
     ObservedState,
-    ReleaseRef,
     RolloutSpec,
     RouterStats,
     SlotStatus,
 )
+from protocol.testing import NEW, OLD
+from tests.unit.coordinator import kit
+from tests.unit.coordinator.kit import kinds, writes
 
-OLD = ReleaseRef(service="hello", version="1.0.0", digest="sha256:old")
-NEW = ReleaseRef(service="hello", version="2.0.0", digest="sha256:new")
 NB = len(LATENCY_BOUNDS_MS) + 1
 
 
@@ -48,19 +45,8 @@ def spec(**kw: object) -> RolloutSpec:
 
 
 def rollout(n: int = 2, **kw: object) -> Rollout:
-    nodes = [NodeView(id=f"node-{i}") for i in range(1, n + 1)]
-    current = {v.id: DesiredState(fleet="f", node=v.id, service="hello", generation=7,
-                                  slots={"a": OLD}, weights={"a": 100}) for v in nodes}
-    rec = new_record(id="sh", spec=spec(**kw), release=NEW, nodes=nodes, current=current, now=0.0)
-    return Rollout(rec, fleet="f")
-
-
-def writes(cmds: list[Command]) -> list[DesiredState]:
-    return [c.desired for c in cmds if isinstance(c, WriteDesired)]
-
-
-def kinds(cmds: list[Command]) -> list[str]:
-    return [c.kind for c in cmds if isinstance(c, EmitEvent)]
+    base: dict[str, object] = {"strategy": "shadow", "mirror": 10.0, "bake": 60.0}
+    return kit.rollout(n, id="sh", **(base | kw))
 
 
 def hist(bucket: int, count: int) -> list[int]:
