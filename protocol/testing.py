@@ -185,8 +185,8 @@ def desired(node: str, *, generation: int = 7, release: ReleaseRef = OLD,
 
 
 def spec(**kw: Any) -> RolloutSpec:
-    """A rollout of ``hello`` 2.0.0 (``NEW``); ``kw`` sets any other field."""
-    return RolloutSpec(service=SERVICE, version=NEW.version, **kw)
+    """A rollout of ``hello`` 2.0.0 (``NEW``) unless ``kw`` says otherwise, as for every field."""
+    return RolloutSpec(**({"service": SERVICE, "version": NEW.version} | kw))
 
 
 def report(d: DesiredState, t: float, router: RouterStats | None = None) -> ObservedState:

@@ -25,12 +25,12 @@ where a wave's ``gates`` holds the figures and thresholds of its last evaluation
 
 from __future__ import annotations
 
-import math
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import msgspec
 
+from coordinator import strategies
 from coordinator.api.verbs import Api
 from coordinator.core.engine import Abort, EngineEvent, Pause, Promote, Resume, RollbackRequested
 from coordinator.errors import RemoteError, UsageError
@@ -94,7 +94,7 @@ class RolloutsApi:
     # -- handlers ----------------------------------------------------------------------------------
 
     async def deploy(self, req: DeployRequest) -> dict[str, Any]:
-        check_spec(req.spec)
+        strategies.validate(req.spec)
         release = await self._release(req.spec.service, req.spec.version)
         record = await self.runner.deploy(req.spec, release)
         return {"id": record.id}
@@ -170,36 +170,6 @@ class RolloutsApi:
             raise RemoteError(f"no {what} in fleet {self.runner.fleet!r}; list them with "
                               "'fleetwave rollouts'", "not_found")
         return record
-
-
-def check_spec(spec: RolloutSpec) -> None:
-    """Refuse settings that planning does not check itself (ranges, non-finite numbers)."""
-    subjects.check_name("service", spec.service)
-    if not spec.version or len(spec.version) > 128 or not spec.version.isprintable():
-        raise UsageError(f"version {spec.version!r} is not a release version; write e.g. 2.0.0")
-    for name, value, low in (("--bake", spec.bake, 0.0),
-                              ("--scale-down-delay", spec.scale_down_delay, 0.0)):
-        if not math.isfinite(value) or value < low:
-            raise UsageError(f"{name} must be a duration of 0 or more, not {value!r}")
-    if not math.isfinite(spec.progress_deadline) or spec.progress_deadline <= 0:
-        raise UsageError("--progress-deadline must be a positive duration, e.g. 2m")
-    if not 0 <= spec.mirror <= 100:
-        raise UsageError(f"--mirror {spec.mirror:g}% is out of range; use 0% to 100%")
-    g = spec.gates
-    for name, frac in (("--min-healthy", g.min_healthy), ("--max-error-rate", g.max_error_rate),
-                       ("--max-mismatch-rate", g.max_mismatch_rate)):
-        if frac is not None and not 0 <= frac <= 1:
-            raise UsageError(f"{name} {frac:g} is out of range; write a fraction 0-1 or a "
-                             "percentage like 5%")
-    if g.max_p99_ratio is not None and not (math.isfinite(g.max_p99_ratio)
-                                            and g.max_p99_ratio > 0):
-        raise UsageError(f"--max-p99-ratio {g.max_p99_ratio:g} must be a positive number, e.g. 1.5")
-    if g.min_requests is not None and g.min_requests < 0:
-        raise UsageError(f"--min-requests {g.min_requests} must be 0 or more")
-    if any(not 0 < w <= 100 for w in spec.weights):
-        raise UsageError(f"--weights {spec.weights} must each be between 1 and 100")
-    if spec.then is not None and spec.strategy != "shadow":
-        raise UsageError("--then only follows --strategy shadow")
 
 
 def status_dict(r: RolloutRecord) -> dict[str, Any]:

@@ -24,7 +24,7 @@ cover the whole bake (``window_covers_bake``), its gates (``coordinator.core.gat
 pass → next wave; fail → ``on_failure`` (rollback or pause); inconclusive → pause.
 Rollback writes every touched node's previous desired state, each with a higher generation, in one
 wave; it ends ``rolled_back`` when all converged back, or ``failed`` naming the nodes that did not
-by the rollback deadline. Blue-green and shadow add kinds of waves (``planning.wave_kind``:
+by the rollback deadline. Blue-green and shadow add kinds of waves (``strategies.wave_kind``:
 stage, shadow, switch) whose phase logic lives in ``strategies.blue_green`` and
 ``strategies.shadow``; the engine calls them at fixed points (wave start and convergence, bake
 verdict, success, rollback). Events, commands and the transition tables are in ``engine_types``.
@@ -72,7 +72,7 @@ from coordinator.core.engine_types import (
 from coordinator.core.planning import NodeLike
 from coordinator.core.targets import forward_target, idle_slot, serving_slot
 from coordinator.errors import UsageError
-from coordinator.strategies import plan
+from coordinator.strategies import plan, wave_kind
 from protocol.codec import encode
 from protocol.messages import (
     TERMINAL_STATES,
@@ -211,7 +211,7 @@ class Rollout:
     def _step(self, events: Sequence[EngineEvent], now: float) -> list[Command]:
         work = working_copy(self._record)
         observed = dict(self._observed)
-        step = Step(self.fleet, work, observed, now)
+        step = Step(self.fleet, work, observed, now, kind=wave_kind)
         progress = Progress(step)
         for event in events:
             progress.apply(event)

@@ -17,6 +17,7 @@ use only what is defined here. Nothing here awaits or reads a clock: time is ``n
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from coordinator.core.amounts import max_unavailable
@@ -28,12 +29,13 @@ from coordinator.core.engine_types import (
     WriteDesired,
     move_node,
 )
-from coordinator.core.planning import WaveKind, wave_kind
+from coordinator.core.planning import WaveKind
 from protocol.messages import (
     DesiredState,
     NodeProgress,
     ObservedState,
     RolloutRecord,
+    RolloutSpec,
     RouterStats,
     WaveRecord,
 )
@@ -44,6 +46,7 @@ class Step:
 
     def __init__(
         self, fleet: str, record: RolloutRecord, observed: dict[str, ObservedState], now: float,
+        *, kind: Callable[[RolloutSpec, int], WaveKind],
     ) -> None:
         self.fleet = fleet
         self.r = record
@@ -51,6 +54,7 @@ class Step:
         self.now = now
         self.spec = record.spec
         self.commands: list[Command] = []
+        self._kind = kind  # the strategy's wave_kind: what each wave does
         self.cap = max_unavailable(self.spec.max_unavailable, len(record.nodes))
 
     # -- helpers -----------------------------------------------------------------------------------
@@ -73,7 +77,7 @@ class Step:
         self.commands.append(WriteDesired(desired))
 
     def kind(self, wave: WaveRecord) -> WaveKind:
-        return wave_kind(self.spec, wave.index)
+        return self._kind(self.spec, wave.index)
 
     def unavailable(self) -> set[str]:
         return {

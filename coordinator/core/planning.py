@@ -7,9 +7,9 @@ numbers so that ``node-2`` comes before ``node-10``); the spec's strategy then c
 that restarts re-plans nothing: the waves are stored in the rollout record.
 
 Vocabulary: a *wave* is a set of nodes moved together and gated together; ``weight`` is the share
-of traffic (0-100) their new slot receives. A wave's *kind* (``wave_kind``) says what it does,
-read off the fixed shape of each strategy's plan. Amounts (``--batch``, ``--max-unavailable``)
-are in ``core.amounts``.
+of traffic (0-100) their new slot receives. A wave's *kind* (``WaveKind``) says what it does;
+each strategy names the kinds of its waves (``coordinator.strategies.wave_kind``). Amounts
+(``--batch``, ``--max-unavailable``) are in ``core.amounts``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
-
-from protocol.messages import RolloutSpec
 
 _DIGITS = re.compile(r"(\d+)")
 
@@ -59,19 +57,3 @@ def select(nodes: Iterable[NodeLike], selector: Mapping[str, str]) -> list[str]:
 
 
 WaveKind = Literal["", "stage", "shadow", "switch"]
-
-
-def wave_kind(spec: RolloutSpec, index: int) -> WaveKind:
-    """What wave ``index`` of a rollout of ``spec`` does, derived from the plan's fixed shape.
-
-    ``stage``: the new release in the idle slot at weight 0 (blue-green); ``shadow``: the same
-    with a mirror; ``switch``: every node's weights moved to the staged slot at once; ``""``: an
-    ordinary rolling or canary wave.
-    """
-    if spec.strategy == "blue-green":
-        return "stage" if index == 0 else "switch"
-    if spec.strategy == "shadow":
-        if index == 0:
-            return "shadow"
-        return "switch" if spec.then == "blue-green" else ""
-    return ""

@@ -1,4 +1,11 @@
-"""One module per strategy; each cuts the selected nodes into waves (``planning.Wave``).
+"""One module per strategy behind one ``Strategy`` Protocol (``base``); ``STRATEGIES`` maps names.
+
+- ``rolling``, ``canary``, ``blue_green``, ``shadow``  one strategy each: ``validate(spec)``,
+  ``plan(selected, spec)``, ``wave_kind(spec, index)``, and the hooks the engine calls.
+- ``spec``  what every spec must hold (``validate`` runs it before the strategy's own checks).
+
+May import ``protocol``, ``coordinator.errors`` and the core's planning, amounts, targets and
+gates (the engine's ``Step`` for types only); never the runtime, the API or the CLI.
 
 ``plan(nodes, spec)`` selects the target nodes (``core.planning.select``) and hands them to
 ``plan_strategy(selected, spec)``, which dispatches on ``spec.strategy``. Every strategy returns
@@ -12,26 +19,49 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from coordinator.core.amounts import max_unavailable
-from coordinator.core.planning import NodeLike, Wave, select
+from coordinator.core.planning import NodeLike, Wave, WaveKind, select
 from coordinator.errors import UsageError
 from coordinator.strategies import blue_green, canary, rolling, shadow
+from coordinator.strategies.base import Strategy
+from coordinator.strategies.spec import check_common
 from protocol.messages import RolloutSpec
+
+STRATEGIES: dict[str, Strategy] = {
+    "rolling": rolling, "canary": canary, "blue-green": blue_green, "shadow": shadow,
+}
+
+
+def strategy(spec: RolloutSpec) -> Strategy:
+    """The strategy ``spec`` names; UsageError if this coordinator has none of that name."""
+    found = STRATEGIES.get(spec.strategy)
+    if found is None:
+        raise UsageError(
+            f"strategy {spec.strategy!r} is not supported by this coordinator; "
+            "use --strategy rolling, canary, blue-green or shadow"
+        )
+    return found
+
+
+def validate(spec: RolloutSpec) -> None:
+    """Refuse a spec before any fleet is known: what every spec must hold, then what its
+    strategy needs. The CLI calls this before sending a deploy, the API before accepting one."""
+    # --steps and --weights mean something to a canary only, but are refused as written whatever
+    # the strategy, and first, as the CLI always has.
+    canary.validate(spec)
+    check_common(spec)
+    if (own := strategy(spec)) is not canary:
+        own.validate(spec)
+
+
+def wave_kind(spec: RolloutSpec, index: int) -> WaveKind:
+    """What wave ``index`` of a rollout of ``spec`` does (the strategy's ``wave_kind``)."""
+    found = STRATEGIES.get(spec.strategy)
+    return found.wave_kind(spec, index) if found is not None else ""
 
 
 def plan_strategy(selected: list[str], spec: RolloutSpec) -> list[Wave]:
     """The waves of ``spec.strategy`` over ``selected`` (already ordered, non-empty)."""
-    if spec.strategy == "rolling":
-        return rolling.plan(selected, spec)
-    if spec.strategy == "canary":
-        return canary.plan(selected, spec)
-    if spec.strategy == "blue-green":
-        return blue_green.plan(selected, spec)
-    if spec.strategy == "shadow":
-        return shadow.plan(selected, spec)
-    raise UsageError(
-        f"strategy {spec.strategy!r} is not supported by this coordinator; "
-        "use --strategy rolling, canary, blue-green or shadow"
-    )
+    return strategy(spec).plan(selected, spec)
 
 
 def plan(nodes: Iterable[NodeLike], spec: RolloutSpec) -> list[Wave]:

@@ -1,7 +1,7 @@
 """Blue-green: stage the new release beside the old one everywhere, switch every node at once,
 keep the old slot warm for a while, then retire it.
 
-Phases, as waves (``core.planning.wave_kind`` names them):
+Phases, as waves (``wave_kind`` names them):
 
 - wave 0, ``stage``: every selected node gets the new release in its idle slot at weight 0, in one
   batch (max-unavailable does not bound it: a staged slot carries no traffic, so no node stops
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from coordinator.core import gates as gatelib
-from coordinator.core.planning import Wave
+from coordinator.core.planning import Wave, WaveKind
 from coordinator.core.targets import serving_slot
 from coordinator.errors import UsageError
 from protocol.durations import format_duration
@@ -44,13 +44,23 @@ if TYPE_CHECKING:  # the engine imports the strategies; this module only needs i
     from coordinator.core.engine_step import Step  # all these hooks use of it
 
 
-def plan(selected: list[str], spec: RolloutSpec) -> list[Wave]:
-    """Two waves over every selected node: stage at weight 0, then switch to weight 100."""
+def validate(spec: RolloutSpec) -> None:
+    """A scale-down delay must not be negative."""
     if spec.scale_down_delay < 0:
         raise UsageError(
             f"--scale-down-delay {spec.scale_down_delay:g}s is negative; give a duration like "
             "5m (0 retires the old slots as soon as the gates passed)"
         )
+
+
+def wave_kind(spec: RolloutSpec, index: int) -> WaveKind:
+    """Wave 0 stages the new release at weight 0; wave 1 switches every node to it."""
+    return "stage" if index == 0 else "switch"
+
+
+def plan(selected: list[str], spec: RolloutSpec) -> list[Wave]:
+    """Two waves over every selected node: stage at weight 0, then switch to weight 100."""
+    validate(spec)
     nodes = tuple(selected)
     return [Wave(0, nodes, 0), Wave(1, nodes, 100)]
 

@@ -1,7 +1,7 @@
 """Shadow: run the new release beside the old one, copy a share of the live requests to it, and
 judge it by how its answers compare, without a user ever seeing one.
 
-Phases, as waves (``core.planning.wave_kind`` names them):
+Phases, as waves (``wave_kind`` names them):
 
 - wave 0, ``shadow``: every selected node gets the new release in its idle slot at weight 0 and a
   ``MirrorSpec(slot=new, percent=--mirror, methods, ignore_headers, ignore_json_fields,
@@ -35,7 +35,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from coordinator.core import gates as gatelib
-from coordinator.core.planning import Wave
+from coordinator.core.planning import Wave, WaveKind
 from coordinator.core.targets import restore_target
 from coordinator.errors import UsageError
 from coordinator.strategies import rolling
@@ -57,8 +57,8 @@ def check_header_names(flag: str, names: list[str]) -> None:
                              f"like {flag} x-request-id")
 
 
-def plan(selected: list[str], spec: RolloutSpec) -> list[Wave]:
-    """The shadow wave over every selected node, then the waves of ``--then`` if any."""
+def validate(spec: RolloutSpec) -> None:
+    """The mirror's share, methods and header names, and what ``--then`` may follow with."""
     if not 0 < spec.mirror <= 100:
         raise UsageError(
             f"--mirror {spec.mirror:g}% is out of range; a shadow needs the share of requests "
@@ -75,6 +75,18 @@ def plan(selected: list[str], spec: RolloutSpec) -> list[Wave]:
     if spec.then not in (None, "blue-green", "rolling"):
         raise UsageError(f"--then {spec.then!r} is not a strategy a shadow can continue as; "
                          "use --then blue-green or --then rolling")
+
+
+def wave_kind(spec: RolloutSpec, index: int) -> WaveKind:
+    """Wave 0 is the shadow; after it, ``--then blue-green`` switches, ``--then rolling`` rolls."""
+    if index == 0:
+        return "shadow"
+    return "switch" if spec.then == "blue-green" else ""
+
+
+def plan(selected: list[str], spec: RolloutSpec) -> list[Wave]:
+    """The shadow wave over every selected node, then the waves of ``--then`` if any."""
+    validate(spec)
     nodes = tuple(selected)
     waves = [Wave(0, nodes, 0)]
     if spec.then == "blue-green":

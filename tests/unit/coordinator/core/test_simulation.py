@@ -46,7 +46,7 @@ from coordinator.core.engine import (
     WriteDesired,
     new_record,
 )
-from coordinator.core.planning import wave_kind
+from coordinator.strategies import wave_kind
 from protocol.messages import (
     LATENCY_BOUNDS_MS,
     DesiredState,
