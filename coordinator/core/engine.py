@@ -216,6 +216,7 @@ class Rollout:
         for event in events:
             progress.apply(event)
         progress.advance()
+        step.flush()
         commands: list[Command] = list(step.commands)
         # Field-by-field equality: what the copy shares with the committed record (desired
         # states, router snapshots) compares by identity, so this is O(nodes) pointer checks

@@ -52,7 +52,7 @@ class Rollback:
             p.reason = ""
             back = blue_green.rollback_target(self.step, p) if switching else None
             self.step.write(p, back or self.restore(p))
-        if "switch_back" in r.report:
+        if blue_green.switching_back(self.step):
             self.step.emit("bluegreen.switching_back", "switching every node back to the old slots",
                            at=self.step.now)
         self.advance_rollback()

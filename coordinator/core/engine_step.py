@@ -18,7 +18,9 @@ use only what is defined here. Nothing here awaits or reads a clock: time is ``n
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar, cast
+
+import msgspec
 
 from coordinator.core.amounts import max_unavailable
 from coordinator.core.engine_types import (
@@ -40,6 +42,8 @@ from protocol.messages import (
     WaveRecord,
 )
 
+S = TypeVar("S", bound=msgspec.Struct)
+
 
 class Step:
     """The working state of one ``handle`` call: a copy of the record, and the commands so far."""
@@ -55,7 +59,30 @@ class Step:
         self.spec = record.spec
         self.commands: list[Command] = []
         self._kind = kind  # the strategy's wave_kind: what each wave does
+        self._states: dict[str, msgspec.Struct | None] = {}
         self.cap = max_unavailable(self.spec.max_unavailable, len(record.nodes))
+
+    # -- strategy state ----------------------------------------------------------------------------
+    # A strategy keeps its state under one key of ``record.report`` (the wire format: plain JSON
+    # there), and works on it as its own typed Struct: decoded at most once per step, written
+    # back by ``flush`` when the step is done.
+
+    def state(self, key: str, tp: type[S]) -> S | None:
+        """The typed state under ``report[key]``, or None if the rollout has none yet."""
+        if key not in self._states:
+            raw = self.r.report.get(key)
+            self._states[key] = None if raw is None else msgspec.convert(raw, tp)
+        return cast("S | None", self._states[key])
+
+    def set_state(self, key: str, value: msgspec.Struct) -> None:
+        """Make ``value`` the state under ``report[key]`` (written by ``flush``)."""
+        self._states[key] = value
+
+    def flush(self) -> None:
+        """Write every typed state back into the record's report, as plain data."""
+        for key, value in self._states.items():
+            if value is not None:
+                self.r.report[key] = msgspec.to_builtins(value)
 
     # -- helpers -----------------------------------------------------------------------------------
 

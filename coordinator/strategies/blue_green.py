@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
 from coordinator.core import gates as gatelib
 from coordinator.core.planning import Wave, WaveKind
@@ -98,6 +99,62 @@ def switch_back_target(
 # -- the engine's hooks ----------------------------------------------------------------------------
 
 
+class OldTraffic(msgspec.Struct):
+    """The old slots' traffic from the previous wave's start up to the switch."""
+
+    requests: int = 0
+    errors: int = 0
+    latency: list[int] = []
+    untrusted: dict[str, str] = {}  # nodes left out of these figures, with why
+
+
+class Switch(msgspec.Struct):
+    """``record.report["switch"]``: the switch decision, when each node showed it, the old
+    traffic to compare with; once every node showed it, its spread (None figures if no node
+    reported); the end of the warm window once it started. Fields in the order the record has
+    always held them: the bytes in KV do not change."""
+
+    at: float = 0.0
+    wave: int = 0
+    nodes: dict[str, float] = {}
+    old: OldTraffic = msgspec.field(default_factory=OldTraffic)
+    first: float | UnsetType | None = UNSET
+    last: float | UnsetType | None = UNSET
+    spread: float | UnsetType | None = UNSET
+    lag: float | UnsetType | None = UNSET
+    warm_until: float | UnsetType = UNSET
+
+
+class SwitchBack(msgspec.Struct):
+    """``record.report["switch_back"]``: the switch back, when each node showed it, the nodes
+    expected to, and its spread once all did."""
+
+    at: float = 0.0
+    nodes: dict[str, float] = {}
+    expect: list[str] = []
+    first: float | UnsetType | None = UNSET
+    last: float | UnsetType | None = UNSET
+    spread: float | UnsetType | None = UNSET
+    lag: float | UnsetType | None = UNSET
+
+
+def _switch(step: Step) -> Switch | None:
+    return step.state("switch", Switch)
+
+
+def _switch_back(step: Step) -> SwitchBack | None:
+    return step.state("switch_back", SwitchBack)
+
+
+def _summarize(state: Switch | SwitchBack, times: Mapping[str, float],
+               at: float) -> dict[str, Any]:
+    """Put the spread of ``times`` into ``state`` (and its sorted times); return the summary."""
+    summary = spread(times, at)
+    state.first, state.last = summary["first"], summary["last"]
+    state.spread, state.lag = summary["spread"], summary["lag"]
+    return summary
+
+
 def start_switch(step: Step, index: int) -> None:
     """Record the switch decision and the old slots' traffic since the previous wave started."""
     r = step.r
@@ -109,70 +166,70 @@ def start_switch(step: Step, index: int) -> None:
         if (serving := _old_slot(p)) is not None and (seen := step.obs.get(n)) is not None
         and evidence.admits(n, before.get(n), seen.router)
     )
-    r.report["switch"] = {
-        "at": step.now, "wave": index, "nodes": {},
-        "old": {"requests": old.requests, "errors": old.errors, "latency": list(old.latency),
-                "untrusted": gatelib.listed(evidence.untrusted)},
-    }
+    step.set_state("switch", Switch(
+        at=step.now, wave=index, nodes={},
+        old=OldTraffic(requests=old.requests, errors=old.errors, latency=list(old.latency),
+                       untrusted=gatelib.listed(evidence.untrusted)),
+    ))
     step.emit("bluegreen.switching", f"switching {len(r.waves[index].nodes)} nodes to "
               f"{r.release.version} at once", wave=index, at=step.now)
 
 
 def old_window(step: Step) -> gatelib.Window:
     """The old slots' traffic recorded when the switch was decided (the p99 comparison)."""
-    old = step.r.report.get("switch", {}).get("old", {})
-    return gatelib.Window(old.get("requests", 0), old.get("errors", 0),
-                          tuple(old.get("latency", ())))
+    old = switch.old if (switch := _switch(step)) is not None else OldTraffic()
+    return gatelib.Window(old.requests, old.errors, tuple(old.latency))
 
 
 def old_untrusted(step: Step) -> dict[str, str]:
     """The nodes whose figures were left out of ``old_window``, with why."""
-    untrusted = step.r.report.get("switch", {}).get("old", {}).get("untrusted", {})
-    return {str(n): str(why) for n, why in untrusted.items()}
+    switch = _switch(step)
+    return dict(switch.old.untrusted) if switch is not None else {}
 
 
 def note(step: Step, p: NodeProgress, seen: ObservedState) -> None:
     """Record when a node's observed weights first show the switch, or the switch back."""
-    switch = step.r.report.get("switch")
+    switch = _switch(step)
     if switch is None or not p.slot:
         return
     if step.r.phase == "forward":
         if shows_switch(seen, p.slot):
-            switch["nodes"].setdefault(p.node, seen.time)
+            switch.nodes.setdefault(p.node, seen.time)
         return
-    back = step.r.report.get("switch_back")
+    back = _switch_back(step)
     old = _old_slot(p)
-    if back is not None and old is not None and p.node in switch["nodes"] and shows_switch(
+    if back is not None and old is not None and p.node in switch.nodes and shows_switch(
             seen, old):
-        back["nodes"].setdefault(p.node, seen.time)
+        back.nodes.setdefault(p.node, seen.time)
 
 
 def switched(step: Step, index: int) -> None:
     """Every node converged on the switch: put the spread in the report and announce it."""
-    switch = step.r.report["switch"]
-    summary = spread(switch["nodes"], switch["at"])
-    switch.update(summary)
+    switch = _switch(step)
+    assert switch is not None, "switched before start_switch"
+    summary = _summarize(switch, switch.nodes, switch.at)
+    switch.nodes = summary["nodes"]
     step.emit("bluegreen.switched", f"all nodes switched; spread {_ms(summary['spread'])} "
               f"(first to last), lag {_ms(summary['lag'])} after the decision", wave=index,
-              at=switch["at"], first=summary["first"], last=summary["last"],
+              at=switch.at, first=summary["first"], last=summary["last"],
               spread=summary["spread"], lag=summary["lag"])
 
 
 def keep_warm(step: Step) -> bool:
     """Whether the rollout must still wait, its switch passed, before retiring the old slots."""
     r = step.r
-    switch = r.report.get("switch")
+    switch = _switch(step)
     if switch is None:
         return False
-    until = switch["at"] + step.spec.scale_down_delay
+    until = switch.at + step.spec.scale_down_delay
     if r.promote:
         r.promote = ""
         step.emit("bluegreen.promoted", "promoted: retiring the old slots now", until=until)
         return False
     if step.now >= until:
         return False
-    if "warm_until" not in switch:
-        switch["warm_until"] = until
+    if switch.warm_until is UNSET:
+        switch.warm_until = until
         step.emit("bluegreen.warm", f"old slots stay warm for "
                   f"{format_duration(until - step.now)} so that a rollback is an instant "
                   "switch back", until=until)
@@ -188,23 +245,33 @@ def rollback_target(step: Step, p: NodeProgress) -> DesiredState | None:
         return None
     if t.slots.get(old) != p.previous.slots[old]:
         return None  # the old release is no longer there: only a restore can bring it back
-    back = step.r.report.setdefault("switch_back", {"at": step.now, "nodes": {}, "expect": []})
-    back["expect"].append(p.node)
+    back = _switch_back(step)
+    if back is None:
+        back = SwitchBack(at=step.now, nodes={}, expect=[])
+        step.set_state("switch_back", back)
+    back.expect.append(p.node)
     return switch_back_target(t, serving=old, generation=step.next_generation(p), now=step.now)
 
 
 def switched_back(step: Step) -> None:
     """Put the switch back's spread in the report once every switched node is back."""
-    back = step.r.report.get("switch_back")
-    if back is None or "spread" in back:
+    back = _switch_back(step)
+    if back is None or back.spread is not UNSET:
         return
-    for n in back["expect"]:
+    for n in back.expect:
         p = step.r.nodes[n]
         if p.state != "failed" and p.target is not None and p.target.slots.get(p.slot) is not None:
             return  # still on its switch-back target (the new slot is retired after it)
-    back.update(spread(back["nodes"], back["at"]))
+    summary = _summarize(back, back.nodes, back.at)
+    back.nodes = summary["nodes"]
     step.emit("bluegreen.switched_back", f"traffic back on the old slots; spread "
-              f"{_ms(back['spread'])}", at=back["at"], spread=back["spread"], lag=back["lag"])
+              f"{_ms(summary['spread'])}", at=back.at, spread=summary["spread"],
+              lag=summary["lag"])
+
+
+def switching_back(step: Step) -> bool:
+    """Whether the rollback switches nodes back to their warm old slots."""
+    return _switch_back(step) is not None
 
 
 def _old_slot(p: NodeProgress) -> str | None:
