@@ -76,6 +76,8 @@ class Step:
 
     def set_state(self, key: str, value: msgspec.Struct) -> None:
         """Make ``value`` the state under ``report[key]`` (written by ``flush``)."""
+        # A new key joins the report after those set before it, as it always has.
+        self._states.pop(key, None)
         self._states[key] = value
 
     def flush(self) -> None:

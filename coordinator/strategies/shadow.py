@@ -34,6 +34,8 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from coordinator.core import gates as gatelib
 from coordinator.core.planning import Wave, WaveKind
 from coordinator.core.targets import restore_target
@@ -106,6 +108,52 @@ def mirror_spec(spec: RolloutSpec, slot: str) -> MirrorSpec:
     )
 
 
+class Sample(msgspec.Struct):
+    """One request whose answers differed, from a node's router."""
+
+    node: str
+    method: str
+    path: str
+    what: str
+    live: str = ""
+    shadow: str = ""
+
+
+Figure = int | float | None  # as the gates computed it: a count, a rate, a latency, or nothing
+
+
+class ShadowReport(msgspec.Struct):
+    """``record.report["shadow"]``: the shadow's figures over its bake window (the gates'
+    ``ShadowFigures``), what was mirrored and ignored, and the verdict. Fields in the order the
+    record has always held them: the bytes in KV do not change."""
+
+    nodes: int = 0
+    healthy: int = 0
+    healthy_fraction: Figure = 0.0
+    mirrored: int = 0
+    sent: int = 0
+    compared: int = 0
+    mismatched: int = 0
+    dropped: int = 0
+    shadow_errors: int = 0
+    mismatch_rate: Figure = None
+    error_rate: Figure = None
+    p99_shadow_ms: Figure = None
+    p99_live_ms: Figure = None
+    p99_ratio: Figure = None
+    untrusted: dict[str, str] = {}
+    untrusted_nodes: int = 0
+    mirror_percent: Figure = 0.0
+    methods: list[str] = []
+    ignore_headers: list[str] = []
+    ignore_json_fields: list[str] = []
+    keep_headers: list[str] = []
+    window: list[Figure] = []
+    outcome: str = ""
+    reasons: list[str] = []
+    samples: list[Sample] = []
+
+
 # -- the engine's hooks ----------------------------------------------------------------------------
 
 
@@ -114,7 +162,7 @@ def verdict(step: Step, wave: WaveRecord) -> gatelib.Verdict:
     r = step.r
     total = gatelib.ShadowWindow()
     nodes = healthy = 0
-    samples: list[dict[str, Any]] = []
+    samples: list[Sample] = []
     evidence = gatelib.Evidence()
     for n in wave.nodes:
         p = r.nodes[n]
@@ -132,20 +180,23 @@ def verdict(step: Step, wave: WaveRecord) -> gatelib.Verdict:
         if window.mismatched and end is not None and end.mirror is not None:
             # The router keeps its latest samples; with mismatches in the window, they are
             # the window's (or close enough for a report: they are examples, not counts).
-            samples += [{"node": n, "method": s.method, "path": s.path, "what": s.what,
-                         "live": s.live, "shadow": s.shadow}
+            samples += [Sample(node=n, method=s.method, path=s.path, what=s.what,
+                               live=s.live, shadow=s.shadow)
                         for s in end.mirror.samples[-MAX_SAMPLES:]]
     fig = gatelib.ShadowFigures(nodes, healthy, total, evidence.untrusted)
     result = gatelib.evaluate_shadow(step.spec.gates, fig)
-    r.report["shadow"] = fig.as_dict() | {
-        "mirror_percent": step.spec.mirror,
-        "methods": [m.upper() for m in step.spec.mirror_methods],
-        "ignore_headers": list(step.spec.ignore_headers),
-        "ignore_json_fields": list(step.spec.ignore_json_fields),
-        "keep_headers": list(step.spec.mirror_keep_headers),
-        "window": [wave.bake_until - step.spec.bake, step.now], "outcome": result.outcome,
-        "reasons": list(result.reasons), "samples": samples[:MAX_SAMPLES],
-    }
+    step.set_state("shadow", msgspec.convert(fig.as_dict(), ShadowReport))
+    report = step.state("shadow", ShadowReport)
+    assert report is not None
+    report.mirror_percent = step.spec.mirror
+    report.methods = [m.upper() for m in step.spec.mirror_methods]
+    report.ignore_headers = list(step.spec.ignore_headers)
+    report.ignore_json_fields = list(step.spec.ignore_json_fields)
+    report.keep_headers = list(step.spec.mirror_keep_headers)
+    report.window = [wave.bake_until - step.spec.bake, step.now]
+    report.outcome = result.outcome
+    report.reasons = list(result.reasons)
+    report.samples = samples[:MAX_SAMPLES]
     return result
 
 
@@ -162,4 +213,10 @@ def retire(step: Step) -> None:
             generation=step.next_generation(p), rollout=r.id, now=step.now,
         ))
     step.emit("shadow.retired", f"shadow of {r.release.version} retired on {len(staged)} nodes",
-              nodes=staged, report=r.report.get("shadow", {}))
+              nodes=staged, report=_report_data(step))
+
+
+def _report_data(step: Step) -> dict[str, Any]:
+    """The shadow's report as plain data (for the retirement's event); {} if there is none."""
+    report = step.state("shadow", ShadowReport)
+    return msgspec.to_builtins(report) if report is not None else {}
