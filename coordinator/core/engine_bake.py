@@ -28,6 +28,16 @@ from protocol.messages import Gates, WaveRecord
 STATS_GRACE = 10.0
 
 
+class OldWindow(msgspec.Struct):
+    """``record.report["old_window"]``: the old release's traffic in the latest window that had
+    some (``Bake.old_reference``), in the order the record has always held it."""
+
+    wave: int = 0
+    requests: int = 0
+    errors: int = 0
+    latency: list[int] = []
+
+
 class Bake:
     """The bake of a converged wave and its gates' verdict, over one working ``Step``; a failed
     wave goes to ``rollback.on_failure``."""
@@ -180,14 +190,14 @@ class Bake:
         """
         total = gatelib.total(old)
         if total.requests:
-            self.step.r.report["old_window"] = {
-                "wave": wave.index, "requests": total.requests, "errors": total.errors,
-                "latency": list(total.latency)}
+            self.step.set_state("old_window", OldWindow(
+                wave=wave.index, requests=total.requests, errors=total.errors,
+                latency=list(total.latency)))
             return old, ""
-        kept = self.step.r.report.get("old_window")
-        if kept:
-            return [gatelib.Window(kept["requests"], kept["errors"], tuple(kept["latency"]))], \
-                f"wave {kept['wave']}"
+        kept = self.step.state("old_window", OldWindow)
+        if kept is not None:
+            return [gatelib.Window(kept.requests, kept.errors, tuple(kept.latency))], \
+                f"wave {kept.wave}"
         before = []
         for n, p in self.step.r.nodes.items():
             serving = serving_slot(p.previous)
