@@ -7,7 +7,7 @@
                     composed over it: ``engine_progress``, ``engine_bake``, ``engine_rollback``.
 - ``planning``      which nodes a rollout targets and the shape of its waves; ``amounts``: ``N``
                     or ``P%`` of the nodes; ``targets``: the desired state one node is given.
-- ``gates``         whether a wave's figures pass its thresholds.
+- ``gates``         whether a wave's figures pass its thresholds; ``gates_shadow``: a shadow's.
 - ``fleet``         the node table: liveness from heartbeats, the views the API lists.
 
 May import ``protocol``, ``coordinator.errors`` and the strategies (which import the core's

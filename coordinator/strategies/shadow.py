@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from coordinator.core import gates as gatelib
+from coordinator.core import gates_shadow as shadowgates
 from coordinator.core.planning import Wave, WaveKind
 from coordinator.core.targets import restore_target
 from coordinator.errors import UsageError
@@ -160,7 +161,7 @@ class ShadowReport(msgspec.Struct):
 def verdict(step: Step, wave: WaveRecord) -> gatelib.Verdict:
     """Judge the shadow over the bake window and write the report into the record."""
     r = step.r
-    total = gatelib.ShadowWindow()
+    total = shadowgates.ShadowWindow()
     nodes = healthy = 0
     samples: list[Sample] = []
     evidence = gatelib.Evidence()
@@ -175,7 +176,7 @@ def verdict(step: Step, wave: WaveRecord) -> gatelib.Verdict:
         healthy += slot is not None and slot.status == "healthy"
         if not evidence.admits(n, wave.baseline.get(n), end):
             continue
-        window = gatelib.shadow_window(wave.baseline.get(n), end)
+        window = shadowgates.shadow_window(wave.baseline.get(n), end)
         total += window
         if window.mismatched and end is not None and end.mirror is not None:
             # The router keeps its latest samples; with mismatches in the window, they are
@@ -183,8 +184,8 @@ def verdict(step: Step, wave: WaveRecord) -> gatelib.Verdict:
             samples += [Sample(node=n, method=s.method, path=s.path, what=s.what,
                                live=s.live, shadow=s.shadow)
                         for s in end.mirror.samples[-MAX_SAMPLES:]]
-    fig = gatelib.ShadowFigures(nodes, healthy, total, evidence.untrusted)
-    result = gatelib.evaluate_shadow(step.spec.gates, fig)
+    fig = shadowgates.ShadowFigures(nodes, healthy, total, evidence.untrusted)
+    result = shadowgates.evaluate_shadow(step.spec.gates, fig)
     step.set_state("shadow", msgspec.convert(fig.as_dict(), ShadowReport))
     report = step.state("shadow", ShadowReport)
     assert report is not None

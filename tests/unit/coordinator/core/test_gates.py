@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from coordinator.core import gates as gatelib
+from coordinator.core import gates_shadow
 from coordinator.core.gates import (
     NO_TRAFFIC,
     Window,
@@ -288,10 +289,10 @@ def test_untrusted_figures_do_not_matter_to_gates_that_read_no_traffic() -> None
 
 def test_untrusted_shadow_figures_are_named_and_never_a_pass() -> None:
     """The shadow gates read the same untrusted list and treat it the same way."""
-    w = gatelib.ShadowWindow(mirrored=100, compared=100, mismatched=0,
+    w = gates_shadow.ShadowWindow(mirrored=100, compared=100, mismatched=0,
                            shadow_latency=tuple(hist(b3=100)), live_latency=tuple(hist(b3=100)))
-    v = gatelib.evaluate_shadow(Gates(max_mismatch_rate=0.1),
-                              gatelib.ShadowFigures(2, 2, w, untrusted={"node-2": "why"}))
+    v = gates_shadow.evaluate_shadow(Gates(max_mismatch_rate=0.1),
+                              gates_shadow.ShadowFigures(2, 2, w, untrusted={"node-2": "why"}))
     assert v.outcome == "inconclusive" and "node-2's router figures are invalid (why)" in v.reason
 
 

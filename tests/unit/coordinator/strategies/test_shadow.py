@@ -16,7 +16,12 @@ from coordinator.core.engine import (
     Start,
     Tick,
 )
-from coordinator.core.gates import ShadowFigures, ShadowWindow, evaluate_shadow, shadow_window
+from coordinator.core.gates_shadow import (
+    ShadowFigures,
+    ShadowWindow,
+    evaluate_shadow,
+    shadow_window,
+)
 from coordinator.errors import UsageError
 from coordinator.strategies import plan
 from protocol.messages import (

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.core.gates import ShadowFigures, ShadowWindow, evaluate_shadow
+from coordinator.core.gates_shadow import ShadowFigures, ShadowWindow, evaluate_shadow
 from protocol.messages import Gates
 
 
