@@ -39,7 +39,8 @@ path). Every bus call is bounded by ``OP_TIMEOUT``; every task belongs to ``run`
 The runner is composed of one object per concern: the ``RolloutStore`` (records and locks), the
 ``DesiredWriter``, the ``EventPublisher``, and the ``Executor`` that carries out an engine step
 through them; each ``Driver`` holds one live rollout. Here are the feeds, the operator requests
-and resuming.
+and resuming, in one module (past 400 lines) because all three share the drivers and the rule
+that a driver's events are handled one at a time under its lock.
 """
 
 from __future__ import annotations
