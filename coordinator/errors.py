@@ -4,8 +4,11 @@
     ├── UsageError                 the operator asked for something malformed (exit 2)
     ├── ConfigError                a bad file: manifest, rollout.toml, bundle (exit 2)
     ├── BrokerError                the embedded nats-server could not start or stopped (exit 1)
-    └── RemoteError                the coordinator refused a request; ``code`` says why (exit 1,
-                                   or 2 for ``usage``)
+    ├── RemoteError                the coordinator refused a request; ``code`` says why (exit 1,
+    │                              or 2 for ``usage``)
+    └── IllegalTransition          (``core.engine_types``) a rollout's state does not accept a
+                                   request, or a rollout, wave or node move is not in its table;
+                                   nothing was changed (the API answers ``conflict``)
 
 Our own bugs are not in this tree: they surface as tracebacks in logs, never as a user message.
 ``protocol.errors`` (ProtocolError, BusError, NotReachable, Conflict) are caught at the CLI

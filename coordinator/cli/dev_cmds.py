@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from coordinator.cli.base import Ctx, cli
-from coordinator.devfleet import MAX_AGENTS, DevFleet
+from coordinator.dev.devfleet import MAX_AGENTS, DevFleet
 from coordinator.errors import BrokerError
 from protocol.bus import redact
 

@@ -19,9 +19,9 @@ from rich.table import Table
 from coordinator.cli import client
 from coordinator.cli.base import Ctx, cli, output_option
 from coordinator.cli.render import cell
-from coordinator.daemon import Coordinator
-from coordinator.fleet import parse_selector
-from coordinator.runner import coordinator_seed
+from coordinator.core.fleet import parse_selector
+from coordinator.runtime.daemon import Coordinator
+from coordinator.runtime.keyfile import coordinator_seed
 from protocol.bus import redact
 from protocol.codec import to_builtins
 from protocol.errors import ProtocolError

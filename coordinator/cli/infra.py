@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from coordinator.broker import Broker
 from coordinator.cli.base import cli
+from coordinator.dev.broker import Broker
 
 
 @cli.command()
@@ -62,6 +62,6 @@ async def _run_broker(port: int, host: str, store_dir: Path) -> int:
 @click.option("--keep", is_flag=True, help="Keep the fleet's directory and logs afterwards.")
 def demo(examples: Path | None, keep: bool) -> int:
     """A scripted tour on a throwaway fleet: install, roll, and an automatic rollback."""
-    from coordinator.demo import examples_dir, run_demo
+    from coordinator.dev.demo import examples_dir, run_demo
 
     return asyncio.run(run_demo(examples_dir(examples), keep_dir=keep))

@@ -1,6 +1,6 @@
 """How rollouts look to people: rich tables for a terminal, plain lines for logs and CI.
 
-Everything here is pure: it takes the status dict of ``coordinator.rollouts_api.status_dict`` (or
+Everything here is pure: it takes the status dict of ``coordinator.api.rollouts.status_dict`` (or
 rows, or Events) and returns text or rich renderables; the commands print them. Following a
 rollout without a terminal prints only what changed since the last poll (``progress_lines``), so
 a CI log reads as a story, not as a screen redrawn every half second.

@@ -28,6 +28,7 @@ import msgspec
 from rich.console import Console
 from rich.live import Live
 
+from coordinator import strategies
 from coordinator.cli import client
 from coordinator.cli.base import Ctx, cli, output_option
 from coordinator.cli.render import (
@@ -39,10 +40,10 @@ from coordinator.cli.render import (
     status_renderable,
     status_text,
 )
+from coordinator.core.amounts import parse_amount
+from coordinator.core.fleet import parse_selector
 from coordinator.errors import ConfigError, UsageError
-from coordinator.fleet import parse_selector
-from coordinator.planning import parse_amount
-from coordinator.strategies import canary, shadow
+from coordinator.strategies import shadow
 from protocol import subjects
 from protocol.codec import convert, decode, encode
 from protocol.durations import parse_duration
@@ -115,9 +116,6 @@ def build_spec(settings: dict[str, Any]) -> RolloutSpec:
         spec.steps = [str(s).strip() for s in _items(f.steps)]
     if f.weights is not None:
         spec.weights = [_int("--weights", w) for w in _items(f.weights)]
-    # What needs no fleet to judge is refused here, before anything is sent.
-    canary.check_steps(spec.steps)
-    canary.parse_weights(spec.weights)
     if f.bake is not None:
         spec.bake = parse_duration(f.bake, what="--bake")
     if f.mirror is not None:
@@ -155,6 +153,9 @@ def build_spec(settings: dict[str, Any]) -> RolloutSpec:
         min_requests=None if f.min_requests is None
         else _int("--min-requests", f.min_requests),
     )
+    # What needs no fleet to judge is refused here, before anything is sent: the same checks
+    # the API runs on every deploy.
+    strategies.validate(spec)
     return spec
 
 

@@ -1,127 +1,78 @@
-"""One module per strategy; each cuts the selected nodes into waves (``planning.Wave``).
+"""One module per strategy behind one ``Strategy`` Protocol (``base``); ``STRATEGIES`` maps names.
 
-``plan_strategy(selected, spec)`` dispatches on ``spec.strategy``. Every strategy returns waves
-that together hold every selected node, each node's final wave with weight 100. The functions
-below them build the desired state one node is given for a wave, a rollback or the retirement of
-its old slot.
+- ``rolling``, ``canary``, ``blue_green``, ``shadow``  one strategy each: ``validate(spec)``,
+  ``plan(selected, spec)``, ``wave_kind(spec, index)``, and the hooks the engine calls.
+- ``spec``  what every spec must hold (``validate`` runs it before the strategy's own checks).
+
+May import ``protocol``, ``coordinator.errors`` and the core's planning, amounts, targets and
+gates (the engine's ``Step`` for types only); never the runtime, the API or the CLI.
+
+``plan(nodes, spec)`` selects the target nodes (``core.planning.select``) and hands them to
+``plan_strategy(selected, spec)``, which dispatches on ``spec.strategy``. Every strategy returns
+waves that together hold every selected node, each node's final wave with weight 100. The desired
+state one node is given for a wave, a rollback or the retirement of its old slot is built by
+``core.targets``.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Iterable
 
-import msgspec
-
+from coordinator.core.amounts import max_unavailable
+from coordinator.core.planning import NodeLike, Wave, WaveKind, select
 from coordinator.errors import UsageError
-from coordinator.planning import Wave
 from coordinator.strategies import blue_green, canary, rolling, shadow
-from protocol.messages import SLOTS, DesiredState, MirrorSpec, ReleaseRef, RolloutSpec
+from coordinator.strategies.base import Strategy
+from coordinator.strategies.spec import check_common
+from protocol.messages import RolloutSpec
 
-WaveKind = Literal["", "stage", "shadow", "switch"]
+STRATEGIES: dict[str, Strategy] = {
+    "rolling": rolling, "canary": canary, "blue-green": blue_green, "shadow": shadow,
+}
+
+
+def strategy(spec: RolloutSpec) -> Strategy:
+    """The strategy ``spec`` names; UsageError if this coordinator has none of that name."""
+    found = STRATEGIES.get(spec.strategy)
+    if found is None:
+        raise UsageError(
+            f"strategy {spec.strategy!r} is not supported by this coordinator; "
+            "use --strategy rolling, canary, blue-green or shadow"
+        )
+    return found
+
+
+def validate(spec: RolloutSpec) -> None:
+    """Refuse a spec before any fleet is known: what every spec must hold, then what its
+    strategy needs. The CLI calls this before sending a deploy, the API before accepting one."""
+    # --steps and --weights mean something to a canary only, but are refused as written whatever
+    # the strategy, and first, as the CLI always has.
+    canary.validate(spec)
+    check_common(spec)
+    if (own := strategy(spec)) is not canary:
+        own.validate(spec)
+
+
+def wave_kind(spec: RolloutSpec, index: int) -> WaveKind:
+    """What wave ``index`` of a rollout of ``spec`` does (the strategy's ``wave_kind``)."""
+    found = STRATEGIES.get(spec.strategy)
+    return found.wave_kind(spec, index) if found is not None else ""
 
 
 def plan_strategy(selected: list[str], spec: RolloutSpec) -> list[Wave]:
     """The waves of ``spec.strategy`` over ``selected`` (already ordered, non-empty)."""
-    if spec.strategy == "rolling":
-        return rolling.plan(selected, spec)
-    if spec.strategy == "canary":
-        return canary.plan(selected, spec)
-    if spec.strategy == "blue-green":
-        return blue_green.plan(selected, spec)
-    if spec.strategy == "shadow":
-        return shadow.plan(selected, spec)
-    raise UsageError(
-        f"strategy {spec.strategy!r} is not supported by this coordinator; "
-        "use --strategy rolling, canary, blue-green or shadow"
-    )
+    return strategy(spec).plan(selected, spec)
 
 
-def wave_kind(spec: RolloutSpec, index: int) -> WaveKind:
-    """What wave ``index`` of a rollout of ``spec`` does, derived from the plan's fixed shape.
-
-    ``stage``: the new release in the idle slot at weight 0 (blue-green); ``shadow``: the same
-    with a mirror; ``switch``: every node's weights moved to the staged slot at once; ``""``: an
-    ordinary rolling or canary wave.
-    """
-    if spec.strategy == "blue-green":
-        return "stage" if index == 0 else "switch"
-    if spec.strategy == "shadow":
-        if index == 0:
-            return "shadow"
-        return "switch" if spec.then == "blue-green" else ""
-    return ""
-
-
-# -- what one node is told -------------------------------------------------------------------------
-# The coordinator only says what it wants; make-before-break happens on the agent. The new release
-# always goes to the node's idle slot, and the serving slot keeps the old release (at the remaining
-# weight) until the rollout is over, so that a rollback is a weight switch back to a warm slot.
-
-
-def serving_slot(desired: DesiredState | None) -> str | None:
-    """The slot with the largest weight (ties: a before b), or the only slot; None if empty."""
-    if desired is None or not desired.slots:
-        return None
-    best, most = None, -1
-    for slot in SLOTS:  # called per node per verdict: a loop, not max() with a key
-        if slot in desired.slots and (weight := desired.weights.get(slot, 0)) > most:
-            best, most = slot, weight
-    return best
-
-
-def idle_slot(desired: DesiredState | None) -> str:
-    """The slot that receives the new release: the one that is not serving."""
-    serving = serving_slot(desired)
-    return "b" if serving == "a" else "a"
-
-
-def runs(desired: DesiredState | None, release: ReleaseRef) -> bool:
-    """Whether ``desired`` already serves ``release`` with all of the traffic."""
-    serving = serving_slot(desired)
-    if desired is None or serving is None:
-        return False
-    positive = {s for s, w in desired.weights.items() if w > 0 and s in desired.slots}
-    return positive == {serving} and desired.slots[serving].digest == release.digest
-
-
-def forward_target(
-    previous: DesiredState | None, *, fleet: str, node: str, release: ReleaseRef, slot: str,
-    weight: int, generation: int, rollout: str, now: float, mirror: MirrorSpec | None = None,
-) -> DesiredState:
-    """The new release in ``slot`` at ``weight`` percent, the old serving slot kept for the rest;
-    ``mirror`` (shadow) copies a share of the requests to ``slot``."""
-    slots: dict[str, ReleaseRef] = {}
-    weights: dict[str, int] = {}
-    serving = serving_slot(previous)
-    if previous is not None and serving is not None and serving != slot:
-        slots[serving] = previous.slots[serving]
-        weights[serving] = 100 - weight
-    slots[slot] = release
-    weights[slot] = weight
-    return DesiredState(
-        fleet=fleet, node=node, service=release.service, generation=generation, slots=slots,
-        weights=weights, mirror=mirror, rollout=rollout, time=now,
-    )
-
-
-def restore_target(
-    previous: DesiredState | None, *, fleet: str, node: str, service: str, generation: int,
-    rollout: str, now: float,
-) -> DesiredState:
-    """The node's previous desired state again, under a new generation (no slots if none)."""
-    if previous is None:
-        return DesiredState(
-            fleet=fleet, node=node, service=service, generation=generation, rollout=rollout,
-            time=now,
+def plan(nodes: Iterable[NodeLike], spec: RolloutSpec) -> list[Wave]:
+    """Select the target nodes of ``spec`` and cut them into waves with its strategy."""
+    selected = select(nodes, spec.selector)
+    if not selected:
+        where = ",".join(f"{k}={v}" for k, v in sorted(spec.selector.items())) or "(any)"
+        raise UsageError(
+            f"no node matches selector {where}; check the labels with "
+            "'fleetwave nodes' or start an agent with matching --label"
         )
-    return msgspec.structs.replace(previous, generation=generation, rollout=rollout, time=now)
-
-
-def retire_target(
-    target: DesiredState, *, slot: str, generation: int, now: float,
-) -> DesiredState:
-    """Only the new release's slot, with all of the traffic: the old slot is stopped."""
-    return msgspec.structs.replace(
-        target, slots={slot: target.slots[slot]}, weights={slot: 100}, mirror=None,
-        generation=generation, time=now,
-    )
+    max_unavailable(spec.max_unavailable, len(selected))  # every strategy honours it: check it now
+    waves = plan_strategy(selected, spec)
+    return [Wave(i, w.nodes, w.weight) for i, w in enumerate(waves)]

@@ -1,7 +1,7 @@
 """Blue-green: stage the new release beside the old one everywhere, switch every node at once,
 keep the old slot warm for a while, then retire it.
 
-Phases, as waves (``coordinator.strategies.wave_kind`` names them):
+Phases, as waves (``wave_kind`` names them):
 
 - wave 0, ``stage``: every selected node gets the new release in its idle slot at weight 0, in one
   batch (max-unavailable does not bound it: a staged slot carries no traffic, so no node stops
@@ -32,24 +32,36 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
-from coordinator import gates as gatelib
+from coordinator.core import gates as gatelib
+from coordinator.core.planning import Wave, WaveKind
+from coordinator.core.targets import serving_slot
 from coordinator.errors import UsageError
-from coordinator.planning import Wave
 from protocol.durations import format_duration
 from protocol.messages import DesiredState, NodeProgress, ObservedState, RolloutSpec
 
 if TYPE_CHECKING:  # the engine imports the strategies; this module only needs its type
-    from coordinator.engine_step import StepBase as Step  # all these hooks use of it
+    from coordinator.core.engine_step import Step  # all these hooks use of it
 
 
-def plan(selected: list[str], spec: RolloutSpec) -> list[Wave]:
-    """Two waves over every selected node: stage at weight 0, then switch to weight 100."""
+def validate(spec: RolloutSpec) -> None:
+    """A scale-down delay must not be negative."""
     if spec.scale_down_delay < 0:
         raise UsageError(
             f"--scale-down-delay {spec.scale_down_delay:g}s is negative; give a duration like "
             "5m (0 retires the old slots as soon as the gates passed)"
         )
+
+
+def wave_kind(spec: RolloutSpec, index: int) -> WaveKind:
+    """Wave 0 stages the new release at weight 0; wave 1 switches every node to it."""
+    return "stage" if index == 0 else "switch"
+
+
+def plan(selected: list[str], spec: RolloutSpec) -> list[Wave]:
+    """Two waves over every selected node: stage at weight 0, then switch to weight 100."""
+    validate(spec)
     nodes = tuple(selected)
     return [Wave(0, nodes, 0), Wave(1, nodes, 100)]
 
@@ -87,6 +99,62 @@ def switch_back_target(
 # -- the engine's hooks ----------------------------------------------------------------------------
 
 
+class OldTraffic(msgspec.Struct):
+    """The old slots' traffic from the previous wave's start up to the switch."""
+
+    requests: int = 0
+    errors: int = 0
+    latency: list[int] = []
+    untrusted: dict[str, str] = {}  # nodes left out of these figures, with why
+
+
+class Switch(msgspec.Struct):
+    """``record.report["switch"]``: the switch decision, when each node showed it, the old
+    traffic to compare with; once every node showed it, its spread (None figures if no node
+    reported); the end of the warm window once it started. Fields in the order the record has
+    always held them: the bytes in KV do not change."""
+
+    at: float = 0.0
+    wave: int = 0
+    nodes: dict[str, float] = {}
+    old: OldTraffic = msgspec.field(default_factory=OldTraffic)
+    first: float | UnsetType | None = UNSET
+    last: float | UnsetType | None = UNSET
+    spread: float | UnsetType | None = UNSET
+    lag: float | UnsetType | None = UNSET
+    warm_until: float | UnsetType = UNSET
+
+
+class SwitchBack(msgspec.Struct):
+    """``record.report["switch_back"]``: the switch back, when each node showed it, the nodes
+    expected to, and its spread once all did."""
+
+    at: float = 0.0
+    nodes: dict[str, float] = {}
+    expect: list[str] = []
+    first: float | UnsetType | None = UNSET
+    last: float | UnsetType | None = UNSET
+    spread: float | UnsetType | None = UNSET
+    lag: float | UnsetType | None = UNSET
+
+
+def _switch(step: Step) -> Switch | None:
+    return step.state("switch", Switch)
+
+
+def _switch_back(step: Step) -> SwitchBack | None:
+    return step.state("switch_back", SwitchBack)
+
+
+def _summarize(state: Switch | SwitchBack, times: Mapping[str, float],
+               at: float) -> dict[str, Any]:
+    """Put the spread of ``times`` into ``state`` (and its sorted times); return the summary."""
+    summary = spread(times, at)
+    state.first, state.last = summary["first"], summary["last"]
+    state.spread, state.lag = summary["spread"], summary["lag"]
+    return summary
+
+
 def start_switch(step: Step, index: int) -> None:
     """Record the switch decision and the old slots' traffic since the previous wave started."""
     r = step.r
@@ -98,70 +166,70 @@ def start_switch(step: Step, index: int) -> None:
         if (serving := _old_slot(p)) is not None and (seen := step.obs.get(n)) is not None
         and evidence.admits(n, before.get(n), seen.router)
     )
-    r.report["switch"] = {
-        "at": step.now, "wave": index, "nodes": {},
-        "old": {"requests": old.requests, "errors": old.errors, "latency": list(old.latency),
-                "untrusted": gatelib.listed(evidence.untrusted)},
-    }
+    step.set_state("switch", Switch(
+        at=step.now, wave=index, nodes={},
+        old=OldTraffic(requests=old.requests, errors=old.errors, latency=list(old.latency),
+                       untrusted=gatelib.listed(evidence.untrusted)),
+    ))
     step.emit("bluegreen.switching", f"switching {len(r.waves[index].nodes)} nodes to "
               f"{r.release.version} at once", wave=index, at=step.now)
 
 
 def old_window(step: Step) -> gatelib.Window:
     """The old slots' traffic recorded when the switch was decided (the p99 comparison)."""
-    old = step.r.report.get("switch", {}).get("old", {})
-    return gatelib.Window(old.get("requests", 0), old.get("errors", 0),
-                          tuple(old.get("latency", ())))
+    old = switch.old if (switch := _switch(step)) is not None else OldTraffic()
+    return gatelib.Window(old.requests, old.errors, tuple(old.latency))
 
 
 def old_untrusted(step: Step) -> dict[str, str]:
     """The nodes whose figures were left out of ``old_window``, with why."""
-    untrusted = step.r.report.get("switch", {}).get("old", {}).get("untrusted", {})
-    return {str(n): str(why) for n, why in untrusted.items()}
+    switch = _switch(step)
+    return dict(switch.old.untrusted) if switch is not None else {}
 
 
 def note(step: Step, p: NodeProgress, seen: ObservedState) -> None:
     """Record when a node's observed weights first show the switch, or the switch back."""
-    switch = step.r.report.get("switch")
+    switch = _switch(step)
     if switch is None or not p.slot:
         return
     if step.r.phase == "forward":
         if shows_switch(seen, p.slot):
-            switch["nodes"].setdefault(p.node, seen.time)
+            switch.nodes.setdefault(p.node, seen.time)
         return
-    back = step.r.report.get("switch_back")
+    back = _switch_back(step)
     old = _old_slot(p)
-    if back is not None and old is not None and p.node in switch["nodes"] and shows_switch(
+    if back is not None and old is not None and p.node in switch.nodes and shows_switch(
             seen, old):
-        back["nodes"].setdefault(p.node, seen.time)
+        back.nodes.setdefault(p.node, seen.time)
 
 
 def switched(step: Step, index: int) -> None:
     """Every node converged on the switch: put the spread in the report and announce it."""
-    switch = step.r.report["switch"]
-    summary = spread(switch["nodes"], switch["at"])
-    switch.update(summary)
+    switch = _switch(step)
+    assert switch is not None, "switched before start_switch"
+    summary = _summarize(switch, switch.nodes, switch.at)
+    switch.nodes = summary["nodes"]
     step.emit("bluegreen.switched", f"all nodes switched; spread {_ms(summary['spread'])} "
               f"(first to last), lag {_ms(summary['lag'])} after the decision", wave=index,
-              at=switch["at"], first=summary["first"], last=summary["last"],
+              at=switch.at, first=summary["first"], last=summary["last"],
               spread=summary["spread"], lag=summary["lag"])
 
 
 def keep_warm(step: Step) -> bool:
     """Whether the rollout must still wait, its switch passed, before retiring the old slots."""
     r = step.r
-    switch = r.report.get("switch")
+    switch = _switch(step)
     if switch is None:
         return False
-    until = switch["at"] + step.spec.scale_down_delay
+    until = switch.at + step.spec.scale_down_delay
     if r.promote:
         r.promote = ""
         step.emit("bluegreen.promoted", "promoted: retiring the old slots now", until=until)
         return False
     if step.now >= until:
         return False
-    if "warm_until" not in switch:
-        switch["warm_until"] = until
+    if switch.warm_until is UNSET:
+        switch.warm_until = until
         step.emit("bluegreen.warm", f"old slots stay warm for "
                   f"{format_duration(until - step.now)} so that a rollback is an instant "
                   "switch back", until=until)
@@ -177,29 +245,38 @@ def rollback_target(step: Step, p: NodeProgress) -> DesiredState | None:
         return None
     if t.slots.get(old) != p.previous.slots[old]:
         return None  # the old release is no longer there: only a restore can bring it back
-    back = step.r.report.setdefault("switch_back", {"at": step.now, "nodes": {}, "expect": []})
-    back["expect"].append(p.node)
+    back = _switch_back(step)
+    if back is None:
+        back = SwitchBack(at=step.now, nodes={}, expect=[])
+        step.set_state("switch_back", back)
+    back.expect.append(p.node)
     return switch_back_target(t, serving=old, generation=step.next_generation(p), now=step.now)
 
 
 def switched_back(step: Step) -> None:
     """Put the switch back's spread in the report once every switched node is back."""
-    back = step.r.report.get("switch_back")
-    if back is None or "spread" in back:
+    back = _switch_back(step)
+    if back is None or back.spread is not UNSET:
         return
-    for n in back["expect"]:
+    for n in back.expect:
         p = step.r.nodes[n]
         if p.state != "failed" and p.target is not None and p.target.slots.get(p.slot) is not None:
             return  # still on its switch-back target (the new slot is retired after it)
-    back.update(spread(back["nodes"], back["at"]))
+    summary = _summarize(back, back.nodes, back.at)
+    back.nodes = summary["nodes"]
     step.emit("bluegreen.switched_back", f"traffic back on the old slots; spread "
-              f"{_ms(back['spread'])}", at=back["at"], spread=back["spread"], lag=back["lag"])
+              f"{_ms(summary['spread'])}", at=back.at, spread=summary["spread"],
+              lag=summary["lag"])
+
+
+def switching_back(step: Step) -> bool:
+    """Whether the rollback switches nodes back to their warm old slots."""
+    return _switch_back(step) is not None
 
 
 def _old_slot(p: NodeProgress) -> str | None:
     """The slot that served before the rollout, if it is not the one receiving the release."""
     # Imported here: the package's __init__ imports this module before it defines its helpers.
-    from coordinator.strategies import serving_slot
 
     serving = serving_slot(p.previous)
     return serving if serving != p.slot else None

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import itertools
 
+from coordinator.core.amounts import parse_amount
+from coordinator.core.planning import Wave, WaveKind
 from coordinator.errors import UsageError
-from coordinator.planning import Wave, parse_amount
 from protocol.messages import RolloutSpec
 
 DEFAULT_STEPS = ("1", "100%")
@@ -44,6 +45,17 @@ def check_steps(steps: list[str] | tuple[str, ...]) -> None:
             f"--steps must end at 100% so that every node is moved, but the last step is "
             f"{steps[-1]}; add 100% at the end"
         )
+
+
+def validate(spec: RolloutSpec) -> None:
+    """``--steps`` and ``--weights`` as far as they can be judged without the fleet."""
+    check_steps(spec.steps)
+    parse_weights(spec.weights)
+
+
+def wave_kind(spec: RolloutSpec, index: int) -> WaveKind:
+    """Every canary wave is an ordinary one (weighted or not)."""
+    return ""
 
 
 def step_counts(steps: list[str] | tuple[str, ...], total: int) -> list[int]:

@@ -9,13 +9,23 @@ nodes that are offline or failed before it starts each node.
 
 from __future__ import annotations
 
-from coordinator.planning import Wave, batch_size, max_unavailable
+from coordinator.core.amounts import batch_size, max_unavailable
+from coordinator.core.planning import Wave, WaveKind
 from protocol.messages import RolloutSpec
 
 
 def wave_size(total: int, spec: RolloutSpec) -> int:
     """Nodes per rolling wave: the batch, capped by max-unavailable."""
     return min(batch_size(spec.batch, total), max_unavailable(spec.max_unavailable, total))
+
+
+def validate(spec: RolloutSpec) -> None:
+    """Nothing to refuse before the fleet is known: the amounts are checked by every spec."""
+
+
+def wave_kind(spec: RolloutSpec, index: int) -> WaveKind:
+    """Every rolling wave is an ordinary one."""
+    return ""
 
 
 def plan(selected: list[str], spec: RolloutSpec) -> list[Wave]:

@@ -1,7 +1,7 @@
 """Shadow: run the new release beside the old one, copy a share of the live requests to it, and
 judge it by how its answers compare, without a user ever seeing one.
 
-Phases, as waves (``coordinator.strategies.wave_kind`` names them):
+Phases, as waves (``wave_kind`` names them):
 
 - wave 0, ``shadow``: every selected node gets the new release in its idle slot at weight 0 and a
   ``MirrorSpec(slot=new, percent=--mirror, methods, ignore_headers, ignore_json_fields,
@@ -10,7 +10,7 @@ Phases, as waves (``coordinator.strategies.wave_kind`` names them):
   the copies go without the user's Cookie and Authorization unless ``--mirror-keep-header``
   names them.
 - the bake: ``--bake`` seconds; the window is the difference of each router's mirror counters
-  at its start and end (``coordinator.gates.shadow_window``: counters are cumulative and reset
+  at its start and end (``coordinator.core.gates.shadow_window``: counters are cumulative and reset
   when the router's epoch changes). Gates: ``--min-requests`` compared pairs (fewer: inconclusive,
   the rollout pauses), ``--max-mismatch-rate`` (mismatched / compared), ``--max-error-rate``
   (unanswered copies / copies sent: a hanging shadow has no compared pair, yet fails it),
@@ -34,14 +34,18 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
-from coordinator import gates as gatelib
+import msgspec
+
+from coordinator.core import gates as gatelib
+from coordinator.core import gates_shadow as shadowgates
+from coordinator.core.planning import Wave, WaveKind
+from coordinator.core.targets import restore_target
 from coordinator.errors import UsageError
-from coordinator.planning import Wave
 from coordinator.strategies import rolling
 from protocol.messages import MirrorSpec, RolloutSpec, WaveRecord
 
 if TYPE_CHECKING:  # the engine imports the strategies; this module only needs its type
-    from coordinator.engine_step import StepBase as Step  # all these hooks use of it
+    from coordinator.core.engine_step import Step  # all these hooks use of it
 
 MAX_SAMPLES = 5
 _METHOD = re.compile(r"^[A-Za-z]+$")
@@ -56,8 +60,8 @@ def check_header_names(flag: str, names: list[str]) -> None:
                              f"like {flag} x-request-id")
 
 
-def plan(selected: list[str], spec: RolloutSpec) -> list[Wave]:
-    """The shadow wave over every selected node, then the waves of ``--then`` if any."""
+def validate(spec: RolloutSpec) -> None:
+    """The mirror's share, methods and header names, and what ``--then`` may follow with."""
     if not 0 < spec.mirror <= 100:
         raise UsageError(
             f"--mirror {spec.mirror:g}% is out of range; a shadow needs the share of requests "
@@ -74,6 +78,18 @@ def plan(selected: list[str], spec: RolloutSpec) -> list[Wave]:
     if spec.then not in (None, "blue-green", "rolling"):
         raise UsageError(f"--then {spec.then!r} is not a strategy a shadow can continue as; "
                          "use --then blue-green or --then rolling")
+
+
+def wave_kind(spec: RolloutSpec, index: int) -> WaveKind:
+    """Wave 0 is the shadow; after it, ``--then blue-green`` switches, ``--then rolling`` rolls."""
+    if index == 0:
+        return "shadow"
+    return "switch" if spec.then == "blue-green" else ""
+
+
+def plan(selected: list[str], spec: RolloutSpec) -> list[Wave]:
+    """The shadow wave over every selected node, then the waves of ``--then`` if any."""
+    validate(spec)
     nodes = tuple(selected)
     waves = [Wave(0, nodes, 0)]
     if spec.then == "blue-green":
@@ -93,15 +109,61 @@ def mirror_spec(spec: RolloutSpec, slot: str) -> MirrorSpec:
     )
 
 
+class Sample(msgspec.Struct):
+    """One request whose answers differed, from a node's router."""
+
+    node: str
+    method: str
+    path: str
+    what: str
+    live: str = ""
+    shadow: str = ""
+
+
+Figure = int | float | None  # as the gates computed it: a count, a rate, a latency, or nothing
+
+
+class ShadowReport(msgspec.Struct):
+    """``record.report["shadow"]``: the shadow's figures over its bake window (the gates'
+    ``ShadowFigures``), what was mirrored and ignored, and the verdict. Fields in the order the
+    record has always held them: the bytes in KV do not change."""
+
+    nodes: int = 0
+    healthy: int = 0
+    healthy_fraction: Figure = 0.0
+    mirrored: int = 0
+    sent: int = 0
+    compared: int = 0
+    mismatched: int = 0
+    dropped: int = 0
+    shadow_errors: int = 0
+    mismatch_rate: Figure = None
+    error_rate: Figure = None
+    p99_shadow_ms: Figure = None
+    p99_live_ms: Figure = None
+    p99_ratio: Figure = None
+    untrusted: dict[str, str] = {}
+    untrusted_nodes: int = 0
+    mirror_percent: Figure = 0.0
+    methods: list[str] = []
+    ignore_headers: list[str] = []
+    ignore_json_fields: list[str] = []
+    keep_headers: list[str] = []
+    window: list[Figure] = []
+    outcome: str = ""
+    reasons: list[str] = []
+    samples: list[Sample] = []
+
+
 # -- the engine's hooks ----------------------------------------------------------------------------
 
 
 def verdict(step: Step, wave: WaveRecord) -> gatelib.Verdict:
     """Judge the shadow over the bake window and write the report into the record."""
     r = step.r
-    total = gatelib.ShadowWindow()
+    total = shadowgates.ShadowWindow()
     nodes = healthy = 0
-    samples: list[dict[str, Any]] = []
+    samples: list[Sample] = []
     evidence = gatelib.Evidence()
     for n in wave.nodes:
         p = r.nodes[n]
@@ -114,32 +176,34 @@ def verdict(step: Step, wave: WaveRecord) -> gatelib.Verdict:
         healthy += slot is not None and slot.status == "healthy"
         if not evidence.admits(n, wave.baseline.get(n), end):
             continue
-        window = gatelib.shadow_window(wave.baseline.get(n), end)
+        window = shadowgates.shadow_window(wave.baseline.get(n), end)
         total += window
         if window.mismatched and end is not None and end.mirror is not None:
             # The router keeps its latest samples; with mismatches in the window, they are
             # the window's (or close enough for a report: they are examples, not counts).
-            samples += [{"node": n, "method": s.method, "path": s.path, "what": s.what,
-                         "live": s.live, "shadow": s.shadow}
+            samples += [Sample(node=n, method=s.method, path=s.path, what=s.what,
+                               live=s.live, shadow=s.shadow)
                         for s in end.mirror.samples[-MAX_SAMPLES:]]
-    fig = gatelib.ShadowFigures(nodes, healthy, total, evidence.untrusted)
-    result = gatelib.evaluate_shadow(step.spec.gates, fig)
-    r.report["shadow"] = fig.as_dict() | {
-        "mirror_percent": step.spec.mirror,
-        "methods": [m.upper() for m in step.spec.mirror_methods],
-        "ignore_headers": list(step.spec.ignore_headers),
-        "ignore_json_fields": list(step.spec.ignore_json_fields),
-        "keep_headers": list(step.spec.mirror_keep_headers),
-        "window": [wave.bake_until - step.spec.bake, step.now], "outcome": result.outcome,
-        "reasons": list(result.reasons), "samples": samples[:MAX_SAMPLES],
-    }
+    fig = shadowgates.ShadowFigures(nodes, healthy, total, evidence.untrusted)
+    result = shadowgates.evaluate_shadow(step.spec.gates, fig)
+    step.set_state("shadow", msgspec.convert(fig.as_dict(), ShadowReport))
+    report = step.state("shadow", ShadowReport)
+    assert report is not None
+    report.mirror_percent = step.spec.mirror
+    report.methods = [m.upper() for m in step.spec.mirror_methods]
+    report.ignore_headers = list(step.spec.ignore_headers)
+    report.ignore_json_fields = list(step.spec.ignore_json_fields)
+    report.keep_headers = list(step.spec.mirror_keep_headers)
+    report.window = [wave.bake_until - step.spec.bake, step.now]
+    report.outcome = result.outcome
+    report.reasons = list(result.reasons)
+    report.samples = samples[:MAX_SAMPLES]
     return result
 
 
 def retire(step: Step) -> None:
     """Give every staged node its previous desired state again: the shadow is stopped."""
     # Imported here: the package's __init__ imports this module before it defines its helpers.
-    from coordinator.strategies import restore_target
 
     r = step.r
     staged = sorted(n for n, p in r.nodes.items() if p.target is not None)
@@ -150,4 +214,10 @@ def retire(step: Step) -> None:
             generation=step.next_generation(p), rollout=r.id, now=step.now,
         ))
     step.emit("shadow.retired", f"shadow of {r.release.version} retired on {len(staged)} nodes",
-              nodes=staged, report=r.report.get("shadow", {}))
+              nodes=staged, report=_report_data(step))
+
+
+def _report_data(step: Step) -> dict[str, Any]:
+    """The shadow's report as plain data (for the retirement's event); {} if there is none."""
+    report = step.state("shadow", ShadowReport)
+    return msgspec.to_builtins(report) if report is not None else {}

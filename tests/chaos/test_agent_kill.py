@@ -8,7 +8,7 @@ at the default 2 s interval):
 - restarted at once (back before it is missed): the new agent adopts its slots and router and
   finishes the update; the rollout succeeds;
 - restarted only after the coordinator saw it offline: the engine counts a target node that goes
-  offline while updating as failed (``coordinator.engine``: "it fails when it ... goes offline"),
+  offline while updating as failed (``core.engine``: "it fails when it ... goes offline"),
   so the rollout rolls back with that reason, long before --progress-deadline (60 s); the
   restarted agent converges back, and the rollout ends rolled_back, not stuck and not failed.
 
@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from coordinator.devfleet import DevFleet
+from coordinator.dev.devfleet import DevFleet
 from protocol.bus import Bus
 from protocol.messages import RolloutRecord
 from tests.integration.e2e_support import (

@@ -14,8 +14,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from coordinator.devfleet import DevFleet
-from coordinator.traffic import Traffic
+from coordinator.dev.devfleet import DevFleet
+from coordinator.dev.traffic import Traffic
 from protocol.bus import Bus
 from protocol.codec import decode
 from protocol.messages import DesiredState

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from coordinator.devfleet import DevFleet
+from coordinator.dev.devfleet import DevFleet
 from protocol.bus import Bus
 from protocol.messages import RolloutRecord
 from tests.integration.e2e_support import (

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from coordinator.devfleet import DevFleet
+from coordinator.dev.devfleet import DevFleet
 from protocol.bus import Bus
 from tests.integration.e2e_support import (
     deploy_detached,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.broker import Broker
+from coordinator.dev.broker import Broker
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

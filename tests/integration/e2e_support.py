@@ -5,7 +5,7 @@
 - ``serving(fleet)``: what each node's router answers now, by node id.
 - ``service_pids(fleet)``: the service processes the fleet's agents run now, found with psutil
   (not from what the agents say), as {pid: (node, slot, version)}.
-- ``loaded(fleet)``: steady checked traffic (``coordinator.traffic.Traffic``) through every
+- ``loaded(fleet)``: steady checked traffic (``coordinator.dev.traffic.Traffic``) through every
   node's router while the block runs.
 - ``install(fleet, version)``: every node on ``version`` at once, checked through the routers.
 - ``deploy_detached(url, version, *flags)``: ``fleetwave deploy hello VERSION --detach``; the id.
@@ -25,8 +25,8 @@ from typing import Any
 
 import psutil
 
-from coordinator.devfleet import DevFleet
-from coordinator.traffic import Traffic, probe_version
+from coordinator.dev.devfleet import DevFleet
+from coordinator.dev.traffic import Traffic, probe_version
 from protocol import subjects
 from protocol.bus import Bus
 from protocol.codec import decode

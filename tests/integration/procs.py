@@ -1,8 +1,8 @@
 """Helpers for integration tests that run real fleetwave processes.
 
 - ``spawn_agent`` / ``spawn_coordinator`` start ``python -m agent.main`` / ``python -m
-  coordinator.daemon`` as children (``coordinator.devfleet.Child``: SIGTERM, then SIGKILL, always
-  reaped); ``reaping(...)`` guarantees it even when a test fails half-way.
+  coordinator.daemon`` as children (``coordinator.dev.devfleet.Child``: SIGTERM, then SIGKILL,
+  always reaped); ``reaping(...)`` guarantees it even when a test fails half-way.
 - ``fleetwave(...)`` runs the CLI in a subprocess and returns (exit code, stdout, stderr).
 - ``wait_until(...)`` polls a condition until a deadline; it never sleeps to hide a race, and on
   timeout says what it last saw.
@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from coordinator.devfleet import Child, python_module
+from coordinator.dev.devfleet import Child, python_module
 
 T = TypeVar("T")
 

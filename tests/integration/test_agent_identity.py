@@ -23,7 +23,7 @@ import pytest
 from agent.host.identity import RunAs, child_env
 from agent.host.probes import exec_probe
 from agent.router import RouterClient, start_router
-from coordinator.broker import Broker
+from coordinator.dev.broker import Broker
 from protocol.signing import public_key
 from tests.integration.procs import reaping, spawn_agent, wait_until
 from tests.integration.test_agent_services import NODE, hello_fleet

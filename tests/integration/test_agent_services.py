@@ -19,7 +19,7 @@ import pytest
 
 from agent.manager.routing import router_socket
 from agent.manager.service import ROUTER_FAILS_AFTER
-from coordinator.broker import Broker, free_port
+from coordinator.dev.broker import Broker, free_port
 from coordinator.releases import push_release
 from protocol import subjects
 from protocol.bus import Bus

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from coordinator.broker import Broker
+from coordinator.dev.broker import Broker
 from protocol import subjects
 from protocol.bus import Bus
 from protocol.codec import decode, encode

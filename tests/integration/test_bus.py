@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from nats.js.api import DiscardPolicy
 
-from coordinator.broker import Broker, free_port
+from coordinator.dev.broker import Broker, free_port
 from protocol.bus import EVENTS_MAX_AGE, EVENTS_MAX_BYTES, EVENTS_MAX_EVENT, Bus, Entry
 from protocol.errors import BusError, Conflict, NotReachable
 

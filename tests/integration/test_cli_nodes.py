@@ -11,8 +11,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from coordinator.broker import Broker, find_nats_server, free_port
-from coordinator.devfleet import Child, python_module
+from coordinator.dev.broker import Broker, find_nats_server, free_port
+from coordinator.dev.devfleet import Child, python_module
 from tests.integration.procs import fleetwave, read_text, wait_until
 
 DEPLOY_NATS = Path(__file__).resolve().parents[2] / "deploy" / "nats"

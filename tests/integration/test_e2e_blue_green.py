@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from coordinator.devfleet import DevFleet
-from coordinator.traffic import Traffic
+from coordinator.dev.devfleet import DevFleet
+from coordinator.dev.traffic import Traffic
 from tests.integration.e2e_support import (
     DEPLOY_TIMEOUT,
     events_of,

@@ -1,7 +1,7 @@
 """End to end: the canary strategy on a dev fleet of 4 real agents running the example ``hello``
 service behind their routers (127.0.9.i:8080), driven with the real CLI under real HTTP traffic.
 
-Traffic is one ``coordinator.traffic.Traffic`` per node, so that every failed request is counted
+Traffic is one ``coordinator.dev.traffic.Traffic`` per node, so that every failed request is counted
 on the node that answered it: a canary that is caught at its first step can only have hurt the
 users of that step's nodes, and only with the new slot's share of their traffic.
 
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from coordinator.devfleet import DevFleet
-from coordinator.traffic import Traffic, TrafficReport, probe_version
+from coordinator.dev.devfleet import DevFleet
+from coordinator.dev.traffic import Traffic, TrafficReport, probe_version
 from tests.integration.procs import fleetwave, wait_until
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "hello"

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from coordinator.devfleet import DevFleet
+from coordinator.dev.devfleet import DevFleet
 from tests.integration.procs import fleetwave, wait_until
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "hello"

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coordinator.devfleet import DevFleet
-from coordinator.traffic import REQUEST_TIMEOUT
+from coordinator.dev.devfleet import DevFleet
+from coordinator.dev.traffic import REQUEST_TIMEOUT
 from tests.integration.e2e_support import (
     DEPLOY_TIMEOUT,
     PORT,

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from coordinator.broker import Broker, find_nats_server, free_port
-from coordinator.devfleet import Child, DevFleet
+from coordinator.dev.broker import Broker, find_nats_server, free_port
+from coordinator.dev.devfleet import Child, DevFleet
 from protocol import subjects
 from protocol.bus import Bus
 from protocol.codec import decode, encode

@@ -19,7 +19,7 @@ import pytest
 
 from agent.errors import ReleaseError
 from agent.host.releases import ReleaseCache
-from coordinator.broker import Broker, free_port
+from coordinator.dev.broker import Broker, free_port
 from coordinator.releases import (
     ReleaseExists,
     UnknownRelease,

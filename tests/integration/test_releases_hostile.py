@@ -4,7 +4,7 @@ through a real agent process, and the agent stays up to converge on a good relea
 
 from __future__ import annotations
 
-from coordinator.broker import Broker
+from coordinator.dev.broker import Broker
 from protocol import subjects
 from protocol.bundle import digest
 from protocol.messages import ReleaseRef

@@ -8,10 +8,10 @@ import contextlib
 import json
 from pathlib import Path
 
-from coordinator.broker import Broker
 from coordinator.cli.base import Ctx
 from coordinator.cli.client import call
-from coordinator.devfleet import Child, python_module
+from coordinator.dev.broker import Broker
+from coordinator.dev.devfleet import Child, python_module
 from protocol import subjects
 from protocol.bus import Bus
 from protocol.codec import decode

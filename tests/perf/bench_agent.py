@@ -3,7 +3,7 @@
 Usage: python tests/perf/bench_agent.py [--idle 60] [--soak-minutes 10] [--probe-interval DUR]
        [--json]
 
-A dev fleet (``coordinator.devfleet.DevFleet``: broker, coordinator, one real agent bound to
+A dev fleet (``coordinator.dev.devfleet.DevFleet``: broker, coordinator, one real agent bound to
 <SUBNET>.1, see perf_support, heartbeats every 2 s) runs the example hello service. Measured on
 the agent process alone (its service processes and router are separate processes, by design):
 
@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from perf_support import EXAMPLES, SUBNET, cpu_seconds, emit, peak_rss_mb, rss_mb
 
-from coordinator.devfleet import DevFleet
+from coordinator.dev.devfleet import DevFleet
 from coordinator.releases import push_release
 from protocol import subjects
 from protocol.bus import Bus

@@ -2,11 +2,11 @@
 bench_rollback, bench_agent): a throwaway fleet on loopback, an event tap, process figures, the
 bare-NATS "bus floor", and printing.
 
-``SimFleet`` (an async context manager) starts a real nats-server (``coordinator.broker.Broker``,
-JetStream on disk in a temp dir, a free port), the real coordinator as a child process with its
-own signing key, and one ``fleetwave-agent --simulate N`` child hosting nodes ``sim-1..N``; it
-waits until the coordinator lists every node online. Leaving stops the children (SIGTERM, then
-SIGKILL) and the broker, and reaps them, whatever happened.
+``SimFleet`` (an async context manager) starts a real nats-server
+(``coordinator.dev.broker.Broker``, JetStream on disk in a temp dir, a free port), the real
+coordinator as a child process with its own signing key, and one ``fleetwave-agent --simulate N``
+child hosting nodes ``sim-1..N``; it waits until the coordinator lists every node online. Leaving
+stops the children (SIGTERM, then SIGKILL) and the broker, and reaps them, whatever happened.
 
 ``EventTap`` subscribes (core NATS) to every event of the fleet and keeps each with its receive
 time, so a benchmark reads its figures from the coordinator's own audit trail: the ``time`` of an
@@ -43,10 +43,10 @@ sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
 
-from coordinator.broker import Broker  # noqa: E402
-from coordinator.devfleet import Child, python_module  # noqa: E402
+from coordinator.dev.broker import Broker  # noqa: E402
+from coordinator.dev.devfleet import Child, python_module  # noqa: E402
 from coordinator.releases import push_release  # noqa: E402
-from coordinator.runner import coordinator_seed  # noqa: E402
+from coordinator.runtime.keyfile import coordinator_seed  # noqa: E402
 from protocol import subjects  # noqa: E402
 from protocol.bus import Bus  # noqa: E402
 from protocol.codec import decode, encode  # noqa: E402

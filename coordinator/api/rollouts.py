@@ -1,0 +1,203 @@
+"""The rollout verbs of the coordinator's API, on top of ``coordinator.runtime.runner``.
+
+    deploy     DeployRequest(spec)            → {"id"}          usage: bad spec, unknown release
+    status     RolloutRequest(id; "" latest)  → status dict     not_found
+    rollouts   ListRolloutsRequest            → [summary]
+    pause|resume|promote|abort  RolloutRequest → status dict    conflict: not in a state for it
+    rollback   RollbackRequest(service, to)   → {"id", "action"}
+    key        KeyRequest                     → {"public_key"}  (agents' --trust-key)
+
+``rollback`` with a live rollout of the service asks it to roll back (the engine restores every
+touched node); without one it deploys the version the fleet ran before its last successful rollout
+(or ``to_version``) through the same runner path, with that rollout's settings.
+
+The status dict is the one shape people and programs read (``fleetwave status -o json``)::
+
+    {"id", "service", "version", "from_version", "strategy", "state", "reason", "phase",
+     "created", "updated", "finished", "current_wave", "report", "bake", "gates",
+     "waves": [{"index", "nodes", "weight", "state", "started", "finished", "gates"}],
+     "nodes": {id: {"version", "state", "healthy", "online", "wave", "generation", "slot",
+                    "reason"}}}
+
+where a wave's ``gates`` holds the figures and thresholds of its last evaluation, and the top-level
+``gates`` (with ``bake``, seconds) the thresholds every wave is judged on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import msgspec
+
+from coordinator import strategies
+from coordinator.api.verbs import Api
+from coordinator.core.engine import Abort, EngineEvent, Pause, Promote, Resume, RollbackRequested
+from coordinator.errors import RemoteError, UsageError
+from coordinator.releases import UnknownRelease
+from protocol import subjects
+from protocol.messages import (
+    TERMINAL_STATES,
+    DeployRequest,
+    KeyRequest,
+    ListRolloutsRequest,
+    ReleaseRef,
+    RollbackRequest,
+    RolloutRecord,
+    RolloutRequest,
+    RolloutSpec,
+)
+
+Resolve = Callable[[str, str], Awaitable[ReleaseRef]]
+MAX_LIMIT = 1000
+
+
+class LiveRollout(Protocol):
+    """A rollout driven by this coordinator (``coordinator.runtime.driver.Driver``)."""
+
+    @property
+    def id(self) -> str: ...
+
+
+class Runner(Protocol):
+    """What the verbs need of ``coordinator.runtime.runner.Runner`` (the API does not import
+    the runtime: the daemon, in the runtime, wires the two together)."""
+
+    fleet: str
+
+    async def deploy(self, spec: RolloutSpec, release: ReleaseRef) -> RolloutRecord: ...
+    async def request(self, rollout_id: str, event: EngineEvent) -> RolloutRecord: ...
+    async def get(self, rollout_id: str) -> RolloutRecord | None: ...
+    async def records(self) -> list[RolloutRecord]: ...
+    def active(self, service: str) -> LiveRollout | None: ...
+
+
+class RolloutsApi:
+    """The handlers; ``register(api)`` adds them to the coordinator's Api."""
+
+    def __init__(self, runner: Runner, *, resolve: Resolve, public_key: str) -> None:
+        self.runner = runner
+        self._resolve = resolve
+        self.public_key = public_key
+
+    def register(self, api: Api) -> None:
+        api.add("deploy", DeployRequest, self.deploy)
+        api.add("status", RolloutRequest, self.status)
+        api.add("rollouts", ListRolloutsRequest, self.rollouts)
+        api.add("pause", RolloutRequest, self._verb(lambda r: Pause()))
+        api.add("resume", RolloutRequest, self._verb(lambda r: Resume()))
+        api.add("promote", RolloutRequest, self._verb(lambda r: Promote(full=r.full)))
+        api.add("abort", RolloutRequest, self._verb(lambda r: Abort()))
+        api.add("rollback", RollbackRequest, self.rollback)
+        api.add("key", KeyRequest, self.key)
+
+    # -- handlers ----------------------------------------------------------------------------------
+
+    async def deploy(self, req: DeployRequest) -> dict[str, Any]:
+        strategies.validate(req.spec)
+        release = await self._release(req.spec.service, req.spec.version)
+        record = await self.runner.deploy(req.spec, release)
+        return {"id": record.id}
+
+    async def status(self, req: RolloutRequest) -> dict[str, Any]:
+        return status_dict(await self._find(req.id))
+
+    async def rollouts(self, req: ListRolloutsRequest) -> list[dict[str, Any]]:
+        if req.service:
+            subjects.check_name("service", req.service)
+        limit = max(1, min(req.limit, MAX_LIMIT))
+        records = [r for r in await self.runner.records()
+                   if not req.service or r.spec.service == req.service]
+        return [summary(r) for r in records[:limit]]
+
+    def _verb(
+        self, event: Callable[[RolloutRequest], EngineEvent]
+    ) -> Callable[[RolloutRequest], Awaitable[dict[str, Any]]]:
+        async def handler(req: RolloutRequest) -> dict[str, Any]:
+            rid = req.id or (await self._find("")).id
+            return status_dict(await self.runner.request(rid, event(req)))
+
+        return handler
+
+    async def rollback(self, req: RollbackRequest) -> dict[str, Any]:
+        service = subjects.check_name("service", req.service)
+        live = self.runner.active(service)
+        if live is not None:
+            if req.to_version:
+                raise RemoteError(
+                    f"rollout {live.id} of {service} is running; roll it back with 'fleetwave "
+                    f"rollback {service}' (without --to) or abort it first", "conflict")
+            await self.runner.request(live.id, RollbackRequested())
+            return {"id": live.id, "action": "rolling back"}
+        history = [r for r in await self.runner.records() if r.spec.service == service]
+        if not history:
+            raise UsageError(f"no rollout of {service} is known; deploy a version with "
+                             f"'fleetwave deploy {service} VERSION'")
+        running = [r for r in history if r.state not in TERMINAL_STATES]
+        if running:
+            raise RemoteError(f"rollout {running[0].id} of {service} is {running[0].state} but "
+                              "driven by no coordinator here; try again in a moment", "conflict")
+        last_good = next((r for r in history if r.state == "succeeded"), None)
+        version = req.to_version or (last_good.from_version if last_good else "")
+        if not version:
+            raise UsageError(f"no earlier version of {service} is known to roll back to; name "
+                             f"one with 'fleetwave rollback {service} --to VERSION'")
+        base = last_good or history[0]
+        spec = msgspec.structs.replace(base.spec, version=version)
+        release = await self._release(service, version)
+        record = await self.runner.deploy(spec, release)
+        return {"id": record.id, "action": f"deploying {service} {version}"}
+
+    async def key(self, req: KeyRequest) -> dict[str, Any]:
+        return {"public_key": self.public_key}
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    async def _release(self, service: str, version: str) -> ReleaseRef:
+        try:
+            return await self._resolve(service, version)
+        except UnknownRelease as exc:  # the operator named it: a usage error, exit 2
+            raise UsageError(str(exc)) from None
+
+    async def _find(self, rollout_id: str) -> RolloutRecord:
+        if rollout_id:
+            record = await self.runner.get(rollout_id)
+        else:
+            records = await self.runner.records()
+            record = records[0] if records else None
+        if record is None:
+            what = f"rollout {rollout_id!r}" if rollout_id else "rollout"
+            raise RemoteError(f"no {what} in fleet {self.runner.fleet!r}; list them with "
+                              "'fleetwave rollouts'", "not_found")
+        return record
+
+
+def status_dict(r: RolloutRecord) -> dict[str, Any]:
+    """The status of one rollout as people and programs read it (see the module docstring)."""
+    return {
+        "id": r.id, "service": r.spec.service, "version": r.release.version,
+        "from_version": r.from_version, "strategy": r.spec.strategy, "state": r.state,
+        "reason": r.reason, "phase": r.phase, "created": r.created, "updated": r.updated,
+        "finished": r.finished, "current_wave": r.current_wave, "report": dict(r.report),
+        "bake": r.spec.bake, "gates": msgspec.to_builtins(r.spec.gates),
+        "waves": [
+            {"index": w.index, "nodes": list(w.nodes), "weight": w.weight, "state": w.state,
+             "started": w.started, "finished": w.finished, "gates": dict(w.gates)}
+            for w in r.waves
+        ],
+        "nodes": {
+            n: {"version": p.version, "state": p.state, "healthy": p.healthy, "online": p.online,
+                "wave": p.wave, "generation": p.generation, "slot": p.slot, "reason": p.reason}
+            for n, p in r.nodes.items()
+        },
+    }
+
+
+def summary(r: RolloutRecord) -> dict[str, Any]:
+    """One row of ``fleetwave rollouts``."""
+    return {
+        "id": r.id, "service": r.spec.service, "version": r.release.version,
+        "from_version": r.from_version, "strategy": r.spec.strategy, "state": r.state,
+        "reason": r.reason, "created": r.created, "finished": r.finished,
+        "nodes": len(r.nodes), "waves": len(r.waves), "current_wave": r.current_wave,
+    }

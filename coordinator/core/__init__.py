@@ -1,0 +1,16 @@
+"""The coordinator's pure core: decisions from inputs, with time given, never read.
+
+- ``engine``        ``Rollout``: the rollout state machine; ``handle(event, now)`` returns commands.
+  ``engine_types``  its vocabulary (events, commands) and its tables: ``ACCEPTS`` and ``MOVES``
+                    for the rollout, ``WAVE_MOVES`` and ``NODE_MOVES`` for waves and nodes.
+  ``engine_step``   the working step of one ``handle`` call (its primitives), with the concerns
+                    composed over it: ``engine_progress``, ``engine_bake``, ``engine_rollback``.
+- ``planning``      which nodes a rollout targets and the shape of its waves; ``amounts``: ``N``
+                    or ``P%`` of the nodes; ``targets``: the desired state one node is given.
+- ``gates``         whether a wave's figures pass its thresholds; ``gates_shadow``: a shadow's.
+- ``fleet``         the node table: liveness from heartbeats, the views the API lists.
+
+May import ``protocol``, ``coordinator.errors`` and the strategies (which import the core's
+planning, targets and gates, and the engine's step for types only); never ``asyncio``, ``nats``,
+the runtime, the API or the CLI, and nothing here reads the clock.
+"""

@@ -1,0 +1,257 @@
+"""The rollout engine: a sans-IO state machine per rollout (after h11's ``_state.py``).
+
+Theory of operation: ``Rollout.handle(event, now)`` takes one event (an operator request, a node's
+observed state, a node going offline or online, a timer tick) and returns the commands that carry
+out its decisions: ``Persist(record)`` first whenever the record changed, then ``WriteDesired`` and
+``EmitEvent``. It never awaits, never reads a clock and never touches the bus; the runner does,
+in that order, so a coordinator killed between two commands resumes from the persisted record and
+re-issues its desired writes (idempotent by generation: ``Rollout.intended``).
+
+Everything that decides which events a rollout accepts and which states follow which lives in the
+two tables below, ``ACCEPTS`` and ``MOVES``. An event a state does not accept raises
+IllegalTransition and leaves the rollout exactly as it was (``handle`` works on a copy and commits
+only on success).
+
+Vocabulary: the *mode* of a rollout is its state, except that a running rollout restoring its
+touched nodes is in mode ``rolling_back``. A node is *touched* once a desired state was written for
+it. A node is *unavailable* while it is being updated, has failed, or is offline; a node is only
+started when the number of unavailable target nodes stays within max-unavailable. A node is *done*
+with a wave when it reports ``observed_generation`` at least the written generation, a healthy new
+slot and the wave's weights applied. It *fails* when it reports phase ``failed`` for that
+generation, goes offline, or has not converged by the wave's deadline. When every node of a wave
+is done the wave *bakes* for ``spec.bake`` seconds, and then, once every node's router counters
+cover the whole bake (``window_covers_bake``), its gates (``coordinator.core.gates``) decide:
+pass → next wave; fail → ``on_failure`` (rollback or pause); inconclusive → pause.
+Rollback writes every touched node's previous desired state, each with a higher generation, in one
+wave; it ends ``rolled_back`` when all converged back, or ``failed`` naming the nodes that did not
+by the rollback deadline. Blue-green and shadow add kinds of waves (``strategies.wave_kind``:
+stage, shadow, switch) whose phase logic lives in ``strategies.blue_green`` and
+``strategies.shadow``; the engine calls them at fixed points (wave start and convergence, bake
+verdict, success, rollback). Events, commands and the transition tables are in ``engine_types``.
+One call works on a ``Step`` (its primitives, ``engine_step``) with three concerns composed over
+it: ``Progress`` (``engine_progress``), ``Bake`` (``engine_bake``) and ``Rollback``
+(``engine_rollback``).
+Observed states older (by their ``time``) than one already seen are stale
+and ignored, so late and reordered reports cannot move a rollout backwards.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import msgspec
+
+from coordinator.core.engine_bake import STATS_GRACE
+from coordinator.core.engine_progress import Progress
+from coordinator.core.engine_step import Step
+from coordinator.core.engine_types import (
+    ACCEPTS,
+    MOVES,
+    VERBS,
+    Abort,
+    Command,
+    EmitEvent,
+    EngineEvent,
+    IllegalTransition,
+    NodeOffline,
+    NodeOnline,
+    ObservedChanged,
+    Pause,
+    Persist,
+    Promote,
+    Resume,
+    RollbackRequested,
+    Start,
+    Tick,
+    WriteDesired,
+    converged,
+    mode,
+)
+from coordinator.core.planning import NodeLike
+from coordinator.core.targets import forward_target, idle_slot, serving_slot
+from coordinator.errors import UsageError
+from coordinator.strategies import plan, wave_kind
+from protocol.codec import encode
+from protocol.messages import (
+    TERMINAL_STATES,
+    DesiredState,
+    NodeProgress,
+    ObservedState,
+    ReleaseRef,
+    RolloutRecord,
+    RolloutSpec,
+    RouterStats,
+    WaveRecord,
+)
+
+# The engine as callers see it: the vocabulary of engine_types is re-exported so one import does.
+__all__ = [
+    "ACCEPTS", "MOVES", "STATS_GRACE", "Abort", "Command", "EmitEvent", "EngineEvent",
+    "IllegalTransition", "NodeOffline", "NodeOnline", "ObservedChanged", "Pause", "Persist",
+    "Promote", "Resume", "RollbackRequested", "Rollout", "Start", "Step", "Tick", "WriteDesired",
+    "converged", "mode", "new_record", "worst_case_size",
+]
+
+
+# -- creating a rollout ----------------------------------------------------------------------------
+
+
+def new_record(
+    *, id: str, spec: RolloutSpec, release: ReleaseRef, nodes: Iterable[NodeLike],
+    current: Mapping[str, DesiredState], now: float,
+) -> RolloutRecord:
+    """Plan ``spec`` over ``nodes`` and record each target node's current desired state."""
+    if release.service != spec.service or release.version != spec.version:
+        raise UsageError(
+            f"release {release.service} {release.version} does not match the rollout of "
+            f"{spec.service} {spec.version}; push the release first with 'fleetwave release push'"
+        )
+    waves = plan(nodes, spec)
+    progress: dict[str, NodeProgress] = {}
+    for wave in waves:
+        for node in wave.nodes:
+            if node in progress:
+                continue
+            previous = current.get(node)
+            serving = serving_slot(previous)
+            version = previous.slots[serving].version if previous and serving else ""
+            progress[node] = NodeProgress(
+                node=node, previous=previous, generation=previous.generation if previous else 0,
+                version=version,
+            )
+    versions = Counter(p.version for p in progress.values() if p.version)
+    return RolloutRecord(
+        id=id, spec=spec, release=release, state="pending", created=now, updated=now,
+        from_version=versions.most_common(1)[0][0] if versions else "",
+        waves=[WaveRecord(index=w.index, nodes=list(w.nodes), weight=w.weight) for w in waves],
+        nodes=progress,
+    )
+
+
+def worst_case_size(record: RolloutRecord, routers: Mapping[str, RouterStats]) -> int:
+    """Bytes the record of a new rollout can reach: every node with a two-slot target and two
+    wave baselines holding its router's counters (``routers``: the latest per node)."""
+    nodes = {
+        n: msgspec.structs.replace(p, target=forward_target(
+            p.previous, fleet="", node=n, release=record.release, slot=idle_slot(p.previous),
+            weight=100, generation=p.generation + 1, rollout=record.id, now=record.created))
+        for n, p in record.nodes.items()
+    }
+    baseline = {n: stats for n, stats in routers.items() if n in nodes}
+    waves = [msgspec.structs.replace(w, baseline=baseline) for w in record.waves[:2]]
+    return len(encode(msgspec.structs.replace(record, nodes=nodes,
+                                              waves=waves + record.waves[2:])))
+
+
+# -- the machine -----------------------------------------------------------------------------------
+
+
+class Rollout:
+    """One rollout: its persisted record plus the latest observed state of each target node.
+
+    Observed states are not persisted: after a restart the runner feeds the current ones again
+    (a KV watch delivers every current value first), which is all a level-triggered engine needs.
+    """
+
+    def __init__(self, record: RolloutRecord, *, fleet: str) -> None:
+        self.fleet = fleet
+        self._record = record
+        self._observed: dict[str, ObservedState] = {}
+
+    @property
+    def record(self) -> RolloutRecord:
+        """The current record; treat it as read-only (the engine replaces it, never edits it)."""
+        return self._record
+
+    @property
+    def state(self) -> str:
+        return self._record.state
+
+    @property
+    def done(self) -> bool:
+        return self._record.state in TERMINAL_STATES
+
+    def intended(self) -> list[DesiredState]:
+        """Every desired state this rollout decided on, for the runner to (re)write on resume."""
+        return [p.target for p in self._record.nodes.values() if p.target is not None]
+
+    def handle(self, event: EngineEvent, now: float) -> list[Command]:
+        """Apply ``event`` at time ``now``; return the commands, Persist first if anything changed.
+
+        Raises IllegalTransition (and changes nothing) if the rollout's mode does not accept it.
+        """
+        current = mode(self._record)
+        if type(event) not in ACCEPTS[current]:
+            raise IllegalTransition(
+                f"cannot {VERBS[type(event)]} rollout {self._record.id}: it is "
+                f"{current.replace('_', ' ')}"
+                + (f" ({self._record.reason})" if self._record.reason else "")
+            )
+        return self._step([event], now)
+
+    def handle_all(self, events: Sequence[EngineEvent], now: float) -> list[Command]:
+        """Apply several feed events (observed states, offline/online, ticks) at once, at ``now``.
+
+        The engine is level-triggered, so deciding once on the latest of everything reported is
+        what handling them one by one decides by the last one, at one decode, one encode and one
+        Persist instead of one each: the runner batches what arrives while it is busy, which keeps
+        a wave of N nodes O(N) instead of O(N^2). Raises IllegalTransition (and changes nothing)
+        if one of them is not a feed event or the rollout's mode does not accept it.
+        """
+        current = mode(self._record)
+        for event in events:
+            if not isinstance(event, FEED_EVENTS) or type(event) not in ACCEPTS[current]:
+                raise IllegalTransition(
+                    f"cannot {VERBS[type(event)]} rollout {self._record.id} in a batch: it is "
+                    f"{current.replace('_', ' ')}")
+        return self._step(events, now) if events else []
+
+    def _step(self, events: Sequence[EngineEvent], now: float) -> list[Command]:
+        work = working_copy(self._record)
+        observed = dict(self._observed)
+        step = Step(self.fleet, work, observed, now, kind=wave_kind)
+        progress = Progress(step)
+        for event in events:
+            progress.apply(event)
+        progress.advance()
+        step.flush()
+        commands: list[Command] = list(step.commands)
+        # Field-by-field equality: what the copy shares with the committed record (desired
+        # states, router snapshots) compares by identity, so this is O(nodes) pointer checks
+        # instead of encoding the whole record twice per step.
+        if work != self._record:
+            work.revision += 1
+            work.updated = now
+            commands.insert(0, Persist(work))
+        self._record = work
+        self._observed = observed
+        return commands
+
+
+FEED_EVENTS = (ObservedChanged, NodeOffline, NodeOnline, Tick)
+
+
+def working_copy(record: RolloutRecord) -> RolloutRecord:
+    """A copy of ``record`` that a Step may edit without touching the committed one.
+
+    Every container a Step could edit in place is the copy's own: each wave (its ``nodes`` list,
+    its ``gates`` figures deeply, its ``baseline`` dict), each NodeProgress, and the report's
+    nested dicts. What a Step only ever replaces whole is shared: the ``previous`` and ``target``
+    desired states of a node and the router snapshots in a baseline. Copying the baselines
+    deeply was most of a step's cost once routers report counters (a snapshot of every node per
+    wave), and a full decode of the record was before that.
+    """
+    return msgspec.structs.replace(
+        record,
+        waves=[msgspec.structs.replace(w, nodes=list(w.nodes), gates=_deep(w.gates),
+                                       baseline=dict(w.baseline)) for w in record.waves],
+        report=_deep(record.report),
+        nodes={n: msgspec.structs.replace(p) for n, p in record.nodes.items()},
+    )
+
+
+def _deep(value: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of plain JSON-like data (msgpack round trip: the fastest deep copy)."""
+    return msgspec.msgpack.decode(msgspec.msgpack.encode(value)) if value else {}

@@ -1,0 +1,207 @@
+"""The bake of the engine's step: how a converged wave waits, and how its gates judge it.
+
+Theory of operation: when every node of a wave is done, ``start_bake`` snapshots every node's
+router counters (the wave's *baseline*) and the wave bakes for ``spec.bake`` seconds (a stage
+wave, which carries no traffic, is judged at once). Meanwhile ``bake`` fails any node that goes
+offline or whose new slot stops being healthy. Once the bake is over and every node's counters
+cover it (``window_covers_bake``, or ``STATS_GRACE`` later at most), ``verdict`` measures the new
+slots' traffic since the baseline against the old slots' (``old_reference`` when no old slot
+serves any more) and ``core.gates`` decides: pass → the next wave; fail → ``on_failure``;
+inconclusive → pause. An operator's promote skips the gates of one wave or of all.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from coordinator.core import gates as gatelib
+from coordinator.core.engine_rollback import Rollback
+from coordinator.core.engine_step import Step
+from coordinator.core.engine_types import move_wave
+from coordinator.core.targets import serving_slot
+from coordinator.strategies import blue_green, shadow
+from protocol.durations import format_duration
+from protocol.messages import Gates, WaveRecord
+
+# How long past its end a bake waits for router counters that cover it (window_covers_bake)
+# before its gates judge what they have; agents read the counters every 2 s.
+STATS_GRACE = 10.0
+
+
+class OldWindow(msgspec.Struct):
+    """``record.report["old_window"]``: the old release's traffic in the latest window that had
+    some (``Bake.old_reference``), in the order the record has always held it."""
+
+    wave: int = 0
+    requests: int = 0
+    errors: int = 0
+    latency: list[int] = []
+
+
+class Bake:
+    """The bake of a converged wave and its gates' verdict, over one working ``Step``; a failed
+    wave goes to ``rollback.on_failure``."""
+
+    def __init__(self, step: Step, rollback: Rollback) -> None:
+        self.step = step
+        self.rollback = rollback
+
+    def start_bake(self, wave: WaveRecord) -> None:
+        move_wave(wave, "baking")
+        if self.step.kind(wave) == "stage":
+            # Staged slots carry no traffic, so there is nothing to bake: only --min-healthy
+            # is judged, now; the baseline taken at the wave's start is kept for the switch.
+            wave.bake_until = self.step.now
+            return
+        wave.bake_until = self.step.now + self.step.spec.bake
+        wave.baseline = self.step.snapshot()
+        if self.step.spec.bake:
+            self.step.emit("wave.baking", f"wave {wave.index}: baking for "
+                           f"{format_duration(self.step.spec.bake)}", wave=wave.index)
+
+    def bake(self, wave: WaveRecord) -> None:
+        r = self.step.r
+        for n in wave.nodes:
+            p = r.nodes[n]
+            seen = self.step.obs.get(n)
+            if not p.online:
+                self.step.fail_node(p, "node went offline during the bake")
+            elif seen is not None and seen.generation > p.generation:
+                pass  # someone else wrote a newer desired state; judged by the gates' figures
+            elif seen is not None and seen.observed_generation >= p.generation:
+                slot = seen.slots.get(p.slot)
+                status = slot.status if slot is not None else "empty"
+                if seen.phase == "failed" or status != "healthy":
+                    self.step.fail_node(p, f"new slot {p.slot} is {status} during the bake"
+                                        + (f": {seen.error}" if seen.error else ""))
+        failed = [r.nodes[n] for n in wave.nodes if r.nodes[n].state == "failed"]
+        if failed:
+            move_wave(wave, "failed")
+            wave.finished = self.step.now
+            why = "; ".join(f"{p.node}: {p.reason}" for p in failed)
+            self.rollback.on_failure(wave, f"wave {wave.index} failed: {why}")
+            return
+        if r.promote:
+            move_wave(wave, "passed")
+            wave.finished = self.step.now
+            wave.gates = {"outcome": "promoted"}
+            self.step.emit("gate.skipped",
+                           f"wave {wave.index}: promoted by operator, gates skipped",
+                           wave=wave.index)
+            if r.promote == "step":
+                r.promote = ""
+            return
+        if self.step.now < wave.bake_until:
+            return
+        if self.step.now < wave.bake_until + STATS_GRACE and not self.window_covers_bake(wave):
+            return  # the agents' latest counters were read before the bake ended: wait for them
+        verdict = self.verdict(wave)
+        wave.gates = verdict.figures | {"outcome": verdict.outcome,
+                                        "reasons": list(verdict.reasons)}
+        if verdict.outcome == "pass":
+            move_wave(wave, "passed")
+            wave.finished = self.step.now
+            self.step.emit("gate.passed", f"wave {wave.index}: gates passed", wave=wave.index,
+                           **verdict.figures)
+        elif verdict.outcome == "fail":
+            move_wave(wave, "failed")
+            wave.finished = self.step.now
+            self.step.emit("gate.failed", f"wave {wave.index}: {verdict.reason}", wave=wave.index,
+                           **verdict.figures)
+            self.rollback.on_failure(wave, f"wave {wave.index} gates failed: {verdict.reason}")
+        else:
+            move_wave(wave, "inconclusive")
+            self.step.emit("gate.inconclusive", f"wave {wave.index}: {verdict.reason}",
+                           wave=wave.index, **verdict.figures)
+            self.step.pause(f"wave {wave.index} gates inconclusive: {verdict.reason}")
+
+    def window_covers_bake(self, wave: WaveRecord) -> bool:
+        """Whether every wave node's router counters span the whole bake since its baseline.
+
+        Agents read their router's counters every few seconds, so the snapshots the bake starts
+        and ends with are each up to that old, and a short bake could be judged on a window of
+        almost nothing. Both snapshots carry the agent's read time (one clock per node, so no
+        skew between hosts matters): the window is complete once they are ``bake`` apart.
+        Unknown times (older agents), no baseline or a restarted router cannot be waited for.
+        """
+        for n in wave.nodes:
+            seen = self.step.obs.get(n)
+            end = seen.router if seen is not None else None
+            start = wave.baseline.get(n)
+            if end is None or start is None or not end.time or not start.time:
+                continue
+            if start.epoch == end.epoch and end.time - start.time < self.step.spec.bake:
+                return False
+        return True
+
+    def verdict(self, wave: WaveRecord) -> gatelib.Verdict:
+        kind = self.step.kind(wave)
+        if kind == "shadow":
+            return shadow.verdict(self.step, wave)
+        gates = self.step.spec.gates
+        if kind == "stage":
+            gates = Gates(min_healthy=gates.min_healthy)
+        elif self.step.spec.strategy == "shadow":
+            # After a shadow, --then waves serve live traffic: nothing is mirrored any more.
+            gates = msgspec.structs.replace(gates, max_mismatch_rate=None)
+        new, old, mirror = [], [], []
+        healthy = 0
+        evidence = gatelib.Evidence()
+        for n, p in self.step.r.nodes.items():
+            seen = self.step.obs.get(n)
+            end = seen.router if seen is not None else None
+            start = wave.baseline.get(n)
+            serving = serving_slot(p.previous)
+            old_slot = serving if serving != p.slot else None
+            in_wave = n in wave.nodes
+            # A node's figures are judged only where they are read, and left out as a whole.
+            if (old_slot is not None or in_wave) and evidence.admits(n, start, end):
+                if old_slot is not None:
+                    old.append(gatelib.window(start, end, old_slot))
+                if in_wave:
+                    new.append(gatelib.window(start, end, p.slot))
+                    mirror.append(gatelib.mirror_window(start, end))
+            if in_wave:
+                slot = seen.slots.get(p.slot) if seen is not None else None
+                healthy += slot is not None and slot.status == "healthy"
+        if kind == "switch":
+            # After the switch the old slots get no traffic.
+            old = [blue_green.old_window(self.step)]
+            evidence.add(blue_green.old_untrusted(self.step))
+        reference = ""
+        if kind == "":
+            old, reference = self.old_reference(wave, old, evidence)
+        fig = gatelib.figures(len(wave.nodes), healthy, new, old, mirror, evidence.untrusted)
+        verdict = gatelib.evaluate(gates, fig)
+        if reference:
+            verdict.figures["p99_old_from"] = reference
+        return verdict
+
+    def old_reference(
+        self, wave: WaveRecord, old: list[gatelib.Window], evidence: gatelib.Evidence,
+    ) -> tuple[list[gatelib.Window], str]:
+        """The old release's traffic to compare this wave's new slots with, and where it is from.
+
+        Normally the old slots' traffic in the same window. The last wave of a canary or rolling
+        rollout leaves no old slot serving, so then it is the old traffic of the latest earlier
+        window that had some (kept in ``report["old_window"]``), or failing that the old slots'
+        counters up to this bake (since their routers started): no old traffic in the window must
+        not make a healthy last step inconclusive.
+        """
+        total = gatelib.total(old)
+        if total.requests:
+            self.step.set_state("old_window", OldWindow(
+                wave=wave.index, requests=total.requests, errors=total.errors,
+                latency=list(total.latency)))
+            return old, ""
+        kept = self.step.state("old_window", OldWindow)
+        if kept is not None:
+            return [gatelib.Window(kept.requests, kept.errors, tuple(kept.latency))], \
+                f"wave {kept.wave}"
+        before = []
+        for n, p in self.step.r.nodes.items():
+            serving = serving_slot(p.previous)
+            baseline = wave.baseline.get(n)
+            if serving is not None and serving != p.slot and evidence.admits(n, None, baseline):
+                before.append(gatelib.window(None, baseline, serving))
+        return before, "old slots before this bake"

@@ -1,0 +1,287 @@
+"""Forward progress of one ``handle`` call: the events applied, then the waves advanced.
+
+``Progress`` applies each event to the working ``Step`` (operator requests, observed states,
+nodes going offline or online, ticks) and then ``advance`` moves the rollout as far as what is
+known allows: start a wave, start its nodes within max-unavailable, check them, and hand a
+converged wave to ``Bake``; a failed wave goes to ``Rollback``. It is level-triggered, so running
+``advance`` after any event is safe. See ``core.engine`` for the vocabulary.
+"""
+
+from __future__ import annotations
+
+from coordinator.core.engine_bake import Bake
+from coordinator.core.engine_rollback import Rollback
+from coordinator.core.engine_step import Step
+from coordinator.core.engine_types import (
+    Abort,
+    EngineEvent,
+    NodeOffline,
+    NodeOnline,
+    ObservedChanged,
+    Pause,
+    Promote,
+    Resume,
+    RollbackRequested,
+    Start,
+    Tick,
+    converged,
+    move_node,
+    move_wave,
+)
+from coordinator.core.targets import forward_target, idle_slot, retire_target, runs
+from coordinator.strategies import blue_green, shadow
+from protocol.durations import format_duration
+from protocol.messages import NodeProgress, ObservedState, WaveRecord
+
+
+class Progress:
+    """The events and the forward progress through the waves of one ``handle`` call, over its
+    working ``Step`` (the primitives), with the ``Bake`` and ``Rollback`` concerns beside it."""
+
+    def __init__(self, step: Step) -> None:
+        self.step = step
+        self.rollback = Rollback(step)
+        self.bakes = Bake(step, self.rollback)
+
+    # -- events ------------------------------------------------------------------------------------
+
+    def apply(self, event: EngineEvent) -> None:
+        r = self.step.r
+        match event:
+            case Start():
+                self.step.move("running")
+                self.step.emit(
+                    "rollout.started",
+                    f"rolling {r.spec.service} from {r.from_version or '(nothing)'} to "
+                    f"{r.release.version} on {len(r.nodes)} nodes in {len(r.waves)} waves "
+                    f"({r.spec.strategy}, max-unavailable {self.step.cap})",
+                    strategy=r.spec.strategy, nodes=len(r.nodes), waves=len(r.waves),
+                    max_unavailable=self.step.cap,
+                )
+            case ObservedChanged(node=node, observed=seen):
+                self.observe(node, seen)
+            case NodeOffline(node=node) | NodeOnline(node=node):
+                p = r.nodes.get(node)
+                online = isinstance(event, NodeOnline)
+                if p is not None and p.online != online:
+                    p.online = online
+                    kind = "node.online" if online else "node.offline"
+                    self.step.emit(f"rollout.{kind}", f"target node {node} is "
+                                   f"{'back online' if online else 'offline'}", node)
+            case Tick():
+                pass
+            case Pause(reason=reason):
+                self.step.pause(reason)
+            case Resume():
+                self.resume()
+            case Promote(full=full):
+                r.promote = "full" if full else "step"
+                what = "every remaining bake and gate" if full else "this wave's bake and gates"
+                self.step.emit("rollout.promoted", f"promoted: skipping {what}", full=full)
+                if r.state == "paused":
+                    self.resume()
+            case Abort(reason=reason):
+                self.step.finish("aborted", reason)
+            case RollbackRequested(reason=reason):
+                if r.state == "paused":
+                    self.step.move("running")
+                self.rollback.start_rollback(reason)
+
+    def observe(self, node: str, seen: ObservedState) -> None:
+        p = self.step.r.nodes.get(node)
+        if p is None or seen.node != node or seen.service != self.step.spec.service:
+            return  # not ours, or a payload claiming another key: the runner logs it
+        last = self.step.obs.get(node)
+        if last is not None and seen.time < last.time:
+            return  # a late report: a newer one was already seen
+        self.step.obs[node] = seen
+        healthy = any(
+            w > 0 and (s := seen.slots.get(slot)) is not None and s.status == "healthy"
+            for slot, w in seen.weights.items()
+        )
+        serving = max(seen.weights, key=lambda s: seen.weights[s], default=None)
+        version = seen.slots[serving].version if serving in seen.slots else p.version
+        if (p.healthy, p.version) != (healthy, version):
+            p.healthy, p.version = healthy, version
+        blue_green.note(self.step, p, seen)
+
+    # -- operator requests -------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        r = self.step.r
+        self.step.move("running")
+        r.reason = ""
+        wave = r.waves[r.current_wave]
+        if wave.state == "failed":
+            retried = []
+            for n in wave.nodes:
+                p = r.nodes[n]
+                if p.state == "waiting":
+                    p.reason = ""
+                elif p.state == "failed":
+                    move_node(p, "waiting")
+                    p.reason = ""
+                    retried.append(n)
+                    if p.online and p.target is not None:
+                        # Written and failed: already counted as unavailable, so a retry costs
+                        # nothing; nodes never written wait for capacity like any other.
+                        self.start_node(p, wave)
+            move_wave(wave, "updating")
+            wave.deadline = self.step.now + self.step.spec.progress_deadline
+            self.step.emit("rollout.resumed", f"resumed: retrying wave {wave.index}",
+                           wave=wave.index, retried=retried)
+            return
+        if wave.state == "inconclusive":
+            self.bakes.start_bake(wave)
+        elif wave.state == "updating":
+            wave.deadline = self.step.now + self.step.spec.progress_deadline
+        self.step.emit("rollout.resumed", f"resumed at wave {wave.index}", wave=wave.index)
+
+    # -- forward progress --------------------------------------------------------------------------
+
+    def advance(self) -> None:
+        """Move as far as what is known allows (level-triggered: safe to run after any event)."""
+        r = self.step.r
+        if r.state != "running":
+            return
+        if r.phase == "rollback":
+            self.rollback.advance_rollback()
+            return
+        while True:
+            wave = r.waves[r.current_wave]
+            if wave.state == "waiting":
+                self.start_wave(wave)
+            if wave.state == "updating":
+                self.update_wave(wave)
+            if wave.state == "baking":
+                self.bakes.bake(wave)
+            if wave.state != "passed":
+                return
+            if r.current_wave + 1 >= len(r.waves):
+                if not blue_green.keep_warm(self.step):
+                    self.succeed()
+                return
+            r.current_wave += 1
+
+    def start_wave(self, wave: WaveRecord) -> None:
+        for done in self.step.r.waves[:max(0, wave.index - 1)]:
+            # Only this wave's baseline and the one before it are ever read again (the bake's
+            # window, the switch's old traffic): a snapshot of every node per wave would make
+            # the record grow with waves x nodes.
+            done.baseline = {}
+        move_wave(wave, "updating")
+        wave.started = self.step.now
+        wave.deadline = self.step.now + self.step.spec.progress_deadline
+        for n in wave.nodes:
+            p = self.step.r.nodes[n]
+            p.wave = wave.index
+            move_node(p, "waiting")
+            p.reason = ""
+        kind = self.step.kind(wave)
+        if kind in ("stage", "shadow"):
+            # The previous wave's traffic window starts here (blue_green.start_switch uses it).
+            wave.baseline = self.step.snapshot()
+        self.step.emit("wave.started", f"wave {wave.index}: {len(wave.nodes)} nodes at weight "
+                       f"{wave.weight}%" + (f" ({kind})" if kind else ""), wave=wave.index,
+                       nodes=wave.nodes, weight=wave.weight, wave_kind=kind)
+        if kind == "switch":
+            blue_green.start_switch(self.step, wave.index)
+
+    def start_node(self, p: NodeProgress, wave: WaveRecord) -> None:
+        step = self.step
+        if not p.slot:
+            p.slot = idle_slot(p.previous)
+        desired = forward_target(
+            p.previous, fleet=step.fleet, node=p.node, release=step.r.release, slot=p.slot,
+            weight=wave.weight, generation=step.next_generation(p), rollout=step.r.id,
+            now=step.now,
+            mirror=shadow.mirror_spec(step.spec, p.slot) if step.kind(wave) == "shadow" else None,
+        )
+        move_node(p, "updating")
+        self.step.write(p, desired)
+        step.emit("node.updating", f"{p.node}: {step.r.release.version} in slot {p.slot} at "
+                  f"weight {wave.weight}% (generation {p.generation})", p.node,
+                  generation=p.generation, slot=p.slot, weight=wave.weight)
+
+    def update_wave(self, wave: WaveRecord) -> None:
+        r = self.step.r
+        for n in wave.nodes:
+            p = r.nodes[n]
+            if p.state == "updating":
+                self.check_node(p)
+        unavailable = self.step.unavailable()
+        # Staging at weight 0 and switching to a staged healthy slot stop no node from serving,
+        # so only ordinary waves are bounded by max-unavailable.
+        kind = self.step.kind(wave)
+        capped = kind == ""
+        blocked: list[str] = []
+        for n in wave.nodes:
+            p = r.nodes[n]
+            if p.state != "waiting":
+                continue
+            if (p.target is None and (wave.weight == 100 or kind in ("stage", "shadow"))
+                    and runs(p.previous, r.release)):
+                move_node(p, "done")
+                self.step.emit("node.done", f"{n}: already runs {r.release.version}", n)
+            elif not p.online:
+                self.step.fail_node(p, "node is offline")
+            elif not capped or len(unavailable) + (n not in unavailable) <= self.step.cap:
+                self.start_node(p, wave)
+                unavailable.add(n)
+            else:
+                blocked.append(n)
+        failed = [r.nodes[n] for n in wave.nodes if r.nodes[n].state == "failed"]
+        if not failed and self.step.now >= wave.deadline:
+            limit = format_duration(self.step.spec.progress_deadline)
+            for n in wave.nodes:
+                p = r.nodes[n]
+                if p.state == "updating":
+                    seen = self.step.obs.get(n)
+                    got = seen.observed_generation if seen else "none"
+                    self.step.fail_node(p, f"did not converge within {limit} (observed "
+                                        f"generation {got}, wanted {p.generation})")
+                    failed.append(p)
+                elif p.state == "waiting":
+                    # Never started, so not disrupted: it stays waiting (and does not count as
+                    # unavailable), but the wave cannot pass without it.
+                    p.reason = (f"could not start within {limit}: {len(unavailable)} target "
+                                f"nodes unavailable (max-unavailable {self.step.cap})")
+                    failed.append(p)
+        if failed:
+            move_wave(wave, "failed")
+            wave.finished = self.step.now
+            why = "; ".join(f"{p.node}: {p.reason}" for p in failed)
+            self.rollback.on_failure(wave, f"wave {wave.index} failed: {why}")
+            return
+        if all(r.nodes[n].state == "done" for n in wave.nodes):
+            self.step.emit("wave.converged", f"wave {wave.index}: all {len(wave.nodes)} nodes "
+                           "converged", wave=wave.index)
+            if kind == "switch":
+                blue_green.switched(self.step, wave.index)
+            self.bakes.start_bake(wave)
+
+    def check_node(self, p: NodeProgress) -> None:
+        seen = self.step.obs.get(p.node)
+        if not p.online:
+            self.step.fail_node(p, "node went offline")
+        elif seen is not None and seen.generation >= p.generation and seen.phase == "failed":
+            self.step.fail_node(p, f"agent reports failure: {seen.error or 'no reason given'}")
+        elif (seen is not None and p.target is not None and converged(seen, p.target)
+              and (s := seen.slots.get(p.slot)) is not None and s.status == "healthy"):
+            # Converged says the traffic slots are healthy; a staged slot (weight 0) must be too.
+            move_node(p, "done")
+            self.step.emit("node.done", f"{p.node}: converged on generation {p.generation}", p.node,
+                           generation=p.generation)
+
+    def succeed(self) -> None:
+        r = self.step.r
+        if self.step.kind(r.waves[-1]) == "shadow":
+            shadow.retire(self.step)  # a shadow without --then: report, and back to how it was
+            self.step.finish("succeeded", "")
+            return
+        for p in r.nodes.values():
+            if p.target is not None and len(p.target.slots) > 1:
+                self.step.write(p, retire_target(
+                    p.target, slot=p.slot, generation=self.step.next_generation(p),
+                    now=self.step.now))
+        self.step.finish("succeeded", "")

@@ -1,0 +1,116 @@
+"""The rollback phase of the engine's step: what a failed wave leads to, and undoing a rollout.
+
+Theory of operation: a wave that fails (a node failed, a deadline passed, the gates said fail)
+goes to ``on_failure``: with ``--on-failure pause`` (and not a stage or shadow wave, which serve
+nothing new) the rollout pauses for an operator; otherwise ``start_rollback`` writes every touched
+node's previous desired state (blue-green: switch back to the old slots first), each with a higher
+generation, in one wave. ``advance_rollback`` then checks each node level-triggered, as
+``Step.advance`` does forward: a node is *rolled back* once it converged on that state, and
+fails when it reports phase ``failed`` or has not converged by ``rollback_deadline``. The rollout
+ends ``rolled_back``, or ``failed`` naming the nodes that did not make it back.
+"""
+
+from __future__ import annotations
+
+from coordinator.core.engine_step import Step
+from coordinator.core.engine_types import converged, move_node
+from coordinator.core.targets import restore_target
+from coordinator.strategies import blue_green
+from protocol.durations import format_duration
+from protocol.messages import DesiredState, NodeProgress, WaveRecord
+
+
+class Rollback:
+    """A failed wave and the rollback phase, over one working ``Step``."""
+
+    def __init__(self, step: Step) -> None:
+        self.step = step
+
+    def on_failure(self, wave: WaveRecord, reason: str) -> None:
+        self.step.emit("wave.failed", reason, wave=wave.index)
+        # A failed stage or shadow ends the rollout: nothing serves the new release yet, so
+        # there is nothing to hold for an operator, and staged slots would only burn resources.
+        if self.step.spec.on_failure == "pause" and self.step.kind(wave) not in ("stage", "shadow"):
+            self.step.pause(reason)
+        else:
+            self.start_rollback(reason)
+
+    def start_rollback(self, reason: str) -> None:
+        r = self.step.r
+        r.phase, r.reason = "rollback", reason
+        r.rollback_deadline = self.step.now + self.step.spec.progress_deadline
+        touched = sorted(n for n, p in r.nodes.items() if p.target is not None)
+        for p in r.nodes.values():
+            if p.target is None and p.state == "failed":
+                move_node(p, "waiting")  # never written to, so still on its previous version
+        self.step.emit("rollout.rolling_back", f"rolling back {len(touched)} nodes: {reason}",
+                       reason=reason, nodes=touched)
+        switching = any(self.step.kind(w) == "switch" for w in r.waves)
+        for n in touched:
+            p = r.nodes[n]
+            move_node(p, "rolling_back")
+            p.reason = ""
+            back = blue_green.rollback_target(self.step, p) if switching else None
+            self.step.write(p, back or self.restore(p))
+        if blue_green.switching_back(self.step):
+            self.step.emit("bluegreen.switching_back", "switching every node back to the old slots",
+                           at=self.step.now)
+        self.advance_rollback()
+
+    def restore(self, p: NodeProgress) -> DesiredState:
+        return restore_target(
+            p.previous, fleet=self.step.fleet, node=p.node, service=self.step.spec.service,
+            generation=self.step.next_generation(p), rollout=self.step.r.id, now=self.step.now,
+        )
+
+    def advance_rollback(self) -> None:
+        r = self.step.r
+        waiting: list[NodeProgress] = []
+        back: list[NodeProgress] = []  # switched back, both slots kept: the new one to retire
+        for n, p in r.nodes.items():
+            if p.state != "rolling_back" or p.target is None:
+                continue
+            seen = self.step.obs.get(n)
+            if seen is not None and converged(seen, p.target) and _keeps_new_slot(p):
+                back.append(p)
+            elif seen is not None and converged(seen, p.target):
+                move_node(p, "rolled_back")
+                self.step.emit("node.rolled_back", f"{n}: back on generation {p.generation}", n)
+            elif seen is not None and seen.generation >= p.generation and seen.phase == "failed":
+                self.step.fail_node(p, f"rollback failed: {seen.error or 'no reason given'}")
+            else:
+                waiting.append(p)
+        if waiting and self.step.now >= r.rollback_deadline:
+            limit = format_duration(self.step.spec.progress_deadline)
+            for p in waiting:
+                self.step.fail_node(p, f"did not converge back within {limit}"
+                                    + ("" if p.online else " (offline)"))
+            waiting = []
+        # The new slots are retired once no node is still switching back: the switch back is
+        # what users feel, and retiring the first nodes' slots while the others still wait for
+        # theirs would put those writes ahead of the rest of it.
+        if back and not any(_keeps_new_slot(p) for p in waiting):
+            # The last ones failed: time to retire the rest.
+            if self.step.now >= r.rollback_deadline:
+                r.rollback_deadline = self.step.now + self.step.spec.progress_deadline
+            for p in back:
+                self.step.write(p, self.restore(p))
+            waiting += back
+            back = []
+        blue_green.switched_back(self.step)
+        if waiting or back:
+            return
+        failed = sorted(n for n, p in r.nodes.items() if p.state == "failed")
+        if failed:
+            self.step.finish("failed", f"rollback incomplete on {', '.join(failed)} ("
+                             + "; ".join(r.nodes[n].reason for n in failed)
+                             + f") after: {r.reason}")
+        else:
+            self.step.finish("rolled_back", r.reason)
+
+
+def _keeps_new_slot(p: NodeProgress) -> bool:
+    """Whether ``p``'s target is a switch back: the previous state's slots plus the new one."""
+    assert p.target is not None
+    previous = dict(p.previous.slots) if p.previous is not None else {}
+    return dict(p.target.slots) != previous

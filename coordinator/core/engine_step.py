@@ -1,0 +1,139 @@
+"""The engine's working step: the record being edited, the commands so far, and the primitives.
+
+Theory of operation: ``Rollout.handle`` (``core.engine``) makes one ``Step`` per call over a
+working copy of the record and the observed states; the step's methods edit that copy and append
+commands, and the rollout commits the copy only if the whole call succeeds. The concerns of a
+step are objects composed over it, each using only the ones below it:
+
+    Step      (here) emitting, moving between states, writing desired states, failing a node,
+              pausing, finishing: what every concern uses
+    Rollback  (``engine_rollback``) a failed wave and the rollback phase
+    Bake      (``engine_bake``) the bake and the gates' verdict on it; a failure goes to Rollback
+    Progress  (``engine_progress``) the events and forward progress through the waves
+
+The strategies' hooks (``strategies.blue_green``, ``strategies.shadow``) take a ``Step``: they
+use only what is defined here. Nothing here awaits or reads a clock: time is ``now``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+import msgspec
+
+from coordinator.core.amounts import max_unavailable
+from coordinator.core.engine_types import (
+    MOVES,
+    Command,
+    EmitEvent,
+    IllegalTransition,
+    WriteDesired,
+    move_node,
+)
+from coordinator.core.planning import WaveKind
+from protocol.messages import (
+    DesiredState,
+    NodeProgress,
+    ObservedState,
+    RolloutRecord,
+    RolloutSpec,
+    RouterStats,
+    WaveRecord,
+)
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+
+class Step:
+    """The working state of one ``handle`` call: a copy of the record, and the commands so far."""
+
+    def __init__(
+        self, fleet: str, record: RolloutRecord, observed: dict[str, ObservedState], now: float,
+        *, kind: Callable[[RolloutSpec, int], WaveKind],
+    ) -> None:
+        self.fleet = fleet
+        self.r = record
+        self.obs = observed
+        self.now = now
+        self.spec = record.spec
+        self.commands: list[Command] = []
+        self._kind = kind  # the strategy's wave_kind: what each wave does
+        self._states: dict[str, msgspec.Struct | None] = {}
+        self.cap = max_unavailable(self.spec.max_unavailable, len(record.nodes))
+
+    # -- strategy state ----------------------------------------------------------------------------
+    # A strategy keeps its state under one key of ``record.report`` (the wire format: plain JSON
+    # there), and works on it as its own typed Struct: decoded at most once per step, written
+    # back by ``flush`` when the step is done.
+
+    def state(self, key: str, tp: type[S]) -> S | None:
+        """The typed state under ``report[key]``, or None if the rollout has none yet."""
+        if key not in self._states:
+            raw = self.r.report.get(key)
+            self._states[key] = None if raw is None else msgspec.convert(raw, tp)
+        return cast("S | None", self._states[key])
+
+    def set_state(self, key: str, value: msgspec.Struct) -> None:
+        """Make ``value`` the state under ``report[key]`` (written by ``flush``)."""
+        # A new key joins the report after those set before it, as it always has.
+        self._states.pop(key, None)
+        self._states[key] = value
+
+    def flush(self) -> None:
+        """Write every typed state back into the record's report, as plain data."""
+        for key, value in self._states.items():
+            if value is not None:
+                self.r.report[key] = msgspec.to_builtins(value)
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def emit(self, kind: str, message: str, node: str = "", **data: Any) -> None:
+        self.commands.append(EmitEvent(kind, message, node, data, self.now))
+
+    def move(self, to: str) -> None:
+        if to not in MOVES[self.r.state]:  # a bug in this module, never an operator's mistake
+            raise IllegalTransition(f"rollout {self.r.id}: no move from {self.r.state} to {to}")
+        self.r.state = to  # type: ignore[assignment]  # checked against MOVES just above
+
+    def next_generation(self, p: NodeProgress) -> int:
+        seen = self.obs.get(p.node)
+        p.generation = max(p.generation, seen.generation if seen else 0) + 1
+        return p.generation
+
+    def write(self, p: NodeProgress, desired: DesiredState) -> None:
+        p.target = desired
+        self.commands.append(WriteDesired(desired))
+
+    def kind(self, wave: WaveRecord) -> WaveKind:
+        return self._kind(self.spec, wave.index)
+
+    def unavailable(self) -> set[str]:
+        return {
+            n for n, p in self.r.nodes.items()
+            if p.state in ("updating", "failed") or not p.online
+        }
+
+    def snapshot(self) -> dict[str, RouterStats]:
+        return {n: o.router for n, o in self.obs.items()
+                if n in self.r.nodes and o.router is not None}
+
+    def fail_node(self, p: NodeProgress, reason: str) -> None:
+        move_node(p, "failed")
+        p.reason = reason
+        self.emit("node.failed", f"{p.node}: {reason}", p.node, reason=reason)
+
+    def pause(self, reason: str) -> None:
+        self.move("paused")
+        self.r.reason = reason
+        self.emit("rollout.paused", f"paused: {reason}", wave=self.r.current_wave)
+
+    def finish(self, state: str, reason: str) -> None:
+        r = self.r
+        self.move(state)
+        r.reason, r.finished = reason, self.now
+        moved = sorted(n for n, p in r.nodes.items()
+                       if p.target is not None and p.state in ("done", "updating"))
+        self.emit(f"rollout.{state}", f"{state.replace('_', ' ')}"
+                  + (f": {reason}" if reason else f": {r.spec.service} {r.release.version} on "
+                     f"{len(r.nodes)} nodes"), reason=reason, moved=moved)

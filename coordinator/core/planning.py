@@ -1,0 +1,59 @@
+"""Planning: which nodes a rollout targets, and in which waves.
+
+Theory of operation: ``select(nodes, selector)`` is pure. It picks the nodes whose labels carry
+every pair of the selector and orders them deterministically (by id, with digit runs compared as
+numbers so that ``node-2`` comes before ``node-10``); the spec's strategy then cuts them into waves
+(``coordinator.strategies.plan``). The same inputs always give the same waves, so a coordinator
+that restarts re-plans nothing: the waves are stored in the rollout record.
+
+Vocabulary: a *wave* is a set of nodes moved together and gated together; ``weight`` is the share
+of traffic (0-100) their new slot receives. A wave's *kind* (``WaveKind``) says what it does;
+each strategy names the kinds of its waves (``coordinator.strategies.wave_kind``). Amounts
+(``--batch``, ``--max-unavailable``) are in ``core.amounts``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+class NodeLike(Protocol):
+    """Anything with an id and labels: NodeView, NodeInfo, or a test double."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def labels(self) -> dict[str, str]: ...
+
+
+@dataclass(frozen=True)
+class Wave:
+    """Nodes moved and gated together; their new slot gets ``weight`` percent of the traffic."""
+
+    index: int
+    nodes: tuple[str, ...]
+    weight: int = 100
+
+
+def natural_key(node_id: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key comparing digit runs as numbers: node-2 < node-10."""
+    return tuple(
+        (0, int(part)) if part.isdigit() else (1, part) for part in _DIGITS.split(node_id) if part
+    )
+
+
+def select(nodes: Iterable[NodeLike], selector: Mapping[str, str]) -> list[str]:
+    """Ids of the nodes whose labels carry every selector pair, in deterministic order."""
+    chosen = {
+        n.id for n in nodes if all(n.labels.get(k) == v for k, v in selector.items())
+    }
+    return sorted(chosen, key=natural_key)
+
+
+WaveKind = Literal["", "stage", "shadow", "switch"]

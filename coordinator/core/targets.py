@@ -1,0 +1,81 @@
+"""What one node is told: the desired state of a node for a wave, a rollback or a retirement.
+
+The coordinator only says what it wants; make-before-break happens on the agent. The new release
+always goes to the node's idle slot, and the serving slot keeps the old release (at the remaining
+weight) until the rollout is over, so that a rollback is a weight switch back to a warm slot.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from protocol.messages import SLOTS, DesiredState, MirrorSpec, ReleaseRef
+
+
+def serving_slot(desired: DesiredState | None) -> str | None:
+    """The slot with the largest weight (ties: a before b), or the only slot; None if empty."""
+    if desired is None or not desired.slots:
+        return None
+    best, most = None, -1
+    for slot in SLOTS:  # called per node per verdict: a loop, not max() with a key
+        if slot in desired.slots and (weight := desired.weights.get(slot, 0)) > most:
+            best, most = slot, weight
+    return best
+
+
+def idle_slot(desired: DesiredState | None) -> str:
+    """The slot that receives the new release: the one that is not serving."""
+    serving = serving_slot(desired)
+    return "b" if serving == "a" else "a"
+
+
+def runs(desired: DesiredState | None, release: ReleaseRef) -> bool:
+    """Whether ``desired`` already serves ``release`` with all of the traffic."""
+    serving = serving_slot(desired)
+    if desired is None or serving is None:
+        return False
+    positive = {s for s, w in desired.weights.items() if w > 0 and s in desired.slots}
+    return positive == {serving} and desired.slots[serving].digest == release.digest
+
+
+def forward_target(
+    previous: DesiredState | None, *, fleet: str, node: str, release: ReleaseRef, slot: str,
+    weight: int, generation: int, rollout: str, now: float, mirror: MirrorSpec | None = None,
+) -> DesiredState:
+    """The new release in ``slot`` at ``weight`` percent, the old serving slot kept for the rest;
+    ``mirror`` (shadow) copies a share of the requests to ``slot``."""
+    slots: dict[str, ReleaseRef] = {}
+    weights: dict[str, int] = {}
+    serving = serving_slot(previous)
+    if previous is not None and serving is not None and serving != slot:
+        slots[serving] = previous.slots[serving]
+        weights[serving] = 100 - weight
+    slots[slot] = release
+    weights[slot] = weight
+    return DesiredState(
+        fleet=fleet, node=node, service=release.service, generation=generation, slots=slots,
+        weights=weights, mirror=mirror, rollout=rollout, time=now,
+    )
+
+
+def restore_target(
+    previous: DesiredState | None, *, fleet: str, node: str, service: str, generation: int,
+    rollout: str, now: float,
+) -> DesiredState:
+    """The node's previous desired state again, under a new generation (no slots if none)."""
+    if previous is None:
+        return DesiredState(
+            fleet=fleet, node=node, service=service, generation=generation, rollout=rollout,
+            time=now,
+        )
+    return msgspec.structs.replace(previous, generation=generation, rollout=rollout, time=now)
+
+
+def retire_target(
+    target: DesiredState, *, slot: str, generation: int, now: float,
+) -> DesiredState:
+    """Only the new release's slot, with all of the traffic: the old slot is stopped."""
+    return msgspec.structs.replace(
+        target, slots={slot: target.slots[slot]}, weights={slot: 100}, mirror=None,
+        generation=generation, time=now,
+    )

@@ -1,0 +1,334 @@
+"""A whole fleet on one machine: broker + coordinator + N agents, for ``fleetwave dev up``,
+the demo and the integration tests.
+
+Theory of operation: ``DevFleet`` is an async context manager. Entering starts the embedded broker
+(``coordinator.dev.broker.Broker``, JetStream in ``<dir>/jetstream``), the coordinator as a child
+process, and agents ``node-1..N`` as child processes bound to ``127.0.1.1..N`` (all of 127/8 is
+loopback on Linux, so each node gets its own address and the same service port on every node does
+not collide), with data dirs ``<dir>/node-i`` and labels ``zone=a|b`` (alternating) and
+``role=web``; then it waits until the coordinator answers and every agent is online. Leaving stops
+the agents and the coordinator (SIGTERM, then SIGKILL after a timeout), then the broker; every
+child is reaped, also when entering fails half-way or is cancelled.
+
+Children run ``sys.executable -m ...`` so no PATH is needed, and in their own session so that a
+Ctrl-C in the terminal reaches only ``dev up``, which then stops them in order (agents before the
+broker they talk to). Each child's output goes to ``<dir>/logs/<name>.log``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+import msgspec
+import psutil
+
+from coordinator.dev.broker import Broker
+from coordinator.errors import BrokerError, FleetwaveError, UsageError
+from coordinator.runtime.keyfile import coordinator_seed
+from protocol import subjects
+from protocol.bus import Bus
+from protocol.codec import decode, encode
+from protocol.errors import BusError
+from protocol.messages import ApiReply, NodesRequest, NodeView
+from protocol.signing import public_key
+
+STOP_TIMEOUT = 10.0
+READY_TIMEOUT = 30.0
+MAX_AGENTS = 254  # 127.0.1.1 .. 127.0.1.254
+AGENT_MODULE = "agent.main"  # the agent's entry point (see coordinator/dev/__init__.py)
+
+
+class Child:
+    """One child process: started, signalled, stopped (SIGTERM → SIGKILL) and always reaped."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.log_path = log_path
+        self._proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.returncode is None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode if self._proc else None
+
+    async def start(self) -> None:
+        if self.running:
+            return
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with self.log_path.open("ab") as out:
+            self._proc = await asyncio.create_subprocess_exec(
+                *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=env,
+                start_new_session=True,
+            )
+
+    def signal(self, signum: int) -> None:
+        if self._proc is not None and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(signum)
+
+    async def kill(self) -> int | None:
+        """SIGKILL, as a crash would, and reap."""
+        return await self.stop(timeout=0.0)
+
+    async def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
+        """SIGTERM, wait up to ``timeout``, then SIGKILL; return the exit status."""
+        proc = self._proc
+        if proc is None:
+            return None
+        try:
+            if proc.returncode is None and timeout > 0:
+                self.signal(signal.SIGTERM)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(proc.wait(), timeout)
+        finally:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+            await proc.wait()  # reap, whatever happened above
+        return proc.returncode
+
+    async def restart(self) -> None:
+        await self.stop()
+        await self.start()
+
+    async def wait(self, timeout: float) -> int:
+        """Wait for the child to exit by itself; TimeoutError after ``timeout``."""
+        if self._proc is None:
+            raise RuntimeError(f"{self.name} was never started")
+        return await asyncio.wait_for(self._proc.wait(), timeout)
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def reap_leftovers(directory: Path, *, exclude: set[int | None], timeout: float = 5.0) -> int:
+    """Stop every process still working under ``directory``: services and routers.
+
+    By design they outlive their agent (a restarted agent adopts them), so stopping the agents
+    leaves them running; a throwaway dev fleet must not. A process belongs to the fleet when its
+    working directory or one of its arguments lies under ``directory``. SIGTERM, then SIGKILL
+    after ``timeout``; returns how many there were.
+    """
+    root = str(directory)
+    me = psutil.Process()
+    spared = {me.pid, *exclude, *(p.pid for p in me.parents())}  # never our own callers
+    found: list[psutil.Process] = []
+    for proc in psutil.process_iter(["pid", "cwd", "cmdline"]):
+        if proc.pid in spared:
+            continue
+        cwd = proc.info.get("cwd") or ""
+        argv = proc.info.get("cmdline") or []
+        if cwd.startswith(root) or any(root in arg for arg in argv):
+            found.append(proc)
+    for proc in found:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(found, timeout=timeout)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=timeout)
+    return len(found)
+
+
+def _agent_has_trust_key() -> bool:
+    """Whether this tree's agent takes ``--trust-key`` (older agents verified nothing)."""
+    # The documented entry point (coordinator/dev/__init__.py): the dev fleet runs this very agent.
+    from agent.main import agent_command
+
+    return any("--trust-key" in p.opts for p in agent_command.params)
+
+
+def python_module(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+class DevFleet:
+    """Broker + coordinator + ``agents`` agents on this machine; an async context manager."""
+
+    def __init__(
+        self,
+        directory: Path | str,
+        *,
+        agents: int = 3,
+        port: int | None = None,
+        fleet: str = "default",
+        heartbeat_interval: float | None = None,
+        ready_timeout: float = READY_TIMEOUT,
+        subnet: str = "127.0.1",
+    ) -> None:
+        if not 0 <= agents <= MAX_AGENTS:
+            raise UsageError(f"--agents {agents} is out of range; use 0 to {MAX_AGENTS}")
+        subjects.check_name("fleet", fleet)
+        self.dir = Path(directory).absolute()
+        self.fleet = fleet
+        # Agents bind to <subnet>.1..N; tests that run side by side pick different subnets of
+        # 127/8 so that the same service port on every node never collides between fleets.
+        self.subnet = subnet
+        self.heartbeat_interval = heartbeat_interval
+        self.ready_timeout = ready_timeout
+        self.broker = Broker(port=port, store_dir=self.dir / "jetstream")
+        # The coordinator's signing key; created before the agents start so that they can be
+        # told to trust it.
+        self.key_file = self.dir / "coordinator.seed"
+        self.public_key: str | None = None
+        self.coordinator = Child(
+            "coordinator",
+            python_module("coordinator.daemon", "--nats", self.nats_url, "--fleet", fleet,
+                          "coordinator", "--key-file", str(self.key_file)),
+            self.dir / "logs" / "coordinator.log",
+        )
+        self.agents = [self._agent_child(i) for i in range(1, agents + 1)]
+        self._bus: Bus | None = None
+
+    @property
+    def nats_url(self) -> str:
+        return self.broker.url
+
+    def agent(self, i: int) -> Child:
+        """Agent ``node-i`` (1-based, as its id)."""
+        if not 1 <= i <= len(self.agents):
+            raise IndexError(f"no agent node-{i}: this fleet has node-1..node-{len(self.agents)}")
+        return self.agents[i - 1]
+
+    @staticmethod
+    def labels(i: int) -> dict[str, str]:
+        return {"zone": "a" if i % 2 else "b", "role": "web"}
+
+    @staticmethod
+    def bind_host(i: int, subnet: str = "127.0.1") -> str:
+        return f"{subnet}.{i}"
+
+    def host(self, i: int) -> str:
+        """The address node-i binds to in this fleet."""
+        return self.bind_host(i, self.subnet)
+
+    def _agent_child(self, i: int) -> Child:
+        node = f"node-{i}"
+        args = [
+            "--node-id", node, "--data-dir", str(self.dir / node), "--bind-host", self.host(i),
+            "--nats", self.nats_url, "--fleet", self.fleet,
+        ]
+        for k, v in self.labels(i).items():
+            args += ["--label", f"{k}={v}"]
+        if self.heartbeat_interval is not None:
+            args += ["--heartbeat-interval", str(self.heartbeat_interval)]
+        return Child(node, python_module(AGENT_MODULE, *args), self.dir / "logs" / f"{node}.log")
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> DevFleet:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Start everything and wait until every agent shows online."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.public_key = public_key(await asyncio.to_thread(coordinator_seed, self.key_file))
+        if _agent_has_trust_key():
+            for a in self.agents:
+                if "--trust-key" not in a.argv:
+                    a.argv += ["--trust-key", self.public_key]
+        await self.broker.start()
+        await self.coordinator.start()
+        self._bus = await Bus.connect(self.nats_url, self.fleet, name="fleetwave-dev")
+        # Agents watch buckets the coordinator creates: start them once its API answers.
+        await self.wait_online([])
+        await asyncio.gather(*(a.start() for a in self.agents))
+        await self.wait_online([f"node-{i}" for i in range(1, len(self.agents) + 1)])
+
+    async def stop(self) -> None:
+        """Stop agents and coordinator (SIGTERM, then SIGKILL), then the broker; reap all."""
+        try:
+            if self._bus is not None:
+                await self._bus.close()
+                self._bus = None
+        finally:
+            try:
+                await asyncio.gather(
+                    *(c.stop() for c in [*self.agents, self.coordinator]), return_exceptions=True
+                )
+                await asyncio.to_thread(reap_leftovers, self.dir, exclude={self.broker.pid})
+            finally:
+                await self.broker.stop()
+
+    # -- looking at it ----------------------------------------------------------------------------
+
+    async def nodes(self, selector: dict[str, str] | None = None) -> list[NodeView]:
+        """The coordinator's node table (BusError if it does not answer)."""
+        if self._bus is None:
+            self._bus = await Bus.connect(self.nats_url, self.fleet, name="fleetwave-dev")
+        raw = await self._bus.request(
+            subjects.api(self.fleet, "nodes"), encode(NodesRequest(selector=selector or {})),
+            timeout=2.0,
+        )
+        reply = decode(ApiReply, raw)
+        if not reply.ok:
+            raise FleetwaveError(f"the coordinator refused 'nodes': {reply.error}")
+        try:
+            return msgspec.convert(reply.data, list[NodeView])
+        except msgspec.ValidationError as exc:
+            raise FleetwaveError(f"the coordinator sent an unexpected node list: {exc}") from None
+
+    async def wait_online(
+        self, ids: list[str], *, online: bool = True, timeout: float | None = None
+    ) -> list[NodeView]:
+        """Poll until every node in ``ids`` is online (or offline); BrokerError on timeout."""
+        deadline = time.monotonic() + (timeout if timeout is not None else self.ready_timeout)
+        last = "the coordinator did not answer"
+        while True:
+            self._check_alive()
+            try:
+                rows = await self.nodes()
+                state = {r.id: r.online for r in rows}
+                if all(state.get(i) is online for i in ids):
+                    return rows
+                waiting = [i for i in ids if state.get(i) is not online]
+                last = f"still {'offline' if online else 'online'}: {', '.join(waiting)}"
+            except BusError as exc:
+                last = str(exc)
+            if time.monotonic() > deadline:
+                raise BrokerError(
+                    f"dev fleet not ready after {self.ready_timeout:g}s ({last}); see the logs in "
+                    f"{self.dir / 'logs'}"
+                )
+            await asyncio.sleep(0.1)
+
+    def _check_alive(self) -> None:
+        if self.coordinator.returncode is not None:
+            raise BrokerError(
+                f"the coordinator exited with status {self.coordinator.returncode}: "
+                f"{self.coordinator.log_tail(1)}"
+            )

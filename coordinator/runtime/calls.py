@@ -1,0 +1,55 @@
+"""Bounding and retrying bus calls: how long the runtime waits for NATS, and what it retries.
+
+``bounded`` gives one call at most ``OP_TIMEOUT`` (a timeout becomes a BusError, like any other
+failure of the bus). ``Retrying`` runs an operation until it succeeds: a BusError is retried with
+backoff (0.1 s doubling to 2 s) until its deadline, then raised; a Conflict is an answer (someone
+else wrote), never retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from protocol.errors import BusError, Conflict
+
+OP_TIMEOUT = 12.0  # one bus call; the Bus has its own 10 s timeouts inside
+COMMAND_DEADLINE = 20.0  # how long one command is retried before the driver is rebuilt from KV
+
+T = TypeVar("T")
+
+log = logging.getLogger("fleetwave.coordinator.runner")
+
+
+async def bounded(work: Awaitable[T]) -> T:
+    """Await ``work`` for at most OP_TIMEOUT; a timeout is a BusError."""
+    try:
+        async with asyncio.timeout(OP_TIMEOUT):
+            return await work
+    except TimeoutError:
+        raise BusError(f"NATS did not answer within {OP_TIMEOUT:g}s") from None
+
+
+class Retrying:
+    """Runs an operation until it succeeds, retrying BusError until ``deadline`` seconds."""
+
+    def __init__(self, deadline: float = COMMAND_DEADLINE) -> None:
+        self.deadline = deadline
+
+    async def __call__(self, op: Callable[[], Awaitable[T]]) -> T:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.deadline
+        delay = 0.1
+        while True:
+            try:
+                return await op()
+            except Conflict:
+                raise
+            except BusError as exc:
+                if loop.time() + delay > deadline:
+                    raise
+                log.warning("retrying in %.1fs: %s", delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)

@@ -1,0 +1,75 @@
+"""One live rollout as the runner drives it, and the progress it may hold back.
+
+A ``Driver`` is the engine's ``Rollout``, the KV revision of its record, and the lock that
+serialises its events. It also holds back a step that records node progress only (nodes done or
+rolled back, health and versions seen) for up to ``HOLD_PERSIST`` (``coalesce``), so that the
+reports of a big wave, arriving in many batches, cost a few record writes instead of one each (the
+record is megabytes at thousands of nodes). What is held is persisted, then its events published,
+ahead of the next step's commands, or by the next step that changes nothing (every tick is one).
+Nothing is lost by holding: a coordinator that dies meanwhile never published those events, and
+its successor derives the same progress again from the observed states.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import msgspec
+
+from coordinator.core.engine import Command, EmitEvent, Persist, Rollout
+from protocol.messages import RolloutRecord
+
+# How long a record change of node progress only may wait for the next Persist.
+HOLD_PERSIST = 0.25
+PROGRESS_EVENTS = frozenset({"node.done", "node.rolled_back"})
+
+
+@dataclass(eq=False)
+class Driver:
+    """One live rollout: the engine, the revision of its record in KV, and its event lock."""
+
+    rollout: Rollout
+    revision: int
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # A record change of node progress only, and its events, held back since ``held_since``.
+    held: list[Command] = field(default_factory=list)
+    held_since: float = 0.0
+
+    @property
+    def id(self) -> str:
+        return self.rollout.record.id
+
+    @property
+    def service(self) -> str:
+        return self.rollout.record.spec.service
+
+    def coalesce(self, before: RolloutRecord, commands: list[Command],
+                 now: float) -> list[Command]:
+        """The commands to carry out now: ``commands`` with what was held ahead of them, or
+        nothing if this step is progress only and may wait (see the module docstring)."""
+        fresh = not self.held or now - self.held_since < HOLD_PERSIST
+        if (fresh and commands and isinstance(commands[0], Persist)
+                and _progress_only(before, commands)):
+            if not self.held:
+                self.held_since = now
+            self.held = [commands[0], *self.held[1:], *commands[1:]]
+            return []
+        if not self.held:
+            return commands
+        held, self.held = self.held, []
+        if commands and isinstance(commands[0], Persist):  # the newer record includes the held
+            return [commands[0], *held[1:], *commands[1:]]
+        return [*held, *commands]
+
+
+def _progress_only(before: RolloutRecord, commands: list[Command]) -> bool:
+    """Whether a step's commands (Persist first) record node progress and nothing else: no
+    desired write, only routine node events, and the rollout's own fields and waves as they
+    were (so neither a decision nor a deadline waits behind a held Persist)."""
+    after = commands[0].record if isinstance(commands[0], Persist) else before
+    if any(not isinstance(c, EmitEvent) or c.kind not in PROGRESS_EVENTS for c in commands[1:]):
+        return False
+    same_nodes = msgspec.structs.replace(after, nodes=before.nodes, revision=before.revision,
+                                         updated=before.updated)
+    return same_nodes == before

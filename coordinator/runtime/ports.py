@@ -1,0 +1,33 @@
+"""What the runtime needs of the bus: ``protocol.bus.Bus`` fits it, and so does the fake of
+``protocol.testing`` that unit tests run on."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
+
+from protocol.bus import Entry
+from protocol.errors import BusError
+
+
+class RunnerBus(Protocol):
+    """The KV and JetStream calls of the runner, its store and its publisher."""
+
+    fleet: str
+
+    @property
+    def max_payload(self) -> int: ...  # the largest message the server takes; 0: unknown
+
+    async def kv_get(self, bucket: str, key: str) -> Entry | None: ...
+    async def kv_put(self, bucket: str, key: str, value: bytes) -> int: ...
+    async def kv_create(self, bucket: str, key: str, value: bytes) -> int: ...
+    async def kv_update(self, bucket: str, key: str, value: bytes, last: int) -> int: ...
+    async def kv_delete(self, bucket: str, key: str, last: int | None = None) -> None: ...
+    async def kv_entries(self, bucket: str, pattern: str = ">") -> list[Entry]: ...
+    def watch(self, bucket: str, pattern: str) -> AsyncIterator[Entry | None]: ...
+    async def kv_update_all(
+        self, bucket: str, writes: Sequence[tuple[str, bytes, int]], *, timeout: float = ...,
+    ) -> list[int | BusError]: ...
+    async def js_publish_events(
+        self, messages: Sequence[tuple[str, bytes]], *, timeout: float = ...,
+    ) -> list[BusError | None]: ...

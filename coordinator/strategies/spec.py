@@ -1,0 +1,43 @@
+"""What every rollout spec must hold, whatever its strategy: names, ranges, finite numbers.
+
+``coordinator.strategies.validate`` runs this, then the strategy's own ``validate``; the CLI runs
+it before sending a deploy and the API before accepting one.
+"""
+
+from __future__ import annotations
+
+import math
+
+from coordinator.errors import UsageError
+from protocol import subjects
+from protocol.messages import RolloutSpec
+
+
+def check_common(spec: RolloutSpec) -> None:
+    """Refuse settings no strategy can carry out (ranges, non-finite numbers, bad names)."""
+    subjects.check_name("service", spec.service)
+    if not spec.version or len(spec.version) > 128 or not spec.version.isprintable():
+        raise UsageError(f"version {spec.version!r} is not a release version; write e.g. 2.0.0")
+    for name, value, low in (("--bake", spec.bake, 0.0),
+                              ("--scale-down-delay", spec.scale_down_delay, 0.0)):
+        if not math.isfinite(value) or value < low:
+            raise UsageError(f"{name} must be a duration of 0 or more, not {value!r}")
+    if not math.isfinite(spec.progress_deadline) or spec.progress_deadline <= 0:
+        raise UsageError("--progress-deadline must be a positive duration, e.g. 2m")
+    if not 0 <= spec.mirror <= 100:
+        raise UsageError(f"--mirror {spec.mirror:g}% is out of range; use 0% to 100%")
+    g = spec.gates
+    for name, frac in (("--min-healthy", g.min_healthy), ("--max-error-rate", g.max_error_rate),
+                       ("--max-mismatch-rate", g.max_mismatch_rate)):
+        if frac is not None and not 0 <= frac <= 1:
+            raise UsageError(f"{name} {frac:g} is out of range; write a fraction 0-1 or a "
+                             "percentage like 5%")
+    if g.max_p99_ratio is not None and not (math.isfinite(g.max_p99_ratio)
+                                            and g.max_p99_ratio > 0):
+        raise UsageError(f"--max-p99-ratio {g.max_p99_ratio:g} must be a positive number, e.g. 1.5")
+    if g.min_requests is not None and g.min_requests < 0:
+        raise UsageError(f"--min-requests {g.min_requests} must be 0 or more")
+    if any(not 0 < w <= 100 for w in spec.weights):
+        raise UsageError(f"--weights {spec.weights} must each be between 1 and 100")
+    if spec.then is not None and spec.strategy != "shadow":
+        raise UsageError("--then only follows --strategy shadow")

@@ -1,0 +1,116 @@
+"""The API's one codec path: every failure becomes an ApiReply, never an exception."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+import pytest
+
+from coordinator.api.verbs import Api
+from coordinator.errors import RemoteError, UsageError
+from protocol.codec import decode, encode
+from protocol.errors import BusError, Conflict
+from protocol.messages import ApiReply, NodesRequest
+
+
+def reply(api: Api, verb: str, data: bytes) -> ApiReply:
+    return decode(ApiReply, asyncio.run(api.handle(verb, data)))
+
+
+def make(handler: object) -> Api:
+    api = Api(timeout=0.2)
+    api.add("nodes", NodesRequest, handler)  # type: ignore[arg-type]
+    return api
+
+
+async def echo(req: NodesRequest) -> dict[str, str]:
+    return req.selector
+
+
+def test_a_good_request_gets_ok_and_data() -> None:
+    """The handler's result comes back as ok=True data."""
+    r = reply(make(echo), "nodes", encode(NodesRequest(selector={"zone": "a"})))
+    assert (r.ok, r.data) == (True, {"zone": "a"})
+
+
+def test_an_empty_body_means_defaults() -> None:
+    """An empty request is the request type's defaults, for shell users."""
+    assert reply(make(echo), "nodes", b"").data == {}
+
+
+@pytest.mark.parametrize(
+    "data", [b"{", b"\xff\xfe", b"[]", b'{"selector": 5}', b'{"selector": {"a": 1}}', b"null"]
+)
+def test_malformed_requests_get_a_usage_reply(data: bytes) -> None:
+    """Bytes that do not decode as the request type get ok=False code=usage."""
+    r = reply(make(echo), "nodes", data)
+    assert (r.ok, r.code) == (False, "usage")
+    assert "NodesRequest" in r.error
+
+
+def test_unknown_verb_gets_a_usage_reply() -> None:
+    """A verb nobody serves is a usage error naming the verb."""
+    r = reply(make(echo), "launch", b"{}")
+    assert (r.ok, r.code) == (False, "usage") and "launch" in r.error
+
+
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [
+        (UsageError("bad flag"), "usage"),
+        (Conflict("a rollout of hello runs"), "conflict"),
+        (RemoteError("no such rollout", "not_found"), "not_found"),
+        (BusError("JetStream is away"), "internal"),
+    ],
+)
+def test_handler_errors_map_to_codes(exc: Exception, code: str) -> None:
+    """Each error of the trees maps to its reply code and keeps its message."""
+    async def handler(req: NodesRequest) -> None:
+        raise exc
+
+    r = reply(make(handler), "nodes", b"{}")
+    assert (r.ok, r.code, r.error) == (False, code, str(exc))
+
+
+def test_a_crashing_handler_gets_an_internal_reply() -> None:
+    """A bug in a handler is reported as internal, without its details leaking as a traceback."""
+    async def handler(req: NodesRequest) -> None:
+        raise KeyError("oops")
+
+    r = reply(make(handler), "nodes", b"{}")
+    assert (r.ok, r.code) == (False, "internal") and "KeyError" in r.error
+
+
+def test_a_stuck_handler_times_out() -> None:
+    """A handler that does not finish in time answers internal instead of hanging the caller."""
+    async def handler(req: NodesRequest) -> None:
+        await asyncio.Event().wait()
+
+    r = reply(make(handler), "nodes", b"{}")
+    assert (r.ok, r.code) == (False, "internal") and "within" in r.error
+
+
+def test_unencodable_data_gets_an_internal_reply() -> None:
+    """A handler returning something JSON cannot carry still gets a reply."""
+    async def handler(req: NodesRequest) -> object:
+        return object()
+
+    r = reply(make(handler), "nodes", b"{}")
+    assert (r.ok, r.code) == (False, "internal")
+
+
+def test_a_verb_cannot_be_registered_twice() -> None:
+    """Registering a verb twice is a programming error caught at start."""
+    api = make(echo)
+    with pytest.raises(ValueError, match="twice"):
+        api.add("nodes", NodesRequest, echo)
+
+
+def test_endpoints_map_verbs_to_fleet_subjects() -> None:
+    """The endpoint table serves each verb on fw.<fleet>.api.<verb> through handle()."""
+    eps = make(echo).endpoints("prod")
+    subject, fn = eps["nodes"]
+    assert subject == "fw.prod.api.nodes"
+    out = msgspec.json.decode(asyncio.run(fn(b'{"selector": {"x": "1"}}')))
+    assert out == {"ok": True, "data": {"x": "1"}, "error": "", "code": ""}

@@ -1,0 +1,333 @@
+"""The rollout engine in virtual time: transitions, commands, failures, rollback and gates."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from coordinator.core.engine import (
+    ACCEPTS,
+    Abort,
+    Command,
+    IllegalTransition,
+    NodeOffline,
+    NodeOnline,
+    ObservedChanged,
+    Pause,
+    Persist,
+    Promote,
+    Resume,
+    RollbackRequested,
+    Rollout,
+    Start,
+    Tick,
+    WriteDesired,
+    new_record,
+)
+from protocol.messages import (
+    LATENCY_BOUNDS_MS,
+    DesiredState,
+    Gates,
+    NodeView,
+    ObservedState,
+    RolloutSpec,
+    RouterStats,
+    SlotStatus,
+    SlotTraffic,
+)
+from protocol.testing import NEW, OLD
+from tests.unit.coordinator.kit import kinds, rollout, writes
+
+
+def previous(node: str, generation: int = 7) -> DesiredState:
+    return DesiredState(fleet="f", node=node, service="hello", generation=generation,
+                        slots={"a": OLD}, weights={"a": 100})
+
+
+def observed(d: DesiredState, t: float, *, healthy: bool = True, failed: str = "",
+             router: RouterStats | None = None) -> ObservedState:
+    """What an agent reports once it has (or has not) converged on ``d``."""
+    slots = {s: SlotStatus(slot=s, status="healthy" if healthy or r.digest == OLD.digest
+                           else "unhealthy", version=r.version)
+             for s, r in d.slots.items()}
+    if failed:
+        return ObservedState(node=d.node, service="hello", generation=d.generation,
+                             observed_generation=d.generation - 1, slots=slots,
+                             phase="failed", error=failed, time=t, router=router)
+    return ObservedState(node=d.node, service="hello", generation=d.generation,
+                         observed_generation=d.generation, slots=slots, weights=dict(d.weights),
+                         phase="converged", time=t, router=router)
+
+
+def converge(r: Rollout, cmds: list[Command], t: float) -> list[Command]:
+    """Let every written node converge at time ``t``; return all commands this caused."""
+    out: list[Command] = []
+    for d in writes(cmds):
+        out += r.handle(ObservedChanged(d.node, observed(d, t)), t)
+    return out
+
+
+def test_start_persists_first_then_writes_the_first_wave() -> None:
+    """Start persists the running record before writing the first node's desired state."""
+    r = rollout()
+    cmds = r.handle(Start(), 1.0)
+    assert isinstance(cmds[0], Persist) and cmds[0].record.state == "running"
+    (d,) = writes(cmds)
+    assert d.node == "node-1" and d.generation == 8
+    assert d.slots == {"a": OLD, "b": NEW} and d.weights == {"a": 0, "b": 100}
+    assert cmds.index(cmds[0]) < cmds.index(next(c for c in cmds if isinstance(c, WriteDesired)))
+    assert "rollout.started" in kinds(cmds) and "wave.started" in kinds(cmds)
+
+
+def test_rolling_happy_path_succeeds_and_retires_old_slots() -> None:
+    """Each wave starts once the previous one converged; success retires the old slots."""
+    r = rollout(3)
+    cmds = r.handle(Start(), 0.0)
+    t = 0.0
+    seen = []
+    while not r.done:
+        t += 1.0
+        seen += [d.node for d in writes(cmds)]
+        cmds = converge(r, cmds, t)
+    assert r.state == "succeeded"
+    retire = writes(cmds)
+    assert seen == ["node-1", "node-2", "node-3"]
+    assert {d.node for d in retire} == {"node-1", "node-2", "node-3"}
+    assert all(d.slots == {"b": NEW} and d.weights == {"b": 100} and d.generation == 9
+               for d in retire)
+    assert kinds(cmds)[-1] == "rollout.succeeded"
+
+
+@pytest.mark.parametrize(
+    ("state", "event"),
+    [("running", Resume()), ("running", Start()), ("pending", Resume()), ("pending", Pause()),
+     ("paused", Pause()), ("succeeded", Tick()), ("aborted", Resume()),
+     ("rolled_back", ObservedChanged("node-1", ObservedState(node="node-1", service="hello")))],
+)
+def test_illegal_transitions_raise_and_change_nothing(state: str, event: object) -> None:
+    """An event the state does not accept raises and leaves the record byte-identical."""
+    r = rollout()
+    if state != "pending":
+        r.handle(Start(), 0.0)
+    if state == "paused":
+        r.handle(Pause(), 1.0)
+    elif state == "succeeded":
+        r = Rollout(msgspec.structs.replace(r.record, state="succeeded"), fleet="f")
+    elif state == "aborted":
+        r.handle(Abort(), 1.0)
+    elif state == "rolled_back":
+        r.handle(RollbackRequested(), 1.0)
+        for d in r.intended():
+            r.handle(ObservedChanged(d.node, observed(d, 2.0)), 2.0)
+        assert r.state == "rolled_back"
+    before = msgspec.json.encode(r.record)
+    with pytest.raises(IllegalTransition, match="cannot"):
+        r.handle(event, 5.0)  # type: ignore[arg-type]
+    assert msgspec.json.encode(r.record) == before
+
+
+def test_transition_table_has_no_exit_from_terminal_states() -> None:
+    """Terminal states accept no event at all."""
+    for state in ("succeeded", "rolled_back", "failed", "aborted"):
+        assert ACCEPTS[state] == frozenset()
+
+
+def test_agent_failure_rolls_back_touched_nodes_with_higher_generations() -> None:
+    """A node reporting failure triggers one rollback wave restoring previous states."""
+    r = rollout(3, batch="2", max_unavailable="2")
+    cmds = r.handle(Start(), 0.0)
+    d1, d2 = writes(cmds)
+    r.handle(ObservedChanged("node-1", observed(d1, 1.0)), 1.0)
+    cmds = r.handle(ObservedChanged("node-2", observed(d2, 2.0, failed="start timeout")), 2.0)
+    back = writes(cmds)
+    assert {d.node for d in back} == {"node-1", "node-2"}
+    assert all(d.generation == 9 and d.slots == {"a": OLD} and d.weights == {"a": 100}
+               for d in back)
+    assert r.record.phase == "rollback" and "start timeout" in r.record.reason
+    out = converge(r, cmds, 3.0)
+    assert r.state == "rolled_back" and "node-2" in r.record.reason
+    assert kinds(out)[-1] == "rollout.rolled_back"
+
+
+def test_rollback_that_cannot_converge_ends_failed_with_the_reason() -> None:
+    """A node that never converges back makes the rollout failed at the deadline, never stuck."""
+    r = rollout(2, batch="2", max_unavailable="2", progress_deadline=30.0)
+    assert len(writes(r.handle(Start(), 0.0))) == 2
+    cmds = r.handle(NodeOffline("node-2"), 1.0)
+    back = {d.node: d for d in writes(cmds)}
+    r.handle(ObservedChanged("node-1", observed(back["node-1"], 2.0)), 2.0)
+    assert r.state == "running"
+    r.handle(Tick(), 30.0)
+    assert r.state == "running"
+    r.handle(Tick(), 31.0)
+    assert r.state == "failed"
+    assert "node-2" in r.record.reason and "offline" in r.record.reason
+
+
+def test_progress_deadline_fails_the_node_and_pause_keeps_the_reason() -> None:
+    """A node not converged by the deadline fails the wave; on-failure pause says why."""
+    r = rollout(2, on_failure="pause", progress_deadline=60.0)
+    (d1,) = writes(r.handle(Start(), 0.0))
+    r.handle(Tick(), 59.0)
+    assert r.state == "running"
+    cmds = r.handle(Tick(), 60.0)
+    assert r.state == "paused" and "did not converge within 1m" in r.record.reason
+    assert writes(cmds) == []
+    cmds = r.handle(Resume(), 100.0)
+    (retry,) = writes(cmds)
+    assert retry.node == "node-1" and retry.generation == d1.generation + 1
+    converge(r, cmds, 101.0)
+    assert r.record.current_wave == 1
+
+
+def test_offline_node_fails_its_wave() -> None:
+    """A node going offline while updating counts as failed."""
+    r = rollout(2, on_failure="pause")
+    r.handle(Start(), 0.0)
+    r.handle(NodeOffline("node-1"), 3.0)
+    assert r.state == "paused" and "node-1: node went offline" in r.record.reason
+
+
+def test_max_unavailable_counts_offline_nodes_before_starting_others() -> None:
+    """With one node offline and max-unavailable 2, only one more node may be in flight."""
+    r = rollout(4, batch="2", max_unavailable="2", progress_deadline=10.0, on_failure="pause")
+    r.handle(NodeOffline("node-4"), 0.0)
+    (d1,) = writes(r.handle(Start(), 0.0))  # wave 0 = node-1, node-2: only one may start
+    assert d1.node == "node-1"
+    (d2,) = writes(r.handle(ObservedChanged("node-1", observed(d1, 1.0)), 1.0))
+    assert d2.node == "node-2"
+    r.handle(ObservedChanged("node-2", observed(d2, 2.0)), 2.0)
+    assert r.record.current_wave == 1
+    assert r.state == "paused" and "node-4: node is offline" in r.record.reason
+
+
+def test_stale_observations_are_ignored() -> None:
+    """A report older than one already seen cannot undo progress."""
+    r = rollout(2, on_failure="pause")
+    (d1,) = writes(r.handle(Start(), 0.0))
+    late = observed(d1, 5.0, failed="old failure")
+    r.handle(ObservedChanged("node-1", observed(d1, 6.0)), 6.0)
+    assert r.record.nodes["node-1"].state == "done"
+    r.handle(ObservedChanged("node-1", late), 7.0)
+    assert r.state == "running"
+
+
+def router(epoch: float, requests: int, errors: int, slot: str = "b") -> RouterStats:
+    lat = [0] * (len(LATENCY_BOUNDS_MS) + 1)
+    lat[10] = requests
+    return RouterStats(epoch=epoch, slots={slot: SlotTraffic(requests=requests, errors=errors,
+                                                             latency=lat)})
+
+
+def test_gates_fail_after_the_bake_and_roll_back() -> None:
+    """Errors on the new slot over the bake window fail the gate with its figures."""
+    r = rollout(1, bake=30.0, gates=Gates(max_error_rate=0.05))
+    (d,) = writes(r.handle(Start(), 0.0))
+    r.handle(ObservedChanged("node-1", observed(d, 1.0, router=router(1.0, 10, 0))), 1.0)
+    assert r.record.waves[0].state == "baking"
+    r.handle(ObservedChanged("node-1", observed(d, 20.0, router=router(1.0, 110, 30))), 20.0)
+    assert r.record.waves[0].state == "baking"
+    cmds = r.handle(Tick(), 31.0)
+    assert "gate.failed" in kinds(cmds)
+    assert r.record.waves[0].gates["error_rate"] == 0.3
+    assert r.record.phase == "rollback" and "max-error-rate" in r.record.reason
+
+
+def baked_wave(r: Rollout, start: dict[str, RouterStats], end: dict[str, RouterStats]
+               ) -> list[Command]:
+    """Converge the first wave with ``start`` counters, report ``end`` at t=20, tick at t=31."""
+    ds = writes(r.handle(Start(), 0.0))
+    for d in ds:
+        r.handle(ObservedChanged(d.node, observed(d, 1.0, router=start[d.node])), 1.0)
+    assert r.record.waves[0].state == "baking"
+    for d in ds:
+        r.handle(ObservedChanged(d.node, observed(d, 20.0, router=end[d.node])), 20.0)
+    return r.handle(Tick(), 31.0)
+
+
+def test_a_node_cannot_hide_the_errors_of_a_bad_release() -> None:
+    """A node reporting negative errors would cancel the others' errors and pass the gate;
+    its figures are left out instead, so the honest node's errors fail it."""
+    r = rollout(2, batch="2", max_unavailable="2", bake=30.0, gates=Gates(max_error_rate=0.05))
+    start = {"node-1": router(1.0, 0, 0), "node-2": router(1.0, 0, 0)}
+    end = {"node-1": router(1.0, 100, 30), "node-2": router(1.0, 100, -30)}
+    cmds = baked_wave(r, start, end)
+    assert "gate.failed" in kinds(cmds)
+    assert r.record.phase == "rollback"
+    assert "node-2's router figures are invalid (slot 'b': errors -30 is negative); left out" \
+        in r.record.reason
+    assert r.record.waves[0].gates["errors"] == 30
+    assert r.record.waves[0].gates["untrusted"] == {"node-2": "slot 'b': errors -30 is negative"}
+
+
+def test_a_node_cannot_force_a_rollback_with_invented_errors() -> None:
+    """A node reporting more errors than requests would fail a healthy release; its figures are
+    left out, and since untrusted evidence is never a pass the rollout pauses, naming it."""
+    r = rollout(2, batch="2", max_unavailable="2", bake=30.0, gates=Gates(max_error_rate=0.05))
+    start = {"node-1": router(1.0, 0, 0), "node-2": router(1.0, 0, 0)}
+    end = {"node-1": router(1.0, 100, 0), "node-2": router(1.0, 10, 500)}
+    cmds = baked_wave(r, start, end)
+    assert "gate.inconclusive" in kinds(cmds) and "gate.failed" not in kinds(cmds)
+    assert r.state == "paused" and r.record.phase == "forward"
+    assert "node-2's router figures are invalid (slot 'b': errors 500 > requests 10)" \
+        in r.record.reason
+
+
+def test_no_traffic_is_inconclusive_then_promote_continues() -> None:
+    """A traffic gate with no requests pauses as inconclusive; promote passes the wave."""
+    r = rollout(2, bake=10.0, gates=Gates(max_error_rate=0.05))
+    (d,) = writes(r.handle(Start(), 0.0))
+    r.handle(ObservedChanged("node-1", observed(d, 1.0)), 1.0)
+    r.handle(Tick(), 11.0)
+    assert r.state == "paused" and "inconclusive" in r.record.reason
+    cmds = r.handle(Promote(), 12.0)
+    assert r.state == "running" and [w.node for w in writes(cmds)] == ["node-2"]
+    assert r.record.promote == ""
+
+
+def test_operator_rollback_and_abort() -> None:
+    """A paused rollout can be rolled back by the operator; abort stops without writing."""
+    r = rollout(2)
+    r.handle(Start(), 0.0)
+    r.handle(Pause(), 1.0)
+    cmds = r.handle(RollbackRequested(), 2.0)
+    assert r.state == "running" and r.record.phase == "rollback" and len(writes(cmds)) == 1
+    with pytest.raises(IllegalTransition, match="rolling back"):
+        r.handle(Pause(), 3.0)
+    a = rollout(2)
+    a.handle(Start(), 0.0)
+    cmds = a.handle(Abort(), 1.0)
+    assert a.state == "aborted" and writes(cmds) == [] and a.record.finished == 1.0
+
+
+def test_node_back_online_is_recorded() -> None:
+    """Online/offline changes of target nodes are recorded and announced once."""
+    r = rollout(2)
+    assert kinds(r.handle(NodeOffline("node-2"), 0.0)) == ["rollout.node.offline"]
+    assert r.handle(NodeOffline("node-2"), 1.0) == []
+    assert kinds(r.handle(NodeOnline("node-2"), 2.0)) == ["rollout.node.online"]
+    assert r.handle(NodeOffline("elsewhere"), 3.0) == []
+
+
+def test_canary_weights_rewrite_the_same_nodes_with_growing_weights() -> None:
+    """A weighted canary writes each node again per weight, generations growing."""
+    r = rollout(1, strategy="canary", weights=[10, 100])
+    (d,) = writes(r.handle(Start(), 0.0))
+    assert d.weights == {"a": 90, "b": 10}
+    cmds = r.handle(ObservedChanged("node-1", observed(d, 1.0)), 1.0)
+    (d2,) = writes(cmds)
+    assert d2.weights == {"a": 0, "b": 100} and d2.generation == d.generation + 1
+    converge(r, cmds, 2.0)
+    assert r.state == "succeeded"
+
+
+def test_node_already_on_the_release_is_not_written() -> None:
+    """A node that already serves the new release is done without a write."""
+    spec = RolloutSpec(service="hello", version="2.0.0")
+    cur = DesiredState(fleet="f", node="node-1", service="hello", generation=3,
+                       slots={"b": NEW}, weights={"b": 100})
+    rec = new_record(id="r", spec=spec, release=NEW, nodes=[NodeView(id="node-1")],
+                     current={"node-1": cur}, now=0.0)
+    r = Rollout(rec, fleet="f")
+    cmds = r.handle(Start(), 0.0)
+    assert writes(cmds) == [] and r.state == "succeeded"

@@ -1,0 +1,188 @@
+"""The node table in virtual time: online/offline transitions, views and selectors."""
+
+from __future__ import annotations
+
+import pytest
+
+from coordinator.core.fleet import (
+    MAX_INTERVAL,
+    MIN_INTERVAL,
+    Fleet,
+    matches,
+    parse_selector,
+)
+from protocol.errors import ProtocolError
+from protocol.messages import Heartbeat, NodeInfo, ServiceSummary
+
+T0 = 1_700_000_000.0
+
+
+def hb(node: str, interval: float = 2.0, **kw: object) -> Heartbeat:
+    return Heartbeat(node=node, interval=interval, **kw)  # type: ignore[arg-type]
+
+
+def test_first_heartbeat_brings_a_node_online_once() -> None:
+    """A node's first heartbeat emits node.online; later heartbeats emit nothing."""
+    f = Fleet()
+    [t] = f.heartbeat(hb("n1"), T0)
+    assert (t.kind, t.node) == ("node.online", "n1")
+    assert f.heartbeat(hb("n1"), T0 + 2) == []
+    assert f.view()[0].online
+
+
+def test_offline_only_after_three_missed_heartbeats() -> None:
+    """A node stays online up to 3 intervals after its last beat and goes offline just after."""
+    f = Fleet()
+    f.heartbeat(hb("n1", interval=2.0), T0)
+    assert f.tick(T0 + 6.0) == []
+    [t] = f.tick(T0 + 6.01)
+    assert (t.kind, t.node) == ("node.offline", "n1")
+    assert "3 x 2s" in t.message
+    assert f.tick(T0 + 100) == []  # no second offline transition
+    assert not f.view()[0].online
+
+
+def test_silence_while_the_coordinator_was_deaf_is_excused() -> None:
+    """After ``excuse(until)`` no node goes offline before 3 of its intervals past ``until``;
+    nodes that beat again stay online, silent ones go offline then, and excuses never shrink."""
+    f = Fleet()
+    f.heartbeat(hb("n1", interval=1.0), T0)
+    f.heartbeat(hb("n2", interval=1.0), T0)
+    f.excuse(T0 + 10.0)  # e.g. the broker was down from T0 to T0 + 5, plus 5 s of reconnects
+    f.excuse(T0 + 4.0)
+    assert f.tick(T0 + 13.0) == []
+    assert f.next_deadline() == T0 + 13.0
+    f.heartbeat(hb("n1", interval=1.0), T0 + 12.0)
+    [t] = f.tick(T0 + 13.01)
+    assert (t.kind, t.node) == ("node.offline", "n2")
+    assert f.tick(T0 + 15.01)[0].node == "n1"
+
+
+def test_offline_deadline_follows_the_announced_interval() -> None:
+    """The deadline is 3 x the interval the node announces, not a global constant."""
+    f = Fleet()
+    f.heartbeat(hb("fast", interval=0.2), T0)
+    f.heartbeat(hb("slow", interval=10.0), T0)
+    assert [t.node for t in f.tick(T0 + 1.0)] == ["fast"]
+    assert f.next_deadline() == pytest.approx(T0 + 30.0)
+
+
+def test_a_shorter_interval_announced_later_is_honoured_between_scans() -> None:
+    """``tick`` skips the scan until the earliest deadline it knows of; a heartbeat that
+    announces a shorter interval brings that point forward, so the node still goes offline on
+    time, and a node that beats on stays online however many ticks pass."""
+    f = Fleet()
+    f.heartbeat(hb("n1", interval=10.0), T0)
+    f.heartbeat(hb("n2", interval=10.0), T0)
+    assert f.tick(T0 + 1.0) == []
+    f.heartbeat(hb("n1", interval=0.5), T0 + 2.0)  # deadline now T0 + 3.5, not T0 + 30
+    for i in range(1, 30):  # n2 beats every second on its 10 s interval
+        f.heartbeat(hb("n2", interval=10.0), T0 + 2.0 + i * 0.1)
+    assert f.tick(T0 + 3.5) == []
+    assert [t.node for t in f.tick(T0 + 3.51)] == ["n1"]
+    for i in range(1, 60):
+        f.heartbeat(hb("n2", interval=10.0), T0 + 3.0 + i)
+        assert f.tick(T0 + 3.0 + i + 0.5) == []
+    assert [t.node for t in f.tick(T0 + 62.0 + 30.01)] == ["n2"]
+
+
+def test_node_comes_back_online_after_offline() -> None:
+    """A heartbeat after an offline transition emits node.online again."""
+    f = Fleet()
+    f.heartbeat(hb("n1"), T0)
+    f.tick(T0 + 10)
+    [t] = f.heartbeat(hb("n1"), T0 + 20)
+    assert t.kind == "node.online"
+    assert f.view()[0].last_seen == T0 + 20
+
+
+def test_registration_is_a_sign_of_life_and_sets_labels() -> None:
+    """register() brings a node online and its NodeInfo labels win over heartbeat labels."""
+    f = Fleet()
+    [t] = f.register(NodeInfo(id="n1", labels={"zone": "a"}), T0)
+    assert t.kind == "node.online" and t.data["labels"] == {"zone": "a"}
+    f.heartbeat(hb("n1", labels={"zone": "stale"}), T0 + 1)
+    assert f.view()[0].labels == {"zone": "a"}
+
+
+def test_loaded_nodes_are_known_but_offline() -> None:
+    """Nodes loaded from the nodes bucket show offline with no figures until they beat."""
+    f = Fleet()
+    f.load(NodeInfo(id="n1", labels={"role": "web"}))
+    [v] = f.view()
+    assert (v.online, v.last_seen, v.cpu_percent, v.labels) == (False, None, None, {"role": "web"})
+    assert f.tick(T0) == []
+    assert f.next_deadline() is None
+
+
+def test_view_carries_figures_and_services() -> None:
+    """The view shows the last heartbeat's cpu, memory and services keyed by name."""
+    f = Fleet()
+    f.heartbeat(
+        hb("n1", cpu_percent=12.5, mem_percent=40.0,
+           services=[ServiceSummary(service="hello", version="2.0.0", healthy=True)]),
+        T0,
+    )
+    [v] = f.view()
+    assert (v.cpu_percent, v.mem_percent) == (12.5, 40.0)
+    assert v.services["hello"]["version"] == "2.0.0"
+    assert v.services["hello"]["healthy"] is True
+
+
+def test_view_filters_by_selector_and_sorts_naturally() -> None:
+    """Only nodes carrying every selector pair are listed, node-2 before node-10."""
+    f = Fleet()
+    for i, zone in ((10, "a"), (2, "a"), (3, "b")):
+        f.register(NodeInfo(id=f"node-{i}", labels={"zone": zone, "role": "web"}), T0)
+    assert [v.id for v in f.view({"zone": "a"})] == ["node-2", "node-10"]
+    assert [v.id for v in f.view()] == ["node-2", "node-3", "node-10"]
+    assert f.view({"zone": "a", "role": "db"}) == []
+    assert f.online_ids({"zone": "b"}) == ["node-3"]
+
+
+@pytest.mark.parametrize(
+    ("announced", "effective"),
+    [(0.0, MIN_INTERVAL), (-5.0, MIN_INTERVAL), (1e9, MAX_INTERVAL), (float("nan"), 2.0)],
+)
+def test_hostile_intervals_are_clamped(announced: float, effective: float) -> None:
+    """A zero, negative, huge or NaN interval cannot make a node immortal or flap."""
+    f = Fleet()
+    f.heartbeat(hb("n1", interval=announced), T0)
+    assert f.nodes["n1"].interval == effective
+
+
+@pytest.mark.parametrize(
+    ("selector", "labels", "expected"),
+    [
+        ({}, {}, True),
+        ({}, {"zone": "a"}, True),
+        ({"zone": "a"}, {"zone": "a", "role": "web"}, True),
+        ({"zone": "a"}, {"zone": "b"}, False),
+        ({"zone": "a"}, {}, False),
+        ({"zone": "a", "role": "web"}, {"zone": "a"}, False),
+    ],
+)
+def test_matches(selector: dict[str, str], labels: dict[str, str], expected: bool) -> None:
+    """A selector matches when every pair is carried by the labels."""
+    assert matches(selector, labels) is expected
+
+
+def test_parse_selector_accepts_repeats_and_commas() -> None:
+    """Repeated flags and comma lists both build one selector."""
+    got = parse_selector(["zone=a", "role=web,tier=1"])
+    assert got == {"zone": "a", "role": "web", "tier": "1"}
+    assert parse_selector([]) == {}
+    assert parse_selector(["zone=a", "zone=a"]) == {"zone": "a"}
+
+
+@pytest.mark.parametrize("bad", ["zone", "=a", "zone=", "zone=a b", "zo ne=a", "a=b=c"])
+def test_parse_selector_refuses_malformed_items(bad: str) -> None:
+    """A malformed item is refused with a message naming it."""
+    with pytest.raises(ProtocolError, match="not key=value"):
+        parse_selector([bad])
+
+
+def test_parse_selector_refuses_contradictions() -> None:
+    """The same key with two values is refused rather than silently picking one."""
+    with pytest.raises(ProtocolError, match="twice"):
+        parse_selector(["zone=a", "zone=b"])

@@ -1,0 +1,37 @@
+"""Helpers over the coordinator's engine, shared by its unit tests (built on ``protocol.testing``).
+
+- ``rollout(n, ...)``  a planned rollout of ``hello`` 2.0.0 over ``node-1..n``, each node on 1.0.0
+                       at generation 7 (``protocol.testing.desired``).
+- ``writes(cmds)``, ``kinds(cmds)``, ``events(cmds, kind)``  what a step's commands write and emit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from coordinator.core.engine import Command, EmitEvent, Rollout, WriteDesired, new_record
+from protocol.messages import DesiredState, NodeView
+from protocol.testing import FLEET, NEW, desired, spec
+
+
+def rollout(n: int = 3, *, id: str = "r1", **spec_fields: Any) -> Rollout:
+    """A rollout of ``spec(**spec_fields)`` planned over ``n`` nodes, not started."""
+    nodes = [NodeView(id=f"node-{i}") for i in range(1, n + 1)]
+    rec = new_record(id=id, spec=spec(**spec_fields), release=NEW, nodes=nodes,
+                     current={v.id: desired(v.id) for v in nodes}, now=0.0)
+    return Rollout(rec, fleet=FLEET)
+
+
+def writes(cmds: list[Command]) -> list[DesiredState]:
+    """The desired states ``cmds`` write, in order."""
+    return [c.desired for c in cmds if isinstance(c, WriteDesired)]
+
+
+def kinds(cmds: list[Command]) -> list[str]:
+    """The kinds of the events ``cmds`` emit, in order."""
+    return [c.kind for c in cmds if isinstance(c, EmitEvent)]
+
+
+def events(cmds: list[Command], kind: str) -> list[EmitEvent]:
+    """The events of ``kind`` that ``cmds`` emit."""
+    return [c for c in cmds if isinstance(c, EmitEvent) and c.kind == kind]

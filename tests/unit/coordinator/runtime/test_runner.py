@@ -1,0 +1,405 @@
+"""The rollout runner against an in-memory bus, in virtual time: command order, idempotent
+desired writes, the per-service lock, resuming after a crash, and failures of the bus."""
+
+from __future__ import annotations
+
+import pytest
+
+from coordinator.core.engine import Pause, Resume, Rollout
+from coordinator.errors import RemoteError, UsageError
+from coordinator.runtime.driver import HOLD_PERSIST
+from coordinator.runtime.runner import Runner
+from protocol import subjects
+from protocol.bus import Entry
+from protocol.codec import decode, encode
+from protocol.errors import BusError, Conflict
+from protocol.messages import (
+    DesiredState,
+    NodeView,
+    ObservedState,
+    RolloutRecord,
+    SignedEnvelope,
+    SlotStatus,
+)
+from protocol.signing import generate_seed, sign
+from protocol.testing import FLEET, NEW, OLD, FakeBus, FakeClock, desired, spec
+
+SEED = generate_seed()
+DESIRED = subjects.desired_bucket(FLEET)
+ROLLOUTS = subjects.rollouts_bucket(FLEET)
+LOCKS = subjects.locks_bucket(FLEET)
+OBSERVED = subjects.observed_bucket(FLEET)
+
+
+class Killed(BaseException):
+    """The coordinator process died here (kill -9): nothing after it runs."""
+
+
+def fleet_bus(n: int = 3) -> FakeBus:
+    """A bus whose desired bucket has every node on 1.0.0 at generation 7."""
+    bus = FakeBus()
+    for i in range(1, n + 1):
+        d = desired(f"node-{i}")
+        bus.set("put", DESIRED, f"node-{i}.hello", encode(sign(SEED, d)))
+    bus.log.clear()
+    return bus
+
+
+def views(n: int = 3, *, offline: tuple[str, ...] = (), heard: bool = True) -> list[NodeView]:
+    return [NodeView(id=f"node-{i}", labels={"zone": "a"}, online=f"node-{i}" not in offline,
+                     last_seen=1000.0 if heard else None) for i in range(1, n + 1)]
+
+
+def runner(bus: FakeBus, clock: FakeClock, nodes: list[NodeView] | None = None,
+           **kw: float) -> Runner:
+    table = nodes if nodes is not None else views()
+    return Runner(bus, seed=SEED, nodes=lambda: table, clock=clock, **kw)
+
+
+async def report(r: Runner, bus: FakeBus, node: str, t: float, *, healthy: bool = True) -> None:
+    """The node's agent converged on its current desired state (or failed to) at time ``t``."""
+    d = bus.desired(node)
+    assert d is not None
+    slots = {s: SlotStatus(slot=s, status="healthy" if healthy or ref == OLD else "failed",
+                           version=ref.version) for s, ref in d.slots.items()}
+    seen = ObservedState(
+        node=node, service="hello", generation=d.generation, slots=slots, time=t,
+        observed_generation=d.generation if healthy else d.generation - 1,
+        weights=dict(d.weights) if healthy else {}, phase="converged" if healthy else "failed",
+        error="" if healthy else "health check failed",
+    )
+    await r.on_observed(Entry(f"{node}.hello", encode(seen), 1))
+
+
+async def drive(r: Runner, bus: FakeBus, clock: FakeClock, rid: str, *, limit: int = 50) -> str:
+    """Let every node converge on whatever it is told, tick by tick, until the rollout ends."""
+    for _ in range(limit):
+        clock.t += 1
+        for i in (1, 2, 3):
+            await report(r, bus, f"node-{i}", clock.t)
+        await r.step()
+        if rid not in r.drivers:
+            return bus.record(rid).state
+    raise AssertionError("the rollout did not end")
+
+
+async def test_persist_comes_before_the_desired_writes_it_decided() -> None:
+    """Every desired write happens after a persisted record already names that generation."""
+    bus, clock = fleet_bus(), FakeClock()
+    r = runner(bus, clock)
+    rec = await r.deploy(spec(), NEW)
+    assert await drive(r, bus, clock, rec.id) == "succeeded"
+    last_record: RolloutRecord | None = None
+    writes = 0
+    for op, bucket, key, value in bus.log:
+        if bucket == ROLLOUTS and value is not None:
+            last_record = decode(RolloutRecord, value)
+        elif bucket == DESIRED and value is not None:
+            writes += 1
+            gen = decode(SignedEnvelope, value).generation
+            assert last_record is not None
+            target = last_record.nodes[key.split(".")[0]].target
+            assert target is not None and target.generation == gen, (op, key, gen)
+    assert writes == 6  # three forward writes, three retirements of the old slot
+
+
+async def test_a_rollout_runs_to_success_and_releases_its_lock() -> None:
+    """Nodes move one by one; success retires old slots, deletes the lock, emits every event."""
+    bus, clock = fleet_bus(), FakeClock()
+    r = runner(bus, clock)
+    rec = await r.deploy(spec(), NEW)
+    assert bus.live(LOCKS, "hello") is not None
+    assert await drive(r, bus, clock, rec.id) == "succeeded"
+    assert bus.live(LOCKS, "hello") is None
+    for i in (1, 2, 3):
+        d = bus.desired(f"node-{i}")
+        assert d is not None and d.slots == {"b": NEW} and d.weights == {"b": 100}
+    events = r.events.pending()
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "rollout.started" and kinds[-1] == "rollout.succeeded"
+    assert all(e.rollout == rec.id and e.service == "hello" and e.fleet == FLEET for e in events)
+    assert len({e.id for e in events}) == len(events)
+
+
+async def test_desired_writes_are_idempotent_by_generation() -> None:
+    """A desired state is skipped when KV holds that generation or newer, written when older."""
+    bus, clock = fleet_bus(), FakeClock()
+    r = runner(bus, clock)
+    same = DesiredState(fleet=FLEET, node="node-1", service="hello", generation=7,
+                        slots={"b": NEW}, weights={"b": 100})
+    assert await r.desired.write(same) is False
+    assert bus.desired("node-1").slots == {"a": OLD}  # type: ignore[union-attr]
+    newer = DesiredState(fleet=FLEET, node="node-1", service="hello", generation=8,
+                         slots={"b": NEW}, weights={"b": 100})
+    assert await r.desired.write(newer) is True
+    assert await r.desired.write(newer) is False
+    assert bus.desired_writes() == [("node-1.hello", 8)]
+
+
+async def test_a_second_deploy_of_the_service_is_refused_naming_the_first() -> None:
+    """While a rollout runs, another deploy of its service is a Conflict and writes nothing."""
+    bus, clock = fleet_bus(), FakeClock()
+    r = runner(bus, clock)
+    first = await r.deploy(spec(), NEW)
+    before = list(bus.log)
+    with pytest.raises(Conflict, match=first.id):
+        await r.deploy(spec(), NEW)
+    assert bus.log == before
+    assert list(r.drivers) == [first.id]
+
+
+async def test_a_stale_lock_of_a_finished_rollout_is_taken_over() -> None:
+    """A lock naming a terminal (or missing) rollout does not block a new deploy."""
+    bus, clock = fleet_bus(), FakeClock()
+    bus.set("create", LOCKS, "hello", b"hello-gone")
+    r = runner(bus, clock)
+    rec = await r.deploy(spec(), NEW)
+    lock = bus.live(LOCKS, "hello")
+    assert lock is not None and lock.value == rec.id.encode()
+
+
+async def test_a_bad_spec_is_refused_before_anything_is_written() -> None:
+    """A spec planning refuses raises UsageError and leaves no lock and no record."""
+    bus, clock = fleet_bus(), FakeClock()
+    r = runner(bus, clock)
+    with pytest.raises(UsageError, match="--batch"):
+        await r.deploy(spec(batch="zero"), NEW)
+    with pytest.raises(UsageError, match="offline nodes are not targeted"):
+        await runner(bus, clock, views(offline=("node-1", "node-2", "node-3"))).deploy(spec(), NEW)
+    assert bus.log == []
+
+
+async def test_resume_after_a_crash_between_persist_and_write_rewrites_only_the_missing() -> None:
+    """Killed after persisting wave 0 but before writing node-1, a new runner writes it once."""
+    bus, clock = fleet_bus(), FakeClock()
+    bus.faults[("create", DESIRED)] = Killed()
+    bus.faults[("update", DESIRED)] = Killed()
+    with pytest.raises(Killed):
+        await runner(bus, clock).deploy(spec(), NEW)
+    bus.faults.clear()
+    rid = next(k for k in bus.kv[ROLLOUTS])
+    assert bus.record(rid).nodes["node-1"].target is not None
+    assert bus.desired_writes() == []
+    clock.t += 5
+    r2 = runner(bus, clock)
+    await r2.resync()
+    assert bus.desired_writes() == [("node-1.hello", 8)]
+    await r2.resync()  # nothing new to do: driven already
+    r3 = runner(bus, clock)
+    await r3.resync()  # a third coordinator finds the write done and does not repeat it
+    assert bus.desired_writes() == [("node-1.hello", 8)]
+    assert await drive(r3, bus, clock, rid) == "succeeded"
+    assert [k for k, g in bus.desired_writes() if g == 8] == ["node-1.hello", "node-2.hello",
+                                                               "node-3.hello"]
+
+
+async def test_resume_starts_a_rollout_killed_before_its_start() -> None:
+    """A record still pending (killed between creating and starting it) is started on resume."""
+    bus, clock = fleet_bus(), FakeClock()
+    bus.faults[("update", ROLLOUTS)] = Killed()
+    with pytest.raises(Killed):
+        await runner(bus, clock).deploy(spec(), NEW)
+    bus.faults.clear()
+    rid = next(k for k in bus.kv[ROLLOUTS])
+    assert bus.record(rid).state == "pending"
+    r2 = runner(bus, clock)
+    await r2.resync()
+    assert bus.record(rid).state == "running"
+    assert await drive(r2, bus, clock, rid) == "succeeded"
+
+
+async def test_resume_feeds_cached_observed_states_so_progress_is_not_repeated() -> None:
+    """A resumed rollout learns from the observed cache that node-1 already converged."""
+    bus, clock = fleet_bus(), FakeClock()
+    r = runner(bus, clock)
+    rec = await r.deploy(spec(), NEW)
+    clock.t += 1
+    await report(r, bus, "node-1", clock.t)
+    seen = dict(r.observed)
+    r2 = runner(bus, clock)
+    r2.observed.update(seen)
+    await r2.resync()
+    record = r2.drivers[rec.id].rollout.record
+    assert record.nodes["node-1"].state == "done"
+    assert [k for k, g in bus.desired_writes()] == ["node-1.hello", "node-2.hello"]
+
+
+async def test_a_record_changed_by_another_coordinator_stops_this_one() -> None:
+    """On a compare-and-set conflict the runner stops driving the rollout and keeps the lock."""
+    bus, clock = fleet_bus(), FakeClock()
+    r = runner(bus, clock)
+    rec = await r.deploy(spec(), NEW)
+    other = Rollout(bus.record(rec.id), fleet=FLEET)
+    other.handle(Pause("the other one"), clock.t)
+    entry = bus.live(ROLLOUTS, rec.id)
+    assert entry is not None
+    await bus.kv_update(ROLLOUTS, rec.id, encode(other.record), entry.revision)
+    with pytest.raises(RemoteError, match="another coordinator") as info:
+        await r.request(rec.id, Pause())
+    assert info.value.code == "conflict"
+    assert rec.id not in r.drivers and rec.id in r.foreign
+    assert bus.live(LOCKS, "hello") is not None
+    await r.resync()
+    assert rec.id not in r.drivers
+
+
+async def test_a_lost_reply_to_our_own_persist_is_not_mistaken_for_another_writer() -> None:
+    """If the write landed but the answer was lost, the retry's conflict finds our own bytes."""
+    bus, clock = fleet_bus(), FakeClock()
+    r = runner(bus, clock)
+    rec = await r.deploy(spec(), NEW)
+    driver = r.drivers[rec.id]
+    written = bus.kv[ROLLOUTS][rec.id]
+    driver.revision = written.revision - 100  # stale revision, but KV holds exactly our bytes
+    await r._executor.persist(driver, decode(RolloutRecord, written.value or b""))
+    assert driver.revision == written.revision
+
+
+async def test_a_bus_outage_drops_the_driver_and_the_resync_rebuilds_it() -> None:
+    """A persist that keeps failing drops the driver; resync drives the rollout again."""
+    bus, clock = fleet_bus(), FakeClock()
+    r = runner(bus, clock, command_deadline=0.3)
+    rec = await r.deploy(spec(), NEW)
+    bus.faults[("update", ROLLOUTS)] = BusError("NATS is away")
+    bus.fault_count[("update", ROLLOUTS)] = 100
+    with pytest.raises(BusError):
+        await r.request(rec.id, Pause())
+    assert rec.id not in r.drivers
+    assert bus.record(rec.id).state == "running"  # the pause never reached KV
+    bus.faults.clear()
+    await r.resync()
+    paused = await r.request(rec.id, Pause())
+    assert paused.state == "paused" and bus.record(rec.id).state == "paused"
+    resumed = await r.request(rec.id, Resume())
+    assert resumed.state == "running"
+
+
+async def test_operator_requests_say_why_they_cannot_be_done() -> None:
+    """Unknown ids are not_found, finished rollouts and illegal moves are conflicts."""
+    bus, clock = fleet_bus(), FakeClock()
+    r = runner(bus, clock)
+    with pytest.raises(RemoteError) as missing:
+        await r.request("nope", Pause())
+    assert missing.value.code == "not_found"
+    rec = await r.deploy(spec(), NEW)
+    with pytest.raises(RemoteError, match="cannot resume") as illegal:
+        await r.request(rec.id, Resume())
+    assert illegal.value.code == "conflict"
+    await drive(r, bus, clock, rec.id)
+    with pytest.raises(RemoteError, match="already succeeded") as done:
+        await r.request(rec.id, Pause())
+    assert done.value.code == "conflict"
+
+
+async def test_offline_nodes_are_reported_only_after_the_startup_grace() -> None:
+    """A node the table has not heard from since start is not called offline during the grace."""
+    bus, clock = fleet_bus(), FakeClock()
+    table = views(heard=False)
+    r = Runner(bus, seed=SEED, nodes=lambda: table, clock=clock, startup_grace=10.0)
+    rec = await r.deploy(spec(), NEW)
+    table[0] = NodeView(id="node-1", online=False, last_seen=None)
+    clock.t += 5
+    await r.step()
+    assert r.drivers[rec.id].rollout.record.nodes["node-1"].online is True
+    clock.t += 6
+    await r.step()
+    record = bus.record(rec.id)
+    assert record.nodes["node-1"].online is False and record.phase == "rollback"
+    assert "offline" in record.reason
+
+
+async def test_a_failing_node_rolls_the_rollout_back() -> None:
+    """An agent reporting failure rolls back every touched node to its previous state."""
+    bus, clock = fleet_bus(), FakeClock()
+    r = runner(bus, clock)
+    rec = await r.deploy(spec(), NEW)
+    clock.t += 1
+    await report(r, bus, "node-1", clock.t, healthy=False)
+    assert bus.record(rec.id).phase == "rollback"
+    restored = bus.desired("node-1")
+    assert restored is not None and restored.slots == {"a": OLD} and restored.generation == 9
+    assert await drive(r, bus, clock, rec.id) == "rolled_back"
+    assert bus.live(LOCKS, "hello") is None
+
+
+async def test_malformed_or_misaddressed_observed_states_are_ignored() -> None:
+    """Garbage, or a state claiming another key, neither reaches a rollout nor the cache."""
+    bus, clock = fleet_bus(), FakeClock()
+    r = runner(bus, clock)
+    await r.deploy(spec(), NEW)
+    await r.on_observed(Entry("node-1.hello", b"{not json", 1))
+    lie = ObservedState(node="node-2", service="hello", observed_generation=99, time=clock.t)
+    await r.on_observed(Entry("node-1.hello", encode(lie), 2))
+    assert r.observed == {}
+    await r.on_observed(Entry("node-1.hello", None, 3))
+    assert r.observed == {}
+
+
+async def test_node_progress_is_held_for_the_next_persist_and_never_published_before_it() -> None:
+    """Reports that only mark nodes done are persisted together, by the next step that changes
+    nothing (a tick) or decides something; their events follow that Persist, never precede it."""
+    bus, clock = fleet_bus(), FakeClock()
+    r = runner(bus, clock)
+    rec = await r.deploy(spec(batch="100%", max_unavailable="100%"), NEW)
+    r.events.pending()
+    persisted = len([1 for _, b, _, v in bus.log if b == ROLLOUTS and v is not None])
+    clock.t += 0.01
+    await report(r, bus, "node-1", clock.t)
+    await report(r, bus, "node-2", clock.t)
+    assert bus.record(rec.id).nodes["node-1"].state == "updating"  # held
+    live = await r.get(rec.id)
+    assert live is not None and live.nodes["node-2"].state == "done"  # what the API shows
+    assert [e.kind for e in r.events.pending()] == []
+    await r.step()  # the tick: nothing to decide, so the held change is written now
+    assert {n: p.state for n, p in bus.record(rec.id).nodes.items()} == {
+        "node-1": "done", "node-2": "done", "node-3": "updating"}
+    assert [(e.kind, e.node) for e in r.events.pending()] == [
+        ("node.done", "node-1"), ("node.done", "node-2")]
+    assert len([1 for _, b, _, v in bus.log if b == ROLLOUTS and v is not None]) == persisted + 1
+    clock.t += 0.01
+    await report(r, bus, "node-3", clock.t)  # the wave converges: decided and written at once
+    assert bus.record(rec.id).state == "succeeded"
+    kinds = [e.kind for e in r.events.pending()]
+    assert kinds[0] == "node.done" and kinds[-1] == "rollout.succeeded"
+
+
+async def test_held_progress_is_written_within_the_hold_time_however_many_reports_come() -> None:
+    """A stream of progress-only reports still persists at least every HOLD_PERSIST."""
+    bus, clock = fleet_bus(5), FakeClock()
+    r = runner(bus, clock, views(5))
+    rec = await r.deploy(spec(batch="100%", max_unavailable="100%"), NEW)
+    await report(r, bus, "node-1", clock.t)
+    clock.t += HOLD_PERSIST + 0.01
+    await report(r, bus, "node-2", clock.t)  # held for longer than allowed: written with it
+    assert [bus.record(rec.id).nodes[f"node-{i}"].state for i in (1, 2, 3)] == [
+        "done", "done", "updating"]
+
+
+async def test_held_progress_lost_with_its_coordinator_is_derived_again_once() -> None:
+    """A coordinator that dies holding progress published none of it; the next one derives it
+    from the observed states and emits each node's event exactly once."""
+    bus, clock = fleet_bus(), FakeClock()
+    r = runner(bus, clock)
+    rec = await r.deploy(spec(batch="100%", max_unavailable="100%"), NEW)
+    clock.t += 0.01
+    await report(r, bus, "node-1", clock.t)
+    assert not any(e.kind == "node.done" for e in r.events.pending())
+    seen = dict(r.observed)
+    r2 = runner(bus, clock)  # the first one is gone (kill -9): its held change with it
+    r2.observed.update(seen)
+    await r2.resync()
+    await r2.step()
+    assert bus.record(rec.id).nodes["node-1"].state == "done"
+    assert [e.node for e in r2.events.pending() if e.kind == "node.done"] == ["node-1"]
+
+
+async def test_a_rollout_whose_record_could_outgrow_a_nats_message_is_refused() -> None:
+    """The record is persisted whole: a deploy it could outgrow the server's max_payload with
+    is refused up front, naming the fix, and writes nothing."""
+    bus, clock = fleet_bus(), FakeClock()
+    bus.max_payload = 2000  # the real Bus reads it from the server's INFO
+    with pytest.raises(UsageError, match=r"max_payload .*--selector"):
+        await runner(bus, clock).deploy(spec(), NEW)
+    assert bus.log == []
+    bus.max_payload = 1 << 20
+    await runner(bus, clock).deploy(spec(), NEW)

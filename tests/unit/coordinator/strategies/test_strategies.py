@@ -1,0 +1,71 @@
+"""The strategy registry: one name per strategy, one validation the CLI and the API share, and
+each strategy naming the kinds of its waves."""
+
+from __future__ import annotations
+
+import pytest
+
+from coordinator import strategies
+from coordinator.errors import UsageError
+from coordinator.strategies import STRATEGIES, blue_green, canary, rolling, shadow
+from protocol.errors import ProtocolError
+from protocol.testing import spec
+
+
+def test_every_strategy_name_maps_to_its_module() -> None:
+    """The four --strategy names, each to the module that implements it."""
+    assert {"rolling": rolling, "canary": canary, "blue-green": blue_green,
+                          "shadow": shadow} == STRATEGIES
+
+
+@pytest.mark.parametrize(
+    ("fields", "kinds"),
+    [
+        pytest.param({"strategy": "rolling"}, ["", "", ""], id="rolling"),
+        pytest.param({"strategy": "canary"}, ["", ""], id="canary"),
+        pytest.param({"strategy": "blue-green"}, ["stage", "switch"], id="blue-green"),
+        pytest.param({"strategy": "shadow", "mirror": 10.0}, ["shadow"], id="shadow"),
+        pytest.param({"strategy": "shadow", "mirror": 10.0, "then": "blue-green"},
+                     ["shadow", "switch"], id="shadow-then-blue-green"),
+        pytest.param({"strategy": "shadow", "mirror": 10.0, "then": "rolling"},
+                     ["shadow", "", "", ""], id="shadow-then-rolling"),
+    ],
+)
+def test_each_wave_of_a_plan_has_the_kind_its_strategy_names(
+    fields: dict[str, object], kinds: list[str],
+) -> None:
+    """wave_kind, asked wave by wave, describes the plan each strategy makes over 3 nodes."""
+    s = spec(**fields)
+    waves = strategies.plan_strategy(["node-1", "node-2", "node-3"], s)
+    assert [strategies.wave_kind(s, w.index) for w in waves] == kinds
+
+
+@pytest.mark.parametrize(
+    ("fields", "says"),
+    [
+        pytest.param({"service": "bad name"}, "service", id="common-name"),
+        pytest.param({"bake": -1.0}, "--bake", id="common-bake"),
+        pytest.param({"strategy": "rolling", "steps": ["5", "2"]}, "strictly increase",
+                     id="steps-whatever-the-strategy"),
+        pytest.param({"strategy": "canary", "weights": [50, 10]}, "--weights",
+                     id="canary-weights"),
+        pytest.param({"strategy": "blue-green", "scale_down_delay": -5.0}, "--scale-down-delay",
+                     id="blue-green-delay"),
+        pytest.param({"strategy": "shadow", "mirror": 0.0}, "--mirror", id="shadow-mirror"),
+        pytest.param({"strategy": "shadow", "mirror": 5.0, "mirror_methods": []},
+                     "--mirror-methods", id="shadow-methods"),
+    ],
+)
+def test_validate_refuses_what_no_fleet_could_carry_out(fields: dict[str, object],
+                                                        says: str) -> None:
+    """One validation, common checks and the strategy's own, refuses with a one-line reason
+    (a bad name is the protocol's error, which the API and the CLI report as a usage error)."""
+    with pytest.raises((UsageError, ProtocolError), match=says) as err:
+        strategies.validate(spec(**fields))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_validate_accepts_each_strategy_with_its_defaults(name: str) -> None:
+    """A spec with only a strategy (and a shadow's mirror share) is valid."""
+    strategies.validate(spec(strategy=name, mirror=10.0 if name == "shadow" else 0.0))
