@@ -35,7 +35,7 @@ _LABEL_VALUE = re.compile(r"^[A-Za-z0-9_.-]{1,63}$")
 def parse_labels(items: Iterable[str]) -> dict[str, str]:
     """``["zone=a", "role=web"]`` → dict; ProtocolError names the first bad item.
 
-    Same grammar as the coordinator's selectors (``coordinator.fleet.parse_selector``) so that
+    Same grammar as the coordinator's selectors (``coordinator.core.fleet.parse_selector``) so that
     every label an agent accepts can be selected.
     """
     out: dict[str, str] = {}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.broker import Broker, find_nats_server, free_port, port_in_use
+from coordinator.dev.broker import Broker, find_nats_server, free_port, port_in_use
 from coordinator.errors import BrokerError
 from protocol.bus import Bus
 

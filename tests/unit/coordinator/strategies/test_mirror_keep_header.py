@@ -1,6 +1,6 @@
 """``--mirror-keep-header`` on its way from the command line (or a rollout.toml) to the shadow's
 MirrorSpec in every node's desired state; the agent's side is in
-tests/unit/agent/test_mirror_keep_header.py."""
+tests/unit/agent/router/test_routing_keep_headers.py."""
 
 from __future__ import annotations
 
