@@ -9,8 +9,9 @@ from pathlib import Path
 import click
 
 from coordinator.cli.base import Ctx, cli
+from coordinator.dev import examples
 from coordinator.dev.devfleet import MAX_AGENTS, DevFleet
-from coordinator.errors import BrokerError
+from coordinator.errors import BrokerError, FleetwaveError
 from protocol.bus import redact
 
 WATCH_INTERVAL = 0.5
@@ -63,7 +64,7 @@ async def _up(
     finally:
         stopping.cancel()
     try:
-        click.echo(describe(fleet))
+        click.echo(describe(fleet, _example_bundles(fleet.dir)))
         return await _watch(fleet, stop)
     finally:
         click.echo("stopping agents, coordinator and broker ...", err=True)
@@ -94,7 +95,18 @@ async def _watch(fleet: DevFleet, stop: asyncio.Event) -> int:
     return 0
 
 
-def describe(fleet: DevFleet) -> str:
+def _example_bundles(directory: Path) -> Path | None:
+    """The hello example's bundles written under ``directory``, ready to push (None, with a
+    word on stderr, if this installation has no examples)."""
+    try:
+        made = examples.bundles(directory / "examples" / "hello")
+    except (FleetwaveError, OSError) as exc:
+        click.echo(f"no example bundles: {exc}", err=True)
+        return None
+    return next(iter(made.values())).parent
+
+
+def describe(fleet: DevFleet, bundles: Path | None = None) -> str:
     """What runs where, and how to use it."""
     lines = [
         "dev fleet is up:",
@@ -112,6 +124,11 @@ def describe(fleet: DevFleet) -> str:
         "in another shell:",
         f"  export FLEETWAVE_NATS={fleet.nats_url}",
         f"  fleetwave{fleet_flag} nodes",
+    ]
+    if bundles is not None:
+        lines.append(f"  fleetwave{fleet_flag} release push {bundles / '1.0.0'}"
+                     f"   # example bundles: {bundles}/<version>")
+    lines += [
         "",
         "Ctrl-C stops everything.",
     ]

@@ -57,7 +57,8 @@ async def _run_broker(port: int, host: str, store_dir: Path) -> int:
 @cli.command()
 @click.option(
     "--examples", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
-    help="Folder with the example hello bundles (default: deploy/examples/hello of this checkout).",
+    help="The hello example's folder: app.py and a fleetwave.toml per version (default: the "
+    "one shipped with fleetwave, deploy/examples/hello in a clone).",
 )
 @click.option("--keep", is_flag=True, help="Keep the fleet's directory and logs afterwards.")
 def demo(examples: Path | None, keep: bool) -> int:

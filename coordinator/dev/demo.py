@@ -27,15 +27,14 @@ from pathlib import Path
 
 import click
 
+from coordinator.dev import examples
 from coordinator.dev.devfleet import DevFleet
 from coordinator.dev.traffic import Traffic, TrafficReport, probe_version
-from coordinator.errors import FleetwaveError
 from coordinator.releases import push_release
 from protocol.bus import Bus
 
 AGENTS = 3
 PORT = 8080
-EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "hello"
 
 
 @dataclass
@@ -50,18 +49,17 @@ class Step:
 
 
 def examples_dir(given: Path | None) -> Path:
-    path = given or EXAMPLES
-    if not (path / "1.0.0" / "fleetwave.toml").is_file():
-        raise FleetwaveError(
-            f"the example bundles are not at {path}; run the demo from a clone of fleetwave "
-            "or pass --examples DIR (the folder holding hello/1.0.0, 2.0.0, 2.1.0)"
-        )
-    return path
+    """The hello example's folder (its app and a manifest per version): ``given`` or the one
+    shipped with fleetwave; FleetwaveError with what to do when it is not there."""
+    if given is not None:
+        return examples.examples_root(given.parent, given.name) / given.name
+    return examples.examples_root() / "hello"
 
 
-async def run_demo(examples: Path, *, keep_dir: bool = False) -> int:
+async def run_demo(examples_of: Path, *, keep_dir: bool = False) -> int:
     """Run the tour; return 0 when every step did what it should."""
     base = Path(tempfile.mkdtemp(prefix="fleetwave-demo-"))
+    made = examples.bundles(base / "bundles", examples_of.name, examples_of.parent)
     say(f"Starting a throwaway fleet in {base}: broker, coordinator, {AGENTS} agents ...")
     steps: list[Step] = []
     async with DevFleet(base / "fleet", agents=AGENTS, heartbeat_interval=1.0) as fleet:
@@ -71,7 +69,7 @@ async def run_demo(examples: Path, *, keep_dir: bool = False) -> int:
         bus = await Bus.connect(fleet.nats_url, fleet.fleet, name="fleetwave-demo")
         try:
             for version in ("1.0.0", "2.0.0", "2.1.0"):
-                res = await push_release(bus, examples / version)
+                res = await push_release(bus, made[version])
                 say(f"  release hello {version}: {res.status} ({res.info.digest[:19]}...)")
         finally:
             await bus.close()

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import psutil
@@ -32,9 +31,8 @@ from protocol.bus import Bus
 from protocol.codec import decode
 from protocol.errors import BusError
 from protocol.messages import RolloutRecord, SignedEnvelope
-from tests.integration.procs import fleetwave, wait_until
+from tests.integration.procs import fleetwave, hello_bundle, wait_until
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "hello"
 PORT = 8080
 DEPLOY_TIMEOUT = 100.0
 
@@ -42,7 +40,7 @@ DEPLOY_TIMEOUT = 100.0
 async def push(url: str, *versions: str) -> None:
     """Push the example hello bundles ``versions`` to the fleet's release store."""
     for v in versions:
-        code, _, err = await fleetwave("release", "push", str(EXAMPLES / v), nats_url=url)
+        code, _, err = await fleetwave("release", "push", str(hello_bundle(v)), nats_url=url)
         assert code == 0, f"release push {v} failed ({code}): {err}"
 
 

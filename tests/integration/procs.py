@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from coordinator.dev.devfleet import Child, python_module
+from coordinator.dev.examples import assembled
 
 T = TypeVar("T")
 
+hello_bundle = assembled  # the hello example's bundle of a version, assembled once a process
 HEARTBEAT = 0.3  # seconds; short so that offline detection takes about a second
 CLI_TIMEOUT = 20.0
 
@@ -135,3 +137,4 @@ async def read_text(path: Path) -> str:
             return ""
 
     return await asyncio.to_thread(read)
+

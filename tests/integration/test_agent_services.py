@@ -26,9 +26,8 @@ from protocol.bus import Bus
 from protocol.codec import decode, encode
 from protocol.messages import DesiredState, Event, Heartbeat, ObservedState, ReleaseRef
 from protocol.signing import generate_seed, public_key, sign
-from tests.integration.procs import reaping, spawn_agent, wait_until
+from tests.integration.procs import hello_bundle, reaping, spawn_agent, wait_until
 
-HELLO = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "hello"
 NODE = "n1"
 
 
@@ -213,7 +212,7 @@ async def hello_fleet(broker: Broker, base: Path) -> AsyncIterator[Fleet]:
     port = free_port()
     refs = {}
     for version in ("1.0.0", "2.0.0", "2.1.0"):
-        path = _bundle(HELLO / version, base / "bundles" / version, port)
+        path = _bundle(hello_bundle(version), base / "bundles" / version, port)
         refs[version] = (await push_release(bus, path)).info.ref
     try:
         yield Fleet(bus=bus, seed=generate_seed(), port=port, base=base / "agents", refs=refs)
@@ -382,7 +381,7 @@ async def test_crash_loop_ends_failed_and_agent_stays_up(
     fleet: Fleet, broker: Broker, tmp_path: Path
 ) -> None:
     """A service that keeps crashing ends failed with its last exit status; the agent lives."""
-    src = _bundle(HELLO / "1.0.0", tmp_path / "crashy", fleet.port)
+    src = _bundle(hello_bundle("1.0.0"), tmp_path / "crashy", fleet.port)
     m = src / "fleetwave.toml"
     m.write_text(
         m.read_text()
@@ -505,7 +504,7 @@ async def test_agent_started_before_the_fleet_exists_waits_for_it(
             )
             await bus.ensure_fleet()
             port = free_port()
-            path = _bundle(HELLO / "1.0.0", tmp_path / "b1", port)
+            path = _bundle(hello_bundle("1.0.0"), tmp_path / "b1", port)
             ref = (await push_release(bus, path)).info.ref
             f = Fleet(bus=bus, seed=seed, port=port, base=tmp_path / "agents", refs={"1.0.0": ref})
             obs = await f.converged(await f.desire({"a": "1.0.0"}, {"a": 100}))

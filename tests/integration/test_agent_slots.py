@@ -24,14 +24,13 @@ from agent.host.slots import (
     free_port,
 )
 from protocol.manifest import HealthConfig, HooksConfig, Manifest, StopConfig
-
-HELLO = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "hello" / "1.0.0"
+from tests.integration.procs import hello_bundle
 
 
 @pytest.fixture
 def release(tmp_path: Path) -> Path:
     d = tmp_path / "release"
-    shutil.copytree(HELLO, d)
+    shutil.copytree(hello_bundle("1.0.0"), d)
     return d
 
 

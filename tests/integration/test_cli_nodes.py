@@ -119,6 +119,12 @@ async def test_dev_up_runs_a_fleet_and_stops_it_on_sigint(tmp_path: Path) -> Non
                                 timeout=30, what="dev up to report the fleet")
         assert f"export FLEETWAVE_NATS=nats://127.0.0.1:{port}" in text
         assert "127.0.1.2" in text
+        # The example bundles, assembled and ready to push, and the line that says so.
+        bundles = tmp_path / "fleet" / "examples" / "hello"
+        assert f"release push {bundles / '1.0.0'}" in text
+        assert {p.name for p in bundles.iterdir()} >= {"1.0.0", "2.0.0", "2.1.0"}
+        assert (bundles / "2.0.0" / "app.py").is_file()
+        assert (bundles / "2.0.0" / "fleetwave.toml").is_file()
         code, out, err = await fleetwave("nodes", "-o", "json",
                                          nats_url=f"nats://127.0.0.1:{port}")
         assert code == 0, err

@@ -20,9 +20,8 @@ from typing import Any
 
 from coordinator.dev.devfleet import DevFleet
 from coordinator.dev.traffic import Traffic, TrafficReport, probe_version
-from tests.integration.procs import fleetwave, wait_until
+from tests.integration.procs import fleetwave, hello_bundle, wait_until
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "hello"
 SUBNET = "127.0.9"
 AGENTS = 4
 PORT = 8080
@@ -39,7 +38,7 @@ def fleet_of(tmp_path: Path) -> DevFleet:
 
 async def push(url: str, *versions: str) -> None:
     for v in versions:
-        code, _, err = await fleetwave("release", "push", str(EXAMPLES / v), nats_url=url)
+        code, _, err = await fleetwave("release", "push", str(hello_bundle(v)), nats_url=url)
         assert code == 0, err
 
 

@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordinator.dev.devfleet import DevFleet
-from tests.integration.procs import fleetwave, wait_until
+from tests.integration.procs import fleetwave, hello_bundle, wait_until
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "hello"
 NODES = (1, 2, 3)
 PORT = 8080
 DEPLOY_TIMEOUT = 100.0
@@ -110,7 +109,7 @@ async def test_rolling_rollback_and_coordinator_kill(tmp_path: Path) -> None:
     async with DevFleet(tmp_path / "fleet", agents=3, heartbeat_interval=0.5) as fleet:
         url = fleet.nats_url
         for v in ("1.0.0", "2.0.0", "2.1.0"):
-            code, _, err = await fleetwave("release", "push", str(EXAMPLES / v), nats_url=url)
+            code, _, err = await fleetwave("release", "push", str(hello_bundle(v)), nats_url=url)
             assert code == 0, err
 
         code, out, err = await fleetwave("deploy", "hello", "1.0.0", nats_url=url,

@@ -19,6 +19,7 @@ import pytest
 
 from agent.errors import ReleaseError
 from agent.host.releases import ReleaseCache
+from coordinator.dev import examples
 from coordinator.dev.broker import Broker, free_port
 from coordinator.releases import (
     ReleaseExists,
@@ -31,10 +32,9 @@ from protocol import subjects
 from protocol.bundle import digest, pack
 from protocol.bus import Bus
 from protocol.messages import ReleaseRef
-from tests.integration.procs import wait_until
+from tests.integration.procs import hello_bundle, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
-HELLO = REPO / "deploy" / "examples" / "hello"
 FLEETWAVE = Path(sys.executable).parent / "fleetwave"
 FLEET = "t"
 
@@ -73,7 +73,7 @@ async def bus(broker: Broker) -> AsyncIterator[Bus]:
 
 
 def copy_bundle(version: str, dest: Path) -> Path:
-    shutil.copytree(HELLO / version, dest)
+    shutil.copytree(hello_bundle(version), dest)
     return dest
 
 
@@ -83,7 +83,7 @@ def copy_bundle(version: str, dest: Path) -> Path:
 async def test_push_list_repush_and_refuse_changed_content(broker: Broker, tmp_path: Path) -> None:
     """push stores both versions, list shows them, a re-push is a no-op, changed content refused."""
     for version in ("1.0.0", "2.0.0"):
-        run = await cli(broker, "release", "push", str(HELLO / version))
+        run = await cli(broker, "release", "push", str(hello_bundle(version)))
         assert run.code == 0, run.err
         assert run.out.startswith(f"pushed hello {version} (sha256:")
 
@@ -92,7 +92,7 @@ async def test_push_list_repush_and_refuse_changed_content(broker: Broker, tmp_p
     rows = json.loads(run.out)
     assert [(r["service"], r["version"]) for r in rows] == [("hello", "1.0.0"), ("hello", "2.0.0")]
     for r in rows:
-        assert r["digest"] == digest(pack(HELLO / r["version"])[0])
+        assert r["digest"] == digest(pack(hello_bundle(r["version"]))[0])
         assert r["port"] == 8080 and r["size"] > 0 and r["pushed_at"] > 0
 
     run = await cli(broker, "release", "list", "hello")
@@ -100,7 +100,7 @@ async def test_push_list_repush_and_refuse_changed_content(broker: Broker, tmp_p
     run = await cli(broker, "release", "list", "other")
     assert run.code == 0 and "no releases of other" in run.out
 
-    again = await cli(broker, "release", "push", str(HELLO / "1.0.0"))
+    again = await cli(broker, "release", "push", str(hello_bundle("1.0.0")))
     assert again.code == 0 and "already present" in again.out
 
     changed = copy_bundle("1.0.0", tmp_path / "changed")
@@ -120,7 +120,8 @@ async def test_push_refuses_bad_bundles_with_one_line(broker: Broker, tmp_path: 
     """A hostile tarball or a bad manifest exits 2 with one line, and nothing is stored."""
     evil = tmp_path / "evil.tar.gz"
     with tarfile.open(evil, "w:gz") as tf:
-        for name, data in (("fleetwave.toml", (HELLO / "1.0.0" / "fleetwave.toml").read_bytes()),
+        manifest = (hello_bundle("1.0.0") / "fleetwave.toml").read_bytes()
+        for name, data in (("fleetwave.toml", manifest),
                            ("../../etc/cron.d/x", b"* * * * * root true\n")):
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -137,15 +138,15 @@ async def test_push_refuses_bad_bundles_with_one_line(broker: Broker, tmp_path: 
 
 async def test_tarball_push_equals_directory_push(broker: Broker, tmp_path: Path) -> None:
     """Pushing a .tar.gz of a pushed directory is 'already present' (same canonical digest)."""
-    assert (await cli(broker, "release", "push", str(HELLO / "2.0.0"))).code == 0
+    assert (await cli(broker, "release", "push", str(hello_bundle("2.0.0")))).code == 0
     tgz = tmp_path / "hello-2.0.0.tar.gz"
     with tarfile.open(tgz, "w:gz") as tf:
-        tf.add(HELLO / "2.0.0", arcname="hello-2.0.0-root-is-renamed", filter=None)
+        tf.add(hello_bundle("2.0.0"), arcname="hello-2.0.0-root-is-renamed", filter=None)
     # a tarball whose files sit under a top directory is not a bundle: the manifest is not at root
     run = await cli(broker, "release", "push", str(tgz))
     assert run.code == 2 and "no fleetwave.toml at the root" in run.err
     with tarfile.open(tgz, "w:gz") as tf:
-        tf.add(HELLO / "2.0.0", arcname=".")
+        tf.add(hello_bundle("2.0.0"), arcname=".")
     run = await cli(broker, "release", "push", str(tgz), "-o", "json")
     assert run.code == 0, run.err
     assert json.loads(run.out)["status"] == "already present"
@@ -165,12 +166,12 @@ async def test_cli_without_nats_says_so(tmp_path: Path) -> None:
 
 async def test_resolve_and_list_api(bus: Bus) -> None:
     """resolve_release returns the pushed ref; an unknown version names the known ones."""
-    r1 = await push_release(bus, HELLO / "1.0.0")
-    await push_release(bus, HELLO / "2.1.0")
+    r1 = await push_release(bus, hello_bundle("1.0.0"))
+    await push_release(bus, hello_bundle("2.1.0"))
     assert r1.status == "pushed"
     ref = await resolve_release(bus, "hello", "1.0.0")
     assert ref == r1.info.ref
-    assert ref.digest == digest(pack(HELLO / "1.0.0")[0])
+    assert ref.digest == digest(pack(hello_bundle("1.0.0"))[0])
     with pytest.raises(UnknownRelease, match=r"no release hello 9\.9 .*known: 1\.0\.0, 2\.1\.0"):
         await resolve_release(bus, "hello", "9.9")
     assert [r.version for r in await list_releases(bus, "hello")] == ["1.0.0", "2.1.0"]
@@ -203,15 +204,15 @@ async def test_cache_fetches_verifies_and_refuses_corrupt_object(
 ) -> None:
     """ensure() fetches and unpacks a pushed release once; a corrupted object is refused by digest,
     and pushing the same bundle again repairs it."""
-    r1 = await push_release(bus, HELLO / "1.0.0")
-    r2 = await push_release(bus, HELLO / "2.0.0")
+    r1 = await push_release(bus, hello_bundle("1.0.0"))
+    r2 = await push_release(bus, hello_bundle("2.0.0"))
     cache = ReleaseCache(tmp_path / "releases")
     path = await cache.ensure(bus, FLEET, r1.info.ref)
-    assert (path / "app.py").read_bytes() == (HELLO / "1.0.0" / "app.py").read_bytes()
+    assert (path / "app.py").read_bytes() == (hello_bundle("1.0.0") / "app.py").read_bytes()
     assert await cache.ensure(bus, FLEET, r1.info.ref) == path
     assert cache.fetches == 1
 
-    wrong = pack(HELLO / "2.1.0")[0]
+    wrong = pack(hello_bundle("2.1.0"))[0]
     await bus.obj_put(subjects.releases_store(FLEET), "hello/2.0.0", wrong)
     with pytest.raises(ReleaseError, match="refused") as info:
         await cache.ensure(bus, FLEET, r2.info.ref)
@@ -219,27 +220,27 @@ async def test_cache_fetches_verifies_and_refuses_corrupt_object(
     assert cache.path_for(r2.info.ref) is None
     assert sorted(p.name for p in (tmp_path / "releases").iterdir()) == [path.name]
 
-    repaired = await push_release(bus, HELLO / "2.0.0")
+    repaired = await push_release(bus, hello_bundle("2.0.0"))
     assert repaired.status == "repaired"
-    assert (await push_release(bus, HELLO / "2.0.0")).status == "already present"
+    assert (await push_release(bus, hello_bundle("2.0.0"))).status == "already present"
     path2 = await cache.ensure(bus, FLEET, r2.info.ref)
     assert "2.0.0" in (path2 / "fleetwave.toml").read_text()
 
 
 async def test_missing_object_is_unknown_to_resolve(bus: Bus) -> None:
     """A record whose bundle vanished from the store cannot be resolved; a re-push repairs it."""
-    await push_release(bus, HELLO / "1.0.0")
+    await push_release(bus, hello_bundle("1.0.0"))
     obs = await bus.js.object_store(subjects.releases_store(FLEET))
     await obs.delete("hello/1.0.0")
     with pytest.raises(UnknownRelease, match="missing from the store"):
         await resolve_release(bus, "hello", "1.0.0")
-    assert (await push_release(bus, HELLO / "1.0.0")).status == "repaired"
+    assert (await push_release(bus, hello_bundle("1.0.0"))).status == "repaired"
     assert (await resolve_release(bus, "hello", "1.0.0")).version == "1.0.0"
 
 
 async def test_push_of_other_content_is_refused_by_the_api(bus: Bus, tmp_path: Path) -> None:
     """push_release raises ReleaseExists for a known version with other content."""
-    await push_release(bus, HELLO / "1.0.0")
+    await push_release(bus, hello_bundle("1.0.0"))
     changed = copy_bundle("1.0.0", tmp_path / "c")
     (changed / "more.txt").write_text("x")
     with pytest.raises(ReleaseExists, match="bump the version"):
@@ -262,7 +263,7 @@ async def start_app() -> AsyncIterator[object]:
     async def start(version: str = "1.0.0", **env: str) -> App:
         port = free_port()
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "app.py", cwd=HELLO / version,
+            sys.executable, "app.py", cwd=hello_bundle(version),
             env={**os.environ, "PORT": str(port), "FLEETWAVE_VERSION": version,
                  "FLEETWAVE_NODE": "node-7", "FLEETWAVE_SLOT": "b", **env},
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
@@ -371,7 +372,7 @@ async def test_smoke_mode_checks_the_version_it_serves(start_app: object) -> Non
 
     async def smoke(version: str) -> int:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "app.py", "--smoke", cwd=HELLO / "1.0.0",
+            sys.executable, "app.py", "--smoke", cwd=hello_bundle("1.0.0"),
             env={**os.environ, "PORT": str(app.port), "FLEETWAVE_VERSION": version},
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
         )
@@ -414,22 +415,24 @@ async def test_sigterm_finishes_in_flight_request_then_exits_0(start_app: object
     assert code == 0
 
 
-def test_app_is_identical_in_every_version_and_bundles_are_valid() -> None:
-    """Every example version carries the same app.py and packs into a valid bundle."""
-    versions = sorted(p.name for p in HELLO.iterdir() if p.is_dir())
+def test_one_app_and_a_manifest_per_version_make_valid_bundles() -> None:
+    """The hello example is one app.py and a fleetwave.toml per version; each assembled bundle
+    carries that app and packs into a valid bundle."""
+    root = examples.examples_root() / "hello"
+    versions = examples.versions()
     assert versions == ["1.0.0", "2.0.0", "2.1.0", "2.2.0", "2.3.0", "2.4.0", "2.9.0"]
-    apps = {(HELLO / v / "app.py").read_bytes() for v in versions}
-    assert len(apps) == 1
+    assert not any((root / v / "app.py").exists() for v in versions)  # one copy, not seven
     for v in versions:
-        _, manifest = pack(HELLO / v)
+        assert (hello_bundle(v) / "app.py").read_bytes() == (root / "app.py").read_bytes()
+        _, manifest = pack(hello_bundle(v))
         assert (manifest.name, manifest.version, manifest.port) == ("hello", v, 8080)
         health = manifest.health
         assert (health.http, health.interval, health.start_interval) == ("/healthz", 1.0, 0.2)
         assert manifest.health.start_timeout == 10 and manifest.stop.drain == 0.5
-    assert pack(HELLO / "2.1.0")[1].env["HEALTH_FAIL"] == "1"
-    assert pack(HELLO / "2.2.0")[1].env["ERROR_RATE"] == "0.5"
-    assert pack(HELLO / "2.3.0")[1].env["EXTRA_LATENCY_MS"] == "200"
-    m24 = pack(HELLO / "2.4.0")[1]
+    assert pack(hello_bundle("2.1.0"))[1].env["HEALTH_FAIL"] == "1"
+    assert pack(hello_bundle("2.2.0"))[1].env["ERROR_RATE"] == "0.5"
+    assert pack(hello_bundle("2.3.0"))[1].env["EXTRA_LATENCY_MS"] == "200"
+    m24 = pack(hello_bundle("2.4.0"))[1]
     assert m24.env["HEALTH_FAIL_ON_NODE"] == "node-2"
     assert m24.hooks.validate == ["python3", "app.py", "--smoke"]
 

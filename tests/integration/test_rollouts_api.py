@@ -18,9 +18,15 @@ from protocol.codec import decode
 from protocol.errors import NotReachable
 from protocol.messages import DesiredState, KeyRequest, SignedEnvelope
 from protocol.signing import load_seed, public_key, verify
-from tests.integration.procs import fleetwave, nodes_json, online, reaping, spawn_agent, wait_until
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "hello"
+from tests.integration.procs import (
+    fleetwave,
+    hello_bundle,
+    nodes_json,
+    online,
+    reaping,
+    spawn_agent,
+    wait_until,
+)
 
 
 def coordinator_child(url: str, base: Path) -> Child:
@@ -97,7 +103,7 @@ async def test_deploys_locks_requests_and_resume_after_kill(broker: Broker, tmp_
         await ready(url, ["node-1", "node-2"])
         code, _, err = await fleetwave("deploy", "hello", "1.0.0", "--detach", nats_url=url)
         assert code == 2 and "release push" in one_line(err)
-        code, _, err = await fleetwave("release", "push", str(EXAMPLES / "1.0.0"), nats_url=url)
+        code, _, err = await fleetwave("release", "push", str(hello_bundle("1.0.0")), nats_url=url)
         assert code == 0, err
 
         code, out, err = await fleetwave("deploy", "hello", "1.0.0", "--detach", "-o", "json",

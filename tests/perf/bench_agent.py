@@ -39,9 +39,10 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from perf_support import EXAMPLES, SUBNET, cpu_seconds, emit, peak_rss_mb, rss_mb
+from perf_support import SUBNET, cpu_seconds, emit, peak_rss_mb, rss_mb
 
 from coordinator.dev.devfleet import DevFleet
+from coordinator.dev.examples import assembled
 from coordinator.releases import push_release
 from protocol import subjects
 from protocol.bus import Bus
@@ -75,10 +76,10 @@ async def deploy(bus: Bus, version: str) -> float:
 def bundles(tmp: Path, probe_interval: str | None) -> Path:
     """The example bundles, or copies with ``[health] interval`` set to ``probe_interval``."""
     if probe_interval is None:
-        return EXAMPLES
+        return assembled("1.0.0").parent
     out = tmp / "bundles"
     for v in ("1.0.0", "2.0.0"):
-        shutil.copytree(EXAMPLES / v, out / v)
+        shutil.copytree(assembled(v), out / v)
         manifest = out / v / "fleetwave.toml"
         text, n = re.subn(r'(?m)^interval = "[^"]*"$', f'interval = "{probe_interval}"',
                           manifest.read_text())

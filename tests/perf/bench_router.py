@@ -6,7 +6,7 @@ Usage: python tests/perf/bench_router.py [--json] [--duration 5] [--concurrency 
 
 Two upstreams, each measured direct and through the router with the same client and the same load:
 
-- ``example`` (issue 8's figure): the example service ``deploy/examples/hello/<version>/app.py``
+- ``example`` (issue 8's figure): the example service ``deploy/examples/hello/app.py``
   started as the agent starts a slot: its manifest's ``command`` in the release directory, the
   environment ``agent.host.slots.SlotSpec.env`` builds (``PORT``, ``FLEETWAVE_*``, the manifest's
   ``env``), its own session, output to a log file; plus ``BIND_HOST`` so that it listens on this
@@ -67,10 +67,10 @@ from perf_support import await_exit  # noqa: E402
 
 from agent.host.slots import SlotSpec  # noqa: E402
 from agent.router import RouterClient, RouterConfig, Upstream, start_router  # noqa: E402
+from coordinator.dev.examples import assembled  # noqa: E402
 from protocol.manifest import load_manifest  # noqa: E402
 
 HOST = "127.0.21.1"  # this benchmark's loopback address (other engineers use other ones)
-EXAMPLES = ROOT / "deploy" / "examples" / "hello"
 OPEN_LOOP_CONNS = 64
 
 BODY = b'{"hello":"world"}'
@@ -327,7 +327,7 @@ async def spawn_example(
     version: str, host: str, log_dir: Path
 ) -> tuple[subprocess.Popen[str], int]:
     """The example service in its release dir with the env the agent gives a slot; once healthy."""
-    release = EXAMPLES / version
+    release = assembled(version)
     manifest = load_manifest(release / "fleetwave.toml")
     port = free_port(host)
     spec = SlotSpec(

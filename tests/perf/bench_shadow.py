@@ -43,9 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from perf_support import await_exit
 
 from agent.router import RouterClient, RouterConfig, Upstream, start_router
+from coordinator.dev.examples import assembled
 from protocol.messages import MirrorSpec, MirrorTraffic
 
-APP_DIR = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "hello" / "1.0.0"
 HOST = "127.0.0.1"
 PHASES = ("none", "healthy", "hanging", "dead")
 REQUEST_TIMEOUT = 10.0
@@ -62,7 +62,7 @@ def start_app(version: str, **env: str) -> tuple[subprocess.Popen[bytes], int]:
     """The example hello app as ``version`` on a free port (its own process)."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "app.py"], cwd=APP_DIR, stdin=subprocess.DEVNULL,
+        [sys.executable, "app.py"], cwd=assembled("1.0.0"), stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         env={**os.environ, "PORT": str(port), "BIND_HOST": HOST, "FLEETWAVE_VERSION": version,
              "FLEETWAVE_SLOT": "a", "GREETING": "hello", **env},

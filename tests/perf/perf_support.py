@@ -45,6 +45,7 @@ import psutil  # noqa: E402
 
 from coordinator.dev.broker import Broker  # noqa: E402
 from coordinator.dev.devfleet import Child, python_module  # noqa: E402
+from coordinator.dev.examples import assembled  # noqa: E402
 from coordinator.releases import push_release  # noqa: E402
 from coordinator.runtime.keyfile import coordinator_seed  # noqa: E402
 from protocol import subjects  # noqa: E402
@@ -61,7 +62,6 @@ from protocol.messages import (  # noqa: E402
 )
 from protocol.signing import public_key  # noqa: E402
 
-EXAMPLES = ROOT / "deploy" / "examples" / "hello"
 FLEET = "perf"
 SUBNET = os.environ.get("FLEETWAVE_PERF_SUBNET", "127.0.15")  # own loopback subnet: never collides
 API_TIMEOUT = 60.0
@@ -291,7 +291,7 @@ class SimFleet:
                         os.environ[k] = v
             await self.wait_online(self.n, timeout=60 + self.n / 50)
         for v in ("1.0.0", "2.0.0"):
-            await push_release(self.bus, EXAMPLES / v)
+            await push_release(self.bus, assembled(v))
 
     async def stop(self) -> None:
         try:
