@@ -33,12 +33,12 @@ from coordinator.api.rollouts import RolloutsApi
 from coordinator.api.verbs import Api
 from coordinator.core.fleet import Fleet, Transition
 from coordinator.releases import resolve_release
-from coordinator.runtime.events import EventPublisher
 from coordinator.runtime.runner import TICK, Runner
 from protocol import subjects
 from protocol.bus import RECONNECT_CAP, Bus, redact
 from protocol.codec import decode
 from protocol.errors import BusError, ProtocolError
+from protocol.events import EventPublisher
 from protocol.messages import Event, Heartbeat, NodeInfo, NodesRequest, NodeView
 from protocol.signing import generate_seed, public_key
 

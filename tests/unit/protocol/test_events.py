@@ -7,11 +7,11 @@ import logging
 
 import pytest
 
-from coordinator.runtime import events as events_mod
-from coordinator.runtime.events import EVENT_ATTEMPTS, EventPublisher
+from protocol import events as events_mod
 from protocol import subjects
 from protocol.codec import decode
 from protocol.errors import BusError
+from protocol.events import EVENT_ATTEMPTS, EventPublisher
 from protocol.messages import Event
 from protocol.testing import FLEET, PUBLISH, FakeBus
 
