@@ -9,7 +9,7 @@ nodes too), subscribes to heartbeats and registrations, serves the API as the NA
 - the *ticker* lets time pass in the pure node table (``core.fleet``) so that silent nodes
   go offline; not while the coordinator's own connection is down (then the silence is ours), and
   after a reconnect it excuses the fleet for as long as agents may take to reconnect too;
-- the *event publisher* (``coordinator.runtime.events``) records every transition as an Event in
+- the *event publisher* (``protocol.events``) records every transition as an Event in
   the events stream; it retries a while when JetStream is away and drops (with a log line) only
   when its queue is full.
 

@@ -1,4 +1,4 @@
-"""The event publisher: one queue, one retry policy, for the runner and the daemon alike."""
+"""The event publisher: one queue, one retry policy, for the coordinator and the agent alike."""
 
 from __future__ import annotations
 
