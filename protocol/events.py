@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from protocol import subjects
@@ -71,13 +71,15 @@ class EventPublisher:
 
     def __init__(self, fleet: str, *, queue: int = EVENT_QUEUE, attempts: int = EVENT_ATTEMPTS,
                  batch: int = EVENT_BATCH, timeout: float = PUBLISH_TIMEOUT,
-                 logger: logging.Logger = log) -> None:
+                 logger: logging.Logger = log,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self._fleet = fleet
         self._queue: asyncio.Queue[Event] = asyncio.Queue(queue)
         self._attempts = attempts
         self._batch = batch
         self._timeout = timeout
         self._log = logger
+        self._sleep = sleep  # the backoff's wait; tests pass one that moves a fake clock
 
     def put(self, event: Event) -> None:
         """Queue ``event`` without waiting; a full queue drops (and logs) its oldest."""
@@ -122,4 +124,4 @@ class EventPublisher:
                                     _source(event), str(error) or "timed out")
                 return
             pending = [item for item, _ in failed]
-            await asyncio.sleep(RETRY_DELAY * 2**attempt)
+            await self._sleep(RETRY_DELAY * 2**attempt)
