@@ -10,7 +10,9 @@ observed state says ``converged`` on the desired generation straight away.
 
 Scale: ONE watch on the whole desired bucket, filtered in process (N watches would cost N
 consumers on the server), heartbeats published in one pass per interval over one connection, and
-KV writes (registrations, observed states) spread over a few worker tasks with bounded waits.
+KV writes (registrations, observed states) pipelined in batches by one writer task with bounded
+waits, and the ``agent.refused`` events published, batched and pipelined too, by the one event
+publisher (``protocol.events``) real agents and the coordinator use.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from protocol import subjects
 from protocol.bus import Bus
 from protocol.codec import decode, encode
 from protocol.errors import BusError, ProtocolError
+from protocol.events import EVENT_QUEUE, EventPublisher
 from protocol.messages import (
     DesiredState,
     Event,
@@ -117,10 +120,14 @@ class SimulatedNodes:
             for n in self.nodes
         }
         self._writes: asyncio.Queue[tuple[str, str, bytes]] = asyncio.Queue()
+        # N agents hold N event queues; this one stands for them all, so it keeps at least one
+        # refusal per virtual node before it drops the oldest.
+        self.events = EventPublisher(fleet, queue=max(EVENT_QUEUE, count), logger=log)
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._writer(), name="sim-writer")
+            tg.create_task(self.events.run(self.bus), name="sim-events")
             tg.create_task(self._register_loop(), name="sim-register")
             tg.create_task(self._heartbeat_loop(), name="sim-heartbeat")
             await self._watch_loop()
@@ -193,7 +200,7 @@ class SimulatedNodes:
             self.refused += 1
             ev = Event(id=uuid.uuid4().hex, time=self.clock(), fleet=self.fleet,
                        kind="agent.refused", message=str(exc), node=node, service=service)
-            self._writes.put_nowait(("", subjects.event(self.fleet, "agent.refused"), encode(ev)))
+            self.events.put(ev)
             return False
         self.accepted[(node, service)] = _Accepted(env, desired)
         obs = instant_observed(node, desired, self.clock())
@@ -202,8 +209,8 @@ class SimulatedNodes:
         return True
 
     async def _writer(self) -> None:
-        """KV writes and events, pipelined in batches: everything queued while the last batch
-        was out, the latest value per key. What fails is retried with backoff before the next
+        """KV writes, pipelined in batches: everything queued while the last batch was out,
+        the latest value per key. What fails is retried with backoff before the next
         batch is taken, so a key never goes back to an older value. One writer stands for the
         fleet's N agents writing at once: N request round trips one after another would make
         the simulator, not the coordinator, what a scale test measures."""
@@ -211,9 +218,9 @@ class SimulatedNodes:
             batch = [await self._writes.get()]
             while not self._writes.empty() and len(batch) < WRITE_BATCH:
                 batch.append(self._writes.get_nowait())
-            latest: dict[object, tuple[str, str, bytes]] = {}
-            for i, (bucket, key, data) in enumerate(batch):
-                latest[(bucket, key) if bucket else i] = (bucket, key, data)
+            latest: dict[tuple[str, str], tuple[str, str, bytes]] = {}
+            for bucket, key, data in batch:
+                latest[(bucket, key)] = (bucket, key, data)
             pending = list(latest.values())
             for attempt in range(10):
                 pending = await self._write_batch(pending)
@@ -228,7 +235,7 @@ class SimulatedNodes:
     async def _write_batch(
         self, items: list[tuple[str, str, bytes]],
     ) -> list[tuple[str, str, bytes]]:
-        """Write ``items`` (bucket "" means an event subject); return those that failed."""
+        """Write ``items`` (bucket, key, value); return those that failed."""
         failed: list[tuple[str, str, bytes]] = []
         by_bucket: dict[str, list[tuple[str, str, bytes]]] = {}
         for item in items:
@@ -236,12 +243,8 @@ class SimulatedNodes:
         for bucket, group in by_bucket.items():
             results: list[object]
             try:
-                if bucket:
-                    results = list(await self.bus.kv_put_all(
-                        bucket, [(k, d) for _, k, d in group], timeout=WRITE_TIMEOUT))
-                else:
-                    results = list(await self.bus.js_publish_events(
-                        [(k, d) for _, k, d in group], timeout=WRITE_TIMEOUT))
+                results = list(await self.bus.kv_put_all(
+                    bucket, [(k, d) for _, k, d in group], timeout=WRITE_TIMEOUT))
             except BusError as exc:  # the bucket cannot even be opened: all of them failed
                 results = [exc] * len(group)
             failed += [item for item, r in zip(group, results, strict=True)

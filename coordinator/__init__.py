@@ -4,8 +4,8 @@
                  node table. Time is an input; no asyncio, no nats, no clock.
     strategies/  one module per strategy behind one ``Strategy`` Protocol, each with its typed
                  state and its own spec checks.
-    runtime/     the IO shell: the daemon, the runner (rollout store, desired writes, the one
-                 event publisher), the signing key file.
+    runtime/     the IO shell: the daemon, the runner (rollout store, desired writes; events
+                 through ``protocol.events``), the signing key file.
     api/         the request/reply verbs on the bus, over the runner (seen through a Protocol).
     cli/         ``fleetwave``: thin click commands.
     dev/         a fleet on one machine: broker, dev fleet, demo, traffic.

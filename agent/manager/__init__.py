@@ -5,7 +5,7 @@
     routing.py   RouterLink: starts, configures and reads each service's router
     observed.py  ObservedWriter: reports each service's observed state
     restore.py   Restorer: the state file, and adoption of slots and routers on start
-    events.py    EventQueue: the node's events, in order, to the events stream
+    events.py    NodeEvents: the node's events, stamped, to the shared protocol.events publisher
     service.py   Service (one service's record), NodeConfig, the timings; no behaviour
 
 The parts share the ``services`` map and a ``wake`` event, and are given what else they use

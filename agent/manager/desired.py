@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from agent.manager.events import EventQueue
+from agent.manager.events import NodeEvents
 from agent.manager.service import BUS_TIMEOUT, REREAD, NodeConfig, Service, Services
 from protocol import subjects
 from protocol.bus import Bus
@@ -31,7 +31,7 @@ class DesiredWatch:
     """Accepts this node's desired states into ``services`` and wakes the reconcile loop."""
 
     def __init__(
-        self, bus: Bus, config: NodeConfig, services: Services, events: EventQueue,
+        self, bus: Bus, config: NodeConfig, services: Services, events: NodeEvents,
         wake: asyncio.Event,
     ) -> None:
         self.bus = bus

@@ -1,48 +1,42 @@
-"""The manager's events: queued without awaiting, published in order to the events stream.
+"""The manager's events: this node's Events, stamped here and published by the shared publisher.
 
 Every part of the manager reports what happens (a slot started or failed, a desired state
-refused, a release that cannot be fetched) through one ``EventQueue``: ``emit`` never waits and
-never fails (a full queue drops the event with a warning), and ``run`` publishes the queue in
-order, each publish bounded by ``BUS_TIMEOUT`` and tried three times.
+refused, a release that cannot be fetched) through one ``NodeEvents``: ``emit`` stamps an Event
+with this node, the service, a fresh id and the clock, and queues it on a
+``protocol.events.EventPublisher`` without waiting. The publisher is the coordinator's too: its
+queue, its retry policy and its bounds are documented there; ``run`` is its publishing task.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
-from agent.manager.service import BUS_TIMEOUT
-from protocol import subjects
-from protocol.bus import Bus
-from protocol.codec import encode
-from protocol.errors import BusError
+from protocol.events import EventPublisher, EventSink
 from protocol.messages import Event
 
 log = logging.getLogger("fleetwave.agent.services")
 
-QUEUE = 10_000  # events held while the bus is away; more are dropped
-ATTEMPTS = 3
 
-
-class EventQueue:
-    """This node's events, in order, on their way to the fleet's events stream."""
+class NodeEvents:
+    """This node's events, on their way to the fleet's events stream."""
 
     def __init__(
-        self, bus: Bus, fleet: str, node: str, *, clock: Callable[[], float] = time.time
+        self, bus: EventSink, fleet: str, node: str, *, clock: Callable[[], float] = time.time,
+        publisher: EventPublisher | None = None,
     ) -> None:
         self.bus = bus
         self.fleet = fleet
         self.node = node
         self.clock = clock
-        self._queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=QUEUE)
+        self.publisher = publisher or EventPublisher(fleet, logger=log)
 
     def emit(self, kind: str, service: str, message: str, **data: Any) -> None:
         """Queue one event (``None`` values are left out of its data); never waits."""
-        ev = Event(
+        self.publisher.put(Event(
             id=uuid.uuid4().hex,
             time=self.clock(),
             fleet=self.fleet,
@@ -51,23 +45,8 @@ class EventQueue:
             node=self.node,
             service=service,
             data={k: v for k, v in data.items() if v is not None},
-        )
-        try:
-            self._queue.put_nowait(ev)
-        except asyncio.QueueFull:
-            log.warning("event queue full; dropped %s %s", kind, message)
+        ))
 
     async def run(self) -> None:
-        """Publish the queued events in order, for ever (until cancelled)."""
-        while True:
-            ev = await self._queue.get()
-            for attempt in range(ATTEMPTS):
-                try:
-                    async with asyncio.timeout(BUS_TIMEOUT):
-                        await self.bus.js_publish(subjects.event(self.fleet, ev.kind), encode(ev))
-                    break
-                except (BusError, TimeoutError) as exc:
-                    log.warning(
-                        "cannot publish event %s (%s); attempt %d", ev.kind, exc, attempt + 1
-                    )
-                    await asyncio.sleep(0.5 * (attempt + 1))
+        """Publish the queued events, for ever (until cancelled)."""
+        await self.publisher.run(self.bus)

@@ -17,7 +17,8 @@ Theory of operation. ``ServiceManager.run`` owns every task in one TaskGroup:
   holds the others; the view says "fetching"/"stopping" meanwhile, so the reconciler waits.
 - *runners*: one ``SlotRunner.run`` task per slot process; cancelling them leaves the processes
   alive (they outlive the agent by design).
-- *events*: slot and refusal events are queued and published to the events stream in order.
+- *events*: slot and refusal events are queued and published to the events stream in order,
+  in batches, under the one retry policy of ``protocol.events``.
 
 On start the state file is loaded: accepted envelopes are verified again, slot processes are
 adopted by pid + create_time, and each router is found again on its control socket. Then the loop
@@ -29,7 +30,7 @@ uses ``asyncio.timeout``). Bus errors are weather: logged once and retried on th
 The manager is composed of one object per concern, sharing the ``services`` map and a ``wake``
 event: ``DesiredWatch`` (``desired``: what is accepted), ``RouterLink`` (``routing``: each
 service's router), ``ObservedWriter`` (``observed``: what is reported), ``Restorer``
-(``restore``: the state file and adoption) and ``EventQueue`` (``events``). Here are the tasks,
+(``restore``: the state file and adoption) and ``NodeEvents`` (``events``). Here are the tasks,
 the loop and the actions the reconciler asks for. The clock (``clock``, seconds since the epoch)
 is an argument, for tests in virtual time.
 """
@@ -49,7 +50,7 @@ from agent.host.identity import RunAs
 from agent.host.releases import ReleaseCache
 from agent.host.slots import SlotRunner, SlotSpec, free_port
 from agent.manager.desired import DesiredWatch
-from agent.manager.events import EventQueue
+from agent.manager.events import NodeEvents
 from agent.manager.observed import ObservedWriter
 from agent.manager.restore import Restorer
 from agent.manager.routing import RouterLink
@@ -117,7 +118,7 @@ class ServiceManager:
         self.cache = ReleaseCache(self.config.data_dir / "releases")
         self.services: Services = {}
         self.wake = asyncio.Event()  # something changed: reconcile now
-        self.events = EventQueue(bus, fleet, node, clock=clock)
+        self.events = NodeEvents(bus, fleet, node, clock=clock)
         self.desired = DesiredWatch(bus, self.config, self.services, self.events, self.wake)
         self.routers = RouterLink(self.config, self.services, self.wake, clock=clock)
         self.observed = ObservedWriter(bus, self.config, self.services, clock=clock)

@@ -8,7 +8,8 @@
 - ``executor``  carries out an engine step: persist, then desired writes, then events.
 - ``store``     ``RolloutStore``: rollout records and per-service locks in KV.
 - ``desired``   ``DesiredWriter``: signed desired states, forward by generation only.
-- ``events``    ``EventPublisher``: the one event queue and retry policy (needs only ``protocol``).
+- events go out through ``protocol.events.EventPublisher``, the one event queue and retry
+  policy the agent uses too.
 - ``calls``     bounded bus calls and the retry of commands; ``ports``: what all this needs of
                 the bus; ``keyfile``: the signing key on disk.
 

@@ -9,7 +9,7 @@ nodes too), subscribes to heartbeats and registrations, serves the API as the NA
 - the *ticker* lets time pass in the pure node table (``core.fleet``) so that silent nodes
   go offline; not while the coordinator's own connection is down (then the silence is ours), and
   after a reconnect it excuses the fleet for as long as agents may take to reconnect too;
-- the *event publisher* (``coordinator.runtime.events``) records every transition as an Event in
+- the *event publisher* (``protocol.events``) records every transition as an Event in
   the events stream; it retries a while when JetStream is away and drops (with a log line) only
   when its queue is full.
 
@@ -33,12 +33,12 @@ from coordinator.api.rollouts import RolloutsApi
 from coordinator.api.verbs import Api
 from coordinator.core.fleet import Fleet, Transition
 from coordinator.releases import resolve_release
-from coordinator.runtime.events import EventPublisher
 from coordinator.runtime.runner import TICK, Runner
 from protocol import subjects
 from protocol.bus import RECONNECT_CAP, Bus, redact
 from protocol.codec import decode
 from protocol.errors import BusError, ProtocolError
+from protocol.events import EventPublisher
 from protocol.messages import Event, Heartbeat, NodeInfo, NodesRequest, NodeView
 from protocol.signing import generate_seed, public_key
 

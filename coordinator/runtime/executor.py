@@ -19,9 +19,9 @@ from coordinator.core.engine import Command, EmitEvent, Persist, WriteDesired
 from coordinator.runtime.calls import Retrying
 from coordinator.runtime.desired import DesiredWriter
 from coordinator.runtime.driver import Driver
-from coordinator.runtime.events import EventPublisher
 from coordinator.runtime.store import RolloutStore
 from protocol import subjects
+from protocol.events import EventPublisher
 from protocol.messages import DesiredState, Event, RolloutRecord
 
 log = logging.getLogger("fleetwave.coordinator.runner")

@@ -68,7 +68,6 @@ from coordinator.errors import RemoteError, UsageError
 from coordinator.runtime.calls import COMMAND_DEADLINE, Retrying
 from coordinator.runtime.desired import DesiredWriter
 from coordinator.runtime.driver import Driver
-from coordinator.runtime.events import EventPublisher
 from coordinator.runtime.executor import Executor
 from coordinator.runtime.ports import RunnerBus
 from coordinator.runtime.store import Foreign, RolloutStore
@@ -76,6 +75,7 @@ from protocol import subjects
 from protocol.bus import Entry
 from protocol.codec import decode
 from protocol.errors import BusError, ProtocolError
+from protocol.events import EventPublisher
 from protocol.messages import (
     TERMINAL_STATES,
     DesiredState,

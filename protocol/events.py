@@ -1,0 +1,127 @@
+"""The event publisher: one queue and one retry policy for every process that records Events.
+
+The coordinator (its runner and its daemon), the agent's service manager and the simulated
+agent all record what happens as ``Event`` messages on the events stream
+(``fw.<fleet>.evt.<kind>``), through one ``EventPublisher`` each. It is bus plumbing, not
+policy of either package, so it lives beside the wire messages; it needs only a sink with
+``protocol.bus.Bus.js_publish_events`` (``EventSink``), never ``nats`` itself.
+
+What it promises:
+
+- *Producers never wait.* ``put`` queues an Event at once, also before there is a connection.
+  The queue is bounded (``EVENT_QUEUE``); a full queue drops its *oldest* event, logged as an
+  error, rather than block a producer: the node table, the engine and the reconcile loop must
+  not stall behind a slow stream.
+- *Batches, in order.* ``run(sink)`` takes everything queued while the last batch was out, up
+  to ``EVENT_BATCH``, and publishes it pipelined and in queue order on one connection.
+- *One retry policy.* The events of a batch that are not stored are published again, up to
+  ``EVENT_ATTEMPTS`` publications in all, waiting ``RETRY_DELAY`` before the first retry and
+  twice as long before each next one (0.5 s, 1 s, 2 s, 4 s). A sink that raises ``BusError``
+  fails the whole batch. After the last attempt each lost event is logged as an error naming
+  it: events are the audit trail, never the truth (the records and the KV buckets are).
+- *At most once.* The sink gives every message a ``Nats-Msg-Id`` (a digest of its bytes), so
+  JetStream drops a retried copy of an event it already stored within its duplicate window:
+  retrying never shows one event twice.
+- *Every wait bounded.* One publication waits at most ``timeout`` (the sink bounds its sends
+  and acks by it; an outer ``asyncio.timeout`` of twice that is the backstop), so one batch
+  takes at most ``EVENT_ATTEMPTS`` timeouts plus 7.5 s of backoff before the next one starts.
+  Only the idle wait for the next event is unbounded; the task's owner ends it by cancelling.
+- *Shutdown drops.* Cancelling ``run`` loses the batch in flight (some of it may be stored
+  already) and leaves what is still queued in the queue (``pending()`` returns it); nothing is
+  flushed on the way out. Events live for the life of the process only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
+
+from protocol import subjects
+from protocol.codec import encode
+from protocol.errors import BusError
+from protocol.messages import Event
+
+EVENT_QUEUE = 10_000  # events waiting to be published; then the oldest is dropped
+EVENT_ATTEMPTS = 5  # publications of one event before it is logged and lost
+EVENT_BATCH = 1024  # events published (pipelined) before their acks are awaited
+RETRY_DELAY = 0.5  # the first retry's delay; each next one waits twice as long
+PUBLISH_TIMEOUT = 10.0  # one publication's sends and acks (protocol.bus.OP_TIMEOUT)
+
+log = logging.getLogger("fleetwave.events")
+
+
+class EventSink(Protocol):
+    """What the publisher needs of ``protocol.bus.Bus``: per message None once stored, else
+    the error; at most once per message id."""
+
+    async def js_publish_events(
+        self, messages: Sequence[tuple[str, bytes]], *, timeout: float = ...,
+    ) -> list[BusError | None]: ...
+
+
+def _source(event: Event) -> str:
+    """What an event is about, for log lines: its rollout, else its node."""
+    return f"rollout {event.rollout}" if event.rollout else event.node
+
+
+class EventPublisher:
+    """Queues Events and publishes them to the events stream of ``fleet``; see the module."""
+
+    def __init__(self, fleet: str, *, queue: int = EVENT_QUEUE, attempts: int = EVENT_ATTEMPTS,
+                 batch: int = EVENT_BATCH, timeout: float = PUBLISH_TIMEOUT,
+                 logger: logging.Logger = log,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self._fleet = fleet
+        self._queue: asyncio.Queue[Event] = asyncio.Queue(queue)
+        self._attempts = attempts
+        self._batch = batch
+        self._timeout = timeout
+        self._log = logger
+        self._sleep = sleep  # the backoff's wait; tests pass one that moves a fake clock
+
+    def put(self, event: Event) -> None:
+        """Queue ``event`` without waiting; a full queue drops (and logs) its oldest."""
+        if self._queue.full():
+            dropped = self._queue.get_nowait()
+            self._log.error("event queue full; dropped %s of %s", dropped.kind, _source(dropped))
+        self._queue.put_nowait(event)
+
+    def pending(self) -> list[Event]:
+        """Take every event not yet published (tests look at them instead of a stream)."""
+        out = []
+        while not self._queue.empty():
+            out.append(self._queue.get_nowait())
+        return out
+
+    async def run(self, sink: EventSink) -> None:
+        """Publish queued events through ``sink`` until cancelled."""
+        while True:
+            batch = [await self._queue.get()]
+            while not self._queue.empty() and len(batch) < self._batch:
+                batch.append(self._queue.get_nowait())
+            await self.publish(sink, batch)
+
+    async def publish(self, sink: EventSink, events: Sequence[Event]) -> None:
+        """Publish ``events``, retrying those not stored; after the last attempt, log them."""
+        pending = [(subjects.event(self._fleet, e.kind), encode(e), e) for e in events]
+        for attempt in range(self._attempts):
+            results: Sequence[BusError | TimeoutError | None]
+            try:
+                async with asyncio.timeout(2 * self._timeout):
+                    results = await sink.js_publish_events([(s, d) for s, d, _ in pending],
+                                                           timeout=self._timeout)
+            except (BusError, TimeoutError) as exc:
+                results = [exc] * len(pending)
+            failed = [(item, error) for item, error in zip(pending, results, strict=True)
+                      if error is not None]
+            if not failed:
+                return
+            if attempt == self._attempts - 1:
+                for (_, _, event), error in failed:
+                    self._log.error("event %s of %s not recorded: %s", event.kind,
+                                    _source(event), str(error) or "timed out")
+                return
+            pending = [item for item, _ in failed]
+            await self._sleep(RETRY_DELAY * 2**attempt)
