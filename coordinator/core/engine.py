@@ -24,10 +24,10 @@ cover the whole bake (``window_covers_bake``), its gates (``coordinator.core.gat
 pass → next wave; fail → ``on_failure`` (rollback or pause); inconclusive → pause.
 Rollback writes every touched node's previous desired state, each with a higher generation, in one
 wave; it ends ``rolled_back`` when all converged back, or ``failed`` naming the nodes that did not
-by the rollback deadline. Blue-green and shadow add kinds of waves (``strategies.wave_kind``:
-stage, shadow, switch) whose phase logic lives in ``strategies.blue_green`` and
-``strategies.shadow``; the engine calls them at fixed points (wave start and convergence, bake
-verdict, success, rollback). Events, commands and the transition tables are in ``engine_types``.
+by the rollback deadline. Where waves differ (blue-green's stage and switch, the shadow, the
+ordinary wave) the engine asks the wave's policy (``strategies.base.WavePolicy``, given per wave by
+the strategy) at fixed points: wave start and convergence, node targets, bake and verdict, observed
+states, success, rollback. Events, commands and the transition tables are in ``engine_types``.
 One call works on a ``Step`` (its primitives, ``engine_step``) with three concerns composed over
 it: ``Progress`` (``engine_progress``), ``Bake`` (``engine_bake``) and ``Rollback``
 (``engine_rollback``).
@@ -72,7 +72,7 @@ from coordinator.core.engine_types import (
 from coordinator.core.planning import NodeLike
 from coordinator.core.targets import forward_target, idle_slot, serving_slot
 from coordinator.errors import UsageError
-from coordinator.strategies import plan, wave_kind
+from coordinator.strategies import plan, wave_policies
 from protocol.codec import encode
 from protocol.messages import (
     TERMINAL_STATES,
@@ -159,6 +159,7 @@ class Rollout:
         self.fleet = fleet
         self._record = record
         self._observed: dict[str, ObservedState] = {}
+        self._policies = wave_policies(record.spec, len(record.waves))
 
     @property
     def record(self) -> RolloutRecord:
@@ -211,7 +212,7 @@ class Rollout:
     def _step(self, events: Sequence[EngineEvent], now: float) -> list[Command]:
         work = working_copy(self._record)
         observed = dict(self._observed)
-        step = Step(self.fleet, work, observed, now, kind=wave_kind)
+        step = Step(self.fleet, work, observed, now, policies=self._policies)
         progress = Progress(step)
         for event in events:
             progress.apply(event)

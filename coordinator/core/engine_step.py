@@ -11,14 +11,16 @@ step are objects composed over it, each using only the ones below it:
     Bake      (``engine_bake``) the bake and the gates' verdict on it; a failure goes to Rollback
     Progress  (``engine_progress``) the events and forward progress through the waves
 
-The strategies' hooks (``strategies.blue_green``, ``strategies.shadow``) take a ``Step``: they
-use only what is defined here. Nothing here awaits or reads a clock: time is ``now``.
+Where waves differ, the concerns ask the wave's policy (``strategies.base.WavePolicy``, one per
+wave, given by the strategy: ``Step.policy``), never a strategy's name or a wave's kind; the
+policies' hooks take a ``Step`` and use only what is defined here. Nothing here awaits or reads
+a clock: time is ``now``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, TypeVar, cast
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import msgspec
 
@@ -31,16 +33,17 @@ from coordinator.core.engine_types import (
     WriteDesired,
     move_node,
 )
-from coordinator.core.planning import WaveKind
 from protocol.messages import (
     DesiredState,
     NodeProgress,
     ObservedState,
     RolloutRecord,
-    RolloutSpec,
     RouterStats,
     WaveRecord,
 )
+
+if TYPE_CHECKING:  # the strategies import this module for its type; the engine asks them
+    from coordinator.strategies.base import WavePolicy
 
 S = TypeVar("S", bound=msgspec.Struct)
 
@@ -50,7 +53,7 @@ class Step:
 
     def __init__(
         self, fleet: str, record: RolloutRecord, observed: dict[str, ObservedState], now: float,
-        *, kind: Callable[[RolloutSpec, int], WaveKind],
+        *, policies: Sequence[WavePolicy],
     ) -> None:
         self.fleet = fleet
         self.r = record
@@ -58,7 +61,9 @@ class Step:
         self.now = now
         self.spec = record.spec
         self.commands: list[Command] = []
-        self._kind = kind  # the strategy's wave_kind: what each wave does
+        self._policies = policies  # one per wave, by index
+        # Each distinct policy once, in wave order: the ones asked about the whole rollout.
+        self.policies: tuple[WavePolicy, ...] = tuple(dict.fromkeys(policies))
         self._states: dict[str, msgspec.Struct | None] = {}
         self.cap = max_unavailable(self.spec.max_unavailable, len(record.nodes))
 
@@ -105,8 +110,9 @@ class Step:
         p.target = desired
         self.commands.append(WriteDesired(desired))
 
-    def kind(self, wave: WaveRecord) -> WaveKind:
-        return self._kind(self.spec, wave.index)
+    def policy(self, wave: WaveRecord) -> WavePolicy:
+        """What ``wave`` does, where waves differ."""
+        return self._policies[wave.index]
 
     def unavailable(self) -> set[str]:
         return {

@@ -1,7 +1,7 @@
 """Blue-green: stage the new release beside the old one everywhere, switch every node at once,
 keep the old slot warm for a while, then retire it.
 
-Phases, as waves (``wave_kind`` names them):
+Phases, as waves (``wave`` gives their policies, ``StageWave`` and ``SwitchWave``):
 
 - wave 0, ``stage``: every selected node gets the new release in its idle slot at weight 0, in one
   batch (max-unavailable does not bound it: a staged slot carries no traffic, so no node stops
@@ -38,8 +38,16 @@ from coordinator.core import gates as gatelib
 from coordinator.core.planning import Wave, WaveKind
 from coordinator.core.targets import serving_slot
 from coordinator.errors import UsageError
+from coordinator.strategies.waves import Ordinary
 from protocol.durations import format_duration
-from protocol.messages import DesiredState, NodeProgress, ObservedState, RolloutSpec
+from protocol.messages import (
+    DesiredState,
+    Gates,
+    NodeProgress,
+    ObservedState,
+    RolloutSpec,
+    WaveRecord,
+)
 
 if TYPE_CHECKING:  # the engine imports the strategies; this module only needs its type
     from coordinator.core.engine_step import Step  # all these hooks use of it
@@ -54,9 +62,74 @@ def validate(spec: RolloutSpec) -> None:
         )
 
 
-def wave_kind(spec: RolloutSpec, index: int) -> WaveKind:
+class StageWave(Ordinary):
+    """The stage wave: the new release beside the old at weight 0 on every node at once, judged
+    at once on ``--min-healthy`` only (staged slots carry no traffic)."""
+
+    kind: WaveKind = "stage"
+    stages = True
+    bounded = False
+    bakes = False
+
+    def gates(self, gates: Gates) -> Gates:
+        return Gates(min_healthy=gates.min_healthy)
+
+    def old_traffic(
+        self, step: Step, wave: WaveRecord, old: list[gatelib.Window],
+        evidence: gatelib.Evidence,
+    ) -> tuple[list[gatelib.Window], str]:
+        return old, ""
+
+
+class SwitchWave(Ordinary):
+    """The switch wave: every node's traffic to the staged slot at once (max-unavailable does
+    not bound it: the staged slot is healthy), its spread recorded, judged against the old
+    slots' traffic up to the switch; the old slots kept warm, and switched back to on rollback.
+    Also the last wave of a shadow ``--then blue-green`` (``after_shadow``)."""
+
+    kind: WaveKind = "switch"
+    bounded = False
+
+    def started(self, step: Step, wave: WaveRecord) -> None:
+        start_switch(step, wave.index)
+
+    def converged(self, step: Step, wave: WaveRecord) -> None:
+        switched(step, wave.index)
+
+    def old_traffic(
+        self, step: Step, wave: WaveRecord, old: list[gatelib.Window],
+        evidence: gatelib.Evidence,
+    ) -> tuple[list[gatelib.Window], str]:
+        # After the switch the old slots get no traffic.
+        evidence.add(old_untrusted(step))
+        return [old_window(step)], ""
+
+    def observed(self, step: Step, p: NodeProgress, seen: ObservedState) -> None:
+        note(step, p, seen)
+
+    def keep_warm(self, step: Step) -> bool:
+        return keep_warm(step)
+
+    def rollback_target(self, step: Step, p: NodeProgress) -> DesiredState | None:
+        return rollback_target(step, p)
+
+    def rollback_started(self, step: Step) -> None:
+        if switching_back(step):
+            step.emit("bluegreen.switching_back", "switching every node back to the old slots",
+                      at=step.now)
+
+    def rollback_advanced(self, step: Step) -> None:
+        switched_back(step)
+
+
+STAGE = StageWave()
+SWITCH = SwitchWave()
+SWITCH_AFTER_SHADOW = SwitchWave(after_shadow=True)
+
+
+def wave(spec: RolloutSpec, index: int) -> Ordinary:
     """Wave 0 stages the new release at weight 0; wave 1 switches every node to it."""
-    return "stage" if index == 0 else "switch"
+    return STAGE if index == 0 else SWITCH
 
 
 def plan(selected: list[str], spec: RolloutSpec) -> list[Wave]:
@@ -276,8 +349,6 @@ def switching_back(step: Step) -> bool:
 
 def _old_slot(p: NodeProgress) -> str | None:
     """The slot that served before the rollout, if it is not the one receiving the release."""
-    # Imported here: the package's __init__ imports this module before it defines its helpers.
-
     serving = serving_slot(p.previous)
     return serving if serving != p.slot else None
 

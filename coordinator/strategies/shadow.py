@@ -1,7 +1,7 @@
 """Shadow: run the new release beside the old one, copy a share of the live requests to it, and
 judge it by how its answers compare, without a user ever seeing one.
 
-Phases, as waves (``wave_kind`` names them):
+Phases, as waves (``wave`` gives their policies):
 
 - wave 0, ``shadow``: every selected node gets the new release in its idle slot at weight 0 and a
   ``MirrorSpec(slot=new, percent=--mirror, methods, ignore_headers, ignore_json_fields,
@@ -41,7 +41,8 @@ from coordinator.core import gates_shadow as shadowgates
 from coordinator.core.planning import Wave, WaveKind
 from coordinator.core.targets import restore_target
 from coordinator.errors import UsageError
-from coordinator.strategies import rolling
+from coordinator.strategies import blue_green, rolling
+from coordinator.strategies.waves import AFTER_SHADOW, Ordinary
 from protocol.messages import MirrorSpec, RolloutSpec, WaveRecord
 
 if TYPE_CHECKING:  # the engine imports the strategies; this module only needs its type
@@ -80,11 +81,34 @@ def validate(spec: RolloutSpec) -> None:
                          "use --then blue-green or --then rolling")
 
 
-def wave_kind(spec: RolloutSpec, index: int) -> WaveKind:
-    """Wave 0 is the shadow; after it, ``--then blue-green`` switches, ``--then rolling`` rolls."""
+class ShadowWave(Ordinary):
+    """The shadow wave: the new release at weight 0 with a share of the live requests mirrored
+    to it on every node at once, judged by ``verdict``; without ``--then``, retired when the
+    rollout succeeds."""
+
+    kind: WaveKind = "shadow"
+    stages = True
+    bounded = False
+
+    def mirror(self, spec: RolloutSpec, slot: str) -> MirrorSpec | None:
+        return mirror_spec(spec, slot)
+
+    def verdict(self, step: Step, wave: WaveRecord) -> gatelib.Verdict | None:
+        return verdict(step, wave)
+
+    def succeed(self, step: Step) -> None:
+        retire(step)  # report, and back to how it was
+
+
+SHADOW = ShadowWave()
+
+
+def wave(spec: RolloutSpec, index: int) -> Ordinary:
+    """Wave 0 is the shadow; after it, the waves of ``--then``: blue-green's switch, or ordinary
+    rolling waves, which serve live traffic (no mismatch gate any more)."""
     if index == 0:
-        return "shadow"
-    return "switch" if spec.then == "blue-green" else ""
+        return SHADOW
+    return blue_green.SWITCH_AFTER_SHADOW if spec.then == "blue-green" else AFTER_SHADOW
 
 
 def plan(selected: list[str], spec: RolloutSpec) -> list[Wave]:
@@ -203,8 +227,6 @@ def verdict(step: Step, wave: WaveRecord) -> gatelib.Verdict:
 
 def retire(step: Step) -> None:
     """Give every staged node its previous desired state again: the shadow is stopped."""
-    # Imported here: the package's __init__ imports this module before it defines its helpers.
-
     r = step.r
     staged = sorted(n for n, p in r.nodes.items() if p.target is not None)
     for n in staged:
