@@ -85,6 +85,7 @@ from protocol.messages import (
     RouterStats,
     WaveRecord,
 )
+from protocol.report import RolloutReport
 
 # The engine as callers see it: the vocabulary of engine_types is re-exported so one import does.
 __all__ = [
@@ -217,7 +218,6 @@ class Rollout:
         for event in events:
             progress.apply(event)
         progress.advance()
-        step.flush()
         commands: list[Command] = list(step.commands)
         # Field-by-field equality: what the copy shares with the committed record (desired
         # states, router snapshots) compares by identity, so this is O(nodes) pointer checks
@@ -239,7 +239,7 @@ def working_copy(record: RolloutRecord) -> RolloutRecord:
 
     Every container a Step could edit in place is the copy's own: each wave (its ``nodes`` list,
     its ``gates`` figures deeply, its ``baseline`` dict), each NodeProgress, and the report's
-    nested dicts. What a Step only ever replaces whole is shared: the ``previous`` and ``target``
+    parts. What a Step only ever replaces whole is shared: the ``previous`` and ``target``
     desired states of a node and the router snapshots in a baseline. Copying the baselines
     deeply was most of a step's cost once routers report counters (a snapshot of every node per
     wave), and a full decode of the record was before that.
@@ -248,7 +248,7 @@ def working_copy(record: RolloutRecord) -> RolloutRecord:
         record,
         waves=[msgspec.structs.replace(w, nodes=list(w.nodes), gates=_deep(w.gates),
                                        baseline=dict(w.baseline)) for w in record.waves],
-        report=_deep(record.report),
+        report=_copy_report(record.report),
         nodes={n: msgspec.structs.replace(p) for n, p in record.nodes.items()},
     )
 
@@ -256,3 +256,8 @@ def working_copy(record: RolloutRecord) -> RolloutRecord:
 def _deep(value: dict[str, Any]) -> dict[str, Any]:
     """A deep copy of plain JSON-like data (msgpack round trip: the fastest deep copy)."""
     return msgspec.msgpack.decode(msgspec.msgpack.encode(value)) if value else {}
+
+
+def _copy_report(report: RolloutReport) -> RolloutReport:
+    """A deep copy of a report (a typed msgpack round trip, as ``_deep``)."""
+    return msgspec.msgpack.decode(msgspec.msgpack.encode(report), type=RolloutReport)

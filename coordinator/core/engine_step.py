@@ -13,16 +13,15 @@ step are objects composed over it, each using only the ones below it:
 
 Where waves differ, the concerns ask the wave's policy (``strategies.base.WavePolicy``, one per
 wave, given by the strategy: ``Step.policy``), never a strategy's name or a wave's kind; the
-policies' hooks take a ``Step`` and use only what is defined here. Nothing here awaits or reads
-a clock: time is ``now``.
+policies' hooks take a ``Step``, use only what is defined here, and keep their state in the
+record's typed report (``protocol.report``), which the working copy holds as its own. Nothing
+here awaits or reads a clock: time is ``now``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, TypeVar, cast
-
-import msgspec
+from typing import TYPE_CHECKING, Any
 
 from coordinator.core.amounts import max_unavailable
 from coordinator.core.engine_types import (
@@ -45,9 +44,6 @@ from protocol.messages import (
 if TYPE_CHECKING:  # the strategies import this module for its type; the engine asks them
     from coordinator.strategies.base import WavePolicy
 
-S = TypeVar("S", bound=msgspec.Struct)
-
-
 class Step:
     """The working state of one ``handle`` call: a copy of the record, and the commands so far."""
 
@@ -64,32 +60,7 @@ class Step:
         self._policies = policies  # one per wave, by index
         # Each distinct policy once, in wave order: the ones asked about the whole rollout.
         self.policies: tuple[WavePolicy, ...] = tuple(dict.fromkeys(policies))
-        self._states: dict[str, msgspec.Struct | None] = {}
         self.cap = max_unavailable(self.spec.max_unavailable, len(record.nodes))
-
-    # -- strategy state ----------------------------------------------------------------------------
-    # A strategy keeps its state under one key of ``record.report`` (the wire format: plain JSON
-    # there), and works on it as its own typed Struct: decoded at most once per step, written
-    # back by ``flush`` when the step is done.
-
-    def state(self, key: str, tp: type[S]) -> S | None:
-        """The typed state under ``report[key]``, or None if the rollout has none yet."""
-        if key not in self._states:
-            raw = self.r.report.get(key)
-            self._states[key] = None if raw is None else msgspec.convert(raw, tp)
-        return cast("S | None", self._states[key])
-
-    def set_state(self, key: str, value: msgspec.Struct) -> None:
-        """Make ``value`` the state under ``report[key]`` (written by ``flush``)."""
-        # A new key joins the report after those set before it, as it always has.
-        self._states.pop(key, None)
-        self._states[key] = value
-
-    def flush(self) -> None:
-        """Write every typed state back into the record's report, as plain data."""
-        for key, value in self._states.items():
-            if value is not None:
-                self.r.report[key] = msgspec.to_builtins(value)
 
     # -- helpers -----------------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ Phases, as waves (``wave`` gives their policies, ``StageWave`` and ``SwitchWave`
   release's ``validate`` hook passed).
 - wave 1, ``switch``: every node's weights go to the staged slot in one batch of writes (new 100,
   old 0, both slots kept). A node's *switch time* is the time of its first observed state whose
-  weights show the switch; ``record.report["switch"]`` keeps them with the *spread* (last - first)
+  weights show the switch; ``record.report.switch`` keeps them with the *spread* (last - first)
   and the *lag* (last - decision). The wave then bakes for ``--bake`` under the usual gates; since
   the old slots carry no traffic after the switch, ``--max-p99-ratio`` compares with the old slots'
   traffic from the previous wave's start up to the switch.
@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from msgspec import UNSET, UnsetType
+from msgspec import UNSET
 
 from coordinator.core import gates as gatelib
 from coordinator.core.planning import Wave, WaveKind
@@ -48,6 +48,7 @@ from protocol.messages import (
     RolloutSpec,
     WaveRecord,
 )
+from protocol.report import OldTraffic, Switch, SwitchBack
 
 if TYPE_CHECKING:  # the engine imports the strategies; this module only needs its type
     from coordinator.core.engine_step import Step  # all these hooks use of it
@@ -172,51 +173,14 @@ def switch_back_target(
 # -- the engine's hooks ----------------------------------------------------------------------------
 
 
-class OldTraffic(msgspec.Struct):
-    """The old slots' traffic from the previous wave's start up to the switch."""
-
-    requests: int = 0
-    errors: int = 0
-    latency: list[int] = []
-    untrusted: dict[str, str] = {}  # nodes left out of these figures, with why
-
-
-class Switch(msgspec.Struct):
-    """``record.report["switch"]``: the switch decision, when each node showed it, the old
-    traffic to compare with; once every node showed it, its spread (None figures if no node
-    reported); the end of the warm window once it started. Fields in the order the record has
-    always held them: the bytes in KV do not change."""
-
-    at: float = 0.0
-    wave: int = 0
-    nodes: dict[str, float] = {}
-    old: OldTraffic = msgspec.field(default_factory=OldTraffic)
-    first: float | UnsetType | None = UNSET
-    last: float | UnsetType | None = UNSET
-    spread: float | UnsetType | None = UNSET
-    lag: float | UnsetType | None = UNSET
-    warm_until: float | UnsetType = UNSET
-
-
-class SwitchBack(msgspec.Struct):
-    """``record.report["switch_back"]``: the switch back, when each node showed it, the nodes
-    expected to, and its spread once all did."""
-
-    at: float = 0.0
-    nodes: dict[str, float] = {}
-    expect: list[str] = []
-    first: float | UnsetType | None = UNSET
-    last: float | UnsetType | None = UNSET
-    spread: float | UnsetType | None = UNSET
-    lag: float | UnsetType | None = UNSET
-
-
 def _switch(step: Step) -> Switch | None:
-    return step.state("switch", Switch)
+    switch = step.r.report.switch
+    return None if switch is UNSET else switch
 
 
 def _switch_back(step: Step) -> SwitchBack | None:
-    return step.state("switch_back", SwitchBack)
+    back = step.r.report.switch_back
+    return None if back is UNSET else back
 
 
 def _summarize(state: Switch | SwitchBack, times: Mapping[str, float],
@@ -239,11 +203,11 @@ def start_switch(step: Step, index: int) -> None:
         if (serving := _old_slot(p)) is not None and (seen := step.obs.get(n)) is not None
         and evidence.admits(n, before.get(n), seen.router)
     )
-    step.set_state("switch", Switch(
+    step.r.report.switch = Switch(
         at=step.now, wave=index, nodes={},
         old=OldTraffic(requests=old.requests, errors=old.errors, latency=list(old.latency),
                        untrusted=gatelib.listed(evidence.untrusted)),
-    ))
+    )
     step.emit("bluegreen.switching", f"switching {len(r.waves[index].nodes)} nodes to "
               f"{r.release.version} at once", wave=index, at=step.now)
 
@@ -321,7 +285,7 @@ def rollback_target(step: Step, p: NodeProgress) -> DesiredState | None:
     back = _switch_back(step)
     if back is None:
         back = SwitchBack(at=step.now, nodes={}, expect=[])
-        step.set_state("switch_back", back)
+        step.r.report.switch_back = back
     back.expect.append(p.node)
     return switch_back_target(t, serving=old, generation=step.next_generation(p), now=step.now)
 

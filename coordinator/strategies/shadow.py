@@ -16,7 +16,7 @@ Phases, as waves (``wave`` gives their policies):
   (unanswered copies / copies sent: a hanging shadow has no compared pair, yet fails it),
   ``--max-p99-ratio`` (shadow p99 / live p99) and ``--min-healthy``
   over the shadow slots. The figures, the thresholds and a few sample mismatches (node, method,
-  path, what differed) go into ``record.report["shadow"]`` and the wave's gates.
+  path, what differed) go into ``record.report.shadow`` and the wave's gates.
 - then, without ``--then``: the shadow is retired (every node's previous desired state again) and
   the rollout succeeds with the report; if the gates failed it is retired all the same and the
   rollout ends rolled back with the report and the reason (whatever ``--on-failure`` says: there
@@ -35,6 +35,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+from msgspec import UNSET
 
 from coordinator.core import gates as gatelib
 from coordinator.core import gates_shadow as shadowgates
@@ -44,6 +45,7 @@ from coordinator.errors import UsageError
 from coordinator.strategies import blue_green, rolling
 from coordinator.strategies.waves import AFTER_SHADOW, Ordinary
 from protocol.messages import MirrorSpec, RolloutSpec, WaveRecord
+from protocol.report import Sample, ShadowReport
 
 if TYPE_CHECKING:  # the engine imports the strategies; this module only needs its type
     from coordinator.core.engine_step import Step  # all these hooks use of it
@@ -133,52 +135,6 @@ def mirror_spec(spec: RolloutSpec, slot: str) -> MirrorSpec:
     )
 
 
-class Sample(msgspec.Struct):
-    """One request whose answers differed, from a node's router."""
-
-    node: str
-    method: str
-    path: str
-    what: str
-    live: str = ""
-    shadow: str = ""
-
-
-Figure = int | float | None  # as the gates computed it: a count, a rate, a latency, or nothing
-
-
-class ShadowReport(msgspec.Struct):
-    """``record.report["shadow"]``: the shadow's figures over its bake window (the gates'
-    ``ShadowFigures``), what was mirrored and ignored, and the verdict. Fields in the order the
-    record has always held them: the bytes in KV do not change."""
-
-    nodes: int = 0
-    healthy: int = 0
-    healthy_fraction: Figure = 0.0
-    mirrored: int = 0
-    sent: int = 0
-    compared: int = 0
-    mismatched: int = 0
-    dropped: int = 0
-    shadow_errors: int = 0
-    mismatch_rate: Figure = None
-    error_rate: Figure = None
-    p99_shadow_ms: Figure = None
-    p99_live_ms: Figure = None
-    p99_ratio: Figure = None
-    untrusted: dict[str, str] = {}
-    untrusted_nodes: int = 0
-    mirror_percent: Figure = 0.0
-    methods: list[str] = []
-    ignore_headers: list[str] = []
-    ignore_json_fields: list[str] = []
-    keep_headers: list[str] = []
-    window: list[Figure] = []
-    outcome: str = ""
-    reasons: list[str] = []
-    samples: list[Sample] = []
-
-
 # -- the engine's hooks ----------------------------------------------------------------------------
 
 
@@ -210,9 +166,7 @@ def verdict(step: Step, wave: WaveRecord) -> gatelib.Verdict:
                         for s in end.mirror.samples[-MAX_SAMPLES:]]
     fig = shadowgates.ShadowFigures(nodes, healthy, total, evidence.untrusted)
     result = shadowgates.evaluate_shadow(step.spec.gates, fig)
-    step.set_state("shadow", msgspec.convert(fig.as_dict(), ShadowReport))
-    report = step.state("shadow", ShadowReport)
-    assert report is not None
+    report = step.r.report.shadow = msgspec.convert(fig.as_dict(), ShadowReport)
     report.mirror_percent = step.spec.mirror
     report.methods = [m.upper() for m in step.spec.mirror_methods]
     report.ignore_headers = list(step.spec.ignore_headers)
@@ -241,5 +195,5 @@ def retire(step: Step) -> None:
 
 def _report_data(step: Step) -> dict[str, Any]:
     """The shadow's report as plain data (for the retirement's event); {} if there is none."""
-    report = step.state("shadow", ShadowReport)
-    return msgspec.to_builtins(report) if report is not None else {}
+    report = step.r.report.shadow
+    return {} if report is UNSET else msgspec.to_builtins(report)

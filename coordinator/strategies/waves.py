@@ -5,7 +5,7 @@ An ordinary wave moves its nodes to the new release at the wave's weight, within
 bakes for ``--bake`` and is judged by the gates against the old slots' traffic in the same
 window. The last wave of a rolling or canary rollout leaves no old slot serving, so then the
 comparison is with the old traffic of the latest earlier window that had some (kept in
-``record.report["old_window"]``), or failing that with the old slots' counters up to this bake
+``record.report.old_window``), or failing that with the old slots' counters up to this bake
 (since their routers started): no old traffic in the window must not make a healthy last step
 inconclusive. When the rollout succeeds, every node's old slot is retired.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import msgspec
+from msgspec import UNSET
 
 from coordinator.core import gates as gatelib
 from coordinator.core.planning import WaveKind
@@ -28,19 +29,10 @@ from protocol.messages import (
     RolloutSpec,
     WaveRecord,
 )
+from protocol.report import OldWindow
 
 if TYPE_CHECKING:  # the engine imports the strategies; the hooks only need its type
     from coordinator.core.engine_step import Step
-
-
-class OldWindow(msgspec.Struct):
-    """``record.report["old_window"]``: the old release's traffic in the latest window that had
-    some, in the order the record has always held it."""
-
-    wave: int = 0
-    requests: int = 0
-    errors: int = 0
-    latency: list[int] = []
 
 
 class Ordinary:
@@ -79,12 +71,12 @@ class Ordinary:
     ) -> tuple[list[gatelib.Window], str]:
         total = gatelib.total(old)
         if total.requests:
-            step.set_state("old_window", OldWindow(
+            step.r.report.old_window = OldWindow(
                 wave=wave.index, requests=total.requests, errors=total.errors,
-                latency=list(total.latency)))
+                latency=list(total.latency))
             return old, ""
-        kept = step.state("old_window", OldWindow)
-        if kept is not None:
+        kept = step.r.report.old_window
+        if kept is not UNSET:
             return [gatelib.Window(kept.requests, kept.errors, tuple(kept.latency))], \
                 f"wave {kept.wave}"
         before = []

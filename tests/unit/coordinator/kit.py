@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
 from coordinator.core.engine import Command, EmitEvent, Rollout, WriteDesired, new_record
-from protocol.messages import DesiredState, NodeView
+from protocol.messages import DesiredState, NodeView, RolloutRecord
 from protocol.testing import FLEET, NEW, desired, spec
 
 
@@ -35,3 +37,9 @@ def kinds(cmds: list[Command]) -> list[str]:
 def events(cmds: list[Command], kind: str) -> list[EmitEvent]:
     """The events of ``kind`` that ``cmds`` emit."""
     return [c for c in cmds if isinstance(c, EmitEvent) and c.kind == kind]
+
+
+def report(record: RolloutRecord) -> dict[str, Any]:
+    """The record's report as plain data: what its JSON in KV holds."""
+    out: dict[str, Any] = msgspec.to_builtins(record.report)
+    return out
