@@ -18,6 +18,7 @@ from coordinator.core import gates as gatelib
 from coordinator.core.engine_rollback import Rollback
 from coordinator.core.engine_step import Step
 from coordinator.core.engine_types import move_wave
+from coordinator.core.evidence import Evidence
 from coordinator.core.targets import serving_slot
 from protocol.durations import format_duration
 from protocol.messages import WaveRecord
@@ -131,7 +132,7 @@ class Bake:
         gates = policy.gates(self.step.spec.gates)
         new, old, mirror = [], [], []
         healthy = 0
-        evidence = gatelib.Evidence()
+        evidence = Evidence()
         for n, p in self.step.r.nodes.items():
             seen = self.step.obs.get(n)
             end = seen.router if seen is not None else None

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 from coordinator.core import gates as gatelib
+from coordinator.core.evidence import Evidence
 from coordinator.core.planning import Wave, WaveKind
 from protocol.messages import (
     DesiredState,
@@ -99,7 +100,7 @@ class WavePolicy(Protocol):
 
     def old_traffic(
         self, step: Step, wave: WaveRecord, old: list[gatelib.Window],
-        evidence: gatelib.Evidence,
+        evidence: Evidence,
     ) -> tuple[list[gatelib.Window], str]:
         """The old release's traffic to compare the new slots with (``old``: the old slots' in
         the bake window), and where it is from ("" for the window itself)."""

@@ -35,6 +35,7 @@ import msgspec
 from msgspec import UNSET
 
 from coordinator.core import gates as gatelib
+from coordinator.core.evidence import Evidence, listed
 from coordinator.core.planning import Wave, WaveKind
 from coordinator.core.targets import serving_slot
 from coordinator.errors import UsageError
@@ -77,7 +78,7 @@ class StageWave(Ordinary):
 
     def old_traffic(
         self, step: Step, wave: WaveRecord, old: list[gatelib.Window],
-        evidence: gatelib.Evidence,
+        evidence: Evidence,
     ) -> tuple[list[gatelib.Window], str]:
         return old, ""
 
@@ -99,7 +100,7 @@ class SwitchWave(Ordinary):
 
     def old_traffic(
         self, step: Step, wave: WaveRecord, old: list[gatelib.Window],
-        evidence: gatelib.Evidence,
+        evidence: Evidence,
     ) -> tuple[list[gatelib.Window], str]:
         # After the switch the old slots get no traffic.
         evidence.add(old_untrusted(step))
@@ -196,7 +197,7 @@ def start_switch(step: Step, index: int) -> None:
     """Record the switch decision and the old slots' traffic since the previous wave started."""
     r = step.r
     before = r.waves[index - 1].baseline if index > 0 else {}
-    evidence = gatelib.Evidence()
+    evidence = Evidence()
     old = gatelib.total(
         gatelib.window(before.get(n), seen.router, serving)
         for n, p in r.nodes.items()
@@ -206,7 +207,7 @@ def start_switch(step: Step, index: int) -> None:
     step.r.report.switch = Switch(
         at=step.now, wave=index, nodes={},
         old=OldTraffic(requests=old.requests, errors=old.errors, latency=list(old.latency),
-                       untrusted=gatelib.listed(evidence.untrusted)),
+                       untrusted=listed(evidence.untrusted)),
     )
     step.emit("bluegreen.switching", f"switching {len(r.waves[index].nodes)} nodes to "
               f"{r.release.version} at once", wave=index, at=step.now)

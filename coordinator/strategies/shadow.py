@@ -39,6 +39,7 @@ from msgspec import UNSET
 
 from coordinator.core import gates as gatelib
 from coordinator.core import gates_shadow as shadowgates
+from coordinator.core.evidence import Evidence
 from coordinator.core.planning import Wave, WaveKind
 from coordinator.core.targets import restore_target
 from coordinator.errors import UsageError
@@ -144,7 +145,7 @@ def verdict(step: Step, wave: WaveRecord) -> gatelib.Verdict:
     total = shadowgates.ShadowWindow()
     nodes = healthy = 0
     samples: list[Sample] = []
-    evidence = gatelib.Evidence()
+    evidence = Evidence()
     for n in wave.nodes:
         p = r.nodes[n]
         if p.target is None:

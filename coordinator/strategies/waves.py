@@ -18,6 +18,7 @@ import msgspec
 from msgspec import UNSET
 
 from coordinator.core import gates as gatelib
+from coordinator.core.evidence import Evidence
 from coordinator.core.planning import WaveKind
 from coordinator.core.targets import retire_target, serving_slot
 from protocol.messages import (
@@ -67,7 +68,7 @@ class Ordinary:
 
     def old_traffic(
         self, step: Step, wave: WaveRecord, old: list[gatelib.Window],
-        evidence: gatelib.Evidence,
+        evidence: Evidence,
     ) -> tuple[list[gatelib.Window], str]:
         total = gatelib.total(old)
         if total.requests:
