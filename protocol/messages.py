@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from protocol.report import RolloutReport
+
 SLOTS: tuple[str, str] = ("a", "b")
 Slot = Literal["a", "b"]
 
@@ -330,7 +332,7 @@ class RolloutRecord(msgspec.Struct, kw_only=True):
     current_wave: int = 0
     nodes: dict[str, NodeProgress] = {}
     promote: Literal["", "step", "full"] = ""
-    report: dict[str, Any] = {}
+    report: RolloutReport = msgspec.field(default_factory=RolloutReport)  # protocol.report
     revision: int = 0  # bumped on every persisted change
     # Added by the rollout engine: "rollback" once the touched nodes are being restored, and the
     # deadline by which every one of them must have converged back.

@@ -178,7 +178,8 @@ def status_dict(r: RolloutRecord) -> dict[str, Any]:
         "id": r.id, "service": r.spec.service, "version": r.release.version,
         "from_version": r.from_version, "strategy": r.spec.strategy, "state": r.state,
         "reason": r.reason, "phase": r.phase, "created": r.created, "updated": r.updated,
-        "finished": r.finished, "current_wave": r.current_wave, "report": dict(r.report),
+        "finished": r.finished, "current_wave": r.current_wave,
+        "report": msgspec.to_builtins(r.report),
         "bake": r.spec.bake, "gates": msgspec.to_builtins(r.spec.gates),
         "waves": [
             {"index": w.index, "nodes": list(w.nodes), "weight": w.weight, "state": w.state,

@@ -7,10 +7,12 @@
                     composed over it: ``engine_progress``, ``engine_bake``, ``engine_rollback``.
 - ``planning``      which nodes a rollout targets and the shape of its waves; ``amounts``: ``N``
                     or ``P%`` of the nodes; ``targets``: the desired state one node is given.
-- ``gates``         whether a wave's figures pass its thresholds; ``gates_shadow``: a shadow's.
+- ``gates``         whether a wave's figures pass its thresholds; ``gates_shadow``: a shadow's;
+                    ``evidence``: which nodes' router figures may feed them.
 - ``fleet``         the node table: liveness from heartbeats, the views the API lists.
 
 May import ``protocol``, ``coordinator.errors`` and the strategies (which import the core's
-planning, targets and gates, and the engine's step for types only); never ``asyncio``, ``nats``,
-the runtime, the API or the CLI, and nothing here reads the clock.
+planning, targets, gates and evidence, and the engine's step for types only; the engine asks
+each wave's policy, ``strategies.base.WavePolicy``, where waves differ); never ``asyncio``,
+``nats``, the runtime, the API or the CLI, and nothing here reads the clock.
 """

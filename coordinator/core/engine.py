@@ -24,10 +24,10 @@ cover the whole bake (``window_covers_bake``), its gates (``coordinator.core.gat
 pass → next wave; fail → ``on_failure`` (rollback or pause); inconclusive → pause.
 Rollback writes every touched node's previous desired state, each with a higher generation, in one
 wave; it ends ``rolled_back`` when all converged back, or ``failed`` naming the nodes that did not
-by the rollback deadline. Blue-green and shadow add kinds of waves (``strategies.wave_kind``:
-stage, shadow, switch) whose phase logic lives in ``strategies.blue_green`` and
-``strategies.shadow``; the engine calls them at fixed points (wave start and convergence, bake
-verdict, success, rollback). Events, commands and the transition tables are in ``engine_types``.
+by the rollback deadline. Where waves differ (blue-green's stage and switch, the shadow, the
+ordinary wave) the engine asks the wave's policy (``strategies.base.WavePolicy``, given per wave by
+the strategy) at fixed points: wave start and convergence, node targets, bake and verdict, observed
+states, success, rollback. Events, commands and the transition tables are in ``engine_types``.
 One call works on a ``Step`` (its primitives, ``engine_step``) with three concerns composed over
 it: ``Progress`` (``engine_progress``), ``Bake`` (``engine_bake``) and ``Rollback``
 (``engine_rollback``).
@@ -72,7 +72,7 @@ from coordinator.core.engine_types import (
 from coordinator.core.planning import NodeLike
 from coordinator.core.targets import forward_target, idle_slot, serving_slot
 from coordinator.errors import UsageError
-from coordinator.strategies import plan, wave_kind
+from coordinator.strategies import plan, wave_policies
 from protocol.codec import encode
 from protocol.messages import (
     TERMINAL_STATES,
@@ -85,6 +85,7 @@ from protocol.messages import (
     RouterStats,
     WaveRecord,
 )
+from protocol.report import RolloutReport
 
 # The engine as callers see it: the vocabulary of engine_types is re-exported so one import does.
 __all__ = [
@@ -159,6 +160,7 @@ class Rollout:
         self.fleet = fleet
         self._record = record
         self._observed: dict[str, ObservedState] = {}
+        self._policies = wave_policies(record.spec, len(record.waves))
 
     @property
     def record(self) -> RolloutRecord:
@@ -211,12 +213,11 @@ class Rollout:
     def _step(self, events: Sequence[EngineEvent], now: float) -> list[Command]:
         work = working_copy(self._record)
         observed = dict(self._observed)
-        step = Step(self.fleet, work, observed, now, kind=wave_kind)
+        step = Step(self.fleet, work, observed, now, policies=self._policies)
         progress = Progress(step)
         for event in events:
             progress.apply(event)
         progress.advance()
-        step.flush()
         commands: list[Command] = list(step.commands)
         # Field-by-field equality: what the copy shares with the committed record (desired
         # states, router snapshots) compares by identity, so this is O(nodes) pointer checks
@@ -238,7 +239,7 @@ def working_copy(record: RolloutRecord) -> RolloutRecord:
 
     Every container a Step could edit in place is the copy's own: each wave (its ``nodes`` list,
     its ``gates`` figures deeply, its ``baseline`` dict), each NodeProgress, and the report's
-    nested dicts. What a Step only ever replaces whole is shared: the ``previous`` and ``target``
+    parts. What a Step only ever replaces whole is shared: the ``previous`` and ``target``
     desired states of a node and the router snapshots in a baseline. Copying the baselines
     deeply was most of a step's cost once routers report counters (a snapshot of every node per
     wave), and a full decode of the record was before that.
@@ -247,7 +248,7 @@ def working_copy(record: RolloutRecord) -> RolloutRecord:
         record,
         waves=[msgspec.structs.replace(w, nodes=list(w.nodes), gates=_deep(w.gates),
                                        baseline=dict(w.baseline)) for w in record.waves],
-        report=_deep(record.report),
+        report=_copy_report(record.report),
         nodes={n: msgspec.structs.replace(p) for n, p in record.nodes.items()},
     )
 
@@ -255,3 +256,8 @@ def working_copy(record: RolloutRecord) -> RolloutRecord:
 def _deep(value: dict[str, Any]) -> dict[str, Any]:
     """A deep copy of plain JSON-like data (msgpack round trip: the fastest deep copy)."""
     return msgspec.msgpack.decode(msgspec.msgpack.encode(value)) if value else {}
+
+
+def _copy_report(report: RolloutReport) -> RolloutReport:
+    """A deep copy of a report (a typed msgpack round trip, as ``_deep``)."""
+    return msgspec.msgpack.decode(msgspec.msgpack.encode(report), type=RolloutReport)

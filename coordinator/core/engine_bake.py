@@ -1,41 +1,31 @@
 """The bake of the engine's step: how a converged wave waits, and how its gates judge it.
 
-Theory of operation: when every node of a wave is done, ``start_bake`` snapshots every node's
-router counters (the wave's *baseline*) and the wave bakes for ``spec.bake`` seconds (a stage
-wave, which carries no traffic, is judged at once). Meanwhile ``bake`` fails any node that goes
-offline or whose new slot stops being healthy. Once the bake is over and every node's counters
-cover it (``window_covers_bake``, or ``STATS_GRACE`` later at most), ``verdict`` measures the new
-slots' traffic since the baseline against the old slots' (``old_reference`` when no old slot
-serves any more) and ``core.gates`` decides: pass → the next wave; fail → ``on_failure``;
-inconclusive → pause. An operator's promote skips the gates of one wave or of all.
+Theory of operation: when every node of a wave is done, ``start_bake`` snapshots every node's router
+counters (the wave's *baseline*) and the wave bakes for ``spec.bake`` seconds (unless its policy
+says it does not bake: a stage wave carries no traffic and is judged at once). Meanwhile ``bake``
+fails any node that goes offline or whose new slot stops being healthy. Once the bake is over and
+every node's counters cover it (``window_covers_bake``, or ``STATS_GRACE`` later at most),
+``verdict`` measures the new slots' traffic since the baseline against the old slots' (or the old
+traffic the wave's policy names: ``WavePolicy.old_traffic``) and ``core.gates`` decides, with the
+thresholds the policy gives (a shadow wave's policy judges by its own verdict): pass → the next
+wave; fail → ``on_failure``; inconclusive → pause. An operator's promote skips the gates of one wave
+or of all.
 """
 
 from __future__ import annotations
-
-import msgspec
 
 from coordinator.core import gates as gatelib
 from coordinator.core.engine_rollback import Rollback
 from coordinator.core.engine_step import Step
 from coordinator.core.engine_types import move_wave
+from coordinator.core.evidence import Evidence
 from coordinator.core.targets import serving_slot
-from coordinator.strategies import blue_green, shadow
 from protocol.durations import format_duration
-from protocol.messages import Gates, WaveRecord
+from protocol.messages import WaveRecord
 
 # How long past its end a bake waits for router counters that cover it (window_covers_bake)
 # before its gates judge what they have; agents read the counters every 2 s.
 STATS_GRACE = 10.0
-
-
-class OldWindow(msgspec.Struct):
-    """``record.report["old_window"]``: the old release's traffic in the latest window that had
-    some (``Bake.old_reference``), in the order the record has always held it."""
-
-    wave: int = 0
-    requests: int = 0
-    errors: int = 0
-    latency: list[int] = []
 
 
 class Bake:
@@ -48,9 +38,9 @@ class Bake:
 
     def start_bake(self, wave: WaveRecord) -> None:
         move_wave(wave, "baking")
-        if self.step.kind(wave) == "stage":
-            # Staged slots carry no traffic, so there is nothing to bake: only --min-healthy
-            # is judged, now; the baseline taken at the wave's start is kept for the switch.
+        if not self.step.policy(wave).bakes:
+            # Nothing to bake (staged slots carry no traffic): the gates judge now; the baseline
+            # taken at the wave's start is kept for the next wave.
             wave.bake_until = self.step.now
             return
         wave.bake_until = self.step.now + self.step.spec.bake
@@ -135,18 +125,14 @@ class Bake:
         return True
 
     def verdict(self, wave: WaveRecord) -> gatelib.Verdict:
-        kind = self.step.kind(wave)
-        if kind == "shadow":
-            return shadow.verdict(self.step, wave)
-        gates = self.step.spec.gates
-        if kind == "stage":
-            gates = Gates(min_healthy=gates.min_healthy)
-        elif self.step.spec.strategy == "shadow":
-            # After a shadow, --then waves serve live traffic: nothing is mirrored any more.
-            gates = msgspec.structs.replace(gates, max_mismatch_rate=None)
+        policy = self.step.policy(wave)
+        own = policy.verdict(self.step, wave)
+        if own is not None:
+            return own
+        gates = policy.gates(self.step.spec.gates)
         new, old, mirror = [], [], []
         healthy = 0
-        evidence = gatelib.Evidence()
+        evidence = Evidence()
         for n, p in self.step.r.nodes.items():
             seen = self.step.obs.get(n)
             end = seen.router if seen is not None else None
@@ -164,44 +150,9 @@ class Bake:
             if in_wave:
                 slot = seen.slots.get(p.slot) if seen is not None else None
                 healthy += slot is not None and slot.status == "healthy"
-        if kind == "switch":
-            # After the switch the old slots get no traffic.
-            old = [blue_green.old_window(self.step)]
-            evidence.add(blue_green.old_untrusted(self.step))
-        reference = ""
-        if kind == "":
-            old, reference = self.old_reference(wave, old, evidence)
+        old, reference = policy.old_traffic(self.step, wave, old, evidence)
         fig = gatelib.figures(len(wave.nodes), healthy, new, old, mirror, evidence.untrusted)
         verdict = gatelib.evaluate(gates, fig)
         if reference:
             verdict.figures["p99_old_from"] = reference
         return verdict
-
-    def old_reference(
-        self, wave: WaveRecord, old: list[gatelib.Window], evidence: gatelib.Evidence,
-    ) -> tuple[list[gatelib.Window], str]:
-        """The old release's traffic to compare this wave's new slots with, and where it is from.
-
-        Normally the old slots' traffic in the same window. The last wave of a canary or rolling
-        rollout leaves no old slot serving, so then it is the old traffic of the latest earlier
-        window that had some (kept in ``report["old_window"]``), or failing that the old slots'
-        counters up to this bake (since their routers started): no old traffic in the window must
-        not make a healthy last step inconclusive.
-        """
-        total = gatelib.total(old)
-        if total.requests:
-            self.step.set_state("old_window", OldWindow(
-                wave=wave.index, requests=total.requests, errors=total.errors,
-                latency=list(total.latency)))
-            return old, ""
-        kept = self.step.state("old_window", OldWindow)
-        if kept is not None:
-            return [gatelib.Window(kept.requests, kept.errors, tuple(kept.latency))], \
-                f"wave {kept.wave}"
-        before = []
-        for n, p in self.step.r.nodes.items():
-            serving = serving_slot(p.previous)
-            baseline = wave.baseline.get(n)
-            if serving is not None and serving != p.slot and evidence.admits(n, None, baseline):
-                before.append(gatelib.window(None, baseline, serving))
-        return before, "old slots before this bake"

@@ -28,8 +28,7 @@ from coordinator.core.engine_types import (
     move_node,
     move_wave,
 )
-from coordinator.core.targets import forward_target, idle_slot, retire_target, runs
-from coordinator.strategies import blue_green, shadow
+from coordinator.core.targets import forward_target, idle_slot, runs
 from protocol.durations import format_duration
 from protocol.messages import NodeProgress, ObservedState, WaveRecord
 
@@ -103,7 +102,8 @@ class Progress:
         version = seen.slots[serving].version if serving in seen.slots else p.version
         if (p.healthy, p.version) != (healthy, version):
             p.healthy, p.version = healthy, version
-        blue_green.note(self.step, p, seen)
+        for policy in self.step.policies:
+            policy.observed(self.step, p, seen)
 
     # -- operator requests -------------------------------------------------------------------------
 
@@ -158,7 +158,7 @@ class Progress:
             if wave.state != "passed":
                 return
             if r.current_wave + 1 >= len(r.waves):
-                if not blue_green.keep_warm(self.step):
+                if not self.step.policy(wave).keep_warm(self.step):
                     self.succeed()
                 return
             r.current_wave += 1
@@ -177,15 +177,15 @@ class Progress:
             p.wave = wave.index
             move_node(p, "waiting")
             p.reason = ""
-        kind = self.step.kind(wave)
-        if kind in ("stage", "shadow"):
-            # The previous wave's traffic window starts here (blue_green.start_switch uses it).
+        policy = self.step.policy(wave)
+        if policy.stages:
+            # The next wave's window of old traffic starts here (blue-green's switch reads it).
             wave.baseline = self.step.snapshot()
+        kind = policy.kind
         self.step.emit("wave.started", f"wave {wave.index}: {len(wave.nodes)} nodes at weight "
                        f"{wave.weight}%" + (f" ({kind})" if kind else ""), wave=wave.index,
                        nodes=wave.nodes, weight=wave.weight, wave_kind=kind)
-        if kind == "switch":
-            blue_green.start_switch(self.step, wave.index)
+        policy.started(self.step, wave)
 
     def start_node(self, p: NodeProgress, wave: WaveRecord) -> None:
         step = self.step
@@ -195,7 +195,7 @@ class Progress:
             p.previous, fleet=step.fleet, node=p.node, release=step.r.release, slot=p.slot,
             weight=wave.weight, generation=step.next_generation(p), rollout=step.r.id,
             now=step.now,
-            mirror=shadow.mirror_spec(step.spec, p.slot) if step.kind(wave) == "shadow" else None,
+            mirror=step.policy(wave).mirror(step.spec, p.slot),
         )
         move_node(p, "updating")
         self.step.write(p, desired)
@@ -210,22 +210,21 @@ class Progress:
             if p.state == "updating":
                 self.check_node(p)
         unavailable = self.step.unavailable()
-        # Staging at weight 0 and switching to a staged healthy slot stop no node from serving,
-        # so only ordinary waves are bounded by max-unavailable.
-        kind = self.step.kind(wave)
-        capped = kind == ""
+        # Staging at weight 0 and switching to a staged healthy slot stop no node from serving:
+        # the wave's policy says whether max-unavailable bounds it.
+        policy = self.step.policy(wave)
         blocked: list[str] = []
         for n in wave.nodes:
             p = r.nodes[n]
             if p.state != "waiting":
                 continue
-            if (p.target is None and (wave.weight == 100 or kind in ("stage", "shadow"))
+            if (p.target is None and (wave.weight == 100 or policy.stages)
                     and runs(p.previous, r.release)):
                 move_node(p, "done")
                 self.step.emit("node.done", f"{n}: already runs {r.release.version}", n)
             elif not p.online:
                 self.step.fail_node(p, "node is offline")
-            elif not capped or len(unavailable) + (n not in unavailable) <= self.step.cap:
+            elif not policy.bounded or len(unavailable) + (n not in unavailable) <= self.step.cap:
                 self.start_node(p, wave)
                 unavailable.add(n)
             else:
@@ -256,8 +255,7 @@ class Progress:
         if all(r.nodes[n].state == "done" for n in wave.nodes):
             self.step.emit("wave.converged", f"wave {wave.index}: all {len(wave.nodes)} nodes "
                            "converged", wave=wave.index)
-            if kind == "switch":
-                blue_green.switched(self.step, wave.index)
+            policy.converged(self.step, wave)
             self.bakes.start_bake(wave)
 
     def check_node(self, p: NodeProgress) -> None:
@@ -274,14 +272,7 @@ class Progress:
                            generation=p.generation)
 
     def succeed(self) -> None:
-        r = self.step.r
-        if self.step.kind(r.waves[-1]) == "shadow":
-            shadow.retire(self.step)  # a shadow without --then: report, and back to how it was
-            self.step.finish("succeeded", "")
-            return
-        for p in r.nodes.values():
-            if p.target is not None and len(p.target.slots) > 1:
-                self.step.write(p, retire_target(
-                    p.target, slot=p.slot, generation=self.step.next_generation(p),
-                    now=self.step.now))
+        # What is left behind is the last wave's business: the old slots retired, or a shadow
+        # without --then retired, its report kept.
+        self.step.policy(self.step.r.waves[-1]).succeed(self.step)
         self.step.finish("succeeded", "")

@@ -1,13 +1,14 @@
 """The rollback phase of the engine's step: what a failed wave leads to, and undoing a rollout.
 
-Theory of operation: a wave that fails (a node failed, a deadline passed, the gates said fail)
-goes to ``on_failure``: with ``--on-failure pause`` (and not a stage or shadow wave, which serve
-nothing new) the rollout pauses for an operator; otherwise ``start_rollback`` writes every touched
-node's previous desired state (blue-green: switch back to the old slots first), each with a higher
-generation, in one wave. ``advance_rollback`` then checks each node level-triggered, as
-``Step.advance`` does forward: a node is *rolled back* once it converged on that state, and
-fails when it reports phase ``failed`` or has not converged by ``rollback_deadline``. The rollout
-ends ``rolled_back``, or ``failed`` naming the nodes that did not make it back.
+Theory of operation: a wave that fails (a node failed, a deadline passed, the gates said fail) goes
+to ``on_failure``: with ``--on-failure pause`` (and not a wave that only stages the release, which
+serves nothing new) the rollout pauses for an operator; otherwise ``start_rollback`` writes every
+touched node's previous desired state (or the rollback target a wave's policy gives: blue-green
+switches back to the old slots first), each with a higher generation, in one wave.
+``advance_rollback`` then checks each node level-triggered, as ``Step.advance`` does forward: a node
+is *rolled back* once it converged on that state, and fails when it reports phase ``failed`` or has
+not converged by ``rollback_deadline``. The rollout ends ``rolled_back``, or ``failed`` naming the
+nodes that did not make it back.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 from coordinator.core.engine_step import Step
 from coordinator.core.engine_types import converged, move_node
 from coordinator.core.targets import restore_target
-from coordinator.strategies import blue_green
 from protocol.durations import format_duration
 from protocol.messages import DesiredState, NodeProgress, WaveRecord
 
@@ -30,7 +30,7 @@ class Rollback:
         self.step.emit("wave.failed", reason, wave=wave.index)
         # A failed stage or shadow ends the rollout: nothing serves the new release yet, so
         # there is nothing to hold for an operator, and staged slots would only burn resources.
-        if self.step.spec.on_failure == "pause" and self.step.kind(wave) not in ("stage", "shadow"):
+        if self.step.spec.on_failure == "pause" and not self.step.policy(wave).stages:
             self.step.pause(reason)
         else:
             self.start_rollback(reason)
@@ -45,16 +45,16 @@ class Rollback:
                 move_node(p, "waiting")  # never written to, so still on its previous version
         self.step.emit("rollout.rolling_back", f"rolling back {len(touched)} nodes: {reason}",
                        reason=reason, nodes=touched)
-        switching = any(self.step.kind(w) == "switch" for w in r.waves)
+        policies = self.step.policies
         for n in touched:
             p = r.nodes[n]
             move_node(p, "rolling_back")
             p.reason = ""
-            back = blue_green.rollback_target(self.step, p) if switching else None
+            back = next((t for policy in policies
+                         if (t := policy.rollback_target(self.step, p)) is not None), None)
             self.step.write(p, back or self.restore(p))
-        if blue_green.switching_back(self.step):
-            self.step.emit("bluegreen.switching_back", "switching every node back to the old slots",
-                           at=self.step.now)
+        for policy in policies:
+            policy.rollback_started(self.step)
         self.advance_rollback()
 
     def restore(self, p: NodeProgress) -> DesiredState:
@@ -97,7 +97,8 @@ class Rollback:
                 self.step.write(p, self.restore(p))
             waiting += back
             back = []
-        blue_green.switched_back(self.step)
+        for policy in self.step.policies:
+            policy.rollback_advanced(self.step)
         if waiting or back:
             return
         failed = sorted(n for n, p in r.nodes.items() if p.state == "failed")

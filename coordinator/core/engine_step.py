@@ -11,16 +11,17 @@ step are objects composed over it, each using only the ones below it:
     Bake      (``engine_bake``) the bake and the gates' verdict on it; a failure goes to Rollback
     Progress  (``engine_progress``) the events and forward progress through the waves
 
-The strategies' hooks (``strategies.blue_green``, ``strategies.shadow``) take a ``Step``: they
-use only what is defined here. Nothing here awaits or reads a clock: time is ``now``.
+Where waves differ, the concerns ask the wave's policy (``strategies.base.WavePolicy``, one per
+wave, given by the strategy: ``Step.policy``), never a strategy's name or a wave's kind; the
+policies' hooks take a ``Step``, use only what is defined here, and keep their state in the
+record's typed report (``protocol.report``), which the working copy holds as its own. Nothing
+here awaits or reads a clock: time is ``now``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, TypeVar, cast
-
-import msgspec
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from coordinator.core.amounts import max_unavailable
 from coordinator.core.engine_types import (
@@ -31,26 +32,24 @@ from coordinator.core.engine_types import (
     WriteDesired,
     move_node,
 )
-from coordinator.core.planning import WaveKind
 from protocol.messages import (
     DesiredState,
     NodeProgress,
     ObservedState,
     RolloutRecord,
-    RolloutSpec,
     RouterStats,
     WaveRecord,
 )
 
-S = TypeVar("S", bound=msgspec.Struct)
-
+if TYPE_CHECKING:  # the strategies import this module for its type; the engine asks them
+    from coordinator.strategies.base import WavePolicy
 
 class Step:
     """The working state of one ``handle`` call: a copy of the record, and the commands so far."""
 
     def __init__(
         self, fleet: str, record: RolloutRecord, observed: dict[str, ObservedState], now: float,
-        *, kind: Callable[[RolloutSpec, int], WaveKind],
+        *, policies: Sequence[WavePolicy],
     ) -> None:
         self.fleet = fleet
         self.r = record
@@ -58,33 +57,10 @@ class Step:
         self.now = now
         self.spec = record.spec
         self.commands: list[Command] = []
-        self._kind = kind  # the strategy's wave_kind: what each wave does
-        self._states: dict[str, msgspec.Struct | None] = {}
+        self._policies = policies  # one per wave, by index
+        # Each distinct policy once, in wave order: the ones asked about the whole rollout.
+        self.policies: tuple[WavePolicy, ...] = tuple(dict.fromkeys(policies))
         self.cap = max_unavailable(self.spec.max_unavailable, len(record.nodes))
-
-    # -- strategy state ----------------------------------------------------------------------------
-    # A strategy keeps its state under one key of ``record.report`` (the wire format: plain JSON
-    # there), and works on it as its own typed Struct: decoded at most once per step, written
-    # back by ``flush`` when the step is done.
-
-    def state(self, key: str, tp: type[S]) -> S | None:
-        """The typed state under ``report[key]``, or None if the rollout has none yet."""
-        if key not in self._states:
-            raw = self.r.report.get(key)
-            self._states[key] = None if raw is None else msgspec.convert(raw, tp)
-        return cast("S | None", self._states[key])
-
-    def set_state(self, key: str, value: msgspec.Struct) -> None:
-        """Make ``value`` the state under ``report[key]`` (written by ``flush``)."""
-        # A new key joins the report after those set before it, as it always has.
-        self._states.pop(key, None)
-        self._states[key] = value
-
-    def flush(self) -> None:
-        """Write every typed state back into the record's report, as plain data."""
-        for key, value in self._states.items():
-            if value is not None:
-                self.r.report[key] = msgspec.to_builtins(value)
 
     # -- helpers -----------------------------------------------------------------------------------
 
@@ -105,8 +81,9 @@ class Step:
         p.target = desired
         self.commands.append(WriteDesired(desired))
 
-    def kind(self, wave: WaveRecord) -> WaveKind:
-        return self._kind(self.spec, wave.index)
+    def policy(self, wave: WaveRecord) -> WavePolicy:
+        """What ``wave`` does, where waves differ."""
+        return self._policies[wave.index]
 
     def unavailable(self) -> set[str]:
         return {

@@ -12,12 +12,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from coordinator.core.evidence import MIRROR_COUNTERS, listed
 from coordinator.core.gates import (
-    MIRROR_COUNTERS,
     Verdict,
     add_histograms,
     judged,
-    listed,
     quantile,
     reads_traffic,
     rounded,

@@ -8,7 +8,7 @@ that restarts re-plans nothing: the waves are stored in the rollout record.
 
 Vocabulary: a *wave* is a set of nodes moved together and gated together; ``weight`` is the share
 of traffic (0-100) their new slot receives. A wave's *kind* (``WaveKind``) says what it does;
-each strategy names the kinds of its waves (``coordinator.strategies.wave_kind``). Amounts
+each strategy gives the policy of its waves (``coordinator.strategies.base.WavePolicy``). Amounts
 (``--batch``, ``--max-unavailable``) are in ``core.amounts``.
 """
 

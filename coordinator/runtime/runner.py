@@ -282,7 +282,7 @@ class Runner:
             skipped = sorted(v.id for v in views if not v.online
                              and all(v.labels.get(k) == x for k, x in spec.selector.items()))
             if skipped:
-                record.report["skipped_offline"] = skipped
+                record.report.skipped_offline = skipped
             await self.store.take_lock(spec.service, rid)
             # A lost reply may hide a write that happened: the store keeps the lock if the
             # record is there (the resync resumes it) and releases it if not.

@@ -1,7 +1,10 @@
 """One module per strategy behind one ``Strategy`` Protocol (``base``); ``STRATEGIES`` maps names.
 
+- ``base``  the ``Strategy`` and ``WavePolicy`` Protocols: what the engine may ask.
 - ``rolling``, ``canary``, ``blue_green``, ``shadow``  one strategy each: ``validate(spec)``,
-  ``plan(selected, spec)``, ``wave_kind(spec, index)``, and the hooks the engine calls.
+  ``plan(selected, spec)``, ``wave(spec, index)`` (the policy of each wave), and the wave
+  policies it brings (blue-green's stage and switch, the shadow).
+- ``waves``  the ordinary wave's policy, which the others start from.
 - ``spec``  what every spec must hold (``validate`` runs it before the strategy's own checks).
 
 May import ``protocol``, ``coordinator.errors`` and the core's planning, amounts, targets and
@@ -22,8 +25,9 @@ from coordinator.core.amounts import max_unavailable
 from coordinator.core.planning import NodeLike, Wave, WaveKind, select
 from coordinator.errors import UsageError
 from coordinator.strategies import blue_green, canary, rolling, shadow
-from coordinator.strategies.base import Strategy
+from coordinator.strategies.base import Strategy, WavePolicy
 from coordinator.strategies.spec import check_common
+from coordinator.strategies.waves import ORDINARY
 from protocol.messages import RolloutSpec
 
 STRATEGIES: dict[str, Strategy] = {
@@ -53,10 +57,19 @@ def validate(spec: RolloutSpec) -> None:
         own.validate(spec)
 
 
-def wave_kind(spec: RolloutSpec, index: int) -> WaveKind:
-    """What wave ``index`` of a rollout of ``spec`` does (the strategy's ``wave_kind``)."""
+def wave_policies(spec: RolloutSpec, waves: int) -> list[WavePolicy]:
+    """The policy of each of the ``waves`` waves of a rollout of ``spec`` (the strategy's
+    ``wave``); ordinary waves for a strategy this coordinator does not know."""
     found = STRATEGIES.get(spec.strategy)
-    return found.wave_kind(spec, index) if found is not None else ""
+    if found is None:
+        return [ORDINARY] * waves
+    return [found.wave(spec, i) for i in range(waves)]
+
+
+def wave_kind(spec: RolloutSpec, index: int) -> WaveKind:
+    """What wave ``index`` of a rollout of ``spec`` is called (its policy's ``kind``)."""
+    found = STRATEGIES.get(spec.strategy)
+    return found.wave(spec, index).kind if found is not None else ""
 
 
 def plan_strategy(selected: list[str], spec: RolloutSpec) -> list[Wave]:

@@ -1,7 +1,7 @@
 """Blue-green: stage the new release beside the old one everywhere, switch every node at once,
 keep the old slot warm for a while, then retire it.
 
-Phases, as waves (``wave_kind`` names them):
+Phases, as waves (``wave`` gives their policies, ``StageWave`` and ``SwitchWave``):
 
 - wave 0, ``stage``: every selected node gets the new release in its idle slot at weight 0, in one
   batch (max-unavailable does not bound it: a staged slot carries no traffic, so no node stops
@@ -12,7 +12,7 @@ Phases, as waves (``wave_kind`` names them):
   release's ``validate`` hook passed).
 - wave 1, ``switch``: every node's weights go to the staged slot in one batch of writes (new 100,
   old 0, both slots kept). A node's *switch time* is the time of its first observed state whose
-  weights show the switch; ``record.report["switch"]`` keeps them with the *spread* (last - first)
+  weights show the switch; ``record.report.switch`` keeps them with the *spread* (last - first)
   and the *lag* (last - decision). The wave then bakes for ``--bake`` under the usual gates; since
   the old slots carry no traffic after the switch, ``--max-p99-ratio`` compares with the old slots'
   traffic from the previous wave's start up to the switch.
@@ -32,14 +32,24 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from msgspec import UNSET, UnsetType
+from msgspec import UNSET
 
 from coordinator.core import gates as gatelib
+from coordinator.core.evidence import Evidence, listed
 from coordinator.core.planning import Wave, WaveKind
 from coordinator.core.targets import serving_slot
 from coordinator.errors import UsageError
+from coordinator.strategies.waves import Ordinary
 from protocol.durations import format_duration
-from protocol.messages import DesiredState, NodeProgress, ObservedState, RolloutSpec
+from protocol.messages import (
+    DesiredState,
+    Gates,
+    NodeProgress,
+    ObservedState,
+    RolloutSpec,
+    WaveRecord,
+)
+from protocol.report import OldTraffic, Switch, SwitchBack
 
 if TYPE_CHECKING:  # the engine imports the strategies; this module only needs its type
     from coordinator.core.engine_step import Step  # all these hooks use of it
@@ -54,9 +64,74 @@ def validate(spec: RolloutSpec) -> None:
         )
 
 
-def wave_kind(spec: RolloutSpec, index: int) -> WaveKind:
+class StageWave(Ordinary):
+    """The stage wave: the new release beside the old at weight 0 on every node at once, judged
+    at once on ``--min-healthy`` only (staged slots carry no traffic)."""
+
+    kind: WaveKind = "stage"
+    stages = True
+    bounded = False
+    bakes = False
+
+    def gates(self, gates: Gates) -> Gates:
+        return Gates(min_healthy=gates.min_healthy)
+
+    def old_traffic(
+        self, step: Step, wave: WaveRecord, old: list[gatelib.Window],
+        evidence: Evidence,
+    ) -> tuple[list[gatelib.Window], str]:
+        return old, ""
+
+
+class SwitchWave(Ordinary):
+    """The switch wave: every node's traffic to the staged slot at once (max-unavailable does
+    not bound it: the staged slot is healthy), its spread recorded, judged against the old
+    slots' traffic up to the switch; the old slots kept warm, and switched back to on rollback.
+    Also the last wave of a shadow ``--then blue-green`` (``after_shadow``)."""
+
+    kind: WaveKind = "switch"
+    bounded = False
+
+    def started(self, step: Step, wave: WaveRecord) -> None:
+        start_switch(step, wave.index)
+
+    def converged(self, step: Step, wave: WaveRecord) -> None:
+        switched(step, wave.index)
+
+    def old_traffic(
+        self, step: Step, wave: WaveRecord, old: list[gatelib.Window],
+        evidence: Evidence,
+    ) -> tuple[list[gatelib.Window], str]:
+        # After the switch the old slots get no traffic.
+        evidence.add(old_untrusted(step))
+        return [old_window(step)], ""
+
+    def observed(self, step: Step, p: NodeProgress, seen: ObservedState) -> None:
+        note(step, p, seen)
+
+    def keep_warm(self, step: Step) -> bool:
+        return keep_warm(step)
+
+    def rollback_target(self, step: Step, p: NodeProgress) -> DesiredState | None:
+        return rollback_target(step, p)
+
+    def rollback_started(self, step: Step) -> None:
+        if switching_back(step):
+            step.emit("bluegreen.switching_back", "switching every node back to the old slots",
+                      at=step.now)
+
+    def rollback_advanced(self, step: Step) -> None:
+        switched_back(step)
+
+
+STAGE = StageWave()
+SWITCH = SwitchWave()
+SWITCH_AFTER_SHADOW = SwitchWave(after_shadow=True)
+
+
+def wave(spec: RolloutSpec, index: int) -> Ordinary:
     """Wave 0 stages the new release at weight 0; wave 1 switches every node to it."""
-    return "stage" if index == 0 else "switch"
+    return STAGE if index == 0 else SWITCH
 
 
 def plan(selected: list[str], spec: RolloutSpec) -> list[Wave]:
@@ -99,51 +174,14 @@ def switch_back_target(
 # -- the engine's hooks ----------------------------------------------------------------------------
 
 
-class OldTraffic(msgspec.Struct):
-    """The old slots' traffic from the previous wave's start up to the switch."""
-
-    requests: int = 0
-    errors: int = 0
-    latency: list[int] = []
-    untrusted: dict[str, str] = {}  # nodes left out of these figures, with why
-
-
-class Switch(msgspec.Struct):
-    """``record.report["switch"]``: the switch decision, when each node showed it, the old
-    traffic to compare with; once every node showed it, its spread (None figures if no node
-    reported); the end of the warm window once it started. Fields in the order the record has
-    always held them: the bytes in KV do not change."""
-
-    at: float = 0.0
-    wave: int = 0
-    nodes: dict[str, float] = {}
-    old: OldTraffic = msgspec.field(default_factory=OldTraffic)
-    first: float | UnsetType | None = UNSET
-    last: float | UnsetType | None = UNSET
-    spread: float | UnsetType | None = UNSET
-    lag: float | UnsetType | None = UNSET
-    warm_until: float | UnsetType = UNSET
-
-
-class SwitchBack(msgspec.Struct):
-    """``record.report["switch_back"]``: the switch back, when each node showed it, the nodes
-    expected to, and its spread once all did."""
-
-    at: float = 0.0
-    nodes: dict[str, float] = {}
-    expect: list[str] = []
-    first: float | UnsetType | None = UNSET
-    last: float | UnsetType | None = UNSET
-    spread: float | UnsetType | None = UNSET
-    lag: float | UnsetType | None = UNSET
-
-
 def _switch(step: Step) -> Switch | None:
-    return step.state("switch", Switch)
+    switch = step.r.report.switch
+    return None if switch is UNSET else switch
 
 
 def _switch_back(step: Step) -> SwitchBack | None:
-    return step.state("switch_back", SwitchBack)
+    back = step.r.report.switch_back
+    return None if back is UNSET else back
 
 
 def _summarize(state: Switch | SwitchBack, times: Mapping[str, float],
@@ -159,18 +197,18 @@ def start_switch(step: Step, index: int) -> None:
     """Record the switch decision and the old slots' traffic since the previous wave started."""
     r = step.r
     before = r.waves[index - 1].baseline if index > 0 else {}
-    evidence = gatelib.Evidence()
+    evidence = Evidence()
     old = gatelib.total(
         gatelib.window(before.get(n), seen.router, serving)
         for n, p in r.nodes.items()
         if (serving := _old_slot(p)) is not None and (seen := step.obs.get(n)) is not None
         and evidence.admits(n, before.get(n), seen.router)
     )
-    step.set_state("switch", Switch(
+    step.r.report.switch = Switch(
         at=step.now, wave=index, nodes={},
         old=OldTraffic(requests=old.requests, errors=old.errors, latency=list(old.latency),
-                       untrusted=gatelib.listed(evidence.untrusted)),
-    ))
+                       untrusted=listed(evidence.untrusted)),
+    )
     step.emit("bluegreen.switching", f"switching {len(r.waves[index].nodes)} nodes to "
               f"{r.release.version} at once", wave=index, at=step.now)
 
@@ -248,7 +286,7 @@ def rollback_target(step: Step, p: NodeProgress) -> DesiredState | None:
     back = _switch_back(step)
     if back is None:
         back = SwitchBack(at=step.now, nodes={}, expect=[])
-        step.set_state("switch_back", back)
+        step.r.report.switch_back = back
     back.expect.append(p.node)
     return switch_back_target(t, serving=old, generation=step.next_generation(p), now=step.now)
 
@@ -276,8 +314,6 @@ def switching_back(step: Step) -> bool:
 
 def _old_slot(p: NodeProgress) -> str | None:
     """The slot that served before the rollout, if it is not the one receiving the release."""
-    # Imported here: the package's __init__ imports this module before it defines its helpers.
-
     serving = serving_slot(p.previous)
     return serving if serving != p.slot else None
 

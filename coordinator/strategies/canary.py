@@ -18,8 +18,9 @@ from __future__ import annotations
 import itertools
 
 from coordinator.core.amounts import parse_amount
-from coordinator.core.planning import Wave, WaveKind
+from coordinator.core.planning import Wave
 from coordinator.errors import UsageError
+from coordinator.strategies.waves import ORDINARY, Ordinary
 from protocol.messages import RolloutSpec
 
 DEFAULT_STEPS = ("1", "100%")
@@ -53,9 +54,9 @@ def validate(spec: RolloutSpec) -> None:
     parse_weights(spec.weights)
 
 
-def wave_kind(spec: RolloutSpec, index: int) -> WaveKind:
+def wave(spec: RolloutSpec, index: int) -> Ordinary:
     """Every canary wave is an ordinary one (weighted or not)."""
-    return ""
+    return ORDINARY
 
 
 def step_counts(steps: list[str] | tuple[str, ...], total: int) -> list[int]:

@@ -10,7 +10,8 @@ nodes that are offline or failed before it starts each node.
 from __future__ import annotations
 
 from coordinator.core.amounts import batch_size, max_unavailable
-from coordinator.core.planning import Wave, WaveKind
+from coordinator.core.planning import Wave
+from coordinator.strategies.waves import ORDINARY, Ordinary
 from protocol.messages import RolloutSpec
 
 
@@ -23,9 +24,9 @@ def validate(spec: RolloutSpec) -> None:
     """Nothing to refuse before the fleet is known: the amounts are checked by every spec."""
 
 
-def wave_kind(spec: RolloutSpec, index: int) -> WaveKind:
+def wave(spec: RolloutSpec, index: int) -> Ordinary:
     """Every rolling wave is an ordinary one."""
-    return ""
+    return ORDINARY
 
 
 def plan(selected: list[str], spec: RolloutSpec) -> list[Wave]:

@@ -1,7 +1,7 @@
 """Shadow: run the new release beside the old one, copy a share of the live requests to it, and
 judge it by how its answers compare, without a user ever seeing one.
 
-Phases, as waves (``wave_kind`` names them):
+Phases, as waves (``wave`` gives their policies):
 
 - wave 0, ``shadow``: every selected node gets the new release in its idle slot at weight 0 and a
   ``MirrorSpec(slot=new, percent=--mirror, methods, ignore_headers, ignore_json_fields,
@@ -16,7 +16,7 @@ Phases, as waves (``wave_kind`` names them):
   (unanswered copies / copies sent: a hanging shadow has no compared pair, yet fails it),
   ``--max-p99-ratio`` (shadow p99 / live p99) and ``--min-healthy``
   over the shadow slots. The figures, the thresholds and a few sample mismatches (node, method,
-  path, what differed) go into ``record.report["shadow"]`` and the wave's gates.
+  path, what differed) go into ``record.report.shadow`` and the wave's gates.
 - then, without ``--then``: the shadow is retired (every node's previous desired state again) and
   the rollout succeeds with the report; if the gates failed it is retired all the same and the
   rollout ends rolled back with the report and the reason (whatever ``--on-failure`` says: there
@@ -35,14 +35,18 @@ import re
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+from msgspec import UNSET
 
 from coordinator.core import gates as gatelib
 from coordinator.core import gates_shadow as shadowgates
+from coordinator.core.evidence import Evidence
 from coordinator.core.planning import Wave, WaveKind
 from coordinator.core.targets import restore_target
 from coordinator.errors import UsageError
-from coordinator.strategies import rolling
+from coordinator.strategies import blue_green, rolling
+from coordinator.strategies.waves import AFTER_SHADOW, Ordinary
 from protocol.messages import MirrorSpec, RolloutSpec, WaveRecord
+from protocol.report import Sample, ShadowReport
 
 if TYPE_CHECKING:  # the engine imports the strategies; this module only needs its type
     from coordinator.core.engine_step import Step  # all these hooks use of it
@@ -80,11 +84,34 @@ def validate(spec: RolloutSpec) -> None:
                          "use --then blue-green or --then rolling")
 
 
-def wave_kind(spec: RolloutSpec, index: int) -> WaveKind:
-    """Wave 0 is the shadow; after it, ``--then blue-green`` switches, ``--then rolling`` rolls."""
+class ShadowWave(Ordinary):
+    """The shadow wave: the new release at weight 0 with a share of the live requests mirrored
+    to it on every node at once, judged by ``verdict``; without ``--then``, retired when the
+    rollout succeeds."""
+
+    kind: WaveKind = "shadow"
+    stages = True
+    bounded = False
+
+    def mirror(self, spec: RolloutSpec, slot: str) -> MirrorSpec | None:
+        return mirror_spec(spec, slot)
+
+    def verdict(self, step: Step, wave: WaveRecord) -> gatelib.Verdict | None:
+        return verdict(step, wave)
+
+    def succeed(self, step: Step) -> None:
+        retire(step)  # report, and back to how it was
+
+
+SHADOW = ShadowWave()
+
+
+def wave(spec: RolloutSpec, index: int) -> Ordinary:
+    """Wave 0 is the shadow; after it, the waves of ``--then``: blue-green's switch, or ordinary
+    rolling waves, which serve live traffic (no mismatch gate any more)."""
     if index == 0:
-        return "shadow"
-    return "switch" if spec.then == "blue-green" else ""
+        return SHADOW
+    return blue_green.SWITCH_AFTER_SHADOW if spec.then == "blue-green" else AFTER_SHADOW
 
 
 def plan(selected: list[str], spec: RolloutSpec) -> list[Wave]:
@@ -109,52 +136,6 @@ def mirror_spec(spec: RolloutSpec, slot: str) -> MirrorSpec:
     )
 
 
-class Sample(msgspec.Struct):
-    """One request whose answers differed, from a node's router."""
-
-    node: str
-    method: str
-    path: str
-    what: str
-    live: str = ""
-    shadow: str = ""
-
-
-Figure = int | float | None  # as the gates computed it: a count, a rate, a latency, or nothing
-
-
-class ShadowReport(msgspec.Struct):
-    """``record.report["shadow"]``: the shadow's figures over its bake window (the gates'
-    ``ShadowFigures``), what was mirrored and ignored, and the verdict. Fields in the order the
-    record has always held them: the bytes in KV do not change."""
-
-    nodes: int = 0
-    healthy: int = 0
-    healthy_fraction: Figure = 0.0
-    mirrored: int = 0
-    sent: int = 0
-    compared: int = 0
-    mismatched: int = 0
-    dropped: int = 0
-    shadow_errors: int = 0
-    mismatch_rate: Figure = None
-    error_rate: Figure = None
-    p99_shadow_ms: Figure = None
-    p99_live_ms: Figure = None
-    p99_ratio: Figure = None
-    untrusted: dict[str, str] = {}
-    untrusted_nodes: int = 0
-    mirror_percent: Figure = 0.0
-    methods: list[str] = []
-    ignore_headers: list[str] = []
-    ignore_json_fields: list[str] = []
-    keep_headers: list[str] = []
-    window: list[Figure] = []
-    outcome: str = ""
-    reasons: list[str] = []
-    samples: list[Sample] = []
-
-
 # -- the engine's hooks ----------------------------------------------------------------------------
 
 
@@ -164,7 +145,7 @@ def verdict(step: Step, wave: WaveRecord) -> gatelib.Verdict:
     total = shadowgates.ShadowWindow()
     nodes = healthy = 0
     samples: list[Sample] = []
-    evidence = gatelib.Evidence()
+    evidence = Evidence()
     for n in wave.nodes:
         p = r.nodes[n]
         if p.target is None:
@@ -186,9 +167,7 @@ def verdict(step: Step, wave: WaveRecord) -> gatelib.Verdict:
                         for s in end.mirror.samples[-MAX_SAMPLES:]]
     fig = shadowgates.ShadowFigures(nodes, healthy, total, evidence.untrusted)
     result = shadowgates.evaluate_shadow(step.spec.gates, fig)
-    step.set_state("shadow", msgspec.convert(fig.as_dict(), ShadowReport))
-    report = step.state("shadow", ShadowReport)
-    assert report is not None
+    report = step.r.report.shadow = msgspec.convert(fig.as_dict(), ShadowReport)
     report.mirror_percent = step.spec.mirror
     report.methods = [m.upper() for m in step.spec.mirror_methods]
     report.ignore_headers = list(step.spec.ignore_headers)
@@ -203,8 +182,6 @@ def verdict(step: Step, wave: WaveRecord) -> gatelib.Verdict:
 
 def retire(step: Step) -> None:
     """Give every staged node its previous desired state again: the shadow is stopped."""
-    # Imported here: the package's __init__ imports this module before it defines its helpers.
-
     r = step.r
     staged = sorted(n for n, p in r.nodes.items() if p.target is not None)
     for n in staged:
@@ -219,5 +196,5 @@ def retire(step: Step) -> None:
 
 def _report_data(step: Step) -> dict[str, Any]:
     """The shadow's report as plain data (for the retirement's event); {} if there is none."""
-    report = step.state("shadow", ShadowReport)
-    return msgspec.to_builtins(report) if report is not None else {}
+    report = step.r.report.shadow
+    return {} if report is UNSET else msgspec.to_builtins(report)

@@ -11,6 +11,7 @@ from protocol.messages import (
     RolloutSpec,
     WaveRecord,
 )
+from protocol.report import RolloutReport, Switch
 
 
 def record() -> RolloutRecord:
@@ -21,12 +22,12 @@ def record() -> RolloutRecord:
         id="hello-1", spec=RolloutSpec(service="hello", version="2.0.0"), release=ref,
         waves=[WaveRecord(index=0, nodes=["n1"], gates={"p99": {"value": 1.0}})],
         nodes={"n1": NodeProgress(node="n1", target=target)},
-        report={"switch": {"nodes": {"n1": 1.0}}},
+        report=RolloutReport(switch=Switch(nodes={"n1": 1.0})),
     )
 
 
 def test_edits_of_the_copy_leave_the_original_alone() -> None:
-    """Node fields, wave fields and gates, and the report's nested dicts are the copy's own."""
+    """Node fields, wave fields and gates, and the report's parts are the copy's own."""
     original = record()
     before = original.nodes["n1"].state, original.waves[0].state
     work = working_copy(original)
@@ -35,13 +36,14 @@ def test_edits_of_the_copy_leave_the_original_alone() -> None:
     work.waves[0].state = "baking"
     work.waves[0].gates["p99"]["value"] = 2.0
     work.waves[0].nodes.append("n2")
-    work.report["switch"]["nodes"]["n2"] = 2.0
+    assert isinstance(work.report.switch, Switch)
+    work.report.switch.nodes["n2"] = 2.0
     work.nodes["n2"] = NodeProgress(node="n2")
     assert (original.nodes["n1"].state, original.waves[0].state) == before
     assert original.nodes["n1"].generation == 0
     assert original.waves[0].gates == {"p99": {"value": 1.0}}
     assert original.waves[0].nodes == ["n1"]
-    assert original.report == {"switch": {"nodes": {"n1": 1.0}}}
+    assert original.report == RolloutReport(switch=Switch(nodes={"n1": 1.0}))
     assert set(original.nodes) == {"n1"}
 
 

@@ -403,3 +403,14 @@ async def test_a_rollout_whose_record_could_outgrow_a_nats_message_is_refused() 
     assert bus.log == []
     bus.max_payload = 1 << 20
     await runner(bus, clock).deploy(spec(), NEW)
+
+
+async def test_selected_nodes_offline_at_the_deploy_are_named_in_the_report() -> None:
+    """The nodes a deploy leaves out for being offline go into the report, first, as they
+    always have: the record in KV holds ``"report":{"skipped_offline":[...]}``."""
+    bus, clock = fleet_bus(), FakeClock()
+    rec = await runner(bus, clock, views(offline=("node-3",))).deploy(spec(), NEW)
+    assert set(rec.nodes) == {"node-1", "node-2"}
+    assert rec.report.skipped_offline == ["node-3"]
+    stored = [value for _, bucket, _, value in bus.log if bucket == ROLLOUTS and value]
+    assert b'"report":{"skipped_offline":["node-3"]}' in stored[0]

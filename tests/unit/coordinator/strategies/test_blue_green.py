@@ -147,7 +147,7 @@ def test_switch_is_one_batch_and_the_spread_is_recorded() -> None:
     out = converge(r, switch, 2.0, step=0.25)
     (done,) = events(out, "bluegreen.switched")
     assert done.data["spread"] == 0.5 and done.data["lag"] == 1.5
-    report = r.record.report["switch"]
+    report = kit.report(r.record)["switch"]
     assert report["nodes"] == {"node-1": 2.0, "node-2": 2.25, "node-3": 2.5}
     assert report["spread"] == 0.5 and r.state == "running"
 
@@ -239,7 +239,7 @@ def test_rollback_in_the_window_switches_back_then_retires_the_new_slot(trigger:
                and d.mirror is None for d in back)
     retire = converge(r, cmds, 110.0, step=0.1)
     assert all(d.slots == {"a": OLD} and d.weights == {"a": 100} for d in writes(retire))
-    assert r.record.report["switch_back"]["spread"] == 0.1
+    assert kit.report(r.record)["switch_back"]["spread"] == 0.1
     converge(r, retire, 111.0)
     assert r.state == "rolled_back"
     gens = [d.generation for d in back + writes(retire)]
@@ -345,7 +345,7 @@ def test_a_node_cannot_hide_a_slow_release_behind_invented_old_latency() -> None
                                                           + [1000])})
     r.handle(ObservedChanged("node-1", observed(d1, 1.0, router=traffic(a=(100, 0, 10)))), 1.0)
     switch = r.handle(ObservedChanged("node-2", observed(d2, 1.0, router=liar)), 1.0)
-    assert r.record.report["switch"]["old"]["requests"] == 100
+    assert kit.report(r.record)["switch"]["old"]["requests"] == 100
     s1, s2 = writes(switch)
     for s in (s1, s2):
         r.handle(ObservedChanged(s.node, observed(s, 2.0, router=traffic(a=(100, 0, 10)))), 2.0)

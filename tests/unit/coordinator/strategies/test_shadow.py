@@ -151,7 +151,7 @@ def test_gates_pass_without_then_retire_the_shadow_and_succeed_with_a_report() -
     assert r.state == "succeeded" and "shadow.retired" in kinds(cmds)
     assert all(d.slots == {"a": OLD} and d.weights == {"a": 100} and d.mirror is None
                and d.generation == 9 for d in writes(cmds))
-    rep = r.record.report["shadow"]
+    rep = kit.report(r.record)["shadow"]
     assert (rep["compared"], rep["mismatched"], rep["mismatch_rate"]) == (200, 10, 0.05)
     assert rep["keep_headers"] == []  # the report says whether credentials reached the shadow
     assert rep["outcome"] == "pass" and rep["window"] == [1.0, 61.0]
@@ -171,7 +171,7 @@ def test_a_node_cannot_fail_a_shadow_with_impossible_mismatches() -> None:
         r.handle(ObservedChanged(d.node, observed(d, 30.0, end)), 30.0)
     cmds = r.handle(Tick(), 61.0)
     assert "gate.inconclusive" in kinds(cmds) and r.state == "paused"
-    rep = r.record.report["shadow"]
+    rep = kit.report(r.record)["shadow"]
     assert (rep["compared"], rep["mismatched"], rep["outcome"]) == (100, 0, "inconclusive")
     assert "node-2's router figures are invalid (mirror: mismatched 900 > compared 200)" \
         in r.record.reason
@@ -198,7 +198,7 @@ def test_failing_gates_retire_the_shadow_and_end_rolled_back(gates: Gates, end: 
     assert all(d.slots == {"a": OLD} and d.weights == {"a": 100} for d in writes(cmds))
     report_all(r, 62.0, end)
     assert r.state == "rolled_back" and reason in r.record.reason
-    assert r.record.report["shadow"]["outcome"] == "fail"
+    assert kit.report(r.record)["shadow"]["outcome"] == "fail"
 
 
 def test_too_few_compared_pairs_pause_as_inconclusive_and_resume_rebakes() -> None:
@@ -210,14 +210,14 @@ def test_too_few_compared_pairs_pause_as_inconclusive_and_resume_rebakes() -> No
     assert r.record.waves[0].state == "baking" and r.record.waves[0].bake_until == 130.0
     report_all(r, 100.0, mirror(900))
     r.handle(Tick(), 131.0)
-    assert r.state == "succeeded" and r.record.report["shadow"]["compared"] == 750
+    assert r.state == "succeeded" and kit.report(r.record)["shadow"]["compared"] == 750
 
 
 def test_router_restart_inside_the_window_counts_from_zero() -> None:
     """A new router epoch in the window: the end snapshot alone is the window."""
     r = rollout(1, gates=Gates(max_mismatch_rate=0.5))
     baked(r, mirror(1000, 900), mirror(40, 2, epoch=2.0))
-    rep = r.record.report["shadow"]
+    rep = kit.report(r.record)["shadow"]
     assert (rep["compared"], rep["mismatched"]) == (40, 2) and r.state == "succeeded"
 
 
@@ -227,7 +227,7 @@ def test_report_keeps_sample_mismatches() -> None:
                for i in range(8)]
     r = rollout(1)
     baked(r, mirror(10), mirror(20, 3, samples=samples))
-    got = r.record.report["shadow"]["samples"]
+    got = kit.report(r.record)["shadow"]["samples"]
     assert len(got) == 5 and got[0]["node"] == "node-1" and got[-1]["path"] == "/p7"
     assert got[0]["what"] == "status 200 vs 500"
 

@@ -3,12 +3,14 @@ each strategy naming the kinds of its waves."""
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from coordinator import strategies
 from coordinator.errors import UsageError
 from coordinator.strategies import STRATEGIES, blue_green, canary, rolling, shadow
 from protocol.errors import ProtocolError
+from protocol.messages import Gates
 from protocol.testing import spec
 
 
@@ -69,3 +71,42 @@ def test_validate_refuses_what_no_fleet_could_carry_out(fields: dict[str, object
 def test_validate_accepts_each_strategy_with_its_defaults(name: str) -> None:
     """A spec with only a strategy (and a shadow's mirror share) is valid."""
     strategies.validate(spec(strategy=name, mirror=10.0 if name == "shadow" else 0.0))
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        pytest.param({"strategy": "rolling"}, [(False, True, True)] * 3, id="rolling"),
+        pytest.param({"strategy": "blue-green"}, [(True, False, False), (False, False, True)],
+                     id="blue-green"),
+        pytest.param({"strategy": "shadow", "mirror": 10.0, "then": "blue-green"},
+                     [(True, False, True), (False, False, True)], id="shadow-then-blue-green"),
+        pytest.param({"strategy": "shadow", "mirror": 10.0, "then": "rolling"},
+                     [(True, False, True)] + [(False, True, True)] * 3,
+                     id="shadow-then-rolling"),
+    ],
+)
+def test_each_wave_policy_says_how_the_engine_treats_its_wave(
+    fields: dict[str, object], expected: list[tuple[bool, bool, bool]],
+) -> None:
+    """Whether a wave stages the release at weight 0, is bounded by max-unavailable, bakes."""
+    s = spec(**fields)
+    waves = strategies.plan_strategy(["node-1", "node-2", "node-3"], s)
+    policies = strategies.wave_policies(s, len(waves))
+    assert [(p.stages, p.bounded, p.bakes) for p in policies] == expected
+
+
+def test_the_waves_after_a_shadow_are_not_judged_by_the_mismatch_gate() -> None:
+    """A shadow's --then waves serve live traffic; a plain blue-green keeps the spec's gates."""
+    gates = Gates(max_mismatch_rate=0.05, max_error_rate=0.1)
+    after = spec(strategy="shadow", mirror=10.0, then="blue-green")
+    plain = spec(strategy="blue-green")
+    assert strategies.wave_policies(after, 2)[1].gates(gates) == Gates(max_error_rate=0.1)
+    assert strategies.wave_policies(plain, 2)[1].gates(gates) is gates
+    assert strategies.wave_policies(plain, 2)[0].gates(gates) == Gates()
+
+
+def test_a_strategy_this_coordinator_does_not_know_has_ordinary_waves() -> None:
+    """A record naming an unknown strategy is carried on with ordinary waves, as before."""
+    s = msgspec.structs.replace(spec(), strategy="future")
+    assert [p.kind for p in strategies.wave_policies(s, 2)] == ["", ""]

@@ -1,0 +1,114 @@
+"""The ordinary wave: the policy of every rolling and canary wave, and what the other policies
+do where they do nothing special.
+
+An ordinary wave moves its nodes to the new release at the wave's weight, within max-unavailable,
+bakes for ``--bake`` and is judged by the gates against the old slots' traffic in the same
+window. The last wave of a rolling or canary rollout leaves no old slot serving, so then the
+comparison is with the old traffic of the latest earlier window that had some (kept in
+``record.report.old_window``), or failing that with the old slots' counters up to this bake
+(since their routers started): no old traffic in the window must not make a healthy last step
+inconclusive. When the rollout succeeds, every node's old slot is retired.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import msgspec
+from msgspec import UNSET
+
+from coordinator.core import gates as gatelib
+from coordinator.core.evidence import Evidence
+from coordinator.core.planning import WaveKind
+from coordinator.core.targets import retire_target, serving_slot
+from protocol.messages import (
+    DesiredState,
+    Gates,
+    MirrorSpec,
+    NodeProgress,
+    ObservedState,
+    RolloutSpec,
+    WaveRecord,
+)
+from protocol.report import OldWindow
+
+if TYPE_CHECKING:  # the engine imports the strategies; the hooks only need its type
+    from coordinator.core.engine_step import Step
+
+
+class Ordinary:
+    """The policy of an ordinary wave (``base.WavePolicy``); ``after_shadow``: a ``--then``
+    wave of a shadow, which serves live traffic, so no mismatch gate judges it."""
+
+    kind: WaveKind = ""
+    stages = False
+    bounded = True
+    bakes = True
+
+    def __init__(self, *, after_shadow: bool = False) -> None:
+        self.after_shadow = after_shadow
+
+    def started(self, step: Step, wave: WaveRecord) -> None:
+        pass
+
+    def mirror(self, spec: RolloutSpec, slot: str) -> MirrorSpec | None:
+        return None
+
+    def converged(self, step: Step, wave: WaveRecord) -> None:
+        pass
+
+    def verdict(self, step: Step, wave: WaveRecord) -> gatelib.Verdict | None:
+        return None
+
+    def gates(self, gates: Gates) -> Gates:
+        if self.after_shadow:
+            # After a shadow, --then waves serve live traffic: nothing is mirrored any more.
+            return msgspec.structs.replace(gates, max_mismatch_rate=None)
+        return gates
+
+    def old_traffic(
+        self, step: Step, wave: WaveRecord, old: list[gatelib.Window],
+        evidence: Evidence,
+    ) -> tuple[list[gatelib.Window], str]:
+        total = gatelib.total(old)
+        if total.requests:
+            step.r.report.old_window = OldWindow(
+                wave=wave.index, requests=total.requests, errors=total.errors,
+                latency=list(total.latency))
+            return old, ""
+        kept = step.r.report.old_window
+        if kept is not UNSET:
+            return [gatelib.Window(kept.requests, kept.errors, tuple(kept.latency))], \
+                f"wave {kept.wave}"
+        before = []
+        for n, p in step.r.nodes.items():
+            serving = serving_slot(p.previous)
+            baseline = wave.baseline.get(n)
+            if serving is not None and serving != p.slot and evidence.admits(n, None, baseline):
+                before.append(gatelib.window(None, baseline, serving))
+        return before, "old slots before this bake"
+
+    def observed(self, step: Step, p: NodeProgress, seen: ObservedState) -> None:
+        pass
+
+    def keep_warm(self, step: Step) -> bool:
+        return False
+
+    def succeed(self, step: Step) -> None:
+        for p in step.r.nodes.values():
+            if p.target is not None and len(p.target.slots) > 1:
+                step.write(p, retire_target(
+                    p.target, slot=p.slot, generation=step.next_generation(p), now=step.now))
+
+    def rollback_target(self, step: Step, p: NodeProgress) -> DesiredState | None:
+        return None
+
+    def rollback_started(self, step: Step) -> None:
+        pass
+
+    def rollback_advanced(self, step: Step) -> None:
+        pass
+
+
+ORDINARY = Ordinary()
+AFTER_SHADOW = Ordinary(after_shadow=True)
