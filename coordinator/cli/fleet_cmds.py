@@ -16,7 +16,7 @@ import msgspec
 from rich.console import Console
 from rich.table import Table
 
-from coordinator.cli import client
+import coordinator.cli.client as client
 from coordinator.cli.base import Ctx, cli, output_option
 from coordinator.cli.render import cell
 from coordinator.core.fleet import parse_selector

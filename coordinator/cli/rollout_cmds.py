@@ -28,8 +28,8 @@ import msgspec
 from rich.console import Console
 from rich.live import Live
 
+import coordinator.cli.client as client
 from coordinator import strategies
-from coordinator.cli import client
 from coordinator.cli.base import Ctx, cli, output_option
 from coordinator.cli.render import (
     event_line,

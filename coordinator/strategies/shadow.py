@@ -43,7 +43,8 @@ from coordinator.core.evidence import Evidence
 from coordinator.core.planning import Wave, WaveKind
 from coordinator.core.targets import restore_target
 from coordinator.errors import UsageError
-from coordinator.strategies import blue_green, rolling
+from coordinator.strategies.blue_green import SWITCH_AFTER_SHADOW
+from coordinator.strategies.rolling import plan as rolling_plan
 from coordinator.strategies.waves import AFTER_SHADOW, Ordinary
 from protocol.messages import MirrorSpec, RolloutSpec, WaveRecord
 from protocol.report import Sample, ShadowReport
@@ -111,7 +112,7 @@ def wave(spec: RolloutSpec, index: int) -> Ordinary:
     rolling waves, which serve live traffic (no mismatch gate any more)."""
     if index == 0:
         return SHADOW
-    return blue_green.SWITCH_AFTER_SHADOW if spec.then == "blue-green" else AFTER_SHADOW
+    return SWITCH_AFTER_SHADOW if spec.then == "blue-green" else AFTER_SHADOW
 
 
 def plan(selected: list[str], spec: RolloutSpec) -> list[Wave]:
@@ -122,7 +123,7 @@ def plan(selected: list[str], spec: RolloutSpec) -> list[Wave]:
     if spec.then == "blue-green":
         waves.append(Wave(1, nodes, 100))
     elif spec.then == "rolling":
-        waves += [Wave(1 + w.index, w.nodes, w.weight) for w in rolling.plan(selected, spec)]
+        waves += [Wave(1 + w.index, w.nodes, w.weight) for w in rolling_plan(selected, spec)]
     return waves
 
 
