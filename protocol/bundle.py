@@ -39,6 +39,9 @@ whichever client wrote the object; and a service that rewrites one path cannot c
 Decision: ``__pycache__`` directories and ``*.pyc`` files are left out when packing a directory:
 they are interpreter caches, appear by merely importing the code, and would make one source tree
 push as two different digests.
+
+Why one long module: it is where hostile input meets the agent, so every rule a bundle must pass
+(the tree checks that packing and unpacking share, the tar reader's limits) reads in one place.
 """
 
 from __future__ import annotations

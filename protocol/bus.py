@@ -10,6 +10,9 @@ Known nats-py pitfalls handled here:
 - a KV watcher does not survive a server restart (an ordered consumer that is never recreated):
   ``watch`` re-creates its watcher after every reconnect, resuming from the last revision seen,
   and callers treat it as level-triggered (a full read on every restart of the watch).
+
+Why one long module: it is the one seam (STYLE: one module imports ``nats``), so every
+nats-py call and every pitfall it handles live here together, behind narrow methods.
 """
 
 from __future__ import annotations

@@ -20,6 +20,9 @@ known (init reaps it).
 
 The runner never raises out of ``run``: a bug becomes a ``failed`` slot with the reason, so one
 slot cannot take the agent down. Cancelling ``run`` stops watching but leaves the process alive.
+
+Why one long module: a slot's whole life cycle (spawn, probe, validate, crash policy, drain,
+stop, adoption) is one state machine in one class, which reads best in one place.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ Following a rollout (``deploy`` without ``--detach``) polls ``status`` twice a s
 (rich Live on a terminal, one line per change otherwise). A coordinator that stops answering for a
 while (it restarts) is waited for up to ``FOLLOW_PATIENCE``. Exit codes: 0 succeeded, 3 rolled
 back, 4 paused or failed (an operator must act), 1 aborted or error, 2 usage.
+
+Why one long module: ``deploy`` alone has some thirty flags, each parsed and refused in one
+line here, and the other commands share its rendering of a rollout.
 """
 
 from __future__ import annotations
