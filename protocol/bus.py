@@ -515,19 +515,6 @@ class Bus:
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusError(f"cannot store {name} in {store}: {exc}") from None
 
-    async def obj_get(self, store: str, name: str) -> bytes | None:
-        try:
-            obs = await self.js.object_store(store)
-            res = await obs.get(name)
-        except nats.js.errors.ObjectNotFoundError:
-            return None
-        except nats.js.errors.ObjectDeletedError:
-            return None
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise BusError(f"cannot fetch {name} from {store}: {exc}") from None
-        data: bytes = res.data or b""
-        return data
-
     async def obj_get_into(self, store: str, name: str, write: Callable[[bytes], object]) -> bool:
         """Hand an object's chunks to ``write`` as they arrive, never holding it whole.
 

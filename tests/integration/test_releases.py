@@ -192,8 +192,9 @@ async def test_concurrent_pushes_of_one_version_with_different_content(
     winner = next(r for r in results if not isinstance(r, BaseException))
     ref = await resolve_release(bus, "hello", "2.0.0")
     assert ref.digest == winner.info.digest  # type: ignore[union-attr]
-    stored = await bus.obj_get(subjects.releases_store(FLEET), "hello/2.0.0")
-    assert stored is not None and digest(stored) == ref.digest
+    stored = bytearray()
+    found = await bus.obj_get_into(subjects.releases_store(FLEET), "hello/2.0.0", stored.extend)
+    assert found and digest(bytes(stored)) == ref.digest
 
 
 # -- the agent cache against the real object store -------------------------------------------------
