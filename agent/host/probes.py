@@ -310,9 +310,17 @@ class Prober:
         self.on_change = on_change
         self.thresholds = Thresholds(health.healthy_threshold, health.unhealthy_threshold)
         self.last = ProbeResult(False, "not probed yet")
+        self._stopped = False
+
+    def stop(self) -> None:
+        """End ``run`` at its next turn, whether or not a cancel reaches it: on Python 3.11 a
+        cancel that lands as a probe's own timeout expires becomes that TimeoutError
+        (``asyncio.timeout``, fixed in 3.12), the probe reports "no answer" and the loop would
+        go on for ever, holding the slot's supervisor in its TaskGroup."""
+        self._stopped = True
 
     async def run(self) -> None:
-        """Probe until cancelled (an http probe's connection is closed then)."""
+        """Probe until stopped or cancelled (an http probe's connection is closed then)."""
         http = (
             HttpProbeConnection(self.port, self.health.http)
             if self.health.http is not None and self.port is not None else None
@@ -320,7 +328,7 @@ class Prober:
         starting = self.health.start_interval or self.health.interval
         started = False  # healthy once: from then on every ``interval``
         try:
-            while True:
+            while not self._stopped:
                 if http is not None:
                     self.last = await http.probe(self.health.timeout)
                 else:

@@ -299,6 +299,7 @@ class SlotRunner:
             try:
                 code = await self._wait_exit()
             finally:
+                prober.stop()  # ends the loop even if the cancel below is swallowed (see stop)
                 probing.cancel()
         self._exited.set()
         return code

@@ -79,3 +79,21 @@ async def test_prober_probes_at_start_interval_until_first_healthy(
         await task
     assert changes[:2] == [True, False]
     assert periods[:8] == [0.2, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+
+
+async def test_a_stopped_prober_ends_without_a_cancel(tmp_path: Path) -> None:
+    """stop() alone ends run() at its next turn: a cancel that Python 3.11 turns into a probe's
+    TimeoutError must not leave the loop probing for ever (it held a slot's supervisor)."""
+    changes: list[bool] = []
+    probed = asyncio.Event()
+
+    async def on_change(healthy: bool, reason: str) -> None:
+        changes.append(healthy)
+        probed.set()
+
+    prober = Prober(HealthConfig(interval=0.01), None, tmp_path, {}, on_change)
+    task = asyncio.create_task(prober.run())
+    await asyncio.wait_for(probed.wait(), 5)  # a manifest without probe passes at once
+    prober.stop()
+    await asyncio.wait_for(task, 5)
+    assert changes == [True]
