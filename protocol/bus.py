@@ -269,6 +269,7 @@ class Bus:
             subjects.nodes_bucket(f): 1,
             subjects.locks_bucket(f): 1,
             subjects.release_index_bucket(f): 1,
+            subjects.lease_bucket(f): 1,
         }
         try:
             for bucket, history in buckets.items():

@@ -87,6 +87,16 @@ def locks_bucket(fleet: str) -> str:
     return f"fw-{fleet}-locks"
 
 
+def lease_bucket(fleet: str) -> str:
+    """The coordinators' leader lease (key ``LEASE_KEY``): who leads, in which term."""
+    return f"fw-{fleet}-lease"
+
+
+LEASE_KEY = "leader"
+# The fence marker every leader writes into each bucket it writes (``coordinator.runtime.lease``).
+FENCE_KEY = "_fence"
+
+
 def releases_store(fleet: str) -> str:
     return f"fw-{fleet}-releases"
 
