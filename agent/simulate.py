@@ -195,7 +195,8 @@ class SimulatedNodes:
             if prev is not None and env == prev.envelope:
                 return False
             desired = verify(env, self.trusted_keys, fleet=self.fleet, node=node,
-                             service=service, min_generation=prev.desired.generation if prev else 0)
+                             service=service, min_generation=prev.desired.generation if prev else 0,
+                             min_term=prev.envelope.term if prev else 0)
         except ProtocolError as exc:
             self.refused += 1
             ev = Event(id=uuid.uuid4().hex, time=self.clock(), fleet=self.fleet,

@@ -342,6 +342,38 @@ class Bus:
         data_out: bytes = msg.data
         return data_out
 
+    async def ping(self, subject: str, timeout: float) -> bool | None:
+        """Whether anyone answers on ``subject``: True answered, False no responders (the
+        server knows no subscriber: that client's connection is gone), None no answer in time
+        (or no connection of ours)."""
+        try:
+            await self.nc.request(subject, b"", timeout=timeout)
+        except nats.errors.NoRespondersError:
+            return False
+        except (nats.errors.Error, TimeoutError):
+            return None
+        return True
+
+    async def respond(self, subject: str, handler: Handler) -> None:
+        """Answer requests on ``subject`` (no queue group: this client alone), each in its own
+        task so that a slow one does not hold up the next; the client owns the subscription."""
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def answer(msg: Any) -> None:
+            with contextlib.suppress(nats.errors.Error):
+                await msg.respond(await handler(msg.data))
+
+        async def cb(msg: Any) -> None:
+            if msg.reply:
+                task = asyncio.get_running_loop().create_task(answer(msg))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+
+        try:
+            await self.nc.subscribe(subject, cb=cb)
+        except nats.errors.Error as exc:
+            raise BusError(f"cannot subscribe to {subject}: {exc}") from None
+
     async def serve(
         self, name: str, version: str, endpoints: dict[str, tuple[str, Handler]]
     ) -> None:
@@ -663,6 +695,26 @@ class Bus:
         return await self.js_publish_all(
             [(f"{prefix}{key}", value, {"Nats-Expected-Last-Subject-Sequence": str(last)})
              for key, value, last in writes],
+            timeout=timeout,
+        )
+
+    async def kv_fenced_all(
+        self, bucket: str, writes: Sequence[tuple[str, bytes | None]], fence: int, *,
+        timeout: float = OP_TIMEOUT,
+    ) -> list[int | BusError]:
+        """Put (or, for a None value, delete) every (key, value) of ``bucket`` pipelined, each only
+        while the bucket's fence key (``subjects.FENCE_KEY``) is still at revision ``fence``: per
+        write its new revision, a Conflict (the fence moved: another leader took over), or a
+        BusError. The server checks the fence and writes in one step (the message header
+        ``Nats-Expected-Last-Subject-Sequence-Subject``), so no write gets in after a new
+        leader's fence, however late it arrives."""
+        kv = await self._bucket(bucket)
+        check = {"Nats-Expected-Last-Subject-Sequence-Subject": f"{kv._pre}{subjects.FENCE_KEY}",
+                 "Nats-Expected-Last-Subject-Sequence": str(fence)}
+        return await self.js_publish_all(
+            [(f"{kv._pre}{key}", b"" if value is None else value,
+              check if value is not None else {**check, "KV-Operation": "DEL"})
+             for key, value in writes],
             timeout=timeout,
         )
 

@@ -26,6 +26,8 @@ What it promises:
   and acks by it; an outer ``asyncio.timeout`` of twice that is the backstop), so one batch
   takes at most ``EVENT_ATTEMPTS`` timeouts plus 7.5 s of backoff before the next one starts.
   Only the idle wait for the next event is unbounded; the task's owner ends it by cancelling.
+- *Acknowledged, told.* ``on_stored`` (if given) hears of the events the stream stored, after
+  each attempt: the runner's outbox forgets them then.
 - *Shutdown drops.* Cancelling ``run`` loses the batch in flight (some of it may be stored
   already) and leaves what is still queued in the queue (``pending()`` returns it); nothing is
   flushed on the way out. Events live for the life of the process only.
@@ -72,7 +74,8 @@ class EventPublisher:
     def __init__(self, fleet: str, *, queue: int = EVENT_QUEUE, attempts: int = EVENT_ATTEMPTS,
                  batch: int = EVENT_BATCH, timeout: float = PUBLISH_TIMEOUT,
                  logger: logging.Logger = log,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 on_stored: Callable[[Sequence[Event]], None] | None = None) -> None:
         self._fleet = fleet
         self._queue: asyncio.Queue[Event] = asyncio.Queue(queue)
         self._attempts = attempts
@@ -80,6 +83,7 @@ class EventPublisher:
         self._timeout = timeout
         self._log = logger
         self._sleep = sleep  # the backoff's wait; tests pass one that moves a fake clock
+        self._on_stored = on_stored  # told of the events the stream acknowledged, per attempt
 
     def put(self, event: Event) -> None:
         """Queue ``event`` without waiting; a full queue drops (and logs) its oldest."""
@@ -116,6 +120,9 @@ class EventPublisher:
                 results = [exc] * len(pending)
             failed = [(item, error) for item, error in zip(pending, results, strict=True)
                       if error is not None]
+            if self._on_stored is not None:
+                self._on_stored([e for (_, _, e), error in zip(pending, results, strict=True)
+                                 if error is None])
             if not failed:
                 return
             if attempt == self._attempts - 1:

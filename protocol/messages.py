@@ -135,9 +135,11 @@ class DesiredState(msgspec.Struct, kw_only=True):
 class SignedEnvelope(msgspec.Struct, kw_only=True):
     """A payload signed by a coordinator key (ed25519 via nkeys).
 
-    The signature covers ``fleet``, ``node``, ``service``, ``generation``, ``kind`` and the payload
-    bytes, so an envelope cannot be replayed to another node, service or fleet, nor to an older
-    generation. ``key`` is the signer's public nkey; agents trust only configured keys.
+    The signature covers ``fleet``, ``node``, ``service``, ``generation``, ``term``, ``kind`` and
+    the payload bytes, so an envelope cannot be replayed to another node, service or fleet, nor to
+    an older generation, nor passed off as a later leader's. ``key`` is the signer's public nkey;
+    agents trust only configured keys. ``term`` is the lease term of the coordinator that wrote it
+    (``coordinator.runtime.lease``); 0 from a coordinator that held no lease.
     """
 
     schema: int = 1
@@ -149,6 +151,7 @@ class SignedEnvelope(msgspec.Struct, kw_only=True):
     payload: bytes
     key: str = ""
     sig: bytes = b""
+    term: int = 0
 
 
 # -- observed state --------------------------------------------------------------------------------
@@ -338,6 +341,10 @@ class RolloutRecord(msgspec.Struct, kw_only=True):
     # deadline by which every one of them must have converged back.
     phase: Literal["forward", "rollback"] = "forward"
     rollback_deadline: float = 0.0
+    # Added by the runner (never by the engine): the events of the decisions persisted with this
+    # record that were not yet acknowledged by the events stream (the outbox). A coordinator that
+    # resumes the rollout publishes them again under the same message ids.
+    outbox: list[Event] = []
 
 
 class Event(msgspec.Struct, kw_only=True):
@@ -361,6 +368,39 @@ class Event(msgspec.Struct, kw_only=True):
 
 
 # -- coordinator API -------------------------------------------------------------------------------
+
+
+class LeaseRecord(msgspec.Struct, kw_only=True):
+    """Who leads a fleet's coordinators: the value of ``fw-<fleet>-lease/leader``.
+
+    Written by compare-and-set only (``coordinator.runtime.lease``): ``term`` grows by one with
+    every new holder; the holder re-writes it every renew interval (``renewed``: its wall clock,
+    shown to operators only: no one judges expiry by another host's clock).
+    """
+
+    schema: int = 1
+    holder: str  # the coordinator's id (host-pid-random)
+    term: int
+    host: str = ""
+    pid: int = 0
+    since: float = 0.0
+    renewed: float = 0.0
+    ttl: float = 0.0
+
+
+class FenceMarker(msgspec.Struct, kw_only=True):
+    """The value of the ``_fence`` key a leader writes into each bucket it writes, on taking
+    the lease; every write of its term must find this key unchanged (``Nats-Expected-Last-
+    Subject-Sequence-Subject``), so once a later leader has written its own, none gets through."""
+
+    schema: int = 1
+    term: int
+    holder: str
+    time: float = 0.0
+
+
+class LeaderRequest(msgspec.Struct, kw_only=True):
+    """API ``leader``: no fields (who leads, as this coordinator sees it)."""
 
 
 class ApiReply(msgspec.Struct, kw_only=True):

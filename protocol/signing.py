@@ -38,6 +38,9 @@ from protocol.errors import ProtocolError
 from protocol.messages import DesiredState, SignedEnvelope
 
 DOMAIN = b"fleetwave-envelope-v1"
+# An envelope with a lease term (> 0) binds the term too, under its own domain tag, so the bytes of
+# a termed envelope can never equal those of an unfenced one.
+DOMAIN_TERMED = b"fleetwave-envelope-v2"
 KIND_DESIRED = "desired"
 # Coordinator keys are "account" nkeys (seed "SA...", public key "A..."); the role byte is part
 # of the key text, so a NATS user or server key pasted by mistake is recognisably different.
@@ -119,19 +122,21 @@ def check_public_key(text: str) -> str:
 def signed_bytes(env: SignedEnvelope) -> bytes:
     """The exact bytes a signature covers: each binding field length-prefixed, then the payload."""
     parts = [
-        DOMAIN,
+        DOMAIN_TERMED if env.term else DOMAIN,
         env.kind.encode(),
         env.fleet.encode(),
         env.node.encode(),
         env.service.encode(),
         str(env.generation).encode(),
+        *([str(env.term).encode()] if env.term else []),
         bytes(env.payload),
     ]
     return b"".join(len(p).to_bytes(8, "big") + p for p in parts)
 
 
-def sign(seed: bytes, desired: DesiredState) -> SignedEnvelope:
-    """Sign ``desired`` into an envelope bound to its fleet, node, service and generation."""
+def sign(seed: bytes, desired: DesiredState, *, term: int = 0) -> SignedEnvelope:
+    """Sign ``desired`` into an envelope bound to its fleet, node, service and generation, and to
+    the lease ``term`` of the coordinator that writes it."""
     key, pub = _keypair(seed)
     env = SignedEnvelope(
         kind=KIND_DESIRED,
@@ -141,6 +146,7 @@ def sign(seed: bytes, desired: DesiredState) -> SignedEnvelope:
         generation=desired.generation,
         payload=encode(desired),
         key=pub,
+        term=term,
     )
     env.sig = key.sign(signed_bytes(env)).signature
     return env
@@ -154,8 +160,12 @@ def verify(
     node: str,
     service: str,
     min_generation: int,
+    min_term: int = 0,
 ) -> DesiredState:
-    """Return the DesiredState in ``env`` if it is genuine and meant for us; else ProtocolError."""
+    """Return the DesiredState in ``env`` if it is genuine and meant for us; else ProtocolError.
+
+    ``min_term``: the lease term of the state the agent runs now; a lower one comes from a
+    coordinator that has since been deposed (or is a replay) and is refused."""
     if env.kind != KIND_DESIRED:
         raise ProtocolError(f"refused envelope: kind {env.kind!r} is not {KIND_DESIRED!r}")
     if env.key not in trusted_public_keys:
@@ -177,6 +187,11 @@ def verify(
         raise ProtocolError(
             f"refused envelope: generation {env.generation} is not newer than {min_generation} "
             "(replayed or stale)"
+        )
+    if env.term < max(min_term, 0):
+        raise ProtocolError(
+            f"refused envelope: lease term {env.term} is older than term {min_term} already "
+            "seen (written by a deposed coordinator, or replayed)"
         )
     desired = decode(DesiredState, env.payload)
     for name in ("fleet", "node", "service", "generation"):

@@ -132,6 +132,25 @@ class FakeBus:
                 out.append(exc)
         return out
 
+    async def kv_fenced_all(self, bucket: str, writes: Sequence[tuple[str, bytes | None]],
+                            fence: int, *, timeout: float = 5.0) -> list[int | BusError]:
+        """Each write (a None value: a delete) only while the bucket's fence key is at revision
+        ``fence`` (else a Conflict, as the server answers); an injected fault ("create" for a
+        key not there, "update", "delete") is that write's result."""
+        out: list[int | BusError] = []
+        for key, value in writes:
+            op = ("delete" if value is None else "create" if self.live(bucket, key) is None
+                  else "update")
+            try:
+                self._fault(op, bucket)
+                marker = self.kv.get(bucket, {}).get(subjects.FENCE_KEY)
+                if marker is None or marker.revision != fence:
+                    raise Conflict(f"{bucket}: the fence moved (another leader)")
+                out.append(self.set(op, bucket, key, value))
+            except BusError as exc:
+                out.append(exc)
+        return out
+
     async def js_publish_events(self, messages: Sequence[tuple[str, bytes]], *,
                                 timeout: float = 5.0) -> list[BusError | None]:
         """Store every message, or none of them while a publish fault is armed."""

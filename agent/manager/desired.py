@@ -102,6 +102,7 @@ class DesiredWatch:
                 node=self.node,
                 service=service,
                 min_generation=current,
+                min_term=svc.envelope.term if svc is not None and svc.envelope else 0,
             )
         except ProtocolError as exc:
             self._refused_values[key] = value

@@ -133,6 +133,7 @@ class Restorer:
                         node=self.config.node,
                         service=name,
                         min_generation=rec.envelope.generation - 1,
+                        min_term=rec.envelope.term,
                     )
                     svc.envelope = rec.envelope
                 except ProtocolError as exc:

@@ -1,17 +1,28 @@
-"""The coordinator daemon: the node table fed from the bus, its events, and the API.
+"""The coordinator daemon: the node table fed from the bus, its events, the API, and leadership.
 
 Theory of operation: ``Coordinator.run(stop)`` connects (waiting for NATS as long as it takes),
 creates the fleet's buckets and stream (``ensure_fleet``, retried until JetStream answers), loads
 every node ever registered from the nodes bucket (so that a restarted coordinator lists offline
 nodes too), subscribes to heartbeats and registrations, serves the API as the NATS micro service
-"fleetwave-coordinator", and then owns two tasks until ``stop`` is set:
+"fleetwave-coordinator" (and its own subjects ``fw.<fleet>.coord.<id>.*``: a ping, and the
+writing verbs forwarded to it), and then owns three tasks until ``stop`` is set:
 
+- *leadership* (``coordinator.runtime.lease``): stand by until this coordinator holds the lease,
+  fence the buckets with its term, and run a ``Runner`` for as long as the lease holds (a lost
+  renewal, or a write refused by a later leader's fence, ends it at once); then stand by again.
+  On ``stop`` a leader gives the lease up, so a standby takes over within a poll;
 - the *ticker* lets time pass in the pure node table (``core.fleet``) so that silent nodes
   go offline; not while the coordinator's own connection is down (then the silence is ours), and
-  after a reconnect it excuses the fleet for as long as agents may take to reconnect too;
+  after a reconnect it excuses the fleet for as long as agents may take to reconnect too. A pause
+  of this process (a stalled loop, SIGSTOP, a clock jump) is no evidence either: after one the
+  table judges liveness on fresh heartbeats only;
 - the *event publisher* (``protocol.events``) records every transition as an Event in
   the events stream; it retries a while when JetStream is away and drops (with a log line) only
   when its queue is full.
+
+Every coordinator serves the reading verbs (status, rollouts, nodes, events, leader) from its
+own node table and the buckets; a writing verb on a standby is forwarded to the leader's own
+subject, and answered "unavailable" (try again) while no coordinator leads.
 
 Messages from the fleet are untrusted: a heartbeat or registration that does not decode, or that
 claims another node than its subject names, is counted, logged (once per node and kind, not per
@@ -29,17 +40,40 @@ from collections.abc import Callable, Coroutine
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TypeVar
 
-from coordinator.api.rollouts import RolloutsApi
-from coordinator.api.verbs import Api
+from coordinator.api.rollouts import LiveRollout, RolloutsApi
+from coordinator.api.verbs import HANDLER_TIMEOUT, Api
+from coordinator.core.engine import EngineEvent
 from coordinator.core.fleet import Fleet, Transition
+from coordinator.errors import RemoteError
 from coordinator.releases import resolve_release
+from coordinator.runtime.lease import (
+    LEASE_TTL,
+    Fenced,
+    Lease,
+    direct_api,
+    new_id,
+    ping_subject,
+    write_fences,
+)
 from coordinator.runtime.runner import TICK, Runner
+from coordinator.runtime.store import RolloutStore
 from protocol import subjects
-from protocol.bus import RECONNECT_CAP, Bus, redact
-from protocol.codec import decode
+from protocol.bus import RECONNECT_CAP, Bus, Handler, redact
+from protocol.codec import decode, encode
 from protocol.errors import BusError, ProtocolError
 from protocol.events import EventPublisher
-from protocol.messages import Event, Heartbeat, NodeInfo, NodesRequest, NodeView
+from protocol.messages import (
+    ApiReply,
+    Event,
+    Heartbeat,
+    LeaderRequest,
+    NodeInfo,
+    NodesRequest,
+    NodeView,
+    ReleaseRef,
+    RolloutRecord,
+    RolloutSpec,
+)
 from protocol.signing import generate_seed, public_key
 
 log = logging.getLogger("fleetwave.coordinator")
@@ -47,6 +81,9 @@ log = logging.getLogger("fleetwave.coordinator")
 SERVICE_NAME = "fleetwave-coordinator"
 CONNECT_FOREVER = 10 * 365 * 24 * 3600.0
 SETUP_RETRY_CAP = 5.0
+PAUSED = 1.0  # a tick this late (or a wall clock this far off the monotonic one) is our pause
+WRITE_VERBS = ("deploy", "pause", "resume", "promote", "abort", "rollback")
+FORWARD_TIMEOUT = HANDLER_TIMEOUT + 5.0
 
 T = TypeVar("T")
 
@@ -80,7 +117,12 @@ class Coordinator:
         # agents trust only if told its public key (API verb ``key``).
         self.seed = seed if seed is not None else generate_seed()
         self.public_key = public_key(self.seed)
-        self.runner: Runner | None = None
+        self.id = new_id()
+        self.started = clock()
+        self.runner: Runner | None = None  # while this coordinator leads
+        self.lease: Lease | None = None
+        self.store: RolloutStore | None = None  # the reader of a standby
+        self.pauses = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set."""
@@ -101,9 +143,8 @@ class Coordinator:
                 tasks = [
                     tg.create_task(self._tick_loop(), name="tick"),
                     tg.create_task(self.events.run(bus), name="events"),
+                    tg.create_task(self._lead_loop(bus), name="leadership"),
                 ]
-                if self.runner is not None:
-                    tasks.append(tg.create_task(self.runner.run(), name="rollouts"))
                 self.ready.set()
                 log.info(
                     "coordinator of fleet %r ready on %s (%d known nodes)",
@@ -133,14 +174,94 @@ class Coordinator:
                 await asyncio.sleep(delay)
         await bus.subscribe(subjects.heartbeats(f), self._on_heartbeat)
         await bus.subscribe(subjects.registrations(f), self._on_register)
-        self.runner = Runner(bus, seed=self.seed, nodes=self.table.view,
-                             liveness=self.table.liveness, clock=self._clock)
+        self.store = RolloutStore(bus)
+        self.lease = Lease(bus, me=self.id)
         RolloutsApi(
-            self.runner, public_key=self.public_key,
+            _Current(self), public_key=self.public_key,
             resolve=lambda service, version: resolve_release(bus, service, version),
         ).register(self.api)
-        await bus.serve(SERVICE_NAME, _version(), self.api.endpoints(f))
+        self.api.add("leader", LeaderRequest, self._leader)
+        endpoints = self.api.endpoints(f)
+        for verb in WRITE_VERBS:  # only the leader carries them out; a standby forwards
+            subject, local = endpoints[verb]
+            endpoints[verb] = (subject, self._forwarding(bus, verb, local))
+            await bus.respond(direct_api(f, self.id, verb), self._direct(verb, local))
+        await bus.respond(ping_subject(f, self.id), _pong)
+        await bus.serve(SERVICE_NAME, _version(), endpoints)
         return True
+
+    # -- leadership -------------------------------------------------------------------------------
+
+    async def _lead_loop(self, bus: Bus) -> None:
+        """Stand by, lead while the lease holds, stand by again; see the module docstring."""
+        lease = self.lease
+        assert lease is not None
+        try:
+            while True:
+                held = await lease.acquire()
+                try:
+                    fence = await write_fences(bus, term=held.term, holder=self.id,
+                                               now=self._clock())
+                except BusError as exc:  # Deposed too: a later term fenced first
+                    log.warning("took the lease (term %d) but cannot fence the buckets: %s",
+                                held.term, exc)
+                    await lease.release()
+                    continue
+                runner = Runner(bus, seed=self.seed, fenced=Fenced(bus, fence),
+                                nodes=self.table.view, liveness=self.table.liveness,
+                                clock=self._clock, started=self.started)
+                self.runner = runner
+                log.info("coordinator %s leads fleet %r (term %d)", self.id, self.fleet_name,
+                         held.term)
+                why = await _first_of(lease.hold(), runner.run())
+                self.runner = None
+                lease.deposed()
+                if runner.deposed is not None:
+                    why = str(runner.deposed)
+                log.error("coordinator %s stopped leading (term %d): %s", self.id, held.term,
+                          why or "its runner ended")
+        finally:
+            self.runner = None
+            with contextlib.suppress(asyncio.CancelledError, BusError):
+                async with asyncio.timeout(2.0):
+                    await lease.release()
+
+    def _forwarding(self, bus: Bus, verb: str,
+                    local: Handler) -> Handler:
+        """The handler of a writing verb: carried out here while leading, else forwarded to
+        the leader's own subject."""
+        async def handler(data: bytes) -> bytes:
+            if self.runner is not None:
+                return await local(data)
+            leader = self.lease.leader if self.lease is not None else None
+            if leader is None or leader.holder == self.id:
+                return _unavailable(f"no coordinator leads fleet {self.fleet_name!r} right now; "
+                                    f"a standby takes over within {LEASE_TTL + 1:g}s: try again")
+            try:
+                return await bus.request(direct_api(self.fleet_name, leader.holder, verb), data,
+                                         timeout=FORWARD_TIMEOUT)
+            except BusError as exc:
+                return _unavailable(f"the leading coordinator ({leader.host} pid {leader.pid}) "
+                                    f"did not take the request: {exc}; try again")
+        return handler
+
+    def _direct(self, verb: str,
+                local: Handler) -> Handler:
+        """The handler of a writing verb forwarded to this coordinator by a standby."""
+        async def handler(data: bytes) -> bytes:
+            if self.runner is None:
+                return _unavailable(f"this coordinator no longer leads fleet {self.fleet_name!r}; "
+                                    "try again")
+            return await local(data)
+        return handler
+
+    async def _leader(self, req: LeaderRequest) -> dict[str, Any]:
+        lease = self.lease.leader if self.lease is not None else None
+        out: dict[str, Any] = {"you": self.id, "leading": self.runner is not None}
+        if lease is not None:
+            out.update(holder=lease.holder, term=lease.term, host=lease.host, pid=lease.pid,
+                       since=lease.since, renewed=lease.renewed, ttl=lease.ttl)
+        return out
 
     async def _load_known(self, bus: Bus) -> None:
         for entry in await bus.kv_entries(subjects.nodes_bucket(self.fleet_name)):
@@ -204,7 +325,18 @@ class Coordinator:
 
     async def _tick_loop(self) -> None:
         deaf = False
+        mono, wall = time.monotonic(), self._clock()
         while True:
+            last_mono, last_wall = mono, wall
+            mono, wall = time.monotonic(), self._clock()
+            late = mono - last_mono - TICK
+            if late > PAUSED or abs((wall - last_wall) - (mono - last_mono)) > PAUSED:
+                # Our own pause (a stalled loop, SIGSTOP, a clock jump): the silence we did not
+                # hear was ours. Judge liveness on heartbeats that arrive from now on.
+                self.pauses += 1
+                log.warning("this coordinator was paused for %.1fs (or its clock jumped); "
+                            "nodes are judged on fresh heartbeats", max(late, 0.0))
+                self.table.excuse(wall)
             if self.bus is not None and not self.bus.connected:
                 deaf = True  # nothing reaches us: the nodes' silence is not theirs
             else:
@@ -215,6 +347,68 @@ class Coordinator:
                     deaf = False
                 self._emit(self.table.tick(self._clock()))
             await asyncio.sleep(TICK)
+
+class _Current:
+    """The rollout verbs' runner (``coordinator.api.rollouts.Runner``): the runner of this
+    leadership, or, on a standby, the persisted records (writes are forwarded before here)."""
+
+    def __init__(self, coordinator: Coordinator) -> None:
+        self._c = coordinator
+        self.fleet = coordinator.fleet_name
+
+    def _runner(self) -> Runner:
+        if self._c.runner is None:
+            raise RemoteError(f"this coordinator does not lead fleet {self.fleet!r}; try again",
+                              "unavailable")
+        return self._c.runner
+
+    async def deploy(self, spec: RolloutSpec, release: ReleaseRef) -> RolloutRecord:
+        return await self._runner().deploy(spec, release)
+
+    async def request(self, rollout_id: str, event: EngineEvent) -> RolloutRecord:
+        return await self._runner().request(rollout_id, event)
+
+    async def get(self, rollout_id: str) -> RolloutRecord | None:
+        if self._c.runner is not None:
+            return await self._c.runner.get(rollout_id)
+        assert self._c.store is not None
+        return await self._c.store.load(rollout_id)
+
+    async def records(self) -> list[RolloutRecord]:
+        if self._c.runner is not None:
+            return await self._c.runner.records()
+        assert self._c.store is not None
+        return await self._c.store.records()
+
+    def active(self, service: str) -> LiveRollout | None:
+        return self._c.runner.active(service) if self._c.runner is not None else None
+
+
+def _unavailable(message: str) -> bytes:
+    return encode(ApiReply(ok=False, code="unavailable", error=message))
+
+
+async def _pong(data: bytes) -> bytes:
+    return b"pong"
+
+
+async def _first_of(*work: Coroutine[Any, Any, Any]) -> str:
+    """Run ``work`` until the first of it ends; cancel the rest; the first's result as text."""
+    tasks = [asyncio.ensure_future(w) for w in work]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    first = next(t for t in tasks if t in done)
+    if first.cancelled():
+        return "cancelled"
+    if (exc := first.exception()) is not None:
+        log.error("leadership ended by an error", exc_info=exc)
+        return f"{type(exc).__name__}: {exc}"
+    return str(first.result() or "")
+
 
 async def _until(stop: asyncio.Event, work: Coroutine[Any, Any, T]) -> T | None:
     """Run ``work`` unless ``stop`` is set first; then cancel it and return None."""

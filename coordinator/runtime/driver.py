@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from coordinator.core.engine import Command, EmitEvent, Persist, Rollout
-from protocol.messages import RolloutRecord
+from protocol.messages import Event, RolloutRecord
 
 # How long a record change of node progress only may wait for the next Persist.
 HOLD_PERSIST = 0.25
@@ -35,6 +35,12 @@ class Driver:
     # A record change of node progress only, and its events, held back since ``held_since``.
     held: list[Command] = field(default_factory=list)
     held_since: float = 0.0
+    # The outbox (``coordinator.runtime.executor``): events persisted with the record and not yet
+    # acknowledged by the stream, in order; whether the record in KV holds a non-empty outbox,
+    # and when it was last written.
+    outbox: dict[str, Event] = field(default_factory=dict)
+    outbox_stored: bool = False
+    persisted_at: float = 0.0
 
     @property
     def id(self) -> str:

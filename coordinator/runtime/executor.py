@@ -1,12 +1,19 @@
 """Carrying out the engine's commands: persist the record, write desired states, emit events.
 
 Theory of operation: ``carry_out`` takes the commands of one engine step in order. A ``Persist``
-is a compare-and-set on the record's last revision (``RolloutStore.persist``; ``Foreign`` when
-another coordinator drives the rollout); it happens before anything after it. The desired writes
-between two Persists go out together (different keys; for one key only the newest generation
-counts) through the ``DesiredWriter``. Events are queued on the ``EventPublisher`` after the
-writes they announce, so an event never announces a write before it is done; their time is the
-decision's (the engine's ``now``), so the audit trail says when things were decided.
+writes the record through the leader's fence (``RolloutStore.persist``; ``Deposed`` when another
+coordinator leads); it happens before anything after it. The desired writes between two Persists
+go out together (different keys; for one key only the newest generation counts) through the
+``DesiredWriter``. Events are queued on the ``EventPublisher`` after the writes they announce, so
+an event never announces a write before it is done; their time is the decision's (the engine's
+``now``), so the audit trail says when things were decided.
+
+The outbox: the events that follow a Persist are that decision's, and they are made (with their
+ids) before it and written *inside* the record (``RolloutRecord.outbox``), together with every
+earlier event of the rollout that the stream has not acknowledged yet (``Driver.outbox``). A
+coordinator that dies after the record write and before the publish leaves them there, and the
+one that resumes the rollout publishes them again; their message id is a digest of their bytes,
+so the stream stores each once.
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable, Sequence
+
+import msgspec
 
 from coordinator.core.engine import Command, EmitEvent, Persist, WriteDesired
 from coordinator.runtime.calls import Retrying
@@ -42,10 +51,11 @@ class Executor:
         self._clock = clock
 
     async def carry_out(self, driver: Driver, commands: Sequence[Command]) -> None:
-        """Carry out ``commands``: each Persist before anything after it, the desired writes
-        between two Persists concurrently, then the events among them."""
+        """Carry out ``commands``: each Persist (with its events in the outbox) before anything
+        after it, the desired writes between two Persists concurrently, then the events among
+        them."""
         writes: dict[str, DesiredState] = {}
-        events: list[EmitEvent] = []
+        events: list[Event] = []
 
         async def flush() -> None:
             if writes:
@@ -53,14 +63,25 @@ class Executor:
                 writes.clear()
                 await self.desired.write_all(pending)
             for event in events:
-                self.emit(driver.rollout.record, event)
+                self.publish(event)
             events.clear()
 
         try:
-            for command in commands:
+            made = self._events(driver.rollout.record, commands)
+            # The events of each Persist's decision: those after it, up to the next Persist.
+            decided: dict[int, list[Event]] = {}
+            last: list[Event] | None = None
+            for i, command in enumerate(commands):
+                if isinstance(command, Persist):
+                    last = decided[i] = []
+                elif i in made and last is not None:
+                    last.append(made[i])
+            for i, command in enumerate(commands):
                 match command:
                     case Persist(record=record):
                         await flush()
+                        for event in decided[i]:
+                            driver.outbox[event.id] = event
                         await self.persist(driver, record)
                     case WriteDesired(desired=desired):
                         key = subjects.node_service_key(desired.node, desired.service)
@@ -68,27 +89,36 @@ class Executor:
                         if old is None or old.generation <= desired.generation:
                             writes[key] = desired
                     case EmitEvent():
-                        events.append(command)
+                        events.append(made[i])
             await flush()
         except BaseExceptionGroup as group:  # a failed concurrent write: raise the first cause
             raise _first(group) from None
 
     async def persist(self, driver: Driver, record: RolloutRecord) -> None:
-        """Persist ``record`` on the driver's revision (retried); Foreign if not ours."""
-        driver.revision = await self._retrying(
-            lambda: self.store.persist(record, driver.revision))
+        """Persist ``record`` with the driver's outbox (retried); Deposed if we do not lead."""
+        stored = msgspec.structs.replace(record, outbox=list(driver.outbox.values()))
+        driver.revision = await self._retrying(lambda: self.store.persist(stored))
+        driver.outbox_stored = bool(stored.outbox)
+        driver.persisted_at = self._clock()
 
-    def emit(self, record: RolloutRecord, command: EmitEvent) -> None:
-        """Queue the event of ``command`` about ``record`` for the publisher."""
-        kind = command.kind
-        event = Event(id=uuid.uuid4().hex,
-                      time=self._clock() if command.time is None else command.time,
-                      fleet=self.store.fleet, kind=kind, message=command.message,
-                      node=command.node, service=record.spec.service, rollout=record.id,
-                      data=dict(command.data))
+    def _events(self, record: RolloutRecord, commands: Sequence[Command]) -> dict[int, Event]:
+        """The Event of every EmitEvent of ``commands``, by its index."""
+        out: dict[int, Event] = {}
+        for i, command in enumerate(commands):
+            if isinstance(command, EmitEvent):
+                out[i] = Event(
+                    id=uuid.uuid4().hex,
+                    time=self._clock() if command.time is None else command.time,
+                    fleet=self.store.fleet, kind=command.kind, message=command.message,
+                    node=command.node, service=record.spec.service, rollout=record.id,
+                    data=dict(command.data))
+        return out
+
+    def publish(self, event: Event) -> None:
+        """Queue ``event`` for the publisher."""
         # Thousands of lines a rollout otherwise: the event stream (``fleetwave events``) has them.
-        log.log(logging.DEBUG if kind in QUIET_EVENTS else logging.INFO, "rollout %s: %s %s",
-                record.id, kind, command.message)
+        log.log(logging.DEBUG if event.kind in QUIET_EVENTS else logging.INFO,
+                "rollout %s: %s %s", event.rollout, event.kind, event.message)
         self.events.put(event)
 
 

@@ -28,6 +28,10 @@ class RunnerBus(Protocol):
     async def kv_update_all(
         self, bucket: str, writes: Sequence[tuple[str, bytes, int]], *, timeout: float = ...,
     ) -> list[int | BusError]: ...
+    async def kv_fenced_all(
+        self, bucket: str, writes: Sequence[tuple[str, bytes | None]], fence: int, *,
+        timeout: float = ...,
+    ) -> list[int | BusError]: ...
     async def js_publish_events(
         self, messages: Sequence[tuple[str, bytes]], *, timeout: float = ...,
     ) -> list[BusError | None]: ...

@@ -15,11 +15,15 @@ serialises its events. Events come from four feeds:
 Each event goes through ``Rollout.handle`` and its commands are carried out in order, under the
 driver's lock, before the next event of that rollout is handled:
 
-    Persist       kv_update of ``fw-<fleet>-rollouts/<id>``, compare-and-set on the last revision;
-                  a Conflict means another coordinator wrote: the driver is dropped (log: ERROR)
-    WriteDesired  signed envelope into ``fw-<fleet>-desired/<node>.<service>``, compare-and-set,
-                  skipped when the stored generation is already >= (idempotent by generation)
+    Persist       the record into ``fw-<fleet>-rollouts/<id>``, with the step's events (the
+                  outbox), fenced by the leader's term: ``Deposed`` means another coordinator
+                  leads, and this runner stops (``run`` returns; log: ERROR)
+    WriteDesired  signed envelope (with the term) into ``fw-<fleet>-desired/<node>.<service>``,
+                  fenced, skipped when the stored generation is already >= (idempotent)
     EmitEvent     an Event queued for the publisher task (``fw.<fleet>.evt.<kind>``)
+
+A runner lives for one leadership (``coordinator.runtime.lease``): the daemon starts one with the
+term's ``Fenced`` writer when it takes the lease and cancels it when it loses it.
 
 Since the record is persisted before the writes it decided, a coordinator killed at any point
 resumes correctly (``resync``): every non-terminal record is loaded, its ``intended()`` desired
@@ -52,6 +56,8 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 
+import msgspec
+
 from coordinator.core.engine import (
     EngineEvent,
     IllegalTransition,
@@ -69,8 +75,9 @@ from coordinator.runtime.calls import COMMAND_DEADLINE, Retrying
 from coordinator.runtime.desired import DesiredWriter
 from coordinator.runtime.driver import Driver
 from coordinator.runtime.executor import Executor
+from coordinator.runtime.lease import Deposed, Fenced
 from coordinator.runtime.ports import RunnerBus
-from coordinator.runtime.store import Foreign, RolloutStore
+from coordinator.runtime.store import RolloutStore
 from protocol import subjects
 from protocol.bus import Entry
 from protocol.codec import decode
@@ -79,6 +86,7 @@ from protocol.events import EventPublisher
 from protocol.messages import (
     TERMINAL_STATES,
     DesiredState,
+    Event,
     NodeView,
     ObservedState,
     ReleaseRef,
@@ -91,6 +99,7 @@ log = logging.getLogger("fleetwave.coordinator.runner")
 TICK = 0.2  # how often time passes for the rollouts (and for the daemon's node table)
 STARTUP_GRACE = 10.0  # > 3 heartbeats of 2 s: time for every live node to beat once
 RESYNC_INTERVAL = 30.0
+OUTBOX_CLEAR_AFTER = 2.0  # a record whose outbox was all acknowledged is rewritten empty then
 
 # What the node table says of one node: (online now, ever heard from). ``Fleet.liveness``.
 Liveness = tuple[bool, bool]
@@ -100,10 +109,12 @@ class Runner:
     """Drives every live rollout of one fleet; see the module docstring."""
 
     def __init__(
-        self, bus: RunnerBus, *, seed: bytes, nodes: Callable[[], Sequence[NodeView]],
+        self, bus: RunnerBus, *, seed: bytes, fenced: Fenced,
+        nodes: Callable[[], Sequence[NodeView]],
         liveness: Callable[[str], Liveness | None] | None = None,
         clock: Callable[[], float] = time.time, tick: float = TICK,
         startup_grace: float = STARTUP_GRACE, command_deadline: float = COMMAND_DEADLINE,
+        started: float | None = None,
     ) -> None:
         self.bus = bus
         self.fleet = bus.fleet
@@ -113,13 +124,18 @@ class Runner:
         self._tick = tick
         self._grace = startup_grace
         self._retrying = Retrying(command_deadline)
-        self.started = clock()
+        # When the coordinator started (its node table began hearing heartbeats): the grace for
+        # nodes never heard from counts from then, not from this leadership's start.
+        self.started = clock() if started is None else started
+        self.fenced = fenced
         self.drivers: dict[str, Driver] = {}
+        self.closing: dict[str, Driver] = {}  # terminal rollouts whose outbox is not cleared yet
         self.observed: dict[tuple[str, str], ObservedState] = {}
-        self.foreign: set[str] = set()
-        self.store = RolloutStore(bus, live=self._live_record)
-        self.desired = DesiredWriter(bus, seed=seed, retrying=self._retrying)
-        self.events = EventPublisher(self.fleet, logger=log)
+        self.deposed: Deposed | None = None
+        self.lost = asyncio.Event()  # set once a write met a later leader's fence
+        self.store = RolloutStore(bus, fenced=fenced, live=self._live_record)
+        self.desired = DesiredWriter(bus, seed=seed, fenced=fenced, retrying=self._retrying)
+        self.events = EventPublisher(self.fleet, logger=log, on_stored=self._stored)
         self._executor = Executor(store=self.store, desired=self.desired, events=self.events,
                                   retrying=self._retrying, clock=clock)
         self._settled: set[str] = set()  # terminal rollouts whose lock is known released
@@ -134,13 +150,19 @@ class Runner:
     # -- the tasks ---------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Watch, tick, resume and publish until cancelled (every task owned here)."""
+        """Watch, tick, resume and publish until cancelled, or until a write meets a later
+        leader's fence (then return: this coordinator no longer leads). Every task owned here."""
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._watch_loop(), name="runner-observed")
-            tg.create_task(self._observed_loop(), name="runner-observed-feed")
-            tg.create_task(self.events.run(self.bus), name="runner-events")
-            tg.create_task(self._resync_loop(), name="runner-resync")
-            tg.create_task(self._tick_loop(), name="runner-tick")
+            tasks = [
+                tg.create_task(self._watch_loop(), name="runner-observed"),
+                tg.create_task(self._observed_loop(), name="runner-observed-feed"),
+                tg.create_task(self.events.run(self.bus), name="runner-events"),
+                tg.create_task(self._resync_loop(), name="runner-resync"),
+                tg.create_task(self._tick_loop(), name="runner-tick"),
+            ]
+            await self.lost.wait()
+            for task in tasks:
+                task.cancel()
 
     async def _watch_loop(self) -> None:
         """Queue what the observed watch delivers; ``_observed_loop`` takes it in batches."""
@@ -181,6 +203,9 @@ class Runner:
         while True:
             try:
                 await self.resync()
+            except Deposed as exc:
+                self._lose(exc)
+                return
             except BusError as exc:
                 log.warning("cannot load rollouts yet (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
@@ -236,9 +261,10 @@ class Runner:
     async def step(self) -> None:
         """One tick: tell every rollout which target nodes went offline or came back, then Tick
         (one engine step per rollout: the changes and the Tick as one batch)."""
-        if not self.drivers:
-            return
         now = self._clock()
+        if not self.drivers:
+            await self._clear_outboxes(now)
+            return
         liveness = self._liveness or self._liveness_from_views()
         for driver in list(self.drivers.values()):
             events: list[EngineEvent] = []
@@ -247,6 +273,36 @@ class Runner:
                 if online is not None and online != progress.online:
                     events.append(NodeOnline(node) if online else NodeOffline(node))
             await self._feed_quietly(driver, *events, Tick())
+        await self._clear_outboxes(now)
+
+    # -- the outbox --------------------------------------------------------------------------------
+
+    def _stored(self, events: Sequence[Event]) -> None:
+        """The stream acknowledged ``events``: they leave their rollouts' outboxes."""
+        for event in events:
+            driver = self.drivers.get(event.rollout) or self.closing.get(event.rollout)
+            if driver is not None:
+                driver.outbox.pop(event.id, None)
+
+    async def _clear_outboxes(self, now: float) -> None:
+        """Rewrite with an empty outbox each record whose stored outbox was all acknowledged a
+        while ago (so that a coordinator resuming it long after, past the stream's duplicate
+        window, has nothing to publish twice); a finished rollout's last events included."""
+        for driver in [*self.drivers.values(), *self.closing.values()]:
+            if (not driver.outbox_stored or driver.outbox or driver.held
+                    or now - driver.persisted_at < OUTBOX_CLEAR_AFTER):
+                continue
+            try:
+                async with driver.lock:
+                    await self._executor.persist(driver, driver.rollout.record)
+            except Deposed as exc:
+                self._lose(exc)
+                return
+            except BusError as exc:
+                log.debug("rollout %s: cannot clear its outbox yet: %s", driver.id, exc)
+                continue
+            if driver.rollout.done:
+                self.closing.pop(driver.id, None)
 
     def _liveness_from_views(self) -> Callable[[str], Liveness | None]:
         """``liveness`` read off the node table's views (when the runner was given no lookup)."""
@@ -283,10 +339,15 @@ class Runner:
                              and all(v.labels.get(k) == x for k, x in spec.selector.items()))
             if skipped:
                 record.report.skipped_offline = skipped
-            await self.store.take_lock(spec.service, rid)
-            # A lost reply may hide a write that happened: the store keeps the lock if the
-            # record is there (the resync resumes it) and releases it if not.
-            revision = await self.store.create(record)
+            try:
+                await self.store.take_lock(spec.service, rid)
+                # A lost reply may hide a write that happened: the store keeps the lock if the
+                # record is there (the resync resumes it) and releases it if not.
+                revision = await self.store.create(record)
+            except Deposed as exc:
+                self._lose(exc)
+                raise RemoteError("this coordinator lost the lead while creating the rollout "
+                                  "(no rollout was started); try again", "unavailable") from None
             driver = Driver(Rollout(record, fleet=self.fleet), revision)
             self.drivers[rid] = driver
             log.info("rollout %s created: %s %s on %d nodes", rid, spec.service, spec.version,
@@ -329,7 +390,7 @@ class Runner:
                 state = record.state.replace("_", " ")
                 raise RemoteError(f"rollout {rollout_id} is already {state}"
                                   + (f" ({record.reason})" if record.reason else ""), "conflict")
-            why = ("another coordinator drives it" if rollout_id in self.foreign
+            why = ("another coordinator leads now" if self.deposed is not None
                    else "this coordinator is reloading it")
             raise RemoteError(f"rollout {rollout_id} cannot take requests now: {why}; try again",
                               "conflict")
@@ -355,10 +416,7 @@ class Runner:
 
     async def records(self) -> list[RolloutRecord]:
         """Every rollout of the fleet, newest first (live ones as they are now)."""
-        out = {}
-        for entry in await self.store.entries():
-            if (rec := self.store.decode(entry)) is not None:
-                out[rec.id] = rec
+        out = {rec.id: rec for rec in await self.store.records()}
         for rid, driver in self.drivers.items():
             out[rid] = driver.rollout.record
         return sorted(out.values(), key=lambda r: (r.created, r.id), reverse=True)
@@ -373,15 +431,18 @@ class Runner:
         """Drive every non-terminal rollout in KV that is not driven yet; release stale locks."""
         for entry in await self.store.entries():
             record = self.store.decode(entry)
-            if record is None or record.id in self.drivers or record.id in self.foreign:
+            if record is None or record.id in self.drivers or record.id in self.closing:
                 continue
+            outbox = record.outbox
+            record = msgspec.structs.replace(record, outbox=[])
             if record.state in TERMINAL_STATES:
+                if outbox:  # its last events may never have reached the stream
+                    self._republish(self.closing, record, entry.revision, outbox)
                 if record.id not in self._settled:
                     await self.store.release_lock(record.spec.service, record.id)
                     self._settled.add(record.id)
                 continue
-            driver = Driver(Rollout(record, fleet=self.fleet), entry.revision)
-            self.drivers[record.id] = driver
+            driver = self._republish(self.drivers, record, entry.revision, outbox)
             log.info("resuming rollout %s (%s, %s %s, wave %d)", record.id, record.state,
                      record.spec.service, record.release.version, record.current_wave)
             try:
@@ -396,10 +457,28 @@ class Runner:
                     await self.feed(driver, *events)
                 if record.state == "pending":  # killed between creating and starting it
                     await self.feed(driver, Start())
+            except Deposed:
+                raise
             except BusError as exc:
                 self._drop(driver, f"cannot resume it yet: {exc}")
-            except RemoteError as exc:  # another coordinator owns it: feed() logged and dropped
+            except RemoteError as exc:  # no longer ours: feed() logged it
                 log.debug("%s", exc)
+
+    def _republish(self, into: dict[str, Driver], record: RolloutRecord, revision: int,
+                   outbox: list[Event]) -> Driver:
+        """A driver for ``record`` in ``into``, whose outbox (as found in KV) is published
+        again: the stream drops what it stored already (same bytes, same message id)."""
+        driver = Driver(Rollout(record, fleet=self.fleet), revision)
+        driver.outbox = {e.id: e for e in outbox}
+        driver.outbox_stored = bool(outbox)
+        driver.persisted_at = self._clock()
+        into[record.id] = driver
+        if outbox:
+            log.info("rollout %s: publishing %d events its last leader may not have", record.id,
+                     len(outbox))
+        for event in outbox:
+            self.events.put(event)
+        return driver
 
     # -- carrying out commands ---------------------------------------------------------------------
 
@@ -417,15 +496,16 @@ class Runner:
             commands = driver.coalesce(before, commands, now)
             try:
                 await self._executor.carry_out(driver, commands)
-            except Foreign as exc:
-                self.foreign.add(driver.id)
-                self._drop(driver, str(exc), level=logging.ERROR)
+            except Deposed as exc:
+                self._lose(exc)
                 raise RemoteError(str(exc), "conflict") from None
             except BusError as exc:
                 self._drop(driver, str(exc))
                 raise
             if driver.rollout.done:
                 self.drivers.pop(driver.id, None)
+                if driver.outbox_stored:
+                    self.closing[driver.id] = driver
                 try:
                     await self._retrying(lambda: self.store.release_lock(driver.service, driver.id))
                     self._settled.add(driver.id)
@@ -449,11 +529,17 @@ class Runner:
     def _drop(self, driver: Driver, why: str, *, level: int = logging.WARNING) -> None:
         if self.drivers.get(driver.id) is driver:
             del self.drivers[driver.id]
-        if driver.id in self.foreign:
-            log.log(level, "STOPPED DRIVING rollout %s: %s", driver.id, why)
-        else:
+        if self.deposed is None:
             log.log(level, "rollout %s dropped until the next resync: %s", driver.id, why)
             self._resync_wanted.set()
+
+    def _lose(self, exc: Deposed) -> None:
+        """A write met a later leader's fence: stop driving everything (``run`` returns)."""
+        if self.deposed is None:
+            self.deposed = exc
+            log.error("STOPPED DRIVING every rollout: %s", exc)
+        self.drivers.clear()
+        self.lost.set()
 
 
 def new_rollout_id(service: str, now: float) -> str:

@@ -1,16 +1,16 @@
 """The rollout store: rollout records and the per-service locks, as kept in the KV buckets.
 
-Records (``fw-<fleet>-rollouts/<id>``) are written by compare-and-set on the revision last
-written: ``persist`` given a stale revision meets a Conflict, and if the stored bytes are not
-ours another coordinator drives the rollout (``Foreign``); if they are ours, only the reply was
-lost and the write stands. A record is created once (``create``), and a lost reply is resolved the
-same way, by reading it back.
+Every write goes through the leadership's ``Fenced`` writer (``coordinator.runtime.lease``): it
+lands only while no later leader has fenced the bucket, else ``Deposed``. With one writer at a
+time per bucket, a record needs no compare-and-set of its own: ``persist`` writes the record, and
+a write whose reply was lost is simply written again. A coordinator that does not lead has a store
+without a writer (``fenced=None``): it reads, and every write says that it does not lead.
 
-The per-service lock: ``take_lock`` creates ``fw-<fleet>-locks/<service>`` (value: the rollout id)
+The per-service lock: ``take_lock`` writes ``fw-<fleet>-locks/<service>`` (value: the rollout id)
 before the record is created, and ``release_lock`` deletes it once the rollout is terminal (only
-if it still names that rollout, by compare-and-delete). A lock whose rollout is terminal or
-missing (a coordinator that crashed in between) is stale and taken over; a lock held by a live
-rollout is a Conflict that tells the operator what to do.
+if it still names that rollout). A lock whose rollout is terminal or missing (a coordinator that
+crashed in between) is stale and taken over; a lock held by a live rollout is a Conflict that
+tells the operator what to do.
 
 Every call is bounded (``calls.bounded``); retrying is the caller's choice.
 """
@@ -22,6 +22,7 @@ import re
 from collections.abc import Callable
 
 from coordinator.runtime.calls import bounded
+from coordinator.runtime.lease import Fenced
 from coordinator.runtime.ports import RunnerBus
 from protocol import subjects
 from protocol.bus import Entry
@@ -34,16 +35,17 @@ log = logging.getLogger("fleetwave.coordinator.runner")
 _ROLLOUT_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
-class Foreign(Conflict):
-    """Another coordinator wrote our rollout record: we stop driving it."""
+class NotLeading(BusError):
+    """A write asked of a coordinator that does not lead."""
 
 
 class RolloutStore:
     """The rollout records and service locks of one fleet in KV."""
 
-    def __init__(self, bus: RunnerBus, *,
+    def __init__(self, bus: RunnerBus, *, fenced: Fenced | None = None,
                  live: Callable[[str], RolloutRecord | None] = lambda _id: None) -> None:
         self.bus = bus
+        self.fenced = fenced
         self._live = live  # the record of a rollout driven here, which may be ahead of KV
         self.fleet = bus.fleet
         self.rollouts = subjects.rollouts_bucket(self.fleet)
@@ -63,8 +65,21 @@ class RolloutStore:
         return self.decode(entry)
 
     async def entries(self) -> list[Entry]:
-        """Every entry of the rollouts bucket (``decode`` reads them)."""
-        return await bounded(self.bus.kv_entries(self.rollouts))
+        """Every record entry of the rollouts bucket (``decode`` reads them)."""
+        return [e for e in await bounded(self.bus.kv_entries(self.rollouts))
+                if e.key != subjects.FENCE_KEY]
+
+    async def records(self) -> list[RolloutRecord]:
+        """Every rollout of the fleet as persisted (the runner overlays the live ones), newest
+        first."""
+        out = [rec for entry in await self.entries() if (rec := self.decode(entry)) is not None]
+        return sorted(out, key=lambda r: (r.created, r.id), reverse=True)
+
+    @property
+    def writer(self) -> Fenced:
+        if self.fenced is None:
+            raise NotLeading("this coordinator does not lead; writes go to the leader")
+        return self.fenced
 
     def decode(self, entry: Entry) -> RolloutRecord | None:
         """The record in ``entry``, or None (logged once per key) if it does not decode."""
@@ -81,7 +96,7 @@ class RolloutStore:
         unless the record turns out to be there (a lost reply: the resync resumes it)."""
         data = encode(record)
         try:
-            return await bounded(self.bus.kv_create(self.rollouts, record.id, data))
+            return await self.writer.put(self.rollouts, record.id, data)
         except BusError:
             entry = await bounded(self.bus.kv_get(self.rollouts, record.id))
             if entry is None or entry.value != data:
@@ -89,18 +104,9 @@ class RolloutStore:
                 raise
             return entry.revision
 
-    async def persist(self, record: RolloutRecord, revision: int) -> int:
-        """Compare-and-set ``record`` on ``revision``; the new revision, or Foreign."""
-        data = encode(record)
-        try:
-            return await bounded(self.bus.kv_update(self.rollouts, record.id, data, revision))
-        except Conflict:
-            entry = await bounded(self.bus.kv_get(self.rollouts, record.id))
-            if entry is not None and entry.value == data:  # ours: the reply was lost, not the write
-                return entry.revision
-            raise Foreign(f"rollout {record.id} was changed by another coordinator (revision "
-                          f"{entry.revision if entry else 'deleted'}, ours {revision}); "
-                          "this one stops driving it") from None
+    async def persist(self, record: RolloutRecord) -> int:
+        """Write ``record``; its new revision. Deposed once another coordinator leads."""
+        return await self.writer.put(self.rollouts, record.id, encode(record))
 
     async def current_desired(self, service: str) -> dict[str, DesiredState]:
         """Every node's current desired state of ``service``, from the desired bucket."""
@@ -121,35 +127,22 @@ class RolloutStore:
 
     async def take_lock(self, service: str, rollout_id: str) -> None:
         """Lock ``service`` for ``rollout_id``, taking over a stale lock; Conflict if held."""
-        for _ in range(2):
-            try:
-                await bounded(self.bus.kv_create(self.locks, service, rollout_id.encode()))
-                return
-            except Conflict:
-                entry = await bounded(self.bus.kv_get(self.locks, service))
-                if entry is None or entry.value is None:
-                    continue  # released in between
-                holder = entry.value.decode(errors="replace")
-                record = self._live(holder) or await self.load(holder)
-                if record is not None and record.state not in TERMINAL_STATES:
-                    raise Conflict(
-                        f"service {service} already has rollout {holder} {record.state}; wait "
-                        f"for it ('fleetwave status {holder}') or stop it with 'fleetwave abort "
-                        f"{holder}'") from None
-                log.warning("taking over the stale lock of %s from %s rollout %s", service,
-                            record.state if record else "missing", holder)
-                try:
-                    await bounded(self.bus.kv_delete(self.locks, service, entry.revision))
-                except Conflict:
-                    continue
-        raise Conflict(f"the lock of service {service} keeps changing; try again")
+        entry = await bounded(self.bus.kv_get(self.locks, service))
+        if entry is not None and entry.value is not None:
+            holder = entry.value.decode(errors="replace")
+            record = self._live(holder) or await self.load(holder)
+            if record is not None and record.state not in TERMINAL_STATES:
+                raise Conflict(
+                    f"service {service} already has rollout {holder} {record.state}; wait "
+                    f"for it ('fleetwave status {holder}') or stop it with 'fleetwave abort "
+                    f"{holder}'")
+            log.warning("taking over the stale lock of %s from %s rollout %s", service,
+                        record.state if record else "missing", holder)
+        await self.writer.put(self.locks, service, rollout_id.encode())
 
     async def release_lock(self, service: str, rollout_id: str) -> None:
         """Delete the lock of ``service`` if it still names ``rollout_id``."""
         entry = await bounded(self.bus.kv_get(self.locks, service))
         if entry is None or entry.value != rollout_id.encode():
             return  # not ours (anymore)
-        try:
-            await bounded(self.bus.kv_delete(self.locks, service, entry.revision))
-        except Conflict:
-            return  # someone changed it in between: no longer ours to release
+        await self.writer.delete(self.locks, service)

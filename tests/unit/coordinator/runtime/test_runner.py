@@ -8,15 +8,19 @@ import pytest
 from coordinator.core.engine import Pause, Resume, Rollout
 from coordinator.errors import RemoteError, UsageError
 from coordinator.runtime.driver import HOLD_PERSIST
-from coordinator.runtime.runner import Runner
+from coordinator.runtime.lease import Fence, Fenced, fenced_buckets
+from coordinator.runtime.runner import OUTBOX_CLEAR_AFTER, Runner
 from protocol import subjects
 from protocol.bus import Entry
 from protocol.codec import decode, encode
 from protocol.errors import BusError, Conflict
 from protocol.messages import (
     DesiredState,
+    Event,
+    FenceMarker,
     NodeView,
     ObservedState,
+    ReleaseRef,
     RolloutRecord,
     SignedEnvelope,
     SlotStatus,
@@ -36,13 +40,32 @@ class Killed(BaseException):
 
 
 def fleet_bus(n: int = 3) -> FakeBus:
-    """A bus whose desired bucket has every node on 1.0.0 at generation 7."""
+    """A bus whose desired bucket has every node on 1.0.0 at generation 7, fenced by term 1."""
     bus = FakeBus()
     for i in range(1, n + 1):
         d = desired(f"node-{i}")
         bus.set("put", DESIRED, f"node-{i}.hello", encode(sign(SEED, d)))
+    fence(bus, 1)
     bus.log.clear()
     return bus
+
+
+def fence(bus: FakeBus, term: int) -> None:
+    """A leader of ``term`` fenced every bucket (``lease.write_fences``, in memory)."""
+    for bucket in fenced_buckets(FLEET):
+        bus.set("put", bucket, subjects.FENCE_KEY, encode(FenceMarker(term=term, holder="t")))
+
+
+def fenced(bus: FakeBus) -> Fenced:
+    """The writer of the leader whose fences the bus holds now."""
+    seqs = {}
+    term = 0
+    for bucket in fenced_buckets(FLEET):
+        marker = bus.live(bucket, subjects.FENCE_KEY)
+        assert marker is not None and marker.value is not None
+        seqs[bucket] = marker.revision
+        term = decode(FenceMarker, marker.value).term
+    return Fenced(bus, Fence(term=term, seqs=seqs))
 
 
 def views(n: int = 3, *, offline: tuple[str, ...] = (), heard: bool = True) -> list[NodeView]:
@@ -53,7 +76,7 @@ def views(n: int = 3, *, offline: tuple[str, ...] = (), heard: bool = True) -> l
 def runner(bus: FakeBus, clock: FakeClock, nodes: list[NodeView] | None = None,
            **kw: float) -> Runner:
     table = nodes if nodes is not None else views()
-    return Runner(bus, seed=SEED, nodes=lambda: table, clock=clock, **kw)
+    return Runner(bus, seed=SEED, fenced=fenced(bus), nodes=lambda: table, clock=clock, **kw)
 
 
 async def report(r: Runner, bus: FakeBus, node: str, t: float, *, healthy: bool = True) -> None:
@@ -177,7 +200,7 @@ async def test_resume_after_a_crash_between_persist_and_write_rewrites_only_the_
     with pytest.raises(Killed):
         await runner(bus, clock).deploy(spec(), NEW)
     bus.faults.clear()
-    rid = next(k for k in bus.kv[ROLLOUTS])
+    rid = next(k for k in bus.kv[ROLLOUTS] if k != subjects.FENCE_KEY)
     assert bus.record(rid).nodes["node-1"].target is not None
     assert bus.desired_writes() == []
     clock.t += 5
@@ -200,7 +223,7 @@ async def test_resume_starts_a_rollout_killed_before_its_start() -> None:
     with pytest.raises(Killed):
         await runner(bus, clock).deploy(spec(), NEW)
     bus.faults.clear()
-    rid = next(k for k in bus.kv[ROLLOUTS])
+    rid = next(k for k in bus.kv[ROLLOUTS] if k != subjects.FENCE_KEY)
     assert bus.record(rid).state == "pending"
     r2 = runner(bus, clock)
     await r2.resync()
@@ -224,35 +247,64 @@ async def test_resume_feeds_cached_observed_states_so_progress_is_not_repeated()
     assert [k for k, g in bus.desired_writes()] == ["node-1.hello", "node-2.hello"]
 
 
-async def test_a_record_changed_by_another_coordinator_stops_this_one() -> None:
-    """On a compare-and-set conflict the runner stops driving the rollout and keeps the lock."""
+async def test_a_deposed_leader_gets_no_write_through_and_stops() -> None:
+    """Once a later leader fenced the buckets, the old runner's next step writes nothing (no
+    record, no desired state, no lock), and it stops driving every rollout."""
     bus, clock = fleet_bus(), FakeClock()
     r = runner(bus, clock)
     rec = await r.deploy(spec(), NEW)
     other = Rollout(bus.record(rec.id), fleet=FLEET)
     other.handle(Pause("the other one"), clock.t)
-    entry = bus.live(ROLLOUTS, rec.id)
-    assert entry is not None
-    await bus.kv_update(ROLLOUTS, rec.id, encode(other.record), entry.revision)
-    with pytest.raises(RemoteError, match="another coordinator") as info:
+    fence(bus, 2)
+    before = {b: dict(kv) for b, kv in bus.kv.items()}
+    with pytest.raises(RemoteError, match="another coordinator leads") as info:
         await r.request(rec.id, Pause())
     assert info.value.code == "conflict"
-    assert rec.id not in r.drivers and rec.id in r.foreign
+    assert r.drivers == {} and r.lost.is_set() and r.deposed is not None
+    assert {b: dict(kv) for b, kv in bus.kv.items()} == before
+    with pytest.raises(RemoteError):  # nor a new rollout: no lock, no record
+        await r.deploy(spec(service="other"),
+                       ReleaseRef(service="other", version=NEW.version, digest=NEW.digest))
+    assert {b: dict(kv) for b, kv in bus.kv.items()} == before
     assert bus.live(LOCKS, "hello") is not None
-    await r.resync()
-    assert rec.id not in r.drivers
+    r2 = runner(bus, clock)  # the new leader resumes it
+    await r2.resync()
+    assert rec.id in r2.drivers
 
 
-async def test_a_lost_reply_to_our_own_persist_is_not_mistaken_for_another_writer() -> None:
-    """If the write landed but the answer was lost, the retry's conflict finds our own bytes."""
+async def test_a_desired_state_carries_the_leaders_term() -> None:
+    """Every envelope a leader writes is signed with its term."""
+    bus, clock = fleet_bus(), FakeClock()
+    fence(bus, 7)
+    r = runner(bus, clock)
+    await r.deploy(spec(), NEW)
+    entry = bus.live(DESIRED, "node-1.hello")
+    assert entry is not None and entry.value is not None
+    env = decode(SignedEnvelope, entry.value)
+    assert env.term == 7 and env.generation == 8
+
+
+async def test_the_events_of_a_decision_survive_a_kill_between_persist_and_publish() -> None:
+    """Killed after the record write, before the stream stored its events: the next leader
+    publishes them (the outbox), once each, and then rewrites the record without them."""
     bus, clock = fleet_bus(), FakeClock()
     r = runner(bus, clock)
-    rec = await r.deploy(spec(), NEW)
-    driver = r.drivers[rec.id]
-    written = bus.kv[ROLLOUTS][rec.id]
-    driver.revision = written.revision - 100  # stale revision, but KV holds exactly our bytes
-    await r._executor.persist(driver, decode(RolloutRecord, written.value or b""))
-    assert driver.revision == written.revision
+    rec = await r.deploy(spec(), NEW)  # the events are queued, never published: killed now
+    stored = bus.record(rec.id)
+    kinds = [e.kind for e in stored.outbox]
+    assert "rollout.started" in kinds and "node.updating" in kinds
+    queued = r.events.pending()
+    assert [e.id for e in queued] == [e.id for e in stored.outbox]
+    clock.t += 1
+    r2 = runner(bus, clock)
+    await r2.resync()
+    await r2.events.publish(bus, r2.events.pending())
+    published = [decode(Event, d) for _, d in bus.published]
+    assert [e.id for e in published] == [e.id for e in stored.outbox]
+    assert r2.drivers[rec.id].outbox == {}
+    clock.t += OUTBOX_CLEAR_AFTER
+    await r2.step()
+    assert bus.record(rec.id).outbox == []
 
 
 async def test_a_bus_outage_drops_the_driver_and_the_resync_rebuilds_it() -> None:
@@ -295,7 +347,8 @@ async def test_offline_nodes_are_reported_only_after_the_startup_grace() -> None
     """A node the table has not heard from since start is not called offline during the grace."""
     bus, clock = fleet_bus(), FakeClock()
     table = views(heard=False)
-    r = Runner(bus, seed=SEED, nodes=lambda: table, clock=clock, startup_grace=10.0)
+    r = Runner(bus, seed=SEED, fenced=fenced(bus), nodes=lambda: table, clock=clock,
+               startup_grace=10.0)
     rec = await r.deploy(spec(), NEW)
     table[0] = NodeView(id="node-1", online=False, last_seen=None)
     clock.t += 5

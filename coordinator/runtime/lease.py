@@ -1,0 +1,335 @@
+"""Leadership: the coordinators' lease, and the fence that makes a deposed leader's writes fail.
+
+Theory of operation. Any number of coordinators run against one fleet; one leads. The lease is
+one KV key, ``fw-<fleet>-lease/leader`` (``LeaseRecord``: holder, term, ...), written only by
+compare-and-set on its revision:
+
+- A *standby* reads the key every ``POLL`` seconds. Whether the lease has expired it judges by
+  its own monotonic clock: the revision has not changed for ``ttl`` seconds (no one compares
+  wall clocks of different hosts). It also pings the holder's own subject
+  (``fw.<fleet>.coord.<holder>.ping``) every ``PING_EVERY``; when the server answers "no
+  responders" ``PING_STRIKES`` times in a row, the holder's connection is gone (killed, or cut off
+  from the bus) and the standby does not wait for the ttl. It then takes the lease by
+  compare-and-set on the revision it saw, with ``term + 1``; of several standbys one wins.
+- The *leader* renews every ``renew`` seconds (compare-and-set on its own revision). A renewal
+  that meets another revision means it was deposed; one that cannot reach the bus for ``ttl``
+  means it may have been: either way it stops leading at once (``hold`` returns).
+- A leader that stops on purpose deletes the lease, and a standby takes it within ``POLL``.
+
+Timing is for liveness only. Safety comes from the *fence*: a new leader, before its first
+write, writes a marker (``FenceMarker``, key ``_fence``) with its term into every bucket it
+writes (``FENCED_BUCKETS``: rollouts, desired, locks), and every write it makes carries the
+marker's revision as a condition the server checks in the same step (``Bus.kv_fenced_all``). A
+marker only ever moves to a higher term, so once a successor has fenced a bucket, no write of an
+older term lands there, however late it arrives: a leader paused for a minute, or partitioned
+and healed, gets ``Deposed`` from its first write and stops. Its signed desired states carry the
+term too, and agents refuse a lower term than they have run (``protocol.signing.verify``).
+
+Takeover: ping strikes take ~2 x ``PING_EVERY`` after a leader's connection drops; a leader that
+hangs (SIGSTOP, a stalled VM) or whose host vanishes without closing its connection is judged by
+the ttl: ``LEASE_TTL`` + ``POLL`` at most, then the fences (three writes), then its runner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import msgspec
+
+from coordinator.runtime.calls import bounded
+from coordinator.runtime.ports import RunnerBus
+from protocol import subjects
+from protocol.bus import Entry
+from protocol.codec import decode, encode
+from protocol.errors import BusError, Conflict, ProtocolError
+from protocol.messages import FenceMarker, LeaseRecord
+
+log = logging.getLogger("fleetwave.coordinator.lease")
+
+LEASE_TTL = 2.0  # a lease not renewed for this long (by the standby's own clock) is taken over
+RENEW_EVERY = 0.4  # the leader's renewals: five within one ttl
+POLL = 0.1  # how often a standby reads the lease
+PING_EVERY = 0.2  # how often a standby pings the leader's own subject
+PING_TIMEOUT = 0.5
+PING_STRIKES = 2  # "no responders" this many times in a row: the leader's connection is gone
+
+
+def fenced_buckets(fleet: str) -> tuple[str, ...]:
+    """The buckets a leader writes, each fenced by its own marker."""
+    return (subjects.rollouts_bucket(fleet), subjects.desired_bucket(fleet),
+            subjects.locks_bucket(fleet))
+
+
+def new_id() -> str:
+    """A coordinator's id: random, a valid subject token (host and pid are in the lease)."""
+    return uuid.uuid4().hex[:12]
+
+
+def ping_subject(fleet: str, holder: str) -> str:
+    return f"fw.{fleet}.coord.{holder}.ping"
+
+
+def direct_api(fleet: str, holder: str, verb: str) -> str:
+    """The subject on which coordinator ``holder`` alone answers ``verb`` (a forwarded write)."""
+    return f"fw.{fleet}.coord.{holder}.api.{verb}"
+
+
+class Deposed(Conflict):
+    """Another coordinator leads now: this one's writes are refused; it must stop leading."""
+
+
+@dataclass(frozen=True)
+class Fence:
+    """The term of one leadership and the revision of its marker in each fenced bucket."""
+
+    term: int
+    seqs: dict[str, int]
+
+    def seq(self, bucket: str) -> int:
+        try:
+            return self.seqs[bucket]
+        except KeyError:
+            raise BusError(f"bucket {bucket} is not fenced; only "
+                           f"{', '.join(sorted(self.seqs))} are") from None
+
+
+class Fenced:
+    """Writes of one leadership, each conditional on its fence (``Bus.kv_fenced_all``)."""
+
+    def __init__(self, bus: RunnerBus, fence: Fence) -> None:
+        self.bus = bus
+        self.fence = fence
+
+    @property
+    def term(self) -> int:
+        return self.fence.term
+
+    async def write_all(self, bucket: str,
+                        writes: Sequence[tuple[str, bytes | None]]) -> list[int | BusError]:
+        """Every (key, value; None deletes) of ``bucket`` pipelined; per write its revision or
+        its BusError, where a lost fence is ``Deposed``."""
+        try:
+            results = await bounded(self.bus.kv_fenced_all(bucket, writes,
+                                                           self.fence.seq(bucket)))
+        except BusError as exc:
+            return [exc] * len(writes)
+        return [self._deposed(bucket) if isinstance(r, Conflict) else r for r in results]
+
+    async def put(self, bucket: str, key: str, value: bytes) -> int:
+        """Write one key; its new revision. Deposed or BusError."""
+        [result] = await self.write_all(bucket, [(key, value)])
+        if isinstance(result, BusError):
+            raise result
+        return result
+
+    async def delete(self, bucket: str, key: str) -> None:
+        [result] = await self.write_all(bucket, [(key, None)])
+        if isinstance(result, BusError):
+            raise result
+
+    def _deposed(self, bucket: str) -> Deposed:
+        return Deposed(f"the fence of {bucket} moved past term {self.fence.term}: another "
+                       "coordinator leads now; this one stops writing")
+
+
+async def write_fences(bus: RunnerBus, *, term: int, holder: str, now: float) -> Fence:
+    """Move every fenced bucket's marker to ``term`` (never to a lower one); Deposed if one
+    already holds ``term`` or higher (a later leader got there first)."""
+    seqs: dict[str, int] = {}
+    data = encode(FenceMarker(term=term, holder=holder, time=now))
+    for bucket in fenced_buckets(bus.fleet):
+        for _ in range(5):
+            entry = await bounded(bus.kv_get(bucket, subjects.FENCE_KEY))
+            have = _marker_term(entry.value if entry else None)
+            if have >= term:
+                raise Deposed(f"{bucket} is fenced by term {have} already; term {term} lost")
+            try:
+                if entry is None:
+                    seqs[bucket] = await bounded(bus.kv_create(bucket, subjects.FENCE_KEY, data))
+                else:
+                    seqs[bucket] = await bounded(
+                        bus.kv_update(bucket, subjects.FENCE_KEY, data, entry.revision))
+                break
+            except Conflict:
+                continue  # moved in between: read it again
+        else:
+            raise Deposed(f"the fence of {bucket} keeps moving; another coordinator is taking over")
+    return Fence(term=term, seqs=seqs)
+
+
+async def highest_fence(bus: RunnerBus) -> int:
+    """The highest term any fence marker names (0 if none): a new lease starts above it, even
+    after the lease bucket was lost."""
+    terms = [0]
+    for bucket in fenced_buckets(bus.fleet):
+        entry = await bounded(bus.kv_get(bucket, subjects.FENCE_KEY))
+        terms.append(_marker_term(entry.value if entry else None))
+    return max(terms)
+
+
+def _marker_term(value: bytes | None) -> int:
+    if not value:
+        return 0
+    try:
+        return decode(FenceMarker, value).term
+    except ProtocolError:
+        return 0  # unreadable: any real term replaces it
+
+
+class LeaseBus(RunnerBus, Protocol):
+    """What the lease needs beyond the runner's calls: a ping of a coordinator's own subject
+    (``protocol.bus.Bus.ping``: True answered, False no responders, None no answer in time)."""
+
+    async def ping(self, subject: str, timeout: float) -> bool | None: ...
+
+
+class Lease:
+    """One coordinator's part in the election; see the module docstring."""
+
+    def __init__(
+        self, bus: LeaseBus, *, me: str, ttl: float = LEASE_TTL, renew: float = RENEW_EVERY,
+        poll: float = POLL, clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.bus = bus
+        self.me = me
+        self.ttl = ttl
+        self.renew = renew
+        self.poll = poll
+        self._clock = clock
+        self._mono = monotonic
+        self.bucket = subjects.lease_bucket(bus.fleet)
+        self.current: LeaseRecord | None = None  # the lease as last read (or written) here
+        self._rev = 0  # revision of the lease while we hold it
+        self.takeovers = 0
+
+    @property
+    def leader(self) -> LeaseRecord | None:
+        return self.current
+
+    @property
+    def leading(self) -> bool:
+        return self.current is not None and self.current.holder == self.me and self._rev > 0
+
+    # -- standing by -------------------------------------------------------------------------------
+
+    async def acquire(self) -> LeaseRecord:
+        """Wait (as a standby) until this coordinator holds the lease; its record."""
+        seen_rev = -1
+        seen_at = self._mono()
+        strikes = 0
+        next_ping = 0.0
+        while True:
+            try:
+                entry = await bounded(self.bus.kv_get(self.bucket, subjects.LEASE_KEY))
+            except BusError as exc:
+                log.debug("cannot read the lease: %s", exc)
+                await asyncio.sleep(self.poll)
+                continue
+            now = self._mono()
+            held: LeaseRecord | None = None
+            if entry is not None and entry.value is not None:
+                try:
+                    held = decode(LeaseRecord, entry.value)
+                except ProtocolError as exc:
+                    log.error("the lease is unreadable (%s); taking it over", exc)
+            if entry is not None and entry.revision != seen_rev:
+                seen_rev, seen_at, strikes = entry.revision, now, 0
+            if held is not None and held != self.current:
+                if self.current is None or held.holder != self.current.holder:
+                    log.info("coordinator %s (%s pid %d) leads, term %d", held.holder, held.host,
+                             held.pid, held.term)
+                self.current = held
+            expired = held is None or now - seen_at >= self.ttl
+            if not expired and held is not None and now >= next_ping:
+                next_ping = now + PING_EVERY
+                answered = await self.bus.ping(ping_subject(self.bus.fleet, held.holder),
+                                               PING_TIMEOUT)
+                strikes = strikes + 1 if answered is False else 0
+                expired = strikes >= PING_STRIKES
+            if expired:
+                won = await self._take(entry, held)
+                if won is not None:
+                    return won
+            await asyncio.sleep(self.poll)
+
+    async def _take(self, entry: Entry | None, held: LeaseRecord | None) -> LeaseRecord | None:
+        """Try to take the lease over from ``held`` (None: no lease, or unreadable)."""
+        try:
+            floor = await highest_fence(self.bus)
+        except BusError as exc:
+            log.debug("cannot read the fences: %s", exc)
+            return None
+        term = max(floor, held.term if held else 0, self.current.term if self.current else 0) + 1
+        now = self._clock()
+        mine = LeaseRecord(holder=self.me, term=term, host=socket.gethostname(), pid=os.getpid(),
+                           since=now, renewed=now, ttl=self.ttl)
+        try:
+            if entry is None or entry.value is None:
+                rev = await bounded(self.bus.kv_create(self.bucket, subjects.LEASE_KEY,
+                                                       encode(mine)))
+            else:
+                rev = await bounded(self.bus.kv_update(self.bucket, subjects.LEASE_KEY,
+                                                       encode(mine), entry.revision))
+        except Conflict:
+            return None  # another standby was quicker
+        except BusError as exc:
+            log.debug("cannot take the lease: %s", exc)
+            return None
+        if held is not None:
+            log.warning("took the lease over from coordinator %s (term %d → %d)", held.holder,
+                        held.term, term)
+        self.current, self._rev = mine, rev
+        self.takeovers += 1
+        return mine
+
+    # -- leading -----------------------------------------------------------------------------------
+
+    async def hold(self) -> str:
+        """Renew the lease until it is lost; why it was lost. Cancel to stop holding."""
+        assert self.current is not None
+        last_ok = self._mono()
+        while True:
+            await asyncio.sleep(self.renew)
+            sent = self._mono()
+            if sent - last_ok >= self.ttl:  # we were paused, or the bus was away, too long
+                self._rev = 0
+                return (f"the lease was not renewed for {sent - last_ok:.1f}s (this process or "
+                        "its connection stalled); a standby may lead now")
+            renewed = msgspec.structs.replace(self.current, renewed=self._clock())
+            try:
+                async with asyncio.timeout(max(0.1, self.ttl - (sent - last_ok))):
+                    self._rev = await self.bus.kv_update(self.bucket, subjects.LEASE_KEY,
+                                                         encode(renewed), self._rev)
+            except Conflict:
+                self._rev = 0
+                return "another coordinator took the lease"
+            except (BusError, TimeoutError) as exc:
+                log.warning("cannot renew the lease: %s", exc or "timed out")
+                continue
+            self.current = renewed
+            last_ok = sent
+
+    async def release(self) -> None:
+        """Give the lease up (a stopping leader): a standby takes it at its next look."""
+        if not self.leading:
+            return
+        rev, self._rev = self._rev, 0
+        try:
+            await bounded(self.bus.kv_delete(self.bucket, subjects.LEASE_KEY, rev))
+            log.info("gave up the lease (term %d)", self.current.term if self.current else 0)
+        except BusError as exc:  # a Conflict too: someone took it already
+            log.info("did not give up the lease: %s", exc)
+
+    def deposed(self) -> None:
+        """Stop regarding ourselves as the holder (a fenced write was refused)."""
+        self._rev = 0
+
