@@ -345,6 +345,7 @@ class RolloutRecord(msgspec.Struct, kw_only=True):
     # record that were not yet acknowledged by the events stream (the outbox). A coordinator that
     # resumes the rollout publishes them again under the same message ids.
     outbox: list[Event] = []
+    term: int = 0  # the lease term of the coordinator that wrote it (added by the runner too)
 
 
 class Event(msgspec.Struct, kw_only=True):
@@ -386,6 +387,7 @@ class LeaseRecord(msgspec.Struct, kw_only=True):
     since: float = 0.0
     renewed: float = 0.0
     ttl: float = 0.0
+    key: str = ""  # the public key its desired states are signed with
 
 
 class FenceMarker(msgspec.Struct, kw_only=True):
@@ -397,6 +399,7 @@ class FenceMarker(msgspec.Struct, kw_only=True):
     term: int
     holder: str
     time: float = 0.0
+    key: str = ""
 
 
 class LeaderRequest(msgspec.Struct, kw_only=True):

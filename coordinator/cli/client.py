@@ -6,6 +6,8 @@ request and returns the reply's ``data``, or raises:
 
     NotReachable   no NATS at the URL, or no coordinator answers (one line saying how to start one)
     RemoteError    the coordinator answered ``ok=False``; ``code`` "usage" exits 2, others 1
+                   ("unavailable" — no coordinator leads for a moment, during a takeover — is
+                   asked again for up to ``TAKEOVER_WAIT`` before it is raised)
     ProtocolError  the reply is not an ApiReply (a coordinator of another protocol version)
 
 ``request(ctx, verb, req)`` is the synchronous form click commands use.
@@ -24,9 +26,10 @@ from protocol import subjects
 from protocol.bus import REQUEST_TIMEOUT, Bus, redact
 from protocol.codec import decode, encode
 from protocol.errors import NotReachable
-from protocol.messages import ApiReply
+from protocol.messages import ApiReply, LeaderRequest
 
 CONNECT_TIMEOUT = 3.0
+TAKEOVER_WAIT = 6.0  # a takeover takes at most the lease ttl and a poll (coordinator.runtime.lease)
 
 
 @contextlib.asynccontextmanager
@@ -54,12 +57,31 @@ async def call(
     ctx: Ctx, verb: str, request: Any, *, timeout: float = REQUEST_TIMEOUT
 ) -> Any:
     """Send ``request`` to the coordinator's ``verb`` endpoint and return the reply's data."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + TAKEOVER_WAIT
     async with connected(ctx) as bus:
-        raw = await bus.request(subjects.api(ctx.fleet, verb), encode(request), timeout=timeout)
-    reply = decode(ApiReply, raw)
+        while True:
+            raw = await bus.request(subjects.api(ctx.fleet, verb), encode(request),
+                                    timeout=timeout)
+            reply = decode(ApiReply, raw)
+            if reply.ok or reply.code != "unavailable" or loop.time() >= give_up:
+                break
+            await asyncio.sleep(0.25)
     if not reply.ok:
         raise RemoteError(reply.error or f"the coordinator refused {verb!r}", reply.code)
     return reply.data
+
+
+def leader_line(ctx: Ctx) -> str:
+    """Which coordinator leads, in one line for people ("" if the coordinator cannot say)."""
+    try:
+        info = request(ctx, "leader", LeaderRequest(), timeout=2.0)
+    except (RemoteError, NotReachable):
+        return ""
+    if not isinstance(info, dict) or "holder" not in info:
+        return "coordinator: none leads right now (a standby takes over within seconds)"
+    return (f"coordinator: {info.get('host', '?')} pid {info.get('pid', '?')} leads "
+            f"(id {info['holder']}, term {info.get('term', '?')})")
 
 
 def request(ctx: Ctx, verb: str, req: Any, *, timeout: float = REQUEST_TIMEOUT) -> Any:

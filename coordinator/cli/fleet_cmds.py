@@ -89,6 +89,8 @@ def nodes(ctx: Ctx, selector: dict[str, str], output: str) -> None:
         click.echo(f"no nodes{which} in fleet {ctx.fleet!r}; start agents with 'fleetwave-agent'")
         return
     Console(soft_wrap=True).print(render_table(rows, time.time()))
+    if line := client.leader_line(ctx):
+        click.echo(line)
 
 
 def render_table(rows: list[NodeView], now: float) -> Table:

@@ -376,10 +376,13 @@ def status(ctx: Ctx, rollout: str, output: str) -> None:
     st = client.request(ctx, "status", RolloutRequest(id=rollout))
     if output == "json":
         click.echo(json.dumps(st, indent=2, sort_keys=True))
-    elif sys.stdout.isatty():
-        Console().print(status_renderable(st))
     else:
-        click.echo(status_text(st))
+        if sys.stdout.isatty():
+            Console().print(status_renderable(st))
+        else:
+            click.echo(status_text(st))
+        if line := client.leader_line(ctx):
+            click.echo(line)
 
 
 @cli.command()

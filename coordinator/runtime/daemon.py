@@ -20,9 +20,13 @@ writing verbs forwarded to it), and then owns three tasks until ``stop`` is set:
   the events stream; it retries a while when JetStream is away and drops (with a log line) only
   when its queue is full.
 
-Every coordinator serves the reading verbs (status, rollouts, nodes, events, leader) from its
-own node table and the buckets; a writing verb on a standby is forwarded to the leader's own
-subject, and answered "unavailable" (try again) while no coordinator leads.
+Every coordinator answers the reading verbs (status, rollouts, nodes, key, leader) from its own
+node table and the buckets, all of them to every request (the caller takes the first answer, so
+a frozen one cannot swallow a read). The writing verbs go to one coordinator of a queue group:
+the leader carries them out, a standby forwards them to the leader's own subject, and while no
+coordinator leads they are answered "unavailable" (the CLI asks again for a few seconds). A
+frozen coordinator still swallows the writes the queue group hands it until it wakes or dies:
+the caller's request times out and says so.
 
 Messages from the fleet are untrusted: a heartbeat or registration that does not decode, or that
 claims another node than its subject names, is counted, logged (once per node and kind, not per
@@ -44,13 +48,14 @@ from coordinator.api.rollouts import LiveRollout, RolloutsApi
 from coordinator.api.verbs import HANDLER_TIMEOUT, Api
 from coordinator.core.engine import EngineEvent
 from coordinator.core.fleet import Fleet, Transition
-from coordinator.errors import RemoteError
+from coordinator.errors import ConfigError, RemoteError
 from coordinator.releases import resolve_release
 from coordinator.runtime.lease import (
     LEASE_TTL,
     Fenced,
     Lease,
     direct_api,
+    live_leader,
     new_id,
     ping_subject,
     write_fences,
@@ -174,23 +179,41 @@ class Coordinator:
                 await asyncio.sleep(delay)
         await bus.subscribe(subjects.heartbeats(f), self._on_heartbeat)
         await bus.subscribe(subjects.registrations(f), self._on_register)
+        await self._check_key(bus)
         self.store = RolloutStore(bus)
-        self.lease = Lease(bus, me=self.id)
+        self.lease = Lease(bus, me=self.id, key=self.public_key)
         RolloutsApi(
             _Current(self), public_key=self.public_key,
             resolve=lambda service, version: resolve_release(bus, service, version),
         ).register(self.api)
         self.api.add("leader", LeaderRequest, self._leader)
-        endpoints = self.api.endpoints(f)
-        for verb in WRITE_VERBS:  # only the leader carries them out; a standby forwards
-            subject, local = endpoints[verb]
-            endpoints[verb] = (subject, self._forwarding(bus, verb, local))
-            await bus.respond(direct_api(f, self.id, verb), self._direct(verb, local))
+        # Reading verbs: every coordinator answers every request (no queue group) and the
+        # caller takes the first answer, so a frozen coordinator cannot swallow a read. Writing
+        # verbs: one coordinator of the queue group gets each; only the leader carries it out,
+        # a standby forwards it to the leader's own subject.
+        writes: dict[str, tuple[str, Handler]] = {}
+        for verb, (subject, local) in self.api.endpoints(f).items():
+            if verb in WRITE_VERBS:
+                writes[verb] = (subject, self._forwarding(bus, verb, local))
+                await bus.respond(direct_api(f, self.id, verb), self._direct(verb, local))
+            else:
+                await bus.respond(subject, local)
         await bus.respond(ping_subject(f, self.id), _pong)
-        await bus.serve(SERVICE_NAME, _version(), endpoints)
+        await bus.serve(SERVICE_NAME, _version(), writes)
         return True
 
     # -- leadership -------------------------------------------------------------------------------
+
+    async def _check_key(self, bus: Bus) -> None:
+        """Refuse to join a fleet whose live leader signs with another key: agents trust the
+        keys they were given, so this one's desired states would all be refused."""
+        leader = await live_leader(bus)
+        if leader is not None and leader.key and leader.key != self.public_key:
+            raise ConfigError(
+                f"coordinator {leader.holder} ({leader.host} pid {leader.pid}) leads fleet "
+                f"{self.fleet_name!r} with signing key {leader.key[:12]}..., but this one has "
+                f"{self.public_key[:12]}...; give every coordinator of a fleet the same key file "
+                "(--key-file / FLEETWAVE_KEY_FILE), or stop the other one first")
 
     async def _lead_loop(self, bus: Bus) -> None:
         """Stand by, lead while the lease holds, stand by again; see the module docstring."""
@@ -201,7 +224,7 @@ class Coordinator:
                 held = await lease.acquire()
                 try:
                     fence = await write_fences(bus, term=held.term, holder=self.id,
-                                               now=self._clock())
+                                               now=self._clock(), key=self.public_key)
                 except BusError as exc:  # Deposed too: a later term fenced first
                     log.warning("took the lease (term %d) but cannot fence the buckets: %s",
                                 held.term, exc)

@@ -96,7 +96,8 @@ class Executor:
 
     async def persist(self, driver: Driver, record: RolloutRecord) -> None:
         """Persist ``record`` with the driver's outbox (retried); Deposed if we do not lead."""
-        stored = msgspec.structs.replace(record, outbox=list(driver.outbox.values()))
+        stored = msgspec.structs.replace(record, outbox=list(driver.outbox.values()),
+                                         term=self.store.writer.term)
         driver.revision = await self._retrying(lambda: self.store.persist(stored))
         driver.outbox_stored = bool(stored.outbox)
         driver.persisted_at = self._clock()

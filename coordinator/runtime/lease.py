@@ -140,11 +140,12 @@ class Fenced:
                        "coordinator leads now; this one stops writing")
 
 
-async def write_fences(bus: RunnerBus, *, term: int, holder: str, now: float) -> Fence:
+async def write_fences(bus: RunnerBus, *, term: int, holder: str, now: float,
+                       key: str = "") -> Fence:
     """Move every fenced bucket's marker to ``term`` (never to a lower one); Deposed if one
     already holds ``term`` or higher (a later leader got there first)."""
     seqs: dict[str, int] = {}
-    data = encode(FenceMarker(term=term, holder=holder, time=now))
+    data = encode(FenceMarker(term=term, holder=holder, time=now, key=key))
     for bucket in fenced_buckets(bus.fleet):
         for _ in range(5):
             entry = await bounded(bus.kv_get(bucket, subjects.FENCE_KEY))
@@ -191,16 +192,31 @@ class LeaseBus(RunnerBus, Protocol):
     async def ping(self, subject: str, timeout: float) -> bool | None: ...
 
 
+async def live_leader(bus: LeaseBus) -> LeaseRecord | None:
+    """The lease of a coordinator that answers its ping now (None: no lease, or its holder is
+    gone): what a starting coordinator must agree with."""
+    entry = await bounded(bus.kv_get(subjects.lease_bucket(bus.fleet), subjects.LEASE_KEY))
+    if entry is None or entry.value is None:
+        return None
+    try:
+        held = decode(LeaseRecord, entry.value)
+    except ProtocolError:
+        return None
+    answered = await bus.ping(ping_subject(bus.fleet, held.holder), PING_TIMEOUT)
+    return held if answered is not False else None
+
+
 class Lease:
     """One coordinator's part in the election; see the module docstring."""
 
     def __init__(
-        self, bus: LeaseBus, *, me: str, ttl: float = LEASE_TTL, renew: float = RENEW_EVERY,
-        poll: float = POLL, clock: Callable[[], float] = time.time,
+        self, bus: LeaseBus, *, me: str, key: str = "", ttl: float = LEASE_TTL,
+        renew: float = RENEW_EVERY, poll: float = POLL, clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.bus = bus
         self.me = me
+        self.key = key  # our signing key's public half, named in the lease and the fences
         self.ttl = ttl
         self.renew = renew
         self.poll = poll
@@ -209,6 +225,7 @@ class Lease:
         self.bucket = subjects.lease_bucket(bus.fleet)
         self.current: LeaseRecord | None = None  # the lease as last read (or written) here
         self._rev = 0  # revision of the lease while we hold it
+        self._last = 0  # the last revision we wrote (a lease still at it is ours to re-take)
         self.takeovers = 0
 
     @property
@@ -248,7 +265,11 @@ class Lease:
                     log.info("coordinator %s (%s pid %d) leads, term %d", held.holder, held.host,
                              held.pid, held.term)
                 self.current = held
-            expired = held is None or now - seen_at >= self.ttl
+            # Ours, untouched since we last renewed it (we were paused, or lost the bus a while):
+            # take it again at once, under a new term (the old term's writes stay fenced off).
+            mine = held is not None and held.holder == self.me and entry is not None \
+                and entry.revision == self._last
+            expired = held is None or mine or now - seen_at >= self.ttl
             if not expired and held is not None and now >= next_ping:
                 next_ping = now + PING_EVERY
                 answered = await self.bus.ping(ping_subject(self.bus.fleet, held.holder),
@@ -271,7 +292,7 @@ class Lease:
         term = max(floor, held.term if held else 0, self.current.term if self.current else 0) + 1
         now = self._clock()
         mine = LeaseRecord(holder=self.me, term=term, host=socket.gethostname(), pid=os.getpid(),
-                           since=now, renewed=now, ttl=self.ttl)
+                           since=now, renewed=now, ttl=self.ttl, key=self.key)
         try:
             if entry is None or entry.value is None:
                 rev = await bounded(self.bus.kv_create(self.bucket, subjects.LEASE_KEY,
@@ -284,10 +305,10 @@ class Lease:
         except BusError as exc:
             log.debug("cannot take the lease: %s", exc)
             return None
-        if held is not None:
+        if held is not None and held.holder != self.me:
             log.warning("took the lease over from coordinator %s (term %d → %d)", held.holder,
                         held.term, term)
-        self.current, self._rev = mine, rev
+        self.current, self._rev, self._last = mine, rev, rev
         self.takeovers += 1
         return mine
 
@@ -316,6 +337,7 @@ class Lease:
                 log.warning("cannot renew the lease: %s", exc or "timed out")
                 continue
             self.current = renewed
+            self._last = self._rev
             last_ok = sent
 
     async def release(self) -> None:

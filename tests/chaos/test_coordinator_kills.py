@@ -14,10 +14,10 @@ from coordinator.dev.devfleet import DevFleet
 from protocol.bus import Bus
 from protocol.messages import RolloutRecord
 from tests.integration.e2e_support import (
+    assert_told_once,
     deploy_detached,
     desired_history,
     desired_log,
-    events_of,
     install,
     loaded,
     push,
@@ -76,12 +76,4 @@ async def test_coordinator_killed_twice_resumes_without_skipping(tmp_path: Path)
             assert history[f"{node}.hello"] == [1, 2, 3], history
             assert final.nodes[node].generation == 3, final.nodes[node]
 
-        events = await events_of(url, rid)
-        kinds = [e["kind"] for e in events]
-        assert sorted(e["node"] for e in events if e["kind"] == "node.updating") == NODES, kinds
-        assert sorted(e["node"] for e in events if e["kind"] == "node.done") == NODES, kinds
-        waves = [e["data"].get("wave") for e in events if e["kind"] == "wave.started"]
-        assert waves == [0, 1, 2], f"waves started out of order, twice or skipped: {waves}"
-        passed = sorted(e["data"].get("wave") for e in events if e["kind"] == "gate.passed")
-        assert passed == [0, 1, 2], f"every wave's gates judged once: {passed}"
-        assert kinds.count("rollout.succeeded") == 1 and "rollout.rolling_back" not in kinds
+        await assert_told_once(url, rid, NODES, waves=3)

@@ -30,7 +30,7 @@ from protocol import subjects
 from protocol.bus import Bus
 from protocol.codec import decode
 from protocol.errors import BusError
-from protocol.messages import RolloutRecord, SignedEnvelope
+from protocol.messages import ApiReply, RolloutRecord, SignedEnvelope
 from tests.integration.procs import fleetwave, hello_bundle, wait_until
 
 PORT = 8080
@@ -111,7 +111,8 @@ async def desired_log(url: str, fleet: str = "default") -> list[SignedEnvelope]:
     bus = await Bus.connect(url, fleet, name="fleetwave-test")
     try:
         return [decode(SignedEnvelope, raw)
-                async for raw in bus.stream_messages(f"KV_{bucket}", f"$KV.{bucket}.>") if raw]
+                async for raw in bus.stream_messages(f"KV_{bucket}", f"$KV.{bucket}.*.*")
+                if raw]  # node.service keys: not the fence marker
     finally:
         await bus.close()
 
@@ -159,3 +160,31 @@ def desired_history(log: list[SignedEnvelope]) -> dict[str, list[int]]:
     for key, gens in out.items():
         assert gens[0] == 1, f"{key}: history starts at generation {gens[0]}, not 1 (cut)"
     return out
+
+
+async def assert_told_once(url: str, rid: str, nodes: list[str],
+                           waves: int) -> list[dict[str, Any]]:
+    """The audit log of a rolling rollout of one node a wave that succeeded: every node updated
+    and done once, every wave started and its gates passed once, in order, one success, no
+    rollback. Returns the events."""
+    events = await events_of(url, rid)
+    kinds = [e["kind"] for e in events]
+    assert sorted(e["node"] for e in events if e["kind"] == "node.updating") == nodes, kinds
+    assert sorted(e["node"] for e in events if e["kind"] == "node.done") == nodes, kinds
+    started = [e["data"].get("wave") for e in events if e["kind"] == "wave.started"]
+    assert started == list(range(waves)), f"waves started out of order, twice or skipped: {started}"
+    passed = sorted(e["data"].get("wave") for e in events if e["kind"] == "gate.passed")
+    assert passed == list(range(waves)), f"every wave's gates judged once: {passed}"
+    assert kinds.count("rollout.succeeded") == 1 and "rollout.rolling_back" not in kinds, kinds
+    assert len({e["id"] for e in events}) == len(events), "an event was recorded twice"
+    return events
+
+
+async def leader_of(bus: Bus) -> dict[str, Any]:
+    """What the coordinators' API says of the lease (``leader`` verb): holder, term, ..."""
+    raw = await bus.request(subjects.api(bus.fleet, "leader"), b"{}", timeout=5.0)
+    reply = decode(ApiReply, raw)
+    assert reply.ok, reply.error
+    assert isinstance(reply.data, dict)
+    return reply.data
+

@@ -47,7 +47,8 @@ def described(cmds: list[Command]) -> list[list[Any]]:
 
 
 # Fields added to the record since, with the value an old record decodes to.
-ADDED = {"outbox": []}  # issue 13: the events not yet acknowledged by the stream
+# issue 13: the events not yet acknowledged by the stream; the writer's lease term
+ADDED: dict[str, object] = {"outbox": [], "term": 0}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
