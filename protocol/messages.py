@@ -380,7 +380,7 @@ class LeaseRecord(msgspec.Struct, kw_only=True):
     """
 
     schema: int = 1
-    holder: str  # the coordinator's id (host-pid-random)
+    holder: str  # the coordinator's id (random); "" once its holder gave it up
     term: int
     host: str = ""
     pid: int = 0

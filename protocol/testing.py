@@ -63,6 +63,9 @@ class FakeBus:
     published: list[tuple[str, bytes]] = field(default_factory=list)
     faults: dict[tuple[str, str], BaseException] = field(default_factory=dict)
     fault_count: dict[tuple[str, str], int] = field(default_factory=dict)
+    # ``ping``: what a ping of a subject answers (True answered, False no responders, None no
+    # answer in time); a subject not listed answers True.
+    pings: dict[str, bool | None] = field(default_factory=dict)
 
     def _fault(self, op: str, bucket: str) -> None:
         key = (op, bucket)
@@ -150,6 +153,9 @@ class FakeBus:
             except BusError as exc:
                 out.append(exc)
         return out
+
+    async def ping(self, subject: str, timeout: float) -> bool | None:
+        return self.pings.get(subject, True)
 
     async def js_publish_events(self, messages: Sequence[tuple[str, bytes]], *,
                                 timeout: float = 5.0) -> list[BusError | None]:

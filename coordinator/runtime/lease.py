@@ -14,7 +14,8 @@ compare-and-set on its revision:
 - The *leader* renews every ``renew`` seconds (compare-and-set on its own revision). A renewal
   that meets another revision means it was deposed; one that cannot reach the bus for ``ttl``
   means it may have been: either way it stops leading at once (``hold`` returns).
-- A leader that stops on purpose deletes the lease, and a standby takes it within ``POLL``.
+- A leader that stops on purpose gives the lease up (the record stays, with no holder, so its
+  term is never handed out again), and a standby takes it within ``POLL``.
 
 Timing is for liveness only. Safety comes from the *fence*: a new leader, before its first
 write, writes a marker (``FenceMarker``, key ``_fence``) with its term into every bucket it
@@ -202,6 +203,8 @@ async def live_leader(bus: LeaseBus) -> LeaseRecord | None:
         held = decode(LeaseRecord, entry.value)
     except ProtocolError:
         return None
+    if not held.holder:
+        return None
     answered = await bus.ping(ping_subject(bus.fleet, held.holder), PING_TIMEOUT)
     return held if answered is not False else None
 
@@ -230,7 +233,8 @@ class Lease:
 
     @property
     def leader(self) -> LeaseRecord | None:
-        return self.current
+        """The lease as last seen, if someone holds it."""
+        return self.current if self.current is not None and self.current.holder else None
 
     @property
     def leading(self) -> bool:
@@ -261,7 +265,7 @@ class Lease:
             if entry is not None and entry.revision != seen_rev:
                 seen_rev, seen_at, strikes = entry.revision, now, 0
             if held is not None and held != self.current:
-                if self.current is None or held.holder != self.current.holder:
+                if held.holder and (self.current is None or held.holder != self.current.holder):
                     log.info("coordinator %s (%s pid %d) leads, term %d", held.holder, held.host,
                              held.pid, held.term)
                 self.current = held
@@ -269,7 +273,7 @@ class Lease:
             # take it again at once, under a new term (the old term's writes stay fenced off).
             mine = held is not None and held.holder == self.me and entry is not None \
                 and entry.revision == self._last
-            expired = held is None or mine or now - seen_at >= self.ttl
+            expired = held is None or not held.holder or mine or now - seen_at >= self.ttl
             if not expired and held is not None and now >= next_ping:
                 next_ping = now + PING_EVERY
                 answered = await self.bus.ping(ping_subject(self.bus.fleet, held.holder),
@@ -305,7 +309,7 @@ class Lease:
         except BusError as exc:
             log.debug("cannot take the lease: %s", exc)
             return None
-        if held is not None and held.holder != self.me:
+        if held is not None and held.holder not in ("", self.me):
             log.warning("took the lease over from coordinator %s (term %d → %d)", held.holder,
                         held.term, term)
         self.current, self._rev, self._last = mine, rev, rev
@@ -341,13 +345,15 @@ class Lease:
             last_ok = sent
 
     async def release(self) -> None:
-        """Give the lease up (a stopping leader): a standby takes it at its next look."""
-        if not self.leading:
+        """Give the lease up (a stopping leader): a standby takes it at its next look. The
+        record stays, with no holder, so that its term is never handed out again."""
+        if not self.leading or self.current is None:
             return
         rev, self._rev = self._rev, 0
+        free = msgspec.structs.replace(self.current, holder="", renewed=self._clock())
         try:
-            await bounded(self.bus.kv_delete(self.bucket, subjects.LEASE_KEY, rev))
-            log.info("gave up the lease (term %d)", self.current.term if self.current else 0)
+            await bounded(self.bus.kv_update(self.bucket, subjects.LEASE_KEY, encode(free), rev))
+            log.info("gave up the lease (term %d)", free.term)
         except BusError as exc:  # a Conflict too: someone took it already
             log.info("did not give up the lease: %s", exc)
 

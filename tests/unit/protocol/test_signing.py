@@ -185,3 +185,28 @@ def _resign(env: SignedEnvelope) -> bytes:
     """Sign ``env`` as it is now, as a (trusted) signer that wraps the wrong payload would."""
     sig: bytes = nkeys.from_seed(SEED).sign(signed_bytes(env))
     return sig
+
+
+@pytest.mark.parametrize(("signed", "forged"), [(3, 4), (3, 0), (0, 5)])
+def test_the_lease_term_is_bound(signed: int, forged: int) -> None:
+    """A term changed after signing (raised, dropped, or added) breaks the signature."""
+    env = sign(SEED, desired(), term=signed)
+    env.term = forged
+    with pytest.raises(ProtocolError, match="bad signature"):
+        check(env)
+
+
+def test_a_lower_term_than_the_one_run_is_refused_and_an_equal_or_higher_accepted() -> None:
+    """A deposed leader's state (or a replay of one) is refused even with a newer generation."""
+    env = sign(SEED, desired(generation=9), term=2)
+    with pytest.raises(ProtocolError, match="lease term 2 is older than term 3"):
+        verify(env, {PUB}, fleet="prod", node="node-1", service="hello", min_generation=6,
+               min_term=3)
+    for seen in (0, 1, 2):
+        assert verify(env, {PUB}, fleet="prod", node="node-1", service="hello",
+                      min_generation=6, min_term=seen).generation == 9
+
+
+def test_a_negative_term_is_refused() -> None:
+    with pytest.raises(ProtocolError, match="lease term"):
+        check(sign(SEED, desired(), term=-1))

@@ -1,5 +1,6 @@
 """agent.manager.desired: a restarted agent whose remembered desired state no longer verifies
-still refuses replays (the floor survives the restore)."""
+still refuses replays (the floor survives the restore); a state of a lower lease term than the
+one it runs is refused, also after a restart."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from protocol.signing import generate_seed, public_key, sign
 NODE, FLEET, SERVICE = "node-1", "default", "hello"
 
 
-def _env(seed: bytes, generation: int) -> Any:
+def _env(seed: bytes, generation: int, term: int = 0) -> Any:
     return sign(seed, DesiredState(fleet=FLEET, node=NODE, service=SERVICE,
-                                   generation=generation))
+                                   generation=generation), term=term)
 
 
 def _manager(tmp_path: Path, trusted: list[str]) -> ServiceManager:
@@ -42,3 +43,22 @@ async def test_replay_is_refused_after_the_remembered_envelope_fails_to_verify(
     await mgr.desired.offer(f"{NODE}.{SERVICE}", encode(_env(new, 8)))
     desired = mgr.services[SERVICE].desired
     assert desired is not None and desired.generation == 8
+
+
+async def test_a_deposed_leaders_state_is_refused_even_after_a_restart(tmp_path: Path) -> None:
+    """Running term 5's generation 8, the agent refuses term 4's generation 9 (a deposed leader
+    or a replay); a restarted agent remembers the term; term 5's generation 9 is accepted."""
+    seed = generate_seed()
+    mgr = _manager(tmp_path, [public_key(seed)])
+    await mgr.desired.offer(f"{NODE}.{SERVICE}", encode(_env(seed, 8, term=5)))
+    await mgr.desired.offer(f"{NODE}.{SERVICE}", encode(_env(seed, 9, term=4)))
+    desired = mgr.services[SERVICE].desired
+    assert desired is not None and desired.generation == 8 and mgr.desired.refused == 1
+    mgr.restorer.save_now()
+    again = _manager(tmp_path, [public_key(seed)])
+    await again.restorer.restore(lambda *_: None)
+    await again.desired.offer(f"{NODE}.{SERVICE}", encode(_env(seed, 9, term=4)))
+    assert again.desired.refused == 1
+    await again.desired.offer(f"{NODE}.{SERVICE}", encode(_env(seed, 9, term=5)))
+    desired = again.services[SERVICE].desired
+    assert desired is not None and desired.generation == 9

@@ -1,0 +1,155 @@
+"""The lease and the fence against an in-memory bus: who takes the lease and when, that a term
+only grows, and that no write of a deposed term lands."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from coordinator.runtime.lease import (
+    Deposed,
+    Fenced,
+    Lease,
+    fenced_buckets,
+    ping_subject,
+    write_fences,
+)
+from protocol import subjects
+from protocol.codec import decode, encode
+from protocol.errors import BusError
+from protocol.messages import LeaseRecord
+from protocol.testing import FLEET, FakeBus, FakeClock
+
+LEASE = subjects.lease_bucket(FLEET)
+ROLLOUTS = subjects.rollouts_bucket(FLEET)
+
+
+def lease(bus: FakeBus, me: str, mono: FakeClock, **kw: float) -> Lease:
+    return Lease(bus, me=me, key="Akey", ttl=2.0, renew=0.001, poll=0.001, monotonic=mono,
+                 **kw)
+
+
+def held(bus: FakeBus) -> LeaseRecord:
+    entry = bus.live(LEASE, subjects.LEASE_KEY)
+    assert entry is not None and entry.value is not None
+    return decode(LeaseRecord, entry.value)
+
+
+async def test_the_first_coordinator_takes_a_free_lease_above_every_fence() -> None:
+    """With no lease, the term starts above the highest fence (a lost lease bucket never
+    hands out a term already used)."""
+    bus, mono = FakeBus(), FakeClock()
+    await write_fences(bus, term=41, holder="old", now=0.0)
+    won = await asyncio.wait_for(lease(bus, "a", mono).acquire(), 2)
+    assert won.term == 42 and won.holder == "a" and won.key == "Akey"
+    assert held(bus) == won
+
+
+async def test_a_live_lease_is_taken_only_after_the_ttl_by_the_standbys_own_clock() -> None:
+    bus, mono = FakeBus(), FakeClock()
+    first = lease(bus, "a", mono)
+    await first.acquire()
+    standby = asyncio.ensure_future(lease(bus, "b", mono).acquire())
+    await asyncio.sleep(0.05)
+    assert not standby.done()  # the leader answers its pings and the ttl has not passed
+    mono.t += 2.0
+    won = await asyncio.wait_for(standby, 2)
+    assert won.holder == "b" and won.term == 2
+
+
+async def test_a_leader_with_no_responders_is_taken_over_at_once() -> None:
+    """Its connection is gone (killed, cut off): no need to wait for the ttl."""
+    bus, mono = FakeBus(), FakeClock()
+    await lease(bus, "a", mono).acquire()
+    bus.pings[ping_subject(FLEET, "a")] = False
+
+    async def passing() -> None:
+        while True:
+            await asyncio.sleep(0.001)
+            mono.t += 0.05
+
+    clock = asyncio.ensure_future(passing())
+    try:
+        won = await asyncio.wait_for(lease(bus, "b", mono).acquire(), 2)
+    finally:
+        clock.cancel()
+    assert won.holder == "b" and mono.t - 1000.0 < 1.0  # two pings apart, well inside the ttl
+
+
+async def test_a_leader_that_answers_nothing_is_judged_by_the_ttl_only() -> None:
+    """A frozen leader (SIGSTOP) neither answers nor is gone: the ttl decides."""
+    bus, mono = FakeBus(), FakeClock()
+    await lease(bus, "a", mono).acquire()
+    bus.pings[ping_subject(FLEET, "a")] = None
+    standby = asyncio.ensure_future(lease(bus, "b", mono).acquire())
+    await asyncio.sleep(0.05)
+    assert not standby.done()
+    mono.t += 2.5
+    assert (await asyncio.wait_for(standby, 2)).holder == "b"
+
+
+async def test_renewing_a_lease_someone_took_ends_the_leadership() -> None:
+    bus, mono = FakeBus(), FakeClock()
+    a = lease(bus, "a", mono)
+    await a.acquire()
+    entry = bus.live(LEASE, subjects.LEASE_KEY)
+    assert entry is not None
+    await bus.kv_update(LEASE, subjects.LEASE_KEY,
+                        encode(LeaseRecord(holder="b", term=2)), entry.revision)
+    why = await asyncio.wait_for(a.hold(), 2)
+    assert "another coordinator took the lease" in why and not a.leading
+
+
+async def test_a_leader_that_could_not_renew_for_a_ttl_stops_leading() -> None:
+    """Its renewals fail (the bus is away) until its own clock says a ttl passed."""
+    bus, mono = FakeBus(), FakeClock()
+    a = lease(bus, "a", mono)
+    await a.acquire()
+    bus.faults[("update", LEASE)] = BusError("NATS is away")
+    bus.fault_count[("update", LEASE)] = 10**6
+    holding = asyncio.ensure_future(a.hold())
+    await asyncio.sleep(0.05)
+    assert not holding.done()
+    mono.t += 2.0
+    why = await asyncio.wait_for(holding, 2)
+    assert "not renewed" in why and not a.leading
+
+
+async def test_a_leader_paused_past_its_ttl_retakes_its_untouched_lease_under_a_new_term() -> None:
+    bus, mono = FakeBus(), FakeClock()
+    a = lease(bus, "a", mono)
+    first = await a.acquire()
+    a.deposed()  # it stopped leading after the pause
+    again = await asyncio.wait_for(a.acquire(), 2)
+    assert again.holder == "a" and again.term == first.term + 1
+
+
+async def test_giving_the_lease_up_lets_a_standby_take_it_at_once() -> None:
+    bus, mono = FakeBus(), FakeClock()
+    a = lease(bus, "a", mono)
+    await a.acquire()
+    await a.release()
+    won = await asyncio.wait_for(lease(bus, "b", mono).acquire(), 2)
+    assert won.holder == "b" and won.term == 2
+
+
+async def test_fences_only_move_up_and_a_fenced_writer_of_an_older_term_is_deposed() -> None:
+    bus = FakeBus()
+    old = Fenced(bus, await write_fences(bus, term=1, holder="a", now=0.0))
+    await old.put(ROLLOUTS, "r1", b"one")
+    new = Fenced(bus, await write_fences(bus, term=2, holder="b", now=0.0))
+    with pytest.raises(Deposed):
+        await write_fences(bus, term=2, holder="c", now=0.0)
+    with pytest.raises(Deposed):
+        await old.put(ROLLOUTS, "r1", b"stale")
+    for bucket in fenced_buckets(FLEET):
+        with pytest.raises(Deposed):
+            await old.put(bucket, "k", b"stale")
+    with pytest.raises(Deposed):
+        await old.delete(ROLLOUTS, "r1")
+    entry = bus.live(ROLLOUTS, "r1")
+    assert entry is not None and entry.value == b"one"
+    await new.put(ROLLOUTS, "r1", b"two")
+    assert [r for r in await new.write_all(ROLLOUTS, [("r2", b"x"), ("r3", None)])
+            if not isinstance(r, int)] == []
