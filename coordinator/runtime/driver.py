@@ -41,6 +41,7 @@ class Driver:
     outbox: dict[str, Event] = field(default_factory=dict)
     outbox_stored: bool = False
     persisted_at: float = 0.0
+    outbox_retried: float = 0.0  # when its old events were last sent again
 
     @property
     def id(self) -> str:

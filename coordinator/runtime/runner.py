@@ -100,6 +100,8 @@ TICK = 0.2  # how often time passes for the rollouts (and for the daemon's node 
 STARTUP_GRACE = 10.0  # > 3 heartbeats of 2 s: time for every live node to beat once
 RESYNC_INTERVAL = 30.0
 OUTBOX_CLEAR_AFTER = 2.0  # a record whose outbox was all acknowledged is rewritten empty then
+OUTBOX_RETRY = 30.0  # events still unacknowledged this long after their decision are sent again
+OUTBOX_MAX = 5000  # events one rollout's outbox holds at most (the stream away for long)
 
 # What the node table says of one node: (online now, ever heard from). ``Fleet.liveness``.
 Liveness = tuple[bool, bool]
@@ -289,6 +291,7 @@ class Runner:
         while ago (so that a coordinator resuming it long after, past the stream's duplicate
         window, has nothing to publish twice); a finished rollout's last events included."""
         for driver in [*self.drivers.values(), *self.closing.values()]:
+            self._retry_outbox(driver, now)
             if (not driver.outbox_stored or driver.outbox or driver.held
                     or now - driver.persisted_at < OUTBOX_CLEAR_AFTER):
                 continue
@@ -316,6 +319,20 @@ class Runner:
         if (seen is not None and seen[1]) or now - self.started >= self._grace:
             return False
         return None
+
+    def _retry_outbox(self, driver: Driver, now: float) -> None:
+        """Send again what the publisher gave up on (the stream was away): every OUTBOX_RETRY,
+        the events older than that (the stream drops a copy it has, by message id). An outbox
+        past OUTBOX_MAX loses its oldest, logged: the record must stay writable."""
+        while len(driver.outbox) > OUTBOX_MAX:
+            lost = driver.outbox.pop(next(iter(driver.outbox)))
+            log.error("rollout %s: outbox full; event %s dropped unrecorded", driver.id, lost.kind)
+        if now - driver.outbox_retried < OUTBOX_RETRY:
+            return
+        driver.outbox_retried = now
+        for event in list(driver.outbox.values()):
+            if now - event.time >= OUTBOX_RETRY:
+                self.events.put(event)
 
     # -- operator requests -------------------------------------------------------------------------
 

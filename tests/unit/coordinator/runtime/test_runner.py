@@ -9,7 +9,7 @@ from coordinator.core.engine import Pause, Resume, Rollout
 from coordinator.errors import RemoteError, UsageError
 from coordinator.runtime.driver import HOLD_PERSIST
 from coordinator.runtime.lease import Fence, Fenced, fenced_buckets
-from coordinator.runtime.runner import OUTBOX_CLEAR_AFTER, Runner
+from coordinator.runtime.runner import OUTBOX_CLEAR_AFTER, OUTBOX_RETRY, Runner
 from protocol import subjects
 from protocol.bus import Entry
 from protocol.codec import decode, encode
@@ -467,3 +467,19 @@ async def test_selected_nodes_offline_at_the_deploy_are_named_in_the_report() ->
     assert rec.report.skipped_offline == ["node-3"]
     stored = [value for _, bucket, _, value in bus.log if bucket == ROLLOUTS and value]
     assert b'"report":{"skipped_offline":["node-3"]}' in stored[0]
+
+
+async def test_events_the_publisher_gave_up_on_are_sent_again_from_the_outbox() -> None:
+    """The stream was away past the publisher's retries: the outbox keeps the events, and the
+    ticks send them again until the stream stores them."""
+    bus, clock = fleet_bus(), FakeClock()
+    r = runner(bus, clock)
+    rec = await r.deploy(spec(), NEW)
+    lost = r.events.pending()  # given up on: never published
+    assert lost and set(r.drivers[rec.id].outbox) == {e.id for e in lost}
+    clock.t += OUTBOX_RETRY
+    await r.step()
+    again = r.events.pending()
+    assert {e.id for e in lost} <= {e.id for e in again}
+    await r.events.publish(bus, again)
+    assert r.drivers[rec.id].outbox == {}
