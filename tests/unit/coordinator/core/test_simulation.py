@@ -2,17 +2,19 @@
 
 Each seed builds a small fleet and a random rolling or canary rollout, then injects faults drawn
 from the seed: releases that never become healthy, agents that never converge, agents that die
-(and maybe come back), observed states delivered late and out of order, error-rate spikes on the
-new release, and an operator who pauses, promotes, resumes, rolls back or aborts at random moments
-(illegal requests must raise and change nothing). Simulated agents do make-before-break: traffic
-moves to a slot only once every slot with traffic is healthy, and an older generation is ignored.
+(and maybe come back; ``on_node_lost`` fail or wait), observed states delivered late and out of
+order, error-rate spikes on the new release, and an operator who pauses, promotes, resumes, rolls
+back or aborts at random moments (illegal requests must raise and change nothing). Simulated
+agents do make-before-break: traffic moves to a slot only once every slot with traffic is
+healthy, and an older generation is ignored.
 
-Invariants checked over every seed: the rollout ends within a bound of virtual time; whenever the
-engine disrupts a node that was serving, the target nodes in flight (a forward desired state not
-yet converged on) or reported offline, that node included, do not exceed max-unavailable (nodes
-that die on their own may exceed it, but then the engine disrupts no other); generations only
-grow per node; a rollout that ends rolled back leaves every node serving its previous release,
-one that ends failed names every node that is not; a pause always has a reason.
+Invariants checked over every seed: the rollout ends within a bound of virtual time; no node is
+moved forward while it is reported offline (lost); whenever the engine disrupts a node that was
+serving, the target nodes in flight (a forward desired state not yet converged on) or reported
+offline, that node included, do not exceed max-unavailable (nodes that die on their own may
+exceed it, but then the engine disrupts no other); generations only grow per node; a rollout
+that ends rolled back leaves every node serving its previous release, one that ends failed names
+every node that is not; a pause always has a reason.
 """
 
 from __future__ import annotations
@@ -145,6 +147,8 @@ class World:
             max_unavailable=rng.choice(["1", "2", "50%"]), bake=rng.choice([0.0, 10.0, 30.0]),
             gates=gates, progress_deadline=rng.choice([20.0, 60.0]),
             on_failure=rng.choice(["rollback", "rollback", "pause"]),  # type: ignore[arg-type]
+            # From its own generator, so each seed's faults stay what they were before the flag.
+            on_node_lost=random.Random(f"lost {seed}").choice(["fail", "wait"]),  # type: ignore[arg-type]
             **kw,  # type: ignore[arg-type]
         )
         self.cap = max_unavailable(self.spec.max_unavailable, n)
@@ -188,6 +192,8 @@ class World:
                 assert record.state != "paused" or record.reason, f"seed {self.seed}: bare pause"
         forward = {c.desired.node for c in cmds if isinstance(c, WriteDesired)
                    and record.state == "running" and record.phase == "forward"}
+        assert not forward & self.offline, (
+            f"seed {self.seed}: moved {sorted(forward & self.offline)} while it was lost")
         before = self.unavailable()
         last = {}  # a batch may start a node and roll it back: judge its last write
         for c in cmds:
