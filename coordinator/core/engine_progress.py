@@ -251,8 +251,12 @@ class Progress:
                 elif p.state == "waiting":
                     # Never started, so not disrupted: it stays waiting (and does not count as
                     # unavailable), but the wave cannot pass without it.
+                    # Named, so that a node lost in an earlier wave is seen to be the cause.
+                    names = sorted(unavailable)
+                    who = ", ".join(names[:3]) + (f" and {len(names) - 3} more"
+                                                  if len(names) > 3 else "")
                     p.reason = (f"could not start within {limit}: {len(unavailable)} target "
-                                f"nodes unavailable (max-unavailable {self.step.cap})")
+                                f"nodes unavailable ({who}; max-unavailable {self.step.cap})")
                     failed.append(p)
         if failed:
             move_wave(wave, "failed")

@@ -250,3 +250,17 @@ def test_wait_a_node_back_from_the_bake_but_silent_fails_at_the_deadline() -> No
     assert r.state == "running"
     r.handle(Tick(), 91.0)
     assert r.state == "paused" and "not back (online and reporting) within 1m" in r.record.reason
+
+
+def test_a_node_that_could_not_start_names_the_lost_node_that_held_it() -> None:
+    """When a lost node of a passed wave keeps the next wave's node from starting until the
+    deadline, the reason names the lost node too."""
+    r = rollout(3, max_unavailable="1", progress_deadline=30.0, on_failure="pause", **WAIT)
+    (d1,) = writes(r.handle(Start(), 0.0))
+    (d2,) = writes(r.handle(ObservedChanged("node-1", observed(d1, 1.0)), 1.0))
+    r.handle(NodeOffline("node-1"), 2.0)
+    assert writes(r.handle(ObservedChanged("node-2", observed(d2, 3.0)), 3.0)) == []
+    r.handle(Tick(), 40.0)
+    assert r.state == "paused"
+    assert ("node-3: could not start within 30s: 1 target nodes unavailable (node-1; "
+            "max-unavailable 1)" in r.record.reason)
