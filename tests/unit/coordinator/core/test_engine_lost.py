@@ -55,7 +55,8 @@ def test_fail_a_node_lost_while_updating_fails_its_wave_naming_it(
     assert [e.message for e in events(cmds, "node.failed")] == [reason]
     back = {d.node: d for d in writes(cmds)}
     if state == "rolled_back":
-        assert set(back) == {"node-1", "node-2"}  # the lost node's restore: one write
+        assert set(back) == {"node-1", "node-2"}
+        assert written(cmds, "node-2") == [9]  # the lost node's restore: one write
         converged_at(r, back["node-1"], 4.0)
         converged_at(r, back["node-2"], 5.0)
     else:

@@ -168,6 +168,7 @@ class World:
                             now=0.0)
         self.engine = Rollout(record, fleet="f")
         self.offline: set[str] = set()  # as reported to the engine
+        self.lost_mid_wave = False  # a node went offline while its own wave was under way
         self.resumes = 0
         self.max_operator_actions = 6
         self.new_weight_at: float | None = None  # when a write first gave the new release traffic
@@ -351,6 +352,11 @@ class World:
     def went_offline(self, node: str) -> None:
         if not self.agents[node].alive and node not in self.offline:
             self.offline.add(node)
+            r = self.engine.record
+            p = r.nodes[node]
+            self.lost_mid_wave |= (r.state == "running" and p.wave == r.current_wave
+                                   and p.state != "failed"
+                                   and r.waves[r.current_wave].state in ("updating", "baking"))
             self.feed(NodeOffline(node))
 
     def revive(self, node: str) -> None:
@@ -460,11 +466,17 @@ def test_simulation_invariants_per_strategy(strategy: str) -> None:
 def test_simulation_invariants_over_many_seeds() -> None:
     """Over 1000 seeds of faults, every rollout ends and all invariants hold."""
     outcomes: dict[str, int] = {}
+    lost: dict[tuple[str, bool], int] = {}  # (on_node_lost, succeeded) of rollouts that lost one
     for seed in range(SEEDS):
         world = World(seed)
         world.run(bound(world))
         world.check_end()
         outcomes[world.engine.state] = outcomes.get(world.engine.state, 0) + 1
+        if world.lost_mid_wave:
+            key = (world.spec.on_node_lost, world.engine.state == "succeeded")
+            lost[key] = lost.get(key, 0) + 1
     # The faults must exercise every ending, or the invariants above prove little.
     assert {"succeeded", "rolled_back", "aborted"} <= set(outcomes), outcomes
     assert outcomes["succeeded"] > SEEDS // 10, outcomes
+    # And nodes lost mid-wave under both policies: waited for until back (succeeded) or not.
+    assert {("fail", False), ("wait", False), ("wait", True)} <= set(lost), lost
