@@ -24,6 +24,7 @@ import hashlib
 import json
 import random
 import re
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,7 @@ from nats.micro import add_service
 from nats.micro.service import EndpointConfig, ServiceConfig
 
 from protocol import subjects
-from protocol.errors import BusError, Conflict, NotReachable
+from protocol.errors import BusError, Conflict, NoResponders, NotReachable
 
 REQUEST_TIMEOUT = 5.0
 
@@ -80,6 +81,7 @@ def redact(url: str) -> str:
 
 
 OP_TIMEOUT = 10.0
+FENCED_BATCH = 500  # writes in one atomic batch (the server takes up to 1,000)
 # Long-lived clients (agents, coordinator) reconnect with capped exponential backoff and jitter so
 # that a fleet does not hammer a restarting server in lock-step; see ``reconnect_delay``.
 RECONNECT_BASE = 0.25
@@ -94,6 +96,9 @@ EVENTS_MAX_AGE = 90 * 24 * 3600.0
 # and push old events out, needs a JetStream budget of the nodes' own (NATS accounts).
 EVENTS_MAX_BYTES = 8 * 1024**3
 EVENTS_MAX_EVENT = 4 * 1024**2
+# How long the stream remembers an event's message id: a coordinator that resumes a rollout
+# publishes its record's outbox again, which the stream drops if it stored it within this window.
+EVENTS_DEDUP_WINDOW = 3600.0
 
 
 @dataclass(frozen=True)
@@ -133,6 +138,7 @@ class Bus:
         self._acks: dict[str, asyncio.Future[int]] = {}
         self._ack_prefix = ""
         self._ack_count = 0
+        self._fence_locks: dict[str, asyncio.Lock] = {}  # one fenced batch per bucket at a time
 
     # -- connection -------------------------------------------------------------------------------
 
@@ -273,9 +279,15 @@ class Bus:
         }
         try:
             for bucket, history in buckets.items():
-                await self.js.create_key_value(
-                    bucket=bucket, history=history, storage=js_api.StorageType.FILE
-                )
+                try:
+                    await self.js.create_key_value(
+                        bucket=bucket, history=history, storage=js_api.StorageType.FILE
+                    )
+                except nats.js.errors.BadRequestError as exc:
+                    if exc.err_code != 10058:  # not "exists with another configuration"
+                        raise  # (ours: the fenced ones allow atomic batches, set below)
+            for bucket in subjects.fenced_buckets(f):
+                await self._allow_atomic(f"KV_{bucket}")
             await self.js.create_object_store(
                 bucket=subjects.releases_store(f), storage=js_api.StorageType.FILE
             )
@@ -287,6 +299,7 @@ class Bus:
                 max_bytes=EVENTS_MAX_BYTES,
                 max_msg_size=EVENTS_MAX_EVENT,
                 discard=js_api.DiscardPolicy.OLD,
+                duplicate_window=EVENTS_DEDUP_WINDOW,
             )
             try:
                 await self.js.add_stream(events)
@@ -295,13 +308,21 @@ class Bus:
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusError(f"cannot set up fleet {f!r} in JetStream: {exc}") from None
 
+    async def _allow_atomic(self, stream: str) -> None:
+        """Let ``stream`` take atomic batches (``kv_fenced_all`` writes through them)."""
+        config = (await self.js.stream_info(stream)).config
+        if not config.allow_atomic:
+            config.allow_atomic = True
+            await self.js.update_stream(config)
+
     async def _bound_events(self, want: js_api.StreamConfig) -> None:
         """Give an existing events stream the limits of ``want`` (a fleet made before there were
         any); its subjects and everything else stay as they are."""
         assert want.name is not None
         have = (await self.js.stream_info(want.name)).config
         limits = {"max_age": want.max_age, "max_bytes": want.max_bytes,
-                  "max_msg_size": want.max_msg_size, "discard": want.discard}
+                  "max_msg_size": want.max_msg_size, "discard": want.discard,
+                  "duplicate_window": want.duplicate_window}
         if any(getattr(have, k) != v for k, v in limits.items()):
             for k, v in limits.items():
                 setattr(have, k, v)
@@ -328,7 +349,7 @@ class Bus:
         try:
             msg = await self.nc.request(subject, data, timeout=timeout)
         except nats.errors.NoRespondersError:
-            raise NotReachable(
+            raise NoResponders(
                 f"no coordinator answers for fleet {self.fleet!r}; start one with "
                 "'fleetwave coordinator' (or 'fleetwave dev up')"
             ) from None
@@ -449,7 +470,8 @@ class Bus:
         except nats.js.errors.KeyWrongLastSequenceError:
             raise Conflict(f"{bucket}/{key} changed under us") from None
         except nats.js.errors.APIError as exc:
-            if getattr(exc, "err_code", None) == 10071:
+            # 10164: a clustered stream has another write to that key in flight.
+            if getattr(exc, "err_code", None) in (10071, 10164):
                 raise Conflict(f"{bucket}/{key} changed under us") from None
             raise BusError(f"cannot update {bucket}/{key}: {exc}") from None
         except (nats.errors.Error, TimeoutError) as exc:
@@ -702,21 +724,70 @@ class Bus:
         self, bucket: str, writes: Sequence[tuple[str, bytes | None]], fence: int, *,
         timeout: float = OP_TIMEOUT,
     ) -> list[int | BusError]:
-        """Put (or, for a None value, delete) every (key, value) of ``bucket`` pipelined, each only
-        while the bucket's fence key (``subjects.FENCE_KEY``) is still at revision ``fence``: per
-        write its new revision, a Conflict (the fence moved: another leader took over), or a
-        BusError. The server checks the fence and writes in one step (the message header
-        ``Nats-Expected-Last-Subject-Sequence-Subject``), so no write gets in after a new
-        leader's fence, however late it arrives."""
+        """Put (or, for a None value, delete) every (key, value) of ``bucket``, only while the
+        bucket's fence key (``subjects.FENCE_KEY``) is still at revision ``fence``: per write its
+        new revision, a Conflict (the fence moved: another leader took over), or a BusError.
+
+        The writes go out as atomic batches of up to FENCED_BATCH messages (the stream allows
+        them: ``ensure_fleet``), the fence checked on the first message of each by the server
+        (``Nats-Expected-Last-Subject-Sequence-Subject``), in the same step as the batch is
+        stored: all of a batch lands or none, and none lands after a new leader's fence, however
+        late it arrives. One batch per bucket is in flight at a time: a clustered stream checks
+        an expected sequence of one subject against one proposal at a time, and would refuse
+        concurrent writes fenced on the same key (err 10164), which is also retried, not
+        taken for a lost fence."""
+        if not writes:
+            return []
         kv = await self._bucket(bucket)
-        check = {"Nats-Expected-Last-Subject-Sequence-Subject": f"{kv._pre}{subjects.FENCE_KEY}",
-                 "Nats-Expected-Last-Subject-Sequence": str(fence)}
-        return await self.js_publish_all(
-            [(f"{kv._pre}{key}", b"" if value is None else value,
-              check if value is not None else {**check, "KV-Operation": "DEL"})
-             for key, value in writes],
-            timeout=timeout,
-        )
+        lock = self._fence_locks.setdefault(bucket, asyncio.Lock())
+        out: list[int | BusError] = []
+        async with lock:
+            for start in range(0, len(writes), FENCED_BATCH):
+                chunk = writes[start:start + FENCED_BATCH]
+                result = await self._atomic(kv._pre, chunk, fence, timeout)
+                if isinstance(result, BusError):
+                    out.extend([result] * (len(writes) - len(out)))
+                    break
+                out.extend(range(result - len(chunk) + 1, result + 1))
+        return out
+
+    async def _atomic(self, prefix: str, writes: Sequence[tuple[str, bytes | None]],
+                      fence: int, timeout: float) -> int | BusError:
+        """One atomic batch under the fence ``fence``: the stream sequence of its last message
+        (they are consecutive), or the error."""
+        batch = uuid.uuid4().hex
+        last = len(writes) - 1
+        try:
+            async with asyncio.timeout(timeout):
+                for i, (key, value) in enumerate(writes):
+                    headers = {"Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(i + 1)}
+                    if i == 0:
+                        headers["Nats-Expected-Last-Subject-Sequence-Subject"] = (
+                            f"{prefix}{subjects.FENCE_KEY}")
+                        headers["Nats-Expected-Last-Subject-Sequence"] = str(fence)
+                    if value is None:
+                        headers["KV-Operation"] = "DEL"
+                    data = b"" if value is None else value
+                    if i < last:
+                        await self.nc.publish(f"{prefix}{key}", data, headers=headers)
+                        continue
+                    headers["Nats-Batch-Commit"] = "1"
+                    msg = await self.nc.request(f"{prefix}{key}", data, headers=headers,
+                                                timeout=timeout)
+        except nats.errors.NoRespondersError:
+            return BusError("no JetStream stream answers for the bucket")
+        except (nats.errors.Error, TimeoutError) as exc:
+            return BusError(f"cannot write to JetStream: {exc or 'timed out'}")
+        try:
+            ack = json.loads(msg.data)
+        except ValueError:
+            return BusError(f"malformed JetStream ack: {msg.data[:80]!r}")
+        error = ack.get("error") if isinstance(ack, dict) else {"description": "not an object"}
+        if error:
+            if error.get("err_code") == 10164:  # a concurrent write on the fence key: retry
+                return BusError(f"the fence key is busy: {error.get('description', error)}")
+            return _publish_error(error)
+        return int(ack.get("seq", 0))
 
     async def kv_put_all(
         self, bucket: str, writes: Sequence[tuple[str, bytes]], *, timeout: float = OP_TIMEOUT,

@@ -23,5 +23,9 @@ class NotReachable(BusError):
     """Nothing answers: no NATS server at the URL, or no coordinator on the fleet's API."""
 
 
+class NoResponders(NotReachable):
+    """No one subscribes to the subject of a request (the server says so at once)."""
+
+
 class Conflict(BusError):
     """A compare-and-set write lost: someone else wrote the key first."""

@@ -2,21 +2,23 @@
 
 Names are functions of the fleet so that several fleets share one NATS system without meeting.
 KV keys are ``<node>.<service>``; node ids and service names are therefore restricted to
-``[A-Za-z0-9_-]`` (checked by ``check_name``) so that a key can never be split differently.
+``[A-Za-z0-9_-]`` (checked by ``check_name``) so that a key can never be split differently, and
+may not start with ``_``, which marks keys of fleetwave's own (``FENCE_KEY``).
 """
 
 import re
 
 from protocol.errors import ProtocolError
 
-_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_NAME = re.compile(r"^[A-Za-z0-9-][A-Za-z0-9_-]{0,63}$")
 
 
 def check_name(kind: str, value: str) -> str:
     """Return ``value`` if it is a usable fleet, node or service name, else raise ProtocolError."""
     if not isinstance(value, str) or not _NAME.match(value):
         raise ProtocolError(
-            f"{kind} name {value!r} is not allowed: use 1-64 letters, digits, '-' or '_'"
+            f"{kind} name {value!r} is not allowed: use 1-64 letters, digits, '-' or '_', "
+            "not starting with '_'"
         )
     return value
 
@@ -46,6 +48,20 @@ def registrations(fleet: str) -> str:
 
 def api(fleet: str, verb: str) -> str:
     return f"fw.{fleet}.api.{verb}"
+
+
+# The verbs that change a rollout: only the leading coordinator carries them out.
+WRITE_VERBS = ("deploy", "pause", "resume", "promote", "abort", "rollback")
+
+
+def coordinator_api(fleet: str, coordinator: str, verb: str) -> str:
+    """The subject on which one coordinator alone answers ``verb`` (the leader's writes)."""
+    return f"fw.{fleet}.coord.{coordinator}.api.{verb}"
+
+
+def coordinator_ping(fleet: str, coordinator: str) -> str:
+    """One coordinator's own subject: "no responders" there means its connection is gone."""
+    return f"fw.{fleet}.coord.{coordinator}.ping"
 
 
 def api_prefix(fleet: str) -> str:
@@ -95,6 +111,11 @@ def lease_bucket(fleet: str) -> str:
 LEASE_KEY = "leader"
 # The fence marker every leader writes into each bucket it writes (``coordinator.runtime.lease``).
 FENCE_KEY = "_fence"
+
+
+def fenced_buckets(fleet: str) -> tuple[str, ...]:
+    """The buckets only the leading coordinator writes, each fenced by its own FENCE_KEY."""
+    return (rollouts_bucket(fleet), desired_bucket(fleet), locks_bucket(fleet))
 
 
 def releases_store(fleet: str) -> str:

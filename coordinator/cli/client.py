@@ -2,7 +2,8 @@
 
 ``connected(ctx)`` is a connection bounded in time (a CLI must fail fast when there is no NATS,
 whatever nats-py's own reconnect settings would do); ``call(ctx, verb, request)`` sends one API
-request and returns the reply's ``data``, or raises:
+request (a writing verb straight to the leading coordinator, ``_ask``) and returns the reply's
+``data``, or raises:
 
     NotReachable   no NATS at the URL, or no coordinator answers (one line saying how to start one)
     RemoteError    the coordinator answered ``ok=False``; ``code`` "usage" exits 2, others 1
@@ -25,11 +26,12 @@ from coordinator.errors import RemoteError
 from protocol import subjects
 from protocol.bus import REQUEST_TIMEOUT, Bus, redact
 from protocol.codec import decode, encode
-from protocol.errors import NotReachable
+from protocol.errors import NoResponders, NotReachable, ProtocolError
 from protocol.messages import ApiReply, LeaderRequest
 
 CONNECT_TIMEOUT = 3.0
 TAKEOVER_WAIT = 6.0  # a takeover takes at most the lease ttl and a poll (coordinator.runtime.lease)
+LEADER_TIMEOUT = 2.0
 
 
 @contextlib.asynccontextmanager
@@ -61,8 +63,7 @@ async def call(
     give_up = loop.time() + TAKEOVER_WAIT
     async with connected(ctx) as bus:
         while True:
-            raw = await bus.request(subjects.api(ctx.fleet, verb), encode(request),
-                                    timeout=timeout)
+            raw = await _ask(bus, verb, encode(request), timeout)
             reply = decode(ApiReply, raw)
             if reply.ok or reply.code != "unavailable" or loop.time() >= give_up:
                 break
@@ -70,6 +71,34 @@ async def call(
     if not reply.ok:
         raise RemoteError(reply.error or f"the coordinator refused {verb!r}", reply.code)
     return reply.data
+
+
+async def _ask(bus: Bus, verb: str, data: bytes, timeout: float) -> bytes:
+    """One request: a reading verb to every coordinator (the first answer wins); a writing verb
+    straight to the leader's own subject, so that no frozen standby of the queue group can
+    swallow it (through the queue group when the leader is unknown or its subject is gone)."""
+    if verb in subjects.WRITE_VERBS:
+        holder = await _holder(bus)
+        if holder:
+            try:
+                return await bus.request(subjects.coordinator_api(bus.fleet, holder, verb), data,
+                                         timeout=timeout)
+            except NoResponders:
+                pass  # that leader is gone: whoever leads now answers through the queue group
+    return await bus.request(subjects.api(bus.fleet, verb), data, timeout=timeout)
+
+
+async def _holder(bus: Bus) -> str:
+    """The id of the leading coordinator, as the first coordinator to answer says ("" if none
+    does in time)."""
+    try:
+        reply = decode(ApiReply, await bus.request(subjects.api(bus.fleet, "leader"), b"{}",
+                                                   timeout=LEADER_TIMEOUT))
+    except (NotReachable, ProtocolError):
+        return ""
+    data = reply.data if reply.ok and isinstance(reply.data, dict) else {}
+    holder = data.get("holder")
+    return holder if isinstance(holder, str) else ""
 
 
 def leader_line(ctx: Ctx) -> str:

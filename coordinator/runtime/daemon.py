@@ -55,6 +55,7 @@ from coordinator.runtime.lease import (
     Fenced,
     Lease,
     direct_api,
+    fence_keys,
     live_leader,
     new_id,
     ping_subject,
@@ -87,7 +88,8 @@ SERVICE_NAME = "fleetwave-coordinator"
 CONNECT_FOREVER = 10 * 365 * 24 * 3600.0
 SETUP_RETRY_CAP = 5.0
 PAUSED = 1.0  # a tick this late (or a wall clock this far off the monotonic one) is our pause
-WRITE_VERBS = ("deploy", "pause", "resume", "promote", "abort", "rollback")
+WRITE_VERBS = subjects.WRITE_VERBS
+RETRY_LEAD = 1.0  # after a leadership that failed by itself (fences, a crash): wait, then stand by
 FORWARD_TIMEOUT = HANDLER_TIMEOUT + 5.0
 
 T = TypeVar("T")
@@ -160,6 +162,8 @@ class Coordinator:
                 await stop.wait()
                 for t in tasks:
                     t.cancel()
+        except* ConfigError as group:  # e.g. another signing key: one line for the operator
+            raise group.exceptions[0] from None
         finally:
             await bus.close()
             log.info("coordinator stopped")
@@ -223,12 +227,22 @@ class Coordinator:
             while True:
                 held = await lease.acquire()
                 try:
+                    others = await fence_keys(bus) - {self.public_key}
+                    if others:
+                        await lease.release()
+                        raise ConfigError(
+                            f"the fleet {self.fleet_name!r} was led with signing key "
+                            f"{sorted(others)[0][:12]}..., but this coordinator has "
+                            f"{self.public_key[:12]}... (agents would refuse its states); give "
+                            "every coordinator of a fleet the same key file (--key-file / "
+                            "FLEETWAVE_KEY_FILE)")
                     fence = await write_fences(bus, term=held.term, holder=self.id,
                                                now=self._clock(), key=self.public_key)
                 except BusError as exc:  # Deposed too: a later term fenced first
                     log.warning("took the lease (term %d) but cannot fence the buckets: %s",
                                 held.term, exc)
                     await lease.release()
+                    await asyncio.sleep(RETRY_LEAD)
                     continue
                 runner = Runner(bus, seed=self.seed, fenced=Fenced(bus, fence),
                                 nodes=self.table.view, liveness=self.table.liveness,
@@ -236,13 +250,15 @@ class Coordinator:
                 self.runner = runner
                 log.info("coordinator %s leads fleet %r (term %d)", self.id, self.fleet_name,
                          held.term)
-                why = await _first_of(lease.hold(), runner.run())
+                why, crashed = await _first_of(lease.hold(), runner.run())
                 self.runner = None
                 lease.deposed()
                 if runner.deposed is not None:
                     why = str(runner.deposed)
                 log.error("coordinator %s stopped leading (term %d): %s", self.id, held.term,
                           why or "its runner ended")
+                if crashed:
+                    await asyncio.sleep(RETRY_LEAD)  # our own failure: no hot loop of terms
         finally:
             self.runner = None
             with contextlib.suppress(asyncio.CancelledError, BusError):
@@ -415,8 +431,9 @@ async def _pong(data: bytes) -> bytes:
     return b"pong"
 
 
-async def _first_of(*work: Coroutine[Any, Any, Any]) -> str:
-    """Run ``work`` until the first of it ends; cancel the rest; the first's result as text."""
+async def _first_of(*work: Coroutine[Any, Any, Any]) -> tuple[str, bool]:
+    """Run ``work`` until the first of it ends; cancel the rest; the first's result as text,
+    and whether an exception ended it."""
     tasks = [asyncio.ensure_future(w) for w in work]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -426,11 +443,11 @@ async def _first_of(*work: Coroutine[Any, Any, Any]) -> str:
         await asyncio.gather(*tasks, return_exceptions=True)
     first = next(t for t in tasks if t in done)
     if first.cancelled():
-        return "cancelled"
+        return "cancelled", True
     if (exc := first.exception()) is not None:
         log.error("leadership ended by an error", exc_info=exc)
-        return f"{type(exc).__name__}: {exc}"
-    return str(first.result() or "")
+        return f"{type(exc).__name__}: {exc}", True
+    return str(first.result() or ""), False
 
 
 async def _until(stop: asyncio.Event, work: Coroutine[Any, Any, T]) -> T | None:

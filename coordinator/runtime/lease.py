@@ -59,14 +59,14 @@ LEASE_TTL = 2.0  # a lease not renewed for this long (by the standby's own clock
 RENEW_EVERY = 0.4  # the leader's renewals: five within one ttl
 POLL = 0.1  # how often a standby reads the lease
 PING_EVERY = 0.2  # how often a standby pings the leader's own subject
-PING_TIMEOUT = 0.5
+PING_TIMEOUT = POLL  # a frozen holder answers nothing: only "no responders" counts
 PING_STRIKES = 2  # "no responders" this many times in a row: the leader's connection is gone
+# ... and only once the lease has not been renewed for this long either (a leader that is just
+# reconnecting, e.g. its broker went into lame-duck mode, has no subscription for a moment).
+PING_SILENCE = 2.5 * RENEW_EVERY
 
 
-def fenced_buckets(fleet: str) -> tuple[str, ...]:
-    """The buckets a leader writes, each fenced by its own marker."""
-    return (subjects.rollouts_bucket(fleet), subjects.desired_bucket(fleet),
-            subjects.locks_bucket(fleet))
+fenced_buckets = subjects.fenced_buckets
 
 
 def new_id() -> str:
@@ -74,13 +74,8 @@ def new_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
-def ping_subject(fleet: str, holder: str) -> str:
-    return f"fw.{fleet}.coord.{holder}.ping"
-
-
-def direct_api(fleet: str, holder: str, verb: str) -> str:
-    """The subject on which coordinator ``holder`` alone answers ``verb`` (a forwarded write)."""
-    return f"fw.{fleet}.coord.{holder}.api.{verb}"
+ping_subject = subjects.coordinator_ping
+direct_api = subjects.coordinator_api
 
 
 class Deposed(Conflict):
@@ -148,7 +143,7 @@ async def write_fences(bus: RunnerBus, *, term: int, holder: str, now: float,
     seqs: dict[str, int] = {}
     data = encode(FenceMarker(term=term, holder=holder, time=now, key=key))
     for bucket in fenced_buckets(bus.fleet):
-        for _ in range(5):
+        for attempt in range(10):
             entry = await bounded(bus.kv_get(bucket, subjects.FENCE_KEY))
             have = _marker_term(entry.value if entry else None)
             if have >= term:
@@ -161,10 +156,25 @@ async def write_fences(bus: RunnerBus, *, term: int, holder: str, now: float,
                         bus.kv_update(bucket, subjects.FENCE_KEY, data, entry.revision))
                 break
             except Conflict:
-                continue  # moved in between: read it again
+                # Moved in between, or (clustered) a deposed leader's write on the fence key is
+                # still in flight: read it again, after a moment.
+                await asyncio.sleep(0.05 * (attempt + 1))
         else:
             raise Deposed(f"the fence of {bucket} keeps moving; another coordinator is taking over")
     return Fence(term=term, seqs=seqs)
+
+
+async def fence_keys(bus: RunnerBus) -> set[str]:
+    """The signing keys the fence markers name (the leaders that wrote the fleet's states)."""
+    keys = set()
+    for bucket in fenced_buckets(bus.fleet):
+        entry = await bounded(bus.kv_get(bucket, subjects.FENCE_KEY))
+        if entry is not None and entry.value:
+            try:
+                keys.add(decode(FenceMarker, entry.value).key)
+            except ProtocolError:
+                continue
+    return keys - {""}
 
 
 async def highest_fence(bus: RunnerBus) -> int:
@@ -279,7 +289,7 @@ class Lease:
                 answered = await self.bus.ping(ping_subject(self.bus.fleet, held.holder),
                                                PING_TIMEOUT)
                 strikes = strikes + 1 if answered is False else 0
-                expired = strikes >= PING_STRIKES
+                expired = strikes >= PING_STRIKES and now - seen_at >= PING_SILENCE
             if expired:
                 won = await self._take(entry, held)
                 if won is not None:
@@ -335,6 +345,9 @@ class Lease:
                     self._rev = await self.bus.kv_update(self.bucket, subjects.LEASE_KEY,
                                                          encode(renewed), self._rev)
             except Conflict:
+                if await self._still_ours():  # our last renewal landed, its answer was lost
+                    last_ok = sent
+                    continue
                 self._rev = 0
                 return "another coordinator took the lease"
             except (BusError, TimeoutError) as exc:
@@ -343,6 +356,21 @@ class Lease:
             self.current = renewed
             self._last = self._rev
             last_ok = sent
+
+    async def _still_ours(self) -> bool:
+        """After a lost compare-and-set: whether the lease still names us in our term (a
+        renewal whose reply was lost had landed); if so, adopt its revision."""
+        try:
+            entry = await bounded(self.bus.kv_get(self.bucket, subjects.LEASE_KEY))
+            held = decode(LeaseRecord, entry.value) if entry and entry.value else None
+        except (BusError, ProtocolError):
+            return False
+        if (entry is None or held is None or self.current is None or held.holder != self.me
+                or held.term != self.current.term):
+            return False
+        self._rev = self._last = entry.revision
+        self.current = held
+        return True
 
     async def release(self) -> None:
         """Give the lease up (a stopping leader): a standby takes it at its next look. The

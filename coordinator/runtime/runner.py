@@ -101,7 +101,8 @@ STARTUP_GRACE = 10.0  # > 3 heartbeats of 2 s: time for every live node to beat 
 RESYNC_INTERVAL = 30.0
 OUTBOX_CLEAR_AFTER = 2.0  # a record whose outbox was all acknowledged is rewritten empty then
 OUTBOX_RETRY = 30.0  # events still unacknowledged this long after their decision are sent again
-OUTBOX_MAX = 5000  # events one rollout's outbox holds at most (the stream away for long)
+OUTBOX_MAX = 1000  # events one rollout's outbox holds at most (the stream away for long)
+OUTBOX_BUDGET = OUTBOX_MAX * 512  # bytes a record keeps free for its outbox (events < 512 B)
 
 # What the node table says of one node: (online now, ever heard from). ``Fleet.liveness``.
 Liveness = tuple[bool, bool]
@@ -386,7 +387,7 @@ class Runner:
             return
         routers = {node: seen.router for (node, service), seen in self.observed.items()
                    if service == record.spec.service and seen.router is not None}
-        size = worst_case_size(record, routers)
+        size = worst_case_size(record, routers) + OUTBOX_BUDGET
         if size > limit:
             raise UsageError(
                 f"a rollout of {len(record.nodes)} nodes needs a record of up to "

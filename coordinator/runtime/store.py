@@ -17,6 +17,7 @@ Every call is bounded (``calls.bounded``); retrying is the caller's choice.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Callable
@@ -52,6 +53,9 @@ class RolloutStore:
         self.desired = subjects.desired_bucket(self.fleet)
         self.locks = subjects.locks_bucket(self.fleet)
         self._complained: set[str] = set()
+        # One lock operation per service at a time: a release (read, then delete) must not
+        # interleave with a take (read, then write) of the same service's lock.
+        self._lock_ops: dict[str, asyncio.Lock] = {}
 
     # -- records ----------------------------------------------------------------------------------
 
@@ -127,6 +131,10 @@ class RolloutStore:
 
     async def take_lock(self, service: str, rollout_id: str) -> None:
         """Lock ``service`` for ``rollout_id``, taking over a stale lock; Conflict if held."""
+        async with self._lock_ops.setdefault(service, asyncio.Lock()):
+            await self._take_lock(service, rollout_id)
+
+    async def _take_lock(self, service: str, rollout_id: str) -> None:
         entry = await bounded(self.bus.kv_get(self.locks, service))
         if entry is not None and entry.value is not None:
             holder = entry.value.decode(errors="replace")
@@ -142,7 +150,8 @@ class RolloutStore:
 
     async def release_lock(self, service: str, rollout_id: str) -> None:
         """Delete the lock of ``service`` if it still names ``rollout_id``."""
-        entry = await bounded(self.bus.kv_get(self.locks, service))
-        if entry is None or entry.value != rollout_id.encode():
-            return  # not ours (anymore)
-        await self.writer.delete(self.locks, service)
+        async with self._lock_ops.setdefault(service, asyncio.Lock()):
+            entry = await bounded(self.bus.kv_get(self.locks, service))
+            if entry is None or entry.value != rollout_id.encode():
+                return  # not ours (anymore)
+            await self.writer.delete(self.locks, service)
