@@ -440,8 +440,13 @@ class NetBed:
                               timeout: float = CONNECT_TIMEOUT) -> Connection:
         """A TCP connection from ``host`` to ``addr:port`` (through the bed's network)."""
         loop = asyncio.get_running_loop()
-        sock = await loop.run_in_executor(self._executor(host), socket.socket,
-                                          socket.AF_INET, socket.SOCK_STREAM)
+        made = loop.run_in_executor(self._executor(host), socket.socket, socket.AF_INET,
+                                    socket.SOCK_STREAM)
+        try:
+            sock = await asyncio.shield(made)
+        except asyncio.CancelledError:
+            made.add_done_callback(_close_made)  # the thread still makes it: close it then
+            raise
         try:
             sock.setblocking(False)
             async with asyncio.timeout(timeout):
@@ -457,6 +462,11 @@ class NetBed:
             return await self.open_connection(host, addr, port)
 
         return connect
+
+
+def _close_made(made: asyncio.Future[socket.socket]) -> None:
+    if not made.cancelled() and made.exception() is None:
+        made.result().close()
 
 
 def _alive_not_zombie(pid: int) -> bool:
