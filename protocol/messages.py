@@ -276,6 +276,9 @@ class RolloutSpec(msgspec.Struct, kw_only=True):
     gates: Gates = msgspec.field(default_factory=Gates)
     progress_deadline: float = 120.0
     on_failure: Literal["rollback", "pause"] = "rollback"
+    # A target node lost (offline) while its wave updates or bakes: "fail" fails it at once,
+    # "wait" holds the wave for it until the deadline (coordinator.core.engine_lost).
+    on_node_lost: Literal["fail", "wait"] = "fail"
 
 
 class NodeProgress(msgspec.Struct, kw_only=True):

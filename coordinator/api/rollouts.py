@@ -15,12 +15,14 @@ The status dict is the one shape people and programs read (``fleetwave status -o
 
     {"id", "service", "version", "from_version", "strategy", "state", "reason", "phase",
      "created", "updated", "finished", "current_wave", "report", "bake", "gates",
+     "on_failure", "on_node_lost",
      "waves": [{"index", "nodes", "weight", "state", "started", "finished", "gates"}],
      "nodes": {id: {"version", "state", "healthy", "online", "wave", "generation", "slot",
                     "reason"}}}
 
 where a wave's ``gates`` holds the figures and thresholds of its last evaluation, and the top-level
-``gates`` (with ``bake``, seconds) the thresholds every wave is judged on.
+``gates`` (with ``bake``, seconds) the thresholds every wave is judged on; ``on_failure`` and
+``on_node_lost`` are the rollout's policies (``RolloutSpec``).
 """
 
 from __future__ import annotations
@@ -181,6 +183,7 @@ def status_dict(r: RolloutRecord) -> dict[str, Any]:
         "finished": r.finished, "current_wave": r.current_wave,
         "report": msgspec.to_builtins(r.report),
         "bake": r.spec.bake, "gates": msgspec.to_builtins(r.spec.gates),
+        "on_failure": r.spec.on_failure, "on_node_lost": r.spec.on_node_lost,
         "waves": [
             {"index": w.index, "nodes": list(w.nodes), "weight": w.weight, "state": w.state,
              "started": w.started, "finished": w.finished, "gates": dict(w.gates)}

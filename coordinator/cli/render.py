@@ -71,6 +71,17 @@ def headline(st: dict[str, Any]) -> str:
     return safe("  ".join(parts[:1]) + ": " + ", ".join(parts[1:]))
 
 
+def policy_line(st: dict[str, Any]) -> str:
+    """The rollout's policies that differ from the defaults, as one line ("" if none does)."""
+    bits = []
+    if st.get("on_node_lost", "fail") != "fail":
+        bits.append(f"on node lost: {st['on_node_lost']} (a lost node holds its wave until the "
+                    "progress deadline)")
+    if st.get("on_failure", "rollback") != "rollback":
+        bits.append(f"on failure: {st['on_failure']}")
+    return safe("; ".join(bits))
+
+
 def _pct(x: Any) -> str:
     return f"{x:.2%}" if isinstance(x, (int, float)) else "-"
 
@@ -228,12 +239,16 @@ def status_renderable(st: dict[str, Any]) -> RenderableType:
     report = (bluegreen_lines(st.get("report") or {})
               + shadow_report_lines(st.get("report") or {}))
     tail = [Text(""), Text("\n".join(safe(line) for line in report))] if report else []
-    return Group(Text(headline(st), style="bold"), Text(""), waves, Text(""), nodes, *tail)
+    policies = policy_line(st)
+    head = [Text(headline(st), style="bold")] + ([Text(policies)] if policies else [])
+    return Group(*head, Text(""), waves, Text(""), nodes, *tail)
 
 
 def status_text(st: dict[str, Any]) -> str:
     """The same view as plain lines (no terminal)."""
     lines = [headline(st)]
+    if policy_line(st):
+        lines.append(f"  {policy_line(st)}")
     for w in st.get("waves") or []:
         g = _wave_gates(st, w)
         lines.append(f"  wave {w['index'] + 1}: {w['state']} at {w['weight']}% on "

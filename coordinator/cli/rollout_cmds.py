@@ -92,6 +92,7 @@ class RolloutFile(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     min_requests: str | int | None = None
     progress_deadline: str | None = None
     on_failure: str | None = None
+    on_node_lost: str | None = None
 
 
 STRATEGIES = ("rolling", "canary", "blue-green", "shadow")
@@ -145,6 +146,9 @@ def build_spec(settings: dict[str, Any]) -> RolloutSpec:
     if f.on_failure is not None:
         spec.on_failure = _choice(  # type: ignore[assignment]
             "--on-failure", f.on_failure, ("rollback", "pause"))
+    if f.on_node_lost is not None:
+        spec.on_node_lost = _choice(  # type: ignore[assignment]
+            "--on-node-lost", f.on_node_lost, ("fail", "wait"))
     spec.gates = Gates(
         min_healthy=None if f.min_healthy is None else _fraction("--min-healthy", f.min_healthy),
         max_error_rate=None if f.max_error_rate is None
@@ -252,7 +256,7 @@ _FLAGS = ("strategy", "selector", "batch", "max_unavailable", "steps", "weights"
           "mirror", "mirror_methods", "ignore_headers", "ignore_json_fields",
           "mirror_keep_headers", "then",
           "scale_down_delay", "min_healthy", "max_error_rate", "max_p99_ratio",
-          "max_mismatch_rate", "min_requests", "progress_deadline", "on_failure")
+          "max_mismatch_rate", "min_requests", "progress_deadline", "on_failure", "on_node_lost")
 
 
 @cli.command()
@@ -290,6 +294,12 @@ _FLAGS = ("strategy", "selector", "batch", "max_unavailable", "steps", "weights"
 @click.option("--min-requests", metavar="N", help="Gate: fewer requests is inconclusive.")
 @click.option("--progress-deadline", metavar="DUR", help="Time for a wave's nodes to converge.")
 @click.option("--on-failure", metavar="rollback|pause", help="What a failed gate does.")
+@click.option("--on-node-lost", metavar="fail|wait",
+              help="A target node going offline (no heartbeats) while its wave updates or bakes: "
+                   "fail (default) fails it at once, naming it, and --on-failure follows; wait "
+                   "holds the wave for it (it counts against --max-unavailable) until it is back "
+                   "and converged, or fails it at the --progress-deadline (for a bake: that long "
+                   "after the bake's end).")
 @click.option("--detach", is_flag=True, help="Print the rollout id and return at once.")
 @output_option
 @click.pass_obj

@@ -18,7 +18,9 @@ it. A node is *unavailable* while it is being updated, has failed, or is offline
 started when the number of unavailable target nodes stays within max-unavailable. A node is *done*
 with a wave when it reports ``observed_generation`` at least the written generation, a healthy new
 slot and the wave's weights applied. It *fails* when it reports phase ``failed`` for that
-generation, goes offline, or has not converged by the wave's deadline. When every node of a wave
+generation or has not converged by the wave's deadline; one that goes offline while its wave is
+in progress or baking is *lost*, and fails at once or is waited for up to the deadline, as the
+rollout's ``on_node_lost`` says (``engine_lost``). When every node of a wave
 is done the wave *bakes* for ``spec.bake`` seconds, and then, once every node's router counters
 cover the whole bake (``window_covers_bake``), its gates (``coordinator.core.gates``) decide:
 pass → next wave; fail → ``on_failure`` (rollback or pause); inconclusive → pause.
@@ -28,9 +30,9 @@ by the rollback deadline. Where waves differ (blue-green's stage and switch, the
 ordinary wave) the engine asks the wave's policy (``strategies.base.WavePolicy``, given per wave by
 the strategy) at fixed points: wave start and convergence, node targets, bake and verdict, observed
 states, success, rollback. Events, commands and the transition tables are in ``engine_types``.
-One call works on a ``Step`` (its primitives, ``engine_step``) with three concerns composed over
-it: ``Progress`` (``engine_progress``), ``Bake`` (``engine_bake``) and ``Rollback``
-(``engine_rollback``).
+One call works on a ``Step`` (its primitives, ``engine_step``) with four concerns composed over
+it: ``Progress`` (``engine_progress``), ``Bake`` (``engine_bake``), ``Lost`` (``engine_lost``) and
+``Rollback`` (``engine_rollback``).
 Observed states older (by their ``time``) than one already seen are stale
 and ignored, so late and reordered reports cannot move a rollout backwards.
 """

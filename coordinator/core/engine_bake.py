@@ -3,7 +3,9 @@
 Theory of operation: when every node of a wave is done, ``start_bake`` snapshots every node's router
 counters (the wave's *baseline*) and the wave bakes for ``spec.bake`` seconds (unless its policy
 says it does not bake: a stage wave carries no traffic and is judged at once). Meanwhile ``bake``
-fails any node that goes offline or whose new slot stops being healthy. Once the bake is over and
+fails any node whose new slot stops being healthy, and hands a node that goes offline to ``Lost``
+(``engine_lost``): under ``on_node_lost`` fail it fails, under wait the verdict waits for it (up
+to ``--progress-deadline`` past the bake's end). Once the bake is over and
 every node's counters cover it (``window_covers_bake``, or ``STATS_GRACE`` later at most),
 ``verdict`` measures the new slots' traffic since the baseline against the old slots' (or the old
 traffic the wave's policy names: ``WavePolicy.old_traffic``) and ``core.gates`` decides, with the
@@ -15,6 +17,7 @@ or of all.
 from __future__ import annotations
 
 from coordinator.core import gates as gatelib
+from coordinator.core.engine_lost import Lost
 from coordinator.core.engine_rollback import Rollback
 from coordinator.core.engine_step import Step
 from coordinator.core.engine_types import move_wave
@@ -30,11 +33,12 @@ STATS_GRACE = 10.0
 
 class Bake:
     """The bake of a converged wave and its gates' verdict, over one working ``Step``; a failed
-    wave goes to ``rollback.on_failure``."""
+    wave goes to ``rollback.on_failure``, a lost node to ``lost``."""
 
-    def __init__(self, step: Step, rollback: Rollback) -> None:
+    def __init__(self, step: Step, rollback: Rollback, lost: Lost) -> None:
         self.step = step
         self.rollback = rollback
+        self.lost = lost
 
     def start_bake(self, wave: WaveRecord) -> None:
         move_wave(wave, "baking")
@@ -51,11 +55,12 @@ class Bake:
 
     def bake(self, wave: WaveRecord) -> None:
         r = self.step.r
+        lost = self.lost.judge(wave, baking=True)
         for n in wave.nodes:
             p = r.nodes[n]
             seen = self.step.obs.get(n)
-            if not p.online:
-                self.step.fail_node(p, "node went offline during the bake")
+            if not p.online or p.state == "failed":
+                pass  # lost and waited for, or failed as lost just now
             elif seen is not None and seen.generation > p.generation:
                 pass  # someone else wrote a newer desired state; judged by the gates' figures
             elif seen is not None and seen.observed_generation >= p.generation:
@@ -71,6 +76,8 @@ class Bake:
             why = "; ".join(f"{p.node}: {p.reason}" for p in failed)
             self.rollback.on_failure(wave, f"wave {wave.index} failed: {why}")
             return
+        if lost:
+            return  # the verdict waits for them (and a promote skips gates, not lost nodes)
         if r.promote:
             move_wave(wave, "passed")
             wave.finished = self.step.now

@@ -3,13 +3,16 @@
 ``Progress`` applies each event to the working ``Step`` (operator requests, observed states,
 nodes going offline or online, ticks) and then ``advance`` moves the rollout as far as what is
 known allows: start a wave, start its nodes within max-unavailable, check them, and hand a
-converged wave to ``Bake``; a failed wave goes to ``Rollback``. It is level-triggered, so running
-``advance`` after any event is safe. See ``core.engine`` for the vocabulary.
+converged wave to ``Bake``; a failed wave goes to ``Rollback``. A node of the wave that goes
+offline is *lost*, and ``Lost`` (``engine_lost``) applies the rollout's ``on_node_lost`` policy to
+it. It is level-triggered, so running ``advance`` after any event is safe. See ``core.engine`` for
+the vocabulary.
 """
 
 from __future__ import annotations
 
 from coordinator.core.engine_bake import Bake
+from coordinator.core.engine_lost import Lost
 from coordinator.core.engine_rollback import Rollback
 from coordinator.core.engine_step import Step
 from coordinator.core.engine_types import (
@@ -40,7 +43,8 @@ class Progress:
     def __init__(self, step: Step) -> None:
         self.step = step
         self.rollback = Rollback(step)
-        self.bakes = Bake(step, self.rollback)
+        self.lost = Lost(step)
+        self.bakes = Bake(step, self.rollback, self.lost)
 
     # -- events ------------------------------------------------------------------------------------
 
@@ -64,9 +68,12 @@ class Progress:
                 online = isinstance(event, NodeOnline)
                 if p is not None and p.online != online:
                     p.online = online
+                    if online:
+                        self.lost.returned(node)
                     kind = "node.online" if online else "node.offline"
                     self.step.emit(f"rollout.{kind}", f"target node {node} is "
-                                   f"{'back online' if online else 'offline'}", node)
+                                   f"{'back online' if online else 'offline'}"
+                                   + ("" if online else self.lost.waiting_note(node)), node)
             case Tick():
                 pass
             case Pause(reason=reason):
@@ -205,6 +212,7 @@ class Progress:
 
     def update_wave(self, wave: WaveRecord) -> None:
         r = self.step.r
+        lost = self.lost.judge(wave)  # under fail they fail now; under wait, at the deadline
         for n in wave.nodes:
             p = r.nodes[n]
             if p.state == "updating":
@@ -223,7 +231,7 @@ class Progress:
                 move_node(p, "done")
                 self.step.emit("node.done", f"{n}: already runs {r.release.version}", n)
             elif not p.online:
-                self.step.fail_node(p, "node is offline")
+                continue  # lost, and waited for (``fail`` failed it above): never written to
             elif not policy.bounded or len(unavailable) + (n not in unavailable) <= self.step.cap:
                 self.start_node(p, wave)
                 unavailable.add(n)
@@ -243,8 +251,12 @@ class Progress:
                 elif p.state == "waiting":
                     # Never started, so not disrupted: it stays waiting (and does not count as
                     # unavailable), but the wave cannot pass without it.
+                    # Named, so that a node lost in an earlier wave is seen to be the cause.
+                    names = sorted(unavailable)
+                    who = ", ".join(names[:3]) + (f" and {len(names) - 3} more"
+                                                  if len(names) > 3 else "")
                     p.reason = (f"could not start within {limit}: {len(unavailable)} target "
-                                f"nodes unavailable (max-unavailable {self.step.cap})")
+                                f"nodes unavailable ({who}; max-unavailable {self.step.cap})")
                     failed.append(p)
         if failed:
             move_wave(wave, "failed")
@@ -252,7 +264,7 @@ class Progress:
             why = "; ".join(f"{p.node}: {p.reason}" for p in failed)
             self.rollback.on_failure(wave, f"wave {wave.index} failed: {why}")
             return
-        if all(r.nodes[n].state == "done" for n in wave.nodes):
+        if not lost and all(r.nodes[n].state == "done" for n in wave.nodes):
             self.step.emit("wave.converged", f"wave {wave.index}: all {len(wave.nodes)} nodes "
                            "converged", wave=wave.index)
             policy.converged(self.step, wave)
@@ -260,10 +272,10 @@ class Progress:
 
     def check_node(self, p: NodeProgress) -> None:
         seen = self.step.obs.get(p.node)
-        if not p.online:
-            self.step.fail_node(p, "node went offline")
-        elif seen is not None and seen.generation >= p.generation and seen.phase == "failed":
+        if seen is not None and seen.generation >= p.generation and seen.phase == "failed":
             self.step.fail_node(p, f"agent reports failure: {seen.error or 'no reason given'}")
+        elif not p.online:
+            pass  # lost and waited for: not done until it is back (the deadline bounds it)
         elif (seen is not None and p.target is not None and converged(seen, p.target)
               and (s := seen.slots.get(p.slot)) is not None and s.status == "healthy"):
             # Converged says the traffic slots are healthy; a staged slot (weight 0) must be too.

@@ -8,6 +8,7 @@ step are objects composed over it, each using only the ones below it:
     Step      (here) emitting, moving between states, writing desired states, failing a node,
               pausing, finishing: what every concern uses
     Rollback  (``engine_rollback``) a failed wave and the rollback phase
+    Lost      (``engine_lost``) nodes lost mid-wave, by the ``on_node_lost`` policy
     Bake      (``engine_bake``) the bake and the gates' verdict on it; a failure goes to Rollback
     Progress  (``engine_progress``) the events and forward progress through the waves
 

@@ -7,9 +7,9 @@ at the default 2 s interval):
 
 - restarted at once (back before it is missed): the new agent adopts its slots and router and
   finishes the update; the rollout succeeds;
-- restarted only after the coordinator saw it offline: the engine counts a target node that goes
-  offline while updating as failed (``core.engine``: "it fails when it ... goes offline"),
-  so the rollout rolls back with that reason, long before --progress-deadline (60 s); the
+- restarted only after the coordinator saw it offline: the engine fails a target node lost while
+  updating (``core.engine_lost``, the default ``--on-node-lost fail``), so the rollout rolls
+  back with that reason, naming it, long before --progress-deadline (60 s); the
   restarted agent converges back, and the rollout ends rolled_back, not stuck and not failed.
 
 In both: zero failed requests, and psutil never sees two live processes for one slot of a node.

@@ -1,12 +1,22 @@
-"""``fleetwave deploy``'s checks: values that must be refused before anything is sent."""
+"""``fleetwave deploy``'s checks: values that must be refused before anything is sent; the
+``--on-node-lost`` policy from the flag or rollout.toml, and how ``status`` shows it."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import pytest
+from click.testing import CliRunner
 
+import coordinator.cli.client as client
+from coordinator.api.rollouts import status_dict
 from coordinator.cli import main
+from coordinator.cli.base import cli
+from coordinator.cli.render import status_text
+from coordinator.core.engine import new_record
+from protocol.messages import DeployRequest, NodeView, RolloutSpec
+from protocol.testing import NEW, spec
 
 
 @pytest.mark.parametrize(
@@ -42,3 +52,69 @@ def test_nan_from_a_rollout_file_is_refused(
     with pytest.raises(SystemExit) as info:
         main(["--nats", "nats://127.0.0.1:1", "deploy", "-f", str(f)])
     assert info.value.code == 2 and "--max-p99-ratio" in capsys.readouterr().err
+
+
+def deployed(monkeypatch: pytest.MonkeyPatch, *args: str) -> RolloutSpec:
+    """The spec ``fleetwave deploy ARGS --detach`` sends (to a stand-in coordinator)."""
+    sent: list[RolloutSpec] = []
+
+    def request(ctx: object, verb: str, body: DeployRequest, **kw: object) -> dict[str, str]:
+        sent.append(body.spec)
+        return {"id": "r1"}
+
+    monkeypatch.setattr(client, "request", request)
+    with pytest.raises(SystemExit) as info:
+        main(["--nats", "nats://127.0.0.1:1", "deploy", *args, "--detach"])
+    assert info.value.code == 0
+    (spec,) = sent
+    return spec
+
+
+def test_on_node_lost_flag_and_rollout_file_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--on-node-lost and rollout.toml's on_node_lost set the policy (fail unless said); the
+    flag overrides the file."""
+    assert deployed(monkeypatch, "hello", "2.0.0").on_node_lost == "fail"
+    assert deployed(monkeypatch, "hello", "2.0.0", "--on-node-lost", "wait").on_node_lost == "wait"
+    f = tmp_path / "rollout.toml"
+    f.write_text('service = "hello"\nversion = "2.0.0"\non_node_lost = "wait"\n')
+    assert deployed(monkeypatch, "-f", str(f)).on_node_lost == "wait"
+    assert deployed(monkeypatch, "-f", str(f), "--on-node-lost", "fail").on_node_lost == "fail"
+
+
+@pytest.mark.parametrize("where", ["flag", "file"])
+def test_a_bad_on_node_lost_is_one_usage_line(
+    where: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--on-node-lost maybe`` (or on_node_lost = "maybe") exits 2 with one line naming the
+    choices, before anything is sent."""
+    args = ["deploy", "hello", "2.0.0", "--on-node-lost", "maybe"]
+    if where == "file":
+        f = tmp_path / "rollout.toml"
+        f.write_text('service = "hello"\nversion = "2.0.0"\non_node_lost = "maybe"\n')
+        args = ["deploy", "-f", str(f)]
+    with pytest.raises(SystemExit) as info:
+        main(["--nats", "nats://127.0.0.1:1", *args])
+    out, err = capsys.readouterr()
+    assert info.value.code == 2 and out == ""
+    assert err.strip().splitlines() == [
+        "fleetwave: --on-node-lost 'maybe' is not one of fail, wait"]
+
+
+def test_on_node_lost_is_documented_in_help() -> None:
+    """``deploy --help`` names the flag and its two policies."""
+    result = CliRunner().invoke(cli, ["deploy", "--help"])
+    assert result.exit_code == 0
+    assert "--on-node-lost fail|wait" in result.output and "progress-deadline" in result.output
+
+
+def test_status_shows_the_policy_only_when_it_is_not_the_default() -> None:
+    """``fleetwave status`` says on node lost: wait; the default says nothing."""
+    record = new_record(id="r1", spec=spec(on_node_lost="wait"), release=NEW,
+                        nodes=[NodeView(id="node-1")], current={}, now=0.0)
+    st = status_dict(record)
+    assert st["on_node_lost"] == "wait"
+    assert "on node lost: wait" in status_text(st).splitlines()[1]
+    default = status_dict(msgspec.structs.replace(record, spec=spec()))
+    assert "on node lost" not in status_text(default)

@@ -185,7 +185,8 @@ def test_offline_node_fails_its_wave() -> None:
     r = rollout(2, on_failure="pause")
     r.handle(Start(), 0.0)
     r.handle(NodeOffline("node-1"), 3.0)
-    assert r.state == "paused" and "node-1: node went offline" in r.record.reason
+    assert r.state == "paused"
+    assert "node-1: lost (offline) during wave 0 while updating" in r.record.reason
 
 
 def test_max_unavailable_counts_offline_nodes_before_starting_others() -> None:
@@ -198,7 +199,8 @@ def test_max_unavailable_counts_offline_nodes_before_starting_others() -> None:
     assert d2.node == "node-2"
     r.handle(ObservedChanged("node-2", observed(d2, 2.0)), 2.0)
     assert r.record.current_wave == 1
-    assert r.state == "paused" and "node-4: node is offline" in r.record.reason
+    assert r.state == "paused"
+    assert "node-4: lost (offline) during wave 1 before it was started" in r.record.reason
 
 
 def test_stale_observations_are_ignored() -> None:

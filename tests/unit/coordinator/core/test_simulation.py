@@ -2,17 +2,19 @@
 
 Each seed builds a small fleet and a random rolling or canary rollout, then injects faults drawn
 from the seed: releases that never become healthy, agents that never converge, agents that die
-(and maybe come back), observed states delivered late and out of order, error-rate spikes on the
-new release, and an operator who pauses, promotes, resumes, rolls back or aborts at random moments
-(illegal requests must raise and change nothing). Simulated agents do make-before-break: traffic
-moves to a slot only once every slot with traffic is healthy, and an older generation is ignored.
+(and maybe come back; ``on_node_lost`` fail or wait), observed states delivered late and out of
+order, error-rate spikes on the new release, and an operator who pauses, promotes, resumes, rolls
+back or aborts at random moments (illegal requests must raise and change nothing). Simulated
+agents do make-before-break: traffic moves to a slot only once every slot with traffic is
+healthy, and an older generation is ignored.
 
-Invariants checked over every seed: the rollout ends within a bound of virtual time; whenever the
-engine disrupts a node that was serving, the target nodes in flight (a forward desired state not
-yet converged on) or reported offline, that node included, do not exceed max-unavailable (nodes
-that die on their own may exceed it, but then the engine disrupts no other); generations only
-grow per node; a rollout that ends rolled back leaves every node serving its previous release,
-one that ends failed names every node that is not; a pause always has a reason.
+Invariants checked over every seed: the rollout ends within a bound of virtual time; no node is
+moved forward while it is reported offline (lost); whenever the engine disrupts a node that was
+serving, the target nodes in flight (a forward desired state not yet converged on) or reported
+offline, that node included, do not exceed max-unavailable (nodes that die on their own may
+exceed it, but then the engine disrupts no other); generations only grow per node; a rollout
+that ends rolled back leaves every node serving its previous release, one that ends failed names
+every node that is not; a pause always has a reason.
 """
 
 from __future__ import annotations
@@ -145,6 +147,8 @@ class World:
             max_unavailable=rng.choice(["1", "2", "50%"]), bake=rng.choice([0.0, 10.0, 30.0]),
             gates=gates, progress_deadline=rng.choice([20.0, 60.0]),
             on_failure=rng.choice(["rollback", "rollback", "pause"]),  # type: ignore[arg-type]
+            # From its own generator, so each seed's faults stay what they were before the flag.
+            on_node_lost=random.Random(f"lost {seed}").choice(["fail", "wait"]),  # type: ignore[arg-type]
             **kw,  # type: ignore[arg-type]
         )
         self.cap = max_unavailable(self.spec.max_unavailable, n)
@@ -164,6 +168,7 @@ class World:
                             now=0.0)
         self.engine = Rollout(record, fleet="f")
         self.offline: set[str] = set()  # as reported to the engine
+        self.lost_mid_wave = False  # a node went offline while its own wave was under way
         self.resumes = 0
         self.max_operator_actions = 6
         self.new_weight_at: float | None = None  # when a write first gave the new release traffic
@@ -188,6 +193,8 @@ class World:
                 assert record.state != "paused" or record.reason, f"seed {self.seed}: bare pause"
         forward = {c.desired.node for c in cmds if isinstance(c, WriteDesired)
                    and record.state == "running" and record.phase == "forward"}
+        assert not forward & self.offline, (
+            f"seed {self.seed}: moved {sorted(forward & self.offline)} while it was lost")
         before = self.unavailable()
         last = {}  # a batch may start a node and roll it back: judge its last write
         for c in cmds:
@@ -345,6 +352,11 @@ class World:
     def went_offline(self, node: str) -> None:
         if not self.agents[node].alive and node not in self.offline:
             self.offline.add(node)
+            r = self.engine.record
+            p = r.nodes[node]
+            self.lost_mid_wave |= (r.state == "running" and p.wave == r.current_wave
+                                   and p.state != "failed"
+                                   and r.waves[r.current_wave].state in ("updating", "baking"))
             self.feed(NodeOffline(node))
 
     def revive(self, node: str) -> None:
@@ -454,11 +466,17 @@ def test_simulation_invariants_per_strategy(strategy: str) -> None:
 def test_simulation_invariants_over_many_seeds() -> None:
     """Over 1000 seeds of faults, every rollout ends and all invariants hold."""
     outcomes: dict[str, int] = {}
+    lost: dict[tuple[str, bool], int] = {}  # (on_node_lost, succeeded) of rollouts that lost one
     for seed in range(SEEDS):
         world = World(seed)
         world.run(bound(world))
         world.check_end()
         outcomes[world.engine.state] = outcomes.get(world.engine.state, 0) + 1
+        if world.lost_mid_wave:
+            key = (world.spec.on_node_lost, world.engine.state == "succeeded")
+            lost[key] = lost.get(key, 0) + 1
     # The faults must exercise every ending, or the invariants above prove little.
     assert {"succeeded", "rolled_back", "aborted"} <= set(outcomes), outcomes
     assert outcomes["succeeded"] > SEEDS // 10, outcomes
+    # And nodes lost mid-wave under both policies: waited for until back (succeeded) or not.
+    assert {("fail", False), ("wait", False), ("wait", True)} <= set(lost), lost

@@ -414,3 +414,26 @@ async def test_selected_nodes_offline_at_the_deploy_are_named_in_the_report() ->
     assert rec.report.skipped_offline == ["node-3"]
     stored = [value for _, bucket, _, value in bus.log if bucket == ROLLOUTS and value]
     assert b'"report":{"skipped_offline":["node-3"]}' in stored[0]
+
+
+async def test_on_node_lost_wait_a_lost_node_is_written_once_and_waited_for() -> None:
+    """Under wait a node the table reports offline mid-wave is waited for: the runner writes it
+    nothing while it is lost (nor twice a generation, resyncs included), and once it is back and
+    converged the rollout goes on and succeeds; a node offline at the deploy is still skipped."""
+    bus, clock = fleet_bus(4), FakeClock()
+    table = views(4, offline=("node-4",))
+    r = runner(bus, clock, table)
+    rec = await r.deploy(spec(on_node_lost="wait", progress_deadline=60.0), NEW)
+    assert set(rec.nodes) == {"node-1", "node-2", "node-3"}
+    assert rec.report.skipped_offline == ["node-4"]
+    table[0] = NodeView(id="node-1", labels={"zone": "a"}, online=False, last_seen=1000.0)
+    for _ in range(10):
+        clock.t += 3
+        await r.step()
+        await r.resync()
+    record = bus.record(rec.id)
+    assert record.state == "running" and record.nodes["node-1"].state == "updating"
+    table[0] = NodeView(id="node-1", labels={"zone": "a"}, online=True, last_seen=clock.t)
+    assert await drive(r, bus, clock, rec.id) == "succeeded"
+    writes = [gen for key, gen in bus.desired_writes() if key == "node-1.hello"]
+    assert writes == sorted(set(writes)) == [8, 9]  # the new release, then the old slot retired
