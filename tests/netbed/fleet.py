@@ -14,6 +14,11 @@ inside host ``bus``, immune to the scenario's faults) and the nodes through ``fl
 socket made in host ``load``, crossing the bridge like any client). Agents and coordinators use
 ``fleet.bus_url``, the broker's bed address: their traffic is what partitions and impairments hit.
 
+Faults for a scenario: ``bed.partition("coord-1", BUS)`` cuts a coordinator from the bus (and
+``bed.heal``), ``fleet.process("coord-1").signal(SIGSTOP)`` / ``SIGCONT`` freezes and thaws it,
+``await fleet.process("coord-1").kill()`` is a crash (reaped), ``.start()`` starts it again;
+``bed.impair(host, delay=, loss=, peer=)`` makes a link slow and lossy.
+
 Leaving stops agents, coordinators and the broker, then every service and router the agents left
 (``reap_leftovers``); the bed's own teardown (the ``netbed`` fixture) kills whatever is still in a
 host and removes the network.
@@ -102,6 +107,13 @@ class NetFleet:
     def agent(self, i: int) -> Child:
         """Agent ``node-i`` (1-based, as its id)."""
         return self.agents[i - 1]
+
+    def process(self, host: str) -> Child:
+        """The fleetwave process of ``host`` (bus: the broker, coord-i, node-i)."""
+        by_host = {BUS: self.broker, **{f"coord-{i}": c for i, c in
+                                        enumerate(self.coordinators, start=1)},
+                   **dict(zip(self.nodes, self.agents, strict=True))}
+        return by_host[host]
 
     def host(self, i: int) -> str:
         """The bed address of node-i (its router listens there)."""
