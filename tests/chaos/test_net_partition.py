@@ -23,7 +23,6 @@ every event exactly once. Prints (run with -s) the timings and figures.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ from tests.integration.e2e_support import (
     record_of,
     watched,
 )
-from tests.integration.procs import fleetwave, wait_until
+from tests.integration.procs import wait_until
 from tests.netbed import NetBed, NetFleet
 from tests.netbed.fleet import BUS
 
@@ -103,9 +102,7 @@ class Cut:
         events = await events_of(url, rid)
         audit(events)
         at = {e["kind"]: e["time"] - self.cut_at for e in reversed(events)}
-        code, out, err = await fleetwave("events", "-o", "json", nats_url=url)
-        assert code == 0, err
-        offline = [e for e in map(json.loads, out.splitlines()) if e["kind"] == "node.offline"]
+        offline = [e for e in await events_of(url, "") if e["kind"] == "node.offline"]
         assert [e["node"] for e in offline] == [CUT], offline
         at["node.offline"] = offline[0]["time"] - self.cut_at
         return at, events

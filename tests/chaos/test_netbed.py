@@ -70,12 +70,20 @@ async def reaches(bed: NetBed, src: str, dst: str, timeout: float = 1.0) -> bool
 
 
 def test_hosts_get_their_127_addresses(netbed: Make) -> None:
-    """Each host has lo and eth0 with its 127.77.0.N address, and 127.0.0.1 stays local."""
+    """Each host has lo and eth0 with its 127.77.0.N address, 127.0.0.1 stays local, and no
+    interface of the bed has any other address (no IPv6 link-local either)."""
     bed = netbed(["a", "b"])
     assert [bed.addr("a"), bed.addr("b")] == ["127.77.0.1", "127.77.0.2"]
     out = bed.run("b", ["ip", "-o", "-4", "addr", "show", "dev", "eth0"])
     assert "inet 127.77.0.2/24" in out, out
     assert "local 127.0.0.1" in bed.run("b", ["ip", "route", "show", "table", "local"])
+    # Only 127/8, ever: no IPv6 (not even link-local) in a host or on the bridge and veths.
+    assert "inet6" not in bed.run("b", ["ip", "addr", "show"])
+    root_side = subprocess.run(["ip", "addr", "show", "master", bed.bridge], capture_output=True,
+                               text=True, check=True).stdout
+    bridge = subprocess.run(["ip", "addr", "show", "dev", bed.bridge], capture_output=True,
+                            text=True, check=True).stdout
+    assert root_side.count("fwv") == 2 and "inet" not in root_side + bridge, root_side + bridge
     with pytest.raises(KeyError):
         bed.addr("c")
     with pytest.raises(ValueError, match="only 127"):

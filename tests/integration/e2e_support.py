@@ -61,8 +61,9 @@ async def status(url: str, rid: str = "") -> dict[str, Any]:
 
 
 async def events_of(url: str, rid: str) -> list[dict[str, Any]]:
-    """The events of one rollout, oldest first."""
-    code, out, err = await fleetwave("events", "--rollout", rid, "-o", "json", nats_url=url)
+    """The events of one rollout ("": the whole fleet's), oldest first."""
+    code, out, err = await fleetwave("events", *(["--rollout", rid] if rid else []), "-o",
+                                     "json", nats_url=url)
     assert code == 0, err
     return [json.loads(line) for line in out.splitlines()]
 

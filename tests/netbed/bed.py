@@ -196,6 +196,7 @@ class NetBed:
         self._up = True
         sweep()
         _run(["ip", "link", "add", self.bridge, "type", "bridge"])
+        _no_ipv6(self.bridge)
         _run(["ip", "link", "set", self.bridge, "up"])
         for host in self.hosts:
             self._add_host(host)
@@ -206,7 +207,12 @@ class NetBed:
     def _add_host(self, host: str) -> None:
         ns, veth = self.ns(host), self._veth(host)
         _run(["ip", "netns", "add", ns])
+        # No IPv6 at all: an interface would otherwise get a link-local fe80:: address and talk
+        # (router solicitations, DAD); the bed uses 127/8 addresses only.
+        _run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
+              "net.ipv6.conf.default.disable_ipv6=1"])
         _run(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns])
+        _no_ipv6(veth)
         _run(["ip", "link", "set", veth, "master", self.bridge, "up"])
         _run(["ip", "-n", ns, "link", "set", "lo", "up"])
         _run(["ip", "-n", ns, "link", "set", "eth0", "up"])
@@ -462,6 +468,13 @@ class NetBed:
             return await self.open_connection(host, addr, port)
 
         return connect
+
+
+def _no_ipv6(link: str) -> None:
+    """Disable IPv6 on a root-namespace link (before it is up: no fe80:: address, no traffic)."""
+    path = Path("/proc/sys/net/ipv6/conf") / link / "disable_ipv6"
+    if path.exists():  # absent when the kernel has no IPv6
+        path.write_text("1\n")
 
 
 def _close_made(made: asyncio.Future[socket.socket]) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -180,6 +181,8 @@ class NetFleet:
     async def stop(self) -> None:
         """Stop agents, coordinators, the broker; then the services and routers left behind."""
         try:
+            for c in [*self.agents, *self.coordinators, self.broker]:
+                c.signal(signal.SIGCONT)  # a frozen process would sit out its SIGTERM
             await asyncio.gather(*(c.stop(timeout=5.0) for c in
                                    [*self.agents, *self.coordinators]), return_exceptions=True)
             await self.broker.stop(timeout=5.0)
