@@ -102,10 +102,6 @@ def _setns(path: str) -> None:
         os.close(fd)
 
 
-def _pid_alive(pid: int) -> bool:
-    return psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-
-
 def _stale(tag: str, live: set[str]) -> bool:
     m = _TAG.match(tag)
     if m is None:
@@ -113,13 +109,14 @@ def _stale(tag: str, live: set[str]) -> bool:
     pid = int(m.group(1), 16)
     if pid == os.getpid():
         return tag not in live
-    with contextlib.suppress(psutil.Error):
-        return not _pid_alive(pid)
-    return True
+    return not _alive(pid)
 
 
 @dataclass(frozen=True)
 class Impairment:
+    """What ``NetBed.impair`` set on a host: seconds of delay and share of packets lost, each
+    way, on the traffic with ``peer`` (None: with every host)."""
+
     delay: float = 0.0
     loss: float = 0.0
     peer: str | None = None
@@ -323,7 +320,7 @@ class NetBed:
         out = _run(["ip", "netns", "pids", self.ns(host)], check=False)
         me = os.getpid()
         return [int(p) for p in out.split() if p.isdigit() and int(p) != me
-                and _alive_not_zombie(int(p))]
+                and _alive(int(p))]
 
     def signal_all(self, host: str, signum: int) -> None:
         for pid in self.pids(host):
@@ -482,7 +479,8 @@ def _close_made(made: asyncio.Future[socket.socket]) -> None:
         made.result().close()
 
 
-def _alive_not_zombie(pid: int) -> bool:
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie is not: it only waits to be reaped)."""
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
