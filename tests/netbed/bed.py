@@ -48,6 +48,7 @@ import ctypes
 import itertools
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -78,10 +79,17 @@ class NetBedError(RuntimeError):
     """The bed could not be built or torn down (the message says which command and why)."""
 
 
+def _which(name: str) -> str:
+    """``name`` on PATH, or in /usr/sbin or /sbin (where ip and iptables live, and which a
+    non-login root shell's PATH may lack)."""
+    return shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin",
+                                                    "/sbin"])) or name
+
+
 def _run(argv: Sequence[str], *, check: bool = True, timeout: float = 15.0) -> str:
     """Run a setup command; its stdout, or NetBedError naming it and its stderr."""
-    done = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL, check=False)
+    done = subprocess.run([_which(argv[0]), *argv[1:]], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL, check=False)
     if check and done.returncode != 0:
         raise NetBedError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()}")
     return done.stdout
@@ -206,15 +214,14 @@ class NetBed:
         _run(["ip", "netns", "add", ns])
         # No IPv6 at all: an interface would otherwise get a link-local fe80:: address and talk
         # (router solicitations, DAD); the bed uses 127/8 addresses only.
-        _run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
-              "net.ipv6.conf.default.disable_ipv6=1"])
+        sysctl = ["ip", "netns", "exec", ns, _which("sysctl"), "-qw"]
+        _run([*sysctl, "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"])
         _run(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns])
         _no_ipv6(veth)
         _run(["ip", "link", "set", veth, "master", self.bridge, "up"])
         _run(["ip", "-n", ns, "link", "set", "lo", "up"])
         _run(["ip", "-n", ns, "link", "set", "eth0", "up"])
-        _run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.conf.all.route_localnet=1",
-              "net.ipv4.conf.eth0.route_localnet=1"])
+        _run([*sysctl, "net.ipv4.conf.all.route_localnet=1", "net.ipv4.conf.eth0.route_localnet=1"])
         # Without this, all of 127/8 is local in the namespace and never leaves by eth0.
         _run(["ip", "-n", ns, "route", "del", "local", "127.0.0.0/8", "dev", "lo", "table",
               "local"])
@@ -223,7 +230,7 @@ class NetBed:
     def _pick_iptables(self, host: str) -> str:
         """``iptables`` (nft backend) where it works here, else ``iptables-legacy``."""
         tried = []
-        for binary in ("iptables", "iptables-legacy"):
+        for binary in map(_which, ("iptables", "iptables-legacy")):
             try:
                 _run(["ip", "netns", "exec", self.ns(host), binary, "-w", "-S"])
                 return binary
@@ -300,7 +307,7 @@ class NetBed:
 
     def argv(self, host: str, argv: Sequence[str]) -> list[str]:
         """``argv`` run in ``host`` (``ip netns exec`` execs it: same pid, signals reach it)."""
-        return ["ip", "netns", "exec", self.ns(host), *argv]
+        return [_which("ip"), "netns", "exec", self.ns(host), *argv]
 
     def popen(self, host: str, argv: Sequence[str], *, stdout: int | None = None,
               stderr: int | None = None, env: dict[str, str] | None = None,
