@@ -8,7 +8,8 @@ A failed request is a connection error, a timeout, or a 5xx; each is kept with i
 
 Theory: one asyncio task per worker, owned by ``Traffic``; ``stop()`` cancels and awaits them.
 Requests are paced (``rate`` per worker per second) so that the load is steady, not a flood that
-measures the laptop.
+measures the laptop. How a connection is opened is a parameter (``connect``, by default
+``asyncio.open_connection``), so that a test bed can send the load from another network namespace.
 """
 
 from __future__ import annotations
@@ -18,9 +19,14 @@ import contextlib
 import json
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 REQUEST_TIMEOUT = 5.0
+
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+Connector = Callable[[str, int], Awaitable[Connection]]
+"""Opens a TCP connection to (host, port); ``asyncio.open_connection`` by default."""
 
 
 @dataclass
@@ -54,9 +60,10 @@ class Traffic:
 
     def __init__(
         self, targets: list[tuple[str, int]], *, workers_per_target: int = 2, rate: float = 50.0,
-        path: str = "/",
+        path: str = "/", connect: Connector | None = None,
     ) -> None:
         self.targets = targets
+        self.connect: Connector = connect or asyncio.open_connection
         self.workers_per_target = workers_per_target
         self.interval = 1.0 / rate if rate > 0 else 0.0
         self.path = path
@@ -96,7 +103,7 @@ class Traffic:
                 if conn is None:
                     try:
                         conn = await asyncio.wait_for(
-                            asyncio.open_connection(host, port), REQUEST_TIMEOUT
+                            self.connect(host, port), REQUEST_TIMEOUT
                         )
                     except (OSError, TimeoutError) as exc:
                         self._fail(f"{host}:{port} connect: {type(exc).__name__}: {exc}")
@@ -142,11 +149,13 @@ class Traffic:
             r.failures.append(reason)
 
 
-async def probe_version(host: str, port: int, path: str = "/") -> str:
+async def probe_version(
+    host: str, port: int, path: str = "/", connect: Connector | None = None
+) -> str:
     """One GET on a fresh connection: the version named in the answer, or why there is none."""
     try:
         async with asyncio.timeout(REQUEST_TIMEOUT):
-            conn = await asyncio.open_connection(host, port)
+            conn = await (connect or asyncio.open_connection)(host, port)
             try:
                 status, body, _ = await _get(conn, host, path, keep_alive=False)
             finally:

@@ -11,12 +11,6 @@ Prints (run with -s) the number of samples and the most nodes ever seen unavaila
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import time
-from collections import Counter
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordinator.dev.devfleet import DevFleet
@@ -28,47 +22,11 @@ from tests.integration.e2e_support import (
     push,
     record_of,
     serving,
+    watched,
 )
 from tests.integration.procs import wait_until
 
 SUBNET = "127.0.13"
-PERIOD = 0.05
-
-
-@dataclass
-class Availability:
-    """What the sampler saw: per sample, the nodes that did not answer with a version."""
-
-    samples: int = 0
-    worst: int = 0
-    worst_at: dict[str, str] = field(default_factory=dict)
-    versions: Counter[str] = field(default_factory=Counter)
-
-    def add(self, answers: dict[str, str]) -> None:
-        self.samples += 1
-        down = {n: v for n, v in answers.items() if v.startswith("<")}
-        self.versions.update(v for v in answers.values() if not v.startswith("<"))
-        if len(down) > self.worst:
-            self.worst, self.worst_at = len(down), down
-
-
-@contextlib.asynccontextmanager
-async def watched(fleet: DevFleet) -> AsyncIterator[Availability]:
-    """Sample every router about every ``PERIOD`` while the block runs."""
-    seen, stop = Availability(), asyncio.Event()
-
-    async def sample() -> None:
-        while not stop.is_set():
-            started = time.monotonic()
-            seen.add(await serving(fleet))
-            await asyncio.sleep(max(0.0, PERIOD - (time.monotonic() - started)))
-
-    task = asyncio.create_task(sample())
-    try:
-        yield seen
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
 
 
 async def test_max_unavailable_holds_from_outside(tmp_path: Path) -> None:
@@ -81,7 +39,7 @@ async def test_max_unavailable_holds_from_outside(tmp_path: Path) -> None:
         await install(fleet, "1.0.0")
         bus = await Bus.connect(url, fleet.fleet, name="chaos-test")
         try:
-            async with loaded(fleet) as traffic, watched(fleet) as seen:
+            async with loaded(fleet) as traffic, watched(lambda: serving(fleet)) as seen:
                 # --batch 4 asks for all at once; --max-unavailable 1 must cap it.
                 rid = await deploy_detached(url, "2.0.0", "--batch", "4",
                                             "--max-unavailable", "1")

@@ -8,6 +8,10 @@
 - ``loaded(fleet)``: steady checked traffic (``coordinator.dev.traffic.Traffic``) through every
   node's router while the block runs.
 - ``install(fleet, version)``: every node on ``version`` at once, checked through the routers.
+- ``watched(look)``: samples ``look()`` (what every node answers) every ~50 ms while the block
+  runs: the most nodes ever seen without a version at once, and every version seen.
+- ``audit(events)``: checks a rollout's event log has every event once (no id twice, no wave
+  started or judged twice, no node moved twice per direction, one start and one end).
 - ``deploy_detached(url, version, *flags)``: ``fleetwave deploy hello VERSION --detach``; the id.
 - ``record_of(bus, rid)``: the rollout record as stored (cheaper than ``status`` in a tight poll).
 - ``desired_log(url)``: every desired state still kept in the desired bucket's history (the KV
@@ -19,7 +23,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
@@ -54,8 +61,9 @@ async def status(url: str, rid: str = "") -> dict[str, Any]:
 
 
 async def events_of(url: str, rid: str) -> list[dict[str, Any]]:
-    """The events of one rollout, oldest first."""
-    code, out, err = await fleetwave("events", "--rollout", rid, "-o", "json", nats_url=url)
+    """The events of one rollout ("": the whole fleet's), oldest first."""
+    code, out, err = await fleetwave("events", *(["--rollout", rid] if rid else []), "-o",
+                                     "json", nats_url=url)
     assert code == 0, err
     return [json.loads(line) for line in out.splitlines()]
 
@@ -117,14 +125,94 @@ async def desired_log(url: str, fleet: str = "default") -> list[SignedEnvelope]:
         await bus.close()
 
 
-async def install(fleet: DevFleet, version: str) -> None:
-    """Every node on ``version`` in one wave (nothing serves yet), checked through the routers."""
+async def install(
+    fleet: Any, version: str, look: Callable[[], Awaitable[dict[str, str]]] | None = None
+) -> None:
+    """Every node on ``version`` in one wave (nothing serves yet), checked through the routers
+    (``look``: what every node answers; ``serving(fleet)`` of a DevFleet by default)."""
     code, out, err = await fleetwave("deploy", "hello", version, "--batch", "100%",
                                      "--max-unavailable", "100%", nats_url=fleet.nats_url,
                                      timeout=DEPLOY_TIMEOUT)
     assert code == 0, f"installing {version} failed ({code}): {out}{err}"
-    await wait_until(lambda: serving(fleet), lambda v: set(v.values()) == {version},
+    await wait_until(look or (lambda: serving(fleet)), lambda v: set(v.values()) == {version},
                      timeout=30, what=f"every node serving {version}")
+
+
+SAMPLE_PERIOD = 0.05
+
+
+@dataclass
+class Availability:
+    """What a ``watched`` sampler saw: per sample, the nodes that did not answer with a version."""
+
+    samples: int = 0
+    worst: int = 0
+    worst_at: dict[str, str] = field(default_factory=dict)
+    versions: Counter[str] = field(default_factory=Counter)
+    per_node: dict[str, Counter[str]] = field(default_factory=dict)
+
+    def add(self, answers: dict[str, str]) -> None:
+        self.samples += 1
+        down = {n: v for n, v in answers.items() if v.startswith("<")}
+        self.versions.update(v for v in answers.values() if not v.startswith("<"))
+        for n, v in answers.items():
+            self.per_node.setdefault(n, Counter())[v] += 1
+        if len(down) > self.worst:
+            self.worst, self.worst_at = len(down), down
+
+
+@contextlib.asynccontextmanager
+async def watched(
+    look: Callable[[], Awaitable[dict[str, str]]], period: float = SAMPLE_PERIOD
+) -> AsyncIterator[Availability]:
+    """Sample ``look()`` (each node's answer: a version or ``<why not>``) about every
+    ``period`` while the block runs."""
+    seen, stop = Availability(), asyncio.Event()
+
+    async def sample() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            seen.add(await look())
+            await asyncio.sleep(max(0.0, period - (time.monotonic() - started)))
+
+    task = asyncio.create_task(sample())
+    try:
+        yield seen
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+
+
+TERMINAL_EVENTS = {"rollout.succeeded", "rollout.rolled_back", "rollout.failed",
+                   "rollout.aborted"}
+
+
+def audit(events: list[dict[str, Any]]) -> Counter[str]:
+    """Check one rollout's event log (``events_of``) has every event exactly once; the kinds.
+
+    No event id twice (a republished event keeps its id: seen twice, it was stored twice); one
+    ``rollout.started`` first and one terminal event last; waves started in order 0, 1, 2...
+    each once; each wave's gates judged at most once; per node at most one ``node.updating``
+    and ``node.done`` going forward (a rollback's own moves are counted apart).
+    """
+    ids = Counter(e["id"] for e in events)
+    twice = [i for i, n in ids.items() if n > 1]
+    assert not twice, f"events stored twice: {twice}"
+    kinds = [e["kind"] for e in events]
+    assert kinds and kinds[0] == "rollout.started", f"first event is not rollout.started: {kinds}"
+    ends = [k for k in kinds if k in TERMINAL_EVENTS]
+    assert len(ends) == 1 and kinds[-1] == ends[0], f"not one terminal event, last: {kinds}"
+    waves = [e["data"].get("wave") for e in events if e["kind"] == "wave.started"]
+    assert waves == list(range(len(waves))), f"waves started out of order or twice: {waves}"
+    judged = [e["data"].get("wave") for e in events if e["kind"] in ("gate.passed",
+                                                                      "gate.failed")]
+    assert len(judged) == len(set(judged)), f"a wave's gates judged twice: {judged}"
+    back = kinds.index("rollout.rolling_back") if "rollout.rolling_back" in kinds else len(kinds)
+    for part in (events[:back], events[back:]):
+        for kind in ("node.updating", "node.done"):
+            moved = Counter(e["node"] for e in part if e["kind"] == kind)
+            assert all(n == 1 for n in moved.values()), f"{kind} twice: {moved}"
+    return Counter(kinds)
 
 
 async def deploy_detached(url: str, version: str, *flags: str) -> str:
