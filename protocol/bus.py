@@ -9,7 +9,11 @@ Known nats-py pitfalls handled here:
 - the initial connect does not retry by itself: ``connect`` retries with backoff up to a deadline;
 - a KV watcher does not survive a server restart (an ordered consumer that is never recreated):
   ``watch`` re-creates its watcher after every reconnect, resuming from the last revision seen,
-  and callers treat it as level-triggered (a full read on every restart of the watch).
+  and callers treat it as level-triggered (a full read on every restart of the watch);
+- on a cluster, a watcher's consumer lives on one server, not always the one we are connected
+  to: when that server dies we do not reconnect, and nats-py notices only after two missed idle
+  heartbeats (5 s each: 10-20 s of silence, measured). ``watch`` asks for heartbeats every
+  ``WATCH_HEARTBEAT`` instead, so the consumer is re-created within about two of them.
 
 Why one long module: it is the one seam (STYLE: one module imports ``nats``), so every
 nats-py call and every pitfall it handles live here together, behind narrow methods.
@@ -20,12 +24,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import copy
 import hashlib
 import json
 import random
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +45,7 @@ from nats.micro import add_service
 from nats.micro.service import EndpointConfig, ServiceConfig
 
 from protocol import subjects
-from protocol.errors import BusError, Conflict, NotReachable
+from protocol.errors import BusError, Conflict, NotReachable, TooFewServers
 
 REQUEST_TIMEOUT = 5.0
 
@@ -80,6 +85,9 @@ def redact(url: str) -> str:
 
 
 OP_TIMEOUT = 10.0
+# Idle heartbeat of a KV watch's consumer: a watch whose consumer's server died is re-created
+# after two missed ones. Costs one small message per watch and interval while idle.
+WATCH_HEARTBEAT = 1.0
 # Long-lived clients (agents, coordinator) reconnect with capped exponential backoff and jitter so
 # that a fleet does not hammer a restarting server in lock-step; see ``reconnect_delay``.
 RECONNECT_BASE = 0.25
@@ -94,6 +102,33 @@ EVENTS_MAX_AGE = 90 * 24 * 3600.0
 # and push old events out, needs a JetStream budget of the nodes' own (NATS accounts).
 EVENTS_MAX_BYTES = 8 * 1024**3
 EVENTS_MAX_EVENT = 4 * 1024**2
+
+
+# JetStream's answers to a stream it cannot place: no suitable peers, insufficient resources,
+# replicas > 1 on a server that is not clustered.
+_NO_PLACEMENT = (10005, 10023, 10074)
+
+
+def _fleet_buckets(fleet: str) -> dict[str, int]:
+    """The fleet's KV buckets and the history each keeps."""
+    return {
+        subjects.desired_bucket(fleet): 5,
+        subjects.observed_bucket(fleet): 1,
+        subjects.rollouts_bucket(fleet): 5,
+        subjects.nodes_bucket(fleet): 1,
+        subjects.locks_bucket(fleet): 1,
+        subjects.release_index_bucket(fleet): 1,
+        subjects.lease_bucket(fleet): 1,
+    }
+
+
+@dataclass
+class FleetSetup:
+    """What ``ensure_fleet`` did: the replicas of the fleet's streams, and which existing ones it
+    raised (stream, replicas it had)."""
+
+    replicas: int
+    raised: list[tuple[str, int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -259,26 +294,38 @@ class Bus:
 
     # -- fleet set-up -----------------------------------------------------------------------------
 
-    async def ensure_fleet(self) -> None:
-        """Create the fleet's buckets, stream and object store if they do not exist (idempotent)."""
+    async def ensure_fleet(
+        self, replicas: int | None = None, *, raise_existing: bool = False,
+    ) -> FleetSetup:
+        """Create the fleet's buckets, object store and events stream where missing (idempotent),
+        each with ``replicas`` copies (None: ``default_replicas()``).
+
+        A ``replicas`` given is checked first (``check_replicas``: TooFewServers before anything
+        is created). With ``raise_existing`` (the coordinator), every existing stream of the
+        fleet with fewer copies is raised in place (its stream config's ``num_replicas``; the
+        servers copy the data over); without it (tools such as ``release push``), what exists
+        stays as it is. Never lowered: fewer copies of a fleet's state is an operator's explicit
+        choice (``nats stream edit --replicas``).
+        """
         f = self.fleet
-        buckets = {
-            subjects.desired_bucket(f): 5,
-            subjects.observed_bucket(f): 1,
-            subjects.rollouts_bucket(f): 5,
-            subjects.nodes_bucket(f): 1,
-            subjects.locks_bucket(f): 1,
-            subjects.release_index_bucket(f): 1,
-            subjects.lease_bucket(f): 1,
-        }
         try:
-            for bucket, history in buckets.items():
-                await self.js.create_key_value(
-                    bucket=bucket, history=history, storage=js_api.StorageType.FILE
-                )
-            await self.js.create_object_store(
-                bucket=subjects.releases_store(f), storage=js_api.StorageType.FILE
-            )
+            if replicas is None:
+                replicas = await self.default_replicas()
+            else:
+                await self.check_replicas(replicas)
+            setup = FleetSetup(replicas=replicas)
+            for bucket, history in _fleet_buckets(f).items():
+                if not await self._raised(subjects.kv_stream(bucket), replicas, raise_existing,
+                                          setup):
+                    await self.js.create_key_value(
+                        bucket=bucket, history=history, storage=js_api.StorageType.FILE,
+                        replicas=replicas,
+                    )
+            store = subjects.releases_store(f)
+            if not await self._raised(subjects.object_stream(store), replicas, raise_existing,
+                                      setup):
+                await self.js.create_object_store(
+                    bucket=store, storage=js_api.StorageType.FILE, replicas=replicas)
             events = js_api.StreamConfig(
                 name=subjects.events_stream(f),
                 subjects=[subjects.events(f)],
@@ -287,25 +334,106 @@ class Bus:
                 max_bytes=EVENTS_MAX_BYTES,
                 max_msg_size=EVENTS_MAX_EVENT,
                 discard=js_api.DiscardPolicy.OLD,
+                num_replicas=replicas,
             )
-            try:
+            if not await self._raised(subjects.events_stream(f), replicas, raise_existing, setup,
+                                      limits=events):
                 await self.js.add_stream(events)
-            except nats.js.errors.BadRequestError:  # it exists: made by an older release?
-                await self._bound_events(events)
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusError(f"cannot set up fleet {f!r} in JetStream: {exc}") from None
+        return setup
 
-    async def _bound_events(self, want: js_api.StreamConfig) -> None:
-        """Give an existing events stream the limits of ``want`` (a fleet made before there were
-        any); its subjects and everything else stay as they are."""
-        assert want.name is not None
-        have = (await self.js.stream_info(want.name)).config
-        limits = {"max_age": want.max_age, "max_bytes": want.max_bytes,
-                  "max_msg_size": want.max_msg_size, "discard": want.discard}
-        if any(getattr(have, k) != v for k, v in limits.items()):
-            for k, v in limits.items():
-                setattr(have, k, v)
+    async def _raised(self, stream: str, replicas: int, raise_existing: bool, setup: FleetSetup,
+                      *, limits: js_api.StreamConfig | None = None) -> bool:
+        """False if ``stream`` does not exist; else bring it up to date in place and say True:
+        ``replicas`` copies if it has fewer (when ``raise_existing``), and the limits of
+        ``limits`` (the events stream of a fleet made before there were any)."""
+        try:
+            have = (await self.js.stream_info(stream)).config
+        except nats.js.errors.NotFoundError:
+            return False
+        changed = False
+        if limits is not None:
+            for k in ("max_age", "max_bytes", "max_msg_size", "discard"):
+                if getattr(have, k) != getattr(limits, k):
+                    setattr(have, k, getattr(limits, k))
+                    changed = True
+        old = have.num_replicas or 1
+        if raise_existing and old < replicas:
+            have.num_replicas = replicas
+            setup.raised.append((stream, old))
+            changed = True
+        if changed:
             await self.js.update_stream(have)
+        return True
+
+    def cluster_servers(self) -> list[str]:
+        """The client URLs of the cluster's servers, as the server's INFO listed them when we
+        connected (``connect_urls``: those up then; [] for a single server or ``no_advertise``).
+        Enough to name them in a message; not to count the cluster (``default_replicas``)."""
+        info = self.nc._server_info  # nats-py keeps the last INFO only there
+        return list(info.get("connect_urls") or [])
+
+    def clustered(self) -> bool:
+        """Whether the server we are connected to is part of a cluster (its INFO says which)."""
+        return bool(self.nc._server_info.get("cluster"))
+
+    async def default_replicas(self) -> int:
+        """3 copies when the JetStream cluster has at least 3 servers, else 1.
+
+        Where the cluster's size comes from: the servers themselves, by placement. A single
+        server's INFO names no cluster (then 1, and nothing is asked); on a cluster,
+        ``check_replicas(3)`` asks JetStream to place a throwaway R3 stream. The alternatives
+        are not reliable: INFO ``connect_urls`` lists only the servers connected *now* (2 of 3
+        while one restarts: a coordinator restarted then would pick R1) and is empty with
+        ``no_advertise``; ``$JS.API.INFO`` (account info) says nothing of the cluster; the meta
+        group's size (``/jsz``, ``$SYS``) needs the monitoring port or the system account. The
+        placement counts every server of the meta group, also one that is down, which is what
+        a replica count is about.
+        """
+        if not self.clustered():
+            return 1
+        try:
+            await self.check_replicas(3)
+        except TooFewServers:
+            return 1
+        return 3
+
+    async def check_replicas(self, replicas: int) -> None:
+        """TooFewServers, with what to do, if JetStream cannot hold ``replicas`` copies of a
+        stream (fewer servers in the cluster); nothing of the fleet is created either way.
+
+        One replica always fits. More are asked of the servers (see ``default_replicas``): a
+        throwaway memory stream with that many replicas, created and deleted at once.
+        """
+        if replicas < 1:
+            raise TooFewServers(f"--replicas {replicas}: a stream needs at least 1 copy")
+        if replicas == 1:
+            return
+        if not self.clustered():
+            raise TooFewServers(
+                f"--replicas {replicas} needs a JetStream cluster of at least {replicas} "
+                "servers, but the NATS server is a single one; use --replicas 1, or run a cluster "
+                "('fleetwave broker --cluster-listen', see the README)")
+        name = subjects.replicas_probe_stream(self.fleet, replicas)
+        probe = js_api.StreamConfig(
+            name=name, subjects=[subjects.replicas_probe(self.fleet, replicas)],
+            storage=js_api.StorageType.MEMORY, num_replicas=replicas, max_msgs=1, max_bytes=1024,
+        )
+        try:
+            await self.js.add_stream(probe)
+        except nats.js.errors.BadRequestError as exc:
+            if getattr(exc, "err_code", None) not in _NO_PLACEMENT:
+                raise
+            servers = self.cluster_servers()
+            raise TooFewServers(
+                f"--replicas {replicas} is more copies than the JetStream cluster can place "
+                f"(servers in it when we connected: {len(servers)}, {', '.join(servers) or '?'});"
+                f" use --replicas {max(1, min(len(servers), replicas - 1))} or fewer, or add "
+                "brokers to the cluster"
+            ) from None
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await self.js.delete_stream(name)
 
     # -- core NATS --------------------------------------------------------------------------------
 
@@ -480,7 +608,7 @@ class Bus:
         each re-creation), so a caller can treat what it saw since as a full, level-triggered view.
         """
         while True:
-            kv = await self._bucket(bucket)
+            kv = _with_heartbeat(await self._bucket(bucket), WATCH_HEARTBEAT)
             epoch = self.reconnects
             try:
                 w = await kv.watch(pattern)
@@ -720,6 +848,30 @@ class Bus:
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(sub.unsubscribe(), 2)
+
+
+class _HeartbeatingJetStream:
+    """A JetStream context whose push subscriptions ask for idle heartbeats every ``interval``
+    seconds (nats-py's ``KeyValue.watch`` takes no heartbeat of its own; it subscribes through
+    the context it was made with)."""
+
+    def __init__(self, js: Any, interval: float) -> None:
+        self._inner = js
+        self._interval = interval
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def subscribe(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("idle_heartbeat", self._interval)
+        return await self._inner.subscribe(*args, **kwargs)
+
+
+def _with_heartbeat(kv: Any, interval: float) -> Any:
+    """A copy of KeyValue ``kv`` whose watches' consumers heartbeat every ``interval`` s."""
+    fast = copy.copy(kv)
+    fast._js = _HeartbeatingJetStream(kv._js, interval)
+    return fast
 
 
 def reconnect_delay(attempts: int) -> float:
