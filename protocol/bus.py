@@ -662,7 +662,8 @@ class Bus:
             return True
         try:
             sub = await self.js.subscribe(
-                OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=store, obj=info.nuid), ordered_consumer=True
+                OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=store, obj=info.nuid), ordered_consumer=True,
+                idle_heartbeat=WATCH_HEARTBEAT,  # re-created soon if its server dies (see watch)
             )
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusError(f"cannot fetch {name} from {store}: {exc}") from None
@@ -828,7 +829,7 @@ class Bus:
             first = max(first, info.state.last_seq - last + 1)
         end = info.state.last_seq
         sub = await self.js.subscribe(
-            subject, stream=stream, ordered_consumer=True,
+            subject, stream=stream, ordered_consumer=True, idle_heartbeat=WATCH_HEARTBEAT,
             config=js_api.ConsumerConfig(
                 deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(first, 1)
             ),

@@ -181,10 +181,24 @@ def monitor_get(port: int, path: str, timeout: float = 2.0) -> Any:
         return json.loads(resp.read())
 
 
-async def route_problems(spec: ClusterSpec, monitor_port: int) -> list[str]:
-    """What is wrong with this server's routes now: per configured route that has not joined,
-    ``"ROUTE (why)"``; [] when as many servers are connected as routes are configured."""
-    others = [r for r in spec.routes if not await asyncio.to_thread(is_self_route, r, spec)]
+async def other_routes(spec: ClusterSpec) -> list[str]:
+    """The configured routes but the one to this server itself (name lookups bounded: a route
+    whose host does not resolve in time counts as another server's)."""
+    others = []
+    for route in spec.routes:
+        try:
+            mine = await asyncio.wait_for(asyncio.to_thread(is_self_route, route, spec),
+                                          DIAL_TIMEOUT * 2)
+        except TimeoutError:
+            mine = False
+        if not mine:
+            others.append(route)
+    return others
+
+
+async def route_problems(others: Sequence[str], monitor_port: int) -> list[str]:
+    """What is wrong with this server's routes to ``others`` now: per route that has not joined,
+    ``"ROUTE (why)"``; [] when as many servers are connected as there are ``others``."""
     try:
         routez = await asyncio.to_thread(monitor_get, monitor_port, "/routez")
     except (OSError, ValueError) as exc:
@@ -205,10 +219,10 @@ async def watch_routes(spec: ClusterSpec, monitor_port: int, say: Callable[[str]
     """Say once when routes are missing after ``grace`` and once when they are all up again;
     nothing in between (nats-server itself keeps retrying)."""
     started = time.monotonic()
-    others = [r for r in spec.routes if not await asyncio.to_thread(is_self_route, r, spec)]
+    others = await other_routes(spec)
     reported: bool | None = None  # None: nothing said yet; True: said "missing"
     while not stop.is_set():
-        problems = await route_problems(spec, monitor_port)
+        problems = await route_problems(others, monitor_port)
         if problems and reported is not True and time.monotonic() - started >= grace:
             what = "route" if len(problems) == 1 else "routes"
             say(f"broker {spec.name}: cannot reach {what} {', '.join(problems)}; still retrying "

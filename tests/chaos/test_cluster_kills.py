@@ -15,6 +15,7 @@ persisted, and to the next wave started; and the rollout's duration.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -22,6 +23,7 @@ import pytest
 import pytest_asyncio
 
 from coordinator.dev.broker import Broker
+from coordinator.dev.cluster import monitor_get
 from coordinator.dev.devfleet import DevFleet
 from coordinator.runtime.daemon import SERVICE_NAME
 from protocol import subjects
@@ -90,6 +92,7 @@ async def test_a_broker_killed_mid_rollout_loses_nothing(fleet: DevFleet, target
             at_kill = await wait_until(lambda: record_of(bus, rid), mid, timeout=60,
                                        what="wave 1 (node-2) to be updating")
             victim = await _victim(fleet, bus, target)
+            on_it = await _clients_of(victim)
             await victim.kill()
             killed = time.monotonic()
             await wait_until(lambda: record_of(bus, rid),
@@ -128,6 +131,15 @@ async def test_a_broker_killed_mid_rollout_loses_nothing(fleet: DevFleet, target
         if victim is not None:
             await victim.start()
             await fleet.cluster.wait_formed(60)
-    print(f"\n{target} ({victim.server_name if victim else '?'}) killed mid-rollout: next step "
-          f"persisted after {persisted:.1f}s, next wave started after {next_wave:.1f}s "
-          f"(bake 2s); rollout of 4 nodes took {took:.1f}s; {report.requests} requests, 0 failed")
+    agents = sorted(n.removeprefix("fleetwave-agent-") for n in on_it if "agent" in n)
+    print(f"\n{target} ({victim.server_name if victim else '?'}; clients on it: coordinator "
+          f"{'yes' if SERVICE_NAME in on_it else 'no'}, agents {agents or 'none'}) killed "
+          f"mid-rollout: next step persisted after {persisted:.1f}s, next wave started after "
+          f"{next_wave:.1f}s (bake 2s); rollout of 4 nodes took {took:.1f}s; "
+          f"{report.requests} requests, 0 failed")
+
+
+async def _clients_of(broker: Broker) -> list[str]:
+    """The names of the clients connected to ``broker`` now."""
+    connz = await asyncio.to_thread(monitor_get, broker.monitor_port, "/connz?limit=4096")
+    return [str(c.get("name", "")) for c in connz.get("connections") or []]

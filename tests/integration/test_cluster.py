@@ -122,6 +122,28 @@ async def test_r1_streams_are_raised_to_r3_in_place_keeping_their_data(
         await bus.close()
 
 
+async def test_a_coordinator_raises_a_fleet_made_with_one_replica(
+        cluster: BrokerCluster, tmp_path: Path) -> None:
+    """A fleet that began with R1 streams is raised to R3 when a coordinator starts on the
+    cluster without --replicas, and it says which streams it raised."""
+    bus = await Bus.connect(cluster.url, "grown")
+    try:
+        await bus.ensure_fleet(1)
+        await bus.kv_put(subjects.nodes_bucket("grown"), "node-1", b"kept")
+        async with _running(spawn_coordinator(cluster.url, tmp_path, fleet="grown")) as coord:
+            await wait_until(lambda: _replicas_or_missing(bus, "grown"),
+                             lambda r: r is not None and set(r.values()) == {3}, timeout=30,
+                             what="the fleet's streams raised to R3")
+            log = await wait_until(lambda: read_text(coord.log_path), lambda t: "R3)" in t,
+                                   timeout=15, what="the coordinator to be ready")
+        raised = re.findall(r"raised (\S+) from 1 to 3 replicas", log)
+        assert sorted(raised) == sorted(fleet_streams("grown")), log
+        entry = await bus.kv_get(subjects.nodes_bucket("grown"), "node-1")
+        assert entry is not None and entry.value == b"kept"
+    finally:
+        await bus.close()
+
+
 async def test_replicas_larger_than_the_cluster_is_refused_creating_nothing(
         cluster: BrokerCluster, tmp_path: Path) -> None:
     """`fleetwave coordinator --replicas 5` on 3 servers exits 2 with one line saying what and
