@@ -220,6 +220,8 @@ async def watch_routes(spec: ClusterSpec, monitor_port: int, say: Callable[[str]
     nothing in between (nats-server itself keeps retrying)."""
     started = time.monotonic()
     others = await other_routes(spec)
+    if not others:
+        return  # a seed: the others route to it, and nats-server logs their arrival
     reported: bool | None = None  # None: nothing said yet; True: said "missing"
     while not stop.is_set():
         problems = await route_problems(others, monitor_port)
@@ -248,8 +250,8 @@ class BrokerCluster:
                  ) -> None:
         from coordinator.dev.broker import Broker, free_port
 
-        if size < 1:
-            raise UsageError(f"--brokers {size}: a cluster needs at least one broker")
+        if size < 2:  # a lone clustered server waits for peers for ever: run a plain Broker
+            raise UsageError(f"--brokers {size}: a cluster needs at least 2 brokers (3 for R3)")
         self.dir = Path(directory).absolute()
         cluster_ports = [free_port() for _ in range(size)]
         routes = tuple(f"nats-route://127.0.0.1:{p}" for p in cluster_ports)

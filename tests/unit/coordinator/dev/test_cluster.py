@@ -8,6 +8,7 @@ import pytest
 
 from coordinator.dev.broker import render_config
 from coordinator.dev.cluster import (
+    BrokerCluster,
     ClusterSpec,
     cluster_spec,
     is_self_route,
@@ -77,3 +78,9 @@ def test_config_of_a_member_has_a_cluster_block() -> None:
                          server_name="fw-2", cluster=spec)
     assert 'listen: "127.0.0.1:6223"' in conf and '"nats-route://127.0.0.1:6222"' in conf
     assert 'name: "fleetwave"' in conf and "sync_interval: always" in conf
+
+
+def test_a_cluster_of_one_is_refused(tmp_path: Path) -> None:
+    """A lone clustered server waits for peers for ever, so BrokerCluster wants 2 or more."""
+    with pytest.raises(UsageError, match="at least 2"):
+        BrokerCluster(tmp_path, 1)
