@@ -229,7 +229,7 @@ async def watch_routes(spec: ClusterSpec, monitor_port: int, say: Callable[[str]
             what = "route" if len(problems) == 1 else "routes"
             say(f"broker {spec.name}: cannot reach {what} {', '.join(problems)}; still retrying "
                 "— start the broker(s) there or fix --routes (a broker started before the "
-                "others waits for them; its clients are served meanwhile)")
+                "others waits for them: JetStream answers once most of the cluster is up)")
             reported = True
         elif not problems and reported is not False:
             say(f"broker {spec.name}: routes up, in cluster {spec.cluster_name!r} with "
