@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -218,6 +219,21 @@ async def test_bad_route_flags_are_one_line_and_create_nothing(tmp_path: Path) -
     code, _, err = await fleetwave("broker", "--store-dir", str(tmp_path / "js"), "--name", "a",
                                    "--cluster-listen", "127.0.0.1:6222", "--routes", "x:y")
     assert code == 2 and err.count("\n") == 1 and "nats-route://HOST:PORT" in err, err
+    assert not (tmp_path / "js").exists()
+
+
+async def test_a_taken_cluster_port_is_one_line_and_creates_nothing(tmp_path: Path) -> None:
+    """`fleetwave broker --cluster-listen` on a port another process holds exits 1 with one line
+    naming the port and the flag, and writes no store dir."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        code, _, err = await fleetwave(
+            "broker", "--port", str(free_port()), "--store-dir", str(tmp_path / "js"),
+            "--name", "a", "--cluster-listen", f"127.0.0.1:{port}", "--routes", "127.0.0.1:1")
+    assert code == 1 and err.count("\n") == 1, err
+    assert f"cluster port {port}" in err and "--cluster-listen" in err, err
     assert not (tmp_path / "js").exists()
 
 
