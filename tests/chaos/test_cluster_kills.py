@@ -5,7 +5,8 @@ leader of the rollouts bucket's stream (``KV_fw-default-rollouts``).
 
 What holds each time, with the killed broker left dead until the rollout has ended (R3 survives
 one server): the rollout succeeds, every node serves the new version, no request of the steady
-load fails, and the audit log has every event of the rollout exactly once (each node moved and
+load fails, never more than max-unavailable (1) nodes without a serving router (sampled from
+outside), and the audit log has every event of the rollout exactly once (each node moved and
 done once, each wave started and judged once, no event id twice). The broker is then restarted
 and the cluster made whole before the next scenario.
 
@@ -29,6 +30,7 @@ from coordinator.runtime.daemon import SERVICE_NAME
 from protocol import subjects
 from protocol.bus import Bus
 from protocol.messages import RolloutRecord
+from tests.chaos.test_max_unavailable import watched  # the outside availability sampler
 from tests.integration.e2e_support import (
     deploy_detached,
     events_of,
@@ -82,9 +84,10 @@ async def test_a_broker_killed_mid_rollout_loses_nothing(fleet: DevFleet, target
     bus = await Bus.connect(url, fleet.fleet, name="chaos-test", reconnect_forever=True)
     victim: Broker | None = None
     try:
-        async with loaded(fleet) as traffic:
+        async with loaded(fleet) as traffic, watched(fleet) as seen:
             started = time.monotonic()
-            rid = await deploy_detached(url, version, "--batch", "1", "--bake", "2s")
+            rid = await deploy_detached(url, version, "--batch", "1", "--max-unavailable", "1",
+                                        "--bake", "2s")
 
             def mid(r: RolloutRecord) -> bool:
                 return r.current_wave == 1 and r.nodes[NODES[1]].state == "updating"
@@ -113,6 +116,7 @@ async def test_a_broker_killed_mid_rollout_loses_nothing(fleet: DevFleet, target
         report = traffic.report
         assert report.failed == 0, report.failures
         assert report.requests > 0 and version in report.versions
+        assert seen.worst <= 1, f"{seen.worst} nodes unavailable at once: {seen.worst_at}"
 
         events = await events_of(url, rid)
         ids = [e["id"] for e in events]
@@ -136,7 +140,7 @@ async def test_a_broker_killed_mid_rollout_loses_nothing(fleet: DevFleet, target
           f"{'yes' if SERVICE_NAME in on_it else 'no'}, agents {agents or 'none'}) killed "
           f"mid-rollout: next step persisted after {persisted:.1f}s, next wave started after "
           f"{next_wave:.1f}s (bake 2s); rollout of 4 nodes took {took:.1f}s; "
-          f"{report.requests} requests, 0 failed")
+          f"{report.requests} requests, 0 failed; at most {seen.worst} node(s) unavailable")
 
 
 async def _clients_of(broker: Broker) -> list[str]:
