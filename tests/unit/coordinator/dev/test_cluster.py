@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
+from coordinator.dev import cluster
 from coordinator.dev.broker import render_config
 from coordinator.dev.cluster import (
     BrokerCluster,
@@ -84,3 +86,30 @@ def test_a_cluster_of_one_is_refused(tmp_path: Path) -> None:
     """A lone clustered server waits for peers for ever, so BrokerCluster wants 2 or more."""
     with pytest.raises(UsageError, match="at least 2"):
         BrokerCluster(tmp_path, 1)
+
+
+async def test_route_trouble_is_said_once_per_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Missing routes are said once (not once a poll), their return once, a new loss once more."""
+    states = [["r2 (connection refused)"]] * 3 + [[]] * 3 + [["r2 (no answer within 1s)"]] * 3
+    polls = iter(states)
+    stop = asyncio.Event()
+
+    async def others(spec: ClusterSpec) -> list[str]:
+        return ["nats-route://r2:6222"]
+
+    async def problems(others: object, port: int) -> list[str]:
+        found = next(polls, None)
+        if found is None:  # the story is told: stop, with the route still missing
+            stop.set()
+            return states[-1]
+        return found
+
+    monkeypatch.setattr(cluster, "other_routes", others)
+    monkeypatch.setattr(cluster, "route_problems", problems)
+    said: list[str] = []
+    spec = ClusterSpec("fw-1", "127.0.0.1", 6222, ("nats-route://r2:6222",))
+    async with asyncio.timeout(10):
+        await cluster.watch_routes(spec, 0, said.append, stop, grace=0.0, interval=0.001)
+    assert [("cannot reach" in s, "routes up" in s) for s in said] == [
+        (True, False), (False, True), (True, False)], said
+    assert "connection refused" in said[0] and "--routes" in said[0]
