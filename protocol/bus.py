@@ -298,7 +298,8 @@ class Bus:
         self, replicas: int | None = None, *, raise_existing: bool = False,
     ) -> FleetSetup:
         """Create the fleet's buckets, object store and events stream where missing (idempotent),
-        each with ``replicas`` copies (None: ``default_replicas()``).
+        each with ``replicas`` copies (None: ``default_replicas()``, asked only when something is
+        to be created or raised).
 
         A ``replicas`` given is checked first (``check_replicas``: TooFewServers before anything
         is created). With ``raise_existing`` (the coordinator), every existing stream of the
@@ -308,50 +309,59 @@ class Bus:
         choice (``nats stream edit --replicas``).
         """
         f = self.fleet
+        store = subjects.releases_store(f)
+        events = js_api.StreamConfig(
+            name=subjects.events_stream(f),
+            subjects=[subjects.events(f)],
+            storage=js_api.StorageType.FILE,
+            max_age=EVENTS_MAX_AGE,
+            max_bytes=EVENTS_MAX_BYTES,
+            max_msg_size=EVENTS_MAX_EVENT,
+            discard=js_api.DiscardPolicy.OLD,
+        )
+        buckets = _fleet_buckets(f)
+        names = [*(subjects.kv_stream(b) for b in buckets), subjects.object_stream(store),
+                 subjects.events_stream(f)]
         try:
-            if replicas is None:
-                replicas = await self.default_replicas()
-            else:
+            if replicas is not None:
                 await self.check_replicas(replicas)
+            have = {name: await self._stream_config(name) for name in names}
+            if replicas is None:
+                if raise_existing or None in have.values():
+                    replicas = await self.default_replicas()
+                else:  # nothing to create or raise: say what there is
+                    replicas = min(c.num_replicas or 1 for c in have.values() if c is not None)
             setup = FleetSetup(replicas=replicas)
-            for bucket, history in _fleet_buckets(f).items():
-                if not await self._raised(subjects.kv_stream(bucket), replicas, raise_existing,
-                                          setup):
+            for name, config in have.items():
+                if config is not None:
+                    await self._bring_up(name, config, replicas if raise_existing else 0, setup,
+                                         limits=events if name == events.name else None)
+            for bucket, history in buckets.items():
+                if have[subjects.kv_stream(bucket)] is None:
                     await self.js.create_key_value(
                         bucket=bucket, history=history, storage=js_api.StorageType.FILE,
                         replicas=replicas,
                     )
-            store = subjects.releases_store(f)
-            if not await self._raised(subjects.object_stream(store), replicas, raise_existing,
-                                      setup):
+            if have[subjects.object_stream(store)] is None:
                 await self.js.create_object_store(
                     bucket=store, storage=js_api.StorageType.FILE, replicas=replicas)
-            events = js_api.StreamConfig(
-                name=subjects.events_stream(f),
-                subjects=[subjects.events(f)],
-                storage=js_api.StorageType.FILE,
-                max_age=EVENTS_MAX_AGE,
-                max_bytes=EVENTS_MAX_BYTES,
-                max_msg_size=EVENTS_MAX_EVENT,
-                discard=js_api.DiscardPolicy.OLD,
-                num_replicas=replicas,
-            )
-            if not await self._raised(subjects.events_stream(f), replicas, raise_existing, setup,
-                                      limits=events):
+            if have[subjects.events_stream(f)] is None:
+                events.num_replicas = replicas
                 await self.js.add_stream(events)
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusError(f"cannot set up fleet {f!r} in JetStream: {exc}") from None
         return setup
 
-    async def _raised(self, stream: str, replicas: int, raise_existing: bool, setup: FleetSetup,
-                      *, limits: js_api.StreamConfig | None = None) -> bool:
-        """False if ``stream`` does not exist; else bring it up to date in place and say True:
-        ``replicas`` copies if it has fewer (when ``raise_existing``), and the limits of
-        ``limits`` (the events stream of a fleet made before there were any)."""
+    async def _stream_config(self, stream: str) -> js_api.StreamConfig | None:
         try:
-            have = (await self.js.stream_info(stream)).config
+            return (await self.js.stream_info(stream)).config
         except nats.js.errors.NotFoundError:
-            return False
+            return None
+
+    async def _bring_up(self, name: str, have: js_api.StreamConfig, replicas: int,
+                        setup: FleetSetup, *, limits: js_api.StreamConfig | None = None) -> None:
+        """Update an existing stream in place: ``replicas`` copies if it has fewer, and the
+        limits of ``limits`` (the events stream of a fleet made before there were any)."""
         changed = False
         if limits is not None:
             for k in ("max_age", "max_bytes", "max_msg_size", "discard"):
@@ -359,13 +369,12 @@ class Bus:
                     setattr(have, k, getattr(limits, k))
                     changed = True
         old = have.num_replicas or 1
-        if raise_existing and old < replicas:
+        if old < replicas:
             have.num_replicas = replicas
-            setup.raised.append((stream, old))
+            setup.raised.append((name, old))
             changed = True
         if changed:
             await self.js.update_stream(have)
-        return True
 
     def cluster_servers(self) -> list[str]:
         """The client URLs of the cluster's servers, as the server's INFO listed them when we
