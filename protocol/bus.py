@@ -13,7 +13,8 @@ Known nats-py pitfalls handled here:
 - on a cluster, a watcher's consumer lives on one server, not always the one we are connected
   to: when that server dies we do not reconnect, and nats-py notices only after two missed idle
   heartbeats (5 s each: 10-20 s of silence, measured). ``watch`` asks for heartbeats every
-  ``WATCH_HEARTBEAT`` instead, so the consumer is re-created within about two of them.
+  ``WATCH_HEARTBEAT`` instead, so the consumer is re-created within about two of them, and
+  bounds each attempt to create one (``WATCH_START_TIMEOUT``).
 
 Why one long module: it is the one seam (STYLE: one module imports ``nats``), so every
 nats-py call and every pitfall it handles live here together, behind narrow methods.
@@ -88,6 +89,10 @@ OP_TIMEOUT = 10.0
 # Idle heartbeat of a KV watch's consumer: a watch whose consumer's server died is re-created
 # after two missed ones. Costs one small message per watch and interval while idle.
 WATCH_HEARTBEAT = 1.0
+# Bound on creating a KV watch's consumer (doubled after each failure, up to OP_TIMEOUT): while
+# the meta group elects a leader after a server's death the request gets no answer at all, and a
+# watch that waited OP_TIMEOUT for it came back ~10 s late.
+WATCH_START_TIMEOUT = 2.5
 # Long-lived clients (agents, coordinator) reconnect with capped exponential backoff and jitter so
 # that a fleet does not hammer a restarting server in lock-step; see ``reconnect_delay``.
 RECONNECT_BASE = 0.25
@@ -104,9 +109,10 @@ EVENTS_MAX_BYTES = 8 * 1024**3
 EVENTS_MAX_EVENT = 4 * 1024**2
 
 
-# JetStream's answers to a stream it cannot place: no suitable peers, insufficient resources,
-# replicas > 1 on a server that is not clustered.
-_NO_PLACEMENT = (10005, 10023, 10074)
+# JetStream's answers to a stream it cannot place for want of servers: no suitable peers,
+# replicas > 1 on a server that is not clustered. (Insufficient resources, 10023, is a full disk
+# or memory budget, not a count of servers: a plain BusError.)
+_NO_PLACEMENT = (10005, 10074)
 
 
 def _fleet_buckets(fleet: str) -> dict[str, int]:
@@ -432,7 +438,11 @@ class Bus:
         try:
             await self.js.add_stream(probe)
         except nats.js.errors.BadRequestError as exc:
-            if getattr(exc, "err_code", None) not in _NO_PLACEMENT:
+            # "no suitable peers for placement, peer offline": a server not seen yet (just
+            # started) or down now, in a cluster that may well be big enough: retried, not
+            # refused.
+            if (getattr(exc, "err_code", None) not in _NO_PLACEMENT
+                    or "offline" in str(getattr(exc, "description", ""))):
                 raise
             servers = self.cluster_servers()
             raise TooFewServers(
@@ -616,14 +626,18 @@ class Bus:
         Yields ``None`` each time it has delivered the current contents (after the start and after
         each re-creation), so a caller can treat what it saw since as a full, level-triggered view.
         """
+        start = WATCH_START_TIMEOUT
         while True:
-            kv = _with_heartbeat(await self._bucket(bucket), WATCH_HEARTBEAT)
+            kv = _watchable(await self._bucket(bucket), self.nc.jetstream(timeout=start))
             epoch = self.reconnects
             try:
                 w = await kv.watch(pattern)
             except (nats.errors.Error, TimeoutError):
-                await asyncio.sleep(0.5)
+                # A loaded server gets longer requests, not more of them; jitter spreads a fleet.
+                start = min(start * 2, OP_TIMEOUT)
+                await asyncio.sleep(random.uniform(0.25, 0.75))
                 continue
+            start = WATCH_START_TIMEOUT
             self._watchers.add(w)
             try:
                 # No polling: ``_reconnected`` wakes this with the stop sentinel (checked for
@@ -877,10 +891,11 @@ class _HeartbeatingJetStream:
         return await self._inner.subscribe(*args, **kwargs)
 
 
-def _with_heartbeat(kv: Any, interval: float) -> Any:
-    """A copy of KeyValue ``kv`` whose watches' consumers heartbeat every ``interval`` s."""
+def _watchable(kv: Any, js: Any) -> Any:
+    """A copy of KeyValue ``kv`` whose watches are made through JetStream context ``js`` (its
+    timeout bounds their creation) with idle heartbeats every ``WATCH_HEARTBEAT``."""
     fast = copy.copy(kv)
-    fast._js = _HeartbeatingJetStream(kv._js, interval)
+    fast._js = _HeartbeatingJetStream(js, WATCH_HEARTBEAT)
     return fast
 
 

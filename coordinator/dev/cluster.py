@@ -297,8 +297,10 @@ class BrokerCluster:
 
     async def wait_formed(self, timeout: float = FORM_TIMEOUT,
                           among: Sequence[Broker] | None = None) -> None:
-        """Until every running broker (or those in ``among``) reports JetStream healthy: a meta
-        leader known and every stream current (``/healthz``); BrokerError after ``timeout``."""
+        """Until every running broker (or those in ``among``) reports JetStream healthy (a meta
+        leader known, every stream current: ``/healthz``) and the meta leader sees each of them
+        current (before that, JetStream places no replica on it: "peer offline");
+        BrokerError after ``timeout``."""
         deadline = time.monotonic() + timeout
         last = "not asked yet"
         while True:
@@ -307,11 +309,26 @@ class BrokerCluster:
                                             for b in running))
             bad = [f"{b.server_name}: {s}" for b, s in zip(running, states, strict=True) if s]
             if not bad:
+                bad = await self._not_current(running)
+            if not bad:
                 return
             last = "; ".join(bad)
             if time.monotonic() > deadline:
                 raise BrokerError(f"the broker cluster did not form within {timeout:g}s ({last})")
             await asyncio.sleep(0.1)
+
+    async def _not_current(self, running: Sequence[Broker]) -> list[str]:
+        """The running brokers the meta leader does not see as current peers yet."""
+        try:
+            leader = self.by_name(await self.meta_leader())
+            meta = (await self.jsz(leader)).get("meta_cluster", {})
+        except (KeyError, OSError, ValueError) as exc:
+            return [f"no meta leader to ask ({exc})"]
+        peers = {r.get("name"): r for r in meta.get("replicas") or []}
+        return [f"{b.server_name}: not a current peer of the meta group yet" for b in running
+                if b is not leader and (b.server_name not in peers
+                                        or peers[b.server_name].get("offline")
+                                        or not peers[b.server_name].get("current"))]
 
     async def jsz(self, broker: Broker | None = None) -> dict[str, Any]:
         """``/jsz`` of ``broker`` (default: the first running one)."""

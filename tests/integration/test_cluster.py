@@ -24,6 +24,7 @@ from coordinator.dev.cluster import BrokerCluster, monitor_get
 from coordinator.dev.devfleet import Child, DevFleet
 from protocol import subjects
 from protocol.bus import Bus
+from protocol.errors import BusError
 from tests.integration.procs import fleetwave, read_text, spawn_coordinator, wait_until
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -294,8 +295,9 @@ async def test_dev_fleet_of_three_brokers_gives_every_child_every_url(tmp_path: 
 
 async def test_clients_fail_over_when_their_broker_is_killed(cluster: BrokerCluster) -> None:
     """A client given every URL keeps reading and writing R3 buckets after the broker it is
-    connected to is SIGKILLed (and a KV watch keeps delivering). Last in the module: it leaves
-    the shared cluster with two of three servers."""
+    connected to is SIGKILLed (and a KV watch keeps delivering); with a second broker down no
+    write goes through (a BusError, not a hang), and with both back writes resume and nothing
+    was lost. Last in the module: it kills brokers of the shared cluster."""
     bus = await Bus.connect(cluster.url, "failover", reconnect_forever=True)
     try:
         await bus.ensure_fleet(3, raise_existing=True)
@@ -316,16 +318,29 @@ async def test_clients_fail_over_when_their_broker_is_killed(cluster: BrokerClus
         await victim.kill()
         killed = asyncio.get_running_loop().time()
         took = await _retry_put(bus, bucket, "n1.hello", b"after")
-        entry = await bus.kv_get(bucket, "n1.hello")
-        assert entry is not None and entry.value == b"after"
+        await wait_until(lambda: _value(bus, bucket, "n1.hello"), lambda v: v == b"after",
+                         timeout=30, what="the write to be read back")
         assert bus.nc.connected_url is not None and bus.nc.connected_url.netloc != here.netloc
         await wait_until(_true(lambda: b"after" in seen), bool, timeout=30,
                          what="the watch to deliver the write made after the failover")
         watched = asyncio.get_running_loop().time() - killed
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
+
+        # A second broker down: no quorum, so no write (refused in bounded time, not hung).
+        other = next(b for b in cluster.brokers if b.pid is not None and b is not victim)
+        await other.kill()
+        with pytest.raises(BusError):
+            async with asyncio.timeout(30):
+                await bus.kv_put(bucket, "n1.hello", b"lost?")
+        for b in (victim, other):
+            await b.start()
+        resumed = await _retry_put(bus, bucket, "n1.hello", b"whole again")
+        await wait_until(lambda: _value(bus, bucket, "n1.hello"), lambda v: v == b"whole again",
+                         timeout=30, what="the write to be read back")
         print(f"\nclient failover: first write accepted {took:.2f}s after its broker was killed,"
-              f" the watch delivered it {watched:.2f}s after the kill")
+              f" the watch delivered it {watched:.2f}s after the kill; with two of three down a "
+              f"write is refused, and goes through {resumed:.1f}s after they are started again")
     finally:
         await bus.close()
 
@@ -374,6 +389,15 @@ def _true(check: object) -> object:
     return probe
 
 
+async def _value(bus: Bus, bucket: str, key: str) -> bytes | None:
+    """A key's value; AssertionError (which ``wait_until`` retries) while JetStream is away."""
+    try:
+        entry = await bus.kv_get(bucket, key)
+    except BusError as exc:
+        raise AssertionError(str(exc)) from None
+    return entry.value if entry is not None else None
+
+
 async def _retry_put(bus: Bus, bucket: str, key: str, value: bytes, timeout: float = 30.0
                      ) -> float:
     """Put until the bus takes it (bounded); seconds it took."""
@@ -388,3 +412,4 @@ async def _retry_put(bus: Bus, bucket: str, key: str, value: bytes, timeout: flo
             last = exc
             await asyncio.sleep(0.1)
     raise AssertionError(f"no write accepted within {timeout:g}s after the failover: {last}")
+
