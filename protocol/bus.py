@@ -93,6 +93,9 @@ WATCH_HEARTBEAT = 1.0
 # the meta group elects a leader after a server's death the request gets no answer at all, and a
 # watch that waited OP_TIMEOUT for it came back ~10 s late.
 WATCH_START_TIMEOUT = 2.5
+# A watch consumer nobody listens to (its creation given up on, its client gone) is removed by
+# the server after this long; a live watch is re-created after a reconnect anyway.
+WATCH_INACTIVE = 30.0
 # Long-lived clients (agents, coordinator) reconnect with capped exponential backoff and jitter so
 # that a fleet does not hammer a restarting server in lock-step; see ``reconnect_delay``.
 RECONNECT_BASE = 0.25
@@ -626,18 +629,20 @@ class Bus:
         Yields ``None`` each time it has delivered the current contents (after the start and after
         each re-creation), so a caller can treat what it saw since as a full, level-triggered view.
         """
-        start = WATCH_START_TIMEOUT
+        failures = 0
         while True:
-            kv = _watchable(await self._bucket(bucket), self.nc.jetstream(timeout=start))
+            # A few quick attempts (an election ends within seconds), then longer ones: a
+            # loaded server gets longer requests, not more of them. Jitter spreads a fleet.
+            bound = min(OP_TIMEOUT, WATCH_START_TIMEOUT * 2 ** max(0, failures - 3))
+            kv = _watchable(await self._bucket(bucket), self.nc.jetstream(timeout=bound))
             epoch = self.reconnects
             try:
-                w = await kv.watch(pattern)
+                w = await kv.watch(pattern, inactive_threshold=WATCH_INACTIVE)
             except (nats.errors.Error, TimeoutError):
-                # A loaded server gets longer requests, not more of them; jitter spreads a fleet.
-                start = min(start * 2, OP_TIMEOUT)
+                failures += 1
                 await asyncio.sleep(random.uniform(0.25, 0.75))
                 continue
-            start = WATCH_START_TIMEOUT
+            failures = 0
             self._watchers.add(w)
             try:
                 # No polling: ``_reconnected`` wakes this with the stop sentinel (checked for
