@@ -10,8 +10,9 @@ outside), and the audit log has every event of the rollout exactly once (each no
 done once, each wave started and judged once, no event id twice). The broker is then restarted
 and the cluster made whole before the next scenario.
 
-Prints (run with -s), per scenario: time from the kill to the next step the coordinator
-persisted, and to the next wave started; and the rollout's duration.
+Prints (run with -s), per scenario: time from the kill to the coordinator's next decision and to
+the next wave started (the events' own times: the coordinator's clock, on the same host); and the
+rollout's duration.
 """
 
 from __future__ import annotations
@@ -92,21 +93,13 @@ async def test_a_broker_killed_mid_rollout_loses_nothing(fleet: DevFleet, target
             def mid(r: RolloutRecord) -> bool:
                 return r.current_wave == 1 and r.nodes[NODES[1]].state == "updating"
 
-            at_kill = await wait_until(lambda: record_of(bus, rid), mid, timeout=60,
-                                       what="wave 1 (node-2) to be updating")
+            await wait_until(lambda: _record(bus, rid), mid, timeout=60,
+                             what="wave 1 (node-2) to be updating")
             victim = await _victim(fleet, bus, target)
             on_it = await _clients_of(victim)
             await victim.kill()
-            killed = time.monotonic()
-            await wait_until(lambda: record_of(bus, rid),
-                             lambda r: r.revision > at_kill.revision, timeout=60,
-                             what=f"the coordinator to persist a step after {target} died")
-            persisted = time.monotonic() - killed
-            await wait_until(lambda: record_of(bus, rid),
-                             lambda r: r.current_wave >= 2 or r.state != "running", timeout=60,
-                             what="the next wave to start")
-            next_wave = time.monotonic() - killed
-            final = await wait_until(lambda: record_of(bus, rid),
+            killed = time.time()  # events carry the coordinator's clock: the same host's
+            final = await wait_until(lambda: _record(bus, rid),
                                      lambda r: r.state != "running", timeout=120,
                                      what="the rollout to end with a broker down")
             took = time.monotonic() - started
@@ -122,6 +115,9 @@ async def test_a_broker_killed_mid_rollout_loses_nothing(fleet: DevFleet, target
         ids = [e["id"] for e in events]
         assert len(ids) == len(set(ids)), "an event recorded twice"
         kinds = [e["kind"] for e in events]
+        decided = min(e["time"] for e in events if e["time"] > killed) - killed
+        next_wave = next(e["time"] for e in events if e["kind"] == "wave.started"
+                         and e["data"].get("wave") == 2) - killed
         assert sorted(e["node"] for e in events if e["kind"] == "node.updating") == NODES, kinds
         assert sorted(e["node"] for e in events if e["kind"] == "node.done") == NODES, kinds
         waves = [e["data"].get("wave") for e in events if e["kind"] == "wave.started"]
@@ -138,9 +134,19 @@ async def test_a_broker_killed_mid_rollout_loses_nothing(fleet: DevFleet, target
     agents = sorted(n.removeprefix("fleetwave-agent-") for n in on_it if "agent" in n)
     print(f"\n{target} ({victim.server_name if victim else '?'}; clients on it: coordinator "
           f"{'yes' if SERVICE_NAME in on_it else 'no'}, agents {agents or 'none'}) killed "
-          f"mid-rollout: next step persisted after {persisted:.1f}s, next wave started after "
+          f"mid-rollout: next decision after {decided:.1f}s, next wave started after "
           f"{next_wave:.1f}s (bake 2s); rollout of 4 nodes took {took:.1f}s; "
           f"{report.requests} requests, 0 failed; at most {seen.worst} node(s) unavailable")
+
+
+async def _record(bus: Bus, rid: str) -> RolloutRecord:
+    """The rollout record, each read bounded: a read sent to a server that just died is never
+    answered, and waiting out the client's 10 s timeout would blur the figures."""
+    try:
+        async with asyncio.timeout(1.0):
+            return await record_of(bus, rid)
+    except TimeoutError:
+        raise AssertionError("the read of the record timed out") from None
 
 
 async def _clients_of(broker: Broker) -> list[str]:
