@@ -89,9 +89,9 @@ OP_TIMEOUT = 10.0
 # Idle heartbeat of a KV watch's consumer: a watch whose consumer's server died is re-created
 # after two missed ones. Costs one small message per watch and interval while idle.
 WATCH_HEARTBEAT = 1.0
-# Bound on creating a KV watch's consumer (doubled after each failure, up to OP_TIMEOUT): while
-# the meta group elects a leader after a server's death the request gets no answer at all, and a
-# watch that waited OP_TIMEOUT for it came back ~10 s late.
+# Bound on creating a KV watch's consumer (doubled from the fourth failure in a row, up to
+# OP_TIMEOUT): while the meta group elects a leader after a server's death the request gets no
+# answer at all, and a watch that waited OP_TIMEOUT for it came back ~10 s late.
 WATCH_START_TIMEOUT = 2.5
 # A watch consumer nobody listens to (its creation given up on, its client gone) is removed by
 # the server after this long; a live watch is re-created after a reconnect anyway.
