@@ -85,7 +85,7 @@ async def test_a_broker_killed_mid_rollout_loses_nothing(fleet: DevFleet, target
     bus = await Bus.connect(url, fleet.fleet, name="chaos-test", reconnect_forever=True)
     victim: Broker | None = None
     try:
-        async with loaded(fleet) as traffic, watched(fleet) as seen:
+        async with loaded(fleet) as traffic, watched(lambda: serving(fleet)) as seen:
             started = time.monotonic()
             rid = await deploy_detached(url, version, "--batch", "1", "--max-unavailable", "1",
                                         "--bake", "2s")
