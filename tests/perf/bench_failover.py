@@ -1,11 +1,12 @@
 """Failover benchmark (issue 13): what high availability costs and how fast it takes over.
 
-Usage: python tests/perf/bench_failover.py [--nodes 1000] [--rounds 1] [--json] [--keep]
+Usage: python tests/perf/bench_failover.py [--nodes 1000] [--rounds 1] [--kills 20]
+       [--kill-nodes 200] [--json] [--keep]
 
-Part one — takeover time: the leader coordinator killed → the next write by the new leader, and →
-the next wave started, over >= 20 kills (p50 <= 1.5 s, max <= 3 s). NOT MEASURED HERE YET: it
-needs the leader lease (issue 13 part 1, branch ``lease``); see ``takeover`` below, which says so
-instead of printing a figure.
+Part one — takeover time (``takeover_part``): two coordinators on one fleet of ``--kill-nodes``
+simulated nodes with rollouts running back and forth; the leader SIGKILLed ``--kills`` times (and
+started again as a standby), each time measured from the kill to the standby holding the lease,
+to its first write landing, and to the next wave started (target: p50 <= 1.5 s, max <= 3 s).
 
 Part two — the price of replication: a rolling rollout of hello 1.0.0 → 2.0.0 over N simulated
 nodes (``fleetwave-agent --simulate N``, waves of 10%, bake 0, max-unavailable 10%), measured
@@ -30,6 +31,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from perf_support import SimFleet, emit, rolling
+from takeover_part import takeover as measure_takeover
+from takeover_part import takeover_rows
 
 from protocol import subjects
 
@@ -37,14 +40,11 @@ SETUPS = {"R1, 1 server": 1, "R3, 3 servers": 3}
 
 
 # -- part one: takeover time ----------------------------------------------------------------------
-# >>> THE LEAD ADDS THIS PART (issue 13 part 1, the leader lease): kill the leading coordinator
-# >>> (SIGKILL) >= 20 times during rollouts and measure (a) kill -> first write by the new leader
-# >>> (b) kill -> next wave.started; print p50 and max. Nothing here measures or estimates it.
 
 
-async def takeover(args: argparse.Namespace) -> dict[str, Any] | None:
-    """Part one (not written yet): None, so that no figure is printed for it."""
-    return None
+async def takeover(args: argparse.Namespace) -> dict[str, Any]:
+    """Part one: ``takeover_part.takeover`` over ``--kills`` SIGKILLs of the leader."""
+    return await measure_takeover(args.kill_nodes, args.kills, keep=args.keep)
 
 
 # -- part two: R1 on one server vs R3 on three -----------------------------------------------------
@@ -118,11 +118,15 @@ async def main() -> int:
     ap.add_argument("--rounds", type=int, default=1, help="R1/R3 pairs, run alternately")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ap.add_argument("--keep", action="store_true", help="keep each run's temp dir (logs)")
+    ap.add_argument("--kills", type=int, default=20, help="leader kills in part one")
+    ap.add_argument("--kill-nodes", type=int, default=200,
+                    help="simulated nodes in part one (default 200)")
     args = ap.parse_args()
 
     took = await takeover(args)
-    if took is None and not args.json:
-        print("\ntakeover time (part one): not measured yet; it comes with the leader lease")
+    if not args.json:
+        emit(False, f"takeover after SIGKILL of the leading coordinator ({args.kills} kills)",
+             took, takeover_rows(took))
 
     result = await replication(args)
     emit(args.json, f"rolling 1.0.0 -> 2.0.0 over {args.nodes} simulated nodes, batch 10%, "

@@ -4,7 +4,8 @@ that bench_failover stays one table of two parts).
 Two coordinators (the same key) and ``--simulate N`` nodes on one broker; rolling rollouts back
 and forth (1.0.0 ↔ 2.0.0, waves of 5 %, bake 0) run all along. ``kills`` times: wait a random
 0.5-2 s into the wave work, SIGKILL whichever coordinator leads, start it again (it comes back as
-a standby), and measure from the kill:
+a standby, ready before the next kill: a standby is always there to take over), and measure from
+the kill:
 
 - lease: until the ``leader`` verb names another holder (polled every 20 ms);
 - write: until the new leader's first write lands in the rollouts bucket (its fence marker,
@@ -89,13 +90,17 @@ async def takeover(nodes: int, kills: int, seed: int = 1,
                         now = await fleet.api("leader", {}, timeout=1)
                     except RuntimeError:  # no answer within 1 s: counted, asked again
                         unanswered += 1
+                        await asyncio.sleep(POLL)
                         continue
                     if now.get("holder") not in (None, lease["holder"]):
                         lease_s.append(time.monotonic() - killed)
                         break
                     await asyncio.sleep(POLL)
                 await leader.wait(timeout=10)
-                await leader.start()  # back as a standby
+                readies = ready_lines(leader)
+                await leader.start()  # back as a standby; ready before the next kill
+                await first(lambda r=readies, c=leader: [time.monotonic()]
+                            if ready_lines(c) > r else [])
                 old = int(lease["term"])
                 write_s.append(await first(lambda k=killed, o=old: [
                     t for t, term in terms if t > k and term > o]) - killed)
@@ -115,6 +120,14 @@ async def takeover(nodes: int, kills: int, seed: int = 1,
     return {"nodes": nodes, "kills": kills, "lease": stats(lease_s),
             "first_write": stats(write_s), "next_wave": stats(wave_s),
             "unanswered_reads": unanswered}
+
+
+def ready_lines(child: Child) -> int:
+    """How many times the coordinator's log says it was ready (once a start)."""
+    try:
+        return child.log_path.read_text(errors="replace").count(" ready on ")
+    except FileNotFoundError:
+        return 0
 
 
 async def first(seen: Any, timeout: float = 60.0) -> float:
