@@ -13,14 +13,19 @@ names its host). In the middle of wave 1 the leader is
   renew, so it stops leading on its own within the lease's ttl, while still cut off; the standby
   takes over and starts wave 2; healed, the old leader reads the lease again and stays a standby.
 
+And with one coordinator only, cut from the bus for 3 s (past its lease's ttl) and healed: it
+judges no node offline (it heard nothing; the nodes did not go quiet), leads again under a new
+term and the rollout succeeds (before the fix in ``Lease.heard`` it read its cut as every node
+going offline, failed the wave and could roll a healthy rollout back).
+
 Checked from outside, in each: the standby leads within 3 s of the fault (``TAKEOVER_MAX``), the
 rollout succeeds and every node serves 2.0.0; no request of the steady load fails; no sample sees
 more than max-unavailable (1) nodes without a version; the rollout's audit log has every event
 exactly once; in the rollouts and desired buckets nothing of the old term landed after the new
 leader's fence (every write is watched as it lands, ``kv_landed``); no agent refused a desired
-state for its lease term (a deposed leader's state never even reached one). Prints (run with -s)
-the takeover time, the time to the new leader's first write, the rollout's duration, requests
-and failures.
+state for its lease term (a deposed leader's state never even reached one); no coordinator said
+a node went offline. Prints (run with -s) the takeover time, the times to the new term's first
+rollout write and to wave 2, the rollout's duration, requests and failures.
 """
 
 from __future__ import annotations
