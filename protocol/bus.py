@@ -9,7 +9,12 @@ Known nats-py pitfalls handled here:
 - the initial connect does not retry by itself: ``connect`` retries with backoff up to a deadline;
 - a KV watcher does not survive a server restart (an ordered consumer that is never recreated):
   ``watch`` re-creates its watcher after every reconnect, resuming from the last revision seen,
-  and callers treat it as level-triggered (a full read on every restart of the watch).
+  and callers treat it as level-triggered (a full read on every restart of the watch);
+- on a cluster, a watcher's consumer lives on one server, not always the one we are connected
+  to: when that server dies we do not reconnect, and nats-py notices only after two missed idle
+  heartbeats (5 s each: 10-20 s of silence, measured). ``watch`` asks for heartbeats every
+  ``WATCH_HEARTBEAT`` instead, so the consumer is re-created within about two of them, and
+  bounds each attempt to create one (``WATCH_START_TIMEOUT``).
 
 Why one long module: it is the one seam (STYLE: one module imports ``nats``), so every
 nats-py call and every pitfall it handles live here together, behind narrow methods.
@@ -20,13 +25,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import copy
 import hashlib
 import json
 import random
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +47,7 @@ from nats.micro import add_service
 from nats.micro.service import EndpointConfig, ServiceConfig
 
 from protocol import subjects
-from protocol.errors import BusError, Conflict, NoResponders, NotReachable
+from protocol.errors import BusError, Conflict, NoResponders, NotReachable, TooFewServers
 
 REQUEST_TIMEOUT = 5.0
 
@@ -82,6 +88,16 @@ def redact(url: str) -> str:
 
 OP_TIMEOUT = 10.0
 FENCED_BATCH = 500  # writes in one atomic batch (the server takes up to 1,000)
+# Idle heartbeat of a KV watch's consumer: a watch whose consumer's server died is re-created
+# after two missed ones. Costs one small message per watch and interval while idle.
+WATCH_HEARTBEAT = 1.0
+# Bound on creating a KV watch's consumer (doubled from the fourth failure in a row, up to
+# OP_TIMEOUT): while the meta group elects a leader after a server's death the request gets no
+# answer at all, and a watch that waited OP_TIMEOUT for it came back ~10 s late.
+WATCH_START_TIMEOUT = 2.5
+# A watch consumer nobody listens to (its creation given up on, its client gone) is removed by
+# the server after this long; a live watch is re-created after a reconnect anyway.
+WATCH_INACTIVE = 30.0
 # Long-lived clients (agents, coordinator) reconnect with capped exponential backoff and jitter so
 # that a fleet does not hammer a restarting server in lock-step; see ``reconnect_delay``.
 RECONNECT_BASE = 0.25
@@ -99,6 +115,34 @@ EVENTS_MAX_EVENT = 4 * 1024**2
 # How long the stream remembers an event's message id: a coordinator that resumes a rollout
 # publishes its record's outbox again, which the stream drops if it stored it within this window.
 EVENTS_DEDUP_WINDOW = 3600.0
+
+
+# JetStream's answers to a stream it cannot place for want of servers: no suitable peers,
+# replicas > 1 on a server that is not clustered. (Insufficient resources, 10023, is a full disk
+# or memory budget, not a count of servers: a plain BusError.)
+_NO_PLACEMENT = (10005, 10074)
+
+
+def _fleet_buckets(fleet: str) -> dict[str, int]:
+    """The fleet's KV buckets and the history each keeps."""
+    return {
+        subjects.desired_bucket(fleet): 5,
+        subjects.observed_bucket(fleet): 1,
+        subjects.rollouts_bucket(fleet): 5,
+        subjects.nodes_bucket(fleet): 1,
+        subjects.locks_bucket(fleet): 1,
+        subjects.release_index_bucket(fleet): 1,
+        subjects.lease_bucket(fleet): 1,
+    }
+
+
+@dataclass
+class FleetSetup:
+    """What ``ensure_fleet`` did: the replicas of the fleet's streams, and which existing ones it
+    raised (stream, replicas it had)."""
+
+    replicas: int
+    raised: list[tuple[str, int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -265,48 +309,94 @@ class Bus:
 
     # -- fleet set-up -----------------------------------------------------------------------------
 
-    async def ensure_fleet(self) -> None:
-        """Create the fleet's buckets, stream and object store if they do not exist (idempotent)."""
+    async def ensure_fleet(
+        self, replicas: int | None = None, *, raise_existing: bool = False,
+    ) -> FleetSetup:
+        """Create the fleet's buckets, object store and events stream where missing (idempotent),
+        each with ``replicas`` copies (None: ``default_replicas()``, asked only when something is
+        to be created or raised).
+
+        A ``replicas`` given is checked first (``check_replicas``: TooFewServers before anything
+        is created). With ``raise_existing`` (the coordinator), every existing stream of the
+        fleet with fewer copies is raised in place (its stream config's ``num_replicas``; the
+        servers copy the data over); without it (tools such as ``release push``), what exists
+        stays as it is. Never lowered: fewer copies of a fleet's state is an operator's explicit
+        choice (``nats stream edit --replicas``).
+        """
         f = self.fleet
-        buckets = {
-            subjects.desired_bucket(f): 5,
-            subjects.observed_bucket(f): 1,
-            subjects.rollouts_bucket(f): 5,
-            subjects.nodes_bucket(f): 1,
-            subjects.locks_bucket(f): 1,
-            subjects.release_index_bucket(f): 1,
-            subjects.lease_bucket(f): 1,
-        }
+        store = subjects.releases_store(f)
+        events = js_api.StreamConfig(
+            name=subjects.events_stream(f),
+            subjects=[subjects.events(f)],
+            storage=js_api.StorageType.FILE,
+            max_age=EVENTS_MAX_AGE,
+            max_bytes=EVENTS_MAX_BYTES,
+            max_msg_size=EVENTS_MAX_EVENT,
+            discard=js_api.DiscardPolicy.OLD,
+            duplicate_window=EVENTS_DEDUP_WINDOW,
+        )
+        buckets = _fleet_buckets(f)
+        names = [*(subjects.kv_stream(b) for b in buckets), subjects.object_stream(store),
+                 subjects.events_stream(f)]
         try:
+            if replicas is not None:
+                await self.check_replicas(replicas)
+            have = {name: await self._stream_config(name) for name in names}
+            if replicas is None:
+                if raise_existing or None in have.values():
+                    replicas = await self.default_replicas()
+                else:  # nothing to create or raise: say what there is
+                    replicas = min(c.num_replicas or 1 for c in have.values() if c is not None)
+            setup = FleetSetup(replicas=replicas)
+            for name, config in have.items():
+                if config is not None:
+                    await self._bring_up(name, config, replicas if raise_existing else 0, setup,
+                                         limits=events if name == events.name else None)
             for bucket, history in buckets.items():
-                try:
-                    await self.js.create_key_value(
-                        bucket=bucket, history=history, storage=js_api.StorageType.FILE
-                    )
-                except nats.js.errors.BadRequestError as exc:
-                    if exc.err_code != 10058:  # not "exists with another configuration"
-                        raise  # (ours: the fenced ones allow atomic batches, set below)
+                if have[subjects.kv_stream(bucket)] is None:
+                    try:
+                        await self.js.create_key_value(
+                            bucket=bucket, history=history, storage=js_api.StorageType.FILE,
+                            replicas=replicas,
+                        )
+                    except nats.js.errors.BadRequestError as exc:
+                        if exc.err_code != 10058:  # not "made meanwhile by another client"
+                            raise
             for bucket in subjects.fenced_buckets(f):
-                await self._allow_atomic(f"KV_{bucket}")
-            await self.js.create_object_store(
-                bucket=subjects.releases_store(f), storage=js_api.StorageType.FILE
-            )
-            events = js_api.StreamConfig(
-                name=subjects.events_stream(f),
-                subjects=[subjects.events(f)],
-                storage=js_api.StorageType.FILE,
-                max_age=EVENTS_MAX_AGE,
-                max_bytes=EVENTS_MAX_BYTES,
-                max_msg_size=EVENTS_MAX_EVENT,
-                discard=js_api.DiscardPolicy.OLD,
-                duplicate_window=EVENTS_DEDUP_WINDOW,
-            )
-            try:
+                await self._allow_atomic(subjects.kv_stream(bucket))
+            if have[subjects.object_stream(store)] is None:
+                await self.js.create_object_store(
+                    bucket=store, storage=js_api.StorageType.FILE, replicas=replicas)
+            if have[subjects.events_stream(f)] is None:
+                events.num_replicas = replicas
                 await self.js.add_stream(events)
-            except nats.js.errors.BadRequestError:  # it exists: made by an older release?
-                await self._bound_events(events)
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusError(f"cannot set up fleet {f!r} in JetStream: {exc}") from None
+        return setup
+
+    async def _stream_config(self, stream: str) -> js_api.StreamConfig | None:
+        try:
+            return (await self.js.stream_info(stream)).config
+        except nats.js.errors.NotFoundError:
+            return None
+
+    async def _bring_up(self, name: str, have: js_api.StreamConfig, replicas: int,
+                        setup: FleetSetup, *, limits: js_api.StreamConfig | None = None) -> None:
+        """Update an existing stream in place: ``replicas`` copies if it has fewer, and the
+        limits of ``limits`` (the events stream of a fleet made before there were any)."""
+        changed = False
+        if limits is not None:
+            for k in ("max_age", "max_bytes", "max_msg_size", "discard", "duplicate_window"):
+                if getattr(have, k) != getattr(limits, k):
+                    setattr(have, k, getattr(limits, k))
+                    changed = True
+        old = have.num_replicas or 1
+        if old < replicas:
+            have.num_replicas = replicas
+            setup.raised.append((name, old))
+            changed = True
+        if changed:
+            await self.js.update_stream(have)
 
     async def _allow_atomic(self, stream: str) -> None:
         """Let ``stream`` take atomic batches (``kv_fenced_all`` writes through them)."""
@@ -315,18 +405,77 @@ class Bus:
             config.allow_atomic = True
             await self.js.update_stream(config)
 
-    async def _bound_events(self, want: js_api.StreamConfig) -> None:
-        """Give an existing events stream the limits of ``want`` (a fleet made before there were
-        any); its subjects and everything else stay as they are."""
-        assert want.name is not None
-        have = (await self.js.stream_info(want.name)).config
-        limits = {"max_age": want.max_age, "max_bytes": want.max_bytes,
-                  "max_msg_size": want.max_msg_size, "discard": want.discard,
-                  "duplicate_window": want.duplicate_window}
-        if any(getattr(have, k) != v for k, v in limits.items()):
-            for k, v in limits.items():
-                setattr(have, k, v)
-            await self.js.update_stream(have)
+    def cluster_servers(self) -> list[str]:
+        """The client URLs of the cluster's servers, as the server's INFO listed them when we
+        connected (``connect_urls``: those up then; [] for a single server or ``no_advertise``).
+        Enough to name them in a message; not to count the cluster (``default_replicas``)."""
+        info = self.nc._server_info  # nats-py keeps the last INFO only there
+        return list(info.get("connect_urls") or [])
+
+    def clustered(self) -> bool:
+        """Whether the server we are connected to is part of a cluster (its INFO says which)."""
+        return bool(self.nc._server_info.get("cluster"))
+
+    async def default_replicas(self) -> int:
+        """3 copies when the JetStream cluster has at least 3 servers, else 1.
+
+        Where the cluster's size comes from: the servers themselves, by placement. A single
+        server's INFO names no cluster (then 1, and nothing is asked); on a cluster,
+        ``check_replicas(3)`` asks JetStream to place a throwaway R3 stream. The alternatives
+        are not reliable: INFO ``connect_urls`` lists only the servers connected *now* (2 of 3
+        while one restarts: a coordinator restarted then would pick R1) and is empty with
+        ``no_advertise``; ``$JS.API.INFO`` (account info) says nothing of the cluster; the meta
+        group's size (``/jsz``, ``$SYS``) needs the monitoring port or the system account. The
+        placement counts every server of the meta group, also one that is down, which is what
+        a replica count is about.
+        """
+        if not self.clustered():
+            return 1
+        try:
+            await self.check_replicas(3)
+        except TooFewServers:
+            return 1
+        return 3
+
+    async def check_replicas(self, replicas: int) -> None:
+        """TooFewServers, with what to do, if JetStream cannot hold ``replicas`` copies of a
+        stream (fewer servers in the cluster); nothing of the fleet is created either way.
+
+        One replica always fits. More are asked of the servers (see ``default_replicas``): a
+        throwaway memory stream with that many replicas, created and deleted at once.
+        """
+        if replicas < 1:
+            raise TooFewServers(f"--replicas {replicas}: a stream needs at least 1 copy")
+        if replicas == 1:
+            return
+        if not self.clustered():
+            raise TooFewServers(
+                f"--replicas {replicas} needs a JetStream cluster of at least {replicas} "
+                "servers, but the NATS server is a single one; use --replicas 1, or run a cluster "
+                "('fleetwave broker --cluster-listen', see the README)")
+        name = subjects.replicas_probe_stream(self.fleet, replicas)
+        probe = js_api.StreamConfig(
+            name=name, subjects=[subjects.replicas_probe(self.fleet, replicas)],
+            storage=js_api.StorageType.MEMORY, num_replicas=replicas, max_msgs=1, max_bytes=1024,
+        )
+        try:
+            await self.js.add_stream(probe)
+        except nats.js.errors.BadRequestError as exc:
+            # "no suitable peers for placement, peer offline": a server not seen yet (just
+            # started) or down now, in a cluster that may well be big enough: retried, not
+            # refused.
+            if (getattr(exc, "err_code", None) not in _NO_PLACEMENT
+                    or "offline" in str(getattr(exc, "description", ""))):
+                raise
+            servers = self.cluster_servers()
+            raise TooFewServers(
+                f"--replicas {replicas} is more copies than the JetStream cluster can place "
+                f"(servers in it when we connected: {len(servers)}, {', '.join(servers) or '?'});"
+                f" use --replicas {max(1, min(len(servers), replicas - 1))} or fewer, or add "
+                "brokers to the cluster"
+            ) from None
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await self.js.delete_stream(name)
 
     # -- core NATS --------------------------------------------------------------------------------
 
@@ -533,14 +682,20 @@ class Bus:
         Yields ``None`` each time it has delivered the current contents (after the start and after
         each re-creation), so a caller can treat what it saw since as a full, level-triggered view.
         """
+        failures = 0
         while True:
-            kv = await self._bucket(bucket)
+            # A few quick attempts (an election ends within seconds), then longer ones: a
+            # loaded server gets longer requests, not more of them. Jitter spreads a fleet.
+            bound = min(OP_TIMEOUT, WATCH_START_TIMEOUT * 2 ** max(0, failures - 3))
+            kv = _watchable(await self._bucket(bucket), self.nc.jetstream(timeout=bound))
             epoch = self.reconnects
             try:
-                w = await kv.watch(pattern)
+                w = await kv.watch(pattern, inactive_threshold=WATCH_INACTIVE)
             except (nats.errors.Error, TimeoutError):
-                await asyncio.sleep(0.5)
+                failures += 1
+                await asyncio.sleep(random.uniform(0.25, 0.75))
                 continue
+            failures = 0
             self._watchers.add(w)
             try:
                 # No polling: ``_reconnected`` wakes this with the stop sentinel (checked for
@@ -588,7 +743,8 @@ class Bus:
             return True
         try:
             sub = await self.js.subscribe(
-                OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=store, obj=info.nuid), ordered_consumer=True
+                OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=store, obj=info.nuid), ordered_consumer=True,
+                idle_heartbeat=WATCH_HEARTBEAT,  # re-created soon if its server dies (see watch)
             )
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusError(f"cannot fetch {name} from {store}: {exc}") from None
@@ -823,7 +979,7 @@ class Bus:
             first = max(first, info.state.last_seq - last + 1)
         end = info.state.last_seq
         sub = await self.js.subscribe(
-            subject, stream=stream, ordered_consumer=True,
+            subject, stream=stream, ordered_consumer=True, idle_heartbeat=WATCH_HEARTBEAT,
             config=js_api.ConsumerConfig(
                 deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(first, 1)
             ),
@@ -843,6 +999,31 @@ class Bus:
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(sub.unsubscribe(), 2)
+
+
+class _HeartbeatingJetStream:
+    """A JetStream context whose push subscriptions ask for idle heartbeats every ``interval``
+    seconds (nats-py's ``KeyValue.watch`` takes no heartbeat of its own; it subscribes through
+    the context it was made with)."""
+
+    def __init__(self, js: Any, interval: float) -> None:
+        self._inner = js
+        self._interval = interval
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def subscribe(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("idle_heartbeat", self._interval)
+        return await self._inner.subscribe(*args, **kwargs)
+
+
+def _watchable(kv: Any, js: Any) -> Any:
+    """A copy of KeyValue ``kv`` whose watches are made through JetStream context ``js`` (its
+    timeout bounds their creation) with idle heartbeats every ``WATCH_HEARTBEAT``."""
+    fast = copy.copy(kv)
+    fast._js = _HeartbeatingJetStream(js, WATCH_HEARTBEAT)
+    return fast
 
 
 def reconnect_delay(attempts: int) -> float:

@@ -4,7 +4,10 @@
                            message, a manifest with an unknown key, a bad duration, a bad signature.
     BusError               NATS or JetStream failed a request we made
     ├── NotReachable       no NATS server, or nobody answers on a subject (no coordinator)
-    └── Conflict           a KV compare-and-set lost the race (a lock is held, a key changed)
+    ├── Conflict           a KV compare-and-set lost the race (a lock is held, a key changed)
+    └── TooFewServers      more replicas asked for than the JetStream cluster has servers: an
+                           operator's mistake (retrying does not help), found before anything
+                           is created
 
 Each message says what is wrong and what to do, in one line, so that the CLI can print it as is
 and an agent can put it in an event. nats-py's own exceptions never leave ``protocol.bus``.
@@ -29,3 +32,7 @@ class NoResponders(NotReachable):
 
 class Conflict(BusError):
     """A compare-and-set write lost: someone else wrote the key first."""
+
+
+class TooFewServers(BusError):
+    """The replicas asked for cannot be placed: the JetStream cluster has fewer servers."""

@@ -131,6 +131,26 @@ def events_stream(fleet: str) -> str:
     return f"FW_{fleet}_EVENTS"
 
 
+def kv_stream(bucket: str) -> str:
+    """The stream that holds KV ``bucket`` (JetStream's own naming)."""
+    return f"KV_{bucket}"
+
+
+def object_stream(store: str) -> str:
+    """The stream that holds object store ``store`` (JetStream's own naming)."""
+    return f"OBJ_{store}"
+
+
+def replicas_probe_stream(fleet: str, replicas: int) -> str:
+    """A throwaway stream asking the servers whether ``replicas`` copies can be placed
+    (``protocol.bus.Bus.check_replicas``); deleted at once."""
+    return f"FW_{fleet}_PROBE_R{replicas}"
+
+
+def replicas_probe(fleet: str, replicas: int) -> str:
+    return f"fw.{fleet}.probe.r{replicas}"
+
+
 def node_service_key(node: str, service: str) -> str:
     return f"{node}.{service}"
 

@@ -10,7 +10,7 @@ import click
 
 from coordinator.cli.base import Ctx, cli
 from coordinator.dev import examples
-from coordinator.dev.devfleet import MAX_AGENTS, DevFleet
+from coordinator.dev.devfleet import MAX_AGENTS, MAX_BROKERS, DevFleet
 from coordinator.errors import BrokerError, FleetwaveError
 from protocol.bus import redact
 
@@ -29,18 +29,22 @@ def dev() -> None:
               default=Path("fleetwave-dev"), show_default=True,
               help="Where JetStream data, agent data dirs and logs go.")
 @click.option("--port", type=click.IntRange(1, 65535), default=4222, show_default=True,
-              help="NATS port of the embedded broker.")
+              help="NATS port of the embedded broker (with --brokers N: the first of N).")
+@click.option("--brokers", type=click.IntRange(1, MAX_BROKERS), default=1, show_default=True,
+              help="Brokers: 1 (R1), or a JetStream cluster of N on 127.0.0.1 (3: R3 buckets).")
 @click.option("--heartbeat-interval", type=click.FloatRange(0.05, 300), default=None, hidden=True)
 @click.pass_obj
 def up(
-    ctx: Ctx, agents: int, directory: Path, port: int, heartbeat_interval: float | None
+    ctx: Ctx, agents: int, directory: Path, port: int, brokers: int,
+    heartbeat_interval: float | None,
 ) -> int:
-    """Run broker + coordinator + agents in the foreground; Ctrl-C stops them all."""
-    return asyncio.run(_up(ctx, agents, directory, port, heartbeat_interval))
+    """Run broker(s) + coordinator + agents in the foreground; Ctrl-C stops them all."""
+    return asyncio.run(_up(ctx, agents, directory, port, heartbeat_interval, brokers))
 
 
 async def _up(
-    ctx: Ctx, agents: int, directory: Path, port: int, heartbeat_interval: float | None
+    ctx: Ctx, agents: int, directory: Path, port: int, heartbeat_interval: float | None,
+    brokers: int = 1,
 ) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -48,9 +52,10 @@ async def _up(
         loop.add_signal_handler(sig, stop.set)
     fleet = DevFleet(
         directory, agents=agents, port=port, fleet=ctx.fleet,
-        heartbeat_interval=heartbeat_interval,
+        heartbeat_interval=heartbeat_interval, brokers=brokers,
     )
-    click.echo(f"starting a dev fleet of {agents} agents in {fleet.dir} ...", err=True)
+    click.echo(f"starting a dev fleet of {agents} agents and {brokers} broker(s) in {fleet.dir}"
+               " ...", err=True)
     starting = asyncio.create_task(fleet.__aenter__())
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -86,8 +91,13 @@ async def _watch(fleet: DevFleet, stop: asyncio.Event) -> int:
                 reported.add(a.name)
                 click.echo(f"{a.name} exited with status {a.returncode}; see {a.log_path}",
                            err=True)
-        if fleet.broker.pid is None:
+        if fleet.cluster is None and fleet.broker.pid is None:
             raise BrokerError("the broker stopped")
+        for b in fleet.brokers if fleet.cluster is not None else []:
+            if b.pid is None and b.server_name not in reported:  # the others carry on
+                reported.add(b.server_name)
+                click.echo(f"broker {b.server_name} stopped; the cluster carries on without it",
+                           err=True)
         try:
             await asyncio.wait_for(stop.wait(), WATCH_INTERVAL)
         except TimeoutError:
@@ -108,11 +118,11 @@ def _example_bundles(directory: Path) -> Path | None:
 
 def describe(fleet: DevFleet, bundles: Path | None = None) -> str:
     """What runs where, and how to use it."""
-    lines = [
-        "dev fleet is up:",
-        f"  broker       {redact(fleet.nats_url)}  JetStream in {fleet.broker.store_dir}",
-        f"  coordinator  pid {fleet.coordinator.pid}  log {fleet.coordinator.log_path}",
-    ]
+    lines = ["dev fleet is up:"]
+    for b in fleet.brokers:
+        name = f"  {b.server_name}" if fleet.cluster is not None else ""
+        lines.append(f"  broker       {redact(b.url)}{name}  JetStream in {b.store_dir}")
+    lines.append(f"  coordinator  pid {fleet.coordinator.pid}  log {fleet.coordinator.log_path}")
     for i, a in enumerate(fleet.agents, start=1):
         labels = ",".join(f"{k}={v}" for k, v in fleet.labels(i).items())
         lines.append(

@@ -20,11 +20,12 @@ import coordinator.cli.client as client
 from coordinator.cli.base import Ctx, cli, output_option
 from coordinator.cli.render import cell
 from coordinator.core.fleet import parse_selector
+from coordinator.errors import UsageError
 from coordinator.runtime.daemon import Coordinator
 from coordinator.runtime.keyfile import coordinator_seed
 from protocol.bus import redact
 from protocol.codec import to_builtins
-from protocol.errors import ProtocolError
+from protocol.errors import ProtocolError, TooFewServers
 from protocol.messages import KeyRequest, NodesRequest, NodeView
 
 
@@ -36,8 +37,14 @@ from protocol.messages import KeyRequest, NodesRequest, NodeView
     help="Signing key (nkeys seed) for desired states; created 0600 if missing "
     "[default: fleetwave-data/coordinator/coordinator.seed].",
 )
+@click.option(
+    "--replicas", type=click.IntRange(1, 5), default=None, envvar="FLEETWAVE_REPLICAS",
+    help="Copies of each bucket, the object store and the events stream; existing ones with "
+    "fewer are raised [default: 3 on a JetStream cluster of 3+ servers, else 1] "
+    "(env FLEETWAVE_REPLICAS).",
+)
 @click.pass_obj
-def coordinator(ctx: Ctx, verbose: bool, key_file: Path | None) -> int:
+def coordinator(ctx: Ctx, verbose: bool, key_file: Path | None, replicas: int | None) -> int:
     """Run the coordinator daemon in the foreground (SIGTERM or Ctrl-C stops it)."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -45,10 +52,10 @@ def coordinator(ctx: Ctx, verbose: bool, key_file: Path | None) -> int:
         stream=sys.stderr,
     )
     seed = coordinator_seed(key_file or Path("fleetwave-data/coordinator/coordinator.seed"))
-    return asyncio.run(_run_coordinator(ctx, seed))
+    return asyncio.run(_run_coordinator(ctx, seed, replicas))
 
 
-async def _run_coordinator(ctx: Ctx, seed: bytes) -> int:
+async def _run_coordinator(ctx: Ctx, seed: bytes, replicas: int | None) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -56,7 +63,10 @@ async def _run_coordinator(ctx: Ctx, seed: bytes) -> int:
     logging.getLogger("fleetwave.coordinator").info(
         "connecting to %s for fleet %r", redact(ctx.nats_url), ctx.fleet
     )
-    await Coordinator(ctx.nats_url, ctx.fleet, seed=seed).run(stop)
+    try:
+        await Coordinator(ctx.nats_url, ctx.fleet, seed=seed, replicas=replicas).run(stop)
+    except TooFewServers as exc:
+        raise UsageError(str(exc)) from None  # exit 2: an operator's flag, not a failure
     return 0
 
 

@@ -1,4 +1,5 @@
-"""``fleetwave broker``: the embedded nats-server in the foreground."""
+"""``fleetwave broker``: the embedded nats-server in the foreground, alone or as one member of a
+cluster (``--name``, ``--cluster-listen``, ``--routes``: nats-server's own words)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import click
 
 from coordinator.cli.base import cli
 from coordinator.dev.broker import Broker
+from coordinator.dev.cluster import ClusterSpec, cluster_spec, watch_routes
 
 
 @cli.command()
@@ -20,13 +22,24 @@ from coordinator.dev.broker import Broker
     default=Path("./fleetwave-data/jetstream"), show_default=True,
     help="Where JetStream keeps its data.",
 )
-def broker(port: int, host: str, store_dir: Path) -> int:
+@click.option("--name", default=None, metavar="N",
+              help="Server name, unique in the cluster (needed with --cluster-listen).")
+@click.option("--cluster-listen", default=None, metavar="HOST:PORT",
+              help="Join a cluster: where this broker takes the other brokers' routes.")
+@click.option("--routes", default=None, metavar="URL,URL",
+              help="The cluster's brokers, nats-route://HOST:PORT comma-separated (a route to "
+              "this broker itself is ignored, so every broker can have the same list).")
+def broker(port: int, host: str, store_dir: Path, name: str | None,
+           cluster_listen: str | None, routes: str | None) -> int:
     """Run nats-server with JetStream in the foreground (Ctrl-C stops it)."""
-    return asyncio.run(_run_broker(port, host, store_dir.absolute()))
+    spec = cluster_spec(name, cluster_listen, routes)  # checked before anything is created
+    return asyncio.run(_run_broker(port, host, store_dir.absolute(), name, spec))
 
 
-async def _run_broker(port: int, host: str, store_dir: Path) -> int:
-    b = Broker(port=port, host=host, store_dir=store_dir)
+async def _run_broker(port: int, host: str, store_dir: Path, name: str | None,
+                      spec: ClusterSpec | None) -> int:
+    b = Broker(port=port, host=host, store_dir=store_dir, cluster=spec,
+               server_name=name or "fleetwave")
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -36,13 +49,19 @@ async def _run_broker(port: int, host: str, store_dir: Path) -> int:
     except BaseException:
         await b.stop()
         raise
-    click.echo(f"broker ready on {b.url} (JetStream in {b.store_dir}); Ctrl-C to stop", err=True)
+    joined = f", cluster port {spec.listen}" if spec is not None else ""
+    click.echo(f"broker {b.server_name} ready on {b.url}{joined} (JetStream in {b.store_dir}); "
+               "Ctrl-C to stop", err=True)
     waiter = asyncio.create_task(b.wait())
     stopper = asyncio.create_task(stopping.wait())
+    routes = (asyncio.create_task(watch_routes(spec, b.monitor_port, _say, stopping))
+              if spec is not None and spec.routes else None)
     try:
         await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         stopper.cancel()
+        if routes is not None:
+            routes.cancel()
         if not waiter.done():
             waiter.cancel()
             await b.stop()
@@ -52,6 +71,10 @@ async def _run_broker(port: int, host: str, store_dir: Path) -> int:
     code = waiter.result()
     click.echo(f"broker exited with status {code}", err=True)
     return 1 if code else 0
+
+
+def _say(line: str) -> None:
+    click.echo(line, err=True)
 
 
 @cli.command()

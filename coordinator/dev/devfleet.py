@@ -2,10 +2,12 @@
 the demo and the integration tests.
 
 Theory of operation: ``DevFleet`` is an async context manager. Entering starts the embedded broker
-(``coordinator.dev.broker.Broker``, JetStream in ``<dir>/jetstream``), the coordinator as a child
-process, and agents ``node-1..N`` as child processes bound to ``127.0.1.1..N`` (all of 127/8 is
-loopback on Linux, so each node gets its own address and the same service port on every node does
-not collide), with data dirs ``<dir>/node-i`` and labels ``zone=a|b`` (alternating) and
+(``coordinator.dev.broker.Broker``, JetStream in ``<dir>/jetstream``) or, with ``brokers=3``, a
+cluster of three (``coordinator.dev.cluster.BrokerCluster``, ``<dir>/jetstream-1..3``; the
+coordinator and agents get every broker's URL and fail over between them), the coordinator as a
+child process, and agents ``node-1..N`` as child processes bound to ``127.0.1.1..N`` (all of
+127/8 is loopback on Linux, so each node gets its own address and the same service port on every
+node does not collide), with data dirs ``<dir>/node-i`` and labels ``zone=a|b`` (alternating) and
 ``role=web``; then it waits until the coordinator answers and every agent is online. Leaving stops
 the agents and the coordinator (SIGTERM, then SIGKILL after a timeout), then the broker; every
 child is reaped, also when entering fails half-way or is cancelled.
@@ -30,6 +32,7 @@ import msgspec
 import psutil
 
 from coordinator.dev.broker import Broker
+from coordinator.dev.cluster import BrokerCluster
 from coordinator.errors import BrokerError, FleetwaveError, UsageError
 from coordinator.runtime.keyfile import coordinator_seed
 from protocol import subjects
@@ -42,6 +45,7 @@ from protocol.signing import public_key
 STOP_TIMEOUT = 10.0
 READY_TIMEOUT = 30.0
 MAX_AGENTS = 254  # 127.0.1.1 .. 127.0.1.254
+MAX_BROKERS = 5
 AGENT_MODULE = "agent.main"  # the agent's entry point (see coordinator/dev/__init__.py)
 
 
@@ -176,9 +180,12 @@ class DevFleet:
         heartbeat_interval: float | None = None,
         ready_timeout: float = READY_TIMEOUT,
         subnet: str = "127.0.1",
+        brokers: int = 1,
     ) -> None:
         if not 0 <= agents <= MAX_AGENTS:
             raise UsageError(f"--agents {agents} is out of range; use 0 to {MAX_AGENTS}")
+        if not 1 <= brokers <= MAX_BROKERS:
+            raise UsageError(f"--brokers {brokers} is out of range; use 1 (R1) to {MAX_BROKERS}")
         subjects.check_name("fleet", fleet)
         self.dir = Path(directory).absolute()
         self.fleet = fleet
@@ -187,7 +194,14 @@ class DevFleet:
         self.subnet = subnet
         self.heartbeat_interval = heartbeat_interval
         self.ready_timeout = ready_timeout
-        self.broker = Broker(port=port, store_dir=self.dir / "jetstream")
+        self.cluster: BrokerCluster | None = None
+        if brokers == 1:
+            self.broker = Broker(port=port, store_dir=self.dir / "jetstream")
+            self.brokers = [self.broker]
+        else:
+            self.cluster = BrokerCluster(self.dir, brokers, first_port=port)
+            self.brokers = self.cluster.brokers
+            self.broker = self.brokers[0]
         # The coordinator's signing key; created before the agents start so that they can be
         # told to trust it.
         self.key_file = self.dir / "coordinator.seed"
@@ -203,7 +217,8 @@ class DevFleet:
 
     @property
     def nats_url(self) -> str:
-        return self.broker.url
+        """Every broker's URL, comma-separated (FLEETWAVE_NATS takes that)."""
+        return ",".join(b.url for b in self.brokers)
 
     def agent(self, i: int) -> Child:
         """Agent ``node-i`` (1-based, as its id)."""
@@ -261,7 +276,10 @@ class DevFleet:
             for a in self.agents:
                 if "--trust-key" not in a.argv:
                     a.argv += ["--trust-key", self.public_key]
-        await self.broker.start()
+        if self.cluster is not None:
+            await self.cluster.start()
+        else:
+            await self.broker.start()
         await self.coordinator.start()
         self._bus = await Bus.connect(self.nats_url, self.fleet, name="fleetwave-dev")
         # Agents watch buckets the coordinator creates: start them once its API answers.
@@ -280,9 +298,10 @@ class DevFleet:
                 await asyncio.gather(
                     *(c.stop() for c in [*self.agents, self.coordinator]), return_exceptions=True
                 )
-                await asyncio.to_thread(reap_leftovers, self.dir, exclude={self.broker.pid})
+                await asyncio.to_thread(reap_leftovers, self.dir,
+                                        exclude={b.pid for b in self.brokers})
             finally:
-                await self.broker.stop()
+                await asyncio.gather(*(b.stop() for b in self.brokers), return_exceptions=True)
 
     # -- looking at it ----------------------------------------------------------------------------
 

@@ -68,7 +68,7 @@ from coordinator.runtime.store import RolloutStore
 from protocol import subjects
 from protocol.bus import RECONNECT_CAP, Bus, Handler, redact
 from protocol.codec import decode, encode
-from protocol.errors import BusError, ProtocolError
+from protocol.errors import BusError, ProtocolError, TooFewServers
 from protocol.events import EventPublisher
 from protocol.messages import (
     ApiReply,
@@ -109,9 +109,11 @@ class Coordinator:
 
     def __init__(
         self, nats_url: str, fleet: str, *, clock: Callable[[], float] = time.time,
-        seed: bytes | None = None,
+        seed: bytes | None = None, replicas: int | None = None,
     ) -> None:
         self.nats_url = nats_url
+        self.replicas = replicas  # of the fleet's streams; None: 3 on a cluster of 3+, else 1
+        self.replicas_used = 0
         self.fleet_name = fleet
         self.table = Fleet()
         self.api = Api()
@@ -156,8 +158,9 @@ class Coordinator:
                 ]
                 self.ready.set()
                 log.info(
-                    "coordinator of fleet %r ready on %s (%d known nodes)",
+                    "coordinator of fleet %r ready on %s (%d known nodes, R%d)",
                     self.fleet_name, redact(self.nats_url), len(self.table.nodes),
+                    self.replicas_used,
                 )
                 log.info("signing key %s: start agents with --trust-key %s",
                          self.public_key, self.public_key)
@@ -175,9 +178,14 @@ class Coordinator:
         attempt = 0
         while True:
             try:
-                await bus.ensure_fleet()
+                setup = await bus.ensure_fleet(self.replicas, raise_existing=True)
+                self.replicas_used = setup.replicas
+                for stream, had in setup.raised:
+                    log.info("raised %s from %d to %d replicas", stream, had, setup.replicas)
                 await self._load_known(bus)
                 break
+            except TooFewServers:
+                raise  # the operator's --replicas: retrying cannot help; nothing was created
             except BusError as exc:
                 delay = min(SETUP_RETRY_CAP, 0.25 * 2**attempt)
                 log.warning("cannot set up fleet %r yet (%s); retrying in %.1fs", f, exc, delay)

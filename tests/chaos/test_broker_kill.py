@@ -29,6 +29,7 @@ from tests.integration.e2e_support import (
     push,
     record_of,
     serving,
+    told,
 )
 from tests.integration.procs import wait_until
 
@@ -80,6 +81,7 @@ async def test_broker_killed_mid_rollout_loses_nothing(tmp_path: Path) -> None:
         finally:
             await bus.close()
 
+        await told(url, rid, "rollout.succeeded")  # published after the last writes
         log = await desired_log(url)
         history = desired_history(log)
         for node in NODES:

@@ -23,6 +23,7 @@ from tests.integration.e2e_support import (
     push,
     record_of,
     serving,
+    told,
 )
 from tests.integration.procs import wait_until
 
@@ -70,6 +71,7 @@ async def test_coordinator_killed_twice_resumes_without_skipping(tmp_path: Path)
         finally:
             await bus.close()
 
+        await told(url, rid, "rollout.succeeded")  # published after the last writes
         history = desired_history(await desired_log(url))
         for node in NODES:
             # install, move to 2.0.0, retire the old slot: strictly growing, one write each.

@@ -57,6 +57,7 @@ from tests.integration.e2e_support import (
     leader_of,
     push,
     record_of,
+    told,
     watched,
 )
 from tests.integration.procs import read_text, wait_until
@@ -154,6 +155,7 @@ class Run:
                                  what="the rollout to end")
         self.figures["rollout"] = time.monotonic() - self.deployed
         assert final.state == "succeeded", (final.state, final.reason)
+        await told(self.fleet.nats_url, self.rid, "rollout.succeeded")  # after the last writes
         await wait_until(self.fleet.serving, lambda v: set(v.values()) == {"2.0.0"},
                          timeout=30, what="every node serving 2.0.0")
         return final

@@ -261,7 +261,7 @@ async def assert_told_once(url: str, rid: str, nodes: list[str],
     """The audit log of a rolling rollout of one node a wave that succeeded: every node updated
     and done once, every wave started and its gates passed once, in order, one success, no
     rollback. Returns the events."""
-    events = await events_of(url, rid)
+    events = await told(url, rid, "rollout.succeeded")
     kinds = [e["kind"] for e in events]
     assert sorted(e["node"] for e in events if e["kind"] == "node.updating") == nodes, kinds
     assert sorted(e["node"] for e in events if e["kind"] == "node.done") == nodes, kinds
@@ -281,6 +281,15 @@ async def leader_of(bus: Bus) -> dict[str, Any]:
     assert reply.ok, reply.error
     assert isinstance(reply.data, dict)
     return reply.data
+
+
+async def told(url: str, rid: str, kind: str, timeout: float = 30.0) -> list[dict[str, Any]]:
+    """The rollout's events once ``kind`` is among them. A record reads "succeeded" as soon as
+    it is persisted, before the last writes it decided (the old slots retired); its terminal
+    event is published after them: wait for it before reading what was written."""
+    return await wait_until(lambda: events_of(url, rid),
+                            lambda evs: any(e["kind"] == kind for e in evs),
+                            timeout=timeout, what=f"the {kind} event of {rid}")
 
 
 KvMessage = tuple[int, str, bytes]  # (stream sequence, subject, data)

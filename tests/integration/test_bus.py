@@ -11,7 +11,7 @@ from nats.js.api import DiscardPolicy
 
 from coordinator.dev.broker import Broker, free_port
 from protocol.bus import EVENTS_MAX_AGE, EVENTS_MAX_BYTES, EVENTS_MAX_EVENT, Bus, Entry
-from protocol.errors import BusError, Conflict, NotReachable
+from protocol.errors import BusError, Conflict, NotReachable, TooFewServers
 
 
 async def test_watch_survives_a_broker_restart(tmp_path: Path) -> None:
@@ -199,3 +199,22 @@ async def test_the_events_stream_is_bounded(tmp_path: Path) -> None:
     finally:
         await bus.close()
         await broker.stop()
+
+
+async def test_one_server_gets_one_replica_and_refuses_more(broker: Broker) -> None:
+    """On a single server the fleet is made with 1 replica, and asking for 3 is TooFewServers
+    (saying what to do) before any stream of the fleet exists."""
+    bus = await Bus.connect(broker.url, "solo")
+    try:
+        with pytest.raises(TooFewServers, match="single one; use --replicas 1"):
+            await bus.ensure_fleet(3, raise_existing=True)
+        assert [s async for s in _streams(bus)] == []
+        assert (await bus.ensure_fleet()).replicas == 1
+        assert (await bus.ensure_fleet(raise_existing=True)).raised == []
+    finally:
+        await bus.close()
+
+
+async def _streams(bus: Bus) -> AsyncIterator[str]:
+    for info in await bus.js.streams_info():
+        yield info.config.name or ""

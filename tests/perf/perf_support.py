@@ -3,7 +3,9 @@ bench_rollback, bench_agent): a throwaway fleet on loopback, an event tap, proce
 bare-NATS "bus floor", and printing.
 
 ``SimFleet`` (an async context manager) starts a real nats-server
-(``coordinator.dev.broker.Broker``, JetStream on disk in a temp dir, a free port), the real
+(``coordinator.dev.broker.Broker``, JetStream on disk in a temp dir, a free port) — or, with
+``brokers=3``, a JetStream cluster of three (``coordinator.dev.cluster.BrokerCluster``; every
+client gets all three URLs and the coordinator makes R3 streams) — the real
 coordinator as a child process with its own signing key, and one ``fleetwave-agent --simulate N``
 child hosting nodes ``sim-1..N``; it waits until the coordinator lists every node online. Leaving
 stops the children (SIGTERM, then SIGKILL) and the broker, and reaps them, whatever happened.
@@ -44,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 import psutil  # noqa: E402
 
 from coordinator.dev.broker import Broker  # noqa: E402
+from coordinator.dev.cluster import BrokerCluster  # noqa: E402
 from coordinator.dev.devfleet import Child, python_module  # noqa: E402
 from coordinator.dev.examples import assembled  # noqa: E402
 from coordinator.releases import push_release  # noqa: E402
@@ -235,18 +238,26 @@ class SimFleet:
     """Broker + coordinator + one ``--simulate N`` agent in a temp dir; an async context manager."""
 
     def __init__(self, nodes: int, *, fleet: str = FLEET, sim_env: dict[str, str] | None = None,
-                 heartbeat: float = 2.0, keep: bool = False) -> None:
+                 heartbeat: float = 2.0, keep: bool = False, brokers: int = 1) -> None:
         self.n = nodes
         self.fleet = fleet
         self.heartbeat = heartbeat
         self.sim_env = sim_env or {}
         self.keep = keep
         self.dir = Path(tempfile.mkdtemp(prefix="fw-perf-"))
-        self.broker = Broker(store_dir=self.dir / "js")
+        self.cluster: BrokerCluster | None = None
+        if brokers == 1:
+            self.broker = Broker(store_dir=self.dir / "js")
+            self.brokers = [self.broker]
+        else:
+            self.cluster = BrokerCluster(self.dir, brokers)
+            self.brokers = self.cluster.brokers
+            self.broker = self.brokers[0]
+        self.url = ",".join(b.url for b in self.brokers)  # every client gets every broker
         self.key_file = self.dir / "coordinator.seed"
         self.coordinator = Child(
             "coordinator",
-            python_module("coordinator.daemon", "--nats", self.broker.url, "--fleet", fleet,
+            python_module("coordinator.daemon", "--nats", self.url, "--fleet", fleet,
                           "coordinator", "--key-file", str(self.key_file)),
             self.dir / "logs" / "coordinator.log")
         self.agent: Child | None = None
@@ -267,16 +278,19 @@ class SimFleet:
 
     async def start(self) -> None:
         key = public_key(await asyncio.to_thread(coordinator_seed, self.key_file))
-        await self.broker.start()
+        if self.cluster is not None:
+            await self.cluster.start()
+        else:
+            await self.broker.start()
         await self.coordinator.start()
-        self.bus = await Bus.connect(self.broker.url, self.fleet, name="fleetwave-perf")
+        self.bus = await Bus.connect(self.url, self.fleet, name="fleetwave-perf")
         await poll(self._nodes_or_none, lambda rows: rows is not None, timeout=30,
                    what="the coordinator's API")
         await self.tap.start(self.bus)
         if self.n:
             self.agent = Child("sim", python_module(
                 "agent.main", "--node-id", "sim", "--simulate", str(self.n), "--trust-key", key,
-                "--nats", self.broker.url, "--fleet", self.fleet, "--data-dir",
+                "--nats", self.url, "--fleet", self.fleet, "--data-dir",
                 str(self.dir / "sim"), "--bind-host", f"{SUBNET}.1",
                 "--heartbeat-interval", str(self.heartbeat)), self.dir / "logs" / "sim.log")
             old = {k: os.environ.get(k) for k in self.sim_env}
@@ -301,7 +315,7 @@ class SimFleet:
             children = [c for c in (self.agent, self.coordinator) if c is not None]
             await asyncio.gather(*(c.stop(timeout=10) for c in children), return_exceptions=True)
         finally:
-            await self.broker.stop()
+            await asyncio.gather(*(b.stop() for b in self.brokers), return_exceptions=True)
             if not self.keep:
                 shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -1,0 +1,415 @@
+"""A JetStream cluster of three real nats-servers on loopback: it forms, the fleet's streams get
+their replicas (R3 by default, raised in place from R1 with their data), a ``--replicas`` the
+cluster cannot hold is refused before anything is created, clients fail over, and a broker that
+cannot reach its routes says so once.
+
+One cluster is shared by the module (forming one takes a few seconds); each test uses a fleet
+of its own on it. The failover test kills one of its brokers, so it comes last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from coordinator.dev.broker import find_nats_server, free_port
+from coordinator.dev.cluster import BrokerCluster, monitor_get
+from coordinator.dev.devfleet import Child, DevFleet
+from protocol import subjects
+from protocol.bus import Bus
+from protocol.errors import BusError
+from tests.integration.procs import fleetwave, read_text, spawn_coordinator, wait_until
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "nats"
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[BrokerCluster]:
+    async with BrokerCluster(tmp_path_factory.mktemp("cluster"), 3) as c:
+        yield c
+
+
+def fleet_streams(fleet: str) -> list[str]:
+    """Every stream ``ensure_fleet`` makes for ``fleet``."""
+    buckets = [subjects.desired_bucket(fleet), subjects.observed_bucket(fleet),
+               subjects.rollouts_bucket(fleet), subjects.nodes_bucket(fleet),
+               subjects.locks_bucket(fleet), subjects.release_index_bucket(fleet),
+               subjects.lease_bucket(fleet)]
+    return [*(subjects.kv_stream(b) for b in buckets),
+            subjects.object_stream(subjects.releases_store(fleet)), subjects.events_stream(fleet)]
+
+
+async def replicas_of(bus: Bus, fleet: str) -> dict[str, int]:
+    """Per stream of ``fleet``: how many servers hold it (leader + peers in its stream info)."""
+    out = {}
+    for name in fleet_streams(fleet):
+        info = await bus.js.stream_info(name)
+        assert info.cluster is not None and info.cluster.leader, f"{name} has no leader"
+        out[name] = 1 + len(info.cluster.replicas or [])
+        assert out[name] == info.config.num_replicas, (name, info.cluster)
+    return out
+
+
+async def test_three_brokers_form_one_jetstream_cluster(cluster: BrokerCluster) -> None:
+    """Three brokers with each other as routes form one meta group of 3 with a leader, and
+    every one of them fsyncs each write."""
+    jsz = await cluster.jsz()
+    assert jsz["meta_cluster"]["cluster_size"] == 3 and jsz["meta_cluster"]["leader"]
+    for b in cluster.brokers:
+        conf = (await asyncio.to_thread(monitor_get, b.monitor_port, "/jsz"))["config"]
+        assert conf["sync_always"] is True
+    assert len(cluster.url.split(",")) == 3
+
+
+async def test_the_coordinator_makes_r3_streams_on_three_servers(
+        cluster: BrokerCluster, tmp_path: Path) -> None:
+    """Without --replicas a coordinator on a 3-server cluster creates every bucket, the object
+    store and the events stream with 3 replicas (stream info: a leader and two peers)."""
+    async with _running(spawn_coordinator(cluster.url, tmp_path, fleet="r3")) as coord:
+        bus = await Bus.connect(cluster.url, "r3")
+        try:
+            got = await wait_until(lambda: _replicas_or_missing(bus, "r3"), lambda r: r is not None,
+                                   timeout=30, what="the fleet's streams")
+        finally:
+            await bus.close()
+        assert got == dict.fromkeys(fleet_streams("r3"), 3), got
+        await wait_until(lambda: read_text(coord.log_path), lambda t: "R3)" in t, timeout=15,
+                         what="the coordinator to say it is ready with R3")
+
+
+async def test_r1_streams_are_raised_to_r3_in_place_keeping_their_data(
+        cluster: BrokerCluster) -> None:
+    """A fleet made with 1 replica is raised to 3 by ensure_fleet(3, raise_existing): same
+    streams, same messages (KV entries, an object, an event), now held by three servers."""
+    bus = await Bus.connect(cluster.url, "raise")
+    try:
+        setup = await bus.ensure_fleet(1)
+        assert setup.replicas == 1 and set((await replicas_of(bus, "raise")).values()) == {1}
+        await bus.kv_put(subjects.rollouts_bucket("raise"), "r-1", b"record")
+        await bus.kv_put(subjects.desired_bucket("raise"), "n1.hello", b"v1")
+        await bus.kv_put(subjects.desired_bucket("raise"), "n1.hello", b"v2")
+        await bus.obj_put(subjects.releases_store("raise"), "hello/1.0.0", b"x" * 300_000)
+        await bus.js_publish(subjects.event("raise", "rollout.started"), b"{}")
+
+        setup = await bus.ensure_fleet(3, raise_existing=True)
+        assert setup.replicas == 3
+        assert sorted(s for s, had in setup.raised if had == 1) == sorted(fleet_streams("raise"))
+        await wait_until(lambda: _current(bus, fleet_streams("raise")), lambda ok: ok,
+                         timeout=30, what="every raised stream's peers to catch up")
+        assert set((await replicas_of(bus, "raise")).values()) == {3}
+
+        entry = await bus.kv_get(subjects.rollouts_bucket("raise"), "r-1")
+        assert entry is not None and entry.value == b"record"
+        desired = await bus.js.stream_info(subjects.kv_stream(subjects.desired_bucket("raise")))
+        assert desired.state.messages == 2  # history kept
+        chunks: list[bytes] = []
+        assert await bus.obj_get_into(subjects.releases_store("raise"), "hello/1.0.0",
+                                      chunks.append)
+        assert b"".join(chunks) == b"x" * 300_000
+        events = await bus.js.stream_info(subjects.events_stream("raise"))
+        assert events.state.messages == 1
+
+        again = await bus.ensure_fleet(1, raise_existing=True)  # never lowered
+        assert again.raised == [] and set((await replicas_of(bus, "raise")).values()) == {3}
+    finally:
+        await bus.close()
+
+
+async def test_a_coordinator_raises_a_fleet_made_with_one_replica(
+        cluster: BrokerCluster, tmp_path: Path) -> None:
+    """A fleet that began with R1 streams is raised to R3 when a coordinator starts on the
+    cluster without --replicas, and it says which streams it raised."""
+    bus = await Bus.connect(cluster.url, "grown")
+    try:
+        await bus.ensure_fleet(1)
+        await bus.kv_put(subjects.nodes_bucket("grown"), "node-1", b"kept")
+        async with _running(spawn_coordinator(cluster.url, tmp_path, fleet="grown")) as coord:
+            await wait_until(lambda: _replicas_or_missing(bus, "grown"),
+                             lambda r: r is not None and set(r.values()) == {3}, timeout=30,
+                             what="the fleet's streams raised to R3")
+            log = await wait_until(lambda: read_text(coord.log_path), lambda t: "R3)" in t,
+                                   timeout=15, what="the coordinator to be ready")
+        raised = re.findall(r"raised (\S+) from 1 to 3 replicas", log)
+        assert sorted(raised) == sorted(fleet_streams("grown")), log
+        entry = await bus.kv_get(subjects.nodes_bucket("grown"), "node-1")
+        assert entry is not None and entry.value == b"kept"
+    finally:
+        await bus.close()
+
+
+async def test_replicas_larger_than_the_cluster_is_refused_creating_nothing(
+        cluster: BrokerCluster, tmp_path: Path) -> None:
+    """`fleetwave coordinator --replicas 5` on 3 servers exits 2 with one line saying what and
+    what to do, and leaves no stream of the fleet (nor of its probe) behind."""
+    code, out, err = await fleetwave("--fleet", "five", "coordinator", "--replicas", "5",
+                                     "--key-file", str(tmp_path / "seed"),
+                                     nats_url=cluster.url, timeout=60)
+    assert code == 2, (code, out, err)
+    refusals = [ln for ln in err.splitlines() if ln.startswith("fleetwave: ")]
+    assert len(refusals) == 1, err
+    assert re.search(r"--replicas 5 is more .* use --replicas 3 or fewer", refusals[0]), err
+    assert "Traceback" not in err
+    bus = await Bus.connect(cluster.url, "five")
+    try:
+        names = [n async for n in _stream_names(bus)]
+    finally:
+        await bus.close()
+    assert not [n for n in names if "five" in n], names
+
+
+async def test_env_replicas_is_read_and_checked(cluster: BrokerCluster, tmp_path: Path) -> None:
+    """FLEETWAVE_REPLICAS is the flag's environment variable: 4 on 3 servers is refused too."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "coordinator.daemon", "--nats", cluster.url, "--fleet", "four",
+        "coordinator", "--key-file", str(tmp_path / "seed"),
+        env={"FLEETWAVE_REPLICAS": "4", "PATH": "/usr/bin:/bin"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 2 and b"--replicas 4 is more" in err, err
+
+
+async def test_a_broker_that_cannot_reach_its_route_says_so_once(tmp_path: Path) -> None:
+    """`fleetwave broker` whose only route is down says which route and what to do, once, keeps
+    running, and says the routes are up once the other broker starts."""
+    port, cport, other = free_port(), free_port(), free_port()
+    missing = f"nats-route://127.0.0.1:{other}"
+    member = Child("member", [sys.executable, "-c", "from coordinator.cli import main; main()",
+                              "broker", "--port", str(port), "--store-dir", str(tmp_path / "a"),
+                              "--name", "fw-a", "--cluster-listen", f"127.0.0.1:{cport}",
+                              "--routes", f"nats-route://127.0.0.1:{cport},{missing}"],
+                   tmp_path / "a.log")
+    peer = Child("peer", [sys.executable, "-c", "from coordinator.cli import main; main()",
+                          "broker", "--port", str(free_port()), "--store-dir", str(tmp_path / "b"),
+                          "--name", "fw-b", "--cluster-listen", f"127.0.0.1:{other}",
+                          "--routes", f"127.0.0.1:{cport}"],
+                 tmp_path / "b.log")
+    try:
+        await member.start()
+        text = await wait_until(lambda: read_text(member.log_path),
+                                lambda t: "cannot reach" in t, timeout=20,
+                                what="the broker to name its unreachable route")
+        line = next(ln for ln in text.splitlines() if "cannot reach" in ln)
+        assert f"route {missing} (connection refused)" in line and "--routes" in line, line
+        assert member.running
+        await peer.start()
+        text = await wait_until(lambda: read_text(member.log_path),
+                                lambda t: "routes up" in t, timeout=30,
+                                what="the broker to see its route up")
+        assert text.count("cannot reach") == 1, text  # once, not a flood
+        assert "Traceback" not in text
+    finally:
+        await asyncio.gather(member.stop(), peer.stop())
+
+
+async def test_bad_route_flags_are_one_line_and_create_nothing(tmp_path: Path) -> None:
+    """`fleetwave broker --routes x:y` exits 2 with one line, and writes no store dir."""
+    code, _, err = await fleetwave("broker", "--store-dir", str(tmp_path / "js"), "--name", "a",
+                                   "--cluster-listen", "127.0.0.1:6222", "--routes", "x:y")
+    assert code == 2 and err.count("\n") == 1 and "nats-route://HOST:PORT" in err, err
+    assert not (tmp_path / "js").exists()
+
+
+async def test_a_taken_cluster_port_is_one_line_and_creates_nothing(tmp_path: Path) -> None:
+    """`fleetwave broker --cluster-listen` on a port another process holds exits 1 with one line
+    naming the port and the flag, and writes no store dir."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        code, _, err = await fleetwave(
+            "broker", "--port", str(free_port()), "--store-dir", str(tmp_path / "js"),
+            "--name", "a", "--cluster-listen", f"127.0.0.1:{port}", "--routes", "127.0.0.1:1")
+    assert code == 1 and err.count("\n") == 1, err
+    assert f"cluster port {port}" in err and "--cluster-listen" in err, err
+    assert not (tmp_path / "js").exists()
+
+
+async def test_the_shipped_cluster_configs_start_a_cluster(tmp_path: Path) -> None:
+    """deploy/nats/cluster-{1,2,3}.conf, with only addresses and paths changed for loopback,
+    start a real 3-server cluster that fsyncs every write (sync_interval: always)."""
+    client = [free_port() for _ in range(3)]
+    route = [free_port() for _ in range(3)]
+    monitor = [free_port() for _ in range(3)]
+    children = []
+    for i in range(3):
+        text = (DEPLOY / f"cluster-{i + 1}.conf").read_text()
+        assert re.search(r"^\s*sync_interval: always", text, re.M), f"cluster-{i + 1}.conf"
+        changes = [
+            ('host: "0.0.0.0"', 'host: "127.0.0.1"'),
+            ("port: 4222", f"port: {client[i]}"),
+            ('http: "127.0.0.1:8222"', f'http: "127.0.0.1:{monitor[i]}"'),
+            ('listen: "0.0.0.0:6222"', f'listen: "127.0.0.1:{route[i]}"'),
+            ('store_dir: "/var/lib/fleetwave/jetstream"', f'store_dir: "{tmp_path / str(i)}"'),
+            *((f"nats-{j + 1}.fleet.internal:6222", f"127.0.0.1:{route[j]}") for j in range(3)),
+        ]
+        for old, new in changes:
+            assert text.count(old) == 1, f"cluster-{i + 1}.conf no longer has {old!r} once"
+            text = text.replace(old, new)
+        conf = tmp_path / f"cluster-{i + 1}.conf"
+        conf.write_text(text)
+        children.append(Child(f"nats-{i + 1}", [find_nats_server(), "-c", str(conf)],
+                              tmp_path / f"nats-{i + 1}.log"))
+    try:
+        for c in children:
+            await c.start()
+
+        async def sizes() -> list[int]:
+            docs = [await asyncio.to_thread(monitor_get, p, "/jsz") for p in monitor]
+            assert all(d["config"]["sync_always"] for d in docs)
+            return [d.get("meta_cluster", {}).get("cluster_size", 0) if
+                    d.get("meta_cluster", {}).get("leader") else 0 for d in docs]
+
+        await wait_until(sizes, lambda s: s == [3, 3, 3], timeout=30,
+                         what="the three shipped configs to form one cluster")
+        bus = await Bus.connect(",".join(f"nats://127.0.0.1:{p}" for p in client), "shipped")
+        try:
+            assert (await bus.ensure_fleet()).replicas == 3
+        finally:
+            await bus.close()
+    finally:
+        await asyncio.gather(*(c.stop() for c in children))
+
+
+async def test_dev_fleet_of_three_brokers_gives_every_child_every_url(tmp_path: Path) -> None:
+    """`dev up --brokers 3`: the coordinator and each agent are told all three brokers' URLs."""
+    fleet = DevFleet(tmp_path, agents=2, brokers=3)
+    urls = fleet.nats_url.split(",")
+    assert len(urls) == 3 and len({b.server_name for b in fleet.brokers}) == 3
+    for child in (fleet.coordinator, *fleet.agents):
+        assert child.argv[child.argv.index("--nats") + 1] == fleet.nats_url
+
+
+async def test_clients_fail_over_when_their_broker_is_killed(cluster: BrokerCluster) -> None:
+    """A client given every URL keeps reading and writing R3 buckets after the broker it is
+    connected to is SIGKILLed (and a KV watch keeps delivering); with a second broker down no
+    write goes through (a BusError, not a hang), and with both back writes resume and nothing
+    was lost. Last in the module: it kills brokers of the shared cluster."""
+    bus = await Bus.connect(cluster.url, "failover", reconnect_forever=True)
+    try:
+        await bus.ensure_fleet(3, raise_existing=True)
+        bucket = subjects.desired_bucket("failover")
+        await bus.kv_put(bucket, "n1.hello", b"before")
+        seen: list[bytes] = []
+
+        async def follow() -> None:
+            async for e in bus.watch(bucket, "n1.*"):
+                if e is not None and e.value:
+                    seen.append(e.value)
+
+        watcher = asyncio.create_task(follow())
+        await wait_until(_true(lambda: b"before" in seen), bool, timeout=10, what="the watch")
+        here = bus.nc.connected_url
+        assert here is not None
+        victim = next(b for b in cluster.brokers if f":{b.port}" in here.netloc)
+        await victim.kill()
+        killed = asyncio.get_running_loop().time()
+        took = await _retry_put(bus, bucket, "n1.hello", b"after")
+        await wait_until(lambda: _value(bus, bucket, "n1.hello"), lambda v: v == b"after",
+                         timeout=30, what="the write to be read back")
+        assert bus.nc.connected_url is not None and bus.nc.connected_url.netloc != here.netloc
+        await wait_until(_true(lambda: b"after" in seen), bool, timeout=30,
+                         what="the watch to deliver the write made after the failover")
+        watched = asyncio.get_running_loop().time() - killed
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+
+        # A second broker down: no quorum, so no write (refused in bounded time, not hung).
+        other = next(b for b in cluster.brokers if b.pid is not None and b is not victim)
+        await other.kill()
+        with pytest.raises(BusError):
+            async with asyncio.timeout(30):
+                await bus.kv_put(bucket, "n1.hello", b"lost?")
+        for b in (victim, other):
+            await b.start()
+        resumed = await _retry_put(bus, bucket, "n1.hello", b"whole again")
+        await wait_until(lambda: _value(bus, bucket, "n1.hello"), lambda v: v == b"whole again",
+                         timeout=30, what="the write to be read back")
+        print(f"\nclient failover: first write accepted {took:.2f}s after its broker was killed,"
+              f" the watch delivered it {watched:.2f}s after the kill; with two of three down a "
+              f"write is refused, and goes through {resumed:.1f}s after they are started again")
+    finally:
+        await bus.close()
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+class _running:
+    """Start a child for the block; stop and reap it afterwards."""
+
+    def __init__(self, child: Child) -> None:
+        self.child = child
+
+    async def __aenter__(self) -> Child:
+        await self.child.start()
+        return self.child
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.child.stop()
+
+
+async def _replicas_or_missing(bus: Bus, fleet: str) -> dict[str, int] | None:
+    try:
+        return await replicas_of(bus, fleet)
+    except Exception:  # not all created yet
+        return None
+
+
+async def _current(bus: Bus, streams: list[str]) -> bool:
+    for name in streams:
+        info = await bus.js.stream_info(name)
+        peers = info.cluster.replicas if info.cluster else []
+        if len(peers or []) != 2 or not all(p.current for p in peers or []):
+            return False
+    return True
+
+
+async def _stream_names(bus: Bus) -> AsyncIterator[str]:
+    for name in await bus.js.streams_info():
+        yield name.config.name or ""
+
+
+def _true(check: object) -> object:
+    async def probe() -> bool:
+        return bool(check())  # type: ignore[operator]
+    return probe
+
+
+async def _value(bus: Bus, bucket: str, key: str) -> bytes | None:
+    """A key's value; AssertionError (which ``wait_until`` retries) while JetStream is away."""
+    try:
+        entry = await bus.kv_get(bucket, key)
+    except BusError as exc:
+        raise AssertionError(str(exc)) from None
+    return entry.value if entry is not None else None
+
+
+async def _retry_put(bus: Bus, bucket: str, key: str, value: bytes, timeout: float = 30.0
+                     ) -> float:
+    """Put until the bus takes it (bounded); seconds it took."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    last: Exception | None = None
+    while loop.time() - started < timeout:
+        try:
+            await bus.kv_put(bucket, key, value)
+            return loop.time() - started
+        except Exception as exc:  # BusError while the client moves over
+            last = exc
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"no write accepted within {timeout:g}s after the failover: {last}")
+
