@@ -15,7 +15,9 @@ writing verbs forwarded to it), and then owns three tasks until ``stop`` is set:
   go offline; not while the coordinator's own connection is down (then the silence is ours), and
   after a reconnect it excuses the fleet for as long as agents may take to reconnect too. A pause
   of this process (a stalled loop, SIGSTOP, a clock jump) is no evidence either: after one the
-  table judges liveness on fresh heartbeats only;
+  table judges liveness on fresh heartbeats only. Nor is a connection that looks open but
+  carries nothing (this host cut off from the bus): time passes for the table only up to when
+  the server last answered this coordinator (``Lease.heard``; at most a renewal, 0.4 s, behind);
 - the *event publisher* (``protocol.events``) records every transition as an Event in
   the events stream; it retries a while when JetStream is away and drops (with a log line) only
   when its queue is full.
@@ -392,8 +394,17 @@ class Coordinator:
                     # broker is back; until then their silence is still no evidence.
                     self.table.excuse(self._clock() + RECONNECT_CAP)
                     deaf = False
-                self._emit(self.table.tick(self._clock()))
+                self._emit(self.table.tick(self._heard_until()))
             await asyncio.sleep(TICK)
+
+    def _heard_until(self) -> float:
+        """The wall time up to which this coordinator has heard the bus: when the last lease
+        call the server answered was sent (a node's silence after it may be our own deafness)."""
+        now = self._clock()
+        if self.lease is None:
+            return now
+        return now - max(0.0, time.monotonic() - self.lease.heard)
+
 
 class _Current:
     """The rollout verbs' runner (``coordinator.api.rollouts.Runner``): the runner of this

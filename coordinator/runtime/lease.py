@@ -29,6 +29,13 @@ term too, and agents refuse a lower term than they have run (``protocol.signing.
 Takeover: ping strikes take ~2 x ``PING_EVERY`` after a leader's connection drops; a leader that
 hangs (SIGSTOP, a stalled VM) or whose host vanishes without closing its connection is judged by
 the ttl: ``LEASE_TTL`` + ``POLL`` at most, then the fences (three writes), then its runner.
+
+Hearing the bus: the lease's calls are this coordinator's regular round trips to the server
+(every ``POLL`` standing by, every ``renew`` leading). ``heard`` is when the last one that the
+server answered was sent: whatever the server had for this coordinator before then (heartbeats)
+came down the same connection ahead of that answer. A coordinator cut off from the bus, with a
+connection that still looks open, gets no answers: the daemon judges the nodes' silence only up
+to ``heard`` (``coordinator.runtime.daemon``), so it never reads its own deafness as theirs.
 """
 
 from __future__ import annotations
@@ -240,6 +247,7 @@ class Lease:
         self._rev = 0  # revision of the lease while we hold it
         self._last = 0  # the last revision we wrote (a lease still at it is ours to re-take)
         self.takeovers = 0
+        self.heard = monotonic()  # when the last call the server answered was sent (docstring)
 
     @property
     def leader(self) -> LeaseRecord | None:
@@ -259,12 +267,14 @@ class Lease:
         strikes = 0
         next_ping = 0.0
         while True:
+            sent = self._mono()
             try:
                 entry = await bounded(self.bus.kv_get(self.bucket, subjects.LEASE_KEY))
             except BusError as exc:
                 log.debug("cannot read the lease: %s", exc)
                 await asyncio.sleep(self.poll)
                 continue
+            self._answered(sent)
             now = self._mono()
             held: LeaseRecord | None = None
             if entry is not None and entry.value is not None:
@@ -345,17 +355,22 @@ class Lease:
                     self._rev = await self.bus.kv_update(self.bucket, subjects.LEASE_KEY,
                                                          encode(renewed), self._rev)
             except Conflict:
+                self._answered(sent)
                 if await self._still_ours():  # our last renewal landed, its answer was lost
                     last_ok = sent
                     continue
                 self._rev = 0
                 return "another coordinator took the lease"
             except (BusError, TimeoutError) as exc:
-                log.warning("cannot renew the lease: %s", exc or "timed out")
+                log.warning("cannot renew the lease: %s", str(exc) or "timed out")
                 continue
+            self._answered(sent)
             self.current = renewed
             self._last = self._rev
             last_ok = sent
+
+    def _answered(self, sent: float) -> None:
+        self.heard = max(self.heard, sent)
 
     async def _still_ours(self) -> bool:
         """After a lost compare-and-set: whether the lease still names us in our term (a

@@ -16,6 +16,12 @@
 - ``record_of(bus, rid)``: the rollout record as stored (cheaper than ``status`` in a tight poll).
 - ``desired_log(url)``: every desired state still kept in the desired bucket's history (the KV
   stream), oldest first, as signed envelopes.
+- ``leader_of(bus)``: what the coordinators' ``leader`` verb says of the lease.
+- ``kv_log(bus, bucket)``: every message a KV bucket's stream still holds (``kv_logs``: of the
+  rollouts and desired buckets); ``kv_landed(bus)``:
+  every write that lands in the fenced buckets while the block runs (kept even if the bucket's
+  history drops it later); ``assert_fenced_off(logs, term)``: nothing of a term below ``term``
+  landed in the rollouts or desired bucket after the fence of ``term``.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from protocol import subjects
 from protocol.bus import Bus
 from protocol.codec import decode
 from protocol.errors import BusError
-from protocol.messages import ApiReply, RolloutRecord, SignedEnvelope
+from protocol.messages import ApiReply, FenceMarker, RolloutRecord, SignedEnvelope
 from tests.integration.procs import fleetwave, hello_bundle, wait_until
 
 PORT = 8080
@@ -284,4 +290,88 @@ async def told(url: str, rid: str, kind: str, timeout: float = 30.0) -> list[dic
     return await wait_until(lambda: events_of(url, rid),
                             lambda evs: any(e["kind"] == kind for e in evs),
                             timeout=timeout, what=f"the {kind} event of {rid}")
+
+
+KvMessage = tuple[int, str, bytes]  # (stream sequence, subject, data)
+
+
+async def kv_log(bus: Bus, bucket: str) -> list[KvMessage]:
+    """Every message the stream of KV ``bucket`` still holds, oldest first."""
+    name = f"KV_{bucket}"
+    info = await bus.js.stream_info(name)
+    out = []
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        try:
+            msg = await bus.js.get_msg(name, seq)
+        except Exception:  # deleted or purged by the bucket's history: not there to check
+            continue
+        out.append((seq, msg.subject or "", msg.data or b""))
+    return out
+
+
+def fenced_logs_of(fleet: str) -> tuple[str, str]:
+    """The buckets whose logs ``assert_fenced_off`` checks: rollouts and desired."""
+    return subjects.rollouts_bucket(fleet), subjects.desired_bucket(fleet)
+
+
+async def kv_logs(bus: Bus) -> dict[str, list[KvMessage]]:
+    """``kv_log`` of the rollouts and the desired bucket, by bucket."""
+    return {bucket: await kv_log(bus, bucket) for bucket in fenced_logs_of(bus.fleet)}
+
+
+@contextlib.asynccontextmanager
+async def kv_landed(bus: Bus) -> AsyncIterator[dict[str, list[KvMessage]]]:
+    """Every message stored in the rollouts and desired buckets while the block runs (from the
+    start of their streams), by bucket: an ordered consumer each, so that a write a later one
+    pushes out of the bucket's history (5 per key) is still seen. Ends with what the streams
+    hold at the block's end (by sequence, nothing twice)."""
+    landed: dict[str, dict[int, KvMessage]] = {}
+    subs = []
+    for bucket in fenced_logs_of(bus.fleet):
+        got = landed.setdefault(bucket, {})
+
+        async def record(msg: Any, got: dict[int, KvMessage] = got) -> None:
+            got[msg.metadata.sequence.stream] = (msg.metadata.sequence.stream, msg.subject,
+                                                 msg.data or b"")
+
+        subs.append(await bus.js.subscribe(f"$KV.{bucket}.>", stream=f"KV_{bucket}", cb=record,
+                                           ordered_consumer=True))
+    out: dict[str, list[KvMessage]] = {}
+    try:
+        yield out
+    finally:
+        for sub in subs:
+            await sub.unsubscribe()
+    for bucket, held in (await kv_logs(bus)).items():
+        got = landed[bucket]
+        for m in held:
+            got.setdefault(m[0], m)
+        out[bucket] = [got[seq] for seq in sorted(got)]
+
+
+def assert_fenced_off(logs: dict[str, list[KvMessage]], term: int,
+                      fleet: str = "default") -> dict[str, int]:
+    """In each of the rollouts and desired buckets' logs (``kv_log`` or ``kv_landed``, by
+    bucket), every write after the fence marker of ``term`` carries ``term`` or a higher one:
+    no write of a deposed leader landed. The number of such writes per bucket (each > 0: the
+    new leader wrote there)."""
+    terms: dict[str, Callable[[bytes], int]] = {
+        subjects.rollouts_bucket(fleet): lambda data: decode(RolloutRecord, data).term,
+        subjects.desired_bucket(fleet): lambda data: decode(SignedEnvelope, data).term,
+    }
+    assert set(logs) == set(terms), f"logs of {sorted(logs)}, not of {sorted(terms)}"
+    counted = {}
+    for bucket, messages in logs.items():
+        term_of = terms[bucket]
+        fences = [seq for seq, subject, data in messages if subject.endswith(
+            "." + subjects.FENCE_KEY) and data and decode(FenceMarker, data).term == term]
+        assert fences, f"no fence of term {term} in {bucket}'s log"
+        late = [(seq, subject, term_of(data)) for seq, subject, data in messages
+                if seq > fences[0] and data and not subject.endswith("." + subjects.FENCE_KEY)]
+        assert late, f"the leader of term {term} wrote nothing to {bucket}"
+        older = [m for m in late if m[2] < term]
+        assert not older, f"writes of an older term landed in {bucket} after term {term}'s " \
+                          f"fence: {older}"
+        counted[bucket] = len(late)
+    return counted
 

@@ -19,15 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.dev.devfleet import Child, DevFleet, python_module
-from protocol import subjects
 from protocol.bus import Bus
-from protocol.codec import decode
-from protocol.messages import FenceMarker, RolloutRecord, SignedEnvelope
+from protocol.messages import RolloutRecord
 from protocol.signing import generate_seed, store_seed
 from tests.integration.e2e_support import (
+    assert_fenced_off,
     assert_told_once,
     deploy_detached,
     install,
+    kv_logs,
     leader_of,
     loaded,
     push,
@@ -137,18 +137,7 @@ async def test_a_frozen_leader_wakes_deposed_and_gets_no_write_through(tmp_path:
         assert traffic.report.failed == 0, traffic.report.failures
         await assert_told_once(url, rid, NODES, waves=3)
         # From outside: nothing of the old term landed after the new leader's fence.
-        for bucket, term_of in ((subjects.rollouts_bucket(fleet.fleet),
-                                 lambda d: decode(RolloutRecord, d).term),
-                                (subjects.desired_bucket(fleet.fleet),
-                                 lambda d: decode(SignedEnvelope, d).term)):
-            messages = await stream(bus, f"KV_{bucket}")
-            fences = [(seq, decode(FenceMarker, data).term) for seq, subject, data in messages
-                      if subject.endswith(subjects.FENCE_KEY)]
-            fence_seq = next(seq for seq, term in fences if term == new["term"])
-            late = [(seq, term_of(data)) for seq, subject, data in messages
-                    if seq > fence_seq and data and not subject.endswith(subjects.FENCE_KEY)]
-            assert late, f"the new leader wrote nothing to {bucket}?"
-            assert all(term >= new["term"] for _, term in late), (bucket, late)
+        assert_fenced_off(await kv_logs(bus), new["term"], fleet.fleet)
 
 
 async def test_a_lone_coordinators_own_pause_is_not_read_as_nodes_offline(tmp_path: Path) -> None:
@@ -195,15 +184,3 @@ async def test_a_coordinator_with_another_signing_key_refuses_to_join(tmp_path: 
         assert code == 2, log
         assert "signing key" in log and "same key file" in log and "Traceback" not in log
 
-
-async def stream(bus: Bus, name: str) -> list[tuple[int, str, bytes]]:
-    """Every message a stream holds: (sequence, subject, data)."""
-    info = await bus.js.stream_info(name)
-    out = []
-    for seq in range(info.state.first_seq, info.state.last_seq + 1):
-        try:
-            msg = await bus.js.get_msg(name, seq)
-        except Exception:
-            continue
-        out.append((seq, msg.subject, msg.data or b""))
-    return out

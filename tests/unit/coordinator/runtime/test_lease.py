@@ -154,3 +154,36 @@ async def test_fences_only_move_up_and_a_fenced_writer_of_an_older_term_is_depos
     await new.put(ROLLOUTS, "r1", b"two")
     assert [r for r in await new.write_all(ROLLOUTS, [("r2", b"x"), ("r3", None)])
             if not isinstance(r, int)] == []
+
+
+async def test_heard_is_when_the_last_lease_call_the_server_answered_was_sent() -> None:
+    """Reads and renewals the bus does not answer (this host cut off) leave ``heard`` where it
+    was; an answered one moves it to when that call was sent."""
+    bus, mono = FakeBus(), FakeClock()
+    a = lease(bus, "a", mono)
+    await a.acquire()
+    answered = a.heard
+    assert answered == mono.t
+    bus.faults[("update", LEASE)] = BusError("no answer")
+    bus.fault_count[("update", LEASE)] = 10**6
+    holding = asyncio.ensure_future(a.hold())
+    mono.t += 1.5
+    await asyncio.sleep(0.05)  # many renewals tried, none answered
+    assert a.heard == answered and not holding.done()
+    del bus.faults[("update", LEASE)]
+    await asyncio.sleep(0.05)
+    assert a.heard == mono.t  # a renewal sent now was answered
+    holding.cancel()
+
+    standby = lease(bus, "b", mono)
+    bus.faults[("get", LEASE)] = BusError("no answer")
+    bus.fault_count[("get", LEASE)] = 10**6
+    waiting = asyncio.ensure_future(standby.acquire())
+    before = standby.heard
+    mono.t += 5.0
+    await asyncio.sleep(0.05)
+    assert standby.heard == before
+    del bus.faults[("get", LEASE)]
+    await asyncio.sleep(0.05)
+    assert standby.heard == mono.t
+    waiting.cancel()

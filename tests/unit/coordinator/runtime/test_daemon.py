@@ -1,0 +1,48 @@
+"""The daemon's node table is judged only on what the coordinator could hear: silence after the
+last answer the bus gave it (this host cut off, its connection still looking open) is not the
+nodes'."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+from coordinator.runtime.daemon import Coordinator
+from protocol.codec import encode
+from protocol.messages import Heartbeat
+from protocol.testing import FakeClock
+
+
+def coordinator(wall: FakeClock, heard_ago: float) -> Coordinator:
+    c = Coordinator("nats://127.0.0.1:4222", "default", clock=wall)
+    c.lease = SimpleNamespace(heard=time.monotonic() - heard_ago)  # type: ignore[assignment]
+    return c
+
+
+async def beat(c: Coordinator, node: str) -> None:
+    await c._on_heartbeat(f"fw.default.hb.{node}",
+                          encode(Heartbeat(node=node, time=c._clock(), interval=0.5)))
+
+
+async def test_nodes_silent_only_since_the_bus_last_answered_stay_online() -> None:
+    """Cut off 5 s ago (no lease call answered since), a node that beat 4 s ago is not
+    judged offline: 4 s ago the coordinator was already deaf."""
+    wall = FakeClock()
+    c = coordinator(wall, heard_ago=5.0)
+    wall.t -= 4.0
+    await beat(c, "node-1")
+    wall.t += 4.0
+    assert c._heard_until() <= wall.t - 5.0
+    assert c.table.tick(c._heard_until()) == []
+    assert c.table.view()[0].online
+
+
+async def test_nodes_silent_while_the_bus_answered_go_offline() -> None:
+    """Heard a moment ago, a node silent for 4 s (8 beats of 0.5 s) is offline."""
+    wall = FakeClock()
+    c = coordinator(wall, heard_ago=0.0)
+    wall.t -= 4.0
+    await beat(c, "node-1")
+    wall.t += 4.0
+    [went] = c.table.tick(c._heard_until())
+    assert went.kind == "node.offline" and went.node == "node-1"
