@@ -364,8 +364,14 @@ class Coordinator:
     # -- outputs ----------------------------------------------------------------------------------
 
     def _emit(self, transitions: list[Transition]) -> None:
+        """Log the node table's transitions, and record them as events unless another
+        coordinator leads (every coordinator sees the same heartbeats: the leader's copy is the
+        audit log's; before any leader is known, as at the start, ours is recorded)."""
+        leader = self.lease.leader if self.lease is not None else None
         for t in transitions:
             log.info("%s", t.message)
+            if leader is not None and leader.holder != self.id:
+                continue
             event = Event(
                 id=uuid.uuid4().hex, time=self._clock(), fleet=self.fleet_name, kind=t.kind,
                 message=t.message, node=t.node, data=dict(t.data),

@@ -15,7 +15,8 @@ from protocol.testing import FakeClock
 
 def coordinator(wall: FakeClock, heard_ago: float) -> Coordinator:
     c = Coordinator("nats://127.0.0.1:4222", "default", clock=wall)
-    c.lease = SimpleNamespace(heard=time.monotonic() - heard_ago)  # type: ignore[assignment]
+    c.lease = SimpleNamespace(heard=time.monotonic() - heard_ago,  # type: ignore[assignment]
+                              leader=None)
     return c
 
 
@@ -46,3 +47,18 @@ async def test_nodes_silent_while_the_bus_answered_go_offline() -> None:
     wall.t += 4.0
     [went] = c.table.tick(c._heard_until())
     assert went.kind == "node.offline" and went.node == "node-1"
+
+
+async def test_only_the_leader_records_node_events() -> None:
+    """Every coordinator sees the same heartbeats; a standby's node events would be copies in
+    the audit log. Before any leader is known (at the start) they are recorded."""
+    wall = FakeClock()
+    c = coordinator(wall, heard_ago=0.0)
+    await beat(c, "node-1")
+    assert [e.kind for e in c.events.pending()] == ["node.online"]
+    c.lease.leader = SimpleNamespace(holder="someone-else")  # type: ignore[union-attr]
+    await beat(c, "node-2")
+    assert c.events.pending() == []
+    c.lease.leader = SimpleNamespace(holder=c.id)  # type: ignore[union-attr]
+    await beat(c, "node-3")
+    assert [e.node for e in c.events.pending()] == ["node-3"]
