@@ -113,6 +113,12 @@ def cluster_spec(name: str | None, listen: str | None, routes: str | None) -> Cl
                        routes=parse_routes(routes) if routes else ())
 
 
+def broker_flags(spec: ClusterSpec) -> list[str]:
+    """``spec`` as the flags of ``fleetwave broker`` (``cluster_spec`` reads them back)."""
+    return ["--name", spec.name, "--cluster-listen", spec.listen,
+            "--routes", ",".join(spec.routes)]
+
+
 def render_cluster(spec: ClusterSpec) -> str:
     """The ``cluster {}`` block of the config (see deploy/nats/cluster-1.conf)."""
     routes = "\n".join(f'    "{r}"' for r in spec.routes)
@@ -324,11 +330,7 @@ class BrokerCluster:
             meta = (await self.jsz(leader)).get("meta_cluster", {})
         except (KeyError, OSError, ValueError) as exc:
             return [f"no meta leader to ask ({exc})"]
-        peers = {r.get("name"): r for r in meta.get("replicas") or []}
-        return [f"{b.server_name}: not a current peer of the meta group yet" for b in running
-                if b is not leader and (b.server_name not in peers
-                                        or peers[b.server_name].get("offline")
-                                        or not peers[b.server_name].get("current"))]
+        return not_current_peers(meta, [b.server_name for b in running if b is not leader])
 
     async def jsz(self, broker: Broker | None = None) -> dict[str, Any]:
         """``/jsz`` of ``broker`` (default: the first running one)."""
@@ -357,6 +359,14 @@ class BrokerCluster:
                 if leader:
                     return str(leader)
         return ""
+
+
+def not_current_peers(meta: dict[str, Any], names: Sequence[str]) -> list[str]:
+    """Of the servers ``names`` (the meta leader not among them), those the meta leader's
+    ``/jsz`` ``meta_cluster`` does not show as current peers, each with why."""
+    peers = {r.get("name"): r for r in meta.get("replicas") or []}
+    return [f"{n}: not a current peer of the meta group yet" for n in names
+            if n not in peers or peers[n].get("offline") or not peers[n].get("current")]
 
 
 def _health(port: int) -> str:

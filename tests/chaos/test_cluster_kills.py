@@ -28,9 +28,10 @@ from coordinator.dev.broker import Broker
 from coordinator.dev.cluster import monitor_get
 from coordinator.dev.devfleet import DevFleet
 from coordinator.runtime.daemon import SERVICE_NAME
-from protocol import subjects
 from protocol.bus import Bus
 from protocol.messages import RolloutRecord
+from tests.chaos import cluster_support
+from tests.chaos.cluster_support import TARGETS, bounded_record
 from tests.chaos.test_max_unavailable import watched  # the outside availability sampler
 from tests.integration.e2e_support import (
     deploy_detached,
@@ -38,7 +39,6 @@ from tests.integration.e2e_support import (
     install,
     loaded,
     push,
-    record_of,
     serving,
 )
 from tests.integration.procs import wait_until
@@ -61,19 +61,18 @@ async def fleet(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[DevFl
 
 
 async def _victim(fleet: DevFleet, bus: Bus, target: str) -> Broker:
-    assert fleet.cluster is not None
-    if target == "coordinator's broker":
-        found = await fleet.cluster.serving(SERVICE_NAME)
-        assert found is not None, "the coordinator is connected to no broker"
-        return found
-    if target == "meta leader":
-        return fleet.cluster.by_name(await fleet.cluster.meta_leader())
-    info = await bus.js.stream_info(subjects.kv_stream(subjects.rollouts_bucket(fleet.fleet)))
-    assert info.cluster is not None and info.cluster.leader
-    return fleet.cluster.by_name(info.cluster.leader)
+    cluster = fleet.cluster
+    assert cluster is not None
+
+    async def coordinators_broker() -> str:
+        found = await cluster.serving(SERVICE_NAME)
+        return found.server_name if found is not None else ""
+
+    return cluster.by_name(await cluster_support.victim(
+        target, bus, coordinators_broker=coordinators_broker, meta_leader=cluster.meta_leader))
 
 
-@pytest.mark.parametrize("target", ["coordinator's broker", "meta leader", "rollouts leader"])
+@pytest.mark.parametrize("target", TARGETS)
 async def test_a_broker_killed_mid_rollout_loses_nothing(fleet: DevFleet, target: str) -> None:
     """One of three brokers SIGKILLed during wave 1 of 4 (and not restarted until the end):
     the rollout succeeds, 0 failed requests, every event of it exactly once."""
@@ -93,13 +92,13 @@ async def test_a_broker_killed_mid_rollout_loses_nothing(fleet: DevFleet, target
             def mid(r: RolloutRecord) -> bool:
                 return r.current_wave == 1 and r.nodes[NODES[1]].state == "updating"
 
-            await wait_until(lambda: _record(bus, rid), mid, timeout=60,
+            await wait_until(lambda: bounded_record(bus, rid), mid, timeout=60,
                              what="wave 1 (node-2) to be updating")
             victim = await _victim(fleet, bus, target)
             on_it = await _clients_of(victim)
             await victim.kill()
             killed = time.time()  # events carry the coordinator's clock: the same host's
-            final = await wait_until(lambda: _record(bus, rid),
+            final = await wait_until(lambda: bounded_record(bus, rid),
                                      lambda r: r.state != "running", timeout=120,
                                      what="the rollout to end with a broker down")
             took = time.monotonic() - started
@@ -137,16 +136,6 @@ async def test_a_broker_killed_mid_rollout_loses_nothing(fleet: DevFleet, target
           f"mid-rollout: next decision after {decided:.1f}s, next wave started after "
           f"{next_wave:.1f}s (bake 2s); rollout of 4 nodes took {took:.1f}s; "
           f"{report.requests} requests, 0 failed; at most {seen.worst} node(s) unavailable")
-
-
-async def _record(bus: Bus, rid: str) -> RolloutRecord:
-    """The rollout record, each read bounded: a read sent to a server that just died is never
-    answered, and waiting out the client's 10 s timeout would blur the figures."""
-    try:
-        async with asyncio.timeout(1.0):
-            return await record_of(bus, rid)
-    except TimeoutError:
-        raise AssertionError("the read of the record timed out") from None
 
 
 async def _clients_of(broker: Broker) -> list[str]:
