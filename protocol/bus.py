@@ -92,6 +92,7 @@ class _QuietTlsClose(logging.Filter):
 
 
 logging.getLogger("asyncio").addFilter(_QuietTlsClose())
+log = logging.getLogger("fleetwave.bus")
 _USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)?(?P<info>[^@/]*)@")
 
 
@@ -263,6 +264,7 @@ class Bus:
         self._kv: dict[str, Any] = {}
         self._services: list[Any] = []
         self.lame_ducks = 0  # how many times a server told us it is going away
+        self.refused = ""  # why the server refused us on a reconnect (credentials revoked)
         self._leaving: str | None = None  # netloc of the server in lame-duck mode
         self._ldm_task: asyncio.Task[None] | None = None
         # Pipelined JetStream publishes (js_publish_all): one reply subscription, a future per
@@ -307,6 +309,10 @@ class Bus:
             denied = _denied(exc, url, creds, tls_ca)
             if denied is not None and not holder and not refused.done():
                 refused.set_result(denied)
+            elif denied is not None and holder and not holder[0].refused:
+                # Revoked while connected: nats-py goes on trying; say why once, not per try.
+                holder[0].refused = str(denied)
+                log.warning("%s", denied)
 
         async def on_lame_duck() -> None:
             if holder:

@@ -173,6 +173,8 @@ async def test_node_credentials_reach_nothing_of_another_node(tmp_path: Path) ->
             assert refused in log, refused
         agent2 = await read_text(tmp_path / "fleet" / "logs" / "node-2.log")
         assert "Traceback" not in agent2
+        assert "refused the node 'node-2' credentials" in agent2  # once, saying why
+        assert agent2.count("refused the node") == 1
 
 
 async def _nodes(fleet: DevFleet) -> dict[str, dict[str, object]]:
