@@ -266,6 +266,9 @@ def check_identity(values: dict[str, Any]) -> None:
         return
     from protocol.creds import check_for
 
+    if values.get("simulate"):
+        raise FlagError("'--simulate' cannot run with '--creds': each simulated node would need "
+                        "credentials of its own; run simulated nodes on a dev broker without auth")
     try:
         check_for(found, "given with --creds", fleet=values["fleet"], role="node",
                   name=values["node_id"])
