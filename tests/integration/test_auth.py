@@ -63,11 +63,13 @@ async def test_a_secure_dev_fleet_rolls_out_over_tls(tmp_path: Path) -> None:
 
 
 async def test_node_credentials_reach_nothing_of_another_node(tmp_path: Path) -> None:
-    """With node-1's credentials: writing node-2's observed key, reading node-2's desired key
-    (get, snapshot, watch), subscribing _INBOX.> and fw.>, publishing node-2's heartbeat and
-    calling the API's deploy are refused by the server; so are a connection without TLS and
-    one with revoked credentials (whose holder is disconnected, no one else); the fleet's
-    desired states and node-2's observed state are unchanged."""
+    """With node-1's credentials: writing node-2's observed and registration keys or the
+    coordinator's buckets, purging a stream, reading node-2's desired key (get, snapshot,
+    watch), subscribing _INBOX.>, fw.>, $KV.> and others' inboxes, publishing node-2's
+    heartbeat and calling the API's deploy are refused by the server, as is an operator's
+    direct write of a desired state; so are a connection without TLS and one with revoked
+    credentials (whose holder is disconnected, no one else); the fleet's desired states,
+    rollouts and node-2's observed state are unchanged."""
     async with DevFleet(tmp_path / "fleet", agents=2, heartbeat_interval=0.5, secure=True,
                         subnet=SUBNET) as fleet:
         assert fleet.auth_dir is not None
@@ -91,6 +93,21 @@ async def test_node_credentials_reach_nothing_of_another_node(tmp_path: Path) ->
             with pytest.raises((BusError, TimeoutError)):
                 async with asyncio.timeout(3):
                     await node1.kv_put(subjects.observed_bucket(F), "node-2.hello", b"{}")
+            # Write node-2's registration, and the coordinator's buckets; purge a stream.
+            for bucket, key in [(subjects.nodes_bucket(F), "node-2"),
+                                (subjects.desired_bucket(F), "node-1.hello"),
+                                (subjects.rollouts_bucket(F), "forged"),
+                                (subjects.locks_bucket(F), "hello")]:
+                with pytest.raises((BusError, TimeoutError)):
+                    async with asyncio.timeout(3):
+                        await node1.kv_put(bucket, key, b"{}")
+            with pytest.raises((BusError, TimeoutError)):
+                await node1.request("$JS.API.STREAM.PURGE.KV_fw-default-desired", b"{}",
+                                    timeout=2)
+            # An operator may not write a desired state either (only through the API).
+            with pytest.raises((BusError, TimeoutError)):
+                async with asyncio.timeout(3):
+                    await op.kv_put(subjects.desired_bucket(F), "node-1.hello", b"{}")
             # Read node-2's desired key: get, snapshot, watch.
             with pytest.raises((BusError, TimeoutError)):
                 async with asyncio.timeout(3):
@@ -116,7 +133,7 @@ async def test_node_credentials_reach_nothing_of_another_node(tmp_path: Path) ->
 
             async def spy(subject: str, _: bytes) -> None:
                 spied.append(subject)
-            for wide in ("_INBOX.>", "fw.>", "_OPS_admin.>", "_INBOX_node-2.>"):
+            for wide in ("_INBOX.>", "fw.>", "$KV.>", "_OPS_admin.>", "_INBOX_node-2.>"):
                 await node1.subscribe(wide, spy)
             code, _, err = await fleetwave(*fleet.client_args(), "nodes")
             assert code == 0, err
@@ -167,6 +184,13 @@ async def test_node_credentials_reach_nothing_of_another_node(tmp_path: Path) ->
             "Publish Violation - Subject \"$JS.API.CONSUMER.CREATE.KV_fw-default-desired.",
             'Subscription Violation - Subject "_INBOX.>"',
             'Subscription Violation - Subject "fw.>"',
+            'Subscription Violation - Subject "$KV.>"',
+            'Publish Violation - Subject "$KV.fw-default-nodes.node-2"',
+            'Publish Violation - Subject "$KV.fw-default-desired.node-1.hello"',
+            # (a node cannot even bind these buckets: refused at their stream info)
+            'Publish Violation - Subject "$JS.API.STREAM.INFO.KV_fw-default-rollouts"',
+            'Publish Violation - Subject "$JS.API.STREAM.INFO.KV_fw-default-locks"',
+            'Publish Violation - Subject "$JS.API.STREAM.PURGE.KV_fw-default-desired"',
             'Publish Violation - Subject "fw.default.hb.node-2"',
             'Publish Violation - Subject "fw.default.api.deploy"',
         ):
