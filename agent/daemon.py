@@ -40,6 +40,7 @@ from agent.host.identity import RunAs
 from protocol import subjects
 from protocol.bus import Bus, redact
 from protocol.codec import encode
+from protocol.creds import Creds
 from protocol.errors import BusError
 from protocol.messages import NodeInfo, ServiceSummary, SlotProcess
 
@@ -79,6 +80,8 @@ class AgentOptions:
     heartbeat_interval: float = presence.DEFAULT_INTERVAL
     service_user: RunAs | None = None  # see agent.host.identity
     edge: Edge = field(default_factory=Edge)  # every router's public-port limits
+    creds: Creds | None = None  # this node's identity on the bus (fleetwave auth add-node)
+    tls_ca: str | None = None  # the fleet's CA: TLS on
 
 
 class Agent:
@@ -142,6 +145,8 @@ class Agent:
                 name=f"fleetwave-agent-{self.options.node_id}",
                 connect_deadline=CONNECT_FOREVER,
                 reconnect_forever=True,
+                creds=self.options.creds,
+                tls_ca=self.options.tls_ca,
             )
         )
         stopping = asyncio.create_task(stop.wait())

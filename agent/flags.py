@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     import click
 
     from agent.host.identity import RunAs
+    from protocol.creds import Creds
 
 DEFAULT_NATS = "nats://127.0.0.1:4222"
 PROG = "fleetwave-agent"
@@ -113,6 +114,19 @@ def _simulate(value: str) -> int:
     return n
 
 
+def _creds(value: str) -> Creds:
+    from protocol import creds
+
+    return creds.load(value)
+
+
+def _tls_ca(value: str) -> str:
+    if not Path(value).is_file():
+        raise ProtocolError(f"{value} does not exist; pass the fleet's ca.pem (made by "
+                            "'fleetwave auth init')")
+    return value
+
+
 def _data_dir(value: str) -> Path:
     path = Path(value)
     if path.exists() and not path.is_dir():
@@ -156,6 +170,12 @@ FLAGS: tuple[Flag, ...] = (
          show_default=True),
     Flag(("--fleet",), "fleet", "Fleet namespace (env FLEETWAVE_FLEET).", _fleet,
          default="default", env="FLEETWAVE_FLEET", metavar="TEXT", show_default=True),
+    Flag(("--creds",), "creds", "This node's credentials file, DIR/nodes/<node-id>.creds made "
+         "by 'fleetwave auth add-node' (env FLEETWAVE_CREDS).", _creds, env="FLEETWAVE_CREDS",
+         metavar="FILE"),
+    Flag(("--tls-ca",), "tls_ca", "CA file the server's TLS certificate must be signed by; "
+         "turns TLS on (env FLEETWAVE_TLS_CA).", _tls_ca, env="FLEETWAVE_TLS_CA",
+         metavar="FILE"),
     Flag(("--heartbeat-interval",), "heartbeat_interval", "Seconds between heartbeats (tests "
          "use short ones).", _interval, default=str(presence.DEFAULT_INTERVAL),
          env="FLEETWAVE_HEARTBEAT_INTERVAL", metavar="FLOAT", hidden=True),
@@ -236,6 +256,24 @@ def parse_flags(argv: Sequence[str], environ: dict[str, str] | None = None) -> d
         except ProtocolError as exc:
             raise FlagError(f"Invalid value for '{f.opts[-1]}': {exc}") from None
     return values
+
+
+def check_identity(values: dict[str, Any]) -> None:
+    """Refuse credentials that are not this node's (another node's, fleet's, an operator's):
+    the server would refuse them anyway, but only as a permissions violation in its own log."""
+    found = values.get("creds")
+    if found is None:
+        return
+    from protocol.creds import check_for
+
+    if values.get("simulate"):
+        raise FlagError("'--simulate' cannot run with '--creds': each simulated node would need "
+                        "credentials of its own; run simulated nodes on a dev broker without auth")
+    try:
+        check_for(found, "given with --creds", fleet=values["fleet"], role="node",
+                  name=values["node_id"])
+    except ProtocolError as exc:
+        raise FlagError(f"Invalid value for '--creds': {exc}") from None
 
 
 def click_command(run: Callable[[dict[str, Any]], int]) -> click.Command:

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 from agent import lean
 from agent.edge import Edge
 from agent.errors import FlagError, StartupError
-from agent.flags import PROG, click_command, parse_flags
+from agent.flags import PROG, check_identity, click_command, parse_flags
+from protocol.errors import BusError
 
 if TYPE_CHECKING:
     from agent.daemon import Agent, AgentOptions
@@ -122,6 +123,8 @@ def start(values: dict[str, Any]) -> int:
         bind_host=values["bind_host"],
         heartbeat_interval=values["heartbeat_interval"],
         service_user=values["service_user"],
+        creds=values["creds"],
+        tls_ca=values["tls_ca"],
         edge=Edge(max_connections=values["max_connections"], body_timeout=values["body_timeout"],
                   trusted_proxies=values["trusted_proxies"]),
     )
@@ -161,6 +164,7 @@ async def _run_simulated(options: AgentOptions, trusted_keys: tuple[str, ...], c
     connecting = asyncio.create_task(Bus.connect(
         options.nats_url, options.fleet, name=f"fleetwave-sim-{options.node_id}",
         connect_deadline=10 * 365 * 24 * 3600.0, reconnect_forever=True,
+        creds=options.creds, tls_ca=options.tls_ca,
     ))
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -195,12 +199,13 @@ def main(argv: list[str] | None = None) -> None:
     lean.import_lean()  # first: before anything imports asyncio or hashlib
     try:
         values = parse_flags(sys.argv[1:] if argv is None else argv)
+        check_identity(values)
     except FlagError as exc:
         print(f"{PROG}: {exc} (see '{PROG} --help')", file=sys.stderr)
         sys.exit(2)
     try:
         code = start(values)
-    except StartupError as exc:
+    except (StartupError, BusError) as exc:  # BusError: the server refused our creds or TLS
         print(f"{PROG}: {exc}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

@@ -28,8 +28,10 @@ import contextlib
 import copy
 import hashlib
 import json
+import logging
 import random
 import re
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,7 +49,16 @@ from nats.micro import add_service
 from nats.micro.service import EndpointConfig, ServiceConfig
 
 from protocol import subjects
-from protocol.errors import BusError, Conflict, NoResponders, NotReachable, TooFewServers
+from protocol.creds import Creds
+from protocol.errors import (
+    AccessDenied,
+    BusError,
+    Conflict,
+    NoResponders,
+    NotReachable,
+    ProtocolError,
+    TooFewServers,
+)
 
 REQUEST_TIMEOUT = 5.0
 
@@ -70,6 +81,18 @@ def _name_client_version() -> None:
 
 
 _name_client_version()
+
+
+class _QuietTlsClose(logging.Filter):
+    """asyncio logs "returning true from eof_received() has no effect when using ssl" each time
+    a TLS connection nats-py opened is closed by the server (a refusal we report in one line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "eof_received()" not in record.getMessage()
+
+
+logging.getLogger("asyncio").addFilter(_QuietTlsClose())
+log = logging.getLogger("fleetwave.bus")
 _USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)?(?P<info>[^@/]*)@")
 
 
@@ -163,6 +186,73 @@ class ObjectStat:
 Handler = Callable[[bytes], Awaitable[bytes]]
 
 
+def tls_context(ca_file: str) -> ssl.SSLContext:
+    """A client TLS context that trusts only ``ca_file`` (the fleet's CA) and checks the
+    server's name; ProtocolError (one line) if the file is missing or holds no certificate."""
+    if not Path(ca_file).is_file():
+        raise ProtocolError(
+            f"TLS CA file {ca_file} does not exist; pass the fleet's ca.pem (made by "
+            "'fleetwave auth init') with --tls-ca (or FLEETWAVE_TLS_CA)"
+        )
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (ssl.SSLError, OSError, ValueError):
+        raise ProtocolError(
+            f"TLS CA file {ca_file} holds no usable certificate; pass the fleet's ca.pem"
+        ) from None
+
+
+async def _unless_refused(connecting: Awaitable[Client],
+                          refused: asyncio.Future[AccessDenied]) -> Client:
+    """``connecting``'s client, or the AccessDenied in ``refused`` as soon as it is set."""
+    task = asyncio.ensure_future(connecting)
+    try:
+        waiting: set[asyncio.Future[Any]] = {task, refused}
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+    if task.done() and not task.cancelled() and task.exception() is None:
+        return task.result()
+    if refused.done():
+        raise refused.result()
+    return task.result()
+
+
+def _denied(
+    exc: BaseException, url: str, creds: Creds | None, tls_ca: str | None,
+) -> AccessDenied | None:
+    """The AccessDenied that ``exc`` (a failed connect) means, or None if it is not a refusal."""
+    text = str(exc).lower()
+    where = redact(url)
+    if isinstance(exc, ssl.SSLCertVerificationError) or "certificate verify failed" in text:
+        ca = f"the CA in {tls_ca}" if tls_ca else "the system's CAs"
+        return AccessDenied(
+            f"the server at {where} has a TLS certificate that {ca} did not sign (or not for "
+            "this host name); pass the fleet's ca.pem with --tls-ca (or FLEETWAVE_TLS_CA)"
+        )
+    if "authorization violation" in text or "authentication" in text:
+        if creds is None:
+            return AccessDenied(
+                f"the server at {where} refused a client without credentials (authorization "
+                "violation); pass the file 'fleetwave auth' made for you with --creds (or "
+                "FLEETWAVE_CREDS)"
+            )
+        return AccessDenied(
+            f"the server at {where} refused the {creds.role} {creds.name!r} credentials "
+            "(authorization violation): they are revoked or another fleet's; get new ones "
+            "from 'fleetwave auth' and pass them with --creds"
+        )
+    if "tls" in text and ("required" in text or "handshake" in text) and tls_ca is None:
+        return AccessDenied(
+            f"the server at {where} requires TLS; pass the fleet's ca.pem with --tls-ca (or "
+            "FLEETWAVE_TLS_CA)"
+        )
+    return None
+
+
 class Bus:
     """A connected NATS client with JetStream, for one fleet."""
 
@@ -174,6 +264,7 @@ class Bus:
         self._kv: dict[str, Any] = {}
         self._services: list[Any] = []
         self.lame_ducks = 0  # how many times a server told us it is going away
+        self.refused = ""  # why the server refused us on a reconnect (credentials revoked)
         self._leaving: str | None = None  # netloc of the server in lame-duck mode
         self._ldm_task: asyncio.Task[None] | None = None
         # Pipelined JetStream publishes (js_publish_all): one reply subscription, a future per
@@ -189,17 +280,39 @@ class Bus:
     @classmethod
     async def connect(
         cls, url: str, fleet: str, *, name: str = "fleetwave", connect_deadline: float = 5.0,
-        reconnect_forever: bool = False,
+        reconnect_forever: bool = False, creds: Creds | None = None, tls_ca: str | None = None,
     ) -> Bus:
-        """Connect, retrying until ``connect_deadline``; raise NotReachable with the fix."""
+        """Connect, retrying until ``connect_deadline``; raise NotReachable with the fix.
+
+        ``creds`` (``protocol.creds``) sign the server's nonce with the identity's nkey, and set
+        its inbox prefix (a node's replies arrive only on its own); ``tls_ca`` is the CA file
+        the server's certificate must be signed by (TLS on). A server that refuses either is
+        not retried: AccessDenied at once, saying which and what to do.
+        """
         holder: list[Bus] = []
+        secure: dict[str, Any] = {}
+        if creds is not None:
+            secure["nkeys_seed_str"] = creds.seed
+            secure["inbox_prefix"] = creds.inbox_prefix
+        if tls_ca is not None:
+            secure["tls"] = tls_context(tls_ca)
 
         async def on_reconnect() -> None:
             if holder:
                 holder[0]._reconnected()
 
+        # A refusal (credentials, TLS) reaches only the error callback while nats-py retries the
+        # first connect by itself; it ends the connect at once: retrying cannot help.
+        refused: asyncio.Future[AccessDenied] = asyncio.get_running_loop().create_future()
+
         async def on_error(exc: Exception) -> None:  # logged by the owner; never raised here
-            return None
+            denied = _denied(exc, url, creds, tls_ca)
+            if denied is not None and not holder and not refused.done():
+                refused.set_result(denied)
+            elif denied is not None and holder and not holder[0].refused:
+                # Revoked while connected: nats-py goes on trying; say why once, not per try.
+                holder[0].refused = str(denied)
+                log.warning("%s", denied)
 
         async def on_lame_duck() -> None:
             if holder:
@@ -226,7 +339,7 @@ class Bus:
             try:
                 # nats-py retries the first connect max_reconnect_attempts times by itself (a
                 # minute with 120 x 0.5 s, for ever for agents): bound it by our deadline.
-                nc = await asyncio.wait_for(nats.connect(
+                nc = await asyncio.wait_for(_unless_refused(nats.connect(
                     servers,
                     name=name,
                     connect_timeout=2,
@@ -239,9 +352,15 @@ class Bus:
                     max_outstanding_pings=3,
                     lame_duck_mode_cb=on_lame_duck,
                     **forever,
-                ), timeout=max(deadline - loop.time(), 0.5))
+                    **secure,
+                ), refused), timeout=max(deadline - loop.time(), 0.5))
                 break
+            except AccessDenied:
+                raise
             except (OSError, nats.errors.Error, TimeoutError) as exc:
+                denied = _denied(exc, url, creds, tls_ca)
+                if denied is not None:
+                    raise denied from None
                 if loop.time() + delay > deadline:
                     raise NotReachable(
                         f"cannot reach NATS at {redact(url)} ({type(exc).__name__}); start a "
@@ -658,7 +777,9 @@ class Bus:
                                              subjects_filter=f"$KV.{bucket}.{pattern}")
             skip = len(f"$KV.{bucket}.")
             expected = {subject[skip:] for subject in (info.state.subjects or {})}
-            w = await kv.watch(pattern)  # deletes too: a deleted key is delivered as one
+            # deletes too: a deleted key is delivered as one; named (``_NamedByInbox``) so that
+            # a server can allow a node a snapshot of its own keys only
+            w = await _watchable(kv, self.js).watch(pattern)
             try:
                 seen: set[str] = set()
                 caught_up = False
@@ -745,6 +866,8 @@ class Bus:
             sub = await self.js.subscribe(
                 OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=store, obj=info.nuid), ordered_consumer=True,
                 idle_heartbeat=WATCH_HEARTBEAT,  # re-created soon if its server dies (see watch)
+                # named: no stream lookup by subject (STREAM.NAMES, which a node may not ask)
+                stream=subjects.object_stream(store),
             )
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusError(f"cannot fetch {name} from {store}: {exc}") from None
@@ -1015,7 +1138,28 @@ class _HeartbeatingJetStream:
 
     async def subscribe(self, *args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("idle_heartbeat", self._interval)
+        if kwargs.get("ordered_consumer") and kwargs.get("config") is None:
+            kwargs["config"] = _NamedByInbox()
         return await self._inner.subscribe(*args, **kwargs)
+
+
+class _NamedByInbox(js_api.ConsumerConfig):
+    """A watch's consumer config whose name follows its deliver inbox (``w<nuid>``).
+
+    A named consumer is created on ``$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>``: the
+    filter is in the subject, so a server's permissions can allow a node to watch its own keys
+    only (``coordinator.auth.perms``); nats-py creates an unnamed ordered consumer on the bare
+    ``CONSUMER.CREATE.<stream>``, with the filter in the body where no permission can see it.
+    Deriving the name from the inbox gives the consumer nats-py re-creates after a gap (a new
+    inbox) a new name too, so it never collides with the one it replaces.
+    """
+
+    def __getattribute__(self, attr: str) -> Any:
+        if attr == "name":
+            deliver = object.__getattribute__(self, "deliver_subject")
+            if deliver:
+                return "w" + str(deliver).rsplit(".", 1)[-1]
+        return object.__getattribute__(self, attr)
 
 
 def _watchable(kv: Any, js: Any) -> Any:

@@ -5,6 +5,8 @@
     BusError               NATS or JetStream failed a request we made
     ├── NotReachable       no NATS server, or nobody answers on a subject (no coordinator)
     ├── Conflict           a KV compare-and-set lost the race (a lock is held, a key changed)
+    ├── AccessDenied       the server refused our credentials (unknown, revoked) or our TLS
+    │                      (no TLS where it is required, a certificate our CA did not sign)
     └── TooFewServers      more replicas asked for than the JetStream cluster has servers: an
                            operator's mistake (retrying does not help), found before anything
                            is created
@@ -36,3 +38,8 @@ class Conflict(BusError):
 
 class TooFewServers(BusError):
     """The replicas asked for cannot be placed: the JetStream cluster has fewer servers."""
+
+
+class AccessDenied(BusError):
+    """The server refused this client: credentials it does not know (revoked, another fleet's),
+    no TLS where TLS is required, or a server certificate the given CA did not sign."""

@@ -14,6 +14,7 @@ import click
 
 # Each module adds its commands to ``cli`` when imported.
 from coordinator.cli import (  # noqa: F401  (registration by import)
+    auth_cmds,
     dev_cmds,
     fleet_cmds,
     infra,

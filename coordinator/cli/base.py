@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import click
 
+from protocol import creds as creds_file
 from protocol.errors import ProtocolError
 from protocol.subjects import check_name
 
@@ -18,6 +21,46 @@ class Ctx:
 
     nats_url: str
     fleet: str
+    creds: creds_file.Creds | None = None  # --creds: who this client is on the bus
+    tls_ca: str | None = None  # --tls-ca: the CA the server's certificate must be signed by
+
+    def access(self) -> dict[str, Any]:
+        """The credentials and TLS arguments of ``Bus.connect`` for this client."""
+        return {"creds": self.creds, "tls_ca": self.tls_ca}
+
+
+def load_creds(path: Path | None, fleet: str, role: str | None = None) -> creds_file.Creds | None:
+    """The credentials in ``path`` (None without one), checked against the fleet (and
+    ``role``); a click usage error (one line, exit 2) if they cannot be this client's."""
+    if path is None:
+        return None
+    try:
+        found = creds_file.load(path)
+        creds_file.check_for(found, str(path), fleet=fleet, role=role)
+    except ProtocolError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--creds'") from None
+    return found
+
+
+def check_tls_ca(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    if not path.is_file():
+        raise click.BadParameter(
+            f"{path} does not exist; pass the fleet's ca.pem (made by 'fleetwave auth init')",
+            param_hint="'--tls-ca'")
+    return str(path)
+
+
+creds_option = click.option(
+    "--creds", type=click.Path(dir_okay=False, path_type=Path), envvar="FLEETWAVE_CREDS",
+    default=None, help="Credentials file made by 'fleetwave auth' (env FLEETWAVE_CREDS).",
+)
+tls_ca_option = click.option(
+    "--tls-ca", type=click.Path(dir_okay=False, path_type=Path), envvar="FLEETWAVE_TLS_CA",
+    default=None, help="CA file the server's TLS certificate must be signed by; turns TLS on "
+    "(env FLEETWAVE_TLS_CA).",
+)
 
 
 def _fleet(_: click.Context, __: click.Parameter, value: str) -> str:
@@ -36,11 +79,15 @@ def _fleet(_: click.Context, __: click.Parameter, value: str) -> str:
     "--fleet", envvar="FLEETWAVE_FLEET", default="default", show_default=True, callback=_fleet,
     help="Fleet namespace (env FLEETWAVE_FLEET).",
 )
+@creds_option
+@tls_ca_option
 @click.version_option(package_name="fleetwave", prog_name="fleetwave")
 @click.pass_context
-def cli(ctx: click.Context, nats_url: str, fleet: str) -> None:
+def cli(ctx: click.Context, nats_url: str, fleet: str, creds: Path | None,
+        tls_ca: Path | None) -> None:
     """fleetwave: progressive delivery for fleets of plain hosts, over NATS."""
-    ctx.obj = Ctx(nats_url=nats_url, fleet=fleet)
+    ctx.obj = Ctx(nats_url=nats_url, fleet=fleet, creds=load_creds(creds, fleet),
+                  tls_ca=check_tls_ca(tls_ca))
 
 
 output_option = click.option(

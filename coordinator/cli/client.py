@@ -40,7 +40,8 @@ async def connected(ctx: Ctx, *, timeout: float = CONNECT_TIMEOUT) -> AsyncItera
     try:
         async with asyncio.timeout(timeout):
             bus = await Bus.connect(
-                ctx.nats_url, ctx.fleet, name="fleetwave-cli", connect_deadline=timeout
+                ctx.nats_url, ctx.fleet, name="fleetwave-cli", connect_deadline=timeout,
+                **ctx.access(),
             )
     except TimeoutError:
         # nats-py retries the first connect by itself for as long as its reconnect settings

@@ -33,18 +33,20 @@ def dev() -> None:
 @click.option("--brokers", type=click.IntRange(1, MAX_BROKERS), default=1, show_default=True,
               help="Brokers: 1 (R1), or a JetStream cluster of N on 127.0.0.1 (3: R3 buckets).")
 @click.option("--heartbeat-interval", type=click.FloatRange(0.05, 300), default=None, hidden=True)
+@click.option("--secure", is_flag=True, help="TLS and per-process credentials: a trust root in "
+              "DIR/auth (fleetwave auth), each agent its node's, the coordinator its own.")
 @click.pass_obj
 def up(
     ctx: Ctx, agents: int, directory: Path, port: int, brokers: int,
-    heartbeat_interval: float | None,
+    heartbeat_interval: float | None, secure: bool,
 ) -> int:
     """Run broker(s) + coordinator + agents in the foreground; Ctrl-C stops them all."""
-    return asyncio.run(_up(ctx, agents, directory, port, heartbeat_interval, brokers))
+    return asyncio.run(_up(ctx, agents, directory, port, heartbeat_interval, brokers, secure))
 
 
 async def _up(
     ctx: Ctx, agents: int, directory: Path, port: int, heartbeat_interval: float | None,
-    brokers: int = 1,
+    brokers: int = 1, secure: bool = False,
 ) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -52,7 +54,7 @@ async def _up(
         loop.add_signal_handler(sig, stop.set)
     fleet = DevFleet(
         directory, agents=agents, port=port, fleet=ctx.fleet,
-        heartbeat_interval=heartbeat_interval, brokers=brokers,
+        heartbeat_interval=heartbeat_interval, brokers=brokers, secure=secure,
     )
     click.echo(f"starting a dev fleet of {agents} agents and {brokers} broker(s) in {fleet.dir}"
                " ...", err=True)
@@ -133,6 +135,7 @@ def describe(fleet: DevFleet, bundles: Path | None = None) -> str:
         "",
         "in another shell:",
         f"  export FLEETWAVE_NATS={fleet.nats_url}",
+        *(f"  export {k}={v}" for k, v in fleet.client_env().items()),
         f"  fleetwave{fleet_flag} nodes",
     ]
     if bundles is not None:

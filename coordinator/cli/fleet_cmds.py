@@ -17,7 +17,15 @@ from rich.console import Console
 from rich.table import Table
 
 import coordinator.cli.client as client
-from coordinator.cli.base import Ctx, cli, output_option
+from coordinator.cli.base import (
+    Ctx,
+    check_tls_ca,
+    cli,
+    creds_option,
+    load_creds,
+    output_option,
+    tls_ca_option,
+)
 from coordinator.cli.render import cell
 from coordinator.core.fleet import parse_selector
 from coordinator.errors import UsageError
@@ -43,9 +51,22 @@ from protocol.messages import KeyRequest, NodesRequest, NodeView
     "fewer are raised [default: 3 on a JetStream cluster of 3+ servers, else 1] "
     "(env FLEETWAVE_REPLICAS).",
 )
+@creds_option
+@tls_ca_option
 @click.pass_obj
-def coordinator(ctx: Ctx, verbose: bool, key_file: Path | None, replicas: int | None) -> int:
+def coordinator(ctx: Ctx, verbose: bool, key_file: Path | None, replicas: int | None,
+                creds: Path | None, tls_ca: Path | None) -> int:
     """Run the coordinator daemon in the foreground (SIGTERM or Ctrl-C stops it)."""
+    # Given here or globally (before the command word); a coordinator takes only its own role's.
+    if creds is not None:
+        ctx.creds = load_creds(creds, ctx.fleet)
+    if ctx.creds is not None and ctx.creds.role != "coordinator":
+        raise click.BadParameter(
+            f"these are the {ctx.creds.role} {ctx.creds.name!r} credentials, not the "
+            "coordinator's; pass DIR/coordinator.creds (made by 'fleetwave auth init')",
+            param_hint="'--creds'")
+    if tls_ca is not None:
+        ctx.tls_ca = check_tls_ca(tls_ca)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s fleetwave-coordinator %(levelname)s %(message)s",
@@ -64,7 +85,8 @@ async def _run_coordinator(ctx: Ctx, seed: bytes, replicas: int | None) -> int:
         "connecting to %s for fleet %r", redact(ctx.nats_url), ctx.fleet
     )
     try:
-        await Coordinator(ctx.nats_url, ctx.fleet, seed=seed, replicas=replicas).run(stop)
+        await Coordinator(ctx.nats_url, ctx.fleet, seed=seed, replicas=replicas,
+                          **ctx.access()).run(stop)
     except TooFewServers as exc:
         raise UsageError(str(exc)) from None  # exit 2: an operator's flag, not a failure
     return 0

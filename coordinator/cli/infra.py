@@ -29,17 +29,21 @@ from coordinator.dev.cluster import ClusterSpec, cluster_spec, watch_routes
 @click.option("--routes", default=None, metavar="URL,URL",
               help="The cluster's brokers, nats-route://HOST:PORT comma-separated (a route to "
               "this broker itself is ignored, so every broker can have the same list).")
+@click.option("--auth", "auth_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, metavar="DIR",
+              help="Serve TLS and the authorization of this 'fleetwave auth' directory; "
+              "changes made there (add-node, revoke) are reloaded within a second.")
 def broker(port: int, host: str, store_dir: Path, name: str | None,
-           cluster_listen: str | None, routes: str | None) -> int:
+           cluster_listen: str | None, routes: str | None, auth_dir: Path | None) -> int:
     """Run nats-server with JetStream in the foreground (Ctrl-C stops it)."""
     spec = cluster_spec(name, cluster_listen, routes)  # checked before anything is created
-    return asyncio.run(_run_broker(port, host, store_dir.absolute(), name, spec))
+    return asyncio.run(_run_broker(port, host, store_dir.absolute(), name, spec, auth_dir))
 
 
 async def _run_broker(port: int, host: str, store_dir: Path, name: str | None,
-                      spec: ClusterSpec | None) -> int:
+                      spec: ClusterSpec | None, auth_dir: Path | None = None) -> int:
     b = Broker(port=port, host=host, store_dir=store_dir, cluster=spec,
-               server_name=name or "fleetwave")
+               server_name=name or "fleetwave", auth=auth_dir)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -50,6 +54,8 @@ async def _run_broker(port: int, host: str, store_dir: Path, name: str | None,
         await b.stop()
         raise
     joined = f", cluster port {spec.listen}" if spec is not None else ""
+    if auth_dir is not None:
+        joined += f", TLS and the users of {auth_dir}"
     click.echo(f"broker {b.server_name} ready on {b.url}{joined} (JetStream in {b.store_dir}); "
                "Ctrl-C to stop", err=True)
     waiter = asyncio.create_task(b.wait())
@@ -84,8 +90,10 @@ def _say(line: str) -> None:
     "one shipped with fleetwave, deploy/examples/hello in a clone).",
 )
 @click.option("--keep", is_flag=True, help="Keep the fleet's directory and logs afterwards.")
-def demo(examples: Path | None, keep: bool) -> int:
+@click.option("--secure", is_flag=True, help="Run the fleet over TLS with per-process "
+              "credentials (as 'fleetwave dev up --secure').")
+def demo(examples: Path | None, keep: bool, secure: bool) -> int:
     """A scripted tour on a throwaway fleet: install, roll, and an automatic rollback."""
     from coordinator.dev.demo import examples_dir, run_demo
 
-    return asyncio.run(run_demo(examples_dir(examples), keep_dir=keep))
+    return asyncio.run(run_demo(examples_dir(examples), keep_dir=keep, secure=secure))

@@ -65,7 +65,7 @@ def list_cmd(ctx: Ctx, service: str | None, output: str) -> None:
 
 
 async def _with_bus(ctx: Ctx, fn: Callable[[Bus], Awaitable[T]]) -> T:
-    bus = await Bus.connect(ctx.nats_url, ctx.fleet, name="fleetwave-cli")
+    bus = await Bus.connect(ctx.nats_url, ctx.fleet, name="fleetwave-cli", **ctx.access())
     try:
         return await fn(bus)
     finally:

@@ -29,11 +29,13 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
+from coordinator.auth.enroll import USERS, AuthDir, broker_block
 from coordinator.dev.cluster import ClusterSpec, render_cluster
 from coordinator.errors import BrokerError
 
 READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
+AUTH_POLL = 0.5  # how often a broker with --auth looks for a changed users.conf
 
 
 def find_nats_server() -> str:
@@ -87,7 +89,7 @@ class _PortTaken(Exception):
 
 def render_config(
     *, host: str, port: int, monitor_port: int, store_dir: Path, server_name: str,
-    cluster: ClusterSpec | None = None,
+    cluster: ClusterSpec | None = None, auth: Path | None = None,
 ) -> str:
     """The nats-server config we run with (documented in deploy/nats/single.conf, and
     cluster-N.conf for a member of a cluster)."""
@@ -104,7 +106,8 @@ jetstream {{
   sync_interval: always
   max_memory_store: 256MB
 }}
-""" + (render_cluster(cluster) if cluster is not None else "")
+""" + (render_cluster(cluster) if cluster is not None else "") + (
+        broker_block(auth, store_dir) if auth is not None else "")
 
 
 class Broker:
@@ -119,8 +122,13 @@ class Broker:
         server_name: str = "fleetwave",
         log_file: Path | None = None,
         cluster: ClusterSpec | None = None,
+        auth: Path | None = None,
     ) -> None:
         self.host = host
+        # With an auth directory (``fleetwave auth``): TLS and its users, reloaded on change.
+        self.auth = auth.absolute() if auth is not None else None
+        self.reloads = 0
+        self._auth_task: asyncio.Task[None] | None = None
         self._chosen_port = port is None  # ours to pick again if another process takes it
         self.port = port if port is not None else free_port(host)
         self._own_store = store_dir is None
@@ -175,6 +183,8 @@ class Broker:
 
     async def _start_once(self) -> None:
         binary = find_nats_server()
+        if self.auth is not None:
+            AuthDir(self.auth).load()  # UsageError (one line) if it is not an auth directory
         if port_in_use(self.host, self.port):
             raise _PortTaken(
                 f"cannot start the broker: port {self.port} on {self.host} is already in use; "
@@ -194,6 +204,7 @@ class Broker:
                 store_dir=self.store_dir,
                 server_name=self.server_name,
                 cluster=self.cluster,
+                auth=self.auth,
             )
         )
         log = self.log_file or (self.store_dir / "nats-server.log")
@@ -204,6 +215,9 @@ class Broker:
             )
         try:
             await self._wait_ready(log)
+            if self.auth is not None and self._auth_task is None:
+                self._auth_task = asyncio.get_running_loop().create_task(
+                    self._reload_on_change(self.auth / USERS))
         except BrokerError as exc:
             last = str(exc)
             if "address already in use" in last:
@@ -225,8 +239,31 @@ class Broker:
             f"nats-server did not become ready within {READY_TIMEOUT:g}s: {_last_line(log)}"
         )
 
+    async def _reload_on_change(self, users: Path) -> None:
+        """Send nats-server SIGHUP (reload its config) whenever ``users`` changes: an identity
+        added or revoked by ``fleetwave auth`` holds within AUTH_POLL, and nats-server applies a
+        reload to live connections (a revoked user is disconnected) without dropping others."""
+        def stamp() -> tuple[int, int, int] | None:
+            try:
+                st = users.stat()
+            except OSError:
+                return None
+            return (st.st_mtime_ns, st.st_ino, st.st_size)
+
+        seen = stamp()
+        while True:
+            await asyncio.sleep(AUTH_POLL)
+            now = stamp()
+            if now != seen and now is not None:
+                seen = now
+                self.signal(signal.SIGHUP)
+                self.reloads += 1
+
     async def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
         """SIGTERM, wait up to ``timeout``, then SIGKILL; return the exit status."""
+        if self._auth_task is not None:
+            self._auth_task.cancel()
+            self._auth_task = None
         proc = self._proc
         if proc is None:
             return None
@@ -244,6 +281,9 @@ class Broker:
 
     async def kill(self) -> None:
         """SIGKILL, as a crash would; the store dir stays for a restart."""
+        if self._auth_task is not None:
+            self._auth_task.cancel()
+            self._auth_task = None
         proc = self._proc
         if proc is None:
             return

@@ -56,24 +56,28 @@ def examples_dir(given: Path | None) -> Path:
     return examples.examples_root() / "hello"
 
 
-async def run_demo(examples_of: Path, *, keep_dir: bool = False) -> int:
-    """Run the tour; return 0 when every step did what it should."""
+async def run_demo(examples_of: Path, *, keep_dir: bool = False, secure: bool = False,
+                   subnet: str = "127.0.1") -> int:
+    """Run the tour; return 0 when every step did what it should. ``secure``: over TLS, each
+    process with its own credentials (``DevFleet(secure=True)``)."""
     base = Path(tempfile.mkdtemp(prefix="fleetwave-demo-"))
     made = examples.bundles(base / "bundles", examples_of.name, examples_of.parent)
     say(f"Starting a throwaway fleet in {base}: broker, coordinator, {AGENTS} agents ...")
     steps: list[Step] = []
-    async with DevFleet(base / "fleet", agents=AGENTS, heartbeat_interval=1.0) as fleet:
+    async with DevFleet(base / "fleet", agents=AGENTS, heartbeat_interval=1.0, secure=secure,
+                        subnet=subnet) as fleet:
         nodes = await fleet.nodes()
         say(f"  {len(nodes)} nodes online: " + ", ".join(
             f"{n.id} ({fleet.host(i + 1)})" for i, n in enumerate(nodes)))
-        bus = await Bus.connect(fleet.nats_url, fleet.fleet, name="fleetwave-demo")
+        bus = await Bus.connect(fleet.nats_url, fleet.fleet, name="fleetwave-demo",
+                                **fleet.access())
         try:
             for version in ("1.0.0", "2.0.0", "2.1.0"):
                 res = await push_release(bus, made[version])
                 say(f"  release hello {version}: {res.status} ({res.info.digest[:19]}...)")
         finally:
             await bus.close()
-        cli = _Cli(fleet.nats_url, fleet.fleet)
+        cli = _Cli(fleet.client_args())
         targets = [(fleet.host(i), PORT) for i in range(1, AGENTS + 1)]
 
         say("\n== Install hello 1.0.0 on every node")
@@ -132,9 +136,9 @@ async def run_demo(examples_of: Path, *, keep_dir: bool = False) -> int:
 class _Cli:
     """Runs the real ``fleetwave`` CLI against the demo fleet; its output goes to the terminal."""
 
-    def __init__(self, nats_url: str, fleet: str) -> None:
+    def __init__(self, global_args: list[str]) -> None:
         self.prefix = [sys.executable, "-c", "from coordinator.cli import main; main()",
-                       "--nats", nats_url, "--fleet", fleet]
+                       *global_args]
 
     async def deploy(self, *args: str) -> int:
         say("$ fleetwave deploy " + " ".join(args))

@@ -27,14 +27,17 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import msgspec
 import psutil
 
+from coordinator.auth.enroll import CA, META, AuthDir
 from coordinator.dev.broker import Broker
 from coordinator.dev.cluster import BrokerCluster
 from coordinator.errors import BrokerError, FleetwaveError, UsageError
 from coordinator.runtime.keyfile import coordinator_seed
+from protocol import creds as creds_file
 from protocol import subjects
 from protocol.bus import Bus
 from protocol.codec import decode, encode
@@ -44,6 +47,7 @@ from protocol.signing import public_key
 
 STOP_TIMEOUT = 10.0
 READY_TIMEOUT = 30.0
+OPERATOR = "admin"  # the operator whose credentials a --secure dev fleet's tools use
 MAX_AGENTS = 254  # 127.0.1.1 .. 127.0.1.254
 MAX_BROKERS = 5
 AGENT_MODULE = "agent.main"  # the agent's entry point (see coordinator/dev/__init__.py)
@@ -181,13 +185,19 @@ class DevFleet:
         ready_timeout: float = READY_TIMEOUT,
         subnet: str = "127.0.1",
         brokers: int = 1,
+        secure: bool = False,
     ) -> None:
         if not 0 <= agents <= MAX_AGENTS:
             raise UsageError(f"--agents {agents} is out of range; use 0 to {MAX_AGENTS}")
         if not 1 <= brokers <= MAX_BROKERS:
             raise UsageError(f"--brokers {brokers} is out of range; use 1 (R1) to {MAX_BROKERS}")
         subjects.check_name("fleet", fleet)
+        if secure and brokers != 1:
+            raise UsageError("--secure runs one broker for now; drop --brokers or --secure")
         self.dir = Path(directory).absolute()
+        # --secure: a trust root in DIR/auth (fleetwave auth), TLS, and each process its own
+        # credentials: node-i its node's, the coordinator its own, this tool the operator's.
+        self.auth_dir = self.dir / "auth" if secure else None
         self.fleet = fleet
         # Agents bind to <subnet>.1..N; tests that run side by side pick different subnets of
         # 127/8 so that the same service port on every node never collides between fleets.
@@ -196,7 +206,7 @@ class DevFleet:
         self.ready_timeout = ready_timeout
         self.cluster: BrokerCluster | None = None
         if brokers == 1:
-            self.broker = Broker(port=port, store_dir=self.dir / "jetstream")
+            self.broker = Broker(port=port, store_dir=self.dir / "jetstream", auth=self.auth_dir)
             self.brokers = [self.broker]
         else:
             self.cluster = BrokerCluster(self.dir, brokers, first_port=port)
@@ -209,11 +219,50 @@ class DevFleet:
         self.coordinator = Child(
             "coordinator",
             python_module("coordinator.daemon", "--nats", self.nats_url, "--fleet", fleet,
-                          "coordinator", "--key-file", str(self.key_file)),
+                          "coordinator", "--key-file", str(self.key_file),
+                          *self._secure_args("coordinator", "coordinator")),
             self.dir / "logs" / "coordinator.log",
         )
         self.agents = [self._agent_child(i) for i in range(1, agents + 1)]
         self._bus: Bus | None = None
+
+    def _secure_args(self, role: str, name: str) -> list[str]:
+        if self.auth_dir is None:
+            return []
+        creds = AuthDir(self.auth_dir).creds_path(role, name)
+        return ["--creds", str(creds), "--tls-ca", str(self.auth_dir / CA)]
+
+    def client_args(self) -> list[str]:
+        """The ``fleetwave`` CLI's global options that reach this fleet as its operator."""
+        return ["--nats", self.nats_url, "--fleet", self.fleet,
+                *self._secure_args("operator", OPERATOR)]
+
+    def client_env(self) -> dict[str, str]:
+        """FLEETWAVE_CREDS and FLEETWAVE_TLS_CA of this fleet's operator (none if not secure)."""
+        if self.auth_dir is None:
+            return {}
+        return {"FLEETWAVE_CREDS": str(AuthDir(self.auth_dir).creds_path("operator", OPERATOR)),
+                "FLEETWAVE_TLS_CA": str(self.auth_dir / CA)}
+
+    def access(self) -> dict[str, Any]:
+        """``Bus.connect``'s credentials and TLS arguments, as this fleet's operator."""
+        if self.auth_dir is None:
+            return {}
+        return {"creds": creds_file.load(AuthDir(self.auth_dir).creds_path("operator", OPERATOR)),
+                "tls_ca": str(self.auth_dir / CA)}
+
+    async def _enroll(self) -> None:
+        """Make the trust root (first start) and every node's credentials that are missing."""
+        if self.auth_dir is None:
+            return
+        d = AuthDir(self.auth_dir)
+        if not (self.auth_dir / META).exists():
+            await asyncio.to_thread(d.init, self.fleet, (), OPERATOR)
+        _, _, users = d.load()
+        have = {u.name for u in users if u.role == "node"}
+        for i in range(1, len(self.agents) + 1):
+            if f"node-{i}" not in have:
+                await asyncio.to_thread(d.add, "node", f"node-{i}")
 
     @property
     def nats_url(self) -> str:
@@ -248,6 +297,7 @@ class DevFleet:
             args += ["--label", f"{k}={v}"]
         if self.heartbeat_interval is not None:
             args += ["--heartbeat-interval", str(self.heartbeat_interval)]
+        args += self._secure_args("node", node)
         return Child(node, python_module(AGENT_MODULE, *args), self.dir / "logs" / f"{node}.log")
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -271,6 +321,7 @@ class DevFleet:
     async def start(self) -> None:
         """Start everything and wait until every agent shows online."""
         self.dir.mkdir(parents=True, exist_ok=True)
+        await self._enroll()
         self.public_key = public_key(await asyncio.to_thread(coordinator_seed, self.key_file))
         if _agent_has_trust_key():
             for a in self.agents:
@@ -281,7 +332,8 @@ class DevFleet:
         else:
             await self.broker.start()
         await self.coordinator.start()
-        self._bus = await Bus.connect(self.nats_url, self.fleet, name="fleetwave-dev")
+        self._bus = await Bus.connect(self.nats_url, self.fleet, name="fleetwave-dev",
+                                           **self.access())
         # Agents watch buckets the coordinator creates: start them once its API answers.
         await self.wait_online([])
         await asyncio.gather(*(a.start() for a in self.agents))
@@ -308,7 +360,8 @@ class DevFleet:
     async def nodes(self, selector: dict[str, str] | None = None) -> list[NodeView]:
         """The coordinator's node table (BusError if it does not answer)."""
         if self._bus is None:
-            self._bus = await Bus.connect(self.nats_url, self.fleet, name="fleetwave-dev")
+            self._bus = await Bus.connect(self.nats_url, self.fleet, name="fleetwave-dev",
+                                           **self.access())
         raw = await self._bus.request(
             subjects.api(self.fleet, "nodes"), encode(NodesRequest(selector=selector or {})),
             timeout=2.0,

@@ -68,6 +68,7 @@ from coordinator.runtime.store import RolloutStore
 from protocol import subjects
 from protocol.bus import RECONNECT_CAP, Bus, Handler, redact
 from protocol.codec import decode, encode
+from protocol.creds import Creds
 from protocol.errors import BusError, ProtocolError, TooFewServers
 from protocol.events import EventPublisher
 from protocol.messages import (
@@ -110,8 +111,10 @@ class Coordinator:
     def __init__(
         self, nats_url: str, fleet: str, *, clock: Callable[[], float] = time.time,
         seed: bytes | None = None, replicas: int | None = None,
+        creds: Creds | None = None, tls_ca: str | None = None,
     ) -> None:
         self.nats_url = nats_url
+        self._access: dict[str, Any] = {"creds": creds, "tls_ca": tls_ca}
         self.replicas = replicas  # of the fleet's streams; None: 3 on a cluster of 3+, else 1
         self.replicas_used = 0
         self.fleet_name = fleet
@@ -141,7 +144,7 @@ class Coordinator:
             stop,
             Bus.connect(
                 self.nats_url, self.fleet_name, name=SERVICE_NAME,
-                connect_deadline=CONNECT_FOREVER, reconnect_forever=True,
+                connect_deadline=CONNECT_FOREVER, reconnect_forever=True, **self._access,
             ),
         )
         if bus is None:

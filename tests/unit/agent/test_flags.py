@@ -24,7 +24,7 @@ def test_defaults_and_types() -> None:
         "node_id": "n1", "labels": {}, "data_dir": None, "bind_host": "127.0.0.1",
         "nats_url": "nats://127.0.0.1:4222", "fleet": "default", "heartbeat_interval": 2.0,
         "trust_keys": (), "service_user": None, "trusted_proxies": (), "max_connections": 4096,
-        "body_timeout": 60.0, "simulate": 0, "verbose": False,
+        "body_timeout": 60.0, "simulate": 0, "verbose": False, "creds": None, "tls_ca": None,
     }
 
 
@@ -151,3 +151,27 @@ def test_anything_else_is_refused_at_start(text: str, why: str) -> None:
     with pytest.raises(click.BadParameter, match=why) as info:
         _click_parse("--trust-key", text)
     assert info.value.param is not None and info.value.param.name == "trust_keys"
+
+
+def test_creds_of_another_node_or_with_simulate_are_refused(tmp_path: Path) -> None:
+    """node-1's credentials given to node-2 (or to simulated nodes) are a flag error naming
+    the file node-2 needs; its own are taken, with the fleet's CA."""
+    from protocol import creds
+
+    path = tmp_path / "node-1.creds"
+    path.write_text(creds.render(creds.Creds("default", "node", "node-1", "SU" + "A" * 56)))
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    from agent.flags import check_identity
+
+    own = parse_flags(["--node-id", "node-1", "--creds", str(path), "--tls-ca", str(ca)],
+                      environ={})
+    check_identity(own)
+    assert own["creds"].name == "node-1" and own["tls_ca"] == str(ca)
+    with pytest.raises(FlagError, match=r"node-2\.creds"):
+        check_identity(parse_flags(["--node-id", "node-2", "--creds", str(path)], environ={}))
+    with pytest.raises(FlagError, match="--simulate"):
+        check_identity(parse_flags(["--node-id", "node-1", "--creds", str(path), "--simulate",
+                                    "3"], environ={}))
+    with pytest.raises(FlagError, match="does not exist"):
+        parse_flags(["--node-id", "n1", "--tls-ca", str(tmp_path / "nope.pem")], environ={})

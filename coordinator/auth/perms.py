@@ -1,0 +1,136 @@
+"""What each identity may publish and subscribe to on the bus: pure functions of fleet and name.
+
+Three roles, from least to most trusted:
+
+- **node**: exactly what its agent uses (``agent/``, ``protocol/bus.py``): read its own desired
+  keys (direct get, and a watch whose consumer filters on its own keys), write its own observed
+  and registration keys, publish its own heartbeats and registrations and agent events, read
+  release objects, and receive replies on its own inbox prefix ``_INBOX_<node>`` only (the
+  server answers its KV and JetStream requests there; nats-py's ``inbox_prefix``).
+- **operator** (the ``fleetwave`` CLI): the coordinator's API, reads of the fleet's state,
+  release pushes; never a write to desired states, rollouts, locks, the lease, observed states or
+  registrations (those go through the coordinator's API, or are a node's own), and never a
+  purge or delete of a stream. Replies on ``_OPS_<name>`` (no node's prefix starts so: node ids
+  never start with ``_``).
+- **coordinator**: the fleet's subjects, buckets and the JetStream API; it answers API requests
+  on the requester's inbox through ``allow_responses`` (so no one else needs to publish there).
+
+How KV maps to subjects (JetStream's own naming, which these permissions rely on):
+  a KV put of key K in bucket B   = publish on  $KV.B.K                    (ack on a reply inbox)
+  a KV get                        = request on  $JS.API.DIRECT.GET.KV_B.$KV.B.K
+  a KV watch of keys F            = request on  $JS.API.CONSUMER.CREATE.KV_B.<name>.$KV.B.F
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from protocol import subjects
+
+Permissions = dict[str, Any]
+
+
+def node_inbox(node: str) -> str:
+    return f"_INBOX_{node}"
+
+
+def operator_inbox(name: str) -> str:
+    return f"_OPS_{name}"
+
+
+def node(fleet: str, node_id: str) -> Permissions:
+    """A node's agent: its own keys and subjects, read-only releases, its own inbox."""
+    desired = subjects.desired_bucket(fleet)
+    observed = subjects.observed_bucket(fleet)
+    nodes = subjects.nodes_bucket(fleet)
+    releases = subjects.object_stream(subjects.releases_store(fleet))
+    mine = subjects.node_keys(node_id)
+    return {
+        "publish": {
+            "allow": [
+                subjects.heartbeat(fleet, node_id),
+                subjects.register(fleet, node_id),
+                subjects.event(fleet, "agent.>"),
+                subjects.event(fleet, "slot.>"),
+                subjects.event(fleet, "release.>"),
+                f"$KV.{observed}.{mine}",
+                f"$KV.{nodes}.{node_id}",
+                "$JS.API.INFO",
+                f"$JS.API.STREAM.INFO.KV_{desired}",
+                f"$JS.API.STREAM.INFO.KV_{observed}",
+                f"$JS.API.STREAM.INFO.KV_{nodes}",
+                f"$JS.API.DIRECT.GET.KV_{desired}.$KV.{desired}.{mine}",
+                f"$JS.API.DIRECT.GET.KV_{observed}.$KV.{observed}.{mine}",
+                f"$JS.API.CONSUMER.CREATE.KV_{desired}.*.$KV.{desired}.{mine}",
+                f"$JS.API.CONSUMER.DELETE.KV_{desired}.*",
+                # nats-py asks its new watch consumer's info (pending count): names and config
+                # of consumers, never a value.
+                f"$JS.API.CONSUMER.INFO.KV_{desired}.*",
+                f"$JS.FC.KV_{desired}.>",
+                f"$JS.API.STREAM.INFO.{releases}",
+                f"$JS.API.DIRECT.GET.{releases}.>",
+                f"$JS.API.STREAM.MSG.GET.{releases}",
+                # Object reads use an unnamed ordered consumer (filter in the body): every node
+                # may read every release, so the bare subject gives nothing away.
+                f"$JS.API.CONSUMER.CREATE.{releases}",
+                f"$JS.API.CONSUMER.CREATE.{releases}.>",
+                f"$JS.API.CONSUMER.DELETE.{releases}.*",
+                f"$JS.FC.{releases}.>",
+            ],
+        },
+        "subscribe": {"allow": [f"{node_inbox(node_id)}.>"]},
+    }
+
+
+def operator(fleet: str, name: str) -> Permissions:
+    """An operator's CLI: the API, reads, release pushes; no direct writes of fleet state."""
+    f = fleet
+    return {
+        "publish": {
+            "allow": [
+                f"{subjects.api_prefix(f)}.>",
+                f"fw.{f}.coord.*.api.>",
+                f"$O.{subjects.releases_store(f)}.>",
+                f"$KV.{subjects.release_index_bucket(f)}.>",
+                "$JS.API.>",
+                "$JS.FC.>",
+                "$JS.ACK.>",
+            ],
+            "deny": [
+                *(f"$KV.{b}.>" for b in (
+                    subjects.desired_bucket(f), subjects.rollouts_bucket(f),
+                    subjects.locks_bucket(f), subjects.lease_bucket(f),
+                    subjects.observed_bucket(f), subjects.nodes_bucket(f))),
+                "$JS.API.STREAM.DELETE.>", "$JS.API.STREAM.PURGE.>",
+                "$JS.API.STREAM.MSG.DELETE.>", "$JS.API.STREAM.UPDATE.>",
+            ],
+        },
+        "subscribe": {"allow": [f"{operator_inbox(name)}.>", subjects.events(f)]},
+    }
+
+
+def coordinator(fleet: str) -> Permissions:
+    """The coordinators (every replica shares one identity): the fleet's whole namespace."""
+    f = fleet
+    buckets = (subjects.desired_bucket(f), subjects.observed_bucket(f),
+               subjects.rollouts_bucket(f), subjects.nodes_bucket(f), subjects.locks_bucket(f),
+               subjects.release_index_bucket(f), subjects.lease_bucket(f))
+    return {
+        "publish": {
+            "allow": [
+                f"fw.{f}.>", *(f"$KV.{b}.>" for b in buckets),
+                f"$O.{subjects.releases_store(f)}.>",
+                "$JS.API.>", "$JS.FC.>", "$JS.ACK.>", "$SRV.>", "_INBOX.>",
+            ],
+        },
+        "subscribe": {"allow": [f"fw.{f}.>", "$SRV.>", "_INBOX.>"]},
+        "allow_responses": True,
+    }
+
+
+def for_identity(fleet: str, role: str, name: str) -> Permissions:
+    if role == "node":
+        return node(fleet, name)
+    if role == "operator":
+        return operator(fleet, name)
+    return coordinator(fleet)
