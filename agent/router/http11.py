@@ -259,11 +259,24 @@ def bare_line_end(data: bytes | bytearray, start: int = 0) -> bool:
     return _BARE_CR_LF.search(data, start) is not None
 
 
+def _lines(head: bytes) -> list[bytes]:
+    """The lines of a head, split at CRLF only, without its final blank line.
+
+    Only that one CRLF CRLF is cut, never a run of CRs and LFs (``rstrip``): "Host: x\n" then
+    CRLF CRLF would lose its bare LF here and go upstream with it.
+    """
+    if head.endswith(b"\r\n\r\n"):
+        head = head[:-4]
+    elif head.endswith(b"\r\n"):
+        head = head[:-2]
+    return head.split(b"\r\n")
+
+
 def parse_request(head: bytes) -> RequestHead:
     """Parse a request head (with or without its final blank line)."""
     if len(head) > MAX_HEAD:
         raise HttpError(431, f"request head larger than {MAX_HEAD} bytes")
-    lines = head.rstrip(b"\r\n").split(b"\r\n")
+    lines = _lines(head)
     while lines and not lines[0]:
         lines.pop(0)  # RFC 9112 2.2: a server should ignore empty lines before the request line
     if not lines:
@@ -357,7 +370,7 @@ def parse_response(head: bytes, request_method: str) -> ResponseHead:
     """Parse a response head and decide its body framing for a request with ``request_method``."""
     if len(head) > MAX_HEAD:
         raise HttpError(502, f"upstream response head larger than {MAX_HEAD} bytes")
-    lines = head.rstrip(b"\r\n").split(b"\r\n")
+    lines = _lines(head)
     m = _STATUS_LINE.fullmatch(lines[0]) if lines else None
     if m is None:
         raise HttpError(502, "upstream sent a malformed status line")
