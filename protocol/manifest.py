@@ -6,6 +6,7 @@ and parsed into seconds here, every problem is one ProtocolError that names the 
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from protocol.errors import ProtocolError
 from protocol.subjects import check_name
 
 MANIFEST_NAME = "fleetwave.toml"
+_PROBE_PATH = re.compile(r"/[!-~]*")  # origin-form: "/" then visible ASCII, no space
 
 
 class HealthConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -118,13 +120,25 @@ def _check(m: Manifest, source: str) -> None:
         )
     if not m.command or not all(isinstance(a, str) and a for a in m.command):
         raise ProtocolError(f"{source}: command must be a non-empty list of arguments")
+    # exec refuses a NUL in any argument or environment string: refuse it here, naming the key,
+    # rather than let the agent fail to start the slot.
+    for key, argv in (("command", m.command), ("health.exec", m.health.exec),
+                      ("hooks.pre_start", m.hooks.pre_start), ("hooks.validate", m.hooks.validate)):
+        if argv is not None and any("\0" in a for a in argv):
+            raise ProtocolError(f"{source}: {key} has an argument with a NUL character")
+        if argv is not None and not all(argv):
+            raise ProtocolError(f"{source}: {key} has an empty argument; remove it")
     if m.port is not None and not 1 <= m.port <= 65535:
         raise ProtocolError(f"{source}: port {m.port} is not between 1 and 65535")
     probes = [m.health.http is not None, m.health.tcp, m.health.exec is not None]
     if sum(probes) > 1:
         raise ProtocolError(f"{source}: [health] takes one of http, tcp or exec, not several")
-    if m.health.http is not None and not m.health.http.startswith("/"):
-        raise ProtocolError(f"{source}: health.http must be a path starting with '/'")
+    if m.health.http is not None and not _PROBE_PATH.fullmatch(m.health.http):
+        # The path goes on the probe's request line as it is: a space, CR or LF would split it.
+        raise ProtocolError(
+            f"{source}: health.http must be a path starting with '/' of printable ASCII "
+            "without spaces (percent-encode anything else)"
+        )
     if m.health.exec is not None and not m.health.exec:
         raise ProtocolError(f"{source}: health.exec must be a non-empty list of arguments")
     if (m.health.http is not None or m.health.tcp) and m.port is None:
@@ -136,9 +150,11 @@ def _check(m: Manifest, source: str) -> None:
         raise ProtocolError(f"{source}: health.interval and health.timeout must be above 0")
     if m.health.start_interval is not None and m.health.start_interval <= 0:
         raise ProtocolError(f"{source}: health.start_interval must be above 0")
-    for key in m.env:
+    for key, value in m.env.items():
         if not key or "=" in key or "\0" in key:
             raise ProtocolError(f"{source}: env key {key!r} is not a valid variable name")
+        if "\0" in value:
+            raise ProtocolError(f"{source}: env.{key} has a NUL character")
     for hook in ("pre_start", "validate"):
         argv = getattr(m.hooks, hook)
         if argv is not None and not argv:

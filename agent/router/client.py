@@ -56,6 +56,7 @@ from agent.router.exchange import (
 from agent.router.http11 import (
     MAX_HEAD,
     RequestHead,
+    bare_line_end,
     client_response_head,
     error_response,
     parse_request,
@@ -104,6 +105,7 @@ class ClientConn(Channel):
         "req",
         "resp_status",
         "reusable",
+        "scanned",
         "slot",
         "started",
         "task",
@@ -130,6 +132,7 @@ class ClientConn(Channel):
         self.held: list[bytes] | None = None  # a small response held until its body is whole
         self.keep = False  # the client connection stays open after this response
         self.reusable = False  # the upstream connection may go back to its pool
+        self.scanned = 0  # bytes of an incomplete head already looked at for a bare CR or LF
 
     # -- asyncio.Protocol -------------------------------------------------------------------------
 
@@ -204,6 +207,11 @@ class ClientConn(Channel):
             if i < 0 or i + 4 > MAX_HEAD:
                 if i >= 0 or len(buf) > MAX_HEAD:
                     self._answer_and_close(error_response(431, "request head too large"))
+                elif bare_line_end(buf, self.scanned):
+                    # The blank CRLF line may never come: answer now, not at the idle deadline.
+                    self._answer_and_close(
+                        error_response(400, "bare CR or LF in the request head (use CRLF)")
+                    )
                 elif self.eof:
                     if buf.strip():
                         self._answer_and_close(error_response(400, "incomplete request head"))
@@ -212,6 +220,7 @@ class ClientConn(Channel):
                 elif self._read_paused and self.transport is not None:
                     self._read_paused = False
                     self.transport.resume_reading()
+                self.scanned = max(0, len(buf) - 1)  # (a final CR is looked at again)
                 return
             head = bytes(buf[: i + 4])
             del buf[: i + 4]
@@ -219,6 +228,7 @@ class ClientConn(Channel):
 
     def _serve_head(self, head: bytes) -> None:
         self.busy = True
+        self.scanned = 0  # the next head starts after this one's body
         self.started = time.perf_counter()
         if len(head) > MAX_HEAD:
             self._answer_and_close(error_response(431, "request head too large"))

@@ -14,7 +14,25 @@ Content-Length, Transfer-Encoding or Host is refused (the router would frame the
 the upstream never sees, and the upstream would read the body as a request of its own), and those
 headers are never dropped as hop-by-hop whatever ``Connection`` says (a response is not refused
 for it, and a second layer costs nothing). Chunk-size lines are checked whole (no bare CR or LF,
-well-formed extensions, at most ``MAX_CHUNK_LINE`` bytes) and re-emitted without extensions.
+well-formed extensions, at most ``MAX_CHUNK_LINE`` bytes, a size below ``MAX_CHUNK_SIZE``) and
+re-emitted as the size alone.
+
+Line ends are CRLF, and nothing else: a bare LF or a bare CR anywhere in a request head or a
+chunk line is answered 400 and the connection closed, as soon as it arrives (``bare_line_end``
+finds it in a head still incomplete, so a client that ends its lines with LF gets its 400 at once
+instead of waiting for a blank CRLF line that never comes). RFC 9112 2.2 lets a recipient accept a
+bare LF as a line end, and many origin servers do; a proxy must not. Whatever the router accepts
+it forwards, and the servers behind it disagree on what a bare LF or CR means (a line end, part of
+a value, an error): the same bytes could be one request to the router and two to the upstream. A
+refusal costs a client that was never conforming; an acceptance, rewritten or not, is a bet on
+every upstream's parser.
+
+The head that goes upstream has one meaning whatever parser reads it: framing in one canonical
+form (one ``Transfer-Encoding`` field in lower case with ``chunked`` last, or one decimal
+``Content-Length``; a request with two Content-Length values, even equal, is refused, as nginx
+does), one ``Host``, and an origin-form target (an absolute-form target is rewritten to origin
+form and its authority becomes the Host, RFC 9112 3.2.2). ``CONNECT`` is refused (501): the router
+does not tunnel.
 """
 
 from __future__ import annotations
@@ -27,6 +45,9 @@ from agent.router.errors import HttpError
 MAX_HEAD = 64 * 1024  # bytes of a request or response head (431 beyond)
 MAX_HEADERS = 128  # header lines per head (431 beyond)
 MAX_CHUNK_LINE = 4096  # a chunk-size line with extensions
+# The largest chunk size passed on: it fits a signed 64-bit integer, so an upstream that reads
+# sizes into one (most do) reads the size the router read, never a negative or wrapped one.
+MAX_CHUNK_SIZE = 2**63 - 1
 
 # Headers that describe one connection, not the message (RFC 9110 7.6.1), plus the legacy ones.
 # Transfer-Encoding is not here: the router forwards chunked bodies chunked (see parse_chunk_size).
@@ -44,9 +65,17 @@ HOP_BY_HOP = frozenset(
 )
 
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-_STATUS_LINE = re.compile(rb"^HTTP/1\.([01]) ([0-9]{3})(?: .*)?$")
+# Used with fullmatch, never with "$" (which also matches before a final LF: "GET\n" would pass).
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: [^\r\n]*)?")
 _TOKEN_CHARS = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_TOKEN = re.compile(rb"^%s$" % _TOKEN_CHARS)
+_TOKEN = re.compile(_TOKEN_CHARS)
+# A CR not followed by LF, or an LF not preceded by CR (a CR at the very end may be followed by
+# its LF in the next segment).
+_BARE_CR_LF = re.compile(rb"\r(?=[^\n])|(?<!\r)\n")
+# RFC 3986 host [":" port] as a Host value may carry it (reg-name, IPv4, IP-literal), no userinfo.
+_HOST = re.compile(rb"[A-Za-z0-9\-._~!$&'()*+,;=%]*(?::[0-9]*)?|\[[0-9A-Fa-f:.vV]+\](?::[0-9]*)?")
+# An absolute-form request target (RFC 9112 3.2.2): the authority, then the path and query.
+_ABSOLUTE = re.compile(rb"[Hh][Tt][Tt][Pp][Ss]?://([^/?#]+)([/?][^#]*)?")
 _QUOTED = rb'"(?:[^"\\\x00-\x08\x0a-\x1f\x7f]|\\[\t\x20-\x7e\x80-\xff])*"'
 # RFC 9112 7.1.1: chunk-size [ chunk-ext ] CRLF, with the optional whitespace around ";" and "="
 _CHUNK_LINE = re.compile(
@@ -113,7 +142,7 @@ def _split_headers(lines: list[bytes]) -> tuple[Headers, dict[bytes, list[bytes]
     index: dict[bytes, list[bytes]] = {}
     for line in lines:
         name, sep, value = line.partition(b":")
-        if not sep or not name or not _TOKEN.match(name):
+        if not sep or not name or not _TOKEN.fullmatch(name):
             # Also refuses obs-fold (a line starting with a space): RFC 9112 5.2 lets us.
             raise HttpError(400, "malformed header line")
         value = value.strip(b" \t")
@@ -142,33 +171,112 @@ def _strip_hop_by_hop(
     return [(n, v) for n, v in pairs if n.lower() not in drop]
 
 
-def _framing(index: dict[bytes, list[bytes]]) -> tuple[int | None, bool]:
-    """(content_length, chunked) from the headers; raises on ambiguity (request smuggling)."""
+def _codings(te: list[bytes]) -> list[bytes]:
+    return [c.strip().lower() for v in te for c in v.split(b",") if c.strip()]
+
+
+def _framing(index: dict[bytes, list[bytes]], *, request: bool) -> tuple[int | None, bool]:
+    """(content_length, chunked) from the headers; raises on ambiguity (request smuggling).
+
+    RFC 9112 6.3: a request whose Transfer-Encoding does not end in chunked has no length anyone
+    can agree on: 400 and close. A request may carry one Content-Length value only; a response
+    may repeat the same value (as RFC 9110 8.6 allows a recipient to accept).
+    """
     te = index.get(b"transfer-encoding")
     cl = index.get(b"content-length")
     if te is not None:
         if cl is not None:
             raise HttpError(400, "both Transfer-Encoding and Content-Length")
-        codings = [c.strip().lower() for v in te for c in v.split(b",") if c.strip()]
-        if not codings or codings[-1] != b"chunked" or codings.count(b"chunked") != 1:
-            raise HttpError(501, "unsupported Transfer-Encoding (only chunked, last)")
+        codings = _codings(te)
+        if not codings or codings[-1] != b"chunked":
+            raise HttpError(400, "Transfer-Encoding without chunked last: the length is unknown")
+        if codings.count(b"chunked") != 1:
+            raise HttpError(400, "Transfer-Encoding applies chunked more than once")
         return None, True
     if cl is not None:
-        values = {c.strip() for v in cl for c in v.split(b",")}
-        if len(values) != 1:
+        values = [c.strip() for v in cl for c in v.split(b",")]
+        if len(set(values)) != 1:
             raise HttpError(400, "conflicting Content-Length values")
-        (value,) = values
+        if request and len(values) != 1:
+            raise HttpError(400, "more than one Content-Length")
+        value = values[0]
         if not value.isdigit() or len(value) > 18:
             raise HttpError(400, "invalid Content-Length")
         return int(value), False
     return None, False
 
 
+def _replace(headers: Headers, lower: bytes, value: bytes) -> Headers:
+    """``headers`` with the fields named ``lower`` made one, ``value``, where the first was."""
+    out: Headers = []
+    placed = False
+    for name, v in headers:
+        if name.lower() != lower:
+            out.append((name, v))
+        elif not placed:
+            out.append((name, value))
+            placed = True
+    if not placed:
+        out.append((b"Host" if lower == b"host" else lower, value))
+    return out
+
+
+def _canonical(headers: Headers, index: dict[bytes, list[bytes]], length: int | None) -> Headers:
+    """``headers`` with framing in the one form every parser reads alike (itself if it is)."""
+    te = index.get(b"transfer-encoding")
+    if te is not None:
+        # Always rebuilt (chunked requests take the general path anyway): the field the upstream
+        # gets is one line, lower case, single spaces, whatever case and OWS the client chose.
+        headers = _replace(headers, b"transfer-encoding", b", ".join(_codings(te)))
+    elif length is not None:
+        canonical = b"%d" % length
+        if index[b"content-length"] != [canonical]:
+            headers = _replace(headers, b"content-length", canonical)
+    return headers
+
+
+def _target(method: bytes, target: bytes) -> tuple[bytes, bytes | None]:
+    """(origin-form target, the authority of an absolute-form one, else None); raises on garbage."""
+    if target[:1] == b"/":
+        return target, None
+    if target == b"*" and method == b"OPTIONS":
+        return target, None
+    m = _ABSOLUTE.fullmatch(target)
+    if m is None:
+        raise HttpError(400, "malformed request target")
+    authority, path = m.group(1), m.group(2) or b"/"
+    if b"@" in authority or not _HOST.fullmatch(authority):
+        raise HttpError(400, "malformed authority in the request target")
+    return (b"/" + path if path[:1] == b"?" else path), authority
+
+
+def bare_line_end(data: bytes | bytearray, start: int = 0) -> bool:
+    """True if ``data[start:]`` holds a bare CR or LF (a head or line is then refused).
+
+    A CR at the very end is not bare yet: its LF may come next. Callers that see a head grow
+    pass ``start`` just before the bytes they have not looked at, so each byte is scanned once.
+    """
+    return _BARE_CR_LF.search(data, start) is not None
+
+
+def _lines(head: bytes) -> list[bytes]:
+    """The lines of a head, split at CRLF only, without its final blank line.
+
+    Only that one CRLF CRLF is cut, never a run of CRs and LFs (``rstrip``): "Host: x\n" then
+    CRLF CRLF would lose its bare LF here and go upstream with it.
+    """
+    if head.endswith(b"\r\n\r\n"):
+        head = head[:-4]
+    elif head.endswith(b"\r\n"):
+        head = head[:-2]
+    return head.split(b"\r\n")
+
+
 def parse_request(head: bytes) -> RequestHead:
     """Parse a request head (with or without its final blank line)."""
     if len(head) > MAX_HEAD:
         raise HttpError(431, f"request head larger than {MAX_HEAD} bytes")
-    lines = head.rstrip(b"\r\n").split(b"\r\n")
+    lines = _lines(head)
     while lines and not lines[0]:
         lines.pop(0)  # RFC 9112 2.2: a server should ignore empty lines before the request line
     if not lines:
@@ -177,14 +285,20 @@ def parse_request(head: bytes) -> RequestHead:
     if len(parts) != 3:
         raise HttpError(400, "malformed request line")
     method, target, version = parts
-    if not _TOKEN.match(method) or not target or _BAD_VALUE.search(target):
+    if not _TOKEN.fullmatch(method) or not target or _BAD_VALUE.search(target):
         raise HttpError(400, "malformed request line")
     if version not in (b"HTTP/1.1", b"HTTP/1.0"):
         if version.startswith(b"HTTP/"):
             raise HttpError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
         raise HttpError(400, "malformed request line")
+    if method == b"CONNECT":
+        raise HttpError(501, "CONNECT is not supported: the router does not tunnel")
+    target, authority = _target(method, target)
     pairs, index = _split_headers(lines[1:])
-    content_length, chunked = _framing(index)
+    hosts = index.get(b"host")
+    if hosts is not None and (len(hosts) > 1 or not _HOST.fullmatch(hosts[0])):
+        raise HttpError(400, "more than one Host" if len(hosts) > 1 else "malformed Host")
+    content_length, chunked = _framing(index, request=True)
     if version == b"HTTP/1.0" and chunked:
         raise HttpError(400, "chunked request body in HTTP/1.0")
     tokens = _connection_tokens(index)
@@ -192,7 +306,7 @@ def parse_request(head: bytes) -> RequestHead:
         named = b", ".join(sorted(tokens & _NOT_HOP_BY_HOP)).decode("ascii")
         raise HttpError(400, f"Connection may not name {named}")
     if version == b"HTTP/1.1":
-        if b"host" not in index:
+        if hosts is None:
             raise HttpError(400, "HTTP/1.1 request without Host")
         keep_alive = b"close" not in tokens
     else:
@@ -203,8 +317,12 @@ def parse_request(head: bytes) -> RequestHead:
     if expect_continue:
         # The router answers 100 Continue itself and buffers the body, so the upstream must not.
         headers = [(n, v) for n, v in headers if n.lower() != b"expect"]
+    if chunked or content_length is not None:
+        headers = _canonical(headers, index, content_length)
+    if authority is not None:
+        headers = _replace(headers, b"host", authority)  # RFC 9112 3.2.2: the URI's authority wins
     verbatim = (
-        headers is pairs
+        headers is pairs  # (a rewritten target or framing comes with rewritten headers)
         and b"x-forwarded-for" not in index
         and head.endswith(b"\r\n\r\n")
         and not head.startswith(b"\r\n")
@@ -252,8 +370,8 @@ def parse_response(head: bytes, request_method: str) -> ResponseHead:
     """Parse a response head and decide its body framing for a request with ``request_method``."""
     if len(head) > MAX_HEAD:
         raise HttpError(502, f"upstream response head larger than {MAX_HEAD} bytes")
-    lines = head.rstrip(b"\r\n").split(b"\r\n")
-    m = _STATUS_LINE.match(lines[0]) if lines else None
+    lines = _lines(head)
+    m = _STATUS_LINE.fullmatch(lines[0]) if lines else None
     if m is None:
         raise HttpError(502, "upstream sent a malformed status line")
     version = b"HTTP/1." + m.group(1)
@@ -261,7 +379,7 @@ def parse_response(head: bytes, request_method: str) -> ResponseHead:
     reason = lines[0][13:] or b"-"
     try:
         pairs, index = _split_headers(lines[1:])
-        content_length, chunked = _framing(index)
+        content_length, chunked = _framing(index, request=False)
     except HttpError as exc:
         raise HttpError(502, f"upstream sent a bad response head: {exc}") from None
     tokens = _connection_tokens(index)
@@ -323,7 +441,10 @@ def parse_chunk_size(line: bytes) -> int:
     m = _CHUNK_LINE.fullmatch(line)
     if m is None:
         raise HttpError(400, "malformed chunk-size line")
-    return int(m.group(1), 16)
+    size = int(m.group(1), 16)
+    if size > MAX_CHUNK_SIZE:
+        raise HttpError(400, f"chunk size over {MAX_CHUNK_SIZE}")
+    return size
 
 
 def check_trailer_line(line: bytes) -> None:

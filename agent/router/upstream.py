@@ -219,8 +219,10 @@ class BodyReader:
         raise Broken(f"more than {MAX_TRAILERS} trailer lines")
 
     async def _readline(self, limit: int) -> bytes:
+        """A chunk-size or trailer line up to its LF: a bare LF ends it too, and the line is then
+        refused at once (its parser wants CRLF) rather than read on to some later CRLF."""
         try:
-            return await self._reader.readuntil(b"\r\n", limit)
+            return await self._reader.readuntil(b"\n", limit)
         except asyncio.IncompleteReadError:
             raise Broken("connection closed inside a chunked body") from None
         except asyncio.LimitOverrunError:

@@ -34,6 +34,7 @@ class Seen:
     line: str
     headers: list[tuple[str, str]]
     body: bytes
+    head: bytes = b""  # the head as received, bytes for bytes
 
     @property
     def path(self) -> str:
@@ -93,7 +94,7 @@ class Recorder:
             (k.strip().lower(), v.strip())
             for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)
         ]
-        seen = Seen(lines[0], headers, b"")
+        seen = Seen(lines[0], headers, b"", head)
         self.seen.append(seen)
         if seen.path.startswith("<garbage"):
             return False

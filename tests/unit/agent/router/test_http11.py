@@ -12,6 +12,7 @@ from agent.router.errors import Broken, HttpError
 from agent.router.http11 import (
     MAX_CHUNK_LINE,
     MAX_HEAD,
+    bare_line_end,
     client_response_head,
     error_response,
     parse_chunk_size,
@@ -141,7 +142,26 @@ def test_request_body_framing() -> None:
         (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
         (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
          400),
-        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+        # RFC 9112 6.3: chunked not last in a request: the length is unknown, 400 and close.
+        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: identity\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+         b"Transfer-Encoding: chunked\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1, 1\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: x/y\r\n\r\n", 400),
+        # "$" matched before a final LF: a method or a name ending in LF went upstream as it was.
+        (b"GET\n /x HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (b"GET /x HTTP/1.1\r\nHost: x\r\nX-A\n: 1\r\n\r\n", 400),
+        (b"GET /x HTTP/1.1\nHost: x\r\n\r\n", 400),
+        (b"GET /x HTTP/1.1\r\nHost: x\rX: 1\r\n\r\n", 400),
+        (b"GET x HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (b"GET * HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (b"GET http://u@evil/ HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (b"GET ftp://x/ HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (b"CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n", 501),
         (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
         (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"A: b\r\n" * 200 + b"\r\n", 431),
         (b"GET / HTTP/1.1\r\nHost: x\r\nA: " + b"b" * 70000 + b"\r\n\r\n", 431),
@@ -211,7 +231,9 @@ def test_chunk_sizes_and_error_responses() -> None:
     assert parse_chunk_size(b"1a;name=v\r\n") == 26
     assert parse_chunk_size(b"1A ; a ; b = \"x;y\\\"z\"\t\r\n") == 26
     assert parse_chunk_size(b"0\r\n") == 0
-    for bad in (b"\r\n", b"zz\r\n", b"-1\r\n", b"1" * 20 + b"\r\n"):
+    assert parse_chunk_size(b"7fffffffffffffff\r\n") == 2**63 - 1
+    for bad in (b"\r\n", b"zz\r\n", b"-1\r\n", b"1" * 20 + b"\r\n", b"8000000000000000\r\n",
+                b"ffffffffffffffff\r\n", b"0x5\r\n", b"+5\r\n"):
         with pytest.raises(HttpError):
             parse_chunk_size(bad)
     resp = error_response(503, "no healthy upstream")
@@ -350,3 +372,53 @@ def test_only_heads_with_nothing_to_remove_pass_verbatim() -> None:
     assert parse_response(ok, "GET").raw == ok
     assert parse_response(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", "GET").raw == b""
     assert parse_response(b"HTTP/1.1 200 OK\r\nKeep-Alive: 5\r\n\r\n", "GET").raw == b""
+
+
+def test_framing_reaches_the_upstream_in_one_canonical_form() -> None:
+    """Transfer-Encoding in any case or spacing goes upstream as one lower-case field, and a
+    Content-Length with leading zeros as plain decimal; nothing else in the head changes."""
+    req = parse_request(
+        b"POST /p HTTP/1.1\r\nHost: x\r\ntransfer-encoding:\t Gzip ,CHUNKED \r\nA: 1\r\n\r\n"
+    )
+    assert req.chunked and not req.raw
+    assert upstream_request_head(req, "192.0.2.1") == (
+        b"POST /p HTTP/1.1\r\nHost: x\r\ntransfer-encoding: gzip, chunked\r\nA: 1\r\n"
+        b"X-Forwarded-For: 192.0.2.1\r\n\r\n"
+    )
+    req = parse_request(b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 007\r\n\r\n")
+    assert req.content_length == 7
+    assert b"\r\nContent-Length: 7\r\n" in upstream_request_head(req, "192.0.2.1")
+
+
+def test_absolute_form_goes_upstream_in_origin_form() -> None:
+    """An absolute-form target becomes origin-form and its authority the one Host (RFC 9112
+    3.2.2), so the upstream cannot take the request for another host than the router did."""
+    req = parse_request(b"GET HTTP://Other.example:81?q=1 HTTP/1.1\r\nHost: svc\r\n\r\n")
+    assert req.target == "/?q=1"
+    assert upstream_request_head(req, "192.0.2.1") == (
+        b"GET /?q=1 HTTP/1.1\r\nHost: Other.example:81\r\nX-Forwarded-For: 192.0.2.1\r\n\r\n"
+    )
+    opts = parse_request(b"OPTIONS * HTTP/1.1\r\nHost: svc\r\n\r\n")
+    assert opts.target == "*"
+
+
+@pytest.mark.parametrize(
+    ("data", "bare"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: x\r\n", False),
+        (b"GET / HTTP/1.1\r", False),  # its LF may come in the next segment
+        (b"GET / HTTP/1.1\nHost: x\n", True),
+        (b"GET / HTTP/1.1\r\nHost: x\rY", True),
+        (b"\n", True),
+    ],
+)
+def test_bare_line_ends_are_found_in_an_incomplete_head(data: bytes, bare: bool) -> None:
+    """A bare CR or LF is found before the head is complete; a final CR is not bare yet; and
+    scanning a head as it grows a byte at a time (from the last byte seen, as the router does)
+    finds the same."""
+    assert bare_line_end(data) is bare
+    scanned, found = 0, False
+    for end in range(1, len(data) + 1):
+        found = found or bare_line_end(data[:end], scanned)
+        scanned = max(0, end - 1)
+    assert found is bare
