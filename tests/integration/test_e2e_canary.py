@@ -145,8 +145,11 @@ async def test_healthy_canary_passes_every_step_without_a_failed_request(tmp_pat
             code, out, err, rid = await deploy(
                 url, "2.0.0", "--strategy", "canary", "--steps", "1,50%,100%",
                 "--weights", "25,100", "--bake", "2s", "--max-error-rate", "1%",
-                # Generous: a shared, noisy machine; the histogram's buckets are ~25% wide.
-                "--max-p99-ratio", "5", "--min-requests", "10")
+                # Generous: with ~40 requests a window, p99 is about the slowest answer, and on
+                # a shared machine one scheduling hiccup (seen: 5.7 ms against a 0.76 ms
+                # baseline, x7.5, while fuzzers loaded both cores) is not a regression. The gate
+                # itself is tested on 2.3.0's +200 ms below.
+                "--max-p99-ratio", "20", "--min-requests", "10")
             assert code == 0, f"healthy canary failed ({code}): {out}{err}"
         assert load.failed == 0, load.failures()
         assert load.per_node["node-1"].versions.keys() >= {"1.0.0", "2.0.0"}
