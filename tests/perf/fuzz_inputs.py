@@ -3,7 +3,7 @@
 Usage: python tests/perf/fuzz_inputs.py [--cases 100000] [--seed 1] [--batch 5000]
            [--only request,bundle] [--json]
 
-The targets, strategies and properties are those of ``tests/hostile.py`` (the unit tests run the
+The targets, strategies and properties are those of ``tests/hostile`` (the unit tests run the
 same properties over a few hundred cases): wire (every Struct of protocol.messages, drawn in turn),
 envelope, control, manifest, bundle, request, response, chunked, chunk-line. For each: the cases
 run, cases/s, the slowest single case, the most memory one case allocated at once (tracemalloc on
