@@ -111,11 +111,8 @@ async def _unanswered(bus: Bus, subject: str, body: bytes = b"{}") -> None:
 
 async def _jetstream_abuse(fleet: DevFleet, node1: Bus, coord: Bus) -> set[str]:
     """node-1 against the JetStream API; returns the subjects the server must have refused."""
-    # node-2's live watch consumer, as an administrator sees it: the name node-1 would need.
     infos = await coord.js.consumers_info(KV_DESIRED)
-    [victim] = [c.name for c in infos
-                if c.config.filter_subject == f"$KV.{DESIRED}.node-2.*"][:1] or ["none"]
-    assert victim != "none", [c.config.filter_subject for c in infos]
+    victim = await _victim(coord)
     node2_key = f"$KV.{DESIRED}.node-2.hello"
     consumer = json.dumps({"stream_name": KV_DESIRED, "config": {
         "filter_subject": f"$KV.{DESIRED}.node-2.*", "deliver_subject": "_INBOX_node-1.spy",
@@ -184,6 +181,30 @@ async def _jetstream_abuse(fleet: DevFleet, node1: Bus, coord: Bus) -> set[str]:
     # node-2's watch consumer is still there, still on node-2's keys.
     after = {c.name: c.config.filter_subject for c in await coord.js.consumers_info(KV_DESIRED)}
     assert after.get(victim) == f"$KV.{DESIRED}.node-2.*", after
+    return set(dropped)
+
+
+async def _victim(coord: Bus) -> str:
+    """node-2's live watch consumer, as an administrator sees it: the name an attacker needs."""
+    infos = await coord.js.consumers_info(KV_DESIRED)
+    names = [c.name for c in infos if c.config.filter_subject == f"$KV.{DESIRED}.node-2.*"]
+    assert names, [c.config.filter_subject for c in infos]
+    return str(names[0])
+
+
+async def _operator_abuse(fleet: DevFleet, coord: Bus) -> set[str]:
+    """An operator's credentials (which may list consumers) cannot delete or pause node-2's
+    watch, restore over a stream, or take the JetStream leader away."""
+    op = await Bus.connect(fleet.nats_url, F, **fleet.access())
+    victim = await _victim(coord)
+    dropped = [f"$JS.API.CONSUMER.DELETE.{KV_DESIRED}.{victim}",
+               f"$JS.API.CONSUMER.PAUSE.{KV_DESIRED}.{victim}",
+               f"$JS.API.STREAM.RESTORE.{KV_DESIRED}", "$JS.API.META.LEADER.STEPDOWN"]
+    try:
+        await asyncio.gather(*(_unanswered(op, s) for s in dropped))
+    finally:
+        await op.close()
+    assert await _victim(coord) == victim
     return set(dropped)
 
 
@@ -297,6 +318,7 @@ async def _matrix(fleet: DevFleet) -> None:
         refused = await _jetstream_abuse(fleet, node1, coord)
         refused |= await _object_store_and_buckets(node1)
         refused |= await _api_and_events(fleet, node1, coord)
+        refused |= await _operator_abuse(fleet, coord)
         assert node1.connected
         assert await _state(coord) == before
         log = await _server_log(fleet)
@@ -314,8 +336,9 @@ async def test_node_credentials_abuse_nothing_on_a_secure_dev_fleet(
     """With node-1's credentials on `dev up --secure`: the JetStream API (key listing by stream
     info, gets and consumers by body, node-2's watch consumer, streams), every API verb, the
     object store, the coordinator's buckets, node-2's and the coordinator's events are all
-    refused and logged; a forged event on its own subject is refused by readers; replays are
-    refused by the agent; the fleet is unchanged."""
+    refused and logged, as are an operator's deletion or pause of node-2's watch; a forged
+    event on its own subject is refused by readers; replays are refused by the agent; the fleet
+    is unchanged."""
     async with secure_fleet(tmp_path, monkeypatch, shipped=False) as fleet:
         await _matrix(fleet)
 
