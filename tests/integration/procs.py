@@ -6,7 +6,8 @@
 - ``fleetwave(...)`` runs the CLI in a subprocess and returns (exit code, stdout, stderr).
 - ``wait_until(...)`` polls a condition until a deadline; it never sleeps to hide a race, and on
   timeout says what it last saw.
-- ``shipped_auth_conf(...)`` is deploy/nats/auth.conf with a test's ports and paths.
+- ``shipped_auth_conf(...)`` is deploy/nats/auth.conf with a test's ports and paths;
+  ``with_auth_dir`` points any shipped config's TLS and users at a test's auth directory.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -147,16 +149,24 @@ def shipped_auth_conf(*, host: str, port: int, monitor_port: int, store_dir: Pat
     test may substitute it (``monkeypatch``) to run a dev fleet's broker on the shipped file."""
     assert auth is not None and cluster is None
     text = (DEPLOY_NATS / "auth.conf").read_text()
-    users = os.path.relpath(auth.absolute() / USERS, store_dir.absolute())
     for old, new in [('host: "0.0.0.0"', f'host: "{host}"'),
                      ("port: 4222", f"port: {port}"),
                      ('http: "127.0.0.1:8222"', f'http: "127.0.0.1:{monitor_port}"'),
                      ('server_name: "fleetwave-1"', f'server_name: "{server_name}"'),
-                     ('store_dir: "/var/lib/fleetwave/jetstream"', f'store_dir: "{store_dir}"'),
-                     ('include "auth/users.conf"', f'include "{users}"')]:
+                     ('store_dir: "/var/lib/fleetwave/jetstream"', f'store_dir: "{store_dir}"')]:
         assert text.count(old) == 1, f"auth.conf no longer has {old!r} once"
         text = text.replace(old, new)
-    assert text.count("/etc/fleetwave/auth/") == 2, "auth.conf: its TLS certificate and key"
+    return with_auth_dir(text, auth, store_dir)
+
+
+def with_auth_dir(text: str, auth: Path, conf_dir: Path) -> str:
+    """A shipped config's TLS certificate, key and users include (``/etc/fleetwave/auth``)
+    pointed at the auth directory ``auth``, for a config file written into ``conf_dir``."""
+    includes = re.findall(r'^include "([^"]+)"$', text, re.M)
+    assert len(includes) == 1 and includes[0].endswith(f"auth/{USERS}"), includes
+    users = os.path.relpath(auth.absolute() / USERS, conf_dir.absolute())
+    text = text.replace(f'include "{includes[0]}"', f'include "{users}"')
+    assert text.count("/etc/fleetwave/auth/") == 2, "a shipped conf: its TLS certificate and key"
     return text.replace("/etc/fleetwave/auth/", f"{auth.absolute()}/")
 
 

@@ -18,8 +18,8 @@ from tests.integration.procs import (
     DEPLOY_NATS,
     fleetwave,
     read_text,
-    shipped_auth_conf,
     wait_until,
+    with_auth_dir,
 )
 
 
@@ -164,16 +164,15 @@ async def test_dev_up_on_a_busy_port_fails_in_one_line(broker: Broker, tmp_path:
     "name", ["single.conf", "cluster-1.conf", "cluster-2.conf", "cluster-3.conf", "auth.conf"]
 )
 async def test_shipped_nats_configs_are_valid(name: str, tmp_path: Path) -> None:
-    """Every config in deploy/nats passes the real nats-server's own check (-t); auth.conf with
-    the trust root `fleetwave auth init` makes where it expects it (its paths put in)."""
+    """Every config in deploy/nats passes the real nats-server's own check (-t); those with TLS
+    and users, with the trust root `fleetwave auth init` makes (its paths put in)."""
     conf = DEPLOY_NATS / name
-    if name == "auth.conf":
+    text = conf.read_text()
+    if "include" in text:
         AuthDir(tmp_path / "auth").init("default", (), "admin")
-        conf = tmp_path / "js" / name
+        conf = tmp_path / "etc" / name
         conf.parent.mkdir()
-        conf.write_text(shipped_auth_conf(host="127.0.0.1", port=4222, monitor_port=8222,
-                                          store_dir=conf.parent, server_name="fleetwave-1",
-                                          auth=tmp_path / "auth"))
+        conf.write_text(with_auth_dir(text, tmp_path / "auth", conf.parent))
     proc = await asyncio.create_subprocess_exec(
         find_nats_server(), "-c", str(conf), "-t", stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
