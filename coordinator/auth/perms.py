@@ -50,7 +50,7 @@ def node(fleet: str, node_id: str) -> Permissions:
     ``STREAM.MSG.GET`` takes the key in its body where no permission can see it); consumers with
     the filter in the body (the bare ``CONSUMER.CREATE.<stream>``); ``CONSUMER.DELETE``
     (nats-py never deletes a watch's consumer: the server drops it after its inactive
-    threshold).
+    threshold); ``$JS.API.INFO`` (the account's streams, consumers and storage in use).
     """
     desired = subjects.desired_bucket(fleet)
     observed = subjects.observed_bucket(fleet)
@@ -65,7 +65,6 @@ def node(fleet: str, node_id: str) -> Permissions:
                 subjects.agent_events(fleet, node_id),
                 f"$KV.{observed}.{mine}",
                 f"$KV.{nodes}.{node_id}",
-                "$JS.API.INFO",
                 # Its watch (and snapshot) of its own keys: the server refuses a body whose
                 # filter differs from the one in the subject. The consumer's name follows the
                 # watcher's deliver inbox (``_INBOX_<node>.<nuid>``), which no other node sees

@@ -144,6 +144,7 @@ async def _jetstream_abuse(fleet: DevFleet, node1: Bus, coord: Bus) -> set[str]:
         f"$JS.API.STREAM.MSG.DELETE.{KV_DESIRED}": json.dumps({"seq": 1}).encode(),
         f"$JS.API.STREAM.PURGE.{subjects.object_stream(RELEASES)}": b"{}",
         # The account's other JetStream corners.
+        "$JS.API.INFO": b"",
         "$JS.API.ACCOUNT.PURGE": b"",
         "$JS.API.META.LEADER.STEPDOWN": b"",
     }
