@@ -14,6 +14,7 @@ import asyncio
 import base64
 import contextlib
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,8 @@ F = "default"
 DESIRED, OBSERVED = subjects.desired_bucket(F), subjects.observed_bucket(F)
 KV_DESIRED = subjects.kv_stream(DESIRED)
 RELEASES = subjects.releases_store(F)
-# Every verb the coordinator's API serves (coordinator.api.rollouts, coordinator.runtime.daemon).
+# Verbs the coordinator's API serves (coordinator.api.rollouts, .runtime.daemon); the matrix
+# also tries every endpoint the running coordinator announces ($SRV.INFO).
 API_VERBS = (*subjects.WRITE_VERBS, "status", "rollouts", "nodes", "leader", "key")
 REFUSED_WAIT = 2.0  # a refused request gets no answer: how long each waits for one
 
@@ -53,7 +55,7 @@ REFUSED_WAIT = 2.0  # a refused request gets no answer: how long each waits for 
 
 @contextlib.asynccontextmanager
 async def secure_fleet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, shipped: bool,
-                       ) -> Any:
+                       ) -> AsyncIterator[DevFleet]:
     """A --secure dev fleet of two nodes serving hello 1.0.0; with ``shipped`` its broker runs
     deploy/nats/auth.conf instead of the config ``fleetwave broker --auth`` writes."""
     if shipped:
@@ -209,6 +211,26 @@ async def _operator_abuse(fleet: DevFleet, coord: Bus) -> set[str]:
     return set(dropped)
 
 
+async def _endpoints(coord: Bus) -> set[str]:
+    """The subjects of the endpoints the coordinator's micro service announces ($SRV.INFO; the
+    write verbs: the reads are answered apart, API_VERBS names them)."""
+    answers: list[bytes] = []
+
+    async def answered(_: str, data: bytes) -> None:
+        answers.append(data)
+    inbox = coord.nc.new_inbox()
+    sub = await coord.subscribe(inbox, answered)
+    try:
+        await coord.nc.publish("$SRV.INFO", b"", reply=inbox)
+
+        async def subjects_so_far() -> set[str]:
+            return {e["subject"] for a in answers for e in json.loads(a)["endpoints"]}
+        return await wait_until(subjects_so_far, bool, timeout=5,
+                                what="the coordinator's API service to announce itself")
+    finally:
+        await sub.unsubscribe()
+
+
 async def _object_store_and_buckets(node1: Bus) -> set[str]:
     """Put or delete a release object; write the rollouts, locks and desired buckets."""
     for attempt in (node1.obj_put(RELEASES, "hello/6.6.6", b"forged"),
@@ -234,8 +256,9 @@ async def _object_store_and_buckets(node1: Bus) -> set[str]:
 async def _api_and_events(fleet: DevFleet, node1: Bus, coord: Bus) -> set[str]:
     """Every API verb, on the shared subject and on the leader's own; forged events."""
     leader = json.loads(await coord.request(subjects.api(F, "leader"), b"{}"))["data"]["holder"]
-    dropped = [subjects.api(F, v) for v in API_VERBS]
+    dropped = sorted(await _endpoints(coord) | {subjects.api(F, v) for v in API_VERBS})
     dropped += [subjects.coordinator_api(F, leader, v) for v in subjects.WRITE_VERBS]
+    dropped.append(subjects.coordinator_ping(F, leader))
     dropped += ["$SRV.PING", "$SRV.INFO"]
     await asyncio.gather(*(_unanswered(node1, s, b'{"id": "x", "service": "hello"}')
                            for s in dropped))
