@@ -67,9 +67,9 @@ def lead_refusal(markers: Sequence[FenceMarker], *, own: str, previous: str | No
     if own in retired:
         now = next((k for k in leaders if k != own), "")
         return (f"this coordinator's signing key {short(own)} was retired by a rotation"
-                + (f" (the fleet is led with {short(now)})" if now else "")
-                + "; restart it with the new key file (KEY and KEY.previous from the host where "
-                "'fleetwave auth rotate-signing-key switch' ran)")
+                + (f" (the fleet was last led with {short(now)})" if now else "")
+                + "; give it the new key file from the host where 'fleetwave auth "
+                "rotate-signing-key switch' ran (with KEY.previous until 'finish')")
     others = sorted(set(leaders) - {own, previous or ""})
     if others:
         return (f"the fleet was led with signing key {short(others[0])}, but this coordinator "
