@@ -89,7 +89,7 @@ def revoke(directory: Path, name: str) -> None:
 
 @auth.command("rotate-signing-key")
 @click.argument("phase", type=click.Choice(["begin", "check", "switch", "finish"]),
-                default="check")
+                default="check", metavar="[PHASE]")
 @click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path), required=True,
               envvar="FLEETWAVE_KEY_FILE",
               help="The coordinators' signing key file, KEY (env FLEETWAVE_KEY_FILE); the new "
@@ -187,9 +187,7 @@ def _check_text(st: Status) -> str:
         lines = [f"no rotation under way; the signing key is {st.new}"]
     else:
         lines = [f"rotation {st.stage}: old key {st.old}, new key {st.new}"]
-    who = ("the new key" if st.leader_key == st.new else "the old key"
-           if st.leader_key == st.old else short(st.leader_key)) if st.leader_key else ""
-    lines.append(f"leader signs with: {who or 'nothing (no coordinator leads)'}")
+    lines.append(f"leader signs with: {_whose(st, st.leader_key)}")
     if st.stage != "none":
         lines.append(f"nodes: {st.nodes} registered; "
                      + (f"not trusting the new key: {_named(st.untrusting)}" if st.untrusting
@@ -200,6 +198,14 @@ def _check_text(st: Status) -> str:
                                            else "all signed by the new key"))
     lines.append(f"next: {st.next_step()}")
     return "\n".join(lines)
+
+
+def _whose(st: Status, key: str) -> str:
+    if not key:
+        return "nothing (no coordinator leads)"
+    if key == st.new:
+        return "this key" if st.stage == "none" else "the new key"
+    return "the old key" if key == st.old else short(key)
 
 
 def _say(output: str, data: dict[str, object], text: str) -> None:

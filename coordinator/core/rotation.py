@@ -181,6 +181,10 @@ class Status:
                         f"{', '.join(self.untrusting)} and restart their agents, then check again")
             return ("every node trusts the new key: run 'switch', then copy KEY and "
                     "KEY.previous to every coordinator host and restart the coordinators")
+        if self.untrusting:  # switched with --force
+            return (f"{', '.join(self.untrusting)} do not trust the new key and take no new "
+                    f"desired state: add {self.new} to their FLEETWAVE_TRUST_KEYS and restart "
+                    "their agents")
         if self.leader_key != self.new:
             return (f"the leading coordinator signs with "
                     f"{short(self.leader_key) if self.leader_key else 'no key (none leads)'}: "

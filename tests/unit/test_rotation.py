@@ -181,9 +181,15 @@ def test_status_says_the_next_step_at_each_stage() -> None:
     ready = status(stage="begun", old=OLD, new=NEW, leader_key=OLD, nodes=nodes[:1], desired={})
     assert "'switch'" in ready.next_step()
     left = {"node-1.hello": encode(env_of(OLD_SEED))}
-    waiting = status(stage="switched", old=OLD, new=NEW, leader_key=OLD, nodes=nodes, desired=left)
+    forced = status(stage="switched", old=OLD, new=NEW, leader_key=NEW, nodes=nodes, desired={})
+    assert forced.next_step().startswith("n2 do not trust the new key")
+    both = [info("n1", [OLD, NEW]), info("n2", [OLD, NEW])]
+    waiting = status(stage="switched", old=OLD, new=NEW, leader_key=OLD, nodes=both, desired=left)
     assert "restart every coordinator" in waiting.next_step()
-    done = status(stage="switched", old=OLD, new=NEW, leader_key=NEW, nodes=nodes,
+    resigning = status(stage="switched", old=OLD, new=NEW, leader_key=NEW, nodes=both,
+                       desired=left)
+    assert "re-sign 1 desired state" in resigning.next_step()
+    done = status(stage="switched", old=OLD, new=NEW, leader_key=NEW, nodes=both,
                   desired={"node-1.hello": encode(env_of(NEW_SEED))})
     assert "'finish'" in done.next_step() and "n1, n2" in done.next_step()
 
