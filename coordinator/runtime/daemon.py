@@ -8,8 +8,10 @@ nodes too), subscribes to heartbeats and registrations, serves the API as the NA
 writing verbs forwarded to it), and then owns three tasks until ``stop`` is set:
 
 - *leadership* (``coordinator.runtime.lease``): stand by until this coordinator holds the lease,
-  fence the buckets with its term, and run a ``Runner`` for as long as the lease holds (a lost
-  renewal, or a write refused by a later leader's fence, ends it at once); then stand by again.
+  fence the buckets with its term (after a signing-key rotation, taking over from its previous
+  key and re-signing what that key signed: ``coordinator.core.rotation``), and run a ``Runner``
+  for as long as the lease holds (a lost renewal, or a write refused by a later leader's fence,
+  ends it at once); then stand by again.
   On ``stop`` a leader gives the lease up, so a standby takes over within a poll;
 - the *ticker* lets time pass in the pure node table (``core.fleet``) so that silent nodes
   go offline; not while the coordinator's own connection is down (then the silence is ours), and
