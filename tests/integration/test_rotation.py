@@ -3,14 +3,16 @@ under steady traffic, by the documented steps of ``fleetwave auth rotate-signing
 
 What holds: services running under key A stay up through the whole rotation to key B (the same
 service processes before and after, no failed request); an agent that trusts only A is named by
-``check`` and ``switch`` refuses while it does; once switched and the coordinator restarted,
-every desired state is re-signed by B at the same generation; after ``finish`` agents trusting
-only B take a new deploy; a coordinator left on A refuses to join, and to lead once alone
-(A is retired in the fences): exit 2, one line.
+``check`` and ``switch`` refuses while it does; the coordinators restarted one by one (a new-key
+replica stands by next to the old-key leader, and takes over when it stops) re-sign every
+desired state by B at the same generation; after ``finish`` agents trusting only B take a new
+deploy; a coordinator left on A refuses to join, and to lead once alone (A is retired in the
+fences): exit 2, one line.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from pathlib import Path
@@ -22,6 +24,8 @@ from protocol.bus import Bus
 from protocol.signing import load_seed, public_key
 from tests.integration.e2e_support import (
     deploy_detached,
+    desired_history,
+    desired_log,
     install,
     loaded,
     push,
@@ -48,6 +52,13 @@ async def checked(fleet: DevFleet) -> dict[str, Any]:
     assert code == 0, err
     assert isinstance(doc, dict)
     return doc
+
+
+def replica(fleet: DevFleet, name: str, key_file: Path) -> Child:
+    """Another coordinator of ``fleet`` with ``key_file`` (and the KEY.previous next to it)."""
+    return Child(name, python_module(
+        "coordinator.daemon", "--nats", fleet.nats_url, "--fleet", fleet.fleet, "coordinator",
+        "--key-file", str(key_file)), fleet.dir / "logs" / f"{name}.log")
 
 
 async def trust(fleet: DevFleet, i: int, *keys: str) -> None:
@@ -101,16 +112,29 @@ async def test_rotating_the_signing_key_moves_no_service(tmp_path: Path) -> None
             await trust(fleet, 3, old, new)
             await wait_until(lambda: checked(fleet), lambda d: not d["untrusting"], timeout=30,
                              what="every node to trust the new key")
-            old_copy = tmp_path / "old.seed"
+            old_copy = fleet.dir / "old.seed"  # under the fleet: reaped with it if a test fails
             shutil.copy(fleet.key_file, old_copy)
             code, doc, err = await rotate(fleet, "switch")
             assert code == 0, err
             assert public_key(load_seed(fleet.key_file)) == new
-            await fleet.coordinator.restart()
+
+            # a rolling restart of the coordinators: one on the new key stands by next to the
+            # old-key leader, takes over when it stops and re-signs; the other comes back on B
+            second = replica(fleet, "coordinator-2", fleet.key_file)
+            await second.start()
+            await wait_until(lambda: read_text(second.log_path),
+                             lambda t: "standing by to take over" in t, timeout=20,
+                             what="the new-key coordinator to stand by")
+            await fleet.coordinator.stop()
             st = await wait_until(lambda: checked(fleet),
                                   lambda d: d["leader_key"] == new and not d["not_resigned"],
                                   timeout=30, what="the new leader to re-sign every state")
-            assert st["stage"] == "switched" and "'finish'" in st["next"]
+            assert st["stage"] == "switched" and "'finish'" in st["next"] and second.running
+            log = await desired_log(fleet.nats_url)
+            desired_history(log)  # no generation ever came with two contents
+            last_old = {e.node: e.generation for e in log if e.key == old}
+            assert {e.node: e.generation for e in log if e.key == new} == last_old, log
+            await fleet.coordinator.start()
 
             # finish; agents then trust only B: nothing restarts, a new deploy goes through
             code, doc, err = await rotate(fleet, "finish")
@@ -122,8 +146,8 @@ async def test_rotating_the_signing_key_moves_no_service(tmp_path: Path) -> None
             await fleet.wait_online(NODES)
             assert await service_pids(fleet) == before, "a service process was restarted"
             for i in (1, 2, 3):
-                log = await read_text(fleet.agent(i).log_path)
-                assert "signed again by key" in log and "refused" not in log, log[-2000:]
+                said = await read_text(fleet.agent(i).log_path)
+                assert "signed again by key" in said and "refused" not in said, said[-2000:]
 
             rid = await deploy_detached(fleet.nats_url, "2.0.0", "--batch", "1", "--bake", "1s")
             bus = await Bus.connect(fleet.nats_url, fleet.fleet, name="rotation-test")
@@ -142,10 +166,8 @@ async def test_rotating_the_signing_key_moves_no_service(tmp_path: Path) -> None
         # gone (A is retired in the fences): one line, exit 2; two keys never lead by turns
         for name, why in (("stale", "signing key"), ("stale-alone", "was retired")):
             if name == "stale-alone":
-                await fleet.coordinator.stop()
-            stale = Child(name, python_module(
-                "coordinator.daemon", "--nats", fleet.nats_url, "--fleet", fleet.fleet,
-                "coordinator", "--key-file", str(old_copy)), fleet.dir / "logs" / f"{name}.log")
+                await asyncio.gather(fleet.coordinator.stop(), second.stop())
+            stale = replica(fleet, name, old_copy)
             await stale.start()
             code = await stale.wait(timeout=20)
             text = await read_text(stale.log_path)
