@@ -16,7 +16,7 @@ import click
 import coordinator.cli.client as client
 from coordinator.auth.enroll import CA, AuthDir
 from coordinator.cli.base import Ctx, cli, output_option
-from coordinator.core.rotation import Status, short
+from coordinator.core.rotation import Status, named, short
 from coordinator.errors import FleetwaveError, UsageError
 from coordinator.runtime import keyfile
 from coordinator.runtime.rotation import read_status
@@ -121,49 +121,52 @@ def rotate_signing_key(ctx: Ctx, phase: str, key_file: Path, force: bool, output
     Exit status: 0 done, 1 refused (one line says why), 2 bad key files or flags.
     """
     if phase == "begin":
-        path, key = keyfile.begin(key_file)
-        _say(output, {"phase": "begin", "new_key_file": str(path), "new_key": key},
-             f"made {path} (0600), public key {key}; add it to every agent's "
-             "FLEETWAVE_TRUST_KEYS (keep the old key), restart the agents, then run "
-             f"'fleetwave auth rotate-signing-key check --key-file {key_file}'")
+        _begin(key_file, output)
         return
     st = _status(ctx, key_file)
     if phase == "switch":
-        if st.stage != "begun":
-            raise UsageError(f"nothing to switch to: {keyfile.next_path(key_file)} does not "
-                             f"exist; run 'begin' first" if st.stage == "none" else
-                             "switched already; run 'check', then 'finish'")
-        if st.untrusting and not force:
-            raise FleetwaveError(
-                f"not switching: {len(st.untrusting)} node(s) do not trust the new key "
-                f"{st.new}: {_named(st.untrusting)}; add it to their FLEETWAVE_TRUST_KEYS and "
-                "restart their agents (or --force: they take no new desired state until then)")
-        old, new = keyfile.switch(key_file)
-        _say(output, {"phase": "switch", "old_key": old, "new_key": new,
-                      "forced_past": st.untrusting},
-             f"switched {key_file} to {new} (the old key kept as "
-             f"{keyfile.previous_path(key_file)}); copy both files to every coordinator host "
-             "(0600) and restart the coordinators, then run check")
-        return
-    if phase == "finish":
-        if st.stage != "switched":
-            raise UsageError("nothing to finish: 'switch' has not run on this host")
-        waiting = {**({"leader": f"signs with {st.leader_key or 'nothing (none leads)'}"}
-                      if st.leader_key != st.new else {}), **st.not_resigned}
-        if waiting and not force:
-            raise FleetwaveError(
-                f"not finishing: not yet signed by the new key: {_named(waiting)}; restart the "
-                "coordinators with the new KEY and KEY.previous and wait for the re-signing "
-                "(or --force)")
-        old = keyfile.finish(key_file)
-        _say(output, {"phase": "finish", "old_key": old, "still_trusting_old": st.still_old},
-             f"deleted {keyfile.previous_path(key_file)}; delete it on the other coordinator "
-             f"hosts too, and remove {old} from FLEETWAVE_TRUST_KEYS"
-             + (f" on {', '.join(st.still_old)}" if st.still_old else "")
-             + " (then restart those agents)")
-        return
-    _say(output, {"phase": "check", **to_builtins(st), "next": st.next_step()},
-         _check_text(st))
+        _switch(st, key_file, force, output)
+    elif phase == "finish":
+        _finish(st, key_file, force, output)
+    else:
+        _say(output, {"phase": "check", **to_builtins(st), "next": st.next_step()},
+             _check_text(st))
+
+
+def _begin(key_file: Path, output: str) -> None:
+    path, key = keyfile.begin(key_file)
+    _say(output, {"phase": "begin", "new_key_file": str(path), "new_key": key},
+         f"made {path} (0600), public key {key}; add it to every agent's FLEETWAVE_TRUST_KEYS "
+         "(keep the old key), restart the agents, then run 'fleetwave auth rotate-signing-key "
+         f"check --key-file {key_file}'")
+
+
+def _switch(st: Status, key_file: Path, force: bool, output: str) -> None:
+    if st.stage != "begun":
+        raise UsageError(f"nothing to switch to: {keyfile.next_path(key_file)} does not exist; "
+                         "run 'begin' first" if st.stage == "none" else
+                         "switched already; run 'check', then 'finish'")
+    if (why := st.switch_refusal()) is not None and not force:
+        raise FleetwaveError(f"not switching: {why}")
+    old, new = keyfile.switch(key_file)
+    _say(output, {"phase": "switch", "old_key": old, "new_key": new,
+                  "forced_past": st.untrusting},
+         f"switched {key_file} to {new} (the old key kept as "
+         f"{keyfile.previous_path(key_file)}); copy both files to every coordinator host (0600) "
+         "and restart the coordinators, then run check")
+
+
+def _finish(st: Status, key_file: Path, force: bool, output: str) -> None:
+    if st.stage != "switched":
+        raise UsageError("nothing to finish: 'switch' has not run on this host")
+    if (why := st.finish_refusal()) is not None and not force:
+        raise FleetwaveError(f"not finishing: {why}")
+    old = keyfile.finish(key_file)
+    _say(output, {"phase": "finish", "old_key": old, "still_trusting_old": st.still_old},
+         f"deleted {keyfile.previous_path(key_file)}; delete it on the other coordinator hosts "
+         f"too, and remove {old} from FLEETWAVE_TRUST_KEYS"
+         + (f" on {', '.join(st.still_old)}" if st.still_old else "")
+         + " (then restart those agents)")
 
 
 def _status(ctx: Ctx, key_file: Path) -> Status:
@@ -176,12 +179,6 @@ def _status(ctx: Ctx, key_file: Path) -> Status:
     return asyncio.run(read())
 
 
-def _named(items: dict[str, str], most: int = 10) -> str:
-    shown = [f"{k} ({why})" for k, why in list(items.items())[:most]]
-    more = len(items) - len(shown)
-    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
-
-
 def _check_text(st: Status) -> str:
     if st.stage == "none":
         lines = [f"no rotation under way; the signing key is {st.new}"]
@@ -190,11 +187,11 @@ def _check_text(st: Status) -> str:
     lines.append(f"leader signs with: {_whose(st, st.leader_key)}")
     if st.stage != "none":
         lines.append(f"nodes: {st.nodes} registered; "
-                     + (f"not trusting the new key: {_named(st.untrusting)}" if st.untrusting
+                     + (f"not trusting the new key: {named(st.untrusting)}" if st.untrusting
                         else "all trust the new key"))
     if st.stage == "switched":
         lines.append("desired states: " + (f"not yet signed by the new key: "
-                                           f"{_named(st.not_resigned)}" if st.not_resigned
+                                           f"{named(st.not_resigned)}" if st.not_resigned
                                            else "all signed by the new key"))
     lines.append(f"next: {st.next_step()}")
     return "\n".join(lines)

@@ -23,18 +23,27 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from protocol.codec import decode
 from protocol.errors import ProtocolError
 from protocol.messages import FenceMarker, NodeInfo, SignedEnvelope
 from protocol.signing import verify
 
+Stage = Literal["none", "begun", "switched"]
 MAX_RETIRED = 16  # keys a fence marker remembers; a fleet rotating every month keeps 16 months
 
 
 def short(key: str) -> str:
     """A public key as operators see it in one line."""
     return f"{key[:12]}..."
+
+
+def named(items: Mapping[str, str], most: int = 10) -> str:
+    """``{what: why}`` in one line: the first ``most`` of them, and how many more."""
+    shown = [f"{k} ({why})" for k, why in list(items.items())[:most]]
+    more = len(items) - len(shown)
+    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
 
 
 # -- agents' trust ---------------------------------------------------------------------------------
@@ -162,7 +171,7 @@ class Status:
     nodes that still trust the old key; ``not_resigned``: desired states not signed by the new
     key (key → the key that signed them)."""
 
-    stage: str
+    stage: Stage
     old: str
     new: str
     leader_key: str
@@ -170,6 +179,25 @@ class Status:
     untrusting: dict[str, str]
     still_old: list[str]
     not_resigned: dict[str, str]
+
+    def switch_refusal(self) -> str | None:
+        """Why ``switch`` must not run now (``--force`` overrides it), or None."""
+        if not self.untrusting:
+            return None
+        return (f"{len(self.untrusting)} node(s) do not trust the new key {self.new}: "
+                f"{named(self.untrusting)}; add it to their FLEETWAVE_TRUST_KEYS and restart "
+                "their agents (or --force: they take no new desired state until then)")
+
+    def finish_refusal(self) -> str | None:
+        """Why ``finish`` must not run now (``--force`` overrides it), or None."""
+        waiting = dict(self.not_resigned)
+        if self.leader_key != self.new:
+            waiting = {"leader": f"signs with {self.leader_key or 'nothing: none leads'}",
+                       **waiting}
+        if not waiting:
+            return None
+        return (f"not yet signed by the new key: {named(waiting)}; restart the coordinators "
+                "with the new KEY and KEY.previous and wait for the re-signing (or --force)")
 
     def next_step(self) -> str:
         """What the operator does next, in one line."""
@@ -197,7 +225,7 @@ class Status:
                 f"{short(self.old)} from FLEETWAVE_TRUST_KEYS{whom} and restart those agents")
 
 
-def status(*, stage: str, old: str, new: str, leader_key: str, nodes: Sequence[NodeInfo],
+def status(*, stage: Stage, old: str, new: str, leader_key: str, nodes: Sequence[NodeInfo],
            desired: Mapping[str, bytes]) -> Status:
     """Where a rotation from ``old`` to ``new`` stands, from the registered ``nodes`` and the
     desired bucket's entries."""

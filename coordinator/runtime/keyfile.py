@@ -14,6 +14,7 @@ import logging
 import os
 from pathlib import Path
 
+from coordinator.core.rotation import Stage
 from protocol.errors import ProtocolError
 from protocol.signing import generate_seed, load_seed, public_key, store_seed
 
@@ -111,7 +112,7 @@ def finish(path: Path) -> str:
     return key
 
 
-def stage(path: Path) -> tuple[str, str, str]:
+def stage(path: Path) -> tuple[Stage, str, str]:
     """Where a rotation stands on this host: ("none" | "begun" | "switched", old, new key)."""
     path = Path(path)
     current = public_key(load_seed(path))

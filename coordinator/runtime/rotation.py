@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection
 
-from coordinator.core.rotation import ResignPlan, Status, plan_resign, status
+from coordinator.core.rotation import ResignPlan, Stage, Status, plan_resign, status
 from coordinator.runtime.calls import bounded
 from coordinator.runtime.lease import Fenced
 from coordinator.runtime.ports import RunnerBus
@@ -47,7 +47,7 @@ async def resign_desired(bus: RunnerBus, fenced: Fenced, *, seed: bytes,
     return plan
 
 
-async def read_status(bus: RunnerBus, *, stage: str, old: str, new: str) -> Status:
+async def read_status(bus: RunnerBus, *, stage: Stage, old: str, new: str) -> Status:
     """Where a rotation from ``old`` to ``new`` stands, read from the fleet's buckets (no
     coordinator needed: a switch may leave none running for a moment)."""
     f = bus.fleet

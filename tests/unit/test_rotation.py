@@ -194,6 +194,28 @@ def test_status_says_the_next_step_at_each_stage() -> None:
     assert "'finish'" in done.next_step() and "n1, n2" in done.next_step()
 
 
+def test_switch_is_refused_while_a_node_does_not_trust_the_new_key() -> None:
+    """``switch`` is refused naming every node that would refuse the new key, and only then."""
+    nodes = [info("n1", [OLD, NEW]), info("n2", [OLD]), info("n3", None)]
+    st = status(stage="begun", old=OLD, new=NEW, leader_key=OLD, nodes=nodes, desired={})
+    why = st.switch_refusal()
+    assert why is not None and why.startswith("2 node(s)") and "n2 (" in why and "n3 (" in why
+    ok = status(stage="begun", old=OLD, new=NEW, leader_key=OLD, nodes=nodes[:1], desired={})
+    assert ok.switch_refusal() is None
+
+
+def test_finish_is_refused_until_the_leader_and_every_state_use_the_new_key() -> None:
+    """``finish`` waits for a new-key leader and for every state signed anew, naming what's left."""
+    nodes = [info("n1", [OLD, NEW])]
+    left = {"node-1.hello": encode(env_of(OLD_SEED))}
+    st = status(stage="switched", old=OLD, new=NEW, leader_key="", nodes=nodes, desired=left)
+    why = st.finish_refusal()
+    assert why is not None and "leader (signs with nothing" in why and "node-1.hello" in why
+    done = status(stage="switched", old=OLD, new=NEW, leader_key=NEW, nodes=nodes,
+                  desired={"node-1.hello": encode(env_of(NEW_SEED))})
+    assert done.finish_refusal() is None
+
+
 # -- re-signing against an in-memory bus -----------------------------------------------------------
 
 
