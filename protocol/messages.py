@@ -44,6 +44,10 @@ class NodeInfo(msgspec.Struct, kw_only=True):
     boot_time: float = 0.0
     started_at: float = 0.0
     simulated: bool = False
+    # The coordinator public keys this agent accepts desired states from (public facts), so that
+    # a signing-key rotation can check that every node trusts the new key before switching to
+    # it; None: an agent too old to say.
+    trust_keys: list[str] | None = None
 
 
 class SlotProcess(msgspec.Struct, kw_only=True):
@@ -403,6 +407,9 @@ class FenceMarker(msgspec.Struct, kw_only=True):
     holder: str
     time: float = 0.0
     key: str = ""
+    # Signing keys this fleet was rotated away from (``fleetwave auth rotate-signing-key``): a
+    # coordinator with one of them refuses to lead, so two keys never lead by turns.
+    retired: list[str] = []
 
 
 class LeaderRequest(msgspec.Struct, kw_only=True):

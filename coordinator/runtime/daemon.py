@@ -8,8 +8,10 @@ nodes too), subscribes to heartbeats and registrations, serves the API as the NA
 writing verbs forwarded to it), and then owns three tasks until ``stop`` is set:
 
 - *leadership* (``coordinator.runtime.lease``): stand by until this coordinator holds the lease,
-  fence the buckets with its term, and run a ``Runner`` for as long as the lease holds (a lost
-  renewal, or a write refused by a later leader's fence, ends it at once); then stand by again.
+  fence the buckets with its term (after a signing-key rotation, taking over from its previous
+  key and re-signing what that key signed: ``coordinator.core.rotation``), and run a ``Runner``
+  for as long as the lease holds (a lost renewal, or a write refused by a later leader's fence,
+  ends it at once); then stand by again.
   On ``stop`` a leader gives the lease up, so a standby takes over within a poll;
 - the *ticker* lets time pass in the pure node table (``core.fleet``) so that silent nodes
   go offline; not while the coordinator's own connection is down (then the silence is ours), and
@@ -50,6 +52,7 @@ from coordinator.api.rollouts import LiveRollout, RolloutsApi
 from coordinator.api.verbs import HANDLER_TIMEOUT, Api
 from coordinator.core.engine import EngineEvent
 from coordinator.core.fleet import Fleet, Transition
+from coordinator.core.rotation import lead_refusal, retired_after, short
 from coordinator.errors import ConfigError, RemoteError
 from coordinator.releases import resolve_release
 from coordinator.runtime.lease import (
@@ -57,12 +60,13 @@ from coordinator.runtime.lease import (
     Fenced,
     Lease,
     direct_api,
-    fence_keys,
+    fence_markers,
     live_leader,
     new_id,
     ping_subject,
     write_fences,
 )
+from coordinator.runtime.rotation import resign_desired
 from coordinator.runtime.runner import TICK, Runner
 from coordinator.runtime.store import RolloutStore
 from protocol import subjects
@@ -111,7 +115,7 @@ class Coordinator:
     def __init__(
         self, nats_url: str, fleet: str, *, clock: Callable[[], float] = time.time,
         seed: bytes | None = None, replicas: int | None = None,
-        creds: Creds | None = None, tls_ca: str | None = None,
+        creds: Creds | None = None, tls_ca: str | None = None, previous_key: str | None = None,
     ) -> None:
         self.nats_url = nats_url
         self._access: dict[str, Any] = {"creds": creds, "tls_ca": tls_ca}
@@ -131,6 +135,9 @@ class Coordinator:
         # agents trust only if told its public key (API verb ``key``).
         self.seed = seed if seed is not None else generate_seed()
         self.public_key = public_key(self.seed)
+        # The key a signing-key rotation switched away from (``coordinator.core.rotation``): this
+        # coordinator may take over a fleet it fenced, and re-signs the states it signed.
+        self.previous_key = previous_key if previous_key != self.public_key else None
         self.id = new_id()
         self.started = clock()
         self.runner: Runner | None = None  # while this coordinator leads
@@ -167,6 +174,9 @@ class Coordinator:
                 )
                 log.info("signing key %s: start agents with --trust-key %s",
                          self.public_key, self.public_key)
+                if self.previous_key is not None:
+                    log.info("previous signing key %s (a rotation): takes over from it and "
+                             "re-signs what it signed", self.previous_key)
                 await stop.wait()
                 for t in tasks:
                     t.cancel()
@@ -225,12 +235,16 @@ class Coordinator:
         """Refuse to join a fleet whose live leader signs with another key: agents trust the
         keys they were given, so this one's desired states would all be refused."""
         leader = await live_leader(bus)
-        if leader is not None and leader.key and leader.key != self.public_key:
+        if leader is not None and leader.key and leader.key == self.previous_key:
+            log.info("coordinator %s leads with the previous signing key %s: standing by to take "
+                     "over with the new one", leader.holder, short(leader.key))
+        elif leader is not None and leader.key and leader.key != self.public_key:
             raise ConfigError(
                 f"coordinator {leader.holder} ({leader.host} pid {leader.pid}) leads fleet "
                 f"{self.fleet_name!r} with signing key {leader.key[:12]}..., but this one has "
                 f"{self.public_key[:12]}...; give every coordinator of a fleet the same key file "
-                "(--key-file / FLEETWAVE_KEY_FILE), or stop the other one first")
+                "(--key-file / FLEETWAVE_KEY_FILE; after 'fleetwave auth rotate-signing-key "
+                "switch': the new one and KEY.previous), or stop the other one first")
 
     async def _lead_loop(self, bus: Bus) -> None:
         """Stand by, lead while the lease holds, stand by again; see the module docstring."""
@@ -240,20 +254,22 @@ class Coordinator:
             while True:
                 held = await lease.acquire()
                 try:
-                    others = await fence_keys(bus) - {self.public_key}
-                    if others:
+                    markers = await fence_markers(bus)
+                    refusal = lead_refusal(markers, own=self.public_key,
+                                           previous=self.previous_key)
+                    if refusal is not None:
                         await lease.release()
-                        raise ConfigError(
-                            f"the fleet {self.fleet_name!r} was led with signing key "
-                            f"{sorted(others)[0][:12]}..., but this coordinator has "
-                            f"{self.public_key[:12]}... (agents would refuse its states); give "
-                            "every coordinator of a fleet the same key file (--key-file / "
-                            "FLEETWAVE_KEY_FILE)")
-                    fence = await write_fences(bus, term=held.term, holder=self.id,
-                                               now=self._clock(), key=self.public_key)
+                        raise ConfigError(f"fleet {self.fleet_name!r}: {refusal}")
+                    fence = await write_fences(
+                        bus, term=held.term, holder=self.id, now=self._clock(),
+                        key=self.public_key, retired=retired_after(
+                            markers, own=self.public_key, previous=self.previous_key))
+                    if self.previous_key is not None:
+                        await resign_desired(bus, Fenced(bus, fence), seed=self.seed,
+                                             previous={self.previous_key})
                 except BusError as exc:  # Deposed too: a later term fenced first
-                    log.warning("took the lease (term %d) but cannot fence the buckets: %s",
-                                held.term, exc)
+                    log.warning("took the lease (term %d) but cannot fence the buckets (or "
+                                "re-sign the desired states): %s", held.term, exc)
                     await lease.release()
                     await asyncio.sleep(RETRY_LEAD)
                     continue
@@ -312,7 +328,7 @@ class Coordinator:
         out: dict[str, Any] = {"you": self.id, "leading": self.runner is not None}
         if lease is not None:
             out.update(holder=lease.holder, term=lease.term, host=lease.host, pid=lease.pid,
-                       since=lease.since, renewed=lease.renewed, ttl=lease.ttl)
+                       since=lease.since, renewed=lease.renewed, ttl=lease.ttl, key=lease.key)
         return out
 
     async def _load_known(self, bus: Bus) -> None:
