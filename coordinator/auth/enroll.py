@@ -37,7 +37,7 @@ from coordinator.auth import perms, pki
 from coordinator.errors import UsageError
 from protocol import creds as creds_file
 from protocol.errors import ProtocolError
-from protocol.subjects import check_name
+from protocol.subjects import RESERVED_CALLERS, check_name
 
 META = "auth.json"
 USERS = "users.conf"
@@ -122,7 +122,7 @@ class AuthDir:
                 "pick a new directory, or use 'fleetwave auth add-node' on this one"
             )
         check_name("fleet", fleet)
-        check_name("operator", operator)
+        _check_operator(operator)
         when = now or dt.datetime.now(dt.UTC)
         all_names = pki.server_names(names)
         ca = pki.make_ca(fleet, when)
@@ -147,6 +147,8 @@ class AuthDir:
             check_name(role, name)
         except ProtocolError as exc:
             raise UsageError(str(exc)) from None
+        if role == "operator":
+            _check_operator(name)
         if any(u.name == name and u.role == role for u in users):
             raise UsageError(
                 f"{role} {name!r} is already enrolled in {self.path}; revoke it first with "
@@ -186,6 +188,15 @@ class AuthDir:
             "fleet": fleet, "server_names": names,
             "users": [{"role": u.role, "name": u.name, "nkey": u.nkey} for u in users],
         }, indent=2) + "\n")
+
+
+def _check_operator(name: str) -> None:
+    """Refuse the operator names the coordinator records itself as ``who`` (its own decisions,
+    an older CLI's requests), so that on a secure fleet those words mean only that."""
+    check_name("operator", name)
+    if name in RESERVED_CALLERS:
+        raise UsageError(f"operator name {name!r} is reserved: the audit log uses it for the "
+                         "coordinator's own decisions; pick another name")
 
 
 def render_users(fleet: str, users: list[Identity]) -> str:
