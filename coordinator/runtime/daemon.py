@@ -307,6 +307,8 @@ class Coordinator:
             if leader is None or leader.holder == self.id:
                 return _unavailable(f"no coordinator leads fleet {self.fleet_name!r} right now; "
                                     f"a standby takes over within {LEASE_TTL + 1:g}s: try again")
+            log.info("forwarding %s of %s to the leading coordinator %s", verb, caller,
+                     leader.holder)
             try:
                 return await bus.request(direct_api(self.fleet_name, leader.holder, caller, verb),
                                          data, timeout=FORWARD_TIMEOUT)
