@@ -192,7 +192,7 @@ async def test_node_credentials_reach_nothing_of_another_node(tmp_path: Path) ->
             'Publish Violation - Subject "$JS.API.STREAM.INFO.KV_fw-default-locks"',
             'Publish Violation - Subject "$JS.API.STREAM.PURGE.KV_fw-default-desired"',
             'Publish Violation - Subject "fw.default.hb.node-2"',
-            'Publish Violation - Subject "fw.default.api.deploy"',
+            'Publish Violation - Subject "fw.default.api.node-1.deploy"',
         ):
             assert refused in log, refused
         agent2 = await read_text(tmp_path / "fleet" / "logs" / "node-2.log")
