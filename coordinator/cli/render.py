@@ -309,14 +309,14 @@ def rollouts_table(rows: list[dict[str, Any]]) -> Table:
     """The people's view of ``fleetwave rollouts``."""
     table = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("ROLLOUT", "SERVICE", "FROM", "TO", "STRATEGY", "STATE", "NODES", "CREATED",
-                "REASON"):
+                "BY", "REASON"):
         table.add_column(col)
     for r in rows:
         table.add_row(cell(r["id"]), cell(r["service"]), cell(r.get("from_version") or "-"),
                       cell(r["version"]), cell(r["strategy"]), _styled(r["state"]),
                       cell(r.get("nodes", "")),
                       time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.get("created", 0))),
-                      cell(r.get("reason") or ""))
+                      cell(r.get("started_by") or "-"), cell(r.get("reason") or ""))
     return table
 
 
