@@ -104,6 +104,21 @@ class AuthDir:
         except (OSError, ValueError, KeyError, TypeError):
             raise UsageError(f"{meta} is unreadable or damaged; restore it from a backup") from None
 
+    def refresh(self) -> bool:
+        """Rewrite ``users.conf`` from ``auth.json`` if it differs from what this release renders
+        (permissions change between releases: operators' API subjects came to name them); whether
+        it was rewritten. UsageError as ``load``."""
+        fleet, _, users = self.load()
+        want = render_users(fleet, users)
+        path = self.path / USERS
+        try:
+            if path.read_text() == want:
+                return False
+        except OSError:
+            pass  # missing or unreadable: written anew
+        _write(path, want, 0o644)
+        return True
+
     def creds_path(self, role: str, name: str) -> Path:
         if role == "node":
             return self.path / "nodes" / f"{name}.creds"

@@ -113,3 +113,16 @@ def test_the_audit_logs_own_names_are_no_operators(tmp_path: Path, name: str) ->
     d.init("default", (), "admin")
     with pytest.raises(UsageError, match="reserved"):
         d.add("operator", name)
+
+
+def test_refresh_rewrites_users_an_older_release_wrote(tmp_path: Path) -> None:
+    """A users.conf with other permissions (an older release's) is rewritten from auth.json;
+    a current one is left alone."""
+    d = AuthDir(tmp_path / "auth")
+    d.init("default", (), "alice")
+    users = tmp_path / "auth" / "users.conf"
+    current = users.read_text()
+    assert d.refresh() is False and users.read_text() == current
+    users.write_text(current.replace("fw.default.api.alice.*", "fw.default.api.>"))
+    assert d.refresh() is True and users.read_text() == current
+    assert _mode(users) == 0o644
