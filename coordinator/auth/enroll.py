@@ -37,7 +37,7 @@ from coordinator.auth import perms, pki
 from coordinator.errors import UsageError
 from protocol import creds as creds_file
 from protocol.errors import ProtocolError
-from protocol.subjects import check_name
+from protocol.subjects import RESERVED_CALLERS, check_name
 
 META = "auth.json"
 USERS = "users.conf"
@@ -104,6 +104,21 @@ class AuthDir:
         except (OSError, ValueError, KeyError, TypeError):
             raise UsageError(f"{meta} is unreadable or damaged; restore it from a backup") from None
 
+    def refresh(self) -> bool:
+        """Rewrite ``users.conf`` from ``auth.json`` if it differs from what this release renders
+        (permissions change between releases: operators' API subjects came to name them); whether
+        it was rewritten. UsageError as ``load``."""
+        fleet, _, users = self.load()
+        want = render_users(fleet, users)
+        path = self.path / USERS
+        try:
+            if path.read_text() == want:
+                return False
+        except OSError:
+            pass  # missing or unreadable: written anew
+        _write(path, want, 0o644)
+        return True
+
     def creds_path(self, role: str, name: str) -> Path:
         if role == "node":
             return self.path / "nodes" / f"{name}.creds"
@@ -122,7 +137,7 @@ class AuthDir:
                 "pick a new directory, or use 'fleetwave auth add-node' on this one"
             )
         check_name("fleet", fleet)
-        check_name("operator", operator)
+        _check_operator(operator)
         when = now or dt.datetime.now(dt.UTC)
         all_names = pki.server_names(names)
         ca = pki.make_ca(fleet, when)
@@ -147,6 +162,8 @@ class AuthDir:
             check_name(role, name)
         except ProtocolError as exc:
             raise UsageError(str(exc)) from None
+        if role == "operator":
+            _check_operator(name)
         if any(u.name == name and u.role == role for u in users):
             raise UsageError(
                 f"{role} {name!r} is already enrolled in {self.path}; revoke it first with "
@@ -186,6 +203,15 @@ class AuthDir:
             "fleet": fleet, "server_names": names,
             "users": [{"role": u.role, "name": u.name, "nkey": u.nkey} for u in users],
         }, indent=2) + "\n")
+
+
+def _check_operator(name: str) -> None:
+    """Refuse the operator names the coordinator records itself as ``who`` (its own decisions,
+    an older CLI's requests), so that on a secure fleet those words mean only that."""
+    check_name("operator", name)
+    if name in RESERVED_CALLERS:
+        raise UsageError(f"operator name {name!r} is reserved: the audit log uses it for the "
+                         "coordinator's own decisions; pick another name")
 
 
 def render_users(fleet: str, users: list[Identity]) -> str:

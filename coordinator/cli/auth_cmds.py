@@ -70,7 +70,11 @@ def add_node(directory: Path, node_id: str) -> None:
 @click.argument("directory", type=DirArg)
 @click.argument("name")
 def add_operator(directory: Path, name: str) -> None:
-    """Issue credentials for operator NAME (DIRECTORY/operators/NAME.creds)."""
+    """Issue credentials for operator NAME (DIRECTORY/operators/NAME.creds).
+
+    The server lets these credentials call the coordinator's API only as NAME, which the
+    coordinator records as who asked for every change (``fleetwave events``); "coordinator" and
+    "unknown" are reserved for the audit log's own use."""
     path = AuthDir(directory).add("operator", name)
     click.echo(f"{path}: give it to {name} with {directory / CA}; they pass both with --creds "
                "and --tls-ca (or FLEETWAVE_CREDS, FLEETWAVE_TLS_CA)")

@@ -184,7 +184,9 @@ class Broker:
     async def _start_once(self) -> None:
         binary = find_nats_server()
         if self.auth is not None:
-            AuthDir(self.auth).load()  # UsageError (one line) if it is not an auth directory
+            # UsageError (one line) if it is not an auth directory; users.conf is rewritten with
+            # this release's permissions if an older fleetwave wrote it.
+            AuthDir(self.auth).refresh()
         if port_in_use(self.host, self.port):
             raise _PortTaken(
                 f"cannot start the broker: port {self.port} on {self.host} is already in use; "
