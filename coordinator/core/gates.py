@@ -312,8 +312,12 @@ def reads_traffic(gates: Gates) -> bool:
 
 
 def thresholds(gates: Gates) -> dict[str, Any]:
-    return {
+    """The limits for the record and events (the analysis only when it is not the default)."""
+    out: dict[str, Any] = {
         "min_healthy": gates.min_healthy, "max_error_rate": gates.max_error_rate,
         "max_p99_ratio": gates.max_p99_ratio, "max_mismatch_rate": gates.max_mismatch_rate,
-        "min_requests": gates.min_requests, "analysis": gates.analysis, "alpha": gates.alpha,
+        "min_requests": gates.min_requests,
     }
+    if gates.analysis != "threshold":
+        out |= {"analysis": gates.analysis, "alpha": gates.alpha}
+    return out
