@@ -108,15 +108,22 @@ def test_false_rollbacks_stay_below_alpha_when_looking_every_tick() -> None:
     assert crossed / runs <= alpha
 
 
-def test_slow_edge_is_ratio_times_the_reference_p99_and_counts_whole_buckets() -> None:
-    """Old's p99 in bucket 10 and ratio 1.5: slow is every bucket wholly above 1.5 x its bound."""
-    first = seq.slow_edge(hist(b10=1000), 1.5)
-    assert first is not None
-    edge = LATENCY_BOUNDS_MS[10] * 1.5
-    assert LATENCY_BOUNDS_MS[first - 1] >= edge > LATENCY_BOUNDS_MS[first - 2]
-    assert seq.slow(hist(b10=5, **{f"b{first - 1}": 7, f"b{first}": 3}), first) == Counts(3, 15)
-    assert seq.slow_edge([0] * (len(LATENCY_BOUNDS_MS) + 1), 1.5) is None
-    assert seq.edge_ms(first) == LATENCY_BOUNDS_MS[first - 1]
+def test_p99_is_interpolated_inside_its_bucket() -> None:
+    """The reference's p99 lies inside its bucket, log-linearly by its rank; None when empty."""
+    lower, upper = LATENCY_BOUNDS_MS[9], LATENCY_BOUNDS_MS[10]
+    assert seq.p99_ms(hist(b10=1000)) == pytest.approx(lower * (upper / lower) ** 0.99)
+    assert seq.p99_ms(hist(b5=980, b10=20)) == pytest.approx(lower * (upper / lower) ** 0.5)
+    assert seq.p99_ms([0] * (len(LATENCY_BOUNDS_MS) + 1)) is None
+    assert seq.p99_ms(hist(**{f"b{len(LATENCY_BOUNDS_MS)}": 5})) == math.inf
+
+
+def test_slow_counts_whole_buckets_above_the_edge_and_a_share_of_its_own() -> None:
+    """Buckets wholly above the edge count whole; the edge's bucket by its log share above it."""
+    lower, upper = LATENCY_BOUNDS_MS[9], LATENCY_BOUNDS_MS[10]
+    middle = math.sqrt(lower * upper)
+    assert seq.slow(hist(b5=5, b10=10, b20=3), middle) == Counts(3 + 5, 18)
+    assert seq.slow(hist(b5=5, b10=10, b20=3), upper) == Counts(3, 18)
+    assert seq.slow(hist(b5=5), LATENCY_BOUNDS_MS[-1] * 2) == Counts(0, 5)
 
 
 def test_error_verdict_says_the_evidence_in_words() -> None:
