@@ -1,7 +1,7 @@
 """Canary analysis benchmark: threshold gates vs sequential analysis on simulated router counters.
 
 Usage: python tests/perf/bench_analysis.py [--runs 1000] [--seed 18] [--json]
-       [--rates 20,200,2000] [--bake 60] [--weight 10] [--alpha 0.01]
+       [--rates 20,200,2000] [--bake 60] [--weight 10] [--alpha 0.01] [--rise 0.25]
 
 No sockets, no processes: a seeded simulation of one canary wave over what the routers report.
 ``--rates`` is the fleet's request rate (requests/s); ``--weight`` percent of it goes to the new
@@ -15,8 +15,8 @@ Traffic: old answers with 1 % errors and log-normal latency (median 20 ms, sigma
 below: not a regression), and the regressions ``err 1.5%``, ``err 5%``, ``err 50%``,
 ``lat +50%``, ``lat +200ms``.
 
-Both sides get the same operator intent: "a rise of more than a quarter point of errors, or a p99
-more than x1.3 the old's, is a regression"; at least 50 requests. As flags:
+Both sides get the same operator intent: "a rise of more than a quarter point of errors (``--rise``
+points), or a p99 more than x1.3 the old's, is a regression"; at least 50 requests. As flags:
 - threshold (the real ``core.gates.evaluate``, at the bake's end): --max-error-rate 1.25%
   (a ceiling: old's 1 % plus the tolerance) --max-p99-ratio 1.3 --min-requests 50;
 - sequential (the real ``core.sequential.evaluate``, on every 2 s report, pass only at the end):
@@ -53,8 +53,8 @@ TICK = 2.0  # agent.manager.service.STATS_EVERY
 HISTORY = 300.0  # seconds of old traffic before the bake
 OLD_ERRORS = 0.01
 MEDIAN_MS, SIGMA = 20.0, 0.5
-THRESHOLD = Gates(max_error_rate=0.0125, max_p99_ratio=1.3, min_requests=50)
-TOLERATED_RISE = 0.0025
+RATIO = 1.3
+MIN_REQUESTS = 50
 
 
 @dataclass(frozen=True)
@@ -159,8 +159,9 @@ def per_tick(rng: random.Random, rate: float) -> int:
 
 def run(rng: random.Random, sc: Scenario, rate: float, args: argparse.Namespace,
         old_probs: Sequence[tuple[int, float]], new_probs: Sequence[tuple[int, float]],
-        seq_gates: Gates) -> tuple[Decision, Decision]:
+        gates: tuple[Gates, Gates]) -> tuple[Decision, Decision]:
     """One canary wave: (threshold's decision, sequential's), on the same counters."""
+    threshold, seq_gates = gates
     share = args.weight / 100.0
     history = Slot()
     history.serve(rng, round(rate * HISTORY), OLD_ERRORS, old_probs)
@@ -179,7 +180,7 @@ def run(rng: random.Random, sc: Scenario, rate: float, args: argparse.Namespace,
                 seq = Decision(v.outcome, t * TICK, new.requests)
     assert seq is not None
     fig = gatelib.figures(1, 1, [new.window()], [old.window()])
-    th = gatelib.evaluate(THRESHOLD, fig)
+    th = gatelib.evaluate(threshold, fig)
     return Decision(th.outcome, ticks * TICK, new.requests), seq
 
 
@@ -237,22 +238,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bake", type=float, default=60.0, help="seconds")
     ap.add_argument("--weight", type=float, default=10.0, help="percent to the new release")
     ap.add_argument("--alpha", type=float, default=0.01)
+    ap.add_argument("--rise", type=float, default=0.25,
+                    help="tolerated error-rate rise in points over old's 1%%")
     ap.add_argument("--json", action="store_true", help="one JSON document instead of text")
     args = ap.parse_args(argv)
-    seq_gates = Gates(analysis="sequential", alpha=args.alpha, max_error_rate=TOLERATED_RISE,
-                      max_p99_ratio=1.3, min_requests=50)
+    rise = args.rise / 100.0
+    gates = (Gates(max_error_rate=OLD_ERRORS + rise, max_p99_ratio=RATIO,
+                   min_requests=MIN_REQUESTS),
+             Gates(analysis="sequential", alpha=args.alpha, max_error_rate=rise,
+                   max_p99_ratio=RATIO, min_requests=MIN_REQUESTS))
     rng = random.Random(args.seed)
     old_probs = bucket_probabilities(lognormal_cdf)
     results: list[dict[str, Any]] = []
     for rate in (float(r) for r in args.rates.split(",")):
         if not args.json:
             print(f"\n{rate:g} requests/s, {args.weight:g}% to the canary, bake {args.bake:g}s, "
-                  f"{args.runs} runs each")
+                  f"{args.runs} runs each; tolerated: +{args.rise:g} points of errors, p99 "
+                  f"x{RATIO:g}")
         for sc in SCENARIOS:
             new_probs = bucket_probabilities(sc.latency)
             th, sq = [], []
             for _ in range(args.runs):
-                a, b = run(rng, sc, rate, args, old_probs, new_probs, seq_gates)
+                a, b = run(rng, sc, rate, args, old_probs, new_probs, gates)
                 th.append(a)
                 sq.append(b)
             row: dict[str, Any] = {"rate": rate, "scenario": sc.name, "regression": sc.regression,
