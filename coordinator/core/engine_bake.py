@@ -35,6 +35,9 @@ from protocol.messages import WaveRecord
 # How long past its end a bake waits for router counters that cover it (window_covers_bake)
 # before its gates judge what they have; agents read the counters every 2 s.
 STATS_GRACE = 10.0
+# Sequential analysis weighs the evidence at most this often (the runner's tick): the agents of a
+# big wave report one by one, and each weighing reads every node and persists the record.
+EVIDENCE_EVERY = 0.2
 
 
 class Bake:
@@ -113,13 +116,16 @@ class Bake:
                 if n in self.step.r.nodes and o.router is not None]
         mark = [sum(x.time for x in seen),
                 sum(t.requests for x in seen for t in x.slots.values())]
-        if wave.gates.get("evidence_mark") == mark:
+        last = wave.gates.get("evidence_at")
+        if wave.gates.get("evidence_mark") == mark or (
+                isinstance(last, (int, float)) and self.step.now < last + EVIDENCE_EVERY):
             return
         verdict = self.verdict(wave, over=False)
         if verdict.outcome == "fail":
             self.conclude(wave, verdict)
         else:
-            wave.gates = verdict.figures | {"outcome": "baking", "evidence_mark": mark}
+            wave.gates = verdict.figures | {"outcome": "baking", "evidence_mark": mark,
+                                            "evidence_at": self.step.now}
 
     def conclude(self, wave: WaveRecord, verdict: gatelib.Verdict) -> None:
         """Act on the gates' verdict: the next wave, ``on_failure``, or a pause."""

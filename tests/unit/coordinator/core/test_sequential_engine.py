@@ -4,6 +4,7 @@ first report that carries the evidence, mid-bake; a pass still waits for the bak
 from __future__ import annotations
 
 from coordinator.core.engine import Command, ObservedChanged, Rollout, Start, Tick
+from coordinator.core.engine_bake import EVIDENCE_EVERY
 from protocol.messages import Gates, RouterStats
 from protocol.testing import desired, report, router_stats
 from tests.unit.coordinator.kit import events, kinds, rollout, writes
@@ -20,12 +21,18 @@ def started(r: Rollout, t: float = 1.0) -> None:
     assert r.record.waves[0].state == "baking"
 
 
-def counters(r: Rollout, t: float, new: RouterStats, old: RouterStats) -> list[Command]:
-    """node-1 (the wave) reports ``new``, node-2 ``old``, both read at ``t``."""
+def reported(r: Rollout, t: float, new: RouterStats, old: RouterStats) -> list[Command]:
+    """node-2 reports ``old``, then node-1 (the wave) ``new``, both read at ``t``."""
     (target,) = [p.target for p in r.record.nodes.values() if p.node == "node-1"]
     assert target is not None
-    r.handle(ObservedChanged("node-2", report(desired("node-2"), t, old)), t)
-    return r.handle(ObservedChanged("node-1", report(target, t, new)), t)
+    cmds = r.handle(ObservedChanged("node-2", report(desired("node-2"), t, old)), t)
+    return cmds + r.handle(ObservedChanged("node-1", report(target, t, new)), t)
+
+
+def counters(r: Rollout, t: float, new: RouterStats, old: RouterStats) -> list[Command]:
+    """``reported``, and the runner's next tick (the evidence is weighed once a tick)."""
+    cmds = reported(r, t, new, old)
+    return cmds + r.handle(Tick(), t + EVIDENCE_EVERY)
 
 
 def test_a_bad_release_fails_on_the_first_report_with_the_evidence_in_words() -> None:
@@ -91,3 +98,17 @@ def test_too_little_clean_traffic_is_inconclusive_at_the_end() -> None:
     r.handle(Tick(), 11.5)
     assert r.state == "paused"
     assert "too little data to rule out the regression" in r.record.reason
+
+
+def test_the_evidence_is_weighed_on_new_counters_at_most_once_a_tick() -> None:
+    """A wave's agents report one by one: the first new report is weighed at once, the next
+    within EVIDENCE_EVERY on the tick after it; the same counters again weigh nothing."""
+    r = rollout(2, bake=60.0, gates=SEQ)
+    started(r)
+    cmds = reported(r, 3.0, router_stats(at=3.0, a=(5000, 0, 10), b=(60, 31, 10)),
+                    router_stats(at=3.0, a=(5600, 0, 10)))
+    first = dict(r.record.waves[0].gates)
+    assert kinds(cmds) == [] and first["requests"] == 0 and first["evidence_at"] == 3.0
+    assert r.handle(Tick(), 3.0 + EVIDENCE_EVERY / 2) == []
+    cmds = r.handle(Tick(), 3.0 + EVIDENCE_EVERY)
+    assert "gate.failed" in kinds(cmds) and r.record.waves[0].gates["requests"] == 60
