@@ -193,3 +193,10 @@ def test_e_text_is_short() -> None:
     """e-values read as 2.1e5, 370, 37, 0.52."""
     assert [seq.e_text(x) for x in (2.1e5, 370.2, 37.3, 0.523, 3e-4, math.inf)] == \
         ["2.1e5", "370", "37", "0.52", "3.0e-4", "inf"]
+
+
+def test_a_tolerance_of_everything_does_not_crash_the_engine() -> None:
+    """A record with --max-error-rate 100% (refused at deploy) is judged, not raised on."""
+    gates = Gates(analysis="sequential", max_error_rate=1.0)
+    v = seq.evaluate(gates, figures(1, 1, [Window(60, 60)], [Window(600, 0)]), over=True)
+    assert v.outcome == "inconclusive"
