@@ -227,8 +227,10 @@ def line(name: str, s: dict[str, Any]) -> str:
     rate = (f"false rollback {s['false_rollback']:6.1%} [{s['false_rollback_ci'][0]:.1%}, "
             f"{s['false_rollback_ci'][1]:.1%}]" if "false_rollback" in s
             else f"missed {s['missed']:6.1%}{'':17}")
+    # Of a bad release, every request it answered before the decision is a user exposed to it.
+    what = "exposed " if "missed" in s else "requests"
     return (f"  {name:10} fail {s['fail']:6.1%} pass {s['pass']:6.1%} inconcl "
-            f"{s['inconclusive']:6.1%}  {rate}  requests p50 {s['requests_p50']:7.0f} p95 "
+            f"{s['inconclusive']:6.1%}  {rate}  {what} p50 {s['requests_p50']:7.0f} p95 "
             f"{s['requests_p95']:7.0f}  seconds p50 {s['seconds_p50']:4.0f} p95 "
             f"{s['seconds_p95']:4.0f}")
 
