@@ -259,6 +259,11 @@ class Gates(msgspec.Struct, kw_only=True):
     max_p99_ratio: float | None = None  # p99(new) / p99(old) over the same window
     max_mismatch_rate: float | None = None  # shadow only
     min_requests: int | None = None  # fewer → inconclusive → paused
+    # How error rate and p99 ratio are judged: "threshold" compares the bake window's figures
+    # with the limits at its end; "sequential" weighs the evidence on every router report
+    # (coordinator.core.sequential), failing at once when it crosses 1/alpha.
+    analysis: Literal["threshold", "sequential"] = "threshold"
+    alpha: float = 0.01  # sequential: the false-rollback probability allowed
 
 
 class RolloutSpec(msgspec.Struct, kw_only=True):

@@ -132,9 +132,13 @@ def gates_text(gates: dict[str, Any]) -> str:
         bits.append(f"mirror {gates.get('mismatched', 0)}/{gates.get('compared', 0)} mismatched"
                     + _limit(th, "max_mismatch_rate",
                              f"max {_pct(th.get('max_mismatch_rate'))}"))
+    if th.get("analysis") == "sequential":
+        bits.append(f"sequential, alpha {th.get('alpha')}")
     reasons = gates.get("reasons") or []
     if reasons:
         bits.append("; ".join(str(r) for r in reasons))
+    elif gates.get("evidence"):  # a pass, or the evidence so far during the bake
+        bits.append("; ".join(str(e) for e in gates["evidence"]))
     return safe(", ".join(b for b in bits if b))
 
 
@@ -157,6 +161,8 @@ def pending_gates_text(st: dict[str, Any]) -> str:
         bits.append(f"p99 max x{th['max_p99_ratio']:g}")
     if th.get("max_mismatch_rate") is not None:
         bits.append(f"mirror max {_pct(th['max_mismatch_rate'])}")
+    if bits and th.get("analysis") == "sequential":
+        bits.append(f"sequential, alpha {th.get('alpha')}")
     if not bits:
         return ""
     bake = st.get("bake")

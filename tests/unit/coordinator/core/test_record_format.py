@@ -32,7 +32,8 @@ CASES: dict[str, dict[str, Any]] = json.loads(
 # Fields added to the record since records_v1 was written, each after the field it follows, with
 # the default an old record decodes to: re-encoding writes them, and nothing else may differ.
 ADDED = [('"on_failure":"rollback"', '"on_node_lost":"fail"'),
-         ('"on_failure":"pause"', '"on_node_lost":"fail"')]
+         ('"on_failure":"pause"', '"on_node_lost":"fail"'),
+         ('"min_requests":null', '"analysis":"threshold","alpha":0.01')]  # issue 18
 
 
 # ... and at the end of the record (issue 13): the events not yet acknowledged by the stream
