@@ -26,6 +26,7 @@ import asyncio
 import base64
 import contextlib
 import copy
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -49,7 +50,7 @@ from nats.micro import add_service
 from nats.micro.service import EndpointConfig, ServiceConfig
 
 from protocol import subjects
-from protocol.creds import Creds
+from protocol.creds import Creds, expired
 from protocol.errors import (
     AccessDenied,
     BusError,
@@ -240,6 +241,9 @@ def _denied(
                 "violation); pass the file 'fleetwave auth' made for you with --creds (or "
                 "FLEETWAVE_CREDS)"
             )
+        lapsed = expired(creds, dt.datetime.now(dt.UTC))
+        if lapsed is not None:  # the broker left them out of its users at their expiry
+            return AccessDenied(f"the server at {where} refused us: {lapsed}")
         return AccessDenied(
             f"the server at {where} refused the {creds.role} {creds.name!r} credentials "
             "(authorization violation): they are revoked or another fleet's; get new ones "

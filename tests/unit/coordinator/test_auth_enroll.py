@@ -1,8 +1,10 @@
 """coordinator.auth: a trust root with private files 0600, enrollment and revocation rewrite
-the server's users, and a node's permissions name only its own keys and inbox."""
+the server's users, expired identities leave them (renewal brings them back), and a node's
+permissions name only its own keys and inbox."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import stat
 from pathlib import Path
@@ -10,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from coordinator.auth import perms
-from coordinator.auth.enroll import AuthDir
+from coordinator.auth.enroll import AuthDir, next_expiry, parse_lifetime
 from coordinator.errors import UsageError
+from protocol import creds as creds_file
 
 
 def _mode(p: Path) -> int:
@@ -62,3 +65,65 @@ def test_a_node_may_touch_only_its_own_keys() -> None:
                    for s in subjects)
     op = perms.operator("default", "alice")
     assert "$KV.fw-default-desired.>" in op["publish"]["deny"]
+
+
+T0 = dt.datetime(2027, 1, 1, 12, 0, tzinfo=dt.UTC)
+
+
+def _auth(tmp_path: Path) -> AuthDir:
+    d = AuthDir(tmp_path / "auth")
+    d.init("default", (), "alice", now=T0)
+    return d
+
+
+def test_an_expired_user_is_left_out_of_the_servers_users(tmp_path: Path) -> None:
+    """users.conf rendered after a node's expiry lacks its key (a comment says why), keeps
+    everyone else's, and prune says whom it left out and that the file changed once."""
+    d = _auth(tmp_path)
+    path = d.add("node", "node-3", dt.timedelta(seconds=5), now=T0)
+    d.add("node", "node-4", now=T0)
+    assert creds_file.load(path, now=T0).expires == T0 + dt.timedelta(seconds=5)
+    _, _, users = d.load()
+    n3 = next(u for u in users if u.name == "node-3")
+    assert n3.expires == T0 + dt.timedelta(seconds=5)
+    assert n3.nkey in (d.path / "users.conf").read_text()
+    assert next_expiry(users, T0) == n3.expires
+    expired, changed = d.prune(now=T0 + dt.timedelta(seconds=5))
+    text = (d.path / "users.conf").read_text()
+    assert [u.name for u in expired] == ["node-3"] and changed
+    assert n3.nkey not in text and "# node node-3: expired at 2027-01-01T12:00:05Z" in text
+    assert next(u.nkey for u in users if u.name == "node-4") in text
+    assert next_expiry(users, T0 + dt.timedelta(seconds=5)) is None
+    assert d.prune(now=T0 + dt.timedelta(seconds=6)) == (expired, False)
+
+
+def test_renew_keeps_the_key_or_issues_a_new_one(tmp_path: Path) -> None:
+    """renew moves the expiry in auth.json and the file, with the same seed; --new-key gives a
+    new seed whose key replaces the old one in users.conf; an unknown name is one line."""
+    d = _auth(tmp_path)
+    path = d.add("node", "node-3", dt.timedelta(seconds=5), now=T0)
+    before = creds_file.parse(path.read_text(), "x")
+    later = T0 + dt.timedelta(hours=1)
+    same = d.renew("node-3", dt.timedelta(days=30), now=later)
+    after = creds_file.parse(path.read_text(), "x")
+    assert after.seed == before.seed and after.expires == later + dt.timedelta(days=30)
+    assert same.nkey in (d.path / "users.conf").read_text()
+    fresh = d.renew("node-3", None, new_key=True, now=later)
+    text = (d.path / "users.conf").read_text()
+    assert fresh.nkey != same.nkey and fresh.nkey in text and same.nkey not in text
+    assert creds_file.parse(path.read_text(), "x").expires is None
+    path.unlink()
+    with pytest.raises(UsageError, match="--new-key"):
+        d.renew("node-3", None, now=later)
+    with pytest.raises(UsageError, match="no node or operator named"):
+        d.renew("node-9", None, now=later)
+
+
+def test_lifetimes_take_days_and_refuse_nonsense() -> None:
+    """--expires takes '90d', '1d12h' and plain durations; a bare number or 0 is one line."""
+    assert parse_lifetime("90d") == dt.timedelta(days=90)
+    assert parse_lifetime("1d12h") == dt.timedelta(days=1, hours=12)
+    assert parse_lifetime("30s") == dt.timedelta(seconds=30)
+    for bad in ("5", "0s", "9999d", "d"):
+        with pytest.raises(UsageError, match="--expires"):
+            parse_lifetime(bad)
