@@ -31,7 +31,13 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-from coordinator.auth.enroll import USERS, AuthDir, broker_block, next_expiry
+from coordinator.auth.enroll import (
+    USERS,
+    AuthDir,
+    broker_block,
+    check_serves_routes,
+    next_expiry,
+)
 from coordinator.dev.cluster import ClusterSpec, render_cluster
 from coordinator.errors import BrokerError, UsageError
 
@@ -110,7 +116,7 @@ jetstream {{
   sync_interval: always
   max_memory_store: 256MB
 }}
-""" + (render_cluster(cluster) if cluster is not None else "") + (
+""" + (render_cluster(cluster, auth) if cluster is not None else "") + (
         broker_block(auth, store_dir) if auth is not None else "")
 
 
@@ -191,6 +197,8 @@ class Broker:
         if self.auth is not None:
             # Whoever expired while no broker watched is left out before the server starts.
             self._prune()  # UsageError (one line) if it is not an auth directory
+            if self.cluster is not None:
+                check_serves_routes(self.auth)
         if port_in_use(self.host, self.port):
             raise _PortTaken(
                 f"cannot start the broker: port {self.port} on {self.host} is already in use; "
@@ -202,6 +210,8 @@ class Broker:
                 "already in use; stop what holds it or pick another with --cluster-listen")
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self._conf = self.store_dir / "nats-server.conf"
+        self._conf.touch(mode=0o600)  # with --auth it holds the route password
+        self._conf.chmod(0o600)
         self._conf.write_text(
             render_config(
                 host=self.host,

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.auth import perms
-from coordinator.auth.enroll import AuthDir, next_expiry, parse_lifetime
+from coordinator.auth import perms, pki
+from coordinator.auth.enroll import AuthDir, next_expiry, parse_lifetime, route_password
+from coordinator.dev.cluster import ClusterSpec, render_cluster
 from coordinator.errors import UsageError
 from protocol import creds as creds_file
 
@@ -127,3 +128,19 @@ def test_lifetimes_take_days_and_refuse_nonsense() -> None:
     for bad in ("5", "0s", "9999d", "d"):
         with pytest.raises(UsageError, match="--expires"):
             parse_lifetime(bad)
+
+
+def test_a_secure_members_routes_need_mutual_tls_and_the_route_user(tmp_path: Path) -> None:
+    """With an auth directory a member's cluster block verifies the peer's certificate
+    against the fleet's CA and asks a route user, whose password (from the server key, the
+    same on every broker) is in each route URL; the server certificate may serve routes."""
+    d = _auth(tmp_path)
+    spec = ClusterSpec("fw-2", "127.0.0.1", 6223, ("nats-route://127.0.0.1:6222",))
+    conf = render_cluster(spec, d.path)
+    password = route_password(d.path)
+    assert password == route_password(d.path) and len(password) == 64
+    assert "verify: true" in conf and f'ca_file: "{d.path.absolute() / "ca.pem"}"' in conf
+    assert f'user: "fleetwave-route"\n    password: "{password}"' in conf
+    assert f'"nats-route://fleetwave-route:{password}@127.0.0.1:6222"' in conf
+    assert pki.serves_routes((d.path / "server.pem").read_bytes())
+    assert password not in render_cluster(spec)
