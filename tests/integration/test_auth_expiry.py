@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from coordinator.auth.enroll import CA
+from coordinator.auth.enroll import CA, AuthDir
 from coordinator.dev.cluster import monitor_get
 from coordinator.dev.devfleet import DevFleet
 from protocol import creds as creds_file
@@ -110,3 +110,39 @@ async def test_an_expired_operator_gets_one_line(tmp_path: Path) -> None:
         assert code == 2 and len(lines) == 1, err
         assert "operator bob expired at" in err and "auth renew DIR bob" in err
         assert "Traceback" not in out + err
+
+
+async def test_an_agent_started_before_the_broker_reloaded_comes_up(tmp_path: Path) -> None:
+    """An agent whose key the broker does not know yet (enrolled, users.conf not reloaded) is
+    refused at first: it says once that it retries, and comes up by itself, without a restart,
+    once the broker has loaded the new users."""
+    async with DevFleet(tmp_path / "fleet", agents=1, heartbeat_interval=0.5, secure=True,
+                        subnet=SUBNET) as fleet:
+        d = fleet.auth_dir
+        assert d is not None
+        users = d / "users.conf"
+        before = users.read_text()
+        AuthDir(d).add("node", "node-4")
+        _replace(users, before)  # the broker still serves the users without node-4
+        agent = spawn_agent(fleet.nats_url, "node-4", tmp_path, interval=0.5, extra=[
+            "--creds", str(d / "nodes" / "node-4.creds"), "--tls-ca", str(d / CA),
+            "--bind-host", f"{SUBNET}.4"])
+        async with reaping(agent):
+            await wait_until(lambda: read_text(agent.log_path),
+                             lambda t: "retrying for up to" in t, timeout=20,
+                             what="node-4's agent refused and retrying")
+            assert agent.running
+            AuthDir(d).prune()  # users.conf with node-4 again: the broker reloads it
+            await wait_until(lambda: _agent_conns(fleet),
+                             lambda c: "fleetwave-agent-node-4" in c, timeout=20,
+                             what="node-4's agent connected after the reload")
+            log = await read_text(agent.log_path)
+            assert log.count("retrying for up to") == 1 and "Traceback" not in log, log
+            assert agent.running
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write ``path`` whole at once (the broker may read it any moment)."""
+    tmp = path.with_name(f".{path.name}.test")
+    tmp.write_text(text)
+    tmp.replace(path)
