@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from coordinator.auth import perms, pki
-from coordinator.auth.enroll import AuthDir, next_expiry, parse_lifetime, route_password
+from coordinator.auth.enroll import (
+    AuthDir,
+    check_serves_routes,
+    next_expiry,
+    parse_lifetime,
+    route_password,
+)
 from coordinator.dev.cluster import ClusterSpec, render_cluster
 from coordinator.errors import UsageError
 from protocol import creds as creds_file
@@ -144,3 +150,27 @@ def test_a_secure_members_routes_need_mutual_tls_and_the_route_user(tmp_path: Pa
     assert f'"nats-route://fleetwave-route:{password}@127.0.0.1:6222"' in conf
     assert pki.serves_routes((d.path / "server.pem").read_bytes())
     assert password not in render_cluster(spec)
+
+
+def test_a_trust_root_from_before_secured_routes_is_refused_for_a_cluster(
+        tmp_path: Path) -> None:
+    """A server certificate naming serverAuth alone (as made before routes were secured)
+    cannot serve routes: a secure cluster is refused in one line saying what to do."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    d = _auth(tmp_path)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    old = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+           .public_key(key.public_key()).serial_number(1)
+           .not_valid_before(T0).not_valid_after(T0 + dt.timedelta(days=1))
+           .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                          critical=False)
+           .sign(key, hashes.SHA256()))
+    (d.path / "server.pem").write_bytes(old.public_bytes(serialization.Encoding.PEM))
+    with pytest.raises(UsageError, match="made before brokers secured their routes") as info:
+        check_serves_routes(d.path)
+    assert "\n" not in str(info.value)
