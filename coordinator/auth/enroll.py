@@ -64,6 +64,10 @@ CA, CA_KEY = "ca.pem", "ca-key.pem"
 SERVER, SERVER_KEY = "server.pem", "server-key.pem"
 COORDINATOR = "coordinator"
 LOCK = ".lock"
+# A user no one holds (its seed was thrown away when this constant was made), allowed nothing.
+# users.conf always lists it: with every identity expired or revoked an empty users list would
+# turn nats-server's authorization off and let anyone in.
+NOBODY = "UBZTXX5WHESF32AKQHIXHQOHREBEW5QW2OF5HNVVVDS2HHTYDS334G7Z"
 MAX_LIFETIME = dt.timedelta(days=3660)
 _DAYS = re.compile(r"^(\d+)d(.*)$")
 
@@ -338,7 +342,9 @@ def render_users(fleet: str, users: list[Identity], now: dt.datetime) -> str:
         p = json.dumps(perms.for_identity(fleet, u.role, u.name))
         lines.append(f"    # {u.role} {u.name}{until}")
         lines.append(f'    {{ nkey: "{u.nkey}", permissions: {p} }}')
-    lines += ["  ]", "}", ""]
+    nothing = json.dumps({"publish": {"deny": [">"]}, "subscribe": {"deny": [">"]}})
+    lines += ["    # no one: keeps authorization on when no identity is left",
+              f'    {{ nkey: "{NOBODY}", permissions: {nothing} }}', "  ]", "}", ""]
     return "\n".join(lines)
 
 

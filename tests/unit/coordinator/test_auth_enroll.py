@@ -13,6 +13,7 @@ import pytest
 
 from coordinator.auth import perms, pki
 from coordinator.auth.enroll import (
+    NOBODY,
     AuthDir,
     check_serves_routes,
     next_expiry,
@@ -174,3 +175,17 @@ def test_a_trust_root_from_before_secured_routes_is_refused_for_a_cluster(
     with pytest.raises(UsageError, match="made before brokers secured their routes") as info:
         check_serves_routes(d.path)
     assert "\n" not in str(info.value)
+
+
+def test_with_every_identity_expired_the_users_are_never_empty(tmp_path: Path) -> None:
+    """An empty users list would switch nats-server's authorization off (tried: a client
+    without credentials got in): users.conf always keeps a user no one holds, allowed
+    nothing."""
+    d = _auth(tmp_path)
+    d.revoke("alice", now=T0)
+    d.renew("coordinator", dt.timedelta(seconds=1), now=T0)
+    d.prune(now=T0 + dt.timedelta(seconds=1))
+    text = (d.path / "users.conf").read_text()
+    users = [ln for ln in text.splitlines() if ln.strip().startswith("{ nkey")]
+    assert users == [f'    {{ nkey: "{NOBODY}", permissions: {{"publish": {{"deny": [">"]}}, '
+                     '"subscribe": {"deny": [">"]}} }']
