@@ -31,13 +31,8 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-from coordinator.auth.enroll import (
-    USERS,
-    AuthDir,
-    broker_block,
-    check_serves_routes,
-    next_expiry,
-)
+from coordinator.auth.enroll import USERS, AuthDir, broker_block, next_expiry
+from coordinator.auth.routes import check_serves_routes
 from coordinator.dev.cluster import ClusterSpec, render_cluster
 from coordinator.errors import BrokerError, UsageError
 

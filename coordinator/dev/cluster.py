@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from coordinator.auth.enroll import cluster_block, secure_route
+from coordinator.auth.routes import cluster_block, secure_route
 from coordinator.errors import BrokerError, UsageError
 
 if TYPE_CHECKING:  # broker.py imports this module for ClusterSpec

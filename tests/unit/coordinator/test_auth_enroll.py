@@ -15,11 +15,10 @@ from coordinator.auth import perms, pki
 from coordinator.auth.enroll import (
     NOBODY,
     AuthDir,
-    check_serves_routes,
     next_expiry,
     parse_lifetime,
-    route_password,
 )
+from coordinator.auth.routes import check_serves_routes, route_password
 from coordinator.dev.cluster import ClusterSpec, render_cluster
 from coordinator.errors import UsageError
 from protocol import creds as creds_file
