@@ -43,7 +43,15 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from perf_support import SUBNET, cpu_seconds, emit, peak_rss_mb, ratio_rows, rss_mb
+from perf_support import (
+    SUBNET,
+    add_secure_flags,
+    cpu_seconds,
+    emit,
+    peak_rss_mb,
+    ratio_rows,
+    rss_mb,
+)
 
 from coordinator.dev.devfleet import DevFleet
 from coordinator.dev.examples import assembled
@@ -201,11 +209,8 @@ async def main() -> int:
                     help="health probe interval written into copies of the example manifests "
                          "(default: the examples' own: 1s, 200ms while starting)")
     ap.add_argument("--json", action="store_true")
-    how = ap.add_mutually_exclusive_group()
-    how.add_argument("--secure", action="store_true",
-                     help="TLS and per-process credentials (dev up --secure)")
-    how.add_argument("--compare", action="store_true",
-                     help="plain, then with TLS and auth; print both and the ratios")
+    add_secure_flags(ap, "TLS and per-process credentials (dev up --secure)",
+                     "plain, then with TLS and auth; print both and the ratios")
     args = ap.parse_args()
     results = []
     for secure in [False, True] if args.compare else [args.secure]:

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from perf_support import (
     Profile,
     SimFleet,
+    add_secure_flags,
     bus_floor,
     cpu_seconds,
     emit,
@@ -142,11 +143,8 @@ async def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs) of each run")
     ap.add_argument("--profile", type=Path, default=None, metavar="DIR",
                     help="py-spy record the coordinator during each measured rollout into DIR")
-    how = ap.add_mutually_exclusive_group()
-    how.add_argument("--secure", action="store_true",
-                     help="TLS and nkey users (fleetwave auth) for every client")
-    how.add_argument("--compare", action="store_true",
-                     help="each size plain, then with TLS and auth; print both and the ratios")
+    add_secure_flags(ap, "TLS and nkey users (fleetwave auth) for every client",
+                     "each size plain and with TLS and auth; print both and the ratios")
     args = ap.parse_args()
     results = []
     for k, n in enumerate(int(x) for x in args.nodes.split(",")):

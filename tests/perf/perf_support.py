@@ -494,6 +494,14 @@ def print_table(title: str, rows: list[tuple[str, str]]) -> None:
         print(f"  {k:<{width}}  {v}")
 
 
+def add_secure_flags(ap: Any, secure: str, compare: str) -> None:
+    """``--secure`` (TLS and authentication) and ``--compare`` (plain and secure in one run),
+    one or the other, on a benchmark's argparse parser; the helps say what each runs."""
+    how = ap.add_mutually_exclusive_group()
+    how.add_argument("--secure", action="store_true", help=secure)
+    how.add_argument("--compare", action="store_true", help=compare)
+
+
 def ratio_rows(plain: dict[str, Any], secure: dict[str, Any],
                fields: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
     """Rows ``label: plain X, TLS+auth Y (Z x)`` for each (label, key, unit) in ``fields``:
