@@ -90,6 +90,19 @@ def render(creds: Creds) -> str:
     )
 
 
+WARN_BEFORE = dt.timedelta(days=14)
+
+
+def expiring(creds: Creds, now: dt.datetime, within: dt.timedelta = WARN_BEFORE) -> str | None:
+    """A warning (one line) when ``creds`` expire within ``within`` of ``now``, else None."""
+    if creds.expires is None or not now < creds.expires <= now + within:
+        return None
+    hours = (creds.expires - now).total_seconds() / 3600
+    when = f"{hours / 24:.0f} days" if hours >= 48 else f"{hours:.0f} hours"
+    return (f"credentials of {creds.role} {creds.name} expire at {format_time(creds.expires)} "
+            f"(in {when}); renew them before then with 'fleetwave auth renew DIR {creds.name}'")
+
+
 def expired(creds: Creds, now: dt.datetime) -> str | None:
     """Why ``creds`` can no longer be used at ``now`` (one line, with how to renew), or None."""
     if creds.expires is None or now < creds.expires:

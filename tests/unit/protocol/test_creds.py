@@ -71,3 +71,15 @@ def test_a_bad_expiry_is_one_line() -> None:
         text = f"# fleet: f\n# role: node\n# name: n\n# expires: {bad}\n{SEED}\n"
         with pytest.raises(ProtocolError, match="x: expires"):
             creds.parse(text, "x")
+
+
+def test_credentials_near_their_expiry_get_a_warning() -> None:
+    """Within two weeks of the expiry there is a one-line warning with the time left and the
+    renew command; earlier, later, or without an expiry there is none."""
+    c = creds.Creds("default", "node", "node-3", SEED, expires=NOON)
+    assert creds.expiring(c, NOON - dt.timedelta(days=15)) is None
+    warn = creds.expiring(c, NOON - dt.timedelta(days=5))
+    assert warn is not None and "(in 5 days)" in warn and "auth renew DIR node-3" in warn
+    assert "(in 3 hours)" in str(creds.expiring(c, NOON - dt.timedelta(hours=3)))
+    assert creds.expiring(c, NOON) is None
+    assert creds.expiring(creds.Creds("default", "node", "n", SEED), NOON) is None
