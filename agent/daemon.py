@@ -85,6 +85,7 @@ class AgentOptions:
     edge: Edge = field(default_factory=Edge)  # every router's public-port limits
     creds: Creds | None = None  # this node's identity on the bus (fleetwave auth add-node)
     tls_ca: str | None = None  # the fleet's CA: TLS on
+    trust_keys: tuple[str, ...] = ()  # coordinator keys whose desired states are accepted
 
 
 class Agent:
@@ -110,6 +111,7 @@ class Agent:
             facts=host_facts(),
             bind_host=options.bind_host,
             started_at=self._started_at,
+            trust_keys=options.trust_keys,
         )
 
     @property

@@ -181,7 +181,8 @@ FLAGS: tuple[Flag, ...] = (
          "use short ones).", _interval, default=str(presence.DEFAULT_INTERVAL),
          env="FLEETWAVE_HEARTBEAT_INTERVAL", metavar="FLOAT", hidden=True),
     Flag(("--trust-key",), "trust_keys", "Public key of a coordinator whose desired states to "
-         "accept (repeatable; env FLEETWAVE_TRUST_KEYS, space-separated).", _trust_keys,
+         "accept (repeatable; env FLEETWAVE_TRUST_KEYS, space-separated). The node's "
+         "registration says which, for 'fleetwave auth rotate-signing-key'.", _trust_keys,
          default=(), env="FLEETWAVE_TRUST_KEYS", metavar="KEY", repeat=True),
     Flag(("--service-user",), "service_user", "Run services, their hooks and probes, and the "
          "routers as this user, not as the agent's (the agent must run as root; env "

@@ -184,7 +184,9 @@ class ObjectStat:
     description: str = ""
 
 
-Handler = Callable[[bytes], Awaitable[bytes]]
+# A responder: the request's subject (which may name its caller: ``protocol.subjects``) and body
+# in, the reply out.
+Handler = Callable[[str, bytes], Awaitable[bytes]]
 
 
 def tls_context(ca_file: str) -> ssl.SSLContext:
@@ -687,7 +689,7 @@ class Bus:
 
         async def answer(msg: Any) -> None:
             with contextlib.suppress(nats.errors.Error):
-                await msg.respond(await handler(msg.data))
+                await msg.respond(await handler(msg.subject, msg.data))
 
         async def cb(msg: Any) -> None:
             if msg.reply:
@@ -703,13 +705,14 @@ class Bus:
     async def serve(
         self, name: str, version: str, endpoints: dict[str, tuple[str, Handler]]
     ) -> None:
-        """Serve a NATS micro service; ``endpoints`` maps a name to (subject, handler)."""
+        """Serve a NATS micro service; ``endpoints`` maps a name to (subject, handler); a
+        subject may hold wildcards (the handler gets the subject the request came on)."""
         svc = await add_service(
             self.nc, ServiceConfig(name=name, version=version, description="fleetwave")
         )
         for ep_name, (subject, handler) in endpoints.items():
             async def on_request(req: Any, handler: Handler = handler) -> None:
-                await req.respond(await handler(req.data))
+                await req.respond(await handler(req.subject, req.data))
 
             await svc.add_endpoint(
                 EndpointConfig(name=ep_name, subject=subject, handler=on_request,

@@ -53,7 +53,7 @@ from coordinator.errors import UsageError
 from protocol import creds as creds_file
 from protocol.durations import parse_duration
 from protocol.errors import ProtocolError
-from protocol.subjects import check_name
+from protocol.subjects import RESERVED_CALLERS, check_name
 
 META = "auth.json"
 USERS = "users.conf"
@@ -171,7 +171,7 @@ class AuthDir:
                 "pick a new directory, or use 'fleetwave auth add-node' on this one"
             )
         check_name("fleet", fleet)
-        check_name("operator", operator)
+        _check_operator(operator)
         when = now or _now()
         all_names = pki.server_names(names)
         ca = pki.make_ca(fleet, when)
@@ -200,6 +200,8 @@ class AuthDir:
                 check_name(role, name)
             except ProtocolError as exc:
                 raise UsageError(str(exc)) from None
+            if role == "operator":
+                _check_operator(name)
             if any(u.name == name and u.role == role for u in users):
                 raise UsageError(
                     f"{role} {name!r} is already enrolled in {self.path}; renew it with "
@@ -240,7 +242,9 @@ class AuthDir:
 
     def prune(self, now: dt.datetime | None = None) -> tuple[list[Identity], bool]:
         """Render ``users.conf`` for ``now``: (the identities left out as expired, whether the
-        file changed). ``fleetwave auth prune`` and a broker with ``--auth`` call it."""
+        file changed). ``fleetwave auth prune`` and a broker with ``--auth`` call it: at its
+        start (which also gives an older release's users this release's permissions: operators'
+        API subjects came to name them) and at each expiry."""
         when = now or _now()
         with self._locked():
             fleet, _, users = self.load()
@@ -319,6 +323,15 @@ def _identity_json(u: Identity) -> dict[str, str]:
     if u.expires is not None:
         out["expires"] = creds_file.format_time(u.expires)
     return out
+
+
+def _check_operator(name: str) -> None:
+    """Refuse the operator names the coordinator records itself as ``who`` (its own decisions,
+    an older CLI's requests), so that on a secure fleet those words mean only that."""
+    check_name("operator", name)
+    if name in RESERVED_CALLERS:
+        raise UsageError(f"operator name {name!r} is reserved: the audit log uses it for the "
+                         "coordinator's own decisions; pick another name")
 
 
 def render_users(fleet: str, users: list[Identity], now: dt.datetime) -> str:

@@ -418,7 +418,12 @@ def rollouts(ctx: Ctx, service: str, limit: int, output: str) -> None:
 @output_option
 @click.pass_obj
 def events(ctx: Ctx, follow: bool, rollout: str, last: int | None, output: str) -> None:
-    """Print the fleet's events (the audit log), oldest first."""
+    """Print the fleet's events (the audit log), oldest first.
+
+    Each event the coordinator records says who caused it (``who`` in -o json; "(by NAME)" on
+    a line): the operator whose request it answers, named by their --creds; "coordinator" for
+    what it decided by itself; "unknown" for a request of an older CLI on an open bus. On an
+    open bus (no credentials) the name is the OS user the CLI gave, a claim nothing checks."""
     asyncio.run(_events(ctx, follow=follow, rollout=rollout, last=last, output=output))
 
 

@@ -190,8 +190,10 @@ class Broker:
     async def _start_once(self) -> None:
         binary = find_nats_server()
         if self.auth is not None:
-            # Whoever expired while no broker watched is left out before the server starts.
-            self._prune()  # UsageError (one line) if it is not an auth directory
+            # UsageError (one line) if it is not an auth directory; users.conf is rendered again
+            # for now: whoever expired while no broker watched is left out, and an older
+            # fleetwave's users get this release's permissions.
+            self._prune()
             if self.cluster is not None:
                 check_serves_routes(self.auth)
         if port_in_use(self.host, self.port):

@@ -249,6 +249,12 @@ class DevFleet:
         return {"creds": creds_file.load(AuthDir(self.auth_dir).creds_path("operator", OPERATOR)),
                 "tls_ca": str(self.auth_dir / CA)}
 
+    @property
+    def caller(self) -> str:
+        """Who this tool names itself in API subjects: the operator whose credentials it uses
+        on a secure fleet; "dev" on an open one (a claim, as every name there)."""
+        return OPERATOR if self.auth_dir is not None else "dev"
+
     async def _enroll(self) -> None:
         """Make the trust root (first start) and every node's credentials that are missing."""
         if self.auth_dir is None:
@@ -361,7 +367,8 @@ class DevFleet:
             self._bus = await Bus.connect(self.nats_url, self.fleet, name="fleetwave-dev",
                                            **self.access())
         raw = await self._bus.request(
-            subjects.api(self.fleet, "nodes"), encode(NodesRequest(selector=selector or {})),
+            subjects.api(self.fleet, self.caller, "nodes"),
+            encode(NodesRequest(selector=selector or {})),
             timeout=2.0,
         )
         reply = decode(ApiReply, raw)

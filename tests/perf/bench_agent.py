@@ -66,14 +66,14 @@ async def deploy(bus: Bus, version: str) -> float:
     """Roll hello to ``version`` and wait until it succeeds; return the seconds it took."""
     started = time.monotonic()
     spec = RolloutSpec(service="hello", version=version, progress_deadline=60.0)
-    reply = decode(ApiReply, await bus.request(subjects.api(bus.fleet, "deploy"),
+    reply = decode(ApiReply, await bus.request(subjects.api(bus.fleet, "bench", "deploy"),
                                                encode(DeployRequest(spec=spec)), timeout=30))
     if not reply.ok:
         raise RuntimeError(f"deploy {version} refused: {reply.error}")
     rid = reply.data["id"]
     deadline = time.monotonic() + 90
     while True:
-        raw = await bus.request(subjects.api(bus.fleet, "status"),
+        raw = await bus.request(subjects.api(bus.fleet, "bench", "status"),
                                 encode(RolloutRequest(id=rid)), timeout=10)
         state = decode(ApiReply, raw).data["state"]
         if state in TERMINAL_STATES:

@@ -359,7 +359,7 @@ class SimFleet:
     async def api(self, verb: str, request: Any, *, timeout: float = API_TIMEOUT) -> Any:
         assert self.bus is not None
         try:
-            raw = await self.bus.request(subjects.api(self.fleet, verb), encode(request),
+            raw = await self.bus.request(subjects.api(self.fleet, "perf", verb), encode(request),
                                          timeout=timeout)
         except Exception as exc:  # NotReachable, BusError: say which verb
             raise RuntimeError(f"api {verb}: {exc}") from None

@@ -188,3 +188,67 @@ def test_with_every_identity_expired_the_users_are_never_empty(tmp_path: Path) -
     users = [ln for ln in text.splitlines() if ln.strip().startswith("{ nkey")]
     assert users == [f'    {{ nkey: "{NOBODY}", permissions: {{"publish": {{"deny": [">"]}}, '
                      '"subscribe": {"deny": [">"]}} }']
+
+
+def _matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: '*' one token, a final '>' one or more."""
+    p, s = pattern.split("."), subject.split(".")
+    for i, tok in enumerate(p):
+        if tok == ">":
+            return len(s) > i
+        if i >= len(s) or (tok != "*" and tok != s[i]):
+            return False
+    return len(p) == len(s)
+
+
+def _may_publish(p: perms.Permissions, subject: str) -> bool:
+    allow = any(_matches(a, subject) for a in p["publish"]["allow"])
+    return allow and not any(_matches(d, subject) for d in p["publish"].get("deny", []))
+
+
+@pytest.mark.parametrize(("subject", "allowed"), [
+    ("fw.default.api.alice.deploy", True),
+    ("fw.default.coord.c0ffee.api.alice.abort", True),
+    ("fw.default.api.deploy", True),  # an older CLI's: the coordinator refuses its writes
+    ("fw.default.api.bob.deploy", False),
+    ("fw.default.coord.c0ffee.api.bob.abort", False),
+    ("fw.default.api.coordinator.deploy", False),
+    ("fw.default.coord.c0ffee.api.coordinator.abort", False),
+    ("fw.other.api.alice.deploy", False),
+])
+def test_an_operator_may_ask_the_api_only_as_itself(subject: str, allowed: bool) -> None:
+    """Operator alice may publish API requests on subjects naming her and no one else (nor a
+    forwarding subject naming another caller), so the caller a coordinator reads is hers."""
+    assert _may_publish(perms.operator("default", "alice"), subject) is allowed
+
+
+def test_a_node_may_ask_no_api() -> None:
+    """No API subject of any form is open to a node."""
+    p = perms.node("default", "node-1")
+    for subject in ("fw.default.api.node-1.deploy", "fw.default.api.deploy",
+                    "fw.default.coord.c0.api.node-1.abort", "fw.default.api.node-1.status"):
+        assert not _may_publish(p, subject), subject
+
+
+@pytest.mark.parametrize("name", ["coordinator", "unknown"])
+def test_the_audit_logs_own_names_are_no_operators(tmp_path: Path, name: str) -> None:
+    """add-operator and init refuse the names the coordinator records for itself."""
+    d = AuthDir(tmp_path / "auth")
+    with pytest.raises(UsageError, match="reserved"):
+        d.init("default", (), name)
+    d.init("default", (), "admin")
+    with pytest.raises(UsageError, match="reserved"):
+        d.add("operator", name)
+
+
+def test_prune_rewrites_users_an_older_release_wrote(tmp_path: Path) -> None:
+    """A users.conf with other permissions (an older release's) is rewritten from auth.json;
+    a current one is left alone."""
+    d = AuthDir(tmp_path / "auth")
+    d.init("default", (), "alice")
+    users = tmp_path / "auth" / "users.conf"
+    current = users.read_text()
+    assert d.prune() == ([], False) and users.read_text() == current
+    users.write_text(current.replace("fw.default.api.alice.*", "fw.default.api.>"))
+    assert d.prune() == ([], True) and users.read_text() == current
+    assert _mode(users) == 0o644

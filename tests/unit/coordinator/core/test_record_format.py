@@ -36,8 +36,10 @@ ADDED = [('"on_failure":"rollback"', '"on_node_lost":"fail"'),
 
 
 # ... and at the end of the record (issue 13): the events not yet acknowledged by the stream
-# (the outbox), and the lease term of the coordinator that wrote it.
-ADDED_AT_END = '"outbox":[],"term":0'
+# (the outbox), and the lease term of the coordinator that wrote it; (issue 14) who started,
+# paused, aborted or rolled it back.
+ADDED_AT_END = ('"outbox":[],"term":0,"started_by":"","paused_by":"","aborted_by":"",'
+                '"rollback_by":""')
 
 
 def upgraded(old: str) -> bytes:
