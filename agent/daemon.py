@@ -48,6 +48,9 @@ log = logging.getLogger("fleetwave.agent")
 
 # The agent waits for a broker as long as it takes: it is started by systemd before NATS may be up.
 CONNECT_FOREVER = 10 * 365 * 24 * 3600.0
+# A host enrolled a moment ago may start before its broker reloaded its users ('auth add-node'
+# then the agent at once): its key is retried this long before the refusal is final (exit 1).
+REFUSED_GRACE = 30.0
 REGISTER_TIMEOUT = 5.0  # one publish + one KV put; bounded so a dead link cannot hang the loop
 # First trim once start-up is done (connected, registered, services started), then now and then:
 # a trim walks the heap (about a millisecond), so once a minute costs nothing measurable.
@@ -149,6 +152,7 @@ class Agent:
                 reconnect_forever=True,
                 creds=self.options.creds,
                 tls_ca=self.options.tls_ca,
+                refused_grace=REFUSED_GRACE,
             )
         )
         stopping = asyncio.create_task(stop.wait())

@@ -132,6 +132,14 @@ def start(values: dict[str, Any]) -> int:
     trust_keys: tuple[str, ...] = values["trust_keys"]
     if not trust_keys:
         log.warning("no --trust-key given: every desired state will be refused")
+    if values["creds"] is not None:
+        import datetime as dt
+
+        from protocol.creds import expiring
+
+        soon = expiring(values["creds"], dt.datetime.now(dt.UTC))
+        if soon is not None:
+            log.warning("%s", soon)
     import asyncio
 
     if values["simulate"]:

@@ -192,8 +192,6 @@ class DevFleet:
         if not 1 <= brokers <= MAX_BROKERS:
             raise UsageError(f"--brokers {brokers} is out of range; use 1 (R1) to {MAX_BROKERS}")
         subjects.check_name("fleet", fleet)
-        if secure and brokers != 1:
-            raise UsageError("--secure runs one broker for now; drop --brokers or --secure")
         self.dir = Path(directory).absolute()
         # --secure: a trust root in DIR/auth (fleetwave auth), TLS, and each process its own
         # credentials: node-i its node's, the coordinator its own, this tool the operator's.
@@ -209,7 +207,7 @@ class DevFleet:
             self.broker = Broker(port=port, store_dir=self.dir / "jetstream", auth=self.auth_dir)
             self.brokers = [self.broker]
         else:
-            self.cluster = BrokerCluster(self.dir, brokers, first_port=port)
+            self.cluster = BrokerCluster(self.dir, brokers, first_port=port, auth=self.auth_dir)
             self.brokers = self.cluster.brokers
             self.broker = self.brokers[0]
         # The coordinator's signing key; created before the agents start so that they can be
