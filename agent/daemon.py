@@ -48,6 +48,9 @@ log = logging.getLogger("fleetwave.agent")
 
 # The agent waits for a broker as long as it takes: it is started by systemd before NATS may be up.
 CONNECT_FOREVER = 10 * 365 * 24 * 3600.0
+# A host enrolled a moment ago may start before its broker reloaded its users ('auth add-node'
+# then the agent at once): its key is retried this long before the refusal is final (exit 1).
+REFUSED_GRACE = 30.0
 REGISTER_TIMEOUT = 5.0  # one publish + one KV put; bounded so a dead link cannot hang the loop
 # First trim once start-up is done (connected, registered, services started), then now and then:
 # a trim walks the heap (about a millisecond), so once a minute costs nothing measurable.
@@ -82,6 +85,7 @@ class AgentOptions:
     edge: Edge = field(default_factory=Edge)  # every router's public-port limits
     creds: Creds | None = None  # this node's identity on the bus (fleetwave auth add-node)
     tls_ca: str | None = None  # the fleet's CA: TLS on
+    trust_keys: tuple[str, ...] = ()  # coordinator keys whose desired states are accepted
 
 
 class Agent:
@@ -107,6 +111,7 @@ class Agent:
             facts=host_facts(),
             bind_host=options.bind_host,
             started_at=self._started_at,
+            trust_keys=options.trust_keys,
         )
 
     @property
@@ -147,6 +152,7 @@ class Agent:
                 reconnect_forever=True,
                 creds=self.options.creds,
                 tls_ca=self.options.tls_ca,
+                refused_grace=REFUSED_GRACE,
             )
         )
         stopping = asyncio.create_task(stop.wait())

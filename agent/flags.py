@@ -171,7 +171,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--fleet",), "fleet", "Fleet namespace (env FLEETWAVE_FLEET).", _fleet,
          default="default", env="FLEETWAVE_FLEET", metavar="TEXT", show_default=True),
     Flag(("--creds",), "creds", "This node's credentials file, DIR/nodes/<node-id>.creds made "
-         "by 'fleetwave auth add-node' (env FLEETWAVE_CREDS).", _creds, env="FLEETWAVE_CREDS",
+         "by 'fleetwave auth add-node' (env FLEETWAVE_CREDS); with --simulate, a test fleet's "
+         "DIR/coordinator.creds.", _creds, env="FLEETWAVE_CREDS",
          metavar="FILE"),
     Flag(("--tls-ca",), "tls_ca", "CA file the server's TLS certificate must be signed by; "
          "turns TLS on (env FLEETWAVE_TLS_CA).", _tls_ca, env="FLEETWAVE_TLS_CA",
@@ -180,7 +181,8 @@ FLAGS: tuple[Flag, ...] = (
          "use short ones).", _interval, default=str(presence.DEFAULT_INTERVAL),
          env="FLEETWAVE_HEARTBEAT_INTERVAL", metavar="FLOAT", hidden=True),
     Flag(("--trust-key",), "trust_keys", "Public key of a coordinator whose desired states to "
-         "accept (repeatable; env FLEETWAVE_TRUST_KEYS, space-separated).", _trust_keys,
+         "accept (repeatable; env FLEETWAVE_TRUST_KEYS, space-separated). The node's "
+         "registration says which, for 'fleetwave auth rotate-signing-key'.", _trust_keys,
          default=(), env="FLEETWAVE_TRUST_KEYS", metavar="KEY", repeat=True),
     Flag(("--service-user",), "service_user", "Run services, their hooks and probes, and the "
          "routers as this user, not as the agent's (the agent must run as root; env "
@@ -266,12 +268,16 @@ def check_identity(values: dict[str, Any]) -> None:
         return
     from protocol.creds import check_for
 
-    if values.get("simulate"):
-        raise FlagError("'--simulate' cannot run with '--creds': each simulated node would need "
-                        "credentials of its own; run simulated nodes on a dev broker without auth")
+    # Simulated nodes share one connection, so no node's credentials can speak for them all:
+    # a test fleet's coordinator credentials can (benchmarks measure the cost of TLS so).
+    simulated = bool(values.get("simulate"))
+    if simulated and found.role != "coordinator":
+        raise FlagError("'--simulate' cannot run with a node's '--creds': the simulated nodes "
+                        "share one connection; give it a test fleet's DIR/coordinator.creds, or "
+                        "run it on a dev broker without auth")
     try:
-        check_for(found, "given with --creds", fleet=values["fleet"], role="node",
-                  name=values["node_id"])
+        check_for(found, "given with --creds", fleet=values["fleet"],
+                  role=None if simulated else "node", name=values["node_id"])
     except ProtocolError as exc:
         raise FlagError(f"Invalid value for '--creds': {exc}") from None
 

@@ -64,7 +64,7 @@ def _import_bus() -> None:
     import protocol.bus  # noqa: F401  # a no-op when the first import worked
 
 
-def build_agent(options: AgentOptions, trusted_keys: tuple[str, ...] = ()) -> Agent:
+def build_agent(options: AgentOptions) -> Agent:
     """The one place an Agent is put together: the daemon with its service manager plugged in."""
     _import_bus()
     from agent.daemon import Agent
@@ -74,8 +74,8 @@ def build_agent(options: AgentOptions, trusted_keys: tuple[str, ...] = ()) -> Ag
     def services(bus: Bus) -> ServiceManager:
         return ServiceManager(
             bus=bus, fleet=options.fleet, node=options.node_id, data_dir=options.data_dir,
-            bind_host=options.bind_host, trusted_keys=trusted_keys, run_as=options.service_user,
-            edge=options.edge,
+            bind_host=options.bind_host, trusted_keys=options.trust_keys,
+            run_as=options.service_user, edge=options.edge,
         )
 
     return Agent(options, services=services)
@@ -127,15 +127,24 @@ def start(values: dict[str, Any]) -> int:
         tls_ca=values["tls_ca"],
         edge=Edge(max_connections=values["max_connections"], body_timeout=values["body_timeout"],
                   trusted_proxies=values["trusted_proxies"]),
+        trust_keys=values["trust_keys"],
     )
     trust_keys: tuple[str, ...] = values["trust_keys"]
     if not trust_keys:
         log.warning("no --trust-key given: every desired state will be refused")
+    if values["creds"] is not None:
+        import datetime as dt
+
+        from protocol.creds import expiring
+
+        soon = expiring(values["creds"], dt.datetime.now(dt.UTC))
+        if soon is not None:
+            log.warning("%s", soon)
     import asyncio
 
     if values["simulate"]:
         return asyncio.run(_run_simulated(options, trust_keys, values["simulate"]))
-    return asyncio.run(_run(build_agent(options, trust_keys)))
+    return asyncio.run(_run(build_agent(options)))
 
 
 async def _run(agent: Agent) -> int:

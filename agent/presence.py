@@ -69,8 +69,10 @@ def node_info(
     facts: HostFacts,
     bind_host: str,
     started_at: float,
+    trust_keys: Iterable[str] = (),
 ) -> NodeInfo:
-    """What the agent registers (on connect and on every reconnect)."""
+    """What the agent registers (on connect and on every reconnect); ``trust_keys``: the
+    coordinator keys it accepts (public; what a signing-key rotation checks)."""
     return NodeInfo(
         id=node,
         labels=dict(labels),
@@ -83,6 +85,7 @@ def node_info(
         bind_host=bind_host,
         boot_time=facts.boot_time,
         started_at=started_at,
+        trust_keys=sorted(trust_keys),
     )
 
 

@@ -114,7 +114,7 @@ class SimulatedNodes:
         self._infos = {
             n: msgspec.structs.replace(
                 presence.node_info(node=n, labels=labels, facts=facts, bind_host=bind_host,
-                                   started_at=started),
+                                   started_at=started, trust_keys=self.trusted_keys),
                 simulated=True,
             )
             for n in self.nodes
@@ -197,7 +197,8 @@ class SimulatedNodes:
                 return False
             desired = verify(env, self.trusted_keys, fleet=self.fleet, node=node,
                              service=service, min_generation=prev.desired.generation if prev else 0,
-                             min_term=prev.envelope.term if prev else 0)
+                             min_term=prev.envelope.term if prev else 0,
+                             running=prev.envelope if prev else None)
         except ProtocolError as exc:
             self.refused += 1
             ev = Event(id=uuid.uuid4().hex, time=self.clock(), fleet=self.fleet,

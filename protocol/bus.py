@@ -26,6 +26,7 @@ import asyncio
 import base64
 import contextlib
 import copy
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -51,7 +52,7 @@ from nats.micro import add_service
 from nats.micro.service import EndpointConfig, ServiceConfig
 
 from protocol import subjects
-from protocol.creds import Creds
+from protocol.creds import Creds, expired
 from protocol.errors import (
     AccessDenied,
     BusError,
@@ -185,7 +186,9 @@ class ObjectStat:
     description: str = ""
 
 
-Handler = Callable[[bytes], Awaitable[bytes]]
+# A responder: the request's subject (which may name its caller: ``protocol.subjects``) and body
+# in, the reply out.
+Handler = Callable[[str, bytes], Awaitable[bytes]]
 
 
 def tls_context(ca_file: str) -> ssl.SSLContext:
@@ -242,6 +245,9 @@ def _denied(
                 "violation); pass the file 'fleetwave auth' made for you with --creds (or "
                 "FLEETWAVE_CREDS)"
             )
+        lapsed = expired(creds, dt.datetime.now(dt.UTC))
+        if lapsed is not None:  # the broker left them out of its users at their expiry
+            return AccessDenied(f"the server at {where} refused us: {lapsed}")
         return AccessDenied(
             f"the server at {where} refused the {creds.role} {creds.name!r} credentials "
             "(authorization violation): they are revoked or another fleet's; get new ones "
@@ -253,6 +259,31 @@ def _denied(
             "FLEETWAVE_TLS_CA)"
         )
     return None
+
+
+@dataclass
+class _Grace:
+    """How long a first connect still retries an unknown key (``refused_grace``), and whether
+    it said so (once)."""
+
+    until: float
+    seconds: float
+    where: str
+    creds: Creds | None
+    said: bool = False
+
+    def waits(self, exc: BaseException, now: float) -> bool:
+        """True (and said once) if the refusal ``exc`` is an unknown key within the grace."""
+        if now >= self.until or "authorization violation" not in str(exc).lower():
+            return False
+        if not self.said:
+            self.said = True
+            who = f"the {self.creds.role} {self.creds.name!r} key" if self.creds else "us"
+            log.warning("the server at %s does not accept %s (authorization violation); "
+                        "retrying for up to %gs in case it has not loaded a fresh enrollment "
+                        "yet (revoked credentials end in the refusal)", self.where, who,
+                        self.seconds)
+        return True
 
 
 class Bus:
@@ -284,13 +315,16 @@ class Bus:
     async def connect(
         cls, url: str, fleet: str, *, name: str = "fleetwave", connect_deadline: float = 5.0,
         reconnect_forever: bool = False, creds: Creds | None = None, tls_ca: str | None = None,
+        refused_grace: float = 0.0,
     ) -> Bus:
         """Connect, retrying until ``connect_deadline``; raise NotReachable with the fix.
 
         ``creds`` (``protocol.creds``) sign the server's nonce with the identity's nkey, and set
         its inbox prefix (a node's replies arrive only on its own); ``tls_ca`` is the CA file
         the server's certificate must be signed by (TLS on). A server that refuses either is
-        not retried: AccessDenied at once, saying which and what to do.
+        not retried: AccessDenied at once, saying which and what to do; except that for
+        ``refused_grace`` seconds an unknown key is retried (said once): a host enrolled a
+        moment ago may start before its broker has reloaded its users.
         """
         holder: list[Bus] = []
         secure: dict[str, Any] = {}
@@ -308,10 +342,14 @@ class Bus:
         # first connect by itself; it ends the connect at once: retrying cannot help.
         refused: asyncio.Future[AccessDenied] = asyncio.get_running_loop().create_future()
 
+        loop = asyncio.get_running_loop()
+        grace = _Grace(loop.time() + refused_grace, refused_grace, redact(url), creds)
+
         async def on_error(exc: Exception) -> None:  # logged by the owner; never raised here
             denied = _denied(exc, url, creds, tls_ca)
             if denied is not None and not holder and not refused.done():
-                refused.set_result(denied)
+                if not grace.waits(exc, loop.time()):
+                    refused.set_result(denied)
             elif denied is not None and holder and not holder[0].refused:
                 # Revoked while connected: nats-py goes on trying; say why once, not per try.
                 holder[0].refused = str(denied)
@@ -335,7 +373,6 @@ class Bus:
 
         # A cluster is written "nats://a:4222,nats://b:4222"; nats-py wants a list.
         servers = [u.strip() for u in url.split(",") if u.strip()] or [url]
-        loop = asyncio.get_running_loop()
         deadline = loop.time() + connect_deadline
         delay = 0.05
         while True:
@@ -362,7 +399,7 @@ class Bus:
                 raise
             except (OSError, nats.errors.Error, TimeoutError) as exc:
                 denied = _denied(exc, url, creds, tls_ca)
-                if denied is not None:
+                if denied is not None and not grace.waits(exc, loop.time()):
                     raise denied from None
                 if loop.time() + delay > deadline:
                     raise NotReachable(
@@ -377,6 +414,8 @@ class Bus:
         # the bucket: all node ids and services), so it binds its buckets without it.
         bus.blind = creds is not None and creds.role == "node"
         holder.append(bus)
+        if grace.said:
+            log.info("the server at %s accepted our credentials now", redact(url))
         return bus
 
     def _reconnected(self) -> None:
@@ -656,7 +695,7 @@ class Bus:
 
         async def answer(msg: Any) -> None:
             with contextlib.suppress(nats.errors.Error):
-                await msg.respond(await handler(msg.data))
+                await msg.respond(await handler(msg.subject, msg.data))
 
         async def cb(msg: Any) -> None:
             if msg.reply:
@@ -672,13 +711,14 @@ class Bus:
     async def serve(
         self, name: str, version: str, endpoints: dict[str, tuple[str, Handler]]
     ) -> None:
-        """Serve a NATS micro service; ``endpoints`` maps a name to (subject, handler)."""
+        """Serve a NATS micro service; ``endpoints`` maps a name to (subject, handler); a
+        subject may hold wildcards (the handler gets the subject the request came on)."""
         svc = await add_service(
             self.nc, ServiceConfig(name=name, version=version, description="fleetwave")
         )
         for ep_name, (subject, handler) in endpoints.items():
             async def on_request(req: Any, handler: Handler = handler) -> None:
-                await req.respond(await handler(req.data))
+                await req.respond(await handler(req.subject, req.data))
 
             await svc.add_endpoint(
                 EndpointConfig(name=ep_name, subject=subject, handler=on_request,

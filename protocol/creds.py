@@ -8,6 +8,7 @@ the user's nkey seed in the armour NATS's own ``.creds`` files use for theirs::
     # fleet: default
     # role: node
     # name: node-1
+    # expires: 2027-12-02T08:00:00Z
     -----BEGIN USER NKEY SEED-----
     SUA...
     ------END USER NKEY SEED------
@@ -16,10 +17,16 @@ The server knows only the seed's public key (an nkey user in its config, with th
 that role and name); the header lets a client refuse a file that cannot be its own (node-1's
 file given to node-2's agent) with a clear line, before the server refuses it silently.
 ``load`` reads and checks one; it never logs or returns the seed in a message.
+
+``# expires`` (RFC 3339, UTC; absent: until revoked) is when the broker stops accepting the key
+(``fleetwave auth`` leaves expired users out of ``users.conf``); a client refuses to start with
+an expired file (``load``), saying how to renew it, rather than being refused by the server with
+nothing but "authorization violation".
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +36,12 @@ from protocol.errors import ProtocolError
 ROLES = ("coordinator", "operator", "node")
 BEGIN = "-----BEGIN USER NKEY SEED-----"
 END = "------END USER NKEY SEED------"
-_HEADER = re.compile(r"^#\s*(fleet|role|name):\s*(\S+)\s*$")
+_HEADER = re.compile(r"^#\s*(fleet|role|name|expires):\s*(\S+)\s*$")
 _SEED = re.compile(r"^SU[A-Z2-7]{56}$")
+
+
+class CredsExpired(ProtocolError):
+    """A credentials file whose ``# expires`` time has passed (exit 2 where it is a flag)."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,7 @@ class Creds:
     role: str
     name: str
     seed: str
+    expires: dt.datetime | None = None  # aware, UTC; None: valid until revoked
 
     @property
     def inbox_prefix(self) -> str:
@@ -52,12 +64,52 @@ class Creds:
         return f"_OPS_{self.name}" if self.role == "operator" else "_INBOX"
 
 
+def format_time(when: dt.datetime) -> str:
+    """``when`` as RFC 3339 UTC to the second (``2027-12-02T08:00:00Z``)."""
+    return when.astimezone(dt.UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str, where: str) -> dt.datetime:
+    """An RFC 3339 time (``Z`` or an offset) as an aware UTC datetime; ProtocolError if not."""
+    try:
+        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise ProtocolError(f"{where}: {text!r} is not an RFC 3339 time such as "
+                            "2027-12-02T08:00:00Z") from None
+    if when.tzinfo is None:
+        raise ProtocolError(f"{where}: {text!r} has no time zone; write it in UTC with a Z")
+    return when.astimezone(dt.UTC)
+
+
 def render(creds: Creds) -> str:
+    expires = f"# expires: {format_time(creds.expires)}\n" if creds.expires else ""
     return (
         "# fleetwave credentials: keep this file secret (mode 0600)\n"
-        f"# fleet: {creds.fleet}\n# role: {creds.role}\n# name: {creds.name}\n"
+        f"# fleet: {creds.fleet}\n# role: {creds.role}\n# name: {creds.name}\n{expires}"
         f"{BEGIN}\n{creds.seed}\n{END}\n"
     )
+
+
+WARN_BEFORE = dt.timedelta(days=14)
+
+
+def expiring(creds: Creds, now: dt.datetime, within: dt.timedelta = WARN_BEFORE) -> str | None:
+    """A warning (one line) when ``creds`` expire within ``within`` of ``now``, else None."""
+    if creds.expires is None or not now < creds.expires <= now + within:
+        return None
+    hours = (creds.expires - now).total_seconds() / 3600
+    when = f"{hours / 24:.0f} days" if hours >= 48 else f"{hours:.0f} hours"
+    return (f"credentials of {creds.role} {creds.name} expire at {format_time(creds.expires)} "
+            f"(in {when}); renew them before then with 'fleetwave auth renew DIR {creds.name}'")
+
+
+def expired(creds: Creds, now: dt.datetime) -> str | None:
+    """Why ``creds`` can no longer be used at ``now`` (one line, with how to renew), or None."""
+    if creds.expires is None or now < creds.expires:
+        return None
+    return (f"credentials of {creds.role} {creds.name} expired at {format_time(creds.expires)}; "
+            f"renew them with 'fleetwave auth renew DIR {creds.name}' where the fleet's auth "
+            "directory is, and use the new file")
 
 
 def parse(text: str, where: str) -> Creds:
@@ -77,11 +129,14 @@ def parse(text: str, where: str) -> Creds:
             f"{where} is not a fleetwave credentials file (no {', '.join(missing) or 'known role'}"
             "); use a file made by 'fleetwave auth init' or 'fleetwave auth add-node'"
         )
-    return Creds(fleet=fields["fleet"], role=fields["role"], name=fields["name"], seed=seed)
+    expires = parse_time(fields["expires"], f"{where}: expires") if "expires" in fields else None
+    return Creds(fleet=fields["fleet"], role=fields["role"], name=fields["name"], seed=seed,
+                 expires=expires)
 
 
-def load(path: Path | str) -> Creds:
-    """Read and check the credentials file at ``path``; ProtocolError (one line) if unusable."""
+def load(path: Path | str, *, now: dt.datetime | None = None) -> Creds:
+    """Read and check the credentials file at ``path`` (expired at ``now``, default the current
+    time, is refused too); ProtocolError (one line) if unusable."""
     try:
         text = Path(path).read_text()
     except FileNotFoundError:
@@ -92,7 +147,11 @@ def load(path: Path | str) -> Creds:
     except (OSError, UnicodeDecodeError) as exc:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "unreadable"
         raise ProtocolError(f"cannot read credentials file {path}: {why}") from None
-    return parse(text, str(path))
+    found = parse(text, str(path))
+    problem = expired(found, now or dt.datetime.now(dt.UTC))
+    if problem is not None:
+        raise CredsExpired(f"{problem} (file {path})")
+    return found
 
 
 def check_for(

@@ -44,6 +44,10 @@ class NodeInfo(msgspec.Struct, kw_only=True):
     boot_time: float = 0.0
     started_at: float = 0.0
     simulated: bool = False
+    # The coordinator public keys this agent accepts desired states from (public facts), so that
+    # a signing-key rotation can check that every node trusts the new key before switching to
+    # it; None: an agent too old to say.
+    trust_keys: list[str] | None = None
 
 
 class SlotProcess(msgspec.Struct, kw_only=True):
@@ -255,6 +259,11 @@ class Gates(msgspec.Struct, kw_only=True):
     max_p99_ratio: float | None = None  # p99(new) / p99(old) over the same window
     max_mismatch_rate: float | None = None  # shadow only
     min_requests: int | None = None  # fewer → inconclusive → paused
+    # How error rate and p99 ratio are judged: "threshold" compares the bake window's figures
+    # with the limits at its end; "sequential" weighs the evidence on every router report
+    # (coordinator.core.sequential), failing at once when it crosses 1/alpha.
+    analysis: Literal["threshold", "sequential"] = "threshold"
+    alpha: float = 0.01  # sequential: the false-rollback probability allowed
 
 
 class RolloutSpec(msgspec.Struct, kw_only=True):
@@ -349,6 +358,12 @@ class RolloutRecord(msgspec.Struct, kw_only=True):
     # resumes the rollout publishes them again under the same message ids.
     outbox: list[Event] = []
     term: int = 0  # the lease term of the coordinator that wrote it (added by the runner too)
+    # Who asked (``Event.who``): who deployed it; who paused it while it is paused, who aborted
+    # it, who asked for its rollback ("coordinator" when it decided so by itself).
+    started_by: str = ""
+    paused_by: str = ""
+    aborted_by: str = ""
+    rollback_by: str = ""
 
 
 class Event(msgspec.Struct, kw_only=True):
@@ -357,6 +372,12 @@ class Event(msgspec.Struct, kw_only=True):
     ``kind`` is dotted: ``node.online``, ``node.offline``, ``agent.refused``, ``slot.failed``,
     ``rollout.started``, ``wave.started``, ``gate.passed``, ``gate.failed``, ``rollout.succeeded``,
     ``rollout.rolled_back``, ``rollout.paused`` ... ``data`` carries the figures behind it.
+
+    ``who`` caused it, for events the coordinator publishes: the caller of the API request the
+    decision answered (an operator's name, proven by the server on a fleet with credentials, see
+    ``protocol.subjects``), "coordinator" for the decisions it takes by itself (ticks, gates,
+    nodes lost, automatic rollback), "unknown" for a request of an older CLI; "" on events the
+    agents publish and on events recorded before ``who`` existed.
     """
 
     schema: int = 1
@@ -369,6 +390,7 @@ class Event(msgspec.Struct, kw_only=True):
     service: str = ""
     rollout: str = ""
     data: dict[str, Any] = {}
+    who: str = ""
 
 
 # -- coordinator API -------------------------------------------------------------------------------
@@ -403,6 +425,9 @@ class FenceMarker(msgspec.Struct, kw_only=True):
     holder: str
     time: float = 0.0
     key: str = ""
+    # Signing keys this fleet was rotated away from (``fleetwave auth rotate-signing-key``): a
+    # coordinator with one of them refuses to lead, so two keys never lead by turns.
+    retired: list[str] = []
 
 
 class LeaderRequest(msgspec.Struct, kw_only=True):

@@ -12,7 +12,10 @@ whose message says why (fit for an ``agent.refused`` event):
 - a signature that does not match (any changed byte of payload or envelope field);
 - an envelope addressed to another fleet, node or service;
 - a payload whose fleet/node/service/generation disagree with the envelope;
-- a generation not newer than ``min_generation`` (a replay or a rollback to old state).
+- a generation not newer than ``min_generation`` (a replay or a rollback to old state), except
+  a *re-signature* of the state the agent runs: the same generation and the same payload bytes,
+  signed by another trusted key (``resign``; how a rotated signing key takes over the states its
+  predecessor signed without a new generation, so nothing moves on any node).
 
 The release digests sit inside the payload, so they are covered by the signature too.
 """
@@ -29,6 +32,7 @@ import stat
 from collections.abc import Collection
 from pathlib import Path
 
+import msgspec
 import nacl.exceptions
 import nacl.signing
 import nkeys
@@ -152,6 +156,23 @@ def sign(seed: bytes, desired: DesiredState, *, term: int = 0) -> SignedEnvelope
     return env
 
 
+def resign(seed: bytes, env: SignedEnvelope, *, term: int) -> SignedEnvelope:
+    """``env`` signed again by ``seed`` under lease ``term``: the same generation and the very
+    same payload bytes (not re-encoded: a newer coordinator's encoding may differ, and an agent
+    accepts a re-signature only of the bytes it runs)."""
+    key, pub = _keypair(seed)
+    out = msgspec.structs.replace(env, key=pub, term=term, sig=b"")
+    out.sig = key.sign(signed_bytes(out)).signature
+    return out
+
+
+def resigns(env: SignedEnvelope, running: SignedEnvelope | None) -> bool:
+    """Whether ``env`` carries exactly the state of ``running`` (same generation and payload
+    bytes), so accepting it changes nothing but the signature."""
+    return (running is not None and env.generation == running.generation
+            and bytes(env.payload) == bytes(running.payload))
+
+
 def verify(
     env: SignedEnvelope,
     trusted_public_keys: Collection[str],
@@ -161,11 +182,14 @@ def verify(
     service: str,
     min_generation: int,
     min_term: int = 0,
+    running: SignedEnvelope | None = None,
 ) -> DesiredState:
     """Return the DesiredState in ``env`` if it is genuine and meant for us; else ProtocolError.
 
     ``min_term``: the lease term of the state the agent runs now; a lower one comes from a
-    coordinator that has since been deposed (or is a replay) and is refused."""
+    coordinator that has since been deposed (or is a replay) and is refused. ``running``: the
+    envelope the agent runs (or remembers); a re-signature of it (``resigns``) may have the
+    generation ``min_generation`` itself."""
     if env.kind != KIND_DESIRED:
         raise ProtocolError(f"refused envelope: kind {env.kind!r} is not {KIND_DESIRED!r}")
     if env.key not in trusted_public_keys:
@@ -183,7 +207,8 @@ def verify(
         got = getattr(env, name)
         if got != want:
             raise ProtocolError(f"refused envelope: addressed to {name} {got!r}, not {want!r}")
-    if env.generation <= min_generation:
+    if env.generation < min_generation or (
+            env.generation == min_generation and not resigns(env, running)):
         raise ProtocolError(
             f"refused envelope: generation {env.generation} is not newer than {min_generation} "
             "(replayed or stale)"

@@ -46,26 +46,91 @@ def registrations(fleet: str) -> str:
     return f"fw.{fleet}.register.*"
 
 
-def api(fleet: str, verb: str) -> str:
-    return f"fw.{fleet}.api.{verb}"
+# -- the coordinator's API ------------------------------------------------------------------------
+#
+# Every API request names its caller in its subject, ``fw.<fleet>.api.<caller>.<verb>`` (and
+# ``fw.<fleet>.coord.<id>.api.<caller>.<verb>`` for one coordinator), because NATS does not tell a
+# responder who published a request: on a secure fleet the server lets operator ``alice`` publish
+# only on subjects naming ``alice`` (``coordinator.auth.perms.operator``), so the token is what her
+# credentials prove, and the coordinator records it as ``who`` on every event the request causes.
+# On an open bus nothing proves it: the CLI names its OS user, a claim. A caller is a name as
+# ``check_name`` allows; two are the coordinator's own (``RESERVED_CALLERS``): "coordinator" for
+# the decisions it takes by itself, "unknown" for a request on the subjects of CLIs older than
+# this scheme (``legacy_api``), which name no caller.
 
+COORDINATOR_CALLER = "coordinator"
+UNKNOWN_CALLER = "unknown"
+RESERVED_CALLERS = (COORDINATOR_CALLER, UNKNOWN_CALLER)
 
 # The verbs that change a rollout: only the leading coordinator carries them out.
 WRITE_VERBS = ("deploy", "pause", "resume", "promote", "abort", "rollback")
 
 
-def coordinator_api(fleet: str, coordinator: str, verb: str) -> str:
-    """The subject on which one coordinator alone answers ``verb`` (the leader's writes)."""
+def api(fleet: str, caller: str, verb: str) -> str:
+    """The subject on which ``caller`` asks any coordinator for ``verb``."""
+    return f"fw.{fleet}.api.{caller}.{verb}"
+
+
+def api_endpoint(fleet: str, verb: str) -> str:
+    """What the coordinators serve ``verb`` on: the requests of every caller."""
+    return api(fleet, "*", verb)
+
+
+def coordinator_api(fleet: str, coordinator: str, caller: str, verb: str) -> str:
+    """The subject on which one coordinator alone answers ``caller``'s ``verb`` (the leader's
+    writes, sent there by the CLI or forwarded there by a standby with the caller kept)."""
+    return f"fw.{fleet}.coord.{coordinator}.api.{caller}.{verb}"
+
+
+def coordinator_endpoint(fleet: str, coordinator: str, verb: str) -> str:
+    return coordinator_api(fleet, coordinator, "*", verb)
+
+
+def operator_api(fleet: str, caller: str) -> tuple[str, str]:
+    """The request subjects of one caller, of every verb (what its permissions allow)."""
+    return api(fleet, caller, "*"), coordinator_api(fleet, "*", caller, "*")
+
+
+def legacy_api(fleet: str, verb: str) -> str:
+    """The subject of a CLI older than callers in subjects (answered for caller "unknown")."""
+    return f"fw.{fleet}.api.{verb}"
+
+
+def legacy_coordinator_api(fleet: str, coordinator: str, verb: str) -> str:
     return f"fw.{fleet}.coord.{coordinator}.api.{verb}"
+
+
+def api_caller(subject: str) -> str:
+    """The caller an API request's subject names: its token in ``api`` or ``coordinator_api``,
+    UNKNOWN_CALLER on a legacy subject; ProtocolError if it is neither form.
+
+    Fleet and caller tokens hold no dots (``check_name``), so the positions decide, not the
+    words: a fleet or an operator may be called "api".
+    """
+    t = subject.split(".")
+    if len(t) == 5 and t[0] == "fw" and t[2] == "api":
+        return check_name("caller", t[3])
+    if len(t) == 7 and t[0] == "fw" and t[2] == "coord" and t[4] == "api":
+        return check_name("caller", t[5])
+    if (len(t) == 4 and t[2] == "api") or (len(t) == 6 and t[2] == "coord" and t[4] == "api"):
+        return UNKNOWN_CALLER
+    raise ProtocolError(f"{subject!r} is not an API subject")
+
+
+_NOT_IN_NAME = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def caller_token(name: str) -> str:
+    """A caller token for a name nothing vouches for (an OS user on an open bus): every run of
+    characters a subject token may not hold becomes '-', at most 64 of them, never starting with
+    '_' and never one of the coordinator's own names ("os-" is put before those)."""
+    token = _NOT_IN_NAME.sub("-", name).lstrip("_")[:64] or "anonymous"
+    return f"os-{token}"[:64] if token in RESERVED_CALLERS else token
 
 
 def coordinator_ping(fleet: str, coordinator: str) -> str:
     """One coordinator's own subject: "no responders" there means its connection is gone."""
     return f"fw.{fleet}.coord.{coordinator}.ping"
-
-
-def api_prefix(fleet: str) -> str:
-    return f"fw.{fleet}.api"
 
 
 def event(fleet: str, kind: str) -> str:

@@ -6,8 +6,10 @@ survives reconnects; before the coordinator creates the bucket it retries with b
 ``offer``: a signed envelope is accepted only if it verifies against the trusted keys, names this
 fleet, node and service, and has a generation above the service's *floor* (the newest generation
 this node ever accepted, kept even when the remembered envelope no longer verifies, so that an old
-state cannot be replayed). Anything else is refused with one ``agent.refused`` event saying why
-(once per refused value) and changes nothing. An accepted state wakes the reconcile loop.
+state cannot be replayed), or is a re-signature of the state it runs (same generation and payload,
+another trusted key: a rotated coordinator key taking over; nothing moves). Anything else is
+refused with one ``agent.refused`` event saying why (once per refused value) and changes nothing.
+An accepted state wakes the reconcile loop.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from protocol.bus import Bus
 from protocol.codec import decode
 from protocol.errors import BusError, ProtocolError
 from protocol.messages import SignedEnvelope
-from protocol.signing import verify
+from protocol.signing import resigns, verify
 
 log = logging.getLogger("fleetwave.agent.services")
 
@@ -89,7 +91,7 @@ class DesiredWatch:
             self._refused_values[key] = value
             await self._refuse(service, f"malformed desired state at {key}: {exc}")
             return
-        if svc is not None and svc.envelope is not None and env == svc.envelope:
+        if svc is not None and svc.desired is not None and env == svc.envelope:
             return  # the one we already run (a re-read or a restarted watch): not a replay
         current = 0
         if svc is not None:
@@ -103,6 +105,7 @@ class DesiredWatch:
                 service=service,
                 min_generation=current,
                 min_term=svc.envelope.term if svc is not None and svc.envelope else 0,
+                running=svc.envelope if svc is not None else None,
             )
         except ProtocolError as exc:
             self._refused_values[key] = value
@@ -110,9 +113,13 @@ class DesiredWatch:
             return
         if svc is None:
             svc = self.services[service] = Service(name=service)
+        if resigns(env, svc.envelope):
+            log.info("accepted desired state of %s generation %d signed again by key %s...: "
+                     "the same state", service, desired.generation, env.key[:12])
+        else:
+            log.info("accepted desired state of %s generation %d", service, desired.generation)
         svc.envelope, svc.desired = env, desired
-        log.info("accepted desired state of %s generation %d", service, desired.generation)
-        self.wake.set()
+        self.wake.set()  # also for a re-signature: the pass saves it to the state file
 
     async def _refuse(self, service: str, reason: str, generation: int = 0) -> None:
         self.refused += 1

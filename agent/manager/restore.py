@@ -135,9 +135,12 @@ class Restorer:
                         min_generation=rec.envelope.generation - 1,
                         min_term=rec.envelope.term,
                     )
-                    svc.envelope = rec.envelope
                 except ProtocolError as exc:
                     log.error("remembered desired state of %s is refused: %s", name, exc)
+                # Kept even when refused (its key is no longer trusted: a rotated signing key):
+                # nothing acts on it (no desired state), but the same state signed by a trusted
+                # key is then recognised as a re-signature (``protocol.signing.resigns``).
+                svc.envelope = rec.envelope
             self.services[name] = svc
             for slot, srec in rec.slots.items():
                 runner = self._adopt(svc, slot, srec, on_slot)

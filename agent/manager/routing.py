@@ -7,7 +7,8 @@ the router if none is known (one already running on the socket is adopted), then
 configuration (upstream slots, weights, mirror); only on success are the weights and mirror
 recorded as applied, else the error is reported in the observed state until a configure succeeds.
 ``stats_loop`` reads every router's counters every ``STATS_EVERY`` seconds for the observed
-states; a router that does not answer is forgotten, so the next pass starts it again.
+states (``STATS_EVERY_SPLIT`` while a router splits or mirrors traffic: a wave being judged); a
+router that does not answer is forgotten, so the next pass starts it again.
 """
 
 from __future__ import annotations
@@ -19,13 +20,19 @@ import os
 import stat
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from agent.cadence import sleep_to_tick
 from agent.errors import RouterRunning, RouterUnavailable
 from agent.host.identity import RunAs
-from agent.manager.service import STATS_EVERY, NodeConfig, Service, Services
+from agent.manager.service import (
+    STATS_EVERY,
+    STATS_EVERY_SPLIT,
+    NodeConfig,
+    Service,
+    Services,
+)
 from agent.router.control import (
     MAX_SOCKET_PATH,
     RouterClient,
@@ -60,6 +67,15 @@ def _private_dir(path: Path, run_as: RunAs | None = None) -> None:
             f"{path} is not a private directory of this user; remove it or use a shorter --data-dir"
         )
 
+
+
+def stats_period(services: Iterable[Service]) -> float:
+    """How long until the next read of the routers' counters: short while any router splits
+    traffic between two slots or mirrors it (its gates are judging a wave), else the usual."""
+    for svc in services:
+        if svc.applied_mirror is not None or sum(w > 0 for w in svc.applied_weights.values()) > 1:
+            return STATS_EVERY_SPLIT
+    return STATS_EVERY
 
 
 class RouterLink:
@@ -161,7 +177,8 @@ class RouterLink:
     async def stats_loop(self) -> None:
         """Router stats for observed states; a router that went away is noticed and restarted."""
         while True:
-            await sleep_to_tick(STATS_EVERY)  # with the heartbeat and the probes (agent.cadence)
+            # On the heartbeat's and the probes' ticks (agent.cadence); 0.5 divides 2.
+            await sleep_to_tick(stats_period(self.services.values()))
             for svc in list(self.services.values()):
                 if svc.router is None:
                     continue

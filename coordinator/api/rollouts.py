@@ -15,14 +15,18 @@ The status dict is the one shape people and programs read (``fleetwave status -o
 
     {"id", "service", "version", "from_version", "strategy", "state", "reason", "phase",
      "created", "updated", "finished", "current_wave", "report", "bake", "gates",
-     "on_failure", "on_node_lost",
+     "on_failure", "on_node_lost", "started_by", "paused_by", "aborted_by", "rollback_by",
      "waves": [{"index", "nodes", "weight", "state", "started", "finished", "gates"}],
      "nodes": {id: {"version", "state", "healthy", "online", "wave", "generation", "slot",
                     "reason"}}}
 
 where a wave's ``gates`` holds the figures and thresholds of its last evaluation, and the top-level
 ``gates`` (with ``bake``, seconds) the thresholds every wave is judged on; ``on_failure`` and
-``on_node_lost`` are the rollout's policies (``RolloutSpec``).
+``on_node_lost`` are the rollout's policies (``RolloutSpec``); ``started_by`` ... ``rollback_by``
+say who deployed, paused (while paused), aborted or rolled it back (``RolloutRecord``).
+
+Every handler takes the caller (``coordinator.api.verbs``); the writing verbs hand it to the
+runner, which records it as ``who`` on every event the request causes.
 """
 
 from __future__ import annotations
@@ -67,7 +71,8 @@ class Runner(Protocol):
 
     fleet: str
 
-    async def deploy(self, spec: RolloutSpec, release: ReleaseRef) -> RolloutRecord: ...
+    async def deploy(self, spec: RolloutSpec, release: ReleaseRef,
+                     who: str) -> RolloutRecord: ...
     async def request(self, rollout_id: str, event: EngineEvent) -> RolloutRecord: ...
     async def get(self, rollout_id: str) -> RolloutRecord | None: ...
     async def records(self) -> list[RolloutRecord]: ...
@@ -86,25 +91,26 @@ class RolloutsApi:
         api.add("deploy", DeployRequest, self.deploy)
         api.add("status", RolloutRequest, self.status)
         api.add("rollouts", ListRolloutsRequest, self.rollouts)
-        api.add("pause", RolloutRequest, self._verb(lambda r: Pause()))
-        api.add("resume", RolloutRequest, self._verb(lambda r: Resume()))
-        api.add("promote", RolloutRequest, self._verb(lambda r: Promote(full=r.full)))
-        api.add("abort", RolloutRequest, self._verb(lambda r: Abort()))
+        api.add("pause", RolloutRequest, self._verb(lambda r, who: Pause(who=who)))
+        api.add("resume", RolloutRequest, self._verb(lambda r, who: Resume(who=who)))
+        api.add("promote", RolloutRequest,
+                self._verb(lambda r, who: Promote(full=r.full, who=who)))
+        api.add("abort", RolloutRequest, self._verb(lambda r, who: Abort(who=who)))
         api.add("rollback", RollbackRequest, self.rollback)
         api.add("key", KeyRequest, self.key)
 
     # -- handlers ----------------------------------------------------------------------------------
 
-    async def deploy(self, req: DeployRequest) -> dict[str, Any]:
+    async def deploy(self, req: DeployRequest, caller: str) -> dict[str, Any]:
         strategies.validate(req.spec)
         release = await self._release(req.spec.service, req.spec.version)
-        record = await self.runner.deploy(req.spec, release)
+        record = await self.runner.deploy(req.spec, release, caller)
         return {"id": record.id}
 
-    async def status(self, req: RolloutRequest) -> dict[str, Any]:
+    async def status(self, req: RolloutRequest, caller: str) -> dict[str, Any]:
         return status_dict(await self._find(req.id))
 
-    async def rollouts(self, req: ListRolloutsRequest) -> list[dict[str, Any]]:
+    async def rollouts(self, req: ListRolloutsRequest, caller: str) -> list[dict[str, Any]]:
         if req.service:
             subjects.check_name("service", req.service)
         limit = max(1, min(req.limit, MAX_LIMIT))
@@ -113,15 +119,15 @@ class RolloutsApi:
         return [summary(r) for r in records[:limit]]
 
     def _verb(
-        self, event: Callable[[RolloutRequest], EngineEvent]
-    ) -> Callable[[RolloutRequest], Awaitable[dict[str, Any]]]:
-        async def handler(req: RolloutRequest) -> dict[str, Any]:
+        self, event: Callable[[RolloutRequest, str], EngineEvent]
+    ) -> Callable[[RolloutRequest, str], Awaitable[dict[str, Any]]]:
+        async def handler(req: RolloutRequest, caller: str) -> dict[str, Any]:
             rid = req.id or (await self._find("")).id
-            return status_dict(await self.runner.request(rid, event(req)))
+            return status_dict(await self.runner.request(rid, event(req, caller)))
 
         return handler
 
-    async def rollback(self, req: RollbackRequest) -> dict[str, Any]:
+    async def rollback(self, req: RollbackRequest, caller: str) -> dict[str, Any]:
         service = subjects.check_name("service", req.service)
         live = self.runner.active(service)
         if live is not None:
@@ -129,7 +135,7 @@ class RolloutsApi:
                 raise RemoteError(
                     f"rollout {live.id} of {service} is running; roll it back with 'fleetwave "
                     f"rollback {service}' (without --to) or abort it first", "conflict")
-            await self.runner.request(live.id, RollbackRequested())
+            await self.runner.request(live.id, RollbackRequested(who=caller))
             return {"id": live.id, "action": "rolling back"}
         history = [r for r in await self.runner.records() if r.spec.service == service]
         if not history:
@@ -147,10 +153,10 @@ class RolloutsApi:
         base = last_good or history[0]
         spec = msgspec.structs.replace(base.spec, version=version)
         release = await self._release(service, version)
-        record = await self.runner.deploy(spec, release)
+        record = await self.runner.deploy(spec, release, caller)
         return {"id": record.id, "action": f"deploying {service} {version}"}
 
-    async def key(self, req: KeyRequest) -> dict[str, Any]:
+    async def key(self, req: KeyRequest, caller: str) -> dict[str, Any]:
         return {"public_key": self.public_key}
 
     # -- helpers -----------------------------------------------------------------------------------
@@ -184,6 +190,8 @@ def status_dict(r: RolloutRecord) -> dict[str, Any]:
         "report": msgspec.to_builtins(r.report),
         "bake": r.spec.bake, "gates": msgspec.to_builtins(r.spec.gates),
         "on_failure": r.spec.on_failure, "on_node_lost": r.spec.on_node_lost,
+        "started_by": r.started_by, "paused_by": r.paused_by, "aborted_by": r.aborted_by,
+        "rollback_by": r.rollback_by,
         "waves": [
             {"index": w.index, "nodes": list(w.nodes), "weight": w.weight, "state": w.state,
              "started": w.started, "finished": w.finished, "gates": dict(w.gates)}
@@ -204,4 +212,5 @@ def summary(r: RolloutRecord) -> dict[str, Any]:
         "from_version": r.from_version, "strategy": r.spec.strategy, "state": r.state,
         "reason": r.reason, "created": r.created, "finished": r.finished,
         "nodes": len(r.nodes), "waves": len(r.waves), "current_wave": r.current_wave,
+        "started_by": r.started_by,
     }

@@ -1,9 +1,16 @@
 """The coordinator's API: a table of verbs, each a request type and an async handler.
 
-Theory of operation: every verb is served on ``fw.<fleet>.api.<verb>`` by the NATS micro service
-"fleetwave-coordinator". A request goes through one codec path, ``Api.handle``:
+Theory of operation: every verb is served on ``fw.<fleet>.api.<caller>.<verb>`` by the NATS micro
+service "fleetwave-coordinator" (``protocol.subjects``: the subject names the caller, which the
+server's permissions pin to the caller's credentials). A request goes through one codec path,
+``Api.handle``:
 
-    bytes --decode(request type)--> request --handler--> data --encode--> ApiReply(ok=True, data)
+    bytes --decode(request type)--> request --handler(request, caller)--> data
+          --encode--> ApiReply(ok=True, data)
+
+The caller comes from the subject only, never from the body: a handler gets it as its own
+argument, and a ``who`` a client writes into a request is no field of any request type (msgspec
+ignores unknown fields).
 
 and every failure on the way becomes an ``ApiReply(ok=False, code, error)`` instead of an
 exception, so that no request, however malformed, can crash the coordinator or leave a caller
@@ -15,8 +22,9 @@ waiting for a timeout:
     BusError, other FleetwaveError           code "internal"   the fleet or NATS misbehaved
     any other exception, or a timeout        code "internal"   our bug: logged with traceback
 
-An empty request body means "all defaults" (``{}``), so ``nats req fw.default.api.nodes ''``
-works from the shell. To add a verb: ``api.add("deploy", DeployRequest, handler)``.
+An empty request body means "all defaults" (``{}``), so ``nats req fw.default.api.me.nodes ''``
+works from the shell. To add a verb: ``api.add("deploy", DeployRequest, handler)``, where
+``handler(request, caller)``.
 """
 
 from __future__ import annotations
@@ -25,13 +33,16 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from coordinator.errors import ConfigError, FleetwaveError, RemoteError, UsageError
 from protocol import subjects
 from protocol.codec import decode, encode
 from protocol.errors import BusError, Conflict, ProtocolError
 from protocol.messages import ApiReply
+
+if TYPE_CHECKING:  # the type only: the API itself never touches the bus
+    from protocol.bus import Handler
 
 log = logging.getLogger("fleetwave.coordinator.api")
 
@@ -43,7 +54,7 @@ Req = TypeVar("Req")
 @dataclass(frozen=True)
 class Endpoint(Generic[Req]):
     request: type[Req]
-    handler: Callable[[Req], Awaitable[Any]]
+    handler: Callable[[Req, str], Awaitable[Any]]
 
 
 class Api:
@@ -53,7 +64,8 @@ class Api:
         self._endpoints: dict[str, Endpoint[Any]] = {}
         self._timeout = timeout
 
-    def add(self, verb: str, request: type[Req], handler: Callable[[Req], Awaitable[Any]]) -> None:
+    def add(self, verb: str, request: type[Req],
+            handler: Callable[[Req, str], Awaitable[Any]]) -> None:
         """Serve ``verb``: requests decode as ``request`` and go to ``handler``."""
         if verb in self._endpoints:
             raise ValueError(f"API verb {verb!r} is registered twice")
@@ -64,23 +76,23 @@ class Api:
     def verbs(self) -> list[str]:
         return sorted(self._endpoints)
 
-    async def handle(self, verb: str, data: bytes) -> bytes:
-        """Answer one request; never raises (except on cancellation)."""
-        reply = await self.reply(verb, data)
+    async def handle(self, verb: str, data: bytes, caller: str) -> bytes:
+        """Answer one request of ``caller``; never raises (except on cancellation)."""
+        reply = await self.reply(verb, data, caller)
         try:
             return encode(reply)
         except (TypeError, ValueError, OverflowError) as exc:  # a handler returned odd data
             log.error("API %s returned data that cannot be encoded: %s", verb, exc)
             return encode(ApiReply(ok=False, code="internal", error=f"cannot encode reply: {exc}"))
 
-    async def reply(self, verb: str, data: bytes) -> ApiReply:
+    async def reply(self, verb: str, data: bytes, caller: str) -> ApiReply:
         endpoint = self._endpoints.get(verb)
         if endpoint is None:
             return ApiReply(ok=False, code="usage", error=f"unknown API verb {verb!r}")
         try:
             request = decode(endpoint.request, data if data.strip() else b"{}")
             async with asyncio.timeout(self._timeout):
-                result = await endpoint.handler(request)
+                result = await endpoint.handler(request, caller)
         except (ProtocolError, UsageError, ConfigError) as exc:
             return ApiReply(ok=False, code="usage", error=str(exc))
         except Conflict as exc:
@@ -105,12 +117,22 @@ class Api:
             )
         return ApiReply(ok=True, data=result)
 
-    def endpoints(self, fleet: str) -> dict[str, tuple[str, Callable[[bytes], Awaitable[bytes]]]]:
-        """The endpoint table ``Bus.serve`` takes: name → (subject, bytes handler)."""
-        out: dict[str, tuple[str, Callable[[bytes], Awaitable[bytes]]]] = {}
-        for verb in self._endpoints:
-            async def on_request(data: bytes, verb: str = verb) -> bytes:
-                return await self.handle(verb, data)
+    async def on_subject(self, verb: str, subject: str, data: bytes) -> bytes:
+        """Answer a request that arrived on ``subject``, for the caller it names
+        (``subjects.api_caller``: "unknown" on an older CLI's subject)."""
+        try:
+            caller = subjects.api_caller(subject)
+        except ProtocolError as exc:
+            return encode(ApiReply(ok=False, code="usage", error=str(exc)))
+        return await self.handle(verb, data, caller)
 
-            out[verb] = (subjects.api(fleet, verb), on_request)
+    def endpoints(self, fleet: str) -> dict[str, tuple[str, Handler]]:
+        """The endpoint table ``Bus.serve`` takes: name → (subject, handler of subject and
+        bytes), every caller's subject of each verb."""
+        out: dict[str, tuple[str, Handler]] = {}
+        for verb in self._endpoints:
+            async def on_request(subject: str, data: bytes, verb: str = verb) -> bytes:
+                return await self.on_subject(verb, subject, data)
+
+            out[verb] = (subjects.api_endpoint(fleet, verb), on_request)
         return out

@@ -19,16 +19,31 @@ account resolver and signing keys per account, which pay off with many accounts 
 servers managed apart; a fleet is one account. The server never holds a private key either way.
 
 Every change writes ``users.conf`` from ``auth.json`` whole, atomically (temp file, rename), and
-``auth.json`` last, so an interrupted command leaves the previous state or the new one.
+``auth.json`` last, so an interrupted command leaves the previous state or the new one; changes
+hold ``DIR/.lock`` (flock), so a broker re-rendering at an expiry never interleaves with one.
+
+**Expiry.** nkey users have no expiry in nats-server, so it is kept here: an identity issued with
+``--expires`` has its time in ``auth.json`` and in its creds file's header; ``users.conf`` is
+rendered for a moment ``now`` and leaves out whoever has expired by then (a comment says so).
+Something must re-render it when an expiry passes: ``fleetwave broker --auth DIR`` does it itself
+(``next_expiry`` tells it when), and ``fleetwave auth prune DIR`` does it for a nats-server run
+by systemd (a timer, then a reload). ``renew`` moves an identity's expiry, keeping its key (a
+client cut off reconnects by itself once the server has reloaded) or, with ``new_key``, issuing
+a new one (the old key stops at once). Expired identities stay in ``auth.json`` until revoked, so
+that they can be renewed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import json
 import os
+import re
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nkeys
@@ -36,14 +51,22 @@ import nkeys
 from coordinator.auth import perms, pki
 from coordinator.errors import UsageError
 from protocol import creds as creds_file
+from protocol.durations import parse_duration
 from protocol.errors import ProtocolError
-from protocol.subjects import check_name
+from protocol.subjects import RESERVED_CALLERS, check_name
 
 META = "auth.json"
 USERS = "users.conf"
 CA, CA_KEY = "ca.pem", "ca-key.pem"
 SERVER, SERVER_KEY = "server.pem", "server-key.pem"
 COORDINATOR = "coordinator"
+LOCK = ".lock"
+# A user no one holds (its seed was thrown away when this constant was made), allowed nothing.
+# users.conf always lists it: with every identity expired or revoked an empty users list would
+# turn nats-server's authorization off and let anyone in.
+NOBODY = "UBZTXX5WHESF32AKQHIXHQOHREBEW5QW2OF5HNVVVDS2HHTYDS334G7Z"
+MAX_LIFETIME = dt.timedelta(days=3660)
+_DAYS = re.compile(r"^(\d+)d(.*)$")
 
 
 @dataclass(frozen=True)
@@ -51,6 +74,31 @@ class Identity:
     role: str
     name: str
     nkey: str  # public key, U...
+    expires: dt.datetime | None = None  # aware UTC; None: until revoked
+
+    def live(self, now: dt.datetime) -> bool:
+        return self.expires is None or now < self.expires
+
+
+def parse_lifetime(text: str) -> dt.timedelta:
+    """``--expires``: a duration as ``parse_duration`` takes it, or days first (``90d``,
+    ``365d``, ``1d12h``); UsageError (one line) otherwise."""
+    m = _DAYS.match(text.strip())
+    days, rest = (int(m[1]), m[2]) if m else (0, text)
+    try:
+        seconds = parse_duration(rest, what="--expires") if rest else 0.0
+    except ProtocolError as exc:
+        raise UsageError(f"{exc} (or days: '90d', '365d')") from None
+    life = dt.timedelta(days=days, seconds=seconds)
+    if not dt.timedelta(0) < life <= MAX_LIFETIME:
+        raise UsageError(f"--expires {text!r} must be more than 0 and at most 3660d")
+    return life
+
+
+def next_expiry(users: list[Identity], now: dt.datetime) -> dt.datetime | None:
+    """The first expiry still to come after ``now`` (when ``users.conf`` must change next)."""
+    coming = [u.expires for u in users if u.expires is not None and u.expires > now]
+    return min(coming, default=None)
 
 
 def _write(path: Path, data: str | bytes, mode: int = 0o600) -> None:
@@ -94,14 +142,15 @@ class AuthDir:
             )
         try:
             data = json.loads(meta.read_text())
-            users = [Identity(u["role"], u["name"], u["nkey"]) for u in data["users"]]
+            users = [Identity(u["role"], u["name"], u["nkey"], _expiry(u.get("expires")))
+                     for u in data["users"]]
             return str(data["fleet"]), list(data["server_names"]), users
         except FileNotFoundError:
             raise UsageError(
                 f"{self.path} is not a fleetwave auth directory (no {META}); pass the directory "
                 "'fleetwave auth init' made"
             ) from None
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             raise UsageError(f"{meta} is unreadable or damaged; restore it from a backup") from None
 
     def creds_path(self, role: str, name: str) -> Path:
@@ -122,8 +171,8 @@ class AuthDir:
                 "pick a new directory, or use 'fleetwave auth add-node' on this one"
             )
         check_name("fleet", fleet)
-        check_name("operator", operator)
-        when = now or dt.datetime.now(dt.UTC)
+        _check_operator(operator)
+        when = now or _now()
         all_names = pki.server_names(names)
         ca = pki.make_ca(fleet, when)
         server = pki.make_server(ca, all_names, when)
@@ -138,29 +187,79 @@ class AuthDir:
         users: list[Identity] = []
         users.append(self._issue(fleet, "coordinator", COORDINATOR))
         users.append(self._issue(fleet, "operator", operator))
-        self._save(fleet, all_names, users)
+        self._save(fleet, all_names, users, when)
 
-    def add(self, role: str, name: str) -> Path:
-        """Issue credentials for a new node or operator; returns its creds file."""
-        fleet, names, users = self.load()
-        try:
-            check_name(role, name)
-        except ProtocolError as exc:
-            raise UsageError(str(exc)) from None
-        if any(u.name == name and u.role == role for u in users):
-            raise UsageError(
-                f"{role} {name!r} is already enrolled in {self.path}; revoke it first with "
-                f"'fleetwave auth revoke {self.path} {name}' to issue new credentials"
-            )
-        users.append(self._issue(fleet, role, name))
-        self._save(fleet, names, users)
+    def add(self, role: str, name: str, expires: dt.timedelta | None = None,
+            now: dt.datetime | None = None) -> Path:
+        """Issue credentials for a new node or operator (valid for ``expires``, default until
+        revoked); returns its creds file."""
+        when = now or _now()
+        with self._locked():
+            fleet, names, users = self.load()
+            try:
+                check_name(role, name)
+            except ProtocolError as exc:
+                raise UsageError(str(exc)) from None
+            if role == "operator":
+                _check_operator(name)
+            if any(u.name == name and u.role == role for u in users):
+                raise UsageError(
+                    f"{role} {name!r} is already enrolled in {self.path}; renew it with "
+                    f"'fleetwave auth renew {self.path} {name}', or revoke it first with "
+                    f"'fleetwave auth revoke {self.path} {name}' to issue new credentials"
+                )
+            users.append(self._issue(fleet, role, name, when + expires if expires else None))
+            self._save(fleet, names, users, when)
         return self.creds_path(role, name)
 
-    def revoke(self, name: str) -> Identity:
+    def revoke(self, name: str, now: dt.datetime | None = None) -> Identity:
         """Remove a node's or an operator's identity: its user leaves the server config and its
         creds file is deleted. The coordinator's identity cannot be revoked this way."""
-        fleet, names, users = self.load()
-        found = [u for u in users if u.name == name and u.role != "coordinator"]
+        with self._locked():
+            fleet, names, users = self.load()
+            gone = self._find(users, name, renewing=False)
+            self._save(fleet, names, [u for u in users if u is not gone], now or _now())
+            self.creds_path(gone.role, gone.name).unlink(missing_ok=True)
+        return gone
+
+    def renew(self, name: str, expires: dt.timedelta | None, *, new_key: bool = False,
+              now: dt.datetime | None = None) -> Identity:
+        """Give ``name`` a new expiry (``expires`` from ``now``; None: until revoked) and
+        rewrite its creds file. The key stays unless ``new_key`` (then the old key stops
+        working at the next reload); keeping it needs the creds file still in DIR (its seed)."""
+        when = now or _now()
+        with self._locked():
+            fleet, names, users = self.load()
+            old = self._find(users, name, renewing=True)
+            until = when + expires if expires else None
+            if new_key:
+                fresh = self._issue(fleet, old.role, old.name, until)
+            else:
+                fresh = replace(old, expires=until)
+                self._rewrite_creds(fleet, fresh)
+            self._save(fleet, names, [fresh if u is old else u for u in users], when)
+        return fresh
+
+    def prune(self, now: dt.datetime | None = None) -> tuple[list[Identity], bool]:
+        """Render ``users.conf`` for ``now``: (the identities left out as expired, whether the
+        file changed). ``fleetwave auth prune`` and a broker with ``--auth`` call it: at its
+        start (which also gives an older release's users this release's permissions: operators'
+        API subjects came to name them) and at each expiry."""
+        when = now or _now()
+        with self._locked():
+            fleet, _, users = self.load()
+            text = render_users(fleet, users, when)
+            path = self.path / USERS
+            try:
+                changed = path.read_text() != text
+            except OSError:
+                changed = True
+            if changed:
+                _write(path, text, 0o644)
+        return [u for u in users if not u.live(when)], changed
+
+    def _find(self, users: list[Identity], name: str, *, renewing: bool) -> Identity:
+        found = [u for u in users if u.name == name and (u.role != "coordinator" or renewing)]
         if not found:
             raise UsageError(
                 f"no node or operator named {name!r} in {self.path}; see auth.json for who is "
@@ -169,37 +268,93 @@ class AuthDir:
         if len(found) > 1:
             raise UsageError(f"{name!r} is both a node and an operator in {self.path}; "
                              "rename one of them (revoke and add again)")
-        gone = found[0]
-        self._save(fleet, names, [u for u in users if u is not gone])
-        self.creds_path(gone.role, gone.name).unlink(missing_ok=True)
-        return gone
+        return found[0]
 
-    def _issue(self, fleet: str, role: str, name: str) -> Identity:
+    def _rewrite_creds(self, fleet: str, who: Identity) -> None:
+        """The creds file of ``who`` again, with its seed and its new expiry."""
+        path = self.creds_path(who.role, who.name)
+        try:
+            old = creds_file.parse(path.read_text(), str(path))
+        except (OSError, ProtocolError):
+            raise UsageError(
+                f"{path} is missing or damaged, so its key cannot be kept; renew with --new-key "
+                "(a new key: copy the new file to the host)"
+            ) from None
+        _write(path, creds_file.render(creds_file.Creds(
+            fleet=fleet, role=who.role, name=who.name, seed=old.seed, expires=who.expires)))
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One change at a time (commands and a broker's re-rendering), across processes."""
+        if not self.path.is_dir():
+            self.load()  # the one-line error for a missing DIR
+        with (self.path / LOCK).open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def _issue(self, fleet: str, role: str, name: str,
+               expires: dt.datetime | None = None) -> Identity:
         seed, public = _new_seed()
-        _write(self.creds_path(role, name),
-               creds_file.render(creds_file.Creds(fleet=fleet, role=role, name=name, seed=seed)))
-        return Identity(role, name, public)
+        _write(self.creds_path(role, name), creds_file.render(
+            creds_file.Creds(fleet=fleet, role=role, name=name, seed=seed, expires=expires)))
+        return Identity(role, name, public, expires)
 
-    def _save(self, fleet: str, names: list[str], users: list[Identity]) -> None:
-        _write(self.path / USERS, render_users(fleet, users), 0o644)
+    def _save(self, fleet: str, names: list[str], users: list[Identity],
+              now: dt.datetime) -> None:
+        _write(self.path / USERS, render_users(fleet, users, now), 0o644)
         _write(self.path / META, json.dumps({
             "fleet": fleet, "server_names": names,
-            "users": [{"role": u.role, "name": u.name, "nkey": u.nkey} for u in users],
+            "users": [_identity_json(u) for u in users],
         }, indent=2) + "\n")
 
 
-def render_users(fleet: str, users: list[Identity]) -> str:
-    """The ``authorization`` block nats-server includes: one nkey user per identity."""
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _expiry(text: object) -> dt.datetime | None:
+    if text is None:
+        return None
+    return creds_file.parse_time(str(text), META)
+
+
+def _identity_json(u: Identity) -> dict[str, str]:
+    out = {"role": u.role, "name": u.name, "nkey": u.nkey}
+    if u.expires is not None:
+        out["expires"] = creds_file.format_time(u.expires)
+    return out
+
+
+def _check_operator(name: str) -> None:
+    """Refuse the operator names the coordinator records itself as ``who`` (its own decisions,
+    an older CLI's requests), so that on a secure fleet those words mean only that."""
+    check_name("operator", name)
+    if name in RESERVED_CALLERS:
+        raise UsageError(f"operator name {name!r} is reserved: the audit log uses it for the "
+                         "coordinator's own decisions; pick another name")
+
+
+def render_users(fleet: str, users: list[Identity], now: dt.datetime) -> str:
+    """The ``authorization`` block nats-server includes: one nkey user per identity still
+    valid at ``now`` (an expired one is a comment: the server must not know its key)."""
     lines = [
-        "# generated by fleetwave auth: do not edit (rewritten by add-node, add-operator, revoke)",
+        "# generated by fleetwave auth: do not edit (rewritten by add-node, add-operator, revoke,",
+        "# renew, and when an expiry passes)",
         "authorization {",
         "  users: [",
     ]
     for u in users:
+        until = creds_file.format_time(u.expires) if u.expires else ""
+        if not u.live(now):
+            lines.append(f"    # {u.role} {u.name}: expired at {until}")
+            continue
+        until = f" until {until}" if until else ""
         p = json.dumps(perms.for_identity(fleet, u.role, u.name))
-        lines.append(f"    # {u.role} {u.name}")
+        lines.append(f"    # {u.role} {u.name}{until}")
         lines.append(f'    {{ nkey: "{u.nkey}", permissions: {p} }}')
-    lines += ["  ]", "}", ""]
+    nothing = json.dumps({"publish": {"deny": [">"]}, "subscribe": {"deny": [">"]}})
+    lines += ["    # no one: keeps authorization on when no identity is left",
+              f'    {{ nkey: "{NOBODY}", permissions: {nothing} }}', "  ]", "}", ""]
     return "\n".join(lines)
 
 
@@ -217,3 +372,4 @@ def broker_block(path: Path, conf_dir: Path) -> str:
         "}\n"
         f'include "{users}"\n'
     )
+

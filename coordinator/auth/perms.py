@@ -8,7 +8,8 @@ Three roles, from least to most trusted:
   subjects naming it: ``subjects.agent_event``), read release objects, and receive replies on
   its own inbox prefix ``_INBOX_<node>`` only (the server answers its KV and JetStream requests
   there; nats-py's ``inbox_prefix``).
-- **operator** (the ``fleetwave`` CLI): the coordinator's API, reads of the fleet's state,
+- **operator** (the ``fleetwave`` CLI): the coordinator's API on subjects that name it (so the
+  coordinator knows who asks from the subject the server let through), reads of the fleet's state,
   release pushes; never a write to desired states, rollouts, locks, the lease, observed states or
   registrations (those go through the coordinator's API, or are a node's own), and never a
   purge or delete of a stream. Replies on ``_OPS_<name>`` (no node's prefix starts so: node ids
@@ -91,8 +92,13 @@ def operator(fleet: str, name: str) -> Permissions:
     return {
         "publish": {
             "allow": [
-                f"{subjects.api_prefix(f)}.>",
-                f"fw.{f}.coord.*.api.>",
+                # Its own name in every API subject: the coordinator records that name as
+                # ``who`` (``protocol.subjects``), so no operator can ask as another.
+                *subjects.operator_api(f, name),
+                # The subjects of older CLIs, which name no caller: a coordinator with
+                # credentials answers their writes "upgrade the CLI" (a refusal by the server
+                # would leave that CLI waiting for a timeout, with no hint why).
+                subjects.legacy_api(f, "*"), subjects.legacy_coordinator_api(f, "*", "*"),
                 f"$O.{subjects.releases_store(f)}.>",
                 f"$KV.{subjects.release_index_bucket(f)}.>",
                 "$JS.API.>",

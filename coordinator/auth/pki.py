@@ -3,7 +3,8 @@
 The CA is self-signed and lives only in the auth directory (its key 0600); clients trust it
 alone (``--tls-ca``). The server certificate names every ``--server-name`` given plus
 ``localhost`` and ``127.0.0.1`` (DNS or IP SANs as each looks), so clients check the host name
-they dial. Keys are ECDSA P-256: small, fast handshakes, accepted by nats-server and Python's ssl.
+they dial, and serves brokers as their identity towards each other on cluster routes. Keys are
+ECDSA P-256: small, fast handshakes, accepted by nats-server and Python's ssl.
 """
 
 from __future__ import annotations
@@ -81,9 +82,23 @@ def make_server(ca: Pem, names: list[str], now: dt.datetime) -> Pem:
         .not_valid_after(now + dt.timedelta(days=SERVER_DAYS))
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        # clientAuth too: brokers of a cluster show this certificate to each other on their
+        # routes (mutual TLS), where the dialing broker is the TLS client.
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                              ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
                        critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     return Pem(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+
+
+def serves_routes(cert_pem: bytes) -> bool:
+    """Whether a server certificate may also authenticate its broker on cluster routes (it
+    names clientAuth; those made before routes were secured do not)."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return True  # no restriction at all
+    return ExtendedKeyUsageOID.CLIENT_AUTH in usage

@@ -7,14 +7,38 @@ config when ``users.conf`` changes).
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
+import json
 from pathlib import Path
 
 import click
 
-from coordinator.auth.enroll import CA, AuthDir
-from coordinator.cli.base import cli
+import coordinator.cli.client as client
+from coordinator.auth.enroll import CA, USERS, AuthDir, Identity, parse_lifetime
+from coordinator.cli.base import Ctx, cli, output_option
+from coordinator.core.rotation import Status, named, short
+from coordinator.errors import FleetwaveError, UsageError
+from coordinator.runtime import keyfile
+from coordinator.runtime.rotation import read_status
+from protocol.codec import to_builtins
+from protocol.creds import format_time
 
 DirArg = click.Path(file_okay=False, path_type=Path)
+
+
+def _lifetime(_: click.Context, __: click.Parameter, value: str | None) -> dt.timedelta | None:
+    return parse_lifetime(value) if value is not None else None
+
+
+expires_option = click.option(
+    "--expires", "expires", default=None, metavar="DURATION", callback=_lifetime,
+    help="Valid for this long from now ('90d', '365d', '12h'); then the brokers refuse it "
+    "until 'fleetwave auth renew'. Default: until revoked.")
+
+
+def _until(who: Identity) -> str:
+    return f"valid until {format_time(who.expires)}" if who.expires else "valid until revoked"
 
 
 @cli.group()
@@ -49,9 +73,10 @@ def init(ctx: click.Context, directory: Path, fleet_name: str | None, names: tup
 @auth.command("add-node")
 @click.argument("directory", type=DirArg)
 @click.argument("node_id")
-def add_node(directory: Path, node_id: str) -> None:
+@expires_option
+def add_node(directory: Path, node_id: str, expires: dt.timedelta | None) -> None:
     """Issue credentials for node NODE_ID (DIRECTORY/nodes/NODE_ID.creds)."""
-    path = AuthDir(directory).add("node", node_id)
+    path = AuthDir(directory).add("node", node_id, expires)
     click.echo(
         f"{path}: copy it and {directory / CA} to the host (0600), then run 'fleetwave-agent "
         f"--node-id {node_id} --creds FILE --tls-ca ca.pem --nats tls://BROKER:4222'"
@@ -61,9 +86,14 @@ def add_node(directory: Path, node_id: str) -> None:
 @auth.command("add-operator")
 @click.argument("directory", type=DirArg)
 @click.argument("name")
-def add_operator(directory: Path, name: str) -> None:
-    """Issue credentials for operator NAME (DIRECTORY/operators/NAME.creds)."""
-    path = AuthDir(directory).add("operator", name)
+@expires_option
+def add_operator(directory: Path, name: str, expires: dt.timedelta | None) -> None:
+    """Issue credentials for operator NAME (DIRECTORY/operators/NAME.creds).
+
+    The server lets these credentials call the coordinator's API only as NAME, which the
+    coordinator records as who asked for every change (``fleetwave events``); "coordinator" and
+    "unknown" are reserved for the audit log's own use."""
+    path = AuthDir(directory).add("operator", name, expires)
     click.echo(f"{path}: give it to {name} with {directory / CA}; they pass both with --creds "
                "and --tls-ca (or FLEETWAVE_CREDS, FLEETWAVE_TLS_CA)")
 
@@ -77,3 +107,159 @@ def revoke(directory: Path, name: str) -> None:
     gone = AuthDir(directory).revoke(name)
     click.echo(f"revoked {gone.role} {name!r}: removed from {directory / 'users.conf'} and its "
                "credentials file deleted; brokers with --auth reload it by themselves")
+
+
+@auth.command("renew")
+@click.argument("directory", type=DirArg)
+@click.argument("name")
+@expires_option
+@click.option("--new-key", is_flag=True,
+              help="Issue a new key too (the old one stops working at the brokers' next "
+              "reload); by default the key stays, so a client cut off at expiry reconnects by "
+              "itself.")
+def renew(directory: Path, name: str, expires: dt.timedelta | None, new_key: bool) -> None:
+    """Give a node's, an operator's or the coordinator's credentials a new expiry (expired
+    or not) and rewrite its credentials file."""
+    who = AuthDir(directory).renew(name, expires, new_key=new_key)
+    path = AuthDir(directory).creds_path(who.role, who.name)
+    copy = ("copy it to the host and restart its client: the old key no longer works" if new_key
+            else "copy it to the host (its client reconnects by itself; the new file is needed "
+            "at its next start)")
+    click.echo(f"renewed {who.role} {name!r}, {_until(who)}: {path}; {copy}")
+
+
+@auth.command("prune")
+@click.argument("directory", type=DirArg)
+def prune(directory: Path) -> None:
+    """Render DIRECTORY/users.conf for now, leaving out expired credentials; then reload the
+    nats-server (systemctl reload). 'fleetwave broker --auth' does this by itself."""
+    d = AuthDir(directory)
+    expired, changed = d.prune()
+    _, _, users = d.load()
+    gone = ", ".join(f"{u.role} {u.name}" for u in expired) or "none"
+    upcoming = [u for u in users if u not in expired and u.expires is not None]
+    soon = min(upcoming, key=lambda u: u.expires or dt.datetime.max, default=None)
+    nxt = f"; next to expire: {soon.role} {soon.name} at {format_time(soon.expires)}" if (
+        soon is not None and soon.expires is not None) else ""
+    what = "rewritten: reload the nats-server" if changed else "unchanged"
+    click.echo(f"{directory / USERS} {what}; expired: {gone}{nxt}")
+@auth.command("rotate-signing-key")
+@click.argument("phase", type=click.Choice(["begin", "check", "switch", "finish"]),
+                default="check", metavar="[PHASE]")
+@click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              envvar="FLEETWAVE_KEY_FILE",
+              help="The coordinators' signing key file, KEY (env FLEETWAVE_KEY_FILE); the new "
+              "key is made as KEY.next, the old one kept as KEY.previous until finish.")
+@click.option("--force", is_flag=True,
+              help="switch although nodes do not trust the new key (they then take no new "
+              "desired state until they do), or finish although desired states are still "
+              "signed by the old key (nodes that drop it then take them no more). Dangerous.")
+@output_option
+@click.pass_obj
+def rotate_signing_key(ctx: Ctx, phase: str, key_file: Path, force: bool, output: str) -> None:
+    """Rotate the coordinators' signing key with no outage, in steps (PHASE, default check):
+
+    \b
+    begin   make KEY.next (0600) and print its public key: add it to every agent's
+            FLEETWAVE_TRUST_KEYS, keeping the old one, and restart the agents (their services
+            keep running)
+    check   where the rotation stands: nodes that do not trust the new key, the key the
+            leader signs with, desired states not yet signed by the new key; the next step
+    switch  refused while a registered node does not trust the new key; then KEY becomes
+            KEY.previous and KEY.next becomes KEY: copy both to every coordinator host and
+            restart the coordinators. The first to lead re-signs every desired state (same
+            generation and content: no service restarts); old-key coordinators left running
+            refuse to lead from then on
+    finish  refused until the leader signs with the new key and every desired state is
+            signed by it; deletes KEY.previous here (delete it on the other hosts too), after
+            which the old key can leave the agents' FLEETWAVE_TRUST_KEYS
+
+    Exit status: 0 done, 1 refused (one line says why), 2 bad key files or flags.
+    """
+    if phase == "begin":
+        _begin(key_file, output)
+        return
+    st = _status(ctx, key_file)
+    if phase == "switch":
+        _switch(st, key_file, force, output)
+    elif phase == "finish":
+        _finish(st, key_file, force, output)
+    else:
+        _say(output, {"phase": "check", **to_builtins(st), "next": st.next_step()},
+             _check_text(st))
+
+
+def _begin(key_file: Path, output: str) -> None:
+    path, key = keyfile.begin(key_file)
+    _say(output, {"phase": "begin", "new_key_file": str(path), "new_key": key},
+         f"made {path} (0600), public key {key}; add it to every agent's FLEETWAVE_TRUST_KEYS "
+         "(keep the old key), restart the agents, then run 'fleetwave auth rotate-signing-key "
+         f"check --key-file {key_file}'")
+
+
+def _switch(st: Status, key_file: Path, force: bool, output: str) -> None:
+    if st.stage != "begun":
+        raise UsageError(f"nothing to switch to: {keyfile.next_path(key_file)} does not exist; "
+                         "run 'begin' first" if st.stage == "none" else
+                         "switched already; run 'check', then 'finish'")
+    if (why := st.switch_refusal()) is not None and not force:
+        raise FleetwaveError(f"not switching: {why}")
+    old, new = keyfile.switch(key_file)
+    _say(output, {"phase": "switch", "old_key": old, "new_key": new,
+                  "forced_past": st.untrusting},
+         f"switched {key_file} to {new} (the old key kept as "
+         f"{keyfile.previous_path(key_file)}); copy both files to every coordinator host (0600) "
+         "and restart the coordinators, then run check")
+
+
+def _finish(st: Status, key_file: Path, force: bool, output: str) -> None:
+    if st.stage != "switched":
+        raise UsageError("nothing to finish: 'switch' has not run on this host")
+    if (why := st.finish_refusal()) is not None and not force:
+        raise FleetwaveError(f"not finishing: {why}")
+    old = keyfile.finish(key_file)
+    _say(output, {"phase": "finish", "old_key": old, "still_trusting_old": st.still_old},
+         f"deleted {keyfile.previous_path(key_file)}; delete it on the other coordinator hosts "
+         f"too, and remove {old} from FLEETWAVE_TRUST_KEYS"
+         + (f" on {', '.join(st.still_old)}" if st.still_old else "")
+         + " (then restart those agents)")
+
+
+def _status(ctx: Ctx, key_file: Path) -> Status:
+    where, old, new = keyfile.stage(key_file)
+
+    async def read() -> Status:
+        async with client.connected(ctx) as bus:
+            return await read_status(bus, stage=where, old=old, new=new)
+
+    return asyncio.run(read())
+
+
+def _check_text(st: Status) -> str:
+    if st.stage == "none":
+        lines = [f"no rotation under way; the signing key is {st.new}"]
+    else:
+        lines = [f"rotation {st.stage}: old key {st.old}, new key {st.new}"]
+    lines.append(f"leader signs with: {_whose(st, st.leader_key)}")
+    if st.stage != "none":
+        lines.append(f"nodes: {st.nodes} registered; "
+                     + (f"not trusting the new key: {named(st.untrusting)}" if st.untrusting
+                        else "all trust the new key"))
+    if st.stage == "switched":
+        lines.append("desired states: " + (f"not yet signed by the new key: "
+                                           f"{named(st.not_resigned)}" if st.not_resigned
+                                           else "all signed by the new key"))
+    lines.append(f"next: {st.next_step()}")
+    return "\n".join(lines)
+
+
+def _whose(st: Status, key: str) -> str:
+    if not key:
+        return "nothing (no coordinator leads)"
+    if key == st.new:
+        return "this key" if st.stage == "none" else "the new key"
+    return "the old key" if key == st.old else short(key)
+
+
+def _say(output: str, data: dict[str, object], text: str) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True) if output == "json" else text)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ import click
 
 from protocol import creds as creds_file
 from protocol.errors import ProtocolError
-from protocol.subjects import check_name
+from protocol.subjects import caller_token, check_name
 
 DEFAULT_NATS = "nats://127.0.0.1:4222"
 
@@ -27,6 +28,21 @@ class Ctx:
     def access(self) -> dict[str, Any]:
         """The credentials and TLS arguments of ``Bus.connect`` for this client."""
         return {"creds": self.creds, "tls_ca": self.tls_ca}
+
+    @property
+    def caller(self) -> str:
+        """Who this CLI says it is in its API subjects (``protocol.subjects``): its credentials'
+        name, the only one the server lets it publish under; on an open bus (no --creds) the OS
+        user, which nothing proves."""
+        return self.creds.name if self.creds is not None else os_user()
+
+
+def os_user() -> str:
+    """The OS user as a caller token ("anonymous" when the OS knows no name for this uid)."""
+    try:
+        return caller_token(getpass.getuser())
+    except (OSError, KeyError):  # no USER/LOGNAME and no passwd entry (a bare container)
+        return caller_token("")
 
 
 def load_creds(path: Path | None, fleet: str, role: str | None = None) -> creds_file.Creds | None:
@@ -54,7 +70,9 @@ def check_tls_ca(path: Path | None) -> str | None:
 
 creds_option = click.option(
     "--creds", type=click.Path(dir_okay=False, path_type=Path), envvar="FLEETWAVE_CREDS",
-    default=None, help="Credentials file made by 'fleetwave auth' (env FLEETWAVE_CREDS).",
+    default=None, help="Credentials file made by 'fleetwave auth' (env FLEETWAVE_CREDS). The "
+    "coordinator records its name as who asked for each change; without --creds the CLI gives "
+    "your OS user name instead, which on an open bus is a claim nothing checks.",
 )
 tls_ca_option = click.option(
     "--tls-ca", type=click.Path(dir_okay=False, path_type=Path), envvar="FLEETWAVE_TLS_CA",

@@ -2,8 +2,9 @@
 
 ``connected(ctx)`` is a connection bounded in time (a CLI must fail fast when there is no NATS,
 whatever nats-py's own reconnect settings would do); ``call(ctx, verb, request)`` sends one API
-request (a writing verb straight to the leading coordinator, ``_ask``) and returns the reply's
-``data``, or raises:
+request (a writing verb straight to the leading coordinator, ``_ask``) on a subject that names the
+caller (``Ctx.caller``: the credentials' name, or the OS user on an open bus), and returns the
+reply's ``data``, or raises:
 
     NotReachable   no NATS at the URL, or no coordinator answers (one line saying how to start one)
     RemoteError    the coordinator answered ``ok=False``; ``code`` "usage" exits 2, others 1
@@ -64,7 +65,7 @@ async def call(
     give_up = loop.time() + TAKEOVER_WAIT
     async with connected(ctx) as bus:
         while True:
-            raw = await _ask(bus, verb, encode(request), timeout)
+            raw = await _ask(bus, ctx.caller, verb, encode(request), timeout)
             reply = decode(ApiReply, raw)
             if reply.ok or reply.code != "unavailable" or loop.time() >= give_up:
                 break
@@ -74,27 +75,28 @@ async def call(
     return reply.data
 
 
-async def _ask(bus: Bus, verb: str, data: bytes, timeout: float) -> bytes:
+async def _ask(bus: Bus, caller: str, verb: str, data: bytes, timeout: float) -> bytes:
     """One request: a reading verb to every coordinator (the first answer wins); a writing verb
     straight to the leader's own subject, so that no frozen standby of the queue group can
     swallow it (through the queue group when the leader is unknown or its subject is gone)."""
     if verb in subjects.WRITE_VERBS:
-        holder = await _holder(bus)
+        holder = await _holder(bus, caller)
         if holder:
             try:
-                return await bus.request(subjects.coordinator_api(bus.fleet, holder, verb), data,
-                                         timeout=timeout)
+                return await bus.request(
+                    subjects.coordinator_api(bus.fleet, holder, caller, verb), data,
+                    timeout=timeout)
             except NoResponders:
                 pass  # that leader is gone: whoever leads now answers through the queue group
-    return await bus.request(subjects.api(bus.fleet, verb), data, timeout=timeout)
+    return await bus.request(subjects.api(bus.fleet, caller, verb), data, timeout=timeout)
 
 
-async def _holder(bus: Bus) -> str:
+async def _holder(bus: Bus, caller: str) -> str:
     """The id of the leading coordinator, as the first coordinator to answer says ("" if none
     does in time)."""
     try:
-        reply = decode(ApiReply, await bus.request(subjects.api(bus.fleet, "leader"), b"{}",
-                                                   timeout=LEADER_TIMEOUT))
+        reply = decode(ApiReply, await bus.request(subjects.api(bus.fleet, caller, "leader"),
+                                                   b"{}", timeout=LEADER_TIMEOUT))
     except (NotReachable, ProtocolError):
         return ""
     data = reply.data if reply.ok and isinstance(reply.data, dict) else {}

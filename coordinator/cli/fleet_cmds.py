@@ -30,7 +30,7 @@ from coordinator.cli.render import cell
 from coordinator.core.fleet import parse_selector
 from coordinator.errors import UsageError
 from coordinator.runtime.daemon import Coordinator
-from coordinator.runtime.keyfile import coordinator_seed
+from coordinator.runtime.keyfile import coordinator_seed, previous_key
 from protocol.bus import redact
 from protocol.codec import to_builtins
 from protocol.errors import ProtocolError, TooFewServers
@@ -43,7 +43,9 @@ from protocol.messages import KeyRequest, NodesRequest, NodeView
     "--key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
     envvar="FLEETWAVE_KEY_FILE",
     help="Signing key (nkeys seed) for desired states; created 0600 if missing "
-    "[default: fleetwave-data/coordinator/coordinator.seed].",
+    "[default: fleetwave-data/coordinator/coordinator.seed]. A KEY.previous next to it (left by "
+    "'fleetwave auth rotate-signing-key switch') names the key this one takes over from "
+    "(env FLEETWAVE_KEY_FILE).",
 )
 @click.option(
     "--replicas", type=click.IntRange(1, 5), default=None, envvar="FLEETWAVE_REPLICAS",
@@ -72,11 +74,13 @@ def coordinator(ctx: Ctx, verbose: bool, key_file: Path | None, replicas: int | 
         format="%(asctime)s fleetwave-coordinator %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    seed = coordinator_seed(key_file or Path("fleetwave-data/coordinator/coordinator.seed"))
-    return asyncio.run(_run_coordinator(ctx, seed, replicas))
+    path = key_file or Path("fleetwave-data/coordinator/coordinator.seed")
+    seed = coordinator_seed(path)
+    return asyncio.run(_run_coordinator(ctx, seed, replicas, previous_key(path, seed)))
 
 
-async def _run_coordinator(ctx: Ctx, seed: bytes, replicas: int | None) -> int:
+async def _run_coordinator(ctx: Ctx, seed: bytes, replicas: int | None,
+                           previous: str | None = None) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -86,7 +90,7 @@ async def _run_coordinator(ctx: Ctx, seed: bytes, replicas: int | None) -> int:
     )
     try:
         await Coordinator(ctx.nats_url, ctx.fleet, seed=seed, replicas=replicas,
-                          **ctx.access()).run(stop)
+                          previous_key=previous, **ctx.access()).run(stop)
     except TooFewServers as exc:
         raise UsageError(str(exc)) from None  # exit 2: an operator's flag, not a failure
     return 0

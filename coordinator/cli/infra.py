@@ -32,7 +32,9 @@ from coordinator.dev.cluster import ClusterSpec, cluster_spec, watch_routes
 @click.option("--auth", "auth_dir", type=click.Path(file_okay=False, path_type=Path),
               default=None, metavar="DIR",
               help="Serve TLS and the authorization of this 'fleetwave auth' directory; "
-              "changes made there (add-node, revoke) are reloaded within a second.")
+              "changes made there (add-node, revoke, renew) are reloaded within a second, "
+              "credentials are cut off at their expiry, and cluster routes take mutual TLS "
+              "and the fleet's route user.")
 def broker(port: int, host: str, store_dir: Path, name: str | None,
            cluster_listen: str | None, routes: str | None, auth_dir: Path | None) -> int:
     """Run nats-server with JetStream in the foreground (Ctrl-C stops it)."""

@@ -21,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from protocol.messages import Event
+from protocol.subjects import COORDINATOR_CALLER
 
 # What a terminal would act on rather than show: C0 controls (ESC starts every escape sequence;
 # line breaks could forge a line of output), DEL, C1 controls (0x9b is a one-byte CSI), and the
@@ -82,6 +83,16 @@ def policy_line(st: dict[str, Any]) -> str:
     return safe("; ".join(bits))
 
 
+def who_line(st: dict[str, Any]) -> str:
+    """Who started the rollout, and who paused (while paused), aborted or rolled it back, as
+    one line ("" for a record from before ``who`` was kept)."""
+    said = [("started", "started_by"), ("aborted", "aborted_by"),
+            ("rollback asked", "rollback_by")]
+    if st.get("state") == "paused":
+        said.insert(1, ("paused", "paused_by"))
+    return safe("; ".join(f"{what} by {st[key]}" for what, key in said if st.get(key)))
+
+
 def _pct(x: Any) -> str:
     return f"{x:.2%}" if isinstance(x, (int, float)) else "-"
 
@@ -121,9 +132,13 @@ def gates_text(gates: dict[str, Any]) -> str:
         bits.append(f"mirror {gates.get('mismatched', 0)}/{gates.get('compared', 0)} mismatched"
                     + _limit(th, "max_mismatch_rate",
                              f"max {_pct(th.get('max_mismatch_rate'))}"))
+    if th.get("analysis") == "sequential":
+        bits.append(f"sequential, alpha {th.get('alpha')}")
     reasons = gates.get("reasons") or []
     if reasons:
         bits.append("; ".join(str(r) for r in reasons))
+    elif gates.get("evidence"):  # a pass, or the evidence so far during the bake
+        bits.append("; ".join(str(e) for e in gates["evidence"]))
     return safe(", ".join(b for b in bits if b))
 
 
@@ -146,6 +161,8 @@ def pending_gates_text(st: dict[str, Any]) -> str:
         bits.append(f"p99 max x{th['max_p99_ratio']:g}")
     if th.get("max_mismatch_rate") is not None:
         bits.append(f"mirror max {_pct(th['max_mismatch_rate'])}")
+    if bits and th.get("analysis") == "sequential":
+        bits.append(f"sequential, alpha {th.get('alpha')}")
     if not bits:
         return ""
     bake = st.get("bake")
@@ -239,14 +256,17 @@ def status_renderable(st: dict[str, Any]) -> RenderableType:
     report = (bluegreen_lines(st.get("report") or {})
               + shadow_report_lines(st.get("report") or {}))
     tail = [Text(""), Text("\n".join(safe(line) for line in report))] if report else []
-    policies = policy_line(st)
-    head = [Text(headline(st), style="bold")] + ([Text(policies)] if policies else [])
+    policies, who = policy_line(st), who_line(st)
+    head = ([Text(headline(st), style="bold")] + ([Text(who)] if who else [])
+            + ([Text(policies)] if policies else []))
     return Group(*head, Text(""), waves, Text(""), nodes, *tail)
 
 
 def status_text(st: dict[str, Any]) -> str:
     """The same view as plain lines (no terminal)."""
     lines = [headline(st)]
+    if who_line(st):
+        lines.append(f"  {who_line(st)}")
     if policy_line(st):
         lines.append(f"  {policy_line(st)}")
     for w in st.get("waves") or []:
@@ -295,19 +315,21 @@ def rollouts_table(rows: list[dict[str, Any]]) -> Table:
     """The people's view of ``fleetwave rollouts``."""
     table = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("ROLLOUT", "SERVICE", "FROM", "TO", "STRATEGY", "STATE", "NODES", "CREATED",
-                "REASON"):
+                "BY", "REASON"):
         table.add_column(col)
     for r in rows:
         table.add_row(cell(r["id"]), cell(r["service"]), cell(r.get("from_version") or "-"),
                       cell(r["version"]), cell(r["strategy"]), _styled(r["state"]),
                       cell(r.get("nodes", "")),
                       time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.get("created", 0))),
-                      cell(r.get("reason") or ""))
+                      cell(r.get("started_by") or "-"), cell(r.get("reason") or ""))
     return table
 
 
 def event_line(e: Event) -> str:
-    """One event as a log line: time, kind, where, message."""
+    """One event as a log line: time, kind, where, message, and who asked for it (not said of
+    what the coordinator decided by itself: most lines, and ``-o json`` has every ``who``)."""
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.time))
     where = " ".join(x for x in (e.rollout, e.node) if x)
-    return safe(f"{stamp} {e.kind:<22} {where + ' ' if where else ''}{e.message}")
+    by = f" (by {e.who})" if e.who and e.who != COORDINATOR_CALLER else ""
+    return safe(f"{stamp} {e.kind:<22} {where + ' ' if where else ''}{e.message}{by}")

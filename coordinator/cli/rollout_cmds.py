@@ -90,6 +90,8 @@ class RolloutFile(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_p99_ratio: str | float | None = None
     max_mismatch_rate: str | float | None = None
     min_requests: str | int | None = None
+    analysis: str | None = None
+    alpha: str | float | None = None
     progress_deadline: str | None = None
     on_failure: str | None = None
     on_node_lost: str | None = None
@@ -160,6 +162,11 @@ def build_spec(settings: dict[str, Any]) -> RolloutSpec:
         min_requests=None if f.min_requests is None
         else _int("--min-requests", f.min_requests),
     )
+    if f.analysis is not None:
+        spec.gates.analysis = _choice(  # type: ignore[assignment]
+            "--analysis", f.analysis, ("threshold", "sequential"))
+    if f.alpha is not None:
+        spec.gates.alpha = _fraction("--alpha", f.alpha)
     # What needs no fleet to judge is refused here, before anything is sent: the same checks
     # the API runs on every deploy.
     strategies.validate(spec)
@@ -256,7 +263,8 @@ _FLAGS = ("strategy", "selector", "batch", "max_unavailable", "steps", "weights"
           "mirror", "mirror_methods", "ignore_headers", "ignore_json_fields",
           "mirror_keep_headers", "then",
           "scale_down_delay", "min_healthy", "max_error_rate", "max_p99_ratio",
-          "max_mismatch_rate", "min_requests", "progress_deadline", "on_failure", "on_node_lost")
+          "max_mismatch_rate", "min_requests", "analysis", "alpha", "progress_deadline",
+          "on_failure", "on_node_lost")
 
 
 @cli.command()
@@ -288,10 +296,25 @@ _FLAGS = ("strategy", "selector", "batch", "max_unavailable", "steps", "weights"
 @click.option("--then", metavar="STRATEGY", help="Shadow: promote with blue-green or rolling.")
 @click.option("--scale-down-delay", metavar="DUR", help="Blue-green: keep the old slot warm.")
 @click.option("--min-healthy", metavar="P%", help="Gate: share of the wave's nodes healthy.")
-@click.option("--max-error-rate", metavar="X", help="Gate: new-slot error rate (0.01 or 1%).")
-@click.option("--max-p99-ratio", metavar="X", help="Gate: p99 new / p99 old.")
+@click.option("--max-error-rate", metavar="X",
+              help="Gate: new-slot error rate (0.01 or 1%). Under --analysis sequential: the "
+                   "rise over the old slots' error rate that is tolerated.")
+@click.option("--max-p99-ratio", metavar="X",
+              help="Gate: p99 new / p99 old. Under --analysis sequential: a regression is more "
+                   "than 1% of new requests slower than X times old's p99.")
 @click.option("--max-mismatch-rate", metavar="X", help="Gate: shadow mismatch rate.")
-@click.option("--min-requests", metavar="N", help="Gate: fewer requests is inconclusive.")
+@click.option("--min-requests", metavar="N",
+              help="Gate: fewer requests is inconclusive (under --analysis sequential it holds a "
+                   "pass, never a failure).")
+@click.option("--analysis", metavar="threshold|sequential",
+              help="How --max-error-rate and --max-p99-ratio judge: threshold (default) compares "
+                   "the bake window's figures with them at its end; sequential weighs the "
+                   "evidence (e-values) on every router report, fails the wave as soon as it "
+                   "crosses 1/alpha, and passes at the bake's end only if the data rule the "
+                   "regression out (else inconclusive: a longer bake or more traffic needed).")
+@click.option("--alpha", metavar="X",
+              help="Sequential: the probability of rolling back a release that does not "
+                   "regress, and of passing one that does (default 0.01, or 1%).")
 @click.option("--progress-deadline", metavar="DUR", help="Time for a wave's nodes to converge.")
 @click.option("--on-failure", metavar="rollback|pause", help="What a failed gate does.")
 @click.option("--on-node-lost", metavar="fail|wait",
@@ -418,7 +441,12 @@ def rollouts(ctx: Ctx, service: str, limit: int, output: str) -> None:
 @output_option
 @click.pass_obj
 def events(ctx: Ctx, follow: bool, rollout: str, last: int | None, output: str) -> None:
-    """Print the fleet's events (the audit log), oldest first."""
+    """Print the fleet's events (the audit log), oldest first.
+
+    Each event the coordinator records says who caused it (``who`` in -o json; "(by NAME)" on
+    a line): the operator whose request it answers, named by their --creds; "coordinator" for
+    what it decided by itself; "unknown" for a request of an older CLI on an open bus. On an
+    open bus (no credentials) the name is the OS user the CLI gave, a claim nothing checks."""
     asyncio.run(_events(ctx, follow=follow, rollout=rollout, last=last, output=output))
 
 

@@ -10,6 +10,7 @@
 - ``gates``         whether a wave's figures pass its thresholds; ``gates_shadow``: a shadow's;
                     ``evidence``: which nodes' router figures may feed them.
 - ``fleet``         the node table: liveness from heartbeats, the views the API lists.
+- ``rotation``      a signing-key rotation: who may lead, what to re-sign, which nodes trust a key.
 
 May import ``protocol``, ``coordinator.errors`` and the strategies (which import the core's
 planning, targets, gates and evidence, and the engine's step for types only; the engine asks

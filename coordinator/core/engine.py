@@ -33,6 +33,9 @@ states, success, rollback. Events, commands and the transition tables are in ``e
 One call works on a ``Step`` (its primitives, ``engine_step``) with four concerns composed over
 it: ``Progress`` (``engine_progress``), ``Bake`` (``engine_bake``), ``Lost`` (``engine_lost``) and
 ``Rollback`` (``engine_rollback``).
+Every event a step emits names who caused it (``cause``): the caller of an operator request,
+whoever deployed the rollout for its start, else the coordinator itself; the record keeps who
+started, paused, aborted or rolled it back (``started_by`` ... ``rollback_by``).
 Observed states older (by their ``time``) than one already seen are stale
 and ignored, so late and reordered reports cannot move a rollout backwards.
 """
@@ -60,6 +63,7 @@ from coordinator.core.engine_types import (
     NodeOffline,
     NodeOnline,
     ObservedChanged,
+    OperatorRequest,
     Pause,
     Persist,
     Promote,
@@ -88,13 +92,14 @@ from protocol.messages import (
     WaveRecord,
 )
 from protocol.report import RolloutReport
+from protocol.subjects import COORDINATOR_CALLER
 
 # The engine as callers see it: the vocabulary of engine_types is re-exported so one import does.
 __all__ = [
     "ACCEPTS", "MOVES", "STATS_GRACE", "Abort", "Command", "EmitEvent", "EngineEvent",
     "IllegalTransition", "NodeOffline", "NodeOnline", "ObservedChanged", "Pause", "Persist",
     "Promote", "Resume", "RollbackRequested", "Rollout", "Start", "Step", "Tick", "WriteDesired",
-    "converged", "mode", "new_record", "worst_case_size",
+    "cause", "converged", "mode", "new_record", "worst_case_size",
 ]
 
 
@@ -103,7 +108,7 @@ __all__ = [
 
 def new_record(
     *, id: str, spec: RolloutSpec, release: ReleaseRef, nodes: Iterable[NodeLike],
-    current: Mapping[str, DesiredState], now: float,
+    current: Mapping[str, DesiredState], now: float, who: str = "",
 ) -> RolloutRecord:
     """Plan ``spec`` over ``nodes`` and record each target node's current desired state."""
     if release.service != spec.service or release.version != spec.version:
@@ -129,7 +134,7 @@ def new_record(
         id=id, spec=spec, release=release, state="pending", created=now, updated=now,
         from_version=versions.most_common(1)[0][0] if versions else "",
         waves=[WaveRecord(index=w.index, nodes=list(w.nodes), weight=w.weight) for w in waves],
-        nodes=progress,
+        nodes=progress, started_by=who,
     )
 
 
@@ -193,7 +198,7 @@ class Rollout:
                 f"{current.replace('_', ' ')}"
                 + (f" ({self._record.reason})" if self._record.reason else "")
             )
-        return self._step([event], now)
+        return self._step([event], now, who=cause(event, self._record))
 
     def handle_all(self, events: Sequence[EngineEvent], now: float) -> list[Command]:
         """Apply several feed events (observed states, offline/online, ticks) at once, at ``now``.
@@ -210,12 +215,12 @@ class Rollout:
                 raise IllegalTransition(
                     f"cannot {VERBS[type(event)]} rollout {self._record.id} in a batch: it is "
                     f"{current.replace('_', ' ')}")
-        return self._step(events, now) if events else []
+        return self._step(events, now, who=COORDINATOR_CALLER) if events else []
 
-    def _step(self, events: Sequence[EngineEvent], now: float) -> list[Command]:
+    def _step(self, events: Sequence[EngineEvent], now: float, *, who: str) -> list[Command]:
         work = working_copy(self._record)
         observed = dict(self._observed)
-        step = Step(self.fleet, work, observed, now, policies=self._policies)
+        step = Step(self.fleet, work, observed, now, policies=self._policies, who=who)
         progress = Progress(step)
         for event in events:
             progress.apply(event)
@@ -234,6 +239,17 @@ class Rollout:
 
 
 FEED_EVENTS = (ObservedChanged, NodeOffline, NodeOnline, Tick)
+
+
+def cause(event: EngineEvent, record: RolloutRecord) -> str:
+    """Who a step handling ``event`` acts for: the caller of an operator request, whoever
+    deployed the rollout for its start (also when a resumed coordinator starts it), and the
+    coordinator itself for what it observes and for time passing."""
+    if isinstance(event, OperatorRequest):
+        return event.who
+    if isinstance(event, Start):
+        return record.started_by
+    return COORDINATOR_CALLER
 
 
 def working_copy(record: RolloutRecord) -> RolloutRecord:

@@ -12,11 +12,17 @@ traffic the wave's policy names: ``WavePolicy.old_traffic``) and ``core.gates`` 
 thresholds the policy gives (a shadow wave's policy judges by its own verdict): pass → the next
 wave; fail → ``on_failure``; inconclusive → pause. An operator's promote skips the gates of one wave
 or of all.
+
+Under ``--analysis sequential`` (``core.sequential``) the evidence is also weighed during the bake,
+each time fresh router counters came in (``early``): a wave whose evidence of a regression crosses
+1/alpha fails at once, without waiting for the bake's end; the evidence so far is kept in
+``wave.gates`` (outcome "baking") for ``status`` to show. Its pass is judged at the bake's end only.
 """
 
 from __future__ import annotations
 
 from coordinator.core import gates as gatelib
+from coordinator.core import sequential
 from coordinator.core.engine_lost import Lost
 from coordinator.core.engine_rollback import Rollback
 from coordinator.core.engine_step import Step
@@ -29,6 +35,9 @@ from protocol.messages import WaveRecord
 # How long past its end a bake waits for router counters that cover it (window_covers_bake)
 # before its gates judge what they have; agents read the counters every 2 s.
 STATS_GRACE = 10.0
+# Sequential analysis weighs the evidence at most this often (the runner's tick): the agents of a
+# big wave report one by one, and each weighing reads every node and persists the record.
+EVIDENCE_EVERY = 0.2
 
 
 class Bake:
@@ -89,10 +98,37 @@ class Bake:
                 r.promote = ""
             return
         if self.step.now < wave.bake_until:
+            self.early(wave)
             return
         if self.step.now < wave.bake_until + STATS_GRACE and not self.window_covers_bake(wave):
+            self.early(wave)
             return  # the agents' latest counters were read before the bake ended: wait for them
-        verdict = self.verdict(wave)
+        self.conclude(wave, self.verdict(wave))
+
+    def early(self, wave: WaveRecord) -> None:
+        """Sequential analysis: weigh the evidence so far whenever fresh counters came in, and
+        fail the wave at once if it crossed the bound (see the module docstring)."""
+        if self.step.spec.gates.analysis != "sequential":
+            return
+        # Agents stamp their counters with their read time (older ones do not: the requests
+        # still tell new counters apart), so a new mark means a new report.
+        seen = [o.router for n, o in self.step.obs.items()
+                if n in self.step.r.nodes and o.router is not None]
+        mark = [sum(x.time for x in seen),
+                sum(t.requests for x in seen for t in x.slots.values())]
+        last = wave.gates.get("evidence_at")
+        if wave.gates.get("evidence_mark") == mark or (
+                isinstance(last, (int, float)) and self.step.now < last + EVIDENCE_EVERY):
+            return
+        verdict = self.verdict(wave, over=False)
+        if verdict.outcome == "fail":
+            self.conclude(wave, verdict)
+        else:
+            wave.gates = verdict.figures | {"outcome": "baking", "evidence_mark": mark,
+                                            "evidence_at": self.step.now}
+
+    def conclude(self, wave: WaveRecord, verdict: gatelib.Verdict) -> None:
+        """Act on the gates' verdict: the next wave, ``on_failure``, or a pause."""
         wave.gates = verdict.figures | {"outcome": verdict.outcome,
                                         "reasons": list(verdict.reasons)}
         if verdict.outcome == "pass":
@@ -131,13 +167,16 @@ class Bake:
                 return False
         return True
 
-    def verdict(self, wave: WaveRecord) -> gatelib.Verdict:
+    def verdict(self, wave: WaveRecord, over: bool = True) -> gatelib.Verdict:
+        """The gates' verdict on the wave's traffic since its baseline; ``over``: whether the
+        bake has ended (before it, only the sequential evidence is read: a wave's own verdict,
+        a shadow's, is for its end)."""
         policy = self.step.policy(wave)
-        own = policy.verdict(self.step, wave)
+        own = policy.verdict(self.step, wave) if over else None
         if own is not None:
             return own
         gates = policy.gates(self.step.spec.gates)
-        new, old, mirror = [], [], []
+        new, old, mirror, history = [], [], [], []
         healthy = 0
         evidence = Evidence()
         for n, p in self.step.r.nodes.items():
@@ -151,6 +190,7 @@ class Bake:
             if (old_slot is not None or in_wave) and evidence.admits(n, start, end):
                 if old_slot is not None:
                     old.append(gatelib.window(start, end, old_slot))
+                    history.append(gatelib.window(None, start, old_slot))
                 if in_wave:
                     new.append(gatelib.window(start, end, p.slot))
                     mirror.append(gatelib.mirror_window(start, end))
@@ -159,7 +199,21 @@ class Bake:
                 healthy += slot is not None and slot.status == "healthy"
         old, reference = policy.old_traffic(self.step, wave, old, evidence)
         fig = gatelib.figures(len(wave.nodes), healthy, new, old, mirror, evidence.untrusted)
-        verdict = gatelib.evaluate(gates, fig)
+        if gates.analysis == "sequential":
+            verdict = sequential.evaluate(
+                gates, fig, gatelib.total(history).latency, over=over,
+                names=(self.step.r.release.version, old_version(self.step)))
+        else:
+            verdict = gatelib.evaluate(gates, fig)
         if reference:
             verdict.figures["p99_old_from"] = reference
         return verdict
+
+
+def old_version(step: Step) -> str:
+    """The version the target nodes served before the rollout, for the gates' words."""
+    for p in step.r.nodes.values():
+        serving = serving_slot(p.previous)
+        if p.previous is not None and serving is not None:
+            return p.previous.slots[serving].version
+    return "the old release"

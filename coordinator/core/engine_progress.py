@@ -117,7 +117,7 @@ class Progress:
     def resume(self) -> None:
         r = self.step.r
         self.step.move("running")
-        r.reason = ""
+        r.reason = r.paused_by = ""
         wave = r.waves[r.current_wave]
         if wave.state == "failed":
             retried = []

@@ -37,7 +37,7 @@ class Rollback:
 
     def start_rollback(self, reason: str) -> None:
         r = self.step.r
-        r.phase, r.reason = "rollback", reason
+        r.phase, r.reason, r.rollback_by = "rollback", reason, self.step.who
         r.rollback_deadline = self.step.now + self.step.spec.progress_deadline
         touched = sorted(n for n, p in r.nodes.items() if p.target is not None)
         for p in r.nodes.values():

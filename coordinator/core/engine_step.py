@@ -50,9 +50,10 @@ class Step:
 
     def __init__(
         self, fleet: str, record: RolloutRecord, observed: dict[str, ObservedState], now: float,
-        *, policies: Sequence[WavePolicy],
+        *, policies: Sequence[WavePolicy], who: str = "",
     ) -> None:
         self.fleet = fleet
+        self.who = who  # who caused this step: every event it emits names them
         self.r = record
         self.obs = observed
         self.now = now
@@ -66,7 +67,7 @@ class Step:
     # -- helpers -----------------------------------------------------------------------------------
 
     def emit(self, kind: str, message: str, node: str = "", **data: Any) -> None:
-        self.commands.append(EmitEvent(kind, message, node, data, self.now))
+        self.commands.append(EmitEvent(kind, message, node, data, self.now, self.who))
 
     def move(self, to: str) -> None:
         if to not in MOVES[self.r.state]:  # a bug in this module, never an operator's mistake
@@ -103,13 +104,15 @@ class Step:
 
     def pause(self, reason: str) -> None:
         self.move("paused")
-        self.r.reason = reason
+        self.r.reason, self.r.paused_by = reason, self.who
         self.emit("rollout.paused", f"paused: {reason}", wave=self.r.current_wave)
 
     def finish(self, state: str, reason: str) -> None:
         r = self.r
         self.move(state)
         r.reason, r.finished = reason, self.now
+        if state == "aborted":
+            r.aborted_by = self.who
         moved = sorted(n for n, p in r.nodes.items()
                        if p.target is not None and p.state in ("done", "updating"))
         self.emit(f"rollout.{state}", f"{state.replace('_', ' ')}"

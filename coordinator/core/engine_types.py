@@ -57,14 +57,21 @@ class Tick:
     """Time passed: deadlines and bakes may have run out."""
 
 
+# Operator requests: ``who`` is the API caller (``protocol.subjects``); every event of the step
+# that handles the request names it (``EmitEvent.who``).
+
+
 @dataclass(frozen=True)
 class Pause:
     reason: str = "paused by operator"
+    who: str = ""
 
 
 @dataclass(frozen=True)
 class Resume:
     """Continue a paused rollout; a failed wave retries its failed nodes."""
+
+    who: str = ""
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,7 @@ class Promote:
     """Skip the current bake and gates (``full``: of every remaining wave too)."""
 
     full: bool = False
+    who: str = ""
 
 
 @dataclass(frozen=True)
@@ -79,11 +87,16 @@ class Abort:
     """Stop here: no more writes, nodes stay as they are."""
 
     reason: str = "aborted by operator"
+    who: str = ""
 
 
 @dataclass(frozen=True)
 class RollbackRequested:
     reason: str = "rollback requested by operator"
+    who: str = ""
+
+
+OperatorRequest = Pause | Resume | Promote | Abort | RollbackRequested
 
 
 EngineEvent = (
@@ -117,6 +130,7 @@ class EmitEvent:
     node: str = ""
     data: dict[str, Any] = field(default_factory=dict)
     time: float | None = None  # when the engine decided (its ``now``); None: when published
+    who: str = ""  # who caused the decision (``protocol.messages.Event.who``)
 
 
 Command = Persist | WriteDesired | EmitEvent

@@ -237,31 +237,48 @@ def evaluate(gates: Gates, fig: Figures) -> Verdict:
     """Apply every configured gate to ``fig``: fail beats inconclusive beats pass."""
     fails: list[str] = []
     unsure: list[str] = []
+    health_check(gates, fig, fails)
+    if enough_traffic(gates, fig, unsure):
+        threshold_checks(gates, fig, fails, unsure)
+    mismatch_check(gates, fig, fails, unsure)
+    data = fig.as_dict() | {"thresholds": thresholds(gates)}
+    return judged(fails, unsure, reads_traffic(gates), fig.untrusted, data)
+
+
+def health_check(gates: Gates, fig: Figures, fails: list[str]) -> None:
     if gates.min_healthy is not None and fig.healthy_fraction < gates.min_healthy:
         fails.append(
             f"healthy {fig.healthy}/{fig.nodes} ({fig.healthy_fraction:.0%}) is below "
             f"min-healthy {gates.min_healthy:.0%}"
         )
+
+
+def enough_traffic(gates: Gates, fig: Figures, unsure: list[str]) -> bool:
+    """Whether the new slots saw enough requests for the traffic gates to judge (else why not)."""
     traffic_gates = gates.max_error_rate is not None or gates.max_p99_ratio is not None
-    enough = True
     if gates.min_requests is not None and fig.new.requests < gates.min_requests:
         unsure.append(
             f"{fig.new.requests} requests reached the new release, fewer than min-requests "
             f"{gates.min_requests}"
         )
-        enough = False
-    elif traffic_gates and fig.new.requests == 0:
+        return False
+    if traffic_gates and fig.new.requests == 0:
         unsure.append("no request reached the new release during the bake, so traffic gates "
                       "cannot pass")
-        enough = False
-    if enough and gates.max_error_rate is not None:
+        return False
+    return True
+
+
+def threshold_checks(gates: Gates, fig: Figures, fails: list[str], unsure: list[str]) -> None:
+    """``--analysis threshold``: the window's error rate and p99 ratio against the limits."""
+    if gates.max_error_rate is not None:
         rate = fig.error_rate or 0.0
         if rate > gates.max_error_rate:
             fails.append(
                 f"error rate {rate:.2%} ({fig.new.errors}/{fig.new.requests}) is above "
                 f"max-error-rate {gates.max_error_rate:.2%}"
             )
-    if enough and gates.max_p99_ratio is not None:
+    if gates.max_p99_ratio is not None:
         ratio = fig.p99_ratio
         if ratio is None:
             unsure.append("no old-release traffic in the window to compare p99 latency with")
@@ -270,6 +287,9 @@ def evaluate(gates: Gates, fig: Figures) -> Verdict:
                 f"p99 {fig.p99_new}ms vs {fig.p99_old}ms (x{ratio:.2f}) is above "
                 f"max-p99-ratio x{gates.max_p99_ratio:g}"
             )
+
+
+def mismatch_check(gates: Gates, fig: Figures, fails: list[str], unsure: list[str]) -> None:
     if gates.max_mismatch_rate is not None:
         if gates.min_requests is not None and fig.compared < gates.min_requests:
             unsure.append(
@@ -283,8 +303,6 @@ def evaluate(gates: Gates, fig: Figures) -> Verdict:
                 f"mismatch rate {fig.mismatch_rate:.2%} ({fig.mismatched}/{fig.compared}) is "
                 f"above max-mismatch-rate {gates.max_mismatch_rate:.2%}"
             )
-    data = fig.as_dict() | {"thresholds": thresholds(gates)}
-    return judged(fails, unsure, reads_traffic(gates), fig.untrusted, data)
 
 
 def reads_traffic(gates: Gates) -> bool:
@@ -294,8 +312,12 @@ def reads_traffic(gates: Gates) -> bool:
 
 
 def thresholds(gates: Gates) -> dict[str, Any]:
-    return {
+    """The limits for the record and events (the analysis only when it is not the default)."""
+    out: dict[str, Any] = {
         "min_healthy": gates.min_healthy, "max_error_rate": gates.max_error_rate,
         "max_p99_ratio": gates.max_p99_ratio, "max_mismatch_rate": gates.max_mismatch_rate,
         "min_requests": gates.min_requests,
     }
+    if gates.analysis != "threshold":
+        out |= {"analysis": gates.analysis, "alpha": gates.alpha}
+    return out

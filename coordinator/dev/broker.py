@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
+import logging
 import os
 import shutil
 import signal
@@ -29,9 +31,12 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-from coordinator.auth.enroll import USERS, AuthDir, broker_block
+from coordinator.auth.enroll import USERS, AuthDir, broker_block, next_expiry
+from coordinator.auth.routes import check_serves_routes
 from coordinator.dev.cluster import ClusterSpec, render_cluster
-from coordinator.errors import BrokerError
+from coordinator.errors import BrokerError, UsageError
+
+log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
@@ -106,7 +111,7 @@ jetstream {{
   sync_interval: always
   max_memory_store: 256MB
 }}
-""" + (render_cluster(cluster) if cluster is not None else "") + (
+""" + (render_cluster(cluster, auth) if cluster is not None else "") + (
         broker_block(auth, store_dir) if auth is not None else "")
 
 
@@ -128,6 +133,7 @@ class Broker:
         # With an auth directory (``fleetwave auth``): TLS and its users, reloaded on change.
         self.auth = auth.absolute() if auth is not None else None
         self.reloads = 0
+        self._pruned_at = dt.datetime.now(dt.UTC)  # users.conf was last rendered for this time
         self._auth_task: asyncio.Task[None] | None = None
         self._chosen_port = port is None  # ours to pick again if another process takes it
         self.port = port if port is not None else free_port(host)
@@ -184,7 +190,12 @@ class Broker:
     async def _start_once(self) -> None:
         binary = find_nats_server()
         if self.auth is not None:
-            AuthDir(self.auth).load()  # UsageError (one line) if it is not an auth directory
+            # UsageError (one line) if it is not an auth directory; users.conf is rendered again
+            # for now: whoever expired while no broker watched is left out, and an older
+            # fleetwave's users get this release's permissions.
+            self._prune()
+            if self.cluster is not None:
+                check_serves_routes(self.auth)
         if port_in_use(self.host, self.port):
             raise _PortTaken(
                 f"cannot start the broker: port {self.port} on {self.host} is already in use; "
@@ -196,6 +207,8 @@ class Broker:
                 "already in use; stop what holds it or pick another with --cluster-listen")
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self._conf = self.store_dir / "nats-server.conf"
+        self._conf.touch(mode=0o600)  # with --auth it holds the route password
+        self._conf.chmod(0o600)
         self._conf.write_text(
             render_config(
                 host=self.host,
@@ -242,7 +255,9 @@ class Broker:
     async def _reload_on_change(self, users: Path) -> None:
         """Send nats-server SIGHUP (reload its config) whenever ``users`` changes: an identity
         added or revoked by ``fleetwave auth`` holds within AUTH_POLL, and nats-server applies a
-        reload to live connections (a revoked user is disconnected) without dropping others."""
+        reload to live connections (a revoked user is disconnected) without dropping others.
+        When an identity's expiry passes, ``users.conf`` is rendered again without it first, so
+        the server cuts it off at its expiry (within AUTH_POLL) with no one acting."""
         def stamp() -> tuple[int, int, int] | None:
             try:
                 st = users.stat()
@@ -253,11 +268,39 @@ class Broker:
         seen = stamp()
         while True:
             await asyncio.sleep(AUTH_POLL)
+            due = self._next_expiry()
+            if due is not None and dt.datetime.now(dt.UTC) >= due:
+                with contextlib.suppress(UsageError):  # auth.json mid-change: next poll
+                    await asyncio.to_thread(self._prune)
             now = stamp()
             if now != seen and now is not None:
                 seen = now
                 self.signal(signal.SIGHUP)
                 self.reloads += 1
+
+    def _next_expiry(self) -> dt.datetime | None:
+        """When ``users.conf`` must be rendered again, as auth.json says now (None: never, or
+        auth.json unreadable this moment: the next poll asks again)."""
+        assert self.auth is not None
+        try:
+            _, _, users = AuthDir(self.auth).load()
+        except UsageError:
+            return None
+        return next_expiry(users, self._pruned_at)
+
+    def _prune(self) -> None:
+        """Render users.conf for now (expired identities left out), saying who was cut off."""
+        assert self.auth is not None
+        now = dt.datetime.now(dt.UTC)
+        self._pruned_at = now  # (also if it fails: retried at the next expiry or change)
+        try:
+            expired, changed = AuthDir(self.auth).prune(now)
+        except OSError as exc:  # a read-only DIR: serve it as it is
+            log.warning("cannot re-render %s: %s", self.auth / USERS, exc)
+            return
+        if changed and expired:
+            log.warning("left out of %s as expired: %s", self.auth / USERS,
+                        ", ".join(f"{u.role} {u.name}" for u in expired))
 
     async def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
         """SIGTERM, wait up to ``timeout``, then SIGKILL; return the exit status."""

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from coordinator.auth.routes import cluster_block, secure_route
 from coordinator.errors import BrokerError, UsageError
 
 if TYPE_CHECKING:  # broker.py imports this module for ClusterSpec
@@ -119,13 +120,16 @@ def broker_flags(spec: ClusterSpec) -> list[str]:
             "--routes", ",".join(spec.routes)]
 
 
-def render_cluster(spec: ClusterSpec) -> str:
-    """The ``cluster {}`` block of the config (see deploy/nats/cluster-1.conf)."""
-    routes = "\n".join(f'    "{r}"' for r in spec.routes)
+def render_cluster(spec: ClusterSpec, auth: Path | None = None) -> str:
+    """The ``cluster {}`` block of the config (see deploy/nats/cluster-1.conf); with an auth
+    directory, routes over mutual TLS with the fleet's route user (``enroll.cluster_block``)."""
+    routes = "\n".join(f'    "{secure_route(r, auth) if auth is not None else r}"'
+                       for r in spec.routes)
+    secured = cluster_block(auth) if auth is not None else ""
     return f"""cluster {{
   name: "{spec.cluster_name}"
   listen: "{spec.listen}"
-  routes: [
+{secured}  routes: [
 {routes}
   ]
 }}
@@ -252,8 +256,8 @@ class BrokerCluster:
     """``size`` brokers ``fleetwave-1..size`` on 127.0.0.1, routed to each other; JetStream in
     ``<directory>/jetstream-<i>``. An async context manager; leaving stops every broker."""
 
-    def __init__(self, directory: Path | str, size: int = 3, *, first_port: int | None = None
-                 ) -> None:
+    def __init__(self, directory: Path | str, size: int = 3, *, first_port: int | None = None,
+                 auth: Path | None = None) -> None:
         from coordinator.dev.broker import Broker, free_port
 
         if size < 2:  # a lone clustered server waits for peers for ever: run a plain Broker
@@ -265,7 +269,7 @@ class BrokerCluster:
             Broker(
                 port=first_port + i if first_port is not None else None,
                 store_dir=self.dir / f"jetstream-{i + 1}", server_name=f"fleetwave-{i + 1}",
-                cluster=ClusterSpec(name=f"fleetwave-{i + 1}", listen_host="127.0.0.1",
+                auth=auth, cluster=ClusterSpec(name=f"fleetwave-{i + 1}", listen_host="127.0.0.1",
                                     listen_port=cluster_ports[i], routes=routes),
             )
             for i in range(size)

@@ -192,8 +192,6 @@ class DevFleet:
         if not 1 <= brokers <= MAX_BROKERS:
             raise UsageError(f"--brokers {brokers} is out of range; use 1 (R1) to {MAX_BROKERS}")
         subjects.check_name("fleet", fleet)
-        if secure and brokers != 1:
-            raise UsageError("--secure runs one broker for now; drop --brokers or --secure")
         self.dir = Path(directory).absolute()
         # --secure: a trust root in DIR/auth (fleetwave auth), TLS, and each process its own
         # credentials: node-i its node's, the coordinator its own, this tool the operator's.
@@ -209,7 +207,7 @@ class DevFleet:
             self.broker = Broker(port=port, store_dir=self.dir / "jetstream", auth=self.auth_dir)
             self.brokers = [self.broker]
         else:
-            self.cluster = BrokerCluster(self.dir, brokers, first_port=port)
+            self.cluster = BrokerCluster(self.dir, brokers, first_port=port, auth=self.auth_dir)
             self.brokers = self.cluster.brokers
             self.broker = self.brokers[0]
         # The coordinator's signing key; created before the agents start so that they can be
@@ -250,6 +248,12 @@ class DevFleet:
             return {}
         return {"creds": creds_file.load(AuthDir(self.auth_dir).creds_path("operator", OPERATOR)),
                 "tls_ca": str(self.auth_dir / CA)}
+
+    @property
+    def caller(self) -> str:
+        """Who this tool names itself in API subjects: the operator whose credentials it uses
+        on a secure fleet; "dev" on an open one (a claim, as every name there)."""
+        return OPERATOR if self.auth_dir is not None else "dev"
 
     async def _enroll(self) -> None:
         """Make the trust root (first start) and every node's credentials that are missing."""
@@ -363,7 +367,8 @@ class DevFleet:
             self._bus = await Bus.connect(self.nats_url, self.fleet, name="fleetwave-dev",
                                            **self.access())
         raw = await self._bus.request(
-            subjects.api(self.fleet, "nodes"), encode(NodesRequest(selector=selector or {})),
+            subjects.api(self.fleet, self.caller, "nodes"),
+            encode(NodesRequest(selector=selector or {})),
             timeout=2.0,
         )
         reply = decode(ApiReply, raw)

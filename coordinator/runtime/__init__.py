@@ -11,7 +11,8 @@
 - events go out through ``protocol.events.EventPublisher``, the one event queue and retry
   policy the agent uses too.
 - ``calls``     bounded bus calls and the retry of commands; ``ports``: what all this needs of
-                the bus; ``keyfile``: the signing key on disk.
+                the bus; ``keyfile``: the signing key on disk (and a rotation's files).
+- ``rotation``  a rotation on the bus: a new leader's re-signing, and where a rotation stands.
 
 May import ``protocol``, ``coordinator.errors``, the core, the strategies and ``api``; never the
 CLI or ``dev``. ``nats`` only through ``protocol.bus``.

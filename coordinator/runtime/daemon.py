@@ -8,8 +8,10 @@ nodes too), subscribes to heartbeats and registrations, serves the API as the NA
 writing verbs forwarded to it), and then owns three tasks until ``stop`` is set:
 
 - *leadership* (``coordinator.runtime.lease``): stand by until this coordinator holds the lease,
-  fence the buckets with its term, and run a ``Runner`` for as long as the lease holds (a lost
-  renewal, or a write refused by a later leader's fence, ends it at once); then stand by again.
+  fence the buckets with its term (after a signing-key rotation, taking over from its previous
+  key and re-signing what that key signed: ``coordinator.core.rotation``), and run a ``Runner``
+  for as long as the lease holds (a lost renewal, or a write refused by a later leader's fence,
+  ends it at once); then stand by again.
   On ``stop`` a leader gives the lease up, so a standby takes over within a poll;
 - the *ticker* lets time pass in the pure node table (``core.fleet``) so that silent nodes
   go offline; not while the coordinator's own connection is down (then the silence is ours), and
@@ -25,8 +27,11 @@ writing verbs forwarded to it), and then owns three tasks until ``stop`` is set:
 Every coordinator answers the reading verbs (status, rollouts, nodes, key, leader) from its own
 node table and the buckets, all of them to every request (the caller takes the first answer, so
 a frozen one cannot swallow a read). The writing verbs go to one coordinator of a queue group:
-the leader carries them out, a standby forwards them to the leader's own subject, and while no
-coordinator leads they are answered "unavailable" (the CLI asks again for a few seconds). A
+the leader carries them out, a standby forwards them to the leader's own subject (naming the same
+caller), and while no coordinator leads they are answered "unavailable" (the CLI asks again for a
+few seconds). Every request's subject names its caller (``protocol.subjects``), which becomes
+``who`` on every event the request causes; events the coordinator causes by itself (nodes going
+offline, gates, automatic rollback) say who = "coordinator". A
 frozen coordinator still swallows the writes the queue group hands it until it wakes or dies:
 the caller's request times out and says so.
 
@@ -50,6 +55,7 @@ from coordinator.api.rollouts import LiveRollout, RolloutsApi
 from coordinator.api.verbs import HANDLER_TIMEOUT, Api
 from coordinator.core.engine import EngineEvent
 from coordinator.core.fleet import Fleet, Transition
+from coordinator.core.rotation import lead_refusal, retired_after, short
 from coordinator.errors import ConfigError, RemoteError
 from coordinator.releases import resolve_release
 from coordinator.runtime.lease import (
@@ -57,12 +63,13 @@ from coordinator.runtime.lease import (
     Fenced,
     Lease,
     direct_api,
-    fence_keys,
+    fence_markers,
     live_leader,
     new_id,
     ping_subject,
     write_fences,
 )
+from coordinator.runtime.rotation import resign_desired
 from coordinator.runtime.runner import TICK, Runner
 from coordinator.runtime.store import RolloutStore
 from protocol import subjects
@@ -111,10 +118,12 @@ class Coordinator:
     def __init__(
         self, nats_url: str, fleet: str, *, clock: Callable[[], float] = time.time,
         seed: bytes | None = None, replicas: int | None = None,
-        creds: Creds | None = None, tls_ca: str | None = None,
+        creds: Creds | None = None, tls_ca: str | None = None, previous_key: str | None = None,
     ) -> None:
         self.nats_url = nats_url
         self._access: dict[str, Any] = {"creds": creds, "tls_ca": tls_ca}
+        # With credentials the server proves every API caller (``protocol.subjects``).
+        self.proven = creds is not None
         self.replicas = replicas  # of the fleet's streams; None: 3 on a cluster of 3+, else 1
         self.replicas_used = 0
         self.fleet_name = fleet
@@ -131,6 +140,9 @@ class Coordinator:
         # agents trust only if told its public key (API verb ``key``).
         self.seed = seed if seed is not None else generate_seed()
         self.public_key = public_key(self.seed)
+        # The key a signing-key rotation switched away from (``coordinator.core.rotation``): this
+        # coordinator may take over a fleet it fenced, and re-signs the states it signed.
+        self.previous_key = previous_key if previous_key != self.public_key else None
         self.id = new_id()
         self.started = clock()
         self.runner: Runner | None = None  # while this coordinator leads
@@ -167,6 +179,9 @@ class Coordinator:
                 )
                 log.info("signing key %s: start agents with --trust-key %s",
                          self.public_key, self.public_key)
+                if self.previous_key is not None:
+                    log.info("previous signing key %s (a rotation): takes over from it and "
+                             "re-signs what it signed", self.previous_key)
                 await stop.wait()
                 for t in tasks:
                     t.cancel()
@@ -208,13 +223,21 @@ class Coordinator:
         # caller takes the first answer, so a frozen coordinator cannot swallow a read. Writing
         # verbs: one coordinator of the queue group gets each; only the leader carries it out,
         # a standby forwards it to the leader's own subject.
+        # Each on the subjects that name the caller, and on an older CLI's, which do not
+        # (``protocol.subjects``; answered for caller "unknown", writes refused with credentials).
         writes: dict[str, tuple[str, Handler]] = {}
         for verb, (subject, local) in self.api.endpoints(f).items():
+            legacy = subjects.legacy_api(f, verb)
             if verb in WRITE_VERBS:
-                writes[verb] = (subject, self._forwarding(bus, verb, local))
-                await bus.respond(direct_api(f, self.id, verb), self._direct(verb, local))
+                forwarding = self._forwarding(bus, verb, local)
+                writes[verb] = (subject, forwarding)
+                writes[f"{verb}-legacy"] = (legacy, forwarding)
+                direct = self._direct(local)
+                await bus.respond(subjects.coordinator_endpoint(f, self.id, verb), direct)
+                await bus.respond(subjects.legacy_coordinator_api(f, self.id, verb), direct)
             else:
                 await bus.respond(subject, local)
+                await bus.respond(legacy, local)
         await bus.respond(ping_subject(f, self.id), _pong)
         await bus.serve(SERVICE_NAME, _version(), writes)
         return True
@@ -225,12 +248,16 @@ class Coordinator:
         """Refuse to join a fleet whose live leader signs with another key: agents trust the
         keys they were given, so this one's desired states would all be refused."""
         leader = await live_leader(bus)
-        if leader is not None and leader.key and leader.key != self.public_key:
+        if leader is not None and leader.key and leader.key == self.previous_key:
+            log.info("coordinator %s leads with the previous signing key %s: standing by to take "
+                     "over with the new one", leader.holder, short(leader.key))
+        elif leader is not None and leader.key and leader.key != self.public_key:
             raise ConfigError(
                 f"coordinator {leader.holder} ({leader.host} pid {leader.pid}) leads fleet "
                 f"{self.fleet_name!r} with signing key {leader.key[:12]}..., but this one has "
                 f"{self.public_key[:12]}...; give every coordinator of a fleet the same key file "
-                "(--key-file / FLEETWAVE_KEY_FILE), or stop the other one first")
+                "(--key-file / FLEETWAVE_KEY_FILE; after 'fleetwave auth rotate-signing-key "
+                "switch': the new one and KEY.previous), or stop the other one first")
 
     async def _lead_loop(self, bus: Bus) -> None:
         """Stand by, lead while the lease holds, stand by again; see the module docstring."""
@@ -240,20 +267,22 @@ class Coordinator:
             while True:
                 held = await lease.acquire()
                 try:
-                    others = await fence_keys(bus) - {self.public_key}
-                    if others:
+                    markers = await fence_markers(bus)
+                    refusal = lead_refusal(markers, own=self.public_key,
+                                           previous=self.previous_key)
+                    if refusal is not None:
                         await lease.release()
-                        raise ConfigError(
-                            f"the fleet {self.fleet_name!r} was led with signing key "
-                            f"{sorted(others)[0][:12]}..., but this coordinator has "
-                            f"{self.public_key[:12]}... (agents would refuse its states); give "
-                            "every coordinator of a fleet the same key file (--key-file / "
-                            "FLEETWAVE_KEY_FILE)")
-                    fence = await write_fences(bus, term=held.term, holder=self.id,
-                                               now=self._clock(), key=self.public_key)
+                        raise ConfigError(f"fleet {self.fleet_name!r}: {refusal}")
+                    fence = await write_fences(
+                        bus, term=held.term, holder=self.id, now=self._clock(),
+                        key=self.public_key, retired=retired_after(
+                            markers, own=self.public_key, previous=self.previous_key))
+                    if self.previous_key is not None:
+                        await resign_desired(bus, Fenced(bus, fence), seed=self.seed,
+                                             previous={self.previous_key})
                 except BusError as exc:  # Deposed too: a later term fenced first
-                    log.warning("took the lease (term %d) but cannot fence the buckets: %s",
-                                held.term, exc)
+                    log.warning("took the lease (term %d) but cannot fence the buckets (or "
+                                "re-sign the desired states): %s", held.term, exc)
                     await lease.release()
                     await asyncio.sleep(RETRY_LEAD)
                     continue
@@ -281,38 +310,62 @@ class Coordinator:
     def _forwarding(self, bus: Bus, verb: str,
                     local: Handler) -> Handler:
         """The handler of a writing verb: carried out here while leading, else forwarded to
-        the leader's own subject."""
-        async def handler(data: bytes) -> bytes:
+        the leader's own subject, for the caller the request's subject names (only the
+        coordinators' credentials may publish a subject naming another caller than their
+        holder's: ``coordinator.auth.perms``)."""
+        async def handler(subject: str, data: bytes) -> bytes:
+            caller = self._caller(subject)
+            if isinstance(caller, bytes):
+                return caller
             if self.runner is not None:
-                return await local(data)
+                return await local(subject, data)
             leader = self.lease.leader if self.lease is not None else None
             if leader is None or leader.holder == self.id:
                 return _unavailable(f"no coordinator leads fleet {self.fleet_name!r} right now; "
                                     f"a standby takes over within {LEASE_TTL + 1:g}s: try again")
+            log.info("forwarding %s of %s to the leading coordinator %s", verb, caller,
+                     leader.holder)
             try:
-                return await bus.request(direct_api(self.fleet_name, leader.holder, verb), data,
-                                         timeout=FORWARD_TIMEOUT)
+                return await bus.request(direct_api(self.fleet_name, leader.holder, caller, verb),
+                                         data, timeout=FORWARD_TIMEOUT)
             except BusError as exc:
                 return _unavailable(f"the leading coordinator ({leader.host} pid {leader.pid}) "
                                     f"did not take the request: {exc}; try again")
         return handler
 
-    def _direct(self, verb: str,
-                local: Handler) -> Handler:
-        """The handler of a writing verb forwarded to this coordinator by a standby."""
-        async def handler(data: bytes) -> bytes:
+    def _direct(self, local: Handler) -> Handler:
+        """The handler of a writing verb sent to this coordinator's own subject (by the CLI, or
+        forwarded by a standby)."""
+        async def handler(subject: str, data: bytes) -> bytes:
+            caller = self._caller(subject)
+            if isinstance(caller, bytes):
+                return caller
             if self.runner is None:
                 return _unavailable(f"this coordinator no longer leads fleet {self.fleet_name!r}; "
                                     "try again")
-            return await local(data)
+            return await local(subject, data)
         return handler
 
-    async def _leader(self, req: LeaderRequest) -> dict[str, Any]:
+    def _caller(self, subject: str) -> str | bytes:
+        """Who a writing request's subject names, or the reply refusing it: a caller that is no
+        name, or an older CLI's request (which names none) where credentials prove every
+        caller, so that no change goes unattributed on a secure fleet."""
+        try:
+            caller = subjects.api_caller(subject)
+        except ProtocolError as exc:
+            return encode(ApiReply(ok=False, code="usage", error=str(exc)))
+        if caller == subjects.UNKNOWN_CALLER and self.proven:
+            return encode(ApiReply(ok=False, code="usage", error=(
+                "this fleet records who asks for every change, and this fleetwave CLI names no "
+                "one (it is older than the coordinator): upgrade fleetwave on this host")))
+        return caller
+
+    async def _leader(self, req: LeaderRequest, caller: str) -> dict[str, Any]:
         lease = self.lease.leader if self.lease is not None else None
         out: dict[str, Any] = {"you": self.id, "leading": self.runner is not None}
         if lease is not None:
             out.update(holder=lease.holder, term=lease.term, host=lease.host, pid=lease.pid,
-                       since=lease.since, renewed=lease.renewed, ttl=lease.ttl)
+                       since=lease.since, renewed=lease.renewed, ttl=lease.ttl, key=lease.key)
         return out
 
     async def _load_known(self, bus: Bus) -> None:
@@ -355,7 +408,7 @@ class Coordinator:
         log.info("node %s registered (labels %s)", info.id, info.labels)
         self._emit(self.table.register(info, self._clock()))
 
-    async def _nodes(self, req: NodesRequest) -> list[NodeView]:
+    async def _nodes(self, req: NodesRequest, caller: str) -> list[NodeView]:
         return self.table.view(req.selector)
 
     def _complain(self, node: str, kind: str, message: str) -> None:
@@ -378,6 +431,7 @@ class Coordinator:
             event = Event(
                 id=uuid.uuid4().hex, time=self._clock(), fleet=self.fleet_name, kind=t.kind,
                 message=t.message, node=t.node, data=dict(t.data),
+                who=subjects.COORDINATOR_CALLER,
             )
             self.events.put(event)
 
@@ -429,8 +483,8 @@ class _Current:
                               "unavailable")
         return self._c.runner
 
-    async def deploy(self, spec: RolloutSpec, release: ReleaseRef) -> RolloutRecord:
-        return await self._runner().deploy(spec, release)
+    async def deploy(self, spec: RolloutSpec, release: ReleaseRef, who: str) -> RolloutRecord:
+        return await self._runner().deploy(spec, release, who)
 
     async def request(self, rollout_id: str, event: EngineEvent) -> RolloutRecord:
         return await self._runner().request(rollout_id, event)
@@ -455,7 +509,7 @@ def _unavailable(message: str) -> bytes:
     return encode(ApiReply(ok=False, code="unavailable", error=message))
 
 
-async def _pong(data: bytes) -> bytes:
+async def _pong(subject: str, data: bytes) -> bytes:
     return b"pong"
 
 

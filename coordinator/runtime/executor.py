@@ -13,7 +13,8 @@ ids) before it and written *inside* the record (``RolloutRecord.outbox``), toget
 earlier event of the rollout that the stream has not acknowledged yet (``Driver.outbox``). A
 coordinator that dies after the record write and before the publish leaves them there, and the
 one that resumes the rollout publishes them again; their message id is a digest of their bytes,
-so the stream stores each once.
+so the stream stores each once. Since an event is made whole before the record that carries it is
+written, what it says (its ``who`` among the rest) is what is published again.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ class Executor:
                     time=self._clock() if command.time is None else command.time,
                     fleet=self.store.fleet, kind=command.kind, message=command.message,
                     node=command.node, service=record.spec.service, rollout=record.id,
-                    data=dict(command.data))
+                    data=dict(command.data), who=command.who)
         return out
 
     def publish(self, event: Event) -> None:

@@ -144,11 +144,12 @@ class Fenced:
 
 
 async def write_fences(bus: RunnerBus, *, term: int, holder: str, now: float,
-                       key: str = "") -> Fence:
+                       key: str = "", retired: Sequence[str] = ()) -> Fence:
     """Move every fenced bucket's marker to ``term`` (never to a lower one); Deposed if one
-    already holds ``term`` or higher (a later leader got there first)."""
+    already holds ``term`` or higher (a later leader got there first). The markers name the
+    leader's signing ``key`` and the keys the fleet was rotated away from (``retired``)."""
     seqs: dict[str, int] = {}
-    data = encode(FenceMarker(term=term, holder=holder, time=now, key=key))
+    data = encode(FenceMarker(term=term, holder=holder, time=now, key=key, retired=list(retired)))
     for bucket in fenced_buckets(bus.fleet):
         for attempt in range(10):
             entry = await bounded(bus.kv_get(bucket, subjects.FENCE_KEY))
@@ -171,17 +172,18 @@ async def write_fences(bus: RunnerBus, *, term: int, holder: str, now: float,
     return Fence(term=term, seqs=seqs)
 
 
-async def fence_keys(bus: RunnerBus) -> set[str]:
-    """The signing keys the fence markers name (the leaders that wrote the fleet's states)."""
-    keys = set()
+async def fence_markers(bus: RunnerBus) -> list[FenceMarker]:
+    """The fence markers that can be read (of the leaders that wrote the fleet's states: their
+    signing keys, and the keys retired by a rotation; ``coordinator.core.rotation``)."""
+    markers = []
     for bucket in fenced_buckets(bus.fleet):
         entry = await bounded(bus.kv_get(bucket, subjects.FENCE_KEY))
         if entry is not None and entry.value:
             try:
-                keys.add(decode(FenceMarker, entry.value).key)
+                markers.append(decode(FenceMarker, entry.value))
             except ProtocolError:
                 continue
-    return keys - {""}
+    return markers
 
 
 async def highest_fence(bus: RunnerBus) -> int:

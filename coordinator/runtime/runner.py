@@ -337,8 +337,9 @@ class Runner:
 
     # -- operator requests -------------------------------------------------------------------------
 
-    async def deploy(self, spec: RolloutSpec, release: ReleaseRef) -> RolloutRecord:
-        """Plan, lock, persist and start a rollout; UsageError, Conflict (locked) or BusError."""
+    async def deploy(self, spec: RolloutSpec, release: ReleaseRef, who: str = "") -> RolloutRecord:
+        """Plan, lock, persist and start a rollout for ``who`` (the API caller, kept in the
+        record and on every event of its start); UsageError, Conflict (locked) or BusError."""
         async with self._deploying:
             now = self._clock()
             views = list(self._nodes())
@@ -347,7 +348,7 @@ class Runner:
             rid = new_rollout_id(spec.service, now)
             try:
                 record = new_record(id=rid, spec=spec, release=release, nodes=live,
-                                    current=current, now=now)
+                                    current=current, now=now, who=who)
             except UsageError as exc:
                 if live != views and "no node matches" in str(exc):
                     raise UsageError(f"{exc} (offline nodes are not targeted)") from None
@@ -368,8 +369,8 @@ class Runner:
                                   "(no rollout was started); try again", "unavailable") from None
             driver = Driver(Rollout(record, fleet=self.fleet), revision)
             self.drivers[rid] = driver
-            log.info("rollout %s created: %s %s on %d nodes", rid, spec.service, spec.version,
-                     len(record.nodes))
+            log.info("rollout %s created: %s %s on %d nodes (by %s)", rid, spec.service,
+                     spec.version, len(record.nodes), who or "?")
             events: list[EngineEvent] = [
                 ObservedChanged(node, seen) for (node, svc), seen in self.observed.items()
                 if svc == spec.service and node in record.nodes

@@ -140,8 +140,9 @@ class RolloutStore:
             holder = entry.value.decode(errors="replace")
             record = self._live(holder) or await self.load(holder)
             if record is not None and record.state not in TERMINAL_STATES:
+                by = f" (started by {record.started_by})" if record.started_by else ""
                 raise Conflict(
-                    f"service {service} already has rollout {holder} {record.state}; wait "
+                    f"service {service} already has rollout {holder}{by} {record.state}; wait "
                     f"for it ('fleetwave status {holder}') or stop it with 'fleetwave abort "
                     f"{holder}'")
             log.warning("taking over the stale lock of %s from %s rollout %s", service,

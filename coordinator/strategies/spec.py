@@ -35,6 +35,12 @@ def check_common(spec: RolloutSpec) -> None:
     if g.max_p99_ratio is not None and not (math.isfinite(g.max_p99_ratio)
                                             and g.max_p99_ratio > 0):
         raise UsageError(f"--max-p99-ratio {g.max_p99_ratio:g} must be a positive number, e.g. 1.5")
+    if not 0 < g.alpha < 1:
+        raise UsageError(f"--alpha {g.alpha:g} is out of range; write a probability between 0 and "
+                         "1 (exclusive), e.g. 0.01 or 1%")
+    if g.analysis == "sequential" and g.max_error_rate is not None and g.max_error_rate >= 1:
+        raise UsageError("--max-error-rate 100% under --analysis sequential tolerates every "
+                         "error rate; leave the gate out, or tolerate a smaller rise, e.g. 5%")
     if g.min_requests is not None and g.min_requests < 0:
         raise UsageError(f"--min-requests {g.min_requests} must be 0 or more")
     if any(not 0 < w <= 100 for w in spec.weights):

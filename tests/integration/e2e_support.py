@@ -276,7 +276,7 @@ async def assert_told_once(url: str, rid: str, nodes: list[str],
 
 async def leader_of(bus: Bus) -> dict[str, Any]:
     """What the coordinators' API says of the lease (``leader`` verb): holder, term, ..."""
-    raw = await bus.request(subjects.api(bus.fleet, "leader"), b"{}", timeout=5.0)
+    raw = await bus.request(subjects.api(bus.fleet, "tests", "leader"), b"{}", timeout=5.0)
     reply = decode(ApiReply, raw)
     assert reply.ok, reply.error
     assert isinstance(reply.data, dict)

@@ -103,6 +103,21 @@ async def fleetwave(
     return proc.returncode, out.decode(), err.decode()
 
 
+async def run_output(*argv: str, timeout: float = 30.0) -> tuple[int, str]:
+    """Run ``argv`` (any program) to its end; return (exit code, stdout and stderr merged)."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
 async def nodes_json(
     nats_url: str, *args: str, client: Sequence[str] = (),
 ) -> dict[str, dict[str, Any]]:

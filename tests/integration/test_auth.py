@@ -144,7 +144,7 @@ async def test_node_credentials_reach_nothing_of_another_node(tmp_path: Path) ->
             await node1.publish(subjects.heartbeat(F, "node-2"), b"{}")
             with pytest.raises((BusError, TimeoutError)):
                 async with asyncio.timeout(6):
-                    await node1.request(subjects.api(F, "deploy"), b"{}", timeout=3)
+                    await node1.request(subjects.api(F, "node-1", "deploy"), b"{}", timeout=3)
 
             # No TLS at all; a CA that did not sign the server's certificate.
             with pytest.raises(AccessDenied):
@@ -191,7 +191,7 @@ async def test_node_credentials_reach_nothing_of_another_node(tmp_path: Path) ->
             'Publish Violation - Subject "$KV.fw-default-locks.hello"',
             'Publish Violation - Subject "$JS.API.STREAM.PURGE.KV_fw-default-desired"',
             'Publish Violation - Subject "fw.default.hb.node-2"',
-            'Publish Violation - Subject "fw.default.api.deploy"',
+            'Publish Violation - Subject "fw.default.api.node-1.deploy"',
         ):
             assert refused in log, refused
         agent2 = await read_text(tmp_path / "fleet" / "logs" / "node-2.log")

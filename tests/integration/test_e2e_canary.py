@@ -233,6 +233,47 @@ async def test_error_rate_is_caught_at_the_first_step_and_rolled_back(tmp_path: 
           f"{load.requests} ({load.share:.2%}; bound 5.0%)")
 
 
+async def test_sequential_analysis_stops_a_bad_canary_before_its_bake_ends(tmp_path: Path) -> None:
+    """2.2.0 (every other answer a 500) under --analysis sequential, with the same steps, bake
+    and gates as above: the wave fails on the first router report that carries the evidence,
+    before its bake ends, and is rolled back (exit 3); only node-1's users saw an error, and
+    status and the events say the evidence in words (counts, versions, e-value, 1/alpha)."""
+    async with fleet_of(tmp_path) as fleet:
+        url = fleet.nats_url
+        await push(url, "2.0.0", "2.2.0")
+        await install(fleet, "2.0.0")
+        async with load_on(fleet) as load:
+            code, out, err, rid = await deploy(
+                url, "2.2.0", "--strategy", "canary", "--steps", "1,50%,100%", "--bake", "3s",
+                "--max-error-rate", "5%", "--min-requests", "20", "--analysis", "sequential")
+        assert code == 3, f"2.2.0 should roll back, got {code}: {out}{err}"
+        assert set((await versions(fleet)).values()) == {"2.0.0"}
+        st = await status(url, rid)
+        assert st["state"] == "rolled_back", st["reason"]
+        assert "on 2.2.0 vs" in st["reason"] and "on 2.0.0: e-value" in st["reason"], st["reason"]
+        assert ">= 1/alpha = 100: fail" in st["reason"], st["reason"]
+        assert [w["state"] for w in st["waves"]] == ["failed", "waiting", "waiting"]
+        g = st["waves"][0]["gates"]
+        assert g["outcome"] == "fail" and g["e_error"] >= 100, g
+        assert g["thresholds"]["analysis"] == "sequential" and g["thresholds"]["alpha"] == 0.01
+        assert load.failed > 0, "the canary node's users never saw 2.2.0's errors"
+        assert all(load.per_node[n].failed == 0 for n in ("node-2", "node-3", "node-4")), \
+            load.failures()
+        assert load.share <= 1 / AGENTS * 0.5 + SLACK, (load.failed, load.requests)
+        evs = await events_of(url, rid)
+        failed_at = event_time(evs, "gate.failed", wave=0)
+        assert failed_at < event_time(evs, "wave.baking", wave=0) + 3.0, "waited for the bake"
+        step_s = event_time(evs, "rollout.rolled_back") - event_time(evs, "wave.started", wave=0)
+        caught_s = failed_at - event_time(evs, "wave.baking", wave=0)
+        code, out, _ = await fleetwave("status", rid, nats_url=url)
+        assert code == 0 and "sequential, alpha 0.01" in out and "e-value" in out, out
+    print(f"\ncanary 2.2.0 (50% errors), --steps 1,50%,100% --analysis sequential on {AGENTS} "
+          f"nodes: first step start -> rollback finished {step_s:.2f}s (bake start -> gate "
+          f"failed {caught_s:.2f}s); failed user requests "
+          f"{load.failed} of {load.requests} ({load.share:.2%}), all on node-1 "
+          f"({load.per_node['node-1'].failed} of {load.per_node['node-1'].requests})")
+
+
 async def test_latency_regression_fails_the_p99_ratio_gate(tmp_path: Path) -> None:
     """2.3.0 (+200 ms per answer) fails --max-p99-ratio 1.5 at the first step and is rolled back,
     slow but without a failed request."""

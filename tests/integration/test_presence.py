@@ -168,10 +168,10 @@ async def test_malformed_messages_do_not_crash_the_coordinator(
             await bus.publish(subjects.register(f, "x"), b"[1, 2]")
             await bus.publish(subjects.register(f, "x"), encode(NodeInfo(id="bad id!")))
             await bus.publish(subjects.register(f, "z"), encode(NodeInfo(id="other")))
-            bad = decode(ApiReply, await bus.request(subjects.api(f, "nodes"), b"{{"))
+            bad = decode(ApiReply, await bus.request(subjects.api(f, "tests", "nodes"), b"{{"))
             assert (bad.ok, bad.code) == (False, "usage")
             good = decode(ApiReply, await bus.request(
-                subjects.api(f, "nodes"), encode(NodesRequest())))
+                subjects.api(f, "tests", "nodes"), encode(NodesRequest())))
             assert (good.ok, good.data) == (True, [])  # nothing above made a node appear
             await bus.publish(subjects.heartbeat(f, "real"), encode(Heartbeat(node="real")))
             rows = await wait_until(lambda: nodes_json(broker.url), lambda r: "real" in r,

@@ -8,7 +8,7 @@ import contextlib
 import json
 from pathlib import Path
 
-from coordinator.cli.base import Ctx
+from coordinator.cli.base import Ctx, os_user
 from coordinator.cli.client import call
 from coordinator.dev.broker import Broker
 from coordinator.dev.devfleet import Child, python_module
@@ -130,6 +130,8 @@ async def test_deploys_locks_requests_and_resume_after_kill(broker: Broker, tmp_
         code, out, _ = await fleetwave("status", "-o", "json", nats_url=url)
         st = json.loads(out)
         assert st["id"] == rid and st["state"] == "running"
+        # An open bus: the CLI named its OS user (a claim), and the coordinator recorded it.
+        assert st["started_by"] == os_user() != ""
         assert st["waves"][0]["state"] == "updating"
         assert set(st["nodes"]) == {"node-1", "node-2"}
 

@@ -1,7 +1,7 @@
 """Agent benchmark: RSS and CPU of one REAL agent idle, during a rollout, and over a soak.
 
 Usage: python tests/perf/bench_agent.py [--idle 60] [--soak-minutes 10] [--probe-interval DUR]
-       [--json]
+       [--json] [--secure | --compare]
 
 A dev fleet (``coordinator.dev.devfleet.DevFleet``: broker, coordinator, one real agent bound to
 <SUBNET>.1, see perf_support, heartbeats every 2 s) runs the example hello service. Measured on
@@ -21,6 +21,10 @@ The example's health probe runs every 200 ms while a slot starts and every 1 s o
 idle agent's wakeups. ``--probe-interval 200ms`` (or any) runs the same bundles with that interval
 written into a copy of their manifests (the examples themselves are untouched), to show the
 agent's cost at another interval.
+
+``--secure`` runs the fleet over TLS with per-process credentials (``dev up --secure``: the agent
+with its node's, this script as the operator); ``--compare`` runs it plain, then secure, and
+prints both with secure ÷ plain (OpenSSL is then mapped into the agent: part of the cost).
 """
 
 from __future__ import annotations
@@ -39,7 +43,15 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from perf_support import SUBNET, cpu_seconds, emit, peak_rss_mb, rss_mb
+from perf_support import (
+    SUBNET,
+    add_secure_flags,
+    cpu_seconds,
+    emit,
+    peak_rss_mb,
+    ratio_rows,
+    rss_mb,
+)
 
 from coordinator.dev.devfleet import DevFleet
 from coordinator.dev.examples import assembled
@@ -54,14 +66,14 @@ async def deploy(bus: Bus, version: str) -> float:
     """Roll hello to ``version`` and wait until it succeeds; return the seconds it took."""
     started = time.monotonic()
     spec = RolloutSpec(service="hello", version=version, progress_deadline=60.0)
-    reply = decode(ApiReply, await bus.request(subjects.api(bus.fleet, "deploy"),
+    reply = decode(ApiReply, await bus.request(subjects.api(bus.fleet, "bench", "deploy"),
                                                encode(DeployRequest(spec=spec)), timeout=30))
     if not reply.ok:
         raise RuntimeError(f"deploy {version} refused: {reply.error}")
     rid = reply.data["id"]
     deadline = time.monotonic() + 90
     while True:
-        raw = await bus.request(subjects.api(bus.fleet, "status"),
+        raw = await bus.request(subjects.api(bus.fleet, "bench", "status"),
                                 encode(RolloutRequest(id=rid)), timeout=10)
         state = decode(ApiReply, raw).data["state"]
         if state in TERMINAL_STATES:
@@ -98,12 +110,14 @@ def cpu_percent(pid: int, cpu0: float, t0: float) -> float:
     return 100.0 * (cpu_seconds(pid) - cpu0) / (time.monotonic() - t0)
 
 
-async def measure(idle: float, soak_minutes: float, probe_interval: str | None) -> dict[str, Any]:
+async def measure(idle: float, soak_minutes: float, probe_interval: str | None,
+                  secure: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="fw-perf-agent-") as tmp:
         source = bundles(Path(tmp), probe_interval)
         async with DevFleet(Path(tmp) / "fleet", agents=1, subnet=SUBNET, fleet="perfagent",
-                            heartbeat_interval=2.0) as fleet:
-            bus = await Bus.connect(fleet.nats_url, fleet.fleet, name="perf-agent")
+                            heartbeat_interval=2.0, secure=secure) as fleet:
+            bus = await Bus.connect(fleet.nats_url, fleet.fleet, name="perf-agent",
+                                    **fleet.access())
             try:
                 for v in ("1.0.0", "2.0.0"):
                     await push_release(bus, source / v)
@@ -145,6 +159,7 @@ async def measure(idle: float, soak_minutes: float, probe_interval: str | None) 
             finally:
                 await bus.close()
     return {
+        "secure": secure,
         "probe_interval": probe_interval or "example's (1s; 200ms while starting)",
         "openssl_mapped": openssl,
         "idle_window_s": idle, "idle_rss_mb": round(idle_rss, 1),
@@ -160,17 +175,17 @@ async def measure(idle: float, soak_minutes: float, probe_interval: str | None) 
     }
 
 
-async def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--idle", type=float, default=60.0, help="idle window in seconds")
-    ap.add_argument("--soak-minutes", type=float, default=10.0)
-    ap.add_argument("--probe-interval", metavar="DUR", default=None,
-                    help="health probe interval written into copies of the example manifests "
-                         "(default: the examples' own: 1s, 200ms while starting)")
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
-    r = await measure(args.idle, args.soak_minutes, args.probe_interval)
-    emit(args.json, "one real agent (the agent process only)", r, [
+COMPARED = [("idle RSS", "idle_rss_mb", " MiB"), ("idle USS", "idle_uss_mb", " MiB"),
+            ("idle CPU", "idle_cpu_percent", " %"),
+            ("idle wakeups/s", "idle_wakeups_per_s", ""),
+            ("rollout 1.0.0 -> 2.0.0", "rollout_s", " s"),
+            ("rollout CPU", "rollout_cpu_percent", " %"),
+            ("peak RSS", "peak_rss_mb", " MiB"), ("soak CPU", "soak_cpu_percent", " %"),
+            ("soak RSS at the end", "soak_rss_end_mb", " MiB")]  # (a growth near 0: no ratio)
+
+
+def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
+    return [
         ("probe interval", str(r["probe_interval"])),
         ("idle RSS", f"{r['idle_rss_mb']:.1f} MiB after {r['idle_window_s']:g} s"),
         ("idle CPU", f"{r['idle_cpu_percent']:.3f} % of a core, {r['idle_wakeups_per_s']:.1f} "
@@ -183,7 +198,32 @@ async def main() -> int:
                  f"{r['soak_cpu_percent']:.2f} %"),
         ("soak RSS growth", f"{r['soak_rss_growth_mb']:+.2f} MiB ({r['soak_rss_after_first_mb']}"
                             f" -> {r['soak_rss_end_mb']} MiB)"),
-    ])
+    ]
+
+
+async def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--idle", type=float, default=60.0, help="idle window in seconds")
+    ap.add_argument("--soak-minutes", type=float, default=10.0)
+    ap.add_argument("--probe-interval", metavar="DUR", default=None,
+                    help="health probe interval written into copies of the example manifests "
+                         "(default: the examples' own: 1s, 200ms while starting)")
+    ap.add_argument("--json", action="store_true")
+    add_secure_flags(ap, "TLS and per-process credentials (dev up --secure)",
+                     "plain, then with TLS and auth; print both and the ratios")
+    args = ap.parse_args()
+    results = []
+    for secure in [False, True] if args.compare else [args.secure]:
+        r = await measure(args.idle, args.soak_minutes, args.probe_interval, secure)
+        results.append(r)
+        if not args.json:
+            how_ = "TLS + auth" if secure else "plain"
+            emit(False, f"one real agent (the agent process only), {how_}", r, rows(r))
+    if args.json:
+        emit(True, "", results[0] if len(results) == 1 else {"agent": results}, [])
+    elif args.compare:
+        emit(False, "one real agent: the cost of TLS + auth (secure / plain)", {},
+             ratio_rows(results[0], results[1], COMPARED))
     return 0
 
 

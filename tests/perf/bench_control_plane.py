@@ -2,6 +2,7 @@
 
 Usage: python tests/perf/bench_control_plane.py [--nodes 100,1000,5000] [--json] [--keep]
        [--profile DIR]   (py-spy record of the coordinator during the measured rollout)
+       [--secure | --compare]
 
 For each N: a fresh broker, the real coordinator, and ``fleetwave-agent --simulate N``; every node
 is first installed with hello 1.0.0, then rolled to 2.0.0 in waves of 10% (bake 0,
@@ -15,6 +16,14 @@ max-unavailable 10%): that second rollout is measured. Figures:
 - coordinator CPU seconds during the rollout and its peak RSS (VmHWM, psutil/proc);
 - the bus floor: the same N desired puts and N observed replies in as many waves by bare nats-py
   on the same broker, with payloads of the size of our signed desired states; ratio = ours ÷ floor.
+
+``--secure`` runs the same over TLS with nkey users (``fleetwave auth``: the broker with
+``--auth``, the coordinator and this script with the coordinator's credentials; the simulated
+agent, one connection standing for every node, with them too, so the nodes' per-node permission
+sets are not what is measured, TLS and authenticated connections are). There is no floor then: its
+bare client has no identity in a secure fleet. ``--compare`` runs each size plain, then secure,
+and prints both with secure ÷ plain: the cost of TLS + auth, measured in one run (every other
+size secure first: repeat a size, ``--nodes 1000,1000``, to see the order's share).
 """
 
 from __future__ import annotations
@@ -31,19 +40,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from perf_support import (
     Profile,
     SimFleet,
+    add_secure_flags,
     bus_floor,
     cpu_seconds,
     emit,
     peak_rss_mb,
     print_top,
+    ratio_rows,
     rolling,
 )
 
 from protocol import subjects
 
 
-async def measure(n: int, keep: bool, profile: Path | None = None) -> dict[str, Any]:
-    async with SimFleet(n, keep=keep) as fleet:
+async def measure(n: int, keep: bool, profile: Path | None = None,
+                  secure: bool = False) -> dict[str, Any]:
+    async with SimFleet(n, keep=keep, secure=secure) as fleet:
         assert fleet.coordinator.pid is not None and fleet.bus is not None
         rid, _ = await fleet.deploy(rolling("1.0.0"))
         ev, _ = await fleet.finish(rid, timeout=120 + n / 10)
@@ -77,9 +89,11 @@ async def measure(n: int, keep: bool, profile: Path | None = None) -> dict[str, 
         # The floor does as many desired writes as we did (forward waves plus the retirement of
         # the old slots at the end), in as many rounds, each answered by one observed write.
         written = await stream_seq(fleet, subjects.desired_bucket(fleet.fleet)) - desired_seq0
-        floor = await bus_floor(fleet.broker.url, written, len(starts) + 1, payload)
+        floor = (None if secure else
+                 await bus_floor(fleet.broker.url, written, len(starts) + 1, payload))
         return {
-            "nodes": n, "waves": len(starts), "node_updates": updates, "desired_writes": written,
+            "secure": secure, "nodes": n, "waves": len(starts), "node_updates": updates,
+            "desired_writes": written,
             "total_s": round(total, 3),
             "wave_mean_s": round(sum(waves) / len(waves), 3) if waves else None,
             "wave_max_s": round(max(waves), 3) if waves else None,
@@ -87,8 +101,8 @@ async def measure(n: int, keep: bool, profile: Path | None = None) -> dict[str, 
             "coordinator_cpu_s": round(cpu, 3), "sim_agent_cpu_s": round(sim_cpu, 3),
             "coordinator_peak_rss_mb": round(peak_rss_mb(pid), 1),
             "desired_payload_bytes": payload,
-            "floor_s": round(floor, 3),
-            "ratio_to_floor": round(total / floor, 2),
+            "floor_s": round(floor, 3) if floor is not None else None,
+            "ratio_to_floor": round(total / floor, 2) if floor is not None else None,
         }
 
 
@@ -109,9 +123,17 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         ("coordinator CPU", f"{r['coordinator_cpu_s']:.2f} s (simulated agent: "
                             f"{r['sim_agent_cpu_s']:.2f} s)"),
         ("coordinator peak RSS", f"{r['coordinator_peak_rss_mb']:.1f} MiB"),
+    ] + ([] if r["floor_s"] is None else [
         ("bus floor", f"{r['floor_s']:.3f} s ({r['desired_payload_bytes']} B desired states)"),
         ("ours / floor", f"{r['ratio_to_floor']:.2f}x"),
-    ]
+    ])
+
+
+COMPARED = [("total", "total_s", " s"), ("per wave (mean)", "wave_mean_s", " s"),
+            ("per wave (max)", "wave_max_s", " s"), ("node-updates/s", "node_updates_per_s", ""),
+            ("coordinator CPU", "coordinator_cpu_s", " s"),
+            ("simulated agent CPU", "sim_agent_cpu_s", " s"),
+            ("coordinator peak RSS", "coordinator_peak_rss_mb", " MiB")]
 
 
 async def main() -> int:
@@ -121,15 +143,30 @@ async def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs) of each run")
     ap.add_argument("--profile", type=Path, default=None, metavar="DIR",
                     help="py-spy record the coordinator during each measured rollout into DIR")
+    add_secure_flags(ap, "TLS and nkey users (fleetwave auth) for every client",
+                     "each size plain and with TLS and auth; print both and the ratios")
     args = ap.parse_args()
     results = []
-    for n in (int(x) for x in args.nodes.split(",")):
-        started = time.monotonic()
-        r = await measure(n, args.keep, args.profile)
-        results.append(r)
-        if not args.json:
-            emit(False, f"rolling 1.0.0 -> 2.0.0 on {n} simulated nodes, batch 10%, bake 0 "
-                 f"(run took {time.monotonic() - started:.0f} s)", r, rows(r))
+    for k, n in enumerate(int(x) for x in args.nodes.split(",")):
+        # Every other size runs secure first, so that an order effect (a warmer machine for
+        # the second run) shows as a spread between rounds rather than as a cost.
+        modes = ([False, True] if k % 2 == 0 else [True, False]) if args.compare else [
+            args.secure]
+        of_n: list[dict[str, Any]] = []
+        for secure in modes:
+            started = time.monotonic()
+            r = await measure(n, args.keep, args.profile, secure)
+            of_n.append(r)
+            if not args.json:
+                how_ = "TLS + auth" if secure else "plain"
+                emit(False, f"rolling 1.0.0 -> 2.0.0 on {n} simulated nodes, batch 10%, bake 0, "
+                     f"{how_} (run took {time.monotonic() - started:.0f} s)", r, rows(r))
+        results += of_n
+        if args.compare and not args.json:
+            plain, secure_ = sorted(of_n, key=lambda r: bool(r["secure"]))
+            first = "secure" if of_n[0]["secure"] else "plain"
+            emit(False, f"{n} simulated nodes: the cost of TLS + auth (secure / plain; {first} "
+                 "ran first)", {}, ratio_rows(plain, secure_, COMPARED))
     if args.json:
         emit(True, "", {"control_plane": results}, [])
     return 0

@@ -45,12 +45,14 @@ sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
 
+from coordinator.auth.enroll import CA, AuthDir  # noqa: E402
 from coordinator.dev.broker import Broker  # noqa: E402
 from coordinator.dev.cluster import BrokerCluster  # noqa: E402
 from coordinator.dev.devfleet import Child, python_module  # noqa: E402
 from coordinator.dev.examples import assembled  # noqa: E402
 from coordinator.releases import push_release  # noqa: E402
 from coordinator.runtime.keyfile import coordinator_seed  # noqa: E402
+from protocol import creds as creds_file  # noqa: E402
 from protocol import subjects  # noqa: E402
 from protocol.bus import Bus  # noqa: E402
 from protocol.codec import decode, encode  # noqa: E402
@@ -238,19 +240,23 @@ class SimFleet:
     """Broker + coordinator + one ``--simulate N`` agent in a temp dir; an async context manager."""
 
     def __init__(self, nodes: int, *, fleet: str = FLEET, sim_env: dict[str, str] | None = None,
-                 heartbeat: float = 2.0, keep: bool = False, brokers: int = 1) -> None:
+                 heartbeat: float = 2.0, keep: bool = False, brokers: int = 1,
+                 secure: bool = False) -> None:
         self.n = nodes
         self.fleet = fleet
         self.heartbeat = heartbeat
         self.sim_env = sim_env or {}
         self.keep = keep
         self.dir = Path(tempfile.mkdtemp(prefix="fw-perf-"))
+        # secure: TLS and nkey users (fleetwave auth) for every client; the simulated agent,
+        # standing for every node on one connection, runs as the coordinator's identity.
+        self.auth = self.dir / "auth" if secure else None
         self.cluster: BrokerCluster | None = None
         if brokers == 1:
-            self.broker = Broker(store_dir=self.dir / "js")
+            self.broker = Broker(store_dir=self.dir / "js", auth=self.auth)
             self.brokers = [self.broker]
         else:
-            self.cluster = BrokerCluster(self.dir, brokers)
+            self.cluster = BrokerCluster(self.dir, brokers, auth=self.auth)
             self.brokers = self.cluster.brokers
             self.broker = self.brokers[0]
         self.url = ",".join(b.url for b in self.brokers)  # every client gets every broker
@@ -258,7 +264,8 @@ class SimFleet:
         self.coordinator = Child(
             "coordinator",
             python_module("coordinator.daemon", "--nats", self.url, "--fleet", fleet,
-                          "coordinator", "--key-file", str(self.key_file)),
+                          "coordinator", "--key-file", str(self.key_file),
+                          *self.secure_args()),
             self.dir / "logs" / "coordinator.log")
         self.agent: Child | None = None
         self.bus: Bus | None = None
@@ -276,14 +283,32 @@ class SimFleet:
                         tb: TracebackType | None) -> None:
         await self.stop()
 
+    def secure_args(self) -> list[str]:
+        """``--creds`` and ``--tls-ca`` of the coordinator's identity (none if not secure)."""
+        if self.auth is None:
+            return []
+        return ["--creds", str(AuthDir(self.auth).creds_path("coordinator", "coordinator")),
+                "--tls-ca", str(self.auth / CA)]
+
+    def access(self) -> dict[str, Any]:
+        """``Bus.connect``'s credentials and TLS arguments (the coordinator's identity)."""
+        if self.auth is None:
+            return {}
+        return {"creds": creds_file.load(AuthDir(self.auth).creds_path("coordinator",
+                                                                        "coordinator")),
+                "tls_ca": str(self.auth / CA)}
+
     async def start(self) -> None:
         key = public_key(await asyncio.to_thread(coordinator_seed, self.key_file))
+        if self.auth is not None:
+            await asyncio.to_thread(AuthDir(self.auth).init, self.fleet, (), "admin")
         if self.cluster is not None:
             await self.cluster.start()
         else:
             await self.broker.start()
         await self.coordinator.start()
-        self.bus = await Bus.connect(self.url, self.fleet, name="fleetwave-perf")
+        self.bus = await Bus.connect(self.url, self.fleet, name="fleetwave-perf",
+                                     **self.access())
         await poll(self._nodes_or_none, lambda rows: rows is not None, timeout=30,
                    what="the coordinator's API")
         await self.tap.start(self.bus)
@@ -292,7 +317,8 @@ class SimFleet:
                 "agent.main", "--node-id", "sim", "--simulate", str(self.n), "--trust-key", key,
                 "--nats", self.url, "--fleet", self.fleet, "--data-dir",
                 str(self.dir / "sim"), "--bind-host", f"{SUBNET}.1",
-                "--heartbeat-interval", str(self.heartbeat)), self.dir / "logs" / "sim.log")
+                "--heartbeat-interval", str(self.heartbeat), *self.secure_args()),
+                self.dir / "logs" / "sim.log")
             old = {k: os.environ.get(k) for k in self.sim_env}
             os.environ.update(self.sim_env)  # Child passes os.environ on to the agent
             try:
@@ -333,7 +359,7 @@ class SimFleet:
     async def api(self, verb: str, request: Any, *, timeout: float = API_TIMEOUT) -> Any:
         assert self.bus is not None
         try:
-            raw = await self.bus.request(subjects.api(self.fleet, verb), encode(request),
+            raw = await self.bus.request(subjects.api(self.fleet, "perf", verb), encode(request),
                                          timeout=timeout)
         except Exception as exc:  # NotReachable, BusError: say which verb
             raise RuntimeError(f"api {verb}: {exc}") from None
@@ -466,6 +492,28 @@ def print_table(title: str, rows: list[tuple[str, str]]) -> None:
     print(f"\n{title}")
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")
+
+
+def add_secure_flags(ap: Any, secure: str, compare: str) -> None:
+    """``--secure`` (TLS and authentication) and ``--compare`` (plain and secure in one run),
+    one or the other, on a benchmark's argparse parser; the helps say what each runs."""
+    how = ap.add_mutually_exclusive_group()
+    how.add_argument("--secure", action="store_true", help=secure)
+    how.add_argument("--compare", action="store_true", help=compare)
+
+
+def ratio_rows(plain: dict[str, Any], secure: dict[str, Any],
+               fields: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
+    """Rows ``label: plain X, TLS+auth Y (Z x)`` for each (label, key, unit) in ``fields``:
+    the cost of TLS and authentication measured in one run."""
+    out = []
+    for label, key, unit in fields:
+        a, b = plain.get(key), secure.get(key)
+        if a is None or b is None:
+            continue
+        ratio = f"{b / a:.2f}x" if a else "n/a"
+        out.append((label, f"plain {a:g}{unit}, TLS+auth {b:g}{unit} ({ratio})"))
+    return out
 
 
 def emit(as_json: bool, title: str, figures: dict[str, Any],

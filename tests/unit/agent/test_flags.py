@@ -155,7 +155,8 @@ def test_anything_else_is_refused_at_start(text: str, why: str) -> None:
 
 def test_creds_of_another_node_or_with_simulate_are_refused(tmp_path: Path) -> None:
     """node-1's credentials given to node-2 (or to simulated nodes) are a flag error naming
-    the file node-2 needs; its own are taken, with the fleet's CA."""
+    the file node-2 needs; its own are taken, with the fleet's CA, and simulated nodes take the
+    coordinator's."""
     from protocol import creds
 
     path = tmp_path / "node-1.creds"
@@ -173,5 +174,10 @@ def test_creds_of_another_node_or_with_simulate_are_refused(tmp_path: Path) -> N
     with pytest.raises(FlagError, match="--simulate"):
         check_identity(parse_flags(["--node-id", "node-1", "--creds", str(path), "--simulate",
                                     "3"], environ={}))
+    coordinator = tmp_path / "coordinator.creds"
+    coordinator.write_text(creds.render(creds.Creds("default", "coordinator", "coordinator",
+                                                    "SU" + "A" * 56)))
+    check_identity(parse_flags(["--node-id", "sim", "--creds", str(coordinator), "--simulate",
+                                "3"], environ={}))  # a test fleet's: may speak for them all
     with pytest.raises(FlagError, match="does not exist"):
         parse_flags(["--node-id", "n1", "--tls-ca", str(tmp_path / "nope.pem")], environ={})

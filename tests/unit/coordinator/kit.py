@@ -28,11 +28,12 @@ def hist(**at: int) -> list[int]:
     return h
 
 
-def rollout(n: int = 3, *, id: str = "r1", **spec_fields: Any) -> Rollout:
-    """A rollout of ``spec(**spec_fields)`` planned over ``n`` nodes, not started."""
+def rollout(n: int = 3, *, id: str = "r1", who: str = "", **spec_fields: Any) -> Rollout:
+    """A rollout of ``spec(**spec_fields)`` planned over ``n`` nodes, not started, deployed by
+    ``who``."""
     nodes = [NodeView(id=f"node-{i}") for i in range(1, n + 1)]
     rec = new_record(id=id, spec=spec(**spec_fields), release=NEW, nodes=nodes,
-                     current={v.id: desired(v.id) for v in nodes}, now=0.0)
+                     current={v.id: desired(v.id) for v in nodes}, now=0.0, who=who)
     return Rollout(rec, fleet=FLEET)
 
 

@@ -1,17 +1,27 @@
 """coordinator.auth: a trust root with private files 0600, enrollment and revocation rewrite
-the server's users, and a node's permissions name only its own keys and inbox."""
+the server's users, expired identities leave them (renewal brings them back), and a node's
+permissions name only its own keys and inbox."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import stat
 from pathlib import Path
 
 import pytest
 
-from coordinator.auth import perms
-from coordinator.auth.enroll import AuthDir
+from coordinator.auth import perms, pki
+from coordinator.auth.enroll import (
+    NOBODY,
+    AuthDir,
+    next_expiry,
+    parse_lifetime,
+)
+from coordinator.auth.routes import check_serves_routes, route_password
+from coordinator.dev.cluster import ClusterSpec, render_cluster
 from coordinator.errors import UsageError
+from protocol import creds as creds_file
 
 
 def _mode(p: Path) -> int:
@@ -71,3 +81,183 @@ def test_a_node_may_touch_only_its_own_keys() -> None:
                    for s in subjects)
     op = perms.operator("default", "alice")
     assert "$KV.fw-default-desired.>" in op["publish"]["deny"]
+
+
+T0 = dt.datetime(2027, 1, 1, 12, 0, tzinfo=dt.UTC)
+
+
+def _auth(tmp_path: Path) -> AuthDir:
+    d = AuthDir(tmp_path / "auth")
+    d.init("default", (), "alice", now=T0)
+    return d
+
+
+def test_an_expired_user_is_left_out_of_the_servers_users(tmp_path: Path) -> None:
+    """users.conf rendered after a node's expiry lacks its key (a comment says why), keeps
+    everyone else's, and prune says whom it left out and that the file changed once."""
+    d = _auth(tmp_path)
+    path = d.add("node", "node-3", dt.timedelta(seconds=5), now=T0)
+    d.add("node", "node-4", now=T0)
+    assert creds_file.load(path, now=T0).expires == T0 + dt.timedelta(seconds=5)
+    _, _, users = d.load()
+    n3 = next(u for u in users if u.name == "node-3")
+    assert n3.expires == T0 + dt.timedelta(seconds=5)
+    assert n3.nkey in (d.path / "users.conf").read_text()
+    assert next_expiry(users, T0) == n3.expires
+    expired, changed = d.prune(now=T0 + dt.timedelta(seconds=5))
+    text = (d.path / "users.conf").read_text()
+    assert [u.name for u in expired] == ["node-3"] and changed
+    assert n3.nkey not in text and "# node node-3: expired at 2027-01-01T12:00:05Z" in text
+    assert next(u.nkey for u in users if u.name == "node-4") in text
+    assert next_expiry(users, T0 + dt.timedelta(seconds=5)) is None
+    assert d.prune(now=T0 + dt.timedelta(seconds=6)) == (expired, False)
+
+
+def test_renew_keeps_the_key_or_issues_a_new_one(tmp_path: Path) -> None:
+    """renew moves the expiry in auth.json and the file, with the same seed; --new-key gives a
+    new seed whose key replaces the old one in users.conf; an unknown name is one line."""
+    d = _auth(tmp_path)
+    path = d.add("node", "node-3", dt.timedelta(seconds=5), now=T0)
+    before = creds_file.parse(path.read_text(), "x")
+    later = T0 + dt.timedelta(hours=1)
+    same = d.renew("node-3", dt.timedelta(days=30), now=later)
+    after = creds_file.parse(path.read_text(), "x")
+    assert after.seed == before.seed and after.expires == later + dt.timedelta(days=30)
+    assert same.nkey in (d.path / "users.conf").read_text()
+    fresh = d.renew("node-3", None, new_key=True, now=later)
+    text = (d.path / "users.conf").read_text()
+    assert fresh.nkey != same.nkey and fresh.nkey in text and same.nkey not in text
+    assert creds_file.parse(path.read_text(), "x").expires is None
+    path.unlink()
+    with pytest.raises(UsageError, match="--new-key"):
+        d.renew("node-3", None, now=later)
+    with pytest.raises(UsageError, match="no node or operator named"):
+        d.renew("node-9", None, now=later)
+
+
+def test_lifetimes_take_days_and_refuse_nonsense() -> None:
+    """--expires takes '90d', '1d12h' and plain durations; a bare number or 0 is one line."""
+    assert parse_lifetime("90d") == dt.timedelta(days=90)
+    assert parse_lifetime("1d12h") == dt.timedelta(days=1, hours=12)
+    assert parse_lifetime("30s") == dt.timedelta(seconds=30)
+    for bad in ("5", "0s", "9999d", "d"):
+        with pytest.raises(UsageError, match="--expires"):
+            parse_lifetime(bad)
+
+
+def test_a_secure_members_routes_need_mutual_tls_and_the_route_user(tmp_path: Path) -> None:
+    """With an auth directory a member's cluster block verifies the peer's certificate
+    against the fleet's CA and asks a route user, whose password (from the server key, the
+    same on every broker) is in each route URL; the server certificate may serve routes."""
+    d = _auth(tmp_path)
+    spec = ClusterSpec("fw-2", "127.0.0.1", 6223, ("nats-route://127.0.0.1:6222",))
+    conf = render_cluster(spec, d.path)
+    password = route_password(d.path)
+    assert password == route_password(d.path) and len(password) == 64
+    assert "verify: true" in conf and f'ca_file: "{d.path.absolute() / "ca.pem"}"' in conf
+    assert f'user: "fleetwave-route"\n    password: "{password}"' in conf
+    assert f'"nats-route://fleetwave-route:{password}@127.0.0.1:6222"' in conf
+    assert pki.serves_routes((d.path / "server.pem").read_bytes())
+    assert password not in render_cluster(spec)
+
+
+def test_a_trust_root_from_before_secured_routes_is_refused_for_a_cluster(
+        tmp_path: Path) -> None:
+    """A server certificate naming serverAuth alone (as made before routes were secured)
+    cannot serve routes: a secure cluster is refused in one line saying what to do."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    d = _auth(tmp_path)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    old = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+           .public_key(key.public_key()).serial_number(1)
+           .not_valid_before(T0).not_valid_after(T0 + dt.timedelta(days=1))
+           .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                          critical=False)
+           .sign(key, hashes.SHA256()))
+    (d.path / "server.pem").write_bytes(old.public_bytes(serialization.Encoding.PEM))
+    with pytest.raises(UsageError, match="made before brokers secured their routes") as info:
+        check_serves_routes(d.path)
+    assert "\n" not in str(info.value)
+
+
+def test_with_every_identity_expired_the_users_are_never_empty(tmp_path: Path) -> None:
+    """An empty users list would switch nats-server's authorization off (tried: a client
+    without credentials got in): users.conf always keeps a user no one holds, allowed
+    nothing."""
+    d = _auth(tmp_path)
+    d.revoke("alice", now=T0)
+    d.renew("coordinator", dt.timedelta(seconds=1), now=T0)
+    d.prune(now=T0 + dt.timedelta(seconds=1))
+    text = (d.path / "users.conf").read_text()
+    users = [ln for ln in text.splitlines() if ln.strip().startswith("{ nkey")]
+    assert users == [f'    {{ nkey: "{NOBODY}", permissions: {{"publish": {{"deny": [">"]}}, '
+                     '"subscribe": {"deny": [">"]}} }']
+
+
+def _matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: '*' one token, a final '>' one or more."""
+    p, s = pattern.split("."), subject.split(".")
+    for i, tok in enumerate(p):
+        if tok == ">":
+            return len(s) > i
+        if i >= len(s) or (tok != "*" and tok != s[i]):
+            return False
+    return len(p) == len(s)
+
+
+def _may_publish(p: perms.Permissions, subject: str) -> bool:
+    allow = any(_matches(a, subject) for a in p["publish"]["allow"])
+    return allow and not any(_matches(d, subject) for d in p["publish"].get("deny", []))
+
+
+@pytest.mark.parametrize(("subject", "allowed"), [
+    ("fw.default.api.alice.deploy", True),
+    ("fw.default.coord.c0ffee.api.alice.abort", True),
+    ("fw.default.api.deploy", True),  # an older CLI's: the coordinator refuses its writes
+    ("fw.default.api.bob.deploy", False),
+    ("fw.default.coord.c0ffee.api.bob.abort", False),
+    ("fw.default.api.coordinator.deploy", False),
+    ("fw.default.coord.c0ffee.api.coordinator.abort", False),
+    ("fw.other.api.alice.deploy", False),
+])
+def test_an_operator_may_ask_the_api_only_as_itself(subject: str, allowed: bool) -> None:
+    """Operator alice may publish API requests on subjects naming her and no one else (nor a
+    forwarding subject naming another caller), so the caller a coordinator reads is hers."""
+    assert _may_publish(perms.operator("default", "alice"), subject) is allowed
+
+
+def test_a_node_may_ask_no_api() -> None:
+    """No API subject of any form is open to a node."""
+    p = perms.node("default", "node-1")
+    for subject in ("fw.default.api.node-1.deploy", "fw.default.api.deploy",
+                    "fw.default.coord.c0.api.node-1.abort", "fw.default.api.node-1.status"):
+        assert not _may_publish(p, subject), subject
+
+
+@pytest.mark.parametrize("name", ["coordinator", "unknown"])
+def test_the_audit_logs_own_names_are_no_operators(tmp_path: Path, name: str) -> None:
+    """add-operator and init refuse the names the coordinator records for itself."""
+    d = AuthDir(tmp_path / "auth")
+    with pytest.raises(UsageError, match="reserved"):
+        d.init("default", (), name)
+    d.init("default", (), "admin")
+    with pytest.raises(UsageError, match="reserved"):
+        d.add("operator", name)
+
+
+def test_prune_rewrites_users_an_older_release_wrote(tmp_path: Path) -> None:
+    """A users.conf with other permissions (an older release's) is rewritten from auth.json;
+    a current one is left alone."""
+    d = AuthDir(tmp_path / "auth")
+    d.init("default", (), "alice")
+    users = tmp_path / "auth" / "users.conf"
+    current = users.read_text()
+    assert d.prune() == ([], False) and users.read_text() == current
+    users.write_text(current.replace("fw.default.api.alice.*", "fw.default.api.>"))
+    assert d.prune() == ([], True) and users.read_text() == current
+    assert _mode(users) == 0o644

@@ -15,7 +15,7 @@ from protocol.messages import ApiReply, NodesRequest
 
 
 def reply(api: Api, verb: str, data: bytes) -> ApiReply:
-    return decode(ApiReply, asyncio.run(api.handle(verb, data)))
+    return decode(ApiReply, asyncio.run(api.handle(verb, data, "alice")))
 
 
 def make(handler: object) -> Api:
@@ -24,7 +24,7 @@ def make(handler: object) -> Api:
     return api
 
 
-async def echo(req: NodesRequest) -> dict[str, str]:
+async def echo(req: NodesRequest, caller: str) -> dict[str, str]:
     return req.selector
 
 
@@ -66,7 +66,7 @@ def test_unknown_verb_gets_a_usage_reply() -> None:
 )
 def test_handler_errors_map_to_codes(exc: Exception, code: str) -> None:
     """Each error of the trees maps to its reply code and keeps its message."""
-    async def handler(req: NodesRequest) -> None:
+    async def handler(req: NodesRequest, caller: str) -> None:
         raise exc
 
     r = reply(make(handler), "nodes", b"{}")
@@ -75,7 +75,7 @@ def test_handler_errors_map_to_codes(exc: Exception, code: str) -> None:
 
 def test_a_crashing_handler_gets_an_internal_reply() -> None:
     """A bug in a handler is reported as internal, without its details leaking as a traceback."""
-    async def handler(req: NodesRequest) -> None:
+    async def handler(req: NodesRequest, caller: str) -> None:
         raise KeyError("oops")
 
     r = reply(make(handler), "nodes", b"{}")
@@ -84,7 +84,7 @@ def test_a_crashing_handler_gets_an_internal_reply() -> None:
 
 def test_a_stuck_handler_times_out() -> None:
     """A handler that does not finish in time answers internal instead of hanging the caller."""
-    async def handler(req: NodesRequest) -> None:
+    async def handler(req: NodesRequest, caller: str) -> None:
         await asyncio.Event().wait()
 
     r = reply(make(handler), "nodes", b"{}")
@@ -93,7 +93,7 @@ def test_a_stuck_handler_times_out() -> None:
 
 def test_unencodable_data_gets_an_internal_reply() -> None:
     """A handler returning something JSON cannot carry still gets a reply."""
-    async def handler(req: NodesRequest) -> object:
+    async def handler(req: NodesRequest, caller: str) -> object:
         return object()
 
     r = reply(make(handler), "nodes", b"{}")
@@ -108,9 +108,41 @@ def test_a_verb_cannot_be_registered_twice() -> None:
 
 
 def test_endpoints_map_verbs_to_fleet_subjects() -> None:
-    """The endpoint table serves each verb on fw.<fleet>.api.<verb> through handle()."""
+    """The endpoint table serves each verb on fw.<fleet>.api.*.<verb> through handle()."""
     eps = make(echo).endpoints("prod")
     subject, fn = eps["nodes"]
-    assert subject == "fw.prod.api.nodes"
-    out = msgspec.json.decode(asyncio.run(fn(b'{"selector": {"x": "1"}}')))
+    assert subject == "fw.prod.api.*.nodes"
+    out = msgspec.json.decode(asyncio.run(fn("fw.prod.api.alice.nodes",
+                                             b'{"selector": {"x": "1"}}')))
     assert out == {"ok": True, "data": {"x": "1"}, "error": "", "code": ""}
+
+
+async def whoami(req: NodesRequest, caller: str) -> str:
+    return caller
+
+
+@pytest.mark.parametrize(("subject", "caller"), [
+    ("fw.prod.api.alice.nodes", "alice"),
+    ("fw.prod.coord.c0ffee.api.bob.nodes", "bob"),
+    ("fw.prod.api.nodes", "unknown"),
+    ("fw.prod.coord.c0ffee.api.nodes", "unknown"),
+])
+def test_the_caller_comes_from_the_subject(subject: str, caller: str) -> None:
+    """A handler gets the caller the request's subject names ("unknown" on an older CLI's)."""
+    out = decode(ApiReply, asyncio.run(make(whoami).on_subject("nodes", subject, b"{}")))
+    assert (out.ok, out.data) == (True, caller)
+
+
+def test_a_caller_in_the_body_is_ignored() -> None:
+    """A who (or caller) a client writes into a request body changes nothing: the subject says."""
+    body = b'{"selector": {}, "who": "mallory", "caller": "mallory"}'
+    out = decode(ApiReply, asyncio.run(make(whoami).on_subject("nodes", "fw.p.api.alice.nodes",
+                                                               body)))
+    assert (out.ok, out.data) == (True, "alice")
+
+
+def test_a_subject_naming_no_valid_caller_gets_a_usage_reply() -> None:
+    """A caller token check_name refuses (here '+') is refused before any handler runs."""
+    out = decode(ApiReply, asyncio.run(make(whoami).on_subject("nodes", "fw.p.api.a+b.nodes",
+                                                               b"{}")))
+    assert (out.ok, out.code) == (False, "usage")

@@ -144,3 +144,19 @@ def test_nodes_table_escapes_ids_labels_and_services() -> None:
     out = shown(render_table([row], 0.0))
     assert_inert(out)
     assert out.count(ESCAPED) == 3 and out.count(MARKUP) == 2
+
+
+def test_sequential_gates_show_the_analysis_and_the_evidence_in_words() -> None:
+    """A sequential wave's gates say the analysis and alpha, and the evidence when no reason
+    does (a pass, or the evidence so far while baking); pending gates name the analysis too."""
+    th = {"max_error_rate": 0.05, "analysis": "sequential", "alpha": 0.01}
+    words = "errors 0/200 on 2.0.0 vs 0/600 on 1.0.0: e-value 9.2e-4, rise at most +2.61%"
+    text = render.gates_text({"outcome": "baking", "requests": 200, "errors": 0, "error_rate": 0.0,
+                       "thresholds": th, "evidence": [words]})
+    assert text.startswith("baking, req 200, err 0 = 0.00% (max 5.00%)")
+    assert "sequential, alpha 0.01" in text and words in text
+    failed = render.gates_text({"outcome": "fail", "thresholds": th, "evidence": [words],
+                         "reasons": ["errors 31/60 ...: fail"]})
+    assert failed.endswith("sequential, alpha 0.01, errors 31/60 ...: fail")
+    assert render.pending_gates_text({"gates": th, "bake": 30}) == \
+        "after a 30s bake: err max 5.00%, sequential, alpha 0.01"

@@ -118,3 +118,44 @@ def test_status_shows_the_policy_only_when_it_is_not_the_default() -> None:
     assert "on node lost: wait" in status_text(st).splitlines()[1]
     default = status_dict(msgspec.structs.replace(record, spec=spec()))
     assert "on node lost" not in status_text(default)
+
+
+def test_analysis_and_alpha_flags_and_rollout_file_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--analysis and --alpha (or analysis/alpha in rollout.toml) set the gates' analysis;
+    threshold at alpha 0.01 unless said; the flag overrides the file."""
+    g = deployed(monkeypatch, "hello", "2.0.0").gates
+    assert (g.analysis, g.alpha) == ("threshold", 0.01)
+    g = deployed(monkeypatch, "hello", "2.0.0", "--analysis", "sequential", "--alpha", "5%").gates
+    assert (g.analysis, g.alpha) == ("sequential", 0.05)
+    f = tmp_path / "rollout.toml"
+    f.write_text('service = "hello"\nversion = "2.0.0"\nanalysis = "sequential"\nalpha = 0.001\n')
+    g = deployed(monkeypatch, "-f", str(f)).gates
+    assert (g.analysis, g.alpha) == ("sequential", 0.001)
+    assert deployed(monkeypatch, "-f", str(f), "--analysis", "threshold").gates.analysis == \
+        "threshold"
+
+
+@pytest.mark.parametrize(("flags", "line"), [
+    (["--analysis", "bayes"], "--analysis 'bayes' is not one of threshold, sequential"),
+    (["--alpha", "0"], "--alpha 0 is out of range"),
+    (["--alpha", "2"], "--alpha '2' is out of range"),
+    (["--analysis", "sequential", "--max-error-rate", "100%"], "tolerates every error rate"),
+])
+def test_a_bad_analysis_or_alpha_is_one_usage_line(
+    flags: list[str], line: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Bad --analysis or --alpha exits 2 with one line, before anything is sent."""
+    with pytest.raises(SystemExit) as info:
+        main(["--nats", "nats://127.0.0.1:1", "deploy", "hello", "2.0.0", *flags])
+    out, err = capsys.readouterr()
+    assert info.value.code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and line in err, err
+
+
+def test_analysis_and_alpha_are_documented_in_help() -> None:
+    """``deploy --help`` names both flags and what sequential does."""
+    result = CliRunner().invoke(cli, ["deploy", "--help"])
+    assert "--analysis threshold|sequential" in result.output
+    assert "--alpha X" in result.output and "1/alpha" in result.output

@@ -32,12 +32,15 @@ CASES: dict[str, dict[str, Any]] = json.loads(
 # Fields added to the record since records_v1 was written, each after the field it follows, with
 # the default an old record decodes to: re-encoding writes them, and nothing else may differ.
 ADDED = [('"on_failure":"rollback"', '"on_node_lost":"fail"'),
-         ('"on_failure":"pause"', '"on_node_lost":"fail"')]
+         ('"on_failure":"pause"', '"on_node_lost":"fail"'),
+         ('"min_requests":null', '"analysis":"threshold","alpha":0.01')]  # issue 18
 
 
 # ... and at the end of the record (issue 13): the events not yet acknowledged by the stream
-# (the outbox), and the lease term of the coordinator that wrote it.
-ADDED_AT_END = '"outbox":[],"term":0'
+# (the outbox), and the lease term of the coordinator that wrote it; (issue 14) who started,
+# paused, aborted or rolled it back.
+ADDED_AT_END = ('"outbox":[],"term":0,"started_by":"","paused_by":"","aborted_by":"",'
+                '"rollback_by":""')
 
 
 def upgraded(old: str) -> bytes:

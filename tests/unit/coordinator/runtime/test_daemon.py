@@ -8,8 +8,8 @@ import time
 from types import SimpleNamespace
 
 from coordinator.runtime.daemon import Coordinator
-from protocol.codec import encode
-from protocol.messages import Heartbeat
+from protocol.codec import decode, encode
+from protocol.messages import ApiReply, Heartbeat
 from protocol.testing import FakeClock
 
 
@@ -62,3 +62,46 @@ async def test_only_the_leader_records_node_events() -> None:
     c.lease.leader = SimpleNamespace(holder=c.id)  # type: ignore[union-attr]
     await beat(c, "node-3")
     assert [e.node for e in c.events.pending()] == ["node-3"]
+
+
+class Forwarded:
+    """A bus that records the requests a standby forwards, and answers ok."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes]] = []
+
+    async def request(self, subject: str, data: bytes, timeout: float) -> bytes:
+        self.sent.append((subject, data))
+        return encode(ApiReply(ok=True))
+
+
+async def not_here(subject: str, data: bytes) -> bytes:
+    raise AssertionError("a standby carried out a write")
+
+
+async def test_a_standby_forwards_a_write_naming_the_same_caller() -> None:
+    """A write that reached a standby goes to the leader's own subject with the caller of the
+    subject it came on, never the standby's identity nor a name from the body."""
+    c = coordinator(FakeClock(), heard_ago=0.0)
+    c.lease.leader = SimpleNamespace(holder="lead01", host="h", pid=1)  # type: ignore[union-attr]
+    bus = Forwarded()
+    handler = c._forwarding(bus, "pause", not_here)  # type: ignore[arg-type]
+    body = b'{"id": "r1", "who": "mallory"}'
+    assert decode(ApiReply, await handler("fw.default.api.alice.pause", body)).ok
+    assert bus.sent == [("fw.default.coord.lead01.api.alice.pause", body)]
+
+
+async def test_an_older_clis_write_is_refused_where_callers_are_proven() -> None:
+    """With credentials (the server proves every caller), a write on an older CLI's subject,
+    which names no caller, is refused with the fix; on an open bus it goes on as "unknown"."""
+    c = coordinator(FakeClock(), heard_ago=0.0)
+    c.lease.leader = SimpleNamespace(holder="lead01", host="h", pid=1)  # type: ignore[union-attr]
+    bus = Forwarded()
+    handler = c._forwarding(bus, "abort", not_here)  # type: ignore[arg-type]
+    c.proven = True
+    reply = decode(ApiReply, await handler("fw.default.api.abort", b"{}"))
+    assert (reply.ok, reply.code) == (False, "usage") and "upgrade fleetwave" in reply.error
+    assert bus.sent == []
+    c.proven = False
+    assert decode(ApiReply, await handler("fw.default.api.abort", b"{}")).ok
+    assert bus.sent == [("fw.default.coord.lead01.api.unknown.abort", b"{}")]

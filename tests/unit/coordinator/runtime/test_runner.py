@@ -160,13 +160,15 @@ async def test_desired_writes_are_idempotent_by_generation() -> None:
 
 
 async def test_a_second_deploy_of_the_service_is_refused_naming_the_first() -> None:
-    """While a rollout runs, another deploy of its service is a Conflict and writes nothing."""
+    """While a rollout runs, another deploy of its service is a Conflict naming the first and
+    who started it, and writes nothing."""
     bus, clock = fleet_bus(), FakeClock()
     r = runner(bus, clock)
-    first = await r.deploy(spec(), NEW)
+    first = await r.deploy(spec(), NEW, "alice")
+    assert first.started_by == "alice"
     before = list(bus.log)
-    with pytest.raises(Conflict, match=first.id):
-        await r.deploy(spec(), NEW)
+    with pytest.raises(Conflict, match=f"{first.id} \\(started by alice\\)"):
+        await r.deploy(spec(), NEW, "bob")
     assert bus.log == before
     assert list(r.drivers) == [first.id]
 

@@ -1,0 +1,31 @@
+"""How often the agent reads its routers' counters: fast only while a router's traffic is judged."""
+
+from __future__ import annotations
+
+from agent.manager.routing import stats_period
+from agent.manager.service import STATS_EVERY, STATS_EVERY_SPLIT, Service
+from protocol.messages import MirrorSpec
+
+
+def svc(weights: dict[str, int], mirror: MirrorSpec | None = None) -> Service:
+    s = Service(name="hello")
+    s.applied_weights, s.applied_mirror = weights, mirror
+    return s
+
+
+def test_one_slot_or_none_reads_at_the_usual_period() -> None:
+    assert stats_period([]) == STATS_EVERY
+    assert stats_period([svc({}), svc({"blue": 100})]) == STATS_EVERY
+    assert stats_period([svc({"blue": 100, "green": 0})]) == STATS_EVERY  # a switched blue-green
+
+
+def test_a_split_or_a_mirror_anywhere_reads_fast() -> None:
+    assert stats_period([svc({"blue": 100}), svc({"blue": 95, "green": 5})]) == STATS_EVERY_SPLIT
+    shadow = MirrorSpec(slot="green", percent=50.0)
+    assert stats_period([svc({"blue": 100}, shadow)]) == STATS_EVERY_SPLIT
+
+
+def test_the_fast_period_keeps_the_agents_ticks() -> None:
+    # The reads stay on the heartbeat's ticks (agent.cadence): the fast period divides the usual.
+    assert STATS_EVERY_SPLIT < STATS_EVERY
+    assert (STATS_EVERY / STATS_EVERY_SPLIT).is_integer()
