@@ -254,10 +254,18 @@ async def _object_store_and_buckets(node1: Bus) -> set[str]:
 
 
 async def _api_and_events(fleet: DevFleet, node1: Bus, coord: Bus) -> set[str]:
-    """Every API verb, on the shared subject and on the leader's own; forged events."""
-    leader = json.loads(await coord.request(subjects.api(F, "leader"), b"{}"))["data"]["holder"]
-    dropped = sorted(await _endpoints(coord) | {subjects.api(F, v) for v in API_VERBS})
-    dropped += [subjects.coordinator_api(F, leader, v) for v in subjects.WRITE_VERBS]
+    """Every API verb, for every caller, on the shared subjects and on the leader's own; forged
+    events."""
+    asked = subjects.api(F, subjects.COORDINATOR_CALLER, "leader")
+    leader = json.loads(await coord.request(asked, b"{}"))["data"]["holder"]
+    verbs = sorted({*API_VERBS, *(s.rsplit(".", 1)[1] for s in await _endpoints(coord))})
+    # As itself, as the operator, as the coordinator, and on an older CLI's subjects.
+    callers = ("node-1", "admin", subjects.COORDINATOR_CALLER)
+    dropped = [subjects.api(F, c, v) for c in callers for v in verbs]
+    dropped += [subjects.legacy_api(F, v) for v in verbs]
+    dropped += [subjects.coordinator_api(F, leader, c, v)
+                for c in callers for v in subjects.WRITE_VERBS]
+    dropped += [subjects.legacy_coordinator_api(F, leader, v) for v in subjects.WRITE_VERBS]
     dropped.append(subjects.coordinator_ping(F, leader))
     dropped += ["$SRV.PING", "$SRV.INFO"]
     await asyncio.gather(*(_unanswered(node1, s, b'{"id": "x", "service": "hello"}')
