@@ -122,7 +122,8 @@ class SimulatedNodes:
         self._writes: asyncio.Queue[tuple[str, str, bytes]] = asyncio.Queue()
         # N agents hold N event queues; this one stands for them all, so it keeps at least one
         # refusal per virtual node before it drops the oldest.
-        self.events = EventPublisher(fleet, queue=max(EVENT_QUEUE, count), logger=log)
+        self.events = EventPublisher(fleet, queue=max(EVENT_QUEUE, count), logger=log,
+                                     agent=True)
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:

@@ -43,7 +43,9 @@ import nats
 import nats.aio.client
 import nats.errors
 import nats.js.errors
+import nats.js.kv
 from nats.aio.client import Client
+from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE
 from nats.micro import add_service
@@ -305,6 +307,7 @@ class Bus:
         self._ack_prefix = ""
         self._ack_count = 0
         self._fence_locks: dict[str, asyncio.Lock] = {}  # one fenced batch per bucket at a time
+        self.blind = False  # bind KV buckets without asking their stream's info (a node)
 
     # -- connection -------------------------------------------------------------------------------
 
@@ -407,6 +410,9 @@ class Bus:
                 await asyncio.sleep(delay * (1 + random.random() / 2))
                 delay = min(delay * 2, 1.0)
         bus = cls(nc, fleet)
+        # A node may not ask a KV stream's info (its subjects filter would list every key of
+        # the bucket: all node ids and services), so it binds its buckets without it.
+        bus.blind = creds is not None and creds.role == "node"
         holder.append(bus)
         if grace.said:
             log.info("the server at %s accepted our credentials now", redact(url))
@@ -724,6 +730,12 @@ class Bus:
 
     async def _bucket(self, bucket: str) -> Any:
         kv = self._kv.get(bucket)
+        if kv is None and self.blind:
+            # As the coordinator makes them (``ensure_fleet``: no direct gets); a missing one
+            # shows as a failed get or watch, which the callers retry.
+            kv = self._kv[bucket] = nats.js.kv.KeyValue(
+                name=bucket, stream=subjects.kv_stream(bucket), pre=f"$KV.{bucket}.", js=self.js,
+                direct=False)
         if kv is None:
             try:
                 kv = await self.js.key_value(bucket)
@@ -736,6 +748,12 @@ class Bus:
                 raise BusError(f"cannot open bucket {bucket}: {exc}") from None
             self._kv[bucket] = kv
         return kv
+
+    def _watch_js(self, timeout: float) -> JetStreamContext:
+        """A JetStream context for one KV watch, whose requests wait at most ``timeout``."""
+        if self.blind:
+            return _BlindJetStream(self.nc, timeout)
+        return self.nc.jetstream(timeout=timeout)
 
     async def kv_get(self, bucket: str, key: str) -> Entry | None:
         kv = await self._bucket(bucket)
@@ -810,20 +828,26 @@ class Bus:
         that forgot known nodes, or a deploy that missed a node's current state. So the keys
         the stream holds are listed first (its info, filtered by subject), and the snapshot
         ends only once the marker came and every one of them was delivered.
+
+        A ``blind`` client (a node, which may not list the keys) ends at the marker: its
+        watches take the pending count from their consumer's creation reply (``_BlindJetStream``),
+        before anything was sent, so the marker comes with the last entry, never before it.
         """
         kv = await self._bucket(bucket)
         try:
-            info = await self.js.stream_info(f"KV_{bucket}",
-                                             subjects_filter=f"$KV.{bucket}.{pattern}")
-            skip = len(f"$KV.{bucket}.")
-            expected = {subject[skip:] for subject in (info.state.subjects or {})}
+            expected: set[str] | None = None
+            if not self.blind:
+                info = await self.js.stream_info(f"KV_{bucket}",
+                                                 subjects_filter=f"$KV.{bucket}.{pattern}")
+                skip = len(f"$KV.{bucket}.")
+                expected = {subject[skip:] for subject in (info.state.subjects or {})}
             # deletes too: a deleted key is delivered as one; named (``_NamedByInbox``) so that
             # a server can allow a node a snapshot of its own keys only
-            w = await _watchable(kv, self.js).watch(pattern)
+            w = await _watchable(kv, self._watch_js(OP_TIMEOUT)).watch(pattern)
             try:
                 seen: set[str] = set()
                 caught_up = False
-                while not (caught_up and expected <= seen):
+                while not (caught_up and (expected is None or expected <= seen)):
                     e = await w.updates(timeout=OP_TIMEOUT)
                     if e is None:
                         caught_up = True
@@ -848,7 +872,7 @@ class Bus:
             # A few quick attempts (an election ends within seconds), then longer ones: a
             # loaded server gets longer requests, not more of them. Jitter spreads a fleet.
             bound = min(OP_TIMEOUT, WATCH_START_TIMEOUT * 2 ** max(0, failures - 3))
-            kv = _watchable(await self._bucket(bucket), self.nc.jetstream(timeout=bound))
+            kv = _watchable(await self._bucket(bucket), self._watch_js(bound))
             epoch = self.reconnects
             try:
                 w = await kv.watch(pattern, inactive_threshold=WATCH_INACTIVE)
@@ -1133,6 +1157,13 @@ class Bus:
         self, stream: str, subject: str, *, follow: bool = False, last: int | None = None
     ) -> AsyncIterator[bytes]:
         """Messages of ``stream`` on ``subject`` from the start (or the ``last`` N), then live."""
+        async for _, data in self.stream_records(stream, subject, follow=follow, last=last):
+            yield data
+
+    async def stream_records(
+        self, stream: str, subject: str, *, follow: bool = False, last: int | None = None
+    ) -> AsyncIterator[tuple[str, bytes]]:
+        """``stream_messages`` with each message's subject: (subject, data)."""
         try:
             info = await self.js.stream_info(stream)
         except (nats.errors.Error, TimeoutError) as exc:
@@ -1155,7 +1186,7 @@ class Bus:
                     if follow:
                         continue
                     return
-                yield msg.data
+                yield msg.subject, msg.data
                 seq = msg.metadata.sequence.stream if msg.metadata else 0
                 if not follow and seq >= end:
                     return
@@ -1200,6 +1231,38 @@ class _NamedByInbox(js_api.ConsumerConfig):
             if deliver:
                 return "w" + str(deliver).rsplit(".", 1)[-1]
         return object.__getattribute__(self, attr)
+
+
+class _BlindJetStream(JetStreamContext):
+    """A JetStream context for one watch of a ``blind`` client (a node), which may ask no
+    consumer's info: ``CONSUMER.INFO`` by name would let it inspect other nodes' watches.
+
+    nats-py's KV watch asks its new consumer's info once, for the pending count; this context
+    answers that from the consumer's creation reply instead (its manager is itself, so the
+    subscription's requests come here). That count is taken before anything is sent, so the
+    watch's caught-up marker comes with the last pending entry, never before it (nats-py #842).
+    """
+
+    def __init__(self, nc: Client, timeout: float) -> None:
+        super().__init__(nc, timeout=timeout)
+        self._created: dict[tuple[str, str], js_api.ConsumerInfo] = {}
+
+    @property
+    def _jsm(self) -> JetStreamContext:  # a manager itself
+        return self
+
+    async def add_consumer(self, stream: str, config: Any = None, timeout: float | None = None,
+                           **params: Any) -> js_api.ConsumerInfo:
+        info = await super().add_consumer(stream, config=config, timeout=timeout, **params)
+        self._created = {(stream, str(info.name)): info}  # only the newest is asked about
+        return info
+
+    async def consumer_info(self, stream: str, consumer: str,
+                            timeout: float | None = None) -> js_api.ConsumerInfo:
+        info = self._created.pop((stream, consumer), None)
+        if info is None:
+            info = await super().consumer_info(stream, consumer, timeout=timeout)
+        return info
 
 
 def _watchable(kv: Any, js: Any) -> Any:

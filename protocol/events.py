@@ -1,10 +1,12 @@
 """The event publisher: one queue and one retry policy for every process that records Events.
 
 The coordinator (its runner and its daemon), the agent's service manager and the simulated
-agent all record what happens as ``Event`` messages on the events stream
-(``fw.<fleet>.evt.<kind>``), through one ``EventPublisher`` each. It is bus plumbing, not
-policy of either package, so it lives beside the wire messages; it needs only a sink with
-``protocol.bus.Bus.js_publish_events`` (``EventSink``), never ``nats`` itself.
+agent all record what happens as ``Event`` messages on the events stream, through one
+``EventPublisher`` each: a coordinator's on ``fw.<fleet>.evt.<kind>``, an agent's on
+``fw.<fleet>.evt.agent.<node>.<kind>`` (``agent=True``), a subject only that node's credentials
+may publish on, so that no node can pass its events off as another's (``received`` checks it).
+It is bus plumbing, not policy of either package, so it lives beside the wire messages; it needs
+only a sink with ``protocol.bus.Bus.js_publish_events`` (``EventSink``), never ``nats`` itself.
 
 What it promises:
 
@@ -41,8 +43,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from protocol import subjects
-from protocol.codec import encode
-from protocol.errors import BusError
+from protocol.codec import decode, encode
+from protocol.errors import BusError, ProtocolError
 from protocol.messages import Event
 
 EVENT_QUEUE = 10_000  # events waiting to be published; then the oldest is dropped
@@ -75,8 +77,10 @@ class EventPublisher:
                  batch: int = EVENT_BATCH, timeout: float = PUBLISH_TIMEOUT,
                  logger: logging.Logger = log,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 on_stored: Callable[[Sequence[Event]], None] | None = None) -> None:
+                 on_stored: Callable[[Sequence[Event]], None] | None = None,
+                 agent: bool = False) -> None:
         self._fleet = fleet
+        self._agent = agent  # an agent's: each event on its node's own subject
         self._queue: asyncio.Queue[Event] = asyncio.Queue(queue)
         self._attempts = attempts
         self._batch = batch
@@ -107,9 +111,14 @@ class EventPublisher:
                 batch.append(self._queue.get_nowait())
             await self.publish(sink, batch)
 
+    def _subject(self, event: Event) -> str:
+        if self._agent:
+            return subjects.agent_event(self._fleet, event.node, event.kind)
+        return subjects.event(self._fleet, event.kind)
+
     async def publish(self, sink: EventSink, events: Sequence[Event]) -> None:
         """Publish ``events``, retrying those not stored; after the last attempt, log them."""
-        pending = [(subjects.event(self._fleet, e.kind), encode(e), e) for e in events]
+        pending = [(self._subject(e), encode(e), e) for e in events]
         for attempt in range(self._attempts):
             results: Sequence[BusError | TimeoutError | None]
             try:
@@ -132,3 +141,16 @@ class EventPublisher:
                 return
             pending = [item for item, _ in failed]
             await self._sleep(RETRY_DELAY * 2**attempt)
+
+
+def received(fleet: str, subject: str, data: bytes) -> Event:
+    """The Event a reader of the stream got on ``subject``; ProtocolError if it is malformed or
+    was published on one node's subject but names another (a node forging another's events)."""
+    event = decode(Event, data)
+    sender = subjects.agent_event_node(fleet, subject)
+    if sender is not None and event.node != sender:
+        raise ProtocolError(
+            f"event {event.kind} on node {sender!r}'s subject names node {event.node!r}; "
+            "ignored (a node may report only its own events)"
+        )
+    return event

@@ -134,7 +134,31 @@ def coordinator_ping(fleet: str, coordinator: str) -> str:
 
 
 def event(fleet: str, kind: str) -> str:
+    """A coordinator's event of ``kind`` (its kinds never start with ``agent.``)."""
     return f"fw.{fleet}.evt.{kind}"
+
+
+def agent_event(fleet: str, node: str, kind: str) -> str:
+    """An event of ``kind`` that ``node``'s agent reports, on a subject naming that node.
+
+    A node's credentials may publish only under its own ``agent.<node>.>`` (``coordinator.auth
+    .perms``), so the subject, not the event's ``node`` field, says who sent it: readers take
+    the node from here (``agent_event_node``) and refuse an event that names another.
+    """
+    return f"fw.{fleet}.evt.agent.{node}.{kind}"
+
+
+def agent_events(fleet: str, node: str = "*", kind: str = ">") -> str:
+    """Filter for the events of one node's agent (or every agent's), of one kind or all."""
+    return f"fw.{fleet}.evt.agent.{node}.{kind}"
+
+
+def agent_event_node(fleet: str, subject: str) -> str | None:
+    """The node whose agent published on ``subject``; None for a coordinator's event."""
+    prefix = f"fw.{fleet}.evt.agent."
+    if not subject.startswith(prefix):
+        return None
+    return subject[len(prefix):].split(".", 1)[0]
 
 
 def events(fleet: str) -> str:

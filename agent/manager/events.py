@@ -32,7 +32,7 @@ class NodeEvents:
         self.fleet = fleet
         self.node = node
         self.clock = clock
-        self.publisher = publisher or EventPublisher(fleet, logger=log)
+        self.publisher = publisher or EventPublisher(fleet, logger=log, agent=True)
 
     def emit(self, kind: str, service: str, message: str, **data: Any) -> None:
         """Queue one event (``None`` values are left out of its data); never waits."""

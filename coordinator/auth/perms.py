@@ -3,10 +3,11 @@
 Three roles, from least to most trusted:
 
 - **node**: exactly what its agent uses (``agent/``, ``protocol/bus.py``): read its own desired
-  keys (direct get, and a watch whose consumer filters on its own keys), write its own observed
-  and registration keys, publish its own heartbeats and registrations and agent events, read
-  release objects, and receive replies on its own inbox prefix ``_INBOX_<node>`` only (the
-  server answers its KV and JetStream requests there; nats-py's ``inbox_prefix``).
+  keys (a watch whose consumer filters on its own keys), write its own observed
+  and registration keys, publish its own heartbeats, registrations and agent events (on
+  subjects naming it: ``subjects.agent_event``), read release objects, and receive replies on
+  its own inbox prefix ``_INBOX_<node>`` only (the server answers its KV and JetStream requests
+  there; nats-py's ``inbox_prefix``).
 - **operator** (the ``fleetwave`` CLI): the coordinator's API on subjects that name it (so the
   coordinator knows who asks from the subject the server let through), reads of the fleet's state,
   release pushes; never a write to desired states, rollouts, locks, the lease, observed states or
@@ -18,7 +19,7 @@ Three roles, from least to most trusted:
 
 How KV maps to subjects (JetStream's own naming, which these permissions rely on):
   a KV put of key K in bucket B   = publish on  $KV.B.K                    (ack on a reply inbox)
-  a KV get                        = request on  $JS.API.DIRECT.GET.KV_B.$KV.B.K
+  a KV get                        = request on  $JS.API.STREAM.MSG.GET.KV_B  (key in the body)
   a KV watch of keys F            = request on  $JS.API.CONSUMER.CREATE.KV_B.<name>.$KV.B.F
 """
 
@@ -40,7 +41,18 @@ def operator_inbox(name: str) -> str:
 
 
 def node(fleet: str, node_id: str) -> Permissions:
-    """A node's agent: its own keys and subjects, read-only releases, its own inbox."""
+    """A node's agent: its own keys and subjects, read-only releases, its own inbox.
+
+    Left out on purpose (the attack matrix, ``tests/integration/test_auth_matrix.py``, tries
+    each): ``STREAM.INFO`` of the KV streams (its ``subjects_filter`` body lists every key: all
+    node ids and services), ``CONSUMER.INFO`` (by name: another node's watch's filter, inbox and
+    progress), both answered without the server for a node (``protocol.bus``: ``blind``); KV
+    gets (the agent only watches; the fleet's buckets serve no direct gets, and
+    ``STREAM.MSG.GET`` takes the key in its body where no permission can see it); consumers with
+    the filter in the body (the bare ``CONSUMER.CREATE.<stream>``); ``CONSUMER.DELETE``
+    (nats-py never deletes a watch's consumer: the server drops it after its inactive
+    threshold); ``$JS.API.INFO`` (the account's streams, consumers and storage in use).
+    """
     desired = subjects.desired_bucket(fleet)
     observed = subjects.observed_bucket(fleet)
     nodes = subjects.nodes_bucket(fleet)
@@ -51,31 +63,22 @@ def node(fleet: str, node_id: str) -> Permissions:
             "allow": [
                 subjects.heartbeat(fleet, node_id),
                 subjects.register(fleet, node_id),
-                subjects.event(fleet, "agent.>"),
-                subjects.event(fleet, "slot.>"),
-                subjects.event(fleet, "release.>"),
+                subjects.agent_events(fleet, node_id),
                 f"$KV.{observed}.{mine}",
                 f"$KV.{nodes}.{node_id}",
-                "$JS.API.INFO",
-                f"$JS.API.STREAM.INFO.KV_{desired}",
-                f"$JS.API.STREAM.INFO.KV_{observed}",
-                f"$JS.API.STREAM.INFO.KV_{nodes}",
-                f"$JS.API.DIRECT.GET.KV_{desired}.$KV.{desired}.{mine}",
-                f"$JS.API.DIRECT.GET.KV_{observed}.$KV.{observed}.{mine}",
+                # Its watch (and snapshot) of its own keys: the server refuses a body whose
+                # filter differs from the one in the subject. The consumer's name follows the
+                # watcher's deliver inbox (``_INBOX_<node>.<nuid>``), which no other node sees
+                # and none can list (no CONSUMER.NAMES or LIST here).
                 f"$JS.API.CONSUMER.CREATE.KV_{desired}.*.$KV.{desired}.{mine}",
-                f"$JS.API.CONSUMER.DELETE.KV_{desired}.*",
-                # nats-py asks its new watch consumer's info (pending count): names and config
-                # of consumers, never a value.
-                f"$JS.API.CONSUMER.INFO.KV_{desired}.*",
                 f"$JS.FC.KV_{desired}.>",
+                # Releases: every node may read every release (nothing secret to a node in the
+                # names or bodies), so stream info, gets and consumers by body give nothing away.
                 f"$JS.API.STREAM.INFO.{releases}",
                 f"$JS.API.DIRECT.GET.{releases}.>",
                 f"$JS.API.STREAM.MSG.GET.{releases}",
-                # Object reads use an unnamed ordered consumer (filter in the body): every node
-                # may read every release, so the bare subject gives nothing away.
                 f"$JS.API.CONSUMER.CREATE.{releases}",
                 f"$JS.API.CONSUMER.CREATE.{releases}.>",
-                f"$JS.API.CONSUMER.DELETE.{releases}.*",
                 f"$JS.FC.{releases}.>",
             ],
         },
@@ -109,6 +112,15 @@ def operator(fleet: str, name: str) -> Permissions:
                     subjects.observed_bucket(f), subjects.nodes_bucket(f))),
                 "$JS.API.STREAM.DELETE.>", "$JS.API.STREAM.PURGE.>",
                 "$JS.API.STREAM.MSG.DELETE.>", "$JS.API.STREAM.UPDATE.>",
+                # Nothing the CLI does: deleting or pausing a consumer (an agent's watch),
+                # restoring over a stream or moving one, taking servers or leaders away.
+                "$JS.API.CONSUMER.DELETE.>", "$JS.API.CONSUMER.PAUSE.>",
+                "$JS.API.CONSUMER.UNPIN.>", "$JS.API.CONSUMER.LEADER.STEPDOWN.>",
+                "$JS.API.STREAM.LEADER.STEPDOWN.>", "$JS.API.STREAM.PEER.REMOVE.>",
+                "$JS.API.STREAM.SNAPSHOT.>", "$JS.API.STREAM.RESTORE.>",
+                "$JS.API.ACCOUNT.PURGE.>", "$JS.API.ACCOUNT.STREAM.MOVE.>",
+                "$JS.API.ACCOUNT.STREAM.CANCEL_MOVE.>", "$JS.API.META.LEADER.STEPDOWN",
+                "$JS.API.SERVER.REMOVE",
             ],
         },
         "subscribe": {"allow": [f"{operator_inbox(name)}.>", subjects.events(f)]},

@@ -48,12 +48,12 @@ from coordinator.core.fleet import parse_selector
 from coordinator.errors import ConfigError, UsageError
 from coordinator.strategies import shadow
 from protocol import subjects
-from protocol.codec import convert, decode, encode
+from protocol.codec import convert, encode
 from protocol.durations import parse_duration
 from protocol.errors import NotReachable, ProtocolError
+from protocol.events import received
 from protocol.messages import (
     DeployRequest,
-    Event,
     Gates,
     ListRolloutsRequest,
     RollbackRequest,
@@ -452,13 +452,15 @@ def events(ctx: Ctx, follow: bool, rollout: str, last: int | None, output: str) 
 
 async def _events(ctx: Ctx, *, follow: bool, rollout: str, last: int | None, output: str) -> None:
     async with client.connected(ctx) as bus:
-        stream = bus.stream_messages(subjects.events_stream(ctx.fleet), subjects.events(ctx.fleet),
-                                     follow=follow, last=last)
-        async for data in stream:
+        stream = bus.stream_records(subjects.events_stream(ctx.fleet), subjects.events(ctx.fleet),
+                                    follow=follow, last=last)
+        async for subject, data in stream:
             try:
-                event = decode(Event, data)
-            except ProtocolError:
-                continue  # not ours to judge: someone published junk on the subject
+                event = received(ctx.fleet, subject, data)
+            except ProtocolError as exc:
+                # junk, or a node's event naming another node: not the fleet's audit log
+                click.echo(safe(f"skipped a message on {subject}: {exc}"), err=True)
+                continue
             if rollout and event.rollout != rollout:
                 continue
             if output == "json":

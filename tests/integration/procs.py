@@ -6,6 +6,8 @@
 - ``fleetwave(...)`` runs the CLI in a subprocess and returns (exit code, stdout, stderr).
 - ``wait_until(...)`` polls a condition until a deadline; it never sleeps to hide a race, and on
   timeout says what it last saw.
+- ``shipped_auth_conf(...)`` is deploy/nats/auth.conf with a test's ports and paths;
+  ``with_auth_dir`` points any shipped config's TLS and users at a test's auth directory.
 """
 
 from __future__ import annotations
@@ -14,17 +16,21 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from coordinator.auth.enroll import USERS
+from coordinator.dev.cluster import ClusterSpec
 from coordinator.dev.devfleet import Child, python_module
 from coordinator.dev.examples import assembled
 
 T = TypeVar("T")
 
+DEPLOY_NATS = Path(__file__).resolve().parents[2] / "deploy" / "nats"
 hello_bundle = assembled  # the hello example's bundle of a version, assembled once a process
 HEARTBEAT = 0.3  # seconds; short so that offline detection takes about a second
 CLI_TIMEOUT = 20.0
@@ -52,11 +58,14 @@ def spawn_agent(
                  base / "logs" / f"{node}.log")
 
 
-def spawn_coordinator(nats_url: str, base: Path, *, fleet: str = "default") -> Child:
-    """A coordinator child with its log under ``base`` (not started)."""
+def spawn_coordinator(nats_url: str, base: Path, *, fleet: str = "default",
+                      extra: list[str] | None = None) -> Child:
+    """A coordinator child with its log under ``base`` (not started); ``extra``: more global
+    options (``--creds``, ``--tls-ca``)."""
     return Child(
         "coordinator",
-        python_module("coordinator.daemon", "--nats", nats_url, "--fleet", fleet),
+        python_module("coordinator.daemon", "--nats", nats_url, "--fleet", fleet,
+                      *(extra or [])),
         base / "logs" / "coordinator.log",
     )
 
@@ -109,9 +118,12 @@ async def run_output(*argv: str, timeout: float = 30.0) -> tuple[int, str]:
     return proc.returncode, out.decode()
 
 
-async def nodes_json(nats_url: str, *args: str) -> dict[str, dict[str, Any]]:
-    """``fleetwave nodes -o json`` as {node id: row}; fails the test on a CLI error."""
-    code, out, err = await fleetwave("nodes", "-o", "json", *args, nats_url=nats_url)
+async def nodes_json(
+    nats_url: str, *args: str, client: Sequence[str] = (),
+) -> dict[str, dict[str, Any]]:
+    """``fleetwave nodes -o json`` as {node id: row} (``client``: global options such as
+    ``--creds``); fails the test on a CLI error."""
+    code, out, err = await fleetwave(*client, "nodes", "-o", "json", *args, nats_url=nats_url)
     assert code == 0, f"fleetwave nodes failed ({code}): {err}"
     return {row["id"]: row for row in json.loads(out)}
 
@@ -141,6 +153,36 @@ async def wait_until(
 
 def online(rows: dict[str, dict[str, Any]], ids: list[str], state: bool = True) -> bool:
     return all(i in rows and rows[i]["online"] is state for i in ids)
+
+
+def shipped_auth_conf(*, host: str, port: int, monitor_port: int, store_dir: Path,
+                      server_name: str, cluster: ClusterSpec | None = None,
+                      auth: Path | None = None) -> str:
+    """deploy/nats/auth.conf as shipped, with only a test's addresses and paths put in: the text
+    of a config file to be written into ``store_dir`` (its ``include`` of ``auth``'s users.conf
+    is relative to it). The signature of ``coordinator.dev.broker.render_config``, for which a
+    test may substitute it (``monkeypatch``) to run a dev fleet's broker on the shipped file."""
+    assert auth is not None and cluster is None
+    text = (DEPLOY_NATS / "auth.conf").read_text()
+    for old, new in [('host: "0.0.0.0"', f'host: "{host}"'),
+                     ("port: 4222", f"port: {port}"),
+                     ('http: "127.0.0.1:8222"', f'http: "127.0.0.1:{monitor_port}"'),
+                     ('server_name: "fleetwave-1"', f'server_name: "{server_name}"'),
+                     ('store_dir: "/var/lib/fleetwave/jetstream"', f'store_dir: "{store_dir}"')]:
+        assert text.count(old) == 1, f"auth.conf no longer has {old!r} once"
+        text = text.replace(old, new)
+    return with_auth_dir(text, auth, store_dir)
+
+
+def with_auth_dir(text: str, auth: Path, conf_dir: Path) -> str:
+    """A shipped config's TLS certificate, key and users include (``/etc/fleetwave/auth``)
+    pointed at the auth directory ``auth``, for a config file written into ``conf_dir``."""
+    includes = re.findall(r'^include "([^"]+)"$', text, re.M)
+    assert len(includes) == 1 and includes[0].endswith(f"auth/{USERS}"), includes
+    users = os.path.relpath(auth.absolute() / USERS, conf_dir.absolute())
+    text = text.replace(f'include "{includes[0]}"', f'include "{users}"')
+    assert text.count("/etc/fleetwave/auth/") == 2, "a shipped conf: its TLS certificate and key"
+    return text.replace("/etc/fleetwave/auth/", f"{auth.absolute()}/")
 
 
 async def read_text(path: Path) -> str:

@@ -240,7 +240,7 @@ def _agent(f: Fleet, broker: Broker):  # type: ignore[no-untyped-def]
 async def _events(bus: Bus, kind: str) -> list[Event]:
     out = []
     async for data in bus.stream_messages(
-        subjects.events_stream("default"), subjects.event("default", kind)
+        subjects.events_stream("default"), subjects.agent_events("default", NODE, kind)
     ):
         out.append(decode(Event, data))
     return out

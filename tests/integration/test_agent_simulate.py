@@ -83,7 +83,7 @@ async def test_simulated_nodes_register_beat_and_converge(broker: Broker, tmp_pa
                     decode(Event, m)
                     async for m in bus.stream_messages(
                         subjects.events_stream("default"),
-                        subjects.event("default", "agent.refused"),
+                        subjects.agent_events("default", "sim-8", "agent.refused"),
                     )
                 ]
 

@@ -187,9 +187,8 @@ async def test_node_credentials_reach_nothing_of_another_node(tmp_path: Path) ->
             'Subscription Violation - Subject "$KV.>"',
             'Publish Violation - Subject "$KV.fw-default-nodes.node-2"',
             'Publish Violation - Subject "$KV.fw-default-desired.node-1.hello"',
-            # (a node cannot even bind these buckets: refused at their stream info)
-            'Publish Violation - Subject "$JS.API.STREAM.INFO.KV_fw-default-rollouts"',
-            'Publish Violation - Subject "$JS.API.STREAM.INFO.KV_fw-default-locks"',
+            'Publish Violation - Subject "$KV.fw-default-rollouts.forged"',
+            'Publish Violation - Subject "$KV.fw-default-locks.hello"',
             'Publish Violation - Subject "$JS.API.STREAM.PURGE.KV_fw-default-desired"',
             'Publish Violation - Subject "fw.default.hb.node-2"',
             'Publish Violation - Subject "fw.default.api.node-1.deploy"',

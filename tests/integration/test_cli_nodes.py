@@ -11,11 +11,16 @@ from pathlib import Path
 import psutil
 import pytest
 
+from coordinator.auth.enroll import AuthDir
 from coordinator.dev.broker import Broker, find_nats_server, free_port
 from coordinator.dev.devfleet import Child, python_module
-from tests.integration.procs import fleetwave, read_text, wait_until
-
-DEPLOY_NATS = Path(__file__).resolve().parents[2] / "deploy" / "nats"
+from tests.integration.procs import (
+    DEPLOY_NATS,
+    fleetwave,
+    read_text,
+    wait_until,
+    with_auth_dir,
+)
 
 
 def one_line(err: str) -> str:
@@ -158,9 +163,16 @@ async def test_dev_up_on_a_busy_port_fails_in_one_line(broker: Broker, tmp_path:
 @pytest.mark.parametrize(
     "name", ["single.conf", "cluster-1.conf", "cluster-2.conf", "cluster-3.conf", "auth.conf"]
 )
-async def test_shipped_nats_configs_are_valid(name: str) -> None:
-    """Every config in deploy/nats passes the real nats-server's own check (-t)."""
+async def test_shipped_nats_configs_are_valid(name: str, tmp_path: Path) -> None:
+    """Every config in deploy/nats passes the real nats-server's own check (-t); those with TLS
+    and users, with the trust root `fleetwave auth init` makes (its paths put in)."""
     conf = DEPLOY_NATS / name
+    text = conf.read_text()
+    if "include" in text:
+        AuthDir(tmp_path / "auth").init("default", (), "admin")
+        conf = tmp_path / "etc" / name
+        conf.parent.mkdir()
+        conf.write_text(with_auth_dir(text, tmp_path / "auth", conf.parent))
     proc = await asyncio.create_subprocess_exec(
         find_nats_server(), "-c", str(conf), "-t", stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,

@@ -19,13 +19,21 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from coordinator.auth.enroll import CA, AuthDir
 from coordinator.dev.broker import find_nats_server, free_port
 from coordinator.dev.cluster import BrokerCluster, monitor_get
 from coordinator.dev.devfleet import Child, DevFleet
+from protocol import creds as creds_file
 from protocol import subjects
 from protocol.bus import Bus
 from protocol.errors import BusError
-from tests.integration.procs import fleetwave, read_text, spawn_coordinator, wait_until
+from tests.integration.procs import (
+    fleetwave,
+    read_text,
+    spawn_coordinator,
+    wait_until,
+    with_auth_dir,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -240,11 +248,14 @@ async def test_a_taken_cluster_port_is_one_line_and_creates_nothing(tmp_path: Pa
 
 async def test_the_shipped_cluster_configs_start_a_cluster(tmp_path: Path) -> None:
     """deploy/nats/cluster-{1,2,3}.conf, with only addresses and paths changed for loopback,
-    start a real 3-server cluster that fsyncs every write (sync_interval: always)."""
+    start a real 3-server cluster that fsyncs every write (sync_interval: always), which the
+    coordinator's generated credentials reach over TLS."""
     client = [free_port() for _ in range(3)]
     route = [free_port() for _ in range(3)]
     monitor = [free_port() for _ in range(3)]
     children = []
+    auth = AuthDir(tmp_path / "auth")
+    auth.init("shipped", (), "admin")
     for i in range(3):
         text = (DEPLOY / f"cluster-{i + 1}.conf").read_text()
         assert re.search(r"^\s*sync_interval: always", text, re.M), f"cluster-{i + 1}.conf"
@@ -260,7 +271,7 @@ async def test_the_shipped_cluster_configs_start_a_cluster(tmp_path: Path) -> No
             assert text.count(old) == 1, f"cluster-{i + 1}.conf no longer has {old!r} once"
             text = text.replace(old, new)
         conf = tmp_path / f"cluster-{i + 1}.conf"
-        conf.write_text(text)
+        conf.write_text(with_auth_dir(text, auth.path, tmp_path))
         children.append(Child(f"nats-{i + 1}", [find_nats_server(), "-c", str(conf)],
                               tmp_path / f"nats-{i + 1}.log"))
     try:
@@ -275,7 +286,9 @@ async def test_the_shipped_cluster_configs_start_a_cluster(tmp_path: Path) -> No
 
         await wait_until(sizes, lambda s: s == [3, 3, 3], timeout=30,
                          what="the three shipped configs to form one cluster")
-        bus = await Bus.connect(",".join(f"nats://127.0.0.1:{p}" for p in client), "shipped")
+        bus = await Bus.connect(",".join(f"tls://127.0.0.1:{p}" for p in client), "shipped",
+                                creds=creds_file.load(auth.creds_path("coordinator", "")),
+                                tls_ca=str(auth.path / CA))
         try:
             assert (await bus.ensure_fleet()).replicas == 3
         finally:

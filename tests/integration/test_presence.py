@@ -10,8 +10,10 @@ from typing import Any
 
 import pytest
 
+from coordinator.auth.enroll import CA, AuthDir
 from coordinator.dev.broker import Broker, find_nats_server, free_port
 from coordinator.dev.devfleet import Child, DevFleet
+from protocol import creds as creds_file
 from protocol import subjects
 from protocol.bus import Bus
 from protocol.codec import decode, encode
@@ -23,12 +25,12 @@ from tests.integration.procs import (
     online,
     read_text,
     reaping,
+    shipped_auth_conf,
     spawn_agent,
     spawn_coordinator,
     wait_until,
 )
 
-REPO = Path(__file__).resolve().parents[2]
 NODES = ["node-1", "node-2", "node-3"]
 LABELS = {"node-1": {"zone": "a", "role": "web"}, "node-2": {"zone": "b", "role": "web"},
           "node-3": {"zone": "a", "role": "db"}}
@@ -187,25 +189,67 @@ async def test_malformed_messages_do_not_crash_the_coordinator(
     assert log.count("ignored malformed heartbeat from x") == 1  # once per source, not a flood
 
 
+class _ShippedAuth:
+    """deploy/nats/auth.conf as shipped, on a free port and a temp store, with the users `fleetwave
+    auth` generates for the coordinator, operator "operator", node-1 and node-2."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.auth = AuthDir(tmp_path / "auth")
+        self.auth.init("default", (), "operator")
+        for node in ("node-1", "node-2"):
+            self.auth.add("node", node)
+        store = tmp_path / "js"
+        store.mkdir()
+        conf = store / "auth.conf"
+        conf.write_text(shipped_auth_conf(
+            host="127.0.0.1", port=self.port, monitor_port=free_port(), store_dir=store,
+            server_name="fleetwave-1", auth=self.auth.path))
+        self.server = Child("nats", [find_nats_server(), "-c", str(conf)],
+                            tmp_path / "logs" / "nats.log")
+
+    def args(self, role: str, name: str) -> list[str]:
+        """The client options of one identity (--creds, --tls-ca)."""
+        return ["--creds", str(self.auth.creds_path(role, name)),
+                "--tls-ca", str(self.auth.path / CA)]
+
+    async def bus(self, role: str, name: str) -> Bus:
+        return await Bus.connect(self.url, "default", connect_deadline=2,
+                                 creds=creds_file.load(self.auth.creds_path(role, name)),
+                                 tls_ca=str(self.auth.path / CA))
+
+    async def serving(self) -> bool:
+        try:
+            await (await self.bus("operator", "operator")).close()
+        except BusError:
+            return False
+        return True
+
+    async def nodes(self) -> dict[str, dict[str, Any]]:
+        return await nodes_json(self.url, client=self.args("operator", "operator"))
+
+    def agent(self, tmp_path: Path, node: str, labels: dict[str, str]) -> Child:
+        return spawn_agent(self.url, node, tmp_path, labels=labels,
+                           extra=self.args("node", node))
+
+    def coordinator(self, tmp_path: Path) -> Child:
+        return spawn_coordinator(self.url, tmp_path, extra=self.args("coordinator", "coordinator"))
+
+
 async def test_auth_example_confines_an_agent_to_its_own_keys(tmp_path: Path) -> None:
-    """With deploy/nats/auth.conf an agent registers and beats, but cannot write others' keys."""
-    port = free_port()
-    server = Child("nats", [find_nats_server(), "-c", str(_auth_conf(tmp_path, port))],
-                   tmp_path / "logs" / "nats.log")
-
-    def url(user: str) -> str:
-        return f"nats://{user}:change-me-{user}@127.0.0.1:{port}"
-
-    agent = spawn_agent(url("node-1"), "node-1", tmp_path, labels={"zone": "a"})
-    async with reaping(server):
-        await wait_until(lambda: _connects(url("operator")), bool, timeout=10,
+    """With deploy/nats/auth.conf an agent registers and beats, but cannot write others' keys;
+    no process logs its credentials' seed."""
+    shipped = _ShippedAuth(tmp_path)
+    agent = shipped.agent(tmp_path, "node-1", {"zone": "a"})
+    async with reaping(shipped.server):
+        await wait_until(shipped.serving, bool, timeout=10,
                          what="the auth example server to accept clients")
-        async with reaping(spawn_coordinator(url("coordinator"), tmp_path), agent):
-            rows = await wait_until(lambda: nodes_json(url("operator")),
-                                    lambda r: online(r, ["node-1"]), timeout=30,
+        async with reaping(shipped.coordinator(tmp_path), agent):
+            rows = await wait_until(shipped.nodes, lambda r: online(r, ["node-1"]), timeout=30,
                                     what="node-1 online through the auth example")
             assert rows["node-1"]["labels"] == {"zone": "a"}
-            bus = await Bus.connect(url("node-1"), "default")
+            bus = await shipped.bus("node", "node-1")
             try:
                 await bus.kv_put(subjects.observed_bucket("default"), "node-1.hello", b"{}")
                 for bucket, key in [
@@ -220,33 +264,26 @@ async def test_auth_example_confines_an_agent_to_its_own_keys(tmp_path: Path) ->
                 await bus.close()
     log = await read_text(tmp_path / "logs" / "nats.log")
     assert 'Publish Violation - Subject "$KV.fw-default-observed.node-2.hello"' in log
-    for name in ("node-1", "coordinator"):  # credentials in the URL never reach a log
-        text = await read_text(tmp_path / "logs" / f"{name}.log")
-        assert f"{name}:***@127.0.0.1:{port}" in text and "change-me" not in text, name
+    for role, name in (("node", "node-1"), ("coordinator", "coordinator")):
+        seed = creds_file.load(shipped.auth.creds_path(role, name)).seed
+        assert seed not in await read_text(tmp_path / "logs" / f"{name}.log"), name
     assert 'Publish Violation - Subject "$KV.fw-default-desired.node-1.hello"' in log
 
 
 async def test_a_node_cannot_register_for_another_node(tmp_path: Path) -> None:
     """Through the auth example, node-1's credentials can neither rewrite node-2's registration
     (labels, liveness) nor invent a node, on any registration subject they can reach."""
-    port = free_port()
-    server = Child("nats", [find_nats_server(), "-c", str(_auth_conf(tmp_path, port))],
-                   tmp_path / "logs" / "nats.log")
-
-    def url(user: str) -> str:
-        return f"nats://{user}:change-me-{user}@127.0.0.1:{port}"
-
-    agents = [spawn_agent(url(n), n, tmp_path, labels=LABELS[n]) for n in ("node-1", "node-2")]
-    async with reaping(server):
-        await wait_until(lambda: _connects(url("operator")), bool, timeout=10,
+    shipped = _ShippedAuth(tmp_path)
+    agents = [shipped.agent(tmp_path, n, LABELS[n]) for n in ("node-1", "node-2")]
+    async with reaping(shipped.server):
+        await wait_until(shipped.serving, bool, timeout=10,
                          what="the auth example server to accept clients")
-        async with reaping(spawn_coordinator(url("coordinator"), tmp_path), *agents):
-            await wait_until(lambda: nodes_json(url("operator")),
-                             lambda r: online(r, ["node-1", "node-2"]), timeout=30,
-                             what="node-1 and node-2 online through the auth example")
+        async with reaping(shipped.coordinator(tmp_path), *agents):
+            await wait_until(shipped.nodes, lambda r: online(r, ["node-1", "node-2"]),
+                             timeout=30, what="node-1 and node-2 online through the auth example")
             forged = NodeInfo(id="node-2", labels={"zone": "forged"})
             ghost = NodeInfo(id="ghost", labels={"zone": "a"})
-            bus = await Bus.connect(url("node-1"), "default")
+            bus = await shipped.bus("node", "node-1")
             try:
                 # Every subject a registration could take: the shared one of old, the sender's
                 # own, and the victim's; the server or the coordinator must refuse each.
@@ -260,42 +297,30 @@ async def test_a_node_cannot_register_for_another_node(tmp_path: Path) -> None:
                 await bus.close()
             log = tmp_path / "logs" / "coordinator.log"
             rows = await wait_until(
-                lambda: _rows_and_log(url("operator"), log),
+                lambda: _rows_and_log(shipped, log),
                 lambda r: r[0]["node-2"]["labels"] != LABELS["node-2"] or "ghost" in r[0]
                 or "claims to be node 'ghost'" in r[1],
                 timeout=15, what="the coordinator to handle the forged registrations",
             )
-            nodes, _ = await _rows_and_log(url("operator"), log)
+            nodes, _ = await _rows_and_log(shipped, log)
             assert rows[0]["node-2"]["labels"] == LABELS["node-2"]
             assert sorted(nodes) == ["node-1", "node-2"] and nodes["node-2"]["labels"] == \
                 LABELS["node-2"]
         # The nodes bucket: node-1 may write only its own key, and a coordinator that starts
         # later must not take what is there as another node's registration.
-        bus = await Bus.connect(url("node-1"), "default")
+        bus = await shipped.bus("node", "node-1")
         try:
             await bus.kv_put(subjects.nodes_bucket("default"), "node-1", encode(ghost))
         finally:
             await bus.close()
-        async with reaping(spawn_coordinator(url("coordinator"), tmp_path)):
-            nodes = await wait_until(lambda: nodes_json(url("operator")), lambda r: "node-2" in r,
+        async with reaping(shipped.coordinator(tmp_path)):
+            nodes = await wait_until(shipped.nodes, lambda r: "node-2" in r,
                                      timeout=30, what="a new coordinator to load the nodes bucket")
             assert "ghost" not in nodes and nodes["node-2"]["labels"] == LABELS["node-2"]
 
 
-async def _rows_and_log(operator: str, log: Path) -> tuple[dict[str, Any], str]:
-    return await nodes_json(operator), await read_text(log)
-
-
-def _auth_conf(tmp_path: Path, port: int) -> Path:
-    """deploy/nats/auth.conf as shipped, but on free ports and a temp store."""
-    conf = (REPO / "deploy" / "nats" / "auth.conf").read_text()
-    conf = conf.replace("/var/lib/fleetwave/jetstream", str(tmp_path / "js"))
-    conf = conf.replace("port: 4222", f"port: {port}")
-    conf = conf.replace("127.0.0.1:8222", f"127.0.0.1:{free_port()}")
-    assert str(port) in conf and str(tmp_path) in conf  # the file still has the lines we replace
-    out = tmp_path / "auth.conf"
-    out.write_text(conf)
-    return out
+async def _rows_and_log(shipped: _ShippedAuth, log: Path) -> tuple[dict[str, Any], str]:
+    return await shipped.nodes(), await read_text(log)
 
 
 async def _connects(url: str) -> bool:

@@ -63,12 +63,21 @@ def test_add_and_revoke_rewrite_the_users(tmp_path: Path) -> None:
 
 
 def test_a_node_may_touch_only_its_own_keys() -> None:
-    """Every subject a node may publish or subscribe to that names a node names itself."""
+    """Every subject a node may publish or subscribe to that names a node names itself, and
+    none lets it list or inspect what other nodes hold."""
     p = perms.node("default", "node-1")
     subjects = [*p["publish"]["allow"], *p["subscribe"]["allow"]]
     assert p["subscribe"]["allow"] == ["_INBOX_node-1.>"]
     assert not any("node-2" in s for s in subjects)
     assert not any(s.startswith(("$KV.fw-default-desired", "fw.default.api", "_INBOX."))
+                   for s in subjects)
+    # Its events go only on the subject naming it; nothing that lists or inspects what other
+    # nodes hold (stream info with a subject filter, consumer info or deletion by name).
+    assert "fw.default.evt.agent.node-1.>" in subjects
+    assert not any(s.startswith("fw.default.evt.") and not s.startswith(
+        "fw.default.evt.agent.node-1.") for s in subjects)
+    assert not any(s.startswith(("$JS.API.STREAM.INFO.KV_", "$JS.API.CONSUMER.INFO.",
+                                 "$JS.API.CONSUMER.DELETE.", "$JS.API.STREAM.MSG.GET.KV_"))
                    for s in subjects)
     op = perms.operator("default", "alice")
     assert "$KV.fw-default-desired.>" in op["publish"]["deny"]

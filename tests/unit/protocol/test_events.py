@@ -9,9 +9,9 @@ from collections.abc import Callable, Sequence
 import pytest
 
 from protocol import subjects
-from protocol.codec import decode
-from protocol.errors import BusError
-from protocol.events import EVENT_ATTEMPTS, PUBLISH_TIMEOUT, EventPublisher
+from protocol.codec import decode, encode
+from protocol.errors import BusError, ProtocolError
+from protocol.events import EVENT_ATTEMPTS, PUBLISH_TIMEOUT, EventPublisher, received
 from protocol.messages import Event
 from protocol.testing import FLEET, PUBLISH, FakeBus, FakeClock
 
@@ -29,6 +29,29 @@ async def test_events_are_published_in_order_on_their_subjects(fake_bus: FakeBus
     await pub.publish(bus, pub.pending())
     assert [s for s, _ in bus.published] == [subjects.event(FLEET, "node.done")] * 3
     assert [decode(Event, d).id for _, d in bus.published] == ["e0", "e1", "e2"]
+
+
+async def test_an_agents_events_go_on_subjects_naming_each_events_node(
+    fake_bus: FakeBus,
+) -> None:
+    """With agent=True each event goes on fw.<fleet>.evt.agent.<node>.<kind> (the simulated
+    agent publishes for many nodes through one publisher)."""
+    pub = EventPublisher(FLEET, agent=True)
+    await pub.publish(fake_bus, [event(1, node="node-1"), event(2, node="node-2")])
+    assert [s for s, _ in fake_bus.published] == [
+        f"fw.{FLEET}.evt.agent.node-1.node.done", f"fw.{FLEET}.evt.agent.node-2.node.done"]
+    assert subjects.agent_event_node(FLEET, fake_bus.published[1][0]) == "node-2"
+    assert subjects.agent_event_node(FLEET, subjects.event(FLEET, "rollout.started")) is None
+
+
+def test_a_reader_refuses_an_event_naming_another_node_than_its_subject() -> None:
+    """received: an event on node-1's subject that names node-2 is a forgery; the same event
+    on node-2's subject, or a coordinator's event naming any node, is accepted."""
+    forged = encode(event(1, node="node-2"))
+    with pytest.raises(ProtocolError, match="subject names node 'node-2'"):
+        received(FLEET, subjects.agent_event(FLEET, "node-1", "node.done"), forged)
+    assert received(FLEET, subjects.agent_event(FLEET, "node-2", "node.done"), forged).id == "e1"
+    assert received(FLEET, subjects.event(FLEET, "node.done"), forged).node == "node-2"
 
 
 async def test_a_failed_publication_is_retried_until_it_is_stored() -> None:

@@ -26,16 +26,17 @@ async def drain(events: NodeEvents) -> None:
         await task
 
 
-async def test_an_emitted_event_is_stamped_and_published_on_its_kinds_subject(
+async def test_an_emitted_event_is_stamped_and_published_on_its_nodes_subject(
     fake_bus: FakeBus, fake_clock: FakeClock,
 ) -> None:
-    """emit names this node, the service and the clock's time, and leaves None values out."""
+    """emit names this node, the service and the clock's time, leaves None values out, and goes
+    out on the subject naming this node (the only one its credentials may publish on)."""
     events = NodeEvents(fake_bus, FLEET, "node-1", clock=fake_clock)
     events.emit("slot.started", "hello", "slot a started", slot="a", pid=42, last_exit=None)
     await drain(events)
     [(subject, data)] = fake_bus.published
     ev = decode(Event, data)
-    assert subject == subjects.event(FLEET, "slot.started")
+    assert subject == subjects.agent_event(FLEET, "node-1", "slot.started")
     assert (ev.fleet, ev.node, ev.service, ev.kind, ev.message, ev.time) == (
         FLEET, "node-1", "hello", "slot.started", "slot a started", fake_clock.t)
     assert ev.data == {"slot": "a", "pid": 42} and ev.id

@@ -18,6 +18,7 @@ from rich.console import Console, RenderableType
 from coordinator.cli import render
 from coordinator.cli.base import cli
 from coordinator.cli.fleet_cmds import render_table
+from protocol import subjects
 from protocol.codec import decode, encode
 from protocol.messages import Event, NodeView
 
@@ -86,9 +87,9 @@ def test_events_command_escapes_and_json_stays_exact(monkeypatch: pytest.MonkeyP
     hostile = event(message=HOSTILE, node="node-3")
 
     class FakeBus:
-        def stream_messages(self, *_: Any, **__: Any) -> AsyncIterator[bytes]:
-            async def gen() -> AsyncIterator[bytes]:
-                yield encode(hostile)
+        def stream_records(self, *_: Any, **__: Any) -> AsyncIterator[tuple[str, bytes]]:
+            async def gen() -> AsyncIterator[tuple[str, bytes]]:
+                yield subjects.agent_event("default", "node-3", hostile.kind), encode(hostile)
             return gen()
 
     @asynccontextmanager
