@@ -5,10 +5,10 @@ Usage: python tests/perf/bench_analysis.py [--runs 1000] [--seed 18] [--json]
 
 No sockets, no processes: a seeded simulation of one canary wave over what the routers report.
 ``--rates`` is the fleet's request rate (requests/s); ``--weight`` percent of it goes to the new
-release, the rest to the old. The agents read their routers every 2 s (``STATS_EVERY``), so the
-coordinator gets cumulative counters (requests, errors, the latency histogram over
-``LATENCY_BOUNDS_MS``) every 2 s; the bake lasts ``--bake`` seconds. The old release served 5
-minutes before the bake (the routers' history: the latency test's reference).
+release, the rest to the old. The agents read a splitting router every 0.5 s
+(``STATS_EVERY_SPLIT``), so the coordinator gets cumulative counters (requests, errors, the
+latency histogram over ``LATENCY_BOUNDS_MS``) every 0.5 s; the bake lasts ``--bake`` seconds. The
+old release served 5 minutes before the bake (the routers' history: the latency test's reference).
 
 Traffic: old answers with 1 % errors and log-normal latency (median 20 ms, sigma 0.5: p99 about
 64 ms). Scenarios: ``none`` (the new release is the old), ``lat +10%`` (within the tolerance
@@ -19,7 +19,7 @@ Both sides get the same operator intent: "a rise of more than a quarter point of
 points), or a p99 more than x1.3 the old's, is a regression"; at least 50 requests. As flags:
 - threshold (the real ``core.gates.evaluate``, at the bake's end): --max-error-rate 1.25%
   (a ceiling: old's 1 % plus the tolerance) --max-p99-ratio 1.3 --min-requests 50;
-- sequential (the real ``core.sequential.evaluate``, on every 2 s report, pass only at the end):
+- sequential (the real ``core.sequential.evaluate``, on every 0.5 s report, pass only at the end):
   --analysis sequential --max-error-rate 0.25% (the tolerated rise) --max-p99-ratio 1.3
   --min-requests 50 --alpha 0.01.
 
@@ -45,11 +45,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from agent.manager.service import STATS_EVERY_SPLIT
 from coordinator.core import gates as gatelib
 from coordinator.core import sequential
 from protocol.messages import LATENCY_BOUNDS_MS, Gates
 
-TICK = 2.0  # agent.manager.service.STATS_EVERY
+TICK = STATS_EVERY_SPLIT  # how often a canary's router counters reach the coordinator
 HISTORY = 300.0  # seconds of old traffic before the bake
 OLD_ERRORS = 0.01
 MEDIAN_MS, SIGMA = 20.0, 0.5
