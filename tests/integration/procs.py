@@ -27,6 +27,8 @@ from coordinator.auth.enroll import USERS
 from coordinator.dev.cluster import ClusterSpec
 from coordinator.dev.devfleet import Child, python_module
 from coordinator.dev.examples import assembled
+from protocol import subjects
+from protocol.bus import Bus, Entry
 
 T = TypeVar("T")
 
@@ -195,3 +197,11 @@ async def read_text(path: Path) -> str:
 
     return await asyncio.to_thread(read)
 
+
+
+async def desired_states(bus: Bus, fleet: str) -> list[Entry]:
+    """The fleet's desired states, without fleetwave's own keys: the leader's fence marker is
+    rewritten whenever a coordinator (re)takes its lease, which a loaded machine may make it do
+    mid-test, and that changes no node's state."""
+    entries = await bus.kv_entries(subjects.desired_bucket(fleet))
+    return [e for e in entries if not e.key.startswith("_")]

@@ -19,7 +19,13 @@ from protocol import subjects
 from protocol.bus import Bus
 from protocol.errors import AccessDenied, BusError
 from tests.integration.e2e_support import DEPLOY_TIMEOUT, serving
-from tests.integration.procs import fleetwave, hello_bundle, read_text, wait_until
+from tests.integration.procs import (
+    desired_states,
+    fleetwave,
+    hello_bundle,
+    read_text,
+    wait_until,
+)
 
 SUBNET = "127.0.41"
 F = "default"
@@ -79,7 +85,7 @@ async def test_node_credentials_reach_nothing_of_another_node(tmp_path: Path) ->
         node1 = await Bus.connect(fleet.nats_url, F, **_node_bus_args(fleet, "node-1"))
         node2_creds = creds_file.load(AuthDir(fleet.auth_dir).creds_path("node", "node-2"))
         try:
-            desired_before = await op.kv_entries(subjects.desired_bucket(F))
+            desired_before = await desired_states(op, F)
             observed_before = await op.kv_get(subjects.observed_bucket(F), "node-2.hello")
             assert desired_before and observed_before is not None
             # (the rollout's own record may still be tidied after its end: no new one may appear)
@@ -169,7 +175,7 @@ async def test_node_credentials_reach_nothing_of_another_node(tmp_path: Path) ->
             assert rows["node-1"]["online"]
 
             # The fleet is unchanged.
-            assert await op.kv_entries(subjects.desired_bucket(F)) == desired_before
+            assert await desired_states(op, F) == desired_before
             assert {e.key for e in await op.kv_entries(subjects.rollouts_bucket(F))} == \
                 rollouts_before
             after = await op.kv_get(subjects.observed_bucket(F), "node-2.hello")

@@ -32,6 +32,7 @@ from protocol.messages import DesiredState, Event, ObservedState, SignedEnvelope
 from protocol.signing import load_seed, sign
 from tests.integration.e2e_support import DEPLOY_TIMEOUT, serving
 from tests.integration.procs import (
+    desired_states,
     fleetwave,
     hello_bundle,
     read_text,
@@ -84,7 +85,7 @@ async def _state(bus: Bus) -> tuple[list[Entry], dict[str, int], list[str]]:
     observed state's other figures move on their own), and which rollouts exist."""
     observed = {e.key: decode(ObservedState, e.value or b"").observed_generation
                 for e in await bus.kv_entries(OBSERVED)}
-    return (await bus.kv_entries(DESIRED), observed,
+    return (await desired_states(bus, F), observed,
             sorted(e.key for e in await bus.kv_entries(subjects.rollouts_bucket(F))))
 
 
