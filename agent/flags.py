@@ -157,8 +157,9 @@ class Flag:
 
 
 FLAGS: tuple[Flag, ...] = (
-    Flag(("--node-id",), "node_id", "This node's id (unique).", _node_id, required=True,
-         metavar="TEXT"),
+    Flag(("--node-id",), "node_id", "This node's id (unique; env FLEETWAVE_NODE_ID). Required, "
+         "unless --creds is a node's: then the name in that file.", _node_id,
+         env="FLEETWAVE_NODE_ID", metavar="TEXT"),
     Flag(("--label",), "labels", "A label for selectors, e.g. zone=a (repeatable).", _labels,
          default=(), metavar="KEY=VALUE", repeat=True),
     Flag(("--data-dir",), "data_dir", "Where the agent keeps releases and state [default: "
@@ -262,8 +263,17 @@ def parse_flags(argv: Sequence[str], environ: dict[str, str] | None = None) -> d
 
 def check_identity(values: dict[str, Any]) -> None:
     """Refuse credentials that are not this node's (another node's, fleet's, an operator's):
-    the server would refuse them anyway, but only as a permissions violation in its own log."""
+    the server would refuse them anyway, but only as a permissions violation in its own log.
+
+    Without ``--node-id`` a node's credentials name the node (one file says who a host is, so
+    enrolling one is: issue the file, copy it, start the agent); without either, the flag is
+    missing."""
     found = values.get("creds")
+    if values.get("node_id") is None:
+        if found is None or found.role != "node" or values.get("simulate"):
+            raise FlagError("Missing option '--node-id' (or '--creds' with a node's credentials, "
+                            "whose name it takes).")
+        values["node_id"] = found.name
     if found is None:
         return
     from protocol.creds import check_for
@@ -305,4 +315,15 @@ def click_command(run: Callable[[dict[str, Any]], int]) -> click.Command:
     ]
     return click.Command(PROG, params=params, help=SUMMARY,
                          context_settings={"help_option_names": ["-h", "--help"]},
-                         callback=lambda **values: run(values))
+                         callback=lambda **values: run(_identified(values)))
+
+
+def _identified(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` once ``check_identity`` passed them, its refusal a click usage error."""
+    import click
+
+    try:
+        check_identity(values)
+    except FlagError as exc:
+        raise click.UsageError(str(exc)) from None
+    return values

@@ -11,8 +11,9 @@ import pytest
 
 from agent import main as agent_main
 from agent.errors import FlagError
-from agent.flags import FLAGS, parse_flags
+from agent.flags import FLAGS, check_identity, parse_flags
 from agent.main import agent_command
+from protocol.creds import Creds
 from protocol.errors import ProtocolError
 from protocol.signing import check_public_key, generate_seed, public_key
 
@@ -44,7 +45,6 @@ def test_command_line_beats_env_beats_default() -> None:
 @pytest.mark.parametrize(
     ("args", "env", "message"),
     [
-        pytest.param([], {}, "Missing option '--node-id'.", id="missing"),
         pytest.param(["--node-id", "n1", "--bogus"], {}, "No such option '--bogus'.", id="unknown"),
         pytest.param(["--node-id", "n1", "stray"], {}, "unexpected extra argument", id="extra"),
         pytest.param(["--node-id"], {}, "expected one argument", id="no-value"),
@@ -68,6 +68,41 @@ def test_bad_flags_are_one_line_usage_errors(
     with pytest.raises(FlagError) as info:
         parse_flags(args, environ=env)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+SEED = "SU" + "A" * 56
+
+
+def _with_creds(args: list[str], creds: Creds | None, env: dict[str, str]) -> dict[str, object]:
+    values = parse_flags(args, environ=env)
+    values["creds"] = creds  # as --creds FILE would load it
+    check_identity(values)
+    return values
+
+
+def test_the_node_id_comes_from_the_flag_its_env_or_a_nodes_creds() -> None:
+    """--node-id, else FLEETWAVE_NODE_ID, else the name in a node's credentials: one file says
+    who a host is."""
+    web7 = Creds(fleet="default", role="node", name="web-7", seed=SEED)
+    assert _with_creds([], web7, {})["node_id"] == "web-7"
+    assert _with_creds([], None, {"FLEETWAVE_NODE_ID": "n2"})["node_id"] == "n2"
+    assert _with_creds(["--node-id", "web-7"], web7, {})["node_id"] == "web-7"
+
+
+@pytest.mark.parametrize(
+    "creds",
+    [None, Creds(fleet="default", role="operator", name="alice", seed=SEED)],
+    ids=["nothing", "operator-creds"],
+)
+def test_without_a_node_id_or_a_nodes_creds_the_flag_is_missing(creds: Creds | None) -> None:
+    with pytest.raises(FlagError, match="Missing option '--node-id'"):
+        _with_creds([], creds, {})
+
+
+def test_a_node_id_and_another_nodes_creds_disagree() -> None:
+    web7 = Creds(fleet="default", role="node", name="web-7", seed=SEED)
+    with pytest.raises(FlagError, match="web-7"):
+        _with_creds(["--node-id", "web-8"], web7, {})
 
 
 def test_a_file_is_no_data_dir(tmp_path: Path) -> None:
