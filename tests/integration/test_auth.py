@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.auth.enroll import CA, AuthDir
-from coordinator.dev.devfleet import DevFleet
+from coordinator.dev.devfleet import Child, DevFleet, python_module
 from protocol import creds as creds_file
 from protocol import subjects
 from protocol.bus import Bus
@@ -24,6 +24,7 @@ from tests.integration.procs import (
     fleetwave,
     hello_bundle,
     read_text,
+    reaping,
     wait_until,
 )
 
@@ -60,9 +61,25 @@ async def test_a_secure_dev_fleet_rolls_out_over_tls(tmp_path: Path) -> None:
         await _deploy(fleet, "1.0.0", "--batch", "100%", "--max-unavailable", "100%")
         await wait_until(lambda: serving(fleet), lambda v: set(v.values()) == {"1.0.0"},
                          timeout=30, what="every node serving 1.0.0")
-        await _deploy(fleet, "2.0.0", "--batch", "1", "--bake", "1s")
-        await wait_until(lambda: serving(fleet), lambda v: set(v.values()) == {"2.0.0"},
-                         timeout=30, what="every node serving 2.0.0")
+        # Enrolling a new host as the README says: add-node, then an agent given only that
+        # file (its node id is the name in it), the CA and the broker's URL.
+        assert fleet.auth_dir is not None and fleet.public_key is not None
+        code, out, err = await fleetwave("auth", "add-node", str(fleet.auth_dir), "node-3")
+        assert code == 0, f"add-node failed ({code}): {out}{err}"
+        agent = Child("node-3", python_module(
+            "agent.main", "--creds", str(fleet.auth_dir / "nodes" / "node-3.creds"),
+            "--tls-ca", str(fleet.auth_dir / CA), "--nats", fleet.nats_url,
+            "--data-dir", str(tmp_path / "node-3"), "--bind-host", f"{SUBNET}.3",
+            "--heartbeat-interval", "0.5", "--trust-key", fleet.public_key),
+            tmp_path / "node-3.log")
+        async with reaping(agent):
+            await wait_until(lambda: _nodes(fleet), lambda r: bool(r.get("node-3", {}).get(
+                "online")), timeout=45, what="the enrolled node-3 online")  # retries ≤ 30 s
+            await _deploy(fleet, "2.0.0", "--batch", "1", "--bake", "1s")
+            await wait_until(lambda: serving(fleet), lambda v: set(v.values()) == {"2.0.0"},
+                             timeout=30, what="every node serving 2.0.0")
+            await wait_until(lambda: _nodes(fleet), lambda r: r["node-3"]["services"].get(
+                "hello", {}).get("version") == "2.0.0", timeout=30, what="node-3 on 2.0.0")
     log = await read_text(tmp_path / "fleet" / "jetstream" / "nats-server.log")
     assert "TLS required for client connections" in log
     assert "Violation" not in log, [ln for ln in log.splitlines() if "Violation" in ln][:5]
