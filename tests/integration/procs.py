@@ -6,8 +6,9 @@
 - ``fleetwave(...)`` runs the CLI in a subprocess and returns (exit code, stdout, stderr).
 - ``wait_until(...)`` polls a condition until a deadline; it never sleeps to hide a race, and on
   timeout says what it last saw.
-- ``shipped_auth_conf(...)`` is deploy/nats/auth.conf with a test's ports and paths;
-  ``with_auth_dir`` points any shipped config's TLS and users at a test's auth directory.
+- ``shipped_auth_conf(...)`` is deploy/nats/auth.conf with a test's ports and paths,
+  ``shipped_cluster_conf(...)`` cluster-N.conf with a test's routes too; ``with_auth_dir``
+  points any shipped config's TLS and users at a test's auth directory.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from coordinator.auth.enroll import USERS
+from coordinator.auth.enroll import CA, SERVER, SERVER_KEY, USERS
 from coordinator.dev.cluster import ClusterSpec
 from coordinator.dev.devfleet import Child, python_module
 from coordinator.dev.examples import assembled
@@ -165,25 +166,60 @@ def shipped_auth_conf(*, host: str, port: int, monitor_port: int, store_dir: Pat
     is relative to it). The signature of ``coordinator.dev.broker.render_config``, for which a
     test may substitute it (``monkeypatch``) to run a dev fleet's broker on the shipped file."""
     assert auth is not None and cluster is None
-    text = (DEPLOY_NATS / "auth.conf").read_text()
-    for old, new in [('host: "0.0.0.0"', f'host: "{host}"'),
-                     ("port: 4222", f"port: {port}"),
-                     ('http: "127.0.0.1:8222"', f'http: "127.0.0.1:{monitor_port}"'),
-                     ('server_name: "fleetwave-1"', f'server_name: "{server_name}"'),
-                     ('store_dir: "/var/lib/fleetwave/jetstream"', f'store_dir: "{store_dir}"')]:
-        assert text.count(old) == 1, f"auth.conf no longer has {old!r} once"
-        text = text.replace(old, new)
+    text = _put_in(DEPLOY_NATS / "auth.conf", [
+        *_addresses(host, port, monitor_port, store_dir),
+        ('server_name: "fleetwave-1"', f'server_name: "{server_name}"')])
     return with_auth_dir(text, auth, store_dir)
 
 
+def shipped_cluster_conf(*, host: str, port: int, monitor_port: int, store_dir: Path,
+                         server_name: str, cluster: ClusterSpec | None = None,
+                         auth: Path | None = None) -> str:
+    """deploy/nats/cluster-N.conf as shipped for server ``fleetwave-N`` of a 3-server cluster
+    (``coordinator.dev.cluster.BrokerCluster`` names them so), with only a test's addresses,
+    paths and its three routes put in; as ``shipped_auth_conf``, a stand-in for
+    ``render_config``."""
+    assert auth is not None and cluster is not None and len(cluster.routes) == 3, cluster
+    n = server_name.removeprefix("fleetwave-")
+    assert n in ("1", "2", "3") and cluster.cluster_name == "fleetwave", (server_name, cluster)
+    text = _put_in(DEPLOY_NATS / f"cluster-{n}.conf", [
+        *_addresses(host, port, monitor_port, store_dir),
+        ('listen: "0.0.0.0:6222"', f'listen: "{cluster.listen}"'),
+        *((f'"nats-route://nats-{j}.fleet.internal:6222"', f'"{route}"')
+          for j, route in enumerate(cluster.routes, 1))])
+    return with_auth_dir(text, auth, store_dir)
+
+
+def _addresses(host: str, port: int, monitor_port: int,
+               store_dir: Path) -> list[tuple[str, str]]:
+    """What a shipped server config's client, monitoring and JetStream lines become."""
+    return [('host: "0.0.0.0"', f'host: "{host}"'), ("port: 4222", f"port: {port}"),
+            ('http: "127.0.0.1:8222"', f'http: "127.0.0.1:{monitor_port}"'),
+            ('store_dir: "/var/lib/fleetwave/jetstream"', f'store_dir: "{store_dir}"')]
+
+
+def _put_in(conf: Path, changes: list[tuple[str, str]]) -> str:
+    """``conf``'s text with each (old, new) replaced; each old must be there exactly once, so
+    that a test never runs a file that has drifted from what it means to check."""
+    text = conf.read_text()
+    for old, new in changes:
+        assert text.count(old) == 1, f"{conf.name} no longer has {old!r} once"
+        text = text.replace(old, new)
+    return text
+
+
 def with_auth_dir(text: str, auth: Path, conf_dir: Path) -> str:
-    """A shipped config's TLS certificate, key and users include (``/etc/fleetwave/auth``)
-    pointed at the auth directory ``auth``, for a config file written into ``conf_dir``."""
+    """A shipped config's TLS files (the server's certificate and key, and the CA where routes
+    check their peers) and users include (``/etc/fleetwave/auth``) pointed at the auth
+    directory ``auth``, for a config file written into ``conf_dir``."""
     includes = re.findall(r'^include "([^"]+)"$', text, re.M)
     assert len(includes) == 1 and includes[0].endswith(f"auth/{USERS}"), includes
     users = os.path.relpath(auth.absolute() / USERS, conf_dir.absolute())
     text = text.replace(f'include "{includes[0]}"', f'include "{users}"')
-    assert text.count("/etc/fleetwave/auth/") == 2, "a shipped conf: its TLS certificate and key"
+    files = set(re.findall(r'"/etc/fleetwave/auth/([^"]+)"', text))
+    assert {SERVER, SERVER_KEY} <= files <= {SERVER, SERVER_KEY, CA}, files
+    assert text.count("/etc/fleetwave/auth/") == text.count('"/etc/fleetwave/auth/'), \
+        "a shipped conf names /etc/fleetwave/auth only as its TLS files"
     return text.replace("/etc/fleetwave/auth/", f"{auth.absolute()}/")
 
 

@@ -21,7 +21,7 @@ import pytest_asyncio
 
 from coordinator.auth.enroll import CA, AuthDir
 from coordinator.dev.broker import find_nats_server, free_port
-from coordinator.dev.cluster import BrokerCluster, monitor_get
+from coordinator.dev.cluster import BrokerCluster, ClusterSpec, monitor_get
 from coordinator.dev.devfleet import Child, DevFleet
 from protocol import creds as creds_file
 from protocol import subjects
@@ -30,9 +30,9 @@ from protocol.errors import BusError
 from tests.integration.procs import (
     fleetwave,
     read_text,
+    shipped_cluster_conf,
     spawn_coordinator,
     wait_until,
-    with_auth_dir,
 )
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -248,30 +248,25 @@ async def test_a_taken_cluster_port_is_one_line_and_creates_nothing(tmp_path: Pa
 
 async def test_the_shipped_cluster_configs_start_a_cluster(tmp_path: Path) -> None:
     """deploy/nats/cluster-{1,2,3}.conf, with only addresses and paths changed for loopback,
-    start a real 3-server cluster that fsyncs every write (sync_interval: always), which the
-    coordinator's generated credentials reach over TLS."""
+    start a real 3-server cluster over their mutual TLS routes that fsyncs every write
+    (sync_interval: always), which the coordinator's generated credentials reach over TLS."""
     client = [free_port() for _ in range(3)]
-    route = [free_port() for _ in range(3)]
     monitor = [free_port() for _ in range(3)]
+    routes = tuple(f"nats-route://127.0.0.1:{free_port()}" for _ in range(3))
     children = []
     auth = AuthDir(tmp_path / "auth")
     auth.init("shipped", (), "admin")
     for i in range(3):
         text = (DEPLOY / f"cluster-{i + 1}.conf").read_text()
         assert re.search(r"^\s*sync_interval: always", text, re.M), f"cluster-{i + 1}.conf"
-        changes = [
-            ('host: "0.0.0.0"', 'host: "127.0.0.1"'),
-            ("port: 4222", f"port: {client[i]}"),
-            ('http: "127.0.0.1:8222"', f'http: "127.0.0.1:{monitor[i]}"'),
-            ('listen: "0.0.0.0:6222"', f'listen: "127.0.0.1:{route[i]}"'),
-            ('store_dir: "/var/lib/fleetwave/jetstream"', f'store_dir: "{tmp_path / str(i)}"'),
-            *((f"nats-{j + 1}.fleet.internal:6222", f"127.0.0.1:{route[j]}") for j in range(3)),
-        ]
-        for old, new in changes:
-            assert text.count(old) == 1, f"cluster-{i + 1}.conf no longer has {old!r} once"
-            text = text.replace(old, new)
-        conf = tmp_path / f"cluster-{i + 1}.conf"
-        conf.write_text(with_auth_dir(text, auth.path, tmp_path))
+        store = tmp_path / str(i)
+        store.mkdir()
+        spec = ClusterSpec(name=f"fleetwave-{i + 1}", listen_host="127.0.0.1",
+                           listen_port=int(routes[i].rsplit(":", 1)[1]), routes=routes)
+        conf = store / f"cluster-{i + 1}.conf"
+        conf.write_text(shipped_cluster_conf(
+            host="127.0.0.1", port=client[i], monitor_port=monitor[i], store_dir=store,
+            server_name=spec.name, cluster=spec, auth=auth.path))
         children.append(Child(f"nats-{i + 1}", [find_nats_server(), "-c", str(conf)],
                               tmp_path / f"nats-{i + 1}.log"))
     try:
