@@ -46,7 +46,7 @@ from coordinator.cli.render import (
 from coordinator.cli.waiting import WAITS, reached, reached_lines, wait_point
 from coordinator.core.amounts import parse_amount
 from coordinator.core.fleet import parse_selector
-from coordinator.errors import ConfigError, UsageError
+from coordinator.errors import ConfigError, RemoteError, UsageError
 from coordinator.strategies import shadow
 from protocol import subjects
 from protocol.codec import convert, encode
@@ -65,6 +65,7 @@ from protocol.messages import (
 POLL = 0.5
 FOLLOW_PATIENCE = 60.0  # how long a silent coordinator is waited for while following
 EXIT_CODES = {"succeeded": 0, "rolled_back": 3, "paused": 4, "failed": 4, "aborted": 1}
+EXIT_ACCEPTED = 5  # --detach: the rollout is recorded, its start not confirmed (a bus error)
 
 
 class RolloutFile(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -334,7 +335,14 @@ _FLAGS = ("strategy", "selector", "batch", "max_unavailable", "steps", "weights"
 @click.pass_obj
 def deploy(ctx: Ctx, /, service: str | None, version: str | None, file: Path | None,
            detach: bool, wait: str | None, output: str, **flags: Any) -> int:
-    """Roll SERVICE out to VERSION across the fleet, and follow it until it ends."""
+    """Roll SERVICE out to VERSION across the fleet, and follow it until it ends (or --wait).
+
+    \b
+    Exit codes: 0 succeeded (or the --wait point passed; --detach: started), 1 aborted or an
+    error, 2 usage, 3 rolled back, 4 paused or failed (an operator must act), 5 the rollout was
+    recorded but its start is not confirmed (--detach only; a bus error while starting it: the
+    coordinator starts it on its next resync; check with 'fleetwave status ID'). Followed, such
+    a rollout is followed as any other."""
     settings: dict[str, Any] = read_rollout_file(file) if file is not None else {}
     if service is not None:
         settings["service"] = service
@@ -346,14 +354,21 @@ def deploy(ctx: Ctx, /, service: str | None, version: str | None, file: Path | N
             settings[key] = list(value) if isinstance(value, tuple) else value
     spec = build_spec(settings)
     point = wait_point(spec, wait, detach=detach)
-    data = client.request(ctx, "deploy", DeployRequest(spec=spec), timeout=30.0)
+    try:
+        data = client.request(ctx, "deploy", DeployRequest(spec=spec), timeout=30.0)
+        started = True
+    except RemoteError as exc:
+        if exc.code != "accepted" or not isinstance(exc.data, dict) or "id" not in exc.data:
+            raise
+        click.echo(safe(f"fleetwave: {exc}"), err=True)
+        data, started = exc.data, False
     rid = str(data["id"])
     if detach:
         click.echo(json.dumps({"id": rid}) if output == "json" else rid)
-        return 0
+        return 0 if started else EXIT_ACCEPTED
     if output != "json":
-        click.echo(f"rollout {rid} started; following it (Ctrl-C stops following, not the "
-                   "rollout)", err=True)
+        click.echo(f"rollout {rid} {'started' if started else 'recorded'}; following it (Ctrl-C "
+                   "stops following, not the rollout)", err=True)
     return asyncio.run(follow(ctx, rid, output=output, wait=point,
                               scale_down_delay=spec.scale_down_delay))
 

@@ -375,9 +375,17 @@ class Runner:
                 ObservedChanged(node, seen) for (node, svc), seen in self.observed.items()
                 if svc == spec.service and node in record.nodes
             ]
-            if events:  # one batch: one engine step, not one per node
-                await self.feed(driver, *events)
-            await self.feed(driver, Start())
+            try:
+                if events:  # one batch: one engine step, not one per node
+                    await self.feed(driver, *events)
+                await self.feed(driver, Start())
+            except (BusError, RemoteError) as exc:
+                # Record and lock are stored: whoever leads at the next resync starts it. A
+                # plain error here would tell the operator that nothing happened.
+                raise RemoteError(
+                    f"rollout {rid} is recorded but its start failed ({exc}); the coordinator "
+                    f"starts it on its next resync (within {RESYNC_INTERVAL:g}s): check with "
+                    f"'fleetwave status {rid}'", "accepted", {"id": rid}) from None
             return driver.rollout.record
 
     def _check_size(self, record: RolloutRecord) -> None:

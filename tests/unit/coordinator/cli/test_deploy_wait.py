@@ -14,6 +14,7 @@ import coordinator.cli.client as client
 import coordinator.cli.rollout_cmds as rollout_cmds
 from coordinator.cli import main
 from coordinator.cli.base import cli
+from coordinator.errors import RemoteError
 
 SWITCH = {"at": 1000.0, "wave": 1, "first": 1000.01, "last": 1000.02, "spread": 0.01,
           "lag": 0.02, "nodes": {"node-1": 1000.01, "node-2": 1000.02}}
@@ -144,3 +145,49 @@ def test_wait_is_documented_in_help() -> None:
     text = " ".join(result.output.split())
     assert "--wait [done|switched|started]" in text and "blue-green" in text
 
+
+def accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The coordinator recorded the rollout but could not start it (a bus error)."""
+    def request(ctx: object, verb: str, body: object, **kw: object) -> dict[str, str]:
+        raise RemoteError("rollout hello-r1 is recorded but its start failed (NATS is away); "
+                          "the coordinator starts it on its next resync: check with "
+                          "'fleetwave status hello-r1'", "accepted", {"id": "hello-r1"})
+
+    monkeypatch.setattr(client, "request", request)
+
+
+def test_a_detached_deploy_accepted_but_not_started_exits_5(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--detach prints the id (the rollout exists) and one line saying its start is not
+    confirmed, and exits 5, not 1 (which would tell a pipeline nothing happened)."""
+    accepted(monkeypatch)
+    with pytest.raises(SystemExit) as info:
+        main(["--nats", "nats://127.0.0.1:1", "deploy", "hello", "2.0.0", "--detach"])
+    out, err = capsys.readouterr()
+    assert (info.value.code, out) == (rollout_cmds.EXIT_ACCEPTED, "hello-r1\n")
+    assert info.value.code == 5
+    assert len(err.splitlines()) == 1 and "'fleetwave status hello-r1'" in err, err
+
+
+def test_a_followed_deploy_accepted_but_not_started_follows_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Followed, the accepted rollout is followed as any other: its end gives the exit code."""
+    accepted(monkeypatch)
+
+    async def call(ctx: object, verb: str, body: object, **kw: object) -> dict[str, Any]:
+        return DONE
+
+    monkeypatch.setattr(client, "call", call)
+    monkeypatch.setattr(rollout_cmds, "POLL", 0.0)
+    with pytest.raises(SystemExit) as info:
+        main(["--nats", "nats://127.0.0.1:1", "deploy", "hello", "2.0.0", "--wait", "done"])
+    _, err = capsys.readouterr()
+    assert info.value.code == 0 and "is recorded but its start failed" in err, err
+
+
+def test_exit_codes_are_documented_in_help() -> None:
+    """``deploy --help`` lists every exit code, 5 included."""
+    text = " ".join(CliRunner().invoke(cli, ["deploy", "--help"]).output.split())
+    assert "5 the rollout was recorded but its start is not confirmed" in text, text

@@ -508,3 +508,22 @@ async def test_on_node_lost_wait_a_lost_node_is_written_once_and_waited_for() ->
     assert await drive(r, bus, clock, rec.id) == "succeeded"
     writes = [gen for key, gen in bus.desired_writes() if key == "node-1.hello"]
     assert writes == sorted(set(writes)) == [8, 9]  # the new release, then the old slot retired
+
+
+async def test_a_bus_error_starting_a_recorded_rollout_says_it_was_accepted() -> None:
+    """The record and lock are stored but the bus fails while the rollout starts: the deploy
+    answers "accepted" with the rollout's id (not a plain error), and the resync starts it."""
+    bus, clock = fleet_bus(), FakeClock()
+    r = runner(bus, clock, command_deadline=0.3)
+    bus.faults[("update", ROLLOUTS)] = BusError("NATS is away")
+    bus.fault_count[("update", ROLLOUTS)] = 100
+    with pytest.raises(RemoteError, match="is recorded but its start failed") as info:
+        await r.deploy(spec(), NEW, "alice")
+    rid = next(k for k in bus.kv[ROLLOUTS] if k != subjects.FENCE_KEY)
+    assert info.value.code == "accepted" and info.value.data == {"id": rid}
+    assert f"'fleetwave status {rid}'" in str(info.value)
+    assert bus.record(rid).state == "pending" and bus.live(LOCKS, "hello") is not None
+    bus.faults.clear()
+    await r.resync()
+    assert bus.record(rid).state == "running"
+    assert await drive(r, bus, clock, rid) == "succeeded"
