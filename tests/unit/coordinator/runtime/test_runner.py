@@ -527,3 +527,36 @@ async def test_a_bus_error_starting_a_recorded_rollout_says_it_was_accepted() ->
     await r.resync()
     assert bus.record(rid).state == "running"
     assert await drive(r, bus, clock, rid) == "succeeded"
+
+
+async def test_no_lock_ever_names_a_record_not_yet_created() -> None:
+    """A deploy creates its record before its lock names it: a lock whose record is missing is
+    then stale whenever it is seen (its record never came), never one being created now, so a
+    take-over cannot slip between the lock's creation and the record's."""
+    bus, clock = fleet_bus(), FakeClock()
+    rec = await runner(bus, clock).deploy(spec(), NEW)
+    writes = [(b, k) for op, b, k, v in bus.log if b in (ROLLOUTS, LOCKS) and v is not None]
+    assert writes.index((ROLLOUTS, rec.id)) < writes.index((LOCKS, "hello")), writes
+
+
+async def test_a_recorded_rollout_that_lost_its_lock_is_never_started() -> None:
+    """A record that landed without its lock (a late write after its deploy gave up, or a crash
+    between record and lock) while another rollout took the service's lock is dropped by the
+    resync, not driven beside that rollout."""
+    bus, clock = fleet_bus(), FakeClock()
+    bus.faults[("update", ROLLOUTS)] = Killed()
+    with pytest.raises(Killed):
+        await runner(bus, clock).deploy(spec(), NEW)
+    bus.faults.clear()
+    late = next(k for k in bus.kv[ROLLOUTS] if k != subjects.FENCE_KEY)
+    assert bus.record(late).state == "pending"
+    bus.set("delete", LOCKS, "hello", None)  # its deploy gave up and released the lock
+    clock.t += 5
+    r2 = runner(bus, clock)
+    other = await r2.deploy(spec(), NEW, "bob")
+    await r2.resync()
+    assert list(r2.drivers) == [other.id]
+    assert bus.live(ROLLOUTS, late) is None
+    lock = bus.live(LOCKS, "hello")
+    assert lock is not None and lock.value == other.id.encode()
+    assert await drive(r2, bus, clock, other.id) == "succeeded"
