@@ -145,10 +145,17 @@ class RelayDown(asyncio.Protocol):
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
-        async with asyncio.timeout(5):
-            _, self.up = await loop.create_connection(lambda: RelayUp(self), self.host, self.port)
+        try:
+            async with asyncio.timeout(5):
+                _, self.up = await loop.create_connection(
+                    lambda: RelayUp(self), self.host, self.port)
+        except (OSError, TimeoutError):
+            # the client must see the failure (a closed connection), not wait for an answer
+            self.transport.close()
+            return
         for data in self.pending:
             self.up.transport.write(data)  # type: ignore[attr-defined]
+        self.pending.clear()
 
     def data_received(self, data: bytes) -> None:
         if self.up is None:
@@ -238,7 +245,7 @@ async def drive_rate(host: str, port: int, rate: float, duration: float) -> Resu
             await _exchange(reader, writer, req)
             latencies.append(time.perf_counter() - t0)
 
-    conns = [await asyncio.open_connection(host, port) for _ in range(OPEN_LOOP_CONNS)]
+    conns = [await _warm(host, port, req) for _ in range(OPEN_LOOP_CONNS)]
     n = int(rate * duration)
     try:
         async with asyncio.TaskGroup() as tg:
@@ -260,6 +267,21 @@ async def drive_rate(host: str, port: int, rate: float, duration: float) -> Resu
     result = _summary(latencies, time.perf_counter() - start)
     result["queued"] = queued
     return result
+
+
+async def _warm(host: str, port: int, req: bytes) -> tuple[asyncio.StreamReader,
+                                                           asyncio.StreamWriter]:
+    """A connection of the open-loop pool, through to the upstream: one exchange before the
+    schedule starts. A hop that connects upstream when a client connects (the relay) would
+    otherwise open the pool's 64 upstream connections at once, overflowing the example
+    service's accept backlog (5): SYNs dropped and retried after 1 s, then a TimeoutError."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        await _exchange(reader, writer, req)
+    except BaseException:
+        writer.close()
+        raise
+    return reader, writer
 
 
 def _ms(text: str) -> float:
