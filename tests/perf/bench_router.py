@@ -52,9 +52,8 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +62,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # (after the path: the benchmark runs from a checkout without the package installed too)
-from perf_support import await_exit  # noqa: E402
+from perf_support import await_exit, run_dir, run_main  # noqa: E402
 
 from agent.host.slots import SlotSpec  # noqa: E402
 from agent.router import RouterClient, RouterConfig, Upstream, start_router  # noqa: E402
@@ -437,7 +436,13 @@ async def bench(args: argparse.Namespace, use_wrk: bool) -> list[dict[str, objec
     levels = [int(x) for x in args.concurrency.split(",") if x]
     loads = _loads(levels, args.rate, use_wrk)
     upstreams = ["example", "canned"] if args.upstream == "both" else [args.upstream]
-    tmp = Path(tempfile.mkdtemp(prefix="fwbench"))
+    with run_dir("fwbench") as tmp:
+        return await _bench(args, tmp, host, loads, upstreams)
+
+
+async def _bench(args: argparse.Namespace, tmp: Path, host: str,
+                 loads: list[tuple[str, str, Load]],
+                 upstreams: list[str]) -> list[dict[str, object]]:
     sock = tmp / "r.sock"
     router_pid = await start_router(sock, tmp / "router.log")
     client = RouterClient(sock)
@@ -531,12 +536,13 @@ def print_summary(summary: list[dict[str, Any]]) -> None:
               f"{fmt(s['router_cpu_us_per_req'], '.1f'):<20}")
 
 
-def run_loop(main: Awaitable[Any]) -> Any:
+def run_loop(main: Coroutine[Any, Any, Any]) -> Any:
+    """``main`` on uvloop if installed; SIGTERM stops it as Ctrl-C does (``run_main``)."""
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(main)  # type: ignore[arg-type]
-    return uvloop.run(main)  # type: ignore[arg-type]
+        return run_main(main)
+    return run_main(main, uvloop.run)
 
 
 def main() -> None:
