@@ -179,3 +179,16 @@ def test_rollouts_table_never_truncates_ids_or_names(width: int) -> None:
                   "alice-operator", row["reason"]):
         assert whole in text, text
     assert "…" not in text and len(text.splitlines()) == 2
+
+
+def test_nodes_table_never_truncates_node_ids() -> None:
+    """``fleetwave nodes`` at 80 columns shows a long node id (what ``status`` and the other
+    commands take) and its labels whole."""
+    row = NodeView(id="web-eu-west-1a-rack17-host042.example.internal", online=True,
+                   labels={"zone": "eu-west-1a", "rack": "rack17", "tier": "frontend"},
+                   services={"checkout-service": {"version": "2026.12.02-rc.3", "healthy": True}})
+    out = io.StringIO()
+    Console(file=out, width=80, soft_wrap=True).print(render_table([row], 0.0))
+    text = out.getvalue()
+    assert "web-eu-west-1a-rack17-host042.example.internal" in text, text
+    assert "rack=rack17,tier=frontend,zone=eu-west-1a" in text and "…" not in text, text
