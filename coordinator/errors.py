@@ -37,8 +37,11 @@ class BrokerError(FleetwaveError):
 
 
 class RemoteError(FleetwaveError):
-    def __init__(self, message: str, code: str = "internal") -> None:
+    """``data``: what the coordinator knows despite the refusal (``accepted``: the id)."""
+
+    def __init__(self, message: str, code: str = "internal", data: object = None) -> None:
         super().__init__(message)
         self.code = code
+        self.data = data
         if code == "usage":
             self.exit_code = 2

@@ -36,7 +36,7 @@ from protocol import subjects
 from protocol.bundle import digest, pack
 from protocol.bus import Bus
 from protocol.codec import decode, encode
-from protocol.errors import Conflict, ProtocolError
+from protocol.errors import Conflict, MissingBucket, ProtocolError
 from protocol.messages import ReleaseRef
 
 PUSH_TIMEOUT = 300.0  # a large bundle on a slow link; every bus call inside has its own timeout
@@ -141,9 +141,12 @@ async def list_releases(bus: Bus, service: str | None = None) -> list[ReleaseInf
     """Every release pushed to the fleet (of ``service`` only, if given), oldest push first."""
     if service is not None:
         subjects.check_name("service", service)
-    entries = await bus.kv_entries(
-        subjects.release_index_bucket(bus.fleet), subjects.release_records(service)
-    )
+    try:
+        entries = await bus.kv_entries(
+            subjects.release_index_bucket(bus.fleet), subjects.release_records(service)
+        )
+    except MissingBucket:
+        return []  # a fresh fleet: the first push (or coordinator) creates the index
     out = [_decode(e.value, e.key) for e in entries if e.value is not None]
     return sorted(out, key=lambda r: (r.service, r.pushed_at, r.version))
 

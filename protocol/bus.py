@@ -57,6 +57,7 @@ from protocol.errors import (
     AccessDenied,
     BusError,
     Conflict,
+    MissingBucket,
     NoResponders,
     NotReachable,
     ProtocolError,
@@ -740,7 +741,7 @@ class Bus:
             try:
                 kv = await self.js.key_value(bucket)
             except nats.js.errors.BucketNotFoundError:
-                raise BusError(
+                raise MissingBucket(
                     f"bucket {bucket} does not exist; is a coordinator running for fleet "
                     f"{self.fleet!r}? ('fleetwave coordinator' creates it)"
                 ) from None

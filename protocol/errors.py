@@ -5,6 +5,8 @@
     BusError               NATS or JetStream failed a request we made
     ├── NotReachable       no NATS server, or nobody answers on a subject (no coordinator)
     ├── Conflict           a KV compare-and-set lost the race (a lock is held, a key changed)
+    ├── MissingBucket      a KV bucket the fleet has not created yet (no coordinator ran, or
+    │                      nothing was pushed): for a reader, often just "nothing there yet"
     ├── AccessDenied       the server refused our credentials (unknown, revoked) or our TLS
     │                      (no TLS where it is required, a certificate our CA did not sign)
     └── TooFewServers      more replicas asked for than the JetStream cluster has servers: an
@@ -34,6 +36,10 @@ class NoResponders(NotReachable):
 
 class Conflict(BusError):
     """A compare-and-set write lost: someone else wrote the key first."""
+
+
+class MissingBucket(BusError):
+    """A KV bucket does not exist (yet): the fleet was never set up, or nothing created it."""
 
 
 class TooFewServers(BusError):

@@ -438,7 +438,8 @@ class ApiReply(msgspec.Struct, kw_only=True):
     """Every answer of the coordinator API: ``ok`` with ``data``, or an ``error`` line and a code.
 
     ``code`` is ``usage`` (the request was wrong), ``conflict`` (e.g. a rollout already runs),
-    ``not_found`` or ``internal``.
+    ``not_found``, ``internal``, or ``accepted`` (a deploy recorded but not yet started: ``data``
+    has its ``id``; the next resync starts it).
     """
 
     ok: bool

@@ -6,6 +6,7 @@ Theory of operation. A ``SlotRunner`` owns one slot's process from start to stop
         │ crash: restart after backoff (status starting, restarts += 1)
         │ crash loop (CRASH_LOOP_RESTARTS within CRASH_LOOP_WINDOW), failing hook ──▶ failed
     draining (set by the shell; the process keeps running) ── stop() ──▶ stopping ──▶ stopped
+    (stop() or fail() while a hook runs ends the hook as it ends the service: SIGTERM, SIGKILL)
 
 The process is started with argv (never a shell) in the release directory, in a new session so
 that it survives the agent (``kill -9`` of the agent drops no request). Its output goes straight
@@ -190,6 +191,7 @@ class SlotRunner:
         self._stopping = False
         self._exited = asyncio.Event()
         self._psutil: psutil.Process | None = None
+        self._hook_proc: asyncio.subprocess.Process | None = None  # a hook running now
 
     @classmethod
     def adopt(cls, spec: SlotSpec, pid: int, create_time: float, notify: Notify, *,
@@ -362,6 +364,7 @@ class SlotRunner:
         except OSError as exc:
             self._set_failed(f"hooks.{name} cannot start {argv[0]}: {exc.strerror or exc}")
             return False
+        self._hook_proc = proc
         try:
             async with asyncio.timeout(timeout):
                 code = await proc.wait()
@@ -372,6 +375,10 @@ class SlotRunner:
         except asyncio.CancelledError:
             await kill_and_reap(proc)
             raise
+        finally:
+            self._hook_proc = None
+        if self._stopping:
+            return False  # stop() or fail() ended the hook: their status says why
         if code != 0:
             self.last_exit = code
             self._set_failed(f"hooks.{name} {describe_exit(code)}: {last_line(hook_log)}")
@@ -405,6 +412,7 @@ class SlotRunner:
         await self._terminate(1.0)
 
     async def _terminate(self, timeout: float) -> None:
+        await self._end_hook(timeout)
         if self.pid is None or not self._is_ours():
             self._exited.set()
             return
@@ -414,6 +422,19 @@ class SlotRunner:
             await self._wait_gone(KILL_WAIT)
         if self._proc is not None and self._proc.returncode is not None:
             self.last_exit = self._proc.returncode
+
+    async def _end_hook(self, timeout: float) -> None:
+        """A hook still running when the slot stops (a hung migration) is ended like the
+        service, SIGTERM then SIGKILL after ``timeout``: the stop must not wait for the hook's
+        own timeout, and the hook must not outlive the slot."""
+        proc = self._hook_proc
+        if proc is None or proc.returncode is not None:
+            return
+        killpg(proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.shield(proc.wait()), timeout)
+        except TimeoutError:
+            await kill_and_reap(proc)
 
     def _is_ours(self) -> bool:
         if self._proc is not None:

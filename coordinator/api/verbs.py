@@ -98,7 +98,7 @@ class Api:
         except Conflict as exc:
             return ApiReply(ok=False, code="conflict", error=str(exc))
         except RemoteError as exc:
-            return ApiReply(ok=False, code=exc.code, error=str(exc))
+            return ApiReply(ok=False, code=exc.code, error=str(exc), data=exc.data)
         except (BusError, FleetwaveError) as exc:
             log.warning("API %s failed: %s", verb, exc)
             return ApiReply(ok=False, code="internal", error=str(exc))

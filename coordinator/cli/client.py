@@ -8,6 +8,7 @@ reply's ``data``, or raises:
 
     NotReachable   no NATS at the URL, or no coordinator answers (one line saying how to start one)
     RemoteError    the coordinator answered ``ok=False``; ``code`` "usage" exits 2, others 1
+                   (``data``: what it still says, e.g. the id of a rollout it "accepted")
                    ("unavailable" — no coordinator leads for a moment, during a takeover — is
                    asked again for up to ``TAKEOVER_WAIT`` before it is raised)
     ProtocolError  the reply is not an ApiReply (a coordinator of another protocol version)
@@ -71,7 +72,8 @@ async def call(
                 break
             await asyncio.sleep(0.25)
     if not reply.ok:
-        raise RemoteError(reply.error or f"the coordinator refused {verb!r}", reply.code)
+        raise RemoteError(reply.error or f"the coordinator refused {verb!r}", reply.code,
+                          reply.data)
     return reply.data
 
 

@@ -26,7 +26,7 @@ from coordinator.cli.base import (
     output_option,
     tls_ca_option,
 )
-from coordinator.cli.render import cell
+from coordinator.cli.render import cell, unclipped
 from coordinator.core.fleet import parse_selector
 from coordinator.errors import UsageError
 from coordinator.runtime.daemon import Coordinator
@@ -144,7 +144,7 @@ def render_table(rows: list[NodeView], now: float) -> Table:
             cell(",".join(f"{k}={v}" for k, v in sorted(r.labels.items())) or "-"),
             cell(_services(r.services) or "-"),
         )
-    return table
+    return unclipped(table)
 
 
 def _ago(t: float | None, now: float) -> str:

@@ -13,10 +13,12 @@ markup. JSON output (``-o json``) does not come through here and stays exact.
 
 from __future__ import annotations
 
+import io
 import time
 from typing import Any
 
-from rich.console import Group, RenderableType
+from rich.console import Console, Group, RenderableType
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -312,17 +314,27 @@ def progress_lines(before: dict[str, Any] | None, now: dict[str, Any]) -> list[s
 
 
 def rollouts_table(rows: list[dict[str, Any]]) -> Table:
-    """The people's view of ``fleetwave rollouts``."""
+    """The people's view of ``fleetwave rollouts``, at its natural width (``unclipped``)."""
     table = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("ROLLOUT", "SERVICE", "FROM", "TO", "STRATEGY", "STATE", "NODES", "CREATED",
                 "BY", "REASON"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=True)
     for r in rows:
         table.add_row(cell(r["id"]), cell(r["service"]), cell(r.get("from_version") or "-"),
                       cell(r["version"]), cell(r["strategy"]), _styled(r["state"]),
                       cell(r.get("nodes", "")),
-                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.get("created", 0))),
+                      time.strftime("%Y-%m-%d %H:%M", time.localtime(r.get("created", 0))),
                       cell(r.get("started_by") or "-"), cell(r.get("reason") or ""))
+    return unclipped(table)
+
+
+def unclipped(table: Table) -> Table:
+    """``table`` fixed at its natural width: kubectl's rule, what people copy into the next
+    command (a rollout id, a node, a version) is never cut to fit a narrow terminal or a pipe's
+    80 columns; a long line runs on (a terminal wraps it, ``grep`` sees it whole). Print it with
+    a ``soft_wrap`` console, which does not crop."""
+    measuring = Console(file=io.StringIO(), width=1 << 16)
+    table.width = Measurement.get(measuring, measuring.options, table).maximum
     return table
 
 

@@ -43,9 +43,10 @@ from coordinator.cli.render import (
     status_renderable,
     status_text,
 )
+from coordinator.cli.waiting import WAITS, reached, reached_lines, wait_point
 from coordinator.core.amounts import parse_amount
 from coordinator.core.fleet import parse_selector
-from coordinator.errors import ConfigError, UsageError
+from coordinator.errors import ConfigError, RemoteError, UsageError
 from coordinator.strategies import shadow
 from protocol import subjects
 from protocol.codec import convert, encode
@@ -64,6 +65,7 @@ from protocol.messages import (
 POLL = 0.5
 FOLLOW_PATIENCE = 60.0  # how long a silent coordinator is waited for while following
 EXIT_CODES = {"succeeded": 0, "rolled_back": 3, "paused": 4, "failed": 4, "aborted": 1}
+EXIT_ACCEPTED = 5  # --detach: the rollout is recorded, its start not confirmed (a bus error)
 
 
 class RolloutFile(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -324,11 +326,23 @@ _FLAGS = ("strategy", "selector", "batch", "max_unavailable", "steps", "weights"
                    "and converged, or fails it at the --progress-deadline (for a bake: that long "
                    "after the bake's end).")
 @click.option("--detach", is_flag=True, help="Print the rollout id and return at once.")
+@click.option("--wait", type=click.Choice(WAITS), default=None,
+              help="How far to follow: done (the rollout ended or waits for an operator), "
+                   "switched (every node serves the new release; then print how to roll back "
+                   "while the old slots are warm) or started (the first wave is moving). Exit 0 "
+                   "at that point. Default: switched for blue-green, done for the others.")
 @output_option
 @click.pass_obj
 def deploy(ctx: Ctx, /, service: str | None, version: str | None, file: Path | None,
-           detach: bool, output: str, **flags: Any) -> int:
-    """Roll SERVICE out to VERSION across the fleet, and follow it until it ends."""
+           detach: bool, wait: str | None, output: str, **flags: Any) -> int:
+    """Roll SERVICE out to VERSION across the fleet, and follow it until it ends (or --wait).
+
+    \b
+    Exit codes: 0 succeeded (or the --wait point passed; --detach: started), 1 aborted or an
+    error, 2 usage, 3 rolled back, 4 paused or failed (an operator must act), 5 the rollout was
+    recorded but its start is not confirmed (--detach only; a bus error while starting it: the
+    coordinator starts it on its next resync; check with 'fleetwave status ID'). Followed, such
+    a rollout is followed as any other."""
     settings: dict[str, Any] = read_rollout_file(file) if file is not None else {}
     if service is not None:
         settings["service"] = service
@@ -339,19 +353,30 @@ def deploy(ctx: Ctx, /, service: str | None, version: str | None, file: Path | N
         if value is not None and value != ():
             settings[key] = list(value) if isinstance(value, tuple) else value
     spec = build_spec(settings)
-    data = client.request(ctx, "deploy", DeployRequest(spec=spec), timeout=30.0)
+    point = wait_point(spec, wait, detach=detach)
+    try:
+        data = client.request(ctx, "deploy", DeployRequest(spec=spec), timeout=30.0)
+        started = True
+    except RemoteError as exc:
+        if exc.code != "accepted" or not isinstance(exc.data, dict) or "id" not in exc.data:
+            raise
+        click.echo(safe(f"fleetwave: {exc}"), err=True)
+        data, started = exc.data, False
     rid = str(data["id"])
     if detach:
         click.echo(json.dumps({"id": rid}) if output == "json" else rid)
-        return 0
+        return 0 if started else EXIT_ACCEPTED
     if output != "json":
-        click.echo(f"rollout {rid} started; following it (Ctrl-C stops following, not the "
-                   "rollout)", err=True)
-    return asyncio.run(follow(ctx, rid, output=output))
+        click.echo(f"rollout {rid} {'started' if started else 'recorded'}; following it (Ctrl-C "
+                   "stops following, not the rollout)", err=True)
+    return asyncio.run(follow(ctx, rid, output=output, wait=point,
+                              scale_down_delay=spec.scale_down_delay))
 
 
-async def follow(ctx: Ctx, rid: str, *, output: str) -> int:
-    """Poll the rollout's status until it ends or waits for an operator; return the exit code."""
+async def follow(ctx: Ctx, rid: str, *, output: str, wait: str = "done",
+                 scale_down_delay: float = 0.0) -> int:
+    """Poll the rollout's status until it ends or waits for an operator, or passes ``wait``
+    first (``waiting``: then exit 0, saying what is true and what to do); the exit code."""
     tty = output != "json" and sys.stdout.isatty()
     console = Console(soft_wrap=not tty)
     last: dict[str, Any] | None = None
@@ -379,12 +404,19 @@ async def follow(ctx: Ctx, rid: str, *, output: str) -> int:
                     click.echo(line)
             last = st
             state = st.get("state", "")
-            if state in EXIT_CODES:
+            if state in EXIT_CODES or reached(wait, st):
                 break
             await asyncio.sleep(POLL)
     finally:
         if live is not None:
             live.stop()
+    if last is not None and reached(wait, last):
+        if output == "json":
+            click.echo(json.dumps(last, indent=2, sort_keys=True))
+        else:
+            for line in reached_lines(wait, last, scale_down_delay):
+                click.echo(safe(line))
+        return 0
     if output == "json":
         click.echo(json.dumps(last, indent=2, sort_keys=True))
         return EXIT_CODES[str(last["state"])] if last else 1

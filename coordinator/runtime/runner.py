@@ -33,8 +33,9 @@ judges a bake without the figures behind it, and offline transitions are held ba
 ``startup_grace`` seconds after start unless the node beat since (a restarted coordinator knows
 no node alive until its first heartbeat).
 
-One rollout at a time per service: ``deploy`` takes the service's lock (``RolloutStore``) before
-it creates the record, and the lock is released once the rollout is terminal.
+One rollout at a time per service: ``deploy`` creates the record, then takes the service's lock
+(``RolloutStore``: why in that order) before it starts it, and the lock is released once the
+rollout is terminal; a never-started record found by the resync starts only with the lock.
 
 Failures: a bus error while carrying out commands is retried with backoff for ``COMMAND_DEADLINE``;
 if it persists the driver is dropped and rebuilt from KV by the next resync (exactly the restart
@@ -81,7 +82,7 @@ from coordinator.runtime.store import RolloutStore
 from protocol import subjects
 from protocol.bus import Entry
 from protocol.codec import decode
-from protocol.errors import BusError, ProtocolError
+from protocol.errors import BusError, Conflict, ProtocolError
 from protocol.events import EventPublisher
 from protocol.messages import (
     TERMINAL_STATES,
@@ -359,10 +360,19 @@ class Runner:
             if skipped:
                 record.report.skipped_offline = skipped
             try:
-                await self.store.take_lock(spec.service, rid)
-                # A lost reply may hide a write that happened: the store keeps the lock if the
-                # record is there (the resync resumes it) and releases it if not.
+                await self.store.check_lock(spec.service)
+                # The record first, then the lock that names it (the store's docstring: a lock
+                # never names a record still to come, so "missing" means stale).
                 revision = await self.store.create(record)
+                try:
+                    await self.store.take_lock(spec.service, rid)
+                except Deposed:
+                    raise
+                except Conflict:  # another coordinator's rollout took it meanwhile
+                    await self.store.discard(record)
+                    raise
+                except BusError as exc:  # the resync takes the lock and starts it
+                    raise _accepted(rid, exc) from None
             except Deposed as exc:
                 self._lose(exc)
                 raise RemoteError("this coordinator lost the lead while creating the rollout "
@@ -375,9 +385,13 @@ class Runner:
                 ObservedChanged(node, seen) for (node, svc), seen in self.observed.items()
                 if svc == spec.service and node in record.nodes
             ]
-            if events:  # one batch: one engine step, not one per node
-                await self.feed(driver, *events)
-            await self.feed(driver, Start())
+            try:
+                if events:  # one batch: one engine step, not one per node
+                    await self.feed(driver, *events)
+                await self.feed(driver, Start())
+            except (BusError, RemoteError) as exc:
+                # Record and lock are stored: whoever leads at the next resync starts it.
+                raise _accepted(rid, exc) from None
             return driver.rollout.record
 
     def _check_size(self, record: RolloutRecord) -> None:
@@ -461,6 +475,8 @@ class Runner:
                     await self.store.release_lock(record.spec.service, record.id)
                     self._settled.add(record.id)
                 continue
+            if record.state == "pending" and not await self._own_lock(record):
+                continue
             driver = self._republish(self.drivers, record, entry.revision, outbox)
             log.info("resuming rollout %s (%s, %s %s, wave %d)", record.id, record.state,
                      record.spec.service, record.release.version, record.current_wave)
@@ -482,6 +498,23 @@ class Runner:
                 self._drop(driver, f"cannot resume it yet: {exc}")
             except RemoteError as exc:  # no longer ours: feed() logged it
                 log.debug("%s", exc)
+
+    async def _own_lock(self, record: RolloutRecord) -> bool:
+        """Whether a never-started record holds (or now takes) its service's lock; one that
+        cannot, because another live rollout holds it, is deleted: it was never started, so
+        nothing on the nodes is its doing."""
+        try:
+            await self.store.take_lock(record.spec.service, record.id)
+            return True
+        except Deposed:
+            raise
+        except Conflict as exc:
+            log.warning("dropping rollout %s, recorded but never started: %s", record.id, exc)
+            await self.store.discard(record)
+            return False
+        except BusError as exc:
+            log.warning("cannot lock rollout %s yet: %s", record.id, exc)
+            return False
 
     def _republish(self, into: dict[str, Driver], record: RolloutRecord, revision: int,
                    outbox: list[Event]) -> Driver:
@@ -559,6 +592,15 @@ class Runner:
             log.error("STOPPED DRIVING every rollout: %s", exc)
         self.drivers.clear()
         self.lost.set()
+
+
+def _accepted(rid: str, exc: Exception) -> RemoteError:
+    """The answer to a deploy whose record is stored but whose start failed: a plain error
+    would tell the operator that nothing happened, and the next resync starts it."""
+    return RemoteError(
+        f"rollout {rid} is recorded but its start failed ({exc}); the coordinator starts it on "
+        f"its next resync (within {RESYNC_INTERVAL:g}s): check with 'fleetwave status {rid}'",
+        "accepted", {"id": rid})
 
 
 def new_rollout_id(service: str, now: float) -> str:

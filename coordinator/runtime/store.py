@@ -7,10 +7,15 @@ a write whose reply was lost is simply written again. A coordinator that does no
 without a writer (``fenced=None``): it reads, and every write says that it does not lead.
 
 The per-service lock: ``take_lock`` writes ``fw-<fleet>-locks/<service>`` (value: the rollout id)
-before the record is created, and ``release_lock`` deletes it once the rollout is terminal (only
-if it still names that rollout). A lock whose rollout is terminal or missing (a coordinator that
-crashed in between) is stale and taken over; a lock held by a live rollout is a Conflict that
-tells the operator what to do.
+*after* the record is created (``check_lock`` refused a held lock before anything was written),
+and ``release_lock`` deletes it once the rollout is terminal (only if it still names that
+rollout). A lock whose rollout is terminal or missing is stale and taken over; a lock held by a
+live rollout is a Conflict that tells the operator what to do. The order is what makes "missing"
+safe to take over: were the lock written first, a lock whose record is being created right now
+would look stale, and a take-over in that window would leave two live rollouts of one service.
+The other way round, a record may exist without its lock (a crash between the two, or a create
+whose lost reply made its deploy give up): it is started only once it holds the lock
+(``Runner.resync`` takes it, and drops a never-started record that cannot).
 
 Every call is bounded (``calls.bounded``); retrying is the caller's choice.
 """
@@ -96,17 +101,20 @@ class RolloutStore:
             return None
 
     async def create(self, record: RolloutRecord) -> int:
-        """Store a new record; its revision. On a failure the lock of its service is released,
-        unless the record turns out to be there (a lost reply: the resync resumes it)."""
+        """Store a new record; its revision. A failed write whose record turns out to be there
+        (a lost reply) is a success; one that lands later still needs the lock to start."""
         data = encode(record)
         try:
             return await self.writer.put(self.rollouts, record.id, data)
         except BusError:
             entry = await bounded(self.bus.kv_get(self.rollouts, record.id))
             if entry is None or entry.value != data:
-                await self.release_lock(record.spec.service, record.id)
                 raise
             return entry.revision
+
+    async def discard(self, record: RolloutRecord) -> None:
+        """Delete a record that never started (it lost its service's lock)."""
+        await self.writer.delete(self.rollouts, record.id)
 
     async def persist(self, record: RolloutRecord) -> int:
         """Write ``record``; its new revision. Deposed once another coordinator leads."""
@@ -129,15 +137,27 @@ class RolloutStore:
 
     # -- locks ------------------------------------------------------------------------------------
 
-    async def take_lock(self, service: str, rollout_id: str) -> None:
-        """Lock ``service`` for ``rollout_id``, taking over a stale lock; Conflict if held."""
+    async def check_lock(self, service: str) -> None:
+        """Conflict if a live rollout holds ``service``'s lock (read only: a deploy asks before
+        it writes anything)."""
         async with self._lock_ops.setdefault(service, asyncio.Lock()):
-            await self._take_lock(service, rollout_id)
+            await self._held(service, "")
 
-    async def _take_lock(self, service: str, rollout_id: str) -> None:
+    async def take_lock(self, service: str, rollout_id: str) -> None:
+        """Lock ``service`` for ``rollout_id`` (whose record exists), taking over a stale lock;
+        Conflict if another live rollout holds it."""
+        async with self._lock_ops.setdefault(service, asyncio.Lock()):
+            if not await self._held(service, rollout_id):
+                await self.writer.put(self.locks, service, rollout_id.encode())
+
+    async def _held(self, service: str, rollout_id: str) -> bool:
+        """Whether the lock already names ``rollout_id``; Conflict if a live rollout other than
+        it holds the lock."""
         entry = await bounded(self.bus.kv_get(self.locks, service))
         if entry is not None and entry.value is not None:
             holder = entry.value.decode(errors="replace")
+            if holder == rollout_id:
+                return True
             record = self._live(holder) or await self.load(holder)
             if record is not None and record.state not in TERMINAL_STATES:
                 by = f" (started by {record.started_by})" if record.started_by else ""
@@ -145,9 +165,10 @@ class RolloutStore:
                     f"service {service} already has rollout {holder}{by} {record.state}; wait "
                     f"for it ('fleetwave status {holder}') or stop it with 'fleetwave abort "
                     f"{holder}'")
-            log.warning("taking over the stale lock of %s from %s rollout %s", service,
-                        record.state if record else "missing", holder)
-        await self.writer.put(self.locks, service, rollout_id.encode())
+            if rollout_id:
+                log.warning("taking over the stale lock of %s from %s rollout %s", service,
+                            record.state if record else "missing", holder)
+        return False
 
     async def release_lock(self, service: str, rollout_id: str) -> None:
         """Delete the lock of ``service`` if it still names ``rollout_id``."""

@@ -267,6 +267,39 @@ async def test_adopted_process_exit_is_noticed_and_restarted(release, tmp_path, 
 
 
 @pytest.mark.parametrize("how", ["stop", "fail"])
+async def test_stop_or_fail_during_a_hook_kills_the_hook_at_once(
+    how: str, release, tmp_path, runners
+) -> None:
+    """stop() or fail() while a pre_start hook runs (a migration that hangs) kills the hook's
+    process group then and there: the supervisor ends within the stop's timeout, not the
+    hook's (60 s), and nothing of the hook is left running."""
+    hooks = HooksConfig(
+        pre_start=[
+            sys.executable, "-c",
+            "import os, pathlib, time; pathlib.Path('hook.pid').write_text(str(os.getpid())); "
+            "time.sleep(60)",
+        ]
+    )
+    ev = Events()
+    r = _start(runners, _spec(release, tmp_path, _manifest(release, hooks=hooks)), ev)
+    await ev.until(lambda: (release / "hook.pid").exists() and
+                   (release / "hook.pid").read_text() != "")
+    hook = psutil.Process(int((release / "hook.pid").read_text()))
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    if how == "stop":
+        await asyncio.wait_for(r.stop(1.0), 10)
+    else:
+        await asyncio.wait_for(r.fail("not healthy in time"), 10)
+    await asyncio.wait_for(asyncio.shield(runners[-1][1]), 10)
+    took = loop.time() - began
+    assert took < 3.0, f"the supervisor waited {took:.1f}s for the hook"
+    assert not hook.is_running() or hook.status() == psutil.STATUS_ZOMBIE
+    assert r.pid is None and r.status == ("stopped" if how == "stop" else "failed")
+    assert "slot.started" not in [k for k, _ in ev.seen]
+
+
+@pytest.mark.parametrize("how", ["stop", "fail"])
 async def test_stop_or_fail_during_pre_start_hook_starts_no_process(
     how: str, release, tmp_path, runners
 ) -> None:

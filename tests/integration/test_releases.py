@@ -133,7 +133,15 @@ async def test_push_refuses_bad_bundles_with_one_line(broker: Broker, tmp_path: 
         assert run.code == 2, run
         assert reason in run.err and run.err.count("\n") == 1 and "Traceback" not in run.err
     run = await cli(broker, "release", "list", "-o", "json")  # refused before creating anything
-    assert run.code == 1 and "does not exist" in run.err and run.err.count("\n") == 1
+    assert run.code == 0 and json.loads(run.out) == [], run
+
+
+async def test_list_on_a_fresh_fleet_says_no_releases(broker: Broker) -> None:
+    """On a fleet where nothing was pushed yet (no index bucket), list says "no releases"."""
+    run = await cli(broker, "release", "list")
+    assert (run.code, run.out, run.err) == (0, "no releases in this fleet\n", ""), run
+    run = await cli(broker, "release", "list", "hello", "-o", "json")
+    assert (run.code, run.out) == (0, "[]\n"), run
 
 
 async def test_tarball_push_equals_directory_push(broker: Broker, tmp_path: Path) -> None:

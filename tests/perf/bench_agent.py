@@ -34,7 +34,6 @@ import asyncio
 import re
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -51,6 +50,8 @@ from perf_support import (
     peak_rss_mb,
     ratio_rows,
     rss_mb,
+    run_dir,
+    run_main,
 )
 
 from coordinator.dev.devfleet import DevFleet
@@ -112,7 +113,7 @@ def cpu_percent(pid: int, cpu0: float, t0: float) -> float:
 
 async def measure(idle: float, soak_minutes: float, probe_interval: str | None,
                   secure: bool = False) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="fw-perf-agent-") as tmp:
+    with run_dir("fw-perf-agent-") as tmp:
         source = bundles(Path(tmp), probe_interval)
         async with DevFleet(Path(tmp) / "fleet", agents=1, subnet=SUBNET, fleet="perfagent",
                             heartbeat_interval=2.0, secure=secure) as fleet:
@@ -154,8 +155,9 @@ async def measure(idle: float, soak_minutes: float, probe_interval: str | None,
                     left = min(left, soak_minutes * 60 - (time.monotonic() - soak_start))
                     if left > 0:
                         await asyncio.sleep(left)  # the soak's pace: one rollout a minute
-                soak_cpu = cpu_percent(pid, cpu0, soak_start)
-                rss_end = rss_mb(pid)
+                # no soak (0 minutes): no figures, rather than growth from 0.0 (issue 19)
+                soak_cpu = cpu_percent(pid, cpu0, soak_start) if rollouts else None
+                rss_end = rss_mb(pid) if rollouts else None
             finally:
                 await bus.close()
     return {
@@ -168,9 +170,10 @@ async def measure(idle: float, soak_minutes: float, probe_interval: str | None,
         "rollout_s": round(roll_s, 2), "rollout_cpu_percent": round(roll_cpu, 1),
         "peak_rss_mb": round(roll_peak, 1),
         "soak_minutes": soak_minutes, "soak_rollouts": rollouts,
-        "soak_cpu_percent": round(soak_cpu, 2),
-        "soak_rss_after_first_mb": round(rss_warm, 1), "soak_rss_end_mb": round(rss_end, 1),
-        "soak_rss_growth_mb": round(rss_end - rss_warm, 2),
+        "soak_cpu_percent": None if soak_cpu is None else round(soak_cpu, 2),
+        "soak_rss_after_first_mb": None if rss_end is None else round(rss_warm, 1),
+        "soak_rss_end_mb": None if rss_end is None else round(rss_end, 1),
+        "soak_rss_growth_mb": None if rss_end is None else round(rss_end - rss_warm, 2),
         "soak_rss_samples_mb": [round(s, 1) for s in samples],
     }
 
@@ -194,6 +197,14 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         ("OpenSSL mapped", "yes" if r["openssl_mapped"] else "no"),
         ("rollout 1.0.0 -> 2.0.0", f"{r['rollout_s']:.2f} s, CPU {r['rollout_cpu_percent']:.1f} %"
                                    f" of a core, peak RSS {r['peak_rss_mb']:.1f} MiB"),
+        *soak_rows(r),
+    ]
+
+
+def soak_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
+    if r["soak_rss_growth_mb"] is None:
+        return [("soak", f"none ({r['soak_minutes']:g} min: no rollout, no figures)")]
+    return [
         ("soak", f"{r['soak_minutes']:g} min, {r['soak_rollouts']} rollouts, CPU "
                  f"{r['soak_cpu_percent']:.2f} %"),
         ("soak RSS growth", f"{r['soak_rss_growth_mb']:+.2f} MiB ({r['soak_rss_after_first_mb']}"
@@ -228,4 +239,4 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    sys.exit(run_main(main()))

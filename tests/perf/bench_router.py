@@ -52,9 +52,8 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +62,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # (after the path: the benchmark runs from a checkout without the package installed too)
-from perf_support import await_exit  # noqa: E402
+from perf_support import await_exit, run_dir, run_main  # noqa: E402
 
 from agent.host.slots import SlotSpec  # noqa: E402
 from agent.router import RouterClient, RouterConfig, Upstream, start_router  # noqa: E402
@@ -145,10 +144,17 @@ class RelayDown(asyncio.Protocol):
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
-        async with asyncio.timeout(5):
-            _, self.up = await loop.create_connection(lambda: RelayUp(self), self.host, self.port)
+        try:
+            async with asyncio.timeout(5):
+                _, self.up = await loop.create_connection(
+                    lambda: RelayUp(self), self.host, self.port)
+        except (OSError, TimeoutError):
+            # the client must see the failure (a closed connection), not wait for an answer
+            self.transport.close()
+            return
         for data in self.pending:
             self.up.transport.write(data)  # type: ignore[attr-defined]
+        self.pending.clear()
 
     def data_received(self, data: bytes) -> None:
         if self.up is None:
@@ -238,7 +244,7 @@ async def drive_rate(host: str, port: int, rate: float, duration: float) -> Resu
             await _exchange(reader, writer, req)
             latencies.append(time.perf_counter() - t0)
 
-    conns = [await asyncio.open_connection(host, port) for _ in range(OPEN_LOOP_CONNS)]
+    conns = [await _warm(host, port, req) for _ in range(OPEN_LOOP_CONNS)]
     n = int(rate * duration)
     try:
         async with asyncio.TaskGroup() as tg:
@@ -260,6 +266,21 @@ async def drive_rate(host: str, port: int, rate: float, duration: float) -> Resu
     result = _summary(latencies, time.perf_counter() - start)
     result["queued"] = queued
     return result
+
+
+async def _warm(host: str, port: int, req: bytes) -> tuple[asyncio.StreamReader,
+                                                           asyncio.StreamWriter]:
+    """A connection of the open-loop pool, through to the upstream: one exchange before the
+    schedule starts. A hop that connects upstream when a client connects (the relay) would
+    otherwise open the pool's 64 upstream connections at once, overflowing the example
+    service's accept backlog (5): SYNs dropped and retried after 1 s, then a TimeoutError."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        await _exchange(reader, writer, req)
+    except BaseException:
+        writer.close()
+        raise
+    return reader, writer
 
 
 def _ms(text: str) -> float:
@@ -415,7 +436,13 @@ async def bench(args: argparse.Namespace, use_wrk: bool) -> list[dict[str, objec
     levels = [int(x) for x in args.concurrency.split(",") if x]
     loads = _loads(levels, args.rate, use_wrk)
     upstreams = ["example", "canned"] if args.upstream == "both" else [args.upstream]
-    tmp = Path(tempfile.mkdtemp(prefix="fwbench"))
+    with run_dir("fwbench") as tmp:
+        return await _bench(args, tmp, host, loads, upstreams)
+
+
+async def _bench(args: argparse.Namespace, tmp: Path, host: str,
+                 loads: list[tuple[str, str, Load]],
+                 upstreams: list[str]) -> list[dict[str, object]]:
     sock = tmp / "r.sock"
     router_pid = await start_router(sock, tmp / "router.log")
     client = RouterClient(sock)
@@ -509,12 +536,13 @@ def print_summary(summary: list[dict[str, Any]]) -> None:
               f"{fmt(s['router_cpu_us_per_req'], '.1f'):<20}")
 
 
-def run_loop(main: Awaitable[Any]) -> Any:
+def run_loop(main: Coroutine[Any, Any, Any]) -> Any:
+    """``main`` on uvloop if installed; SIGTERM stops it as Ctrl-C does (``run_main``)."""
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(main)  # type: ignore[arg-type]
-    return uvloop.run(main)  # type: ignore[arg-type]
+        return run_main(main)
+    return run_main(main, uvloop.run)
 
 
 def main() -> None:

@@ -14,6 +14,11 @@ stops the children (SIGTERM, then SIGKILL) and the broker, and reaps them, whate
 time, so a benchmark reads its figures from the coordinator's own audit trail: the ``time`` of an
 event is the coordinator's clock at the decision, on the same machine as ours.
 
+``run_main`` runs a benchmark's main coroutine so that SIGTERM (and SIGHUP) stop it as Ctrl-C
+does: its context managers stop what it started. ``run_dir`` is a benchmark's temp dir, marked
+with its pid: on the way out whatever still runs under it (detached routers, services) is
+reaped, and a run killed with SIGKILL, which nothing can catch, is cleaned up by the next run.
+
 ``bus_floor`` is the yardstick for "within 3x of the bus": the same number of desired-state KV
 writes and observed-state KV replies, in the same number of waves, done by a bare nats-py writer
 and a bare nats-py responder process (one KV watch, one put per desired key it sees), on the same
@@ -34,11 +39,11 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -48,7 +53,7 @@ import psutil  # noqa: E402
 from coordinator.auth.enroll import CA, AuthDir  # noqa: E402
 from coordinator.dev.broker import Broker  # noqa: E402
 from coordinator.dev.cluster import BrokerCluster  # noqa: E402
-from coordinator.dev.devfleet import Child, python_module  # noqa: E402
+from coordinator.dev.devfleet import Child, python_module, reap_leftovers  # noqa: E402
 from coordinator.dev.examples import assembled  # noqa: E402
 from coordinator.releases import push_release  # noqa: E402
 from coordinator.runtime.keyfile import coordinator_seed  # noqa: E402
@@ -72,7 +77,75 @@ SUBNET = os.environ.get("FLEETWAVE_PERF_SUBNET", "127.0.15")  # own loopback sub
 API_TIMEOUT = 60.0
 
 
+T = TypeVar("T")
+RUN_MARKER = "bench-run.pid"  # in a run_dir: "<pid> <create time>" of the benchmark that owns it
+
+
 # -- processes -------------------------------------------------------------------------------------
+
+
+def run_main(main: Coroutine[Any, Any, T],
+             run: Callable[[Coroutine[Any, Any, T]], T] = asyncio.run) -> T:
+    """``asyncio.run(main)``, with SIGTERM and SIGHUP cancelling it as Ctrl-C does, so that its
+    ``finally`` blocks and context managers stop the broker, coordinator, agents and routers it
+    started (the default action would end this process alone and leave them all running);
+    exits 128 + the signal's number then, as a shell reports a process a signal ended."""
+    got: list[int] = []
+
+    async def guarded() -> T:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(sig, lambda sig=sig: (got.append(sig), task.cancel()))
+        return await main
+
+    try:
+        return run(guarded())
+    except asyncio.CancelledError:
+        if not got:
+            raise
+        print(f"stopped by {signal.Signals(got[0]).name}; everything it started is stopped",
+              file=sys.stderr)
+        sys.exit(128 + got[0])
+
+
+@contextlib.contextmanager
+def run_dir(prefix: str) -> Iterator[Path]:
+    """A temp dir for one run (named ``prefix...``), after reaping the leftovers of killed runs
+    of the same prefix; on the way out, whatever still runs under it is stopped and it is
+    removed."""
+    reap_killed_runs(prefix)
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    me = psutil.Process()
+    (path / RUN_MARKER).write_text(f"{me.pid} {me.create_time()}")
+    try:
+        yield path
+    finally:
+        reap_leftovers(path, exclude=set())
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def reap_killed_runs(prefix: str) -> int:
+    """Stop what runs under the temp dirs of dead runs of ``prefix`` (their marker names a
+    process that is gone) and remove the dirs; how many runs. A dir without a marker may be a
+    live run of an older script: left alone."""
+    reaped = 0
+    for path in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+        try:
+            pid, created = (path / RUN_MARKER).read_text().split()
+        except (OSError, ValueError):
+            continue
+        try:
+            if psutil.Process(int(pid)).create_time() == float(created):
+                continue  # that run is alive
+        except psutil.NoSuchProcess:
+            pass
+        count = reap_leftovers(path, exclude=set())
+        shutil.rmtree(path, ignore_errors=True)
+        print(f"reaped {count} leftover processes of a killed run in {path}", file=sys.stderr)
+        reaped += 1
+    return reaped
 
 
 async def await_exit(pid: int, timeout: float = 10.0) -> None:

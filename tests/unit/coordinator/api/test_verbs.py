@@ -146,3 +146,13 @@ def test_a_subject_naming_no_valid_caller_gets_a_usage_reply() -> None:
     out = decode(ApiReply, asyncio.run(make(whoami).on_subject("nodes", "fw.p.api.a+b.nodes",
                                                                b"{}")))
     assert (out.ok, out.code) == (False, "usage")
+
+
+def test_a_remote_error_keeps_what_it_still_knows() -> None:
+    """A RemoteError's data (an accepted deploy's id) travels in the reply beside the error."""
+    async def handler(req: NodesRequest, caller: str) -> None:
+        raise RemoteError("recorded, not started", "accepted", {"id": "hello-r1"})
+
+    r = reply(make(handler), "nodes", b"{}")
+    assert (r.ok, r.code, r.error, r.data) == (False, "accepted", "recorded, not started",
+                                               {"id": "hello-r1"})

@@ -160,3 +160,35 @@ def test_sequential_gates_show_the_analysis_and_the_evidence_in_words() -> None:
     assert failed.endswith("sequential, alpha 0.01, errors 31/60 ...: fail")
     assert render.pending_gates_text({"gates": th, "bake": 30}) == \
         "after a 30s bake: err max 5.00%, sequential, alpha 0.01"
+
+
+@pytest.mark.parametrize("width", [80, 60])
+def test_rollouts_table_never_truncates_ids_or_names(width: int) -> None:
+    """At 80 columns (a pipe's default) or fewer, no cell is cut (kubectl's rule: the id people
+    copy into the next command is whole); the line runs on past the edge instead."""
+    row = {"id": "checkout-service-20261202-074512-ab12", "service": "checkout-service",
+           "from_version": "2026.12.01-rc.1", "version": "2026.12.02-rc.3",
+           "strategy": "blue-green", "state": "rolled_back", "nodes": 120,
+           "created": 1_800_000_000.0, "started_by": "alice-operator",
+           "reason": "analysis failed: error rate 4.1% > 1% on 3 of 3 windows"}
+    out = io.StringIO()
+    Console(file=out, width=width, soft_wrap=True).print(render.rollouts_table([row]))
+    text = out.getvalue()
+    for whole in ("checkout-service-20261202-074512-ab12", " checkout-service ",
+                  "2026.12.01-rc.1", "2026.12.02-rc.3", "blue-green", "rolled back", " 120 ",
+                  "alice-operator", row["reason"]):
+        assert whole in text, text
+    assert "…" not in text and len(text.splitlines()) == 2
+
+
+def test_nodes_table_never_truncates_node_ids() -> None:
+    """``fleetwave nodes`` at 80 columns shows a long node id (what ``status`` and the other
+    commands take) and its labels whole."""
+    row = NodeView(id="web-eu-west-1a-rack17-host042.example.internal", online=True,
+                   labels={"zone": "eu-west-1a", "rack": "rack17", "tier": "frontend"},
+                   services={"checkout-service": {"version": "2026.12.02-rc.3", "healthy": True}})
+    out = io.StringIO()
+    Console(file=out, width=80, soft_wrap=True).print(render_table([row], 0.0))
+    text = out.getvalue()
+    assert "web-eu-west-1a-rack17-host042.example.internal" in text, text
+    assert "rack=rack17,tier=frontend,zone=eu-west-1a" in text and "…" not in text, text

@@ -508,3 +508,55 @@ async def test_on_node_lost_wait_a_lost_node_is_written_once_and_waited_for() ->
     assert await drive(r, bus, clock, rec.id) == "succeeded"
     writes = [gen for key, gen in bus.desired_writes() if key == "node-1.hello"]
     assert writes == sorted(set(writes)) == [8, 9]  # the new release, then the old slot retired
+
+
+async def test_a_bus_error_starting_a_recorded_rollout_says_it_was_accepted() -> None:
+    """The record and lock are stored but the bus fails while the rollout starts: the deploy
+    answers "accepted" with the rollout's id (not a plain error), and the resync starts it."""
+    bus, clock = fleet_bus(), FakeClock()
+    r = runner(bus, clock, command_deadline=0.3)
+    bus.faults[("update", ROLLOUTS)] = BusError("NATS is away")
+    bus.fault_count[("update", ROLLOUTS)] = 100
+    with pytest.raises(RemoteError, match="is recorded but its start failed") as info:
+        await r.deploy(spec(), NEW, "alice")
+    rid = next(k for k in bus.kv[ROLLOUTS] if k != subjects.FENCE_KEY)
+    assert info.value.code == "accepted" and info.value.data == {"id": rid}
+    assert f"'fleetwave status {rid}'" in str(info.value)
+    assert bus.record(rid).state == "pending" and bus.live(LOCKS, "hello") is not None
+    bus.faults.clear()
+    await r.resync()
+    assert bus.record(rid).state == "running"
+    assert await drive(r, bus, clock, rid) == "succeeded"
+
+
+async def test_no_lock_ever_names_a_record_not_yet_created() -> None:
+    """A deploy creates its record before its lock names it: a lock whose record is missing is
+    then stale whenever it is seen (its record never came), never one being created now, so a
+    take-over cannot slip between the lock's creation and the record's."""
+    bus, clock = fleet_bus(), FakeClock()
+    rec = await runner(bus, clock).deploy(spec(), NEW)
+    writes = [(b, k) for op, b, k, v in bus.log if b in (ROLLOUTS, LOCKS) and v is not None]
+    assert writes.index((ROLLOUTS, rec.id)) < writes.index((LOCKS, "hello")), writes
+
+
+async def test_a_recorded_rollout_that_lost_its_lock_is_never_started() -> None:
+    """A record that landed without its lock (a late write after its deploy gave up, or a crash
+    between record and lock) while another rollout took the service's lock is dropped by the
+    resync, not driven beside that rollout."""
+    bus, clock = fleet_bus(), FakeClock()
+    bus.faults[("update", ROLLOUTS)] = Killed()
+    with pytest.raises(Killed):
+        await runner(bus, clock).deploy(spec(), NEW)
+    bus.faults.clear()
+    late = next(k for k in bus.kv[ROLLOUTS] if k != subjects.FENCE_KEY)
+    assert bus.record(late).state == "pending"
+    bus.set("delete", LOCKS, "hello", None)  # its deploy gave up and released the lock
+    clock.t += 5
+    r2 = runner(bus, clock)
+    other = await r2.deploy(spec(), NEW, "bob")
+    await r2.resync()
+    assert list(r2.drivers) == [other.id]
+    assert bus.live(ROLLOUTS, late) is None
+    lock = bus.live(LOCKS, "hello")
+    assert lock is not None and lock.value == other.id.encode()
+    assert await drive(r2, bus, clock, other.id) == "succeeded"

@@ -1,0 +1,124 @@
+"""The benchmark scripts as an operator runs them (real processes on 127.0.59.x): bench_router's
+relay survives its open-loop run; bench_agent stopped with SIGTERM stops everything it started,
+a later run reaps what a SIGKILLed one left, and a 0-minute soak reports no soak."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+import psutil
+
+from tests.integration.procs import wait_until
+
+SUBNET = "127.0.59"
+PERF = Path(__file__).resolve().parents[1] / "perf"
+ENV = {**os.environ, "FLEETWAVE_PERF_SUBNET": SUBNET}
+
+
+async def run(*argv: str, timeout: float = 240) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, *argv, env=ENV,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_bench_router_relay_survives_the_open_loop_run() -> None:
+    """--relay with the example upstream completes its open-loop run: no TimeoutError out of a
+    TaskGroup, and no request waits out a dropped SYN (a second or more) in the relay."""
+    code, out, err = await run(
+        str(PERF / "bench_router.py"), "--relay", "--duration", "1", "--concurrency", "1",
+        "--no-wrk", "--upstream", "example", "--host", f"{SUBNET}.2", "--json")
+    assert code == 0, err[-3000:]
+    rows = json.loads(out)["results"]
+    relayed = [r["relay"] for r in rows if r["load"].endswith("/s")]
+    assert relayed and all(r["requests"] > 0 and r["p99_ms"] < 900 for r in relayed), relayed
+
+
+def under_run_of(pid: int) -> list[psutil.Process]:
+    """Every process the benchmark ``pid`` started (its descendants, detached ones too: they
+    work under its run dir)."""
+    procs: dict[int, psutil.Process] = {}
+    with contextlib.suppress(psutil.NoSuchProcess):
+        procs = {p.pid: p for p in psutil.Process(pid).children(recursive=True)}
+    for d in Path(tempfile.gettempdir()).glob("fw-perf-agent-*"):
+        with contextlib.suppress(OSError):
+            if (d / "bench-run.pid").read_text().split()[0] == str(pid):
+                procs |= {p.pid: p for p in psutil.process_iter(["cwd", "cmdline"])
+                          if str(d) in (p.info.get("cwd") or "")
+                          or any(str(d) in a for a in p.info.get("cmdline") or [])}
+    return list(procs.values())
+
+
+def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    return [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+async def agent_bench_serving(*args: str) -> tuple[asyncio.subprocess.Process,
+                                                   list[psutil.Process]]:
+    """bench_agent started and in its idle window (hello 1.0.0 runs behind its router), and
+    every process it started by then."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(PERF / "bench_agent.py"), *args, env=ENV,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+
+    async def started() -> list[psutil.Process]:
+        return under_run_of(proc.pid)
+
+    procs = await wait_until(
+        started, lambda ps: any("app.py" in " ".join(p.cmdline()) for p in alive(ps))
+        and any("agent.router" in " ".join(p.cmdline()) for p in alive(ps)),
+        timeout=120, what="the benchmark's agent to serve hello through its router")
+    return proc, procs
+
+
+async def test_bench_agent_stopped_with_sigterm_stops_everything_it_started() -> None:
+    """SIGTERM ends bench_agent like Ctrl-C: its broker, coordinator, agent, router and
+    service all stop, and it exits 143 (128 + SIGTERM)."""
+    proc, procs = await agent_bench_serving("--idle", "120", "--soak-minutes", "0")
+    try:
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(60):
+            code = await proc.wait()
+        left = await wait_until(lambda: asyncio.sleep(0, alive(procs)), lambda ps: not ps,
+                                timeout=15, what="every process of the benchmark to stop")
+        assert code == 128 + signal.SIGTERM and left == []
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        for p in alive(procs + under_run_of(proc.pid)):
+            p.kill()
+
+
+async def test_a_killed_runs_leftovers_are_reaped_and_no_soak_says_so() -> None:
+    """What a SIGKILLed bench_agent left running (its router among them) is stopped by the next
+    run, which, with --soak-minutes 0, reports no soak rather than growth from nothing."""
+    proc, procs = await agent_bench_serving("--idle", "120", "--soak-minutes", "0")
+    try:
+        proc.kill()
+        await proc.wait()
+        assert alive(procs), "SIGKILL leaves the started processes running"
+        code, out, err = await run(str(PERF / "bench_agent.py"), "--idle", "1",
+                                   "--soak-minutes", "0", "--json", timeout=180)
+        assert code == 0, err[-3000:]
+        assert alive(procs) == [] and "reaped" in err, err[-3000:]
+        figures = json.loads(out)
+        assert figures["soak_rollouts"] == 0 and figures["soak_rss_growth_mb"] is None, figures
+    finally:
+        for p in alive(procs + under_run_of(proc.pid)):
+            p.kill()
