@@ -23,7 +23,9 @@ in progress or baking is *lost*, and fails at once or is waited for up to the de
 rollout's ``on_node_lost`` says (``engine_lost``). When every node of a wave
 is done the wave *bakes* for ``spec.bake`` seconds, and then, once every node's router counters
 cover the whole bake (``window_covers_bake``), its gates (``coordinator.core.gates``) decide:
-pass → next wave; fail → ``on_failure`` (rollback or pause); inconclusive → pause.
+pass → next wave; fail → ``on_failure`` (rollback or pause); inconclusive → pause. Under
+``--analysis sequential`` the evidence counts from the wave's start and a failure needs no bake:
+it is weighed on every fresh report while the wave updates and bakes (``engine_bake``).
 Rollback writes every touched node's previous desired state, each with a higher generation, in one
 wave; it ends ``rolled_back`` when all converged back, or ``failed`` naming the nodes that did not
 by the rollback deadline. Where waves differ (blue-green's stage and switch, the shadow, the
