@@ -254,3 +254,21 @@ def test_an_older_record_without_evidence_from_decodes_and_bakes_as_before() -> 
         at=3.0, a=(5000, 0, 10), b=(60, 31, 10)))), 3.0)
     again.handle(Tick(), 3.0 + EVIDENCE_EVERY)
     assert again.record.phase == "rollback"
+
+
+def test_a_blue_green_switch_counts_from_the_switch_and_its_stage_not_at_all() -> None:
+    """The stage wave carries no traffic: no evidence_from; the switch wave counts from its
+    start, when every node's new slot still holds none."""
+    r = rollout(3, strategy="blue-green", gates=SEQ)
+    for n in ("node-1", "node-2", "node-3"):
+        r.handle(ObservedChanged(n, report(desired(n), 1.0, router_stats(
+            at=1.0, a=(500, 0, 10)))), 1.0)
+    staged = writes(r.handle(Start(), 1.0))
+    assert r.record.waves[0].evidence_from is UNSET
+    for d in staged:
+        r.handle(ObservedChanged(d.node, report(d, 2.0, router_stats(at=2.0, a=(600, 0, 10)))),
+                 2.0)
+    r.handle(Tick(), 2.5)
+    stage, switch = r.record.waves
+    assert stage.state == "passed" and switch.state == "updating"
+    assert isinstance(switch.evidence_from, dict) and len(switch.evidence_from) == 3
