@@ -28,9 +28,9 @@ span of time (the old release's traffic meanwhile, more of it than the bake alon
 latency reference is the old slots' history before it. Weighing before the bake is sound: at
 every moment the e-value is at most a test martingale over the requests counted so far
 (``core.sequential``), and Ville's inequality bounds the chance that it *ever* reaches 1/alpha
-under the null, so stopping at the first crossing, whenever it comes (the node's switch, a lost node, a slow convergence: any stopping
-time), keeps false rollbacks below alpha. The pass needs no such argument: it is one look, at the
-bake's end, with the fixed-sample bounds. A retried wave (resumed after a failure) is a new test
+under the null, so stopping at the first crossing, whenever it comes (the node's switch, a lost
+node, a slow convergence: any stopping time), keeps false rollbacks below alpha. The pass needs
+no such argument: it is one look, at the bake's end, with the fixed-sample bounds. A retried wave (resumed after a failure) is a new test
 from the resume on; an inconclusive one resumed bakes anew on its own window, as under threshold.
 """
 
