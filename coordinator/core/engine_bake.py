@@ -30,8 +30,9 @@ every moment the e-value is at most a test martingale over the requests counted 
 (``core.sequential``), and Ville's inequality bounds the chance that it *ever* reaches 1/alpha
 under the null, so stopping at the first crossing, whenever it comes (the node's switch, a lost
 node, a slow convergence: any stopping time), keeps false rollbacks below alpha. The pass needs
-no such argument: it is one look, at the bake's end, with the fixed-sample bounds. A retried wave (resumed after a failure) is a new test
-from the resume on; an inconclusive one resumed bakes anew on its own window, as under threshold.
+no such argument: it is one look, at the bake's end, with the fixed-sample bounds. A retried
+wave (resumed after a failure) is a new test from the resume on; an inconclusive one resumed
+bakes anew on its own window, as under threshold.
 """
 
 from __future__ import annotations
