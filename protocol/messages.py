@@ -328,6 +328,11 @@ class WaveRecord(msgspec.Struct, kw_only=True):
     deadline: float = 0.0
     bake_until: float = 0.0
     baseline: dict[str, RouterStats] = {}
+    # Under --analysis sequential, the router counters of every target node when the wave
+    # started, before any weight moved: its evidence counts from there (``core.engine_bake``).
+    # UNSET (absent from the JSON) otherwise and once the wave is over, so a threshold
+    # rollout's record is as it was, and older records decode.
+    evidence_from: dict[str, RouterStats] | msgspec.UnsetType = msgspec.UNSET
 
 
 class RolloutRecord(msgspec.Struct, kw_only=True):

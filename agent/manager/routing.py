@@ -7,8 +7,9 @@ the router if none is known (one already running on the socket is adopted), then
 configuration (upstream slots, weights, mirror); only on success are the weights and mirror
 recorded as applied, else the error is reported in the observed state until a configure succeeds.
 ``stats_loop`` reads every router's counters every ``STATS_EVERY`` seconds for the observed
-states (``STATS_EVERY_SPLIT`` while a router splits or mirrors traffic: a wave being judged); a
-router that does not answer is forgotten, so the next pass starts it again.
+states (``STATS_EVERY_SPLIT`` while a router splits or mirrors traffic, and for
+``STATS_FAST_AFTER_SWITCH`` after its weights change: a wave being judged); a router that does not
+answer is forgotten, so the next pass starts it again.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from agent.cadence import sleep_to_tick
+from agent.cadence import next_tick
 from agent.errors import RouterRunning, RouterUnavailable
 from agent.host.identity import RunAs
 from agent.manager.service import (
     STATS_EVERY,
     STATS_EVERY_SPLIT,
+    STATS_FAST_AFTER_SWITCH,
     NodeConfig,
     Service,
     Services,
@@ -69,11 +71,15 @@ def _private_dir(path: Path, run_as: RunAs | None = None) -> None:
 
 
 
-def stats_period(services: Iterable[Service]) -> float:
+def stats_period(services: Iterable[Service], now: float = 0.0) -> float:
     """How long until the next read of the routers' counters: short while any router splits
-    traffic between two slots or mirrors it (its gates are judging a wave), else the usual."""
+    traffic between two slots or mirrors it, or took other weights in the last
+    ``STATS_FAST_AFTER_SWITCH`` seconds before ``now`` (its gates are judging a wave), else the
+    usual."""
     for svc in services:
         if svc.applied_mirror is not None or sum(w > 0 for w in svc.applied_weights.values()) > 1:
+            return STATS_EVERY_SPLIT
+        if svc.weights_changed and 0.0 <= now - svc.weights_changed < STATS_FAST_AFTER_SWITCH:
             return STATS_EVERY_SPLIT
     return STATS_EVERY
 
@@ -92,6 +98,7 @@ class RouterLink:
         self.services = services
         self.wake = wake
         self.clock = clock
+        self.switched = asyncio.Event()  # a router took other weights (``stats_loop``)
 
     def socket(self, service: str) -> Path:
         """The control socket of ``service``'s router."""
@@ -140,7 +147,11 @@ class RouterLink:
             svc.router, svc.router_error = None, str(exc)
             return
         svc.router_error = ""
-        svc.applied_weights = {s: w for s, w in weights.items() if w > 0}
+        applied = {s: w for s, w in weights.items() if w > 0}
+        if applied != svc.applied_weights:
+            svc.weights_changed = self.clock()
+            self.switched.set()  # the stats loop may be asleep on the usual period: re-plan
+        svc.applied_weights = applied
         svc.applied_mirror = mirror
         log.info(
             "router of %s: weights %s mirror %s",
@@ -174,11 +185,23 @@ class RouterLink:
         svc.router, svc.router_pid = RouterClient(sock), pid
         return svc.router
 
+    async def next_read(self) -> None:
+        """Sleep to the next read's tick, on the heartbeat's and the probes' grid
+        (agent.cadence; 0.5 divides 2); a switch meanwhile re-plans it on the faster period."""
+        loop = asyncio.get_running_loop()
+        while True:
+            period = stats_period(self.services.values(), self.clock())
+            self.switched.clear()
+            try:
+                await asyncio.wait_for(self.switched.wait(),
+                                       next_tick(loop.time(), period) - loop.time())
+            except TimeoutError:
+                return
+
     async def stats_loop(self) -> None:
         """Router stats for observed states; a router that went away is noticed and restarted."""
         while True:
-            # On the heartbeat's and the probes' ticks (agent.cadence); 0.5 divides 2.
-            await sleep_to_tick(stats_period(self.services.values()))
+            await self.next_read()
             for svc in list(self.services.values()):
                 if svc.router is None:
                     continue

@@ -48,6 +48,10 @@ STATS_EVERY = 2.0
 # sees a bad release's first dozen requests in 0.5 s, not 2 s. Only the few nodes of a baking wave
 # split, so the fleet's observed-state writes barely grow.
 STATS_EVERY_SPLIT = 0.5
+# So also for this long after a router's weights change: a canary switched at weight 100, or a
+# blue-green switch, splits nothing, yet its first seconds are when a sequential gate catches a
+# gross regression (and a rollback's switch back is seen sooner too). A few reads per switch.
+STATS_FAST_AFTER_SWITCH = 10.0
 BUS_TIMEOUT = 10.0
 PRUNE_EVERY = 60.0
 
@@ -97,6 +101,7 @@ class Service:
     fetch_errors: dict[str, FetchError] = field(default_factory=dict)
     applied_weights: dict[str, int] = field(default_factory=dict)
     applied_mirror: MirrorSpec | None = None
+    weights_changed: float = 0.0  # when the router last took other weights (the agent's clock)
     observed_generation: int = 0
     router: RouterClient | None = None
     router_pid: int | None = None

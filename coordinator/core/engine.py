@@ -23,7 +23,9 @@ in progress or baking is *lost*, and fails at once or is waited for up to the de
 rollout's ``on_node_lost`` says (``engine_lost``). When every node of a wave
 is done the wave *bakes* for ``spec.bake`` seconds, and then, once every node's router counters
 cover the whole bake (``window_covers_bake``), its gates (``coordinator.core.gates``) decide:
-pass → next wave; fail → ``on_failure`` (rollback or pause); inconclusive → pause.
+pass → next wave; fail → ``on_failure`` (rollback or pause); inconclusive → pause. Under
+``--analysis sequential`` the evidence counts from the wave's start and a failure needs no bake:
+it is weighed on every fresh report while the wave updates and bakes (``engine_bake``).
 Rollback writes every touched node's previous desired state, each with a higher generation, in one
 wave; it ends ``rolled_back`` when all converged back, or ``failed`` naming the nodes that did not
 by the rollback deadline. Where waves differ (blue-green's stage and switch, the shadow, the
@@ -140,7 +142,8 @@ def new_record(
 
 def worst_case_size(record: RolloutRecord, routers: Mapping[str, RouterStats]) -> int:
     """Bytes the record of a new rollout can reach: every node with a two-slot target and two
-    wave baselines holding its router's counters (``routers``: the latest per node)."""
+    wave baselines holding its router's counters (``routers``: the latest per node), and under
+    sequential analysis the running wave's ``evidence_from`` as a third."""
     nodes = {
         n: msgspec.structs.replace(p, target=forward_target(
             p.previous, fleet="", node=n, release=record.release, slot=idle_slot(p.previous),
@@ -149,6 +152,8 @@ def worst_case_size(record: RolloutRecord, routers: Mapping[str, RouterStats]) -
     }
     baseline = {n: stats for n, stats in routers.items() if n in nodes}
     waves = [msgspec.structs.replace(w, baseline=baseline) for w in record.waves[:2]]
+    if record.spec.gates.analysis == "sequential" and waves:
+        waves[-1] = msgspec.structs.replace(waves[-1], evidence_from=baseline)
     return len(encode(msgspec.structs.replace(record, nodes=nodes,
                                               waves=waves + record.waves[2:])))
 
@@ -256,16 +261,18 @@ def working_copy(record: RolloutRecord) -> RolloutRecord:
     """A copy of ``record`` that a Step may edit without touching the committed one.
 
     Every container a Step could edit in place is the copy's own: each wave (its ``nodes`` list,
-    its ``gates`` figures deeply, its ``baseline`` dict), each NodeProgress, and the report's
-    parts. What a Step only ever replaces whole is shared: the ``previous`` and ``target``
-    desired states of a node and the router snapshots in a baseline. Copying the baselines
-    deeply was most of a step's cost once routers report counters (a snapshot of every node per
-    wave), and a full decode of the record was before that.
+    its ``gates`` figures deeply, its ``baseline`` and ``evidence_from`` dicts), each
+    NodeProgress, and the report's parts. What a Step only ever replaces whole is shared: the
+    ``previous`` and ``target`` desired states of a node and the router snapshots in a baseline.
+    Copying the baselines deeply was most of a step's cost once routers report counters (a
+    snapshot of every node per wave), and a full decode of the record was before that.
     """
     return msgspec.structs.replace(
         record,
-        waves=[msgspec.structs.replace(w, nodes=list(w.nodes), gates=_deep(w.gates),
-                                       baseline=dict(w.baseline)) for w in record.waves],
+        waves=[msgspec.structs.replace(
+            w, nodes=list(w.nodes), gates=_deep(w.gates), baseline=dict(w.baseline),
+            evidence_from=w.evidence_from if w.evidence_from is msgspec.UNSET
+            else dict(w.evidence_from)) for w in record.waves],
         report=_copy_report(record.report),
         nodes={n: msgspec.structs.replace(p) for n, p in record.nodes.items()},
     )

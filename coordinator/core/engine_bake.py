@@ -13,13 +13,31 @@ thresholds the policy gives (a shadow wave's policy judges by its own verdict): 
 wave; fail → ``on_failure``; inconclusive → pause. An operator's promote skips the gates of one wave
 or of all.
 
-Under ``--analysis sequential`` (``core.sequential``) the evidence is also weighed during the bake,
-each time fresh router counters came in (``early``): a wave whose evidence of a regression crosses
-1/alpha fails at once, without waiting for the bake's end; the evidence so far is kept in
-``wave.gates`` (outcome "baking") for ``status`` to show. Its pass is judged at the bake's end only.
+Under ``--analysis sequential`` (``core.sequential``) the evidence counts from the moment the new
+slots take traffic, and is weighed each time fresh router counters come in, while the wave is
+still updating as well as during its bake (``early``): a wave whose evidence of a regression
+crosses 1/alpha fails at once, with the usual ``on_failure``; the evidence so far is kept in
+``wave.gates`` (outcome: the wave's state) for ``status`` to show. Its pass is judged at the bake's
+end only. To count from the switch, a sequential wave that carries traffic snapshots every node's
+counters when it starts, before any weight moves (``count_from_here``: ``wave.evidence_from``), and
+its windows start there rather than at the bake's baseline (a node missing from that snapshot, at
+the bake's baseline as before); ``window_covers_bake`` still reads the bake's baseline, so the bake
+still ends on counters read after it. A brand-new slot has no counters before the snapshot, so
+every request it answers, the first ones too, is in the window; the old slots' window is the same
+span of time (the old release's traffic meanwhile, more of it than the bake alone), and the
+latency reference is the old slots' history before it. Weighing before the bake is sound: at
+every moment the e-value is at most a test martingale over the requests counted so far
+(``core.sequential``), and Ville's inequality bounds the chance that it *ever* reaches 1/alpha
+under the null, so stopping at the first crossing, whenever it comes (the node's switch, a lost
+node, a slow convergence: any stopping time), keeps false rollbacks below alpha. The pass needs
+no such argument: it is one look, at the bake's end, with the fixed-sample bounds. A retried
+wave (resumed after a failure) is a new test from the resume on; an inconclusive one resumed
+bakes anew on its own window, as under threshold.
 """
 
 from __future__ import annotations
+
+from msgspec import UNSET
 
 from coordinator.core import gates as gatelib
 from coordinator.core import sequential
@@ -105,11 +123,21 @@ class Bake:
             return  # the agents' latest counters were read before the bake ended: wait for them
         self.conclude(wave, self.verdict(wave))
 
+    def count_from_here(self, wave: WaveRecord) -> None:
+        """Sequential analysis: the wave's evidence counts from now (a wave that starts or is
+        retried; see the module docstring). A wave that carries no traffic of its own (a stage,
+        a shadow judged by its own verdict) keeps to its bake's window."""
+        policy = self.step.policy(wave)
+        if self.step.spec.gates.analysis == "sequential" and policy.bakes and not policy.stages:
+            wave.evidence_from = self.step.snapshot()
+
     def early(self, wave: WaveRecord) -> None:
         """Sequential analysis: weigh the evidence so far whenever fresh counters came in, and
         fail the wave at once if it crossed the bound (see the module docstring)."""
-        if self.step.spec.gates.analysis != "sequential":
-            return
+        if self.step.spec.gates.analysis != "sequential" or self.step.r.promote:
+            return  # (a promoted wave's gates are skipped, its evidence too)
+        if wave.state == "updating" and wave.evidence_from is UNSET:
+            return  # a stage or shadow wave: nothing serves the new release yet
         # Agents stamp their counters with their read time (older ones do not: the requests
         # still tell new counters apart), so a new mark means a new report.
         seen = [o.router for n, o in self.step.obs.items()
@@ -124,7 +152,7 @@ class Bake:
         if verdict.outcome == "fail":
             self.conclude(wave, verdict)
         else:
-            wave.gates = verdict.figures | {"outcome": "baking", "evidence_mark": mark,
+            wave.gates = verdict.figures | {"outcome": wave.state, "evidence_mark": mark,
                                             "evidence_at": self.step.now}
 
     def conclude(self, wave: WaveRecord, verdict: gatelib.Verdict) -> None:
@@ -168,9 +196,9 @@ class Bake:
         return True
 
     def verdict(self, wave: WaveRecord, over: bool = True) -> gatelib.Verdict:
-        """The gates' verdict on the wave's traffic since its baseline; ``over``: whether the
-        bake has ended (before it, only the sequential evidence is read: a wave's own verdict,
-        a shadow's, is for its end)."""
+        """The gates' verdict on the wave's traffic since its baseline (a sequential wave's:
+        since it started); ``over``: whether the bake has ended (before it, only the sequential
+        evidence is read: a wave's own verdict, a shadow's, is for its end)."""
         policy = self.step.policy(wave)
         own = policy.verdict(self.step, wave) if over else None
         if own is not None:
@@ -179,10 +207,13 @@ class Bake:
         new, old, mirror, history = [], [], [], []
         healthy = 0
         evidence = Evidence()
+        since = wave.evidence_from or {}
         for n, p in self.step.r.nodes.items():
             seen = self.step.obs.get(n)
             end = seen.router if seen is not None else None
-            start = wave.baseline.get(n)
+            start = since.get(n) or wave.baseline.get(n)
+            if start is None and wave.state == "updating":
+                continue  # no count to start from yet: its slot may hold an older release's
             serving = serving_slot(p.previous)
             old_slot = serving if serving != p.slot else None
             in_wave = n in wave.nodes

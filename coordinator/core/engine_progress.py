@@ -11,6 +11,8 @@ the vocabulary.
 
 from __future__ import annotations
 
+from msgspec import UNSET
+
 from coordinator.core.engine_bake import Bake
 from coordinator.core.engine_lost import Lost
 from coordinator.core.engine_rollback import Rollback
@@ -135,10 +137,14 @@ class Progress:
                         self.start_node(p, wave)
             move_wave(wave, "updating")
             wave.deadline = self.step.now + self.step.spec.progress_deadline
+            # A retry is a new test: the evidence that failed the wave is not counted again.
+            self.bakes.count_from_here(wave)
             self.step.emit("rollout.resumed", f"resumed: retrying wave {wave.index}",
                            wave=wave.index, retried=retried)
             return
         if wave.state == "inconclusive":
+            # A new bake, judged on its own window as under threshold analysis.
+            wave.evidence_from = UNSET
             self.bakes.start_bake(wave)
         elif wave.state == "updating":
             wave.deadline = self.step.now + self.step.spec.progress_deadline
@@ -176,6 +182,8 @@ class Progress:
             # window, the switch's old traffic): a snapshot of every node per wave would make
             # the record grow with waves x nodes.
             done.baseline = {}
+        for done in self.step.r.waves[:wave.index]:
+            done.evidence_from = UNSET  # read only while its own wave runs
         move_wave(wave, "updating")
         wave.started = self.step.now
         wave.deadline = self.step.now + self.step.spec.progress_deadline
@@ -188,6 +196,7 @@ class Progress:
         if policy.stages:
             # The next wave's window of old traffic starts here (blue-green's switch reads it).
             wave.baseline = self.step.snapshot()
+        self.bakes.count_from_here(wave)
         kind = policy.kind
         self.step.emit("wave.started", f"wave {wave.index}: {len(wave.nodes)} nodes at weight "
                        f"{wave.weight}%" + (f" ({kind})" if kind else ""), wave=wave.index,
@@ -269,6 +278,10 @@ class Progress:
                            "converged", wave=wave.index)
             policy.converged(self.step, wave)
             self.bakes.start_bake(wave)
+        else:
+            # A node already switched serves the new release to users: its errors are evidence
+            # before the others converge (sequential analysis only: ``Bake.early``).
+            self.bakes.early(wave)
 
     def check_node(self, p: NodeProgress) -> None:
         seen = self.step.obs.get(p.node)

@@ -1,8 +1,13 @@
 """Sequential, anytime-valid canary analysis: e-values over the routers' counters.
 
 Pure arithmetic: no IO, no clock. The engine may look at the evidence as often as it likes (on
-every fresh router report during a bake) and stop at the first crossing; the probability of ever
-failing a release that does not regress stays below ``alpha`` however often it looks.
+every fresh router report, from the wave's start: while it updates and while it bakes) and stop
+at the first crossing; the probability of ever failing a release that does not regress stays
+below ``alpha`` however often and whenever it looks. The counts may start before the bake (at the
+wave's start, before any weight moved: ``core.engine_bake``): at every moment the e-value is
+at most a test martingale over the requests counted so far (see below), whatever decides when the
+engine looks, and Ville's inequality bounds that martingale's whole path, so any stopping time is
+allowed, a node's switch or a slow convergence included.
 
 Vocabulary.
 - *e-value*: a number E >= 0 whose expectation is at most 1 when the null hypothesis holds; a

@@ -235,8 +235,9 @@ async def test_error_rate_is_caught_at_the_first_step_and_rolled_back(tmp_path: 
 
 async def test_sequential_analysis_stops_a_bad_canary_before_its_bake_ends(tmp_path: Path) -> None:
     """2.2.0 (every other answer a 500) under --analysis sequential, with the same steps, bake
-    and gates as above: the wave fails on the first router report that carries the evidence,
-    before its bake ends, and is rolled back (exit 3); only node-1's users saw an error, and
+    and gates as above: the wave fails on the first router report that carries the evidence
+    (counted from the wave's start: often before it bakes, else before its bake ends), and is
+    rolled back (exit 3); only node-1's users saw an error, and
     status and the events say the evidence in words (counts, versions, e-value, 1/alpha)."""
     async with fleet_of(tmp_path) as fleet:
         url = fleet.nats_url
@@ -262,16 +263,47 @@ async def test_sequential_analysis_stops_a_bad_canary_before_its_bake_ends(tmp_p
         assert load.share <= 1 / AGENTS * 0.5 + SLACK, (load.failed, load.requests)
         evs = await events_of(url, rid)
         failed_at = event_time(evs, "gate.failed", wave=0)
-        assert failed_at < event_time(evs, "wave.baking", wave=0) + 3.0, "waited for the bake"
-        step_s = event_time(evs, "rollout.rolled_back") - event_time(evs, "wave.started", wave=0)
-        caught_s = failed_at - event_time(evs, "wave.baking", wave=0)
+        started_at = event_time(evs, "wave.started", wave=0)
+        # The evidence counts from the wave's start, so the wave may fail before it bakes.
+        baked = [e for e in evs if e["kind"] == "wave.baking"]
+        if baked:
+            assert failed_at < event_time(evs, "wave.baking", wave=0) + 3.0, "waited for the bake"
+        step_s = event_time(evs, "rollout.rolled_back") - started_at
+        caught_s = failed_at - started_at
         code, out, _ = await fleetwave("status", rid, nats_url=url)
         assert code == 0 and "sequential, alpha 0.01" in out and "e-value" in out, out
+        steps_load, steps_baked = load, baked
+
+        # Weights on every node, two at a time: the first two nodes serve 2.2.0 at 10 % while
+        # the others wait, and their errors are evidence before the wave converges.
+        async with load_on(fleet) as load:
+            code, out, err, rid = await deploy(
+                url, "2.2.0", "--strategy", "canary", "--weights", "10,50,100", "--bake", "3s",
+                "--max-unavailable", "2", "--max-error-rate", "5%", "--min-requests", "20",
+                "--analysis", "sequential")
+        assert code == 3, f"2.2.0 should roll back, got {code}: {out}{err}"
+        assert set((await versions(fleet)).values()) == {"2.0.0"}
+        st = await status(url, rid)
+        assert [w["state"] for w in st["waves"]] == ["failed", "waiting", "waiting"]
+        assert load.failed > 0
+        assert load.share <= 0.10 * 0.5 + SLACK, (load.failed, load.requests)
+        evs = await events_of(url, rid)
+        weights_s = event_time(evs, "gate.failed", wave=0) - event_time(evs, "wave.started",
+                                                                        wave=0)
+        weights_baked = [e for e in evs if e["kind"] == "wave.baking"]
+
+    def when(baked: list[dict[str, Any]]) -> str:
+        return "while baking" if baked else "while updating"
+
     print(f"\ncanary 2.2.0 (50% errors), --steps 1,50%,100% --analysis sequential on {AGENTS} "
-          f"nodes: first step start -> rollback finished {step_s:.2f}s (bake start -> gate "
-          f"failed {caught_s:.2f}s); failed user requests "
-          f"{load.failed} of {load.requests} ({load.share:.2%}), all on node-1 "
-          f"({load.per_node['node-1'].failed} of {load.per_node['node-1'].requests})")
+          f"nodes: first step start -> rollback finished {step_s:.2f}s (first step start -> "
+          f"gate failed {caught_s:.2f}s, {when(steps_baked)}); failed user requests "
+          f"{steps_load.failed} of {steps_load.requests} ({steps_load.share:.2%}), all on node-1 "
+          f"({steps_load.per_node['node-1'].failed} of "
+          f"{steps_load.per_node['node-1'].requests})")
+    print(f"canary 2.2.0 (50% errors), --weights 10,50,100 --analysis sequential on {AGENTS} "
+          f"nodes: first step start -> gate failed {weights_s:.2f}s ({when(weights_baked)}); "
+          f"failed user requests {load.failed} of {load.requests} ({load.share:.2%})")
 
 
 async def test_latency_regression_fails_the_p99_ratio_gate(tmp_path: Path) -> None:

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 from agent.manager.routing import stats_period
-from agent.manager.service import STATS_EVERY, STATS_EVERY_SPLIT, Service
+from agent.manager.service import (
+    STATS_EVERY,
+    STATS_EVERY_SPLIT,
+    STATS_FAST_AFTER_SWITCH,
+    Service,
+)
 from protocol.messages import MirrorSpec
 
 
@@ -23,6 +28,17 @@ def test_a_split_or_a_mirror_anywhere_reads_fast() -> None:
     assert stats_period([svc({"blue": 100}), svc({"blue": 95, "green": 5})]) == STATS_EVERY_SPLIT
     shadow = MirrorSpec(slot="green", percent=50.0)
     assert stats_period([svc({"blue": 100}, shadow)]) == STATS_EVERY_SPLIT
+
+
+def test_a_switch_reads_fast_for_a_while_though_nothing_splits() -> None:
+    """A canary at weight 100 or a blue-green switch splits nothing, but its first seconds are
+    what a sequential gate judges first."""
+    switched = svc({"green": 100})
+    switched.weights_changed = 1000.0
+    assert stats_period([switched], 1000.0) == STATS_EVERY_SPLIT
+    assert stats_period([switched], 1000.0 + STATS_FAST_AFTER_SWITCH - 0.1) == STATS_EVERY_SPLIT
+    assert stats_period([switched], 1000.0 + STATS_FAST_AFTER_SWITCH) == STATS_EVERY
+    assert stats_period([svc({"green": 100})], 1000.0) == STATS_EVERY  # never switched
 
 
 def test_the_fast_period_keeps_the_agents_ticks() -> None:
