@@ -26,9 +26,8 @@ from agent.host.releases import ReleaseCache
 from agent.host.slots import Notify, SlotRunner, SlotSpec
 from agent.host.state import AgentState, ServiceRecord, SlotRecord, load_state, save_state
 from agent.manager.routing import RouterLink
-from agent.manager.service import NodeConfig, Release, Service, Services
+from agent.manager.service import NodeConfig, Release, Service, Services, release_info
 from agent.reconcile import (
-    ReleaseInfo,
     SlotView,
 )
 from agent.router.control import RouterClient
@@ -195,13 +194,7 @@ class Restorer:
             manifest = load_manifest(path / MANIFEST_NAME)
         except ProtocolError:
             return None
-        info = ReleaseInfo(
-            rec.digest,
-            port=manifest.port,
-            start_timeout=manifest.health.start_timeout,
-            drain=manifest.stop.drain,
-            stop_timeout=manifest.stop.timeout,
-        )
+        info = release_info(rec.digest, manifest)
         svc.releases[rec.digest] = Release(path, manifest, info, ref)
         spec = SlotSpec(
             service=svc.name,
