@@ -109,16 +109,17 @@ class Service:
     # Failed slots remembered from the state file (no process): so that a restarted agent does
     # not retry a generation that already failed.
     idle: dict[str, SlotView] = field(default_factory=dict)
-    # Self-healing: when each slot was restarted for staying unhealthy (the reconciler's back-off
-    # and budget read them), and the restart count a slot's next runner takes over.
-    heals: dict[str, list[float]] = field(default_factory=dict)
-    carried_restarts: dict[str, int] = field(default_factory=dict)
+    # Self-healing, by (slot, digest): when the slot was restarted for staying unhealthy with
+    # that release (the reconciler's back-off and budget read them: another release starts with
+    # a whole budget), and the restart count its next runner of that release takes over.
+    heals: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    carried_restarts: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def view(self, now: float | None = None) -> ServiceView:
         """The reconciler's view; given ``now``, a router failing for ROUTER_FAILS_AFTER is in
         it (``router_failure``)."""
         slots = {
-            s: replace(v, heals=tuple(self.heals.get(s, ())))
+            s: replace(v, heals=tuple(self.heals.get((s, v.digest), ())))
             for s, v in self.idle.items() if s not in self.runners
         }
         for s, r in self.runners.items():
@@ -132,7 +133,7 @@ class Service:
                 reason=r.reason,
                 generation=r.spec.generation,
                 last_exit=r.last_exit,
-                heals=tuple(self.heals.get(s, ())),
+                heals=tuple(self.heals.get((s, r.spec.digest), ())),
             )
         return ServiceView(
             service=self.name,

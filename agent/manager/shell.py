@@ -269,8 +269,11 @@ class ServiceManager:
         cannot); the reconciler starts it again as any stopped slot, counted as a restart."""
         runner = svc.runners[slot]
         now = self.clock()
-        svc.heals[slot] = [t for t in svc.heals.get(slot, []) if now - t < HEAL_WINDOW] + [now]
-        svc.carried_restarts[slot] = runner.restarts + 1
+        key = (slot, runner.spec.digest)
+        svc.heals = {k: kept for k, times in svc.heals.items()
+                     if (kept := [t for t in times if now - t < HEAL_WINDOW])}
+        svc.heals[key] = [*svc.heals.get(key, []), now]
+        svc.carried_restarts[key] = runner.restarts + 1
         log.warning("%s slot %s restarts: %s", svc.name, slot, reason)
         self.events.emit("slot.restarting", svc.name, reason, slot=slot,
                          version=runner.spec.manifest.version, pid=runner.pid,
@@ -318,7 +321,7 @@ class ServiceManager:
             generation=generation,
         )
         runner = SlotRunner(spec, self._on_slot, now=self.clock)
-        runner.restarts = svc.carried_restarts.pop(slot, 0)
+        runner.restarts = svc.carried_restarts.pop((slot, ref.digest), 0)
         svc.runners[slot] = runner
         svc.idle.pop(slot, None)
         assert self._tg is not None

@@ -9,7 +9,7 @@ import pytest
 
 from agent.backoff import Backoff
 from agent.host.slots import CrashPolicy
-from agent.manager.service import settled
+from agent.manager.service import Service, release_info, settled
 from agent.reconcile import (
     HEAL_RESTARTS,
     HEAL_WINDOW,
@@ -172,6 +172,16 @@ def test_backoff_is_the_crash_policys() -> None:
     b = Backoff(3, 60, 0.5, 3)
     assert [b.delay(n) for n in range(4)] == [0.5, 1.0, 2.0, None]
     assert b.recent([0.0, 10.0, 65.0], 65.0) == [10.0, 65.0]
+
+
+def test_the_budget_belongs_to_the_release_a_slot_runs() -> None:
+    """The agent keeps restart times per slot and release: a new release starts with a whole
+    budget; the manifest's restart_after reaches the reconciler."""
+    svc = Service(name="hello", idle={"a": hung("a", V2)})
+    svc.heals = {("a", V1.digest): [1.0, 2.0, 3.0], ("a", V2.digest): [4.0]}
+    assert svc.view().slot("a").heals == (4.0,)
+    manifest = parse_manifest(BASE + 'restart_after = "7s"\n')
+    assert release_info("sha256:x", manifest).restart_after == 7.0
 
 
 # -- the manifest ----------------------------------------------------------------------------------
