@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.backoff import Backoff
 from agent.host.slots import CrashPolicy
@@ -29,8 +31,9 @@ from agent.reconcile import (
 )
 from protocol.errors import ProtocolError
 from protocol.manifest import parse_manifest
-from protocol.messages import ReleaseRef
-from tests.unit.agent.test_reconcile import V1, V2, desired, healthy
+from protocol.messages import SLOTS, DesiredState, ReleaseRef
+from tests.unit.agent.test_reconcile import V1, V2, _check, _outcome, desired, desired_st, healthy
+from tests.unit.agent.test_reconcile import _apply as _apply_any
 
 AFTER = 5.0
 HEAL = {r.digest: ReleaseInfo(r.digest, port=8080, start_timeout=30, drain=2, stop_timeout=7,
@@ -226,3 +229,46 @@ def _become_healthy(local: ServiceView, now: float) -> ServiceView:
     slots = {s: replace(v, status="healthy", since=now) if v.status == "starting" else v
              for s, v in local.slots.items()}
     return replace(local, slots=slots)
+
+
+# -- property: healing keeps the reconciler's promises ---------------------------------------------
+
+heal_steps = st.lists(
+    st.tuples(st.sampled_from(SLOTS),
+              st.sampled_from(["healthy", "unhealthy", "time"])),
+    min_size=5, max_size=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.booleans(), desired_st.filter(lambda d: bool(d.slots)), heal_steps)
+def test_healing_never_routes_to_unhealthy_nor_restarts_a_serving_slot(
+    worker: bool, d: DesiredState, steps: list[tuple[str, str]]
+) -> None:
+    """Slots of one desired state turn healthy and unhealthy as time passes: whatever comes,
+    healing neither routes to an unhealthy slot nor stops the last healthy one, and a Restart
+    only ever hits an unhealthy slot without traffic (``_check``)."""
+    local, now = ServiceView(service="hello"), 0.0
+    for slot, outcome in steps:
+        now += 3.0 if outcome == "time" else 0.1
+        local = _outcome(local, slot, outcome, now)
+        for _ in range(3):
+            acts = reconcile(d, local, now)
+            _check(d, local, acts, worker)
+            for act in acts:
+                local = _apply_any(local, act, now, worker)
+
+
+def test_the_property_reaches_restarts() -> None:
+    """The scenario above does restart slots (a property that never heals would prove nothing)."""
+    d = desired(1, {"a": V1}, {"a": 100})
+    local, now, kinds = ServiceView(service="hello"), 0.0, set()
+    for slot, outcome in [("a", "tick"), ("a", "healthy"), ("a", "tick"), ("a", "unhealthy"),
+                          ("a", "time"), ("b", "healthy"), ("b", "tick"), ("a", "tick")]:
+        now += 3.0 if outcome == "time" else 0.1
+        local = _outcome(local, slot, outcome, now)
+        for _ in range(3):
+            for act in reconcile(d, local, now):
+                kinds.add(type(act).__name__)
+                local = _apply_any(local, act, now, False)
+    assert "Restart" in kinds
