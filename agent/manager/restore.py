@@ -74,6 +74,7 @@ class Restorer:
                     reason=r.reason,
                     generation=r.spec.generation,
                     last_exit=r.last_exit,
+                    heals=svc.heals.get((s, r.spec.digest), []),
                 )
                 for s, r in svc.runners.items()
             }
@@ -89,6 +90,7 @@ class Restorer:
                         reason=v.reason,
                         generation=v.generation,
                         last_exit=v.last_exit,
+                        heals=svc.heals.get((s, v.digest), []),
                     )
             services[svc.name] = ServiceRecord(
                 service=svc.name,
@@ -171,6 +173,8 @@ class Restorer:
     def _adopt(
         self, svc: Service, slot: str, rec: SlotRecord, on_slot: Notify
     ) -> SlotRunner | None:
+        if rec.heals and rec.digest:
+            svc.heals[(slot, rec.digest)] = list(rec.heals)
         if slot in SLOTS and rec.status == "failed" and rec.digest:
             svc.idle[slot] = SlotView(
                 slot=slot,

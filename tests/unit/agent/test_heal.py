@@ -4,6 +4,7 @@ restarted, make-before-break, how the wait backs off, and how a spent budget is 
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -11,7 +12,9 @@ from hypothesis import strategies as st
 
 from agent.backoff import Backoff
 from agent.host.slots import CrashPolicy
+from agent.host.state import AgentState, ServiceRecord, SlotRecord, load_state, save_state
 from agent.manager.service import Service, release_info, settled
+from agent.manager.shell import ServiceManager
 from agent.reconcile import (
     HEAL_RESTARTS,
     HEAL_WINDOW,
@@ -272,3 +275,23 @@ def test_the_property_reaches_restarts() -> None:
                 kinds.add(type(act).__name__)
                 local = _apply_any(local, act, now, False)
     assert "Restart" in kinds
+
+
+async def test_a_restarted_agent_keeps_the_restart_budget(tmp_path: Path) -> None:
+    """The restart times are in the state file: a restarted agent does not get a fresh budget."""
+    rec = SlotRecord(slot="b", status="failed", digest=V2.digest, version="2.0.0",
+                     reason="x", heals=[1.0, 2.0])
+    mgr = _manager(tmp_path)
+    save_state(mgr.restorer.state_path, AgentState(services={
+        "hello": ServiceRecord(service="hello", slots={"b": rec}),
+    }))
+    await mgr.restorer.restore(lambda *_: None)
+    svc = mgr.services["hello"]
+    assert svc.view().slot("b").heals == (1.0, 2.0)
+    mgr.restorer.save_now()
+    assert load_state(mgr.restorer.state_path).services["hello"].slots["b"].heals == [1.0, 2.0]
+
+
+def _manager(tmp_path: Path) -> ServiceManager:
+    return ServiceManager(bus=None, fleet="default", node="n", data_dir=tmp_path,  # type: ignore[arg-type]
+                          bind_host="127.0.0.1", trusted_keys=[])
