@@ -30,6 +30,19 @@ Failures: a slot still ``starting`` after ``health.start_timeout`` gets ``Fail``
 failed is not started again for the same generation (a new generation retries). Failed fetches
 are retried after ``FETCH_RETRY`` seconds and reported meanwhile.
 
+Self-healing: a wanted slot ``unhealthy`` (it was healthy: a slot never healthy is
+``start_timeout``'s business) for ``health.restart_after`` is *due* a restart, make-before-break.
+If the other slot is free, a fresh process of the same release is started there (a *heal bridge*,
+like the bridge above) and the hung slot gets ``Restart`` only once the router gives the bridge
+weight; if the other slot is taken (both desired) or cannot take the bridge, the hung slot has no
+traffic anyway and is restarted in place. ``Restart`` stops it; ``Start`` follows as for any
+stopped slot; once it is healthy again traffic returns to it and the bridge is retired. The wait
+backs off and is budgeted per slot (``agent.backoff``: ``restart_after * 2**n`` for the n-th
+restart within ``HEAL_WINDOW``, at most ``HEAL_RESTARTS`` there); the times come from the view
+(``SlotView.heals``). A slot due a restart with the budget spent gets ``Report`` once (a *restart
+loop*: its reason says so, ``assess`` fails the state with it) and stays as it is until the
+window frees a restart or it recovers.
+
 Everything that affects the reconciler's decisions lives in this file (so it runs past 400
 lines): the view, the actions, the weights, and the slot table ``SLOT_RULES``.
 """
@@ -40,9 +53,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from agent.backoff import Backoff
+from protocol.durations import format_duration
 from protocol.messages import SLOTS, DesiredState, MirrorSpec, ReleaseRef, SlotStatusName
 
 FETCH_RETRY = 5.0
+HEAL_RESTARTS = 3  # restarts of one slot for staying unhealthy, within HEAL_WINDOW
+HEAL_WINDOW = 600.0
+HEAL_WAIT_MAX = 600.0  # the back-off's cap (or restart_after, if longer)
+LOOP = "restart loop"  # how a slot's reason starts once its restart budget is spent
 RUNNING: frozenset[str] = frozenset({"starting", "healthy", "unhealthy", "draining"})
 IDLE: frozenset[str] = frozenset({"empty", "stopped", "failed"})
 
@@ -63,6 +82,7 @@ class SlotView:
     reason: str = ""
     generation: int = 0
     last_exit: int | None = None
+    heals: tuple[float, ...] = ()  # when it was restarted for staying unhealthy (self-healing)
 
 
 @dataclass(frozen=True)
@@ -74,6 +94,7 @@ class ReleaseInfo:
     start_timeout: float = 30.0
     drain: float = 2.0
     stop_timeout: float = 10.0
+    restart_after: float = 0.0  # health.restart_after; 0: never restarted for being unhealthy
 
 
 @dataclass(frozen=True)
@@ -150,7 +171,24 @@ class Stop:
     timeout: float
 
 
-Action = Fetch | Start | Fail | Route | Drain | Resume | Stop
+@dataclass(frozen=True)
+class Restart:
+    """Self-healing: stop a wanted slot that stayed unhealthy (``Start`` follows); an event."""
+
+    slot: str
+    timeout: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class Report:
+    """A wanted slot is in a restart loop: record ``reason`` on it (and emit it) once."""
+
+    slot: str
+    reason: str
+
+
+Action = Fetch | Start | Fail | Route | Drain | Resume | Stop | Restart | Report
 
 
 @dataclass(frozen=True)
@@ -177,8 +215,11 @@ def is_worker(desired: DesiredState | None, local: ServiceView) -> bool:
     return bool(infos) and all(i.port is None for i in infos)
 
 
-def effective(desired: DesiredState, local: ServiceView) -> dict[str, tuple[ReleaseRef, int]]:
-    """Desired releases and weights per slot, plus a bridge slot where one is needed."""
+def effective(
+    desired: DesiredState, local: ServiceView, now: float | None = None
+) -> dict[str, tuple[ReleaseRef, int]]:
+    """Desired releases and weights per slot, plus a bridge slot where one is needed (heal
+    bridges only given ``now``)."""
     worker = is_worker(desired, local)
     eff: dict[str, tuple[ReleaseRef, int]] = {
         s: (ref, 1 if worker else max(0, desired.weights.get(s, 0)))
@@ -195,12 +236,54 @@ def effective(desired: DesiredState, local: ServiceView) -> dict[str, tuple[Rele
         o = local.slot(other)
         if (o.digest == ref.digest and o.status in RUNNING) or o.status in IDLE:
             eff[other] = (ref, w)
+    if now is not None:
+        for s, (ref, w) in list(eff.items()):
+            if s in desired.slots and heal_due(local, s, ref, now) is not None and (
+                _can_bridge(desired, local, _other(s), ref)
+            ):
+                eff[_other(s)] = (ref, w)
     return eff
 
 
-def target_weights(desired: DesiredState, local: ServiceView) -> dict[str, int]:
+def heal_due(local: ServiceView, slot: str, want: ReleaseRef, now: float) -> float | None:
+    """How long ``slot`` has been unhealthy, if it is due a restart for it (its back-off waited,
+    its budget not spent); else None."""
+    cur = local.slot(slot)
+    info = local.releases.get(cur.digest)
+    if cur.status != "unhealthy" or cur.digest != want.digest or info is None:
+        return None
+    wait = heal_wait(cur, info, now)
+    return now - cur.since if wait is not None and now - cur.since >= wait else None
+
+
+def heal_wait(cur: SlotView, info: ReleaseInfo, now: float) -> float | None:
+    """How long ``cur`` must stay unhealthy before its next restart; None: off or budget spent."""
+    if info.restart_after <= 0:
+        return None
+    policy = _heal_policy(info)
+    return policy.delay(len(policy.recent(cur.heals, now)))
+
+
+def _heal_policy(info: ReleaseInfo) -> Backoff:
+    return Backoff(HEAL_RESTARTS, HEAL_WINDOW, info.restart_after,
+                   max(info.restart_after, HEAL_WAIT_MAX))
+
+
+def _can_bridge(desired: DesiredState, local: ServiceView, slot: str, ref: ReleaseRef) -> bool:
+    """``slot`` may run a heal bridge of ``ref``: not desired, and free or running ``ref``."""
+    if slot in desired.slots:
+        return False
+    o = local.slot(slot)
+    if o.digest == ref.digest and o.status in RUNNING:
+        return True
+    return o.status in IDLE and not _failed_for(o, ref, desired.generation)
+
+
+def target_weights(
+    desired: DesiredState, local: ServiceView, now: float | None = None
+) -> dict[str, int]:
     """Weights the router should apply now: only healthy slots, never the mirror target."""
-    eff = effective(desired, local)
+    eff = effective(desired, local, now)
     m = target_mirror_slot(desired, local)
     mirror = m if m in desired.slots else None
     out = {
@@ -266,6 +349,7 @@ class SlotCase:
     mirrored: bool  # the router copies requests to it (never for a worker)
     generation: int  # the desired generation
     now: float
+    heal: Restart | Report | None = None  # self-healing's decision for this slot, if any
 
     @property
     def wanted_here(self) -> bool:
@@ -287,7 +371,9 @@ def _starting(c: SlotCase) -> Action | None:
 
 
 def _up(c: SlotCase) -> Action | None:
-    if c.wanted_here or c.target > 0:
+    if c.wanted_here:
+        return c.heal
+    if c.target > 0:
         return None
     return Drain(c.name) if c.applied == 0 and not c.mirrored else None
 
@@ -319,6 +405,9 @@ def _idle(c: SlotCase) -> Action | None:
 #                        Stop     it runs an unwanted release and the router gives it no weight
 #   healthy/unhealthy    Drain    it is not wanted, not in the target weights, and the router
 #                                 neither gives it weight nor mirrors to it
+#   unhealthy            Restart  it is wanted, due a restart (``heal_due``), and the router gives
+#                                 another slot weight or no heal bridge is possible (``_heal``)
+#                        Report   it is due a restart but the budget is spent, not reported yet
 #   draining             Resume   it is wanted again, or in the target weights again
 #                        Stop     stop.drain passed since it started draining
 #   stopping/fetching    -        wait for the slot event that ends it
@@ -340,7 +429,7 @@ def reconcile(desired: DesiredState | None, local: ServiceView, now: float) -> l
     if desired is None:
         return []
     worker = is_worker(desired, local)
-    eff = effective(desired, local)
+    eff = effective(desired, local, now)
     actions: list[Action] = []
 
     # 1. releases: fetch what a wanted slot needs.
@@ -354,7 +443,7 @@ def reconcile(desired: DesiredState | None, local: ServiceView, now: float) -> l
             actions.append(Fetch(ref))
 
     # 2. the router: weights and mirror.
-    target = target_weights(desired, local)
+    target = target_weights(desired, local, now)
     mirror = target_mirror(desired, local)
     applied = dict(target) if worker else {s: w for s, w in local.applied_weights.items() if w > 0}
     route_needed = not worker and (applied != target or local.applied_mirror != mirror)
@@ -374,6 +463,7 @@ def reconcile(desired: DesiredState | None, local: ServiceView, now: float) -> l
             mirrored=mirror_on(local, name) and not worker,
             generation=desired.generation,
             now=now,
+            heal=_heal(desired, local, name, applied, now),
         )
         action = SLOT_RULES[cur.status](case)
         if action is not None:
@@ -385,6 +475,40 @@ def reconcile(desired: DesiredState | None, local: ServiceView, now: float) -> l
         rest = [a for a in actions if not isinstance(a, Fetch | Resume)]
         actions = [*first, Route({s: target.get(s, 0) for s in SLOTS}, mirror), *rest]
     return actions
+
+
+def _heal(
+    desired: DesiredState, local: ServiceView, slot: str, applied: Mapping[str, int], now: float
+) -> Restart | Report | None:
+    """Self-healing's decision for a desired ``slot`` (see the module docstring)."""
+    want = desired.slots.get(slot)
+    cur = local.slot(slot)
+    info = local.releases.get(cur.digest)
+    if want is None or info is None or cur.status != "unhealthy" or cur.digest != want.digest:
+        return None
+    if info.restart_after <= 0 or now - cur.since < info.restart_after:
+        return None
+    unhealthy_for = heal_due(local, slot, want, now)
+    if unhealthy_for is None:
+        if heal_wait(cur, info, now) is not None or cur.reason.startswith(LOOP):
+            return None  # backing off, or the loop is reported already
+        made = len(_heal_policy(info).recent(cur.heals, now))
+        window, after = format_duration(HEAL_WINDOW), format_duration(info.restart_after)
+        return Report(slot, (
+            f"{LOOP}: unhealthy again after {made} restarts within {window} "
+            f"(health.restart_after {after}); not restarted again until the oldest is {window} "
+            f"old; last: {cur.reason or 'probe failed'}"
+        ))
+    other = _other(slot)
+    served_elsewhere = any(w > 0 for s, w in applied.items() if s != slot)
+    if not served_elsewhere and _can_bridge(desired, local, other, want):
+        return None  # make-before-break: the bridge in the other slot serves first
+    made = len(_heal_policy(info).recent(cur.heals, now))
+    return Restart(slot, info.stop_timeout, (
+        f"unhealthy for {format_duration(unhealthy_for)} (health.restart_after "
+        f"{format_duration(info.restart_after)}): restart {made + 1} of at most {HEAL_RESTARTS} "
+        f"within {format_duration(HEAL_WINDOW)}; last: {cur.reason or 'probe failed'}"
+    ))
 
 
 def mirror_on(local: ServiceView, slot: str) -> bool:
@@ -400,6 +524,8 @@ def assess(desired: DesiredState | None, local: ServiceView) -> Assessment:
         cur = local.slot(s)
         if _failed_for(cur, ref, desired.generation):
             errors.append(f"slot {s} ({ref.version}) failed: {cur.reason}")
+        elif cur.status == "unhealthy" and cur.reason.startswith(LOOP):
+            errors.append(f"slot {s} ({ref.version}) is in a {cur.reason}")
         err = local.fetch_errors.get(ref.digest)
         if err is not None and not err.transient and ref.digest not in local.releases:
             errors.append(f"release {ref.service} {ref.version} cannot be fetched: {err.reason}")

@@ -34,6 +34,12 @@ class HealthConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     healthy_threshold: int = 2
     unhealthy_threshold: int = 3
     start_timeout: float = 30.0
+    # A slot that was healthy and has failed its probes for this long is restarted, make-before-
+    # break (agent.reconcile: "Self-healing"); 0 turns it off. On by default: the slot already
+    # has no traffic and the restart never removes capacity, while a hung process left alone
+    # keeps a node at "no healthy slot" for ever. 30 s is ten times the default time to turn
+    # unhealthy: a GC pause or a brief dependency blip heals by itself first.
+    restart_after: float = 30.0
 
 
 class StopConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -59,7 +65,7 @@ class Manifest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 _DURATIONS = {
-    "health": ("interval", "start_interval", "timeout", "start_timeout"),
+    "health": ("interval", "start_interval", "timeout", "start_timeout", "restart_after"),
     "stop": ("drain", "timeout"),
     "hooks": ("timeout",),
 }
@@ -150,6 +156,8 @@ def _check(m: Manifest, source: str) -> None:
         raise ProtocolError(f"{source}: health.interval and health.timeout must be above 0")
     if m.health.start_interval is not None and m.health.start_interval <= 0:
         raise ProtocolError(f"{source}: health.start_interval must be above 0")
+    if m.health.restart_after < 0:
+        raise ProtocolError(f"{source}: health.restart_after must be 0 (off) or a duration")
     for key, value in m.env.items():
         if not key or "=" in key or "\0" in key:
             raise ProtocolError(f"{source}: env key {key!r} is not a valid variable name")

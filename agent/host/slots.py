@@ -39,6 +39,7 @@ from pathlib import Path
 
 import psutil
 
+from agent.backoff import Backoff
 from agent.cadence import next_tick
 from agent.host.identity import RunAs, child_env, spawn_kwargs
 from agent.host.probes import Prober, kill_and_reap, spawn_owned
@@ -79,10 +80,10 @@ class CrashPolicy:
 
     def on_crash(self, now: float) -> float | None:
         """Seconds to wait before the restart, or None when the slot must fail (a crash loop)."""
-        self.crashes = [t for t in self.crashes if now - t < self.window] + [now]
-        if len(self.crashes) > self.max_restarts:
-            return None
-        return float(min(self.cap, self.first * 2 ** (len(self.crashes) - 1)))
+        backoff = Backoff(self.max_restarts, self.window, self.first, self.cap)
+        earlier = backoff.recent(self.crashes, now)
+        self.crashes = [*earlier, now]
+        return backoff.delay(len(earlier))
 
 
 def describe_exit(code: int | None) -> str:

@@ -44,6 +44,9 @@ class SlotRecord(msgspec.Struct, kw_only=True):
     reason: str = ""
     generation: int = 0
     last_exit: int | None = None
+    # Self-healing's restarts of this slot with this release (their times): so that a restarted
+    # agent keeps the restart budget instead of starting a fresh one.
+    heals: list[float] = []
 
 
 class ServiceRecord(msgspec.Struct, kw_only=True):

@@ -26,9 +26,8 @@ from agent.host.releases import ReleaseCache
 from agent.host.slots import Notify, SlotRunner, SlotSpec
 from agent.host.state import AgentState, ServiceRecord, SlotRecord, load_state, save_state
 from agent.manager.routing import RouterLink
-from agent.manager.service import NodeConfig, Release, Service, Services
+from agent.manager.service import NodeConfig, Release, Service, Services, release_info
 from agent.reconcile import (
-    ReleaseInfo,
     SlotView,
 )
 from agent.router.control import RouterClient
@@ -75,6 +74,7 @@ class Restorer:
                     reason=r.reason,
                     generation=r.spec.generation,
                     last_exit=r.last_exit,
+                    heals=svc.heals.get((s, r.spec.digest), []),
                 )
                 for s, r in svc.runners.items()
             }
@@ -90,6 +90,7 @@ class Restorer:
                         reason=v.reason,
                         generation=v.generation,
                         last_exit=v.last_exit,
+                        heals=svc.heals.get((s, v.digest), []),
                     )
             services[svc.name] = ServiceRecord(
                 service=svc.name,
@@ -172,6 +173,8 @@ class Restorer:
     def _adopt(
         self, svc: Service, slot: str, rec: SlotRecord, on_slot: Notify
     ) -> SlotRunner | None:
+        if rec.heals and rec.digest:
+            svc.heals[(slot, rec.digest)] = list(rec.heals)
         if slot in SLOTS and rec.status == "failed" and rec.digest:
             svc.idle[slot] = SlotView(
                 slot=slot,
@@ -195,13 +198,7 @@ class Restorer:
             manifest = load_manifest(path / MANIFEST_NAME)
         except ProtocolError:
             return None
-        info = ReleaseInfo(
-            rec.digest,
-            port=manifest.port,
-            start_timeout=manifest.health.start_timeout,
-            drain=manifest.stop.drain,
-            stop_timeout=manifest.stop.timeout,
-        )
+        info = release_info(rec.digest, manifest)
         svc.releases[rec.digest] = Release(path, manifest, info, ref)
         spec = SlotSpec(
             service=svc.name,

@@ -11,7 +11,7 @@ with, the same for every part.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from agent.edge import Edge
@@ -114,11 +114,19 @@ class Service:
     # Failed slots remembered from the state file (no process): so that a restarted agent does
     # not retry a generation that already failed.
     idle: dict[str, SlotView] = field(default_factory=dict)
+    # Self-healing, by (slot, digest): when the slot was restarted for staying unhealthy with
+    # that release (the reconciler's back-off and budget read them: another release starts with
+    # a whole budget), and the restart count its next runner of that release takes over.
+    heals: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    carried_restarts: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def view(self, now: float | None = None) -> ServiceView:
         """The reconciler's view; given ``now``, a router failing for ROUTER_FAILS_AFTER is in
         it (``router_failure``)."""
-        slots = {s: v for s, v in self.idle.items() if s not in self.runners}
+        slots = {
+            s: replace(v, heals=tuple(self.heals.get((s, v.digest), ())))
+            for s, v in self.idle.items() if s not in self.runners
+        }
         for s, r in self.runners.items():
             slots[s] = SlotView(
                 slot=s,
@@ -130,6 +138,7 @@ class Service:
                 reason=r.reason,
                 generation=r.spec.generation,
                 last_exit=r.last_exit,
+                heals=tuple(self.heals.get((s, r.spec.digest), ())),
             )
         return ServiceView(
             service=self.name,
@@ -146,6 +155,18 @@ class Service:
         )
 
 
+def release_info(digest: str, manifest: Manifest) -> ReleaseInfo:
+    """What the reconciler needs of a fetched release's manifest."""
+    return ReleaseInfo(
+        digest,
+        port=manifest.port,
+        start_timeout=manifest.health.start_timeout,
+        drain=manifest.stop.drain,
+        stop_timeout=manifest.stop.timeout,
+        restart_after=manifest.health.restart_after,
+    )
+
+
 # Slot statuses with a reconciler timer running (start timeout, drain time) or an end to await.
 _MOVING = frozenset({"starting", "draining", "stopping", "fetching"})
 
@@ -155,7 +176,13 @@ Services = dict[str, Service]  # by name; shared by the manager's parts
 
 def settled(view: ServiceView) -> bool:
     """Whether no timer of ``reconcile`` can fire for this view: nothing fetching or waiting to
-    retry a fetch, no slot starting, draining or stopping. A settled service changes only through
-    a wake (desired state, slot event, router stats), so the loop may sleep for ``IDLE_TICK``."""
+    retry a fetch, no slot starting, draining or stopping, none unhealthy with a restart_after
+    running. A settled service changes only through a wake (desired state, slot event, router
+    stats), so the loop may sleep for ``IDLE_TICK``."""
     return (not view.fetching and not view.fetch_errors
-            and not any(v.status in _MOVING for v in view.slots.values()))
+            and not any(v.status in _MOVING or _healing(view, v) for v in view.slots.values()))
+
+
+def _healing(view: ServiceView, v: SlotView) -> bool:
+    info = view.releases.get(v.digest)
+    return v.status == "unhealthy" and info is not None and info.restart_after > 0

@@ -62,15 +62,18 @@ from agent.manager.service import (
     Release,
     Service,
     Services,
+    release_info,
     settled,
 )
 from agent.reconcile import (
+    HEAL_WINDOW,
     Action,
     Drain,
     Fail,
     Fetch,
     FetchError,
-    ReleaseInfo,
+    Report,
+    Restart,
     Resume,
     Route,
     Start,
@@ -252,6 +255,32 @@ class ServiceManager:
                 runner = svc.runners[slot]
                 runner.status = "stopping"  # at once, so the next pass waits for it
                 tg.create_task(runner.stop(timeout), name=f"stop-{svc.name}-{slot}")
+            case Restart(slot=slot, timeout=timeout, reason=reason):
+                self._restart(svc, slot, timeout, reason)
+            case Report(slot=slot, reason=reason):
+                runner = svc.runners[slot]
+                runner.reason = reason  # level-triggered: the reconciler reports it only once
+                log.warning("%s slot %s: %s", svc.name, slot, reason)
+                self.events.emit("slot.restart_loop", svc.name, reason, slot=slot,
+                                 version=runner.spec.manifest.version, restarts=runner.restarts)
+
+    def _restart(self, svc: Service, slot: str, timeout: float, reason: str) -> None:
+        """Self-healing: stop a slot that stayed unhealthy (its replacement serves already or
+        cannot); the reconciler starts it again as any stopped slot, counted as a restart."""
+        runner = svc.runners[slot]
+        now = self.clock()
+        key = (slot, runner.spec.digest)
+        svc.heals = {k: kept for k, times in svc.heals.items()
+                     if (kept := [t for t in times if now - t < HEAL_WINDOW])}
+        svc.heals[key] = [*svc.heals.get(key, []), now]
+        svc.carried_restarts[key] = runner.restarts + 1
+        log.warning("%s slot %s restarts: %s", svc.name, slot, reason)
+        self.events.emit("slot.restarting", svc.name, reason, slot=slot,
+                         version=runner.spec.manifest.version, pid=runner.pid,
+                         restarts=runner.restarts + 1)
+        runner.status = "stopping"  # at once, so the next pass waits for it
+        assert self._tg is not None
+        self._tg.create_task(runner.stop(timeout), name=f"restart-{svc.name}-{slot}")
 
     async def _fetch(self, svc: Service, ref: ReleaseRef) -> None:
         try:
@@ -267,13 +296,7 @@ class ServiceManager:
             self.events.emit("release.failed", svc.name, reason, version=ref.version)
         else:
             svc.fetch_errors.pop(ref.digest, None)
-            info = ReleaseInfo(
-                ref.digest,
-                port=manifest.port,
-                start_timeout=manifest.health.start_timeout,
-                drain=manifest.stop.drain,
-                stop_timeout=manifest.stop.timeout,
-            )
+            info = release_info(ref.digest, manifest)
             svc.releases[ref.digest] = Release(path, manifest, info, ref)
         finally:
             svc.fetching.discard(ref.digest)
@@ -298,6 +321,7 @@ class ServiceManager:
             generation=generation,
         )
         runner = SlotRunner(spec, self._on_slot, now=self.clock)
+        runner.restarts = svc.carried_restarts.pop((slot, ref.digest), 0)
         svc.runners[slot] = runner
         svc.idle.pop(slot, None)
         assert self._tg is not None

@@ -39,6 +39,7 @@ class Load:
     """Steady GET / traffic on one port; every request that is not a 200 counts as failed."""
 
     port: int
+    host: str = "127.0.0.1"
     ok: int = 0
     failed: int = 0
     versions: dict[str, int] = field(default_factory=dict)
@@ -68,7 +69,7 @@ class Load:
             writer = None
             try:
                 async with asyncio.timeout(5):
-                    reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                    reader, writer = await asyncio.open_connection(self.host, self.port)
                     await self._request(reader, writer, keep=False)
                 self.ok += 1
             except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as exc:
@@ -86,7 +87,7 @@ class Load:
             try:
                 async with asyncio.timeout(5):
                     if writer is None:
-                        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                        reader, writer = await asyncio.open_connection(self.host, self.port)
                     assert reader is not None
                     await self._request(reader, writer, keep=True)
                 self.ok += 1

@@ -429,8 +429,8 @@ def test_one_app_and_a_manifest_per_version_make_valid_bundles() -> None:
     carries that app and packs into a valid bundle."""
     root = examples.examples_root() / "hello"
     versions = examples.versions()
-    assert versions == ["1.0.0", "2.0.0", "2.1.0", "2.2.0", "2.3.0", "2.4.0", "2.9.0"]
-    assert not any((root / v / "app.py").exists() for v in versions)  # one copy, not seven
+    assert versions == ["1.0.0", "2.0.0", "2.1.0", "2.2.0", "2.3.0", "2.4.0", "2.5.0", "2.9.0"]
+    assert not any((root / v / "app.py").exists() for v in versions)  # one copy, not eight
     for v in versions:
         assert (hello_bundle(v) / "app.py").read_bytes() == (root / "app.py").read_bytes()
         _, manifest = pack(hello_bundle(v))

@@ -1,7 +1,8 @@
 """hello: the example fleetwave service (stdlib only; identical in every version directory).
 
 GET /         {"service", "version", "node", "slot", "greeting"} as JSON
-GET /healthz  200 "ok" (503 with HEALTH_FAIL=1, or on the node HEALTH_FAIL_ON_NODE names)
+GET /healthz  200 "ok" (503 with HEALTH_FAIL=1, on the node HEALTH_FAIL_ON_NODE names, or
+              after HEALTH_FAIL_AFTER_S)
 POST /echo    the request body back, to exercise request bodies through the router
 
 Environment: PORT (required, set by the agent), BIND_HOST (default 127.0.0.1),
@@ -15,6 +16,8 @@ HEALTH_FAIL=1     /healthz never passes
 HEALTH_FAIL_ON_NODE=ID  /healthz never passes where FLEETWAVE_NODE is ID (one bad node of many:
                   every node gets the same release, so the knob must pick the node itself)
 CRASH_AFTER_S     exit with status 3 after that many seconds
+HEALTH_FAIL_AFTER_S  /healthz answers 503 once the process has run that many seconds, while
+                  GET / keeps answering (a hung dependency: unhealthy but running)
 
 ``python3 app.py --smoke`` is a validate hook: one GET / to 127.0.0.1:PORT that must answer 200
 with this FLEETWAVE_VERSION (exit 0, else 1 with the reason).
@@ -55,6 +58,13 @@ class Knobs:
         )
         crash = env.get("CRASH_AFTER_S", "")
         self.crash_after = float(crash) if crash else None
+        fail_after = env.get("HEALTH_FAIL_AFTER_S", "")
+        self.health_fail_at = time.monotonic() + float(fail_after) if fail_after else None
+
+    def health_failing(self) -> bool:
+        return self.health_fail or (
+            self.health_fail_at is not None and time.monotonic() >= self.health_fail_at
+        )
 
 
 class Server(ThreadingHTTPServer):
@@ -135,8 +145,9 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         k = self.server.knobs
         if self.path == "/healthz":
-            if k.health_fail:
-                self._send(503, b"unhealthy (HEALTH_FAIL knob)\n", "text/plain")
+            if k.health_failing():
+                self._send(503, b"unhealthy (HEALTH_FAIL or HEALTH_FAIL_AFTER_S knob)\n",
+                           "text/plain")
             else:
                 self._send(200, b"ok\n", "text/plain")
             return

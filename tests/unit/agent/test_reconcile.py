@@ -18,6 +18,8 @@ from agent.reconcile import (
     Fetch,
     FetchError,
     ReleaseInfo,
+    Report,
+    Restart,
     Resume,
     Route,
     ServiceView,
@@ -364,7 +366,8 @@ def _apply(local: ServiceView, act: Action, now: float, worker: bool) -> Service
     slots = dict(local.slots)
     if isinstance(act, Fetch):
         info = ReleaseInfo(
-            act.release.digest, port=None if worker else 8080, start_timeout=5, drain=1
+            act.release.digest, port=None if worker else 8080, start_timeout=5, drain=1,
+            restart_after=2,
         )
         return replace(local, releases={**local.releases, act.release.digest: info})
     if isinstance(act, Start):
@@ -389,6 +392,11 @@ def _apply(local: ServiceView, act: Action, now: float, worker: bool) -> Service
         slots[act.slot] = replace(local.slot(act.slot), status="healthy", since=now)
     elif isinstance(act, Stop):
         slots[act.slot] = replace(local.slot(act.slot), status="stopped", since=now)
+    elif isinstance(act, Restart):
+        cur = local.slot(act.slot)
+        slots[act.slot] = replace(cur, status="stopped", since=now, heals=(*cur.heals, now))
+    elif isinstance(act, Report):
+        slots[act.slot] = replace(local.slot(act.slot), reason=act.reason)
     return replace(local, slots=slots)
 
 
@@ -429,6 +437,9 @@ def _check(d: DesiredState, local: ServiceView, acts: list[Action], worker: bool
                 assert act.mirror.slot in healthy_slots
             if healthy_slots - {mirror} and serve:
                 assert any(w > 0 for w in act.weights.values()), "router left with nothing"
+        if isinstance(act, Restart):
+            assert local.slot(act.slot).status == "unhealthy", "restart of a slot not unhealthy"
+            assert not local.applied_weights.get(act.slot), "restart of a slot with traffic"
         if isinstance(act, (Drain, Stop)) and serve:
             st_ = local.slot(act.slot).status
             if st_ in ("healthy", "draining"):
