@@ -69,6 +69,7 @@ from coordinator.runtime.lease import (
     ping_subject,
     write_fences,
 )
+from coordinator.runtime.notify import Notifier
 from coordinator.runtime.rotation import resign_desired
 from coordinator.runtime.runner import TICK, Runner
 from coordinator.runtime.store import RolloutStore
@@ -119,6 +120,7 @@ class Coordinator:
         self, nats_url: str, fleet: str, *, clock: Callable[[], float] = time.time,
         seed: bytes | None = None, replicas: int | None = None,
         creds: Creds | None = None, tls_ca: str | None = None, previous_key: str | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.nats_url = nats_url
         self._access: dict[str, Any] = {"creds": creds, "tls_ca": tls_ca}
@@ -135,6 +137,7 @@ class Coordinator:
         self.ready = asyncio.Event()
         self._clock = clock
         self.events = EventPublisher(fleet, logger=log)
+        self.notifier = notifier
         self._complained: set[tuple[str, str]] = set()
         # The key that signs desired states; without a key file (tests) a throwaway one, which
         # agents trust only if told its public key (API verb ``key``).
@@ -292,7 +295,10 @@ class Coordinator:
                 self.runner = runner
                 log.info("coordinator %s leads fleet %r (term %d)", self.id, self.fleet_name,
                          held.term)
-                why, crashed = await _first_of(lease.hold(), runner.run())
+                work = [lease.hold(), runner.run()]
+                if self.notifier is not None:  # only the leader notifies (its own task)
+                    work.append(self.notifier.lead(bus, self.started))
+                why, crashed = await _first_of(*work)
                 self.runner = None
                 lease.deposed()
                 if runner.deposed is not None:
