@@ -43,7 +43,7 @@ def notifier(receiver: Receiver, slept: list[float], secret: bytes | None = None
 async def test_500_then_200_is_retried_with_backoff(caplog: pytest.LogCaptureFixture) -> None:
     """Two 500s and a refused connection are retried after 1, 2 and 4 s; the 200 delivers;
     every attempt is a log line naming the target without its query."""
-    receiver, slept = Receiver(500, 503, ConnectionRefusedError(111, "refused"), 200), []
+    receiver, slept = Receiver(500, 503, ConnectionRefusedError(111, "refused"), 200), list[float]()
     target = doc.parse_target("http://127.0.0.1:9/hook?token=SECRET")
     with caplog.at_level(logging.INFO, "fleetwave.notify"):
         assert await notifier(receiver, slept).deliver(target, EVENT, FACTS)
@@ -57,7 +57,7 @@ async def test_500_then_200_is_retried_with_backoff(caplog: pytest.LogCaptureFix
 
 async def test_a_refusal_is_not_retried(caplog: pytest.LogCaptureFixture) -> None:
     """A 404 is the receiver's final answer: one attempt, an error line, given up."""
-    receiver, slept = Receiver(404), []
+    receiver, slept = Receiver(404), list[float]()
     with caplog.at_level(logging.INFO, "fleetwave.notify"):
         assert not await notifier(receiver, slept).deliver(
             doc.parse_target("http://127.0.0.1:9/"), EVENT, FACTS)
@@ -67,7 +67,7 @@ async def test_a_refusal_is_not_retried(caplog: pytest.LogCaptureFixture) -> Non
 
 async def test_gives_up_after_the_last_attempt() -> None:
     """A receiver that never answers gets six attempts, then the delivery is given up."""
-    receiver, slept = Receiver(*[TimeoutError()] * 6), []
+    receiver, slept = Receiver(*[TimeoutError()] * 6), list[float]()
     assert not await notifier(receiver, slept).deliver(
         doc.parse_target("http://127.0.0.1:9/"), EVENT, FACTS)
     assert len(receiver.posts) == doc.ATTEMPTS
@@ -76,7 +76,7 @@ async def test_gives_up_after_the_last_attempt() -> None:
 
 async def test_the_document_is_signed_and_named() -> None:
     """With a secret each POST carries a signature that verifies, and the event's id."""
-    receiver, slept = Receiver(200), []
+    receiver, slept = Receiver(200), list[float]()
     await notifier(receiver, slept, secret=b"k").deliver(
         doc.parse_target("http://127.0.0.1:9/"), EVENT, FACTS)
     [(_, body, headers)] = receiver.posts
@@ -89,7 +89,7 @@ async def test_the_document_is_signed_and_named() -> None:
 
 async def test_slack_targets_get_slacks_format() -> None:
     """A slack+https target is POSTed Slack's JSON at the https URL behind it."""
-    receiver, slept = Receiver(200), []
+    receiver, slept = Receiver(200), list[float]()
     await notifier(receiver, slept).deliver(
         doc.parse_target("slack+https://hooks.slack.com/services/T/B/X"), EVENT, FACTS)
     [(url, body, _)] = receiver.posts
