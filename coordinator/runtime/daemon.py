@@ -12,7 +12,9 @@ writing verbs forwarded to it), and then owns three tasks until ``stop`` is set:
   key and re-signing what that key signed: ``coordinator.core.rotation``), and run a ``Runner``
   for as long as the lease holds (a lost renewal, or a write refused by a later leader's fence,
   ends it at once); then stand by again.
-  On ``stop`` a leader gives the lease up, so a standby takes over within a poll;
+  On ``stop`` a leader gives the lease up, so a standby takes over within a poll. Beside the
+  runner the leader runs the notifier (``--notify``: ``coordinator.runtime.notify``), which
+  reads the events stream through durable consumers, so the next leader goes on where it was;
 - the *ticker* lets time pass in the pure node table (``core.fleet``) so that silent nodes
   go offline; not while the coordinator's own connection is down (then the silence is ours), and
   after a reconnect it excuses the fleet for as long as agents may take to reconnect too. A pause
