@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import getpass
 import json
 import socket
 import time
@@ -21,7 +22,15 @@ import pytest
 
 from coordinator.dev.devfleet import DevFleet
 from coordinator.runtime import notify_doc as doc
-from tests.integration.e2e_support import deploy_detached, events_of, push, status
+from protocol import subjects
+from tests.integration.e2e_support import (
+    deploy_detached,
+    events_of,
+    install,
+    loaded,
+    push,
+    status,
+)
 from tests.integration.procs import fleetwave, wait_until
 
 SUBNET = "127.0.60"
@@ -206,6 +215,53 @@ async def test_a_restarted_coordinator_sends_nothing_twice(tmp_path: Path, how: 
         await asyncio.sleep(1.5)
         assert_once_each(prompt, expected)
         assert sum(d["what"] == "wave_passed" for d in prompt.documents()) == 3
+
+
+async def told(r: Receiver, rid: str, what: str) -> dict[str, Any]:
+    """The notification ``what`` of rollout ``rid`` once ``r`` got it."""
+    def find(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [d for d in docs if d["rollout"] == rid and d["what"] == what]
+    docs = await wait_until(lambda: asyncio.sleep(0, r.documents()), lambda d: bool(find(d)),
+                            timeout=30, what=f"{what} of {rid}")
+    [found] = find(docs)
+    return found
+
+
+async def test_failures_and_steering_are_told_with_figures_and_who(tmp_path: Path) -> None:
+    """A canary of 2.2.0 (every other answer a 500) under traffic: its failed gate is told with
+    the error rate, then the rollback; a rollout paused, resumed and aborted by an operator is
+    told each time with who did it and why."""
+    prompt = Receiver(f"{SUBNET}.106")
+    await prompt.start()
+    async with receivers(prompt), fleet_with(tmp_path, 2, prompt) as fleet:
+        url = fleet.nats_url
+        await push(url, "1.0.0", "2.2.0", "2.0.0")
+        await install(fleet, "1.0.0")
+        async with loaded(fleet):
+            code, out, err = await fleetwave(
+                "deploy", "hello", "2.2.0", "--strategy", "canary", "--steps", "1,100%",
+                "--bake", "3s", "--max-error-rate", "5%", "--min-requests", "10",
+                nats_url=url, timeout=DEPLOY_TIMEOUT)
+        assert code == 3, f"2.2.0 should roll back, got {code}: {out}{err}"
+        rid = (await status(url))["id"]
+        gate = await told(prompt, rid, "gate_failed")
+        assert gate["severity"] == "critical" and gate["wave"] == 0
+        assert gate["figures"]["error_rate"] > 0.05, gate["figures"]
+        assert (gate["from_version"], gate["to_version"], gate["strategy"]) == (
+            "1.0.0", "2.2.0", "canary")
+        assert gate["who"] == "coordinator"
+        rolled = await told(prompt, rid, "rolled_back")
+        assert "max-error-rate" in rolled["reason"] or "error rate" in rolled["reason"], rolled
+
+        rid = await deploy_detached(url, "2.0.0", "--batch", "1", "--bake", "60s")
+        operator = subjects.caller_token(getpass.getuser())  # how the CLI names itself here
+        for verb in ("pause", "resume", "abort"):
+            code, out, err = await fleetwave(verb, rid, nats_url=url)
+            assert code == 0, f"{verb}: {out}{err}"
+            what = {"pause": "paused", "resume": "resumed", "abort": "aborted"}[verb]
+            note = await told(prompt, rid, what)
+            assert note["who"] == operator, note
+        assert (await told(prompt, rid, "paused"))["reason"]
 
 
 async def test_a_bad_notify_url_is_one_line_and_exit_2() -> None:
