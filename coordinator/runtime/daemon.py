@@ -299,7 +299,7 @@ class Coordinator:
                          held.term)
                 work = [lease.hold(), runner.run()]
                 if self.notifier is not None:  # only the leader notifies (its own task)
-                    work.append(self.notifier.lead(bus, self.started))
+                    work.append(self.notifier.lead(bus, self._clock()))
                 why, crashed = await _first_of(*work)
                 self.runner = None
                 lease.deposed()

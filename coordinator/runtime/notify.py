@@ -28,12 +28,13 @@ its answer.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import msgspec
 
@@ -53,6 +54,7 @@ KEEPALIVE = 10.0
 PULL_WAIT = 5.0  # one long pull; a new event ends it at once
 RESTART_DELAY = 2.0  # after the events stream failed us
 USER_AGENT = "fleetwave-notify/1"
+FACTS_KEPT = 256  # rollouts whose versions are remembered
 
 Post = Callable[[str, bytes, dict[str, str], float], Awaitable[int]]
 
@@ -69,6 +71,9 @@ async def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -
             f"User-Agent: {USER_AGENT}", "Content-Type: application/json",
             f"Content-Length: {len(body)}", "Connection: close",
             *(f"{k}: {v}" for k, v in headers.items())]
+    if parts.username is not None:  # https://user:password@host/...: basic authentication
+        pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+        head.append(f"Authorization: Basic {base64.b64encode(pair).decode()}")
     async with asyncio.timeout(timeout):
         reader, writer = await asyncio.open_connection(
             host, port, ssl=ssl.create_default_context() if tls else None)
@@ -76,9 +81,11 @@ async def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -
             writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
             await writer.drain()
             status_line = await reader.readline()
+        except ValueError:  # a line longer than the reader's limit: not HTTP
+            status_line = b"(an endless line)"
         finally:
             writer.close()
-            with contextlib.suppress(OSError, ssl.SSLError):
+            with contextlib.suppress(OSError):
                 await writer.wait_closed()
     try:
         return int(status_line.split(b" ", 2)[1])
@@ -150,6 +157,8 @@ class Notifier:
         keepalive = asyncio.create_task(_renew(pulled))
         try:
             await self.deliver(target, event, await self._facts_of(store, event))
+        except Exception:  # our bug: skip this event (logged) rather than retry it forever
+            log.exception("notify %s: cannot notify event %s; skipped", target.shown, event.id)
         except asyncio.CancelledError:
             # The leadership ended mid-delivery: hand the event to the next leader now rather
             # than after the ack wait (it may get it twice if this attempt had reached it).
@@ -174,6 +183,8 @@ class Notifier:
                 return Facts()
             facts = Facts(from_version=record.from_version, to_version=record.release.version,
                           strategy=record.spec.strategy)
+            if len(self._facts) >= FACTS_KEPT:  # a long-lived leader: forget the oldest
+                del self._facts[next(iter(self._facts))]
             self._facts[event.rollout] = facts
         return facts
 

@@ -124,7 +124,7 @@ def document(event: Event, facts: Facts) -> Notification:
     what, severity = NOTABLE[event.kind]
     data = event.data
     reason = str(data.get("reason") or "")
-    if event.kind == "wave.failed":
+    if event.kind in ("wave.failed", "gate.failed"):
         reason = reason or event.message
         if any(mark in event.message for mark in DEADLINE_MARKS):
             what = "progress_deadline"

@@ -3,14 +3,17 @@ attempt logged, given up after the last; without sockets (a fake POST and a fake
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
+import msgspec
 import pytest
 
 from coordinator.runtime import notify_doc as doc
 from coordinator.runtime.notify import Notifier
-from protocol.messages import Event
+from protocol.codec import encode
+from protocol.messages import Event, ReleaseRef, RolloutRecord, RolloutSpec
 
 EVENT = Event(id="ab" * 16, time=1000.0, fleet="prod", kind="gate.failed",
               message="wave 1: error rate 0.2", service="hello", rollout="r-1",
@@ -95,3 +98,88 @@ async def test_slack_targets_get_slacks_format() -> None:
     [(url, body, _)] = receiver.posts
     assert url == "https://hooks.slack.com/services/T/B/X"
     assert "gate failed" in json.loads(body)["text"]
+
+
+class Pulled:
+    """One message of a durable consumer, remembering what was done with it."""
+
+    def __init__(self, event: Event | bytes) -> None:
+        self.subject = f"fw.prod.evt.{event.kind if isinstance(event, Event) else 'x'}"
+        self.data = encode(event) if isinstance(event, Event) else event
+        self.done: list[str] = []
+
+    async def ack(self) -> None:
+        self.done.append("ack")
+
+    async def nak(self) -> None:
+        self.done.append("nak")
+
+    async def working(self) -> None:
+        self.done.append("working")
+
+
+class Store:
+    """The rollout records a notifier reads versions from."""
+
+    fleet = "prod"
+
+    def __init__(self) -> None:
+        self.loads = 0
+
+    async def load(self, rollout_id: str) -> RolloutRecord | None:
+        self.loads += 1
+        spec = RolloutSpec(service="hello", version="2", strategy="canary")
+        return RolloutRecord(id=rollout_id, spec=spec, from_version="1",
+                             release=ReleaseRef(service="hello", version="2", digest="d", size=1))
+
+
+TARGET = doc.parse_target("http://127.0.0.1:9/")
+
+
+async def test_each_event_is_acknowledged_after_its_delivery() -> None:
+    """A notable event is POSTed once, with the record's versions, then acknowledged; the
+    record is read once per rollout."""
+    receiver, store = Receiver(200, 200), Store()
+    n = notifier(receiver, [])
+    for _ in range(2):
+        pulled = Pulled(EVENT)
+        await n._handle(store, TARGET, pulled)  # type: ignore[arg-type]
+        assert pulled.done == ["ack"]
+    assert len(receiver.posts) == 2 and store.loads == 1
+    assert json.loads(receiver.posts[0][1])["from_version"] == "1"
+
+
+@pytest.mark.parametrize("data", [
+    msgspec.structs.replace(EVENT, kind="node.updating"), b"not an event",
+])
+async def test_other_and_malformed_events_are_acknowledged_unsent(data: Event | bytes) -> None:
+    """Events no one is told of, and bytes that are no event, are acknowledged and not sent."""
+    receiver, pulled = Receiver(), Pulled(data)
+    await notifier(receiver, [])._handle(Store(), TARGET, pulled)  # type: ignore[arg-type]
+    assert pulled.done == ["ack"] and receiver.posts == []
+
+
+async def test_a_failure_of_ours_skips_the_event_instead_of_looping() -> None:
+    """An error inside a delivery is logged and the event acknowledged: a poison event is not
+    handed back forever."""
+    receiver, pulled = Receiver(RuntimeError("bug")), Pulled(EVENT)
+    await notifier(receiver, [])._handle(Store(), TARGET, pulled)  # type: ignore[arg-type]
+    assert pulled.done == ["ack"]
+
+
+async def test_an_event_cut_off_mid_delivery_is_handed_back() -> None:
+    """Cancelled mid-delivery (the leadership ended), the event is given back at once (nak),
+    not acknowledged."""
+    pulled, posting = Pulled(EVENT), asyncio.Event()
+
+    async def hang(url: str, body: bytes, headers: dict[str, str], timeout: float) -> int:
+        posting.set()
+        await asyncio.Event().wait()
+        return 200
+    n = Notifier([], post=hang)
+    task = asyncio.create_task(n._handle(Store(), TARGET, pulled))  # type: ignore[arg-type]
+    await posting.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert pulled.done == ["nak"]
