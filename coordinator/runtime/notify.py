@@ -10,8 +10,9 @@ at once. The consumer's position is the server's, so:
 - a restarted coordinator, or a standby that takes over, goes on from the first event not yet
   acknowledged: nothing is sent twice and nothing is lost. The one window left is a POST that
   succeeded right before this process died unacknowledged: its event comes again, with the same
-  ``id`` (receivers de-duplicate on it). A consumer made for the first time starts at this
-  coordinator's start, so turning notifications on never replays a fleet's history;
+  ``id`` (receivers de-duplicate on it). A consumer made for the first time starts when
+  this leadership did, so turning notifications on never replays a fleet's history. Give every
+  coordinator of a fleet the same URLs: a standby's are the ones used once it leads;
 - each target keeps its own pace: a receiver that is down holds back its own notifications
   only. The queue between the rollout and a receiver is the events stream itself (bounded by
   its limits), read one unacknowledged event at a time; the rollout never waits for it: the
