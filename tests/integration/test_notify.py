@@ -31,7 +31,7 @@ from tests.integration.e2e_support import (
     push,
     status,
 )
-from tests.integration.procs import fleetwave, wait_until
+from tests.integration.procs import fleetwave, hello_bundle, wait_until
 
 SUBNET = "127.0.60"
 SECRET = "s3cret-for-tests"
@@ -113,8 +113,9 @@ def notable(events: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {e["id"]: e for e in events if e["kind"] in doc.NOTABLE}
 
 
-def fleet_with(tmp_path: Path, agents: int, *targets: Receiver) -> DevFleet:
-    fleet = DevFleet(tmp_path / "fleet", agents=agents, subnet=SUBNET, heartbeat_interval=0.5)
+def fleet_with(tmp_path: Path, agents: int, *targets: Receiver, secure: bool = False) -> DevFleet:
+    fleet = DevFleet(tmp_path / "fleet", agents=agents, subnet=SUBNET, heartbeat_interval=0.5,
+                     secure=secure)
     for r in targets:
         fleet.coordinator.argv += ["--notify", r.url]
     fleet.coordinator.argv += ["--notify-secret", SECRET]
@@ -262,6 +263,23 @@ async def test_failures_and_steering_are_told_with_figures_and_who(tmp_path: Pat
             note = await told(prompt, rid, what)
             assert note["who"] == operator, note
         assert (await told(prompt, rid, "paused"))["reason"]
+
+
+async def test_a_secure_fleets_coordinator_may_notify(tmp_path: Path) -> None:
+    """With TLS and per-role credentials the coordinator's own may make and read its durable
+    consumers: a rollout is told from start to end, with the operator who asked."""
+    prompt = Receiver(f"{SUBNET}.107")
+    await prompt.start()
+    async with receivers(prompt), fleet_with(tmp_path, 1, prompt, secure=True) as fleet:
+        code, _, err = await fleetwave(*fleet.client_args(), "release", "push",
+                                       str(hello_bundle("1.0.0")))
+        assert code == 0, err
+        code, out, err = await fleetwave(*fleet.client_args(), "deploy", "hello", "1.0.0",
+                                         "--detach")
+        assert code == 0, f"{out}{err}"
+        rid = out.strip()
+        assert (await told(prompt, rid, "started"))["who"] == fleet.caller
+        await told(prompt, rid, "succeeded")
 
 
 async def test_a_bad_notify_url_is_one_line_and_exit_2() -> None:
