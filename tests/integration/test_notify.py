@@ -20,13 +20,15 @@ from typing import Any
 
 import pytest
 
-from coordinator.dev.devfleet import DevFleet
+from coordinator.dev.devfleet import Child, DevFleet
 from coordinator.runtime import notify_doc as doc
 from protocol import subjects
+from protocol.bus import Bus
 from tests.integration.e2e_support import (
     deploy_detached,
     events_of,
     install,
+    leader_of,
     loaded,
     push,
     status,
@@ -263,6 +265,41 @@ async def test_failures_and_steering_are_told_with_figures_and_who(tmp_path: Pat
             note = await told(prompt, rid, what)
             assert note["who"] == operator, note
         assert (await told(prompt, rid, "paused"))["reason"]
+
+
+async def test_a_standby_taking_over_goes_on_where_the_leader_stopped(tmp_path: Path) -> None:
+    """Two coordinators with the same URL: the leader is killed after the first wave's
+    notification; the standby takes over and every notable event arrives exactly once."""
+    prompt = Receiver(f"{SUBNET}.108")
+    await prompt.start()
+    async with receivers(prompt), fleet_with(tmp_path, 3, prompt) as fleet:
+        other = Child("coordinator-2", [*fleet.coordinator.argv],
+                      fleet.dir / "logs" / "coordinator-2.log")
+        await other.start()
+        bus = await Bus.connect(fleet.nats_url, fleet.fleet, name="notify-test")
+        try:
+            url = fleet.nats_url
+            await push(url, "1.0.0")
+            rid = await deploy_detached(url, "1.0.0", "--batch", "1", "--bake", "2s")
+            await wait_until(lambda: asyncio.sleep(0, [d["what"] for d in prompt.documents()]),
+                             lambda whats: "wave_passed" in whats, timeout=30,
+                             what="the first wave's notification")
+            lease = await leader_of(bus)
+            leader = other if lease.get("pid") == other.pid else fleet.coordinator
+            await leader.kill()
+            await wait_until(lambda: leader_of(bus),
+                             lambda d: d.get("holder") not in (None, lease["holder"]),
+                             timeout=15, what="the standby to lead")
+            await finished(url, rid)
+            expected = notable(await events_of(url, rid))
+            await wait_until(lambda: asyncio.sleep(0, len(prompt.accepted)),
+                             lambda n: n >= len(expected), timeout=30,
+                             what=f"{len(expected)} notifications")
+            await asyncio.sleep(1.5)
+            assert_once_each(prompt, expected)
+        finally:
+            await bus.close()
+            await other.stop()
 
 
 async def test_a_secure_fleets_coordinator_may_notify(tmp_path: Path) -> None:
