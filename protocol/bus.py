@@ -65,6 +65,7 @@ from protocol.errors import (
 )
 
 REQUEST_TIMEOUT = 5.0
+DURABLE_FORGOTTEN = 7 * 24 * 3600.0  # a durable consumer no one read for this long is deleted
 
 
 def _name_client_version() -> None:
@@ -1154,6 +1155,27 @@ class Bus:
         )
         return [r if isinstance(r, BusError) else None for r in results]
 
+    async def durable_events(self, name: str, filters: Sequence[str], *, start: float,
+                             ack_wait: float) -> Durable:
+        """Read the fleet's events on ``filters`` through durable consumer ``name``, one message
+        unacknowledged at a time (in stream order). A new consumer starts at wall time ``start``;
+        an existing one goes on from where its last reader left it (its position is the server's,
+        so another process taking over continues there)."""
+        config = js_api.ConsumerConfig(
+            durable_name=name, ack_policy=js_api.AckPolicy.EXPLICIT, ack_wait=ack_wait,
+            max_ack_pending=1, deliver_policy=js_api.DeliverPolicy.BY_START_TIME,
+            opt_start_time=dt.datetime.fromtimestamp(start, dt.UTC),
+            filter_subjects=list(filters), inactive_threshold=DURABLE_FORGOTTEN,
+        )
+        try:
+            sub = await self.js.pull_subscribe(subjects.events(self.fleet), durable=name,
+                                               stream=subjects.events_stream(self.fleet),
+                                               config=config)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot read the events stream through consumer {name}: {exc}"
+                           ) from None
+        return Durable(sub)
+
     async def stream_messages(
         self, stream: str, subject: str, *, follow: bool = False, last: int | None = None
     ) -> AsyncIterator[bytes]:
@@ -1194,6 +1216,54 @@ class Bus:
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(sub.unsubscribe(), 2)
+
+
+class Pulled:
+    """One message of a durable consumer (``Bus.durable_events``); the server delivers it again
+    after the consumer's ack wait unless it is acknowledged (``ack``), or at once after ``nak``."""
+
+    def __init__(self, msg: Any) -> None:
+        self._msg = msg
+        self.subject: str = msg.subject
+        self.data: bytes = msg.data
+
+    async def ack(self, timeout: float = OP_TIMEOUT) -> None:
+        """Acknowledge and wait until the server has it: a restart then never redelivers it."""
+        try:
+            await self._msg.ack_sync(timeout=timeout)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot acknowledge {self.subject}: {exc}") from None
+
+    async def working(self) -> None:
+        """Restart the ack wait: the message is still being handled."""
+        with contextlib.suppress(nats.errors.Error, TimeoutError):
+            await self._msg.in_progress()
+
+    async def nak(self) -> None:
+        """Give the message back for the next reader, now (best effort)."""
+        with contextlib.suppress(nats.errors.Error, TimeoutError):
+            await self._msg.nak()
+
+
+class Durable:
+    """A pull subscription on a durable consumer: ``next`` one message at a time."""
+
+    def __init__(self, sub: Any) -> None:
+        self._sub = sub
+
+    async def next(self, wait: float) -> Pulled | None:
+        """The next message, or None when none came within ``wait`` seconds."""
+        try:
+            [msg] = await self._sub.fetch(1, timeout=wait)
+        except (nats.errors.TimeoutError, TimeoutError):  # also an empty consumer's first pulls
+            return None
+        except nats.errors.Error as exc:
+            raise BusError(f"cannot pull from the durable consumer: {exc}") from None
+        return Pulled(msg)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._sub.unsubscribe(), 2)
 
 
 class _HeartbeatingJetStream:

@@ -7,6 +7,7 @@ from typing import Any
 import msgspec
 
 from protocol import messages
+from protocol.notify import Notification
 
 WIRE_TYPES: tuple[type[msgspec.Struct], ...] = (
     messages.NodeInfo,
@@ -24,6 +25,7 @@ WIRE_TYPES: tuple[type[msgspec.Struct], ...] = (
     messages.RolloutRequest,
     messages.RollbackRequest,
     messages.ListRolloutsRequest,
+    Notification,
 )
 
 

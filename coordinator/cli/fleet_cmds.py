@@ -31,10 +31,20 @@ from coordinator.core.fleet import parse_selector
 from coordinator.errors import UsageError
 from coordinator.runtime.daemon import Coordinator
 from coordinator.runtime.keyfile import coordinator_seed, previous_key
+from coordinator.runtime.notify import Notifier
+from coordinator.runtime.notify_doc import BadTarget, Target, parse_target
 from protocol.bus import redact
 from protocol.codec import to_builtins
 from protocol.errors import ProtocolError, TooFewServers
 from protocol.messages import KeyRequest, NodesRequest, NodeView
+
+
+def _notify_targets(_: click.Context, __: click.Parameter,
+                    value: tuple[str, ...]) -> list[Target]:
+    try:
+        return [parse_target(url) for url in value]
+    except BadTarget as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 @cli.command()
@@ -53,10 +63,26 @@ from protocol.messages import KeyRequest, NodesRequest, NodeView
     "fewer are raised [default: 3 on a JetStream cluster of 3+ servers, else 1] "
     "(env FLEETWAVE_REPLICAS).",
 )
+@click.option(
+    "--notify", "notify", multiple=True, metavar="URL", callback=_notify_targets,
+    envvar="FLEETWAVE_NOTIFY",
+    help="POST a JSON document for every notable rollout event (started, wave passed, paused, "
+    "gate failed, rolled back, succeeded, aborted, ...) to URL: http(s)://..., or "
+    "slack+https://hooks.slack.com/... for Slack's incoming-webhook format. Repeatable; the "
+    "leader sends each event once per URL, retrying with backoff (env FLEETWAVE_NOTIFY, URLs "
+    "separated by spaces).",
+)
+@click.option(
+    "--notify-secret", default=None, metavar="SECRET", envvar="FLEETWAVE_NOTIFY_SECRET",
+    help="Sign every notification: X-Fleetwave-Signature: sha256=HMAC-SHA256(SECRET, "
+    "TIMESTAMP + '.' + body), TIMESTAMP in X-Fleetwave-Timestamp (prefer the env "
+    "FLEETWAVE_NOTIFY_SECRET: a flag shows in ps).",
+)
 @creds_option
 @tls_ca_option
 @click.pass_obj
 def coordinator(ctx: Ctx, verbose: bool, key_file: Path | None, replicas: int | None,
+                notify: list[Target], notify_secret: str | None,
                 creds: Path | None, tls_ca: Path | None) -> int:
     """Run the coordinator daemon in the foreground (SIGTERM or Ctrl-C stops it)."""
     # Given here or globally (before the command word); a coordinator takes only its own role's.
@@ -76,11 +102,13 @@ def coordinator(ctx: Ctx, verbose: bool, key_file: Path | None, replicas: int | 
     )
     path = key_file or Path("fleetwave-data/coordinator/coordinator.seed")
     seed = coordinator_seed(path)
-    return asyncio.run(_run_coordinator(ctx, seed, replicas, previous_key(path, seed)))
+    notifier = (Notifier(notify, secret=notify_secret.encode() if notify_secret else None)
+                if notify else None)
+    return asyncio.run(_run_coordinator(ctx, seed, replicas, previous_key(path, seed), notifier))
 
 
 async def _run_coordinator(ctx: Ctx, seed: bytes, replicas: int | None,
-                           previous: str | None = None) -> int:
+                           previous: str | None = None, notifier: Notifier | None = None) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -90,7 +118,7 @@ async def _run_coordinator(ctx: Ctx, seed: bytes, replicas: int | None,
     )
     try:
         await Coordinator(ctx.nats_url, ctx.fleet, seed=seed, replicas=replicas,
-                          previous_key=previous, **ctx.access()).run(stop)
+                          previous_key=previous, notifier=notifier, **ctx.access()).run(stop)
     except TooFewServers as exc:
         raise UsageError(str(exc)) from None  # exit 2: an operator's flag, not a failure
     return 0

@@ -12,7 +12,9 @@ writing verbs forwarded to it), and then owns three tasks until ``stop`` is set:
   key and re-signing what that key signed: ``coordinator.core.rotation``), and run a ``Runner``
   for as long as the lease holds (a lost renewal, or a write refused by a later leader's fence,
   ends it at once); then stand by again.
-  On ``stop`` a leader gives the lease up, so a standby takes over within a poll;
+  On ``stop`` a leader gives the lease up, so a standby takes over within a poll. Beside the
+  runner the leader runs the notifier (``--notify``: ``coordinator.runtime.notify``), which
+  reads the events stream through durable consumers, so the next leader goes on where it was;
 - the *ticker* lets time pass in the pure node table (``core.fleet``) so that silent nodes
   go offline; not while the coordinator's own connection is down (then the silence is ours), and
   after a reconnect it excuses the fleet for as long as agents may take to reconnect too. A pause
@@ -69,6 +71,7 @@ from coordinator.runtime.lease import (
     ping_subject,
     write_fences,
 )
+from coordinator.runtime.notify import Notifier
 from coordinator.runtime.rotation import resign_desired
 from coordinator.runtime.runner import TICK, Runner
 from coordinator.runtime.store import RolloutStore
@@ -119,6 +122,7 @@ class Coordinator:
         self, nats_url: str, fleet: str, *, clock: Callable[[], float] = time.time,
         seed: bytes | None = None, replicas: int | None = None,
         creds: Creds | None = None, tls_ca: str | None = None, previous_key: str | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.nats_url = nats_url
         self._access: dict[str, Any] = {"creds": creds, "tls_ca": tls_ca}
@@ -135,6 +139,7 @@ class Coordinator:
         self.ready = asyncio.Event()
         self._clock = clock
         self.events = EventPublisher(fleet, logger=log)
+        self.notifier = notifier
         self._complained: set[tuple[str, str]] = set()
         # The key that signs desired states; without a key file (tests) a throwaway one, which
         # agents trust only if told its public key (API verb ``key``).
@@ -292,7 +297,10 @@ class Coordinator:
                 self.runner = runner
                 log.info("coordinator %s leads fleet %r (term %d)", self.id, self.fleet_name,
                          held.term)
-                why, crashed = await _first_of(lease.hold(), runner.run())
+                work = [lease.hold(), runner.run()]
+                if self.notifier is not None:  # only the leader notifies (its own task)
+                    work.append(self.notifier.lead(bus, self._clock()))
+                why, crashed = await _first_of(*work)
                 self.runner = None
                 lease.deposed()
                 if runner.deposed is not None:

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from protocol import messages as m
 from protocol.codec import decode, encode, to_builtins
 from protocol.errors import ProtocolError
+from protocol.notify import Notification
 from protocol.schema import WIRE_TYPES, wire_schema
 
 REF = m.ReleaseRef(service="hello", version="2.0.0", digest="sha256:" + "ab" * 32, size=10)
@@ -61,6 +62,8 @@ SAMPLES: list[Any] = [
     m.RolloutRequest(id="r1", full=True),
     m.RollbackRequest(service="hello", to_version="1.0.0"),
     m.ListRolloutsRequest(service="hello"),
+    Notification(id="e1", what="started", severity="info", kind="rollout.started", time=1.0,
+                 at="1970-01-01T00:00:01Z", fleet="default", rollout="r1", figures={"n": 1}),
 ]
 
 
