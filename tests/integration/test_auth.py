@@ -69,7 +69,9 @@ async def test_a_secure_dev_fleet_rolls_out_over_tls(tmp_path: Path) -> None:
         agent = Child("node-3", python_module(
             "agent.main", "--creds", str(fleet.auth_dir / "nodes" / "node-3.creds"),
             "--tls-ca", str(fleet.auth_dir / CA), "--nats", fleet.nats_url,
-            "--data-dir", str(tmp_path / "node-3"), "--bind-host", f"{SUBNET}.3",
+            # under the fleet's dir: its teardown stops the router and service this agent
+            # starts (they outlive their agent by design)
+            "--data-dir", str(fleet.dir / "node-3"), "--bind-host", f"{SUBNET}.3",
             "--heartbeat-interval", "0.5", "--trust-key", fleet.public_key),
             tmp_path / "node-3.log")
         async with reaping(agent):
