@@ -49,7 +49,7 @@ from pathlib import Path
 import nkeys
 
 from coordinator.auth import perms, pki
-from coordinator.errors import UsageError
+from coordinator.errors import FleetwaveError, UsageError
 from protocol import creds as creds_file
 from protocol.durations import parse_duration
 from protocol.errors import ProtocolError
@@ -104,7 +104,10 @@ def next_expiry(users: list[Identity], now: dt.datetime) -> dt.datetime | None:
 def _write(path: Path, data: str | bytes, mode: int = 0o600) -> None:
     """Write ``path`` atomically with ``mode`` from the start (never readable by others)."""
     raw = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    except OSError as exc:
+        raise _unwritable(path, exc) from None
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as out:
@@ -112,9 +115,17 @@ def _write(path: Path, data: str | bytes, mode: int = 0o600) -> None:
             out.flush()
             os.fsync(out.fileno())
         Path(tmp).replace(path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise _unwritable(path, exc) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _unwritable(path: Path, exc: OSError) -> FleetwaveError:
+    return FleetwaveError(f"cannot write {path}: {exc.strerror or exc}; the trust root must be a "
+                          "directory its owner can write (run as that user, or fix its modes)")
 
 
 def _new_seed() -> tuple[str, str]:
@@ -288,7 +299,11 @@ class AuthDir:
         """One change at a time (commands and a broker's re-rendering), across processes."""
         if not self.path.is_dir():
             self.load()  # the one-line error for a missing DIR
-        with (self.path / LOCK).open("a") as lock:
+        try:
+            lock = (self.path / LOCK).open("a")
+        except OSError as exc:
+            raise _unwritable(self.path / LOCK, exc) from None
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 

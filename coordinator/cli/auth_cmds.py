@@ -79,7 +79,8 @@ def add_node(directory: Path, node_id: str, expires: dt.timedelta | None) -> Non
     path = AuthDir(directory).add("node", node_id, expires)
     click.echo(
         f"{path}: copy it and {directory / CA} to the host (0600), then run 'fleetwave-agent "
-        f"--node-id {node_id} --creds FILE --tls-ca ca.pem --nats tls://BROKER:4222'"
+        "--creds FILE --tls-ca ca.pem --nats tls://BROKER:4222' (its node id is the name in "
+        "the file)"
     )
 
 

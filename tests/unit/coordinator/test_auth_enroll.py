@@ -20,7 +20,7 @@ from coordinator.auth.enroll import (
 )
 from coordinator.auth.routes import check_serves_routes, route_password
 from coordinator.dev.cluster import ClusterSpec, render_cluster
-from coordinator.errors import UsageError
+from coordinator.errors import FleetwaveError, UsageError
 from protocol import creds as creds_file
 
 
@@ -261,3 +261,24 @@ def test_prune_rewrites_users_an_older_release_wrote(tmp_path: Path) -> None:
     users.write_text(current.replace("fw.default.api.alice.*", "fw.default.api.>"))
     assert d.prune() == ([], True) and users.read_text() == current
     assert _mode(users) == 0o644
+
+
+def test_a_trust_root_that_cannot_be_written_is_one_line_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    """A creds file that cannot be written (here: nodes/ is a file) is one line naming the
+    file and what to do, not a traceback, and the users and auth.json stay as they were."""
+    d = AuthDir(tmp_path / "auth")
+    d.init("default", (), "alice")
+    before = {p: (tmp_path / "auth" / p).read_bytes() for p in ("users.conf", "auth.json")}
+    nodes = tmp_path / "auth" / "nodes"
+    for f in nodes.iterdir():
+        f.unlink()
+    nodes.rmdir()
+    nodes.write_text("")
+    with pytest.raises(FleetwaveError, match=r"cannot write .*node-9\.creds: Not a directory; "
+                       "the trust root must be a directory its owner can write") as info:
+        d.add("node", "node-9")
+    assert "\n" not in str(info.value)
+    assert {p: (tmp_path / "auth" / p).read_bytes() for p in before} == before
+    assert not [p for p in (tmp_path / "auth").iterdir() if p.name.startswith(".node-9")]
