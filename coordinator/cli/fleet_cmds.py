@@ -28,6 +28,7 @@ from coordinator.cli.base import (
 )
 from coordinator.cli.render import cell, unclipped
 from coordinator.core.fleet import parse_selector
+from coordinator.dev.cluster import parse_hostport
 from coordinator.errors import UsageError
 from coordinator.runtime.daemon import Coordinator
 from coordinator.runtime.keyfile import coordinator_seed, previous_key
@@ -37,6 +38,16 @@ from protocol.bus import redact
 from protocol.codec import to_builtins
 from protocol.errors import ProtocolError, TooFewServers
 from protocol.messages import KeyRequest, NodesRequest, NodeView
+
+
+def _http_address(_: click.Context, __: click.Parameter,
+                  value: str | None) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    try:
+        return parse_hostport(value, what="--http")
+    except UsageError as exc:
+        raise click.BadParameter(str(exc).removeprefix("--http ")) from None
 
 
 def _notify_targets(_: click.Context, __: click.Parameter,
@@ -78,11 +89,18 @@ def _notify_targets(_: click.Context, __: click.Parameter,
     "TIMESTAMP + '.' + body), TIMESTAMP in X-Fleetwave-Timestamp (prefer the env "
     "FLEETWAVE_NOTIFY_SECRET: a flag shows in ps).",
 )
+@click.option(
+    "--http", "http", default=None, metavar="HOST:PORT", callback=_http_address,
+    envvar="FLEETWAVE_HTTP",
+    help="Serve HTTP on HOST:PORT: /healthz (liveness), /readyz (set up and connected; the role), "
+    "/metrics (Prometheus) and the dashboard at / [default: off; a loopback address such as "
+    "127.0.0.1:9090 unless the page must be reached from elsewhere] (env FLEETWAVE_HTTP).",
+)
 @creds_option
 @tls_ca_option
 @click.pass_obj
 def coordinator(ctx: Ctx, verbose: bool, key_file: Path | None, replicas: int | None,
-                notify: list[Target], notify_secret: str | None,
+                notify: list[Target], notify_secret: str | None, http: tuple[str, int] | None,
                 creds: Path | None, tls_ca: Path | None) -> int:
     """Run the coordinator daemon in the foreground (SIGTERM or Ctrl-C stops it)."""
     # Given here or globally (before the command word); a coordinator takes only its own role's.
@@ -104,11 +122,13 @@ def coordinator(ctx: Ctx, verbose: bool, key_file: Path | None, replicas: int | 
     seed = coordinator_seed(path)
     notifier = (Notifier(notify, secret=notify_secret.encode() if notify_secret else None)
                 if notify else None)
-    return asyncio.run(_run_coordinator(ctx, seed, replicas, previous_key(path, seed), notifier))
+    return asyncio.run(_run_coordinator(ctx, seed, replicas, previous_key(path, seed), notifier,
+                                        http))
 
 
 async def _run_coordinator(ctx: Ctx, seed: bytes, replicas: int | None,
-                           previous: str | None = None, notifier: Notifier | None = None) -> int:
+                           previous: str | None = None, notifier: Notifier | None = None,
+                           http: tuple[str, int] | None = None) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -116,11 +136,22 @@ async def _run_coordinator(ctx: Ctx, seed: bytes, replicas: int | None,
     logging.getLogger("fleetwave.coordinator").info(
         "connecting to %s for fleet %r", redact(ctx.nats_url), ctx.fleet
     )
+    coord = Coordinator(ctx.nats_url, ctx.fleet, seed=seed, replicas=replicas,
+                        previous_key=previous, notifier=notifier, **ctx.access())
+    surface = None
+    if http is not None:
+        from coordinator.http.server import HttpSurface  # aiohttp: only for a coordinator serving
+
+        surface = HttpSurface(coord, *http)
+    if surface is not None:
+        await surface.start()  # before the bus: an address in use is one line at once
     try:
-        await Coordinator(ctx.nats_url, ctx.fleet, seed=seed, replicas=replicas,
-                          previous_key=previous, notifier=notifier, **ctx.access()).run(stop)
+        await coord.run(stop)
     except TooFewServers as exc:
         raise UsageError(str(exc)) from None  # exit 2: an operator's flag, not a failure
+    finally:
+        if surface is not None:
+            await surface.stop()
     return 0
 
 

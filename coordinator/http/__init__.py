@@ -1,0 +1,1 @@
+"""The coordinator's HTTP surface (``fleetwave coordinator --http HOST:PORT``)."""
