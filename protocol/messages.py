@@ -134,6 +134,10 @@ class DesiredState(msgspec.Struct, kw_only=True):
     mirror: MirrorSpec | None = None
     rollout: str = ""
     time: float = 0.0
+    # Seconds between reads of this service's router counters that the coordinator asks for
+    # while this state's wave is judged by sequential analysis (its gates can fail as soon as the
+    # evidence is in, so a read's delay is exposure); 0: the agent's own periods.
+    stats_every: float = 0.0
 
 
 class SignedEnvelope(msgspec.Struct, kw_only=True):

@@ -7,9 +7,8 @@ the router if none is known (one already running on the socket is adopted), then
 configuration (upstream slots, weights, mirror); only on success are the weights and mirror
 recorded as applied, else the error is reported in the observed state until a configure succeeds.
 ``stats_loop`` reads every router's counters every ``STATS_EVERY`` seconds for the observed
-states (``STATS_EVERY_SPLIT`` while a router splits or mirrors traffic, and for
-``STATS_FAST_AFTER_SWITCH`` after its weights change: a wave being judged); a router that does not
-answer is forgotten, so the next pass starts it again.
+states (faster while a wave is judged: ``stats_period``); a router that does not answer is
+forgotten, so the next pass starts it again.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ from agent.errors import RouterRunning, RouterUnavailable
 from agent.host.identity import RunAs
 from agent.manager.service import (
     STATS_EVERY,
+    STATS_EVERY_MIN,
     STATS_EVERY_SPLIT,
     STATS_FAST_AFTER_SWITCH,
     NodeConfig,
@@ -72,16 +72,26 @@ def _private_dir(path: Path, run_as: RunAs | None = None) -> None:
 
 
 def stats_period(services: Iterable[Service], now: float = 0.0) -> float:
-    """How long until the next read of the routers' counters: short while any router splits
-    traffic between two slots or mirrors it, or took other weights in the last
-    ``STATS_FAST_AFTER_SWITCH`` seconds before ``now`` (its gates are judging a wave), else the
-    usual."""
+    """How long until the next read of the routers' counters: the shortest period any service
+    needs. A router whose wave a sequential gate judges (its desired state asks for
+    ``stats_every``) is read that often while it splits or mirrors traffic and for
+    ``STATS_FAST_AFTER_SWITCH`` seconds after its weights change (a canary at weight 100 or a
+    blue-green switch splits nothing, yet its first seconds carry the evidence); any other router
+    that splits or mirrors, every ``STATS_EVERY_SPLIT``; else the usual ``STATS_EVERY``."""
+    period = STATS_EVERY
     for svc in services:
-        if svc.applied_mirror is not None or sum(w > 0 for w in svc.applied_weights.values()) > 1:
-            return STATS_EVERY_SPLIT
-        if svc.weights_changed and 0.0 <= now - svc.weights_changed < STATS_FAST_AFTER_SWITCH:
-            return STATS_EVERY_SPLIT
-    return STATS_EVERY
+        split = (svc.applied_mirror is not None
+                 or sum(w > 0 for w in svc.applied_weights.values()) > 1)
+        asked = svc.desired.stats_every if svc.desired is not None else 0.0
+        if asked > 0.0:
+            switched = bool(svc.weights_changed) and \
+                0.0 <= now - svc.weights_changed < STATS_FAST_AFTER_SWITCH
+            if split or switched:
+                period = min(period, max(asked, STATS_EVERY_MIN))
+                continue
+        if split:
+            period = min(period, STATS_EVERY_SPLIT)
+    return period
 
 
 class RouterLink:

@@ -44,14 +44,15 @@ OBSERVE_EVERY = 5.0
 ROUTER_FAILS_AFTER = 10.0
 STATS_EVERY = 2.0
 # While a router splits traffic between slots (a canary's weights) or mirrors it (a shadow), its
-# counters are what the rollout's gates judge: read them this often, so that a sequential gate
-# sees a bad release's first dozen requests in 0.5 s, not 2 s. Only the few nodes of a baking wave
-# split, so the fleet's observed-state writes barely grow.
+# counters are what the rollout's gates judge: read them this often. Only the few nodes of a
+# baking wave split, so the fleet's observed-state writes barely grow.
 STATS_EVERY_SPLIT = 0.5
-# So also for this long after a router's weights change: a canary switched at weight 100, or a
-# blue-green switch, splits nothing, yet its first seconds are when a sequential gate catches a
-# gross regression (and a rollback's switch back is seen sooner too). A few reads per switch.
+# A wave judged by sequential analysis asks for faster reads in its desired states
+# (``stats_every``), and for this long after a router's weights change too: a canary switched at
+# weight 100, or a blue-green switch, splits nothing, yet its first seconds are when a sequential
+# gate catches a gross regression. Other waves' switches cost no extra reads.
 STATS_FAST_AFTER_SWITCH = 10.0
+STATS_EVERY_MIN = 0.1  # whatever a desired state asks, no faster
 BUS_TIMEOUT = 10.0
 PRUNE_EVERY = 60.0
 

@@ -33,7 +33,7 @@ from coordinator.core.engine_types import (
     move_node,
     move_wave,
 )
-from coordinator.core.targets import forward_target, idle_slot, runs
+from coordinator.core.targets import JUDGED_STATS_EVERY, forward_target, idle_slot, runs
 from protocol.durations import format_duration
 from protocol.messages import NodeProgress, ObservedState, WaveRecord
 
@@ -212,6 +212,7 @@ class Progress:
             weight=wave.weight, generation=step.next_generation(p), rollout=step.r.id,
             now=step.now,
             mirror=step.policy(wave).mirror(step.spec, p.slot),
+            stats_every=JUDGED_STATS_EVERY if step.spec.gates.analysis == "sequential" else 0.0,
         )
         move_node(p, "updating")
         self.step.write(p, desired)
