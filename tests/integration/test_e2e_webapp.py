@@ -134,7 +134,7 @@ async def test_every_strategy_deploys_the_webapp_under_load(
         manifest = bad / "fleetwave.toml"
         manifest.write_text(manifest.read_text().replace("${PORT}", "${PROT}"))
         code, out, err = await fleetwave("release", "push", str(bad), nats_url=url)
-        assert code != 0 and out == "" and len(err.strip().splitlines()) == 1, (code, out, err)
+        assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, (code, out, err)
         assert "command[7] '${PROT}': ${PROT} is not a variable fleetwave sets" in err, err
 
         for version in VERSIONS:
