@@ -25,7 +25,7 @@ import pytest
 from coordinator.dev.devfleet import DevFleet
 from coordinator.dev.traffic import Traffic
 from protocol.manifest import load_manifest
-from tests.integration.e2e_support import DEPLOY_TIMEOUT, loaded, serving, status
+from tests.integration.e2e_support import DEPLOY_TIMEOUT, loaded, serving, settle, status
 from tests.integration.procs import fleetwave, wait_until
 
 SUBNET = "127.0.64"
@@ -100,17 +100,6 @@ async def deploy(url: str, version: str, *flags: str) -> str:
 async def all_serve(fleet: DevFleet, version: str) -> None:
     await wait_until(lambda: serving(fleet), lambda v: set(v.values()) == {version},
                      timeout=30, what=f"every node serving webapp {version}")
-
-
-async def settle(traffic: Traffic, version: str, more: int = 30) -> None:
-    """Wait until the load has seen ``more`` further answers from ``version``."""
-    seen = traffic.report.versions[version]
-
-    async def count() -> int:
-        return traffic.report.versions[version]
-
-    await wait_until(count, lambda n: n >= seen + more, timeout=30,
-                     what=f"{more} more answers from {version}")
 
 
 def no_failures(traffic: Traffic, step: str) -> None:
