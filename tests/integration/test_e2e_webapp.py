@@ -6,8 +6,9 @@ node's router, every answer checked.
 - ``build.py`` makes the 1.0.0 and 2.0.0 bundles once per session (the second from the first's
   wheelhouse with ``--no-index``: a build with no index access); a wheel that cannot be fetched
   fails the test saying so. The bundle holds no compiled code and no console scripts.
-- ``${PORT}`` in the manifest's command is the only way uvicorn learns its port: the slots serve,
-  so the agents filled it. A manifest naming an unknown ``${X}`` is refused by ``release push``.
+- ``${PORT}`` in the manifest's command is the only way uvicorn learns its port: each uvicorn
+  (found with psutil) listens on the number its argv holds, and the routers reach it. A
+  manifest naming an unknown ``${X}`` is refused by ``release push`` (exit 2, one line).
 - One fleet runs every strategy's basic path under load, with 0 failed requests: rolling
   1.0.0 → 2.0.0, canary back to 1.0.0 (gated on the routers' figures), blue-green to 2.0.0, and a
   shadow of 1.0.0 that passes its gates and is retired while users only ever see 2.0.0.
@@ -15,17 +16,29 @@ node's router, every answer checked.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 from coordinator.dev.devfleet import DevFleet
 from coordinator.dev.traffic import Traffic
 from protocol.manifest import load_manifest
-from tests.integration.e2e_support import DEPLOY_TIMEOUT, loaded, serving, settle, status
+from tests.integration.e2e_support import (
+    DEPLOY_TIMEOUT,
+    PORT,
+    loaded,
+    serving,
+    settle,
+    status,
+)
 from tests.integration.procs import fleetwave, wait_until
 
 SUBNET = "127.0.64"
@@ -89,6 +102,26 @@ def test_build_without_wheels_or_index_fails_in_one_line(tmp_path: Path) -> None
     assert proc.returncode == 2 and "--no-index needs --wheels DIR" in proc.stderr, proc
 
 
+def _uvicorns(root: str) -> list[tuple[list[str], set[int]]]:
+    """The uvicorn processes under ``root``: (argv, the TCP ports they listen on)."""
+    found = []
+    for proc in psutil.process_iter(["cwd", "cmdline"]):
+        argv = proc.info.get("cmdline") or []
+        if not (proc.info.get("cwd") or "").startswith(root) or "uvicorn" not in argv:
+            continue
+        with contextlib.suppress(psutil.Error):
+            ports = {c.laddr.port for c in proc.net_connections(kind="tcp")
+                     if c.status == psutil.CONN_LISTEN}
+            found.append((argv, ports))
+    return found
+
+
+def _get(host: str, path: str = "/") -> dict[str, str]:
+    with urllib.request.urlopen(f"http://{host}:{PORT}{path}", timeout=5) as answer:
+        doc: dict[str, str] = json.loads(answer.read())
+        return doc
+
+
 async def deploy(url: str, version: str, *flags: str) -> str:
     """A followed ``fleetwave deploy webapp VERSION FLAGS`` that must succeed; its output."""
     code, out, err = await fleetwave("deploy", "webapp", version, *flags, nats_url=url,
@@ -135,6 +168,15 @@ async def test_every_strategy_deploys_the_webapp_under_load(
 
         await deploy(url, "1.0.0", "--batch", "100%", "--max-unavailable", "100%")
         await all_serve(fleet, "1.0.0")
+        # uvicorn learns its port from its argv alone: each listens where ${PORT} said, and the
+        # router reaches it there.
+        slots = await asyncio.to_thread(_uvicorns, str(fleet.dir))
+        assert len(slots) == 3, slots
+        for argv, ports in slots:
+            port = argv[argv.index("--port") + 1]
+            assert port.isdigit() and ports == {int(port)}, (argv, ports)
+        answer = await asyncio.to_thread(_get, fleet.host(2))
+        assert answer["framework"].startswith("starlette ") and answer["node"] == "node-2", answer
 
         async with loaded(fleet, rate=10.0) as traffic:
             await settle(traffic, "1.0.0")
