@@ -71,8 +71,8 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def test_the_bundle_is_pure_python_and_says_port(bundles: dict[str, Path]) -> None:
     """A built bundle holds the app, its pinned dependencies as pure-Python packages (no
-    compiled file, no console script naming the build machine's interpreter), and a manifest
-    of its version whose command passes ``--port ${PORT}``."""
+    compiled file, no console script naming the build machine's interpreter) with hash-checked
+    bytecode, and a manifest of its version whose command passes ``--port ${PORT}``."""
     for version, path in bundles.items():
         m = load_manifest(path / "fleetwave.toml")
         assert (m.name, m.version, m.port) == ("webapp", version, 8080)
@@ -81,8 +81,12 @@ def test_the_bundle_is_pure_python_and_says_port(bundles: dict[str, Path]) -> No
         assert {"starlette", "uvicorn", "anyio", "h11", "click"} <= {p.name for p in
                                                                      lib.iterdir()}
         assert not (lib / "bin").exists()
-        compiled = [p for p in path.rglob("*") if p.suffix in (".so", ".pyd", ".dylib", ".pyc")]
+        compiled = [p for p in path.rglob("*") if p.suffix in (".so", ".pyd", ".dylib")]
         assert compiled == [], compiled
+        # Bytecode is checked by the source's hash (flags 0b11), as unpacking may not keep mtimes.
+        pycs = list(path.rglob("*.pyc"))
+        assert len(pycs) > 100 and path / "__pycache__" in {p.parent for p in pycs}
+        assert {int.from_bytes(p.read_bytes()[4:8], "little") for p in pycs} == {3}
 
 
 def test_build_without_wheels_or_index_fails_in_one_line(tmp_path: Path) -> None:
