@@ -8,9 +8,11 @@ Theory of operation. A ``SlotRunner`` owns one slot's process from start to stop
     draining (set by the shell; the process keeps running) ── stop() ──▶ stopping ──▶ stopped
     (stop() or fail() while a hook runs ends the hook as it ends the service: SIGTERM, SIGKILL)
 
-The process is started with argv (never a shell) in the release directory, in a new session so
-that it survives the agent (``kill -9`` of the agent drops no request). Its output goes straight
-to a log file, not to a pipe: a pipe would break when the agent dies. The agent caps the log
+The process is started with argv (never a shell; ``${PORT}`` and the other variables of
+``SlotSpec.variables`` filled in by ``protocol.expand``, as in the hooks' and exec probe's argv)
+in the release directory, in a new session so that it survives the agent (``kill -9`` of the
+agent drops no request). Its output goes straight to a log file, not to a pipe: a pipe would
+break when the agent dies. The agent caps the log
 from its side (``cap_log``: the tail is kept in ``<log>.1`` and the live file truncated; the
 service opened it with O_APPEND, so its next write lands at the new end).
 
