@@ -12,9 +12,9 @@ The process is started with argv (never a shell; ``${PORT}`` and the other varia
 ``SlotSpec.variables`` filled in by ``protocol.expand``, as in the hooks' and exec probe's argv)
 in the release directory, in a new session so that it survives the agent (``kill -9`` of the
 agent drops no request). Its output goes straight to a log file, not to a pipe: a pipe would
-break when the agent dies. The agent caps the log
-from its side (``cap_log``: the tail is kept in ``<log>.1`` and the live file truncated; the
-service opened it with O_APPEND, so its next write lands at the new end).
+break when the agent dies. The agent caps the log from its side (``cap_log``: the tail is kept
+in ``<log>.1`` and the live file truncated; the service opened it with O_APPEND, so its next
+write lands at the new end).
 
 Adoption: a restarted agent rebuilds runners from its state file with ``SlotRunner.adopt``, which
 accepts a pid only if psutil's create_time matches the recorded one (never a recycled pid). An
