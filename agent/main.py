@@ -38,29 +38,38 @@ if TYPE_CHECKING:
 log = logging.getLogger("fleetwave.agent")
 
 
-def _import_bus() -> None:
-    """Import ``protocol.bus`` with ``importlib.metadata`` blocked for the time of the import.
+# Imports blocked while the bus is imported, each taken in a fallback the agent never needs:
+# - ``importlib.metadata`` (zipfile, csv and more): what looks a version up takes its fallback
+#   (the bus then names nats-py's version itself: ``protocol.bus._name_client_version``);
+# - ``aiohttp``, which nats-py imports when it is installed (the coordinator's --http needs it)
+#   for a WebSocket transport the agent never uses: about 14 MiB of the agent's 30 MB budget.
+BLOCKED_FOR_THE_BUS = ("importlib.metadata", "aiohttp")
 
-    A ``None`` in ``sys.modules`` makes an import fail (documented import-system behaviour); what
-    imports it to look a version up takes its fallback (the bus then names nats-py's version
-    itself: ``protocol.bus._name_client_version``). Nothing is done when ``importlib.metadata``
-    is loaded already (a test run, say): there is nothing to save.
+
+def _import_bus() -> None:
+    """Import ``protocol.bus`` with ``BLOCKED_FOR_THE_BUS`` blocked for the time of the import.
+
+    A ``None`` in ``sys.modules`` makes an import fail (documented import-system behaviour).
+    Nothing is done when one of them is loaded already (a test run, say): there is nothing to
+    save.
 
     (``email.parser``, which nats.js imports, stays: its ``BytesParser`` parses the headers of
     JetStream direct gets, the object store's included.)
     """
-    if "protocol.bus" in sys.modules or "importlib.metadata" in sys.modules:
+    if "protocol.bus" in sys.modules or any(m in sys.modules for m in BLOCKED_FOR_THE_BUS):
         import protocol.bus  # already paid for, or nothing to save
         return
-    sys.modules["importlib.metadata"] = None  # type: ignore[assignment]  # blocks the import
+    for m in BLOCKED_FOR_THE_BUS:
+        sys.modules[m] = None  # type: ignore[assignment]  # blocks the import
     try:
         import protocol.bus
     except ImportError:
-        # Some other import needed importlib.metadata after all (a newer nats-py, say): the
-        # saving is not worth a dead agent, so import normally below and pay the memory.
+        # Some other import needed one of them after all (a newer nats-py, say): the saving is
+        # not worth a dead agent, so import normally below and pay the memory.
         pass
     finally:
-        del sys.modules["importlib.metadata"]
+        for m in BLOCKED_FOR_THE_BUS:
+            del sys.modules[m]
     import protocol.bus  # noqa: F401  # a no-op when the first import worked
 
 

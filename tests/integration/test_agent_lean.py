@@ -29,13 +29,15 @@ def test_agent_main_imports_nothing_that_loads_openssl() -> None:
 
 
 def test_lean_stack_has_no_openssl_and_the_same_digests() -> None:
-    """After import_lean the bus imports without _ssl or _hashlib, and sha256 digests agree."""
+    """After import_lean the bus imports as the agent imports it without _ssl or _hashlib, and
+    sha256 digests agree."""
     out = _run("""
         import sys
         from agent import lean
         assert lean.import_lean() is True
         import hashlib
-        import protocol.bus
+        from agent.main import _import_bus
+        _import_bus()  # as the agent imports the bus
         import nats.aio.client
         loaded = [m for m in ("_ssl", "_hashlib") if sys.modules.get(m) is not None]
         print(loaded, lean.ssl_loaded())
@@ -95,13 +97,14 @@ def test_nothing_done_when_asyncio_is_there_already() -> None:
 
 
 def test_the_agent_never_imports_click() -> None:
-    """Parsing the flags and importing everything the agent runs leaves click unloaded."""
+    """Parsing the flags and importing everything the agent runs leaves click unloaded, and
+    aiohttp too (installed for the coordinator, imported by nats-py when present)."""
     code = (
         "import sys; from agent.flags import parse_flags; from agent.main import _import_bus; "
         "parse_flags(['--node-id', 'n1']); _import_bus(); "
         "import agent.daemon, agent.manager.shell; "
         "print(sorted(m for m in ('click', 'rich', 'coordinator', "
-        "'importlib.metadata') if m in sys.modules))"
+        "'importlib.metadata', 'aiohttp') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True).stdout
