@@ -63,18 +63,20 @@ from protocol.codec import decode, encode
 from protocol.messages import TERMINAL_STATES, ApiReply, DeployRequest, RolloutRequest, RolloutSpec
 
 
-async def deploy(bus: Bus, version: str) -> float:
-    """Roll hello to ``version`` and wait until it succeeds; return the seconds it took."""
+async def deploy(bus: Bus, version: str, caller: str) -> float:
+    """Roll hello to ``version`` and wait until it succeeds; return the seconds it took.
+    ``caller``: who the API subjects name (on a secure fleet, the operator whose credentials the
+    bus uses: the server lets it name no one else)."""
     started = time.monotonic()
     spec = RolloutSpec(service="hello", version=version, progress_deadline=60.0)
-    reply = decode(ApiReply, await bus.request(subjects.api(bus.fleet, "bench", "deploy"),
+    reply = decode(ApiReply, await bus.request(subjects.api(bus.fleet, caller, "deploy"),
                                                encode(DeployRequest(spec=spec)), timeout=30))
     if not reply.ok:
         raise RuntimeError(f"deploy {version} refused: {reply.error}")
     rid = reply.data["id"]
     deadline = time.monotonic() + 90
     while True:
-        raw = await bus.request(subjects.api(bus.fleet, "bench", "status"),
+        raw = await bus.request(subjects.api(bus.fleet, caller, "status"),
                                 encode(RolloutRequest(id=rid)), timeout=10)
         state = decode(ApiReply, raw).data["state"]
         if state in TERMINAL_STATES:
@@ -124,7 +126,7 @@ async def measure(idle: float, soak_minutes: float, probe_interval: str | None,
                     await push_release(bus, source / v)
                 pid = fleet.agent(1).pid
                 assert pid is not None
-                await deploy(bus, "1.0.0")
+                await deploy(bus, "1.0.0", fleet.caller)
 
                 proc = psutil.Process(pid)
                 cpu0, t0 = cpu_seconds(pid), time.monotonic()
@@ -136,7 +138,7 @@ async def measure(idle: float, soak_minutes: float, probe_interval: str | None,
                 openssl = openssl_mapped(pid)
 
                 cpu0, t0 = cpu_seconds(pid), time.monotonic()
-                roll_s = await deploy(bus, "2.0.0")
+                roll_s = await deploy(bus, "2.0.0", fleet.caller)
                 roll_cpu, roll_peak = cpu_percent(pid, cpu0, t0), peak_rss_mb(pid)
 
                 soak_start = time.monotonic()
@@ -146,7 +148,7 @@ async def measure(idle: float, soak_minutes: float, probe_interval: str | None,
                 cpu0 = cpu_seconds(pid)
                 while time.monotonic() - soak_start < soak_minutes * 60:
                     minute = time.monotonic()
-                    await deploy(bus, versions[rollouts % 2])
+                    await deploy(bus, versions[rollouts % 2], fleet.caller)
                     rollouts += 1
                     if rollouts == 1:
                         rss_warm = rss_mb(pid)
