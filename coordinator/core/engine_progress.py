@@ -110,6 +110,8 @@ class Progress:
         )
         serving = max(seen.weights, key=lambda s: seen.weights[s], default=None)
         version = seen.slots[serving].version if serving in seen.slots else p.version
+        if p.target is not None and not p.target.slots and converged(seen, p.target):
+            version = ""  # removed: it runs nothing now
         if (p.healthy, p.version) != (healthy, version):
             p.healthy, p.version = healthy, version
         for policy in self.step.policies:
