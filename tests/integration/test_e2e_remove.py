@@ -305,8 +305,11 @@ async def test_remove_one_node_by_selector_then_deploy(tmp_path: Path) -> None:
 
         await deploy(url, "2.0.0", "--batch", "100%")
         await all_serve(fleet, "2.0.0")
-        pids = await service_pids(fleet)
-        assert sorted(n for n, _, _ in pids.values()) == list(NODES), pids
+        await wait_until(lambda: service_pids(fleet),
+                         lambda p: sorted(p.values()) == [(n, s, "2.0.0") for n, s in
+                                                          (("node-1", "b"), ("node-2", "a"),
+                                                           ("node-3", "b"))],
+                         timeout=30, what="one 2.0.0 process per node, node-2's in slot a")
 
 
 async def _answered(load: Load) -> dict[str, int]:
