@@ -31,13 +31,12 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import psutil
 
 from coordinator.dev.devfleet import DevFleet
 from tests.integration.e2e_support import DEPLOY_TIMEOUT, PORT, push, service_pids, serving, status
-from tests.integration.procs import fleetwave, wait_until
+from tests.integration.procs import fleetwave, nodes_json, wait_until
 
 SUBNET = "127.0.62"
 NODES = ("node-1", "node-2", "node-3")
@@ -200,13 +199,6 @@ async def refused_at_once(host: str) -> float:
     raise AssertionError(f"{host}:{PORT} still takes connections")
 
 
-async def nodes_json(url: str) -> list[dict[str, Any]]:
-    code, out, err = await fleetwave("nodes", "-o", "json", nats_url=url)
-    assert code == 0, err
-    rows: list[dict[str, Any]] = json.loads(out)
-    return rows
-
-
 async def rollout_count(url: str) -> int:
     code, out, err = await fleetwave("rollouts", "-o", "json", nats_url=url)
     assert code == 0, err
@@ -233,6 +225,8 @@ async def test_remove_under_load_then_redeploy(tmp_path: Path) -> None:
         router_pids = routers(fleet)
         assert sorted(router_pids) == list(NODES), router_pids
         cache = cached(fleet)
+        listed = await nodes_json(url)
+        assert all("hello" in r["services"] for r in listed.values()), listed
 
         async with Load(fleet) as load:
             await wait_until(lambda: _answered(load), lambda n: min(n.values()) >= 5,
@@ -265,7 +259,7 @@ async def test_remove_under_load_then_redeploy(tmp_path: Path) -> None:
             dict.fromkeys(NODES, ("done", "")), st["nodes"]
         await wait_until(lambda: nodes_json(url),
                          lambda rows: len(rows) == 3 and all("hello" not in r["services"]
-                                                             for r in rows),
+                                                             for r in rows.values()),
                          timeout=10, what="no node listing hello")
         assert cached(fleet) == cache, "the removal emptied a node's release cache"
 
