@@ -14,8 +14,9 @@ version: its record names the service with no version and no digest (``removal_r
 ``rollback`` with a live rollout of the service asks it to roll back (the engine restores every
 touched node); without one it deploys the version the fleet ran before its last successful rollout
 (or ``to_version``) through the same runner path, with that rollout's settings. After a finished
-removal that is the version the removal took away, deployed where it was removed (its selector),
-rolling at the removal's own pace (``undo_removal``).
+removal (succeeded, or aborted or failed part-way) that is the version the removal took away,
+deployed where it was removed (its selector), rolling at the removal's own pace
+(``undo_removal``); nodes that still run it are done at once.
 
 The status dict is the one shape people and programs read (``fleetwave status -o json``)::
 
@@ -153,6 +154,10 @@ class RolloutsApi:
             raise RemoteError(f"rollout {running[0].id} of {service} is {running[0].state} but "
                               "driven by no coordinator here; try again in a moment", "conflict")
         last_good = next((r for r in history if r.state == "succeeded"), None)
+        if strategies.removes(history[0].spec) and history[0].state != "rolled_back":
+            # The latest rollout removed the service (from some nodes, if it was aborted or
+            # failed): undo that, whatever came before it.
+            last_good = history[0]
         version = req.to_version or (last_good.from_version if last_good else "")
         if not version:
             raise UsageError(f"no earlier version of {service} is known to roll back to; name "

@@ -87,3 +87,30 @@ def test_rollback_to_a_version_after_a_removal() -> None:
     asyncio.run(api.rollback(RollbackRequest(service="hello", to_version=OLD.version), "ops"))
     ((sent, release),) = runner.deployed
     assert (sent.strategy, sent.version, release) == ("rolling", OLD.version, OLD)
+
+
+def test_rollback_after_an_aborted_removal_undoes_it_not_the_deploy_before() -> None:
+    """An aborted removal left some nodes without the service: rollback deploys what it
+    removed, not the version before the last successful deploy."""
+    gone = RolloutRecord(id="rm", spec=removal(), release=removal_ref("hello"),
+                         from_version=NEW.version, state="aborted")
+    deployed = RolloutRecord(id="d", spec=spec(), release=NEW, from_version=OLD.version,
+                             state="succeeded")
+    runner = Runner([gone, deployed])
+    api = RolloutsApi(runner, resolve=resolve, public_key="K")
+    asyncio.run(api.rollback(RollbackRequest(service="hello"), "ops"))
+    ((sent, release),) = runner.deployed
+    assert (sent.strategy, sent.version, release) == ("rolling", NEW.version, NEW)
+
+
+def test_rollback_after_a_rolled_back_removal_is_the_usual_one() -> None:
+    """A removal that rolled back changed nothing: rollback goes before the last deploy."""
+    gone = RolloutRecord(id="rm", spec=removal(), release=removal_ref("hello"),
+                         from_version=NEW.version, state="rolled_back")
+    deployed = RolloutRecord(id="d", spec=spec(), release=NEW, from_version=OLD.version,
+                             state="succeeded")
+    runner = Runner([gone, deployed])
+    api = RolloutsApi(runner, resolve=resolve, public_key="K")
+    asyncio.run(api.rollback(RollbackRequest(service="hello"), "ops"))
+    ((sent, release),) = runner.deployed
+    assert (sent.version, release) == (OLD.version, OLD)
