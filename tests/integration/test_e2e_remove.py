@@ -9,7 +9,8 @@ routers are gone; ``nodes`` lists the service nowhere and ``status`` shows every
 no version; the release stays in each node's cache. Removing it again, or a service no node has,
 is one line and exit 2, and changes nothing. ``fleetwave rollback hello`` after the removal
 deploys the removed version again from the cache; a removal of one node by ``--selector`` then a
-plain ``deploy`` puts the service back there too.
+plain ``deploy`` puts the service back there too; a running removal rolled back by the operator
+starts the removed node's router and slot again.
 
 The load: per node, one worker on keep-alive connections and one opening a connection per
 request. A request sent on a reused keep-alive connection that the router closes before any
@@ -308,3 +309,25 @@ async def test_remove_one_node_by_selector_then_deploy(tmp_path: Path) -> None:
 
 async def _answered(load: Load) -> dict[str, int]:
     return {n: got.answered for n, got in load.nodes.items()}
+
+
+async def test_a_running_removal_rolled_back_brings_the_service_back(tmp_path: Path) -> None:
+    """``fleetwave rollback hello`` while a removal runs restores every node it touched: the
+    removed node's router and slot start again and every node serves the old version."""
+    async with fleet_at(tmp_path) as fleet:
+        url = fleet.nats_url
+        await push(url, "1.0.0")
+        await deploy(url, "1.0.0", "--batch", "100%")
+        await all_serve(fleet, "1.0.0")
+        code, out, err = await fleetwave("remove", "hello", "--detach", nats_url=url)
+        assert code == 0, f"remove --detach failed ({code}): {out}{err}"
+        rid = out.strip()
+        await wait_until(lambda: status(url, rid), lambda s: s["nodes"]["node-1"]["state"] ==
+                         "done", timeout=30, what="node-1 removed")
+        assert await refused_at_once(fleet.host(1)) < 1.0
+        code, out, err = await fleetwave("rollback", "hello", nats_url=url)
+        assert code == 0 and f"rollout {rid}: rolling back" in out, (code, out, err)
+        st = await wait_until(lambda: status(url, rid), lambda s: s["state"] != "running",
+                              timeout=60, what=f"rollout {rid} to end")
+        assert st["state"] == "rolled_back", st
+        await all_serve(fleet, "1.0.0")
