@@ -248,7 +248,8 @@ class ObservedState(msgspec.Struct, kw_only=True):
 
 # -- rollouts --------------------------------------------------------------------------------------
 
-Strategy = Literal["rolling", "canary", "blue-green", "shadow"]
+# "remove" (``fleetwave remove``): every target node gets the signed empty desired state.
+Strategy = Literal["rolling", "canary", "blue-green", "shadow", "remove"]
 RolloutStateName = Literal[
     "pending", "running", "paused", "succeeded", "rolled_back", "failed", "aborted"
 ]
