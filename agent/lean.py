@@ -23,6 +23,14 @@ asyncio) and imports the stack without them:
   for OpenSSL from that moment on (except ``_hashlib``, which stays out: ``_ssl`` does not need
   it).
 
+``import_deferring_ssl`` imports a library that names ``ssl`` at import time only in the
+signatures of TLS helpers the agent never calls (``prometheus_client``, for ``--metrics``: its
+``exposition`` module has ``protocol: int = ssl.PROTOCOL_TLS_SERVER`` as a default argument and
+``ssl.TLSVersion`` in annotations): while it runs, the stand-in answers such names with inert
+placeholder classes instead of loading OpenSSL (4 MiB resident, which would take the agent with
+metrics over its 30 MB). The module keeps the stand-in itself, so a later call that does use
+ssl loads the real module as above; only those captured defaults would be placeholders.
+
 Nothing is done when ``asyncio`` or ``hashlib`` is already imported (a test process, a process
 that imports ``agent.main`` as a library): there is nothing left to save. If the lean import
 fails for an unforeseen reason, the normal import follows: the saving is not worth a dead agent.
@@ -41,6 +49,7 @@ _ASYNCIO_SSL_USERS = ("asyncio.base_events", "asyncio.selector_events", "asyncio
 
 _loading = threading.Lock()
 _real_ssl: types.ModuleType | None = None
+_deferring = False  # import_deferring_ssl is running: names read on the stand-in are placeholders
 
 
 class LazySSL(types.ModuleType):
@@ -49,6 +58,10 @@ class LazySSL(types.ModuleType):
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") and name.endswith("__"):
             raise AttributeError(name)  # introspection (copy, pickle, help) loads nothing
+        if _deferring:
+            # A class: typing accepts it in ``Optional[...]``; calling the helper that holds
+            # it as a default would fail loudly, never silently do TLS without checks.
+            return type(f"ssl.{name} (not loaded: agent.lean)", (), {})
         return getattr(load_ssl(), name)
 
 
@@ -73,6 +86,19 @@ def load_ssl() -> types.ModuleType:
                     (real.SSLWantReadError, real.SSLSyscallError))
         _real_ssl = real
         return real
+
+
+def import_deferring_ssl(name: str) -> types.ModuleType:
+    """Import module ``name`` without loading OpenSSL for names it reads on ``ssl`` at import
+    time (see the module docstring); a plain import where the stand-in is not in place."""
+    global _deferring
+    if not isinstance(sys.modules.get("ssl"), LazySSL):
+        return importlib.import_module(name)
+    _deferring = True
+    try:
+        return importlib.import_module(name)
+    finally:
+        _deferring = False
 
 
 def ssl_loaded() -> bool:
