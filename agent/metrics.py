@@ -16,8 +16,9 @@ canary and its stable are one label apart):
   each router every 2 s, every 0.5 s while it splits or mirrors traffic (``agent.manager
   .routing``); a scrape serves that read rather than asking the router itself, so that a scrape
   never waits on or adds work to the process that carries user traffic, and shows exactly the
-  figures the observed state reports and the coordinator's gates judge.
-  ``fleetwave_router_stats_age_seconds`` says how old they are.
+  figures the observed state reports and the coordinator's gates judge (the same ``time``).
+  ``fleetwave_router_stats_timestamp_seconds`` says when they were read: ``time() - it`` is
+  their age (0.5-2 s, plus a read that is late when the router does not answer).
 - Router counters count from the router's start (``RouterStats.epoch``) and drop to zero when it
   restarts: Prometheus's ``rate``/``increase`` take a drop of a counter as a reset, so that is all
   a reset needs. A slot's counters are the slot's, whatever release it runs: the series carries
@@ -80,7 +81,6 @@ class ServiceFigures:
 @dataclass(frozen=True)
 class AgentFigures:
     node: str
-    now: float  # the agent's clock (router stats' read times are on it)
     labels: Mapping[str, str] = field(default_factory=dict)
     connected: bool = False
     started_at: float = 0.0
@@ -97,7 +97,7 @@ def families(fig: AgentFigures) -> list[Metric]:
     series stays, with HELP and TYPE, so that the names are always there to be found)."""
     out = _agent_families(fig)
     out += _slot_families(fig.services)
-    out += _router_families(fig.services, fig.now)
+    out += _router_families(fig.services)
     return out
 
 
@@ -158,12 +158,12 @@ def _slot_families(services: Iterable[ServiceFigures]) -> list[Metric]:
     return [healthy, status, restarts, rss, weight, desired, observed]
 
 
-def _router_families(services: Iterable[ServiceFigures], now: float) -> list[Metric]:
+def _router_families(services: Iterable[ServiceFigures]) -> list[Metric]:
     up = GaugeMetricFamily("fleetwave_router_up",
                            "1 while the agent reaches the service's router, else 0.", labels=SVC)
-    age = GaugeMetricFamily("fleetwave_router_stats_age_seconds",
-                            "How long ago the agent read the router counters served here.",
-                            labels=SVC)
+    read = GaugeMetricFamily("fleetwave_router_stats_timestamp_seconds",
+                             "When the agent read the router counters served here, seconds "
+                             "since the epoch (the observed state's router time).", labels=SVC)
     requests = CounterMetricFamily("fleetwave_router_requests",
                                    "Requests the router answered, by slot and status class.",
                                    labels=(*SLOT, "code"))
@@ -191,7 +191,7 @@ def _router_families(services: Iterable[ServiceFigures], now: float) -> list[Met
         if stats is None:
             continue
         if stats.time:
-            age.add_metric((svc.name,), max(0.0, now - stats.time))
+            read.add_metric((svc.name,), stats.time)
         versions = {s.slot: s.version for s in svc.slots}
         for slot, traffic in sorted(stats.slots.items()):
             if slot not in versions and slot != ROUTER_SLOT:
@@ -209,7 +209,7 @@ def _router_families(services: Iterable[ServiceFigures], now: float) -> list[Met
             compared.add_metric(mkey, m.compared)
             mismatches.add_metric(mkey, m.mismatched)
             dropped.add_metric(mkey, m.dropped)
-    return [up, age, requests, failures, duration, copies, compared, mismatches, dropped]
+    return [up, read, requests, failures, duration, copies, compared, mismatches, dropped]
 
 
 def by_class(t: SlotTraffic) -> dict[str, int]:
@@ -279,7 +279,7 @@ class LiveAgent:
             rss = int(self._me.memory_info().rss)
             cpu = self._me.cpu_times()
         return AgentFigures(
-            node=self.node, now=time.time(), labels=self.labels, connected=self.connected(),
+            node=self.node, labels=self.labels, connected=self.connected(),
             started_at=self.started_at, rss=rss, cpu_seconds=cpu.user + cpu.system,
             services=tuple(service_figures(s) for _, s in sorted(self.services.items())),
         )

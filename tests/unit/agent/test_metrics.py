@@ -56,7 +56,7 @@ def sample(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: 
 
 
 CANARY = AgentFigures(
-    node="node-1", now=1010.0, labels={"zone": "a", "role": "web"}, connected=True,
+    node="node-1", labels={"zone": "a", "role": "web"}, connected=True,
     started_at=900.0, rss=27 * 2**20, cpu_seconds=1.5,
     services=(ServiceFigures(
         name="hello",
@@ -119,7 +119,7 @@ def test_the_latency_histogram_is_the_routers_own_in_seconds() -> None:
 
 
 def test_the_agent_and_its_node() -> None:
-    """Agent info, node labels, connection, memory, CPU, generations and the router's age."""
+    """Agent info, node labels, connection, memory, CPU, generations and the read time."""
     s = scrape(CANARY)
     assert sample(s, "fleetwave_agent_info", node="node-1", agent_version="0.1.0") == 1
     assert sample(s, "fleetwave_node_label_info", node="node-1", label="zone", value="a") == 1
@@ -129,7 +129,7 @@ def test_the_agent_and_its_node() -> None:
     assert sample(s, "fleetwave_agent_start_time_seconds") == 900.0
     assert sample(s, "fleetwave_service_observed_generation", service="hello") == 7
     assert sample(s, "fleetwave_router_up", service="hello") == 1
-    assert sample(s, "fleetwave_router_stats_age_seconds", service="hello") == 0.5
+    assert sample(s, "fleetwave_router_stats_timestamp_seconds", service="hello") == 1009.5
 
 
 def test_mirror_counts_carry_the_shadows_version() -> None:
@@ -139,7 +139,7 @@ def test_mirror_counts_carry_the_shadows_version() -> None:
         name="hello", slots=svc.slots, mirror_slot="b", router_up=True,
         router=RouterStats(epoch=1.0, slots={}, mirror=MirrorTraffic(
             mirrored=40, compared=38, mismatched=4, dropped=2)))
-    s = scrape(AgentFigures(node="n", now=0.0, services=(shadowed,)))
+    s = scrape(AgentFigures(node="n", services=(shadowed,)))
     key = {"service": "hello", "version": "2.2.0"}
     assert sample(s, "fleetwave_router_mirror_copies_total", **key) == 40
     assert sample(s, "fleetwave_router_mirror_compared_total", **key) == 38
@@ -151,12 +151,12 @@ def test_every_family_is_there_with_no_service_at_all() -> None:
     """An agent still waiting for NATS shows every family (HELP and TYPE), its own figures
     filled in: names a dashboard reads always exist."""
     registry = CollectorRegistry()
-    registry.register(Fixed(AgentFigures(node="n", now=0.0)))
+    registry.register(Fixed(AgentFigures(node="n")))
     names = {f.name for f in text_string_to_metric_families(generate_latest(registry).decode())}
     assert {"fleetwave_router_requests", "fleetwave_router_request_duration_seconds",
             "fleetwave_router_mirror_copies", "fleetwave_slot_healthy", "fleetwave_router_weight",
             "fleetwave_agent_cpu_seconds", "fleetwave_node_label_info"} <= names
-    assert scrape(AgentFigures(node="n", now=0.0))[("fleetwave_agent_connected", ())] == 0
+    assert scrape(AgentFigures(node="n"))[("fleetwave_agent_connected", ())] == 0
 
 
 @pytest.mark.parametrize(
@@ -179,7 +179,7 @@ def test_an_older_routers_histogram_has_no_sum() -> None:
     old = ServiceFigures(name="hello", slots=(SlotFigures("a", "1.0.0", "healthy"),),
                          router=RouterStats(slots={"a": SlotTraffic(requests=2,
                                                                     latency=hist(b5=2))}))
-    s = scrape(AgentFigures(node="n", now=0.0, services=(old,)))
+    s = scrape(AgentFigures(node="n", services=(old,)))
     assert not [k for k in s if k[0].endswith("_sum")]
     assert sample(s, "fleetwave_router_requests_total", service="hello", slot="a",
                   version="1.0.0", code="unknown") == 2
