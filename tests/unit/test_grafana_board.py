@@ -1,7 +1,8 @@
 """deploy/grafana/fleetwave.json: a Grafana board that loads (valid JSON, schema 39, a Prometheus
 datasource variable and a service variable), whose every query names metrics that exist. The
-agent's names are checked against a real agent's scrape in tests/integration/test_agent_metrics.py;
-here, that each name is either the agent's (prefix) or in the coordinator's list (tests/board.py)."""
+agent's names are checked against a real agent's scrape in
+tests/integration/test_agent_metrics.py; here, that each name is either the agent's (prefix) or
+in the coordinator's list (tests/board.py)."""
 
 from __future__ import annotations
 
