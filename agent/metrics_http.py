@@ -82,7 +82,9 @@ class MetricsServer:
         self.sock = sock
         self.render = render
         self.scrapes = 0
-        self._clients: set[asyncio.Task[None]] = set()
+        # Connections being served, closed by ``serve``'s end (their handlers then end on their
+        # own: a cancelled stream handler is logged by asyncio as an error).
+        self._clients: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
 
     @property
     def address(self) -> str:
@@ -97,20 +99,20 @@ class MetricsServer:
             await asyncio.Future()  # until cancelled
         finally:
             server.close()
-            for task in list(self._clients):
-                task.cancel()
-            await asyncio.gather(*self._clients, return_exceptions=True)
+            for writer in self._clients.values():
+                writer.transport.abort()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):
+                    await asyncio.gather(*self._clients, return_exceptions=True)
                     await server.wait_closed()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         if len(self._clients) >= MAX_CLIENTS:
-            writer.close()
+            writer.transport.abort()  # unanswered: the scraper retries at its next interval
             return
-        self._clients.add(task)
+        self._clients[task] = writer
         try:
             async with asyncio.timeout(HEAD_TIMEOUT):
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -121,7 +123,7 @@ class MetricsServer:
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
             pass  # slow, truncated, oversized or gone: the connection just closes
         finally:
-            self._clients.discard(task)
+            self._clients.pop(task, None)
             writer.close()
 
     def answer(self, head: bytes) -> bytes:

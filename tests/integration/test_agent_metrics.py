@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from coordinator.dev.devfleet import DevFleet
@@ -333,3 +334,56 @@ def _free_port(host: str) -> int:
     with socket.create_server((host, 0)) as s:
         port: int = s.getsockname()[1]
     return port
+
+
+async def test_slow_or_too_many_clients_cannot_hold_the_endpoint(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client that sends no request head is cut at HEAD_TIMEOUT; beyond MAX_CLIENTS at once a
+    connection is closed unanswered; a real scrape is answered all the while or right after; the
+    server's end closes every connection it holds."""
+    from agent import metrics_http
+
+    monkeypatch.setattr(metrics_http, "HEAD_TIMEOUT", 0.5)
+    sock = metrics_http.bind(f"{SUBNET}.7", 0)
+    host, port = sock.getsockname()[:2]
+    server = metrics_http.MetricsServer(sock, lambda accept: (b"x 1\n", "text/plain"))
+    serving = asyncio.create_task(server.serve())
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        await wait_until(lambda: http_get(host, port), lambda r: r[0] == 200, timeout=10,
+                         what="the endpoint")
+        for _ in range(metrics_http.MAX_CLIENTS):
+            idle.append(await asyncio.open_connection(host, port))
+        await wait_until(lambda: _count(server), lambda n: n == metrics_http.MAX_CLIENTS,
+                         timeout=5, what="every idle client held")
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"GET /metrics HTTP/1.1\r\n\r\n")
+        with contextlib.suppress(ConnectionResetError):  # closed with the request unread
+            async with asyncio.timeout(2.0):
+                assert await reader.read() == b"", "a client over MAX_CLIENTS was served"
+        writer.close()
+        # The idle ones are cut at HEAD_TIMEOUT (closed without an answer), then scrapes work.
+        async with asyncio.timeout(5.0):
+            for r, _ in idle:
+                assert await r.read() == b""
+        assert (await http_get(host, port)) == (200, "x 1\n")
+        # A client in the middle of its head when the server stops is closed with it.
+        r, w = await asyncio.open_connection(host, port)
+        w.write(b"GET /metrics HTTP/1.1\r\n")
+        await wait_until(lambda: _count(server), lambda n: n == 1, timeout=5,
+                         what="the half-sent request held")
+    finally:
+        serving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await serving
+        for _, w in idle:
+            w.close()
+    with contextlib.suppress(ConnectionResetError):  # aborted: a reset is a close too
+        async with asyncio.timeout(2.0):
+            assert await r.read() == b""
+    w.close()
+
+
+async def _count(server: object) -> int:
+    return len(server._clients)  # type: ignore[attr-defined]  # the test looks inside
