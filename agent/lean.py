@@ -23,6 +23,15 @@ asyncio) and imports the stack without them:
   for OpenSSL from that moment on (except ``_hashlib``, which stays out: ``_ssl`` does not need
   it).
 
+``import_prometheus`` imports the parts of ``prometheus_client`` that ``--metrics`` uses (metric
+families, a registry, the OpenMetrics encoder) without running the package's ``__init__``, which
+imports everything else it offers: its HTTP and WSGI servers, push-gateway client and TLS helpers
+(``http.server``, ``urllib.request``, ``wsgiref``, ``ssl``): 2.4 MiB resident against 0.15 MiB,
+the difference between an agent with metrics under its 30 MB and one over it. The package is put
+in ``sys.modules`` unexecuted (so only its submodules are there, which is all the agent imports of
+it); if that fails for an unforeseen reason (another version's layout), the whole package is
+imported, with ``import_deferring_ssl``.
+
 ``import_deferring_ssl`` imports a library that names ``ssl`` at import time only in the
 signatures of TLS helpers the agent never calls (``prometheus_client``, for ``--metrics``: its
 ``exposition`` module has ``protocol: int = ssl.PROTOCOL_TLS_SERVER`` as a default argument and
@@ -86,6 +95,32 @@ def load_ssl() -> types.ModuleType:
                     (real.SSLWantReadError, real.SSLSyscallError))
         _real_ssl = real
         return real
+
+
+PROMETHEUS_PARTS = ("prometheus_client.metrics_core", "prometheus_client.registry",
+                    "prometheus_client.openmetrics.exposition")
+
+
+def import_prometheus() -> bool:
+    """Import ``PROMETHEUS_PARTS`` without the package's ``__init__`` (see the module
+    docstring); True if done so, False if the package was imported whole (or was already)."""
+    if "prometheus_client" in sys.modules:
+        return False  # a test process, a library user: nothing left to save
+    import importlib.util
+
+    spec = importlib.util.find_spec("prometheus_client")
+    if spec is None or spec.submodule_search_locations is None:
+        raise ImportError("prometheus_client is not installed; reinstall fleetwave")
+    sys.modules["prometheus_client"] = importlib.util.module_from_spec(spec)  # not executed
+    try:
+        for name in PROMETHEUS_PARTS:
+            importlib.import_module(name)
+    except ImportError:
+        for name in [m for m in sys.modules if m.split(".")[0] == "prometheus_client"]:
+            del sys.modules[name]
+        import_deferring_ssl("prometheus_client")
+        return False
+    return True
 
 
 def import_deferring_ssl(name: str) -> types.ModuleType:

@@ -3,7 +3,7 @@ version, read at scrape time from what the agent already knows.
 
 Theory of operation: ``families(figures)`` is the pure core: one ``AgentFigures`` (a frozen
 picture of the agent now) in, Prometheus metric families out (``prometheus_client``'s own
-families, so names, types, escaping and both exposition formats are the library's). ``snapshot``
+families, so names, types, escaping and the OpenMetrics exposition are the library's). ``snapshot``
 is the shell that takes that picture from the live agent: its service manager's records (slot
 runners, applied weights, the router counters it last read) and psutil. ``AgentCollector`` joins
 them for a ``CollectorRegistry``: every scrape builds the families afresh, nothing is kept.
@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import psutil
-from prometheus_client.core import (
+from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,

@@ -6,10 +6,12 @@ anything else is done (a taken address is one line and exit 2, and the agent cha
 answer and is closed (Prometheus opens one per scrape anyway): the request head must arrive within
 ``HEAD_TIMEOUT`` and fit in ``MAX_HEAD`` bytes, the answer must be taken within ``WRITE_TIMEOUT``,
 and at most ``MAX_CLIENTS`` connections are served at once (more are closed at once), so no client
-can hold the agent's memory or its loop. ``GET /metrics`` renders the registry with
-``prometheus_client``'s encoder for the client's ``Accept`` header (Prometheus text, or
-OpenMetrics when asked); rendering reads only what the agent holds in memory (``agent.metrics``):
-a scrape never waits on the bus or a router.
+can hold the agent's memory or its loop. ``GET /metrics`` renders the registry in the OpenMetrics
+1.0 text format with ``prometheus_client``'s encoder, whatever the ``Accept`` header: Prometheus
+(and every scraper that reads its format) parses it by its content type, and the encoder of the
+older Prometheus text format lives in the module ``agent.lean.import_prometheus`` leaves out.
+Rendering reads only what the agent holds in memory (``agent.metrics``): a scrape never waits on
+the bus or a router.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ WRITE_TIMEOUT = 10.0
 MAX_HEAD = 8192
 MAX_CLIENTS = 8
 
-Render = Callable[[str], tuple[bytes, str]]  # Accept header -> (body, content type)
+Render = Callable[[], tuple[bytes, str]]  # -> (body, content type)
 
 
 def parse_address(value: str) -> tuple[str, int]:
@@ -142,13 +144,8 @@ class MetricsServer:
             return _response(200, "text/plain; charset=utf-8", body, head_only=method == "HEAD")
         if path != "/metrics":
             return _response(404, "text/plain", b"not found: try /metrics\n")
-        accept = ""
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            if name.strip().lower() == "accept":
-                accept = value.strip()
         try:
-            body, content_type = self.render(accept)
+            body, content_type = self.render()
         except Exception:  # a bug in a collector must cost one scrape, never the agent
             log.exception("rendering the metrics failed")
             return _response(500, "text/plain", b"rendering the metrics failed; see the log\n")
@@ -169,15 +166,15 @@ def _response(status: int, content_type: str, body: bytes, *, extra: str = "",
 
 def registry_renderer(collector: Collector) -> Render:
     """``render`` over a registry holding ``collector`` alone (no process or GC collectors: the
-    agent names its own figures), with ``prometheus_client``'s content negotiation."""
-    from prometheus_client import CollectorRegistry
-    from prometheus_client.exposition import choose_encoder
+    agent names its own figures), in OpenMetrics text."""
+    from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST, generate_latest
+    from prometheus_client.registry import CollectorRegistry
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
 
-    def render(accept: str) -> tuple[bytes, str]:
-        encoder, content_type = choose_encoder(accept)
-        return encoder(registry), content_type
+    def render() -> tuple[bytes, str]:
+        body: bytes = generate_latest(registry)  # type: ignore[no-untyped-call]  # untyped def
+        return body, CONTENT_TYPE_LATEST
 
     return render

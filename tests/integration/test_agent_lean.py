@@ -121,9 +121,29 @@ def test_the_lean_bus_import_still_names_the_nats_client_version() -> None:
     assert out.strip() == "True True True"
 
 
-def test_metrics_import_prometheus_client_without_openssl() -> None:
-    """With --metrics the agent imports prometheus_client through import_deferring_ssl: OpenSSL
-    stays out, and the exposition works (its TLS helpers, never called, hold placeholders)."""
+def test_metrics_import_only_the_parts_of_prometheus_client_it_uses() -> None:
+    """With --metrics the agent imports prometheus_client's families, registry and OpenMetrics
+    encoder alone: neither its HTTP servers and clients nor OpenSSL, and the exposition works."""
+    out = _run("""
+        import sys
+        from agent import lean
+        assert lean.import_lean() is True
+        from agent.main import _import_bus
+        _import_bus()
+        print(lean.import_prometheus())
+        from agent.metrics import AgentCollector, LiveAgent
+        from agent.metrics_http import registry_renderer
+        body, kind = registry_renderer(AgentCollector(LiveAgent("n1", {})))()
+        print(kind.split(";")[0], body.endswith(b"# EOF\\n"), b"fleetwave_agent_info" in body)
+        print(sorted(m for m in ("http.server", "urllib.request", "wsgiref", "_ssl", "ssl")
+                     if m in sys.modules and not (m == "ssl" and not lean.ssl_loaded())))
+    """)
+    assert out.splitlines() == ["True", "application/openmetrics-text True True", "[]"]
+
+
+def test_the_whole_package_imports_without_openssl_too() -> None:
+    """The fallback (the whole prometheus_client, import_deferring_ssl): OpenSSL stays out and
+    the exposition works (its TLS helpers, never called, hold placeholders)."""
     out = _run("""
         import sys
         from agent import lean

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from coordinator.dev.devfleet import DevFleet
 from protocol import subjects
@@ -88,7 +88,7 @@ async def http_get(host: str, port: int, path: str = "/metrics") -> tuple[int, s
 
 @dataclass(frozen=True)
 class Scrape:
-    """One scrape of one agent, parsed with prometheus_client's own parser."""
+    """One scrape of one agent (OpenMetrics), parsed with prometheus_client's own parser."""
 
     node: str
     samples: dict[Key, float]
@@ -347,7 +347,7 @@ async def test_slow_or_too_many_clients_cannot_hold_the_endpoint(
     monkeypatch.setattr(metrics_http, "HEAD_TIMEOUT", 0.5)
     sock = metrics_http.bind(f"{SUBNET}.7", 0)
     host, port = sock.getsockname()[:2]
-    server = metrics_http.MetricsServer(sock, lambda accept: (b"x 1\n", "text/plain"))
+    server = metrics_http.MetricsServer(sock, lambda: (b"x 1\n", "text/plain"))
     serving = asyncio.create_task(server.serve())
     idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     try:

@@ -7,6 +7,9 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.metrics import (
@@ -232,21 +235,24 @@ def test_answers(head: bytes, status: int) -> None:
     assert f"Content-Length: {len(body)}".encode() in top and b"Connection: close" in top
 
 
-def test_head_has_no_body_and_openmetrics_is_negotiated() -> None:
-    """HEAD answers the head alone; Accept: application/openmetrics-text gets OpenMetrics."""
+def test_head_has_no_body_and_the_format_is_openmetrics() -> None:
+    """HEAD answers the head alone; GET is OpenMetrics 1.0 text (whatever the Accept header),
+    which prometheus_client's OpenMetrics parser reads back to the same samples."""
     s = server()
     top, _, body = s.answer(b"HEAD /metrics HTTP/1.1\r\n\r\n").partition(b"\r\n\r\n")
-    assert body == b"" and b"text/plain; version=0.0.4" in top
-    om = s.answer(b"GET /metrics HTTP/1.1\r\nAccept: application/openmetrics-text;"
-                  b"version=1.0.0,text/plain;q=0.5\r\n\r\n")
-    assert b"application/openmetrics-text" in om.split(b"\r\n\r\n")[0]
-    assert om.endswith(b"# EOF\n")
+    assert body == b"" and b"Content-Type: application/openmetrics-text; version=1.0.0" in top
+    om = s.answer(b"GET /metrics HTTP/1.1\r\nAccept: text/plain\r\n\r\n")
+    top, _, body = om.partition(b"\r\n\r\n")
+    assert b"application/openmetrics-text" in top and body.endswith(b"# EOF\n")
+    parsed = {(x.name, tuple(sorted(x.labels.items()))): x.value
+              for f in openmetrics_families(body.decode()) for x in f.samples}
+    assert parsed == scrape(CANARY)
 
 
 def test_a_collector_bug_costs_one_scrape() -> None:
     """A collector that raises is a 500 for that scrape, logged, never an agent crash."""
 
-    def broken(accept: str) -> tuple[bytes, str]:
+    def broken() -> tuple[bytes, str]:
         raise RuntimeError("bug")
 
     answer = MetricsServer(sock=None, render=broken).answer(  # type: ignore[arg-type]
