@@ -330,7 +330,18 @@ def click_command(run: Callable[[dict[str, Any]], int]) -> click.Command:
     ]
     return click.Command(PROG, params=params, help=SUMMARY,
                          context_settings={"help_option_names": ["-h", "--help"]},
-                         callback=lambda **values: run(_identified(values)))
+                         callback=lambda **values: _run_checked(run, _identified(values)))
+
+
+def _run_checked(run: Callable[[dict[str, Any]], int], values: dict[str, Any]) -> int:
+    """``run(values)``, a FlagError it raises at start (``--metrics``' address taken) a click
+    usage error."""
+    import click
+
+    try:
+        return run(values)
+    except FlagError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 def _identified(values: dict[str, Any]) -> dict[str, Any]:
