@@ -4,9 +4,10 @@ version, read at scrape time from what the agent already knows.
 Theory of operation: ``families(figures)`` is the pure core: one ``AgentFigures`` (a frozen
 picture of the agent now) in, Prometheus metric families out (``prometheus_client``'s own
 families, so names, types, escaping and the OpenMetrics exposition are the library's).
-``LiveAgent.snapshot`` is the shell that takes that picture from the live agent: its service manager's records (slot
-runners, applied weights, the router counters it last read) and psutil. ``AgentCollector`` joins
-them for a ``CollectorRegistry``: every scrape builds the families afresh, nothing is kept.
+``LiveAgent.snapshot`` is the shell that takes that picture from the live agent: its service
+manager's records (slot runners, applied weights, the router counters it last read) and psutil.
+``AgentCollector`` joins them for a ``CollectorRegistry``: every scrape builds the families
+afresh, nothing is kept.
 
 Vocabulary and contract (the Grafana board ``deploy/grafana/fleetwave.json`` and the README use
 these names; base units, ``_total`` counters; labels ``service``, ``slot``, ``version``, so a
