@@ -195,6 +195,11 @@ class SlotTraffic(msgspec.Struct, kw_only=True):
     errors: int = 0  # 5xx answers and failed upstream attempts that reached the user
     failures: int = 0  # upstream connection errors (retried elsewhere when possible)
     latency: list[int] = []
+    # Answers by status class ("2xx", "3xx", "4xx", "5xx"; absent: none), and the sum of every
+    # latency in ``latency`` in ms (Prometheus histograms carry a true sum). Empty and 0 from a
+    # router older than these fields: only ``errors`` (5xx) is known there.
+    codes: dict[str, int] = {}
+    latency_sum_ms: float = 0.0
 
 
 class MismatchSample(msgspec.Struct, kw_only=True):
