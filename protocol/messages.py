@@ -116,6 +116,16 @@ class MirrorSpec(msgspec.Struct, kw_only=True, frozen=True):
     keep_headers: list[str] = []
 
 
+class DrainSpec(msgspec.Struct, kw_only=True):
+    """A node taken out of service for maintenance (``fleetwave drain``): the service's router
+    answers 503 on its readiness path at once, keeps serving for ``grace`` seconds (time for an
+    external load balancer to notice), then stops accepting and drains its connections."""
+
+    grace: float = 15.0
+    since: float = 0.0  # when the operator drained the node (coordinator's clock)
+    by: str = ""  # who drained it
+
+
 class DesiredState(msgspec.Struct, kw_only=True):
     """What the coordinator wants one service on one node to be.
 
@@ -134,6 +144,8 @@ class DesiredState(msgspec.Struct, kw_only=True):
     mirror: MirrorSpec | None = None
     rollout: str = ""
     time: float = 0.0
+    # Set while the node is drained (``fleetwave drain``); older agents ignore it.
+    drain: DrainSpec | None = None
 
 
 class SignedEnvelope(msgspec.Struct, kw_only=True):
@@ -453,6 +465,18 @@ class ApiReply(msgspec.Struct, kw_only=True):
     code: str = ""
 
 
+class Cordon(msgspec.Struct, kw_only=True):
+    """An operator's hold on a node (``fleetwave cordon|drain``), kept by the coordinator in
+    ``fw-<fleet>-cordons/<node>`` (never in NodeInfo, which the node writes): new rollouts skip
+    the node; ``drain`` also takes its routers out of service."""
+
+    node: str
+    by: str = ""
+    time: float = 0.0
+    drain: bool = False
+    grace: float = 0.0  # the drain's grace (seconds), when drained
+
+
 class NodeView(msgspec.Struct, kw_only=True):
     """One row of ``fleetwave nodes -o json``."""
 
@@ -463,6 +487,7 @@ class NodeView(msgspec.Struct, kw_only=True):
     cpu_percent: float | None = None
     mem_percent: float | None = None
     services: dict[str, Any] = {}
+    cordon: Cordon | None = None  # held out of new rollouts (and drained) by an operator
 
 
 class NodesRequest(msgspec.Struct, kw_only=True):
@@ -478,6 +503,17 @@ class RolloutRequest(msgspec.Struct, kw_only=True):
 
     id: str = ""
     full: bool = False
+
+
+class CordonRequest(msgspec.Struct, kw_only=True):
+    """``cordon`` and ``uncordon``: one node by id, or every node the selector matches (one of
+    the two); ``drain`` (cordon only) also takes the node's routers out of service after
+    ``grace`` seconds of answering 503 on their readiness path."""
+
+    node: str = ""
+    selector: dict[str, str] = {}
+    drain: bool = False
+    grace: float = 15.0
 
 
 class RollbackRequest(msgspec.Struct, kw_only=True):

@@ -53,6 +53,7 @@ from collections.abc import Callable, Coroutine
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TypeVar
 
+from coordinator.api.cordons import CordonsApi
 from coordinator.api.rollouts import LiveRollout, RolloutsApi
 from coordinator.api.verbs import HANDLER_TIMEOUT, Api
 from coordinator.core.engine import EngineEvent
@@ -60,6 +61,7 @@ from coordinator.core.fleet import Fleet, Transition
 from coordinator.core.rotation import lead_refusal, retired_after, short
 from coordinator.errors import ConfigError, RemoteError
 from coordinator.releases import resolve_release
+from coordinator.runtime.cordons import read_cordons
 from coordinator.runtime.lease import (
     LEASE_TTL,
     Fenced,
@@ -223,6 +225,7 @@ class Coordinator:
             _Current(self), public_key=self.public_key,
             resolve=lambda service, version: resolve_release(bus, service, version),
         ).register(self.api)
+        CordonsApi(_Current(self), fleet=f, nodes=self.table.view).register(self.api)
         self.api.add("leader", LeaderRequest, self._leader)
         # Reading verbs: every coordinator answers every request (no queue group) and the
         # caller takes the first answer, so a frozen coordinator cannot swallow a read. Writing
@@ -417,7 +420,12 @@ class Coordinator:
         self._emit(self.table.register(info, self._clock()))
 
     async def _nodes(self, req: NodesRequest, caller: str) -> list[NodeView]:
-        return self.table.view(req.selector)
+        rows = self.table.view(req.selector)
+        if self.bus is not None:  # (always, once serving: the API is served after connecting)
+            cordons = await read_cordons(self.bus)
+            for row in rows:
+                row.cordon = cordons.get(row.id)
+        return rows
 
     def _complain(self, node: str, kind: str, message: str) -> None:
         self.malformed += 1
@@ -511,6 +519,13 @@ class _Current:
 
     def active(self, service: str) -> LiveRollout | None:
         return self._c.runner.active(service) if self._c.runner is not None else None
+
+    async def cordon(self, nodes: list[str], *, drain: bool, grace: float,
+                     who: str) -> list[dict[str, Any]]:
+        return await self._runner().cordon(nodes, drain=drain, grace=grace, who=who)
+
+    async def uncordon(self, nodes: list[str], *, who: str) -> list[dict[str, Any]]:
+        return await self._runner().uncordon(nodes, who=who)
 
 
 def _unavailable(message: str) -> bytes:

@@ -10,7 +10,8 @@
 May import ``protocol``, ``coordinator.errors`` and the core's planning, amounts, targets and
 gates (the engine's ``Step`` for types only); never the runtime, the API or the CLI.
 
-``plan(nodes, spec)`` selects the target nodes (``core.planning.select``) and hands them to
+``plan(nodes, spec, cordoned)`` selects the target nodes (``core.planning.select``), holds the
+cordoned ones out (``core.planning.hold_out``) and hands the rest to
 ``plan_strategy(selected, spec)``, which dispatches on ``spec.strategy``. Every strategy returns
 waves that together hold every selected node, each node's final wave with weight 100. The desired
 state one node is given for a wave, a rollback or the retirement of its old slot is built by
@@ -19,10 +20,10 @@ state one node is given for a wave, a rollback or the retirement of its old slot
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 from coordinator.core.amounts import max_unavailable
-from coordinator.core.planning import NodeLike, Wave, WaveKind, select
+from coordinator.core.planning import NodeLike, Wave, WaveKind, hold_out, select
 from coordinator.errors import UsageError
 from coordinator.strategies import blue_green, canary, rolling, shadow
 from coordinator.strategies.base import Strategy, WavePolicy
@@ -77,14 +78,22 @@ def plan_strategy(selected: list[str], spec: RolloutSpec) -> list[Wave]:
     return strategy(spec).plan(selected, spec)
 
 
-def plan(nodes: Iterable[NodeLike], spec: RolloutSpec) -> list[Wave]:
-    """Select the target nodes of ``spec`` and cut them into waves with its strategy."""
-    selected = select(nodes, spec.selector)
-    if not selected:
-        where = ",".join(f"{k}={v}" for k, v in sorted(spec.selector.items())) or "(any)"
+def plan(nodes: Iterable[NodeLike], spec: RolloutSpec,
+         cordoned: Collection[str] = ()) -> list[Wave]:
+    """Select the target nodes of ``spec``, hold the ``cordoned`` ones out
+    (``core.planning.hold_out``) and cut the rest into waves with its strategy."""
+    chosen = select(nodes, spec.selector)
+    where = ",".join(f"{k}={v}" for k, v in sorted(spec.selector.items())) or "(any)"
+    if not chosen:
         raise UsageError(
             f"no node matches selector {where}; check the labels with "
             "'fleetwave nodes' or start an agent with matching --label"
+        )
+    selected, held = hold_out(chosen, cordoned)
+    if not selected:
+        raise UsageError(
+            f"every node matching selector {where} is cordoned ({', '.join(held)}); "
+            "return one with 'fleetwave uncordon NODE'"
         )
     max_unavailable(spec.max_unavailable, len(selected))  # every strategy honours it: check it now
     waves = plan_strategy(selected, spec)
