@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
 from protocol.report import RolloutReport
 
@@ -144,8 +145,14 @@ class DesiredState(msgspec.Struct, kw_only=True):
     mirror: MirrorSpec | None = None
     rollout: str = ""
     time: float = 0.0
-    # Set while the node is drained (``fleetwave drain``); older agents ignore it.
-    drain: DrainSpec | None = None
+    # Set while the node is drained (``fleetwave drain``); older agents ignore it. UNSET (absent
+    # from the JSON) otherwise, so that every other desired state keeps its bytes.
+    drain: DrainSpec | UnsetType = UNSET
+
+    @property
+    def drained(self) -> DrainSpec | None:
+        """The drain in force, or None."""
+        return self.drain if isinstance(self.drain, DrainSpec) else None
 
 
 class SignedEnvelope(msgspec.Struct, kw_only=True):

@@ -244,8 +244,8 @@ class ServiceManager:
             case Fail(slot=slot, reason=reason):
                 runner = svc.runners[slot]
                 tg.create_task(runner.fail(reason), name=f"fail-{svc.name}-{slot}")
-            case Route(weights=weights, mirror=mirror):
-                await self.routers.route(svc, dict(weights), mirror)
+            case Route(weights=weights, mirror=mirror, drain=drain):
+                await self.routers.route(svc, dict(weights), mirror, drain)
             case Drain(slot=slot):
                 svc.runners[slot].drain()
                 self.events.emit("slot.draining", svc.name, f"slot {slot} drains", slot=slot)

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import msgspec
+from msgspec import UNSET
 
 from coordinator.runtime.calls import Retrying, bounded
 from coordinator.runtime.desired import DesiredWriter
@@ -151,10 +152,11 @@ class Cordons:
             except ProtocolError as exc:
                 raise BusError(f"desired state {entry.key} is unreadable ({exc}); delete the key "
                                "to start that node's service afresh") from None
-            if (current.drain is None) == (drain is None):
+            if (current.drained is None) == (drain is None):
                 continue  # already so (an earlier attempt got this far)
             new = msgspec.structs.replace(current, generation=current.generation + 1,
-                                          drain=drain, time=self._clock())
+                                          drain=UNSET if drain is None else drain,
+                                          time=self._clock())
             await self._retrying(functools.partial(self._desired.write, new))
             written.append(current.service)
         return sorted(written)
