@@ -3,9 +3,10 @@
     cordon    CordonRequest(node | selector, drain, grace) → {"nodes": [row]}
     uncordon  CordonRequest(node | selector)               → {"nodes": [row]}
 
-where a row is ``{"node", "cordoned", "drained", "changed", "by", "time"}`` (``changed`` False:
-it already was so). ``fleetwave drain NODE`` is ``cordon`` with ``drain``: one node at a time,
-by id (taking many nodes' routers out of service at once is not a maintenance, it is an outage).
+where a row is ``{"node", "cordoned", "drained", "changed", "by", "time", "grace"}``
+(``changed`` False: it already was so). ``fleetwave drain NODE`` is ``cordon`` with ``drain``:
+one node at a time, by id (taking many nodes' routers out of service at once is not a
+maintenance, it is an outage).
 
 Refused as usage (exit 2, nothing changed): no node and no selector, or both; a node the fleet
 has never seen; a selector matching no node; a grace outside 0-3600 s. The writes themselves are

@@ -17,7 +17,7 @@ import coordinator.cli.client as client
 from coordinator.cli.base import Ctx, cli, output_option
 from coordinator.cli.render import safe
 from coordinator.core.fleet import parse_selector
-from protocol.durations import parse_duration
+from protocol.durations import format_duration, parse_duration
 from protocol.errors import ProtocolError
 from protocol.messages import CordonRequest
 
@@ -62,8 +62,11 @@ def _render(data: Any, output: str, verb: str) -> None:
     for row in rows:
         state = ("drained" if row.get("drained") else "cordoned" if row.get("cordoned")
                  else "uncordoned")
-        click.echo(safe(f"{row.get('node')}: {state}"
-                        + ("" if row.get("changed") else " (already)")))
+        said = f"{row.get('node')}: {state}" + ("" if row.get("changed") else " (already)")
+        if verb == "drain" and row.get("changed"):
+            said += (f"; its routers answer 503 on {READY_PATH} now and stop accepting after "
+                     f"{format_duration(float(row.get('grace') or 0))}")
+        click.echo(safe(said))
 
 
 @cli.command()

@@ -175,4 +175,4 @@ class Cordons:
 
 def _row(cordon: Cordon, *, changed: bool) -> dict[str, Any]:
     return {"node": cordon.node, "cordoned": True, "drained": cordon.drain, "changed": changed,
-            "by": cordon.by, "time": cordon.time}
+            "by": cordon.by, "time": cordon.time, "grace": cordon.grace}

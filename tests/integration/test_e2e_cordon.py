@@ -269,7 +269,8 @@ async def test_a_drained_node_says_503_before_any_connection_is_cut(tmp_path: Pa
                 await asyncio.sleep(1.0)  # traffic through every node before the drain
                 drained_at = time.monotonic()
                 out = await cli_ok(url, "drain", "node-3", "--grace", f"{GRACE:g}s")
-                assert out.strip() == "node-3: drained"
+                assert out.startswith("node-3: drained; its routers answer 503 on "
+                                      f"{READY_PATH} now and stop accepting after 2s"), out
                 await wait_until(lambda: asyncio.sleep(0, node3.requests[-1][2]),
                                  lambda o: o == "refused", timeout=GRACE + 20,
                                  what="node-3's router to stop accepting")

@@ -32,7 +32,7 @@ async def test_cordon_is_stored_with_who_and_when_told_once_and_skipped_by_a_dep
     r = runner(bus, clock)
     rows = await r.cordon(["node-3"], drain=False, grace=15.0, who="alice")
     assert rows == [{"node": "node-3", "cordoned": True, "drained": False, "changed": True,
-                     "by": "alice", "time": clock.t}]
+                     "by": "alice", "time": clock.t, "grace": 0.0}]
     assert await read_cordons(bus) == {"node-3": Cordon(node="node-3", by="alice", time=clock.t)}
     told = [(e.kind, e.node, e.who) for e in r.events.pending()]
     assert told == [("node.cordoned", "node-3", "alice")]
