@@ -85,6 +85,7 @@ from protocol.errors import BusError, ProtocolError, TooFewServers
 from protocol.events import EventPublisher
 from protocol.messages import (
     ApiReply,
+    Cordon,
     Event,
     Heartbeat,
     LeaderRequest,
@@ -106,6 +107,7 @@ PAUSED = 1.0  # a tick this late (or a wall clock this far off the monotonic one
 WRITE_VERBS = subjects.WRITE_VERBS
 RETRY_LEAD = 1.0  # after a leadership that failed by itself (fences, a crash): wait, then stand by
 FORWARD_TIMEOUT = HANDLER_TIMEOUT + 5.0
+CORDONS_READ = 2.0  # ``nodes`` waits this long for the cordons, then shows them as last read
 
 T = TypeVar("T")
 
@@ -156,6 +158,7 @@ class Coordinator:
         self.lease: Lease | None = None
         self.store: RolloutStore | None = None  # the reader of a standby
         self.pauses = 0
+        self._cordons: dict[str, Cordon] = {}  # as ``nodes`` last read them
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set."""
@@ -422,9 +425,14 @@ class Coordinator:
     async def _nodes(self, req: NodesRequest, caller: str) -> list[NodeView]:
         rows = self.table.view(req.selector)
         if self.bus is not None:  # (always, once serving: the API is served after connecting)
-            cordons = await read_cordons(self.bus)
-            for row in rows:
-                row.cordon = cordons.get(row.id)
+            try:
+                async with asyncio.timeout(CORDONS_READ):
+                    self._cordons = await read_cordons(self.bus)
+            except (BusError, TimeoutError) as exc:
+                # The node table answers without JetStream; the cordons as last read do too.
+                log.warning("cannot read the cordons (%s); showing them as last read", exc)
+        for row in rows:
+            row.cordon = self._cordons.get(row.id)
         return rows
 
     def _complain(self, node: str, kind: str, message: str) -> None:
