@@ -48,6 +48,10 @@ restart within ``HEAL_WINDOW``, at most ``HEAL_RESTARTS`` there); the times come
 loop*: its reason says so, ``assess`` fails the state with it) and stays as it is until the
 window frees a restart or it recovers.
 
+Maintenance: a desired ``drain`` (``fleetwave drain``) goes to the router with the weights
+(``Route.drain``; the router orders the rest: 503 on its readiness path, then after the grace no
+more accepting); the slots are left as they are, so that undraining is one ``Route`` away.
+
 Everything that affects the reconciler's decisions lives in this file (so it runs past 400
 lines): the view, the actions, the weights, and the slot table ``SLOT_RULES``.
 """
@@ -60,7 +64,14 @@ from typing import Literal
 
 from agent.backoff import Backoff
 from protocol.durations import format_duration
-from protocol.messages import SLOTS, DesiredState, MirrorSpec, ReleaseRef, SlotStatusName
+from protocol.messages import (
+    SLOTS,
+    DesiredState,
+    DrainSpec,
+    MirrorSpec,
+    ReleaseRef,
+    SlotStatusName,
+)
 
 FETCH_RETRY = 5.0
 HEAL_RESTARTS = 3  # restarts of one slot for staying unhealthy, within HEAL_WINDOW
@@ -125,6 +136,7 @@ class ServiceView:
     fetch_errors: Mapping[str, FetchError] = field(default_factory=dict)
     applied_weights: Mapping[str, int] = field(default_factory=dict)  # as the router has them
     applied_mirror: MirrorSpec | None = None
+    applied_drain: DrainSpec | None = None  # the drain the router has (``fleetwave drain``)
     observed_generation: int = 0
     router_failure: str = ""  # why the router has not taken its configuration for a while
     # The service's router process: "up" (known and answering), "closing" (asked to drain and
@@ -158,10 +170,12 @@ class Fail:
 
 @dataclass(frozen=True)
 class Route:
-    """Apply these weights (every slot named, 0 for no traffic) and this mirror."""
+    """Apply these weights (every slot named, 0 for no traffic) and this mirror; ``drain``
+    takes the router out of service (its readiness path says 503, then it stops accepting)."""
 
     weights: Mapping[str, int]
     mirror: MirrorSpec | None
+    drain: DrainSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -467,9 +481,10 @@ def reconcile(desired: DesiredState | None, local: ServiceView, now: float) -> l
     mirror = target_mirror(desired, local)
     applied = dict(target) if worker or not desired.slots else {
         s: w for s, w in local.applied_weights.items() if w > 0}  # (a removal: no router left)
+    drain = None if worker else desired.drained
     # Never for a removal: a Route would start a router again for a service that has none.
     route_needed = not worker and bool(desired.slots) and (
-        applied != target or local.applied_mirror != mirror)
+        applied != target or local.applied_mirror != mirror or local.applied_drain != drain)
 
     # 3. each slot: the rule of its status (SLOT_RULES).
     for name in SLOTS:
@@ -496,7 +511,7 @@ def reconcile(desired: DesiredState | None, local: ServiceView, now: float) -> l
         # router to have moved traffic away already, so it never comes in the same batch).
         first = [a for a in actions if isinstance(a, Fetch | Resume)]
         rest = [a for a in actions if not isinstance(a, Fetch | Resume)]
-        actions = [*first, Route({s: target.get(s, 0) for s in SLOTS}, mirror), *rest]
+        actions = [*first, Route({s: target.get(s, 0) for s in SLOTS}, mirror, drain), *rest]
     return actions
 
 
@@ -579,7 +594,8 @@ def converged(desired: DesiredState, local: ServiceView) -> bool:
     if desired.mirror is not None and desired.mirror.slot in want:
         want.pop(desired.mirror.slot)
     have = {s: w for s, w in local.applied_weights.items() if w > 0}
-    return have == want and local.applied_mirror == desired.mirror
+    return (have == want and local.applied_mirror == desired.mirror
+            and local.applied_drain == desired.drained)
 
 
 # -- helpers ---------------------------------------------------------------------------------------

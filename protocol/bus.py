@@ -161,6 +161,7 @@ def _fleet_buckets(fleet: str) -> dict[str, int]:
         subjects.locks_bucket(fleet): 1,
         subjects.release_index_bucket(fleet): 1,
         subjects.lease_bucket(fleet): 1,
+        subjects.cordons_bucket(fleet): 5,
     }
 
 

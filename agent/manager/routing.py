@@ -47,7 +47,7 @@ from agent.router.control import (
     Upstream,
     start_router,
 )
-from protocol.messages import MirrorSpec
+from protocol.messages import DrainSpec, MirrorSpec
 
 log = logging.getLogger("fleetwave.agent.services")
 
@@ -134,9 +134,11 @@ class RouterLink:
         return router_socket(self.data_dir, service)
 
     async def route(
-        self, svc: Service, weights: dict[str, int], mirror: MirrorSpec | None
+        self, svc: Service, weights: dict[str, int], mirror: MirrorSpec | None,
+        drained: DrainSpec | None = None,
     ) -> None:
-        """Configure ``svc``'s router (starting it if needed) with these weights and mirror."""
+        """Configure ``svc``'s router (starting it if needed) with these weights and mirror,
+        ``drained`` (out of service for maintenance) or not."""
         port = self._public_port(svc)
         if port is None:
             return
@@ -163,6 +165,8 @@ class RouterLink:
             max_connections=self.edge.max_connections,
             body_timeout=self.edge.body_timeout,
             trusted_proxies=list(self.edge.trusted_proxies),
+            drained=drained is not None,
+            drain_grace=drained.grace if drained is not None else 0.0,
         )
         try:
             client = await self._router(svc)
@@ -182,6 +186,9 @@ class RouterLink:
             self.switched.set()  # the stats loop may be asleep on the usual period: re-plan
         svc.applied_weights = applied
         svc.applied_mirror = mirror
+        if drained != svc.applied_drain:
+            log.info("router of %s: %s", svc.name, "drained" if drained else "serves again")
+        svc.applied_drain = drained
         log.info(
             "router of %s: weights %s mirror %s",
             svc.name,
@@ -274,4 +281,5 @@ class RouterLink:
                     )
                     svc.router, svc.router_stats = None, None
                     svc.applied_weights, svc.applied_mirror = {}, None
+                    svc.applied_drain = None
                     self.wake.set()

@@ -27,6 +27,7 @@ from agent.router.control import RouterClient
 from protocol.manifest import Manifest
 from protocol.messages import (
     DesiredState,
+    DrainSpec,
     MirrorSpec,
     ObservedState,
     ReleaseRef,
@@ -102,6 +103,7 @@ class Service:
     fetch_errors: dict[str, FetchError] = field(default_factory=dict)
     applied_weights: dict[str, int] = field(default_factory=dict)
     applied_mirror: MirrorSpec | None = None
+    applied_drain: DrainSpec | None = None  # the drain the router has taken
     weights_changed: float = 0.0  # when the router last took other weights (the agent's clock)
     observed_generation: int = 0
     router: RouterClient | None = None
@@ -150,6 +152,7 @@ class Service:
             fetch_errors=dict(self.fetch_errors),
             applied_weights=dict(self.applied_weights),
             applied_mirror=self.applied_mirror,
+            applied_drain=self.applied_drain,
             observed_generation=self.observed_generation,
             router_failure=self.router_error if (
                 self.router_error and now is not None

@@ -18,6 +18,7 @@ from coordinator.cli import (  # noqa: F401  (registration by import)
     dev_cmds,
     fleet_cmds,
     infra,
+    node_cmds,
     proto,
     release_cmds,
     remove_cmds,

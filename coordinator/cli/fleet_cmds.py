@@ -15,6 +15,7 @@ import click
 import msgspec
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 import coordinator.cli.client as client
 from coordinator.cli.base import (
@@ -191,12 +192,13 @@ def nodes(ctx: Ctx, selector: dict[str, str], output: str) -> None:
 def render_table(rows: list[NodeView], now: float) -> Table:
     """The people's view of ``fleetwave nodes``."""
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for col in ("NODE", "STATUS", "LAST SEEN", "CPU", "MEM", "LABELS", "SERVICES"):
+    for col in ("NODE", "STATUS", "CORDON", "LAST SEEN", "CPU", "MEM", "LABELS", "SERVICES"):
         table.add_column(col)
     for r in rows:
         table.add_row(  # what a node registered is shown as text (render.cell), never markup
             cell(r.id),
             "[green]online[/]" if r.online else "[red]offline[/]",
+            _cordon(r),
             _ago(r.last_seen, now),
             _pct(r.cpu_percent),
             _pct(r.mem_percent),
@@ -204,6 +206,14 @@ def render_table(rows: list[NodeView], now: float) -> Table:
             cell(_services(r.services) or "-"),
         )
     return unclipped(table)
+
+
+def _cordon(r: NodeView) -> Text | str:
+    """"-", or "cordoned"/"drained" and by whom (the name as text, never markup)."""
+    if r.cordon is None:
+        return "-"
+    what = "drained" if r.cordon.drain else "cordoned"
+    return cell(what + (f" by {r.cordon.by}" if r.cordon.by else ""), style="yellow")
 
 
 def _ago(t: float | None, now: float) -> str:

@@ -64,6 +64,9 @@ class Progress:
                     strategy=r.spec.strategy, nodes=len(r.nodes), waves=len(r.waves),
                     max_unavailable=self.step.cap,
                 )
+                for node in r.report.skipped_cordoned or ():
+                    self.step.emit("rollout.node.skipped", f"{node} cordoned: skipped", node,
+                                   why="cordoned")
             case ObservedChanged(node=node, observed=seen):
                 self.observe(node, seen)
             case NodeOffline(node=node) | NodeOnline(node=node):

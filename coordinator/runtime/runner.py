@@ -56,6 +56,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import msgspec
 
@@ -73,6 +74,7 @@ from coordinator.core.engine import (
 )
 from coordinator.errors import RemoteError, UsageError
 from coordinator.runtime.calls import COMMAND_DEADLINE, Retrying
+from coordinator.runtime.cordons import Cordons, read_cordons
 from coordinator.runtime.desired import DesiredWriter
 from coordinator.runtime.driver import Driver
 from coordinator.runtime.executor import Executor
@@ -142,6 +144,8 @@ class Runner:
         self.events = EventPublisher(self.fleet, logger=log, on_stored=self._stored)
         self._executor = Executor(store=self.store, desired=self.desired, events=self.events,
                                   retrying=self._retrying, clock=clock)
+        self.cordons = Cordons(bus, desired=self.desired, events=self.events,
+                               retrying=self._retrying, clock=clock, targeted=self._targeted)
         self._settled: set[str] = set()  # terminal rollouts whose lock is known released
         self._deploying = asyncio.Lock()
         self.synced = asyncio.Event()  # the observed watch delivered its first snapshot
@@ -346,10 +350,11 @@ class Runner:
             views = list(self._nodes())
             live = [v for v in views if v.online]
             current = await self.current_desired(spec.service)
+            cordoned = await read_cordons(self.bus)
             rid = new_rollout_id(spec.service, now)
             try:
                 record = new_record(id=rid, spec=spec, release=release, nodes=live,
-                                    current=current, now=now, who=who)
+                                    current=current, now=now, who=who, cordoned=cordoned)
             except UsageError as exc:
                 if live != views and "no node matches" in str(exc):
                     raise UsageError(f"{exc} (offline nodes are not targeted)") from None
@@ -432,6 +437,21 @@ class Runner:
         except IllegalTransition as exc:
             raise RemoteError(str(exc), "conflict") from None
         return driver.rollout.record
+
+    async def cordon(self, nodes: list[str], *, drain: bool, grace: float,
+                     who: str) -> list[dict[str, Any]]:
+        """Cordon (and drain) ``nodes`` for ``who`` (``coordinator.runtime.cordons``), under the
+        deploys' lock: no rollout starts on a node between the check and the writes."""
+        async with self._deploying:
+            return await self.cordons.cordon(nodes, drain=drain, grace=grace, who=who)
+
+    async def uncordon(self, nodes: list[str], *, who: str) -> list[dict[str, Any]]:
+        """Return ``nodes`` to new rollouts (and undrain them), under the deploys' lock."""
+        async with self._deploying:
+            return await self.cordons.uncordon(nodes, who=who)
+
+    def _targeted(self, node: str) -> str | None:
+        return next((d.id for d in self.drivers.values() if node in d.rollout.record.nodes), None)
 
     def active(self, service: str) -> Driver | None:
         """The live rollout of ``service`` driven here, if any."""

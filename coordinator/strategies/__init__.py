@@ -11,8 +11,9 @@
 May import ``protocol``, ``coordinator.errors`` and the core's planning, amounts, targets and
 gates (the engine's ``Step`` for types only); never the runtime, the API or the CLI.
 
-``plan(nodes, spec, current)`` selects the nodes (``core.planning.select``), keeps the strategy's
-``targets`` among them (a removal: those that have the service) and hands them to
+``plan(nodes, spec, current, cordoned)`` selects the nodes (``core.planning.select``), holds the
+cordoned ones out (``core.planning.hold_out``), keeps the strategy's ``targets`` among the rest (a
+removal: those that have the service) and hands them to
 ``plan_strategy(selected, spec)``, which dispatches on ``spec.strategy``. Every strategy returns
 waves that together hold every selected node, each node's final wave with weight 100. The desired
 state one node is given for a wave, a rollback or the retirement of its old slot is built by
@@ -21,10 +22,10 @@ state one node is given for a wave, a rollback or the retirement of its old slot
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 from coordinator.core.amounts import max_unavailable
-from coordinator.core.planning import NodeLike, Wave, WaveKind, select
+from coordinator.core.planning import NodeLike, Wave, WaveKind, hold_out, select
 from coordinator.errors import UsageError
 from coordinator.strategies import blue_green, canary, remove, rolling, shadow
 from coordinator.strategies.base import Strategy, WavePolicy
@@ -90,16 +91,23 @@ def plan_strategy(selected: list[str], spec: RolloutSpec) -> list[Wave]:
 
 def plan(
     nodes: Iterable[NodeLike], spec: RolloutSpec,
-    current: Mapping[str, DesiredState] | None = None,
+    current: Mapping[str, DesiredState] | None = None, cordoned: Collection[str] = (),
 ) -> list[Wave]:
-    """Select the target nodes of ``spec`` (``current``: each node's desired state of the
-    service now) and cut them into waves with its strategy."""
-    selected = select(nodes, spec.selector)
-    if not selected:
-        where = ",".join(f"{k}={v}" for k, v in sorted(spec.selector.items())) or "(any)"
+    """Select the target nodes of ``spec``, hold the ``cordoned`` ones out
+    (``core.planning.hold_out``), keep the strategy's ``targets`` among the rest (``current``:
+    each node's desired state of the service now) and cut them into waves with its strategy."""
+    chosen = select(nodes, spec.selector)
+    where = ",".join(f"{k}={v}" for k, v in sorted(spec.selector.items())) or "(any)"
+    if not chosen:
         raise UsageError(
             f"no node matches selector {where}; check the labels with "
             "'fleetwave nodes' or start an agent with matching --label"
+        )
+    selected, held = hold_out(chosen, cordoned)
+    if not selected:
+        raise UsageError(
+            f"every node matching selector {where} is cordoned ({', '.join(held)}); "
+            "return one with 'fleetwave uncordon NODE'"
         )
     selected = strategy(spec).targets(selected, spec, current or {})
     max_unavailable(spec.max_unavailable, len(selected))  # every strategy honours it: check it now
