@@ -30,7 +30,7 @@ T = TypeVar("T")
 
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--force-device-scale-factor=1", "--window-size=1400,1000")
+         "--disable-dev-shm-usage", "--force-device-scale-factor=1", "--window-size=1360,900")
 
 
 def _binaries() -> tuple[str, str]:

@@ -59,7 +59,8 @@ def _call(url: str, method: str, token: str | None) -> tuple[int, dict[str, Any]
         return exc.code, json.loads(exc.read())
 
 
-async def call(url: str, method: str = "GET", token: str | None = None) -> tuple[int, dict[str, Any]]:
+async def call(url: str, method: str = "GET",
+               token: str | None = None) -> tuple[int, dict[str, Any]]:
     return await asyncio.to_thread(_call, url, method, token)
 
 
@@ -75,7 +76,7 @@ async def marker(page: Browser) -> str:
     return str(await page.js("return window.__fleetwaveMarker || 'reloaded';"))
 
 
-async def readme_copy(shot: Path) -> None:
+def readme_copy(shot: Path) -> None:
     target = os.environ.get("FLEETWAVE_SCREENSHOT_DIR")
     if target:
         Path(target).mkdir(parents=True, exist_ok=True)
@@ -156,7 +157,7 @@ async def test_dashboard_follows_a_canary_live_and_only_an_operator_aborts_it(
                                   "'#chart-errors circle.new').length;")
             assert chart >= 2, "the error-rate chart has no points of the new version"
             shot = await page.screenshot(screens / "dashboard-running.png")
-            await readme_copy(shot)
+            readme_copy(shot)
 
             await page.click(ABORT)
             await page.wait_for(lambda: page.attr("#rollout-state", "data-state"),
@@ -193,7 +194,7 @@ async def test_tokens_are_checked_reread_on_change_and_bad_files_refused(tmp_pat
         assert code == 401 and "no operator token given" in body["error"]
         code, body = await call(f"{base}/api/rollouts/x/abort", "POST", token)
         assert code == 503 and "not connected" in body["error"]  # authorized; no bus to send on
-        code, out, err = await fleetwave("auth", "revoke-web-token", str(tmp_path / "web"), "bob")
+        code, _, err = await fleetwave("auth", "revoke-web-token", str(tmp_path / "web"), "bob")
         assert code == 0, err
         code, body = await call(f"{base}/api/whoami", token=token)
         assert code == 401, body

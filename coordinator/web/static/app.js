@@ -171,23 +171,27 @@ function drawRollout(st, events) {
     b.disabled = verb === "rollback" ? false : over ||
       (verb === "resume" && st.state !== "paused") || (verb === "pause" && st.state === "paused");
   }
-  $("#waves tbody").replaceChildren(...st.waves.map((w) => {
+  $("#waves tbody").replaceChildren(...st.waves.flatMap((w) => {
     const g = w.gates || {};
-    const gate = [g.outcome, ...(g.reasons || [])].filter(Boolean).join(": ");
-    return el("tr", { "data-wave": w.index }, el("td", {}, w.index), stateCell(w.state),
-      el("td", {}, w.nodes.join(", ")), el("td", {}, w.weight + "%"),
+    const row = el("tr", { "data-wave": w.index }, el("td", {}, w.index), stateCell(w.state),
+      el("td", { title: w.nodes.join(", ") }, w.nodes.length > 3 ? `${w.nodes.length} nodes`
+        : w.nodes.join(", ")), el("td", {}, w.weight + "%"),
       el("td", {}, g.requests === undefined ? "-" : `${g.requests}/${num(g.old_requests)}`),
-      el("td", {}, pct(g.error_rate)), el("td", {}, pct(g.old_error_rate)),
-      el("td", {}, ms(g.p99_new_ms)), el("td", {}, ms(g.p99_old_ms)),
+      el("td", {}, `${pct(g.error_rate)}/${pct(g.old_error_rate)}`),
+      el("td", {}, `${ms(g.p99_new_ms)}/${ms(g.p99_old_ms)}`),
       el("td", {}, g.p99_ratio === null || g.p99_ratio === undefined ? "-" : "x" + g.p99_ratio),
-      el("td", {}, g.healthy === undefined ? "-" : `${g.healthy}/${g.nodes}`),
-      el("td", {}, gate || "-"));
+      el("td", {}, g.healthy === undefined ? "-" : `${g.healthy}/${g.nodes}`));
+    // The gate's verdict in words, under its figures: what failed or was unsure, and why.
+    const why = [...(g.reasons || [])];
+    if (g.outcome && !["pass", w.state].includes(g.outcome)) why.unshift(g.outcome);
+    return why.length ? [row, el("tr", { class: "why" }, el("td", {}), el("td", {
+      class: "wrap reason", colSpan: 8 }, why.join("; ")))] : [row];
   }));
   $("#rollout-nodes tbody").replaceChildren(...Object.entries(st.nodes).sort().map(([id, n]) =>
     el("tr", { "data-node": id }, el("td", {}, id), el("td", {}, n.version || "-"),
       stateCell(n.state), el("td", {}, n.healthy ? "yes" : "no"),
       el("td", {}, n.online ? "yes" : "no"), el("td", {}, n.wave), el("td", {}, n.slot || "-"),
-      el("td", {}, n.generation), el("td", {}, n.reason || ""))));
+      el("td", {}, n.generation), el("td", { class: "wrap" }, n.reason || ""))));
   const list = $("#events");
   const atEnd = list.scrollTop + list.clientHeight >= list.scrollHeight - 4;
   list.replaceChildren(...events.map((e) => el("li", { "data-kind": e.kind },
@@ -218,12 +222,12 @@ function collect(st, events) {
 function drawCharts(st) {
   const points = [...(view.series.get(st.id) || new Map()).values()].sort((a, b) => a.t - b.t);
   const labels = [st.version, st.from_version || "old"];
-  chart($("#chart-errors"), points, "errNew", "errOld", labels, (v) => (100 * v).toFixed(1) + "%");
-  chart($("#chart-p99"), points, "p99New", "p99Old", labels, (v) => v.toFixed(0));
+  chart($("#chart-errors"), points, "errNew", "errOld", labels, 0.01, (v) => (100 * v).toFixed(1) + "%");
+  chart($("#chart-p99"), points, "p99New", "p99Old", labels, 1, (v) => v.toFixed(0));
 }
 
-function chart(box, points, kNew, kOld, labels, fmt) {
-  const W = 420, H = 180, L = 44, R = 8, T = 18, B = 22;
+function chart(box, points, kNew, kOld, labels, floor, fmt) {
+  const W = 420, H = 170, L = 44, R = 8, T = 18, B = 22;
   const vals = points.flatMap((p) => [p[kNew], p[kOld]]).filter((v) => v !== null && v !== undefined);
   box.replaceChildren();
   box.append(svg("line", { class: "axis", x1: L, y1: H - B, x2: W - R, y2: H - B }),
@@ -233,7 +237,7 @@ function chart(box, points, kNew, kOld, labels, fmt) {
     return;
   }
   const t0 = points[0].t, t1 = Math.max(points[points.length - 1].t, t0 + 1);
-  const top = Math.max(...vals, 0) * 1.15 || 1;
+  const top = Math.max(...vals, floor) * 1.15;
   const x = (t) => L + ((t - t0) / (t1 - t0)) * (W - L - R);
   const y = (v) => H - B - (v / top) * (H - T - B);
   box.append(svg("text", { x: 2, y: T + 4 }, fmt(top)), svg("text", { x: 2, y: H - B }, fmt(0)),
