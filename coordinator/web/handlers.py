@@ -9,7 +9,9 @@ Reading (anyone who reaches the address; the surface defaults to loopback):
     GET /api/rollouts/{id}/events        its events, oldest first (``fleetwave events --rollout``)
     GET /api/stream[?rollout=&service=]  server-sent events: a ``snapshot`` of all of the above
                                          whenever any of it changes (checked every ``POLL`` s and
-                                         at each new event), a comment line every ``KEEPALIVE`` s
+                                         at each new event; the list of rollouts every
+                                         ``LIST_POLL`` s between events), a comment line every
+                                         ``KEEPALIVE`` s
     GET /api/whoami                      the name of the token presented, or 401
 
 Every read goes through the coordinator's own API (``Api.reply``, the handlers the bus serves
@@ -62,7 +64,10 @@ log = logging.getLogger("fleetwave.coordinator.http")
 READER = "dashboard"  # the caller reads are answered for (reads record no one)
 ROLLOUT_VERBS = ("pause", "resume", "promote", "abort")
 ACTION_TIMEOUT = 40.0  # the daemon's forwarding takes up to 35 s; the bus says why past that
-POLL = 0.5
+POLL = 0.5  # a stream looks for changes this often (and at every event)
+LIST_POLL = 3.0  # the list of rollouts, without events, this often
+SHARED = 0.4  # a read this young serves every open page
+CACHE_KEYS = 256
 KEEPALIVE = 15.0
 WRITE_TIMEOUT = 5.0  # a browser that reads nothing for this long is dropped
 STATUS_OF = {"usage": 400, "not_found": 404, "conflict": 409, "unavailable": 503}
@@ -84,14 +89,26 @@ class Dashboard:
         self.feed = feed
         self.tokens = tokens
         self.clock = clock
+        self._cache: dict[tuple[str, bytes, int], tuple[float, ApiReply]] = {}
 
     # -- reading ----------------------------------------------------------------------------------
 
-    async def _read(self, verb: str, request: msgspec.Struct) -> ApiReply:
+    async def _read(self, verb: str, request: msgspec.Struct, *, fresh: float = 0.0) -> ApiReply:
+        """The API's answer; with ``fresh``, one at most that old may be reused (every open
+        page polls: N pages must not cost N reads of the rollouts bucket)."""
         if not self.coord.ready.is_set():
             return ApiReply(ok=False, code="unavailable",
                             error="the coordinator is not set up yet (waiting for the bus)")
-        return await self.coord.api.reply(verb, encode(request), READER)
+        data = encode(request)
+        key = (verb, data, self.feed.serial)  # an event since makes an older answer stale
+        now = time.monotonic()
+        if fresh and (hit := self._cache.get(key)) is not None and now - hit[0] < fresh:
+            return hit[1]
+        reply = await self.coord.api.reply(verb, data, READER)
+        if len(self._cache) > CACHE_KEYS:
+            self._cache.clear()
+        self._cache[key] = (now, reply)
+        return reply
 
     @staticmethod
     def _answer(reply: ApiReply) -> web.Response:
@@ -119,8 +136,10 @@ class Dashboard:
     def _events_of(self, rollout: str) -> list[Any]:
         return [to_builtins(e) for e in self.feed.of(rollout, EVENTS_SHOWN)]
 
-    async def snapshot(self, rollout: str, service: str) -> dict[str, Any]:
-        """Everything the page shows at once; each part as its endpoint answers it."""
+    async def snapshot(self, rollout: str, service: str, *,
+                       list_fresh: float = 0.0) -> dict[str, Any]:
+        """Everything the page shows at once; each part as its endpoint answers it (the list
+        of rollouts reused while younger than ``list_fresh``, the rest read anew)."""
         out: dict[str, Any] = {
             "fleet": self.coord.fleet_name, "coordinator": self.coord.id,
             "role": "leader" if self.coord.runner is not None else "standby",
@@ -129,7 +148,8 @@ class Dashboard:
         }
         nodes = await self._read("nodes", NodesRequest())
         # One read of the list serves both the service filter's choices and the rows.
-        rows = await self._read("rollouts", ListRolloutsRequest(limit=MAX_READ))
+        rows = await self._read("rollouts", ListRolloutsRequest(limit=MAX_READ),
+                                fresh=max(list_fresh, SHARED))
         every: list[dict[str, Any]] = to_builtins(rows.data) if rows.ok else []
         out["nodes"] = to_builtins(nodes.data) if nodes.ok else []
         out["services"] = sorted({str(r["service"]) for r in every})
@@ -138,7 +158,8 @@ class Dashboard:
         out["error"] = next((r.error for r in (nodes, rows) if not r.ok), "")
         out["rollout"], out["events"] = None, []
         if rollout or out["rollouts"]:
-            st = await self._read("status", RolloutRequest(id=rollout or out["rollouts"][0]["id"]))
+            st = await self._read("status", RolloutRequest(id=rollout or out["rollouts"][0]["id"]),
+                                  fresh=SHARED)
             if st.ok:
                 out["rollout"] = to_builtins(st.data)
                 out["events"] = self._events_of(str(st.data["id"]))
@@ -153,10 +174,15 @@ class Dashboard:
                                            "Cache-Control": "no-store",
                                            "X-Accel-Buffering": "no"})
         await resp.prepare(request)
-        sent, quiet = "", time.monotonic()
+        sent, quiet, seen = "", time.monotonic(), -1
         try:
             while True:
-                body = json.dumps(await self.snapshot(rollout, service), sort_keys=True)
+                # The list of every rollout is a read of the whole bucket: anew after an event
+                # (every change of a rollout's state is one), else at most every LIST_POLL s.
+                list_fresh = 0.0 if self.feed.serial != seen else LIST_POLL
+                seen = self.feed.serial
+                snap = await self.snapshot(rollout, service, list_fresh=list_fresh)
+                body = json.dumps(snap, sort_keys=True)
                 if body != sent:
                     await self._send(resp, f"event: snapshot\ndata: {body}\n\n")
                     sent, quiet = body, time.monotonic()
