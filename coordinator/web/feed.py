@@ -74,7 +74,12 @@ class Feed:
         if bus is None:
             return
         fleet = self._coord.fleet_name
-        await bus.subscribe(subjects.events(fleet), self._add)
+        try:
+            await bus.subscribe(subjects.events(fleet), self._add)
+        except Exception as exc:  # nats-py's own errors: the page then shows no events, says so
+            log.error("http: the dashboard cannot follow the events (%s); it shows the records "
+                      "only", exc)
+            return
         try:
             async with asyncio.timeout(BACKFILL_TIMEOUT):
                 stream = bus.stream_records(subjects.events_stream(fleet), subjects.events(fleet),

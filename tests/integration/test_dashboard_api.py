@@ -86,6 +86,8 @@ async def test_actions_on_a_standby_reach_the_leader_as_the_tokens_operator(
             code, page = await call(f"{base}/api/rollouts/{rid}")
             assert code == 200 and page == await status(url, rid)
             code, rows = await call(f"{base}/api/rollouts?service=hello")
-            assert code == 200 and [r["id"] for r in rows][0] == rid
+            assert code == 200 and [r["service"] for r in rows] == ["hello", "hello"]
+            assert rows[0]["id"] == rid  # newest first: the canary, then the install
+            assert await call(f"{base}/api/rollouts?service=other") == (200, [])
             code, body = await call(f"{base}/api/rollouts/nope")
             assert code == 404 and "no rollout 'nope'" in body["error"]

@@ -123,7 +123,7 @@ async def test_dashboard_follows_a_canary_live_and_only_an_operator_aborts_it(
                                 what="wave 0 passed")
             assert await page.attr("#rollout-state", "data-state") == "running"
             assert await page.text("#waves tbody tr[data-wave='1'] td[data-state]") in (
-                "updating", "baking"), await page.text("#waves tbody")
+                "waiting", "updating", "baking"), await page.text("#waves tbody")
             assert severe(await page.console()) == []
 
             # Anonymous: refused with one line in the page; nothing changes.
