@@ -50,6 +50,7 @@ def add_routes(app: web.Application, coordinator: Coordinator,
     feed = Feed(coordinator)
     app.cleanup_ctx.append(partial(feed_context, feed=feed))
     d = Dashboard(coordinator, feed, tokens)
+    app.on_shutdown.append(d.close)
     app.router.add_get("/", _page)
     app.router.add_static("/static/", STATIC, append_version=False)
     app.router.add_get("/api/fleet", d.fleet)

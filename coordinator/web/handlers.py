@@ -90,6 +90,14 @@ class Dashboard:
         self.tokens = tokens
         self.clock = clock
         self._cache: dict[tuple[str, bytes, int], tuple[float, ApiReply]] = {}
+        self.closing = False
+
+    async def close(self, app: web.Application) -> None:
+        """End every open stream now (aiohttp's on_shutdown): a stopping coordinator does not
+        wait out its shutdown timeout for browsers that would never hang up."""
+        self.closing = True
+        async with self.feed.changed:
+            self.feed.changed.notify_all()
 
     # -- reading ----------------------------------------------------------------------------------
 
@@ -176,7 +184,7 @@ class Dashboard:
         await resp.prepare(request)
         sent, quiet, seen = "", time.monotonic(), -1
         try:
-            while True:
+            while not self.closing:
                 # The list of every rollout is a read of the whole bucket: anew after an event
                 # (every change of a rollout's state is one), else at most every LIST_POLL s.
                 list_fresh = 0.0 if self.feed.serial != seen else LIST_POLL

@@ -16,6 +16,7 @@ import asyncio
 import json
 import os
 import shutil
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -62,6 +63,15 @@ def _call(url: str, method: str, token: str | None) -> tuple[int, dict[str, Any]
 async def call(url: str, method: str = "GET",
                token: str | None = None) -> tuple[int, dict[str, Any]]:
     return await asyncio.to_thread(_call, url, method, token)
+
+
+def _read_stream(url: str) -> int:
+    """Read a server-sent event stream to its end; the number of snapshots it carried."""
+    seen = 0
+    with urllib.request.urlopen(url, timeout=15.0) as resp:
+        for raw in resp:
+            seen += raw.startswith(b"event: snapshot")
+    return seen
 
 
 def severe(entries: list[dict[str, Any]]) -> list[str]:
@@ -201,6 +211,15 @@ async def test_tokens_are_checked_reread_on_change_and_bad_files_refused(tmp_pat
         tokens_file.write_text("{not json")
         code, body = await call(f"{base}/api/whoami", token=token)
         assert code == 401 and "cannot read its token file" in body["error"]
+        # An open stream does not hold a stopping coordinator up: it is ended at once.
+        reader = asyncio.create_task(asyncio.to_thread(_read_stream, f"{base}/api/stream"))
+        await wait_until(lambda: call(f"{base}/healthz"), lambda r: r[0] == 200, timeout=5,
+                         what="the stream open")
+        started = time.monotonic()
+        assert await coord.stop(timeout=10.0) == 0
+        took = time.monotonic() - started
+        snapshots = await asyncio.wait_for(reader, 5.0)
+        assert snapshots >= 1 and took < 4.0, f"stopped in {took:.1f}s, {snapshots} snapshots"
 
     other = free_port(HTTP_HOST)
     ro = spawn_coordinator("nats://127.0.0.1:1", tmp_path / "ro", extra=[
