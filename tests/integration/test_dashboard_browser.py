@@ -82,6 +82,14 @@ async def passed_waves(page: Browser) -> int:
     return int(await page.js(f"return document.querySelectorAll('{PASSED}').length;"))
 
 
+async def abort(page: Browser) -> None:
+    """Click Abort, and again once it asks 'Really abort?' (a slip does not abort)."""
+    await page.click(ABORT)
+    await page.wait_for(lambda: page.text(ABORT), lambda t: t == "Really abort?", timeout=5,
+                        what="the abort button asking to confirm")
+    await page.click(ABORT)
+
+
 async def marker(page: Browser) -> str:
     return str(await page.js("return window.__fleetwaveMarker || 'reloaded';"))
 
@@ -137,7 +145,7 @@ async def test_dashboard_follows_a_canary_live_and_only_an_operator_aborts_it(
             assert severe(await page.console()) == []
 
             # Anonymous: refused with one line in the page; nothing changes.
-            await page.click(ABORT)
+            await abort(page)
             refused = await page.wait_for(lambda: page.text("#notice"),
                                           lambda t: "refused (401)" in t, timeout=10,
                                           what="the anonymous abort refused")
@@ -169,7 +177,7 @@ async def test_dashboard_follows_a_canary_live_and_only_an_operator_aborts_it(
             shot = await page.screenshot(screens / "dashboard-running.png")
             readme_copy(shot)
 
-            await page.click(ABORT)
+            await abort(page)
             await page.wait_for(lambda: page.attr("#rollout-state", "data-state"),
                                 lambda s: s == "aborted", timeout=20, what="the rollout aborted")
             await page.wait_for(lambda: page.text("#events"), lambda t: "(by alice)" in t,

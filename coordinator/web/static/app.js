@@ -280,6 +280,26 @@ async function act(verb) {
   }
 }
 
+const CONFIRM = new Set(["abort", "rollback"]);
+const CONFIRM_MS = 5000;
+let armed = null;
+let disarmTimer = 0;
+
+function arm(b) {
+  disarm();
+  armed = b;
+  b.dataset.label = b.textContent;
+  b.textContent = `Really ${b.textContent.toLowerCase()}?`;
+  disarmTimer = setTimeout(disarm, CONFIRM_MS);
+}
+
+function disarm() {
+  if (!armed) return;
+  armed.textContent = armed.dataset.label;
+  clearTimeout(disarmTimer);
+  armed = null;
+}
+
 async function checkToken() {
   const token = sessionStorage.getItem(TOKEN_KEY);
   const who = $("#who");
@@ -317,7 +337,12 @@ function start() {
     notice("");
   });
   for (const b of document.querySelectorAll("#actions button")) {
-    b.addEventListener("click", () => act(b.dataset.verb));
+    b.addEventListener("click", () => {
+      // Abort and roll back take a second click within CONFIRM_MS: no outage from a slip.
+      if (CONFIRM.has(b.dataset.verb) && armed !== b) return arm(b);
+      disarm();
+      act(b.dataset.verb);
+    });
   }
   $("#service-filter").addEventListener("change", (e) => {
     view.service = e.target.value;
