@@ -17,7 +17,13 @@ from typing import Any
 from coordinator.dev.broker import free_port
 from coordinator.dev.devfleet import DevFleet
 from tests.integration.e2e_support import deploy_detached, install, push, status, told
-from tests.integration.procs import reaping, spawn_coordinator, wait_until
+from tests.integration.procs import (
+    fleetwave,
+    hello_bundle,
+    reaping,
+    spawn_coordinator,
+    wait_until,
+)
 from tests.integration.test_dashboard_browser import HTTP_HOST, SUBNET, add_token, call
 
 
@@ -91,3 +97,40 @@ async def test_actions_on_a_standby_reach_the_leader_as_the_tokens_operator(
             assert await call(f"{base}/api/rollouts?service=other") == (200, [])
             code, body = await call(f"{base}/api/rollouts/nope")
             assert code == 404 and "no rollout 'nope'" in body["error"]
+
+
+async def test_on_a_secure_fleet_the_coordinators_credentials_name_the_tokens_operator(
+    tmp_path: Path,
+) -> None:
+    """With credentials the server proves every caller: the coordinator's own may name the
+    token's operator, so a dashboard pause and abort are carried out and recorded as hers
+    (not as the fleet's operator, nor as "coordinator")."""
+    token, tokens_file = await add_token(tmp_path / "web", "dana")
+    fleet = DevFleet(tmp_path / "fleet", agents=3, subnet=SUBNET, heartbeat_interval=0.5,
+                     secure=True)
+    port = free_port(HTTP_HOST)
+    base = f"http://{HTTP_HOST}:{port}"
+    fleet.coordinator.argv += ["--http", f"{HTTP_HOST}:{port}", "--http-tokens", str(tokens_file)]
+
+    async def cli(*args: str) -> str:
+        code, out, err = await fleetwave(*fleet.client_args(), *args, timeout=60)
+        assert code == 0, f"fleetwave {' '.join(args)} failed ({code}): {out}{err}"
+        return out
+
+    async with fleet:
+        await cli("release", "push", str(hello_bundle("1.0.0")))
+        rid = (await cli("deploy", "hello", "1.0.0", "--batch", "1", "--bake", "30s",
+                         "--detach")).strip()
+        await wait_until(lambda: call(f"{base}/api/rollouts/{rid}"),
+                         lambda r: r[0] == 200 and r[1]["state"] == "running", timeout=20,
+                         what="the rollout running")
+        code, body = await call(f"{base}/api/rollouts/{rid}/pause", "POST", token)
+        assert code == 200 and body["data"]["paused_by"] == "dana", body
+        code, body = await call(f"{base}/api/rollouts/{rid}/abort", "POST", token)
+        assert code == 200 and body["data"]["aborted_by"] == "dana", body
+        evs = [json.loads(line) for line in
+               (await cli("events", "--rollout", rid, "-o", "json")).splitlines()]
+        who = {e["kind"]: e["who"] for e in evs if e["kind"] in ("rollout.paused",
+                                                                 "rollout.aborted")}
+        assert who == {"rollout.paused": "dana", "rollout.aborted": "dana"}, who
+        assert {e["who"] for e in evs if e["kind"] == "rollout.started"} == {fleet.caller}
