@@ -49,8 +49,9 @@ async def add_token(directory: Path, name: str) -> tuple[str, Path]:
     return str(doc["token"]), Path(doc["file"])
 
 
-def _call(url: str, method: str, token: str | None) -> tuple[int, dict[str, Any]]:
-    req = urllib.request.Request(url, method=method, data=b"{}" if method == "POST" else None)
+def _call(url: str, method: str, token: str | None,
+          body: bytes = b"{}") -> tuple[int, dict[str, Any]]:
+    req = urllib.request.Request(url, method=method, data=body if method == "POST" else None)
     if token is not None:
         req.add_header("Authorization", f"Bearer {token}")
     try:
@@ -60,9 +61,9 @@ def _call(url: str, method: str, token: str | None) -> tuple[int, dict[str, Any]
         return exc.code, json.loads(exc.read())
 
 
-async def call(url: str, method: str = "GET",
-               token: str | None = None) -> tuple[int, dict[str, Any]]:
-    return await asyncio.to_thread(_call, url, method, token)
+async def call(url: str, method: str = "GET", token: str | None = None,
+               body: bytes = b"{}") -> tuple[int, dict[str, Any]]:
+    return await asyncio.to_thread(_call, url, method, token, body)
 
 
 def _read_stream(url: str) -> int:
@@ -212,6 +213,15 @@ async def test_tokens_are_checked_reread_on_change_and_bad_files_refused(tmp_pat
         assert code == 401 and "no operator token given" in body["error"]
         code, body = await call(f"{base}/api/rollouts/x/abort", "POST", token)
         assert code == 503 and "not connected" in body["error"]  # authorized; no bus to send on
+        code, body = await call(f"{base}/api/rollouts/x/promote", "POST", token, b"[1")
+        assert code == 400 and "not JSON" in body["error"]
+        code, body = await call(f"{base}/api/rollouts/x/explode", "POST", token)
+        assert code == 404 and "the actions are pause, resume, promote, abort" in body["error"]
+        code, body = await call(f"{base}/api/rollouts", "GET")
+        assert code == 503 and "not set up yet" in body["error"]
+        code, body = await call(f"{base}/api/whoami", token="x")
+        code2, body2 = await call(f"{base}/api/whoami", token="x" * 1000)
+        assert (code, code2) == (401, 401) and "too long" in body2["error"]
         code, _, err = await fleetwave("auth", "revoke-web-token", str(tmp_path / "web"), "bob")
         assert code == 0, err
         code, body = await call(f"{base}/api/whoami", token=token)
