@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 import coordinator.cli.client as client
+from coordinator.auth import web_tokens
 from coordinator.cli.base import (
     Ctx,
     check_tls_ca,
@@ -97,12 +98,20 @@ def _notify_targets(_: click.Context, __: click.Parameter,
     "/metrics (Prometheus) and the dashboard at / [default: off; a loopback address such as "
     "127.0.0.1:9090 unless the page must be reached from elsewhere] (env FLEETWAVE_HTTP).",
 )
+@click.option(
+    "--http-tokens", "http_tokens", default=None, metavar="FILE",
+    type=click.Path(dir_okay=False, path_type=Path), envvar="FLEETWAVE_HTTP_TOKENS",
+    help="Let the dashboard act (pause, resume, promote, abort, rollback) for whoever presents "
+    "a token of FILE (made by 'fleetwave auth add-web-token DIR NAME': DIR/web-tokens.json); "
+    "re-read when it changes, so a revocation needs no restart. Without it the dashboard is "
+    "read-only (env FLEETWAVE_HTTP_TOKENS).",
+)
 @creds_option
 @tls_ca_option
 @click.pass_obj
 def coordinator(ctx: Ctx, verbose: bool, key_file: Path | None, replicas: int | None,
                 notify: list[Target], notify_secret: str | None, http: tuple[str, int] | None,
-                creds: Path | None, tls_ca: Path | None) -> int:
+                http_tokens: Path | None, creds: Path | None, tls_ca: Path | None) -> int:
     """Run the coordinator daemon in the foreground (SIGTERM or Ctrl-C stops it)."""
     # Given here or globally (before the command word); a coordinator takes only its own role's.
     if creds is not None:
@@ -119,17 +128,22 @@ def coordinator(ctx: Ctx, verbose: bool, key_file: Path | None, replicas: int | 
         format="%(asctime)s fleetwave-coordinator %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    if http_tokens is not None and http is None:
+        raise click.BadParameter("needs --http HOST:PORT (the dashboard it lets act)",
+                                 param_hint="'--http-tokens'")
+    tokens = web_tokens.TokenFile(http_tokens) if http_tokens is not None else None
     path = key_file or Path("fleetwave-data/coordinator/coordinator.seed")
     seed = coordinator_seed(path)
     notifier = (Notifier(notify, secret=notify_secret.encode() if notify_secret else None)
                 if notify else None)
     return asyncio.run(_run_coordinator(ctx, seed, replicas, previous_key(path, seed), notifier,
-                                        http))
+                                        http, tokens))
 
 
 async def _run_coordinator(ctx: Ctx, seed: bytes, replicas: int | None,
                            previous: str | None = None, notifier: Notifier | None = None,
-                           http: tuple[str, int] | None = None) -> int:
+                           http: tuple[str, int] | None = None,
+                           tokens: web_tokens.TokenFile | None = None) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -143,7 +157,7 @@ async def _run_coordinator(ctx: Ctx, seed: bytes, replicas: int | None,
     if http is not None:
         from coordinator.http.server import HttpSurface  # aiohttp: only for a coordinator serving
 
-        surface = HttpSurface(coord, *http)
+        surface = HttpSurface(coord, *http, tokens=tokens)
     if surface is not None:
         await surface.start()  # before the bus: an address in use is one line at once
     try:
