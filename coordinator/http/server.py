@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from coordinator.errors import UsageError
+from coordinator.http import metrics
 
 if TYPE_CHECKING:
     from coordinator.runtime.daemon import Coordinator
@@ -63,6 +64,7 @@ def build_app(coordinator: Coordinator) -> web.Application:
     app[COORDINATOR] = coordinator
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    metrics.add_routes(app, coordinator)
     return app
 
 

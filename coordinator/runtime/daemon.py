@@ -60,6 +60,7 @@ from coordinator.core.fleet import Fleet, Transition
 from coordinator.core.rotation import lead_refusal, retired_after, short
 from coordinator.errors import ConfigError, RemoteError
 from coordinator.releases import resolve_release
+from coordinator.runtime.executor import Observe
 from coordinator.runtime.lease import (
     LEASE_TTL,
     Fenced,
@@ -77,6 +78,7 @@ from coordinator.runtime.runner import TICK, Runner
 from coordinator.runtime.store import RolloutStore
 from protocol import subjects
 from protocol.bus import RECONNECT_CAP, Bus, Handler, redact
+from protocol.bus import Observer as BusObserver
 from protocol.codec import decode, encode
 from protocol.creds import Creds
 from protocol.errors import BusError, ProtocolError, TooFewServers
@@ -154,6 +156,11 @@ class Coordinator:
         self.lease: Lease | None = None
         self.store: RolloutStore | None = None  # the reader of a standby
         self.pauses = 0
+        self.version = _version()
+        # Observers (``coordinator.http.metrics``): of every bus call, and of every rollout event
+        # as it is decided (``coordinator.runtime.executor.Observe``); set before ``run``.
+        self.on_bus: BusObserver | None = None
+        self.on_event: Observe | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set."""
@@ -166,6 +173,7 @@ class Coordinator:
         )
         if bus is None:
             return
+        bus.observer = self.on_bus
         self.bus = bus
         try:
             if not await _until(stop, self._set_up(bus)):
@@ -293,7 +301,8 @@ class Coordinator:
                     continue
                 runner = Runner(bus, seed=self.seed, fenced=Fenced(bus, fence),
                                 nodes=self.table.view, liveness=self.table.liveness,
-                                clock=self._clock, started=self.started)
+                                clock=self._clock, started=self.started,
+                                observe=self.on_event)
                 self.runner = runner
                 log.info("coordinator %s leads fleet %r (term %d)", self.id, self.fleet_name,
                          held.term)
@@ -511,6 +520,10 @@ class _Current:
 
     def active(self, service: str) -> LiveRollout | None:
         return self._c.runner.active(service) if self._c.runner is not None else None
+
+    def refused(self, verb: str, spec: RolloutSpec, who: str, reason: str, code: str) -> None:
+        if self._c.runner is not None:  # a standby forwarded the write before it got here
+            self._c.runner.refused(verb, spec, who, reason, code)
 
 
 def _unavailable(message: str) -> bytes:

@@ -172,6 +172,8 @@ class Notifier:
 
     async def _facts_of(self, store: RolloutStore, event: Event) -> Facts:
         """The versions and strategy of the event's rollout (its record; cached)."""
+        if not event.rollout:  # a refused deploy: no record, the event says what it was
+            return doc.facts_of_refusal(event)
         facts = self._facts.get(event.rollout)
         if facts is None:
             try:
