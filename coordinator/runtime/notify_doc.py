@@ -23,7 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -80,6 +80,8 @@ class Target:
     url: str  # what is POSTed to
     slack: bool
     shown: str
+    # This target's own signing secret (a [[notify]] table's ``secret``); None: the global one.
+    secret: bytes | None = field(default=None, repr=False)
 
     @property
     def consumer(self) -> str:
