@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from coordinator.http import metrics_map as mm
@@ -113,11 +113,13 @@ class CoordinatorMetrics:
 
     # -- scraping --------------------------------------------------------------------------------
 
-    async def scrape(self) -> bytes:
-        """The exposition of one scrape (reads the records first; see the module)."""
+    async def scrape(self, accept: str = "") -> tuple[bytes, str]:
+        """One scrape's body and content type, in the format ``accept`` asks for (Prometheus'
+        text format by default, OpenMetrics when asked); reads the records first."""
+        encode, content_type = choose_encoder(accept)
         records = await self._records()
-        self.state.records = records
-        return generate_latest(self.registry)
+        self.state.records = records  # no await between this and the encoding: one snapshot
+        return encode(self.registry), content_type
 
     async def _records(self) -> list[RolloutRecord]:
         c = self._c
@@ -155,8 +157,8 @@ class StateCollector(Collector):
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = await request.app[METRICS].scrape()
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    body, content_type = await request.app[METRICS].scrape(request.headers.get("Accept", ""))
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 METRICS: web.AppKey[CoordinatorMetrics] = web.AppKey("metrics", CoordinatorMetrics)

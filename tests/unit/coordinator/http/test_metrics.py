@@ -19,8 +19,10 @@ from protocol.testing import FLEET, NEW, FakeClock, spec
 from tests.unit.coordinator.runtime.test_runner import drive, fleet_bus, runner
 
 
-def parsed(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def parsed(scraped: tuple[bytes, str]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample of an exposition: (name, sorted labels) -> value."""
+    text, content_type = scraped
+    assert content_type.startswith("text/plain; version=")
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for fam in text_string_to_metric_families(text.decode()) for s in fam.samples}
 
