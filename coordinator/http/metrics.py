@@ -37,6 +37,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from coordinator.http import metrics_map as mm
+from protocol import subjects
 from protocol.errors import BusError, ProtocolError
 from protocol.messages import Event, RolloutRecord
 
@@ -97,7 +98,10 @@ class CoordinatorMetrics:
         for gate, result in mm.gate_decisions(event):
             self.gate_decisions.labels(event.service, gate, result).inc()
         if event.kind == "rollout.refused":
-            self.refused.labels(event.service, str(event.data.get("code") or "")).inc()
+            # The name came from a refused request: a malformed one is not a new series each.
+            service = event.service if _valid("service", event.service) else "(invalid)"
+            code = str(event.data.get("code") or "")
+            self.refused.labels(service, code if code in ("usage", "conflict") else "other").inc()
         elif event.kind == "rollout.rolling_back":
             if len(self._rollback_from) >= ROLLBACKS_KEPT:
                 del self._rollback_from[next(iter(self._rollback_from))]
@@ -136,6 +140,14 @@ class CoordinatorMetrics:
             log.warning("/metrics: cannot read the rollout records (%s); showing the live ones",
                         exc or "timed out")
             return [d.rollout.record for d in runner.drivers.values()] if runner else []
+
+
+def _valid(kind: str, name: str) -> bool:
+    try:
+        subjects.check_name(kind, name)
+    except ProtocolError:
+        return False
+    return True
 
 
 class StateCollector(Collector):

@@ -162,3 +162,13 @@ async def test_an_unavailable_coordinator_refuses_without_an_event() -> None:
         await RolloutsApi(away, resolve=resolve, public_key="k").deploy(  # type: ignore[arg-type]
             DeployRequest(spec=spec()), "alice")
     assert away.told == []
+
+
+def test_a_refused_malformed_name_is_not_a_series_of_its_own() -> None:
+    """Refusals of requests naming services that cannot exist count under one label value."""
+    m = CoordinatorMetrics(coordinator(Fleet()))
+    for name in ("../x", "a b", "é"):
+        m.on_event(Event(id=name, time=1.0, fleet=FLEET, kind="rollout.refused", service=name,
+                         data={"code": "usage"}), None)
+    assert m.registry.get_sample_value("fleetwave_rollouts_refused_total",
+                                       {"service": "(invalid)", "code": "usage"}) == 3
