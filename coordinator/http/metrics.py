@@ -6,10 +6,10 @@ series live in it:
 
 - *gauges computed at scrape time* (``StateCollector``) from what the coordinator knows: its
   node table, its role, and the rollout records. Before each scrape the handler reads the
-  records (the leader's live ones and the persisted ones; a standby reads the persisted ones),
-  bounded by ``READ_TIMEOUT``; when the bus does not answer in time the scrape still answers,
-  with the rollouts this coordinator drives in memory, and counts the failure
-  (``fleetwave_coordinator_scrape_errors_total``). The mapping itself is pure
+  persisted records (a record is decoded again only when its revision moved) with the leader's
+  live ones over them, bounded by ``READ_TIMEOUT``; when the bus does not answer in time the
+  scrape still answers, with the rollouts this coordinator drives in memory, and counts the
+  failure (``fleetwave_coordinator_scrape_errors_total``). The mapping itself is pure
   (``coordinator.http.metrics_map``);
 - *counters and histograms fed where things happen*: gate decisions, rollout and rollback
   durations and refused deploys from the rollout events, on the one path every event of a
@@ -86,6 +86,7 @@ class CoordinatorMetrics:
         self.state = StateCollector(coordinator)
         r.register(self.state)
         self._rollback_from: dict[str, float] = {}
+        self._decoded: dict[str, tuple[int, RolloutRecord]] = {}  # key -> (revision, record)
 
     # -- observers -------------------------------------------------------------------------------
 
@@ -126,20 +127,32 @@ class CoordinatorMetrics:
         return encode(self.registry), content_type
 
     async def _records(self) -> list[RolloutRecord]:
+        """Every rollout record: as persisted (decoded again only when its revision moved),
+        with the live ones of this leader's runner over them."""
         c = self._c
         runner = c.runner
+        live = {d.id: d.rollout.record for d in runner.drivers.values()} if runner else {}
+        if c.store is None:  # not set up yet
+            return list(live.values())
         try:
             async with asyncio.timeout(READ_TIMEOUT):
-                if runner is not None:
-                    return await runner.records()
-                if c.store is not None:
-                    return await c.store.records()
-                return []
-        except (BusError, ProtocolError, TimeoutError) as exc:
+                entries = await c.store.entries()
+        except (BusError, TimeoutError) as exc:
             self.scrape_errors.inc()
             log.warning("/metrics: cannot read the rollout records (%s); showing the live ones",
                         exc or "timed out")
-            return [d.rollout.record for d in runner.drivers.values()] if runner else []
+            return list(live.values())
+        decoded: dict[str, tuple[int, RolloutRecord]] = {}
+        for e in entries:
+            kept = self._decoded.get(e.key)
+            if kept is None or kept[0] != e.revision:
+                record = c.store.decode(e)
+                if record is None:
+                    continue
+                kept = (e.revision, record)
+            decoded[e.key] = kept
+        self._decoded = decoded  # deleted records leave the cache with their entries
+        return list(({k: r for k, (_, r) in decoded.items()} | live).values())
 
 
 def _valid(kind: str, name: str) -> bool:

@@ -13,6 +13,7 @@ from coordinator.api.rollouts import RolloutsApi
 from coordinator.core.fleet import Fleet
 from coordinator.errors import UsageError
 from coordinator.http.metrics import CoordinatorMetrics
+from coordinator.runtime.store import RolloutStore
 from protocol import subjects
 from protocol.messages import DeployRequest, Event, NodeInfo
 from protocol.testing import FLEET, NEW, FakeClock, spec
@@ -45,6 +46,7 @@ async def test_a_rollout_driven_to_its_end_shows_in_every_series() -> None:
     for i in (1, 2, 3):
         table.register(NodeInfo(id=f"node-{i}", labels={"zone": "a"}), clock())
     c = coordinator(table)
+    c.store = RolloutStore(bus)  # the daemon's reader: every coordinator has one once set up
     m = CoordinatorMetrics(c)
     r = runner(bus, clock)
     r._executor.observe = m.on_event  # as the daemon wires it (Runner(observe=...))
@@ -172,3 +174,28 @@ def test_a_refused_malformed_name_is_not_a_series_of_its_own() -> None:
                          data={"code": "usage"}), None)
     assert m.registry.get_sample_value("fleetwave_rollouts_refused_total",
                                        {"service": "(invalid)", "code": "usage"}) == 3
+
+
+async def test_records_unread_in_time_leave_the_live_ones_and_a_count() -> None:
+    """The rollouts bucket failing a scrape: the live rollout is still shown, the failure is
+    counted; unchanged records are not decoded again on the next scrape."""
+    from protocol.errors import BusError
+
+    bus, clock = fleet_bus(), FakeClock()
+    c = coordinator(Fleet())
+    c.store = RolloutStore(bus)
+    m = CoordinatorMetrics(c)
+    r = runner(bus, clock)
+    c.runner = r
+    rec = await r.deploy(spec(strategy="rolling", batch="1"), NEW, "alice")
+    bucket = subjects.rollouts_bucket(FLEET)
+    bus.faults[("entries", bucket)] = BusError("stream away")
+    out = parsed(await m.scrape())
+    assert value(out, "fleetwave_coordinator_scrape_errors_total") == 1
+    assert value(out, "fleetwave_rollout_waves", rollout=rec.id, service="hello") == 3
+
+    c.runner = None  # as a standby: persisted records only
+    await m.scrape()
+    kept = dict(m._decoded)
+    await m.scrape()
+    assert m._decoded[rec.id][1] is kept[rec.id][1]  # same revision: the same decoded record
