@@ -199,3 +199,19 @@ async def test_records_unread_in_time_leave_the_live_ones_and_a_count() -> None:
     kept = dict(m._decoded)
     await m.scrape()
     assert m._decoded[rec.id][1] is kept[rec.id][1]  # same revision: the same decoded record
+
+
+async def test_openmetrics_when_asked() -> None:
+    """A scraper that asks for OpenMetrics gets it, and Prometheus' OpenMetrics parser reads
+    every family with its type."""
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as om
+
+    table = Fleet()
+    table.register(NodeInfo(id="node-1"), 1000.0)
+    body, content_type = await CoordinatorMetrics(coordinator(table)).scrape(
+        "application/openmetrics-text; version=1.0.0")
+    assert content_type.startswith("application/openmetrics-text")
+    types = {f.name: f.type for f in om(body.decode())}
+    assert types["fleetwave_node_up"] == "gauge"
+    assert types["fleetwave_gate_decisions"] == "counter"
+    assert types["fleetwave_rollback_duration_seconds"] == "histogram"
