@@ -25,6 +25,11 @@ Vocabulary:
   putting new releases in the idle slot; the bridge keeps the agent safe when it does not.
 - *worker*: a service without a port has no router; a healthy slot is serving by being up, and
   the same ordering applies (start new, healthy, stop old).
+- *removal*: a desired state with no slots ("nothing here", ``fleetwave remove``) retires the
+  router first (``CloseRouter``: it stops accepting, finishes what is in flight, exits) while the
+  slots still serve those requests; only once it is gone are the slots drained and stopped, so a
+  client sees answers and then a refused connection, never an error from a router left without
+  slots. The agent has converged on it once the router is gone and every slot is stopped.
 
 Failures: a slot still ``starting`` after ``health.start_timeout`` gets ``Fail``; a slot that
 failed is not started again for the same generation (a new generation retries). Failed fetches
@@ -64,6 +69,9 @@ HEAL_WAIT_MAX = 600.0  # the back-off's cap (or restart_after, if longer)
 LOOP = "restart loop"  # how a slot's reason starts once its restart budget is spent
 RUNNING: frozenset[str] = frozenset({"starting", "healthy", "unhealthy", "draining"})
 IDLE: frozenset[str] = frozenset({"empty", "stopped", "failed"})
+
+
+RouterState = Literal["none", "up", "closing"]
 
 
 # -- the local view --------------------------------------------------------------------------------
@@ -119,6 +127,9 @@ class ServiceView:
     applied_mirror: MirrorSpec | None = None
     observed_generation: int = 0
     router_failure: str = ""  # why the router has not taken its configuration for a while
+    # The service's router process: "up" (known and answering), "closing" (asked to drain and
+    # exit, not gone yet) or "none".
+    router: RouterState = "none"
 
     def slot(self, name: str) -> SlotView:
         return self.slots.get(name) or SlotView(slot=name)
@@ -151,6 +162,12 @@ class Route:
 
     weights: Mapping[str, int]
     mirror: MirrorSpec | None
+
+
+@dataclass(frozen=True)
+class CloseRouter:
+    """Nothing is wanted here any more: the router stops accepting, lets in-flight requests
+    finish (up to its drain timeout) and exits; the slots serve until it is gone."""
 
 
 @dataclass(frozen=True)
@@ -188,7 +205,7 @@ class Report:
     reason: str
 
 
-Action = Fetch | Start | Fail | Route | Drain | Resume | Stop | Restart | Report
+Action = Fetch | Start | Fail | Route | CloseRouter | Drain | Resume | Stop | Restart | Report
 
 
 @dataclass(frozen=True)
@@ -428,6 +445,9 @@ def reconcile(desired: DesiredState | None, local: ServiceView, now: float) -> l
     """The actions that move ``local`` one safe step towards ``desired`` at time ``now``."""
     if desired is None:
         return []
+    if not desired.slots and local.router != "none":
+        # Removal: the router goes first, the slots serve what it finishes (module docstring).
+        return [CloseRouter()] if local.router == "up" else []
     worker = is_worker(desired, local)
     eff = effective(desired, local, now)
     actions: list[Action] = []
@@ -445,8 +465,11 @@ def reconcile(desired: DesiredState | None, local: ServiceView, now: float) -> l
     # 2. the router: weights and mirror.
     target = target_weights(desired, local, now)
     mirror = target_mirror(desired, local)
-    applied = dict(target) if worker else {s: w for s, w in local.applied_weights.items() if w > 0}
-    route_needed = not worker and (applied != target or local.applied_mirror != mirror)
+    applied = dict(target) if worker or not desired.slots else {
+        s: w for s, w in local.applied_weights.items() if w > 0}  # (a removal: no router left)
+    # Never for a removal: a Route would start a router again for a service that has none.
+    route_needed = not worker and bool(desired.slots) and (
+        applied != target or local.applied_mirror != mirror)
 
     # 3. each slot: the rule of its status (SLOT_RULES).
     for name in SLOTS:
@@ -548,6 +571,8 @@ def converged(desired: DesiredState, local: ServiceView) -> bool:
                 return False
         elif not _ready(cur, ref.digest):
             return False
+    if not desired.slots:
+        return local.router == "none"  # a removal: done once the router is gone too
     if is_worker(desired, local):
         return True
     want = {s: w for s, w in desired.weights.items() if w > 0 and s in desired.slots}

@@ -16,6 +16,7 @@ import msgspec
 from protocol.codec import convert
 from protocol.durations import parse_duration
 from protocol.errors import ProtocolError
+from protocol.expand import check_argv
 from protocol.subjects import check_name
 
 MANIFEST_NAME = "fleetwave.toml"
@@ -134,6 +135,11 @@ def _check(m: Manifest, source: str) -> None:
             raise ProtocolError(f"{source}: {key} has an argument with a NUL character")
         if argv is not None and not all(argv):
             raise ProtocolError(f"{source}: {key} has an empty argument; remove it")
+        if argv is not None:
+            try:
+                check_argv(argv, key=key, has_port=m.port is not None)
+            except ProtocolError as exc:
+                raise ProtocolError(f"{source}: {exc}") from None
     if m.port is not None and not 1 <= m.port <= 65535:
         raise ProtocolError(f"{source}: port {m.port} is not between 1 and 65535")
     probes = [m.health.http is not None, m.health.tcp, m.health.exec is not None]

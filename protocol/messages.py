@@ -134,6 +134,10 @@ class DesiredState(msgspec.Struct, kw_only=True):
     mirror: MirrorSpec | None = None
     rollout: str = ""
     time: float = 0.0
+    # Seconds between reads of this service's router counters that the coordinator asks for
+    # while this state's wave is judged by sequential analysis (its gates can fail as soon as the
+    # evidence is in, so a read's delay is exposure); 0: the agent's own periods.
+    stats_every: float = 0.0
 
 
 class SignedEnvelope(msgspec.Struct, kw_only=True):
@@ -191,6 +195,11 @@ class SlotTraffic(msgspec.Struct, kw_only=True):
     errors: int = 0  # 5xx answers and failed upstream attempts that reached the user
     failures: int = 0  # upstream connection errors (retried elsewhere when possible)
     latency: list[int] = []
+    # Answers by status class ("2xx", "3xx", "4xx", "5xx"; absent: none), and the sum of every
+    # latency in ``latency`` in ms (Prometheus histograms carry a true sum). Empty and 0 from a
+    # router older than these fields: only ``errors`` (5xx) is known there.
+    codes: dict[str, int] = {}
+    latency_sum_ms: float = 0.0
 
 
 class MismatchSample(msgspec.Struct, kw_only=True):
@@ -244,7 +253,8 @@ class ObservedState(msgspec.Struct, kw_only=True):
 
 # -- rollouts --------------------------------------------------------------------------------------
 
-Strategy = Literal["rolling", "canary", "blue-green", "shadow"]
+# "remove" (``fleetwave remove``): every target node gets the signed empty desired state.
+Strategy = Literal["rolling", "canary", "blue-green", "shadow", "remove"]
 RolloutStateName = Literal[
     "pending", "running", "paused", "succeeded", "rolled_back", "failed", "aborted"
 ]

@@ -8,11 +8,13 @@ Theory of operation. A ``SlotRunner`` owns one slot's process from start to stop
     draining (set by the shell; the process keeps running) ── stop() ──▶ stopping ──▶ stopped
     (stop() or fail() while a hook runs ends the hook as it ends the service: SIGTERM, SIGKILL)
 
-The process is started with argv (never a shell) in the release directory, in a new session so
-that it survives the agent (``kill -9`` of the agent drops no request). Its output goes straight
-to a log file, not to a pipe: a pipe would break when the agent dies. The agent caps the log
-from its side (``cap_log``: the tail is kept in ``<log>.1`` and the live file truncated; the
-service opened it with O_APPEND, so its next write lands at the new end).
+The process is started with argv (never a shell; ``${PORT}`` and the other variables of
+``SlotSpec.variables`` filled in by ``protocol.expand``, as in the hooks' and exec probe's argv)
+in the release directory, in a new session so that it survives the agent (``kill -9`` of the
+agent drops no request). Its output goes straight to a log file, not to a pipe: a pipe would
+break when the agent dies. The agent caps the log from its side (``cap_log``: the tail is kept
+in ``<log>.1`` and the live file truncated; the service opened it with O_APPEND, so its next
+write lands at the new end).
 
 Adoption: a restarted agent rebuilds runners from its state file with ``SlotRunner.adopt``, which
 accepts a pid only if psutil's create_time matches the recorded one (never a recycled pid). An
@@ -37,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
 import psutil
 
 from agent.backoff import Backoff
@@ -44,6 +47,8 @@ from agent.cadence import next_tick
 from agent.host.identity import RunAs, child_env, spawn_kwargs
 from agent.host.probes import Prober, kill_and_reap, spawn_owned
 from agent.host.processes import killpg, process_matches
+from protocol.errors import ProtocolError
+from protocol.expand import expand_argv
 from protocol.manifest import Manifest
 from protocol.messages import SlotStatusName
 
@@ -159,14 +164,19 @@ class SlotSpec:
     def log_path(self) -> Path:
         return self.log_dir / f"{self.service}-{self.slot}.log"
 
+    def variables(self) -> dict[str, str]:
+        """What the agent tells the slot: in its environment, and as ``${NAME}`` in its argv."""
+        values = {"PORT": str(self.port)} if self.port is not None else {}
+        values.update(FLEETWAVE_NODE=self.node, FLEETWAVE_SLOT=self.slot,
+                      FLEETWAVE_VERSION=self.manifest.version)
+        return values
+
     def env(self) -> dict[str, str]:
-        env = dict(self.manifest.env)
-        if self.port is not None:
-            env["PORT"] = str(self.port)
-        env["FLEETWAVE_NODE"] = self.node
-        env["FLEETWAVE_SLOT"] = self.slot
-        env["FLEETWAVE_VERSION"] = self.manifest.version
-        return child_env(self.run_as, env)
+        return child_env(self.run_as, {**self.manifest.env, **self.variables()})
+
+    def argv(self, argv: list[str]) -> list[str]:
+        """``argv`` with ``${PORT}`` and the other variables filled (protocol.expand)."""
+        return expand_argv(argv, self.variables())
 
 
 class SlotRunner:
@@ -223,6 +233,17 @@ class SlotRunner:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             return 0, 0.0
 
+    def rss(self) -> int:
+        """RSS bytes of the slot's process, 0 when none (leaves ``figures``' CPU delta alone)."""
+        if self.pid is None:
+            return 0
+        try:
+            if self._psutil is None or self._psutil.pid != self.pid:
+                self._psutil = psutil.Process(self.pid)
+            return int(self._psutil.memory_info().rss)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return 0
+
     @property
     def alive(self) -> bool:
         return self.pid is not None and not self._exited.is_set()
@@ -276,14 +297,19 @@ class SlotRunner:
         self._exited = asyncio.Event()
         self._probe_healthy = False
         try:
+            argv = spec.argv(spec.manifest.command)
+        except ProtocolError as exc:  # the manifest was checked when read: not on this agent
+            self._set_failed(f"command: {exc}")
+            return False
+        try:
             with spec.log_path.open("ab") as out:
                 self._proc = await asyncio.create_subprocess_exec(
-                    *spec.manifest.command, cwd=spec.release_dir, env=spec.env(),
+                    *argv, cwd=spec.release_dir, env=spec.env(),
                     stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
                     start_new_session=True, close_fds=True, **spawn_kwargs(spec.run_as),
                 )
         except OSError as exc:
-            self._set_failed(f"cannot start {spec.manifest.command[0]}: {exc.strerror or exc}")
+            self._set_failed(f"cannot start {argv[0]}: {exc.strerror or exc}")
             return False
         self.pid = self._proc.pid
         try:
@@ -295,7 +321,11 @@ class SlotRunner:
 
     async def _watch(self) -> int | None:
         """Probe while the process runs; return its exit status (None when adopted)."""
-        prober = Prober(self.spec.manifest.health, self.spec.port, self.spec.release_dir,
+        health = self.spec.manifest.health
+        if health.exec is not None:
+            # Checked when the manifest was read; should it still fail, run() fails the slot.
+            health = msgspec.structs.replace(health, exec=self.spec.argv(health.exec))
+        prober = Prober(health, self.spec.port, self.spec.release_dir,
                         self.spec.env(), self._on_health, run_as=self.spec.run_as)
         async with asyncio.TaskGroup() as tg:
             probing = tg.create_task(prober.run(), name=f"probe-{self.spec.slot}")
@@ -350,9 +380,14 @@ class SlotRunner:
 
     async def _hook(self, name: str) -> bool:
         """Run a hook if the manifest has one; on failure the slot fails with its status."""
-        argv = getattr(self.spec.manifest.hooks, name)
-        if argv is None:
+        raw = getattr(self.spec.manifest.hooks, name)
+        if raw is None:
             return True
+        try:
+            argv = self.spec.argv(raw)
+        except ProtocolError as exc:
+            self._set_failed(f"hooks.{name}: {exc}")
+            return False
         timeout = self.spec.manifest.hooks.timeout
         self.spec.log_dir.mkdir(parents=True, exist_ok=True)
         hook_log = self.spec.log_dir / f"{self.spec.service}-{self.spec.slot}.{name}.log"

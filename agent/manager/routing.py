@@ -7,14 +7,16 @@ the router if none is known (one already running on the socket is adopted), then
 configuration (upstream slots, weights, mirror); only on success are the weights and mirror
 recorded as applied, else the error is reported in the observed state until a configure succeeds.
 ``stats_loop`` reads every router's counters every ``STATS_EVERY`` seconds for the observed
-states (``STATS_EVERY_SPLIT`` while a router splits or mirrors traffic, and for
-``STATS_FAST_AFTER_SWITCH`` after its weights change: a wave being judged); a router that does not
-answer is forgotten, so the next pass starts it again.
+states (faster while a wave is judged: ``stats_period``); a router that does not answer is
+forgotten, so the next pass starts it again. ``close`` carries out ``CloseRouter`` (a
+removal): the router is asked to stop accepting, finish what is in flight and exit, and is
+waited for (bounded) before the slots behind it are drained.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -24,11 +26,14 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import psutil
+
 from agent.cadence import next_tick
 from agent.errors import RouterRunning, RouterUnavailable
 from agent.host.identity import RunAs
 from agent.manager.service import (
     STATS_EVERY,
+    STATS_EVERY_MIN,
     STATS_EVERY_SPLIT,
     STATS_FAST_AFTER_SWITCH,
     NodeConfig,
@@ -45,6 +50,9 @@ from agent.router.control import (
 from protocol.messages import MirrorSpec
 
 log = logging.getLogger("fleetwave.agent.services")
+
+# How long a closing router may take beyond its drain timeout to exit before it is killed.
+CLOSE_GRACE = 5.0
 
 
 def router_socket(data_dir: Path, service: str) -> Path:
@@ -72,16 +80,37 @@ def _private_dir(path: Path, run_as: RunAs | None = None) -> None:
 
 
 def stats_period(services: Iterable[Service], now: float = 0.0) -> float:
-    """How long until the next read of the routers' counters: short while any router splits
-    traffic between two slots or mirrors it, or took other weights in the last
-    ``STATS_FAST_AFTER_SWITCH`` seconds before ``now`` (its gates are judging a wave), else the
-    usual."""
+    """How long until the next read of the routers' counters: the shortest period any service
+    needs. A router whose wave a sequential gate judges (its desired state asks for
+    ``stats_every``) is read that often while it splits or mirrors traffic and for
+    ``STATS_FAST_AFTER_SWITCH`` seconds after its weights change (a canary at weight 100 or a
+    blue-green switch splits nothing, yet its first seconds carry the evidence); any other router
+    that splits or mirrors, every ``STATS_EVERY_SPLIT``; else the usual ``STATS_EVERY``."""
+    period = STATS_EVERY
     for svc in services:
-        if svc.applied_mirror is not None or sum(w > 0 for w in svc.applied_weights.values()) > 1:
-            return STATS_EVERY_SPLIT
-        if svc.weights_changed and 0.0 <= now - svc.weights_changed < STATS_FAST_AFTER_SWITCH:
-            return STATS_EVERY_SPLIT
-    return STATS_EVERY
+        split = (svc.applied_mirror is not None
+                 or sum(w > 0 for w in svc.applied_weights.values()) > 1)
+        asked = svc.desired.stats_every if svc.desired is not None else 0.0
+        if asked > 0.0:
+            switched = bool(svc.weights_changed) and \
+                0.0 <= now - svc.weights_changed < STATS_FAST_AFTER_SWITCH
+            if split or switched:
+                period = min(period, max(asked, STATS_EVERY_MIN))
+                continue
+        if split:
+            period = min(period, STATS_EVERY_SPLIT)
+    return period
+
+
+def _process(pid: int | None) -> psutil.Process | None:
+    """The router's process, pinned by its create time (psutil refuses to signal a reused pid),
+    or None if it is gone already."""
+    if pid is None:
+        return None
+    try:
+        return psutil.Process(pid)
+    except psutil.Error:
+        return None
 
 
 class RouterLink:
@@ -159,6 +188,35 @@ class RouterLink:
             svc.applied_weights,
             mirror.slot if mirror else None,
         )
+
+    async def close(self, svc: Service) -> None:
+        """Retire ``svc``'s router (``CloseRouter``): it stops accepting, lets in-flight requests
+        finish for up to its drain timeout and exits; waited for up to ``CLOSE_GRACE`` more, then
+        killed. Whatever happens, it is forgotten at the end and the manager woken."""
+        client, pid = svc.router, svc.router_pid
+        drain = max((r.spec.manifest.stop.drain for r in svc.runners.values()), default=2.0)
+        svc.router, svc.router_closing = None, True  # the stats loop leaves it alone now
+        try:
+            proc = _process(pid)
+            if client is not None:
+                try:
+                    await client.shutdown()  # it answers before draining
+                except RouterUnavailable as exc:
+                    log.info("router of %s did not take the shutdown (%s)", svc.name, exc)
+            if proc is not None:
+                try:
+                    await asyncio.to_thread(proc.wait, max(drain, 1.0) + CLOSE_GRACE)
+                except psutil.TimeoutExpired:
+                    log.warning("router of %s (pid %s) did not exit after draining; killing it",
+                                svc.name, pid)
+                    with contextlib.suppress(psutil.Error):
+                        proc.kill()
+                        await asyncio.to_thread(proc.wait, CLOSE_GRACE)
+            log.info("router of %s closed", svc.name)
+        finally:
+            svc.router_closing, svc.router_pid, svc.router_stats = False, None, None
+            svc.applied_weights, svc.applied_mirror = {}, None
+            self.wake.set()
 
     def _public_port(self, svc: Service) -> int | None:
         refs = list(svc.desired.slots.values()) if svc.desired else []

@@ -44,14 +44,15 @@ OBSERVE_EVERY = 5.0
 ROUTER_FAILS_AFTER = 10.0
 STATS_EVERY = 2.0
 # While a router splits traffic between slots (a canary's weights) or mirrors it (a shadow), its
-# counters are what the rollout's gates judge: read them this often, so that a sequential gate
-# sees a bad release's first dozen requests in 0.5 s, not 2 s. Only the few nodes of a baking wave
-# split, so the fleet's observed-state writes barely grow.
+# counters are what the rollout's gates judge: read them this often. Only the few nodes of a
+# baking wave split, so the fleet's observed-state writes barely grow.
 STATS_EVERY_SPLIT = 0.5
-# So also for this long after a router's weights change: a canary switched at weight 100, or a
-# blue-green switch, splits nothing, yet its first seconds are when a sequential gate catches a
-# gross regression (and a rollback's switch back is seen sooner too). A few reads per switch.
+# A wave judged by sequential analysis asks for faster reads in its desired states
+# (``stats_every``), and for this long after a router's weights change too: a canary switched at
+# weight 100, or a blue-green switch, splits nothing, yet its first seconds are when a sequential
+# gate catches a gross regression. Other waves' switches cost no extra reads.
 STATS_FAST_AFTER_SWITCH = 10.0
+STATS_EVERY_MIN = 0.1  # whatever a desired state asks, no faster
 BUS_TIMEOUT = 10.0
 PRUNE_EVERY = 60.0
 
@@ -106,6 +107,7 @@ class Service:
     router: RouterClient | None = None
     router_pid: int | None = None
     router_stats: RouterStats | None = None
+    router_closing: bool = False  # asked to drain and exit (a removal), not gone yet
     last_observed: bytes = b""
     last_observed_at: float = 0.0
     pending_observed: ObservedState | None = None
@@ -152,7 +154,16 @@ class Service:
             router_failure=self.router_error if (
                 self.router_error and now is not None
                 and now - self.router_error_since >= ROUTER_FAILS_AFTER) else "",
+            router="up" if self.router is not None else "closing" if self.router_closing
+            else "none",
         )
+
+    @property
+    def removed(self) -> bool:
+        """Its desired state says "nothing here" and nothing of it runs any more: the node no
+        longer lists it (its observed state stays, for the rollout that removed it)."""
+        return (self.desired is not None and not self.desired.slots and self.router is None
+                and not self.router_closing and not any(r.alive for r in self.runners.values()))
 
 
 def release_info(digest: str, manifest: Manifest) -> ReleaseInfo:
@@ -176,10 +187,10 @@ Services = dict[str, Service]  # by name; shared by the manager's parts
 
 def settled(view: ServiceView) -> bool:
     """Whether no timer of ``reconcile`` can fire for this view: nothing fetching or waiting to
-    retry a fetch, no slot starting, draining or stopping, none unhealthy with a restart_after
-    running. A settled service changes only through a wake (desired state, slot event, router
-    stats), so the loop may sleep for ``IDLE_TICK``."""
-    return (not view.fetching and not view.fetch_errors
+    retry a fetch, no router closing, no slot starting, draining or stopping, none unhealthy
+    with a restart_after running. A settled service changes only through a wake (desired state,
+    slot event, router stats), so the loop may sleep for ``IDLE_TICK``."""
+    return (not view.fetching and not view.fetch_errors and view.router != "closing"
             and not any(v.status in _MOVING or _healing(view, v) for v in view.slots.values()))
 
 

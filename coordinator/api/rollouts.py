@@ -1,15 +1,22 @@
 """The rollout verbs of the coordinator's API, on top of ``coordinator.runtime.runner``.
 
-    deploy     DeployRequest(spec)            → {"id"}          usage: bad spec, unknown release
+    deploy     DeployRequest(spec)            → {"id"}          usage: bad spec, unknown release,
+                                                                nothing to remove
     status     RolloutRequest(id; "" latest)  → status dict     not_found
     rollouts   ListRolloutsRequest            → [summary]
     pause|resume|promote|abort  RolloutRequest → status dict    conflict: not in a state for it
     rollback   RollbackRequest(service, to)   → {"id", "action"}
     key        KeyRequest                     → {"public_key"}  (agents' --trust-key)
 
+A removal (``fleetwave remove``) is a ``deploy`` whose spec has strategy ``remove`` and no
+version: its record names the service with no version and no digest (``removal_ref``).
+
 ``rollback`` with a live rollout of the service asks it to roll back (the engine restores every
 touched node); without one it deploys the version the fleet ran before its last successful rollout
-(or ``to_version``) through the same runner path, with that rollout's settings.
+(or ``to_version``) through the same runner path, with that rollout's settings. After a finished
+removal (succeeded, or aborted or failed part-way) that is the version the removal took away,
+deployed where it was removed (its selector), rolling at the removal's own pace
+(``undo_removal``); nodes that still run it are done at once.
 
 The status dict is the one shape people and programs read (``fleetwave status -o json``)::
 
@@ -108,7 +115,8 @@ class RolloutsApi:
     async def deploy(self, req: DeployRequest, caller: str) -> dict[str, Any]:
         try:
             strategies.validate(req.spec)
-            release = await self._release(req.spec.service, req.spec.version)
+            release = removal_ref(req.spec.service) if strategies.removes(req.spec) \
+                else await self._release(req.spec.service, req.spec.version)
             record = await self.runner.deploy(req.spec, release, caller)
         except (FleetwaveError, ProtocolError, BusError) as exc:
             self._refused("deploy", req.spec, caller, exc)
@@ -154,12 +162,18 @@ class RolloutsApi:
             raise RemoteError(f"rollout {running[0].id} of {service} is {running[0].state} but "
                               "driven by no coordinator here; try again in a moment", "conflict")
         last_good = next((r for r in history if r.state == "succeeded"), None)
+        if strategies.removes(history[0].spec) and history[0].state != "rolled_back":
+            # The latest rollout removed the service (from some nodes, if it was aborted or
+            # failed): undo that, whatever came before it.
+            last_good = history[0]
         version = req.to_version or (last_good.from_version if last_good else "")
         if not version:
             raise UsageError(f"no earlier version of {service} is known to roll back to; name "
                              f"one with 'fleetwave rollback {service} --to VERSION'")
         base = last_good or history[0]
         spec = msgspec.structs.replace(base.spec, version=version)
+        if strategies.removes(base.spec):
+            spec = undo_removal(base.spec, version)
         try:
             release = await self._release(service, version)
             record = await self.runner.deploy(spec, release, caller)
@@ -211,6 +225,21 @@ def refusal(exc: Exception) -> str:
     if isinstance(exc, RemoteError):
         return exc.code
     return ""
+
+
+def undo_removal(removal: RolloutSpec, version: str) -> RolloutSpec:
+    """The deploy that undoes a finished removal: ``version`` (what it removed) where it removed
+    it, rolling at its batch, max-unavailable and progress deadline. Not the last deploy's
+    strategy: a shadow or a canary's steps mean nothing on nodes that run nothing."""
+    return RolloutSpec(service=removal.service, version=version, strategy="rolling",
+                       selector=dict(removal.selector), batch=removal.batch,
+                       max_unavailable=removal.max_unavailable,
+                       progress_deadline=removal.progress_deadline, on_failure=removal.on_failure)
+
+
+def removal_ref(service: str) -> ReleaseRef:
+    """What a removal's record names as its release: the service, no version, no digest."""
+    return ReleaseRef(service=service, version="", digest="")
 
 
 def status_dict(r: RolloutRecord) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from coordinator.cli import (  # noqa: F401  (registration by import)
     infra,
     proto,
     release_cmds,
+    remove_cmds,
     rollout_cmds,
 )
 from coordinator.cli.base import Ctx, cli

@@ -64,7 +64,7 @@ def headline(st: dict[str, Any]) -> str:
         where = "rolling back"
     parts = [
         f"rollout {st.get('id')}: {st.get('service')} {st.get('from_version') or '(nothing)'} -> "
-        f"{st.get('version')} ({st.get('strategy')})",
+        f"{st.get('version') or '(removed)'} ({st.get('strategy')})",
         str(st.get("state", "?")).replace("_", " "),
     ]
     if where:
@@ -321,7 +321,8 @@ def rollouts_table(rows: list[dict[str, Any]]) -> Table:
         table.add_column(col, no_wrap=True)
     for r in rows:
         table.add_row(cell(r["id"]), cell(r["service"]), cell(r.get("from_version") or "-"),
-                      cell(r["version"]), cell(r["strategy"]), _styled(r["state"]),
+                      cell(r["version"] or "(removed)"), cell(r["strategy"]),
+                      _styled(r["state"]),
                       cell(r.get("nodes", "")),
                       time.strftime("%Y-%m-%d %H:%M", time.localtime(r.get("created", 0))),
                       cell(r.get("started_by") or "-"), cell(r.get("reason") or ""))

@@ -118,7 +118,7 @@ def new_record(
             f"release {release.service} {release.version} does not match the rollout of "
             f"{spec.service} {spec.version}; push the release first with 'fleetwave release push'"
         )
-    waves = plan(nodes, spec)
+    waves = plan(nodes, spec, current)
     progress: dict[str, NodeProgress] = {}
     for wave in waves:
         for node in wave.nodes:

@@ -56,4 +56,4 @@ def select(nodes: Iterable[NodeLike], selector: Mapping[str, str]) -> list[str]:
     return sorted(chosen, key=natural_key)
 
 
-WaveKind = Literal["", "stage", "shadow", "switch"]
+WaveKind = Literal["", "stage", "shadow", "switch", "remove"]

@@ -2,7 +2,8 @@
 
 The coordinator only says what it wants; make-before-break happens on the agent. The new release
 always goes to the node's idle slot, and the serving slot keeps the old release (at the remaining
-weight) until the rollout is over, so that a rollback is a weight switch back to a warm slot.
+weight) until the rollout is over, so that a rollback is a weight switch back to a warm slot. A
+removal gives a node the empty desired state (``empty_target``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,12 @@ from __future__ import annotations
 import msgspec
 
 from protocol.messages import SLOTS, DesiredState, MirrorSpec, ReleaseRef
+
+# How often a node in a wave judged by sequential analysis is asked to read its router: a bad
+# release's first errors reach the gate a quarter second after they happen, not up to 2 s. Only
+# the nodes of such a wave read this often (the agent's own period is 2 s, 0.5 s while splitting);
+# 0.25 divides the agent's 2 s tick, so the reads stay on its grid.
+JUDGED_STATS_EVERY = 0.25
 
 
 def serving_slot(desired: DesiredState | None) -> str | None:
@@ -41,9 +48,11 @@ def runs(desired: DesiredState | None, release: ReleaseRef) -> bool:
 def forward_target(
     previous: DesiredState | None, *, fleet: str, node: str, release: ReleaseRef, slot: str,
     weight: int, generation: int, rollout: str, now: float, mirror: MirrorSpec | None = None,
+    stats_every: float = 0.0,
 ) -> DesiredState:
     """The new release in ``slot`` at ``weight`` percent, the old serving slot kept for the rest;
-    ``mirror`` (shadow) copies a share of the requests to ``slot``."""
+    ``mirror`` (shadow) copies a share of the requests to ``slot``; ``stats_every``: how often
+    the agent should read the router while the wave is judged (0: its own periods)."""
     slots: dict[str, ReleaseRef] = {}
     weights: dict[str, int] = {}
     serving = serving_slot(previous)
@@ -54,7 +63,7 @@ def forward_target(
     weights[slot] = weight
     return DesiredState(
         fleet=fleet, node=node, service=release.service, generation=generation, slots=slots,
-        weights=weights, mirror=mirror, rollout=rollout, time=now,
+        weights=weights, mirror=mirror, rollout=rollout, time=now, stats_every=stats_every,
     )
 
 
@@ -64,11 +73,10 @@ def restore_target(
 ) -> DesiredState:
     """The node's previous desired state again, under a new generation (no slots if none)."""
     if previous is None:
-        return DesiredState(
-            fleet=fleet, node=node, service=service, generation=generation, rollout=rollout,
-            time=now,
-        )
-    return msgspec.structs.replace(previous, generation=generation, rollout=rollout, time=now)
+        return empty_target(fleet=fleet, node=node, service=service, generation=generation,
+                            rollout=rollout, now=now)
+    return msgspec.structs.replace(previous, generation=generation, rollout=rollout, time=now,
+                                   stats_every=0.0)
 
 
 def retire_target(
@@ -77,5 +85,15 @@ def retire_target(
     """Only the new release's slot, with all of the traffic: the old slot is stopped."""
     return msgspec.structs.replace(
         target, slots={slot: target.slots[slot]}, weights={slot: 100}, mirror=None,
-        generation=generation, time=now,
+        generation=generation, time=now, stats_every=0.0,
+    )
+
+
+def empty_target(
+    *, fleet: str, node: str, service: str, generation: int, rollout: str, now: float,
+) -> DesiredState:
+    """The signed "nothing here": no slots, no weights. The agent closes the service's router
+    and stops its slots (a removal; also the rollback of a node's first deploy)."""
+    return DesiredState(
+        fleet=fleet, node=node, service=service, generation=generation, rollout=rollout, time=now,
     )

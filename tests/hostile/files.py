@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from protocol.bundle import BundleError, Limits, safe_unpack
 from protocol.errors import ProtocolError
+from protocol.expand import expand_argv
 from protocol.manifest import MANIFEST_NAME, Manifest, parse_manifest
 from tests.hostile.kit import CASE_SECONDS, blob, ints, mutate, pick, shaped, spoil, txt, within
 
@@ -27,7 +28,7 @@ VALID_MANIFEST = """\
 name = "hello"
 version = "2.0.0"
 port = 8080
-command = ["python3", "app.py"]
+command = ["python3", "app.py", "--port=${PORT}", "$${HOME}"]
 env = { GREETING = "hi" }
 [health]
 http = "/healthz"
@@ -38,7 +39,7 @@ start_timeout = "30s"
 [stop]
 drain = "2s"
 [hooks]
-pre_start = ["./migrate"]
+pre_start = ["./migrate", "${FLEETWAVE_SLOT}", "${FLEETWAVE_NODE}@${FLEETWAVE_VERSION}"]
 """
 DURATIONS = ["500ms", "0", "1m30s", "1e5s", "-1s", "\u0665s", "1.5.5s", "9" * 400 + "h", "", " 1s "]
 
@@ -100,9 +101,9 @@ def manifest_texts(draw: Any) -> str:
 def check_manifest(text: str) -> None:
     """Property: a manifest parses into one an agent can act on, or raises ProtocolError.
 
-    Acting on it means: every argv and env string can be passed to exec (no NUL), the health
-    path can go on a request line as it is (visible ASCII, no space), thresholds and durations
-    are usable numbers."""
+    Acting on it means: every argv and env string can be passed to exec (no NUL), before and
+    after the agent fills its ``${NAME}``s, the health path can go on a request line as it is
+    (visible ASCII, no space), thresholds and durations are usable numbers."""
 
     def run() -> None:
         try:
@@ -112,6 +113,10 @@ def check_manifest(text: str) -> None:
         argvs = [m.command, m.health.exec or [], m.hooks.pre_start or [], m.hooks.validate or []]
         for arg in (a for argv in argvs for a in argv):
             assert arg and "\0" not in arg, f"argv element {arg!r} cannot be exec'd"
+        values = {"FLEETWAVE_NODE": "node-1", "FLEETWAVE_SLOT": "a",
+                  "FLEETWAVE_VERSION": m.version} | ({} if m.port is None else {"PORT": "40000"})
+        for arg in (a for argv in argvs for a in expand_argv(argv, values)):
+            assert arg and "\0" not in arg, f"filled argv element {arg!r} cannot be exec'd"
         for key, value in m.env.items():
             assert key and "=" not in key and "\0" not in key + value, f"env {key!r}={value!r}"
         if m.health.http is not None:

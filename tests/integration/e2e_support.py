@@ -7,6 +7,8 @@
   (not from what the agents say), as {pid: (node, slot, version)}.
 - ``loaded(fleet)``: steady checked traffic (``coordinator.dev.traffic.Traffic``) through every
   node's router while the block runs.
+- ``settle(traffic, version)``: waits until that load has had a few more answers from
+  ``version``.
 - ``install(fleet, version)``: every node on ``version`` at once, checked through the routers.
 - ``watched(look)``: samples ``look()`` (what every node answers) every ~50 ms while the block
   runs: the most nodes ever seen without a version at once, and every version seen.
@@ -116,6 +118,17 @@ async def loaded(fleet: DevFleet, *, rate: float = 20.0) -> AsyncIterator[Traffi
         yield traffic
     finally:
         await traffic.stop()
+
+
+async def settle(traffic: Traffic, version: str, more: int = 30) -> None:
+    """Wait until the load has seen ``more`` further answers from ``version``."""
+    seen = traffic.report.versions[version]
+
+    async def count() -> int:
+        return traffic.report.versions[version]
+
+    await wait_until(count, lambda n: n >= seen + more, timeout=30,
+                     what=f"{more} more answers from {version}")
 
 
 async def desired_log(url: str, fleet: str = "default") -> list[SignedEnvelope]:

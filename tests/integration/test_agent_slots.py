@@ -225,6 +225,53 @@ async def test_missing_program_fails_the_slot(release, tmp_path, runners) -> Non
     assert "cannot start ./does-not-exist" in r.reason
 
 
+async def test_port_and_fleetwave_variables_fill_command_probe_and_hooks(
+    release, tmp_path, runners
+) -> None:
+    """A server that takes its port as an argument serves on the slot's private port: ${PORT}
+    fills the command, the exec probe and both hooks get the same values, and $$ stays a $."""
+    record = "import sys; open(sys.argv[1], 'w').write(' '.join(sys.argv[2:]))"
+    connect = "import socket, sys; socket.create_connection(('127.0.0.1', int(sys.argv[1])), 1)"
+    m = Manifest(
+        name="hello", version="1.0.0", port=8080,
+        # http.server reads its port from argv only: it serves there only if ${PORT} was filled
+        command=[sys.executable, "-m", "http.server", "${PORT}", "--bind", "127.0.0.1"],
+        health=HealthConfig(exec=[sys.executable, "-c", connect, "${PORT}"], interval=0.05,
+                            timeout=1, healthy_threshold=1, unhealthy_threshold=2),
+        stop=StopConfig(drain=0.1, timeout=5),
+        hooks=HooksConfig(
+            pre_start=[sys.executable, "-c", record, "pre", "${FLEETWAVE_NODE}",
+                       "${FLEETWAVE_SLOT}", "${FLEETWAVE_VERSION}", "$${PORT}"],
+            validate=[sys.executable, "-c", record, "validate", "port=${PORT}"],
+        ),
+    )
+    ev = Events()
+    spec = _spec(release, tmp_path, m, slot="b")
+    r = _start(runners, spec, ev)
+    await ev.until(lambda: r.status == "healthy")
+    assert r.pid is not None and psutil.Process(r.pid).cmdline()[-3:] == [
+        str(spec.port), "--bind", "127.0.0.1"]
+    status = await asyncio.to_thread(
+        lambda: urllib.request.urlopen(f"http://127.0.0.1:{spec.port}/", timeout=5).status
+    )
+    assert status == 200
+    assert (release / "pre").read_text() == "n1 b 1.0.0 ${PORT}"
+    assert (release / "validate").read_text() == f"port={spec.port}"
+
+
+async def test_an_unfillable_command_fails_the_slot_with_the_reason(
+    release, tmp_path, runners
+) -> None:
+    """A manifest that skipped validation (built by hand, or by an older agent) and names an
+    unknown ${X} fails the slot with one line naming the argument; nothing is started."""
+    ev = Events()
+    m = _manifest(release, command=[sys.executable, "app.py", "--x=${NOPE}"])
+    r = _start(runners, _spec(release, tmp_path, m), ev)
+    await ev.until(lambda: r.status == "failed")
+    assert r.pid is None
+    assert r.reason.startswith("command: argument 2 '--x=${NOPE}': ${NOPE} is not a variable")
+
+
 async def test_process_survives_the_supervisor_and_is_adopted(release, tmp_path, runners) -> None:
     """Cancelling the supervisor leaves the process running; adopt() finds it by pid+create_time."""
     ev = Events()

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.dev.devfleet import DevFleet
-from coordinator.dev.traffic import Traffic
 from tests.integration.e2e_support import (
     DEPLOY_TIMEOUT,
     events_of,
@@ -28,6 +27,7 @@ from tests.integration.e2e_support import (
     push,
     service_pids,
     serving,
+    settle,
     status,
 )
 from tests.integration.procs import fleetwave, wait_until
@@ -54,17 +54,6 @@ async def install(fleet: DevFleet, version: str) -> None:
 async def all_serve(fleet: DevFleet, version: str, *, interval: float = 0.1) -> None:
     await wait_until(lambda: serving(fleet), lambda v: set(v.values()) == {version},
                      timeout=30, what=f"every node serving {version}", interval=interval)
-
-
-async def settle(traffic: Traffic, version: str, more: int = 30) -> None:
-    """Wait until the load has seen ``more`` further answers from ``version``."""
-    seen = traffic.report.versions[version]
-
-    async def count() -> int:
-        return traffic.report.versions[version]
-
-    await wait_until(count, lambda n: n >= seen + more, timeout=30,
-                     what=f"{more} more answers from {version}")
 
 
 class PidWatch:

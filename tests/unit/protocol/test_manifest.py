@@ -71,6 +71,13 @@ BASE = 'name="x"\nversion="1.0"\ncommand=["a"]\nport=80\n'
         (BASE + "port = 'x'\n", "not valid TOML"),
         ("name = \n", "not valid TOML"),
         (BASE + "[health]\nhealthy_threshold='2'\n", "key 'health.healthy_threshold'"),
+        (BASE.replace('["a"]', '["a", "--port", "${PROT}"]'),
+         "fleetwave.toml: command[2] '${PROT}': ${PROT} is not a variable fleetwave sets"),
+        ('name="w"\nversion="1"\ncommand=["w", "${PORT}"]\n',
+         "fleetwave.toml: command[1] '${PORT}': ${PORT} needs the manifest's port"),
+        (BASE + "[health]\nexec=['./check', '${NODE}']\n", "health.exec[1] '${NODE}'"),
+        (BASE + "[hooks]\npre_start=['./m', '${X']\n", "hooks.pre_start[1] '${X': '${' has no"),
+        (BASE + "[hooks]\nvalidate=['./s', '${x}']\n", "hooks.validate[1] '${x}'"),
     ],
 )
 def test_refused_with_a_message_naming_it(text: str, message: str) -> None:
@@ -85,3 +92,14 @@ def test_load_missing_file(tmp_path: Path) -> None:
     """A missing manifest file is a ProtocolError naming the path, not an OSError."""
     with pytest.raises(ProtocolError, match="cannot read manifest"):
         load_manifest(tmp_path / "fleetwave.toml")
+
+
+def test_argv_variables_are_accepted() -> None:
+    """${PORT}, the FLEETWAVE_* names and $$ pass in command, health.exec and hooks alike."""
+    m = parse_manifest(
+        BASE.replace('["a"]', '["uvicorn", "--port", "${PORT}", "$${HOME}"]')
+        + "[health]\nexec=['./check', '${PORT}']\n"
+        + "[hooks]\npre_start=['./m', '${FLEETWAVE_VERSION}']\n"
+        + "validate=['./s', '${FLEETWAVE_SLOT}']\n"
+    )
+    assert m.command == ["uvicorn", "--port", "${PORT}", "$${HOME}"]  # filled by the agent

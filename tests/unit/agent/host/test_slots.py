@@ -8,9 +8,11 @@ from pathlib import Path
 
 from agent.host.slots import (
     CrashPolicy,
+    SlotSpec,
     cap_log,
     describe_exit,
 )
+from protocol.manifest import Manifest
 
 
 def test_crash_policy_backs_off_then_fails_a_crash_loop() -> None:
@@ -41,3 +43,21 @@ def test_cap_log_keeps_the_tail_and_truncates(tmp_path: Path) -> None:
     assert cap_log(log, 80)
     assert log.read_bytes() == b""
     assert (tmp_path / "x.log.1").read_bytes() == b"b" * 40
+
+
+def test_a_slot_gets_the_same_variables_in_its_env_and_its_argv() -> None:
+    """PORT and FLEETWAVE_* are set in the environment and fill ``${NAME}`` in argv, with the
+    same values; the manifest's env cannot override them; a worker has no PORT."""
+    manifest = Manifest(name="web", version="2.0.0", port=8080,
+                        command=["uvicorn", "--port", "${PORT}"],
+                        env={"PORT": "1", "GREETING": "hi"})
+    spec = SlotSpec(service="web", slot="b", node="web-7", release_dir=Path("/r"),
+                    manifest=manifest, digest="sha256:x", port=41234, log_dir=Path("/l"))
+    env = spec.env()
+    assert spec.variables() == {"PORT": "41234", "FLEETWAVE_NODE": "web-7",
+                                "FLEETWAVE_SLOT": "b", "FLEETWAVE_VERSION": "2.0.0"}
+    assert {k: env[k] for k in spec.variables()} == spec.variables() and env["GREETING"] == "hi"
+    assert spec.argv(manifest.command) == ["uvicorn", "--port", "41234"]
+    worker = SlotSpec(service="web", slot="a", node="n", release_dir=Path("/r"),
+                      manifest=manifest, digest="sha256:x", port=None, log_dir=Path("/l"))
+    assert "PORT" not in worker.variables()

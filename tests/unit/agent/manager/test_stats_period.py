@@ -5,16 +5,20 @@ from __future__ import annotations
 from agent.manager.routing import stats_period
 from agent.manager.service import (
     STATS_EVERY,
+    STATS_EVERY_MIN,
     STATS_EVERY_SPLIT,
     STATS_FAST_AFTER_SWITCH,
     Service,
 )
-from protocol.messages import MirrorSpec
+from protocol.messages import DesiredState, MirrorSpec
 
 
-def svc(weights: dict[str, int], mirror: MirrorSpec | None = None) -> Service:
+def svc(weights: dict[str, int], mirror: MirrorSpec | None = None,
+        asked: float = 0.0) -> Service:
     s = Service(name="hello")
     s.applied_weights, s.applied_mirror = weights, mirror
+    s.desired = DesiredState(fleet="f", node="n", service="hello", generation=1,
+                             stats_every=asked)
     return s
 
 
@@ -30,15 +34,29 @@ def test_a_split_or_a_mirror_anywhere_reads_fast() -> None:
     assert stats_period([svc({"blue": 100}, shadow)]) == STATS_EVERY_SPLIT
 
 
-def test_a_switch_reads_fast_for_a_while_though_nothing_splits() -> None:
-    """A canary at weight 100 or a blue-green switch splits nothing, but its first seconds are
-    what a sequential gate judges first."""
+def test_a_judged_switch_reads_as_asked_for_a_while_though_nothing_splits() -> None:
+    """A canary at weight 100 or a blue-green switch under sequential analysis splits nothing,
+    but its first seconds are what the gate judges first: read as the desired state asks."""
+    switched = svc({"green": 100}, asked=0.25)
+    switched.weights_changed = 1000.0
+    assert stats_period([switched], 1000.0) == 0.25
+    assert stats_period([switched], 1000.0 + STATS_FAST_AFTER_SWITCH - 0.1) == 0.25
+    assert stats_period([switched], 1000.0 + STATS_FAST_AFTER_SWITCH) == STATS_EVERY
+    assert stats_period([svc({"green": 100}, asked=0.25)], 1000.0) == STATS_EVERY  # no switch
+
+
+def test_a_switch_nobody_judges_sequentially_costs_no_extra_reads() -> None:
+    """Threshold gates judge the whole bake at its end: a switch alone keeps the usual period."""
     switched = svc({"green": 100})
     switched.weights_changed = 1000.0
-    assert stats_period([switched], 1000.0) == STATS_EVERY_SPLIT
-    assert stats_period([switched], 1000.0 + STATS_FAST_AFTER_SWITCH - 0.1) == STATS_EVERY_SPLIT
-    assert stats_period([switched], 1000.0 + STATS_FAST_AFTER_SWITCH) == STATS_EVERY
-    assert stats_period([svc({"green": 100})], 1000.0) == STATS_EVERY  # never switched
+    assert stats_period([switched], 1000.0) == STATS_EVERY
+
+
+def test_a_judged_split_reads_as_asked_and_never_faster_than_the_floor() -> None:
+    assert stats_period([svc({"blue": 50, "green": 50}, asked=0.25)]) == 0.25
+    assert stats_period([svc({"blue": 50, "green": 50}, asked=0.001)]) == STATS_EVERY_MIN
+    assert stats_period([svc({"blue": 50, "green": 50}, asked=0.25),
+                         svc({"blue": 100})]) == 0.25
 
 
 def test_the_fast_period_keeps_the_agents_ticks() -> None:

@@ -10,6 +10,7 @@ commands)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +44,18 @@ ADDED_AT_END = ('"outbox":[],"term":0,"started_by":"","paused_by":"","aborted_by
                 '"rollback_by":""')
 
 
+# ... and at the end of every desired state in it (issue 18): the read period a sequential wave
+# asks for.
+DESIRED_END = re.compile(r'("rollout":"[^"]*","time":[-+.0-9eE]+)}')
+ADDED_TO_DESIRED = '"stats_every":0.0'
+
+
 def upgraded(old: str) -> bytes:
     """``old`` (a record as the earlier release wrote it) as this release writes it: the same
     bytes, with every field added since at its place and its default."""
     for after, field in ADDED:
         old = old.replace(after, f"{after},{field}", 1)
+    old = DESIRED_END.sub(rf"\1,{ADDED_TO_DESIRED}}}", old)
     assert old.endswith("}")
     return f"{old[:-1]},{ADDED_AT_END}}}".encode()
 EVENTS: dict[str, EngineEvent] = {"Tick": Tick(), "RollbackRequested":
@@ -85,5 +93,7 @@ def test_an_old_record_is_carried_on_as_before(name: str) -> None:
     for seen in case["observed"]:
         r._observed[seen["node"]] = decode(ObservedState, json.dumps(seen).encode())
     cmds = r.handle(EVENTS[case["event"]], case["t"])
-    assert described(cmds) == case["commands"]
+    assert described(cmds) == [
+        ["write", {**c[1], "stats_every": 0.0}] if c[0] == "write" else c
+        for c in case["commands"]]
     assert encode(r.record) == upgraded(case["after"])
