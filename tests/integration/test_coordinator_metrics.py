@@ -21,6 +21,7 @@ from coordinator.dev.broker import free_port
 from coordinator.dev.devfleet import DevFleet
 from coordinator.runtime import notify_doc as doc
 from protocol.bus import Bus
+from tests import board
 from tests.integration.e2e_support import (
     DEPLOY_TIMEOUT,
     Receiver,
@@ -182,6 +183,9 @@ async def test_a_canary_under_load_moves_the_metrics_and_matches_its_gates(
                 or 0) > 0
         assert get(m, "fleetwave_rollouts", service="hello", strategy="canary",
                    state="succeeded") == 1
+        # Every coordinator metric the Grafana board queries is in this real scrape.
+        used = {n for n in board.names(board.load()) if board.coordinator_name(n)}
+        assert used and used <= {name for name, _ in m}, used - {name for name, _ in m}
 
         # A standby (same key, same fleet) serves what it can read, and does not lead.
         port = free_port(STANDBY_HOST)
