@@ -3,7 +3,8 @@ metric names they use, and the coordinator's metric names, kept here in one plac
 
 The agent's names are checked against a real agent's scrape
 (``tests/integration/test_agent_metrics.py``); the coordinator's against ``COORDINATOR`` below,
-the contract its ``--http`` /metrics is built to (to be replaced by a real coordinator scrape).
+the contract its ``--http`` /metrics is built to, and against a real coordinator's scrape during
+a canary (``tests/integration/test_coordinator_metrics.py``).
 """
 
 from __future__ import annotations

@@ -46,9 +46,10 @@ import msgspec
 from coordinator import strategies
 from coordinator.api.verbs import Api
 from coordinator.core.engine import Abort, EngineEvent, Pause, Promote, Resume, RollbackRequested
-from coordinator.errors import RemoteError, UsageError
+from coordinator.errors import ConfigError, FleetwaveError, RemoteError, UsageError
 from coordinator.releases import UnknownRelease
 from protocol import subjects
+from protocol.errors import BusError, Conflict, ProtocolError
 from protocol.messages import (
     TERMINAL_STATES,
     DeployRequest,
@@ -63,6 +64,8 @@ from protocol.messages import (
 
 Resolve = Callable[[str, str], Awaitable[ReleaseRef]]
 MAX_LIMIT = 1000
+# The refusals of a deploy that become a ``rollout.refused`` event (``RolloutsApi._refused``).
+REFUSALS = frozenset({"usage", "conflict"})
 
 
 class LiveRollout(Protocol):
@@ -84,6 +87,7 @@ class Runner(Protocol):
     async def get(self, rollout_id: str) -> RolloutRecord | None: ...
     async def records(self) -> list[RolloutRecord]: ...
     def active(self, service: str) -> LiveRollout | None: ...
+    def refused(self, verb: str, spec: RolloutSpec, who: str, reason: str, code: str) -> None: ...
 
 
 class RolloutsApi:
@@ -109,10 +113,14 @@ class RolloutsApi:
     # -- handlers ----------------------------------------------------------------------------------
 
     async def deploy(self, req: DeployRequest, caller: str) -> dict[str, Any]:
-        strategies.validate(req.spec)
-        release = removal_ref(req.spec.service) if strategies.removes(req.spec) \
-            else await self._release(req.spec.service, req.spec.version)
-        record = await self.runner.deploy(req.spec, release, caller)
+        try:
+            strategies.validate(req.spec)
+            release = removal_ref(req.spec.service) if strategies.removes(req.spec) \
+                else await self._release(req.spec.service, req.spec.version)
+            record = await self.runner.deploy(req.spec, release, caller)
+        except (FleetwaveError, ProtocolError, BusError) as exc:
+            self._refused("deploy", req.spec, caller, exc)
+            raise
         return {"id": record.id}
 
     async def status(self, req: RolloutRequest, caller: str) -> dict[str, Any]:
@@ -166,14 +174,27 @@ class RolloutsApi:
         spec = msgspec.structs.replace(base.spec, version=version)
         if strategies.removes(base.spec):
             spec = undo_removal(base.spec, version)
-        release = await self._release(service, version)
-        record = await self.runner.deploy(spec, release, caller)
+        try:
+            release = await self._release(service, version)
+            record = await self.runner.deploy(spec, release, caller)
+        except (FleetwaveError, ProtocolError, BusError) as exc:
+            self._refused("rollback", spec, caller, exc)
+            raise
         return {"id": record.id, "action": f"deploying {service} {version}"}
 
     async def key(self, req: KeyRequest, caller: str) -> dict[str, Any]:
         return {"public_key": self.public_key}
 
     # -- helpers -----------------------------------------------------------------------------------
+
+    def _refused(self, verb: str, spec: RolloutSpec, caller: str, exc: Exception) -> None:
+        """Tell the runner of a deploy refused before any wave ran, when a person cares: a
+        spec, release or fleet that does not fit (``usage``), the service locked by another
+        rollout (``conflict``). Not when no coordinator leads (``unavailable``: the CLI asks
+        again), nor a deploy recorded whose start failed (``accepted``: it will start)."""
+        code = refusal(exc)
+        if code in REFUSALS:
+            self.runner.refused(verb, spec, caller, str(exc), code)
 
     async def _release(self, service: str, version: str) -> ReleaseRef:
         try:
@@ -192,6 +213,18 @@ class RolloutsApi:
             raise RemoteError(f"no {what} in fleet {self.runner.fleet!r}; list them with "
                               "'fleetwave rollouts'", "not_found")
         return record
+
+
+def refusal(exc: Exception) -> str:
+    """The API code ``exc`` is answered with (``coordinator.api.verbs``), as far as a
+    refusal goes: "usage", "conflict", a RemoteError's own code, else ""."""
+    if isinstance(exc, (UsageError, ConfigError, ProtocolError)):
+        return "usage"
+    if isinstance(exc, Conflict):
+        return "conflict"
+    if isinstance(exc, RemoteError):
+        return exc.code
+    return ""
 
 
 def undo_removal(removal: RolloutSpec, version: str) -> RolloutSpec:

@@ -32,6 +32,7 @@ from coordinator.cli.render import cell, unclipped
 from coordinator.core.fleet import parse_selector
 from coordinator.dev.cluster import parse_hostport
 from coordinator.errors import UsageError
+from coordinator.runtime.config import load as load_config
 from coordinator.runtime.daemon import Coordinator
 from coordinator.runtime.keyfile import coordinator_seed, previous_key
 from coordinator.runtime.notify import Notifier
@@ -106,13 +107,23 @@ def _notify_targets(_: click.Context, __: click.Parameter,
     "re-read when it changes, so a revocation needs no restart. Without it the dashboard is "
     "read-only (env FLEETWAVE_HTTP_TOKENS).",
 )
+@click.option(
+    "--config", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    envvar="FLEETWAVE_CONFIG",
+    help="A TOML file with [[notify]] tables (url, and a secret per target) and http = "
+    "\"HOST:PORT\"; --http and --notify given as flags (or env) replace the file's "
+    "(env FLEETWAVE_CONFIG).",
+)
 @creds_option
 @tls_ca_option
 @click.pass_obj
 def coordinator(ctx: Ctx, verbose: bool, key_file: Path | None, replicas: int | None,
                 notify: list[Target], notify_secret: str | None, http: tuple[str, int] | None,
-                http_tokens: Path | None, creds: Path | None, tls_ca: Path | None) -> int:
+                http_tokens: Path | None, config: Path | None, creds: Path | None,
+                tls_ca: Path | None) -> int:
     """Run the coordinator daemon in the foreground (SIGTERM or Ctrl-C stops it)."""
+    if config is not None:  # first: a bad file is one line before anything starts
+        notify, http = load_config(config).under(notify, http)
     # Given here or globally (before the command word); a coordinator takes only its own role's.
     if creds is not None:
         ctx.creds = load_creds(creds, ctx.fleet)

@@ -28,6 +28,7 @@ from aiohttp import web
 
 from coordinator import web as dashboard
 from coordinator.errors import UsageError
+from coordinator.http import metrics
 
 if TYPE_CHECKING:
     from coordinator.auth.web_tokens import TokenFile
@@ -66,6 +67,7 @@ def build_app(coordinator: Coordinator, *, tokens: TokenFile | None = None) -> w
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     dashboard.add_routes(app, coordinator, tokens)
+    metrics.add_routes(app, coordinator)
     return app
 
 

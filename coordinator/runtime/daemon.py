@@ -62,6 +62,7 @@ from coordinator.core.rotation import lead_refusal, retired_after, short
 from coordinator.errors import ConfigError, RemoteError
 from coordinator.releases import resolve_release
 from coordinator.runtime.cordons import read_cordons
+from coordinator.runtime.executor import Observe
 from coordinator.runtime.lease import (
     LEASE_TTL,
     Fenced,
@@ -79,6 +80,7 @@ from coordinator.runtime.runner import TICK, Runner
 from coordinator.runtime.store import RolloutStore
 from protocol import subjects
 from protocol.bus import RECONNECT_CAP, Bus, Handler, redact
+from protocol.bus import Observer as BusObserver
 from protocol.codec import decode, encode
 from protocol.creds import Creds
 from protocol.errors import BusError, ProtocolError, TooFewServers
@@ -159,6 +161,11 @@ class Coordinator:
         self.store: RolloutStore | None = None  # the reader of a standby
         self.pauses = 0
         self._cordons: dict[str, Cordon] = {}  # as ``nodes`` last read them
+        self.version = _version()
+        # Observers (``coordinator.http.metrics``): of every bus call, and of every rollout event
+        # as it is decided (``coordinator.runtime.executor.Observe``); set before ``run``.
+        self.on_bus: BusObserver | None = None
+        self.on_event: Observe | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set."""
@@ -171,6 +178,7 @@ class Coordinator:
         )
         if bus is None:
             return
+        bus.observer = self.on_bus
         self.bus = bus
         try:
             if not await _until(stop, self._set_up(bus)):
@@ -299,7 +307,8 @@ class Coordinator:
                     continue
                 runner = Runner(bus, seed=self.seed, fenced=Fenced(bus, fence),
                                 nodes=self.table.view, liveness=self.table.liveness,
-                                clock=self._clock, started=self.started)
+                                clock=self._clock, started=self.started,
+                                observe=self.on_event)
                 self.runner = runner
                 log.info("coordinator %s leads fleet %r (term %d)", self.id, self.fleet_name,
                          held.term)
@@ -534,6 +543,10 @@ class _Current:
 
     async def uncordon(self, nodes: list[str], *, who: str) -> list[dict[str, Any]]:
         return await self._runner().uncordon(nodes, who=who)
+
+    def refused(self, verb: str, spec: RolloutSpec, who: str, reason: str, code: str) -> None:
+        if self._c.runner is not None:  # a standby forwarded the write before it got here
+            self._c.runner.refused(verb, spec, who, reason, code)
 
 
 def _unavailable(message: str) -> bytes:

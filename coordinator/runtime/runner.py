@@ -55,6 +55,7 @@ import functools
 import logging
 import secrets
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -77,7 +78,7 @@ from coordinator.runtime.calls import COMMAND_DEADLINE, Retrying
 from coordinator.runtime.cordons import Cordons, read_cordons
 from coordinator.runtime.desired import DesiredWriter
 from coordinator.runtime.driver import Driver
-from coordinator.runtime.executor import Executor
+from coordinator.runtime.executor import Executor, Observe
 from coordinator.runtime.lease import Deposed, Fenced
 from coordinator.runtime.ports import RunnerBus
 from coordinator.runtime.store import RolloutStore
@@ -120,7 +121,7 @@ class Runner:
         liveness: Callable[[str], Liveness | None] | None = None,
         clock: Callable[[], float] = time.time, tick: float = TICK,
         startup_grace: float = STARTUP_GRACE, command_deadline: float = COMMAND_DEADLINE,
-        started: float | None = None,
+        started: float | None = None, observe: Observe | None = None,
     ) -> None:
         self.bus = bus
         self.fleet = bus.fleet
@@ -143,7 +144,7 @@ class Runner:
         self.desired = DesiredWriter(bus, seed=seed, fenced=fenced, retrying=self._retrying)
         self.events = EventPublisher(self.fleet, logger=log, on_stored=self._stored)
         self._executor = Executor(store=self.store, desired=self.desired, events=self.events,
-                                  retrying=self._retrying, clock=clock)
+                                  retrying=self._retrying, clock=clock, observe=observe)
         self.cordons = Cordons(bus, desired=self.desired, events=self.events,
                                retrying=self._retrying, clock=clock, targeted=self._targeted)
         self._settled: set[str] = set()  # terminal rollouts whose lock is known released
@@ -398,6 +399,18 @@ class Runner:
                 # Record and lock are stored: whoever leads at the next resync starts it.
                 raise _accepted(rid, exc) from None
             return driver.rollout.record
+
+    def refused(self, verb: str, spec: RolloutSpec, who: str, reason: str, code: str) -> None:
+        """Record that a ``verb`` (deploy, rollback) for ``who`` was refused before any wave
+        ran (``coordinator.api.rollouts``): a ``rollout.refused`` event on the same path as
+        every rollout event, so that notifications and metrics hear of it too."""
+        event = Event(
+            id=uuid.uuid4().hex, time=self._clock(), fleet=self.fleet, kind="rollout.refused",
+            message=f"{verb} of {spec.service} {spec.version} refused: {reason}",
+            service=spec.service, who=who,
+            data={"verb": verb, "version": spec.version, "strategy": spec.strategy,
+                  "selector": dict(spec.selector), "reason": reason, "code": code})
+        self._executor.publish(event, None)
 
     def _check_size(self, record: RolloutRecord) -> None:
         """Refuse a rollout whose record could outgrow what the NATS server takes in one
