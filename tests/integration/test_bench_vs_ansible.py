@@ -113,6 +113,7 @@ async def test_bench_vs_ansible_at_two_nodes_prints_sane_figures_and_leaves_noth
         assert r["nodes"] == 2 and a["batches"] == 2 and len(f["waves"]) == 2, r
         assert a["seconds"] > 0 and f["seconds"] > 0, r
         assert abs(r["ratio"] - a["seconds"] / f["seconds"]) < 0.02, r
+        assert r["ratio_work"] > 0 and r["ratio_work_if_prestaged"] > r["ratio_work"], r
         assert a["requests"] > 50 and f["requests"] > 20, r
         assert a["versions"].get("2.0.0", 0) > 0 and f["versions"].get("2.0.0", 0) > 0, r
         assert a["failed"] > 0, f"no router in front of Ansible's hosts: a restart is seen {r}"
