@@ -1,5 +1,7 @@
-"""Side by side with a peer: the same in-place rolling update of N hosts by Ansible and by
-fleetwave, in one run, under the same steady HTTP load.
+"""Ansible vs fleetwave: the same in-place rolling update of N hosts, one run, same load.
+
+Side by side with a peer (issue 17): both update hello on N hosts, 20 % at a time, under the
+same steady HTTP load, one after the other in one run.
 
 Usage: python tests/perf/bench_vs_ansible.py [--nodes 10] [--rate 20] [--json]
 
@@ -485,7 +487,7 @@ async def main() -> int:
                     help=f"hosts on each side, 1 to {MAX_NODES} (default 10)")
     ap.add_argument("--rate", type=float, default=20.0,
                     help=f"requests/s of each of the {WORKERS} load workers a host (default 20)")
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = ap.parse_args()
     if not 1 <= args.nodes <= MAX_NODES:
         ap.error(f"--nodes {args.nodes} is out of range; use 1 to {MAX_NODES}")
