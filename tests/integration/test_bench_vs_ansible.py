@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import psutil
+import pytest
 
 from tests.integration.procs import wait_until
 
@@ -23,6 +24,9 @@ PERF = Path(__file__).resolve().parents[1] / "perf"
 BENCH = PERF / "bench_vs_ansible.py"
 PREFIX = "fw-perf-vs-ansible-"
 ENV = {**os.environ, "FLEETWAVE_PERF_SUBNET": SUBNET}
+RUN_TIMEOUT = 240.0  # two real rolling updates and a dev fleet: ~40 s here, more on a busy box
+# pytest's own limit above the run's, so that the run's timeout is what reports a slow run
+pytestmark = pytest.mark.timeout(RUN_TIMEOUT + 60)
 
 
 Seen = dict[int, tuple[psutil.Process, str]]  # pid -> (process, command line when seen)
@@ -105,7 +109,7 @@ async def test_bench_vs_ansible_at_two_nodes_prints_sane_figures_and_leaves_noth
     the two wall times', and every process it started has stopped when it exits."""
     async with bench("--nodes", "2", "--json") as (proc, seen):
         assert proc.stdout is not None and proc.stderr is not None
-        async with asyncio.timeout(300):
+        async with asyncio.timeout(RUN_TIMEOUT):
             out, err = await proc.communicate()
         assert proc.returncode == 0, err.decode()[-3000:]
         r = json.loads(out)
