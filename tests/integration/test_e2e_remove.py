@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ import psutil
 
 from coordinator.dev.devfleet import DevFleet
 from tests.integration.e2e_support import DEPLOY_TIMEOUT, PORT, push, service_pids, serving, status
-from tests.integration.procs import fleetwave, nodes_json, wait_until
+from tests.integration.procs import fleetwave, hello_bundle, nodes_json, wait_until
 
 SUBNET = "127.0.62"
 NODES = ("node-1", "node-2", "node-3")
@@ -316,7 +317,16 @@ async def test_a_running_removal_rolled_back_brings_the_service_back(tmp_path: P
     removed node's router and slot start again and every node serves the old version."""
     async with fleet_at(tmp_path) as fleet:
         url = fleet.nats_url
-        await push(url, "1.0.0")
+        # Each node's slot drains for 8 s before it stops, so the removal is still in its
+        # second wave when the rollback comes (on a loaded machine the CLI alone takes seconds).
+        bundle = tmp_path / "hello-1.0.0-slow-drain"
+        shutil.copytree(hello_bundle("1.0.0"), bundle)
+        manifest = bundle / "fleetwave.toml"
+        text = manifest.read_text()
+        assert 'drain = "500ms"' in text
+        manifest.write_text(text.replace('drain = "500ms"', 'drain = "8s"'))
+        code, _, err = await fleetwave("release", "push", str(bundle), nats_url=url)
+        assert code == 0, err
         await deploy(url, "1.0.0", "--batch", "100%")
         await all_serve(fleet, "1.0.0")
         code, out, err = await fleetwave("remove", "hello", "--detach", nats_url=url)

@@ -1,0 +1,508 @@
+"""Ansible vs fleetwave: the same in-place rolling update of N hosts, one run, same load.
+
+Side by side with a peer (issue 17): both update hello on N hosts, 20 % at a time, under the
+same steady HTTP load, one after the other in one run.
+
+Usage: python tests/perf/bench_vs_ansible.py [--nodes 10] [--rate 20] [--json]
+
+Needs ``ansible-core`` (``pip install -e '.[bench]'``); without ``ansible-playbook`` beside this
+Python or on PATH it says so in one line and exits 2. Nothing else is installed at run time.
+
+The service is the example hello (``deploy/examples/hello``: ``app.py`` and its manifest's
+``command``, ``env`` and ``port``), 1.0.0 rolled to 2.0.0 on N "hosts", 20 % of them at a time.
+
+**Ansible** (the incumbent's way; made fair and best-case for it): an inventory of N hosts, all
+``ansible_connection: local``, host i running one instance of hello on ``<SUBNET>.(100+i):8080``
+from its own directory under the run dir, where both releases are already copied (no copy
+step: a best case, where fleetwave's agents fetch the release in each wave). The playbook runs
+with ``serial: 20%``, ``forks`` = N, ``gather_facts: false``, pipelining on, the linear strategy
+(``free`` measured no faster: 42.6 and 27.4 s against 40.5 and 13.0 s at N=10, alternated),
+and per host: stop the old process (SIGTERM; hello finishes its requests in flight and exits;
+the task returns once the process is gone), start the new version (detached, as a service
+manager would), and wait for its health check (``uri`` on ``/healthz`` until 200, every 0.1 s:
+no other sleep). The load goes straight to the N ports: there is no router, so each host is
+down from its stop to its start; that moment of downtime per host is the point. Timed: the
+``ansible-playbook`` command, start to exit. The timeline of its task headers (read as they are
+printed) gives the seconds spent in each task.
+
+**fleetwave**: a dev fleet (``coordinator.dev.devfleet.DevFleet``: broker, coordinator, N real
+agents on ``<SUBNET>.1..N``), hello 1.0.0 installed everywhere, then ``fleetwave deploy hello
+2.0.0 --strategy rolling --batch 20% --max-unavailable 20% --bake 0`` (the CLI, followed to its
+end). Each agent fetches the release, starts the new slot beside the old one, waits for its
+health checks (two passes, 200 ms apart), switches its router and drains the old slot. The load
+goes through the N routers. Timed: the CLI command, start to exit. From the fleet's events the
+run also reports, per wave, where the seconds go: from ``wave.started`` to the last new slot
+started (fetch and spawn), to the last one healthy (health checks), to the last node done (the
+switch and its report), and the coordinator's hand-over to the next wave. Pre-staging (issue 17
+part 1) would start and health-check the slots of upcoming waves ahead of their turn: the
+"pre-stageable" figure is the sum over the waves after the first of their fetch, start and
+health time, i.e. what would leave the critical path.
+
+Printed: both wall times and their ratio; the ratio of their work alone too (Ansible from its
+first play to its recap, fleetwave from ``rollout.started`` to ``rollout.succeeded``: neither
+CLI's start-up, nor fleetwave's CLI noticing the end at its next 0.5 s status poll); both failed
+request counts; Ansible's seconds per task and fleetwave's per-wave timeline.
+
+The load is the same for both (``coordinator.dev.traffic.Traffic``): per host two workers at
+``--rate`` requests/s each, one on keep-alive connections, one opening a connection a request;
+a failed request is a connection error, a timeout or a 5xx. Failed requests are counted from
+the deploy's start to one second after it ends (the measurement window; the old processes'
+last requests are inside it).
+
+Every process it starts lives under its run dir and is stopped on the way out, SIGTERM included
+(``perf_support.run_main``, ``run_dir``); a killed run's leftovers are reaped by the next run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+import tomllib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from perf_support import SUBNET, EventTap, emit, poll, run_dir, run_main
+
+from coordinator.dev.devfleet import DevFleet
+from coordinator.dev.examples import assembled
+from coordinator.dev.traffic import Traffic, TrafficReport, probe_version
+from coordinator.releases import push_release
+from protocol import subjects
+from protocol.bus import Bus
+from protocol.codec import decode, encode
+from protocol.messages import TERMINAL_STATES, ApiReply, DeployRequest, RolloutRequest, RolloutSpec
+
+T = TypeVar("T")
+OLD, NEW = "1.0.0", "2.0.0"
+BATCH = "20%"
+WORKERS = 2  # per host: one keep-alive, one connection a request (Traffic's split)
+TAIL = 1.0  # seconds of load counted after a deploy ends
+ANSIBLE_HOST0 = 100  # Ansible's host i binds <SUBNET>.(100+i): apart from the agents' .1..N
+MAX_NODES = 100
+DEPLOY_TIMEOUT = 600.0
+INSTALL_HINT = ("ansible-playbook not found: this benchmark needs ansible-core; install it with "
+                "`pip install -e '.[bench]'` (or `pip install ansible-core`) and run it again")
+
+PLAYBOOK = """\
+- name: in-place rolling update of hello
+  hosts: fleet
+  gather_facts: false
+  serial: "{{ batch }}"
+  tasks:
+    - name: stop the old process
+      # SIGTERM: hello stops accepting, finishes its requests in flight and exits; the task
+      # returns once it is gone (a zombie is gone: nothing here reaps orphans but PID 1).
+      ansible.builtin.shell: |
+        [ -f run/hello.pid ] || exit 0
+        pid=$(cat run/hello.pid)
+        kill -TERM "$pid" 2>/dev/null || exit 0
+        while [ -e "/proc/$pid" ] && ! grep -q '^State:[[:space:]]*Z' "/proc/$pid/status"; do
+          sleep 0.02
+        done
+      args:
+        chdir: "{{ home }}"
+    - name: start the new version
+      ansible.builtin.shell: >-
+        setsid {{ command }} >{{ home }}/run/hello.log 2>&1 </dev/null &
+        echo $! >{{ home }}/run/hello.pid
+      args:
+        chdir: "{{ home }}/releases/{{ version }}"
+      environment: "{{ service_env[version] | combine({'PORT': port | string,
+        'BIND_HOST': bind, 'FLEETWAVE_VERSION': version,
+        'FLEETWAVE_NODE': inventory_hostname}) }}"
+    - name: wait for its health check
+      ansible.builtin.uri:
+        url: "http://{{ bind }}:{{ port }}/healthz"
+        timeout: 2
+      register: health
+      until: health.status == 200
+      retries: 100
+      delay: 0.1
+"""
+
+
+def ansible_playbook() -> str | None:
+    """The ``ansible-playbook`` of this Python's environment, else the one on PATH."""
+    beside = Path(sys.executable).parent / "ansible-playbook"
+    return str(beside) if beside.exists() else shutil.which("ansible-playbook")
+
+
+def manifest(version: str) -> dict[str, Any]:
+    return tomllib.loads((assembled(version) / "fleetwave.toml").read_text())
+
+
+# -- the load --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Window:
+    """The load's figures over one deploy's window: requests, failures, and why."""
+
+    requests: int = 0
+    failed: int = 0
+    versions: dict[str, int] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+
+    @classmethod
+    def between(cls, a: TrafficReport, b: TrafficReport) -> Window:
+        return cls(b.requests - a.requests, b.failed - a.failed,
+                   {v: n - a.versions[v] for v, n in b.versions.items() if n > a.versions[v]},
+                   b.failures[len(a.failures):][:5])
+
+
+async def warmed(traffic: Traffic, version: str, n: int) -> None:
+    """Wait until the load has had a few answers from ``version`` a host."""
+    await poll(lambda: asyncio.sleep(0, traffic.report.versions[version]),
+               lambda got: got >= 4 * n, timeout=30, what=f"the load to reach {version}")
+
+
+async def timed(argv: list[str], env: dict[str, str], cwd: Path,
+                marks: list[tuple[float, str]] | None = None) -> tuple[float, str]:
+    """Run ``argv`` in ``cwd`` to its end; (seconds, its standard output). With ``marks``,
+    every output line is kept with the monotonic time it arrived. Its standard error goes to
+    ``cwd/stderr.log``; RuntimeError with both tails on a non-zero exit."""
+    started = time.monotonic()
+    errors = cwd / "stderr.log"
+    with errors.open("ab") as err:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, env=env, cwd=cwd, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=err)
+    lines: list[str] = []
+    try:
+        async with asyncio.timeout(DEPLOY_TIMEOUT):
+            assert proc.stdout is not None
+            async for raw in proc.stdout:
+                line = raw.decode(errors="replace").rstrip()
+                lines.append(line)
+                if marks is not None:
+                    marks.append((time.monotonic(), line))
+            code = await proc.wait()
+    finally:
+        if proc.returncode is None:  # stopped (SIGTERM) or timed out: ask, then insist
+            proc.terminate()
+            try:
+                async with asyncio.timeout(5):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+    elapsed = time.monotonic() - started
+    out = "\n".join(lines)
+    if code != 0:
+        raise RuntimeError(f"{Path(argv[0]).name} {' '.join(argv[1:4])}... exited {code}:\n"
+                           f"{out[-3000:]}\n{errors.read_text(errors='replace')[-2000:]}")
+    return elapsed, out
+
+
+async def under_load(targets: list[tuple[str, int]], rate: float,
+                     deploy: Callable[[], Awaitable[T]]) -> tuple[T, Window]:
+    """Start the load on ``targets`` (serving OLD), run ``await deploy()`` and ``TAIL`` more
+    seconds, and return its result with the load's window."""
+    traffic = Traffic(targets, workers_per_target=WORKERS, rate=rate)
+    traffic.start()
+    try:
+        await warmed(traffic, OLD, len(targets))
+        before = traffic.snapshot()
+        result = await deploy()
+        await asyncio.sleep(TAIL)  # the measurement window's tail, not a wait for anything
+        return result, Window.between(before, traffic.snapshot())
+    finally:
+        await traffic.stop()
+
+
+# -- Ansible ---------------------------------------------------------------------------------------
+
+
+def ansible_host(i: int) -> str:
+    return f"{SUBNET}.{ANSIBLE_HOST0 + i}"
+
+
+def lay_out_ansible(root: Path, n: int) -> tuple[dict[str, str], list[tuple[str, int]]]:
+    """Hosts' directories with both releases, inventory, playbook and config under ``root``;
+    the environment to run ``ansible-playbook`` with, and the hosts' (address, port)."""
+    port = int(manifest(OLD)["port"])
+    hosts: dict[str, Any] = {}
+    for i in range(1, n + 1):
+        name = f"host-{i:02d}"
+        home = root / "hosts" / name
+        for v in (OLD, NEW):
+            shutil.copytree(assembled(v), home / "releases" / v)
+        (home / "run").mkdir(parents=True)
+        hosts[name] = {"bind": ansible_host(i), "port": port, "home": str(home)}
+    command = shlex.join(manifest(NEW)["command"])
+    if command != shlex.join(manifest(OLD)["command"]):
+        raise RuntimeError("the example's command differs between releases; the playbook "
+                           "starts one command")
+    inventory = {"fleet": {"hosts": hosts, "vars": {
+        "ansible_connection": "local", "ansible_python_interpreter": sys.executable,
+        "command": command,
+        "service_env": {v: {k: str(x) for k, x in manifest(v).get("env", {}).items()}
+                        for v in (OLD, NEW)}}}}
+    (root / "inventory.json").write_text(json.dumps(inventory))
+    (root / "playbook.yml").write_text(PLAYBOOK)
+    (root / "ansible.cfg").write_text(
+        "[defaults]\n"
+        f"inventory = {root / 'inventory.json'}\n"
+        f"forks = {max(n, 5)}\n"
+        "gathering = explicit\n"
+        "retry_files_enabled = False\n"
+        "host_key_checking = False\n"
+        "nocolor = True\n"
+        "[connection]\n"
+        "pipelining = True\n")
+    env = {**os.environ, "ANSIBLE_CONFIG": str(root / "ansible.cfg"),
+           "ANSIBLE_HOME": str(root / "ansible-home"),
+           "ANSIBLE_LOCAL_TEMP": str(root / "ansible-tmp"), "PYTHONUNBUFFERED": "1"}
+    return env, [(h["bind"], port) for h in hosts.values()]
+
+
+def playbook_argv(binary: str, root: Path, version: str, batch: str) -> list[str]:
+    return [binary, str(root / "playbook.yml"), "-e",
+            json.dumps({"version": version, "batch": batch})]
+
+
+def task_seconds(marks: list[tuple[float, str]], started: float, ended: float) -> dict[str, float]:
+    """Seconds per task name, from the times the task headers were printed (a task lasts until
+    the next header or the end); the play headers between batches count as their own."""
+    def label(line: str) -> str:
+        if line.startswith("TASK ["):
+            return line.split("[", 1)[1].rsplit("]", 1)[0]
+        return "recap" if line.startswith("PLAY RECAP") else "batch start"
+
+    heads = [(t, label(line)) for t, line in marks
+             if line.startswith(("TASK [", "PLAY [", "PLAY RECAP"))]
+    out: dict[str, float] = {}
+    prev_t, prev_name = started, "start-up"
+    for t, name in [*heads, (ended, "")]:
+        out[prev_name] = out.get(prev_name, 0.0) + (t - prev_t)
+        prev_t, prev_name = t, name
+    return {k: round(v, 2) for k, v in out.items()}
+
+
+async def measure_ansible(tmp: Path, n: int, rate: float, binary: str) -> dict[str, Any]:
+    root = tmp / "ansible"
+    env, targets = lay_out_ansible(root, n)
+    await timed(playbook_argv(binary, root, OLD, "100%"), env, root)  # the install: untimed
+    answers = await asyncio.gather(*(probe_version(h, p) for h, p in targets))
+    if set(answers) != {OLD}:
+        raise RuntimeError(f"Ansible's hosts should serve {OLD} after the install: {answers}")
+    marks: list[tuple[float, str]] = []
+
+    async def deploy() -> tuple[float, float]:
+        started = time.monotonic()
+        seconds, _ = await timed(playbook_argv(binary, root, NEW, BATCH), env, root, marks)
+        return started, seconds
+
+    (started, seconds), window = await under_load(targets, rate, deploy)
+    answers = await asyncio.gather(*(probe_version(h, p) for h, p in targets))
+    if set(answers) != {NEW}:
+        raise RuntimeError(f"Ansible's hosts should serve {NEW} after the update: {answers}")
+    batches = sum(1 for _, line in marks if line.startswith("PLAY ["))
+    return {"seconds": round(seconds, 2), "batches": batches,
+            "tasks_s": task_seconds(marks, started, started + seconds), **window_figures(window)}
+
+
+def window_figures(w: Window) -> dict[str, Any]:
+    return {"requests": w.requests, "failed": w.failed, "versions": w.versions,
+            "failures": w.reasons}
+
+
+# -- fleetwave -------------------------------------------------------------------------------------
+
+
+async def install(bus: Bus, fleet: DevFleet, n: int) -> None:
+    """OLD on every node in one wave, then every router answering with it."""
+    spec = RolloutSpec(service="hello", version=OLD, batch="100%", max_unavailable="100%",
+                       bake=0.0, progress_deadline=60.0)
+    reply = decode(ApiReply, await bus.request(subjects.api(bus.fleet, fleet.caller, "deploy"),
+                                               encode(DeployRequest(spec=spec)), timeout=30))
+    if not reply.ok:
+        raise RuntimeError(f"deploy {OLD} refused: {reply.error}")
+    rid = reply.data["id"]
+
+    async def state() -> str:
+        raw = await bus.request(subjects.api(bus.fleet, fleet.caller, "status"),
+                                encode(RolloutRequest(id=rid)), timeout=10)
+        return str(decode(ApiReply, raw).data["state"])
+
+    final = await poll(state, lambda s: s in TERMINAL_STATES, timeout=120,
+                       what=f"the install of {OLD}", interval=0.2)
+    if final != "succeeded":
+        raise RuntimeError(f"the install of {OLD} ended {final}")
+    port = int(manifest(OLD)["port"])
+    await poll(lambda: asyncio.gather(*(probe_version(fleet.host(i), port)
+                                        for i in range(1, n + 1))),
+               lambda answers: set(answers) == {OLD}, timeout=30,
+               what=f"every router serving {OLD}")
+
+
+def wave_timeline(tap: EventTap, rid: str) -> list[dict[str, Any]]:
+    """Per wave, seconds from its ``wave.started`` to the last of its new slots started, healthy,
+    and its nodes done; then to the next wave's start (or the rollout's end)."""
+    mine = [s.event for s in tap.events if s.event.rollout == rid]
+    starts = sorted((e.data.get("wave", 0), e.time) for e in mine if e.kind == "wave.started")
+    ends = [e.time for e in mine if e.kind == "rollout.succeeded"]
+    updating = {e.node: e.time for e in mine if e.kind == "node.updating"}
+    done = {e.node: e.time for e in mine if e.kind == "node.done"}
+    slots = [s.event for s in tap.events if s.event.service == "hello"
+             and s.event.data.get("version") == NEW]
+    out = []
+    for k, (wave, t0) in enumerate(starts):
+        t1 = starts[k + 1][1] if k + 1 < len(starts) else (ends[0] if ends else t0)
+        nodes = {n for n, t in updating.items() if t0 <= t < t1}
+
+        def last(kind: str, nodes: set[str] = nodes, t0: float = t0, t1: float = t1) -> float:
+            times = [e.time for e in slots if e.kind == kind and e.node in nodes
+                     and t0 <= e.time <= t1]
+            return round(max(times) - t0, 3) if times else float("nan")
+
+        finished = [done[n] for n in nodes if n in done]
+        out.append({"wave": wave, "nodes": len(nodes), "started_s": last("slot.started"),
+                    "healthy_s": last("slot.healthy"),
+                    "done_s": round(max(finished) - t0, 3) if finished else float("nan"),
+                    "next_s": round(t1 - t0, 3)})
+    return out
+
+
+async def measure_fleetwave(tmp: Path, n: int, rate: float) -> dict[str, Any]:
+    async with DevFleet(tmp / "fleet", agents=n, subnet=SUBNET, fleet="perfvs",
+                        heartbeat_interval=2.0) as fleet:
+        bus = await Bus.connect(fleet.nats_url, fleet.fleet, name="perf-vs-ansible",
+                                **fleet.access())
+        try:
+            tap = EventTap()
+            await tap.start(bus)
+            for v in (OLD, NEW):
+                await push_release(bus, assembled(v))
+            await install(bus, fleet, n)
+            port = int(manifest(OLD)["port"])
+            targets = [(fleet.host(i), port) for i in range(1, n + 1)]
+            env = {**os.environ, **fleet.client_env()}
+            argv = [sys.executable, "-c",
+                    "import sys; from coordinator.cli import main; main(sys.argv[1:])",
+                    *fleet.client_args(), "deploy", "hello", NEW, "--strategy", "rolling",
+                    "--batch", BATCH, "--max-unavailable", BATCH, "--bake", "0",
+                    "-o", "json"]
+
+            async def deploy() -> tuple[float, float, str]:
+                sent = time.time()
+                seconds, out = await timed(argv, env, tmp)
+                return sent, seconds, out
+
+            (sent, seconds, out), window = await under_load(targets, rate, deploy)
+            rid = str(json.loads(out)["id"])  # -o json: the last status, as one document
+            end = await tap.wait_for(rid, ("rollout.succeeded",), 30)
+            begun = tap.of(rid, "rollout.started")
+            answers = await asyncio.gather(*(probe_version(h, p) for h, p in targets))
+            if set(answers) != {NEW}:
+                raise RuntimeError(f"the routers should serve {NEW} after the deploy: {answers}")
+        finally:
+            await bus.close()
+    waves = wave_timeline(tap, rid)
+    # What pre-staging would take off the critical path: a later wave's fetch, start and
+    # health checks (the first wave's cannot start earlier than the deploy).
+    stageable = sum(w["healthy_s"] for w in waves[1:] if w["healthy_s"] == w["healthy_s"])
+    engine = end.event.time - begun[0].time if begun else float("nan")
+    # The CLI's own share: start-up, connecting and the deploy request before the coordinator's
+    # rollout.started; after rollout.succeeded, the follower's next status poll (every 0.5 s).
+    before = begun[0].time - sent if begun else float("nan")
+    return {"seconds": round(seconds, 2), "engine_s": round(engine, 2),
+            "cli_before_start_s": round(before, 2),
+            "cli_after_end_s": round(sent + seconds - end.event.time, 2), "waves": waves,
+            "prestageable_s": round(stageable, 2), **window_figures(window)}
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+
+async def measure(n: int, rate: float, binary: str) -> dict[str, Any]:
+    with run_dir("fw-perf-vs-ansible-") as tmp:
+        ansible = await measure_ansible(tmp, n, rate, binary)
+        fleetwave = await measure_fleetwave(tmp, n, rate)
+    return {"nodes": n, "batch": BATCH, "load_per_host_rps": WORKERS * rate,
+            "ansible": ansible, "fleetwave": fleetwave, **ratios(ansible, fleetwave)}
+
+
+def ratios(a: dict[str, Any], f: dict[str, Any]) -> dict[str, float | None]:
+    """Ansible's time over fleetwave's: the two commands' wall times (``ratio``); their work
+    alone (``ratio_work``: Ansible from its first play header to its recap, fleetwave from
+    rollout.started to rollout.succeeded, i.e. without either CLI's start-up and exit); and
+    both again with the pre-stageable seconds taken off fleetwave's."""
+    a_work = a["seconds"] - a["tasks_s"].get("start-up", 0.0) - a["tasks_s"].get("recap", 0.0)
+
+    def over(x: float, y: float) -> float | None:
+        return round(x / y, 2) if y > 0 else None
+
+    return {"ratio": over(a["seconds"], f["seconds"]),
+            "ratio_work": over(a_work, f["engine_s"]),
+            "ratio_if_prestaged": over(a["seconds"], f["seconds"] - f["prestageable_s"]),
+            "ratio_work_if_prestaged": over(a_work, f["engine_s"] - f["prestageable_s"])}
+
+
+def x(ratio: float | None) -> str:
+    return "n/a" if ratio is None else f"{ratio:.1f}x"
+
+
+def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
+    a, f = r["ansible"], r["fleetwave"]
+    out = [
+        ("load", f"{r['load_per_host_rps']:g} req/s a host ({WORKERS} workers), "
+                 f"failures counted to {TAIL:g} s after the deploy"),
+        ("Ansible (serial 20 %, local)", f"{a['seconds']:.2f} s, {a['batches']} batches, "
+                                         f"{a['failed']} of {a['requests']} requests failed"),
+        ("fleetwave (rolling 20 %)", f"{f['seconds']:.2f} s, {len(f['waves'])} waves, "
+                                     f"{f['failed']} of {f['requests']} requests failed"),
+        ("fleetwave's CLI vs engine", f"rollout.started -> succeeded {f['engine_s']:.2f} s; "
+                                      f"CLI before it {f['cli_before_start_s']:.2f} s, after "
+                                      f"{f['cli_after_end_s']:.2f} s"),
+        ("Ansible / fleetwave", f"{x(r['ratio'])} (wall); {x(r['ratio_work'])} without "
+                                "either CLI's start-up and exit"),
+        ("Ansible's tasks", ", ".join(f"{k} {v:.2f} s" for k, v in a["tasks_s"].items())),
+    ]
+    for w in f["waves"]:
+        out.append((f"fleetwave wave {w['wave']} ({w['nodes']} nodes)",
+                    f"slots started {w['started_s']:.2f} s, healthy {w['healthy_s']:.2f} s, "
+                    f"done {w['done_s']:.2f} s, next wave {w['next_s']:.2f} s"))
+    out.append(("pre-stageable (waves 2+: to healthy)",
+                f"{f['prestageable_s']:.2f} s; without it {x(r['ratio_if_prestaged'])} "
+                f"(wall), {x(r['ratio_work_if_prestaged'])} (work)"))
+    for side, figs in (("Ansible", a), ("fleetwave", f)):
+        if figs["failures"]:
+            out.append((f"{side}: first failures", "; ".join(figs["failures"][:3])))
+    return out
+
+
+async def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nodes", type=int, default=10,
+                    help=f"hosts on each side, 1 to {MAX_NODES} (default 10)")
+    ap.add_argument("--rate", type=float, default=20.0,
+                    help=f"requests/s of each of the {WORKERS} load workers a host (default 20)")
+    ap.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = ap.parse_args()
+    if not 1 <= args.nodes <= MAX_NODES:
+        ap.error(f"--nodes {args.nodes} is out of range; use 1 to {MAX_NODES}")
+    if not args.rate > 0:
+        ap.error(f"--rate {args.rate:g} must be above 0 requests/s")
+    binary = ansible_playbook()
+    if binary is None:
+        print(INSTALL_HINT, file=sys.stderr)
+        return 2
+    r = await measure(args.nodes, args.rate, binary)
+    emit(args.json, f"in-place rolling update of {r['nodes']} hosts, 1.0.0 -> 2.0.0: Ansible "
+         "vs fleetwave, same run, same load", r, rows(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main()))
