@@ -32,6 +32,7 @@ from agent.edge import Edge
 from agent.errors import FlagError, StartupError
 from agent.flags import PROG, check_identity, click_command, parse_flags
 from protocol.errors import BusError
+from protocol.imports import NOT_FOR_THE_BUS, import_bus
 
 if TYPE_CHECKING:
     from agent.daemon import Agent, AgentOptions
@@ -40,39 +41,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("fleetwave.agent")
 
 
-# Imports blocked while the bus is imported, each taken in a fallback the agent never needs:
-# - ``importlib.metadata`` (zipfile, csv and more): what looks a version up takes its fallback
-#   (the bus then names nats-py's version itself: ``protocol.bus._name_client_version``);
-# - ``aiohttp``, which nats-py imports when it is installed (the coordinator's --http needs it)
-#   for a WebSocket transport the agent never uses: about 14 MiB of the agent's 30 MB budget.
-BLOCKED_FOR_THE_BUS = ("importlib.metadata", "aiohttp")
+# Imports blocked while the bus is imported (``protocol.imports``), each taken in a fallback the
+# agent never needs: ``aiohttp`` (nats-py's WebSocket transport: about 14 MiB of the agent's 30 MB
+# budget) and ``importlib.metadata`` (zipfile, csv and more): what looks a version up takes its
+# fallback (the bus then names nats-py's version itself: ``protocol.bus._name_client_version``).
+# (``email.parser``, which nats.js imports, stays: its ``BytesParser`` parses the headers of
+# JetStream direct gets, the object store's included.)
+BLOCKED_FOR_THE_BUS = (*NOT_FOR_THE_BUS, "importlib.metadata")
 
 
 def _import_bus() -> None:
-    """Import ``protocol.bus`` with ``BLOCKED_FOR_THE_BUS`` blocked for the time of the import.
-
-    A ``None`` in ``sys.modules`` makes an import fail (documented import-system behaviour).
-    Nothing is done when one of them is loaded already (a test run, say): there is nothing to
-    save.
-
-    (``email.parser``, which nats.js imports, stays: its ``BytesParser`` parses the headers of
-    JetStream direct gets, the object store's included.)
-    """
-    if "protocol.bus" in sys.modules or any(m in sys.modules for m in BLOCKED_FOR_THE_BUS):
-        import protocol.bus  # already paid for, or nothing to save
-        return
-    for m in BLOCKED_FOR_THE_BUS:
-        sys.modules[m] = None  # type: ignore[assignment]  # blocks the import
-    try:
-        import protocol.bus
-    except ImportError:
-        # Some other import needed one of them after all (a newer nats-py, say): the saving is
-        # not worth a dead agent, so import normally below and pay the memory.
-        pass
-    finally:
-        for m in BLOCKED_FOR_THE_BUS:
-            del sys.modules[m]
-    import protocol.bus  # noqa: F401  # a no-op when the first import worked
+    import_bus(BLOCKED_FOR_THE_BUS)
 
 
 def build_agent(options: AgentOptions, live: LiveAgent | None = None) -> Agent:

@@ -182,3 +182,15 @@ def test_without_metrics_prometheus_client_is_never_imported() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_cli_leaves_aiohttp_to_the_coordinators_http() -> None:
+    """A CLI command does not load aiohttp (nats-py would, for a transport we never use); the
+    coordinator's --http still imports it when it serves."""
+    code = (
+        "import sys; import coordinator.cli; print('aiohttp' in sys.modules); "
+        "import coordinator.http.server; print('aiohttp' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert out.split() == ["False", "True"]
