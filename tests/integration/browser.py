@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,6 +24,8 @@ from selenium import webdriver
 from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+
+from tests.integration.procs import wait_until
 
 T = TypeVar("T")
 
@@ -87,16 +88,7 @@ class Browser:
     async def wait_for(self, probe: Callable[[], Any], ok: Callable[[Any], bool], *,
                        timeout: float, what: str) -> Any:
         """Poll ``probe`` (an async callable) until ``ok``; AssertionError naming ``what``."""
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while True:
-            last = await probe()
-            if ok(last):
-                return last
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout:g}s waiting for {what} in the "
-                                     f"page; last: {last!r}")
-            await asyncio.sleep(0.1)
+        return await wait_until(probe, ok, timeout=timeout, what=f"{what} in the page")
 
 
 @contextlib.asynccontextmanager
