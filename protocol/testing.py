@@ -16,7 +16,7 @@ coordinator's own helpers over its engine (``rollout()``, ``writes()``, ...) liv
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,10 +136,12 @@ class FakeBus:
         return out
 
     async def kv_fenced_all(self, bucket: str, writes: Sequence[tuple[str, bytes | None]],
-                            fence: int, *, timeout: float = 5.0) -> list[int | BusError]:
+                            fence: int, *, timeout: float = 5.0,
+                            rollup: Collection[str] = ()) -> list[int | BusError]:
         """Each write (a None value: a delete) only while the bucket's fence key is at revision
         ``fence`` (else a Conflict, as the server answers); an injected fault ("create" for a
-        key not there, "update", "delete") is that write's result."""
+        key not there, "update", "delete") is that write's result. The fake keeps no history,
+        so a ``rollup`` is a plain write."""
         out: list[int | BusError] = []
         for key, value in writes:
             op = ("delete" if value is None else "create" if self.live(bucket, key) is None

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from typing import Protocol
 
 from protocol.bus import Entry
@@ -30,7 +30,7 @@ class RunnerBus(Protocol):
     ) -> list[int | BusError]: ...
     async def kv_fenced_all(
         self, bucket: str, writes: Sequence[tuple[str, bytes | None]], fence: int, *,
-        timeout: float = ...,
+        timeout: float = ..., rollup: Collection[str] = ...,
     ) -> list[int | BusError]: ...
     async def js_publish_events(
         self, messages: Sequence[tuple[str, bytes]], *, timeout: float = ...,
