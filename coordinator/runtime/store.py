@@ -183,8 +183,14 @@ class RolloutStore:
         writer = self.writer
         async with self._history_ops:
             change = await self.history.change(record, created=created)
-            return await self._batch(writer, [(record.id, data),
-                                              *(change.writes if change else [])], change)
+            if change is None:
+                return await self._batch(writer, [(record.id, data)], None)
+            # A record that retention reduces in this very write (keep 0) is written reduced:
+            # one key once per batch (the server refuses a rollup of a key written before it).
+            mine = [value for key, value in change.writes if key == record.id]
+            rest = [(key, value) for key, value in change.writes if key != record.id]
+            return await self._batch(writer, [(record.id, mine[0] if mine else data), *rest],
+                                     change)
 
     async def _batch(self, writer: Fenced, writes: list[tuple[str, bytes | None]],
                      change: Change | None) -> int:
