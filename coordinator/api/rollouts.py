@@ -145,11 +145,19 @@ class RolloutsApi:
                     f"rollback {service}' (without --to) or abort it first", "conflict")
             await self.runner.request(live.id, RollbackRequested(who=caller))
             return {"id": live.id, "action": "rolling back"}
+        version, spec = await self.rollback_plan(service, req.to_version)
+        release = await self._release(service, version)
+        record = await self.runner.deploy(spec, release, caller)
+        return {"id": record.id, "action": f"deploying {service} {version}"}
+
+    async def rollback_plan(self, service: str, to_version: str = "") -> tuple[str, RolloutSpec]:
+        """The version ``rollback SERVICE`` deploys without a live rollout, and the settings it
+        deploys it with (read off the service's index and one record)."""
         history = await self.runner.history(service, MAX_LIMIT)
         if not history:
             raise UsageError(f"no rollout of {service} is known; deploy a version with "
                              f"'fleetwave deploy {service} VERSION'")
-        choice = rollback_choice(history, req.to_version)
+        choice = rollback_choice(history, to_version)
         if choice.running is not None:
             raise RemoteError(f"rollout {choice.running.id} of {service} is "
                               f"{choice.running.state} but driven by no coordinator here; try "
@@ -162,11 +170,7 @@ class RolloutsApi:
             raise RemoteError(f"rollout {choice.base} of {service} (whose settings a rollback "
                               "reuses) cannot be read; try again, or deploy with 'fleetwave "
                               f"deploy {service} {choice.version}'", "not_found")
-        version = choice.version
-        spec = msgspec.structs.replace(base.spec, version=version)
-        release = await self._release(service, version)
-        record = await self.runner.deploy(spec, release, caller)
-        return {"id": record.id, "action": f"deploying {service} {version}"}
+        return choice.version, msgspec.structs.replace(base.spec, version=choice.version)
 
     async def key(self, req: KeyRequest, caller: str) -> dict[str, Any]:
         return {"public_key": self.public_key}

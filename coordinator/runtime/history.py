@@ -24,6 +24,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import msgspec
+
 from coordinator.core import history as core
 from coordinator.core.history import Retention
 from coordinator.runtime.calls import bounded
@@ -74,12 +76,14 @@ class History:
     """The indexes of one fleet; see the module docstring."""
 
     def __init__(self, bus: RunnerBus, *, fenced: Fenced | None, retention: Retention,
-                 scan: Callable[[], Awaitable[list[RolloutRecord]]]) -> None:
+                 scan: Callable[[], Awaitable[list[RolloutRecord]]],
+                 entries: Callable[[], Awaitable[list[Entry]]]) -> None:
         self.bus = bus
         self.fenced = fenced
         self.retention = retention
         self.bucket = subjects.rollouts_bucket(bus.fleet)
-        self._scan = scan  # every record of the bucket (the rebuild, a standby's fallback)
+        self._scan = scan  # every record of the bucket (a standby's fallback)
+        self._entries = entries  # ... undecoded (the rebuild)
         self._indexes: dict[str, list[RolloutSummary]] | None = None  # the leader's, once loaded
         self._latest: LatestRollout | None = None
         self._loading = asyncio.Lock()
@@ -168,21 +172,32 @@ class History:
     async def _rebuild(self) -> None:
         """Indexes, retention and ``_latest`` from a scan of every record (once per fleet)."""
         assert self.fenced is not None
-        records = await self._scan()
-        if not records:  # a new fleet: the first create writes every key
+        # One record decoded at a time: what is kept of each is its summary and its spec.
+        summaries: list[RolloutSummary] = []
+        specs: dict[str, Stored] = {}
+        for entry in await self._entries():
+            try:
+                stored = decode_stored(entry.value or b"")
+            except ProtocolError as exc:
+                log.error("ignoring unreadable rollout record %s: %s", entry.key, exc)
+                continue
+            if isinstance(stored, SummarisedRollout):
+                summaries.append(msgspec.structs.replace(stored.summary, whole=False))
+                continue
+            summaries.append(core.summarise(stored))
+            specs[stored.id] = SummarisedRollout(summary=summaries[-1], spec=stored.spec)
+        if not summaries:  # a new fleet: the first create writes every key
             self._indexes, self._latest = {}, None
             return
         log.warning("rollout indexes missing (a fleet from before they existed): rebuilding "
                     "them from %d records, keeping the last %d of each service whole",
-                    len(records), self.retention.keep)
-        by_id = {r.id: r for r in records}
-        built = core.rebuild((core.summarise(r) for r in records), self.retention)
-        newest = max(records, key=lambda r: (r.created, r.id))
+                    len(summaries), self.retention.keep)
+        built = core.rebuild(summaries, self.retention)
+        newest = max(summaries, key=lambda r: (r.created, r.id))
         latest = LatestRollout(id=newest.id, created=newest.created)
         writes: list[Write] = []
         for service, retained in built.items():
-            writes += [(key, value) for key, value in
-                       self._reduced(retained.reduce, {s.id: by_id[s.id] for s in retained.reduce})]
+            writes += self._reduced(retained.reduce, specs)
             writes.append(self._index_write(service, retained.entries))
         writes.append((subjects.LATEST_KEY, encode(latest)))  # last: "indexed" once all landed
         results = await self.fenced.write_all(self.bucket, writes, rollup={k for k, _ in writes})

@@ -71,7 +71,7 @@ class RolloutStore:
         # interleave with a take (read, then write) of the same service's lock.
         self._lock_ops: dict[str, asyncio.Lock] = {}
         self.history = History(bus, fenced=fenced, retention=retention or Retention(),
-                               scan=self.records)
+                               scan=self.records, entries=self.entries)
         self._history_ops = asyncio.Lock()  # one index change (read, write, commit) at a time
 
     # -- records ----------------------------------------------------------------------------------
