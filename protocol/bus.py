@@ -844,6 +844,45 @@ class Bus:
             out.append(e)
         return [e for e in out if e.value is not None]
 
+    async def kv_scan(self, bucket: str, pattern: str = ">", *,
+                      page: int = 500) -> AsyncIterator[list[Entry]]:
+        """Every live entry matching ``pattern``, in pages of up to ``page``, for a bucket too
+        big for ``kv_entries``: a watch is pushed at the server's pace, and a few hundred MiB
+        of values overrun the client's pending limit (a slow consumer whose ordered consumer
+        stalls: 100,000 records of 5 KB never finished). A pull consumer delivers what is
+        asked for; it ends once the count it had at its creation has been delivered."""
+        kv = await self._bucket(bucket)
+        config = js_api.ConsumerConfig(
+            deliver_policy=js_api.DeliverPolicy.LAST_PER_SUBJECT,
+            ack_policy=js_api.AckPolicy.NONE, inactive_threshold=WATCH_INACTIVE,
+            mem_storage=True)
+        try:
+            sub = await self.js.pull_subscribe(f"{kv._pre}{pattern}", stream=f"KV_{bucket}",
+                                               config=config)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot read {bucket}: {exc}") from None
+        try:
+            info = await sub.consumer_info()
+            left = info.num_pending or 0
+            skip = len(kv._pre)
+            while left > 0:
+                msgs = await sub.fetch(min(page, left), timeout=OP_TIMEOUT)
+                left -= len(msgs)
+                out: list[Entry] = []
+                for m in msgs:
+                    op = (m.headers or {}).get("KV-Operation")
+                    if op not in ("DEL", "PURGE"):
+                        out.append(Entry(m.subject[skip:], m.data, m.metadata.sequence.stream))
+                yield out
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot read {bucket}: {exc}") from None
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(sub.unsubscribe(), 2)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(  # pull_subscribe named it in the config
+                    self.js.delete_consumer(f"KV_{bucket}", config.name or ""), 2)
+
     async def _watch_once(self, bucket: str, pattern: str) -> AsyncIterator[Entry]:
         """The current entries matching ``pattern`` (a deleted key with value None), read once.
 

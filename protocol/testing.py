@@ -118,6 +118,12 @@ class FakeBus:
         return [e for k, e in sorted(self.kv.get(bucket, {}).items())
                 if e.value is not None and fnmatch.fnmatchcase(k, glob)]
 
+    async def kv_scan(self, bucket: str, pattern: str = ">", *,
+                      page: int = 500) -> AsyncIterator[list[Entry]]:
+        entries = await self.kv_entries(bucket, pattern)
+        for start in range(0, len(entries), page):
+            yield entries[start:start + page]
+
     async def watch(self, bucket: str, pattern: str) -> AsyncIterator[Entry | None]:
         for e in await self.kv_entries(bucket, pattern):
             yield e

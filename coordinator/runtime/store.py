@@ -127,8 +127,19 @@ class RolloutStore:
     async def entries(self) -> list[Entry]:
         """Every record entry of the rollouts bucket (``decode`` reads them): a scan, for the
         history's rebuild and tools; reading rollouts goes through the indexes."""
-        return [e for e in await bounded(self.bus.kv_entries(self.rollouts))
-                if not e.key.startswith("_")]
+        out: list[Entry] = []
+        pages = self.bus.kv_scan(self.rollouts)
+        try:
+            while True:  # each page bounded: the whole scan takes as long as the bucket needs
+                try:
+                    got = await bounded(anext(pages))
+                except StopAsyncIteration:
+                    return out
+                out += [e for e in got if not e.key.startswith("_")]
+        finally:
+            close = getattr(pages, "aclose", None)  # its consumer goes with it
+            if close is not None:
+                await close()
 
     async def records(self) -> list[RolloutRecord]:
         """Every rollout of the fleet kept whole as persisted, newest first: a scan (see
