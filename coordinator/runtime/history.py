@@ -47,6 +47,7 @@ from protocol.messages import RolloutRecord
 log = logging.getLogger("fleetwave.coordinator.runner")
 
 Write = tuple[str, bytes | None]
+REBUILD_STEP = 2000  # writes of a rebuild per call (4 atomic batches; 100,000 take ~50 calls)
 Stored = RolloutRecord | SummarisedRollout
 
 
@@ -200,10 +201,12 @@ class History:
             writes += self._reduced(retained.reduce, specs)
             writes.append(self._index_write(service, retained.entries))
         writes.append((subjects.LATEST_KEY, encode(latest)))  # last: "indexed" once all landed
-        results = await self.fenced.write_all(self.bucket, writes, rollup={k for k, _ in writes})
-        failed = next((r for r in results if isinstance(r, BusError)), None)
-        if failed is not None:
-            raise failed
+        for start in range(0, len(writes), REBUILD_STEP):  # each step bounded on its own
+            step = writes[start:start + REBUILD_STEP]
+            results = await self.fenced.write_all(self.bucket, step, rollup={k for k, _ in step})
+            failed = next((r for r in results if isinstance(r, BusError)), None)
+            if failed is not None:
+                raise failed  # retried by the caller: what landed is written the same again
         self._indexes = {service: retained.entries for service, retained in built.items()}
         self._latest = latest
         log.warning("rollout indexes rebuilt: %d services, %d records reduced to summaries",

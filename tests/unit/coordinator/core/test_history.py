@@ -167,3 +167,20 @@ def test_bad_ages_say_what_to_write(text: str, why: str) -> None:
     """A bare number, too short or too long: refused with the fix."""
     with pytest.raises(ValueError, match=why):
         history.parse_age(text, what="--events-max-age")
+
+
+def test_a_summarised_status_has_every_key_of_a_whole_one() -> None:
+    """``status`` of a reduced rollout keeps the answer's shape: every key of a whole rollout's
+    status, with ``summarised`` true, no waves and no nodes."""
+    from coordinator.api.rollouts import status_dict, summarised_dict
+    from protocol.history import SummarisedRollout
+
+    rec = RolloutRecord(id="hello-1", spec=spec(), release=NEW, from_version="1.0.0",
+                        state="succeeded", created=5.0, finished=9.0, started_by="alice")
+    whole = status_dict(rec)
+    reduced = summarised_dict(SummarisedRollout(summary=history.summarise(rec), spec=rec.spec))
+    assert set(whole) <= set(reduced) and reduced["summarised"] is True
+    assert (reduced["waves"], reduced["nodes"]) == ([], {})
+    for key in ("id", "service", "version", "from_version", "strategy", "state", "created",
+                "finished", "bake", "gates", "on_failure", "started_by"):
+        assert reduced[key] == whole[key], key
