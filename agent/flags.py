@@ -127,6 +127,15 @@ def _tls_ca(value: str) -> str:
     return value
 
 
+def _metrics(value: str) -> tuple[str, int]:
+    from agent.metrics_http import parse_address  # here: it imports asyncio (agent.lean)
+
+    try:
+        return parse_address(value)
+    except ValueError as exc:
+        raise ProtocolError(str(exc)) from None
+
+
 def _data_dir(value: str) -> Path:
     path = Path(value)
     if path.exists() and not path.is_dir():
@@ -202,6 +211,12 @@ FLAGS: tuple[Flag, ...] = (
          "request body after its head (then 408).", _body_timeout,
          default=f"{BODY_TIMEOUT:g}s", env="FLEETWAVE_ROUTER_BODY_TIMEOUT", metavar="DURATION",
          show_default=True),
+    Flag(("--metrics",), "metrics", "Serve Prometheus metrics at http://HOST:PORT/metrics: "
+         "per service, slot and version the router's requests by status class, latency "
+         "histogram, upstream failures, weights and mirror counts; slot health, restarts and "
+         "memory; the agent's own memory and CPU (env FLEETWAVE_METRICS; off by default). "
+         "Use an address only your Prometheus reaches: it needs no credentials.", _metrics,
+         env="FLEETWAVE_METRICS", metavar="HOST:PORT"),
     Flag(("--simulate",), "simulate", "Host N simulated nodes <node-id>-1..N (instant slots) for "
          f"control-plane scale tests.  [0<=x<={MAX_SIMULATED}]", _simulate, default="0",
          metavar="N"),
@@ -315,7 +330,18 @@ def click_command(run: Callable[[dict[str, Any]], int]) -> click.Command:
     ]
     return click.Command(PROG, params=params, help=SUMMARY,
                          context_settings={"help_option_names": ["-h", "--help"]},
-                         callback=lambda **values: run(_identified(values)))
+                         callback=lambda **values: _run_checked(run, _identified(values)))
+
+
+def _run_checked(run: Callable[[dict[str, Any]], int], values: dict[str, Any]) -> int:
+    """``run(values)``, a FlagError it raises at start (``--metrics``' address taken) a click
+    usage error."""
+    import click
+
+    try:
+        return run(values)
+    except FlagError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 def _identified(values: dict[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,11 @@ Vocabulary:
   putting new releases in the idle slot; the bridge keeps the agent safe when it does not.
 - *worker*: a service without a port has no router; a healthy slot is serving by being up, and
   the same ordering applies (start new, healthy, stop old).
+- *removal*: a desired state with no slots ("nothing here", ``fleetwave remove``) retires the
+  router first (``CloseRouter``: it stops accepting, finishes what is in flight, exits) while the
+  slots still serve those requests; only once it is gone are the slots drained and stopped, so a
+  client sees answers and then a refused connection, never an error from a router left without
+  slots. The agent has converged on it once the router is gone and every slot is stopped.
 
 Failures: a slot still ``starting`` after ``health.start_timeout`` gets ``Fail``; a slot that
 failed is not started again for the same generation (a new generation retries). Failed fetches
@@ -43,6 +48,10 @@ restart within ``HEAL_WINDOW``, at most ``HEAL_RESTARTS`` there); the times come
 loop*: its reason says so, ``assess`` fails the state with it) and stays as it is until the
 window frees a restart or it recovers.
 
+Maintenance: a desired ``drain`` (``fleetwave drain``) goes to the router with the weights
+(``Route.drain``; the router orders the rest: 503 on its readiness path, then after the grace no
+more accepting); the slots are left as they are, so that undraining is one ``Route`` away.
+
 Everything that affects the reconciler's decisions lives in this file (so it runs past 400
 lines): the view, the actions, the weights, and the slot table ``SLOT_RULES``.
 """
@@ -55,7 +64,14 @@ from typing import Literal
 
 from agent.backoff import Backoff
 from protocol.durations import format_duration
-from protocol.messages import SLOTS, DesiredState, MirrorSpec, ReleaseRef, SlotStatusName
+from protocol.messages import (
+    SLOTS,
+    DesiredState,
+    DrainSpec,
+    MirrorSpec,
+    ReleaseRef,
+    SlotStatusName,
+)
 
 FETCH_RETRY = 5.0
 HEAL_RESTARTS = 3  # restarts of one slot for staying unhealthy, within HEAL_WINDOW
@@ -64,6 +80,9 @@ HEAL_WAIT_MAX = 600.0  # the back-off's cap (or restart_after, if longer)
 LOOP = "restart loop"  # how a slot's reason starts once its restart budget is spent
 RUNNING: frozenset[str] = frozenset({"starting", "healthy", "unhealthy", "draining"})
 IDLE: frozenset[str] = frozenset({"empty", "stopped", "failed"})
+
+
+RouterState = Literal["none", "up", "closing"]
 
 
 # -- the local view --------------------------------------------------------------------------------
@@ -117,8 +136,12 @@ class ServiceView:
     fetch_errors: Mapping[str, FetchError] = field(default_factory=dict)
     applied_weights: Mapping[str, int] = field(default_factory=dict)  # as the router has them
     applied_mirror: MirrorSpec | None = None
+    applied_drain: DrainSpec | None = None  # the drain the router has (``fleetwave drain``)
     observed_generation: int = 0
     router_failure: str = ""  # why the router has not taken its configuration for a while
+    # The service's router process: "up" (known and answering), "closing" (asked to drain and
+    # exit, not gone yet) or "none".
+    router: RouterState = "none"
 
     def slot(self, name: str) -> SlotView:
         return self.slots.get(name) or SlotView(slot=name)
@@ -147,10 +170,18 @@ class Fail:
 
 @dataclass(frozen=True)
 class Route:
-    """Apply these weights (every slot named, 0 for no traffic) and this mirror."""
+    """Apply these weights (every slot named, 0 for no traffic) and this mirror; ``drain``
+    takes the router out of service (its readiness path says 503, then it stops accepting)."""
 
     weights: Mapping[str, int]
     mirror: MirrorSpec | None
+    drain: DrainSpec | None = None
+
+
+@dataclass(frozen=True)
+class CloseRouter:
+    """Nothing is wanted here any more: the router stops accepting, lets in-flight requests
+    finish (up to its drain timeout) and exits; the slots serve until it is gone."""
 
 
 @dataclass(frozen=True)
@@ -188,7 +219,7 @@ class Report:
     reason: str
 
 
-Action = Fetch | Start | Fail | Route | Drain | Resume | Stop | Restart | Report
+Action = Fetch | Start | Fail | Route | CloseRouter | Drain | Resume | Stop | Restart | Report
 
 
 @dataclass(frozen=True)
@@ -428,6 +459,9 @@ def reconcile(desired: DesiredState | None, local: ServiceView, now: float) -> l
     """The actions that move ``local`` one safe step towards ``desired`` at time ``now``."""
     if desired is None:
         return []
+    if not desired.slots and local.router != "none":
+        # Removal: the router goes first, the slots serve what it finishes (module docstring).
+        return [CloseRouter()] if local.router == "up" else []
     worker = is_worker(desired, local)
     eff = effective(desired, local, now)
     actions: list[Action] = []
@@ -445,8 +479,12 @@ def reconcile(desired: DesiredState | None, local: ServiceView, now: float) -> l
     # 2. the router: weights and mirror.
     target = target_weights(desired, local, now)
     mirror = target_mirror(desired, local)
-    applied = dict(target) if worker else {s: w for s, w in local.applied_weights.items() if w > 0}
-    route_needed = not worker and (applied != target or local.applied_mirror != mirror)
+    applied = dict(target) if worker or not desired.slots else {
+        s: w for s, w in local.applied_weights.items() if w > 0}  # (a removal: no router left)
+    drain = None if worker else desired.drained
+    # Never for a removal: a Route would start a router again for a service that has none.
+    route_needed = not worker and bool(desired.slots) and (
+        applied != target or local.applied_mirror != mirror or local.applied_drain != drain)
 
     # 3. each slot: the rule of its status (SLOT_RULES).
     for name in SLOTS:
@@ -473,7 +511,7 @@ def reconcile(desired: DesiredState | None, local: ServiceView, now: float) -> l
         # router to have moved traffic away already, so it never comes in the same batch).
         first = [a for a in actions if isinstance(a, Fetch | Resume)]
         rest = [a for a in actions if not isinstance(a, Fetch | Resume)]
-        actions = [*first, Route({s: target.get(s, 0) for s in SLOTS}, mirror), *rest]
+        actions = [*first, Route({s: target.get(s, 0) for s in SLOTS}, mirror, drain), *rest]
     return actions
 
 
@@ -548,13 +586,16 @@ def converged(desired: DesiredState, local: ServiceView) -> bool:
                 return False
         elif not _ready(cur, ref.digest):
             return False
+    if not desired.slots:
+        return local.router == "none"  # a removal: done once the router is gone too
     if is_worker(desired, local):
         return True
     want = {s: w for s, w in desired.weights.items() if w > 0 and s in desired.slots}
     if desired.mirror is not None and desired.mirror.slot in want:
         want.pop(desired.mirror.slot)
     have = {s: w for s, w in local.applied_weights.items() if w > 0}
-    return have == want and local.applied_mirror == desired.mirror
+    return (have == want and local.applied_mirror == desired.mirror
+            and local.applied_drain == desired.drained)
 
 
 # -- helpers ---------------------------------------------------------------------------------------

@@ -34,10 +34,10 @@ import random
 import re
 import ssl
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import nats
 import nats.aio.client
@@ -65,6 +65,11 @@ from protocol.errors import (
 )
 
 REQUEST_TIMEOUT = 5.0
+P = ParamSpec("P")
+R = TypeVar("R")
+# ``Bus.observer``: told of every timed call (op, seconds, whether it raised); the coordinator's
+# /metrics turns it into a histogram. A plain callback keeps prometheus out of ``protocol``.
+Observer = Callable[[str, float, bool], None]
 DURABLE_FORGOTTEN = 7 * 24 * 3600.0  # a durable consumer no one read for this long is deleted
 
 
@@ -170,6 +175,7 @@ def _fleet_buckets(fleet: str) -> dict[str, int]:
         subjects.locks_bucket(fleet): 1,
         subjects.release_index_bucket(fleet): 1,
         subjects.lease_bucket(fleet): 1,
+        subjects.cordons_bucket(fleet): 5,
     }
 
 
@@ -297,6 +303,34 @@ class _Grace:
         return True
 
 
+def _timed(op: str) -> Callable[[Callable[Concatenate[Bus, P], Coroutine[Any, Any, R]]],
+                                  Callable[Concatenate[Bus, P], Coroutine[Any, Any, R]]]:
+    """Time one request-shaped Bus call for ``Bus.observer`` (when set): the one seam where the
+    coordinator's bus latency is measured. Watches and streams are not timed (they last)."""
+    def wrap(fn: Callable[Concatenate[Bus, P], Coroutine[Any, Any, R]]
+             ) -> Callable[Concatenate[Bus, P], Coroutine[Any, Any, R]]:
+        async def timed(self: Bus, /, *args: P.args, **kwargs: P.kwargs) -> R:
+            observer = self.observer
+            if observer is None:
+                return await fn(self, *args, **kwargs)
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            failed = True
+            try:
+                result = await fn(self, *args, **kwargs)
+                failed = False
+                return result
+            finally:
+                try:
+                    observer(op, loop.time() - start, failed)
+                except Exception:  # an observer's bug must never fail a bus call
+                    logging.getLogger("fleetwave.bus").exception("bus observer failed")
+        timed.__name__ = fn.__name__
+        timed.__doc__ = fn.__doc__
+        return timed
+    return wrap
+
+
 class Bus:
     """A connected NATS client with JetStream, for one fleet."""
 
@@ -319,6 +353,7 @@ class Bus:
         self._ack_count = 0
         self._fence_locks: dict[str, asyncio.Lock] = {}  # one fenced batch per bucket at a time
         self.blind = False  # bind KV buckets without asking their stream's info (a node)
+        self.observer: Observer | None = None  # told of each timed call (``_timed``)
 
     # -- connection -------------------------------------------------------------------------------
 
@@ -681,6 +716,7 @@ class Bus:
 
         return await self.nc.subscribe(subject, queue=queue, cb=handler)
 
+    @_timed("request")
     async def request(self, subject: str, data: bytes, timeout: float = REQUEST_TIMEOUT) -> bytes:
         """Request/reply; NotReachable when nobody answers (no coordinator)."""
         try:
@@ -779,6 +815,7 @@ class Bus:
             return _BlindJetStream(self.nc, timeout)
         return self.nc.jetstream(timeout=timeout)
 
+    @_timed("kv_get")
     async def kv_get(self, bucket: str, key: str) -> Entry | None:
         kv = await self._bucket(bucket)
         try:
@@ -789,6 +826,7 @@ class Bus:
             raise BusError(f"cannot read {bucket}/{key}: {exc}") from None
         return Entry(key, e.value, e.revision or 0)
 
+    @_timed("kv_put")
     async def kv_put(self, bucket: str, key: str, value: bytes) -> int:
         kv = await self._bucket(bucket)
         try:
@@ -797,6 +835,7 @@ class Bus:
             raise BusError(f"cannot write {bucket}/{key}: {exc}") from None
         return rev
 
+    @_timed("kv_create")
     async def kv_create(self, bucket: str, key: str, value: bytes) -> int:
         """Write only if the key does not exist; Conflict otherwise."""
         kv = await self._bucket(bucket)
@@ -812,6 +851,7 @@ class Bus:
             raise BusError(f"cannot create {bucket}/{key}: {exc}") from None
         return rev
 
+    @_timed("kv_update")
     async def kv_update(self, bucket: str, key: str, value: bytes, last: int) -> int:
         """Compare-and-set on the revision; Conflict if someone wrote in between."""
         kv = await self._bucket(bucket)
@@ -828,6 +868,7 @@ class Bus:
             raise BusError(f"cannot update {bucket}/{key}: {exc}") from None
         return rev
 
+    @_timed("kv_delete")
     async def kv_delete(self, bucket: str, key: str, last: int | None = None) -> None:
         kv = await self._bucket(bucket)
         try:
@@ -837,6 +878,7 @@ class Bus:
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusError(f"cannot delete {bucket}/{key}: {exc}") from None
 
+    @_timed("kv_entries")
     async def kv_entries(self, bucket: str, pattern: str = ">") -> list[Entry]:
         """Every live entry whose key matches ``pattern``, read once (a snapshot)."""
         out: list[Entry] = []
@@ -966,6 +1008,7 @@ class Bus:
 
     # -- object store -----------------------------------------------------------------------------
 
+    @_timed("obj_put")
     async def obj_put(self, store: str, name: str, data: bytes, *, description: str = "") -> None:
         try:
             obs = await self.js.object_store(store)
@@ -1010,6 +1053,7 @@ class Bus:
                 await sub.unsubscribe()
         return True
 
+    @_timed("obj_info")
     async def obj_info(self, store: str, name: str) -> ObjectStat | None:
         """Size and sha256 of a stored object without fetching it; None if it is absent."""
         try:
@@ -1112,6 +1156,7 @@ class Bus:
         else:
             future.set_result(int(ack.get("seq", 0)))
 
+    @_timed("kv_update_all")
     async def kv_update_all(
         self, bucket: str, writes: Sequence[tuple[str, bytes, int]], *,
         timeout: float = OP_TIMEOUT,
@@ -1126,6 +1171,7 @@ class Bus:
             timeout=timeout,
         )
 
+    @_timed("kv_fenced_all")
     async def kv_fenced_all(
         self, bucket: str, writes: Sequence[tuple[str, bytes | None]], fence: int, *,
         timeout: float = OP_TIMEOUT, rollup: Collection[str] = (),
@@ -1200,6 +1246,7 @@ class Bus:
             return _publish_error(error)
         return int(ack.get("seq", 0))
 
+    @_timed("kv_put_all")
     async def kv_put_all(
         self, bucket: str, writes: Sequence[tuple[str, bytes]], *, timeout: float = OP_TIMEOUT,
     ) -> list[int | BusError]:
@@ -1209,6 +1256,7 @@ class Bus:
         return await self.js_publish_all(
             [(f"{kv._pre}{key}", value, {}) for key, value in writes], timeout=timeout)
 
+    @_timed("js_publish_events")
     async def js_publish_events(
         self, messages: Sequence[tuple[str, bytes]], *, timeout: float = OP_TIMEOUT,
     ) -> list[BusError | None]:

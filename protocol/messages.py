@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
 from protocol.report import RolloutReport
 
@@ -116,6 +117,16 @@ class MirrorSpec(msgspec.Struct, kw_only=True, frozen=True):
     keep_headers: list[str] = []
 
 
+class DrainSpec(msgspec.Struct, kw_only=True):
+    """A node taken out of service for maintenance (``fleetwave drain``): the service's router
+    answers 503 on its readiness path at once, keeps serving for ``grace`` seconds (time for an
+    external load balancer to notice), then stops accepting and drains its connections."""
+
+    grace: float = 15.0
+    since: float = 0.0  # when the operator drained the node (coordinator's clock)
+    by: str = ""  # who drained it
+
+
 class DesiredState(msgspec.Struct, kw_only=True):
     """What the coordinator wants one service on one node to be.
 
@@ -138,6 +149,14 @@ class DesiredState(msgspec.Struct, kw_only=True):
     # while this state's wave is judged by sequential analysis (its gates can fail as soon as the
     # evidence is in, so a read's delay is exposure); 0: the agent's own periods.
     stats_every: float = 0.0
+    # Set while the node is drained (``fleetwave drain``); older agents ignore it. UNSET (absent
+    # from the JSON) otherwise, so that every other desired state keeps its bytes.
+    drain: DrainSpec | UnsetType = UNSET
+
+    @property
+    def drained(self) -> DrainSpec | None:
+        """The drain in force, or None."""
+        return self.drain if isinstance(self.drain, DrainSpec) else None
 
 
 class SignedEnvelope(msgspec.Struct, kw_only=True):
@@ -195,6 +214,11 @@ class SlotTraffic(msgspec.Struct, kw_only=True):
     errors: int = 0  # 5xx answers and failed upstream attempts that reached the user
     failures: int = 0  # upstream connection errors (retried elsewhere when possible)
     latency: list[int] = []
+    # Answers by status class ("2xx", "3xx", "4xx", "5xx"; absent: none), and the sum of every
+    # latency in ``latency`` in ms (Prometheus histograms carry a true sum). Empty and 0 from a
+    # router older than these fields: only ``errors`` (5xx) is known there.
+    codes: dict[str, int] = {}
+    latency_sum_ms: float = 0.0
 
 
 class MismatchSample(msgspec.Struct, kw_only=True):
@@ -248,7 +272,8 @@ class ObservedState(msgspec.Struct, kw_only=True):
 
 # -- rollouts --------------------------------------------------------------------------------------
 
-Strategy = Literal["rolling", "canary", "blue-green", "shadow"]
+# "remove" (``fleetwave remove``): every target node gets the signed empty desired state.
+Strategy = Literal["rolling", "canary", "blue-green", "shadow", "remove"]
 RolloutStateName = Literal[
     "pending", "running", "paused", "succeeded", "rolled_back", "failed", "aborted"
 ]
@@ -457,6 +482,18 @@ class ApiReply(msgspec.Struct, kw_only=True):
     code: str = ""
 
 
+class Cordon(msgspec.Struct, kw_only=True):
+    """An operator's hold on a node (``fleetwave cordon|drain``), kept by the coordinator in
+    ``fw-<fleet>-cordons/<node>`` (never in NodeInfo, which the node writes): new rollouts skip
+    the node; ``drain`` also takes its routers out of service."""
+
+    node: str
+    by: str = ""
+    time: float = 0.0
+    drain: bool = False
+    grace: float = 0.0  # the drain's grace (seconds), when drained
+
+
 class NodeView(msgspec.Struct, kw_only=True):
     """One row of ``fleetwave nodes -o json``."""
 
@@ -467,6 +504,7 @@ class NodeView(msgspec.Struct, kw_only=True):
     cpu_percent: float | None = None
     mem_percent: float | None = None
     services: dict[str, Any] = {}
+    cordon: Cordon | None = None  # held out of new rollouts (and drained) by an operator
 
 
 class NodesRequest(msgspec.Struct, kw_only=True):
@@ -482,6 +520,17 @@ class RolloutRequest(msgspec.Struct, kw_only=True):
 
     id: str = ""
     full: bool = False
+
+
+class CordonRequest(msgspec.Struct, kw_only=True):
+    """``cordon`` and ``uncordon``: one node by id, or every node the selector matches (one of
+    the two); ``drain`` (cordon only) also takes the node's routers out of service after
+    ``grace`` seconds of answering 503 on their readiness path."""
+
+    node: str = ""
+    selector: dict[str, str] = {}
+    drain: bool = False
+    grace: float = 15.0
 
 
 class RollbackRequest(msgspec.Struct, kw_only=True):

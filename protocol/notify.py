@@ -21,7 +21,9 @@ class Notification(msgspec.Struct, kw_only=True):
     ``paused`` (also after inconclusive gates: ``reason`` says why), ``resumed``, ``promoted``,
     ``gate_failed`` (``figures`` has the gate's figures), ``progress_deadline`` (a wave's nodes
     did not converge in time), ``wave_failed``, ``rolling_back``, ``rolled_back``,
-    ``succeeded``, ``aborted``, ``failed``. ``kind`` is the events stream's exact kind.
+    ``succeeded``, ``aborted``, ``failed``, and ``refused`` (a deploy or rollback refused
+    before any wave ran; ``rollout`` is "" as none was made, ``reason`` says why, ``who`` asked).
+    ``kind`` is the events stream's exact kind.
     ``severity`` is ``info``, ``warning`` (a person may have to act) or ``critical`` (the
     rollout failed or is being undone).
     """

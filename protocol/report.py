@@ -119,6 +119,7 @@ class RolloutReport(msgspec.Struct):
     for why in this order)."""
 
     skipped_offline: list[str] | UnsetType = UNSET  # selected nodes offline at the deploy
+    skipped_cordoned: list[str] | UnsetType = UNSET  # selected nodes cordoned at the deploy
     shadow: ShadowReport | UnsetType = UNSET
     switch: Switch | UnsetType = UNSET
     switch_back: SwitchBack | UnsetType = UNSET

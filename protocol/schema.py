@@ -25,6 +25,8 @@ WIRE_TYPES: tuple[type[msgspec.Struct], ...] = (
     messages.RolloutRequest,
     messages.RollbackRequest,
     messages.ListRolloutsRequest,
+    messages.CordonRequest,
+    messages.Cordon,
     Notification,
 )
 

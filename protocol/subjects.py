@@ -63,7 +63,7 @@ UNKNOWN_CALLER = "unknown"
 RESERVED_CALLERS = (COORDINATOR_CALLER, UNKNOWN_CALLER)
 
 # The verbs that change a rollout: only the leading coordinator carries them out.
-WRITE_VERBS = ("deploy", "pause", "resume", "promote", "abort", "rollback")
+WRITE_VERBS = ("deploy", "pause", "resume", "promote", "abort", "rollback", "cordon", "uncordon")
 
 
 def api(fleet: str, caller: str, verb: str) -> str:
@@ -190,6 +190,12 @@ def nodes_bucket(fleet: str) -> str:
 
 def locks_bucket(fleet: str) -> str:
     return f"fw-{fleet}-locks"
+
+
+def cordons_bucket(fleet: str) -> str:
+    """Operators' holds on nodes (``fleetwave cordon|drain``), key = node id; only the leading
+    coordinator writes it (nodes may not: NodeInfo is theirs, this is the operator's)."""
+    return f"fw-{fleet}-cordons"
 
 
 def lease_bucket(fleet: str) -> str:

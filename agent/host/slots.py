@@ -233,6 +233,17 @@ class SlotRunner:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             return 0, 0.0
 
+    def rss(self) -> int:
+        """RSS bytes of the slot's process, 0 when none (leaves ``figures``' CPU delta alone)."""
+        if self.pid is None:
+            return 0
+        try:
+            if self._psutil is None or self._psutil.pid != self.pid:
+                self._psutil = psutil.Process(self.pid)
+            return int(self._psutil.memory_info().rss)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return 0
+
     @property
     def alive(self) -> bool:
         return self.pid is not None and not self._exited.is_set()

@@ -8,12 +8,15 @@ configuration (upstream slots, weights, mirror); only on success are the weights
 recorded as applied, else the error is reported in the observed state until a configure succeeds.
 ``stats_loop`` reads every router's counters every ``STATS_EVERY`` seconds for the observed
 states (faster while a wave is judged: ``stats_period``); a router that does not answer is
-forgotten, so the next pass starts it again.
+forgotten, so the next pass starts it again. ``close`` carries out ``CloseRouter`` (a
+removal): the router is asked to stop accepting, finish what is in flight and exit, and is
+waited for (bounded) before the slots behind it are drained.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -22,6 +25,8 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+
+import psutil
 
 from agent.cadence import next_tick
 from agent.errors import RouterRunning, RouterUnavailable
@@ -42,9 +47,12 @@ from agent.router.control import (
     Upstream,
     start_router,
 )
-from protocol.messages import MirrorSpec
+from protocol.messages import DrainSpec, MirrorSpec
 
 log = logging.getLogger("fleetwave.agent.services")
+
+# How long a closing router may take beyond its drain timeout to exit before it is killed.
+CLOSE_GRACE = 5.0
 
 
 def router_socket(data_dir: Path, service: str) -> Path:
@@ -94,6 +102,17 @@ def stats_period(services: Iterable[Service], now: float = 0.0) -> float:
     return period
 
 
+def _process(pid: int | None) -> psutil.Process | None:
+    """The router's process, pinned by its create time (psutil refuses to signal a reused pid),
+    or None if it is gone already."""
+    if pid is None:
+        return None
+    try:
+        return psutil.Process(pid)
+    except psutil.Error:
+        return None
+
+
 class RouterLink:
     """Each service's router as the manager drives it: started, configured, its stats read."""
 
@@ -115,9 +134,11 @@ class RouterLink:
         return router_socket(self.data_dir, service)
 
     async def route(
-        self, svc: Service, weights: dict[str, int], mirror: MirrorSpec | None
+        self, svc: Service, weights: dict[str, int], mirror: MirrorSpec | None,
+        drained: DrainSpec | None = None,
     ) -> None:
-        """Configure ``svc``'s router (starting it if needed) with these weights and mirror."""
+        """Configure ``svc``'s router (starting it if needed) with these weights and mirror,
+        ``drained`` (out of service for maintenance) or not."""
         port = self._public_port(svc)
         if port is None:
             return
@@ -144,6 +165,8 @@ class RouterLink:
             max_connections=self.edge.max_connections,
             body_timeout=self.edge.body_timeout,
             trusted_proxies=list(self.edge.trusted_proxies),
+            drained=drained is not None,
+            drain_grace=drained.grace if drained is not None else 0.0,
         )
         try:
             client = await self._router(svc)
@@ -163,12 +186,44 @@ class RouterLink:
             self.switched.set()  # the stats loop may be asleep on the usual period: re-plan
         svc.applied_weights = applied
         svc.applied_mirror = mirror
+        if drained != svc.applied_drain:
+            log.info("router of %s: %s", svc.name, "drained" if drained else "serves again")
+        svc.applied_drain = drained
         log.info(
             "router of %s: weights %s mirror %s",
             svc.name,
             svc.applied_weights,
             mirror.slot if mirror else None,
         )
+
+    async def close(self, svc: Service) -> None:
+        """Retire ``svc``'s router (``CloseRouter``): it stops accepting, lets in-flight requests
+        finish for up to its drain timeout and exits; waited for up to ``CLOSE_GRACE`` more, then
+        killed. Whatever happens, it is forgotten at the end and the manager woken."""
+        client, pid = svc.router, svc.router_pid
+        drain = max((r.spec.manifest.stop.drain for r in svc.runners.values()), default=2.0)
+        svc.router, svc.router_closing = None, True  # the stats loop leaves it alone now
+        try:
+            proc = _process(pid)
+            if client is not None:
+                try:
+                    await client.shutdown()  # it answers before draining
+                except RouterUnavailable as exc:
+                    log.info("router of %s did not take the shutdown (%s)", svc.name, exc)
+            if proc is not None:
+                try:
+                    await asyncio.to_thread(proc.wait, max(drain, 1.0) + CLOSE_GRACE)
+                except psutil.TimeoutExpired:
+                    log.warning("router of %s (pid %s) did not exit after draining; killing it",
+                                svc.name, pid)
+                    with contextlib.suppress(psutil.Error):
+                        proc.kill()
+                        await asyncio.to_thread(proc.wait, CLOSE_GRACE)
+            log.info("router of %s closed", svc.name)
+        finally:
+            svc.router_closing, svc.router_pid, svc.router_stats = False, None, None
+            svc.applied_weights, svc.applied_mirror = {}, None
+            self.wake.set()
 
     def _public_port(self, svc: Service) -> int | None:
         refs = list(svc.desired.slots.values()) if svc.desired else []
@@ -226,4 +281,5 @@ class RouterLink:
                     )
                     svc.router, svc.router_stats = None, None
                     svc.applied_weights, svc.applied_mirror = {}, None
+                    svc.applied_drain = None
                     self.wake.set()

@@ -27,6 +27,7 @@ from agent.router.control import RouterClient
 from protocol.manifest import Manifest
 from protocol.messages import (
     DesiredState,
+    DrainSpec,
     MirrorSpec,
     ObservedState,
     ReleaseRef,
@@ -102,11 +103,13 @@ class Service:
     fetch_errors: dict[str, FetchError] = field(default_factory=dict)
     applied_weights: dict[str, int] = field(default_factory=dict)
     applied_mirror: MirrorSpec | None = None
+    applied_drain: DrainSpec | None = None  # the drain the router has taken
     weights_changed: float = 0.0  # when the router last took other weights (the agent's clock)
     observed_generation: int = 0
     router: RouterClient | None = None
     router_pid: int | None = None
     router_stats: RouterStats | None = None
+    router_closing: bool = False  # asked to drain and exit (a removal), not gone yet
     last_observed: bytes = b""
     last_observed_at: float = 0.0
     pending_observed: ObservedState | None = None
@@ -149,11 +152,21 @@ class Service:
             fetch_errors=dict(self.fetch_errors),
             applied_weights=dict(self.applied_weights),
             applied_mirror=self.applied_mirror,
+            applied_drain=self.applied_drain,
             observed_generation=self.observed_generation,
             router_failure=self.router_error if (
                 self.router_error and now is not None
                 and now - self.router_error_since >= ROUTER_FAILS_AFTER) else "",
+            router="up" if self.router is not None else "closing" if self.router_closing
+            else "none",
         )
+
+    @property
+    def removed(self) -> bool:
+        """Its desired state says "nothing here" and nothing of it runs any more: the node no
+        longer lists it (its observed state stays, for the rollout that removed it)."""
+        return (self.desired is not None and not self.desired.slots and self.router is None
+                and not self.router_closing and not any(r.alive for r in self.runners.values()))
 
 
 def release_info(digest: str, manifest: Manifest) -> ReleaseInfo:
@@ -177,10 +190,10 @@ Services = dict[str, Service]  # by name; shared by the manager's parts
 
 def settled(view: ServiceView) -> bool:
     """Whether no timer of ``reconcile`` can fire for this view: nothing fetching or waiting to
-    retry a fetch, no slot starting, draining or stopping, none unhealthy with a restart_after
-    running. A settled service changes only through a wake (desired state, slot event, router
-    stats), so the loop may sleep for ``IDLE_TICK``."""
-    return (not view.fetching and not view.fetch_errors
+    retry a fetch, no router closing, no slot starting, draining or stopping, none unhealthy
+    with a restart_after running. A settled service changes only through a wake (desired state,
+    slot event, router stats), so the loop may sleep for ``IDLE_TICK``."""
+    return (not view.fetching and not view.fetch_errors and view.router != "closing"
             and not any(v.status in _MOVING or _healing(view, v) for v in view.slots.values()))
 
 

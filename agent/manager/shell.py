@@ -68,6 +68,7 @@ from agent.manager.service import (
 from agent.reconcile import (
     HEAL_WINDOW,
     Action,
+    CloseRouter,
     Drain,
     Fail,
     Fetch,
@@ -158,6 +159,8 @@ class ServiceManager:
         services: list[ServiceSummary] = []
         procs: list[SlotProcess] = []
         for svc in self.services.values():
+            if svc.removed:
+                continue
             healthy = [r for r in svc.runners.values() if r.status == "healthy"]
             serving = sorted(healthy, key=lambda r: -svc.applied_weights.get(r.spec.slot, 0))
             services.append(
@@ -244,8 +247,13 @@ class ServiceManager:
             case Fail(slot=slot, reason=reason):
                 runner = svc.runners[slot]
                 tg.create_task(runner.fail(reason), name=f"fail-{svc.name}-{slot}")
-            case Route(weights=weights, mirror=mirror):
-                await self.routers.route(svc, dict(weights), mirror)
+            case Route(weights=weights, mirror=mirror, drain=drain):
+                await self.routers.route(svc, dict(weights), mirror, drain)
+            case CloseRouter():
+                svc.router_closing = True  # at once, so the next pass waits for it
+                tg.create_task(self.routers.close(svc), name=f"close-router-{svc.name}")
+                self.events.emit("router.closing", svc.name, "the router stops taking "
+                                 "connections, finishes those in flight and exits (removed)")
             case Drain(slot=slot):
                 svc.runners[slot].drain()
                 self.events.emit("slot.draining", svc.name, f"slot {slot} drains", slot=slot)

@@ -53,6 +53,7 @@ from agent.router.exchange import (
     WRITE_TIMEOUT,
     Exchange,
 )
+from agent.router.health import is_ready_probe, ready_response
 from agent.router.http11 import (
     MAX_HEAD,
     RequestHead,
@@ -86,6 +87,7 @@ class Owner(ProxyState, Protocol):
     exchange: Exchange  # the general path
 
     def refuse(self, client: ClientConn) -> None: ...
+    def unready(self) -> str: ...  # why the readiness path says 503; "" when ready
 
 
 class ClientConn(Channel):
@@ -242,6 +244,12 @@ class ClientConn(Channel):
 
     def _dispatch(self, req: RequestHead) -> None:
         proxy = self.proxy
+        if is_ready_probe(req):  # the load balancer's question, answered here (agent.router.health)
+            keep = req.keep_alive and not proxy.closing
+            self.write(ready_response(proxy.unready(), head_only=req.method == "HEAD",
+                                      keep_alive=keep))
+            self._next(keep)
+            return
         routing = proxy.routing
         if req.has_body or req.expect_continue or routing is None:
             self._general(req)
@@ -301,6 +309,10 @@ class ClientConn(Channel):
     def _done(self, counters: SlotCounters, status: int, keep: bool) -> None:
         """Count the request just answered, then serve the next one or close."""
         counters.observe(status, (time.perf_counter() - self.started) * 1000.0)
+        self._next(keep)
+
+    def _next(self, keep: bool) -> None:
+        """After a response: wait for the next request on this connection, or close it."""
         if keep and not self.closed:
             self.busy = False
             self.deadline = self._loop.time() + IDLE_TIMEOUT

@@ -60,6 +60,10 @@ class RouterConfig(msgspec.Struct, kw_only=True):
     # Peers (addresses or networks, "10.0.0.0/8") whose X-Forwarded-For is kept and appended to;
     # from anyone else it is replaced by the peer's address.
     trusted_proxies: list[str] = []
+    # Out of service for maintenance (``fleetwave drain``): the readiness path answers 503 at
+    # once; ``drain_grace`` seconds later the router stops accepting and drains its connections.
+    drained: bool = False
+    drain_grace: float = 0.0
 
 
 # -- wire messages (one per line) -----------------------------------------------------------------

@@ -51,6 +51,7 @@ class Proxy:
         self.mirror = Mirror(self.mirror_counters, self.pool_for)
         self.clients: set[ClientConn] = set()
         self.closing = False
+        self.drained = False  # out of service for maintenance: the readiness path says 503
         self.exchange = Exchange(self)
         self._sweeper: asyncio.Task[None] | None = None
         # Client connections the open-file limit allows (the server sets it); the config's cap
@@ -88,6 +89,19 @@ class Proxy:
         for key in [k for k in self.pools if k not in live]:
             self.pools.pop(key).close()
 
+    def unready(self) -> str:
+        """Why the readiness path answers 503 (``agent.router.health``); "" when ready."""
+        if self.drained:
+            return "drained for maintenance"
+        if self.closing:
+            return "shutting down"
+        routing = self.routing
+        if routing is None:
+            return "not configured yet"
+        if not routing.balancer.names:
+            return f"no healthy upstream for {routing.config.service} ({routing.reasons})"
+        return ""
+
     def protocol(self) -> ClientConn:
         """The protocol factory for the listening socket."""
         return ClientConn(self)
@@ -119,8 +133,8 @@ class Proxy:
             if not client.busy:
                 client.close()
 
-    async def close(self) -> None:
-        """Drop every client connection and stop the sweeper and the general-path tasks."""
+    async def drop_clients(self) -> None:
+        """Drop every client connection, cancelling the general-path tasks serving them."""
         tasks = [c.task for c in self.clients if c.task is not None]
         for task in tasks:
             task.cancel()
@@ -128,6 +142,10 @@ class Proxy:
         for client in list(self.clients):
             client.abort_exchange()
             client.abort()
+
+    async def close(self) -> None:
+        """Drop every client connection and stop the sweeper and the general-path tasks."""
+        await self.drop_clients()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

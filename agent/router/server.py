@@ -78,6 +78,7 @@ class RouterServer:
         self.stopping = asyncio.Event()
         self._configuring = asyncio.Lock()
         self._control_tasks: set[asyncio.Task[None]] = set()
+        self._maintenance: asyncio.Task[None] | None = None  # a drain's grace, then its close
 
     async def run(self) -> None:
         """Serve until asked to stop, then drain and return."""
@@ -98,6 +99,7 @@ class RouterServer:
             control.close()
             with contextlib.suppress(FileNotFoundError):
                 self.socket_path.unlink()
+            await self._stop_maintenance()
             await self._drain()
             for task in list(self._control_tasks):
                 task.cancel()
@@ -109,9 +111,16 @@ class RouterServer:
 
     async def _drain(self) -> None:
         """Stop accepting, close idle clients, give in-flight requests ``drain_timeout``."""
+        await self._close_clients()
+        await self.proxy.close()
+
+    async def _close_clients(self) -> None:
+        """Stop accepting, close idle clients, give in-flight requests ``drain_timeout``, then
+        drop what is left."""
         self.proxy.closing = True
         if self.listener is not None:
             self.listener.close()
+            self.listener = None
         timeout = self.config.drain_timeout if self.config is not None else 0.0
         deadline = time.monotonic() + timeout
         while self.proxy.clients:
@@ -119,7 +128,26 @@ class RouterServer:
             if time.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.01)  # polling in-flight requests, bounded by the deadline
-        await self.proxy.close()
+        await self.proxy.drop_clients()
+
+    # -- maintenance (``fleetwave drain``) --------------------------------------------------------
+
+    async def _out_of_service(self, grace: float) -> None:
+        """A drain: the readiness path already says 503 (``proxy.drained``); serve as usual for
+        ``grace`` (the load balancer notices and stops sending), then stop accepting and drain.
+        Nothing is cut before the grace is over: that is the order a drain promises."""
+        await asyncio.sleep(grace)  # the load balancer's time to notice, not a wait for a state
+        log.info("drained: grace of %gs over; no longer accepting, draining %d connections",
+                 grace, len(self.proxy.clients))
+        await self._close_clients()
+        log.info("drained: every connection closed")
+
+    async def _stop_maintenance(self) -> None:
+        task, self._maintenance = self._maintenance, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     # -- configuration ----------------------------------------------------------------------------
 
@@ -142,7 +170,22 @@ class RouterServer:
             same = self.address is not None and self.address[0] == cfg.listen_host and (
                 cfg.listen_port in (0, self.address[1])
             )
-            if not same:
+            if cfg.drained:
+                # Out of service: bind nothing (a router started while the node is drained
+                # stays closed), and start the drain unless one is under way or done.
+                self.proxy.drained = True
+                if self.address is None:
+                    self.address = (cfg.listen_host, cfg.listen_port)
+                if self._maintenance is None and self.listener is not None:
+                    log.info("drained: the readiness path answers 503; closing in %gs",
+                             cfg.drain_grace)
+                    self._maintenance = asyncio.create_task(
+                        self._out_of_service(cfg.drain_grace), name="router-drain")
+            elif self.proxy.drained:
+                await self._stop_maintenance()  # an undrain within the grace: nothing was cut
+                self.proxy.drained = self.proxy.closing = False
+                log.info("undrained: serving again")
+            if not cfg.drained and (not same or self.listener is None):
                 try:
                     listener = await asyncio.get_running_loop().create_server(
                         self.proxy.protocol,
@@ -170,9 +213,9 @@ class RouterServer:
                     cfg.max_connections, self.proxy.max_connections,
                 )
             log.info(
-                "configured %s on %s:%s weights=%s mirror=%s",
+                "configured %s on %s:%s weights=%s mirror=%s%s",
                 cfg.service, *(self.address or ("?", "?")), routing.weights,
-                cfg.mirror.slot if cfg.mirror else None,
+                cfg.mirror.slot if cfg.mirror else None, " (drained)" if cfg.drained else "",
             )
             return self.stats()
 

@@ -25,23 +25,35 @@ ROUTER_SLOT = "router"
 MAX_SAMPLES = 10
 
 
-class SlotCounters:
-    """What one slot has served: requests, 5xx answers, connect failures, latency histogram."""
+# Status classes by ``status // 100`` (index 0 and 1 unused: the router sends no final 1xx;
+# anything above 599 counts as 5xx, as a client would read it).
+CLASS_NAMES = ("", "", "2xx", "3xx", "4xx", "5xx")
 
-    __slots__ = ("errors", "failures", "latency", "requests")
+
+class SlotCounters:
+    """What one slot has served: requests (by status class), 5xx answers, connect failures,
+    latency histogram and the sum of latencies (for a Prometheus histogram's ``_sum``)."""
+
+    __slots__ = ("classes", "errors", "failures", "latency", "latency_sum", "requests")
 
     def __init__(self) -> None:
         self.requests = 0
         self.errors = 0
         self.failures = 0
         self.latency = empty()
+        self.latency_sum = 0.0
+        self.classes = [0] * len(CLASS_NAMES)
 
     def observe(self, status: int, latency_ms: float) -> None:
-        """Count one answered request."""
+        """Count one answered request (the hot path: a few increments, one bisect)."""
         self.requests += 1
         if status >= 500:
             self.errors += 1
+            self.classes[5] += 1
+        else:
+            self.classes[status // 100] += 1
         self.latency[bisect_left(LATENCY_BOUNDS_MS, latency_ms)] += 1
+        self.latency_sum += latency_ms
 
     def snapshot(self) -> SlotTraffic:
         return SlotTraffic(
@@ -49,6 +61,8 @@ class SlotCounters:
             errors=self.errors,
             failures=self.failures,
             latency=list(self.latency),
+            codes={CLASS_NAMES[i]: n for i, n in enumerate(self.classes) if n and i >= 2},
+            latency_sum_ms=self.latency_sum,
         )
 
 

@@ -1,15 +1,22 @@
 """The rollout verbs of the coordinator's API, on top of ``coordinator.runtime.runner``.
 
-    deploy     DeployRequest(spec)            → {"id"}          usage: bad spec, unknown release
+    deploy     DeployRequest(spec)            → {"id"}          usage: bad spec, unknown release,
+                                                                nothing to remove
     status     RolloutRequest(id; "" latest)  → status dict     not_found
     rollouts   ListRolloutsRequest            → [summary]
     pause|resume|promote|abort  RolloutRequest → status dict    conflict: not in a state for it
     rollback   RollbackRequest(service, to)   → {"id", "action"}
     key        KeyRequest                     → {"public_key"}  (agents' --trust-key)
 
+A removal (``fleetwave remove``) is a ``deploy`` whose spec has strategy ``remove`` and no
+version: its record names the service with no version and no digest (``removal_ref``).
+
 ``rollback`` with a live rollout of the service asks it to roll back (the engine restores every
 touched node); without one it deploys the version the fleet ran before its last successful rollout
-(or ``to_version``) through the same runner path, with that rollout's settings.
+(or ``to_version``) through the same runner path, with that rollout's settings. After a finished
+removal (succeeded, or aborted or failed part-way) that is the version the removal took away,
+deployed where it was removed (its selector), rolling at the removal's own pace
+(``undo_removal``); nodes that still run it are done at once.
 
 ``rollouts``, ``status`` without an id and ``rollback`` read the history's indexes and at most
 the one record they need (``coordinator.runtime.history``), never every record. A rollout that
@@ -45,9 +52,10 @@ from coordinator import strategies
 from coordinator.api.verbs import Api
 from coordinator.core.engine import Abort, EngineEvent, Pause, Promote, Resume, RollbackRequested
 from coordinator.core.history import rollback_choice, row, summarise
-from coordinator.errors import RemoteError, UsageError
+from coordinator.errors import ConfigError, FleetwaveError, RemoteError, UsageError
 from coordinator.releases import UnknownRelease
 from protocol import subjects
+from protocol.errors import BusError, Conflict, ProtocolError
 from protocol.history import RolloutSummary, SummarisedRollout
 from protocol.messages import (
     DeployRequest,
@@ -62,6 +70,8 @@ from protocol.messages import (
 
 Resolve = Callable[[str, str], Awaitable[ReleaseRef]]
 MAX_LIMIT = 1000
+# The refusals of a deploy that become a ``rollout.refused`` event (``RolloutsApi._refused``).
+REFUSALS = frozenset({"usage", "conflict"})
 
 
 class LiveRollout(Protocol):
@@ -84,6 +94,7 @@ class Runner(Protocol):
     async def latest(self) -> RolloutRecord | SummarisedRollout | None: ...
     async def history(self, service: str = "", limit: int = 50) -> list[RolloutSummary]: ...
     def active(self, service: str) -> LiveRollout | None: ...
+    def refused(self, verb: str, spec: RolloutSpec, who: str, reason: str, code: str) -> None: ...
 
 
 class RolloutsApi:
@@ -109,9 +120,14 @@ class RolloutsApi:
     # -- handlers ----------------------------------------------------------------------------------
 
     async def deploy(self, req: DeployRequest, caller: str) -> dict[str, Any]:
-        strategies.validate(req.spec)
-        release = await self._release(req.spec.service, req.spec.version)
-        record = await self.runner.deploy(req.spec, release, caller)
+        try:
+            strategies.validate(req.spec)
+            release = removal_ref(req.spec.service) if strategies.removes(req.spec) \
+                else await self._release(req.spec.service, req.spec.version)
+            record = await self.runner.deploy(req.spec, release, caller)
+        except (FleetwaveError, ProtocolError, BusError) as exc:
+            self._refused("deploy", req.spec, caller, exc)
+            raise
         return {"id": record.id}
 
     async def status(self, req: RolloutRequest, caller: str) -> dict[str, Any]:
@@ -146,8 +162,12 @@ class RolloutsApi:
             await self.runner.request(live.id, RollbackRequested(who=caller))
             return {"id": live.id, "action": "rolling back"}
         version, spec = await self.rollback_plan(service, req.to_version)
-        release = await self._release(service, version)
-        record = await self.runner.deploy(spec, release, caller)
+        try:
+            release = await self._release(service, version)
+            record = await self.runner.deploy(spec, release, caller)
+        except (FleetwaveError, ProtocolError, BusError) as exc:
+            self._refused("rollback", spec, caller, exc)
+            raise
         return {"id": record.id, "action": f"deploying {service} {version}"}
 
     async def rollback_plan(self, service: str, to_version: str = "") -> tuple[str, RolloutSpec]:
@@ -157,7 +177,8 @@ class RolloutsApi:
         if not history:
             raise UsageError(f"no rollout of {service} is known; deploy a version with "
                              f"'fleetwave deploy {service} VERSION'")
-        choice = rollback_choice(history, to_version)
+        # After a finished removal, rollback undoes it (the version it took away).
+        choice = rollback_choice(history, to_version, removal=strategies.removes_strategy)
         if choice.running is not None:
             raise RemoteError(f"rollout {choice.running.id} of {service} is "
                               f"{choice.running.state} but driven by no coordinator here; try "
@@ -170,12 +191,23 @@ class RolloutsApi:
             raise RemoteError(f"rollout {choice.base} of {service} (whose settings a rollback "
                               "reuses) cannot be read; try again, or deploy with 'fleetwave "
                               f"deploy {service} {choice.version}'", "not_found")
+        if strategies.removes(base.spec):
+            return choice.version, undo_removal(base.spec, choice.version)
         return choice.version, msgspec.structs.replace(base.spec, version=choice.version)
 
     async def key(self, req: KeyRequest, caller: str) -> dict[str, Any]:
         return {"public_key": self.public_key}
 
     # -- helpers -----------------------------------------------------------------------------------
+
+    def _refused(self, verb: str, spec: RolloutSpec, caller: str, exc: Exception) -> None:
+        """Tell the runner of a deploy refused before any wave ran, when a person cares: a
+        spec, release or fleet that does not fit (``usage``), the service locked by another
+        rollout (``conflict``). Not when no coordinator leads (``unavailable``: the CLI asks
+        again), nor a deploy recorded whose start failed (``accepted``: it will start)."""
+        code = refusal(exc)
+        if code in REFUSALS:
+            self.runner.refused(verb, spec, caller, str(exc), code)
 
     async def _release(self, service: str, version: str) -> ReleaseRef:
         try:
@@ -193,6 +225,33 @@ class RolloutsApi:
             raise RemoteError(f"no {what} in fleet {self.runner.fleet!r}; list them with "
                               "'fleetwave rollouts'", "not_found")
         return record
+
+
+def refusal(exc: Exception) -> str:
+    """The API code ``exc`` is answered with (``coordinator.api.verbs``), as far as a
+    refusal goes: "usage", "conflict", a RemoteError's own code, else ""."""
+    if isinstance(exc, (UsageError, ConfigError, ProtocolError)):
+        return "usage"
+    if isinstance(exc, Conflict):
+        return "conflict"
+    if isinstance(exc, RemoteError):
+        return exc.code
+    return ""
+
+
+def undo_removal(removal: RolloutSpec, version: str) -> RolloutSpec:
+    """The deploy that undoes a finished removal: ``version`` (what it removed) where it removed
+    it, rolling at its batch, max-unavailable and progress deadline. Not the last deploy's
+    strategy: a shadow or a canary's steps mean nothing on nodes that run nothing."""
+    return RolloutSpec(service=removal.service, version=version, strategy="rolling",
+                       selector=dict(removal.selector), batch=removal.batch,
+                       max_unavailable=removal.max_unavailable,
+                       progress_deadline=removal.progress_deadline, on_failure=removal.on_failure)
+
+
+def removal_ref(service: str) -> ReleaseRef:
+    """What a removal's record names as its release: the service, no version, no digest."""
+    return ReleaseRef(service=service, version="", digest="")
 
 
 def status_dict(r: RolloutRecord) -> dict[str, Any]:

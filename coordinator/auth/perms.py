@@ -109,7 +109,8 @@ def operator(fleet: str, name: str) -> Permissions:
                 *(f"$KV.{b}.>" for b in (
                     subjects.desired_bucket(f), subjects.rollouts_bucket(f),
                     subjects.locks_bucket(f), subjects.lease_bucket(f),
-                    subjects.observed_bucket(f), subjects.nodes_bucket(f))),
+                    subjects.observed_bucket(f), subjects.nodes_bucket(f),
+                    subjects.cordons_bucket(f))),
                 "$JS.API.STREAM.DELETE.>", "$JS.API.STREAM.PURGE.>",
                 "$JS.API.STREAM.MSG.DELETE.>", "$JS.API.STREAM.UPDATE.>",
                 # Nothing the CLI does: deleting or pausing a consumer (an agent's watch),
@@ -132,7 +133,8 @@ def coordinator(fleet: str) -> Permissions:
     f = fleet
     buckets = (subjects.desired_bucket(f), subjects.observed_bucket(f),
                subjects.rollouts_bucket(f), subjects.nodes_bucket(f), subjects.locks_bucket(f),
-               subjects.release_index_bucket(f), subjects.lease_bucket(f))
+               subjects.release_index_bucket(f), subjects.lease_bucket(f),
+               subjects.cordons_bucket(f))
     return {
         "publish": {
             "allow": [

@@ -18,8 +18,10 @@ from coordinator.cli import (  # noqa: F401  (registration by import)
     dev_cmds,
     fleet_cmds,
     infra,
+    node_cmds,
     proto,
     release_cmds,
+    remove_cmds,
     rollout_cmds,
 )
 from coordinator.cli.base import Ctx, cli

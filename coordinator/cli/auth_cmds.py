@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 import coordinator.cli.client as client
+from coordinator.auth import web_tokens
 from coordinator.auth.enroll import CA, USERS, AuthDir, Identity, parse_lifetime
 from coordinator.cli.base import Ctx, cli, output_option
 from coordinator.core.rotation import Status, named, short
@@ -108,6 +109,44 @@ def revoke(directory: Path, name: str) -> None:
     gone = AuthDir(directory).revoke(name)
     click.echo(f"revoked {gone.role} {name!r}: removed from {directory / 'users.conf'} and its "
                "credentials file deleted; brokers with --auth reload it by themselves")
+
+
+@auth.command("add-web-token")
+@click.argument("directory", type=DirArg)
+@click.argument("name")
+@click.option("--expires", "expires", default=None, metavar="DURATION", callback=_lifetime,
+              help="Valid for this long from now ('90d', '12h'); then the dashboard refuses it. "
+              "Default: until revoked.")
+@output_option
+def add_web_token(directory: Path, name: str, expires: dt.timedelta | None, output: str) -> None:
+    """Make an operator token NAME for the web dashboard; print it once.
+
+    Only its SHA-256 is kept, in DIRECTORY/web-tokens.json (0600), which the coordinator reads
+    with --http-tokens FILE. An action taken with the token (pause, resume, promote, abort,
+    rollback) is recorded with who = NAME in the audit log ('fleetwave events')."""
+    now = dt.datetime.now(dt.UTC).timestamp()
+    until = now + expires.total_seconds() if expires is not None else None
+    token, path = web_tokens.add(directory, name, until, now)
+    when = format_time(dt.datetime.fromtimestamp(until, dt.UTC)) if until else "revoked"
+    if output == "json":
+        click.echo(json.dumps({"name": name, "token": token, "file": str(path),
+                               "expires": until}))
+        return
+    click.echo(token)
+    click.echo(f"token {name!r} for the dashboard, valid until {when}: shown once, only its "
+               f"hash is kept in {path}; start the coordinator with '--http HOST:PORT "
+               f"--http-tokens {path}' and enter the token in the page (it reads the file "
+               "again when it changes)", err=True)
+
+
+@auth.command("revoke-web-token")
+@click.argument("directory", type=DirArg)
+@click.argument("name")
+def revoke_web_token(directory: Path, name: str) -> None:
+    """Remove the dashboard token NAME from DIRECTORY/web-tokens.json; a running coordinator
+    refuses it from its next request on."""
+    path = web_tokens.revoke(directory, name)
+    click.echo(f"revoked dashboard token {name!r}: removed from {path}")
 
 
 @auth.command("renew")

@@ -16,8 +16,10 @@ import click
 import msgspec
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 import coordinator.cli.client as client
+from coordinator.auth import web_tokens
 from coordinator.cli.base import (
     Ctx,
     check_tls_ca,
@@ -32,6 +34,7 @@ from coordinator.core.fleet import parse_selector
 from coordinator.core.history import KEEP_DEFAULT, KEEP_MAX, Retention, parse_age, parse_size
 from coordinator.dev.cluster import parse_hostport
 from coordinator.errors import UsageError
+from coordinator.runtime.config import load as load_config
 from coordinator.runtime.daemon import Coordinator
 from coordinator.runtime.keyfile import coordinator_seed, previous_key
 from coordinator.runtime.notify import Notifier
@@ -113,6 +116,21 @@ def _events_bytes(_: click.Context, __: click.Parameter, value: str) -> int:
     "127.0.0.1:9090 unless the page must be reached from elsewhere] (env FLEETWAVE_HTTP).",
 )
 @click.option(
+    "--http-tokens", "http_tokens", default=None, metavar="FILE",
+    type=click.Path(dir_okay=False, path_type=Path), envvar="FLEETWAVE_HTTP_TOKENS",
+    help="Let the dashboard act (pause, resume, promote, abort, rollback) for whoever presents "
+    "a token of FILE (made by 'fleetwave auth add-web-token DIR NAME': DIR/web-tokens.json); "
+    "re-read when it changes, so a revocation needs no restart. Without it the dashboard is "
+    "read-only (env FLEETWAVE_HTTP_TOKENS).",
+)
+@click.option(
+    "--config", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    envvar="FLEETWAVE_CONFIG",
+    help="A TOML file with [[notify]] tables (url, and a secret per target) and http = "
+    "\"HOST:PORT\"; --http and --notify given as flags (or env) replace the file's "
+    "(env FLEETWAVE_CONFIG).",
+)
+@click.option(
     "--keep-rollouts", type=click.IntRange(0, KEEP_MAX), default=KEEP_DEFAULT,
     envvar="FLEETWAVE_KEEP_ROLLOUTS", show_default=True,
     help="Rollouts of each service kept whole (waves, nodes, report); older ones, once finished, "
@@ -137,9 +155,12 @@ def _events_bytes(_: click.Context, __: click.Parameter, value: str) -> int:
 @click.pass_obj
 def coordinator(ctx: Ctx, verbose: bool, key_file: Path | None, replicas: int | None,
                 notify: list[Target], notify_secret: str | None, http: tuple[str, int] | None,
-                keep_rollouts: int, events_max_age: float, events_max_bytes: int,
-                creds: Path | None, tls_ca: Path | None) -> int:
+                http_tokens: Path | None, config: Path | None, keep_rollouts: int,
+                events_max_age: float, events_max_bytes: int, creds: Path | None,
+                tls_ca: Path | None) -> int:
     """Run the coordinator daemon in the foreground (SIGTERM or Ctrl-C stops it)."""
+    if config is not None:  # first: a bad file is one line before anything starts
+        notify, http = load_config(config).under(notify, http)
     # Given here or globally (before the command word); a coordinator takes only its own role's.
     if creds is not None:
         ctx.creds = load_creds(creds, ctx.fleet)
@@ -155,6 +176,10 @@ def coordinator(ctx: Ctx, verbose: bool, key_file: Path | None, replicas: int | 
         format="%(asctime)s fleetwave-coordinator %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    if http_tokens is not None and http is None:
+        raise click.BadParameter("needs --http HOST:PORT (the dashboard it lets act)",
+                                 param_hint="'--http-tokens'")
+    tokens = web_tokens.TokenFile(http_tokens) if http_tokens is not None else None
     path = key_file or Path("fleetwave-data/coordinator/coordinator.seed")
     seed = coordinator_seed(path)
     notifier = (Notifier(notify, secret=notify_secret.encode() if notify_secret else None)
@@ -162,7 +187,7 @@ def coordinator(ctx: Ctx, verbose: bool, key_file: Path | None, replicas: int | 
     history = History(Retention(keep_rollouts),
                       EventsLimits(max_age=events_max_age, max_bytes=events_max_bytes))
     return asyncio.run(_run_coordinator(ctx, seed, replicas, previous_key(path, seed), notifier,
-                                        http, history))
+                                        http, tokens, history))
 
 
 @dataclass(frozen=True)
@@ -176,6 +201,7 @@ class History:
 async def _run_coordinator(ctx: Ctx, seed: bytes, replicas: int | None,
                            previous: str | None = None, notifier: Notifier | None = None,
                            http: tuple[str, int] | None = None,
+                           tokens: web_tokens.TokenFile | None = None,
                            history: History | None = None) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -192,7 +218,7 @@ async def _run_coordinator(ctx: Ctx, seed: bytes, replicas: int | None,
     if http is not None:
         from coordinator.http.server import HttpSurface  # aiohttp: only for a coordinator serving
 
-        surface = HttpSurface(coord, *http)
+        surface = HttpSurface(coord, *http, tokens=tokens)
     if surface is not None:
         await surface.start()  # before the bus: an address in use is one line at once
     try:
@@ -241,12 +267,13 @@ def nodes(ctx: Ctx, selector: dict[str, str], output: str) -> None:
 def render_table(rows: list[NodeView], now: float) -> Table:
     """The people's view of ``fleetwave nodes``."""
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for col in ("NODE", "STATUS", "LAST SEEN", "CPU", "MEM", "LABELS", "SERVICES"):
+    for col in ("NODE", "STATUS", "CORDON", "LAST SEEN", "CPU", "MEM", "LABELS", "SERVICES"):
         table.add_column(col)
     for r in rows:
         table.add_row(  # what a node registered is shown as text (render.cell), never markup
             cell(r.id),
             "[green]online[/]" if r.online else "[red]offline[/]",
+            _cordon(r),
             _ago(r.last_seen, now),
             _pct(r.cpu_percent),
             _pct(r.mem_percent),
@@ -254,6 +281,14 @@ def render_table(rows: list[NodeView], now: float) -> Table:
             cell(_services(r.services) or "-"),
         )
     return unclipped(table)
+
+
+def _cordon(r: NodeView) -> Text | str:
+    """"-", or "cordoned"/"drained" and by whom (the name as text, never markup)."""
+    if r.cordon is None:
+        return "-"
+    what = "drained" if r.cordon.drain else "cordoned"
+    return cell(what + (f" by {r.cordon.by}" if r.cordon.by else ""), style="yellow")
 
 
 def _ago(t: float | None, now: float) -> str:

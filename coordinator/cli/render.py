@@ -64,7 +64,7 @@ def headline(st: dict[str, Any]) -> str:
         where = "rolling back"
     parts = [
         f"rollout {st.get('id')}: {st.get('service')} {st.get('from_version') or '(nothing)'} -> "
-        f"{st.get('version')} ({st.get('strategy')})",
+        f"{st.get('version') or '(removed)'} ({st.get('strategy')})",
         str(st.get("state", "?")).replace("_", " "),
     ]
     if where:
@@ -212,6 +212,13 @@ def shadow_report_lines(report: dict[str, Any]) -> list[str]:
     return [safe(line) for line in lines]
 
 
+def skipped_lines(report: dict[str, Any]) -> list[str]:
+    """The selected nodes a rollout left out at its start, one line each: cordoned
+    (``fleetwave cordon``) or offline."""
+    return ([f"{n} cordoned: skipped" for n in report.get("skipped_cordoned") or []]
+            + [f"{n} offline: skipped" for n in report.get("skipped_offline") or []])
+
+
 def bluegreen_lines(report: dict[str, Any]) -> list[str]:
     """The blue-green switch (``record.report["switch"]``), its warm window and the switch back
     (``report["switch_back"]``) as lines; a switch not yet seen on every node says nothing."""
@@ -270,7 +277,7 @@ def status_renderable(st: dict[str, Any]) -> RenderableType:
         nodes.add_row(cell(node), _styled(p["state"]), cell(p.get("version") or "-"),
                       "yes" if p.get("healthy") else "no", "yes" if p.get("online") else "no",
                       cell(p.get("generation", "")), cell(p.get("reason") or ""))
-    report = (bluegreen_lines(st.get("report") or {})
+    report = (skipped_lines(st.get("report") or {}) + bluegreen_lines(st.get("report") or {})
               + shadow_report_lines(st.get("report") or {}))
     tail = [Text(""), Text("\n".join(safe(line) for line in report))] if report else []
     policies, who = policy_line(st), who_line(st)
@@ -297,6 +304,7 @@ def status_text(st: dict[str, Any]) -> str:
                      f"{'healthy' if p.get('healthy') else 'unhealthy'}"
                      + ("" if p.get("online", True) else " offline")
                      + (f" ({p['reason']})" if p.get("reason") else ""))
+    lines += [f"  {line}" for line in skipped_lines(st.get("report") or {})]
     lines += bluegreen_lines(st.get("report") or {})
     lines += shadow_report_lines(st.get("report") or {})
     return "\n".join(safe(line) for line in lines)
@@ -304,8 +312,8 @@ def status_text(st: dict[str, Any]) -> str:
 
 def progress_lines(before: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:
     """What changed between two polls of a rollout's status, one line per change."""
-    if before is None:
-        return [headline(now)]  # safe already
+    if before is None:  # the headline is safe already
+        return [headline(now), *(safe(line) for line in skipped_lines(now.get("report") or {}))]
     out: list[str] = []
     stamp = time.strftime("%H:%M:%S")
     old_waves = {w["index"]: w for w in before.get("waves") or []}
@@ -338,7 +346,8 @@ def rollouts_table(rows: list[dict[str, Any]]) -> Table:
         table.add_column(col, no_wrap=True)
     for r in rows:
         table.add_row(cell(r["id"]), cell(r["service"]), cell(r.get("from_version") or "-"),
-                      cell(r["version"]), cell(r["strategy"]), _styled(r["state"]),
+                      cell(r["version"] or "(removed)"), cell(r["strategy"]),
+                      _styled(r["state"]),
                       cell(r.get("nodes", "")),
                       time.strftime("%Y-%m-%d %H:%M", time.localtime(r.get("created", 0))),
                       cell(r.get("started_by") or "-"), cell(r.get("reason") or ""))

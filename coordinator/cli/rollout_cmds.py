@@ -353,7 +353,13 @@ def deploy(ctx: Ctx, /, service: str | None, version: str | None, file: Path | N
         if value is not None and value != ():
             settings[key] = list(value) if isinstance(value, tuple) else value
     spec = build_spec(settings)
-    point = wait_point(spec, wait, detach=detach)
+    return start(ctx, spec, wait=wait_point(spec, wait, detach=detach), detach=detach,
+                 output=output)
+
+
+def start(ctx: Ctx, spec: RolloutSpec, *, wait: str, detach: bool, output: str) -> int:
+    """Send ``spec`` to the coordinator, then print its id (``detach``) or follow it to
+    ``wait``; the exit code (``deploy``'s, which ``remove`` shares)."""
     try:
         data = client.request(ctx, "deploy", DeployRequest(spec=spec), timeout=30.0)
         started = True
@@ -369,7 +375,7 @@ def deploy(ctx: Ctx, /, service: str | None, version: str | None, file: Path | N
     if output != "json":
         click.echo(f"rollout {rid} {'started' if started else 'recorded'}; following it (Ctrl-C "
                    "stops following, not the rollout)", err=True)
-    return asyncio.run(follow(ctx, rid, output=output, wait=point,
+    return asyncio.run(follow(ctx, rid, output=output, wait=wait,
                               scale_down_delay=spec.scale_down_delay))
 
 

@@ -45,7 +45,7 @@ and ignored, so late and reordered reports cannot move a rollout backwards.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -77,7 +77,7 @@ from coordinator.core.engine_types import (
     converged,
     mode,
 )
-from coordinator.core.planning import NodeLike
+from coordinator.core.planning import NodeLike, hold_out, select
 from coordinator.core.targets import forward_target, idle_slot, serving_slot
 from coordinator.errors import UsageError
 from coordinator.strategies import plan, wave_policies
@@ -111,14 +111,17 @@ __all__ = [
 def new_record(
     *, id: str, spec: RolloutSpec, release: ReleaseRef, nodes: Iterable[NodeLike],
     current: Mapping[str, DesiredState], now: float, who: str = "",
+    cordoned: Collection[str] = (),
 ) -> RolloutRecord:
-    """Plan ``spec`` over ``nodes`` and record each target node's current desired state."""
+    """Plan ``spec`` over ``nodes`` and record each target node's current desired state; the
+    selected nodes in ``cordoned`` are skipped and named in ``report.skipped_cordoned``."""
     if release.service != spec.service or release.version != spec.version:
         raise UsageError(
             f"release {release.service} {release.version} does not match the rollout of "
             f"{spec.service} {spec.version}; push the release first with 'fleetwave release push'"
         )
-    waves = plan(nodes, spec)
+    nodes = list(nodes)
+    waves = plan(nodes, spec, current, cordoned)
     progress: dict[str, NodeProgress] = {}
     for wave in waves:
         for node in wave.nodes:
@@ -132,12 +135,15 @@ def new_record(
                 version=version,
             )
     versions = Counter(p.version for p in progress.values() if p.version)
-    return RolloutRecord(
+    record = RolloutRecord(
         id=id, spec=spec, release=release, state="pending", created=now, updated=now,
         from_version=versions.most_common(1)[0][0] if versions else "",
         waves=[WaveRecord(index=w.index, nodes=list(w.nodes), weight=w.weight) for w in waves],
         nodes=progress, started_by=who,
     )
+    if held := hold_out(select(nodes, spec.selector), cordoned)[1]:
+        record.report.skipped_cordoned = held
+    return record
 
 
 def worst_case_size(record: RolloutRecord, routers: Mapping[str, RouterStats]) -> int:

@@ -90,6 +90,8 @@ class Bake:
                 pass  # lost and waited for, or failed as lost just now
             elif seen is not None and seen.generation > p.generation:
                 pass  # someone else wrote a newer desired state; judged by the gates' figures
+            elif p.target is not None and p.slot not in p.target.slots:
+                pass  # a removal: no new slot to keep healthy
             elif seen is not None and seen.observed_generation >= p.generation:
                 slot = seen.slots.get(p.slot)
                 status = slot.status if slot is not None else "empty"

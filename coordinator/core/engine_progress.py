@@ -33,7 +33,7 @@ from coordinator.core.engine_types import (
     move_node,
     move_wave,
 )
-from coordinator.core.targets import JUDGED_STATS_EVERY, forward_target, idle_slot, runs
+from coordinator.core.targets import runs
 from protocol.durations import format_duration
 from protocol.messages import NodeProgress, ObservedState, WaveRecord
 
@@ -58,11 +58,15 @@ class Progress:
                 self.step.emit(
                     "rollout.started",
                     f"rolling {r.spec.service} from {r.from_version or '(nothing)'} to "
-                    f"{r.release.version} on {len(r.nodes)} nodes in {len(r.waves)} waves "
+                    f"{r.release.version or '(nothing)'} on {len(r.nodes)} nodes in "
+                    f"{len(r.waves)} waves "
                     f"({r.spec.strategy}, max-unavailable {self.step.cap})",
                     strategy=r.spec.strategy, nodes=len(r.nodes), waves=len(r.waves),
                     max_unavailable=self.step.cap,
                 )
+                for node in r.report.skipped_cordoned or ():
+                    self.step.emit("rollout.node.skipped", f"{node} cordoned: skipped", node,
+                                   why="cordoned")
             case ObservedChanged(node=node, observed=seen):
                 self.observe(node, seen)
             case NodeOffline(node=node) | NodeOnline(node=node):
@@ -109,6 +113,8 @@ class Progress:
         )
         serving = max(seen.weights, key=lambda s: seen.weights[s], default=None)
         version = seen.slots[serving].version if serving in seen.slots else p.version
+        if p.target is not None and not p.target.slots and converged(seen, p.target):
+            version = ""  # removed: it runs nothing now
         if (p.healthy, p.version) != (healthy, version):
             p.healthy, p.version = healthy, version
         for policy in self.step.policies:
@@ -205,20 +211,17 @@ class Progress:
 
     def start_node(self, p: NodeProgress, wave: WaveRecord) -> None:
         step = self.step
-        if not p.slot:
-            p.slot = idle_slot(p.previous)
-        desired = forward_target(
-            p.previous, fleet=step.fleet, node=p.node, release=step.r.release, slot=p.slot,
-            weight=wave.weight, generation=step.next_generation(p), rollout=step.r.id,
-            now=step.now,
-            mirror=step.policy(wave).mirror(step.spec, p.slot),
-            stats_every=JUDGED_STATS_EVERY if step.spec.gates.analysis == "sequential" else 0.0,
-        )
+        desired = step.policy(wave).target(step, p, wave)
         move_node(p, "updating")
         self.step.write(p, desired)
-        step.emit("node.updating", f"{p.node}: {step.r.release.version} in slot {p.slot} at "
-                  f"weight {wave.weight}% (generation {p.generation})", p.node,
-                  generation=p.generation, slot=p.slot, weight=wave.weight)
+        if p.slot in desired.slots:
+            step.emit("node.updating", f"{p.node}: {step.r.release.version} in slot {p.slot} at "
+                      f"weight {wave.weight}% (generation {p.generation})", p.node,
+                      generation=p.generation, slot=p.slot, weight=wave.weight)
+        else:
+            step.emit("node.updating", f"{p.node}: {step.spec.service} removed: router closes, "
+                      f"slots stop (generation {p.generation})", p.node,
+                      generation=p.generation, slot="", weight=0)
 
     def update_wave(self, wave: WaveRecord) -> None:
         r = self.step.r
@@ -291,8 +294,10 @@ class Progress:
         elif not p.online:
             pass  # lost and waited for: not done until it is back (the deadline bounds it)
         elif (seen is not None and p.target is not None and converged(seen, p.target)
-              and (s := seen.slots.get(p.slot)) is not None and s.status == "healthy"):
-            # Converged says the traffic slots are healthy; a staged slot (weight 0) must be too.
+              and (p.slot not in p.target.slots
+                   or ((s := seen.slots.get(p.slot)) is not None and s.status == "healthy"))):
+            # Converged says the traffic slots are healthy; a staged slot (weight 0) must be too
+            # (a removal's target has no slot: converged on it is done).
             move_node(p, "done")
             self.step.emit("node.done", f"{p.node}: converged on generation {p.generation}", p.node,
                            generation=p.generation)

@@ -116,5 +116,6 @@ class Step:
         moved = sorted(n for n, p in r.nodes.items()
                        if p.target is not None and p.state in ("done", "updating"))
         self.emit(f"rollout.{state}", f"{state.replace('_', ' ')}"
-                  + (f": {reason}" if reason else f": {r.spec.service} {r.release.version} on "
-                     f"{len(r.nodes)} nodes"), reason=reason, moved=moved)
+                  + (f": {reason}" if reason else f": {r.spec.service} "
+                     f"{r.release.version or 'removed'} on {len(r.nodes)} nodes"),
+                  reason=reason, moved=moved)

@@ -160,6 +160,12 @@ class Figures:
         return self.new.errors / self.new.requests if self.new.requests else None
 
     @property
+    def old_error_rate(self) -> float | None:
+        """The old slots' share of errors over the same window: only shown beside the new
+        one's (the dashboard's chart per version), never judged."""
+        return self.old.errors / self.old.requests if self.old.requests else None
+
+    @property
     def p99_new(self) -> float | None:
         return quantile(self.new.latency, 0.99)
 
@@ -184,7 +190,8 @@ class Figures:
             "requests": self.new.requests, "errors": self.new.errors,
             "error_rate": rounded(self.error_rate),
             "p99_new_ms": self.p99_new, "p99_old_ms": self.p99_old,
-            "old_requests": self.old.requests, "p99_ratio": rounded(self.p99_ratio),
+            "old_requests": self.old.requests, "old_errors": self.old.errors,
+            "old_error_rate": rounded(self.old_error_rate), "p99_ratio": rounded(self.p99_ratio),
             "compared": self.compared, "mismatched": self.mismatched,
             "mismatch_rate": rounded(self.mismatch_rate), "untrusted": listed(self.untrusted),
             "untrusted_nodes": len(self.untrusted),

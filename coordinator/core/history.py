@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import heapq
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -192,13 +192,18 @@ class RollbackChoice:
     running: RolloutSummary | None = None
 
 
-def rollback_choice(entries: Sequence[RolloutSummary], to_version: str = "") -> RollbackChoice:
+def rollback_choice(entries: Sequence[RolloutSummary], to_version: str = "", *,
+                    removal: Callable[[str], bool] = lambda _strategy: False) -> RollbackChoice:
     """The version before the service's last successful rollout (or ``to_version``), and the
-    rollout whose settings to reuse: that one, else the latest (``entries`` newest first)."""
+    rollout whose settings to reuse: that one, else the latest (``entries`` newest first). A
+    latest rollout whose strategy is a ``removal`` and that was not rolled back counts as that
+    success, whatever came before it: rollback undoes the removal (even a part-way one)."""
     running = next((e for e in entries if e.state not in TERMINAL_STATES), None)
     if running is not None:
         return RollbackChoice(running=running)
     last_good = next((e for e in entries if e.state == "succeeded"), None)
+    if entries and removal(entries[0].strategy) and entries[0].state != "rolled_back":
+        last_good = entries[0]
     version = to_version or (last_good.from_version if last_good else "")
     base = last_good or (entries[0] if entries else None)
     return RollbackChoice(version=version, base=base.id if base else "")

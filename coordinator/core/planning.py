@@ -6,6 +6,12 @@ numbers so that ``node-2`` comes before ``node-10``); the spec's strategy then c
 (``coordinator.strategies.plan``). The same inputs always give the same waves, so a coordinator
 that restarts re-plans nothing: the waves are stored in the rollout record.
 
+Cordoned nodes (``fleetwave cordon``) are held out here, the one place targets are chosen:
+``hold_out(selected, cordoned)`` splits the selected nodes into those a new rollout targets and
+those it skips (and says it skipped). A rollout already running keeps its cordoned targets: the
+cordon is an operator's word about *new* rollouts, and a rollout half-way through would otherwise
+be left with nodes it can neither finish nor roll back.
+
 Vocabulary: a *wave* is a set of nodes moved together and gated together; ``weight`` is the share
 of traffic (0-100) their new slot receives. A wave's *kind* (``WaveKind``) says what it does;
 each strategy gives the policy of its waves (``coordinator.strategies.base.WavePolicy``). Amounts
@@ -15,7 +21,7 @@ each strategy gives the policy of its waves (``coordinator.strategies.base.WaveP
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -56,4 +62,14 @@ def select(nodes: Iterable[NodeLike], selector: Mapping[str, str]) -> list[str]:
     return sorted(chosen, key=natural_key)
 
 
-WaveKind = Literal["", "stage", "shadow", "switch"]
+def hold_out(selected: Iterable[str], cordoned: Collection[str]) -> tuple[list[str], list[str]]:
+    """``selected`` split, order kept, into (the nodes a new rollout targets, the cordoned ones
+    it skips)."""
+    targets: list[str] = []
+    skipped: list[str] = []
+    for node in selected:
+        (skipped if node in cordoned else targets).append(node)
+    return targets, skipped
+
+
+WaveKind = Literal["", "stage", "shadow", "switch", "remove"]

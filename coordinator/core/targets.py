@@ -2,7 +2,8 @@
 
 The coordinator only says what it wants; make-before-break happens on the agent. The new release
 always goes to the node's idle slot, and the serving slot keeps the old release (at the remaining
-weight) until the rollout is over, so that a rollback is a weight switch back to a warm slot.
+weight) until the rollout is over, so that a rollback is a weight switch back to a warm slot. A
+removal gives a node the empty desired state (``empty_target``).
 """
 
 from __future__ import annotations
@@ -72,10 +73,8 @@ def restore_target(
 ) -> DesiredState:
     """The node's previous desired state again, under a new generation (no slots if none)."""
     if previous is None:
-        return DesiredState(
-            fleet=fleet, node=node, service=service, generation=generation, rollout=rollout,
-            time=now,
-        )
+        return empty_target(fleet=fleet, node=node, service=service, generation=generation,
+                            rollout=rollout, now=now)
     return msgspec.structs.replace(previous, generation=generation, rollout=rollout, time=now,
                                    stats_every=0.0)
 
@@ -87,4 +86,14 @@ def retire_target(
     return msgspec.structs.replace(
         target, slots={slot: target.slots[slot]}, weights={slot: 100}, mirror=None,
         generation=generation, time=now, stats_every=0.0,
+    )
+
+
+def empty_target(
+    *, fleet: str, node: str, service: str, generation: int, rollout: str, now: float,
+) -> DesiredState:
+    """The signed "nothing here": no slots, no weights. The agent closes the service's router
+    and stops its slots (a removal; also the rollback of a node's first deploy)."""
+    return DesiredState(
+        fleet=fleet, node=node, service=service, generation=generation, rollout=rollout, time=now,
     )

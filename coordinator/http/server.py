@@ -26,9 +26,12 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from coordinator import web as dashboard
 from coordinator.errors import UsageError
+from coordinator.http import metrics
 
 if TYPE_CHECKING:
+    from coordinator.auth.web_tokens import TokenFile
     from coordinator.runtime.daemon import Coordinator
 
 log = logging.getLogger("fleetwave.coordinator.http")
@@ -58,20 +61,23 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({**body, "ready": True})
 
 
-def build_app(coordinator: Coordinator) -> web.Application:
+def build_app(coordinator: Coordinator, *, tokens: TokenFile | None = None) -> web.Application:
     app = web.Application()
     app[COORDINATOR] = coordinator
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    dashboard.add_routes(app, coordinator, tokens)
+    metrics.add_routes(app, coordinator)
     return app
 
 
 class HttpSurface:
     """The bound site; ``start`` before the coordinator runs, ``stop`` after it returns."""
 
-    def __init__(self, coordinator: Coordinator, host: str, port: int) -> None:
+    def __init__(self, coordinator: Coordinator, host: str, port: int, *,
+                 tokens: TokenFile | None = None) -> None:
         self.host, self.port = host, port
-        self._runner = web.AppRunner(build_app(coordinator), access_log=None,
+        self._runner = web.AppRunner(build_app(coordinator, tokens=tokens), access_log=None,
                                      shutdown_timeout=SHUTDOWN_TIMEOUT)
 
     async def start(self) -> None:

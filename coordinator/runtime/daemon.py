@@ -53,6 +53,7 @@ from collections.abc import Callable, Coroutine
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TypeVar
 
+from coordinator.api.cordons import CordonsApi
 from coordinator.api.rollouts import LiveRollout, RolloutsApi
 from coordinator.api.verbs import HANDLER_TIMEOUT, Api
 from coordinator.core.engine import EngineEvent
@@ -61,6 +62,8 @@ from coordinator.core.history import Retention, newest
 from coordinator.core.rotation import lead_refusal, retired_after, short
 from coordinator.errors import ConfigError, RemoteError
 from coordinator.releases import resolve_release
+from coordinator.runtime.cordons import read_cordons
+from coordinator.runtime.executor import Observe
 from coordinator.runtime.lease import (
     LEASE_TTL,
     Fenced,
@@ -78,6 +81,7 @@ from coordinator.runtime.runner import TICK, Runner
 from coordinator.runtime.store import RolloutStore
 from protocol import subjects
 from protocol.bus import RECONNECT_CAP, Bus, EventsLimits, Handler, redact
+from protocol.bus import Observer as BusObserver
 from protocol.codec import decode, encode
 from protocol.creds import Creds
 from protocol.errors import BusError, ProtocolError, TooFewServers
@@ -85,6 +89,7 @@ from protocol.events import EventPublisher
 from protocol.history import RolloutSummary, SummarisedRollout
 from protocol.messages import (
     ApiReply,
+    Cordon,
     Event,
     Heartbeat,
     LeaderRequest,
@@ -106,6 +111,7 @@ PAUSED = 1.0  # a tick this late (or a wall clock this far off the monotonic one
 WRITE_VERBS = subjects.WRITE_VERBS
 RETRY_LEAD = 1.0  # after a leadership that failed by itself (fences, a crash): wait, then stand by
 FORWARD_TIMEOUT = HANDLER_TIMEOUT + 5.0
+CORDONS_READ = 2.0  # ``nodes`` waits this long for the cordons, then shows them as last read
 
 T = TypeVar("T")
 
@@ -159,6 +165,12 @@ class Coordinator:
         self.lease: Lease | None = None
         self.store: RolloutStore | None = None  # the reader of a standby
         self.pauses = 0
+        self._cordons: dict[str, Cordon] = {}  # as ``nodes`` last read them
+        self.version = _version()
+        # Observers (``coordinator.http.metrics``): of every bus call, and of every rollout event
+        # as it is decided (``coordinator.runtime.executor.Observe``); set before ``run``.
+        self.on_bus: BusObserver | None = None
+        self.on_event: Observe | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set."""
@@ -171,6 +183,7 @@ class Coordinator:
         )
         if bus is None:
             return
+        bus.observer = self.on_bus
         self.bus = bus
         try:
             if not await _until(stop, self._set_up(bus)):
@@ -229,6 +242,7 @@ class Coordinator:
             _Current(self), public_key=self.public_key,
             resolve=lambda service, version: resolve_release(bus, service, version),
         ).register(self.api)
+        CordonsApi(_Current(self), fleet=f, nodes=self.table.view).register(self.api)
         self.api.add("leader", LeaderRequest, self._leader)
         # Reading verbs: every coordinator answers every request (no queue group) and the
         # caller takes the first answer, so a frozen coordinator cannot swallow a read. Writing
@@ -300,7 +314,7 @@ class Coordinator:
                 runner = Runner(bus, seed=self.seed, fenced=Fenced(bus, fence),
                                 nodes=self.table.view, liveness=self.table.liveness,
                                 clock=self._clock, started=self.started,
-                                retention=self.retention)
+                                observe=self.on_event, retention=self.retention)
                 self.runner = runner
                 log.info("coordinator %s leads fleet %r (term %d)", self.id, self.fleet_name,
                          held.term)
@@ -424,7 +438,17 @@ class Coordinator:
         self._emit(self.table.register(info, self._clock()))
 
     async def _nodes(self, req: NodesRequest, caller: str) -> list[NodeView]:
-        return self.table.view(req.selector)
+        rows = self.table.view(req.selector)
+        if self.bus is not None:  # (always, once serving: the API is served after connecting)
+            try:
+                async with asyncio.timeout(CORDONS_READ):
+                    self._cordons = await read_cordons(self.bus)
+            except (BusError, TimeoutError) as exc:
+                # The node table answers without JetStream; the cordons as last read do too.
+                log.warning("cannot read the cordons (%s); showing them as last read", exc)
+        for row in rows:
+            row.cordon = self._cordons.get(row.id)
+        return rows
 
     def _complain(self, node: str, kind: str, message: str) -> None:
         self.malformed += 1
@@ -540,6 +564,17 @@ class _Current:
 
     def active(self, service: str) -> LiveRollout | None:
         return self._c.runner.active(service) if self._c.runner is not None else None
+
+    async def cordon(self, nodes: list[str], *, drain: bool, grace: float,
+                     who: str) -> list[dict[str, Any]]:
+        return await self._runner().cordon(nodes, drain=drain, grace=grace, who=who)
+
+    async def uncordon(self, nodes: list[str], *, who: str) -> list[dict[str, Any]]:
+        return await self._runner().uncordon(nodes, who=who)
+
+    def refused(self, verb: str, spec: RolloutSpec, who: str, reason: str, code: str) -> None:
+        if self._c.runner is not None:  # a standby forwarded the write before it got here
+            self._c.runner.refused(verb, spec, who, reason, code)
 
 
 def _unavailable(message: str) -> bytes:

@@ -38,14 +38,20 @@ log = logging.getLogger("fleetwave.coordinator.runner")
 
 # Routine progress of one node: logged at debug level only (a failure is always logged).
 QUIET_EVENTS = frozenset({"node.updating", "node.done", "node.rolled_back"})
+# Told of every event of a decision as it is queued, with the record that decided it (None for a
+# deploy refused before any record existed): the coordinator's /metrics counts gate decisions and
+# times rollouts here, on the one path every rollout event takes.
+Observe = Callable[[Event, RolloutRecord | None], None]
 
 
 class Executor:
     """Carries out commands for the drivers of one fleet; see the module docstring."""
 
     def __init__(self, *, store: RolloutStore, desired: DesiredWriter, events: EventPublisher,
-                 retrying: Retrying, clock: Callable[[], float]) -> None:
+                 retrying: Retrying, clock: Callable[[], float],
+                 observe: Observe | None = None) -> None:
         self.store = store
+        self.observe = observe
         self.desired = desired
         self.events = events
         self._retrying = retrying
@@ -64,7 +70,7 @@ class Executor:
                 writes.clear()
                 await self.desired.write_all(pending)
             for event in events:
-                self.publish(event)
+                self.publish(event, driver.rollout.record)
             events.clear()
 
         try:
@@ -116,12 +122,17 @@ class Executor:
                     data=dict(command.data), who=command.who)
         return out
 
-    def publish(self, event: Event) -> None:
-        """Queue ``event`` for the publisher."""
+    def publish(self, event: Event, record: RolloutRecord | None) -> None:
+        """Queue ``event`` (decided by ``record``) for the publisher, and tell the observer."""
         # Thousands of lines a rollout otherwise: the event stream (``fleetwave events``) has them.
         log.log(logging.DEBUG if event.kind in QUIET_EVENTS else logging.INFO,
-                "rollout %s: %s %s", event.rollout, event.kind, event.message)
+                "rollout %s: %s %s", event.rollout or "-", event.kind, event.message)
         self.events.put(event)
+        if self.observe is not None:
+            try:
+                self.observe(event, record)
+            except Exception:  # a metric's bug must never stop a rollout
+                log.exception("event observer failed on %s", event.kind)
 
 
 def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -172,6 +172,8 @@ class Notifier:
 
     async def _facts_of(self, store: RolloutStore, event: Event) -> Facts:
         """The versions and strategy of the event's rollout (its record; cached)."""
+        if not event.rollout:  # a refused deploy: no record, the event says what it was
+            return doc.facts_of_refusal(event)
         facts = self._facts.get(event.rollout)
         if facts is None:
             try:
@@ -196,8 +198,8 @@ class Notifier:
         body = msgspec.json.encode(doc.slack_message(note) if target.slack else note)
         what = f"{note.what} of rollout {note.rollout} (event {note.id[:12]})"
         for attempt in range(1, self._attempts + 1):
-            headers = ({} if self._secret is None
-                       else doc.sign(self._secret, body, int(self._clock())))
+            secret = target.secret if target.secret is not None else self._secret
+            headers = ({} if secret is None else doc.sign(secret, body, int(self._clock())))
             headers["X-Fleetwave-Event"] = note.id
             status: int | None = None
             try:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -52,7 +52,14 @@ NOTABLE: dict[str, tuple[str, str]] = {
     "rollout.succeeded": ("succeeded", "info"),
     "rollout.aborted": ("aborted", "warning"),
     "rollout.failed": ("failed", "critical"),
+    # A deploy or rollback the coordinator refused before any wave ran (no node matches the
+    # selector, the release was never pushed, the service is locked by another rollout): the
+    # pipeline that asked may have failed silently, so a person hears of it. It names no
+    # rollout (none was made); a flag the CLI refused never reaches the coordinator.
+    "rollout.refused": ("refused", "warning"),
 }
+# The notable kinds that name no rollout: notified all the same.
+WITHOUT_ROLLOUT = frozenset({"rollout.refused"})
 # What a target's consumer reads of the events stream: every notable kind, by a wildcard that
 # does not change when NOTABLE does (a durable consumer keeps the filters it was made with).
 FILTERS = ("rollout.>", "gate.>", "wave.>")
@@ -73,6 +80,8 @@ class Target:
     url: str  # what is POSTed to
     slack: bool
     shown: str
+    # This target's own signing secret (a [[notify]] table's ``secret``); None: the global one.
+    secret: bytes | None = field(default=None, repr=False)
 
     @property
     def consumer(self) -> str:
@@ -116,7 +125,13 @@ class Facts:
 
 
 def notable(event: Event) -> bool:
-    return event.kind in NOTABLE and bool(event.rollout)
+    return event.kind in NOTABLE and (bool(event.rollout) or event.kind in WITHOUT_ROLLOUT)
+
+
+def facts_of_refusal(event: Event) -> Facts:
+    """What a ``rollout.refused`` event says of the deploy it refused (it has no record)."""
+    return Facts(to_version=str(event.data.get("version") or ""),
+                 strategy=str(event.data.get("strategy") or ""))
 
 
 def document(event: Event, facts: Facts) -> Notification:
@@ -128,6 +143,8 @@ def document(event: Event, facts: Facts) -> Notification:
         reason = reason or event.message
         if any(mark in event.message for mark in DEADLINE_MARKS):
             what = "progress_deadline"
+    elif event.kind == "rollout.refused":
+        reason = reason or event.message
     elif event.kind == "rollout.paused" and not reason:
         reason = event.message.removeprefix("paused: ")
     wave = data.get("wave")

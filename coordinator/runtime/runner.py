@@ -55,7 +55,9 @@ import functools
 import logging
 import secrets
 import time
+import uuid
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import msgspec
 
@@ -74,9 +76,10 @@ from coordinator.core.engine import (
 from coordinator.core.history import Retention, newest, summarise
 from coordinator.errors import RemoteError, UsageError
 from coordinator.runtime.calls import COMMAND_DEADLINE, Retrying
+from coordinator.runtime.cordons import Cordons, read_cordons
 from coordinator.runtime.desired import DesiredWriter
 from coordinator.runtime.driver import Driver
-from coordinator.runtime.executor import Executor
+from coordinator.runtime.executor import Executor, Observe
 from coordinator.runtime.lease import Deposed, Fenced
 from coordinator.runtime.ports import RunnerBus
 from coordinator.runtime.store import RolloutStore
@@ -120,7 +123,8 @@ class Runner:
         liveness: Callable[[str], Liveness | None] | None = None,
         clock: Callable[[], float] = time.time, tick: float = TICK,
         startup_grace: float = STARTUP_GRACE, command_deadline: float = COMMAND_DEADLINE,
-        started: float | None = None, retention: Retention | None = None,
+        started: float | None = None, observe: Observe | None = None,
+        retention: Retention | None = None,
     ) -> None:
         self.bus = bus
         self.fleet = bus.fleet
@@ -144,7 +148,9 @@ class Runner:
         self.desired = DesiredWriter(bus, seed=seed, fenced=fenced, retrying=self._retrying)
         self.events = EventPublisher(self.fleet, logger=log, on_stored=self._stored)
         self._executor = Executor(store=self.store, desired=self.desired, events=self.events,
-                                  retrying=self._retrying, clock=clock)
+                                  retrying=self._retrying, clock=clock, observe=observe)
+        self.cordons = Cordons(bus, desired=self.desired, events=self.events,
+                               retrying=self._retrying, clock=clock, targeted=self._targeted)
         self._settled: set[str] = set()  # terminal rollouts whose lock is known released
         self._deploying = asyncio.Lock()
         self.synced = asyncio.Event()  # the observed watch delivered its first snapshot
@@ -349,10 +355,11 @@ class Runner:
             views = list(self._nodes())
             live = [v for v in views if v.online]
             current = await self.current_desired(spec.service)
+            cordoned = await read_cordons(self.bus)
             rid = new_rollout_id(spec.service, now)
             try:
                 record = new_record(id=rid, spec=spec, release=release, nodes=live,
-                                    current=current, now=now, who=who)
+                                    current=current, now=now, who=who, cordoned=cordoned)
             except UsageError as exc:
                 if live != views and "no node matches" in str(exc):
                     raise UsageError(f"{exc} (offline nodes are not targeted)") from None
@@ -397,6 +404,18 @@ class Runner:
                 raise _accepted(rid, exc) from None
             return driver.rollout.record
 
+    def refused(self, verb: str, spec: RolloutSpec, who: str, reason: str, code: str) -> None:
+        """Record that a ``verb`` (deploy, rollback) for ``who`` was refused before any wave
+        ran (``coordinator.api.rollouts``): a ``rollout.refused`` event on the same path as
+        every rollout event, so that notifications and metrics hear of it too."""
+        event = Event(
+            id=uuid.uuid4().hex, time=self._clock(), fleet=self.fleet, kind="rollout.refused",
+            message=f"{verb} of {spec.service} {spec.version} refused: {reason}",
+            service=spec.service, who=who,
+            data={"verb": verb, "version": spec.version, "strategy": spec.strategy,
+                  "selector": dict(spec.selector), "reason": reason, "code": code})
+        self._executor.publish(event, None)
+
     def _check_size(self, record: RolloutRecord) -> None:
         """Refuse a rollout whose record could outgrow what the NATS server takes in one
         message (it is persisted whole): better a clear no now than a rollout stuck mid-way."""
@@ -436,6 +455,21 @@ class Runner:
         except IllegalTransition as exc:
             raise RemoteError(str(exc), "conflict") from None
         return driver.rollout.record
+
+    async def cordon(self, nodes: list[str], *, drain: bool, grace: float,
+                     who: str) -> list[dict[str, Any]]:
+        """Cordon (and drain) ``nodes`` for ``who`` (``coordinator.runtime.cordons``), under the
+        deploys' lock: no rollout starts on a node between the check and the writes."""
+        async with self._deploying:
+            return await self.cordons.cordon(nodes, drain=drain, grace=grace, who=who)
+
+    async def uncordon(self, nodes: list[str], *, who: str) -> list[dict[str, Any]]:
+        """Return ``nodes`` to new rollouts (and undrain them), under the deploys' lock."""
+        async with self._deploying:
+            return await self.cordons.uncordon(nodes, who=who)
+
+    def _targeted(self, node: str) -> str | None:
+        return next((d.id for d in self.drivers.values() if node in d.rollout.record.nodes), None)
 
     def active(self, service: str) -> Driver | None:
         """The live rollout of ``service`` driven here, if any."""

@@ -1,7 +1,7 @@
 """The shapes every strategy has: what the planner, the engine, the CLI and the API call.
 
-A strategy is a module (``rolling``, ``canary``, ``blue_green``, ``shadow``) with the functions
-of ``Strategy``; ``coordinator.strategies.STRATEGIES`` maps each ``--strategy`` name to its module.
+A strategy is a module (``rolling``, ``canary``, ``blue_green``, ``shadow``, ``remove``) with the
+functions of ``Strategy``; ``coordinator.strategies.STRATEGIES`` maps each name to its module.
 What a wave does is a ``WavePolicy``, which the strategy gives per wave: the engine asks the
 policy of a wave at each point where waves differ and never tests a strategy's name or a wave's
 kind. A policy follows the wave, not the strategy: a shadow followed by ``--then blue-green`` ends
@@ -13,6 +13,7 @@ their state in the rollout record's report through the engine's ``Step`` (typed 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from coordinator.core import gates as gatelib
@@ -38,6 +39,13 @@ class Strategy(Protocol):
     def validate(self, spec: RolloutSpec) -> None:
         """Refuse (UsageError) what this strategy's settings make impossible, before a fleet
         is known; what depends on the nodes is refused by ``plan``."""
+        ...
+
+    def targets(
+        self, selected: list[str], spec: RolloutSpec, current: Mapping[str, DesiredState],
+    ) -> list[str]:
+        """Which of the ``selected`` nodes (ordered, non-empty) the rollout targets, given each
+        node's current desired state of the service; UsageError if none."""
         ...
 
     def plan(self, selected: list[str], spec: RolloutSpec) -> list[Wave]:
@@ -84,6 +92,11 @@ class WavePolicy(Protocol):
 
     def mirror(self, spec: RolloutSpec, slot: str) -> MirrorSpec | None:
         """What a node's router mirrors to the new ``slot`` in this wave, if anything."""
+        ...
+
+    def target(self, step: Step, p: NodeProgress, wave: WaveRecord) -> DesiredState:
+        """What a node of this wave is given when it starts (a new generation); sets
+        ``p.slot`` if the target has a new slot, which must then turn healthy."""
         ...
 
     def converged(self, step: Step, wave: WaveRecord) -> None:

@@ -39,7 +39,7 @@ from coordinator.core.evidence import Evidence, listed
 from coordinator.core.planning import Wave, WaveKind
 from coordinator.core.targets import serving_slot
 from coordinator.errors import UsageError
-from coordinator.strategies.waves import Ordinary
+from coordinator.strategies.waves import Ordinary, every
 from protocol.durations import format_duration
 from protocol.messages import (
     DesiredState,
@@ -132,6 +132,9 @@ SWITCH_AFTER_SHADOW = SwitchWave(after_shadow=True)
 def wave(spec: RolloutSpec, index: int) -> Ordinary:
     """Wave 0 stages the new release at weight 0; wave 1 switches every node to it."""
     return STAGE if index == 0 else SWITCH
+
+
+targets = every  # every selected node: a release goes to each
 
 
 def plan(selected: list[str], spec: RolloutSpec) -> list[Wave]:

@@ -20,7 +20,7 @@ import itertools
 from coordinator.core.amounts import parse_amount
 from coordinator.core.planning import Wave
 from coordinator.errors import UsageError
-from coordinator.strategies.waves import ORDINARY, Ordinary
+from coordinator.strategies.waves import ORDINARY, Ordinary, every
 from protocol.messages import RolloutSpec
 
 DEFAULT_STEPS = ("1", "100%")
@@ -111,6 +111,9 @@ def parse_weights(weights: list[int] | tuple[int, ...]) -> list[int]:
             f"is {weights[-1]}; add 100 at the end"
         )
     return list(weights)
+
+
+targets = every  # every selected node: a release goes to each
 
 
 def plan(selected: list[str], spec: RolloutSpec) -> list[Wave]:

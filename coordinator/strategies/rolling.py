@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from coordinator.core.amounts import batch_size, max_unavailable
 from coordinator.core.planning import Wave
-from coordinator.strategies.waves import ORDINARY, Ordinary
+from coordinator.strategies.waves import ORDINARY, Ordinary, every
 from protocol.messages import RolloutSpec
 
 
@@ -27,6 +27,9 @@ def validate(spec: RolloutSpec) -> None:
 def wave(spec: RolloutSpec, index: int) -> Ordinary:
     """Every rolling wave is an ordinary one."""
     return ORDINARY
+
+
+targets = every  # every selected node: a release goes to each
 
 
 def plan(selected: list[str], spec: RolloutSpec) -> list[Wave]:

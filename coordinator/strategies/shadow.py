@@ -45,7 +45,7 @@ from coordinator.core.targets import restore_target
 from coordinator.errors import UsageError
 from coordinator.strategies.blue_green import SWITCH_AFTER_SHADOW
 from coordinator.strategies.rolling import plan as rolling_plan
-from coordinator.strategies.waves import AFTER_SHADOW, Ordinary
+from coordinator.strategies.waves import AFTER_SHADOW, Ordinary, every
 from protocol.messages import MirrorSpec, RolloutSpec, WaveRecord
 from protocol.report import Sample, ShadowReport
 
@@ -113,6 +113,9 @@ def wave(spec: RolloutSpec, index: int) -> Ordinary:
     if index == 0:
         return SHADOW
     return SWITCH_AFTER_SHADOW if spec.then == "blue-green" else AFTER_SHADOW
+
+
+targets = every  # every selected node: a release goes to each
 
 
 def plan(selected: list[str], spec: RolloutSpec) -> list[Wave]:

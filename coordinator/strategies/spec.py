@@ -1,7 +1,8 @@
 """What every rollout spec must hold, whatever its strategy: names, ranges, finite numbers.
 
-``coordinator.strategies.validate`` runs this, then the strategy's own ``validate``; the CLI runs
-it before sending a deploy and the API before accepting one.
+``coordinator.strategies.validate`` runs this (and ``check_version`` unless the spec removes its
+service), then the strategy's own ``validate``; the CLI runs it before sending a deploy and the
+API before accepting one.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from protocol.messages import RolloutSpec
 def check_common(spec: RolloutSpec) -> None:
     """Refuse settings no strategy can carry out (ranges, non-finite numbers, bad names)."""
     subjects.check_name("service", spec.service)
-    if not spec.version or len(spec.version) > 128 or not spec.version.isprintable():
-        raise UsageError(f"version {spec.version!r} is not a release version; write e.g. 2.0.0")
     for name, value, low in (("--bake", spec.bake, 0.0),
                               ("--scale-down-delay", spec.scale_down_delay, 0.0)):
         if not math.isfinite(value) or value < low:
@@ -47,3 +46,9 @@ def check_common(spec: RolloutSpec) -> None:
         raise UsageError(f"--weights {spec.weights} must each be between 1 and 100")
     if spec.then is not None and spec.strategy != "shadow":
         raise UsageError("--then only follows --strategy shadow")
+
+
+def check_version(spec: RolloutSpec) -> None:
+    """Refuse a version no release can have (every spec that deploys a release names one)."""
+    if not spec.version or len(spec.version) > 128 or not spec.version.isprintable():
+        raise UsageError(f"version {spec.version!r} is not a release version; write e.g. 2.0.0")

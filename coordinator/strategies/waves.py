@@ -12,6 +12,7 @@ inconclusive. When the rollout succeeds, every node's old slot is retired.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -20,7 +21,13 @@ from msgspec import UNSET
 from coordinator.core import gates as gatelib
 from coordinator.core.evidence import Evidence
 from coordinator.core.planning import WaveKind
-from coordinator.core.targets import retire_target, serving_slot
+from coordinator.core.targets import (
+    JUDGED_STATS_EVERY,
+    forward_target,
+    idle_slot,
+    retire_target,
+    serving_slot,
+)
 from protocol.messages import (
     DesiredState,
     Gates,
@@ -53,6 +60,16 @@ class Ordinary:
 
     def mirror(self, spec: RolloutSpec, slot: str) -> MirrorSpec | None:
         return None
+
+    def target(self, step: Step, p: NodeProgress, wave: WaveRecord) -> DesiredState:
+        if not p.slot:
+            p.slot = idle_slot(p.previous)
+        return forward_target(
+            p.previous, fleet=step.fleet, node=p.node, release=step.r.release, slot=p.slot,
+            weight=wave.weight, generation=step.next_generation(p), rollout=step.r.id,
+            now=step.now, mirror=self.mirror(step.spec, p.slot),
+            stats_every=JUDGED_STATS_EVERY if step.spec.gates.analysis == "sequential" else 0.0,
+        )
 
     def converged(self, step: Step, wave: WaveRecord) -> None:
         pass
@@ -108,6 +125,13 @@ class Ordinary:
 
     def rollback_advanced(self, step: Step) -> None:
         pass
+
+
+def every(
+    selected: list[str], spec: RolloutSpec, current: Mapping[str, DesiredState],
+) -> list[str]:
+    """The targets of a rollout that deploys a release: every selected node."""
+    return selected
 
 
 ORDINARY = Ordinary()

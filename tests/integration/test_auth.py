@@ -122,17 +122,22 @@ async def test_node_credentials_reach_nothing_of_another_node(tmp_path: Path) ->
             for bucket, key in [(subjects.nodes_bucket(F), "node-2"),
                                 (subjects.desired_bucket(F), "node-1.hello"),
                                 (subjects.rollouts_bucket(F), "forged"),
-                                (subjects.locks_bucket(F), "hello")]:
+                                (subjects.locks_bucket(F), "hello"),
+                                (subjects.cordons_bucket(F), "node-1")]:
                 with pytest.raises((BusError, TimeoutError)):
                     async with asyncio.timeout(3):
                         await node1.kv_put(bucket, key, b"{}")
             with pytest.raises((BusError, TimeoutError)):
                 await node1.request("$JS.API.STREAM.PURGE.KV_fw-default-desired", b"{}",
                                     timeout=2)
-            # An operator may not write a desired state either (only through the API).
+            # An operator may not write a desired state either (only through the API), nor
+            # a cordon (``fleetwave cordon``: the coordinator records who).
             with pytest.raises((BusError, TimeoutError)):
                 async with asyncio.timeout(3):
                     await op.kv_put(subjects.desired_bucket(F), "node-1.hello", b"{}")
+            with pytest.raises((BusError, TimeoutError)):
+                async with asyncio.timeout(3):
+                    await op.kv_put(subjects.cordons_bucket(F), "node-1", b"{}")
             # Read node-2's desired key: get, snapshot, watch.
             with pytest.raises((BusError, TimeoutError)):
                 async with asyncio.timeout(3):

@@ -243,10 +243,12 @@ async def _endpoints(coord: Bus) -> set[str]:
 
 
 async def _object_store_and_buckets(node1: Bus) -> set[str]:
-    """Put or delete a release object; write the rollouts, locks and desired buckets."""
+    """Put or delete a release object; write the rollouts, locks, cordons and desired
+    buckets."""
     for attempt in (node1.obj_put(RELEASES, "hello/6.6.6", b"forged"),
                     node1.kv_put(subjects.rollouts_bucket(F), "forged", b"{}"),
                     node1.kv_put(subjects.locks_bucket(F), "hello", b"{}"),
+                    node1.kv_put(subjects.cordons_bucket(F), "node-1", b"{}"),
                     node1.kv_put(DESIRED, "node-1.hello", b"{}"),
                     node1.kv_put(DESIRED, "node-2.hello", b"{}"),
                     node1.kv_put(subjects.release_index_bucket(F), "hello.6=2E6=2E6", b"{}")):
@@ -259,7 +261,8 @@ async def _object_store_and_buckets(node1: Bus) -> set[str]:
         async with asyncio.timeout(REFUSED_WAIT + 1):
             await node1.js_publish(meta, b"{}")
     return {meta, f"$KV.{subjects.rollouts_bucket(F)}.forged",
-            f"$KV.{subjects.locks_bucket(F)}.hello", f"$KV.{DESIRED}.node-1.hello",
+            f"$KV.{subjects.locks_bucket(F)}.hello", f"$KV.{subjects.cordons_bucket(F)}.node-1",
+            f"$KV.{DESIRED}.node-1.hello",
             f"$KV.{DESIRED}.node-2.hello",
             f"$KV.{subjects.release_index_bucket(F)}.hello.6=2E6=2E6"}
 

@@ -51,7 +51,7 @@ def fleet_streams(fleet: str) -> list[str]:
     buckets = [subjects.desired_bucket(fleet), subjects.observed_bucket(fleet),
                subjects.rollouts_bucket(fleet), subjects.nodes_bucket(fleet),
                subjects.locks_bucket(fleet), subjects.release_index_bucket(fleet),
-               subjects.lease_bucket(fleet)]
+               subjects.lease_bucket(fleet), subjects.cordons_bucket(fleet)]
     return [*(subjects.kv_stream(b) for b in buckets),
             subjects.object_stream(subjects.releases_store(fleet)), subjects.events_stream(fleet)]
 

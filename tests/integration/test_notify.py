@@ -8,13 +8,9 @@ mid-rollout sends none twice."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import getpass
 import json
-import socket
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +21,14 @@ from coordinator.runtime import notify_doc as doc
 from protocol import subjects
 from protocol.bus import Bus
 from tests.integration.e2e_support import (
+    Receiver,
     deploy_detached,
     events_of,
     install,
     leader_of,
     loaded,
     push,
+    receivers,
     status,
 )
 from tests.integration.procs import fleetwave, hello_bundle, wait_until
@@ -38,76 +36,6 @@ from tests.integration.procs import fleetwave, hello_bundle, wait_until
 SUBNET = "127.0.60"
 SECRET = "s3cret-for-tests"
 DEPLOY_TIMEOUT = 90.0
-
-
-@dataclass
-class Receiver:
-    """A webhook receiver on ``host``: answers each POST after ``delay`` with the next status of
-    ``first`` per event id (then 200); keeps the accepted deliveries with their arrival time."""
-
-    host: str
-    delay: float = 0.0
-    first: list[int] = field(default_factory=list)
-    posts: int = 0
-    accepted: list[tuple[float, dict[str, str], bytes]] = field(default_factory=list)
-    tries: dict[str, int] = field(default_factory=dict)
-    port: int = 0
-    server: asyncio.Server | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}/hook?token=not-in-logs"
-
-    def reserve(self) -> None:
-        """Pick a free port without listening on it yet (a receiver that is down)."""
-        with socket.socket() as s:
-            s.bind((self.host, 0))
-            self.port = s.getsockname()[1]
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, self.host, self.port)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            lines = head.decode().split("\r\n")
-            headers = {k.strip(): v.strip() for k, _, v in
-                       (line.partition(":") for line in lines[1:] if line)}
-            body = await reader.readexactly(int(headers["Content-Length"]))
-            arrived = time.time()
-            self.posts += 1
-            event = headers.get("X-Fleetwave-Event", "")
-            tried = self.tries.get(event, 0)
-            self.tries[event] = tried + 1
-            status = self.first[tried] if tried < len(self.first) else 200
-            await asyncio.sleep(self.delay)
-            if status == 200:
-                self.accepted.append((arrived, headers, body))
-            writer.write(f"HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                         .encode())
-            await writer.drain()
-        except (OSError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-
-    def documents(self) -> list[dict[str, Any]]:
-        return [json.loads(body) for _, _, body in self.accepted]
-
-
-@contextlib.asynccontextmanager
-async def receivers(*rs: Receiver) -> AsyncIterator[None]:
-    try:
-        yield
-    finally:
-        for r in rs:
-            await r.stop()
 
 
 def notable(events: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -1,7 +1,7 @@
 """Agent benchmark: RSS and CPU of one REAL agent idle, during a rollout, and over a soak.
 
 Usage: python tests/perf/bench_agent.py [--idle 60] [--soak-minutes 10] [--probe-interval DUR]
-       [--json] [--secure | --compare]
+       [--json] [--secure | --compare] [--metrics | --compare-metrics]
 
 A dev fleet (``coordinator.dev.devfleet.DevFleet``: broker, coordinator, one real agent bound to
 <SUBNET>.1, see perf_support, heartbeats every 2 s) runs the example hello service. Measured on
@@ -25,6 +25,11 @@ agent's cost at another interval.
 ``--secure`` runs the fleet over TLS with per-process credentials (``dev up --secure``: the agent
 with its node's, this script as the operator); ``--compare`` runs it plain, then secure, and
 prints both with secure ÷ plain (OpenSSL is then mapped into the agent: part of the cost).
+
+``--metrics`` runs the agent with ``--metrics <SUBNET>.1:9464`` and scrapes it every
+``SCRAPE_EVERY`` seconds (Prometheus's default interval) through the idle window, so the idle
+figures include serving the scrapes; ``--compare-metrics`` runs it without, then with, and prints
+both with on ÷ off. The scrapes' own figures (time to answer, size) are printed too.
 """
 
 from __future__ import annotations
@@ -62,19 +67,52 @@ from protocol.bus import Bus
 from protocol.codec import decode, encode
 from protocol.messages import TERMINAL_STATES, ApiReply, DeployRequest, RolloutRequest, RolloutSpec
 
+SCRAPE_EVERY = 15.0
+METRICS_PORT = 9464
 
-async def deploy(bus: Bus, version: str) -> float:
-    """Roll hello to ``version`` and wait until it succeeds; return the seconds it took."""
+
+async def scrape(host: str) -> tuple[float, int]:
+    """(seconds to the whole answer, bytes) of one GET /metrics."""
+    started = time.monotonic()
+    async with asyncio.timeout(10.0):
+        reader, writer = await asyncio.open_connection(host, METRICS_PORT)
+        try:
+            writer.write(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n")
+            data = await reader.read()
+        finally:
+            writer.close()
+    if not data.startswith(b"HTTP/1.1 200 "):
+        raise RuntimeError(f"scrape answered {data[:40]!r}")
+    return time.monotonic() - started, len(data.partition(b"\r\n\r\n")[2])
+
+
+async def scraped_idle(host: str | None, idle: float) -> list[tuple[float, int]]:
+    """Wait ``idle`` seconds, scraping ``host`` every SCRAPE_EVERY seconds if given."""
+    if host is None:
+        await asyncio.sleep(idle)  # the measurement window itself, not a race
+        return []
+    out = []
+    end = time.monotonic() + idle
+    while end - time.monotonic() > 0:
+        out.append(await scrape(host))
+        await asyncio.sleep(min(SCRAPE_EVERY, max(0.0, end - time.monotonic())))
+    return out
+
+
+async def deploy(bus: Bus, version: str, caller: str) -> float:
+    """Roll hello to ``version`` and wait until it succeeds; return the seconds it took.
+    ``caller``: who the API subjects name (on a secure fleet, the operator whose credentials the
+    bus uses: the server lets it name no one else)."""
     started = time.monotonic()
     spec = RolloutSpec(service="hello", version=version, progress_deadline=60.0)
-    reply = decode(ApiReply, await bus.request(subjects.api(bus.fleet, "bench", "deploy"),
+    reply = decode(ApiReply, await bus.request(subjects.api(bus.fleet, caller, "deploy"),
                                                encode(DeployRequest(spec=spec)), timeout=30))
     if not reply.ok:
         raise RuntimeError(f"deploy {version} refused: {reply.error}")
     rid = reply.data["id"]
     deadline = time.monotonic() + 90
     while True:
-        raw = await bus.request(subjects.api(bus.fleet, "bench", "status"),
+        raw = await bus.request(subjects.api(bus.fleet, caller, "status"),
                                 encode(RolloutRequest(id=rid)), timeout=10)
         state = decode(ApiReply, raw).data["state"]
         if state in TERMINAL_STATES:
@@ -112,11 +150,15 @@ def cpu_percent(pid: int, cpu0: float, t0: float) -> float:
 
 
 async def measure(idle: float, soak_minutes: float, probe_interval: str | None,
-                  secure: bool = False) -> dict[str, Any]:
+                  secure: bool = False, metrics: bool = False) -> dict[str, Any]:
     with run_dir("fw-perf-agent-") as tmp:
         source = bundles(Path(tmp), probe_interval)
-        async with DevFleet(Path(tmp) / "fleet", agents=1, subnet=SUBNET, fleet="perfagent",
-                            heartbeat_interval=2.0, secure=secure) as fleet:
+        fleet = DevFleet(Path(tmp) / "fleet", agents=1, subnet=SUBNET, fleet="perfagent",
+                         heartbeat_interval=2.0, secure=secure)
+        metrics_host = fleet.host(1) if metrics else None
+        if metrics_host is not None:
+            fleet.agent(1).argv += ["--metrics", f"{metrics_host}:{METRICS_PORT}"]
+        async with fleet:
             bus = await Bus.connect(fleet.nats_url, fleet.fleet, name="perf-agent",
                                     **fleet.access())
             try:
@@ -124,19 +166,19 @@ async def measure(idle: float, soak_minutes: float, probe_interval: str | None,
                     await push_release(bus, source / v)
                 pid = fleet.agent(1).pid
                 assert pid is not None
-                await deploy(bus, "1.0.0")
+                await deploy(bus, "1.0.0", fleet.caller)
 
                 proc = psutil.Process(pid)
                 cpu0, t0 = cpu_seconds(pid), time.monotonic()
                 switches0 = proc.num_ctx_switches().voluntary
-                await asyncio.sleep(idle)  # the measurement window itself, not a race
+                scrapes = await scraped_idle(metrics_host, idle)
                 idle_cpu, idle_rss = cpu_percent(pid, cpu0, t0), rss_mb(pid)
                 wakeups = (proc.num_ctx_switches().voluntary - switches0) / (time.monotonic() - t0)
                 idle_uss = float(proc.memory_full_info().uss) / 2**20
                 openssl = openssl_mapped(pid)
 
                 cpu0, t0 = cpu_seconds(pid), time.monotonic()
-                roll_s = await deploy(bus, "2.0.0")
+                roll_s = await deploy(bus, "2.0.0", fleet.caller)
                 roll_cpu, roll_peak = cpu_percent(pid, cpu0, t0), peak_rss_mb(pid)
 
                 soak_start = time.monotonic()
@@ -146,7 +188,7 @@ async def measure(idle: float, soak_minutes: float, probe_interval: str | None,
                 cpu0 = cpu_seconds(pid)
                 while time.monotonic() - soak_start < soak_minutes * 60:
                     minute = time.monotonic()
-                    await deploy(bus, versions[rollouts % 2])
+                    await deploy(bus, versions[rollouts % 2], fleet.caller)
                     rollouts += 1
                     if rollouts == 1:
                         rss_warm = rss_mb(pid)
@@ -161,7 +203,9 @@ async def measure(idle: float, soak_minutes: float, probe_interval: str | None,
             finally:
                 await bus.close()
     return {
-        "secure": secure,
+        "secure": secure, "metrics": metrics, "idle_scrapes": len(scrapes),
+        "scrape_ms_max": round(max(t for t, _ in scrapes) * 1000, 1) if scrapes else None,
+        "scrape_bytes": scrapes[-1][1] if scrapes else None,
         "probe_interval": probe_interval or "example's (1s; 200ms while starting)",
         "openssl_mapped": openssl,
         "idle_window_s": idle, "idle_rss_mb": round(idle_rss, 1),
@@ -195,6 +239,9 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
                      "wakeups/s"),
         ("idle USS", f"{r['idle_uss_mb']:.1f} MiB (private: RSS less shared libraries)"),
         ("OpenSSL mapped", "yes" if r["openssl_mapped"] else "no"),
+        ("--metrics", f"on: {r['idle_scrapes']} scrapes in the idle window, every "
+                      f"{SCRAPE_EVERY:g} s, slowest {r['scrape_ms_max']} ms, "
+                      f"{r['scrape_bytes']} bytes" if r["metrics"] else "off"),
         ("rollout 1.0.0 -> 2.0.0", f"{r['rollout_s']:.2f} s, CPU {r['rollout_cpu_percent']:.1f} %"
                                    f" of a core, peak RSS {r['peak_rss_mb']:.1f} MiB"),
         *soak_rows(r),
@@ -222,19 +269,32 @@ async def main() -> int:
     ap.add_argument("--json", action="store_true")
     add_secure_flags(ap, "TLS and per-process credentials (dev up --secure)",
                      "plain, then with TLS and auth; print both and the ratios")
+    on = ap.add_mutually_exclusive_group()
+    on.add_argument("--metrics", action="store_true",
+                    help=f"the agent with --metrics, scraped every {SCRAPE_EVERY:g} s when idle")
+    on.add_argument("--compare-metrics", action="store_true",
+                    help="without, then with --metrics; print both and the ratios")
     args = ap.parse_args()
+    if args.compare and args.compare_metrics:
+        ap.error("--compare and --compare-metrics compare one thing at a time")
     results = []
-    for secure in [False, True] if args.compare else [args.secure]:
-        r = await measure(args.idle, args.soak_minutes, args.probe_interval, secure)
+    runs = ([(False, False), (True, False)] if args.compare else
+            [(args.secure, False), (args.secure, True)] if args.compare_metrics else
+            [(args.secure, args.metrics)])
+    for secure, metrics in runs:
+        r = await measure(args.idle, args.soak_minutes, args.probe_interval, secure, metrics)
         results.append(r)
         if not args.json:
-            how_ = "TLS + auth" if secure else "plain"
+            how_ = ("TLS + auth" if secure else "plain") + (", --metrics" if metrics else "")
             emit(False, f"one real agent (the agent process only), {how_}", r, rows(r))
     if args.json:
         emit(True, "", results[0] if len(results) == 1 else {"agent": results}, [])
     elif args.compare:
         emit(False, "one real agent: the cost of TLS + auth (secure / plain)", {},
              ratio_rows(results[0], results[1], COMPARED))
+    elif args.compare_metrics:
+        emit(False, "one real agent: the cost of --metrics (on / off)", {},
+             ratio_rows(results[0], results[1], COMPARED, ("off", "on")))
     return 0
 
 

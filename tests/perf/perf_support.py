@@ -576,16 +576,17 @@ def add_secure_flags(ap: Any, secure: str, compare: str) -> None:
 
 
 def ratio_rows(plain: dict[str, Any], secure: dict[str, Any],
-               fields: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
+               fields: list[tuple[str, str, str]],
+               names: tuple[str, str] = ("plain", "TLS+auth")) -> list[tuple[str, str]]:
     """Rows ``label: plain X, TLS+auth Y (Z x)`` for each (label, key, unit) in ``fields``:
-    the cost of TLS and authentication measured in one run."""
+    the cost of TLS and authentication (or of what ``names`` says) measured in one run."""
     out = []
     for label, key, unit in fields:
         a, b = plain.get(key), secure.get(key)
         if a is None or b is None:
             continue
         ratio = f"{b / a:.2f}x" if a else "n/a"
-        out.append((label, f"plain {a:g}{unit}, TLS+auth {b:g}{unit} ({ratio})"))
+        out.append((label, f"{names[0]} {a:g}{unit}, {names[1]} {b:g}{unit} ({ratio})"))
     return out
 
 

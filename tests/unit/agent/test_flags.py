@@ -26,6 +26,7 @@ def test_defaults_and_types() -> None:
         "nats_url": "nats://127.0.0.1:4222", "fleet": "default", "heartbeat_interval": 2.0,
         "trust_keys": (), "service_user": None, "trusted_proxies": (), "max_connections": 4096,
         "body_timeout": 60.0, "simulate": 0, "verbose": False, "creds": None, "tls_ca": None,
+        "metrics": None,
     }
 
 
@@ -59,6 +60,14 @@ def test_command_line_beats_env_beats_default() -> None:
                      id="env-checked-too"),
         pytest.param(["--node-id", "n1", "--label", "zone=a", "--label", "zone=b"], {},
                      "given twice", id="label-twice"),
+        pytest.param(["--node-id", "n1", "--metrics", "9464"], {}, "is not HOST:PORT",
+                     id="metrics-no-host"),
+        pytest.param(["--node-id", "n1", "--metrics", "localhost:9464"], {},
+                     "'localhost' is not an IP address", id="metrics-name"),
+        pytest.param(["--node-id", "n1", "--metrics", "127.0.0.1:http"], {},
+                     "'http' is not a port", id="metrics-port-text"),
+        pytest.param(["--node-id", "n1"], {"FLEETWAVE_METRICS": "127.0.0.1:70000"},
+                     "'70000' is not a port (1-65535)", id="metrics-env-range"),
     ],
 )
 def test_bad_flags_are_one_line_usage_errors(
@@ -216,3 +225,23 @@ def test_creds_of_another_node_or_with_simulate_are_refused(tmp_path: Path) -> N
                                 "3"], environ={}))  # a test fleet's: may speak for them all
     with pytest.raises(FlagError, match="does not exist"):
         parse_flags(["--node-id", "n1", "--tls-ca", str(tmp_path / "nope.pem")], environ={})
+
+
+@pytest.mark.parametrize(
+    ("text", "address"),
+    [("127.0.65.1:9464", ("127.0.65.1", 9464)), ("0.0.0.0:9100", ("0.0.0.0", 9100)),
+     ("[::1]:9464", ("::1", 9464))],
+)
+def test_metrics_takes_an_ip_and_a_port(text: str, address: tuple[str, int]) -> None:
+    """--metrics (or FLEETWAVE_METRICS) is HOST:PORT with an IP literal; IPv6 in brackets."""
+    assert parse_flags(["--node-id", "n1", "--metrics", text], environ={})["metrics"] == address
+    assert parse_flags(["--node-id", "n1"], environ={"FLEETWAVE_METRICS": text})[
+        "metrics"] == address
+
+
+def test_metrics_with_simulate_is_refused_before_anything_is_bound() -> None:
+    """Simulated nodes have nothing to measure: --metrics with --simulate is one line."""
+    values = parse_flags(["--node-id", "n1", "--simulate", "3", "--metrics", "127.0.65.9:1"],
+                         environ={})
+    with pytest.raises(FlagError, match="cannot run with '--simulate'"):
+        agent_main.metrics_endpoint(values)

@@ -13,6 +13,7 @@ from agent.manager.service import ROUTER_FAILS_AFTER, Service
 from agent.reconcile import (
     SLOT_RULES,
     Action,
+    CloseRouter,
     Drain,
     Fail,
     Fetch,
@@ -337,10 +338,54 @@ def test_holds_when_only_the_shadow_could_bridge() -> None:
 
 
 def test_empty_desired_retires_everything() -> None:
-    """Desired with no slots removes the service: route away, drain, stop."""
+    """Desired with no slots and no router left: drain, then stop (nothing is routed)."""
     d = desired(5, {}, {})
-    assert reconcile(d, serving_v1(), 1.0) == [Route({"a": 0, "b": 0}, None)]
+    assert reconcile(d, serving_v1(), 1.0) == [Drain("a")]
     assert reconcile(d, view(healthy("a", V1)), 1.0) == [Drain("a")]
+
+
+def test_removal_closes_the_router_first_and_the_slots_keep_serving() -> None:
+    """A removal asks the router to close and touches no slot until it is gone."""
+    d = desired(5, {}, {})
+    up = replace(serving_v1(), router="up")
+    assert reconcile(d, up, 1.0) == [CloseRouter()]
+    closing = replace(up, router="closing")
+    assert reconcile(d, closing, 1.0) == []
+    assert assess(d, closing).phase == "converging"
+
+
+def test_removal_drains_and_stops_once_the_router_is_gone() -> None:
+    """With the router gone (its weights forgotten or not), the slots drain and then stop."""
+    d = desired(5, {}, {})
+    gone = replace(serving_v1(), router="none")
+    assert reconcile(d, gone, 1.0) == [Drain("a")]
+    draining = view(replace(healthy("a", V1), status="draining", since=1.0))
+    assert reconcile(d, draining, 2.0) == []
+    assert reconcile(d, draining, 3.5) == [Stop("a", 10)]
+
+
+def test_removal_converges_only_with_router_gone_and_slots_stopped() -> None:
+    """A removal is converged once every slot is idle and no router runs."""
+    d = desired(5, {}, {})
+    stopped = view(replace(healthy("a", V1), status="stopped"))
+    assert assess(d, stopped).phase == "converged"
+    assert assess(d, stopped).observed_generation == 5
+    assert assess(d, replace(stopped, router="up")).phase == "converging"
+    assert assess(d, view(healthy("a", V1))).phase == "converging"
+
+
+def test_a_worker_removal_stops_its_slots() -> None:
+    """A worker has no router: its removal drains and stops the slot straight away."""
+    d = desired(5, {}, {})
+    worker = view(healthy("a", V1), releases=WINFO)
+    assert reconcile(d, worker, 1.0) == [Drain("a")]
+
+
+def test_a_deploy_after_a_removal_starts_again() -> None:
+    """After a removal, a new desired state starts the release (the router comes with it)."""
+    d = desired(6, {"a": V1}, {"a": 100})
+    removed = view(replace(healthy("a", V1), status="stopped"))
+    assert reconcile(d, removed, 1.0) == [Start("a", V1, 6)]
 
 
 # -- property tests --------------------------------------------------------------------------------
@@ -385,7 +430,10 @@ def _apply(local: ServiceView, act: Action, now: float, worker: bool) -> Service
             local,
             applied_weights={s: w for s, w in act.weights.items() if w > 0},
             applied_mirror=act.mirror,
+            router="up",
         )
+    elif isinstance(act, CloseRouter):
+        return replace(local, applied_weights={}, applied_mirror=None, router="none")
     elif isinstance(act, Drain):
         slots[act.slot] = replace(local.slot(act.slot), status="draining", since=now)
     elif isinstance(act, Resume):
@@ -426,7 +474,12 @@ def _check(d: DesiredState, local: ServiceView, acts: list[Action], worker: bool
     serve = (worker and bool(d.slots)) or any(
         w > 0 and s != (d.mirror.slot if d.mirror else None) for s, w in d.weights.items()
     )
+    if local.router != "none" and not d.slots:
+        # A removal: the router goes first; no slot is drained or stopped, nothing routed.
+        assert acts in ([CloseRouter()], []), acts
     for act in acts:
+        if isinstance(act, CloseRouter):
+            assert not d.slots, "router closed while something is wanted"
         if isinstance(act, Resume):
             healthy_slots.add(act.slot)
         if isinstance(act, Route):

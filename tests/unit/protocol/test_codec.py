@@ -62,6 +62,9 @@ SAMPLES: list[Any] = [
     m.RolloutRequest(id="r1", full=True),
     m.RollbackRequest(service="hello", to_version="1.0.0"),
     m.ListRolloutsRequest(service="hello"),
+    m.CordonRequest(node="node-3", drain=True, grace=30.0),
+    msgspec.structs.replace(DESIRED, drain=m.DrainSpec(grace=15.0, since=1.5, by="alice")),
+    m.Cordon(node="node-3", by="alice", time=1.5, drain=True, grace=30.0),
     Notification(id="e1", what="started", severity="info", kind="rollout.started", time=1.0,
                  at="1970-01-01T00:00:01Z", fleet="default", rollout="r1", figures={"n": 1}),
 ]
@@ -149,3 +152,13 @@ def test_latency_bounds_are_increasing() -> None:
     b = m.LATENCY_BOUNDS_MS
     assert all(x < y for x, y in itertools.pairwise(b))
     assert b[0] <= 0.25 and b[-1] > 10_000
+
+
+def test_a_desired_state_without_a_drain_keeps_its_bytes() -> None:
+    """``drain`` is absent from the JSON unless set (every other desired state is written as
+    before), and a drained one decodes with it; an older decoder ignores it (wire Structs)."""
+    assert b"drain" not in encode(DESIRED)
+    drained = msgspec.structs.replace(DESIRED, drain=m.DrainSpec(grace=15.0))
+    raw = encode(drained)
+    assert b'"drain":{"grace":15.0' in raw and decode(m.DesiredState, raw).drained == drained.drain
+    assert DESIRED.drained is None

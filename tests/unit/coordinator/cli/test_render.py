@@ -20,7 +20,7 @@ from coordinator.cli.base import cli
 from coordinator.cli.fleet_cmds import render_table
 from protocol import subjects
 from protocol.codec import decode, encode
-from protocol.messages import Event, NodeView
+from protocol.messages import Cordon, Event, NodeView
 
 HOSTILE = "\x1b]0;pwned\x07\x1b[2J"
 ESCAPED = "\\x1b]0;pwned\\x07\\x1b[2J"
@@ -144,6 +144,17 @@ def test_nodes_table_escapes_ids_labels_and_services() -> None:
     out = shown(render_table([row], 0.0))
     assert_inert(out)
     assert out.count(ESCAPED) == 3 and out.count(MARKUP) == 2
+
+
+def test_nodes_table_shows_who_cordoned_or_drained_escaped() -> None:
+    """The CORDON column says cordoned or drained and by whom (a caller's name, escaped), "-"
+    for a node in no cordon."""
+    rows = [NodeView(id="node-1", online=True),
+            NodeView(id="node-2", online=True, cordon=Cordon(node="node-2", by="alice")),
+            NodeView(id="node-3", cordon=Cordon(node="node-3", by=f"bob{HOSTILE}", drain=True))]
+    out = shown(render_table(rows, 0.0))
+    assert_inert(out)
+    assert "cordoned by alice" in out and f"drained by bob{ESCAPED}" in out
 
 
 def test_sequential_gates_show_the_analysis_and_the_evidence_in_words() -> None:

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from coordinator.core.amounts import batch_size, max_unavailable, parse_amount
-from coordinator.core.planning import natural_key, select
+from coordinator.core.planning import hold_out, natural_key, select
 from coordinator.errors import UsageError
 from coordinator.strategies import plan
 from coordinator.strategies.canary import parse_weights, step_counts
@@ -206,3 +206,37 @@ def test_canary_properties(n: int, cuts: list[int]) -> None:
     waves = plan(fleet(n), spec(strategy="canary", steps=steps))
     placed = [node for w in waves for node in w.nodes]
     assert placed == [f"node-{i}" for i in range(1, n + 1)]
+
+
+# -- cordoned nodes (``fleetwave cordon``) --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "selected", "cordoned", "targets", "skipped"),
+    [
+        ("none cordoned", ["node-1", "node-2"], set(), ["node-1", "node-2"], []),
+        ("one cordoned", ["node-1", "node-2", "node-3"], {"node-2"}, ["node-1", "node-3"],
+         ["node-2"]),
+        ("all cordoned", ["node-1", "node-2"], {"node-1", "node-2"}, [], ["node-1", "node-2"]),
+        ("cordoned but not selected", ["node-1"], {"node-9"}, ["node-1"], []),
+    ],
+)
+def test_hold_out_table(name: str, selected: list[str], cordoned: set[str], targets: list[str],
+                        skipped: list[str]) -> None:
+    """hold_out splits the selected nodes, in their order, into targets and cordoned skips."""
+    assert hold_out(selected, cordoned) == (targets, skipped), name
+
+
+def test_plan_leaves_cordoned_nodes_out_of_every_wave() -> None:
+    """A cordoned node is in no wave, whatever the strategy; the others are planned as usual."""
+    for strategy in ("rolling", "canary", "blue-green"):
+        waves = plan(fleet(4), spec(strategy=strategy, batch="1"), cordoned={"node-2"})
+        planned = {n for w in waves for n in w.nodes}
+        assert planned == {"node-1", "node-3", "node-4"}, strategy
+
+
+def test_plan_refuses_when_every_selected_node_is_cordoned() -> None:
+    """Every node the selector matches is cordoned: a usage error naming them and the way out."""
+    with pytest.raises(UsageError, match=r"every node matching selector zone=a is cordoned "
+                       r"\(node-1, node-2\); return one with 'fleetwave uncordon NODE'"):
+        plan(fleet(2, zone="a"), spec(selector={"zone": "a"}), cordoned={"node-1", "node-2"})

@@ -8,9 +8,11 @@ import time
 from types import SimpleNamespace
 
 from coordinator.runtime.daemon import Coordinator
+from protocol import subjects
 from protocol.codec import decode, encode
-from protocol.messages import ApiReply, Heartbeat
-from protocol.testing import FakeClock
+from protocol.errors import BusError
+from protocol.messages import ApiReply, Cordon, Heartbeat, NodesRequest
+from protocol.testing import FakeBus, FakeClock
 
 
 def coordinator(wall: FakeClock, heard_ago: float) -> Coordinator:
@@ -105,3 +107,21 @@ async def test_an_older_clis_write_is_refused_where_callers_are_proven() -> None
     c.proven = False
     assert decode(ApiReply, await handler("fw.default.api.abort", b"{}")).ok
     assert bus.sent == [("fw.default.coord.lead01.api.unknown.abort", b"{}")]
+
+
+async def test_nodes_shows_cordons_and_as_last_read_when_jetstream_is_away() -> None:
+    """``nodes`` carries each node's cordon from the cordons bucket; with JetStream away it
+    still answers from the node table, with the cordons as last read."""
+    wall = FakeClock()
+    c = coordinator(wall, heard_ago=0.0)
+    await beat(c, "node-1")
+    await beat(c, "node-2")
+    bus = FakeBus(fleet="default")
+    c.bus = bus  # type: ignore[assignment]
+    cordon = Cordon(node="node-2", by="alice", time=1.0)
+    bus.set("put", subjects.cordons_bucket("default"), "node-2", encode(cordon))
+    rows = await c._nodes(NodesRequest(), "bob")
+    assert [(r.id, r.cordon) for r in rows] == [("node-1", None), ("node-2", cordon)]
+    bus.faults[("entries", subjects.cordons_bucket("default"))] = BusError("JetStream away")
+    rows = await c._nodes(NodesRequest(), "bob")
+    assert [(r.id, r.cordon) for r in rows] == [("node-1", None), ("node-2", cordon)]

@@ -139,3 +139,18 @@ def test_which_answers_are_retried(status: int | None, retried: bool, delivered:
     """No answer, 408, 429 and 5xx are retried; other answers are final."""
     assert doc.retried(status) is retried
     assert doc.delivered(status) is delivered
+
+
+def test_a_refused_deploy_is_notable_without_a_rollout() -> None:
+    """rollout.refused names no rollout (none was made) and is notified all the same, with
+    who asked, the version and why; any other event without a rollout is not."""
+    refused = msgspec.structs.replace(
+        event("rollout.refused", "deploy of hello 2.0.0 refused: no node matches zone=x",
+              verb="deploy", version="2.0.0", strategy="canary", code="usage",
+              reason="no node matches zone=x"), rollout="")
+    assert doc.notable(refused)
+    assert not doc.notable(msgspec.structs.replace(event("rollout.paused"), rollout=""))
+    n = doc.document(refused, doc.facts_of_refusal(refused))
+    assert (n.what, n.severity, n.rollout, n.who) == ("refused", "warning", "", "alice")
+    assert (n.to_version, n.strategy) == ("2.0.0", "canary")
+    assert n.reason == "no node matches zone=x"

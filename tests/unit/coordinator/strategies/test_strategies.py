@@ -8,16 +8,16 @@ import pytest
 
 from coordinator import strategies
 from coordinator.errors import UsageError
-from coordinator.strategies import STRATEGIES, blue_green, canary, rolling, shadow
+from coordinator.strategies import STRATEGIES, blue_green, canary, remove, rolling, shadow
 from protocol.errors import ProtocolError
 from protocol.messages import Gates
 from protocol.testing import spec
 
 
 def test_every_strategy_name_maps_to_its_module() -> None:
-    """The four --strategy names, each to the module that implements it."""
+    """The four --strategy names and the removal, each to the module that implements it."""
     assert {"rolling": rolling, "canary": canary, "blue-green": blue_green,
-                          "shadow": shadow} == STRATEGIES
+            "shadow": shadow, "remove": remove} == STRATEGIES
 
 
 @pytest.mark.parametrize(
@@ -31,6 +31,7 @@ def test_every_strategy_name_maps_to_its_module() -> None:
                      ["shadow", "switch"], id="shadow-then-blue-green"),
         pytest.param({"strategy": "shadow", "mirror": 10.0, "then": "rolling"},
                      ["shadow", "", "", ""], id="shadow-then-rolling"),
+        pytest.param({"strategy": "remove", "version": ""}, ["remove"] * 3, id="remove"),
     ],
 )
 def test_each_wave_of_a_plan_has_the_kind_its_strategy_names(
@@ -69,8 +70,10 @@ def test_validate_refuses_what_no_fleet_could_carry_out(fields: dict[str, object
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_validate_accepts_each_strategy_with_its_defaults(name: str) -> None:
-    """A spec with only a strategy (and a shadow's mirror share) is valid."""
-    strategies.validate(spec(strategy=name, mirror=10.0 if name == "shadow" else 0.0))
+    """A spec with only a strategy (and a shadow's mirror share; a removal names no version)
+    is valid."""
+    strategies.validate(spec(strategy=name, mirror=10.0 if name == "shadow" else 0.0,
+                             **({"version": ""} if name == "remove" else {})))
 
 
 @pytest.mark.parametrize(

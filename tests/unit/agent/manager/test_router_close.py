@@ -1,0 +1,106 @@
+"""A removal's router on the manager's side: its state in the view, closing it, and a removed
+service leaving the node's listing."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from agent.manager import routing
+from agent.manager.routing import RouterLink
+from agent.manager.service import NodeConfig, Service, settled
+from protocol.messages import DesiredState
+
+
+class Client:
+    """Stands in for a RouterClient: records the shutdown."""
+
+    def __init__(self) -> None:
+        self.shutdowns = 0
+
+    async def shutdown(self) -> None:
+        self.shutdowns += 1
+
+
+def link(tmp_path: Path, svc: Service) -> RouterLink:
+    config = NodeConfig(fleet="f", node="n", data_dir=tmp_path, bind_host="127.0.62.1",
+                        trusted_keys=frozenset())
+    return RouterLink(config, {svc.name: svc}, asyncio.Event())
+
+
+def removed_desired() -> DesiredState:
+    return DesiredState(fleet="f", node="n", service="hello", generation=9)
+
+
+def routed(client: Any, pid: int | None) -> Service:
+    svc = Service(name="hello", desired=removed_desired())
+    svc.router, svc.router_pid = client, pid
+    svc.applied_weights = {"a": 100}
+    return svc
+
+
+def test_the_view_says_whether_a_router_runs_or_closes() -> None:
+    """up while a router is known, closing while asked to exit, none after; closing is not
+    settled (the loop keeps ticking until it is gone)."""
+    svc = routed(Client(), None)
+    assert svc.view().router == "up"
+    svc.router, svc.router_closing = None, True
+    assert svc.view().router == "closing" and not settled(svc.view())
+    svc.router_closing = False
+    assert svc.view().router == "none" and settled(svc.view())
+
+
+def test_a_removed_service_is_removed_only_once_nothing_runs() -> None:
+    """``removed``: an empty desired state, no router, no slot process."""
+    svc = routed(Client(), None)
+    assert not svc.removed
+    svc.router = None
+    assert svc.removed
+    svc.desired = None
+    assert not svc.removed
+
+
+def test_close_asks_the_router_to_exit_waits_for_it_and_forgets_it(tmp_path: Path) -> None:
+    """The router is asked to shut down, its process waited for; then its weights, pid and
+    stats are forgotten and the manager woken."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"])
+    client = Client()
+    svc = routed(client, proc.pid)
+    rl = link(tmp_path, svc)
+    asyncio.run(rl.close(svc))
+    assert proc.poll() is not None and client.shutdowns == 1
+    assert (svc.router, svc.router_pid, svc.router_closing, svc.applied_weights) == (
+        None, None, False, {})
+    assert rl.wake.is_set()
+
+
+def test_a_router_that_does_not_exit_after_draining_is_killed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Past its drain timeout and the grace, a router still running is killed (and said so)."""
+    monkeypatch.setattr(routing, "CLOSE_GRACE", 0.1)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    svc = routed(Client(), proc.pid)
+    started = time.monotonic()
+    try:
+        asyncio.run(link(tmp_path, svc).close(svc))
+        assert time.monotonic() - started < 10 and not psutil.pid_exists(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "did not exit after draining; killing it" in caplog.text
+    assert svc.router_pid is None and not svc.router_closing
+
+
+def test_a_router_already_gone_is_simply_forgotten(tmp_path: Path) -> None:
+    """No process (a pid that ended) and no client: nothing to wait for, state reset."""
+    svc = routed(None, None)
+    asyncio.run(link(tmp_path, svc).close(svc))
+    assert (svc.router_closing, svc.applied_weights) == (False, {})

@@ -1,0 +1,44 @@
+"""``fleetwave coordinator --config FILE`` at the CLI: a bad file is one line and exit 2 before
+anything starts, by flag or by FLEETWAVE_CONFIG; --help documents it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from coordinator.cli import cli, main
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    code = info.value.code
+    return (code if isinstance(code, int) else 1), capsys.readouterr().err
+
+
+@pytest.mark.parametrize("via", ["flag", "env"])
+def test_an_unknown_key_is_one_line_exit_2(tmp_path: Path, via: str,
+                                           capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A typo'd key names itself and the file; nothing connects (no broker runs here)."""
+    conf = tmp_path / "c.toml"
+    conf.write_text('[[notify]]\nurl = "http://127.0.66.9/h"\nsekret = "x"\n')
+    argv = ["--nats", "nats://127.0.66.9:1", "coordinator", "--key-file", str(tmp_path / "k")]
+    if via == "flag":
+        argv += ["--config", str(conf)]
+    else:
+        monkeypatch.setenv("FLEETWAVE_CONFIG", str(conf))
+    code, err = run(argv, capsys)
+    assert code == 2
+    assert err.strip() == (f"fleetwave: --config {conf}: unknown key `sekret` in [[notify]] #1; "
+                           "the keys are http and [[notify]] tables with url and secret")
+    assert not (tmp_path / "k").exists()  # refused before the key file was made
+
+
+def test_help_documents_config_and_http() -> None:
+    """--config and --http, with their environment variables, are in --help."""
+    text = " ".join(CliRunner().invoke(cli, ["coordinator", "--help"]).output.split())
+    assert "--config FILE" in text and "FLEETWAVE_CONFIG" in text
+    assert "--http HOST:PORT" in text and "/metrics" in text

@@ -1,0 +1,98 @@
+"""Cordons and drains against an in-memory bus: what is stored, what is signed and written to
+the nodes, what is told, and what a live rollout refuses."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from coordinator.runtime.cordons import read_cordons
+from protocol import subjects
+from protocol.codec import decode, encode
+from protocol.errors import Conflict
+from protocol.messages import Cordon, DesiredState, DrainSpec, SignedEnvelope
+from protocol.signing import public_key, verify
+from protocol.testing import FLEET, NEW, FakeBus, FakeClock, spec
+from tests.unit.coordinator.runtime.test_runner import DESIRED, ROLLOUTS, SEED, fleet_bus, runner
+
+CORDONS = subjects.cordons_bucket(FLEET)
+
+
+def stored_desired(bus: FakeBus, node: str) -> tuple[SignedEnvelope, DesiredState]:
+    entry = bus.live(DESIRED, f"{node}.hello")
+    assert entry is not None and entry.value is not None
+    env = decode(SignedEnvelope, entry.value)
+    return env, decode(DesiredState, env.payload)
+
+
+async def test_cordon_is_stored_with_who_and_when_told_once_and_skipped_by_a_deploy() -> None:
+    """cordon node-3: the cordons bucket holds who and when, node.cordoned names who; a second
+    cordon changes nothing; the next deploy leaves node-3 out and says so in its report."""
+    bus, clock = fleet_bus(), FakeClock()
+    r = runner(bus, clock)
+    rows = await r.cordon(["node-3"], drain=False, grace=15.0, who="alice")
+    assert rows == [{"node": "node-3", "cordoned": True, "drained": False, "changed": True,
+                     "by": "alice", "time": clock.t, "grace": 0.0}]
+    assert await read_cordons(bus) == {"node-3": Cordon(node="node-3", by="alice", time=clock.t)}
+    told = [(e.kind, e.node, e.who) for e in r.events.pending()]
+    assert told == [("node.cordoned", "node-3", "alice")]
+    assert bus.live(DESIRED, "node-3.hello") is not None and all(
+        b != DESIRED for _, b, _, _ in bus.log)  # a cordon writes nothing to the node
+
+    again = await r.cordon(["node-3"], drain=False, grace=15.0, who="bob")
+    assert again[0]["changed"] is False and again[0]["by"] == "alice"
+    assert r.events.pending() == []
+
+    rec = await r.deploy(spec(), NEW)
+    assert sorted(rec.nodes) == ["node-1", "node-2"]
+    assert rec.report.skipped_cordoned == ["node-3"]
+    stored = [v for _, b, _, v in bus.log if b == ROLLOUTS and v]
+    assert b'"skipped_cordoned":["node-3"]' in stored[0]
+
+
+async def test_drain_signs_the_next_generation_with_drain_and_uncordon_undoes_it() -> None:
+    """drain node-2: its desired state again at generation 8, signed, same slots and weights,
+    with the drain (grace, who, when); uncordon: generation 9 without it (the JSON has no
+    "drain" key again), then the cordon is gone; each step told with who."""
+    bus, clock = fleet_bus(), FakeClock()
+    r = runner(bus, clock)
+    _, before = stored_desired(bus, "node-2")
+    rows = await r.cordon(["node-2"], drain=True, grace=30.0, who="alice")
+    assert rows[0]["drained"] is True and rows[0]["changed"] is True
+    env, drained = stored_desired(bus, "node-2")
+    assert env.generation == 8
+    assert verify(env, {public_key(SEED)}, fleet=FLEET, node="node-2", service="hello",
+                  min_generation=7) == drained  # what an agent on generation 7 accepts
+    assert drained.drained == DrainSpec(grace=30.0, since=clock.t, by="alice")
+    assert msgspec.structs.replace(drained, generation=7, drain=msgspec.UNSET,
+                                   time=before.time) == before
+    assert (await read_cordons(bus))["node-2"].drain is True
+    assert [e.kind for e in r.events.pending()] == ["node.cordoned", "node.drained"]
+    assert [stored_desired(bus, n)[0].generation for n in ("node-1", "node-3")] == [7, 7]
+
+    clock.t += 60
+    rows = await r.uncordon(["node-2"], who="bob")
+    assert rows == [{"node": "node-2", "cordoned": False, "drained": False, "changed": True}]
+    env, undrained = stored_desired(bus, "node-2")
+    assert env.generation == 9 and undrained.drained is None and b'"drain"' not in env.payload
+    assert await read_cordons(bus) == {}
+    assert [(e.kind, e.who) for e in r.events.pending()] == [
+        ("node.undrained", "bob"), ("node.uncordoned", "bob")]
+    writes = [(b, k) for _, b, k, _ in bus.log if b in (DESIRED, CORDONS)]
+    assert writes[-2:] == [(DESIRED, "node-2.hello"), (CORDONS, "node-2")]  # undrained first
+
+
+async def test_a_rollout_keeps_a_target_cordoned_while_it_runs_but_refuses_its_drain() -> None:
+    """A live rollout targets node-1: cordoning it is fine (the record is untouched); draining
+    it is a Conflict naming the rollout, and nothing is written."""
+    bus, clock = fleet_bus(), FakeClock()
+    r = runner(bus, clock)
+    rec = await r.deploy(spec(batch="1", bake=5.0), NEW)
+    before = encode(r.drivers[rec.id].rollout.record)
+    await r.cordon(["node-1"], drain=False, grace=15.0, who="alice")
+    assert encode(r.drivers[rec.id].rollout.record) == before
+    r.events.pending()
+    log = list(bus.log)
+    with pytest.raises(Conflict, match=rf"cannot drain node-1: rollout {rec.id} targets it"):
+        await r.cordon(["node-1"], drain=True, grace=15.0, who="alice")
+    assert bus.log == log and r.events.pending() == []

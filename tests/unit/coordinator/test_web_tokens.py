@@ -1,0 +1,101 @@
+"""coordinator.auth.web_tokens: the dashboard's operator tokens, their file and their check."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+
+from coordinator.auth import web_tokens
+from coordinator.auth.web_tokens import TokenFile, WebToken, digest, verify
+from coordinator.errors import UsageError
+
+NOW = 1_800_000_000.0
+
+
+def entry(name: str, token: str, expires: float | None = None) -> WebToken:
+    return WebToken(name=name, sha256=digest(token), created=NOW - 10, expires=expires)
+
+
+@pytest.mark.parametrize(
+    ("presented", "expect_name", "expect_refusal"),
+    [
+        ("fwt_alice", "alice", ""),
+        ("fwt_bob", "", "has expired"),
+        ("fwt_nobody", "", "not valid (unknown or revoked)"),
+        ("", "", "no operator token given"),
+        ("x" * 300, "", "too long"),
+    ],
+    ids=["known", "expired", "unknown", "none", "too-long"],
+)
+def test_verify_names_the_operator_or_says_why_not(presented: str, expect_name: str,
+                                                  expect_refusal: str) -> None:
+    """A known token names its operator; an expired, unknown, empty or oversized one is
+    refused with a reason and no name."""
+    tokens = [entry("alice", "fwt_alice"), entry("bob", "fwt_bob", expires=NOW - 1)]
+    v = verify(tokens, presented, NOW)
+    assert v.name == expect_name
+    assert expect_refusal in v.refusal if expect_refusal else v.refusal == ""
+
+
+@pytest.mark.parametrize(
+    ("doc", "why"),
+    [
+        (b"{nope", "is not a web token file"),
+        (b'{"version": 2, "tokens": []}', "version 2"),
+        (b'{"tokens": [], "extra": 1}', "is not a web token file"),
+        (json.dumps({"tokens": [{"name": "a.b", "sha256": "0" * 64, "created": 1}]}).encode(),
+         "token name"),
+        (json.dumps({"tokens": [{"name": "coordinator", "sha256": "0" * 64, "created": 1}]})
+         .encode(), "the coordinator's own"),
+        (json.dumps({"tokens": [{"name": "a", "sha256": "xyz", "created": 1}]}).encode(),
+         "not 64 hex digits"),
+        (json.dumps({"tokens": [{"name": "a", "sha256": "0" * 64, "created": 1}] * 2}).encode(),
+         "appears twice"),
+    ],
+    ids=["not-json", "version", "unknown-key", "bad-name", "reserved", "bad-digest", "twice"],
+)
+def test_a_malformed_file_is_one_line_naming_it(doc: bytes, why: str) -> None:
+    """Every way a token file can be wrong is a UsageError naming the file and the fault."""
+    with pytest.raises(UsageError) as err:
+        web_tokens.parse(doc, "F")
+    assert why in str(err.value) and "\n" not in str(err.value)
+
+
+def test_add_keeps_only_the_hash_0600_and_revoke_removes_it(tmp_path: Path) -> None:
+    """``add`` returns a fresh token and stores its SHA-256 alone in a 0600 file; a second
+    token of the same name is refused; ``revoke`` removes it, and an unknown name is refused."""
+    token, path = web_tokens.add(tmp_path / "web", "alice", None, NOW)
+    assert token.startswith("fwt_") and len(token) > 40
+    text = path.read_text()
+    assert token not in text and digest(token) in text
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert verify(web_tokens.read(path), token, NOW).name == "alice"
+    with pytest.raises(UsageError, match="already has a token named 'alice'"):
+        web_tokens.add(tmp_path / "web", "alice", None, NOW)
+    web_tokens.revoke(tmp_path / "web", "alice")
+    assert web_tokens.read(path) == []
+    with pytest.raises(UsageError, match="no token named 'alice'"):
+        web_tokens.revoke(tmp_path / "web", "alice")
+
+
+def test_token_file_rereads_on_change_and_fails_closed(tmp_path: Path) -> None:
+    """A running coordinator sees a new token and a revocation at the next check; a file that
+    turns malformed refuses every token until it is fixed; a bad file at start raises."""
+    with pytest.raises(UsageError, match="cannot read it"):
+        TokenFile(tmp_path / "web" / web_tokens.FILE_NAME)
+    first, path = web_tokens.add(tmp_path / "web", "alice", None, NOW)
+    tf = TokenFile(path)
+    assert tf.verify(first, NOW).name == "alice"
+    second, _ = web_tokens.add(tmp_path / "web", "bob", NOW + 60, NOW)
+    assert tf.verify(second, NOW).name == "bob"
+    assert "expired" in tf.verify(second, NOW + 61).refusal
+    web_tokens.revoke(tmp_path / "web", "alice")
+    assert "not valid" in tf.verify(first, NOW).refusal
+    path.write_text("{broken")
+    assert "cannot read its token file" in tf.verify(second, NOW).refusal
+    path.unlink()
+    web_tokens.add(tmp_path / "web", "carol", None, NOW)
+    assert tf.current()[1] == ""

@@ -1,0 +1,61 @@
+"""``Bus.observer``: the one seam where the coordinator's bus latency is measured; told of each
+timed call with its duration and whether it failed, and never in the call's way."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from protocol.bus import Bus
+from protocol.errors import NotReachable
+
+
+class Client:
+    """A stand-in for nats-py's client: requests answer ``reply`` or raise ``error``."""
+
+    def __init__(self, reply: bytes = b"ok", error: BaseException | None = None) -> None:
+        self.reply, self.error = reply, error
+
+    def jetstream(self, timeout: float) -> Any:
+        return None
+
+    async def request(self, subject: str, data: bytes, timeout: float) -> Any:
+        if self.error is not None:
+            raise self.error
+
+        class Msg:
+            data = self.reply
+        return Msg()
+
+
+async def test_each_call_is_told_with_its_op_and_outcome() -> None:
+    """A request that answers and one that times out: two observations, the second failed;
+    the caller still gets the answer and the error it would without an observer."""
+    seen: list[tuple[str, float, bool]] = []
+    bus = Bus(Client(), "f")  # type: ignore[arg-type]
+    bus.observer = lambda op, seconds, failed: seen.append((op, seconds, failed))
+    assert await bus.request("s", b"") == b"ok"
+    bus.nc = Client(error=TimeoutError())  # type: ignore[assignment]
+    with pytest.raises(NotReachable):
+        await bus.request("s", b"", timeout=0.1)
+    assert [(op, failed) for op, _, failed in seen] == [("request", False), ("request", True)]
+    assert all(seconds >= 0 for _, seconds, _ in seen)
+
+
+async def test_a_failing_observer_never_fails_the_call(caplog: pytest.LogCaptureFixture) -> None:
+    """An observer that raises is logged; the call's own answer stands."""
+    def broken(op: str, seconds: float, failed: bool) -> None:
+        raise RuntimeError("metrics bug")
+
+    bus = Bus(Client(), "f")  # type: ignore[arg-type]
+    bus.observer = broken
+    assert await bus.request("s", b"") == b"ok"
+    assert "bus observer failed" in caplog.text
+
+
+async def test_without_an_observer_nothing_is_timed() -> None:
+    """The agent's bus has none: calls go straight through."""
+    bus = Bus(Client(), "f")  # type: ignore[arg-type]
+    assert bus.observer is None
+    assert await bus.request("s", b"") == b"ok"
