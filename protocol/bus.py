@@ -59,6 +59,7 @@ from protocol.errors import (
     Conflict,
     MissingBucket,
     NoResponders,
+    NoRoom,
     NotReachable,
     ProtocolError,
     TooFewServers,
@@ -163,6 +164,8 @@ EVENTS_DEDUP_WINDOW = 3600.0
 # replicas > 1 on a server that is not clustered. (Insufficient resources, 10023, is a full disk
 # or memory budget, not a count of servers: a plain BusError.)
 _NO_PLACEMENT = (10005, 10074)
+# "insufficient storage resources available": a stream's max_bytes past what the server reserves.
+NO_STORAGE = 10047
 
 
 def _fleet_buckets(fleet: str) -> dict[str, int]:
@@ -588,6 +591,12 @@ class Bus:
                 stream.num_replicas = replicas
                 await self.js.add_stream(stream)
         except (nats.errors.Error, TimeoutError) as exc:
+            if getattr(exc, "err_code", None) == NO_STORAGE:
+                raise NoRoom(
+                    f"JetStream cannot reserve the storage fleet {f!r} asks for (the events "
+                    f"stream alone reserves {limits.max_bytes / 2**30:g} GiB, "
+                    "--events-max-bytes); lower it, or give JetStream more (max_file_store in "
+                    "the server's configuration)") from None
             raise BusError(f"cannot set up fleet {f!r} in JetStream: {exc}") from None
         return setup
 

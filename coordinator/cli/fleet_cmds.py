@@ -41,7 +41,7 @@ from coordinator.runtime.notify import Notifier
 from coordinator.runtime.notify_doc import BadTarget, Target, parse_target
 from protocol.bus import EventsLimits, redact
 from protocol.codec import to_builtins
-from protocol.errors import ProtocolError, TooFewServers
+from protocol.errors import NoRoom, ProtocolError, TooFewServers
 from protocol.messages import KeyRequest, NodesRequest, NodeView
 
 
@@ -223,7 +223,7 @@ async def _run_coordinator(ctx: Ctx, seed: bytes, replicas: int | None,
         await surface.start()  # before the bus: an address in use is one line at once
     try:
         await coord.run(stop)
-    except TooFewServers as exc:
+    except (TooFewServers, NoRoom) as exc:
         raise UsageError(str(exc)) from None  # exit 2: an operator's flag, not a failure
     finally:
         if surface is not None:

@@ -84,7 +84,7 @@ from protocol.bus import RECONNECT_CAP, Bus, EventsLimits, Handler, redact
 from protocol.bus import Observer as BusObserver
 from protocol.codec import decode, encode
 from protocol.creds import Creds
-from protocol.errors import BusError, ProtocolError, TooFewServers
+from protocol.errors import BusError, NoRoom, ProtocolError, TooFewServers
 from protocol.events import EventPublisher
 from protocol.history import RolloutSummary, SummarisedRollout
 from protocol.messages import (
@@ -226,8 +226,8 @@ class Coordinator:
                     log.info("raised %s from %d to %d replicas", stream, had, setup.replicas)
                 await self._load_known(bus)
                 break
-            except TooFewServers:
-                raise  # the operator's --replicas: retrying cannot help; nothing was created
+            except (TooFewServers, NoRoom):
+                raise  # the operator's --replicas or --events-max-bytes: retrying cannot help
             except BusError as exc:
                 delay = min(SETUP_RETRY_CAP, 0.25 * 2**attempt)
                 log.warning("cannot set up fleet %r yet (%s); retrying in %.1fs", f, exc, delay)

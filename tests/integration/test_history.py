@@ -86,6 +86,19 @@ async def test_bad_retention_flags_are_one_line_and_exit_2(tmp_path: Path) -> No
     assert not (tmp_path / "k.seed").exists()
 
 
+async def test_an_events_budget_the_server_cannot_hold_is_one_line_and_exit_2(
+        broker: Broker, tmp_path: Path) -> None:
+    """--events-max-bytes past what JetStream can reserve: the coordinator stops at start with
+    one line saying what and what to do, instead of retrying for ever."""
+    code, out, err = await fleetwave("coordinator", "--key-file", str(tmp_path / "seed"),
+                                     "--events-max-bytes", "1PiB", nats_url=broker.url,
+                                     timeout=60)
+    assert code == 2, (code, out, err)
+    refusals = [ln for ln in err.splitlines() if ln.startswith("fleetwave: ")]
+    assert len(refusals) == 1 and "--events-max-bytes" in refusals[0], err
+    assert "max_file_store" in refusals[0] and "Traceback" not in err
+
+
 async def test_retention_reduces_old_rollouts_and_rollback_still_works(
         broker: Broker, tmp_path: Path) -> None:
     """--keep-rollouts 0: every finished rollout is reduced to its summary once its events are
