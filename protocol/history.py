@@ -10,7 +10,8 @@ Keys (all start with ``_``: no rollout id can, ``subjects.check_name``):
                       SummarisedRollout  the same key reduced to its summary and spec
 
 A summarised value is told from a record by ``SummarisedRollout.summarised`` (``HistoryProbe``):
-a record has no such field. Wire Structs: new fields get defaults, types never change.
+a record has no such field. Each value carries, like a record, the lease ``term`` of the leader
+that wrote it. Wire Structs: new fields get defaults, types never change.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class ServiceIndex(msgspec.Struct, kw_only=True):
     schema: int = 1
     service: str
     rollouts: list[RolloutSummary] = []
+    term: int = 0
 
 
 class LatestRollout(msgspec.Struct, kw_only=True):
@@ -59,6 +61,7 @@ class LatestRollout(msgspec.Struct, kw_only=True):
     schema: int = 1
     id: str
     created: float = 0.0
+    term: int = 0
 
 
 class SummarisedRollout(msgspec.Struct, kw_only=True):
@@ -68,6 +71,7 @@ class SummarisedRollout(msgspec.Struct, kw_only=True):
     summarised: bool = True
     summary: RolloutSummary
     spec: RolloutSpec
+    term: int = 0
 
 
 class HistoryProbe(msgspec.Struct):

@@ -195,7 +195,7 @@ class History:
                     len(summaries), self.retention.keep)
         built = core.rebuild(summaries, self.retention)
         newest = max(summaries, key=lambda r: (r.created, r.id))
-        latest = LatestRollout(id=newest.id, created=newest.created)
+        latest = LatestRollout(id=newest.id, created=newest.created, term=self._term)
         writes: list[Write] = []
         for service, retained in built.items():
             writes += self._reduced(retained.reduce, specs)
@@ -222,7 +222,7 @@ class History:
         summary = core.summarise(stored)
         entries = self._indexes.get(service, [])
         old = next((e for e in entries if e.id == summary.id), None)
-        latest = (LatestRollout(id=stored.id, created=stored.created)
+        latest = (LatestRollout(id=stored.id, created=stored.created, term=self._term)
                   if created or self._latest is None else None)
         if old is not None and core.same(summary, old) and latest is None:
             return None
@@ -250,9 +250,14 @@ class History:
                                           or change.latest.created >= self._latest.created):
             self._latest = change.latest
 
+    @property
+    def _term(self) -> int:
+        return self.fenced.term if self.fenced is not None else 0
+
     def _index_write(self, service: str, entries: list[RolloutSummary]) -> Write:
         return (subjects.index_key(service), encode(ServiceIndex(service=service,
-                                                                 rollouts=entries)))
+                                                                 rollouts=entries,
+                                                                 term=self._term)))
 
     async def _reduce(self, summaries: list[RolloutSummary]) -> list[Write]:
         """The writes that reduce these rollouts' records (each read once for its spec)."""
@@ -267,11 +272,11 @@ class History:
                 log.error("not reducing unreadable rollout record %s: %s", s.id, exc)
         return self._reduced(summaries, records)
 
-    @staticmethod
-    def _reduced(summaries: list[RolloutSummary], records: dict[str, Stored]) -> list[Write]:
+    def _reduced(self, summaries: list[RolloutSummary], records: dict[str, Stored]) -> list[Write]:
         out: list[Write] = []
         for s in summaries:
             rec = records.get(s.id)
             if rec is not None:
-                out.append((s.id, encode(SummarisedRollout(summary=s, spec=rec.spec))))
+                out.append((s.id, encode(SummarisedRollout(summary=s, spec=rec.spec,
+                                                           term=self._term))))
         return out
