@@ -34,7 +34,7 @@ import random
 import re
 import ssl
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -59,6 +59,7 @@ from protocol.errors import (
     Conflict,
     MissingBucket,
     NoResponders,
+    NoRoom,
     NotReachable,
     ProtocolError,
     TooFewServers,
@@ -145,6 +146,15 @@ EVENTS_MAX_AGE = 90 * 24 * 3600.0
 # and push old events out, needs a JetStream budget of the nodes' own (NATS accounts).
 EVENTS_MAX_BYTES = 8 * 1024**3
 EVENTS_MAX_EVENT = 4 * 1024**2
+
+
+@dataclass(frozen=True)
+class EventsLimits:
+    """How long and how much of the events stream is kept (``fleetwave coordinator
+    --events-max-age/--events-max-bytes``): past either, the oldest events go first."""
+
+    max_age: float = EVENTS_MAX_AGE  # seconds
+    max_bytes: int = EVENTS_MAX_BYTES
 # How long the stream remembers an event's message id: a coordinator that resumes a rollout
 # publishes its record's outbox again, which the stream drops if it stored it within this window.
 EVENTS_DEDUP_WINDOW = 3600.0
@@ -154,6 +164,8 @@ EVENTS_DEDUP_WINDOW = 3600.0
 # replicas > 1 on a server that is not clustered. (Insufficient resources, 10023, is a full disk
 # or memory budget, not a count of servers: a plain BusError.)
 _NO_PLACEMENT = (10005, 10074)
+# "insufficient storage resources available": a stream's max_bytes past what the server reserves.
+NO_STORAGE = 10047
 
 
 def _fleet_buckets(fleet: str) -> dict[str, int]:
@@ -512,6 +524,7 @@ class Bus:
 
     async def ensure_fleet(
         self, replicas: int | None = None, *, raise_existing: bool = False,
+        events: EventsLimits | None = None,
     ) -> FleetSetup:
         """Create the fleet's buckets, object store and events stream where missing (idempotent),
         each with ``replicas`` copies (None: ``default_replicas()``, asked only when something is
@@ -523,15 +536,20 @@ class Bus:
         servers copy the data over); without it (tools such as ``release push``), what exists
         stays as it is. Never lowered: fewer copies of a fleet's state is an operator's explicit
         choice (``nats stream edit --replicas``).
+
+        ``events`` (the coordinator's): the events stream's age and byte limits, set on an
+        existing stream too (older events past new, lower limits go at once); None keeps the
+        defaults for a new stream and leaves an existing one's limits as they are.
         """
+        limits = events or EventsLimits()
         f = self.fleet
         store = subjects.releases_store(f)
-        events = js_api.StreamConfig(
+        stream = js_api.StreamConfig(
             name=subjects.events_stream(f),
             subjects=[subjects.events(f)],
             storage=js_api.StorageType.FILE,
-            max_age=EVENTS_MAX_AGE,
-            max_bytes=EVENTS_MAX_BYTES,
+            max_age=limits.max_age,
+            max_bytes=limits.max_bytes,
             max_msg_size=EVENTS_MAX_EVENT,
             discard=js_api.DiscardPolicy.OLD,
             duplicate_window=EVENTS_DEDUP_WINDOW,
@@ -552,7 +570,8 @@ class Bus:
             for name, config in have.items():
                 if config is not None:
                     await self._bring_up(name, config, replicas if raise_existing else 0, setup,
-                                         limits=events if name == events.name else None)
+                                         limits=stream if name == stream.name else None,
+                                         force=events is not None)
             for bucket, history in buckets.items():
                 if have[subjects.kv_stream(bucket)] is None:
                     try:
@@ -569,9 +588,15 @@ class Bus:
                 await self.js.create_object_store(
                     bucket=store, storage=js_api.StorageType.FILE, replicas=replicas)
             if have[subjects.events_stream(f)] is None:
-                events.num_replicas = replicas
-                await self.js.add_stream(events)
+                stream.num_replicas = replicas
+                await self.js.add_stream(stream)
         except (nats.errors.Error, TimeoutError) as exc:
+            if getattr(exc, "err_code", None) == NO_STORAGE:
+                raise NoRoom(
+                    f"JetStream cannot reserve the storage fleet {f!r} asks for (the events "
+                    f"stream alone reserves {limits.max_bytes / 2**30:g} GiB, "
+                    "--events-max-bytes); lower it, or give JetStream more (max_file_store in "
+                    "the server's configuration)") from None
             raise BusError(f"cannot set up fleet {f!r} in JetStream: {exc}") from None
         return setup
 
@@ -582,12 +607,18 @@ class Bus:
             return None
 
     async def _bring_up(self, name: str, have: js_api.StreamConfig, replicas: int,
-                        setup: FleetSetup, *, limits: js_api.StreamConfig | None = None) -> None:
+                        setup: FleetSetup, *, limits: js_api.StreamConfig | None = None,
+                        force: bool = False) -> None:
         """Update an existing stream in place: ``replicas`` copies if it has fewer, and the
-        limits of ``limits`` (the events stream of a fleet made before there were any)."""
+        limits of ``limits`` (the events stream of a fleet made before there were any). The age
+        and byte limits an operator chooses (``EventsLimits``) are set when ``force``d (the
+        coordinator's), else only where the stream has none (a tool must not undo them)."""
         changed = False
         if limits is not None:
             for k in ("max_age", "max_bytes", "max_msg_size", "discard", "duplicate_window"):
+                unset = getattr(have, k) in (None, 0, -1)
+                if k in ("max_age", "max_bytes") and not (force or unset):
+                    continue
                 if getattr(have, k) != getattr(limits, k):
                     setattr(have, k, getattr(limits, k))
                     changed = True
@@ -864,6 +895,45 @@ class Bus:
             out.append(e)
         return [e for e in out if e.value is not None]
 
+    async def kv_scan(self, bucket: str, pattern: str = ">", *,
+                      page: int = 500) -> AsyncIterator[list[Entry]]:
+        """Every live entry matching ``pattern``, in pages of up to ``page``, for a bucket too
+        big for ``kv_entries``: a watch is pushed at the server's pace, and a few hundred MiB
+        of values overrun the client's pending limit (a slow consumer whose ordered consumer
+        stalls: 100,000 records of 5 KB never finished). A pull consumer delivers what is
+        asked for; it ends once the count it had at its creation has been delivered."""
+        kv = await self._bucket(bucket)
+        config = js_api.ConsumerConfig(
+            deliver_policy=js_api.DeliverPolicy.LAST_PER_SUBJECT,
+            ack_policy=js_api.AckPolicy.NONE, inactive_threshold=WATCH_INACTIVE,
+            mem_storage=True)
+        try:
+            sub = await self.js.pull_subscribe(f"{kv._pre}{pattern}", stream=f"KV_{bucket}",
+                                               config=config)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot read {bucket}: {exc}") from None
+        try:
+            info = await sub.consumer_info()
+            left = info.num_pending or 0
+            skip = len(kv._pre)
+            while left > 0:
+                msgs = await sub.fetch(min(page, left), timeout=OP_TIMEOUT)
+                left -= len(msgs)
+                out: list[Entry] = []
+                for m in msgs:
+                    op = (m.headers or {}).get("KV-Operation")
+                    if op not in ("DEL", "PURGE"):
+                        out.append(Entry(m.subject[skip:], m.data, m.metadata.sequence.stream))
+                yield out
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot read {bucket}: {exc}") from None
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(sub.unsubscribe(), 2)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(  # pull_subscribe named it in the config
+                    self.js.delete_consumer(f"KV_{bucket}", config.name or ""), 2)
+
     async def _watch_once(self, bucket: str, pattern: str) -> AsyncIterator[Entry]:
         """The current entries matching ``pattern`` (a deleted key with value None), read once.
 
@@ -1113,7 +1183,7 @@ class Bus:
     @_timed("kv_fenced_all")
     async def kv_fenced_all(
         self, bucket: str, writes: Sequence[tuple[str, bytes | None]], fence: int, *,
-        timeout: float = OP_TIMEOUT,
+        timeout: float = OP_TIMEOUT, rollup: Collection[str] = (),
     ) -> list[int | BusError]:
         """Put (or, for a None value, delete) every (key, value) of ``bucket``, only while the
         bucket's fence key (``subjects.FENCE_KEY``) is still at revision ``fence``: per write its
@@ -1126,7 +1196,10 @@ class Bus:
         late it arrives. One batch per bucket is in flight at a time: a clustered stream checks
         an expected sequence of one subject against one proposal at a time, and would refuse
         concurrent writes fenced on the same key (err 10164), which is also retried, not
-        taken for a lost fence."""
+        taken for a lost fence.
+
+        A key in ``rollup`` is written with ``Nats-Rollup: sub``: its earlier revisions leave
+        the stream in the same step (the bucket's history of that key is the new value only)."""
         if not writes:
             return []
         kv = await self._bucket(bucket)
@@ -1135,7 +1208,7 @@ class Bus:
         async with lock:
             for start in range(0, len(writes), FENCED_BATCH):
                 chunk = writes[start:start + FENCED_BATCH]
-                result = await self._atomic(kv._pre, chunk, fence, timeout)
+                result = await self._atomic(kv._pre, chunk, fence, timeout, rollup)
                 if isinstance(result, BusError):
                     out.extend([result] * (len(writes) - len(out)))
                     break
@@ -1143,7 +1216,7 @@ class Bus:
         return out
 
     async def _atomic(self, prefix: str, writes: Sequence[tuple[str, bytes | None]],
-                      fence: int, timeout: float) -> int | BusError:
+                      fence: int, timeout: float, rollup: Collection[str] = ()) -> int | BusError:
         """One atomic batch under the fence ``fence``: the stream sequence of its last message
         (they are consecutive), or the error."""
         batch = uuid.uuid4().hex
@@ -1158,6 +1231,8 @@ class Bus:
                         headers["Nats-Expected-Last-Subject-Sequence"] = str(fence)
                     if value is None:
                         headers["KV-Operation"] = "DEL"
+                    elif key in rollup:
+                        headers["Nats-Rollup"] = "sub"
                     data = b"" if value is None else value
                     if i < last:
                         await self.nc.publish(f"{prefix}{key}", data, headers=headers)

@@ -9,9 +9,11 @@
     │                      nothing was pushed): for a reader, often just "nothing there yet"
     ├── AccessDenied       the server refused our credentials (unknown, revoked) or our TLS
     │                      (no TLS where it is required, a certificate our CA did not sign)
-    └── TooFewServers      more replicas asked for than the JetStream cluster has servers: an
-                           operator's mistake (retrying does not help), found before anything
-                           is created
+    ├── TooFewServers      more replicas asked for than the JetStream cluster has servers: an
+    │                      operator's mistake (retrying does not help), found before anything
+    │                      is created
+    └── NoRoom             JetStream cannot reserve the storage a stream's limits ask for (the
+                           events stream's --events-max-bytes past the server's max_file_store)
 
 Each message says what is wrong and what to do, in one line, so that the CLI can print it as is
 and an agent can put it in an event. nats-py's own exceptions never leave ``protocol.bus``.
@@ -44,6 +46,10 @@ class MissingBucket(BusError):
 
 class TooFewServers(BusError):
     """The replicas asked for cannot be placed: the JetStream cluster has fewer servers."""
+
+
+class NoRoom(BusError):
+    """JetStream cannot reserve the storage a stream's byte limit asks for."""
 
 
 class AccessDenied(BusError):

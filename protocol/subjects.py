@@ -206,6 +206,14 @@ def lease_bucket(fleet: str) -> str:
 LEASE_KEY = "leader"
 # The fence marker every leader writes into each bucket it writes (``coordinator.runtime.lease``).
 FENCE_KEY = "_fence"
+# The rollouts bucket's history keys (``protocol.history``): per service, and the fleet's latest.
+LATEST_KEY = "_latest"
+INDEX_PREFIX = "_index."
+
+
+def index_key(service: str) -> str:
+    """The key of ``service``'s rollout index in the rollouts bucket."""
+    return f"{INDEX_PREFIX}{service}"
 
 
 def fenced_buckets(fleet: str) -> tuple[str, ...]:

@@ -16,7 +16,7 @@ coordinator's own helpers over its engine (``rollout()``, ``writes()``, ...) liv
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,6 +118,12 @@ class FakeBus:
         return [e for k, e in sorted(self.kv.get(bucket, {}).items())
                 if e.value is not None and fnmatch.fnmatchcase(k, glob)]
 
+    async def kv_scan(self, bucket: str, pattern: str = ">", *,
+                      page: int = 500) -> AsyncIterator[list[Entry]]:
+        entries = await self.kv_entries(bucket, pattern)
+        for start in range(0, len(entries), page):
+            yield entries[start:start + page]
+
     async def watch(self, bucket: str, pattern: str) -> AsyncIterator[Entry | None]:
         for e in await self.kv_entries(bucket, pattern):
             yield e
@@ -136,10 +142,12 @@ class FakeBus:
         return out
 
     async def kv_fenced_all(self, bucket: str, writes: Sequence[tuple[str, bytes | None]],
-                            fence: int, *, timeout: float = 5.0) -> list[int | BusError]:
+                            fence: int, *, timeout: float = 5.0,
+                            rollup: Collection[str] = ()) -> list[int | BusError]:
         """Each write (a None value: a delete) only while the bucket's fence key is at revision
         ``fence`` (else a Conflict, as the server answers); an injected fault ("create" for a
-        key not there, "update", "delete") is that write's result."""
+        key not there, "update", "delete") is that write's result. The fake keeps no history,
+        so a ``rollup`` is a plain write."""
         out: list[int | BusError] = []
         for key, value in writes:
             op = ("delete" if value is None else "create" if self.live(bucket, key) is None

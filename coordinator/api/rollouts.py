@@ -18,6 +18,11 @@ removal (succeeded, or aborted or failed part-way) that is the version the remov
 deployed where it was removed (its selector), rolling at the removal's own pace
 (``undo_removal``); nodes that still run it are done at once.
 
+``rollouts``, ``status`` without an id and ``rollback`` read the history's indexes and at most
+the one record they need (``coordinator.runtime.history``), never every record. A rollout that
+retention reduced answers ``status`` with the same dict built from its summary (no waves, no
+nodes) and ``"summarised": true``.
+
 The status dict is the one shape people and programs read (``fleetwave status -o json``)::
 
     {"id", "service", "version", "from_version", "strategy", "state", "reason", "phase",
@@ -46,12 +51,13 @@ import msgspec
 from coordinator import strategies
 from coordinator.api.verbs import Api
 from coordinator.core.engine import Abort, EngineEvent, Pause, Promote, Resume, RollbackRequested
+from coordinator.core.history import rollback_choice, row, summarise
 from coordinator.errors import ConfigError, FleetwaveError, RemoteError, UsageError
 from coordinator.releases import UnknownRelease
 from protocol import subjects
 from protocol.errors import BusError, Conflict, ProtocolError
+from protocol.history import RolloutSummary, SummarisedRollout
 from protocol.messages import (
-    TERMINAL_STATES,
     DeployRequest,
     KeyRequest,
     ListRolloutsRequest,
@@ -84,8 +90,9 @@ class Runner(Protocol):
     async def deploy(self, spec: RolloutSpec, release: ReleaseRef,
                      who: str) -> RolloutRecord: ...
     async def request(self, rollout_id: str, event: EngineEvent) -> RolloutRecord: ...
-    async def get(self, rollout_id: str) -> RolloutRecord | None: ...
-    async def records(self) -> list[RolloutRecord]: ...
+    async def find(self, rollout_id: str) -> RolloutRecord | SummarisedRollout | None: ...
+    async def latest(self) -> RolloutRecord | SummarisedRollout | None: ...
+    async def history(self, service: str = "", limit: int = 50) -> list[RolloutSummary]: ...
     def active(self, service: str) -> LiveRollout | None: ...
     def refused(self, verb: str, spec: RolloutSpec, who: str, reason: str, code: str) -> None: ...
 
@@ -124,21 +131,22 @@ class RolloutsApi:
         return {"id": record.id}
 
     async def status(self, req: RolloutRequest, caller: str) -> dict[str, Any]:
-        return status_dict(await self._find(req.id))
+        found = await self._find(req.id)
+        if isinstance(found, SummarisedRollout):
+            return summarised_dict(found)
+        return status_dict(found)
 
     async def rollouts(self, req: ListRolloutsRequest, caller: str) -> list[dict[str, Any]]:
         if req.service:
             subjects.check_name("service", req.service)
         limit = max(1, min(req.limit, MAX_LIMIT))
-        records = [r for r in await self.runner.records()
-                   if not req.service or r.spec.service == req.service]
-        return [summary(r) for r in records[:limit]]
+        return [row(s) for s in await self.runner.history(req.service, limit)]
 
     def _verb(
         self, event: Callable[[RolloutRequest, str], EngineEvent]
     ) -> Callable[[RolloutRequest, str], Awaitable[dict[str, Any]]]:
         async def handler(req: RolloutRequest, caller: str) -> dict[str, Any]:
-            rid = req.id or (await self._find("")).id
+            rid = req.id or _id(await self._find(""))
             return status_dict(await self.runner.request(rid, event(req, caller)))
 
         return handler
@@ -153,27 +161,7 @@ class RolloutsApi:
                     f"rollback {service}' (without --to) or abort it first", "conflict")
             await self.runner.request(live.id, RollbackRequested(who=caller))
             return {"id": live.id, "action": "rolling back"}
-        history = [r for r in await self.runner.records() if r.spec.service == service]
-        if not history:
-            raise UsageError(f"no rollout of {service} is known; deploy a version with "
-                             f"'fleetwave deploy {service} VERSION'")
-        running = [r for r in history if r.state not in TERMINAL_STATES]
-        if running:
-            raise RemoteError(f"rollout {running[0].id} of {service} is {running[0].state} but "
-                              "driven by no coordinator here; try again in a moment", "conflict")
-        last_good = next((r for r in history if r.state == "succeeded"), None)
-        if strategies.removes(history[0].spec) and history[0].state != "rolled_back":
-            # The latest rollout removed the service (from some nodes, if it was aborted or
-            # failed): undo that, whatever came before it.
-            last_good = history[0]
-        version = req.to_version or (last_good.from_version if last_good else "")
-        if not version:
-            raise UsageError(f"no earlier version of {service} is known to roll back to; name "
-                             f"one with 'fleetwave rollback {service} --to VERSION'")
-        base = last_good or history[0]
-        spec = msgspec.structs.replace(base.spec, version=version)
-        if strategies.removes(base.spec):
-            spec = undo_removal(base.spec, version)
+        version, spec = await self.rollback_plan(service, req.to_version)
         try:
             release = await self._release(service, version)
             record = await self.runner.deploy(spec, release, caller)
@@ -181,6 +169,31 @@ class RolloutsApi:
             self._refused("rollback", spec, caller, exc)
             raise
         return {"id": record.id, "action": f"deploying {service} {version}"}
+
+    async def rollback_plan(self, service: str, to_version: str = "") -> tuple[str, RolloutSpec]:
+        """The version ``rollback SERVICE`` deploys without a live rollout, and the settings it
+        deploys it with (read off the service's index and one record)."""
+        history = await self.runner.history(service, MAX_LIMIT)
+        if not history:
+            raise UsageError(f"no rollout of {service} is known; deploy a version with "
+                             f"'fleetwave deploy {service} VERSION'")
+        # After a finished removal, rollback undoes it (the version it took away).
+        choice = rollback_choice(history, to_version, removal=strategies.removes_strategy)
+        if choice.running is not None:
+            raise RemoteError(f"rollout {choice.running.id} of {service} is "
+                              f"{choice.running.state} but driven by no coordinator here; try "
+                              "again in a moment", "conflict")
+        if not choice.version:
+            raise UsageError(f"no earlier version of {service} is known to roll back to; name "
+                             f"one with 'fleetwave rollback {service} --to VERSION'")
+        base = await self.runner.find(choice.base)
+        if base is None:
+            raise RemoteError(f"rollout {choice.base} of {service} (whose settings a rollback "
+                              "reuses) cannot be read; try again, or deploy with 'fleetwave "
+                              f"deploy {service} {choice.version}'", "not_found")
+        if strategies.removes(base.spec):
+            return choice.version, undo_removal(base.spec, choice.version)
+        return choice.version, msgspec.structs.replace(base.spec, version=choice.version)
 
     async def key(self, req: KeyRequest, caller: str) -> dict[str, Any]:
         return {"public_key": self.public_key}
@@ -202,12 +215,11 @@ class RolloutsApi:
         except UnknownRelease as exc:  # the operator named it: a usage error, exit 2
             raise UsageError(str(exc)) from None
 
-    async def _find(self, rollout_id: str) -> RolloutRecord:
+    async def _find(self, rollout_id: str) -> RolloutRecord | SummarisedRollout:
         if rollout_id:
-            record = await self.runner.get(rollout_id)
+            record = await self.runner.find(rollout_id)
         else:
-            records = await self.runner.records()
-            record = records[0] if records else None
+            record = await self.runner.latest()
         if record is None:
             what = f"rollout {rollout_id!r}" if rollout_id else "rollout"
             raise RemoteError(f"no {what} in fleet {self.runner.fleet!r}; list them with "
@@ -267,12 +279,26 @@ def status_dict(r: RolloutRecord) -> dict[str, Any]:
     }
 
 
+def summarised_dict(r: SummarisedRollout) -> dict[str, Any]:
+    """``status_dict``'s shape for a rollout that retention reduced: what its summary and spec
+    say, no waves and no nodes, and ``"summarised": true``."""
+    s, spec = r.summary, r.spec
+    return {
+        "id": s.id, "service": s.service, "version": s.version, "from_version": s.from_version,
+        "strategy": s.strategy, "state": s.state, "reason": s.reason, "phase": "",
+        "created": s.created, "updated": s.finished, "finished": s.finished,
+        "current_wave": s.current_wave, "report": {}, "bake": spec.bake,
+        "gates": msgspec.to_builtins(spec.gates), "on_failure": spec.on_failure,
+        "on_node_lost": spec.on_node_lost, "started_by": s.started_by, "paused_by": "",
+        "aborted_by": "", "rollback_by": "", "waves": [], "nodes": {}, "summarised": True,
+        "node_count": s.nodes, "wave_count": s.waves,
+    }
+
+
 def summary(r: RolloutRecord) -> dict[str, Any]:
     """One row of ``fleetwave rollouts``."""
-    return {
-        "id": r.id, "service": r.spec.service, "version": r.release.version,
-        "from_version": r.from_version, "strategy": r.spec.strategy, "state": r.state,
-        "reason": r.reason, "created": r.created, "finished": r.finished,
-        "nodes": len(r.nodes), "waves": len(r.waves), "current_wave": r.current_wave,
-        "started_by": r.started_by,
-    }
+    return row(summarise(r))
+
+
+def _id(found: RolloutRecord | SummarisedRollout) -> str:
+    return found.summary.id if isinstance(found, SummarisedRollout) else found.id

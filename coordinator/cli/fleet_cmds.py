@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from coordinator.cli.base import (
 )
 from coordinator.cli.render import cell, unclipped
 from coordinator.core.fleet import parse_selector
+from coordinator.core.history import KEEP_DEFAULT, KEEP_MAX, Retention, parse_age, parse_size
 from coordinator.dev.cluster import parse_hostport
 from coordinator.errors import UsageError
 from coordinator.runtime.config import load as load_config
@@ -37,9 +39,9 @@ from coordinator.runtime.daemon import Coordinator
 from coordinator.runtime.keyfile import coordinator_seed, previous_key
 from coordinator.runtime.notify import Notifier
 from coordinator.runtime.notify_doc import BadTarget, Target, parse_target
-from protocol.bus import redact
+from protocol.bus import EventsLimits, redact
 from protocol.codec import to_builtins
-from protocol.errors import ProtocolError, TooFewServers
+from protocol.errors import NoRoom, ProtocolError, TooFewServers
 from protocol.messages import KeyRequest, NodesRequest, NodeView
 
 
@@ -59,6 +61,20 @@ def _notify_targets(_: click.Context, __: click.Parameter,
         return [parse_target(url) for url in value]
     except BadTarget as exc:
         raise click.BadParameter(str(exc)) from None
+
+
+def _events_age(_: click.Context, __: click.Parameter, value: str) -> float:
+    try:
+        return parse_age(value, what="--events-max-age")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc).removeprefix("--events-max-age: ")) from None
+
+
+def _events_bytes(_: click.Context, __: click.Parameter, value: str) -> int:
+    try:
+        return parse_size(value, what="--events-max-bytes")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc).removeprefix("--events-max-bytes: ")) from None
 
 
 @cli.command()
@@ -114,12 +130,33 @@ def _notify_targets(_: click.Context, __: click.Parameter,
     "\"HOST:PORT\"; --http and --notify given as flags (or env) replace the file's "
     "(env FLEETWAVE_CONFIG).",
 )
+@click.option(
+    "--keep-rollouts", type=click.IntRange(0, KEEP_MAX), default=KEEP_DEFAULT,
+    envvar="FLEETWAVE_KEEP_ROLLOUTS", show_default=True,
+    help="Rollouts of each service kept whole (waves, nodes, report); older ones, once finished, "
+    "are reduced to their summary ('fleetwave status ID' says 'summarised'), applied as each "
+    f"service's next rollout is written (env FLEETWAVE_KEEP_ROLLOUTS; 0-{KEEP_MAX}).",
+)
+@click.option(
+    "--events-max-age", default="90d", callback=_events_age, metavar="DUR",
+    envvar="FLEETWAVE_EVENTS_MAX_AGE", show_default=True,
+    help="Events older than this leave the events stream (the audit log): '90d', '720h'; "
+    "1h-3650d. An existing stream is updated at start (env FLEETWAVE_EVENTS_MAX_AGE).",
+)
+@click.option(
+    "--events-max-bytes", default="8GiB", callback=_events_bytes, metavar="SIZE",
+    envvar="FLEETWAVE_EVENTS_MAX_BYTES", show_default=True,
+    help="Past this size the oldest events leave the events stream: '512MiB', '8GiB', '2TB'; "
+    "16MiB-1PiB, per copy. An existing stream is updated at start "
+    "(env FLEETWAVE_EVENTS_MAX_BYTES).",
+)
 @creds_option
 @tls_ca_option
 @click.pass_obj
 def coordinator(ctx: Ctx, verbose: bool, key_file: Path | None, replicas: int | None,
                 notify: list[Target], notify_secret: str | None, http: tuple[str, int] | None,
-                http_tokens: Path | None, config: Path | None, creds: Path | None,
+                http_tokens: Path | None, config: Path | None, keep_rollouts: int,
+                events_max_age: float, events_max_bytes: int, creds: Path | None,
                 tls_ca: Path | None) -> int:
     """Run the coordinator daemon in the foreground (SIGTERM or Ctrl-C stops it)."""
     if config is not None:  # first: a bad file is one line before anything starts
@@ -147,14 +184,25 @@ def coordinator(ctx: Ctx, verbose: bool, key_file: Path | None, replicas: int | 
     seed = coordinator_seed(path)
     notifier = (Notifier(notify, secret=notify_secret.encode() if notify_secret else None)
                 if notify else None)
+    history = History(Retention(keep_rollouts),
+                      EventsLimits(max_age=events_max_age, max_bytes=events_max_bytes))
     return asyncio.run(_run_coordinator(ctx, seed, replicas, previous_key(path, seed), notifier,
-                                        http, tokens))
+                                        http, tokens, history))
+
+
+@dataclass(frozen=True)
+class History:
+    """What the coordinator keeps of the past: rollouts whole, and events."""
+
+    rollouts: Retention
+    events: EventsLimits
 
 
 async def _run_coordinator(ctx: Ctx, seed: bytes, replicas: int | None,
                            previous: str | None = None, notifier: Notifier | None = None,
                            http: tuple[str, int] | None = None,
-                           tokens: web_tokens.TokenFile | None = None) -> int:
+                           tokens: web_tokens.TokenFile | None = None,
+                           history: History | None = None) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -163,7 +211,9 @@ async def _run_coordinator(ctx: Ctx, seed: bytes, replicas: int | None,
         "connecting to %s for fleet %r", redact(ctx.nats_url), ctx.fleet
     )
     coord = Coordinator(ctx.nats_url, ctx.fleet, seed=seed, replicas=replicas,
-                        previous_key=previous, notifier=notifier, **ctx.access())
+                        previous_key=previous, notifier=notifier,
+                        retention=history.rollouts if history else None,
+                        events_limits=history.events if history else None, **ctx.access())
     surface = None
     if http is not None:
         from coordinator.http.server import HttpSurface  # aiohttp: only for a coordinator serving
@@ -173,7 +223,7 @@ async def _run_coordinator(ctx: Ctx, seed: bytes, replicas: int | None,
         await surface.start()  # before the bus: an address in use is one line at once
     try:
         await coord.run(stop)
-    except TooFewServers as exc:
+    except (TooFewServers, NoRoom) as exc:
         raise UsageError(str(exc)) from None  # exit 2: an operator's flag, not a failure
     finally:
         if surface is not None:

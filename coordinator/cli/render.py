@@ -247,8 +247,23 @@ def _styled(state: str) -> Text:
     return cell(state.replace("_", " "), STATE_STYLE.get(state, ""))
 
 
+def summarised_lines(st: dict[str, Any]) -> list[str]:
+    """A rollout that retention reduced: its headline, who, and what is left of it."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(st.get("finished") or 0))
+    lines = [headline(st)]
+    if who_line(st):
+        lines.append(f"  {who_line(st)}")
+    lines.append(f"  summarised: {st.get('node_count', 0)} nodes in {st.get('wave_count', 0)} "
+                 f"waves, finished {when} UTC; only this summary is kept (its waves and nodes "
+                 "are past 'fleetwave coordinator --keep-rollouts'; 'fleetwave events --rollout "
+                 f"{st.get('id')}' has its events while the stream keeps them)")
+    return [safe(line) for line in lines]
+
+
 def status_renderable(st: dict[str, Any]) -> RenderableType:
     """The people's view of one rollout: a headline, its waves and its nodes."""
+    if st.get("summarised"):
+        return Text("\n".join(summarised_lines(st)))
     waves = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("WAVE", "STATE", "WEIGHT", "NODES", "GATES"):
         waves.add_column(col)
@@ -273,6 +288,8 @@ def status_renderable(st: dict[str, Any]) -> RenderableType:
 
 def status_text(st: dict[str, Any]) -> str:
     """The same view as plain lines (no terminal)."""
+    if st.get("summarised"):
+        return "\n".join(summarised_lines(st))
     lines = [headline(st)]
     if who_line(st):
         lines.append(f"  {who_line(st)}")

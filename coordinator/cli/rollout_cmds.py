@@ -458,7 +458,10 @@ def status(ctx: Ctx, rollout: str, output: str) -> None:
 
 @cli.command()
 @click.option("--service", default="", help="Only rollouts of this service.")
-@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True,
+              help="At most this many rows; each service's index holds its last 100 rollouts "
+              "(or the coordinator's --keep-rollouts, if more): 'fleetwave status ID' reads "
+              "an older one.")
 @output_option
 @click.pass_obj
 def rollouts(ctx: Ctx, service: str, limit: int, output: str) -> None:

@@ -58,6 +58,7 @@ from coordinator.api.rollouts import LiveRollout, RolloutsApi
 from coordinator.api.verbs import HANDLER_TIMEOUT, Api
 from coordinator.core.engine import EngineEvent
 from coordinator.core.fleet import Fleet, Transition
+from coordinator.core.history import Retention, newest
 from coordinator.core.rotation import lead_refusal, retired_after, short
 from coordinator.errors import ConfigError, RemoteError
 from coordinator.releases import resolve_release
@@ -79,12 +80,13 @@ from coordinator.runtime.rotation import resign_desired
 from coordinator.runtime.runner import TICK, Runner
 from coordinator.runtime.store import RolloutStore
 from protocol import subjects
-from protocol.bus import RECONNECT_CAP, Bus, Handler, redact
+from protocol.bus import RECONNECT_CAP, Bus, EventsLimits, Handler, redact
 from protocol.bus import Observer as BusObserver
 from protocol.codec import decode, encode
 from protocol.creds import Creds
-from protocol.errors import BusError, ProtocolError, TooFewServers
+from protocol.errors import BusError, NoRoom, ProtocolError, TooFewServers
 from protocol.events import EventPublisher
+from protocol.history import RolloutSummary, SummarisedRollout
 from protocol.messages import (
     ApiReply,
     Cordon,
@@ -128,9 +130,12 @@ class Coordinator:
         self, nats_url: str, fleet: str, *, clock: Callable[[], float] = time.time,
         seed: bytes | None = None, replicas: int | None = None,
         creds: Creds | None = None, tls_ca: str | None = None, previous_key: str | None = None,
-        notifier: Notifier | None = None,
+        notifier: Notifier | None = None, retention: Retention | None = None,
+        events_limits: EventsLimits | None = None,
     ) -> None:
         self.nats_url = nats_url
+        self.retention = retention or Retention()
+        self.events_limits = events_limits or EventsLimits()
         self._access: dict[str, Any] = {"creds": creds, "tls_ca": tls_ca}
         # With credentials the server proves every API caller (``protocol.subjects``).
         self.proven = creds is not None
@@ -214,14 +219,15 @@ class Coordinator:
         attempt = 0
         while True:
             try:
-                setup = await bus.ensure_fleet(self.replicas, raise_existing=True)
+                setup = await bus.ensure_fleet(self.replicas, raise_existing=True,
+                                               events=self.events_limits)
                 self.replicas_used = setup.replicas
                 for stream, had in setup.raised:
                     log.info("raised %s from %d to %d replicas", stream, had, setup.replicas)
                 await self._load_known(bus)
                 break
-            except TooFewServers:
-                raise  # the operator's --replicas: retrying cannot help; nothing was created
+            except (TooFewServers, NoRoom):
+                raise  # the operator's --replicas or --events-max-bytes: retrying cannot help
             except BusError as exc:
                 delay = min(SETUP_RETRY_CAP, 0.25 * 2**attempt)
                 log.warning("cannot set up fleet %r yet (%s); retrying in %.1fs", f, exc, delay)
@@ -230,7 +236,7 @@ class Coordinator:
         await bus.subscribe(subjects.heartbeats(f), self._on_heartbeat)
         await bus.subscribe(subjects.registrations(f), self._on_register)
         await self._check_key(bus)
-        self.store = RolloutStore(bus)
+        self.store = RolloutStore(bus, retention=self.retention)
         self.lease = Lease(bus, me=self.id, key=self.public_key)
         RolloutsApi(
             _Current(self), public_key=self.public_key,
@@ -308,7 +314,7 @@ class Coordinator:
                 runner = Runner(bus, seed=self.seed, fenced=Fenced(bus, fence),
                                 nodes=self.table.view, liveness=self.table.liveness,
                                 clock=self._clock, started=self.started,
-                                observe=self.on_event)
+                                observe=self.on_event, retention=self.retention)
                 self.runner = runner
                 log.info("coordinator %s leads fleet %r (term %d)", self.id, self.fleet_name,
                          held.term)
@@ -527,6 +533,28 @@ class _Current:
             return await self._c.runner.get(rollout_id)
         assert self._c.store is not None
         return await self._c.store.load(rollout_id)
+
+    async def find(self, rollout_id: str) -> RolloutRecord | SummarisedRollout | None:
+        if self._c.runner is not None:
+            return await self._c.runner.find(rollout_id)
+        assert self._c.store is not None
+        found = await self._c.store.find(rollout_id)
+        return found[0] if found is not None else None
+
+    async def latest(self) -> RolloutRecord | SummarisedRollout | None:
+        if self._c.runner is not None:
+            return await self._c.runner.latest()
+        assert self._c.store is not None
+        rid = await self._c.store.latest()
+        return await self.find(rid) if rid else None
+
+    async def history(self, service: str = "", limit: int = 50) -> list[RolloutSummary]:
+        if self._c.runner is not None:
+            return await self._c.runner.history(service, limit)
+        assert self._c.store is not None
+        if service:
+            return (await self._c.store.index(service))[:limit]
+        return newest((await self._c.store.indexes()).values(), limit)
 
     async def records(self) -> list[RolloutRecord]:
         if self._c.runner is not None:

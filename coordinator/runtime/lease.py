@@ -46,7 +46,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -115,13 +115,13 @@ class Fenced:
     def term(self) -> int:
         return self.fence.term
 
-    async def write_all(self, bucket: str,
-                        writes: Sequence[tuple[str, bytes | None]]) -> list[int | BusError]:
+    async def write_all(self, bucket: str, writes: Sequence[tuple[str, bytes | None]], *,
+                        rollup: Collection[str] = ()) -> list[int | BusError]:
         """Every (key, value; None deletes) of ``bucket`` pipelined; per write its revision or
-        its BusError, where a lost fence is ``Deposed``."""
+        its BusError, where a lost fence is ``Deposed``. Keys in ``rollup`` drop their history."""
         try:
             results = await bounded(self.bus.kv_fenced_all(bucket, writes,
-                                                           self.fence.seq(bucket)))
+                                                           self.fence.seq(bucket), rollup=rollup))
         except BusError as exc:
             return [exc] * len(writes)
         return [self._deposed(bucket) if isinstance(r, Conflict) else r for r in results]

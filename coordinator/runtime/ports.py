@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from typing import Protocol
 
 from protocol.bus import Entry
@@ -25,12 +25,14 @@ class RunnerBus(Protocol):
     async def kv_delete(self, bucket: str, key: str, last: int | None = None) -> None: ...
     async def kv_entries(self, bucket: str, pattern: str = ">") -> list[Entry]: ...
     def watch(self, bucket: str, pattern: str) -> AsyncIterator[Entry | None]: ...
+    def kv_scan(self, bucket: str, pattern: str = ">", *,
+                page: int = ...) -> AsyncIterator[list[Entry]]: ...
     async def kv_update_all(
         self, bucket: str, writes: Sequence[tuple[str, bytes, int]], *, timeout: float = ...,
     ) -> list[int | BusError]: ...
     async def kv_fenced_all(
         self, bucket: str, writes: Sequence[tuple[str, bytes | None]], fence: int, *,
-        timeout: float = ...,
+        timeout: float = ..., rollup: Collection[str] = ...,
     ) -> list[int | BusError]: ...
     async def js_publish_events(
         self, messages: Sequence[tuple[str, bytes]], *, timeout: float = ...,

@@ -73,6 +73,7 @@ from coordinator.core.engine import (
     new_record,
     worst_case_size,
 )
+from coordinator.core.history import Retention, newest, summarise
 from coordinator.errors import RemoteError, UsageError
 from coordinator.runtime.calls import COMMAND_DEADLINE, Retrying
 from coordinator.runtime.cordons import Cordons, read_cordons
@@ -87,6 +88,7 @@ from protocol.bus import Entry
 from protocol.codec import decode
 from protocol.errors import BusError, Conflict, ProtocolError
 from protocol.events import EventPublisher
+from protocol.history import RolloutSummary, SummarisedRollout
 from protocol.messages import (
     TERMINAL_STATES,
     DesiredState,
@@ -122,6 +124,7 @@ class Runner:
         clock: Callable[[], float] = time.time, tick: float = TICK,
         startup_grace: float = STARTUP_GRACE, command_deadline: float = COMMAND_DEADLINE,
         started: float | None = None, observe: Observe | None = None,
+        retention: Retention | None = None,
     ) -> None:
         self.bus = bus
         self.fleet = bus.fleet
@@ -140,7 +143,8 @@ class Runner:
         self.observed: dict[tuple[str, str], ObservedState] = {}
         self.deposed: Deposed | None = None
         self.lost = asyncio.Event()  # set once a write met a later leader's fence
-        self.store = RolloutStore(bus, fenced=fenced, live=self._live_record)
+        self.store = RolloutStore(bus, fenced=fenced, live=self._live_record,
+                                  retention=retention)
         self.desired = DesiredWriter(bus, seed=seed, fenced=fenced, retrying=self._retrying)
         self.events = EventPublisher(self.fleet, logger=log, on_stored=self._stored)
         self._executor = Executor(store=self.store, desired=self.desired, events=self.events,
@@ -433,10 +437,11 @@ class Runner:
         """Feed an operator request to a live rollout; RemoteError says why it cannot be."""
         driver = self.drivers.get(rollout_id)
         if driver is None:
-            record = await self.get(rollout_id)
-            if record is None:
+            found = await self.find(rollout_id)
+            if found is None:
                 raise RemoteError(f"no rollout {rollout_id!r} in fleet {self.fleet!r}; list them "
                                   "with 'fleetwave rollouts'", "not_found")
+            record = found.summary if isinstance(found, SummarisedRollout) else found
             if record.state in TERMINAL_STATES:
                 state = record.state.replace("_", " ")
                 raise RemoteError(f"rollout {rollout_id} is already {state}"
@@ -480,8 +485,38 @@ class Runner:
         """A rollout's record: the live one if driven here, else as persisted."""
         return self._live_record(rollout_id) or await self.store.load(rollout_id)
 
+    async def find(self, rollout_id: str) -> RolloutRecord | SummarisedRollout | None:
+        """``get``, or what retention left of the rollout."""
+        live = self._live_record(rollout_id)
+        if live is not None:
+            return live
+        found = await self.store.find(rollout_id)
+        return found[0] if found is not None else None
+
+    async def latest(self) -> RolloutRecord | SummarisedRollout | None:
+        """The rollout created last in the fleet (``_latest``), as ``find`` has it."""
+        rid = await self.store.latest()
+        return await self.find(rid) if rid else None
+
+    async def history(self, service: str = "", limit: int = 50) -> list[RolloutSummary]:
+        """The ``limit`` newest rollouts (of ``service``, or of the fleet), from the indexes,
+        live ones as they are now."""
+        if service:
+            indexes = {service: await self.store.index(service)}
+        else:
+            indexes = await self.store.indexes()
+        for driver in self.drivers.values():
+            if service and driver.service != service:
+                continue
+            entries = [s for s in indexes.get(driver.service, []) if s.id != driver.id]
+            entries.append(summarise(driver.rollout.record))
+            indexes[driver.service] = sorted(entries, key=lambda s: (s.created, s.id),
+                                             reverse=True)
+        return newest(indexes.values(), limit)
+
     async def records(self) -> list[RolloutRecord]:
-        """Every rollout of the fleet, newest first (live ones as they are now)."""
+        """Every rollout of the fleet kept whole, newest first (live ones as they are now): a
+        scan of every record, for tools; the API reads ``history``."""
         out = {rec.id: rec for rec in await self.store.records()}
         for rid, driver in self.drivers.items():
             out[rid] = driver.rollout.record
@@ -494,23 +529,30 @@ class Runner:
     # -- resuming ----------------------------------------------------------------------------------
 
     async def resync(self) -> None:
-        """Drive every non-terminal rollout in KV that is not driven yet; release stale locks."""
-        for entry in await self.store.entries():
-            record = self.store.decode(entry)
-            if record is None or record.id in self.drivers or record.id in self.closing:
+        """Drive every non-terminal rollout in KV that is not driven yet; release stale locks.
+        Which ones may need it the indexes and the locks say (``RolloutStore.open_ids``): the
+        cost does not grow with the rollouts of the past."""
+        for rid in await self.store.open_ids():
+            if rid in self.drivers or rid in self.closing:
+                continue
+            found = await self.store.load_entry(rid)
+            if found is None:
+                continue
+            record, revision = found
+            if record.id in self.drivers or record.id in self.closing:
                 continue
             outbox = record.outbox
             record = msgspec.structs.replace(record, outbox=[])
             if record.state in TERMINAL_STATES:
                 if outbox:  # its last events may never have reached the stream
-                    self._republish(self.closing, record, entry.revision, outbox)
+                    self._republish(self.closing, record, revision, outbox)
                 if record.id not in self._settled:
                     await self.store.release_lock(record.spec.service, record.id)
                     self._settled.add(record.id)
                 continue
             if record.state == "pending" and not await self._own_lock(record):
                 continue
-            driver = self._republish(self.drivers, record, entry.revision, outbox)
+            driver = self._republish(self.drivers, record, revision, outbox)
             log.info("resuming rollout %s (%s, %s %s, wave %d)", record.id, record.state,
                      record.spec.service, record.release.version, record.current_wave)
             try:

@@ -17,6 +17,11 @@ The other way round, a record may exist without its lock (a crash between the tw
 whose lost reply made its deploy give up): it is started only once it holds the lock
 (``Runner.resync`` takes it, and drops a never-started record that cannot).
 
+The history (``coordinator.runtime.history``): every write that changes a record's summary
+(create, start, a wave, terminal, its last events acknowledged) carries the service's index, and
+past the retention the records it reduces, in the same atomic fenced batch. Reading the history
+(``index``, ``latest``, ``open_ids``) reads indexes, never every record.
+
 Every call is bounded (``calls.bounded``); retrying is the caller's choice.
 """
 
@@ -27,13 +32,16 @@ import logging
 import re
 from collections.abc import Callable
 
+from coordinator.core.history import Retention
 from coordinator.runtime.calls import bounded
+from coordinator.runtime.history import Change, History, Stored, decode_stored
 from coordinator.runtime.lease import Fenced
 from coordinator.runtime.ports import RunnerBus
 from protocol import subjects
 from protocol.bus import Entry
 from protocol.codec import decode, encode
 from protocol.errors import BusError, Conflict, ProtocolError
+from protocol.history import RolloutSummary, SummarisedRollout
 from protocol.messages import TERMINAL_STATES, DesiredState, RolloutRecord, SignedEnvelope
 
 log = logging.getLogger("fleetwave.coordinator.runner")
@@ -49,7 +57,8 @@ class RolloutStore:
     """The rollout records and service locks of one fleet in KV."""
 
     def __init__(self, bus: RunnerBus, *, fenced: Fenced | None = None,
-                 live: Callable[[str], RolloutRecord | None] = lambda _id: None) -> None:
+                 live: Callable[[str], RolloutRecord | None] = lambda _id: None,
+                 retention: Retention | None = None) -> None:
         self.bus = bus
         self.fenced = fenced
         self._live = live  # the record of a rollout driven here, which may be ahead of KV
@@ -61,26 +70,80 @@ class RolloutStore:
         # One lock operation per service at a time: a release (read, then delete) must not
         # interleave with a take (read, then write) of the same service's lock.
         self._lock_ops: dict[str, asyncio.Lock] = {}
+        self.history = History(bus, fenced=fenced, retention=retention or Retention(),
+                               scan=self.records, entries=self.entries)
+        self._history_ops = asyncio.Lock()  # one index change (read, write, commit) at a time
 
     # -- records ----------------------------------------------------------------------------------
 
     async def load(self, rollout_id: str) -> RolloutRecord | None:
-        """A rollout's record as persisted; None if there is none (or the id is not one)."""
+        """A rollout's record as persisted; None if there is none, if the id is not one, or if
+        retention reduced it (``find`` says so)."""
+        found = await self.load_entry(rollout_id)
+        return found[0] if found is not None else None
+
+    async def load_entry(self, rollout_id: str) -> tuple[RolloutRecord, int] | None:
+        """``load`` with the record's revision."""
+        found = await self.find(rollout_id)
+        if found is None or isinstance(found[0], SummarisedRollout):
+            return None
+        return found[0], found[1]
+
+    async def find(self, rollout_id: str) -> tuple[Stored, int] | None:
+        """A rollout as persisted, whole or reduced, and its revision; None if there is none."""
         if not _ROLLOUT_ID.match(rollout_id):
             return None
         entry = await bounded(self.bus.kv_get(self.rollouts, rollout_id))
         if entry is None or entry.value is None:
             return None
-        return self.decode(entry)
+        try:
+            return decode_stored(entry.value), entry.revision
+        except ProtocolError:
+            record = self.decode(entry)  # logs it once
+            return (record, entry.revision) if record is not None else None
+
+    async def index(self, service: str) -> list[RolloutSummary]:
+        """``service``'s recent rollouts as persisted, newest first (``History.index``)."""
+        return await self.history.index(service)
+
+    async def indexes(self) -> dict[str, list[RolloutSummary]]:
+        """Every service's recent rollouts as persisted."""
+        return await self.history.indexes()
+
+    async def latest(self) -> str:
+        """The id of the rollout created last in the fleet, or ""."""
+        return await self.history.latest()
+
+    async def open_ids(self) -> list[str]:
+        """Every rollout that may need a coordinator: each not settled (``RolloutSummary``) and
+        each holding a service's lock, read off the indexes and the locks, never the records."""
+        out = {s.id for entries in (await self.indexes()).values() for s in entries
+               if not s.settled}
+        for entry in await bounded(self.bus.kv_entries(self.locks)):
+            if entry.key != subjects.FENCE_KEY and entry.value:
+                out.add(entry.value.decode(errors="replace"))
+        return sorted(out)
 
     async def entries(self) -> list[Entry]:
-        """Every record entry of the rollouts bucket (``decode`` reads them)."""
-        return [e for e in await bounded(self.bus.kv_entries(self.rollouts))
-                if e.key != subjects.FENCE_KEY]
+        """Every record entry of the rollouts bucket (``decode`` reads them): a scan, for the
+        history's rebuild and tools; reading rollouts goes through the indexes."""
+        out: list[Entry] = []
+        pages = self.bus.kv_scan(self.rollouts)
+        try:
+            while True:  # each page bounded: the whole scan takes as long as the bucket needs
+                try:
+                    got = await bounded(anext(pages))
+                except StopAsyncIteration:
+                    return out
+                out += [e for e in got if not e.key.startswith("_")]
+        finally:
+            close = getattr(pages, "aclose", None)  # its consumer goes with it
+            if close is not None:
+                await close()
 
     async def records(self) -> list[RolloutRecord]:
-        """Every rollout of the fleet as persisted (the runner overlays the live ones), newest
-        first."""
+        """Every rollout of the fleet kept whole as persisted, newest first: a scan (see
+        ``entries``)."""
         out = [rec for entry in await self.entries() if (rec := self.decode(entry)) is not None]
         return sorted(out, key=lambda r: (r.created, r.id), reverse=True)
 
@@ -93,19 +156,21 @@ class RolloutStore:
     def decode(self, entry: Entry) -> RolloutRecord | None:
         """The record in ``entry``, or None (logged once per key) if it does not decode."""
         try:
-            return decode(RolloutRecord, entry.value or b"")
+            stored = decode_stored(entry.value or b"")
         except ProtocolError as exc:
             if entry.key not in self._complained:
                 self._complained.add(entry.key)
                 log.error("ignoring unreadable rollout record %s: %s", entry.key, exc)
             return None
+        return stored if isinstance(stored, RolloutRecord) else None  # reduced: not a record
 
     async def create(self, record: RolloutRecord) -> int:
-        """Store a new record; its revision. A failed write whose record turns out to be there
-        (a lost reply) is a success; one that lands later still needs the lock to start."""
+        """Store a new record, with its service's index and ``_latest``; its revision. A failed
+        write whose record turns out to be there (a lost reply) is a success; one that lands
+        later still needs the lock to start."""
         data = encode(record)
         try:
-            return await self.writer.put(self.rollouts, record.id, data)
+            return await self._write(record, data, created=True)
         except BusError:
             entry = await bounded(self.bus.kv_get(self.rollouts, record.id))
             if entry is None or entry.value != data:
@@ -113,12 +178,43 @@ class RolloutStore:
             return entry.revision
 
     async def discard(self, record: RolloutRecord) -> None:
-        """Delete a record that never started (it lost its service's lock)."""
-        await self.writer.delete(self.rollouts, record.id)
+        """Delete a record that never started (it lost its service's lock), and its summary."""
+        writer = self.writer
+        async with self._history_ops:
+            await self.history.ensure()
+            change = self.history.without(record.spec.service, record.id)
+            await self._batch(writer, [(record.id, None), *change.writes], change)
 
     async def persist(self, record: RolloutRecord) -> int:
-        """Write ``record``; its new revision. Deposed once another coordinator leads."""
-        return await self.writer.put(self.rollouts, record.id, encode(record))
+        """Write ``record`` (and the history its summary changes); its new revision. Deposed
+        once another coordinator leads."""
+        return await self._write(record, encode(record))
+
+    async def _write(self, record: RolloutRecord, data: bytes, *, created: bool = False) -> int:
+        writer = self.writer
+        async with self._history_ops:
+            change = await self.history.change(record, created=created)
+            if change is None:
+                return await self._batch(writer, [(record.id, data)], None)
+            # A record that retention reduces in this very write (keep 0) is written reduced:
+            # one key once per batch (the server refuses a rollup of a key written before it).
+            mine = [value for key, value in change.writes if key == record.id]
+            rest = [(key, value) for key, value in change.writes if key != record.id]
+            return await self._batch(writer, [(record.id, mine[0] if mine else data), *rest],
+                                     change)
+
+    async def _batch(self, writer: Fenced, writes: list[tuple[str, bytes | None]],
+                     change: Change | None) -> int:
+        """Write ``writes`` in one atomic fenced batch (the first is the record's); its revision."""
+        results = await writer.write_all(self.rollouts, writes,
+                                         rollup=change.keys if change else ())
+        failed = next((r for r in results if isinstance(r, BusError)), None)
+        if failed is not None:
+            raise failed
+        self.history.commit(change)
+        first = results[0]
+        assert isinstance(first, int)
+        return first
 
     async def current_desired(self, service: str) -> dict[str, DesiredState]:
         """Every node's current desired state of ``service``, from the desired bucket."""

@@ -53,7 +53,12 @@ def strategy(spec: RolloutSpec) -> Strategy:
 def removes(spec: RolloutSpec) -> bool:
     """Whether ``spec`` removes its service (``fleetwave remove``) rather than deploying a
     release: it names no version and its record's release has no digest."""
-    return STRATEGIES.get(spec.strategy) is remove
+    return removes_strategy(spec.strategy)
+
+
+def removes_strategy(name: str) -> bool:
+    """``removes`` by the strategy's name (a rollout's summary keeps only that)."""
+    return STRATEGIES.get(name) is remove
 
 
 def validate(spec: RolloutSpec) -> None:

@@ -40,6 +40,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import psutil
 
 from coordinator.dev.devfleet import DevFleet
@@ -365,6 +366,12 @@ async def kv_landed(bus: Bus) -> AsyncIterator[dict[str, list[KvMessage]]]:
         out[bucket] = [got[seq] for seq in sorted(got)]
 
 
+class Termed(msgspec.Struct):
+    """The lease term in any value a leader writes to the rollouts bucket."""
+
+    term: int
+
+
 def assert_fenced_off(logs: dict[str, list[KvMessage]], term: int,
                       fleet: str = "default") -> dict[str, int]:
     """In each of the rollouts and desired buckets' logs (``kv_log`` or ``kv_landed``, by
@@ -372,7 +379,8 @@ def assert_fenced_off(logs: dict[str, list[KvMessage]], term: int,
     no write of a deposed leader landed. The number of such writes per bucket (each > 0: the
     new leader wrote there)."""
     terms: dict[str, Callable[[bytes], int]] = {
-        subjects.rollouts_bucket(fleet): lambda data: decode(RolloutRecord, data).term,
+        # records, and the history beside them (indexes, reduced records): each has a term
+        subjects.rollouts_bucket(fleet): lambda data: decode(Termed, data).term,
         subjects.desired_bucket(fleet): lambda data: decode(SignedEnvelope, data).term,
     }
     assert set(logs) == set(terms), f"logs of {sorted(logs)}, not of {sorted(terms)}"

@@ -10,7 +10,14 @@ import pytest
 from nats.js.api import DiscardPolicy
 
 from coordinator.dev.broker import Broker, free_port
-from protocol.bus import EVENTS_MAX_AGE, EVENTS_MAX_BYTES, EVENTS_MAX_EVENT, Bus, Entry
+from protocol.bus import (
+    EVENTS_MAX_AGE,
+    EVENTS_MAX_BYTES,
+    EVENTS_MAX_EVENT,
+    Bus,
+    Entry,
+    EventsLimits,
+)
 from protocol.errors import BusError, Conflict, NotReachable, TooFewServers
 
 
@@ -218,3 +225,26 @@ async def test_one_server_gets_one_replica_and_refuses_more(broker: Broker) -> N
 async def _streams(bus: Bus) -> AsyncIterator[str]:
     for info in await bus.js.streams_info():
         yield info.config.name or ""
+
+
+async def test_the_coordinators_events_limits_apply_to_an_existing_stream(tmp_path: Path) -> None:
+    """The limits given (the coordinator's --events-max-age/--events-max-bytes) are set on an
+    existing stream, and a later ensure_fleet without them (a tool) leaves them as they are."""
+    broker = Broker(store_dir=tmp_path / "js")
+    await broker.start()
+    bus = await Bus.connect(broker.url, "t")
+    try:
+        await bus.ensure_fleet()
+        limits = EventsLimits(max_age=7 * 86400.0, max_bytes=256 * 2**20)
+        await bus.ensure_fleet(raise_existing=True, events=limits)
+        info = await bus.js.stream_info("FW_t_EVENTS")
+        assert (info.config.max_age, info.config.max_bytes) == (7 * 86400.0, 256 * 2**20)
+        await bus.ensure_fleet()
+        info = await bus.js.stream_info("FW_t_EVENTS")
+        assert (info.config.max_age, info.config.max_bytes) == (7 * 86400.0, 256 * 2**20)
+        await bus.ensure_fleet(raise_existing=True, events=EventsLimits())  # back to defaults
+        info = await bus.js.stream_info("FW_t_EVENTS")
+        assert (info.config.max_age, info.config.max_bytes) == (EVENTS_MAX_AGE, EVENTS_MAX_BYTES)
+    finally:
+        await bus.close()
+        await broker.stop()

@@ -7,6 +7,8 @@ from typing import Any
 
 from coordinator.api.rollouts import RolloutsApi, removal_ref, undo_removal
 from coordinator.core.engine import EngineEvent
+from coordinator.core.history import summarise
+from protocol.history import RolloutSummary
 from protocol.messages import (
     DeployRequest,
     ReleaseRef,
@@ -18,12 +20,13 @@ from protocol.testing import NEW, OLD, spec
 
 
 class Runner:
-    """Records what is deployed; ``history`` is what ``records`` returns (newest first)."""
+    """Records what is deployed; ``past`` is the rollouts known (newest first), read as the
+    history's summaries and records."""
 
     fleet = "f"
 
-    def __init__(self, history: list[RolloutRecord]) -> None:
-        self.history = history
+    def __init__(self, past: list[RolloutRecord]) -> None:
+        self.past = past
         self.deployed: list[tuple[RolloutSpec, ReleaseRef]] = []
 
     async def deploy(self, spec: RolloutSpec, release: ReleaseRef, who: str) -> RolloutRecord:
@@ -33,11 +36,14 @@ class Runner:
     async def request(self, rollout_id: str, event: EngineEvent) -> RolloutRecord:
         raise AssertionError("no live rollout here")
 
-    async def get(self, rollout_id: str) -> RolloutRecord | None:
-        return None
+    async def find(self, rollout_id: str) -> RolloutRecord | None:
+        return next((r for r in self.past if r.id == rollout_id), None)
 
-    async def records(self) -> list[RolloutRecord]:
-        return self.history
+    async def latest(self) -> RolloutRecord | None:
+        return self.past[0] if self.past else None
+
+    async def history(self, service: str = "", limit: int = 50) -> list[RolloutSummary]:
+        return [summarise(r) for r in self.past if not service or r.spec.service == service]
 
     def active(self, service: str) -> Any:
         return None

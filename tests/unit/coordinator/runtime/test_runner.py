@@ -115,7 +115,7 @@ async def test_persist_comes_before_the_desired_writes_it_decided() -> None:
     last_record: RolloutRecord | None = None
     writes = 0
     for op, bucket, key, value in bus.log:
-        if bucket == ROLLOUTS and value is not None:
+        if bucket == ROLLOUTS and value is not None and not key.startswith("_"):
             last_record = decode(RolloutRecord, value)
         elif bucket == DESIRED and value is not None:
             writes += 1
@@ -202,7 +202,7 @@ async def test_resume_after_a_crash_between_persist_and_write_rewrites_only_the_
     with pytest.raises(Killed):
         await runner(bus, clock).deploy(spec(), NEW)
     bus.faults.clear()
-    rid = next(k for k in bus.kv[ROLLOUTS] if k != subjects.FENCE_KEY)
+    rid = next(k for k in bus.kv[ROLLOUTS] if not k.startswith("_"))
     assert bus.record(rid).nodes["node-1"].target is not None
     assert bus.desired_writes() == []
     clock.t += 5
@@ -225,7 +225,7 @@ async def test_resume_starts_a_rollout_killed_before_its_start() -> None:
     with pytest.raises(Killed):
         await runner(bus, clock).deploy(spec(), NEW)
     bus.faults.clear()
-    rid = next(k for k in bus.kv[ROLLOUTS] if k != subjects.FENCE_KEY)
+    rid = next(k for k in bus.kv[ROLLOUTS] if not k.startswith("_"))
     assert bus.record(rid).state == "pending"
     r2 = runner(bus, clock)
     await r2.resync()
@@ -397,7 +397,8 @@ async def test_node_progress_is_held_for_the_next_persist_and_never_published_be
     r = runner(bus, clock)
     rec = await r.deploy(spec(batch="100%", max_unavailable="100%"), NEW)
     r.events.pending()
-    persisted = len([1 for _, b, _, v in bus.log if b == ROLLOUTS and v is not None])
+    persisted = len([1 for _, b, k, v in bus.log
+                     if b == ROLLOUTS and v is not None and not k.startswith("_")])
     clock.t += 0.01
     await report(r, bus, "node-1", clock.t)
     await report(r, bus, "node-2", clock.t)
@@ -410,7 +411,8 @@ async def test_node_progress_is_held_for_the_next_persist_and_never_published_be
         "node-1": "done", "node-2": "done", "node-3": "updating"}
     assert [(e.kind, e.node) for e in r.events.pending()] == [
         ("node.done", "node-1"), ("node.done", "node-2")]
-    assert len([1 for _, b, _, v in bus.log if b == ROLLOUTS and v is not None]) == persisted + 1
+    assert len([1 for _, b, k, v in bus.log
+                     if b == ROLLOUTS and v is not None and not k.startswith("_")]) == persisted + 1
     clock.t += 0.01
     await report(r, bus, "node-3", clock.t)  # the wave converges: decided and written at once
     assert bus.record(rec.id).state == "succeeded"
@@ -519,7 +521,7 @@ async def test_a_bus_error_starting_a_recorded_rollout_says_it_was_accepted() ->
     bus.fault_count[("update", ROLLOUTS)] = 100
     with pytest.raises(RemoteError, match="is recorded but its start failed") as info:
         await r.deploy(spec(), NEW, "alice")
-    rid = next(k for k in bus.kv[ROLLOUTS] if k != subjects.FENCE_KEY)
+    rid = next(k for k in bus.kv[ROLLOUTS] if not k.startswith("_"))
     assert info.value.code == "accepted" and info.value.data == {"id": rid}
     assert f"'fleetwave status {rid}'" in str(info.value)
     assert bus.record(rid).state == "pending" and bus.live(LOCKS, "hello") is not None
@@ -548,7 +550,7 @@ async def test_a_recorded_rollout_that_lost_its_lock_is_never_started() -> None:
     with pytest.raises(Killed):
         await runner(bus, clock).deploy(spec(), NEW)
     bus.faults.clear()
-    late = next(k for k in bus.kv[ROLLOUTS] if k != subjects.FENCE_KEY)
+    late = next(k for k in bus.kv[ROLLOUTS] if not k.startswith("_"))
     assert bus.record(late).state == "pending"
     bus.set("delete", LOCKS, "hello", None)  # its deploy gave up and released the lock
     clock.t += 5
