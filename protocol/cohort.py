@@ -27,6 +27,7 @@ weighted split decides); *how* why, for the router's counters (``HOW_*``).
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
 from hashlib import blake2b
 
 from protocol.messages import SLOTS, CohortSpec
@@ -167,36 +168,41 @@ class Cohort:
             value = header_value(headers, self.key_name)
         return value or None
 
-    def choose(self, headers: list[tuple[bytes, bytes]], ip: str, share: int) -> tuple[int, str]:
-        """``(side, how)`` for one request with ``share`` buckets on the new slot.
+    def choose(
+        self, headers: list[tuple[bytes, bytes]], ip: str, share: int
+    ) -> tuple[int, str, int]:
+        """``(side, how, hash)`` for one request with ``share`` buckets on the new slot; ``hash``
+        is the key's 64-bit hash (0 when no key decided), for the users sketch.
 
         ``how`` is ``HOW_ASSIGN`` when the cookie key is missing and ``assign_cookie`` is on: the
         caller makes a value, routes by ``side_of`` it and sets the cookie (the side returned
         then is the fallback's)."""
         if self.deny and _matches(self.deny, headers):
-            return OLD, HOW_DENY
+            return OLD, HOW_DENY, 0
         if self.allow and _matches(self.allow, headers):
-            return NEW, HOW_ALLOW
+            return NEW, HOW_ALLOW, 0
         if self.by_ip:
-            return self.side_of(ip.encode("latin-1"), share), HOW_KEY
+            h = self.hash_of(ip.encode("latin-1"))
+            return (NEW if h % BUCKETS < share else OLD), HOW_KEY, h
         if not self.key_name:
-            return SPLIT, HOW_NONE
+            return SPLIT, HOW_NONE, 0
         value = self.key_of(headers)
         if value is not None:
-            return self.side_of(value, share), HOW_KEY
+            h = self.hash_of(value)
+            return (NEW if h % BUCKETS < share else OLD), HOW_KEY, h
         how = HOW_ASSIGN if self.assign_cookie else HOW_FALLBACK
         if self.fallback_ip:
-            return self.side_of(ip.encode("latin-1"), share), how
-        return SPLIT, how
+            h = self.hash_of(ip.encode("latin-1"))
+            return (NEW if h % BUCKETS < share else OLD), how, h
+        return SPLIT, how, 0
+
+    def hash_of(self, value: bytes) -> int:
+        """The salted 64-bit hash of a key value (its bucket is this modulo ``BUCKETS``)."""
+        return int.from_bytes(blake2b(value, digest_size=8, key=self.salt).digest(), "big")
 
     def side_of(self, value: bytes, share: int) -> int:
         """NEW if ``value``'s bucket is under ``share``, else OLD."""
-        if share <= 0:
-            return OLD
-        if share >= BUCKETS:
-            return NEW
-        h = blake2b(value, digest_size=8, key=self.salt).digest()
-        return NEW if int.from_bytes(h, "big") % BUCKETS < share else OLD
+        return NEW if self.hash_of(value) % BUCKETS < share else OLD
 
 
 def _matches(rules: tuple[Rule, ...], headers: list[tuple[bytes, bytes]]) -> bool:
@@ -205,6 +211,34 @@ def _matches(rules: tuple[Rule, ...], headers: list[tuple[bytes, bytes]]) -> boo
         if got == value:
             return True
     return False
+
+
+SKETCH_K = 128  # KMV sketch size: distinct counts within about 1/sqrt(k-2) ≈ 9 %
+HASH_SPACE = 1 << 64
+
+
+def sketch_add(sketch: list[int], h: int, k: int = SKETCH_K) -> None:
+    """Keep ``sketch`` (sorted ascending) the ``k`` smallest distinct hashes seen."""
+    if len(sketch) >= k and h >= sketch[-1]:
+        return
+    i = bisect_left(sketch, h)
+    if i < len(sketch) and sketch[i] == h:
+        return
+    sketch.insert(i, h)
+    if len(sketch) > k:
+        sketch.pop()
+
+
+def merge_sketches(sketches: list[list[int]], k: int = SKETCH_K) -> list[int]:
+    """One sketch of the union (the nodes' sketches of one rollout merge this way)."""
+    return sorted(set().union(*sketches))[:k] if sketches else []
+
+
+def estimate_users(sketch: list[int], k: int = SKETCH_K) -> int:
+    """Approximate distinct users behind a KMV sketch: exact below ``k``, else (k-1)/kth."""
+    if len(sketch) < k:
+        return len(sketch)
+    return round((k - 1) * HASH_SPACE / (sketch[k - 1] + 1))
 
 
 def describe(spec: CohortSpec | None, weight: int | None = None) -> str:

@@ -270,6 +270,21 @@ class MirrorTraffic(msgspec.Struct, kw_only=True):
     samples: list[MismatchSample] = []
 
 
+class CohortTraffic(msgspec.Struct, kw_only=True):
+    """How a router's cohort rule decided (issue 15), cumulative like the slot counters.
+
+    ``users`` per slot is a KMV sketch: the ``k`` smallest 64-bit key hashes seen on that slot
+    (the hash is the rule's, salted by the rollout, so every node's sketches merge by union);
+    ``protocol.cohort.estimate_users`` turns one into an approximate count of distinct users."""
+
+    by_key: int = 0  # requests decided by their key
+    fallback: int = 0  # requests without the key (decided by the fallback)
+    assigned: int = 0  # cohort cookies handed out
+    allowed: int = 0  # requests an allow or preview rule sent to the new slot
+    denied: int = 0  # requests a deny rule kept on the old slot
+    users: dict[str, list[int]] = {}
+
+
 class RouterStats(msgspec.Struct, kw_only=True):
     epoch: float = 0.0  # router start time; counters reset when it changes
     pid: int | None = None
@@ -277,6 +292,7 @@ class RouterStats(msgspec.Struct, kw_only=True):
     weights: dict[str, int] = {}  # as applied
     slots: dict[str, SlotTraffic] = {}
     mirror: MirrorTraffic | None = None
+    cohort: CohortTraffic | None = None  # set while a cohort rule is in force
     # When the agent read these counters, by its own clock (0: unknown, an older agent). Two
     # snapshots of one router tell how long the window between them really is.
     time: float = 0.0
