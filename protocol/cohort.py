@@ -57,7 +57,8 @@ def parse_key(text: str, flag: str = "--cohort-key") -> tuple[str, str]:
                           "or ip (e.g. header:X-User)")
     if not _TOKEN.fullmatch(name):
         what = "header name" if kind == "header" else "cookie name (an HTTP token)"
-        raise CohortError(f"{flag} {text!r}: {name!r} is not a {what}; write e.g. {kind}:X-User")
+        example = "header:X-User" if kind == "header" else "cookie:fw_cohort"
+        raise CohortError(f"{flag} {text!r}: {name!r} is not a {what}; write e.g. {example}")
     return kind, name.lower() if kind == "header" else name
 
 

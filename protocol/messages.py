@@ -292,7 +292,9 @@ class RouterStats(msgspec.Struct, kw_only=True):
     weights: dict[str, int] = {}  # as applied
     slots: dict[str, SlotTraffic] = {}
     mirror: MirrorTraffic | None = None
-    cohort: CohortTraffic | None = None  # set while a cohort rule is in force
+    # Set while a cohort rule is in force; UNSET (absent) otherwise, so stats kept in rollout
+    # records keep their bytes.
+    cohort: CohortTraffic | UnsetType = UNSET
     # When the agent read these counters, by its own clock (0: unknown, an older agent). Two
     # snapshots of one router tell how long the window between them really is.
     time: float = 0.0

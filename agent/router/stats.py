@@ -11,6 +11,8 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections import deque
 
+from msgspec import UNSET
+
 from protocol.cohort import HOW_ALLOW, HOW_ASSIGN, HOW_DENY, HOW_FALLBACK, HOW_KEY, sketch_add
 from protocol.histogram import empty
 from protocol.messages import (
@@ -169,5 +171,5 @@ def router_stats(
         weights=dict(weights),
         slots={name: c.snapshot() for name, c in slots.items()},
         mirror=mirror.snapshot() if mirror is not None else None,
-        cohort=cohort.snapshot() if cohort is not None else None,
+        cohort=cohort.snapshot() if cohort is not None else UNSET,
     )
