@@ -1,0 +1,226 @@
+"""End to end: a canary by users (``--cohort-key``) on a dev fleet of 4 real agents running the
+example ``hello`` service behind their routers (127.0.70.i:8080), driven with the real CLI.
+
+500 users, told apart by an ``X-User`` header, each send 6 requests spread over all 4 nodes per
+round (every node at least once); a few are allow-listed (``X-Beta: 1``). A round runs while a
+step bakes (the test waits for the wave to bake, runs the round, then ``promote``s past the rest
+of the bake), so every request of a round meets one weight on every node. What must hold: every
+user saw exactly one version within a step, about the step's weight of users saw the new one,
+the allow-listed always did, users only moved old -> new between steps; and after a failed gate
+every user is back on the old version, with no failed request but the new version's own errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coordinator.dev.devfleet import DevFleet
+from tests.integration.procs import fleetwave, hello_bundle, wait_until
+
+SUBNET = "127.0.70"
+AGENTS = 4
+PORT = 8080
+USERS = 500
+PER_USER = 6  # requests per user per round, over nodes (u + k) % AGENTS: each node at least once
+WORKERS = 24  # concurrent clients, each with a keep-alive connection per node
+BETA = frozenset(f"u{i}" for i in range(0, USERS, 50))  # allow-listed (X-Beta: 1)
+DEPLOY_TIMEOUT = 120.0
+
+
+@dataclass
+class Answer:
+    user: str
+    node: int
+    status: int  # 0: the request failed without an HTTP answer
+    version: str
+    at: float
+
+
+@dataclass
+class Round:
+    answers: list[Answer] = field(default_factory=list)
+
+    def versions(self) -> dict[str, set[str]]:
+        seen: dict[str, set[str]] = defaultdict(set)
+        for a in self.answers:
+            seen[a.user].add(a.version)
+        return seen
+
+    def nodes(self) -> dict[str, set[int]]:
+        seen: dict[str, set[int]] = defaultdict(set)
+        for a in self.answers:
+            seen[a.user].add(a.node)
+        return seen
+
+
+class Client:
+    """One keep-alive HTTP/1.1 connection per node; GET / as a user."""
+
+    def __init__(self, fleet: DevFleet) -> None:
+        self.fleet = fleet
+        self.conns: dict[int, tuple[asyncio.StreamReader, asyncio.StreamWriter]] = {}
+
+    async def get(self, node: int, user: str) -> tuple[int, str]:
+        beta = "X-Beta: 1\r\n" if user in BETA else ""
+        request = f"GET / HTTP/1.1\r\nHost: hello\r\nX-User: {user}\r\n{beta}\r\n".encode()
+        for attempt in (0, 1):  # a keep-alive connection the far end closed: one fresh try
+            try:
+                async with asyncio.timeout(10.0):
+                    conn = self.conns.get(node)
+                    if conn is None:
+                        conn = await asyncio.open_connection(self.fleet.host(node), PORT)
+                        self.conns[node] = conn
+                    reader, writer = conn
+                    writer.write(request)
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    status = int(head.split(b" ", 2)[1])
+                    length = 0
+                    for line in head.split(b"\r\n")[1:]:
+                        name, _, value = line.partition(b":")
+                        if name.strip().lower() == b"content-length":
+                            length = int(value)
+                    body = await reader.readexactly(length)
+                    return status, str(json.loads(body).get("version", "?"))
+            except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
+                self.close(node)
+                if attempt == 1:
+                    return 0, f"<{exc.__class__.__name__}>"
+        return 0, "<unreachable>"
+
+    def close(self, node: int | None = None) -> None:
+        for n in [node] if node is not None else list(self.conns):
+            conn = self.conns.pop(n, None) if n is not None else None
+            if conn is not None:
+                conn[1].close()
+
+
+async def user_round(fleet: DevFleet, clients: list[Client]) -> Round:
+    """Every user sends PER_USER requests, over every node, from WORKERS concurrent clients."""
+    work: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
+    for k in range(PER_USER):
+        for i in range(USERS):
+            work.put_nowait((f"u{i}", 1 + (i + k) % AGENTS))
+    out = Round()
+
+    async def worker(client: Client) -> None:
+        while not work.empty():
+            user, node = work.get_nowait()
+            status, version = await client.get(node, user)
+            out.answers.append(Answer(user, node, status, version, time.monotonic()))
+
+    async with asyncio.timeout(120.0):
+        await asyncio.gather(*(worker(c) for c in clients))
+    return out
+
+
+async def status(url: str, rid: str = "") -> dict[str, Any]:
+    code, out, err = await fleetwave("status", *([rid] if rid else []), "-o", "json",
+                                     nats_url=url)
+    assert code == 0, err
+    doc: dict[str, Any] = json.loads(out)
+    return doc
+
+
+async def wave_baking(url: str, rid: str, index: int) -> None:
+    """Wait until wave ``index`` bakes: every node of it runs its weight."""
+    await wait_until(lambda: status(url, rid),
+                     lambda st: st["waves"][index]["state"] == "baking",
+                     timeout=60, what=f"wave {index + 1} baking", interval=0.2)
+
+
+def check_step(r: Round, weight: int, versions: tuple[str, str]) -> set[str]:
+    """One version per user within the step; the allow-listed on the new one; the share of
+    users on the new one is ``weight`` % ± 5. Returns the users on the new version."""
+    old, new = versions
+    assert all(a.status == 200 for a in r.answers), [a for a in r.answers if a.status != 200][:5]
+    assert all(len(n) == AGENTS for n in r.nodes().values())
+    seen = r.versions()
+    assert len(seen) == USERS
+    mixed = {u: v for u, v in seen.items() if len(v) != 1}
+    assert not mixed, f"users who saw both versions within a step: {list(mixed.items())[:5]}"
+    on_new = {u for u, v in seen.items() if v == {new}}
+    assert {u for u, v in seen.items() if v == {old}} | on_new == set(seen)
+    assert BETA <= on_new, f"allow-listed users on the old version: {sorted(BETA - on_new)}"
+    share = len(on_new - BETA) / (USERS - len(BETA))
+    assert abs(share - weight / 100) <= 0.05, f"{share:.1%} of users on {new} at weight {weight}"
+    return on_new
+
+
+async def test_users_keep_one_version_across_nodes_and_only_move_forward(tmp_path: Path) -> None:
+    """--weights 20,50,100 by X-User with an allow list: per step every user sees one version on
+    all 4 nodes, 20 % / 50 % ± 5 of users are on the new one, allow-listed users always are,
+    users on it at 20 are still on it at 50; status says the weight as a share of users."""
+    async with DevFleet(tmp_path / "fleet", agents=AGENTS, subnet=SUBNET,
+                        heartbeat_interval=0.5) as fleet:
+        url = fleet.nats_url
+        for v in ("1.0.0", "2.0.0", "2.2.0"):
+            code, _, err = await fleetwave("release", "push", str(hello_bundle(v)), nats_url=url)
+            assert code == 0, err
+        code, out, err = await fleetwave("deploy", "hello", "1.0.0", "--batch", "100%",
+                                         "--max-unavailable", "100%", nats_url=url,
+                                         timeout=DEPLOY_TIMEOUT)
+        assert code == 0, f"{out}{err}"
+        clients = [Client(fleet) for _ in range(WORKERS)]
+        try:
+            code, out, err = await fleetwave(
+                "deploy", "hello", "2.0.0", "--strategy", "canary", "--weights", "20,50,100",
+                "--cohort-key", "header:X-User", "--allow", "header:X-Beta=1", "--bake", "5m",
+                "--max-unavailable", "100%", "--detach", nats_url=url)
+            assert code == 0, f"{out}{err}"
+            rid = out.strip()
+            await wave_baking(url, rid, 0)
+            at20 = check_step(await user_round(fleet, clients), 20, ("1.0.0", "2.0.0"))
+            code, out, err = await fleetwave("status", rid, nats_url=url)
+            assert "20 % of users (header X-User; no key: client IP)" in out, out
+            assert (await fleetwave("promote", rid, nats_url=url))[0] == 0
+            await wave_baking(url, rid, 1)
+            at50 = check_step(await user_round(fleet, clients), 50, ("1.0.0", "2.0.0"))
+            assert at20 <= at50, f"users moved back new -> old: {sorted(at20 - at50)[:5]}"
+            assert (await fleetwave("promote", rid, nats_url=url))[0] == 0
+            await wave_baking(url, rid, 2)
+            assert (await fleetwave("promote", rid, nats_url=url))[0] == 0
+            await wait_until(lambda: status(url, rid), lambda st: st["state"] == "succeeded",
+                             timeout=60, what="the canary succeeding")
+            done = await user_round(fleet, clients)
+            assert {a.version for a in done.answers} == {"2.0.0"}
+            assert all(a.status == 200 for a in done.answers)
+
+            # A release that fails its gate: every user is back on the old version, and no
+            # request failed but those 2.2.0 answered with its own 500s.
+            rounds: list[Round] = []
+            stop = asyncio.Event()
+
+            async def keep_sending() -> None:
+                while not stop.is_set():
+                    rounds.append(await user_round(fleet, clients))
+
+            sender = asyncio.create_task(keep_sending())
+            try:
+                code, out, err = await fleetwave(
+                    "deploy", "hello", "2.2.0", "--strategy", "canary", "--weights", "20,100",
+                    "--cohort-key", "header:X-User", "--allow", "header:X-Beta=1",
+                    "--bake", "3s", "--max-error-rate", "5%", "--min-requests", "20",
+                    "--max-unavailable", "100%", nats_url=url, timeout=DEPLOY_TIMEOUT)
+            finally:
+                stop.set()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait_for(sender, 120.0)
+            assert code == 3, f"2.2.0 should be rolled back, got {code}: {out}{err}"
+            answers = [a for r in rounds for a in r.answers]
+            assert answers
+            bad = [a for a in answers if a.status != 200 and a.version != "2.2.0"]
+            assert not bad, f"failed requests not answered by 2.2.0: {bad[:5]}"
+            assert any(a.version == "2.2.0" for a in answers), "nobody was on the canary"
+            after = await user_round(fleet, clients)
+            assert {a.version for a in after.answers} == {"2.0.0"}
+            assert all(a.status == 200 for a in after.answers)
+        finally:
+            for c in clients:
+                c.close()
