@@ -66,10 +66,19 @@ class Client:
     def __init__(self, fleet: DevFleet) -> None:
         self.fleet = fleet
         self.conns: dict[int, tuple[asyncio.StreamReader, asyncio.StreamWriter]] = {}
+        self.cookies: list[str] = []  # every Set-Cookie value received
 
-    async def get(self, node: int, user: str) -> tuple[int, str]:
-        beta = "X-Beta: 1\r\n" if user in BETA else ""
-        request = f"GET / HTTP/1.1\r\nHost: hello\r\nX-User: {user}\r\n{beta}\r\n".encode()
+    async def get(
+        self, node: int, user: str, *, jar: dict[str, str] | None = None, extra: str = "",
+    ) -> tuple[int, str]:
+        """GET / on ``node`` as ``user``: by its X-User header, or (``jar``) as a browser that
+        keeps the cookies it is given, sending no X-User. ``extra``: more header lines."""
+        if jar is None:
+            beta = "X-Beta: 1\r\n" if user in BETA else ""
+            who = f"X-User: {user}\r\n{beta}"
+        else:
+            who = "".join(f"Cookie: {k}={v}\r\n" for k, v in jar.items())
+        request = f"GET / HTTP/1.1\r\nHost: hello\r\n{who}{extra}\r\n".encode()
         for attempt in (0, 1):  # a keep-alive connection the far end closed: one fresh try
             try:
                 async with asyncio.timeout(10.0):
@@ -86,6 +95,10 @@ class Client:
                         name, _, value = line.partition(b":")
                         if name.strip().lower() == b"content-length":
                             length = int(value)
+                        elif name.strip().lower() == b"set-cookie" and jar is not None:
+                            self.cookies.append(value.decode().strip())
+                            k, _, rest = value.decode().strip().partition("=")
+                            jar[k] = rest.split(";", 1)[0]
                     body = await reader.readexactly(length)
                     return status, str(json.loads(body).get("version", "?"))
             except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
@@ -101,19 +114,34 @@ class Client:
                 conn[1].close()
 
 
-async def user_round(fleet: DevFleet, clients: list[Client]) -> Round:
-    """Every user sends PER_USER requests, over every node, from WORKERS concurrent clients."""
+async def user_round(
+    fleet: DevFleet, clients: list[Client], jars: dict[str, dict[str, str]] | None = None,
+) -> Round:
+    """Every user sends PER_USER requests, over every node, from WORKERS concurrent clients;
+    with ``jars`` each user is a browser with its cookie jar, its requests one after another
+    (so that the first answer's cookie goes with the next)."""
     work: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
-    for k in range(PER_USER):
+    if jars is None:
+        for k in range(PER_USER):
+            for i in range(USERS):
+                work.put_nowait((f"u{i}", 1 + (i + k) % AGENTS))
+    else:
         for i in range(USERS):
-            work.put_nowait((f"u{i}", 1 + (i + k) % AGENTS))
+            work.put_nowait((f"u{i}", 1 + i % AGENTS))
     out = Round()
 
     async def worker(client: Client) -> None:
         while not work.empty():
             user, node = work.get_nowait()
-            status, version = await client.get(node, user)
-            out.answers.append(Answer(user, node, status, version, time.monotonic()))
+            if jars is None:
+                status, version = await client.get(node, user)
+                out.answers.append(Answer(user, node, status, version, time.monotonic()))
+                continue
+            jar = jars.setdefault(user, {})
+            for k in range(PER_USER):
+                at = 1 + (node - 1 + k) % AGENTS
+                status, version = await client.get(at, user, jar=jar)
+                out.answers.append(Answer(user, at, status, version, time.monotonic()))
 
     async with asyncio.timeout(120.0):
         await asyncio.gather(*(worker(c) for c in clients))
@@ -147,7 +175,7 @@ def check_step(r: Round, weight: int, versions: tuple[str, str]) -> set[str]:
     assert not mixed, f"users who saw both versions within a step: {list(mixed.items())[:5]}"
     on_new = {u for u, v in seen.items() if v == {new}}
     assert {u for u, v in seen.items() if v == {old}} | on_new == set(seen)
-    assert BETA <= on_new, f"allow-listed users on the old version: {sorted(BETA - on_new)}"
+    assert on_new >= BETA, f"allow-listed users on the old version: {sorted(BETA - on_new)}"
     share = len(on_new - BETA) / (USERS - len(BETA))
     assert abs(share - weight / 100) <= 0.05, f"{share:.1%} of users on {new} at weight {weight}"
     return on_new
@@ -221,6 +249,74 @@ async def test_users_keep_one_version_across_nodes_and_only_move_forward(tmp_pat
             after = await user_round(fleet, clients)
             assert {a.version for a in after.answers} == {"2.0.0"}
             assert all(a.status == 200 for a in after.answers)
+        finally:
+            for c in clients:
+                c.close()
+
+
+async def test_anonymous_browsers_get_a_cohort_cookie_and_keep_their_version(
+    tmp_path: Path,
+) -> None:
+    """--cohort-key cookie:fw_cohort --assign-cookie: browsers without the cookie get one on
+    their first answer (HttpOnly, SameSite=Lax, Path=/, Max-Age), are routed by it, and keep one
+    version on all 4 nodes; about 20 % of them get the new one. Then a shadow's --preview: a
+    tester's header reaches the staged release, nobody else does."""
+    async with DevFleet(tmp_path / "fleet", agents=AGENTS, subnet=SUBNET,
+                        heartbeat_interval=0.5) as fleet:
+        url = fleet.nats_url
+        for v in ("1.0.0", "2.0.0"):
+            code, _, err = await fleetwave("release", "push", str(hello_bundle(v)), nats_url=url)
+            assert code == 0, err
+        code, out, err = await fleetwave("deploy", "hello", "1.0.0", "--batch", "100%",
+                                         "--max-unavailable", "100%", nats_url=url,
+                                         timeout=DEPLOY_TIMEOUT)
+        assert code == 0, f"{out}{err}"
+        clients = [Client(fleet) for _ in range(WORKERS)]
+        try:
+            code, out, err = await fleetwave(
+                "deploy", "hello", "2.0.0", "--strategy", "canary", "--weights", "20,100",
+                "--cohort-key", "cookie:fw_cohort", "--assign-cookie", "--bake", "5m",
+                "--max-unavailable", "100%", "--detach", nats_url=url)
+            assert code == 0, f"{out}{err}"
+            rid = out.strip()
+            await wave_baking(url, rid, 0)
+            jars: dict[str, dict[str, str]] = {}
+            r = await user_round(fleet, clients, jars)
+            cookies = [c for client in clients for c in client.cookies]
+            assert len(cookies) == USERS, f"{len(cookies)} cookies for {USERS} browsers"
+            for attr in ("Path=/", "Max-Age=2592000", "HttpOnly", "SameSite=Lax"):
+                assert all(attr in c for c in cookies), cookies[:2]
+            assert all(set(j) == {"fw_cohort"} for j in jars.values())
+            assert all(a.status == 200 for a in r.answers)
+            seen = r.versions()
+            mixed = {u: v for u, v in seen.items() if len(v) != 1}
+            assert not mixed, f"browsers that saw both versions: {list(mixed.items())[:5]}"
+            share = sum(v == {"2.0.0"} for v in seen.values()) / USERS
+            assert abs(share - 0.20) <= 0.05, f"{share:.1%} of browsers on 2.0.0 at weight 20"
+            again = await user_round(fleet, clients, jars)  # the same browsers come back
+            assert again.versions() == seen
+            assert len([c for client in clients for c in client.cookies]) == USERS
+            code, out, err = await fleetwave("abort", rid, nats_url=url)
+            assert code == 0, f"{out}{err}"
+            await wait_until(lambda: status(url, rid), lambda st: st["state"] != "running",
+                             timeout=30, what="the canary aborted")
+
+            # Preview: a shadow stages 2.0.0 at weight 0; only the tester's header reaches it.
+            code, out, err = await fleetwave(
+                "deploy", "hello", "2.0.0", "--strategy", "shadow", "--mirror", "10%",
+                "--preview", "header:X-QA=yes", "--bake", "5m", "--max-unavailable", "100%",
+                "--detach", nats_url=url)
+            assert code == 0, f"{out}{err}"
+            rid = out.strip()
+            await wave_baking(url, rid, 0)
+            for node in range(1, AGENTS + 1):
+                tester = [await clients[0].get(node, "qa", extra="X-QA: yes\r\n")
+                          for _ in range(5)]
+                others = [await clients[0].get(node, f"u{i}") for i in range(20)]
+                assert {v for _, v in tester} == {"2.0.0"}, tester
+                assert {v for _, v in others} == {"1.0.0"}, others
+            code, out, err = await fleetwave("abort", rid, nats_url=url)
+            assert code == 0, f"{out}{err}"
         finally:
             for c in clients:
                 c.close()
