@@ -130,6 +130,9 @@ def gates_text(gates: dict[str, Any]) -> str:
                     + (f" = x{ratio:.2f}" if isinstance(ratio, (int, float)) else "")
                     + _limit(th, "max_p99_ratio", f"max x{th.get('max_p99_ratio'):g}"
                              if th.get("max_p99_ratio") is not None else ""))
+    if "users_new" in gates:  # a cohort rule (issue 15): who the two sides were
+        bits.append(f"users ~{gates['users_new']} new / ~{gates.get('users_old', 0)} old, "
+                    f"{gates.get('fallback_requests', 0)} req without the key")
     if gates.get("compared") or th.get("max_mismatch_rate") is not None:
         bits.append(f"mirror {gates.get('mismatched', 0)}/{gates.get('compared', 0)} mismatched"
                     + _limit(th, "max_mismatch_rate",

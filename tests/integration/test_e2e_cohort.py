@@ -241,6 +241,12 @@ async def test_users_keep_one_version_across_nodes_and_only_move_forward(tmp_pat
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.wait_for(sender, 120.0)
             assert code == 3, f"2.2.0 should be rolled back, got {code}: {out}{err}"
+            # The gates' report says who the sides were: ~20 % of 500 users (+ the allow-listed)
+            # new, the rest old (KMV estimates, ±25 % here), no request without the key.
+            g = (await status(url))["waves"][0]["gates"]
+            assert g["outcome"] == "fail" and g["fallback_requests"] == 0, g
+            assert 0.75 * 110 <= g["users_new"] <= 1.25 * 110, g
+            assert 0.75 * 390 <= g["users_old"] <= 1.25 * 390, g
             answers = [a for r in rounds for a in r.answers]
             assert answers
             bad = [a for a in answers if a.status != 200 and a.version != "2.2.0"]
