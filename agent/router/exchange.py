@@ -275,7 +275,9 @@ class Exchange:
             close_conn(conn)
         latency_ms = (time.perf_counter() - started) * 1000.0
         counters.observe(resp.status, latency_ms)
-        if capture is not None and routing.mirror_target is not None:
+        # (a preview request the shadow itself answered is not copied to it again)
+        if capture is not None and routing.mirror_target is not None \
+                and slot != routing.mirror_target.slot:
             target = routing.mirror_target
             proxy.mirror.offer(
                 MirrorJob(
