@@ -274,7 +274,8 @@ class CohortTraffic(msgspec.Struct, kw_only=True):
     """How a router's cohort rule decided (issue 15), cumulative like the slot counters.
 
     ``users`` per slot is a KMV sketch: the ``k`` smallest 64-bit key hashes seen on that slot
-    (the hash is the rule's, salted by the rollout, so every node's sketches merge by union);
+    since the rule's share last changed (the hash is the rule's, salted by the rollout, so every
+    node's sketches merge by union);
     ``protocol.cohort.estimate_users`` turns one into an approximate count of distinct users."""
 
     by_key: int = 0  # requests decided by their key

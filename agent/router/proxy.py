@@ -88,6 +88,12 @@ class Proxy:
             self.cohort_counters = None
         elif self.cohort_counters is None or spec.salt != self._cohort_salt:
             self.cohort_counters, self._cohort_salt = CohortCounters(), spec.salt
+        if self.cohort_counters is not None and self.cohort_counters.share != routing.share:
+            # The users sketches tell who is on each side *at this weight*: a new weight (a
+            # step, or the first split once the new slot is healthy) starts them afresh; the
+            # counts stay cumulative, as every counter is.
+            self.cohort_counters.users = {}
+            self.cohort_counters.share = routing.share
         self.max_connections = min(routing.config.max_connections, self.fd_budget)
         self.body_timeout = routing.config.body_timeout
         target = routing.mirror_target

@@ -120,13 +120,14 @@ class MirrorCounters:
 
 class CohortCounters:
     """How the cohort rule decided (``CohortTraffic``): counts by how, and a users sketch per
-    slot (``protocol.cohort.sketch_add``)."""
+    slot (``protocol.cohort.sketch_add``) since the rule's share last changed."""
 
-    __slots__ = ("allowed", "assigned", "by_key", "denied", "fallback", "users")
+    __slots__ = ("allowed", "assigned", "by_key", "denied", "fallback", "share", "users")
 
     def __init__(self) -> None:
         self.by_key = self.fallback = self.assigned = self.allowed = self.denied = 0
-        self.users: dict[str, list[int]] = {}
+        self.users: dict[str, list[int]] = {}  # since the share last changed (``Proxy.apply``)
+        self.share = -1
 
     def observe(self, how: str, slot: str, h: int) -> None:
         if how == HOW_KEY:

@@ -3,12 +3,13 @@
 The gates still judge the new slots against the old ones over the same window; under a cohort
 rule that *is* the new cohort against the old one. This adds who they were:
 
-- ``users_new`` / ``users_old``: approximate distinct users seen on each side since the rule took
-  effect in this rollout. Each router keeps a KMV sketch per slot (the ``SKETCH_K`` smallest
+- ``users_new`` / ``users_old``: approximate distinct users seen on each side at the wave's
+  weight (a router starts its sketches afresh when its share changes: a step, or the first split
+  once the new slot is healthy). Each router keeps a KMV sketch per slot (the ``SKETCH_K`` smallest
   64-bit key hashes; the hash is the rule's, salted by the rollout, so the same user hashes alike
   on every node); the sketches of all nodes merge by union, and ``protocol.cohort
   .estimate_users`` reads a count off the merged one (exact below ``SKETCH_K`` users, within
-  about 9 % above). A user who moved old → new between steps is counted on both sides.
+  about 9 % above). A user whose slot was unhealthy for a moment is counted on both sides.
 - ``fallback_requests``: requests without the key in the window (decided by the fallback),
   ``assigned_cookies``, ``allowed`` and ``denied``: the same kind of window counts.
 """
