@@ -273,7 +273,8 @@ async def test_anonymous_browsers_get_a_cohort_cookie_and_keep_their_version(
     """--cohort-key cookie:fw_cohort --assign-cookie: browsers without the cookie get one on
     their first answer (HttpOnly, SameSite=Lax, Path=/, Max-Age), are routed by it, and keep one
     version on all 4 nodes; 20 % ± 5 of them get the new one. Then a shadow's --preview: a
-    tester's header reaches the staged release, nobody else does."""
+    tester's header reaches the staged release, nobody else does. Then a first step of weight 0
+    for allow-listed users only, and a deny list (``beta_first_and_deny``)."""
     async with DevFleet(tmp_path / "fleet", agents=AGENTS, subnet=SUBNET,
                         heartbeat_interval=0.5) as fleet:
         url = fleet.nats_url
@@ -330,6 +331,42 @@ async def test_anonymous_browsers_get_a_cohort_cookie_and_keep_their_version(
                 assert {v for _, v in others} == {"1.0.0"}, others
             code, out, err = await fleetwave("abort", rid, nats_url=url)
             assert code == 0, f"{out}{err}"
+            await wait_until(lambda: status(url, rid), lambda st: st["state"] != "running",
+                             timeout=30, what="the shadow aborted")
+            await beta_first_and_deny(url, clients)
         finally:
             for c in clients:
                 c.close()
+
+
+async def beta_first_and_deny(url: str, clients: list[Client]) -> None:
+    """--weights 0,10,100 --allow header:X-Beta=1 --deny header:X-Tier=gold: at weight 0 only
+    the beta users reach the new version; at 10 the key's users join them, and no gold user
+    does, whatever their bucket."""
+    code, out, err = await fleetwave(
+        "deploy", "hello", "2.0.0", "--strategy", "canary", "--weights", "0,10,100",
+        "--cohort-key", "header:X-User", "--allow", "header:X-Beta=1",
+        "--deny", "header:X-Tier=gold", "--bake", "5m", "--max-unavailable", "100%",
+        "--detach", nats_url=url)
+    assert code == 0, f"{out}{err}"
+    rid = out.strip()
+    await wave_baking(url, rid, 0)
+    c = clients[0]
+    for node in range(1, AGENTS + 1):
+        beta = {(await c.get(node, f"u{i}"))[1] for i in sorted(int(u[1:]) for u in BETA)}
+        others = {(await c.get(node, f"u{i}"))[1] for i in range(1, 200, 7)
+                  if f"u{i}" not in BETA}
+        assert beta == {"2.0.0"} and others == {"1.0.0"}, (node, beta, others)
+    assert (await fleetwave("promote", rid, nats_url=url))[0] == 0
+    await wave_baking(url, rid, 1)
+    gold: set[str] = set()
+    plain: set[str] = set()
+    for i in range(1, 400):
+        if f"u{i}" in BETA:
+            continue
+        gold.add((await c.get(1 + i % AGENTS, f"u{i}", extra="X-Tier: gold\r\n"))[1])
+        plain.add((await c.get(1 + i % AGENTS, f"u{i}"))[1])
+    assert gold == {"1.0.0"}, "a deny-listed user reached the new version"
+    assert plain == {"1.0.0", "2.0.0"}, plain
+    code, out, err = await fleetwave("abort", rid, nats_url=url)
+    assert code == 0, f"{out}{err}"
