@@ -350,9 +350,8 @@ _FLAGS = ("strategy", "selector", "batch", "max_unavailable", "steps", "weights"
 @click.option("--cohort-key", metavar="header:NAME|cookie:NAME|ip",
               help="Canary by users: --weights become shares of users, told apart by this key; "
                    "one user sees one version on every node, and only moves old -> new.")
-@click.option("--cohort-fallback", metavar="ip|request",
-              help="Cohorts: what decides for a request without the key: its client IP "
-                   "(default; still sticky) or the per-request weighted split.")
+@click.option("--cohort-fallback", metavar="ip|request", help="Cohorts: what decides without "
+              "the key: the client IP (default; still sticky) or the per-request split.")
 @click.option("--assign-cookie", is_flag=True, default=None,
               help="Cohorts (cookie key): the router gives a browser without the cookie a random "
                    "one (HttpOnly, SameSite=Lax, Path=/, 30 days), so anonymous users stick too.")
@@ -360,10 +359,9 @@ _FLAGS = ("strategy", "selector", "batch", "max_unavailable", "steps", "weights"
               help="Canary: matching requests always get the new version (repeatable); with "
                    "--weights 0,... only they see it first.")
 @click.option("--deny", "deny", multiple=True, metavar="header:NAME=VALUE|cookie:NAME=VALUE",
-              help="Canary: matching requests stay on the old version (repeatable).")
-@click.option("--preview", "preview", multiple=True, metavar="header:NAME=VALUE",
-              help="Blue-green staging and shadow: matching requests reach the staged release "
-                   "(repeatable).")
+              help="Canary: matching requests stay on the old version (repeatable; wins).")
+@click.option("--preview", "preview", multiple=True, metavar="header:NAME=VALUE", help="Blue-"
+              "green staging, shadow: matching requests reach the staged release (repeatable).")
 @click.option("--detach", is_flag=True, help="Print the rollout id and return at once.")
 @click.option("--wait", type=click.Choice(WAITS), default=None,
               help="How far to follow: done (the rollout ended or waits for an operator), "
