@@ -66,6 +66,7 @@ from agent.backoff import Backoff
 from protocol.durations import format_duration
 from protocol.messages import (
     SLOTS,
+    CohortSpec,
     DesiredState,
     DrainSpec,
     MirrorSpec,
@@ -137,6 +138,7 @@ class ServiceView:
     applied_weights: Mapping[str, int] = field(default_factory=dict)  # as the router has them
     applied_mirror: MirrorSpec | None = None
     applied_drain: DrainSpec | None = None  # the drain the router has (``fleetwave drain``)
+    applied_cohort: CohortSpec | None = None  # the cohort rule the router has (issue 15)
     observed_generation: int = 0
     router_failure: str = ""  # why the router has not taken its configuration for a while
     # The service's router process: "up" (known and answering), "closing" (asked to drain and
@@ -176,6 +178,7 @@ class Route:
     weights: Mapping[str, int]
     mirror: MirrorSpec | None
     drain: DrainSpec | None = None
+    cohort: CohortSpec | None = None  # a canary by users, allow/deny or preview rules
 
 
 @dataclass(frozen=True)
@@ -482,9 +485,11 @@ def reconcile(desired: DesiredState | None, local: ServiceView, now: float) -> l
     applied = dict(target) if worker or not desired.slots else {
         s: w for s, w in local.applied_weights.items() if w > 0}  # (a removal: no router left)
     drain = None if worker else desired.drained
+    cohort = None if worker else desired.cohorts
     # Never for a removal: a Route would start a router again for a service that has none.
     route_needed = not worker and bool(desired.slots) and (
-        applied != target or local.applied_mirror != mirror or local.applied_drain != drain)
+        applied != target or local.applied_mirror != mirror or local.applied_drain != drain
+        or local.applied_cohort != cohort)
 
     # 3. each slot: the rule of its status (SLOT_RULES).
     for name in SLOTS:
@@ -511,7 +516,8 @@ def reconcile(desired: DesiredState | None, local: ServiceView, now: float) -> l
         # router to have moved traffic away already, so it never comes in the same batch).
         first = [a for a in actions if isinstance(a, Fetch | Resume)]
         rest = [a for a in actions if not isinstance(a, Fetch | Resume)]
-        actions = [*first, Route({s: target.get(s, 0) for s in SLOTS}, mirror, drain), *rest]
+        route = Route({s: target.get(s, 0) for s in SLOTS}, mirror, drain, cohort)
+        actions = [*first, route, *rest]
     return actions
 
 
@@ -595,7 +601,8 @@ def converged(desired: DesiredState, local: ServiceView) -> bool:
         want.pop(desired.mirror.slot)
     have = {s: w for s, w in local.applied_weights.items() if w > 0}
     return (have == want and local.applied_mirror == desired.mirror
-            and local.applied_drain == desired.drained)
+            and local.applied_drain == desired.drained
+            and local.applied_cohort == desired.cohorts)
 
 
 # -- helpers ---------------------------------------------------------------------------------------

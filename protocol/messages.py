@@ -127,6 +127,27 @@ class DrainSpec(msgspec.Struct, kw_only=True):
     by: str = ""  # who drained it
 
 
+class CohortSpec(msgspec.Struct, kw_only=True, frozen=True):
+    """A canary's weight as a share of *users* (issue 15; the rule is ``protocol.cohort``).
+
+    ``key`` is ``header:NAME``, ``cookie:NAME`` or ``ip``; ``salt`` the rollout id (one user, one
+    bucket on every node and every step of a rollout; other rollouts pick other users); ``new``
+    the slot of the new release; ``fallback`` what decides for a request without the key: its
+    client address (``ip``) or the per-request weighted split (``request``). ``allow`` and
+    ``deny`` rules (``header:NAME=VALUE`` or ``cookie:NAME=VALUE``) send a matching request to the
+    new slot, or keep it on the old one; ``preview`` rules reach the staged slot (weight 0) of a
+    blue-green or shadow. ``assign_cookie``: a request without the cookie key gets one."""
+
+    key: str = ""
+    salt: str = ""
+    new: str = ""
+    fallback: Literal["ip", "request"] = "ip"
+    allow: list[str] = []
+    deny: list[str] = []
+    preview: list[str] = []
+    assign_cookie: bool = False
+
+
 class DesiredState(msgspec.Struct, kw_only=True):
     """What the coordinator wants one service on one node to be.
 
@@ -152,6 +173,13 @@ class DesiredState(msgspec.Struct, kw_only=True):
     # Set while the node is drained (``fleetwave drain``); older agents ignore it. UNSET (absent
     # from the JSON) otherwise, so that every other desired state keeps its bytes.
     drain: DrainSpec | UnsetType = UNSET
+    # A canary by users, allow/deny lists or preview routes (issue 15); UNSET likewise.
+    cohort: CohortSpec | UnsetType = UNSET
+
+    @property
+    def cohorts(self) -> CohortSpec | None:
+        """The cohort rule in force, or None."""
+        return self.cohort if isinstance(self.cohort, CohortSpec) else None
 
     @property
     def drained(self) -> DrainSpec | None:
@@ -242,6 +270,22 @@ class MirrorTraffic(msgspec.Struct, kw_only=True):
     samples: list[MismatchSample] = []
 
 
+class CohortTraffic(msgspec.Struct, kw_only=True):
+    """How a router's cohort rule decided (issue 15), cumulative like the slot counters.
+
+    ``users`` per slot is a KMV sketch: the ``k`` smallest 64-bit key hashes seen on that slot
+    since the rule's share last changed (the hash is the rule's, salted by the rollout, so every
+    node's sketches merge by union);
+    ``protocol.cohort.estimate_users`` turns one into an approximate count of distinct users."""
+
+    by_key: int = 0  # requests decided by their key
+    fallback: int = 0  # requests without the key (decided by the fallback)
+    assigned: int = 0  # cohort cookies handed out
+    allowed: int = 0  # requests an allow or preview rule sent to the new slot
+    denied: int = 0  # requests a deny rule kept on the old slot
+    users: dict[str, list[int]] = {}
+
+
 class RouterStats(msgspec.Struct, kw_only=True):
     epoch: float = 0.0  # router start time; counters reset when it changes
     pid: int | None = None
@@ -249,6 +293,9 @@ class RouterStats(msgspec.Struct, kw_only=True):
     weights: dict[str, int] = {}  # as applied
     slots: dict[str, SlotTraffic] = {}
     mirror: MirrorTraffic | None = None
+    # Set while a cohort rule is in force; UNSET (absent) otherwise, so stats kept in rollout
+    # records keep their bytes.
+    cohort: CohortTraffic | UnsetType = UNSET
     # When the agent read these counters, by its own clock (0: unknown, an older agent). Two
     # snapshots of one router tell how long the window between them really is.
     time: float = 0.0
@@ -320,6 +367,14 @@ class RolloutSpec(msgspec.Struct, kw_only=True):
     # A target node lost (offline) while its wave updates or bakes: "fail" fails it at once,
     # "wait" holds the wave for it until the deadline (coordinator.core.engine_lost).
     on_node_lost: Literal["fail", "wait"] = "fail"
+    # Cohorts (issue 15, ``protocol.cohort``): ``--cohort-key`` makes ``--weights`` a share of
+    # users; ``--allow``/``--deny`` rules; ``--preview`` rules reach a staged slot.
+    cohort_key: str = ""
+    cohort_fallback: Literal["ip", "request"] = "ip"
+    assign_cookie: bool = False
+    allow: list[str] = []
+    deny: list[str] = []
+    preview: list[str] = []
 
 
 class NodeProgress(msgspec.Struct, kw_only=True):

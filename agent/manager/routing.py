@@ -47,7 +47,7 @@ from agent.router.control import (
     Upstream,
     start_router,
 )
-from protocol.messages import DrainSpec, MirrorSpec
+from protocol.messages import CohortSpec, DrainSpec, MirrorSpec
 
 log = logging.getLogger("fleetwave.agent.services")
 
@@ -135,7 +135,7 @@ class RouterLink:
 
     async def route(
         self, svc: Service, weights: dict[str, int], mirror: MirrorSpec | None,
-        drained: DrainSpec | None = None,
+        drained: DrainSpec | None = None, cohort: CohortSpec | None = None,
     ) -> None:
         """Configure ``svc``'s router (starting it if needed) with these weights and mirror,
         ``drained`` (out of service for maintenance) or not."""
@@ -167,6 +167,7 @@ class RouterLink:
             trusted_proxies=list(self.edge.trusted_proxies),
             drained=drained is not None,
             drain_grace=drained.grace if drained is not None else 0.0,
+            cohort=cohort,
         )
         try:
             client = await self._router(svc)
@@ -189,6 +190,7 @@ class RouterLink:
         if drained != svc.applied_drain:
             log.info("router of %s: %s", svc.name, "drained" if drained else "serves again")
         svc.applied_drain = drained
+        svc.applied_cohort = cohort
         log.info(
             "router of %s: weights %s mirror %s",
             svc.name,
@@ -281,5 +283,5 @@ class RouterLink:
                     )
                     svc.router, svc.router_stats = None, None
                     svc.applied_weights, svc.applied_mirror = {}, None
-                    svc.applied_drain = None
+                    svc.applied_drain = svc.applied_cohort = None
                     self.wake.set()

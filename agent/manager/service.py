@@ -26,6 +26,7 @@ from agent.reconcile import (
 from agent.router.control import RouterClient
 from protocol.manifest import Manifest
 from protocol.messages import (
+    CohortSpec,
     DesiredState,
     DrainSpec,
     MirrorSpec,
@@ -104,6 +105,7 @@ class Service:
     applied_weights: dict[str, int] = field(default_factory=dict)
     applied_mirror: MirrorSpec | None = None
     applied_drain: DrainSpec | None = None  # the drain the router has taken
+    applied_cohort: CohortSpec | None = None  # the cohort rule the router has taken
     weights_changed: float = 0.0  # when the router last took other weights (the agent's clock)
     observed_generation: int = 0
     router: RouterClient | None = None
@@ -153,6 +155,7 @@ class Service:
             applied_weights=dict(self.applied_weights),
             applied_mirror=self.applied_mirror,
             applied_drain=self.applied_drain,
+            applied_cohort=self.applied_cohort,
             observed_generation=self.observed_generation,
             router_failure=self.router_error if (
                 self.router_error and now is not None

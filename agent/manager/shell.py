@@ -247,8 +247,8 @@ class ServiceManager:
             case Fail(slot=slot, reason=reason):
                 runner = svc.runners[slot]
                 tg.create_task(runner.fail(reason), name=f"fail-{svc.name}-{slot}")
-            case Route(weights=weights, mirror=mirror, drain=drain):
-                await self.routers.route(svc, dict(weights), mirror, drain)
+            case Route(weights=weights, mirror=mirror, drain=drain, cohort=cohort):
+                await self.routers.route(svc, dict(weights), mirror, drain, cohort)
             case CloseRouter():
                 svc.router_closing = True  # at once, so the next pass waits for it
                 tg.create_task(self.routers.close(svc), name=f"close-router-{svc.name}")

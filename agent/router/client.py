@@ -258,7 +258,15 @@ class ClientConn(Channel):
         if capture is not None:
             self._general(req, capture=capture)
             return
-        slot = routing.pick()
+        if routing.cohort is None:
+            slot = routing.pick()
+        else:
+            slot, how, h, cookie = routing.pick_for(req, self.ip)
+            if proxy.cohort_counters is not None:
+                proxy.cohort_counters.observe(how, slot or "", h)
+            if cookie:  # the answer carries an assigned cookie: the general path adds it
+                self._general(req, first=slot, set_cookie=cookie)
+                return
         if slot is None:
             keep = req.keep_alive and not proxy.closing
             message = f"no healthy upstream for {routing.config.service} ({routing.reasons})"

@@ -24,7 +24,7 @@ import msgspec
 from agent.edge import BODY_TIMEOUT, MAX_CONNECTIONS
 from agent.errors import RouterRunning, RouterUnavailable
 from agent.host.identity import RunAs, child_env, spawn_kwargs
-from protocol.messages import MirrorSpec, RouterStats
+from protocol.messages import CohortSpec, MirrorSpec, RouterStats
 
 # sun_path is 108 bytes on Linux, 104 on macOS; stay under both.
 MAX_SOCKET_PATH = 100
@@ -64,6 +64,8 @@ class RouterConfig(msgspec.Struct, kw_only=True):
     # once; ``drain_grace`` seconds later the router stops accepting and drains its connections.
     drained: bool = False
     drain_grace: float = 0.0
+    # A canary by users, allow/deny or preview rules (``protocol.cohort``); None: by request.
+    cohort: CohortSpec | None = None
 
 
 # -- wire messages (one per line) -----------------------------------------------------------------

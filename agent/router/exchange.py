@@ -69,11 +69,13 @@ class Exchange:
         skip_idle: bool = False,
         pending: tuple[Pool, Conn] | None = None,
         capture: Capture | None = None,
+        set_cookie: bytes = b"",
     ) -> bool:
         """Answer one request; True if the client connection stays open for the next one.
 
         ``first`` is the slot the fast path already picked (None: pick here); ``capture`` the
-        mirror capture it already decided on.
+        mirror capture it already decided on; ``set_cookie`` a cohort cookie line the answer
+        carries (the pick was made by it).
         """
         proxy = self.proxy
         started = client.started
@@ -100,7 +102,12 @@ class Exchange:
         if first is None and routing is not None:
             if capture is None:  # (else the fast path has decided already)
                 capture = self.mirror_capture(req, routing, len(body))
-            first = routing.pick()
+            if routing.cohort is None:
+                first = routing.pick()
+            else:
+                first, how, h, set_cookie = routing.pick_for(req, client.ip)
+                if proxy.cohort_counters is not None:
+                    proxy.cohort_counters.observe(how, first or "", h)
         if routing is None or first is None:
             reason = routing.reasons if routing is not None else "not configured yet"
             service = routing.config.service if routing is not None else "this service"
@@ -114,7 +121,8 @@ class Exchange:
         if pending is not None:
             pool, conn = pending
             return await self._respond(
-                client, req, routing, first, pool, conn, None, head, body, capture, started
+                client, req, routing, first, pool, conn, None, head, body, capture, started,
+                set_cookie,
             )
         plan = [(first, True), (first, False)] + [(o, True) for o in routing.balancer.others(first)]
         if skip_idle:
@@ -156,7 +164,8 @@ class Exchange:
                     continue
                 return self._fail(client, counters, 502, failure, started)
             return await self._respond(
-                client, req, routing, slot, pool, conn, resp_head, head, body, capture, started
+                client, req, routing, slot, pool, conn, resp_head, head, body, capture, started,
+                set_cookie,
             )
         counters = proxy.counters(first)
         return self._fail(client, counters, 502, failure or "no upstream answered", started)
@@ -208,6 +217,7 @@ class Exchange:
         body: bytes,
         capture: Capture | None,
         started: float,
+        set_cookie: bytes = b"",
     ) -> bool:
         """Relay the upstream's response to the client; then maybe offer a mirror copy.
 
@@ -236,9 +246,9 @@ class Exchange:
             counters.failures += 1
             return self._fail(client, counters, 502, f"slot {slot} broke: {exc!r}", started)
         keep = req.keep_alive and resp.body != "close" and not proxy.closing
-        client.write(
-            client_response_head(resp, keep_alive=keep, http10=req.version == b"HTTP/1.0")
-        )
+        client.write(client_response_head(
+            resp, keep_alive=keep, http10=req.version == b"HTTP/1.0", extra=set_cookie
+        ))
         reader = BodyReader(conn, resp.body, resp.content_length, READ_TIMEOUT, capture)
         while True:
             try:
@@ -265,7 +275,9 @@ class Exchange:
             close_conn(conn)
         latency_ms = (time.perf_counter() - started) * 1000.0
         counters.observe(resp.status, latency_ms)
-        if capture is not None and routing.mirror_target is not None:
+        # (a preview request the shadow itself answered is not copied to it again)
+        if capture is not None and routing.mirror_target is not None \
+                and slot != routing.mirror_target.slot:
             target = routing.mirror_target
             proxy.mirror.offer(
                 MirrorJob(

@@ -411,16 +411,21 @@ def parse_response(head: bytes, request_method: str) -> ResponseHead:
     )
 
 
-def client_response_head(resp: ResponseHead, *, keep_alive: bool, http10: bool) -> bytes:
-    """The head to send the client: the upstream's, hop-by-hop removed, our persistence added."""
+def client_response_head(
+    resp: ResponseHead, *, keep_alive: bool, http10: bool, extra: bytes = b""
+) -> bytes:
+    """The head to send the client: the upstream's, hop-by-hop removed, our persistence added;
+    ``extra``: whole header lines of ours (each ending in CRLF), e.g. an assigned cookie."""
     if resp.raw:  # (then it has no Connection header of its own)
         if not keep_alive:
-            return resp.raw[:-2] + b"Connection: close\r\n\r\n"
+            return resp.raw[:-2] + extra + b"Connection: close\r\n\r\n"
         if http10:
-            return resp.raw[:-2] + b"Connection: keep-alive\r\n\r\n"
-        return resp.raw
+            return resp.raw[:-2] + extra + b"Connection: keep-alive\r\n\r\n"
+        return resp.raw[:-2] + extra + b"\r\n" if extra else resp.raw
     out = [b"HTTP/1.1 " + str(resp.status).encode() + b" " + resp.reason]
     out.extend(name + b": " + value for name, value in resp.headers)
+    if extra:
+        out.append(extra[:-2])
     if not keep_alive:
         out.append(b"Connection: close")
     elif http10:

@@ -14,7 +14,7 @@ from typing import Protocol
 from agent.router.channel import Readable
 from agent.router.mirror import Mirror
 from agent.router.routing import Routing
-from agent.router.stats import SlotCounters
+from agent.router.stats import CohortCounters, SlotCounters
 from agent.router.upstream import Pool
 
 
@@ -39,6 +39,7 @@ class ProxyState(Protocol):
     mirror: Mirror
     closing: bool  # draining: answer the request in flight, then close
     body_timeout: float  # a whole request body within this of its head
+    cohort_counters: CohortCounters | None  # set while a cohort rule is in force
 
     def pool_for(self, host: str, port: int) -> Pool: ...
 

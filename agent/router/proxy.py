@@ -30,7 +30,7 @@ from agent.router.http11 import (
 )
 from agent.router.mirror import Mirror
 from agent.router.routing import Routing
-from agent.router.stats import ROUTER_SLOT, MirrorCounters, SlotCounters
+from agent.router.stats import ROUTER_SLOT, CohortCounters, MirrorCounters, SlotCounters
 from agent.router.upstream import Pool
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,10 @@ class Proxy:
         self.pools: dict[tuple[str, int], Pool] = {}
         self.slots: dict[str, SlotCounters] = {}
         self.mirror_counters = MirrorCounters()
+        # The cohort rule's counters, kept per rule salt (a rollout): its users sketch holds
+        # that rollout's hashes only.
+        self.cohort_counters: CohortCounters | None = None
+        self._cohort_salt = ""
         self.mirror = Mirror(self.mirror_counters, self.pool_for)
         self.clients: set[ClientConn] = set()
         self.closing = False
@@ -79,6 +83,17 @@ class Proxy:
     def apply(self, routing: Routing) -> None:
         """Put ``routing`` in force for the next request; forget pools of vanished upstreams."""
         self.routing = routing
+        spec = routing.config.cohort
+        if spec is None:
+            self.cohort_counters = None
+        elif self.cohort_counters is None or spec.salt != self._cohort_salt:
+            self.cohort_counters, self._cohort_salt = CohortCounters(), spec.salt
+        if self.cohort_counters is not None and self.cohort_counters.share != routing.share:
+            # The users sketches tell who is on each side *at this weight*: a new weight (a
+            # step, or the first split once the new slot is healthy) starts them afresh; the
+            # counts stay cumulative, as every counter is.
+            self.cohort_counters.users = {}
+            self.cohort_counters.share = routing.share
         self.max_connections = min(routing.config.max_connections, self.fd_budget)
         self.body_timeout = routing.config.body_timeout
         target = routing.mirror_target

@@ -9,13 +9,28 @@ fresh, which is what a weight switch means.
 from __future__ import annotations
 
 import ipaddress
+import secrets
 from dataclasses import dataclass, field
 
 from agent.router.balance import SmoothWeighted
 from agent.router.control import RouterConfig, Upstream
 from agent.router.errors import RouterConfigError
 from agent.router.http11 import _TOKEN as HEADER_NAME  # the request parser's rule for names
-from protocol.messages import SLOTS, MirrorSpec
+from agent.router.http11 import RequestHead
+from protocol.cohort import (
+    BUCKETS,
+    HOW_ASSIGN,
+    NEW,
+    OLD,
+    SPLIT,
+    Cohort,
+    CohortError,
+    header_value,
+    share_of,
+)
+from protocol.messages import SLOTS, CohortSpec, MirrorSpec
+
+COOKIE_MAX_AGE = b"2592000"  # an assigned cohort cookie lasts 30 days (longer than any rollout)
 
 
 @dataclass(slots=True)
@@ -34,9 +49,44 @@ class Routing:
     mirror_keep_headers: frozenset[bytes] = frozenset()  # credentials the shadow gets anyway
     reasons: str = field(default="")  # why a slot may not serve users, for the 503 body
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    cohort: Cohort | None = None
+    share: int = 0  # buckets of the cohort on the new slot (``protocol.cohort.share_of``)
+    new_ok: bool = False  # the cohort's new slot is healthy (may serve allowed users at weight 0)
+    old_ok: bool = False
+    old: str = ""
 
     def pick(self) -> str | None:
         return self.balancer.pick()
+
+    def pick_for(self, req: RequestHead, ip: str) -> tuple[str | None, str, int, bytes]:
+        """The slot for one request under the cohort rule, how it was chosen
+        (``protocol.cohort.HOW_*``), the key's hash (0: none) and the Set-Cookie line to add to
+        the answer (b"": none).
+
+        Stickiness never fails a request: a chosen slot that is not healthy gives way to the
+        other. Behind a trusted proxy the client address is the one the proxy saw."""
+        cohort = self.cohort
+        assert cohort is not None  # callers check: the hot path without a rule stays as it was
+        if req.forwarded and self.trusts(ip):
+            xff = header_value(req.headers, b"x-forwarded-for")
+            if xff:
+                ip = xff.rsplit(b",", 1)[-1].strip().decode("latin-1")
+        side, how, h = cohort.choose(req.headers, ip, self.share)
+        cookie = b""
+        if how == HOW_ASSIGN:
+            value = secrets.token_urlsafe(18).encode("ascii")
+            h = cohort.hash_of(value)
+            side = NEW if h % BUCKETS < self.share else OLD
+            cookie = (b"Set-Cookie: " + cohort.key_name + b"=" + value
+                      + b"; Path=/; Max-Age=" + COOKIE_MAX_AGE + b"; HttpOnly; SameSite=Lax\r\n")
+        if side == SPLIT:
+            return self.balancer.pick(), how, h, cookie
+        if side == NEW:
+            if self.new_ok:
+                return cohort.new, how, h, cookie
+        elif self.old_ok:
+            return self.old, how, h, cookie
+        return self.balancer.pick(), how, h, cookie
 
     def trusts(self, ip: str) -> bool:
         """Whether a peer at ``ip`` is a trusted proxy (its X-Forwarded-For is believed)."""
@@ -115,7 +165,7 @@ def build_routing(cfg: RouterConfig) -> Routing:
         for up in upstreams.values()
         if not (up.healthy and up.weight > 0)
     ) or "no slot configured"
-    return Routing(
+    routing = Routing(
         config=cfg,
         upstreams=upstreams,
         balancer=SmoothWeighted(sorted(serving)),
@@ -129,6 +179,26 @@ def build_routing(cfg: RouterConfig) -> Routing:
         reasons=reasons,
         trusted_proxies=trusted,
     )
+    if cfg.cohort is not None:
+        _attach_cohort(routing, cfg.cohort)
+    return routing
+
+
+def _attach_cohort(routing: Routing, spec: CohortSpec) -> None:
+    """Give ``routing`` the compiled cohort rule and the share of buckets on the new slot: its
+    weight over both slots' weights as configured, healthy or not, so that a slot's health
+    flapping moves no user (the chosen slot gives way for the moment instead)."""
+    try:
+        cohort = Cohort(spec)
+    except CohortError as exc:
+        raise RouterConfigError(f"cohort: {exc}") from None
+    new = routing.upstreams.get(cohort.new)
+    routing.old = "a" if cohort.new == "b" else "b"
+    old = routing.upstreams.get(routing.old)
+    routing.cohort = cohort
+    routing.share = share_of(new.weight if new else 0, old.weight if old else 0)
+    routing.new_ok = new is not None and new.healthy
+    routing.old_ok = old is not None and old.healthy and old.weight > 0
 
 
 def _networks(entries: list[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:

@@ -159,6 +159,7 @@ class RouterServer:
             weights=self.proxy.routing.weights if self.proxy.routing else {},
             slots=self.proxy.slots,
             mirror=self.proxy.mirror_counters if self.config and self.config.mirror else None,
+            cohort=self.proxy.cohort_counters,
         )
 
     async def configure(self, cfg: RouterConfig) -> RouterStats:

@@ -11,9 +11,13 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections import deque
 
+from msgspec import UNSET
+
+from protocol.cohort import HOW_ALLOW, HOW_ASSIGN, HOW_DENY, HOW_FALLBACK, HOW_KEY, sketch_add
 from protocol.histogram import empty
 from protocol.messages import (
     LATENCY_BOUNDS_MS,
+    CohortTraffic,
     MirrorTraffic,
     MismatchSample,
     RouterStats,
@@ -114,6 +118,42 @@ class MirrorCounters:
         )
 
 
+class CohortCounters:
+    """How the cohort rule decided (``CohortTraffic``): counts by how, and a users sketch per
+    slot (``protocol.cohort.sketch_add``) since the rule's share last changed."""
+
+    __slots__ = ("allowed", "assigned", "by_key", "denied", "fallback", "share", "users")
+
+    def __init__(self) -> None:
+        self.by_key = self.fallback = self.assigned = self.allowed = self.denied = 0
+        self.users: dict[str, list[int]] = {}  # since the share last changed (``Proxy.apply``)
+        self.share = -1
+
+    def observe(self, how: str, slot: str, h: int) -> None:
+        if how == HOW_KEY:
+            self.by_key += 1
+        elif how == HOW_ALLOW:
+            self.allowed += 1
+        elif how == HOW_DENY:
+            self.denied += 1
+        elif how == HOW_ASSIGN:
+            self.assigned += 1
+        elif how == HOW_FALLBACK:
+            self.fallback += 1
+        if h:
+            sketch = self.users.get(slot)
+            if sketch is None:
+                sketch = self.users[slot] = []
+            sketch_add(sketch, h)
+
+    def snapshot(self) -> CohortTraffic:
+        return CohortTraffic(
+            by_key=self.by_key, fallback=self.fallback, assigned=self.assigned,
+            allowed=self.allowed, denied=self.denied,
+            users={slot: list(s) for slot, s in self.users.items()},
+        )
+
+
 def router_stats(
     *,
     epoch: float,
@@ -122,6 +162,7 @@ def router_stats(
     weights: dict[str, int],
     slots: dict[str, SlotCounters],
     mirror: MirrorCounters | None,
+    cohort: CohortCounters | None = None,
 ) -> RouterStats:
     """The wire snapshot of everything counted so far."""
     return RouterStats(
@@ -131,4 +172,5 @@ def router_stats(
         weights=dict(weights),
         slots={name: c.snapshot() for name, c in slots.items()},
         mirror=mirror.snapshot() if mirror is not None else None,
+        cohort=cohort.snapshot() if cohort is not None else UNSET,
     )

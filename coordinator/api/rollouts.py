@@ -55,9 +55,11 @@ from coordinator.core.history import rollback_choice, row, summarise
 from coordinator.errors import ConfigError, FleetwaveError, RemoteError, UsageError
 from coordinator.releases import UnknownRelease
 from protocol import subjects
+from protocol.cohort import describe
 from protocol.errors import BusError, Conflict, ProtocolError
 from protocol.history import RolloutSummary, SummarisedRollout
 from protocol.messages import (
+    CohortSpec,
     DeployRequest,
     KeyRequest,
     ListRolloutsRequest,
@@ -266,9 +268,11 @@ def status_dict(r: RolloutRecord) -> dict[str, Any]:
         "on_failure": r.spec.on_failure, "on_node_lost": r.spec.on_node_lost,
         "started_by": r.started_by, "paused_by": r.paused_by, "aborted_by": r.aborted_by,
         "rollback_by": r.rollback_by,
+        "cohort": _cohort(r.spec),
         "waves": [
             {"index": w.index, "nodes": list(w.nodes), "weight": w.weight, "state": w.state,
-             "started": w.started, "finished": w.finished, "gates": dict(w.gates)}
+             "started": w.started, "finished": w.finished, "gates": dict(w.gates),
+             "share": _share(r.spec, w.weight)}
             for w in r.waves
         ],
         "nodes": {
@@ -291,8 +295,30 @@ def summarised_dict(r: SummarisedRollout) -> dict[str, Any]:
         "gates": msgspec.to_builtins(spec.gates), "on_failure": spec.on_failure,
         "on_node_lost": spec.on_node_lost, "started_by": s.started_by, "paused_by": "",
         "aborted_by": "", "rollback_by": "", "waves": [], "nodes": {}, "summarised": True,
+        "cohort": _cohort(spec),
         "node_count": s.nodes, "wave_count": s.waves,
     }
+
+
+def _cohort(spec: RolloutSpec) -> dict[str, Any] | None:
+    """The cohort settings of a rollout (issue 15), or None when it splits by request."""
+    if not (spec.cohort_key or spec.allow or spec.deny or spec.preview):
+        return None
+    return {"key": spec.cohort_key, "fallback": spec.cohort_fallback,
+            "assign_cookie": spec.assign_cookie, "allow": list(spec.allow),
+            "deny": list(spec.deny), "preview": list(spec.preview)}
+
+
+def _share(spec: RolloutSpec, weight: int) -> str:
+    """What a wave's weight means, for people: "20 % of users (header X-User; no key: client
+    IP)" under a cohort key, with any allow/deny/preview rules; "" when it is a share of
+    requests and there are no rules."""
+    if _cohort(spec) is None:
+        return ""
+    return describe(CohortSpec(
+        key=spec.cohort_key, new="a", fallback=spec.cohort_fallback,
+        assign_cookie=spec.assign_cookie, allow=spec.allow, deny=spec.deny, preview=spec.preview,
+    ), weight)
 
 
 def summary(r: RolloutRecord) -> dict[str, Any]:

@@ -130,6 +130,9 @@ def gates_text(gates: dict[str, Any]) -> str:
                     + (f" = x{ratio:.2f}" if isinstance(ratio, (int, float)) else "")
                     + _limit(th, "max_p99_ratio", f"max x{th.get('max_p99_ratio'):g}"
                              if th.get("max_p99_ratio") is not None else ""))
+    if "users_new" in gates:  # a cohort rule (issue 15): who the two sides were
+        bits.append(f"users ~{gates['users_new']} new / ~{gates.get('users_old', 0)} old, "
+                    f"{gates.get('fallback_requests', 0)} req without the key")
     if gates.get("compared") or th.get("max_mismatch_rate") is not None:
         bits.append(f"mirror {gates.get('mismatched', 0)}/{gates.get('compared', 0)} mismatched"
                     + _limit(th, "max_mismatch_rate",
@@ -260,6 +263,12 @@ def summarised_lines(st: dict[str, Any]) -> list[str]:
     return [safe(line) for line in lines]
 
 
+def _weight(w: dict[str, Any]) -> str:
+    """A wave's weight: a share of requests ("20%"), or of users under a cohort rule ("20 % of
+    users (header X-User; no key: client IP)")."""
+    return str(w.get("share") or f"{w['weight']}%")
+
+
 def status_renderable(st: dict[str, Any]) -> RenderableType:
     """The people's view of one rollout: a headline, its waves and its nodes."""
     if st.get("summarised"):
@@ -268,7 +277,7 @@ def status_renderable(st: dict[str, Any]) -> RenderableType:
     for col in ("WAVE", "STATE", "WEIGHT", "NODES", "GATES"):
         waves.add_column(col)
     for w in st.get("waves") or []:
-        waves.add_row(str(w["index"] + 1), _styled(w["state"]), cell(f"{w['weight']}%"),
+        waves.add_row(str(w["index"] + 1), _styled(w["state"]), cell(_weight(w)),
                       cell(",".join(w["nodes"])), cell(_wave_gates(st, w) or "-"))
     nodes = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("NODE", "STATE", "VERSION", "HEALTHY", "ONLINE", "GEN", "REASON"):
@@ -297,7 +306,7 @@ def status_text(st: dict[str, Any]) -> str:
         lines.append(f"  {policy_line(st)}")
     for w in st.get("waves") or []:
         g = _wave_gates(st, w)
-        lines.append(f"  wave {w['index'] + 1}: {w['state']} at {w['weight']}% on "
+        lines.append(f"  wave {w['index'] + 1}: {w['state']} at {_weight(w)} on "
                      f"{','.join(w['nodes'])}" + (f" [{g}]" if g else ""))
     for node, p in (st.get("nodes") or {}).items():
         lines.append(f"  {node}: {p['state']} {p.get('version') or '-'} "
@@ -321,7 +330,9 @@ def progress_lines(before: dict[str, Any] | None, now: dict[str, Any]) -> list[s
         prev = old_waves.get(w["index"])
         if prev is None or prev["state"] != w["state"]:
             g = _wave_gates(now, w)
-            out.append(f"{stamp} wave {w['index'] + 1}: {w['state']}" + (f" [{g}]" if g else ""))
+            share = f" ({w['share']})" if w.get("share") and w["state"] == "updating" else ""
+            out.append(f"{stamp} wave {w['index'] + 1}: {w['state']}{share}"
+                       + (f" [{g}]" if g else ""))
     old_nodes = before.get("nodes") or {}
     for node, p in (now.get("nodes") or {}).items():
         prev = old_nodes.get(node) or {}

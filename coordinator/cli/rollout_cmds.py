@@ -97,6 +97,12 @@ class RolloutFile(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     progress_deadline: str | None = None
     on_failure: str | None = None
     on_node_lost: str | None = None
+    cohort_key: str | None = None
+    cohort_fallback: str | None = None
+    assign_cookie: bool | None = None
+    allow: list[str] | str | None = None
+    deny: list[str] | str | None = None
+    preview: list[str] | str | None = None
 
 
 STRATEGIES = ("rolling", "canary", "blue-green", "shadow")
@@ -153,6 +159,17 @@ def build_spec(settings: dict[str, Any]) -> RolloutSpec:
     if f.on_node_lost is not None:
         spec.on_node_lost = _choice(  # type: ignore[assignment]
             "--on-node-lost", f.on_node_lost, ("fail", "wait"))
+    if f.cohort_key is not None:
+        spec.cohort_key = f.cohort_key.strip()
+    if f.cohort_fallback is not None:
+        spec.cohort_fallback = _choice(  # type: ignore[assignment]
+            "--cohort-fallback", f.cohort_fallback, ("ip", "request"))
+    if f.assign_cookie is not None:
+        spec.assign_cookie = f.assign_cookie
+    # Rules are taken whole (a value may hold a comma); spec.check_cohort parses them.
+    spec.allow = _rules(f.allow)
+    spec.deny = _rules(f.deny)
+    spec.preview = _rules(f.preview)
     spec.gates = Gates(
         min_healthy=None if f.min_healthy is None else _fraction("--min-healthy", f.min_healthy),
         max_error_rate=None if f.max_error_rate is None
@@ -173,6 +190,10 @@ def build_spec(settings: dict[str, Any]) -> RolloutSpec:
     # the API runs on every deploy.
     strategies.validate(spec)
     return spec
+
+
+def _rules(value: list[str] | str | None) -> list[str]:
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
 
 
 def _items(value: list[Any] | str) -> list[Any]:
@@ -266,7 +287,8 @@ _FLAGS = ("strategy", "selector", "batch", "max_unavailable", "steps", "weights"
           "mirror_keep_headers", "then",
           "scale_down_delay", "min_healthy", "max_error_rate", "max_p99_ratio",
           "max_mismatch_rate", "min_requests", "analysis", "alpha", "progress_deadline",
-          "on_failure", "on_node_lost")
+          "on_failure", "on_node_lost", "cohort_key", "cohort_fallback", "assign_cookie",
+          "allow", "deny", "preview")
 
 
 @cli.command()
@@ -325,6 +347,21 @@ _FLAGS = ("strategy", "selector", "batch", "max_unavailable", "steps", "weights"
                    "holds the wave for it (it counts against --max-unavailable) until it is back "
                    "and converged, or fails it at the --progress-deadline (for a bake: that long "
                    "after the bake's end).")
+@click.option("--cohort-key", metavar="header:NAME|cookie:NAME|ip",
+              help="Canary by users: --weights become shares of users, told apart by this key; "
+                   "one user sees one version on every node, and only moves old -> new.")
+@click.option("--cohort-fallback", metavar="ip|request", help="Cohorts: what decides without "
+              "the key: the client IP (default; still sticky) or the per-request split.")
+@click.option("--assign-cookie", is_flag=True, default=None,
+              help="Cohorts (cookie key): the router gives a browser without the cookie a random "
+                   "one (HttpOnly, SameSite=Lax, Path=/, 30 days), so anonymous users stick too.")
+@click.option("--allow", "allow", multiple=True, metavar="header:NAME=VALUE|cookie:NAME=VALUE",
+              help="Canary: matching requests always get the new version (repeatable); with "
+                   "--weights 0,... only they see it first.")
+@click.option("--deny", "deny", multiple=True, metavar="header:NAME=VALUE|cookie:NAME=VALUE",
+              help="Canary: matching requests stay on the old version (repeatable; wins).")
+@click.option("--preview", "preview", multiple=True, metavar="header:NAME=VALUE", help="Blue-"
+              "green staging, shadow: matching requests reach the staged release (repeatable).")
 @click.option("--detach", is_flag=True, help="Print the rollout id and return at once.")
 @click.option("--wait", type=click.Choice(WAITS), default=None,
               help="How far to follow: done (the rollout ended or waits for an operator), "

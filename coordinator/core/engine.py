@@ -78,7 +78,7 @@ from coordinator.core.engine_types import (
     mode,
 )
 from coordinator.core.planning import NodeLike, hold_out, select
-from coordinator.core.targets import forward_target, idle_slot, serving_slot
+from coordinator.core.targets import cohort_for, forward_target, idle_slot, serving_slot
 from coordinator.errors import UsageError
 from coordinator.strategies import plan, wave_policies
 from protocol.codec import encode
@@ -153,7 +153,8 @@ def worst_case_size(record: RolloutRecord, routers: Mapping[str, RouterStats]) -
     nodes = {
         n: msgspec.structs.replace(p, target=forward_target(
             p.previous, fleet="", node=n, release=record.release, slot=idle_slot(p.previous),
-            weight=100, generation=p.generation + 1, rollout=record.id, now=record.created))
+            weight=100, generation=p.generation + 1, rollout=record.id, now=record.created,
+            cohort=cohort_for(record.spec, slot="a", rollout=record.id, weight=0)))
         for n, p in record.nodes.items()
     }
     baseline = {n: stats for n, stats in routers.items() if n in nodes}

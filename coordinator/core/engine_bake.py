@@ -41,6 +41,7 @@ from msgspec import UNSET
 
 from coordinator.core import gates as gatelib
 from coordinator.core import sequential
+from coordinator.core.cohorts import NodeWindow, cohort_figures
 from coordinator.core.engine_lost import Lost
 from coordinator.core.engine_rollback import Rollback
 from coordinator.core.engine_step import Step
@@ -207,6 +208,7 @@ class Bake:
             return own
         gates = policy.gates(self.step.spec.gates)
         new, old, mirror, history = [], [], [], []
+        cohort: list[NodeWindow] = []
         healthy = 0
         evidence = Evidence()
         since = wave.evidence_from or {}
@@ -227,6 +229,7 @@ class Bake:
                 if in_wave:
                     new.append(gatelib.window(start, end, p.slot))
                     mirror.append(gatelib.mirror_window(start, end))
+                    cohort.append((start, end, p.slot, old_slot))
             if in_wave:
                 slot = seen.slots.get(p.slot) if seen is not None else None
                 healthy += slot is not None and slot.status == "healthy"
@@ -240,6 +243,7 @@ class Bake:
             verdict = gatelib.evaluate(gates, fig)
         if reference:
             verdict.figures["p99_old_from"] = reference
+        verdict.figures.update(cohort_figures(cohort))
         return verdict
 
 

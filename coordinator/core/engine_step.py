@@ -24,6 +24,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from coordinator.core.amounts import max_unavailable
 from coordinator.core.engine_types import (
     MOVES,
@@ -34,6 +36,7 @@ from coordinator.core.engine_types import (
     move_node,
 )
 from protocol.messages import (
+    CohortTraffic,
     DesiredState,
     NodeProgress,
     ObservedState,
@@ -94,7 +97,10 @@ class Step:
         }
 
     def snapshot(self) -> dict[str, RouterStats]:
-        return {n: o.router for n, o in self.obs.items()
+        """The routers' counters now, as a wave's baseline. A cohort rule's users sketches are
+        left out (the gates read users from the latest reports only), which keeps the record
+        small: they are a few KB a node."""
+        return {n: _lean(o.router) for n, o in self.obs.items()
                 if n in self.r.nodes and o.router is not None}
 
     def fail_node(self, p: NodeProgress, reason: str) -> None:
@@ -119,3 +125,11 @@ class Step:
                   + (f": {reason}" if reason else f": {r.spec.service} "
                      f"{r.release.version or 'removed'} on {len(r.nodes)} nodes"),
                   reason=reason, moved=moved)
+
+
+def _lean(stats: RouterStats) -> RouterStats:
+    """``stats`` without its cohort users sketches (``snapshot``)."""
+    if isinstance(stats.cohort, CohortTraffic) and stats.cohort.users:
+        return msgspec.structs.replace(
+            stats, cohort=msgspec.structs.replace(stats.cohort, users={}))
+    return stats

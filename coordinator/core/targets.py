@@ -9,8 +9,9 @@ removal gives a node the empty desired state (``empty_target``).
 from __future__ import annotations
 
 import msgspec
+from msgspec import UNSET
 
-from protocol.messages import SLOTS, DesiredState, MirrorSpec, ReleaseRef
+from protocol.messages import SLOTS, CohortSpec, DesiredState, MirrorSpec, ReleaseRef, RolloutSpec
 
 # How often a node in a wave judged by sequential analysis is asked to read its router: a bad
 # release's first errors reach the gate a quarter second after they happen, not up to 2 s. Only
@@ -45,14 +46,29 @@ def runs(desired: DesiredState | None, release: ReleaseRef) -> bool:
     return positive == {serving} and desired.slots[serving].digest == release.digest
 
 
+def cohort_for(spec: RolloutSpec, *, slot: str, rollout: str, weight: int) -> CohortSpec | None:
+    """The cohort rule a node's router gets for a wave at ``weight`` with the new release in
+    ``slot``, or None. The rollout id is the salt: one user, one bucket on every node and every
+    step of this rollout. None at weight 100 (everyone is on the new release; a deny list
+    cannot hold without the old slot serving) and when the spec asks for no rule."""
+    if weight >= 100 or not (spec.cohort_key or spec.allow or spec.deny or spec.preview):
+        return None
+    return CohortSpec(
+        key=spec.cohort_key, salt=rollout, new=slot, fallback=spec.cohort_fallback,
+        allow=list(spec.allow), deny=list(spec.deny), preview=list(spec.preview),
+        assign_cookie=spec.assign_cookie,
+    )
+
+
 def forward_target(
     previous: DesiredState | None, *, fleet: str, node: str, release: ReleaseRef, slot: str,
     weight: int, generation: int, rollout: str, now: float, mirror: MirrorSpec | None = None,
-    stats_every: float = 0.0,
+    stats_every: float = 0.0, cohort: CohortSpec | None = None,
 ) -> DesiredState:
     """The new release in ``slot`` at ``weight`` percent, the old serving slot kept for the rest;
     ``mirror`` (shadow) copies a share of the requests to ``slot``; ``stats_every``: how often
-    the agent should read the router while the wave is judged (0: its own periods)."""
+    the agent should read the router while the wave is judged (0: its own periods); ``cohort``
+    makes the weight a share of users, or adds allow/deny/preview rules (``cohort_for``)."""
     slots: dict[str, ReleaseRef] = {}
     weights: dict[str, int] = {}
     serving = serving_slot(previous)
@@ -64,6 +80,7 @@ def forward_target(
     return DesiredState(
         fleet=fleet, node=node, service=release.service, generation=generation, slots=slots,
         weights=weights, mirror=mirror, rollout=rollout, time=now, stats_every=stats_every,
+        cohort=cohort if cohort is not None else UNSET,
     )
 
 
@@ -76,7 +93,7 @@ def restore_target(
         return empty_target(fleet=fleet, node=node, service=service, generation=generation,
                             rollout=rollout, now=now)
     return msgspec.structs.replace(previous, generation=generation, rollout=rollout, time=now,
-                                   stats_every=0.0)
+                                   stats_every=0.0, cohort=UNSET)
 
 
 def retire_target(
@@ -85,7 +102,7 @@ def retire_target(
     """Only the new release's slot, with all of the traffic: the old slot is stopped."""
     return msgspec.structs.replace(
         target, slots={slot: target.slots[slot]}, weights={slot: 100}, mirror=None,
-        generation=generation, time=now, stats_every=0.0,
+        generation=generation, time=now, stats_every=0.0, cohort=UNSET,
     )
 
 

@@ -170,7 +170,7 @@ def switch_back_target(
     """``target`` with all of the traffic back on ``serving``: weights only, both slots kept."""
     weights = dict.fromkeys(target.slots, 0) | {serving: 100}
     return msgspec.structs.replace(
-        target, weights=weights, mirror=None, generation=generation, time=now,
+        target, weights=weights, mirror=None, generation=generation, time=now, cohort=UNSET,
     )
 
 

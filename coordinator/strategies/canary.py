@@ -7,8 +7,9 @@ Formulas, for ``n`` selected nodes:
   ``c_i - c_{i-1}`` nodes. Steps must strictly increase, none may exceed ``n``, and the last must
   reach every node (``100%`` or ``n``), or the rollout would never finish. Two steps that round to
   the same count (``1,5%`` over 10 nodes) are one wave.
-- ``--weights w1,...,wm``: integer percentages 1-100, strictly increasing, the last 100. Every node
-  of a weighted wave runs both slots and sends ``w`` percent of its traffic to the new one.
+- ``--weights w1,...,wm``: integer percentages 0-100, strictly increasing, the last 100. Every node
+  of a weighted wave runs both slots and sends ``w`` percent of its traffic to the new one (of its
+  *users* with ``--cohort-key``; a first 0 only serves ``--allow``-listed users).
 - both: the nodes of the first step go through every weight in turn; later steps move fully.
 - neither: ``1,100%`` (one canary node, then the rest).
 """
@@ -92,12 +93,13 @@ def step_counts(steps: list[str] | tuple[str, ...], total: int) -> list[int]:
 
 
 def parse_weights(weights: list[int] | tuple[int, ...]) -> list[int]:
-    """Validate ``--weights``: 1-100, strictly increasing, ending at 100."""
-    previous = 0
+    """Validate ``--weights``: 0-100, strictly increasing, ending at 100 (a first 0 stages the
+    release for ``--allow``-listed users only; ``spec.check_cohort`` asks for the list)."""
+    previous = -1
     for w in weights:
-        if isinstance(w, bool) or not isinstance(w, int) or not 1 <= w <= 100:
+        if isinstance(w, bool) or not isinstance(w, int) or not 0 <= w <= 100:
             raise UsageError(
-                f"--weights item {w!r} is out of range; each weight is a whole percentage 1-100"
+                f"--weights item {w!r} is out of range; each weight is a whole percentage 0-100"
             )
         if w <= previous:
             raise UsageError(

@@ -11,6 +11,7 @@ import math
 
 from coordinator.errors import UsageError
 from protocol import subjects
+from protocol.cohort import CohortError, parse_key, parse_rule
 from protocol.messages import RolloutSpec
 
 
@@ -42,10 +43,54 @@ def check_common(spec: RolloutSpec) -> None:
                          "error rate; leave the gate out, or tolerate a smaller rise, e.g. 5%")
     if g.min_requests is not None and g.min_requests < 0:
         raise UsageError(f"--min-requests {g.min_requests} must be 0 or more")
-    if any(not 0 < w <= 100 for w in spec.weights):
-        raise UsageError(f"--weights {spec.weights} must each be between 1 and 100")
+    if any(not 0 <= w <= 100 for w in spec.weights):
+        raise UsageError(f"--weights {spec.weights} must each be between 0 and 100")
     if spec.then is not None and spec.strategy != "shadow":
         raise UsageError("--then only follows --strategy shadow")
+    check_cohort(spec)
+
+
+def check_cohort(spec: RolloutSpec) -> None:
+    """Cohorts (issue 15): the key and rules parse, and the strategy gives them a meaning.
+
+    A share of users needs every node to split by the same rule at the same time: a canary by
+    ``--weights`` alone (with ``--steps`` some nodes would run the old release only, and a user
+    would meet both versions). Allow/deny lists likewise; ``--preview`` reaches the staged slot
+    of a blue-green or shadow, where nothing else reaches it. A rolling update moves whole nodes
+    and has no second slot to send anyone to."""
+    try:
+        if spec.cohort_key:
+            parse_key(spec.cohort_key)
+        for flag, rules in (("--allow", spec.allow), ("--deny", spec.deny),
+                            ("--preview", spec.preview)):
+            for rule in rules:
+                parse_rule(rule, flag)
+    except CohortError as exc:
+        raise UsageError(str(exc)) from None
+    by_users = bool(spec.cohort_key or spec.allow or spec.deny)
+    if by_users and spec.strategy != "canary":
+        flag = "--cohort-key" if spec.cohort_key else "--allow" if spec.allow else "--deny"
+        hint = ("; to let testers reach the staged release use --preview header:NAME=VALUE"
+                if spec.strategy in ("blue-green", "shadow") else "")
+        raise UsageError(f"{flag} has no meaning with --strategy {spec.strategy}: only a canary "
+                         f"by --weights splits users between versions; use --strategy canary "
+                         f"--weights 5,25,100{hint}")
+    if by_users and (spec.steps or not spec.weights):
+        raise UsageError("a canary by users needs --weights alone (e.g. --weights 5,25,100): "
+                         "with --steps, or none, some nodes would run only one version and a "
+                         "user would meet both; drop --steps")
+    if spec.preview and spec.strategy not in ("blue-green", "shadow"):
+        raise UsageError(f"--preview reaches a staged release, which --strategy {spec.strategy} "
+                         "does not have; use --allow with a canary, or --strategy blue-green")
+    if spec.cohort_fallback != "ip" and not spec.cohort_key:
+        raise UsageError("--cohort-fallback says what decides without the cohort key; give "
+                         "--cohort-key too")
+    if spec.assign_cookie and not spec.cohort_key.startswith("cookie:"):
+        raise UsageError("--assign-cookie hands out the cohort cookie, so it needs "
+                         "--cohort-key cookie:NAME")
+    if spec.weights and spec.weights[0] == 0 and not spec.allow:
+        raise UsageError("--weights starting at 0 exposes the new release to nobody; add "
+                         "--allow header:NAME=VALUE for the users who should see it first")
 
 
 def check_version(spec: RolloutSpec) -> None:

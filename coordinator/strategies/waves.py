@@ -23,6 +23,7 @@ from coordinator.core.evidence import Evidence
 from coordinator.core.planning import WaveKind
 from coordinator.core.targets import (
     JUDGED_STATS_EVERY,
+    cohort_for,
     forward_target,
     idle_slot,
     retire_target,
@@ -69,6 +70,7 @@ class Ordinary:
             weight=wave.weight, generation=step.next_generation(p), rollout=step.r.id,
             now=step.now, mirror=self.mirror(step.spec, p.slot),
             stats_every=JUDGED_STATS_EVERY if step.spec.gates.analysis == "sequential" else 0.0,
+            cohort=cohort_for(step.spec, slot=p.slot, rollout=step.r.id, weight=wave.weight),
         )
 
     def converged(self, step: Step, wave: WaveRecord) -> None:

@@ -2,7 +2,7 @@
 
 Usage: python tests/perf/bench_router.py [--json] [--duration 5] [--concurrency 1,4,16]
            [--rate 1000] [--upstream canned|example|both] [--repeat 1] [--no-wrk] [--relay]
-           [--version 2.0.0] [--host 127.0.21.1]
+           [--version 2.0.0] [--host 127.0.21.1] [--cohort]
 
 Two upstreams, each measured direct and through the router with the same client and the same load:
 
@@ -37,6 +37,11 @@ ratio measures the router's cost *in that company*; see the CPU column for its o
 ``--repeat N`` the whole matrix runs N times and a summary gives each row's ratio and added p99 as
 median [min..max]. With ``--relay`` a byte relay with no HTTP logic at all is measured too (its own
 process, same event loop): the floor any Python hop pays in syscalls and wake-ups.
+
+With ``--cohort`` (issue 15) every request carries an ``X-User`` header, the router splits two
+slots (the same upstream) 80/20, and each load runs through the router twice in a row: split by
+request, then by users (``--cohort-key header:X-User``: the header parsed and hashed per request).
+``cohort_ratio`` is the second's throughput over the first's (the budget: >= 0.95).
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ from agent.host.slots import SlotSpec  # noqa: E402
 from agent.router import RouterClient, RouterConfig, Upstream, start_router  # noqa: E402
 from coordinator.dev.examples import assembled  # noqa: E402
 from protocol.manifest import load_manifest  # noqa: E402
+from protocol.messages import CohortSpec  # noqa: E402
 
 HOST = "127.0.21.1"  # this benchmark's loopback address (other engineers use other ones)
 OPEN_LOOP_CONNS = 64
@@ -180,8 +186,11 @@ async def serve_relay(host: str, up_port: int) -> None:
 # -- clients --------------------------------------------------------------------------------------
 
 
+USER_HEADER = ""  # "X-User: ...\r\n" with --cohort (set once in main, before any load)
+
+
 def _request(host: str) -> bytes:
-    return f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    return f"GET / HTTP/1.1\r\nHost: {host}\r\n{USER_HEADER}\r\n".encode()
 
 
 async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, req: bytes) -> None:
@@ -401,8 +410,11 @@ def _loads(levels: list[int], rate: float, use_wrk: bool) -> list[tuple[str, str
 async def measure(
     host: str, upstream: str, up_port: int, router: tuple[int, int], relay: tuple[int, int] | None,
     loads: list[tuple[str, str, Load]], duration: float, run: int,
+    cohort: Callable[[bool], Awaitable[None]] | None = None,
 ) -> list[dict[str, object]]:
-    """Every load direct, through the router (and the relay); one row each."""
+    """Every load direct, through the router (and the relay); one row each. ``cohort``
+    reconfigures the router with (True) or without a cohort rule: each load then runs through
+    the router by request and by users, one after the other."""
     router_pid, router_port = router
     await drive(host, router_port, 4, 0.5)  # warm up both paths (and the router's pool)
     await drive(host, up_port, 4, 0.5)
@@ -420,6 +432,14 @@ async def measure(
             "added_p50_ms": proxied["p50_ms"] - direct["p50_ms"],
             "added_p99_ms": proxied["p99_ms"] - direct["p99_ms"],
         }
+        if cohort is not None:
+            await cohort(True)
+            cpu0 = cpu_seconds(router_pid)
+            users = await run_load(host, router_port, duration)
+            users["router_cpu_us_per_req"] = (cpu_seconds(router_pid) - cpu0) * 1e6 / max(
+                1.0, users["requests"])
+            await cohort(False)
+            row |= {"cohort": users, "cohort_ratio": users["rps"] / proxied["rps"]}
         if relay is not None:
             relay_pid, relay_port = relay
             cpu0 = cpu_seconds(relay_pid)
@@ -461,17 +481,34 @@ async def _bench(args: argparse.Namespace, tmp: Path, host: str,
                     relay_proc, relay_port = spawn_server(["--serve-relay", host, str(up_port)])
                     procs.append(relay_proc)
                     relay = (relay_proc.pid, relay_port)
-                stats = await client.configure(
-                    RouterConfig(
-                        service="bench", listen_host=host, listen_port=0,
-                        upstreams=[Upstream(slot="a", host=host, port=up_port, weight=1,
+                def config(by_users: bool, port: int = 0, up: int = up_port) -> RouterConfig:
+                    if not args.cohort:
+                        return RouterConfig(
+                            service="bench", listen_host=host, listen_port=port,
+                            upstreams=[Upstream(slot="a", host=host, port=up, weight=1,
+                                                healthy=True)],
+                        )
+                    return RouterConfig(
+                        service="bench", listen_host=host, listen_port=port,
+                        upstreams=[Upstream(slot="a", host=host, port=up, weight=80,
+                                            healthy=True),
+                                   Upstream(slot="b", host=host, port=up, weight=20,
                                             healthy=True)],
+                        cohort=CohortSpec(key="header:X-User", salt="bench", new="b")
+                        if by_users else None,
                     )
-                )
+
+                stats = await client.configure(config(False))
                 assert stats.port is not None
+                port = stats.port
+
+                async def by_users(on: bool, port: int = port,
+                                   config: Callable[..., RouterConfig] = config) -> None:
+                    await client.configure(config(on, port))
+
                 rows += await measure(
                     host, upstream, up_port, (router_pid, stats.port), relay, loads,
-                    args.duration, run,
+                    args.duration, run, by_users if args.cohort else None,
                 )
                 while procs:
                     stop(procs.pop())
@@ -499,9 +536,15 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             print(f"{r['upstream']:>8} {r['client']:>6} {r['load']:>7} {name:>7} {f['rps']:>9.0f} "
                   f"{f['p50_ms']:>8.3f} {f['p99_ms']:>8.3f} "
                   f"{'' if cpu is None else f'{cpu:.1f} us':>12}{late}")
+        if "cohort" in r:
+            f = r["cohort"]
+            print(f"{r['upstream']:>8} {r['client']:>6} {r['load']:>7} {'users':>7} "
+                  f"{f['rps']:>9.0f} {f['p50_ms']:>8.3f} {f['p99_ms']:>8.3f} "
+                  f"{f['router_cpu_us_per_req']:>9.1f} us")
         print(f"{'':>8} {'':>6} {'':>7} {'ratio':>7} {r['throughput_ratio']:>9.2f} "
               f"{r['added_p50_ms']:>+8.3f} {r['added_p99_ms']:>+8.3f}"
-              + (f"   (relay {r['relay_ratio']:.2f})" if "relay" in r else ""))
+              + (f"   (relay {r['relay_ratio']:.2f})" if "relay" in r else "")
+              + (f"   (users/requests {r['cohort_ratio']:.3f})" if "cohort" in r else ""))
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -561,6 +604,10 @@ def main() -> None:
         "--relay", action="store_true",
         help="also measure a byte relay with no HTTP logic (the floor for any Python hop)",
     )
+    parser.add_argument(
+        "--cohort", action="store_true",
+        help="also measure the router splitting by users (--cohort-key header:X-User)",
+    )
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--serve-relay", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -570,6 +617,9 @@ def main() -> None:
     if args.serve_relay:
         run_loop(serve_relay(args.serve_relay[0], int(args.serve_relay[1])))
         return
+    if args.cohort:
+        global USER_HEADER
+        USER_HEADER = "X-User: user-4711\r\n"
     use_wrk = not args.no_wrk and shutil.which("wrk") is not None
     rows = run_loop(bench(args, use_wrk))
     summary = summarize(rows)

@@ -422,3 +422,20 @@ def test_bare_line_ends_are_found_in_an_incomplete_head(data: bytes, bare: bool)
         found = found or bare_line_end(data[:end], scanned)
         scanned = max(0, end - 1)
     assert found is bare
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n",  # sent as received
+     b"HTTP/1.1 200 OK\r\nConnection: X-Hop\r\nX-Hop: 1\r\nContent-Length: 2\r\n\r\n"],  # rebuilt
+)
+@pytest.mark.parametrize(("keep", "http10"), [(True, False), (False, False), (True, True)])
+def test_an_assigned_cookie_line_rides_every_head(raw: bytes, keep: bool, http10: bool) -> None:
+    """The router's own header line (an assigned cohort cookie) is added once, inside the head,
+    whether the upstream's head goes as received or is rebuilt."""
+    resp = parse_response(raw, "GET")
+    extra = b"Set-Cookie: fw=abc; Path=/; HttpOnly\r\n"
+    head = client_response_head(resp, keep_alive=keep, http10=http10, extra=extra)
+    assert head.endswith(b"\r\n\r\n") and head.count(extra) == 1
+    assert head.index(extra) < head.index(b"\r\n\r\n") + 2
+    assert b"X-Hop" not in head

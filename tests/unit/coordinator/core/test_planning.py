@@ -146,7 +146,7 @@ def test_bad_canary_steps_say_why(name: str, steps: list[str], why: str) -> None
 
 @pytest.mark.parametrize(
     ("weights", "why"),
-    [([0, 100], "out of range"), ([5, 101], "out of range"), ([25, 5, 100], "strictly increase"),
+    [([-1, 100], "out of range"), ([5, 101], "out of range"), ([25, 5, 100], "strictly increase"),
      ([5, 25], "must end at 100")],
 )
 def test_bad_canary_weights_say_why(weights: list[int], why: str) -> None:

@@ -34,7 +34,9 @@ CASES: dict[str, dict[str, Any]] = json.loads(
 # the default an old record decodes to: re-encoding writes them, and nothing else may differ.
 ADDED = [('"on_failure":"rollback"', '"on_node_lost":"fail"'),
          ('"on_failure":"pause"', '"on_node_lost":"fail"'),
-         ('"min_requests":null', '"analysis":"threshold","alpha":0.01')]  # issue 18
+         ('"min_requests":null', '"analysis":"threshold","alpha":0.01'),  # issue 18
+         ('"on_node_lost":"fail"', '"cohort_key":"","cohort_fallback":"ip",'  # issue 15
+          '"assign_cookie":false,"allow":[],"deny":[],"preview":[]')]
 
 
 # ... and at the end of the record (issue 13): the events not yet acknowledged by the stream

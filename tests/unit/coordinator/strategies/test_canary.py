@@ -42,7 +42,7 @@ from tests.unit.coordinator.kit import kinds, writes
         pytest.param(["--steps", "50%,10%,100%"], "strictly increase", id="descending"),
         pytest.param(["--steps", "3,2,100%"], "strictly increase", id="descending-counts"),
         pytest.param(["--steps", "1,x,100%"], "not a count or a percentage", id="not-a-number"),
-        pytest.param(["--weights", "0,100"], "out of range", id="weight-zero"),
+        pytest.param(["--weights", "0,100"], "exposes the new release to nobody", id="weight-zero"),
         pytest.param(["--weights", "5,101"], "out of range", id="weight-over-100"),
         pytest.param(["--weights", "25,5,100"], "strictly increase", id="weights-descending"),
         pytest.param(["--weights", "5,25"], "must end at 100", id="weights-not-ending"),
