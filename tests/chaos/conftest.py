@@ -8,10 +8,10 @@ from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
-from tests.integration.conftest import broker
+from tests.integration.conftest import broker, reaped
 from tests.netbed import NetBed
 
-__all__ = ["broker", "netbed"]
+__all__ = ["broker", "netbed", "reaped"]
 
 
 @pytest.fixture
