@@ -887,6 +887,16 @@ class Bus:
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusError(f"cannot delete {bucket}/{key}: {exc}") from None
 
+    @_timed("kv_purge_keys")
+    async def kv_purge_keys(self, bucket: str, pattern: str) -> None:
+        """Remove every key of ``bucket`` matching ``pattern`` from its stream, leaving no
+        marker (a stream purge by subject): for keys no reader will ask for again."""
+        kv = await self._bucket(bucket)
+        try:
+            await self.js.purge_stream(f"KV_{bucket}", subject=f"{kv._pre}{pattern}")
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot purge {bucket}/{pattern}: {exc}") from None
+
     @_timed("kv_entries")
     async def kv_entries(self, bucket: str, pattern: str = ">") -> list[Entry]:
         """Every live entry whose key matches ``pattern``, read once (a snapshot)."""

@@ -42,8 +42,9 @@ ADDED = [('"on_failure":"rollback"', '"on_node_lost":"fail"'),
 # ... and at the end of the record (issue 13): the events not yet acknowledged by the stream
 # (the outbox), and the lease term of the coordinator that wrote it; (issue 14) who started,
 # paused, aborted or rolled it back.
+# (issue 17) how many pages hold its node table (none: it is kept whole in one value).
 ADDED_AT_END = ('"outbox":[],"term":0,"started_by":"","paused_by":"","aborted_by":"",'
-                '"rollback_by":""')
+                '"rollback_by":"","pages":0,"node_count":0')
 
 
 # ... and at the end of every desired state in it (issue 18): the read period a sequential wave
