@@ -314,7 +314,7 @@ class SimFleet:
 
     def __init__(self, nodes: int, *, fleet: str = FLEET, sim_env: dict[str, str] | None = None,
                  heartbeat: float = 2.0, keep: bool = False, brokers: int = 1,
-                 secure: bool = False) -> None:
+                 secure: bool = False, max_payload: str = "8MB") -> None:
         self.n = nodes
         self.fleet = fleet
         self.heartbeat = heartbeat
@@ -326,10 +326,12 @@ class SimFleet:
         self.auth = self.dir / "auth" if secure else None
         self.cluster: BrokerCluster | None = None
         if brokers == 1:
-            self.broker = Broker(store_dir=self.dir / "js", auth=self.auth)
+            self.broker = Broker(store_dir=self.dir / "js", auth=self.auth,
+                                 max_payload=max_payload)
             self.brokers = [self.broker]
         else:
-            self.cluster = BrokerCluster(self.dir, brokers, auth=self.auth)
+            self.cluster = BrokerCluster(self.dir, brokers, auth=self.auth,
+                                         max_payload=max_payload)
             self.brokers = self.cluster.brokers
             self.broker = self.brokers[0]
         self.url = ",".join(b.url for b in self.brokers)  # every client gets every broker
