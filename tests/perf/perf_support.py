@@ -76,6 +76,7 @@ from protocol.signing import public_key  # noqa: E402
 FLEET = "perf"
 SUBNET = os.environ.get("FLEETWAVE_PERF_SUBNET", "127.0.15")  # own loopback subnet: never collides
 API_TIMEOUT = 60.0
+API_ROWS = 2000  # nodes the ``nodes`` API answers in one message under a 1 MB max_payload
 
 
 T = TypeVar("T")
@@ -428,9 +429,22 @@ class SimFleet:
             return None
 
     async def wait_online(self, count: int, *, timeout: float) -> None:
-        await poll(self._nodes_or_none,
-                   lambda rows: rows is not None and sum(r["online"] for r in rows) >= count,
-                   timeout=timeout, what=f"{count} nodes online", interval=0.5)
+        """Until ``count`` nodes registered (their keys in the nodes bucket), then until the
+        coordinator's node table says so. The table is read with the ``nodes`` API only up to
+        ``API_ROWS`` nodes: its answer is one message, past 1 MB (the server's default
+        max_payload) at ~5,000 nodes; beyond, the deploy's node count is checked instead."""
+        assert self.bus is not None
+        bus = self.bus
+
+        async def registered() -> int:
+            return len(await bus.kv_entries(subjects.nodes_bucket(self.fleet)))
+
+        await poll(registered, lambda n: n >= count, timeout=timeout,
+                   what=f"{count} nodes registered", interval=0.5)
+        if count <= API_ROWS:
+            await poll(self._nodes_or_none,
+                       lambda rows: rows is not None and sum(r["online"] for r in rows) >= count,
+                       timeout=timeout, what=f"{count} nodes online", interval=0.5)
 
     async def api(self, verb: str, request: Any, *, timeout: float = API_TIMEOUT) -> Any:
         assert self.bus is not None
@@ -440,6 +454,9 @@ class SimFleet:
         except Exception as exc:  # NotReachable, BusError: say which verb
             raise RuntimeError(f"api {verb}: {exc}") from None
         reply = decode(ApiReply, raw)
+        if reply.code == "accepted":  # recorded, its start failed: the next leader starts it
+            print(f"api {verb}: {reply.error}", file=sys.stderr)
+            return reply.data
         if not reply.ok:
             raise RuntimeError(f"api {verb} refused: {reply.error}")
         return reply.data
