@@ -17,6 +17,14 @@ The other way round, a record may exist without its lock (a crash between the tw
 whose lost reply made its deploy give up): it is started only once it holds the lock
 (``Runner.resync`` takes it, and drops a never-started record that cannot).
 
+The record split (``coordinator.core.pages``): a record is written as its head (key ``<id>``)
+and the pages of its node table (``<id>.<k>``), the head first, in the same atomic fenced batch.
+A persist writes the head and only the pages that changed since the record as this store last
+wrote or read it (``_split``: per live rollout, its layout and that record); a record it does
+not know yet (after a failed write dropped its driver, or kept in one value by an earlier
+version) is read back first, or written whole. Reading assembles the head and its pages; a
+missing page is a BusError naming it. Reduced or discarded records' pages are purged.
+
 The history (``coordinator.runtime.history``): every write that changes a record's summary
 (create, start, a wave, terminal, its last events acknowledged) carries the service's index, and
 past the retention the records it reduces, in the same atomic fenced batch. Reading the history
