@@ -167,7 +167,12 @@ def worst_case_sizes(record: RolloutRecord, routers: Mapping[str, RouterStats]
     top = msgspec.structs.replace(
         record, nodes={}, pages=len(record.nodes), node_count=len(record.nodes),
         waves=[msgspec.structs.replace(w, nodes=[], baseline={}) for w in record.waves])
-    return len(encode(top)), sizes
+    # The report stays in the head: a blue-green's holds every node's switch time, switch-back
+    # time and name (``protocol.report.Switch``, ``SwitchBack``), which bounds its fleet.
+    per_node = 0
+    if "blue-green" in (record.spec.strategy, record.spec.then):
+        per_node = sum(3 * len(n) + 60 for n in record.nodes)
+    return len(encode(top)) + per_node, sizes
 
 
 # -- the machine -----------------------------------------------------------------------------------

@@ -190,7 +190,8 @@ def fit(record: RolloutRecord, head_size: int, sizes: Mapping[str, int], *, max_
             f"a rollout of {n} nodes in {len(record.waves)} waves needs a record head of up to "
             f"{_size(head_size + reserve)}, more than the NATS server takes in one message "
             f"(max_payload {_size(max_payload)}); use fewer, larger waves "
-            "(--batch), or raise max_payload in the server's configuration")
+            "(--batch), roll the fleet out in parts with --selector, or raise max_payload in "
+            "the server's configuration")
     total = sum(sizes.values())
     budget = max(PAGE_BYTES, -(-total // MAX_PAGES))
     if limit:

@@ -187,3 +187,19 @@ def test_a_started_rollout_splits_and_assembles() -> None:
     rec = rollout.record
     layout = pages.plan(pages.order(rec), lambda _n: 2000, pages.PAGE_BYTES)
     assert pages.assemble(*pages.split(rec, layout)) == rec
+
+
+def test_a_blue_green_whose_switch_report_cannot_fit_the_head_is_refused() -> None:
+    """A blue-green's report (in the head) names every node's switch and switch back: on a
+    1 MiB server 20,000 nodes of it do not fit, in one line naming the fix."""
+    views = [NodeView(id=f"sim-{i}", online=True) for i in range(20_000)]
+    rec = new_record(id="hello-bg", release=NEW, nodes=views, now=1.0,
+                     spec=spec(strategy="blue-green", batch="100%", max_unavailable="100%"),
+                     current={v.id: desired(v.id) for v in views})
+    head, sizes = worst_case_sizes(rec, {})
+    assert head > 1 << 20
+    with pytest.raises(UsageError,
+                       match=r"20000 nodes .* record head .*max_payload 1.0 MiB.*--selector"):
+        pages.fit(rec, head, sizes, max_payload=1 << 20, reserve=512_000)
+    rolling = msgspec.structs.replace(rec, spec=spec(batch="10%", max_unavailable="10%"))
+    assert worst_case_sizes(rolling, {})[0] < 100_000
