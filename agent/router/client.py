@@ -267,9 +267,7 @@ class ClientConn(Channel):
         if routing.cohort is None:
             slot = routing.pick()
         else:
-            slot, how, h, cookie = routing.pick_for(req, self.ip)
-            if proxy.cohort_counters is not None:
-                proxy.cohort_counters.observe(how, slot or "", h)
+            slot, cookie = routing.pick_counted(req, self.ip, proxy.cohort_counters)
             if cookie:  # the answer carries an assigned cookie: the general path adds it
                 self._general(req, first=slot, set_cookie=cookie)
                 return
