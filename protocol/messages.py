@@ -63,6 +63,9 @@ class SlotProcess(msgspec.Struct, kw_only=True):
     restarts: int = 0
 
 
+DrainPhase = Literal["", "draining", "drained"]
+
+
 class ServiceSummary(msgspec.Struct, kw_only=True):
     """One line per service in a heartbeat: what the node serves now."""
 
@@ -71,6 +74,9 @@ class ServiceSummary(msgspec.Struct, kw_only=True):
     healthy: bool = False
     generation: int = 0
     observed_generation: int = 0
+    # Out of service for maintenance (``fleetwave drain``): "draining" while the router still
+    # accepts (the grace) or holds connections, "drained" once it does neither; "" otherwise.
+    drain: DrainPhase = ""
 
 
 class Heartbeat(msgspec.Struct, kw_only=True):
@@ -299,6 +305,10 @@ class RouterStats(msgspec.Struct, kw_only=True):
     # When the agent read these counters, by its own clock (0: unknown, an older agent). Two
     # snapshots of one router tell how long the window between them really is.
     time: float = 0.0
+    # Set only while drained for maintenance (UNSET otherwise, so records keep their bytes):
+    # "draining" while it accepts or holds client connections (how many), then "drained".
+    drain: DrainPhase | UnsetType = UNSET
+    connections: int | UnsetType = UNSET
 
 
 class ObservedState(msgspec.Struct, kw_only=True):

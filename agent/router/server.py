@@ -44,7 +44,7 @@ from agent.router.listener import close_gracefully
 from agent.router.proxy import Proxy
 from agent.router.routing import build_routing
 from agent.router.stats import router_stats
-from protocol.messages import RouterStats
+from protocol.messages import DrainPhase, RouterStats
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,16 @@ class RouterServer:
             slots=self.proxy.slots,
             mirror=self.proxy.mirror_counters if self.config and self.config.mirror else None,
             cohort=self.proxy.cohort_counters,
+            drain=self._drain_phase(),
+            connections=len(self.proxy.clients),
         )
+
+    def _drain_phase(self) -> DrainPhase:
+        """Out of service: "draining" while the listener is open or a client connection is,
+        "drained" once neither (``fleetwave drain --wait`` waits for that)."""
+        if not self.proxy.drained:
+            return ""
+        return "draining" if self.listener is not None or self.proxy.clients else "drained"
 
     async def configure(self, cfg: RouterConfig) -> RouterStats:
         """Apply ``cfg`` as a whole or not at all; raises RouterConfigError with the reason."""
