@@ -375,6 +375,9 @@ class RolloutSpec(msgspec.Struct, kw_only=True):
     allow: list[str] = []
     deny: list[str] = []
     preview: list[str] = []
+    # Pre-staged waves (issue 17): how many waves ahead of the running one have their new slots
+    # started and health-checked at weight 0: "" the strategy's default, "0" none, "N", "all".
+    prestage: str = ""
 
 
 class NodeProgress(msgspec.Struct, kw_only=True):
@@ -395,6 +398,11 @@ class NodeProgress(msgspec.Struct, kw_only=True):
     generation: int = 0
     slot: str = ""
     online: bool = True
+    # Pre-staging (``coordinator.core.engine_prestage``): "staging" (its new slot written at
+    # weight 0 ahead of its wave), "staged" (that slot reported healthy before its wave started)
+    # or "failed"; "" if never staged. ``stage_deadline``: when staging counts as failed.
+    staged: Literal["", "staging", "staged", "failed"] = ""
+    stage_deadline: float = 0.0
 
 
 class WaveRecord(msgspec.Struct, kw_only=True):

@@ -80,7 +80,7 @@ from coordinator.core.engine_types import (
 from coordinator.core.planning import NodeLike, hold_out, select
 from coordinator.core.targets import cohort_for, forward_target, idle_slot, serving_slot
 from coordinator.errors import UsageError
-from coordinator.strategies import plan, wave_policies
+from coordinator.strategies import plan, wave_policies, waves_ahead
 from protocol.codec import encode
 from protocol.messages import (
     TERMINAL_STATES,
@@ -180,6 +180,7 @@ class Rollout:
         self._record = record
         self._observed: dict[str, ObservedState] = {}
         self._policies = wave_policies(record.spec, len(record.waves))
+        self._ahead = waves_ahead(record.spec)
 
     @property
     def record(self) -> RolloutRecord:
@@ -232,7 +233,8 @@ class Rollout:
     def _step(self, events: Sequence[EngineEvent], now: float, *, who: str) -> list[Command]:
         work = working_copy(self._record)
         observed = dict(self._observed)
-        step = Step(self.fleet, work, observed, now, policies=self._policies, who=who)
+        step = Step(self.fleet, work, observed, now, policies=self._policies, who=who,
+                    ahead=self._ahead)
         progress = Progress(step)
         for event in events:
             progress.apply(event)
