@@ -461,6 +461,10 @@ class RolloutRecord(msgspec.Struct, kw_only=True):
     paused_by: str = ""
     aborted_by: str = ""
     rollback_by: str = ""
+    # Pre-staging (issue 17): how many waves ahead of the running one are staged, resolved from
+    # ``spec.prestage`` and the strategy's default when the rollout was planned (at most the
+    # waves after the first); 0 in a record written before, which carries on as it did.
+    prestage: int = 0
 
 
 class Event(msgspec.Struct, kw_only=True):

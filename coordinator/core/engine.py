@@ -139,7 +139,7 @@ def new_record(
         id=id, spec=spec, release=release, state="pending", created=now, updated=now,
         from_version=versions.most_common(1)[0][0] if versions else "",
         waves=[WaveRecord(index=w.index, nodes=list(w.nodes), weight=w.weight) for w in waves],
-        nodes=progress, started_by=who,
+        nodes=progress, started_by=who, prestage=min(waves_ahead(spec), len(waves) - 1),
     )
     if held := hold_out(select(nodes, spec.selector), cordoned)[1]:
         record.report.skipped_cordoned = held
@@ -180,7 +180,6 @@ class Rollout:
         self._record = record
         self._observed: dict[str, ObservedState] = {}
         self._policies = wave_policies(record.spec, len(record.waves))
-        self._ahead = waves_ahead(record.spec)
 
     @property
     def record(self) -> RolloutRecord:
@@ -234,7 +233,7 @@ class Rollout:
         work = working_copy(self._record)
         observed = dict(self._observed)
         step = Step(self.fleet, work, observed, now, policies=self._policies, who=who,
-                    ahead=self._ahead)
+                    ahead=self._record.prestage)
         progress = Progress(step)
         for event in events:
             progress.apply(event)
