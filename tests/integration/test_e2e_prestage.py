@@ -28,7 +28,6 @@ from tests.integration.e2e_support import (
     DEPLOY_TIMEOUT,
     audit,
     deploy_detached,
-    events_of,
     install,
     loaded,
     push,
@@ -42,7 +41,11 @@ from tests.integration.procs import fleetwave, wait_until
 
 SUBNET = "127.0.71"
 NODES = ["node-1", "node-2", "node-3", "node-4"]
-ONE_A_WAVE = ("--batch", "1", "--max-unavailable", "1")
+# A bake longer than a hello slot takes to start and pass its health checks (under a second
+# here): the next wave's node is then always staged healthy before its turn, which is what this
+# test proves from the events. Without a bake a staged node's wave may come before its slot is
+# healthy; it is then an ordinary update of a slot already starting.
+ONE_A_WAVE = ("--batch", "1", "--max-unavailable", "1", "--bake", "3s")
 
 
 def first(events: list[dict[str, Any]], kind: str, **data: Any) -> float:
@@ -117,8 +120,7 @@ async def test_prestaged_rolling_switches_staged_slots_resumes_and_fails_early(
             # 2. A coordinator killed while wave 1 bakes and wave 2's node is staged resumes
             # exactly: nothing staged twice, each node moved once.
             async with loaded(fleet) as traffic:
-                rid = await deploy_detached(url, "2.0.0", *ONE_A_WAVE, "--prestage", "1",
-                                            "--bake", "3s")
+                rid = await deploy_detached(url, "2.0.0", *ONE_A_WAVE, "--prestage", "1")
 
                 def wave_1_baking_2_staged(r: RolloutRecord) -> bool:
                     return (r.current_wave == 1 and r.waves[1].state == "baking"
@@ -143,7 +145,8 @@ async def test_prestaged_rolling_switches_staged_slots_resumes_and_fails_early(
             # 3. node-2 cannot pass its health check on 2.4.0: its staging fails while wave 0
             # bakes, before wave 1, and the rollout rolls back.
             async with loaded(fleet) as traffic:
-                code, out, _ = await deployed(url, "2.4.0", *ONE_A_WAVE, "--prestage", "1",
+                # Wave 0 bakes 30 s: node-2's start_timeout (10 s) fails its staging first.
+                code, out, _ = await deployed(url, "2.4.0", *ONE_A_WAVE[:4], "--prestage", "1",
                                               "--bake", "30s")
                 assert code == 3, f"2.4.0 should roll back, got {code}: {out}"
                 rid = await latest(url)
