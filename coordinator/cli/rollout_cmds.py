@@ -62,7 +62,9 @@ from protocol.messages import (
     RolloutSpec,
 )
 
-POLL = 0.5
+# How often a followed rollout is read: its end is noticed 0.125 s late on average, not 0.25 s
+# as at 0.5 (issue 17); each read is one status request (about 0.5 ms of the leader's time).
+POLL = 0.25
 FOLLOW_PATIENCE = 60.0  # how long a silent coordinator is waited for while following
 EXIT_CODES = {"succeeded": 0, "rolled_back": 3, "paused": 4, "failed": 4, "aborted": 1}
 EXIT_ACCEPTED = 5  # --detach: the rollout is recorded, its start not confirmed (a bus error)
