@@ -76,9 +76,9 @@ class Prestage:
         if not failed:
             return True
         # The same policy as a failed update, applied before the node's wave: the rollout
-        # learns of a bad node (or a bad release) a wave early.
+        # learns of a bad node (or a bad release) a wave early. No wave failed (the running
+        # one may be fine): the nodes' ``node.failed`` and the rollback or pause say it.
         why = f"staging failed: {'; '.join(failed)}"
-        step.emit("wave.failed", why, wave=step.r.current_wave, staging=True)
         if step.spec.on_failure == "pause":
             step.pause(why)
         else:
