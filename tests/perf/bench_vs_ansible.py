@@ -27,16 +27,19 @@ printed) gives the seconds spent in each task.
 
 **fleetwave**: a dev fleet (``coordinator.dev.devfleet.DevFleet``: broker, coordinator, N real
 agents on ``<SUBNET>.1..N``), hello 1.0.0 installed everywhere, then ``fleetwave deploy hello
-2.0.0 --strategy rolling --batch 20% --max-unavailable 20% --bake 0`` (the CLI, followed to its
-end). Each agent fetches the release, starts the new slot beside the old one, waits for its
+2.0.0 --strategy rolling --batch 20% --max-unavailable 20% --bake 0 --prestage 0`` (the CLI,
+followed to its end); then on the same fleet, 1.0.0 reinstalled before each, the same deploy
+with ``--prestage 1`` and with ``--prestage all`` (``prestaged``: their figures and ratios).
+Each agent fetches the release, starts the new slot beside the old one, waits for its
 health checks (two passes, 200 ms apart), switches its router and drains the old slot. The load
 goes through the N routers. Timed: the CLI command, start to exit. From the fleet's events the
 run also reports, per wave, where the seconds go: from ``wave.started`` to the last new slot
 started (fetch and spawn), to the last one healthy (health checks), to the last node done (the
 switch and its report), and the coordinator's hand-over to the next wave. Pre-staging (issue 17
-part 1) would start and health-check the slots of upcoming waves ahead of their turn: the
-"pre-stageable" figure is the sum over the waves after the first of their fetch, start and
-health time, i.e. what would leave the critical path.
+part 1) starts and health-checks the slots of upcoming waves ahead of their turn: the
+"pre-stageable" figure of the run without it is the sum over the waves after the first of their
+fetch, start and health time, i.e. what could leave the critical path; the prestaged runs show
+what did.
 
 Printed: both wall times and their ratio; the ratio of their work alone too (Ansible from its
 first play to its recap, fleetwave from ``rollout.started`` to ``rollout.succeeded``: neither
