@@ -5,7 +5,8 @@ the example ``hello`` service, under steady load through their routers (127.0.71
   healthy (``node.staged``, from the record's own decisions) before its wave starts, its wave is
   a router switch (``node.updating`` says staged) and no request fails;
 - a coordinator SIGKILLed while wave 1 bakes and wave 2 is staged resumes exactly: the staged
-  node is not staged again, each node moves once, the rollout succeeds;
+  node is not staged again, each node moves once, the rollout succeeds; switched nodes still run
+  their old slot then (its drain comes after the rollout, off every wave's path);
 - 2.4.0, whose health check never passes on node-2: node-2's staging fails while wave 0 bakes,
   is reported before wave 1 starts, and the rollout rolls back (exit 3) with every node serving
   the old version and no 2.4.0 process left running anywhere.
@@ -128,6 +129,11 @@ async def test_prestaged_rolling_switches_staged_slots_resumes_and_fails_early(
 
                 await wait_until(lambda: record_of(bus, rid), wave_1_baking_2_staged,
                                  timeout=60, what="wave 1 baking with node-3 staged")
+                # Switched nodes keep their old slot running at weight 0 (drained and stopped
+                # when the rollout succeeds, off every wave's path); node-3 runs both ahead.
+                running = set((await service_pids(fleet)).values())
+                for node in ("node-1", "node-2", "node-3"):
+                    assert {v for n, _, v in running if n == node} == {"1.0.0", "2.0.0"}, running
                 await fleet.coordinator.kill()
                 await fleet.coordinator.start()
                 final = await wait_until(lambda: record_of(bus, rid),
