@@ -385,6 +385,9 @@ class RolloutSpec(msgspec.Struct, kw_only=True):
     allow: list[str] = []
     deny: list[str] = []
     preview: list[str] = []
+    # Pre-staged waves (issue 17): how many waves ahead of the running one have their new slots
+    # started and health-checked at weight 0: "" the strategy's default, "0" none, "N", "all".
+    prestage: str = ""
 
 
 class NodeProgress(msgspec.Struct, kw_only=True):
@@ -405,6 +408,11 @@ class NodeProgress(msgspec.Struct, kw_only=True):
     generation: int = 0
     slot: str = ""
     online: bool = True
+    # Pre-staging (``coordinator.core.engine_prestage``): "staging" (its new slot written at
+    # weight 0 ahead of its wave), "staged" (that slot reported healthy before its wave started)
+    # or "failed"; "" if never staged. ``stage_deadline``: when staging counts as failed.
+    staged: Literal["", "staging", "staged", "failed"] = ""
+    stage_deadline: float = 0.0
 
 
 class WaveRecord(msgspec.Struct, kw_only=True):
@@ -463,6 +471,10 @@ class RolloutRecord(msgspec.Struct, kw_only=True):
     paused_by: str = ""
     aborted_by: str = ""
     rollback_by: str = ""
+    # Pre-staging (issue 17): how many waves ahead of the running one are staged, resolved from
+    # ``spec.prestage`` and the strategy's default when the rollout was planned (at most the
+    # waves after the first); 0 in a record written before, which carries on as it did.
+    prestage: int = 0
 
 
 class Event(msgspec.Struct, kw_only=True):
