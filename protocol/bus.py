@@ -343,6 +343,7 @@ class Bus:
         self.js = nc.jetstream(timeout=OP_TIMEOUT)
         self.fleet = fleet
         self.reconnects = 0  # watchers compare it to know that they must start again
+        self.closing = False
         self._kv: dict[str, Any] = {}
         self._services: list[Any] = []
         self.lame_ducks = 0  # how many times a server told us it is going away
@@ -387,6 +388,10 @@ class Bus:
         async def on_reconnect() -> None:
             if holder:
                 holder[0]._reconnected()
+
+        async def on_disconnect() -> None:
+            if holder and not holder[0].closing:
+                log.warning("lost the connection to NATS at %s; reconnecting", redact(url))
 
         # A refusal (credentials, TLS) reaches only the error callback while nats-py retries the
         # first connect by itself; it ends the connect at once: retrying cannot help.
@@ -437,6 +442,7 @@ class Bus:
                     max_reconnect_attempts=-1 if reconnect_forever else 120,
                     reconnect_time_wait=0.5,
                     reconnected_cb=on_reconnect,
+                    disconnected_cb=on_disconnect,
                     error_cb=on_error,
                     ping_interval=5,
                     max_outstanding_pings=3,
@@ -472,6 +478,9 @@ class Bus:
         """The client reconnected: every ``watch`` must start a new KV watcher (the old one's
         consumer may be gone), so each is woken with its stop sentinel now."""
         self.reconnects += 1
+        url = self.nc.connected_url
+        log.info("reconnected to NATS%s (reconnect %d)",
+                 f" at {redact(url.geturl())}" if url is not None else "", self.reconnects)
         for w in list(self._watchers):
             while True:
                 try:
@@ -510,6 +519,7 @@ class Bus:
         await self.nc.force_reconnect()
 
     async def close(self) -> None:
+        self.closing = True  # the disconnect that follows is ours: not worth a warning
         if self._ldm_task is not None:
             self._ldm_task.cancel()
         for svc in self._services:

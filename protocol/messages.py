@@ -63,6 +63,9 @@ class SlotProcess(msgspec.Struct, kw_only=True):
     restarts: int = 0
 
 
+DrainPhase = Literal["", "draining", "drained"]
+
+
 class ServiceSummary(msgspec.Struct, kw_only=True):
     """One line per service in a heartbeat: what the node serves now."""
 
@@ -71,6 +74,9 @@ class ServiceSummary(msgspec.Struct, kw_only=True):
     healthy: bool = False
     generation: int = 0
     observed_generation: int = 0
+    # Out of service for maintenance (``fleetwave drain``): "draining" while the router still
+    # accepts (the grace) or holds connections, "drained" once it does neither; "" otherwise.
+    drain: DrainPhase = ""
 
 
 class Heartbeat(msgspec.Struct, kw_only=True):
@@ -299,6 +305,10 @@ class RouterStats(msgspec.Struct, kw_only=True):
     # When the agent read these counters, by its own clock (0: unknown, an older agent). Two
     # snapshots of one router tell how long the window between them really is.
     time: float = 0.0
+    # Set only while drained for maintenance (UNSET otherwise, so records keep their bytes):
+    # "draining" while it accepts or holds client connections (how many), then "drained".
+    drain: DrainPhase | UnsetType = UNSET
+    connections: int | UnsetType = UNSET
 
 
 class ObservedState(msgspec.Struct, kw_only=True):
@@ -375,6 +385,9 @@ class RolloutSpec(msgspec.Struct, kw_only=True):
     allow: list[str] = []
     deny: list[str] = []
     preview: list[str] = []
+    # Pre-staged waves (issue 17): how many waves ahead of the running one have their new slots
+    # started and health-checked at weight 0: "" the strategy's default, "0" none, "N", "all".
+    prestage: str = ""
 
 
 class NodeProgress(msgspec.Struct, kw_only=True):
@@ -395,6 +408,11 @@ class NodeProgress(msgspec.Struct, kw_only=True):
     generation: int = 0
     slot: str = ""
     online: bool = True
+    # Pre-staging (``coordinator.core.engine_prestage``): "staging" (its new slot written at
+    # weight 0 ahead of its wave), "staged" (that slot reported healthy before its wave started)
+    # or "failed"; "" if never staged. ``stage_deadline``: when staging counts as failed.
+    staged: Literal["", "staging", "staged", "failed"] = ""
+    stage_deadline: float = 0.0
 
 
 class WaveRecord(msgspec.Struct, kw_only=True):
@@ -453,6 +471,10 @@ class RolloutRecord(msgspec.Struct, kw_only=True):
     paused_by: str = ""
     aborted_by: str = ""
     rollback_by: str = ""
+    # Pre-staging (issue 17): how many waves ahead of the running one are staged, resolved from
+    # ``spec.prestage`` and the strategy's default when the rollout was planned (at most the
+    # waves after the first); 0 in a record written before, which carries on as it did.
+    prestage: int = 0
     # Added by the record split (``coordinator.core.pages``): in KV, a record of more than a
     # few nodes is a head (this record with an empty node table, empty wave member lists and
     # baselines) plus ``pages`` values ``<id>.<k>`` (``protocol.history.RolloutPage``) holding

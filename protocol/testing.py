@@ -233,8 +233,13 @@ def desired(node: str, *, generation: int = 7, release: ReleaseRef = OLD,
 
 
 def spec(**kw: Any) -> RolloutSpec:
-    """A rollout of ``hello`` 2.0.0 (``NEW``) unless ``kw`` says otherwise, as for every field."""
-    return RolloutSpec(**({"service": SERVICE, "version": NEW.version} | kw))
+    """A rollout of ``hello`` 2.0.0 (``NEW``) unless ``kw`` says otherwise, as for every field;
+    a rolling one stages nothing ahead (``prestage="0"``) unless asked: the tests of a wave's
+    own steps see them one by one, and pre-staging has tests of its own."""
+    base = {"service": SERVICE, "version": NEW.version}
+    if kw.get("strategy", "rolling") == "rolling":
+        base["prestage"] = "0"
+    return RolloutSpec(**(base | kw))
 
 
 def report(d: DesiredState, t: float, router: RouterStats | None = None) -> ObservedState:

@@ -28,6 +28,7 @@ from protocol.manifest import Manifest
 from protocol.messages import (
     CohortSpec,
     DesiredState,
+    DrainPhase,
     DrainSpec,
     MirrorSpec,
     ObservedState,
@@ -189,6 +190,20 @@ _MOVING = frozenset({"starting", "draining", "stopping", "fetching"})
 
 
 Services = dict[str, Service]  # by name; shared by the manager's parts
+
+
+def drain_phase(svc: Service) -> DrainPhase:
+    """Where a drain of ``svc`` stands, for the heartbeat: "" when not drained; else what its
+    router last said ("draining" until it neither accepts nor holds a connection). Without a
+    router (none started yet, or it went away and is being started again drained) nothing can
+    accept: "drained"."""
+    drained = svc.desired.drained if svc.desired is not None else None
+    if drained is None:
+        return ""
+    stats = svc.router_stats
+    if svc.router is None or stats is None:
+        return "drained"
+    return stats.drain if stats.drain else "draining"  # (UNSET: not applied drained yet)
 
 
 def settled(view: ServiceView) -> bool:

@@ -62,6 +62,7 @@ from agent.manager.service import (
     Release,
     Service,
     Services,
+    drain_phase,
     release_info,
     settled,
 )
@@ -170,6 +171,7 @@ class ServiceManager:
                     healthy=bool(serving),
                     generation=svc.desired.generation if svc.desired else 0,
                     observed_generation=svc.observed_generation,
+                    drain=drain_phase(svc),
                 )
             )
             for r in svc.runners.values():

@@ -98,9 +98,11 @@ class ClientConn(Channel):
         "body_left",
         "busy",
         "deadline",
+        "fresh",
         "held",
         "ip",
         "keep",
+        "opened",
         "phase",
         "pool",
         "proxy",
@@ -122,6 +124,8 @@ class ClientConn(Channel):
         self.busy = False  # a request is in flight (the drain waits for it)
         self.task: asyncio.Task[None] | None = None  # the general path serving the request
         self.deadline = 0.0
+        self.opened = 0.0  # when the connection was accepted (loop time)
+        self.fresh = True  # nothing received yet: its first request may be on its way
         # The fast exchange in flight, if any:
         self.phase = _IDLE
         self.up: Channel | None = None
@@ -147,10 +151,12 @@ class ClientConn(Channel):
             return
         peer = self.transport.get_extra_info("peername")
         self.ip = peer[0] if isinstance(peer, tuple) else "unknown"
-        self.deadline = self._loop.time() + IDLE_TIMEOUT
+        self.opened = self._loop.time()
+        self.deadline = self.opened + IDLE_TIMEOUT
         self.proxy.clients.add(self)
 
     def data_received(self, data: bytes) -> None:
+        self.fresh = False
         if self.task is not None:  # the general path reads through awaits
             super().data_received(data)
             return
@@ -261,9 +267,7 @@ class ClientConn(Channel):
         if routing.cohort is None:
             slot = routing.pick()
         else:
-            slot, how, h, cookie = routing.pick_for(req, self.ip)
-            if proxy.cohort_counters is not None:
-                proxy.cohort_counters.observe(how, slot or "", h)
+            slot, cookie = routing.pick_counted(req, self.ip, proxy.cohort_counters)
             if cookie:  # the answer carries an assigned cookie: the general path adds it
                 self._general(req, first=slot, set_cookie=cookie)
                 return

@@ -105,9 +105,7 @@ class Exchange:
             if routing.cohort is None:
                 first = routing.pick()
             else:
-                first, how, h, set_cookie = routing.pick_for(req, client.ip)
-                if proxy.cohort_counters is not None:
-                    proxy.cohort_counters.observe(how, first or "", h)
+                first, set_cookie = routing.pick_counted(req, client.ip, proxy.cohort_counters)
         if routing is None or first is None:
             reason = routing.reasons if routing is not None else "not configured yet"
             service = routing.config.service if routing is not None else "this service"

@@ -35,6 +35,8 @@ from agent.router.upstream import Pool
 
 log = logging.getLogger(__name__)
 
+FRESH_GRACE = 1.0  # seconds a new connection may take to send its first byte when we stop
+
 
 SWEEP_EVERY = 0.25  # seconds between deadline checks (timeouts are this coarse)
 REFUSAL_LOG_EVERY = 10.0  # seconds between log lines about connections over the cap
@@ -143,10 +145,17 @@ class Proxy:
         self._sweeper = asyncio.create_task(self._sweep(), name="router-sweeper")
 
     def close_idle(self) -> None:
-        """Close every client connection that has no request in flight."""
+        """Close every client connection that has no request in flight.
+
+        A connection that has received nothing since it was accepted is not idle for its first
+        ``FRESH_GRACE`` seconds: its client has just connected and its request is on its way
+        (closing it then would reset a request the router took). Nor is one holding part of a
+        request head."""
+        now = asyncio.get_running_loop().time()
         for client in list(self.clients):
-            if not client.busy:
-                client.close()
+            if client.busy or client.buf or (client.fresh and now - client.opened < FRESH_GRACE):
+                continue
+            client.close()
 
     async def drop_clients(self) -> None:
         """Drop every client connection, cancelling the general-path tasks serving them."""

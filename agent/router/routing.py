@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import secrets
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from agent.router.balance import SmoothWeighted
 from agent.router.control import RouterConfig, Upstream
@@ -29,6 +30,9 @@ from protocol.cohort import (
     share_of,
 )
 from protocol.messages import SLOTS, CohortSpec, MirrorSpec
+
+if TYPE_CHECKING:
+    from agent.router.stats import CohortCounters
 
 COOKIE_MAX_AGE = b"2592000"  # an assigned cohort cookie lasts 30 days (longer than any rollout)
 
@@ -87,6 +91,15 @@ class Routing:
         elif self.old_ok:
             return self.old, how, h, cookie
         return self.balancer.pick(), how, h, cookie
+
+    def pick_counted(self, req: RequestHead, ip: str,
+                     counters: CohortCounters | None) -> tuple[str | None, bytes]:
+        """``pick_for``, counted in ``counters``: the slot (None: no healthy one) and the
+        Set-Cookie line to add to the answer (b"": none). Both paths of the router use it."""
+        slot, how, h, cookie = self.pick_for(req, ip)
+        if counters is not None:
+            counters.observe(how, slot or "", h)
+        return slot, cookie
 
     def trusts(self, ip: str) -> bool:
         """Whether a peer at ``ip`` is a trusted proxy (its X-Forwarded-For is believed)."""

@@ -4,9 +4,10 @@ Theory of operation: the process starts unconfigured, listening only on its cont
 ``configure`` is validated (``build_routing``), then, if the listen address changed, the new
 address is bound *before* the old one is closed; a bind failure refuses the config and leaves the
 old one in force. The same address keeps the same listening socket, so no connection is dropped by
-a reconfigure. On SIGTERM, SIGINT or a ``shutdown`` request the router stops accepting, closes idle
-keep-alive connections, lets in-flight requests finish for up to ``drain_timeout``, then cancels
-what is left and exits 0.
+a reconfigure. On SIGTERM, SIGINT or a ``shutdown`` request the router stops accepting (new SYNs
+are dropped, then the connections the kernel already took are accepted and served before the
+listener closes: ``agent.router.listener``), closes idle keep-alive connections, lets in-flight
+requests finish for up to ``drain_timeout``, then cancels what is left and exits 0.
 
 At start the process raises its soft open-file limit to the hard one: each client connection may
 hold two descriptors (its own and an upstream's), so the config's ``max_connections`` is honoured
@@ -39,16 +40,18 @@ from agent.router.control import (
     encode_reply,
 )
 from agent.router.errors import RouterConfigError
+from agent.router.listener import close_gracefully
 from agent.router.proxy import Proxy
 from agent.router.routing import build_routing
 from agent.router.stats import router_stats
-from protocol.messages import RouterStats
+from protocol.messages import DrainPhase, RouterStats
 
 log = logging.getLogger(__name__)
 
 CONTROL_IDLE = 30.0  # a control connection silent for this long is closed
 BACKLOG = 1024
 RESERVED_FDS = 64  # descriptors kept for the listener, control, mirror, logs
+ACCEPT_QUEUE_WAIT = 1.0  # at most this long to accept what the kernel took before a close
 
 
 def client_fd_budget() -> int:
@@ -118,11 +121,11 @@ class RouterServer:
         """Stop accepting, close idle clients, give in-flight requests ``drain_timeout``, then
         drop what is left."""
         self.proxy.closing = True
-        if self.listener is not None:
-            self.listener.close()
-            self.listener = None
         timeout = self.config.drain_timeout if self.config is not None else 0.0
         deadline = time.monotonic() + timeout
+        if self.listener is not None:
+            listener, self.listener = self.listener, None
+            await close_gracefully(listener, within=max(0.0, min(timeout, ACCEPT_QUEUE_WAIT)))
         while self.proxy.clients:
             self.proxy.close_idle()
             if time.monotonic() >= deadline:
@@ -160,7 +163,16 @@ class RouterServer:
             slots=self.proxy.slots,
             mirror=self.proxy.mirror_counters if self.config and self.config.mirror else None,
             cohort=self.proxy.cohort_counters,
+            drain=self._drain_phase(),
+            connections=len(self.proxy.clients),
         )
+
+    def _drain_phase(self) -> DrainPhase:
+        """Out of service: "draining" while the listener is open or a client connection is,
+        "drained" once neither (``fleetwave drain --wait`` waits for that)."""
+        if not self.proxy.drained:
+            return ""
+        return "draining" if self.listener is not None or self.proxy.clients else "drained"
 
     async def configure(self, cfg: RouterConfig) -> RouterStats:
         """Apply ``cfg`` as a whole or not at all; raises RouterConfigError with the reason."""
@@ -203,8 +215,8 @@ class RouterServer:
                 old, self.listener = self.listener, listener
                 port = listener.sockets[0].getsockname()[1]
                 self.address = (cfg.listen_host, port)
-                if old is not None:
-                    old.close()  # stops accepting; connections it accepted carry on
+                if old is not None:  # stops accepting; connections it took carry on
+                    await close_gracefully(old, within=ACCEPT_QUEUE_WAIT)
             self.proxy.apply(routing)
             changed = self.config is None or self.config.max_connections != cfg.max_connections
             self.config = cfg

@@ -18,6 +18,7 @@ from protocol.histogram import empty
 from protocol.messages import (
     LATENCY_BOUNDS_MS,
     CohortTraffic,
+    DrainPhase,
     MirrorTraffic,
     MismatchSample,
     RouterStats,
@@ -163,9 +164,14 @@ def router_stats(
     slots: dict[str, SlotCounters],
     mirror: MirrorCounters | None,
     cohort: CohortCounters | None = None,
+    drain: DrainPhase = "",
+    connections: int = 0,
 ) -> RouterStats:
-    """The wire snapshot of everything counted so far."""
+    """The wire snapshot of everything counted so far; ``drain`` (with the open client
+    connections) only while drained for maintenance."""
     return RouterStats(
+        drain=drain or UNSET,
+        connections=connections if drain else UNSET,
         epoch=epoch,
         pid=pid,
         port=port,

@@ -28,14 +28,16 @@ The status dict is the one shape people and programs read (``fleetwave status -o
     {"id", "service", "version", "from_version", "strategy", "state", "reason", "phase",
      "created", "updated", "finished", "current_wave", "report", "bake", "gates",
      "on_failure", "on_node_lost", "started_by", "paused_by", "aborted_by", "rollback_by",
-     "waves": [{"index", "nodes", "weight", "state", "started", "finished", "gates"}],
+     "prestage", "waves": [{"index", "nodes", "weight", "state", "started", "finished", "gates"}],
      "nodes": {id: {"version", "state", "healthy", "online", "wave", "generation", "slot",
-                    "reason"}}}
+                    "reason", "staged"}}}
 
 where a wave's ``gates`` holds the figures and thresholds of its last evaluation, and the top-level
 ``gates`` (with ``bake``, seconds) the thresholds every wave is judged on; ``on_failure`` and
 ``on_node_lost`` are the rollout's policies (``RolloutSpec``); ``started_by`` ... ``rollback_by``
-say who deployed, paused (while paused), aborted or rolled it back (``RolloutRecord``).
+say who deployed, paused (while paused), aborted or rolled it back (``RolloutRecord``);
+``prestage`` how many waves ahead are staged, and a node's ``staged`` its pre-staging ("",
+"staging", "staged", "failed").
 
 Every handler takes the caller (``coordinator.api.verbs``); the writing verbs hand it to the
 runner, which records it as ``who`` on every event the request causes.
@@ -267,7 +269,7 @@ def status_dict(r: RolloutRecord) -> dict[str, Any]:
         "bake": r.spec.bake, "gates": msgspec.to_builtins(r.spec.gates),
         "on_failure": r.spec.on_failure, "on_node_lost": r.spec.on_node_lost,
         "started_by": r.started_by, "paused_by": r.paused_by, "aborted_by": r.aborted_by,
-        "rollback_by": r.rollback_by,
+        "rollback_by": r.rollback_by, "prestage": r.prestage,
         "cohort": _cohort(r.spec),
         "waves": [
             {"index": w.index, "nodes": list(w.nodes), "weight": w.weight, "state": w.state,
@@ -277,7 +279,8 @@ def status_dict(r: RolloutRecord) -> dict[str, Any]:
         ],
         "nodes": {
             n: {"version": p.version, "state": p.state, "healthy": p.healthy, "online": p.online,
-                "wave": p.wave, "generation": p.generation, "slot": p.slot, "reason": p.reason}
+                "wave": p.wave, "generation": p.generation, "slot": p.slot, "reason": p.reason,
+                "staged": p.staged}
             for n, p in r.nodes.items()
         },
     }
@@ -294,7 +297,8 @@ def summarised_dict(r: SummarisedRollout) -> dict[str, Any]:
         "current_wave": s.current_wave, "report": {}, "bake": spec.bake,
         "gates": msgspec.to_builtins(spec.gates), "on_failure": spec.on_failure,
         "on_node_lost": spec.on_node_lost, "started_by": s.started_by, "paused_by": "",
-        "aborted_by": "", "rollback_by": "", "waves": [], "nodes": {}, "summarised": True,
+        "aborted_by": "", "rollback_by": "", "prestage": 0, "waves": [], "nodes": {},
+        "summarised": True,
         "cohort": _cohort(spec),
         "node_count": s.nodes, "wave_count": s.waves,
     }

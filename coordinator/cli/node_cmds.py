@@ -2,11 +2,13 @@
 
 Each is one API request (``coordinator.api.cordons``); the coordinator checks the node or the
 selector, so an unknown node or a selector matching nothing is one line and exit 2, and nothing
-changes.
+changes. ``drain --wait`` then reads the node's heartbeats (``nodes``) until every service on it
+says "drained": its router neither accepts nor holds a connection.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -17,12 +19,15 @@ import coordinator.cli.client as client
 from coordinator.cli.base import Ctx, cli, output_option
 from coordinator.cli.render import safe
 from coordinator.core.fleet import parse_selector
+from coordinator.errors import FleetwaveError, UsageError
 from protocol.durations import format_duration, parse_duration
 from protocol.errors import ProtocolError
-from protocol.messages import CordonRequest
+from protocol.messages import CordonRequest, NodesRequest
 
 READY_PATH = "/.well-known/fleetwave/ready"  # agent.router.health; repeated for the help texts
 DEFAULT_GRACE = "15s"
+DEFAULT_DRAIN_TIMEOUT = "5m"
+DRAIN_POLL = 1.0  # seconds between looks at the node's heartbeats (they come every 2 s)
 
 
 def _selector(_: click.Context, __: click.Parameter, value: tuple[str, ...]) -> dict[str, str]:
@@ -109,14 +114,71 @@ balancer to notice and stop sending) the router stops accepting connections, let
 flight finish, closes idle keep-alive connections, and stays closed. Service processes keep
 running (so 'fleetwave uncordon NODE' brings the node back at once). Signed like every desired
 state: an agent restarted meanwhile keeps the node drained. Refused while a rollout targets the
-node (wait for it or abort it).
+node (wait for it or abort it). With --wait it returns once the node is drained: every router on
+it has stopped accepting and holds no connection (safe to reboot).
 """)
 @click.argument("node")
 @click.option("--grace", default=DEFAULT_GRACE, show_default=True, callback=_grace,
               metavar="DUR", help="How long the readiness path answers 503 before the router "
               "stops accepting: at least your load balancer's interval x unhealthy threshold.")
+@click.option("--wait", is_flag=True, help="Then wait until the node is drained: every router "
+              "on it has stopped accepting and holds no connection (its requests in flight have "
+              "finished), as its heartbeats say; exit 1 if that takes longer than --timeout (the "
+              "drain goes on).")
+@click.option("--timeout", default=None, metavar="DUR", help="With --wait: how long to wait "
+              f"at most.  [default: {DEFAULT_DRAIN_TIMEOUT}]")
 @output_option
 @click.pass_obj
-def drain(ctx: Ctx, node: str, grace: float, output: str) -> None:
+def drain(ctx: Ctx, node: str, grace: float, wait: bool, timeout: str | None,
+          output: str) -> None:
+    if timeout is not None and not wait:
+        raise UsageError("--timeout is only for --wait; add --wait, or leave --timeout out")
+    limit = _duration(timeout or DEFAULT_DRAIN_TIMEOUT, "--timeout")
     _render(client.request(ctx, "cordon", CordonRequest(node=node, drain=True, grace=grace)),
             output, "drain")
+    if not wait:
+        return
+    took, left = asyncio.run(_wait_drained(ctx, node, limit))
+    if left:
+        raise FleetwaveError(
+            f"{node}: still draining after {format_duration(limit)}: {', '.join(left)}; the drain "
+            "goes on ('fleetwave nodes -o json' shows each service's drain)")
+    if output != "json":
+        click.echo(safe(f"{node}: drained after {took:.1f}s: no router on it accepts or holds "
+                        "a connection"))
+
+
+def _duration(value: str, what: str) -> float:
+    try:
+        return parse_duration(value, what=what)
+    except ProtocolError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def drain_pending(row: dict[str, Any] | None) -> list[str]:
+    """What keeps a node from counting as drained, from its ``nodes -o json`` row: each service
+    whose last heartbeat does not say "drained" (with what it says), or the node itself when it
+    is offline (its heartbeats cannot tell); [] when drained."""
+    if row is None:
+        return ["no such node in the node table"]
+    if not row.get("online"):
+        return ["the node is offline, so its routers cannot be asked"]
+    services = row.get("services") or {}
+    return [f"{name} ({(info or {}).get('drain') or 'not drained yet'})"
+            for name, info in sorted(services.items())
+            if (info or {}).get("drain") != "drained"]
+
+
+async def _wait_drained(ctx: Ctx, node: str, limit: float) -> tuple[float, list[str]]:
+    """Poll the node table until ``node`` is drained or ``limit`` passes: (seconds, what is
+    left; [] when drained)."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while True:
+        rows = await client.call(ctx, "nodes", NodesRequest())
+        row = next((r for r in rows if isinstance(r, dict) and r.get("id") == node), None) \
+            if isinstance(rows, list) else None
+        left = drain_pending(row)
+        if not left or loop.time() - started >= limit:
+            return loop.time() - started, left
+        await asyncio.sleep(DRAIN_POLL)  # the heartbeats' pace; bounded by ``limit``

@@ -111,6 +111,8 @@ def gates_text(gates: dict[str, Any]) -> str:
         return ""
     if gates.get("outcome") == "promoted":
         return "promoted (gates skipped)"
+    if gates.get("outcome") == "unchanged":
+        return "unchanged (every node already ran the release)"
     th: dict[str, Any] = gates.get("thresholds") or {}
     bits = [str(gates.get("outcome", ""))]
     if "healthy" in gates:

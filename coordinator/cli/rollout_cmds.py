@@ -62,7 +62,9 @@ from protocol.messages import (
     RolloutSpec,
 )
 
-POLL = 0.5
+# How often a followed rollout is read: its end is noticed 0.125 s late on average, not 0.25 s
+# as at 0.5 (issue 17); each read is one status request (about 0.5 ms of the leader's time).
+POLL = 0.25
 FOLLOW_PATIENCE = 60.0  # how long a silent coordinator is waited for while following
 EXIT_CODES = {"succeeded": 0, "rolled_back": 3, "paused": 4, "failed": 4, "aborted": 1}
 EXIT_ACCEPTED = 5  # --detach: the rollout is recorded, its start not confirmed (a bus error)
@@ -103,6 +105,7 @@ class RolloutFile(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     allow: list[str] | str | None = None
     deny: list[str] | str | None = None
     preview: list[str] | str | None = None
+    prestage: str | int | None = None
 
 
 STRATEGIES = ("rolling", "canary", "blue-green", "shadow")
@@ -170,6 +173,8 @@ def build_spec(settings: dict[str, Any]) -> RolloutSpec:
     spec.allow = _rules(f.allow)
     spec.deny = _rules(f.deny)
     spec.preview = _rules(f.preview)
+    if f.prestage is not None:
+        spec.prestage = str(f.prestage).strip()  # checked by strategies.validate below
     spec.gates = Gates(
         min_healthy=None if f.min_healthy is None else _fraction("--min-healthy", f.min_healthy),
         max_error_rate=None if f.max_error_rate is None
@@ -288,7 +293,7 @@ _FLAGS = ("strategy", "selector", "batch", "max_unavailable", "steps", "weights"
           "scale_down_delay", "min_healthy", "max_error_rate", "max_p99_ratio",
           "max_mismatch_rate", "min_requests", "analysis", "alpha", "progress_deadline",
           "on_failure", "on_node_lost", "cohort_key", "cohort_fallback", "assign_cookie",
-          "allow", "deny", "preview")
+          "allow", "deny", "preview", "prestage")
 
 
 @cli.command()
@@ -362,6 +367,13 @@ _FLAGS = ("strategy", "selector", "batch", "max_unavailable", "steps", "weights"
               help="Canary: matching requests stay on the old version (repeatable; wins).")
 @click.option("--preview", "preview", multiple=True, metavar="header:NAME=VALUE", help="Blue-"
               "green staging, shadow: matching requests reach the staged release (repeatable).")
+@click.option("--prestage", metavar="N|all",
+              help="Rolling (and canary steps): start and health-check the new release on the "
+                   "nodes of the next N waves (all: every later wave) at weight 0, serving "
+                   "nothing, while the current wave switches and bakes; each wave is then a "
+                   "router switch plus its bake. A staging failure is handled before its wave "
+                   "as a failed update (--on-failure). Default 1 for rolling, 0 for canary; "
+                   "0 turns it off. No meaning for blue-green, shadow or remove.")
 @click.option("--detach", is_flag=True, help="Print the rollout id and return at once.")
 @click.option("--wait", type=click.Choice(WAITS), default=None,
               help="How far to follow: done (the rollout ended or waits for an operator), "

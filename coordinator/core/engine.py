@@ -80,7 +80,7 @@ from coordinator.core.engine_types import (
 from coordinator.core.planning import NodeLike, hold_out, select
 from coordinator.core.targets import cohort_for, forward_target, idle_slot, serving_slot
 from coordinator.errors import UsageError
-from coordinator.strategies import plan, wave_policies
+from coordinator.strategies import plan, wave_policies, waves_ahead
 from protocol.codec import encode
 from protocol.messages import (
     TERMINAL_STATES,
@@ -139,7 +139,7 @@ def new_record(
         id=id, spec=spec, release=release, state="pending", created=now, updated=now,
         from_version=versions.most_common(1)[0][0] if versions else "",
         waves=[WaveRecord(index=w.index, nodes=list(w.nodes), weight=w.weight) for w in waves],
-        nodes=progress, started_by=who,
+        nodes=progress, started_by=who, prestage=min(waves_ahead(spec), len(waves) - 1),
     )
     if held := hold_out(select(nodes, spec.selector), cordoned)[1]:
         record.report.skipped_cordoned = held
@@ -242,7 +242,8 @@ class Rollout:
     def _step(self, events: Sequence[EngineEvent], now: float, *, who: str) -> list[Command]:
         work = working_copy(self._record)
         observed = dict(self._observed)
-        step = Step(self.fleet, work, observed, now, policies=self._policies, who=who)
+        step = Step(self.fleet, work, observed, now, policies=self._policies, who=who,
+                    ahead=self._record.prestage)
         progress = Progress(step)
         for event in events:
             progress.apply(event)

@@ -70,7 +70,7 @@ class Bake:
 
     def start_bake(self, wave: WaveRecord) -> None:
         move_wave(wave, "baking")
-        if not self.step.policy(wave).bakes:
+        if self.unchanged(wave) or not self.step.policy(wave).bakes:
             # Nothing to bake (staged slots carry no traffic): the gates judge now; the baseline
             # taken at the wave's start is kept for the next wave.
             wave.bake_until = self.step.now
@@ -91,7 +91,9 @@ class Bake:
                 pass  # lost and waited for, or failed as lost just now
             elif seen is not None and seen.generation > p.generation:
                 pass  # someone else wrote a newer desired state; judged by the gates' figures
-            elif p.target is not None and p.slot not in p.target.slots:
+            elif p.target is None:
+                pass  # already ran the release: nothing was written to it, no new slot to watch
+            elif p.slot not in p.target.slots:
                 pass  # a removal: no new slot to keep healthy
             elif seen is not None and seen.observed_generation >= p.generation:
                 slot = seen.slots.get(p.slot)
@@ -108,6 +110,13 @@ class Bake:
             return
         if lost:
             return  # the verdict waits for them (and a promote skips gates, not lost nodes)
+        if self.unchanged(wave):
+            move_wave(wave, "passed")
+            wave.finished = self.step.now
+            wave.gates = {"outcome": "unchanged"}
+            self.step.emit("gate.skipped", f"wave {wave.index}: every node already runs "
+                           f"{r.release.version}, nothing to judge", wave=wave.index)
+            return
         if r.promote:
             move_wave(wave, "passed")
             wave.finished = self.step.now
@@ -125,6 +134,12 @@ class Bake:
             self.early(wave)
             return  # the agents' latest counters were read before the bake ended: wait for them
         self.conclude(wave, self.verdict(wave))
+
+    def unchanged(self, wave: WaveRecord) -> bool:
+        """Every node of the wave already ran the release, so none was written: no new slot
+        serves, and there is nothing to bake or judge (a re-deploy of the same version)."""
+        nodes = self.step.r.nodes
+        return all(nodes[n].state == "done" and nodes[n].target is None for n in wave.nodes)
 
     def count_from_here(self, wave: WaveRecord) -> None:
         """Sequential analysis: the wave's evidence counts from now (a wave that starts or is

@@ -15,6 +15,7 @@ from msgspec import UNSET
 
 from coordinator.core.engine_bake import Bake
 from coordinator.core.engine_lost import Lost
+from coordinator.core.engine_prestage import Prestage
 from coordinator.core.engine_rollback import Rollback
 from coordinator.core.engine_step import Step
 from coordinator.core.engine_types import (
@@ -47,6 +48,7 @@ class Progress:
         self.rollback = Rollback(step)
         self.lost = Lost(step)
         self.bakes = Bake(step, self.rollback, self.lost)
+        self.prestage = Prestage(step, self.rollback)
 
     # -- events ------------------------------------------------------------------------------------
 
@@ -93,6 +95,7 @@ class Progress:
                 if r.state == "paused":
                     self.resume()
             case Abort(reason=reason):
+                self.prestage.aborted()
                 self.step.finish("aborted", reason)
             case RollbackRequested(reason=reason):
                 if r.state == "paused":
@@ -126,6 +129,7 @@ class Progress:
         r = self.step.r
         self.step.move("running")
         r.reason = r.paused_by = ""
+        self.prestage.resumed()
         wave = r.waves[r.current_wave]
         if wave.state == "failed":
             retried = []
@@ -166,6 +170,13 @@ class Progress:
         if r.phase == "rollback":
             self.rollback.advance_rollback()
             return
+        if not self.prestage.check():
+            return
+        self.advance_waves()
+        self.prestage.stage()
+
+    def advance_waves(self) -> None:
+        r = self.step.r
         while True:
             wave = r.waves[r.current_wave]
             if wave.state == "waiting":
@@ -215,9 +226,13 @@ class Progress:
         move_node(p, "updating")
         self.step.write(p, desired)
         if p.slot in desired.slots:
+            # ``staged``: its slot was already healthy, so this is a router switch.
+            staged = p.staged == "staged"
             step.emit("node.updating", f"{p.node}: {step.r.release.version} in slot {p.slot} at "
-                      f"weight {wave.weight}% (generation {p.generation})", p.node,
-                      generation=p.generation, slot=p.slot, weight=wave.weight)
+                      f"weight {wave.weight}% (generation {p.generation})"
+                      + (", staged" if staged else ""), p.node,
+                      generation=p.generation, slot=p.slot, weight=wave.weight,
+                      **({"staged": True} if staged else {}))
         else:
             step.emit("node.updating", f"{p.node}: {step.spec.service} removed: router closes, "
                       f"slots stop (generation {p.generation})", p.node,

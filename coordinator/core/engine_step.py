@@ -8,6 +8,7 @@ step are objects composed over it, each using only the ones below it:
     Step      (here) emitting, moving between states, writing desired states, failing a node,
               pausing, finishing: what every concern uses
     Rollback  (``engine_rollback``) a failed wave and the rollback phase
+    Prestage  (``engine_prestage``) the nodes of the next waves staged at weight 0
     Lost      (``engine_lost``) nodes lost mid-wave, by the ``on_node_lost`` policy
     Bake      (``engine_bake``) the bake and the gates' verdict on it; a failure goes to Rollback
     Progress  (``engine_progress``) the events and forward progress through the waves
@@ -53,7 +54,7 @@ class Step:
 
     def __init__(
         self, fleet: str, record: RolloutRecord, observed: dict[str, ObservedState], now: float,
-        *, policies: Sequence[WavePolicy], who: str = "",
+        *, policies: Sequence[WavePolicy], who: str = "", ahead: int = 0,
     ) -> None:
         self.fleet = fleet
         self.who = who  # who caused this step: every event it emits names them
@@ -66,6 +67,7 @@ class Step:
         # Each distinct policy once, in wave order: the ones asked about the whole rollout.
         self.policies: tuple[WavePolicy, ...] = tuple(dict.fromkeys(policies))
         self.cap = max_unavailable(self.spec.max_unavailable, len(record.nodes))
+        self.ahead = ahead  # waves staged ahead of the running one (``engine_prestage``)
 
     # -- helpers -----------------------------------------------------------------------------------
 

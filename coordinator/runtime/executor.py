@@ -37,7 +37,8 @@ from protocol.messages import DesiredState, Event, RolloutRecord
 log = logging.getLogger("fleetwave.coordinator.runner")
 
 # Routine progress of one node: logged at debug level only (a failure is always logged).
-QUIET_EVENTS = frozenset({"node.updating", "node.done", "node.rolled_back"})
+QUIET_EVENTS = frozenset({"node.updating", "node.done", "node.rolled_back", "node.staging",
+                          "node.staged"})
 # Told of every event of a decision as it is queued, with the record that decided it (None for a
 # deploy refused before any record existed): the coordinator's /metrics counts gate decisions and
 # times rollouts here, on the one path every rollout event takes.

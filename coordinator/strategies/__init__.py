@@ -83,6 +83,13 @@ def wave_policies(spec: RolloutSpec, waves: int) -> list[WavePolicy]:
     return [found.wave(spec, i) for i in range(waves)]
 
 
+def waves_ahead(spec: RolloutSpec) -> int:
+    """How many waves ahead a rollout of ``spec`` stages (its strategy's ``prestage``; none
+    for a strategy this coordinator does not know)."""
+    found = STRATEGIES.get(spec.strategy)
+    return found.prestage(spec) if found is not None else 0
+
+
 def wave_kind(spec: RolloutSpec, index: int) -> WaveKind:
     """What wave ``index`` of a rollout of ``spec`` is called (its policy's ``kind``)."""
     found = STRATEGIES.get(spec.strategy)

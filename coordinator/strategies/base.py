@@ -56,6 +56,11 @@ class Strategy(Protocol):
         """What wave ``index`` does."""
         ...
 
+    def prestage(self, spec: RolloutSpec) -> int:
+        """How many waves ahead of the running one have their nodes staged (``core.staging``;
+        0: none, as for a strategy whose waves stage by themselves)."""
+        ...
+
 
 class WavePolicy(Protocol):
     """What one wave does where waves differ; the engine asks, the policy answers or acts.
@@ -97,6 +102,12 @@ class WavePolicy(Protocol):
     def target(self, step: Step, p: NodeProgress, wave: WaveRecord) -> DesiredState:
         """What a node of this wave is given when it starts (a new generation); sets
         ``p.slot`` if the target has a new slot, which must then turn healthy."""
+        ...
+
+    def stage(self, step: Step, p: NodeProgress, wave: WaveRecord) -> DesiredState | None:
+        """What a node of this wave is given ahead of the wave's turn (``--prestage``): its
+        new slot at weight 0, serving nothing (sets ``p.slot``); None if this wave's nodes
+        cannot be staged ahead. ``target`` then switches that same slot in."""
         ...
 
     def converged(self, step: Step, wave: WaveRecord) -> None:

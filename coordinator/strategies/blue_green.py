@@ -35,6 +35,7 @@ import msgspec
 from msgspec import UNSET
 
 from coordinator.core import gates as gatelib
+from coordinator.core import staging
 from coordinator.core.evidence import Evidence, listed
 from coordinator.core.planning import Wave, WaveKind
 from coordinator.core.targets import serving_slot
@@ -56,7 +57,9 @@ if TYPE_CHECKING:  # the engine imports the strategies; this module only needs i
 
 
 def validate(spec: RolloutSpec) -> None:
-    """A scale-down delay must not be negative."""
+    """A scale-down delay must not be negative; ``--prestage`` has no meaning."""
+    staging.refuse(spec.prestage, "blue-green", "its stage wave already starts every node's "
+                   "new slot at weight 0 before the one switch")
     if spec.scale_down_delay < 0:
         raise UsageError(
             f"--scale-down-delay {spec.scale_down_delay:g}s is negative; give a duration like "
@@ -125,6 +128,11 @@ class SwitchWave(Ordinary):
 
     def rollback_advanced(self, step: Step) -> None:
         switched_back(step)
+
+
+def prestage(spec: RolloutSpec) -> int:
+    """Nothing staged ahead: the stage wave stages every node."""
+    return 0
 
 
 STAGE = StageWave()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 
+from coordinator.core import staging
 from coordinator.core.amounts import parse_amount
 from coordinator.core.planning import Wave
 from coordinator.errors import UsageError
@@ -58,6 +59,14 @@ def validate(spec: RolloutSpec) -> None:
 def wave(spec: RolloutSpec, index: int) -> Ordinary:
     """Every canary wave is an ordinary one (weighted or not)."""
     return ORDINARY
+
+
+def prestage(spec: RolloutSpec) -> int:
+    """None unless asked: a canary step exists to try the release on few hosts first, and
+    staging starts it (and runs its ``pre_start`` hooks) on the next step's hosts before this
+    step is judged. With ``--prestage N`` the nodes of the next N steps are staged; nodes
+    that are in every wave (``--weights``) have nothing to stage."""
+    return staging.waves_ahead(spec.prestage, 0)
 
 
 def step_counts(steps: list[str] | tuple[str, ...], total: int) -> list[int]:

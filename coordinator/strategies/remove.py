@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from coordinator.core import gates as gatelib
+from coordinator.core import staging
 from coordinator.core.planning import Wave, WaveKind
 from coordinator.core.targets import empty_target
 from coordinator.errors import UsageError
@@ -47,6 +48,12 @@ def validate(spec: RolloutSpec) -> None:
     for field, flag in _UNUSED:
         if getattr(spec, field):
             raise UsageError(f"{flag} means nothing to a removal; leave it out")
+    staging.refuse(spec.prestage, "remove", "a removal starts no new slot")
+
+
+def prestage(spec: RolloutSpec) -> int:
+    """Nothing to stage: a removal starts nothing."""
+    return 0
 
 
 def targets(
@@ -79,6 +86,9 @@ class RemovalWave(Ordinary):
     def target(self, step: Step, p: NodeProgress, wave: WaveRecord) -> DesiredState:
         return empty_target(fleet=step.fleet, node=p.node, service=step.spec.service,
                             generation=step.next_generation(p), rollout=step.r.id, now=step.now)
+
+    def stage(self, step: Step, p: NodeProgress, wave: WaveRecord) -> DesiredState | None:
+        return None  # nothing new to start
 
     def verdict(self, step: Step, wave: WaveRecord) -> gatelib.Verdict:
         return gatelib.Verdict("pass", (), {"removed": len(wave.nodes)})

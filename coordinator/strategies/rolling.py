@@ -9,6 +9,7 @@ nodes that are offline or failed before it starts each node.
 
 from __future__ import annotations
 
+from coordinator.core import staging
 from coordinator.core.amounts import batch_size, max_unavailable
 from coordinator.core.planning import Wave
 from coordinator.strategies.waves import ORDINARY, Ordinary, every
@@ -27,6 +28,12 @@ def validate(spec: RolloutSpec) -> None:
 def wave(spec: RolloutSpec, index: int) -> Ordinary:
     """Every rolling wave is an ordinary one."""
     return ORDINARY
+
+
+def prestage(spec: RolloutSpec) -> int:
+    """One wave ahead unless told otherwise: the next wave's start-up is hidden behind this
+    wave's switch and bake, with one wave's worth of extra processes (``core.staging``)."""
+    return staging.waves_ahead(spec.prestage, 1)
 
 
 targets = every  # every selected node: a release goes to each

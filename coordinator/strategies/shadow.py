@@ -39,6 +39,7 @@ from msgspec import UNSET
 
 from coordinator.core import gates as gatelib
 from coordinator.core import gates_shadow as shadowgates
+from coordinator.core import staging
 from coordinator.core.evidence import Evidence
 from coordinator.core.planning import Wave, WaveKind
 from coordinator.core.targets import restore_target
@@ -66,7 +67,10 @@ def check_header_names(flag: str, names: list[str]) -> None:
 
 
 def validate(spec: RolloutSpec) -> None:
-    """The mirror's share, methods and header names, and what ``--then`` may follow with."""
+    """The mirror's share, methods and header names, and what ``--then`` may follow with;
+    ``--prestage`` has no meaning."""
+    staging.refuse(spec.prestage, "shadow", "the shadow wave already starts every node's new "
+                   "slot at weight 0")
     if not 0 < spec.mirror <= 100:
         raise UsageError(
             f"--mirror {spec.mirror:g}% is out of range; a shadow needs the share of requests "
@@ -102,6 +106,11 @@ class ShadowWave(Ordinary):
 
     def succeed(self, step: Step) -> None:
         retire(step)  # report, and back to how it was
+
+
+def prestage(spec: RolloutSpec) -> int:
+    """Nothing staged ahead: the shadow wave stages every node."""
+    return 0
 
 
 SHADOW = ShadowWave()

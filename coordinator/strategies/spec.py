@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+from coordinator.core import staging
 from coordinator.errors import UsageError
 from protocol import subjects
 from protocol.cohort import CohortError, parse_key, parse_rule
@@ -45,6 +46,7 @@ def check_common(spec: RolloutSpec) -> None:
         raise UsageError(f"--min-requests {g.min_requests} must be 0 or more")
     if any(not 0 <= w <= 100 for w in spec.weights):
         raise UsageError(f"--weights {spec.weights} must each be between 0 and 100")
+    staging.check(spec.prestage)
     if spec.then is not None and spec.strategy != "shadow":
         raise UsageError("--then only follows --strategy shadow")
     check_cohort(spec)

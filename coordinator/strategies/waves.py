@@ -74,6 +74,16 @@ class Ordinary:
             cohort=cohort_for(step.spec, slot=p.slot, rollout=step.r.id, weight=wave.weight),
         )
 
+    def stage(self, step: Step, p: NodeProgress, wave: WaveRecord) -> DesiredState | None:
+        # No cohort rule and no mirror: at weight 0 nothing but the health probes reaches the
+        # slot (an --allow rule would send users to it before its wave).
+        if not p.slot:
+            p.slot = idle_slot(p.previous)
+        return forward_target(
+            p.previous, fleet=step.fleet, node=p.node, release=step.r.release, slot=p.slot,
+            weight=0, generation=step.next_generation(p), rollout=step.r.id, now=step.now,
+        )
+
     def converged(self, step: Step, wave: WaveRecord) -> None:
         pass
 

@@ -84,11 +84,15 @@ async def test_broker_killed_mid_rollout_loses_nothing(tmp_path: Path) -> None:
         await told(url, rid, "rollout.succeeded")  # published after the last writes
         log = await desired_log(url)
         history = desired_history(log)
+        staged = {e["node"] for e in await told(url, rid, "rollout.succeeded")
+                  if e["kind"] == "node.staging"}
         for node in NODES:
             gens = history[f"{node}.hello"]
-            # install, move to 2.0.0 (old slot kept until the rollout succeeds), retire the old
-            # slot: one write each, whatever the outage did in between.
-            assert gens == [1, 2, 3], f"{node}: generations {gens}; all: {history}"
+            # install, (staged ahead of its wave: --prestage), move to 2.0.0 (old slot kept
+            # until the rollout succeeds), retire the old slot: one write each, whatever the
+            # outage did in between.
+            want = [1, 2, 3, 4] if node in staged else [1, 2, 3]
+            assert gens == want, f"{node}: generations {gens}; all: {history}; staged {staged}"
             last = decode(DesiredState, [e for e in log if e.node == node][-1].payload)
             assert [r.version for r in last.slots.values()] == ["2.0.0"], last
             assert last.generation == final.nodes[node].generation

@@ -24,7 +24,7 @@ PERF = Path(__file__).resolve().parents[1] / "perf"
 BENCH = PERF / "bench_vs_ansible.py"
 PREFIX = "fw-perf-vs-ansible-"
 ENV = {**os.environ, "FLEETWAVE_PERF_SUBNET": SUBNET}
-RUN_TIMEOUT = 240.0  # two real rolling updates and a dev fleet: ~40 s here, more on a busy box
+RUN_TIMEOUT = 300.0  # four real rolling updates and a dev fleet: ~60 s here, more on a busy box
 # pytest's own limit above the run's, so that the run's timeout is what reports a slow run
 pytestmark = pytest.mark.timeout(RUN_TIMEOUT + 60)
 
@@ -129,6 +129,13 @@ async def test_bench_vs_ansible_at_two_nodes_prints_sane_figures_and_leaves_noth
             assert 0 < w["started_s"] <= w["healthy_s"] <= w["done_s"] <= w["next_s"], w
         assert 0 < f["engine_s"] < f["seconds"], f
         assert 0 < f["prestageable_s"] < f["engine_s"], f
+        # The same fleet again with --prestage 1 and all (issue 17): the same update, no
+        # request lost, its ratios beside the others.
+        assert set(f["prestaged"]) == {"1", "all"}, f["prestaged"]
+        for ahead, p in f["prestaged"].items():
+            assert len(p["waves"]) == 2 and p["failed"] == 0, (ahead, p)
+            assert 0 < p["engine_s"] < p["seconds"] and p["requests"] > 20, (ahead, p)
+            assert r["ratio_prestaged"][ahead] == round(a["seconds"] / p["seconds"], 2), r
         assert sum("app.py" in cmd for _, cmd in seen.values()) >= 4, "Ansible's + agents'"
         await gone(seen)
 

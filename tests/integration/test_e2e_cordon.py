@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+import pytest
 
 from agent.router.health import READY_PATH
 from coordinator.dev.devfleet import DevFleet
@@ -268,12 +269,18 @@ async def test_a_drained_node_says_503_before_any_connection_is_cut(tmp_path: Pa
                                  lambda h: len(h) == 3, timeout=10, what="the balancer's checks")
                 await asyncio.sleep(1.0)  # traffic through every node before the drain
                 drained_at = time.monotonic()
-                out = await cli_ok(url, "drain", "node-3", "--grace", f"{GRACE:g}s")
-                assert out.startswith("node-3: drained; its routers answer 503 on "
-                                      f"{READY_PATH} now and stop accepting after 2s"), out
-                await wait_until(lambda: asyncio.sleep(0, node3.requests[-1][2]),
-                                 lambda o: o == "refused", timeout=GRACE + 20,
-                                 what="node-3's router to stop accepting")
+                out = await cli_ok(url, "drain", "node-3", "--grace", f"{GRACE:g}s", "--wait")
+                said, done = out.strip().splitlines()
+                assert said == ("node-3: drained; its routers answer 503 on "
+                                f"{READY_PATH} now and stop accepting after 2s"), out
+                # --wait returned: the router neither accepts nor holds a connection.
+                waited = time.monotonic() - drained_at
+                assert done.startswith("node-3: drained after ") and done.endswith(
+                    "s: no router on it accepts or holds a connection"), out
+                with pytest.raises(ConnectionRefusedError):
+                    await get(fleet.host(3))
+                services = (await nodes_json(url))["node-3"]["services"]
+                assert services["hello"]["drain"] == "drained", services
                 await asyncio.sleep(1.0)  # the balancer keeps sending to the other nodes
             finally:
                 stop.set()
@@ -287,10 +294,11 @@ async def test_a_drained_node_says_503_before_any_connection_is_cut(tmp_path: Pa
         assert in_flight, "no request was in flight when the router stopped accepting"
         assert lb.failures == [], lb.failures[:5]
         assert lb.served.get(fleet.host(3), 0) > 0 and lb.served.get(fleet.host(1), 0) > 0
+        assert waited > t2 - drained_at  # (--wait returned after the router closed)
         print(f"\ndrain: readiness 503 after {t1 - drained_at:.3f}s (t1), first refused "
               f"connection {t2 - t1:.3f}s later (t2, grace {GRACE:g}s); {len(in_flight)} "
               f"requests in flight at t2 finished; load balancer: {sum(lb.served.values())} "
-              "requests, 0 failed")
+              f"requests, 0 failed; drain --wait returned after {waited:.1f}s")
 
         cordon = (await nodes_json(url))["node-3"]["cordon"]
         assert cordon["drain"] is True and cordon["grace"] == GRACE and cordon["by"]
@@ -332,3 +340,12 @@ async def test_a_drained_node_says_503_before_any_connection_is_cut(tmp_path: Pa
                                                                        "node.offline")]
         assert kinds[-4:] == ["node.cordoned", "node.drained", "node.undrained",
                               "node.uncordoned"], kinds
+
+        # --wait gives up at --timeout with what is left, and the drain goes on.
+        code, out, err = await fleetwave("drain", "node-2", "--grace", "30s", "--wait",
+                                         "--timeout", "1s", nats_url=url)
+        assert code == 1 and "node-2: drained; " in out, (code, out, err)
+        assert err.startswith("fleetwave: node-2: still draining after 1s: hello (") and \
+            len(err.strip().splitlines()) == 1, err
+        assert (await nodes_json(url))["node-2"]["cordon"]["drain"] is True
+        assert "node-2: uncordoned" in await cli_ok(url, "uncordon", "node-2")

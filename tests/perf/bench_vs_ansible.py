@@ -27,16 +27,19 @@ printed) gives the seconds spent in each task.
 
 **fleetwave**: a dev fleet (``coordinator.dev.devfleet.DevFleet``: broker, coordinator, N real
 agents on ``<SUBNET>.1..N``), hello 1.0.0 installed everywhere, then ``fleetwave deploy hello
-2.0.0 --strategy rolling --batch 20% --max-unavailable 20% --bake 0`` (the CLI, followed to its
-end). Each agent fetches the release, starts the new slot beside the old one, waits for its
+2.0.0 --strategy rolling --batch 20% --max-unavailable 20% --bake 0 --prestage 0`` (the CLI,
+followed to its end); then on the same fleet, 1.0.0 reinstalled before each, the same deploy
+with ``--prestage 1`` and with ``--prestage all`` (``prestaged``: their figures and ratios).
+Each agent fetches the release, starts the new slot beside the old one, waits for its
 health checks (two passes, 200 ms apart), switches its router and drains the old slot. The load
 goes through the N routers. Timed: the CLI command, start to exit. From the fleet's events the
 run also reports, per wave, where the seconds go: from ``wave.started`` to the last new slot
 started (fetch and spawn), to the last one healthy (health checks), to the last node done (the
 switch and its report), and the coordinator's hand-over to the next wave. Pre-staging (issue 17
-part 1) would start and health-check the slots of upcoming waves ahead of their turn: the
-"pre-stageable" figure is the sum over the waves after the first of their fetch, start and
-health time, i.e. what would leave the critical path.
+part 1) starts and health-checks the slots of upcoming waves ahead of their turn: the
+"pre-stageable" figure of the run without it is the sum over the waves after the first of their
+fetch, start and health time, i.e. what could leave the critical path; the prestaged runs show
+what did.
 
 Printed: both wall times and their ratio; the ratio of their work alone too (Ansible from its
 first play to its recap, fleetwave from ``rollout.started`` to ``rollout.succeeded``: neither
@@ -85,6 +88,7 @@ from protocol.messages import TERMINAL_STATES, ApiReply, DeployRequest, RolloutR
 T = TypeVar("T")
 OLD, NEW = "1.0.0", "2.0.0"
 BATCH = "20%"
+PRESTAGED = ("1", "all")  # the --prestage values measured after the run without it
 WORKERS = 2  # per host: one keep-alive, one connection a request (Traffic's split)
 TAIL = 1.0  # seconds of load counted after a deploy ends
 ANSIBLE_HOST0 = 100  # Ansible's host i binds <SUBNET>.(100+i): apart from the agents' .1..N
@@ -375,6 +379,8 @@ def wave_timeline(tap: EventTap, rid: str) -> list[dict[str, Any]]:
 
 
 async def measure_fleetwave(tmp: Path, n: int, rate: float) -> dict[str, Any]:
+    """The rolling update without pre-staging (``fleetwave``), then on the same fleet, back on
+    OLD each time, with each of ``PRESTAGED`` (``prestaged``)."""
     async with DevFleet(tmp / "fleet", agents=n, subnet=SUBNET, fleet="perfvs",
                         heartbeat_interval=2.0) as fleet:
         bus = await Bus.connect(fleet.nats_url, fleet.fleet, name="perf-vs-ansible",
@@ -384,30 +390,39 @@ async def measure_fleetwave(tmp: Path, n: int, rate: float) -> dict[str, Any]:
             await tap.start(bus)
             for v in (OLD, NEW):
                 await push_release(bus, assembled(v))
-            await install(bus, fleet, n)
-            port = int(manifest(OLD)["port"])
-            targets = [(fleet.host(i), port) for i in range(1, n + 1)]
-            env = {**os.environ, **fleet.client_env()}
-            argv = [sys.executable, "-c",
-                    "import sys; from coordinator.cli import main; main(sys.argv[1:])",
-                    *fleet.client_args(), "deploy", "hello", NEW, "--strategy", "rolling",
-                    "--batch", BATCH, "--max-unavailable", BATCH, "--bake", "0",
-                    "-o", "json"]
-
-            async def deploy() -> tuple[float, float, str]:
-                sent = time.time()
-                seconds, out = await timed(argv, env, tmp)
-                return sent, seconds, out
-
-            (sent, seconds, out), window = await under_load(targets, rate, deploy)
-            rid = str(json.loads(out)["id"])  # -o json: the last status, as one document
-            end = await tap.wait_for(rid, ("rollout.succeeded",), 30)
-            begun = tap.of(rid, "rollout.started")
-            answers = await asyncio.gather(*(probe_version(h, p) for h, p in targets))
-            if set(answers) != {NEW}:
-                raise RuntimeError(f"the routers should serve {NEW} after the deploy: {answers}")
+            plain = await rolled(tmp, bus, fleet, tap, n, rate, "0")
+            prestaged = {ahead: await rolled(tmp, bus, fleet, tap, n, rate, ahead)
+                         for ahead in PRESTAGED}
         finally:
             await bus.close()
+    return {**plain, "prestaged": prestaged}
+
+
+async def rolled(tmp: Path, bus: Bus, fleet: DevFleet, tap: EventTap, n: int, rate: float,
+                 prestage: str) -> dict[str, Any]:
+    """OLD installed everywhere, then the timed rolling deploy of NEW with ``--prestage``."""
+    await install(bus, fleet, n)
+    port = int(manifest(OLD)["port"])
+    targets = [(fleet.host(i), port) for i in range(1, n + 1)]
+    env = {**os.environ, **fleet.client_env()}
+    argv = [sys.executable, "-c",
+            "import sys; from coordinator.cli import main; main(sys.argv[1:])",
+            *fleet.client_args(), "deploy", "hello", NEW, "--strategy", "rolling",
+            "--batch", BATCH, "--max-unavailable", BATCH, "--bake", "0",
+            "--prestage", prestage, "-o", "json"]
+
+    async def deploy() -> tuple[float, float, str]:
+        sent = time.time()
+        seconds, out = await timed(argv, env, tmp)
+        return sent, seconds, out
+
+    (sent, seconds, out), window = await under_load(targets, rate, deploy)
+    rid = str(json.loads(out)["id"])  # -o json: the last status, as one document
+    end = await tap.wait_for(rid, ("rollout.succeeded",), 30)
+    begun = tap.of(rid, "rollout.started")
+    answers = await asyncio.gather(*(probe_version(h, p) for h, p in targets))
+    if set(answers) != {NEW}:
+        raise RuntimeError(f"the routers should serve {NEW} after the deploy: {answers}")
     waves = wave_timeline(tap, rid)
     # What pre-staging would take off the critical path: a later wave's fetch, start and
     # health checks (the first wave's cannot start earlier than the deploy).
@@ -433,7 +448,7 @@ async def measure(n: int, rate: float, binary: str) -> dict[str, Any]:
             "ansible": ansible, "fleetwave": fleetwave, **ratios(ansible, fleetwave)}
 
 
-def ratios(a: dict[str, Any], f: dict[str, Any]) -> dict[str, float | None]:
+def ratios(a: dict[str, Any], f: dict[str, Any]) -> dict[str, Any]:
     """Ansible's time over fleetwave's: the two commands' wall times (``ratio``); their work
     alone (``ratio_work``: Ansible from its first play header to its recap, fleetwave from
     rollout.started to rollout.succeeded, i.e. without either CLI's start-up and exit); and
@@ -445,6 +460,10 @@ def ratios(a: dict[str, Any], f: dict[str, Any]) -> dict[str, float | None]:
 
     return {"ratio": over(a["seconds"], f["seconds"]),
             "ratio_work": over(a_work, f["engine_s"]),
+            "ratio_prestaged": {k: over(a["seconds"], p["seconds"])
+                                for k, p in f["prestaged"].items()},
+            "ratio_work_prestaged": {k: over(a_work, p["engine_s"])
+                                     for k, p in f["prestaged"].items()},
             "ratio_if_prestaged": over(a["seconds"], f["seconds"] - f["prestageable_s"]),
             "ratio_work_if_prestaged": over(a_work, f["engine_s"] - f["prestageable_s"])}
 
@@ -476,6 +495,15 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
     out.append(("pre-stageable (waves 2+: to healthy)",
                 f"{f['prestageable_s']:.2f} s; without it {x(r['ratio_if_prestaged'])} "
                 f"(wall), {x(r['ratio_work_if_prestaged'])} (work)"))
+    for ahead, p in f["prestaged"].items():
+        out.append((f"fleetwave --prestage {ahead}",
+                    f"{p['seconds']:.2f} s, {p['failed']} of {p['requests']} requests failed; "
+                    f"engine {p['engine_s']:.2f} s, CLI before {p['cli_before_start_s']:.2f} s, "
+                    f"after {p['cli_after_end_s']:.2f} s; Ansible / it "
+                    f"{x(r['ratio_prestaged'][ahead])} (wall), "
+                    f"{x(r['ratio_work_prestaged'][ahead])} (work)"))
+        out.append((f"  its waves (--prestage {ahead})",
+                    ", ".join(f"{w['next_s']:.2f}" for w in p["waves"]) + " s each"))
     for side, figs in (("Ansible", a), ("fleetwave", f)):
         if figs["failures"]:
             out.append((f"{side}: first failures", "; ".join(figs["failures"][:3])))

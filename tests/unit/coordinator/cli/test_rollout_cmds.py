@@ -159,3 +159,42 @@ def test_analysis_and_alpha_are_documented_in_help() -> None:
     result = CliRunner().invoke(cli, ["deploy", "--help"])
     assert "--analysis threshold|sequential" in result.output
     assert "--alpha X" in result.output and "1/alpha" in result.output
+
+
+@pytest.mark.parametrize(("flags", "why"), [
+    (["--prestage", "-1"], "--prestage '-1' is negative"),
+    (["--prestage", "soon"], "--prestage 'soon' is not a number of waves"),
+    (["--strategy", "blue-green", "--prestage", "1"], "no meaning with --strategy blue-green"),
+    (["--strategy", "shadow", "--mirror", "5%", "--prestage", "all"],
+     "no meaning with --strategy shadow"),
+])
+def test_a_bad_prestage_is_one_usage_line_before_sending(
+    flags: list[str], why: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A negative or non-numeric --prestage, or one on a strategy that stages by itself: exit
+    2 with one line, nothing sent."""
+    with pytest.raises(SystemExit) as info:
+        main(["--nats", "nats://127.0.0.1:1", "deploy", "hello", "2.0.0", *flags])
+    out, err = capsys.readouterr()
+    assert info.value.code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and why in err, err
+
+
+def test_prestage_flag_and_rollout_file_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--prestage and rollout.toml's prestage (a number or "all") reach the spec as written;
+    "" (the strategy's default) when neither says."""
+    assert deployed(monkeypatch, "hello", "2.0.0").prestage == ""
+    assert deployed(monkeypatch, "hello", "2.0.0", "--prestage", "all").prestage == "all"
+    f = tmp_path / "rollout.toml"
+    f.write_text('service = "hello"\nversion = "2.0.0"\nprestage = 2\n')
+    assert deployed(monkeypatch, "-f", str(f)).prestage == "2"
+    assert deployed(monkeypatch, "-f", str(f), "--prestage", "0").prestage == "0"
+
+
+def test_prestage_is_documented_in_help() -> None:
+    """``deploy --help`` names --prestage, its values and its default."""
+    result = CliRunner().invoke(cli, ["deploy", "--help"])
+    assert result.exit_code == 0
+    assert "--prestage N|all" in result.output and "Default 1 for rolling" in result.output

@@ -334,3 +334,24 @@ def test_node_already_on_the_release_is_not_written() -> None:
     r = Rollout(rec, fleet="f")
     cmds = r.handle(Start(), 0.0)
     assert writes(cmds) == [] and r.state == "succeeded"
+
+
+def test_node_already_on_the_release_is_not_failed_by_the_bake() -> None:
+    """Its agent's report names no new slot (none was written): the bake does not read that as
+    the new slot missing (it failed such a rollout with "new slot  is empty during the bake")."""
+    spec = RolloutSpec(service="hello", version="2.0.0", bake=2.0)
+    cur = DesiredState(fleet="f", node="node-1", service="hello", generation=3,
+                       slots={"b": NEW}, weights={"b": 100})
+    rec = new_record(id="r", spec=spec, release=NEW, nodes=[NodeView(id="node-1")],
+                     current={"node-1": cur}, now=0.0)
+    r = Rollout(rec, fleet="f")
+    r.handle(ObservedChanged("node-1", observed(cur, 0.0)), 0.0)
+    cmds = r.handle(Start(), 0.0)
+    t = 0.0
+    while not r.done and t < 10.0:
+        t += 0.5
+        cmds += r.handle(ObservedChanged("node-1", observed(cur, t)), t)
+        if not r.done:
+            cmds += r.handle(Tick(), t)
+    assert writes(cmds) == []
+    assert r.state == "succeeded", r.record.reason

@@ -36,21 +36,25 @@ ADDED = [('"on_failure":"rollback"', '"on_node_lost":"fail"'),
          ('"on_failure":"pause"', '"on_node_lost":"fail"'),
          ('"min_requests":null', '"analysis":"threshold","alpha":0.01'),  # issue 18
          ('"on_node_lost":"fail"', '"cohort_key":"","cohort_fallback":"ip",'  # issue 15
-          '"assign_cookie":false,"allow":[],"deny":[],"preview":[]')]
+          '"assign_cookie":false,"allow":[],"deny":[],"preview":[]'),
+         ('"preview":[]', '"prestage":""')]  # issue 17
 
 
 # ... and at the end of the record (issue 13): the events not yet acknowledged by the stream
 # (the outbox), and the lease term of the coordinator that wrote it; (issue 14) who started,
 # paused, aborted or rolled it back.
-# (issue 17) how many pages hold its node table (none: it is kept whole in one value).
 ADDED_AT_END = ('"outbox":[],"term":0,"started_by":"","paused_by":"","aborted_by":"",'
-                '"rollback_by":"","pages":0,"node_count":0')
+                '"rollback_by":"","prestage":0,"pages":0,"node_count":0')  # and (issue 17)
+# the waves staged ahead, how many pages hold its node table (none: it is kept whole)
 
 
 # ... and at the end of every desired state in it (issue 18): the read period a sequential wave
 # asks for.
 DESIRED_END = re.compile(r'("rollout":"[^"]*","time":[-+.0-9eE]+)}')
 ADDED_TO_DESIRED = '"stats_every":0.0'
+# ... and at the end of every node's progress (issue 17): its pre-staging.
+NODE_END = re.compile(r'("online":(?:true|false))}')
+ADDED_TO_NODE = '"staged":"","stage_deadline":0.0'
 
 
 def upgraded(old: str) -> bytes:
@@ -59,6 +63,7 @@ def upgraded(old: str) -> bytes:
     for after, field in ADDED:
         old = old.replace(after, f"{after},{field}", 1)
     old = DESIRED_END.sub(rf"\1,{ADDED_TO_DESIRED}}}", old)
+    old = NODE_END.sub(rf"\1,{ADDED_TO_NODE}}}", old)
     assert old.endswith("}")
     return f"{old[:-1]},{ADDED_AT_END}}}".encode()
 EVENTS: dict[str, EngineEvent] = {"Tick": Tick(), "RollbackRequested":

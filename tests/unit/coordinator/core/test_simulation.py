@@ -142,6 +142,8 @@ class World:
                 kw["weights"] = [10, 50, 100]
         else:
             kw["batch"] = rng.choice(["1", "2", "50%", "100%"])
+        if strategy in ("rolling", "canary"):  # its own generator, as on_node_lost's
+            kw["prestage"] = random.Random(f"prestage {seed}").choice(["", "0", "2", "all"])
         self.spec = RolloutSpec(
             service="hello", version="2.0.0", strategy=strategy,  # type: ignore[arg-type]
             max_unavailable=rng.choice(["1", "2", "50%"]), bake=rng.choice([0.0, 10.0, 30.0]),
@@ -195,6 +197,12 @@ class World:
                    and record.state == "running" and record.phase == "forward"}
         assert not forward & self.offline, (
             f"seed {self.seed}: moved {sorted(forward & self.offline)} while it was lost")
+        # A node staged ahead of its wave (--prestage) gets the new release at weight 0: its old
+        # slot serves on, so it disrupts nobody.
+        forward = {c.desired.node for c in cmds if isinstance(c, WriteDesired)
+                   and c.desired.node in forward
+                   and any(c.desired.weights.get(s, 0) > 0
+                           for s, r in c.desired.slots.items() if r == NEW)}
         before = self.unavailable()
         last = {}  # a batch may start a node and roll it back: judge its last write
         for c in cmds:

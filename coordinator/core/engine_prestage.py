@@ -1,0 +1,142 @@
+"""Pre-staging in the engine's step: the nodes of the next waves start their new slot at weight 0.
+
+Theory of operation (``core.staging`` has the vocabulary and the arithmetic): while the rollout
+runs forward, the nodes of the ``Step.ahead`` waves after the running one that were never written
+to are given their wave policy's ``stage`` target (the new release in the idle slot at weight 0;
+``p.staged = "staging"``). Level-triggered on every step, ``check`` watches them until their own
+wave starts: converged on that target with the new slot healthy is ``staged``; the agent reporting
+failure, or no healthy slot by ``--progress-deadline`` after the write, is a staging failure. A
+staging failure is handled as a failed update is, before its wave: ``--on-failure rollback``
+rolls back every touched node (staged ones included: their previous desired state again stops
+the staged slot), ``pause`` pauses with the reason, and ``resume`` stages the node again.
+
+A staged node stays ``waiting`` (its old slot serves all of its traffic), so it never counts
+against max-unavailable. When its wave starts, the policy's ``target`` reuses ``p.slot``: the
+agent finds the slot running and healthy and only moves the router's weights. An abort gives the
+staged nodes their previous desired state, so no staged slot is left running.
+"""
+
+from __future__ import annotations
+
+from coordinator.core import staging
+from coordinator.core.engine_rollback import Rollback
+from coordinator.core.engine_step import Step
+from coordinator.core.engine_types import converged
+from coordinator.core.targets import restore_target, runs
+from protocol.durations import format_duration
+from protocol.messages import NodeProgress
+
+
+class Prestage:
+    """The staged nodes of the waves ahead, over one working ``Step``."""
+
+    def __init__(self, step: Step, rollback: Rollback) -> None:
+        self.step = step
+        self.rollback = rollback
+
+    def ahead(self) -> list[tuple[int, NodeProgress]]:
+        """The nodes staged (or staging, or failed staging) whose wave has not started, with
+        that wave: only the window's waves are looked at, so a step costs O(window), not
+        O(fleet)."""
+        r, found = self.step.r, []
+        for index in staging.window(r.current_wave, self.step.ahead, len(r.waves)):
+            for n in r.waves[index].nodes:
+                p = r.nodes[n]
+                if p.wave < 0 and p.staged:
+                    found.append((index, p))
+        return found
+
+    def check(self) -> bool:
+        """Judge the staging nodes (level-triggered); False if a failure stopped the rollout."""
+        step = self.step
+        failed: list[str] = []
+        for index, p in self.ahead():
+            if p.staged == "failed" or p.target is None:
+                continue
+            seen = step.obs.get(p.node)
+            if seen is not None and seen.generation >= p.generation and seen.phase == "failed":
+                self.fail(p, index, f"agent reports failure: {seen.error or 'no reason given'}")
+            elif p.staged == "staged":
+                continue
+            elif (seen is not None and converged(seen, p.target)
+                  and (s := seen.slots.get(p.slot)) is not None and s.status == "healthy"):
+                p.staged = "staged"
+                step.emit("node.staged", f"{p.node}: {step.r.release.version} healthy in slot "
+                          f"{p.slot} at weight 0, ahead of wave {index}", p.node,
+                          generation=p.generation, slot=p.slot, wave=index)
+                continue
+            elif p.online and step.now >= p.stage_deadline:
+                limit = format_duration(step.spec.progress_deadline)
+                got = seen.observed_generation if seen else "none"
+                self.fail(p, index, f"not healthy within {limit} (observed generation {got}, "
+                             f"wanted {p.generation})")
+            else:
+                continue
+            failed.append(f"{p.node}: {p.reason}")
+        if not failed:
+            return True
+        # The same policy as a failed update, applied before the node's wave: the rollout
+        # learns of a bad node (or a bad release) a wave early. No wave failed (the running
+        # one may be fine): the nodes' ``node.failed`` and the rollback or pause say it.
+        why = f"staging failed: {'; '.join(failed)}"
+        if step.spec.on_failure == "pause":
+            step.pause(why)
+        else:
+            self.rollback.start_rollback(why)
+        return False
+
+    def fail(self, p: NodeProgress, wave: int, reason: str) -> None:
+        """A staging failure: reported like a failed node, with the wave it was staged for; the
+        node stays ``waiting`` (its old slot still serves) and touched (rolled back if the
+        rollout is)."""
+        p.staged = "failed"
+        p.reason = f"staging for wave {wave}: {reason}"
+        self.step.emit("node.failed", f"{p.node}: {p.reason}", p.node, reason=p.reason,
+                       staging=True, wave=wave)
+
+    def stage(self) -> None:
+        """Stage the nodes of the waves in the window that were never written to."""
+        step = self.step
+        r = step.r
+        if r.state != "running" or r.phase == "rollback" or not step.ahead:
+            return
+        for index in staging.window(r.current_wave, step.ahead, len(r.waves)):
+            wave = r.waves[index]
+            policy = step.policy(wave)
+            for n in wave.nodes:
+                p = r.nodes[n]
+                if p.wave >= 0 or p.staged or not p.online or runs(p.previous, r.release):
+                    continue  # already in a wave, staged, unreachable, or nothing to stage
+                desired = policy.stage(step, p, wave)
+                if desired is None:
+                    continue
+                step.write(p, desired)
+                p.staged = "staging"
+                p.stage_deadline = step.now + step.spec.progress_deadline
+                step.emit("node.staging", f"{n}: {r.release.version} in slot {p.slot} at "
+                          f"weight 0 ahead of wave {index} (generation {p.generation})", n,
+                          generation=p.generation, slot=p.slot, wave=index)
+
+    def resumed(self) -> None:
+        """An operator resumed after a staging failure: those nodes are staged again."""
+        for _, p in self.ahead():
+            if p.staged == "failed":
+                p.staged, p.reason = "", ""
+
+    def aborted(self) -> None:
+        """The rollout is aborted: every node staged ahead of its wave gets its previous
+        desired state again, which stops the staged slot."""
+        step = self.step
+        undone = []
+        for _, p in self.ahead():
+            if p.target is None:
+                continue
+            step.write(p, restore_target(
+                p.previous, fleet=step.fleet, node=p.node, service=step.spec.service,
+                generation=step.next_generation(p), rollout=step.r.id, now=step.now))
+            p.staged = ""
+            undone.append(p.node)
+        if undone:
+            step.emit("rollout.unstaged", f"{len(undone)} staged nodes back on their previous "
+                      f"state: {', '.join(undone[:5])}" + (" ..." if len(undone) > 5 else ""),
+                      nodes=undone)
