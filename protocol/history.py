@@ -8,6 +8,10 @@ Keys (all start with ``_``: no rollout id can, ``subjects.check_name``):
     _latest           LatestRollout     the id of the rollout created last (``status`` alone)
     <rollout id>      RolloutRecord     a rollout kept whole, or, past the retention,
                       SummarisedRollout  the same key reduced to its summary and spec
+    <rollout id>.<k>  RolloutPage       page k of a split record's node table (its head, the
+                                         record under <rollout id>, says how many:
+                                         ``coordinator.core.pages``); purged with its head's
+                                         reduction
 
 A summarised value is told from a record by ``SummarisedRollout.summarised`` (``HistoryProbe``):
 a record has no such field. Each value carries, like a record, the lease ``term`` of the leader
@@ -16,9 +20,12 @@ that wrote it. Wire Structs: new fields get defaults, types never change.
 
 from __future__ import annotations
 
-import msgspec
+from collections.abc import Iterable
 
-from protocol.messages import RolloutSpec
+import msgspec
+from msgspec import UNSET
+
+from protocol.messages import NodeProgress, RolloutRecord, RolloutSpec, RouterStats
 
 
 class RolloutSummary(msgspec.Struct, kw_only=True):
@@ -78,3 +85,37 @@ class HistoryProbe(msgspec.Struct):
     """Reads only whether a value of a rollout key is a ``SummarisedRollout``."""
 
     summarised: bool = False
+
+
+class RolloutPage(msgspec.Struct, kw_only=True):
+    """``<rollout id>.<index>``: one page of a split record's node table (``coordinator.core.
+    pages``): the progress of its nodes, where each stands in the waves' member lists, and the
+    router snapshots of the waves' baselines (and ``evidence_from``) that belong to its nodes."""
+
+    schema: int = 1
+    rollout: str
+    index: int
+    nodes: dict[str, NodeProgress] = {}
+    waves: dict[int, dict[str, int]] = {}  # wave (list position) -> {node: position in it}
+    baseline: dict[int, dict[str, RouterStats]] = {}
+    evidence: dict[int, dict[str, RouterStats]] = {}
+    term: int = 0
+
+
+def assemble(top: RolloutRecord, pages: Iterable[RolloutPage]) -> RolloutRecord:
+    """The whole record from its head and its pages, in any order (``coordinator.core.pages.
+    layout_of`` checks that none is missing)."""
+    ordered = sorted(pages, key=lambda p: p.index)
+    nodes = {n: p for pg in ordered for n, p in pg.nodes.items()}
+    waves = []
+    for w, wave in enumerate(top.waves):
+        members = sorted((at, n) for pg in ordered for n, at in pg.waves.get(w, {}).items())
+        baseline: dict[str, RouterStats] = {}
+        evidence: dict[str, RouterStats] = {}
+        for pg in ordered:
+            baseline.update(pg.baseline.get(w, {}))
+            evidence.update(pg.evidence.get(w, {}))
+        waves.append(msgspec.structs.replace(
+            wave, nodes=[n for _, n in members], baseline=baseline,
+            evidence_from=UNSET if wave.evidence_from is UNSET else evidence))
+    return msgspec.structs.replace(top, nodes=nodes, waves=waves, pages=0, node_count=0)

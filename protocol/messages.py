@@ -475,6 +475,13 @@ class RolloutRecord(msgspec.Struct, kw_only=True):
     # ``spec.prestage`` and the strategy's default when the rollout was planned (at most the
     # waves after the first); 0 in a record written before, which carries on as it did.
     prestage: int = 0
+    # Added by the record split (``coordinator.core.pages``): in KV, a record of more than a
+    # few nodes is a head (this record with an empty node table, empty wave member lists and
+    # baselines) plus ``pages`` values ``<id>.<k>`` (``protocol.history.RolloutPage``) holding
+    # them; ``node_count`` is the table's size, for the summary read off the head alone. 0 and
+    # 0: the whole record is this one value (as every record written before the split).
+    pages: int = 0
+    node_count: int = 0
 
 
 class Event(msgspec.Struct, kw_only=True):

@@ -24,6 +24,7 @@ from protocol import subjects
 from protocol.bus import Entry
 from protocol.codec import decode
 from protocol.errors import BusError, Conflict
+from protocol.history import RolloutPage, assemble
 from protocol.messages import (
     LATENCY_BOUNDS_MS,
     DesiredState,
@@ -129,6 +130,13 @@ class FakeBus:
             yield e
         yield None
 
+    async def kv_purge_keys(self, bucket: str, pattern: str) -> None:
+        """Drop every key matching ``pattern`` (the real purge leaves no marker)."""
+        self._fault("purge", bucket)
+        glob = pattern.replace(">", "*")
+        for key in [k for k in self.kv.get(bucket, {}) if fnmatch.fnmatchcase(k, glob)]:
+            del self.kv[bucket][key]
+
     async def kv_update_all(self, bucket: str, writes: Sequence[tuple[str, bytes, int]], *,
                             timeout: float = 5.0) -> list[int | BusError]:
         """One kv_update per write, in order; a BusError is that write's result (as the real
@@ -186,9 +194,16 @@ class FakeBus:
 
     def record(self, rid: str) -> RolloutRecord:
         """The rollout record stored under ``rid`` (AssertionError if there is none)."""
-        e = self.live(subjects.rollouts_bucket(self.fleet), rid)
+        bucket = subjects.rollouts_bucket(self.fleet)
+        e = self.live(bucket, rid)
         assert e is not None and e.value is not None, f"no rollout record {rid}"
-        return decode(RolloutRecord, e.value)
+        top = decode(RolloutRecord, e.value)
+        if not top.pages:
+            return top
+        pages = [decode(RolloutPage, p.value) for k in range(top.pages)
+                 if (p := self.live(bucket, f"{rid}.{k}")) is not None and p.value is not None]
+        assert len(pages) == top.pages, f"rollout {rid}: pages missing"
+        return assemble(top, pages)
 
     def desired_writes(self) -> list[tuple[str, int]]:
         """(key, generation) of every desired state written, in order."""

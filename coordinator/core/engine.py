@@ -101,7 +101,7 @@ __all__ = [
     "ACCEPTS", "MOVES", "STATS_GRACE", "Abort", "Command", "EmitEvent", "EngineEvent",
     "IllegalTransition", "NodeOffline", "NodeOnline", "ObservedChanged", "Pause", "Persist",
     "Promote", "Resume", "RollbackRequested", "Rollout", "Start", "Step", "Tick", "WriteDesired",
-    "cause", "converged", "mode", "new_record", "worst_case_size",
+    "cause", "converged", "mode", "new_record", "worst_case_sizes",
 ]
 
 
@@ -146,23 +146,33 @@ def new_record(
     return record
 
 
-def worst_case_size(record: RolloutRecord, routers: Mapping[str, RouterStats]) -> int:
-    """Bytes the record of a new rollout can reach: every node with a two-slot target and two
-    wave baselines holding its router's counters (``routers``: the latest per node), and under
-    sequential analysis the running wave's ``evidence_from`` as a third."""
-    nodes = {
-        n: msgspec.structs.replace(p, target=forward_target(
+def worst_case_sizes(record: RolloutRecord, routers: Mapping[str, RouterStats]
+                     ) -> tuple[int, dict[str, int]]:
+    """Bytes a new rollout's record can reach, as the head and per node (``core.pages``): each
+    node with a two-slot target, its router's counters (``routers``: the latest per node) in two
+    wave baselines and, under sequential analysis, in the running wave's ``evidence_from``, and
+    its place in each wave it belongs to."""
+    memberships: Counter[str] = Counter(n for w in record.waves for n in w.nodes)
+    snapshots = 3 if record.spec.gates.analysis == "sequential" else 2
+    sizes: dict[str, int] = {}
+    for n, p in record.nodes.items():
+        worst = msgspec.structs.replace(p, target=forward_target(
             p.previous, fleet="", node=n, release=record.release, slot=idle_slot(p.previous),
             weight=100, generation=p.generation + 1, rollout=record.id, now=record.created,
             cohort=cohort_for(record.spec, slot="a", rollout=record.id, weight=0)))
-        for n, p in record.nodes.items()
-    }
-    baseline = {n: stats for n, stats in routers.items() if n in nodes}
-    waves = [msgspec.structs.replace(w, baseline=baseline) for w in record.waves[:2]]
-    if record.spec.gates.analysis == "sequential" and waves:
-        waves[-1] = msgspec.structs.replace(waves[-1], evidence_from=baseline)
-    return len(encode(msgspec.structs.replace(record, nodes=nodes,
-                                              waves=waves + record.waves[2:])))
+        stats = routers.get(n)
+        per_stats = len(encode(stats)) + len(n) + 8 if stats is not None else 0
+        sizes[n] = (len(encode(worst)) + len(n) + 8 + snapshots * per_stats
+                    + memberships[n] * (len(n) + 16))
+    top = msgspec.structs.replace(
+        record, nodes={}, pages=len(record.nodes), node_count=len(record.nodes),
+        waves=[msgspec.structs.replace(w, nodes=[], baseline={}) for w in record.waves])
+    # The report stays in the head: a blue-green's holds every node's switch time, switch-back
+    # time and name (``protocol.report.Switch``, ``SwitchBack``), which bounds its fleet.
+    per_node = 0
+    if "blue-green" in (record.spec.strategy, record.spec.then):
+        per_node = sum(3 * len(n) + 60 for n in record.nodes)
+    return len(encode(top)) + per_node, sizes
 
 
 # -- the machine -----------------------------------------------------------------------------------

@@ -227,6 +227,7 @@ class Bake:
         healthy = 0
         evidence = Evidence()
         since = wave.evidence_from or {}
+        members = set(wave.nodes)  # a list: a lookup per node was O(fleet x wave) per verdict
         for n, p in self.step.r.nodes.items():
             seen = self.step.obs.get(n)
             end = seen.router if seen is not None else None
@@ -235,7 +236,7 @@ class Bake:
                 continue  # no count to start from yet: its slot may hold an older release's
             serving = serving_slot(p.previous)
             old_slot = serving if serving != p.slot else None
-            in_wave = n in wave.nodes
+            in_wave = n in members
             # A node's figures are judged only where they are read, and left out as a whole.
             if (old_slot is not None or in_wave) and evidence.admits(n, start, end):
                 if old_slot is not None:

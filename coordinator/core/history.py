@@ -109,7 +109,8 @@ def summarise(record: RolloutRecord) -> RolloutSummary:
         id=record.id, service=record.spec.service, version=record.release.version,
         from_version=record.from_version, strategy=record.spec.strategy, state=record.state,
         reason=record.reason, created=record.created, finished=record.finished,
-        nodes=len(record.nodes), waves=len(record.waves), current_wave=record.current_wave,
+        nodes=len(record.nodes) or record.node_count, waves=len(record.waves),
+        current_wave=record.current_wave,
         started_by=record.started_by,
         settled=record.state in TERMINAL_STATES and not record.outbox,
     )

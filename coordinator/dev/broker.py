@@ -94,7 +94,8 @@ class _PortTaken(Exception):
 
 def render_config(
     *, host: str, port: int, monitor_port: int, store_dir: Path, server_name: str,
-    cluster: ClusterSpec | None = None, auth: Path | None = None,
+    cluster: ClusterSpec | None = None, auth: Path | None = None, max_payload: str = "8MB",
+    sync_always: bool = True,
 ) -> str:
     """The nats-server config we run with (documented in deploy/nats/single.conf, and
     cluster-N.conf for a member of a cluster)."""
@@ -103,12 +104,12 @@ server_name: "{server_name}"
 host: "{host}"
 port: {port}
 http: "127.0.0.1:{monitor_port}"
-max_payload: 8MB
+max_payload: {max_payload}
 lame_duck_duration: "30s"
 lame_duck_grace_period: "2s"
 jetstream {{
   store_dir: "{store_dir}"
-  sync_interval: always
+{"  sync_interval: always" if sync_always else "  # sync_interval: the server's default"}
   max_memory_store: 256MB
 }}
 """ + (render_cluster(cluster, auth) if cluster is not None else "") + (
@@ -128,8 +129,14 @@ class Broker:
         log_file: Path | None = None,
         cluster: ClusterSpec | None = None,
         auth: Path | None = None,
+        max_payload: str = "8MB",
+        sync_always: bool = True,
     ) -> None:
         self.host = host
+        self.sync_always = sync_always  # False only to measure what fsyncing every write costs
+        # The largest message the server takes; tests and benchmarks try the server's own
+        # default ("1MB"): rollout records are split to fit it (coordinator.core.pages).
+        self.max_payload = max_payload
         # With an auth directory (``fleetwave auth``): TLS and its users, reloaded on change.
         self.auth = auth.absolute() if auth is not None else None
         self.reloads = 0
@@ -218,6 +225,8 @@ class Broker:
                 server_name=self.server_name,
                 cluster=self.cluster,
                 auth=self.auth,
+                max_payload=self.max_payload,
+                sync_always=self.sync_always,
             )
         )
         log = self.log_file or (self.store_dir / "nats-server.log")

@@ -257,7 +257,7 @@ class BrokerCluster:
     ``<directory>/jetstream-<i>``. An async context manager; leaving stops every broker."""
 
     def __init__(self, directory: Path | str, size: int = 3, *, first_port: int | None = None,
-                 auth: Path | None = None) -> None:
+                 auth: Path | None = None, max_payload: str = "8MB") -> None:
         from coordinator.dev.broker import Broker, free_port
 
         if size < 2:  # a lone clustered server waits for peers for ever: run a plain Broker
@@ -269,7 +269,8 @@ class BrokerCluster:
             Broker(
                 port=first_port + i if first_port is not None else None,
                 store_dir=self.dir / f"jetstream-{i + 1}", server_name=f"fleetwave-{i + 1}",
-                auth=auth, cluster=ClusterSpec(name=f"fleetwave-{i + 1}", listen_host="127.0.0.1",
+                auth=auth, max_payload=max_payload,
+                cluster=ClusterSpec(name=f"fleetwave-{i + 1}", listen_host="127.0.0.1",
                                     listen_port=cluster_ports[i], routes=routes),
             )
             for i in range(size)

@@ -149,6 +149,12 @@ class CoordinatorMetrics:
                 record = c.store.decode(e)
                 if record is None:
                     continue
+                try:  # a split record's node table is in its pages
+                    async with asyncio.timeout(READ_TIMEOUT):
+                        record = await c.store.complete(record)
+                except (BusError, TimeoutError) as exc:
+                    log.warning("/metrics: cannot read rollout %s (%s)", e.key, exc or "timed out")
+                    continue
                 kept = (e.revision, record)
             decoded[e.key] = kept
         self._decoded = decoded  # deleted records leave the cache with their entries

@@ -71,9 +71,10 @@ from coordinator.core.engine import (
     Start,
     Tick,
     new_record,
-    worst_case_size,
+    worst_case_sizes,
 )
 from coordinator.core.history import Retention, newest, summarise
+from coordinator.core.pages import Layout, fit
 from coordinator.errors import RemoteError, UsageError
 from coordinator.runtime.calls import COMMAND_DEADLINE, Retrying
 from coordinator.runtime.cordons import Cordons, read_cordons
@@ -364,7 +365,7 @@ class Runner:
                 if live != views and "no node matches" in str(exc):
                     raise UsageError(f"{exc} (offline nodes are not targeted)") from None
                 raise
-            self._check_size(record)
+            layout = await self._layout(record)
             skipped = sorted(v.id for v in views if not v.online
                              and all(v.labels.get(k) == x for k, x in spec.selector.items()))
             if skipped:
@@ -373,7 +374,7 @@ class Runner:
                 await self.store.check_lock(spec.service)
                 # The record first, then the lock that names it (the store's docstring: a lock
                 # never names a record still to come, so "missing" means stale).
-                revision = await self.store.create(record)
+                revision = await self.store.create(record, layout)
                 try:
                     await self.store.take_lock(spec.service, rid)
                 except Deposed:
@@ -416,22 +417,15 @@ class Runner:
                   "selector": dict(spec.selector), "reason": reason, "code": code})
         self._executor.publish(event, None)
 
-    def _check_size(self, record: RolloutRecord) -> None:
-        """Refuse a rollout whose record could outgrow what the NATS server takes in one
-        message (it is persisted whole): better a clear no now than a rollout stuck mid-way."""
-        limit = self.bus.max_payload
-        if not limit:
-            return
+    async def _layout(self, record: RolloutRecord) -> Layout:
+        """How the record of a new rollout is cut into pages (``coordinator.core.pages``), its
+        worst-case size judged against what the NATS server takes in one message: a rollout
+        that could not be stored is refused now rather than stuck mid-way. The sizes are
+        measured in a thread (1.3 s at 50,000 nodes: the loop keeps renewing the lease)."""
         routers = {node: seen.router for (node, service), seen in self.observed.items()
                    if service == record.spec.service and seen.router is not None}
-        size = worst_case_size(record, routers) + OUTBOX_BUDGET
-        if size > limit:
-            raise UsageError(
-                f"a rollout of {len(record.nodes)} nodes needs a record of up to "
-                f"{size / 2**20:.1f} MiB, more than the NATS server takes in one message "
-                f"(max_payload {limit / 2**20:.1f} MiB); raise max_payload in the server's "
-                "configuration (deploy/nats/*.conf set 8MB, at most 64MB) or roll the fleet "
-                "out in parts with --selector")
+        head, sizes = await asyncio.to_thread(worst_case_sizes, record, routers)
+        return fit(record, head, sizes, max_payload=self.bus.max_payload, reserve=OUTBOX_BUDGET)
 
     async def request(self, rollout_id: str, event: EngineEvent) -> RolloutRecord:
         """Feed an operator request to a live rollout; RemoteError says why it cannot be."""

@@ -17,6 +17,14 @@ The other way round, a record may exist without its lock (a crash between the tw
 whose lost reply made its deploy give up): it is started only once it holds the lock
 (``Runner.resync`` takes it, and drops a never-started record that cannot).
 
+The record split (``coordinator.core.pages``): a record is written as its head (key ``<id>``)
+and the pages of its node table (``<id>.<k>``), the head first, in the same atomic fenced batch.
+A persist writes the head and only the pages that changed since the record as this store last
+wrote or read it (``_split``: per live rollout, its layout and that record); a record it does
+not know yet (after a failed write dropped its driver, or kept in one value by an earlier
+version) is read back first, or written whole. Reading assembles the head and its pages; a
+missing page is a BusError naming it. Reduced or discarded records' pages are purged.
+
 The history (``coordinator.runtime.history``): every write that changes a record's summary
 (create, start, a wave, terminal, its last events acknowledged) carries the service's index, and
 past the retention the records it reduces, in the same atomic fenced batch. Reading the history
@@ -32,6 +40,7 @@ import logging
 import re
 from collections.abc import Callable
 
+from coordinator.core import pages
 from coordinator.core.history import Retention
 from coordinator.runtime.calls import bounded
 from coordinator.runtime.history import Change, History, Stored, decode_stored
@@ -41,7 +50,7 @@ from protocol import subjects
 from protocol.bus import Entry
 from protocol.codec import decode, encode
 from protocol.errors import BusError, Conflict, ProtocolError
-from protocol.history import RolloutSummary, SummarisedRollout
+from protocol.history import RolloutPage, RolloutSummary, SummarisedRollout
 from protocol.messages import TERMINAL_STATES, DesiredState, RolloutRecord, SignedEnvelope
 
 log = logging.getLogger("fleetwave.coordinator.runner")
@@ -73,6 +82,10 @@ class RolloutStore:
         self.history = History(bus, fenced=fenced, retention=retention or Retention(),
                                scan=self.records, entries=self.entries)
         self._history_ops = asyncio.Lock()  # one index change (read, write, commit) at a time
+        # Per rollout written or read here while leading: the layout of its pages and the record
+        # as last persisted, what the next persist writes the changed pages against. Dropped
+        # once the record is settled (nothing writes it again).
+        self._split: dict[str, tuple[pages.Layout, RolloutRecord]] = {}
 
     # -- records ----------------------------------------------------------------------------------
 
@@ -90,17 +103,46 @@ class RolloutStore:
         return found[0], found[1]
 
     async def find(self, rollout_id: str) -> tuple[Stored, int] | None:
-        """A rollout as persisted, whole or reduced, and its revision; None if there is none."""
+        """A rollout as persisted, whole or reduced, and its revision (its head's, for a split
+        record, assembled from its pages); None if there is none."""
         if not _ROLLOUT_ID.match(rollout_id):
             return None
         entry = await bounded(self.bus.kv_get(self.rollouts, rollout_id))
         if entry is None or entry.value is None:
             return None
         try:
-            return decode_stored(entry.value), entry.revision
+            stored = decode_stored(entry.value)
         except ProtocolError:
             record = self.decode(entry)  # logs it once
             return (record, entry.revision) if record is not None else None
+        if isinstance(stored, RolloutRecord) and stored.pages:
+            stored, layout = await self._assemble(stored)
+            if self.fenced is not None and stored.state not in TERMINAL_STATES:
+                self._split[stored.id] = (layout, stored)
+        return stored, entry.revision
+
+    async def complete(self, record: RolloutRecord) -> RolloutRecord:
+        """``record`` (as ``decode`` read it off ``entries``) whole: a split one's head with its
+        pages; BusError if they cannot be read."""
+        return (await self._assemble(record))[0] if record.pages else record
+
+    async def _assemble(self, top: RolloutRecord) -> tuple[RolloutRecord, pages.Layout]:
+        """The whole record of a split head, read from its pages; BusError if one is missing
+        or unreadable (the record cannot be driven or shown from a part of it)."""
+        found: list[RolloutPage] = []
+        for entry in await self._scan(f"{top.id}.*"):
+            try:
+                got = decode(RolloutPage, entry.value or b"")
+            except ProtocolError as exc:
+                raise BusError(f"rollout {top.id} cannot be read: page {entry.key} is "
+                               f"unreadable ({exc})") from None
+            if got.index < top.pages:  # an extra page is one a discarded write left
+                found.append(got)
+        try:
+            layout = pages.layout_of(top, found)
+        except ValueError as exc:
+            raise BusError(f"rollout {top.id} cannot be read: {exc}") from None
+        return pages.assemble(top, found), layout
 
     async def index(self, service: str) -> list[RolloutSummary]:
         """``service``'s recent rollouts as persisted, newest first (``History.index``)."""
@@ -125,26 +167,35 @@ class RolloutStore:
         return sorted(out)
 
     async def entries(self) -> list[Entry]:
-        """Every record entry of the rollouts bucket (``decode`` reads them): a scan, for the
-        history's rebuild and tools; reading rollouts goes through the indexes."""
+        """Every record entry of the rollouts bucket (``decode`` reads them; a split record's
+        head, not its pages): a scan, for the history's rebuild and tools; reading rollouts goes
+        through the indexes."""
+        return [e for e in await self._scan("*") if not e.key.startswith("_") and "." not in e.key]
+
+    async def _scan(self, pattern: str) -> list[Entry]:
         out: list[Entry] = []
-        pages = self.bus.kv_scan(self.rollouts)
+        scanned = self.bus.kv_scan(self.rollouts, pattern)
         try:
             while True:  # each page bounded: the whole scan takes as long as the bucket needs
                 try:
-                    got = await bounded(anext(pages))
+                    out += await bounded(anext(scanned))
                 except StopAsyncIteration:
                     return out
-                out += [e for e in got if not e.key.startswith("_")]
         finally:
-            close = getattr(pages, "aclose", None)  # its consumer goes with it
+            close = getattr(scanned, "aclose", None)  # its consumer goes with it
             if close is not None:
                 await close()
 
     async def records(self) -> list[RolloutRecord]:
         """Every rollout of the fleet kept whole as persisted, newest first: a scan (see
-        ``entries``)."""
-        out = [rec for entry in await self.entries() if (rec := self.decode(entry)) is not None]
+        ``entries``), split records assembled."""
+        out = []
+        for entry in await self.entries():
+            record = self.decode(entry)
+            if record is not None and record.pages:
+                record = (await self._assemble(record))[0]
+            if record is not None:
+                out.append(record)
         return sorted(out, key=lambda r: (r.created, r.id), reverse=True)
 
     @property
@@ -164,48 +215,102 @@ class RolloutStore:
             return None
         return stored if isinstance(stored, RolloutRecord) else None  # reduced: not a record
 
-    async def create(self, record: RolloutRecord) -> int:
-        """Store a new record, with its service's index and ``_latest``; its revision. A failed
-        write whose record turns out to be there (a lost reply) is a success; one that lands
-        later still needs the lock to start."""
-        data = encode(record)
+    async def create(self, record: RolloutRecord, layout: pages.Layout | None = None) -> int:
+        """Store a new record (its head and every page of ``layout``, by default as
+        ``pages.plan`` cuts it), with its service's index and ``_latest``; its revision. A
+        failed write whose head turns out to be there (a lost reply) is a success; one that
+        lands later still needs the lock to start."""
+        layout = layout or _replan(record)
         try:
-            return await self._write(record, data, created=True)
+            return await self._write(record, layout, None, created=True)
         except BusError:
             entry = await bounded(self.bus.kv_get(self.rollouts, record.id))
-            if entry is None or entry.value != data:
+            if entry is None or entry.value != encode(pages.head(record, layout)):
                 raise
+            self._split[record.id] = (layout, record)
             return entry.revision
 
     async def discard(self, record: RolloutRecord) -> None:
-        """Delete a record that never started (it lost its service's lock), and its summary."""
+        """Delete a record that never started (it lost its service's lock), its pages and its
+        summary."""
         writer = self.writer
         async with self._history_ops:
             await self.history.ensure()
             change = self.history.without(record.spec.service, record.id)
             await self._batch(writer, [(record.id, None), *change.writes], change)
+        self._split.pop(record.id, None)
+        await self._purge_pages([record.id])
 
     async def persist(self, record: RolloutRecord) -> int:
-        """Write ``record`` (and the history its summary changes); its new revision. Deposed
-        once another coordinator leads."""
-        return await self._write(record, encode(record))
+        """Write ``record`` (its head, the pages that changed since its last persist here, and
+        the history its summary changes) in one atomic batch; its new revision. Deposed once
+        another coordinator leads."""
+        known = self._split.get(record.id)
+        if known is None:
+            return await self._write(record, await self._stored_layout(record), None)
+        return await self._write(record, known[0], known[1])
 
-    async def _write(self, record: RolloutRecord, data: bytes, *, created: bool = False) -> int:
+    async def _stored_layout(self, record: RolloutRecord) -> pages.Layout:
+        """The layout of ``record``'s pages in KV (a record persisted before this coordinator
+        knew it, e.g. after a failed write dropped its driver), or a new one for a record kept
+        in one value (written before the split: it is split on this write)."""
+        entry = await bounded(self.bus.kv_get(self.rollouts, record.id))
+        if entry is not None and entry.value:
+            try:
+                stored = decode_stored(entry.value)
+            except ProtocolError:
+                stored = None
+            if isinstance(stored, RolloutRecord) and stored.pages:
+                return (await self._assemble(stored))[1]
+        return _replan(record)
+
+    async def _write(self, record: RolloutRecord, layout: pages.Layout,
+                     before: RolloutRecord | None, *, created: bool = False) -> int:
+        layout = pages.place(record, layout)
+        changed = (range(len(layout.pages)) if before is None
+                   else sorted(pages.dirty(before, record, layout)))
+        where = pages.positions(record.waves) if changed else []
+        writes: list[tuple[str, bytes | None]] = [(record.id, encode(pages.head(record, layout)))]
+        writes += [(f"{record.id}.{k}", encode(pages.page(record, layout, k, where)))
+                   for k in changed]
         writer = self.writer
         async with self._history_ops:
             change = await self.history.change(record, created=created)
             if change is None:
-                return await self._batch(writer, [(record.id, data)], None)
-            # A record that retention reduces in this very write (keep 0) is written reduced:
-            # one key once per batch (the server refuses a rollup of a key written before it).
-            mine = [value for key, value in change.writes if key == record.id]
-            rest = [(key, value) for key, value in change.writes if key != record.id]
-            return await self._batch(writer, [(record.id, mine[0] if mine else data), *rest],
-                                     change)
+                revision = await self._batch(writer, writes, None)
+                reduced: list[str] = []
+            else:
+                # A record that retention reduces in this very write (keep 0) is written reduced,
+                # without its pages: one key once per batch (the server refuses a rollup of a key
+                # written before it).
+                mine = [value for key, value in change.writes if key == record.id]
+                rest = [(key, value) for key, value in change.writes if key != record.id]
+                ours = [(record.id, mine[0])] if mine else writes
+                revision = await self._batch(writer, [*ours, *rest], change)
+                reduced = [key for key, _ in change.writes if not key.startswith("_")]
+        if (record.state in TERMINAL_STATES and not record.outbox) or record.id in reduced:
+            self._split.pop(record.id, None)  # settled: nothing writes it again
+        else:
+            self._split[record.id] = (layout, record)
+        await self._purge_pages(reduced)
+        return revision
+
+    async def _purge_pages(self, rollout_ids: list[str]) -> None:
+        """Remove the pages of records reduced or deleted (their heads no longer name them).
+        Not fenced: a late purge by a deposed leader removes only what its successor would, the
+        pages of records already reduced. One that fails leaves garbage, logged, never a wrong
+        answer (pages are read only through their head)."""
+        for rid in rollout_ids:
+            try:
+                await bounded(self.bus.kv_purge_keys(self.rollouts, f"{rid}.*"))
+            except BusError as exc:
+                log.warning("cannot purge the pages of reduced rollout %s (%s); they stay, "
+                            "unread", rid, exc)
 
     async def _batch(self, writer: Fenced, writes: list[tuple[str, bytes | None]],
                      change: Change | None) -> int:
-        """Write ``writes`` in one atomic fenced batch (the first is the record's); its revision."""
+        """Write ``writes`` in one atomic fenced batch (the first is the record's head); its
+        revision."""
         results = await writer.write_all(self.rollouts, writes,
                                          rollup=change.keys if change else ())
         failed = next((r for r in results if isinstance(r, BusError)), None)
@@ -273,3 +378,10 @@ class RolloutStore:
             if entry is None or entry.value != rollout_id.encode():
                 return  # not ours (anymore)
             await self.writer.delete(self.locks, service)
+
+
+def _replan(record: RolloutRecord) -> pages.Layout:
+    """A layout for a record that has none yet (one kept in one value, or a test's): pages cut
+    at twice each node's size now, room for its target and baselines to come."""
+    return pages.plan(pages.order(record),
+                      lambda n: 2 * len(encode(record.nodes[n])) + 1024, pages.PAGE_BYTES)

@@ -40,7 +40,7 @@ from coordinator.core.evidence import Evidence, listed
 from coordinator.core.planning import Wave, WaveKind
 from coordinator.core.targets import serving_slot
 from coordinator.errors import UsageError
-from coordinator.strategies.waves import Ordinary, every
+from coordinator.strategies.waves import Ordinary, every, retire_old
 from protocol.durations import format_duration
 from protocol.messages import (
     DesiredState,
@@ -114,6 +114,9 @@ class SwitchWave(Ordinary):
 
     def keep_warm(self, step: Step) -> bool:
         return keep_warm(step)
+
+    def succeed(self, step: Step) -> None:
+        retire_old(step)  # after the warm window (``keep_warm``), unlike a rolling wave
 
     def rollback_target(self, step: Step, p: NodeProgress) -> DesiredState | None:
         return rollback_target(step, p)

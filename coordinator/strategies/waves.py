@@ -7,7 +7,8 @@ window. The last wave of a rolling or canary rollout leaves no old slot serving,
 comparison is with the old traffic of the latest earlier window that had some (kept in
 ``record.report.old_window``), or failing that with the old slots' counters up to this bake
 (since their routers started): no old traffic in the window must not make a healthy last step
-inconclusive. When the rollout succeeds, every node's old slot is retired.
+inconclusive. When the rollout succeeds, every node's old slot stays warm at weight 0 (no write:
+its target already says so) until the next rollout replaces it.
 """
 
 from __future__ import annotations
@@ -124,10 +125,11 @@ class Ordinary:
         return False
 
     def succeed(self, step: Step) -> None:
-        for p in step.r.nodes.values():
-            if p.target is not None and len(p.target.slots) > 1:
-                step.write(p, retire_target(
-                    p.target, slot=p.slot, generation=step.next_generation(p), now=step.now))
+        # Nothing to write: each node's target already gives the new slot all of the traffic,
+        # and its old slot stays warm at weight 0 until the next rollout puts a release there
+        # (issue 17: one desired write per node per rollout, not two; a rollback after the
+        # success is a weight switch to a running slot). Blue-green retires (``retire_old``).
+        pass
 
     def rollback_target(self, step: Step, p: NodeProgress) -> DesiredState | None:
         return None
@@ -137,6 +139,14 @@ class Ordinary:
 
     def rollback_advanced(self, step: Step) -> None:
         pass
+
+
+def retire_old(step: Step) -> None:
+    """Stop every node's old slot: its target again with the new slot only."""
+    for p in step.r.nodes.values():
+        if p.target is not None and len(p.target.slots) > 1:
+            step.write(p, retire_target(
+                p.target, slot=p.slot, generation=step.next_generation(p), now=step.now))
 
 
 def every(

@@ -45,6 +45,7 @@ import psutil
 
 from coordinator.dev.devfleet import DevFleet
 from coordinator.dev.traffic import Traffic, probe_version
+from coordinator.runtime.store import RolloutStore
 from protocol import subjects
 from protocol.bus import Bus
 from protocol.codec import decode
@@ -248,12 +249,13 @@ async def deploy_detached(url: str, version: str, *flags: str) -> str:
 async def record_of(bus: Bus, rid: str) -> RolloutRecord:
     """The rollout record as the coordinator persisted it (AssertionError, which ``wait_until``
     retries, while the broker cannot be read)."""
-    try:
-        entry = await bus.kv_get(subjects.rollouts_bucket(bus.fleet), rid)
+    try:  # the store reads a split record's head and its pages (coordinator.core.pages)
+        found = await RolloutStore(bus).find(rid)
     except BusError as exc:
         raise AssertionError(f"cannot read rollout {rid}: {exc}") from None
-    assert entry is not None and entry.value, f"no rollout {rid} in the rollouts bucket"
-    return decode(RolloutRecord, entry.value)
+    assert found is not None, f"no rollout {rid} in the rollouts bucket"
+    assert isinstance(found[0], RolloutRecord), f"rollout {rid} was reduced to its summary"
+    return found[0]
 
 
 def desired_history(log: list[SignedEnvelope]) -> dict[str, list[int]]:

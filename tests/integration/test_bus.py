@@ -129,18 +129,22 @@ async def test_pipelined_compare_and_sets_report_each_write(broker: Broker) -> N
 
 
 async def test_pipelined_events_are_stored_once_in_order(broker: Broker) -> None:
-    """js_publish_events stores every message in order; publishing the batch again (a retry
-    after lost acks) adds nothing."""
+    """js_publish_events stores every message in order, in atomic batches of EVENTS_BATCH;
+    publishing some again (a retry after lost acks, an outbox published again), alone or with
+    new ones (the server refuses such an atomic batch whole), adds only the new ones."""
     bus = await Bus.connect(broker.url, "t")
     try:
         await bus.ensure_fleet()
-        batch = [("fw.t.evt.x", f'{{"id": "e{i}"}}'.encode()) for i in range(300)]
-        assert await bus.js_publish_events(batch) == [None] * 300
+        batch = [("fw.t.evt.x", f'{{"id": "e{i}"}}'.encode()) for i in range(1200)]
+        assert await bus.js_publish_events(batch[:1100]) == [None] * 1100
         assert await bus.js_publish_events(batch[:10]) == [None] * 10
+        assert await bus.js_publish_events(batch[1090:]) == [None] * 110
         stored = [m async for m in bus.stream_messages("FW_t_EVENTS", "fw.t.evt.>")]
+        config = (await bus.js.stream_info("FW_t_EVENTS")).config
     finally:
         await bus.close()
     assert stored == [data for _, data in batch]
+    assert config.allow_atomic
 
 
 async def test_pipelined_publishes_without_a_broker_fail_in_bounded_time(tmp_path: Path) -> None:

@@ -107,7 +107,8 @@ async def test_deploys_locks_requests_and_resume_after_kill(broker: Broker, tmp_
         assert code == 0, err
 
         code, out, err = await fleetwave("deploy", "hello", "1.0.0", "--detach", "-o", "json",
-                                         "--progress-deadline", "10m", nats_url=url)
+                                         "--progress-deadline", "10m", "--prestage", "0",
+                                         nats_url=url)  # node-2 gets nothing in wave 0
         assert code == 0, err
         rid = json.loads(out)["id"]
         code, _, err = await fleetwave("deploy", "hello", "1.0.0", "--detach", nats_url=url)

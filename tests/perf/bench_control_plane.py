@@ -1,8 +1,8 @@
 """Control-plane benchmark: rolling rollouts across N simulated nodes, against the bus floor.
 
-Usage: python tests/perf/bench_control_plane.py [--nodes 100,1000,5000] [--json] [--keep]
+Usage: python tests/perf/bench_control_plane.py [--nodes 1000,10000,50000] [--json] [--keep]
        [--profile DIR]   (py-spy record of the coordinator during the measured rollout)
-       [--secure | --compare]
+       [--secure | --compare] [--brokers 1|3] [--max-payload 1MB]
 
 For each N: a fresh broker, the real coordinator, and ``fleetwave-agent --simulate N``; every node
 is first installed with hello 1.0.0, then rolled to 2.0.0 in waves of 10% (bake 0,
@@ -14,8 +14,13 @@ max-unavailable 10%): that second rollout is measured. Figures:
   terminal event), from the coordinator's own event times;
 - node-updates/s: N / total;
 - coordinator CPU seconds during the rollout and its peak RSS (VmHWM, psutil/proc);
-- the bus floor: the same N desired puts and N observed replies in as many waves by bare nats-py
-  on the same broker, with payloads of the size of our signed desired states; ratio = ours ÷ floor.
+- the bus floor: the same desired writes and N observed replies in as many waves by bare nats-py
+  on the same broker, with payloads of the size of our signed desired states, the desired writes
+  as atomic batches (``perf_support.bus_floor``); ratio = ours ÷ floor.
+
+``--brokers 3`` runs it all on a 3-server cluster (the fleet's streams R3) instead of one server
+(R1); ``--max-payload`` is the servers' (default 1MB, nats-server's own default: rollout records
+are split to fit it).
 
 ``--secure`` runs the same over TLS with nkey users (``fleetwave auth``: the broker with
 ``--auth``, the coordinator and this script with the coordinator's credentials; the simulated
@@ -54,8 +59,10 @@ from protocol import subjects
 
 
 async def measure(n: int, keep: bool, profile: Path | None = None,
-                  secure: bool = False) -> dict[str, Any]:
-    async with SimFleet(n, keep=keep, secure=secure) as fleet:
+                  secure: bool = False, brokers: int = 1,
+                  max_payload: str = "1MB") -> dict[str, Any]:
+    async with SimFleet(n, keep=keep, secure=secure, brokers=brokers, max_payload=max_payload,
+                        heartbeat=heartbeat_for(n)) as fleet:
         assert fleet.coordinator.pid is not None and fleet.bus is not None
         rid, _ = await fleet.deploy(rolling("1.0.0"))
         ev, _ = await fleet.finish(rid, timeout=120 + n / 10)
@@ -83,6 +90,8 @@ async def measure(n: int, keep: bool, profile: Path | None = None,
         ends = [*starts[1:], ev.time]
         waves = [b - a for a, b in zip(starts, ends, strict=True)]
         updates = len(fleet.tap.of(rid, "node.updating"))
+        if updates != n:
+            raise RuntimeError(f"the rollout to 2.0.0 updated {updates} nodes, not {n}")
 
         entry = await fleet.bus.kv_get(subjects.desired_bucket(fleet.fleet), "sim-1.hello")
         payload = len(entry.value) if entry is not None and entry.value else 600
@@ -92,7 +101,9 @@ async def measure(n: int, keep: bool, profile: Path | None = None,
         floor = (None if secure else
                  await bus_floor(fleet.broker.url, written, len(starts) + 1, payload))
         return {
-            "secure": secure, "nodes": n, "waves": len(starts), "node_updates": updates,
+            "secure": secure, "brokers": brokers, "max_payload": max_payload,
+            "nodes": n, "heartbeat_s": heartbeat_for(n), "waves": len(starts),
+            "node_updates": updates,
             "desired_writes": written,
             "total_s": round(total, 3),
             "wave_mean_s": round(sum(waves) / len(waves), 3) if waves else None,
@@ -104,6 +115,14 @@ async def measure(n: int, keep: bool, profile: Path | None = None,
             "floor_s": round(floor, 3) if floor is not None else None,
             "ratio_to_floor": round(total / floor, 2) if floor is not None else None,
         }
+
+
+def heartbeat_for(n: int) -> float:
+    """The simulated nodes' heartbeat period: 2 s (the agent's default) up to 4,000 nodes, then
+    as many seconds as keep the coordinator at 2,000 heartbeats a second. 50,000 nodes beating
+    every 2 s are 25,000 messages a second into one Python process: on this shared 2-core
+    machine its lease renewals then stall past the 2 s ttl, and it is deposed by itself."""
+    return max(2.0, n / 2000)
 
 
 async def stream_seq(fleet: SimFleet, bucket: str) -> int:
@@ -138,7 +157,11 @@ COMPARED = [("total", "total_s", " s"), ("per wave (mean)", "wave_mean_s", " s")
 
 async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--nodes", default="100,1000,5000", help="comma-separated fleet sizes")
+    ap.add_argument("--nodes", default="1000,10000,50000", help="comma-separated fleet sizes")
+    ap.add_argument("--brokers", type=int, default=1, choices=(1, 3),
+                    help="one server (R1) or a 3-server cluster (R3)")
+    ap.add_argument("--max-payload", default="1MB",
+                    help="the servers' max_payload (nats-server's default: 1MB)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs) of each run")
     ap.add_argument("--profile", type=Path, default=None, metavar="DIR",
@@ -155,12 +178,14 @@ async def main() -> int:
         of_n: list[dict[str, Any]] = []
         for secure in modes:
             started = time.monotonic()
-            r = await measure(n, args.keep, args.profile, secure)
+            r = await measure(n, args.keep, args.profile, secure, args.brokers,
+                              args.max_payload)
             of_n.append(r)
             if not args.json:
                 how_ = "TLS + auth" if secure else "plain"
                 emit(False, f"rolling 1.0.0 -> 2.0.0 on {n} simulated nodes, batch 10%, bake 0, "
-                     f"{how_} (run took {time.monotonic() - started:.0f} s)", r, rows(r))
+                     f"{how_}, R{args.brokers}, max_payload {args.max_payload} "
+                     f"(run took {time.monotonic() - started:.0f} s)", r, rows(r))
         results += of_n
         if args.compare and not args.json:
             plain, secure_ = sorted(of_n, key=lambda r: bool(r["secure"]))

@@ -1,7 +1,8 @@
 """Rollback benchmark: from the failing verdict to the last node converged back, N = 1,000
 simulated nodes whose old slots are still warm.
 
-Usage: python tests/perf/bench_rollback.py [--nodes 1000] [--json]
+Usage: python tests/perf/bench_rollback.py [--nodes 10000] [--json] [--brokers 1|3]
+       [--max-payload 1MB]
 
 A fresh broker, the real coordinator and ``fleetwave-agent --simulate N``. Every node is installed
 with hello 1.0.0; then 2.0.0 goes out blue-green: staged on every node at weight 0, switched on
@@ -25,13 +26,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_control_plane import heartbeat_for
 from perf_support import SimFleet, emit, rolling
 
 from protocol.messages import Gates, RollbackRequest, RolloutSpec
 
 
-async def measure(n: int) -> dict[str, Any]:
-    async with SimFleet(n) as fleet:
+async def measure(n: int, brokers: int = 1, max_payload: str = "1MB") -> dict[str, Any]:
+    async with SimFleet(n, brokers=brokers, max_payload=max_payload,
+                        heartbeat=heartbeat_for(n)) as fleet:
         rid, _ = await fleet.deploy(rolling("1.0.0"))
         ev, _ = await fleet.finish(rid, timeout=120 + n / 10)
         if ev.kind != "rollout.succeeded":
@@ -45,8 +48,9 @@ async def measure(n: int) -> dict[str, Any]:
         if paused.kind != "rollout.paused":
             raise RuntimeError(f"blue-green 2.0.0 should pause inconclusive, ended {paused.kind}:"
                                f" {paused.message}")
-        status = await fleet.status(rid)
-        serving = sum(1 for p in status["nodes"].values() if p["version"] == "2.0.0")
+        # (from the events: the status answer, the whole record, is one message, past a 1 MB
+        # max_payload beyond a few thousand nodes)
+        serving = len({e.node for e in fleet.tap.of(rid, "node.done")})
 
         sent = time.time()
         await fleet.api("rollback", RollbackRequest(service="hello"))
@@ -59,7 +63,8 @@ async def measure(n: int) -> dict[str, Any]:
         started = fleet.tap.of(rid, "rollout.rolling_back")[0].time
         restored = fleet.tap.of(rid, "node.rolled_back")
         return {
-            "nodes": n, "serving_new_before": serving, "nodes_rolled_back": len(restored),
+            "nodes": n, "brokers": brokers, "max_payload": max_payload,
+            "serving_new_before": serving, "nodes_rolled_back": len(restored),
             "decided_s": round(started - sent, 3),
             "switched_back_s": round(switched.received - sent, 3),
             "rolled_back_s": round(received - sent, 3),
@@ -70,10 +75,14 @@ async def measure(n: int) -> dict[str, Any]:
 
 async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--nodes", type=int, default=1000)
+    ap.add_argument("--nodes", type=int, default=10000)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--brokers", type=int, default=1, choices=(1, 3),
+                    help="one server (R1) or a 3-server cluster (R3)")
+    ap.add_argument("--max-payload", default="1MB",
+                    help="the servers' max_payload (nats-server's default: 1MB)")
     args = ap.parse_args()
-    r = await measure(args.nodes)
+    r = await measure(args.nodes, args.brokers, args.max_payload)
     emit(args.json, f"rollback of {r['nodes_rolled_back']} simulated nodes with warm old slots "
          f"({r['serving_new_before']} were serving 2.0.0)", r, [
              ("request -> rollback decided", f"{r['decided_s']:.3f} s"),

@@ -90,8 +90,10 @@ def test_a_staged_node_is_reported_staged_and_its_wave_is_a_switch() -> None:
     assert order.index("node.staged") < order.index("wave.started")
 
 
-def test_a_rollout_with_prestage_runs_to_success_and_retires_every_old_slot() -> None:
-    """Staged all the way: every node converges, the rollout succeeds, old slots retired."""
+def test_a_rollout_with_prestage_runs_to_success_and_keeps_every_old_slot_warm() -> None:
+    """Staged all the way: every node converges, the rollout succeeds, and (issue 17: one
+    write a node for the switch) every node's new slot takes all of the traffic with the old
+    slot kept warm at weight 0; nothing is written at the success."""
     r = rollout(4, prestage="all", batch="2", max_unavailable="2")
     cmds = r.handle(Start(), 0.0)
     assert set(by_node(cmds)) == {"node-1", "node-2", "node-3", "node-4"}
@@ -101,8 +103,10 @@ def test_a_rollout_with_prestage_runs_to_success_and_retires_every_old_slot() ->
         cmds = feed(r, cmds, t)
         cmds += [] if r.done else r.handle(Tick(), t)
     assert r.state == "succeeded"
-    assert {d.node for d in writes(cmds) if d.slots == {"b": NEW}} == {
-        "node-1", "node-2", "node-3", "node-4"}
+    targets = {n: p.target for n, p in r.record.nodes.items()}
+    assert all(d is not None and d.slots.get("b") == NEW and d.weights.get("b") == 100
+               and all(w == 0 for s, w in d.weights.items() if s != "b")
+               for d in targets.values()), targets
 
 
 def test_staged_nodes_do_not_count_against_max_unavailable() -> None:

@@ -27,7 +27,7 @@ class CountingBus(FakeBus):
     scans = 0
 
     async def kv_entries(self, bucket: str, pattern: str = ">") -> list:  # type: ignore[type-arg]
-        if bucket == ROLLOUTS and pattern == ">":
+        if bucket == ROLLOUTS and pattern in (">", "*"):  # every record (or every head)
             self.scans += 1
         return await super().kv_entries(bucket, pattern)
 

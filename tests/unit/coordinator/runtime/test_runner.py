@@ -14,6 +14,7 @@ from protocol import subjects
 from protocol.bus import Entry
 from protocol.codec import decode, encode
 from protocol.errors import BusError, Conflict
+from protocol.history import RolloutPage, assemble
 from protocol.messages import (
     DesiredState,
     Event,
@@ -112,22 +113,29 @@ async def test_persist_comes_before_the_desired_writes_it_decided() -> None:
     r = runner(bus, clock)
     rec = await r.deploy(spec(), NEW)
     assert await drive(r, bus, clock, rec.id) == "succeeded"
-    last_record: RolloutRecord | None = None
+    head: RolloutRecord | None = None
+    pages: dict[int, RolloutPage] = {}  # the record is a head and its pages (core.pages)
     writes = 0
     for op, bucket, key, value in bus.log:
         if bucket == ROLLOUTS and value is not None and not key.startswith("_"):
-            last_record = decode(RolloutRecord, value)
+            if "." in key:
+                got = decode(RolloutPage, value)
+                pages[got.index] = got
+            else:
+                head = decode(RolloutRecord, value)
         elif bucket == DESIRED and value is not None:
             writes += 1
             gen = decode(SignedEnvelope, value).generation
-            assert last_record is not None
+            assert head is not None
+            last_record = assemble(head, pages.values())
             target = last_record.nodes[key.split(".")[0]].target
             assert target is not None and target.generation == gen, (op, key, gen)
-    assert writes == 6  # three forward writes, three retirements of the old slot
+    assert writes == 3  # one forward write a node: the old slot stays warm, no retirement
 
 
 async def test_a_rollout_runs_to_success_and_releases_its_lock() -> None:
-    """Nodes move one by one; success retires old slots, deletes the lock, emits every event."""
+    """Nodes move one by one; success leaves the old slots warm at weight 0 (no more writes),
+    deletes the lock, emits every event."""
     bus, clock = fleet_bus(), FakeClock()
     r = runner(bus, clock)
     rec = await r.deploy(spec(), NEW)
@@ -136,7 +144,8 @@ async def test_a_rollout_runs_to_success_and_releases_its_lock() -> None:
     assert bus.live(LOCKS, "hello") is None
     for i in (1, 2, 3):
         d = bus.desired(f"node-{i}")
-        assert d is not None and d.slots == {"b": NEW} and d.weights == {"b": 100}
+        assert d is not None and d.slots == {"a": OLD, "b": NEW}
+        assert d.weights == {"a": 0, "b": 100}
     events = r.events.pending()
     kinds = [e.kind for e in events]
     assert kinds[0] == "rollout.started" and kinds[-1] == "rollout.succeeded"
@@ -398,7 +407,7 @@ async def test_node_progress_is_held_for_the_next_persist_and_never_published_be
     rec = await r.deploy(spec(batch="100%", max_unavailable="100%"), NEW)
     r.events.pending()
     persisted = len([1 for _, b, k, v in bus.log
-                     if b == ROLLOUTS and v is not None and not k.startswith("_")])
+                     if b == ROLLOUTS and v is not None and not k.startswith("_") and "." not in k])
     clock.t += 0.01
     await report(r, bus, "node-1", clock.t)
     await report(r, bus, "node-2", clock.t)
@@ -411,8 +420,8 @@ async def test_node_progress_is_held_for_the_next_persist_and_never_published_be
         "node-1": "done", "node-2": "done", "node-3": "updating"}
     assert [(e.kind, e.node) for e in r.events.pending()] == [
         ("node.done", "node-1"), ("node.done", "node-2")]
-    assert len([1 for _, b, k, v in bus.log
-                     if b == ROLLOUTS and v is not None and not k.startswith("_")]) == persisted + 1
+    assert len([1 for _, b, k, v in bus.log if b == ROLLOUTS and v is not None
+                and not k.startswith("_") and "." not in k]) == persisted + 1
     clock.t += 0.01
     await report(r, bus, "node-3", clock.t)  # the wave converges: decided and written at once
     assert bus.record(rec.id).state == "succeeded"
@@ -455,7 +464,7 @@ async def test_a_rollout_whose_record_could_outgrow_a_nats_message_is_refused() 
     is refused up front, naming the fix, and writes nothing."""
     bus, clock = fleet_bus(), FakeClock()
     bus.max_payload = 2000  # the real Bus reads it from the server's INFO
-    with pytest.raises(UsageError, match=r"max_payload .*--selector"):
+    with pytest.raises(UsageError, match=r"max_payload .*--batch"):
         await runner(bus, clock).deploy(spec(), NEW)
     assert bus.log == []
     bus.max_payload = 1 << 20
@@ -509,7 +518,7 @@ async def test_on_node_lost_wait_a_lost_node_is_written_once_and_waited_for() ->
     table[0] = NodeView(id="node-1", labels={"zone": "a"}, online=True, last_seen=clock.t)
     assert await drive(r, bus, clock, rec.id) == "succeeded"
     writes = [gen for key, gen in bus.desired_writes() if key == "node-1.hello"]
-    assert writes == sorted(set(writes)) == [8, 9]  # the new release, then the old slot retired
+    assert writes == sorted(set(writes)) == [8]  # the new release, once
 
 
 async def test_a_bus_error_starting_a_recorded_rollout_says_it_was_accepted() -> None:

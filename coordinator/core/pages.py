@@ -1,0 +1,211 @@
+"""The record split: a rollout record as a small head plus pages of its node table.
+
+Why: the node table (each node's previous and target desired states) and the waves' router
+baselines grow with the fleet: ~2 KB a node, 4-5 MB at 5,000 nodes, so one KV value hit the
+server's ``max_payload`` (1 MB by default) at ~700 nodes, and every engine step re-encoded and
+re-wrote all of it: O(fleet) bytes per step, O(fleet x steps) per rollout.
+
+The layout: the record's nodes in the order the waves take them (wave 0's, then wave 1's new
+ones, ..., then any in no wave: ``order``), cut into pages of at most ``PAGE_BYTES`` of their
+worst-case size (``plan``). A page holds its nodes' ``NodeProgress``, their positions in each
+wave's member list, and their router snapshots in each wave's ``baseline`` and
+``evidence_from``. The head is the record with all of those emptied (``pages`` and
+``node_count`` say what is missing). Pages follow the waves, so a wave's step rewrites the pages
+of that wave's nodes and the head, not the fleet: O(changed nodes) bytes (``dirty``). Per node
+keys would be as small, but a 50,000-node rollout would then be 50,000 keys to write, read back
+on resume and purge on reduction; per wave keys do not fit: a 10 % wave of 50,000 nodes is ~10 MB.
+
+A node keeps its page for the rollout's life (the layout is derived back from the pages on
+load: ``layout_of``), so a node joining a wave later, or a wave reordered, rewrites only the
+pages concerned. Everything here is pure; ``coordinator.runtime.store`` reads and writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import msgspec
+from msgspec import UNSET
+
+from coordinator.errors import UsageError
+from protocol.history import RolloutPage, assemble
+from protocol.messages import RolloutRecord, RouterStats, WaveRecord
+
+__all__ = ["MAX_PAGES", "PAGE_BYTES", "Layout", "assemble", "dirty", "fit", "head", "layout_of",
+           "order", "page", "place", "plan", "positions", "split"]
+
+PAGE_BYTES = 256 * 1024  # worst-case bytes of one page: a step rewrites whole pages
+MAX_PAGES = 400  # pages of one rollout: with its head and history, one atomic batch (< 500)
+
+
+@dataclass
+class Layout:
+    """Which page holds each node: ``pages[k]`` are page k's nodes, in the record's order."""
+
+    pages: list[list[str]]
+    page_of: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.page_of:
+            self.page_of = {n: k for k, nodes in enumerate(self.pages) for n in nodes}
+
+
+def order(record: RolloutRecord) -> list[str]:
+    """The record's nodes as the waves take them, then any in no wave (the table's order)."""
+    seen: dict[str, None] = {}
+    for wave in record.waves:
+        for node in wave.nodes:
+            if node in record.nodes:
+                seen.setdefault(node, None)
+    for node in record.nodes:
+        seen.setdefault(node, None)
+    return list(seen)
+
+
+def plan(nodes: Iterable[str], size: Callable[[str], int], budget: int = PAGE_BYTES) -> Layout:
+    """Cut ``nodes`` (in order) into pages whose nodes' ``size`` adds up to at most ``budget``
+    (a node bigger than that alone gets a page of its own: the caller refuses it beforehand)."""
+    pages: list[list[str]] = []
+    used = budget + 1
+    for node in nodes:
+        cost = size(node)
+        if used + cost > budget:
+            pages.append([])
+            used = 0
+        pages[-1].append(node)
+        used += cost
+    return Layout(pages)
+
+
+def place(record: RolloutRecord, layout: Layout) -> Layout:
+    """``layout`` with the record's nodes that have no page yet on one new page (rare: a node
+    table only ever holds the nodes planned at deploy); the same object when there are none."""
+    new = [n for n in record.nodes if n not in layout.page_of] if (
+        len(record.nodes) != len(layout.page_of)) else []
+    if not new:
+        return layout
+    return Layout([*layout.pages, new])
+
+
+def positions(waves: list[WaveRecord]) -> list[dict[str, int]]:
+    """Per wave, each member's position in its list."""
+    return [{n: i for i, n in enumerate(w.nodes)} for w in waves]
+
+
+def head(record: RolloutRecord, layout: Layout) -> RolloutRecord:
+    """The record without what its pages hold."""
+    return msgspec.structs.replace(
+        record, nodes={}, pages=len(layout.pages), node_count=len(record.nodes),
+        waves=[msgspec.structs.replace(
+            w, nodes=[], baseline={},
+            evidence_from=UNSET if w.evidence_from is UNSET else {}) for w in record.waves])
+
+
+def page(record: RolloutRecord, layout: Layout, index: int,
+         where: list[dict[str, int]] | None = None) -> RolloutPage:
+    """Page ``index`` of ``record`` (``where``: ``positions(record.waves)``, if known)."""
+    where = positions(record.waves) if where is None else where
+    mine = [n for n in layout.pages[index] if n in record.nodes]
+    out = RolloutPage(rollout=record.id, index=index, term=record.term,
+                      nodes={n: record.nodes[n] for n in mine})
+    for w, (wave, at) in enumerate(zip(record.waves, where, strict=True)):
+        members = {n: at[n] for n in mine if n in at}
+        if members:
+            out.waves[w] = members
+        if base := {n: s for n in mine if (s := wave.baseline.get(n)) is not None}:
+            out.baseline[w] = base
+        if wave.evidence_from is not UNSET and (ev := {
+                n: s for n in mine if (s := wave.evidence_from.get(n)) is not None}):
+            out.evidence[w] = ev
+    return out
+
+
+def split(record: RolloutRecord, layout: Layout) -> tuple[RolloutRecord, list[RolloutPage]]:
+    """The head and every page of ``record``."""
+    where = positions(record.waves)
+    return head(record, layout), [page(record, layout, k, where)
+                                  for k in range(len(layout.pages))]
+
+
+def layout_of(top: RolloutRecord, pages: Iterable[RolloutPage]) -> Layout:
+    """The layout a head's pages were written with; ValueError if one is missing."""
+    by_index = {p.index: p for p in pages}
+    missing = [k for k in range(top.pages) if k not in by_index]
+    if missing:
+        raise ValueError(f"{len(missing)} of its {top.pages} pages are missing "
+                         f"(first: {top.id}.{missing[0]})")
+    return Layout([list(by_index[k].nodes) for k in range(top.pages)])
+
+
+def dirty(old: RolloutRecord, new: RolloutRecord, layout: Layout) -> set[int]:
+    """The pages whose content differs between ``old`` and ``new`` (``layout`` holds every node
+    of both). What a step shares with the record before it (desired states, router snapshots)
+    compares by identity, so an unchanged node costs a pointer check, and an unchanged wave
+    list one C-speed list comparison."""
+    page_of = layout.page_of
+    out: set[int] = set()
+    for node, progress in new.nodes.items():
+        if old.nodes.get(node) != progress:
+            out.add(page_of[node])
+    if len(old.nodes) != len(new.nodes) or old.nodes.keys() != new.nodes.keys():
+        out.update(page_of[n] for n in old.nodes.keys() ^ new.nodes.keys() if n in page_of)
+    empty: dict[str, RouterStats] = {}
+    for w in range(max(len(old.waves), len(new.waves))):
+        a = old.waves[w] if w < len(old.waves) else None
+        b = new.waves[w] if w < len(new.waves) else None
+        if a is None or b is None or a.nodes != b.nodes:
+            for wave in (a, b):
+                if wave is not None:
+                    out.update(page_of[n] for n in wave.nodes if n in page_of)
+                    out.update(_changed_stats(wave.baseline, empty, page_of))
+                    if wave.evidence_from is not UNSET:
+                        out.update(_changed_stats(wave.evidence_from, empty, page_of))
+            continue
+        if a.baseline != b.baseline:
+            out.update(_changed_stats(a.baseline, b.baseline, page_of))
+        ea = {} if a.evidence_from is UNSET else a.evidence_from
+        eb = {} if b.evidence_from is UNSET else b.evidence_from
+        if ea != eb:
+            out.update(_changed_stats(ea, eb, page_of))
+    return out
+
+
+def _changed_stats(a: Mapping[str, RouterStats], b: Mapping[str, RouterStats],
+                   page_of: Mapping[str, int]) -> set[int]:
+    keys = a.keys() | b.keys()
+    return {page_of[n] for n in keys if n in page_of and a.get(n) is not b.get(n)}
+
+
+def fit(record: RolloutRecord, head_size: int, sizes: Mapping[str, int], *, max_payload: int,
+        reserve: int) -> Layout:
+    """The layout of a new rollout's record whose head can reach ``head_size`` bytes (plus
+    ``reserve`` for its outbox) and each node ``sizes[node]``, on a server taking messages of
+    up to ``max_payload`` bytes (0: unknown); UsageError, one line, if it cannot be stored.
+    Pages grow past ``PAGE_BYTES`` only when ``MAX_PAGES`` of them would not hold the table."""
+    limit = max_payload - 4096 if max_payload else 0  # headers and subject of the message
+    n = len(record.nodes)
+    if limit and head_size + reserve > limit:
+        raise UsageError(
+            f"a rollout of {n} nodes in {len(record.waves)} waves needs a record head of up to "
+            f"{_size(head_size + reserve)}, more than the NATS server takes in one message "
+            f"(max_payload {_size(max_payload)}); use fewer, larger waves "
+            "(--batch), roll the fleet out in parts with --selector, or raise max_payload in "
+            "the server's configuration")
+    total = sum(sizes.values())
+    budget = max(PAGE_BYTES, -(-total // MAX_PAGES))
+    if limit:
+        budget = min(budget, limit)
+    biggest = max(sizes.values(), default=0)
+    layout = plan(order(record), sizes.__getitem__, budget)
+    if biggest > budget or len(layout.pages) > MAX_PAGES:
+        raise UsageError(
+            f"a rollout of {n} nodes needs a node table of up to {_size(total)}, more than "
+            f"{MAX_PAGES} messages of the NATS server's max_payload ({_size(max_payload)}) "
+            "hold; roll the fleet out in parts with "
+            "--selector, or raise max_payload in the server's configuration")
+    return layout
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
