@@ -79,9 +79,8 @@ def test_start_persists_first_then_writes_the_first_wave() -> None:
     assert "rollout.started" in kinds(cmds) and "wave.started" in kinds(cmds)
 
 
-def test_rolling_happy_path_succeeds_with_one_write_a_node_and_the_old_slots_warm() -> None:
-    """Each wave starts once the previous one converged; success writes nothing more (one
-    desired write per node): every node's old slot stays at weight 0, warm for a rollback."""
+def test_rolling_happy_path_succeeds_and_retires_old_slots() -> None:
+    """Each wave starts once the previous one converged; success retires the old slots."""
     r = rollout(3)
     cmds = r.handle(Start(), 0.0)
     t = 0.0
@@ -91,11 +90,11 @@ def test_rolling_happy_path_succeeds_with_one_write_a_node_and_the_old_slots_war
         seen += [d.node for d in writes(cmds)]
         cmds = converge(r, cmds, t)
     assert r.state == "succeeded"
-    assert writes(cmds) == []
+    retire = writes(cmds)
     assert seen == ["node-1", "node-2", "node-3"]
-    targets = [p.target for p in r.record.nodes.values()]
-    assert all(d is not None and d.slots == {"a": OLD, "b": NEW}
-               and d.weights == {"a": 0, "b": 100} and d.generation == 8 for d in targets)
+    assert {d.node for d in retire} == {"node-1", "node-2", "node-3"}
+    assert all(d.slots == {"b": NEW} and d.weights == {"b": 100} and d.generation == 9
+               for d in retire)
     assert kinds(cmds)[-1] == "rollout.succeeded"
 
 

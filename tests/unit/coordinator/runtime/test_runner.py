@@ -130,12 +130,11 @@ async def test_persist_comes_before_the_desired_writes_it_decided() -> None:
             last_record = assemble(head, pages.values())
             target = last_record.nodes[key.split(".")[0]].target
             assert target is not None and target.generation == gen, (op, key, gen)
-    assert writes == 3  # one forward write a node: the old slot stays warm, no retirement
+    assert writes == 6  # three forward writes, three retirements of the old slot
 
 
 async def test_a_rollout_runs_to_success_and_releases_its_lock() -> None:
-    """Nodes move one by one; success leaves the old slots warm at weight 0 (no more writes),
-    deletes the lock, emits every event."""
+    """Nodes move one by one; success retires old slots, deletes the lock, emits every event."""
     bus, clock = fleet_bus(), FakeClock()
     r = runner(bus, clock)
     rec = await r.deploy(spec(), NEW)
@@ -144,8 +143,7 @@ async def test_a_rollout_runs_to_success_and_releases_its_lock() -> None:
     assert bus.live(LOCKS, "hello") is None
     for i in (1, 2, 3):
         d = bus.desired(f"node-{i}")
-        assert d is not None and d.slots == {"a": OLD, "b": NEW}
-        assert d.weights == {"a": 0, "b": 100}
+        assert d is not None and d.slots == {"b": NEW} and d.weights == {"b": 100}
     events = r.events.pending()
     kinds = [e.kind for e in events]
     assert kinds[0] == "rollout.started" and kinds[-1] == "rollout.succeeded"
@@ -518,7 +516,7 @@ async def test_on_node_lost_wait_a_lost_node_is_written_once_and_waited_for() ->
     table[0] = NodeView(id="node-1", labels={"zone": "a"}, online=True, last_seen=clock.t)
     assert await drive(r, bus, clock, rec.id) == "succeeded"
     writes = [gen for key, gen in bus.desired_writes() if key == "node-1.hello"]
-    assert writes == sorted(set(writes)) == [8]  # the new release, once
+    assert writes == sorted(set(writes)) == [8, 9]  # the new release, then the old slot retired
 
 
 async def test_a_bus_error_starting_a_recorded_rollout_says_it_was_accepted() -> None:
