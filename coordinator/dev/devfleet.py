@@ -129,6 +129,18 @@ class Child:
         return "\n".join(text.splitlines()[-lines:])
 
 
+def _names_path_under(text: str, root: str) -> bool:
+    """Whether ``text`` names ``root`` or a path under it: ``/t/test_a1`` is not under
+    ``/t/test_a`` (test runs side by side get such sibling directories)."""
+    at = text.find(root)
+    while at >= 0:
+        end = at + len(root)
+        if end == len(text) or text[end] == "/" or not (text[end].isalnum() or text[end] in "._-"):
+            return True
+        at = text.find(root, at + 1)
+    return False
+
+
 def reap_leftovers(directory: Path, *, exclude: set[int | None], timeout: float = 5.0) -> int:
     """Stop every process still working under ``directory``: services and routers.
 
@@ -146,7 +158,7 @@ def reap_leftovers(directory: Path, *, exclude: set[int | None], timeout: float 
             continue
         cwd = proc.info.get("cwd") or ""
         argv = proc.info.get("cmdline") or []
-        if cwd.startswith(root) or any(root in arg for arg in argv):
+        if _names_path_under(cwd, root) or any(_names_path_under(arg, root) for arg in argv):
             found.append(proc)
     for proc in found:
         with contextlib.suppress(psutil.Error):
