@@ -10,13 +10,11 @@ Without ``-n`` none of this runs."""
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Iterable
 from typing import Any
 
 import pytest
 
-from tests.parallel import groups, resources
+from tests.parallel import file_groups
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -26,29 +24,6 @@ def pytest_configure(config: pytest.Config) -> None:
         "(e.g. 'subnet 127.0.1'); files holding one of the same never run at the same time "
         "under pytest -n (see tests/parallel.py)",
     )
-
-
-def held_by(file: str) -> set[str]:
-    """What the test file ``file`` (rootdir-relative, ``/``-separated) holds, read from its
-    module: ``SUBNET`` and the module-level ``holds`` marks."""
-    if not file.endswith(".py"):
-        return resources(file, None, ())
-    name = file.removesuffix(".py").replace("/", ".")
-    try:
-        module = importlib.import_module(name)
-    except Exception:  # the worker reports the collection error; here it holds nothing
-        return resources(file, None, ())
-    marks: Any = getattr(module, "pytestmark", [])
-    marked: list[str] = []
-    for mark in marks if isinstance(marks, list) else [marks]:
-        mark = getattr(mark, "mark", mark)  # a MarkDecorator or a Mark
-        if getattr(mark, "name", None) == "holds":
-            marked += [str(a) for a in mark.args]
-    return resources(file, getattr(module, "SUBNET", None), marked)
-
-
-def file_groups(files: Iterable[str]) -> dict[str, str]:
-    return groups({f: held_by(f) for f in sorted(set(files))})
 
 
 try:

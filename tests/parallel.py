@@ -1,29 +1,31 @@
-"""Which tests may run at the same time under pytest-xdist, and which must take turns.
+"""Which test files may run at the same time under ``pytest -n N``, and which must take turns.
 
-Theory of operation: the suite runs with ``-n N --dist loadgroup``. A test file that *holds* a
-machine-wide resource that another test would collide on gets an ``xdist_group``, and
-``loadgroup`` runs a group's tests one after another on one worker; every other test is spread
-over the workers one by one. Resources held:
+Theory of operation: the suite runs on N pytest-xdist workers; the scheduler in
+``tests/conftest.py`` hands each worker one *unit* of tests at a time. A test file that *holds* a
+machine-wide resource, one another test would collide on, is part of a group, and a group is
+one unit: its files run whole, one after another, on one worker. Every other test is a unit
+of its own. Resources held:
 
-- a loopback subnet: a module-level ``SUBNET = "127.0.9"`` (agents bind ``127.0.9.i``, their
-  routers the service's fixed port ``8080`` there), or a ``@pytest.mark.holds("subnet 127.0.9")``
-  for a file that names its addresses otherwise (several subnets, the dev fleet's default
-  ``127.0.1``, ``127.0.0.1:8080``);
-- anything else named in a ``holds`` mark (a module-scoped fleet that every test of the file
-  shares, ...);
+- a loopback subnet: a module-level ``SUBNET = "127.0.9"`` (the file's agents bind
+  ``127.0.9.i``, their routers the service's fixed port ``8080`` there), or
+  ``pytestmark = pytest.mark.holds("subnet 127.0.58")`` for addresses named otherwise;
+- anything else a module-level ``holds`` mark names (a cluster shared by the module's tests,
+  formed once and broken last);
 - everything under ``tests/chaos``: ``chaos``. Those tests kill brokers, coordinators and agents,
-  cut and delay traffic in network namespaces and measure how long recovery takes, so they take
-  turns with each other (the rest of the suite still runs beside them).
+  cut and delay traffic in network namespaces and time the recovery, so they take turns with
+  each other (the rest of the suite runs beside them).
 
-A whole file goes into one group when any of its tests holds something (module fixtures and
-test order within the file stay as written), and files that hold a common resource share a
-group (the connected components of files and resources), so any two tests that hold the same
-resource never run at once.
+Files that hold a common resource, directly or through other files, share a group (the
+connected components of files and resources), so no two tests holding the same resource ever
+run at once, and a module's fixtures and test order stay as written.
 """
+
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 CHAOS = "chaos"
 CHAOS_DIR = "tests/chaos/"
@@ -64,3 +66,30 @@ def groups(holdings: Mapping[str, set[str]]) -> dict[str, str]:
     for resource in sorted({r for held in holdings.values() for r in held}):
         names.setdefault(find("res:" + resource), resource)
     return {file: names[find("file:" + file)] for file, held in holdings.items() if held}
+
+
+# -- the shell: what the test files say -------------------------------------------------------
+
+
+def held_by(file: str) -> set[str]:
+    """What the test file ``file`` (rootdir-relative, ``/``-separated) holds, read from its
+    module: ``SUBNET`` and the module-level ``holds`` marks."""
+    if not file.endswith(".py"):
+        return resources(file, None, ())
+    name = file.removesuffix(".py").replace("/", ".")
+    try:
+        module = importlib.import_module(name)
+    except Exception:  # the worker reports the collection error; here it holds nothing
+        return resources(file, None, ())
+    marks: Any = getattr(module, "pytestmark", [])
+    marked: list[str] = []
+    for mark in marks if isinstance(marks, list) else [marks]:
+        mark = getattr(mark, "mark", mark)  # a MarkDecorator or a Mark
+        if getattr(mark, "name", None) == "holds":
+            marked += [str(a) for a in mark.args]
+    return resources(file, getattr(module, "SUBNET", None), marked)
+
+
+def file_groups(files: Iterable[str]) -> dict[str, str]:
+    """The group of each of ``files`` that holds something (see ``groups``)."""
+    return groups({f: held_by(f) for f in sorted(set(files))})

@@ -4,9 +4,12 @@ such directories)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from coordinator.dev.devfleet import _names_path_under
+from agent.manager.routing import router_socket
+from coordinator.dev.devfleet import _names_path_under, _router_socket_dirs
 
 ROOT = "/tmp/pytest-of-root/pytest-7/popen-gw1/test_a1"
 
@@ -30,3 +33,17 @@ ROOT = "/tmp/pytest-of-root/pytest-7/popen-gw1/test_a1"
 def test_only_the_directory_and_paths_under_it_match(text: str, under: bool) -> None:
     """A mention of the directory counts when a path separator or the end follows it."""
     assert _names_path_under(text, ROOT) is under
+
+
+def test_routers_with_their_socket_in_the_temp_dir_are_found(tmp_path: Path) -> None:
+    """A data dir too deep for ``<data dir>/run/router-*.sock`` has its routers' sockets in a
+    temp dir named after it; that dir is searched too (a router's argv names nothing else)."""
+    deep = tmp_path / ("d" * 60) / "fleet" / "node-1"
+    shallow = tmp_path / "n"
+    deep.mkdir(parents=True)
+    shallow.mkdir()
+    sock = router_socket(deep, "hello")
+    assert not str(sock).startswith(str(tmp_path))  # the agent's fallback, as in the test runs
+    assert str(sock.parent) in _router_socket_dirs(tmp_path)  # with those of the dirs above it
+    assert str(sock.parent) not in _router_socket_dirs(tmp_path, depth=2)  # node-1 is at 3
+    assert str(router_socket(shallow, "hello").parent) == str(shallow / "run")  # found by path
