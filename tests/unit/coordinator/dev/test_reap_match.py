@@ -37,13 +37,17 @@ def test_only_the_directory_and_paths_under_it_match(text: str, under: bool) -> 
 
 def test_routers_with_their_socket_in_the_temp_dir_are_found(tmp_path: Path) -> None:
     """A data dir too deep for ``<data dir>/run/router-*.sock`` has its routers' sockets in a
-    temp dir named after it; that dir is searched too (a router's argv names nothing else)."""
+    temp dir named after it; that dir is searched too (a router's argv names nothing else),
+    whatever the service's name (a short name may fit where a longer one falls back)."""
     deep = tmp_path / ("d" * 60) / "fleet" / "node-1"
-    shallow = tmp_path / "n"
     deep.mkdir(parents=True)
-    shallow.mkdir()
-    sock = router_socket(deep, "hello")
-    assert not str(sock).startswith(str(tmp_path))  # the agent's fallback, as in the test runs
-    assert str(sock.parent) in _router_socket_dirs(tmp_path)  # with those of the dirs above it
-    assert str(sock.parent) not in _router_socket_dirs(tmp_path, depth=2)  # node-1 is at 3
-    assert str(router_socket(shallow, "hello").parent) == str(shallow / "run")  # found by path
+    border = tmp_path / ("b" * (80 - len(str(tmp_path)) - 1))  # 80 bytes: "x" fits, "hello" not
+    border.mkdir()
+    assert len(str(border)) == 80
+    assert router_socket(border, "x").parent == border / "run"
+    found = _router_socket_dirs(tmp_path)
+    for data_dir in (deep, border):
+        sock = router_socket(data_dir, "hello")
+        assert not str(sock).startswith(str(tmp_path))  # the agent's fallback
+        assert str(sock.parent) in found
+    assert str(router_socket(deep, "hello").parent) not in _router_socket_dirs(tmp_path, depth=2)
