@@ -147,7 +147,8 @@ def _router_socket_dirs(directory: Path, depth: int = 4) -> set[str]:
     in the temp dir named after a hash of the data dir, which is all a router's argv names
     (``--control``); its cwd is the agent's. Deep test directories (pytest-xdist's) get there."""
     # The documented entry point (coordinator/dev/__init__.py): the dev fleet runs this agent.
-    from agent.manager.routing import MAX_SOCKET_PATH, router_socket
+    from agent.manager.routing import router_socket
+    from agent.router.control import MAX_SOCKET_PATH
 
     # Whether a router's socket falls back depends on its service's name as well; a name too
     # long for any path gives the data dir's temp dir, the same for every service.
