@@ -129,15 +129,50 @@ class Child:
         return "\n".join(text.splitlines()[-lines:])
 
 
+def _names_path_under(text: str, root: str) -> bool:
+    """Whether ``text`` names ``root`` or a path under it: ``/t/test_a1`` is not under
+    ``/t/test_a`` (test runs side by side get such sibling directories)."""
+    at = text.find(root)
+    while at >= 0:
+        end = at + len(root)
+        if end == len(text) or text[end] == "/" or not (text[end].isalnum() or text[end] in "._-"):
+            return True
+        at = text.find(root, at + 1)
+    return False
+
+
+def _router_socket_dirs(directory: Path, depth: int = 4) -> set[str]:
+    """Where the routers of the data dirs under ``directory`` (up to ``depth`` levels down) keep
+    their control socket when ``<data dir>/run/`` makes too long a unix socket path: a directory
+    in the temp dir named after a hash of the data dir, which is all a router's argv names
+    (``--control``); its cwd is the agent's. Deep test directories (pytest-xdist's) get there."""
+    # The documented entry point (coordinator/dev/__init__.py): the dev fleet runs this agent.
+    from agent.manager.routing import router_socket
+    from agent.router.control import MAX_SOCKET_PATH
+
+    # Whether a router's socket falls back depends on its service's name as well; a name too
+    # long for any path gives the data dir's temp dir, the same for every service.
+    too_long = "s" * MAX_SOCKET_PATH
+    found: set[str] = set()
+    base = len(directory.parts)
+    for current, dirs, _files in os.walk(directory):
+        here = Path(current)
+        if len(here.parts) - base >= depth:
+            dirs.clear()
+        found.add(str(router_socket(here, too_long).parent))
+    return found
+
+
 def reap_leftovers(directory: Path, *, exclude: set[int | None], timeout: float = 5.0) -> int:
     """Stop every process still working under ``directory``: services and routers.
 
     By design they outlive their agent (a restarted agent adopts them), so stopping the agents
     leaves them running; a throwaway dev fleet must not. A process belongs to the fleet when its
-    working directory or one of its arguments lies under ``directory``. SIGTERM, then SIGKILL
-    after ``timeout``; returns how many there were.
+    working directory or one of its arguments lies under ``directory`` or is the control socket
+    of a router of a data dir there. SIGTERM, then SIGKILL after ``timeout``; returns how many
+    there were.
     """
-    root = str(directory)
+    roots = [str(directory), *_router_socket_dirs(directory)]
     me = psutil.Process()
     spared = {me.pid, *exclude, *(p.pid for p in me.parents())}  # never our own callers
     found: list[psutil.Process] = []
@@ -146,7 +181,7 @@ def reap_leftovers(directory: Path, *, exclude: set[int | None], timeout: float 
             continue
         cwd = proc.info.get("cwd") or ""
         argv = proc.info.get("cmdline") or []
-        if cwd.startswith(root) or any(root in arg for arg in argv):
+        if any(_names_path_under(text, root) for text in (cwd, *argv) for root in roots):
             found.append(proc)
     for proc in found:
         with contextlib.suppress(psutil.Error):

@@ -47,6 +47,7 @@ from tests.integration.test_auth_cluster import _route_attempt, _routes
 
 SUBNET = "127.0.52"
 CLUSTER_SUBNET = "127.0.58"  # the shipped cluster's fleet
+pytestmark = pytest.mark.holds(f"subnet {CLUSTER_SUBNET}")
 F = "default"
 DESIRED, OBSERVED = subjects.desired_bucket(F), subjects.observed_bucket(F)
 KV_DESIRED = subjects.kv_stream(DESIRED)

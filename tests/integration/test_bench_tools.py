@@ -79,10 +79,21 @@ async def agent_bench_serving(*args: str) -> tuple[asyncio.subprocess.Process,
     async def started() -> list[psutil.Process]:
         return under_run_of(proc.pid)
 
-    procs = await wait_until(
-        started, lambda ps: any("app.py" in " ".join(p.cmdline()) for p in alive(ps))
-        and any("agent.router" in " ".join(p.cmdline()) for p in alive(ps)),
-        timeout=120, what="the benchmark's agent to serve hello through its router")
+    def serving(ps: list[psutil.Process]) -> bool:
+        try:
+            argvs = [" ".join(p.cmdline()) for p in alive(ps)]
+        except psutil.Error:  # one ended between the listing and the reading: look again
+            return False
+        return any("app.py" in a for a in argvs) and any("agent.router" in a for a in argvs)
+
+    try:
+        procs = await wait_until(started, serving, timeout=120,
+                                 what="the benchmark's agent to serve hello through its router")
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):  # the test does not get it: reaped here
+            proc.kill()
+        await proc.wait()
+        raise
     return proc, procs
 
 

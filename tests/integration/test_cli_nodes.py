@@ -22,6 +22,9 @@ from tests.integration.procs import (
     with_auth_dir,
 )
 
+# `dev up` puts its agents on the dev fleet's default subnet (they serve nothing here).
+pytestmark = pytest.mark.holds("subnet 127.0.1")
+
 
 def one_line(err: str) -> str:
     lines = err.strip().splitlines()

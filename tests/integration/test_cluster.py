@@ -35,7 +35,9 @@ from tests.integration.procs import (
     wait_until,
 )
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+# holds: the module's cluster is formed once, on one worker, and the failover test comes last.
+pytestmark = [pytest.mark.asyncio(loop_scope="module"),
+              pytest.mark.holds("test_cluster.py's cluster")]
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "nats"
 

@@ -16,6 +16,7 @@ import asyncio
 import json
 import os
 import shutil
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -66,12 +67,15 @@ async def call(url: str, method: str = "GET", token: str | None = None,
     return await asyncio.to_thread(_call, url, method, token, body)
 
 
-def _read_stream(url: str) -> int:
-    """Read a server-sent event stream to its end; the number of snapshots it carried."""
+def _read_stream(url: str, opened: threading.Event) -> int:
+    """Read a server-sent event stream to its end; the number of snapshots it carried.
+    ``opened`` is set at the first one."""
     seen = 0
     with urllib.request.urlopen(url, timeout=15.0) as resp:
         for raw in resp:
             seen += raw.startswith(b"event: snapshot")
+            if seen:
+                opened.set()
     return seen
 
 
@@ -85,6 +89,7 @@ async def passed_waves(page: Browser) -> int:
 
 async def abort(page: Browser) -> None:
     """Click Abort, and again once it asks 'Really abort?' (a slip does not abort)."""
+    assert await page.attr(ABORT, "disabled") == "", "the rollout ended before the abort"
     await page.click(ABORT)
     await page.wait_for(lambda: page.text(ABORT), lambda t: t == "Really abort?", timeout=5,
                         what="the abort button asking to confirm")
@@ -132,8 +137,10 @@ async def test_dashboard_follows_a_canary_live_and_only_an_operator_aborts_it(
             assert "hello@1.0.0" in await page.text("#nodes tbody")
             await page.js(f"window.__fleetwaveMarker = '{MARKER}';")
 
+            # Bakes long enough that the last wave still runs while the test, on a loaded
+            # machine, checks the chart and takes its screenshot before it aborts.
             rid = await deploy_detached(
-                url, "2.0.0", "--strategy", "canary", "--weights", "25,50,100", "--bake", "5s",
+                url, "2.0.0", "--strategy", "canary", "--weights", "25,50,100", "--bake", "10s",
                 "--max-error-rate", "5%", "--min-requests", "5")
             await page.wait_for(lambda: page.text("#rollout-id"), lambda t: t == rid,
                                 timeout=10, what=f"rollout {rid} shown")
@@ -230,9 +237,10 @@ async def test_tokens_are_checked_reread_on_change_and_bad_files_refused(tmp_pat
         code, body = await call(f"{base}/api/whoami", token=token)
         assert code == 401 and "cannot read its token file" in body["error"]
         # An open stream does not hold a stopping coordinator up: it is ended at once.
-        reader = asyncio.create_task(asyncio.to_thread(_read_stream, f"{base}/api/stream"))
-        await wait_until(lambda: call(f"{base}/healthz"), lambda r: r[0] == 200, timeout=5,
-                         what="the stream open")
+        opened = threading.Event()
+        reader = asyncio.create_task(
+            asyncio.to_thread(_read_stream, f"{base}/api/stream", opened))
+        assert await asyncio.to_thread(opened.wait, 15.0), "the stream carried no snapshot"
         started = time.monotonic()
         assert await coord.stop(timeout=10.0) == 0
         took = time.monotonic() - started

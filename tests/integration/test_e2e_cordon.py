@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from agent.manager.routing import router_socket
 from agent.router.health import READY_PATH
 from coordinator.dev.devfleet import DevFleet
 from tests.integration.e2e_support import (
@@ -231,11 +232,13 @@ class Balancer:
 
 
 def router_pids(fleet: DevFleet, node: str) -> set[int]:
-    """The router processes of ``node`` (their control socket is under its data dir)."""
+    """The router processes of ``node``: their argv names their control socket (under the data
+    dir, or in the temp dir when that path is too long, as under pytest-xdist)."""
+    sock = str(router_socket(fleet.dir / node, "hello"))
     found = set()
     for proc in psutil.process_iter(["pid", "cmdline"]):
         argv = proc.info.get("cmdline") or []
-        if "agent.router" in argv and any(str(fleet.dir / node) in a for a in argv):
+        if "agent.router" in argv and sock in argv:
             found.add(proc.pid)
     return found
 

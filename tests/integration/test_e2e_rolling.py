@@ -17,6 +17,7 @@ from pathlib import Path
 from coordinator.dev.devfleet import DevFleet
 from tests.integration.procs import fleetwave, hello_bundle, wait_until
 
+SUBNET = "127.0.1"  # the dev fleet's default: the routers listen on 127.0.1.i:8080
 NODES = (1, 2, 3)
 PORT = 8080
 DEPLOY_TIMEOUT = 100.0
@@ -49,7 +50,7 @@ async def versions() -> dict[str, str]:
     out = {}
     for i in NODES:
         try:
-            status, doc = await get(DevFleet.bind_host(i), timeout=2.0)
+            status, doc = await get(DevFleet.bind_host(i, SUBNET), timeout=2.0)
             out[f"node-{i}"] = str(doc.get("version", "")) if status == 200 else ""
         except (OSError, TimeoutError, ValueError, IndexError):
             out[f"node-{i}"] = ""
@@ -83,7 +84,7 @@ async def steady_load() -> AsyncIterator[Load]:
     load, stop = Load(), asyncio.Event()
     async with asyncio.TaskGroup() as tg:
         for i in NODES:
-            tg.create_task(load.node(DevFleet.bind_host(i), stop))
+            tg.create_task(load.node(DevFleet.bind_host(i, SUBNET), stop))
         try:
             yield load
         finally:
@@ -106,7 +107,8 @@ async def test_rolling_rollback_and_coordinator_kill(tmp_path: Path) -> None:
     """1.0.0 → 2.0.0 loses no request; broken 2.1.0 rolls back by itself (exit 3) to 2.0.0
     everywhere; a coordinator SIGKILLed mid-rollout is restarted and finishes it, each node
     moved exactly once."""
-    async with DevFleet(tmp_path / "fleet", agents=3, heartbeat_interval=0.5) as fleet:
+    async with DevFleet(tmp_path / "fleet", agents=3, heartbeat_interval=0.5,
+                        subnet=SUBNET) as fleet:
         url = fleet.nats_url
         for v in ("1.0.0", "2.0.0", "2.1.0"):
             code, _, err = await fleetwave("release", "push", str(hello_bundle(v)), nats_url=url)

@@ -35,7 +35,8 @@ from tests.integration.procs import (
     wait_until,
 )
 
-HOSTS = ("127.0.68.1", "127.0.68.2")  # this file's loopback addresses
+SUBNET = "127.0.68"  # this file's loopback addresses
+HOSTS = (f"{SUBNET}.1", f"{SUBNET}.2")
 NODES = ["node-1", "node-2"]
 
 

@@ -18,6 +18,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from coordinator.dev.devfleet import Child, DevFleet, python_module
 from protocol.bus import Bus
 from protocol.messages import RolloutRecord
@@ -35,6 +37,9 @@ from tests.integration.e2e_support import (
     serving,
 )
 from tests.integration.procs import read_text, wait_until
+
+# Each test has a subnet of its own (127.0.15 to 127.0.18).
+pytestmark = pytest.mark.holds(*(f"subnet 127.0.{n}" for n in range(15, 19)))
 
 NODES = ["node-1", "node-2", "node-3"]
 

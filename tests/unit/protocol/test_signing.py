@@ -66,7 +66,9 @@ def test_envelope_survives_the_wire() -> None:
         ("service", "other", "bad signature"),
         ("generation", 99, "bad signature"),
         ("kind", "observed", "kind"),
-        ("key", public_key(OTHER), "unknown key"),
+        # An explicit id: the key is random, and pytest-xdist needs the same test ids in every
+        # worker's collection.
+        pytest.param("key", public_key(OTHER), "unknown key", id="key-another key-unknown key"),
         ("sig", b"\0" * 64, "bad signature"),
         ("sig", b"short", "signature"),
     ],
