@@ -2,8 +2,11 @@
 
 Theory of operation: after each pass over a service, ``observe`` builds its ``ObservedState``
 (the reconciler's ``assess``, each slot, the applied weights, the router's counters) and queues it
-only if it changed or ``OBSERVE_EVERY`` seconds passed since the last one. ``run``
-writes the newest queued state of each service to the observed bucket, each write bounded by
+only if it changed or ``OBSERVE_EVERY`` seconds passed since the last one. What is queued goes
+out only once ``release`` is called, which the reconcile loop does after it has saved the agent's
+state file: a state the coordinator acts on (a generation failed, say) is never one that an agent
+killed a moment later forgets on restart. ``run`` writes the newest released state of each
+service to the observed bucket, each write bounded by
 ``BUS_TIMEOUT``: a slow or failing bus never holds the reconcile loop, and a failed write is
 written again on the next pass (the failure is logged once until a write succeeds).
 """
@@ -41,7 +44,8 @@ class ObservedWriter:
         self.node = config.node
         self.services = services
         self.clock = clock
-        self._dirty = asyncio.Event()  # a state is pending
+        self._dirty = asyncio.Event()  # a state is pending and released
+        self._queued = False  # a state is pending, not yet released
         self._bus_failing = False  # the last write failed (logged once until one succeeds)
 
     def observe(self, svc: Service) -> None:
@@ -88,7 +92,13 @@ class ObservedWriter:
         obs.time = now
         svc.last_observed, svc.last_observed_at = body, now
         svc.pending_observed = obs
-        self._dirty.set()
+        self._queued = True
+
+    def release(self) -> None:
+        """Let the states queued so far go out (call it once they are saved locally)."""
+        if self._queued:
+            self._queued = False
+            self._dirty.set()
 
     async def run(self) -> None:
         """Write the newest observed state of each service; a slow bus never holds the loop."""

@@ -218,6 +218,7 @@ class ServiceManager:
                 await self.restorer.save()
             except OSError as exc:
                 log.error("cannot write the agent state %s: %s", self.restorer.state_path, exc)
+            self.observed.release()  # only now: what we report, a restart remembers
             self._prune()
 
     def _prune(self) -> None:

@@ -50,3 +50,17 @@ def test_a_router_failing_long_enough_fails_the_state_by_the_clock(tmp_path: Pat
     assert svc.view(now[0]).router_failure == ""
     now[0] += ROUTER_FAILS_AFTER
     assert svc.view(now[0]).router_failure == "port taken"
+
+
+async def test_a_queued_state_goes_out_only_once_released(tmp_path: Path) -> None:
+    """The reconcile loop releases what it queued after saving the agent's state file: an
+    agent killed between the two must not have reported what its restart forgets."""
+    now = [10.0]
+    writer, svc = _writer(tmp_path, now)
+    writer.observe(svc)
+    assert svc.pending_observed is not None and not writer._dirty.is_set()
+    writer.release()
+    assert writer._dirty.is_set()
+    writer._dirty.clear()
+    writer.release()  # nothing new queued: nothing to wake the writer for
+    assert not writer._dirty.is_set()
