@@ -86,8 +86,9 @@ async def test_a_broker_killed_mid_rollout_loses_nothing(fleet: DevFleet, target
     try:
         async with loaded(fleet) as traffic, watched(lambda: serving(fleet)) as seen:
             started = time.monotonic()
+            # --prestage 0: the kills land while a node really updates (staged: test_broker_kill).
             rid = await deploy_detached(url, version, "--batch", "1", "--max-unavailable", "1",
-                                        "--bake", "2s")
+                                        "--bake", "2s", "--prestage", "0")
 
             def mid(r: RolloutRecord) -> bool:
                 return r.current_wave == 1 and r.nodes[NODES[1]].state == "updating"

@@ -42,7 +42,9 @@ async def test_coordinator_killed_twice_resumes_without_skipping(tmp_path: Path)
         bus = await Bus.connect(url, fleet.fleet, name="chaos-test")
         try:
             async with loaded(fleet) as traffic:
-                rid = await deploy_detached(url, "2.0.0", "--batch", "1", "--bake", "2s")
+                # --prestage 0: each kill lands while a node really updates.
+                rid = await deploy_detached(url, "2.0.0", "--batch", "1", "--bake", "2s",
+                                            "--prestage", "0")
 
                 def baking_0(r: RolloutRecord) -> bool:
                     return r.current_wave == 0 and r.waves[0].state == "baking"

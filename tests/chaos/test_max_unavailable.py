@@ -41,8 +41,10 @@ async def test_max_unavailable_holds_from_outside(tmp_path: Path) -> None:
         try:
             async with loaded(fleet) as traffic, watched(lambda: serving(fleet)) as seen:
                 # --batch 4 asks for all at once; --max-unavailable 1 must cap it.
+                # --prestage 0: max-unavailable is about nodes really updating (a staged slot
+                # serves nothing and counts as available, tested in test_engine_prestage).
                 rid = await deploy_detached(url, "2.0.0", "--batch", "4",
-                                            "--max-unavailable", "1")
+                                            "--max-unavailable", "1", "--prestage", "0")
                 final = await wait_until(lambda: record_of(bus, rid),
                                          lambda r: r.state != "running", timeout=90,
                                          what="the 2.0.0 rollout to end", interval=0.5)
@@ -53,7 +55,7 @@ async def test_max_unavailable_holds_from_outside(tmp_path: Path) -> None:
                 healthy = traffic.snapshot()
 
                 rid = await deploy_detached(url, "2.1.0", "--batch", "4", "--max-unavailable",
-                                            "1", "--progress-deadline", "15s")
+                                            "1", "--progress-deadline", "15s", "--prestage", "0")
                 final = await wait_until(lambda: record_of(bus, rid),
                                          lambda r: r.state != "running", timeout=90,
                                          what="the 2.1.0 rollout to end", interval=0.5)
