@@ -57,6 +57,7 @@ from protocol.errors import (
     AccessDenied,
     BusError,
     Conflict,
+    CredentialsLapsed,
     MissingBucket,
     NoResponders,
     NoRoom,
@@ -268,7 +269,7 @@ def _denied(
             )
         lapsed = expired(creds, dt.datetime.now(dt.UTC))
         if lapsed is not None:  # the broker left them out of its users at their expiry
-            return AccessDenied(f"the server at {where} refused us: {lapsed}")
+            return CredentialsLapsed(f"the server at {where} refused us: {lapsed}")
         return AccessDenied(
             f"the server at {where} refused the {creds.role} {creds.name!r} credentials "
             "(authorization violation): they are revoked or another fleet's; get new ones "

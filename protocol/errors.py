@@ -55,3 +55,9 @@ class NoRoom(BusError):
 class AccessDenied(BusError):
     """The server refused this client: credentials it does not know (revoked, another fleet's),
     no TLS where TLS is required, or a server certificate the given CA did not sign."""
+
+
+class CredentialsLapsed(AccessDenied):
+    """The server refused credentials because they have expired: the same fix as the local
+    check that refuses them before connecting (``protocol.creds.CredsExpired``), so the CLI
+    exits 2 for both; which one speaks depends only on when the expiry fell."""

@@ -31,7 +31,7 @@ from coordinator.cli import (  # noqa: F401  (registration by import)
 )
 from coordinator.cli.base import Ctx, cli
 from coordinator.errors import FleetwaveError
-from protocol.errors import BusError, ProtocolError
+from protocol.errors import BusError, CredentialsLapsed, ProtocolError
 
 __all__ = ["Ctx", "cli", "main"]
 
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> Any:
         sys.exit(2)
     except BusError as exc:
         click.echo(f"fleetwave: {exc}", err=True)
-        sys.exit(1)
+        sys.exit(2 if isinstance(exc, CredentialsLapsed) else 1)
     except KeyboardInterrupt:
         click.echo("fleetwave: interrupted", err=True)
         sys.exit(130)

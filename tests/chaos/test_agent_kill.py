@@ -41,7 +41,7 @@ from tests.integration.procs import wait_until
 SUBNET = "127.0.13"
 NODES = ["node-1", "node-2", "node-3"]
 # --prestage 0: what is killed or cut here is a node in the middle of a real update (a start,
-# a health check); staged rollouts are killed in test_broker_kill and impaired in test_net_impaired.
+# a health check); staged rollouts: test_net_impaired (impaired), test_e2e_prestage (killed).
 FLAGS = ("--batch", "1", "--bake", "1s", "--progress-deadline", "60s", "--prestage", "0")
 
 

@@ -86,7 +86,7 @@ async def test_a_broker_killed_mid_rollout_loses_nothing(fleet: DevFleet, target
     try:
         async with loaded(fleet) as traffic, watched(lambda: serving(fleet)) as seen:
             started = time.monotonic()
-            # --prestage 0: the kills land while a node really updates (staged: test_broker_kill).
+            # --prestage 0: the kills land while a node really updates (staged: test_e2e_prestage).
             rid = await deploy_detached(url, version, "--batch", "1", "--max-unavailable", "1",
                                         "--bake", "2s", "--prestage", "0")
 

@@ -59,7 +59,7 @@ COORDINATORS = 2
 BROKERS = 3
 HEARTBEAT = 0.5
 # --prestage 0: what is killed or cut here is a node in the middle of a real update (a start,
-# a health check); staged rollouts are killed in test_broker_kill and impaired in test_net_impaired.
+# a health check); staged rollouts: test_net_impaired (impaired), test_e2e_prestage (killed).
 FLAGS = ("--batch", "1", "--max-unavailable", "1", "--bake", "2s", "--progress-deadline", "30s",
          "--prestage", "0")
 WAVES = AGENTS  # batch 1

@@ -102,6 +102,12 @@ async def test_agents_reconnect_after_the_broker_restarts(broker: Broker, tmp_pa
     async with reaping(coordinator, *agents):
         await wait_until(lambda: nodes_json(broker.url), lambda r: online(r, NODES),
                          timeout=30, what="three nodes online")
+        # Online is a heartbeat; the registration may come later (it retries with backoff
+        # until the coordinator has made the buckets): each must have registered once first.
+        for n in NODES:
+            await wait_until(lambda n=n: read_text(tmp_path / "logs" / f"{n}.log"),
+                             lambda log: "registration 1" in log, timeout=30,
+                             what=f"{n} to register")
         await broker.kill()
         await asyncio.sleep(3 * HEARTBEAT + 0.5)  # an outage longer than the offline deadline
         await broker.start()

@@ -102,11 +102,16 @@ class Server(ThreadingHTTPServer):
 
 
 def _hangup(conn: socket.socket) -> None:
-    """Close an idle keep-alive connection, unless a request already waits in its buffer."""
+    """End an idle keep-alive connection, unless a request already waits in its buffer.
+
+    Only its reading side is shut: the handler waiting for a request reads end-of-file and
+    closes the connection. A handler that has just read a request (it is in its own buffer, not
+    the socket's, and the connection not yet marked busy) can still write the answer: shutting
+    both sides lost that answer when SIGTERM came at that moment."""
     with contextlib.suppress(OSError, ValueError):  # already closed by the peer
         readable, _, _ = select.select([conn], [], [], 0)
         if not readable:  # a waiting request is served, then closed ("Connection: close")
-            conn.shutdown(socket.SHUT_RDWR)
+            conn.shutdown(socket.SHUT_RD)
 
 
 class Handler(BaseHTTPRequestHandler):
