@@ -25,7 +25,7 @@ from collections.abc import Iterable
 import msgspec
 from msgspec import UNSET
 
-from protocol.messages import NodeProgress, RolloutRecord, RolloutSpec, RouterStats
+from protocol.messages import Event, NodeProgress, RolloutRecord, RolloutSpec, RouterStats
 
 
 class RolloutSummary(msgspec.Struct, kw_only=True):
@@ -90,7 +90,9 @@ class HistoryProbe(msgspec.Struct):
 class RolloutPage(msgspec.Struct, kw_only=True):
     """``<rollout id>.<index>``: one page of a split record's node table (``coordinator.core.
     pages``): the progress of its nodes, where each stands in the waves' member lists, and the
-    router snapshots of the waves' baselines (and ``evidence_from``) that belong to its nodes."""
+    router snapshots of the waves' baselines (and ``evidence_from``) that belong to its nodes,
+    and the events about its nodes still in the record's outbox (``RolloutRecord.outbox``: a wave
+    of thousands of nodes decides thousands at once, more than the head could hold)."""
 
     schema: int = 1
     rollout: str
@@ -100,6 +102,7 @@ class RolloutPage(msgspec.Struct, kw_only=True):
     baseline: dict[int, dict[str, RouterStats]] = {}
     evidence: dict[int, dict[str, RouterStats]] = {}
     term: int = 0
+    outbox: list[Event] = []
 
 
 def assemble(top: RolloutRecord, pages: Iterable[RolloutPage]) -> RolloutRecord:
@@ -118,4 +121,7 @@ def assemble(top: RolloutRecord, pages: Iterable[RolloutPage]) -> RolloutRecord:
         waves.append(msgspec.structs.replace(
             wave, nodes=[n for _, n in members], baseline=baseline,
             evidence_from=UNSET if wave.evidence_from is UNSET else evidence))
-    return msgspec.structs.replace(top, nodes=nodes, waves=waves, pages=0, node_count=0)
+    outbox = [*top.outbox, *(e for pg in ordered for e in pg.outbox)]
+    outbox.sort(key=lambda e: e.time)  # stable: the order they were decided in
+    return msgspec.structs.replace(top, nodes=nodes, waves=waves, pages=0, node_count=0,
+                                   outbox=outbox)

@@ -30,10 +30,10 @@ from msgspec import UNSET
 
 from coordinator.errors import UsageError
 from protocol.history import RolloutPage, assemble
-from protocol.messages import RolloutRecord, RouterStats, WaveRecord
+from protocol.messages import Event, RolloutRecord, RouterStats, WaveRecord
 
-__all__ = ["MAX_PAGES", "PAGE_BYTES", "Layout", "assemble", "dirty", "fit", "head", "layout_of",
-           "order", "page", "place", "plan", "positions", "split"]
+__all__ = ["HEAD", "MAX_PAGES", "PAGE_BYTES", "Layout", "assemble", "dirty", "fit", "head",
+           "layout_of", "mail", "order", "page", "place", "plan", "positions", "split"]
 
 PAGE_BYTES = 256 * 1024  # worst-case bytes of one page: a step rewrites whole pages
 MAX_PAGES = 400  # pages of one rollout: with its head and history, one atomic batch (< 500)
@@ -94,21 +94,38 @@ def positions(waves: list[WaveRecord]) -> list[dict[str, int]]:
 
 
 def head(record: RolloutRecord, layout: Layout) -> RolloutRecord:
-    """The record without what its pages hold."""
+    """The record without what its pages hold (its events about a node among them)."""
     return msgspec.structs.replace(
         record, nodes={}, pages=len(layout.pages), node_count=len(record.nodes),
+        outbox=mail(record, layout).get(HEAD, []),
         waves=[msgspec.structs.replace(
             w, nodes=[], baseline={},
             evidence_from=UNSET if w.evidence_from is UNSET else {}) for w in record.waves])
 
 
+HEAD = -1  # ``mail``'s key for the events the head keeps: the rollout's own, not a node's
+
+
+def mail(record: RolloutRecord, layout: Layout) -> dict[int, list[Event]]:
+    """The record's outbox by where it is kept: an event about a node on the node's page, any
+    other in the head (``HEAD``), each list in the outbox's order."""
+    out: dict[int, list[Event]] = {}
+    for event in record.outbox:
+        out.setdefault(layout.page_of.get(event.node, HEAD) if event.node else HEAD,
+                       []).append(event)
+    return out
+
+
 def page(record: RolloutRecord, layout: Layout, index: int,
-         where: list[dict[str, int]] | None = None) -> RolloutPage:
-    """Page ``index`` of ``record`` (``where``: ``positions(record.waves)``, if known)."""
+         where: list[dict[str, int]] | None = None,
+         posts: dict[int, list[Event]] | None = None) -> RolloutPage:
+    """Page ``index`` of ``record`` (``where``: ``positions(record.waves)``, and ``posts``:
+    ``mail(record, layout)``, if known)."""
     where = positions(record.waves) if where is None else where
+    posts = mail(record, layout) if posts is None else posts
     mine = [n for n in layout.pages[index] if n in record.nodes]
     out = RolloutPage(rollout=record.id, index=index, term=record.term,
-                      nodes={n: record.nodes[n] for n in mine})
+                      nodes={n: record.nodes[n] for n in mine}, outbox=posts.get(index, []))
     for w, (wave, at) in enumerate(zip(record.waves, where, strict=True)):
         members = {n: at[n] for n in mine if n in at}
         if members:
@@ -123,8 +140,8 @@ def page(record: RolloutRecord, layout: Layout, index: int,
 
 def split(record: RolloutRecord, layout: Layout) -> tuple[RolloutRecord, list[RolloutPage]]:
     """The head and every page of ``record``."""
-    where = positions(record.waves)
-    return head(record, layout), [page(record, layout, k, where)
+    where, posts = positions(record.waves), mail(record, layout)
+    return head(record, layout), [page(record, layout, k, where, posts)
                                   for k in range(len(layout.pages))]
 
 
@@ -145,6 +162,10 @@ def dirty(old: RolloutRecord, new: RolloutRecord, layout: Layout) -> set[int]:
     list one C-speed list comparison."""
     page_of = layout.page_of
     out: set[int] = set()
+    if old.outbox != new.outbox:  # events compare by identity first: kept ones cost nothing
+        before, after = mail(old, layout), mail(new, layout)
+        out.update(k for k in before.keys() | after.keys()
+                   if k != HEAD and before.get(k) != after.get(k))
     for node, progress in new.nodes.items():
         if old.nodes.get(node) != progress:
             out.add(page_of[node])

@@ -13,12 +13,22 @@ its successor derives the same progress again from the observed states.
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field
 
 import msgspec
 
 from coordinator.core.engine import Command, EmitEvent, Persist, Rollout
 from protocol.messages import Event, RolloutRecord
+
+log = logging.getLogger("fleetwave.coordinator.runner")
+
+# What one rollout's outbox holds at most (``Driver.bound_outbox``): its own events, kept in the
+# record's head, and the events about each node, kept on the node's page. A page of nodes
+# (<= 256 KiB of them, ~1 KB or more each) then stays under 1 MB with its events (< 512 B each).
+OUTBOX_MAX = 1000
+NODE_OUTBOX_MAX = 4
+EVENT_BYTES = 512  # what a record keeps free per event of its outbox (``Runner._layout``)
 
 # How long a record change of node progress only may wait for the next Persist.
 HOLD_PERSIST = 0.25
@@ -46,6 +56,29 @@ class Driver:
     @property
     def id(self) -> str:
         return self.rollout.record.id
+
+    def bound_outbox(self) -> None:
+        """Keep the outbox within what its record can store, dropping the oldest (logged):
+        ``OUTBOX_MAX`` events of the rollout's own (kept in the record's head) and
+        ``NODE_OUTBOX_MAX`` about each of its nodes (kept on the node's page, ``core.pages``).
+        Only a stream away for long fills either: an acknowledged event leaves at once."""
+        own = 0
+        per_node: dict[str, int] = {}
+        nodes = self.rollout.record.nodes
+        drop: list[str] = []
+        for eid, event in reversed(self.outbox.items()):  # newest first: the oldest go
+            if event.node and event.node in nodes:
+                per_node[event.node] = count = per_node.get(event.node, 0) + 1
+                if count > NODE_OUTBOX_MAX:
+                    drop.append(eid)
+            else:
+                own += 1
+                if own > OUTBOX_MAX:
+                    drop.append(eid)
+        for eid in drop:
+            lost = self.outbox.pop(eid)
+            log.error("rollout %s: outbox full; event %s%s dropped unrecorded", self.id,
+                      lost.kind, f" of {lost.node}" if lost.node else "")
 
     @property
     def service(self) -> str:

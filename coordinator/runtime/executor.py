@@ -104,6 +104,7 @@ class Executor:
 
     async def persist(self, driver: Driver, record: RolloutRecord) -> None:
         """Persist ``record`` with the driver's outbox (retried); Deposed if we do not lead."""
+        driver.bound_outbox()
         stored = msgspec.structs.replace(record, outbox=list(driver.outbox.values()),
                                          term=self.store.writer.term)
         driver.revision = await self._retrying(lambda: self.store.persist(stored))

@@ -79,7 +79,7 @@ from coordinator.errors import RemoteError, UsageError
 from coordinator.runtime.calls import COMMAND_DEADLINE, Retrying
 from coordinator.runtime.cordons import Cordons, read_cordons
 from coordinator.runtime.desired import DesiredWriter
-from coordinator.runtime.driver import Driver
+from coordinator.runtime.driver import EVENT_BYTES, NODE_OUTBOX_MAX, OUTBOX_MAX, Driver
 from coordinator.runtime.executor import Executor, Observe
 from coordinator.runtime.lease import Deposed, Fenced
 from coordinator.runtime.ports import RunnerBus
@@ -108,8 +108,6 @@ STARTUP_GRACE = 10.0  # > 3 heartbeats of 2 s: time for every live node to beat 
 RESYNC_INTERVAL = 30.0
 OUTBOX_CLEAR_AFTER = 2.0  # a record whose outbox was all acknowledged is rewritten empty then
 OUTBOX_RETRY = 30.0  # events still unacknowledged this long after their decision are sent again
-OUTBOX_MAX = 1000  # events one rollout's outbox holds at most (the stream away for long)
-OUTBOX_BUDGET = OUTBOX_MAX * 512  # bytes a record keeps free for its outbox (events < 512 B)
 
 # What the node table says of one node: (online now, ever heard from). ``Fleet.liveness``.
 Liveness = tuple[bool, bool]
@@ -335,10 +333,8 @@ class Runner:
     def _retry_outbox(self, driver: Driver, now: float) -> None:
         """Send again what the publisher gave up on (the stream was away): every OUTBOX_RETRY,
         the events older than that (the stream drops a copy it has, by message id). An outbox
-        past OUTBOX_MAX loses its oldest, logged: the record must stay writable."""
-        while len(driver.outbox) > OUTBOX_MAX:
-            lost = driver.outbox.pop(next(iter(driver.outbox)))
-            log.error("rollout %s: outbox full; event %s dropped unrecorded", driver.id, lost.kind)
+        past its bound loses its oldest, logged: the record must stay writable."""
+        driver.bound_outbox()
         if now - driver.outbox_retried < OUTBOX_RETRY:
             return
         driver.outbox_retried = now
@@ -425,7 +421,9 @@ class Runner:
         routers = {node: seen.router for (node, service), seen in self.observed.items()
                    if service == record.spec.service and seen.router is not None}
         head, sizes = await asyncio.to_thread(worst_case_sizes, record, routers)
-        return fit(record, head, sizes, max_payload=self.bus.max_payload, reserve=OUTBOX_BUDGET)
+        mail = NODE_OUTBOX_MAX * EVENT_BYTES  # each node's events in the outbox, on its page
+        return fit(record, head, {n: size + mail for n, size in sizes.items()},
+                   max_payload=self.bus.max_payload, reserve=OUTBOX_MAX * EVENT_BYTES)
 
     async def request(self, rollout_id: str, event: EngineEvent) -> RolloutRecord:
         """Feed an operator request to a live rollout; RemoteError says why it cannot be."""

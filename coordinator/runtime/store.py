@@ -270,8 +270,9 @@ class RolloutStore:
         changed = (range(len(layout.pages)) if before is None
                    else sorted(pages.dirty(before, record, layout)))
         where = pages.positions(record.waves) if changed else []
+        posts = pages.mail(record, layout) if changed else {}
         writes: list[tuple[str, bytes | None]] = [(record.id, encode(pages.head(record, layout)))]
-        writes += [(f"{record.id}.{k}", encode(pages.page(record, layout, k, where)))
+        writes += [(f"{record.id}.{k}", encode(pages.page(record, layout, k, where, posts)))
                    for k in changed]
         writer = self.writer
         async with self._history_ops:

@@ -14,7 +14,7 @@ from coordinator.core.engine import Rollout, Start, new_record, worst_case_sizes
 from coordinator.errors import UsageError
 from protocol.codec import encode
 from protocol.history import RolloutPage
-from protocol.messages import NodeProgress, NodeView, RolloutRecord, WaveRecord
+from protocol.messages import Event, NodeProgress, NodeView, RolloutRecord, WaveRecord
 from protocol.testing import NEW, desired, report, router_stats, spec
 
 
@@ -203,3 +203,32 @@ def test_a_blue_green_whose_switch_report_cannot_fit_the_head_is_refused() -> No
         pages.fit(rec, head, sizes, max_payload=1 << 20, reserve=512_000)
     rolling = msgspec.structs.replace(rec, spec=spec(batch="10%", max_unavailable="10%"))
     assert worst_case_sizes(rolling, {})[0] < 100_000
+
+
+def _event(i: int, node: str = "") -> Event:
+    return Event(id=f"e{i}", time=float(i), fleet="f", kind="node.updating" if node else
+                 "wave.started", message="m", node=node, rollout="hello-1")
+
+
+def test_the_outbox_travels_with_its_nodes_pages_and_assembles_in_order() -> None:
+    """A wave of thousands of nodes decides thousands of events at once: each is kept on its
+    node's page, the rollout's own in the head, and they assemble in the order decided."""
+    rec = record(100)
+    layout = small(5000)
+    rec.outbox = [_event(0), *(_event(i, f"node-{i}") for i in range(1, 60)), _event(60)]
+    top, parts = pages.split(rec, layout)
+    assert [e.id for e in top.outbox] == ["e0", "e60"]
+    for part in parts:
+        assert all(layout.page_of[e.node] == part.index for e in part.outbox)
+    assert sum(len(p.outbox) for p in parts) == 59
+    assert pages.assemble(top, reversed(parts)) == rec
+
+
+def test_a_changed_outbox_dirties_only_the_pages_of_its_nodes() -> None:
+    rec = record(100)
+    layout = small(5000)
+    after = msgspec.structs.replace(rec, outbox=[_event(1, "node-42"), _event(2)])
+    assert pages.dirty(rec, after, layout) == {layout.page_of["node-42"]}
+    acked = msgspec.structs.replace(after, outbox=[_event(2)])
+    assert pages.dirty(after, acked, layout) == {layout.page_of["node-42"]}
+    assert pages.dirty(acked, msgspec.structs.replace(acked, outbox=[]), layout) == set()
