@@ -214,10 +214,12 @@ def fit(record: RolloutRecord, head_size: int, sizes: Mapping[str, int], *, max_
             "(--batch), roll the fleet out in parts with --selector, or raise max_payload in "
             "the server's configuration")
     total = sum(sizes.values())
-    budget = max(PAGE_BYTES, -(-total // MAX_PAGES))
+    biggest = max(sizes.values(), default=0)
+    # A page is cut before the node that would overfill it, so every page but the last holds
+    # more than ``budget - biggest``: this budget makes at most MAX_PAGES of them.
+    budget = max(PAGE_BYTES, -(-total // (MAX_PAGES - 1)) + biggest)
     if limit:
         budget = min(budget, limit)
-    biggest = max(sizes.values(), default=0)
     layout = plan(order(record), sizes.__getitem__, budget)
     if biggest > budget or len(layout.pages) > MAX_PAGES:
         raise UsageError(

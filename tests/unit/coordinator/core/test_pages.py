@@ -12,6 +12,7 @@ from msgspec import UNSET
 from coordinator.core import pages
 from coordinator.core.engine import Rollout, Start, new_record, worst_case_sizes
 from coordinator.errors import UsageError
+from coordinator.runtime.driver import EVENT_BYTES, NODE_OUTBOX_MAX
 from protocol.codec import encode
 from protocol.history import RolloutPage
 from protocol.messages import Event, NodeProgress, NodeView, RolloutRecord, WaveRecord
@@ -166,6 +167,13 @@ def test_fifty_thousand_nodes_fit_a_default_server() -> None:
     assert len(encode(top)) + 512_000 < 1 << 20
     assert max(len(encode(p)) for p in parts) < 1 << 20
     assert pages.assemble(top, parts) == rec
+    # With the room each node's events in the outbox take on its page (``Runner._layout``):
+    # the greedy cut must still make at most MAX_PAGES pages (it made 401 before it counted
+    # the room a cut wastes, and a 50,000-node deploy was refused).
+    mail = NODE_OUTBOX_MAX * EVENT_BYTES
+    layout = pages.fit(rec, head, {n: s + mail for n, s in sizes.items()},
+                       max_payload=1 << 20, reserve=512_000)
+    assert len(layout.pages) <= pages.MAX_PAGES
 
 
 def test_a_rollout_that_cannot_be_stored_is_refused_in_one_line() -> None:
