@@ -111,8 +111,7 @@ def mail(record: RolloutRecord, layout: Layout) -> dict[int, list[Event]]:
     other in the head (``HEAD``), each list in the outbox's order."""
     out: dict[int, list[Event]] = {}
     for event in record.outbox:
-        out.setdefault(layout.page_of.get(event.node, HEAD) if event.node else HEAD,
-                       []).append(event)
+        out.setdefault(layout.page_of.get(event.node, HEAD), []).append(event)
     return out
 
 
@@ -199,9 +198,10 @@ def _changed_stats(a: Mapping[str, RouterStats], b: Mapping[str, RouterStats],
 
 
 def fit(record: RolloutRecord, head_size: int, sizes: Mapping[str, int], *, max_payload: int,
-        reserve: int) -> Layout:
+        reserve: int, node_reserve: int = 0) -> Layout:
     """The layout of a new rollout's record whose head can reach ``head_size`` bytes (plus
-    ``reserve`` for its outbox) and each node ``sizes[node]``, on a server taking messages of
+    ``reserve`` for its outbox) and each node ``sizes[node]`` (plus ``node_reserve`` for its
+    events in the outbox, kept on its page), on a server taking messages of
     up to ``max_payload`` bytes (0: unknown); UsageError, one line, if it cannot be stored.
     Pages grow past ``PAGE_BYTES`` only when ``MAX_PAGES`` of them would not hold the table."""
     limit = max_payload - 4096 if max_payload else 0  # headers and subject of the message
@@ -213,6 +213,8 @@ def fit(record: RolloutRecord, head_size: int, sizes: Mapping[str, int], *, max_
             f"(max_payload {_size(max_payload)}); use fewer, larger waves "
             "(--batch), roll the fleet out in parts with --selector, or raise max_payload in "
             "the server's configuration")
+    if node_reserve:
+        sizes = {n: size + node_reserve for n, size in sizes.items()}
     total = sum(sizes.values())
     biggest = max(sizes.values(), default=0)
     # A page is cut before the node that would overfill it, so every page but the last holds

@@ -421,9 +421,8 @@ class Runner:
         routers = {node: seen.router for (node, service), seen in self.observed.items()
                    if service == record.spec.service and seen.router is not None}
         head, sizes = await asyncio.to_thread(worst_case_sizes, record, routers)
-        mail = NODE_OUTBOX_MAX * EVENT_BYTES  # each node's events in the outbox, on its page
-        return fit(record, head, {n: size + mail for n, size in sizes.items()},
-                   max_payload=self.bus.max_payload, reserve=OUTBOX_MAX * EVENT_BYTES)
+        return fit(record, head, sizes, max_payload=self.bus.max_payload,
+                   reserve=OUTBOX_MAX * EVENT_BYTES, node_reserve=NODE_OUTBOX_MAX * EVENT_BYTES)
 
     async def request(self, rollout_id: str, event: EngineEvent) -> RolloutRecord:
         """Feed an operator request to a live rollout; RemoteError says why it cannot be."""

@@ -170,9 +170,8 @@ def test_fifty_thousand_nodes_fit_a_default_server() -> None:
     # With the room each node's events in the outbox take on its page (``Runner._layout``):
     # the greedy cut must still make at most MAX_PAGES pages (it made 401 before it counted
     # the room a cut wastes, and a 50,000-node deploy was refused).
-    mail = NODE_OUTBOX_MAX * EVENT_BYTES
-    layout = pages.fit(rec, head, {n: s + mail for n, s in sizes.items()},
-                       max_payload=1 << 20, reserve=512_000)
+    layout = pages.fit(rec, head, sizes, max_payload=1 << 20, reserve=512_000,
+                       node_reserve=NODE_OUTBOX_MAX * EVENT_BYTES)
     assert len(layout.pages) <= pages.MAX_PAGES
 
 
