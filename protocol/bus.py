@@ -124,6 +124,12 @@ def redact(url: str) -> str:
 OP_TIMEOUT = 10.0
 FENCED_BATCH = 500  # writes in one atomic batch (the server takes up to 1,000)
 EVENTS_BATCH = 500  # events published in one atomic batch (``js_publish_events``)
+# A subscription's callbacks give the loop a turn at least this often (seconds). nats-py runs
+# them one after another off a queue that never suspends while it holds messages, so a burst
+# (50,000 nodes registering at once) would run for seconds without one: the lease went
+# unrenewed for 2.6 s, past its ttl, and the coordinator deposed itself.
+YIELD_EVERY = 0.005
+ASYNC_ERRORS_EVERY = 10.0  # seconds between two lines about one kind of asynchronous error
 # Idle heartbeat of a KV watch's consumer: a watch whose consumer's server died is re-created
 # after two missed ones. Costs one small message per watch and interval while idle.
 WATCH_HEARTBEAT = 1.0
@@ -344,6 +350,8 @@ class Bus:
         self.js = nc.jetstream(timeout=OP_TIMEOUT)
         self.fleet = fleet
         self.reconnects = 0  # watchers compare it to know that they must start again
+        self._async_errors: dict[str, float] = {}  # when each kind was last logged
+        self.lost_watches = 0  # watches restarted because their consumer was gone (``watch``)
         self.closing = False
         self._kv: dict[str, Any] = {}
         self._services: list[Any] = []
@@ -410,6 +418,8 @@ class Bus:
                 # Revoked while connected: nats-py goes on trying; say why once, not per try.
                 holder[0].refused = str(denied)
                 log.warning("%s", denied)
+            elif denied is None and holder:
+                holder[0]._async_error(exc)
 
         async def on_lame_duck() -> None:
             if holder:
@@ -474,6 +484,19 @@ class Bus:
         if grace.said:
             log.info("the server at %s accepted our credentials now", redact(url))
         return bus
+
+    def _async_error(self, exc: Exception) -> None:
+        """An error nats-py met off any call of ours (a watch's consumer it could not re-create,
+        a slow consumer, a failed reconnect attempt): said at most once per ``ASYNC_ERRORS_EVERY``
+        per kind, the reconnect attempts at debug level (``on_disconnect`` said it)."""
+        kind = type(exc).__name__
+        now = asyncio.get_running_loop().time()
+        if isinstance(exc, OSError | nats.errors.ConnectionClosedError) \
+                or now - self._async_errors.get(kind, -ASYNC_ERRORS_EVERY) < ASYNC_ERRORS_EVERY:
+            log.debug("NATS client error: %s: %s", kind, exc)
+            return
+        self._async_errors[kind] = now
+        log.warning("NATS client error (asynchronous): %s: %s", kind, str(exc) or "-")
 
     def _reconnected(self) -> None:
         """The client reconnected: every ``watch`` must start a new KV watcher (the old one's
@@ -733,8 +756,15 @@ class Bus:
     async def subscribe(
         self, subject: str, cb: Callable[[str, bytes], Awaitable[None]], queue: str = ""
     ) -> Any:
+        loop = asyncio.get_running_loop()
+        turn = loop.time()
+
         async def handler(msg: Any) -> None:
+            nonlocal turn
             await cb(msg.subject, msg.data)
+            if loop.time() - turn >= YIELD_EVERY:
+                await asyncio.sleep(0)
+                turn = loop.time()
 
         return await self.nc.subscribe(subject, queue=queue, cb=handler)
 
@@ -998,11 +1028,19 @@ class Bus:
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusError(f"cannot read {bucket}: {exc}") from None
 
-    async def watch(self, bucket: str, pattern: str) -> AsyncIterator[Entry | None]:
+    async def watch(self, bucket: str, pattern: str, *,
+                    verify: float | None = None) -> AsyncIterator[Entry | None]:
         """Every entry matching ``pattern``, then every change, for ever; survives reconnects.
 
         Yields ``None`` each time it has delivered the current contents (after the start and after
         each re-creation), so a caller can treat what it saw since as a full, level-triggered view.
+
+        ``verify`` (seconds): ask the server that often whether the watch's consumer still
+        delivers to us (``_watchdog``), and start a new watch when it does not. nats-py re-creates
+        an ordered consumer after a gap or two missed heartbeats, in a task whose failure it only
+        reports: a 50,000-node rollout's coordinator, its loop paused over a second and the server
+        busy, was left with no consumer on the observed bucket and its rollout waited for ever.
+        One request every ``verify`` per watch: for the few watches a rollout cannot do without.
         """
         failures = 0
         while True:
@@ -1019,6 +1057,8 @@ class Bus:
                 continue
             failures = 0
             self._watchers.add(w)
+            dog = (asyncio.get_running_loop().create_task(self._watchdog(w, bucket, verify))
+                   if verify else None)
             try:
                 # No polling: ``_reconnected`` wakes this with the stop sentinel (checked for
                 # here too, in case the reconnect came while the watcher was being created).
@@ -1034,9 +1074,39 @@ class Bus:
             except nats.errors.Error:
                 await asyncio.sleep(0.5)
             finally:
+                if dog is not None:
+                    dog.cancel()
                 self._watchers.discard(w)
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(w.stop(), 2)
+
+    async def _watchdog(self, w: Any, bucket: str, every: float) -> None:
+        """Wake watcher ``w`` with its stop sentinel (its ``watch`` starts a new one) once the
+        server has no consumer for it, or one that delivers where it no longer listens (nats-py
+        moved it to a new inbox and could not make the consumer there) twice in a row."""
+        astray = 0
+        while True:
+            await asyncio.sleep(every)
+            psub = w._sub
+            try:
+                info = await asyncio.wait_for(psub.consumer_info(), OP_TIMEOUT)
+            except nats.js.errors.NotFoundError:
+                astray = 2
+            except (nats.errors.Error, TimeoutError):
+                continue  # cannot tell now: the next round asks again
+            else:
+                listening = psub._sub._subject
+                astray = astray + 1 if info.config.deliver_subject != listening else 0
+            if astray >= 2:
+                try:
+                    w._updates.put_nowait(w.STOP_ITER)
+                except asyncio.QueueFull:  # it has updates to deliver: not lost after all
+                    astray = 0
+                    continue
+                log.warning("the watch of %s lost its consumer on the server; starting a new "
+                            "watch (a full read)", bucket)
+                self.lost_watches += 1
+                return
 
     # -- object store -----------------------------------------------------------------------------
 

@@ -125,7 +125,8 @@ class FakeBus:
         for start in range(0, len(entries), page):
             yield entries[start:start + page]
 
-    async def watch(self, bucket: str, pattern: str) -> AsyncIterator[Entry | None]:
+    async def watch(self, bucket: str, pattern: str, *,
+                    verify: float | None = None) -> AsyncIterator[Entry | None]:
         for e in await self.kv_entries(bucket, pattern):
             yield e
         yield None

@@ -13,6 +13,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from coordinator.runtime.ports import RunnerBus
+from protocol.bus import Entry
 from protocol.errors import BusError, Conflict
 
 OP_TIMEOUT = 12.0  # one bus call; the Bus has its own 10 s timeouts inside
@@ -30,6 +32,23 @@ async def bounded(work: Awaitable[T]) -> T:
             return await work
     except TimeoutError:
         raise BusError(f"NATS did not answer within {OP_TIMEOUT:g}s") from None
+
+
+async def scanned(bus: RunnerBus, bucket: str, pattern: str) -> list[Entry]:
+    """Every live entry of ``bucket`` matching ``pattern`` (``Bus.kv_scan``: paged, for buckets
+    too big for one watch), each page bounded: the whole scan takes as long as the bucket needs."""
+    out: list[Entry] = []
+    pages = bus.kv_scan(bucket, pattern)
+    try:
+        while True:
+            try:
+                out += await bounded(anext(pages))
+            except StopAsyncIteration:
+                return out
+    finally:
+        close = getattr(pages, "aclose", None)  # its consumer goes with it
+        if close is not None:
+            await close()
 
 
 class Retrying:

@@ -5,15 +5,21 @@ the leadership's ``Fenced`` writer (so nothing lands once another coordinator le
 the stored generation is lower, so re-issuing a write is harmless (a resumed rollout re-writes
 all it intends). A key this writer wrote in this term holds what it wrote (no one else writes
 while the fence holds), so its next write needs no read: many such keys go out as one pipelined
-batch. Any other key is read and compared first (``write``), ``WRITE_CONCURRENCY`` at a time.
+batch. Any other key is read and compared first: a few one by one (``write``),
+``WRITE_CONCURRENCY`` at a time; more than ``SCAN_FROM`` of one service (a leader's first wave
+over thousands of nodes) by one scan of that service's keys, after which they go out in the
+batch too. One read and one fsync a key took 29 s for a 10,000-node first wave (50,000 nodes,
+staging one wave ahead), past the deploy request's 30 s; the scan and the batch take well
+under a second.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Sequence
 
-from coordinator.runtime.calls import Retrying, bounded
+from coordinator.runtime.calls import Retrying, bounded, scanned
 from coordinator.runtime.lease import Deposed, Fenced
 from coordinator.runtime.ports import RunnerBus
 from protocol import subjects
@@ -23,6 +29,7 @@ from protocol.messages import DesiredState, SignedEnvelope
 from protocol.signing import sign
 
 WRITE_CONCURRENCY = 64  # desired writes read-then-written at once (each is two KV round trips)
+SCAN_FROM = 256  # more unknown keys of one service than this: one scan reads them all
 
 
 class DesiredWriter:
@@ -46,6 +53,8 @@ class DesiredWriter:
         """Write ``pending`` (one per key): those this writer knows the stored generation of as
         one pipelined batch, the rest (and those whose write failed) through ``write``,
         WRITE_CONCURRENCY at a time, each retried. Deposed ends it at once."""
+        await self._learn([d for d in pending
+                           if subjects.node_service_key(d.node, d.service) not in self._gens])
         known: list[tuple[str, DesiredState]] = []
         slow: list[DesiredState] = []
         for desired in pending:
@@ -77,18 +86,31 @@ class DesiredWriter:
                 for desired in slow:
                     tg.create_task(one(desired))
 
+    async def _learn(self, unknown: Sequence[DesiredState]) -> None:
+        """Read the stored generations of ``unknown``'s keys by one scan per service of which
+        more than SCAN_FROM are unknown (a key not there has none: 0). The scan is a snapshot,
+        and while the fence holds no one else writes the bucket, so it stays true."""
+        by_service: dict[str, list[str]] = {}
+        for d in unknown:
+            key = subjects.node_service_key(d.node, d.service)
+            by_service.setdefault(d.service, []).append(key)
+        for service, keys in by_service.items():
+            if len(keys) <= SCAN_FROM:
+                continue
+            scan = functools.partial(scanned, self.bus, self.bucket,
+                                     subjects.node_service_key("*", service))
+            entries = await self._retrying(scan)
+            stored = {e.key: _generation(e.value) for e in entries}
+            for key in keys:
+                self._gens[key] = stored.get(key, 0)
+
     async def write(self, desired: DesiredState) -> bool:
         """Sign and store ``desired`` unless the stored generation is >=; True if written."""
         key = subjects.node_service_key(desired.node, desired.service)
         stored = self._gens.get(key)
         if stored is None:
             entry = await bounded(self.bus.kv_get(self.bucket, key))
-            stored = 0
-            if entry is not None and entry.value is not None:
-                try:
-                    stored = decode(SignedEnvelope, entry.value).generation
-                except ProtocolError:
-                    stored = 0  # unreadable: replace it with a valid state
+            stored = _generation(entry.value if entry is not None else None)
             self._gens[key] = stored
         if stored >= desired.generation:
             return False
@@ -101,3 +123,14 @@ class DesiredWriter:
             raise
         self._gens[key] = desired.generation
         return True
+
+
+def _generation(value: bytes | None) -> int:
+    """The generation of a stored desired state; 0 for none, or one unreadable (it is replaced
+    with a valid state)."""
+    if not value:
+        return 0
+    try:
+        return decode(SignedEnvelope, value).generation
+    except ProtocolError:
+        return 0

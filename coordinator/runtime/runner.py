@@ -101,6 +101,15 @@ from protocol.messages import (
     RolloutSpec,
 )
 
+# The rollout events waiting for the events stream. Each is also in its rollout's outbox until
+# stored (a dropped one goes out again from there), which holds NODE_OUTBOX_MAX a node: room for
+# what 50,000 nodes' rollouts may have waiting, where a 5,000-node wave's start alone decides
+# 10,000 (the default 10,000 dropped thousands a wave, a wave.started among them).
+EVENT_QUEUE = NODE_OUTBOX_MAX * 50_000 + 10 * OUTBOX_MAX
+# How often the observed watch's consumer is checked on the server (``Bus.watch``): every
+# rollout waits on what it delivers, so a lost one must not go unnoticed.
+WATCH_VERIFY = 5.0
+
 log = logging.getLogger("fleetwave.coordinator.runner")
 
 TICK = 0.2  # how often time passes for the rollouts (and for the daemon's node table)
@@ -145,7 +154,8 @@ class Runner:
         self.store = RolloutStore(bus, fenced=fenced, live=self._live_record,
                                   retention=retention)
         self.desired = DesiredWriter(bus, seed=seed, fenced=fenced, retrying=self._retrying)
-        self.events = EventPublisher(self.fleet, logger=log, on_stored=self._stored)
+        self.events = EventPublisher(self.fleet, queue=EVENT_QUEUE, logger=log,
+                                     on_stored=self._stored)
         self._executor = Executor(store=self.store, desired=self.desired, events=self.events,
                                   retrying=self._retrying, clock=clock, observe=observe)
         self.cordons = Cordons(bus, desired=self.desired, events=self.events,
@@ -178,7 +188,8 @@ class Runner:
 
     async def _watch_loop(self) -> None:
         """Queue what the observed watch delivers; ``_observed_loop`` takes it in batches."""
-        async for entry in self.bus.watch(subjects.observed_bucket(self.fleet), ">"):
+        async for entry in self.bus.watch(subjects.observed_bucket(self.fleet), ">",
+                                          verify=WATCH_VERIFY):
             self._inbox.append(entry)
             self._inbox_ready.set()
 

@@ -42,7 +42,7 @@ from collections.abc import Callable
 
 from coordinator.core import pages
 from coordinator.core.history import Retention
-from coordinator.runtime.calls import bounded
+from coordinator.runtime.calls import bounded, scanned
 from coordinator.runtime.history import Change, History, Stored, decode_stored
 from coordinator.runtime.lease import Fenced
 from coordinator.runtime.ports import RunnerBus
@@ -173,18 +173,7 @@ class RolloutStore:
         return [e for e in await self._scan("*") if not e.key.startswith("_") and "." not in e.key]
 
     async def _scan(self, pattern: str) -> list[Entry]:
-        out: list[Entry] = []
-        scanned = self.bus.kv_scan(self.rollouts, pattern)
-        try:
-            while True:  # each page bounded: the whole scan takes as long as the bucket needs
-                try:
-                    out += await bounded(anext(scanned))
-                except StopAsyncIteration:
-                    return out
-        finally:
-            close = getattr(scanned, "aclose", None)  # its consumer goes with it
-            if close is not None:
-                await close()
+        return await scanned(self.bus, self.rollouts, pattern)
 
     async def records(self) -> list[RolloutRecord]:
         """Every rollout of the fleet kept whole as persisted, newest first: a scan (see

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -59,6 +60,84 @@ async def _expect(q: asyncio.Queue[Entry | None], value: bytes) -> None:
                 assert e.key.startswith("n1.")
                 if e.value == value:
                     return
+
+
+async def test_a_burst_of_messages_leaves_the_loop_its_turns(broker: Broker) -> None:
+    """nats-py runs a subscription's callbacks back to back while messages are queued: a burst
+    handled by callbacks that never suspend (50,000 registrations) kept every other task, the
+    lease's renewal among them, waiting for seconds. ``Bus.subscribe`` gives the loop a turn at
+    least every ``YIELD_EVERY`` of them: here 400 callbacks of 1 ms each (0.4 s) with a task
+    beside them that should run about 80 times; without the turns it ran a few times."""
+    bus = await Bus.connect(broker.url, "t")
+    sender = await Bus.connect(broker.url, "t")
+    handled = 0
+    turns_during = 0
+    done = asyncio.Event()
+
+    async def busy(subject: str, data: bytes) -> None:
+        nonlocal handled
+        handled += 1
+        end = time.perf_counter() + 0.001
+        while time.perf_counter() < end:  # work that never suspends, as a decode and a log do
+            pass
+        if handled == 400:
+            done.set()
+
+    async def beside() -> None:
+        nonlocal turns_during
+        while not done.is_set():
+            if 0 < handled < 400:
+                turns_during += 1
+            await asyncio.sleep(0)
+
+    try:
+        await bus.subscribe("burst.x", busy)
+        await bus.nc.flush()
+        for i in range(400):  # queued on the socket before any is handled
+            await sender.publish("burst.x", b"%d" % i)
+        other = asyncio.create_task(beside())
+        await sender.nc.flush()
+        async with asyncio.timeout(30):
+            await done.wait()
+        await other
+        assert turns_during >= 40, f"the loop had {turns_during} turns during 400 callbacks"
+    finally:
+        await bus.close()
+        await sender.close()
+
+
+async def test_a_watch_whose_consumer_is_gone_starts_again(broker: Broker) -> None:
+    """nats-py re-creates a watch's ordered consumer in a task whose failure it only reports; a
+    ``verify``ing watch asks the server for its consumer and starts a new watch without it.
+    Here the consumer is deleted and nats-py's own recovery stopped: the change after that
+    still arrives, after a new snapshot (``None``)."""
+    bus = await Bus.connect(broker.url, "t")
+    writer = await Bus.connect(broker.url, "t")
+    try:
+        await bus.ensure_fleet()
+        await writer.kv_put("fw-t-observed", "n1.web", b"1")
+        seen: asyncio.Queue[Entry | None] = asyncio.Queue()
+
+        async def follow() -> None:
+            async for e in bus.watch("fw-t-observed", ">", verify=0.2):
+                await seen.put(e)
+
+        task = asyncio.create_task(follow())
+        async with asyncio.timeout(10):
+            assert (await seen.get()) is not None and (await seen.get()) is None
+        [w] = list(bus._watchers)
+        w._sub._sub._jsi._hbtask.cancel()  # nats-py will not notice, as when its re-creation failed
+        await bus.js.delete_consumer(w._sub._stream, w._sub._consumer)
+        await writer.kv_put("fw-t-observed", "n1.web", b"2")
+        async with asyncio.timeout(10):
+            while (e := await seen.get()) is None or e.value != b"2":
+                pass
+        assert bus.lost_watches == 1
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    finally:
+        await bus.close()
+        await writer.close()
 
 
 async def test_create_is_a_lock(broker: Broker) -> None:

@@ -83,7 +83,7 @@ def test_a_full_queue_drops_its_oldest_event(caplog: pytest.LogCaptureFixture) -
         for i in range(3):
             pub.put(event(i))
     assert [e.id for e in pub.pending()] == ["e1", "e2"]
-    assert "dropped node.done of rollout r1" in caplog.text
+    assert "dropped 1, oldest first (1 node.done; the last node.done of rollout r1)" in caplog.text
 
 
 async def test_run_publishes_what_is_queued_while_it_runs() -> None:
@@ -236,23 +236,31 @@ async def test_cancelling_run_drops_the_batch_in_flight_and_keeps_the_queue() ->
 async def test_a_full_queue_drops_the_oldest_while_the_bus_is_away(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Producers go on queueing while a batch is retried; past the bound the oldest go."""
+    """Producers go on queueing while a batch is retried; past the bound the oldest go, said in
+    one error line a second at most, with the count and kinds dropped since the last one."""
     gate = asyncio.Event()
+    clock = FakeClock()
 
     async def sleep(delay: float) -> None:
         await gate.wait()
 
-    bus, pub = FakeBus(), EventPublisher(FLEET, queue=2, sleep=sleep)
+    bus, pub = FakeBus(), EventPublisher(FLEET, queue=2, sleep=sleep, clock=clock)
     bus.faults[(PUBLISH, PUBLISH)] = BusError("JetStream away")
     pub.put(event(0))
     task = asyncio.create_task(pub.run(bus))
     for _ in range(5):
         await asyncio.sleep(0)
     with caplog.at_level(logging.ERROR):
-        for i in range(1, 5):
-            pub.put(event(i))
+        for i in range(1, 6):
+            pub.put(event(i))  # e3 drops e1 (said at once); e4 drops e2, e5 e3 (held back)
+        lines = [r.getMessage() for r in caplog.records]
+        assert len(lines) == 1 and "dropped 1, oldest first (1 node.done" in lines[0], lines
+        clock.t += 1.0
+        pub.put(event(6))  # drops e4: a second has passed, so this line says the three
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert [e.id for e in pub.pending()] == ["e3", "e4"]
-    assert caplog.text.count("event queue full; dropped node.done") == 2
+    assert [e.id for e in pub.pending()] == ["e5", "e6"]
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2
+    assert "dropped 3, oldest first (3 node.done; the last node.done" in lines[1]

@@ -82,4 +82,5 @@ def test_emit_never_waits_and_a_full_queue_drops_the_oldest(
         for i in range(3):
             events.emit("slot.failed", "hello", f"m{i}")
     assert [e.message for e in publisher.pending()] == ["m1", "m2"]
-    assert "event queue full; dropped slot.failed of node-1" in caplog.text
+    assert "event queue full (2 events): dropped 1, oldest first (1 slot.failed; the last " \
+        "slot.failed of node-1)" in caplog.text
