@@ -151,6 +151,9 @@ class EventPublisher:
                     results = await sink.js_publish_events([(s, d) for s, d, _ in pending],
                                                            timeout=self._timeout)
             except (BusError, TimeoutError) as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():  # a cancel made an error (3.11)
+                    raise asyncio.CancelledError from None
                 results = [exc] * len(pending)
             failed = [(item, error) for item, error in zip(pending, results, strict=True)
                       if error is not None]

@@ -2,7 +2,8 @@
 
 Errors are caught here and only here: a FleetwaveError or ProtocolError becomes one line on stderr
 and its exit code (1 error, 2 usage); click's own usage errors also exit 2 with one line. Commands
-live in one module per area and register themselves on ``cli``.
+live in one module per area and register themselves on ``cli``, which imports a command's module
+when that command is asked for (``base.COMMANDS``).
 """
 
 # ruff: noqa: E402  (the bus is imported first, without aiohttp: see import_bus below)
@@ -17,18 +18,8 @@ from protocol.imports import import_bus
 
 import_bus()  # first, without aiohttp: 0.2 s of every command's start (protocol.imports)
 
-# Each module adds its commands to ``cli`` when imported.
-from coordinator.cli import (  # noqa: F401  (registration by import)
-    auth_cmds,
-    dev_cmds,
-    fleet_cmds,
-    infra,
-    node_cmds,
-    proto,
-    release_cmds,
-    remove_cmds,
-    rollout_cmds,
-)
+# Each module adds its commands to ``cli`` when imported, which ``cli`` does for the command
+# asked for only (``base.COMMANDS``).
 from coordinator.cli.base import Ctx, cli
 from coordinator.errors import FleetwaveError
 from protocol.errors import BusError, CredentialsLapsed, ProtocolError

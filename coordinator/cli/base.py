@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,37 @@ def _fleet(_: click.Context, __: click.Parameter, value: str) -> str:
         raise click.BadParameter(str(exc)) from None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+# Each command's module, imported when that command runs (or ``--help`` lists them all): a
+# ``deploy`` need not import the auth, dev-fleet and daemon commands' dependencies, a quarter
+# second of every start on this project's machine. ``tests/unit/coordinator/cli`` checks that
+# this map names every command each module registers.
+COMMANDS = {
+    **dict.fromkeys(["abort", "deploy", "events", "pause", "promote", "resume", "rollback",
+                     "rollouts", "status"], "rollout_cmds"),
+    **dict.fromkeys(["cordon", "drain", "uncordon"], "node_cmds"),
+    **dict.fromkeys(["coordinator", "key", "nodes"], "fleet_cmds"),
+    **dict.fromkeys(["broker", "demo"], "infra"),
+    "auth": "auth_cmds", "dev": "dev_cmds", "protocol": "proto", "release": "release_cmds",
+    "remove": "remove_cmds",
+}
+
+
+class LazyGroup(click.Group):
+    """The ``fleetwave`` group: a command's module is imported when it is asked for
+    (``COMMANDS``); it registers its commands on ``cli`` as it is imported."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(COMMANDS))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module = COMMANDS.get(cmd_name)
+        if module is not None and cmd_name not in self.commands:
+            importlib.import_module(f"coordinator.cli.{module}")
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=LazyGroup,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option(
     "--nats", "nats_url", envvar="FLEETWAVE_NATS", default=DEFAULT_NATS, show_default=True,
     help="NATS server URL (env FLEETWAVE_NATS).",

@@ -25,6 +25,19 @@ T = TypeVar("T")
 log = logging.getLogger("fleetwave.coordinator.runner")
 
 
+def cancelled_meanwhile() -> None:
+    """Raise CancelledError if this task is being cancelled, though what it awaited ended in
+    an error instead: the loops that log and go on after a failure call it first, so a cancel
+    a callee turned into an error still ends them. Python 3.11 does that in two places: a
+    cancel that lands as an ``asyncio.timeout`` expires becomes TimeoutError (``bounded``:
+    BusError), and a TaskGroup with a failed child raises its errors, not the cancel. A
+    coordinator of 50,000 nodes lost its lease so, and its runner's observed feed, told to
+    stop, logged a BusError and waited on: the daemon waited for it, leading no one."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 async def bounded(work: Awaitable[T]) -> T:
     """Await ``work`` for at most OP_TIMEOUT; a timeout is a BusError."""
     try:
@@ -67,6 +80,7 @@ class Retrying:
             except Conflict:
                 raise
             except BusError as exc:
+                cancelled_meanwhile()
                 if loop.time() + delay > deadline:
                     raise
                 log.warning("retrying in %.1fs: %s", delay, exc)

@@ -40,6 +40,7 @@ from urllib.parse import unquote, urlsplit
 import msgspec
 
 from coordinator.runtime import notify_doc as doc
+from coordinator.runtime.calls import cancelled_meanwhile
 from coordinator.runtime.notify_doc import Facts, Target
 from coordinator.runtime.store import RolloutStore
 from protocol import subjects
@@ -126,8 +127,10 @@ class Notifier:
             try:
                 await self._follow(bus, store, target, start)
             except BusError as exc:
+                cancelled_meanwhile()
                 log.warning("notify %s: %s; again in %.0fs", target.shown, exc, RESTART_DELAY)
             except Exception:  # our bug: logged with its traceback; never ends the leadership
+                cancelled_meanwhile()
                 log.exception("notify %s: failed; again in %.0fs", target.shown, RESTART_DELAY)
             await asyncio.sleep(RESTART_DELAY)
 
@@ -159,6 +162,7 @@ class Notifier:
         try:
             await self.deliver(target, event, await self._facts_of(store, event))
         except Exception:  # our bug: skip this event (logged) rather than retry it forever
+            cancelled_meanwhile()
             log.exception("notify %s: cannot notify event %s; skipped", target.shown, event.id)
         except asyncio.CancelledError:
             # The leadership ended mid-delivery: hand the event to the next leader now rather

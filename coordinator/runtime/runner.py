@@ -76,7 +76,7 @@ from coordinator.core.engine import (
 from coordinator.core.history import Retention, newest, summarise
 from coordinator.core.pages import Layout, fit
 from coordinator.errors import RemoteError, UsageError
-from coordinator.runtime.calls import COMMAND_DEADLINE, Retrying
+from coordinator.runtime.calls import COMMAND_DEADLINE, Retrying, cancelled_meanwhile
 from coordinator.runtime.cordons import Cordons, read_cordons
 from coordinator.runtime.desired import DesiredWriter
 from coordinator.runtime.driver import EVENT_BYTES, NODE_OUTBOX_MAX, OUTBOX_MAX, Driver
@@ -230,6 +230,7 @@ class Runner:
                 self._lose(exc)
                 return
             except BusError as exc:
+                cancelled_meanwhile()
                 log.warning("cannot load rollouts yet (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -323,6 +324,7 @@ class Runner:
                 self._lose(exc)
                 return
             except BusError as exc:
+                cancelled_meanwhile()
                 log.debug("rollout %s: cannot clear its outbox yet: %s", driver.id, exc)
                 continue
             if driver.rollout.done:
@@ -572,6 +574,7 @@ class Runner:
             except Deposed:
                 raise
             except BusError as exc:
+                cancelled_meanwhile()
                 self._drop(driver, f"cannot resume it yet: {exc}")
             except RemoteError as exc:  # no longer ours: feed() logged it
                 log.debug("%s", exc)
@@ -590,6 +593,7 @@ class Runner:
             await self.store.discard(record)
             return False
         except BusError as exc:
+            cancelled_meanwhile()
             log.warning("cannot lock rollout %s yet: %s", record.id, exc)
             return False
 
@@ -650,8 +654,10 @@ class Runner:
         except IllegalTransition as exc:
             log.debug("%s", exc)
         except (RemoteError, BusError) as exc:
+            cancelled_meanwhile()
             log.debug("rollout %s: %s", driver.id, exc)
         except Exception:  # our bug: keep the other rollouts going, rebuild this one
+            cancelled_meanwhile()
             log.exception("rollout %s: crashed handling %s", driver.id, type(event).__name__)
             self._drop(driver, "crashed")
 

@@ -1,0 +1,40 @@
+"""``fleetwave`` imports a command's module only when that command is asked for: the map it
+does so by (``base.COMMANDS``) must name every command each module registers, and only those."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from coordinator.cli import base, cli
+
+
+def test_the_map_names_each_command_with_the_module_that_registers_it() -> None:
+    for module in sorted(set(base.COMMANDS.values())):
+        importlib.import_module(f"coordinator.cli.{module}")
+    registered = {name: command.callback.__module__.rsplit(".", 1)[-1]
+                  for name, command in cli.commands.items() if command.callback is not None}
+    assert registered == base.COMMANDS
+
+
+def test_help_lists_every_command() -> None:
+    out = CliRunner().invoke(cli, ["--help"]).output
+    for name in base.COMMANDS:
+        assert f"  {name} " in out, name
+
+
+def test_a_command_imports_its_own_module_only() -> None:
+    """A fresh interpreter running ``deploy --help`` imports no other command's module (so,
+    not the auth commands' cryptography, nor the daemon)."""
+    code = ("import sys\nfrom coordinator.cli import main\n"
+            "try:\n    main(['deploy', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.startswith('coordinator.cli.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    loaded = eval(out.strip().splitlines()[-1])
+    others = {f"coordinator.cli.{m}" for m in base.COMMANDS.values()} - {
+        "coordinator.cli.rollout_cmds"}
+    assert not others & set(loaded), loaded

@@ -1,0 +1,89 @@
+"""A cancel some callee turns into an error (Python 3.11: ``asyncio.timeout`` expiring as the
+cancel lands, a TaskGroup with a failed child) must still end the loops that log an error and
+go on, and a leadership must end even when some of its work will not: a coordinator of
+50,000 nodes once waited for ever on its runner's observed feed, leading no one."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from coordinator.runtime import daemon
+from coordinator.runtime.calls import Retrying
+from protocol.errors import BusError
+
+
+async def cancel_made_an_error() -> None:
+    """An operation that, cancelled, raises BusError instead (as ``bounded`` does when 3.11
+    turns the cancel into a TimeoutError)."""
+    try:
+        await asyncio.sleep(3600)
+    except asyncio.CancelledError:
+        raise BusError("NATS did not answer within 12s") from None
+
+
+async def test_retrying_ends_when_its_task_is_cancelled_whatever_the_error() -> None:
+    task = asyncio.create_task(Retrying(deadline=3600)(cancel_made_an_error))
+    await asyncio.sleep(0)
+    task.cancel()
+    async with asyncio.timeout(5):  # before the fix: retried for the deadline, an hour
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def swallows_one_cancel(stopped: list[str]) -> None:
+    try:
+        await asyncio.sleep(3600)
+    except asyncio.CancelledError:
+        pass  # as a loop that logged a BusError and went on
+    try:
+        await asyncio.sleep(3600)
+    finally:
+        stopped.append("swallower")
+
+
+async def never_stops(until: asyncio.Event) -> None:
+    """Swallows every cancel until the test lets it go (so that the test can end)."""
+    while not until.is_set():
+        try:
+            await until.wait()
+        except asyncio.CancelledError:
+            continue
+
+
+async def test_work_that_lost_a_cancel_is_cancelled_again(caplog: pytest.LogCaptureFixture
+                                                          ) -> None:
+    stopped: list[str] = []
+
+    async def first() -> str:
+        return "lease lost"
+
+    with caplog.at_level(logging.ERROR):
+        async with asyncio.timeout(5):
+            why, crashed = await daemon._first_of(first(), swallows_one_cancel(stopped),
+                                                  teardown=0.05)
+    assert (why, crashed) == ("lease lost", False)
+    assert stopped == ["swallower"]
+    assert "did not stop within 0.05s of its cancel" in caplog.text
+
+
+async def test_work_that_never_stops_is_left_and_the_leadership_ends(
+        caplog: pytest.LogCaptureFixture) -> None:
+    async def first() -> str:
+        return "lease lost"
+
+    release = asyncio.Event()
+    try:
+        with caplog.at_level(logging.ERROR):
+            async with asyncio.timeout(5):
+                why, _ = await daemon._first_of(first(), never_stops(release), teardown=0.05)
+        assert why == "lease lost"
+        assert "left 1 task(s) of the old leadership running" in caplog.text
+        assert len(daemon._ABANDONED) == 1
+    finally:
+        release.set()
+        for task in list(daemon._ABANDONED):  # this test's own
+            await task
+            daemon._ABANDONED.discard(task)
