@@ -49,7 +49,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TypeVar
 
@@ -62,7 +62,7 @@ from coordinator.core.history import Retention, newest
 from coordinator.core.rotation import lead_refusal, retired_after, short
 from coordinator.errors import ConfigError, RemoteError
 from coordinator.releases import resolve_release
-from coordinator.runtime.calls import cancelled_meanwhile
+from coordinator.runtime.calls import TEARDOWN, cancelled_meanwhile, stop_all
 from coordinator.runtime.cordons import read_cordons
 from coordinator.runtime.executor import Observe
 from coordinator.runtime.lease import (
@@ -104,9 +104,6 @@ from protocol.messages import (
 from protocol.signing import generate_seed, public_key
 
 NODE_EVENT_QUEUE = 100_000  # node transitions waiting for the events stream
-TEARDOWN = 10.0  # seconds a leadership's work has to stop once cancelled, a round (``_stop``)
-STOP_ROUNDS = 3
-_ABANDONED: set[asyncio.Future[Any]] = set()  # work that would not stop (``_stop``)
 
 log = logging.getLogger("fleetwave.coordinator")
 
@@ -606,7 +603,7 @@ async def _first_of(*work: Coroutine[Any, Any, Any],
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        await _stop(tasks, teardown)
+        await stop_all(tasks, teardown, what="the leadership's work")
     first = next(t for t in tasks if t in done)
     if first.cancelled():
         return "cancelled", True
@@ -614,37 +611,6 @@ async def _first_of(*work: Coroutine[Any, Any, Any],
         log.error("leadership ended by an error", exc_info=exc)
         return f"{type(exc).__name__}: {exc}", True
     return str(first.result() or ""), False
-
-
-async def _stop(tasks: Sequence[asyncio.Future[Any]], teardown: float) -> None:
-    """Cancel ``tasks`` and wait for them, ``teardown`` seconds a round: what has not stopped
-    by then is cancelled again (a cancel some callee turned into an error, on Python 3.11, is
-    a cancel lost), with a line naming where each task of the loop being cancelled waits;
-    after ``STOP_ROUNDS`` rounds it is left running (kept in ``_ABANDONED``, logged), so that
-    the coordinator goes on: a leadership that never ends leads no one."""
-    pending = {t for t in tasks if not t.done()}
-    for _ in range(STOP_ROUNDS):
-        if not pending:
-            return
-        for t in pending:
-            t.cancel()
-        _, pending = await asyncio.wait(pending, timeout=teardown)
-        if pending:
-            log.error("the leadership's work did not stop within %gs of its cancel: %s",
-                      teardown, "; ".join(_where(t) for t in asyncio.all_tasks()
-                                          if isinstance(t, asyncio.Task) and t.cancelling()))
-    if pending:
-        log.error("left %d task(s) of the old leadership running; this coordinator goes on",
-                  len(pending))
-        _ABANDONED.update(pending)
-
-
-def _where(task: asyncio.Task[Any]) -> str:
-    """``task``'s name and the line it waits at."""
-    frames = task.get_stack(limit=1)
-    at = (f"{frames[-1].f_code.co_filename.rsplit('/', 1)[-1]}:{frames[-1].f_lineno}"
-          if frames else "?")
-    return f"{task.get_name()} at {at}"
 
 
 async def _until(stop: asyncio.Event, work: Coroutine[Any, Any, T]) -> T | None:

@@ -76,7 +76,7 @@ from coordinator.core.engine import (
 from coordinator.core.history import Retention, newest, summarise
 from coordinator.core.pages import Layout, fit
 from coordinator.errors import RemoteError, UsageError
-from coordinator.runtime.calls import COMMAND_DEADLINE, Retrying, cancelled_meanwhile
+from coordinator.runtime.calls import COMMAND_DEADLINE, Retrying, cancelled_meanwhile, stop_all
 from coordinator.runtime.cordons import Cordons, read_cordons
 from coordinator.runtime.desired import DesiredWriter
 from coordinator.runtime.driver import EVENT_BYTES, NODE_OUTBOX_MAX, OUTBOX_MAX, Driver
@@ -174,17 +174,24 @@ class Runner:
     async def run(self) -> None:
         """Watch, tick, resume and publish until cancelled, or until a write meets a later
         leader's fence (then return: this coordinator no longer leads). Every task owned here."""
-        async with asyncio.TaskGroup() as tg:
-            tasks = [
-                tg.create_task(self._watch_loop(), name="runner-observed"),
-                tg.create_task(self._observed_loop(), name="runner-observed-feed"),
-                tg.create_task(self.events.run(self.bus), name="runner-events"),
-                tg.create_task(self._resync_loop(), name="runner-resync"),
-                tg.create_task(self._tick_loop(), name="runner-tick"),
-            ]
-            await self.lost.wait()
-            for task in tasks:
-                task.cancel()
+        # Not a TaskGroup: it cancels its tasks once, and Python 3.11 can lose a cancel
+        # (``calls.stop_all``); a task that ends by an error ends them all, raised here.
+        loop = asyncio.get_running_loop()
+        tasks = [
+            loop.create_task(self._watch_loop(), name="runner-observed"),
+            loop.create_task(self._observed_loop(), name="runner-observed-feed"),
+            loop.create_task(self.events.run(self.bus), name="runner-events"),
+            loop.create_task(self._resync_loop(), name="runner-resync"),
+            loop.create_task(self._tick_loop(), name="runner-tick"),
+        ]
+        lost = loop.create_task(self.lost.wait(), name="runner-lost")
+        try:
+            done, _ = await asyncio.wait([lost, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await stop_all([lost, *tasks], what="the runner's tasks")
+        for task in tasks:
+            if task in done and not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
 
     async def _watch_loop(self) -> None:
         """Queue what the observed watch delivers; ``_observed_loop`` takes it in batches."""
@@ -201,6 +208,7 @@ class Runner:
         the full contents) is honoured only after the entries before it are fed.
         """
         while True:
+            cancelled_meanwhile()
             await self._inbox_ready.wait()
             self._inbox_ready.clear()
             items, self._inbox = self._inbox, []
@@ -560,9 +568,9 @@ class Runner:
             log.info("resuming rollout %s (%s, %s %s, wave %d)", record.id, record.state,
                      record.spec.service, record.release.version, record.current_wave)
             try:
-                async with driver.lock:
-                    for desired in driver.rollout.intended():
-                        await self._retrying(functools.partial(self.desired.write, desired))
+                async with driver.lock:  # what it intends, in batches (one scan, not a read each)
+                    intended = list(driver.rollout.intended())
+                    await self._retrying(functools.partial(self.desired.write_all, intended))
                 events: list[EngineEvent] = [
                     ObservedChanged(node, seen) for (node, svc), seen in self.observed.items()
                     if svc == record.spec.service and node in record.nodes
