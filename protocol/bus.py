@@ -491,7 +491,7 @@ class Bus:
         per kind, the reconnect attempts at debug level (``on_disconnect`` said it)."""
         kind = type(exc).__name__
         now = asyncio.get_running_loop().time()
-        if isinstance(exc, OSError | nats.errors.ConnectionClosedError) \
+        if isinstance(exc, ConnectionError | nats.errors.ConnectionClosedError) \
                 or now - self._async_errors.get(kind, -ASYNC_ERRORS_EVERY) < ASYNC_ERRORS_EVERY:
             log.debug("NATS client error: %s: %s", kind, exc)
             return
@@ -1057,6 +1057,7 @@ class Bus:
                 continue
             failures = 0
             self._watchers.add(w)
+            first = 0  # entries delivered before the first snapshot's end (None)
             dog = (asyncio.get_running_loop().create_task(self._watchdog(w, bucket, verify))
                    if verify else None)
             try:
@@ -1065,8 +1066,17 @@ class Bus:
                 while self.reconnects == epoch:
                     e = await w.updates(timeout=None)
                     if e is None:
+                        if first >= 0 and first < (getattr(w, "_pending", 0) or 0):
+                            log.warning("the watch of %s lost %d of the %d entries of its first "
+                                        "read (the client dropped them); starting it again",
+                                        bucket, w._pending - first, w._pending)
+                            self.lost_watches += 1
+                            break
+                        first = -1
                         yield None
                         continue
+                    if first >= 0:
+                        first += 1
                     if not hasattr(e, "key"):  # the watcher's stop sentinel: start a new one
                         break
                     deleted = e.operation in ("DEL", "PURGE")
@@ -1082,8 +1092,9 @@ class Bus:
 
     async def _watchdog(self, w: Any, bucket: str, every: float) -> None:
         """Wake watcher ``w`` with its stop sentinel (its ``watch`` starts a new one) once the
-        server has no consumer for it, or one that delivers where it no longer listens (nats-py
-        moved it to a new inbox and could not make the consumer there) twice in a row."""
+        server has no consumer for it, or twice in a row one that delivers where it no longer
+        listens (nats-py moved it to a new inbox and could not make the consumer there) or that
+        has delivered everything while the first read has not ended here."""
         astray = 0
         while True:
             await asyncio.sleep(every)
@@ -1096,7 +1107,11 @@ class Bus:
                 continue  # cannot tell now: the next round asks again
             else:
                 listening = psub._sub._subject
-                astray = astray + 1 if info.config.deliver_subject != listening else 0
+                # Delivered everything, yet the first read never ended here: its last
+                # messages were dropped on the way (see ``_HeartbeatingJetStream``).
+                unfinished = not w._init_done and not info.num_pending
+                astray = (astray + 1 if info.config.deliver_subject != listening or unfinished
+                          else 0)
             if astray >= 2:
                 try:
                     w._updates.put_nowait(w.STOP_ITER)
@@ -1532,6 +1547,12 @@ class _HeartbeatingJetStream:
     def __init__(self, js: Any, interval: float) -> None:
         self._inner = js
         self._interval = interval
+        # What a watch's first messages wait for before they are handled (nats-py's
+        # ``KeyValue.watch`` callback: ``wait_for(init_setup, js._timeout)``): its consumer made
+        # and then asked for its pending count, two requests of the inner context's timeout.
+        # Past it nats-py drops the message (an error to the error callback only): on a busy
+        # server the first entries of a 50,000-key snapshot were lost so, and its end never came.
+        self._timeout = 2 * js._timeout + 1.0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
