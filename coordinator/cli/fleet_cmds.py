@@ -35,6 +35,7 @@ from coordinator.dev.cluster import parse_hostport
 from coordinator.errors import UsageError
 from coordinator.runtime.config import load as load_config
 from coordinator.runtime.keyfile import coordinator_seed, previous_key
+from coordinator.runtime.lease import LEASE_TTL
 from coordinator.runtime.notify_doc import BadTarget, Target, parse_target
 from protocol.bus import EventsLimits, redact
 from protocol.codec import to_builtins
@@ -151,14 +152,22 @@ def _events_bytes(_: click.Context, __: click.Parameter, value: str) -> int:
     "16MiB-1PiB, per copy. An existing stream is updated at start "
     "(env FLEETWAVE_EVENTS_MAX_BYTES).",
 )
+@click.option(
+    "--lease-ttl", type=click.FloatRange(1.0, 120.0), default=LEASE_TTL, show_default=True,
+    metavar="SECONDS", envvar="FLEETWAVE_LEASE_TTL",
+    help="A leader whose lease goes unrenewed this long stops leading, and a standby takes over "
+    "(it waits for the longer of its own and the one the lease names). Renewed five times "
+    "within it. Raise it where the leader's own work may pause it past 2 s: tens of thousands "
+    "of nodes on a small host (see README, Performance); 1-120 (env FLEETWAVE_LEASE_TTL).",
+)
 @creds_option
 @tls_ca_option
 @click.pass_obj
 def coordinator(ctx: Ctx, verbose: bool, key_file: Path | None, replicas: int | None,
                 notify: list[Target], notify_secret: str | None, http: tuple[str, int] | None,
                 http_tokens: Path | None, config: Path | None, keep_rollouts: int,
-                events_max_age: float, events_max_bytes: int, creds: Path | None,
-                tls_ca: Path | None) -> int:
+                events_max_age: float, events_max_bytes: int, lease_ttl: float,
+                creds: Path | None, tls_ca: Path | None) -> int:
     """Run the coordinator daemon in the foreground (SIGTERM or Ctrl-C stops it)."""
     if config is not None:  # first: a bad file is one line before anything starts
         notify, http = load_config(config).under(notify, http)
@@ -192,7 +201,8 @@ def coordinator(ctx: Ctx, verbose: bool, key_file: Path | None, replicas: int | 
     notifier = (Notifier(notify, secret=notify_secret.encode() if notify_secret else None)
                 if notify else None)
     history = History(Retention(keep_rollouts),
-                      EventsLimits(max_age=events_max_age, max_bytes=events_max_bytes))
+                      EventsLimits(max_age=events_max_age, max_bytes=events_max_bytes),
+                      lease_ttl)
     return asyncio.run(_run_coordinator(ctx, seed, replicas, previous_key(path, seed), notifier,
                                         http, tokens, history))
 
@@ -203,6 +213,7 @@ class History:
 
     rollouts: Retention
     events: EventsLimits
+    lease_ttl: float = LEASE_TTL  # (not history: how long a lease outlives its last renewal)
 
 
 async def _run_coordinator(ctx: Ctx, seed: bytes, replicas: int | None,
@@ -222,7 +233,8 @@ async def _run_coordinator(ctx: Ctx, seed: bytes, replicas: int | None,
     coord = Coordinator(ctx.nats_url, ctx.fleet, seed=seed, replicas=replicas,
                         previous_key=previous, notifier=notifier,
                         retention=history.rollouts if history else None,
-                        events_limits=history.events if history else None, **ctx.access())
+                        events_limits=history.events if history else None,
+                        lease_ttl=history.lease_ttl if history else LEASE_TTL, **ctx.access())
     surface = None
     if http is not None:
         from coordinator.http.server import HttpSurface  # aiohttp: only for a coordinator serving

@@ -67,6 +67,7 @@ from coordinator.runtime.cordons import read_cordons
 from coordinator.runtime.executor import Observe
 from coordinator.runtime.lease import (
     LEASE_TTL,
+    RENEW_EVERY,
     Fenced,
     Lease,
     direct_api,
@@ -134,9 +135,10 @@ class Coordinator:
         seed: bytes | None = None, replicas: int | None = None,
         creds: Creds | None = None, tls_ca: str | None = None, previous_key: str | None = None,
         notifier: Notifier | None = None, retention: Retention | None = None,
-        events_limits: EventsLimits | None = None,
+        events_limits: EventsLimits | None = None, lease_ttl: float = LEASE_TTL,
     ) -> None:
         self.nats_url = nats_url
+        self.lease_ttl = lease_ttl
         self.retention = retention or Retention()
         self.events_limits = events_limits or EventsLimits()
         self._access: dict[str, Any] = {"creds": creds, "tls_ca": tls_ca}
@@ -243,7 +245,8 @@ class Coordinator:
         await bus.subscribe(subjects.registrations(f), self._on_register)
         await self._check_key(bus)
         self.store = RolloutStore(bus, retention=self.retention)
-        self.lease = Lease(bus, me=self.id, key=self.public_key)
+        self.lease = Lease(bus, me=self.id, key=self.public_key, ttl=self.lease_ttl,
+                           renew=min(RENEW_EVERY, self.lease_ttl / 5))
         RolloutsApi(
             _Current(self), public_key=self.public_key,
             resolve=lambda service, version: resolve_release(bus, service, version),
@@ -357,7 +360,8 @@ class Coordinator:
             leader = self.lease.leader if self.lease is not None else None
             if leader is None or leader.holder == self.id:
                 return _unavailable(f"no coordinator leads fleet {self.fleet_name!r} right now; "
-                                    f"a standby takes over within {LEASE_TTL + 1:g}s: try again")
+                                    f"a standby takes over within {self.lease_ttl + 1:g}s: "
+                                    "try again")
             log.info("forwarding %s of %s to the leading coordinator %s", verb, caller,
                      leader.holder)
             try:

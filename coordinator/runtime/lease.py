@@ -295,7 +295,10 @@ class Lease:
             # take it again at once, under a new term (the old term's writes stay fenced off).
             mine = held is not None and held.holder == self.me and entry is not None \
                 and entry.revision == self._last
-            expired = held is None or not held.holder or mine or now - seen_at >= self.ttl
+            # The longer of our ttl and the leader's (``--lease-ttl``): never sooner than it
+            # promised itself to hold on.
+            ttl = max(self.ttl, held.ttl if held is not None else 0.0)
+            expired = held is None or not held.holder or mine or now - seen_at >= ttl
             if not expired and held is not None and now >= next_ping:
                 next_ping = now + PING_EVERY
                 answered = await self.bus.ping(ping_subject(self.bus.fleet, held.holder),

@@ -62,7 +62,7 @@ async def measure(n: int, keep: bool, profile: Path | None = None,
                   secure: bool = False, brokers: int = 1,
                   max_payload: str = "1MB") -> dict[str, Any]:
     async with SimFleet(n, keep=keep, secure=secure, brokers=brokers, max_payload=max_payload,
-                        heartbeat=heartbeat_for(n)) as fleet:
+                        heartbeat=heartbeat_for(n), lease_ttl=lease_ttl_for(n)) as fleet:
         assert fleet.coordinator.pid is not None and fleet.bus is not None
         rid, _ = await fleet.deploy(rolling("1.0.0"))
         ev, _ = await fleet.finish(rid, timeout=120 + n / 10)
@@ -102,7 +102,8 @@ async def measure(n: int, keep: bool, profile: Path | None = None,
                  await bus_floor(fleet.broker.url, written, len(starts) + 1, payload))
         return {
             "secure": secure, "brokers": brokers, "max_payload": max_payload,
-            "nodes": n, "heartbeat_s": heartbeat_for(n), "waves": len(starts),
+            "nodes": n, "heartbeat_s": heartbeat_for(n), "lease_ttl_s": lease_ttl_for(n),
+            "waves": len(starts),
             "node_updates": updates,
             "desired_writes": written,
             "total_s": round(total, 3),
@@ -125,6 +126,15 @@ def heartbeat_for(n: int) -> float:
     return max(2.0, n / 2000)
 
 
+def lease_ttl_for(n: int) -> float:
+    """The coordinator's ``--lease-ttl``: its default, 2 s, up to 20,000 nodes, then 10 s. At
+    50,000 nodes on this 2-core machine one engine step (a working copy of every node's
+    progress) plus a wave's 5,000 signatures and page writes pause the loop 1-2 s, and the
+    server's fsyncs slow the renewals too: with 2 s the leader lost its lease to itself a dozen
+    times in one rollout, each time resuming it with a full read (session 9)."""
+    return 2.0 if n <= 20_000 else 10.0
+
+
 async def stream_seq(fleet: SimFleet, bucket: str) -> int:
     """The last sequence of a KV bucket's stream: how many writes it has taken so far."""
     assert fleet.bus is not None
@@ -142,6 +152,7 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         ("coordinator CPU", f"{r['coordinator_cpu_s']:.2f} s (simulated agent: "
                             f"{r['sim_agent_cpu_s']:.2f} s)"),
         ("coordinator peak RSS", f"{r['coordinator_peak_rss_mb']:.1f} MiB"),
+        ("settings", f"heartbeats every {r['heartbeat_s']:g} s, lease ttl {r['lease_ttl_s']:g} s"),
     ] + ([] if r["floor_s"] is None else [
         ("bus floor", f"{r['floor_s']:.3f} s ({r['desired_payload_bytes']} B desired states)"),
         ("ours / floor", f"{r['ratio_to_floor']:.2f}x"),

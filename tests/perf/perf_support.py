@@ -316,7 +316,8 @@ class SimFleet:
 
     def __init__(self, nodes: int, *, fleet: str = FLEET, sim_env: dict[str, str] | None = None,
                  heartbeat: float = 2.0, keep: bool = False, brokers: int = 1,
-                 secure: bool = False, max_payload: str = "8MB") -> None:
+                 secure: bool = False, max_payload: str = "8MB",
+                 lease_ttl: float | None = None) -> None:
         self.n = nodes
         self.fleet = fleet
         self.heartbeat = heartbeat
@@ -342,6 +343,7 @@ class SimFleet:
             "coordinator",
             python_module("coordinator.daemon", "--nats", self.url, "--fleet", fleet,
                           "coordinator", "--key-file", str(self.key_file),
+                          *(["--lease-ttl", f"{lease_ttl:g}"] if lease_ttl else []),
                           *self.secure_args()),
             self.dir / "logs" / "coordinator.log")
         self.agent: Child | None = None

@@ -58,6 +58,23 @@ async def test_a_live_lease_is_taken_only_after_the_ttl_by_the_standbys_own_cloc
     assert won.holder == "b" and won.term == 2
 
 
+async def test_a_standby_waits_for_the_longer_ttl_the_lease_names() -> None:
+    """A leader started with --lease-ttl 10 names it in the lease: a standby with the default
+    2 s does not take over a leader that promised itself 10 s before those 10 s."""
+    bus, mono = FakeBus(), FakeClock()
+    slow = Lease(bus, me="a", key="Akey", ttl=10.0, renew=0.001, poll=0.001, monotonic=mono)
+    await slow.acquire()
+    assert held(bus).ttl == 10.0
+    bus.pings[ping_subject(FLEET, "a")] = None  # frozen: only the ttl decides
+    standby = asyncio.ensure_future(lease(bus, "b", mono).acquire())
+    await asyncio.sleep(0.05)
+    mono.t += 5.0
+    await asyncio.sleep(0.05)
+    assert not standby.done()
+    mono.t += 5.0
+    assert (await asyncio.wait_for(standby, 2)).holder == "b"
+
+
 async def test_a_leader_with_no_responders_is_taken_over_at_once() -> None:
     """Its connection is gone (killed, cut off): no need to wait for the ttl."""
     bus, mono = FakeBus(), FakeClock()
