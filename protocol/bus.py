@@ -766,7 +766,10 @@ class Bus:
                 await asyncio.sleep(0)
                 turn = loop.time()
 
-        return await self.nc.subscribe(subject, queue=queue, cb=handler)
+        try:
+            return await self.nc.subscribe(subject, queue=queue, cb=handler)
+        except nats.errors.Error as exc:
+            raise BusError(f"cannot subscribe to {subject}: {exc}") from None
 
     @_timed("request")
     async def request(self, subject: str, data: bytes, timeout: float = REQUEST_TIMEOUT) -> bytes:

@@ -59,18 +59,22 @@ async def connected(ctx: Ctx, *, timeout: float = CONNECT_TIMEOUT) -> AsyncItera
 
 
 async def call(
-    ctx: Ctx, verb: str, request: Any, *, timeout: float = REQUEST_TIMEOUT
+    ctx: Ctx, verb: str, request: Any, *, timeout: float = REQUEST_TIMEOUT,
+    bus: Bus | None = None,
 ) -> Any:
-    """Send ``request`` to the coordinator's ``verb`` endpoint and return the reply's data."""
+    """Send ``request`` to the coordinator's ``verb`` endpoint and return the reply's data;
+    on ``bus`` if given (a command that calls many times), else on a connection of its own."""
+    if bus is None:
+        async with connected(ctx) as own:
+            return await call(ctx, verb, request, timeout=timeout, bus=own)
     loop = asyncio.get_running_loop()
     give_up = loop.time() + TAKEOVER_WAIT
-    async with connected(ctx) as bus:
-        while True:
-            raw = await _ask(bus, ctx.caller, verb, encode(request), timeout)
-            reply = decode(ApiReply, raw)
-            if reply.ok or reply.code != "unavailable" or loop.time() >= give_up:
-                break
-            await asyncio.sleep(0.25)
+    while True:
+        raw = await _ask(bus, ctx.caller, verb, encode(request), timeout)
+        reply = decode(ApiReply, raw)
+        if reply.ok or reply.code != "unavailable" or loop.time() >= give_up:
+            break
+        await asyncio.sleep(0.25)
     if not reply.ok:
         raise RemoteError(reply.error or f"the coordinator refused {verb!r}", reply.code,
                           reply.data)
