@@ -1060,7 +1060,6 @@ class Bus:
                 continue
             failures = 0
             self._watchers.add(w)
-            first = 0  # entries delivered before the first snapshot's end (None)
             dog = (asyncio.get_running_loop().create_task(self._watchdog(w, bucket, verify))
                    if verify else None)
             try:
@@ -1069,17 +1068,8 @@ class Bus:
                 while self.reconnects == epoch:
                     e = await w.updates(timeout=None)
                     if e is None:
-                        if first >= 0 and first < (getattr(w, "_pending", 0) or 0):
-                            log.warning("the watch of %s lost %d of the %d entries of its first "
-                                        "read (the client dropped them); starting it again",
-                                        bucket, w._pending - first, w._pending)
-                            self.lost_watches += 1
-                            break
-                        first = -1
                         yield None
                         continue
-                    if first >= 0:
-                        first += 1
                     if not hasattr(e, "key"):  # the watcher's stop sentinel: start a new one
                         break
                     deleted = e.operation in ("DEL", "PURGE")
