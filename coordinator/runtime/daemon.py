@@ -84,7 +84,7 @@ from coordinator.runtime.store import RolloutStore
 from protocol import subjects
 from protocol.bus import RECONNECT_CAP, Bus, EventsLimits, Handler, redact
 from protocol.bus import Observer as BusObserver
-from protocol.codec import decode, encode
+from protocol.codec import decode, encode, shared
 from protocol.creds import Creds
 from protocol.errors import BusError, NoRoom, ProtocolError, TooFewServers
 from protocol.events import EventPublisher
@@ -410,7 +410,7 @@ class Coordinator:
     async def _load_known(self, bus: Bus) -> None:
         for entry in await bus.kv_entries(subjects.nodes_bucket(self.fleet_name)):
             try:
-                info = decode(NodeInfo, entry.value or b"")
+                info = shared(decode(NodeInfo, entry.value or b""))
                 subjects.check_name("node", info.id)
                 if info.id != entry.key:  # only node K may write key K (deploy/nats/auth.conf)
                     raise ProtocolError(f"the entry of node {entry.key!r} claims to be {info.id!r}")
@@ -424,7 +424,7 @@ class Coordinator:
     async def _on_heartbeat(self, subject: str, data: bytes) -> None:
         node = subject.rsplit(".", 1)[-1]
         try:
-            hb = decode(Heartbeat, data)
+            hb = shared(decode(Heartbeat, data))  # kept per node: see ``shared``
             if hb.node != node:
                 raise ProtocolError(f"heartbeat on {subject} claims to be from node {hb.node!r}")
         except ProtocolError as exc:
@@ -437,7 +437,7 @@ class Coordinator:
         # registration is believed for that node alone: never for another, never for a new one.
         node = subject.rsplit(".", 1)[-1]
         try:
-            info = decode(NodeInfo, data)
+            info = shared(decode(NodeInfo, data))
             subjects.check_name("node", info.id)
             if info.id != node:
                 raise ProtocolError(f"registration on {subject} claims to be node {info.id!r}")

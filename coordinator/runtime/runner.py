@@ -86,7 +86,7 @@ from coordinator.runtime.ports import RunnerBus
 from coordinator.runtime.store import RolloutStore
 from protocol import subjects
 from protocol.bus import Entry
-from protocol.codec import decode
+from protocol.codec import decode, shared
 from protocol.errors import BusError, Conflict, ProtocolError
 from protocol.events import EventPublisher
 from protocol.history import RolloutSummary, SummarisedRollout
@@ -269,7 +269,7 @@ class Runner:
                 changed.pop((node, service), None)
                 continue
             try:
-                seen = decode(ObservedState, entry.value)
+                seen = shared(decode(ObservedState, entry.value))  # kept per node
                 if (seen.node, seen.service) != (node, service):
                     raise ProtocolError(f"it claims to be {seen.node}.{seen.service}")
             except ProtocolError as exc:

@@ -48,7 +48,7 @@ from coordinator.runtime.lease import Fenced
 from coordinator.runtime.ports import RunnerBus
 from protocol import subjects
 from protocol.bus import Entry
-from protocol.codec import decode, encode
+from protocol.codec import decode, encode, shared
 from protocol.errors import BusError, Conflict, ProtocolError
 from protocol.history import RolloutPage, RolloutSummary, SummarisedRollout
 from protocol.messages import TERMINAL_STATES, DesiredState, RolloutRecord, SignedEnvelope
@@ -132,7 +132,7 @@ class RolloutStore:
         found: list[RolloutPage] = []
         for entry in await self._scan(f"{top.id}.*"):
             try:
-                got = decode(RolloutPage, entry.value or b"")
+                got = shared(decode(RolloutPage, entry.value or b""))
             except ProtocolError as exc:
                 raise BusError(f"rollout {top.id} cannot be read: page {entry.key} is "
                                f"unreadable ({exc})") from None
@@ -318,7 +318,7 @@ class RolloutStore:
         for entry in entries:
             try:
                 env = decode(SignedEnvelope, entry.value or b"")
-                desired = decode(DesiredState, env.payload)
+                desired = shared(decode(DesiredState, env.payload))  # a record keeps it
             except ProtocolError as exc:
                 raise BusError(f"desired state {entry.key} is unreadable ({exc}); was it written "
                                "by another tool? delete the key to start that node afresh"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import sys
 from typing import Any
 
 import msgspec
@@ -13,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol import messages as m
-from protocol.codec import decode, encode, to_builtins
+from protocol.codec import decode, encode, shared, to_builtins
 from protocol.errors import ProtocolError
 from protocol.notify import Notification
 from protocol.schema import WIRE_TYPES, wire_schema
@@ -162,3 +163,46 @@ def test_a_desired_state_without_a_drain_keeps_its_bytes() -> None:
     raw = encode(drained)
     assert b'"drain":{"grace":15.0' in raw and decode(m.DesiredState, raw).drained == drained.drain
     assert DESIRED.drained is None
+
+
+# -- shared ------------------------------------------------------------------------------------
+
+
+def _observed(node: str) -> bytes:
+    slots = {s: m.SlotStatus(slot=s, status="healthy", version=v, digest="sha256:" + "ab" * 32)
+             for s, v in (("blue", "1.0.0"), ("green", "2.0.0"))}
+    return encode(m.ObservedState(node=node, service="hello", slots=slots,
+                                weights={"green": 100}, phase="converged"))
+
+
+def test_shared_values_are_equal_and_share_their_strings() -> None:
+    """Two nodes' observed states decode into separate strings; shared, equal ones are one."""
+    a = decode(m.ObservedState, _observed("n-1"))
+    b = decode(m.ObservedState, _observed("n-2"))
+    assert a.slots["blue"].digest is not b.slots["blue"].digest  # what decoding alone gives
+    sa, sb = shared(decode(m.ObservedState, _observed("n-1"))), shared(b)
+    assert sa == a and sb == decode(m.ObservedState, _observed("n-2"))
+    assert sa.slots["blue"].digest is sb.slots["blue"].digest
+    assert sa.service is sb.service and sa.slots["green"].version is sb.slots["green"].version
+    assert next(iter(sa.slots)) is next(iter(sb.slots))  # dict keys too
+
+
+def test_shared_sets_frozen_structs_and_keeps_their_hash() -> None:
+    ref = m.ReleaseRef(service="hello", version="2.0.0", digest="sha256:" + "cd" * 32)
+    raw = encode(m.DesiredState(fleet="f", node="n", service="hello", generation=1,
+                              slots={"green": ref}))
+    one, two = (shared(decode(m.DesiredState, raw)) for _ in range(2))
+    assert one.slots["green"] == ref and hash(one.slots["green"]) == hash(ref)
+    assert one.slots["green"].digest is two.slots["green"].digest
+
+
+def test_shared_gives_up_quietly_on_nesting_deeper_than_the_stack() -> None:
+    """A value nested past the recursion limit comes back as it was (equal), never an error."""
+    deep: list[object] = []
+    node = deep
+    for _ in range(sys.getrecursionlimit() + 100):
+        nxt: list[object] = []
+        node.append(nxt)
+        node = nxt
+    assert shared(deep) is deep
+    assert shared({"k": "v"}) == {"k": "v"}
