@@ -206,3 +206,28 @@ def test_shared_gives_up_quietly_on_nesting_deeper_than_the_stack() -> None:
         node = nxt
     assert shared(deep) is deep
     assert shared({"k": "v"}) == {"k": "v"}
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string a value holds (struct fields, dict keys and values, list items)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, msgspec.Struct):
+        return [s for f in value.__struct_fields__ for s in _strings(getattr(value, f))]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in [*_strings(k), *_strings(v)]]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+@pytest.mark.parametrize("value", SAMPLES, ids=lambda v: type(v).__name__)
+def test_shared_keeps_every_wire_message_equal_and_shares_every_string(value: Any) -> None:
+    """Each message type's plan (built from its field types, UNSET and None fields included)
+    gives an equal value, and two decodes of one message, shared, hold the very same strings
+    (interned by ``shared``, or dict keys and Literal values msgspec shares itself)."""
+    one = shared(decode(type(value), encode(value)))
+    two = shared(decode(type(value), encode(value)))
+    assert one == decode(type(value), encode(value))
+    pairs = list(zip(_strings(one), _strings(two), strict=True))
+    assert pairs and [a for a, b in pairs if a is not b] == []
