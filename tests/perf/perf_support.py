@@ -463,10 +463,11 @@ class SimFleet:
             raise RuntimeError(f"api {verb} refused: {reply.error}")
         return reply.data
 
-    async def deploy(self, spec: RolloutSpec) -> tuple[str, float]:
+    async def deploy(self, spec: RolloutSpec, *,
+                     timeout: float = API_TIMEOUT) -> tuple[str, float]:
         """Start a rollout; return its id and the time.time() the request was sent."""
         sent = time.time()
-        data = await self.api("deploy", DeployRequest(spec=spec))
+        data = await self.api("deploy", DeployRequest(spec=spec), timeout=timeout)
         return str(data["id"]), sent
 
     async def finish(self, rollout: str, timeout: float) -> tuple[Event, float]:
