@@ -64,6 +64,7 @@ from coordinator.core.engine_types import (
     IllegalTransition,
     NodeOffline,
     NodeOnline,
+    NodeTable,
     ObservedChanged,
     OperatorRequest,
     Pause,
@@ -252,6 +253,8 @@ class Rollout:
         # Field-by-field equality: what the copy shares with the committed record (desired
         # states, router snapshots) compares by identity, so this is O(nodes) pointer checks
         # instead of encoding the whole record twice per step.
+        # The committed record holds a plain dict: reading it copies nothing.
+        work.nodes = dict(work.nodes)
         if work != self._record:
             work.revision += 1
             work.updated = now
@@ -292,8 +295,9 @@ def working_copy(record: RolloutRecord) -> RolloutRecord:
             evidence_from=w.evidence_from if w.evidence_from is msgspec.UNSET
             else dict(w.evidence_from)) for w in record.waves],
         report=_copy_report(record.report),
-        nodes={n: msgspec.structs.replace(p) for n, p in record.nodes.items()},
+        nodes=NodeTable(record.nodes),
     )
+
 
 
 def _deep(value: dict[str, Any]) -> dict[str, Any]:

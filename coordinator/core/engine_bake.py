@@ -45,7 +45,7 @@ from coordinator.core.cohorts import NodeWindow, cohort_figures
 from coordinator.core.engine_lost import Lost
 from coordinator.core.engine_rollback import Rollback
 from coordinator.core.engine_step import Step
-from coordinator.core.engine_types import move_wave
+from coordinator.core.engine_types import move_wave, peek
 from coordinator.core.evidence import Evidence
 from coordinator.core.targets import serving_slot
 from protocol.durations import format_duration
@@ -228,7 +228,7 @@ class Bake:
         evidence = Evidence()
         since = wave.evidence_from or {}
         members = set(wave.nodes)  # a list: a lookup per node was O(fleet x wave) per verdict
-        for n, p in self.step.r.nodes.items():
+        for n, p in peek(self.step.r.nodes):  # read only
             seen = self.step.obs.get(n)
             end = seen.router if seen is not None else None
             start = since.get(n) or wave.baseline.get(n)
@@ -265,7 +265,7 @@ class Bake:
 
 def old_version(step: Step) -> str:
     """The version the target nodes served before the rollout, for the gates' words."""
-    for p in step.r.nodes.values():
+    for _, p in peek(step.r.nodes):
         serving = serving_slot(p.previous)
         if p.previous is not None and serving is not None:
             return p.previous.slots[serving].version

@@ -14,7 +14,7 @@ nodes that did not make it back.
 from __future__ import annotations
 
 from coordinator.core.engine_step import Step
-from coordinator.core.engine_types import converged, move_node
+from coordinator.core.engine_types import converged, move_node, peek
 from coordinator.core.targets import restore_target
 from protocol.durations import format_duration
 from protocol.messages import DesiredState, NodeProgress, WaveRecord
@@ -39,7 +39,7 @@ class Rollback:
         r = self.step.r
         r.phase, r.reason, r.rollback_by = "rollback", reason, self.step.who
         r.rollback_deadline = self.step.now + self.step.spec.progress_deadline
-        touched = sorted(n for n, p in r.nodes.items() if p.target is not None)
+        touched = sorted(n for n, p in peek(r.nodes) if p.target is not None)
         for p in r.nodes.values():
             if p.target is None and p.state == "failed":
                 move_node(p, "waiting")  # never written to, so still on its previous version
@@ -101,7 +101,7 @@ class Rollback:
             policy.rollback_advanced(self.step)
         if waiting or back:
             return
-        failed = sorted(n for n, p in r.nodes.items() if p.state == "failed")
+        failed = sorted(n for n, p in peek(r.nodes) if p.state == "failed")
         if failed:
             self.step.finish("failed", f"rollback incomplete on {', '.join(failed)} ("
                              + "; ".join(r.nodes[n].reason for n in failed)

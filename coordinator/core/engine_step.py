@@ -35,6 +35,7 @@ from coordinator.core.engine_types import (
     IllegalTransition,
     WriteDesired,
     move_node,
+    peek,
 )
 from protocol.messages import (
     CohortTraffic,
@@ -94,7 +95,7 @@ class Step:
 
     def unavailable(self) -> set[str]:
         return {
-            n for n, p in self.r.nodes.items()
+            n for n, p in peek(self.r.nodes)
             if p.state in ("updating", "failed") or not p.online
         }
 
@@ -121,7 +122,7 @@ class Step:
         r.reason, r.finished = reason, self.now
         if state == "aborted":
             r.aborted_by = self.who
-        moved = sorted(n for n, p in r.nodes.items()
+        moved = sorted(n for n, p in peek(r.nodes)
                        if p.target is not None and p.state in ("done", "updating"))
         self.emit(f"rollout.{state}", f"{state.replace('_', ' ')}"
                   + (f": {reason}" if reason else f": {r.spec.service} "

@@ -9,9 +9,11 @@ carries out commands in order (``Persist`` first).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+import msgspec
 
 from coordinator.errors import FleetwaveError
 from protocol.messages import (
@@ -229,3 +231,46 @@ def converged(seen: ObservedState, target: DesiredState) -> bool:
 
 def _positive(weights: Mapping[str, int]) -> dict[str, int]:
     return {s: w for s, w in weights.items() if w > 0}
+
+
+class NodeTable(dict[str, NodeProgress]):
+    """A working copy's nodes: each NodeProgress is copied the first time a step takes it
+    (``[]``, ``get``, ``values``, ``items``), so a step pays for the nodes it looks at rather
+    than for the whole fleet (a copy of every node was a fifth of the coordinator's CPU at
+    10,000 nodes). What a step only reads across the fleet goes through ``peek``, which copies
+    nothing: a NodeProgress it yields belongs to the committed record and must not be edited.
+    The entries themselves are a C-level dict copy; ``Rollout._step`` turns the table back into
+    a plain dict before the record is committed."""
+
+    __slots__ = ("_own",)
+
+    def __init__(self, committed: Mapping[str, NodeProgress]) -> None:
+        super().__init__(committed)
+        self._own: set[str] = set()
+
+    def __getitem__(self, node: str) -> NodeProgress:
+        p = dict.__getitem__(self, node)
+        if node not in self._own:
+            p = msgspec.structs.replace(p)
+            dict.__setitem__(self, node, p)
+            self._own.add(node)
+        return p
+
+    def __setitem__(self, node: str, progress: NodeProgress) -> None:
+        dict.__setitem__(self, node, progress)
+        self._own.add(node)
+
+    def get(self, node: str, default: Any = None) -> Any:
+        return self[node] if node in self else default  # noqa: SIM401  (self.get is this)
+
+    def values(self) -> list[NodeProgress]:  # type: ignore[override]
+        return [self[n] for n in self]
+
+    def items(self) -> list[tuple[str, NodeProgress]]:  # type: ignore[override]
+        return [(n, self[n]) for n in self]
+
+
+def peek(nodes: Mapping[str, NodeProgress]) -> Iterable[tuple[str, NodeProgress]]:
+    """Every (node, progress) of a record's nodes, read only: no copy of a working copy's
+    entries (``NodeTable``). Never edit what it yields."""
+    return dict.items(nodes) if isinstance(nodes, dict) else nodes.items()

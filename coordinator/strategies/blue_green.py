@@ -36,6 +36,7 @@ from msgspec import UNSET
 
 from coordinator.core import gates as gatelib
 from coordinator.core import staging
+from coordinator.core.engine_types import peek
 from coordinator.core.evidence import Evidence, listed
 from coordinator.core.planning import Wave, WaveKind
 from coordinator.core.targets import serving_slot
@@ -214,7 +215,7 @@ def start_switch(step: Step, index: int) -> None:
     evidence = Evidence()
     old = gatelib.total(
         gatelib.window(before.get(n), seen.router, serving)
-        for n, p in r.nodes.items()
+        for n, p in peek(r.nodes)
         if (serving := _old_slot(p)) is not None and (seen := step.obs.get(n)) is not None
         and evidence.admits(n, before.get(n), seen.router)
     )

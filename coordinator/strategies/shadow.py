@@ -40,6 +40,7 @@ from msgspec import UNSET
 from coordinator.core import gates as gatelib
 from coordinator.core import gates_shadow as shadowgates
 from coordinator.core import staging
+from coordinator.core.engine_types import peek
 from coordinator.core.evidence import Evidence
 from coordinator.core.planning import Wave, WaveKind
 from coordinator.core.targets import restore_target
@@ -196,7 +197,7 @@ def verdict(step: Step, wave: WaveRecord) -> gatelib.Verdict:
 def retire(step: Step) -> None:
     """Give every staged node its previous desired state again: the shadow is stopped."""
     r = step.r
-    staged = sorted(n for n, p in r.nodes.items() if p.target is not None)
+    staged = sorted(n for n, p in peek(r.nodes) if p.target is not None)
     for n in staged:
         p = r.nodes[n]
         step.write(p, restore_target(

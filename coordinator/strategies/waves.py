@@ -22,6 +22,7 @@ import msgspec
 from msgspec import UNSET
 
 from coordinator.core import gates as gatelib
+from coordinator.core.engine_types import peek
 from coordinator.core.evidence import Evidence
 from coordinator.core.planning import WaveKind
 from coordinator.core.targets import (
@@ -113,7 +114,7 @@ class Ordinary:
             return [gatelib.Window(kept.requests, kept.errors, tuple(kept.latency))], \
                 f"wave {kept.wave}"
         before = []
-        for n, p in step.r.nodes.items():
+        for n, p in peek(step.r.nodes):  # read only
             serving = serving_slot(p.previous)
             baseline = wave.baseline.get(n)
             if serving is not None and serving != p.slot and evidence.admits(n, None, baseline):

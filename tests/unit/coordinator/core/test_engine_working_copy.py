@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from coordinator.core.engine import working_copy
+from coordinator.core.engine import ObservedChanged, Start, WriteDesired, working_copy
+from coordinator.core.engine_types import NodeTable, peek
 from protocol.messages import (
     DesiredState,
     NodeProgress,
+    ObservedState,
     ReleaseRef,
     RolloutRecord,
     RolloutSpec,
+    SlotStatus,
     WaveRecord,
 )
 from protocol.report import RolloutReport, Switch
+from tests.unit.coordinator.kit import rollout
 
 
 def record() -> RolloutRecord:
@@ -51,3 +55,48 @@ def test_the_copy_equals_the_original() -> None:
     """Before any edit the copy is equal field for field (so an unchanged step persists nothing)."""
     original = record()
     assert working_copy(original) == original
+
+
+def test_peek_copies_nothing_and_taking_an_entry_copies_it_once() -> None:
+    """``peek`` reads the committed entries; ``[]``, ``get``, ``values`` and ``items`` hand out
+    the copy's own, made the first time, so an edit never reaches the committed record."""
+    original = record()
+    original.nodes["n2"] = NodeProgress(node="n2")
+    table = NodeTable(original.nodes)
+    assert [p for _, p in peek(table)] == [original.nodes["n1"], original.nodes["n2"]]
+    assert all(p is original.nodes[n] for n, p in peek(table))
+    first = table["n1"]
+    assert first is not original.nodes["n1"] and first == original.nodes["n1"]
+    assert table.get("n1") is first and table["n1"] is first  # copied once
+    assert table.get("missing") is None
+    for p in table.values():
+        p.state = "done"
+    for _, p in table.items():
+        p.generation = 5
+    assert [p.state for p in original.nodes.values()] == ["waiting", "waiting"]
+    assert [p.generation for p in original.nodes.values()] == [0, 0]
+    assert all(p.state == "done" and p.generation == 5 for _, p in peek(table))
+
+
+def test_a_step_copies_only_the_nodes_it_takes() -> None:
+    """A step about one node leaves the nodes it never looked at as they were: the same
+    objects in the next committed record (a step's cost follows what it changes, not the
+    fleet; every node was copied on every step before)."""
+    r = rollout(12, batch="1")
+    cmds = r.handle(Start(), 1.0)
+    (first,) = [c.desired for c in cmds if isinstance(c, WriteDesired)
+                if c.desired.weights.get("b")]
+    before = dict(r.record.nodes)
+    r.handle(ObservedChanged(first.node, converged_on(first, 2.0)), 2.0)
+    assert r.record.nodes[first.node].state == "done"
+    untouched = [n for n in before if r.record.nodes[n] is before[n]]
+    assert len(untouched) >= 8, untouched
+    assert type(r.record.nodes) is dict  # a committed record holds a plain dict
+
+
+def converged_on(d: DesiredState, t: float) -> ObservedState:
+    slots = {s: SlotStatus(slot=s, status="healthy", version=ref.version)
+             for s, ref in d.slots.items()}
+    return ObservedState(node=d.node, service=d.service, generation=d.generation,
+                         observed_generation=d.generation, slots=slots,
+                         weights=dict(d.weights), phase="converged", time=t)
