@@ -21,7 +21,7 @@ import pytest_asyncio
 
 from coordinator.auth.enroll import CA, AuthDir
 from coordinator.dev.broker import find_nats_server, free_port
-from coordinator.dev.cluster import BrokerCluster, ClusterSpec, monitor_get
+from coordinator.dev.cluster import BrokerCluster, ClusterSpec, monitor_get, not_current_peers
 from coordinator.dev.devfleet import Child, DevFleet
 from protocol import creds as creds_file
 from protocol import subjects
@@ -275,13 +275,22 @@ async def test_the_shipped_cluster_configs_start_a_cluster(tmp_path: Path) -> No
         for c in children:
             await c.start()
 
-        async def sizes() -> list[int]:
+        names = [f"fleetwave-{i + 1}" for i in range(3)]
+
+        async def not_formed() -> list[str]:
+            """What keeps the cluster from placing three replicas: a server without a meta
+            leader, or a peer its meta leader does not see as current yet (an R3 stream made
+            before then fails: "no suitable peers for placement, peer offline")."""
             docs = [await asyncio.to_thread(monitor_get, p, "/jsz") for p in monitor]
             assert all(d["config"]["sync_always"] for d in docs)
-            return [d.get("meta_cluster", {}).get("cluster_size", 0) if
-                    d.get("meta_cluster", {}).get("leader") else 0 for d in docs]
+            leaders = {d.get("meta_cluster", {}).get("leader") for d in docs}
+            if len(leaders) != 1 or None in leaders or "" in leaders:
+                return [f"meta leaders as seen: {sorted(map(str, leaders))}"]
+            (leader,) = leaders
+            meta = docs[names.index(leader)]["meta_cluster"]
+            return not_current_peers(meta, [n for n in names if n != leader])
 
-        await wait_until(sizes, lambda s: s == [3, 3, 3], timeout=30,
+        await wait_until(not_formed, lambda bad: bad == [], timeout=30,
                          what="the three shipped configs to form one cluster")
         bus = await Bus.connect(",".join(f"tls://127.0.0.1:{p}" for p in client), "shipped",
                                 creds=creds_file.load(auth.creds_path("coordinator", "")),
