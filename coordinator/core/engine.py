@@ -250,11 +250,10 @@ class Rollout:
             progress.apply(event)
         progress.advance()
         commands: list[Command] = list(step.commands)
+        work.nodes = dict(work.nodes)  # the committed record's: reading it copies nothing
         # Field-by-field equality: what the copy shares with the committed record (desired
-        # states, router snapshots) compares by identity, so this is O(nodes) pointer checks
-        # instead of encoding the whole record twice per step.
-        # The committed record holds a plain dict: reading it copies nothing.
-        work.nodes = dict(work.nodes)
+        # states, router snapshots, the nodes the step never took) compares by identity, so
+        # this is O(nodes) pointer checks instead of encoding the whole record twice per step.
         if work != self._record:
             work.revision += 1
             work.updated = now
@@ -283,7 +282,8 @@ def working_copy(record: RolloutRecord) -> RolloutRecord:
 
     Every container a Step could edit in place is the copy's own: each wave (its ``nodes`` list,
     its ``gates`` figures deeply, its ``baseline`` and ``evidence_from`` dicts), each
-    NodeProgress, and the report's parts. What a Step only ever replaces whole is shared: the
+    NodeProgress the Step takes (``NodeTable`` copies it then; ``peek`` reads without taking),
+    and the report's parts. What a Step only ever replaces whole is shared: the
     ``previous`` and ``target`` desired states of a node and the router snapshots in a baseline.
     Copying the baselines deeply was most of a step's cost once routers report counters (a
     snapshot of every node per wave), and a full decode of the record was before that.
@@ -297,7 +297,6 @@ def working_copy(record: RolloutRecord) -> RolloutRecord:
         report=_copy_report(record.report),
         nodes=NodeTable(record.nodes),
     )
-
 
 
 def _deep(value: dict[str, Any]) -> dict[str, Any]:

@@ -172,7 +172,7 @@ def _observed(node: str) -> bytes:
     slots = {s: m.SlotStatus(slot=s, status="healthy", version=v, digest="sha256:" + "ab" * 32)
              for s, v in (("blue", "1.0.0"), ("green", "2.0.0"))}
     return encode(m.ObservedState(node=node, service="hello", slots=slots,
-                                weights={"green": 100}, phase="converged"))
+                                  weights={"green": 100}, phase="converged"))
 
 
 def test_shared_values_are_equal_and_share_their_strings() -> None:
@@ -190,7 +190,7 @@ def test_shared_values_are_equal_and_share_their_strings() -> None:
 def test_shared_sets_frozen_structs_and_keeps_their_hash() -> None:
     ref = m.ReleaseRef(service="hello", version="2.0.0", digest="sha256:" + "cd" * 32)
     raw = encode(m.DesiredState(fleet="f", node="n", service="hello", generation=1,
-                              slots={"green": ref}))
+                                slots={"green": ref}))
     one, two = (shared(decode(m.DesiredState, raw)) for _ in range(2))
     assert one.slots["green"] == ref and hash(one.slots["green"]) == hash(ref)
     assert one.slots["green"].digest is two.slots["green"].digest
