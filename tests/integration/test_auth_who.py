@@ -182,6 +182,11 @@ async def test_a_write_forwarded_by_a_standby_keeps_its_caller(tmp_path: Path) -
                         subnet=SUBNET) as fleet:
         other = standby(fleet)
         await other.start()
+        log = fleet.dir / "logs" / "coordinator-2.log"
+        # Started is not serving: asked before it joins the queue group, every write went to
+        # the leader (40 tries in well under a second, once).
+        await wait_until(lambda: read_text(log), lambda text: " ready on " in text,
+                         timeout=30, what="the standby serving the API")
         buses = await enroll(fleet, "alice")
         alice = buses["alice"]
         try:
@@ -190,7 +195,6 @@ async def test_a_write_forwarded_by_a_standby_keeps_its_caller(tmp_path: Path) -
                              "--detach")).strip()
             await wait_until(lambda: status(fleet, rid), lambda s: s["state"] == "running",
                              timeout=60, what="the rollout to run")
-            log = fleet.dir / "logs" / "coordinator-2.log"
             # The queue group picks a member at random: ask until the standby has forwarded
             # one (each attempt reaches it with probability 1/2; 40 attempts, bounded).
             verbs, sent = ["pause", "resume"], 0
