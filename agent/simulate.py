@@ -136,18 +136,25 @@ class SimulatedNodes:
     # -- presence ---------------------------------------------------------------------------------
 
     async def _register_loop(self) -> None:
-        """Register every node on connect and again after every reconnect."""
+        """Register every node on connect and again after every reconnect; after a reconnect,
+        report every accepted observed state again too (the observed bucket is kept in memory:
+        a restarted server has none, ``protocol.bus._storage``), as a real agent's periodic
+        report does within ``OBSERVE_EVERY``."""
         done_for: int | None = None
         while True:
             if done_for == self.bus.reconnects or not self.bus.connected:
                 await asyncio.sleep(0.2)
                 continue
+            again = done_for is not None
             done_for = self.bus.reconnects
             for n in self.nodes:
                 data = encode(self._infos[n])
                 with contextlib.suppress(BusError):
                     await self.bus.publish(subjects.register(self.fleet, n), data)
                 await self._writes.put((subjects.nodes_bucket(self.fleet), n, data))
+            if again:
+                for (node, service), acc in list(self.accepted.items()):
+                    self._report(node, service, acc.desired)
             self.registered += 1
             log.info("registered %d simulated nodes", len(self.nodes))
 
@@ -206,10 +213,13 @@ class SimulatedNodes:
             self.events.put(ev)
             return False
         self.accepted[(node, service)] = _Accepted(env, desired)
+        self._report(node, service, desired)
+        return True
+
+    def _report(self, node: str, service: str, desired: DesiredState) -> None:
         obs = instant_observed(node, desired, self.clock())
         self._writes.put_nowait((subjects.observed_bucket(self.fleet),
                                  subjects.node_service_key(node, service), encode(obs)))
-        return True
 
     async def _writer(self) -> None:
         """KV writes, pipelined in batches: everything queued while the last batch was out,

@@ -177,7 +177,7 @@ NO_STORAGE = 10047
 
 
 def _fleet_buckets(fleet: str) -> dict[str, int]:
-    """The fleet's KV buckets and the history each keeps."""
+    """The fleet's KV buckets and the history each keeps (storage: ``_storage``)."""
     return {
         subjects.desired_bucket(fleet): 5,
         subjects.observed_bucket(fleet): 1,
@@ -190,13 +190,32 @@ def _fleet_buckets(fleet: str) -> dict[str, int]:
     }
 
 
+def _storage(fleet: str, bucket: str) -> js_api.StorageType:
+    """Where a bucket of the fleet is kept: the observed bucket in memory, the others on disk.
+
+    What agents report is theirs to say again, and they do (every ``OBSERVE_EVERY`` seconds,
+    and at once after a write failed), while one fsync'd write per report was what held a
+    10,000-node rollout and rollback (``sync_interval: always``: 0.36 ms each pipelined against
+    0.055 ms unsynced, ``tests/perf/bench_writes.py``) and what would hold any large fleet even
+    at rest (50,000 nodes re-reporting every 5 s: 10,000 fsyncs a second). Lost with the last
+    copy (a single server's restart, a whole cluster's): the coordinator makes the bucket again
+    (``ensure_observed``) and each agent's next report fills it; nothing acts on a state it has
+    not seen reported since.
+    """
+    if bucket == subjects.observed_bucket(fleet):
+        return js_api.StorageType.MEMORY
+    return js_api.StorageType.FILE
+
+
 @dataclass
 class FleetSetup:
-    """What ``ensure_fleet`` did: the replicas of the fleet's streams, and which existing ones it
-    raised (stream, replicas it had)."""
+    """What ``ensure_fleet`` did: the replicas of the fleet's streams, which existing ones it
+    raised (stream, replicas it had), and which it made again in the storage they belong in
+    (an observed bucket on disk, as fleetwave made it before 2026-12-03)."""
 
     replicas: int
     raised: list[tuple[str, int]] = field(default_factory=list)
+    moved: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -608,15 +627,12 @@ class Bus:
                                          limits=stream if name == stream.name else None,
                                          force=events is not None)
             for bucket, history in buckets.items():
-                if have[subjects.kv_stream(bucket)] is None:
-                    try:
-                        await self.js.create_key_value(
-                            bucket=bucket, history=history, storage=js_api.StorageType.FILE,
-                            replicas=replicas,
-                        )
-                    except nats.js.errors.BadRequestError as exc:
-                        if exc.err_code != 10058:  # not "made meanwhile by another client"
-                            raise
+                config = have[subjects.kv_stream(bucket)]
+                if (raise_existing and config is not None
+                        and config.storage != _storage(f, bucket)):
+                    config = await self._move_bucket(bucket, config, setup)
+                if config is None:
+                    await self._create_bucket(bucket, history, replicas)
             for bucket in subjects.fenced_buckets(f):
                 await self._allow_atomic(subjects.kv_stream(bucket))
             if have[subjects.object_stream(store)] is None:
@@ -635,6 +651,47 @@ class Bus:
                     "the server's configuration)") from None
             raise BusError(f"cannot set up fleet {f!r} in JetStream: {exc}") from None
         return setup
+
+    async def _create_bucket(self, bucket: str, history: int, replicas: int) -> None:
+        try:
+            await self.js.create_key_value(
+                bucket=bucket, history=history, storage=_storage(self.fleet, bucket),
+                replicas=replicas,
+            )
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != 10058:  # not "made meanwhile by another client"
+                raise
+
+    async def _move_bucket(self, bucket: str, have: js_api.StreamConfig,
+                           setup: FleetSetup) -> js_api.StreamConfig | None:
+        """Delete ``bucket``, kept in the wrong storage (JetStream cannot change a stream's
+        storage in place, error 10052), so that it is made again in the right one. Only for
+        the observed bucket, whose contents every agent writes again within seconds; anything
+        else kept in the wrong storage is left alone and said."""
+        stream = subjects.kv_stream(bucket)
+        if bucket != subjects.observed_bucket(self.fleet):
+            log.warning("stream %s is kept in %s storage, not %s; left as it is", stream,
+                        have.storage, _storage(self.fleet, bucket))
+            return None
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await self.js.delete_stream(stream)
+        setup.moved.append(stream)
+        return None
+
+    async def ensure_observed(self) -> None:
+        """Make the observed bucket where it is missing: a single server restarted, or every
+        server of a cluster, keeps no memory stream. Idempotent; the replicas are the fleet's
+        default (``default_replicas``)."""
+        bucket = subjects.observed_bucket(self.fleet)
+        try:
+            if await self._stream_config(subjects.kv_stream(bucket)) is not None:
+                return
+            await self._create_bucket(bucket, _fleet_buckets(self.fleet)[bucket],
+                                      await self.default_replicas())
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot make bucket {bucket}: {exc}") from None
+        log.warning("made the observed bucket %s again (the broker kept no copy); agents fill "
+                    "it at their next report", bucket)
 
     async def _stream_config(self, stream: str) -> js_api.StreamConfig | None:
         try:
@@ -1031,8 +1088,9 @@ class Bus:
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusError(f"cannot read {bucket}: {exc}") from None
 
-    async def watch(self, bucket: str, pattern: str, *,
-                    verify: float | None = None) -> AsyncIterator[Entry | None]:
+    async def watch(self, bucket: str, pattern: str, *, verify: float | None = None,
+                    on_missing: Callable[[], Awaitable[None]] | None = None,
+                    ) -> AsyncIterator[Entry | None]:
         """Every entry matching ``pattern``, then every change, for ever; survives reconnects.
 
         Yields ``None`` each time it has delivered the current contents (after the start and after
@@ -1044,6 +1102,9 @@ class Bus:
         reports: a 50,000-node rollout's coordinator, its loop paused over a second and the server
         busy, was left with no consumer on the observed bucket and its rollout waited for ever.
         One request every ``verify`` per watch: for the few watches a rollout cannot do without.
+
+        ``on_missing``: awaited when the bucket's stream is not there (a memory bucket after the
+        broker's restart, ``ensure_observed``) before the next attempt; its BusError is logged.
         """
         failures = 0
         while True:
@@ -1054,6 +1115,16 @@ class Bus:
             epoch = self.reconnects
             try:
                 w = await kv.watch(pattern, inactive_threshold=WATCH_INACTIVE)
+            except nats.js.errors.NotFoundError:
+                failures += 1
+                if on_missing is not None:
+                    try:
+                        await on_missing()
+                    except BusError as exc:
+                        log.warning("bucket %s is missing and cannot be made yet: %s", bucket,
+                                    exc)
+                await asyncio.sleep(random.uniform(0.25, 0.75))
+                continue
             except (nats.errors.Error, TimeoutError):
                 failures += 1
                 await asyncio.sleep(random.uniform(0.25, 0.75))

@@ -16,7 +16,7 @@ coordinator's own helpers over its engine (``rollout()``, ``writes()``, ...) liv
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,11 +125,15 @@ class FakeBus:
         for start in range(0, len(entries), page):
             yield entries[start:start + page]
 
-    async def watch(self, bucket: str, pattern: str, *,
-                    verify: float | None = None) -> AsyncIterator[Entry | None]:
+    async def watch(self, bucket: str, pattern: str, *, verify: float | None = None,
+                    on_missing: Callable[[], Awaitable[None]] | None = None,
+                    ) -> AsyncIterator[Entry | None]:
         for e in await self.kv_entries(bucket, pattern):
             yield e
         yield None
+
+    async def ensure_observed(self) -> None:
+        """The real one makes a missing memory bucket; here every bucket always exists."""
 
     async def kv_purge_keys(self, bucket: str, pattern: str) -> None:
         """Drop every key matching ``pattern`` (the real purge leaves no marker)."""

@@ -110,7 +110,7 @@ lame_duck_grace_period: "2s"
 jetstream {{
   store_dir: "{store_dir}"
 {"  sync_interval: always" if sync_always else "  # sync_interval: the server's default"}
-  max_memory_store: 256MB
+  max_memory_store: 1GB  # the observed bucket (deploy/nats/single.conf)
 }}
 """ + (render_cluster(cluster, auth) if cluster is not None else "") + (
         broker_block(auth, store_dir) if auth is not None else "")

@@ -231,6 +231,10 @@ class Coordinator:
                 self.replicas_used = setup.replicas
                 for stream, had in setup.raised:
                     log.info("raised %s from %d to %d replicas", stream, had, setup.replicas)
+                for stream in setup.moved:
+                    log.warning("made %s again in memory (it was on disk, as fleetwave made it "
+                                "before 2026-12-03); agents fill it at their next report",
+                                stream)
                 await self._load_known(bus)
                 break
             except (TooFewServers, NoRoom):

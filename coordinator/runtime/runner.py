@@ -196,7 +196,8 @@ class Runner:
     async def _watch_loop(self) -> None:
         """Queue what the observed watch delivers; ``_observed_loop`` takes it in batches."""
         async for entry in self.bus.watch(subjects.observed_bucket(self.fleet), ">",
-                                          verify=WATCH_VERIFY):
+                                          verify=WATCH_VERIFY,
+                                          on_missing=self.bus.ensure_observed):
             self._inbox.append(entry)
             self._inbox_ready.set()
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from nats.js.api import DiscardPolicy
+from nats.js.api import DiscardPolicy, StorageType
 
 from coordinator.dev.broker import Broker, free_port
 from protocol.bus import (
@@ -330,4 +330,82 @@ async def test_the_coordinators_events_limits_apply_to_an_existing_stream(tmp_pa
         assert (info.config.max_age, info.config.max_bytes) == (EVENTS_MAX_AGE, EVENTS_MAX_BYTES)
     finally:
         await bus.close()
+        await broker.stop()
+
+
+async def test_the_observed_bucket_is_kept_in_memory_and_an_old_one_on_disk_is_moved(
+    broker: Broker,
+) -> None:
+    """A new fleet's observed bucket is a memory stream, every other bucket a file stream. A
+    fleet made before (its observed bucket on disk) keeps it through a tool's ensure_fleet and
+    gets it made again in memory by the coordinator's (``raise_existing``); writes go on."""
+    bus = await Bus.connect(broker.url, "t")
+    try:
+        await bus.ensure_fleet()
+        info = await bus.js.stream_info("KV_fw-t-observed")
+        assert info.config.storage == StorageType.MEMORY
+        for b in ("desired", "rollouts", "nodes", "locks", "lease", "cordons"):
+            assert (await bus.js.stream_info(f"KV_fw-t-{b}")).config.storage == StorageType.FILE
+
+        old = await Bus.connect(broker.url, "u")
+        try:
+            await old.js.create_key_value(bucket="fw-u-observed", history=1,
+                                          storage=StorageType.FILE)
+            await old.kv_put("fw-u-observed", "n1.web", b"before")
+            assert (await old.ensure_fleet()).moved == []  # a tool leaves it
+            assert (await old.js.stream_info("KV_fw-u-observed")).config.storage == \
+                StorageType.FILE
+            assert (await old.kv_get("fw-u-observed", "n1.web")) is not None
+            setup = await old.ensure_fleet(raise_existing=True)
+            assert setup.moved == ["KV_fw-u-observed"]
+            assert (await old.js.stream_info("KV_fw-u-observed")).config.storage == \
+                StorageType.MEMORY
+            assert await old.kv_get("fw-u-observed", "n1.web") is None  # the agents say it again
+            await old.kv_put("fw-u-observed", "n1.web", b"after")
+            got = await old.kv_get("fw-u-observed", "n1.web")
+            assert got is not None and got.value == b"after"
+            assert (await old.ensure_fleet(raise_existing=True)).moved == []  # once only
+        finally:
+            await old.close()
+    finally:
+        await bus.close()
+
+
+async def test_a_watch_makes_its_missing_memory_bucket_again_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    """A single server keeps no memory stream over a restart: the coordinator's observed watch
+    (``on_missing=ensure_observed``) makes the bucket again, empty, and delivers what agents
+    write to it afterwards; a write before that fails and is the writer's to retry."""
+    broker = Broker(store_dir=tmp_path / "js")
+    await broker.start()
+    bus = await Bus.connect(broker.url, "t")
+    writer = await Bus.connect(broker.url, "t")
+    try:
+        await bus.ensure_fleet()
+        await writer.kv_put("fw-t-observed", "n1.web", b"1")
+        seen: asyncio.Queue[Entry | None] = asyncio.Queue()
+
+        async def follow() -> None:
+            async for e in bus.watch("fw-t-observed", ">", on_missing=bus.ensure_observed):
+                await seen.put(e)
+
+        task = asyncio.create_task(follow())
+        async with asyncio.timeout(10):  # the snapshot: the entry, then its end
+            assert (e := await seen.get()) is not None and e.value == b"1"
+            assert await seen.get() is None
+        await broker.kill()
+        await broker.start()
+        async with asyncio.timeout(20):  # the empty bucket's snapshot: made again
+            while (await seen.get()) is not None:
+                pass
+        info = await bus.js.stream_info("KV_fw-t-observed")
+        assert info.config.storage == StorageType.MEMORY and info.state.messages == 0
+        await writer.kv_put("fw-t-observed", "n1.web", b"2")
+        await _expect(seen, b"2")
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    finally:
+        await bus.close()
+        await writer.close()
         await broker.stop()

@@ -1,10 +1,12 @@
 """What a JetStream KV write costs, one at a time, pipelined, and in atomic batches, with the
 server fsyncing every write (``sync_interval: always``, as fleetwave runs it) and with its
-default (fsync every 2 minutes): what batching the coordinator's writes saves.
+default (fsync every 2 minutes): what batching the coordinator's writes saves; and to a memory
+stream, where fleetwave keeps the observed bucket (agents' reports, one write each).
 
 Usage: python tests/perf/bench_writes.py [--writes 5000] [--payload 730] [--json]
 
-One fresh single server per mode (R1, file storage), a KV bucket that allows atomic batches, and
+One fresh single server per mode (R1; file storage, then memory storage under ``always``), a KV
+bucket that allows atomic batches, and
 bare nats-py (no fleetwave code on the write path). Figures per mode:
 
 - one at a time: each put awaited before the next (``--writes`` / 10 of them): latency per write;
@@ -36,7 +38,8 @@ from coordinator.dev.broker import Broker
 BUCKET = "bench-writes"
 
 
-async def measure(sync_always: bool, writes: int, payload: int) -> dict[str, Any]:
+async def measure(sync_always: bool, writes: int, payload: int, *,
+                  memory: bool = False) -> dict[str, Any]:
     import nats
     from nats.js import api as js_api
 
@@ -47,14 +50,16 @@ async def measure(sync_always: bool, writes: int, payload: int) -> dict[str, Any
         nc = await nats.connect(broker.url)
         try:
             js = nc.jetstream()
-            kv = await js.create_key_value(bucket=BUCKET, history=1,
-                                           storage=js_api.StorageType.FILE)
+            kv = await js.create_key_value(
+                bucket=BUCKET, history=1,
+                storage=js_api.StorageType.MEMORY if memory else js_api.StorageType.FILE)
             config = (await js.stream_info(f"KV_{BUCKET}")).config
             config.allow_atomic = True
             await js.update_stream(config)
             value = b"x" * payload
             keys = [f"node-{i}.hello" for i in range(writes)]
             out: dict[str, Any] = {"sync": "always" if sync_always else "default",
+                                   "storage": "memory" if memory else "file",
                                    "writes": writes, "payload": payload}
 
             few = keys[: max(10, writes // 10)]
@@ -111,12 +116,12 @@ async def main() -> int:
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = ap.parse_args()
     results = []
-    for sync_always in (True, False):
-        r = await measure(sync_always, args.writes, args.payload)
+    for sync_always, memory in ((True, False), (False, False), (True, True)):
+        r = await measure(sync_always, args.writes, args.payload, memory=memory)
         results.append(r)
         if not args.json:
             emit(False, f"{args.writes} KV writes of {args.payload} B, one server, "
-                 f"sync_interval {r['sync']}", r, rows(r))
+                 f"{r['storage']} storage, sync_interval {r['sync']}", r, rows(r))
     if args.json:
         emit(True, "", {"writes": results}, [])
     return 0

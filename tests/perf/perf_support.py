@@ -556,17 +556,21 @@ async def bus_floor(url: str, nodes: int, waves: int, payload: int, *,
     a hand-written nats-py program takes at best. The desired puts of a wave go out as atomic
     batches of up to ``ATOMIC_MAX`` (as the coordinator writes, with one fsync each rather than
     one a message), concurrently; the responder, standing for the nodes' agents, puts one
-    observed state per desired state it sees, as each agent does."""
+    observed state per desired state it sees, as each agent does, to a bucket kept in memory as
+    fleetwave's is."""
     import nats
     from nats.js import api as js_api
 
     nc = await nats.connect(url)
     try:
         js = nc.jetstream()
-        for b, hist in ((FLOOR_DESIRED, 5), (FLOOR_OBSERVED, 1)):
+        # The storage fleetwave keeps each in (``protocol.bus._storage``): the observed bucket
+        # in memory, the desired one on disk.
+        for b, hist, storage in ((FLOOR_DESIRED, 5, js_api.StorageType.FILE),
+                                 (FLOOR_OBSERVED, 1, js_api.StorageType.MEMORY)):
             with contextlib.suppress(Exception):
                 await js.delete_key_value(b)
-            await js.create_key_value(bucket=b, history=hist, storage=js_api.StorageType.FILE)
+            await js.create_key_value(bucket=b, history=hist, storage=storage)
         config = (await js.stream_info(f"KV_{FLOOR_DESIRED}")).config
         config.allow_atomic = True
         await js.update_stream(config)
