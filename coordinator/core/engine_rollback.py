@@ -14,7 +14,7 @@ nodes that did not make it back.
 from __future__ import annotations
 
 from coordinator.core.engine_step import Step
-from coordinator.core.engine_types import converged, move_node, peek
+from coordinator.core.engine_types import converged, move_node, peek, peek_node
 from coordinator.core.targets import restore_target
 from protocol.durations import format_duration
 from protocol.messages import DesiredState, NodeProgress, WaveRecord
@@ -40,9 +40,8 @@ class Rollback:
         r.phase, r.reason, r.rollback_by = "rollback", reason, self.step.who
         r.rollback_deadline = self.step.now + self.step.spec.progress_deadline
         touched = sorted(n for n, p in peek(r.nodes) if p.target is not None)
-        for p in r.nodes.values():
-            if p.target is None and p.state == "failed":
-                move_node(p, "waiting")  # never written to, so still on its previous version
+        for n in [n for n, p in peek(r.nodes) if p.target is None and p.state == "failed"]:
+            move_node(r.nodes[n], "waiting")  # never written to, so still on its previous version
         self.step.emit("rollout.rolling_back", f"rolling back {len(touched)} nodes: {reason}",
                        reason=reason, nodes=touched)
         policies = self.step.policies
@@ -64,36 +63,44 @@ class Rollback:
         )
 
     def advance_rollback(self) -> None:
+        """Check every rolling-back node: read only (``peek``), a node's progress is taken
+        (copied, ``NodeTable``) only when this step changes it, so that a step about the last
+        few nodes of a 10,000-node rollback does not copy the other 9,990."""
         r = self.step.r
-        waiting: list[NodeProgress] = []
-        back: list[NodeProgress] = []  # switched back, both slots kept: the new one to retire
-        for n, p in r.nodes.items():
-            if p.state != "rolling_back" or p.target is None:
+        waiting: list[str] = []
+        back: list[str] = []  # switched back, both slots kept: the new one to retire
+        for n, seen_p in peek(r.nodes):
+            if seen_p.state != "rolling_back" or seen_p.target is None:
                 continue
             seen = self.step.obs.get(n)
-            if seen is not None and converged(seen, p.target) and _keeps_new_slot(p):
-                back.append(p)
-            elif seen is not None and converged(seen, p.target):
-                move_node(p, "rolled_back")
-                self.step.emit("node.rolled_back", f"{n}: back on generation {p.generation}", n)
-            elif seen is not None and seen.generation >= p.generation and seen.phase == "failed":
-                self.step.fail_node(p, f"rollback failed: {seen.error or 'no reason given'}")
+            if seen is not None and converged(seen, seen_p.target) and _keeps_new_slot(seen_p):
+                back.append(n)
+            elif seen is not None and converged(seen, seen_p.target):
+                move_node(r.nodes[n], "rolled_back")
+                self.step.emit("node.rolled_back",
+                               f"{n}: back on generation {seen_p.generation}", n)
+            elif (seen is not None and seen.generation >= seen_p.generation
+                  and seen.phase == "failed"):
+                self.step.fail_node(r.nodes[n],
+                                    f"rollback failed: {seen.error or 'no reason given'}")
             else:
-                waiting.append(p)
+                waiting.append(n)
         if waiting and self.step.now >= r.rollback_deadline:
             limit = format_duration(self.step.spec.progress_deadline)
-            for p in waiting:
+            for n in waiting:
+                p = r.nodes[n]
                 self.step.fail_node(p, f"did not converge back within {limit}"
                                     + ("" if p.online else " (offline)"))
             waiting = []
         # The new slots are retired once no node is still switching back: the switch back is
         # what users feel, and retiring the first nodes' slots while the others still wait for
         # theirs would put those writes ahead of the rest of it.
-        if back and not any(_keeps_new_slot(p) for p in waiting):
+        if back and not any(_keeps_new_slot(peek_node(r.nodes, n)) for n in waiting):
             # The last ones failed: time to retire the rest.
             if self.step.now >= r.rollback_deadline:
                 r.rollback_deadline = self.step.now + self.step.spec.progress_deadline
-            for p in back:
+            for n in back:
+                p = r.nodes[n]
                 self.step.write(p, self.restore(p))
             waiting += back
             back = []

@@ -270,6 +270,11 @@ class NodeTable(dict[str, NodeProgress]):
         return [(n, self[n]) for n in self]
 
 
+def peek_node(nodes: Mapping[str, NodeProgress], node: str) -> NodeProgress:
+    """One node's progress, read only: no copy (``peek`` for one node). Never edit it."""
+    return dict.__getitem__(nodes, node) if isinstance(nodes, dict) else nodes[node]
+
+
 def peek(nodes: Mapping[str, NodeProgress]) -> Iterable[tuple[str, NodeProgress]]:
     """Every (node, progress) of a record's nodes, read only: no copy of a working copy's
     entries (``NodeTable``). Never edit what it yields."""

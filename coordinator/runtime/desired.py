@@ -23,6 +23,7 @@ from coordinator.runtime.calls import Retrying, bounded, scanned
 from coordinator.runtime.lease import Deposed, Fenced
 from coordinator.runtime.ports import RunnerBus
 from protocol import subjects
+from protocol.bus import FENCED_BATCH
 from protocol.codec import decode, encode
 from protocol.errors import BusError, ProtocolError
 from protocol.messages import DesiredState, SignedEnvelope
@@ -64,10 +65,15 @@ class DesiredWriter:
                 slow.append(desired)
             elif stored < desired.generation:
                 known.append((key, desired))
-        if known:
+        # Signed a batch at a time, each written before the next is signed: a node's agent
+        # can verify and apply its state while the coordinator signs the rest (10,000 states
+        # signed first took 0.5 s before the first router of a rollback could switch back).
+        # A batch that failed sends the rest the slow way too: one bus timeout, not one a batch.
+        for start in range(0, len(known), FENCED_BATCH):
+            chunk = known[start:start + FENCED_BATCH]
             results = await self._fenced.write_all(
-                self.bucket, [(key, self._envelope(d)) for key, d in known])
-            for (key, desired), result in zip(known, results, strict=True):
+                self.bucket, [(key, self._envelope(d)) for key, d in chunk])
+            for (key, desired), result in zip(chunk, results, strict=True):
                 if isinstance(result, Deposed):
                     raise result
                 if isinstance(result, int):
@@ -75,6 +81,9 @@ class DesiredWriter:
                 else:
                     self._gens.pop(key, None)
                     slow.append(desired)  # read it and compare generations, then write
+            if any(not isinstance(r, int) for r in results):
+                slow += [d for _, d in known[start + FENCED_BATCH:]]
+                break
         if slow:
             sem = asyncio.Semaphore(WRITE_CONCURRENCY)
 

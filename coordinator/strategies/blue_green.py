@@ -36,7 +36,7 @@ from msgspec import UNSET
 
 from coordinator.core import gates as gatelib
 from coordinator.core import staging
-from coordinator.core.engine_types import peek
+from coordinator.core.engine_types import peek, peek_node
 from coordinator.core.evidence import Evidence, listed
 from coordinator.core.planning import Wave, WaveKind
 from coordinator.core.targets import serving_slot
@@ -312,7 +312,7 @@ def switched_back(step: Step) -> None:
     if back is None or back.spread is not UNSET:
         return
     for n in back.expect:
-        p = step.r.nodes[n]
+        p = peek_node(step.r.nodes, n)
         if p.state != "failed" and p.target is not None and p.target.slots.get(p.slot) is not None:
             return  # still on its switch-back target (the new slot is retired after it)
     summary = _summarize(back, back.nodes, back.at)

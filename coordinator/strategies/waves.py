@@ -142,8 +142,10 @@ class Ordinary:
 
 def retire_old(step: Step) -> None:
     """Stop every node's old slot: its target again with the new slot only."""
-    for p in step.r.nodes.values():
-        if p.target is not None and len(p.target.slots) > 1:
+    nodes = step.r.nodes
+    for n in [n for n, p in peek(nodes) if p.target is not None and len(p.target.slots) > 1]:
+        p = nodes[n]  # taken (copied) only when written: ``NodeTable``
+        if p.target is not None:
             step.write(p, retire_target(
                 p.target, slot=p.slot, generation=step.next_generation(p), now=step.now))
 

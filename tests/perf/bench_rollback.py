@@ -2,7 +2,7 @@
 simulated nodes whose old slots are still warm.
 
 Usage: python tests/perf/bench_rollback.py [--nodes 10000] [--json] [--brokers 1|3]
-       [--max-payload 1MB]
+       [--max-payload 1MB] [--profile DIR]
 
 A fresh broker, the real coordinator and ``fleetwave-agent --simulate N``. Every node is installed
 with hello 1.0.0; then 2.0.0 goes out blue-green: staged on every node at weight 0, switched on
@@ -27,12 +27,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_control_plane import heartbeat_for
-from perf_support import SimFleet, emit, rolling
+from perf_support import Profile, SimFleet, emit, print_top, rolling
 
 from protocol.messages import Gates, RollbackRequest, RolloutSpec
 
 
-async def measure(n: int, brokers: int = 1, max_payload: str = "1MB") -> dict[str, Any]:
+async def measure(n: int, brokers: int = 1, max_payload: str = "1MB",
+                  profile: Path | None = None) -> dict[str, Any]:
     async with SimFleet(n, brokers=brokers, max_payload=max_payload,
                         heartbeat=heartbeat_for(n)) as fleet:
         rid, _ = await fleet.deploy(rolling("1.0.0"))
@@ -52,9 +53,18 @@ async def measure(n: int, brokers: int = 1, max_payload: str = "1MB") -> dict[st
         # max_payload beyond a few thousand nodes)
         serving = len({e.node for e in fleet.tap.of(rid, "node.done")})
 
-        sent = time.time()
-        await fleet.api("rollback", RollbackRequest(service="hello"))
-        switched = await fleet.tap.wait_for(rid, ("bluegreen.switched_back",), 120)
+        assert fleet.coordinator.pid is not None and fleet.agent is not None
+        sim_pid = fleet.agent.pid
+        assert sim_pid is not None
+        out = profile / f"rollback-coordinator-{n}.txt" if profile else None
+        sim_out = profile / f"rollback-sim-agent-{n}.txt" if profile else None
+        async with Profile(fleet.coordinator.pid, out), Profile(sim_pid, sim_out):
+            sent = time.time()
+            await fleet.api("rollback", RollbackRequest(service="hello"))
+            switched = await fleet.tap.wait_for(rid, ("bluegreen.switched_back",), 120)
+        for raw in (out, sim_out):
+            if raw is not None:
+                print_top(raw)
         end = await fleet.tap.wait_for(
             rid, ("rollout.rolled_back", "rollout.failed", "rollout.aborted"), 120)
         ended, received = end.event, end.received
@@ -69,8 +79,49 @@ async def measure(n: int, brokers: int = 1, max_payload: str = "1MB") -> dict[st
             "switched_back_s": round(switched.received - sent, 3),
             "rolled_back_s": round(received - sent, 3),
             "engine_switched_back_s": round(switched.event.time - started, 3),
+            # the nodes' own report times (the switch back's summary): the first and the last
+            # router back, against when the engine saw the last one
+            "first_back_s": _since(switched.event.data, started, first=True),
+            "last_back_s": _since(switched.event.data, started),
             "engine_rolled_back_s": round(max(e.time for e in restored) - started, 3),
         }
+
+
+def crypto_floor(n: int) -> dict[str, float]:
+    """Seconds to sign ``n`` desired states as the coordinator does (``protocol.signing.sign``,
+    encoded) and to decode and verify them as agents do, in this process: the work a rollback
+    of ``n`` nodes cannot skip, which in this benchmark one coordinator and one simulator
+    process do on this machine's cores (on a real fleet each node verifies its own)."""
+    from protocol.codec import decode, encode
+    from protocol.messages import DesiredState, ReleaseRef, SignedEnvelope
+    from protocol.signing import generate_seed, public_key, sign, verify
+
+    seed = generate_seed()
+    trusted = {public_key(seed)}
+    ref = ReleaseRef(service="hello", version="1.0.0", digest="d" * 64)
+    states = [DesiredState(fleet="default", node=f"sim-{i}", service="hello", generation=5,
+                           slots={"a": ref, "b": ref}, weights={"a": 100, "b": 0})
+              for i in range(1, n + 1)]
+    started = time.perf_counter()
+    bodies = [encode(sign(seed, d, term=3)) for d in states]
+    signed = time.perf_counter() - started
+    started = time.perf_counter()
+    for d, body in zip(states, bodies, strict=True):
+        verify(decode(SignedEnvelope, body), trusted, fleet="default", node=d.node,
+               service="hello", min_generation=4, min_term=3)
+    verified = time.perf_counter() - started
+    return {"sign_s": round(signed, 3), "verify_s": round(verified, 3)}
+
+
+def _since(data: dict[str, Any], started: float, *, first: bool = False) -> float | None:
+    """Seconds from the decision to the first (or last) node's router back, from the switch
+    back's summary (``lag``: last - decided; ``spread``: last - first)."""
+    lag, spread = data.get("lag"), data.get("spread")
+    if lag is None:
+        return None
+    at = data.get("at", started)
+    last = at + lag
+    return round((last - spread if first and spread is not None else last) - started, 3)
 
 
 async def main() -> int:
@@ -81,15 +132,23 @@ async def main() -> int:
                     help="one server (R1) or a 3-server cluster (R3)")
     ap.add_argument("--max-payload", default="1MB",
                     help="the servers' max_payload (nats-server's default: 1MB)")
+    ap.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                    help="py-spy record the coordinator and the simulated agents from the "
+                         "rollback's request to every router switched back, into DIR")
     args = ap.parse_args()
-    r = await measure(args.nodes, args.brokers, args.max_payload)
+    r = await measure(args.nodes, args.brokers, args.max_payload, args.profile)
+    r["crypto_floor"] = crypto_floor(args.nodes)
     emit(args.json, f"rollback of {r['nodes_rolled_back']} simulated nodes with warm old slots "
          f"({r['serving_new_before']} were serving 2.0.0)", r, [
              ("request -> rollback decided", f"{r['decided_s']:.3f} s"),
              ("request -> every router switched back", f"{r['switched_back_s']:.3f} s"),
              ("request -> rolled back (new slots retired)", f"{r['rolled_back_s']:.3f} s"),
              ("decided -> every router switched back", f"{r['engine_switched_back_s']:.3f} s"),
-             ("decided -> last node.rolled_back", f"{r['engine_rolled_back_s']:.3f} s")])
+             ("decided -> first / last node reports it is back",
+              f"{r['first_back_s']} / {r['last_back_s']} s"),
+             ("decided -> last node.rolled_back", f"{r['engine_rolled_back_s']:.3f} s"),
+             (f"signing / verifying {r['nodes']} states, in process",
+              f"{r['crypto_floor']['sign_s']:.3f} / {r['crypto_floor']['verify_s']:.3f} s")])
     return 0
 
 

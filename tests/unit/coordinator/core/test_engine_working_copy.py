@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from coordinator.core.engine import ObservedChanged, Start, WriteDesired, working_copy
+from coordinator.core.engine import (
+    ObservedChanged,
+    RollbackRequested,
+    Start,
+    WriteDesired,
+    working_copy,
+)
 from coordinator.core.engine_types import NodeTable, peek
 from protocol.messages import (
     DesiredState,
@@ -92,6 +98,22 @@ def test_a_step_copies_only_the_nodes_it_takes() -> None:
     untouched = [n for n in before if r.record.nodes[n] is before[n]]
     assert len(untouched) >= 8, untouched
     assert type(r.record.nodes) is dict  # a committed record holds a plain dict
+
+
+def test_a_rollback_step_copies_only_the_nodes_it_takes() -> None:
+    """A rollback's step about one node's report copies that node only: the rollback of a
+    10,000-node fleet checks every node on every step, read only (it copied all of them, 15 %
+    of the coordinator's CPU in a rollback of 10,000 nodes)."""
+    r = rollout(12, batch="12", max_unavailable="12")
+    r.handle(Start(), 1.0)
+    cmds = r.handle(RollbackRequested("test"), 2.0)
+    back = [c.desired for c in cmds if isinstance(c, WriteDesired)]
+    assert len(back) == 12 and r.record.phase == "rollback"
+    before = dict(r.record.nodes)
+    r.handle(ObservedChanged(back[0].node, converged_on(back[0], 3.0)), 3.0)
+    assert r.record.nodes[back[0].node].state == "rolled_back"
+    untouched = [n for n in before if r.record.nodes[n] is before[n]]
+    assert len(untouched) == 11, untouched
 
 
 def converged_on(d: DesiredState, t: float) -> ObservedState:

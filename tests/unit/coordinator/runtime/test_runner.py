@@ -3,6 +3,9 @@ desired writes, the per-service lock, resuming after a crash, and failures of th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import pytest
 
 from coordinator.core.engine import Pause, Resume, Rollout
@@ -12,7 +15,7 @@ from coordinator.runtime.driver import HOLD_PERSIST
 from coordinator.runtime.lease import Fence, Fenced, fenced_buckets
 from coordinator.runtime.runner import OUTBOX_CLEAR_AFTER, OUTBOX_RETRY, Runner
 from protocol import subjects
-from protocol.bus import Entry
+from protocol.bus import FENCED_BATCH, Entry
 from protocol.codec import decode, encode
 from protocol.errors import BusError, Conflict
 from protocol.history import RolloutPage, assemble
@@ -591,3 +594,34 @@ async def test_a_recorded_rollout_that_lost_its_lock_is_never_started() -> None:
     lock = bus.live(LOCKS, "hello")
     assert lock is not None and lock.value == other.id.encode()
     assert await drive(r2, bus, clock, other.id) == "succeeded"
+
+
+async def test_known_keys_go_out_a_signed_batch_at_a_time_and_a_failed_batch_sends_the_rest_slowly(
+) -> None:
+    """Desired states of keys written before in this term go out FENCED_BATCH at a time, each
+    batch signed just before it is written (so agents apply the first while the rest are
+    signed). A batch the bus fails sends the rest one by one, retried, instead of one timeout
+    a batch: every state still lands, at its generation."""
+    n = 2 * FENCED_BATCH + 200
+    bus, clock = fleet_bus(n), FakeClock()
+    r = runner(bus, clock)
+    await r.desired.write_all([desired(f"node-{i}", generation=8) for i in range(1, n + 1)])
+    sizes: list[int] = []
+    fenced_all = bus.kv_fenced_all
+
+    async def counted(bucket: str, writes: Sequence[tuple[str, bytes | None]], fence: int,
+                      **kw: Any) -> list[int | BusError]:
+        sizes.append(len(writes))
+        return await fenced_all(bucket, writes, fence, **kw)
+
+    bus.kv_fenced_all = counted  # type: ignore[method-assign]
+    await r.desired.write_all([desired(f"node-{i}", generation=9) for i in range(1, n + 1)])
+    assert sizes == [FENCED_BATCH, FENCED_BATCH, 200]
+
+    sizes.clear()
+    bus.faults[("update", DESIRED)] = BusError("the server did not answer")
+    await r.desired.write_all([desired(f"node-{i}", generation=10) for i in range(1, n + 1)])
+    assert sizes[0] == FENCED_BATCH and set(sizes[1:]) == {1}
+    assert len(sizes) == 1 + 1 + (n - FENCED_BATCH)  # the failed one again, then the rest
+    assert all(bus.desired(f"node-{i}").generation == 10  # type: ignore[union-attr]
+               for i in range(1, n + 1))
