@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import shlex
@@ -76,6 +77,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from perf_support import SUBNET, EventTap, emit, poll, run_dir, run_main
 
+from agent.reconcile import RUNNING
+from coordinator.dev.broker import free_port
 from coordinator.dev.devfleet import DevFleet
 from coordinator.dev.examples import assembled
 from coordinator.dev.traffic import Traffic, TrafficReport, probe_version
@@ -83,7 +86,14 @@ from coordinator.releases import push_release
 from protocol import subjects
 from protocol.bus import Bus
 from protocol.codec import decode, encode
-from protocol.messages import TERMINAL_STATES, ApiReply, DeployRequest, RolloutRequest, RolloutSpec
+from protocol.messages import (
+    TERMINAL_STATES,
+    ApiReply,
+    DeployRequest,
+    ObservedState,
+    RolloutRequest,
+    RolloutSpec,
+)
 
 T = TypeVar("T")
 OLD, NEW = "1.0.0", "2.0.0"
@@ -348,6 +358,20 @@ async def install(bus: Bus, fleet: DevFleet, n: int) -> None:
                                         for i in range(1, n + 1))),
                lambda answers: set(answers) == {OLD}, timeout=30,
                what=f"every router serving {OLD}")
+    # And every NEW slot of a run before stopped, not draining: an agent takes a draining slot
+    # back when the same release is wanted again (no start at all), which would time the next
+    # deploy of NEW on warm slots (the drain is 2 s; an install can end well within that).
+    obs = subjects.observed_bucket(bus.fleet)
+
+    async def new_running() -> int:
+        entries = [await bus.kv_get(obs, subjects.node_service_key(f"node-{i}", "hello"))
+                   for i in range(1, n + 1)]
+        states = [decode(ObservedState, e.value) for e in entries if e and e.value]
+        return sum(1 for o in states for st in o.slots.values()
+                   if st.version == NEW and st.status in RUNNING) + (n - len(states))
+
+    await poll(new_running, lambda left: left == 0, timeout=60,
+               what=f"every node's {NEW} slot stopped", interval=0.2)
 
 
 def wave_timeline(tap: EventTap, rid: str) -> list[dict[str, Any]]:
@@ -440,12 +464,54 @@ async def rolled(tmp: Path, bus: Bus, fleet: DevFleet, tap: EventTap, n: int, ra
 # -- the run ---------------------------------------------------------------------------------------
 
 
+async def start_floor(tmp: Path, n: int) -> float:
+    """Seconds from spawning ``n`` processes of NEW at once (the example's command, each on its
+    own address, no load, no fleetwave) to the last one answering its health check: the cold
+    start a ``--prestage all`` rollout's first wave cannot beat on this machine's cores."""
+    m = manifest(NEW)
+    home = assembled(NEW)
+    env0 = {**os.environ, **{k: str(v) for k, v in m.get("env", {}).items()},
+            "FLEETWAVE_VERSION": NEW}
+    addrs = [(ansible_host(i), free_port(ansible_host(i))) for i in range(1, n + 1)]
+    procs: list[asyncio.subprocess.Process] = []
+    started = time.perf_counter()
+    try:
+        for i, (host, port) in enumerate(addrs, 1):
+            procs.append(await asyncio.create_subprocess_exec(
+                *m["command"], cwd=home, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                env={**env0, "PORT": str(port), "BIND_HOST": host,
+                     "FLEETWAVE_NODE": f"floor-{i}"}))
+
+        await asyncio.gather(*(
+            poll(functools.partial(probe_version, h, p, "/healthz"),
+                 # answered below 500 (the health path's body is not the version's JSON)
+                 lambda answer: answer == "<not json>" or not answer.startswith("<"),
+                 timeout=60,
+                 what=f"{h}:{p} healthy", interval=0.02)
+            for h, p in addrs))
+        return time.perf_counter() - started
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.terminate()
+        for proc in procs:
+            try:
+                async with asyncio.timeout(10):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
 async def measure(n: int, rate: float, binary: str) -> dict[str, Any]:
     with run_dir("fw-perf-vs-ansible-") as tmp:
         ansible = await measure_ansible(tmp, n, rate, binary)
         fleetwave = await measure_fleetwave(tmp, n, rate)
+        floor = await start_floor(tmp, n)
     return {"nodes": n, "batch": BATCH, "load_per_host_rps": WORKERS * rate,
-            "ansible": ansible, "fleetwave": fleetwave, **ratios(ansible, fleetwave)}
+            "ansible": ansible, "fleetwave": fleetwave, **ratios(ansible, fleetwave),
+            "start_floor_s": round(floor, 2)}
 
 
 def ratios(a: dict[str, Any], f: dict[str, Any]) -> dict[str, Any]:
@@ -504,6 +570,9 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
                     f"{x(r['ratio_work_prestaged'][ahead])} (work)"))
         out.append((f"  its waves (--prestage {ahead})",
                     ", ".join(f"{w['next_s']:.2f}" for w in p["waves"]) + " s each"))
+    out.append(("start floor", f"{r['start_floor_s']:.2f} s: {r['nodes']} processes of "
+                               f"{NEW} spawned at once, to the last one healthy (no load, no "
+                               "fleetwave); what a staged first wave cannot beat"))
     for side, figs in (("Ansible", a), ("fleetwave", f)):
         if figs["failures"]:
             out.append((f"{side}: first failures", "; ".join(figs["failures"][:3])))
