@@ -2,13 +2,14 @@
 
 Theory of operation: after each pass over a service, ``observe`` builds its ``ObservedState``
 (the reconciler's ``assess``, each slot, the applied weights, the router's counters) and queues it
-only if it changed or ``OBSERVE_EVERY`` seconds passed since the last one. What is queued goes
-out only once ``release`` is called, which the reconcile loop does after it has saved the agent's
-state file: a state the coordinator acts on (a generation failed, say) is never one that an agent
-killed a moment later forgets on restart. ``run`` writes the newest released state of each
-service to the observed bucket, each write bounded by
-``BUS_TIMEOUT``: a slow or failing bus never holds the reconcile loop, and a failed write is
-written again on the next pass (the failure is logged once until a write succeeds).
+only if it changed, ``OBSERVE_EVERY`` seconds passed since the last one, or the bus reconnected
+since (the observed bucket is kept in the servers' memory: a restarted server has none). What is
+queued goes out only once ``release`` is called, which the reconcile loop does after it has saved
+the agent's state file: a state the coordinator acts on (a generation failed, say) is never one
+that an agent killed a moment later forgets on restart. ``run`` writes the newest released state
+of each service to the observed bucket, each write bounded by ``BUS_TIMEOUT``: a slow or failing
+bus never holds the reconcile loop, and a failed write is written again on the next pass (the
+failure is logged once until a write succeeds).
 """
 
 from __future__ import annotations
@@ -87,8 +88,13 @@ class ObservedWriter:
         )
         body = encode(obs)
         now = self.clock()
-        if body == svc.last_observed and now - svc.last_observed_at < OBSERVE_EVERY:
+        # After a reconnect, at once: the server may have restarted and kept no observed bucket
+        # (it lives in memory, ``protocol.bus._storage``), which the coordinator makes again.
+        epoch = self.bus.reconnects
+        if (body == svc.last_observed and now - svc.last_observed_at < OBSERVE_EVERY
+                and epoch == svc.observed_epoch):
             return
+        svc.observed_epoch = epoch
         obs.time = now
         svc.last_observed, svc.last_observed_at = body, now
         svc.pending_observed = obs

@@ -115,6 +115,7 @@ class Service:
     router_closing: bool = False  # asked to drain and exit (a removal), not gone yet
     last_observed: bytes = b""
     last_observed_at: float = 0.0
+    observed_epoch: int = 0  # the bus's reconnect count when it was last queued
     pending_observed: ObservedState | None = None
     router_error: str = ""  # why the last configure failed; reported until one succeeds
     router_error_since: float = 0.0  # the clock at the first failure of this run of them

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 from agent.manager.observed import ObservedWriter
 from agent.manager.service import OBSERVE_EVERY, NodeConfig, Service
@@ -14,8 +15,8 @@ def _writer(tmp_path: Path, now: list[float]) -> tuple[ObservedWriter, Service]:
     svc = Service(name="hello")
     config = NodeConfig(fleet=FLEET, node=NODE, data_dir=tmp_path, bind_host="127.0.0.1",
                         trusted_keys=frozenset())
-    # No bus: observe() only queues; nothing is written in these tests.
-    bus = None
+    # No bus: observe() only queues (and reads the reconnect count); nothing is written here.
+    bus = SimpleNamespace(reconnects=0)
     writer = ObservedWriter(bus, config, {"hello": svc}, clock=lambda: now[0])  # type: ignore[arg-type]
     return writer, svc
 
@@ -64,3 +65,21 @@ async def test_a_queued_state_goes_out_only_once_released(tmp_path: Path) -> Non
     writer._dirty.clear()
     writer.release()  # nothing new queued: nothing to wake the writer for
     assert not writer._dirty.is_set()
+
+
+def test_an_unchanged_state_is_queued_again_at_once_after_a_reconnect(tmp_path: Path) -> None:
+    """A reconnect may be to a server that restarted and kept no observed bucket (memory): the
+    same state goes out again at the next pass, not OBSERVE_EVERY later."""
+    now = [1000.0]
+    writer, svc = _writer(tmp_path, now)
+    writer.observe(svc)
+    svc.pending_observed = None
+    now[0] += 0.5
+    writer.observe(svc)
+    assert svc.pending_observed is None
+    writer.bus.reconnects += 1
+    writer.observe(svc)
+    assert svc.pending_observed is not None and svc.pending_observed.time == 1000.5
+    svc.pending_observed = None
+    writer.observe(svc)
+    assert svc.pending_observed is None  # once per reconnect
