@@ -35,6 +35,7 @@ once.
 from __future__ import annotations
 
 from coordinator.core.engine_step import Step
+from coordinator.core.engine_types import peek_node
 from protocol.durations import format_duration
 from protocol.messages import NodeProgress, WaveRecord
 
@@ -60,8 +61,9 @@ class Lost:
         under ``wait``, also those back online that have not reported since (``returned``)."""
         r = self.step.r
         unheard = baking and self.waits
-        return [r.nodes[n] for n in wave.nodes if r.nodes[n].state in LOSABLE
-                and (not r.nodes[n].online or (unheard and n not in self.step.obs))]
+        return [r.nodes[n] for n in wave.nodes  # taken (copied) only when lost: ``peek_node``
+                if (p := peek_node(r.nodes, n)).state in LOSABLE
+                and (not p.online or (unheard and n not in self.step.obs))]
 
     def judge(self, wave: WaveRecord, *, baking: bool = False) -> list[NodeProgress]:
         """Apply the policy to the wave's lost nodes now; return those still lost.

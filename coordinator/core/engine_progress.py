@@ -33,6 +33,7 @@ from coordinator.core.engine_types import (
     converged,
     move_node,
     move_wave,
+    peek_node,
 )
 from coordinator.core.targets import runs
 from protocol.durations import format_duration
@@ -103,7 +104,10 @@ class Progress:
                 self.rollback.start_rollback(reason)
 
     def observe(self, node: str, seen: ObservedState) -> None:
-        p = self.step.r.nodes.get(node)
+        """Keep ``seen`` as the node's latest report; the node's progress is taken (copied)
+        only if its health or version changes: agents re-report every few seconds."""
+        nodes = self.step.r.nodes
+        p = peek_node(nodes, node) if node in nodes else None
         if p is None or seen.node != node or seen.service != self.step.spec.service:
             return  # not ours, or a payload claiming another key: the runner logs it
         last = self.step.obs.get(node)
@@ -119,6 +123,7 @@ class Progress:
         if p.target is not None and not p.target.slots and converged(seen, p.target):
             version = ""  # removed: it runs nothing now
         if (p.healthy, p.version) != (healthy, version):
+            p = nodes[node]
             p.healthy, p.version = healthy, version
         for policy in self.step.policies:
             policy.observed(self.step, p, seen)
@@ -239,21 +244,23 @@ class Progress:
                       generation=p.generation, slot="", weight=0)
 
     def update_wave(self, wave: WaveRecord) -> None:
+        """One step of an updating wave. Its nodes are read through ``peek_node`` and taken
+        (copied, ``NodeTable``) only when this step changes them: a step about a few reports
+        of a 5,000-node wave copied all 5,000."""
         r = self.step.r
         lost = self.lost.judge(wave)  # under fail they fail now; under wait, at the deadline
         for n in wave.nodes:
-            p = r.nodes[n]
-            if p.state == "updating":
-                self.check_node(p)
+            if peek_node(r.nodes, n).state == "updating":
+                self.check_node(n)
         unavailable = self.step.unavailable()
         # Staging at weight 0 and switching to a staged healthy slot stop no node from serving:
         # the wave's policy says whether max-unavailable bounds it.
         policy = self.step.policy(wave)
         blocked: list[str] = []
         for n in wave.nodes:
-            p = r.nodes[n]
-            if p.state != "waiting":
+            if peek_node(r.nodes, n).state != "waiting":
                 continue
+            p = r.nodes[n]
             if (p.target is None and (wave.weight == 100 or policy.stages)
                     and runs(p.previous, r.release)):
                 move_node(p, "done")
@@ -265,10 +272,12 @@ class Progress:
                 unavailable.add(n)
             else:
                 blocked.append(n)
-        failed = [r.nodes[n] for n in wave.nodes if r.nodes[n].state == "failed"]
+        failed = [r.nodes[n] for n in wave.nodes if peek_node(r.nodes, n).state == "failed"]
         if not failed and self.step.now >= wave.deadline:
             limit = format_duration(self.step.spec.progress_deadline)
             for n in wave.nodes:
+                if peek_node(r.nodes, n).state not in ("updating", "waiting"):
+                    continue
                 p = r.nodes[n]
                 if p.state == "updating":
                     seen = self.step.obs.get(n)
@@ -292,7 +301,7 @@ class Progress:
             why = "; ".join(f"{p.node}: {p.reason}" for p in failed)
             self.rollback.on_failure(wave, f"wave {wave.index} failed: {why}")
             return
-        if not lost and all(r.nodes[n].state == "done" for n in wave.nodes):
+        if not lost and all(peek_node(r.nodes, n).state == "done" for n in wave.nodes):
             self.step.emit("wave.converged", f"wave {wave.index}: all {len(wave.nodes)} nodes "
                            "converged", wave=wave.index)
             policy.converged(self.step, wave)
@@ -302,10 +311,13 @@ class Progress:
             # before the others converge (sequential analysis only: ``Bake.early``).
             self.bakes.early(wave)
 
-    def check_node(self, p: NodeProgress) -> None:
-        seen = self.step.obs.get(p.node)
+    def check_node(self, node: str) -> None:
+        """An updating node against its latest report; read only until it changes."""
+        p = peek_node(self.step.r.nodes, node)
+        seen = self.step.obs.get(node)
         if seen is not None and seen.generation >= p.generation and seen.phase == "failed":
-            self.step.fail_node(p, f"agent reports failure: {seen.error or 'no reason given'}")
+            self.step.fail_node(self.step.r.nodes[node],
+                                f"agent reports failure: {seen.error or 'no reason given'}")
         elif not p.online:
             pass  # lost and waited for: not done until it is back (the deadline bounds it)
         elif (seen is not None and p.target is not None and converged(seen, p.target)
@@ -313,6 +325,7 @@ class Progress:
                    or ((s := seen.slots.get(p.slot)) is not None and s.status == "healthy"))):
             # Converged says the traffic slots are healthy; a staged slot (weight 0) must be too
             # (a removal's target has no slot: converged on it is done).
+            p = self.step.r.nodes[node]
             move_node(p, "done")
             self.step.emit("node.done", f"{p.node}: converged on generation {p.generation}", p.node,
                            generation=p.generation)

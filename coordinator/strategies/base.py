@@ -131,7 +131,8 @@ class WavePolicy(Protocol):
         ...
 
     def observed(self, step: Step, p: NodeProgress, seen: ObservedState) -> None:
-        """A target node reported ``seen`` (asked of every policy of the rollout)."""
+        """A target node reported ``seen`` (asked of every policy of the rollout). ``p`` may
+        be the committed record's own (``peek_node``): read it, never edit it."""
         ...
 
     def keep_warm(self, step: Step) -> bool:

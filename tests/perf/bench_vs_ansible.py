@@ -75,7 +75,7 @@ from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from perf_support import SUBNET, EventTap, emit, poll, run_dir, run_main
+from perf_support import SUBNET, EventTap, emit, poll, run_dir, run_main, stop_process
 
 from agent.reconcile import RUNNING
 from coordinator.dev.broker import free_port
@@ -203,13 +203,7 @@ async def timed(argv: list[str], env: dict[str, str], cwd: Path,
             code = await proc.wait()
     finally:
         if proc.returncode is None:  # stopped (SIGTERM) or timed out: ask, then insist
-            proc.terminate()
-            try:
-                async with asyncio.timeout(5):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+            await stop_process(proc)
     elapsed = time.monotonic() - started
     out = "\n".join(lines)
     if code != 0:
@@ -492,16 +486,7 @@ async def start_floor(tmp: Path, n: int) -> float:
             for h, p in addrs))
         return time.perf_counter() - started
     finally:
-        for proc in procs:
-            if proc.returncode is None:
-                proc.terminate()
-        for proc in procs:
-            try:
-                async with asyncio.timeout(10):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await asyncio.gather(*(stop_process(proc) for proc in procs))
 
 
 async def measure(n: int, rate: float, binary: str) -> dict[str, Any]:

@@ -200,6 +200,18 @@ async def poll(probe: Callable[[], Any], ok: Callable[[Any], bool], *, timeout: 
         await asyncio.sleep(interval)
 
 
+async def stop_process(proc: asyncio.subprocess.Process, grace: float = 5.0) -> None:
+    """SIGTERM ``proc`` if it still runs, SIGKILL it after ``grace`` seconds; reap it."""
+    if proc.returncode is None:
+        proc.terminate()
+    try:
+        async with asyncio.timeout(grace):
+            await proc.wait()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+
+
 class Profile:
     """``py-spy record`` of one process while the ``async with`` block runs (raw collapsed stacks
     in ``out``, summarised by ``top``); does nothing when ``out`` is None. py-spy samples from

@@ -100,6 +100,23 @@ def test_a_step_copies_only_the_nodes_it_takes() -> None:
     assert type(r.record.nodes) is dict  # a committed record holds a plain dict
 
 
+def test_a_wave_step_copies_only_the_node_that_changed_and_a_repeated_report_none() -> None:
+    """In a wave of 12, a step about one node's convergence copies that node only (the wave's
+    other nodes are read, not taken: every one of them was copied on every step before), and
+    the same report again (agents re-report every few seconds) copies nothing."""
+    r = rollout(12, batch="12", max_unavailable="12")
+    cmds = r.handle(Start(), 1.0)
+    first = next(c.desired for c in cmds if isinstance(c, WriteDesired))
+    before = dict(r.record.nodes)
+    report = converged_on(first, 2.0)
+    r.handle(ObservedChanged(first.node, report), 2.0)
+    assert r.record.nodes[first.node].state == "done"
+    assert [n for n in before if r.record.nodes[n] is not before[n]] == [first.node]
+    before = dict(r.record.nodes)
+    r.handle(ObservedChanged(first.node, converged_on(first, 3.0)), 3.0)
+    assert all(r.record.nodes[n] is before[n] for n in before)
+
+
 def test_a_rollback_step_copies_only_the_nodes_it_takes() -> None:
     """A rollback's step about one node's report copies that node only: the rollback of a
     10,000-node fleet checks every node on every step, read only (it copied all of them, 15 %
