@@ -27,7 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_control_plane import heartbeat_for
-from perf_support import Profile, SimFleet, emit, print_top, rolling
+from perf_support import Profile, SimFleet, cpu_seconds, emit, print_top, rolling
 
 from protocol.messages import Gates, RollbackRequest, RolloutSpec
 
@@ -58,10 +58,14 @@ async def measure(n: int, brokers: int = 1, max_payload: str = "1MB",
         assert sim_pid is not None
         out = profile / f"rollback-coordinator-{n}.txt" if profile else None
         sim_out = profile / f"rollback-sim-agent-{n}.txt" if profile else None
+        pids = {"coordinator": fleet.coordinator.pid, "sim": sim_pid,
+                "server": sum_pids(fleet)}
         async with Profile(fleet.coordinator.pid, out), Profile(sim_pid, sim_out):
+            cpu0 = {k: cpu_of(v) for k, v in pids.items()}
             sent = time.time()
             await fleet.api("rollback", RollbackRequest(service="hello"))
             switched = await fleet.tap.wait_for(rid, ("bluegreen.switched_back",), 120)
+            cpu = {k: round(cpu_of(v) - cpu0[k], 3) for k, v in pids.items()}
         for raw in (out, sim_out):
             if raw is not None:
                 print_top(raw)
@@ -79,12 +83,25 @@ async def measure(n: int, brokers: int = 1, max_payload: str = "1MB",
             "switched_back_s": round(switched.received - sent, 3),
             "rolled_back_s": round(received - sent, 3),
             "engine_switched_back_s": round(switched.event.time - started, 3),
+            # CPU seconds each kind of process used from the request to the switch back: the
+            # simulator stands for every node's agent, in one process
+            "cpu_s": cpu,
             # the nodes' own report times (the switch back's summary): the first and the last
             # router back, against when the engine saw the last one
             "first_back_s": _since(switched.event.data, started, first=True),
             "last_back_s": _since(switched.event.data, started),
             "engine_rolled_back_s": round(max(e.time for e in restored) - started, 3),
         }
+
+
+def sum_pids(fleet: SimFleet) -> list[int]:
+    """The pids of the fleet's nats-servers."""
+    return [b.pid for b in fleet.brokers if b.pid is not None]
+
+
+def cpu_of(pids: int | list[int]) -> float:
+    """CPU seconds so far of one process or the sum of several."""
+    return sum(cpu_seconds(p) for p in (pids if isinstance(pids, list) else [pids]))
 
 
 def crypto_floor(n: int) -> dict[str, float]:
@@ -146,6 +163,9 @@ async def main() -> int:
              ("decided -> every router switched back", f"{r['engine_switched_back_s']:.3f} s"),
              ("decided -> first / last node reports it is back",
               f"{r['first_back_s']} / {r['last_back_s']} s"),
+             ("CPU, request -> switched back", f"coordinator {r['cpu_s']['coordinator']:.2f} s, "
+              f"simulated agents (one process) {r['cpu_s']['sim']:.2f} s, nats-server "
+              f"{r['cpu_s']['server']:.2f} s"),
              ("decided -> last node.rolled_back", f"{r['engine_rolled_back_s']:.3f} s"),
              (f"signing / verifying {r['nodes']} states, in process",
               f"{r['crypto_floor']['sign_s']:.3f} / {r['crypto_floor']['verify_s']:.3f} s")])
