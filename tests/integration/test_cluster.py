@@ -13,11 +13,12 @@ import asyncio
 import re
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from nats.js.api import StorageType
 
 from coordinator.auth.enroll import CA, AuthDir
 from coordinator.dev.broker import find_nats_server, free_port
@@ -25,7 +26,7 @@ from coordinator.dev.cluster import BrokerCluster, ClusterSpec, monitor_get, not
 from coordinator.dev.devfleet import Child, DevFleet
 from protocol import creds as creds_file
 from protocol import subjects
-from protocol.bus import Bus
+from protocol.bus import Bus, Entry
 from protocol.errors import BusError
 from tests.integration.procs import (
     fleetwave,
@@ -432,3 +433,54 @@ async def _retry_put(bus: Bus, bucket: str, key: str, value: bytes, timeout: flo
             await asyncio.sleep(0.1)
     raise AssertionError(f"no write accepted within {timeout:g}s after the failover: {last}")
 
+
+
+async def test_the_observed_bucket_after_every_server_restarts_is_made_again_and_written(
+        tmp_path: Path) -> None:
+    """The observed bucket is a memory stream (three copies on a cluster): a restart of every
+    server loses its contents, never the disk buckets'. ``ensure_observed`` leaves the fleet
+    with an R3 memory bucket again that takes writes, and the desired bucket kept its data."""
+    async with BrokerCluster(tmp_path / "cluster", 3) as c:
+        bus = await Bus.connect(c.url, "lost")
+        try:
+            await bus.ensure_fleet(3)
+            await bus.kv_put(subjects.observed_bucket("lost"), "n1.hello", b"seen")
+            await bus.kv_put(subjects.desired_bucket("lost"), "n1.hello", b"wanted")
+        finally:
+            await bus.close()
+        await c.stop()
+        await c.start()
+        await c.wait_formed()
+        bus = await Bus.connect(c.url, "lost")
+        try:
+            await wait_until(lambda: bus.kv_get(subjects.desired_bucket("lost"), "n1.hello"),
+                             lambda e: e is not None and e.value == b"wanted", timeout=30,
+                             what="the desired bucket's entry after the restart")
+            assert await _observed_entry(bus) is None  # lost with the servers' memory
+            await wait_until(_ensured(bus), lambda ok: ok, timeout=30,
+                             what="the observed bucket made again")
+            info = await bus.js.stream_info(subjects.kv_stream(subjects.observed_bucket("lost")))
+            assert info.config.storage == StorageType.MEMORY and info.config.num_replicas == 3
+            await bus.kv_put(subjects.observed_bucket("lost"), "n1.hello", b"seen again")
+            entry = await _observed_entry(bus)
+            assert entry is not None and entry.value == b"seen again"
+        finally:
+            await bus.close()
+
+
+async def _observed_entry(bus: Bus) -> Entry | None:
+    """The observed entry of n1, None where the bucket has none or does not exist."""
+    try:
+        return await bus.kv_get(subjects.observed_bucket("lost"), "n1.hello")
+    except BusError:
+        return None
+
+
+def _ensured(bus: Bus) -> Callable[[], Awaitable[bool]]:
+    async def attempt() -> bool:
+        try:
+            await bus.ensure_observed()
+        except BusError:
+            return False  # the meta group may still be electing: asked again
+        return True
+    return attempt
