@@ -944,6 +944,8 @@ class Bus:
         try:
             rev: int = await kv.put(key, value)
         except (nats.errors.Error, TimeoutError) as exc:
+            if getattr(exc, "err_code", None) == INSUFFICIENT_RESOURCES:
+                raise BusError(f"cannot write {bucket}/{key}: {FULL}") from None
             raise BusError(f"cannot write {bucket}/{key}: {exc}") from None
         return rev
 
@@ -1702,4 +1704,15 @@ def _publish_error(error: dict[str, Any]) -> BusError:
     what = error.get("description") or error
     if error.get("err_code") in (10071, 10164):  # wrong last (subject) sequence
         return Conflict(f"changed under us: {what}")
+    if error.get("err_code") == INSUFFICIENT_RESOURCES:
+        return BusError(FULL)
     return BusError(f"JetStream refused the message: {what}")
+
+
+# A write past the servers' JetStream limits: for the observed bucket (memory) its
+# ``max_memory_store``. Every later write to a memory stream fails too, even one replacing a
+# key's value; writes to the disk buckets go on (measured on nats-server 2.12).
+INSUFFICIENT_RESOURCES = 10023
+FULL = ("JetStream is out of room (insufficient resources): the observed bucket is kept in "
+        "the servers' memory, about 1 KB a node and service; raise max_memory_store in the "
+        "servers' configuration (deploy/nats/*.conf)")

@@ -95,7 +95,7 @@ class _PortTaken(Exception):
 def render_config(
     *, host: str, port: int, monitor_port: int, store_dir: Path, server_name: str,
     cluster: ClusterSpec | None = None, auth: Path | None = None, max_payload: str = "8MB",
-    sync_always: bool = True,
+    sync_always: bool = True, max_memory: str = "1GB",
 ) -> str:
     """The nats-server config we run with (documented in deploy/nats/single.conf, and
     cluster-N.conf for a member of a cluster)."""
@@ -110,7 +110,7 @@ lame_duck_grace_period: "2s"
 jetstream {{
   store_dir: "{store_dir}"
 {"  sync_interval: always" if sync_always else "  # sync_interval: the server's default"}
-  max_memory_store: 1GB  # the observed bucket (deploy/nats/single.conf)
+  max_memory_store: {max_memory}  # the observed bucket (deploy/nats/single.conf)
 }}
 """ + (render_cluster(cluster, auth) if cluster is not None else "") + (
         broker_block(auth, store_dir) if auth is not None else "")
@@ -131,12 +131,14 @@ class Broker:
         auth: Path | None = None,
         max_payload: str = "8MB",
         sync_always: bool = True,
+        max_memory: str = "1GB",
     ) -> None:
         self.host = host
         self.sync_always = sync_always  # False only to measure what fsyncing every write costs
         # The largest message the server takes; tests and benchmarks try the server's own
         # default ("1MB"): rollout records are split to fit it (coordinator.core.pages).
         self.max_payload = max_payload
+        self.max_memory = max_memory  # max_memory_store: what the observed bucket may hold
         # With an auth directory (``fleetwave auth``): TLS and its users, reloaded on change.
         self.auth = auth.absolute() if auth is not None else None
         self.reloads = 0
@@ -225,7 +227,7 @@ class Broker:
                 server_name=self.server_name,
                 cluster=self.cluster,
                 auth=self.auth,
-                max_payload=self.max_payload,
+                max_payload=self.max_payload, max_memory=self.max_memory,
                 sync_always=self.sync_always,
             )
         )

@@ -409,3 +409,26 @@ async def test_a_watch_makes_its_missing_memory_bucket_again_after_a_restart(
         await bus.close()
         await writer.close()
         await broker.stop()
+
+
+async def test_a_full_memory_store_fails_observed_writes_saying_what_to_raise(
+    tmp_path: Path,
+) -> None:
+    """Past the servers' max_memory_store every write to the observed bucket fails, even one
+    replacing a key (measured), with one line naming max_memory_store; the disk buckets still
+    take writes, so desired states and records are never held by it."""
+    broker = Broker(store_dir=tmp_path / "js", max_memory="1MB")
+    await broker.start()
+    bus = await Bus.connect(broker.url, "t")
+    try:
+        await bus.ensure_fleet()
+        with pytest.raises(BusError, match="raise max_memory_store") as caught:
+            for i in range(10_000):  # ~1,400 of 700 B fill 1 MB
+                await bus.kv_put("fw-t-observed", f"n{i}.web", b"x" * 700)
+        assert "out of room" in str(caught.value)
+        with pytest.raises(BusError, match="max_memory_store"):
+            await bus.kv_put("fw-t-observed", "n1.web", b"y" * 700)
+        assert await bus.kv_put("fw-t-desired", "n1.web", b"wanted") > 0
+    finally:
+        await bus.close()
+        await broker.stop()
