@@ -161,7 +161,7 @@ def online(rows: dict[str, dict[str, Any]], ids: list[str], state: bool = True) 
 def shipped_auth_conf(*, host: str, port: int, monitor_port: int, store_dir: Path,
                       server_name: str, cluster: ClusterSpec | None = None,
                       auth: Path | None = None, max_payload: str = "8MB",
-                      sync_always: bool = True) -> str:
+                      sync_always: bool = True, max_memory: str = "1GB") -> str:
     """deploy/nats/auth.conf as shipped, with only a test's addresses and paths put in: the text
     of a config file to be written into ``store_dir`` (its ``include`` of ``auth``'s users.conf
     is relative to it). The signature of ``coordinator.dev.broker.render_config``, for which a
@@ -169,7 +169,7 @@ def shipped_auth_conf(*, host: str, port: int, monitor_port: int, store_dir: Pat
     assert auth is not None and cluster is None
     assert sync_always, "the shipped configs fsync every write (sync_interval: always)"
     text = _put_in(DEPLOY_NATS / "auth.conf", [
-        *_addresses(host, port, monitor_port, store_dir, max_payload),
+        *_addresses(host, port, monitor_port, store_dir, max_payload, max_memory),
         ('server_name: "fleetwave-1"', f'server_name: "{server_name}"')])
     return with_auth_dir(text, auth, store_dir)
 
@@ -177,7 +177,7 @@ def shipped_auth_conf(*, host: str, port: int, monitor_port: int, store_dir: Pat
 def shipped_cluster_conf(*, host: str, port: int, monitor_port: int, store_dir: Path,
                          server_name: str, cluster: ClusterSpec | None = None,
                          auth: Path | None = None, max_payload: str = "8MB",
-                      sync_always: bool = True) -> str:
+                         sync_always: bool = True, max_memory: str = "1GB") -> str:
     """deploy/nats/cluster-N.conf as shipped for server ``fleetwave-N`` of a 3-server cluster
     (``coordinator.dev.cluster.BrokerCluster`` names them so), with only a test's addresses,
     paths and its three routes put in; as ``shipped_auth_conf``, a stand-in for
@@ -187,7 +187,7 @@ def shipped_cluster_conf(*, host: str, port: int, monitor_port: int, store_dir: 
     n = server_name.removeprefix("fleetwave-")
     assert n in ("1", "2", "3") and cluster.cluster_name == "fleetwave", (server_name, cluster)
     text = _put_in(DEPLOY_NATS / f"cluster-{n}.conf", [
-        *_addresses(host, port, monitor_port, store_dir, max_payload),
+        *_addresses(host, port, monitor_port, store_dir, max_payload, max_memory),
         ('listen: "0.0.0.0:6222"', f'listen: "{cluster.listen}"'),
         *((f'"nats-route://nats-{j}.fleet.internal:6222"', f'"{route}"')
           for j, route in enumerate(cluster.routes, 1))])
@@ -195,11 +195,13 @@ def shipped_cluster_conf(*, host: str, port: int, monitor_port: int, store_dir: 
 
 
 def _addresses(host: str, port: int, monitor_port: int, store_dir: Path,
-               max_payload: str) -> list[tuple[str, str]]:
-    """What a shipped server config's client, monitoring, JetStream and payload lines become
-    (the dev broker's ``max_payload`` is the shipped 8MB unless a test asks for another)."""
+               max_payload: str, max_memory: str) -> list[tuple[str, str]]:
+    """What a shipped server config's client, monitoring, JetStream, payload and memory lines
+    become (the dev broker's ``max_payload`` and ``max_memory`` are the shipped 8MB and 1GB
+    unless a test asks for others)."""
     return [('host: "0.0.0.0"', f'host: "{host}"'), ("port: 4222", f"port: {port}"),
             ("max_payload: 8MB", f"max_payload: {max_payload}"),
+            ("max_memory_store: 1GB", f"max_memory_store: {max_memory}"),
             ('http: "127.0.0.1:8222"', f'http: "127.0.0.1:{monitor_port}"'),
             ('store_dir: "/var/lib/fleetwave/jetstream"', f'store_dir: "{store_dir}"')]
 
