@@ -16,9 +16,10 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import nats.errors
 import pytest
 import pytest_asyncio
-from nats.js.api import StorageType
+from nats.js.api import StorageType, StreamConfig
 
 from coordinator.auth.enroll import CA, AuthDir
 from coordinator.dev.broker import find_nats_server, free_port
@@ -453,27 +454,51 @@ async def test_the_observed_bucket_after_every_server_restarts_is_made_again_and
         await c.wait_formed()
         bus = await Bus.connect(c.url, "lost")
         try:
-            await wait_until(lambda: bus.kv_get(subjects.desired_bucket("lost"), "n1.hello"),
-                             lambda e: e is not None and e.value == b"wanted", timeout=30,
+            # Each stream's raft group elects its leader anew: a request may time out meanwhile.
+            await wait_until(lambda: _entry(bus, subjects.desired_bucket("lost")),
+                             lambda e: e is not None and e.value == b"wanted", timeout=60,
                              what="the desired bucket's entry after the restart")
-            assert await _observed_entry(bus) is None  # lost with the servers' memory
-            await wait_until(_ensured(bus), lambda ok: ok, timeout=30,
+            assert await _entry(bus, subjects.observed_bucket("lost")) is None  # lost: memory
+            await wait_until(_ensured(bus), lambda ok: ok, timeout=60,
                              what="the observed bucket made again")
-            info = await bus.js.stream_info(subjects.kv_stream(subjects.observed_bucket("lost")))
-            assert info.config.storage == StorageType.MEMORY and info.config.num_replicas == 3
-            await bus.kv_put(subjects.observed_bucket("lost"), "n1.hello", b"seen again")
-            entry = await _observed_entry(bus)
+            config = await wait_until(_config(bus), lambda c: c is not None, timeout=60,
+                                      what="the observed stream's config")
+            assert config.storage == StorageType.MEMORY and config.num_replicas == 3
+            await wait_until(_written(bus), lambda ok: ok, timeout=60,
+                             what="a write to the observed bucket made again")
+            entry = await _entry(bus, subjects.observed_bucket("lost"))
             assert entry is not None and entry.value == b"seen again"
         finally:
             await bus.close()
 
 
-async def _observed_entry(bus: Bus) -> Entry | None:
-    """The observed entry of n1, None where the bucket has none or does not exist."""
+async def _entry(bus: Bus, bucket: str) -> Entry | None:
+    """The entry of n1 in ``bucket``, None where there is none, no bucket, or no answer yet."""
     try:
-        return await bus.kv_get(subjects.observed_bucket("lost"), "n1.hello")
+        return await bus.kv_get(bucket, "n1.hello")
     except BusError:
         return None
+
+
+def _config(bus: Bus) -> Callable[[], Awaitable[StreamConfig | None]]:
+    async def attempt() -> StreamConfig | None:
+        try:
+            info = await bus.js.stream_info(
+                subjects.kv_stream(subjects.observed_bucket("lost")))
+        except (nats.errors.Error, TimeoutError):
+            return None  # no stream leader yet
+        return info.config
+    return attempt
+
+
+def _written(bus: Bus) -> Callable[[], Awaitable[bool]]:
+    async def attempt() -> bool:
+        try:
+            await bus.kv_put(subjects.observed_bucket("lost"), "n1.hello", b"seen again")
+        except BusError:
+            return False  # the new stream's group may still be electing its leader
+        return True
+    return attempt
 
 
 def _ensured(bus: Bus) -> Callable[[], Awaitable[bool]]:
