@@ -174,6 +174,13 @@ EVENTS_DEDUP_WINDOW = 3600.0
 _NO_PLACEMENT = (10005, 10074)
 # "insufficient storage resources available": a stream's max_bytes past what the server reserves.
 NO_STORAGE = 10047
+# A write past the servers' JetStream limits: for the observed bucket (memory) its
+# ``max_memory_store``. Every later write to a memory stream fails too, even one replacing a
+# key's value; writes to the disk buckets go on (measured on nats-server 2.12).
+INSUFFICIENT_RESOURCES = 10023
+FULL = ("JetStream is out of room (insufficient resources): the observed bucket is kept in "
+        "the servers' memory, about 1 KB a node and service; raise max_memory_store in the "
+        "servers' configuration (deploy/nats/*.conf)")
 
 
 def _fleet_buckets(fleet: str) -> dict[str, int]:
@@ -627,10 +634,19 @@ class Bus:
                                          limits=stream if name == stream.name else None,
                                          force=events is not None)
             for bucket, history in buckets.items():
-                config = have[subjects.kv_stream(bucket)]
+                stream_name = subjects.kv_stream(bucket)
+                config = have[stream_name]
                 if (raise_existing and config is not None
+                        and bucket == subjects.observed_bucket(f)
                         and config.storage != _storage(f, bucket)):
-                    config = await self._move_bucket(bucket, config, setup)
+                    # On disk, as fleetwave made it before 2026-12-03 (never another bucket:
+                    # their contents are not said again). JetStream cannot change a stream's
+                    # storage in place (10052), and every agent writes its entry again within
+                    # seconds, so it is made again.
+                    with contextlib.suppress(nats.js.errors.NotFoundError):
+                        await self.js.delete_stream(stream_name)
+                    setup.moved.append(stream_name)
+                    config = None
                 if config is None:
                     await self._create_bucket(bucket, history, replicas)
             for bucket in subjects.fenced_buckets(f):
@@ -661,22 +677,6 @@ class Bus:
         except nats.js.errors.BadRequestError as exc:
             if exc.err_code != 10058:  # not "made meanwhile by another client"
                 raise
-
-    async def _move_bucket(self, bucket: str, have: js_api.StreamConfig,
-                           setup: FleetSetup) -> js_api.StreamConfig | None:
-        """Delete ``bucket``, kept in the wrong storage (JetStream cannot change a stream's
-        storage in place, error 10052), so that it is made again in the right one. Only for
-        the observed bucket, whose contents every agent writes again within seconds; anything
-        else kept in the wrong storage is left alone and said."""
-        stream = subjects.kv_stream(bucket)
-        if bucket != subjects.observed_bucket(self.fleet):
-            log.warning("stream %s is kept in %s storage, not %s; left as it is", stream,
-                        have.storage, _storage(self.fleet, bucket))
-            return None
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            await self.js.delete_stream(stream)
-        setup.moved.append(stream)
-        return None
 
     async def ensure_observed(self) -> None:
         """Make the observed bucket where it is missing: a single server restarted, or every
@@ -1117,18 +1117,14 @@ class Bus:
             epoch = self.reconnects
             try:
                 w = await kv.watch(pattern, inactive_threshold=WATCH_INACTIVE)
-            except nats.js.errors.NotFoundError:
+            except (nats.errors.Error, TimeoutError) as exc:
                 failures += 1
-                if on_missing is not None:
+                if on_missing is not None and isinstance(exc, nats.js.errors.NotFoundError):
                     try:
                         await on_missing()
-                    except BusError as exc:
+                    except BusError as err:
                         log.warning("bucket %s is missing and cannot be made yet: %s", bucket,
-                                    exc)
-                await asyncio.sleep(random.uniform(0.25, 0.75))
-                continue
-            except (nats.errors.Error, TimeoutError):
-                failures += 1
+                                    err)
                 await asyncio.sleep(random.uniform(0.25, 0.75))
                 continue
             failures = 0
@@ -1707,12 +1703,3 @@ def _publish_error(error: dict[str, Any]) -> BusError:
     if error.get("err_code") == INSUFFICIENT_RESOURCES:
         return BusError(FULL)
     return BusError(f"JetStream refused the message: {what}")
-
-
-# A write past the servers' JetStream limits: for the observed bucket (memory) its
-# ``max_memory_store``. Every later write to a memory stream fails too, even one replacing a
-# key's value; writes to the disk buckets go on (measured on nats-server 2.12).
-INSUFFICIENT_RESOURCES = 10023
-FULL = ("JetStream is out of room (insufficient resources): the observed bucket is kept in "
-        "the servers' memory, about 1 KB a node and service; raise max_memory_store in the "
-        "servers' configuration (deploy/nats/*.conf)")

@@ -30,13 +30,7 @@ async def test_watch_survives_a_broker_restart(tmp_path: Path) -> None:
     writer = await Bus.connect(broker.url, "t")
     try:
         await bus.ensure_fleet()
-        seen: asyncio.Queue[Entry | None] = asyncio.Queue()
-
-        async def follow(watch: AsyncIterator[Entry | None]) -> None:
-            async for e in watch:
-                await seen.put(e)
-
-        task = asyncio.create_task(follow(bus.watch("fw-t-desired", "n1.*")))
+        seen, task = _followed(bus.watch("fw-t-desired", "n1.*"))
         await writer.kv_put("fw-t-desired", "n1.web", b"1")
         await _expect(seen, b"1")
         await broker.kill()
@@ -50,6 +44,18 @@ async def test_watch_survives_a_broker_restart(tmp_path: Path) -> None:
         await bus.close()
         await writer.close()
         await broker.stop()
+
+
+def _followed(watch: AsyncIterator[Entry | None],
+              ) -> tuple[asyncio.Queue[Entry | None], asyncio.Task[None]]:
+    """A task putting everything ``watch`` yields on a queue (the test cancels it)."""
+    seen: asyncio.Queue[Entry | None] = asyncio.Queue()
+
+    async def follow() -> None:
+        async for e in watch:
+            await seen.put(e)
+
+    return seen, asyncio.create_task(follow())
 
 
 async def _expect(q: asyncio.Queue[Entry | None], value: bytes) -> None:
@@ -116,13 +122,7 @@ async def test_a_watch_whose_consumer_is_gone_starts_again(broker: Broker) -> No
     try:
         await bus.ensure_fleet()
         await writer.kv_put("fw-t-observed", "n1.web", b"1")
-        seen: asyncio.Queue[Entry | None] = asyncio.Queue()
-
-        async def follow() -> None:
-            async for e in bus.watch("fw-t-observed", ">", verify=0.2):
-                await seen.put(e)
-
-        task = asyncio.create_task(follow())
+        seen, task = _followed(bus.watch("fw-t-observed", ">", verify=0.2))
         async with asyncio.timeout(10):
             assert (await seen.get()) is not None and (await seen.get()) is None
         [w] = list(bus._watchers)
@@ -384,13 +384,7 @@ async def test_a_watch_makes_its_missing_memory_bucket_again_after_a_restart(
     try:
         await bus.ensure_fleet()
         await writer.kv_put("fw-t-observed", "n1.web", b"1")
-        seen: asyncio.Queue[Entry | None] = asyncio.Queue()
-
-        async def follow() -> None:
-            async for e in bus.watch("fw-t-observed", ">", on_missing=bus.ensure_observed):
-                await seen.put(e)
-
-        task = asyncio.create_task(follow())
+        seen, task = _followed(bus.watch("fw-t-observed", ">", on_missing=bus.ensure_observed))
         async with asyncio.timeout(10):  # the snapshot: the entry, then its end
             assert (e := await seen.get()) is not None and e.value == b"1"
             assert await seen.get() is None

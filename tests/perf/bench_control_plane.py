@@ -54,6 +54,7 @@ from perf_support import (
     print_top,
     ratio_rows,
     rolling,
+    servers_cpu_seconds,
 )
 
 from protocol import subjects
@@ -76,14 +77,13 @@ async def measure(n: int, keep: bool, profile: Path | None = None,
         sim_out = profile / f"sim-agent-{n}.txt" if profile else None
         sim_pid = fleet.agent.pid if fleet.agent is not None else None
         assert sim_pid is not None
-        servers = [b.pid for b in fleet.brokers if b.pid is not None]
         async with Profile(pid, out), Profile(sim_pid, sim_out):
             cpu0, sim_cpu0 = cpu_seconds(pid), cpu_seconds(sim_pid)
-            server_cpu0 = sum(cpu_seconds(p) for p in servers)
+            server_cpu0 = servers_cpu_seconds(fleet)
             rid, sent = await fleet.deploy(rolling("2.0.0"))
             ev, received = await fleet.finish(rid, timeout=120 + n / 10)
             cpu, sim_cpu = cpu_seconds(pid) - cpu0, cpu_seconds(sim_pid) - sim_cpu0
-            server_cpu = sum(cpu_seconds(p) for p in servers) - server_cpu0
+            server_cpu = servers_cpu_seconds(fleet) - server_cpu0
         for raw in (out, sim_out):
             if raw is not None:
                 print_top(raw)

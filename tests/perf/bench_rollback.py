@@ -21,13 +21,22 @@ import argparse
 import asyncio
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_control_plane import heartbeat_for
-from perf_support import Profile, SimFleet, cpu_seconds, emit, print_top, rolling
+from perf_support import (
+    Profile,
+    SimFleet,
+    cpu_seconds,
+    emit,
+    print_top,
+    rolling,
+    servers_cpu_seconds,
+)
 
 from protocol.messages import Gates, RollbackRequest, RolloutSpec
 
@@ -58,14 +67,16 @@ async def measure(n: int, brokers: int = 1, max_payload: str = "1MB",
         assert sim_pid is not None
         out = profile / f"rollback-coordinator-{n}.txt" if profile else None
         sim_out = profile / f"rollback-sim-agent-{n}.txt" if profile else None
-        pids = {"coordinator": fleet.coordinator.pid, "sim": sim_pid,
-                "server": sum_pids(fleet)}
-        async with Profile(fleet.coordinator.pid, out), Profile(sim_pid, sim_out):
-            cpu0 = {k: cpu_of(v) for k, v in pids.items()}
+        coordinator = fleet.coordinator.pid
+        readings: dict[str, Callable[[], float]] = {
+            "coordinator": lambda: cpu_seconds(coordinator),
+            "sim": lambda: cpu_seconds(sim_pid), "server": lambda: servers_cpu_seconds(fleet)}
+        async with Profile(coordinator, out), Profile(sim_pid, sim_out):
+            cpu0 = {k: read() for k, read in readings.items()}
             sent = time.time()
             await fleet.api("rollback", RollbackRequest(service="hello"))
             switched = await fleet.tap.wait_for(rid, ("bluegreen.switched_back",), 120)
-            cpu = {k: round(cpu_of(v) - cpu0[k], 3) for k, v in pids.items()}
+            cpu = {k: round(read() - cpu0[k], 3) for k, read in readings.items()}
         for raw in (out, sim_out):
             if raw is not None:
                 print_top(raw)
@@ -92,16 +103,6 @@ async def measure(n: int, brokers: int = 1, max_payload: str = "1MB",
             "last_back_s": _since(switched.event.data, started),
             "engine_rolled_back_s": round(max(e.time for e in restored) - started, 3),
         }
-
-
-def sum_pids(fleet: SimFleet) -> list[int]:
-    """The pids of the fleet's nats-servers."""
-    return [b.pid for b in fleet.brokers if b.pid is not None]
-
-
-def cpu_of(pids: int | list[int]) -> float:
-    """CPU seconds so far of one process or the sum of several."""
-    return sum(cpu_seconds(p) for p in (pids if isinstance(pids, list) else [pids]))
 
 
 def crypto_floor(n: int) -> dict[str, float]:

@@ -170,6 +170,11 @@ def cpu_seconds(pid: int) -> float:
     return float(t.user + t.system)
 
 
+def servers_cpu_seconds(fleet: SimFleet) -> float:
+    """User + system CPU seconds so far of every nats-server of ``fleet``."""
+    return sum(cpu_seconds(b.pid) for b in fleet.brokers if b.pid is not None)
+
+
 def rss_mb(pid: int) -> float:
     return float(psutil.Process(pid).memory_info().rss) / 2**20
 
