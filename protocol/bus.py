@@ -51,7 +51,7 @@ from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE
 from nats.micro import add_service
 from nats.micro.service import EndpointConfig, ServiceConfig
 
-from protocol import subjects
+from protocol import chunks, subjects
 from protocol.creds import Creds, expired
 from protocol.errors import (
     AccessDenied,
@@ -67,6 +67,9 @@ from protocol.errors import (
 )
 
 REQUEST_TIMEOUT = 5.0
+# The most an answer in chunks may hold queued at the requester (nats-py's default, 64 MB, is
+# less than the largest answer: ``protocol.chunks.MAX_CHUNKS`` messages).
+REPLY_BYTES = 512 * 1024**2
 P = ParamSpec("P")
 R = TypeVar("R")
 # ``Bus.observer``: told of every timed call (op, seconds, whether it raised); the coordinator's
@@ -830,23 +833,43 @@ class Bus:
 
     @_timed("request")
     async def request(self, subject: str, data: bytes, timeout: float = REQUEST_TIMEOUT) -> bytes:
-        """Request/reply; NotReachable when nobody answers (no coordinator)."""
+        """Request/reply; NotReachable when nobody answers (no coordinator). An answer larger
+        than one message arrives in chunks (``protocol.chunks``), each within ``timeout`` of
+        the one before; the first answer wins where several responders answer."""
         try:
-            msg = await self.nc.request(subject, data, timeout=timeout)
-        except nats.errors.NoRespondersError:
-            raise NoResponders(
-                f"no coordinator answers for fleet {self.fleet!r}; start one with "
-                "'fleetwave coordinator' (or 'fleetwave dev up')"
-            ) from None
+            sub = await self.nc.subscribe(self.nc.new_inbox(), pending_bytes_limit=REPLY_BYTES)
+        except nats.errors.Error as exc:
+            raise BusError(f"request on {subject} failed: {exc}") from None
+        assembly = chunks.Assembly()
+        try:
+            await self.nc.publish(subject, data, reply=sub.subject)
+            while True:
+                msg = await sub.next_msg(timeout=timeout)
+                if (msg.headers or {}).get(js_api.Header.STATUS) == "503":
+                    raise NoResponders(
+                        f"no coordinator answers for fleet {self.fleet!r}; start one with "
+                        "'fleetwave coordinator' (or 'fleetwave dev up')")
+                whole = assembly.add(msg.data, msg.headers)
+                if whole is not None:
+                    return whole
         except (nats.errors.TimeoutError, TimeoutError):
+            if assembly.received:
+                raise BusError(
+                    f"the answer on {subject} was cut short: {assembly.received} of its "
+                    f"{assembly.total} messages came, the next not within {timeout:g}s; if the "
+                    "server's permissions were written by an older fleetwave, write them again "
+                    "with 'fleetwave auth prune DIR'") from None
             raise NotReachable(
                 f"the coordinator of fleet {self.fleet!r} did not answer within {timeout:g}s; "
                 "check that it is running and not overloaded"
             ) from None
+        except ProtocolError as exc:
+            raise BusError(f"the answer on {subject} is not whole: {exc}") from None
         except nats.errors.Error as exc:
             raise BusError(f"request on {subject} failed: {exc}") from None
-        data_out: bytes = msg.data
-        return data_out
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
 
     async def ping(self, subject: str, timeout: float) -> bool | None:
         """Whether anyone answers on ``subject``: True answered, False no responders (the
@@ -867,7 +890,8 @@ class Bus:
 
         async def answer(msg: Any) -> None:
             with contextlib.suppress(nats.errors.Error):
-                await msg.respond(await handler(msg.subject, msg.data))
+                for body, headers in self._replies(await handler(msg.subject, msg.data)):
+                    await self.nc.publish(msg.reply, body, headers=headers)
 
         async def cb(msg: Any) -> None:
             if msg.reply:
@@ -880,6 +904,16 @@ class Bus:
         except nats.errors.Error as exc:
             raise BusError(f"cannot subscribe to {subject}: {exc}") from None
 
+    def _replies(self, data: bytes) -> list[tuple[bytes, dict[str, str] | None]]:
+        """An answer as the messages that carry it on this server (``protocol.chunks``); one
+        that could never be carried (a handler's bug: ``coordinator.api.verbs`` bounds every
+        answer) is logged and not sent, and its requester times out."""
+        try:
+            return chunks.split(data, chunks.limit(self.max_payload))
+        except ValueError as exc:
+            logging.getLogger("fleetwave.bus").error("an answer was not sent: %s", exc)
+            return []
+
     async def serve(
         self, name: str, version: str, endpoints: dict[str, tuple[str, Handler]]
     ) -> None:
@@ -890,7 +924,8 @@ class Bus:
         )
         for ep_name, (subject, handler) in endpoints.items():
             async def on_request(req: Any, handler: Handler = handler) -> None:
-                await req.respond(await handler(req.subject, req.data))
+                for body, headers in self._replies(await handler(req.subject, req.data)):
+                    await req.respond(body, headers=headers)
 
             await svc.add_endpoint(
                 EndpointConfig(name=ep_name, subject=subject, handler=on_request,

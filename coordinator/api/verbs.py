@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from coordinator.errors import ConfigError, FleetwaveError, RemoteError, UsageError
-from protocol import subjects
+from protocol import chunks, subjects
 from protocol.codec import decode, encode
 from protocol.errors import BusError, Conflict, ProtocolError
 from protocol.messages import ApiReply
@@ -63,6 +63,9 @@ class Api:
     def __init__(self, *, timeout: float = HANDLER_TIMEOUT) -> None:
         self._endpoints: dict[str, Endpoint[Any]] = {}
         self._timeout = timeout
+        # The largest answer the bus can carry (``protocol.chunks.carried``; 0: no bound), set
+        # once connected: a larger one is answered with a usage error instead.
+        self.max_reply = 0
 
     def add(self, verb: str, request: type[Req],
             handler: Callable[[Req, str], Awaitable[Any]]) -> None:
@@ -80,10 +83,18 @@ class Api:
         """Answer one request of ``caller``; never raises (except on cancellation)."""
         reply = await self.reply(verb, data, caller)
         try:
-            return encode(reply)
+            out = encode(reply)
         except (TypeError, ValueError, OverflowError) as exc:  # a handler returned odd data
             log.error("API %s returned data that cannot be encoded: %s", verb, exc)
             return encode(ApiReply(ok=False, code="internal", error=f"cannot encode reply: {exc}"))
+        if self.max_reply and len(out) > self.max_reply:
+            return encode(ApiReply(
+                ok=False, code="usage",
+                error=f"the answer to {verb!r} is {_mib(len(out))}, more than one answer may "
+                f"carry on this NATS server ({_mib(self.max_reply)}: {chunks.MAX_CHUNKS} "
+                "messages of its max_payload); ask for less (e.g. --selector) or raise "
+                "max_payload in the server's configuration"))
+        return out
 
     async def reply(self, verb: str, data: bytes, caller: str) -> ApiReply:
         endpoint = self._endpoints.get(verb)
@@ -136,3 +147,7 @@ class Api:
 
             out[verb] = (subjects.api_endpoint(fleet, verb), on_request)
         return out
+
+
+def _mib(size: int) -> str:
+    return f"{size / 1024**2:.1f} MiB"

@@ -15,7 +15,8 @@ Three roles, from least to most trusted:
   purge or delete of a stream. Replies on ``_OPS_<name>`` (no node's prefix starts so: node ids
   never start with ``_``).
 - **coordinator**: the fleet's subjects, buckets and the JetStream API; it answers API requests
-  on the requester's inbox through ``allow_responses`` (so no one else needs to publish there).
+  on the requester's inbox through ``allow_responses`` (so no one else needs to publish there),
+  in up to ``protocol.chunks.MAX_CHUNKS`` messages each.
 
 How KV maps to subjects (JetStream's own naming, which these permissions rely on):
   a KV put of key K in bucket B   = publish on  $KV.B.K                    (ack on a reply inbox)
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from protocol import subjects
+from protocol import chunks, subjects
 
 Permissions = dict[str, Any]
 
@@ -144,7 +145,9 @@ def coordinator(fleet: str) -> Permissions:
             ],
         },
         "subscribe": {"allow": [f"fw.{f}.>", "$SRV.>", "_INBOX.>"]},
-        "allow_responses": True,
+        # An answer may take up to MAX_CHUNKS messages (``protocol.chunks``), each on the
+        # requester's inbox, within a handler's time (``coordinator.api.verbs``) and some.
+        "allow_responses": {"max": chunks.MAX_CHUNKS, "expires": "2m"},
     }
 
 

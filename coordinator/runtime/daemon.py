@@ -81,7 +81,7 @@ from coordinator.runtime.notify import Notifier
 from coordinator.runtime.rotation import resign_desired
 from coordinator.runtime.runner import TICK, Runner
 from coordinator.runtime.store import RolloutStore
-from protocol import subjects
+from protocol import chunks, subjects
 from protocol.bus import RECONNECT_CAP, Bus, EventsLimits, Handler, redact
 from protocol.bus import Observer as BusObserver
 from protocol.codec import decode, encode, shared
@@ -251,6 +251,7 @@ class Coordinator:
         self.store = RolloutStore(bus, retention=self.retention)
         self.lease = Lease(bus, me=self.id, key=self.public_key, ttl=self.lease_ttl,
                            renew=min(RENEW_EVERY, self.lease_ttl / 5))
+        self.api.max_reply = chunks.carried(bus.max_payload)
         RolloutsApi(
             _Current(self), public_key=self.public_key,
             resolve=lambda service, version: resolve_release(bus, service, version),

@@ -12,7 +12,8 @@ from protocol.errors import NotReachable
 
 
 class Client:
-    """A stand-in for nats-py's client: requests answer ``reply`` or raise ``error``."""
+    """A stand-in for nats-py's client: requests (an inbox subscribed, a publish, the answer
+    read off the inbox) answer ``reply`` or raise ``error``."""
 
     def __init__(self, reply: bytes = b"ok", error: BaseException | None = None) -> None:
         self.reply, self.error = reply, error
@@ -20,13 +21,30 @@ class Client:
     def jetstream(self, timeout: float) -> Any:
         return None
 
-    async def request(self, subject: str, data: bytes, timeout: float) -> Any:
-        if self.error is not None:
-            raise self.error
+    def new_inbox(self) -> str:
+        return "_INBOX.test"
+
+    async def publish(self, subject: str, data: bytes, reply: str = "") -> None:
+        pass
+
+    async def subscribe(self, subject: str, **_: Any) -> Any:
+        client = self
 
         class Msg:
-            data = self.reply
-        return Msg()
+            data, headers = client.reply, None
+
+        class Sub:
+            async def next_msg(self, timeout: float) -> Any:
+                if client.error is not None:
+                    raise client.error
+                return Msg()
+
+            async def unsubscribe(self) -> None:
+                pass
+
+        sub = Sub()
+        sub.subject = subject  # type: ignore[attr-defined]
+        return sub
 
 
 async def test_each_call_is_told_with_its_op_and_outcome() -> None:

@@ -156,3 +156,18 @@ def test_a_remote_error_keeps_what_it_still_knows() -> None:
     r = reply(make(handler), "nodes", b"{}")
     assert (r.ok, r.code, r.error, r.data) == (False, "accepted", "recorded, not started",
                                                {"id": "hello-r1"})
+
+
+def test_an_answer_past_what_the_bus_carries_is_a_usage_reply() -> None:
+    """An answer larger than ``max_reply`` (what ``protocol.chunks`` carries on the server) is
+    refused in one line naming the way out, not sent to be cut short; one that fits is sent."""
+    async def big(req: NodesRequest, caller: str) -> str:
+        return "x" * 5000
+
+    api = make(big)
+    api.max_reply = 4000
+    r = reply(api, "nodes", b"{}")
+    assert (r.ok, r.code) == (False, "usage")
+    assert "'nodes'" in r.error and "--selector" in r.error and "max_payload" in r.error
+    api.max_reply = 6000
+    assert reply(api, "nodes", b"{}").data == "x" * 5000

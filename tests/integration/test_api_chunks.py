@@ -1,0 +1,143 @@
+"""Answers larger than one NATS message (``protocol.chunks``): on a server taking 1 MB (its
+default), the node table and a rollout's status of 8,000 simulated nodes (each over 1 MB) reach the
+``fleetwave`` CLI whole, a followed deploy runs to its end, and with a standby coordinator
+answering every read too (two answers interleaved on one inbox) the first is taken whole. On a
+secure server, the permissions ``fleetwave auth`` writes let the coordinator's identity answer
+an operator in many messages. Before, each of these waited for a timeout: the coordinator's
+answer was refused by the client library for its size. Real nats-server, coordinators and agent
+(``--simulate``) on 127.0.73.x."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from coordinator.auth.enroll import CA, COORDINATOR, AuthDir
+from coordinator.dev.broker import Broker
+from coordinator.dev.devfleet import Child, python_module
+from coordinator.dev.examples import assembled
+from coordinator.releases import push_release
+from coordinator.runtime.keyfile import coordinator_seed
+from protocol import chunks
+from protocol import creds as creds_file
+from protocol.bus import Bus
+from protocol.codec import encode
+from protocol.signing import public_key
+from tests.integration.procs import fleetwave, reaping, wait_until
+
+N = 8000
+SUBNET = "127.0.73"
+FLEET = "default"
+MAX_PAYLOAD = "1MB"  # the server's own default
+
+
+def coordinator(url: str, base: Path, key: Path, name: str) -> Child:
+    return Child(name, python_module(
+        "coordinator.daemon", "--nats", url, "--fleet", FLEET, "coordinator", "--key-file",
+        str(key)), base / "logs" / f"{name}.log")
+
+
+async def node_rows(url: str) -> list[dict[str, object]]:
+    code, out, err = await fleetwave("nodes", "-o", "json", nats_url=url)
+    assert code == 0, (code, err)
+    rows: list[dict[str, object]] = json.loads(out)
+    return rows
+
+
+@contextlib.asynccontextmanager
+async def simulated(tmp_path: Path) -> AsyncIterator[tuple[Broker, Bus, Path]]:
+    """A broker taking messages of up to 1 MB, a coordinator, N simulated nodes online."""
+    broker = Broker(store_dir=tmp_path / "js", max_payload=MAX_PAYLOAD)
+    key = tmp_path / "coordinator.seed"
+    trust = public_key(await asyncio.to_thread(coordinator_seed, key))
+    agent = Child("sim", python_module(
+        "agent.main", "--node-id", "sim", "--simulate", str(N), "--trust-key", trust,
+        "--nats", broker.url, "--fleet", FLEET, "--data-dir", str(tmp_path / "sim"),
+        "--bind-host", f"{SUBNET}.1", "--heartbeat-interval", "2"), tmp_path / "logs" / "sim.log")
+    await broker.start()
+    try:
+        async with reaping(coordinator(broker.url, tmp_path, key, "coordinator"), agent):
+            bus = await Bus.connect(broker.url, FLEET, name="test-api-chunks")
+            try:
+                assert bus.max_payload == 1 << 20
+                await push_release(bus, assembled("1.0.0"))
+                await wait_until(lambda: node_rows(broker.url),
+                                 lambda rows: sum(bool(r["online"]) for r in rows) == N,
+                                 timeout=60, what=f"{N} simulated nodes online", interval=0.5)
+                yield broker, bus, key
+            finally:
+                await bus.close()
+    finally:
+        await broker.stop()
+
+
+async def test_answers_beyond_one_message_reach_the_cli_whole(tmp_path: Path) -> None:
+    async with simulated(tmp_path) as (broker, _bus, key):
+        rows = await node_rows(broker.url)
+        assert len(rows) == N and len({r["id"] for r in rows}) == N
+        assert len(encode(rows)) > 1 << 20  # it took more than one message
+
+        # A followed deploy (the CLI polls status, whose node rows pass 64 KB) to its end.
+        code, out, err = await fleetwave(
+            "deploy", "hello", "1.0.0", "--batch", "25%", "--max-unavailable", "25%",
+            nats_url=broker.url, timeout=120)
+        assert code == 0, (code, out, err)
+        code, out, err = await fleetwave("status", "-o", "json", nats_url=broker.url)
+        assert code == 0, (code, err)
+        status = json.loads(out)
+        assert status["state"] == "succeeded" and len(status["nodes"]) == N
+        assert len(out) > 1 << 20
+
+        # A standby answers every read too: two answers in chunks on one inbox, the first
+        # taken whole each time.
+        async with reaping(coordinator(broker.url, tmp_path, key, "standby")):
+            await asyncio.sleep(0)
+            for _ in range(6):
+                rows = await node_rows(broker.url)
+                assert len(rows) == N and len({r["id"] for r in rows}) == N
+
+
+@pytest.fixture
+async def secure_broker(tmp_path: Path) -> AsyncIterator[tuple[Broker, AuthDir]]:
+    auth = AuthDir(tmp_path / "auth")
+    await asyncio.to_thread(auth.init, FLEET, (), "ops")
+    broker = Broker(store_dir=tmp_path / "js", auth=auth.path, max_payload="64KB")
+    await broker.start()
+    try:
+        yield broker, auth
+    finally:
+        await broker.stop()
+
+
+async def test_the_coordinators_permissions_carry_an_answer_in_many_messages(
+        secure_broker: tuple[Broker, AuthDir]) -> None:
+    """As ``fleetwave auth`` writes them: the coordinator's identity answers an operator's
+    request on the operator's own inbox in ``MAX_CHUNKS`` messages (with one allowed
+    response, as before, the second was refused and the answer cut short)."""
+    broker, auth = secure_broker
+    tls = str(auth.path / CA)
+    coord = await Bus.connect(broker.url, FLEET, name="test-coordinator", tls_ca=tls,
+                              creds=creds_file.load(auth.creds_path("coordinator", COORDINATOR)))
+    ops = await Bus.connect(broker.url, FLEET, name="test-operator", tls_ca=tls,
+                            creds=creds_file.load(auth.creds_path("operator", "ops")))
+    try:
+        most = chunks.limit(coord.max_payload)
+        answer = bytes(range(256)) * (most * chunks.MAX_CHUNKS // 256)
+        assert len(chunks.split(answer, most)) == chunks.MAX_CHUNKS
+
+        async def handler(_subject: str, data: bytes) -> bytes:
+            return answer if data == b"all" else data
+
+        subject = f"fw.{FLEET}.api.ops.nodes"
+        await coord.respond(subject, handler)
+        await coord.nc.flush()
+        assert await ops.request(subject, b"small", timeout=5) == b"small"
+        assert await ops.request(subject, b"all", timeout=10) == answer
+    finally:
+        await ops.close()
+        await coord.close()
