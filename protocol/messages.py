@@ -600,10 +600,13 @@ class DeployRequest(msgspec.Struct, kw_only=True):
 
 
 class RolloutRequest(msgspec.Struct, kw_only=True):
-    """pause/resume/promote/abort/status of one rollout ("" = the latest)."""
+    """pause/resume/promote/abort/status of one rollout ("" = the latest). ``max_nodes``
+    (status): at most this many node rows, those in motion first, and each wave's first few
+    ids (0: every node; ``coordinator.api.rollouts.status_dict``)."""
 
     id: str = ""
     full: bool = False
+    max_nodes: int = 0
 
 
 class CordonRequest(msgspec.Struct, kw_only=True):

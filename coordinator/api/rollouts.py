@@ -30,7 +30,8 @@ The status dict is the one shape people and programs read (``fleetwave status -o
      "on_failure", "on_node_lost", "started_by", "paused_by", "aborted_by", "rollback_by",
      "prestage", "waves": [{"index", "nodes", "weight", "state", "started", "finished", "gates"}],
      "nodes": {id: {"version", "state", "healthy", "online", "wave", "generation", "slot",
-                    "reason", "staged"}}}
+                    "reason", "staged"}},
+     "node_count", "node_states": {state: count}}
 
 where a wave's ``gates`` holds the figures and thresholds of its last evaluation, and the top-level
 ``gates`` (with ``bake``, seconds) the thresholds every wave is judged on; ``on_failure`` and
@@ -138,7 +139,7 @@ class RolloutsApi:
         found = await self._find(req.id)
         if isinstance(found, SummarisedRollout):
             return summarised_dict(found)
-        return status_dict(found)
+        return status_dict(found, max_nodes=max(0, req.max_nodes))
 
     async def rollouts(self, req: ListRolloutsRequest, caller: str) -> list[dict[str, Any]]:
         if req.service:
@@ -258,8 +259,15 @@ def removal_ref(service: str) -> ReleaseRef:
     return ReleaseRef(service=service, version="", digest="")
 
 
-def status_dict(r: RolloutRecord) -> dict[str, Any]:
-    """The status of one rollout as people and programs read it (see the module docstring)."""
+def status_dict(r: RolloutRecord, *, max_nodes: int = 0) -> dict[str, Any]:
+    """The status of one rollout as people and programs read it (see the module docstring);
+    with ``max_nodes``, at most that many node rows."""
+    brief = 0 < max_nodes < len(r.nodes)
+    states: dict[str, int] = {}
+    for p in r.nodes.values():
+        states[p.state] = states.get(p.state, 0) + 1
+    shown = _shown(r, max_nodes) if brief else r.nodes.keys()
+    nodes = r.nodes
     return {
         "id": r.id, "service": r.spec.service, "version": r.release.version,
         "from_version": r.from_version, "strategy": r.spec.strategy, "state": r.state,
@@ -272,7 +280,8 @@ def status_dict(r: RolloutRecord) -> dict[str, Any]:
         "rollback_by": r.rollback_by, "prestage": r.prestage,
         "cohort": _cohort(r.spec),
         "waves": [
-            {"index": w.index, "nodes": list(w.nodes), "weight": w.weight, "state": w.state,
+            {"index": w.index, "nodes": list(w.nodes[:WAVE_IDS] if brief else w.nodes),
+             "node_count": len(w.nodes), "weight": w.weight, "state": w.state,
              "started": w.started, "finished": w.finished, "gates": dict(w.gates),
              "share": _share(r.spec, w.weight)}
             for w in r.waves
@@ -281,9 +290,25 @@ def status_dict(r: RolloutRecord) -> dict[str, Any]:
             n: {"version": p.version, "state": p.state, "healthy": p.healthy, "online": p.online,
                 "wave": p.wave, "generation": p.generation, "slot": p.slot, "reason": p.reason,
                 "staged": p.staged}
-            for n, p in r.nodes.items()
+            for n in shown for p in (nodes[n],)
         },
+        "node_count": len(r.nodes), "node_states": states,
     }
+
+
+WAVE_IDS = 8  # the ids of a wave a brief status names
+
+
+def _shown(r: RolloutRecord, most: int) -> list[str]:
+    """The ``most`` nodes a brief status shows: in motion first, then the rest in wave order."""
+    moving = [n for n, p in r.nodes.items()
+              if p.state in ("updating", "failed", "rolling_back") or not p.online
+              or p.staged in ("staging", "failed")]
+    if len(moving) >= most:
+        return moving[:most]
+    chosen = set(moving)
+    rest = (n for w in r.waves for n in w.nodes if n not in chosen and n in r.nodes)
+    return moving + [n for n, _ in zip(rest, range(most - len(moving)), strict=False)]
 
 
 def summarised_dict(r: SummarisedRollout) -> dict[str, Any]:
@@ -300,7 +325,7 @@ def summarised_dict(r: SummarisedRollout) -> dict[str, Any]:
         "aborted_by": "", "rollback_by": "", "prestage": 0, "waves": [], "nodes": {},
         "summarised": True,
         "cohort": _cohort(spec),
-        "node_count": s.nodes, "wave_count": s.waves,
+        "node_count": s.nodes, "wave_count": s.waves, "node_states": {},
     }
 
 

@@ -280,7 +280,7 @@ def status_renderable(st: dict[str, Any]) -> RenderableType:
         waves.add_column(col)
     for w in st.get("waves") or []:
         waves.add_row(str(w["index"] + 1), _styled(w["state"]), cell(_weight(w)),
-                      cell(",".join(w["nodes"])), cell(_wave_gates(st, w) or "-"))
+                      cell(wave_nodes(w)), cell(_wave_gates(st, w) or "-"))
     nodes = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("NODE", "STATE", "VERSION", "HEALTHY", "ONLINE", "GEN", "REASON"):
         nodes.add_column(col)
@@ -291,6 +291,9 @@ def status_renderable(st: dict[str, Any]) -> RenderableType:
     report = (skipped_lines(st.get("report") or {}) + bluegreen_lines(st.get("report") or {})
               + shadow_report_lines(st.get("report") or {}))
     tail = [Text(""), Text("\n".join(safe(line) for line in report))] if report else []
+    hidden = hidden_line(st)
+    if hidden:
+        tail.insert(0, Text(hidden))
     policies, who = policy_line(st), who_line(st)
     head = ([Text(headline(st), style="bold")] + ([Text(who)] if who else [])
             + ([Text(policies)] if policies else []))
@@ -309,12 +312,14 @@ def status_text(st: dict[str, Any]) -> str:
     for w in st.get("waves") or []:
         g = _wave_gates(st, w)
         lines.append(f"  wave {w['index'] + 1}: {w['state']} at {_weight(w)} on "
-                     f"{','.join(w['nodes'])}" + (f" [{g}]" if g else ""))
+                     f"{wave_nodes(w)}" + (f" [{g}]" if g else ""))
     for node, p in (st.get("nodes") or {}).items():
         lines.append(f"  {node}: {p['state']} {p.get('version') or '-'} "
                      f"{'healthy' if p.get('healthy') else 'unhealthy'}"
                      + ("" if p.get("online", True) else " offline")
                      + (f" ({p['reason']})" if p.get("reason") else ""))
+    if hidden_line(st):
+        lines.append(f"  {hidden_line(st)}")
     lines += [f"  {line}" for line in skipped_lines(st.get("report") or {})]
     lines += bluegreen_lines(st.get("report") or {})
     lines += shadow_report_lines(st.get("report") or {})
@@ -336,8 +341,14 @@ def progress_lines(before: dict[str, Any] | None, now: dict[str, Any]) -> list[s
             out.append(f"{stamp} wave {w['index'] + 1}: {w['state']}{share}"
                        + (f" [{g}]" if g else ""))
     old_nodes = before.get("nodes") or {}
+    brief = _brief(now)
+    if brief and before.get("node_states") != now.get("node_states"):
+        out.append(f"{stamp} nodes: {_counts(now)}")
     for node, p in (now.get("nodes") or {}).items():
         prev = old_nodes.get(node) or {}
+        if brief and p["state"] not in ("failed", "rolling_back", "rolled_back") \
+                and p.get("online", True):
+            continue  # counted above; a line each for 50,000 nodes is no one's reading
         if (prev.get("state"), prev.get("online")) != (p["state"], p.get("online")):
             out.append(f"{stamp} {node}: {p['state']}"
                        + (f" {p['version']}" if p.get("version") else "")
@@ -349,6 +360,32 @@ def progress_lines(before: dict[str, Any] | None, now: dict[str, Any]) -> list[s
     if (before.get("state"), before.get("phase")) != (now.get("state"), now.get("phase")):
         out.append(f"{stamp} {headline(now)}")
     return [safe(line) for line in out]
+
+
+def wave_nodes(w: dict[str, Any]) -> str:
+    """A wave's node ids, or its first ones and how many more (a brief status)."""
+    more = int(w.get("node_count", 0)) - len(w["nodes"])
+    return ",".join(w["nodes"]) + (f",... (+{more}, {w['node_count']} nodes)" if more > 0 else "")
+
+
+def _brief(st: dict[str, Any]) -> bool:
+    """Whether ``st`` shows fewer nodes than its rollout has (``status_dict``'s max_nodes)."""
+    return int(st.get("node_count") or 0) > len(st.get("nodes") or {})
+
+
+def _counts(st: dict[str, Any]) -> str:
+    states = st.get("node_states") or {}
+    return (", ".join(f"{k} {v}" for k, v in sorted(states.items()))
+            + f" (of {st.get('node_count', 0)})")
+
+
+def hidden_line(st: dict[str, Any]) -> str:
+    """What a brief status leaves out, in one line ("" when it shows every node)."""
+    if not _brief(st) or st.get("summarised"):
+        return ""
+    hidden = int(st["node_count"]) - len(st.get("nodes") or {})
+    return (f"... {hidden} more nodes not shown; all {_counts(st)}; 'fleetwave status "
+            f"{st.get('id', 'ID')}' lists every node")
 
 
 def rollouts_table(rows: list[dict[str, Any]]) -> Table:

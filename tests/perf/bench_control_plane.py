@@ -16,7 +16,11 @@ max-unavailable 10%): that second rollout is measured. Figures:
 - coordinator CPU seconds during the rollout and its peak RSS (VmHWM, psutil/proc);
 - the bus floor: the same desired writes and N observed replies in as many waves by bare nats-py
   on the same broker, with payloads of the size of our signed desired states, the desired writes
-  as atomic batches (``perf_support.bus_floor``); ratio = ours ÷ floor.
+  as atomic batches (``perf_support.bus_floor``); ratio = ours ÷ floor;
+- reading it back, after the rollout: the API's ``nodes`` (every node), ``status`` (every node of
+  the rollout) and ``status`` as ``fleetwave deploy`` follows it (200 node rows), each timed from
+  request to the whole answer, with its size (answers past ``max_payload`` come in parts:
+  ``protocol.chunks``).
 
 ``--brokers 3`` runs it all on a 3-server cluster (the fleet's streams R3) instead of one server
 (R1); ``--max-payload`` is the servers' (default 1MB, nats-server's own default: rollout records
@@ -57,7 +61,10 @@ from perf_support import (
     servers_cpu_seconds,
 )
 
+from coordinator.cli.rollout_cmds import FOLLOW_NODES
 from protocol import subjects
+from protocol.codec import encode
+from protocol.messages import NodesRequest, RolloutRequest
 
 
 async def measure(n: int, keep: bool, profile: Path | None = None,
@@ -97,6 +104,7 @@ async def measure(n: int, keep: bool, profile: Path | None = None,
         if updates != n:
             raise RuntimeError(f"the rollout to 2.0.0 updated {updates} nodes, not {n}")
 
+        reads = await read_back(fleet, rid)
         entry = await fleet.bus.kv_get(subjects.desired_bucket(fleet.fleet), "sim-1.hello")
         payload = len(entry.value) if entry is not None and entry.value else 600
         # The floor does as many desired writes as we did (forward waves plus the retirement of
@@ -124,7 +132,22 @@ async def measure(n: int, keep: bool, profile: Path | None = None,
             "desired_payload_bytes": payload,
             "floor_s": round(floor, 3) if floor is not None else None,
             "ratio_to_floor": round(total / floor, 2) if floor is not None else None,
+            **reads,
         }
+
+
+async def read_back(fleet: SimFleet, rid: str) -> dict[str, Any]:
+    """The time and size of each answer an operator reads of this fleet and rollout."""
+    out: dict[str, Any] = {}
+    for name, verb, request in (
+            ("nodes", "nodes", NodesRequest()),
+            ("status", "status", RolloutRequest(id=rid)),
+            ("status_followed", "status", RolloutRequest(id=rid, max_nodes=FOLLOW_NODES))):
+        start = time.perf_counter()
+        data = await fleet.api(verb, request, timeout=120)
+        out[f"{name}_s"] = round(time.perf_counter() - start, 3)
+        out[f"{name}_bytes"] = len(encode(data))
+    return out
 
 
 def heartbeat_for(n: int) -> float:
@@ -164,6 +187,10 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         ("CPU floor", f"{r['cpu_floor_s']:.3f} s (that CPU over {os.cpu_count()} cores; "
                       f"ours / it {r['total_s'] / max(r['cpu_floor_s'], 1e-9):.2f}x)"),
         ("coordinator peak RSS", f"{r['coordinator_peak_rss_mb']:.1f} MiB"),
+        ("reading back", ", ".join(
+            f"{name} {r[f'{key}_s']:.3f} s ({r[f'{key}_bytes'] / 2**20:.2f} MiB)"
+            for name, key in (("nodes", "nodes"), ("status", "status"),
+                              ("status followed", "status_followed")))),
         ("settings", f"heartbeats every {r['heartbeat_s']:g} s, lease ttl {r['lease_ttl_s']:g} s"),
     ] + ([] if r["floor_s"] is None else [
         ("bus floor", f"{r['floor_s']:.3f} s ({r['desired_payload_bytes']} B desired states)"),

@@ -58,8 +58,7 @@ async def measure(n: int, brokers: int = 1, max_payload: str = "1MB",
         if paused.kind != "rollout.paused":
             raise RuntimeError(f"blue-green 2.0.0 should pause inconclusive, ended {paused.kind}:"
                                f" {paused.message}")
-        # (from the events: the status answer, the whole record, is one message, past a 1 MB
-        # max_payload beyond a few thousand nodes)
+        # (from the events, which the bench hears anyway)
         serving = len({e.node for e in fleet.tap.of(rid, "node.done")})
 
         assert fleet.coordinator.pid is not None and fleet.agent is not None

@@ -76,7 +76,6 @@ from protocol.signing import public_key  # noqa: E402
 FLEET = "perf"
 SUBNET = os.environ.get("FLEETWAVE_PERF_SUBNET", "127.0.15")  # own loopback subnet: never collides
 API_TIMEOUT = 60.0
-API_ROWS = 2000  # nodes the ``nodes`` API answers in one message under a 1 MB max_payload
 
 
 T = TypeVar("T")
@@ -443,15 +442,13 @@ class SimFleet:
 
     async def _nodes_or_none(self) -> list[dict[str, Any]] | None:
         try:
-            return await self.api("nodes", NodesRequest(), timeout=5)  # type: ignore[no-any-return]
+            return await self.api("nodes", NodesRequest(), timeout=30)  # type: ignore[no-any-return]
         except RuntimeError:
             return None
 
     async def wait_online(self, count: int, *, timeout: float) -> None:
         """Until ``count`` nodes registered (their keys in the nodes bucket), then until the
-        coordinator's node table says so. The table is read with the ``nodes`` API only up to
-        ``API_ROWS`` nodes: its answer is one message, past 1 MB (the server's default
-        max_payload) at ~5,000 nodes; beyond, the deploy's node count is checked instead."""
+        coordinator's node table says so (the ``nodes`` API: past ``max_payload``, in parts)."""
         assert self.bus is not None
         bus = self.bus
 
@@ -460,10 +457,9 @@ class SimFleet:
 
         await poll(registered, lambda n: n >= count, timeout=timeout,
                    what=f"{count} nodes registered", interval=0.5)
-        if count <= API_ROWS:
-            await poll(self._nodes_or_none,
-                       lambda rows: rows is not None and sum(r["online"] for r in rows) >= count,
-                       timeout=timeout, what=f"{count} nodes online", interval=0.5)
+        await poll(self._nodes_or_none,
+                   lambda rows: rows is not None and sum(r["online"] for r in rows) >= count,
+                   timeout=timeout, what=f"{count} nodes online", interval=0.5)
 
     async def api(self, verb: str, request: Any, *, timeout: float = API_TIMEOUT) -> Any:
         assert self.bus is not None

@@ -3,19 +3,21 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import msgspec
 import pytest
 from click.testing import CliRunner
+from rich.console import Console
 
 import coordinator.cli.client as client
 from coordinator.api.rollouts import status_dict
 from coordinator.cli import main
 from coordinator.cli.base import cli
-from coordinator.cli.render import status_text
+from coordinator.cli.render import progress_lines, status_renderable, status_text
 from coordinator.core.engine import new_record
-from protocol.messages import DeployRequest, NodeView, RolloutSpec
+from protocol.messages import DeployRequest, NodeView, RolloutRecord, RolloutSpec
 from protocol.testing import NEW, spec
 
 
@@ -198,3 +200,57 @@ def test_prestage_is_documented_in_help() -> None:
     result = CliRunner().invoke(cli, ["deploy", "--help"])
     assert result.exit_code == 0
     assert "--prestage N|all" in result.output and "Default 1 for rolling" in result.output
+
+
+def _fleet_record(n: int) -> RolloutRecord:
+    record = new_record(id="r1", spec=spec(batch="10%", max_unavailable="10%"), release=NEW,
+                        nodes=[NodeView(id=f"n{i:03}") for i in range(n)], current={}, now=0.0)
+    nodes = dict(record.nodes)
+    for i, name in enumerate(nodes):
+        state = "done" if i < 30 else "updating" if i < 40 else "waiting"
+        nodes[name] = msgspec.structs.replace(nodes[name], state=state)
+    nodes["n075"] = msgspec.structs.replace(nodes["n075"], online=False)
+    nodes["n035"] = msgspec.structs.replace(nodes["n035"], state="failed", reason="boom")
+    return msgspec.structs.replace(record, nodes=nodes)
+
+
+def test_a_brief_status_shows_the_nodes_in_motion_and_counts_the_rest() -> None:
+    """``max_nodes`` (a followed deploy): the nodes updating, failed or offline first, then in
+    wave order, up to that many; each wave's first ids; counts of every state. A rollout of
+    no more nodes than that is shown whole, as without it."""
+    record = _fleet_record(100)
+    full = status_dict(record)
+    assert len(full["nodes"]) == 100 and full["node_count"] == 100
+    assert full["node_states"] == {"done": 30, "updating": 9, "failed": 1, "waiting": 60}
+    assert status_dict(record, max_nodes=100) == full
+    assert "more nodes not shown" not in status_text(full)
+
+    brief = status_dict(record, max_nodes=15)
+    moving = [f"n{i:03}" for i in range(30, 40)] + ["n075"]
+    assert list(brief["nodes"])[:11] == moving and len(brief["nodes"]) == 15
+    assert list(brief["nodes"])[11:] == ["n000", "n001", "n002", "n003"]  # then wave order
+    assert brief["node_states"] == full["node_states"] and brief["node_count"] == 100
+    assert all(len(w["nodes"]) <= 8 and w["node_count"] == 10 for w in brief["waves"])
+    assert len(status_dict(record, max_nodes=5)["nodes"]) == 5
+    text = status_text(brief)
+    assert "... 85 more nodes not shown; all done 30, failed 1, updating 9, waiting 60 " \
+           "(of 100); 'fleetwave status r1' lists every node" in text
+    assert "(+2, 10 nodes)" in text
+    console = Console(file=io.StringIO(), width=300)
+    console.print(status_renderable(brief))  # the terminal's view says the same
+    assert "85 more nodes not shown" in console.file.getvalue()  # type: ignore[attr-defined]
+
+
+def test_following_a_large_rollout_prints_counts_and_failures_not_every_node() -> None:
+    """A followed rollout shown briefly: a line of counts when they change, a line for a
+    node that failed or went offline, none for each node that merely moved on."""
+    record = _fleet_record(100)
+    before = status_dict(record, max_nodes=15)
+    nodes = dict(record.nodes)
+    for i in range(30, 35):
+        nodes[f"n{i:03}"] = msgspec.structs.replace(nodes[f"n{i:03}"], state="done")
+    nodes["n036"] = msgspec.structs.replace(nodes["n036"], state="failed", reason="bad")
+    after = status_dict(msgspec.structs.replace(record, nodes=nodes), max_nodes=15)
+    lines = [line.split(" ", 1)[1] for line in progress_lines(before, after)]
+    assert lines == ["nodes: done 35, failed 2, updating 3, waiting 60 (of 100)",
+                     "n036: failed: bad"]
