@@ -592,7 +592,13 @@ class NodeView(msgspec.Struct, kw_only=True):
 
 
 class NodesRequest(msgspec.Struct, kw_only=True):
+    """``nodes``: every node the selector matches, as a list of NodeView. With ``max_nodes``
+    (the dashboard: a page of 50,000 rows is no one's reading), at most that many, those that
+    want a look first (offline, cordoned), then by id, and the answer is
+    ``{"nodes": [NodeView], "node_count": matched, "online": of them online}``."""
+
     selector: dict[str, str] = {}
+    max_nodes: int = 0
 
 
 class DeployRequest(msgspec.Struct, kw_only=True):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -167,23 +167,24 @@ class Fleet:
 
     def view(self, selector: Mapping[str, str] | None = None) -> list[NodeView]:
         """The rows of ``fleetwave nodes``: nodes matching ``selector``, sorted by id."""
-        rows = []
-        for rec in sorted(self.nodes.values(), key=lambda r: _natural_key(r.id)):
-            if not matches(selector or {}, rec.labels):
-                continue
-            hb = rec.heartbeat
-            rows.append(
-                NodeView(
-                    id=rec.id,
-                    labels=dict(rec.labels),
-                    online=rec.online,
-                    last_seen=rec.last_seen,
-                    cpu_percent=hb.cpu_percent if hb is not None else None,
-                    mem_percent=hb.mem_percent if hb is not None else None,
-                    services={s.service: to_builtins(s) for s in hb.services} if hb else {},
-                )
-            )
-        return rows
+        return [_row(rec) for rec in self._matching(selector)]
+
+    def page(self, selector: Mapping[str, str] | None, most: int,
+             ahead: Collection[str] = ()) -> tuple[list[NodeView], int, int]:
+        """At most ``most`` rows of ``view``: the offline nodes and those in ``ahead`` first,
+        then by id, shown by id; with how many nodes match and how many of them are online.
+        Rows are built for the nodes shown only (a dashboard of 50,000 nodes polls this)."""
+        recs = self._matching(selector)
+        first = [r for r in recs if not r.online or r.id in ahead]
+        if len(first) < most:
+            taken = {r.id for r in first}
+            first += [r for r in recs if r.id not in taken][:most - len(first)]
+        shown = sorted(first[:most], key=lambda r: _natural_key(r.id))
+        return [_row(r) for r in shown], len(recs), sum(r.online for r in recs)
+
+    def _matching(self, selector: Mapping[str, str] | None) -> list[NodeRecord]:
+        return [rec for rec in sorted(self.nodes.values(), key=lambda r: _natural_key(r.id))
+                if matches(selector or {}, rec.labels)]
 
     def online_ids(self, selector: Mapping[str, str] | None = None) -> list[str]:
         """Ids of the online nodes matching ``selector`` (what a rollout may target)."""
@@ -232,3 +233,16 @@ def parse_selector(items: Iterable[str], *, what: str = "selector") -> dict[str,
 def _natural_key(node_id: str) -> tuple[object, ...]:
     """Sort node-2 before node-10."""
     return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", node_id))
+
+
+def _row(rec: NodeRecord) -> NodeView:
+    hb = rec.heartbeat
+    return NodeView(
+        id=rec.id,
+        labels=dict(rec.labels),
+        online=rec.online,
+        last_seen=rec.last_seen,
+        cpu_percent=hb.cpu_percent if hb is not None else None,
+        mem_percent=hb.mem_percent if hb is not None else None,
+        services={s.service: to_builtins(s) for s in hb.services} if hb else {},
+    )

@@ -456,8 +456,20 @@ class Coordinator:
                 info.id, info.labels)
         self._emit(transitions)
 
-    async def _nodes(self, req: NodesRequest, caller: str) -> list[NodeView]:
-        rows = self.table.view(req.selector)
+    async def _nodes(self, req: NodesRequest, caller: str) -> list[NodeView] | dict[str, Any]:
+        await self._read_cordons()
+        if req.max_nodes > 0:  # ``NodesRequest.max_nodes``: offline and cordoned rows first
+            rows, count, online = self.table.page(req.selector, req.max_nodes, self._cordons)
+        else:
+            rows = self.table.view(req.selector)
+        for row in rows:
+            row.cordon = self._cordons.get(row.id)
+        if req.max_nodes <= 0:
+            return rows
+        return {"nodes": rows, "node_count": count, "online": online}
+
+    async def _read_cordons(self) -> None:
+        """The cordons as they are now; as last read when the bucket cannot be read."""
         if self.bus is not None:  # (always, once serving: the API is served after connecting)
             try:
                 async with asyncio.timeout(CORDONS_READ):
@@ -465,9 +477,6 @@ class Coordinator:
             except (BusError, TimeoutError) as exc:
                 # The node table answers without JetStream; the cordons as last read do too.
                 log.warning("cannot read the cordons (%s); showing them as last read", exc)
-        for row in rows:
-            row.cordon = self._cordons.get(row.id)
-        return rows
 
     def _complain(self, node: str, kind: str, message: str) -> None:
         self.malformed += 1

@@ -8,7 +8,9 @@ Reading (anyone who reaches the address; the surface defaults to loopback):
                                          (``fleetwave status ID -o json``)
     GET /api/rollouts/{id}/events        its events, oldest first (``fleetwave events --rollout``)
     GET /api/stream[?rollout=&service=]  server-sent events: a ``snapshot`` of all of the above
-                                         whenever any of it changes (checked every ``POLL`` s and
+                                         (at most ``PAGE_NODES`` node rows of the fleet and of the
+                                         rollout, with counts of all) whenever any of it changes
+                                         (checked every ``POLL`` s and
                                          at each new event; the list of rollouts every
                                          ``LIST_POLL`` s between events), a comment line every
                                          ``KEEPALIVE`` s
@@ -69,6 +71,10 @@ LIST_POLL = 3.0  # the list of rollouts, without events, this often
 SHARED = 0.4  # a read this young serves every open page
 CACHE_KEYS = 256
 KEEPALIVE = 15.0
+# The node rows a snapshot holds, of the fleet and of the rollout shown (``NodesRequest`` and
+# ``RolloutRequest``'s max_nodes: the ones that want a look first, and counts of all): a page of
+# 50,000 rows, read twice a second, would be ~30 MB of JSON a poll and stall the leader.
+PAGE_NODES = 500
 WRITE_TIMEOUT = 5.0  # a browser that reads nothing for this long is dropped
 STATUS_OF = {"usage": 400, "not_found": 404, "conflict": 409, "unavailable": 503}
 LIST_LIMIT = 100
@@ -154,20 +160,22 @@ class Dashboard:
             "ready": self.coord.ready.is_set(),
             "writable": self.tokens is not None,
         }
-        nodes = await self._read("nodes", NodesRequest())
+        nodes = await self._read("nodes", NodesRequest(max_nodes=PAGE_NODES))
         # One read of the list serves both the service filter's choices and the rows.
         rows = await self._read("rollouts", ListRolloutsRequest(limit=MAX_READ),
                                 fresh=max(list_fresh, SHARED))
         every: list[dict[str, Any]] = to_builtins(rows.data) if rows.ok else []
-        out["nodes"] = to_builtins(nodes.data) if nodes.ok else []
+        page = to_builtins(nodes.data) if nodes.ok else {}
+        out["nodes"] = page.get("nodes", [])
+        out["node_count"], out["nodes_online"] = page.get("node_count", 0), page.get("online", 0)
         out["services"] = sorted({str(r["service"]) for r in every})
         out["rollouts"] = [r for r in every if not service or r["service"] == service][
             :LIST_LIMIT]
         out["error"] = next((r.error for r in (nodes, rows) if not r.ok), "")
         out["rollout"], out["events"] = None, []
         if rollout or out["rollouts"]:
-            st = await self._read("status", RolloutRequest(id=rollout or out["rollouts"][0]["id"]),
-                                  fresh=SHARED)
+            st = await self._read("status", RolloutRequest(
+                id=rollout or out["rollouts"][0]["id"], max_nodes=PAGE_NODES), fresh=SHARED)
             if st.ok:
                 out["rollout"] = to_builtins(st.data)
                 out["events"] = self._events_of(str(st.data["id"]))

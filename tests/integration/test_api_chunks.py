@@ -1,7 +1,8 @@
 """Answers larger than one NATS message (``protocol.chunks``): on a server taking 1 MB (its
 default), the node table and a rollout's status of 8,000 simulated nodes (each over 1 MB) reach the
 ``fleetwave`` CLI whole, a followed deploy runs to its end, and with a standby coordinator
-answering every read too (two answers interleaved on one inbox) the first is taken whole. On a
+answering every read too (two answers interleaved on one inbox) the first is taken whole; the
+standby's dashboard pushes a page of each table (``PAGE_NODES`` rows) with counts of all. On a
 secure server, the permissions ``fleetwave auth`` writes let the coordinator's identity answer
 an operator in many messages. Before, each of these waited for a timeout: the coordinator's
 answer was refused by the client library for its size. Real nats-server, coordinators and agent
@@ -18,28 +19,32 @@ from pathlib import Path
 import pytest
 
 from coordinator.auth.enroll import CA, COORDINATOR, AuthDir
-from coordinator.dev.broker import Broker
+from coordinator.dev.broker import Broker, free_port
 from coordinator.dev.devfleet import Child, python_module
 from coordinator.dev.examples import assembled
 from coordinator.releases import push_release
 from coordinator.runtime.keyfile import coordinator_seed
+from coordinator.web.handlers import PAGE_NODES
 from protocol import chunks
 from protocol import creds as creds_file
 from protocol.bus import Bus
 from protocol.codec import encode
 from protocol.signing import public_key
 from tests.integration.procs import fleetwave, reaping, wait_until
+from tests.integration.test_dashboard_api import _first_snapshot
+from tests.integration.test_dashboard_browser import call
 
 N = 8000
 SUBNET = "127.0.73"
+HTTP_HOST = f"{SUBNET}.2"  # the standby's dashboard
 FLEET = "default"
 MAX_PAYLOAD = "1MB"  # the server's own default
 
 
-def coordinator(url: str, base: Path, key: Path, name: str) -> Child:
+def coordinator(url: str, base: Path, key: Path, name: str, *flags: str) -> Child:
     return Child(name, python_module(
         "coordinator.daemon", "--nats", url, "--fleet", FLEET, "coordinator", "--key-file",
-        str(key)), base / "logs" / f"{name}.log")
+        str(key), *flags), base / "logs" / f"{name}.log")
 
 
 async def node_rows(url: str) -> list[dict[str, object]]:
@@ -94,12 +99,21 @@ async def test_answers_beyond_one_message_reach_the_cli_whole(tmp_path: Path) ->
         assert len(out) > 1 << 20
 
         # A standby answers every read too: two answers in chunks on one inbox, the first
-        # taken whole each time.
-        async with reaping(coordinator(broker.url, tmp_path, key, "standby")):
-            await asyncio.sleep(0)
+        # taken whole each time. Its dashboard's snapshot holds a page of each table.
+        port = free_port(HTTP_HOST)
+        async with reaping(coordinator(broker.url, tmp_path, key, "standby",
+                                       "--http", f"{HTTP_HOST}:{port}")):
             for _ in range(6):
                 rows = await node_rows(broker.url)
                 assert len(rows) == N and len({r["id"] for r in rows}) == N
+            await wait_until(lambda: call(f"http://{HTTP_HOST}:{port}/readyz"),
+                             lambda r: r[0] == 200, timeout=30, what="the standby's dashboard")
+            snap = await asyncio.to_thread(_first_snapshot, f"http://{HTTP_HOST}:{port}/api/stream")
+        assert len(snap["nodes"]) == PAGE_NODES
+        assert (snap["node_count"], snap["nodes_online"]) == (N, N)
+        assert snap["rollout"]["id"] == status["id"] and snap["rollout"]["node_count"] == N
+        assert len(snap["rollout"]["nodes"]) == PAGE_NODES
+        assert snap["rollout"]["node_states"] == {"done": N}
 
 
 @pytest.fixture

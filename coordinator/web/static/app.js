@@ -96,6 +96,9 @@ function draw(snap) {
     (snap.writable ? "" : " · read-only: no --http-tokens");
   if (snap.error) notice(snap.error);
   drawNodes(snap.nodes);
+  $("#nodes-more").textContent = snap.node_count > snap.nodes.length ?
+    `${snap.nodes_online} of ${snap.node_count} nodes online; showing ${snap.nodes.length}, ` +
+    "offline and cordoned ones first (fleetwave nodes lists every one)" : "";
   drawServices(snap.services);
   drawRollouts(snap.rollouts, snap.rollout);
   drawRollout(snap.rollout, snap.events);
@@ -174,8 +177,9 @@ function drawRollout(st, events) {
   $("#waves tbody").replaceChildren(...st.waves.flatMap((w) => {
     const g = w.gates || {};
     const row = el("tr", { "data-wave": w.index }, el("td", {}, w.index), stateCell(w.state),
-      el("td", { title: w.nodes.join(", ") }, w.nodes.length > 3 ? `${w.nodes.length} nodes`
-        : w.nodes.join(", ")), el("td", {}, w.weight + "%"),
+      el("td", { title: w.nodes.join(", ") }, (w.node_count ?? w.nodes.length) > 3 ?
+        `${w.node_count ?? w.nodes.length} nodes` : w.nodes.join(", ")),
+      el("td", {}, w.weight + "%"),
       el("td", {}, g.requests === undefined ? "-" : `${g.requests}/${num(g.old_requests)}`),
       el("td", {}, `${pct(g.error_rate)}/${pct(g.old_error_rate)}`),
       el("td", {}, `${ms(g.p99_new_ms)}/${ms(g.p99_old_ms)}`),
@@ -192,6 +196,11 @@ function drawRollout(st, events) {
       stateCell(n.state), el("td", {}, n.healthy ? "yes" : "no"),
       el("td", {}, n.online ? "yes" : "no"), el("td", {}, n.wave), el("td", {}, n.slot || "-"),
       el("td", {}, n.generation), el("td", { class: "wrap" }, n.reason || ""))));
+  const shown = Object.keys(st.nodes).length;
+  $("#rollout-nodes-more").textContent = st.node_count > shown ?
+    `showing ${shown} of ${st.node_count} nodes, those in motion first; ` +
+    Object.entries(st.node_states || {}).sort().map(([k, v]) => `${k} ${v}`).join(", ") +
+    ` (fleetwave status ${st.id} lists every one)` : "";
   const list = $("#events");
   const atEnd = list.scrollTop + list.clientHeight >= list.scrollHeight - 4;
   list.replaceChildren(...events.map((e) => el("li", { "data-kind": e.kind },

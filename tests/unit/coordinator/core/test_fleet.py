@@ -140,6 +140,29 @@ def test_view_filters_by_selector_and_sorts_naturally() -> None:
     assert f.online_ids({"zone": "b"}) == ["node-3"]
 
 
+def test_a_page_shows_offline_and_held_nodes_first_and_counts_every_node() -> None:
+    """``page`` (the dashboard's bounded view): offline nodes and those named ``ahead``
+    (cordoned) first, the rest by id up to ``most``, shown in natural order, rows equal to
+    ``view``'s; the counts cover every matching node."""
+    f = Fleet()
+    for i in range(1, 13):
+        f.heartbeat(hb(f"node-{i}", interval=1.0), T0)
+    f.heartbeat(hb("node-11", interval=1.0), T0 + 10)
+    f.tick(T0 + 10)  # all but node-11 offline
+    for i in range(1, 11):
+        f.heartbeat(hb(f"node-{i}", interval=1.0), T0 + 10)  # back: node-12 stays offline
+    rows, count, online = f.page(None, 4, ahead={"node-7", "node-9"})
+    assert [r.id for r in rows] == ["node-1", "node-7", "node-9", "node-12"]
+    assert (count, online) == (12, 11)
+    assert rows == [v for v in f.view() if v.id in {r.id for r in rows}]
+    rows, count, online = f.page(None, 2, ahead={"node-7", "node-9"})
+    assert [r.id for r in rows] == ["node-7", "node-9"]  # of the three that want a look, by id
+    everything, count, _ = f.page(None, 100)
+    assert everything == f.view() and count == 12
+    f.register(NodeInfo(id="node-3", labels={"zone": "b"}), T0 + 10)
+    assert f.page({"zone": "b"}, 5)[0:2] == ([f.view({"zone": "b"})[0]], 1)
+
+
 @pytest.mark.parametrize(
     ("announced", "effective"),
     [(0.0, MIN_INTERVAL), (-5.0, MIN_INTERVAL), (1e9, MAX_INTERVAL), (float("nan"), 2.0)],
