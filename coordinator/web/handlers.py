@@ -51,6 +51,7 @@ from protocol import subjects
 from protocol.codec import decode, encode, to_builtins
 from protocol.errors import BusError, ProtocolError
 from protocol.messages import (
+    TERMINAL_STATES,
     ApiReply,
     ListRolloutsRequest,
     NodesRequest,
@@ -71,6 +72,7 @@ LIST_POLL = 3.0  # the list of rollouts, without events, this often
 SHARED = 0.4  # a read this young serves every open page
 CACHE_KEYS = 256
 KEEPALIVE = 15.0
+SETTLED = 30.0  # a finished rollout's status, read this often at most
 # The node rows a snapshot holds, of the fleet and of the rollout shown (``NodesRequest`` and
 # ``RolloutRequest``'s max_nodes: the ones that want a look first, and counts of all): a page of
 # 50,000 rows, read twice a second, would be ~30 MB of JSON a poll and stall the leader.
@@ -107,14 +109,17 @@ class Dashboard:
 
     # -- reading ----------------------------------------------------------------------------------
 
-    async def _read(self, verb: str, request: msgspec.Struct, *, fresh: float = 0.0) -> ApiReply:
+    async def _read(self, verb: str, request: msgspec.Struct, *, fresh: float = 0.0,
+                    settled: bool = False) -> ApiReply:
         """The API's answer; with ``fresh``, one at most that old may be reused (every open
-        page polls: N pages must not cost N reads of the rollouts bucket)."""
+        page polls: N pages must not cost N reads of the rollouts bucket). ``settled``: the
+        answer does not change with events (a finished rollout's status)."""
         if not self.coord.ready.is_set():
             return ApiReply(ok=False, code="unavailable",
                             error="the coordinator is not set up yet (waiting for the bus)")
         data = encode(request)
-        key = (verb, data, self.feed.serial)  # an event since makes an older answer stale
+        # An event since makes an older answer stale, but for one that is settled.
+        key = (verb, data, -1 if settled else self.feed.serial)
         now = time.monotonic()
         if fresh and (hit := self._cache.get(key)) is not None and now - hit[0] < fresh:
             return hit[1]
@@ -174,8 +179,12 @@ class Dashboard:
         out["error"] = next((r.error for r in (nodes, rows) if not r.ok), "")
         out["rollout"], out["events"] = None, []
         if rollout or out["rollouts"]:
-            st = await self._read("status", RolloutRequest(
-                id=rollout or out["rollouts"][0]["id"], max_nodes=PAGE_NODES), fresh=SHARED)
+            rid = rollout or out["rollouts"][0]["id"]
+            # A finished rollout's status is read from its stored pages (~2 s at 50,000 nodes,
+            # measured): read again after SETTLED s, not at every poll.
+            done = any(r["id"] == rid and r["state"] in TERMINAL_STATES for r in every)
+            st = await self._read("status", RolloutRequest(id=rid, max_nodes=PAGE_NODES),
+                                  fresh=SETTLED if done else SHARED, settled=done)
             if st.ok:
                 out["rollout"] = to_builtins(st.data)
                 out["events"] = self._events_of(str(st.data["id"]))
