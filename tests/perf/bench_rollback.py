@@ -13,6 +13,11 @@ rollback (the API verb ``rollback``: what an operator, or ``--on-failure rollbac
 gate, triggers) and time it: to the ``bluegreen.switched_back`` event (every router back on the
 old slot: what users feel) and to ``rollout.rolled_back`` (the new slots retired too), both from
 the request and, from the coordinator's own event times, from ``rollout.rolling_back``.
+
+Against two floors on the same broker (``perf_support.bus_floor``, one wave of N): N desired
+writes in atomic batches answered by N observed puts from one bare nats-py responder (as the
+one simulator process answers for every node), and the same with each state signed by the
+writer and its signature checked by the responder: what no rollback can skip, on this machine.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from bench_control_plane import heartbeat_for
 from perf_support import (
     Profile,
     SimFleet,
+    bus_floor,
     cpu_seconds,
     emit,
     print_top,
@@ -38,6 +44,7 @@ from perf_support import (
     servers_cpu_seconds,
 )
 
+from protocol import subjects
 from protocol.messages import Gates, RollbackRequest, RolloutSpec
 
 
@@ -86,6 +93,11 @@ async def measure(n: int, brokers: int = 1, max_payload: str = "1MB",
             raise RuntimeError(f"rollback ended {ended.kind}: {ended.message}")
         started = fleet.tap.of(rid, "rollout.rolling_back")[0].time
         restored = fleet.tap.of(rid, "node.rolled_back")
+        assert fleet.bus is not None
+        entry = await fleet.bus.kv_get(subjects.desired_bucket(fleet.fleet), "sim-1.hello")
+        payload = len(entry.value) if entry is not None and entry.value else 600
+        floor = await bus_floor(fleet.broker.url, n, 1, payload)
+        signed_floor = await bus_floor(fleet.broker.url, n, 1, payload, signed=True)
         return {
             "nodes": n, "brokers": brokers, "max_payload": max_payload,
             "serving_new_before": serving, "nodes_rolled_back": len(restored),
@@ -101,6 +113,10 @@ async def measure(n: int, brokers: int = 1, max_payload: str = "1MB",
             "first_back_s": _since(switched.event.data, started, first=True),
             "last_back_s": _since(switched.event.data, started),
             "engine_rolled_back_s": round(max(e.time for e in restored) - started, 3),
+            # the same N writes answered by N observed puts, by bare nats-py (one responder
+            # process standing for the agents, as the simulator does); then with each state
+            # signed by the writer and verified by the responder
+            "floor_s": round(floor, 3), "signed_floor_s": round(signed_floor, 3),
         }
 
 
@@ -128,6 +144,10 @@ def crypto_floor(n: int) -> dict[str, float]:
                service="hello", min_generation=4, min_term=3)
     verified = time.perf_counter() - started
     return {"sign_s": round(signed, 3), "verify_s": round(verified, 3)}
+
+
+def _ratio(ours: float | None, floor: float) -> str:
+    return f"{ours / floor:.2f}x" if ours is not None and floor > 0 else "-"
 
 
 def _since(data: dict[str, Any], started: float, *, first: bool = False) -> float | None:
@@ -168,7 +188,13 @@ async def main() -> int:
               f"{r['cpu_s']['server']:.2f} s"),
              ("decided -> last node.rolled_back", f"{r['engine_rolled_back_s']:.3f} s"),
              (f"signing / verifying {r['nodes']} states, in process",
-              f"{r['crypto_floor']['sign_s']:.3f} / {r['crypto_floor']['verify_s']:.3f} s")])
+              f"{r['crypto_floor']['sign_s']:.3f} / {r['crypto_floor']['verify_s']:.3f} s"),
+             ("bus floor: N writes, N observed answers",
+              f"{r['floor_s']:.3f} s (decided -> last node back / it: "
+              f"{_ratio(r['last_back_s'], r['floor_s'])})"),
+             ("signed floor: the same, signed and verified",
+              f"{r['signed_floor_s']:.3f} s (decided -> last node back / it: "
+              f"{_ratio(r['last_back_s'], r['signed_floor_s'])})")])
     return 0
 
 

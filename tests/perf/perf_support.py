@@ -503,42 +503,46 @@ def rolling(version: str, *, batch: str = "10%") -> RolloutSpec:
 
 FLOOR_DESIRED = "floor-desired"
 FLOOR_OBSERVED = "floor-observed"
+FLOOR_FLEET = "floor"
 
 
-async def floor_responder(url: str) -> None:
-    """The bare responder: one watch on the desired bucket, one observed put per entry seen."""
+async def floor_responder(url: str, key: str = "") -> None:
+    """The bare responder, as fast as nats-py goes: an ordered push consumer on the desired
+    bucket's subjects, and for each entry one observed put, published at once with its ack
+    coming to one shared inbox (pipelined; nothing awaited per put); with ``key``, each entry's
+    signature is checked first, as an agent checks its own."""
     import nats
 
+    from protocol.codec import decode
+    from protocol.messages import SignedEnvelope
+    from protocol.signing import verify
+
     nc = await nats.connect(url)
-    # A wave's thousands of puts queue behind one fsync each (sync_interval: always): the last
-    # of 5,000 is answered ~6 s after the first, past nats-py's 5 s default, though it is stored.
-    # The watch in ``bus_floor`` counts what is stored, so a late answer costs nothing; a long
-    # timeout keeps it from being reported as a failure, and a failure is counted, not printed
-    # as a traceback per put.
-    js = nc.jetstream(timeout=120)
-    desired = await js.key_value(FLOOR_DESIRED)
-    observed = await js.key_value(FLOOR_OBSERVED)
-    w = await desired.watch(">")
-    print("ready", flush=True)
-    pending: set[asyncio.Task[Any]] = set()
+    js = nc.jetstream()
+    desired, observed = f"$KV.{FLOOR_DESIRED}.", f"$KV.{FLOOR_OBSERVED}."
+    acks = nc.new_inbox()
     failed = 0
 
-    def settled(t: asyncio.Task[Any]) -> None:
+    async def on_ack(msg: Any) -> None:
         nonlocal failed
-        pending.discard(t)
-        if not t.cancelled() and t.exception() is not None:
+        if b'"error"' in msg.data:
             failed += 1
             if failed == 1 or failed % 1000 == 0:
-                print(f"floor responder: {failed} observed puts failed ({t.exception()!r})",
+                print(f"floor responder: {failed} observed puts failed ({msg.data!r})",
                       file=sys.stderr, flush=True)
 
-    while True:
-        e = await w.updates(timeout=None)
-        if e is None or e.value is None:
-            continue
-        t = asyncio.create_task(observed.put(e.key, e.value))
-        pending.add(t)
-        t.add_done_callback(settled)
+    async def on_desired(msg: Any) -> None:
+        k = msg.subject[len(desired):]
+        if key:
+            node, _, service = k.partition(".")
+            verify(decode(SignedEnvelope, msg.data), (key,), fleet=FLOOR_FLEET, node=node,
+                   service=service, min_generation=0)
+        await nc.publish(observed + k, msg.data, reply=acks)
+
+    await nc.subscribe(acks, cb=on_ack)
+    await js.subscribe(f"{desired}>", cb=on_desired, ordered_consumer=True)
+    print("ready", flush=True)
+    await asyncio.Event().wait()
 
 
 ATOMIC_MAX = 1000  # messages the server takes in one atomic batch (nats-server >= 2.12)
@@ -564,15 +568,21 @@ async def atomic_put(nc: Any, prefix: str, items: list[tuple[str, bytes]],
 
 
 async def bus_floor(url: str, nodes: int, waves: int, payload: int, *,
-                    concurrency: int = 256) -> float:
+                    concurrency: int = 256, signed: bool = False) -> float:
     """Seconds for ``nodes`` desired puts and as many observed replies, in ``waves`` waves: what
     a hand-written nats-py program takes at best. The desired puts of a wave go out as atomic
     batches of up to ``ATOMIC_MAX`` (as the coordinator writes, with one fsync each rather than
     one a message), concurrently; the responder, standing for the nodes' agents, puts one
     observed state per desired state it sees, as each agent does, to a bucket kept in memory as
-    fleetwave's is."""
+    fleetwave's is. ``signed``: the desired states are real ones (two slots, as a blue-green
+    node's), signed as each wave goes out (``protocol.signing.sign``) and verified by the
+    responder before it answers: the work no coordinator and no agent may skip."""
     import nats
     from nats.js import api as js_api
+
+    from protocol.codec import encode
+    from protocol.messages import DesiredState, ReleaseRef
+    from protocol.signing import generate_seed, public_key, sign
 
     nc = await nats.connect(url)
     try:
@@ -589,8 +599,10 @@ async def bus_floor(url: str, nodes: int, waves: int, payload: int, *,
         await js.update_stream(config)
         desired = await js.key_value(FLOOR_DESIRED)
         observed = await js.key_value(FLOOR_OBSERVED)
+        seed = generate_seed()
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, __file__, "floor-responder", url, stdout=asyncio.subprocess.PIPE,
+            sys.executable, __file__, "floor-responder", url,
+            *([public_key(seed)] if signed else []), stdout=asyncio.subprocess.PIPE,
             stdin=asyncio.subprocess.DEVNULL)
         try:
             assert proc.stdout is not None
@@ -616,9 +628,17 @@ async def bus_floor(url: str, nodes: int, waves: int, payload: int, *,
             size = -(-nodes // waves)
             sem = asyncio.Semaphore(concurrency)
 
+            ref = ReleaseRef(service="hello", version="1.0.0", digest="sha256:" + "d" * 64)
+
+            def signed_value(k: str) -> bytes:
+                return encode(sign(seed, DesiredState(
+                    fleet=FLOOR_FLEET, node=k.partition(".")[0], service="hello", generation=5,
+                    slots={"a": ref, "b": ref}, weights={"a": 100, "b": 0}), term=3))
+
             async def put(ks: list[str]) -> None:
                 async with sem:
-                    await atomic_put(nc, desired._pre, [(k, value) for k in ks])
+                    await atomic_put(nc, desired._pre, [
+                        (k, signed_value(k) if signed else value) for k in ks])
 
             started = time.perf_counter()
             for i in range(0, nodes, size):
@@ -686,4 +706,4 @@ def emit(as_json: bool, title: str, figures: dict[str, Any],
 
 if __name__ == "__main__" and sys.argv[1:2] == ["floor-responder"]:
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(floor_responder(sys.argv[2]))
+        asyncio.run(floor_responder(sys.argv[2], *sys.argv[3:4]))
