@@ -50,6 +50,10 @@ class DesiredWriter:
     def _envelope(self, desired: DesiredState) -> bytes:
         return encode(sign(self._seed, desired, term=self._fenced.term))
 
+    def _envelopes(self, states: Sequence[DesiredState], term: int) -> list[bytes]:
+        """``states`` signed with ``term``; run in a worker thread (``write_all``)."""
+        return [encode(sign(self._seed, d, term=term)) for d in states]
+
     async def write_all(self, pending: Sequence[DesiredState]) -> None:
         """Write ``pending`` (one per key): those this writer knows the stored generation of as
         one pipelined batch, the rest (and those whose write failed) through ``write``,
@@ -65,25 +69,37 @@ class DesiredWriter:
                 slow.append(desired)
             elif stored < desired.generation:
                 known.append((key, desired))
-        # Signed a batch at a time, each written before the next is signed: a node's agent
-        # can verify and apply its state while the coordinator signs the rest (10,000 states
-        # signed first took 0.5 s before the first router of a rollback could switch back).
-        # A batch that failed sends the rest the slow way too: one bus timeout, not one a batch.
-        for start in range(0, len(known), FENCED_BATCH):
-            chunk = known[start:start + FENCED_BATCH]
-            results = await self._fenced.write_all(
-                self.bucket, [(key, self._envelope(d)) for key, d in chunk])
-            for (key, desired), result in zip(chunk, results, strict=True):
-                if isinstance(result, Deposed):
-                    raise result
-                if isinstance(result, int):
-                    self._gens[key] = desired.generation
-                else:
-                    self._gens.pop(key, None)
-                    slow.append(desired)  # read it and compare generations, then write
-            if any(not isinstance(r, int) for r in results):
-                slow += [d for _, d in known[start + FENCED_BATCH:]]
-                break
+        # Signed a batch at a time, in a worker thread, the next batch while this one is
+        # written: a node's agent can verify and apply its state while the coordinator signs
+        # the rest (10,000 states signed first took 0.5 s before the first router of a
+        # rollback could switch back), and the signing itself (libsodium, outside the GIL)
+        # runs on another core than the event loop's. A batch that failed sends the rest the
+        # slow way too: one bus timeout, not one a batch.
+        term = self._fenced.term
+        chunks = [known[i:i + FENCED_BATCH] for i in range(0, len(known), FENCED_BATCH)]
+        signing = self._sign_ahead(chunks, 0, term)
+        try:
+            for index, chunk in enumerate(chunks):
+                assert signing is not None
+                bodies = await signing
+                signing = self._sign_ahead(chunks, index + 1, term)
+                results = await self._fenced.write_all(
+                    self.bucket, [(key, body) for (key, _), body in zip(chunk, bodies,
+                                                                          strict=True)])
+                for (key, desired), result in zip(chunk, results, strict=True):
+                    if isinstance(result, Deposed):
+                        raise result
+                    if isinstance(result, int):
+                        self._gens[key] = desired.generation
+                    else:
+                        self._gens.pop(key, None)
+                        slow.append(desired)  # read it and compare generations, then write
+                if any(not isinstance(r, int) for r in results):
+                    slow += [d for later in chunks[index + 1:] for _, d in later]
+                    break
+        finally:
+            if signing is not None:
+                signing.cancel()  # a batch no longer written this way (or at all)
         if slow:
             sem = asyncio.Semaphore(WRITE_CONCURRENCY)
 
@@ -94,6 +110,14 @@ class DesiredWriter:
             async with asyncio.TaskGroup() as tg:
                 for desired in slow:
                     tg.create_task(one(desired))
+
+    def _sign_ahead(self, chunks: list[list[tuple[str, DesiredState]]], index: int,
+                    term: int) -> asyncio.Future[list[bytes]] | None:
+        """The signing of ``chunks[index]``, started in a worker thread (None past the end)."""
+        if index >= len(chunks):
+            return None
+        return asyncio.ensure_future(
+            asyncio.to_thread(self._envelopes, [d for _, d in chunks[index]], term))
 
     async def _learn(self, unknown: Sequence[DesiredState]) -> None:
         """Read the stored generations of ``unknown``'s keys by one scan per service of which
