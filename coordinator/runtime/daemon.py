@@ -562,11 +562,12 @@ class _Current:
         assert self._c.store is not None
         return await self._c.store.load(rollout_id)
 
-    async def find(self, rollout_id: str) -> RolloutRecord | SummarisedRollout | None:
+    async def find(self, rollout_id: str, *,
+                   whole: bool = True) -> RolloutRecord | SummarisedRollout | None:
         if self._c.runner is not None:
-            return await self._c.runner.find(rollout_id)
+            return await self._c.runner.find(rollout_id, whole=whole)
         assert self._c.store is not None
-        found = await self._c.store.find(rollout_id)
+        found = await self._c.store.find(rollout_id, whole=whole)
         return found[0] if found is not None else None
 
     async def latest(self) -> RolloutRecord | SummarisedRollout | None:

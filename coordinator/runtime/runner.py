@@ -498,12 +498,14 @@ class Runner:
         """A rollout's record: the live one if driven here, else as persisted."""
         return self._live_record(rollout_id) or await self.store.load(rollout_id)
 
-    async def find(self, rollout_id: str) -> RolloutRecord | SummarisedRollout | None:
-        """``get``, or what retention left of the rollout."""
+    async def find(self, rollout_id: str, *,
+                   whole: bool = True) -> RolloutRecord | SummarisedRollout | None:
+        """``get``, or what retention left of the rollout (``whole=False``: a stored split
+        record's head only, ``RolloutStore.find``)."""
         live = self._live_record(rollout_id)
         if live is not None:
             return live
-        found = await self.store.find(rollout_id)
+        found = await self.store.find(rollout_id, whole=whole)
         return found[0] if found is not None else None
 
     async def latest(self) -> RolloutRecord | SummarisedRollout | None:

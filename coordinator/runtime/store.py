@@ -102,9 +102,11 @@ class RolloutStore:
             return None
         return found[0], found[1]
 
-    async def find(self, rollout_id: str) -> tuple[Stored, int] | None:
+    async def find(self, rollout_id: str, *, whole: bool = True) -> tuple[Stored, int] | None:
         """A rollout as persisted, whole or reduced, and its revision (its head's, for a split
-        record, assembled from its pages); None if there is none."""
+        record, assembled from its pages; with ``whole=False`` the head alone: its spec and
+        state, no node table, which at 50,000 nodes is 190 pages to read and decode); None if
+        there is none."""
         if not _ROLLOUT_ID.match(rollout_id):
             return None
         entry = await bounded(self.bus.kv_get(self.rollouts, rollout_id))
@@ -115,7 +117,7 @@ class RolloutStore:
         except ProtocolError:
             record = self.decode(entry)  # logs it once
             return (record, entry.revision) if record is not None else None
-        if isinstance(stored, RolloutRecord) and stored.pages:
+        if isinstance(stored, RolloutRecord) and stored.pages and whole:
             stored, layout = await self._assemble(stored)
             if self.fenced is not None and stored.state not in TERMINAL_STATES:
                 self._split[stored.id] = (layout, stored)

@@ -36,7 +36,7 @@ class Runner:
     async def request(self, rollout_id: str, event: EngineEvent) -> RolloutRecord:
         raise AssertionError("no live rollout here")
 
-    async def find(self, rollout_id: str) -> RolloutRecord | None:
+    async def find(self, rollout_id: str, *, whole: bool = True) -> RolloutRecord | None:
         return next((r for r in self.past if r.id == rollout_id), None)
 
     async def latest(self) -> RolloutRecord | None:

@@ -107,6 +107,22 @@ async def test_a_missing_page_makes_the_record_unreadable_not_wrong() -> None:
         await reader.store.find(rec.id)
 
 
+async def test_a_head_only_read_reads_no_page() -> None:
+    """``find(whole=False)`` (what ``rollback`` needs of an earlier rollout: its spec): the
+    stored head, its node table left in its pages, none of which is read."""
+    bus, clock = fleet_bus(N), FakeClock()
+    r = make(bus, clock)
+    rec = await r.deploy(spec(batch="3", max_unavailable="3"), NEW)
+    assert await drive(r, bus, clock, rec.id) == "succeeded"
+    for key in [k for k in bus.kv[ROLLOUTS] if k.startswith(f"{rec.id}.")]:
+        del bus.kv[ROLLOUTS][key]  # were a page read, the record would be unreadable
+    found = await make(bus, clock).find(rec.id, whole=False)
+    assert isinstance(found, RolloutRecord) and found.pages > 1 and found.nodes == {}
+    assert found.spec == rec.spec and found.state == "succeeded"
+    with pytest.raises(BusError, match="pages are missing"):
+        await make(bus, clock).find(rec.id)
+
+
 async def test_retention_purges_the_pages_of_the_records_it_reduces() -> None:
     bus, clock = fleet_bus(N), FakeClock()
     r = make(bus, clock, keep=1)
