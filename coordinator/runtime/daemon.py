@@ -48,7 +48,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import Callable, Coroutine
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TypeVar
@@ -87,7 +86,7 @@ from protocol.bus import Observer as BusObserver
 from protocol.codec import decode, encode, shared
 from protocol.creds import Creds
 from protocol.errors import BusError, NoRoom, ProtocolError, TooFewServers
-from protocol.events import EventPublisher
+from protocol.events import EventPublisher, event_id
 from protocol.history import RolloutSummary, SummarisedRollout
 from protocol.messages import (
     ApiReply,
@@ -496,7 +495,7 @@ class Coordinator:
             if leader is not None and leader.holder != self.id:
                 continue
             event = Event(
-                id=uuid.uuid4().hex, time=self._clock(), fleet=self.fleet_name, kind=t.kind,
+                id=event_id(), time=self._clock(), fleet=self.fleet_name, kind=t.kind,
                 message=t.message, node=t.node, data=dict(t.data),
                 who=subjects.COORDINATOR_CALLER,
             )

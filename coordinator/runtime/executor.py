@@ -20,7 +20,6 @@ written, what it says (its ``who`` among the rest) is what is published again.
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Callable, Sequence
 
 import msgspec
@@ -31,7 +30,7 @@ from coordinator.runtime.desired import DesiredWriter
 from coordinator.runtime.driver import Driver
 from coordinator.runtime.store import RolloutStore
 from protocol import subjects
-from protocol.events import EventPublisher
+from protocol.events import EventPublisher, event_id
 from protocol.messages import DesiredState, Event, RolloutRecord
 
 log = logging.getLogger("fleetwave.coordinator.runner")
@@ -117,7 +116,7 @@ class Executor:
         for i, command in enumerate(commands):
             if isinstance(command, EmitEvent):
                 out[i] = Event(
-                    id=uuid.uuid4().hex,
+                    id=event_id(),
                     time=self._clock() if command.time is None else command.time,
                     fleet=self.store.fleet, kind=command.kind, message=command.message,
                     node=command.node, service=record.spec.service, rollout=record.id,

@@ -264,3 +264,19 @@ async def test_a_full_queue_drops_the_oldest_while_the_bus_is_away(
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2
     assert "dropped 3, oldest first (3 node.done; the last node.done" in lines[1]
+
+
+def test_event_ids_are_32_hex_digits_and_unique() -> None:
+    """``event_id`` (the coordinator's ids for its events): the shape of a uuid4's hex, never
+    the same twice in a process, and another process's prefix."""
+    import subprocess
+    import sys
+
+    from protocol.events import event_id
+
+    ids = [event_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    other = subprocess.run([sys.executable, "-c", "from protocol.events import event_id; "
+                            "print(event_id())"], capture_output=True, text=True, check=True)
+    assert other.stdout.strip()[:20] != ids[0][:20]
