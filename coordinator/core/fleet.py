@@ -165,9 +165,12 @@ class Fleet:
             return None
         return max(deadline, self.excused_until + MISSED_BEATS * rec.interval)
 
-    def view(self, selector: Mapping[str, str] | None = None) -> list[NodeView]:
-        """The rows of ``fleetwave nodes``: nodes matching ``selector``, sorted by id."""
-        return [_row(rec) for rec in self._matching(selector)]
+    def view(self, selector: Mapping[str, str] | None = None, *,
+             services: bool = True) -> list[NodeView]:
+        """The rows of ``fleetwave nodes``: nodes matching ``selector``, sorted by id;
+        ``services=False``: without their figures and services (what a rollout's planning
+        reads: id, labels, online), a tenth of the work at 10,000 nodes."""
+        return [_row(rec, services) for rec in self._matching(selector)]
 
     def page(self, selector: Mapping[str, str] | None, most: int,
              ahead: Collection[str] = ()) -> tuple[list[NodeView], int, int]:
@@ -235,7 +238,10 @@ def _natural_key(node_id: str) -> tuple[object, ...]:
     return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", node_id))
 
 
-def _row(rec: NodeRecord) -> NodeView:
+def _row(rec: NodeRecord, services: bool = True) -> NodeView:
+    if not services:
+        return NodeView(id=rec.id, labels=dict(rec.labels), online=rec.online,
+                        last_seen=rec.last_seen)
     hb = rec.heartbeat
     return NodeView(
         id=rec.id,

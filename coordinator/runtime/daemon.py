@@ -325,7 +325,8 @@ class Coordinator:
                     await asyncio.sleep(RETRY_LEAD)
                     continue
                 runner = Runner(bus, seed=self.seed, fenced=Fenced(bus, fence),
-                                nodes=self.table.view, liveness=self.table.liveness,
+                                nodes=lambda: self.table.view(services=False),
+                                liveness=self.table.liveness,
                                 clock=self._clock, started=self.started,
                                 observe=self.on_event, retention=self.retention)
                 self.runner = runner

@@ -127,6 +127,10 @@ def test_view_carries_figures_and_services() -> None:
     assert (v.cpu_percent, v.mem_percent) == (12.5, 40.0)
     assert v.services["hello"]["version"] == "2.0.0"
     assert v.services["hello"]["healthy"] is True
+    [light] = f.view(services=False)  # what planning reads: the rest left out
+    assert (light.id, light.online, light.last_seen, light.labels) == (
+        v.id, v.online, v.last_seen, v.labels)
+    assert (light.services, light.cpu_percent, light.mem_percent) == ({}, None, None)
 
 
 def test_view_filters_by_selector_and_sorts_naturally() -> None:
