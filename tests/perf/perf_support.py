@@ -637,8 +637,11 @@ async def bus_floor(url: str, nodes: int, waves: int, payload: int, *,
 
             async def put(ks: list[str]) -> None:
                 async with sem:
-                    await atomic_put(nc, desired._pre, [
-                        (k, signed_value(k) if signed else value) for k in ks])
+                    # Signed in worker threads (libsodium runs outside the GIL), as the
+                    # coordinator signs, while other batches are written.
+                    values = (await asyncio.to_thread(lambda: [signed_value(k) for k in ks])
+                              if signed else [value] * len(ks))
+                    await atomic_put(nc, desired._pre, list(zip(ks, values, strict=True)))
 
             started = time.perf_counter()
             for i in range(0, nodes, size):
