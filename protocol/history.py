@@ -105,6 +105,41 @@ class RolloutPage(msgspec.Struct, kw_only=True):
     outbox: list[Event] = []
 
 
+class NodeSeen(msgspec.Struct, kw_only=True):
+    """A node's progress as ``status`` shows it: a ``NodeProgress`` read without its desired
+    states (``previous``, ``target``), which are most of a page's bytes and objects."""
+
+    node: str
+    wave: int = -1
+    state: str = "waiting"
+    reason: str = ""
+    healthy: bool = False
+    version: str = ""
+    generation: int = 0
+    slot: str = ""
+    online: bool = True
+    staged: str = ""
+
+
+class PageSeen(msgspec.Struct, kw_only=True):
+    """A ``RolloutPage`` as ``status`` reads it: its nodes (``NodeSeen``) and their places in
+    the waves; no router snapshots, no outbox."""
+
+    rollout: str
+    index: int
+    nodes: dict[str, NodeSeen] = {}
+    waves: dict[int, dict[str, int]] = {}
+
+    def page(self) -> RolloutPage:
+        """As a ``RolloutPage`` whose nodes have no desired states: for showing, never for
+        driving a rollout."""
+        return RolloutPage(rollout=self.rollout, index=self.index, waves=self.waves, nodes={
+            n: NodeProgress(node=p.node, wave=p.wave, state=p.state, reason=p.reason,  # type: ignore[arg-type]
+                            healthy=p.healthy, version=p.version, generation=p.generation,
+                            slot=p.slot, online=p.online, staged=p.staged)  # type: ignore[arg-type]
+            for n, p in self.nodes.items()})
+
+
 def assemble(top: RolloutRecord, pages: Iterable[RolloutPage]) -> RolloutRecord:
     """The whole record from its head and its pages, in any order (``coordinator.core.pages.
     layout_of`` checks that none is missing)."""

@@ -562,20 +562,20 @@ class _Current:
         assert self._c.store is not None
         return await self._c.store.load(rollout_id)
 
-    async def find(self, rollout_id: str, *,
-                   whole: bool = True) -> RolloutRecord | SummarisedRollout | None:
+    async def find(self, rollout_id: str, *, whole: bool = True,
+                   seen: bool = False) -> RolloutRecord | SummarisedRollout | None:
         if self._c.runner is not None:
-            return await self._c.runner.find(rollout_id, whole=whole)
+            return await self._c.runner.find(rollout_id, whole=whole, seen=seen)
         assert self._c.store is not None
-        found = await self._c.store.find(rollout_id, whole=whole)
+        found = await self._c.store.find(rollout_id, whole=whole, seen=seen)
         return found[0] if found is not None else None
 
-    async def latest(self) -> RolloutRecord | SummarisedRollout | None:
+    async def latest(self, *, seen: bool = False) -> RolloutRecord | SummarisedRollout | None:
         if self._c.runner is not None:
-            return await self._c.runner.latest()
+            return await self._c.runner.latest(seen=seen)
         assert self._c.store is not None
         rid = await self._c.store.latest()
-        return await self.find(rid) if rid else None
+        return await self.find(rid, seen=seen) if rid else None
 
     async def history(self, service: str = "", limit: int = 50) -> list[RolloutSummary]:
         if self._c.runner is not None:

@@ -498,20 +498,21 @@ class Runner:
         """A rollout's record: the live one if driven here, else as persisted."""
         return self._live_record(rollout_id) or await self.store.load(rollout_id)
 
-    async def find(self, rollout_id: str, *,
-                   whole: bool = True) -> RolloutRecord | SummarisedRollout | None:
+    async def find(self, rollout_id: str, *, whole: bool = True,
+                   seen: bool = False) -> RolloutRecord | SummarisedRollout | None:
         """``get``, or what retention left of the rollout (``whole=False``: a stored split
-        record's head only, ``RolloutStore.find``)."""
+        record's head only; ``seen``: its nodes without their desired states, for showing;
+        ``RolloutStore.find``)."""
         live = self._live_record(rollout_id)
         if live is not None:
             return live
-        found = await self.store.find(rollout_id, whole=whole)
+        found = await self.store.find(rollout_id, whole=whole, seen=seen)
         return found[0] if found is not None else None
 
-    async def latest(self) -> RolloutRecord | SummarisedRollout | None:
+    async def latest(self, *, seen: bool = False) -> RolloutRecord | SummarisedRollout | None:
         """The rollout created last in the fleet (``_latest``), as ``find`` has it."""
         rid = await self.store.latest()
-        return await self.find(rid) if rid else None
+        return await self.find(rid, seen=seen) if rid else None
 
     async def history(self, service: str = "", limit: int = 50) -> list[RolloutSummary]:
         """The ``limit`` newest rollouts (of ``service``, or of the fleet), from the indexes,

@@ -50,7 +50,7 @@ from protocol import subjects
 from protocol.bus import Entry
 from protocol.codec import decode, encode, shared
 from protocol.errors import BusError, Conflict, ProtocolError
-from protocol.history import RolloutPage, RolloutSummary, SummarisedRollout
+from protocol.history import PageSeen, RolloutPage, RolloutSummary, SummarisedRollout
 from protocol.messages import TERMINAL_STATES, DesiredState, RolloutRecord, SignedEnvelope
 
 log = logging.getLogger("fleetwave.coordinator.runner")
@@ -102,11 +102,13 @@ class RolloutStore:
             return None
         return found[0], found[1]
 
-    async def find(self, rollout_id: str, *, whole: bool = True) -> tuple[Stored, int] | None:
+    async def find(self, rollout_id: str, *, whole: bool = True,
+                   seen: bool = False) -> tuple[Stored, int] | None:
         """A rollout as persisted, whole or reduced, and its revision (its head's, for a split
         record, assembled from its pages; with ``whole=False`` the head alone: its spec and
-        state, no node table, which at 50,000 nodes is 190 pages to read and decode); None if
-        there is none."""
+        state, no node table, which at 50,000 nodes is 190 pages to read and decode; with
+        ``seen``, its nodes as ``status`` shows them, without their desired states: a fifth of
+        the decoding, for showing only); None if there is none."""
         if not _ROLLOUT_ID.match(rollout_id):
             return None
         entry = await bounded(self.bus.kv_get(self.rollouts, rollout_id))
@@ -118,8 +120,8 @@ class RolloutStore:
             record = self.decode(entry)  # logs it once
             return (record, entry.revision) if record is not None else None
         if isinstance(stored, RolloutRecord) and stored.pages and whole:
-            stored, layout = await self._assemble(stored)
-            if self.fenced is not None and stored.state not in TERMINAL_STATES:
+            stored, layout = await self._assemble(stored, seen=seen)
+            if self.fenced is not None and stored.state not in TERMINAL_STATES and not seen:
                 self._split[stored.id] = (layout, stored)
         return stored, entry.revision
 
@@ -128,13 +130,16 @@ class RolloutStore:
         pages; BusError if they cannot be read."""
         return (await self._assemble(record))[0] if record.pages else record
 
-    async def _assemble(self, top: RolloutRecord) -> tuple[RolloutRecord, pages.Layout]:
-        """The whole record of a split head, read from its pages; BusError if one is missing
-        or unreadable (the record cannot be driven or shown from a part of it)."""
+    async def _assemble(self, top: RolloutRecord, *,
+                        seen: bool = False) -> tuple[RolloutRecord, pages.Layout]:
+        """The whole record of a split head, read from its pages (``seen``: as ``PageSeen``);
+        BusError if one is missing or unreadable (the record cannot be driven or shown from a
+        part of it)."""
         found: list[RolloutPage] = []
         for entry in await self._scan(f"{top.id}.*"):
             try:
-                got = shared(decode(RolloutPage, entry.value or b""))
+                got = (decode(PageSeen, entry.value or b"").page() if seen
+                       else shared(decode(RolloutPage, entry.value or b"")))
             except ProtocolError as exc:
                 raise BusError(f"rollout {top.id} cannot be read: page {entry.key} is "
                                f"unreadable ({exc})") from None

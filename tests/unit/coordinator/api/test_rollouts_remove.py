@@ -36,10 +36,11 @@ class Runner:
     async def request(self, rollout_id: str, event: EngineEvent) -> RolloutRecord:
         raise AssertionError("no live rollout here")
 
-    async def find(self, rollout_id: str, *, whole: bool = True) -> RolloutRecord | None:
+    async def find(self, rollout_id: str, *, whole: bool = True,
+                   seen: bool = False) -> RolloutRecord | None:
         return next((r for r in self.past if r.id == rollout_id), None)
 
-    async def latest(self) -> RolloutRecord | None:
+    async def latest(self, *, seen: bool = False) -> RolloutRecord | None:
         return self.past[0] if self.past else None
 
     async def history(self, service: str = "", limit: int = 50) -> list[RolloutSummary]:

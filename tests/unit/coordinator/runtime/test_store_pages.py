@@ -123,6 +123,37 @@ async def test_a_head_only_read_reads_no_page() -> None:
         await make(bus, clock).find(rec.id)
 
 
+async def test_a_status_read_shows_what_a_whole_read_shows() -> None:
+    """``find(seen=True)`` (``status`` of a stored rollout): the pages read without their
+    desired states, and the status built from it equal to the whole record's, running and
+    finished; the writer's cache of split records is left alone."""
+    from coordinator.api.rollouts import status_dict
+
+    bus, clock = fleet_bus(N), FakeClock()
+    r = make(bus, clock)
+    rec = await r.deploy(spec(batch="3", max_unavailable="3"), NEW)
+    clock.t += 1
+    for i in (1, 2):
+        await report(r, bus, f"node-{i}", clock.t)
+    await r.step()
+    for done in (False, True):
+        if done:
+            assert await drive(r, bus, clock, rec.id) == "succeeded"
+        reader = make(bus, clock)
+        whole, shown = await reader.find(rec.id), await reader.find(rec.id, seen=True)
+        assert isinstance(whole, RolloutRecord) and isinstance(shown, RolloutRecord)
+        assert all(p.target is None and p.previous is None for p in shown.nodes.values())
+        assert any(p.target is not None for p in whole.nodes.values())
+        assert status_dict(shown) == status_dict(whole)
+        assert status_dict(shown, max_nodes=4) == status_dict(whole, max_nodes=4)
+        if not done:  # running: a whole read is cached for writing, a status read never
+            fresh = make(bus, clock)
+            await fresh.store.find(rec.id, seen=True)
+            assert rec.id not in fresh.store._split
+            await fresh.store.find(rec.id)
+            assert rec.id in fresh.store._split
+
+
 async def test_retention_purges_the_pages_of_the_records_it_reduces() -> None:
     bus, clock = fleet_bus(N), FakeClock()
     r = make(bus, clock, keep=1)
