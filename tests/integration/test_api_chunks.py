@@ -11,7 +11,6 @@ answer was refused by the client library for its size. Real nats-server, coordin
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,32 +19,22 @@ import pytest
 
 from coordinator.auth.enroll import CA, COORDINATOR, AuthDir
 from coordinator.dev.broker import Broker, free_port
-from coordinator.dev.devfleet import Child, python_module
-from coordinator.dev.examples import assembled
-from coordinator.releases import push_release
-from coordinator.runtime.keyfile import coordinator_seed
 from coordinator.web.handlers import PAGE_NODES
 from protocol import chunks
 from protocol import creds as creds_file
 from protocol.bus import Bus
 from protocol.codec import encode
 from protocol.errors import NoResponders
-from protocol.signing import public_key
 from tests.integration.procs import fleetwave, reaping, wait_until
 from tests.integration.test_dashboard_api import _first_snapshot
 from tests.integration.test_dashboard_browser import call
+from tests.integration.test_record_split import coordinator, simulated
 
 N = 8000
 SUBNET = "127.0.73"
 HTTP_HOST = f"{SUBNET}.2"  # the standby's dashboard
 FLEET = "default"
 MAX_PAYLOAD = "1MB"  # the server's own default
-
-
-def coordinator(url: str, base: Path, key: Path, name: str, *flags: str) -> Child:
-    return Child(name, python_module(
-        "coordinator.daemon", "--nats", url, "--fleet", FLEET, "coordinator", "--key-file",
-        str(key), *flags), base / "logs" / f"{name}.log")
 
 
 async def node_rows(url: str) -> list[dict[str, object]]:
@@ -55,40 +44,14 @@ async def node_rows(url: str) -> list[dict[str, object]]:
     return rows
 
 
-@contextlib.asynccontextmanager
-async def simulated(tmp_path: Path) -> AsyncIterator[tuple[Broker, Bus, Path]]:
-    """A broker taking messages of up to 1 MB, a coordinator, N simulated nodes online."""
-    broker = Broker(store_dir=tmp_path / "js", max_payload=MAX_PAYLOAD)
-    key = tmp_path / "coordinator.seed"
-    trust = public_key(await asyncio.to_thread(coordinator_seed, key))
-    agent = Child("sim", python_module(
-        "agent.main", "--node-id", "sim", "--simulate", str(N), "--trust-key", trust,
-        "--nats", broker.url, "--fleet", FLEET, "--data-dir", str(tmp_path / "sim"),
-        "--bind-host", f"{SUBNET}.1", "--heartbeat-interval", "2"), tmp_path / "logs" / "sim.log")
-    await broker.start()
-    try:
-        async with reaping(coordinator(broker.url, tmp_path, key, "coordinator"), agent):
-            bus = await Bus.connect(broker.url, FLEET, name="test-api-chunks")
-            try:
-                assert bus.max_payload == 1 << 20
-                await push_release(bus, assembled("1.0.0"))
-                await wait_until(lambda: node_rows(broker.url),
-                                 lambda rows: sum(bool(r["online"]) for r in rows) == N,
-                                 timeout=60, what=f"{N} simulated nodes online", interval=0.5)
-                yield broker, bus, key
-            finally:
-                await bus.close()
-    finally:
-        await broker.stop()
-
-
 async def test_answers_beyond_one_message_reach_the_cli_whole(tmp_path: Path) -> None:
-    async with simulated(tmp_path) as (broker, _bus, key):
+    async with simulated(tmp_path, N, MAX_PAYLOAD, SUBNET) as (broker, bus, _coord, _sim, key):
+        assert bus.max_payload == 1 << 20
         rows = await node_rows(broker.url)
         assert len(rows) == N and len({r["id"] for r in rows}) == N
         assert len(encode(rows)) > 1 << 20  # it took more than one message
 
-        # A followed deploy (the CLI polls status, whose node rows pass 64 KB) to its end.
+        # A followed deploy (the CLI polls status, whose node rows pass 1 MB) to its end.
         code, out, err = await fleetwave(
             "deploy", "hello", "1.0.0", "--batch", "25%", "--max-unavailable", "25%",
             nats_url=broker.url, timeout=120)

@@ -44,10 +44,11 @@ SUBNET = "127.0.72"
 FLEET = "default"
 
 
-def coordinator(url: str, base: Path, key: Path) -> Child:
-    return Child("coordinator", python_module(
+def coordinator(url: str, base: Path, key: Path, name: str = "coordinator",
+                *flags: str) -> Child:
+    return Child(name, python_module(
         "coordinator.daemon", "--nats", url, "--fleet", FLEET, "coordinator", "--key-file",
-        str(key)), base / "logs" / "coordinator.log")
+        str(key), *flags), base / "logs" / f"{name}.log")
 
 
 async def api(bus: Bus, verb: str, request: Any, timeout: float = 30.0) -> Any:
@@ -69,16 +70,17 @@ Sim = tuple[Broker, Bus, Child, Child, Path]
 
 
 @contextlib.asynccontextmanager
-async def simulated(tmp_path: Path, n: int, max_payload: str) -> AsyncIterator[Sim]:
+async def simulated(tmp_path: Path, n: int, max_payload: str,
+                    subnet: str = SUBNET) -> AsyncIterator[Sim]:
     """A broker taking messages of up to ``max_payload``, a coordinator, ``n`` simulated nodes
-    online, and the hello releases pushed."""
+    (on ``subnet``.1) online, and the hello releases pushed."""
     broker = Broker(store_dir=tmp_path / "js", max_payload=max_payload)
     key = tmp_path / "coordinator.seed"
     trust = public_key(await asyncio.to_thread(coordinator_seed, key))
     agent = Child("sim", python_module(
         "agent.main", "--node-id", "sim", "--simulate", str(n), "--trust-key", trust,
         "--nats", broker.url, "--fleet", FLEET, "--data-dir", str(tmp_path / "sim"),
-        "--bind-host", f"{SUBNET}.1", "--heartbeat-interval", "2"), tmp_path / "logs" / "sim.log")
+        "--bind-host", f"{subnet}.1", "--heartbeat-interval", "2"), tmp_path / "logs" / "sim.log")
     coord = coordinator(broker.url, tmp_path, key)
     await broker.start()
     try:
