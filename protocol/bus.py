@@ -34,7 +34,15 @@ import random
 import re
 import ssl
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Coroutine,
+    Iterator,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -67,8 +75,8 @@ from protocol.errors import (
 )
 
 REQUEST_TIMEOUT = 5.0
-# The most an answer in chunks may hold queued at the requester (nats-py's default, 64 MB, is
-# less than the largest answer: ``protocol.chunks.MAX_CHUNKS`` messages).
+# The most an answer in chunks may hold queued at the requester (nats-py's default, 128 MiB,
+# is less than the largest answer: ``protocol.chunks.MAX_CHUNKS`` messages).
 REPLY_BYTES = 512 * 1024**2
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -834,31 +842,40 @@ class Bus:
     @_timed("request")
     async def request(self, subject: str, data: bytes, timeout: float = REQUEST_TIMEOUT) -> bytes:
         """Request/reply; NotReachable when nobody answers (no coordinator). An answer larger
-        than one message arrives in chunks (``protocol.chunks``), each within ``timeout`` of
-        the one before; the first answer wins where several responders answer."""
+        than one message arrives in chunks (``protocol.chunks``); the first answer complete
+        wins where several responders answer. ``timeout`` bounds the wait for the first
+        message, then for each next chunk of any answer (a message that moves no answer
+        forward does not extend it)."""
         try:
             sub = await self.nc.subscribe(self.nc.new_inbox(), pending_bytes_limit=REPLY_BYTES)
         except nats.errors.Error as exc:
             raise BusError(f"request on {subject} failed: {exc}") from None
         assembly = chunks.Assembly()
+        loop = asyncio.get_running_loop()
         try:
             await self.nc.publish(subject, data, reply=sub.subject)
+            deadline = loop.time() + timeout
             while True:
-                msg = await sub.next_msg(timeout=timeout)
+                msg = await sub.next_msg(timeout=max(deadline - loop.time(), 0.001))
                 if (msg.headers or {}).get(js_api.Header.STATUS) == "503":
                     raise NoResponders(
                         f"no coordinator answers for fleet {self.fleet!r}; start one with "
                         "'fleetwave coordinator' (or 'fleetwave dev up')")
-                whole = assembly.add(msg.data, msg.headers)
+                whole, moved = assembly.add(msg.data, msg.headers)
                 if whole is not None:
                     return whole
+                if moved:
+                    deadline = loop.time() + timeout
         except (nats.errors.TimeoutError, TimeoutError):
             if assembly.received:
                 raise BusError(
                     f"the answer on {subject} was cut short: {assembly.received} of its "
-                    f"{assembly.total} messages came, the next not within {timeout:g}s; if the "
-                    "server's permissions were written by an older fleetwave, write them again "
-                    "with 'fleetwave auth prune DIR'") from None
+                    f"{assembly.total} messages came, the next not within {timeout:g}s (its "
+                    "sender stopped, or the server's permissions were written by an older "
+                    "fleetwave: write them again with 'fleetwave auth prune DIR')") from None
+            if assembly.problem:
+                raise BusError(f"the answer on {subject} is not whole: {assembly.problem}"
+                               ) from None
             raise NotReachable(
                 f"the coordinator of fleet {self.fleet!r} did not answer within {timeout:g}s; "
                 "check that it is running and not overloaded"
@@ -904,15 +921,16 @@ class Bus:
         except nats.errors.Error as exc:
             raise BusError(f"cannot subscribe to {subject}: {exc}") from None
 
-    def _replies(self, data: bytes) -> list[tuple[bytes, dict[str, str] | None]]:
+    def _replies(self, data: bytes) -> Iterator[tuple[bytes, dict[str, str] | None]]:
         """An answer as the messages that carry it on this server (``protocol.chunks``); one
         that could never be carried (a handler's bug: ``coordinator.api.verbs`` bounds every
-        answer) is logged and not sent, and its requester times out."""
+        answer by the server's max_payload as it answers) is logged and not sent, and its
+        requester times out."""
         try:
             return chunks.split(data, chunks.limit(self.max_payload))
         except ValueError as exc:
             logging.getLogger("fleetwave.bus").error("an answer was not sent: %s", exc)
-            return []
+            return iter(())
 
     async def serve(
         self, name: str, version: str, endpoints: dict[str, tuple[str, Handler]]

@@ -63,9 +63,10 @@ class Api:
     def __init__(self, *, timeout: float = HANDLER_TIMEOUT) -> None:
         self._endpoints: dict[str, Endpoint[Any]] = {}
         self._timeout = timeout
-        # The largest answer the bus can carry (``protocol.chunks.carried``; 0: no bound), set
-        # once connected: a larger one is answered with a usage error instead.
-        self.max_reply = 0
+        # The largest answer the bus can carry now (``protocol.chunks.carried`` of the server
+        # it is connected to; 0: no bound), set once connected: a larger one is answered with
+        # a usage error instead. Asked at each answer: a reconnect may reach another server.
+        self.max_reply: Callable[[], int] = lambda: 0
 
     def add(self, verb: str, request: type[Req],
             handler: Callable[[Req, str], Awaitable[Any]]) -> None:
@@ -87,11 +88,12 @@ class Api:
         except (TypeError, ValueError, OverflowError) as exc:  # a handler returned odd data
             log.error("API %s returned data that cannot be encoded: %s", verb, exc)
             return encode(ApiReply(ok=False, code="internal", error=f"cannot encode reply: {exc}"))
-        if self.max_reply and len(out) > self.max_reply:
+        bound = self.max_reply()
+        if bound and len(out) > bound:
             return encode(ApiReply(
                 ok=False, code="usage",
                 error=f"the answer to {verb!r} is {_mib(len(out))}, more than one answer may "
-                f"carry on this NATS server ({_mib(self.max_reply)}: {chunks.MAX_CHUNKS} "
+                f"carry on this NATS server ({_mib(bound)}: {chunks.MAX_CHUNKS} "
                 "messages of its max_payload); ask for less (e.g. --selector) or raise "
                 "max_payload in the server's configuration"))
         return out

@@ -146,7 +146,8 @@ def coordinator(fleet: str) -> Permissions:
         },
         "subscribe": {"allow": [f"fw.{f}.>", "$SRV.>", "_INBOX.>"]},
         # An answer may take up to MAX_CHUNKS messages (``protocol.chunks``), each on the
-        # requester's inbox, within a handler's time (``coordinator.api.verbs``) and some.
+        # requester's inbox, within a handler's time (``coordinator.api.verbs``, 30 s) and the
+        # sending: the server counts both limits from when the request reached the responder.
         "allow_responses": {"max": chunks.MAX_CHUNKS, "expires": "2m"},
     }
 

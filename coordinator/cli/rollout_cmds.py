@@ -463,6 +463,7 @@ async def _follow(ctx: Ctx, bus: Any, rid: str, *, output: str, wait: str,
     tty = output != "json" and sys.stdout.isatty()
     console = Console(soft_wrap=not tty)
     last: dict[str, Any] | None = None
+    said: dict[str, Any] = {}  # every node row the plain output has gone by
     silent_since: float | None = None
     live = Live(console=console, refresh_per_second=4, transient=False) if tty else None
     try:
@@ -485,8 +486,13 @@ async def _follow(ctx: Ctx, bus: Any, rid: str, *, output: str, wait: str,
             if live is not None:
                 live.update(status_renderable(st))
             elif output != "json":
-                for line in progress_lines(last, st):
+                # Against every node row seen so far, not the last poll's alone: a brief status
+                # (more nodes than FOLLOW_NODES) shows a node while it is in motion only, and
+                # one that comes back into it must not be said twice.
+                before = None if last is None else {**last, "nodes": said}
+                for line in progress_lines(before, st):
                     click.echo(line)
+                said.update(st.get("nodes") or {})
             last = st
             state = st.get("state", "")
             if state in EXIT_CODES or reached(wait, st):
@@ -498,9 +504,12 @@ async def _follow(ctx: Ctx, bus: Any, rid: str, *, output: str, wait: str,
         if live is not None:
             live.stop()
     if output == "json" and last is not None and int(last.get("node_count") or 0) > len(
-            last.get("nodes") or {}):  # what -o json prints is the whole status, as ever
+            last.get("nodes") or {}):
+        # What -o json prints has every node, as ever: the rows and waves of a full read; the
+        # state, and so the exit code, of the poll the follow stopped on.
         with contextlib.suppress(NotReachable):
-            last = await client.call(ctx, "status", RolloutRequest(id=rid), bus=bus)
+            full = await client.call(ctx, "status", RolloutRequest(id=rid), bus=bus)
+            last = {**last, "nodes": full.get("nodes", {}), "waves": full.get("waves", [])}
     if last is not None and reached(wait, last):
         if output == "json":
             click.echo(json.dumps(last, indent=2, sort_keys=True))

@@ -250,7 +250,7 @@ class Coordinator:
         self.store = RolloutStore(bus, retention=self.retention)
         self.lease = Lease(bus, me=self.id, key=self.public_key, ttl=self.lease_ttl,
                            renew=min(RENEW_EVERY, self.lease_ttl / 5))
-        self.api.max_reply = chunks.carried(bus.max_payload)
+        self.api.max_reply = lambda: chunks.carried(bus.max_payload)
         RolloutsApi(
             _Current(self), public_key=self.public_key,
             resolve=lambda service, version: resolve_release(bus, service, version),

@@ -98,8 +98,10 @@ class DesiredWriter:
                     slow += [d for later in chunks[index + 1:] for _, d in later]
                     break
         finally:
-            if signing is not None:
-                signing.cancel()  # a batch no longer written this way (or at all)
+            if signing is not None:  # a batch no longer written this way (or at all)
+                signing.cancel()
+                if signing.done() and not signing.cancelled():
+                    signing.exception()  # retrieved: it is not this call's failure
         if slow:
             sem = asyncio.Semaphore(WRITE_CONCURRENCY)
 

@@ -98,6 +98,7 @@ class Dashboard:
         self.tokens = tokens
         self.clock = clock
         self._cache: dict[tuple[str, bytes, int], tuple[float, ApiReply]] = {}
+        self._settled: dict[tuple[str, bytes, int], tuple[float, ApiReply]] = {}
         self.closing = False
 
     async def close(self, app: web.Application) -> None:
@@ -118,15 +119,19 @@ class Dashboard:
             return ApiReply(ok=False, code="unavailable",
                             error="the coordinator is not set up yet (waiting for the bus)")
         data = encode(request)
-        # An event since makes an older answer stale, but for one that is settled.
+        # An event since makes an older answer stale, but for one that is settled: those are
+        # kept apart (a busy fleet's events fill and clear the other cache), and only when
+        # they are answers (a failure is asked again at the next poll).
+        cache = self._settled if settled else self._cache
         key = (verb, data, -1 if settled else self.feed.serial)
         now = time.monotonic()
-        if fresh and (hit := self._cache.get(key)) is not None and now - hit[0] < fresh:
+        if fresh and (hit := cache.get(key)) is not None and now - hit[0] < fresh:
             return hit[1]
         reply = await self.coord.api.reply(verb, data, READER)
-        if len(self._cache) > CACHE_KEYS:
-            self._cache.clear()
-        self._cache[key] = (now, reply)
+        if len(cache) > CACHE_KEYS:
+            cache.clear()
+        if reply.ok or not settled:
+            cache[key] = (now, reply)
         return reply
 
     @staticmethod

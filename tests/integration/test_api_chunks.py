@@ -106,7 +106,7 @@ async def test_the_coordinators_permissions_carry_an_answer_in_many_messages(
     try:
         most = chunks.limit(coord.max_payload)
         answer = bytes(range(256)) * (most * chunks.MAX_CHUNKS // 256)
-        assert len(chunks.split(answer, most)) == chunks.MAX_CHUNKS
+        assert len(list(chunks.split(answer, most))) == chunks.MAX_CHUNKS
 
         async def handler(_subject: str, data: bytes) -> bytes:
             return answer if data == b"all" else data

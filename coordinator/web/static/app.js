@@ -197,7 +197,7 @@ function drawRollout(st, events) {
       el("td", {}, n.online ? "yes" : "no"), el("td", {}, n.wave), el("td", {}, n.slot || "-"),
       el("td", {}, n.generation), el("td", { class: "wrap" }, n.reason || ""))));
   const shown = Object.keys(st.nodes).length;
-  $("#rollout-nodes-more").textContent = st.node_count > shown ?
+  $("#rollout-nodes-more").textContent = !st.summarised && st.node_count > shown ?
     `showing ${shown} of ${st.node_count} nodes, those in motion first; ` +
     Object.entries(st.node_states || {}).sort().map(([k, v]) => `${k} ${v}`).join(", ") +
     ` (fleetwave status ${st.id} lists every one)` : "";

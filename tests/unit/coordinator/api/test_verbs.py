@@ -165,9 +165,9 @@ def test_an_answer_past_what_the_bus_carries_is_a_usage_reply() -> None:
         return "x" * 5000
 
     api = make(big)
-    api.max_reply = 4000
+    api.max_reply = lambda: 4000
     r = reply(api, "nodes", b"{}")
     assert (r.ok, r.code) == (False, "usage")
     assert "'nodes'" in r.error and "--selector" in r.error and "max_payload" in r.error
-    api.max_reply = 6000
+    api.max_reply = lambda: 6000
     assert reply(api, "nodes", b"{}").data == "x" * 5000

@@ -191,3 +191,43 @@ def test_exit_codes_are_documented_in_help() -> None:
     """``deploy --help`` lists every exit code, 5 included."""
     text = " ".join(CliRunner().invoke(cli, ["deploy", "--help"]).output.split())
     assert "5 the rollout was recorded but its start is not confirmed" in text, text
+
+
+def brief(state: str, nodes: dict[str, dict[str, Any]], done: int) -> dict[str, Any]:
+    """A status of a 300-node rolling rollout as a follow reads it (``max_nodes``)."""
+    rows = {n: {"state": s["state"], "version": "2.0.0", "healthy": False, "online": True,
+                "wave": 0, "generation": 3, "slot": "b", "reason": s.get("reason", ""),
+                "staged": ""} for n, s in nodes.items()}
+    return {**status(state=state, strategy="rolling", waves=("updating", "waiting")),
+            "nodes": rows, "node_count": 300,
+            "node_states": {"done": done, "failed": 1, "waiting": 299 - done}}
+
+
+def test_a_large_followed_rollout_says_each_failure_once_and_json_keeps_the_polled_state(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A node that leaves the page of a brief status and comes back is not said again; with
+    -o json the whole status is read at the end for its nodes, while the state (and so the
+    exit code) stays the one the follow stopped on."""
+    failed = {"n1": {"state": "failed", "reason": "boom"}}
+    polls = [brief("running", {}, 5), brief("running", failed, 10), brief("running", {}, 20),
+             brief("running", failed, 30), brief("succeeded", {}, 299)]
+    code, out, _, _ = run(monkeypatch, capsys, polls)
+    assert code == 0
+    assert sum("n1: failed" in line for line in out.splitlines()) == 1, out
+    assert any("nodes: done 30" in line for line in out.splitlines()), out
+
+    full = {**brief("running", {f"n{i}": {"state": "done"} for i in range(300)}, 299)}
+    asked: list[int] = []
+
+    async def call(ctx: object, verb: str, body: Any, **kw: object) -> dict[str, Any]:
+        asked.append(body.max_nodes)
+        return full if body.max_nodes == 0 else polls[-1]
+
+    monkeypatch.setattr(client, "call", call)
+    monkeypatch.setattr(client, "request", lambda *a, **k: {"id": "hello-r1"})
+    with pytest.raises(SystemExit) as info:
+        main(["--nats", "nats://127.0.0.1:1", "deploy", "hello", "2.0.0", "-o", "json"])
+    printed = json.loads(capsys.readouterr().out)
+    assert info.value.code == 0 and printed["state"] == "succeeded"
+    assert len(printed["nodes"]) == 300 and asked == [rollout_cmds.FOLLOW_NODES, 0]

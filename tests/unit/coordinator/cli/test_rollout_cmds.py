@@ -215,8 +215,9 @@ def _fleet_record(n: int) -> RolloutRecord:
 
 
 def test_a_brief_status_shows_the_nodes_in_motion_and_counts_the_rest() -> None:
-    """``max_nodes`` (a followed deploy): the nodes updating, failed or offline first, then in
-    wave order, up to that many; each wave's first ids; counts of every state. A rollout of
+    """``max_nodes`` (a followed deploy): the nodes in motion first (failed and offline before
+    updating: a page of updating nodes never hides a failure), then in wave order, up to that
+    many; each wave's first ids; counts of every state. A rollout of
     no more nodes than that is shown whole, as without it."""
     record = _fleet_record(100)
     full = status_dict(record)
@@ -226,12 +227,13 @@ def test_a_brief_status_shows_the_nodes_in_motion_and_counts_the_rest() -> None:
     assert "more nodes not shown" not in status_text(full)
 
     brief = status_dict(record, max_nodes=15)
-    moving = [f"n{i:03}" for i in range(30, 40)] + ["n075"]
+    # the failed one, the offline one, then those updating, in table order
+    moving = ["n035", "n075"] + [f"n{i:03}" for i in range(30, 40) if i != 35]
     assert list(brief["nodes"])[:11] == moving and len(brief["nodes"]) == 15
     assert list(brief["nodes"])[11:] == ["n000", "n001", "n002", "n003"]  # then wave order
     assert brief["node_states"] == full["node_states"] and brief["node_count"] == 100
     assert all(len(w["nodes"]) <= 8 and w["node_count"] == 10 for w in brief["waves"])
-    assert len(status_dict(record, max_nodes=5)["nodes"]) == 5
+    assert list(status_dict(record, max_nodes=2)["nodes"]) == ["n035", "n075"]
     text = status_text(brief)
     assert "... 85 more nodes not shown; all done 30, failed 1, updating 9, waiting 60 " \
            "(of 100); 'fleetwave status r1' lists every node" in text

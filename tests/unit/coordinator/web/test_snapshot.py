@@ -63,3 +63,26 @@ async def test_a_finished_rollouts_status_is_read_once_across_polls_and_events()
     running, _ = await snapshots("running", 5)
     assert sum(verb == "status" for verb, _ in done.asked) == 1
     assert sum(verb == "status" for verb, _ in running.asked) == 5
+
+
+async def test_a_failed_read_of_a_finished_rollouts_status_is_not_kept() -> None:
+    """A settled answer is kept; a failure (no leader for a moment, a page unreadable) is
+    asked again at the next poll."""
+    coord = Coordinator("succeeded")
+    feed = Feed(coord)  # type: ignore[arg-type]
+    board = Dashboard(coord, feed, None)  # type: ignore[arg-type]
+    answer = coord.api.reply
+
+    async def failing(verb: str, data: bytes, caller: str) -> ApiReply:
+        if verb == "status":
+            coord.api.asked.append((verb, None))
+            return ApiReply(ok=False, code="internal", error="page unreadable")
+        return await answer(verb, data, caller)
+
+    coord.api.reply = failing  # type: ignore[method-assign]
+    for _ in range(3):
+        await board.snapshot("", "")
+    coord.api.reply = answer  # type: ignore[method-assign]
+    for _ in range(3):
+        await board.snapshot("", "")
+    assert sum(verb == "status" for verb, _ in coord.api.asked) == 4
