@@ -98,6 +98,10 @@ class Fleet:
         # life, exact after each full scan): ``tick`` is O(1) until it is reached, so a fleet of
         # thousands costs nothing between heartbeats' deadlines.
         self._check_at = math.inf
+        # ``nodes`` sorted by id (natural order), kept while no node is added: records are only
+        # ever added (``setdefault``), never removed. Sorting 50,000 ids by their natural key
+        # was 0.2 s of every ``nodes`` answer, the dashboard's page of them included.
+        self._sorted: list[NodeRecord] = []
 
     def load(self, info: NodeInfo) -> None:
         """Know a node from the nodes bucket (at start): offline until it beats."""
@@ -186,8 +190,11 @@ class Fleet:
         return [_row(r) for r in shown], len(recs), sum(r.online for r in recs)
 
     def _matching(self, selector: Mapping[str, str] | None) -> list[NodeRecord]:
-        return [rec for rec in sorted(self.nodes.values(), key=lambda r: _natural_key(r.id))
-                if matches(selector or {}, rec.labels)]
+        if len(self._sorted) != len(self.nodes):
+            self._sorted = sorted(self.nodes.values(), key=lambda r: _natural_key(r.id))
+        if not selector:
+            return list(self._sorted)
+        return [rec for rec in self._sorted if matches(selector, rec.labels)]
 
     def online_ids(self, selector: Mapping[str, str] | None = None) -> list[str]:
         """Ids of the online nodes matching ``selector`` (what a rollout may target)."""

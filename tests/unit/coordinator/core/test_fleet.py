@@ -142,6 +142,8 @@ def test_view_filters_by_selector_and_sorts_naturally() -> None:
     assert [v.id for v in f.view()] == ["node-2", "node-3", "node-10"]
     assert f.view({"zone": "a", "role": "db"}) == []
     assert f.online_ids({"zone": "b"}) == ["node-3"]
+    f.heartbeat(hb("node-4"), T0)  # a node first heard of after a view: in its place
+    assert [v.id for v in f.view()] == ["node-2", "node-3", "node-4", "node-10"]
 
 
 def test_a_page_shows_offline_and_held_nodes_first_and_counts_every_node() -> None:
