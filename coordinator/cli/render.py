@@ -362,10 +362,16 @@ def progress_lines(before: dict[str, Any] | None, now: dict[str, Any]) -> list[s
     return [safe(line) for line in out]
 
 
+WAVE_IDS_SHOWN = 8  # a wave of more nodes is shown as its first ids and a count (-o json: all)
+
+
 def wave_nodes(w: dict[str, Any]) -> str:
-    """A wave's node ids, or its first ones and how many more (a brief status)."""
-    more = int(w.get("node_count", 0)) - len(w["nodes"])
-    return ",".join(w["nodes"]) + (f",... (+{more}, {w['node_count']} nodes)" if more > 0 else "")
+    """A wave's node ids, or its first ones and how many in all: a wave of 5,000 nodes on one
+    line is no one's reading (``fleetwave status ID -o json`` lists them)."""
+    ids = w["nodes"][:WAVE_IDS_SHOWN]
+    count = max(int(w.get("node_count") or 0), len(w["nodes"]))
+    more = count - len(ids)
+    return ",".join(ids) + (f",... (+{more}, {count} nodes)" if more > 0 else "")
 
 
 def _brief(st: dict[str, Any]) -> bool:
