@@ -134,10 +134,7 @@ class PageSeen(msgspec.Struct, kw_only=True):
         """As a ``RolloutPage`` whose nodes have no desired states: for showing, never for
         driving a rollout."""
         return RolloutPage(rollout=self.rollout, index=self.index, waves=self.waves, nodes={
-            n: NodeProgress(node=p.node, wave=p.wave, state=p.state, reason=p.reason,  # type: ignore[arg-type]
-                            healthy=p.healthy, version=p.version, generation=p.generation,
-                            slot=p.slot, online=p.online, staged=p.staged)  # type: ignore[arg-type]
-            for n, p in self.nodes.items()})
+            n: NodeProgress(**msgspec.structs.asdict(p)) for n, p in self.nodes.items()})
 
 
 def assemble(top: RolloutRecord, pages: Iterable[RolloutPage]) -> RolloutRecord:

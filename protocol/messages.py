@@ -605,10 +605,15 @@ class DeployRequest(msgspec.Struct, kw_only=True):
     spec: RolloutSpec
 
 
+# The ids of a wave a brief status names (``RolloutRequest.max_nodes``), and that people are
+# shown of any wave (``coordinator.cli.render``: -o json has them all).
+WAVE_IDS = 8
+
+
 class RolloutRequest(msgspec.Struct, kw_only=True):
     """pause/resume/promote/abort/status of one rollout ("" = the latest). ``max_nodes``
-    (status): at most this many node rows, those in motion first, and each wave's first few
-    ids (0: every node; ``coordinator.api.rollouts.status_dict``)."""
+    (status): at most this many node rows, those in motion first, and each wave's first
+    ``WAVE_IDS`` ids (0: every node; ``coordinator.api.rollouts.status_dict``)."""
 
     id: str = ""
     full: bool = False

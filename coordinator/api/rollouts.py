@@ -69,10 +69,12 @@ from protocol.cohort import describe
 from protocol.errors import BusError, Conflict, ProtocolError
 from protocol.history import RolloutSummary, SummarisedRollout
 from protocol.messages import (
+    WAVE_IDS,
     CohortSpec,
     DeployRequest,
     KeyRequest,
     ListRolloutsRequest,
+    NodeProgress,
     ReleaseRef,
     RollbackRequest,
     RolloutRecord,
@@ -275,8 +277,7 @@ def status_dict(r: RolloutRecord, *, max_nodes: int = 0) -> dict[str, Any]:
     states: dict[str, int] = {}
     for p in r.nodes.values():
         states[p.state] = states.get(p.state, 0) + 1
-    shown = _shown(r, max_nodes) if brief else r.nodes.keys()
-    nodes = r.nodes
+    shown = _shown(r, max_nodes) if brief else r.nodes
     return {
         "id": r.id, "service": r.spec.service, "version": r.release.version,
         "from_version": r.from_version, "strategy": r.spec.strategy, "state": r.state,
@@ -296,16 +297,16 @@ def status_dict(r: RolloutRecord, *, max_nodes: int = 0) -> dict[str, Any]:
             for w in r.waves
         ],
         "nodes": {
-            n: {"version": p.version, "state": p.state, "healthy": p.healthy, "online": p.online,
-                "wave": p.wave, "generation": p.generation, "slot": p.slot, "reason": p.reason,
-                "staged": p.staged}
-            for n in shown for p in (nodes[n],)
+            n: _node_row(r.nodes[n]) for n in shown
         },
         "node_count": len(r.nodes), "node_states": states,
     }
 
 
-WAVE_IDS = 8  # the ids of a wave a brief status names
+def _node_row(p: NodeProgress) -> dict[str, Any]:
+    return {"version": p.version, "state": p.state, "healthy": p.healthy, "online": p.online,
+            "wave": p.wave, "generation": p.generation, "slot": p.slot, "reason": p.reason,
+            "staged": p.staged}
 
 
 def _shown(r: RolloutRecord, most: int) -> list[str]:

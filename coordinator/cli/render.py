@@ -22,7 +22,7 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from protocol.messages import Event
+from protocol.messages import WAVE_IDS, Event
 from protocol.subjects import COORDINATOR_CALLER
 
 # What a terminal would act on rather than show: C0 controls (ESC starts every escape sequence;
@@ -341,12 +341,12 @@ def progress_lines(before: dict[str, Any] | None, now: dict[str, Any]) -> list[s
             out.append(f"{stamp} wave {w['index'] + 1}: {w['state']}{share}"
                        + (f" [{g}]" if g else ""))
     old_nodes = before.get("nodes") or {}
-    brief = _brief(now)
-    if brief and before.get("node_states") != now.get("node_states"):
+    shortened = brief(now)
+    if shortened and before.get("node_states") != now.get("node_states"):
         out.append(f"{stamp} nodes: {_counts(now)}")
     for node, p in (now.get("nodes") or {}).items():
         prev = old_nodes.get(node) or {}
-        if brief and p["state"] not in ("failed", "rolling_back", "rolled_back") \
+        if shortened and p["state"] not in ("failed", "rolling_back", "rolled_back") \
                 and p.get("online", True):
             continue  # counted above; a line each for 50,000 nodes is no one's reading
         if (prev.get("state"), prev.get("online")) != (p["state"], p.get("online")):
@@ -362,19 +362,16 @@ def progress_lines(before: dict[str, Any] | None, now: dict[str, Any]) -> list[s
     return [safe(line) for line in out]
 
 
-WAVE_IDS_SHOWN = 8  # a wave of more nodes is shown as its first ids and a count (-o json: all)
-
-
 def wave_nodes(w: dict[str, Any]) -> str:
     """A wave's node ids, or its first ones and how many in all: a wave of 5,000 nodes on one
     line is no one's reading (``fleetwave status ID -o json`` lists them)."""
-    ids = w["nodes"][:WAVE_IDS_SHOWN]
+    ids = w["nodes"][:WAVE_IDS]
     count = max(int(w.get("node_count") or 0), len(w["nodes"]))
     more = count - len(ids)
     return ",".join(ids) + (f",... (+{more}, {count} nodes)" if more > 0 else "")
 
 
-def _brief(st: dict[str, Any]) -> bool:
+def brief(st: dict[str, Any]) -> bool:
     """Whether ``st`` shows fewer nodes than its rollout has (``status_dict``'s max_nodes)."""
     return int(st.get("node_count") or 0) > len(st.get("nodes") or {})
 
@@ -387,7 +384,7 @@ def _counts(st: dict[str, Any]) -> str:
 
 def hidden_line(st: dict[str, Any]) -> str:
     """What a brief status leaves out, in one line ("" when it shows every node)."""
-    if not _brief(st) or st.get("summarised"):
+    if not brief(st) or st.get("summarised"):
         return ""
     hidden = int(st["node_count"]) - len(st.get("nodes") or {})
     return (f"... {hidden} more nodes not shown; all {_counts(st)}; 'fleetwave status "

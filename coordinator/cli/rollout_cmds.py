@@ -36,6 +36,7 @@ import coordinator.cli.client as client
 from coordinator import strategies
 from coordinator.cli.base import Ctx, cli, output_option
 from coordinator.cli.render import (
+    brief,
     event_line,
     progress_lines,
     rollouts_table,
@@ -503,8 +504,7 @@ async def _follow(ctx: Ctx, bus: Any, rid: str, *, output: str, wait: str,
     finally:
         if live is not None:
             live.stop()
-    if output == "json" and last is not None and int(last.get("node_count") or 0) > len(
-            last.get("nodes") or {}):
+    if output == "json" and last is not None and brief(last):
         # What -o json prints has every node, as ever: the rows and waves of a full read; the
         # state, and so the exit code, of the poll the follow stopped on.
         with contextlib.suppress(NotReachable):

@@ -182,12 +182,12 @@ class Fleet:
         then by id, shown by id; with how many nodes match and how many of them are online.
         Rows are built for the nodes shown only (a dashboard of 50,000 nodes polls this)."""
         recs = self._matching(selector)
-        first = [r for r in recs if not r.online or r.id in ahead]
+        first = [r.id for r in recs if not r.online or r.id in ahead][:most]
         if len(first) < most:
-            taken = {r.id for r in first}
-            first += [r for r in recs if r.id not in taken][:most - len(first)]
-        shown = sorted(first[:most], key=lambda r: _natural_key(r.id))
-        return [_row(r) for r in shown], len(recs), sum(r.online for r in recs)
+            taken = set(first)
+            first += [r.id for r in recs if r.id not in taken][:most - len(first)]
+        chosen = set(first)
+        return [_row(r) for r in recs if r.id in chosen], len(recs), sum(r.online for r in recs)
 
     def _matching(self, selector: Mapping[str, str] | None) -> list[NodeRecord]:
         if len(self._sorted) != len(self.nodes):

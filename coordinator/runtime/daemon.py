@@ -458,15 +458,15 @@ class Coordinator:
 
     async def _nodes(self, req: NodesRequest, caller: str) -> list[NodeView] | dict[str, Any]:
         await self._read_cordons()
+        answer: list[NodeView] | dict[str, Any]
         if req.max_nodes > 0:  # ``NodesRequest.max_nodes``: offline and cordoned rows first
             rows, count, online = self.table.page(req.selector, req.max_nodes, self._cordons)
+            answer = {"nodes": rows, "node_count": count, "online": online}
         else:
-            rows = self.table.view(req.selector)
+            rows = answer = self.table.view(req.selector)
         for row in rows:
             row.cordon = self._cordons.get(row.id)
-        if req.max_nodes <= 0:
-            return rows
-        return {"nodes": rows, "node_count": count, "online": online}
+        return answer
 
     async def _read_cordons(self) -> None:
         """The cordons as they are now; as last read when the bucket cannot be read."""

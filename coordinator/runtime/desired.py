@@ -47,11 +47,8 @@ class DesiredWriter:
         # write of the key then needs no read (a key missing here is read first).
         self._gens: dict[str, int] = {}
 
-    def _envelope(self, desired: DesiredState) -> bytes:
-        return encode(sign(self._seed, desired, term=self._fenced.term))
-
     def _envelopes(self, states: Sequence[DesiredState], term: int) -> list[bytes]:
-        """``states`` signed with ``term``; run in a worker thread (``write_all``)."""
+        """``states`` signed with ``term`` (``write_all`` runs it in a worker thread)."""
         return [encode(sign(self._seed, d, term=term)) for d in states]
 
     async def write_all(self, pending: Sequence[DesiredState]) -> None:
@@ -149,8 +146,9 @@ class DesiredWriter:
             self._gens[key] = stored
         if stored >= desired.generation:
             return False
+        [body] = self._envelopes([desired], self._fenced.term)
         try:
-            await self._fenced.put(self.bucket, key, self._envelope(desired))
+            await self._fenced.put(self.bucket, key, body)
         except Deposed:
             raise
         except BusError:
