@@ -151,7 +151,9 @@ async def test_switch_and_rollback_inside_the_window(tmp_path: Path) -> None:
         new_pids = set(watch.seen) - set(both)
         assert not new_pids, f"the switch back started processes: {new_pids}"
         assert report.failed == 0, report.failures
-        final = await status(url, rid)
+        # The retired slots' processes are gone before their agents' reports reach the engine,
+        # which ends the rollout on them: wait, bounded, for that end.
+        final = await finished(url, rid)
         assert final["state"] == "rolled_back", final
         back = final["report"]["switch_back"]
         assert sorted(back["nodes"]) == list(NODES) and back["spread"] is not None, back
