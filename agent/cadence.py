@@ -16,6 +16,7 @@ the missed beats rather than bunching them up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 
 
@@ -24,7 +25,14 @@ def next_tick(now: float, period: float) -> float:
     return (math.floor(now / period) + 1) * period
 
 
-async def sleep_to_tick(period: float) -> None:
-    """Sleep until the next multiple of ``period`` on the running loop's clock."""
+async def sleep_to_tick(period: float, wake: asyncio.Event | None = None) -> None:
+    """Sleep until the next multiple of ``period`` on the running loop's clock, or until
+    ``wake`` is set if one is given (the caller clears it)."""
     loop = asyncio.get_running_loop()
-    await asyncio.sleep(max(0.0, next_tick(loop.time(), period) - loop.time()))
+    delay = max(0.0, next_tick(loop.time(), period) - loop.time())
+    if wake is None:
+        await asyncio.sleep(delay)
+        return
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(delay):
+            await wake.wait()

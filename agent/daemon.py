@@ -10,7 +10,10 @@ owns three tasks in one TaskGroup until ``stop`` is set:
   wakes it to look (a re-registration at most one interval after a reconnect, which is also when
   the first heartbeat after it goes out).
 - *heartbeats*: every ``interval``, on the grid of ``agent.cadence`` (so the router stats and the
-  probes share its wakeups), a Heartbeat with psutil figures and ``services.summary()``.
+  probes share its wakeups), a Heartbeat with psutil figures and ``services.summary()``. The
+  interval is its own ``--heartbeat-interval`` or the leader's pace (``subjects.pace``) when that
+  is longer (``presence.Pacing``); when it changes, a beat goes out at once to announce it (the
+  coordinator judges the node's silence by the interval its last heartbeat announced).
   While disconnected no heartbeat is sent: nats-py would buffer them and flush a burst of stale
   ones on reconnect. The same loop returns the C heap's free pages to the OS
   (``hostinfo.trim_heap``) once start-up is over and then every ``TRIM_EVERY`` seconds: the agent
@@ -41,7 +44,7 @@ from protocol import subjects
 from protocol.bus import Bus, redact
 from protocol.codec import encode
 from protocol.creds import Creds
-from protocol.errors import BusError
+from protocol.errors import BusError, ProtocolError
 from protocol.messages import NodeInfo, ServiceSummary, SlotProcess
 
 log = logging.getLogger("fleetwave.agent")
@@ -103,6 +106,9 @@ class Agent:
         self.heartbeats = 0
         self.trims = 0
         self._tick = asyncio.Event()  # set by every heartbeat tick: the registration looks then
+        self.pacing = presence.Pacing(options.heartbeat_interval)
+        self._repaced = asyncio.Event()  # the interval changed: beat now, to announce it
+        self._bad_pace = False  # a malformed pace was logged (once: a flood must not fill logs)
         self._started_at = clock()
         self._sampler = HostSampler(options.data_dir)
         self._info = presence.node_info(
@@ -127,6 +133,7 @@ class Agent:
         log.info("connected to %s as node %s", redact(self.options.nats_url), self.options.node_id)
         try:
             services = self._services_factory(bus) if self._services_factory else None
+            await bus.subscribe(subjects.pace(self.options.fleet), self._on_pace)
             async with asyncio.TaskGroup() as tg:
                 tasks = [
                     tg.create_task(self._register_loop(bus), name="register"),
@@ -206,8 +213,9 @@ class Agent:
         first = True
         while True:
             if not first:  # the first beat at once, then on the grid (late: skip missed beats)
-                await sleep_to_tick(o.heartbeat_interval)
+                await sleep_to_tick(self.pacing.interval, wake=self._repaced)
             first = False
+            self._repaced.clear()
             self._tick.set()
             if loop.time() >= trim_due:
                 self.trims += trim_heap()
@@ -216,7 +224,7 @@ class Agent:
                 continue
             svc, slots = self._summary(services)
             hb = presence.heartbeat(
-                node=o.node_id, seq=seq, now=self.clock(), interval=o.heartbeat_interval,
+                node=o.node_id, seq=seq, now=self.clock(), interval=self.pacing.interval,
                 labels=o.labels, figures=self._sampler.sample(), services=svc, slots=slots,
             )
             seq += 1
@@ -229,6 +237,19 @@ class Agent:
                 continue
             failing = False
             self.heartbeats += 1
+
+    async def _on_pace(self, subject: str, data: bytes) -> None:
+        try:
+            changed = self.pacing.offer(data)
+        except ProtocolError as exc:
+            if not self._bad_pace:
+                log.warning("ignored a malformed pace on %s (%s); keeping a heartbeat every "
+                            "%gs", subject, exc, self.pacing.interval)
+            self._bad_pace = True
+            return
+        if changed:
+            log.info("%s", self.pacing.says())
+            self._repaced.set()
 
     def _summary(
         self, services: ServiceSource | None

@@ -5,6 +5,9 @@ time), so the messages can be checked without a host, a bus or a clock. The loop
 live in ``agent.daemon``.
 
 Two schedules are decided here too, because they are arithmetic and deserve tests:
+- ``Pacing``: the interval an agent beats at, its own ``--heartbeat-interval`` or the leader's
+  pace (``messages.Pace``) when that is longer, so that a fleet of 50,000 does not send one
+  coordinator 25,000 heartbeats a second;
 - ``next_beat``: heartbeats keep a fixed cadence and skip beats that are already late (after a
   stall) instead of sending a burst that would make a dead node look alive;
 - ``retry_delay``: registration retries back off exponentially with jitter up to a cap, so a
@@ -13,14 +16,16 @@ Two schedules are decided here too, because they are arithmetic and deserve test
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections.abc import Iterable
 
 from agent import __version__
 from agent.host.hostinfo import HostFacts, HostFigures
+from protocol.codec import decode
 from protocol.errors import ProtocolError
-from protocol.messages import Heartbeat, NodeInfo, ServiceSummary, SlotProcess
+from protocol.messages import Heartbeat, NodeInfo, Pace, ServiceSummary, SlotProcess
 
 DEFAULT_INTERVAL = 2.0
 MIN_INTERVAL = 0.05
@@ -116,6 +121,43 @@ def heartbeat(
         services=services,
         slots=slots,
     )
+
+
+class Pacing:
+    """How often this agent beats: its own interval, or the leader's pace when that is longer.
+
+    A pace can only slow an agent down (never below its own ``--heartbeat-interval``) and never
+    past ``MAX_INTERVAL``, so a forged one (on a bus without credentials, where anyone may
+    publish it) can make a node's silence take at most 3 x 300 s to notice, nothing worse. The
+    interval in force goes out in every Heartbeat: the coordinator judges the node by it.
+    """
+
+    def __init__(self, own: float) -> None:
+        self.own = own
+        self.pace: Pace | None = None
+
+    @property
+    def interval(self) -> float:
+        return self.own if self.pace is None else max(self.own, self.pace.interval)
+
+    def offer(self, data: bytes) -> bool:
+        """Take the leader's Pace message ``data``: True if the interval in force changed
+        (beat now, to announce it). ProtocolError, changing nothing, if it is malformed."""
+        pace = decode(Pace, data)
+        if not (math.isfinite(pace.interval) and 0.0 <= pace.interval <= MAX_INTERVAL):
+            raise ProtocolError(f"pace interval {pace.interval!r} is not within 0-"
+                                f"{MAX_INTERVAL:g} s")
+        before = self.interval
+        self.pace = pace
+        return self.interval != before
+
+    def says(self) -> str:
+        """The log line of the interval in force, and why."""
+        p = self.pace
+        if p is None or p.interval <= self.own:
+            return f"heartbeat every {self.own:g}s (its own --heartbeat-interval)"
+        return (f"heartbeat every {self.interval:g}s: the coordinator paces {p.nodes} nodes at "
+                f"{p.rate:g} heartbeats/s")
 
 
 def next_beat(previous: float, interval: float, now: float) -> float:

@@ -104,7 +104,8 @@ class SimulatedNodes:
         self._members = frozenset(self.nodes)
         self.labels = labels
         self.trusted_keys = frozenset(trusted_keys)
-        self.interval = interval
+        self.pacing = presence.Pacing(interval)  # every virtual node keeps the leader's pace
+        self._repaced = asyncio.Event()
         self.sampler = sampler
         self.accepted: dict[tuple[str, str], _Accepted] = {}
         self.refused = 0
@@ -126,6 +127,7 @@ class SimulatedNodes:
                                      agent=True)
 
     async def run(self) -> None:
+        await self.bus.subscribe(subjects.pace(self.fleet), self._on_pace)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._writer(), name="sim-writer")
             tg.create_task(self.events.run(self.bus), name="sim-events")
@@ -165,8 +167,13 @@ class SimulatedNodes:
         while True:
             delay = due - loop.time()
             if delay > 0:
-                await asyncio.sleep(delay)
-            due = presence.next_beat(due, self.interval, loop.time())
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._repaced.wait()  # a new pace: announce it at once
+            if self._repaced.is_set():
+                self._repaced.clear()
+                due = loop.time()
+            due = presence.next_beat(due, self.pacing.interval, loop.time())
             if not self.bus.connected:
                 continue
             figures = self.sampler.sample()  # one host: every virtual node reports its figures
@@ -176,7 +183,8 @@ class SimulatedNodes:
                 by_node.setdefault(node, []).append(summary_of(acc.desired))
             for n in self.nodes:
                 hb = presence.heartbeat(
-                    node=n, seq=seq, now=now, interval=self.interval, labels=self.labels,
+                    node=n, seq=seq, now=now, interval=self.pacing.interval,
+                    labels=self.labels,
                     figures=figures, services=by_node.get(n, []), slots=[],
                 )
                 try:
@@ -184,6 +192,16 @@ class SimulatedNodes:
                 except BusError:
                     break  # disconnected meanwhile: the next pass tries again
             seq += 1
+
+    async def _on_pace(self, subject: str, data: bytes) -> None:
+        try:
+            changed = self.pacing.offer(data)
+        except ProtocolError as exc:
+            log.warning("ignored a malformed pace on %s: %s", subject, exc)
+            return
+        if changed:
+            log.info("%d simulated nodes: %s", len(self.nodes), self.pacing.says())
+            self._repaced.set()
 
     # -- desired and observed ---------------------------------------------------------------------
 

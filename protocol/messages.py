@@ -98,6 +98,19 @@ class Heartbeat(msgspec.Struct, kw_only=True):
     slots: list[SlotProcess] = []
 
 
+class Pace(msgspec.Struct, kw_only=True, frozen=True):
+    """The leader's word to every agent on ``subjects.pace``: beat no more often than every
+    ``interval`` seconds, so that ``nodes`` beat at most ``rate`` times a second in all (Nomad's
+    ``max_heartbeats_per_second``). An agent beats at the longer of this and its own
+    ``--heartbeat-interval``, and announces it in its Heartbeat, which is what the coordinator
+    judges its silence by."""
+
+    schema: int = 1
+    interval: float
+    nodes: int = 0
+    rate: float = 0.0
+
+
 # -- desired state ---------------------------------------------------------------------------------
 
 

@@ -46,6 +46,12 @@ def registrations(fleet: str) -> str:
     return f"fw.{fleet}.register.*"
 
 
+def pace(fleet: str) -> str:
+    """The leader tells every agent how often it may beat at most (``messages.Pace``): a fleet
+    of 50,000 beating every 2 s would be 25,000 messages a second into one coordinator."""
+    return f"fw.{fleet}.pace"
+
+
 # -- the coordinator's API ------------------------------------------------------------------------
 #
 # Every API request names its caller in its subject, ``fw.<fleet>.api.<caller>.<verb>`` (and

@@ -83,7 +83,9 @@ def node(fleet: str, node_id: str) -> Permissions:
                 f"$JS.FC.{releases}.>",
             ],
         },
-        "subscribe": {"allow": [f"{node_inbox(node_id)}.>"]},
+        # Its inbox, and the leader's heartbeat pace (``subjects.pace``; only a coordinator
+        # may publish it).
+        "subscribe": {"allow": [f"{node_inbox(node_id)}.>", subjects.pace(fleet)]},
     }
 
 

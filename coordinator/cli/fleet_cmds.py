@@ -31,6 +31,7 @@ from coordinator.cli.base import (
 from coordinator.cli.render import cell, unclipped
 from coordinator.core.fleet import parse_selector
 from coordinator.core.history import KEEP_DEFAULT, KEEP_MAX, Retention, parse_age, parse_size
+from coordinator.core.pace import DEFAULT_RATE
 from coordinator.dev.cluster import parse_hostport
 from coordinator.errors import UsageError
 from coordinator.runtime.config import load as load_config
@@ -160,6 +161,17 @@ def _events_bytes(_: click.Context, __: click.Parameter, value: str) -> int:
     "within it. Raise it where the leader's own work may pause it past 2 s: tens of thousands "
     "of nodes on a small host (see README, Performance); 1-120 (env FLEETWAVE_LEASE_TTL).",
 )
+@click.option(
+    "--max-heartbeats-per-second", "heartbeat_rate", type=click.FloatRange(1.0, 1_000_000.0),
+    default=DEFAULT_RATE, show_default=True, metavar="RATE",
+    envvar="FLEETWAVE_MAX_HEARTBEATS_PER_SECOND",
+    help="The most heartbeats a second the fleet sends (every coordinator hears them all): the "
+    "leader tells agents to beat every NODES/RATE seconds when that is longer than their own "
+    "--heartbeat-interval (at most 300 s), and a node is offline after 3 missed beats. At the "
+    "default a fleet of 10,000 beats every 5 s. Lower it on a small host, raise it to notice "
+    "dead nodes sooner (see README, Heartbeat pace); 1-1000000 "
+    "(env FLEETWAVE_MAX_HEARTBEATS_PER_SECOND).",
+)
 @creds_option
 @tls_ca_option
 @click.pass_obj
@@ -167,7 +179,7 @@ def coordinator(ctx: Ctx, verbose: bool, key_file: Path | None, replicas: int | 
                 notify: list[Target], notify_secret: str | None, http: tuple[str, int] | None,
                 http_tokens: Path | None, config: Path | None, keep_rollouts: int,
                 events_max_age: float, events_max_bytes: int, lease_ttl: float,
-                creds: Path | None, tls_ca: Path | None) -> int:
+                heartbeat_rate: float, creds: Path | None, tls_ca: Path | None) -> int:
     """Run the coordinator daemon in the foreground (SIGTERM or Ctrl-C stops it)."""
     if config is not None:  # first: a bad file is one line before anything starts
         notify, http = load_config(config).under(notify, http)
@@ -202,7 +214,7 @@ def coordinator(ctx: Ctx, verbose: bool, key_file: Path | None, replicas: int | 
                 if notify else None)
     history = History(Retention(keep_rollouts),
                       EventsLimits(max_age=events_max_age, max_bytes=events_max_bytes),
-                      lease_ttl)
+                      lease_ttl, heartbeat_rate)
     return asyncio.run(_run_coordinator(ctx, seed, replicas, previous_key(path, seed), notifier,
                                         http, tokens, history))
 
@@ -213,7 +225,10 @@ class History:
 
     rollouts: Retention
     events: EventsLimits
-    lease_ttl: float = LEASE_TTL  # (not history: how long a lease outlives its last renewal)
+    # Not history, but how the leader runs: how long its lease outlives its last renewal, and
+    # the heartbeats a second it lets the fleet send (``coordinator.core.pace``).
+    lease_ttl: float = LEASE_TTL
+    heartbeat_rate: float = DEFAULT_RATE
 
 
 async def _run_coordinator(ctx: Ctx, seed: bytes, replicas: int | None,
@@ -234,7 +249,9 @@ async def _run_coordinator(ctx: Ctx, seed: bytes, replicas: int | None,
                         previous_key=previous, notifier=notifier,
                         retention=history.rollouts if history else None,
                         events_limits=history.events if history else None,
-                        lease_ttl=history.lease_ttl if history else LEASE_TTL, **ctx.access())
+                        lease_ttl=history.lease_ttl if history else LEASE_TTL,
+                        heartbeat_rate=history.heartbeat_rate if history else DEFAULT_RATE,
+                        **ctx.access())
     surface = None
     if http is not None:
         from coordinator.http.server import HttpSurface  # aiohttp: only for a coordinator serving

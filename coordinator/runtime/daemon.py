@@ -13,8 +13,10 @@ writing verbs forwarded to it), and then owns three tasks until ``stop`` is set:
   for as long as the lease holds (a lost renewal, or a write refused by a later leader's fence,
   ends it at once); then stand by again.
   On ``stop`` a leader gives the lease up, so a standby takes over within a poll. Beside the
-  runner the leader runs the notifier (``--notify``: ``coordinator.runtime.notify``), which
-  reads the events stream through durable consumers, so the next leader goes on where it was;
+  runner the leader paces the agents' heartbeats (``core.pace``: at most ``heartbeat_rate`` a
+  second in all, whatever the fleet's size) and runs the notifier (``--notify``:
+  ``coordinator.runtime.notify``), which reads the events stream through durable consumers,
+  so the next leader goes on where it was;
 - the *ticker* lets time pass in the pure node table (``core.fleet``) so that silent nodes
   go offline; not while the coordinator's own connection is down (then the silence is ours), and
   after a reconnect it excuses the fleet for as long as agents may take to reconnect too. A pause
@@ -55,6 +57,7 @@ from typing import Any, TypeVar
 from coordinator.api.cordons import CordonsApi
 from coordinator.api.rollouts import LiveRollout, RolloutsApi
 from coordinator.api.verbs import HANDLER_TIMEOUT, Api
+from coordinator.core import pace
 from coordinator.core.engine import EngineEvent
 from coordinator.core.fleet import Fleet, Transition
 from coordinator.core.history import Retention, newest
@@ -114,6 +117,7 @@ PAUSED = 1.0  # a tick this late (or a wall clock this far off the monotonic one
 WRITE_VERBS = subjects.WRITE_VERBS
 RETRY_LEAD = 1.0  # after a leadership that failed by itself (fences, a crash): wait, then stand by
 FORWARD_TIMEOUT = HANDLER_TIMEOUT + 5.0
+PACE_TICK = 0.5  # how often the leader looks whether the heartbeat pace is due (``core.pace``)
 CORDONS_READ = 2.0  # ``nodes`` waits this long for the cordons, then shows them as last read
 
 T = TypeVar("T")
@@ -135,9 +139,12 @@ class Coordinator:
         creds: Creds | None = None, tls_ca: str | None = None, previous_key: str | None = None,
         notifier: Notifier | None = None, retention: Retention | None = None,
         events_limits: EventsLimits | None = None, lease_ttl: float = LEASE_TTL,
+        heartbeat_rate: float = pace.DEFAULT_RATE,
     ) -> None:
         self.nats_url = nats_url
         self.lease_ttl = lease_ttl
+        self.pacer = pace.Pacer(heartbeat_rate)
+        self._newcomers = False  # registrations since the pace last went out
         self.retention = retention or Retention()
         self.events_limits = events_limits or EventsLimits()
         self._access: dict[str, Any] = {"creds": creds, "tls_ca": tls_ca}
@@ -332,7 +339,7 @@ class Coordinator:
                 self.runner = runner
                 log.info("coordinator %s leads fleet %r (term %d)", self.id, self.fleet_name,
                          held.term)
-                work = [lease.hold(), runner.run()]
+                work = [lease.hold(), runner.run(), self._pace_loop(bus)]
                 if self.notifier is not None:  # only the leader notifies (its own task)
                     work.append(self.notifier.lead(bus, self._clock()))
                 why, crashed = await _first_of(*work)
@@ -450,6 +457,7 @@ class Coordinator:
             self._complain(node, "registration", str(exc))
             return
         transitions = self.table.register(info, self._clock())
+        self._newcomers = True  # it beats at its own interval until it hears the pace
         # A node coming online says so in its transition's line ("online (registered)"): one
         # line a node, not two, when a fleet of 50,000 registers at a coordinator's start.
         log.log(logging.DEBUG if transitions else logging.INFO, "node %s registered (labels %s)",
@@ -526,6 +534,30 @@ class Coordinator:
                     deaf = False
                 self._emit(self.table.tick(self._heard_until()))
             await asyncio.sleep(TICK)
+
+    async def _pace_loop(self, bus: Bus) -> None:
+        """The leader's pace of the fleet's heartbeats (``core.pace``), for as long as it leads."""
+        warned = False
+        while True:
+            nodes = len(self.table.nodes)
+            due = self.pacer.due(time.monotonic(), nodes, self._newcomers)
+            if due is not None:
+                moved = self.pacer.moved(due)
+                try:
+                    await bus.publish(subjects.pace(self.fleet_name), encode(due))
+                except BusError as exc:  # disconnected: the next turn tries again
+                    if not warned:
+                        log.warning("cannot publish the heartbeat pace: %s", exc)
+                    warned = True
+                else:
+                    warned = False
+                    self._newcomers = False
+                    self.pacer.published(time.monotonic(), due)
+                    if moved and nodes:
+                        log.info("heartbeat pace: %d nodes at most %g heartbeats/s: agents beat "
+                                 "every %gs, or at their own --heartbeat-interval if longer",
+                                 nodes, due.rate, due.interval)
+            await asyncio.sleep(PACE_TICK)
 
     def _heard_until(self) -> float:
         """The wall time up to which this coordinator has heard the bus: when the last lease

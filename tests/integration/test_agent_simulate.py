@@ -8,7 +8,15 @@ from coordinator.dev.broker import Broker
 from protocol import subjects
 from protocol.bus import Bus
 from protocol.codec import decode, encode
-from protocol.messages import DesiredState, Event, Heartbeat, NodeInfo, ObservedState, ReleaseRef
+from protocol.messages import (
+    DesiredState,
+    Event,
+    Heartbeat,
+    NodeInfo,
+    ObservedState,
+    Pace,
+    ReleaseRef,
+)
 from protocol.signing import generate_seed, public_key, sign
 from tests.integration.procs import reaping, spawn_agent, wait_until
 
@@ -24,8 +32,13 @@ async def test_simulated_nodes_register_beat_and_converge(broker: Broker, tmp_pa
         seed = generate_seed()
         beats: set[str] = set()
 
+        paced: set[str] = set()
+
         async def on_beat(subject: str, data: bytes) -> None:
-            beats.add(decode(Heartbeat, data).node)
+            hb = decode(Heartbeat, data)
+            beats.add(hb.node)
+            if hb.interval == 30.0:
+                paced.add(hb.node)
 
         await bus.subscribe(subjects.heartbeats("default"), on_beat)
         agent = spawn_agent(
@@ -43,6 +56,12 @@ async def test_simulated_nodes_register_beat_and_converge(broker: Broker, tmp_pa
             )
             assert all(decode(NodeInfo, e.value).simulated for e in nodes if e.value)
             await wait_until(_get(beats), lambda b: len(b) == N, timeout=20, what="heartbeats")
+            # The leader's pace (published here as a coordinator would): every virtual node
+            # beats at once to announce it, as a real agent does.
+            await bus.publish(subjects.pace("default"),
+                              encode(Pace(interval=30.0, nodes=N, rate=N / 30.0)))
+            await wait_until(_get(paced), lambda b: len(b) == N, timeout=20,
+                             what="every virtual node to announce the pace")
 
             d = DesiredState(
                 fleet="default",

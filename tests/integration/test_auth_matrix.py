@@ -31,7 +31,7 @@ from protocol import subjects
 from protocol.bus import Bus, Entry
 from protocol.codec import decode, encode
 from protocol.errors import BusError
-from protocol.messages import DesiredState, Event, ObservedState, SignedEnvelope
+from protocol.messages import DesiredState, Event, ObservedState, Pace, SignedEnvelope
 from protocol.signing import load_seed, sign
 from tests.integration.e2e_support import DEPLOY_TIMEOUT, serving
 from tests.integration.procs import (
@@ -294,6 +294,10 @@ async def _api_and_events(fleet: DevFleet, node1: Bus, coord: Bus) -> set[str]:
     for subject in published:
         with contextlib.suppress(BusError):
             await node1.publish(subject, encode(forged))
+    # The heartbeat pace is the leader's alone: a node may hear it, not say it.
+    published.append(subjects.pace(F))
+    with contextlib.suppress(BusError):
+        await node1.publish(subjects.pace(F), encode(Pace(interval=300.0)))
     await node1.publish(subjects.agent_event(F, "node-1", "slot.failed"), encode(forged))
     await node1.nc.flush()
     code, out, err = await wait_until(
@@ -370,6 +374,10 @@ async def _matrix(fleet: DevFleet) -> None:
         assert await _state(coord) == before
         log = await _server_log(fleet)
         assert not refused - _violations(log), sorted(refused - _violations(log))
+        # ... and every agent may hear it (their subscriptions were not refused).
+        assert subjects.pace(F) not in {line.split('Subject "', 1)[1].split('"', 1)[0]
+                                        for line in log.splitlines()
+                                        if "Subscription Violation" in line}, log[-3000:]
         assert "$O." in " ".join(_violations(log))  # the object put and delete
         await _replays(fleet, coord)
     finally:

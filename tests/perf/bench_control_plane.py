@@ -62,6 +62,7 @@ from perf_support import (
 )
 
 from coordinator.cli.rollout_cmds import FOLLOW_NODES
+from coordinator.core import pace
 from protocol import subjects
 from protocol.codec import encode
 from protocol.messages import NodesRequest, RolloutRequest
@@ -71,7 +72,7 @@ async def measure(n: int, keep: bool, profile: Path | None = None,
                   secure: bool = False, brokers: int = 1,
                   max_payload: str = "1MB") -> dict[str, Any]:
     async with SimFleet(n, keep=keep, secure=secure, brokers=brokers, max_payload=max_payload,
-                        heartbeat=heartbeat_for(n), lease_ttl=lease_ttl_for(n)) as fleet:
+                        lease_ttl=lease_ttl_for(n)) as fleet:
         assert fleet.coordinator.pid is not None and fleet.bus is not None
         rid, _ = await fleet.deploy(rolling("1.0.0"))
         ev, _ = await fleet.finish(rid, timeout=120 + n / 10)
@@ -151,11 +152,12 @@ async def read_back(fleet: SimFleet, rid: str) -> dict[str, Any]:
 
 
 def heartbeat_for(n: int) -> float:
-    """The simulated nodes' heartbeat period: 2 s (the agent's default) up to 4,000 nodes, then
-    as many seconds as keep the coordinator at 2,000 heartbeats a second. 50,000 nodes beating
-    every 2 s are 25,000 messages a second into one Python process: on this shared 2-core
-    machine its lease renewals then stall past the 2 s ttl, and it is deposed by itself."""
-    return max(2.0, n / 2000)
+    """How often each simulated node beats: the agent's default, 2 s, until the leader paces
+    the fleet (``coordinator.core.pace``: 2,000 heartbeats a second at its default, so 5 s at
+    10,000 nodes and 25 s at 50,000). Before the pace, this bench set these by hand: 50,000 nodes
+    beating every 2 s are 25,000 messages a second into one Python process, and on this shared
+    2-core machine it lost its lease by itself."""
+    return max(2.0, pace.interval(n, pace.DEFAULT_RATE))
 
 
 def lease_ttl_for(n: int) -> float:
@@ -191,7 +193,8 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
             f"{name} {r[f'{key}_s']:.3f} s ({r[f'{key}_bytes'] / 2**20:.2f} MiB)"
             for name, key in (("nodes", "nodes"), ("status", "status"),
                               ("status followed", "status_followed")))),
-        ("settings", f"heartbeats every {r['heartbeat_s']:g} s, lease ttl {r['lease_ttl_s']:g} s"),
+        ("settings", f"heartbeats every {r['heartbeat_s']:g} s (the leader's pace), "
+                     f"lease ttl {r['lease_ttl_s']:g} s"),
     ] + ([] if r["floor_s"] is None else [
         ("bus floor", f"{r['floor_s']:.3f} s ({r['desired_payload_bytes']} B desired states)"),
         ("ours / floor", f"{r['ratio_to_floor']:.2f}x"),

@@ -32,7 +32,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_control_plane import heartbeat_for
 from perf_support import (
     Profile,
     SimFleet,
@@ -50,8 +49,7 @@ from protocol.messages import Gates, RollbackRequest, RolloutSpec
 
 async def measure(n: int, brokers: int = 1, max_payload: str = "1MB",
                   profile: Path | None = None) -> dict[str, Any]:
-    async with SimFleet(n, brokers=brokers, max_payload=max_payload,
-                        heartbeat=heartbeat_for(n)) as fleet:
+    async with SimFleet(n, brokers=brokers, max_payload=max_payload) as fleet:
         rid, _ = await fleet.deploy(rolling("1.0.0"))
         ev, _ = await fleet.finish(rid, timeout=120 + n / 10)
         if ev.kind != "rollout.succeeded":

@@ -30,3 +30,13 @@ async def test_sleep_to_tick_wakes_on_the_grid() -> None:
     await sleep_to_tick(0.05)
     t = loop.time()
     assert abs(t / 0.05 - round(t / 0.05)) * 0.05 < 0.03  # at the grid point, give or take
+
+
+async def test_sleep_to_tick_wakes_early_when_told() -> None:
+    """With ``wake`` (a new heartbeat pace), it returns as soon as the event is set."""
+    loop = asyncio.get_running_loop()
+    wake = asyncio.Event()
+    loop.call_later(0.01, wake.set)
+    start = loop.time()
+    await asyncio.wait_for(sleep_to_tick(3600.0, wake=wake), timeout=10)
+    assert wake.is_set() and loop.time() - start < 3600.0

@@ -11,7 +11,7 @@ from agent import __version__, presence
 from agent.host.hostinfo import HostFacts, HostFigures, HostSampler, host_facts
 from protocol.codec import decode, encode
 from protocol.errors import ProtocolError
-from protocol.messages import Heartbeat, NodeInfo, ServiceSummary, SlotProcess
+from protocol.messages import Heartbeat, NodeInfo, Pace, ServiceSummary, SlotProcess
 
 FACTS = HostFacts(
     hostname="h1", platform="Linux-6", python="3.11.7", cpu_count=4, mem_total=8 << 30,
@@ -111,3 +111,31 @@ def test_host_sampler_survives_a_missing_data_dir(tmp_path: Path) -> None:
     """A data dir removed under the agent reads as 0% disk instead of stopping heartbeats."""
     gone = tmp_path / "gone"
     assert HostSampler(gone).sample().disk_percent == 0.0
+
+
+def test_the_leaders_pace_slows_an_agent_never_speeds_it_up() -> None:
+    """``Pacing``: the longer of its own interval and the leader's; a change is reported once
+    (the agent beats at once to announce it)."""
+    p = presence.Pacing(2.0)
+    assert p.interval == 2.0 and "own --heartbeat-interval" in p.says()
+    assert p.offer(encode(Pace(interval=0.002, nodes=3, rate=2000.0))) is False  # shorter
+    assert p.interval == 2.0
+    assert p.offer(encode(Pace(interval=25.0, nodes=50_000, rate=2000.0))) is True
+    assert p.interval == 25.0
+    assert p.says() == ("heartbeat every 25s: the coordinator paces 50000 nodes at 2000 "
+                        "heartbeats/s")
+    assert p.offer(encode(Pace(interval=25.0, nodes=50_001, rate=2000.0))) is False  # the same
+    assert p.offer(encode(Pace(interval=1.0, nodes=800, rate=2000.0))) is True  # back to its own
+    assert p.interval == 2.0
+
+
+@pytest.mark.parametrize("data", [
+    b"{not json", b'{"nodes": 3}', b'{"interval": -1}', b'{"interval": 301}',
+    b'{"interval": "5"}', b"[]",
+])
+def test_a_malformed_pace_changes_nothing(data: bytes) -> None:
+    p = presence.Pacing(0.5)
+    p.offer(encode(Pace(interval=1.5, nodes=3, rate=2.0)))
+    with pytest.raises(ProtocolError):
+        p.offer(data)
+    assert p.interval == 1.5

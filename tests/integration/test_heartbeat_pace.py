@@ -1,0 +1,86 @@
+"""The leader paces the fleet's heartbeats (``coordinator.core.pace``), on real processes.
+
+A real broker, the real coordinator with ``--max-heartbeats-per-second 2`` and three real agents
+started with ``--heartbeat-interval 0.5`` (6 beats a second in all): the leader tells them 1.5 s
+(3 nodes / 2 a second), every agent announces it in its next heartbeat and then beats on that
+grid, and no node is judged offline by its old interval (it would be after 1.5 s of silence).
+A malformed pace (anyone may publish on a bus without credentials) is one line in the agent's
+log, once, and changes nothing; an agent restarted beats at its own interval until it registers,
+and hears the pace again at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+
+from coordinator.dev.devfleet import DevFleet
+from protocol import subjects
+from protocol.bus import Bus
+from protocol.codec import decode
+from protocol.messages import Heartbeat
+from tests.integration.procs import nodes_json, online, read_text, wait_until
+
+SUBNET = "127.0.74"
+NODES = ["node-1", "node-2", "node-3"]
+PACED = 1.5  # 3 nodes at 2 heartbeats a second
+
+
+async def test_the_leader_paces_the_fleets_heartbeats(tmp_path: Path) -> None:
+    fleet = DevFleet(tmp_path / "fleet", agents=3, heartbeat_interval=0.5, subnet=SUBNET)
+    fleet.coordinator.argv += ["--max-heartbeats-per-second", "2"]
+    async with fleet:
+        bus = await Bus.connect(fleet.nats_url, fleet.fleet, name="test-pace")
+        beats: dict[str, list[tuple[float, float]]] = {n: [] for n in NODES}
+
+        async def on_beat(subject: str, data: bytes) -> None:
+            hb = decode(Heartbeat, data)
+            beats[hb.node].append((time.monotonic(), hb.interval))
+
+        async def paced_beats() -> dict[str, list[float]]:
+            return {n: [t for t, i in b if i == PACED] for n, b in beats.items()}
+
+        try:
+            await bus.subscribe(subjects.heartbeats(fleet.fleet), on_beat)
+            # Every agent announces the pace, then beats on its grid: no two paced beats
+            # closer than the pace allows (the first one, announcing it, goes out at once).
+            got = await wait_until(paced_beats, lambda b: all(len(t) >= 4 for t in b.values()),
+                                   timeout=30, what="four paced heartbeats from every node")
+            for node, times in got.items():
+                gaps = [b - a for a, b in itertools.pairwise(times[1:])]
+                assert min(gaps) > PACED * 0.8, (node, gaps)
+                assert all(i == PACED for _, i in beats[node][-2:]), beats[node][-2:]
+            rows = await nodes_json(fleet.nats_url)
+            assert online(rows, NODES), rows
+            said = await read_text(fleet.coordinator.log_path)
+            assert "heartbeat pace: 3 nodes at most 2 heartbeats/s" in said, said[-2000:]
+            assert "is offline" not in said, said[-2000:]
+            for i in (1, 2, 3):
+                text = await read_text(fleet.agent(i).log_path)
+                assert "heartbeat every 1.5s: the coordinator paces 3 nodes" in text, text
+
+            # Malformed paces: one line in each agent's log, the pace in force unchanged.
+            for junk in (b"{not json", b'{"interval": -1}', b'{"interval": 9999}'):
+                await bus.publish(subjects.pace(fleet.fleet), junk)
+            for i in (1, 2, 3):
+                text = await wait_until(
+                    lambda i=i: read_text(fleet.agent(i).log_path),  # type: ignore[misc]
+                    lambda t: "ignored a malformed pace" in t, timeout=20,
+                    what=f"node-{i} to log the malformed pace")
+                assert text.count("ignored a malformed pace") == 1, text
+            mark = time.monotonic()
+            await wait_until(paced_beats,
+                             lambda b: all(sum(t > mark for t in ts) >= 2 for ts in b.values()),
+                             timeout=20, what="paced heartbeats after the malformed ones")
+            assert all(i == PACED for b in beats.values() for t, i in b if t > mark)
+
+            # A restarted agent: its own 0.5 s until it registers, then the pace again at once.
+            mark = time.monotonic()
+            await fleet.agent(1).restart()
+            await wait_until(paced_beats, lambda b: any(t > mark for t in b["node-1"]),
+                             timeout=30, what="node-1 restarted to beat at the pace")
+            rows = await nodes_json(fleet.nats_url)
+            assert online(rows, NODES), rows
+        finally:
+            await bus.close()

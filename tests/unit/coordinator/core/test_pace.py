@@ -1,0 +1,46 @@
+"""The heartbeat pace (``coordinator.core.pace``): the interval, and when the leader says it."""
+
+from __future__ import annotations
+
+import pytest
+
+from coordinator.core import pace
+from coordinator.core.fleet import MAX_INTERVAL
+
+
+def test_the_interval_keeps_the_fleet_at_the_rate() -> None:
+    assert pace.interval(3, 2000.0) == 0.002  # a small fleet: far below any agent's own
+    assert pace.interval(10_000, 2000.0) == 5.0
+    assert pace.interval(50_000, 2000.0) == 25.0
+    assert pace.interval(10_000_000, 1.0) == MAX_INTERVAL  # never past what liveness allows
+
+
+def test_the_first_pace_goes_out_at_once_then_only_when_due() -> None:
+    p = pace.Pacer(2.0)
+    first = p.due(100.0, 3, newcomers=False)
+    assert first is not None and (first.interval, first.nodes, first.rate) == (1.5, 3, 2.0)
+    p.published(100.0, first)
+    assert p.due(100.5, 3, newcomers=True) is None  # at most once a SETTLE
+    assert p.due(110.0, 3, newcomers=False) is None  # nothing moved, nobody new
+    assert p.due(110.0, 3, newcomers=True) is not None  # a newcomer beats at its own until told
+    again = p.due(100.0 + pace.REPEAT, 3, newcomers=False)
+    assert again is not None and again.interval == 1.5  # repeated: a core message is not kept
+
+
+def test_a_fleet_that_grows_is_told_when_the_interval_moves_past_the_change() -> None:
+    p = pace.Pacer(1000.0)
+    sent = p.due(0.0, 10_000, newcomers=False)
+    assert sent is not None and sent.interval == 10.0
+    p.published(0.0, sent)
+    assert p.due(5.0, 10_500, newcomers=False) is None  # +5 %: no flood of paces while it grows
+    grown = p.due(5.0, 11_500, newcomers=False)
+    assert grown is not None and grown.interval == 11.5
+    p.published(5.0, grown)
+    shrunk = p.due(7.0, 8_000, newcomers=False)
+    assert shrunk is not None and shrunk.interval == 8.0
+
+
+def test_a_useless_rate_is_refused() -> None:
+    for rate in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="positive"):
+            pace.Pacer(rate)
