@@ -187,8 +187,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--tls-ca",), "tls_ca", "CA file the server's TLS certificate must be signed by; "
          "turns TLS on (env FLEETWAVE_TLS_CA).", _tls_ca, env="FLEETWAVE_TLS_CA",
          metavar="FILE"),
-    Flag(("--heartbeat-interval",), "heartbeat_interval", "Seconds between heartbeats (tests "
-         "use short ones).", _interval, default=str(presence.DEFAULT_INTERVAL),
+    Flag(("--heartbeat-interval",), "heartbeat_interval", "Seconds between heartbeats at "
+         "least (tests use short ones); longer when the leader paces a large fleet "
+         "('fleetwave coordinator --max-heartbeats-per-second').", _interval,
+         default=str(presence.DEFAULT_INTERVAL),
          env="FLEETWAVE_HEARTBEAT_INTERVAL", metavar="FLOAT", hidden=True),
     Flag(("--trust-key",), "trust_keys", "Public key of a coordinator whose desired states to "
          "accept (repeatable; env FLEETWAVE_TRUST_KEYS, space-separated). The node's "
