@@ -20,7 +20,7 @@ from protocol import subjects
 from protocol.bus import Bus
 from protocol.codec import decode
 from protocol.messages import Heartbeat
-from tests.integration.procs import nodes_json, online, read_text, wait_until
+from tests.integration.procs import fleetwave, nodes_json, online, read_text, wait_until
 
 SUBNET = "127.0.74"
 NODES = ["node-1", "node-2", "node-3"]
@@ -84,3 +84,17 @@ async def test_the_leader_paces_the_fleets_heartbeats(tmp_path: Path) -> None:
             assert online(rows, NODES), rows
         finally:
             await bus.close()
+
+
+async def test_a_bad_rate_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """``--max-heartbeats-per-second`` out of range or not a number: one line naming the flag,
+    before anything connects or any key file is made."""
+    for value in ("0", "-5", "lots", "2e6"):
+        code, out, err = await fleetwave("coordinator", "--key-file", str(tmp_path / "k.seed"),
+                                         "--max-heartbeats-per-second", value,
+                                         nats_url="nats://127.0.74.1:1")
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1, (value, err)
+        assert "--max-heartbeats-per-second" in lines[0] and "Traceback" not in err, err
+        assert out == ""
+    assert not (tmp_path / "k.seed").exists()
