@@ -75,6 +75,8 @@ from protocol.errors import (
 )
 
 REQUEST_TIMEOUT = 5.0
+# How long closing waits for handlers to finish the messages already queued (``Bus.close``).
+DRAIN_TIMEOUT = 3
 # The most an answer in chunks may hold queued at the requester (nats-py's default, 128 MiB,
 # is less than the largest answer: ``protocol.chunks.MAX_CHUNKS`` messages).
 REPLY_BYTES = 512 * 1024**2
@@ -494,6 +496,7 @@ class Bus:
                     error_cb=on_error,
                     ping_interval=5,
                     max_outstanding_pings=3,
+                    drain_timeout=DRAIN_TIMEOUT,
                     lame_duck_mode_cb=on_lame_duck,
                     **forever,
                     **secure,
@@ -586,8 +589,13 @@ class Bus:
         for svc in self._services:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(svc.stop(), 2)
+        # nats-py's drain gives up by itself after DRAIN_TIMEOUT (a handler that does not
+        # return holds its subscription's queue). Cancelled from outside instead, it left a
+        # gather whose CancelledError nobody retrieved ("_GatheringFuture exception was never
+        # retrieved", with a traceback, in the log of a coordinator that stopped cleanly); the
+        # outer bound is only for a drain stuck elsewhere (its final flush).
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.nc.drain(), 5)
+            await asyncio.wait_for(self.nc.drain(), DRAIN_TIMEOUT + 2)
         if not self.nc.is_closed:
             with contextlib.suppress(Exception):
                 await self.nc.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -426,3 +427,34 @@ async def test_a_full_memory_store_fails_observed_writes_saying_what_to_raise(
     finally:
         await bus.close()
         await broker.stop()
+
+
+async def test_closing_a_bus_whose_handler_is_stuck_leaves_no_stray_error(broker: Broker) -> None:
+    """A coordinator stopping while a subscription still has messages queued behind a handler
+    that does not return (an overloaded leader, deposed): the drain gives up within its bound
+    and leaves nothing behind. nats-py's drain, cancelled from outside, left a gather whose
+    CancelledError nobody retrieved: "_GatheringFuture exception was never retrieved" and a
+    traceback in the log of a coordinator that stopped cleanly."""
+    bus = await Bus.connect(broker.url, "default")
+    stuck = asyncio.Event()
+
+    async def handler(subject: str, data: bytes) -> None:
+        await stuck.wait()  # never set: the handler holds its queue until the drain gives up
+
+    await bus.subscribe("fw.default.test.stuck", handler)
+    for _ in range(50):
+        await bus.publish("fw.default.test.stuck", b"x")
+    await bus.nc.flush()
+    loop = asyncio.get_running_loop()
+    strays: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: strays.append(context))
+    try:
+        async with asyncio.timeout(30):
+            await bus.close()
+        assert bus.nc.is_closed
+        for _ in range(3):  # the stray is reported when the future is collected
+            gc.collect()
+            await asyncio.sleep(0.05)
+    finally:
+        loop.set_exception_handler(None)
+    assert not strays, [str(c.get("message")) for c in strays]
