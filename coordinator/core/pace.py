@@ -16,7 +16,8 @@ is still judged per node by the interval it announced (``core.fleet``: 3 missed 
 fleet grew or shrank), after registrations (an agent that just started beats at its own interval
 until it hears the pace), and every ``REPEAT`` s anyway (a core NATS message is not kept: an
 agent that was away meanwhile hears the next one); at most once a ``SETTLE``. Pure: the time is
-given, so tests run in virtual time.
+given, so tests run in virtual time. When the interval grows, the leader excuses every node's
+silence for one new interval (``Pacer.grace``): a lost announcing beat is no death.
 """
 
 from __future__ import annotations
@@ -63,6 +64,14 @@ class Pacer:
             return True
         last = self.sent.interval
         return abs(pace.interval - last) > CHANGE * max(last, 1e-3)
+
+    def grace(self, pace: Pace) -> float:
+        """Seconds of silence to excuse every node when ``pace`` goes out: when it lengthens
+        the interval, an agent announces it in one beat sent at once, and a node whose beat is
+        lost (core NATS) would otherwise be judged by its old, shorter interval until the next
+        beat on its new grid, up to ``pace.interval`` later (``core.fleet.Fleet.excuse``)."""
+        last = 0.0 if self.sent is None else self.sent.interval
+        return pace.interval if pace.interval > last else 0.0
 
     def published(self, now: float, pace: Pace) -> None:
         self.sent, self._at = pace, now

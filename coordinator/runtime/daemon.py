@@ -552,6 +552,8 @@ class Coordinator:
                 else:
                     warned = False
                     self._newcomers = False
+                    if (grace := self.pacer.grace(due)) > 0:
+                        self.table.excuse(self._clock() + grace)
                     self.pacer.published(time.monotonic(), due)
                     if moved and nodes:
                         log.info("heartbeat pace: %d nodes at most %g heartbeats/s: agents beat "

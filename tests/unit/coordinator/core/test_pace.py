@@ -44,3 +44,18 @@ def test_a_useless_rate_is_refused() -> None:
     for rate in (0.0, -1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="positive"):
             pace.Pacer(rate)
+
+
+def test_a_longer_interval_excuses_one_new_interval_of_silence() -> None:
+    """The beat that announces a longer interval may be lost: the leader excuses every node for
+    one new interval when it lengthens it, and for nothing when it shortens or repeats it."""
+    p = pace.Pacer(1000.0)
+    first = p.due(0.0, 10_000, newcomers=False)
+    assert first is not None and p.grace(first) == 10.0
+    p.published(0.0, first)
+    assert p.grace(first) == 0.0  # the same again
+    grown = p.due(5.0, 20_000, newcomers=False)
+    assert grown is not None and p.grace(grown) == 20.0
+    p.published(5.0, grown)
+    shrunk = p.due(10.0, 5_000, newcomers=False)
+    assert shrunk is not None and p.grace(shrunk) == 0.0
