@@ -32,10 +32,11 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from coordinator.core import pace
 from coordinator.http import metrics_map as mm
 from protocol import subjects
 from protocol.errors import BusError, ProtocolError
@@ -178,13 +179,19 @@ class StateCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         c = self._c
+        paced = pace.interval(len(c.table.nodes), c.pacer.rate)
         samples = (mm.rollout_samples(self.records) + mm.node_samples(c.table.view())
-                   + mm.coordinator_samples(c.id, c.fleet_name, c.version, c.runner is not None))
+                   + mm.coordinator_samples(c.id, c.fleet_name, c.version, c.runner is not None,
+                                            paced))
         families = {name: GaugeMetricFamily(name, doc, labels=list(labels))
                     for name, (doc, labels) in mm.GAUGES.items()}
         for s in samples:
             families[s.name].add_metric(list(s.labels), s.value)
         yield from families.values()
+        yield CounterMetricFamily(
+            "fleetwave_heartbeats_received",
+            "Heartbeats this coordinator received and took (every coordinator hears them all; "
+            "their rate is what --max-heartbeats-per-second bounds)", value=c.heartbeats)
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -73,6 +73,9 @@ GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
                                      ()),
     "fleetwave_coordinator_info": ("This coordinator (1): its id, fleet and version",
                                    ("id", "fleet", "version")),
+    "fleetwave_heartbeat_pace_seconds": (
+        "The interval the leader paces the fleet's heartbeats at: known nodes / "
+        "--max-heartbeats-per-second (agents beat at the longer of it and their own)", ()),
 }
 
 
@@ -174,9 +177,11 @@ def node_samples(views: Sequence[NodeView]) -> list[Sample]:
     return out
 
 
-def coordinator_samples(id: str, fleet: str, version: str, leader: bool) -> list[Sample]:
+def coordinator_samples(id: str, fleet: str, version: str, leader: bool,
+                        pace: float = 0.0) -> list[Sample]:
     return [Sample("fleetwave_coordinator_leader", (), 1 if leader else 0),
-            Sample("fleetwave_coordinator_info", (id, fleet, version), 1)]
+            Sample("fleetwave_coordinator_info", (id, fleet, version), 1),
+            Sample("fleetwave_heartbeat_pace_seconds", (), pace)]
 
 
 # -- from events ---------------------------------------------------------------------------------

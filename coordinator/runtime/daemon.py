@@ -157,6 +157,7 @@ class Coordinator:
         self.api = Api()
         self.api.add("nodes", NodesRequest, self._nodes)
         self.malformed = 0
+        self.heartbeats = 0  # taken (decoded, from the node its subject names): /metrics
         self.bus: Bus | None = None
         self.ready = asyncio.Event()
         self._clock = clock
@@ -442,6 +443,7 @@ class Coordinator:
         except ProtocolError as exc:
             self._complain(node, "heartbeat", str(exc))
             return
+        self.heartbeats += 1
         self._emit(self.table.heartbeat(hb, self._clock()))
 
     async def _on_register(self, subject: str, data: bytes) -> None:

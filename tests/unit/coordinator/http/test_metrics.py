@@ -10,6 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from coordinator.api.rollouts import RolloutsApi
+from coordinator.core import pace
 from coordinator.core.fleet import Fleet
 from coordinator.errors import UsageError
 from coordinator.http.metrics import CoordinatorMetrics
@@ -35,7 +36,8 @@ def value(out: dict[Any, float], name: str, **labels: str) -> float | None:
 def coordinator(table: Fleet, run: Any = None) -> Any:
     """What the metrics read of ``coordinator.runtime.daemon.Coordinator``."""
     return SimpleNamespace(table=table, id="c1", fleet_name=FLEET, version="0.1.0",
-                           runner=run, store=None, on_bus=None, on_event=None)
+                           runner=run, store=None, on_bus=None, on_event=None,
+                           pacer=pace.Pacer(2.0), heartbeats=7)
 
 
 async def test_a_rollout_driven_to_its_end_shows_in_every_series() -> None:
@@ -88,6 +90,9 @@ async def test_a_standby_shows_no_leadership_and_what_it_knows() -> None:
     assert value(out, "fleetwave_coordinator_leader") == 0
     assert value(out, "fleetwave_coordinator_info", id="c1", fleet=FLEET, version="0.1.0") == 1
     assert value(out, "fleetwave_node_up", node="node-1") is not None
+    # The heartbeat pace of its table (1 node at 2 a second) and the heartbeats it took.
+    assert value(out, "fleetwave_heartbeat_pace_seconds") == 0.5
+    assert value(out, "fleetwave_heartbeats_received_total") == 7
     assert not [k for k in out if k[0] == "fleetwave_rollout_info"]
 
 
