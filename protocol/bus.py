@@ -536,6 +536,12 @@ class Bus:
             log.debug("NATS client error: %s: %s", kind, exc)
             return
         self._async_errors[kind] = now
+        if "permissions violation for subscription" in str(exc).lower():
+            # E.g. a node whose users.conf predates a subject it now listens on (the pace).
+            log.warning("the server refused a subscription of ours (%s): this identity's "
+                        "permissions in the broker's users.conf may predate this release of "
+                        "fleetwave; run 'fleetwave auth prune DIR' and reload the broker", exc)
+            return
         log.warning("NATS client error (asynchronous): %s: %s", kind, str(exc) or "-")
 
     def _reconnected(self) -> None:

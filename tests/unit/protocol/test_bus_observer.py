@@ -77,3 +77,20 @@ async def test_without_an_observer_nothing_is_timed() -> None:
     bus = Bus(Client(), "f")  # type: ignore[arg-type]
     assert bus.observer is None
     assert await bus.request("s", b"") == b"ok"
+
+
+async def test_a_refused_subscription_says_what_to_do(caplog: pytest.LogCaptureFixture) -> None:
+    """The server's asynchronous permissions violation for a subscription (a node whose
+    users.conf predates the heartbeat pace, as measured on a secure dev fleet): one line naming
+    the subscription and 'fleetwave auth prune'; any other asynchronous error as before."""
+    import nats.errors
+
+    bus = Bus(Client(), "f")  # type: ignore[arg-type]
+    with caplog.at_level("WARNING", logger="fleetwave.bus"):
+        bus._async_error(nats.errors.Error(
+            'nats: permissions violation for subscription to "fw.default.pace"'))
+        bus._async_error(nats.errors.NoRespondersError())
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2, said
+    assert '"fw.default.pace"' in said[0] and "fleetwave auth prune DIR" in said[0], said
+    assert said[1].startswith("NATS client error (asynchronous): NoRespondersError"), said
