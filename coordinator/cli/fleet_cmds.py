@@ -162,14 +162,14 @@ def _events_bytes(_: click.Context, __: click.Parameter, value: str) -> int:
     "of nodes on a small host (see README, Performance); 1-120 (env FLEETWAVE_LEASE_TTL).",
 )
 @click.option(
-    "--max-heartbeats-per-second", "heartbeat_rate", type=click.FloatRange(1.0, 1_000_000.0),
+    "--max-heartbeats-per-second", "heartbeat_rate", type=click.FloatRange(0.01, 1_000_000.0),
     default=DEFAULT_RATE, show_default=True, metavar="RATE",
     envvar="FLEETWAVE_MAX_HEARTBEATS_PER_SECOND",
     help="The most heartbeats a second the fleet sends (every coordinator hears them all): the "
     "leader tells agents to beat every NODES/RATE seconds when that is longer than their own "
     "--heartbeat-interval (at most 300 s), and a node is offline after 3 missed beats. At the "
     "default a fleet of 10,000 beats every 5 s. Lower it on a small host, raise it to notice "
-    "dead nodes sooner (see README, Heartbeat pace); 1-1000000 "
+    "dead nodes sooner (see README, Heartbeat pace); 0.01-1000000 "
     "(env FLEETWAVE_MAX_HEARTBEATS_PER_SECOND).",
 )
 @creds_option

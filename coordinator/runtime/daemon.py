@@ -81,7 +81,7 @@ from coordinator.runtime.lease import (
 )
 from coordinator.runtime.notify import Notifier
 from coordinator.runtime.rotation import resign_desired
-from coordinator.runtime.runner import TICK, Runner
+from coordinator.runtime.runner import STARTUP_GRACE, TICK, Runner
 from coordinator.runtime.store import RolloutStore
 from protocol import chunks, subjects
 from protocol.bus import RECONNECT_CAP, Bus, EventsLimits, Handler, redact
@@ -336,6 +336,8 @@ class Coordinator:
                                 nodes=lambda: self.table.view(services=False),
                                 liveness=self.table.liveness,
                                 clock=self._clock, started=self.started,
+                                startup_grace=pace.startup_grace(
+                                    len(self.table.nodes), self.pacer.rate, STARTUP_GRACE),
                                 observe=self.on_event, retention=self.retention)
                 self.runner = runner
                 log.info("coordinator %s leads fleet %r (term %d)", self.id, self.fleet_name,

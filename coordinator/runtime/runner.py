@@ -113,7 +113,9 @@ WATCH_VERIFY = 5.0
 log = logging.getLogger("fleetwave.coordinator.runner")
 
 TICK = 0.2  # how often time passes for the rollouts (and for the daemon's node table)
-STARTUP_GRACE = 10.0  # > 3 heartbeats of 2 s: time for every live node to beat once
+# > 3 heartbeats of 2 s: time for every live node to beat once. The floor: the daemon gives
+# three paced intervals when the fleet is paced longer (``coordinator.core.pace.startup_grace``).
+STARTUP_GRACE = 10.0
 RESYNC_INTERVAL = 30.0
 OUTBOX_CLEAR_AFTER = 2.0  # a record whose outbox was all acknowledged is rewritten empty then
 OUTBOX_RETRY = 30.0  # events still unacknowledged this long after their decision are sent again

@@ -11,6 +11,7 @@ and hears the pace again at once.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from protocol import subjects
 from protocol.bus import Bus
 from protocol.codec import decode
 from protocol.messages import Heartbeat
+from tests.integration.e2e_support import deploy_detached, events_of, install, push, status
 from tests.integration.procs import fleetwave, nodes_json, online, read_text, wait_until
 
 SUBNET = "127.0.74"
@@ -98,3 +100,46 @@ async def test_a_bad_rate_is_one_line_and_exit_2(tmp_path: Path) -> None:
         assert "--max-heartbeats-per-second" in lines[0] and "Traceback" not in err, err
         assert out == ""
     assert not (tmp_path / "k.seed").exists()
+
+
+async def test_a_restarted_coordinator_waits_for_the_first_paced_beats(tmp_path: Path) -> None:
+    """Three nodes paced every 20 s (a rate of 0.15), the coordinator restarted while a wave
+    bakes, right after the nodes beat (so the next beats are a whole pace away): it cannot know
+    their last beats, so the resumed rollout gives each node three paced intervals to be heard
+    (``pace.startup_grace``) and counts none lost. With the runner's fixed 10 s grace every node
+    was "lost (offline) during wave 0 while baking" and the rollout rolled back."""
+    fleet = DevFleet(tmp_path / "fleet", agents=3, heartbeat_interval=0.5, subnet=SUBNET)
+    fleet.coordinator.argv += ["--max-heartbeats-per-second", "0.15"]
+    async with fleet:
+        url = fleet.nats_url
+        bus = await Bus.connect(url, fleet.fleet, name="test-pace-restart")
+        beats: asyncio.Queue[float] = asyncio.Queue()
+
+        async def on_beat(subject: str, data: bytes) -> None:
+            beats.put_nowait(time.monotonic())
+
+        try:
+            await bus.subscribe(subjects.heartbeats(fleet.fleet), on_beat)
+            await push(url, "1.0.0", "2.0.0")
+            await install(fleet, "1.0.0")
+            rid = await deploy_detached(url, "2.0.0", "--batch", "100%", "--max-unavailable",
+                                        "100%", "--bake", "45s")
+            await wait_until(lambda: status(url, rid),
+                             lambda s: s["waves"][0]["state"] == "baking", timeout=60,
+                             what="the wave to bake")
+            while not beats.empty():
+                beats.get_nowait()
+            await asyncio.wait_for(beats.get(), timeout=30)  # a fresh beat: the next is 20 s off
+            await fleet.coordinator.stop()
+            await fleet.coordinator.start()
+            await wait_until(lambda: nodes_json(url), lambda rows: online(rows, NODES),
+                             timeout=60, what="the restarted coordinator to hear every node")
+            final = await wait_until(lambda: status(url, rid), lambda s: s["state"] != "running",
+                                     timeout=90, what="the resumed rollout to end")
+        finally:
+            await bus.close()
+        assert final["state"] == "succeeded", final.get("reason")
+        lost = [e["message"] for e in await events_of(url, rid) if "offline" in e["message"]]
+        assert not lost, lost
+        said = await read_text(fleet.coordinator.log_path)
+        assert "is offline" not in said, said[-3000:]

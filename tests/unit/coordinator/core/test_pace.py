@@ -59,3 +59,11 @@ def test_a_longer_interval_excuses_one_new_interval_of_silence() -> None:
     p.published(5.0, grown)
     shrunk = p.due(10.0, 5_000, newcomers=False)
     assert shrunk is not None and p.grace(shrunk) == 0.0
+
+
+def test_a_restarted_coordinator_waits_three_paced_intervals_for_a_first_beat() -> None:
+    """It cannot know a node's last beat: it gives each as long as a node gets after one (3
+    intervals) before counting it lost, and never less than the runner's own floor."""
+    assert pace.startup_grace(3, 2000.0, 10.0) == 10.0
+    assert pace.startup_grace(50_000, 2000.0, 10.0) == 75.0
+    assert pace.startup_grace(10_000_000, 1.0, 10.0) == 3 * MAX_INTERVAL
