@@ -32,7 +32,12 @@ async def sleep_to_tick(period: float, wake: asyncio.Event | None = None) -> Non
     delay = max(0.0, next_tick(loop.time(), period) - loop.time())
     if wake is None:
         await asyncio.sleep(delay)
-        return
+    else:
+        await sleep_or_wake(delay, wake)
+
+
+async def sleep_or_wake(delay: float, wake: asyncio.Event) -> None:
+    """Sleep ``delay`` seconds, or until ``wake`` is set (the caller clears it)."""
     with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(delay):
+        async with asyncio.timeout(max(0.0, delay)):
             await wake.wait()

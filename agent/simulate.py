@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import msgspec
 
 from agent import presence
+from agent.cadence import sleep_or_wake
 from agent.host.hostinfo import HostSampler, host_facts
 from protocol import subjects
 from protocol.bus import Bus
@@ -167,9 +168,7 @@ class SimulatedNodes:
         while True:
             delay = due - loop.time()
             if delay > 0:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay):
-                        await self._repaced.wait()  # a new pace: announce it at once
+                await sleep_or_wake(delay, self._repaced)  # a new pace: announce it at once
             if self._repaced.is_set():
                 self._repaced.clear()
                 due = loop.time()
