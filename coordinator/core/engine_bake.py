@@ -99,8 +99,9 @@ class Bake:
                 slot = seen.slots.get(p.slot)
                 status = slot.status if slot is not None else "empty"
                 if seen.phase == "failed" or status != "healthy":
+                    why = seen.error or (slot.reason if slot is not None else "")
                     self.step.fail_node(p, f"new slot {p.slot} is {status} during the bake"
-                                        + (f": {seen.error}" if seen.error else ""))
+                                        + (f": {why}" if why else ""))
         failed = [r.nodes[n] for n in wave.nodes if r.nodes[n].state == "failed"]
         if failed:
             move_wave(wave, "failed")

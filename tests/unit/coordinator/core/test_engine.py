@@ -235,6 +235,21 @@ def test_gates_fail_after_the_bake_and_roll_back() -> None:
     assert r.record.phase == "rollback" and "max-error-rate" in r.record.reason
 
 
+def test_a_slot_that_crashes_during_the_bake_fails_the_node_saying_why() -> None:
+    """The wave's reason carries the slot's own reason (its exit), not only its status."""
+    r = rollout(1, bake=30.0)
+    (d,) = writes(r.handle(Start(), 0.0))
+    r.handle(ObservedChanged("node-1", observed(d, 1.0)), 1.0)
+    assert r.record.waves[0].state == "baking"
+    crashed = observed(d, 5.0)
+    crashed.slots["b"] = SlotStatus(slot="b", status="starting", version="2.0.0",
+                                    reason="exited with status 1; restarting in 1s")
+    r.handle(ObservedChanged("node-1", crashed), 5.0)
+    assert r.record.phase == "rollback"
+    assert ("node-1: new slot b is starting during the bake: exited with status 1; "
+            "restarting in 1s") in r.record.reason, r.record.reason
+
+
 def baked_wave(r: Rollout, start: dict[str, RouterStats], end: dict[str, RouterStats]
                ) -> list[Command]:
     """Converge the first wave with ``start`` counters, report ``end`` at t=20, tick at t=31."""
