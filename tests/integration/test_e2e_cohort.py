@@ -163,6 +163,18 @@ async def wave_baking(url: str, rid: str, index: int) -> None:
                      timeout=60, what=f"wave {index + 1} baking", interval=0.2)
 
 
+async def checked(
+    url: str, rid: str, r: Round, weight: int, versions: tuple[str, str], within: float = 0.05,
+) -> set[str]:
+    """``check_step``, and when it fails, the rollout's state and reason with it: a round that
+    finds nobody on the new version most likely ran after the wave failed and rolled back."""
+    try:
+        return check_step(r, weight, versions, within)
+    except AssertionError as exc:
+        st = await status(url, rid)
+        raise AssertionError(f"{exc} (rollout {st['state']}: {st.get('reason', '')})") from exc
+
+
 def check_step(
     r: Round, weight: int, versions: tuple[str, str], within: float = 0.05,
 ) -> set[str]:
@@ -208,12 +220,14 @@ async def test_users_keep_one_version_across_nodes_and_only_move_forward(tmp_pat
             assert code == 0, f"{out}{err}"
             rid = out.strip()
             await wave_baking(url, rid, 0)
-            at20 = check_step(await user_round(fleet, clients), 20, ("1.0.0", "2.0.0"))
+            at20 = await checked(url, rid, await user_round(fleet, clients), 20,
+                                 ("1.0.0", "2.0.0"))
             code, out, err = await fleetwave("status", rid, nats_url=url)
             assert "20 % of users (header X-User; no key: client IP)" in out, out
             assert (await fleetwave("promote", rid, nats_url=url))[0] == 0
             await wave_baking(url, rid, 1)
-            at50 = check_step(await user_round(fleet, clients), 50, ("1.0.0", "2.0.0"), 0.06)
+            at50 = await checked(url, rid, await user_round(fleet, clients), 50,
+                                 ("1.0.0", "2.0.0"), 0.06)
             assert at20 <= at50, f"users moved back new -> old: {sorted(at20 - at50)[:5]}"
             assert (await fleetwave("promote", rid, nats_url=url))[0] == 0
             await wave_baking(url, rid, 2)
