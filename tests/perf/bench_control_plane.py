@@ -54,6 +54,7 @@ from perf_support import (
     bus_floor,
     cpu_seconds,
     emit,
+    need_py_spy,
     peak_rss_mb,
     print_top,
     ratio_rows,
@@ -223,6 +224,7 @@ async def main() -> int:
     add_secure_flags(ap, "TLS and nkey users (fleetwave auth) for every client",
                      "each size plain and with TLS and auth; print both and the ratios")
     args = ap.parse_args()
+    need_py_spy(args.profile, "bench_control_plane.py")
     results = []
     for k, n in enumerate(int(x) for x in args.nodes.split(",")):
         # Every other size runs secure first, so that an order effect (a warmer machine for

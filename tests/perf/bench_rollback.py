@@ -38,6 +38,7 @@ from perf_support import (
     bus_floor,
     cpu_seconds,
     emit,
+    need_py_spy,
     print_top,
     rolling,
     servers_cpu_seconds,
@@ -171,6 +172,7 @@ async def main() -> int:
                     help="py-spy record the coordinator and the simulated agents from the "
                          "rollback's request to every router switched back, into DIR")
     args = ap.parse_args()
+    need_py_spy(args.profile, "bench_rollback.py")
     r = await measure(args.nodes, args.brokers, args.max_payload, args.profile)
     r["crypto_floor"] = crypto_floor(args.nodes)
     emit(args.json, f"rollback of {r['nodes_rolled_back']} simulated nodes with warm old slots "

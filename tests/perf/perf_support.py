@@ -216,6 +216,24 @@ async def stop_process(proc: asyncio.subprocess.Process, grace: float = 5.0) -> 
         await proc.wait()
 
 
+def py_spy() -> str | None:
+    """The py-spy executable (on PATH or beside this Python), or None when it is not installed."""
+    found = shutil.which("py-spy")
+    if found:
+        return found
+    beside = Path(sys.executable).parent / "py-spy"
+    return str(beside) if beside.exists() else None
+
+
+def need_py_spy(profile: Path | None, script: str) -> None:
+    """Exit 2 with one line before anything runs when ``--profile`` is asked for and py-spy is
+    not installed (it is not a dependency of the project)."""
+    if profile is not None and py_spy() is None:
+        print(f"{script}: --profile needs py-spy, which is not installed; run "
+              "'.venv/bin/pip install py-spy' (or drop --profile)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 class Profile:
     """``py-spy record`` of one process while the ``async with`` block runs (raw collapsed stacks
     in ``out``, summarised by ``top``); does nothing when ``out`` is None. py-spy samples from
@@ -229,7 +247,9 @@ class Profile:
     async def __aenter__(self) -> Profile:
         if self.out is None:
             return self
-        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        spy = py_spy()
+        if spy is None:
+            raise RuntimeError("py-spy is not installed (need_py_spy checks it first)")
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self._proc = await asyncio.create_subprocess_exec(
             spy, "record", "--pid", str(self.pid), "--format", "raw", "--rate", str(self.rate),
