@@ -26,6 +26,7 @@ from agent.host.hostinfo import HostFacts, HostFigures
 from protocol.codec import decode
 from protocol.errors import ProtocolError
 from protocol.messages import Heartbeat, NodeInfo, Pace, ServiceSummary, SlotProcess
+from protocol.signing import FEATURE_BATCH
 
 DEFAULT_INTERVAL = 2.0
 MIN_INTERVAL = 0.05
@@ -91,6 +92,7 @@ def node_info(
         boot_time=facts.boot_time,
         started_at=started_at,
         trust_keys=sorted(trust_keys),
+        features=[FEATURE_BATCH],
     )
 
 

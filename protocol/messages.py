@@ -49,6 +49,9 @@ class NodeInfo(msgspec.Struct, kw_only=True):
     # a signing-key rotation can check that every node trusts the new key before switching to
     # it; None: an agent too old to say.
     trust_keys: list[str] | None = None
+    # What this agent can do that an older one cannot (``protocol.signing.FEATURE_BATCH``): the
+    # coordinator sends a node only what it says it takes.
+    features: list[str] = []
 
 
 class SlotProcess(msgspec.Struct, kw_only=True):
@@ -213,7 +216,9 @@ class SignedEnvelope(msgspec.Struct, kw_only=True):
     the payload bytes, so an envelope cannot be replayed to another node, service or fleet, nor to
     an older generation, nor passed off as a later leader's. ``key`` is the signer's public nkey;
     agents trust only configured keys. ``term`` is the lease term of the coordinator that wrote it
-    (``coordinator.runtime.lease``); 0 from a coordinator that held no lease.
+    (``coordinator.runtime.lease``); 0 from a coordinator that held no lease. ``proof``: empty
+    when ``sig`` signs this envelope alone; else ``sig`` signs a batch of envelopes and ``proof``
+    is this one's Merkle path to the batch's root (``protocol.signing.sign_batch``).
     """
 
     schema: int = 1
@@ -226,6 +231,7 @@ class SignedEnvelope(msgspec.Struct, kw_only=True):
     key: str = ""
     sig: bytes = b""
     term: int = 0
+    proof: bytes = b""
 
 
 # -- observed state --------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from typing import Literal
 from protocol.codec import to_builtins
 from protocol.errors import ProtocolError
 from protocol.messages import Heartbeat, NodeInfo, NodeView
+from protocol.signing import FEATURE_BATCH
 
 MISSED_BEATS = 3
 # Bounds on an announced interval: a hostile or buggy agent must not be able to stay "online" for
@@ -124,6 +125,11 @@ class Fleet:
         """(online, ever heard from) of one node, None if unknown: the runner's O(1) lookup."""
         rec = self.nodes.get(node_id)
         return None if rec is None else (rec.online, rec.last_seen is not None)
+
+    def takes_batch_signatures(self, node_id: str) -> bool:
+        """Whether the node's agent said it verifies batch-signed desired states."""
+        rec = self.nodes.get(node_id)
+        return rec is not None and rec.info is not None and FEATURE_BATCH in rec.info.features
 
     def tick(self, now: float) -> list[Transition]:
         """Let time pass: every online node whose deadline is behind ``now`` goes offline."""

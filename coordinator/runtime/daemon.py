@@ -335,6 +335,7 @@ class Coordinator:
                 runner = Runner(bus, seed=self.seed, fenced=Fenced(bus, fence),
                                 nodes=lambda: self.table.view(services=False),
                                 liveness=self.table.liveness,
+                                batchable=self.table.takes_batch_signatures,
                                 clock=self._clock, started=self.started,
                                 startup_grace=pace.startup_grace(
                                     len(self.table.nodes), self.pacer.rate, STARTUP_GRACE),

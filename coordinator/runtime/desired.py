@@ -10,14 +10,15 @@ batch. Any other key is read and compared first: a few one by one (``write``),
 over thousands of nodes) by one scan of that service's keys, after which they go out in the
 batch too. One read and one fsync a key took 29 s for a 10,000-node first wave (50,000 nodes,
 staging one wave ahead), past the deploy request's 30 s; the scan and the batch take well
-under a second.
+under a second. The states of one batch for nodes whose agents take batch signatures are signed
+with one signature (``protocol.signing.sign_batch``); the others one by one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from coordinator.runtime.calls import Retrying, bounded, scanned
 from coordinator.runtime.lease import Deposed, Fenced
@@ -27,7 +28,7 @@ from protocol.bus import FENCED_BATCH
 from protocol.codec import decode, encode
 from protocol.errors import BusError, ProtocolError
 from protocol.messages import DesiredState, SignedEnvelope
-from protocol.signing import sign
+from protocol.signing import sign, sign_batch
 
 WRITE_CONCURRENCY = 64  # desired writes read-then-written at once (each is two KV round trips)
 SCAN_FROM = 256  # more unknown keys of one service than this: one scan reads them all
@@ -37,19 +38,37 @@ class DesiredWriter:
     """Signs with ``seed`` and writes desired states of one fleet; see the module docstring."""
 
     def __init__(self, bus: RunnerBus, *, seed: bytes, fenced: Fenced,
-                 retrying: Retrying) -> None:
+                 retrying: Retrying, batchable: Callable[[str], bool] | None = None) -> None:
         self.bus = bus
         self.bucket = subjects.desired_bucket(bus.fleet)
         self._seed = seed
         self._fenced = fenced
         self._retrying = retrying
+        # Which nodes take batch-signed states (``protocol.signing.sign_batch``); None: none.
+        self._batchable = batchable
         # The generation stored under every desired key this writer wrote in this term: the next
         # write of the key then needs no read (a key missing here is read first).
         self._gens: dict[str, int] = {}
 
-    def _envelopes(self, states: Sequence[DesiredState], term: int) -> list[bytes]:
-        """``states`` signed with ``term`` (``write_all`` runs it in a worker thread)."""
-        return [encode(sign(self._seed, d, term=term)) for d in states]
+    def _batched(self, states: Sequence[DesiredState]) -> list[bool]:
+        """Which of ``states`` go to nodes that take batch signatures (read on the event loop,
+        which owns the node table)."""
+        takes = self._batchable
+        return [False] * len(states) if takes is None else [takes(d.node) for d in states]
+
+    def _envelopes(self, states: Sequence[DesiredState], term: int,
+                   batched: Sequence[bool]) -> list[bytes]:
+        """``states`` signed with ``term``, in order (``write_all`` runs it in a worker thread):
+        those ``batched`` says with one signature (``sign_batch``), the rest one by one."""
+        out = [b""] * len(states)
+        batch = [i for i, b in enumerate(batched) if b]
+        for i, env in zip(batch, sign_batch(self._seed, [states[i] for i in batch], term=term),
+                          strict=True):
+            out[i] = encode(env)
+        for i, (d, b) in enumerate(zip(states, batched, strict=True)):
+            if not b:
+                out[i] = encode(sign(self._seed, d, term=term))
+        return out
 
     async def write_all(self, pending: Sequence[DesiredState]) -> None:
         """Write ``pending`` (one per key): those this writer knows the stored generation of as
@@ -115,8 +134,9 @@ class DesiredWriter:
         """The signing of ``chunks[index]``, started in a worker thread (None past the end)."""
         if index >= len(chunks):
             return None
+        states = [d for _, d in chunks[index]]
         return asyncio.ensure_future(
-            asyncio.to_thread(self._envelopes, [d for _, d in chunks[index]], term))
+            asyncio.to_thread(self._envelopes, states, term, self._batched(states)))
 
     async def _learn(self, unknown: Sequence[DesiredState]) -> None:
         """Read the stored generations of ``unknown``'s keys by one scan per service of which
@@ -146,7 +166,7 @@ class DesiredWriter:
             self._gens[key] = stored
         if stored >= desired.generation:
             return False
-        [body] = self._envelopes([desired], self._fenced.term)
+        [body] = self._envelopes([desired], self._fenced.term, [False])
         try:
             await self._fenced.put(self.bucket, key, body)
         except Deposed:

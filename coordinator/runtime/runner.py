@@ -135,6 +135,7 @@ class Runner:
         startup_grace: float = STARTUP_GRACE, command_deadline: float = COMMAND_DEADLINE,
         started: float | None = None, observe: Observe | None = None,
         retention: Retention | None = None,
+        batchable: Callable[[str], bool] | None = None,
     ) -> None:
         self.bus = bus
         self.fleet = bus.fleet
@@ -155,7 +156,8 @@ class Runner:
         self.lost = asyncio.Event()  # set once a write met a later leader's fence
         self.store = RolloutStore(bus, fenced=fenced, live=self._live_record,
                                   retention=retention)
-        self.desired = DesiredWriter(bus, seed=seed, fenced=fenced, retrying=self._retrying)
+        self.desired = DesiredWriter(bus, seed=seed, fenced=fenced, retrying=self._retrying,
+                                     batchable=batchable)
         self.events = EventPublisher(self.fleet, queue=EVENT_QUEUE, logger=log,
                                      on_stored=self._stored)
         self._executor = Executor(store=self.store, desired=self.desired, events=self.events,

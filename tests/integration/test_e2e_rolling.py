@@ -15,6 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordinator.dev.devfleet import DevFleet
+from protocol import subjects
+from protocol.bus import Bus
+from protocol.codec import decode
+from protocol.messages import ObservedState
+from tests.integration.e2e_support import desired_log
 from tests.integration.procs import fleetwave, hello_bundle, wait_until
 
 SUBNET = "127.0.1"  # the dev fleet's default: the routers listen on 127.0.1.i:8080
@@ -173,6 +178,28 @@ async def test_rolling_rollback_and_coordinator_kill(tmp_path: Path) -> None:
                          what="every node serving 1.0.0")
         moved = [e["node"] for e in await events_of(url, rid) if e["kind"] == "node.updating"]
         assert sorted(moved) == ["node-1", "node-2", "node-3"], moved
+
+        # The success retired the old slot on the three nodes in one write: real agents, which
+        # announce batch signatures, were sent one signature with a proof each, and ran it.
+        last = {env.node: env for env in await desired_log(url)}
+        assert sorted(last) == ["node-1", "node-2", "node-3"], sorted(last)
+        assert all(env.proof for env in last.values()), [len(e.proof) for e in last.values()]
+        assert len({bytes(env.sig) for env in last.values()}) == 1
+
+        async def applied() -> dict[str, int]:
+            bus = await Bus.connect(url, "default", name="fleetwave-test")
+            try:
+                out = {}
+                for node in last:
+                    entry = await bus.kv_get(subjects.observed_bucket("default"), f"{node}.hello")
+                    out[node] = (decode(ObservedState, entry.value).observed_generation
+                                 if entry is not None and entry.value else -1)
+                return out
+            finally:
+                await bus.close()
+
+        await wait_until(applied, lambda got: got == {n: e.generation for n, e in last.items()},
+                         timeout=30, what="every agent to run its batch-signed state")
 
     print(f"\nrolling 1.0.0 -> 2.0.0 on 3 nodes, batch 1: {rolling_s:.2f}s "
           f"({rolling_requests} requests through the routers, 0 failed)")

@@ -17,7 +17,8 @@ the request and, from the coordinator's own event times, from ``rollout.rolling_
 Against two floors on the same broker (``perf_support.bus_floor``, one wave of N): N desired
 writes in atomic batches answered by N observed puts from one bare nats-py responder (as the
 one simulator process answers for every node), and the same with each state signed by the
-writer and its signature checked by the responder: what no rollback can skip, on this machine.
+writer (a signature a batch, a proof a state: ``protocol.signing.sign_batch``) and checked by the
+responder: what no rollback can skip, on this machine.
 """
 
 from __future__ import annotations
@@ -120,13 +121,15 @@ async def measure(n: int, brokers: int = 1, max_payload: str = "1MB",
 
 
 def crypto_floor(n: int) -> dict[str, float]:
-    """Seconds to sign ``n`` desired states as the coordinator does (``protocol.signing.sign``,
-    encoded) and to decode and verify them as agents do, in this process: the work a rollback
-    of ``n`` nodes cannot skip, which in this benchmark one coordinator and one simulator
+    """Seconds to sign ``n`` desired states as the coordinator does (``sign_batch``: one
+    signature a batch of ``FENCED_BATCH``, encoded) and to decode and verify them as agents do
+    (leaf and proof each, a batch's signature once), in this process: the work a rollback of
+    ``n`` nodes cannot skip, which in this benchmark one coordinator and one simulator
     process do on this machine's cores (on a real fleet each node verifies its own)."""
+    from protocol.bus import FENCED_BATCH
     from protocol.codec import decode, encode
     from protocol.messages import DesiredState, ReleaseRef, SignedEnvelope
-    from protocol.signing import generate_seed, public_key, sign, verify
+    from protocol.signing import generate_seed, public_key, sign_batch, verify
 
     seed = generate_seed()
     trusted = {public_key(seed)}
@@ -135,7 +138,8 @@ def crypto_floor(n: int) -> dict[str, float]:
                            slots={"a": ref, "b": ref}, weights={"a": 100, "b": 0})
               for i in range(1, n + 1)]
     started = time.perf_counter()
-    bodies = [encode(sign(seed, d, term=3)) for d in states]
+    bodies = [encode(env) for i in range(0, n, FENCED_BATCH)
+              for env in sign_batch(seed, states[i:i + FENCED_BATCH], term=3)]
     signed = time.perf_counter() - started
     started = time.perf_counter()
     for d, body in zip(states, bodies, strict=True):

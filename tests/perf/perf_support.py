@@ -595,14 +595,17 @@ async def bus_floor(url: str, nodes: int, waves: int, payload: int, *,
     one a message), concurrently; the responder, standing for the nodes' agents, puts one
     observed state per desired state it sees, as each agent does, to a bucket kept in memory as
     fleetwave's is. ``signed``: the desired states are real ones (two slots, as a blue-green
-    node's), signed as each wave goes out (``protocol.signing.sign``) and verified by the
-    responder before it answers: the work no coordinator and no agent may skip."""
+    node's), signed as each batch goes out, one signature a batch with a Merkle proof a state
+    (``protocol.signing.sign_batch``, as the coordinator signs for agents that take it), and
+    verified by the responder before it answers (each state's leaf and proof; the batch's
+    signature once, ``verify`` remembering a root it checked, as one host checks its own): the
+    work no coordinator and no agent may skip."""
     import nats
     from nats.js import api as js_api
 
     from protocol.codec import encode
     from protocol.messages import DesiredState, ReleaseRef
-    from protocol.signing import generate_seed, public_key, sign
+    from protocol.signing import generate_seed, public_key, sign_batch
 
     nc = await nats.connect(url)
     try:
@@ -650,16 +653,17 @@ async def bus_floor(url: str, nodes: int, waves: int, payload: int, *,
 
             ref = ReleaseRef(service="hello", version="1.0.0", digest="sha256:" + "d" * 64)
 
-            def signed_value(k: str) -> bytes:
-                return encode(sign(seed, DesiredState(
+            def signed_values(ks: list[str]) -> list[bytes]:
+                return [encode(env) for env in sign_batch(seed, [DesiredState(
                     fleet=FLOOR_FLEET, node=k.partition(".")[0], service="hello", generation=5,
-                    slots={"a": ref, "b": ref}, weights={"a": 100, "b": 0}), term=3))
+                    slots={"a": ref, "b": ref}, weights={"a": 100, "b": 0}) for k in ks],
+                    term=3)]
 
             async def put(ks: list[str]) -> None:
                 async with sem:
                     # Signed in worker threads (libsodium runs outside the GIL), as the
                     # coordinator signs, while other batches are written.
-                    values = (await asyncio.to_thread(lambda: [signed_value(k) for k in ks])
+                    values = (await asyncio.to_thread(signed_values, ks)
                               if signed else [value] * len(ks))
                     await atomic_put(nc, desired._pre, list(zip(ks, values, strict=True)))
 

@@ -12,6 +12,7 @@ from agent.host.hostinfo import HostFacts, HostFigures, HostSampler, host_facts
 from protocol.codec import decode, encode
 from protocol.errors import ProtocolError
 from protocol.messages import Heartbeat, NodeInfo, Pace, ServiceSummary, SlotProcess
+from protocol.signing import FEATURE_BATCH
 
 FACTS = HostFacts(
     hostname="h1", platform="Linux-6", python="3.11.7", cpu_count=4, mem_total=8 << 30,
@@ -60,6 +61,7 @@ def test_node_info_carries_identity_and_host_facts() -> None:
     assert back == info
     assert (back.id, back.labels, back.agent_version) == ("n1", {"zone": "a"}, __version__)
     assert (back.cpu_count, back.mem_total, back.bind_host) == (4, 8 << 30, "127.0.1.1")
+    assert back.features == [FEATURE_BATCH]  # it verifies batch-signed states
 
 
 def test_heartbeat_carries_figures_and_services() -> None:

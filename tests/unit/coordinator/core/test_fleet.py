@@ -13,6 +13,7 @@ from coordinator.core.fleet import (
 )
 from protocol.errors import ProtocolError
 from protocol.messages import Heartbeat, NodeInfo, ServiceSummary
+from protocol.signing import FEATURE_BATCH
 
 T0 = 1_700_000_000.0
 
@@ -215,3 +216,14 @@ def test_parse_selector_refuses_contradictions() -> None:
     """The same key with two values is refused rather than silently picking one."""
     with pytest.raises(ProtocolError, match="twice"):
         parse_selector(["zone=a", "zone=b"])
+
+
+def test_only_nodes_whose_agent_says_so_take_batch_signatures() -> None:
+    """An agent that registered ``batch-signatures`` takes them; one too old to say (or only
+    heard by heartbeat, or unknown) gets states signed alone, which every agent verifies."""
+    f = Fleet()
+    f.register(NodeInfo(id="new", features=[FEATURE_BATCH]), T0)
+    f.register(NodeInfo(id="old"), T0)
+    f.heartbeat(hb("beating"), T0)
+    assert f.takes_batch_signatures("new")
+    assert not any(f.takes_batch_signatures(n) for n in ("old", "beating", "unknown"))

@@ -30,7 +30,7 @@ from protocol.messages import (
     SignedEnvelope,
     SlotStatus,
 )
-from protocol.signing import generate_seed, sign
+from protocol.signing import generate_seed, public_key, sign, verify
 from protocol.testing import FLEET, NEW, OLD, FakeBus, FakeClock, desired, spec
 
 SEED = generate_seed()
@@ -625,3 +625,24 @@ async def test_known_keys_go_out_a_signed_batch_at_a_time_and_a_failed_batch_sen
     assert len(sizes) == 1 + 1 + (n - FENCED_BATCH)  # the failed one again, then the rest
     assert all(bus.desired(f"node-{i}").generation == 10  # type: ignore[union-attr]
                for i in range(1, n + 1))
+
+
+async def test_nodes_that_take_batch_signatures_get_them_and_the_others_single_ones() -> None:
+    """The retirement writes all three nodes at once: node-1 and node-2 (which announced
+    ``batch-signatures``) share one signature with a proof each; node-3 (an older agent) gets
+    a state signed alone. Each verifies as its agent would."""
+    bus, clock = fleet_bus(), FakeClock()
+    table = views()
+    r = Runner(bus, seed=SEED, fenced=fenced(bus), nodes=lambda: table, clock=clock,
+               batchable=lambda node: node != "node-3")
+    rec = await r.deploy(spec(), NEW)
+    assert await drive(r, bus, clock, rec.id) == "succeeded"
+    envs = {}
+    for i in (1, 2, 3):
+        entry = bus.live(DESIRED, f"node-{i}.hello")
+        assert entry is not None and entry.value is not None
+        envs[i] = decode(SignedEnvelope, entry.value)
+        assert verify(envs[i], {public_key(SEED)}, fleet=FLEET, node=f"node-{i}",
+                      service="hello", min_generation=0).slots == {"b": NEW}
+    assert envs[1].proof and envs[2].proof and envs[1].sig == envs[2].sig
+    assert envs[3].proof == b"" and envs[3].sig != envs[1].sig
