@@ -158,7 +158,9 @@ def start(values: dict[str, Any]) -> int:
     import asyncio
 
     if values["simulate"]:
-        return asyncio.run(_run_simulated(options, trust_keys, values["simulate"]))
+        from protocol import loop
+
+        return loop.run(_run_simulated(options, trust_keys, values["simulate"]))
     if metrics is None:
         return asyncio.run(_run(build_agent(options)))
     sock, live = metrics

@@ -8,7 +8,6 @@ killed at any time: the router keeps serving). Output goes wherever the starter 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import logging
 import os
@@ -18,15 +17,7 @@ from pathlib import Path
 from agent.errors import RouterUnavailable
 from agent.router.control import RouterClient, check_socket_path
 from agent.router.server import RouterServer
-
-
-def _run_loop(main: object) -> None:
-    try:
-        import uvloop  # the fast event loop when installed; asyncio's otherwise
-    except ImportError:
-        asyncio.run(main)  # type: ignore[arg-type]  # main is a coroutine
-    else:
-        uvloop.run(main)  # type: ignore[arg-type]
+from protocol import loop
 
 
 async def _serve(socket_path: Path) -> int:
@@ -70,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         nonlocal code
         code = await _serve(socket_path)
 
-    _run_loop(go())
+    loop.run(go())
     return code
 
 

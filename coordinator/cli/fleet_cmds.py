@@ -38,6 +38,7 @@ from coordinator.runtime.config import load as load_config
 from coordinator.runtime.keyfile import coordinator_seed, previous_key
 from coordinator.runtime.lease import LEASE_TTL
 from coordinator.runtime.notify_doc import BadTarget, Target, parse_target
+from protocol import loop
 from protocol.bus import EventsLimits, redact
 from protocol.codec import to_builtins
 from protocol.errors import NoRoom, ProtocolError, TooFewServers
@@ -215,8 +216,8 @@ def coordinator(ctx: Ctx, verbose: bool, key_file: Path | None, replicas: int | 
     history = History(Retention(keep_rollouts),
                       EventsLimits(max_age=events_max_age, max_bytes=events_max_bytes),
                       lease_ttl, heartbeat_rate)
-    return asyncio.run(_run_coordinator(ctx, seed, replicas, previous_key(path, seed), notifier,
-                                        http, tokens, history))
+    return loop.run(_run_coordinator(ctx, seed, replicas, previous_key(path, seed), notifier,
+                                     http, tokens, history))
 
 
 @dataclass(frozen=True)
@@ -239,9 +240,8 @@ async def _run_coordinator(ctx: Ctx, seed: bytes, replicas: int | None,
     from coordinator.runtime.daemon import Coordinator
 
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     logging.getLogger("fleetwave.coordinator").info(
         "connecting to %s for fleet %r", redact(ctx.nats_url), ctx.fleet
     )
