@@ -99,6 +99,10 @@ class Rollback:
             # The last ones failed: time to retire the rest.
             if self.step.now >= r.rollback_deadline:
                 r.rollback_deadline = self.step.now + self.step.spec.progress_deadline
+            # What users feel is done: said before the retirement's writes, so that its event
+            # goes out without waiting for them (``Executor.carry_out``).
+            for policy in self.step.policies:
+                policy.rollback_advanced(self.step)
             for n in back:
                 p = r.nodes[n]
                 self.step.write(p, self.restore(p))

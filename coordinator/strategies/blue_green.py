@@ -36,7 +36,7 @@ from msgspec import UNSET
 
 from coordinator.core import gates as gatelib
 from coordinator.core import staging
-from coordinator.core.engine_types import peek, peek_node
+from coordinator.core.engine_types import converged, peek, peek_node
 from coordinator.core.evidence import Evidence, listed
 from coordinator.core.planning import Wave, WaveKind
 from coordinator.core.targets import serving_slot
@@ -313,13 +313,20 @@ def switched_back(step: Step) -> None:
         return
     for n in back.expect:
         p = peek_node(step.r.nodes, n)
-        if p.state != "failed" and p.target is not None and p.target.slots.get(p.slot) is not None:
-            return  # still on its switch-back target (the new slot is retired after it)
+        if (p.state != "failed" and p.target is not None and p.target.slots.get(p.slot) is not None
+                and not _back_on(step, n, p.target)):
+            return  # still switching back (then its new slot is retired)
     summary = _summarize(back, back.nodes, back.at)
     back.nodes = summary["nodes"]
     step.emit("bluegreen.switched_back", f"traffic back on the old slots; spread "
               f"{_ms(summary['spread'])}", at=back.at, spread=summary["spread"],
               lag=summary["lag"])
+
+
+def _back_on(step: Step, node: str, target: DesiredState) -> bool:
+    """Whether ``node`` reported it runs its switch-back ``target``: its router is back."""
+    seen = step.obs.get(node)
+    return seen is not None and converged(seen, target)
 
 
 def switching_back(step: Step) -> bool:

@@ -646,3 +646,28 @@ async def test_nodes_that_take_batch_signatures_get_them_and_the_others_single_o
                       service="hello", min_generation=0).slots == {"b": NEW}
     assert envs[1].proof and envs[2].proof and envs[1].sig == envs[2].sig
     assert envs[3].proof == b"" and envs[3].sig != envs[1].sig
+
+
+async def test_an_event_before_every_write_of_its_step_goes_out_before_those_writes() -> None:
+    """``rollout.started`` and ``wave.started`` announce decisions, not writes: they are queued
+    for the publisher before the step's desired writes (a blue-green switch back is told
+    before the thousands of writes that retire the new slots); ``node.updating``, which the
+    engine emits after its node's write, still goes out only once that write landed."""
+    bus, clock = fleet_bus(), FakeClock()
+    r = runner(bus, clock)
+    order: list[tuple[str, object]] = []
+    put, write_all = r.events.put, r.desired.write_all
+
+    def queued(event: Event) -> None:
+        order.append(("event", event.kind))
+        put(event)
+
+    async def written(pending: Sequence[DesiredState]) -> None:
+        await write_all(pending)
+        order.append(("written", [d.node for d in pending]))
+
+    r.events.put = queued  # type: ignore[method-assign]
+    r.desired.write_all = written  # type: ignore[method-assign]
+    await r.deploy(spec(), NEW)
+    assert order == [("event", "rollout.started"), ("event", "wave.started"),
+                     ("written", ["node-1"]), ("event", "node.updating")]
