@@ -44,7 +44,6 @@ from protocol.errors import NoRoom, ProtocolError, TooFewServers
 
 if TYPE_CHECKING:  # imported where the daemon starts: every other command starts ~1 s sooner
     from coordinator.auth import web_tokens
-    from coordinator.runtime.daemon import tune_gc
     from coordinator.runtime.notify import Notifier
 from protocol.messages import KeyRequest, NodesRequest, NodeView
 
@@ -206,6 +205,7 @@ def coordinator(ctx: Ctx, verbose: bool, key_file: Path | None, replicas: int | 
     # imported here, not with the CLI: every other command would pay for them at start-up
     # (measured 1.0-1.3 s of a 3.1 s import on the loaded 2-core machine, issue 17).
     from coordinator.auth import web_tokens
+    from coordinator.runtime.daemon import tune_gc
     from coordinator.runtime.notify import Notifier
 
     tokens = web_tokens.TokenFile(http_tokens) if http_tokens is not None else None

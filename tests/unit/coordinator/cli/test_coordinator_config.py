@@ -42,3 +42,33 @@ def test_help_documents_config_and_http() -> None:
     text = " ".join(CliRunner().invoke(cli, ["coordinator", "--help"]).output.split())
     assert "--config FILE" in text and "FLEETWAVE_CONFIG" in text
     assert "--http HOST:PORT" in text and "/metrics" in text
+
+
+def test_the_command_tunes_the_gc_and_starts_the_daemon_on_asyncios_loop(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Everything ``fleetwave coordinator`` does before the daemon's loop runs, for real: the
+    key file is made, the GC set to GC_THRESHOLDS, then ``asyncio.run`` (stubbed here: no
+    broker runs) is given the daemon."""
+    import asyncio
+    import gc
+
+    from coordinator.runtime.daemon import GC_THRESHOLDS
+
+    started: list[str] = []
+
+    def fake_run(main: object) -> int:
+        started.append(getattr(main, "__qualname__", ""))
+        main.close()  # type: ignore[attr-defined]  # a coroutine never awaited
+        return 0
+
+    before = gc.get_threshold()
+    monkeypatch.setattr(asyncio, "run", fake_run)
+    try:
+        code, err = run(["--nats", "nats://127.0.66.9:1", "coordinator", "--key-file",
+                         str(tmp_path / "k")], capsys)
+        assert gc.get_threshold() == GC_THRESHOLDS
+    finally:
+        gc.set_threshold(*before)
+    assert code == 0, err
+    assert started == ["_run_coordinator"] and (tmp_path / "k").exists()
