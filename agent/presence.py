@@ -25,8 +25,14 @@ from agent import __version__
 from agent.host.hostinfo import HostFacts, HostFigures
 from protocol.codec import decode
 from protocol.errors import ProtocolError
-from protocol.messages import Heartbeat, NodeInfo, Pace, ServiceSummary, SlotProcess
-from protocol.signing import FEATURE_BATCH
+from protocol.messages import (
+    FEATURE_BATCH,
+    Heartbeat,
+    NodeInfo,
+    Pace,
+    ServiceSummary,
+    SlotProcess,
+)
 
 DEFAULT_INTERVAL = 2.0
 MIN_INTERVAL = 0.05

@@ -30,6 +30,12 @@ LATENCY_BOUNDS_MS: tuple[float, ...] = tuple(
 )  # 0.25 ms ... ~26 s
 
 
+# What an agent that verifies batch-signed desired states (``protocol.signing.sign_batch``)
+# says in ``NodeInfo.features``. Here, not in ``protocol.signing``: the agent's lean start
+# (``agent.main``) must not import hashlib or the crypto to register.
+FEATURE_BATCH = "batch-signatures"
+
+
 class NodeInfo(msgspec.Struct, kw_only=True):
     """What an agent says about its host when it registers."""
 
@@ -49,7 +55,7 @@ class NodeInfo(msgspec.Struct, kw_only=True):
     # a signing-key rotation can check that every node trusts the new key before switching to
     # it; None: an agent too old to say.
     trust_keys: list[str] | None = None
-    # What this agent can do that an older one cannot (``protocol.signing.FEATURE_BATCH``): the
+    # What this agent can do that an older one cannot (``FEATURE_BATCH``): the
     # coordinator sends a node only what it says it takes.
     features: list[str] = []
 

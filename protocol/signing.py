@@ -28,8 +28,9 @@ An agent folds its envelope's leaf up the path and checks the signature over the
 changing any byte of any bound field changes the leaf, hence the root. Why: one ed25519
 signature per state was the largest single cost of a 10,000-node rollout (the coordinator's
 signing and, ten times over, every simulated node's verification); a batch of 500 costs one
-signature and 500 hashes. Only agents that announce ``FEATURE_BATCH`` at registration are sent
-batch-signed states (an older agent would refuse them as forged); ``verify`` takes both forms.
+signature and 500 hashes. Only agents that announce ``messages.FEATURE_BATCH`` at registration
+are sent batch-signed states (an older agent would refuse them as forged); ``verify`` takes both
+forms.
 A verified root is remembered (``_verify_root``), so one process standing for many nodes (the
 simulator) checks a batch's signature once.
 """
@@ -63,8 +64,6 @@ DOMAIN_TERMED = b"fleetwave-envelope-v2"
 # A batch signature covers a Merkle root under this tag (never the bytes of an envelope).
 DOMAIN_BATCH = b"fleetwave-batch-v1"
 KIND_DESIRED = "desired"
-# What an agent that verifies batch signatures says in ``NodeInfo.features``.
-FEATURE_BATCH = "batch-signatures"
 HASH_SIZE = 32  # SHA-256
 MAX_PROOF = 40  # sibling hashes in a proof: a batch of 2**40 states has no longer path
 _LEAF = b"\x00"

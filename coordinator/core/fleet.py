@@ -28,8 +28,7 @@ from typing import Literal
 
 from protocol.codec import to_builtins
 from protocol.errors import ProtocolError
-from protocol.messages import Heartbeat, NodeInfo, NodeView
-from protocol.signing import FEATURE_BATCH
+from protocol.messages import FEATURE_BATCH, Heartbeat, NodeInfo, NodeView
 
 MISSED_BEATS = 3
 # Bounds on an announced interval: a hostile or buggy agent must not be able to stay "online" for

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -82,12 +83,14 @@ async def trust(fleet: DevFleet, i: int, *keys: str) -> None:
     await agent.restart()
 
 
-async def every_view(fleet: DevFleet, coordinators: int) -> list[dict[str, bool]]:
-    """Each running coordinator's own view of the nodes (id -> online): every coordinator
-    answers a read, and ``fleetwave nodes`` shows the first answer only. A deploy is planned on
-    the leader's view, which may lag a standby's by a heartbeat or two (a node that a standby
-    already saw come back may still be offline to the leader: the deploy then leaves it out, by
-    design, and "succeeds" without it)."""
+async def every_view(fleet: DevFleet, coordinators: int) -> list[dict[str, float | None]]:
+    """Each running coordinator's own view of the nodes (id -> when last heard from, None while
+    offline): every coordinator answers a read, and ``fleetwave nodes`` shows the first answer
+    only. A deploy is planned on the leader's view, which may lag a standby's by a heartbeat or
+    two (a node that a standby already saw come back may still be offline to the leader: the
+    deploy then leaves it out, by design, and "succeeds" without it). And an agent just
+    restarted still looks online for up to 3 missed beats, on its old process's last beat: a
+    caller that restarted agents waits for a time heard after the restart."""
     bus = await Bus.connect(fleet.nats_url, fleet.fleet, name="rotation-views")
     try:
         inbox = bus.nc.new_inbox()
@@ -98,7 +101,8 @@ async def every_view(fleet: DevFleet, coordinators: int) -> list[dict[str, bool]
         for _ in range(coordinators):
             reply = decode(ApiReply, (await sub.next_msg(timeout=5)).data)
             assert reply.ok, reply.error
-            views.append({row["id"]: row["online"] for row in reply.data})
+            views.append({row["id"]: row["last_seen"] if row["online"] else None
+                          for row in reply.data})
         await sub.unsubscribe()
         return views
     finally:
@@ -169,9 +173,13 @@ async def test_rotating_the_signing_key_moves_no_service(tmp_path: Path) -> None
             assert not previous_path(fleet.key_file).exists()
             for i in (1, 2, 3):
                 await trust(fleet, i, new)
+            # Every old agent process has exited by now; a beat of one still queued in a loaded
+            # coordinator is not heard a second later, while the new ones beat every 0.5 s.
+            restarted = time.time() + 1.0
             await wait_until(lambda: every_view(fleet, 2),
-                             lambda vs: all(v.get(n) is True for v in vs for n in NODES),
-                             timeout=30, what="both coordinators to see every node back online")
+                             lambda vs: all((v.get(n) or 0.0) > restarted
+                                            for v in vs for n in NODES),
+                             timeout=30, what="both coordinators to hear every restarted node")
             assert await service_pids(fleet) == before, "a service process was restarted"
             for i in (1, 2, 3):
                 said = await read_text(fleet.agent(i).log_path)

@@ -11,8 +11,7 @@ from agent import __version__, presence
 from agent.host.hostinfo import HostFacts, HostFigures, HostSampler, host_facts
 from protocol.codec import decode, encode
 from protocol.errors import ProtocolError
-from protocol.messages import Heartbeat, NodeInfo, Pace, ServiceSummary, SlotProcess
-from protocol.signing import FEATURE_BATCH
+from protocol.messages import FEATURE_BATCH, Heartbeat, NodeInfo, Pace, ServiceSummary, SlotProcess
 
 FACTS = HostFacts(
     hostname="h1", platform="Linux-6", python="3.11.7", cpu_count=4, mem_total=8 << 30,

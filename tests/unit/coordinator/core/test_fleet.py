@@ -12,8 +12,7 @@ from coordinator.core.fleet import (
     parse_selector,
 )
 from protocol.errors import ProtocolError
-from protocol.messages import Heartbeat, NodeInfo, ServiceSummary
-from protocol.signing import FEATURE_BATCH
+from protocol.messages import FEATURE_BATCH, Heartbeat, NodeInfo, ServiceSummary
 
 T0 = 1_700_000_000.0
 
