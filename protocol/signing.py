@@ -157,6 +157,11 @@ def signed_bytes(env: SignedEnvelope) -> bytes:
         *([str(env.term).encode()] if env.term else []),
         bytes(env.payload),
     ]
+    return _framed(parts)
+
+
+def _framed(parts: Sequence[bytes]) -> bytes:
+    """``parts`` each length-prefixed, so that no two lists of parts frame alike."""
     return b"".join(len(p).to_bytes(8, "big") + p for p in parts)
 
 
@@ -164,18 +169,16 @@ def sign(seed: bytes, desired: DesiredState, *, term: int = 0) -> SignedEnvelope
     """Sign ``desired`` into an envelope bound to its fleet, node, service and generation, and to
     the lease ``term`` of the coordinator that writes it."""
     key, pub = _keypair(seed)
-    env = SignedEnvelope(
-        kind=KIND_DESIRED,
-        fleet=desired.fleet,
-        node=desired.node,
-        service=desired.service,
-        generation=desired.generation,
-        payload=encode(desired),
-        key=pub,
-        term=term,
-    )
+    env = _unsigned(desired, pub, term)
     env.sig = key.sign(signed_bytes(env)).signature
     return env
+
+
+def _unsigned(desired: DesiredState, pub: str, term: int) -> SignedEnvelope:
+    """The envelope of ``desired`` by key ``pub`` under ``term``, its signature still empty."""
+    return SignedEnvelope(kind=KIND_DESIRED, fleet=desired.fleet, node=desired.node,
+                          service=desired.service, generation=desired.generation,
+                          payload=encode(desired), key=pub, term=term)
 
 
 def sign_batch(seed: bytes, states: Sequence[DesiredState], *,
@@ -185,9 +188,7 @@ def sign_batch(seed: bytes, states: Sequence[DesiredState], *,
     if len(states) < 2:
         return [sign(seed, d, term=term) for d in states]
     key, pub = _keypair(seed)
-    envs = [SignedEnvelope(kind=KIND_DESIRED, fleet=d.fleet, node=d.node, service=d.service,
-                           generation=d.generation, payload=encode(d), key=pub, term=term)
-            for d in states]
+    envs = [_unsigned(d, pub, term) for d in states]
     level = [_leaf_hash(env) for env in envs]
     proofs: list[list[bytes]] = [[] for _ in envs]
     under: list[list[int]] = [[i] for i in range(len(envs))]  # the leaves below each hash
@@ -215,7 +216,7 @@ def sign_batch(seed: bytes, states: Sequence[DesiredState], *,
 
 def batch_bytes(root: bytes) -> bytes:
     """The exact bytes a batch signature covers: the batch domain tag, then the root."""
-    return b"".join(len(p).to_bytes(8, "big") + p for p in (DOMAIN_BATCH, root))
+    return _framed((DOMAIN_BATCH, root))
 
 
 def batch_root(env: SignedEnvelope) -> bytes:

@@ -141,10 +141,10 @@ def _version() -> str:
         return "0.0.0"
 
 
-
 def tune_gc() -> None:
     """Set this process's garbage collector for a coordinator (``GC_THRESHOLDS``)."""
     gc.set_threshold(*GC_THRESHOLDS)
+
 
 class Coordinator:
     """One coordinator for one fleet; owns its bus connection and every task it starts."""

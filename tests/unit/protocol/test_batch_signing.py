@@ -23,6 +23,7 @@ from protocol.signing import (
     sign_batch,
     verify,
 )
+from tests.unit.protocol.test_signing import flip_a_byte
 
 SEED = generate_seed()
 PUB = public_key(SEED)
@@ -143,11 +144,7 @@ def test_flipping_any_byte_of_proof_payload_or_signature_is_refused(data: st.Dat
     envs = batch(9)
     check(envs[0])
     env = envs[data.draw(st.integers(0, 8))]
-    target = data.draw(st.sampled_from(["payload", "sig", "proof"]))
-    raw = bytearray(getattr(env, target))
-    i = data.draw(st.integers(0, len(raw) - 1))
-    raw[i] ^= data.draw(st.integers(1, 255))
-    setattr(env, target, bytes(raw))
+    flip_a_byte(data, env, ["payload", "sig", "proof"])
     with pytest.raises(ProtocolError):
         check(env)
 
