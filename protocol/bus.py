@@ -73,6 +73,7 @@ from protocol.errors import (
     ProtocolError,
     TooFewServers,
 )
+from protocol.loop import bounded
 
 REQUEST_TIMEOUT = 5.0
 # How long closing waits for handlers to finish the messages already queued (``Bus.close``).
@@ -272,6 +273,16 @@ def tls_context(ca_file: str) -> ssl.SSLContext:
         raise ProtocolError(
             f"TLS CA file {ca_file} holds no usable certificate; pass the fleet's ca.pem"
         ) from None
+
+
+async def _asked(nc: Client, subject: str, data: bytes, *, timeout: float,
+                 headers: dict[str, str] | None = None) -> Any:
+    """``nc.request`` that a cancellation always stops: nats-py bounds its wait with
+    ``asyncio.wait_for``, which on Python 3.11 can drop a cancellation (``protocol.loop.
+    bounded``); unbounded there (None: awaited bare), bounded here."""
+    return await bounded(nc.request(subject, data, headers=headers,
+                                    timeout=None),  # type: ignore[arg-type]
+                         timeout)
 
 
 async def _unless_refused(connecting: Awaitable[Client],
@@ -484,7 +495,7 @@ class Bus:
             try:
                 # nats-py retries the first connect max_reconnect_attempts times by itself (a
                 # minute with 120 x 0.5 s, for ever for agents): bound it by our deadline.
-                nc = await asyncio.wait_for(_unless_refused(nats.connect(
+                nc = await bounded(_unless_refused(nats.connect(
                     servers,
                     name=name,
                     connect_timeout=2,
@@ -594,14 +605,14 @@ class Bus:
             self._ldm_task.cancel()
         for svc in self._services:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(svc.stop(), 2)
+                await bounded(svc.stop(), 2)
         # nats-py's drain gives up by itself after DRAIN_TIMEOUT (a handler that does not
         # return holds its subscription's queue). Cancelled from outside instead, it left a
         # gather whose CancelledError nobody retrieved ("_GatheringFuture exception was never
         # retrieved", with a traceback, in the log of a coordinator that stopped cleanly); the
         # outer bound is only for a drain stuck elsewhere (its final flush).
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.nc.drain(), DRAIN_TIMEOUT + 2)
+            await bounded(self.nc.drain(), DRAIN_TIMEOUT + 2)
         if not self.nc.is_closed:
             with contextlib.suppress(Exception):
                 await self.nc.close()
@@ -868,18 +879,18 @@ class Bus:
         loop = asyncio.get_running_loop()
         try:
             await self.nc.publish(subject, data, reply=sub.subject)
-            deadline = loop.time() + timeout
-            while True:
-                msg = await sub.next_msg(timeout=max(deadline - loop.time(), 0.001))
-                if (msg.headers or {}).get(js_api.Header.STATUS) == "503":
-                    raise NoResponders(
-                        f"no coordinator answers for fleet {self.fleet!r}; start one with "
-                        "'fleetwave coordinator' (or 'fleetwave dev up')")
-                whole, moved = assembly.add(msg.data, msg.headers)
-                if whole is not None:
-                    return whole
-                if moved:
-                    deadline = loop.time() + timeout
+            async with asyncio.timeout(timeout) as limit:  # not next_msg's (see _asked)
+                while True:
+                    msg = await sub.next_msg(timeout=None)
+                    if (msg.headers or {}).get(js_api.Header.STATUS) == "503":
+                        raise NoResponders(
+                            f"no coordinator answers for fleet {self.fleet!r}; start one with "
+                            "'fleetwave coordinator' (or 'fleetwave dev up')")
+                    whole, moved = assembly.add(msg.data, msg.headers)
+                    if whole is not None:
+                        return whole
+                    if moved:
+                        limit.reschedule(loop.time() + timeout)
         except (nats.errors.TimeoutError, TimeoutError):
             if assembly.received:
                 raise BusError(
@@ -907,7 +918,7 @@ class Bus:
         server knows no subscriber: that client's connection is gone), None no answer in time
         (or no connection of ours)."""
         try:
-            await self.nc.request(subject, b"", timeout=timeout)
+            await _asked(self.nc, subject, b"", timeout=timeout)
         except nats.errors.NoRespondersError:
             return False
         except (nats.errors.Error, TimeoutError):
@@ -1111,9 +1122,9 @@ class Bus:
             raise BusError(f"cannot read {bucket}: {exc}") from None
         finally:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(sub.unsubscribe(), 2)
+                await bounded(sub.unsubscribe(), 2)
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(  # pull_subscribe named it in the config
+                await bounded(  # pull_subscribe named it in the config
                     self.js.delete_consumer(f"KV_{bucket}", config.name or ""), 2)
 
     async def _watch_once(self, bucket: str, pattern: str) -> AsyncIterator[Entry]:
@@ -1153,7 +1164,7 @@ class Bus:
                     yield Entry(e.key, None if deleted else e.value, e.revision or 0)
             finally:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(w.stop(), 2)
+                    await bounded(w.stop(), 2)
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusError(f"cannot read {bucket}: {exc}") from None
 
@@ -1217,7 +1228,7 @@ class Bus:
                     dog.cancel()
                 self._watchers.discard(w)
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(w.stop(), 2)
+                    await bounded(w.stop(), 2)
 
     async def _watchdog(self, w: Any, bucket: str, every: float) -> None:
         """Wake watcher ``w`` with its stop sentinel (its ``watch`` starts a new one) once the
@@ -1229,7 +1240,7 @@ class Bus:
             await asyncio.sleep(every)
             psub = w._sub
             try:
-                info = await asyncio.wait_for(psub.consumer_info(), OP_TIMEOUT)
+                info = await bounded(psub.consumer_info(), OP_TIMEOUT)
             except nats.js.errors.NotFoundError:
                 astray = 2
             except (nats.errors.Error, TimeoutError):
@@ -1475,8 +1486,8 @@ class Bus:
                         await self.nc.publish(f"{prefix}{key}", data, headers=headers)
                         continue
                     headers["Nats-Batch-Commit"] = "1"
-                    msg = await self.nc.request(f"{prefix}{key}", data, headers=headers,
-                                                timeout=timeout)
+                    msg = await _asked(self.nc, f"{prefix}{key}", data, headers=headers,
+                                       timeout=timeout)
         except nats.errors.NoRespondersError:
             return BusError("no JetStream stream answers for the bucket")
         except (nats.errors.Error, TimeoutError) as exc:
@@ -1545,7 +1556,7 @@ class Bus:
                         await self.nc.publish(subject, data, headers=headers)
                         continue
                     headers["Nats-Batch-Commit"] = "1"
-                    msg = await self.nc.request(subject, data, headers=headers, timeout=timeout)
+                    msg = await _asked(self.nc, subject, data, headers=headers, timeout=timeout)
         except nats.errors.NoRespondersError:
             return "no stream answers"
         except (nats.errors.Error, TimeoutError) as exc:
@@ -1606,7 +1617,7 @@ class Bus:
         try:
             while True:
                 try:
-                    msg = await sub.next_msg(timeout=0.5 if not follow else 3600)
+                    msg = await bounded(sub.next_msg(timeout=None), 0.5 if not follow else 3600)
                 except (nats.errors.TimeoutError, TimeoutError):
                     if follow:
                         continue
@@ -1617,7 +1628,7 @@ class Bus:
                     return
         finally:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(sub.unsubscribe(), 2)
+                await bounded(sub.unsubscribe(), 2)
 
 
 class Pulled:
@@ -1665,7 +1676,7 @@ class Durable:
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._sub.unsubscribe(), 2)
+            await bounded(self._sub.unsubscribe(), 2)
 
 
 class _HeartbeatingJetStream:

@@ -11,7 +11,7 @@ fleet_cmds``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -25,3 +25,13 @@ def run(main: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(main)
     result: T = uvloop.run(main)
     return result
+
+
+async def bounded(aw: Awaitable[T], timeout: float | None) -> T:
+    """``await aw``, TimeoutError after ``timeout`` seconds (None: no bound): ``asyncio.wait_for``
+    that a cancellation always stops. On Python 3.11, ``wait_for`` returns the result and drops
+    the cancellation when both arrive in the same turn of the loop (CPython gh-86296, fixed in
+    3.12): a loop cancelled as its event fired went on waiting for the next one, and whoever
+    awaited its end waited for ever. ``asyncio.timeout`` never drops one."""
+    async with asyncio.timeout(timeout):
+        return await aw

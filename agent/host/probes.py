@@ -32,6 +32,7 @@ from typing import Any
 from agent.cadence import sleep_to_tick
 from agent.errors import AnswerClosed, AnswerMalformed
 from agent.host.identity import RunAs, spawn_kwargs
+from protocol.loop import bounded
 from protocol.manifest import HealthConfig
 
 PROBE_HOST = "127.0.0.1"
@@ -92,7 +93,7 @@ async def http_probe(port: int, path: str, timeout: float, host: str = PROBE_HOS
         if writer is not None:
             writer.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
+                await bounded(writer.wait_closed(), 1.0)
     parts = line[:_MAX_STATUS_LINE].decode("latin-1", "replace").split()
     if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
         return ProbeResult(False, f"http {path}: not an HTTP answer: {line[:80]!r}")
@@ -191,7 +192,7 @@ class HttpProbeConnection:
         if writer is not None:
             writer.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
+                await bounded(writer.wait_closed(), 1.0)
 
 
 async def tcp_probe(port: int, timeout: float, host: str = PROBE_HOST) -> ProbeResult:
@@ -205,7 +206,7 @@ async def tcp_probe(port: int, timeout: float, host: str = PROBE_HOST) -> ProbeR
         return ProbeResult(False, f"tcp {port}: {_os_reason(exc)}")
     writer.close()
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(writer.wait_closed(), 1.0)
+        await bounded(writer.wait_closed(), 1.0)
     return ProbeResult(True)
 
 
@@ -253,7 +254,7 @@ async def spawn_owned(argv: list[str], **kw: Any) -> asyncio.subprocess.Process:
 
 
 async def _reap_when_created(creating: asyncio.Future[asyncio.subprocess.Process]) -> None:
-    proc = await asyncio.wait_for(creating, 5.0)
+    proc = await bounded(creating, 5.0)
     await kill_and_reap(proc)
 
 
@@ -275,7 +276,7 @@ async def kill_and_reap(proc: asyncio.subprocess.Process, timeout: float = 5.0) 
     """
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, 9)
-    waiting = asyncio.ensure_future(asyncio.wait_for(proc.wait(), timeout))
+    waiting = asyncio.ensure_future(bounded(proc.wait(), timeout))
     _keep(waiting)
     await asyncio.shield(waiting)
 

@@ -50,6 +50,7 @@ from agent.host.probes import Prober, kill_and_reap, spawn_owned
 from agent.host.processes import killpg, process_matches
 from protocol.errors import ProtocolError
 from protocol.expand import expand_argv
+from protocol.loop import bounded
 from protocol.manifest import Manifest
 from protocol.messages import SlotStatusName
 
@@ -403,7 +404,7 @@ class SlotRunner:
                 # The exit wakes this wait by itself; the timeout only brings the next log cap
                 # check (on the shared grid: agent.cadence), not a poll once a second.
                 try:
-                    return await asyncio.wait_for(
+                    return await bounded(
                         self._proc.wait(), max(0.0, next_cap - loop.time())
                     )
                 except TimeoutError:
@@ -523,7 +524,7 @@ class SlotRunner:
             return
         killpg(proc.pid, signal.SIGTERM)
         try:
-            await asyncio.wait_for(asyncio.shield(proc.wait()), timeout)
+            await bounded(asyncio.shield(proc.wait()), timeout)
         except TimeoutError:
             await kill_and_reap(proc)
 
@@ -538,7 +539,7 @@ class SlotRunner:
         while loop.time() < deadline:
             if self._proc is not None:
                 try:
-                    await asyncio.wait_for(self._proc.wait(), max(0.01, deadline - loop.time()))
+                    await bounded(self._proc.wait(), max(0.01, deadline - loop.time()))
                     return True
                 except TimeoutError:
                     return False

@@ -47,6 +47,7 @@ from agent.router.control import (
     Upstream,
     start_router,
 )
+from protocol.loop import bounded
 from protocol.messages import CohortSpec, DrainSpec, MirrorSpec
 
 log = logging.getLogger("fleetwave.agent.services")
@@ -260,7 +261,7 @@ class RouterLink:
             period = stats_period(self.services.values(), self.clock())
             self.switched.clear()
             try:
-                await asyncio.wait_for(self.switched.wait(),
+                await bounded(self.switched.wait(),
                                        next_tick(loop.time(), period) - loop.time())
             except TimeoutError:
                 return

@@ -84,6 +84,7 @@ from agent.reconcile import (
 )
 from protocol.bus import Bus
 from protocol.errors import ProtocolError
+from protocol.loop import bounded
 from protocol.manifest import MANIFEST_NAME, load_manifest
 from protocol.messages import (
     ReleaseRef,
@@ -198,7 +199,7 @@ class ServiceManager:
         busy = True
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), self.tick if busy else self.idle_tick)
+                await bounded(self.wake.wait(), self.tick if busy else self.idle_tick)
             self.wake.clear()
             busy = False
             for svc in list(self.services.values()):

@@ -24,6 +24,7 @@ import msgspec
 from agent.edge import BODY_TIMEOUT, MAX_CONNECTIONS
 from agent.errors import RouterRunning, RouterUnavailable
 from agent.host.identity import RunAs, child_env, spawn_kwargs
+from protocol.loop import bounded
 from protocol.messages import CohortSpec, MirrorSpec, RouterStats
 
 # sun_path is 108 bytes on Linux, 104 on macOS; stay under both.
@@ -164,7 +165,7 @@ class RouterClient:
             if writer is not None:
                 writer.close()
                 with contextlib.suppress(OSError):
-                    await asyncio.wait_for(writer.wait_closed(), 1.0)
+                    await bounded(writer.wait_closed(), 1.0)
         if not line.endswith(b"\n"):
             raise RouterUnavailable(f"{what} closed the connection without answering")
         try:
@@ -229,7 +230,7 @@ async def start_router(
         except OSError as exc:
             raise RouterUnavailable(f"cannot start the router with {python}: {exc}") from None
     try:
-        code = await asyncio.wait_for(launcher.wait(), timeout)
+        code = await bounded(launcher.wait(), timeout)
     except TimeoutError:
         launcher.kill()
         await launcher.wait()

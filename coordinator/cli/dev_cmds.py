@@ -13,6 +13,7 @@ from coordinator.dev import examples
 from coordinator.dev.devfleet import MAX_AGENTS, MAX_BROKERS, DevFleet
 from coordinator.errors import BrokerError, FleetwaveError
 from protocol.bus import redact
+from protocol.loop import bounded
 
 WATCH_INTERVAL = 0.5
 
@@ -101,7 +102,7 @@ async def _watch(fleet: DevFleet, stop: asyncio.Event) -> int:
                 click.echo(f"broker {b.server_name} stopped; the cluster carries on without it",
                            err=True)
         try:
-            await asyncio.wait_for(stop.wait(), WATCH_INTERVAL)
+            await bounded(stop.wait(), WATCH_INTERVAL)
         except TimeoutError:
             continue
     return 0

@@ -35,6 +35,7 @@ from coordinator.auth.enroll import USERS, AuthDir, broker_block, next_expiry
 from coordinator.auth.routes import check_serves_routes
 from coordinator.dev.cluster import ClusterSpec, render_cluster
 from coordinator.errors import BrokerError, UsageError
+from protocol.loop import bounded
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +326,7 @@ class Broker:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
             try:
-                await asyncio.wait_for(proc.wait(), timeout)
+                await bounded(proc.wait(), timeout)
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()

@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 
 from coordinator.auth.routes import cluster_block, secure_route
 from coordinator.errors import BrokerError, UsageError
+from protocol.loop import bounded
 
 if TYPE_CHECKING:  # broker.py imports this module for ClusterSpec
     from coordinator.dev.broker import Broker
@@ -197,7 +198,7 @@ async def other_routes(spec: ClusterSpec) -> list[str]:
     others = []
     for route in spec.routes:
         try:
-            mine = await asyncio.wait_for(asyncio.to_thread(is_self_route, route, spec),
+            mine = await bounded(asyncio.to_thread(is_self_route, route, spec),
                                           DIAL_TIMEOUT * 2)
         except TimeoutError:
             mine = False
@@ -246,7 +247,7 @@ async def watch_routes(spec: ClusterSpec, monitor_port: int, say: Callable[[str]
                 f"{len(others)} other server(s)")
             reported = False
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), interval)
+            await bounded(stop.wait(), interval)
 
 
 # -- N brokers on loopback -------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from coordinator.dev.devfleet import DevFleet
 from coordinator.dev.traffic import Traffic, TrafficReport, probe_version
 from coordinator.releases import push_release
 from protocol.bus import Bus
+from protocol.loop import bounded
 
 AGENTS = 3
 PORT = 8080
@@ -146,7 +147,7 @@ class _Cli:
             *self.prefix, "deploy", *args, stdin=asyncio.subprocess.DEVNULL
         )
         try:
-            return await asyncio.wait_for(proc.wait(), 300)
+            return await bounded(proc.wait(), 300)
         except (TimeoutError, asyncio.CancelledError):
             proc.kill()
             await proc.wait()

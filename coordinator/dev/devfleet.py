@@ -42,6 +42,7 @@ from protocol import subjects
 from protocol.bus import Bus
 from protocol.codec import decode, encode
 from protocol.errors import BusError
+from protocol.loop import bounded
 from protocol.messages import ApiReply, NodesRequest, NodeView
 from protocol.signing import public_key
 
@@ -103,7 +104,7 @@ class Child:
             if proc.returncode is None and timeout > 0:
                 self.signal(signal.SIGTERM)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(proc.wait(), timeout)
+                    await bounded(proc.wait(), timeout)
         finally:
             if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -119,7 +120,7 @@ class Child:
         """Wait for the child to exit by itself; TimeoutError after ``timeout``."""
         if self._proc is None:
             raise RuntimeError(f"{self.name} was never started")
-        return await asyncio.wait_for(self._proc.wait(), timeout)
+        return await bounded(self._proc.wait(), timeout)
 
     def log_tail(self, lines: int = 5) -> str:
         try:

@@ -22,6 +22,8 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from protocol.loop import bounded
+
 REQUEST_TIMEOUT = 5.0
 
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
@@ -102,7 +104,7 @@ class Traffic:
                 started = time.monotonic()
                 if conn is None:
                     try:
-                        conn = await asyncio.wait_for(
+                        conn = await bounded(
                             self.connect(host, port), REQUEST_TIMEOUT
                         )
                     except (OSError, TimeoutError) as exc:
@@ -110,7 +112,7 @@ class Traffic:
                         await asyncio.sleep(max(self.interval, 0.05))
                         continue
                 try:
-                    status, body, closes = await asyncio.wait_for(
+                    status, body, closes = await bounded(
                         _get(conn, host, self.path, keep_alive), REQUEST_TIMEOUT
                     )
                 except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:

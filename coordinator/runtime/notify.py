@@ -47,6 +47,7 @@ from protocol import subjects
 from protocol.bus import Bus, Pulled
 from protocol.errors import BusError, ProtocolError
 from protocol.events import received
+from protocol.loop import bounded
 from protocol.messages import Event
 
 log = logging.getLogger("fleetwave.notify")
@@ -168,7 +169,7 @@ class Notifier:
             # The leadership ended mid-delivery: hand the event to the next leader now rather
             # than after the ack wait (it may get it twice if this attempt had reached it).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(pulled.nak(), 1.0)
+                await bounded(pulled.nak(), 1.0)
             raise
         finally:
             keepalive.cancel()

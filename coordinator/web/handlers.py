@@ -50,6 +50,7 @@ from coordinator.web.feed import Feed
 from protocol import subjects
 from protocol.codec import decode, encode, to_builtins
 from protocol.errors import BusError, ProtocolError
+from protocol.loop import bounded
 from protocol.messages import (
     TERMINAL_STATES,
     ApiReply,
@@ -222,7 +223,7 @@ class Dashboard:
                 async with self.feed.changed:
                     # the next event, or the next poll (records change without events)
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self.feed.changed.wait(), POLL)
+                        await bounded(self.feed.changed.wait(), POLL)
         except (ConnectionResetError, TimeoutError):
             pass  # the browser went away (or stopped reading): nothing to clean up but us
         return resp
