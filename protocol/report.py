@@ -57,12 +57,13 @@ class Switch(msgspec.Struct):
 
 
 class SwitchBack(msgspec.Struct):
-    """Blue-green's switch back: when each node showed it, the nodes expected to, and its
-    spread once all did."""
+    """Blue-green's switch back: when each node showed it, the nodes expected to, how many
+    of those (in order) have been seen back, and its spread once all did."""
 
     at: float = 0.0
     nodes: dict[str, float] = {}
     expect: list[str] = []
+    confirmed: int | UnsetType = UNSET  # unset (0) until a step counts one: old records unchanged
     first: float | UnsetType | None = UNSET
     last: float | UnsetType | None = UNSET
     spread: float | UnsetType | None = UNSET

@@ -311,11 +311,17 @@ def switched_back(step: Step) -> None:
     back = _switch_back(step)
     if back is None or back.spread is not UNSET:
         return
-    for n in back.expect:
-        p = peek_node(step.r.nodes, n)
+    # From the first node not yet seen back: a node once back stays counted (its router was
+    # back), so a step reads the nodes still switching, not all 10,000 again.
+    start = 0 if back.confirmed is UNSET else back.confirmed
+    for i in range(start, len(back.expect)):
+        p = peek_node(step.r.nodes, back.expect[i])
         if (p.state != "failed" and p.target is not None and p.target.slots.get(p.slot) is not None
-                and not _back_on(step, n, p.target)):
+                and not _back_on(step, p.node, p.target)):
+            if i:
+                back.confirmed = i
             return  # still switching back (then its new slot is retired)
+    back.confirmed = len(back.expect)
     summary = _summarize(back, back.nodes, back.at)
     back.nodes = summary["nodes"]
     step.emit("bluegreen.switched_back", f"traffic back on the old slots; spread "

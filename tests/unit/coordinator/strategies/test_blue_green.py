@@ -21,7 +21,7 @@ from coordinator.core.engine import (
     WriteDesired,
 )
 from coordinator.errors import UsageError
-from coordinator.strategies import plan
+from coordinator.strategies import blue_green, plan
 from coordinator.strategies.blue_green import spread
 from protocol.messages import (
     LATENCY_BOUNDS_MS,
@@ -265,6 +265,31 @@ def test_a_rollback_retires_the_new_slots_only_once_every_node_is_back() -> None
     told = next(i for i, c in enumerate(last)
                 if isinstance(c, EmitEvent) and c.kind == "bluegreen.switched_back")
     assert told < min(i for i, c in enumerate(last) if isinstance(c, WriteDesired))
+
+
+def test_a_switch_back_reads_each_node_back_once_not_every_step(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nodes reporting back one a step, in order: the check whether every node is back resumes
+    at the first one not yet seen back, so the steps read each node about once (200 nodes:
+    ~20,000 reads when every step read from the first; 10,000 nodes made it ~50 million)."""
+    n = 200
+    r = rollout(n, bake=30.0, scale_down_delay=300.0)
+    staged_and_switched(r)
+    r.handle(Tick(), 100.0)
+    back = writes(r.handle(RollbackRequested(), 101.0))
+    reads = 0
+    real = blue_green._back_on
+
+    def counted(*args: object) -> bool:
+        nonlocal reads
+        reads += 1
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(blue_green, "_back_on", counted)
+    for i, d in enumerate(back):
+        cmds = r.handle(ObservedChanged(d.node, observed(d, 102.0 + i / 1000)), 102.0 + i / 1000)
+    assert events(cmds, "bluegreen.switched_back")
+    assert reads <= 3 * n, reads
 
 
 def test_a_node_that_never_switches_back_fails_and_the_others_are_still_retired() -> None:
