@@ -27,6 +27,7 @@ import base64
 import contextlib
 import copy
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
@@ -283,6 +284,29 @@ async def _asked(nc: Client, subject: str, data: bytes, *, timeout: float,
     return await bounded(nc.request(subject, data, headers=headers,
                                     timeout=None),  # type: ignore[arg-type]
                          timeout)
+
+
+UNAVAILABLE_WAIT = 5.0  # how long a read waits out JetStream's 503 (``_while_unavailable``)
+
+
+async def _while_unavailable(call: Callable[[], Awaitable[R]],
+                             wait: float = UNAVAILABLE_WAIT) -> R:
+    """``call()``, made again while JetStream answers 503 "unavailable", for up to ``wait``
+    seconds (0.05 s doubling to 0.5 s between tries), then its error. A cluster answers so
+    while the stream or JetStream itself has no leader (a server just started, or one just
+    went): a read in that moment is worth waiting a moment for, not worth failing a status
+    or a ``--follow`` for. Only for reads: a 503 has read nothing."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + wait
+    pause = 0.05
+    while True:
+        try:
+            return await call()
+        except nats.js.errors.ServiceUnavailableError:
+            if loop.time() + pause > until:
+                raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.5)
 
 
 async def _unless_refused(connecting: Awaitable[Client],
@@ -1009,7 +1033,7 @@ class Bus:
     async def kv_get(self, bucket: str, key: str) -> Entry | None:
         kv = await self._bucket(bucket)
         try:
-            e = await kv.get(key)
+            e = await _while_unavailable(lambda: kv.get(key))
         except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
             return None
         except (nats.errors.Error, TimeoutError) as exc:
@@ -1101,16 +1125,17 @@ class Bus:
             ack_policy=js_api.AckPolicy.NONE, inactive_threshold=WATCH_INACTIVE,
             mem_storage=True)
         try:
-            sub = await self.js.pull_subscribe(f"{kv._pre}{pattern}", stream=f"KV_{bucket}",
-                                               config=config)
+            sub = await _while_unavailable(lambda: self.js.pull_subscribe(
+                f"{kv._pre}{pattern}", stream=f"KV_{bucket}", config=config))
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusError(f"cannot read {bucket}: {exc}") from None
         try:
-            info = await sub.consumer_info()
+            info = await _while_unavailable(sub.consumer_info)
             left = info.num_pending or 0
             skip = len(kv._pre)
             while left > 0:
-                msgs = await sub.fetch(min(page, left), timeout=OP_TIMEOUT)
+                msgs = await _while_unavailable(
+                    functools.partial(sub.fetch, min(page, left), timeout=OP_TIMEOUT))
                 left -= len(msgs)
                 out: list[Entry] = []
                 for m in msgs:
@@ -1144,13 +1169,14 @@ class Bus:
         try:
             expected: set[str] | None = None
             if not self.blind:
-                info = await self.js.stream_info(f"KV_{bucket}",
-                                                 subjects_filter=f"$KV.{bucket}.{pattern}")
+                info = await _while_unavailable(lambda: self.js.stream_info(
+                    f"KV_{bucket}", subjects_filter=f"$KV.{bucket}.{pattern}"))
                 skip = len(f"$KV.{bucket}.")
                 expected = {subject[skip:] for subject in (info.state.subjects or {})}
             # deletes too: a deleted key is delivered as one; named (``_NamedByInbox``) so that
             # a server can allow a node a snapshot of its own keys only
-            w = await _watchable(kv, self._watch_js(OP_TIMEOUT)).watch(pattern)
+            w = await _while_unavailable(
+                lambda: _watchable(kv, self._watch_js(OP_TIMEOUT)).watch(pattern))
             try:
                 seen: set[str] = set()
                 caught_up = False
