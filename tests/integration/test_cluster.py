@@ -445,8 +445,12 @@ async def test_the_observed_bucket_after_every_server_restarts_is_made_again_and
         bus = await Bus.connect(c.url, "lost")
         try:
             await bus.ensure_fleet(3)
-            await bus.kv_put(subjects.observed_bucket("lost"), "n1.hello", b"seen")
-            await bus.kv_put(subjects.desired_bucket("lost"), "n1.hello", b"wanted")
+            # New R3 streams elect their leaders: a write may find none for a moment (seen
+            # under a loaded suite: "no response from stream"), and is made again.
+            await wait_until(_put(bus, subjects.observed_bucket("lost"), b"seen"),
+                             lambda ok: ok, timeout=60, what="the observed bucket's first write")
+            await wait_until(_put(bus, subjects.desired_bucket("lost"), b"wanted"),
+                             lambda ok: ok, timeout=60, what="the desired bucket's first write")
         finally:
             await bus.close()
         await c.stop()
@@ -492,9 +496,13 @@ def _config(bus: Bus) -> Callable[[], Awaitable[StreamConfig | None]]:
 
 
 def _written(bus: Bus) -> Callable[[], Awaitable[bool]]:
+    return _put(bus, subjects.observed_bucket("lost"), b"seen again")
+
+
+def _put(bus: Bus, bucket: str, value: bytes) -> Callable[[], Awaitable[bool]]:
     async def attempt() -> bool:
         try:
-            await bus.kv_put(subjects.observed_bucket("lost"), "n1.hello", b"seen again")
+            await bus.kv_put(bucket, "n1.hello", value)
         except BusError:
             return False  # the new stream's group may still be electing its leader
         return True
