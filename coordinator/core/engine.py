@@ -52,7 +52,7 @@ import msgspec
 
 from coordinator.core.engine_bake import STATS_GRACE
 from coordinator.core.engine_progress import Progress
-from coordinator.core.engine_step import Step
+from coordinator.core.engine_step import BackMemo, Step
 from coordinator.core.engine_types import (
     ACCEPTS,
     MOVES,
@@ -191,6 +191,7 @@ class Rollout:
         self._record = record
         self._observed: dict[str, ObservedState] = {}
         self._policies = wave_policies(record.spec, len(record.waves))
+        self._back_memo: BackMemo = {}  # the rollback's verdicts, across steps (``Step``)
 
     @property
     def record(self) -> RolloutRecord:
@@ -244,7 +245,7 @@ class Rollout:
         work = working_copy(self._record)
         observed = dict(self._observed)
         step = Step(self.fleet, work, observed, now, policies=self._policies, who=who,
-                    ahead=self._record.prestage)
+                    ahead=self._record.prestage, back_memo=self._back_memo)
         progress = Progress(step)
         for event in events:
             progress.apply(event)

@@ -67,20 +67,35 @@ class Rollback:
         (copied, ``NodeTable``) only when this step changes it, so that a step about the last
         few nodes of a 10,000-node rollback does not copy the other 9,990."""
         r = self.step.r
+        memo = self.step.back_memo
         waiting: list[str] = []
         back: list[str] = []  # switched back, both slots kept: the new one to retire
         for n, seen_p in peek(r.nodes):
-            if seen_p.state != "rolling_back" or seen_p.target is None:
+            target = seen_p.target
+            if seen_p.state != "rolling_back" or target is None:
                 continue
             seen = self.step.obs.get(n)
-            if seen is not None and converged(seen, seen_p.target) and _keeps_new_slot(seen_p):
+            if seen is None:
+                waiting.append(n)
+                continue
+            # A node's verdict changes only with its report, its target or its previous state
+            # (all replaced, never edited): remembered, so that a step about the last few
+            # reports does not check again the 10,000 nodes already back.
+            known = memo.get(n)
+            if (known is not None and known[0] is seen and known[1] is target
+                    and known[2] is seen_p.previous):
+                done, keeps = known[3], known[4]
+            else:
+                done = converged(seen, target)
+                keeps = done and _keeps_new_slot(seen_p)
+                memo[n] = (seen, target, seen_p.previous, done, keeps)
+            if done and keeps:
                 back.append(n)
-            elif seen is not None and converged(seen, seen_p.target):
+            elif done:
                 move_node(r.nodes[n], "rolled_back")
                 self.step.emit("node.rolled_back",
                                f"{n}: back on generation {seen_p.generation}", n)
-            elif (seen is not None and seen.generation >= seen_p.generation
-                  and seen.phase == "failed"):
+            elif seen.generation >= seen_p.generation and seen.phase == "failed":
                 self.step.fail_node(r.nodes[n],
                                     f"rollback failed: {seen.error or 'no reason given'}")
             else:

@@ -50,14 +50,23 @@ from protocol.messages import (
 if TYPE_CHECKING:  # the strategies import this module for its type; the engine asks them
     from coordinator.strategies.base import WavePolicy
 
+# node -> (the observed state, target and previous state a verdict was reached on, by identity;
+# whether the node converged on its target; whether that target keeps the new slot)
+BackMemo = dict[str, tuple[object, object, object, bool, bool]]
+
+
 class Step:
     """The working state of one ``handle`` call: a copy of the record, and the commands so far."""
 
     def __init__(
         self, fleet: str, record: RolloutRecord, observed: dict[str, ObservedState], now: float,
         *, policies: Sequence[WavePolicy], who: str = "", ahead: int = 0,
+        back_memo: BackMemo | None = None,
     ) -> None:
         self.fleet = fleet
+        # The rollback's per-node verdicts, kept by the engine across steps (``Rollout``):
+        # ``engine_rollback.Rollback.advance_rollback``.
+        self.back_memo: BackMemo = {} if back_memo is None else back_memo
         self.who = who  # who caused this step: every event it emits names them
         self.r = record
         self.obs = observed

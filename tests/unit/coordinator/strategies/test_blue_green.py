@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
+from coordinator.core import engine_rollback
 from coordinator.core.engine import (
     Command,
     EmitEvent,
@@ -290,6 +291,37 @@ def test_a_switch_back_reads_each_node_back_once_not_every_step(
         cmds = r.handle(ObservedChanged(d.node, observed(d, 102.0 + i / 1000)), 102.0 + i / 1000)
     assert events(cmds, "bluegreen.switched_back")
     assert reads <= 3 * n, reads
+
+
+def test_a_rollback_step_checks_only_the_nodes_whose_report_changed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node's verdict (back or not) is kept while its report and target stay the same
+    objects: 200 nodes back one a step check convergence ~once a report (every node every step
+    before: ~20,000), and a node seen back whose next report says otherwise is checked again."""
+    n = 200
+    r = rollout(n, bake=30.0, scale_down_delay=300.0)
+    staged_and_switched(r)
+    r.handle(Tick(), 100.0)
+    back = writes(r.handle(RollbackRequested(), 101.0))
+    checks = 0
+    real = engine_rollback.converged
+
+    def counted(*args: object) -> bool:
+        nonlocal checks
+        checks += 1
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine_rollback, "converged", counted)
+    for i, d in enumerate(back[:-1]):
+        r.handle(ObservedChanged(d.node, observed(d, 102.0 + i / 1000)), 102.0 + i / 1000)
+    assert checks <= 2 * n, checks
+    # node-1, back, now reports its switch back failed: that new report is checked, and counts
+    first = back[0]
+    r.handle(ObservedChanged(first.node, observed(first, 103.0, failed="slot a crashed")), 103.0)
+    assert r.record.nodes[first.node].state == "failed"
+    cmds = r.handle(ObservedChanged(back[-1].node, observed(back[-1], 103.1)), 103.1)
+    assert first.node not in {d.node for d in writes(cmds)}  # the others' new slots retired
+    assert len(writes(cmds)) == n - 1
 
 
 def test_a_node_that_never_switches_back_fails_and_the_others_are_still_retired() -> None:
