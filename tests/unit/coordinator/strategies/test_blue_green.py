@@ -274,23 +274,33 @@ def test_a_switch_back_reads_each_node_back_once_not_every_step(
     at the first one not yet seen back, so the steps read each node about once (200 nodes:
     ~20,000 reads when every step read from the first; 10,000 nodes made it ~50 million)."""
     n = 200
-    r = rollout(n, bake=30.0, scale_down_delay=300.0)
-    staged_and_switched(r)
-    r.handle(Tick(), 100.0)
-    back = writes(r.handle(RollbackRequested(), 101.0))
-    reads = 0
-    real = blue_green._back_on
-
-    def counted(*args: object) -> bool:
-        nonlocal reads
-        reads += 1
-        return real(*args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(blue_green, "_back_on", counted)
+    r, back = rolling_back(n)
+    reads = counting(monkeypatch, blue_green, "_back_on")
     for i, d in enumerate(back):
         cmds = r.handle(ObservedChanged(d.node, observed(d, 102.0 + i / 1000)), 102.0 + i / 1000)
     assert events(cmds, "bluegreen.switched_back")
-    assert reads <= 3 * n, reads
+    assert reads[0] <= 3 * n, reads
+
+
+def rolling_back(n: int) -> tuple[Rollout, list[DesiredState]]:
+    """A blue-green rollout of ``n`` nodes switched, then told to roll back: its switch backs."""
+    r = rollout(n, bake=30.0, scale_down_delay=300.0)
+    staged_and_switched(r)
+    r.handle(Tick(), 100.0)
+    return r, writes(r.handle(RollbackRequested(), 101.0))
+
+
+def counting(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[int]:
+    """``module.name`` counted: the returned list's one item is how many calls so far."""
+    calls = [0]
+    real = getattr(module, name)
+
+    def counted(*args: object) -> object:
+        calls[0] += 1
+        return real(*args)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
 
 
 def test_a_rollback_step_checks_only_the_nodes_whose_report_changed(
@@ -299,22 +309,11 @@ def test_a_rollback_step_checks_only_the_nodes_whose_report_changed(
     objects: 200 nodes back one a step check convergence ~once a report (every node every step
     before: ~20,000), and a node seen back whose next report says otherwise is checked again."""
     n = 200
-    r = rollout(n, bake=30.0, scale_down_delay=300.0)
-    staged_and_switched(r)
-    r.handle(Tick(), 100.0)
-    back = writes(r.handle(RollbackRequested(), 101.0))
-    checks = 0
-    real = engine_rollback.converged
-
-    def counted(*args: object) -> bool:
-        nonlocal checks
-        checks += 1
-        return real(*args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(engine_rollback, "converged", counted)
+    r, back = rolling_back(n)
+    checks = counting(monkeypatch, engine_rollback, "converged")
     for i, d in enumerate(back[:-1]):
         r.handle(ObservedChanged(d.node, observed(d, 102.0 + i / 1000)), 102.0 + i / 1000)
-    assert checks <= 2 * n, checks
+    assert checks[0] <= 2 * n, checks
     # node-1, back, now reports its switch back failed: that new report is checked, and counts
     first = back[0]
     r.handle(ObservedChanged(first.node, observed(first, 103.0, failed="slot a crashed")), 103.0)
