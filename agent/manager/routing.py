@@ -261,8 +261,7 @@ class RouterLink:
             period = stats_period(self.services.values(), self.clock())
             self.switched.clear()
             try:
-                await bounded(self.switched.wait(),
-                                       next_tick(loop.time(), period) - loop.time())
+                await bounded(self.switched.wait(), next_tick(loop.time(), period) - loop.time())
             except TimeoutError:
                 return
 

@@ -52,7 +52,7 @@ if TYPE_CHECKING:  # the strategies import this module for its type; the engine 
 
 # node -> (the observed state, target and previous state a verdict was reached on, by identity;
 # whether the node converged on its target; whether that target keeps the new slot)
-BackMemo = dict[str, tuple[object, object, object, bool, bool]]
+BackMemo = dict[str, tuple[ObservedState, DesiredState, DesiredState | None, bool, bool]]
 
 
 class Step:

@@ -199,7 +199,7 @@ async def other_routes(spec: ClusterSpec) -> list[str]:
     for route in spec.routes:
         try:
             mine = await bounded(asyncio.to_thread(is_self_route, route, spec),
-                                          DIAL_TIMEOUT * 2)
+                                 DIAL_TIMEOUT * 2)
         except TimeoutError:
             mine = False
         if not mine:
