@@ -870,6 +870,26 @@ class Bus:
         except nats.errors.Error as exc:
             raise BusError(f"cannot publish on {subject}: {exc}") from None
 
+    async def flush(self, timeout: float = REQUEST_TIMEOUT) -> None:
+        """Return once the server has processed everything this connection sent before: its
+        subscriptions are in place, its publishes routed.
+
+        nats-py's own ``flush()`` does not promise that since 2.16: it writes its PING straight
+        onto the socket, ahead of the commands still queued for its flusher task, so the PONG
+        can come back before a SUB sent earlier is in place (a publisher on another connection
+        then finds no subscriber). Here the queued commands go onto the socket first.
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                await self.nc._flush_pending(force_flush=True)
+                await self.nc.flush(timeout=max(int(timeout) + 1, 1))  # ours bounds it
+        except TimeoutError:
+            raise NotReachable(
+                f"the server did not confirm a flush within {timeout:g}s; check that it is "
+                "running and not overloaded") from None
+        except nats.errors.Error as exc:
+            raise BusError(f"cannot flush: {exc}") from None
+
     async def subscribe(
         self, subject: str, cb: Callable[[str, bytes], Awaitable[None]], queue: str = ""
     ) -> Any:

@@ -113,7 +113,7 @@ async def test_the_coordinators_permissions_carry_an_answer_in_many_messages(
 
         subject = f"fw.{FLEET}.api.ops.nodes"
         await coord.respond(subject, handler)
-        await coord.nc.flush()
+        await coord.flush()
 
         async def small() -> bytes | None:
             try:

@@ -191,7 +191,7 @@ async def _jetstream_abuse(fleet: DevFleet, node1: Bus, coord: Bus) -> set[str]:
             json.dumps(body).encode(), timeout=5))
         assert "error" in reply, (variant, reply)
     await asyncio.gather(*(_unanswered(node1, s, b) for s, b in dropped.items()))
-    await node1.nc.flush()
+    await node1.flush()
     assert not any("node-2" in s for s in spied) and spied == [], spied
     # node-2's watch consumer is still there, still on node-2's keys.
     after = {c.name: c.config.filter_subject for c in await coord.js.consumers_info(KV_DESIRED)}
@@ -299,7 +299,7 @@ async def _api_and_events(fleet: DevFleet, node1: Bus, coord: Bus) -> set[str]:
     with contextlib.suppress(BusError):
         await node1.publish(subjects.pace(F), encode(Pace(interval=300.0)))
     await node1.publish(subjects.agent_event(F, "node-1", "slot.failed"), encode(forged))
-    await node1.nc.flush()
+    await node1.flush()
     code, out, err = await wait_until(
         lambda: fleetwave(*fleet.client_args(), "events", "-o", "json"),
         lambda r: "names node 'node-2'" in r[2], timeout=10,

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from nats.js.api import DiscardPolicy, StorageType
 
-from coordinator.dev.broker import Broker, free_port
+from coordinator.dev.broker import Broker, find_nats_server, free_port
 from protocol.bus import (
     EVENTS_MAX_AGE,
     EVENTS_MAX_BYTES,
@@ -70,6 +70,36 @@ async def _expect(q: asyncio.Queue[Entry | None], value: bytes) -> None:
                     return
 
 
+async def test_flush_returns_once_the_server_took_what_was_sent_before_it(tmp_path: Path) -> None:
+    """``Bus.flush`` is a barrier: the server has processed every command sent before it. A
+    nats-server that traces what it reads shows the order: the subscriptions come before
+    the flush's PING. nats-py's own ``flush()`` (2.16) writes its PING ahead of the queued
+    SUBs: its PONG then comes before they are in place, and a publisher on another
+    connection finds no subscriber (test_a_burst_of_messages... lost its whole burst so)."""
+    log = tmp_path / "trace.log"
+    port = free_port()
+    server = await asyncio.create_subprocess_exec(
+        find_nats_server(), "-a", "127.0.0.1", "-p", str(port), "-V", "-l", str(log),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL)
+    try:
+        bus = await Bus.connect(f"nats://127.0.0.1:{port}", "t")
+        try:
+            for i in range(3):
+                await bus.nc.subscribe(f"order.{i}")  # queued for nats-py's flusher task
+            await bus.flush()
+            read = [line.split("<<- [", 1)[1].rstrip("]").split()[:2]
+                    for line in log.read_text().splitlines() if "<<- [" in line]
+            subs = [i for i, op in enumerate(read) if op[0] == "SUB" and op[1][:6] == "order."]
+            pings = [i for i, op in enumerate(read) if op[0] == "PING"]
+            assert len(subs) == 3 and pings and max(subs) < pings[-1], read
+        finally:
+            await bus.close()
+    finally:
+        server.terminate()
+        await server.wait()
+
+
 async def test_a_burst_of_messages_leaves_the_loop_its_turns(broker: Broker) -> None:
     """nats-py runs a subscription's callbacks back to back while messages are queued: a burst
     handled by callbacks that never suspend (50,000 registrations) kept every other task, the
@@ -100,11 +130,11 @@ async def test_a_burst_of_messages_leaves_the_loop_its_turns(broker: Broker) -> 
 
     try:
         await bus.subscribe("burst.x", busy)
-        await bus.nc.flush()
+        await bus.flush()
         for i in range(400):  # queued on the socket before any is handled
             await sender.publish("burst.x", b"%d" % i)
         other = asyncio.create_task(beside())
-        await sender.nc.flush()
+        await sender.flush()
         async with asyncio.timeout(30):
             await done.wait()
         await other
@@ -189,7 +219,7 @@ async def test_a_request_cancelled_as_its_answer_arrives_is_cancelled(broker: Br
 
     try:
         await other.nc.subscribe("q", cb=answer)
-        await other.nc.flush()
+        await other.flush()
         asks = {"request": lambda: bus.request("q", b"x", timeout=5),
                 "ping": lambda: bus.ping("q", timeout=5)}
         outcomes = []
@@ -488,7 +518,7 @@ async def test_closing_a_bus_whose_handler_is_stuck_leaves_no_stray_error(broker
     await bus.subscribe("fw.default.test.stuck", handler)
     for _ in range(50):
         await bus.publish("fw.default.test.stuck", b"x")
-    await bus.nc.flush()
+    await bus.flush()
     loop = asyncio.get_running_loop()
     strays: list[dict[str, object]] = []
     loop.set_exception_handler(lambda _loop, context: strays.append(context))

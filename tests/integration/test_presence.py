@@ -299,7 +299,7 @@ async def test_a_node_cannot_register_for_another_node(tmp_path: Path) -> None:
                     for info in (ghost, forged):
                         with contextlib.suppress(BusError):
                             await bus.publish(subject, encode(info))
-                await bus.nc.flush()
+                await bus.flush()
             finally:
                 await bus.close()
             log = tmp_path / "logs" / "coordinator.log"
