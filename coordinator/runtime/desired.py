@@ -12,13 +12,20 @@ batch too. One read and one fsync a key took 29 s for a 10,000-node first wave (
 staging one wave ahead), past the deploy request's 30 s; the scan and the batch take well
 under a second. The states of one batch for nodes whose agents take batch signatures are signed
 with one signature (``protocol.signing.sign_batch``); the others one by one.
+
+For the same reason the writer can say what every key of a service holds once it has read them
+all in this term (``current``: a deploy plans from each node's current state): every write it
+makes after keeps that true, so the next deploy of the service reads no bucket (reading 10,000
+states back took 0.7 s of every deploy's start). A read that overlaps one of its writes to the
+service is not kept, and a write whose outcome is unknown forgets the service.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
 
 from coordinator.runtime.calls import Retrying, bounded, scanned
 from coordinator.runtime.lease import Deposed, Fenced
@@ -49,6 +56,39 @@ class DesiredWriter:
         # The generation stored under every desired key this writer wrote in this term: the next
         # write of the key then needs no read (a key missing here is read first).
         self._gens: dict[str, int] = {}
+        # Every desired state of a service, by node, once this writer knows them all (``current``).
+        self._current: dict[str, dict[str, DesiredState]] = {}
+        # Per service, writes begun and ended: a read during which this moved is not kept.
+        self._moves: Counter[str] = Counter()
+
+    async def current(self, service: str,
+                      read: Callable[[], Awaitable[dict[str, DesiredState]]]
+                      ) -> dict[str, DesiredState]:
+        """Every node's stored desired state of ``service`` (a new dict): as this writer knows
+        them, else from ``read`` (the bucket), kept if none of our writes to the service began
+        or ended meanwhile (a read's snapshot can miss a write still on its way)."""
+        known = self._current.get(service)
+        if known is not None:
+            return dict(known)
+        mark = self._moves[service]
+        states = await read()
+        if self._moves[service] == mark:
+            self._current[service] = dict(states)
+        return states
+
+    def _moving(self, states: Sequence[DesiredState]) -> None:
+        for service in {d.service for d in states}:
+            self._moves[service] += 1
+
+    def _stored(self, desired: DesiredState) -> None:
+        known = self._current.get(desired.service)
+        if known is not None:
+            known[desired.node] = desired
+
+    def _unsure(self, desired: DesiredState) -> None:
+        """``desired`` may or may not be stored (or something we did not write is): the next
+        ``current`` of its service reads the bucket."""
+        self._current.pop(desired.service, None)
 
     def _batched(self, states: Sequence[DesiredState]) -> list[bool]:
         """Which of ``states`` go to nodes that take batch signatures (read on the event loop,
@@ -99,16 +139,27 @@ class DesiredWriter:
                 assert signing is not None
                 bodies = await signing
                 signing = self._sign_ahead(chunks, index + 1, term)
-                results = await self._fenced.write_all(
-                    self.bucket, [(key, body) for (key, _), body in zip(chunk, bodies,
-                                                                          strict=True)])
+                states = [d for _, d in chunk]
+                self._moving(states)
+                try:
+                    results = await self._fenced.write_all(
+                        self.bucket, [(key, body) for (key, _), body in zip(chunk, bodies,
+                                                                              strict=True)])
+                except BaseException:
+                    for desired in states:
+                        self._unsure(desired)
+                    raise
+                finally:
+                    self._moving(states)
                 for (key, desired), result in zip(chunk, results, strict=True):
                     if isinstance(result, Deposed):
                         raise result
                     if isinstance(result, int):
                         self._gens[key] = desired.generation
+                        self._stored(desired)
                     else:
                         self._gens.pop(key, None)
+                        self._unsure(desired)
                         slow.append(desired)  # read it and compare generations, then write
                 if any(not isinstance(r, int) for r in results):
                     slow += [d for later in chunks[index + 1:] for _, d in later]
@@ -165,16 +216,25 @@ class DesiredWriter:
             stored = _generation(entry.value if entry is not None else None)
             self._gens[key] = stored
         if stored >= desired.generation:
+            self._unsure(desired)  # what is stored is not this state: we may not know it
             return False
         [body] = self._envelopes([desired], self._fenced.term, [False])
+        self._moving([desired])
         try:
             await self._fenced.put(self.bucket, key, body)
         except Deposed:
             raise
         except BusError:
             self._gens.pop(key, None)  # the write may have landed: read it next time
+            self._unsure(desired)
             raise
+        except BaseException:  # cancelled: it may have landed too
+            self._unsure(desired)
+            raise
+        finally:
+            self._moving([desired])
         self._gens[key] = desired.generation
+        self._stored(desired)
         return True
 
 

@@ -543,8 +543,10 @@ class Runner:
         return sorted(out.values(), key=lambda r: (r.created, r.id), reverse=True)
 
     async def current_desired(self, service: str) -> dict[str, DesiredState]:
-        """Every node's current desired state of ``service``, from the desired bucket."""
-        return await self.store.current_desired(service)
+        """Every node's current desired state of ``service``: as this leadership's writer
+        knows them, else from the desired bucket."""
+        return await self.desired.current(service,
+                                          functools.partial(self.store.current_desired, service))
 
     # -- resuming ----------------------------------------------------------------------------------
 
