@@ -123,6 +123,13 @@ async def measure(n: int, keep: bool, profile: Path | None = None,
             "total_s": round(total, 3),
             "wave_mean_s": round(sum(waves) / len(waves), 3) if waves else None,
             "wave_max_s": round(max(waves), 3) if waves else None,
+            # Where the time outside the waves goes: from the request to wave 0's start (the
+            # deploy: planning, the record's first write, the first wave's writes), and from
+            # the success decision to its event read here (the old slots' retirement writes
+            # and the events still queued before it). Decided times are the coordinator's
+            # clock, the bench's the same machine's.
+            "start_s": round(starts[0] - sent, 3) if starts else None,
+            "tail_s": round(received - ev.time, 3),
             "node_updates_per_s": round(n / total, 1),
             "coordinator_cpu_s": round(cpu, 3), "sim_agent_cpu_s": round(sim_cpu, 3),
             "server_cpu_s": round(server_cpu, 3),
@@ -183,6 +190,8 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
                   f"{r['desired_writes']} desired writes)"),
         ("total", f"{r['total_s']:.3f} s"),
         ("per wave", f"mean {r['wave_mean_s']:.3f} s, max {r['wave_max_s']:.3f} s"),
+        ("before / after waves", f"request -> wave 0 started {r['start_s']:.3f} s, success "
+                                 f"decided -> its event read {r['tail_s']:.3f} s"),
         ("node-updates/s", f"{r['node_updates_per_s']:.0f}"),
         ("coordinator CPU", f"{r['coordinator_cpu_s']:.2f} s (simulated agents: "
                             f"{r['sim_agent_cpu_s']:.2f} s, nats-server: "
@@ -203,7 +212,8 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 COMPARED = [("total", "total_s", " s"), ("per wave (mean)", "wave_mean_s", " s"),
-            ("per wave (max)", "wave_max_s", " s"), ("node-updates/s", "node_updates_per_s", ""),
+            ("per wave (max)", "wave_max_s", " s"), ("request -> wave 0", "start_s", " s"),
+            ("success -> its event", "tail_s", " s"), ("node-updates/s", "node_updates_per_s", ""),
             ("coordinator CPU", "coordinator_cpu_s", " s"),
             ("simulated agent CPU", "sim_agent_cpu_s", " s"),
             ("nats-server CPU", "server_cpu_s", " s"), ("CPU floor", "cpu_floor_s", " s"),
