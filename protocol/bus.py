@@ -1643,9 +1643,12 @@ class Bus:
             yield data
 
     async def stream_records(
-        self, stream: str, subject: str, *, follow: bool = False, last: int | None = None
+        self, stream: str, subject: str, *, follow: bool = False, last: int | None = None,
+        caught_up: Callable[[], None] | None = None,
     ) -> AsyncIterator[tuple[str, bytes]]:
-        """``stream_messages`` with each message's subject: (subject, data)."""
+        """``stream_messages`` with each message's subject: (subject, data). ``caught_up`` is
+        called once every message the stream held at the start was yielded (following, what
+        comes after is new)."""
         try:
             info = await self.js.stream_info(stream)
         except (nats.errors.Error, TimeoutError) as exc:
@@ -1654,6 +1657,9 @@ class Bus:
         if last is not None:
             first = max(first, info.state.last_seq - last + 1)
         end = info.state.last_seq
+        if caught_up is not None and end < first:
+            caught_up()
+            caught_up = None
         sub = await self.js.subscribe(
             subject, stream=stream, ordered_consumer=True, idle_heartbeat=WATCH_HEARTBEAT,
             config=js_api.ConsumerConfig(
@@ -1670,6 +1676,9 @@ class Bus:
                     return
                 yield msg.subject, msg.data
                 seq = msg.metadata.sequence.stream if msg.metadata else 0
+                if seq >= end and caught_up is not None:
+                    caught_up()
+                    caught_up = None
                 if not follow and seq >= end:
                     return
         finally:

@@ -54,9 +54,10 @@ from protocol import subjects
 from protocol.codec import convert, encode
 from protocol.durations import parse_duration
 from protocol.errors import BusError, NotReachable, ProtocolError
-from protocol.events import received
+from protocol.events import received_all
 from protocol.messages import (
     DeployRequest,
+    Event,
     Gates,
     ListRolloutsRequest,
     RollbackRequest,
@@ -586,22 +587,41 @@ def events(ctx: Ctx, follow: bool, rollout: str, last: int | None, output: str) 
 
 
 async def _events(ctx: Ctx, *, follow: bool, rollout: str, last: int | None, output: str) -> None:
+    def show(event: Event) -> None:
+        if rollout and event.rollout != rollout:
+            return
+        if output == "json":
+            click.echo(encode(event).decode())
+        else:
+            click.echo(event_line(event))
+
+    # --last N: the stream's last N messages hold N events or more (a pack holds many): the
+    # events they hold are kept until the last of them came, then the last N are shown.
+    backlog: list[Event] | None = [] if last is not None else None
+
+    def caught_up() -> None:
+        nonlocal backlog
+        if backlog is not None and last is not None:
+            for event in backlog[-last:]:
+                show(event)
+        backlog = None
+
     async with client.connected(ctx) as bus:
         stream = bus.stream_records(subjects.events_stream(ctx.fleet), subjects.events(ctx.fleet),
-                                    follow=follow, last=last)
+                                    follow=follow, last=last, caught_up=caught_up)
         async for subject, data in stream:
             try:
-                event = received(ctx.fleet, subject, data)
+                events = received_all(ctx.fleet, subject, data)
             except ProtocolError as exc:
                 # junk, or a node's event naming another node: not the fleet's audit log
                 click.echo(safe(f"skipped a message on {subject}: {exc}"), err=True)
                 continue
-            if rollout and event.rollout != rollout:
-                continue
-            if output == "json":
-                click.echo(encode(event).decode())
-            else:
-                click.echo(event_line(event))
+            for event in events:
+                if backlog is not None:
+                    backlog.append(event)
+                else:
+                    show(event)
+        caught_up()
 
 
 # -- operator requests -----------------------------------------------------------------------------

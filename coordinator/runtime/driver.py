@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from coordinator.core.engine import Command, EmitEvent, Persist, Rollout
+from protocol.events import members
 from protocol.messages import Event, RolloutRecord
 
 log = logging.getLogger("fleetwave.coordinator.runner")
@@ -67,9 +68,14 @@ class Driver:
         nodes = self.rollout.record.nodes
         drop: list[str] = []
         for eid, event in reversed(self.outbox.items()):  # newest first: the oldest go
+            about = [m.get("node") for m in members(event)] or [event.node]  # a pack: each's
             if event.node and event.node in nodes:
-                per_node[event.node] = count = per_node.get(event.node, 0) + 1
-                if count > NODE_OUTBOX_MAX:
+                over = False
+                for node in about:
+                    if isinstance(node, str):
+                        per_node[node] = count = per_node.get(node, 0) + 1
+                        over = over or count > NODE_OUTBOX_MAX
+                if over:
                     drop.append(eid)
             else:
                 own += 1

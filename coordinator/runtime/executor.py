@@ -15,12 +15,19 @@ coordinator that dies after the record write and before the publish leaves them 
 one that resumes the rollout publishes them again; their message id is a digest of their bytes,
 so the stream stores each once. Since an event is made whole before the record that carries it is
 written, what it says (its ``who`` among the rest) is what is published again.
+
+Packs: the node events of one decision (a wave's start names a thousand nodes) go out as few
+messages: each run of them between two other events is cut by the record's page their node's
+progress is kept on, and each part of two or more becomes one pack (``protocol.events.pack``),
+made with the decision, kept in the outbox and on that page as one event, published once, where
+its last member would have been (so it never announces a write before it is done), and the same
+bytes again after a takeover. Readers expand packs.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import msgspec
 
@@ -30,14 +37,18 @@ from coordinator.runtime.desired import DesiredWriter
 from coordinator.runtime.driver import Driver
 from coordinator.runtime.store import RolloutStore
 from protocol import subjects
-from protocol.events import EventPublisher, event_id
+from protocol.events import PACK, EventPublisher, event_id, pack
 from protocol.messages import DesiredState, Event, RolloutRecord
 
 log = logging.getLogger("fleetwave.coordinator.runner")
 
 # Routine progress of one node: logged at debug level only (a failure is always logged).
 QUIET_EVENTS = frozenset({"node.updating", "node.done", "node.rolled_back", "node.staging",
-                          "node.staged"})
+                          "node.staged", PACK})
+NODE_EVENTS = QUIET_EVENTS - {PACK}  # what a pack carries
+# Node events of one decision packed together, at most (a pack stays well within a page's room
+# for its nodes' events: ``coordinator.core.pages``).
+PACK_MAX = 250
 # Told of every event of a decision as it is queued, with the record that decided it (None for a
 # deploy refused before any record existed): the coordinator's /metrics counts gate decisions and
 # times rollouts here, on the one path every rollout event takes.
@@ -77,32 +88,45 @@ class Executor:
         try:
             made = self._events(driver.rollout.record, commands)
             # The events of each Persist's decision: those after it, up to the next Persist.
-            decided: dict[int, list[Event]] = {}
-            last: list[Event] | None = None
+            decided: dict[int, list[int]] = {}
+            last: list[int] | None = None
             for i, command in enumerate(commands):
                 if isinstance(command, Persist):
                     last = decided[i] = []
                 elif i in made and last is not None:
-                    last.append(made[i])
+                    last.append(i)
+            # What goes out at each EmitEvent: its event, its pack (at the pack's last member),
+            # or nothing (a member of a pack that goes out later).
+            out: dict[int, Event | None] = dict(made)
+            page_of = self.store.page_of(driver.id)
+            for indexes in decided.values():
+                for part in _parts(indexes, made, page_of):
+                    out.update(dict.fromkeys(part[:-1]))
+                    out[part[-1]] = pack([made[j] for j in part])
             for i, command in enumerate(commands):
                 match command:
                     case Persist(record=record):
                         await flush()
-                        for event in decided[i]:
-                            driver.outbox[event.id] = event
+                        for j in decided[i]:
+                            if (event := out[j]) is not None:
+                                driver.outbox[event.id] = event
                         await self.persist(driver, record)
                     case WriteDesired(desired=desired):
                         key = subjects.node_service_key(desired.node, desired.service)
                         old = writes.get(key)
                         if old is None or old.generation <= desired.generation:
                             writes[key] = desired
-                    case EmitEvent() if not writes:
-                        # Nothing written since the Persist: it announces no write of this
-                        # step, so it need not wait for them (a rollback's switch back is
-                        # told before the 10,000 writes that retire the new slots).
-                        self.publish(made[i], driver.rollout.record)
                     case EmitEvent():
-                        events.append(made[i])
+                        event = out[i]
+                        if event is None:
+                            continue  # a pack's member: the pack goes out at its last one
+                        if writes:
+                            events.append(event)
+                        else:
+                            # Nothing written since the Persist: it announces no write of this
+                            # step, so it need not wait for them (a rollback's switch back is
+                            # told before the 10,000 writes that retire the new slots).
+                            self.publish(event, driver.rollout.record)
             await flush()
         except BaseExceptionGroup as group:  # a failed concurrent write: raise the first cause
             raise _first(group) from None
@@ -140,6 +164,31 @@ class Executor:
                 self.observe(event, record)
             except Exception:  # a metric's bug must never stop a rollout
                 log.exception("event observer failed on %s", event.kind)
+
+
+def _parts(indexes: Sequence[int], made: Mapping[int, Event],
+           page_of: Mapping[str, int]) -> list[list[int]]:
+    """The packs of one decision's events (``indexes`` into ``made``, in order): each run of
+    node events between two other events, cut by the page of the record that keeps their
+    node's progress (``page_of``), in parts of two to PACK_MAX (a lone one goes out alone)."""
+    parts: list[list[int]] = []
+    by_page: dict[int, list[int]] = {}
+
+    def close() -> None:
+        for group in by_page.values():
+            parts.extend(group[k:k + PACK_MAX] for k in range(0, len(group), PACK_MAX)
+                         if len(group[k:k + PACK_MAX]) > 1)
+        by_page.clear()
+
+    for j in indexes:
+        event = made[j]
+        page = page_of.get(event.node) if event.kind in NODE_EVENTS else None
+        if page is None:
+            close()
+        else:
+            by_page.setdefault(page, []).append(j)
+    close()
+    return parts
 
 
 def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:

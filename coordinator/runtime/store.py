@@ -38,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from coordinator.core import pages
 from coordinator.core.history import Retention
@@ -317,6 +317,11 @@ class RolloutStore:
         first = results[0]
         assert isinstance(first, int)
         return first
+
+    def page_of(self, rollout_id: str) -> Mapping[str, int]:
+        """Which page keeps each node of a live rollout's record ({} if not known yet)."""
+        known = self._split.get(rollout_id)
+        return known[0].page_of if known is not None else {}
 
     async def current_desired(self, service: str) -> dict[str, DesiredState]:
         """Every node's current desired state of ``service``, from the desired bucket."""

@@ -9,7 +9,8 @@ opened in the middle of a rollout shows its story from the start. Events are kep
 new one wakes the open streams (``changed``), which then read the records again.
 
 What it shows is what ``fleetwave events`` shows: the same stream, decoded by the same
-``protocol.events.received`` (an event a node published on another node's subject is dropped).
+``protocol.events.received_all`` (packs expanded; an event a node published on another
+node's subject is dropped).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from protocol import subjects
 from protocol.errors import BusError, ProtocolError
-from protocol.events import received
+from protocol.events import received_all
 from protocol.messages import Event
 
 if TYPE_CHECKING:
@@ -55,12 +56,17 @@ class Feed:
 
     async def _add(self, subject: str, data: bytes) -> None:
         try:
-            event = received(self._coord.fleet_name, subject, data)
+            events = received_all(self._coord.fleet_name, subject, data)
         except ProtocolError:
             return  # junk, or a node forging another's events: not shown (the daemon logs nodes)
-        if event.id in self._events:
+        await self._keep(events)
+
+    async def _keep(self, events: list[Event]) -> None:
+        new = [e for e in events if e.id not in self._events]
+        if not new:
             return
-        self._events[event.id] = event
+        for event in new:
+            self._events[event.id] = event
         while len(self._events) > KEEP:
             self._events.popitem(last=False)
         self.serial += 1
@@ -84,8 +90,19 @@ class Feed:
             async with asyncio.timeout(BACKFILL_TIMEOUT):
                 stream = bus.stream_records(subjects.events_stream(fleet), subjects.events(fleet),
                                             last=BACKFILL)
-                async for subject, data in stream:
-                    await self._add(subject, data)
+                raw = [(subject, data) async for subject, data in stream]
+                # The last BACKFILL messages hold BACKFILL events or many more (a pack holds
+                # up to 250): decoded newest first until BACKFILL events are in hand.
+                held: list[list[Event]] = []
+                count = 0
+                for subject, data in reversed(raw):
+                    with contextlib.suppress(ProtocolError):  # junk: not shown
+                        held.append(received_all(fleet, subject, data))
+                        count += len(held[-1])
+                    if count >= BACKFILL:
+                        break
+                for events in reversed(held):
+                    await self._keep(events)
         except (BusError, TimeoutError) as exc:
             log.warning("http: the dashboard shows only events from now on: cannot read the "
                         "events stream back (%s)", exc)

@@ -6,6 +6,7 @@ set to an hour, ends within moments of that event."""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -16,7 +17,9 @@ from coordinator.dev.broker import Broker
 from protocol import subjects
 from protocol.bus import Bus
 from protocol.codec import encode
+from protocol.events import PACK, pack
 from protocol.messages import ApiReply, Event
+from tests.integration.procs import fleetwave
 from tests.unit.coordinator.cli.test_deploy_wait import status
 
 FLEET = "f"
@@ -51,3 +54,34 @@ async def test_the_terminal_event_ends_following_at_once(
         assert reads == ["running", "succeeded"]
     finally:
         await coordinator.close()
+
+
+async def test_events_shows_each_event_of_a_pack_and_last_counts_events(broker: Broker) -> None:
+    """``fleetwave events`` expands the coordinator's packs (``protocol.events.pack``): every
+    node event in stream order, ``--last N`` the last N events, not messages; a pack on a
+    node's own subject is skipped, saying why."""
+    bus = await Bus.connect(broker.url, FLEET)
+    try:
+        await bus.ensure_fleet()
+
+        def one(i: int, kind: str, node: str = "") -> Event:
+            return Event(id=f"e{i}", time=float(i), fleet=FLEET, kind=kind, message=f"m{i}",
+                         node=node, service="hello", rollout="hello-r1")
+
+        packed = pack([one(i, "node.updating", f"node-{i}") for i in range(2, 7)])
+        forged = pack([one(8, "node.done", "node-1"), one(9, "node.done", "node-2")])
+        sent = [(subjects.event(FLEET, "wave.started"), encode(one(1, "wave.started"))),
+                (subjects.event(FLEET, PACK), encode(packed)),
+                (subjects.agent_event(FLEET, "node-1", PACK), encode(forged)),
+                (subjects.event(FLEET, "rollout.succeeded"), encode(one(7, "rollout.succeeded")))]
+        assert await bus.js_publish_events(sent) == [None] * len(sent)
+    finally:
+        await bus.close()
+    code, out, err = await fleetwave("--fleet", FLEET, "events", "-o", "json", nats_url=broker.url)
+    assert code == 0, err
+    assert [json.loads(line)["id"] for line in out.splitlines()] == [f"e{i}" for i in range(1, 8)]
+    assert "only the coordinator packs events" in err
+    code, out, err = await fleetwave("--fleet", FLEET, "events", "-o", "json", "--last", "3",
+                                     nats_url=broker.url)
+    assert code == 0, err
+    assert [json.loads(line)["id"] for line in out.splitlines()] == ["e5", "e6", "e7"]

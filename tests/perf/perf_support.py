@@ -62,6 +62,7 @@ from protocol import creds as creds_file  # noqa: E402
 from protocol import subjects  # noqa: E402
 from protocol.bus import Bus  # noqa: E402
 from protocol.codec import decode, encode  # noqa: E402
+from protocol.events import received_all  # noqa: E402
 from protocol.messages import (  # noqa: E402
     TERMINAL_STATES,
     ApiReply,
@@ -317,7 +318,8 @@ class EventTap:
 
     async def start(self, bus: Bus) -> None:
         async def on_event(subject: str, data: bytes) -> None:
-            self.events.append(Seen(decode(Event, data), time.time()))
+            now = time.time()
+            self.events += [Seen(e, now) for e in received_all(bus.fleet, subject, data)]
             self.changed.set()
 
         await bus.subscribe(subjects.events(bus.fleet), on_event)

@@ -11,7 +11,16 @@ import pytest
 from protocol import subjects
 from protocol.codec import decode, encode
 from protocol.errors import BusError, ProtocolError
-from protocol.events import EVENT_ATTEMPTS, PUBLISH_TIMEOUT, EventPublisher, received
+from protocol.events import (
+    EVENT_ATTEMPTS,
+    PACK,
+    PUBLISH_TIMEOUT,
+    EventPublisher,
+    pack,
+    received,
+    received_all,
+    unpacked,
+)
 from protocol.messages import Event
 from protocol.testing import FLEET, PUBLISH, FakeBus, FakeClock
 
@@ -26,7 +35,7 @@ async def test_events_are_published_in_order_on_their_subjects(fake_bus: FakeBus
     bus, pub = fake_bus, EventPublisher(FLEET)
     for i in range(3):
         pub.put(event(i))
-    await pub.publish(bus, pub.pending())
+    await pub.publish(bus, pub.pending(expand=False))
     assert [s for s, _ in bus.published] == [subjects.event(FLEET, "node.done")] * 3
     assert [decode(Event, d).id for _, d in bus.published] == ["e0", "e1", "e2"]
 
@@ -52,6 +61,37 @@ def test_a_reader_refuses_an_event_naming_another_node_than_its_subject() -> Non
         received(FLEET, subjects.agent_event(FLEET, "node-1", "node.done"), forged)
     assert received(FLEET, subjects.agent_event(FLEET, "node-2", "node.done"), forged).id == "e1"
     assert received(FLEET, subjects.event(FLEET, "node.done"), forged).node == "node-2"
+
+
+def test_a_pack_carries_node_events_whole_and_readers_get_each_back() -> None:
+    """A pack says the fields its members share once; a reader gets every member back as the
+    Event it was (id, time, kind, node, message, data, who), in order, on the pack's subject."""
+    rid = "hello-20261204-095000-7d9a"
+    members = [Event(id=f"e{i}", time=5.0 + (i == 2), fleet=FLEET, kind=k, message=f"m{i}",
+                     node=f"node-{i}", service="hello", rollout=rid, data={"slot": "b"},
+                     who="alice" if i == 1 else "coordinator")
+               for i, k in enumerate(["node.updating", "node.staging", "node.done"])]
+    packed = pack(members)
+    assert packed.kind == PACK and packed.node == "node-0" and packed.rollout == rid
+    assert unpacked(packed) == members
+    wire = encode(packed)
+    assert received_all(FLEET, subjects.event(FLEET, PACK), wire) == members
+    assert len(wire) < sum(len(encode(m)) for m in members)
+    lone = event(7)
+    assert received_all(FLEET, subjects.event(FLEET, "node.done"), encode(lone)) == [lone]
+
+
+def test_a_pack_on_a_nodes_subject_or_a_malformed_one_is_refused() -> None:
+    """Only the coordinator packs: a pack on a node's own subject could name other nodes; a pack
+    whose members are not node events, or not events at all, is refused in one line."""
+    packed = pack([event(1, node="node-1"), event(2, node="node-2")])
+    with pytest.raises(ProtocolError, match="only the coordinator packs"):
+        received_all(FLEET, subjects.agent_event(FLEET, "node-1", PACK), encode(packed))
+    for bad in ([{"id": "x", "time": 1.0, "kind": "rollout.succeeded", "node": "n"}],
+                [{"id": "x", "time": 1.0, "kind": PACK, "node": "n"}], [{"id": "x"}], [], 5):
+        forged = Event(id="p", time=1.0, fleet=FLEET, kind=PACK, data={"events": bad})
+        with pytest.raises(ProtocolError, match="invalid event pack p"):
+            received_all(FLEET, subjects.event(FLEET, PACK), encode(forged))
 
 
 async def test_a_failed_publication_is_retried_until_it_is_stored() -> None:

@@ -53,7 +53,7 @@ def index(bus: FakeBus, service: str = "hello") -> ServiceIndex:
 
 async def settle(r: Runner, bus: FakeBus, clock: FakeClock) -> None:
     """The stream acknowledges every queued event, and the outboxes are cleared."""
-    await r.events.publish(bus, r.events.pending())
+    await r.events.publish(bus, r.events.pending(expand=False))
     clock.t += OUTBOX_CLEAR_AFTER
     await r.step()
 

@@ -18,6 +18,7 @@ from protocol import subjects
 from protocol.bus import FENCED_BATCH, Entry
 from protocol.codec import decode, encode
 from protocol.errors import BusError, Conflict
+from protocol.events import PACK, unpacked
 from protocol.history import RolloutPage, assemble
 from protocol.messages import (
     DesiredState,
@@ -384,13 +385,39 @@ async def test_the_events_of_a_decision_survive_a_kill_between_persist_and_publi
     clock.t += 1
     r2 = runner(bus, clock)
     await r2.resync()
-    await r2.events.publish(bus, r2.events.pending())
+    await r2.events.publish(bus, r2.events.pending(expand=False))
     published = [decode(Event, d) for _, d in bus.published]
     assert [e.id for e in published] == [e.id for e in stored.outbox]
     assert r2.drivers[rec.id].outbox == {}
     clock.t += OUTBOX_CLEAR_AFTER
     await r2.step()
     assert bus.record(rec.id).outbox == []
+
+
+async def test_a_decisions_node_events_go_out_as_one_pack_kept_and_republished_whole() -> None:
+    """A wave's start about every node: its node events are one pack (one page holds these
+    three nodes), after the rollout's own events, kept in the outbox as one event and
+    published again after a kill with the same bytes (the stream's message id de-duplicates);
+    readers get each node's event back. A lone node event goes out alone."""
+    bus, clock = fleet_bus(), FakeClock()
+    r = runner(bus, clock)
+    rec = await r.deploy(spec(batch="100%", max_unavailable="100%"), NEW)
+    queued = r.events.pending(expand=False)
+    assert [e.kind for e in queued] == ["rollout.started", "wave.started", PACK]
+    assert [(e.kind, e.node) for e in unpacked(queued[-1])] == [
+        ("node.updating", f"node-{i}") for i in (1, 2, 3)]
+    stored = bus.record(rec.id)
+    assert [e.id for e in stored.outbox] == [e.id for e in queued]
+    clock.t += 1
+    r2 = runner(bus, clock)
+    await r2.resync()
+    again = r2.events.pending(expand=False)
+    assert [encode(e) for e in again] == [encode(e) for e in queued]
+    clock.t += 1
+    await report(r2, bus, "node-2", clock.t)
+    await r2.step()
+    assert [(e.kind, e.node) for e in r2.events.pending(expand=False)] == [
+        ("node.done", "node-2")]
 
 
 async def test_a_bus_outage_drops_the_driver_and_the_resync_rebuilds_it() -> None:
