@@ -243,13 +243,16 @@ class Rollout:
 
     def _step(self, events: Sequence[EngineEvent], now: float, *, who: str) -> list[Command]:
         work = working_copy(self._record)
-        observed = dict(self._observed)
-        step = Step(self.fleet, work, observed, now, policies=self._policies, who=who,
+        step = Step(self.fleet, work, self._observed, now, policies=self._policies, who=who,
                     ahead=self._record.prestage, back_memo=self._back_memo)
         progress = Progress(step)
-        for event in events:
-            progress.apply(event)
-        progress.advance()
+        try:
+            for event in events:
+                progress.apply(event)
+            progress.advance()
+        except BaseException:
+            step.undo()  # what the nodes reported stays as it was before the step
+            raise
         commands: list[Command] = list(step.commands)
         work.nodes = dict(work.nodes)  # the committed record's: reading it copies nothing
         # Field-by-field equality: what the copy shares with the committed record (desired
@@ -260,7 +263,6 @@ class Rollout:
             work.updated = now
             commands.insert(0, Persist(work))
         self._record = work
-        self._observed = observed
         return commands
 
 

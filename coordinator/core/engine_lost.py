@@ -94,7 +94,7 @@ class Lost:
         p = r.nodes.get(node)
         if (self.waits and p is not None and p.wave == r.current_wave
                 and r.waves[r.current_wave].state == "baking" and p.state in LOSABLE):
-            self.step.obs.pop(node, None)
+            self.step.see(node, None)
 
     def deadline(self, wave: WaveRecord, *, baking: bool) -> float:
         """By when a lost node of ``wave`` must be back: the wave's deadline while it updates;

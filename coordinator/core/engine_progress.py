@@ -113,7 +113,7 @@ class Progress:
         last = self.step.obs.get(node)
         if last is not None and seen.time < last.time:
             return  # a late report: a newer one was already seen
-        self.step.obs[node] = seen
+        self.step.see(node, seen)
         healthy = any(
             w > 0 and (s := seen.slots.get(slot)) is not None and s.status == "healthy"
             for slot, w in seen.weights.items()

@@ -22,7 +22,7 @@ here awaits or reads a clock: time is ``now``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -69,7 +69,11 @@ class Step:
         self.back_memo: BackMemo = {} if back_memo is None else back_memo
         self.who = who  # who caused this step: every event it emits names them
         self.r = record
-        self.obs = observed
+        # What each node reports: the engine's own map, written through ``see`` (which keeps
+        # what it replaced, for ``undo``): copying it for every step was O(fleet) a report.
+        self.obs: Mapping[str, ObservedState] = observed
+        self._obs = observed
+        self._replaced: dict[str, ObservedState | None] = {}
         self.now = now
         self.spec = record.spec
         self.commands: list[Command] = []
@@ -97,6 +101,24 @@ class Step:
     def write(self, p: NodeProgress, desired: DesiredState) -> None:
         p.target = desired
         self.commands.append(WriteDesired(desired))
+
+    def see(self, node: str, seen: ObservedState | None) -> None:
+        """What ``node`` reports now (None: forget it), undone by ``undo``."""
+        if node not in self._replaced:
+            self._replaced[node] = self._obs.get(node)
+        if seen is None:
+            self._obs.pop(node, None)
+        else:
+            self._obs[node] = seen
+
+    def undo(self) -> None:
+        """Put back what ``see`` changed (a step that failed changes nothing)."""
+        for node, old in self._replaced.items():
+            if old is None:
+                self._obs.pop(node, None)
+            else:
+                self._obs[node] = old
+        self._replaced.clear()
 
     def policy(self, wave: WaveRecord) -> WavePolicy:
         """What ``wave`` does, where waves differ."""

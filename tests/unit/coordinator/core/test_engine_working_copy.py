@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from coordinator.core.engine import (
     ObservedChanged,
     RollbackRequested,
@@ -9,6 +11,7 @@ from coordinator.core.engine import (
     WriteDesired,
     working_copy,
 )
+from coordinator.core.engine_progress import Progress
 from coordinator.core.engine_types import NodeTable, peek
 from protocol.messages import (
     DesiredState,
@@ -139,3 +142,27 @@ def converged_on(d: DesiredState, t: float) -> ObservedState:
     return ObservedState(node=d.node, service=d.service, generation=d.generation,
                          observed_generation=d.generation, slots=slots,
                          weights=dict(d.weights), phase="converged", time=t)
+
+
+def test_a_step_that_fails_leaves_what_nodes_reported_as_it_was(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reports a step takes in are written into the engine's own map (copying it for every
+    step was O(fleet) a report); a step that fails puts back what it replaced, so that the
+    next step decides on the reports as they were before it."""
+    r = rollout(12, batch="12", max_unavailable="12")
+    cmds = r.handle(Start(), 1.0)
+    first, *_, last = [c.desired for c in cmds if isinstance(c, WriteDesired)]
+    seen = r._observed  # the engine's own map: a step writes into it, copies nothing
+    r.handle(ObservedChanged(first.node, converged_on(first, 2.0)), 2.0)
+    assert seen[first.node].time == 2.0 and r._observed is seen
+    before = dict(seen)
+
+    def broken(self: Progress) -> None:
+        raise RuntimeError("a bug in this step")
+
+    monkeypatch.setattr(Progress, "advance", broken)
+    with pytest.raises(RuntimeError):
+        r.handle_all([ObservedChanged(first.node, converged_on(first, 3.0)),
+                      ObservedChanged(last.node, converged_on(last, 3.0))], 3.0)
+    assert r._observed == before and last.node not in r._observed
+    assert r._observed[first.node].time == 2.0
