@@ -243,9 +243,9 @@ def unpacked(event: Event) -> list[Event]:
             for m in out]
 
 
-class _Member(msgspec.Struct, forbid_unknown_fields=True):
+class _Member(msgspec.Struct):
     """One event of a pack: what it does not share with the pack (time and who: when they
-    differ)."""
+    differ). Fields a later release adds are ignored here, as an Event's are."""
 
     id: str
     kind: str

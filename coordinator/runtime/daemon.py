@@ -130,6 +130,11 @@ RETRY_LEAD = 1.0  # after a leadership that failed by itself (fences, a crash): 
 FORWARD_TIMEOUT = HANDLER_TIMEOUT + 5.0
 PACE_TICK = 0.5  # how often the leader looks whether the heartbeat pace is due (``core.pace``)
 CORDONS_READ = 2.0  # ``nodes`` waits this long for the cordons, then shows them as last read
+# A standby that has not yet been up for one heartbeat interval has not heard every node: its
+# ``nodes`` answer waits until then, this long at most, so that a warm coordinator's answer (the
+# first whole one wins) comes first; a fresh standby showed a fleet all offline.
+COLD_ANSWER_WAIT = 2.0
+AGENT_BEAT = 2.0  # the agents' default --heartbeat-interval; the leader's pace may lengthen it
 
 T = TypeVar("T")
 
@@ -486,6 +491,12 @@ class Coordinator:
         self._emit(transitions)
 
     async def _nodes(self, req: NodesRequest, caller: str) -> list[NodeView] | dict[str, Any]:
+        if self.runner is None:  # a standby: a cold one answers last (COLD_ANSWER_WAIT)
+            beat = max(AGENT_BEAT, pace.interval(len(self.table.nodes), self.pacer.rate))
+            warm = self.started + beat
+            wait = min(warm - self._clock(), COLD_ANSWER_WAIT)
+            if wait > 0:
+                await asyncio.sleep(wait)
         await self._read_cordons()
         answer: list[NodeView] | dict[str, Any]
         if req.max_nodes > 0:  # ``NodesRequest.max_nodes``: offline and cordoned rows first

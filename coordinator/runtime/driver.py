@@ -68,15 +68,18 @@ class Driver:
         nodes = self.rollout.record.nodes
         drop: list[str] = []
         for eid, event in reversed(self.outbox.items()):  # newest first: the oldest go
-            about = [m.get("node") for m in members(event)] or [event.node]  # a pack: each's
             if event.node and event.node in nodes:
-                over = False
-                for node in about:
-                    if isinstance(node, str):
-                        per_node[node] = count = per_node.get(node, 0) + 1
-                        over = over or count > NODE_OUTBOX_MAX
-                if over:
+                # A pack counts once for each of its nodes; it goes only when all of them are
+                # past their room (its other nodes' events would go with it), or when one is
+                # past twice that (a member takes half an event's room, ~230 of 512 bytes).
+                about = [n for m in members(event) if isinstance(n := m.get("node"), str)]
+                counts = [per_node.get(n, 0) + 1 for n in about or [event.node]]
+                if (all(c > NODE_OUTBOX_MAX for c in counts)
+                        or any(c > 2 * NODE_OUTBOX_MAX for c in counts)):
                     drop.append(eid)
+                    continue
+                for n, c in zip(about or [event.node], counts, strict=True):
+                    per_node[n] = c
             else:
                 own += 1
                 if own > OUTBOX_MAX:

@@ -17,8 +17,8 @@ so the stream stores each once. Since an event is made whole before the record t
 written, what it says (its ``who`` among the rest) is what is published again.
 
 Packs: the node events of one decision (a wave's start names a thousand nodes) go out as few
-messages: each run of them between two other events is cut by the record's page their node's
-progress is kept on, and each part of two or more becomes one pack (``protocol.events.pack``),
+messages: each run of them whose nodes one page of the record keeps, cut where the decision's
+first write comes, becomes one pack when it holds two or more (``protocol.events.pack``),
 made with the decision, kept in the outbox and on that page as one event, published once, where
 its last member would have been (so it never announces a write before it is done), and the same
 bytes again after a takeover. Readers expand packs.
@@ -99,8 +99,10 @@ class Executor:
             # or nothing (a member of a pack that goes out later).
             out: dict[int, Event | None] = dict(made)
             page_of = self.store.page_of(driver.id)
-            for indexes in decided.values():
-                for part in _parts(indexes, made, page_of):
+            writes_at = [i for i, c in enumerate(commands) if isinstance(c, WriteDesired)]
+            for at, indexes in decided.items():
+                first_write = next((w for w in writes_at if w > at), len(commands))
+                for part in _parts(indexes, made, page_of, first_write):
                     out.update(dict.fromkeys(part[:-1]))
                     out[part[-1]] = pack([made[j] for j in part])
             for i, command in enumerate(commands):
@@ -166,27 +168,31 @@ class Executor:
                 log.exception("event observer failed on %s", event.kind)
 
 
-def _parts(indexes: Sequence[int], made: Mapping[int, Event],
-           page_of: Mapping[str, int]) -> list[list[int]]:
+def _parts(indexes: Sequence[int], made: Mapping[int, Event], page_of: Mapping[str, int],
+           first_write: int) -> list[list[int]]:
     """The packs of one decision's events (``indexes`` into ``made``, in order): each run of
-    node events between two other events, cut by the page of the record that keeps their
-    node's progress (``page_of``), in parts of two to PACK_MAX (a lone one goes out alone)."""
+    consecutive node events whose nodes' progress one page of the record keeps (``page_of``),
+    cut where the decision's first write comes (the events before it go out at once, those
+    after it once the writes are done), in parts of two to PACK_MAX; a lone one goes out
+    alone. Runs keep the stream in the decision's order (a wave's nodes are on consecutive
+    pages, so its events make few runs)."""
     parts: list[list[int]] = []
-    by_page: dict[int, list[int]] = {}
+    run: list[int] = []
+    run_page: int | None = None
 
     def close() -> None:
-        for group in by_page.values():
-            parts.extend(group[k:k + PACK_MAX] for k in range(0, len(group), PACK_MAX)
-                         if len(group[k:k + PACK_MAX]) > 1)
-        by_page.clear()
+        parts.extend(run[k:k + PACK_MAX] for k in range(0, len(run), PACK_MAX)
+                     if len(run[k:k + PACK_MAX]) > 1)
+        run.clear()
 
     for j in indexes:
         event = made[j]
         page = page_of.get(event.node) if event.kind in NODE_EVENTS else None
-        if page is None:
+        if page is None or page != run_page or (run and run[-1] < first_write < j):
             close()
-        else:
-            by_page.setdefault(page, []).append(j)
+        run_page = page
+        if page is not None:
+            run.append(j)
     close()
     return parts
 

@@ -86,26 +86,28 @@ class Feed:
             log.error("http: the dashboard cannot follow the events (%s); it shows the records "
                       "only", exc)
             return
+        raw: list[tuple[str, bytes]] = []
         try:
             async with asyncio.timeout(BACKFILL_TIMEOUT):
                 stream = bus.stream_records(subjects.events_stream(fleet), subjects.events(fleet),
                                             last=BACKFILL)
-                raw = [(subject, data) async for subject, data in stream]
-                # The last BACKFILL messages hold BACKFILL events or many more (a pack holds
-                # up to 250): decoded newest first until BACKFILL events are in hand.
-                held: list[list[Event]] = []
-                count = 0
-                for subject, data in reversed(raw):
-                    with contextlib.suppress(ProtocolError):  # junk: not shown
-                        held.append(received_all(fleet, subject, data))
-                        count += len(held[-1])
-                    if count >= BACKFILL:
-                        break
-                for events in reversed(held):
-                    await self._keep(events)
+                async for subject, data in stream:
+                    raw.append((subject, data))
         except (BusError, TimeoutError) as exc:
-            log.warning("http: the dashboard shows only events from now on: cannot read the "
-                        "events stream back (%s)", exc)
+            log.warning("http: the dashboard shows %s: cannot read the events stream back (%s)",
+                        "what it read back" if raw else "only events from now on", exc)
+        # The last BACKFILL messages hold BACKFILL events or many more (a pack holds up to
+        # 250): decoded newest first until BACKFILL events are in hand.
+        held: list[list[Event]] = []
+        count = 0
+        for subject, data in reversed(raw):
+            with contextlib.suppress(ProtocolError):  # junk: not shown
+                held.append(received_all(fleet, subject, data))
+                count += len(held[-1])
+            if count >= BACKFILL:
+                break
+        for events in reversed(held):
+            await self._keep(events)
 
 
 async def feed_context(app: Any, feed: Feed) -> AsyncIterator[None]:
