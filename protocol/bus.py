@@ -189,6 +189,7 @@ EVENTS_DEDUP_WINDOW = 3600.0
 _NO_PLACEMENT = (10005, 10074)
 # "insufficient storage resources available": a stream's max_bytes past what the server reserves.
 NO_STORAGE = 10047
+NO_PEERS = 10005  # no suitable peers for placement (one offline: a cluster just started)
 # A write past the servers' JetStream limits: for the observed bucket (memory) its
 # ``max_memory_store``. Every later write to a memory stream fails too, even one replacing a
 # key's value; writes to the disk buckets go on (measured on nats-server 2.12).
@@ -307,6 +308,27 @@ async def _while_unavailable(call: Callable[[], Awaitable[R]],
                 raise
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.5)
+
+
+PLACEMENT_WAIT = 15.0  # how long a setup waits for a just-started cluster's peers to be placeable
+
+
+async def _while_placing(call: Callable[[], Awaitable[R]], wait: float = PLACEMENT_WAIT) -> R:
+    """``call()`` (an idempotent setup), made again while JetStream refuses to place a replicated
+    stream because a peer looks offline (err 10005: a cluster whose servers just started has
+    not heard from all of them yet), for up to ``wait`` seconds, then its error."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + wait
+    pause = 0.1
+    while True:
+        try:
+            return await call()
+        except nats.js.errors.BadRequestError as exc:
+            if (exc.err_code != NO_PEERS or "offline" not in str(exc)
+                    or loop.time() + pause > until):
+                raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
 
 
 async def _unless_refused(connecting: Awaitable[Client],
@@ -678,7 +700,7 @@ class Bus:
         buckets = _fleet_buckets(f)
         names = [*(subjects.kv_stream(b) for b in buckets), subjects.object_stream(store),
                  subjects.events_stream(f)]
-        try:
+        async def once(replicas: int | None) -> FleetSetup:
             if replicas is not None:
                 await self.check_replicas(replicas)
             have = {name: await self._stream_config(name) for name in names}
@@ -718,6 +740,10 @@ class Bus:
                 stream.num_replicas = replicas
                 await self.js.add_stream(stream)
             await self._allow_atomic(subjects.events_stream(f))  # js_publish_events batches
+            return setup
+
+        try:
+            setup = await _while_placing(functools.partial(once, replicas))
         except (nats.errors.Error, TimeoutError) as exc:
             if getattr(exc, "err_code", None) == NO_STORAGE:
                 raise NoRoom(

@@ -11,7 +11,7 @@ import nats.errors
 import nats.js.errors
 import pytest
 
-from protocol.bus import _while_unavailable
+from protocol.bus import _while_placing, _while_unavailable
 
 
 def flaky(fails: int, error: Exception) -> tuple[list[float], Callable[[], Awaitable[str]]]:
@@ -49,4 +49,24 @@ async def test_other_errors_are_not_retried(error: Exception) -> None:
     tries, read = flaky(1, error)
     with pytest.raises(type(error)):
         await _while_unavailable(read, wait=5.0)
+    assert len(tries) == 1
+
+
+def _placement(description: str) -> nats.js.errors.BadRequestError:
+    return nats.js.errors.BadRequestError(code=400, err_code=10005, description=description)
+
+
+async def test_a_setup_refused_for_an_offline_peer_is_made_again_until_placed() -> None:
+    """A cluster that just started refuses to place an R3 stream while a peer looks offline
+    (err 10005, seen in a fresh-clone run): the idempotent setup is made again, bounded; any
+    other refusal, and one past the wait, is the error at once."""
+    tries, setup = flaky(3, _placement("no suitable peers for placement, peer offline"))
+    assert await _while_placing(setup, wait=5.0) == "ok" and len(tries) == 4
+    tries, setup = flaky(1000, _placement("no suitable peers for placement, peer offline"))
+    with pytest.raises(nats.js.errors.BadRequestError):
+        await _while_placing(setup, wait=0.5)
+    assert 2 <= len(tries) < 10
+    tries, setup = flaky(1, _placement("insufficient resources"))
+    with pytest.raises(nats.js.errors.BadRequestError):
+        await _while_placing(setup, wait=5.0)
     assert len(tries) == 1
