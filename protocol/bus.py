@@ -290,6 +290,22 @@ async def _asked(nc: Client, subject: str, data: bytes, *, timeout: float,
 UNAVAILABLE_WAIT = 5.0  # how long a read waits out JetStream's 503 (``_while_unavailable``)
 
 
+async def _made_again(call: Callable[[], Awaitable[R]], transient: Callable[[Exception], bool],
+                      wait: float, pause: float, longest: float) -> R:
+    """``call()``, made again while it fails in a way ``transient`` says passes, for up to
+    ``wait`` seconds (``pause`` doubling to ``longest`` between tries), then its error."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + wait
+    while True:
+        try:
+            return await call()
+        except Exception as exc:
+            if not transient(exc) or loop.time() + pause > until:
+                raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, longest)
+
+
 async def _while_unavailable(call: Callable[[], Awaitable[R]],
                              wait: float = UNAVAILABLE_WAIT) -> R:
     """``call()``, made again while JetStream answers 503 "unavailable", for up to ``wait``
@@ -297,17 +313,9 @@ async def _while_unavailable(call: Callable[[], Awaitable[R]],
     while the stream or JetStream itself has no leader (a server just started, or one just
     went): a read in that moment is worth waiting a moment for, not worth failing a status
     or a ``--follow`` for. Only for reads: a 503 has read nothing."""
-    loop = asyncio.get_running_loop()
-    until = loop.time() + wait
-    pause = 0.05
-    while True:
-        try:
-            return await call()
-        except nats.js.errors.ServiceUnavailableError:
-            if loop.time() + pause > until:
-                raise
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.5)
+    return await _made_again(
+        call, lambda exc: isinstance(exc, nats.js.errors.ServiceUnavailableError),
+        wait, 0.05, 0.5)
 
 
 PLACEMENT_WAIT = 15.0  # how long a setup waits for a just-started cluster's peers to be placeable
@@ -317,18 +325,10 @@ async def _while_placing(call: Callable[[], Awaitable[R]], wait: float = PLACEME
     """``call()`` (an idempotent setup), made again while JetStream refuses to place a replicated
     stream because a peer looks offline (err 10005: a cluster whose servers just started has
     not heard from all of them yet), for up to ``wait`` seconds, then its error."""
-    loop = asyncio.get_running_loop()
-    until = loop.time() + wait
-    pause = 0.1
-    while True:
-        try:
-            return await call()
-        except nats.js.errors.BadRequestError as exc:
-            if (exc.err_code != NO_PEERS or "offline" not in str(exc)
-                    or loop.time() + pause > until):
-                raise
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 1.0)
+    return await _made_again(
+        call, lambda exc: (isinstance(exc, nats.js.errors.BadRequestError)
+                           and exc.err_code == NO_PEERS and "offline" in str(exc)),
+        wait, 0.1, 1.0)
 
 
 async def _unless_refused(connecting: Awaitable[Client],
