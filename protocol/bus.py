@@ -1070,10 +1070,9 @@ class Bus:
         return kv
 
     def _watch_js(self, timeout: float) -> JetStreamContext:
-        """A JetStream context for one KV watch, whose requests wait at most ``timeout``."""
-        if self.blind:
-            return _BlindJetStream(self.nc, timeout)
-        return self.nc.jetstream(timeout=timeout)
+        """A JetStream context for one KV watch, whose requests wait at most ``timeout`` and whose
+        caught-up marker never comes before an entry the bucket held (``_CountedJetStream``)."""
+        return _CountedJetStream(self.nc, timeout)
 
     @_timed("kv_get")
     async def kv_get(self, bucket: str, key: str) -> Entry | None:
@@ -1201,37 +1200,18 @@ class Bus:
     async def _watch_once(self, bucket: str, pattern: str) -> AsyncIterator[Entry]:
         """The current entries matching ``pattern`` (a deleted key with value None), read once.
 
-        A KV watch's "caught up" marker can come before entries already on their way to us
-        (nats-py #842), and a snapshot ended there would be silently partial: a coordinator
-        that forgot known nodes, or a deploy that missed a node's current state. So the keys
-        the stream holds are listed first (its info, filtered by subject), and the snapshot
-        ends only once the marker came and every one of them was delivered.
-
-        A ``blind`` client (a node, which may not list the keys) ends at the marker: its
-        watches take the pending count from their consumer's creation reply (``_BlindJetStream``),
-        before anything was sent, so the marker comes with the last entry, never before it.
+        It ends at the watch's caught-up marker, which comes with the last entry the bucket
+        held, never before it (``_CountedJetStream``): a snapshot ended early would be silently
+        partial (a coordinator that forgot known nodes, a deploy that missed a node's state).
         """
         kv = await self._bucket(bucket)
         try:
-            expected: set[str] | None = None
-            if not self.blind:
-                info = await _while_unavailable(lambda: self.js.stream_info(
-                    f"KV_{bucket}", subjects_filter=f"$KV.{bucket}.{pattern}"))
-                skip = len(f"$KV.{bucket}.")
-                expected = {subject[skip:] for subject in (info.state.subjects or {})}
             # deletes too: a deleted key is delivered as one; named (``_NamedByInbox``) so that
             # a server can allow a node a snapshot of its own keys only
             w = await _while_unavailable(
                 lambda: _watchable(kv, self._watch_js(OP_TIMEOUT)).watch(pattern))
             try:
-                seen: set[str] = set()
-                caught_up = False
-                while not (caught_up and (expected is None or expected <= seen)):
-                    e = await w.updates(timeout=OP_TIMEOUT)
-                    if e is None:
-                        caught_up = True
-                        continue
-                    seen.add(e.key)
+                while (e := await w.updates(timeout=OP_TIMEOUT)) is not None:
                     deleted = e.operation in ("DEL", "PURGE")
                     yield Entry(e.key, None if deleted else e.value, e.revision or 0)
             finally:
@@ -1804,19 +1784,25 @@ class _NamedByInbox(js_api.ConsumerConfig):
         return object.__getattribute__(self, attr)
 
 
-class _BlindJetStream(JetStreamContext):
-    """A JetStream context for one watch of a ``blind`` client (a node), which may ask no
-    consumer's info: ``CONSUMER.INFO`` by name would let it inspect other nodes' watches.
+class _CountedJetStream(JetStreamContext):
+    """A JetStream context for one KV watch whose caught-up marker never comes early.
 
-    nats-py's KV watch asks its new consumer's info once, for the pending count; this context
-    answers that from the consumer's creation reply instead (its manager is itself, so the
-    subscription's requests come here). That count is taken before anything is sent, so the
-    watch's caught-up marker comes with the last pending entry, never before it (nats-py #842).
+    nats-py's KV watch asks its new consumer's info once, for the pending count, and marks the
+    watch caught up at once when the server says nothing is pending and nothing has arrived
+    yet. But the server counts a message as sent when it queues it: its info reply can reach
+    us before the messages it counts as sent (nats-py #842), and the marker then came before
+    entries the bucket held, so a level-triggered reader took a partial view for the whole one.
+    This context answers that one question from the consumer's creation reply instead (its
+    manager is itself, so the subscription's requests come here): that count is taken before
+    anything is sent, so the marker comes with the last pending entry, never before it.
+
+    A ``blind`` client (a node) needs it besides: it may ask no consumer's info, as
+    ``CONSUMER.INFO`` by name would let it inspect other nodes' watches.
     """
 
     def __init__(self, nc: Client, timeout: float) -> None:
         super().__init__(nc, timeout=timeout)
-        self._created: dict[tuple[str, str], js_api.ConsumerInfo] = {}
+        self._created: dict[tuple[str, str], js_api.ConsumerInfo] | None = {}
 
     @property
     def _jsm(self) -> JetStreamContext:  # a manager itself
@@ -1825,12 +1811,14 @@ class _BlindJetStream(JetStreamContext):
     async def add_consumer(self, stream: str, config: Any = None, timeout: float | None = None,
                            **params: Any) -> js_api.ConsumerInfo:
         info = await super().add_consumer(stream, config=config, timeout=timeout, **params)
-        self._created = {(stream, str(info.name)): info}  # only the newest is asked about
+        if self._created == {}:  # the watch's first consumer: asked about once, just after
+            self._created = {(stream, str(info.name)): info}
         return info
 
     async def consumer_info(self, stream: str, consumer: str,
                             timeout: float | None = None) -> js_api.ConsumerInfo:
-        info = self._created.pop((stream, consumer), None)
+        info = (self._created or {}).pop((stream, consumer), None)
+        self._created = None  # later questions (a watchdog's) go to the server
         if info is None:
             info = await super().consumer_info(stream, consumer, timeout=timeout)
         return info

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
+import types
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from nats.js.api import DiscardPolicy, StorageType
+from nats.js.manager import JetStreamManager
 
 from coordinator.dev.broker import Broker, find_nats_server, free_port
 from protocol.bus import (
@@ -337,6 +339,38 @@ async def test_a_snapshot_holds_every_live_key_and_no_deleted_one(broker: Broker
         for _ in range(3):
             got = await bus.kv_entries(bucket, "*.hello")
             assert {e.key for e in got} == want
+    finally:
+        await bus.close()
+
+
+async def test_a_watch_is_caught_up_only_after_the_entries_the_bucket_held(
+        broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server counts a message sent once it queued it, and its consumer-info reply can
+    reach us before the messages (nats-py #842). nats-py's watch then marked itself caught up
+    (``None``) before the bucket's entries, and a snapshot ended there was empty. Here every
+    consumer-info reply comes at once saying nothing is pending (the race, made certain): the
+    watch still delivers every entry before its marker, and the snapshot holds them all."""
+    bus = await Bus.connect(broker.url, "t")
+    try:
+        await bus.ensure_fleet()
+        for i in range(50):
+            await bus.kv_put("fw-t-observed", f"n{i}.web", b"1")
+
+        async def all_sent(*args: Any, **kwargs: Any) -> Any:
+            return types.SimpleNamespace(num_pending=0)
+
+        monkeypatch.setattr(JetStreamManager, "consumer_info", all_sent)
+        seen, task = _followed(bus.watch("fw-t-observed", ">"))
+        try:
+            async with asyncio.timeout(10):
+                first = [await seen.get() for _ in range(51)]
+            assert first[-1] is None and {e.key for e in first[:-1] if e} == {
+                f"n{i}.web" for i in range(50)}
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        got = await bus.kv_entries("fw-t-observed", "*.web")
+        assert len(got) == 50
     finally:
         await bus.close()
 
