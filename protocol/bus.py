@@ -318,17 +318,25 @@ async def _while_unavailable(call: Callable[[], Awaitable[R]],
         wait, 0.05, 0.5)
 
 
-PLACEMENT_WAIT = 15.0  # how long a setup waits for a just-started cluster's peers to be placeable
+PLACEMENT_WAIT = 15.0  # how long a setup is made again while a cluster cannot place it yet
+
+
+def _not_placed_yet(exc: Exception) -> bool:
+    """A setup step that may succeed when made again: JetStream refused to place a replicated
+    stream because a peer looks offline (err 10005: a cluster whose servers just started has
+    not heard from all of them yet), or did not answer in time (a cluster that fsyncs every
+    write, ``sync_interval: always``, under another load's disk writes took over 10 s to make
+    an R3 stream in a fresh-clone run; the step may have been done, and is asked again)."""
+    if isinstance(exc, (nats.errors.TimeoutError, TimeoutError)):
+        return True
+    return (isinstance(exc, nats.js.errors.BadRequestError)
+            and exc.err_code == NO_PEERS and "offline" in str(exc))
 
 
 async def _while_placing(call: Callable[[], Awaitable[R]], wait: float = PLACEMENT_WAIT) -> R:
-    """``call()`` (an idempotent setup), made again while JetStream refuses to place a replicated
-    stream because a peer looks offline (err 10005: a cluster whose servers just started has
-    not heard from all of them yet), for up to ``wait`` seconds, then its error."""
-    return await _made_again(
-        call, lambda exc: (isinstance(exc, nats.js.errors.BadRequestError)
-                           and exc.err_code == NO_PEERS and "offline" in str(exc)),
-        wait, 0.1, 1.0)
+    """``call()`` (an idempotent setup), made again while it fails as ``_not_placed_yet`` says
+    passes, for up to ``wait`` seconds, then its error."""
+    return await _made_again(call, _not_placed_yet, wait, 0.1, 1.0)
 
 
 async def _unless_refused(connecting: Awaitable[Client],
