@@ -10,6 +10,9 @@ Without ``-n`` none of this runs."""
 
 from __future__ import annotations
 
+import collections
+import contextlib
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -54,3 +57,34 @@ else:
         if config.getvalue("dist") == "loadgroup":
             return HeldGroupScheduling(config, log)
         return None
+
+
+LOGS_SHOWN = 12  # the most recently written log files of a failed test shown in its report
+LOG_LINES = 40  # the last lines shown of each
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A failed test's report ends with the tails of the logs in its ``tmp_path`` (the broker's,
+    the coordinator's, the agents', the routers'), so that a failure seen once in CI, whose temp
+    dirs are gone, can still be read."""
+    report = yield
+    tmp = getattr(item, "funcargs", {}).get("tmp_path")
+    if report.failed and call.when == "call" and tmp is not None:
+        for path in _newest_logs(tmp):
+            try:
+                with open(path, errors="replace") as f:
+                    tail = "".join(collections.deque(f, LOG_LINES))
+            except OSError as exc:
+                tail = f"cannot read it: {exc}"
+            report.sections.append((f"log {path.relative_to(tmp)}", tail))
+    return report
+
+
+def _newest_logs(tmp: Path) -> list[Path]:
+    """The ``LOGS_SHOWN`` most recently written ``*.log`` files under ``tmp``, oldest first."""
+    dated = []
+    for path in tmp.rglob("*.log"):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            dated.append((path.stat().st_mtime, path))
+    return [path for _, path in sorted(dated)[-LOGS_SHOWN:]]
