@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
 
 from coordinator.runtime.ports import RunnerBus
@@ -73,6 +73,28 @@ def cancelled_meanwhile() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+async def all_of(work: Iterable[Coroutine[Any, Any, None]]) -> None:
+    """Run ``work`` concurrently (a TaskGroup) until all ended; a failure raises its first
+    cause (a BusError, Deposed), never an exception group, and leaves no cancel request
+    standing on this task. Python 3.11's TaskGroup cancels its parent when a child fails and
+    does not withdraw it (3.12 does): ``cancelled_meanwhile`` then took a failed write for a
+    cancel, and a resync's or the observed feed's failure ended the task instead of being
+    logged."""
+    task = asyncio.current_task()
+    before = task.cancelling() if task is not None else 0
+    try:
+        async with asyncio.TaskGroup() as tg:
+            for coro in work:
+                tg.create_task(coro)
+    except BaseExceptionGroup as group:
+        while task is not None and task.cancelling() > before:
+            task.uncancel()
+        exc: BaseException = group
+        while isinstance(exc, BaseExceptionGroup):
+            exc = exc.exceptions[0]
+        raise exc from None
 
 
 async def bounded(work: Awaitable[T]) -> T:

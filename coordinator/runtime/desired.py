@@ -27,7 +27,7 @@ import functools
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 
-from coordinator.runtime.calls import Retrying, bounded, scanned
+from coordinator.runtime.calls import Retrying, all_of, bounded, scanned
 from coordinator.runtime.lease import Deposed, Fenced
 from coordinator.runtime.ports import RunnerBus
 from protocol import subjects
@@ -113,7 +113,8 @@ class DesiredWriter:
     async def write_all(self, pending: Sequence[DesiredState]) -> None:
         """Write ``pending`` (one per key): those this writer knows the stored generation of as
         one pipelined batch, the rest (and those whose write failed) through ``write``,
-        WRITE_CONCURRENCY at a time, each retried. Deposed ends it at once."""
+        WRITE_CONCURRENCY at a time, each retried. Deposed ends it at once; a failure raises its
+        first cause (a BusError, Deposed), never an exception group."""
         await self._learn([d for d in pending
                            if subjects.node_service_key(d.node, d.service) not in self._gens])
         known: list[tuple[str, DesiredState]] = []
@@ -176,9 +177,7 @@ class DesiredWriter:
                 async with sem:
                     await self._retrying(lambda: self.write(desired))
 
-            async with asyncio.TaskGroup() as tg:
-                for desired in slow:
-                    tg.create_task(one(desired))
+            await all_of(one(desired) for desired in slow)
 
     def _sign_ahead(self, chunks: list[list[tuple[str, DesiredState]]], index: int,
                     term: int) -> asyncio.Future[list[bytes]] | None:
@@ -247,3 +246,4 @@ def _generation(value: bytes | None) -> int:
         return decode(SignedEnvelope, value).generation
     except ProtocolError:
         return 0
+

@@ -85,53 +85,50 @@ class Executor:
                 self.publish(event, driver.rollout.record)
             events.clear()
 
-        try:
-            made = self._events(driver.rollout.record, commands)
-            # The events of each Persist's decision: those after it, up to the next Persist.
-            decided: dict[int, list[int]] = {}
-            last: list[int] | None = None
-            for i, command in enumerate(commands):
-                if isinstance(command, Persist):
-                    last = decided[i] = []
-                elif i in made and last is not None:
-                    last.append(i)
-            # What goes out at each EmitEvent: its event, its pack (at the pack's last member),
-            # or nothing (a member of a pack that goes out later).
-            out: dict[int, Event | None] = dict(made)
-            page_of = self.store.page_of(driver.id)
-            writes_at = [i for i, c in enumerate(commands) if isinstance(c, WriteDesired)]
-            for at, indexes in decided.items():
-                first_write = next((w for w in writes_at if w > at), len(commands))
-                for part in _parts(indexes, made, page_of, first_write):
-                    out.update(dict.fromkeys(part[:-1]))
-                    out[part[-1]] = pack([made[j] for j in part])
-            for i, command in enumerate(commands):
-                match command:
-                    case Persist(record=record):
-                        await flush()
-                        for j in decided[i]:
-                            if (event := out[j]) is not None:
-                                driver.outbox[event.id] = event
-                        await self.persist(driver, record)
-                    case WriteDesired(desired=desired):
-                        key = subjects.node_service_key(desired.node, desired.service)
-                        old = writes.get(key)
-                        if old is None or old.generation <= desired.generation:
-                            writes[key] = desired
-                    case EmitEvent():
-                        event = out[i]
-                        if event is None:
-                            continue  # a pack's member: the pack goes out at its last one
-                        if writes:
-                            events.append(event)
-                        else:
-                            # Nothing written since the Persist: it announces no write of this
-                            # step, so it need not wait for them (a rollback's switch back is
-                            # told before the 10,000 writes that retire the new slots).
-                            self.publish(event, driver.rollout.record)
-            await flush()
-        except BaseExceptionGroup as group:  # a failed concurrent write: raise the first cause
-            raise _first(group) from None
+        made = self._events(driver.rollout.record, commands)
+        # The events of each Persist's decision: those after it, up to the next Persist.
+        decided: dict[int, list[int]] = {}
+        last: list[int] | None = None
+        for i, command in enumerate(commands):
+            if isinstance(command, Persist):
+                last = decided[i] = []
+            elif i in made and last is not None:
+                last.append(i)
+        # What goes out at each EmitEvent: its event, its pack (at the pack's last member),
+        # or nothing (a member of a pack that goes out later).
+        out: dict[int, Event | None] = dict(made)
+        page_of = self.store.page_of(driver.id)
+        writes_at = [i for i, c in enumerate(commands) if isinstance(c, WriteDesired)]
+        for at, indexes in decided.items():
+            first_write = next((w for w in writes_at if w > at), len(commands))
+            for part in _parts(indexes, made, page_of, first_write):
+                out.update(dict.fromkeys(part[:-1]))
+                out[part[-1]] = pack([made[j] for j in part])
+        for i, command in enumerate(commands):
+            match command:
+                case Persist(record=record):
+                    await flush()
+                    for j in decided[i]:
+                        if (event := out[j]) is not None:
+                            driver.outbox[event.id] = event
+                    await self.persist(driver, record)
+                case WriteDesired(desired=desired):
+                    key = subjects.node_service_key(desired.node, desired.service)
+                    old = writes.get(key)
+                    if old is None or old.generation <= desired.generation:
+                        writes[key] = desired
+                case EmitEvent():
+                    event = out[i]
+                    if event is None:
+                        continue  # a pack's member: the pack goes out at its last one
+                    if writes:
+                        events.append(event)
+                    else:
+                        # Nothing written since the Persist: it announces no write of this
+                        # step, so it need not wait for them (a rollback's switch back is
+                        # told before the 10,000 writes that retire the new slots).
+                        self.publish(event, driver.rollout.record)
+        await flush()
 
     async def persist(self, driver: Driver, record: RolloutRecord) -> None:
         """Persist ``record`` with the driver's outbox (retried); Deposed if we do not lead."""
@@ -195,11 +192,3 @@ def _parts(indexes: Sequence[int], made: Mapping[int, Event], page_of: Mapping[s
             run.append(j)
     close()
     return parts
-
-
-def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The first leaf exception of a (nested) exception group."""
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc

@@ -566,8 +566,19 @@ class Runner:
             outbox = record.outbox
             record = msgspec.structs.replace(record, outbox=[])
             if record.state in TERMINAL_STATES:
-                if outbox:  # its last events may never have reached the stream
-                    self._republish(self.closing, record, revision, outbox)
+                if outbox:  # its last step may not have been carried out: its writes, its events
+                    try:
+                        await self._retrying(functools.partial(
+                            self.desired.write_all, Rollout(record, fleet=self.fleet).intended()))
+                    except Deposed:
+                        raise
+                    except BusError as exc:  # the next resync makes them
+                        cancelled_meanwhile()
+                        log.warning("cannot finish rollout %s's last writes yet: %s", record.id,
+                                    exc)
+                        self._resync_wanted.set()
+                        continue
+                    self._publish(self._republish(self.closing, record, revision, outbox))
                 if record.id not in self._settled:
                     await self.store.release_lock(record.spec.service, record.id)
                     self._settled.add(record.id)
@@ -581,6 +592,8 @@ class Runner:
                 async with driver.lock:  # what it intends, in batches (one scan, not a read each)
                     intended = list(driver.rollout.intended())
                     await self._retrying(functools.partial(self.desired.write_all, intended))
+                    # Its events announce those writes: never before them (``carry_out``).
+                    self._publish(driver)
                 events: list[EngineEvent] = [
                     ObservedChanged(node, seen) for (node, svc), seen in self.observed.items()
                     if svc == record.spec.service and node in record.nodes
@@ -617,19 +630,23 @@ class Runner:
 
     def _republish(self, into: dict[str, Driver], record: RolloutRecord, revision: int,
                    outbox: list[Event]) -> Driver:
-        """A driver for ``record`` in ``into``, whose outbox (as found in KV) is published
-        again: the stream drops what it stored already (same bytes, same message id)."""
+        """A driver for ``record`` in ``into`` whose outbox is as found in KV: ``_publish``
+        sends it again once the writes its events announce are made again."""
         driver = Driver(Rollout(record, fleet=self.fleet), revision)
         driver.outbox = {e.id: e for e in outbox}
         driver.outbox_stored = bool(outbox)
         driver.persisted_at = self._clock()
         into[record.id] = driver
-        if outbox:
-            log.info("rollout %s: publishing %d events its last leader may not have", record.id,
-                     len(outbox))
-        for event in outbox:
-            self.events.put(event)
         return driver
+
+    def _publish(self, driver: Driver) -> None:
+        """Publish ``driver``'s outbox again: the stream drops what it stored already (same
+        bytes, same message id)."""
+        if driver.outbox:
+            log.info("rollout %s: publishing %d events its last leader may not have", driver.id,
+                     len(driver.outbox))
+        for event in driver.outbox.values():
+            self.events.put(event)
 
     # -- carrying out commands ---------------------------------------------------------------------
 

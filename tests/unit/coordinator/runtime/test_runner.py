@@ -303,6 +303,57 @@ async def test_resume_after_a_crash_between_persist_and_write_rewrites_only_the_
                                                                "node-3.hello"]
 
 
+async def test_a_resumed_rollouts_events_go_out_only_after_the_writes_they_announce() -> None:
+    """Killed after persisting a wave's start, before its writes: the next leader's outbox
+    (``node.updating`` of writes that never happened) is not published while those writes
+    cannot be made; once they are, it is."""
+    bus, clock = fleet_bus(), FakeClock()
+    bus.faults[("create", DESIRED)] = Killed()
+    bus.faults[("update", DESIRED)] = Killed()
+    with pytest.raises(Killed):
+        await runner(bus, clock).deploy(spec(), NEW)
+    bus.faults.clear()
+    rid = next(k for k in bus.kv[ROLLOUTS] if not k.startswith("_"))
+    assert bus.record(rid).outbox and bus.desired_writes() == []
+    clock.t += 5
+    bus.faults[("update", DESIRED)] = BusError("NATS is away")
+    bus.fault_count[("update", DESIRED)] = 1000
+    r2 = runner(bus, clock, command_deadline=0.3)
+    await r2.resync()
+    assert bus.desired_writes() == [] and r2.events.pending() == []
+    bus.faults.clear()
+    await r2.resync()
+    assert bus.desired_writes() == [("node-1.hello", 8)]
+    assert [e.kind for e in r2.events.pending()] == ["rollout.started", "wave.started",
+                                                     "node.updating"]
+
+
+async def test_a_rollout_killed_between_its_success_and_its_retirements_retires_on_resume(
+) -> None:
+    """Killed after persisting the success (terminal), before writing the old slots' retirement:
+    the next leader makes those writes, then publishes ``rollout.succeeded``: the old slots
+    would otherwise run on every node until the next rollout."""
+    bus, clock = fleet_bus(), FakeClock()
+    r = runner(bus, clock)
+    rec = await r.deploy(spec(batch="100%", max_unavailable="100%"), NEW)
+    clock.t += 1
+    bus.faults[("update", DESIRED)] = Killed()
+    with pytest.raises(Killed):
+        for i in (1, 2, 3):
+            await report(r, bus, f"node-{i}", clock.t)
+        await r.step()
+    bus.faults.clear()
+    record = bus.record(rec.id)
+    assert record.state == "succeeded" and record.outbox
+    assert all(len(p.target.slots) == 1 for p in record.nodes.values() if p.target)
+    assert all(len(bus.desired(f"node-{i}").slots) == 2 for i in (1, 2, 3))
+    clock.t += 5
+    r2 = runner(bus, clock)
+    await r2.resync()
+    assert all(len(bus.desired(f"node-{i}").slots) == 1 for i in (1, 2, 3))
+    assert "rollout.succeeded" in [e.kind for e in r2.events.pending()]
+
+
 async def test_resume_starts_a_rollout_killed_before_its_start() -> None:
     """A record still pending (killed between creating and starting it) is started on resume."""
     bus, clock = fleet_bus(), FakeClock()

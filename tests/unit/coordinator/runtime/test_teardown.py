@@ -12,7 +12,7 @@ import logging
 import pytest
 
 from coordinator.runtime import daemon
-from coordinator.runtime.calls import ABANDONED, Retrying
+from coordinator.runtime.calls import ABANDONED, Retrying, all_of, cancelled_meanwhile
 from protocol.errors import BusError
 
 
@@ -86,3 +86,31 @@ async def test_work_that_never_stops_is_left_and_the_leadership_ends(
         for task in list(ABANDONED):  # this test's own
             await task
             ABANDONED.discard(task)
+
+
+async def test_a_failed_child_of_all_of_is_its_error_and_no_cancel() -> None:
+    """``all_of``: a child's BusError is raised as itself (not a group), its siblings are
+    cancelled, and the caller is left with no cancel request (3.11's TaskGroup leaves one,
+    which ``cancelled_meanwhile`` took for a real cancel); a real cancel still cancels."""
+    ended: list[str] = []
+
+    async def fails() -> None:
+        await asyncio.sleep(0.01)
+        raise BusError("NATS is away")
+
+    async def waits() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            ended.append("sibling")
+
+    with pytest.raises(BusError, match="NATS is away"):
+        await all_of([fails(), waits()])
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0 and ended == ["sibling"]
+    cancelled_meanwhile()  # raises nothing: no cancel stands
+    outer = asyncio.create_task(all_of([waits()]))
+    await asyncio.sleep(0.01)
+    outer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await outer
