@@ -52,7 +52,7 @@ import msgspec
 
 from coordinator.core.engine_bake import STATS_GRACE
 from coordinator.core.engine_progress import Progress
-from coordinator.core.engine_step import BackMemo, Step
+from coordinator.core.engine_step import BackMemo, Step, is_down
 from coordinator.core.engine_types import (
     ACCEPTS,
     MOVES,
@@ -192,6 +192,9 @@ class Rollout:
         self._observed: dict[str, ObservedState] = {}
         self._policies = wave_policies(record.spec, len(record.waves))
         self._back_memo: BackMemo = {}  # the rollback's verdicts, across steps (``Step``)
+        # The committed record's unavailable nodes (``Step.unavailable``), made at the first
+        # step and kept up to date with the nodes each step took.
+        self._down: set[str] | None = None
 
     @property
     def record(self) -> RolloutRecord:
@@ -243,8 +246,10 @@ class Rollout:
 
     def _step(self, events: Sequence[EngineEvent], now: float, *, who: str) -> list[Command]:
         work = working_copy(self._record)
+        if self._down is None:
+            self._down = {n for n, p in self._record.nodes.items() if is_down(p)}
         step = Step(self.fleet, work, self._observed, now, policies=self._policies, who=who,
-                    ahead=self._record.prestage, back_memo=self._back_memo)
+                    ahead=self._record.prestage, back_memo=self._back_memo, down=self._down)
         progress = Progress(step)
         try:
             for event in events:
@@ -254,6 +259,15 @@ class Rollout:
             step.undo()  # what the nodes reported stays as it was before the step
             raise
         commands: list[Command] = list(step.commands)
+        taken = work.nodes.taken() if isinstance(work.nodes, NodeTable) else None
+        if taken is None:
+            self._down = None  # made again at the next step
+        else:
+            for n in taken:
+                if n in work.nodes and is_down(dict.__getitem__(work.nodes, n)):
+                    self._down.add(n)
+                else:
+                    self._down.discard(n)
         work.nodes = dict(work.nodes)  # the committed record's: reading it copies nothing
         # Field-by-field equality: what the copy shares with the committed record (desired
         # states, router snapshots, the nodes the step never took) compares by identity, so

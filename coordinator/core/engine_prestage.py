@@ -21,7 +21,7 @@ from __future__ import annotations
 from coordinator.core import staging
 from coordinator.core.engine_rollback import Rollback
 from coordinator.core.engine_step import Step
-from coordinator.core.engine_types import converged
+from coordinator.core.engine_types import converged, peek_node
 from coordinator.core.targets import restore_target, runs
 from protocol.durations import format_duration
 from protocol.messages import NodeProgress
@@ -37,35 +37,44 @@ class Prestage:
     def ahead(self) -> list[tuple[int, NodeProgress]]:
         """The nodes staged (or staging, or failed staging) whose wave has not started, with
         that wave: only the window's waves are looked at, so a step costs O(window), not
-        O(fleet)."""
+        O(fleet). Read only (``peek_node``): a caller that changes one takes it first
+        (``take``); taking every one copied the window's nodes on every step."""
         r, found = self.step.r, []
         for index in staging.window(r.current_wave, self.step.ahead, len(r.waves)):
             for n in r.waves[index].nodes:
-                p = r.nodes[n]
+                p = peek_node(r.nodes, n)
                 if p.wave < 0 and p.staged:
                     found.append((index, p))
         return found
+
+    def take(self, p: NodeProgress) -> NodeProgress:
+        """The step's own copy of ``p`` (read through ``ahead``), to change."""
+        return self.step.r.nodes[p.node]
 
     def check(self) -> bool:
         """Judge the staging nodes (level-triggered); False if a failure stopped the rollout."""
         step = self.step
         failed: list[str] = []
         for index, p in self.ahead():
-            if p.staged == "failed" or p.target is None:
+            target = p.target
+            if p.staged == "failed" or target is None:
                 continue
             seen = step.obs.get(p.node)
             if seen is not None and seen.generation >= p.generation and seen.phase == "failed":
+                p = self.take(p)
                 self.fail(p, index, f"agent reports failure: {seen.error or 'no reason given'}")
             elif p.staged == "staged":
                 continue
-            elif (seen is not None and converged(seen, p.target)
+            elif (seen is not None and converged(seen, target)
                   and (s := seen.slots.get(p.slot)) is not None and s.status == "healthy"):
+                p = self.take(p)
                 p.staged = "staged"
                 step.emit("node.staged", f"{p.node}: {step.r.release.version} healthy in slot "
                           f"{p.slot} at weight 0, ahead of wave {index}", p.node,
                           generation=p.generation, slot=p.slot, wave=index)
                 continue
             elif p.online and step.now >= p.stage_deadline:
+                p = self.take(p)
                 limit = format_duration(step.spec.progress_deadline)
                 got = seen.observed_generation if seen else "none"
                 self.fail(p, index, f"not healthy within {limit} (observed generation {got}, "
@@ -104,9 +113,10 @@ class Prestage:
             wave = r.waves[index]
             policy = step.policy(wave)
             for n in wave.nodes:
-                p = r.nodes[n]
+                p = peek_node(r.nodes, n)
                 if p.wave >= 0 or p.staged or not p.online or runs(p.previous, r.release):
                     continue  # already in a wave, staged, unreachable, or nothing to stage
+                p = r.nodes[n]  # taken: staging changes it
                 desired = policy.stage(step, p, wave)
                 if desired is None:
                     continue
@@ -121,6 +131,7 @@ class Prestage:
         """An operator resumed after a staging failure: those nodes are staged again."""
         for _, p in self.ahead():
             if p.staged == "failed":
+                p = self.take(p)
                 p.staged, p.reason = "", ""
 
     def aborted(self) -> None:
@@ -131,6 +142,7 @@ class Prestage:
         for _, p in self.ahead():
             if p.target is None:
                 continue
+            p = self.take(p)
             step.write(p, restore_target(
                 p.previous, fleet=step.fleet, node=p.node, service=step.spec.service,
                 generation=step.next_generation(p), rollout=step.r.id, now=step.now))

@@ -33,6 +33,7 @@ from coordinator.core.engine_types import (
     Command,
     EmitEvent,
     IllegalTransition,
+    NodeTable,
     WriteDesired,
     move_node,
     peek,
@@ -61,9 +62,12 @@ class Step:
     def __init__(
         self, fleet: str, record: RolloutRecord, observed: dict[str, ObservedState], now: float,
         *, policies: Sequence[WavePolicy], who: str = "", ahead: int = 0,
-        back_memo: BackMemo | None = None,
+        back_memo: BackMemo | None = None, down: set[str] | None = None,
     ) -> None:
         self.fleet = fleet
+        # The unavailable nodes of the committed record (kept by the engine across steps), or
+        # None: ``unavailable`` scans the fleet then.
+        self.down = down
         # The rollback's per-node verdicts, kept by the engine across steps (``Rollout``):
         # ``engine_rollback.Rollback.advance_rollback``.
         self.back_memo: BackMemo = {} if back_memo is None else back_memo
@@ -125,10 +129,19 @@ class Step:
         return self._policies[wave.index]
 
     def unavailable(self) -> set[str]:
-        return {
-            n for n, p in peek(self.r.nodes)
-            if p.state in ("updating", "failed") or not p.online
-        }
+        """The target nodes being updated, failed or offline now. Only the nodes this step
+        took (``NodeTable``) can have changed since the committed record, whose set the engine
+        keeps (``down``): O(those), where a scan of every node was O(fleet) a step."""
+        nodes = self.r.nodes
+        if self.down is None or not isinstance(nodes, NodeTable):
+            return {n for n, p in peek(nodes) if is_down(p)}
+        out = set(self.down)
+        for n in nodes.taken():
+            if is_down(dict.__getitem__(nodes, n)):
+                out.add(n)
+            else:
+                out.discard(n)
+        return out
 
     def snapshot(self) -> dict[str, RouterStats]:
         """The routers' counters now, as a wave's baseline. A cohort rule's users sketches are
@@ -167,3 +180,8 @@ def _lean(stats: RouterStats) -> RouterStats:
         return msgspec.structs.replace(
             stats, cohort=msgspec.structs.replace(stats.cohort, users={}))
     return stats
+
+
+def is_down(p: NodeProgress) -> bool:
+    """Whether a target node is unavailable: being updated, failed, or offline."""
+    return p.state in ("updating", "failed") or not p.online

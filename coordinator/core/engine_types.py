@@ -263,6 +263,10 @@ class NodeTable(dict[str, NodeProgress]):
     def get(self, node: str, default: Any = None) -> Any:
         return self[node] if node in self else default  # noqa: SIM401  (self.get is this)
 
+    def taken(self) -> set[str]:
+        """The nodes a step took (the only ones it can have changed)."""
+        return self._own
+
     def values(self) -> list[NodeProgress]:  # type: ignore[override]
         return [self[n] for n in self]
 

@@ -40,3 +40,16 @@ def test_profile_without_py_spy_exits_2_in_one_line_before_anything_runs(
                    "'.venv/bin/pip install py-spy' (or drop --profile)"]
     (tmp_path / "py-spy").write_text("")
     assert ps.py_spy() == str(tmp_path / "py-spy")  # found beside the Python that runs
+
+
+def test_the_engine_bench_runs_a_rollout_to_success(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench_engine.py measures a rollout that really ends: at a small size its simulated fleet
+    takes the rollout to success, every step counted."""
+    _support(monkeypatch)
+    spec = importlib.util.spec_from_file_location("bench_engine", PERF / "bench_engine.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    r = bench.measure(200, 10)
+    assert r["state"] == "succeeded"
+    assert r["steps"] >= 200 // 10 and r["engine_s"] > 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import msgspec
 import pytest
 
@@ -24,6 +26,8 @@ from coordinator.core.engine import (
     WriteDesired,
     new_record,
 )
+from coordinator.core.engine_step import Step, is_down
+from coordinator.core.engine_types import peek
 from protocol.messages import (
     LATENCY_BOUNDS_MS,
     DesiredState,
@@ -369,3 +373,62 @@ def test_node_already_on_the_release_is_not_failed_by_the_bake() -> None:
             cmds += r.handle(Tick(), t)
     assert writes(cmds) == []
     assert r.state == "succeeded", r.record.reason
+
+
+def _play(seed: int, check: bool) -> list[list[Command]]:
+    """A seeded mix of what a fleet does (reports on what it was told, failures, nodes going
+    offline and back, time passing) played on a 12-node rolling rollout (batches of 3,
+    max-unavailable 3, one wave staged ahead), resumed whenever it pauses, until it ends or 300
+    moves were made; with ``check``, the engine's kept set of unavailable nodes is compared
+    with a scan after every step."""
+    rng = random.Random(seed)
+    r = rollout(12, batch="3", max_unavailable="3", progress_deadline=5.0, on_failure="pause",
+                prestage="1")
+    told: dict[str, DesiredState] = {}
+    out: list[list[Command]] = []
+
+    def handle(event: object, t: float) -> None:
+        try:
+            cmds = r.handle(event, t)  # type: ignore[arg-type]
+        except IllegalTransition:
+            return
+        told.update((d.node, d) for d in writes(cmds))
+        out.append(cmds)
+        if check:
+            assert r._down == {n for n, p in r.record.nodes.items() if is_down(p)}
+
+    handle(Start(), 0.0)
+    t = 0.0
+    for _ in range(300):
+        if r.done:
+            break
+        t += rng.choice((0.1, 0.5, 2.0))
+        what = rng.choices(("converge", "fail", "offline", "online", "tick"),
+                           weights=(20, 1, 1, 2, 2))[0]
+        node = rng.choice(sorted(told)) if told and what in ("converge", "fail") else \
+            f"node-{rng.randint(1, 12)}"
+        if what == "offline":
+            handle(NodeOffline(node), t)
+        elif what == "online":
+            handle(NodeOnline(node), t)
+        elif what == "tick" or node not in told:
+            handle(Tick(), t)
+        else:
+            failed = "crashed" if what == "fail" else ""
+            handle(ObservedChanged(node, observed(told[node], t, failed=failed)), t)
+        if r.state == "paused":
+            handle(Resume(), t)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_the_kept_unavailable_set_decides_as_a_scan_of_every_node(
+        seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Step.unavailable`` reads the engine's set of unavailable nodes, kept up to date with
+    the nodes each step took (O(those), not O(fleet)): through offline and online nodes,
+    failures, pauses, resumes and deadlines, the set stays what a scan of every node says and
+    every step decides what it decided with that scan."""
+    kept = _play(seed, check=True)
+    monkeypatch.setattr(Step, "unavailable", lambda self: {
+        n for n, p in peek(self.r.nodes) if is_down(p)})
+    assert kept == _play(seed, check=False)
