@@ -377,6 +377,7 @@ class Runner:
             now = self._clock()
             views = list(self._nodes())
             live = [v for v in views if v.online]
+            await self._finishing(spec.service)
             current = await self.current_desired(spec.service)
             cordoned = await read_cordons(self.bus)
             rid = new_rollout_id(spec.service, now)
@@ -493,6 +494,22 @@ class Runner:
         return next((d for d in self.drivers.values() if d.service == service), None)
 
     # -- reading ----------------------------------------------------------------------------------
+
+    async def _finishing(self, service: str) -> None:
+        """Wait (bounded) for a rollout of ``service`` that ended but whose last step is still
+        being carried out. Its record already says it ended, so a deploy takes its lock as
+        stale, but its last writes (10,000 old slots retired after a success) are in flight: a
+        rollout planned from the states they replace wrote the same generations, and the one
+        stored second was skipped as already there. Conflict if it does not end in time."""
+        for driver in [d for d in self.drivers.values()
+                       if d.service == service and d.rollout.done]:
+            try:
+                async with asyncio.timeout(self._retrying.deadline):
+                    async with driver.lock:  # ``feed`` holds it while carrying the step out
+                        pass
+            except TimeoutError:
+                raise Conflict(f"rollout {driver.id} of {service} is still writing its last "
+                               "desired states; try again in a moment") from None
 
     def _live_record(self, rollout_id: str) -> RolloutRecord | None:
         driver = self.drivers.get(rollout_id)

@@ -3,6 +3,7 @@ desired writes, the per-service lock, resuming after a crash, and failures of th
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
@@ -352,6 +353,44 @@ async def test_a_rollout_killed_between_its_success_and_its_retirements_retires_
     await r2.resync()
     assert all(len(bus.desired(f"node-{i}").slots) == 1 for i in (1, 2, 3))
     assert "rollout.succeeded" in [e.kind for e in r2.events.pending()]
+
+
+async def test_a_deploy_waits_for_the_last_writes_of_the_rollout_that_just_ended() -> None:
+    """A success is persisted before its writes retire the old slots, so a deploy in that
+    moment takes the lock as stale; planned from the states being replaced, its writes had the
+    retirement's generations and one of the two was skipped as already stored. It now waits
+    for them and plans from the retired states."""
+    bus, clock = fleet_bus(), FakeClock()
+    r = runner(bus, clock)
+    rec = await r.deploy(spec(batch="100%", max_unavailable="100%"), NEW)
+    clock.t += 1
+    for i in (1, 2):
+        await report(r, bus, f"node-{i}", clock.t)
+    gate, held = asyncio.Event(), asyncio.Event()
+    write = bus.kv_fenced_all
+
+    async def retirement_held(bucket: str, *args: Any, **kwargs: Any) -> Any:
+        if bucket == DESIRED and not held.is_set():
+            held.set()
+            await gate.wait()
+        return await write(bucket, *args, **kwargs)
+
+    bus.kv_fenced_all = retirement_held  # type: ignore[method-assign]
+    stepping = asyncio.create_task(report(r, bus, "node-3", clock.t))  # the last: success
+    await asyncio.wait_for(held.wait(), 5)
+    assert bus.record(rec.id).state == "succeeded"  # persisted; its writes held
+    retired = {i: bus.desired(f"node-{i}").generation + 1 for i in (1, 2, 3)}
+    deploying = asyncio.create_task(r.deploy(spec(version=OLD.version), OLD))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not deploying.done()
+    gate.set()
+    await stepping
+    second = await asyncio.wait_for(deploying, 5)
+    for i in (1, 2, 3):
+        p = bus.record(second.id).nodes[f"node-{i}"]
+        assert p.previous is not None and p.previous.generation == retired[i]
+        assert len(p.previous.slots) == 1
 
 
 async def test_resume_starts_a_rollout_killed_before_its_start() -> None:
