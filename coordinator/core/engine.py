@@ -195,6 +195,15 @@ class Rollout:
         # The committed record's unavailable nodes (``Step.unavailable``), made at the first
         # step and kept up to date with the nodes each step took.
         self._down: set[str] | None = None
+        # The nodes any step took since the record was last persisted (``persisted``): the
+        # only ones whose progress can differ from it, so the store compares only those.
+        self.touched: set[str] = set()
+
+    def persisted(self, record: RolloutRecord) -> None:
+        """``record`` is stored: if it is this rollout's current revision, no node differs
+        from what is stored (an older one leaves ``touched`` as it is: a superset is safe)."""
+        if record.revision == self._record.revision:
+            self.touched.clear()
 
     @property
     def record(self) -> RolloutRecord:
@@ -262,7 +271,9 @@ class Rollout:
         taken = work.nodes.taken() if isinstance(work.nodes, NodeTable) else None
         if taken is None:
             self._down = None  # made again at the next step
+            self.touched.update(work.nodes)
         else:
+            self.touched |= taken
             for n in taken:
                 if n in work.nodes and is_down(dict.__getitem__(work.nodes, n)):
                     self._down.add(n)

@@ -22,7 +22,7 @@ pages concerned. Everything here is pure; ``coordinator.runtime.store`` reads an
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import msgspec
@@ -154,21 +154,28 @@ def layout_of(top: RolloutRecord, pages: Iterable[RolloutPage]) -> Layout:
     return Layout([list(by_index[k].nodes) for k in range(top.pages)])
 
 
-def dirty(old: RolloutRecord, new: RolloutRecord, layout: Layout) -> set[int]:
+def dirty(old: RolloutRecord, new: RolloutRecord, layout: Layout,
+          touched: Collection[str] | None = None) -> set[int]:
     """The pages whose content differs between ``old`` and ``new`` (``layout`` holds every node
     of both). What a step shares with the record before it (desired states, router snapshots)
     compares by identity, so an unchanged node costs a pointer check, and an unchanged wave
-    list one C-speed list comparison."""
+    list one C-speed list comparison. ``touched``: the only nodes whose progress may differ
+    (the engine's steps took no other since ``old``: ``Rollout.touched``), so that a persist
+    costs O(those) rather than a Python loop over every node (9 ms at 50,000 nodes)."""
     page_of = layout.page_of
     out: set[int] = set()
     if old.outbox != new.outbox:  # events compare by identity first: kept ones cost nothing
         before, after = mail(old, layout), mail(new, layout)
         out.update(k for k in before.keys() | after.keys()
                    if k != HEAD and before.get(k) != after.get(k))
-    for node, progress in new.nodes.items():
-        if old.nodes.get(node) != progress:
+    # A step never removes a node, and one it adds it took: with ``touched``, the same count
+    # means the same nodes (comparing the keys of 50,000 nodes twice was 4 ms a persist).
+    whole = touched is None or len(old.nodes) != len(new.nodes)
+    for node in new.nodes.keys() if whole or touched is None else touched:
+        progress = new.nodes.get(node)
+        if progress is not None and old.nodes.get(node) != progress:
             out.add(page_of[node])
-    if len(old.nodes) != len(new.nodes) or old.nodes.keys() != new.nodes.keys():
+    if whole and old.nodes.keys() != new.nodes.keys():
         out.update(page_of[n] for n in old.nodes.keys() ^ new.nodes.keys() if n in page_of)
     empty: dict[str, RouterStats] = {}
     for w in range(max(len(old.waves), len(new.waves))):

@@ -135,7 +135,9 @@ class Executor:
         driver.bound_outbox()
         stored = msgspec.structs.replace(record, outbox=list(driver.outbox.values()),
                                          term=self.store.writer.term)
-        driver.revision = await self._retrying(lambda: self.store.persist(stored))
+        touched = set(driver.rollout.touched)
+        driver.revision = await self._retrying(lambda: self.store.persist(stored, touched))
+        driver.rollout.persisted(record)
         driver.outbox_stored = bool(stored.outbox)
         driver.persisted_at = self._clock()
 

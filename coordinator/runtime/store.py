@@ -38,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 from coordinator.core import pages
 from coordinator.core.history import Retention
@@ -237,14 +237,16 @@ class RolloutStore:
         self._split.pop(record.id, None)
         await self._purge_pages([record.id])
 
-    async def persist(self, record: RolloutRecord) -> int:
+    async def persist(self, record: RolloutRecord,
+                      touched: Collection[str] | None = None) -> int:
         """Write ``record`` (its head, the pages that changed since its last persist here, and
         the history its summary changes) in one atomic batch; its new revision. Deposed once
-        another coordinator leads."""
+        another coordinator leads. ``touched``: the only nodes whose progress may have changed
+        since that persist (``pages.dirty``); None compares every node."""
         known = self._split.get(record.id)
         if known is None:
             return await self._write(record, await self._stored_layout(record), None)
-        return await self._write(record, known[0], known[1])
+        return await self._write(record, known[0], known[1], touched=touched)
 
     async def _stored_layout(self, record: RolloutRecord) -> pages.Layout:
         """The layout of ``record``'s pages in KV (a record persisted before this coordinator
@@ -261,10 +263,11 @@ class RolloutStore:
         return _replan(record)
 
     async def _write(self, record: RolloutRecord, layout: pages.Layout,
-                     before: RolloutRecord | None, *, created: bool = False) -> int:
+                     before: RolloutRecord | None, *, created: bool = False,
+                     touched: Collection[str] | None = None) -> int:
         layout = pages.place(record, layout)
         changed = (range(len(layout.pages)) if before is None
-                   else sorted(pages.dirty(before, record, layout)))
+                   else sorted(pages.dirty(before, record, layout, touched)))
         where = pages.positions(record.waves) if changed else []
         posts = pages.mail(record, layout) if changed else {}
         writes: list[tuple[str, bytes | None]] = [(record.id, encode(pages.head(record, layout)))]

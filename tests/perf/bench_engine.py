@@ -1,5 +1,6 @@
 """The engine's cost per step over a whole rolling rollout, in process: no server, no signing,
-the real engine (``coordinator.core``) and the store's page diff (``pages.dirty``), every node
+the real engine (``coordinator.core``) and the store's page diff (``pages.dirty``, told the nodes
+the steps took, as the executor tells it), every node
 converging on whatever it is told.
 
 Usage: python tests/perf/bench_engine.py [--nodes 1000,10000,50000] [--reports 100] [--json]
@@ -61,8 +62,9 @@ def measure(n: int, per_step: int) -> dict[str, Any]:
         commands = rollout.handle_all(events, now) if events else rollout.handle(Tick(), now)
         engine += time.process_time() - t
         t = time.process_time()
-        pages.dirty(before, rollout.record, layout)
+        pages.dirty(before, rollout.record, layout, rollout.touched)
         diff += time.process_time() - t
+        rollout.persisted(rollout.record)
         steps += 1
         for c in commands:
             if isinstance(c, WriteDesired):

@@ -4,11 +4,13 @@ desired writes, the per-service lock, resuming after a crash, and failures of th
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
+from coordinator.core import pages
 from coordinator.core.engine import Pause, Resume, Rollout
 from coordinator.errors import RemoteError, UsageError
 from coordinator.runtime.desired import SCAN_FROM
@@ -391,6 +393,49 @@ async def test_a_deploy_waits_for_the_last_writes_of_the_rollout_that_just_ended
         p = bus.record(second.id).nodes[f"node-{i}"]
         assert p.previous is not None and p.previous.generation == retired[i]
         assert len(p.previous.slots) == 1
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_the_pages_written_hold_every_node_as_the_engine_has_it(
+        seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A persist compares only the nodes the engine's steps took since the last one
+    (``Rollout.touched``): after every step that was carried out (none held back), the record
+    read back from its head and pages is the driven one, node for node, through reports in a
+    seeded order, staging ahead, nodes going offline and back (a change a node's page holds no
+    event of), failures that pause, resumes and the end."""
+    rng = random.Random(seed)
+    n = 12
+    monkeypatch.setattr(pages, "PAGE_BYTES", 1)  # a page a node or two: a missed one shows
+    bus, clock = fleet_bus(n), FakeClock()
+    table = views(n)
+    r = runner(bus, clock, table)
+    rec = await r.deploy(spec(batch="3", max_unavailable="3", prestage="1",
+                              on_failure="pause"), NEW)
+    head = bus.live(ROLLOUTS, rec.id)
+    assert head is not None and head.value is not None
+    assert decode(RolloutRecord, head.value).pages >= n // 2
+    offline: set[str] = set()
+    compared = 0
+    for round_ in range(400):
+        driver = r.drivers.get(rec.id)
+        if driver is None:
+            break
+        if not driver.held:
+            assert bus.record(rec.id).nodes == driver.rollout.record.nodes
+            compared += 1
+        clock.t += 1
+        node = f"node-{rng.randint(1, n)}"
+        if round_ < 200 and rng.random() < 0.1:
+            offline ^= {node}
+        elif round_ >= 200:
+            offline.clear()  # let it end
+        table[:] = views(n, offline=tuple(offline))
+        if driver.rollout.state == "paused":
+            await r.request(rec.id, Resume())
+        elif node not in offline:
+            await report(r, bus, node, clock.t, healthy=rng.random() > 0.03)
+        await r.step()
+    assert bus.record(rec.id).state in ("succeeded", "rolled_back") and compared > 50
 
 
 async def test_resume_starts_a_rollout_killed_before_its_start() -> None:
