@@ -44,6 +44,7 @@ and ignored, so late and reordered reports cannot move a rollout backwards.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
@@ -52,7 +53,7 @@ import msgspec
 
 from coordinator.core.engine_bake import STATS_GRACE
 from coordinator.core.engine_progress import Progress
-from coordinator.core.engine_step import BackMemo, Step, is_down
+from coordinator.core.engine_step import BackMemo, StageMemo, Step, is_down
 from coordinator.core.engine_types import (
     ACCEPTS,
     MOVES,
@@ -198,6 +199,7 @@ class Rollout:
         # The nodes any step took since the record was last persisted (``persisted``): the
         # only ones whose progress can differ from it, so the store compares only those.
         self.touched: set[str] = set()
+        self._stage_memo = StageMemo()  # pre-staging's, across steps (``Step``)
 
     def persisted(self, record: RolloutRecord) -> None:
         """``record`` is stored: if it is this rollout's current revision, no node differs
@@ -258,7 +260,8 @@ class Rollout:
         if self._down is None:
             self._down = {n for n, p in self._record.nodes.items() if is_down(p)}
         step = Step(self.fleet, work, self._observed, now, policies=self._policies, who=who,
-                    ahead=self._record.prestage, back_memo=self._back_memo, down=self._down)
+                    ahead=self._record.prestage, back_memo=self._back_memo, down=self._down,
+                    stage_memo=dataclasses.replace(self._stage_memo))
         progress = Progress(step)
         try:
             for event in events:
@@ -268,6 +271,8 @@ class Rollout:
             step.undo()  # what the nodes reported stays as it was before the step
             raise
         commands: list[Command] = list(step.commands)
+        self._stage_memo = step.stage_memo
+        self._stage_memo.pending = self._stage_memo.pending | step.changed()
         taken = work.nodes.taken() if isinstance(work.nodes, NodeTable) else None
         if taken is None:
             self._down = None  # made again at the next step

@@ -23,6 +23,7 @@ here awaits or reads a clock: time is ``now``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -56,6 +57,21 @@ if TYPE_CHECKING:  # the strategies import this module for its type; the engine 
 BackMemo = dict[str, tuple[ObservedState, DesiredState, DesiredState | None, bool, bool]]
 
 
+@dataclass
+class StageMemo:
+    """What pre-staging's check keeps across steps (``engine_prestage.Prestage.check``): where
+    each node of the staged window sits (wave, position), for the running wave it was made
+    for, the earliest moment a staging node's deadline can pass (None: unknown, so the next
+    check reads the whole window), and the nodes changed by steps since the last check (a step
+    that did not check: a paused rollout's reports are judged when it resumes). Replaced, never
+    changed in place: a step that fails leaves the engine's as it was."""
+
+    running: int = -1
+    place: dict[str, tuple[int, int]] = field(default_factory=dict)
+    due: float | None = None
+    pending: frozenset[str] = frozenset()
+
+
 class Step:
     """The working state of one ``handle`` call: a copy of the record, and the commands so far."""
 
@@ -63,6 +79,7 @@ class Step:
         self, fleet: str, record: RolloutRecord, observed: dict[str, ObservedState], now: float,
         *, policies: Sequence[WavePolicy], who: str = "", ahead: int = 0,
         back_memo: BackMemo | None = None, down: set[str] | None = None,
+        stage_memo: StageMemo | None = None,
     ) -> None:
         self.fleet = fleet
         # The unavailable nodes of the committed record (kept by the engine across steps), or
@@ -71,6 +88,7 @@ class Step:
         # The rollback's per-node verdicts, kept by the engine across steps (``Rollout``):
         # ``engine_rollback.Rollback.advance_rollback``.
         self.back_memo: BackMemo = {} if back_memo is None else back_memo
+        self.stage_memo = StageMemo() if stage_memo is None else stage_memo
         self.who = who  # who caused this step: every event it emits names them
         self.r = record
         # What each node reports: the engine's own map, written through ``see`` (which keeps
@@ -114,6 +132,16 @@ class Step:
             self._obs.pop(node, None)
         else:
             self._obs[node] = seen
+
+    def changed(self) -> set[str]:
+        """The nodes whose report or progress this step changed so far (reported, forgotten, or
+        taken: ``NodeTable``)."""
+        out = set(self._replaced)
+        if isinstance(self.r.nodes, NodeTable):
+            out |= self.r.nodes.taken()
+        else:
+            out.update(self.r.nodes)
+        return out
 
     def undo(self) -> None:
         """Put back what ``see`` changed (a step that failed changes nothing)."""

@@ -26,6 +26,7 @@ from coordinator.core.engine import (
     WriteDesired,
     new_record,
 )
+from coordinator.core.engine_prestage import Prestage
 from coordinator.core.engine_step import Step, is_down
 from coordinator.core.engine_types import peek
 from protocol.messages import (
@@ -375,15 +376,15 @@ def test_node_already_on_the_release_is_not_failed_by_the_bake() -> None:
     assert r.state == "succeeded", r.record.reason
 
 
-def _play(seed: int, check: bool) -> list[list[Command]]:
+def _play(seed: int, check: bool, prestage: str = "1") -> list[list[Command]]:
     """A seeded mix of what a fleet does (reports on what it was told, failures, nodes going
     offline and back, time passing) played on a 12-node rolling rollout (batches of 3,
-    max-unavailable 3, one wave staged ahead), resumed whenever it pauses, until it ends or 300
-    moves were made; with ``check``, the engine's kept set of unavailable nodes is compared
-    with a scan after every step."""
+    max-unavailable 3, ``prestage`` waves staged ahead), resumed whenever it pauses, until it
+    ends or 300 moves were made; with ``check``, the engine's kept set of unavailable nodes is
+    compared with a scan after every step."""
     rng = random.Random(seed)
     r = rollout(12, batch="3", max_unavailable="3", progress_deadline=5.0, on_failure="pause",
-                prestage="1")
+                prestage=prestage)
     told: dict[str, DesiredState] = {}
     out: list[list[Command]] = []
 
@@ -432,3 +433,17 @@ def test_the_kept_unavailable_set_decides_as_a_scan_of_every_node(
     monkeypatch.setattr(Step, "unavailable", lambda self: {
         n for n, p in peek(self.r.nodes) if is_down(p)})
     assert kept == _play(seed, check=False)
+
+
+@pytest.mark.parametrize("prestage", ["1", "all"])
+@pytest.mark.parametrize("seed", range(8))
+def test_pre_staging_judges_only_what_changed_and_decides_as_a_scan_of_its_window(
+        seed: int, prestage: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pre-staging's check reads the staged window whole only when a staging node's deadline
+    may have passed, else only the nodes whose report or progress changed in the step
+    (``Prestage.watched``): through staging, staged nodes failing, offline and online nodes,
+    deadlines, pauses and resumes, every step decides what a scan of the whole window decides."""
+    kept = _play(seed, check=False, prestage=prestage)
+    assert any(k == "node.staged" for cmds in kept for k in kinds(cmds))
+    monkeypatch.setattr(Prestage, "watched", Prestage.ahead)
+    assert kept == _play(seed, check=False, prestage=prestage)
