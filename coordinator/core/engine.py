@@ -271,8 +271,13 @@ class Rollout:
             step.undo()  # what the nodes reported stays as it was before the step
             raise
         commands: list[Command] = list(step.commands)
-        self._stage_memo = step.stage_memo
-        self._stage_memo.pending = self._stage_memo.pending | step.changed()
+        memo = self._stage_memo = step.stage_memo
+        if work.phase == "rollback" or work.state in TERMINAL_STATES:
+            memo.pending = frozenset()  # no check runs again
+        else:
+            memo.pending = memo.pending | step.changed()
+            if len(memo.pending) > len(memo.place):  # a paused rollout's reports: read it all
+                memo.pending, memo.due = frozenset(), None
         taken = work.nodes.taken() if isinstance(work.nodes, NodeTable) else None
         if taken is None:
             self._down = None  # made again at the next step

@@ -73,8 +73,14 @@ class Prestage:
             memo.due = min(due, default=float("inf"))
             return found
         places = sorted((memo.place[n], n) for n in names if n in memo.place)
-        return [(index, p) for (index, _), n in places
-                if (p := peek_node(r.nodes, n)).wave < 0 and p.staged]
+        found = [(index, p) for (index, _), n in places
+                 if (p := peek_node(r.nodes, n)).wave < 0 and p.staged]
+        # A node judged here may be one the last full read left out (offline then, back now):
+        # its deadline counts from now on.
+        memo.due = min([memo.due, *(p.stage_deadline for _, p in found
+                                    if p.staged == "staging" and p.target is not None
+                                    and p.online)])
+        return found
 
     def check(self) -> bool:
         """Judge the staging nodes (level-triggered over ``watched``); False if a failure

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -77,19 +78,21 @@ def cancelled_meanwhile() -> None:
 
 async def all_of(work: Iterable[Coroutine[Any, Any, None]]) -> None:
     """Run ``work`` concurrently (a TaskGroup) until all ended; a failure raises its first
-    cause (a BusError, Deposed), never an exception group, and leaves no cancel request
-    standing on this task. Python 3.11's TaskGroup cancels its parent when a child fails and
-    does not withdraw it (3.12 does): ``cancelled_meanwhile`` then took a failed write for a
-    cancel, and a resync's or the observed feed's failure ended the task instead of being
-    logged."""
+    cause (a BusError, Deposed), never an exception group, and leaves no cancel request of the
+    TaskGroup's own standing on this task. Python 3.11's TaskGroup cancels its parent when a
+    child fails while it waits for the others, and does not withdraw that request (3.12
+    does): ``cancelled_meanwhile`` then took a failed write for a cancel, and a resync's or the
+    observed feed's failure ended the task instead of being logged. Only that one request is
+    withdrawn: a real cancel that came meanwhile still stands."""
     task = asyncio.current_task()
-    before = task.cancelling() if task is not None else 0
+    tg = asyncio.TaskGroup()
     try:
-        async with asyncio.TaskGroup() as tg:
+        async with tg:
             for coro in work:
-                tg.create_task(coro)
+                tg.create_task(coro)  # nothing awaited here: children fail in __aexit__'s wait
     except BaseExceptionGroup as group:
-        while task is not None and task.cancelling() > before:
+        if (sys.version_info < (3, 12) and task is not None and task.cancelling()
+                and getattr(tg, "_parent_cancel_requested", False)):
             task.uncancel()
         exc: BaseException = group
         while isinstance(exc, BaseExceptionGroup):

@@ -374,10 +374,25 @@ class Runner:
         """Plan, lock, persist and start a rollout for ``who`` (the API caller, kept in the
         record and on every event of its start); UsageError, Conflict (locked) or BusError."""
         async with self._deploying:
+            # What the last rollout of the service left is settled before it is read: the lock
+            # decided first (Conflict while one runs), then the last step of one that just
+            # ended waited for, and the last writes of one whose leader died before making
+            # them made (a stale lock names it). Planned from the states those writes replace,
+            # this rollout's writes would carry their generations, and whichever is stored
+            # second would be skipped as already there.
+            try:
+                stale = await self.store.check_lock(spec.service)
+                await self._finishing(spec.service)
+                if stale is not None and stale.id not in self.drivers:
+                    await self._retrying(functools.partial(
+                        self.desired.write_all, Rollout(stale, fleet=self.fleet).intended()))
+            except Deposed as exc:
+                self._lose(exc)
+                raise RemoteError("this coordinator lost the lead before creating the rollout "
+                                  "(no rollout was started); try again", "unavailable") from None
             now = self._clock()
             views = list(self._nodes())
             live = [v for v in views if v.online]
-            await self._finishing(spec.service)
             current = await self.current_desired(spec.service)
             cordoned = await read_cordons(self.bus)
             rid = new_rollout_id(spec.service, now)

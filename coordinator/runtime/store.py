@@ -343,11 +343,12 @@ class RolloutStore:
 
     # -- locks ------------------------------------------------------------------------------------
 
-    async def check_lock(self, service: str) -> None:
+    async def check_lock(self, service: str) -> RolloutRecord | None:
         """Conflict if a live rollout holds ``service``'s lock (read only: a deploy asks before
-        it writes anything)."""
+        it writes anything); else the finished record a stale lock still names (its leader
+        may have died before its last writes: ``Runner.deploy`` makes them first), or None."""
         async with self._lock_ops.setdefault(service, asyncio.Lock()):
-            await self._held(service, "")
+            return (await self._holder(service, ""))[1]
 
     async def take_lock(self, service: str, rollout_id: str) -> None:
         """Lock ``service`` for ``rollout_id`` (whose record exists), taking over a stale lock;
@@ -359,11 +360,18 @@ class RolloutStore:
     async def _held(self, service: str, rollout_id: str) -> bool:
         """Whether the lock already names ``rollout_id``; Conflict if a live rollout other than
         it holds the lock."""
+        return (await self._holder(service, rollout_id))[0]
+
+    async def _holder(self, service: str,
+                      rollout_id: str) -> tuple[bool, RolloutRecord | None]:
+        """Whether the lock already names ``rollout_id``, and the finished record of another
+        rollout it still names (stale); Conflict if a live rollout other than it holds it."""
         entry = await bounded(self.bus.kv_get(self.locks, service))
+        record = None
         if entry is not None and entry.value is not None:
             holder = entry.value.decode(errors="replace")
             if holder == rollout_id:
-                return True
+                return True, None
             record = self._live(holder) or await self.load(holder)
             if record is not None and record.state not in TERMINAL_STATES:
                 by = f" (started by {record.started_by})" if record.started_by else ""
@@ -374,7 +382,7 @@ class RolloutStore:
             if rollout_id:
                 log.warning("taking over the stale lock of %s from %s rollout %s", service,
                             record.state if record else "missing", holder)
-        return False
+        return False, record
 
     async def release_lock(self, service: str, rollout_id: str) -> None:
         """Delete the lock of ``service`` if it still names ``rollout_id``."""

@@ -447,3 +447,37 @@ def test_pre_staging_judges_only_what_changed_and_decides_as_a_scan_of_its_windo
     assert any(k == "node.staged" for cmds in kept for k in kinds(cmds))
     monkeypatch.setattr(Prestage, "watched", Prestage.ahead)
     assert kept == _play(seed, check=False, prestage=prestage)
+
+
+def _staging_deadline_after_a_return() -> tuple[Rollout, str]:
+    """Nine nodes in batches of 3, two waves staged ahead, a long bake: a node of wave 2 goes
+    offline while staging and comes back online (it never reports) before its staging
+    deadline (10 s) passes; time then passes it. The rollout and that node."""
+    r = rollout(9, batch="3", prestage="2", progress_deadline=10.0, bake=100.0,
+                on_failure="pause")
+    told = {d.node: d for d in writes(r.handle(Start(), 0.0))}
+    victim = r.record.waves[2].nodes[0]
+    assert victim in told
+    r.handle(NodeOffline(victim), 1.0)
+    for node, d in sorted(told.items()):
+        if node != victim:
+            r.handle(ObservedChanged(node, observed(d, 2.0)), 2.0)
+    r.handle(Promote(), 3.0)
+    r.handle(Tick(), 3.5)
+    r.handle(NodeOnline(victim), 4.0)
+    for t in (5.0, 11.0, 12.0):
+        r.handle(Tick(), t)
+    return r, victim
+
+
+def test_a_staging_node_back_online_fails_at_its_deadline(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The incremental check left a node that was offline at its last full read out of the
+    earliest deadline; back online but silent, it was failed late or never (found by a
+    review). It fails at its deadline, as a scan of the whole window says."""
+    r, victim = _staging_deadline_after_a_return()
+    assert r.state == "paused"
+    assert f"{victim}: staging for wave 2: not healthy within 10s" in r.record.reason
+    monkeypatch.setattr(Prestage, "watched", Prestage.ahead)
+    scan, _ = _staging_deadline_after_a_return()
+    assert (scan.state, scan.record.reason) == (r.state, r.record.reason)

@@ -438,6 +438,29 @@ async def test_the_pages_written_hold_every_node_as_the_engine_has_it(
     assert bus.record(rec.id).state in ("succeeded", "rolled_back") and compared > 50
 
 
+async def test_a_deploy_makes_the_last_writes_of_a_rollout_whose_leader_died_first() -> None:
+    """Killed after persisting the success, before the retirement's writes: the next leader's
+    first deploy of the service (before any resync) finds the stale lock naming that record,
+    makes its writes, and plans from the retired states, not from the ones they replace."""
+    bus, clock = fleet_bus(), FakeClock()
+    r = runner(bus, clock)
+    rec = await r.deploy(spec(batch="100%", max_unavailable="100%"), NEW)
+    clock.t += 1
+    bus.faults[("update", DESIRED)] = Killed()
+    with pytest.raises(Killed):
+        for i in (1, 2, 3):
+            await report(r, bus, f"node-{i}", clock.t)
+    bus.faults.clear()
+    assert bus.record(rec.id).state == "succeeded"
+    retired = {i: bus.record(rec.id).nodes[f"node-{i}"].generation for i in (1, 2, 3)}
+    clock.t += 5
+    second = await runner(bus, clock).deploy(spec(version=OLD.version), OLD)
+    for i in (1, 2, 3):
+        p = bus.record(second.id).nodes[f"node-{i}"]
+        assert p.previous is not None and p.previous.generation == retired[i]
+        assert len(p.previous.slots) == 1
+
+
 async def test_resume_starts_a_rollout_killed_before_its_start() -> None:
     """A record still pending (killed between creating and starting it) is started on resume."""
     bus, clock = fleet_bus(), FakeClock()

@@ -114,3 +114,32 @@ async def test_a_failed_child_of_all_of_is_its_error_and_no_cancel() -> None:
     outer.cancel()
     with pytest.raises(asyncio.CancelledError):
         await outer
+
+
+async def test_a_real_cancel_that_comes_with_a_failed_child_still_stands() -> None:
+    """A child of ``all_of`` fails and its caller is cancelled in the same moment: ``all_of``
+    withdraws only the TaskGroup's own cancel request, so the caller still sees the real one
+    (``cancelled_meanwhile`` raises) and stops, rather than logging a BusError and going on."""
+    seen: list[int] = []
+
+    async def fails_as_the_caller_is_cancelled() -> None:
+        await asyncio.sleep(0)
+        caller.cancel()
+        raise BusError("NATS is away")
+
+    async def waits() -> None:
+        await asyncio.sleep(3600)
+
+    async def caller_body() -> None:
+        try:
+            await all_of([fails_as_the_caller_is_cancelled(), waits()])
+        except BusError:
+            task = asyncio.current_task()
+            assert task is not None
+            seen.append(task.cancelling())
+            cancelled_meanwhile()
+
+    caller = asyncio.create_task(caller_body())
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert seen == [1]
