@@ -186,10 +186,10 @@ EVENTS_DEDUP_WINDOW = 3600.0
 # JetStream's answers to a stream it cannot place for want of servers: no suitable peers,
 # replicas > 1 on a server that is not clustered. (Insufficient resources, 10023, is a full disk
 # or memory budget, not a count of servers: a plain BusError.)
-_NO_PLACEMENT = (10005, 10074)
+NO_PEERS = 10005  # no suitable peers for placement (one offline: a cluster just started)
+_NO_PLACEMENT = (NO_PEERS, 10074)
 # "insufficient storage resources available": a stream's max_bytes past what the server reserves.
 NO_STORAGE = 10047
-NO_PEERS = 10005  # no suitable peers for placement (one offline: a cluster just started)
 # A write past the servers' JetStream limits: for the observed bucket (memory) its
 # ``max_memory_store``. Every later write to a memory stream fails too, even one replacing a
 # key's value; writes to the disk buckets go on (measured on nats-server 2.12).

@@ -67,19 +67,16 @@ class Prestage:
                           for i, n in enumerate(r.waves[index].nodes)}
         names, memo.pending = memo.pending | step.changed(), frozenset()
         if memo.due is None or step.now >= memo.due:
-            found = self.ahead()
-            due = [p.stage_deadline for _, p in found
-                   if p.staged == "staging" and p.target is not None and p.online]
-            memo.due = min(due, default=float("inf"))
-            return found
-        places = sorted((memo.place[n], n) for n in names if n in memo.place)
-        found = [(index, p) for (index, _), n in places
-                 if (p := peek_node(r.nodes, n)).wave < 0 and p.staged]
-        # A node judged here may be one the last full read left out (offline then, back now):
-        # its deadline counts from now on.
-        memo.due = min([memo.due, *(p.stage_deadline for _, p in found
-                                    if p.staged == "staging" and p.target is not None
-                                    and p.online)])
+            found, due = self.ahead(), float("inf")
+        else:
+            places = sorted((memo.place[n], n) for n in names if n in memo.place)
+            found = [(index, p) for (index, _), n in places
+                     if (p := peek_node(r.nodes, n)).wave < 0 and p.staged]
+            due = memo.due
+        # Every staging node judged counts, also one the last full read left out (offline
+        # then, back now).
+        memo.due = min([due, *(p.stage_deadline for _, p in found
+                               if p.staged == "staging" and p.target is not None and p.online)])
         return found
 
     def check(self) -> bool:

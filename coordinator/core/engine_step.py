@@ -63,8 +63,9 @@ class StageMemo:
     each node of the staged window sits (wave, position), for the running wave it was made
     for, the earliest moment a staging node's deadline can pass (None: unknown, so the next
     check reads the whole window), and the nodes changed by steps since the last check (a step
-    that did not check: a paused rollout's reports are judged when it resumes). Replaced, never
-    changed in place: a step that fails leaves the engine's as it was."""
+    that did not check: a paused rollout's reports are judged when it resumes). A step works on
+    a copy whose map and set it replaces, never changes in place: a step that fails leaves the
+    engine's as it was."""
 
     running: int = -1
     place: dict[str, tuple[int, int]] = field(default_factory=dict)

@@ -171,7 +171,7 @@ def dirty(old: RolloutRecord, new: RolloutRecord, layout: Layout,
     # A step never removes a node, and one it adds it took: with ``touched``, the same count
     # means the same nodes (comparing the keys of 50,000 nodes twice was 4 ms a persist).
     whole = touched is None or len(old.nodes) != len(new.nodes)
-    for node in new.nodes.keys() if whole or touched is None else touched:
+    for node in new.nodes.keys() if whole else touched or ():
         progress = new.nodes.get(node)
         if progress is not None and old.nodes.get(node) != progress:
             out.add(page_of[node])

@@ -246,4 +246,3 @@ def _generation(value: bytes | None) -> int:
         return decode(SignedEnvelope, value).generation
     except ProtocolError:
         return 0
-

@@ -72,14 +72,14 @@ class Driver:
                 # A pack counts once for each of its nodes; it goes only when all of them are
                 # past their room (its other nodes' events would go with it), or when one is
                 # past twice that (a member takes half an event's room, ~230 of 512 bytes).
-                about = [n for m in members(event) if isinstance(n := m.get("node"), str)]
-                counts = [per_node.get(n, 0) + 1 for n in about or [event.node]]
+                about = [n for m in members(event)
+                         if isinstance(n := m.get("node"), str)] or [event.node]
+                counts = [per_node.get(n, 0) + 1 for n in about]
                 if (all(c > NODE_OUTBOX_MAX for c in counts)
                         or any(c > 2 * NODE_OUTBOX_MAX for c in counts)):
                     drop.append(eid)
                     continue
-                for n, c in zip(about or [event.node], counts, strict=True):
-                    per_node[n] = c
+                per_node.update(zip(about, counts, strict=True))
             else:
                 own += 1
                 if own > OUTBOX_MAX:

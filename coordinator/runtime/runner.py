@@ -384,34 +384,28 @@ class Runner:
                 stale = await self.store.check_lock(spec.service)
                 await self._finishing(spec.service)
                 if stale is not None and stale.id not in self.drivers:
-                    await self._retrying(functools.partial(
-                        self.desired.write_all, Rollout(stale, fleet=self.fleet).intended()))
-            except Deposed as exc:
-                self._lose(exc)
-                raise RemoteError("this coordinator lost the lead before creating the rollout "
-                                  "(no rollout was started); try again", "unavailable") from None
-            now = self._clock()
-            views = list(self._nodes())
-            live = [v for v in views if v.online]
-            current = await self.current_desired(spec.service)
-            cordoned = await read_cordons(self.bus)
-            rid = new_rollout_id(spec.service, now)
-            try:
-                record = new_record(id=rid, spec=spec, release=release, nodes=live,
-                                    current=current, now=now, who=who, cordoned=cordoned)
-            except UsageError as exc:
-                if live != views and "no node matches" in str(exc):
-                    raise UsageError(f"{exc} (offline nodes are not targeted)") from None
-                raise
-            layout = await self._layout(record)
-            skipped = sorted(v.id for v in views if not v.online
-                             and all(v.labels.get(k) == x for k, x in spec.selector.items()))
-            if skipped:
-                record.report.skipped_offline = skipped
-            try:
-                await self.store.check_lock(spec.service)
+                    await self._write_intended(Rollout(stale, fleet=self.fleet))
+                now = self._clock()
+                views = list(self._nodes())
+                live = [v for v in views if v.online]
+                current = await self.current_desired(spec.service)
+                cordoned = await read_cordons(self.bus)
+                rid = new_rollout_id(spec.service, now)
+                try:
+                    record = new_record(id=rid, spec=spec, release=release, nodes=live,
+                                        current=current, now=now, who=who, cordoned=cordoned)
+                except UsageError as exc:
+                    if live != views and "no node matches" in str(exc):
+                        raise UsageError(f"{exc} (offline nodes are not targeted)") from None
+                    raise
+                layout = await self._layout(record)
+                skipped = sorted(v.id for v in views if not v.online
+                                 and all(v.labels.get(k) == x for k, x in spec.selector.items()))
+                if skipped:
+                    record.report.skipped_offline = skipped
                 # The record first, then the lock that names it (the store's docstring: a lock
-                # never names a record still to come, so "missing" means stale).
+                # never names a record still to come, so "missing" means stale); taking it
+                # checks it again.
                 revision = await self.store.create(record, layout)
                 try:
                     await self.store.take_lock(spec.service, rid)
@@ -600,8 +594,7 @@ class Runner:
             if record.state in TERMINAL_STATES:
                 if outbox:  # its last step may not have been carried out: its writes, its events
                     try:
-                        await self._retrying(functools.partial(
-                            self.desired.write_all, Rollout(record, fleet=self.fleet).intended()))
+                        await self._write_intended(Rollout(record, fleet=self.fleet))
                     except Deposed:
                         raise
                     except BusError as exc:  # the next resync makes them
@@ -621,9 +614,8 @@ class Runner:
             log.info("resuming rollout %s (%s, %s %s, wave %d)", record.id, record.state,
                      record.spec.service, record.release.version, record.current_wave)
             try:
-                async with driver.lock:  # what it intends, in batches (one scan, not a read each)
-                    intended = list(driver.rollout.intended())
-                    await self._retrying(functools.partial(self.desired.write_all, intended))
+                async with driver.lock:
+                    await self._write_intended(driver.rollout)
                     # Its events announce those writes: never before them (``carry_out``).
                     self._publish(driver)
                 events: list[EngineEvent] = [
@@ -659,6 +651,11 @@ class Runner:
             cancelled_meanwhile()
             log.warning("cannot lock rollout %s yet: %s", record.id, exc)
             return False
+
+    async def _write_intended(self, rollout: Rollout) -> None:
+        """Write (again) every desired state ``rollout``'s record decided on, in batches (one
+        scan, not a read each; those already stored are skipped by generation), retried."""
+        await self._retrying(functools.partial(self.desired.write_all, rollout.intended()))
 
     def _republish(self, into: dict[str, Driver], record: RolloutRecord, revision: int,
                    outbox: list[Event]) -> Driver:

@@ -331,12 +331,9 @@ async def test_a_resumed_rollouts_events_go_out_only_after_the_writes_they_annou
                                                      "node.updating"]
 
 
-async def test_a_rollout_killed_between_its_success_and_its_retirements_retires_on_resume(
-) -> None:
-    """Killed after persisting the success (terminal), before writing the old slots' retirement:
-    the next leader makes those writes, then publishes ``rollout.succeeded``: the old slots
-    would otherwise run on every node until the next rollout."""
-    bus, clock = fleet_bus(), FakeClock()
+async def killed_after_the_success(bus: FakeBus, clock: FakeClock) -> str:
+    """A one-wave rollout of three nodes whose coordinator is killed after persisting its
+    success, before writing the old slots' retirement; its id."""
     r = runner(bus, clock)
     rec = await r.deploy(spec(batch="100%", max_unavailable="100%"), NEW)
     clock.t += 1
@@ -344,10 +341,19 @@ async def test_a_rollout_killed_between_its_success_and_its_retirements_retires_
     with pytest.raises(Killed):
         for i in (1, 2, 3):
             await report(r, bus, f"node-{i}", clock.t)
-        await r.step()
     bus.faults.clear()
-    record = bus.record(rec.id)
-    assert record.state == "succeeded" and record.outbox
+    assert bus.record(rec.id).state == "succeeded"
+    return rec.id
+
+
+async def test_a_rollout_killed_between_its_success_and_its_retirements_retires_on_resume(
+) -> None:
+    """Killed after persisting the success (terminal), before writing the old slots' retirement:
+    the next leader makes those writes, then publishes ``rollout.succeeded``: the old slots
+    would otherwise run on every node until the next rollout."""
+    bus, clock = fleet_bus(), FakeClock()
+    record = bus.record(await killed_after_the_success(bus, clock))
+    assert record.outbox
     assert all(len(p.target.slots) == 1 for p in record.nodes.values() if p.target)
     assert all(len(bus.desired(f"node-{i}").slots) == 2 for i in (1, 2, 3))
     clock.t += 5
@@ -378,14 +384,24 @@ async def test_a_deploy_waits_for_the_last_writes_of_the_rollout_that_just_ended
         return await write(bucket, *args, **kwargs)
 
     bus.kv_fenced_all = retirement_held  # type: ignore[method-assign]
+    waited = asyncio.Event()
+
+    class Watched(asyncio.Lock):
+        async def acquire(self) -> bool:
+            if self.locked():
+                waited.set()  # someone waits for the step being carried out
+            return await super().acquire()
+
+    r.drivers[rec.id].lock = Watched()
     stepping = asyncio.create_task(report(r, bus, "node-3", clock.t))  # the last: success
     await asyncio.wait_for(held.wait(), 5)
     assert bus.record(rec.id).state == "succeeded"  # persisted; its writes held
     retired = {i: bus.desired(f"node-{i}").generation + 1 for i in (1, 2, 3)}
     deploying = asyncio.create_task(r.deploy(spec(version=OLD.version), OLD))
-    for _ in range(20):
-        await asyncio.sleep(0)
-    assert not deploying.done()
+    waiting = asyncio.create_task(waited.wait())
+    await asyncio.wait({deploying, waiting}, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+    waiting.cancel()
+    assert waited.is_set() and not deploying.done()  # it waits for the retirement's writes
     gate.set()
     await stepping
     second = await asyncio.wait_for(deploying, 5)
@@ -443,16 +459,8 @@ async def test_a_deploy_makes_the_last_writes_of_a_rollout_whose_leader_died_fir
     first deploy of the service (before any resync) finds the stale lock naming that record,
     makes its writes, and plans from the retired states, not from the ones they replace."""
     bus, clock = fleet_bus(), FakeClock()
-    r = runner(bus, clock)
-    rec = await r.deploy(spec(batch="100%", max_unavailable="100%"), NEW)
-    clock.t += 1
-    bus.faults[("update", DESIRED)] = Killed()
-    with pytest.raises(Killed):
-        for i in (1, 2, 3):
-            await report(r, bus, f"node-{i}", clock.t)
-    bus.faults.clear()
-    assert bus.record(rec.id).state == "succeeded"
-    retired = {i: bus.record(rec.id).nodes[f"node-{i}"].generation for i in (1, 2, 3)}
+    rid = await killed_after_the_success(bus, clock)
+    retired = {i: bus.record(rid).nodes[f"node-{i}"].generation for i in (1, 2, 3)}
     clock.t += 5
     second = await runner(bus, clock).deploy(spec(version=OLD.version), OLD)
     for i in (1, 2, 3):

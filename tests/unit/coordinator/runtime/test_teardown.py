@@ -93,14 +93,16 @@ async def test_a_failed_child_of_all_of_is_its_error_and_no_cancel() -> None:
     cancelled, and the caller is left with no cancel request (3.11's TaskGroup leaves one,
     which ``cancelled_meanwhile`` took for a real cancel); a real cancel still cancels."""
     ended: list[str] = []
+    started = asyncio.Event()
 
     async def fails() -> None:
-        await asyncio.sleep(0.01)
+        await started.wait()  # the sibling runs: it is cancelled, not just never started
         raise BusError("NATS is away")
 
     async def waits() -> None:
+        started.set()
         try:
-            await asyncio.sleep(3600)
+            await asyncio.Event().wait()  # until cancelled
         finally:
             ended.append("sibling")
 
@@ -109,30 +111,37 @@ async def test_a_failed_child_of_all_of_is_its_error_and_no_cancel() -> None:
     task = asyncio.current_task()
     assert task is not None and task.cancelling() == 0 and ended == ["sibling"]
     cancelled_meanwhile()  # raises nothing: no cancel stands
+    started.clear()
     outer = asyncio.create_task(all_of([waits()]))
-    await asyncio.sleep(0.01)
+    await started.wait()
     outer.cancel()
     with pytest.raises(asyncio.CancelledError):
         await outer
 
 
 async def test_a_real_cancel_that_comes_with_a_failed_child_still_stands() -> None:
-    """A child of ``all_of`` fails and its caller is cancelled in the same moment: ``all_of``
-    withdraws only the TaskGroup's own cancel request, so the caller still sees the real one
-    (``cancelled_meanwhile`` raises) and stops, rather than logging a BusError and going on."""
+    """A child of ``all_of`` fails, and while the group winds down its caller is cancelled for
+    real (here by the sibling being stopped): ``all_of`` withdraws only the TaskGroup's own
+    cancel request, so the caller still sees the real one (``cancelled_meanwhile`` raises) and
+    stops, rather than logging a BusError and going on."""
     seen: list[int] = []
+    started = asyncio.Event()
 
-    async def fails_as_the_caller_is_cancelled() -> None:
-        await asyncio.sleep(0)
-        caller.cancel()
+    async def fails() -> None:
+        await started.wait()
         raise BusError("NATS is away")
 
-    async def waits() -> None:
-        await asyncio.sleep(3600)
+    async def cancels_the_caller_when_stopped() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()  # until the group stops it
+        except asyncio.CancelledError:
+            caller.cancel()
+            raise
 
     async def caller_body() -> None:
         try:
-            await all_of([fails_as_the_caller_is_cancelled(), waits()])
+            await all_of([fails(), cancels_the_caller_when_stopped()])
         except BusError:
             task = asyncio.current_task()
             assert task is not None
