@@ -138,6 +138,10 @@ def redact(url: str) -> str:
 
 OP_TIMEOUT = 10.0
 FENCED_BATCH = 500  # writes in one atomic batch (the server takes up to 1,000)
+# Fenced batches of one bucket awaiting their acks at once, on a stream of one replica. A
+# clustered stream checks an expected sequence of one subject against one proposal at a time
+# and refuses a second (err 10164): one there. (``_FenceLane``.)
+FENCED_IN_FLIGHT = 4
 EVENTS_BATCH = 500  # events published in one atomic batch (``js_publish_events``)
 # A subscription's callbacks give the loop a turn at least this often (seconds). nats-py runs
 # them one after another off a queue that never suspends while it holds messages, so a burst
@@ -467,9 +471,13 @@ class Bus:
         # message awaiting its ack, keyed by the reply subject's last token.
         self._watchers: set[Any] = set()  # live KV watchers of ``watch``, woken on reconnect
         self._acks: dict[str, asyncio.Future[int]] = {}
+        self._batch_acks: dict[str, asyncio.Future[dict[str, Any]]] = {}  # atomic commits' acks
         self._ack_prefix = ""
         self._ack_count = 0
-        self._fence_locks: dict[str, asyncio.Lock] = {}  # one fenced batch per bucket at a time
+        self._fence_lanes: dict[str, _FenceLane] = {}  # per bucket (``kv_fenced_all``)
+        # Fenced batches a bucket may have awaiting acks at once: FENCED_IN_FLIGHT once
+        # ``ensure_fleet`` knows the fleet's streams have one replica, else one.
+        self.fenced_in_flight = 1
         self.blind = False  # bind KV buckets without asking their stream's info (a node)
         self.observer: Observer | None = None  # told of each timed call (``_timed``)
 
@@ -718,6 +726,7 @@ class Bus:
                 else:  # nothing to create or raise: say what there is
                     replicas = min(c.num_replicas or 1 for c in have.values() if c is not None)
             setup = FleetSetup(replicas=replicas)
+            self.fenced_in_flight = FENCED_IN_FLIGHT if replicas == 1 else 1
             for name, config in have.items():
                 if config is not None:
                     await self._bring_up(name, config, replicas if raise_existing else 0, setup,
@@ -1419,10 +1428,7 @@ class Bus:
         unsent: BusError | None = None
         try:
             async with asyncio.timeout(timeout):
-                if not self._ack_prefix:
-                    prefix = f"{self.nc.new_inbox()}."
-                    await self.nc.subscribe(f"{prefix}*", cb=self._on_ack)
-                    self._ack_prefix = prefix
+                await self._ack_inbox()
                 for subject, data, headers in messages:
                     self._ack_count += 1
                     token = str(self._ack_count)
@@ -1454,9 +1460,20 @@ class Bus:
         results.extend(unsent or BusError("not published") for _ in messages[len(pending):])
         return results
 
+    async def _ack_inbox(self) -> str:
+        """The prefix of the one subscription every pipelined publish's ack comes to."""
+        if not self._ack_prefix:
+            prefix = f"{self.nc.new_inbox()}."
+            await self.nc.subscribe(f"{prefix}*", cb=self._on_ack)
+            self._ack_prefix = prefix
+        return self._ack_prefix
+
     async def _on_ack(self, msg: Any) -> None:
-        """A JetStream ack (or error) for one message of ``js_publish_all``."""
-        future = self._acks.pop(msg.subject[len(self._ack_prefix):], None)
+        """A JetStream ack (or error) for one message of ``js_publish_all``, or for an atomic
+        batch's commit (``_send_atomic``: the ack as a dict, which ``_batch_result`` reads)."""
+        token = msg.subject[len(self._ack_prefix):]
+        batch = self._batch_acks.pop(token, None)
+        future: asyncio.Future[Any] | None = batch or self._acks.pop(token, None)
         if future is None or future.done():
             return  # given up on already
         if msg.headers and msg.headers.get("Status") == "503":
@@ -1465,10 +1482,12 @@ class Bus:
         try:
             ack = json.loads(msg.data)
         except ValueError:
+            ack = None
+        if not isinstance(ack, dict):
             future.set_exception(BusError(f"malformed JetStream ack: {msg.data[:80]!r}"))
-            return
-        error = ack.get("error") if isinstance(ack, dict) else {"description": "not an object"}
-        if error:
+        elif batch is not None:
+            batch.set_result(ack)
+        elif error := ack.get("error"):
             future.set_exception(_publish_error(error))
         else:
             future.set_result(int(ack.get("seq", 0)))
@@ -1501,67 +1520,95 @@ class Bus:
         them: ``ensure_fleet``), the fence checked on the first message of each by the server
         (``Nats-Expected-Last-Subject-Sequence-Subject``), in the same step as the batch is
         stored: all of a batch lands or none, and none lands after a new leader's fence, however
-        late it arrives. One batch per bucket is in flight at a time: a clustered stream checks
-        an expected sequence of one subject against one proposal at a time, and would refuse
-        concurrent writes fenced on the same key (err 10164), which is also retried, not
-        taken for a lost fence.
+        late it arrives. A bucket's batches are sent one after another in the order of the
+        calls (``_FenceLane``), so that two writes of one key land in the order they were asked
+        for, and up to ``fenced_in_flight`` of them await their acks at once: on one server the
+        next batch travels while the last one is stored. A clustered stream checks an expected
+        sequence of one subject against one proposal at a time and refuses concurrent writes
+        fenced on the same key (err 10164): one at a time there, and a refusal (also retried,
+        never taken for a lost fence) turns a bucket's lane to one at a time for good.
+
+        Each batch waits ``timeout`` for its ack from its send. The first batch that fails ends
+        the call: the batches not sent yet get its error, those already sent their own results.
 
         A key in ``rollup`` is written with ``Nats-Rollup: sub``: its earlier revisions leave
         the stream in the same step (the bucket's history of that key is the new value only)."""
         if not writes:
             return []
         kv = await self._bucket(bucket)
-        lock = self._fence_locks.setdefault(bucket, asyncio.Lock())
+        lane = self._fence_lanes.get(bucket)
+        if lane is None:
+            lane = self._fence_lanes[bucket] = _FenceLane()
+        chunks = [writes[i:i + FENCED_BATCH] for i in range(0, len(writes), FENCED_BATCH)]
+        sent: list[asyncio.Future[dict[str, Any]]] = []
+        failure: BusError | None = None
+        try:
+            async with lane.send:
+                for chunk in chunks:
+                    failure = await lane.room(min(lane.limit, self.fenced_in_flight), sent,
+                                              timeout)
+                    if failure is not None:
+                        break
+                    sent.append(await self._send_atomic(kv._pre, chunk, fence, rollup))
+                    lane.track(sent[-1])
+            if sent:
+                await asyncio.wait(sent, timeout=timeout)
+        finally:
+            for future in sent:
+                if not future.done():
+                    future.cancel()  # given up on: its token leaves ``_batch_acks`` below
+            lane.acks.difference_update(sent)  # their places free now, not at the next turn
+            for token in [t for t, f in self._batch_acks.items() if f.cancelled()]:
+                del self._batch_acks[token]
         out: list[int | BusError] = []
-        async with lock:
-            for start in range(0, len(writes), FENCED_BATCH):
-                chunk = writes[start:start + FENCED_BATCH]
-                result = await self._atomic(kv._pre, chunk, fence, timeout, rollup)
-                if isinstance(result, BusError):
-                    out.extend([result] * (len(writes) - len(out)))
-                    break
+        for chunk, future in zip(chunks, sent, strict=False):
+            result = _batch_result(future, timeout)
+            if isinstance(result, _Busy):
+                lane.limit = 1  # a clustered stream after all (raised in place): one at a time
+            if isinstance(result, BusError):
+                out.extend([result] * len(chunk))
+                failure = failure or result
+            else:
                 out.extend(range(result - len(chunk) + 1, result + 1))
+        rest = failure or BusError("not written: an earlier batch failed")
+        out.extend([rest] * (len(writes) - len(out)))
         return out
 
-    async def _atomic(self, prefix: str, writes: Sequence[tuple[str, bytes | None]],
-                      fence: int, timeout: float, rollup: Collection[str] = ()) -> int | BusError:
-        """One atomic batch under the fence ``fence``: the stream sequence of its last message
-        (they are consecutive), or the error."""
+    async def _send_atomic(self, prefix: str, writes: Sequence[tuple[str, bytes | None]],
+                           fence: int, rollup: Collection[str] = (),
+                           ) -> asyncio.Future[dict[str, Any]]:
+        """Publish one atomic batch under the fence ``fence``, its commit's ack to come to the
+        shared ack inbox: the future of that ack (a dict; a BusError when it could not be sent
+        or the stream does not answer)."""
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         batch = uuid.uuid4().hex
         last = len(writes) - 1
         try:
-            async with asyncio.timeout(timeout):
-                for i, (key, value) in enumerate(writes):
-                    headers = {"Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(i + 1)}
-                    if i == 0:
-                        headers["Nats-Expected-Last-Subject-Sequence-Subject"] = (
-                            f"{prefix}{subjects.FENCE_KEY}")
-                        headers["Nats-Expected-Last-Subject-Sequence"] = str(fence)
-                    if value is None:
-                        headers["KV-Operation"] = "DEL"
-                    elif key in rollup:
-                        headers["Nats-Rollup"] = "sub"
-                    data = b"" if value is None else value
-                    if i < last:
-                        await self.nc.publish(f"{prefix}{key}", data, headers=headers)
-                        continue
-                    headers["Nats-Batch-Commit"] = "1"
-                    msg = await _asked(self.nc, f"{prefix}{key}", data, headers=headers,
-                                       timeout=timeout)
-        except nats.errors.NoRespondersError:
-            return BusError("no JetStream stream answers for the bucket")
-        except (nats.errors.Error, TimeoutError) as exc:
-            return BusError(f"cannot write to JetStream: {exc or 'timed out'}")
-        try:
-            ack = json.loads(msg.data)
-        except ValueError:
-            return BusError(f"malformed JetStream ack: {msg.data[:80]!r}")
-        error = ack.get("error") if isinstance(ack, dict) else {"description": "not an object"}
-        if error:
-            if error.get("err_code") == 10164:  # a concurrent write on the fence key: retry
-                return BusError(f"the fence key is busy: {error.get('description', error)}")
-            return _publish_error(error)
-        return int(ack.get("seq", 0))
+            inbox = await self._ack_inbox()
+            for i, (key, value) in enumerate(writes):
+                headers = {"Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(i + 1)}
+                if i == 0:
+                    headers["Nats-Expected-Last-Subject-Sequence-Subject"] = (
+                        f"{prefix}{subjects.FENCE_KEY}")
+                    headers["Nats-Expected-Last-Subject-Sequence"] = str(fence)
+                if value is None:
+                    headers["KV-Operation"] = "DEL"
+                elif key in rollup:
+                    headers["Nats-Rollup"] = "sub"
+                data = b"" if value is None else value
+                if i < last:
+                    await self.nc.publish(f"{prefix}{key}", data, headers=headers)
+                    continue
+                headers["Nats-Batch-Commit"] = "1"
+                self._ack_count += 1
+                token = str(self._ack_count)
+                self._batch_acks[token] = future
+                await self.nc.publish(f"{prefix}{key}", data, reply=inbox + token,
+                                      headers=headers)
+        except nats.errors.Error as exc:
+            if not future.done():
+                future.set_exception(BusError(f"cannot write to JetStream: {exc}"))
+        return future
 
     @_timed("kv_put_all")
     async def kv_put_all(
@@ -1848,6 +1895,64 @@ def reconnect_delay(attempts: int) -> float:
     """
     step = min(RECONNECT_CAP, RECONNECT_BASE * 2.0 ** min(attempts, 16))
     return step / 2 + random.uniform(0, step / 2)
+
+
+def _batch_result(future: asyncio.Future[dict[str, Any]], timeout: float) -> int | BusError:
+    """What an atomic batch's commit ack says: the stream sequence of its last message (they
+    are consecutive) or the error (``_Busy`` for err 10164)."""
+    if future.cancelled():
+        return BusError(f"no JetStream ack for an atomic batch within {timeout:g}s")
+    if (failure := future.exception()) is not None:
+        return failure if isinstance(failure, BusError) else BusError(str(failure))
+    ack = future.result()
+    error = ack.get("error")
+    if error:
+        if isinstance(error, dict) and error.get("err_code") == 10164:  # the fence key is busy
+            return _Busy(f"{_FENCED_BUSY}: {error.get('description', error)}")
+        return _publish_error(error if isinstance(error, dict) else {"description": error})
+    return int(ack.get("seq", 0))
+
+
+_FENCED_BUSY = "the fence key is busy"
+
+
+class _Busy(BusError):
+    """A fenced batch a clustered stream refused while another was in process (err 10164):
+    retried, never taken for a lost fence."""
+
+
+class _FenceLane:
+    """One bucket's fenced batches (``Bus.kv_fenced_all``): sent one after another in the
+    order of the calls (``send``), and at most ``limit`` awaiting their acks at once."""
+
+    def __init__(self) -> None:
+        self.send = asyncio.Lock()
+        self.limit = FENCED_IN_FLIGHT
+        self.acks: set[asyncio.Future[dict[str, Any]]] = set()
+
+    def track(self, future: asyncio.Future[dict[str, Any]]) -> None:
+        self.acks.add(future)
+        future.add_done_callback(self.acks.discard)
+
+    async def room(self, limit: int, ours: Sequence[asyncio.Future[dict[str, Any]]],
+                   timeout: float) -> BusError | None:
+        """Wait until fewer than ``limit`` batches await acks; the error that ends the call
+        instead: one of ``ours`` failed, or no room came within ``timeout``."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + timeout
+        while True:
+            for future in ours:
+                if future.done():
+                    result = _batch_result(future, timeout)
+                    if isinstance(result, BusError):
+                        return result
+            if len(self.acks) < limit:
+                return None
+            left = until - loop.time()
+            if left <= 0:
+                return BusError(f"no room for another atomic batch within {timeout:g}s")
+            await asyncio.wait(set(self.acks), timeout=left,
+                               return_when=asyncio.FIRST_COMPLETED)
 
 
 def _publish_error(error: dict[str, Any]) -> BusError:

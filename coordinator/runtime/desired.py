@@ -31,7 +31,7 @@ from coordinator.runtime.calls import Retrying, all_of, bounded, scanned
 from coordinator.runtime.lease import Deposed, Fenced
 from coordinator.runtime.ports import RunnerBus
 from protocol import subjects
-from protocol.bus import FENCED_BATCH
+from protocol.bus import FENCED_BATCH, FENCED_IN_FLIGHT
 from protocol.codec import decode, encode
 from protocol.errors import BusError, ProtocolError
 from protocol.messages import DesiredState, SignedEnvelope
@@ -126,21 +126,33 @@ class DesiredWriter:
                 slow.append(desired)
             elif stored < desired.generation:
                 known.append((key, desired))
-        # Signed a batch at a time, in a worker thread, the next batch while this one is
+        # Signed a batch at a time, in worker threads, the next batches while this one is
         # written: a node's agent can verify and apply its state while the coordinator signs
         # the rest (10,000 states signed first took 0.5 s before the first router of a
         # rollback could switch back), and the signing itself (libsodium, outside the GIL)
-        # runs on another core than the event loop's. A batch that failed sends the rest the
-        # slow way too: one bus timeout, not one a batch.
+        # runs on another core than the event loop's. Up to FENCED_IN_FLIGHT batches are
+        # written at once (the bus sends them in turn, ``Bus.kv_fenced_all``), one more signed
+        # ahead. A batch that failed sends the rest the slow way too: one bus timeout, not
+        # one a batch.
         term = self._fenced.term
         chunks = [known[i:i + FENCED_BATCH] for i in range(0, len(known), FENCED_BATCH)]
-        signing = self._sign_ahead(chunks, 0, term)
-        try:
-            for index, chunk in enumerate(chunks):
-                assert signing is not None
-                bodies = await signing
-                signing = self._sign_ahead(chunks, index + 1, term)
-                states = [d for _, d in chunk]
+        window = asyncio.Semaphore(FENCED_IN_FLIGHT + 1)  # batches signed or in flight
+        signing = asyncio.Lock()  # one batch signed at a time, in order: the first goes first
+        failed = False
+
+        async def write_chunk(chunk: list[tuple[str, DesiredState]]) -> None:
+            nonlocal failed
+            states = [d for _, d in chunk]
+            async with window:
+                if failed:
+                    slow.extend(states)
+                    return
+                async with signing:
+                    bodies = await asyncio.to_thread(self._envelopes, states, term,
+                                                     self._batched(states))
+                if failed:  # meanwhile
+                    slow.extend(states)
+                    return
                 self._moving(states)
                 try:
                     results = await self._fenced.write_all(
@@ -152,24 +164,19 @@ class DesiredWriter:
                     raise
                 finally:
                     self._moving(states)
-                for (key, desired), result in zip(chunk, results, strict=True):
-                    if isinstance(result, Deposed):
-                        raise result
-                    if isinstance(result, int):
-                        self._gens[key] = desired.generation
-                        self._stored(desired)
-                    else:
-                        self._gens.pop(key, None)
-                        self._unsure(desired)
-                        slow.append(desired)  # read it and compare generations, then write
-                if any(not isinstance(r, int) for r in results):
-                    slow += [d for later in chunks[index + 1:] for _, d in later]
-                    break
-        finally:
-            if signing is not None:  # a batch no longer written this way (or at all)
-                signing.cancel()
-                if signing.done() and not signing.cancelled():
-                    signing.exception()  # retrieved: it is not this call's failure
+            for (key, desired), result in zip(chunk, results, strict=True):
+                if isinstance(result, Deposed):
+                    raise result
+                if isinstance(result, int):
+                    self._gens[key] = desired.generation
+                    self._stored(desired)
+                else:
+                    failed = True
+                    self._gens.pop(key, None)
+                    self._unsure(desired)
+                    slow.append(desired)  # read it and compare generations, then write
+
+        await all_of(write_chunk(chunk) for chunk in chunks)
         if slow:
             sem = asyncio.Semaphore(WRITE_CONCURRENCY)
 
@@ -178,15 +185,6 @@ class DesiredWriter:
                     await self._retrying(lambda: self.write(desired))
 
             await all_of(one(desired) for desired in slow)
-
-    def _sign_ahead(self, chunks: list[list[tuple[str, DesiredState]]], index: int,
-                    term: int) -> asyncio.Future[list[bytes]] | None:
-        """The signing of ``chunks[index]``, started in a worker thread (None past the end)."""
-        if index >= len(chunks):
-            return None
-        states = [d for _, d in chunks[index]]
-        return asyncio.ensure_future(
-            asyncio.to_thread(self._envelopes, states, term, self._batched(states)))
 
     async def _learn(self, unknown: Sequence[DesiredState]) -> None:
         """Read the stored generations of ``unknown``'s keys by one scan per service of which

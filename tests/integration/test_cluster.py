@@ -158,6 +158,46 @@ async def test_a_coordinator_raises_a_fleet_made_with_one_replica(
         await bus.close()
 
 
+async def test_fenced_batches_on_r3_streams_go_one_at_a_time(cluster: BrokerCluster) -> None:
+    """On R3 streams a bucket's fenced batches await their acks one at a time (a clustered
+    stream refuses a second batch fenced on the key while one is in process, err 10164). Made
+    to send several at once anyway, as on streams raised in place after the coordinator
+    started, a refused batch is a BusError to retry, never a Conflict (a lost fence), the
+    bucket goes one at a time from then on, and every write lands."""
+    from coordinator.runtime.lease import write_fences
+    from protocol.bus import _FENCED_BUSY, FENCED_BATCH, FENCED_IN_FLIGHT
+    from protocol.errors import Conflict
+
+    bus = await Bus.connect(cluster.url, "fenced3")
+    bucket = subjects.desired_bucket("fenced3")
+    try:
+        await bus.ensure_fleet(3)
+        assert bus.fenced_in_flight == 1
+        seq = (await write_fences(bus, term=1, holder="t", now=0.0)).seq(bucket)
+        writes = [(f"node-{i}.web", b"one at a time") for i in range(4 * FENCED_BATCH)]
+        assert all(isinstance(r, int) for r in await bus.kv_fenced_all(bucket, writes, seq))
+
+        bus.fenced_in_flight = FENCED_IN_FLIGHT
+        refused: list[BusError] = []
+        for round_ in range(5):
+            bus._fence_lanes.clear()  # a fresh lane: several at once
+            results = await bus.kv_fenced_all(
+                bucket, [(k, f"at once {round_}".encode()) for k, _ in writes], seq)
+            assert not any(isinstance(r, Conflict) for r in results), results
+            refused = [r for r in results if isinstance(r, BusError)]
+            if refused:
+                break
+        assert refused, "no batch was refused: R3 took concurrent fenced batches"
+        assert all(_FENCED_BUSY in str(r) for r in refused), {str(r) for r in refused}
+        assert bus._fence_lanes[bucket].limit == 1
+        final = [(k, b"after") for k, _ in writes]
+        assert all(isinstance(r, int) for r in await bus.kv_fenced_all(bucket, final, seq))
+        got = {e.key: e.value for e in await bus.kv_entries(bucket)}
+        assert {k: got.get(k) for k, _ in final} == dict(final)
+    finally:
+        await bus.close()
+
+
 async def test_replicas_larger_than_the_cluster_is_refused_creating_nothing(
         cluster: BrokerCluster, tmp_path: Path) -> None:
     """`fleetwave coordinator --replicas 5` on 3 servers exits 2 with one line saying what and

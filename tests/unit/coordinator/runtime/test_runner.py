@@ -4,6 +4,7 @@ desired writes, the per-service lock, resuming after a crash, and failures of th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -18,7 +19,7 @@ from coordinator.runtime.driver import HOLD_PERSIST
 from coordinator.runtime.lease import Fence, Fenced, fenced_buckets
 from coordinator.runtime.runner import OUTBOX_CLEAR_AFTER, OUTBOX_RETRY, Runner
 from protocol import subjects
-from protocol.bus import FENCED_BATCH, Entry
+from protocol.bus import FENCED_BATCH, FENCED_IN_FLIGHT, Entry
 from protocol.codec import decode, encode
 from protocol.errors import BusError, Conflict
 from protocol.events import PACK, unpacked
@@ -869,6 +870,44 @@ async def test_known_keys_go_out_a_signed_batch_at_a_time_and_a_failed_batch_sen
     assert sizes[0] == FENCED_BATCH and set(sizes[1:]) == {1}
     assert len(sizes) == 1 + 1 + (n - FENCED_BATCH)  # the failed one again, then the rest
     assert all(bus.desired(f"node-{i}").generation == 10  # type: ignore[union-attr]
+               for i in range(1, n + 1))
+
+
+async def test_known_keys_go_out_several_batches_at_once_in_their_order() -> None:
+    """Batches of one write_all are handed to the bus several at once (the bus sends them in
+    turn and lets FENCED_IN_FLIGHT await acks, one more signed and waiting), in the order of
+    the states: the first batch first. Every state lands."""
+    n = (FENCED_IN_FLIGHT + 3) * FENCED_BATCH
+    bus, clock = fleet_bus(n), FakeClock()
+    r = runner(bus, clock)
+    await r.desired.write_all([desired(f"node-{i}", generation=8) for i in range(1, n + 1)])
+    fenced_all = bus.kv_fenced_all
+    firsts: list[str] = []
+    at_once = most = 0
+    all_in = asyncio.Event()
+
+    async def held(bucket: str, writes: Sequence[tuple[str, bytes | None]], fence: int,
+                   **kw: Any) -> list[int | BusError]:
+        nonlocal at_once, most
+        firsts.append(writes[0][0])
+        at_once += 1
+        most = max(most, at_once)
+        if at_once == FENCED_IN_FLIGHT + 1:
+            all_in.set()
+        if len(firsts) <= FENCED_IN_FLIGHT + 1:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):  # only when they never come: the assert says
+                    await all_in.wait()
+        try:
+            return await fenced_all(bucket, writes, fence, **kw)
+        finally:
+            at_once -= 1
+
+    bus.kv_fenced_all = held  # type: ignore[method-assign]
+    await r.desired.write_all([desired(f"node-{i}", generation=9) for i in range(1, n + 1)])
+    assert most == FENCED_IN_FLIGHT + 1
+    assert firsts == [f"node-{1 + k * FENCED_BATCH}.hello" for k in range(n // FENCED_BATCH)]
+    assert all(bus.desired(f"node-{i}").generation == 9  # type: ignore[union-attr]
                for i in range(1, n + 1))
 
 
