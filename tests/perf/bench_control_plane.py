@@ -17,6 +17,10 @@ max-unavailable 10%): that second rollout is measured. Figures:
 - the bus floor: the same desired writes and N observed replies in as many waves by bare nats-py
   on the same broker, with payloads of the size of our signed desired states, the desired writes
   as atomic batches (``perf_support.bus_floor``); ratio = ours ÷ floor;
+- the signed floor: the same, with the desired states real ones, signed a batch at a time (one
+  signature and a Merkle proof a state) as the coordinator signs them, and each verified by the
+  responder before it answers, as each agent verifies its own: the work no implementation of
+  signed desired states skips;
 - reading it back, after the rollout: the API's ``nodes`` (every node), ``status`` (every node of
   the rollout) and ``status`` as ``fleetwave deploy`` follows it (200 node rows), each timed from
   request to the whole answer, with its size (answers past ``max_payload`` come in parts:
@@ -114,6 +118,12 @@ async def measure(n: int, keep: bool, profile: Path | None = None,
         written = await stream_seq(fleet, subjects.desired_bucket(fleet.fleet)) - desired_seq0
         floor = (None if secure else
                  await bus_floor(fleet.broker.url, written, len(starts) + 1, payload))
+        # And the same writes as real states, signed a batch at a time as the coordinator
+        # signs them and verified by the responder as each agent verifies its own: the work
+        # that no implementation of signed desired states skips.
+        signed_floor = (None if secure else
+                        await bus_floor(fleet.broker.url, written, len(starts) + 1, payload,
+                                        signed=True))
         return {
             "secure": secure, "brokers": brokers, "max_payload": max_payload,
             "nodes": n, "heartbeat_s": heartbeat_for(n), "lease_ttl_s": lease_ttl_for(n),
@@ -141,6 +151,9 @@ async def measure(n: int, keep: bool, profile: Path | None = None,
             "desired_payload_bytes": payload,
             "floor_s": round(floor, 3) if floor is not None else None,
             "ratio_to_floor": round(total / floor, 2) if floor is not None else None,
+            "signed_floor_s": round(signed_floor, 3) if signed_floor is not None else None,
+            "ratio_to_signed_floor": (round(total / signed_floor, 2)
+                                      if signed_floor is not None else None),
             **reads,
         }
 
@@ -208,6 +221,9 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
     ] + ([] if r["floor_s"] is None else [
         ("bus floor", f"{r['floor_s']:.3f} s ({r['desired_payload_bytes']} B desired states)"),
         ("ours / floor", f"{r['ratio_to_floor']:.2f}x"),
+        ("signed floor", f"{r['signed_floor_s']:.3f} s (the same writes signed and verified, "
+                         f"as ours are)"),
+        ("ours / signed floor", f"{r['ratio_to_signed_floor']:.2f}x"),
     ])
 
 
