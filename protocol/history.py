@@ -11,7 +11,7 @@ Keys (all start with ``_``: no rollout id can, ``subjects.check_name``):
     <rollout id>.<k>  RolloutPage       page k of a split record's node table (its head, the
                                          record under <rollout id>, says how many:
                                          ``coordinator.core.pages``); purged with its head's
-                                         reduction
+                                         reduction; compressed (``pack_page``)
 
 A summarised value is told from a record by ``SummarisedRollout.summarised`` (``HistoryProbe``):
 a record has no such field. Each value carries, like a record, the lease ``term`` of the leader
@@ -20,12 +20,43 @@ that wrote it. Wire Structs: new fields get defaults, types never change.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterable
 
 import msgspec
 from msgspec import UNSET
 
+from protocol.errors import ProtocolError
 from protocol.messages import Event, NodeProgress, RolloutRecord, RolloutSpec, RouterStats
+
+# A page as stored: its JSON, deflated (zlib, level 1). A page is hundreds of nodes' progress,
+# each with two desired states that differ from their neighbours' in a name, a generation and
+# a time: 10-25x smaller deflated, at ~700 MB/s. The record's writes were twice the bytes of
+# the desired states they decide (5 MB a wave at 10,000 nodes), every one stored and fsynced.
+# A page stored before (plain JSON, which starts with "{") is read as it is.
+PAGE_LEVEL = 1
+PAGE_MAX_BYTES = 64 * 2**20  # what a page may inflate to: more is a hostile value, refused
+
+
+def pack_page(data: bytes) -> bytes:
+    """A page's JSON as stored (``unpack_page`` reads it back)."""
+    return zlib.compress(data, PAGE_LEVEL)
+
+
+def unpack_page(value: bytes) -> bytes:
+    """A stored page's JSON: inflated, or as it is when it was stored plain (before pages were
+    deflated). ProtocolError for a value that is neither, or inflates past PAGE_MAX_BYTES."""
+    if value[:1] == b"{":
+        return value
+    inflate = zlib.decompressobj()
+    try:
+        data = inflate.decompress(value, PAGE_MAX_BYTES)
+    except zlib.error as exc:
+        raise ProtocolError(f"not a page: {exc}") from None
+    if inflate.unconsumed_tail or not inflate.eof:
+        raise ProtocolError("not a page: it inflates past "
+                            f"{PAGE_MAX_BYTES // 2**20} MiB, or is cut short")
+    return data
 
 
 class RolloutSummary(msgspec.Struct, kw_only=True):

@@ -24,7 +24,7 @@ from protocol import subjects
 from protocol.bus import Entry
 from protocol.codec import decode
 from protocol.errors import BusError, Conflict
-from protocol.history import RolloutPage, assemble
+from protocol.history import RolloutPage, assemble, unpack_page
 from protocol.messages import (
     LATENCY_BOUNDS_MS,
     DesiredState,
@@ -205,7 +205,7 @@ class FakeBus:
         top = decode(RolloutRecord, e.value)
         if not top.pages:
             return top
-        pages = [decode(RolloutPage, p.value) for k in range(top.pages)
+        pages = [decode(RolloutPage, unpack_page(p.value)) for k in range(top.pages)
                  if (p := self.live(bucket, f"{rid}.{k}")) is not None and p.value is not None]
         assert len(pages) == top.pages, f"rollout {rid}: pages missing"
         return assemble(top, pages)

@@ -50,7 +50,14 @@ from protocol import subjects
 from protocol.bus import Entry
 from protocol.codec import decode, encode, shared
 from protocol.errors import BusError, Conflict, ProtocolError
-from protocol.history import PageSeen, RolloutPage, RolloutSummary, SummarisedRollout
+from protocol.history import (
+    PageSeen,
+    RolloutPage,
+    RolloutSummary,
+    SummarisedRollout,
+    pack_page,
+    unpack_page,
+)
 from protocol.messages import TERMINAL_STATES, DesiredState, RolloutRecord, SignedEnvelope
 
 log = logging.getLogger("fleetwave.coordinator.runner")
@@ -138,8 +145,9 @@ class RolloutStore:
         found: list[RolloutPage] = []
         for entry in await self._scan(f"{top.id}.*"):
             try:
-                got = (decode(PageSeen, entry.value or b"").page() if seen
-                       else shared(decode(RolloutPage, entry.value or b"")))
+                data = unpack_page(entry.value or b"")
+                got = (decode(PageSeen, data).page() if seen
+                       else shared(decode(RolloutPage, data)))
             except ProtocolError as exc:
                 raise BusError(f"rollout {top.id} cannot be read: page {entry.key} is "
                                f"unreadable ({exc})") from None
@@ -271,7 +279,8 @@ class RolloutStore:
         where = pages.positions(record.waves) if changed else []
         posts = pages.mail(record, layout) if changed else {}
         writes: list[tuple[str, bytes | None]] = [(record.id, encode(pages.head(record, layout)))]
-        writes += [(f"{record.id}.{k}", encode(pages.page(record, layout, k, where, posts)))
+        writes += [(f"{record.id}.{k}",
+                    pack_page(encode(pages.page(record, layout, k, where, posts))))
                    for k in changed]
         writer = self.writer
         async with self._history_ops:

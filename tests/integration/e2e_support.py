@@ -50,6 +50,7 @@ from protocol import subjects
 from protocol.bus import Bus
 from protocol.codec import decode
 from protocol.errors import BusError
+from protocol.history import unpack_page
 from protocol.messages import ApiReply, FenceMarker, RolloutRecord, SignedEnvelope
 from tests.integration.procs import fleetwave, hello_bundle, wait_until
 
@@ -381,8 +382,9 @@ def assert_fenced_off(logs: dict[str, list[KvMessage]], term: int,
     no write of a deposed leader landed. The number of such writes per bucket (each > 0: the
     new leader wrote there)."""
     terms: dict[str, Callable[[bytes], int]] = {
-        # records, and the history beside them (indexes, reduced records): each has a term
-        subjects.rollouts_bucket(fleet): lambda data: decode(Termed, data).term,
+        # records, their pages (deflated) and the history beside them (indexes, reduced
+        # records): each has a term
+        subjects.rollouts_bucket(fleet): lambda data: decode(Termed, unpack_page(data)).term,
         subjects.desired_bucket(fleet): lambda data: decode(SignedEnvelope, data).term,
     }
     assert set(logs) == set(terms), f"logs of {sorted(logs)}, not of {sorted(terms)}"

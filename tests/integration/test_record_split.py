@@ -25,7 +25,7 @@ from protocol import subjects
 from protocol.bus import Bus
 from protocol.codec import decode, encode
 from protocol.errors import BusError
-from protocol.history import RolloutPage
+from protocol.history import RolloutPage, unpack_page
 from protocol.messages import (
     ApiReply,
     DeployRequest,
@@ -154,7 +154,7 @@ async def test_a_rollout_beyond_one_message_runs_and_resumes_exactly(
     # every page and the head fit one message of the server, far from it
     sizes = [len(e.value or b"") for e in await bus.kv_entries(bucket, f"{rid}.*")]
     assert len(sizes) == head.pages and max(sizes) < 1 << 20
-    assert all(decode(RolloutPage, e.value or b"").rollout == rid
+    assert all(decode(RolloutPage, unpack_page(e.value or b"")).rollout == rid
                for e in await bus.kv_entries(bucket, f"{rid}.*"))
     # exactly: no node was told two things under one generation (the resumed coordinator
     # re-wrote what its predecessor intended, nothing else), and each got 1.0.0 once

@@ -23,7 +23,7 @@ from protocol.bus import FENCED_BATCH, FENCED_IN_FLIGHT, Entry
 from protocol.codec import decode, encode
 from protocol.errors import BusError, Conflict
 from protocol.events import PACK, unpacked
-from protocol.history import RolloutPage, assemble
+from protocol.history import RolloutPage, assemble, unpack_page
 from protocol.messages import (
     DesiredState,
     Event,
@@ -128,7 +128,7 @@ async def test_persist_comes_before_the_desired_writes_it_decided() -> None:
     for op, bucket, key, value in bus.log:
         if bucket == ROLLOUTS and value is not None and not key.startswith("_"):
             if "." in key:
-                got = decode(RolloutPage, value)
+                got = decode(RolloutPage, unpack_page(value))
                 pages[got.index] = got
             else:
                 head = decode(RolloutRecord, value)

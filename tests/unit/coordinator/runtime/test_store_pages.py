@@ -4,6 +4,8 @@ an earlier coordinator."""
 
 from __future__ import annotations
 
+import zlib
+
 import msgspec
 import pytest
 
@@ -12,7 +14,7 @@ from coordinator.core.history import Retention
 from coordinator.runtime.runner import Runner
 from protocol.codec import encode
 from protocol.errors import BusError
-from protocol.history import SummarisedRollout
+from protocol.history import PAGE_MAX_BYTES, SummarisedRollout, unpack_page
 from protocol.messages import RolloutRecord
 from protocol.testing import NEW, OLD, FakeBus, FakeClock, spec
 from tests.unit.coordinator.runtime.test_history import settle
@@ -190,3 +192,42 @@ async def test_a_record_written_whole_by_an_earlier_coordinator_is_resumed_and_s
     assert bus.record(rec.id).pages == 0  # bus.record assembles: the head named its pages
     top = bus.live(ROLLOUTS, rec.id)
     assert top is not None and top.value is not None and b'"pages":0' not in top.value
+
+
+async def test_pages_are_stored_deflated_and_a_page_stored_plain_is_read_too() -> None:
+    """Every page goes to KV deflated (``pack_page``), smaller than its JSON; a record whose
+    pages an earlier coordinator stored as plain JSON is read back the same and driven on."""
+    bus, clock = fleet_bus(N), FakeClock()
+    r = make(bus, clock)
+    rec = await r.deploy(spec(batch="3", max_unavailable="3"), NEW)
+    live = r.drivers[rec.id].rollout.record
+    keys = [k for k in bus.kv[ROLLOUTS] if k.startswith(f"{rec.id}.")]
+    assert len(keys) > 1
+    for key in keys:
+        value = bus.kv[ROLLOUTS][key].value
+        assert value is not None and value[:1] != b"{"
+        assert len(value) < len(unpack_page(value))
+        bus.set("put", ROLLOUTS, key, unpack_page(value))  # as stored before: plain JSON
+    r2 = make(bus, clock)
+    await r2.resync()
+    assert bare(r2.drivers[rec.id].rollout.record) == bare(live)
+    assert await drive(r2, bus, clock, rec.id) == "succeeded"
+
+
+@pytest.mark.parametrize("value, why", [
+    (zlib.compress(bytes(PAGE_MAX_BYTES + 1), 9), "inflates past 64 MiB"),
+    (zlib.compress(b'{"schema": 1}' * 100)[:-8], "cut short"),
+    (b"\x00garbage", "not a page"),
+])
+async def test_a_hostile_page_makes_the_record_unreadable_and_is_never_inflated_whole(
+        value: bytes, why: str) -> None:
+    """A page value that inflates past PAGE_MAX_BYTES (a deflate bomb: 64 MiB of zeros is 64
+    KiB deflated), one cut short, or one that is not deflated JSON at all: the record is
+    unreadable, said in one line naming the page, and nothing past the bound is inflated."""
+    bus, clock = fleet_bus(N), FakeClock()
+    r = make(bus, clock)
+    rec = await r.deploy(spec(batch="3", max_unavailable="3"), NEW)
+    bus.set("put", ROLLOUTS, f"{rec.id}.1", value)
+    with pytest.raises(BusError, match=rf"rollout {rec.id} cannot be read: page {rec.id}\.1 is "
+                                       rf"unreadable \(.*{why}"):
+        await make(bus, clock).store.find(rec.id)
