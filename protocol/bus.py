@@ -138,9 +138,9 @@ def redact(url: str) -> str:
 
 OP_TIMEOUT = 10.0
 FENCED_BATCH = 500  # writes in one atomic batch (the server takes up to 1,000)
-# Fenced batches of one bucket awaiting their acks at once, on a stream of one replica. A
-# clustered stream checks an expected sequence of one subject against one proposal at a time
-# and refuses a second (err 10164): one there. (``_FenceLane``.)
+# Fenced batches of one bucket awaiting their acks at once (of different calls), on a server
+# that is not in a cluster. A clustered stream checks an expected sequence of one subject
+# against one proposal at a time and refuses a second (err 10164): one there. (``_FenceLane``.)
 FENCED_IN_FLIGHT = 4
 EVENTS_BATCH = 500  # events published in one atomic batch (``js_publish_events``)
 # A subscription's callbacks give the loop a turn at least this often (seconds). nats-py runs
@@ -475,9 +475,6 @@ class Bus:
         self._ack_prefix = ""
         self._ack_count = 0
         self._fence_lanes: dict[str, _FenceLane] = {}  # per bucket (``kv_fenced_all``)
-        # Fenced batches a bucket may have awaiting acks at once: FENCED_IN_FLIGHT once
-        # ``ensure_fleet`` knows the fleet's streams have one replica, else one.
-        self.fenced_in_flight = 1
         self.blind = False  # bind KV buckets without asking their stream's info (a node)
         self.observer: Observer | None = None  # told of each timed call (``_timed``)
 
@@ -726,7 +723,6 @@ class Bus:
                 else:  # nothing to create or raise: say what there is
                     replicas = min(c.num_replicas or 1 for c in have.values() if c is not None)
             setup = FleetSetup(replicas=replicas)
-            self.fenced_in_flight = FENCED_IN_FLIGHT if replicas == 1 else 1
             for name, config in have.items():
                 if config is not None:
                     await self._bring_up(name, config, replicas if raise_existing else 0, setup,
@@ -1507,6 +1503,12 @@ class Bus:
             timeout=timeout,
         )
 
+    @property
+    def fenced_in_flight(self) -> int:
+        """How many fenced batches of a bucket may await their acks at once: FENCED_IN_FLIGHT
+        on a server that is not in a cluster (every stream there has one replica), else one."""
+        return 1 if self.clustered() else FENCED_IN_FLIGHT
+
     @_timed("kv_fenced_all")
     async def kv_fenced_all(
         self, bucket: str, writes: Sequence[tuple[str, bytes | None]], fence: int, *,
@@ -1520,16 +1522,17 @@ class Bus:
         them: ``ensure_fleet``), the fence checked on the first message of each by the server
         (``Nats-Expected-Last-Subject-Sequence-Subject``), in the same step as the batch is
         stored: all of a batch lands or none, and none lands after a new leader's fence, however
-        late it arrives. A bucket's batches are sent one after another in the order of the
-        calls (``_FenceLane``), so that two writes of one key land in the order they were asked
-        for, and up to ``fenced_in_flight`` of them await their acks at once: on one server the
-        next batch travels while the last one is stored. A clustered stream checks an expected
-        sequence of one subject against one proposal at a time and refuses concurrent writes
-        fenced on the same key (err 10164): one at a time there, and a refusal (also retried,
-        never taken for a lost fence) turns a bucket's lane to one at a time for good.
-
-        Each batch waits ``timeout`` for its ack from its send. The first batch that fails ends
-        the call: the batches not sent yet get its error, those already sent their own results.
+        late it arrives. The batches of one call go one after another, each sent once the one
+        before it was stored, and the first that fails ends the call: every later write gets
+        its error and none of them lands (a caller may write a key last that says the rest
+        landed). A bucket's batches are sent in the order of the calls (``_FenceLane``), so
+        that two writes of one key land in the order they were asked for, and up to
+        ``fenced_in_flight`` batches of different calls await their acks at once: on one
+        server the next travels while the last is stored. A clustered stream checks an
+        expected sequence of one subject against one proposal at a time and refuses
+        concurrent writes fenced on the same key (err 10164): one at a time there, and a
+        refusal (also retried by the callers, never taken for a lost fence) turns a bucket's
+        lane to one at a time for good. Each batch waits ``timeout`` for its ack.
 
         A key in ``rollup`` is written with ``Nats-Rollup: sub``: its earlier revisions leave
         the stream in the same step (the bucket's history of that key is the new value only)."""
@@ -1539,40 +1542,57 @@ class Bus:
         lane = self._fence_lanes.get(bucket)
         if lane is None:
             lane = self._fence_lanes[bucket] = _FenceLane()
-        chunks = [writes[i:i + FENCED_BATCH] for i in range(0, len(writes), FENCED_BATCH)]
-        sent: list[asyncio.Future[dict[str, Any]]] = []
+        out: list[int | BusError] = []
+        sent: asyncio.Future[dict[str, Any]] | None = None
         failure: BusError | None = None
         try:
             async with lane.send:
-                for chunk in chunks:
-                    failure = await lane.room(min(lane.limit, self.fenced_in_flight), sent,
-                                              timeout)
+                for start in range(0, len(writes), FENCED_BATCH):
+                    chunk = writes[start:start + FENCED_BATCH]
+                    if sent is not None:  # the one before it first: it may fail
+                        await asyncio.wait([sent], timeout=timeout)
+                        failure = self._stored(lane, sent, out, start - FENCED_BATCH, writes,
+                                               timeout)
+                        if failure is not None:
+                            break
+                    failure = await lane.room(min(lane.limit, self.fenced_in_flight), timeout)
                     if failure is not None:
                         break
-                    sent.append(await self._send_atomic(kv._pre, chunk, fence, rollup))
-                    lane.track(sent[-1])
-            if sent:
-                await asyncio.wait(sent, timeout=timeout)
+                    sent = await self._send_atomic(kv._pre, chunk, fence, rollup)
+                    lane.track(sent)
+            if failure is None and sent is not None:
+                await asyncio.wait([sent], timeout=timeout)
+                last = len(writes) - 1 - (len(writes) - 1) % FENCED_BATCH
+                failure = self._stored(lane, sent, out, last, writes, timeout)
         finally:
-            for future in sent:
-                if not future.done():
-                    future.cancel()  # given up on: its token leaves ``_batch_acks`` below
-            lane.acks.difference_update(sent)  # their places free now, not at the next turn
+            if sent is not None and not sent.done():
+                sent.cancel()  # given up on: its token leaves ``_batch_acks`` below
+            if sent is not None:
+                lane.acks.discard(sent)  # its place frees now, not at the next turn
             for token in [t for t, f in self._batch_acks.items() if f.cancelled()]:
                 del self._batch_acks[token]
-        out: list[int | BusError] = []
-        for chunk, future in zip(chunks, sent, strict=False):
-            result = _batch_result(future, timeout)
-            if isinstance(result, _Busy):
-                lane.limit = 1  # a clustered stream after all (raised in place): one at a time
-            if isinstance(result, BusError):
-                out.extend([result] * len(chunk))
-                failure = failure or result
-            else:
-                out.extend(range(result - len(chunk) + 1, result + 1))
         rest = failure or BusError("not written: an earlier batch failed")
         out.extend([rest] * (len(writes) - len(out)))
         return out
+
+    @staticmethod
+    def _stored(lane: _FenceLane, future: asyncio.Future[dict[str, Any]],
+                out: list[int | BusError], start: int,
+                writes: Sequence[tuple[str, bytes | None]], timeout: float) -> BusError | None:
+        """Put the results of the batch of ``writes[start:]`` that ``future`` acks in ``out``:
+        its revisions, or its error, which is returned (a ``_Busy`` one turns the lane to one
+        batch at a time; one not acked by now is given up on)."""
+        n = min(FENCED_BATCH, len(writes) - start)
+        if not future.done():
+            future.cancel()  # no ack within the timeout: given up on
+        result = _batch_result(future, timeout)
+        if isinstance(result, BusError):
+            if isinstance(result, _Busy):
+                lane.limit = 1  # a clustered stream after all: one at a time
+            out.extend([result] * n)
+            return result
+        out.extend(range(result - n + 1, result + 1))
+        return None
 
     async def _send_atomic(self, prefix: str, writes: Sequence[tuple[str, bytes | None]],
                            fence: int, rollup: Collection[str] = (),
@@ -1606,6 +1626,8 @@ class Bus:
                 await self.nc.publish(f"{prefix}{key}", data, reply=inbox + token,
                                       headers=headers)
         except nats.errors.Error as exc:
+            for token in [t for t, f in self._batch_acks.items() if f is future]:
+                del self._batch_acks[token]
             if not future.done():
                 future.set_exception(BusError(f"cannot write to JetStream: {exc}"))
         return future
@@ -1934,25 +1956,18 @@ class _FenceLane:
         self.acks.add(future)
         future.add_done_callback(self.acks.discard)
 
-    async def room(self, limit: int, ours: Sequence[asyncio.Future[dict[str, Any]]],
-                   timeout: float) -> BusError | None:
-        """Wait until fewer than ``limit`` batches await acks; the error that ends the call
-        instead: one of ``ours`` failed, or no room came within ``timeout``."""
+    async def room(self, limit: int, timeout: float) -> BusError | None:
+        """Wait until fewer than ``limit`` batches await acks; a BusError when no room came
+        within ``timeout``."""
         loop = asyncio.get_running_loop()
         until = loop.time() + timeout
-        while True:
-            for future in ours:
-                if future.done():
-                    result = _batch_result(future, timeout)
-                    if isinstance(result, BusError):
-                        return result
-            if len(self.acks) < limit:
-                return None
+        while sum(not f.done() for f in self.acks) >= limit:
             left = until - loop.time()
             if left <= 0:
                 return BusError(f"no room for another atomic batch within {timeout:g}s")
             await asyncio.wait(set(self.acks), timeout=left,
                                return_when=asyncio.FIRST_COMPLETED)
+        return None
 
 
 def _publish_error(error: dict[str, Any]) -> BusError:

@@ -48,14 +48,19 @@ def unpack_page(value: bytes) -> bytes:
     deflated). ProtocolError for a value that is neither, or inflates past PAGE_MAX_BYTES."""
     if value[:1] == b"{":
         return value
+    if not value:
+        raise ProtocolError("not a page: empty")
     inflate = zlib.decompressobj()
     try:
         data = inflate.decompress(value, PAGE_MAX_BYTES)
     except zlib.error as exc:
         raise ProtocolError(f"not a page: {exc}") from None
-    if inflate.unconsumed_tail or not inflate.eof:
-        raise ProtocolError("not a page: it inflates past "
-                            f"{PAGE_MAX_BYTES // 2**20} MiB, or is cut short")
+    if inflate.unconsumed_tail:
+        raise ProtocolError(f"not a page: it inflates past {PAGE_MAX_BYTES // 2**20} MiB")
+    if not inflate.eof:
+        raise ProtocolError("not a page: it is cut short")
+    if inflate.unused_data:
+        raise ProtocolError("not a page: bytes follow its end")
     return data
 
 

@@ -57,6 +57,7 @@ class FakeBus:
 
     fleet: str = FLEET
     max_payload: int = 0  # unknown: the record's size is not checked
+    fenced_in_flight: int = 4  # as one server lets the bus (``Bus.fenced_in_flight``)
     connected: bool = True
     kv: dict[str, dict[str, Entry]] = field(default_factory=dict)
     seq: int = 0

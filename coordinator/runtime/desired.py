@@ -31,7 +31,7 @@ from coordinator.runtime.calls import Retrying, all_of, bounded, scanned
 from coordinator.runtime.lease import Deposed, Fenced
 from coordinator.runtime.ports import RunnerBus
 from protocol import subjects
-from protocol.bus import FENCED_BATCH, FENCED_IN_FLIGHT
+from protocol.bus import FENCED_BATCH
 from protocol.codec import decode, encode
 from protocol.errors import BusError, ProtocolError
 from protocol.messages import DesiredState, SignedEnvelope
@@ -130,13 +130,14 @@ class DesiredWriter:
         # written: a node's agent can verify and apply its state while the coordinator signs
         # the rest (10,000 states signed first took 0.5 s before the first router of a
         # rollback could switch back), and the signing itself (libsodium, outside the GIL)
-        # runs on another core than the event loop's. Up to FENCED_IN_FLIGHT batches are
-        # written at once (the bus sends them in turn, ``Bus.kv_fenced_all``), one more signed
-        # ahead. A batch that failed sends the rest the slow way too: one bus timeout, not
-        # one a batch.
+        # runs on another core than the event loop's. As many batches are written at once as
+        # the bus lets await their acks (``Bus.fenced_in_flight``: it sends them in turn), one
+        # more signed ahead; each call is bounded on its own (OP_TIMEOUT), so no more are
+        # handed over than can travel. A batch that failed sends the rest the slow way too: one
+        # bus timeout, not one a batch.
         term = self._fenced.term
         chunks = [known[i:i + FENCED_BATCH] for i in range(0, len(known), FENCED_BATCH)]
-        window = asyncio.Semaphore(FENCED_IN_FLIGHT + 1)  # batches signed or in flight
+        window = asyncio.Semaphore(self._fenced.bus.fenced_in_flight + 1)  # signed or sent
         signing = asyncio.Lock()  # one batch signed at a time, in order: the first goes first
         failed = False
 

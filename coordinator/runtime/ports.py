@@ -18,6 +18,9 @@ class RunnerBus(Protocol):
     @property
     def max_payload(self) -> int: ...  # the largest message the server takes; 0: unknown
 
+    @property
+    def fenced_in_flight(self) -> int: ...  # fenced batches of a bucket awaiting acks at once
+
     async def kv_get(self, bucket: str, key: str) -> Entry | None: ...
     async def kv_put(self, bucket: str, key: str, value: bytes) -> int: ...
     async def kv_create(self, bucket: str, key: str, value: bytes) -> int: ...

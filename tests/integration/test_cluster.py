@@ -159,10 +159,10 @@ async def test_a_coordinator_raises_a_fleet_made_with_one_replica(
 
 
 async def test_fenced_batches_on_r3_streams_go_one_at_a_time(cluster: BrokerCluster) -> None:
-    """On R3 streams a bucket's fenced batches await their acks one at a time (a clustered
+    """On a cluster a bucket's fenced batches await their acks one at a time (a clustered
     stream refuses a second batch fenced on the key while one is in process, err 10164). Made
-    to send several at once anyway, as on streams raised in place after the coordinator
-    started, a refused batch is a BusError to retry, never a Conflict (a lost fence), the
+    to send several at once anyway (four calls together, the bus told it is not on a
+    cluster), a refused batch is a BusError to retry, never a Conflict (a lost fence), the
     bucket goes one at a time from then on, and every write lands."""
     from coordinator.runtime.lease import write_fences
     from protocol.bus import _FENCED_BUSY, FENCED_BATCH, FENCED_IN_FLIGHT
@@ -177,12 +177,15 @@ async def test_fenced_batches_on_r3_streams_go_one_at_a_time(cluster: BrokerClus
         writes = [(f"node-{i}.web", b"one at a time") for i in range(4 * FENCED_BATCH)]
         assert all(isinstance(r, int) for r in await bus.kv_fenced_all(bucket, writes, seq))
 
-        bus.fenced_in_flight = FENCED_IN_FLIGHT
+        bus.clustered = lambda: False  # type: ignore[method-assign]  # as if not a cluster
+        assert bus.fenced_in_flight == FENCED_IN_FLIGHT
         refused: list[BusError] = []
         for round_ in range(5):
             bus._fence_lanes.clear()  # a fresh lane: several at once
-            results = await bus.kv_fenced_all(
-                bucket, [(k, f"at once {round_}".encode()) for k, _ in writes], seq)
+            calls = await asyncio.gather(*(bus.kv_fenced_all(
+                bucket, [(k, f"at once {round_}".encode()) for k, _ in writes[i::4]], seq)
+                for i in range(4)))
+            results = [r for rs in calls for r in rs]
             assert not any(isinstance(r, Conflict) for r in results), results
             refused = [r for r in results if isinstance(r, BusError)]
             if refused:

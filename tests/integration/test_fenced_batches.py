@@ -48,23 +48,60 @@ def watch_sends(bus: Bus) -> list[int]:
     return awaiting
 
 
-async def test_batches_on_one_server_travel_several_at_once_and_all_land(
+async def test_batches_of_several_calls_travel_at_once_and_all_land(
         fenced: tuple[Bus, Fence]) -> None:
-    """On a stream of one replica, ensure_fleet lets FENCED_IN_FLIGHT batches await their
-    acks at once; 6 batches' writes all land, each with its own consecutive revision, and the
-    5th batch went out only once one of the first four was acked."""
+    """On a server not in a cluster, FENCED_IN_FLIGHT batches of different calls await their
+    acks at once: six calls of one batch each, made together, all land, each write with its
+    own revision, and the fifth batch went out only once one of the first four was acked."""
     bus, fence = fenced
     assert bus.fenced_in_flight == FENCED_IN_FLIGHT > 1
     awaiting = watch_sends(bus)
-    writes = [(f"node-{i}.web", f"v{i}".encode()) for i in range(6 * FENCED_BATCH)]
-    results = await bus.kv_fenced_all(DESIRED, writes, fence.seq(DESIRED))
-    assert all(isinstance(r, int) for r in results), {str(r) for r in results
-                                                      if not isinstance(r, int)}
-    assert len(set(results)) == len(writes)
+    calls = [[(f"node-{c}-{i}.web", f"v{c}.{i}".encode()) for i in range(FENCED_BATCH)]
+             for c in range(6)]
+    results = await asyncio.gather(*(bus.kv_fenced_all(DESIRED, writes, fence.seq(DESIRED))
+                                     for writes in calls))
+    flat = [r for rs in results for r in rs]
+    assert all(isinstance(r, int) for r in flat), {str(r) for r in flat
+                                                   if not isinstance(r, int)}
+    assert len(set(flat)) == len(flat)
     assert awaiting[:FENCED_IN_FLIGHT] == list(range(FENCED_IN_FLIGHT))  # sent without waiting
     assert max(awaiting) == FENCED_IN_FLIGHT - 1  # never more than the limit at once
     entries = {e.key: e.value for e in await bus.kv_entries(DESIRED)}
-    assert {k: v for k, v in entries.items() if k != subjects.FENCE_KEY} == dict(writes)
+    assert {k: v for k, v in entries.items() if k != subjects.FENCE_KEY} == {
+        k: v for writes in calls for k, v in writes}
+
+
+async def test_the_batches_of_one_call_go_one_after_another(fenced: tuple[Bus, Fence]) -> None:
+    """One call of three batches: each is sent once the one before it was stored (none of the
+    bucket's batches awaits an ack when the next goes out), and all land in order."""
+    bus, fence = fenced
+    awaiting = watch_sends(bus)
+    writes = [(f"node-{i}.web", b"x") for i in range(3 * FENCED_BATCH)]
+    results = await bus.kv_fenced_all(DESIRED, writes, fence.seq(DESIRED))
+    assert awaiting == [0, 0, 0]
+    assert results == sorted(results) and all(isinstance(r, int) for r in results)
+
+
+async def test_a_failed_batch_ends_its_call_and_nothing_after_it_lands(
+        fenced: tuple[Bus, Fence]) -> None:
+    """A call whose first batch the server refuses (a key written twice in it, the second
+    time as a rollup, which JetStream refuses in a batch), or that cannot be sent at all (a
+    value past max_payload): every write of the call is a BusError, and not one write of its
+    later batches lands, so that a caller may write last a key saying the rest landed (the
+    history's rebuild does)."""
+    bus, fence = fenced
+    writes = [(f"node-{i}.web", b"x") for i in range(2 * FENCED_BATCH)]
+    writes[1] = ("node-0.web", b"again")
+    results = await bus.kv_fenced_all(DESIRED, writes, fence.seq(DESIRED), rollup={"node-0.web"})
+    assert all(isinstance(r, BusError) and not isinstance(r, Conflict) for r in results), {
+        str(r) for r in results}
+    assert [e.key for e in await bus.kv_entries(DESIRED)] == [subjects.FENCE_KEY]
+
+    writes = [(f"node-{i}.web", b"x") for i in range(2 * FENCED_BATCH)]
+    writes[10] = ("node-10.web", bytes(bus.max_payload + 1))
+    results = await bus.kv_fenced_all(DESIRED, writes, fence.seq(DESIRED))
+    assert all(isinstance(r, BusError) and not isinstance(r, Conflict) for r in results)
+    assert [e.key for e in await bus.kv_entries(DESIRED)] == [subjects.FENCE_KEY]
 
 
 async def test_a_later_call_lands_after_an_earlier_one_on_the_same_key(

@@ -217,12 +217,15 @@ async def test_pages_are_stored_deflated_and_a_page_stored_plain_is_read_too() -
 @pytest.mark.parametrize("value, why", [
     (zlib.compress(bytes(PAGE_MAX_BYTES + 1), 9), "inflates past 64 MiB"),
     (zlib.compress(b'{"schema": 1}' * 100)[:-8], "cut short"),
+    (zlib.compress(b'{"schema": 1}') + b"more", "bytes follow its end"),
     (b"\x00garbage", "not a page"),
+    (b"", "empty"),
 ])
 async def test_a_hostile_page_makes_the_record_unreadable_and_is_never_inflated_whole(
         value: bytes, why: str) -> None:
     """A page value that inflates past PAGE_MAX_BYTES (a deflate bomb: 64 MiB of zeros is 64
-    KiB deflated), one cut short, or one that is not deflated JSON at all: the record is
+    KiB deflated), one cut short or followed by more bytes, an empty one, or one that is not
+    deflated JSON at all: the record is
     unreadable, said in one line naming the page, and nothing past the bound is inflated."""
     bus, clock = fleet_bus(N), FakeClock()
     r = make(bus, clock)
