@@ -4,7 +4,8 @@ no server, the real engine and pages code, simulated router snapshots on every n
 Usage: python tests/perf/bench_record.py [--nodes 50000] [--max-payload 1048576] [--json]
 
 Figures: the layout (pages, the largest page, the head) against the record as one value; the
-bytes a step writes when a wave starts and when 500 of its nodes report done, against the whole
+bytes a step writes when a wave starts and when 500 of its nodes report done (JSON, and as
+stored: deflated), against the whole
 record; the time of each part (planning, a step, finding and encoding the changed pages); the
 Python heap the record and its inputs take (tracemalloc).
 """
@@ -25,15 +26,19 @@ from perf_support import emit
 from coordinator.core import pages
 from coordinator.core.engine import ObservedChanged, Rollout, Start, new_record, worst_case_sizes
 from protocol.codec import encode
+from protocol.history import pack_page
 from protocol.messages import NodeView, RolloutRecord
 from protocol.testing import NEW, desired, report, router_stats, spec
 
 
-def written(before: RolloutRecord, after: RolloutRecord, layout: pages.Layout) -> tuple[int, int]:
-    """Pages and bytes a persist of ``after`` writes over ``before`` (the head aside)."""
+def written(before: RolloutRecord, after: RolloutRecord,
+            layout: pages.Layout) -> tuple[int, int, int]:
+    """Pages a persist of ``after`` writes over ``before`` (the head aside), their JSON's bytes
+    and the bytes stored (deflated: ``protocol.history.pack_page``)."""
     changed = pages.dirty(before, after, layout)
     where = pages.positions(after.waves)
-    return len(changed), sum(len(encode(pages.page(after, layout, k, where))) for k in changed)
+    bodies = [encode(pages.page(after, layout, k, where)) for k in changed]
+    return len(changed), sum(map(len, bodies)), sum(len(pack_page(b)) for b in bodies)
 
 
 def measure(n: int, max_payload: int) -> dict[str, Any]:
@@ -58,7 +63,8 @@ def measure(n: int, max_payload: int) -> dict[str, Any]:
     out["start_step_s"] = round(time.perf_counter() - t, 3)
     started = rollout.record
     t = time.perf_counter()
-    out["wave_start_pages"], out["wave_start_bytes"] = written(rec, started, layout)
+    (out["wave_start_pages"], out["wave_start_bytes"],
+     out["wave_start_stored_bytes"]) = written(rec, started, layout)
     out["wave_start_write_s"] = round(time.perf_counter() - t, 3)
     done = [ObservedChanged(p.node, report(p.target, 3.0)) for p in started.nodes.values()
             if p.target is not None][:500]
@@ -66,7 +72,8 @@ def measure(n: int, max_payload: int) -> dict[str, Any]:
     rollout.handle_all(done, 3.0)
     out["done_500_step_s"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
-    out["done_500_pages"], out["done_500_bytes"] = written(started, rollout.record, layout)
+    (out["done_500_pages"], out["done_500_bytes"],
+     out["done_500_stored_bytes"]) = written(started, rollout.record, layout)
     out["done_500_write_s"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
     out["one_value_bytes"] = len(encode(rollout.record))
@@ -89,9 +96,11 @@ def main() -> int:
         ("as one value", f"{r['one_value_bytes'] / 1e6:.1f} MB "
                          f"(encoded in {r['one_value_encode_s']:.3f} s)"),
         ("a wave starts", f"{r['wave_start_pages']} pages, {r['wave_start_bytes'] / 1e6:.2f} MB "
+                          f"({r['wave_start_stored_bytes'] / 1e6:.2f} MB stored) "
                           f"(step {r['start_step_s']:.3f} s, pages "
                           f"{r['wave_start_write_s']:.3f} s)"),
         ("500 nodes done", f"{r['done_500_pages']} pages, {r['done_500_bytes'] / 1e6:.2f} MB "
+                           f"({r['done_500_stored_bytes'] / 1e6:.2f} MB stored) "
                            f"(step {r['done_500_step_s']:.3f} s, pages "
                            f"{r['done_500_write_s']:.3f} s)"),
         ("Python heap", f"{r['python_heap_mb']:.0f} MiB (record, desired states, routers)"),
