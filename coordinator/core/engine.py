@@ -50,6 +50,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
 from coordinator.core.engine_bake import STATS_GRACE
 from coordinator.core.engine_progress import Progress
@@ -95,7 +96,7 @@ from protocol.messages import (
     RouterStats,
     WaveRecord,
 )
-from protocol.report import RolloutReport
+from protocol.report import RolloutReport, ShadowReport
 from protocol.subjects import COORDINATOR_CALLER
 
 # The engine as callers see it: the vocabulary of engine_types is re-exported so one import does.
@@ -343,5 +344,28 @@ def _deep(value: dict[str, Any]) -> dict[str, Any]:
 
 
 def _copy_report(report: RolloutReport) -> RolloutReport:
-    """A deep copy of a report (a typed msgpack round trip, as ``_deep``)."""
-    return msgspec.msgpack.decode(msgspec.msgpack.encode(report), type=RolloutReport)
+    """A deep copy of a report: each part's containers copied at C speed, the shadow's (small,
+    nested) by a typed msgpack round trip. A round trip of the whole report was 4 % of a
+    10,000-node blue-green rollback's coordinator: its switch maps name every node, and every
+    step copies the report."""
+    switch, back, window, shadow = (report.switch, report.switch_back, report.old_window,
+                                    report.shadow)
+    replace = msgspec.structs.replace
+    return replace(
+        report,
+        skipped_offline=_listed(report.skipped_offline),
+        skipped_cordoned=_listed(report.skipped_cordoned),
+        shadow=shadow if shadow is UNSET else msgspec.msgpack.decode(
+            msgspec.msgpack.encode(shadow), type=ShadowReport),
+        switch=switch if switch is UNSET else replace(
+            switch, nodes=dict(switch.nodes), old=replace(
+                switch.old, latency=list(switch.old.latency),
+                untrusted=dict(switch.old.untrusted))),
+        switch_back=back if back is UNSET else replace(
+            back, nodes=dict(back.nodes), expect=list(back.expect)),
+        old_window=window if window is UNSET else replace(window, latency=list(window.latency)),
+    )
+
+
+def _listed(value: list[str] | UnsetType) -> list[str] | UnsetType:
+    return value if value is UNSET else list(value)

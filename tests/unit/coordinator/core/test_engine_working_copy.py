@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from coordinator.core.engine import (
@@ -23,7 +24,15 @@ from protocol.messages import (
     SlotStatus,
     WaveRecord,
 )
-from protocol.report import RolloutReport, Switch
+from protocol.report import (
+    OldTraffic,
+    OldWindow,
+    RolloutReport,
+    Sample,
+    ShadowReport,
+    Switch,
+    SwitchBack,
+)
 from tests.unit.coordinator.kit import rollout
 
 
@@ -166,3 +175,51 @@ def test_a_step_that_fails_leaves_what_nodes_reported_as_it_was(
                       ObservedChanged(last.node, converged_on(last, 3.0))], 3.0)
     assert r._observed == before and last.node not in r._observed
     assert r._observed[first.node].time == 2.0
+
+
+def _containers(value: object, path: str = "report") -> dict[int, str]:
+    """Every dict and list inside ``value`` (Structs walked field by field), by id."""
+    out: dict[int, str] = {}
+    if isinstance(value, dict):
+        out[id(value)] = path
+        for k, v in value.items():
+            out |= _containers(v, f"{path}[{k!r}]")
+    elif isinstance(value, list):
+        out[id(value)] = path
+        for i, v in enumerate(value):
+            out |= _containers(v, f"{path}[{i}]")
+    elif isinstance(value, msgspec.Struct):
+        for name in value.__struct_fields__:
+            out |= _containers(getattr(value, name), f"{path}.{name}")
+    return out
+
+
+def full_report() -> RolloutReport:
+    """A report with every part set and every container of each part non-empty: a part
+    added later has to be filled here (the test below fails while one is UNSET)."""
+    report = RolloutReport(
+        skipped_offline=["n9"], skipped_cordoned=["n8"],
+        shadow=ShadowReport(untrusted={"n1": "restarted"}, methods=["GET"],
+                            ignore_headers=["date"], ignore_json_fields=["ts"],
+                            keep_headers=["x"], window=[1.0], reasons=["ok"],
+                            samples=[Sample(node="n1", method="GET", path="/", what="body")]),
+        switch=Switch(nodes={"n1": 1.0}, old=OldTraffic(latency=[1, 2],
+                                                        untrusted={"n2": "no counters"})),
+        switch_back=SwitchBack(nodes={"n1": 2.0}, expect=["n1"]),
+        old_window=OldWindow(latency=[3]))
+    unset = [f for f in RolloutReport.__struct_fields__ if getattr(report, f) is msgspec.UNSET]
+    assert not unset, f"fill the report's new parts here: {unset}"
+    return report
+
+
+def test_the_reports_copy_is_equal_and_shares_no_container_with_it() -> None:
+    """The working copy's report (copied part by part at C speed, not by a msgpack round trip
+    of the whole) equals the committed one and shares none of its dicts and lists: a step
+    that edits a part in place (blue-green's switch maps) never edits the committed record."""
+    rec = record()
+    rec.report = full_report()
+    copy = working_copy(rec).report
+    assert copy == rec.report
+    original = _containers(rec.report)
+    shared = [path for key, path in _containers(copy).items() if key in original]
+    assert not shared, f"shared with the committed report: {shared}"
