@@ -1543,16 +1543,14 @@ class Bus:
         if lane is None:
             lane = self._fence_lanes[bucket] = _FenceLane()
         out: list[int | BusError] = []
-        sent: asyncio.Future[dict[str, Any]] | None = None
+        sent: asyncio.Future[dict[str, Any]] | None = None  # the batch awaiting its ack
         failure: BusError | None = None
         try:
             async with lane.send:
                 for start in range(0, len(writes), FENCED_BATCH):
                     chunk = writes[start:start + FENCED_BATCH]
                     if sent is not None:  # the one before it first: it may fail
-                        await asyncio.wait([sent], timeout=timeout)
-                        failure = self._stored(lane, sent, out, start - FENCED_BATCH, writes,
-                                               timeout)
+                        failure = await self._landed(lane, sent, FENCED_BATCH, out, timeout)
                         if failure is not None:
                             break
                     failure = await lane.room(min(lane.limit, self.fenced_in_flight), timeout)
@@ -1560,10 +1558,8 @@ class Bus:
                         break
                     sent = await self._send_atomic(kv._pre, chunk, fence, rollup)
                     lane.track(sent)
-            if failure is None and sent is not None:
-                await asyncio.wait([sent], timeout=timeout)
-                last = len(writes) - 1 - (len(writes) - 1) % FENCED_BATCH
-                failure = self._stored(lane, sent, out, last, writes, timeout)
+            if failure is None and sent is not None:  # the last, after the lane is free
+                failure = await self._landed(lane, sent, len(writes) - len(out), out, timeout)
         finally:
             if sent is not None and not sent.done():
                 sent.cancel()  # given up on: its token leaves ``_batch_acks`` below
@@ -1576,15 +1572,15 @@ class Bus:
         return out
 
     @staticmethod
-    def _stored(lane: _FenceLane, future: asyncio.Future[dict[str, Any]],
-                out: list[int | BusError], start: int,
-                writes: Sequence[tuple[str, bytes | None]], timeout: float) -> BusError | None:
-        """Put the results of the batch of ``writes[start:]`` that ``future`` acks in ``out``:
-        its revisions, or its error, which is returned (a ``_Busy`` one turns the lane to one
-        batch at a time; one not acked by now is given up on)."""
-        n = min(FENCED_BATCH, len(writes) - start)
+    async def _landed(lane: _FenceLane, future: asyncio.Future[dict[str, Any]], n: int,
+                      out: list[int | BusError], timeout: float) -> BusError | None:
+        """Wait up to ``timeout`` for the ack of the batch of ``n`` writes that ``future``
+        awaits and put their results in ``out``: its revisions, or its error, which is returned
+        (a ``_Busy`` one turns the lane to one batch at a time; one not acked by then is given
+        up on)."""
+        await asyncio.wait([future], timeout=timeout)
         if not future.done():
-            future.cancel()  # no ack within the timeout: given up on
+            future.cancel()
         result = _batch_result(future, timeout)
         if isinstance(result, BusError):
             if isinstance(result, _Busy):

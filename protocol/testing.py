@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from protocol import subjects
-from protocol.bus import Entry
+from protocol.bus import FENCED_IN_FLIGHT, Entry
 from protocol.codec import decode
 from protocol.errors import BusError, Conflict
 from protocol.history import RolloutPage, assemble, unpack_page
@@ -57,7 +57,7 @@ class FakeBus:
 
     fleet: str = FLEET
     max_payload: int = 0  # unknown: the record's size is not checked
-    fenced_in_flight: int = 4  # as one server lets the bus (``Bus.fenced_in_flight``)
+    fenced_in_flight: int = FENCED_IN_FLIGHT  # as one server (``Bus.fenced_in_flight``)
     connected: bool = True
     kv: dict[str, dict[str, Entry]] = field(default_factory=dict)
     seq: int = 0
