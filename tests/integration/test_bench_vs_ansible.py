@@ -137,6 +137,8 @@ async def test_bench_vs_ansible_at_two_nodes_prints_sane_figures_and_leaves_noth
             assert 0 < p["engine_s"] < p["seconds"] and p["requests"] > 20, (ahead, p)
             assert r["ratio_prestaged"][ahead] == round(a["seconds"] / p["seconds"], 2), r
         assert sum("app.py" in cmd for _, cmd in seen.values()) >= 4, "Ansible's + agents'"
+        # The example's ``python3`` is this Python's interpreter on both sides, not a shim.
+        assert Path(r["python3"]).parent == Path(sys.executable).parent, r["python3"]
         await gone(seen)
 
 
