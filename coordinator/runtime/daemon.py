@@ -62,6 +62,7 @@ from coordinator.core import pace
 from coordinator.core.engine import EngineEvent
 from coordinator.core.fleet import Fleet, Transition
 from coordinator.core.history import Retention, newest
+from coordinator.core.lines import Lines
 from coordinator.core.rotation import lead_refusal, retired_after, short
 from coordinator.errors import ConfigError, RemoteError
 from coordinator.releases import resolve_release
@@ -185,6 +186,7 @@ class Coordinator:
         # Node transitions: a fleet of 50,000 coming online at once decides 50,000 (the
         # default queue of 10,000 dropped 40,000 node.online); ~0.7 KB each while queued.
         self.events = EventPublisher(fleet, queue=NODE_EVENT_QUEUE, logger=log)
+        self.lines = Lines()  # which node transitions are logged one by one (``core.lines``)
         self.notifier = notifier
         self._complained: set[tuple[str, str]] = set()
         # The key that signs desired states; without a key file (tests) a throwaway one, which
@@ -485,9 +487,12 @@ class Coordinator:
         transitions = self.table.register(info, self._clock())
         self._newcomers = True  # it beats at its own interval until it hears the pace
         # A node coming online says so in its transition's line ("online (registered)"): one
-        # line a node, not two, when a fleet of 50,000 registers at a coordinator's start.
-        log.log(logging.DEBUG if transitions else logging.INFO, "node %s registered (labels %s)",
-                info.id, info.labels)
+        # line a node, not two, when a fleet of 50,000 registers at a coordinator's start; one
+        # already online (its agent reconnected) in a line of its own, in bursts (``core.lines``).
+        if transitions or not self.lines.admit("node.registered", time.monotonic()):
+            log.debug("node %s registered (labels %s)", info.id, info.labels)
+        else:
+            log.info("node %s registered (labels %s)", info.id, info.labels)
         self._emit(transitions)
 
     async def _nodes(self, req: NodesRequest, caller: str) -> list[NodeView] | dict[str, Any]:
@@ -530,13 +535,17 @@ class Coordinator:
         """Log the node table's transitions, and record them as events unless another
         coordinator leads (every coordinator sees the same heartbeats: the leader's copy is the
         audit log's; before any leader is known, as at the start, ours is recorded)."""
+        if not transitions:
+            return
         leader = self.lease.leader if self.lease is not None else None
+        mono, now = time.monotonic(), self._clock()
         for t in transitions:
-            log.info("%s", t.message)
+            if self.lines.admit(t.kind, mono):
+                log.info("%s", t.message)
             if leader is not None and leader.holder != self.id:
                 continue
             event = Event(
-                id=event_id(), time=self._clock(), fleet=self.fleet_name, kind=t.kind,
+                id=event_id(), time=now, fleet=self.fleet_name, kind=t.kind,
                 message=t.message, node=t.node, data=dict(t.data),
                 who=subjects.COORDINATOR_CALLER,
             )
@@ -565,6 +574,8 @@ class Coordinator:
                     self.table.excuse(self._clock() + RECONNECT_CAP)
                     deaf = False
                 self._emit(self.table.tick(self._heard_until()))
+            for line in self.lines.due(time.monotonic()):
+                log.info("%s", line)
             await asyncio.sleep(TICK)
 
     async def _pace_loop(self, bus: Bus) -> None:

@@ -5,9 +5,13 @@ nodes'."""
 from __future__ import annotations
 
 import gc
+import logging
 import time
 from types import SimpleNamespace
 
+import pytest
+
+from coordinator.core.lines import BURST, WINDOW
 from coordinator.runtime.daemon import GC_THRESHOLDS, Coordinator, tune_gc
 from protocol import subjects
 from protocol.codec import decode, encode
@@ -138,3 +142,20 @@ def test_a_coordinator_process_collects_garbage_at_its_own_thresholds() -> None:
         assert GC_THRESHOLDS[0] > before[0] or before == GC_THRESHOLDS
     finally:
         gc.set_threshold(*before)
+
+
+async def test_a_fleet_coming_online_at_once_logs_a_burst_and_one_line_for_the_rest(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """200 nodes online at once: every one is an event (the audit log), the first BURST are
+    log lines, and once the window closes one line says how many more there were."""
+    wall = FakeClock()
+    c = coordinator(wall, heard_ago=0.0)
+    caplog.set_level(logging.INFO, logger="fleetwave.coordinator")
+    for i in range(200):
+        await beat(c, f"node-{i}")
+    assert len(c.events.pending()) == 200
+    online = [r.getMessage() for r in caplog.records if "is online" in r.getMessage()]
+    assert len(online) == BURST
+    [said] = c.lines.due(time.monotonic() + WINDOW)
+    assert said.startswith(f"{200 - BURST} more nodes came online"), said
