@@ -1,6 +1,7 @@
 """The benchmark scripts as an operator runs them (real processes on 127.0.59.x): bench_router's
 relay survives its open-loop run; bench_agent stopped with SIGTERM stops everything it started,
-a later run reaps what a SIGKILLed one left, and a 0-minute soak reports no soak."""
+a later run reaps what a SIGKILLed one left, and a 0-minute soak reports no soak; bench_history
+reads as a leader and as a standby."""
 
 from __future__ import annotations
 
@@ -35,6 +36,25 @@ async def run(*argv: str, timeout: float = 240) -> tuple[int, str, str]:
             await proc.wait()
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
+
+
+async def test_bench_history_reads_as_leader_and_as_standby() -> None:
+    """A small run of bench_history: every verb timed for both roles and both sizes (its
+    standby is the daemon's own reading side; a copy of it in the bench had fallen behind the
+    verbs' signature and crashed the run), and retention shrank the store."""
+    code, out, err = await run(str(PERF / "bench_history.py"), "--rollouts", "120",
+                               "--services", "2", "--keep", "5", "--repeat", "1", "--no-scan",
+                               "--json")
+    assert code == 0, err[-3000:]
+    r = json.loads(out)
+    verbs = {"rollouts", "rollouts_service", "status_latest", "status_oldest", "rollback_lookup"}
+    for role in ("leader", "standby"):
+        for size in ("small", "big"):
+            figures = r[role][size]
+            assert verbs <= set(figures), (role, size, figures)
+            assert all(figures[v] > 0 for v in verbs), (role, size, figures)
+        assert r[role]["big"]["oldest_summarised"] is True, r[role]
+    assert r["store_mib_after"] < r["store_mib_before"], r
 
 
 async def test_bench_router_relay_survives_the_open_loop_run() -> None:

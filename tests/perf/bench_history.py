@@ -31,6 +31,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -38,15 +39,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from perf_support import emit, run_dir, run_main
 
 from coordinator.api.rollouts import RolloutsApi
-from coordinator.core.history import Retention, newest
+from coordinator.core.history import Retention
 from coordinator.dev.broker import Broker
+from coordinator.runtime.daemon import _Current
 from coordinator.runtime.lease import Fenced, write_fences
 from coordinator.runtime.runner import Runner
 from coordinator.runtime.store import RolloutStore
 from protocol import subjects
 from protocol.bus import Bus
 from protocol.codec import encode
-from protocol.history import RolloutSummary, SummarisedRollout
 from protocol.messages import (
     DesiredState,
     ListRolloutsRequest,
@@ -102,26 +103,11 @@ async def leader(bus: Bus, keep: int) -> Runner:
                   retention=Retention(keep))
 
 
-class Standby:
-    """The reading side of ``coordinator.api.rollouts.Runner`` as a standby serves it (the
-    daemon's, without a leadership): every index read from KV."""
-
-    def __init__(self, bus: Bus) -> None:
-        self.fleet = bus.fleet
-        self.store = RolloutStore(bus)
-
-    async def find(self, rollout_id: str) -> RolloutRecord | SummarisedRollout | None:
-        found = await self.store.find(rollout_id)
-        return found[0] if found is not None else None
-
-    async def latest(self) -> RolloutRecord | SummarisedRollout | None:
-        rid = await self.store.latest()
-        return await self.find(rid) if rid else None
-
-    async def history(self, service: str = "", limit: int = 50) -> list[RolloutSummary]:
-        if service:
-            return (await self.store.index(service))[:limit]
-        return newest((await self.store.indexes()).values(), limit)
+def standby(bus: Bus) -> Any:
+    """The reading side of ``coordinator.api.rollouts.Runner`` as a standby serves it: the
+    daemon's own (``_Current`` of a coordinator with no runner), every index read from KV."""
+    return _Current(SimpleNamespace(runner=None, store=RolloutStore(bus),  # type: ignore[arg-type]
+                                    fleet_name=bus.fleet))
 
 
 def api_of(runner: Any) -> RolloutsApi:
@@ -226,7 +212,7 @@ async def _measure(args: argparse.Namespace, services: list[str], small_bus: Bus
         "store_mib_before": round(before / 2**20, 1), "store_mib_after": round(after / 2**20, 1),
         "rebuild_s": rebuild_s, "old_scan_s": scan_s,
     }
-    for role, make in (("leader", lambda r, b: r), ("standby", lambda r, b: Standby(b))):
+    for role, make in (("leader", lambda r, b: r), ("standby", lambda r, b: standby(b))):
         s = await verbs(api_of(make(small, small_bus)), services[1 % len(services)],
                         oldest_small, args.repeat)
         b = await verbs(api_of(make(big, big_bus)), services[0], oldest_big, args.repeat)
