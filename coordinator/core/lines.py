@@ -22,11 +22,15 @@ from dataclasses import dataclass
 BURST = 20  # lines of one kind logged one by one in a window
 WINDOW = 5.0  # seconds
 
-# What a summary says of the lines it stands for, by kind, and where they are kept in full.
+# What a summary says of the lines it stands for, by kind (one, several), and where they are
+# kept in full. Every kind the daemon admits is here.
 SAID = {
-    "node.online": ("nodes came online", "each is a node.online event ('fleetwave events')"),
-    "node.offline": ("nodes went offline", "each is a node.offline event ('fleetwave events')"),
-    "node.registered": ("online nodes registered again", "'fleetwave nodes' lists them"),
+    "node.online": (("node came online", "nodes came online"),
+                    "each is a node.online event ('fleetwave events')"),
+    "node.offline": (("node went offline", "nodes went offline"),
+                     "each is a node.offline event ('fleetwave events')"),
+    "node.registered": (("online node registered again", "online nodes registered again"),
+                        "'fleetwave nodes' lists them"),
 }
 
 
@@ -66,8 +70,9 @@ class Lines:
             if now - w.start < self.window:
                 continue
             if w.held:
-                what, kept = SAID.get(kind, (f"{kind} lines", "not logged"))
-                out.append(f"{w.held:,} more {what} in {now - w.start:.0f}s than the "
-                           f"{w.logged} logged one by one; {kept}")
+                (one, several), kept = SAID.get(kind, ((f"{kind} line", f"{kind} lines"), ""))
+                out.append(f"{w.held:,} more {one if w.held == 1 else several} in "
+                           f"{now - w.start:.0f}s than the {w.logged} logged one by one"
+                           + (f"; {kept}" if kept else ""))
             del self._windows[kind]
         return out

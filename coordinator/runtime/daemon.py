@@ -50,6 +50,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import time
 from collections.abc import Callable, Coroutine
 from importlib.metadata import PackageNotFoundError, version
@@ -187,6 +188,7 @@ class Coordinator:
         # default queue of 10,000 dropped 40,000 node.online); ~0.7 KB each while queued.
         self.events = EventPublisher(fleet, queue=NODE_EVENT_QUEUE, logger=log)
         self.lines = Lines()  # which node transitions are logged one by one (``core.lines``)
+        self._mono = time.monotonic  # the bursts' clock (tests give a virtual one)
         self.notifier = notifier
         self._complained: set[tuple[str, str]] = set()
         # The key that signs desired states; without a key file (tests) a throwaway one, which
@@ -248,6 +250,7 @@ class Coordinator:
         except* ConfigError as group:  # e.g. another signing key: one line for the operator
             raise group.exceptions[0] from None
         finally:
+            self._say_bursts(stopping=True)
             await bus.close()
             log.info("coordinator stopped")
 
@@ -489,7 +492,7 @@ class Coordinator:
         # A node coming online says so in its transition's line ("online (registered)"): one
         # line a node, not two, when a fleet of 50,000 registers at a coordinator's start; one
         # already online (its agent reconnected) in a line of its own, in bursts (``core.lines``).
-        if transitions or not self.lines.admit("node.registered", time.monotonic()):
+        if transitions or not self.lines.admit("node.registered", self._mono()):
             log.debug("node %s registered (labels %s)", info.id, info.labels)
         else:
             log.info("node %s registered (labels %s)", info.id, info.labels)
@@ -538,10 +541,10 @@ class Coordinator:
         if not transitions:
             return
         leader = self.lease.leader if self.lease is not None else None
-        mono, now = time.monotonic(), self._clock()
+        mono, now = self._mono(), self._clock()
         for t in transitions:
-            if self.lines.admit(t.kind, mono):
-                log.info("%s", t.message)
+            log.log(logging.INFO if self.lines.admit(t.kind, mono) else logging.DEBUG,
+                    "%s", t.message)
             if leader is not None and leader.holder != self.id:
                 continue
             event = Event(
@@ -574,9 +577,15 @@ class Coordinator:
                     self.table.excuse(self._clock() + RECONNECT_CAP)
                     deaf = False
                 self._emit(self.table.tick(self._heard_until()))
-            for line in self.lines.due(time.monotonic()):
-                log.info("%s", line)
+            self._say_bursts()
             await asyncio.sleep(TICK)
+
+    def _say_bursts(self, *, stopping: bool = False) -> None:
+        """Log the summaries of the node transitions held back (``core.lines``): those whose
+        window has closed, or, ``stopping``, all of them (a partition's offline count must not
+        die with the process)."""
+        for line in self.lines.due(math.inf if stopping else self._mono()):
+            log.info("%s", line)
 
     async def _pace_loop(self, bus: Bus) -> None:
         """The leader's pace of the fleet's heartbeats (``core.pace``), for as long as it leads."""

@@ -103,10 +103,12 @@ async def leader(bus: Bus, keep: int) -> Runner:
                   retention=Retention(keep))
 
 
-def standby(bus: Bus) -> Any:
+def standby(bus: Bus) -> _Current:
     """The reading side of ``coordinator.api.rollouts.Runner`` as a standby serves it: the
-    daemon's own (``_Current`` of a coordinator with no runner), every index read from KV."""
-    return _Current(SimpleNamespace(runner=None, store=RolloutStore(bus),  # type: ignore[arg-type]
+    daemon's own (``_Current`` of a coordinator with no runner), every index read from KV.
+    ``_Current`` reads only ``runner``, ``store`` and ``fleet_name`` of its coordinator, and a
+    whole Coordinator would connect and subscribe: a namespace stands in for it."""
+    return _Current(SimpleNamespace(runner=None, store=RolloutStore(bus),  # type: ignore[arg-type]  # a namespace for the Coordinator, see above
                                     fleet_name=bus.fleet))
 
 

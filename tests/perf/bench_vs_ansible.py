@@ -163,7 +163,9 @@ def real_python3() -> str:
     On a developer's machine ``python3`` on PATH is often a version manager's shim: pyenv's is
     a bash script that runs ``pyenv exec``, ~0.1 s of CPU before Python starts (measured here:
     126 ms a start against 26 ms for the interpreter itself), which a host's ``python3`` does
-    not cost. Ten or twenty such starts at once were most of what both tools' runs waited for."""
+    not cost. Ten or twenty such starts at once were most of what both tools' runs waited for.
+    Whatever else that directory holds (this environment's ``ansible-playbook``, ``fleetwave``)
+    is what the run would use anyway."""
     here = Path(sys.executable).parent
     if (here / "python3").exists():
         os.environ["PATH"] = os.pathsep.join([str(here), os.environ.get("PATH", "")])
@@ -365,7 +367,7 @@ async def install(bus: Bus, fleet: DevFleet, n: int) -> None:
     final = await poll(status, lambda s: s["state"] in TERMINAL_STATES, timeout=120,
                        what=f"the install of {OLD}", interval=0.2)
     if final["state"] != "succeeded":
-        failed = {n: p.get("reason", "") for n, p in final.get("nodes", {}).items()
+        failed = {node: p.get("reason", "") for node, p in final.get("nodes", {}).items()
                   if p.get("reason")}
         raise RuntimeError(f"the install of {OLD} ended {final['state']}: "
                            f"{final.get('reason', '')}; nodes: {failed}")

@@ -9,6 +9,7 @@ from coordinator.core.lines import Lines
 
 
 def test_lines_one_at_a_time_are_all_logged_and_nothing_is_summed_up() -> None:
+    """A small fleet's transitions, one every few seconds, log as before: all, no summary."""
     lines = Lines(burst=3, window=5.0)
     for t in range(0, 100, 6):  # one a window: never more than the burst
         assert lines.admit("node.online", float(t))
@@ -17,6 +18,7 @@ def test_lines_one_at_a_time_are_all_logged_and_nothing_is_summed_up() -> None:
 
 
 def test_a_burst_logs_its_first_lines_and_sums_up_the_rest_once_its_window_closes() -> None:
+    """50,000 online within 5 s: 3 lines, then one summary of 49,997 once, when it closes."""
     lines = Lines(burst=3, window=5.0)
     admitted = [lines.admit("node.online", 10.0 + i * 0.00009) for i in range(50_000)]
     assert admitted[:3] == [True] * 3 and not any(admitted[3:])
@@ -29,14 +31,15 @@ def test_a_burst_logs_its_first_lines_and_sums_up_the_rest_once_its_window_close
 
 
 def test_kinds_have_windows_of_their_own() -> None:
+    """A burst of one kind does not hold back another's lines; one held line is singular."""
     lines = Lines(burst=1, window=5.0)
     assert lines.admit("node.online", 0.0) and not lines.admit("node.online", 0.1)
     assert lines.admit("node.offline", 0.2) and not lines.admit("node.offline", 0.3)
     assert lines.admit("node.registered", 0.4)
     said = lines.due(5.5)
     assert len(said) == 2
-    assert any(s.startswith("1 more nodes came online") for s in said)
-    assert any(s.startswith("1 more nodes went offline") for s in said)
+    assert any(s.startswith("1 more node came online in 6s") for s in said)
+    assert any(s.startswith("1 more node went offline in 5s") for s in said)
 
 
 def test_lines_held_in_a_closed_window_not_yet_summed_up_are_counted_in_it() -> None:
@@ -47,18 +50,21 @@ def test_lines_held_in_a_closed_window_not_yet_summed_up_are_counted_in_it() -> 
     assert not lines.admit("node.online", 1.0)
     assert not lines.admit("node.online", 6.0)
     [said] = lines.due(6.1)
-    assert said.startswith("2 more nodes came online")
+    assert said.startswith("2 more nodes came online in 6s")
     assert lines.admit("node.online", 6.2)
 
 
 def test_a_registration_summary_does_not_point_at_events_there_are_none_of() -> None:
+    """Registrations are no events: their summary points at ``fleetwave nodes``."""
     lines = Lines(burst=0, window=1.0)
     assert not lines.admit("node.registered", 0.0)
     [said] = lines.due(1.0)
-    assert said.startswith("1 more online nodes registered again") and "event" not in said
+    assert said.startswith("1 more online node registered again") and "event" not in said
+    assert "fleetwave nodes" in said
 
 
 @pytest.mark.parametrize(("burst", "window"), [(-1, 5.0), (3, 0.0), (3, float("nan"))])
 def test_nonsense_limits_are_refused(burst: int, window: float) -> None:
+    """A negative burst or a window that is not a positive number is a programming error."""
     with pytest.raises(ValueError):
         Lines(burst=burst, window=window)

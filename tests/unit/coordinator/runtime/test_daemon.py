@@ -16,7 +16,7 @@ from coordinator.runtime.daemon import GC_THRESHOLDS, Coordinator, tune_gc
 from protocol import subjects
 from protocol.codec import decode, encode
 from protocol.errors import BusError
-from protocol.messages import ApiReply, Cordon, Heartbeat, NodesRequest
+from protocol.messages import ApiReply, Cordon, Heartbeat, NodeInfo, NodesRequest
 from protocol.testing import FakeBus, FakeClock
 
 
@@ -144,18 +144,52 @@ def test_a_coordinator_process_collects_garbage_at_its_own_thresholds() -> None:
         gc.set_threshold(*before)
 
 
+def lines_said(caplog: pytest.LogCaptureFixture, part: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno == logging.INFO and part in r.getMessage()]
+
+
 async def test_a_fleet_coming_online_at_once_logs_a_burst_and_one_line_for_the_rest(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """200 nodes online at once: every one is an event (the audit log), the first BURST are
-    log lines, and once the window closes one line says how many more there were."""
-    wall = FakeClock()
+    log lines, and the ticker's turn after the window closed says how many more there were."""
+    wall, mono = FakeClock(), FakeClock()
     c = coordinator(wall, heard_ago=0.0)
-    caplog.set_level(logging.INFO, logger="fleetwave.coordinator")
+    c._mono = mono
+    caplog.set_level(logging.DEBUG, logger="fleetwave.coordinator")
     for i in range(200):
         await beat(c, f"node-{i}")
     assert len(c.events.pending()) == 200
-    online = [r.getMessage() for r in caplog.records if "is online" in r.getMessage()]
-    assert len(online) == BURST
-    [said] = c.lines.due(time.monotonic() + WINDOW)
-    assert said.startswith(f"{200 - BURST} more nodes came online"), said
+    assert len(lines_said(caplog, "is online")) == BURST
+    assert sum("is online" in r.getMessage() for r in caplog.records) == 200  # the rest: DEBUG
+    c._say_bursts()
+    assert lines_said(caplog, "more nodes came online") == []  # its window is still open
+    mono.t += WINDOW
+    c._say_bursts()
+    [said] = lines_said(caplog, "more nodes came online")
+    assert said.startswith(f"{200 - BURST} more nodes came online in 5s"), said
+    c._say_bursts()
+    assert len(lines_said(caplog, "more nodes came online")) == 1  # said once
+
+
+async def test_registrations_of_online_nodes_come_in_bursts_and_a_stop_says_what_is_held(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Agents re-register on every reconnect (a broker's restart: the whole fleet at once):
+    a node already online logs "registered" in bursts; a coordinator that stops says what it
+    still held back, its window open or not."""
+    wall, mono = FakeClock(), FakeClock()
+    c = coordinator(wall, heard_ago=0.0)
+    c._mono = mono
+    caplog.set_level(logging.INFO, logger="fleetwave.coordinator")
+    for i in range(50):
+        await beat(c, f"node-{i}")
+    for i in range(50):
+        await c._on_register(subjects.register("default", f"node-{i}"),
+                             encode(NodeInfo(id=f"node-{i}")))
+    assert len(lines_said(caplog, "registered (labels")) == BURST
+    c._say_bursts(stopping=True)
+    said = lines_said(caplog, " more ")
+    assert any(s.startswith(f"{50 - BURST} more online nodes registered again") for s in said)
+    assert any(s.startswith(f"{50 - BURST} more nodes came online") for s in said)
