@@ -24,6 +24,9 @@ writes and observed-state KV replies, in the same number of waves, done by a bar
 and a bare nats-py responder process (one KV watch, one put per desired key it sees), on the same
 broker, with payloads of the same size. It is what the protocol costs with no fleetwave logic.
 
+Benchmarks run their children with bytecode written (``PYTHONDONTWRITEBYTECODE`` is dropped
+from the environment they pass on): start-up figures are an installed package's.
+
 This file is a benchmark helper, not part of the packages: it imports nats directly for the floor
 (that is the point of a floor) and is run as ``python tests/perf/bench_*.py``.
 """
@@ -48,6 +51,13 @@ from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
+# Every process a benchmark starts (coordinator, agents, the CLI) imports the packages as an
+# installed fleetwave does: from bytecode compiled once. With PYTHONDONTWRITEBYTECODE set (some
+# environments set it) a source changed since its .pyc was written is compiled again at every
+# start (protocol/bus.py alone: ~20 ms), which no installed package pays (pip compiles a wheel's
+# modules as it installs them). bench_vs_ansible's 20 hosts start that many agents and a CLI.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 import psutil  # noqa: E402
 
