@@ -76,6 +76,11 @@ def cancelled_meanwhile() -> None:
         raise asyncio.CancelledError
 
 
+class Deposed(Conflict):
+    """Another coordinator leads now: this one's writes are refused; it must stop leading.
+    (Here, below ``coordinator.runtime.lease``, which names it, so that ``all_of`` knows it.)"""
+
+
 async def all_of(work: Iterable[Coroutine[Any, Any, None]]) -> None:
     """Run ``work`` concurrently (a TaskGroup) until all ended; a failure raises its first
     cause (a BusError, Deposed), never an exception group, and leaves no cancel request of the
@@ -83,7 +88,9 @@ async def all_of(work: Iterable[Coroutine[Any, Any, None]]) -> None:
     child fails while it waits for the others, and does not withdraw that request (3.12
     does): ``cancelled_meanwhile`` then took a failed write for a cancel, and a resync's or the
     observed feed's failure ended the task instead of being logged. Only that one request is
-    withdrawn: a real cancel that came meanwhile still stands."""
+    withdrawn: a real cancel that came meanwhile still stands. Children that failed together
+    raise a Deposed among them before any other cause: a leader told that another leads must
+    stop at once, not drop the rollout for a bus error and learn it again at the next resync."""
     task = asyncio.current_task()
     tg = asyncio.TaskGroup()
     try:
@@ -94,10 +101,16 @@ async def all_of(work: Iterable[Coroutine[Any, Any, None]]) -> None:
         if (sys.version_info < (3, 12) and task is not None and task.cancelling()
                 and getattr(tg, "_parent_cancel_requested", False)):
             task.uncancel()
-        exc: BaseException = group
-        while isinstance(exc, BaseExceptionGroup):
-            exc = exc.exceptions[0]
-        raise exc from None
+        causes = _leaves(group)
+        raise next((e for e in causes if isinstance(e, Deposed)), causes[0]) from None
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    """The exceptions of ``group`` and of the groups in it, in order."""
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
 
 
 async def bounded(work: Awaitable[T]) -> T:

@@ -52,6 +52,7 @@ from typing import Protocol
 
 import msgspec
 
+from coordinator.runtime.calls import Deposed as Deposed  # defined beside all_of, named here too
 from coordinator.runtime.calls import bounded
 from coordinator.runtime.ports import RunnerBus
 from protocol import subjects
@@ -83,10 +84,6 @@ def new_id() -> str:
 
 ping_subject = subjects.coordinator_ping
 direct_api = subjects.coordinator_api
-
-
-class Deposed(Conflict):
-    """Another coordinator leads now: this one's writes are refused; it must stop leading."""
 
 
 @dataclass(frozen=True)

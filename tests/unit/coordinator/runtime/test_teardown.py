@@ -13,6 +13,7 @@ import pytest
 
 from coordinator.runtime import daemon
 from coordinator.runtime.calls import ABANDONED, Retrying, all_of, cancelled_meanwhile
+from coordinator.runtime.lease import Deposed
 from protocol.errors import BusError
 
 
@@ -117,6 +118,31 @@ async def test_a_failed_child_of_all_of_is_its_error_and_no_cancel() -> None:
     outer.cancel()
     with pytest.raises(asyncio.CancelledError):
         await outer
+
+
+async def test_children_of_all_of_that_fail_together_raise_deposed_before_a_bus_error() -> None:
+    """Two writes fail in the same turn, the first with a bus error, the second refused by a
+    later leader's fence: ``all_of`` raises Deposed (the leader must stop at once), not the
+    BusError that came first (which dropped the rollout and left the deposition for later)."""
+    go = asyncio.Event()
+
+    async def bus_error() -> None:
+        await go.wait()
+        raise BusError("NATS is away")
+
+    async def deposed() -> None:
+        await go.wait()
+        raise Deposed("another coordinator leads fleet 'default' now")
+
+    async def release() -> None:
+        await asyncio.sleep(0)
+        go.set()
+
+    with pytest.raises(Deposed, match="another coordinator leads"):
+        await all_of([bus_error(), deposed(), release()])
+    with pytest.raises(BusError, match="NATS is away"):  # alone, a bus error is itself
+        go.clear()
+        await all_of([bus_error(), release()])
 
 
 async def test_a_real_cancel_that_comes_with_a_failed_child_still_stands() -> None:
