@@ -492,10 +492,9 @@ class Coordinator:
         # A node coming online says so in its transition's line ("online (registered)"): one
         # line a node, not two, when a fleet of 50,000 registers at a coordinator's start; one
         # already online (its agent reconnected) in a line of its own, in bursts (``core.lines``).
-        if transitions or not self.lines.admit("node.registered", self._mono()):
-            log.debug("node %s registered (labels %s)", info.id, info.labels)
-        else:
-            log.info("node %s registered (labels %s)", info.id, info.labels)
+        alone = not transitions and self.lines.admit("node.registered", self._mono())
+        log.log(logging.INFO if alone else logging.DEBUG, "node %s registered (labels %s)",
+                info.id, info.labels)
         self._emit(transitions)
 
     async def _nodes(self, req: NodesRequest, caller: str) -> list[NodeView] | dict[str, Any]:

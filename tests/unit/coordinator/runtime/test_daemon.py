@@ -144,6 +144,19 @@ def test_a_coordinator_process_collects_garbage_at_its_own_thresholds() -> None:
         gc.set_threshold(*before)
 
 
+async def online_at_once(caplog: pytest.LogCaptureFixture, n: int,
+                         level: int) -> tuple[Coordinator, FakeClock]:
+    """A coordinator whose bursts run in virtual time (moved by the clock returned), its log
+    captured from ``level``, that has just heard ``n`` nodes beat for the first time."""
+    mono = FakeClock()
+    c = coordinator(FakeClock(), heard_ago=0.0)
+    c._mono = mono
+    caplog.set_level(level, logger="fleetwave.coordinator")
+    for i in range(n):
+        await beat(c, f"node-{i}")
+    return c, mono
+
+
 def lines_said(caplog: pytest.LogCaptureFixture, part: str) -> list[str]:
     return [r.getMessage() for r in caplog.records
             if r.levelno == logging.INFO and part in r.getMessage()]
@@ -154,12 +167,7 @@ async def test_a_fleet_coming_online_at_once_logs_a_burst_and_one_line_for_the_r
 ) -> None:
     """200 nodes online at once: every one is an event (the audit log), the first BURST are
     log lines, and the ticker's turn after the window closed says how many more there were."""
-    wall, mono = FakeClock(), FakeClock()
-    c = coordinator(wall, heard_ago=0.0)
-    c._mono = mono
-    caplog.set_level(logging.DEBUG, logger="fleetwave.coordinator")
-    for i in range(200):
-        await beat(c, f"node-{i}")
+    c, mono = await online_at_once(caplog, 200, logging.DEBUG)
     assert len(c.events.pending()) == 200
     assert len(lines_said(caplog, "is online")) == BURST
     assert sum("is online" in r.getMessage() for r in caplog.records) == 200  # the rest: DEBUG
@@ -179,12 +187,7 @@ async def test_registrations_of_online_nodes_come_in_bursts_and_a_stop_says_what
     """Agents re-register on every reconnect (a broker's restart: the whole fleet at once):
     a node already online logs "registered" in bursts; a coordinator that stops says what it
     still held back, its window open or not."""
-    wall, mono = FakeClock(), FakeClock()
-    c = coordinator(wall, heard_ago=0.0)
-    c._mono = mono
-    caplog.set_level(logging.INFO, logger="fleetwave.coordinator")
-    for i in range(50):
-        await beat(c, f"node-{i}")
+    c, _ = await online_at_once(caplog, 50, logging.INFO)
     for i in range(50):
         await c._on_register(subjects.register("default", f"node-{i}"),
                              encode(NodeInfo(id=f"node-{i}")))
