@@ -609,6 +609,9 @@ class NodeView(msgspec.Struct, kw_only=True):
     id: str
     labels: dict[str, str] = {}
     online: bool = False
+    # Not online, and not offline either: known from the nodes bucket, not heard from since the
+    # coordinator started, which was too recent to tell (``coordinator.core.fleet``: ``listen``).
+    unheard: bool = False
     last_seen: float | None = None
     cpu_percent: float | None = None
     mem_percent: float | None = None
@@ -620,7 +623,8 @@ class NodesRequest(msgspec.Struct, kw_only=True):
     """``nodes``: every node the selector matches, as a list of NodeView. With ``max_nodes``
     (the dashboard: a page of 50,000 rows is no one's reading), at most that many, those that
     want a look first (offline, cordoned), then by id, and the answer is
-    ``{"nodes": [NodeView], "node_count": matched, "online": of them online}``."""
+    ``{"nodes": [NodeView], "node_count": matched, "online": of them online, "unheard": of
+    them not heard yet}``."""
 
     selector: dict[str, str] = {}
     max_nodes: int = 0

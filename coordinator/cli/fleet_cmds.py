@@ -306,6 +306,12 @@ def nodes(ctx: Ctx, selector: dict[str, str], output: str) -> None:
         click.echo(line)
 
 
+def _status(r: NodeView) -> str:
+    if r.online:
+        return "[green]online[/]"
+    return "[yellow]not heard yet[/]" if r.unheard else "[red]offline[/]"
+
+
 def render_table(rows: list[NodeView], now: float) -> Table:
     """The people's view of ``fleetwave nodes``."""
     table = Table(box=None, pad_edge=False, header_style="bold")
@@ -314,7 +320,7 @@ def render_table(rows: list[NodeView], now: float) -> Table:
     for r in rows:
         table.add_row(  # what a node registered is shown as text (render.cell), never markup
             cell(r.id),
-            "[green]online[/]" if r.online else "[red]offline[/]",
+            _status(r),
             _cordon(r),
             _ago(r.last_seen, now),
             _pct(r.cpu_percent),

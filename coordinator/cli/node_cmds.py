@@ -161,6 +161,8 @@ def drain_pending(row: dict[str, Any] | None) -> list[str]:
     is offline (its heartbeats cannot tell); [] when drained."""
     if row is None:
         return ["no such node in the node table"]
+    if row.get("unheard"):
+        return ["the node is not heard from yet (the coordinator has just started)"]
     if not row.get("online"):
         return ["the node is offline, so its routers cannot be asked"]
     services = row.get("services") or {}

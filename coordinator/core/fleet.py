@@ -9,10 +9,13 @@ so tests run in virtual time.
 Vocabulary: a node is *online* while its last sign of life is at most ``MISSED_BEATS`` of its own
 announced heartbeat intervals old (3 missed heartbeats make it offline). The time of a sign of life
 is the coordinator's receive time, never the agent's clock, so a skewed agent clock cannot make a
-node look alive or dead. Nodes loaded from the nodes bucket at start are known but offline until
-they beat. While the coordinator itself cannot hear (its NATS connection is down), silence is no
-evidence: ``excuse(until)`` counts every node as heard from at ``until`` at the latest, so a broker
-restart does not make the whole fleet "offline" (and fail every rollout under way).
+node look alive or dead. Nodes loaded from the nodes bucket at start are known but not online
+until they beat; until ``listen``'s time has passed (the daemon gives its startup grace: a paced
+interval can be 25 s) one not heard from yet is shown as *not heard yet* (``NodeView.unheard``),
+not offline: a coordinator that has just started cannot know. While the coordinator itself
+cannot hear (its NATS connection is down), silence is no evidence: ``excuse(until)`` counts
+every node as heard from at ``until`` at the latest, so a broker restart does not make the whole
+fleet "offline" (and fail every rollout under way).
 
 Selectors are ``{label: value}`` maps; a node matches when it carries every pair (an empty
 selector matches every node).
@@ -102,11 +105,20 @@ class Fleet:
         # ever added (``setdefault``), never removed. Sorting 50,000 ids by their natural key
         # was 0.2 s of every ``nodes`` answer, the dashboard's page of them included.
         self._sorted: list[NodeRecord] = []
+        self._unheard: set[str] = set()  # see ``listen``
+        self.unheard_until = 0.0
 
     def load(self, info: NodeInfo) -> None:
-        """Know a node from the nodes bucket (at start): offline until it beats."""
+        """Know a node from the nodes bucket (at start): not online until it beats."""
         rec = self.nodes.setdefault(info.id, NodeRecord(info.id))
         rec.info = info
+
+    def listen(self, until: float) -> None:
+        """Every known node not heard from yet is *not heard yet* rather than offline until
+        ``until`` (when ``tick`` passes it, those still silent are offline): a coordinator that
+        has just started showed a fleet of live nodes all offline for a paced interval."""
+        self.unheard_until = until
+        self._unheard = {r.id for r in self.nodes.values() if r.last_seen is None}
 
     def register(self, info: NodeInfo, now: float) -> list[Transition]:
         """An agent (re)connected and announced itself: a sign of life."""
@@ -133,6 +145,8 @@ class Fleet:
     def tick(self, now: float) -> list[Transition]:
         """Let time pass: every online node whose deadline is behind ``now`` goes offline."""
         out: list[Transition] = []
+        if self._unheard and now >= self.unheard_until:
+            self._unheard = set()  # (they were never online: no transition)
         if now <= self._check_at:
             return out
         check_at = math.inf
@@ -179,20 +193,25 @@ class Fleet:
         """The rows of ``fleetwave nodes``: nodes matching ``selector``, sorted by id;
         ``services=False``: without their figures and services (what a rollout's planning
         reads: id, labels, online), a tenth of the work at 10,000 nodes."""
-        return [_row(rec, services) for rec in self._matching(selector)]
+        return [_row(rec, services, rec.id in self._unheard) for rec in self._matching(selector)]
 
     def page(self, selector: Mapping[str, str] | None, most: int,
-             ahead: Collection[str] = ()) -> tuple[list[NodeView], int, int]:
+             ahead: Collection[str] = ()) -> tuple[list[NodeView], int, int, int]:
         """At most ``most`` rows of ``view``: the offline nodes and those in ``ahead`` first,
-        then by id, shown by id; with how many nodes match and how many of them are online.
-        Rows are built for the nodes shown only (a dashboard of 50,000 nodes polls this)."""
+        then by id, shown by id; with how many nodes match, how many of them are online and
+        how many not heard yet (``listen``). Rows are built for the nodes shown only (a
+        dashboard of 50,000 nodes polls this)."""
         recs = self._matching(selector)
-        first = [r.id for r in recs if not r.online or r.id in ahead][:most]
+        unheard = self._unheard
+        first = [r.id for r in recs
+                 if (not r.online and r.id not in unheard) or r.id in ahead][:most]
         if len(first) < most:
             taken = set(first)
             first += [r.id for r in recs if r.id not in taken][:most - len(first)]
         chosen = set(first)
-        return [_row(r) for r in recs if r.id in chosen], len(recs), sum(r.online for r in recs)
+        rows = [_row(r, True, r.id in unheard) for r in recs if r.id in chosen]
+        return (rows, len(recs), sum(r.online for r in recs),
+                sum(r.id in unheard for r in recs) if unheard else 0)
 
     def _matching(self, selector: Mapping[str, str] | None) -> list[NodeRecord]:
         if len(self._sorted) != len(self.nodes):
@@ -207,6 +226,7 @@ class Fleet:
 
     def _alive(self, rec: NodeRecord, now: float, why: str) -> list[Transition]:
         rec.last_seen = now
+        self._unheard.discard(rec.id)
         self._check_at = min(self._check_at, now + MISSED_BEATS * rec.interval)
         if rec.online:
             return []
@@ -250,15 +270,16 @@ def _natural_key(node_id: str) -> tuple[object, ...]:
     return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", node_id))
 
 
-def _row(rec: NodeRecord, services: bool = True) -> NodeView:
+def _row(rec: NodeRecord, services: bool = True, unheard: bool = False) -> NodeView:
     if not services:
         return NodeView(id=rec.id, labels=dict(rec.labels), online=rec.online,
-                        last_seen=rec.last_seen)
+                        last_seen=rec.last_seen, unheard=unheard)
     hb = rec.heartbeat
     return NodeView(
         id=rec.id,
         labels=dict(rec.labels),
         online=rec.online,
+        unheard=unheard,
         last_seen=rec.last_seen,
         cpu_percent=hb.cpu_percent if hb is not None else None,
         mem_percent=hb.mem_percent if hb is not None else None,

@@ -66,7 +66,8 @@ GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
         ("rollout", "service", "side")),
     "fleetwave_gate_healthy_ratio": (
         "Healthy share (0-1) of the latest evaluated wave's nodes", ("rollout", "service")),
-    "fleetwave_nodes": ("Known nodes online or offline", ("state",)),
+    "fleetwave_nodes": (
+        "Known nodes online, offline or not heard yet (a coordinator just started)", ("state",)),
     "fleetwave_node_up": ("Whether the node's heartbeats arrive (1) or not (0)", ("node",)),
     "fleetwave_node_label_info": ("One of the node's labels (1)", ("node", "label", "value")),
     "fleetwave_coordinator_leader": ("Whether this coordinator leads its fleet (1) or stands by",
@@ -168,8 +169,10 @@ def gate_samples(rid: str, svc: str, gates: Mapping[str, Any] | None) -> list[Sa
 def node_samples(views: Sequence[NodeView]) -> list[Sample]:
     """The node gauges of the coordinator's node table."""
     online = sum(1 for v in views if v.online)
+    unheard = sum(1 for v in views if v.unheard)
     out = [Sample("fleetwave_nodes", ("online",), online),
-           Sample("fleetwave_nodes", ("offline",), len(views) - online)]
+           Sample("fleetwave_nodes", ("offline",), len(views) - online - unheard),
+           Sample("fleetwave_nodes", ("unheard",), unheard)]
     for v in sorted(views, key=lambda v: v.id):
         out.append(Sample("fleetwave_node_up", (v.id,), 1 if v.online else 0))
         out += [Sample("fleetwave_node_label_info", (v.id, k, x), 1)

@@ -460,6 +460,9 @@ class Coordinator:
                 self._complain(entry.key, "nodes-bucket", f"ignoring nodes bucket entry: {exc}")
                 continue
             self.table.load(info)
+        # Until the startup grace is over (the runner's too), silence is no evidence yet.
+        self.table.listen(self.started + pace.startup_grace(
+            len(self.table.nodes), self.pacer.rate, STARTUP_GRACE))
 
     # -- inputs -----------------------------------------------------------------------------------
 
@@ -507,8 +510,9 @@ class Coordinator:
         await self._read_cordons()
         answer: list[NodeView] | dict[str, Any]
         if req.max_nodes > 0:  # ``NodesRequest.max_nodes``: offline and cordoned rows first
-            rows, count, online = self.table.page(req.selector, req.max_nodes, self._cordons)
-            answer = {"nodes": rows, "node_count": count, "online": online}
+            rows, count, online, unheard = self.table.page(req.selector, req.max_nodes,
+                                                           self._cordons)
+            answer = {"nodes": rows, "node_count": count, "online": online, "unheard": unheard}
         else:
             rows = answer = self.table.view(req.selector)
         for row in rows:

@@ -179,6 +179,7 @@ class Dashboard:
         page = to_builtins(nodes.data) if nodes.ok else {}
         out["nodes"] = page.get("nodes", [])
         out["node_count"], out["nodes_online"] = page.get("node_count", 0), page.get("online", 0)
+        out["nodes_unheard"] = page.get("unheard", 0)
         out["services"] = sorted({str(r["service"]) for r in every})
         out["rollouts"] = [r for r in every if not service or r["service"] == service][
             :LIST_LIMIT]

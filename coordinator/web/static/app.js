@@ -35,7 +35,7 @@ const pct = (x) => (x === null || x === undefined ? "-" : (100 * x).toFixed(2) +
 const ms = (x) => (x === null || x === undefined ? "-" : Number(x).toFixed(1) + " ms");
 const num = (x) => (x === null || x === undefined ? "-" : String(x));
 const when = (t) => (t ? new Date(t * 1000).toLocaleTimeString() : "-");
-const stateCell = (s) => el("td", { class: "s-" + s, "data-state": s }, String(s).replace("_", " "));
+const stateCell = (s) => el("td", { class: "s-" + s, "data-state": s }, String(s).replaceAll("_", " "));
 
 function ago(t) {
   if (!t) return "never";
@@ -97,7 +97,9 @@ function draw(snap) {
   if (snap.error) notice(snap.error);
   drawNodes(snap.nodes);
   $("#nodes-more").textContent = snap.node_count > snap.nodes.length ?
-    `${snap.nodes_online} of ${snap.node_count} nodes online; showing ${snap.nodes.length}, ` +
+    `${snap.nodes_online} of ${snap.node_count} nodes online` +
+    (snap.nodes_unheard ? ` (${snap.nodes_unheard} not heard yet)` : "") +
+    `; showing ${snap.nodes.length}, ` +
     "offline and cordoned ones first (fleetwave nodes lists every one)" : "";
   drawServices(snap.services);
   drawRollouts(snap.rollouts, snap.rollout);
@@ -111,7 +113,7 @@ function drawNodes(nodes) {
       `${name}@${(s && s.version) || "?"}${s && s.healthy ? "" : " (unhealthy)"}`).join(" ");
     const labels = Object.entries(n.labels || {}).map(([k, v]) => `${k}=${v}`).join(",");
     return el("tr", { "data-node": n.id }, el("td", {}, n.id),
-      stateCell(n.online ? "online" : "offline"), el("td", {}, labels || "-"),
+      stateCell(n.online ? "online" : n.unheard ? "not_heard_yet" : "offline"), el("td", {}, labels || "-"),
       el("td", {}, services || "-"),
       el("td", {}, n.cpu_percent === null ? "-" : n.cpu_percent.toFixed(0) + "%"),
       el("td", {}, n.mem_percent === null ? "-" : n.mem_percent.toFixed(0) + "%"),

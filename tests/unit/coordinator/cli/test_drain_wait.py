@@ -23,6 +23,8 @@ def row(online: bool = True, **drains: str) -> dict[str, Any]:
     (row(hello="drained", web="draining"), ["web (draining)"]),
     (row(hello=""), ["hello (not drained yet)"]),  # its heartbeat predates the drain
     (row(False, hello="drained"), ["the node is offline, so its routers cannot be asked"]),
+    ({**row(False, hello="drained"), "unheard": True},
+     ["the node is not heard from yet (the coordinator has just started)"]),
     (None, ["no such node in the node table"]),
     ({"id": "node-3", "online": True, "services": {"hello": {"service": "hello"}}},
      ["hello (not drained yet)"]),  # an agent older than the drain phase

@@ -157,6 +157,15 @@ def test_nodes_table_shows_who_cordoned_or_drained_escaped() -> None:
     assert "cordoned by alice" in out and f"drained by bob{ESCAPED}" in out
 
 
+def test_nodes_table_says_online_offline_or_not_heard_yet() -> None:
+    """STATUS: a node a coordinator that has just started has not heard from yet is neither."""
+    rows = [NodeView(id="node-1", online=True), NodeView(id="node-2"),
+            NodeView(id="node-3", unheard=True)]
+    out = re.sub(r"\x1b\[[0-9;]*m", "", shown(render_table(rows, 0.0))).splitlines()
+    assert [line.split()[1:3] for line in out[1:]] == [
+        ["online", "-"], ["offline", "-"], ["not", "heard"]]
+
+
 def test_sequential_gates_show_the_analysis_and_the_evidence_in_words() -> None:
     """A sequential wave's gates say the analysis and alpha, and the evidence when no reason
     does (a pass, or the evidence so far while baking); pending gates name the analysis too."""

@@ -115,6 +115,29 @@ def test_loaded_nodes_are_known_but_offline() -> None:
     assert f.next_deadline() is None
 
 
+def test_loaded_nodes_are_not_heard_yet_until_the_listening_grace_is_over() -> None:
+    """A coordinator that has just started cannot know: after ``listen(until)`` a loaded node
+    not heard from is *not heard yet* (not online, not offline, listed after the offline
+    ones) until ``until``, or until it beats; then those still silent are offline."""
+    f = Fleet()
+    for i in (1, 2, 3):
+        f.load(NodeInfo(id=f"n{i}"))
+    f.heartbeat(hb("n3", interval=1.0), T0 - 10)
+    f.tick(T0)  # n3: offline, heard from before
+    f.listen(T0 + 12)
+    assert [(v.id, v.online, v.unheard) for v in f.view()] == [
+        ("n1", False, True), ("n2", False, True), ("n3", False, False)]
+    assert f.page(None, 1)[0][0].id == "n3"  # the offline one wants a look first
+    assert f.page(None, 5)[1:] == (3, 0, 2)
+    [t] = f.heartbeat(hb("n1", interval=10.0), T0 + 3)
+    assert t.kind == "node.online" and f.page(None, 5)[1:] == (3, 1, 1)
+    assert f.tick(T0 + 11.9) == [] and [v.unheard for v in f.view()] == [False, True, False]
+    assert f.tick(T0 + 12) == []  # never online: no transition, offline from now on
+    assert [(v.online, v.unheard) for v in f.view(services=False)] == [
+        (True, False), (False, False), (False, False)]
+    assert f.page(None, 5)[1:] == (3, 1, 0)
+
+
 def test_view_carries_figures_and_services() -> None:
     """The view shows the last heartbeat's cpu, memory and services keyed by name."""
     f = Fleet()
@@ -157,13 +180,13 @@ def test_a_page_shows_offline_and_held_nodes_first_and_counts_every_node() -> No
     f.tick(T0 + 10)  # all but node-11 offline
     for i in range(1, 11):
         f.heartbeat(hb(f"node-{i}", interval=1.0), T0 + 10)  # back: node-12 stays offline
-    rows, count, online = f.page(None, 4, ahead={"node-7", "node-9"})
+    rows, count, online, unheard = f.page(None, 4, ahead={"node-7", "node-9"})
     assert [r.id for r in rows] == ["node-1", "node-7", "node-9", "node-12"]
-    assert (count, online) == (12, 11)
+    assert (count, online, unheard) == (12, 11, 0)
     assert rows == [v for v in f.view() if v.id in {r.id for r in rows}]
-    rows, count, online = f.page(None, 2, ahead={"node-7", "node-9"})
+    rows, *_ = f.page(None, 2, ahead={"node-7", "node-9"})
     assert [r.id for r in rows] == ["node-7", "node-9"]  # of the three that want a look, by id
-    everything, count, _ = f.page(None, 100)
+    everything, count, *_ = f.page(None, 100)
     assert everything == f.view() and count == 12
     f.register(NodeInfo(id="node-3", labels={"zone": "b"}), T0 + 10)
     assert f.page({"zone": "b"}, 5)[0:2] == ([f.view({"zone": "b"})[0]], 1)

@@ -95,11 +95,12 @@ def test_a_figure_the_gates_did_not_have_has_no_sample() -> None:
 
 
 def test_node_samples() -> None:
-    """Online/offline counts, one up per node, one info per label."""
+    """Online/offline/not-heard-yet counts, one up per node, one info per label."""
     out = mm.node_samples([NodeView(id="n1", labels={"zone": "a"}, online=True),
-                           NodeView(id="n2", online=False)])
-    assert samples(out, "fleetwave_nodes") == {("online",): 1, ("offline",): 1}
-    assert samples(out, "fleetwave_node_up") == {("n1",): 1, ("n2",): 0}
+                           NodeView(id="n2", online=False),
+                           NodeView(id="n3", online=False, unheard=True)])
+    assert samples(out, "fleetwave_nodes") == {("online",): 1, ("offline",): 1, ("unheard",): 1}
+    assert samples(out, "fleetwave_node_up") == {("n1",): 1, ("n2",): 0, ("n3",): 0}
     assert samples(out, "fleetwave_node_label_info") == {("n1", "zone", "a"): 1}
 
 

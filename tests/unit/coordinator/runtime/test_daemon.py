@@ -13,6 +13,7 @@ import pytest
 
 from coordinator.core.lines import BURST, WINDOW
 from coordinator.runtime.daemon import GC_THRESHOLDS, Coordinator, tune_gc
+from coordinator.runtime.runner import STARTUP_GRACE
 from protocol import subjects
 from protocol.codec import decode, encode
 from protocol.errors import BusError
@@ -130,6 +131,29 @@ async def test_nodes_shows_cordons_and_as_last_read_when_jetstream_is_away() -> 
     bus.faults[("entries", subjects.cordons_bucket("default"))] = BusError("JetStream away")
     rows = await c._nodes(NodesRequest(), "bob")
     assert [(r.id, r.cordon) for r in rows] == [("node-1", None), ("node-2", cordon)]
+
+
+async def test_a_just_started_coordinator_shows_nodes_it_has_not_heard_as_not_heard_yet() -> None:
+    """Nodes known from the bucket are *not heard yet* for the startup grace (the runner's),
+    not offline: a standby started a moment before showed a live fleet all offline."""
+    wall = FakeClock()
+    c = coordinator(wall, heard_ago=0.0)
+    bus = FakeBus(fleet="default")
+    for node in ("node-1", "node-2"):
+        bus.set("put", subjects.nodes_bucket("default"), node, encode(NodeInfo(id=node)))
+    await c._load_known(bus)  # type: ignore[arg-type]
+    c.bus = bus  # type: ignore[assignment]
+    wall.t += 3.0  # past the cold answer's wait, within the grace (STARTUP_GRACE)
+    await beat(c, "node-1")
+    page = await c._nodes(NodesRequest(max_nodes=5), "bob")
+    assert isinstance(page, dict)
+    assert (page["node_count"], page["online"], page["unheard"]) == (2, 1, 1)
+    assert [(r.id, r.online, r.unheard) for r in page["nodes"]] == [
+        ("node-1", True, False), ("node-2", False, True)]
+    wall.t = c.started + STARTUP_GRACE
+    c.table.tick(wall.t)
+    assert [(r.online, r.unheard) for r in await c._nodes(NodesRequest(), "bob")] == [
+        (False, False), (False, False)]  # node-1 beat at 0.5 s: silent since; node-2 never
 
 
 def test_a_coordinator_process_collects_garbage_at_its_own_thresholds() -> None:

@@ -20,7 +20,7 @@ class Api:
     async def reply(self, verb: str, data: bytes, caller: str) -> ApiReply:
         if verb == "nodes":
             self.asked.append((verb, decode(NodesRequest, data)))
-            return ApiReply(ok=True, data={"nodes": [], "node_count": 9, "online": 7})
+            return ApiReply(ok=True, data={"nodes": [], "node_count": 9, "online": 7, "unheard": 1})
         if verb == "rollouts":
             return ApiReply(ok=True, data=[{"id": "r1", "service": "hello",
                                             "state": self.state}])
@@ -53,7 +53,7 @@ async def test_a_snapshot_asks_for_a_page_of_rows_and_counts() -> None:
     statuses = [r for verb, r in api.asked if verb == "status"]
     assert [r.max_nodes for r in nodes] == [PAGE_NODES]
     assert [(r.id, r.max_nodes) for r in statuses] == [("r1", PAGE_NODES)]
-    assert (snap["node_count"], snap["nodes_online"]) == (9, 7)
+    assert (snap["node_count"], snap["nodes_online"], snap["nodes_unheard"]) == (9, 7, 1)
 
 
 async def test_a_finished_rollouts_status_is_read_once_across_polls_and_events() -> None:
