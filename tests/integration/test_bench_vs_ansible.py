@@ -24,7 +24,7 @@ PERF = Path(__file__).resolve().parents[1] / "perf"
 BENCH = PERF / "bench_vs_ansible.py"
 PREFIX = "fw-perf-vs-ansible-"
 ENV = {**os.environ, "FLEETWAVE_PERF_SUBNET": SUBNET}
-RUN_TIMEOUT = 300.0  # four real rolling updates and a dev fleet: ~60 s here, more on a busy box
+RUN_TIMEOUT = 300.0  # five real rolling updates and a dev fleet: ~60 s here, more on a busy box
 # pytest's own limit above the run's, so that the run's timeout is what reports a slow run
 pytestmark = pytest.mark.timeout(RUN_TIMEOUT + 60)
 
@@ -136,6 +136,11 @@ async def test_bench_vs_ansible_at_two_nodes_prints_sane_figures_and_leaves_noth
             assert len(p["waves"]) == 2 and p["failed"] == 0, (ahead, p)
             assert 0 < p["engine_s"] < p["seconds"] and p["requests"] > 20, (ahead, p)
             assert r["ratio_prestaged"][ahead] == round(a["seconds"] / p["seconds"], 2), r
+        # And with Ansible's health check (one pass every 0.1 s) on both sides.
+        same = f["same_check"]
+        assert len(same["waves"]) == 2 and same["failed"] == 0, same
+        assert same["versions"].get("2.0.1", 0) > 0, same
+        assert r["ratio_same_check"] == round(a["seconds"] / same["seconds"], 2), r
         assert sum("app.py" in cmd for _, cmd in seen.values()) >= 4, "Ansible's + agents'"
         # The example's ``python3`` is this Python's interpreter on both sides, not a shim.
         assert Path(r["python3"]).parent == Path(sys.executable).parent, r["python3"]

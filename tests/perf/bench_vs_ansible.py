@@ -39,7 +39,10 @@ switch and its report), and the coordinator's hand-over to the next wave. Pre-st
 part 1) starts and health-checks the slots of upcoming waves ahead of their turn: the
 "pre-stageable" figure of the run without it is the sum over the waves after the first of their
 fetch, start and health time, i.e. what could leave the critical path; the prestaged runs show
-what did.
+what did. Last, ``--prestage all`` once more with the health check Ansible's playbook runs
+(``same_check``: release 2.0.1, 2.0.0 healthy at the first answer, polled every 0.1 s, where
+the example's manifest asks for two passes 200 ms apart on the agent's 200 ms grid): the two
+tools checking the new process the same way.
 
 Printed: both wall times and their ratio; the ratio of their work alone too (Ansible from its
 first play to its recap, fleetwave from ``rollout.started`` to ``rollout.succeeded``: neither
@@ -101,6 +104,9 @@ from protocol.messages import (
 
 T = TypeVar("T")
 OLD, NEW = "1.0.0", "2.0.0"
+# NEW with Ansible's health check instead of the example's own (``same_check``): one answer
+# below 400 polled every 0.1 s, where the example asks for two passes 200 ms apart.
+SAME = "2.0.1"
 BATCH = "20%"
 PRESTAGED = ("1", "all")  # the --prestage values measured after the run without it
 WORKERS = 2  # per host: one keep-alive, one connection a request (Traffic's split)
@@ -174,6 +180,26 @@ def real_python3() -> str:
 
 def manifest(version: str) -> dict[str, Any]:
     return tomllib.loads((assembled(version) / "fleetwave.toml").read_text())
+
+
+def same_check(tmp: Path) -> Path:
+    """The bundle of NEW as version SAME whose health check is the one Ansible's playbook runs
+    (``uri`` until 200, every 0.1 s: healthy at the first pass), so that both tools check the
+    new process the same way; the example's own check (two passes 200 ms apart, on the
+    agent's 200 ms grid) costs 0.2-0.4 s more a start, which Ansible's run does not pay."""
+    out = tmp / "same-check" / SAME
+    shutil.copytree(assembled(NEW), out)
+    path = out / "fleetwave.toml"
+    text = path.read_text()
+    for old, new in ((f'version = "{NEW}"', f'version = "{SAME}"'),
+                     ('start_interval = "200ms"', 'start_interval = "100ms"'),
+                     ("healthy_threshold = 2", "healthy_threshold = 1")):
+        if old not in text:
+            raise RuntimeError(f"the example's manifest of {NEW} no longer says {old!r}: "
+                               "update same_check")
+        text = text.replace(old, new)
+    path.write_text(text)
+    return out
 
 
 # -- the load --------------------------------------------------------------------------------------
@@ -392,7 +418,7 @@ async def install(bus: Bus, fleet: DevFleet, n: int) -> None:
                what=f"every node's {NEW} slot stopped", interval=0.2)
 
 
-def wave_timeline(tap: EventTap, rid: str) -> list[dict[str, Any]]:
+def wave_timeline(tap: EventTap, rid: str, version: str = NEW) -> list[dict[str, Any]]:
     """Per wave, seconds from its ``wave.started`` to the last of its new slots started, healthy,
     and its nodes done; then to the next wave's start (or the rollout's end)."""
     mine = [s.event for s in tap.events if s.event.rollout == rid]
@@ -401,7 +427,7 @@ def wave_timeline(tap: EventTap, rid: str) -> list[dict[str, Any]]:
     updating = {e.node: e.time for e in mine if e.kind == "node.updating"}
     done = {e.node: e.time for e in mine if e.kind == "node.done"}
     slots = [s.event for s in tap.events if s.event.service == "hello"
-             and s.event.data.get("version") == NEW]
+             and s.event.data.get("version") == version]
     out = []
     for k, (wave, t0) in enumerate(starts):
         t1 = starts[k + 1][1] if k + 1 < len(starts) else (ends[0] if ends else t0)
@@ -422,7 +448,8 @@ def wave_timeline(tap: EventTap, rid: str) -> list[dict[str, Any]]:
 
 async def measure_fleetwave(tmp: Path, n: int, rate: float) -> dict[str, Any]:
     """The rolling update without pre-staging (``fleetwave``), then on the same fleet, back on
-    OLD each time, with each of ``PRESTAGED`` (``prestaged``)."""
+    OLD each time, with each of ``PRESTAGED`` (``prestaged``), and with ``--prestage all`` of
+    the release whose health check is Ansible's (``same_check``)."""
     async with DevFleet(tmp / "fleet", agents=n, subnet=SUBNET, fleet="perfvs",
                         heartbeat_interval=2.0) as fleet:
         bus = await Bus.connect(fleet.nats_url, fleet.fleet, name="perf-vs-ansible",
@@ -430,26 +457,28 @@ async def measure_fleetwave(tmp: Path, n: int, rate: float) -> dict[str, Any]:
         try:
             tap = EventTap()
             await tap.start(bus)
-            for v in (OLD, NEW):
-                await push_release(bus, assembled(v))
+            for bundle in (assembled(OLD), assembled(NEW), same_check(tmp)):
+                await push_release(bus, bundle)
             plain = await rolled(tmp, bus, fleet, tap, n, rate, "0")
             prestaged = {ahead: await rolled(tmp, bus, fleet, tap, n, rate, ahead)
                          for ahead in PRESTAGED}
+            same = await rolled(tmp, bus, fleet, tap, n, rate, "all", SAME)
         finally:
             await bus.close()
-    return {**plain, "prestaged": prestaged}
+    return {**plain, "prestaged": prestaged, "same_check": same}
 
 
 async def rolled(tmp: Path, bus: Bus, fleet: DevFleet, tap: EventTap, n: int, rate: float,
-                 prestage: str) -> dict[str, Any]:
-    """OLD installed everywhere, then the timed rolling deploy of NEW with ``--prestage``."""
+                 prestage: str, version: str = NEW) -> dict[str, Any]:
+    """OLD installed everywhere, then the timed rolling deploy of ``version`` with
+    ``--prestage``."""
     await install(bus, fleet, n)
     port = int(manifest(OLD)["port"])
     targets = [(fleet.host(i), port) for i in range(1, n + 1)]
     env = {**os.environ, **fleet.client_env()}
     argv = [sys.executable, "-c",
             "import sys; from coordinator.cli import main; main(sys.argv[1:])",
-            *fleet.client_args(), "deploy", "hello", NEW, "--strategy", "rolling",
+            *fleet.client_args(), "deploy", "hello", version, "--strategy", "rolling",
             "--batch", BATCH, "--max-unavailable", BATCH, "--bake", "0",
             "--prestage", prestage, "-o", "json"]
 
@@ -463,9 +492,9 @@ async def rolled(tmp: Path, bus: Bus, fleet: DevFleet, tap: EventTap, n: int, ra
     end = await tap.wait_for(rid, ("rollout.succeeded",), 30)
     begun = tap.of(rid, "rollout.started")
     answers = await asyncio.gather(*(probe_version(h, p) for h, p in targets))
-    if set(answers) != {NEW}:
-        raise RuntimeError(f"the routers should serve {NEW} after the deploy: {answers}")
-    waves = wave_timeline(tap, rid)
+    if set(answers) != {version}:
+        raise RuntimeError(f"the routers should serve {version} after the deploy: {answers}")
+    waves = wave_timeline(tap, rid, version)
     # What pre-staging would take off the critical path: a later wave's fetch, start and
     # health checks (the first wave's cannot start earlier than the deploy).
     stageable = sum(w["healthy_s"] for w in waves[1:] if w["healthy_s"] == w["healthy_s"])
@@ -527,7 +556,8 @@ def ratios(a: dict[str, Any], f: dict[str, Any]) -> dict[str, Any]:
     """Ansible's time over fleetwave's: the two commands' wall times (``ratio``); their work
     alone (``ratio_work``: Ansible from its first play header to its recap, fleetwave from
     rollout.started to rollout.succeeded, i.e. without either CLI's start-up and exit); and
-    both again with the pre-stageable seconds taken off fleetwave's."""
+    both again with the pre-stageable seconds taken off fleetwave's; and both for the run with
+    Ansible's health check (``same_check``)."""
     a_work = a["seconds"] - a["tasks_s"].get("start-up", 0.0) - a["tasks_s"].get("recap", 0.0)
 
     def over(x: float, y: float) -> float | None:
@@ -539,6 +569,8 @@ def ratios(a: dict[str, Any], f: dict[str, Any]) -> dict[str, Any]:
                                 for k, p in f["prestaged"].items()},
             "ratio_work_prestaged": {k: over(a_work, p["engine_s"])
                                      for k, p in f["prestaged"].items()},
+            "ratio_same_check": over(a["seconds"], f["same_check"]["seconds"]),
+            "ratio_work_same_check": over(a_work, f["same_check"]["engine_s"]),
             "ratio_if_prestaged": over(a["seconds"], f["seconds"] - f["prestageable_s"]),
             "ratio_work_if_prestaged": over(a_work, f["engine_s"] - f["prestageable_s"])}
 
@@ -579,6 +611,15 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
                     f"{x(r['ratio_work_prestaged'][ahead])} (work)"))
         out.append((f"  its waves (--prestage {ahead})",
                     ", ".join(f"{w['next_s']:.2f}" for w in p["waves"]) + " s each"))
+    same = f["same_check"]
+    out.append(("fleetwave --prestage all, Ansible's health check",
+                f"{same['seconds']:.2f} s, {same['failed']} of {same['requests']} requests "
+                f"failed; engine {same['engine_s']:.2f} s, CLI before "
+                f"{same['cli_before_start_s']:.2f} s, after {same['cli_after_end_s']:.2f} s; "
+                f"Ansible / it {x(r['ratio_same_check'])} (wall), "
+                f"{x(r['ratio_work_same_check'])} (work): {SAME}, {NEW} healthy at the first "
+                "answer polled every 0.1 s, as the playbook checks it (the example: two passes "
+                "200 ms apart)"))
     out.append(("python3", f"{r['python3']} (the example's interpreter, both tools)"))
     out.append(("start floor", f"{r['start_floor_s']:.2f} s: {r['nodes']} processes of "
                                f"{NEW} spawned at once, to the last one healthy (no load, no "
