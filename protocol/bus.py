@@ -57,8 +57,6 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE
-from nats.micro import add_service
-from nats.micro.service import EndpointConfig, ServiceConfig
 
 from protocol import chunks, subjects
 from protocol.creds import Creds, expired
@@ -1045,6 +1043,10 @@ class Bus:
     ) -> None:
         """Serve a NATS micro service; ``endpoints`` maps a name to (subject, handler); a
         subject may hold wildcards (the handler gets the subject the request came on)."""
+        # Imported here: only a coordinator serves, and every CLI command imports this module.
+        from nats.micro import add_service
+        from nats.micro.service import EndpointConfig, ServiceConfig
+
         svc = await add_service(
             self.nc, ServiceConfig(name=name, version=version, description="fleetwave")
         )

@@ -419,45 +419,47 @@ def deploy(ctx: Ctx, /, service: str | None, version: str | None, file: Path | N
 def start(ctx: Ctx, spec: RolloutSpec, *, wait: str, detach: bool, output: str) -> int:
     """Send ``spec`` to the coordinator, then print its id (``detach``) or follow it to
     ``wait``; the exit code (``deploy``'s, which ``remove`` shares)."""
-    try:
-        data = client.request(ctx, "deploy", DeployRequest(spec=spec), timeout=30.0)
-        started = True
-    except RemoteError as exc:
-        if exc.code != "accepted" or not isinstance(exc.data, dict) or "id" not in exc.data:
-            raise
-        click.echo(safe(f"fleetwave: {exc}"), err=True)
-        data, started = exc.data, False
-    rid = str(data["id"])
-    if detach:
-        click.echo(json.dumps({"id": rid}) if output == "json" else rid)
-        return 0 if started else EXIT_ACCEPTED
-    if output != "json":
-        click.echo(f"rollout {rid} {'started' if started else 'recorded'}; following it (Ctrl-C "
-                   "stops following, not the rollout)", err=True)
-    return asyncio.run(follow(ctx, rid, output=output, wait=wait,
-                              scale_down_delay=spec.scale_down_delay))
+    return asyncio.run(deploy_and_follow(ctx, spec, wait=wait, detach=detach, output=output))
 
 
-async def follow(ctx: Ctx, rid: str, *, output: str, wait: str = "done",
-                 scale_down_delay: float = 0.0) -> int:
-    """Poll the rollout's status until it ends or waits for an operator, or passes ``wait``
-    first (``waiting``: then exit 0, saying what is true and what to do); the exit code."""
+async def deploy_and_follow(ctx: Ctx, spec: RolloutSpec, *, wait: str, detach: bool,
+                            output: str) -> int:
+    """``start`` in the event loop."""
+    # One connection for the request and the following (a second one cost a connect, a TLS
+    # handshake on a secure bus, before the first status), subscribed to the rollouts' events
+    # before the request, so that none of its first events can pass unheard.
     moved = asyncio.Event()  # an event of this rollout was heard: read its status now
+    rid = ""
 
     async def heard(subject: str, data: bytes) -> None:
-        if rid.encode() in data:
+        if not rid or rid.encode() in data:
             moved.set()
 
-    async with contextlib.AsyncExitStack() as stack:
-        bus = None  # no connection now: each read makes its own, and waits out NATS's absence
-        with contextlib.suppress(NotReachable):
-            bus = await stack.enter_async_context(client.connected(ctx))
-        for kind in FOLLOWED_KINDS:
-            with contextlib.suppress(BusError):  # without them, polling alone still follows
-                if bus is not None:
+    async with client.connected(ctx) as bus:
+        if not detach:
+            for kind in FOLLOWED_KINDS:
+                with contextlib.suppress(BusError):  # without them, polling alone still follows
                     await bus.subscribe(subjects.event(ctx.fleet, kind), heard)
+        try:
+            data = await client.call(ctx, "deploy", DeployRequest(spec=spec), timeout=30.0,
+                                     bus=bus)
+            started = True
+        except RemoteError as exc:
+            if exc.code != "accepted" or not isinstance(exc.data, dict) or "id" not in exc.data:
+                raise
+            click.echo(safe(f"fleetwave: {exc}"), err=True)
+            data, started = exc.data, False
+        rid = str(data["id"])
+        if detach:
+            click.echo(json.dumps({"id": rid}) if output == "json" else rid)
+            return 0 if started else EXIT_ACCEPTED
+        if output != "json":
+            click.echo(f"rollout {rid} {'started' if started else 'recorded'}; following it "
+                       "(Ctrl-C stops following, not the rollout)", err=True)
+        # Poll the rollout's status until it ends or waits for an operator, or passes ``wait``
+        # first (then exit 0, saying what is true and what to do).
         return await _follow(ctx, bus, rid, output=output, wait=wait, moved=moved,
-                             scale_down_delay=scale_down_delay)
+                             scale_down_delay=spec.scale_down_delay)
 
 
 async def _follow(ctx: Ctx, bus: Any, rid: str, *, output: str, wait: str,

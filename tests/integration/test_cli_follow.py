@@ -1,7 +1,7 @@
 """``deploy`` follows its rollout on one connection and reads its status again as soon as one of
-its events is heard, not only every ``POLL``: here a stand-in coordinator on a real broker says
-"running" until the rollout's terminal event is published, and the follower, whose polling is
-set to an hour, ends within moments of that event."""
+its events is heard, not only every ``POLL``: here a stand-in coordinator on a real broker
+accepts the deploy and says "running" until the rollout's terminal event is published, and the
+follower, whose polling is set to an hour, ends within moments of that event."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from protocol import subjects
 from protocol.bus import Bus
 from protocol.codec import encode
 from protocol.events import PACK, pack
-from protocol.messages import ApiReply, Event
+from protocol.messages import ApiReply, Event, RolloutSpec
 from tests.integration.procs import fleetwave
 from tests.unit.coordinator.cli.test_deploy_wait import status
 
@@ -39,10 +39,19 @@ async def test_the_terminal_event_ends_following_at_once(
         doc: dict[str, Any] = status(state["now"], ("done", "done"))
         return encode(ApiReply(ok=True, data=doc))
 
+    async def accept(subject: str, data: bytes) -> bytes:
+        return encode(ApiReply(ok=True, data={"id": "hello-r1"}))
+
+    async def no_leader(subject: str, data: bytes) -> bytes:
+        return encode(ApiReply(ok=True, data={}))  # the request goes to the queue group
+
     try:
         await coordinator.respond(subjects.api(FLEET, "*", "status"), answer)
-        following = asyncio.create_task(rollout_cmds.follow(
-            Ctx(nats_url=broker.url, fleet=FLEET), "hello-r1", output="json"))
+        await coordinator.respond(subjects.api(FLEET, "*", "deploy"), accept)
+        await coordinator.respond(subjects.api(FLEET, "*", "leader"), no_leader)
+        following = asyncio.create_task(rollout_cmds.deploy_and_follow(
+            Ctx(nats_url=broker.url, fleet=FLEET), RolloutSpec(service="hello", version="2.0.0"),
+            wait="done", detach=False, output="json"))
         async with asyncio.timeout(10):
             await first_read.wait()  # it read "running" once and now waits
         state["now"] = "succeeded"

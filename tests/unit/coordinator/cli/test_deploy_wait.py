@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-import coordinator.cli.client as client
 import coordinator.cli.rollout_cmds as rollout_cmds
 from coordinator.cli import main
 from coordinator.cli.base import cli
 from coordinator.errors import RemoteError
+from tests.unit.coordinator.cli.stand_in import Status, stand_in
 
 SWITCH = {"at": 1000.0, "wave": 1, "first": 1000.01, "last": 1000.02, "spread": 0.01,
           "lag": 0.02, "nodes": {"node-1": 1000.01, "node-2": 1000.02}}
@@ -53,8 +53,7 @@ def run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
         seen[0] += 1
         return next(polls, statuses[-1])
 
-    monkeypatch.setattr(client, "request", request)
-    monkeypatch.setattr(client, "call", call)
+    stand_in(monkeypatch, request, call)
     monkeypatch.setattr(rollout_cmds, "POLL", 0.0)
     with pytest.raises(SystemExit) as info:
         main(["--nats", "nats://127.0.0.1:1", "deploy", "hello", "2.0.0", *args])
@@ -146,14 +145,14 @@ def test_wait_is_documented_in_help() -> None:
     assert "--wait [done|switched|started]" in text and "blue-green" in text
 
 
-def accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+def accepted(monkeypatch: pytest.MonkeyPatch, status: Status | None = None) -> None:
     """The coordinator recorded the rollout but could not start it (a bus error)."""
     def request(ctx: object, verb: str, body: object, **kw: object) -> dict[str, str]:
         raise RemoteError("rollout hello-r1 is recorded but its start failed (NATS is away); "
                           "the coordinator starts it on its next resync: check with "
                           "'fleetwave status hello-r1'", "accepted", {"id": "hello-r1"})
 
-    monkeypatch.setattr(client, "request", request)
+    stand_in(monkeypatch, request, status)
 
 
 def test_a_detached_deploy_accepted_but_not_started_exits_5(
@@ -174,17 +173,33 @@ def test_a_followed_deploy_accepted_but_not_started_follows_it(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Followed, the accepted rollout is followed as any other: its end gives the exit code."""
-    accepted(monkeypatch)
-
     async def call(ctx: object, verb: str, body: object, **kw: object) -> dict[str, Any]:
         return DONE
 
-    monkeypatch.setattr(client, "call", call)
+    accepted(monkeypatch, call)
     monkeypatch.setattr(rollout_cmds, "POLL", 0.0)
     with pytest.raises(SystemExit) as info:
         main(["--nats", "nats://127.0.0.1:1", "deploy", "hello", "2.0.0", "--wait", "done"])
     _, err = capsys.readouterr()
     assert info.value.code == 0 and "is recorded but its start failed" in err, err
+
+
+def test_a_followed_deploy_listens_before_it_asks_on_one_connection(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The rollout's events are subscribed to before the deploy is sent (none of its first
+    ones passes unheard), and the request and the follow share that one connection."""
+    async def call(ctx: object, verb: str, body: object, **kw: object) -> dict[str, Any]:
+        return DONE
+
+    log = stand_in(monkeypatch, lambda *a, **k: {"id": "hello-r1"}, call)
+    monkeypatch.setattr(rollout_cmds, "POLL", 0.0)
+    with pytest.raises(SystemExit) as info:
+        main(["--nats", "nats://127.0.0.1:1", "deploy", "hello", "2.0.0", "--wait", "done"])
+    assert info.value.code == 0, capsys.readouterr().err
+    subscribed = [e for e in log if e.startswith("subscribe ")]
+    assert len(subscribed) == len(rollout_cmds.FOLLOWED_KINDS)
+    assert log == ["connect", *subscribed, "deploy on it", "status on it"], log
 
 
 def test_exit_codes_are_documented_in_help() -> None:
@@ -224,8 +239,7 @@ def test_a_large_followed_rollout_says_each_failure_once_and_json_keeps_the_poll
         asked.append(body.max_nodes)
         return full if body.max_nodes == 0 else polls[-1]
 
-    monkeypatch.setattr(client, "call", call)
-    monkeypatch.setattr(client, "request", lambda *a, **k: {"id": "hello-r1"})
+    stand_in(monkeypatch, lambda *a, **k: {"id": "hello-r1"}, call)
     with pytest.raises(SystemExit) as info:
         main(["--nats", "nats://127.0.0.1:1", "deploy", "hello", "2.0.0", "-o", "json"])
     printed = json.loads(capsys.readouterr().out)

@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 
-import coordinator.cli.client as client
 import coordinator.cli.rollout_cmds as rollout_cmds
 from coordinator.cli import main
 from coordinator.cli.remove_cmds import removal_spec
 from protocol.messages import DeployRequest
+from tests.unit.coordinator.cli.stand_in import stand_in
 
 
 def status(state: str) -> dict[str, Any]:
@@ -38,8 +38,7 @@ def run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], end
     async def call(ctx: object, verb: str, body: object, **kw: object) -> dict[str, Any]:
         return status(end)
 
-    monkeypatch.setattr(client, "request", request)
-    monkeypatch.setattr(client, "call", call)
+    stand_in(monkeypatch, request, call)
     monkeypatch.setattr(rollout_cmds, "POLL", 0.0)
     with pytest.raises(SystemExit) as info:
         main(["--nats", "nats://127.0.0.1:1", "remove", *args])

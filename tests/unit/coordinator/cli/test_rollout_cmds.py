@@ -11,7 +11,6 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
-import coordinator.cli.client as client
 from coordinator.api.rollouts import status_dict
 from coordinator.cli import main
 from coordinator.cli.base import cli
@@ -19,6 +18,7 @@ from coordinator.cli.render import progress_lines, status_renderable, status_tex
 from coordinator.core.engine import new_record
 from protocol.messages import DeployRequest, NodeView, RolloutRecord, RolloutSpec
 from protocol.testing import NEW, spec
+from tests.unit.coordinator.cli.stand_in import stand_in
 
 
 @pytest.mark.parametrize(
@@ -64,7 +64,7 @@ def deployed(monkeypatch: pytest.MonkeyPatch, *args: str) -> RolloutSpec:
         sent.append(body.spec)
         return {"id": "r1"}
 
-    monkeypatch.setattr(client, "request", request)
+    stand_in(monkeypatch, request)
     with pytest.raises(SystemExit) as info:
         main(["--nats", "nats://127.0.0.1:1", "deploy", *args, "--detach"])
     assert info.value.code == 0

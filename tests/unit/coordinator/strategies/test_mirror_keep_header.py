@@ -9,11 +9,12 @@ from typing import Any
 
 import pytest
 
-from coordinator.cli import client, main
+from coordinator.cli import main
 from coordinator.core.engine import Rollout, Start, WriteDesired, new_record
 from coordinator.errors import UsageError
 from coordinator.strategies import shadow
 from protocol.messages import DeployRequest, DesiredState, NodeView, ReleaseRef, RolloutSpec
+from tests.unit.coordinator.cli.stand_in import stand_in
 
 OLD = ReleaseRef(service="hello", version="1.0.0", digest="sha256:old")
 NEW = ReleaseRef(service="hello", version="2.0.0", digest="sha256:new")
@@ -30,7 +31,7 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> list[DeployRequest]:
         requests.append(req)
         return {"id": "r1"}
 
-    monkeypatch.setattr(client, "request", request)
+    stand_in(monkeypatch, request)
     return requests
 
 
