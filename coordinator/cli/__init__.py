@@ -9,6 +9,8 @@ when that command is asked for (``base.COMMANDS``).
 # ruff: noqa: E402  (the bus is imported first, without aiohttp: see import_bus below)
 from __future__ import annotations
 
+import atexit
+import gc
 import sys
 from typing import Any
 
@@ -25,6 +27,12 @@ from coordinator.errors import FleetwaveError
 from protocol.errors import BusError, CredentialsLapsed, ProtocolError
 
 __all__ = ["Ctx", "cli", "main"]
+
+# The interpreter's last full collection at exit walks every object the imports made (nats-py's
+# dataclasses, click, rich, msgspec types): 25-60 ms of every command's exit, measured, against
+# 6 ms with them frozen first (gc.freeze: left to the OS; the modules' teardown still runs, and
+# every file the CLI writes is closed by then). A followed deploy is done when it exits.
+atexit.register(gc.freeze)
 
 
 def main(argv: list[str] | None = None) -> Any:
