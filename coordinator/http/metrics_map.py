@@ -174,7 +174,8 @@ def node_samples(views: Sequence[NodeView]) -> list[Sample]:
            Sample("fleetwave_nodes", ("offline",), len(views) - online - unheard),
            Sample("fleetwave_nodes", ("unheard",), unheard)]
     for v in sorted(views, key=lambda v: v.id):
-        out.append(Sample("fleetwave_node_up", (v.id,), 1 if v.online else 0))
+        if not v.unheard:  # not known yet either way: "nodes down" must not count it
+            out.append(Sample("fleetwave_node_up", (v.id,), 1 if v.online else 0))
         out += [Sample("fleetwave_node_label_info", (v.id, k, x), 1)
                 for k, x in sorted(v.labels.items())]
     return out

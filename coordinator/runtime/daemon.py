@@ -199,7 +199,7 @@ class Coordinator:
         # coordinator may take over a fleet it fenced, and re-signs the states it signed.
         self.previous_key = previous_key if previous_key != self.public_key else None
         self.id = new_id()
-        self.started = clock()
+        self.started = clock()  # re-set once it hears the fleet (``_set_up``)
         self.runner: Runner | None = None  # while this coordinator leads
         self.lease: Lease | None = None
         self.store: RolloutStore | None = None  # the reader of a standby
@@ -280,6 +280,7 @@ class Coordinator:
                 await asyncio.sleep(delay)
         await bus.subscribe(subjects.heartbeats(f), self._on_heartbeat)
         await bus.subscribe(subjects.registrations(f), self._on_register)
+        self._hearing()
         await self._check_key(bus)
         self.store = RolloutStore(bus, retention=self.retention)
         self.lease = Lease(bus, me=self.id, key=self.public_key, ttl=self.lease_ttl,
@@ -362,6 +363,7 @@ class Coordinator:
                                 nodes=lambda: self.table.view(services=False),
                                 liveness=self.table.liveness,
                                 batchable=self.table.takes_batch_signatures,
+                                unheard=self.table.unheard,
                                 clock=self._clock, started=self.started,
                                 startup_grace=pace.startup_grace(
                                     len(self.table.nodes), self.pacer.rate, STARTUP_GRACE),
@@ -449,6 +451,14 @@ class Coordinator:
                        since=lease.since, renewed=lease.renewed, ttl=lease.ttl, key=lease.key)
         return out
 
+    def _hearing(self) -> None:
+        """From now on this coordinator hears the fleet (it can have waited minutes for its
+        bus): the startup grace, the runner's and the node table's, counts from here; until
+        it is over, silence is no evidence yet."""
+        self.started = self._clock()
+        self.table.listen(self.started + pace.startup_grace(
+            len(self.table.nodes), self.pacer.rate, STARTUP_GRACE))
+
     async def _load_known(self, bus: Bus) -> None:
         for entry in await bus.kv_entries(subjects.nodes_bucket(self.fleet_name)):
             try:
@@ -460,9 +470,6 @@ class Coordinator:
                 self._complain(entry.key, "nodes-bucket", f"ignoring nodes bucket entry: {exc}")
                 continue
             self.table.load(info)
-        # Until the startup grace is over (the runner's too), silence is no evidence yet.
-        self.table.listen(self.started + pace.startup_grace(
-            len(self.table.nodes), self.pacer.rate, STARTUP_GRACE))
 
     # -- inputs -----------------------------------------------------------------------------------
 

@@ -56,7 +56,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -73,6 +73,7 @@ from coordinator.core.engine import (
     new_record,
     worst_case_sizes,
 )
+from coordinator.core.fleet import matches
 from coordinator.core.history import Retention, newest, summarise
 from coordinator.core.pages import Layout, fit
 from coordinator.errors import RemoteError, UsageError
@@ -116,6 +117,11 @@ TICK = 0.2  # how often time passes for the rollouts (and for the daemon's node 
 # > 3 heartbeats of 2 s: time for every live node to beat once. The floor: the daemon gives
 # three paced intervals when the fleet is paced longer (``coordinator.core.pace.startup_grace``).
 STARTUP_GRACE = 10.0
+# A deploy waits this long at most for the nodes it targets that a coordinator just started has
+# not heard yet (``Runner._hear_from``): within the handler's 30 s and the CLI's, and one paced
+# interval up to 40,000 nodes (nodes / 2,000 a second).
+UNHEARD_WAIT = 20.0
+UNHEARD_POLL = 0.1
 RESYNC_INTERVAL = 30.0
 OUTBOX_CLEAR_AFTER = 2.0  # a record whose outbox was all acknowledged is rewritten empty then
 OUTBOX_RETRY = 30.0  # events still unacknowledged this long after their decision are sent again
@@ -136,11 +142,16 @@ class Runner:
         started: float | None = None, observe: Observe | None = None,
         retention: Retention | None = None,
         batchable: Callable[[str], bool] | None = None,
+        unheard: Callable[[Mapping[str, str]], Sequence[str]] | None = None,
     ) -> None:
         self.bus = bus
         self.fleet = bus.fleet
         self._nodes = nodes
         self._liveness = liveness  # O(1) per node for the tick; else read off nodes()
+        # The nodes a selector matches that are not heard yet (``Fleet.unheard``); else read
+        # off nodes()
+        self._unheard = unheard or (lambda selector: [
+            v.id for v in nodes() if v.unheard and matches(selector, v.labels)])
         self._clock = clock
         self._tick = tick
         self._grace = startup_grace
@@ -343,6 +354,25 @@ class Runner:
             if driver.rollout.done:
                 self.closing.pop(driver.id, None)
 
+    async def _hear_from(self, selector: Mapping[str, str]) -> None:
+        """Wait, ``UNHEARD_WAIT`` at most, for the nodes ``selector`` matches that this
+        coordinator, just started, has not heard yet (``Fleet.listen``): they beat at the
+        leader's pace, up to 25 s apart at 50,000 nodes, and a deploy planned before would
+        leave every live one of them out as offline. Those still silent after it are."""
+        waiting = self._unheard(selector)
+        if not waiting:
+            return
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + UNHEARD_WAIT
+        log.info("waiting up to %gs for %d targeted nodes this coordinator has not heard from "
+                 "yet (it has just started)", UNHEARD_WAIT, len(waiting))
+        while waiting and loop.time() < give_up:
+            await asyncio.sleep(UNHEARD_POLL)
+            waiting = self._unheard(selector)
+        if waiting:
+            log.warning("%d targeted nodes still not heard from after %gs: left out as offline "
+                        "(e.g. %s)", len(waiting), UNHEARD_WAIT, ", ".join(waiting[:5]))
+
     def _liveness_from_views(self) -> Callable[[str], Liveness | None]:
         """``liveness`` read off the node table's views (when the runner was given no lookup)."""
         table = {v.id: (v.online, v.last_seen is not None) for v in self._nodes()}
@@ -385,6 +415,7 @@ class Runner:
                 await self._finishing(spec.service)
                 if stale is not None and stale.id not in self.drivers:
                     await self._write_intended(Rollout(stale, fleet=self.fleet))
+                await self._hear_from(spec.selector)
                 now = self._clock()
                 views = list(self._nodes())
                 live = [v for v in views if v.online]

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 import coordinator.cli.client as client
+from protocol.errors import NotReachable
 
 Deploy = Callable[..., Any]  # (ctx, verb, body) -> the deploy's answer, or raises
 Status = Callable[..., Awaitable[Any]]  # (ctx, verb, body, **kw) -> a status
@@ -27,14 +28,17 @@ class Bus:
 
 
 def stand_in(monkeypatch: pytest.MonkeyPatch, deploy: Deploy,
-             status: Status | None = None) -> list[str]:
-    """``deploy`` answers the deploy request; ``status`` every other call (a followed one).
-    Returns what happened in order: connections, subscriptions and calls."""
+             status: Status | None = None, *, unreachable: str = "") -> list[str]:
+    """``deploy`` answers the deploy request; ``status`` every other call (a followed one);
+    ``unreachable``: connecting fails with NotReachable saying so. Returns what happened in
+    order: connections, subscriptions and calls."""
     log: list[str] = []
 
     @contextlib.asynccontextmanager
     async def connected(ctx: object, **kw: object) -> AsyncIterator[Bus]:
         log.append("connect")
+        if unreachable:
+            raise NotReachable(unreachable)
         yield Bus(log)
 
     async def call(ctx: object, verb: str, body: object, **kw: object) -> Any:

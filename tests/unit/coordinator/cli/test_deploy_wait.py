@@ -202,6 +202,18 @@ def test_a_followed_deploy_listens_before_it_asks_on_one_connection(
     assert log == ["connect", *subscribed, "deploy on it", "status on it"], log
 
 
+def test_a_deploy_that_cannot_reach_nats_says_so_in_one_line_and_exits_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    said = "cannot reach NATS at nats://127.0.0.1:1 (no answer within 3s); start a broker"
+    log = stand_in(monkeypatch, lambda *a, **k: {"id": "hello-r1"}, unreachable=said)
+    with pytest.raises(SystemExit) as info:
+        main(["--nats", "nats://127.0.0.1:1", "deploy", "hello", "2.0.0"])
+    out, err = capsys.readouterr()
+    assert (info.value.code, out, err) == (1, "", f"fleetwave: {said}\n")
+    assert log == ["connect"]  # nothing was asked
+
+
 def test_exit_codes_are_documented_in_help() -> None:
     """``deploy --help`` lists every exit code, 5 included."""
     text = " ".join(CliRunner().invoke(cli, ["deploy", "--help"]).output.split())

@@ -64,10 +64,11 @@ def deployed(monkeypatch: pytest.MonkeyPatch, *args: str) -> RolloutSpec:
         sent.append(body.spec)
         return {"id": "r1"}
 
-    stand_in(monkeypatch, request)
+    log = stand_in(monkeypatch, request)
     with pytest.raises(SystemExit) as info:
         main(["--nats", "nats://127.0.0.1:1", "deploy", *args, "--detach"])
     assert info.value.code == 0
+    assert log == ["connect", "deploy on it"]  # detached: no subscription, no follow
     (spec,) = sent
     return spec
 

@@ -138,6 +138,22 @@ def test_loaded_nodes_are_not_heard_yet_until_the_listening_grace_is_over() -> N
     assert f.page(None, 5)[1:] == (3, 1, 0)
 
 
+def test_unheard_lists_the_matching_nodes_not_heard_yet() -> None:
+    """What a deploy waits for: the nodes a selector matches that are not heard yet."""
+    f = Fleet()
+    f.load(NodeInfo(id="n1", labels={"zone": "a"}))
+    f.load(NodeInfo(id="n2", labels={"zone": "b"}))
+    f.load(NodeInfo(id="n3", labels={"zone": "a"}))
+    f.register(NodeInfo(id="n3", labels={"zone": "a"}), T0 - 20)  # heard before: offline now
+    f.tick(T0)
+    f.listen(T0 + 12)
+    assert f.unheard() == ["n1", "n2"] and f.unheard({"zone": "a"}) == ["n1"]
+    f.heartbeat(hb("n1"), T0 + 1)
+    assert f.unheard({"zone": "a"}) == []
+    f.tick(T0 + 12)
+    assert f.unheard() == []
+
+
 def test_view_carries_figures_and_services() -> None:
     """The view shows the last heartbeat's cpu, memory and services keyed by name."""
     f = Fleet()

@@ -141,7 +141,9 @@ async def test_a_just_started_coordinator_shows_nodes_it_has_not_heard_as_not_he
     bus = FakeBus(fleet="default")
     for node in ("node-1", "node-2"):
         bus.set("put", subjects.nodes_bucket("default"), node, encode(NodeInfo(id=node)))
+    wall.t += 60.0  # it waited a minute for its bus: the grace counts from when it hears
     await c._load_known(bus)  # type: ignore[arg-type]
+    c._hearing()
     c.bus = bus  # type: ignore[assignment]
     wall.t += 3.0  # past the cold answer's wait, within the grace (STARTUP_GRACE)
     await beat(c, "node-1")
@@ -153,7 +155,7 @@ async def test_a_just_started_coordinator_shows_nodes_it_has_not_heard_as_not_he
     wall.t = c.started + STARTUP_GRACE
     c.table.tick(wall.t)
     assert [(r.online, r.unheard) for r in await c._nodes(NodesRequest(), "bob")] == [
-        (False, False), (False, False)]  # node-1 beat at 0.5 s: silent since; node-2 never
+        (False, False), (False, False)]  # node-1 beat 7 s before (every 0.5 s); node-2 never
 
 
 def test_a_coordinator_process_collects_garbage_at_its_own_thresholds() -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+import coordinator.runtime.runner as runner_mod
 from coordinator.core import pages
 from coordinator.core.engine import Pause, Resume, Rollout
 from coordinator.errors import RemoteError, UsageError
@@ -749,6 +750,35 @@ async def test_selected_nodes_offline_at_the_deploy_are_named_in_the_report() ->
     assert rec.report.skipped_offline == ["node-3"]
     stored = [value for _, bucket, _, value in bus.log if bucket == ROLLOUTS and value]
     assert b'"report":{"skipped_offline":["node-3"]}' in stored[0]
+
+
+async def test_a_deploy_waits_for_the_nodes_a_just_started_coordinator_has_not_heard(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Targeted nodes *not heard yet* (``Fleet.listen``) are waited for, then planned as the
+    live nodes they turn out to be; one still silent after ``UNHEARD_WAIT`` is left out as
+    offline. Before, a deploy in a coordinator's first seconds skipped every one of them."""
+    monkeypatch.setattr(runner_mod, "UNHEARD_WAIT", 0.5)
+    monkeypatch.setattr(runner_mod, "UNHEARD_POLL", 0.01)
+    bus, clock = fleet_bus(), FakeClock()
+    table = [NodeView(id=f"node-{i}", labels={"zone": "a"}, unheard=True) for i in (1, 2, 3)]
+    asked: list[dict[str, str]] = []
+
+    def unheard(selector: dict[str, str]) -> list[str]:
+        asked.append(selector)
+        if len(asked) == 3:  # the third look: node-1 and node-2 beat meanwhile
+            for v in table[:2]:
+                v.online, v.unheard, v.last_seen = True, False, clock.t
+        return [v.id for v in table if v.unheard]
+
+    r = Runner(bus, seed=SEED, fenced=fenced(bus), nodes=lambda: table, clock=clock,
+               unheard=unheard)
+    rec = await r.deploy(spec(), NEW)
+    assert set(rec.nodes) == {"node-1", "node-2"} and len(asked) > 3
+    assert rec.report.skipped_offline == ["node-3"]  # never heard: after the wait, offline
+    table[2].online, table[2].unheard = True, False
+    asked.clear()
+    r2 = Runner(fleet_bus(), seed=SEED, fenced=fenced(bus), nodes=lambda: table, clock=clock)
+    assert set((await r2.deploy(spec(), NEW)).nodes) == {"node-1", "node-2", "node-3"}
 
 
 async def test_events_the_publisher_gave_up_on_are_sent_again_from_the_outbox() -> None:
