@@ -55,7 +55,7 @@ async def test_three_agents_come_online_with_their_labels(broker: Broker, tmp_pa
         for n in NODES:
             assert rows[n]["labels"] == LABELS[n]
             assert rows[n]["cpu_percent"] is not None and rows[n]["mem_percent"] > 0
-            assert set(rows[n]) == {"id", "labels", "online", "last_seen", "cpu_percent",
+            assert set(rows[n]) == {"id", "labels", "online", "unheard", "last_seen", "cpu_percent",
                                     "mem_percent", "services", "cordon"}
             assert rows[n]["cordon"] is None
         zone_a = await nodes_json(broker.url, "--selector", "zone=a")
