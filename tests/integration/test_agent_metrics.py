@@ -228,13 +228,20 @@ async def test_canary_and_stable_are_one_label_apart_and_match_the_gate(tmp_path
                     weights = {v: s.total("fleetwave_router_weight", version=v)
                                for v in (OLD, NEW)}
                     assert weights[NEW] / (weights[NEW] + weights[OLD]) == 0.25, weights
+                evs = await events_of(url, rid)
+                judged_at = min(float(e["time"]) for e in evs if e["kind"] == "gate.failed")
+                # Every node's first read after the judgement, the bracket's upper end: on a
+                # loaded machine the scraper could stop before it saw one (a CI run's failure:
+                # the bracket then ended at a read before the judged one).
+                await wait_until(
+                    lambda: asyncio.sleep(0, seen),
+                    lambda got: all(any(t > judged_at for t in reads) for reads in got.values()),
+                    timeout=20, what="a read of every node after the gate's judgement")
                 last = {node: await scrape(fleet, int(node[-1])) for node in seen}
             record = await record_of(bus, rid)
         finally:
             await bus.close()
 
-        evs = await events_of(url, rid)
-        judged_at = min(float(e["time"]) for e in evs if e["kind"] == "gate.failed")
         g = st["waves"][0]["gates"]
         assert g["outcome"] == "fail" and g["requests"] >= 20, g
         wave = record.waves[0]
