@@ -107,17 +107,20 @@ class Fleet:
         self._sorted: list[NodeRecord] = []
         self._unheard: set[str] = set()  # see ``listen``
         self.unheard_until = 0.0
+        self._unheard_grace = 0.0
 
     def load(self, info: NodeInfo) -> None:
         """Know a node from the nodes bucket (at start): not online until it beats."""
         rec = self.nodes.setdefault(info.id, NodeRecord(info.id))
         rec.info = info
 
-    def listen(self, until: float) -> None:
-        """Every known node not heard from yet is *not heard yet* rather than offline until
-        ``until`` (when ``tick`` passes it, those still silent are offline): a coordinator that
-        has just started showed a fleet of live nodes all offline for a paced interval."""
-        self.unheard_until = until
+    def listen(self, now: float, grace: float) -> None:
+        """Every known node not heard from yet is *not heard yet* rather than offline for
+        ``grace`` seconds from ``now`` (when ``tick`` passes that, those still silent are
+        offline), and as long again after the coordinator could not hear (``excuse``): one
+        that has just started showed a fleet of live nodes all offline for a paced interval."""
+        self.unheard_until = now + grace
+        self._unheard_grace = grace
         self._unheard = {r.id for r in self.nodes.values() if r.last_seen is None}
 
     def register(self, info: NodeInfo, now: float) -> list[Transition]:
@@ -133,9 +136,13 @@ class Fleet:
         return self._alive(rec, now, "heartbeat")
 
     def liveness(self, node_id: str) -> tuple[bool, bool] | None:
-        """(online, ever heard from) of one node, None if unknown: the runner's O(1) lookup."""
+        """(online, known: heard from, or no longer *not heard yet*) of one node, None if
+        unknown: the runner's O(1) lookup, for which this table's window (``listen``) is the
+        startup grace."""
         rec = self.nodes.get(node_id)
-        return None if rec is None else (rec.online, rec.last_seen is not None)
+        if rec is None:
+            return None
+        return rec.online, rec.last_seen is not None or rec.id not in self._unheard
 
     def takes_batch_signatures(self, node_id: str) -> bool:
         """Whether the node's agent said it verifies batch-signed desired states."""
@@ -181,6 +188,8 @@ class Fleet:
         """The coordinator could not hear the fleet until ``until`` (it was disconnected, and
         agents reconnect with backoff): no online node goes offline for silence before then."""
         self.excused_until = max(self.excused_until, until)
+        if self._unheard:  # nor does a node not heard yet: its grace starts again then
+            self.unheard_until = max(self.unheard_until, until + self._unheard_grace)
 
     def _deadline(self, rec: NodeRecord) -> float | None:
         deadline = rec.deadline()

@@ -456,7 +456,7 @@ class Coordinator:
         bus): the startup grace, the runner's and the node table's, counts from here; until
         it is over, silence is no evidence yet."""
         self.started = self._clock()
-        self.table.listen(self.started + pace.startup_grace(
+        self.table.listen(self.started, pace.startup_grace(
             len(self.table.nodes), self.pacer.rate, STARTUP_GRACE))
 
     async def _load_known(self, bus: Bus) -> None:

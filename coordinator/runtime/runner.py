@@ -29,9 +29,11 @@ Since the record is persisted before the writes it decided, a coordinator killed
 resumes correctly (``resync``): every non-terminal record is loaded, its ``intended()`` desired
 states re-written where the KV generation is lower, the cached observed states fed again. Ticks
 wait until the observed watch has delivered its first full snapshot, so a resumed rollout never
-judges a bake without the figures behind it, and offline transitions are held back for
-``startup_grace`` seconds after start unless the node beat since (a restarted coordinator knows
-no node alive until its first heartbeat).
+judges a bake without the figures behind it, and offline transitions are held back while the
+node table cannot know yet (a restarted coordinator knows no node alive until its first
+heartbeat): for the daemon, the table's *not heard yet* window (``Fleet.listen``: from when it
+began hearing the fleet, and again after a time it could not); read off views,
+``startup_grace`` seconds after ``started`` unless the node beat since.
 
 One rollout at a time per service: ``deploy`` creates the record, then takes the service's lock
 (``RolloutStore``: why in that order) before it starts it, and the lock is released once the
@@ -126,7 +128,8 @@ RESYNC_INTERVAL = 30.0
 OUTBOX_CLEAR_AFTER = 2.0  # a record whose outbox was all acknowledged is rewritten empty then
 OUTBOX_RETRY = 30.0  # events still unacknowledged this long after their decision are sent again
 
-# What the node table says of one node: (online now, ever heard from). ``Fleet.liveness``.
+# What the node table says of one node: (online now, known: ever heard from, or the table's
+# startup grace for it is over). ``Fleet.liveness``.
 Liveness = tuple[bool, bool]
 
 
@@ -379,12 +382,16 @@ class Runner:
         return table.get
 
     def _online(self, seen: Liveness | None, now: float) -> bool | None:
-        """What the node table says of a node, or None while it cannot know yet."""
+        """What the node table says of a node, or None while it cannot know yet: a table given
+        as ``liveness`` keeps the startup grace itself (``Fleet.listen``, extended by a time
+        the coordinator could not hear); read off views, ``startup_grace`` from ``started``."""
         if seen is not None and seen[0]:
             return True
-        if (seen is not None and seen[1]) or now - self.started >= self._grace:
+        if seen is not None and seen[1]:
             return False
-        return None
+        if seen is not None and self._liveness is not None:
+            return None
+        return False if now - self.started >= self._grace else None
 
     def _retry_outbox(self, driver: Driver, now: float) -> None:
         """Send again what the publisher gave up on (the stream was away): every OUTBOX_RETRY,

@@ -116,7 +116,7 @@ def test_loaded_nodes_are_known_but_offline() -> None:
 
 
 def test_loaded_nodes_are_not_heard_yet_until_the_listening_grace_is_over() -> None:
-    """A coordinator that has just started cannot know: after ``listen(until)`` a loaded node
+    """A coordinator that has just started cannot know: after ``listen(now, grace)`` a loaded node
     not heard from is *not heard yet* (not online, not offline, listed after the offline
     ones) until ``until``, or until it beats; then those still silent are offline."""
     f = Fleet()
@@ -124,7 +124,7 @@ def test_loaded_nodes_are_not_heard_yet_until_the_listening_grace_is_over() -> N
         f.load(NodeInfo(id=f"n{i}"))
     f.heartbeat(hb("n3", interval=1.0), T0 - 10)
     f.tick(T0)  # n3: offline, heard from before
-    f.listen(T0 + 12)
+    f.listen(T0, 12)
     assert [(v.id, v.online, v.unheard) for v in f.view()] == [
         ("n1", False, True), ("n2", False, True), ("n3", False, False)]
     assert f.page(None, 1)[0][0].id == "n3"  # the offline one wants a look first
@@ -138,6 +138,23 @@ def test_loaded_nodes_are_not_heard_yet_until_the_listening_grace_is_over() -> N
     assert f.page(None, 5)[1:] == (3, 1, 0)
 
 
+def test_the_window_starts_again_after_a_time_the_coordinator_could_not_hear() -> None:
+    """``excuse`` (the bus was away until then) gives a node not heard yet its grace again,
+    and ``liveness`` says whether the table knows: heard from, or its window over."""
+    f = Fleet()
+    f.load(NodeInfo(id="n1"))
+    f.load(NodeInfo(id="n2"))
+    f.listen(T0, 12)
+    assert f.liveness("n1") == (False, False) and f.liveness("nx") is None
+    f.heartbeat(hb("n2", interval=100.0), T0 + 1)
+    assert f.liveness("n2") == (True, True)
+    f.excuse(T0 + 8)  # deaf until T0 + 8: n1 has until T0 + 20
+    f.tick(T0 + 19)
+    assert f.liveness("n1") == (False, False) and f.unheard() == ["n1"]
+    f.tick(T0 + 20)
+    assert f.liveness("n1") == (False, True) and f.unheard() == []
+
+
 def test_unheard_lists_the_matching_nodes_not_heard_yet() -> None:
     """What a deploy waits for: the nodes a selector matches that are not heard yet."""
     f = Fleet()
@@ -146,7 +163,7 @@ def test_unheard_lists_the_matching_nodes_not_heard_yet() -> None:
     f.load(NodeInfo(id="n3", labels={"zone": "a"}))
     f.register(NodeInfo(id="n3", labels={"zone": "a"}), T0 - 20)  # heard before: offline now
     f.tick(T0)
-    f.listen(T0 + 12)
+    f.listen(T0, 12)
     assert f.unheard() == ["n1", "n2"] and f.unheard({"zone": "a"}) == ["n1"]
     f.heartbeat(hb("n1"), T0 + 1)
     assert f.unheard({"zone": "a"}) == []

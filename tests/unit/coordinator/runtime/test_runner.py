@@ -642,6 +642,25 @@ async def test_offline_nodes_are_reported_only_after_the_startup_grace() -> None
     assert "offline" in record.reason
 
 
+async def test_with_the_node_tables_liveness_its_window_is_the_startup_grace() -> None:
+    """Given ``liveness`` (the daemon's ``Fleet.liveness``), a node the table says it cannot
+    know yet stays as it is past the runner's own grace (the table's window is longer after a
+    time the coordinator could not hear: ``Fleet.excuse``); once the table knows, it counts."""
+    bus, clock = fleet_bus(), FakeClock()
+    known = {"node-1": (True, True), "node-2": (True, True), "node-3": (True, True)}
+    r = Runner(bus, seed=SEED, fenced=fenced(bus), nodes=lambda: views(), clock=clock,
+               startup_grace=10.0, liveness=known.get)
+    rec = await r.deploy(spec(), NEW)
+    known["node-1"] = (False, False)  # not heard yet, by the table's window
+    clock.t += 30
+    await r.step()
+    assert bus.record(rec.id).nodes["node-1"].online is True
+    known["node-1"] = (False, True)  # its window is over, still silent: offline
+    await r.step()
+    record = bus.record(rec.id)
+    assert record.nodes["node-1"].online is False and record.phase == "rollback"
+
+
 async def test_a_failing_node_rolls_the_rollout_back() -> None:
     """An agent reporting failure rolls back every touched node to its previous state."""
     bus, clock = fleet_bus(), FakeClock()
