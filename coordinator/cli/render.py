@@ -9,21 +9,24 @@ Much of what is shown was written by nodes (their ids, labels, reasons, mismatch
 messages), and a node may be hostile: every line and cell made here passes through ``safe``,
 which shows control characters as escapes, and table cells are ``Text`` (``cell``), never rich
 markup. JSON output (``-o json``) does not come through here and stays exact.
+
+rich is imported where a renderable is made, not with this module: ``deploy -o json`` and the
+plain lines of a CI log need none of it (~20 ms of every such command's start).
 """
 
 from __future__ import annotations
 
 import io
 import time
-from typing import Any
-
-from rich.console import Console, Group, RenderableType
-from rich.measure import Measurement
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING, Any
 
 from protocol.messages import WAVE_IDS, Event
 from protocol.subjects import COORDINATOR_CALLER
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+    from rich.table import Table
+    from rich.text import Text
 
 # What a terminal would act on rather than show: C0 controls (ESC starts every escape sequence;
 # line breaks could forge a line of output), DEL, C1 controls (0x9b is a one-byte CSI), and the
@@ -44,6 +47,8 @@ def safe(text: object) -> str:
 
 def cell(text: object, style: str = "") -> Text:
     """A table cell that shows ``text`` as it is: escaped by ``safe``, never read as markup."""
+    from rich.text import Text
+
     return Text(safe(text), style=style)
 
 
@@ -273,6 +278,10 @@ def _weight(w: dict[str, Any]) -> str:
 
 def status_renderable(st: dict[str, Any]) -> RenderableType:
     """The people's view of one rollout: a headline, its waves and its nodes."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
     if st.get("summarised"):
         return Text("\n".join(summarised_lines(st)))
     waves = Table(box=None, pad_edge=False, header_style="bold")
@@ -393,6 +402,8 @@ def hidden_line(st: dict[str, Any]) -> str:
 
 def rollouts_table(rows: list[dict[str, Any]]) -> Table:
     """The people's view of ``fleetwave rollouts``, at its natural width (``unclipped``)."""
+    from rich.table import Table
+
     table = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("ROLLOUT", "SERVICE", "FROM", "TO", "STRATEGY", "STATE", "NODES", "CREATED",
                 "BY", "REASON"):
@@ -412,6 +423,9 @@ def unclipped(table: Table) -> Table:
     command (a rollout id, a node, a version) is never cut to fit a narrow terminal or a pipe's
     80 columns; a long line runs on (a terminal wraps it, ``grep`` sees it whole). Print it with
     a ``soft_wrap`` console, which does not crop."""
+    from rich.console import Console
+    from rich.measure import Measurement
+
     measuring = Console(file=io.StringIO(), width=1 << 16)
     table.width = Measurement.get(measuring, measuring.options, table).maximum
     return table

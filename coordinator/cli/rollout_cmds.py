@@ -25,12 +25,10 @@ import sys
 import time
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import msgspec
-from rich.console import Console
-from rich.live import Live
 
 import coordinator.cli.client as client
 from coordinator import strategies
@@ -64,6 +62,9 @@ from protocol.messages import (
     RolloutRequest,
     RolloutSpec,
 )
+
+if TYPE_CHECKING:
+    from rich.live import Live
 
 # How often a followed rollout is read at the latest: each of its rollout, wave and gate events
 # (heard on the events' subjects) has it read at once, so its end is noticed within a round
@@ -462,14 +463,21 @@ async def deploy_and_follow(ctx: Ctx, spec: RolloutSpec, *, wait: str, detach: b
                              scale_down_delay=spec.scale_down_delay)
 
 
+def _live() -> Live:
+    """The view a followed rollout redraws on a terminal (rich, imported only for it)."""
+    from rich.console import Console
+    from rich.live import Live
+
+    return Live(console=Console(), refresh_per_second=4, transient=False)
+
+
 async def _follow(ctx: Ctx, bus: Any, rid: str, *, output: str, wait: str,
                   moved: asyncio.Event, scale_down_delay: float) -> int:
     tty = output != "json" and sys.stdout.isatty()
-    console = Console(soft_wrap=not tty)
     last: dict[str, Any] | None = None
     said: dict[str, Any] = {}  # every node row the plain output has gone by
     silent_since: float | None = None
-    live = Live(console=console, refresh_per_second=4, transient=False) if tty else None
+    live = _live() if tty else None
     try:
         if live is not None:
             live.start()
@@ -546,6 +554,8 @@ def status(ctx: Ctx, rollout: str, output: str) -> None:
         click.echo(json.dumps(st, indent=2, sort_keys=True))
     else:
         if sys.stdout.isatty():
+            from rich.console import Console  # (not for -o json: render.py says why)
+
             Console().print(status_renderable(st))
         else:
             click.echo(status_text(st))
@@ -569,6 +579,8 @@ def rollouts(ctx: Ctx, service: str, limit: int, output: str) -> None:
     elif not rows:
         click.echo("no rollouts yet; start one with 'fleetwave deploy SERVICE VERSION'")
     else:
+        from rich.console import Console
+
         Console(soft_wrap=True).print(rollouts_table(rows))
 
 

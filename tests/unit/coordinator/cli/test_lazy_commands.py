@@ -40,6 +40,21 @@ def test_a_command_imports_its_own_module_only() -> None:
     assert not others & set(loaded), loaded
 
 
+def test_deploy_imports_rich_only_to_draw() -> None:
+    """``deploy`` (as ``-o json`` and a CI log run it) imports no rich: ~20 ms of its start;
+    the table it draws on a terminal imports it then."""
+    code = ("import sys\nfrom coordinator.cli import main\n"
+            "try:\n    main(['deploy', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print('rich' in sys.modules)\n"
+            "from coordinator.cli.render import status_renderable\n"
+            "status_renderable({'id': 'r', 'service': 's', 'version': '2', 'state': 'running',"
+            " 'strategy': 'rolling', 'waves': [], 'nodes': {}})\n"
+            "print('rich' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    assert out.strip().splitlines()[-2:] == ["False", "True"], out[-300:]
+
+
 def test_the_objects_of_the_imports_are_frozen_before_the_last_collection() -> None:
     """The interpreter's exit does not walk every object the imports made (``gc.freeze`` at
     exit: 25-60 ms of every command's end): a hook registered before the CLI's import runs
