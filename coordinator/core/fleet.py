@@ -184,11 +184,14 @@ class Fleet:
                      if r.online and (d := self._deadline(r)) is not None]
         return min(deadlines, default=None)
 
-    def excuse(self, until: float) -> None:
+    def excuse(self, until: float, *, deaf: bool = True) -> None:
         """The coordinator could not hear the fleet until ``until`` (it was disconnected, and
-        agents reconnect with backoff): no online node goes offline for silence before then."""
+        agents reconnect with backoff): no online node goes offline for silence before then,
+        and a node not heard yet has its grace again from then. ``deaf=False``: it could hear,
+        but the nodes may be silent until then (the leader lengthened their pace); a node not
+        heard yet keeps its window."""
         self.excused_until = max(self.excused_until, until)
-        if self._unheard:  # nor does a node not heard yet: its grace starts again then
+        if deaf and self._unheard:
             self.unheard_until = max(self.unheard_until, until + self._unheard_grace)
 
     def _deadline(self, rec: NodeRecord) -> float | None:

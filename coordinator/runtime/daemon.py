@@ -615,7 +615,7 @@ class Coordinator:
                     warned = False
                     self._newcomers = False
                     if (grace := self.pacer.grace(due)) > 0:
-                        self.table.excuse(self._clock() + grace)
+                        self.table.excuse(self._clock() + grace, deaf=False)
                     self.pacer.published(time.monotonic(), due)
                     if moved and nodes:
                         log.info("heartbeat pace: %d nodes at most %g heartbeats/s: agents beat "
