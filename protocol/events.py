@@ -203,7 +203,7 @@ def pack(events: Sequence[Event]) -> Event:
     fields they share said once, each member's own in ``data["events"]``. The pack's ``node``
     is its first member's (the record keeps it on that node's page)."""
     first = events[0]
-    members: list[dict[str, Any]] = []
+    carried: list[dict[str, Any]] = []  # (not "members": the function below)
     for e in events:
         member: dict[str, Any] = {"id": e.id, "kind": e.kind, "node": e.node,
                                   "message": e.message, "data": e.data}
@@ -211,10 +211,10 @@ def pack(events: Sequence[Event]) -> Event:
             member["time"] = e.time
         if e.who != first.who:
             member["who"] = e.who
-        members.append(member)
+        carried.append(member)
     return Event(id=event_id(), time=first.time, fleet=first.fleet, kind=PACK,
                  message=f"{len(events)} node events", node=first.node, service=first.service,
-                 rollout=first.rollout, data={"events": members}, who=first.who)
+                 rollout=first.rollout, data={"events": carried}, who=first.who)
 
 
 def members(event: Event) -> list[dict[str, Any]]:
