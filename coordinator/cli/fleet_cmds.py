@@ -288,7 +288,9 @@ def _selector(_: click.Context, __: click.Parameter, value: tuple[str, ...]) -> 
 @output_option
 @click.pass_obj
 def nodes(ctx: Ctx, selector: dict[str, str], output: str) -> None:
-    """List the fleet's nodes: online or not, last seen, load and services."""
+    """List the fleet's nodes: online, offline or not heard yet (by a coordinator that has
+    just started: it counts none offline before its startup grace), last seen, load and
+    services."""
     data = client.request(ctx, "nodes", NodesRequest(selector=selector))
     try:
         rows = msgspec.convert(data, list[NodeView])
