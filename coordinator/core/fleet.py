@@ -233,10 +233,10 @@ class Fleet:
         return [rec for rec in self._sorted if matches(selector, rec.labels)]
 
     def unheard(self, selector: Mapping[str, str] | None = None) -> list[str]:
-        """Ids of the nodes matching ``selector`` that are *not heard yet* (``listen``): O(them),
-        what a deploy waits for (``runtime.runner``)."""
-        return sorted(n for n in self._unheard
-                      if not selector or matches(selector, self.nodes[n].labels))
+        """Ids of the nodes matching ``selector`` that are *not heard yet* (``listen``), in no
+        order: O(them), what a deploy waits for (``runtime.runner``)."""
+        return [n for n in self._unheard
+                if not selector or matches(selector, self.nodes[n].labels)]
 
     def online_ids(self, selector: Mapping[str, str] | None = None) -> list[str]:
         """Ids of the online nodes matching ``selector`` (what a rollout may target)."""

@@ -123,7 +123,7 @@ STARTUP_GRACE = 10.0
 # not heard yet (``Runner._hear_from``): within the handler's 30 s and the CLI's, and one paced
 # interval up to 40,000 nodes (nodes / 2,000 a second).
 UNHEARD_WAIT = 20.0
-UNHEARD_POLL = 0.1
+UNHEARD_POLL = 0.25  # a look at 50,000 nodes not heard yet: a few ms
 RESYNC_INTERVAL = 30.0
 OUTBOX_CLEAR_AFTER = 2.0  # a record whose outbox was all acknowledged is rewritten empty then
 OUTBOX_RETRY = 30.0  # events still unacknowledged this long after their decision are sent again
@@ -374,7 +374,7 @@ class Runner:
             waiting = self._unheard(selector)
         if waiting:
             log.warning("%d targeted nodes still not heard from after %gs: left out as offline "
-                        "(e.g. %s)", len(waiting), UNHEARD_WAIT, ", ".join(waiting[:5]))
+                        "(e.g. %s)", len(waiting), UNHEARD_WAIT, ", ".join(sorted(waiting)[:5]))
 
     def _liveness_from_views(self) -> Callable[[str], Liveness | None]:
         """``liveness`` read off the node table's views (when the runner was given no lookup)."""
