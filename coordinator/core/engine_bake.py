@@ -78,7 +78,7 @@ class Bake:
         wave.bake_until = self.step.now + self.step.spec.bake
         wave.baseline = self.step.snapshot()
         if self.step.spec.bake:
-            self.step.emit("wave.baking", f"wave {wave.index}: baking for "
+            self.step.emit("wave.baking", f"wave {wave.index + 1}: baking for "
                            f"{format_duration(self.step.spec.bake)}", wave=wave.index)
 
     def bake(self, wave: WaveRecord) -> None:
@@ -107,7 +107,7 @@ class Bake:
             move_wave(wave, "failed")
             wave.finished = self.step.now
             why = "; ".join(f"{p.node}: {p.reason}" for p in failed)
-            self.rollback.on_failure(wave, f"wave {wave.index} failed: {why}")
+            self.rollback.on_failure(wave, f"wave {wave.index + 1} failed: {why}")
             return
         if lost:
             return  # the verdict waits for them (and a promote skips gates, not lost nodes)
@@ -115,7 +115,7 @@ class Bake:
             move_wave(wave, "passed")
             wave.finished = self.step.now
             wave.gates = {"outcome": "unchanged"}
-            self.step.emit("gate.skipped", f"wave {wave.index}: every node already runs "
+            self.step.emit("gate.skipped", f"wave {wave.index + 1}: every node already runs "
                            f"{r.release.version}, nothing to judge", wave=wave.index)
             return
         if r.promote:
@@ -123,7 +123,7 @@ class Bake:
             wave.finished = self.step.now
             wave.gates = {"outcome": "promoted"}
             self.step.emit("gate.skipped",
-                           f"wave {wave.index}: promoted by operator, gates skipped",
+                           f"wave {wave.index + 1}: promoted by operator, gates skipped",
                            wave=wave.index)
             if r.promote == "step":
                 r.promote = ""
@@ -181,19 +181,19 @@ class Bake:
         if verdict.outcome == "pass":
             move_wave(wave, "passed")
             wave.finished = self.step.now
-            self.step.emit("gate.passed", f"wave {wave.index}: gates passed", wave=wave.index,
+            self.step.emit("gate.passed", f"wave {wave.index + 1}: gates passed", wave=wave.index,
                            **verdict.figures)
         elif verdict.outcome == "fail":
             move_wave(wave, "failed")
             wave.finished = self.step.now
-            self.step.emit("gate.failed", f"wave {wave.index}: {verdict.reason}", wave=wave.index,
+            self.step.emit("gate.failed", f"wave {wave.index + 1}: {verdict.reason}", wave=wave.index,
                            **verdict.figures)
-            self.rollback.on_failure(wave, f"wave {wave.index} gates failed: {verdict.reason}")
+            self.rollback.on_failure(wave, f"wave {wave.index + 1} gates failed: {verdict.reason}")
         else:
             move_wave(wave, "inconclusive")
-            self.step.emit("gate.inconclusive", f"wave {wave.index}: {verdict.reason}",
+            self.step.emit("gate.inconclusive", f"wave {wave.index + 1}: {verdict.reason}",
                            wave=wave.index, **verdict.figures)
-            self.step.pause(f"wave {wave.index} gates inconclusive: {verdict.reason}")
+            self.step.pause(f"wave {wave.index + 1} gates inconclusive: {verdict.reason}")
 
     def window_covers_bake(self, wave: WaveRecord) -> bool:
         """Whether every wave node's router counters span the whole bake since its baseline.

@@ -105,7 +105,7 @@ class Lost:
 
     def fail(self, p: NodeProgress, wave: WaveRecord, how: str) -> None:
         """Fail a lost node with the reason every failure of a lost node has."""
-        self.step.fail_node(p, f"lost (offline) during wave {wave.index} {how}")
+        self.step.fail_node(p, f"lost (offline) during wave {wave.index + 1} {how}")
 
     def waiting_note(self, node: str) -> str:
         """What the announcement of a target node going offline adds under ``wait``: which
@@ -118,4 +118,4 @@ class Lost:
         if r.state != "running" or r.phase != "forward" or wave.state not in ("updating",
                                                                              "baking"):
             return ""
-        return f"; wave {wave.index} waits for it (on-node-lost wait)"
+        return f"; wave {wave.index + 1} waits for it (on-node-lost wait)"

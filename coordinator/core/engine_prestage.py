@@ -99,7 +99,7 @@ class Prestage:
                 p = self.take(p)
                 p.staged = "staged"
                 step.emit("node.staged", f"{p.node}: {step.r.release.version} healthy in slot "
-                          f"{p.slot} at weight 0, ahead of wave {index}", p.node,
+                          f"{p.slot} at weight 0, ahead of wave {index + 1}", p.node,
                           generation=p.generation, slot=p.slot, wave=index)
                 continue
             elif p.online and step.now >= p.stage_deadline:
@@ -128,7 +128,7 @@ class Prestage:
         node stays ``waiting`` (its old slot still serves) and touched (rolled back if the
         rollout is)."""
         p.staged = "failed"
-        p.reason = f"staging for wave {wave}: {reason}"
+        p.reason = f"staging for wave {wave + 1}: {reason}"
         self.step.emit("node.failed", f"{p.node}: {p.reason}", p.node, reason=p.reason,
                        staging=True, wave=wave)
 
@@ -155,7 +155,7 @@ class Prestage:
                 if step.stage_memo.due is not None:
                     step.stage_memo.due = min(step.stage_memo.due, p.stage_deadline)
                 step.emit("node.staging", f"{n}: {r.release.version} in slot {p.slot} at "
-                          f"weight 0 ahead of wave {index} (generation {p.generation})", n,
+                          f"weight 0 ahead of wave {index + 1} (generation {p.generation})", n,
                           generation=p.generation, slot=p.slot, wave=index)
 
     def resumed(self) -> None:

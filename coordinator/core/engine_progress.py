@@ -154,7 +154,7 @@ class Progress:
             wave.deadline = self.step.now + self.step.spec.progress_deadline
             # A retry is a new test: the evidence that failed the wave is not counted again.
             self.bakes.count_from_here(wave)
-            self.step.emit("rollout.resumed", f"resumed: retrying wave {wave.index}",
+            self.step.emit("rollout.resumed", f"resumed: retrying wave {wave.index + 1}",
                            wave=wave.index, retried=retried)
             return
         if wave.state == "inconclusive":
@@ -163,7 +163,7 @@ class Progress:
             self.bakes.start_bake(wave)
         elif wave.state == "updating":
             wave.deadline = self.step.now + self.step.spec.progress_deadline
-        self.step.emit("rollout.resumed", f"resumed at wave {wave.index}", wave=wave.index)
+        self.step.emit("rollout.resumed", f"resumed at wave {wave.index + 1}", wave=wave.index)
 
     # -- forward progress --------------------------------------------------------------------------
 
@@ -220,7 +220,7 @@ class Progress:
             wave.baseline = self.step.snapshot()
         self.bakes.count_from_here(wave)
         kind = policy.kind
-        self.step.emit("wave.started", f"wave {wave.index}: {len(wave.nodes)} nodes at weight "
+        self.step.emit("wave.started", f"wave {wave.index + 1}: {len(wave.nodes)} nodes at weight "
                        f"{wave.weight}%" + (f" ({kind})" if kind else ""), wave=wave.index,
                        nodes=wave.nodes, weight=wave.weight, wave_kind=kind)
         policy.started(self.step, wave)
@@ -299,10 +299,10 @@ class Progress:
             move_wave(wave, "failed")
             wave.finished = self.step.now
             why = "; ".join(f"{p.node}: {p.reason}" for p in failed)
-            self.rollback.on_failure(wave, f"wave {wave.index} failed: {why}")
+            self.rollback.on_failure(wave, f"wave {wave.index + 1} failed: {why}")
             return
         if not lost and all(peek_node(r.nodes, n).state == "done" for n in wave.nodes):
-            self.step.emit("wave.converged", f"wave {wave.index}: all {len(wave.nodes)} nodes "
+            self.step.emit("wave.converged", f"wave {wave.index + 1}: all {len(wave.nodes)} nodes "
                            "converged", wave=wave.index)
             policy.converged(self.step, wave)
             self.bakes.start_bake(wave)

@@ -651,7 +651,7 @@ class Runner:
                 continue
             driver = self._republish(self.drivers, record, revision, outbox)
             log.info("resuming rollout %s (%s, %s %s, wave %d)", record.id, record.state,
-                     record.spec.service, record.release.version, record.current_wave)
+                     record.spec.service, record.release.version, record.current_wave + 1)
             try:
                 async with driver.lock:
                     await self._write_intended(driver.rollout)

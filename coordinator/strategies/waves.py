@@ -112,7 +112,7 @@ class Ordinary:
         kept = step.r.report.old_window
         if kept is not UNSET:
             return [gatelib.Window(kept.requests, kept.errors, tuple(kept.latency))], \
-                f"wave {kept.wave}"
+                f"wave {kept.wave + 1}"
         before = []
         for n, p in peek(step.r.nodes):  # read only
             serving = serving_slot(p.previous)

@@ -172,7 +172,7 @@ async def test_agent_cut_mid_wave_fails_by_name_without_hanging_and_converges_af
     # Failed by name as soon as it is seen offline (3 heartbeats), not at the progress deadline;
     # the rollback then waits for it at most one more deadline.
     assert at["rollout.rolling_back"] < 3 * HEARTBEAT + 5 < deadline, at
-    assert f"{CUT}: lost (offline) during wave 2 while updating" in final.reason, final.reason
+    assert f"{CUT}: lost (offline) during wave 3 while updating" in final.reason, final.reason
     assert final.state == "failed", (final.state, final.reason)
     assert f"rollback incomplete on {CUT}" in final.reason, final.reason
     assert at["rollout.failed"] - at["rollout.rolling_back"] < deadline + 3, at

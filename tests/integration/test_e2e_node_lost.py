@@ -104,7 +104,7 @@ async def test_a_frozen_agent_is_waited_for_and_never_past_the_deadline(tmp_path
                         await follow
             final = await record_of(bus, rid)
             assert final.state == "paused", (final.state, final.reason)
-            said = ("wave 0 failed: node-2: lost (offline) during wave 0 while baking and not "
+            said = ("wave 1 failed: node-2: lost (offline) during wave 1 while baking and not "
                     "back (online and reporting) within 8s of the bake's end")
             assert said in final.reason, final.reason
             assert code == 4 and said in err.strip().splitlines()[-1], (code, out, err)

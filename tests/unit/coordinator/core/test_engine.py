@@ -191,7 +191,7 @@ def test_offline_node_fails_its_wave() -> None:
     r.handle(Start(), 0.0)
     r.handle(NodeOffline("node-1"), 3.0)
     assert r.state == "paused"
-    assert "node-1: lost (offline) during wave 0 while updating" in r.record.reason
+    assert "node-1: lost (offline) during wave 1 while updating" in r.record.reason
 
 
 def test_max_unavailable_counts_offline_nodes_before_starting_others() -> None:
@@ -205,7 +205,7 @@ def test_max_unavailable_counts_offline_nodes_before_starting_others() -> None:
     r.handle(ObservedChanged("node-2", observed(d2, 2.0)), 2.0)
     assert r.record.current_wave == 1
     assert r.state == "paused"
-    assert "node-4: lost (offline) during wave 1 before it was started" in r.record.reason
+    assert "node-4: lost (offline) during wave 2 before it was started" in r.record.reason
 
 
 def test_stale_observations_are_ignored() -> None:
@@ -477,7 +477,7 @@ def test_a_staging_node_back_online_fails_at_its_deadline(
     review). It fails at its deadline, as a scan of the whole window says."""
     r, victim = _staging_deadline_after_a_return()
     assert r.state == "paused"
-    assert f"{victim}: staging for wave 2: not healthy within 10s" in r.record.reason
+    assert f"{victim}: staging for wave 3: not healthy within 10s" in r.record.reason
     monkeypatch.setattr(Prestage, "watched", Prestage.ahead)
     scan, _ = _staging_deadline_after_a_return()
     assert (scan.state, scan.record.reason) == (r.state, r.record.reason)

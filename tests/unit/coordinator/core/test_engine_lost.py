@@ -50,8 +50,8 @@ def test_fail_a_node_lost_while_updating_fails_its_wave_naming_it(
     r = rollout(3, batch="2", max_unavailable="2", on_failure=on_failure)
     r.handle(Start(), 0.0)
     cmds = r.handle(NodeOffline("node-2"), 3.0)
-    reason = "node-2: lost (offline) during wave 0 while updating"
-    assert f"wave 0 failed: {reason}" in r.record.reason
+    reason = "node-2: lost (offline) during wave 1 while updating"
+    assert f"wave 1 failed: {reason}" in r.record.reason
     assert [e.message for e in events(cmds, "node.failed")] == [reason]
     back = {d.node: d for d in writes(cmds)}
     if state == "rolled_back":
@@ -71,7 +71,7 @@ def test_fail_a_converged_node_lost_before_its_wave_bakes_fails_the_wave() -> No
     converged_at(r, d1, 1.0)
     r.handle(NodeOffline("node-1"), 2.0)
     assert r.state == "paused"
-    assert "node-1: lost (offline) during wave 0 after converging" in r.record.reason
+    assert "node-1: lost (offline) during wave 1 after converging" in r.record.reason
 
 
 def test_fail_a_node_lost_during_the_bake_fails_the_wave() -> None:
@@ -82,7 +82,7 @@ def test_fail_a_node_lost_during_the_bake_fails_the_wave() -> None:
     assert r.record.waves[0].state == "baking"
     r.handle(NodeOffline("node-1"), 10.0)
     assert r.state == "paused" and r.record.waves[0].state == "failed"
-    assert "node-1: lost (offline) during wave 0 while baking" in r.record.reason
+    assert "node-1: lost (offline) during wave 1 while baking" in r.record.reason
 
 
 # -- wait, while updating --------------------------------------------------------------------------
@@ -95,7 +95,7 @@ def test_wait_a_node_back_before_the_deadline_lets_the_wave_go_on() -> None:
     (d1,) = writes(r.handle(Start(), 0.0))
     cmds = r.handle(NodeOffline("node-1"), 5.0)
     assert [e.message for e in events(cmds, "rollout.node.offline")] == [
-        "target node node-1 is offline; wave 0 waits for it (on-node-lost wait)"]
+        "target node node-1 is offline; wave 1 waits for it (on-node-lost wait)"]
     assert writes(cmds) == [] and r.record.nodes["node-1"].state == "updating"
     # Its report may arrive before its heartbeats do: not done while the table says it is lost.
     converged_at(r, d1, 30.0)
@@ -122,7 +122,7 @@ def test_wait_a_node_not_back_by_the_deadline_fails_naming_it() -> None:
         assert r.state == "running"
     r.handle(Tick(), 60.0)
     assert r.state == "paused"
-    assert ("wave 0 failed: node-1: lost (offline) during wave 0 and not back within 1m"
+    assert ("wave 1 failed: node-1: lost (offline) during wave 1 and not back within 1m"
             in r.record.reason)
 
 
@@ -224,7 +224,7 @@ def test_wait_a_node_lost_during_the_bake_fails_past_the_bake_end_plus_the_deadl
     assert r.state == "running"
     r.handle(Tick(), 91.0)
     assert r.state == "paused"
-    assert ("node-1: lost (offline) during wave 0 while baking and not back (online and "
+    assert ("node-1: lost (offline) during wave 1 while baking and not back (online and "
             "reporting) within 1m of the bake's end" in r.record.reason)
 
 

@@ -131,7 +131,7 @@ def test_a_staging_failure_is_reported_before_its_wave_by_the_failure_policy(
     out = r.handle(ObservedChanged("node-3", failure(d3, 1.0, "health check failed")), 1.0)
     (failed,) = events(out, "node.failed")
     assert failed.node == "node-3" and failed.data["staging"] and failed.data["wave"] == 2
-    assert "staging for wave 2: agent reports failure: health check failed" in failed.message
+    assert "staging for wave 3: agent reports failure: health check failed" in failed.message
     assert r.state == state and "staging failed: node-3" in r.record.reason
     assert r.record.current_wave == 0 and "wave.started" not in kinds(out)
     if on_failure == "rollback":
