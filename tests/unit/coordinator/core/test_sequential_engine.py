@@ -74,7 +74,7 @@ def test_a_slow_release_fails_on_the_slow_request_share() -> None:
     counters(r, 3.0, router_stats(at=3.0, a=(5000, 0, 10), b=(60, 0, 26)),
              router_stats(at=3.0, a=(5600, 0, 10)))
     assert r.record.phase == "rollback"
-    assert r.record.reason.startswith("wave 0 gates failed: requests slower than ")
+    assert r.record.reason.startswith("wave 1 gates failed: requests slower than ")
 
 
 def test_clean_traffic_bakes_on_with_the_evidence_so_far_then_passes_at_the_end() -> None:
@@ -90,7 +90,7 @@ def test_clean_traffic_bakes_on_with_the_evidence_so_far_then_passes_at_the_end(
     cmds = counters(r, 61.0, router_stats(at=61.0, a=(5000, 0, 10), b=(1200, 0, 10)),
                     router_stats(at=61.0, a=(9000, 0, 10)))
     passed = events(cmds, "gate.passed")
-    assert [e.message for e in passed] == ["wave 0: gates passed"]
+    assert [e.message for e in passed] == ["wave 1: gates passed"]
     assert "rise at most" in passed[0].data["evidence"][0]
     assert r.record.waves[0].state == "passed"
 

@@ -151,7 +151,7 @@ def test_last_step_compares_p99_with_the_previous_window() -> None:
         r.handle(ObservedChanged("node-2", report(d2, 23.0, stats(23.0, a=(50, 0, 5),
                                                                   b=(40, 0, bucket)))), 23.0)
         gates = r.record.waves[1].gates
-        assert gates["outcome"] == outcome and gates["p99_old_from"] == "wave 0", gates
+        assert gates["outcome"] == outcome and gates["p99_old_from"] == "wave 1", gates
         assert gates["old_requests"] == 50
         assert r.state == ("succeeded" if outcome == "pass" else "running")
 
