@@ -186,8 +186,8 @@ class Bake:
         elif verdict.outcome == "fail":
             move_wave(wave, "failed")
             wave.finished = self.step.now
-            self.step.emit("gate.failed", f"wave {wave.index + 1}: {verdict.reason}", wave=wave.index,
-                           **verdict.figures)
+            self.step.emit("gate.failed", f"wave {wave.index + 1}: {verdict.reason}",
+                           wave=wave.index, **verdict.figures)
             self.rollback.on_failure(wave, f"wave {wave.index + 1} gates failed: {verdict.reason}")
         else:
             move_wave(wave, "inconclusive")
