@@ -601,7 +601,7 @@ class Coordinator:
         """The leader's pace of the fleet's heartbeats (``core.pace``), for as long as it leads."""
         warned = False
         while True:
-            nodes = len(self.table.nodes)
+            nodes = self.table.beating()  # not the offline: they do not beat
             due = self.pacer.due(time.monotonic(), nodes, self._newcomers)
             if due is not None:
                 moved = self.pacer.moved(due)

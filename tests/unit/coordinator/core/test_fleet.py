@@ -172,6 +172,24 @@ def test_unheard_lists_the_matching_nodes_not_heard_yet() -> None:
     assert f.unheard() == []
 
 
+def test_beating_counts_the_online_and_the_not_heard_yet() -> None:
+    """What the leader paces: online nodes and those not heard yet, never the offline."""
+    f = Fleet()
+    for i in (1, 2, 3):
+        f.load(NodeInfo(id=f"n{i}"))
+    f.listen(T0, 12)
+    assert f.beating() == 3
+    f.heartbeat(hb("n1", interval=1.0), T0)
+    f.heartbeat(hb("n4", interval=100.0), T0)  # never loaded: online at once
+    assert (f.online_count, f.beating()) == (2, 4)
+    f.tick(T0 + 3.5)  # n1 offline
+    assert (f.online_count, f.beating()) == (1, 3)
+    f.tick(T0 + 12)  # n2 and n3 never beat: offline
+    assert f.beating() == 1
+    f.heartbeat(hb("n1", interval=1.0), T0 + 13)
+    assert (f.online_count, f.beating()) == (2, 2)
+
+
 def test_view_carries_figures_and_services() -> None:
     """The view shows the last heartbeat's cpu, memory and services keyed by name."""
     f = Fleet()

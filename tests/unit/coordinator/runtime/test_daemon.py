@@ -4,6 +4,8 @@ nodes'."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import logging
 import time
@@ -17,7 +19,7 @@ from coordinator.runtime.runner import STARTUP_GRACE
 from protocol import subjects
 from protocol.codec import decode, encode
 from protocol.errors import BusError
-from protocol.messages import ApiReply, Cordon, Heartbeat, NodeInfo, NodesRequest
+from protocol.messages import ApiReply, Cordon, Heartbeat, NodeInfo, NodesRequest, Pace
 from protocol.testing import FakeBus, FakeClock
 
 
@@ -156,6 +158,37 @@ async def test_a_just_started_coordinator_shows_nodes_it_has_not_heard_as_not_he
     c.table.tick(wall.t)
     assert [(r.online, r.unheard) for r in await c._nodes(NodesRequest(), "bob")] == [
         (False, False), (False, False)]  # node-1 beat 7 s before (every 0.5 s); node-2 never
+
+
+async def test_the_leader_paces_the_nodes_that_beat_not_the_offline_ones() -> None:
+    """Ten nodes known, four online: the pace is for four (every 2 s at 2 a second), not ten
+    (every 5 s: each of the four judged offline 9 s later than it needs to be)."""
+    wall = FakeClock()
+    c = Coordinator("nats://127.0.0.1:4222", "default", clock=wall, heartbeat_rate=2.0)
+    for i in range(1, 11):
+        c.table.load(NodeInfo(id=f"node-{i}"))
+    for i in range(1, 5):
+        await c._on_heartbeat(f"fw.default.hb.node-{i}",
+                              encode(Heartbeat(node=f"node-{i}", time=wall.t, interval=2.0)))
+    published: list[tuple[str, bytes]] = []
+    sent_one = asyncio.Event()
+
+    class Bus:  # what the pace loop needs of the bus: a core publish
+        async def publish(self, subject: str, data: bytes) -> None:
+            published.append((subject, data))
+            sent_one.set()
+
+    loop = asyncio.create_task(c._pace_loop(Bus()))  # type: ignore[arg-type]
+    try:
+        async with asyncio.timeout(5):
+            await sent_one.wait()
+    finally:
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
+    subject, data = published[0]
+    sent = decode(Pace, data)
+    assert subject == subjects.pace("default") and (sent.nodes, sent.interval) == (4, 2.0)
 
 
 def test_a_coordinator_process_collects_garbage_at_its_own_thresholds() -> None:
