@@ -619,6 +619,14 @@ class NodeView(msgspec.Struct, kw_only=True):
     cordon: Cordon | None = None  # held out of new rollouts (and drained) by an operator
 
 
+class ForgetRequest(msgspec.Struct, kw_only=True):
+    """``forget``: drop these offline nodes from the fleet (hosts decommissioned or replaced):
+    their registration, observed states and cordon; answered ``{"nodes": [{"node",
+    "forgotten"}]}``. A node's agent that comes back registers again, as a new node."""
+
+    nodes: list[str] = []
+
+
 class NodesRequest(msgspec.Struct, kw_only=True):
     """``nodes``: every node the selector matches, as a list of NodeView. With ``max_nodes``
     (the dashboard: a page of 50,000 rows is no one's reading), at most that many, those that

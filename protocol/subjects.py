@@ -69,7 +69,8 @@ UNKNOWN_CALLER = "unknown"
 RESERVED_CALLERS = (COORDINATOR_CALLER, UNKNOWN_CALLER)
 
 # The verbs that change a rollout: only the leading coordinator carries them out.
-WRITE_VERBS = ("deploy", "pause", "resume", "promote", "abort", "rollback", "cordon", "uncordon")
+WRITE_VERBS = ("deploy", "pause", "resume", "promote", "abort", "rollback", "cordon", "uncordon",
+               "forget")
 
 
 def api(fleet: str, caller: str, verb: str) -> str:

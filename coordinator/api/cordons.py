@@ -1,7 +1,9 @@
-"""The node verbs of the coordinator's API that hold nodes out: ``cordon`` and ``uncordon``.
+"""The node verbs of the coordinator's API that hold nodes out: ``cordon`` and ``uncordon``;
+and ``forget``, which drops decommissioned nodes from the fleet.
 
     cordon    CordonRequest(node | selector, drain, grace) → {"nodes": [row]}
     uncordon  CordonRequest(node | selector)               → {"nodes": [row]}
+    forget    ForgetRequest(nodes)                         → {"nodes": [{"node", "forgotten"}]}
 
 where a row is ``{"node", "cordoned", "drained", "changed", "by", "time", "grace"}``
 (``changed`` False: it already was so). ``fleetwave drain NODE`` is ``cordon`` with ``drain``:
@@ -9,7 +11,10 @@ one node at a time, by id (taking many nodes' routers out of service at once is 
 maintenance, it is an outage).
 
 Refused as usage (exit 2, nothing changed): no node and no selector, or both; a node the fleet
-has never seen; a selector matching no node; a grace outside 0-3600 s. The writes themselves are
+has never seen; a selector matching no node; a grace outside 0-3600 s. ``forget`` refuses (the
+whole request, nothing changed) a node not in the fleet, one online (stop its agent first: it
+would register again at once), and one not heard yet (a coordinator that has just started
+cannot tell it offline); and, Conflict, one a live rollout targets. The writes themselves are
 the runner's (``coordinator.runtime.cordons``), which records the caller as ``who``.
 """
 
@@ -21,7 +26,7 @@ from typing import Any, Protocol
 from coordinator.api.verbs import Api
 from coordinator.errors import UsageError
 from protocol import subjects
-from protocol.messages import CordonRequest, NodeView
+from protocol.messages import CordonRequest, ForgetRequest, NodeView
 
 MAX_GRACE = 3600.0
 
@@ -32,6 +37,7 @@ class Holder(Protocol):
     async def cordon(self, nodes: list[str], *, drain: bool, grace: float,
                      who: str) -> list[dict[str, Any]]: ...
     async def uncordon(self, nodes: list[str], *, who: str) -> list[dict[str, Any]]: ...
+    async def forget(self, nodes: list[str], *, who: str) -> list[dict[str, Any]]: ...
 
 
 class CordonsApi:
@@ -39,14 +45,17 @@ class CordonsApi:
     is the node table's view: every node ever registered, online or not."""
 
     def __init__(self, holder: Holder, *, fleet: str,
-                 nodes: Callable[[Mapping[str, str] | None], list[NodeView]]) -> None:
+                 nodes: Callable[[Mapping[str, str] | None], list[NodeView]],
+                 forgotten: Callable[[str], object] = lambda node: None) -> None:
         self.holder = holder
         self.fleet = fleet
         self._nodes = nodes
+        self._forgotten = forgotten  # this coordinator's node table drops it (Fleet.forget)
 
     def register(self, api: Api) -> None:
         api.add("cordon", CordonRequest, self.cordon)
         api.add("uncordon", CordonRequest, self.uncordon)
+        api.add("forget", ForgetRequest, self.forget)
 
     async def cordon(self, req: CordonRequest, caller: str) -> dict[str, Any]:
         if req.drain and not req.node:
@@ -60,6 +69,28 @@ class CordonsApi:
 
     async def uncordon(self, req: CordonRequest, caller: str) -> dict[str, Any]:
         return {"nodes": await self.holder.uncordon(self._targets(req, "uncordon"), who=caller)}
+
+    async def forget(self, req: ForgetRequest, caller: str) -> dict[str, Any]:
+        if not req.nodes:
+            raise UsageError("name the nodes to forget: 'fleetwave forget NODE...' (offline "
+                             "nodes; list them with 'fleetwave nodes')")
+        names = sorted({subjects.check_name("node", n) for n in req.nodes})
+        known = {v.id: v for v in self._nodes(None)}
+        for node in names:
+            view = known.get(node)
+            if view is None:
+                raise UsageError(f"no node {node!r} in fleet {self.fleet!r}; nothing forgotten "
+                                 "(list them with 'fleetwave nodes')")
+            if view.online:
+                raise UsageError(f"node {node} is online: stop its agent first (a node that "
+                                 "beats registers again); nothing forgotten")
+            if view.unheard:
+                raise UsageError(f"node {node} is not heard from yet (this coordinator has just "
+                                 "started): try again once it shows offline; nothing forgotten")
+        rows = await self.holder.forget(names, who=caller)
+        for node in names:
+            self._forgotten(node)
+        return {"nodes": rows}
 
     def _targets(self, req: CordonRequest, verb: str) -> list[str]:
         """The nodes ``req`` names; UsageError (nothing changes) when it names none."""

@@ -96,7 +96,7 @@ def _fleet(_: click.Context, __: click.Parameter, value: str) -> str:
 COMMANDS = {
     **dict.fromkeys(["abort", "deploy", "events", "pause", "promote", "resume", "rollback",
                      "rollouts", "status"], "rollout_cmds"),
-    **dict.fromkeys(["cordon", "drain", "uncordon"], "node_cmds"),
+    **dict.fromkeys(["cordon", "drain", "forget", "uncordon"], "node_cmds"),
     **dict.fromkeys(["coordinator", "key", "nodes"], "fleet_cmds"),
     **dict.fromkeys(["broker", "demo"], "infra"),
     "auth": "auth_cmds", "dev": "dev_cmds", "protocol": "proto", "release": "release_cmds",

@@ -1,4 +1,5 @@
-"""``fleetwave cordon``, ``uncordon`` and ``drain``: holding nodes out for maintenance.
+"""``fleetwave cordon``, ``uncordon`` and ``drain``: holding nodes out for maintenance; and
+``forget``: dropping decommissioned nodes from the fleet.
 
 Each is one API request (``coordinator.api.cordons``); the coordinator checks the node or the
 selector, so an unknown node or a selector matching nothing is one line and exit 2, and nothing
@@ -22,7 +23,7 @@ from coordinator.core.fleet import parse_selector
 from coordinator.errors import FleetwaveError, UsageError
 from protocol.durations import format_duration, parse_duration
 from protocol.errors import ProtocolError
-from protocol.messages import CordonRequest, NodesRequest
+from protocol.messages import CordonRequest, ForgetRequest, NodesRequest
 
 READY_PATH = "/.well-known/fleetwave/ready"  # agent.router.health; repeated for the help texts
 DEFAULT_GRACE = "15s"
@@ -89,6 +90,32 @@ def cordon(ctx: Ctx, node: str, selector: dict[str, str], output: str) -> None:
     """
     _render(client.request(ctx, "cordon", CordonRequest(node=node, selector=selector)),
             output, "cordon")
+
+
+@cli.command()
+@click.argument("nodes", nargs=-1, required=True)
+@output_option
+@click.pass_obj
+def forget(ctx: Ctx, nodes: tuple[str, ...], output: str) -> None:
+    """Drop offline NODES (hosts decommissioned or replaced) from the fleet.
+
+    Their registrations, observed states and cordons go: 'fleetwave nodes', the dashboard, the
+    metrics, the heartbeat pace and new rollouts no longer count them (a box replaced keeps
+    being reported offline, and listed as skipped by every deploy, until it is forgotten). A
+    node must be offline (stop its agent first: one that beats registers again, as a new node)
+    and no running rollout may target it; otherwise nothing is forgotten (exit 2, or 1 for a
+    rollout in the way). Its desired states stay: an agent that comes back serves what it was
+    told. Who forgot it, and when, is the node.forgotten event.
+    """
+    data = client.request(ctx, "forget", ForgetRequest(nodes=list(nodes)))
+    rows = data.get("nodes") if isinstance(data, dict) else None
+    if not isinstance(rows, list):
+        raise ProtocolError(f"the coordinator sent an unexpected forget reply: {data!r}")
+    if output == "json":
+        click.echo(json.dumps(rows, indent=2, sort_keys=True))
+        return
+    for row in rows:
+        click.echo(safe(f"{row.get('node')}: forgotten"))
 
 
 @cli.command()

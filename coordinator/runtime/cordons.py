@@ -1,4 +1,5 @@
-"""Cordons and drains: operators holding nodes out of new rollouts, and out of service.
+"""Cordons and drains: operators holding nodes out of new rollouts, and out of service; and
+``forget``, which drops a decommissioned (offline) node from the fleet.
 
 Theory of operation: a cordon is an operator's decision, so the coordinator keeps it, in KV
 ``fw-<fleet>-cordons/<node>`` (a ``Cordon``: who, when, drained or not), never in the node's own
@@ -131,6 +132,21 @@ class Cordons:
             out.append({"node": node, "cordoned": False, "drained": False, "changed": True})
         return out
 
+    async def forget(self, nodes: Iterable[str], *, who: str) -> list[dict[str, Any]]:
+        """Drop ``nodes`` (offline: the API checked) from the fleet: their registration, their
+        observed states and their cordon; their desired states stay (a node whose agent comes
+        back serves what it was told, and registers again). Conflict while a live rollout
+        targets one."""
+        out: list[dict[str, Any]] = []
+        for node in nodes:
+            self._refuse_busy(node, "forget")
+            await self._retrying(functools.partial(self._forget, node))
+            self._emit("node.forgotten", node, who,
+                       f"{node} forgotten by {who}: no longer in the fleet (its agent, if it "
+                       "comes back, registers again)")
+            out.append({"node": node, "forgotten": True})
+        return out
+
     # -- helpers ----------------------------------------------------------------------------------
 
     def _refuse_busy(self, node: str, verb: str) -> None:
@@ -166,6 +182,12 @@ class Cordons:
 
     async def _delete(self, node: str) -> None:
         await bounded(self.bus.kv_delete(self.bucket, node))
+
+    async def _forget(self, node: str) -> None:
+        await bounded(self.bus.kv_purge_keys(subjects.observed_bucket(self.fleet), f"{node}.*"))
+        await bounded(self.bus.kv_purge_keys(self.bucket, node))
+        # Last: while its registration is there, a coordinator that starts knows the node.
+        await bounded(self.bus.kv_purge_keys(subjects.nodes_bucket(self.fleet), node))
 
     def _emit(self, kind: str, node: str, who: str, message: str, **data: Any) -> None:
         log.info("%s", message)

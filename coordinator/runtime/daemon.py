@@ -92,7 +92,7 @@ from protocol.bus import Observer as BusObserver
 from protocol.codec import decode, encode, shared
 from protocol.creds import Creds
 from protocol.errors import BusError, NoRoom, ProtocolError, TooFewServers
-from protocol.events import EventPublisher, event_id
+from protocol.events import EventPublisher, event_id, received_all
 from protocol.history import RolloutSummary, SummarisedRollout
 from protocol.messages import (
     ApiReply,
@@ -280,6 +280,8 @@ class Coordinator:
                 await asyncio.sleep(delay)
         await bus.subscribe(subjects.heartbeats(f), self._on_heartbeat)
         await bus.subscribe(subjects.registrations(f), self._on_register)
+        # A node the leader forgot leaves every coordinator's table (a standby's too).
+        await bus.subscribe(subjects.event(f, "node.forgotten"), self._on_forgotten)
         self._hearing()
         await self._check_key(bus)
         self.store = RolloutStore(bus, retention=self.retention)
@@ -290,7 +292,8 @@ class Coordinator:
             _Current(self), public_key=self.public_key,
             resolve=lambda service, version: resolve_release(bus, service, version),
         ).register(self.api)
-        CordonsApi(_Current(self), fleet=f, nodes=self.table.view).register(self.api)
+        CordonsApi(_Current(self), fleet=f, nodes=self.table.view,
+                   forgotten=self.table.forget).register(self.api)
         self.api.add("leader", LeaderRequest, self._leader)
         # Reading verbs: every coordinator answers every request (no queue group) and the
         # caller takes the first answer, so a frozen coordinator cannot swallow a read. Writing
@@ -507,6 +510,16 @@ class Coordinator:
                 info.id, info.labels)
         self._emit(transitions)
 
+    async def _on_forgotten(self, subject: str, data: bytes) -> None:
+        try:
+            events = received_all(self.fleet_name, subject, data)
+        except ProtocolError as exc:
+            self._complain("events", "node.forgotten", str(exc))
+            return
+        for event in events:
+            if event.kind == "node.forgotten" and event.node and self.table.forget(event.node):
+                log.info("node %s forgotten (by %s)", event.node, event.who or "?")
+
     async def _nodes(self, req: NodesRequest, caller: str) -> list[NodeView] | dict[str, Any]:
         if self.runner is None:  # a standby: a cold one answers last (COLD_ANSWER_WAIT)
             beat = max(AGENT_BEAT, pace.interval(len(self.table.nodes), self.pacer.rate))
@@ -696,6 +709,9 @@ class _Current:
 
     async def uncordon(self, nodes: list[str], *, who: str) -> list[dict[str, Any]]:
         return await self._runner().uncordon(nodes, who=who)
+
+    async def forget(self, nodes: list[str], *, who: str) -> list[dict[str, Any]]:
+        return await self._runner().forget(nodes, who=who)
 
     def refused(self, verb: str, spec: RolloutSpec, who: str, reason: str, code: str) -> None:
         if self._c.runner is not None:  # a standby forwarded the write before it got here

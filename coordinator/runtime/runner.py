@@ -534,6 +534,15 @@ class Runner:
         async with self._deploying:
             return await self.cordons.uncordon(nodes, who=who)
 
+    async def forget(self, nodes: list[str], *, who: str) -> list[dict[str, Any]]:
+        """Drop offline ``nodes`` from the fleet (``coordinator.runtime.cordons``), under the
+        deploys' lock: no rollout starts on one between the check and the writes."""
+        async with self._deploying:
+            out = await self.cordons.forget(nodes, who=who)
+        for key in [k for k in self.observed if k[0] in set(nodes)]:
+            del self.observed[key]
+        return out
+
     def _targeted(self, node: str) -> str | None:
         return next((d.id for d in self.drivers.values() if node in d.rollout.record.nodes), None)
 

@@ -21,6 +21,7 @@ from protocol.errors import BusError
 from protocol.messages import ApiReply, Event, Heartbeat, NodeInfo, NodesRequest
 from tests.integration.procs import (
     HEARTBEAT,
+    fleetwave,
     nodes_json,
     online,
     read_text,
@@ -93,6 +94,36 @@ async def test_killed_agent_goes_offline_and_comes_back(tmp_path: Path) -> None:
             assert [e.node for e in online_events].count("node-2") == 2
         finally:
             await bus.close()
+
+
+async def test_a_forgotten_node_leaves_the_fleet_until_its_agent_comes_back(
+        tmp_path: Path) -> None:
+    """``fleetwave forget``: an online node or an unknown one is refused (exit 2, one line,
+    nothing changed); once its agent is stopped and it shows offline, the node leaves ``nodes``
+    and the nodes bucket, node.forgotten says who; its agent started again, it is a node again."""
+    async with DevFleet(tmp_path, agents=2, heartbeat_interval=HEARTBEAT) as fleet:
+        url = fleet.nats_url
+        code, out, err = await fleetwave("forget", "node-2", nats_url=url)
+        assert (code, out) == (2, "") and "node node-2 is online: stop its agent first" in err
+        code, _, err = await fleetwave("forget", "node-9", nats_url=url)
+        assert code == 2 and "no node 'node-9' in fleet 'default'" in err, err
+        assert len(err.strip().splitlines()) == 1, err
+        await fleet.agent(2).kill()
+        await fleet.wait_online(["node-2"], online=False, timeout=3 * HEARTBEAT + 3)
+        code, out, err = await fleetwave("forget", "node-2", nats_url=url)
+        assert (code, out) == (0, "node-2: forgotten\n"), err
+        assert sorted(await nodes_json(url)) == ["node-1"]
+        bus = await Bus.connect(url, "default")
+        try:
+            assert await bus.kv_get(subjects.nodes_bucket("default"), "node-2") is None
+            told = await wait_until(lambda: events_of(bus, "node.forgotten"), lambda ev: ev,
+                                    timeout=10, what="the node.forgotten event")
+            assert [e.node for e in told] == ["node-2"] and "forgotten by" in told[0].message
+        finally:
+            await bus.close()
+        await fleet.agent(2).start()
+        await fleet.wait_online(["node-2"], timeout=10)
+        assert sorted(await nodes_json(url)) == ["node-1", "node-2"]
 
 
 async def test_agents_reconnect_after_the_broker_restarts(broker: Broker, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from coordinator.api.cordons import CordonsApi
 from coordinator.api.verbs import Api
 from coordinator.core.fleet import matches
 from protocol.codec import decode, encode
-from protocol.messages import ApiReply, CordonRequest, NodeView
+from protocol.messages import ApiReply, CordonRequest, ForgetRequest, NodeView
 
 NODES = [NodeView(id="node-1", labels={"zone": "a"}), NodeView(id="node-2", labels={"zone": "b"}),
          NodeView(id="node-3", labels={"zone": "a"}, online=False)]
@@ -33,6 +33,10 @@ class Holder:
     async def uncordon(self, nodes: list[str], *, who: str) -> list[dict[str, Any]]:
         self.asked.append(("uncordon", nodes, False, 0.0, who))
         return [{"node": n} for n in nodes]
+
+    async def forget(self, nodes: list[str], *, who: str) -> list[dict[str, Any]]:
+        self.asked.append(("forget", nodes, False, 0.0, who))
+        return [{"node": n, "forgotten": True} for n in nodes]
 
 
 def view(selector: Mapping[str, str] | None) -> list[NodeView]:
@@ -91,3 +95,40 @@ def test_a_request_naming_no_node_is_usage_and_asks_nothing(
     assert (reply.ok, reply.code) == (False, "usage"), name
     assert says in reply.error, (name, reply.error)
     assert holder.asked == [], name
+
+
+FLEET = [NodeView(id="node-1", online=True), NodeView(id="node-2"), NodeView(id="node-5"),
+         NodeView(id="node-3", unheard=True)]
+
+
+def forget(nodes: list[str]) -> tuple[ApiReply, Holder, list[str]]:
+    holder, api, dropped = Holder(), Api(timeout=1.0), []
+    CordonsApi(holder, fleet="f", nodes=lambda selector: list(FLEET),
+               forgotten=dropped.append).register(api)
+    raw = asyncio.run(api.handle("forget", encode(ForgetRequest(nodes=nodes)), "alice"))
+    return decode(ApiReply, raw), holder, dropped
+
+
+def test_forget_drops_offline_nodes_for_the_caller_and_from_this_table() -> None:
+    reply, holder, dropped = forget(["node-5", "node-2", "node-5"])
+    assert reply.ok, reply.error
+    assert holder.asked == [("forget", ["node-2", "node-5"], False, 0.0, "alice")]
+    assert dropped == ["node-2", "node-5"]
+    assert reply.data == {"nodes": [{"node": "node-2", "forgotten": True},
+                                    {"node": "node-5", "forgotten": True}]}
+
+
+@pytest.mark.parametrize(("nodes", "says"), [
+    ([], "name the nodes to forget: 'fleetwave forget NODE...'"),
+    (["node-9"], "no node 'node-9' in fleet 'f'; nothing forgotten"),
+    (["node-2", "node-1"], "node node-1 is online: stop its agent first"),
+    (["node-3"], "node node-3 is not heard from yet (this coordinator has just started)"),
+    (["node 1"], "node"),
+])
+def test_forget_refuses_the_whole_request_for_a_node_it_must_not_drop(
+        nodes: list[str], says: str) -> None:
+    """Unknown, online, not heard yet, or a bad name: usage (exit 2), nothing asked, nothing
+    dropped, not even the good nodes of the same request."""
+    reply, holder, dropped = forget(nodes)
+    assert (reply.ok, reply.code) == (False, "usage") and says in reply.error, reply.error
+    assert holder.asked == [] and dropped == []

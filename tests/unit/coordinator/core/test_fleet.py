@@ -190,6 +190,20 @@ def test_beating_counts_the_online_and_the_not_heard_yet() -> None:
     assert (f.online_count, f.beating()) == (2, 2)
 
 
+def test_a_forgotten_node_leaves_every_view_and_count() -> None:
+    f = Fleet()
+    for i in (1, 2, 3):
+        f.heartbeat(hb(f"n{i}", interval=1.0), T0)
+    assert [v.id for v in f.view()] == ["n1", "n2", "n3"]  # (sorted once: kept)
+    f.tick(T0 + 4)  # all offline
+    assert f.forget("n2") and not f.forget("n2") and not f.forget("nx")
+    f.heartbeat(hb("n4", interval=1.0), T0 + 4)  # one added: as many nodes as before
+    assert [v.id for v in f.view()] == ["n1", "n3", "n4"] and f.page(None, 9)[1:] == (3, 1, 0)
+    assert f.liveness("n2") is None and f.beating() == 1
+    f.heartbeat(hb("n2", interval=1.0), T0 + 5)  # it beats again: a node again
+    assert [v.id for v in f.view() if v.online] == ["n2", "n4"]
+
+
 def test_view_carries_figures_and_services() -> None:
     """The view shows the last heartbeat's cpu, memory and services keyed by name."""
     f = Fleet()

@@ -96,3 +96,31 @@ async def test_a_rollout_keeps_a_target_cordoned_while_it_runs_but_refuses_its_d
     with pytest.raises(Conflict, match=rf"cannot drain node-1: rollout {rec.id} targets it"):
         await r.cordon(["node-1"], drain=True, grace=15.0, who="alice")
     assert bus.log == log and r.events.pending() == []
+
+
+async def test_forget_purges_the_nodes_registration_observed_states_and_cordon() -> None:
+    """forget node-3: its nodes, observed and cordons keys are gone (not its desired state: an
+    agent that comes back serves what it was told), node.forgotten names who; a node that a
+    live rollout targets is refused (Conflict), nothing purged."""
+    bus, clock = fleet_bus(), FakeClock()
+    r = runner(bus, clock)
+    nodes, observed = subjects.nodes_bucket(FLEET), subjects.observed_bucket(FLEET)
+    for n in ("node-2", "node-3"):
+        bus.set("put", nodes, n, b"{}")
+        bus.set("put", observed, f"{n}.hello", b"{}")
+    await r.cordon(["node-3"], drain=False, grace=0.0, who="alice")
+    r.events.pending()  # (the cordon's event, told)
+    rows = await r.forget(["node-3"], who="bob")
+    assert rows == [{"node": "node-3", "forgotten": True}]
+    assert bus.live(nodes, "node-3") is None and bus.live(observed, "node-3.hello") is None
+    assert bus.live(CORDONS, "node-3") is None
+    assert bus.live(DESIRED, "node-3.hello") is not None
+    assert bus.live(nodes, "node-2") is not None and bus.live(observed, "node-2.hello")
+    assert [(e.kind, e.node, e.who) for e in r.events.pending()] == [
+        ("node.forgotten", "node-3", "bob")]
+
+    rec = await r.deploy(spec(), NEW)
+    assert "node-2" in rec.nodes
+    with pytest.raises(Conflict, match=f"cannot forget node-2: rollout {rec.id} targets it"):
+        await r.forget(["node-2"], who="bob")
+    assert bus.live(nodes, "node-2") is not None

@@ -19,7 +19,15 @@ from coordinator.runtime.runner import STARTUP_GRACE
 from protocol import subjects
 from protocol.codec import decode, encode
 from protocol.errors import BusError
-from protocol.messages import ApiReply, Cordon, Heartbeat, NodeInfo, NodesRequest, Pace
+from protocol.messages import (
+    ApiReply,
+    Cordon,
+    Event,
+    Heartbeat,
+    NodeInfo,
+    NodesRequest,
+    Pace,
+)
 from protocol.testing import FakeBus, FakeClock
 
 
@@ -189,6 +197,22 @@ async def test_the_leader_paces_the_nodes_that_beat_not_the_offline_ones() -> No
     subject, data = published[0]
     sent = decode(Pace, data)
     assert subject == subjects.pace("default") and (sent.nodes, sent.interval) == (4, 2.0)
+
+
+async def test_every_coordinator_drops_a_node_the_leader_forgot() -> None:
+    """A standby hears node.forgotten and drops the node from its table; a malformed event is
+    a complaint, nothing dropped."""
+    wall = FakeClock()
+    c = coordinator(wall, heard_ago=0.0)
+    await beat(c, "node-1")
+    await beat(c, "node-2")
+    subject = subjects.event("default", "node.forgotten")
+    await c._on_forgotten(subject, b"not an event")
+    assert [v.id for v in c.table.view()] == ["node-1", "node-2"] and c.malformed == 1
+    event = Event(id="e1", time=wall.t, fleet="default", kind="node.forgotten",
+                  message="node-2 forgotten by bob", node="node-2", who="bob")
+    await c._on_forgotten(subject, encode(event))
+    assert [v.id for v in c.table.view()] == ["node-1"]
 
 
 def test_a_coordinator_process_collects_garbage_at_its_own_thresholds() -> None:
