@@ -39,6 +39,7 @@ MISSED_BEATS = 3
 MIN_INTERVAL = 0.05
 MAX_INTERVAL = 300.0
 DEFAULT_INTERVAL = 2.0
+PACE_MEMORY = 600.0  # a node offline this recently still counts in the pace (``Fleet.beating``)
 
 _LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,62}$")
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9_.-]{1,63}$")
@@ -107,7 +108,8 @@ class Fleet:
         # them included.
         self._sorted: list[NodeRecord] = []
         self._unheard: set[str] = set()  # see ``listen``
-        self.online_count = 0  # kept by every transition: ``beating`` is O(1)
+        self.online_count = 0  # kept by every transition
+        self._went_offline: dict[str, float] = {}  # node -> when, while within ``beating``'s memory
         self.unheard_until = 0.0
         self._unheard_grace = 0.0
 
@@ -127,12 +129,14 @@ class Fleet:
 
     def forget(self, node_id: str) -> bool:
         """Drop a node from the table (``fleetwave forget``: an offline node decommissioned);
-        False if it was not known. One that beats again is a new node."""
-        rec = self.nodes.pop(node_id, None)
-        if rec is None:
+        False if it was not known, or is online (its agent came back meanwhile: it stays).
+        One that beats again later is a new node."""
+        rec = self.nodes.get(node_id)
+        if rec is None or rec.online:
             return False
-        self.online_count -= rec.online
+        del self.nodes[node_id]
         self._unheard.discard(node_id)
+        self._went_offline.pop(node_id, None)
         self._sorted = []  # (its length alone no longer says it is current)
         return True
 
@@ -179,6 +183,7 @@ class Fleet:
             else:
                 rec.online = False
                 self.online_count -= 1
+                self._went_offline[rec.id] = now
                 silent = now - (rec.last_seen or now)
                 out.append(
                     Transition(
@@ -252,12 +257,17 @@ class Fleet:
         return [n for n in self._unheard
                 if not selector or matches(selector, self.nodes[n].labels)]
 
-    def beating(self) -> int:
-        """How many nodes may beat: the online ones and those not heard yet; what the leader
-        paces (``core.pace``). The offline ones do not beat: a fleet that keeps 20,000 dead
-        boxes among 50,000 known would otherwise beat 40 % slower than it needs to, and be
-        judged offline that much later."""
-        return self.online_count + len(self._unheard)
+    def beating(self, now: float, memory: float = PACE_MEMORY) -> int:
+        """How many nodes may beat: the online ones, those not heard yet, and those offline for
+        less than ``memory``; what the leader paces (``core.pace``). Nodes offline for longer do
+        not beat: a fleet that keeps 20,000 dead boxes among 50,000 known would otherwise beat
+        40 % slower than it needs to, and be judged offline that much later. The recent ones
+        still count: a leader too busy to hear some beats (nodes "offline" that are not) must
+        not shorten every node's pace, and make itself busier. O(nodes gone offline lately)."""
+        for node, at in list(self._went_offline.items()):
+            if at < now - memory:
+                del self._went_offline[node]
+        return self.online_count + len(self._unheard) + len(self._went_offline)
 
     def online_ids(self, selector: Mapping[str, str] | None = None) -> list[str]:
         """Ids of the online nodes matching ``selector`` (what a rollout may target)."""
@@ -271,6 +281,7 @@ class Fleet:
             return []
         rec.online = True
         self.online_count += 1
+        self._went_offline.pop(rec.id, None)
         return [
             Transition(
                 "node.online",

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -179,7 +180,10 @@ class StateCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         c = self._c
-        paced = pace.interval(len(c.table.nodes), c.pacer.rate)
+        # What the leader told the agents last; a standby, what it would tell them now.
+        sent = c.pacer.sent
+        paced = (sent.interval if sent is not None
+                 else pace.interval(c.table.beating(time.time()), c.pacer.rate))
         samples = (mm.rollout_samples(self.records) + mm.node_samples(c.table.view())
                    + mm.coordinator_samples(c.id, c.fleet_name, c.version, c.runner is not None,
                                             paced))

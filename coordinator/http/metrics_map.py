@@ -75,7 +75,7 @@ GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "fleetwave_coordinator_info": ("This coordinator (1): its id, fleet and version",
                                    ("id", "fleet", "version")),
     "fleetwave_heartbeat_pace_seconds": (
-        "The interval the leader paces the fleet's heartbeats at: known nodes / "
+        "The interval the leader paces the fleet's heartbeats at: the nodes that beat / "
         "--max-heartbeats-per-second (agents beat at the longer of it and their own)", ()),
 }
 

@@ -138,8 +138,10 @@ class Cordons:
         back serves what it was told, and registers again). Conflict while a live rollout
         targets one."""
         out: list[dict[str, Any]] = []
-        for node in nodes:
+        nodes = list(nodes)
+        for node in nodes:  # every one before the first write: all or, refused, none
             self._refuse_busy(node, "forget")
+        for node in nodes:
             await self._retrying(functools.partial(self._forget, node))
             self._emit("node.forgotten", node, who,
                        f"{node} forgotten by {who}: no longer in the fleet (its agent, if it "

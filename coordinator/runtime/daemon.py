@@ -614,7 +614,7 @@ class Coordinator:
         """The leader's pace of the fleet's heartbeats (``core.pace``), for as long as it leads."""
         warned = False
         while True:
-            nodes = self.table.beating()  # not the offline: they do not beat
+            nodes = self.table.beating(self._clock())  # not those long offline: no beats
             due = self.pacer.due(time.monotonic(), nodes, self._newcomers)
             if due is not None:
                 moved = self.pacer.moved(due)

@@ -171,7 +171,7 @@ def slack_message(n: Notification) -> dict[str, Any]:
     head = (f"{icon} *{n.service or n.rollout}* {n.what.replace('_', ' ')}"
             + (f" ({versions})" if versions else "") + f": {n.message}")
     fields = [("Rollout", n.rollout), ("Fleet", n.fleet), ("Strategy", n.strategy),
-              ("Wave", "" if n.wave is None else str(n.wave)), ("Who", n.who),
+              ("Wave", "" if n.wave is None else str(n.wave + 1)), ("Who", n.who),
               ("Reason", n.reason), ("At", n.at)]
     fields += [(k, _figure(v)) for k, v in sorted(n.figures.items())
                if isinstance(v, (int, float, str))]

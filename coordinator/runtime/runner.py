@@ -538,8 +538,15 @@ class Runner:
         """Drop offline ``nodes`` from the fleet (``coordinator.runtime.cordons``), under the
         deploys' lock: no rollout starts on one between the check and the writes."""
         async with self._deploying:
+            # Looked at again under the lock: its agent may have come back since the API's look.
+            back = [n for n in nodes if (seen := self._liveness and self._liveness(n))
+                    and seen[0]]
+            if back:
+                raise UsageError(f"node {back[0]} is online again: stop its agent first (a "
+                                 "node that beats registers again); nothing forgotten")
             out = await self.cordons.forget(nodes, who=who)
-        for key in [k for k in self.observed if k[0] in set(nodes)]:
+        gone = set(nodes)
+        for key in [k for k in self.observed if k[0] in gone]:
             del self.observed[key]
         return out
 

@@ -178,7 +178,7 @@ function drawRollout(st, events) {
   }
   $("#waves tbody").replaceChildren(...st.waves.flatMap((w) => {
     const g = w.gates || {};
-    const row = el("tr", { "data-wave": w.index }, el("td", {}, w.index), stateCell(w.state),
+    const row = el("tr", { "data-wave": w.index }, el("td", {}, w.index + 1), stateCell(w.state),
       el("td", { title: w.nodes.join(", ") }, (w.node_count ?? w.nodes.length) > 3 ?
         `${w.node_count ?? w.nodes.length} nodes` : w.nodes.join(", ")),
       el("td", {}, w.weight + "%"),
@@ -196,7 +196,8 @@ function drawRollout(st, events) {
   $("#rollout-nodes tbody").replaceChildren(...Object.entries(st.nodes).sort().map(([id, n]) =>
     el("tr", { "data-node": id }, el("td", {}, id), el("td", {}, n.version || "-"),
       stateCell(n.state), el("td", {}, n.healthy ? "yes" : "no"),
-      el("td", {}, n.online ? "yes" : "no"), el("td", {}, n.wave), el("td", {}, n.slot || "-"),
+      el("td", {}, n.online ? "yes" : "no"), el("td", {}, n.wave === undefined ? "-" : n.wave + 1),
+      el("td", {}, n.slot || "-"),
       el("td", {}, n.generation), el("td", { class: "wrap" }, n.reason || ""))));
   const shown = Object.keys(st.nodes).length;
   $("#rollout-nodes-more").textContent = !st.summarised && st.node_count > shown ?
@@ -259,7 +260,7 @@ function chart(box, points, kNew, kOld, labels, floor, fmt) {
     if (p.wave !== wave) {
       wave = p.wave;
       box.append(svg("line", { class: "wave", x1: x(p.t), y1: T, x2: x(p.t), y2: H - B }),
-        svg("text", { x: x(p.t) + 2, y: T + 10 }, `w${wave}`));
+        svg("text", { x: x(p.t) + 2, y: T + 10 }, `w${wave + 1}`));
     }
   }
   [[kNew, "new", labels[0]], [kOld, "old", labels[1]]].forEach(([k, cls, label], i) => {

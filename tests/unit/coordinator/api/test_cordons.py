@@ -123,7 +123,7 @@ def test_forget_drops_offline_nodes_for_the_caller_and_from_this_table() -> None
     (["node-9"], "no node 'node-9' in fleet 'f'; nothing forgotten"),
     (["node-2", "node-1"], "node node-1 is online: stop its agent first"),
     (["node-3"], "node node-3 is not heard from yet (this coordinator has just started)"),
-    (["node 1"], "node"),
+    (["node 1"], "node name 'node 1' is not allowed"),
 ])
 def test_forget_refuses_the_whole_request_for_a_node_it_must_not_drop(
         nodes: list[str], says: str) -> None:

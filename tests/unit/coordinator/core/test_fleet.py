@@ -172,22 +172,24 @@ def test_unheard_lists_the_matching_nodes_not_heard_yet() -> None:
     assert f.unheard() == []
 
 
-def test_beating_counts_the_online_and_the_not_heard_yet() -> None:
-    """What the leader paces: online nodes and those not heard yet, never the offline."""
+def test_beating_counts_the_online_the_not_heard_yet_and_the_lately_offline() -> None:
+    """What the leader paces: online nodes, those not heard yet, and those offline for less
+    than the memory (a busy leader's missed beats must not shorten the pace); not the rest."""
     f = Fleet()
     for i in (1, 2, 3):
         f.load(NodeInfo(id=f"n{i}"))
     f.listen(T0, 12)
-    assert f.beating() == 3
+    assert f.beating(T0) == 3
     f.heartbeat(hb("n1", interval=1.0), T0)
     f.heartbeat(hb("n4", interval=100.0), T0)  # never loaded: online at once
-    assert (f.online_count, f.beating()) == (2, 4)
-    f.tick(T0 + 3.5)  # n1 offline
-    assert (f.online_count, f.beating()) == (1, 3)
-    f.tick(T0 + 12)  # n2 and n3 never beat: offline
-    assert f.beating() == 1
-    f.heartbeat(hb("n1", interval=1.0), T0 + 13)
-    assert (f.online_count, f.beating()) == (2, 2)
+    assert (f.online_count, f.beating(T0)) == (2, 4)
+    f.tick(T0 + 3.5)  # n1 offline: still counted for the memory
+    assert (f.online_count, f.beating(T0 + 3.5, memory=60)) == (1, 4)
+    f.tick(T0 + 12)  # n2 and n3 never beat: offline, never counted again
+    assert f.beating(T0 + 12, memory=60) == 2
+    assert f.beating(T0 + 64, memory=60) == 1  # n1 offline for longer than the memory
+    f.heartbeat(hb("n1", interval=1.0), T0 + 65)
+    assert (f.online_count, f.beating(T0 + 65, memory=60)) == (2, 2)
 
 
 def test_a_forgotten_node_leaves_every_view_and_count() -> None:
@@ -195,11 +197,14 @@ def test_a_forgotten_node_leaves_every_view_and_count() -> None:
     for i in (1, 2, 3):
         f.heartbeat(hb(f"n{i}", interval=1.0), T0)
     assert [v.id for v in f.view()] == ["n1", "n2", "n3"]  # (sorted once: kept)
-    f.tick(T0 + 4)  # all offline
+    f.heartbeat(hb("n1", interval=1.0), T0 + 3.5)
+    f.tick(T0 + 4)  # n2, n3 offline; n1 online
+    assert not f.forget("n1")  # online (its agent came back): it stays
+    f.tick(T0 + 7)
     assert f.forget("n2") and not f.forget("n2") and not f.forget("nx")
     f.heartbeat(hb("n4", interval=1.0), T0 + 4)  # one added: as many nodes as before
     assert [v.id for v in f.view()] == ["n1", "n3", "n4"] and f.page(None, 9)[1:] == (3, 1, 0)
-    assert f.liveness("n2") is None and f.beating() == 1
+    assert f.liveness("n2") is None and f.beating(T0 + 8, memory=0) == 1
     f.heartbeat(hb("n2", interval=1.0), T0 + 5)  # it beats again: a node again
     assert [v.id for v in f.view() if v.online] == ["n2", "n4"]
 

@@ -6,14 +6,22 @@ from __future__ import annotations
 import msgspec
 import pytest
 
+from coordinator.errors import UsageError
 from coordinator.runtime.cordons import read_cordons
 from protocol import subjects
 from protocol.codec import decode, encode
 from protocol.errors import Conflict
-from protocol.messages import Cordon, DesiredState, DrainSpec, SignedEnvelope
+from protocol.messages import Cordon, DesiredState, DrainSpec, ObservedState, SignedEnvelope
 from protocol.signing import public_key, verify
 from protocol.testing import FLEET, NEW, FakeBus, FakeClock, spec
-from tests.unit.coordinator.runtime.test_runner import DESIRED, ROLLOUTS, SEED, fleet_bus, runner
+from tests.unit.coordinator.runtime.test_runner import (
+    DESIRED,
+    ROLLOUTS,
+    SEED,
+    fleet_bus,
+    runner,
+    views,
+)
 
 CORDONS = subjects.cordons_bucket(FLEET)
 
@@ -124,3 +132,32 @@ async def test_forget_purges_the_nodes_registration_observed_states_and_cordon()
     with pytest.raises(Conflict, match=f"cannot forget node-2: rollout {rec.id} targets it"):
         await r.forget(["node-2"], who="bob")
     assert bus.live(nodes, "node-2") is not None
+
+
+async def test_forget_is_all_or_nothing_and_looks_again_under_the_lock() -> None:
+    """A request naming a free node and one a rollout targets forgets neither; a node whose
+    agent came back after the API's look is refused under the lock; a forgotten node's observed
+    state leaves the runner's cache."""
+    bus, clock = fleet_bus(), FakeClock()
+    live = {"node-1": (False, True), "node-2": (False, True), "node-3": (False, True)}
+    r = runner(bus, clock, views(offline=("node-3",)))
+    r._liveness = live.get
+    nodes, observed = subjects.nodes_bucket(FLEET), subjects.observed_bucket(FLEET)
+    for n in ("node-1", "node-2", "node-3"):
+        bus.set("put", nodes, n, b"{}")
+    rec = await r.deploy(spec(), NEW)
+    target, free = "node-1", "node-3"
+    assert target in rec.nodes and free not in rec.nodes
+    with pytest.raises(Conflict):
+        await r.forget([target, free], who="bob")
+    assert bus.live(nodes, free) is not None and bus.live(nodes, target) is not None
+    live[free] = (True, True)  # its agent came back
+    with pytest.raises(UsageError, match=f"node {free} is online again"):
+        await r.forget([free], who="bob")
+    assert bus.live(nodes, free) is not None
+    live[free] = (False, True)
+    r.observed[(free, "hello")] = decode(ObservedState, b'{"node": "%s", "service": "hello"}'
+                                         % free.encode())
+    bus.set("put", observed, f"{free}.hello", b"{}")
+    await r.forget([free], who="bob")
+    assert bus.live(nodes, free) is None and (free, "hello") not in r.observed

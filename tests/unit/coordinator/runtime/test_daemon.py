@@ -11,6 +11,7 @@ import logging
 import time
 from types import SimpleNamespace
 
+import msgspec
 import pytest
 
 from coordinator.core.lines import BURST, WINDOW
@@ -200,18 +201,24 @@ async def test_the_leader_paces_the_nodes_that_beat_not_the_offline_ones() -> No
 
 
 async def test_every_coordinator_drops_a_node_the_leader_forgot() -> None:
-    """A standby hears node.forgotten and drops the node from its table; a malformed event is
-    a complaint, nothing dropped."""
+    """A standby hears node.forgotten and drops the (offline) node from its table; a malformed
+    event is a complaint, nothing dropped; a node online again (its agent came back) stays."""
     wall = FakeClock()
     c = coordinator(wall, heard_ago=0.0)
     await beat(c, "node-1")
     await beat(c, "node-2")
+    wall.t += 2.0
+    c.table.tick(wall.t)  # both offline
+    await beat(c, "node-1")  # node-1 is back
     subject = subjects.event("default", "node.forgotten")
     await c._on_forgotten(subject, b"not an event")
     assert [v.id for v in c.table.view()] == ["node-1", "node-2"] and c.malformed == 1
     event = Event(id="e1", time=wall.t, fleet="default", kind="node.forgotten",
                   message="node-2 forgotten by bob", node="node-2", who="bob")
     await c._on_forgotten(subject, encode(event))
+    assert [v.id for v in c.table.view()] == ["node-1"]
+    back = msgspec.structs.replace(event, id="e2", node="node-1")
+    await c._on_forgotten(subject, encode(back))
     assert [v.id for v in c.table.view()] == ["node-1"]
 
 
