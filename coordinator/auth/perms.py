@@ -116,6 +116,11 @@ def operator(fleet: str, name: str) -> Permissions:
                     subjects.cordons_bucket(f))),
                 "$JS.API.STREAM.DELETE.>", "$JS.API.STREAM.PURGE.>",
                 "$JS.API.STREAM.MSG.DELETE.>", "$JS.API.STREAM.UPDATE.>",
+                # A stream the operator made could republish (or source) what it captures onto
+                # any subject, the server publishing it without the operator's permissions:
+                # heartbeats, the coordinator's events in the audit log. The coordinator makes
+                # every stream of the fleet (``Bus.ensure_fleet``); the CLI makes none.
+                "$JS.API.STREAM.CREATE.>",
                 # Nothing the CLI does: deleting or pausing a consumer (an agent's watch),
                 # restoring over a stream or moving one, taking servers or leaders away.
                 "$JS.API.CONSUMER.DELETE.>", "$JS.API.CONSUMER.PAUSE.>",
