@@ -66,9 +66,9 @@ def _render(data: Any, output: str, verb: str) -> None:
         click.echo(json.dumps(rows, indent=2, sort_keys=True))
         return
     for row in rows:
-        state = ("drained" if row.get("drained") else "cordoned" if row.get("cordoned")
-                 else "uncordoned")
-        said = f"{row.get('node')}: {state}" + ("" if row.get("changed") else " (already)")
+        state = ("forgotten" if row.get("forgotten") else "drained" if row.get("drained")
+                 else "cordoned" if row.get("cordoned") else "uncordoned")
+        said = f"{row.get('node')}: {state}" + ("" if row.get("changed", True) else " (already)")
         if verb == "drain" and row.get("changed"):
             said += (f"; its routers answer 503 on {READY_PATH} now and stop accepting after "
                      f"{format_duration(float(row.get('grace') or 0))}")
@@ -107,15 +107,7 @@ def forget(ctx: Ctx, nodes: tuple[str, ...], output: str) -> None:
     rollout in the way). Its desired states stay: an agent that comes back serves what it was
     told. Who forgot it, and when, is the node.forgotten event.
     """
-    data = client.request(ctx, "forget", ForgetRequest(nodes=list(nodes)))
-    rows = data.get("nodes") if isinstance(data, dict) else None
-    if not isinstance(rows, list):
-        raise ProtocolError(f"the coordinator sent an unexpected forget reply: {data!r}")
-    if output == "json":
-        click.echo(json.dumps(rows, indent=2, sort_keys=True))
-        return
-    for row in rows:
-        click.echo(safe(f"{row.get('node')}: forgotten"))
+    _render(client.request(ctx, "forget", ForgetRequest(nodes=list(nodes))), output, "forget")
 
 
 @cli.command()

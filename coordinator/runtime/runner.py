@@ -539,8 +539,8 @@ class Runner:
         deploys' lock: no rollout starts on one between the check and the writes."""
         async with self._deploying:
             # Looked at again under the lock: its agent may have come back since the API's look.
-            back = [n for n in nodes if (seen := self._liveness and self._liveness(n))
-                    and seen[0]]
+            lookup = self._liveness or (lambda node: None)  # (views: the API's look only)
+            back = [n for n in nodes if (seen := lookup(n)) is not None and seen[0]]
             if back:
                 raise UsageError(f"node {back[0]} is online again: stop its agent first (a "
                                  "node that beats registers again); nothing forgotten")
