@@ -320,6 +320,37 @@ async def _while_unavailable(call: Callable[[], Awaitable[R]],
         wait, 0.05, 0.5)
 
 
+BEHIND_WAIT = OP_TIMEOUT  # how long a snapshot is read again while its server is behind
+
+
+class Behind(BusError):
+    """A snapshot read by a server that had not applied the last write its stream's leader
+    acknowledged before the read began (``Bus._floor``): to be read again (``CatchUp``)."""
+
+    def __init__(self, bucket: str, seen: int, floor: int) -> None:
+        super().__init__(f"cannot read {bucket}: the server that read it is still behind its "
+                         f"leader (at {seen}, the leader at {floor}) after {BEHIND_WAIT:g} s; "
+                         "is it cut off from the others?")
+
+
+class CatchUp:
+    """Paces the reads again of a snapshot whose server was ``Behind``: 0.02 s doubling to
+    0.5 s, then the error after ``BEHIND_WAIT`` seconds. The server catches up within
+    milliseconds (a follower learns the commit with its leader's next append), unless it is
+    cut off."""
+
+    def __init__(self) -> None:
+        self.pause = 0.02
+        self.until = asyncio.get_running_loop().time() + BEHIND_WAIT
+
+    async def again(self, exc: Behind) -> None:
+        """Wait before the next read, or raise ``exc`` when out of time."""
+        if asyncio.get_running_loop().time() + self.pause > self.until:
+            raise exc
+        await asyncio.sleep(self.pause)
+        self.pause = min(self.pause * 2, 0.5)
+
+
 PLACEMENT_WAIT = 15.0  # how long a setup is made again while a cluster cannot place it yet
 
 
@@ -1166,11 +1197,44 @@ class Bus:
 
     @_timed("kv_entries")
     async def kv_entries(self, bucket: str, pattern: str = ">") -> list[Entry]:
-        """Every live entry whose key matches ``pattern``, read once (a snapshot)."""
-        out: list[Entry] = []
-        async for e in self._watch_once(bucket, pattern):
-            out.append(e)
-        return [e for e in out if e.value is not None]
+        """Every live entry whose key matches ``pattern``, read once (a snapshot) and no older
+        than the writes acknowledged before it began (``_floor``: read again while the server
+        that read it is behind)."""
+        kv = await self._bucket(bucket)
+        catch_up = CatchUp()
+        while True:
+            floor = await self._floor(kv, pattern)
+            latest: dict[str, Entry] = {}
+            async for e in self._watch_once(bucket, pattern):
+                latest[e.key] = e  # the walk may bring a newer revision of one: it wins
+            seen = max((e.revision for e in latest.values()), default=0)
+            if seen >= floor:
+                return [e for e in latest.values() if e.value is not None]
+            await catch_up.again(Behind(bucket, seen, floor))
+
+    async def _floor(self, kv: nats.js.kv.KeyValue, pattern: str) -> int:
+        """The stream sequence of the last message matching ``pattern`` as the bucket's stream
+        leader has it, or 0 (none, or no need to ask).
+
+        A snapshot is read through a consumer, and on a cluster JetStream places a consumer of
+        one replica on any server holding the stream (``createGroupForConsumer``: a random
+        active peer), which may not have applied what the leader acknowledged a moment ago: a
+        snapshot taken right after a fenced batch of 500 writes missed them, in whole or in
+        part, in 5 reads of 40 on three loopback servers. The leader answers this get
+        (``STREAM.MSG.GET``, ``last_by_subj`` takes a wildcard), and it has every write it
+        acknowledged; a snapshot that has seen this sequence (or a later one: a server applies
+        in order) has everything acknowledged before. One server needs no asking, nor a node:
+        it may not ask (``coordinator.auth.perms.node``), and its agent's watch follows on."""
+        if self.blind or not self.clustered():
+            return 0
+        try:
+            msg = await _while_unavailable(
+                lambda: self.js.get_msg(kv._stream, subject=f"{kv._pre}{pattern}"))
+        except nats.js.errors.NotFoundError:
+            return 0  # no such key (or stream: the read that follows says so)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot read {kv._stream}: {exc}") from None
+        return msg.seq or 0
 
     async def kv_scan(self, bucket: str, pattern: str = ">", *,
                       page: int = 500) -> AsyncIterator[list[Entry]]:
@@ -1178,8 +1242,14 @@ class Bus:
         big for ``kv_entries``: a watch is pushed at the server's pace, and a few hundred MiB
         of values overrun the client's pending limit (a slow consumer whose ordered consumer
         stalls: 100,000 records of 5 KB never finished). A pull consumer delivers what is
-        asked for; it ends once the count it had at its creation has been delivered."""
+        asked for; it ends once the count it had at its creation has been delivered.
+
+        Raises ``Behind`` after its last page when the server that read it had not applied
+        the writes acknowledged before it began (``_floor``): the pages were an older state,
+        and the caller reads them all again (``CatchUp``)."""
         kv = await self._bucket(bucket)
+        floor = await self._floor(kv, pattern)
+        seen = 0
         config = js_api.ConsumerConfig(
             deliver_policy=js_api.DeliverPolicy.LAST_PER_SUBJECT,
             ack_policy=js_api.AckPolicy.NONE, inactive_threshold=WATCH_INACTIVE,
@@ -1199,9 +1269,11 @@ class Bus:
                 left -= len(msgs)
                 out: list[Entry] = []
                 for m in msgs:
+                    seq = m.metadata.sequence.stream
+                    seen = max(seen, seq)
                     op = (m.headers or {}).get("KV-Operation")
                     if op not in ("DEL", "PURGE"):
-                        out.append(Entry(m.subject[skip:], m.data, m.metadata.sequence.stream))
+                        out.append(Entry(m.subject[skip:], m.data, seq))
                 yield out
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusError(f"cannot read {bucket}: {exc}") from None
@@ -1211,6 +1283,8 @@ class Bus:
             with contextlib.suppress(Exception):
                 await bounded(  # pull_subscribe named it in the config
                     self.js.delete_consumer(f"KV_{bucket}", config.name or ""), 2)
+        if seen < floor:
+            raise Behind(bucket, seen, floor)
 
     async def _watch_once(self, bucket: str, pattern: str) -> AsyncIterator[Entry]:
         """The current entries matching ``pattern`` (a deleted key with value None), read once.

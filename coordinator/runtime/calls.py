@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
 
 from coordinator.runtime.ports import RunnerBus
-from protocol.bus import Entry
+from protocol.bus import Behind, CatchUp, Entry
 from protocol.errors import BusError, Conflict
 
 OP_TIMEOUT = 12.0  # one bus call; the Bus has its own 10 s timeouts inside
@@ -124,7 +124,17 @@ async def bounded(work: Awaitable[T]) -> T:
 
 async def scanned(bus: RunnerBus, bucket: str, pattern: str) -> list[Entry]:
     """Every live entry of ``bucket`` matching ``pattern`` (``Bus.kv_scan``: paged, for buckets
-    too big for one watch), each page bounded: the whole scan takes as long as the bucket needs."""
+    too big for one watch), each page bounded: the whole scan takes as long as the bucket needs.
+    Read again from the start while the server that read it was behind (``Behind``)."""
+    catch_up = CatchUp()
+    while True:
+        try:
+            return await _scanned_once(bus, bucket, pattern)
+        except Behind as exc:
+            await catch_up.again(exc)
+
+
+async def _scanned_once(bus: RunnerBus, bucket: str, pattern: str) -> list[Entry]:
     out: list[Entry] = []
     pages = bus.kv_scan(bucket, pattern)
     try:
