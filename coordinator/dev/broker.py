@@ -86,11 +86,17 @@ PORT_ATTEMPTS = 5
 
 
 class _PortTaken(Exception):
-    """nats-server could not bind a port (``monitor``: the monitoring one, always ours)."""
+    """nats-server could not bind a port: ``which`` is "client", "monitor" (always ours to
+    pick again) or "cluster" (the cluster's to pick again: ``ClusterPortTaken``)."""
 
-    def __init__(self, message: str, *, monitor: bool) -> None:
+    def __init__(self, message: str, *, which: str) -> None:
         super().__init__(message)
-        self.monitor = monitor
+        self.which = which
+
+
+class ClusterPortTaken(BrokerError):
+    """The broker's cluster port was taken. A cluster whose ports were picked for it
+    (``BrokerCluster``) picks them all again: each broker's routes name the others'."""
 
 
 def render_config(
@@ -191,7 +197,10 @@ class Broker:
                 await self._start_once()
                 return
             except _PortTaken as exc:
-                if (not self._chosen_port and not exc.monitor) or attempt == PORT_ATTEMPTS - 1:
+                if exc.which == "cluster":
+                    raise ClusterPortTaken(str(exc)) from None
+                if ((not self._chosen_port and exc.which == "client")
+                        or attempt == PORT_ATTEMPTS - 1):
                     raise BrokerError(str(exc)) from None
                 if self._chosen_port:
                     self.port = free_port(self.host)
@@ -209,12 +218,13 @@ class Broker:
         if port_in_use(self.host, self.port):
             raise _PortTaken(
                 f"cannot start the broker: port {self.port} on {self.host} is already in use; "
-                "stop what holds it or pick another with --port", monitor=False)
+                "stop what holds it or pick another with --port", which="client")
         c = self.cluster
         if c is not None and port_in_use(c.listen_host, c.listen_port):
-            raise BrokerError(
+            raise _PortTaken(
                 f"cannot start the broker: cluster port {c.listen_port} on {c.listen_host} is "
-                "already in use; stop what holds it or pick another with --cluster-listen")
+                "already in use; stop what holds it or pick another with --cluster-listen",
+                which="cluster")
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self._conf = self.store_dir / "nats-server.conf"
         self._conf.touch(mode=0o600)  # with --auth it holds the route password
@@ -246,7 +256,10 @@ class Broker:
         except BrokerError as exc:
             last = str(exc)
             if "address already in use" in last:
-                raise _PortTaken(last, monitor=f":{self.monitor_port}" in last) from None
+                which = ("monitor" if f":{self.monitor_port}" in last else
+                         "cluster" if c is not None and f":{c.listen_port}" in last else
+                         "client")
+                raise _PortTaken(last, which=which) from None
             raise
 
     async def _wait_ready(self, log: Path) -> None:

@@ -259,22 +259,18 @@ class BrokerCluster:
 
     def __init__(self, directory: Path | str, size: int = 3, *, first_port: int | None = None,
                  auth: Path | None = None, max_payload: str = "8MB") -> None:
-        from coordinator.dev.broker import Broker, free_port
+        from coordinator.dev.broker import Broker
 
         if size < 2:  # a lone clustered server waits for peers for ever: run a plain Broker
             raise UsageError(f"--brokers {size}: a cluster needs at least 2 brokers (3 for R3)")
         self.dir = Path(directory).absolute()
-        cluster_ports = [free_port() for _ in range(size)]
-        routes = tuple(f"nats-route://127.0.0.1:{p}" for p in cluster_ports)
         self.brokers: list[Broker] = [
             Broker(
                 port=first_port + i if first_port is not None else None,
                 store_dir=self.dir / f"jetstream-{i + 1}", server_name=f"fleetwave-{i + 1}",
-                auth=auth, max_payload=max_payload,
-                cluster=ClusterSpec(name=f"fleetwave-{i + 1}", listen_host="127.0.0.1",
-                                    listen_port=cluster_ports[i], routes=routes),
+                auth=auth, max_payload=max_payload, cluster=spec,
             )
-            for i in range(size)
+            for i, spec in enumerate(_cluster_specs(size))
         ]
 
     @property
@@ -300,8 +296,25 @@ class BrokerCluster:
         await self.stop()
 
     async def start(self, timeout: float = FORM_TIMEOUT) -> None:
-        """Start every broker (together: each waits for the others) and wait until formed."""
-        await asyncio.gather(*(b.start() for b in self.brokers))
+        """Start every broker (together: each waits for the others) and wait until formed.
+
+        The cluster ports were free when picked; one taken before its broker bound it (by
+        any process: outgoing connections draw from the same range) means new ports for all
+        of them (each broker's routes name the others'), up to PORT_ATTEMPTS times."""
+        from coordinator.dev.broker import PORT_ATTEMPTS, ClusterPortTaken
+
+        for attempt in range(PORT_ATTEMPTS):
+            started = await asyncio.gather(*(b.start() for b in self.brokers),
+                                           return_exceptions=True)
+            failed = [e for e in started if isinstance(e, BaseException)]
+            if not failed:
+                break
+            other = [e for e in failed if not isinstance(e, ClusterPortTaken)]
+            if other or attempt == PORT_ATTEMPTS - 1:
+                raise (other or failed)[0]
+            await self.stop()
+            for b, spec in zip(self.brokers, _cluster_specs(len(self.brokers)), strict=True):
+                b.cluster = spec
         await self.wait_formed(timeout)
 
     async def stop(self) -> None:
@@ -365,6 +378,17 @@ class BrokerCluster:
                 if leader:
                     return str(leader)
         return ""
+
+
+def _cluster_specs(size: int) -> list[ClusterSpec]:
+    """``size`` members ``fleetwave-1..size`` on loopback, each on a cluster port free now,
+    routed to all of them."""
+    from coordinator.dev.broker import free_port
+
+    ports = [free_port() for _ in range(size)]
+    routes = tuple(f"nats-route://127.0.0.1:{p}" for p in ports)
+    return [ClusterSpec(name=f"fleetwave-{i + 1}", listen_host="127.0.0.1", listen_port=port,
+                        routes=routes) for i, port in enumerate(ports)]
 
 
 def not_current_peers(meta: dict[str, Any], names: Sequence[str]) -> list[str]:

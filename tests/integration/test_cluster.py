@@ -318,6 +318,23 @@ async def test_a_taken_cluster_port_is_one_line_and_creates_nothing(tmp_path: Pa
     assert not (tmp_path / "js").exists()
 
 
+
+async def test_a_cluster_port_taken_before_its_broker_binds_is_picked_again(
+        tmp_path: Path) -> None:
+    """The cluster ports a BrokerCluster picked can be taken before its brokers bind them
+    (another test's connection: the CI failure of the observed-bucket test below): it picks
+    new ones for all (each broker's routes name the others') and forms, none on the taken one."""
+    c = BrokerCluster(tmp_path / "cluster", 3)
+    taken = c.brokers[1].cluster.listen_port if c.brokers[1].cluster else 0
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        async with c:
+            jsz = await c.jsz()
+            assert jsz["meta_cluster"]["cluster_size"] == 3
+            assert taken not in {b.cluster.listen_port for b in c.brokers if b.cluster}
+
+
 async def test_the_shipped_cluster_configs_start_a_cluster(tmp_path: Path) -> None:
     """deploy/nats/cluster-{1,2,3}.conf, with only addresses and paths changed for loopback,
     start a real 3-server cluster over their mutual TLS routes that fsyncs every write
