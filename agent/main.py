@@ -32,7 +32,7 @@ from agent.edge import Edge
 from agent.errors import FlagError, StartupError
 from agent.flags import PROG, check_identity, click_command, parse_flags
 from protocol.errors import BusError
-from protocol.imports import NOT_FOR_THE_BUS, import_bus
+from protocol.imports import import_bus
 
 if TYPE_CHECKING:
     from agent.daemon import Agent, AgentOptions
@@ -41,17 +41,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("fleetwave.agent")
 
 
-# Imports blocked while the bus is imported (``protocol.imports``), each taken in a fallback the
-# agent never needs: ``aiohttp`` (nats-py's WebSocket transport: about 14 MiB of the agent's 30 MB
-# budget) and ``importlib.metadata`` (zipfile, csv and more): what looks a version up takes its
-# fallback (the bus then names nats-py's version itself: ``protocol.bus._name_client_version``).
-# (``email.parser``, which nats.js imports, stays: its ``BytesParser`` parses the headers of
-# JetStream direct gets, the object store's included.)
-BLOCKED_FOR_THE_BUS = (*NOT_FOR_THE_BUS, "importlib.metadata")
-
-
 def _import_bus() -> None:
-    import_bus(BLOCKED_FOR_THE_BUS)
+    """The bus without what the agent never needs (``protocol.imports.NOT_FOR_THE_BUS``):
+    ``aiohttp`` is about 14 MiB of its 30 MB budget. (``email.parser``, which nats.js imports,
+    stays: its ``BytesParser`` parses the headers of JetStream direct gets.)"""
+    import_bus()
 
 
 def build_agent(options: AgentOptions, live: LiveAgent | None = None) -> Agent:

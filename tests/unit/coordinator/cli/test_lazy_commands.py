@@ -67,3 +67,20 @@ def test_the_objects_of_the_imports_are_frozen_before_the_last_collection() -> N
                          check=True, timeout=60).stdout
     frozen = int(out.strip().splitlines()[-1].split()[-1])
     assert frozen > 10_000, out[-200:]
+
+
+def test_a_command_imports_no_package_metadata() -> None:
+    """``deploy`` does not import ``importlib.metadata`` (zipfile, csv, email: ~9 ms of its
+    start), which nats-py would for its own version; the bus names that version itself, and
+    ``--version`` still reads fleetwave's."""
+    code = ("import sys\nfrom coordinator.cli import main\n"
+            "try:\n    main(['deploy', '--help'])\nexcept SystemExit:\n    pass\n"
+            "import nats.aio.client\n"
+            "print('importlib.metadata' in sys.modules, nats.aio.client.__version__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    loaded, version = out.strip().splitlines()[-1].split()
+    assert loaded == "False" and version != "0.0.0" and version[0].isdigit(), out[-300:]
+    out = subprocess.run([sys.executable, "-c", "from coordinator.cli import main; main()",
+                          "--version"], capture_output=True, text=True, timeout=60).stdout
+    assert "0.1" in out, out
