@@ -9,12 +9,15 @@ carries out commands in order (``Persist`` first).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import msgspec
-
+# What reads a record's nodes lives in ``node_table`` (the strategies, which the CLI imports to
+# check a spec, need it without the dataclasses here); the engine imports it from here as before.
+from coordinator.core.node_table import NodeTable as NodeTable
+from coordinator.core.node_table import converged as converged
+from coordinator.core.node_table import peek as peek
+from coordinator.core.node_table import peek_node as peek_node
 from coordinator.errors import FleetwaveError
 from protocol.messages import (
     DesiredState,
@@ -215,71 +218,3 @@ def mode(record: RolloutRecord) -> str:
     if record.state == "running" and record.phase == "rollback":
         return "rolling_back"
     return record.state
-
-
-def converged(seen: ObservedState, target: DesiredState) -> bool:
-    """Whether a node has converged on ``target``: generation reached, traffic slots healthy and
-    the weights applied as asked."""
-    if seen.observed_generation < target.generation or seen.phase == "failed":
-        return False
-    for slot, weight in target.weights.items():
-        status = seen.slots.get(slot)
-        if weight > 0 and (status is None or status.status != "healthy"):
-            return False
-    return _positive(seen.weights) == _positive(target.weights)
-
-
-def _positive(weights: Mapping[str, int]) -> dict[str, int]:
-    return {s: w for s, w in weights.items() if w > 0}
-
-
-class NodeTable(dict[str, NodeProgress]):
-    """A working copy's nodes: each NodeProgress is copied the first time a step takes it
-    (``[]``, ``get``, ``values``, ``items``), so a step pays for the nodes it looks at rather
-    than for the whole fleet (a copy of every node was a fifth of the coordinator's CPU at
-    10,000 nodes). What a step only reads across the fleet goes through ``peek``, which copies
-    nothing: a NodeProgress it yields belongs to the committed record and must not be edited.
-    The entries themselves are a C-level dict copy; ``Rollout._step`` turns the table back into
-    a plain dict before the record is committed."""
-
-    __slots__ = ("_own",)
-
-    def __init__(self, committed: Mapping[str, NodeProgress]) -> None:
-        super().__init__(committed)
-        self._own: set[str] = set()
-
-    def __getitem__(self, node: str) -> NodeProgress:
-        p = dict.__getitem__(self, node)
-        if node not in self._own:
-            p = msgspec.structs.replace(p)
-            dict.__setitem__(self, node, p)
-            self._own.add(node)
-        return p
-
-    def __setitem__(self, node: str, progress: NodeProgress) -> None:
-        dict.__setitem__(self, node, progress)
-        self._own.add(node)
-
-    def get(self, node: str, default: Any = None) -> Any:
-        return self[node] if node in self else default  # noqa: SIM401  (self.get is this)
-
-    def taken(self) -> set[str]:
-        """The nodes a step took (the only ones it can have changed)."""
-        return self._own
-
-    def values(self) -> list[NodeProgress]:  # type: ignore[override]
-        return [self[n] for n in self]
-
-    def items(self) -> list[tuple[str, NodeProgress]]:  # type: ignore[override]
-        return [(n, self[n]) for n in self]
-
-
-def peek_node(nodes: Mapping[str, NodeProgress], node: str) -> NodeProgress:
-    """One node's progress, read only: no copy (``peek`` for one node). Never edit it."""
-    return dict.__getitem__(nodes, node) if isinstance(nodes, dict) else nodes[node]
-
-
-def peek(nodes: Mapping[str, NodeProgress]) -> Iterable[tuple[str, NodeProgress]]:
-    """Every (node, progress) of a record's nodes, read only: no copy of a working copy's
-    entries (``NodeTable``). Never edit what it yields."""
-    return dict.items(nodes) if isinstance(nodes, dict) else nodes.items()

@@ -36,8 +36,8 @@ from msgspec import UNSET
 
 from coordinator.core import gates as gatelib
 from coordinator.core import staging
-from coordinator.core.engine_types import converged, peek, peek_node
 from coordinator.core.evidence import Evidence, listed
+from coordinator.core.node_table import converged, peek, peek_node
 from coordinator.core.planning import Wave, WaveKind
 from coordinator.core.targets import serving_slot
 from coordinator.errors import UsageError

@@ -40,8 +40,8 @@ from msgspec import UNSET
 from coordinator.core import gates as gatelib
 from coordinator.core import gates_shadow as shadowgates
 from coordinator.core import staging
-from coordinator.core.engine_types import peek
 from coordinator.core.evidence import Evidence
+from coordinator.core.node_table import peek
 from coordinator.core.planning import Wave, WaveKind
 from coordinator.core.targets import restore_target
 from coordinator.errors import UsageError

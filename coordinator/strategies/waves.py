@@ -22,8 +22,8 @@ import msgspec
 from msgspec import UNSET
 
 from coordinator.core import gates as gatelib
-from coordinator.core.engine_types import peek
 from coordinator.core.evidence import Evidence
+from coordinator.core.node_table import peek
 from coordinator.core.planning import WaveKind
 from coordinator.core.targets import (
     JUDGED_STATS_EVERY,

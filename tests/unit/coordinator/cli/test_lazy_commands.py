@@ -84,3 +84,16 @@ def test_a_command_imports_no_package_metadata() -> None:
     out = subprocess.run([sys.executable, "-c", "from coordinator.cli import main; main()",
                           "--version"], capture_output=True, text=True, timeout=60).stdout
     assert "0.1" in out, out
+
+
+def test_deploy_checks_a_spec_without_the_engine() -> None:
+    """``deploy`` checks its spec with the strategies (``strategies.validate``), which import
+    ``core.node_table``, not the engine's events and commands (``core.engine_types``: 6-9 ms of
+    dataclasses)."""
+    code = ("import sys\nfrom coordinator.cli import main\n"
+            "try:\n    main(['deploy', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print('coordinator.strategies' in sys.modules,"
+            " 'coordinator.core.engine_types' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    assert out.strip().splitlines()[-1] == "True False", out[-300:]
