@@ -47,7 +47,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import msgspec
@@ -69,6 +69,8 @@ POLL = 0.1  # how often a standby reads the lease
 PING_EVERY = 0.2  # how often a standby pings the leader's own subject
 PING_TIMEOUT = POLL  # a frozen holder answers nothing: only "no responders" counts
 PING_STRIKES = 2  # "no responders" this many times in a row: the leader's connection is gone
+REFENCES = 3  # a fence forged this many times in a row within one write: retried later
+FORGED_LOG_EVERY = 10.0  # seconds between the lines that say a lease or fence was forged
 # ... and only once the lease has not been renewed for this long either (a leader that is just
 # reconnecting, e.g. its broker went into lame-duck mode, has no subscription for a moment).
 PING_SILENCE = 2.5 * RENEW_EVERY
@@ -88,10 +90,14 @@ direct_api = subjects.coordinator_api
 
 @dataclass(frozen=True)
 class Fence:
-    """The term of one leadership and the revision of its marker in each fenced bucket."""
+    """The term of one leadership and the revision of its marker in each fenced bucket (moved
+    when the marker is put back: ``Fenced``), with the marker itself."""
 
     term: int
     seqs: dict[str, int]
+    marker: bytes = b""  # our FenceMarker, encoded: what is written back over a forged one
+    holder: str = ""
+    refencing: dict[str, asyncio.Lock] = field(default_factory=dict, compare=False, repr=False)
 
     def seq(self, bucket: str) -> int:
         try:
@@ -115,13 +121,85 @@ class Fenced:
     async def write_all(self, bucket: str, writes: Sequence[tuple[str, bytes | None]], *,
                         rollup: Collection[str] = ()) -> list[int | BusError]:
         """Every (key, value; None deletes) of ``bucket`` pipelined; per write its revision or
-        its BusError, where a lost fence is ``Deposed``. Keys in ``rollup`` drop their history."""
-        try:
-            results = await bounded(self.bus.kv_fenced_all(bucket, writes,
-                                                           self.fence.seq(bucket), rollup=rollup))
-        except BusError as exc:
-            return [exc] * len(writes)
-        return [self._deposed(bucket) if isinstance(r, Conflict) else r for r in results]
+        its BusError, where a lost fence is ``Deposed``. Keys in ``rollup`` drop their history.
+
+        A fence moved by something that is not a coordinator (``_refence``) is put back and the
+        writes it stopped are made again: up to ``REFENCES`` times, then a BusError (retried
+        by the caller), never Deposed."""
+        out: list[int | BusError] = [BusError("not written")] * len(writes)
+        todo = list(range(len(writes)))
+        for attempt in range(REFENCES + 1):
+            try:
+                results = await bounded(self.bus.kv_fenced_all(
+                    bucket, [writes[i] for i in todo], self.fence.seq(bucket), rollup=rollup))
+            except BusError as exc:
+                for i in todo:
+                    out[i] = exc
+                return out
+            stopped = []
+            for i, result in zip(todo, results, strict=True):
+                if isinstance(result, Conflict):
+                    stopped.append(i)
+                else:
+                    out[i] = result
+            if not stopped:
+                return out
+            verdict = (await self._refence(bucket) if attempt < REFENCES else BusError(
+                f"the fence of {bucket} was overwritten {REFENCES} times in a row by something "
+                "that is not a coordinator; the writes are retried later"))
+            if verdict is not None:
+                for i in stopped:
+                    out[i] = verdict
+                return out
+            todo = stopped
+        return out  # not reached: the last attempt returns above
+
+    async def _refence(self, bucket: str) -> BusError | None:
+        """After a write found the fence of ``bucket`` moved: Deposed when a coordinator of a
+        later term (or another of ours) moved it; None when it is ours again, so the writes
+        may be made again; a BusError when that cannot be told now.
+
+        What else moves a fence: any message the server stores on its key. A principal of the
+        bus (a node, an operator) can make the server publish onto any subject of the account,
+        as the reply to one of its own requests (a JetStream API answer, a publish
+        acknowledgement; nats-server checks no reply subject against permissions), and the
+        bucket's stream stores it. Such a value is never a marker (no JetStream answer has a
+        term and a holder), and no coordinator writes a marker of an older term after ours
+        (``write_fences`` refuses to move one down): either is written back over, by
+        compare-and-set on its revision, and logged. Before, one such request from any node's
+        credentials deposed the leader (measured: term 1 to 2 at once), and a stream of them
+        kept a fleet from finishing a rollout."""
+        lock = self.fence.refencing.setdefault(bucket, asyncio.Lock())
+        async with lock:  # the concurrent writes of one bucket put it back once
+            for _ in range(3):
+                try:
+                    entry = await bounded(self.bus.kv_get(bucket, subjects.FENCE_KEY))
+                except BusError as exc:
+                    return exc
+                marker = _marker(entry.value if entry else None)
+                if marker is not None and (marker.term > self.fence.term or (
+                        marker.term == self.fence.term and marker.holder != self.fence.holder)):
+                    return self._deposed(bucket)
+                if entry is not None and entry.revision == self.fence.seqs.get(bucket):
+                    return None  # put back already (by a write that met it first)
+                if marker is not None and marker.term == self.fence.term:
+                    self.fence.seqs[bucket] = entry.revision if entry else 0
+                    return None
+                _FORGED.tell(bucket, subjects.FENCE_KEY, entry.value if entry else None)
+                try:
+                    if entry is None:
+                        rev = await bounded(self.bus.kv_create(bucket, subjects.FENCE_KEY,
+                                                               self.fence.marker))
+                    else:
+                        rev = await bounded(self.bus.kv_update(
+                            bucket, subjects.FENCE_KEY, self.fence.marker, entry.revision))
+                except Conflict:
+                    continue  # moved again meanwhile: look again
+                except BusError as exc:
+                    return exc
+                self.fence.seqs[bucket] = rev
+                return None
+            return BusError(f"the fence of {bucket} keeps moving; the writes are retried later")
 
     async def put(self, bucket: str, key: str, value: bytes) -> int:
         """Write one key; its new revision. Deposed or BusError."""
@@ -166,7 +244,7 @@ async def write_fences(bus: RunnerBus, *, term: int, holder: str, now: float,
                 await asyncio.sleep(0.05 * (attempt + 1))
         else:
             raise Deposed(f"the fence of {bucket} keeps moving; another coordinator is taking over")
-    return Fence(term=term, seqs=seqs)
+    return Fence(term=term, seqs=seqs, marker=data, holder=holder)
 
 
 async def fence_markers(bus: RunnerBus) -> list[FenceMarker]:
@@ -194,12 +272,46 @@ async def highest_fence(bus: RunnerBus) -> int:
 
 
 def _marker_term(value: bytes | None) -> int:
+    marker = _marker(value)
+    return marker.term if marker is not None else 0  # unreadable: any real term replaces it
+
+
+def _marker(value: bytes | None) -> FenceMarker | None:
+    """The fence marker ``value`` holds; None when there is none or it is not one."""
     if not value:
-        return 0
+        return None
     try:
-        return decode(FenceMarker, value).term
+        return decode(FenceMarker, value)
     except ProtocolError:
-        return 0  # unreadable: any real term replaces it
+        return None
+
+
+class _Forgeries:
+    """Says (at most every ``FORGED_LOG_EVERY`` seconds per key, with how many since) that a
+    lease or fence key held something no coordinator writes, and was written back over."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._since: dict[str, int] = {}
+
+    def tell(self, bucket: str, key: str, value: bytes | None) -> None:
+        where = f"{bucket}/{key}"
+        self._since[where] = self._since.get(where, 0) + 1
+        now = self._clock()
+        if now - self._last.get(where, -FORGED_LOG_EVERY) < FORGED_LOG_EVERY:
+            return
+        seen = (value or b"")[:80].decode("utf-8", "replace")
+        log.error("%s held %s, which no coordinator writes (%d time(s) in %gs): a principal of "
+                  "the bus made the server publish onto it (the reply subject of its own "
+                  "request); written back over, this coordinator keeps leading. Find who: the "
+                  "server's connection list at that moment", where, repr(seen) or "nothing",
+                  self._since[where], FORGED_LOG_EVERY)
+        self._last[where] = now
+        self._since[where] = 0
+
+
+_FORGED = _Forgeries()
 
 
 class LeaseBus(RunnerBus, Protocol):
@@ -207,6 +319,16 @@ class LeaseBus(RunnerBus, Protocol):
     (``protocol.bus.Bus.ping``: True answered, False no responders, None no answer in time)."""
 
     async def ping(self, subject: str, timeout: float) -> bool | None: ...
+
+
+def _lease(value: bytes | None) -> LeaseRecord | None:
+    """The lease record ``value`` holds; None when there is none or it is not one."""
+    if value is None:
+        return None
+    try:
+        return decode(LeaseRecord, value)
+    except ProtocolError:
+        return None
 
 
 async def live_leader(bus: LeaseBus) -> LeaseRecord | None:
@@ -275,12 +397,16 @@ class Lease:
                 continue
             self._answered(sent)
             now = self._mono()
-            held: LeaseRecord | None = None
-            if entry is not None and entry.value is not None:
-                try:
-                    held = decode(LeaseRecord, entry.value)
-                except ProtocolError as exc:
-                    log.error("the lease is unreadable (%s); taking it over", exc)
+            held = _lease(entry.value if entry is not None else None)
+            forged = entry is not None and held is None
+            if forged and entry is not None and entry.revision != seen_rev:
+                # Not a lease record: a principal of the bus made the server publish onto the
+                # key (``Fenced._refence``). A live leader writes it back over at its next
+                # renewal, which counts as a change; taken over only once the key has not
+                # changed into a record for the ttl, as a silent leader's (a stream of such
+                # writes would otherwise both depose every leader and keep a dead one's).
+                _FORGED.tell(self.bucket, subjects.LEASE_KEY, entry.value)
+                seen_rev = entry.revision
             if entry is not None and entry.revision != seen_rev:
                 seen_rev, seen_at, strikes = entry.revision, now, 0
             if held is not None and held != self.current:
@@ -295,7 +421,8 @@ class Lease:
             # The longer of our ttl and the leader's (``--lease-ttl``): never sooner than it
             # promised itself to hold on.
             ttl = max(self.ttl, held.ttl if held is not None else 0.0)
-            expired = held is None or not held.holder or mine or now - seen_at >= ttl
+            expired = (not forged and (held is None or not held.holder)) or mine \
+                or now - seen_at >= ttl
             if not expired and held is not None and now >= next_ping:
                 next_ping = now + PING_EVERY
                 answered = await self.bus.ping(ping_subject(self.bus.fleet, held.holder),
@@ -358,8 +485,11 @@ class Lease:
                                                          encode(renewed), self._rev)
             except Conflict:
                 self._answered(sent)
-                if await self._still_ours():  # our last renewal landed, its answer was lost
+                ours = await self._recover()
+                if ours:  # our last renewal landed (its answer was lost), or it was forged
                     last_ok = sent
+                    continue
+                if ours is None:  # cannot tell now: the next renewal asks again
                     continue
                 self._rev = 0
                 return "another coordinator took the lease"
@@ -374,20 +504,44 @@ class Lease:
     def _answered(self, sent: float) -> None:
         self.heard = max(self.heard, sent)
 
-    async def _still_ours(self) -> bool:
-        """After a lost compare-and-set: whether the lease still names us in our term (a
-        renewal whose reply was lost had landed); if so, adopt its revision."""
-        try:
-            entry = await bounded(self.bus.kv_get(self.bucket, subjects.LEASE_KEY))
-            held = decode(LeaseRecord, entry.value) if entry and entry.value else None
-        except (BusError, ProtocolError):
-            return False
-        if (entry is None or held is None or self.current is None or held.holder != self.me
-                or held.term != self.current.term):
-            return False
-        self._rev = self._last = entry.revision
-        self.current = held
-        return True
+    async def _recover(self) -> bool | None:
+        """After a lost compare-and-set: whether the lease is still ours. True when it names
+        us in our term (a renewal whose reply was lost had landed: its revision is adopted) or
+        holds what no coordinator writes (not a lease record: a principal of the bus made the
+        server publish onto the key, ``Fenced._refence``; written back over with our renewal);
+        False when another coordinator's record is there; None when that cannot be told now."""
+        for _ in range(3):
+            try:
+                entry = await bounded(self.bus.kv_get(self.bucket, subjects.LEASE_KEY))
+            except BusError:
+                return None
+            if self.current is None:
+                return False
+            held = _lease(entry.value if entry else None)
+            if held is not None:
+                if held.holder != self.me or held.term != self.current.term:
+                    return False
+                assert entry is not None
+                self._rev = self._last = entry.revision
+                self.current = held
+                return True
+            _FORGED.tell(self.bucket, subjects.LEASE_KEY, entry.value if entry else None)
+            renewed = msgspec.structs.replace(self.current, renewed=self._clock())
+            try:
+                if entry is None:
+                    rev = await bounded(self.bus.kv_create(self.bucket, subjects.LEASE_KEY,
+                                                           encode(renewed)))
+                else:
+                    rev = await bounded(self.bus.kv_update(self.bucket, subjects.LEASE_KEY,
+                                                           encode(renewed), entry.revision))
+            except Conflict:
+                continue  # moved again meanwhile: look again
+            except BusError:
+                return None
+            self._rev = self._last = rev
+            self.current = renewed
+            return True
+        return None
 
     async def release(self) -> None:
         """Give the lease up (a stopping leader): a standby takes it at its next look. The

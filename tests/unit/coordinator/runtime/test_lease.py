@@ -18,7 +18,7 @@ from coordinator.runtime.lease import (
 from protocol import subjects
 from protocol.codec import decode, encode
 from protocol.errors import BusError
-from protocol.messages import LeaseRecord
+from protocol.messages import FenceMarker, LeaseRecord
 from protocol.testing import FLEET, FakeBus, FakeClock
 
 LEASE = subjects.lease_bucket(FLEET)
@@ -204,3 +204,98 @@ async def test_heard_is_when_the_last_lease_call_the_server_answered_was_sent() 
     await asyncio.sleep(0.05)
     assert standby.heard == mono.t
     waiting.cancel()
+
+
+# What any principal of the bus can make the server store on a key: the answer to one of its
+# own requests, sent to the reply subject it named (nats-server checks none against its
+# permissions). Measured with a node's credentials: one such request deposed the leader.
+FORGED = b'{"type":"io.nats.jetstream.api.v1.stream_info_response","config":{}}'
+
+
+async def test_a_forged_fence_is_put_back_and_the_write_lands() -> None:
+    """A fence key holding something no coordinator writes (or an older term's marker, which
+    ``write_fences`` never writes after ours) is written back over: the writes it stopped
+    land, the leader is not deposed, and later writes go on."""
+    bus = FakeBus()
+    fence = await write_fences(bus, term=3, holder="a", now=0.0)
+    writer = Fenced(bus, fence)
+    for bucket in fenced_buckets(FLEET):
+        await bus.kv_put(bucket, subjects.FENCE_KEY, FORGED)
+        assert await writer.put(bucket, "k", b"after") > 0
+        entry = bus.live(bucket, subjects.FENCE_KEY)
+        assert entry is not None and entry.value == fence.marker
+        assert entry.revision == fence.seq(bucket)
+    older = encode(FenceMarker(term=2, holder="z"))
+    await bus.kv_put(ROLLOUTS, subjects.FENCE_KEY, older)
+    results = await writer.write_all(ROLLOUTS, [("r1", b"1"), ("r2", b"2")])
+    assert all(isinstance(r, int) for r in results), results
+    assert await writer.put(ROLLOUTS, "r3", b"3") > 0
+
+
+async def test_a_later_coordinators_fence_still_deposes() -> None:
+    """Written back over only when no coordinator wrote it: a later term's marker, or another
+    holder's in our term, deposes as before."""
+    bus = FakeBus()
+    writer = Fenced(bus, await write_fences(bus, term=3, holder="a", now=0.0))
+    await bus.kv_put(ROLLOUTS, subjects.FENCE_KEY, encode(FenceMarker(term=4, holder="b")))
+    with pytest.raises(Deposed):
+        await writer.put(ROLLOUTS, "k", b"v")
+    await bus.kv_put(ROLLOUTS, subjects.FENCE_KEY, encode(FenceMarker(term=3, holder="b")))
+    with pytest.raises(Deposed):
+        await writer.put(ROLLOUTS, "k", b"v")
+
+
+async def test_a_fence_forged_again_and_again_is_a_bus_error_not_deposed() -> None:
+    """Forged at every look: the writes fail with a BusError (the caller retries them later),
+    and the leader is never deposed by it."""
+    bus = FakeBus()
+    writer = Fenced(bus, await write_fences(bus, term=3, holder="a", now=0.0))
+    real = bus.kv_fenced_all
+
+    async def forged_first(*a: object, **kw: object) -> list[int | BusError]:
+        await bus.kv_put(ROLLOUTS, subjects.FENCE_KEY, FORGED)
+        return await real(*a, **kw)  # type: ignore[arg-type]
+
+    bus.kv_fenced_all = forged_first  # type: ignore[method-assign]
+    [result] = await writer.write_all(ROLLOUTS, [("k", b"v")])
+    assert isinstance(result, BusError) and not isinstance(result, Deposed), result
+    assert "not a coordinator" in str(result)
+
+
+async def test_a_forged_lease_is_renewed_over_and_the_leader_keeps_its_term() -> None:
+    """The leader's renewal meets a lease key holding no lease record: it writes its renewal
+    back over it and keeps leading in the same term (before: "another coordinator took the
+    lease", and a new term)."""
+    bus, mono = FakeBus(), FakeClock()
+    a = lease(bus, "a", mono)
+    first = await a.acquire()
+    holding = asyncio.ensure_future(a.hold())
+    await asyncio.sleep(0.01)
+    await bus.kv_put(LEASE, subjects.LEASE_KEY, FORGED)
+    await asyncio.sleep(0.05)
+    assert not holding.done() and a.leading
+    assert held(bus).holder == "a" and held(bus).term == first.term
+    holding.cancel()
+
+
+async def test_a_standby_does_not_take_a_forged_lease_from_a_live_leader() -> None:
+    """A standby that reads a lease key holding no lease record waits as for a silent leader:
+    the live leader writes it back over within a renewal, and the standby never takes it;
+    with no leader to do so, it takes it after the ttl."""
+    bus, mono = FakeBus(), FakeClock()
+    a = lease(bus, "a", mono)
+    first = await a.acquire()
+    holding = asyncio.ensure_future(a.hold())
+    standby = asyncio.ensure_future(lease(bus, "b", mono).acquire())
+    for _ in range(20):
+        await bus.kv_put(LEASE, subjects.LEASE_KEY, FORGED)
+        await asyncio.sleep(0.005)
+    assert not standby.done() and held(bus).holder == "a" and held(bus).term == first.term
+    holding.cancel()
+    await asyncio.sleep(0.01)
+    await bus.kv_put(LEASE, subjects.LEASE_KEY, FORGED)  # and no leader to put it back
+    await asyncio.sleep(0.02)
+    assert not standby.done()
+    mono.t += 2.0
+    won = await asyncio.wait_for(standby, 2)
+    assert won.holder == "b" and won.term == first.term + 1

@@ -1,0 +1,97 @@
+"""A node cannot depose the coordinator through the server. nats-server sends the answer to a
+request wherever its reply subject says, checked against no permission: node-1's credentials
+may ask for the releases stream's info, and the answer, sent to the lease key or a bucket's
+fence key, is stored there by that bucket's stream. Before, one such request made the
+coordinator stop leading (term 1 to 2), and a stream of them kept it changing hands. Now a
+value no coordinator writes is written back over (``coordinator.runtime.lease``): under a
+stream of such requests a rollout succeeds and the term stays. Real nats-server with the
+permissions ``fleetwave auth`` writes, real agents over TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+from coordinator.auth.enroll import CA, AuthDir
+from coordinator.dev.devfleet import DevFleet
+from protocol import creds as creds_file
+from protocol import subjects
+from protocol.bus import Bus
+from protocol.codec import decode
+from protocol.errors import ProtocolError
+from protocol.messages import LeaseRecord
+from tests.integration.e2e_support import DEPLOY_TIMEOUT, serving
+from tests.integration.procs import fleetwave, hello_bundle, read_text, wait_until
+
+SUBNET = "127.0.75"
+F = "default"
+EVERY = 0.02  # seconds between a forged answer onto each key
+
+
+async def _term(op: Bus) -> int | None:
+    """The lease's term; None while it holds a forged answer (until the next renewal)."""
+    entry = await op.kv_get(subjects.lease_bucket(F), subjects.LEASE_KEY)
+    assert entry is not None and entry.value is not None
+    try:
+        return decode(LeaseRecord, entry.value).term
+    except ProtocolError:
+        return None
+
+
+async def test_a_nodes_forged_answers_on_the_lease_and_fences_depose_no_one(
+        tmp_path: Path) -> None:
+    async with DevFleet(tmp_path / "fleet", agents=2, heartbeat_interval=0.5, secure=True,
+                        subnet=SUBNET) as fleet:
+        assert fleet.auth_dir is not None
+        for v in ("1.0.0", "2.0.0"):
+            code, _, err = await fleetwave(*fleet.client_args(), "release", "push",
+                                           str(hello_bundle(v)))
+            assert code == 0, err
+        code, out, err = await fleetwave(*fleet.client_args(), "deploy", "hello", "1.0.0",
+                                         "--batch", "100%", "--max-unavailable", "100%",
+                                         timeout=DEPLOY_TIMEOUT)
+        assert code == 0, out + err
+        op = await Bus.connect(fleet.nats_url, F, **fleet.access())
+        node1 = await Bus.connect(
+            fleet.nats_url, F, tls_ca=str(fleet.auth_dir / CA),
+            creds=creds_file.load(AuthDir(fleet.auth_dir).creds_path("node", "node-1")))
+        ask = f"$JS.API.STREAM.INFO.{subjects.object_stream(subjects.releases_store(F))}"
+        targets = [f"$KV.{subjects.lease_bucket(F)}.{subjects.LEASE_KEY}",
+                   *(f"$KV.{b}.{subjects.FENCE_KEY}" for b in subjects.fenced_buckets(F))]
+        sent = 0
+
+        async def inject() -> None:
+            nonlocal sent
+            while True:
+                for target in targets:
+                    await node1.nc.publish(ask, b"", reply=target)
+                    sent += 1
+                await node1.nc.flush()
+                await asyncio.sleep(EVERY)
+
+        try:
+            before = await _term(op)
+            injecting = asyncio.ensure_future(inject())
+            try:
+                code, out, err = await fleetwave(
+                    *fleet.client_args(), "deploy", "hello", "2.0.0", "--batch", "1",
+                    "--bake", "0", timeout=DEPLOY_TIMEOUT)
+            finally:
+                injecting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await injecting
+            assert code == 0, out + err
+            await wait_until(lambda: serving(fleet), lambda v: set(v.values()) == {"2.0.0"},
+                             timeout=30, what="every node serving 2.0.0")
+            assert sent > 20
+            log = await read_text(fleet.dir / "logs" / "coordinator.log")
+            # the forged answers reached the keys (the server stored them), and were put back
+            assert "which no coordinator writes" in log, log[-2000:]
+            assert "stopped leading" not in log, log[-2000:]
+            # the last forged answer stays until the leader's next renewal puts the lease back
+            assert await wait_until(lambda: _term(op), lambda t: t is not None, timeout=5,
+                                    what="the lease readable again") == before
+        finally:
+            await node1.close()
+            await op.close()
