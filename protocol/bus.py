@@ -1286,7 +1286,13 @@ class Bus:
         if seen < floor:
             raise Behind(bucket, seen, floor)
 
-    async def _watch_once(self, bucket: str, pattern: str) -> AsyncIterator[Entry]:
+    async def kv_history(self, bucket: str, key: str) -> list[Entry]:
+        """Every revision ``bucket`` keeps of ``key``, oldest first (a delete with value None);
+        [] if none. As many as the bucket's history keeps (``_fleet_buckets``)."""
+        return [e async for e in self._watch_once(bucket, key, history=True)]
+
+    async def _watch_once(self, bucket: str, pattern: str, *,
+                          history: bool = False) -> AsyncIterator[Entry]:
         """The current entries matching ``pattern`` (a deleted key with value None), read once.
 
         It ends at the watch's caught-up marker, which comes with the last entry the bucket
@@ -1298,7 +1304,8 @@ class Bus:
             # deletes too: a deleted key is delivered as one; named (``_NamedByInbox``) so that
             # a server can allow a node a snapshot of its own keys only
             w = await _while_unavailable(
-                lambda: _watchable(kv, self._watch_js(OP_TIMEOUT)).watch(pattern))
+                lambda: _watchable(kv, self._watch_js(OP_TIMEOUT)).watch(
+                    pattern, include_history=history))
             try:
                 while (e := await w.updates(timeout=OP_TIMEOUT)) is not None:
                     deleted = e.operation in ("DEL", "PURGE")

@@ -68,6 +68,7 @@ class FakeBus:
     # ``ping``: what a ping of a subject answers (True answered, False no responders, None no
     # answer in time); a subject not listed answers True.
     pings: dict[str, bool | None] = field(default_factory=dict)
+    kept: dict[tuple[str, str], list[Entry]] = field(default_factory=dict)  # every revision
 
     def _fault(self, op: str, bucket: str) -> None:
         key = (op, bucket)
@@ -79,6 +80,7 @@ class FakeBus:
         """Store ``value`` (None: a delete marker) under a new revision, and log it."""
         self.seq += 1
         self.kv.setdefault(bucket, {})[key] = Entry(key, value, self.seq)
+        self.kept.setdefault((bucket, key), []).append(Entry(key, value, self.seq))
         self.log.append((op, bucket, key, value))
         return self.seq
 
@@ -113,6 +115,11 @@ class FakeBus:
         if last is not None and (e is None or e.revision != last):
             raise Conflict(f"{bucket}/{key} changed under us")
         self.set("delete", bucket, key, None)
+
+    async def kv_history(self, bucket: str, key: str) -> list[Entry]:
+        """Every revision of ``key`` (the fake keeps them all), oldest first."""
+        self._fault("history", bucket)
+        return list(self.kept.get((bucket, key), []))
 
     async def kv_entries(self, bucket: str, pattern: str = ">") -> list[Entry]:
         self._fault("entries", bucket)

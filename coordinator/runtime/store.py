@@ -341,14 +341,43 @@ class RolloutStore:
         out: dict[str, DesiredState] = {}
         for entry in entries:
             try:
-                env = decode(SignedEnvelope, entry.value or b"")
-                desired = shared(decode(DesiredState, env.payload))  # a record keeps it
+                desired = _desired(entry.value)
             except ProtocolError as exc:
-                raise BusError(f"desired state {entry.key} is unreadable ({exc}); was it written "
-                               "by another tool? delete the key to start that node afresh"
-                               ) from None
+                found = await self._last_readable(entry, exc)
+                if found is None:
+                    continue
+                desired = found
             out[desired.node] = desired
         return out
+
+    async def _last_readable(self, entry: Entry, exc: ProtocolError) -> DesiredState | None:
+        """The newest desired state the key held before ``entry``, which does not decode.
+
+        No coordinator writes such a value; a principal of the bus can have the server write
+        one (the answer to its request, sent to this key as its reply subject: ``Fenced``'s
+        ``_refence``). Refusing to plan (as before) let one node's credentials stop every
+        deploy and rollback of the service; planning as if the node had none would give it a
+        generation its agent refuses. The bucket keeps the key's last revisions: the newest
+        that decodes is what the node runs (its agent refused the rest), and the rollout
+        writes over the stray one. None: the key was deleted before it (no state). BusError
+        when none of them decodes."""
+        for kept in reversed(await bounded(self.bus.kv_history(self.desired, entry.key))):
+            if kept.revision >= entry.revision:
+                continue
+            if kept.value is None:
+                log.warning("desired state %s holds what no coordinator writes (%s); before "
+                            "it the key was deleted: planned as a node with none", entry.key,
+                            exc)
+                return None
+            try:
+                found = _desired(kept.value)
+            except ProtocolError:
+                continue
+            log.warning("desired state %s holds what no coordinator writes (%s): planned from "
+                        "the one before it (revision %d)", entry.key, exc, kept.revision)
+            return found
+        raise BusError(f"desired state {entry.key} is unreadable ({exc}), and so is every "
+                       "revision the bucket keeps of it; was it written by another tool?")
 
     # -- locks ------------------------------------------------------------------------------------
 
@@ -407,3 +436,9 @@ def _replan(record: RolloutRecord) -> pages.Layout:
     at twice each node's size now, room for its target and baselines to come."""
     return pages.plan(pages.order(record),
                       lambda n: 2 * len(encode(record.nodes[n])) + 1024, pages.PAGE_BYTES)
+
+
+def _desired(value: bytes | None) -> DesiredState:
+    """The desired state a desired key's ``value`` holds (ProtocolError if it does not)."""
+    env = decode(SignedEnvelope, value or b"")
+    return shared(decode(DesiredState, env.payload))  # a record keeps it

@@ -20,7 +20,7 @@ from protocol import subjects
 from protocol.bus import Bus
 from protocol.codec import decode
 from protocol.errors import ProtocolError
-from protocol.messages import LeaseRecord
+from protocol.messages import DesiredState, LeaseRecord, SignedEnvelope
 from tests.integration.e2e_support import DEPLOY_TIMEOUT, serving
 from tests.integration.procs import fleetwave, hello_bundle, read_text, wait_until
 
@@ -92,6 +92,69 @@ async def test_a_nodes_forged_answers_on_the_lease_and_fences_depose_no_one(
             # the last forged answer stays until the leader's next renewal puts the lease back
             assert await wait_until(lambda: _term(op), lambda t: t is not None, timeout=5,
                                     what="the lease readable again") == before
+        finally:
+            await node1.close()
+            await op.close()
+
+
+async def test_a_nodes_forged_answer_in_another_nodes_desired_key_blocks_no_deploy(
+        tmp_path: Path) -> None:
+    """node-1 has the server write its request's answer into node-2's desired key. node-2's
+    agent refuses it (not signed) and keeps serving; the coordinator started after it writes
+    over it (the last writes of the rollout before, made again at its start) or, reading it,
+    plans node-2 from the key's last signed state (``RolloutStore.current_desired``: its unit
+    test shows that path alone), and the deploy succeeds everywhere. (More such answers than
+    the bucket keeps revisions of a key, 5, while no coordinator writes over them, still stop
+    a deploy: what ends that is an account of the streams' own; README, Security.)"""
+    async with DevFleet(tmp_path / "fleet", agents=2, heartbeat_interval=0.5, secure=True,
+                        subnet=SUBNET) as fleet:
+        assert fleet.auth_dir is not None
+        for v in ("1.0.0", "2.0.0"):
+            code, _, err = await fleetwave(*fleet.client_args(), "release", "push",
+                                           str(hello_bundle(v)))
+            assert code == 0, err
+        code, out, err = await fleetwave(*fleet.client_args(), "deploy", "hello", "1.0.0",
+                                         "--batch", "100%", "--max-unavailable", "100%",
+                                         timeout=DEPLOY_TIMEOUT)
+        assert code == 0, out + err
+        op = await Bus.connect(fleet.nats_url, F, **fleet.access())
+        node1 = await Bus.connect(
+            fleet.nats_url, F, tls_ca=str(fleet.auth_dir / CA),
+            creds=creds_file.load(AuthDir(fleet.auth_dir).creds_path("node", "node-1")))
+        try:
+            # The install's last writes done (its lock goes last), then a coordinator that has
+            # read nothing yet: a new one (a leader knows what it wrote, and reads no bucket).
+            await wait_until(lambda: op.kv_get(subjects.locks_bucket(F), "hello"),
+                             lambda e: e is None, timeout=30, what="the install's lock released")
+
+            async def leaderships() -> int:  # the log is kept across the restart
+                return (await read_text(fleet.coordinator.log_path)).count("leads fleet")
+
+            led = await leaderships()
+            await fleet.coordinator.kill()
+            # Forged while no coordinator runs: the next one reads it first thing.
+            key = f"$KV.{subjects.desired_bucket(F)}.node-2.hello"
+            ask = f"$JS.API.STREAM.INFO.{subjects.object_stream(subjects.releases_store(F))}"
+            await node1.nc.publish(ask, b"", reply=key)
+            await node1.nc.flush()
+            await wait_until(
+                lambda: op.kv_get(subjects.desired_bucket(F), "node-2.hello"),
+                lambda e: e is not None and e.value is not None and b"stream_info" in e.value,
+                timeout=5, what="the server's answer in node-2's desired key")
+            await fleet.coordinator.start()
+            await wait_until(leaderships, lambda n: n > led, timeout=30,
+                             what="the restarted coordinator leading")
+            code, out, err = await fleetwave(*fleet.client_args(), "deploy", "hello", "2.0.0",
+                                             "--batch", "1", "--bake", "0",
+                                             timeout=DEPLOY_TIMEOUT)
+            assert code == 0, out + err
+            await wait_until(lambda: serving(fleet), lambda v: set(v.values()) == {"2.0.0"},
+                             timeout=30, what="every node serving 2.0.0")
+            # The stray value is gone: written over by the coordinator that came after it.
+            entry = await op.kv_get(subjects.desired_bucket(F), "node-2.hello")
+            assert entry is not None and entry.value is not None
+            state = decode(DesiredState, decode(SignedEnvelope, entry.value).payload)
+            assert {r.version for r in state.slots.values()} == {"2.0.0"}, state
         finally:
             await node1.close()
             await op.close()

@@ -343,6 +343,31 @@ async def test_a_snapshot_holds_every_live_key_and_no_deleted_one(broker: Broker
         await bus.close()
 
 
+
+async def test_a_keys_history_is_every_revision_the_bucket_keeps_oldest_first(
+        broker: Broker) -> None:
+    """kv_history: the revisions of one key the bucket keeps (the desired bucket: 5), oldest
+    first, a delete as None; none of another key, even one it is a prefix of; [] for none."""
+    bus = await Bus.connect(broker.url, "t")
+    try:
+        await bus.ensure_fleet()
+        bucket = "fw-t-desired"
+        for v in (b"1", b"2", b"3"):
+            await bus.kv_put(bucket, "n1.hello", v)
+        await bus.kv_delete(bucket, "n1.hello")
+        await bus.kv_put(bucket, "n1.hello", b"4")
+        await bus.kv_put(bucket, "n1.hello2", b"other")
+        got = await bus.kv_history(bucket, "n1.hello")
+        assert [e.value for e in got] == [b"1", b"2", b"3", None, b"4"]
+        assert [e.revision for e in got] == sorted(e.revision for e in got)
+        for v in (b"5", b"6"):
+            await bus.kv_put(bucket, "n1.hello", v)
+        assert [e.value for e in await bus.kv_history(bucket, "n1.hello")] == [
+            b"3", None, b"4", b"5", b"6"]
+        assert await bus.kv_history(bucket, "n9.hello") == []
+    finally:
+        await bus.close()
+
 async def test_a_watch_is_caught_up_only_after_the_entries_the_bucket_held(
         broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
     """The server counts a message sent once it queued it, and its consumer-info reply can

@@ -1004,3 +1004,29 @@ async def test_an_event_before_every_write_of_its_step_goes_out_before_those_wri
     await r.deploy(spec(), NEW)
     assert order == [("event", "rollout.started"), ("event", "wave.started"),
                      ("written", ["node-1"]), ("event", "node.updating")]
+
+
+async def test_a_desired_key_holding_what_no_coordinator_writes_is_planned_from_the_one_before(
+) -> None:
+    """A desired key that does not decode (what a node's credentials can have the server
+    write there: the answer to its own request) no longer stops every deploy of the service:
+    the plan takes the newest revision the bucket keeps that decodes, so the generation goes
+    on from what the node runs, and the rollout writes over the stray value. With none that
+    decodes it is refused as before."""
+    bus, clock = fleet_bus(), FakeClock()
+    before = bus.desired("node-2")
+    assert before is not None
+    bus.set("put", DESIRED, "node-2.hello", b'{"type":"io.nats.jetstream.api.v1.pub_ack"}')
+    r = runner(bus, clock)
+    record = await r.deploy(spec(), NEW)
+    assert record.nodes["node-2"].previous == before
+    assert await drive(r, bus, clock, record.id) == "succeeded"
+    after = bus.desired("node-2")
+    assert after is not None and after.generation > before.generation
+
+    lone = fleet_bus()
+    lone.kept.pop((DESIRED, "node-3.hello"))  # no revision before the stray one
+    lone.set("put", DESIRED, "node-3.hello", b"garbage")
+    lone.kept[(DESIRED, "node-3.hello")] = [lone.kept[(DESIRED, "node-3.hello")][-1]]
+    with pytest.raises(BusError, match="every revision the bucket keeps"):
+        await runner(lone, FakeClock()).deploy(spec(), NEW)
