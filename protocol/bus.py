@@ -34,6 +34,7 @@ import logging
 import random
 import re
 import ssl
+import time
 import uuid
 from collections.abc import (
     AsyncIterator,
@@ -85,6 +86,7 @@ R = TypeVar("R")
 # ``Bus.observer``: told of every timed call (op, seconds, whether it raised); the coordinator's
 # /metrics turns it into a histogram. A plain callback keeps prometheus out of ``protocol``.
 Observer = Callable[[str, float, bool], None]
+UNANSWERED_LOG_EVERY = 10.0  # seconds between lines about requests not answered (_answerable)
 DURABLE_FORGOTTEN = 7 * 24 * 3600.0  # a durable consumer no one read for this long is deleted
 
 
@@ -493,6 +495,8 @@ class Bus:
         self._kv: dict[str, Any] = {}
         self._services: list[Any] = []
         self.lame_ducks = 0  # how many times a server told us it is going away
+        self._unanswered = 0  # requests not answered (``_answerable``) since the last line
+        self._unanswered_logged = -UNANSWERED_LOG_EVERY
         self.refused = ""  # why the server refused us on a reconnect (credentials revoked)
         self._leaving: str | None = None  # netloc of the server in lame-duck mode
         self._ldm_task: asyncio.Task[None] | None = None
@@ -1048,7 +1052,7 @@ class Bus:
                     await self.nc.publish(msg.reply, body, headers=headers)
 
         async def cb(msg: Any) -> None:
-            if msg.reply:
+            if msg.reply and self._answerable(msg.subject, msg.reply):
                 task = asyncio.get_running_loop().create_task(answer(msg))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
@@ -1057,6 +1061,26 @@ class Bus:
             await self.nc.subscribe(subject, cb=cb)
         except nats.errors.Error as exc:
             raise BusError(f"cannot subscribe to {subject}: {exc}") from None
+
+    def _answerable(self, subject: str, reply: str) -> bool:
+        """Whether a request's ``reply`` subject is an inbox, which every NATS client's starts
+        with ``_`` (``_INBOX.``, a node's ``_INBOX_<node>.``, an operator's ``_OPS_<name>.``,
+        a service import's ``_R_.``). The server checks no reply subject against the
+        requester's permissions, and it is this client that would publish the answer: a
+        coordinator answering onto ``$KV.<bucket>.<key>`` writes that key with its own rights
+        (the bucket's stream stores it), onto ``fw.<fleet>...`` it speaks as whoever may
+        publish there. Such a request is not answered (handled either: its requester, who
+        named no inbox, waits for nothing), and said at most every ``UNANSWERED_LOG_EVERY``."""
+        if reply.startswith("_"):
+            return True
+        now = time.monotonic()
+        self._unanswered += 1
+        if now - self._unanswered_logged >= UNANSWERED_LOG_EVERY:
+            log.warning("not answering %d request(s) on %s and the like: the reply subject %r is "
+                        "no inbox (someone tried to have this process publish there)",
+                        self._unanswered, subject, reply[:80])
+            self._unanswered, self._unanswered_logged = 0, now
+        return False
 
     def _replies(self, data: bytes) -> Iterator[tuple[bytes, dict[str, str] | None]]:
         """An answer as the messages that carry it on this server (``protocol.chunks``); one
@@ -1083,6 +1107,8 @@ class Bus:
         )
         for ep_name, (subject, handler) in endpoints.items():
             async def on_request(req: Any, handler: Handler = handler) -> None:
+                if not self._answerable(req.subject, req._msg.reply or ""):
+                    return
                 for body, headers in self._replies(await handler(req.subject, req.data)):
                     await req.respond(body, headers=headers)
 

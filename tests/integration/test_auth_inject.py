@@ -158,3 +158,31 @@ async def test_a_nodes_forged_answer_in_another_nodes_desired_key_blocks_no_depl
         finally:
             await node1.close()
             await op.close()
+
+
+async def test_the_coordinator_answers_no_request_whose_reply_subject_is_no_inbox(
+        tmp_path: Path) -> None:
+    """The coordinator would publish its answer with its own rights: an operator asking with a
+    bucket's key as the reply subject would have it write that key. It answers only inboxes
+    (``_...``): such a request gets no answer and a line; the key is not written, and the
+    same request with an inbox is answered."""
+    async with DevFleet(tmp_path / "fleet", agents=1, heartbeat_interval=0.5, secure=True,
+                        subnet=SUBNET) as fleet:
+        op = await Bus.connect(fleet.nats_url, F, **fleet.access())
+        try:
+            lease = subjects.lease_bucket(F)
+            asked = subjects.api(F, fleet.caller, "nodes")
+            await op.nc.publish(asked, b"{}", reply=f"$KV.{lease}.written")
+            await op.nc.flush()
+            log = fleet.coordinator.log_path
+
+            async def said() -> str:
+                return await read_text(log)
+
+            await wait_until(said, lambda text: "not answering" in text, timeout=10,
+                             what="the coordinator saying it did not answer")
+            assert await op.kv_get(lease, "written") is None
+            answer = await op.request(asked, b"{}", timeout=5)  # with an inbox: answered
+            assert b'"ok":true' in answer.replace(b" ", b""), answer[:200]
+        finally:
+            await op.close()
