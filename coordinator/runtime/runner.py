@@ -169,7 +169,7 @@ class Runner:
         self.deposed: Deposed | None = None
         self.lost = asyncio.Event()  # set once a write met a later leader's fence
         self.store = RolloutStore(bus, fenced=fenced, live=self._live_record,
-                                  retention=retention)
+                                  running=self._running, retention=retention)
         self.desired = DesiredWriter(bus, seed=seed, fenced=fenced, retrying=self._retrying,
                                      batchable=batchable)
         self.events = EventPublisher(self.fleet, queue=EVENT_QUEUE, logger=log,
@@ -578,6 +578,14 @@ class Runner:
     def _live_record(self, rollout_id: str) -> RolloutRecord | None:
         driver = self.drivers.get(rollout_id)
         return driver.rollout.record if driver is not None else None
+
+    def _running(self, service: str) -> RolloutRecord | None:
+        """A rollout of ``service`` driven here that has not ended, if any."""
+        for driver in self.drivers.values():
+            record = driver.rollout.record
+            if record.spec.service == service and record.state not in TERMINAL_STATES:
+                return record
+        return None
 
     async def get(self, rollout_id: str) -> RolloutRecord | None:
         """A rollout's record: the live one if driven here, else as persisted."""

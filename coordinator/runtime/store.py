@@ -74,10 +74,12 @@ class RolloutStore:
 
     def __init__(self, bus: RunnerBus, *, fenced: Fenced | None = None,
                  live: Callable[[str], RolloutRecord | None] = lambda _id: None,
+                 running: Callable[[str], RolloutRecord | None] = lambda _service: None,
                  retention: Retention | None = None) -> None:
         self.bus = bus
         self.fenced = fenced
         self._live = live  # the record of a rollout driven here, which may be ahead of KV
+        self._running = running  # a rollout of the service driven here and not ended
         self.fleet = bus.fleet
         self.rollouts = subjects.rollouts_bucket(self.fleet)
         self.desired = subjects.desired_bucket(self.fleet)
@@ -412,14 +414,16 @@ class RolloutStore:
                 return True, None
             record = self._live(holder) or await self.load(holder)
             if record is not None and record.state not in TERMINAL_STATES:
-                by = f" (started by {record.started_by})" if record.started_by else ""
-                raise Conflict(
-                    f"service {service} already has rollout {holder}{by} {record.state}; wait "
-                    f"for it ('fleetwave status {holder}') or stop it with 'fleetwave abort "
-                    f"{holder}'")
+                raise _locked(service, record)
             if rollout_id:
                 log.warning("taking over the stale lock of %s from %s rollout %s", service,
-                            record.state if record else "missing", holder)
+                            record.state if record else "missing", holder[:80])
+        # Whatever the key says: a principal of the bus can have the server write the answer
+        # to its request into it (``Fenced._refence``), and a lock naming no live rollout would
+        # let a second rollout of the service start beside the one driven here.
+        running = self._running(service)
+        if running is not None and running.id != rollout_id:
+            raise _locked(service, running)
         return False, record
 
     async def release_lock(self, service: str, rollout_id: str) -> None:
@@ -442,3 +446,11 @@ def _desired(value: bytes | None) -> DesiredState:
     """The desired state a desired key's ``value`` holds (ProtocolError if it does not)."""
     env = decode(SignedEnvelope, value or b"")
     return shared(decode(DesiredState, env.payload))  # a record keeps it
+
+
+def _locked(service: str, record: RolloutRecord) -> Conflict:
+    """The refusal of a deploy of ``service`` while ``record`` runs."""
+    by = f" (started by {record.started_by})" if record.started_by else ""
+    return Conflict(f"service {service} already has rollout {record.id}{by} {record.state}; "
+                    f"wait for it ('fleetwave status {record.id}') or stop it with 'fleetwave "
+                    f"abort {record.id}'")

@@ -263,6 +263,25 @@ async def test_a_second_deploy_of_the_service_is_refused_naming_the_first() -> N
     assert list(r.drivers) == [first.id]
 
 
+
+@pytest.mark.parametrize("lock", [b'{"type":"io.nats.jetstream.api.v1.pub_ack"}', None])
+async def test_a_second_deploy_is_refused_whatever_the_lock_key_holds(lock: bytes | None) -> None:
+    """The lock key can hold what no coordinator wrote (the answer to a node's request, sent
+    there as its reply subject) or be gone: a rollout of the service driven here still refuses
+    a second one (before, the stray lock was "taken over" and two rollouts ran side by side)."""
+    bus, clock = fleet_bus(), FakeClock()
+    r = runner(bus, clock)
+    first = await r.deploy(spec(), NEW, "alice")
+    if lock is None:
+        await bus.kv_delete(LOCKS, "hello")
+    else:
+        bus.set("put", LOCKS, "hello", lock)
+    before = list(bus.log)
+    with pytest.raises(Conflict, match=f"{first.id} \\(started by alice\\)"):
+        await r.deploy(spec(), NEW, "bob")
+    assert bus.log == before
+    assert list(r.drivers) == [first.id]
+
 async def test_a_stale_lock_of_a_finished_rollout_is_taken_over() -> None:
     """A lock naming a terminal (or missing) rollout does not block a new deploy."""
     bus, clock = fleet_bus(), FakeClock()
