@@ -40,6 +40,7 @@ from coordinator.runtime.calls import Retrying, bounded
 from coordinator.runtime.desired import DesiredWriter
 from coordinator.runtime.ports import RunnerBus
 from protocol import subjects
+from protocol.bus import Entry
 from protocol.codec import decode, encode
 from protocol.errors import BusError, Conflict, ProtocolError
 from protocol.events import EventPublisher
@@ -49,18 +50,42 @@ log = logging.getLogger("fleetwave.coordinator.cordons")
 
 
 async def read_cordons(bus: RunnerBus) -> dict[str, Cordon]:
-    """Every node's cordon, by node id (entries that do not decode are logged and ignored:
-    only coordinators write the bucket, so one is a stray write, not an operator's word)."""
+    """Every node's cordon, by node id.
+
+    Only coordinators write the bucket, so an entry that does not decode is a stray write,
+    not an operator's word, and it does not undo one: a principal of the bus can have the
+    server write the answer to its request into any key (``Fenced._refence``), and a cordon
+    so erased would let the next deploy update a node an operator took out. Such a key holds
+    what its newest revision that decodes held (the bucket keeps 5): a cordon, or none when the
+    key was deleted (uncordoned) before it; with none that decodes it is left out, logged."""
+    bucket = subjects.cordons_bucket(bus.fleet)
     out: dict[str, Cordon] = {}
-    for entry in await bounded(bus.kv_entries(subjects.cordons_bucket(bus.fleet))):
+    for entry in await bounded(bus.kv_entries(bucket)):
         try:
-            cordon = decode(Cordon, entry.value or b"")
+            cordon: Cordon | None = decode(Cordon, entry.value or b"")
         except ProtocolError as exc:
-            log.warning("ignoring cordon entry %s: %s", entry.key, exc)
-            continue
-        if cordon.node == entry.key:
+            cordon = await _last_cordon(bus, bucket, entry, exc)
+        if cordon is not None and cordon.node == entry.key:
             out[entry.key] = cordon
     return out
+
+
+async def _last_cordon(bus: RunnerBus, bucket: str, entry: Entry,
+                       exc: ProtocolError) -> Cordon | None:
+    for kept in reversed(await bounded(bus.kv_history(bucket, entry.key))):
+        if kept.revision >= entry.revision:
+            continue
+        if kept.value is None:
+            break  # uncordoned before the stray write
+        try:
+            cordon = decode(Cordon, kept.value)
+        except ProtocolError:
+            continue
+        log.warning("cordon entry %s holds what no coordinator writes (%s): its cordon is the "
+                    "one before it (revision %d)", entry.key, exc, kept.revision)
+        return cordon
+    log.warning("ignoring cordon entry %s: %s (no cordon before it)", entry.key, exc)
+    return None
 
 
 class Cordons:

@@ -161,3 +161,22 @@ async def test_forget_is_all_or_nothing_and_looks_again_under_the_lock() -> None
     bus.set("put", observed, f"{free}.hello", b"{}")
     await r.forget([free], who="bob")
     assert bus.live(nodes, free) is None and (free, "hello") not in r.observed
+
+
+async def test_a_cordon_key_holding_what_no_coordinator_writes_still_cordons() -> None:
+    """A cordon entry that does not decode (what a node's credentials can have the server write
+    there: the answer to its own request) does not uncordon the node: its cordon is the newest
+    revision that decodes, and the next deploy still leaves it out; a key uncordoned (deleted)
+    before the stray write stays uncordoned."""
+    bus, clock = fleet_bus(), FakeClock()
+    r = runner(bus, clock)
+    await r.cordon(["node-3"], drain=False, grace=15.0, who="alice")
+    await r.cordon(["node-2"], drain=False, grace=15.0, who="alice")
+    await r.uncordon(["node-2"], who="alice")
+    stray = b'{"type":"io.nats.jetstream.api.v1.pub_ack","stream":"x"}'
+    bus.set("put", CORDONS, "node-3", stray)
+    bus.set("put", CORDONS, "node-2", stray)
+    assert set(await read_cordons(bus)) == {"node-3"}
+    rec = await r.deploy(spec(), NEW)
+    assert sorted(rec.nodes) == ["node-1", "node-2"]
+    assert rec.report.skipped_cordoned == ["node-3"]
