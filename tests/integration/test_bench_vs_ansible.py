@@ -144,6 +144,9 @@ async def test_bench_vs_ansible_at_two_nodes_prints_sane_figures_and_leaves_noth
         assert sum("app.py" in cmd for _, cmd in seen.values()) >= 4, "Ansible's + agents'"
         # The example's ``python3`` is this Python's interpreter on both sides, not a shim.
         assert Path(r["python3"]).parent == Path(sys.executable).parent, r["python3"]
+        # the floors: the loaded start floor and the CLI's start against its libraries
+        assert r["start_floor_s"] > 0 and f["start_floor_loaded_s"] > 0, r
+        assert 0 < r["cli_libraries_s"] < r["cli_start_s"] * 2 < 10, r
         await gone(seen)
 
 

@@ -72,6 +72,7 @@ import json
 import os
 import shlex
 import shutil
+import statistics
 import sys
 import time
 import tomllib
@@ -463,9 +464,16 @@ async def measure_fleetwave(tmp: Path, n: int, rate: float) -> dict[str, Any]:
             prestaged = {ahead: await rolled(tmp, bus, fleet, tap, n, rate, ahead)
                          for ahead in PRESTAGED}
             same = await rolled(tmp, bus, fleet, tap, n, rate, "all", SAME)
+            # The start floor again, under the same load on this fleet (serving OLD): what a
+            # staged first wave waits for here, with the traffic competing for the 2 cores.
+            await install(bus, fleet, n)
+            port = int(manifest(OLD)["port"])
+            loaded, _ = await under_load([(fleet.host(i), port) for i in range(1, n + 1)], rate,
+                                         lambda: start_floor(tmp, n))
         finally:
             await bus.close()
-    return {**plain, "prestaged": prestaged, "same_check": same}
+    return {**plain, "prestaged": prestaged, "same_check": same,
+            "start_floor_loaded_s": round(loaded, 2)}
 
 
 async def rolled(tmp: Path, bus: Bus, fleet: DevFleet, tap: EventTap, n: int, rate: float,
@@ -542,14 +550,42 @@ async def start_floor(tmp: Path, n: int) -> float:
         await asyncio.gather(*(stop_process(proc) for proc in procs))
 
 
+# What the CLI imports, alone: the interpreter, asyncio, nats-py (without what the CLI keeps
+# out of it: ``protocol.imports``), click and msgspec. The CLI cannot start faster than these.
+CLI_LIBRARIES = ("import sys\nsys.modules['aiohttp'] = None\n"
+                 "sys.modules['importlib.metadata'] = None\n"
+                 "import asyncio, nats, click, msgspec")
+CLI_START = ("from coordinator.cli import main\ntry:\n    main(['deploy', '--help'])\n"
+             "except SystemExit:\n    pass")
+CLI_RUNS = 15
+
+
+async def cli_floor() -> dict[str, float]:
+    """The median wall time of starting the CLI as far as ``deploy --help`` (every import a
+    deploy makes), and of importing its libraries alone, in alternation, ``CLI_RUNS`` each."""
+    times: dict[str, list[float]] = {"cli_start_s": [], "cli_libraries_s": []}
+    for _ in range(CLI_RUNS):
+        for key, code in (("cli_start_s", CLI_START), ("cli_libraries_s", CLI_LIBRARIES)):
+            started = time.perf_counter()
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", code, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+            _, err = await proc.communicate()
+            if proc.returncode != 0:
+                raise RuntimeError(f"{key}: {err.decode(errors='replace')[-300:]}")
+            times[key].append(time.perf_counter() - started)
+    return {k: round(statistics.median(v), 3) for k, v in times.items()}
+
+
 async def measure(n: int, rate: float, binary: str) -> dict[str, Any]:
     with run_dir("fw-perf-vs-ansible-") as tmp:
         ansible = await measure_ansible(tmp, n, rate, binary)
         fleetwave = await measure_fleetwave(tmp, n, rate)
         floor = await start_floor(tmp, n)
+        cli = await cli_floor()
     return {"nodes": n, "batch": BATCH, "load_per_host_rps": WORKERS * rate,
             "ansible": ansible, "fleetwave": fleetwave, **ratios(ansible, fleetwave),
-            "start_floor_s": round(floor, 2)}
+            "start_floor_s": round(floor, 2), **cli}
 
 
 def ratios(a: dict[str, Any], f: dict[str, Any]) -> dict[str, Any]:
@@ -624,6 +660,16 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
     out.append(("start floor", f"{r['start_floor_s']:.2f} s: {r['nodes']} processes of "
                                f"{NEW} spawned at once, to the last one healthy (no load, no "
                                "fleetwave); what a staged first wave cannot beat"))
+    out.append(("start floor under the load", f"{f['start_floor_loaded_s']:.2f} s: the same, "
+                "with the load on the fleet serving 1.0.0 (its routers, agents and services "
+                "running), as a rollout's first wave has it"))
+    out.append(("CLI start", f"{r['cli_start_s'] * 1000:.0f} ms to deploy's every import "
+                f"(median of {CLI_RUNS}); its libraries alone {r['cli_libraries_s'] * 1000:.0f}"
+                " ms (python, asyncio, nats-py, click, msgspec)"))
+    floors = r["cli_libraries_s"] + f["start_floor_loaded_s"] + 0.05
+    out.append(("floors, summed", f"{floors:.2f} s: the CLI's libraries + the start floor "
+                f"under the load + half a 0.1 s health poll; fleetwave with Ansible's check "
+                f"{same['seconds']:.2f} s, Ansible / 10 = {a['seconds'] / 10:.2f} s"))
     for side, figs in (("Ansible", a), ("fleetwave", f)):
         if figs["failures"]:
             out.append((f"{side}: first failures", "; ".join(figs["failures"][:3])))
