@@ -166,6 +166,16 @@ class History:
                 await self._rebuild()
                 return
             entries = await bounded(self.bus.kv_entries(self.bucket, f"{subjects.INDEX_PREFIX}*"))
+            unreadable = [e.key for e in entries if not _decodes(e)]
+            if unreadable:
+                # No coordinator writes one; a principal of the bus can have the server write
+                # the answer to its request there (``Fenced._refence``). Taken as empty, the
+                # service would lose its history (``rollouts``, and what ``rollback`` goes
+                # back to) at the next index write: made again from the records instead.
+                log.error("rollout index %s is unreadable: the indexes are made again from "
+                          "the records", ", ".join(sorted(unreadable)))
+                await self._rebuild()
+                return
             self._latest = latest
             self._indexes = {e.key.removeprefix(subjects.INDEX_PREFIX): self._decode_index(e)
                              for e in entries}
@@ -280,3 +290,12 @@ class History:
                 out.append((s.id, encode(SummarisedRollout(summary=s, spec=rec.spec,
                                                            term=self._term))))
         return out
+
+
+def _decodes(entry: Entry) -> bool:
+    """Whether a service index entry holds an index."""
+    try:
+        decode(ServiceIndex, entry.value or b"")
+    except ProtocolError:
+        return False
+    return True

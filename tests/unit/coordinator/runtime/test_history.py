@@ -160,3 +160,21 @@ async def test_a_discarded_record_leaves_the_index() -> None:
     assert [e.id for e in index(bus).rollouts] == ["hello-x"]
     await r.store.discard(rec)
     assert index(bus).rollouts == [] and bus.live(ROLLOUTS, "hello-x") is None
+
+
+async def test_an_unreadable_index_is_made_again_from_the_records(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A service index holding what no coordinator writes (a node's request's answer, sent
+    there as its reply subject) does not cost the service its history: the next leader makes
+    the indexes again from the records instead of taking it as empty."""
+    bus, clock = counting_bus(), FakeClock()
+    r = make(bus, clock)
+    ids = await finished(r, bus, clock, 3)
+    bus.set("put", ROLLOUTS, subjects.index_key("hello"),
+            b'{"type":"io.nats.jetstream.api.v1.pub_ack","stream":"x"}')
+    r2 = make(bus, clock)  # the next leader
+    with caplog.at_level(logging.WARNING):
+        await r2.resync()
+    assert "is unreadable: the indexes are made again" in caplog.text
+    assert [e.id for e in index(bus).rollouts] == ids[::-1]
+    assert [s.id for s in await r2.history("hello", 10)] == ids[::-1]
