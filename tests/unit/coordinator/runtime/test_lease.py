@@ -23,6 +23,7 @@ from protocol.testing import FLEET, FakeBus, FakeClock
 
 LEASE = subjects.lease_bucket(FLEET)
 ROLLOUTS = subjects.rollouts_bucket(FLEET)
+DESIRED = subjects.desired_bucket(FLEET)
 
 
 def lease(bus: FakeBus, me: str, mono: FakeClock, **kw: float) -> Lease:
@@ -212,13 +213,19 @@ async def test_heard_is_when_the_last_lease_call_the_server_answered_was_sent() 
 FORGED = b'{"type":"io.nats.jetstream.api.v1.stream_info_response","config":{}}'
 
 
+async def leading(bus: FakeBus, holder: str, term: int) -> Fenced:
+    """A leader of ``term``: the lease names it and it fenced every bucket."""
+    await bus.kv_put(LEASE, subjects.LEASE_KEY, encode(LeaseRecord(holder=holder, term=term)))
+    return Fenced(bus, await write_fences(bus, term=term, holder=holder, now=0.0))
+
+
 async def test_a_forged_fence_is_put_back_and_the_write_lands() -> None:
     """A fence key holding something no coordinator writes (or an older term's marker, which
     ``write_fences`` never writes after ours) is written back over: the writes it stopped
     land, the leader is not deposed, and later writes go on."""
     bus = FakeBus()
-    fence = await write_fences(bus, term=3, holder="a", now=0.0)
-    writer = Fenced(bus, fence)
+    writer = await leading(bus, "a", 3)
+    fence = writer.fence
     for bucket in fenced_buckets(FLEET):
         await bus.kv_put(bucket, subjects.FENCE_KEY, FORGED)
         assert await writer.put(bucket, "k", b"after") > 0
@@ -236,7 +243,7 @@ async def test_a_later_coordinators_fence_still_deposes() -> None:
     """Written back over only when no coordinator wrote it: a later term's marker, or another
     holder's in our term, deposes as before."""
     bus = FakeBus()
-    writer = Fenced(bus, await write_fences(bus, term=3, holder="a", now=0.0))
+    writer = await leading(bus, "a", 3)
     await bus.kv_put(ROLLOUTS, subjects.FENCE_KEY, encode(FenceMarker(term=4, holder="b")))
     with pytest.raises(Deposed):
         await writer.put(ROLLOUTS, "k", b"v")
@@ -249,7 +256,7 @@ async def test_a_fence_forged_again_and_again_is_a_bus_error_not_deposed() -> No
     """Forged at every look: the writes fail with a BusError (the caller retries them later),
     and the leader is never deposed by it."""
     bus = FakeBus()
-    writer = Fenced(bus, await write_fences(bus, term=3, holder="a", now=0.0))
+    writer = await leading(bus, "a", 3)
     real = bus.kv_fenced_all
 
     async def forged_first(*a: object, **kw: object) -> list[int | BusError]:
@@ -299,3 +306,84 @@ async def test_a_standby_does_not_take_a_forged_lease_from_a_live_leader() -> No
     mono.t += 2.0
     won = await asyncio.wait_for(standby, 2)
     assert won.holder == "b" and won.term == first.term + 1
+
+
+async def test_a_paused_leader_never_writes_its_fence_back_over_a_successors() -> None:
+    """L (term 5) is paused; S takes the lease and fences term 6; a forged value then lands on
+    a fence key. L, awake, must not take it for its own fence forged: the lease names S, so L
+    is deposed and none of its writes lands (found by a review: before, L wrote its term-5
+    marker back and its writes landed beside S's)."""
+    bus = FakeBus()
+    paused = await leading(bus, "L", 5)
+    successor = await leading(bus, "S", 6)
+    for bucket in fenced_buckets(FLEET):
+        await bus.kv_put(bucket, subjects.FENCE_KEY, FORGED)
+        with pytest.raises(Deposed):
+            await paused.put(bucket, "k", b"stale")
+        assert bus.live(bucket, "k") is None
+        assert await successor.put(bucket, "k", b"new") > 0
+        marker = bus.live(bucket, subjects.FENCE_KEY)
+        assert marker is not None and decode(FenceMarker, marker.value or b"").term == 6
+
+
+async def test_with_the_lease_forged_too_the_fence_keys_history_decides() -> None:
+    """A forged fence while the lease holds a forged value as well: the newest marker the key
+    still keeps decides. Ours: written back, the write lands. A successor's: Deposed, nothing
+    lands. None kept (more forged values than the history holds): a BusError, retried, and the
+    key is left as it is (the lease's renewal settles who leads first)."""
+    bus = FakeBus()
+    writer = await leading(bus, "a", 3)
+    await bus.kv_put(LEASE, subjects.LEASE_KEY, FORGED)
+    await bus.kv_put(ROLLOUTS, subjects.FENCE_KEY, FORGED)
+    assert await writer.put(ROLLOUTS, "k", b"v") > 0
+
+    await bus.kv_put(ROLLOUTS, subjects.FENCE_KEY, FORGED)
+    bus.kept[(ROLLOUTS, subjects.FENCE_KEY)] = bus.kept[(ROLLOUTS, subjects.FENCE_KEY)][-1:]
+    [result] = await writer.write_all(ROLLOUTS, [("k", b"w")])
+    assert isinstance(result, BusError) and not isinstance(result, Deposed), result
+    entry = bus.live(ROLLOUTS, subjects.FENCE_KEY)
+    assert entry is not None and entry.value == FORGED
+
+    paused = await leading(bus, "L", 5)
+    await leading(bus, "S", 6)
+    await bus.kv_put(LEASE, subjects.LEASE_KEY, FORGED)
+    await bus.kv_put(DESIRED, subjects.FENCE_KEY, FORGED)
+    with pytest.raises(Deposed):
+        await paused.put(DESIRED, "k", b"stale")
+    assert bus.live(DESIRED, "k") is None
+
+
+async def test_a_standby_pings_the_last_leader_it_read_behind_a_forged_lease() -> None:
+    """A stream of forged values can hide every renewal of a live leader from a standby: it
+    pings the holder of the last record it read instead, and an answer counts as a renewal,
+    past the ttl too; once that holder's connection is gone, it takes over (found by a review:
+    before, two coordinators both led under such a stream)."""
+    bus, mono = FakeBus(), FakeClock()
+    first = await lease(bus, "a", mono).acquire()  # "a" leads; it does not renew here
+    standby = asyncio.ensure_future(lease(bus, "b", mono).acquire())
+    await asyncio.sleep(0.02)  # the standby has read a's record
+    await bus.kv_put(LEASE, subjects.LEASE_KEY, FORGED)
+    for _ in range(4):
+        mono.t += 1.0  # past the ttl, a's pings answered
+        await asyncio.sleep(0.02)
+    assert not standby.done()
+    bus.pings[ping_subject(FLEET, "a")] = False  # a's connection is gone
+    for _ in range(10):
+        mono.t += 0.5
+        await asyncio.sleep(0.01)
+    won = await asyncio.wait_for(standby, 2)
+    assert won.holder == "b" and won.term == first.term + 1
+
+
+async def test_a_leader_does_not_renew_over_a_forged_lease_once_a_later_term_fenced() -> None:
+    """The forged value may have replaced a successor's record: a leader whose renewal meets
+    one, while a fence names a later term, stops leading instead of writing its record back."""
+    bus, mono = FakeBus(), FakeClock()
+    a = lease(bus, "a", mono)
+    await a.acquire()
+    holding = asyncio.ensure_future(a.hold())
+    await asyncio.sleep(0.01)
+    await write_fences(bus, term=9, holder="s", now=0.0)
+    await bus.kv_put(LEASE, subjects.LEASE_KEY, FORGED)
+    why = await asyncio.wait_for(holding, 2)
+    assert "another coordinator took the lease" in why and not a.leading
