@@ -322,7 +322,9 @@ async def _while_unavailable(call: Callable[[], Awaitable[R]],
         wait, 0.05, 0.5)
 
 
-BEHIND_WAIT = OP_TIMEOUT  # how long a snapshot is read again while its server is behind
+BEHIND_WAIT = OP_TIMEOUT / 2  # how long a snapshot is read again while its server is behind
+# (half an operation's time: within the callers' bounds, so that a server long behind reads as
+# Behind, not as "NATS did not answer")
 
 
 class Behind(BusError):
