@@ -312,11 +312,17 @@ async def fence_markers(bus: RunnerBus) -> list[FenceMarker]:
 
 async def highest_fence(bus: RunnerBus) -> int:
     """The highest term any fence marker names (0 if none): a new lease starts above it, even
-    after the lease bucket was lost."""
+    after the lease bucket was lost. A fence key holding what no coordinator writes (a forged
+    value: ``Fenced._refence``) counts by the markers its history still keeps: taken as 0, a
+    new leader could start below the term the agents have run, and they would refuse it."""
     terms = [0]
     for bucket in fenced_buckets(bus.fleet):
         entry = await bounded(bus.kv_get(bucket, subjects.FENCE_KEY))
-        terms.append(_marker_term(entry.value if entry else None))
+        if entry is not None and entry.value and _marker(entry.value) is None:
+            kept = await bounded(bus.kv_history(bucket, subjects.FENCE_KEY))
+            terms += [_marker_term(e.value) for e in kept]
+        else:
+            terms.append(_marker_term(entry.value if entry else None))
     return max(terms)
 
 

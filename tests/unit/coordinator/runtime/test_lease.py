@@ -387,3 +387,16 @@ async def test_a_leader_does_not_renew_over_a_forged_lease_once_a_later_term_fen
     await bus.kv_put(LEASE, subjects.LEASE_KEY, FORGED)
     why = await asyncio.wait_for(holding, 2)
     assert "another coordinator took the lease" in why and not a.leading
+
+
+
+async def test_a_new_lease_starts_above_a_forged_fences_kept_markers() -> None:
+    """Every fence key holding a forged value (and no lease): the first coordinator still
+    starts above the term the fences' histories keep, not at 1, whose desired states the agents
+    would refuse as older than what they run."""
+    bus, mono = FakeBus(), FakeClock()
+    await write_fences(bus, term=7, holder="old", now=0.0)
+    for bucket in fenced_buckets(FLEET):
+        await bus.kv_put(bucket, subjects.FENCE_KEY, FORGED)
+    won = await asyncio.wait_for(lease(bus, "a", mono).acquire(), 2)
+    assert won.term == 8
