@@ -1231,8 +1231,8 @@ class Bus:
         that read it is behind)."""
         kv = await self._bucket(bucket)
         catch_up = CatchUp()
+        floor = await self._floor(kv, pattern)
         while True:
-            floor = await self._floor(kv, pattern)
             latest: dict[str, Entry] = {}
             async for e in self._watch_once(bucket, pattern):
                 latest[e.key] = e  # the walk may bring a newer revision of one: it wins
@@ -1240,6 +1240,13 @@ class Bus:
             if seen >= floor:
                 return [e for e in latest.values() if e.value is not None]
             await catch_up.again(Behind(bucket, seen, floor))
+            floor = await self._next_floor(kv, pattern, floor)
+
+    async def _next_floor(self, kv: nats.js.kv.KeyValue, pattern: str, floor: int) -> int:
+        """The floor of a snapshot read again: the first one's (what was acknowledged before
+        the read began: a bucket written all the time would otherwise move it on at every
+        try), or lower when the message it named is gone (a purge)."""
+        return min(floor, await self._floor(kv, pattern))
 
     async def _floor(self, kv: nats.js.kv.KeyValue, pattern: str) -> int:
         """The stream sequence of the last message matching ``pattern`` as the bucket's stream
@@ -1321,13 +1328,14 @@ class Bus:
         none older than the leader's newest (``_floor``, as ``kv_entries``)."""
         kv = await self._bucket(bucket)
         catch_up = CatchUp()
+        floor = await self._floor(kv, key)
         while True:
-            floor = await self._floor(kv, key)
             out = [e async for e in self._watch_once(bucket, key, history=True)]
             seen = max((e.revision for e in out), default=0)
             if seen >= floor:
                 return out
             await catch_up.again(Behind(bucket, seen, floor))
+            floor = await self._next_floor(kv, key, floor)
 
     async def _watch_once(self, bucket: str, pattern: str, *,
                           history: bool = False) -> AsyncIterator[Entry]:
