@@ -205,12 +205,8 @@ class Fenced:
                         return proof
                 _FORGED.tell(bucket, subjects.FENCE_KEY, entry.value if entry else None)
                 try:
-                    if entry is None:
-                        rev = await bounded(self.bus.kv_create(bucket, subjects.FENCE_KEY,
-                                                               self.fence.marker))
-                    else:
-                        rev = await bounded(self.bus.kv_update(
-                            bucket, subjects.FENCE_KEY, self.fence.marker, entry.revision))
+                    rev = await _compare_and_set(self.bus, bucket, subjects.FENCE_KEY, entry,
+                                                 self.fence.marker)
                 except Conflict:
                     continue  # moved again meanwhile: look again
                 except BusError as exc:
@@ -281,11 +277,8 @@ async def write_fences(bus: RunnerBus, *, term: int, holder: str, now: float,
             if have >= term:
                 raise Deposed(f"{bucket} is fenced by term {have} already; term {term} lost")
             try:
-                if entry is None:
-                    seqs[bucket] = await bounded(bus.kv_create(bucket, subjects.FENCE_KEY, data))
-                else:
-                    seqs[bucket] = await bounded(
-                        bus.kv_update(bucket, subjects.FENCE_KEY, data, entry.revision))
+                seqs[bucket] = await _compare_and_set(bus, bucket, subjects.FENCE_KEY, entry,
+                                                      data)
                 break
             except Conflict:
                 # Moved in between, or (clustered) a deposed leader's write on the fence key is
@@ -294,6 +287,15 @@ async def write_fences(bus: RunnerBus, *, term: int, holder: str, now: float,
         else:
             raise Deposed(f"the fence of {bucket} keeps moving; another coordinator is taking over")
     return Fence(term=term, seqs=seqs, marker=data, holder=holder)
+
+
+async def _compare_and_set(bus: RunnerBus, bucket: str, key: str, read: Entry | None,
+                           value: bytes) -> int:
+    """Write ``value`` to ``key`` only if it still holds what was ``read`` (None: no key); its
+    new revision, or Conflict."""
+    if read is None or read.value is None:
+        return await bounded(bus.kv_create(bucket, key, value))
+    return await bounded(bus.kv_update(bucket, key, value, read.revision))
 
 
 async def fence_markers(bus: RunnerBus) -> list[FenceMarker]:
@@ -510,12 +512,8 @@ class Lease:
         mine = LeaseRecord(holder=self.me, term=term, host=socket.gethostname(), pid=os.getpid(),
                            since=now, renewed=now, ttl=self.ttl, key=self.key)
         try:
-            if entry is None or entry.value is None:
-                rev = await bounded(self.bus.kv_create(self.bucket, subjects.LEASE_KEY,
-                                                       encode(mine)))
-            else:
-                rev = await bounded(self.bus.kv_update(self.bucket, subjects.LEASE_KEY,
-                                                       encode(mine), entry.revision))
+            rev = await _compare_and_set(self.bus, self.bucket, subjects.LEASE_KEY, entry,
+                                         encode(mine))
         except Conflict:
             return None  # another standby was quicker
         except BusError as exc:
@@ -598,12 +596,8 @@ class Lease:
             _FORGED.tell(self.bucket, subjects.LEASE_KEY, entry.value if entry else None)
             renewed = msgspec.structs.replace(self.current, renewed=self._clock())
             try:
-                if entry is None:
-                    rev = await bounded(self.bus.kv_create(self.bucket, subjects.LEASE_KEY,
-                                                           encode(renewed)))
-                else:
-                    rev = await bounded(self.bus.kv_update(self.bucket, subjects.LEASE_KEY,
-                                                           encode(renewed), entry.revision))
+                rev = await _compare_and_set(self.bus, self.bucket, subjects.LEASE_KEY, entry,
+                                             encode(renewed))
             except Conflict:
                 continue  # moved again meanwhile: look again
             except BusError:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from coordinator.auth.enroll import CA, AuthDir
@@ -40,8 +41,10 @@ async def _term(op: Bus) -> int | None:
         return None
 
 
-async def test_a_nodes_forged_answers_on_the_lease_and_fences_depose_no_one(
-        tmp_path: Path) -> None:
+@contextlib.asynccontextmanager
+async def installed(tmp_path: Path) -> AsyncIterator[tuple[DevFleet, Bus, Bus]]:
+    """A secure dev fleet of 2 agents with 1.0.0 and 2.0.0 pushed and 1.0.0 installed, and
+    two clients of it: its operator's, and one with node-1's credentials."""
     async with DevFleet(tmp_path / "fleet", agents=2, heartbeat_interval=0.5, secure=True,
                         subnet=SUBNET) as fleet:
         assert fleet.auth_dir is not None
@@ -57,6 +60,16 @@ async def test_a_nodes_forged_answers_on_the_lease_and_fences_depose_no_one(
         node1 = await Bus.connect(
             fleet.nats_url, F, tls_ca=str(fleet.auth_dir / CA),
             creds=creds_file.load(AuthDir(fleet.auth_dir).creds_path("node", "node-1")))
+        try:
+            yield fleet, op, node1
+        finally:
+            await node1.close()
+            await op.close()
+
+
+async def test_a_nodes_forged_answers_on_the_lease_and_fences_depose_no_one(
+        tmp_path: Path) -> None:
+    async with installed(tmp_path) as (fleet, op, node1):
         ask = f"$JS.API.STREAM.INFO.{subjects.object_stream(subjects.releases_store(F))}"
         lease = [f"$KV.{subjects.lease_bucket(F)}.{subjects.LEASE_KEY}"]
         fences = [f"$KV.{b}.{subjects.FENCE_KEY}" for b in subjects.fenced_buckets(F)]
@@ -85,28 +98,24 @@ async def test_a_nodes_forged_answers_on_the_lease_and_fences_depose_no_one(
             await wait_until(lambda: serving(fleet), lambda v: set(v.values()) == {version},
                              timeout=30, what=f"every node serving {version}")
 
-        try:
-            before = await _term(op)
-            # A stream onto the lease (the fences untouched), then, once its last forged value
-            # is renewed over, one onto every fence (the lease readable: it says who leads).
-            # Both at once can stall writes, safely (Fenced._refence cannot tell then who
-            # leads, and a forged value left on a fence waits for a readable lease): the unit
-            # tests show it.
-            await deploy_under(lease, "2.0.0")
-            await wait_until(lambda: _term(op), lambda t: t is not None, timeout=5,
-                             what="the lease readable again")
-            await deploy_under(fences, "1.0.0")
-            assert sent > 20
-            log = await read_text(fleet.dir / "logs" / "coordinator.log")
-            # the forged answers reached the keys (the server stored them), and were put back
-            assert "which no coordinator writes" in log, log[-2000:]
-            assert "stopped leading" not in log, log[-2000:]
-            # the last forged answer stays until the leader's next renewal puts the lease back
-            assert await wait_until(lambda: _term(op), lambda t: t is not None, timeout=5,
-                                    what="the lease readable again") == before
-        finally:
-            await node1.close()
-            await op.close()
+        before = await _term(op)
+        # A stream onto the lease (the fences untouched), then, once its last forged value
+        # is renewed over, one onto every fence (the lease readable: it says who leads).
+        # Both at once can stall writes, safely (Fenced._refence cannot tell then who
+        # leads, and a forged value left on a fence waits for a readable lease): the unit
+        # tests show it.
+        await deploy_under(lease, "2.0.0")
+        await wait_until(lambda: _term(op), lambda t: t is not None, timeout=5,
+                         what="the lease readable again")
+        await deploy_under(fences, "1.0.0")
+        assert sent > 20
+        log = await read_text(fleet.dir / "logs" / "coordinator.log")
+        # the forged answers reached the keys (the server stored them), and were put back
+        assert "which no coordinator writes" in log, log[-2000:]
+        assert "stopped leading" not in log, log[-2000:]
+        # the last forged answer stays until the leader's next renewal puts the lease back
+        assert await wait_until(lambda: _term(op), lambda t: t is not None, timeout=5,
+                                what="the lease readable again") == before
 
 
 async def test_a_nodes_forged_answer_in_another_nodes_desired_key_blocks_no_deploy(
@@ -118,58 +127,40 @@ async def test_a_nodes_forged_answer_in_another_nodes_desired_key_blocks_no_depl
     test shows that path alone), and the deploy succeeds everywhere. (More such answers than
     the bucket keeps revisions of a key, 5, while no coordinator writes over them, still stop
     a deploy: what ends that is an account of the streams' own; README, Security.)"""
-    async with DevFleet(tmp_path / "fleet", agents=2, heartbeat_interval=0.5, secure=True,
-                        subnet=SUBNET) as fleet:
-        assert fleet.auth_dir is not None
-        for v in ("1.0.0", "2.0.0"):
-            code, _, err = await fleetwave(*fleet.client_args(), "release", "push",
-                                           str(hello_bundle(v)))
-            assert code == 0, err
-        code, out, err = await fleetwave(*fleet.client_args(), "deploy", "hello", "1.0.0",
-                                         "--batch", "100%", "--max-unavailable", "100%",
+    async with installed(tmp_path) as (fleet, op, node1):
+        # The install's last writes done (its lock goes last), then a coordinator that has
+        # read nothing yet: a new one (a leader knows what it wrote, and reads no bucket).
+        await wait_until(lambda: op.kv_get(subjects.locks_bucket(F), "hello"),
+                         lambda e: e is None, timeout=30, what="the install's lock released")
+
+        async def leaderships() -> int:  # the log is kept across the restart
+            return (await read_text(fleet.coordinator.log_path)).count("leads fleet")
+
+        led = await leaderships()
+        await fleet.coordinator.kill()
+        # Forged while no coordinator runs: the next one reads it first thing.
+        key = f"$KV.{subjects.desired_bucket(F)}.node-2.hello"
+        ask = f"$JS.API.STREAM.INFO.{subjects.object_stream(subjects.releases_store(F))}"
+        await node1.nc.publish(ask, b"", reply=key)
+        await node1.nc.flush()
+        await wait_until(
+            lambda: op.kv_get(subjects.desired_bucket(F), "node-2.hello"),
+            lambda e: e is not None and e.value is not None and b"stream_info" in e.value,
+            timeout=5, what="the server's answer in node-2's desired key")
+        await fleet.coordinator.start()
+        await wait_until(leaderships, lambda n: n > led, timeout=30,
+                         what="the restarted coordinator leading")
+        code, out, err = await fleetwave(*fleet.client_args(), "deploy", "hello", "2.0.0",
+                                         "--batch", "1", "--bake", "0",
                                          timeout=DEPLOY_TIMEOUT)
         assert code == 0, out + err
-        op = await Bus.connect(fleet.nats_url, F, **fleet.access())
-        node1 = await Bus.connect(
-            fleet.nats_url, F, tls_ca=str(fleet.auth_dir / CA),
-            creds=creds_file.load(AuthDir(fleet.auth_dir).creds_path("node", "node-1")))
-        try:
-            # The install's last writes done (its lock goes last), then a coordinator that has
-            # read nothing yet: a new one (a leader knows what it wrote, and reads no bucket).
-            await wait_until(lambda: op.kv_get(subjects.locks_bucket(F), "hello"),
-                             lambda e: e is None, timeout=30, what="the install's lock released")
-
-            async def leaderships() -> int:  # the log is kept across the restart
-                return (await read_text(fleet.coordinator.log_path)).count("leads fleet")
-
-            led = await leaderships()
-            await fleet.coordinator.kill()
-            # Forged while no coordinator runs: the next one reads it first thing.
-            key = f"$KV.{subjects.desired_bucket(F)}.node-2.hello"
-            ask = f"$JS.API.STREAM.INFO.{subjects.object_stream(subjects.releases_store(F))}"
-            await node1.nc.publish(ask, b"", reply=key)
-            await node1.nc.flush()
-            await wait_until(
-                lambda: op.kv_get(subjects.desired_bucket(F), "node-2.hello"),
-                lambda e: e is not None and e.value is not None and b"stream_info" in e.value,
-                timeout=5, what="the server's answer in node-2's desired key")
-            await fleet.coordinator.start()
-            await wait_until(leaderships, lambda n: n > led, timeout=30,
-                             what="the restarted coordinator leading")
-            code, out, err = await fleetwave(*fleet.client_args(), "deploy", "hello", "2.0.0",
-                                             "--batch", "1", "--bake", "0",
-                                             timeout=DEPLOY_TIMEOUT)
-            assert code == 0, out + err
-            await wait_until(lambda: serving(fleet), lambda v: set(v.values()) == {"2.0.0"},
-                             timeout=30, what="every node serving 2.0.0")
-            # The stray value is gone: written over by the coordinator that came after it.
-            entry = await op.kv_get(subjects.desired_bucket(F), "node-2.hello")
-            assert entry is not None and entry.value is not None
-            state = decode(DesiredState, decode(SignedEnvelope, entry.value).payload)
-            assert {r.version for r in state.slots.values()} == {"2.0.0"}, state
-        finally:
-            await node1.close()
-            await op.close()
+        await wait_until(lambda: serving(fleet), lambda v: set(v.values()) == {"2.0.0"},
+                         timeout=30, what="every node serving 2.0.0")
+        # The stray value is gone: written over by the coordinator that came after it.
+        entry = await op.kv_get(subjects.desired_bucket(F), "node-2.hello")
+        assert entry is not None and entry.value is not None
+        state = decode(DesiredState, decode(SignedEnvelope, entry.value).payload)
+        assert {r.version for r in state.slots.values()} == {"2.0.0"}, state
 
 
 async def test_the_coordinator_answers_no_request_whose_reply_subject_is_no_inbox(
