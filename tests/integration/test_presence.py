@@ -62,11 +62,14 @@ async def test_three_agents_come_online_with_their_labels(broker: Broker, tmp_pa
         zone_a = await nodes_json(broker.url, "--selector", "zone=a")
         assert sorted(zone_a) == ["node-1", "node-3"]
         assert sorted(await nodes_json(broker.url, "-l", "zone=a", "-l", "role=db")) == ["node-3"]
-        # Every agent wrote its NodeInfo to the nodes bucket.
+        # Every agent wrote its NodeInfo to the nodes bucket (after it published it on the
+        # register subject, which is what made it online: waited for, not read at once).
         bus = await Bus.connect(broker.url, "default")
         try:
             for n in NODES:
-                entry = await bus.kv_get(subjects.nodes_bucket("default"), n)
+                entry = await wait_until(
+                    lambda n=n: bus.kv_get(subjects.nodes_bucket("default"), n),
+                    lambda e: e is not None, timeout=10, what=f"{n} in the nodes bucket")
                 assert entry is not None
                 assert decode(NodeInfo, entry.value or b"").labels == LABELS[n]
         finally:
