@@ -1229,24 +1229,13 @@ class Bus:
         """Every live entry whose key matches ``pattern``, read once (a snapshot) and no older
         than the writes acknowledged before it began (``_floor``: read again while the server
         that read it is behind)."""
-        kv = await self._bucket(bucket)
-        catch_up = CatchUp()
-        floor = await self._floor(kv, pattern)
-        while True:
+        async def read() -> list[Entry]:
             latest: dict[str, Entry] = {}
             async for e in self._watch_once(bucket, pattern):
                 latest[e.key] = e  # the walk may bring a newer revision of one: it wins
-            seen = max((e.revision for e in latest.values()), default=0)
-            if seen >= floor:
-                return [e for e in latest.values() if e.value is not None]
-            await catch_up.again(Behind(bucket, seen, floor))
-            floor = await self._next_floor(kv, pattern, floor)
+            return list(latest.values())
 
-    async def _next_floor(self, kv: nats.js.kv.KeyValue, pattern: str, floor: int) -> int:
-        """The floor of a snapshot read again: the first one's (what was acknowledged before
-        the read began: a bucket written all the time would otherwise move it on at every
-        try), or lower when the message it named is gone (a purge)."""
-        return min(floor, await self._floor(kv, pattern))
+        return [e for e in await self._caught_up(bucket, pattern, read) if e.value is not None]
 
     async def _floor(self, kv: nats.js.kv.KeyValue, pattern: str) -> int:
         """The stream sequence of the last message matching ``pattern`` as the bucket's stream
@@ -1326,16 +1315,27 @@ class Bus:
         """Every revision ``bucket`` keeps of ``key``, oldest first (a delete with value None);
         [] if none. As many as the bucket's history keeps (``_fleet_buckets``); on a cluster,
         none older than the leader's newest (``_floor``, as ``kv_entries``)."""
+        async def read() -> list[Entry]:
+            return [e async for e in self._watch_once(bucket, key, history=True)]
+
+        return await self._caught_up(bucket, key, read)
+
+    async def _caught_up(self, bucket: str, pattern: str,
+                         read: Callable[[], Awaitable[list[Entry]]]) -> list[Entry]:
+        """``read()`` (a snapshot of ``pattern``), made again while it has not seen what the
+        stream's leader had when it began (``_floor``): ``CatchUp`` paces it, ``Behind`` ends
+        it. Read again, it keeps the first floor (a bucket written all the time would move it
+        on at every try), lower only when the message it named is gone (a purge)."""
         kv = await self._bucket(bucket)
         catch_up = CatchUp()
-        floor = await self._floor(kv, key)
+        floor = await self._floor(kv, pattern)
         while True:
-            out = [e async for e in self._watch_once(bucket, key, history=True)]
+            out = await read()
             seen = max((e.revision for e in out), default=0)
             if seen >= floor:
                 return out
             await catch_up.again(Behind(bucket, seen, floor))
-            floor = await self._next_floor(kv, key, floor)
+            floor = min(floor, await self._floor(kv, pattern))
 
     async def _watch_once(self, bucket: str, pattern: str, *,
                           history: bool = False) -> AsyncIterator[Entry]:

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from coordinator.runtime.ports import RunnerBus
 from protocol.bus import Behind, CatchUp, Entry
-from protocol.errors import BusError, Conflict
+from protocol.errors import BusError, Conflict, ProtocolError
 
 OP_TIMEOUT = 12.0  # one bus call; the Bus has its own 10 s timeouts inside
 TEARDOWN = 10.0  # seconds cancelled tasks have to stop, a round (``stop_all``)
@@ -147,6 +147,24 @@ async def _scanned_once(bus: RunnerBus, bucket: str, pattern: str) -> list[Entry
         close = getattr(pages, "aclose", None)  # its consumer goes with it
         if close is not None:
             await close()
+
+
+async def readable_before(bus: RunnerBus, bucket: str, entry: Entry,
+                          parse: Callable[[bytes], T]) -> tuple[T | None, int]:
+    """The newest value ``bucket`` still keeps of ``entry``'s key before ``entry`` that
+    ``parse`` reads (a ProtocolError: it does not): (it, its revision); (None, 0) when the key
+    was deleted before it; (None, -1) when no revision kept before it reads. For a key holding
+    what no coordinator writes (``lease.Fenced._refence``)."""
+    for kept in reversed(await bounded(bus.kv_history(bucket, entry.key))):
+        if kept.revision >= entry.revision:
+            continue
+        if kept.value is None:
+            return None, 0
+        try:
+            return parse(kept.value), kept.revision
+        except ProtocolError:
+            continue
+    return None, -1
 
 
 class Retrying:

@@ -36,7 +36,7 @@ from typing import Any
 import msgspec
 from msgspec import UNSET
 
-from coordinator.runtime.calls import Retrying, bounded
+from coordinator.runtime.calls import Retrying, bounded, readable_before
 from coordinator.runtime.desired import DesiredWriter
 from coordinator.runtime.ports import RunnerBus
 from protocol import subjects
@@ -72,17 +72,13 @@ async def read_cordons(bus: RunnerBus) -> dict[str, Cordon]:
 
 async def _last_cordon(bus: RunnerBus, bucket: str, entry: Entry,
                        exc: ProtocolError) -> Cordon | None:
-    for kept in reversed(await bounded(bus.kv_history(bucket, entry.key))):
-        if kept.revision >= entry.revision:
-            continue
-        if kept.value is None:
-            return None  # uncordoned before the stray write
-        try:
-            cordon = decode(Cordon, kept.value)
-        except ProtocolError:
-            continue
+    cordon, revision = await readable_before(bus, bucket, entry,
+                                             lambda value: decode(Cordon, value))
+    if revision == 0:
+        return None  # uncordoned before the stray write
+    if cordon is not None:
         log.warning("cordon entry %s holds what no coordinator writes (%s): its cordon is the "
-                    "one before it (revision %d)", entry.key, exc, kept.revision)
+                    "one before it (revision %d)", entry.key, exc, revision)
         return cordon
     # Every revision kept is unreadable (more stray writes than the bucket keeps, 5): failing
     # open would let the next deploy update a node an operator may have taken out. It stays

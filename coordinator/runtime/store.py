@@ -42,7 +42,7 @@ from collections.abc import Callable, Collection, Mapping
 
 from coordinator.core import pages
 from coordinator.core.history import Retention
-from coordinator.runtime.calls import bounded, scanned
+from coordinator.runtime.calls import bounded, readable_before, scanned
 from coordinator.runtime.history import Change, History, Stored, decode_stored
 from coordinator.runtime.lease import Fenced
 from coordinator.runtime.ports import RunnerBus
@@ -363,20 +363,14 @@ class RolloutStore:
         that decodes is what the node runs (its agent refused the rest), and the rollout
         writes over the stray one. None: the key was deleted before it (no state). BusError
         when none of them decodes."""
-        for kept in reversed(await bounded(self.bus.kv_history(self.desired, entry.key))):
-            if kept.revision >= entry.revision:
-                continue
-            if kept.value is None:
-                log.warning("desired state %s holds what no coordinator writes (%s); before "
-                            "it the key was deleted: planned as a node with none", entry.key,
-                            exc)
-                return None
-            try:
-                found = _desired(kept.value)
-            except ProtocolError:
-                continue
+        found, revision = await readable_before(self.bus, self.desired, entry, _desired)
+        if revision == 0:
+            log.warning("desired state %s holds what no coordinator writes (%s); before it the "
+                        "key was deleted: planned as a node with none", entry.key, exc)
+            return None
+        if found is not None:
             log.warning("desired state %s holds what no coordinator writes (%s): planned from "
-                        "the one before it (revision %d)", entry.key, exc, kept.revision)
+                        "the one before it (revision %d)", entry.key, exc, revision)
             return found
         raise BusError(f"desired state {entry.key} is unreadable ({exc}), and so is every "
                        "revision the bucket keeps of it; was it written by another tool?")

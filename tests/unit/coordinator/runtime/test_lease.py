@@ -4,6 +4,8 @@ only grows, and that no write of a deposed term lands."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Callable
 
 import pytest
 
@@ -17,7 +19,7 @@ from coordinator.runtime.lease import (
 )
 from protocol import subjects
 from protocol.codec import decode, encode
-from protocol.errors import BusError
+from protocol.errors import BusError, ProtocolError
 from protocol.messages import FenceMarker, LeaseRecord
 from protocol.testing import FLEET, FakeBus, FakeClock
 
@@ -213,6 +215,26 @@ async def test_heard_is_when_the_last_lease_call_the_server_answered_was_sent() 
 FORGED = b'{"type":"io.nats.jetstream.api.v1.stream_info_response","config":{}}'
 
 
+async def until(done: Callable[[], bool], what: str, timeout: float = 2.0) -> None:
+    """Let the loops under test run until ``done()``; AssertionError naming ``what`` after
+    ``timeout`` seconds."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not done():  # noqa: ASYNC110 (the loops under test take turns between)
+                await asyncio.sleep(0.001)
+    except TimeoutError:
+        raise AssertionError(f"not within {timeout:g}s: {what}") from None
+
+
+def readable(bus: FakeBus) -> LeaseRecord | None:
+    """The lease record stored now (None: the key holds none)."""
+    entry = bus.live(LEASE, subjects.LEASE_KEY)
+    try:
+        return decode(LeaseRecord, entry.value) if entry and entry.value else None
+    except ProtocolError:
+        return None
+
+
 async def leading(bus: FakeBus, holder: str, term: int) -> Fenced:
     """A leader of ``term``: the lease names it and it fenced every bucket."""
     await bus.kv_put(LEASE, subjects.LEASE_KEY, encode(LeaseRecord(holder=holder, term=term)))
@@ -277,9 +299,8 @@ async def test_a_forged_lease_is_renewed_over_and_the_leader_keeps_its_term() ->
     a = lease(bus, "a", mono)
     first = await a.acquire()
     holding = asyncio.ensure_future(a.hold())
-    await asyncio.sleep(0.01)
     await bus.kv_put(LEASE, subjects.LEASE_KEY, FORGED)
-    await asyncio.sleep(0.05)
+    await until(lambda: readable(bus) is not None, "the lease written back over")
     assert not holding.done() and a.leading
     assert held(bus).holder == "a" and held(bus).term == first.term
     holding.cancel()
@@ -296,13 +317,12 @@ async def test_a_standby_does_not_take_a_forged_lease_from_a_live_leader() -> No
     standby = asyncio.ensure_future(lease(bus, "b", mono).acquire())
     for _ in range(20):
         await bus.kv_put(LEASE, subjects.LEASE_KEY, FORGED)
-        await asyncio.sleep(0.005)
+        await until(lambda: readable(bus) is not None, "the lease written back over")
     assert not standby.done() and held(bus).holder == "a" and held(bus).term == first.term
     holding.cancel()
-    await asyncio.sleep(0.01)
+    with contextlib.suppress(asyncio.CancelledError):
+        await holding
     await bus.kv_put(LEASE, subjects.LEASE_KEY, FORGED)  # and no leader to put it back
-    await asyncio.sleep(0.02)
-    assert not standby.done()
     mono.t += 2.0
     won = await asyncio.wait_for(standby, 2)
     assert won.holder == "b" and won.term == first.term + 1
@@ -360,17 +380,31 @@ async def test_a_standby_pings_the_last_leader_it_read_behind_a_forged_lease() -
     before, two coordinators both led under such a stream)."""
     bus, mono = FakeBus(), FakeClock()
     first = await lease(bus, "a", mono).acquire()  # "a" leads; it does not renew here
-    standby = asyncio.ensure_future(lease(bus, "b", mono).acquire())
-    await asyncio.sleep(0.02)  # the standby has read a's record
+    b = lease(bus, "b", mono)
+    standby = asyncio.ensure_future(b.acquire())
+    await until(lambda: b.current is not None and b.current.holder == "a",
+                "the standby has read a's record")
+    answer = bus.ping
+    pinged: list[float] = []  # when (by the fake clock) the standby pinged a
+
+    async def ping(subject: str, timeout: float) -> bool | None:
+        pinged.append(mono.t)
+        return await answer(subject, timeout)
+
+    async def ticks(n: int) -> None:
+        """``n`` half-seconds, each passed once the standby pinged a again."""
+        for _ in range(n):
+            mono.t += 0.5
+            now = mono.t
+            await until(lambda: (pinged and pinged[-1] >= now) or standby.done(),  # noqa: B023
+                        "the standby pinging a")
+
+    bus.ping = ping  # type: ignore[method-assign]
     await bus.kv_put(LEASE, subjects.LEASE_KEY, FORGED)
-    for _ in range(4):
-        mono.t += 1.0  # past the ttl, a's pings answered
-        await asyncio.sleep(0.02)
+    await ticks(8)  # 4 s: twice the ttl, a's pings answered
     assert not standby.done()
     bus.pings[ping_subject(FLEET, "a")] = False  # a's connection is gone
-    for _ in range(10):
-        mono.t += 0.5
-        await asyncio.sleep(0.01)
+    await ticks(4)
     won = await asyncio.wait_for(standby, 2)
     assert won.holder == "b" and won.term == first.term + 1
 
@@ -382,7 +416,6 @@ async def test_a_leader_does_not_renew_over_a_forged_lease_once_a_later_term_fen
     a = lease(bus, "a", mono)
     await a.acquire()
     holding = asyncio.ensure_future(a.hold())
-    await asyncio.sleep(0.01)
     await write_fences(bus, term=9, holder="s", now=0.0)
     await bus.kv_put(LEASE, subjects.LEASE_KEY, FORGED)
     why = await asyncio.wait_for(holding, 2)
