@@ -4,16 +4,20 @@ a corrupted object, and the example ``hello`` service as a real process over rea
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import io
 import json
 import os
 import shutil
 import signal
+import socket
 import sys
 import tarfile
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -422,6 +426,68 @@ async def test_sigterm_finishes_in_flight_request_then_exits_0(start_app: object
     assert b"connection: close" in rest.lower() and b'"version": "1.0.0"' in rest
     assert idle_eof == b""
     assert code == 0
+
+
+def _hello_module() -> ModuleType:
+    """The example's app.py, imported in this process (to drive its server thread by thread)."""
+    spec = importlib.util.spec_from_file_location("hello_app",
+                                                  examples.examples_root() / "hello" / "app.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("sent", ["pipelined", "after the answer"])
+def test_a_request_waiting_when_stopping_begins_is_answered_not_dropped(sent: str) -> None:
+    """SIGTERM between a keep-alive answer (which did not say "Connection: close") and the
+    handler's next read: the client may already have sent its next request. It is answered,
+    with "Connection: close", then the connection ends. Before, the handler closed the
+    connection at once and the request was lost (test_sigterm_finishes_in_flight_request_then_
+    exits_0 failed so once under load). ``sent``: the second request in the first one's write
+    (the handler's buffer holds it) or written after the first answer arrived (the socket
+    does)."""
+    hello = _hello_module()
+    server = hello.Server(("127.0.0.1", 0), hello.Knobs({"FLEETWAVE_VERSION": "1.0.0"}))
+    second_sent = threading.Event()
+
+    class SignalledAfterFirstAnswer(hello.Handler):  # type: ignore[name-defined,misc]
+        def do_GET(self) -> None:
+            super().do_GET()
+            if self.path == "/healthz":  # answered; the signal comes before the next read
+                self.wfile.flush()
+                assert second_sent.wait(5)
+                self.server.close_idle()  # what main() does on SIGTERM
+
+    server.RequestHandlerClass = SignalledAfterFirstAnswer
+    loop = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    loop.start()
+    first = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    second = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    try:
+        with socket.create_connection(server.server_address, timeout=5) as conn:
+            if sent == "pipelined":
+                conn.sendall(first + second)
+            else:
+                conn.sendall(first)
+                got = b""
+                while b"ok\n" not in got:
+                    got += conn.recv(4096)
+                conn.sendall(second)
+            second_sent.set()
+            answers = b""
+            while chunk := conn.recv(4096):  # until the server ends the connection
+                answers += chunk
+    finally:
+        second_sent.set()
+        server.shutdown()
+        loop.join(5)
+        server.server_close()
+    if sent == "pipelined":
+        assert answers.count(b"HTTP/1.1 200") == 2, answers
+    else:
+        assert answers.startswith(b"HTTP/1.1 200"), answers
+    assert b'"version": "1.0.0"' in answers and b"connection: close" in answers.lower()
 
 
 def test_one_app_and_a_manifest_per_version_make_valid_bundles() -> None:

@@ -139,9 +139,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def handle_one_request(self) -> None:
         super().handle_one_request()
-        if self.server.stopping:
-            self.close_connection = True
-        else:
+        if not self.close_connection:
+            # Idle again. Stopping, the connection is hung up (``_hangup``) unless the next
+            # request already waits: a keep-alive client may have sent it before it read this
+            # answer, which did not say "Connection: close"; it is answered (with that header),
+            # not dropped. Closing at once here lost it when SIGTERM came between the answer
+            # and this line.
             self.server.set_idle(self.connection, True)
 
     def log_message(self, format: str, *args: object) -> None:
