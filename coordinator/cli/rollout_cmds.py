@@ -76,6 +76,10 @@ POLL = 0.25
 # and ~70 ms of the leader's time; four a second would slow the rollout being followed.
 FOLLOW_NODES = 200
 FOLLOWED_KINDS = ("rollout.>", "wave.>", "gate.>")
+# What -o json follows to its end (--wait done): it prints the last status only, and every
+# state it can end in has a rollout event; a read at each wave and gate event (two or three a
+# wave) only competed for the CPU with the waves' cold starts.
+ENDING_KINDS = ("rollout.>",)
 FOLLOW_PATIENCE = 60.0  # how long a silent coordinator is waited for while following
 EXIT_CODES = {"succeeded": 0, "rolled_back": 3, "paused": 4, "failed": 4, "aborted": 1}
 EXIT_ACCEPTED = 5  # --detach: the rollout is recorded, its start not confirmed (a bus error)
@@ -438,7 +442,7 @@ async def deploy_and_follow(ctx: Ctx, spec: RolloutSpec, *, wait: str, detach: b
 
     async with client.connected(ctx) as bus:
         if not detach:
-            for kind in FOLLOWED_KINDS:
+            for kind in ENDING_KINDS if (output, wait) == ("json", "done") else FOLLOWED_KINDS:
                 with contextlib.suppress(BusError):  # without them, polling alone still follows
                     await bus.subscribe(subjects.event(ctx.fleet, kind), heard)
         try:
