@@ -331,7 +331,12 @@ class Progress:
                            generation=p.generation)
 
     def succeed(self) -> None:
-        # What is left behind is the last wave's business: the old slots retired, or a shadow
-        # without --then retired, its report kept.
-        self.step.policy(self.step.r.waves[-1]).succeed(self.step)
+        # Said first: the success is the last wave's verdict, not the writes that follow it.
+        # What is left behind is the last wave's business (the old slots retired, or a shadow
+        # without --then retired, its report kept), written after the record says succeeded
+        # (one Persist before both, as ever) and announced by events of its own; said after
+        # them, the success waited for a write to every node (30 ms at 10 nodes, seconds at
+        # 10,000) before a followed deploy could return. A deploy of the service meanwhile
+        # waits for those writes (``Runner._finishing``); a takeover makes them.
         self.step.finish("succeeded", "")
+        self.step.policy(self.step.r.waves[-1]).succeed(self.step)
