@@ -126,13 +126,23 @@ def run_main(main: Coroutine[Any, Any, T],
 def run_dir(prefix: str) -> Iterator[Path]:
     """A temp dir for one run (named ``prefix...``), after reaping the leftovers of killed runs
     of the same prefix; on the way out, whatever still runs under it is stopped and it is
-    removed."""
+    removed. With ``FLEETWAVE_PERF_KEEP=DIR``, a run that fails leaves its logs and state
+    files (not its stores, releases or slots) in ``DIR/<its name>`` first, and says where."""
     reap_killed_runs(prefix)
     path = Path(tempfile.mkdtemp(prefix=prefix))
     me = psutil.Process()
     (path / RUN_MARKER).write_text(f"{me.pid} {me.create_time()}")
     try:
         yield path
+    except BaseException:
+        keep = os.environ.get("FLEETWAVE_PERF_KEEP")
+        if keep:
+            kept = Path(keep) / path.name
+            shutil.copytree(path, kept, dirs_exist_ok=True, ignore_dangling_symlinks=True,
+                            ignore=shutil.ignore_patterns("jetstream", "releases", "slots",
+                                                          "*.sock"))
+            print(f"the failed run's logs are kept in {kept}", file=sys.stderr)
+        raise
     finally:
         reap_leftovers(path, exclude=set())
         shutil.rmtree(path, ignore_errors=True)
