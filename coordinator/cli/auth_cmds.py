@@ -16,7 +16,7 @@ import click
 
 import coordinator.cli.client as client
 from coordinator.auth import web_tokens
-from coordinator.auth.enroll import CA, USERS, AuthDir, Identity, parse_lifetime
+from coordinator.auth.enroll import CA, USERS, AuthDir, Identity, move_store, parse_lifetime
 from coordinator.cli.base import Ctx, cli, output_option
 from coordinator.core.rotation import Status, named, short
 from coordinator.errors import FleetwaveError, UsageError
@@ -183,6 +183,29 @@ def prune(directory: Path) -> None:
         soon is not None and soon.expires is not None) else ""
     what = "rewritten: reload the nats-server" if changed else "unchanged"
     click.echo(f"{directory / USERS} {what}; expired: {gone}{nxt}")
+@auth.command("migrate")
+@click.argument("directory", type=DirArg)
+@click.option("--store", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The nats-server's JetStream store_dir (stopped): move its streams to the "
+              "fleet's account now. 'fleetwave broker --auth' moves its own at its start.")
+def migrate(directory: Path, store: Path | None) -> None:
+    """Put an auth directory made before accounts in the fleet's three accounts (the fleet's
+    streams and coordinators, nodes, operators), so that no node or operator can have the
+    server write into the fleet's state. Upgrade every agent and CLI first (older ones use
+    inbox names the accounts no longer allow), then migrate, move the store, restart the broker.
+
+    \b
+    Exit codes: 0 migrated (or already), 2 usage (a cluster member's store cannot move yet)."""
+    d = AuthDir(directory)
+    changed = d.migrate()
+    moved = move_store(store) if store is not None else False
+    click.echo(f"{directory / USERS} {'now puts' if changed else 'already put'} the fleet in its "
+               "own accounts" + (f"; moved the streams in {store} to them" if moved else "")
+               + ("; restart the broker (a nats-server of your own: stop it, run 'fleetwave "
+                  "auth migrate DIR --store STORE_DIR', start it)" if store is None else
+                  "; start the broker"))
+
+
 @auth.command("rotate-signing-key")
 @click.argument("phase", type=click.Choice(["begin", "check", "switch", "finish"]),
                 default="check", metavar="[PHASE]")

@@ -31,7 +31,8 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-from coordinator.auth.enroll import USERS, AuthDir, broker_block, next_expiry
+from coordinator.auth import perms
+from coordinator.auth.enroll import USERS, AuthDir, broker_block, move_store, next_expiry
 from coordinator.auth.routes import check_serves_routes
 from coordinator.dev.cluster import ClusterSpec, render_cluster
 from coordinator.errors import BrokerError, UsageError
@@ -215,6 +216,9 @@ class Broker:
             self._prune()
             if self.cluster is not None:
                 check_serves_routes(self.auth)
+            if AuthDir(self.auth).accounts() and move_store(self.store_dir):
+                log.info("moved the fleet's streams in %s to its own account (%s)",
+                         self.store_dir, perms.FLEET)
         if port_in_use(self.host, self.port):
             raise _PortTaken(
                 f"cannot start the broker: port {self.port} on {self.host} is already in use; "
@@ -242,14 +246,14 @@ class Broker:
                 sync_always=self.sync_always,
             )
         )
-        log = self.log_file or (self.store_dir / "nats-server.log")
-        with log.open("ab") as out:
+        server_log = self.log_file or (self.store_dir / "nats-server.log")
+        with server_log.open("ab") as out:
             self._proc = await asyncio.create_subprocess_exec(
                 binary, "-c", str(self._conf), stdout=out, stderr=out,
                 stdin=asyncio.subprocess.DEVNULL,
             )
         try:
-            await self._wait_ready(log)
+            await self._wait_ready(server_log)
             if self.auth is not None and self._auth_task is None:
                 self._auth_task = asyncio.get_running_loop().create_task(
                     self._reload_on_change(self.auth / USERS))
