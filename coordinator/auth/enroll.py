@@ -24,8 +24,10 @@ FLEET, NODES, OPS; ``auth.json``'s ``"layout": "accounts"``), so that no node or
 have the server write into the fleet's streams. A directory made before session 23 has no
 layout (one account, the server's global ``$G``) until ``fleetwave auth migrate``: its users
 are rendered as before, each node and operator allowed both inbox prefixes. JetStream keeps an
-account's streams under ``<store_dir>/jetstream/<account>``; ``move_store`` moves ``$G``'s to
-FLEET (one server, stopped: ``fleetwave broker --auth`` does it by itself at its start).
+account's streams under ``<store_dir>/jetstream/<account>``: ``migrate`` moves ``$G``'s to FLEET
+with the users, the server stopped (``check_store`` first, so a store that cannot move changes
+nothing); ``fleetwave broker --auth`` moves them at its start if a directory in the accounts
+finds them still in ``$G``, and never reloads into another layout (only a restart moves them).
 
 Every change writes ``users.conf`` from ``auth.json`` whole, atomically (temp file, rename), and
 ``auth.json`` last, so an interrupted command leaves the previous state or the new one; changes
@@ -56,6 +58,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nkeys
+import psutil
 
 from coordinator.auth import perms, pki
 from coordinator.errors import FleetwaveError, UsageError
@@ -290,16 +293,22 @@ class AuthDir:
                 _write(path, text, 0o644)
         return [u for u in users if not u.live(when)], changed
 
-    def migrate(self, now: dt.datetime | None = None) -> bool:
-        """Put this directory's users in the fleet's three accounts (see Layout); whether it
-        changed anything (False: already done). The broker's streams move with
-        ``move_store`` before it serves the new ``users.conf``."""
+    def migrate(self, store_dir: Path, *, revert: bool = False,
+                now: dt.datetime | None = None) -> bool:
+        """Put this directory's users in the fleet's three accounts and move the streams of
+        the broker that serves it (``store_dir``, its JetStream store_dir; that nats-server
+        stopped) to the fleet's account; with ``revert``, both back. Whether it changed
+        anything (False: already so). The store is checked before anything is written
+        (``check_store``: UsageError, nothing changed); the streams move first, then the
+        layout: a run cut between the two is finished by running it again."""
         when = now or _now()
         with self._locked():
-            if self.accounts():
+            if self.accounts() != revert:
                 return False
+            check_store(store_dir, revert=revert)
+            move_store(store_dir, revert=revert)
             fleet, names, users = self.load()
-            self._save(fleet, names, users, when, accounts=True)
+            self._save(fleet, names, users, when, accounts=not revert)
         return True
 
     def _find(self, users: list[Identity], name: str, *, renewing: bool) -> Identity:
@@ -383,30 +392,66 @@ def _check_operator(name: str) -> None:
                          "coordinator's own decisions; pick another name")
 
 
-def move_store(store_dir: Path) -> bool:
-    """Move the streams a broker kept in the global account (``<store_dir>/jetstream/$G``) to
-    the fleet's (``.../FLEET``), with nats-server stopped; whether it moved anything. The
-    stream files name no account (checked: ``tests/integration/test_auth_accounts.py``), so
-    this is a rename, atomic on one file system. Refused, changing nothing: a store that holds
-    both (a human must choose), and a cluster member's store (the cluster's meta group records
+def check_store(store_dir: Path, *, revert: bool = False) -> None:
+    """UsageError (one line) unless the fleet's streams in ``store_dir`` may move between the
+    global account and the fleet's (``move_store``): a running nats-server holding files in
+    it (it must be stopped: renaming its store under it, or a reload into the new layout with
+    the streams still in the old account, splits the fleet's state), a store holding both
+    accounts (a human must choose), a cluster member's store (the cluster's meta group records
     each stream's account: the streams would not follow the files)."""
     js = store_dir / "jetstream"
-    old, new = js / GLOBAL_ACCOUNT, js / perms.FLEET
-    if not old.is_dir():
-        return False
-    if new.exists():
+    src, dst = (js / perms.FLEET, js / GLOBAL_ACCOUNT) if revert else (
+        js / GLOBAL_ACCOUNT, js / perms.FLEET)
+    if not store_dir.is_dir():
+        raise UsageError(f"{store_dir} is no directory: pass the JetStream store_dir of the "
+                         "nats-server that serves this fleet (fleetwave broker's --store-dir)")
+    held = holder(store_dir)
+    if held is not None:
+        raise UsageError(f"a nats-server (pid {held}) holds files in {store_dir}: stop it first, "
+                         "then run this again and start it")
+    if src.is_dir() and dst.exists():
         raise UsageError(
             f"{js} holds both {GLOBAL_ACCOUNT} and {perms.FLEET}: the fleet's streams were kept in "
-            f"both accounts; move one aside (the broker stopped) and start it again")
+            "both accounts; move one aside and run this again")
     if (js / "$SYS" / "_js_").exists():
         raise UsageError(
-            f"{store_dir} is a cluster member's store: its streams cannot move to the fleet's "
-            "account in place yet; keep this cluster's auth directory unmigrated (one account: "
-            "'fleetwave auth' keeps it so until 'fleetwave auth migrate')")
+            f"{store_dir} is a cluster member's store: its streams cannot move between accounts "
+            "in place yet; keep this cluster's auth directory as it is")
+
+
+def holder(store_dir: Path) -> int | None:
+    """The pid of a running nats-server with a file open under ``store_dir`` (a server
+    serving a store holds its message blocks open), or None."""
+    root = str(store_dir.resolve()) + os.sep
+    for proc in psutil.process_iter(["name"]):
+        try:
+            if "nats-server" in (proc.info["name"] or "") and any(
+                    f.path.startswith(root) for f in proc.open_files()):
+                return int(proc.pid)
+        except (psutil.Error, OSError):
+            continue
+    return None
+
+
+def move_store(store_dir: Path, *, revert: bool = False) -> bool:
+    """Move the streams a broker kept in the global account (``<store_dir>/jetstream/$G``) to
+    the fleet's (``.../FLEET``; ``revert``: back), whether it moved anything; the caller has
+    checked the store (``check_store``). The stream files name no account (checked:
+    ``tests/integration/test_auth_accounts.py``), so this is a rename, atomic on one file
+    system; it refuses, changing nothing, a store that holds both."""
+    js = store_dir / "jetstream"
+    src, dst = (js / perms.FLEET, js / GLOBAL_ACCOUNT) if revert else (
+        js / GLOBAL_ACCOUNT, js / perms.FLEET)
+    if not src.is_dir():
+        return False
+    if dst.exists():
+        raise UsageError(
+            f"{js} holds both {GLOBAL_ACCOUNT} and {perms.FLEET}: the fleet's streams were kept in "
+            "both accounts; move one aside and start again")
     try:
-        old.rename(new)
+        src.rename(dst)
     except OSError as exc:
-        raise FleetwaveError(f"cannot move {old} to {new}: {exc.strerror or exc}; run this as "
+        raise FleetwaveError(f"cannot move {src} to {dst}: {exc.strerror or exc}; run this as "
                              "the user the broker runs as") from None
     return True
 

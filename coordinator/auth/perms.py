@@ -45,8 +45,10 @@ node may publish; a message that came in through a service import is never passe
 stream export, so agents' events reach OPS from NODES directly.
 
 Older auth directories keep one account (``$G``, the server's global one) until migrated; their
-nodes and operators may use both inbox prefixes (this release's and the one before), so that
-clients and broker can be upgraded in any order before the migration.
+nodes and operators may use both inbox prefixes (this release's and the one before), once
+their ``users.conf`` is rendered by this release (``fleetwave auth prune``, a broker's start):
+then clients of either release work, and every one must be of this release before the
+migration.
 
 How KV maps to subjects (JetStream's own naming, which these permissions rely on):
   a KV put of key K in bucket B   = publish on  $KV.B.K                    (ack on a reply inbox)

@@ -16,7 +16,7 @@ import click
 
 import coordinator.cli.client as client
 from coordinator.auth import web_tokens
-from coordinator.auth.enroll import CA, USERS, AuthDir, Identity, move_store, parse_lifetime
+from coordinator.auth.enroll import CA, USERS, AuthDir, Identity, parse_lifetime
 from coordinator.cli.base import Ctx, cli, output_option
 from coordinator.core.rotation import Status, named, short
 from coordinator.errors import FleetwaveError, UsageError
@@ -185,25 +185,25 @@ def prune(directory: Path) -> None:
     click.echo(f"{directory / USERS} {what}; expired: {gone}{nxt}")
 @auth.command("migrate")
 @click.argument("directory", type=DirArg)
-@click.option("--store", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="The nats-server's JetStream store_dir (stopped): move its streams to the "
-              "fleet's account now. 'fleetwave broker --auth' moves its own at its start.")
-def migrate(directory: Path, store: Path | None) -> None:
+@click.option("--store", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="The JetStream store_dir of the nats-server that serves DIRECTORY (fleetwave "
+              "broker's --store-dir), which must be stopped: its streams move with the users.")
+@click.option("--revert", is_flag=True,
+              help="Back to one account (the streams back to the global account).")
+def migrate(directory: Path, store: Path, revert: bool) -> None:
     """Put an auth directory made before accounts in the fleet's three accounts (the fleet's
     streams and coordinators, nodes, operators), so that no node or operator can have the
-    server write into the fleet's state. Upgrade every agent and CLI first (older ones use
-    inbox names the accounts no longer allow), then migrate, move the store, restart the broker.
+    server write into the fleet's state, and move the stopped server's streams there.
 
     \b
-    Exit codes: 0 migrated (or already), 2 usage (a cluster member's store cannot move yet)."""
-    d = AuthDir(directory)
-    changed = d.migrate()
-    moved = move_store(store) if store is not None else False
-    click.echo(f"{directory / USERS} {'now puts' if changed else 'already put'} the fleet in its "
-               "own accounts" + (f"; moved the streams in {store} to them" if moved else "")
-               + ("; restart the broker (a nats-server of your own: stop it, run 'fleetwave "
-                  "auth migrate DIR --store STORE_DIR', start it)" if store is None else
-                  "; start the broker"))
+    Order: this release's fleetwave on the broker's host first ('fleetwave auth prune DIR' and
+    a reload, or a restart of 'fleetwave broker', allow both inbox names), then every agent and
+    CLI, then stop the broker, migrate, start it. Nothing is written when the store cannot move
+    (a running server, a cluster member's store, both accounts present): one line, exit 2."""
+    changed = AuthDir(directory).migrate(store.absolute(), revert=revert)
+    layout = "one account" if revert else "the fleet's own accounts"
+    click.echo(f"{directory / USERS} and the streams in {store} {'now' if changed else 'already'} "
+               f"use {layout}" + ("; start the broker" if changed else ""))
 
 
 @auth.command("rotate-signing-key")

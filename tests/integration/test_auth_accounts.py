@@ -132,11 +132,12 @@ async def _inject_for_ever(node1: Bus, op: Bus) -> None:
 async def test_migrate_moves_an_unmigrated_fleet_and_its_state_into_the_accounts(
         tmp_path: Path) -> None:
     """Before: one account, and an answer sent to a key of the release index lands there (the
-    server stores it). ``fleetwave auth migrate`` then a restart of the same fleet (its broker
-    moves the store itself): its rollouts and releases are there, a deploy runs, and the same
-    request lands nothing."""
+    server stores it). ``fleetwave auth migrate`` is refused while the broker runs; with it
+    stopped it moves the users and the store: the same fleet started again has its rollouts and
+    releases, a deploy runs, and the same request lands nothing."""
     auth = unmigrated_auth(tmp_path / "fleet")
     probe = [(INDEX, "zz-probe")]
+    store = tmp_path / "fleet" / "jetstream"  # the dev broker's store_dir
     async with DevFleet(tmp_path / "fleet", agents=2, heartbeat_interval=0.5, secure=True,
                         subnet=SUBNET) as fleet:
         await _push_and_install(fleet)
@@ -152,14 +153,19 @@ async def test_migrate_moves_an_unmigrated_fleet_and_its_state_into_the_accounts
         code, before, err = await fleetwave(*fleet.client_args(), "rollouts", "--service",
                                             "hello", "-o", "json")
         assert code == 0, err
-    assert (tmp_path / "fleet" / "jetstream" / "jetstream" / "$G").is_dir()
-    code, out, err = await fleetwave("auth", "migrate", str(auth))
-    assert code == 0 and "now puts the fleet in its own accounts" in out, out + err
+        # Refused while its broker runs (a reload into accounts would leave the streams in
+        # the global account, and a coordinator make empty ones in FLEET): nothing written.
+        code, out, err = await fleetwave("auth", "migrate", str(auth), "--store", str(store))
+        assert code == 2 and "stop it first" in err and len(err.strip().splitlines()) == 1, err
+        assert "layout" not in (auth / "auth.json").read_text()
+    assert (store / "jetstream" / "$G").is_dir()
+    code, out, err = await fleetwave("auth", "migrate", str(auth), "--store", str(store))
+    assert code == 0 and "now use the fleet's own accounts" in out, out + err
     assert json.loads((auth / "auth.json").read_text())["layout"] == "accounts"
     async with DevFleet(tmp_path / "fleet", agents=2, heartbeat_interval=0.5, secure=True,
                         subnet=SUBNET) as fleet:
-        store = tmp_path / "fleet" / "jetstream" / "jetstream"
-        assert (store / "FLEET").is_dir() and not (store / "$G").exists()
+        assert (store / "jetstream" / "FLEET").is_dir()
+        assert not (store / "jetstream" / "$G").exists()
         code, after, err = await fleetwave(*fleet.client_args(), "rollouts", "--service",
                                            "hello", "-o", "json")
         assert code == 0, err
@@ -175,16 +181,38 @@ async def test_migrate_moves_an_unmigrated_fleet_and_its_state_into_the_accounts
         finally:
             await node1.close()
             await op.close()
-    code, out, err = await fleetwave("auth", "migrate", str(auth))
-    assert code == 0 and "already put" in out, out + err
-    # --store: a nats-server of one's own, stopped (a cluster member's store is refused)
-    member, single = tmp_path / "member", tmp_path / "single"
+    code, out, err = await fleetwave("auth", "migrate", str(auth), "--store", str(store))
+    assert code == 0 and "already use" in out, out + err
+    # A cluster member's store is refused, nothing written (the unit tests: the other cases).
+    member = tmp_path / "member"
     (member / "jetstream" / "$SYS" / "_js_").mkdir(parents=True)
-    for store in (member, single):
-        (store / "jetstream" / "$G").mkdir(parents=True)
-    code, out, err = await fleetwave("auth", "migrate", str(auth), "--store", str(member))
+    (member / "jetstream" / "FLEET").mkdir(parents=True)
+    code, out, err = await fleetwave("auth", "migrate", str(auth), "--store", str(member),
+                                     "--revert")
     assert code == 2 and "cluster member" in err and len(err.strip().splitlines()) == 1, err
-    assert (member / "jetstream" / "$G").is_dir()
-    code, out, err = await fleetwave("auth", "migrate", str(auth), "--store", str(single))
-    assert code == 0 and "moved the streams" in out, out + err
-    assert (single / "jetstream" / "FLEET").is_dir()
+    assert json.loads((auth / "auth.json").read_text())["layout"] == "accounts"
+
+
+async def test_a_broker_moves_the_streams_of_a_directory_migrated_without_them(
+        tmp_path: Path) -> None:
+    """An auth directory in the fleet's accounts over a store whose streams are still in the
+    global account (one migrated with another server's store, or copied from a migrated
+    host): ``fleetwave broker --auth`` moves them before its server reads either, instead of
+    serving an empty fleet account (a coordinator would make empty streams there)."""
+    auth = unmigrated_auth(tmp_path / "fleet")
+    store = tmp_path / "fleet" / "jetstream"
+    async with DevFleet(tmp_path / "fleet", agents=1, heartbeat_interval=0.5, secure=True,
+                        subnet=SUBNET) as fleet:
+        code, _, err = await fleetwave(*fleet.client_args(), "release", "push",
+                                       str(hello_bundle("1.0.0")))
+        assert code == 0, err
+    meta = json.loads((auth / "auth.json").read_text())
+    (auth / "auth.json").write_text(json.dumps({**meta, "layout": "accounts"}))
+    AuthDir(auth).prune()
+    assert (store / "jetstream" / "$G").is_dir()
+    async with DevFleet(tmp_path / "fleet", agents=1, heartbeat_interval=0.5, secure=True,
+                        subnet=SUBNET) as fleet:
+        assert (store / "jetstream" / "FLEET").is_dir()
+        assert not (store / "jetstream" / "$G").exists()
+        code, out, err = await fleetwave(*fleet.client_args(), "release", "list")
+        assert code == 0 and "1.0.0" in out, out + err

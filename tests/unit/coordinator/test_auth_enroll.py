@@ -324,7 +324,8 @@ def test_accounts_exports_cover_every_import_once() -> None:
 
 def test_an_unmigrated_directory_keeps_one_account_until_migrate(tmp_path: Path) -> None:
     """A directory made before accounts (no layout in auth.json) is rendered as before, its
-    nodes and operators allowed both inbox prefixes; migrate moves it, once."""
+    nodes and operators allowed both inbox prefixes; migrate moves it and its store's streams,
+    once; revert moves both back."""
     d = _auth(tmp_path)
     d.add("node", "node-1", now=T0)
     meta = json.loads((d.path / "auth.json").read_text())
@@ -337,15 +338,46 @@ def test_an_unmigrated_directory_keeps_one_account_until_migrate(tmp_path: Path)
     assert '"_FWO.alice.>"' in text and '"_OPS_alice.>"' in text
     d.add("node", "node-2", now=T0)  # a change keeps the layout
     assert not d.accounts()
-    assert d.migrate(now=T0) and d.accounts()
+    store = tmp_path / "store"
+    (store / "jetstream" / "$G" / "streams").mkdir(parents=True)
+    assert d.migrate(store, now=T0) and d.accounts()
     assert "accounts {" in (d.path / "users.conf").read_text()
-    assert not d.migrate(now=T0)
+    assert (store / "jetstream" / "FLEET" / "streams").is_dir()
+    assert not d.migrate(store, now=T0)
+    assert d.migrate(store, revert=True, now=T0) and not d.accounts()
+    assert (store / "jetstream" / "$G" / "streams").is_dir()
+    assert "authorization {" in (d.path / "users.conf").read_text()
+
+
+@pytest.mark.parametrize("case", ["both", "cluster member", "no directory"])
+def test_a_store_that_cannot_move_changes_nothing(tmp_path: Path, case: str) -> None:
+    """migrate checks the store before it writes anything: a store holding both accounts, a
+    cluster member's (its meta group names each stream's account) and a missing one are
+    refused with one line, the directory and the store as they were. (A store a running
+    nats-server holds: tests/integration/test_auth_accounts.py.)"""
+    d = _auth(tmp_path)
+    meta = json.loads((d.path / "auth.json").read_text())
+    del meta["layout"]
+    (d.path / "auth.json").write_text(json.dumps(meta))
+    d.prune(now=T0)
+    before = (d.path / "users.conf").read_text(), (d.path / "auth.json").read_text()
+    store = tmp_path / "store"
+    if case != "no directory":
+        (store / "jetstream" / "$G").mkdir(parents=True)
+    if case == "both":
+        (store / "jetstream" / "FLEET").mkdir()
+    if case == "cluster member":
+        (store / "jetstream" / "$SYS" / "_js_").mkdir(parents=True)
+    with pytest.raises(UsageError, match={"both": "holds both", "cluster member": "cluster member",
+                                          "no directory": "no directory"}[case]):
+        d.migrate(store, now=T0)
+    assert ((d.path / "users.conf").read_text(), (d.path / "auth.json").read_text()) == before
+    assert case == "no directory" or (store / "jetstream" / "$G").is_dir()
 
 
 def test_the_store_moves_to_the_fleets_account_or_nothing_changes(tmp_path: Path) -> None:
-    """move_store renames jetstream/$G to jetstream/FLEET; it refuses, changing nothing, a
-    store holding both and a cluster member's store (its meta group names each stream's
-    account); nothing to move is no error."""
+    """move_store renames jetstream/$G to jetstream/FLEET (and back); it refuses, changing
+    nothing, a store holding both; nothing to move is no error."""
     store = tmp_path / "store"
     assert not move_store(store)
     (store / "jetstream" / "$G" / "streams" / "KV_x").mkdir(parents=True)
@@ -355,8 +387,6 @@ def test_the_store_moves_to_the_fleets_account_or_nothing_changes(tmp_path: Path
     (store / "jetstream" / "$G").mkdir()
     with pytest.raises(UsageError, match="holds both"):
         move_store(store)
-    (store / "jetstream" / "FLEET").rename(store / "elsewhere")
-    (store / "jetstream" / "$SYS" / "_js_").mkdir(parents=True)
-    with pytest.raises(UsageError, match="cluster member"):
-        move_store(store)
-    assert (store / "jetstream" / "$G").is_dir()
+    (store / "jetstream" / "$G").rmdir()
+    assert move_store(store, revert=True)
+    assert (store / "jetstream" / "$G" / "streams" / "KV_x").is_dir()
