@@ -87,6 +87,8 @@ R = TypeVar("R")
 # /metrics turns it into a histogram. A plain callback keeps prometheus out of ``protocol``.
 Observer = Callable[[str, float, bool], None]
 UNANSWERED_LOG_EVERY = 10.0  # seconds between lines about requests not answered (_answerable)
+# Nodes' inbox prefixes (``protocol.creds``: ``_FWN.<node>``; before session 23 ``_INBOX_<node>``)
+NODE_INBOXES = ("_FWN.", "_INBOX_")
 DURABLE_FORGOTTEN = 7 * 24 * 3600.0  # a durable consumer no one read for this long is deleted
 
 
@@ -1066,16 +1068,19 @@ class Bus:
 
     def _answerable(self, subject: str, reply: str) -> bool:
         """Whether a request's ``reply`` subject is an inbox of an asker, which every NATS
-        client's starts with ``_`` (``_INBOX.``, an operator's ``_OPS_<name>.``, a service
-        import's ``_R_.``) but a node's (``_INBOX_<node>.``: nodes ask the coordinator nothing,
-        and their watches' messages arrive there). The server checks no reply subject against the
+        client's starts with ``_`` (``_INBOX.``, an operator's ``_FWO.<name>.``, a service
+        import's ``_R_.``) but a node's (``_FWN.<node>.``, before session 23 ``_INBOX_<node>.``:
+        nodes ask the coordinator nothing, and their watches' messages arrive there). In the
+        fleet's own account (``coordinator.auth.perms.accounts``) every request of a node or an
+        operator reaches the coordinator with an ``_R_.`` reply; this check is what holds on a
+        broker not migrated to accounts. The server checks no reply subject against the
         requester's permissions, and it is this client that would publish the answer: a
         coordinator answering onto ``$KV.<bucket>.<key>`` writes that key with its own rights
         (the bucket's stream stores it), onto ``fw.<fleet>...`` it speaks as whoever may
         publish there. Such a request is not answered (handled either: its requester, who
         named no inbox, waits for nothing), and said at most every ``UNANSWERED_LOG_EVERY``."""
-        if reply.startswith("_") and not reply.startswith("_INBOX_"):
-            return True  # (a node's inbox, ``_INBOX_<node>``, is its watches' too: no node asks)
+        if reply.startswith("_") and not reply.startswith(NODE_INBOXES):
+            return True  # (a node's inbox is its watches' too: no node asks)
         now = time.monotonic()
         self._unanswered += 1
         if now - self._unanswered_logged >= UNANSWERED_LOG_EVERY:

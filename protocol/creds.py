@@ -56,12 +56,14 @@ class Creds:
 
     @property
     def inbox_prefix(self) -> str:
-        """Where this client's replies arrive, the only inboxes its permissions let it read: a
-        node's ``_INBOX_<node>``, an operator's ``_OPS_<name>`` (node ids never start with
-        ``_``, so no node's prefix is an operator's), the usual ``_INBOX`` for the coordinator."""
+        """Where this client's replies and deliveries arrive, the only inboxes its permissions
+        let it read: a node's ``_FWN.<node>``, an operator's ``_FWO.<name>`` (two tokens, so
+        that one stream export of ``_FWN.>`` carries every node's from the fleet's account:
+        ``coordinator.auth.perms``), the usual ``_INBOX`` for the coordinator. (Before session
+        23: ``_INBOX_<node>`` and ``_OPS_<name>``, which an unmigrated broker still allows.)"""
         if self.role == "node":
-            return f"_INBOX_{self.name}"
-        return f"_OPS_{self.name}" if self.role == "operator" else "_INBOX"
+            return f"_FWN.{self.name}"
+        return f"_FWO.{self.name}" if self.role == "operator" else "_INBOX"
 
 
 def format_time(when: dt.datetime) -> str:

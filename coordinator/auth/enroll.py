@@ -16,7 +16,18 @@ is the whole truth, kept in one directory; adding or revoking is rewriting ``use
 config reload (SIGHUP), which nats-server applies to live connections (a removed user is
 disconnected, changed permissions hold at once) without dropping anyone else. JWTs need an
 account resolver and signing keys per account, which pay off with many accounts or many
-servers managed apart; a fleet is one account. The server never holds a private key either way.
+servers managed apart; a fleet is three fixed accounts. The server never holds a private key
+either way.
+
+**Layout.** ``users.conf`` puts the fleet in three accounts (``coordinator.auth.perms``:
+FLEET, NODES, OPS; ``auth.json``'s ``"layout": "accounts"``), so that no node or operator can
+have the server write into the fleet's streams. A directory made before session 23 has no
+layout (one account, the server's global ``$G``) until ``fleetwave auth migrate``: its users
+are rendered as before, each node and operator allowed both inbox prefixes. JetStream keeps an
+account's streams under ``<store_dir>/jetstream/<account>``: ``migrate`` moves ``$G``'s to FLEET
+with the users, the server stopped (``check_store`` first, so a store that cannot move changes
+nothing); ``fleetwave broker --auth`` moves them at its start if a directory in the accounts
+finds them still in ``$G``, and never reloads into another layout (only a restart moves them).
 
 Every change writes ``users.conf`` from ``auth.json`` whole, atomically (temp file, rename), and
 ``auth.json`` last, so an interrupted command leaves the previous state or the new one; changes
@@ -47,6 +58,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nkeys
+import psutil
 
 from coordinator.auth import perms, pki
 from coordinator.errors import FleetwaveError, UsageError
@@ -65,6 +77,8 @@ LOCK = ".lock"
 # users.conf always lists it: with every identity expired or revoked an empty users list would
 # turn nats-server's authorization off and let anyone in.
 NOBODY = "UBZTXX5WHESF32AKQHIXHQOHREBEW5QW2OF5HNVVVDS2HHTYDS334G7Z"
+ACCOUNTS = "accounts"  # auth.json's "layout" once the users live in the fleet's three accounts
+GLOBAL_ACCOUNT = "$G"  # the server's account when its config names none
 MAX_LIFETIME = dt.timedelta(days=3660)
 _DAYS = re.compile(r"^(\d+)d(.*)$")
 
@@ -143,6 +157,14 @@ class AuthDir:
 
     # -- reading ----------------------------------------------------------------------------------
 
+    def accounts(self) -> bool:
+        """Whether this directory's users live in the fleet's three accounts (see Layout)."""
+        try:
+            return bool(json.loads((self.path / META).read_text()).get("layout") == ACCOUNTS)
+        except (OSError, ValueError, AttributeError):
+            self.load()  # its one-line error
+            raise
+
     def load(self) -> tuple[str, list[str], list[Identity]]:
         """(fleet, server names, identities); UsageError (one line) if DIR is not one."""
         meta = self.path / META
@@ -198,7 +220,7 @@ class AuthDir:
         users: list[Identity] = []
         users.append(self._issue(fleet, "coordinator", COORDINATOR))
         users.append(self._issue(fleet, "operator", operator))
-        self._save(fleet, all_names, users, when)
+        self._save(fleet, all_names, users, when, accounts=True)
 
     def add(self, role: str, name: str, expires: dt.timedelta | None = None,
             now: dt.datetime | None = None) -> Path:
@@ -220,7 +242,7 @@ class AuthDir:
                     f"'fleetwave auth revoke {self.path} {name}' to issue new credentials"
                 )
             users.append(self._issue(fleet, role, name, when + expires if expires else None))
-            self._save(fleet, names, users, when)
+            self._save(fleet, names, users, when, accounts=self.accounts())
         return self.creds_path(role, name)
 
     def revoke(self, name: str, now: dt.datetime | None = None) -> Identity:
@@ -229,7 +251,8 @@ class AuthDir:
         with self._locked():
             fleet, names, users = self.load()
             gone = self._find(users, name, renewing=False)
-            self._save(fleet, names, [u for u in users if u is not gone], now or _now())
+            self._save(fleet, names, [u for u in users if u is not gone], now or _now(),
+                       accounts=self.accounts())
             self.creds_path(gone.role, gone.name).unlink(missing_ok=True)
         return gone
 
@@ -248,7 +271,8 @@ class AuthDir:
             else:
                 fresh = replace(old, expires=until)
                 self._rewrite_creds(fleet, fresh)
-            self._save(fleet, names, [fresh if u is old else u for u in users], when)
+            self._save(fleet, names, [fresh if u is old else u for u in users], when,
+                       accounts=self.accounts())
         return fresh
 
     def prune(self, now: dt.datetime | None = None) -> tuple[list[Identity], bool]:
@@ -259,7 +283,7 @@ class AuthDir:
         when = now or _now()
         with self._locked():
             fleet, _, users = self.load()
-            text = render_users(fleet, users, when)
+            text = render_users(fleet, users, when, accounts=self.accounts())
             path = self.path / USERS
             try:
                 changed = path.read_text() != text
@@ -268,6 +292,24 @@ class AuthDir:
             if changed:
                 _write(path, text, 0o644)
         return [u for u in users if not u.live(when)], changed
+
+    def migrate(self, store_dir: Path, *, revert: bool = False,
+                now: dt.datetime | None = None) -> bool:
+        """Put this directory's users in the fleet's three accounts and move the streams of
+        the broker that serves it (``store_dir``, its JetStream store_dir; that nats-server
+        stopped) to the fleet's account; with ``revert``, both back. Whether it changed
+        anything (False: already so). The store is checked before anything is written
+        (``check_store``: UsageError, nothing changed); the streams move first, then the
+        layout: a run cut between the two is finished by running it again."""
+        when = now or _now()
+        with self._locked():
+            if self.accounts() != revert:
+                return False
+            check_store(store_dir, revert=revert)
+            move_store(store_dir, revert=revert)
+            fleet, names, users = self.load()
+            self._save(fleet, names, users, when, accounts=not revert)
+        return True
 
     def _find(self, users: list[Identity], name: str, *, renewing: bool) -> Identity:
         found = [u for u in users if u.name == name and (u.role != "coordinator" or renewing)]
@@ -315,10 +357,11 @@ class AuthDir:
         return Identity(role, name, public, expires)
 
     def _save(self, fleet: str, names: list[str], users: list[Identity],
-              now: dt.datetime) -> None:
-        _write(self.path / USERS, render_users(fleet, users, now), 0o644)
+              now: dt.datetime, *, accounts: bool) -> None:
+        _write(self.path / USERS, render_users(fleet, users, now, accounts=accounts), 0o644)
         _write(self.path / META, json.dumps({
             "fleet": fleet, "server_names": names,
+            **({"layout": ACCOUNTS} if accounts else {}),
             "users": [_identity_json(u) for u in users],
         }, indent=2) + "\n")
 
@@ -349,28 +392,117 @@ def _check_operator(name: str) -> None:
                          "coordinator's own decisions; pick another name")
 
 
-def render_users(fleet: str, users: list[Identity], now: dt.datetime) -> str:
-    """The ``authorization`` block nats-server includes: one nkey user per identity still
-    valid at ``now`` (an expired one is a comment: the server must not know its key)."""
-    lines = [
-        "# generated by fleetwave auth: do not edit (rewritten by add-node, add-operator, revoke,",
-        "# renew, and when an expiry passes)",
-        "authorization {",
-        "  users: [",
-    ]
-    for u in users:
-        until = creds_file.format_time(u.expires) if u.expires else ""
-        if not u.live(now):
-            lines.append(f"    # {u.role} {u.name}: expired at {until}")
+def check_store(store_dir: Path, *, revert: bool = False) -> None:
+    """UsageError (one line) unless the fleet's streams in ``store_dir`` may move between the
+    global account and the fleet's (``move_store``): a running nats-server holding files in
+    it (it must be stopped: renaming its store under it, or a reload into the new layout with
+    the streams still in the old account, splits the fleet's state), a store holding both
+    accounts (a human must choose), a cluster member's store (the cluster's meta group records
+    each stream's account: the streams would not follow the files)."""
+    js = store_dir / "jetstream"
+    src, dst = (js / perms.FLEET, js / GLOBAL_ACCOUNT) if revert else (
+        js / GLOBAL_ACCOUNT, js / perms.FLEET)
+    if not store_dir.is_dir():
+        raise UsageError(f"{store_dir} is no directory: pass the JetStream store_dir of the "
+                         "nats-server that serves this fleet (fleetwave broker's --store-dir)")
+    held = holder(store_dir)
+    if held is not None:
+        raise UsageError(f"a nats-server (pid {held}) holds files in {store_dir}: stop it first, "
+                         "then run this again and start it")
+    if src.is_dir() and dst.exists():
+        raise UsageError(
+            f"{js} holds both {GLOBAL_ACCOUNT} and {perms.FLEET}: the fleet's streams were kept in "
+            "both accounts; move one aside and run this again")
+    if (js / "$SYS" / "_js_").exists():
+        raise UsageError(
+            f"{store_dir} is a cluster member's store: its streams cannot move between accounts "
+            "in place yet; keep this cluster's auth directory as it is")
+
+
+def holder(store_dir: Path) -> int | None:
+    """The pid of a running nats-server with a file open under ``store_dir`` (a server
+    serving a store holds its message blocks open), or None."""
+    root = str(store_dir.resolve()) + os.sep
+    for proc in psutil.process_iter(["name"]):
+        try:
+            if "nats-server" in (proc.info["name"] or "") and any(
+                    f.path.startswith(root) for f in proc.open_files()):
+                return int(proc.pid)
+        except (psutil.Error, OSError):
             continue
-        until = f" until {until}" if until else ""
-        p = json.dumps(perms.for_identity(fleet, u.role, u.name))
-        lines.append(f"    # {u.role} {u.name}{until}")
-        lines.append(f'    {{ nkey: "{u.nkey}", permissions: {p} }}')
+    return None
+
+
+def move_store(store_dir: Path, *, revert: bool = False) -> bool:
+    """Move the streams a broker kept in the global account (``<store_dir>/jetstream/$G``) to
+    the fleet's (``.../FLEET``; ``revert``: back), whether it moved anything; the caller has
+    checked the store (``check_store``). The stream files name no account (checked:
+    ``tests/integration/test_auth_accounts.py``), so this is a rename, atomic on one file
+    system; it refuses, changing nothing, a store that holds both."""
+    js = store_dir / "jetstream"
+    src, dst = (js / perms.FLEET, js / GLOBAL_ACCOUNT) if revert else (
+        js / GLOBAL_ACCOUNT, js / perms.FLEET)
+    if not src.is_dir():
+        return False
+    if dst.exists():
+        raise UsageError(
+            f"{js} holds both {GLOBAL_ACCOUNT} and {perms.FLEET}: the fleet's streams were kept in "
+            "both accounts; move one aside and start again")
+    try:
+        src.rename(dst)
+    except OSError as exc:
+        raise FleetwaveError(f"cannot move {src} to {dst}: {exc.strerror or exc}; run this as "
+                             "the user the broker runs as") from None
+    return True
+
+
+def render_users(fleet: str, users: list[Identity], now: dt.datetime, *,
+                 accounts: bool = True) -> str:
+    """What nats-server includes: one nkey user per identity still valid at ``now`` (an
+    expired one is a comment: the server must not know its key), in the fleet's three
+    ``accounts`` (``perms.accounts``: each with its exports and imports, FLEET with
+    JetStream), or in one ``authorization`` block (a directory not migrated: see Layout)."""
+    head = ["# generated by fleetwave auth: do not edit (rewritten by add-node, add-operator, "
+            "revoke,", "# renew, migrate, and when an expiry passes)"]
     nothing = json.dumps({"publish": {"deny": [">"]}, "subscribe": {"deny": [">"]}})
-    lines += ["    # no one: keeps authorization on when no identity is left",
-              f'    {{ nkey: "{NOBODY}", permissions: {nothing} }}', "  ]", "}", ""]
-    return "\n".join(lines)
+    nobody = ["# no one: keeps authorization on when no identity is left",
+              f'{{ nkey: "{NOBODY}", permissions: {nothing} }}']
+
+    def user_lines(role: str | None) -> list[str]:
+        out: list[str] = []
+        for u in users:
+            if role is not None and u.role != role:
+                continue
+            until = creds_file.format_time(u.expires) if u.expires else ""
+            if not u.live(now):
+                out.append(f"# {u.role} {u.name}: expired at {until}")
+                continue
+            until = f" until {until}" if until else ""
+            p = json.dumps(perms.for_identity(fleet, u.role, u.name, accounts=accounts))
+            out.append(f"# {u.role} {u.name}{until}")
+            out.append(f'{{ nkey: "{u.nkey}", permissions: {p} }}')
+        return out
+
+    def indented(lines: list[str], by: int) -> list[str]:
+        return [" " * by + line for line in lines]
+
+    if not accounts:
+        return "\n".join([*head, "authorization {", "  users: [",
+                          *indented([*user_lines(None), *nobody], 4), "  ]", "}", ""])
+    lines = [*head, "accounts {"]
+    for account, rules in perms.accounts(fleet).items():
+        role = next(r for r, a in perms.ACCOUNT_OF.items() if a == account)
+        lines += [f"  {account} {{"]
+        if account == perms.FLEET:
+            lines += ["    jetstream: enabled"]
+        lines += ["    users: [", *indented(user_lines(role), 6),
+                  *(indented(nobody, 6) if account == perms.OPS else []), "    ]"]
+        for kind in ("exports", "imports"):
+            if rules[kind]:
+                lines += [f"    {kind}: [", *indented([json.dumps(r) for r in rules[kind]], 6),
+                          "    ]"]
+        lines += ["  }"]
+    return "\n".join([*lines, "}", ""])
 
 
 def broker_block(path: Path, conf_dir: Path) -> str:

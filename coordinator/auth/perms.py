@@ -6,17 +6,49 @@ Three roles, from least to most trusted:
   keys (a watch whose consumer filters on its own keys), write its own observed
   and registration keys, publish its own heartbeats, registrations and agent events (on
   subjects naming it: ``subjects.agent_event``), read release objects, and receive replies on
-  its own inbox prefix ``_INBOX_<node>`` only (the server answers its KV and JetStream requests
-  there; nats-py's ``inbox_prefix``).
+  its own inbox prefix ``_FWN.<node>`` only (the server answers its KV and JetStream requests
+  there, and its watches deliver there; nats-py's ``inbox_prefix``).
 - **operator** (the ``fleetwave`` CLI): the coordinator's API on subjects that name it (so the
   coordinator knows who asks from the subject the server let through), reads of the fleet's state,
   release pushes; never a write to desired states, rollouts, locks, the lease, observed states or
   registrations (those go through the coordinator's API, or are a node's own), and never a
-  purge or delete of a stream. Replies on ``_OPS_<name>`` (no node's prefix starts so: node ids
-  never start with ``_``).
+  purge or delete of a stream. Replies on ``_FWO.<name>``.
 - **coordinator**: the fleet's subjects, buckets and the JetStream API; it answers API requests
   on the requester's inbox through ``allow_responses`` (so no one else needs to publish there),
   in up to ``protocol.chunks.MAX_CHUNKS`` messages each.
+
+**Accounts** (``accounts``; the layout of every auth directory made since session 23, and of an
+older one after ``fleetwave auth migrate``). nats-server checks no reply subject against the
+requester's permissions, and publishes a request's answer (a JetStream API answer, a publish
+acknowledgement, the coordinator's own) onto whatever reply subject the request named, with the
+responder's rights; a KV bucket's stream stores whatever arrives on its subjects. In one account
+any principal could so have the server write into any key of the fleet (a node's credentials
+deposed the coordinator: the lease key). So the fleet lives in three accounts:
+
+- ``FLEET``: the coordinators and JetStream (every stream of the fleet). It *exports* what the
+  others may reach: as services, the subjects nodes and operators publish or ask on (each
+  answer goes back through the server's ``_R_.`` reply mapping into the asker's own account,
+  where no stream stores it); as streams, the deliveries of their consumers (``_FWN.>``,
+  ``_FWO.>``), the pace and the events.
+- ``NODES``: every node; *imports* only what ``node`` allows (the permissions still confine each
+  node to its own keys, subjects and inbox).
+- ``OPS``: operators; imports the API, reads of the fleet's state, release pushes.
+
+What the server does, checked on nats-server 2.15 (``tests/integration/test_auth_accounts.py``):
+an answer to a request sent from NODES or OPS never reaches FLEET again through a wildcard
+import (its subject there is the ``_R_.`` one), so no import here is a literal subject that
+matters; JetStream exports do not overlap (an import that two wildcard exports match takes
+either's response type, by map order), and the pull ``MSG.NEXT`` one answers a stream of
+messages; an account without JetStream gets the server's own ``$JS.API.>`` import ("JetStream
+not enabled") unless one of its imports covers ``$JS.API.INFO``, which NODES imports and no
+node may publish; a message that came in through a service import is never passed on to a
+stream export, so agents' events reach OPS from NODES directly.
+
+Older auth directories keep one account (``$G``, the server's global one) until migrated; their
+nodes and operators may use both inbox prefixes (this release's and the one before), once
+their ``users.conf`` is rendered by this release (``fleetwave auth prune``, a broker's start):
+then clients of either release work, and every one must be of this release before the
+migration.
 
 How KV maps to subjects (JetStream's own naming, which these permissions rely on):
   a KV put of key K in bucket B   = publish on  $KV.B.K                    (ack on a reply inbox)
@@ -33,15 +65,29 @@ from protocol import chunks, subjects
 Permissions = dict[str, Any]
 
 
+FLEET, NODES, OPS = "FLEET", "NODES", "OPS"
+ACCOUNT_OF = {"coordinator": FLEET, "node": NODES, "operator": OPS}
+NODE_INBOXES, OPERATOR_INBOXES = "_FWN", "_FWO"  # two tokens: one stream export serves all
+
+
 def node_inbox(node: str) -> str:
-    return f"_INBOX_{node}"
+    return f"{NODE_INBOXES}.{node}"
 
 
 def operator_inbox(name: str) -> str:
+    return f"{OPERATOR_INBOXES}.{name}"
+
+
+def legacy_node_inbox(node: str) -> str:
+    """A node's inbox prefix before session 23 (one account only)."""
+    return f"_INBOX_{node}"
+
+
+def legacy_operator_inbox(name: str) -> str:
     return f"_OPS_{name}"
 
 
-def node(fleet: str, node_id: str) -> Permissions:
+def node(fleet: str, node_id: str, *, accounts: bool = True) -> Permissions:
     """A node's agent: its own keys and subjects, read-only releases, its own inbox.
 
     Left out on purpose (the attack matrix, ``tests/integration/test_auth_matrix.py``, tries
@@ -69,7 +115,7 @@ def node(fleet: str, node_id: str) -> Permissions:
                 f"$KV.{nodes}.{node_id}",
                 # Its watch (and snapshot) of its own keys: the server refuses a body whose
                 # filter differs from the one in the subject. The consumer's name follows the
-                # watcher's deliver inbox (``_INBOX_<node>.<nuid>``), which no other node sees
+                # watcher's deliver inbox (``_FWN.<node>.<nuid>``), which no other node sees
                 # and none can list (no CONSUMER.NAMES or LIST here).
                 f"$JS.API.CONSUMER.CREATE.KV_{desired}.*.$KV.{desired}.{mine}",
                 f"$JS.FC.KV_{desired}.>",
@@ -85,11 +131,12 @@ def node(fleet: str, node_id: str) -> Permissions:
         },
         # Its inbox, and the leader's heartbeat pace (``subjects.pace``; only a coordinator
         # may publish it).
-        "subscribe": {"allow": [f"{node_inbox(node_id)}.>", subjects.pace(fleet)]},
+        "subscribe": {"allow": [f"{node_inbox(node_id)}.>", subjects.pace(fleet),
+                                *([] if accounts else [f"{legacy_node_inbox(node_id)}.>"])]},
     }
 
 
-def operator(fleet: str, name: str) -> Permissions:
+def operator(fleet: str, name: str, *, accounts: bool = True) -> Permissions:
     """An operator's CLI: the API, reads, release pushes; no direct writes of fleet state."""
     f = fleet
     return {
@@ -132,7 +179,8 @@ def operator(fleet: str, name: str) -> Permissions:
                 "$JS.API.SERVER.REMOVE",
             ],
         },
-        "subscribe": {"allow": [f"{operator_inbox(name)}.>", subjects.events(f)]},
+        "subscribe": {"allow": [f"{operator_inbox(name)}.>", subjects.events(f),
+                                *([] if accounts else [f"{legacy_operator_inbox(name)}.>"])]},
     }
 
 
@@ -159,9 +207,65 @@ def coordinator(fleet: str) -> Permissions:
     }
 
 
-def for_identity(fleet: str, role: str, name: str) -> Permissions:
+def for_identity(fleet: str, role: str, name: str, *, accounts: bool = True) -> Permissions:
     if role == "node":
-        return node(fleet, name)
+        return node(fleet, name, accounts=accounts)
     if role == "operator":
-        return operator(fleet, name)
+        return operator(fleet, name, accounts=accounts)
     return coordinator(fleet)
+
+
+# What operators ask of JetStream, as imports that do not overlap one another (nor FLEET's
+# exports: each is exported as it is). Their permissions narrow it (no purge, delete, ...).
+OPS_JETSTREAM = ("$JS.API.INFO", "$JS.API.STREAM.>", "$JS.API.DIRECT.GET.>",
+                 "$JS.API.CONSUMER.CREATE.>", "$JS.API.CONSUMER.DURABLE.>",
+                 "$JS.API.CONSUMER.INFO.>", "$JS.API.CONSUMER.NAMES.>",
+                 "$JS.API.CONSUMER.LIST.>")
+PULL = "$JS.API.CONSUMER.MSG.NEXT.>"  # a pull request is answered by a stream of messages
+
+
+def accounts(fleet: str) -> dict[str, dict[str, list[Any]]]:
+    """Each account's exports and imports (users apart): see the module docstring."""
+    f = fleet
+    releases = subjects.object_stream(subjects.releases_store(f))
+    desired = subjects.kv_stream(subjects.desired_bucket(f))
+    many = {"response_type": "stream", "response_threshold": "2m"}  # protocol.chunks
+    node_writes = (f"$KV.{subjects.observed_bucket(f)}.>", f"$KV.{subjects.nodes_bucket(f)}.>",
+                   subjects.heartbeats(f), subjects.registrations(f),
+                   subjects.agent_events(f, "*", ">"))
+    pushes = (f"$KV.{subjects.release_index_bucket(f)}.>", f"$O.{subjects.releases_store(f)}.>")
+    api = (f"fw.{f}.api.>", f"fw.{f}.coord.>")
+    node_reads = (f"$JS.API.CONSUMER.CREATE.{desired}.>", f"$JS.API.STREAM.INFO.{releases}",
+                  f"$JS.API.DIRECT.GET.{releases}.>", f"$JS.API.STREAM.MSG.GET.{releases}",
+                  f"$JS.API.CONSUMER.CREATE.{releases}", f"$JS.API.CONSUMER.CREATE.{releases}.>",
+                  f"$JS.FC.{desired}.>", f"$JS.FC.{releases}.>",
+                  "$JS.API.INFO")  # no node may publish it: it turns the server's own import off
+    to_nodes = (f"{NODE_INBOXES}.>", subjects.pace(f))
+    to_ops = (f"{OPERATOR_INBOXES}.>", subjects.events(f))
+
+    def service(account: str, subject: str) -> dict[str, Any]:
+        return {"service": {"account": account, "subject": subject}}
+
+    def stream(account: str, subject: str) -> dict[str, Any]:
+        return {"stream": {"account": account, "subject": subject}}
+
+    return {
+        FLEET: {"exports": [
+            *({"service": s} for s in (*node_writes, *pushes, *OPS_JETSTREAM, "$JS.FC.>",
+                                       "$JS.ACK.>")),
+            *({"service": s, **many} for s in (*api, PULL)),
+            *({"stream": s} for s in (*to_nodes, *to_ops)),
+        ], "imports": []},
+        NODES: {
+            "imports": [*(service(FLEET, s) for s in (*node_writes, *node_reads)),
+                        *(stream(FLEET, s) for s in to_nodes)],
+            "exports": [{"stream": subjects.agent_events(f, "*", ">"), "accounts": [OPS]}],
+        },
+        OPS: {
+            "imports": [*(service(FLEET, s) for s in (*api, *pushes, *OPS_JETSTREAM, PULL,
+                                                       "$JS.FC.>", "$JS.ACK.>")),
+                        *(stream(FLEET, s) for s in to_ops),
+                        stream(NODES, subjects.agent_events(f, "*", ">"))],
+            "exports": [],
+        },
+    }

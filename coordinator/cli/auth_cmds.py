@@ -183,6 +183,29 @@ def prune(directory: Path) -> None:
         soon is not None and soon.expires is not None) else ""
     what = "rewritten: reload the nats-server" if changed else "unchanged"
     click.echo(f"{directory / USERS} {what}; expired: {gone}{nxt}")
+@auth.command("migrate")
+@click.argument("directory", type=DirArg)
+@click.option("--store", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="The JetStream store_dir of the nats-server that serves DIRECTORY (fleetwave "
+              "broker's --store-dir), which must be stopped: its streams move with the users.")
+@click.option("--revert", is_flag=True,
+              help="Back to one account (the streams back to the global account).")
+def migrate(directory: Path, store: Path, revert: bool) -> None:
+    """Put an auth directory made before accounts in the fleet's three accounts (the fleet's
+    streams and coordinators, nodes, operators), so that no node or operator can have the
+    server write into the fleet's state, and move the stopped server's streams there.
+
+    \b
+    Order: this release's fleetwave on the broker's host first ('fleetwave auth prune DIR' and
+    a reload, or a restart of 'fleetwave broker', allow both inbox names), then every agent and
+    CLI, then stop the broker, migrate, start it. Nothing is written when the store cannot move
+    (a running server, a cluster member's store, both accounts present): one line, exit 2."""
+    changed = AuthDir(directory).migrate(store.absolute(), revert=revert)
+    layout = "one account" if revert else "the fleet's own accounts"
+    click.echo(f"{directory / USERS} and the streams in {store} {'now' if changed else 'already'} "
+               f"use {layout}" + ("; start the broker" if changed else ""))
+
+
 @auth.command("rotate-signing-key")
 @click.argument("phase", type=click.Choice(["begin", "check", "switch", "finish"]),
                 default="check", metavar="[PHASE]")

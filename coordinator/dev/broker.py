@@ -31,7 +31,16 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-from coordinator.auth.enroll import USERS, AuthDir, broker_block, next_expiry
+from coordinator.auth import perms
+from coordinator.auth.enroll import (
+    GLOBAL_ACCOUNT,
+    USERS,
+    AuthDir,
+    broker_block,
+    check_store,
+    move_store,
+    next_expiry,
+)
 from coordinator.auth.routes import check_serves_routes
 from coordinator.dev.cluster import ClusterSpec, render_cluster
 from coordinator.errors import BrokerError, UsageError
@@ -151,6 +160,8 @@ class Broker:
         self.reloads = 0
         self._pruned_at = dt.datetime.now(dt.UTC)  # users.conf was last rendered for this time
         self._auth_task: asyncio.Task[None] | None = None
+        self._accounts = False  # the layout of the auth directory when the server started
+        self._layout_said = False
         self._chosen_port = port is None  # ours to pick again if another process takes it
         self.port = port if port is not None else free_port(host)
         self._own_store = store_dir is None
@@ -215,6 +226,14 @@ class Broker:
             self._prune()
             if self.cluster is not None:
                 check_serves_routes(self.auth)
+            self._accounts = AuthDir(self.auth).accounts()
+            if self._accounts and (self.store_dir / "jetstream" / GLOBAL_ACCOUNT).is_dir():
+                # An auth directory migrated without this store (``fleetwave auth migrate``
+                # moves it): moved here, before the server reads either.
+                check_store(self.store_dir)
+                move_store(self.store_dir)
+                log.info("moved the fleet's streams in %s to its own account (%s)",
+                         self.store_dir, perms.FLEET)
         if port_in_use(self.host, self.port):
             raise _PortTaken(
                 f"cannot start the broker: port {self.port} on {self.host} is already in use; "
@@ -242,14 +261,14 @@ class Broker:
                 sync_always=self.sync_always,
             )
         )
-        log = self.log_file or (self.store_dir / "nats-server.log")
-        with log.open("ab") as out:
+        server_log = self.log_file or (self.store_dir / "nats-server.log")
+        with server_log.open("ab") as out:
             self._proc = await asyncio.create_subprocess_exec(
                 binary, "-c", str(self._conf), stdout=out, stderr=out,
                 stdin=asyncio.subprocess.DEVNULL,
             )
         try:
-            await self._wait_ready(log)
+            await self._wait_ready(server_log)
             if self.auth is not None and self._auth_task is None:
                 self._auth_task = asyncio.get_running_loop().create_task(
                     self._reload_on_change(self.auth / USERS))
@@ -300,8 +319,29 @@ class Broker:
             now = stamp()
             if now != seen and now is not None:
                 seen = now
+                if self._layout_changed():
+                    continue
                 self.signal(signal.SIGHUP)
                 self.reloads += 1
+
+    def _layout_changed(self) -> bool:
+        """Whether the auth directory's layout (one account or the fleet's three) is no longer
+        the one this server started with, said once: a reload into the other layout would
+        leave the fleet's streams in the account it left (a coordinator would then make empty
+        ones in the new). Only a restart moves them (``_start_once``)."""
+        assert self.auth is not None
+        try:
+            accounts = AuthDir(self.auth).accounts()
+        except (UsageError, OSError):
+            return False
+        if accounts == self._accounts:
+            return False
+        if not self._layout_said:
+            self._layout_said = True
+            log.error("%s changed its layout (%s) while this broker ran: not reloaded; restart "
+                      "the broker, which moves the fleet's streams at its start",
+                      self.auth, "the fleet's own accounts" if accounts else "one account")
+        return True
 
     def _next_expiry(self) -> dt.datetime | None:
         """When ``users.conf`` must be rendered again, as auth.json says now (None: never, or

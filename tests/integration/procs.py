@@ -24,9 +24,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from coordinator.auth.enroll import CA, SERVER, SERVER_KEY, USERS
+from coordinator.auth.enroll import CA, META, SERVER, SERVER_KEY, USERS, AuthDir
 from coordinator.dev.cluster import ClusterSpec
-from coordinator.dev.devfleet import Child, python_module
+from coordinator.dev.devfleet import OPERATOR, Child, python_module
 from coordinator.dev.examples import assembled
 from protocol import subjects
 from protocol.bus import Bus, Entry
@@ -249,3 +249,18 @@ async def desired_states(bus: Bus, fleet: str) -> list[Entry]:
     mid-test, and that changes no node's state."""
     entries = await bus.kv_entries(subjects.desired_bucket(fleet))
     return [e for e in entries if not e.key.startswith("_")]
+
+
+def unmigrated_auth(fleet_dir: Path, fleet: str = "default") -> Path:
+    """The auth directory a --secure DevFleet in ``fleet_dir`` takes, made as releases before
+    session 23 made it: one account for the whole fleet (no "layout" in auth.json), its
+    users.conf so (``fleetwave auth migrate`` moves such a fleet to its own accounts)."""
+    d = AuthDir(fleet_dir / "auth")
+    d.init(fleet, (), OPERATOR)
+    meta = d.path / META
+    data = json.loads(meta.read_text())
+    del data["layout"]
+    meta.write_text(json.dumps(data, indent=2) + "\n")
+    d.prune()
+    assert "authorization {" in (d.path / USERS).read_text()
+    return d.path

@@ -163,7 +163,8 @@ async def test_node_credentials_reach_nothing_of_another_node(tmp_path: Path) ->
 
             async def spy(subject: str, _: bytes) -> None:
                 spied.append(subject)
-            for wide in ("_INBOX.>", "fw.>", "$KV.>", "_OPS_admin.>", "_INBOX_node-2.>"):
+            for wide in ("_INBOX.>", "fw.>", "$KV.>", "_OPS_admin.>", "_INBOX_node-2.>", "_FWO.>",
+                         "_FWN.>", "_FWN.node-2.>"):
                 await node1.subscribe(wide, spy)
             code, _, err = await fleetwave(*fleet.client_args(), "nodes")
             assert code == 0, err

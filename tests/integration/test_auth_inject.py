@@ -6,7 +6,11 @@ coordinator stop leading (term 1 to 2), and a stream of them failed a deploy ("l
 lead"). Now a value no coordinator writes is written back over while the lease says this
 coordinator leads (``coordinator.runtime.lease``): under a stream of such requests onto the
 lease, then onto the fences, rollouts succeed and the term stays. Real nats-server with the
-permissions ``fleetwave auth`` writes, real agents over TLS."""
+permissions ``fleetwave auth`` writes, real agents over TLS.
+
+This is the broker of an auth directory not migrated to accounts (``unmigrated_auth``): one
+account for the whole fleet, as every release before session 23 made it. In the fleet's own
+accounts no such answer reaches the fleet's streams at all (``test_auth_accounts.py``)."""
 
 from __future__ import annotations
 
@@ -24,7 +28,13 @@ from protocol.codec import decode
 from protocol.errors import ProtocolError
 from protocol.messages import DesiredState, LeaseRecord, SignedEnvelope
 from tests.integration.e2e_support import DEPLOY_TIMEOUT, serving
-from tests.integration.procs import fleetwave, hello_bundle, read_text, wait_until
+from tests.integration.procs import (
+    fleetwave,
+    hello_bundle,
+    read_text,
+    unmigrated_auth,
+    wait_until,
+)
 
 SUBNET = "127.0.75"
 F = "default"
@@ -45,6 +55,7 @@ async def _term(op: Bus) -> int | None:
 async def installed(tmp_path: Path) -> AsyncIterator[tuple[DevFleet, Bus, Bus]]:
     """A secure dev fleet of 2 agents with 1.0.0 and 2.0.0 pushed and 1.0.0 installed, and
     two clients of it: its operator's, and one with node-1's credentials."""
+    unmigrated_auth(tmp_path / "fleet")
     async with DevFleet(tmp_path / "fleet", agents=2, heartbeat_interval=0.5, secure=True,
                         subnet=SUBNET) as fleet:
         assert fleet.auth_dir is not None
@@ -169,6 +180,7 @@ async def test_the_coordinator_answers_no_request_whose_reply_subject_is_no_inbo
     bucket's key as the reply subject would have it write that key. It answers only inboxes
     (``_...``): such a request gets no answer and a line; the key is not written, and the
     same request with an inbox is answered."""
+    unmigrated_auth(tmp_path / "fleet")
     async with DevFleet(tmp_path / "fleet", agents=1, heartbeat_interval=0.5, secure=True,
                         subnet=SUBNET) as fleet:
         op = await Bus.connect(fleet.nats_url, F, **fleet.access())

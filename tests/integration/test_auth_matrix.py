@@ -129,7 +129,7 @@ async def _jetstream_abuse(fleet: DevFleet, node1: Bus, coord: Bus) -> set[str]:
     victim = await _victim(coord)
     node2_key = f"$KV.{DESIRED}.node-2.hello"
     consumer = json.dumps({"stream_name": KV_DESIRED, "config": {
-        "filter_subject": f"$KV.{DESIRED}.node-2.*", "deliver_subject": "_INBOX_node-1.spy",
+        "filter_subject": f"$KV.{DESIRED}.node-2.*", "deliver_subject": "_FWN.node-1.spy",
         "deliver_policy": "last_per_subject", "ack_policy": "none"}}).encode()
     dropped: dict[str, bytes] = {
         # The key names: every node id and service (stream info with a subjects filter).
@@ -166,7 +166,7 @@ async def _jetstream_abuse(fleet: DevFleet, node1: Bus, coord: Bus) -> set[str]:
 
     async def spy(subject: str, _: bytes) -> None:
         spied.append(subject)
-    await node1.subscribe("_INBOX_node-1.spy", spy)
+    await node1.subscribe("_FWN.node-1.spy", spy)
     # Allowed by subject (its own filter there), but the body asks for node-2's keys, or
     # several filters: the server refuses a body that disagrees with the subject.
     own = f"$JS.API.CONSUMER.CREATE.{KV_DESIRED}.spy1.$KV.{DESIRED}.node-1.*"
@@ -174,7 +174,7 @@ async def _jetstream_abuse(fleet: DevFleet, node1: Bus, coord: Bus) -> set[str]:
                    {"filter_subjects": [f"$KV.{DESIRED}.node-1.*", f"$KV.{DESIRED}.node-2.*"]},
                    {"filter_subject": f"$KV.{DESIRED}.>"}):
         body = {"stream_name": KV_DESIRED, "config": {
-            "name": "spy1", "deliver_subject": "_INBOX_node-1.spy", "ack_policy": "none",
+            "name": "spy1", "deliver_subject": "_FWN.node-1.spy", "ack_policy": "none",
             "deliver_policy": "last_per_subject", **config}}
         reply = json.loads(await node1.request(own, json.dumps(body).encode(), timeout=5))
         assert "error" in reply, (config, reply)
@@ -183,7 +183,7 @@ async def _jetstream_abuse(fleet: DevFleet, node1: Bus, coord: Bus) -> set[str]:
     # (The server refuses: "consumer name already in use"; it never re-points one.)
     [victim_config] = [c.config for c in infos if c.name == victim]
     hijack = {**victim_config.as_dict(), "filter_subject": f"$KV.{DESIRED}.node-1.*",
-              "deliver_subject": "_INBOX_node-1.spy"}
+              "deliver_subject": "_FWN.node-1.spy"}
     for variant in ({}, {"action": "update"}, {"config": {**hijack, "durable_name": victim}}):
         body = {"stream_name": KV_DESIRED, "config": hijack, **variant}
         reply = json.loads(await node1.request(

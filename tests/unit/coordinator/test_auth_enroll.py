@@ -15,6 +15,7 @@ from coordinator.auth import perms, pki
 from coordinator.auth.enroll import (
     NOBODY,
     AuthDir,
+    move_store,
     next_expiry,
     parse_lifetime,
 )
@@ -51,7 +52,7 @@ def test_add_and_revoke_rewrite_the_users(tmp_path: Path) -> None:
     users = (tmp_path / "auth" / "users.conf").read_text()
     nkey = next(u["nkey"] for u in json.loads((tmp_path / "auth" / "auth.json").read_text())
                 ["users"] if u["name"] == "node-1")
-    assert nkey in users and "_INBOX_node-1.>" in users
+    assert nkey in users and "_FWN.node-1.>" in users
     with pytest.raises(UsageError, match="already enrolled"):
         d.add("node", "node-1")
     d.revoke("node-1")
@@ -69,7 +70,7 @@ def test_a_node_may_touch_only_its_own_keys() -> None:
     subjects = [*p["publish"]["allow"], *p["subscribe"]["allow"]]
     # its inbox, and the leader's heartbeat pace (which names no node and only coordinators
     # may publish: ``perms.operator`` allows no fw.<fleet> subject but the API's)
-    assert p["subscribe"]["allow"] == ["_INBOX_node-1.>", "fw.default.pace"]
+    assert p["subscribe"]["allow"] == ["_FWN.node-1.>", "fw.default.pace"]
     assert not any(s.startswith("fw.default.pace")
                    for s in perms.operator("default", "alice")["publish"]["allow"])
     assert not any("node-2" in s for s in subjects)
@@ -198,8 +199,8 @@ def test_with_every_identity_expired_the_users_are_never_empty(tmp_path: Path) -
     d.renew("coordinator", dt.timedelta(seconds=1), now=T0)
     d.prune(now=T0 + dt.timedelta(seconds=1))
     text = (d.path / "users.conf").read_text()
-    users = [ln for ln in text.splitlines() if ln.strip().startswith("{ nkey")]
-    assert users == [f'    {{ nkey: "{NOBODY}", permissions: {{"publish": {{"deny": [">"]}}, '
+    users = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("{ nkey")]
+    assert users == [f'{{ nkey: "{NOBODY}", permissions: {{"publish": {{"deny": [">"]}}, '
                      '"subscribe": {"deny": [">"]}} }']
 
 
@@ -286,3 +287,106 @@ def test_a_trust_root_that_cannot_be_written_is_one_line_and_changes_nothing(
     assert "\n" not in str(info.value)
     assert {p: (tmp_path / "auth" / p).read_bytes() for p in before} == before
     assert not [p for p in (tmp_path / "auth").iterdir() if p.name.startswith(".node-9")]
+
+
+def test_a_new_directory_puts_each_role_in_its_account(tmp_path: Path) -> None:
+    """init makes the accounts layout: the coordinator in FLEET (with JetStream), nodes in
+    NODES, operators in OPS, each account with the exports and imports of ``perms.accounts``;
+    a node may read only this release's inbox prefix there."""
+    d = _auth(tmp_path)
+    d.add("node", "node-1", now=T0)
+    assert d.accounts()
+    text = (d.path / "users.conf").read_text()
+    fleet, nodes, ops = (text.index(f"  {a} {{") for a in ("FLEET", "NODES", "OPS"))
+    assert "accounts {" in text and "authorization {" not in text and fleet < nodes < ops
+    assert "jetstream: enabled" in text[fleet:nodes] and "jetstream" not in text[nodes:]
+    assert "# coordinator coordinator" in text[fleet:nodes]
+    assert "# node node-1" in text[nodes:ops] and "# operator alice" in text[ops:]
+    assert '"_FWN.node-1.>"' in text and "_INBOX_node-1" not in text
+    assert '{"stream": "_FWN.>"}' in text[fleet:nodes]
+
+
+def test_accounts_exports_cover_every_import_once() -> None:
+    """Every import of NODES and OPS from FLEET falls under exactly one of FLEET's exports of
+    its kind (one that two exports match takes either's response type, by map order)."""
+    rules = perms.accounts("default")
+    exports = rules["FLEET"]["exports"]
+    for account in ("NODES", "OPS"):
+        for imp in rules[account]["imports"]:
+            kind = "service" if "service" in imp else "stream"
+            source = imp[kind]
+            if source["account"] != "FLEET":
+                continue
+            under = [e for e in exports if kind in e
+                     and _matches(e[kind], source["subject"].replace(">", "x.y"))]
+            assert len(under) == 1, (account, source["subject"], under)
+
+
+def test_an_unmigrated_directory_keeps_one_account_until_migrate(tmp_path: Path) -> None:
+    """A directory made before accounts (no layout in auth.json) is rendered as before, its
+    nodes and operators allowed both inbox prefixes; migrate moves it and its store's streams,
+    once; revert moves both back."""
+    d = _auth(tmp_path)
+    d.add("node", "node-1", now=T0)
+    meta = json.loads((d.path / "auth.json").read_text())
+    del meta["layout"]
+    (d.path / "auth.json").write_text(json.dumps(meta))
+    d.prune(now=T0)
+    text = (d.path / "users.conf").read_text()
+    assert not d.accounts() and "authorization {" in text and "accounts" not in text
+    assert '"_FWN.node-1.>"' in text and '"_INBOX_node-1.>"' in text
+    assert '"_FWO.alice.>"' in text and '"_OPS_alice.>"' in text
+    d.add("node", "node-2", now=T0)  # a change keeps the layout
+    assert not d.accounts()
+    store = tmp_path / "store"
+    (store / "jetstream" / "$G" / "streams").mkdir(parents=True)
+    assert d.migrate(store, now=T0) and d.accounts()
+    assert "accounts {" in (d.path / "users.conf").read_text()
+    assert (store / "jetstream" / "FLEET" / "streams").is_dir()
+    assert not d.migrate(store, now=T0)
+    assert d.migrate(store, revert=True, now=T0) and not d.accounts()
+    assert (store / "jetstream" / "$G" / "streams").is_dir()
+    assert "authorization {" in (d.path / "users.conf").read_text()
+
+
+@pytest.mark.parametrize("case", ["both", "cluster member", "no directory"])
+def test_a_store_that_cannot_move_changes_nothing(tmp_path: Path, case: str) -> None:
+    """migrate checks the store before it writes anything: a store holding both accounts, a
+    cluster member's (its meta group names each stream's account) and a missing one are
+    refused with one line, the directory and the store as they were. (A store a running
+    nats-server holds: tests/integration/test_auth_accounts.py.)"""
+    d = _auth(tmp_path)
+    meta = json.loads((d.path / "auth.json").read_text())
+    del meta["layout"]
+    (d.path / "auth.json").write_text(json.dumps(meta))
+    d.prune(now=T0)
+    before = (d.path / "users.conf").read_text(), (d.path / "auth.json").read_text()
+    store = tmp_path / "store"
+    if case != "no directory":
+        (store / "jetstream" / "$G").mkdir(parents=True)
+    if case == "both":
+        (store / "jetstream" / "FLEET").mkdir()
+    if case == "cluster member":
+        (store / "jetstream" / "$SYS" / "_js_").mkdir(parents=True)
+    with pytest.raises(UsageError, match={"both": "holds both", "cluster member": "cluster member",
+                                          "no directory": "no directory"}[case]):
+        d.migrate(store, now=T0)
+    assert ((d.path / "users.conf").read_text(), (d.path / "auth.json").read_text()) == before
+    assert case == "no directory" or (store / "jetstream" / "$G").is_dir()
+
+
+def test_the_store_moves_to_the_fleets_account_or_nothing_changes(tmp_path: Path) -> None:
+    """move_store renames jetstream/$G to jetstream/FLEET (and back); it refuses, changing
+    nothing, a store holding both; nothing to move is no error."""
+    store = tmp_path / "store"
+    assert not move_store(store)
+    (store / "jetstream" / "$G" / "streams" / "KV_x").mkdir(parents=True)
+    assert move_store(store)
+    assert (store / "jetstream" / "FLEET" / "streams" / "KV_x").is_dir()
+    assert not (store / "jetstream" / "$G").exists()
+    (store / "jetstream" / "$G").mkdir()
+    with pytest.raises(UsageError, match="holds both"):
+        move_store(store)
+    (store / "jetstream" / "$G").rmdir()
+    assert move_store(store, revert=True)
+    assert (store / "jetstream" / "$G" / "streams" / "KV_x").is_dir()

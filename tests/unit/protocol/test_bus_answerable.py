@@ -16,7 +16,8 @@ class Client:
         return None
 
 
-@pytest.mark.parametrize("reply", ["_INBOX.abc.1", "_OPS_alice.xyz", "_R_.abc.def"])
+@pytest.mark.parametrize("reply", ["_INBOX.abc.1", "_FWO.alice.xyz", "_OPS_alice.xyz",
+                                   "_R_.abc.def"])
 def test_an_askers_inbox_is_answered(reply: str) -> None:
     assert Bus(Client(), "f")._answerable("fw.f.api.alice.status", reply)  # type: ignore[arg-type]
 
@@ -27,7 +28,8 @@ def test_an_askers_inbox_is_answered(reply: str) -> None:
     "$O.fw-f-releases.C.x",
     "fw.f.hb.node-1",  # would speak as node-1
     "fw.f.evt.rollout.succeeded",
-    "_INBOX_node-2.wZ3",  # a node's watch delivers there; no node asks
+    "_FWN.node-2.wZ3",  # a node's watch delivers there; no node asks
+    "_INBOX_node-2.wZ3",  # the same, as a node of an earlier release names it
     "",
 ])
 def test_no_other_subject_is_answered_and_it_is_said_once(

@@ -17,8 +17,8 @@ def test_a_rendered_file_parses_back() -> None:
     """render then parse gives the same identity; the inbox prefix is the node's own."""
     c = creds.Creds(fleet="default", role="node", name="node-1", seed=SEED)
     back = creds.parse(creds.render(c), "x")
-    assert back == c and back.inbox_prefix == "_INBOX_node-1"
-    assert creds.Creds("f", "operator", "alice", SEED).inbox_prefix == "_OPS_alice"
+    assert back == c and back.inbox_prefix == "_FWN.node-1"
+    assert creds.Creds("f", "operator", "alice", SEED).inbox_prefix == "_FWO.alice"
 
 
 def test_another_nodes_file_is_refused_with_the_fix() -> None:
