@@ -748,8 +748,8 @@ class Bus:
             duplicate_window=EVENTS_DEDUP_WINDOW,
         )
         buckets = _fleet_buckets(f)
-        names = [*(subjects.kv_stream(b) for b in buckets), subjects.object_stream(store),
-                 subjects.events_stream(f)]
+        names = self.fleet_streams()
+
         async def once(replicas: int | None) -> FleetSetup:
             if replicas is not None:
                 await self.check_replicas(replicas)
@@ -1265,6 +1265,46 @@ class Bus:
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusError(f"cannot read {kv._stream}: {exc}") from None
         return msg.seq or 0
+
+    def fleet_streams(self) -> list[str]:
+        """The names of every stream of the fleet (``ensure_fleet`` makes them)."""
+        f = self.fleet
+        return [*(subjects.kv_stream(b) for b in _fleet_buckets(f)),
+                subjects.object_stream(subjects.releases_store(f)), subjects.events_stream(f)]
+
+    async def push_consumers(self, stream: str) -> list[tuple[str, str]]:
+        """(name, deliver subject) of every consumer of ``stream`` that has one (a push
+        consumer), read page by page (the server lists 256 at a time); [] if no such stream."""
+        out: list[tuple[str, str]] = []
+        offset = 0
+        while True:
+            try:
+                raw = await self.nc.request(f"$JS.API.CONSUMER.LIST.{stream}",
+                                            json.dumps({"offset": offset}).encode(),
+                                            timeout=OP_TIMEOUT)
+                page = json.loads(raw.data)
+            except (nats.errors.Error, TimeoutError, ValueError) as exc:
+                raise BusError(f"cannot list the consumers of {stream}: {exc}") from None
+            if "error" in page:
+                if page["error"].get("err_code") == 10059:  # stream not found
+                    return out
+                raise BusError(f"cannot list the consumers of {stream}: "
+                               f"{page['error'].get('description')}")
+            got = page.get("consumers") or []
+            out += [(c["name"], c["config"]["deliver_subject"]) for c in got
+                    if (c.get("config") or {}).get("deliver_subject")]
+            offset += len(got)
+            if not got or offset >= int(page.get("total", 0)):
+                return out
+
+    async def delete_consumer(self, stream: str, name: str) -> None:
+        """Delete consumer ``name`` of ``stream`` (gone already: nothing to do)."""
+        try:
+            await self.js.delete_consumer(stream, name)
+        except nats.js.errors.NotFoundError:
+            return
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot delete consumer {name} of {stream}: {exc}") from None
 
     async def kv_scan(self, bucket: str, pattern: str = ">", *,
                       page: int = 500) -> AsyncIterator[list[Entry]]:

@@ -44,6 +44,7 @@ from coordinator.auth.enroll import (
 from coordinator.auth.routes import check_serves_routes
 from coordinator.dev.cluster import ClusterSpec, render_cluster
 from coordinator.errors import BrokerError, UsageError
+from coordinator.runtime.deliveries import sweep_store
 from protocol.loop import bounded
 
 log = logging.getLogger(__name__)
@@ -245,6 +246,8 @@ class Broker:
                 "already in use; stop what holds it or pick another with --cluster-listen",
                 which="cluster")
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        # Consumers that deliver onto a stream's subject wake at a restart: gone first.
+        sweep_store(self.store_dir)
         self._conf = self.store_dir / "nats-server.conf"
         self._conf.touch(mode=0o600)  # with --auth it holds the route password
         self._conf.chmod(0o600)

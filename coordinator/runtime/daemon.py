@@ -67,6 +67,7 @@ from coordinator.core.lines import Lines
 from coordinator.core.rotation import lead_refusal, retired_after, short
 from coordinator.errors import ConfigError, RemoteError
 from coordinator.releases import resolve_release
+from coordinator.runtime import deliveries
 from coordinator.runtime.calls import TEARDOWN, cancelled_meanwhile, stop_all
 from coordinator.runtime.cordons import read_cordons
 from coordinator.runtime.executor import Observe
@@ -374,7 +375,8 @@ class Coordinator:
                 self.runner = runner
                 log.info("coordinator %s leads fleet %r (term %d)", self.id, self.fleet_name,
                          held.term)
-                work = [lease.hold(), runner.run(), self._pace_loop(bus)]
+                work = [lease.hold(), runner.run(), self._pace_loop(bus),
+                        deliveries.sweep_loop(bus)]
                 if self.notifier is not None:  # only the leader notifies (its own task)
                     work.append(self.notifier.lead(bus, self._clock()))
                 why, crashed = await _first_of(*work)

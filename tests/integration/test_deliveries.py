@@ -1,0 +1,123 @@
+"""Consumers that deliver onto a stream's subject are removed (``coordinator.runtime
+.deliveries``): a push consumer's deliver subject is in its create request's body, where no
+permission looks, and such a consumer, woken at a server restart, has its stream's messages
+stored by the target stream (a loop of two filled the lease and events streams). Real
+nats-server: the leader's sweep, the broker's removal before its server starts, and the
+coordinator sweeping when it starts leading."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from coordinator.dev.broker import Broker
+from coordinator.dev.devfleet import DevFleet
+from coordinator.runtime.deliveries import sweep
+from protocol import subjects
+from protocol.bus import Bus
+from tests.integration.procs import read_text, wait_until
+
+F = "default"
+SUBNET = "127.0.77"
+LEASE = subjects.kv_stream(subjects.lease_bucket(F))
+EVENTS = subjects.events_stream(F)
+
+
+async def _plant(bus: Bus) -> None:
+    """Two durable push consumers delivering onto each other's streams: the lease onto an
+    event subject, the events onto the lease key."""
+    for stream, name, onto in ((LEASE, "lease2evt", subjects.event(F, "zz")),
+                               (EVENTS, "evt2lease", f"$KV.{subjects.lease_bucket(F)}.leader")):
+        body = {"stream_name": stream, "config": {
+            "name": name, "durable_name": name, "deliver_subject": onto, "ack_policy": "none",
+            "deliver_policy": "all"}}
+        raw = await bus.nc.request(f"$JS.API.CONSUMER.CREATE.{stream}.{name}",
+                                   json.dumps(body).encode(), timeout=5)
+        assert "error" not in json.loads(raw.data), raw.data
+
+
+async def _planted(bus: Bus) -> set[str]:
+    return {name for stream in (LEASE, EVENTS) for name, _ in await bus.push_consumers(stream)
+            if name in ("lease2evt", "evt2lease")}
+
+
+async def test_the_sweep_deletes_consumers_delivering_onto_the_fleets_subjects() -> None:
+    async with Broker() as broker:
+        bus = await Bus.connect(broker.url, F)
+        try:
+            await bus.ensure_fleet()
+            await _plant(bus)
+            seen: list[bytes] = []
+
+            async def watching() -> None:
+                async for entry in bus.watch(subjects.desired_bucket(F), "node-1.*"):
+                    if entry is not None and entry.value is not None:
+                        seen.append(entry.value)
+            watch = asyncio.ensure_future(watching())
+            try:
+                await wait_until(lambda: _consumers(bus), lambda n: n >= 1, timeout=5,
+                                 what="the watch's consumer")
+                assert await _planted(bus) == {"lease2evt", "evt2lease"}
+                removed = await sweep(bus)
+                assert sorted(r.split(" ")[0] for r in removed) == [
+                    f"{EVENTS}/evt2lease", f"{LEASE}/lease2evt"]
+                assert await _planted(bus) == set()
+                # a watch (its deliveries go to an inbox) is kept and goes on
+                assert await _consumers(bus) == 1
+                await bus.kv_put(subjects.desired_bucket(F), "node-1.web", b"v")
+                await wait_until(lambda: _value(seen), lambda got: b"v" in got, timeout=5,
+                                 what="the watch still delivering")
+            finally:
+                watch.cancel()
+                await asyncio.gather(watch, return_exceptions=True)
+        finally:
+            await bus.close()
+
+
+async def _value(seen: list[bytes]) -> list[bytes]:
+    return list(seen)
+
+
+async def _consumers(bus: Bus) -> int:
+    """Push consumers of the desired bucket (a watch's)."""
+    return len(await bus.push_consumers(subjects.kv_stream(subjects.desired_bucket(F))))
+
+
+async def test_a_broker_restarted_over_its_store_never_wakes_them(tmp_path: Path) -> None:
+    """The consumers' files leave the store before the server starts: after the restart
+    they are not there (the server recovered none), and neither stream took anything."""
+    store = tmp_path / "store"
+    async with Broker(store_dir=store) as broker:
+        bus = await Bus.connect(broker.url, F)
+        try:
+            await bus.ensure_fleet()
+            await bus.kv_put(subjects.lease_bucket(F), subjects.LEASE_KEY, b"lease")
+            await _plant(bus)
+            before = {s: (await bus.js.stream_info(s)).state.messages for s in (LEASE, EVENTS)}
+        finally:
+            await bus.close()
+    async with Broker(store_dir=store) as broker:
+        bus = await Bus.connect(broker.url, F)
+        try:
+            assert await _planted(bus) == set()
+            after = {s: (await bus.js.stream_info(s)).state.messages for s in (LEASE, EVENTS)}
+            assert after == before
+        finally:
+            await bus.close()
+
+
+async def test_a_coordinator_sweeps_when_it_starts_leading(tmp_path: Path) -> None:
+    async with DevFleet(tmp_path / "fleet", agents=1, heartbeat_interval=0.5,
+                        subnet=SUBNET) as fleet:
+        bus = await Bus.connect(fleet.nats_url, F)
+        try:
+            await fleet.coordinator.stop()
+            await _plant(bus)
+            await fleet.coordinator.start()
+            await wait_until(lambda: _planted(bus), lambda left: left == set(), timeout=20,
+                             what="the new leader's sweep")
+            log = await read_text(fleet.dir / "logs" / "coordinator.log")
+            assert "delivered onto '$KV.fw-default-lease.leader', which is no inbox" in log
+        finally:
+            await bus.close()
