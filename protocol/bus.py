@@ -1290,11 +1290,16 @@ class Bus:
                     return out
                 raise BusError(f"cannot list the consumers of {stream}: "
                                f"{page['error'].get('description')}")
-            got = page.get("consumers") or []
-            out += [(c["name"], c["config"]["deliver_subject"]) for c in got
-                    if (c.get("config") or {}).get("deliver_subject")]
+            try:
+                got = page.get("consumers") or []
+                out += [(str(c["name"]), str(c["config"]["deliver_subject"])) for c in got
+                        if (c.get("config") or {}).get("deliver_subject")]
+                total = int(page.get("total", 0))
+            except (KeyError, TypeError, ValueError, AttributeError):
+                raise BusError(f"cannot list the consumers of {stream}: an answer of another "
+                               "shape than the server's") from None
             offset += len(got)
-            if not got or offset >= int(page.get("total", 0)):
+            if not got or offset >= total:
                 return out
 
     async def delete_consumer(self, stream: str, name: str) -> None:

@@ -83,6 +83,9 @@ async def sweep_loop(bus: Bus, every: float = SWEEP_EVERY) -> None:
                 log.warning("cannot check the fleet's consumers: %s; trying again in %gs",
                             exc, RETRY)
                 due = loop.time() + RETRY
+            except Exception:  # a guard's bug must never end the leadership it runs in
+                log.exception("checking the fleet's consumers failed; trying again in %gs", RETRY)
+                due = loop.time() + RETRY
         await asyncio.sleep(LOOK)
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.runtime.deliveries import foreign, sweep_loop, sweep_store
+from coordinator.runtime.deliveries import LOOK, foreign, sweep_loop, sweep_store
+from protocol.errors import BusError
 
 
 @pytest.mark.parametrize("subject", ["_INBOX.abc.1", "_FWN.node-1.x", "_FWO.alice.y",
@@ -96,6 +97,34 @@ async def test_the_leader_sweeps_at_once_and_after_each_reconnect() -> None:
             bus.consumers["KV_lease"].append(("evil2", "$KV.fw-f-lease.leader"))
             bus.reconnects += 1
             await bus.until(["evil", "evil2"])
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_failing_sweep_never_ends_the_loop(caplog: pytest.LogCaptureFixture) -> None:
+    """A sweep that raises (a bus error, or a bug) is said and tried again later: the loop
+    runs inside the leadership, which it must never end."""
+    bus = _Bus()
+    failures = [BusError("no answer"), RuntimeError("a bug")]
+    real = bus.push_consumers
+
+    async def flaky(stream: str) -> list[tuple[str, str]]:
+        if failures:
+            raise failures.pop(0)
+        return await real(stream)
+    bus.push_consumers = flaky  # type: ignore[method-assign]
+    task = asyncio.ensure_future(sweep_loop(bus, every=3600))  # type: ignore[arg-type]
+    try:
+        async with asyncio.timeout(5):
+            while failures:
+                bus.reconnects += 1  # each reconnect asks for a sweep at once
+                await asyncio.sleep(0)
+                await asyncio.sleep(LOOK)
+            bus.reconnects += 1
+            await bus.until(["evil"])
+        assert not task.done()
+        assert "no answer" in caplog.text and "a bug" in caplog.text
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
