@@ -35,9 +35,22 @@ from coordinator.dev.cluster import ClusterSpec, cluster_spec, watch_routes
               "changes made there (add-node, revoke, renew) are reloaded within a second, "
               "credentials are cut off at their expiry, and cluster routes take mutual TLS "
               "and the fleet's route user.")
+@click.option("--sweep-store", is_flag=True,
+              help="Only remove, from --store-dir (a stopped server's), the consumers that "
+              "deliver elsewhere than an inbox, and exit: what this broker does before its "
+              "server starts, for a nats-server of your own (ExecStartPre in "
+              "deploy/systemd/nats-server.service).")
 def broker(port: int, host: str, store_dir: Path, name: str | None,
-           cluster_listen: str | None, routes: str | None, auth_dir: Path | None) -> int:
+           cluster_listen: str | None, routes: str | None, auth_dir: Path | None,
+           sweep_store: bool) -> int:
     """Run nats-server with JetStream in the foreground (Ctrl-C stops it)."""
+    if sweep_store:
+        from coordinator.runtime.deliveries import sweep_store as sweep
+
+        removed = sweep(store_dir.absolute())
+        click.echo(f"{store_dir}: removed {len(removed)} consumer(s) delivering elsewhere than "
+                   "an inbox" + "".join(f"\n  {path}" for path in removed))
+        return 0
     spec = cluster_spec(name, cluster_listen, routes)  # checked before anything is created
     return asyncio.run(_run_broker(port, host, store_dir.absolute(), name, spec, auth_dir))
 

@@ -16,7 +16,7 @@ from coordinator.dev.devfleet import DevFleet
 from coordinator.runtime.deliveries import sweep
 from protocol import subjects
 from protocol.bus import Bus
-from tests.integration.procs import read_text, wait_until
+from tests.integration.procs import fleetwave, read_text, wait_until
 
 F = "default"
 SUBNET = "127.0.77"
@@ -121,3 +121,21 @@ async def test_a_coordinator_sweeps_when_it_starts_leading(tmp_path: Path) -> No
             assert "delivered onto '$KV.fw-default-lease.leader', which is no inbox" in log
         finally:
             await bus.close()
+
+
+async def test_broker_sweep_store_cleans_a_stopped_servers_store(tmp_path: Path) -> None:
+    """``fleetwave broker --sweep-store`` (a nats-server of one's own: its ExecStartPre) does
+    what the broker does before its server starts, and exits."""
+    store = tmp_path / "store"
+    async with Broker(store_dir=store) as broker:
+        bus = await Bus.connect(broker.url, F)
+        try:
+            await bus.ensure_fleet()
+            await _plant(bus)
+        finally:
+            await bus.close()
+    planted = sorted(store.glob("jetstream/*/streams/*/obs/*"))
+    assert sorted(p.name for p in planted) == ["evt2lease", "lease2evt"]
+    code, out, err = await fleetwave("broker", "--store-dir", str(store), "--sweep-store")
+    assert code == 0 and "removed 2 consumer(s)" in out, out + err
+    assert not any(p.exists() for p in planted)
