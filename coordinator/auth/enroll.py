@@ -399,9 +399,7 @@ def check_store(store_dir: Path, *, revert: bool = False) -> None:
     the streams still in the old account, splits the fleet's state), a store holding both
     accounts (a human must choose), a cluster member's store (the cluster's meta group records
     each stream's account: the streams would not follow the files)."""
-    js = store_dir / "jetstream"
-    src, dst = (js / perms.FLEET, js / GLOBAL_ACCOUNT) if revert else (
-        js / GLOBAL_ACCOUNT, js / perms.FLEET)
+    js, src, dst = _account_dirs(store_dir, revert)
     if not store_dir.is_dir():
         raise UsageError(f"{store_dir} is no directory: pass the JetStream store_dir of the "
                          "nats-server that serves this fleet (fleetwave broker's --store-dir)")
@@ -409,14 +407,27 @@ def check_store(store_dir: Path, *, revert: bool = False) -> None:
     if held is not None:
         raise UsageError(f"a nats-server (pid {held}) holds files in {store_dir}: stop it first, "
                          "then run this again and start it")
-    if src.is_dir() and dst.exists():
-        raise UsageError(
-            f"{js} holds both {GLOBAL_ACCOUNT} and {perms.FLEET}: the fleet's streams were kept in "
-            "both accounts; move one aside and run this again")
+    if src.is_dir():
+        _refuse_both(js, dst)
     if (js / "$SYS" / "_js_").exists():
         raise UsageError(
             f"{store_dir} is a cluster member's store: its streams cannot move between accounts "
             "in place yet; keep this cluster's auth directory as it is")
+
+
+def _account_dirs(store_dir: Path, revert: bool) -> tuple[Path, Path, Path]:
+    """The store's JetStream directory, and the account directories the streams move from
+    and to (the global account to the fleet's; ``revert``: back)."""
+    js = store_dir / "jetstream"
+    old, new = js / GLOBAL_ACCOUNT, js / perms.FLEET
+    return (js, new, old) if revert else (js, old, new)
+
+
+def _refuse_both(js: Path, dst: Path) -> None:
+    if dst.exists():
+        raise UsageError(
+            f"{js} holds both {GLOBAL_ACCOUNT} and {perms.FLEET}: the fleet's streams were kept in "
+            "both accounts; move one aside and try again")
 
 
 def holder(store_dir: Path) -> int | None:
@@ -439,15 +450,10 @@ def move_store(store_dir: Path, *, revert: bool = False) -> bool:
     checked the store (``check_store``). The stream files name no account (checked:
     ``tests/integration/test_auth_accounts.py``), so this is a rename, atomic on one file
     system; it refuses, changing nothing, a store that holds both."""
-    js = store_dir / "jetstream"
-    src, dst = (js / perms.FLEET, js / GLOBAL_ACCOUNT) if revert else (
-        js / GLOBAL_ACCOUNT, js / perms.FLEET)
+    js, src, dst = _account_dirs(store_dir, revert)
     if not src.is_dir():
         return False
-    if dst.exists():
-        raise UsageError(
-            f"{js} holds both {GLOBAL_ACCOUNT} and {perms.FLEET}: the fleet's streams were kept in "
-            "both accounts; move one aside and start again")
+    _refuse_both(js, dst)
     try:
         src.rename(dst)
     except OSError as exc:
@@ -490,8 +496,9 @@ def render_users(fleet: str, users: list[Identity], now: dt.datetime, *,
         return "\n".join([*head, "authorization {", "  users: [",
                           *indented([*user_lines(None), *nobody], 4), "  ]", "}", ""])
     lines = [*head, "accounts {"]
-    for account, rules in perms.accounts(fleet).items():
-        role = next(r for r, a in perms.ACCOUNT_OF.items() if a == account)
+    accounts_rules = perms.accounts(fleet)
+    for role, account in perms.ACCOUNT_OF.items():
+        rules = accounts_rules[account]
         lines += [f"  {account} {{"]
         if account == perms.FLEET:
             lines += ["    jetstream: enabled"]

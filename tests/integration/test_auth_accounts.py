@@ -35,6 +35,7 @@ F = "default"
 FORGED = (b"io.nats.jetstream.api", b'{"stream":"', b'"ok":')
 RELEASES = subjects.object_stream(subjects.releases_store(F))
 INDEX = subjects.release_index_bucket(F)
+INJECT_EVERY = 0.2  # seconds between two rounds of forged requests during a deploy
 
 
 def _targets() -> list[tuple[str, str]]:
@@ -66,17 +67,18 @@ async def _node(fleet: DevFleet, node: str) -> Bus:
 async def _inject(node1: Bus, op: Bus, targets: list[tuple[str, str]]) -> None:
     """Every way the matrix found to have the server (or the coordinator) answer onto a key:
     a JetStream API request and a KV put (its acknowledgement) from node-1, an API request and
-    a JetStream API request from the operator, each with the key as its reply subject."""
+    a JetStream API request from the operator, each with the key as its reply subject. Then
+    the same four with an inbox, awaited: once they are answered, the server (and the
+    coordinator) have taken the ones sent before them on the same connections."""
     own = f"$KV.{subjects.observed_bucket(F)}.node-1.zz-probe"
+    asks = ((node1, f"$JS.API.STREAM.INFO.{RELEASES}", b""), (node1, own, b"{}"),
+            (op, subjects.api(F, "admin", "nodes"), b"{}"),
+            (op, f"$JS.API.STREAM.INFO.{RELEASES}", b""))
     for bucket, key in targets:
-        reply = f"$KV.{bucket}.{key}"
-        await node1.nc.publish(f"$JS.API.STREAM.INFO.{RELEASES}", b"", reply=reply)
-        await node1.nc.publish(own, b"{}", reply=reply)
-        await op.nc.publish(subjects.api(F, "admin", "nodes"), b"{}", reply=reply)
-        await op.nc.publish(f"$JS.API.STREAM.INFO.{RELEASES}", b"", reply=reply)
-    await node1.nc.flush()
-    await op.nc.flush()
-    await asyncio.sleep(0.5)  # the answers (there are none to wait for: nothing to await on)
+        for bus, subject, body in asks:
+            await bus.nc.publish(subject, body, reply=f"$KV.{bucket}.{key}")
+    for bus, subject, body in asks:
+        await bus.nc.request(subject, body, timeout=10)
 
 
 async def _push_and_install(fleet: DevFleet) -> None:
@@ -127,6 +129,7 @@ async def test_no_answer_reaches_the_fleets_state_from_a_node_or_an_operator(
 async def _inject_for_ever(node1: Bus, op: Bus) -> None:
     while True:
         await _inject(node1, op, _targets())
+        await asyncio.sleep(INJECT_EVERY)  # the pace of the attack, not a wait for anything
 
 
 async def test_migrate_moves_an_unmigrated_fleet_and_its_state_into_the_accounts(
@@ -145,7 +148,8 @@ async def test_migrate_moves_an_unmigrated_fleet_and_its_state_into_the_accounts
         node1 = await _node(fleet, "node-1")
         try:
             await _inject(node1, op, probe)
-            assert await _forged(op, *probe[0]), "the unmigrated fleet should take the answer"
+            await wait_until(lambda: _forged(op, *probe[0]), bool, timeout=5,
+                             what="the unmigrated fleet storing the answer")
             await op.kv_delete(INDEX, "zz-probe")  # the probe's key, ours to clear
         finally:
             await node1.close()
