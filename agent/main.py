@@ -53,6 +53,7 @@ def build_agent(options: AgentOptions, live: LiveAgent | None = None) -> Agent:
     (and shown to ``live``, what ``--metrics`` scrapes read, when given)."""
     _import_bus()
     from agent.daemon import Agent
+    from agent.host.ports import claims_dir
     from agent.manager.shell import ServiceManager  # here: the daemon alone must not need it
     from protocol.bus import Bus
 
@@ -60,7 +61,7 @@ def build_agent(options: AgentOptions, live: LiveAgent | None = None) -> Agent:
         manager = ServiceManager(
             bus=bus, fleet=options.fleet, node=options.node_id, data_dir=options.data_dir,
             bind_host=options.bind_host, trusted_keys=options.trust_keys,
-            run_as=options.service_user, edge=options.edge,
+            run_as=options.service_user, edge=options.edge, port_claims=claims_dir(),
         )
         if live is not None:
             live.services = manager.services

@@ -3,6 +3,7 @@
     slots.py     SlotRunner: one slot's service process, supervised (start, probe, drain, stop,
                  adopt after a restart)
     probes.py    health probes (HTTP keep-alive, TCP, exec) and their cadence
+    ports.py     slots' ports: a free one, claimed host-wide so two agents never pick the same
     releases.py  ReleaseCache: fetch once per digest, verify, unpack safely, keep the last few
     state.py     the state file's format and its atomic load and save
     hostinfo.py  the host's figures for heartbeats (psutil), and trimming the agent's heap

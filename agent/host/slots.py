@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import signal
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -103,71 +101,6 @@ def describe_exit(code: int | None) -> str:
             name = str(-code)
         return f"killed by signal {name}"
     return f"exited with status {code}"
-
-
-# Where slots' ports come from: Nomad's default dynamic port range, chosen below Linux's
-# ephemeral range (32768-60999 by default) for the reason ``free_port`` gives.
-SLOT_PORTS = (20000, 32000)
-EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
-PORT_TRIES = 64
-
-
-def free_port(host: str = "127.0.0.1", avoid: frozenset[int] = frozenset(), *,
-              ports: tuple[int, int] = SLOT_PORTS, ephemeral: Path = EPHEMERAL_RANGE,
-              rng: random.Random | None = None) -> int:
-    """A port that nothing on ``host`` holds now, for a slot to bind: a random one of ``ports``
-    outside the kernel's ephemeral range, else (none left, or none free in PORT_TRIES tries) one
-    the kernel picks. ``avoid``: ports of our own slots, which may be between runs.
-
-    Why not simply the kernel's pick (bind to port 0): that port comes from the ephemeral range,
-    from which the kernel also gives every outgoing connection on the host its local port. Between
-    this check and the slot's own bind, a connection made meanwhile (on a busy host, or under
-    load that opens a connection a request) could take it, and the slot would exit "address
-    already in use" and be restarted on the same port: a new version failing its bake for
-    nothing."""
-    low, high = ports
-    taken = _ephemeral(ephemeral)
-    candidates = [(a, b) for a, b in _outside(low, high, taken) if a <= b]
-    if candidates:
-        pick = rng or random.SystemRandom()
-        weights = [b - a + 1 for a, b in candidates]
-        for _ in range(PORT_TRIES):
-            a, b = pick.choices(candidates, weights)[0]
-            port = pick.randint(a, b)
-            if port not in avoid and _bindable(host, port):
-                return port
-    for _ in range(20):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((host, 0))
-            port = int(s.getsockname()[1])
-        if port not in avoid:
-            return port
-    raise OSError("no free port found")
-
-
-def _ephemeral(path: Path) -> tuple[int, int] | None:
-    """The kernel's ephemeral port range, None if unknown (not Linux, unreadable)."""
-    try:
-        low, high = (int(x) for x in path.read_text().split())
-    except (OSError, ValueError):
-        return None
-    return low, high
-
-
-def _outside(low: int, high: int, taken: tuple[int, int] | None) -> list[tuple[int, int]]:
-    """``low``..``high`` less the ``taken`` range: up to two runs of ports."""
-    if taken is None:
-        return [(low, high)]
-    return [(low, min(high, taken[0] - 1)), (max(low, taken[1] + 1), high)]
-
-
-def _bindable(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def cap_log(path: Path, max_bytes: int = LOG_MAX_BYTES) -> bool:

@@ -71,6 +71,8 @@ class NodeConfig:
     trusted_keys: frozenset[str]  # coordinators whose desired states are accepted
     run_as: RunAs | None = None  # services, hooks, probes and routers run as this user
     edge: Edge = field(default_factory=Edge)  # the routers' public-port limits
+    # Where slots' ports are claimed host-wide (``agent.host.ports``); None: not claimed.
+    port_claims: Path | None = None
 
     @property
     def state_path(self) -> Path:

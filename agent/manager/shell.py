@@ -47,8 +47,9 @@ from pathlib import Path
 from agent.edge import Edge
 from agent.errors import ReleaseError
 from agent.host.identity import RunAs
+from agent.host.ports import drop_claim, free_port, renew_claim
 from agent.host.releases import ReleaseCache
-from agent.host.slots import SlotRunner, SlotSpec, free_port
+from agent.host.slots import SlotRunner, SlotSpec
 from agent.manager.desired import DesiredWatch
 from agent.manager.events import NodeEvents
 from agent.manager.observed import ObservedWriter
@@ -111,11 +112,13 @@ class ServiceManager:
         idle_tick: float = IDLE_TICK,
         run_as: RunAs | None = None,
         edge: Edge | None = None,
+        port_claims: Path | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = NodeConfig(
             fleet=fleet, node=node, data_dir=Path(data_dir), bind_host=bind_host,
             trusted_keys=frozenset(trusted_keys), run_as=run_as, edge=edge or Edge(),
+            port_claims=port_claims,
         )
         self.bus = bus
         self.tick = tick
@@ -319,7 +322,8 @@ class ServiceManager:
         used = frozenset(
             r.spec.port for r in svc.runners.values() if r.spec.port is not None and r.alive
         )
-        port = free_port("127.0.0.1", used) if rel.manifest.port is not None else None
+        port = (free_port("127.0.0.1", used, claims=self.config.port_claims)
+                if rel.manifest.port is not None else None)
         spec = SlotSpec(
             service=svc.name,
             slot=slot,
@@ -354,10 +358,14 @@ class ServiceManager:
             restarts=runner.restarts,
         )
         if kind == "slot.started":
+            # A restart binds the same port again: its claim starts again (agent.host.ports).
+            renew_claim(self.config.port_claims, spec.port)
             # Record the new pid at once: a kill before the end of this pass must not leave a
             # process the restarted agent knows nothing of (find_orphans is the last resort).
             try:
                 self.restorer.save_now()
             except OSError as exc:
                 log.warning("cannot save the state file after starting a slot: %s", exc)
+        elif kind in ("slot.stopped", "slot.failed"):
+            drop_claim(self.config.port_claims, spec.port)  # free for any agent at once
         self.wake.set()

@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from agent.host.ports import claims_dir
 from agent.manager.routing import router_socket
 from agent.manager.service import ROUTER_FAILS_AFTER
 from coordinator.dev.broker import Broker, free_port
@@ -281,6 +282,29 @@ async def test_make_before_break_loses_no_request(fleet: Fleet, broker: Broker) 
         ] == [("hello", "2.0.0", True, gen)]
         procs = {p.slot: p for p in beat.slots}
         assert set(procs) == {"b"} and procs["b"].rss > 0 and procs["b"].pid == obs.slots["b"].pid
+
+
+async def test_slot_ports_are_claimed_for_the_host_and_freed_at_stop(
+    fleet: Fleet, broker: Broker
+) -> None:
+    """Each running slot's port is claimed in the host's claims directory, by the agent's pid
+    (so no other agent of the host picks it before the slot binds: agent.host.ports); the
+    claim goes when the slot stops."""
+    claims = claims_dir()
+    async with reaping(_agent(fleet, broker)) as (agent,):
+        gen = await fleet.desire({"a": "1.0.0"}, {"a": 100})
+        obs = await fleet.converged(gen)
+        port_a = obs.slots["a"].port
+        assert port_a is not None
+        assert (claims / str(port_a)).read_text() == f"{agent.pid}\n"
+        gen = await fleet.desire({"b": "2.0.0"}, {"b": 100})
+        obs = await wait_until(fleet.observed,
+                               lambda o: o is not None and o.observed_generation >= gen
+                               and o.slots["a"].status == "stopped",
+                               timeout=40, what="slot a stopped")
+        assert obs is not None and obs.slots["b"].port is not None
+        assert not (claims / str(port_a)).exists()
+        assert (claims / str(obs.slots["b"].port)).read_text() == f"{agent.pid}\n"
 
 
 async def _heartbeat(bus: Bus) -> Heartbeat:
