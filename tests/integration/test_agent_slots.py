@@ -16,13 +16,9 @@ import psutil
 import pytest
 
 from agent.host import probes
+from agent.host.ports import free_port
 from agent.host.processes import process_matches
-from agent.host.slots import (
-    CrashPolicy,
-    SlotRunner,
-    SlotSpec,
-    free_port,
-)
+from agent.host.slots import CrashPolicy, SlotRunner, SlotSpec
 from protocol.manifest import HealthConfig, HooksConfig, Manifest, StopConfig
 from tests.integration.procs import hello_bundle
 
