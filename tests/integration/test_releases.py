@@ -539,3 +539,22 @@ async def test_object_above_its_declared_size_stops_and_leaves_no_consumer(
     path = await cache.ensure(bus, FLEET, pushed.info.ref)
     assert (path / "noise.bin").read_bytes() == (big / "noise.bin").read_bytes()
     await wait_until(consumers, lambda n: n == 0, timeout=30, what="no consumer left")
+
+
+async def test_a_one_chunk_release_is_fetched_without_a_consumer(bus: Bus, tmp_path: Path) -> None:
+    """A bundle of one object-store chunk (most services' code) is read with message gets: no
+    consumer is made on the server for it (when a release reaches 50,000 nodes, that is 50,000
+    consumers made and removed), and it arrives intact. A missing object, or a fleet with no
+    store at all, is "not in the fleet's object store"."""
+    pushed = await push_release(bus, hello_bundle("1.0.0"))
+    stream = f"OBJ_{subjects.releases_store(FLEET)}"
+    before = (await bus.js.stream_info(stream)).state.consumer_count
+    cache = ReleaseCache(tmp_path / "releases")
+    path = await cache.ensure(bus, FLEET, pushed.info.ref)
+    assert (path / "app.py").read_bytes() == (hello_bundle("1.0.0") / "app.py").read_bytes()
+    assert (await bus.js.stream_info(stream)).state.consumer_count == before == 0
+    missing = ReleaseRef(service="hello", version="9.9.9", digest="sha256:" + "0" * 64, size=0)
+    with pytest.raises(ReleaseError, match="not in the fleet's object store"):
+        await cache.ensure(bus, FLEET, missing)
+    with pytest.raises(ReleaseError, match="not in the fleet's object store"):
+        await ReleaseCache(tmp_path / "other").ensure(bus, "nosuchfleet", pushed.info.ref)
