@@ -214,12 +214,15 @@ def fit(record: RolloutRecord, head_size: int, sizes: Mapping[str, int], *, max_
     limit = max_payload - 4096 if max_payload else 0  # headers and subject of the message
     n = len(record.nodes)
     if limit and head_size + reserve > limit:
+        # A blue-green's report names every node's switch in the head: fewer waves do not help.
+        blue_green = "blue-green" in (record.spec.strategy, record.spec.then)
+        why = " (a blue-green's report names every node's switch in it)" if blue_green else ""
+        fewer = "" if blue_green else "use fewer, larger waves (--batch), "
         raise UsageError(
             f"a rollout of {n} nodes in {len(record.waves)} waves needs a record head of up to "
-            f"{_size(head_size + reserve)}, more than the NATS server takes in one message "
-            f"(max_payload {_size(max_payload)}); use fewer, larger waves "
-            "(--batch), roll the fleet out in parts with --selector, or raise max_payload in "
-            "the server's configuration")
+            f"{_size(head_size + reserve)}{why}, more than the NATS server takes in one message "
+            f"(max_payload {_size(max_payload)}); {fewer}roll the fleet out in parts with "
+            "--selector, or raise max_payload in the server's configuration")
     if node_reserve:
         sizes = {n: size + node_reserve for n, size in sizes.items()}
     total = sum(sizes.values())
