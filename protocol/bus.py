@@ -175,6 +175,14 @@ EVENTS_MAX_AGE = 90 * 24 * 3600.0
 # and push old events out, needs a JetStream budget of the nodes' own (NATS accounts).
 EVENTS_MAX_BYTES = 8 * 1024**3
 EVENTS_MAX_EVENT = 4 * 1024**2
+# nats-server 2.15 caps every stream at 1,000 consumers unless the stream (or the account) sets a
+# limit of its own (``default_max_consumers``; -1 and 0 mean "the server's default"). Every
+# agent watches its keys of the desired bucket through a consumer of its own and fetches a large
+# release through another: on a default stream the 1,001st agent could not watch. The streams
+# whose consumers are per node get this limit (``_allow_consumers``): a node's watch, one a
+# reconnect left until the server drops it (WATCH_INACTIVE) and a release fetch, for 50,000
+# nodes, with room; still a bound on a client that makes consumers in a loop.
+FLEET_MAX_CONSUMERS = 200_000
 
 
 @dataclass(frozen=True)
@@ -786,6 +794,9 @@ class Bus:
             if have[subjects.object_stream(store)] is None:
                 await self.js.create_object_store(
                     bucket=store, storage=js_api.StorageType.FILE, replicas=replicas)
+            for per_node in (subjects.kv_stream(subjects.desired_bucket(f)),
+                             subjects.object_stream(store)):
+                await self._allow_consumers(per_node)
             if have[subjects.events_stream(f)] is None:
                 stream.num_replicas = replicas
                 await self.js.add_stream(stream)
@@ -858,6 +869,22 @@ class Bus:
             changed = True
         if changed:
             await self.js.update_stream(have)
+
+    async def _allow_consumers(self, stream: str) -> None:
+        """Give ``stream`` a consumer limit of FLEET_MAX_CONSUMERS where it has none of its own
+        (an operator's explicit limit stays). A server that cannot change it in place (older
+        than 2.12; those have no default cap either) keeps its stream as it is, with a warning."""
+        config = (await self.js.stream_info(stream)).config
+        if (config.max_consumers or 0) > 0:
+            return
+        config.max_consumers = FLEET_MAX_CONSUMERS
+        try:
+            await self.js.update_stream(config)
+        except nats.js.errors.BadRequestError as exc:
+            log.warning("cannot give %s a limit of %d consumers (%s); a server that caps "
+                        "streams at 1,000 consumers by default (nats-server 2.15) would stop "
+                        "agents past the 1,000th from watching", stream, FLEET_MAX_CONSUMERS,
+                        exc.description or exc)
 
     async def _allow_atomic(self, stream: str) -> None:
         """Let ``stream`` take atomic batches (``kv_fenced_all`` writes through them)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import time
 import types
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ from protocol.bus import (
     EVENTS_MAX_AGE,
     EVENTS_MAX_BYTES,
     EVENTS_MAX_EVENT,
+    FLEET_MAX_CONSUMERS,
     Bus,
     Entry,
     EventsLimits,
@@ -589,3 +591,52 @@ async def test_closing_a_bus_whose_handler_is_stuck_leaves_no_stray_error(broker
     finally:
         loop.set_exception_handler(None)
     assert not strays, [str(c.get("message")) for c in strays]
+
+
+async def _consumers(bus: Bus, stream: str, n: int) -> list[str]:
+    """Make ``n`` push consumers on ``stream`` as n agents' watches would (raw API, 200 at a
+    time); the server's errors, if any."""
+    gate = asyncio.Semaphore(200)
+
+    async def make(i: int) -> str:
+        async with gate:
+            config = {"deliver_subject": f"_FWN.node-{i}.w", "ack_policy": "none",
+                      "deliver_policy": "last_per_subject", "mem_storage": True,
+                      "filter_subject": f"$KV.{stream.removeprefix('KV_')}.node-{i}.>",
+                      "inactive_threshold": 600 * 10**9}
+            raw = await bus.nc.request(f"$JS.API.CONSUMER.CREATE.{stream}",
+                                       json.dumps({"stream_name": stream,
+                                                   "config": config}).encode(), timeout=30)
+            return str(json.loads(raw.data).get("error", {}).get("description", ""))
+
+    return [e for e in await asyncio.gather(*(make(i) for i in range(n))) if e]
+
+
+async def test_more_than_a_thousand_agents_can_watch_their_desired_keys(broker: Broker) -> None:
+    """nats-server 2.15 caps a stream at 1,000 consumers unless it sets a limit of its own; each
+    agent watches through a consumer on the desired bucket, so the fleet's per-node streams get
+    FLEET_MAX_CONSUMERS: 1,500 watches are made. A fleet made before gets the limit from the
+    next ensure_fleet; an operator's own limit stays."""
+    bus = await Bus.connect(broker.url, "t")
+    try:
+        old = await Bus.connect(broker.url, "u")
+        try:
+            await old.js.create_key_value(bucket="fw-u-desired", history=1)
+            assert await _consumers(old, "KV_fw-u-desired", 1001) == \
+                ["maximum consumers limit reached"]  # the server's default cap, without ours
+            await old.ensure_fleet()
+            info = await old.js.stream_info("KV_fw-u-desired")
+            assert info.config.max_consumers == FLEET_MAX_CONSUMERS
+        finally:
+            await old.close()
+        await bus.ensure_fleet()
+        for stream in ("KV_fw-t-desired", "OBJ_fw-t-releases"):
+            assert (await bus.js.stream_info(stream)).config.max_consumers == FLEET_MAX_CONSUMERS
+        assert await _consumers(bus, "KV_fw-t-desired", 1500) == []
+        chosen = (await bus.js.stream_info("OBJ_fw-t-releases")).config
+        chosen.max_consumers = 300_000
+        await bus.js.update_stream(chosen)
+        await bus.ensure_fleet(raise_existing=True)
+        assert (await bus.js.stream_info("OBJ_fw-t-releases")).config.max_consumers == 300_000
+    finally:
+        await bus.close()
