@@ -794,9 +794,12 @@ class Bus:
             if have[subjects.object_stream(store)] is None:
                 await self.js.create_object_store(
                     bucket=store, storage=js_api.StorageType.FILE, replicas=replicas)
+            # The coordinator's, or a stream this call made: a tool changes nothing that
+            # exists (an operator may not update streams; a refused update would be its wait).
             for per_node in (subjects.kv_stream(subjects.desired_bucket(f)),
                              subjects.object_stream(store)):
-                await self._allow_consumers(per_node)
+                if raise_existing or have[per_node] is None:
+                    await self._allow_consumers(per_node)
             if have[subjects.events_stream(f)] is None:
                 stream.num_replicas = replicas
                 await self.js.add_stream(stream)
@@ -880,7 +883,7 @@ class Bus:
         config.max_consumers = FLEET_MAX_CONSUMERS
         try:
             await self.js.update_stream(config)
-        except nats.js.errors.BadRequestError as exc:
+        except nats.js.errors.APIError as exc:
             log.warning("cannot give %s a limit of %d consumers (%s); a server that caps "
                         "streams at 1,000 consumers by default (nats-server 2.15) would stop "
                         "agents past the 1,000th from watching", stream, FLEET_MAX_CONSUMERS,

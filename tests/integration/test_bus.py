@@ -616,7 +616,7 @@ async def test_more_than_a_thousand_agents_can_watch_their_desired_keys(broker: 
     """nats-server 2.15 caps a stream at 1,000 consumers unless it sets a limit of its own; each
     agent watches through a consumer on the desired bucket, so the fleet's per-node streams get
     FLEET_MAX_CONSUMERS: 1,500 watches are made. A fleet made before gets the limit from the
-    next ensure_fleet; an operator's own limit stays."""
+    coordinator's next ensure_fleet, not from a tool's; an operator's own limit stays."""
     bus = await Bus.connect(broker.url, "t")
     try:
         old = await Bus.connect(broker.url, "u")
@@ -624,7 +624,10 @@ async def test_more_than_a_thousand_agents_can_watch_their_desired_keys(broker: 
             await old.js.create_key_value(bucket="fw-u-desired", history=1)
             assert await _consumers(old, "KV_fw-u-desired", 1001) == \
                 ["maximum consumers limit reached"]  # the server's default cap, without ours
-            await old.ensure_fleet()
+            await old.ensure_fleet()  # a tool's (release push): what exists stays, no update
+            info = await old.js.stream_info("KV_fw-u-desired")  # (an operator may not ask one)
+            assert info.config.max_consumers == -1
+            await old.ensure_fleet(raise_existing=True)  # the coordinator's
             info = await old.js.stream_info("KV_fw-u-desired")
             assert info.config.max_consumers == FLEET_MAX_CONSUMERS
         finally:
