@@ -789,13 +789,15 @@ class Bus:
                     config = None
                 if config is None:
                     await self._create_bucket(bucket, history, replicas)
+            # The coordinator's, or a stream this call made: a tool changes nothing that
+            # exists (an operator may not update streams; a refused update would be its wait:
+            # on a server without atomic batches, every release push).
             for bucket in subjects.fenced_buckets(f):
-                await self._allow_atomic(subjects.kv_stream(bucket))
+                if raise_existing or have[subjects.kv_stream(bucket)] is None:
+                    await self._allow_atomic(subjects.kv_stream(bucket))
             if have[subjects.object_stream(store)] is None:
                 await self.js.create_object_store(
                     bucket=store, storage=js_api.StorageType.FILE, replicas=replicas)
-            # The coordinator's, or a stream this call made: a tool changes nothing that
-            # exists (an operator may not update streams; a refused update would be its wait).
             for per_node in (subjects.kv_stream(subjects.desired_bucket(f)),
                              subjects.object_stream(store)):
                 if raise_existing or have[per_node] is None:
@@ -803,7 +805,8 @@ class Bus:
             if have[subjects.events_stream(f)] is None:
                 stream.num_replicas = replicas
                 await self.js.add_stream(stream)
-            await self._allow_atomic(subjects.events_stream(f))  # js_publish_events batches
+            if raise_existing or have[subjects.events_stream(f)] is None:
+                await self._allow_atomic(subjects.events_stream(f))  # js_publish_events batches
             return setup
 
         try:
@@ -884,10 +887,10 @@ class Bus:
         try:
             await self.js.update_stream(config)
         except nats.js.errors.APIError as exc:
-            log.warning("cannot give %s a limit of %d consumers (%s); a server that caps "
-                        "streams at 1,000 consumers by default (nats-server 2.15) would stop "
-                        "agents past the 1,000th from watching", stream, FLEET_MAX_CONSUMERS,
-                        exc.description or exc)
+            log.warning("cannot give %s a limit of %d consumers (%s): harmless on a "
+                        "nats-server older than 2.15; from 2.15 a stream without one takes at "
+                        "most 1,000 consumers, and agents past the 1,000th could not watch",
+                        stream, FLEET_MAX_CONSUMERS, exc.description or exc)
 
     async def _allow_atomic(self, stream: str) -> None:
         """Let ``stream`` take atomic batches (``kv_fenced_all`` writes through them)."""

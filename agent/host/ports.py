@@ -11,17 +11,20 @@ healthy, its router sends users to a process of another node, and at its next cr
 falls back to the old slot (seen in ``bench_vs_ansible``: a router serving the old version after
 a deploy had succeeded, its new slot crash-looping on a port another agent's slot held).
 
-So a pick is also a **claim**: a file named by the port, holding the claimer's pid, in a
-directory every agent of the host's user shares (``claims_dir``), written under an exclusive
-lock. A port claimed less than CLAIM_TTL ago is not given again, by any agent. The claim is
-renewed at each start of the slot's process (a crash's restart binds the same port again) and
-dropped when the slot stops; one left behind (a killed agent) lapses after CLAIM_TTL, by which
-time the port is bound by its slot or free. Failure modes: the directory unsafe (not ours, or
-writable by others: anyone could fill it and starve the picks) or unwritable, or its lock held
-longer than LOCK_WAIT: the pick goes on without claims, as before, with one warning. Not
-covered: a process that is not a fleetwave agent binding the very port in that window (the
-range keeps clear of the kernel's picks for outgoing connections; a service with a fixed port
-is seen by the check).
+So a pick is also a **claim**: an empty file named ``<port>-<pid>-<start ms>`` after the
+claiming agent's process, in a directory every agent of the host's user shares (``claims_dir``),
+made under an exclusive lock. A port whose claim's agent still runs (the same pid *and* start
+time: a reused pid is not it) is not given again, by any agent, for as long as that agent runs:
+through the slot's crashes and restarts on the same port too. The claim goes when the slot stops
+or fails (``drop_claim``); one left by an agent that is gone (killed, restarted) is removed at
+the next pick, and a restarted agent claims the ports of the slots it adopts again
+(``claim``). Failure modes: the directory unsafe (not ours, a symlink, or writable by others:
+anyone could fill it and starve the picks) or unwritable, or its lock held longer than
+LOCK_WAIT (an agent stopped in the middle of a pick; the wait blocks the agent's loop, hence
+short): the pick goes on without claims, as before, with one warning. Not covered: a process
+that is not a fleetwave agent binding the very port in that window (the range keeps clear of
+the kernel's picks for outgoing connections; a service with a fixed port is seen by the check),
+and agents of different users or temp dirs (each has its own directory).
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
+
+from agent.host.processes import process_matches
+
 log = logging.getLogger("fleetwave.agent.ports")
 
 # Where slots' ports come from: Nomad's default dynamic port range, chosen below Linux's
@@ -46,10 +53,7 @@ log = logging.getLogger("fleetwave.agent.ports")
 SLOT_PORTS = (20000, 32000)
 EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 PORT_TRIES = 64
-# A claim outlives any reasonable time from a pick to the slot's bind; a slot still starting
-# after it renews it at its next restart. Claims of stopped slots are dropped at once.
-CLAIM_TTL = 120.0
-LOCK_WAIT = 1.0  # at most this long for the claims' lock (held for microseconds by others)
+LOCK_WAIT = 0.1  # at most this long for the claims' lock (held for well under 1 ms by others)
 LOCK_POLL = 0.005
 LOCK_NAME = ".lock"
 
@@ -102,40 +106,54 @@ def free_port(host: str = "127.0.0.1", avoid: frozenset[int] = frozenset(), *,
     raise OSError("no free port found")
 
 
-def renew_claim(claims: Path | None, port: int | None) -> None:
-    """The slot's process starts again on ``port``: its claim starts again (best effort)."""
-    if claims is None or port is None:
-        return
-    with _claiming(claims) as claimed:
-        if claimed is not None:
-            _write_claim(claims, port)
-
-
-def drop_claim(claims: Path | None, port: int | None) -> None:
-    """The slot on ``port`` stopped: its claim goes, if it is still this agent's."""
+def claim(claims: Path | None, port: int | None) -> None:
+    """Claim ``port`` for a slot this agent runs already (one it adopted after a restart: its
+    earlier claim named the agent's previous process). Another live agent's claim of it is
+    left, with a warning: two slots of this host on one port."""
     if claims is None or port is None:
         return
     with _claiming(claims) as claimed:
         if claimed is None:
             return
-        path = claims / str(port)
-        with contextlib.suppress(OSError):  # gone already, or not ours to read
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-            try:
-                mine = os.read(fd, 32).strip() == str(os.getpid()).encode()
-            finally:
-                os.close(fd)
-            if mine:
-                path.unlink()
+        holder = claimed.get(port)
+        if holder is None:
+            _write_claim(claims, port)
+        elif holder != _name(port):
+            _warn_once(f"{claims}:{port}", f"slot port {port} is claimed by another agent of "
+                       f"this host ({holder}): two slots may be using it")
+
+
+def drop_claim(claims: Path | None, port: int | None) -> None:
+    """The slot on ``port`` stopped: this agent's claim of it goes."""
+    if claims is None or port is None:
+        return
+    with _claiming(claims) as claimed:
+        if claimed is not None and claimed.get(port) == _name(port):
+            with contextlib.suppress(OSError):
+                (claims / _name(port)).unlink()
 
 
 _warned: set[str] = set()  # the warnings given already (once per agent process each)
+_me: tuple[int, int] | None = None  # this process: (pid, start time in ms)
+
+
+def _owner() -> tuple[int, int]:
+    global _me
+    if _me is None or _me[0] != os.getpid():  # (a fork is another process)
+        _me = (os.getpid(), round(psutil.Process().create_time() * 1000))
+    return _me
+
+
+def _name(port: int) -> str:
+    pid, started = _owner()
+    return f"{port}-{pid}-{started}"
 
 
 @contextlib.contextmanager
-def _claiming(claims: Path | None) -> Iterator[frozenset[int] | None]:
-    """Under the claims' lock: the ports claimed within CLAIM_TTL (older claims are removed);
-    None when there is no usable directory or its lock was not had in time."""
+def _claiming(claims: Path | None) -> Iterator[dict[int, str] | None]:
+    """Under the claims' lock: the live claims, port -> its file's name (the claims of agents
+    that are gone are removed); None when there is no usable directory or its lock was not had
+    in time."""
     if claims is None:
         yield None
         return
@@ -181,32 +199,28 @@ def _lock(fd: int) -> bool:
             time.sleep(LOCK_POLL)
 
 
-def _live_claims(claims: Path) -> frozenset[int]:
-    now = time.time()
-    live: set[int] = set()
+def _live_claims(claims: Path) -> dict[int, str]:
+    live: dict[int, str] = {}
+    alive: dict[tuple[int, int], bool] = {_owner(): True}
     with os.scandir(claims) as entries:
         for entry in entries:
-            if not entry.name.isdigit():
+            parts = entry.name.split("-")
+            if len(parts) != 3 or not all(p.isdigit() for p in parts):
                 continue
-            try:
-                if now - entry.stat(follow_symlinks=False).st_mtime < CLAIM_TTL:
-                    live.add(int(entry.name))
-                else:
+            port, owner = int(parts[0]), (int(parts[1]), int(parts[2]))
+            if owner not in alive:
+                alive[owner] = process_matches(owner[0], owner[1] / 1000)
+            if alive[owner]:
+                live[port] = entry.name
+            else:
+                with contextlib.suppress(OSError):  # gone meanwhile
                     Path(entry.path).unlink()
-            except OSError:
-                continue  # gone meanwhile
-    return frozenset(live)
+    return live
 
 
 def _write_claim(claims: Path, port: int) -> None:
     try:
-        fd = os.open(claims / str(port), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
-                     0o600)
-        try:
-            os.write(fd, f"{os.getpid()}\n".encode())
-        finally:
-            os.close(fd)
-        os.utime(claims / str(port))
+        os.close(os.open(claims / _name(port), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
     except OSError as exc:
         _warn_once(f"{claims}:write", f"cannot claim slot port {port} in {claims}: {exc}")
 

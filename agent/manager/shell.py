@@ -47,7 +47,7 @@ from pathlib import Path
 from agent.edge import Edge
 from agent.errors import ReleaseError
 from agent.host.identity import RunAs
-from agent.host.ports import drop_claim, free_port, renew_claim
+from agent.host.ports import claim, drop_claim, free_port
 from agent.host.releases import ReleaseCache
 from agent.host.slots import SlotRunner, SlotSpec
 from agent.manager.desired import DesiredWatch
@@ -141,6 +141,8 @@ class ServiceManager:
     async def run(self) -> None:
         """Adopt what the state file remembers, then converge for ever (until cancelled)."""
         adopted = await self.restorer.restore(self._on_slot)
+        for runner in adopted:  # their claims named this agent's previous process
+            claim(self.config.port_claims, runner.spec.port)
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
@@ -358,8 +360,6 @@ class ServiceManager:
             restarts=runner.restarts,
         )
         if kind == "slot.started":
-            # A restart binds the same port again: its claim starts again (agent.host.ports).
-            renew_claim(self.config.port_claims, spec.port)
             # Record the new pid at once: a kill before the end of this pass must not leave a
             # process the restarted agent knows nothing of (find_orphans is the last resort).
             try:

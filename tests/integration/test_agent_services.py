@@ -287,24 +287,27 @@ async def test_make_before_break_loses_no_request(fleet: Fleet, broker: Broker) 
 async def test_slot_ports_are_claimed_for_the_host_and_freed_at_stop(
     fleet: Fleet, broker: Broker
 ) -> None:
-    """Each running slot's port is claimed in the host's claims directory, by the agent's pid
-    (so no other agent of the host picks it before the slot binds: agent.host.ports); the
-    claim goes when the slot stops."""
+    """Each running slot's port is claimed in the host's claims directory, in the agent's name
+    (so no other agent of the host picks it before the slot binds, nor while it restarts:
+    agent.host.ports); the claim goes when the slot stops."""
     claims = claims_dir()
     async with reaping(_agent(fleet, broker)) as (agent,):
+
+        def mine(port: int | None) -> list[str]:
+            return [p.name for p in claims.glob(f"{port}-{agent.pid}-*")]
+
         gen = await fleet.desire({"a": "1.0.0"}, {"a": 100})
         obs = await fleet.converged(gen)
         port_a = obs.slots["a"].port
-        assert port_a is not None
-        assert (claims / str(port_a)).read_text() == f"{agent.pid}\n"
+        assert port_a is not None and len(mine(port_a)) == 1
         gen = await fleet.desire({"b": "2.0.0"}, {"b": 100})
         obs = await wait_until(fleet.observed,
                                lambda o: o is not None and o.observed_generation >= gen
                                and o.slots["a"].status == "stopped",
                                timeout=40, what="slot a stopped")
         assert obs is not None and obs.slots["b"].port is not None
-        assert not (claims / str(port_a)).exists()
-        assert (claims / str(obs.slots["b"].port)).read_text() == f"{agent.pid}\n"
+        assert mine(port_a) == []
+        assert len(mine(obs.slots["b"].port)) == 1
 
 
 async def _heartbeat(bus: Bus) -> Heartbeat:
@@ -453,6 +456,9 @@ async def test_kill_9_of_the_agent_loses_nothing_and_adopts(fleet: Fleet, broker
             obs = await fleet.converged(gen)
         assert load.failed == 0, load.errors
         assert obs.slots["a"].pid == pid  # adopted, not restarted
+        # Its port claimed again in the new agent's name (the old claim named a dead process).
+        assert [p.name.split("-")[1] for p in claims_dir().glob(f"{obs.slots['a'].port}-*")] \
+            == [str(agent.pid)]
         hello_a = [
             p
             for p in _leftovers(fleet.base)

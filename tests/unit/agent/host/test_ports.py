@@ -7,22 +7,24 @@ import fcntl
 import os
 import random
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from agent.host import ports
 from agent.host.ports import (
-    CLAIM_TTL,
     EPHEMERAL_RANGE,
     SLOT_PORTS,
     _bindable,
     _ephemeral,
+    claim,
     drop_claim,
     free_port,
-    renew_claim,
 )
 
 
@@ -78,10 +80,37 @@ def _window(free: int = 3) -> tuple[int, int]:
             return low, low + free - 1
 
 
+def _claims_of(claims: Path, port: int) -> list[str]:
+    return sorted(p.name for p in claims.glob(f"{port}-*"))
+
+
+def _mine(port: int) -> str:
+    me = psutil.Process()
+    return f"{port}-{me.pid}-{round(me.create_time() * 1000)}"
+
+
+def _other_agent(claims: Path, window: tuple[int, int]) -> int:
+    """The port another agent (another process) picks in ``window`` with these claims."""
+    code = ("import sys; from pathlib import Path; from agent.host.ports import free_port; "
+            f"print(free_port(ports=({window[0]}, {window[1]}), claims=Path({str(claims)!r})))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                         timeout=30)
+    return int(out.stdout)
+
+
+def _gone_process() -> tuple[int, int]:
+    """(pid, start ms) of a process that ran and is gone."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    started = round(psutil.Process(proc.pid).create_time() * 1000)
+    proc.wait(timeout=30)
+    return proc.pid, started
+
+
 def test_two_agents_picking_at_once_get_two_ports(tmp_path: Path) -> None:
     """Two agents of one host pick before either's slot binds (a rollout staging every node of
     a dev fleet): the check alone gives both the same port, the claim gives the second another
-    one. The same random draws stand for two agents that happen to draw alike."""
+    one. The same random draws stand for two agents that happen to draw alike; then another
+    process, a real second agent, is kept off the one port of a window this agent claimed."""
     window = _window()
     alone = {free_port(ports=window, rng=random.Random(7)) for _ in range(2)}
     assert len(alone) == 1  # what happened: both slots on one port, the second crash-looping
@@ -89,42 +118,60 @@ def test_two_agents_picking_at_once_get_two_ports(tmp_path: Path) -> None:
     first = free_port(ports=window, rng=random.Random(7), claims=claims)
     second = free_port(ports=window, rng=random.Random(7), claims=claims)
     assert first != second and {first, second} <= set(range(window[0], window[1] + 1))
-    assert (claims / str(first)).read_text() == f"{os.getpid()}\n"
+    assert _claims_of(claims, first) == [_mine(first)]
+    one = (first, first)
+    assert _other_agent(claims, one) != first  # (the kernel's pick, outside SLOT_PORTS)
 
 
-def test_a_dropped_or_lapsed_claim_frees_the_port(tmp_path: Path) -> None:
-    """A stopped slot's claim goes at once (only the claimer's own); one left behind by a killed
-    agent lapses after CLAIM_TTL and is removed at the next pick."""
-    window = (low := _window(1)[0], low)
+def test_a_claim_lasts_as_long_as_its_agent_and_goes_with_the_slot(tmp_path: Path) -> None:
+    """However old, a live agent's claim keeps the port (the slot may be between a crash and
+    its restart, the port unbound); a stopped slot's claim goes at once, and only this
+    agent's; a claim of an agent that is gone is removed at the next pick."""
     claims = tmp_path / "claims"
-    port = free_port(ports=window, rng=random.Random(1), claims=claims)
-    assert port == low
-    # Claimed: the only port of the window is not given again; the kernel picks instead.
-    again = free_port(ports=window, rng=random.Random(1), claims=claims)
-    assert again != low
-    drop_claim(claims, low)
-    assert not (claims / str(low)).exists()
+    low = _window(1)[0]
+    window = (low, low)
     assert free_port(ports=window, rng=random.Random(1), claims=claims) == low
-    # Another agent's claim is not dropped by this one.
-    (claims / str(low)).write_text("1\n")
+    old = time.time() - 86_400
+    os.utime(claims / _mine(low), (old, old))
+    assert _other_agent(claims, window) != low
     drop_claim(claims, low)
-    assert (claims / str(low)).exists()
-    # Lapsed: older than CLAIM_TTL.
-    old = time.time() - CLAIM_TTL - 1
-    os.utime(claims / str(low), (old, old))
+    assert _claims_of(claims, low) == []
+    assert _other_agent(claims, window) == low  # free for any agent now
+    # That one was the other agent's (a process gone since): this agent's drop leaves a live
+    # agent's claim alone, and a gone agent's claim does not keep the port.
+    parent = psutil.Process(os.getppid())
+    theirs = f"{low}-{parent.pid}-{round(parent.create_time() * 1000)}"
+    for name in _claims_of(claims, low):
+        (claims / name).unlink()
+    (claims / theirs).touch()
+    drop_claim(claims, low)
+    assert _claims_of(claims, low) == [theirs]
+    assert free_port(ports=window, rng=random.Random(1), claims=claims) != low
+    (claims / theirs).unlink()
+    pid, started = _gone_process()
+    (claims / f"{low}-{pid}-{started}").touch()
     assert free_port(ports=window, rng=random.Random(1), claims=claims) == low
-    assert (claims / str(low)).read_text() == f"{os.getpid()}\n"  # claimed anew
+    assert _claims_of(claims, low) == [_mine(low)]
 
 
-def test_a_restart_renews_the_claim(tmp_path: Path) -> None:
-    """The slot's process starts again on its port: the claim's clock starts again."""
+def test_an_adopted_slots_port_is_claimed_again(tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    """A restarted agent claims its adopted slots' ports anew (its earlier claims named its
+    previous process); a port another live agent claims is left to it, with a warning."""
     claims = tmp_path / "claims"
-    window = (low := _window(1)[0], low)
-    free_port(ports=window, rng=random.Random(1), claims=claims)
-    old = time.time() - CLAIM_TTL + 5
-    os.utime(claims / str(low), (old, old))
-    renew_claim(claims, low)
-    assert time.time() - (claims / str(low)).stat().st_mtime < 5
+    claims.mkdir(mode=0o700)
+    low = _window(2)[0]
+    pid, started = _gone_process()  # this agent before its restart
+    (claims / f"{low}-{pid}-{started}").touch()
+    claim(claims, low)
+    assert _claims_of(claims, low) == [_mine(low)]
+    parent = psutil.Process(os.getppid())
+    theirs = f"{low + 1}-{parent.pid}-{round(parent.create_time() * 1000)}"
+    (claims / theirs).touch()
+    ports._warned.clear()
+    claim(claims, low + 1)
+    assert _claims_of(claims, low + 1) == [theirs]
+    assert "claimed by another agent" in caplog.text
 
 
 @pytest.mark.parametrize("unsafe", ["writable by others", "a file", "a symlink"])
@@ -146,7 +193,7 @@ def test_an_unsafe_claims_directory_is_not_used(tmp_path: Path, unsafe: str,
     assert SLOT_PORTS[0] <= port <= SLOT_PORTS[1]
     assert "claims" in caplog.text and "not used" in caplog.text
     if unsafe != "a file":
-        assert not (claims / str(port)).exists()
+        assert _claims_of(claims, port) == []
 
 
 def test_a_held_lock_is_waited_for_a_bounded_time(tmp_path: Path,
@@ -162,11 +209,11 @@ def test_a_held_lock_is_waited_for_a_bounded_time(tmp_path: Path,
         started = time.monotonic()
         port = free_port(claims=claims)
         assert time.monotonic() - started >= 0.2
-        assert not (claims / str(port)).exists()  # not claimed: the lock was not had
+        assert _claims_of(claims, port) == []  # not claimed: the lock was not had
         release = threading.Timer(0.05, fcntl.flock, (fd, fcntl.LOCK_UN))
         release.start()
         port = free_port(claims=claims)
         release.join()
-        assert (claims / str(port)).exists()
+        assert _claims_of(claims, port) == [_mine(port)]
     finally:
         os.close(fd)
