@@ -548,6 +548,8 @@ async def test_a_one_chunk_release_is_fetched_without_a_consumer(bus: Bus, tmp_p
     store at all, is "not in the fleet's object store"."""
     pushed = await push_release(bus, hello_bundle("1.0.0"))
     stream = f"OBJ_{subjects.releases_store(FLEET)}"
+    store = await bus.js.object_store(subjects.releases_store(FLEET))
+    assert (await store.get_info("hello/1.0.0")).chunks == 1  # what this test is about
     before = (await bus.js.stream_info(stream)).state.consumer_count
     cache = ReleaseCache(tmp_path / "releases")
     path = await cache.ensure(bus, FLEET, pushed.info.ref)
