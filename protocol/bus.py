@@ -789,23 +789,26 @@ class Bus:
                     config = None
                 if config is None:
                     await self._create_bucket(bucket, history, replicas)
-            # The coordinator's, or a stream this call made: a tool changes nothing that
-            # exists (an operator may not update streams; a refused update would be its wait:
-            # on a server without atomic batches, every release push).
+            def settable(name: str) -> bool:
+                # The coordinator's, or a stream this call made: a tool changes nothing that
+                # exists (an operator may not update streams; a refused update would be its
+                # wait: on a server without atomic batches, every release push).
+                return raise_existing or have[name] is None
+
             for bucket in subjects.fenced_buckets(f):
-                if raise_existing or have[subjects.kv_stream(bucket)] is None:
+                if settable(subjects.kv_stream(bucket)):
                     await self._allow_atomic(subjects.kv_stream(bucket))
             if have[subjects.object_stream(store)] is None:
                 await self.js.create_object_store(
                     bucket=store, storage=js_api.StorageType.FILE, replicas=replicas)
             for per_node in (subjects.kv_stream(subjects.desired_bucket(f)),
                              subjects.object_stream(store)):
-                if raise_existing or have[per_node] is None:
+                if settable(per_node):
                     await self._allow_consumers(per_node)
             if have[subjects.events_stream(f)] is None:
                 stream.num_replicas = replicas
                 await self.js.add_stream(stream)
-            if raise_existing or have[subjects.events_stream(f)] is None:
+            if settable(subjects.events_stream(f)):
                 await self._allow_atomic(subjects.events_stream(f))  # js_publish_events batches
             return setup
 
