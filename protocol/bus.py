@@ -161,6 +161,11 @@ WATCH_START_TIMEOUT = 2.5
 # A watch consumer nobody listens to (its creation given up on, its client gone) is removed by
 # the server after this long; a live watch is re-created after a reconnect anyway.
 WATCH_INACTIVE = 30.0
+# A snapshot's consumer (``_watch_once``) is dropped by the server this long after the read
+# stops listening (nats-py leaves an ordered consumer behind; its own default keeps it 5
+# minutes): a stream takes 1,000 consumers by default (FLEET_MAX_CONSUMERS), and a coordinator
+# polled for ``nodes`` (a cordons snapshot a request) had run out of them.
+SNAPSHOT_INACTIVE = 2.0
 # Long-lived clients (agents, coordinator) reconnect with capped exponential backoff and jitter so
 # that a fleet does not hammer a restarting server in lock-step; see ``reconnect_delay``.
 RECONNECT_BASE = 0.25
@@ -1437,7 +1442,7 @@ class Bus:
             # a server can allow a node a snapshot of its own keys only
             w = await _while_unavailable(
                 lambda: _watchable(kv, self._watch_js(OP_TIMEOUT)).watch(
-                    pattern, include_history=history))
+                    pattern, include_history=history, inactive_threshold=SNAPSHOT_INACTIVE))
             try:
                 while (e := await w.updates(timeout=OP_TIMEOUT)) is not None:
                     deleted = e.operation in ("DEL", "PURGE")

@@ -21,6 +21,7 @@ from protocol.bus import (
     EVENTS_MAX_BYTES,
     EVENTS_MAX_EVENT,
     FLEET_MAX_CONSUMERS,
+    SNAPSHOT_INACTIVE,
     Bus,
     Entry,
     EventsLimits,
@@ -641,5 +642,22 @@ async def test_more_than_a_thousand_agents_can_watch_their_desired_keys(broker: 
         await bus.js.update_stream(chosen)
         await bus.ensure_fleet(raise_existing=True)
         assert (await bus.js.stream_info("OBJ_fw-t-releases")).config.max_consumers == 300_000
+    finally:
+        await bus.close()
+
+
+async def test_snapshots_leave_no_consumers_piling_up(broker: Broker) -> None:
+    """Every snapshot (``kv_entries``: what the ``nodes`` verb's cordons read is, a request)
+    reads through a consumer. They must not outlive it for minutes: a stream takes 1,000
+    consumers (nats-server 2.15's default), and a coordinator polled for ``nodes`` ran out
+    ('maximum consumers limit reached'). After 1,200 snapshots of a bucket, one more is read."""
+    bus = await Bus.connect(broker.url, "t")
+    try:
+        await bus.ensure_fleet()
+        await bus.kv_put("fw-t-cordons", "n1", b"1")
+        for _ in range(12):
+            await asyncio.gather(*(bus.kv_entries("fw-t-cordons") for _ in range(100)))
+            await asyncio.sleep(SNAPSHOT_INACTIVE / 4)  # (a poller's pace: the server reaps)
+        assert [e.key for e in await bus.kv_entries("fw-t-cordons")] == ["n1"]
     finally:
         await bus.close()
