@@ -71,6 +71,9 @@ class ServiceSource(Protocol):
         """The services and slot processes of this node now, for the next heartbeat."""
         ...
 
+    def paced(self, nodes: int) -> None:
+        """The leader's pace names the fleet's size (its re-reads spread with it)."""
+
 
 ServiceFactory = Callable[[Bus], ServiceSource]
 
@@ -109,6 +112,7 @@ class Agent:
         self.pacing = presence.Pacing(options.heartbeat_interval)
         self._repaced = asyncio.Event()  # the interval changed: beat now, to announce it
         self._bad_pace = False  # a malformed pace was logged (once: a flood must not fill logs)
+        self._services: ServiceSource | None = None
         self._started_at = clock()
         self._sampler = HostSampler(options.data_dir)
         self._info = presence.node_info(
@@ -133,6 +137,7 @@ class Agent:
         log.info("connected to %s as node %s", redact(self.options.nats_url), self.options.node_id)
         try:
             services = self._services_factory(bus) if self._services_factory else None
+            self._services = services
             await bus.subscribe(subjects.pace(self.options.fleet), self._on_pace)
             async with asyncio.TaskGroup() as tg:
                 tasks = [
@@ -247,6 +252,8 @@ class Agent:
                             "%gs", subject, exc, self.pacing.interval)
             self._bad_pace = True
             return
+        if self._services is not None and self.pacing.pace is not None:
+            self._services.paced(self.pacing.pace.nodes)
         if changed:
             log.info("%s", self.pacing.says())
             self._repaced.set()

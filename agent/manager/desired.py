@@ -2,7 +2,9 @@
 
 Theory of operation: ``watch`` watches ``<node>.*`` in the fleet's desired bucket (the watch
 survives reconnects; before the coordinator creates the bucket it retries with backoff), and
-``reread`` re-reads it every ``REREAD`` seconds as a safety net. Each value goes to
+``reread`` re-reads it every ``REREAD`` seconds as a safety net (less often in a fleet so large
+that its nodes' re-reads would load the broker: ``reread_every``, from the leader's pace, spread
+by a random share so that a fleet started together does not re-read together). Each value goes to
 ``offer``: a signed envelope is accepted only if it verifies against the trusted keys, names this
 fleet, node and service, and has a generation above the service's *floor* (the newest generation
 this node ever accepted, kept even when the remembered envelope no longer verifies, so that an old
@@ -16,9 +18,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 
 from agent.manager.events import NodeEvents
-from agent.manager.service import BUS_TIMEOUT, REREAD, NodeConfig, Service, Services
+from agent.manager.service import (
+    BUS_TIMEOUT,
+    MAX_REREAD,
+    REREAD,
+    REREAD_RATE,
+    NodeConfig,
+    Service,
+    Services,
+)
 from protocol import subjects
 from protocol.bus import Bus
 from protocol.codec import decode
@@ -27,6 +38,13 @@ from protocol.messages import SignedEnvelope
 from protocol.signing import resigns, verify
 
 log = logging.getLogger("fleetwave.agent.services")
+
+
+def reread_every(nodes: int) -> float:
+    """The mean time between two full re-reads of one node's desired states in a fleet of
+    ``nodes`` (as the leader's pace says; 0: not heard): ``REREAD``, or as long as keeps the
+    fleet at ``REREAD_RATE`` re-reads a second, at most ``MAX_REREAD``."""
+    return min(MAX_REREAD, max(REREAD, nodes / REREAD_RATE))
 
 
 class DesiredWatch:
@@ -44,6 +62,8 @@ class DesiredWatch:
         self.events = events
         self.wake = wake
         self.refused = 0  # desired states refused so far
+        self.fleet_nodes = 0  # the fleet's size in the leader's last pace (0: none heard yet)
+        self.rereads = 0
         self._refused_values: dict[str, bytes] = {}
 
     async def watch(self) -> None:
@@ -65,10 +85,12 @@ class DesiredWatch:
                 attempt += 1
 
     async def reread(self) -> None:
-        """Offer every value again every ``REREAD`` seconds: the safety net under the watch."""
+        """Offer every value again every ``reread_every`` seconds on average (each wait drawn
+        from half to one and a half of it): the safety net under the watch."""
         bucket = subjects.desired_bucket(self.fleet)
         while True:
-            await asyncio.sleep(REREAD)
+            await asyncio.sleep(random.uniform(0.5, 1.5) * reread_every(self.fleet_nodes))
+            self.rereads += 1
             try:
                 async with asyncio.timeout(BUS_TIMEOUT):
                     entries = await self.bus.kv_entries(bucket, subjects.node_keys(self.node))

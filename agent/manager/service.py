@@ -39,7 +39,17 @@ from protocol.messages import (
 
 TICK = 0.2
 IDLE_TICK = 2.0  # all settled: wakes bring every change; this only guards against a missed one
+# The full re-read of a node's desired states under its watch: every REREAD seconds, or less
+# often in a large fleet, so that the fleet's re-reads come to REREAD_RATE a second at most
+# (``desired.reread_every``). Each is a snapshot through a consumer made and dropped on the
+# server: ~1.05 ms of nats-server's CPU at 50,000 keys (``tests/perf/bench_reread.py``), so
+# 50,000 agents every 30 s would keep 1.75 of the broker's cores busy for ever. At 100 a second
+# that is ~0.1 core; the watch (heartbeats, re-created after a gap or a reconnect) is what
+# delivers, the re-read only catches what it might miss. Capped at MAX_REREAD: a pace comes
+# over core NATS, where on a bus without credentials anyone may publish a forged one.
 REREAD = 30.0
+REREAD_RATE = 100.0
+MAX_REREAD = 600.0
 OBSERVE_EVERY = 5.0
 # A router that cannot be configured (its public port is taken, ...) for this long fails the
 # service's desired state: the rollout learns why at once instead of at its progress deadline,

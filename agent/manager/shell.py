@@ -5,7 +5,8 @@ Theory of operation. ``ServiceManager.run`` owns every task in one TaskGroup:
 - *watch*: ``bus.watch(desired, "<node>.*")`` (it survives reconnects); each value is a signed
   envelope, verified against the trusted keys, the node and the service, and accepted only if its
   generation is newer than the accepted one. Anything else is refused with an ``agent.refused``
-  event saying why, and changes nothing. A full re-read every ``REREAD`` seconds is a safety net.
+  event saying why, and changes nothing. A full re-read every ``REREAD`` seconds (less often in a
+  large fleet: ``paced``) is a safety net.
 - *reconcile*: on every change (a wake: new desired state, slot event, fetch done, fresh router
   stats) and, as a safety net, every ``tick`` seconds while something is in motion or every
   ``IDLE_TICK`` seconds once every service is settled (``settled``: no timer of the reconciler can
@@ -50,7 +51,7 @@ from agent.host.identity import RunAs
 from agent.host.ports import claim, drop_claim, free_port
 from agent.host.releases import ReleaseCache
 from agent.host.slots import SlotRunner, SlotSpec
-from agent.manager.desired import DesiredWatch
+from agent.manager.desired import DesiredWatch, reread_every
 from agent.manager.events import NodeEvents
 from agent.manager.observed import ObservedWriter
 from agent.manager.restore import Restorer
@@ -58,6 +59,7 @@ from agent.manager.routing import RouterLink
 from agent.manager.service import (
     IDLE_TICK,
     PRUNE_EVERY,
+    REREAD_RATE,
     TICK,
     NodeConfig,
     Release,
@@ -160,6 +162,15 @@ class ServiceManager:
             self._tg = None
             with contextlib.suppress(OSError):
                 self.restorer.save_now()
+
+    def paced(self, nodes: int) -> None:
+        """The leader's pace says the fleet has ``nodes`` nodes: re-read accordingly (said in
+        the log when the mean time between re-reads changes)."""
+        before = reread_every(self.desired.fleet_nodes)
+        self.desired.fleet_nodes = nodes
+        if (every := reread_every(nodes)) != before:
+            log.info("desired states re-read every %.0fs on average: the coordinator paces %d "
+                     "nodes, re-reading at most %g a second in all", every, nodes, REREAD_RATE)
 
     def summary(self) -> tuple[list[ServiceSummary], list[SlotProcess]]:
         """Services and slot processes for the next heartbeat."""

@@ -140,3 +140,33 @@ def test_a_malformed_pace_changes_nothing(data: bytes) -> None:
     with pytest.raises(ProtocolError):
         p.offer(data)
     assert p.interval == 1.5
+
+
+async def test_the_daemon_tells_its_services_the_paced_fleets_size() -> None:
+    """A pace names the fleet's size: the daemon passes it to its service manager (whose
+    re-reads of desired states spread with it), also when the interval in force does not
+    change; a malformed pace passes nothing."""
+    from agent.daemon import Agent, AgentOptions
+    from protocol.codec import encode
+    from protocol.messages import Pace
+
+    class Services:
+        def __init__(self) -> None:
+            self.sizes: list[int] = []
+
+        async def run(self) -> None:
+            pass
+
+        def summary(self) -> tuple[list[object], list[object]]:
+            return [], []
+
+        def paced(self, nodes: int) -> None:
+            self.sizes.append(nodes)
+
+    agent = Agent(AgentOptions(node_id="node-1", nats_url="nats://127.0.0.1:1"))
+    services = Services()
+    agent._services = services  # type: ignore[assignment]  # what run() sets once connected
+    await agent._on_pace("pace", encode(Pace(interval=25.0, nodes=50_000, rate=2000.0)))
+    await agent._on_pace("pace", encode(Pace(interval=25.0, nodes=50_100, rate=2000.0)))
+    await agent._on_pace("pace", b"not a pace")
+    assert services.sizes == [50_000, 50_100]

@@ -62,3 +62,61 @@ async def test_a_deposed_leaders_state_is_refused_even_after_a_restart(tmp_path:
     await again.desired.offer(f"{NODE}.{SERVICE}", encode(_env(seed, 9, term=5)))
     desired = again.services[SERVICE].desired
     assert desired is not None and desired.generation == 9
+
+
+# -- the re-read's pace ---------------------------------------------------------------------------
+
+
+def test_reread_every_keeps_a_large_fleets_rereads_at_the_rate() -> None:
+    """30 s up to 3,000 nodes (100 a second); then nodes / 100; never past 10 minutes, however
+    large a (forged) pace says the fleet is; a nonsense size changes nothing."""
+    from agent.manager.desired import reread_every
+
+    assert reread_every(0) == 30.0
+    assert reread_every(3_000) == 30.0
+    assert reread_every(10_000) == 100.0
+    assert reread_every(50_000) == 500.0
+    assert reread_every(10**9) == 600.0
+    assert reread_every(-7) == 30.0
+
+
+class _Rereads:
+    """A bus whose snapshot of the node's keys is empty, counting the reads."""
+
+    def __init__(self) -> None:
+        self.reads: list[str] = []
+
+    async def kv_entries(self, bucket: str, pattern: str) -> list[Any]:
+        self.reads.append(pattern)
+        return []
+
+
+async def test_the_reread_waits_as_the_fleets_size_says(
+    tmp_path: Path, monkeypatch: Any,
+) -> None:
+    """Each wait is drawn around ``reread_every`` of the size the pace named (half to one and a
+    half of it), and a read of this node's keys follows each: 30 s alone, 500 s at 50,000."""
+    import asyncio
+    import contextlib
+
+    import agent.manager.desired as desired_mod
+
+    bus = _Rereads()
+    mgr = ServiceManager(bus=bus, fleet=FLEET, node=NODE, data_dir=tmp_path,  # type: ignore[arg-type]
+                         bind_host="127.0.0.1", trusted_keys=[])
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) == 2:
+            mgr.paced(50_000)  # the leader's pace, heard between two re-reads
+        if len(waits) == 4:
+            raise asyncio.CancelledError
+
+    monkeypatch.setattr(desired_mod.asyncio, "sleep", sleep)
+    draws = iter([0.5, 1.5, 0.5, 1.5])
+    monkeypatch.setattr(desired_mod.random, "uniform", lambda a, b: next(draws))
+    with contextlib.suppress(asyncio.CancelledError):
+        await mgr.desired.reread()
+    assert waits == [15.0, 45.0, 250.0, 750.0]
+    assert bus.reads == [f"{NODE}.*"] * 3 and mgr.desired.rereads == 3
