@@ -45,7 +45,7 @@ from protocol.bus import Bus, redact
 from protocol.codec import encode
 from protocol.creds import Creds
 from protocol.errors import BusError, ProtocolError
-from protocol.messages import NodeInfo, ServiceSummary, SlotProcess
+from protocol.messages import NodeInfo, Pace, ServiceSummary, SlotProcess
 
 log = logging.getLogger("fleetwave.agent")
 
@@ -71,8 +71,9 @@ class ServiceSource(Protocol):
         """The services and slot processes of this node now, for the next heartbeat."""
         ...
 
-    def paced(self, nodes: int) -> None:
-        """The leader's pace names the fleet's size (its re-reads spread with it)."""
+    def paced(self, pace: Pace) -> None:
+        """The leader's pace, valid (``presence.Pacing.offer``): re-reads and reports follow
+        it."""
 
 
 ServiceFactory = Callable[[Bus], ServiceSource]
@@ -253,7 +254,7 @@ class Agent:
             self._bad_pace = True
             return
         if self._services is not None and self.pacing.pace is not None:
-            self._services.paced(self.pacing.pace.nodes)
+            self._services.paced(self.pacing.pace)
         if changed:
             log.info("%s", self.pacing.says())
             self._repaced.set()

@@ -19,7 +19,16 @@ import logging
 import time
 from collections.abc import Callable
 
-from agent.manager.service import BUS_TIMEOUT, OBSERVE_EVERY, NodeConfig, Service, Services
+import msgspec
+from msgspec import UNSET
+
+from agent.manager.service import (
+    BUS_TIMEOUT,
+    OBSERVE_EVERY,
+    NodeConfig,
+    Service,
+    Services,
+)
 from agent.reconcile import assess
 from protocol import subjects
 from protocol.bus import Bus
@@ -31,6 +40,26 @@ from protocol.messages import (
 )
 
 log = logging.getLogger("fleetwave.agent.services")
+
+
+def report_gaps(paced: float) -> tuple[float, float]:
+    """The least time between two reports of a service when the leader paces heartbeats every
+    ``paced`` seconds (``messages.Pace.interval``: the fleet's size over the coordinator's
+    heartbeat rate; 0 if none heard): when only its router's counters are new, and when nothing
+    is. Each is its usual figure (every read; ``OBSERVE_EVERY``) unless the pace is longer."""
+    gap = max(0.0, paced)
+    return gap, max(OBSERVE_EVERY, gap)
+
+
+def _without_counters(obs: ObservedState) -> ObservedState:
+    """``obs`` without what changes at every read of a busy router: its traffic counters, the
+    read's time, the connections held. What is left (slots, weights, phase, the router's
+    epoch, its drain phase) is news to report at once."""
+    r = obs.router
+    if r is None:
+        return obs
+    return msgspec.structs.replace(obs, router=msgspec.structs.replace(
+        r, slots={}, mirror=None, cohort=UNSET, time=0.0, connections=UNSET))
 
 
 class ObservedWriter:
@@ -48,6 +77,7 @@ class ObservedWriter:
         self._dirty = asyncio.Event()  # a state is pending and released
         self._queued = False  # a state is pending, not yet released
         self._bus_failing = False  # the last write failed (logged once until one succeeds)
+        self.paced = 0.0  # the interval of the leader's last pace (0: none heard yet)
 
     def observe(self, svc: Service) -> None:
         """Queue ``svc``'s observed state if it changed or ``OBSERVE_EVERY`` passed."""
@@ -87,16 +117,23 @@ class ObservedWriter:
             error=a.error or (f"router: {svc.router_error}" if svc.router_error else ""),
         )
         body = encode(obs)
+        state = encode(_without_counters(obs))
         now = self.clock()
         # After a reconnect, at once: the server may have restarted and kept no observed bucket
         # (it lives in memory, ``protocol.bus._storage``), which the coordinator makes again.
         epoch = self.bus.reconnects
-        if (body == svc.last_observed and now - svc.last_observed_at < OBSERVE_EVERY
-                and epoch == svc.observed_epoch):
-            return
+        if epoch == svc.observed_epoch and state == svc.last_observed_state:
+            counters, unchanged = report_gaps(self.paced)
+            since = now - svc.last_observed_at
+            if body == svc.last_observed:
+                if since < unchanged:
+                    return
+            elif since < counters and not svc.judged(now):
+                return  # new counters only, in a large fleet: they go out with the next report
         svc.observed_epoch = epoch
         obs.time = now
         svc.last_observed, svc.last_observed_at = body, now
+        svc.last_observed_state = state
         svc.pending_observed = obs
         self._queued = True
 
@@ -128,6 +165,6 @@ class ObservedWriter:
                             "cannot write observed state of %s: %s", svc.name, exc or "timeout"
                         )
                     self._bus_failing = True
-                    svc.last_observed = b""  # written again on the next pass
+                    svc.last_observed = svc.last_observed_state = b""  # again next pass
                     continue
                 self._bus_failing = False

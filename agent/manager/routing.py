@@ -86,18 +86,17 @@ def stats_period(services: Iterable[Service], now: float = 0.0) -> float:
     ``stats_every``) is read that often while it splits or mirrors traffic and for
     ``STATS_FAST_AFTER_SWITCH`` seconds after its weights change (a canary at weight 100 or a
     blue-green switch splits nothing, yet its first seconds carry the evidence); any other router
-    that splits or mirrors, every ``STATS_EVERY_SPLIT``; else the usual ``STATS_EVERY``."""
+    that splits or mirrors (whatever its desired state asks: a threshold gate's wave asks for
+    the usual period), every ``STATS_EVERY_SPLIT``; else the usual ``STATS_EVERY``."""
     period = STATS_EVERY
     for svc in services:
-        split = (svc.applied_mirror is not None
-                 or sum(w > 0 for w in svc.applied_weights.values()) > 1)
+        split = svc.splits
         asked = svc.desired.stats_every if svc.desired is not None else 0.0
         if asked > 0.0:
             switched = bool(svc.weights_changed) and \
                 0.0 <= now - svc.weights_changed < STATS_FAST_AFTER_SWITCH
             if split or switched:
                 period = min(period, max(asked, STATS_EVERY_MIN))
-                continue
         if split:
             period = min(period, STATS_EVERY_SPLIT)
     return period

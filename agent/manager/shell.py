@@ -90,6 +90,7 @@ from protocol.errors import ProtocolError
 from protocol.loop import bounded
 from protocol.manifest import MANIFEST_NAME, load_manifest
 from protocol.messages import (
+    Pace,
     ReleaseRef,
     ServiceSummary,
     SlotProcess,
@@ -163,14 +164,17 @@ class ServiceManager:
             with contextlib.suppress(OSError):
                 self.restorer.save_now()
 
-    def paced(self, nodes: int) -> None:
-        """The leader's pace says the fleet has ``nodes`` nodes: re-read accordingly (said in
-        the log when the mean time between re-reads changes)."""
+    def paced(self, pace: Pace) -> None:
+        """The leader's pace: the fleet's size spaces the re-reads of desired states (said in
+        the log when their mean interval changes), its interval the reports of counters alone
+        (``observed.report_gaps``)."""
         before = reread_every(self.desired.fleet_nodes)
-        self.desired.fleet_nodes = nodes
-        if (every := reread_every(nodes)) != before:
+        self.desired.fleet_nodes = pace.nodes
+        self.observed.paced = pace.interval
+        if (every := reread_every(pace.nodes)) != before:
             log.info("desired states re-read every %.0fs on average: the coordinator paces %d "
-                     "nodes, re-reading at most %g a second in all", every, nodes, REREAD_RATE)
+                     "nodes, re-reading at most %g a second in all", every, pace.nodes,
+                     REREAD_RATE)
 
     def summary(self) -> tuple[list[ServiceSummary], list[SlotProcess]]:
         """Services and slot processes for the next heartbeat."""

@@ -26,12 +26,12 @@ from coordinator.core.evidence import Evidence
 from coordinator.core.node_table import peek
 from coordinator.core.planning import WaveKind
 from coordinator.core.targets import (
-    JUDGED_STATS_EVERY,
     cohort_for,
     forward_target,
     idle_slot,
     retire_target,
     serving_slot,
+    stats_every_for,
 )
 from protocol.messages import (
     DesiredState,
@@ -73,7 +73,7 @@ class Ordinary:
             p.previous, fleet=step.fleet, node=p.node, release=step.r.release, slot=p.slot,
             weight=wave.weight, generation=step.next_generation(p), rollout=step.r.id,
             now=step.now, mirror=self.mirror(step.spec, p.slot),
-            stats_every=JUDGED_STATS_EVERY if step.spec.gates.analysis == "sequential" else 0.0,
+            stats_every=stats_every_for(step.spec),
             cohort=cohort_for(step.spec, slot=p.slot, rollout=step.r.id, weight=wave.weight),
         )
 
@@ -141,9 +141,13 @@ class Ordinary:
 
 
 def retire_old(step: Step) -> None:
-    """Stop every node's old slot: its target again with the new slot only."""
+    """Stop every node's old slot: its target again with the new slot only; and a node with no
+    old slot (a first install) whose wave a gate judged gets its target once more asking
+    nothing of its router (``targets.stats_every_for``): an agent reports every read of a
+    router its desired state asks about, however large the fleet (``Service.judged``)."""
     nodes = step.r.nodes
-    for n in [n for n, p in peek(nodes) if p.target is not None and len(p.target.slots) > 1]:
+    for n in [n for n, p in peek(nodes) if p.target is not None
+              and (len(p.target.slots) > 1 or p.target.stats_every > 0.0)]:
         p = nodes[n]  # taken (copied) only when written: ``NodeTable``
         if p.target is not None:
             step.write(p, retire_target(

@@ -1,7 +1,8 @@
 """The benchmark scripts as an operator runs them (real processes on 127.0.59.x): bench_router's
 relay survives its open-loop run; bench_agent stopped with SIGTERM stops everything it started,
 a later run reaps what a SIGKILLed one left, and a 0-minute soak reports no soak; bench_history
-reads as a leader and as a standby."""
+reads as a leader and as a standby; bench_reread and bench_rest run through a small fleet and
+print their figures."""
 
 from __future__ import annotations
 
@@ -153,3 +154,22 @@ async def test_a_killed_runs_leftovers_are_reaped_and_no_soak_says_so() -> None:
     finally:
         for p in alive(procs + under_run_of(proc.pid)):
             p.kill()
+
+
+async def test_bench_reread_and_bench_rest_run_small() -> None:
+    """Small runs of the two at-rest benchmarks: every figure there, the policies' rates as
+    their arithmetic says (at 200 nodes a re-read every 30 s, a report at every read)."""
+    code, out, err = await run(str(PERF / "bench_reread.py"), "--nodes", "200", "--reads", "40",
+                               "--json")
+    assert code == 0, err[-3000:]
+    (r,) = json.loads(out)["rereads"]
+    assert r["nodes"] == 200 and r["paced_interval_s"] == 30.0, r
+    assert r["server_ms_per_read"] > 0 and r["fixed_server_cores"] == r["paced_server_cores"], r
+    code, out, err = await run(str(PERF / "bench_rest.py"), "--nodes", "200", "--seconds", "1",
+                               "--rollout", "--json")
+    assert code == 0, err[-3000:]
+    r = json.loads(out)
+    assert r["every_read"]["rate"] == r["paced"]["rate"] == 100, r
+    assert r["paced"]["achieved"] > 0 and r["paced"]["coordinator_pct"] > 0, r
+    for policy in ("alone", "every_read", "paced"):
+        assert r[f"rollout_{policy}"]["total_s"] > 0, r

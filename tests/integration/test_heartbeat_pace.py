@@ -6,7 +6,8 @@ started with ``--heartbeat-interval 0.5`` (6 beats a second in all): the leader 
 grid, and no node is judged offline by its old interval (it would be after 1.5 s of silence).
 A malformed pace (anyone may publish on a bus without credentials) is one line in the agent's
 log, once, and changes nothing; an agent restarted beats at its own interval until it registers,
-and hears the pace again at once.
+and hears the pace again at once. A node paced every 10 s under traffic reports counters alone
+once a pace, and every read while a gate judges its wave.
 """
 
 from __future__ import annotations
@@ -16,12 +17,22 @@ import itertools
 import time
 from pathlib import Path
 
+import msgspec
+
+from agent.manager.service import STATS_FAST_AFTER_SWITCH
 from coordinator.dev.devfleet import DevFleet
 from protocol import subjects
 from protocol.bus import Bus
 from protocol.codec import decode
-from protocol.messages import Heartbeat
-from tests.integration.e2e_support import deploy_detached, events_of, install, push, status
+from protocol.messages import Heartbeat, ObservedState
+from tests.integration.e2e_support import (
+    deploy_detached,
+    events_of,
+    install,
+    loaded,
+    push,
+    status,
+)
 from tests.integration.procs import fleetwave, nodes_json, online, read_text, wait_until
 
 SUBNET = "127.0.74"
@@ -143,3 +154,72 @@ async def test_a_restarted_coordinator_waits_for_the_first_paced_beats(tmp_path:
         assert not lost, lost
         said = await read_text(fleet.coordinator.log_path)
         assert "is offline" not in said, said[-3000:]
+
+
+async def test_a_paced_node_reports_counters_alone_once_a_pace(tmp_path: Path) -> None:
+    """One node paced every 10 s (a rate of 0.1) serving steady traffic: its router is read
+    every 2 s and every read brings new counters, yet its observed reports go out about once a
+    pace (the coordinator takes as many reports as heartbeats); while a wave's bake is judged
+    (its desired state asks for the counters) it reports every read. Before, every read was a
+    report: 50,000 such agents sent 25,000 a second at rest."""
+    fleet = DevFleet(tmp_path / "fleet", agents=1, heartbeat_interval=0.5, subnet=SUBNET)
+    fleet.coordinator.argv += ["--max-heartbeats-per-second", "0.1"]
+    async with fleet:
+        url = fleet.nats_url
+        bus = await Bus.connect(url, fleet.fleet, name="test-pace-reports")
+        reports: list[tuple[float, bytes]] = []
+
+        async def on_report(subject: str, data: bytes) -> None:
+            reports.append((time.monotonic(), data))
+
+        def since(mark: float) -> list[str]:
+            """What changed in each report after ``mark``, but the counters (the failures'
+            story)."""
+            out, before = [], None
+            for t, data in reports:
+                obs = decode(ObservedState, data)
+                if obs.router is not None:
+                    obs.router.slots, obs.router.time = {}, 0.0
+                obs.time = 0.0
+                now = msgspec.to_builtins(obs)
+                if t > mark:
+                    changed = {k: v for k, v in now.items() if (before or {}).get(k) != v}
+                    out.append(f"{t - mark:.1f}s {sorted(changed) or 'counters'}")
+                before = now
+            return out
+
+        try:
+            await bus.subscribe(f"$KV.{subjects.observed_bucket(fleet.fleet)}.node-1.hello",
+                                on_report)
+            await push(url, "1.0.0", "2.0.0")
+            await install(fleet, "1.0.0")
+            switched = time.monotonic()
+            await wait_until(lambda: read_text(fleet.agent(1).log_path),
+                             lambda t: "heartbeat every 10s" in t, timeout=30,
+                             what="node-1 to hear the pace")
+            async with loaded(fleet, rate=20.0) as traffic:
+                await wait_until(lambda: asyncio.sleep(0, traffic.report.versions["1.0.0"]),
+                                 lambda n: n >= 20, timeout=20, what="traffic on 1.0.0")
+                # A router whose weights changed reports every read for a while (its first
+                # seconds are what a gate judges first): measured after that.
+                await asyncio.sleep(max(0.0, switched + STATS_FAST_AFTER_SWITCH + 1.0
+                                        - time.monotonic()))
+                mark = time.monotonic()
+                await asyncio.sleep(25.0)  # the window measured: 12 reads of the router
+                paced = since(mark)
+                rid = await deploy_detached(url, "2.0.0", "--batch", "100%",
+                                            "--max-unavailable", "100%", "--bake", "30s")
+                await wait_until(lambda: status(url, rid),
+                                 lambda s: s["waves"][0]["state"] == "baking", timeout=60,
+                                 what="the wave to bake")
+                mark = time.monotonic()
+                await asyncio.sleep(10.0)  # 5 reads of the router, judged
+                judged = since(mark)
+                final = await wait_until(lambda: status(url, rid),
+                                         lambda s: s["state"] != "running", timeout=90,
+                                         what="the rollout to end")
+        finally:
+            await bus.close()
+        assert 1 <= len(paced) <= 4, paced
+        assert len(judged) >= 4, judged
+        assert final["state"] == "succeeded", final.get("reason")

@@ -142,17 +142,17 @@ def test_a_malformed_pace_changes_nothing(data: bytes) -> None:
     assert p.interval == 1.5
 
 
-async def test_the_daemon_tells_its_services_the_paced_fleets_size() -> None:
-    """A pace names the fleet's size: the daemon passes it to its service manager (whose
-    re-reads of desired states spread with it), also when the interval in force does not
-    change; a malformed pace passes nothing."""
+async def test_the_daemon_tells_its_services_the_pace() -> None:
+    """The daemon passes every valid pace to its service manager (whose re-reads and reports
+    follow it), also when the interval in force does not change; a malformed pace, or one past
+    MAX_INTERVAL, passes nothing."""
     from agent.daemon import Agent, AgentOptions
     from protocol.codec import encode
     from protocol.messages import Pace
 
     class Services:
         def __init__(self) -> None:
-            self.sizes: list[int] = []
+            self.paces: list[Pace] = []
 
         async def run(self) -> None:
             pass
@@ -160,8 +160,8 @@ async def test_the_daemon_tells_its_services_the_paced_fleets_size() -> None:
         def summary(self) -> tuple[list[object], list[object]]:
             return [], []
 
-        def paced(self, nodes: int) -> None:
-            self.sizes.append(nodes)
+        def paced(self, pace: Pace) -> None:
+            self.paces.append(pace)
 
     agent = Agent(AgentOptions(node_id="node-1", nats_url="nats://127.0.0.1:1"))
     services = Services()
@@ -169,4 +169,5 @@ async def test_the_daemon_tells_its_services_the_paced_fleets_size() -> None:
     await agent._on_pace("pace", encode(Pace(interval=25.0, nodes=50_000, rate=2000.0)))
     await agent._on_pace("pace", encode(Pace(interval=25.0, nodes=50_100, rate=2000.0)))
     await agent._on_pace("pace", b"not a pace")
-    assert services.sizes == [50_000, 50_100]
+    await agent._on_pace("pace", encode(Pace(interval=1e6, nodes=10**9, rate=0.001)))
+    assert [(p.nodes, p.interval) for p in services.paces] == [(50_000, 25.0), (50_100, 25.0)]

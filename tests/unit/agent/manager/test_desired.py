@@ -10,7 +10,7 @@ from typing import Any
 from agent.host.state import AgentState, ServiceRecord, save_state
 from agent.manager.shell import ServiceManager
 from protocol.codec import encode
-from protocol.messages import DesiredState
+from protocol.messages import DesiredState, Pace
 from protocol.signing import generate_seed, public_key, sign
 
 NODE, FLEET, SERVICE = "node-1", "default", "hello"
@@ -109,7 +109,7 @@ async def test_the_reread_waits_as_the_fleets_size_says(
     async def sleep(seconds: float) -> None:
         waits.append(seconds)
         if len(waits) == 2:
-            mgr.paced(50_000)  # the leader's pace, heard between two re-reads
+            mgr.paced(Pace(interval=25.0, nodes=50_000, rate=2000.0))  # heard meanwhile
         if len(waits) == 4:
             raise asyncio.CancelledError
 

@@ -83,3 +83,144 @@ def test_an_unchanged_state_is_queued_again_at_once_after_a_reconnect(tmp_path: 
     svc.pending_observed = None
     writer.observe(svc)
     assert svc.pending_observed is None  # once per reconnect
+
+
+# -- reports in a large fleet: counters alone are paced, news is not ------------------------------
+
+
+def _busy(svc: Service, requests: int, at: float, **router: object) -> None:
+    """The router's counters as a read at ``at`` finds them (``requests`` served by slot a)."""
+    from protocol.testing import router_stats
+
+    stats = router_stats(1.0, at, a=(requests, 0, 3))
+    for name, value in router.items():
+        setattr(stats, name, value)
+    svc.router_stats = stats
+    svc.applied_weights = {"a": 100}
+
+
+def _sent(svc: Service) -> bool:
+    got, svc.pending_observed = svc.pending_observed, None
+    return got is not None
+
+
+def test_report_gaps_follow_the_leaders_pace() -> None:
+    """No pace, or a short one (a small fleet): every read, and an unchanged state every
+    OBSERVE_EVERY; a longer pace (50,000 nodes at 2,000 heartbeats a second: 25 s) spaces
+    both."""
+    from agent.manager.observed import report_gaps
+
+    assert report_gaps(0.0) == (0.0, OBSERVE_EVERY)
+    assert report_gaps(1.5) == (1.5, OBSERVE_EVERY)
+    assert report_gaps(25.0) == (25.0, 25.0)
+    assert report_gaps(-3.0) == (0.0, OBSERVE_EVERY)
+
+
+def test_in_a_paced_fleet_new_counters_alone_wait_for_the_pace(tmp_path: Path) -> None:
+    """Paced every 25 s (50,000 nodes), a read that brings only new counters (every read of a
+    busy router does) is held until 25 s after the last report, which then carries the newest
+    ones; an unchanged state is repeated every 25 s, not every 5."""
+    now = [1000.0]
+    writer, svc = _writer(tmp_path, now)
+    writer.paced = 25.0
+    _busy(svc, 10, now[0])
+    writer.observe(svc)
+    assert _sent(svc)
+    for step in range(1, 12):  # reads every 2 s, traffic each time
+        now[0] += 2.0
+        _busy(svc, 10 + step, now[0])
+        writer.observe(svc)
+        assert not _sent(svc), step
+    now[0] += 3.0  # 25 s after the last report
+    _busy(svc, 40, now[0])
+    writer.observe(svc)
+    obs = svc.pending_observed
+    assert obs is not None and obs.router is not None and obs.router.slots["a"].requests == 40
+    svc.pending_observed = None
+    now[0] += OBSERVE_EVERY  # nothing new at all: repeated at the paced gap only
+    writer.observe(svc)
+    assert not _sent(svc)
+    now[0] += 25.0 - OBSERVE_EVERY
+    writer.observe(svc)
+    assert _sent(svc)
+
+
+def test_a_small_fleet_reports_every_read_as_before(tmp_path: Path) -> None:
+    """No pace heard, or a fleet of a few nodes: every read's counters go out at once."""
+    now = [1000.0]
+    writer, svc = _writer(tmp_path, now)
+    writer.paced = 0.0015
+    for step in range(4):
+        _busy(svc, 10 + step, now[0])
+        writer.observe(svc)
+        assert _sent(svc), step
+        now[0] += 2.0
+
+
+def test_in_a_large_fleet_news_goes_out_at_once(tmp_path: Path) -> None:
+    """Paced or not, what is not a counter is reported at the next pass: other weights, a
+    router restarted (a new epoch), its drain phase, a new phase of the service."""
+    now = [1000.0]
+    writer, svc = _writer(tmp_path, now)
+    writer.paced = 25.0
+    _busy(svc, 10, now[0])
+    writer.observe(svc)
+    assert _sent(svc)
+    now[0] += 2.0
+    _busy(svc, 11, now[0], epoch=2.0)
+    writer.observe(svc)
+    assert _sent(svc)
+    now[0] += 2.0
+    _busy(svc, 12, now[0], epoch=2.0, drain="draining")
+    writer.observe(svc)
+    assert _sent(svc)
+    now[0] += 2.0
+    _busy(svc, 13, now[0], epoch=2.0, drain="draining", weights={"a": 50, "b": 50})
+    writer.observe(svc)
+    assert _sent(svc)
+    now[0] += 2.0
+    _busy(svc, 14, now[0], epoch=2.0, drain="draining", weights={"a": 50, "b": 50})
+    svc.router_error, svc.router_error_since = "port taken", now[0]
+    writer.observe(svc)
+    assert _sent(svc)
+
+
+def test_in_a_large_fleet_a_judged_service_reports_every_read(tmp_path: Path) -> None:
+    """A wave a gate judges (its desired state asks for stats), a router that splits traffic,
+    or weights changed a moment ago: every read's counters go out, the bake's window complete
+    when the bake is."""
+    from agent.manager.service import STATS_FAST_AFTER_SWITCH
+    from protocol.messages import DesiredState
+
+    def reads(svc: Service, writer: ObservedWriter, now: list[float], n: int) -> list[bool]:
+        out = []
+        for _ in range(n):
+            now[0] += 2.0
+            requests = svc.router_stats.slots["a"].requests + 1 if svc.router_stats else 0
+            weights = dict(svc.applied_weights)
+            _busy(svc, requests, now[0])
+            svc.applied_weights = weights or {"a": 100}
+            writer.observe(svc)
+            out.append(_sent(svc))
+        return out
+
+    now = [1000.0]
+    writer, svc = _writer(tmp_path, now)
+    writer.paced = 25.0
+    svc.desired = DesiredState(fleet=FLEET, node=NODE, service="hello", generation=1,
+                               stats_every=2.0)
+    writer.observe(svc)
+    assert reads(svc, writer, now, 3) == [True, True, True]
+
+    writer, svc = _writer(tmp_path, now)
+    writer.paced = 25.0
+    svc.applied_weights = {"a": 90, "b": 10}  # a canary's split
+    writer.observe(svc)
+    assert reads(svc, writer, now, 3) == [True, True, True]
+
+    writer, svc = _writer(tmp_path, now)
+    writer.paced = 25.0
+    svc.weights_changed = now[0]
+    writer.observe(svc)
+    switched = reads(svc, writer, now, 6)
+    assert switched[:4] == [True] * 4 and not any(switched[int(STATS_FAST_AFTER_SWITCH // 2):])

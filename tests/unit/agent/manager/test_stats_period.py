@@ -63,3 +63,10 @@ def test_the_fast_period_keeps_the_agents_ticks() -> None:
     # The reads stay on the heartbeat's ticks (agent.cadence): the fast period divides the usual.
     assert STATS_EVERY_SPLIT < STATS_EVERY
     assert (STATS_EVERY / STATS_EVERY_SPLIT).is_integer()
+
+
+def test_a_threshold_waves_ask_for_the_usual_period_slows_no_split() -> None:
+    """A wave a threshold gate judges asks for the usual period (2 s, to be reported at every
+    read in a large fleet): a canary's split under it is still read every STATS_EVERY_SPLIT."""
+    assert stats_period([svc({"blue": 90, "green": 10}, asked=STATS_EVERY)]) == STATS_EVERY_SPLIT
+    assert stats_period([svc({"green": 100}, asked=STATS_EVERY)]) == STATS_EVERY
