@@ -1455,6 +1455,8 @@ class Bus:
 
     async def watch(self, bucket: str, pattern: str, *, verify: float | None = None,
                     on_missing: Callable[[], Awaitable[None]] | None = None,
+                    heartbeat: Callable[[], float] | None = None,
+                    renew: asyncio.Event | None = None,
                     ) -> AsyncIterator[Entry | None]:
         """Every entry matching ``pattern``, then every change, for ever; survives reconnects.
 
@@ -1470,14 +1472,22 @@ class Bus:
 
         ``on_missing``: awaited when the bucket's stream is not there (a memory bucket after the
         broker's restart, ``ensure_observed``) before the next attempt; its BusError is logged.
+
+        ``heartbeat``: the idle heartbeat each new consumer of the watch asks for (asked at
+        every creation; ``WATCH_HEARTBEAT`` without it): a large fleet's agents ask for longer
+        ones. ``renew``: set it to start a new watch (a full read) on a new consumer, which
+        asks ``heartbeat`` again; cleared when the new watch starts.
         """
         failures = 0
         while True:
             # A few quick attempts (an election ends within seconds), then longer ones: a
             # loaded server gets longer requests, not more of them. Jitter spreads a fleet.
             bound = min(OP_TIMEOUT, WATCH_START_TIMEOUT * 2 ** max(0, failures - 3))
-            kv = _watchable(await self._bucket(bucket), self._watch_js(bound))
+            kv = _watchable(await self._bucket(bucket), self._watch_js(bound),
+                            heartbeat() if heartbeat is not None else WATCH_HEARTBEAT)
             epoch = self.reconnects
+            if renew is not None:
+                renew.clear()
             try:
                 w = await kv.watch(pattern, inactive_threshold=WATCH_INACTIVE)
             except (nats.errors.Error, TimeoutError) as exc:
@@ -1492,8 +1502,9 @@ class Bus:
                 continue
             failures = 0
             self._watchers.add(w)
-            dog = (asyncio.get_running_loop().create_task(self._watchdog(w, bucket, verify))
-                   if verify else None)
+            loop = asyncio.get_running_loop()
+            dog = loop.create_task(self._watchdog(w, bucket, verify)) if verify else None
+            renewer = loop.create_task(_renew_on(renew, w)) if renew is not None else None
             try:
                 # No polling: ``_reconnected`` wakes this with the stop sentinel (checked for
                 # here too, in case the reconnect came while the watcher was being created).
@@ -1509,8 +1520,9 @@ class Bus:
             except nats.errors.Error:
                 await asyncio.sleep(0.5)
             finally:
-                if dog is not None:
-                    dog.cancel()
+                for task in (dog, renewer):
+                    if task is not None:
+                        task.cancel()
                 self._watchers.discard(w)
                 with contextlib.suppress(Exception):
                     await bounded(w.stop(), 2)
@@ -2135,12 +2147,24 @@ class _CountedJetStream(JetStreamContext):
         return info
 
 
-def _watchable(kv: Any, js: Any) -> Any:
+def _watchable(kv: Any, js: Any, heartbeat: float = WATCH_HEARTBEAT) -> Any:
     """A copy of KeyValue ``kv`` whose watches are made through JetStream context ``js`` (its
-    timeout bounds their creation) with idle heartbeats every ``WATCH_HEARTBEAT``."""
+    timeout bounds their creation) with idle heartbeats every ``heartbeat`` seconds."""
     fast = copy.copy(kv)
-    fast._js = _HeartbeatingJetStream(js, WATCH_HEARTBEAT)
+    fast._js = _HeartbeatingJetStream(js, heartbeat)
     return fast
+
+
+async def _renew_on(renew: asyncio.Event, w: Any) -> None:
+    """Once ``renew`` is set, wake watcher ``w`` with its stop sentinel: its ``watch`` starts a
+    new one (the watchdog's way)."""
+    await renew.wait()
+    while True:
+        try:
+            w._updates.put_nowait(w.STOP_ITER)
+            return
+        except asyncio.QueueFull:  # updates to deliver first: try again once some are taken
+            await asyncio.sleep(0.1)
 
 
 def reconnect_delay(attempts: int) -> float:

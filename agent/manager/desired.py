@@ -24,14 +24,16 @@ from agent.manager.events import NodeEvents
 from agent.manager.service import (
     BUS_TIMEOUT,
     MAX_REREAD,
+    MAX_WATCH_HEARTBEAT,
     REREAD,
     REREAD_RATE,
+    WATCH_HEARTBEAT_RATE,
     NodeConfig,
     Service,
     Services,
 )
 from protocol import subjects
-from protocol.bus import Bus
+from protocol.bus import WATCH_HEARTBEAT, Bus
 from protocol.codec import decode
 from protocol.errors import BusError, ProtocolError
 from protocol.messages import SignedEnvelope
@@ -45,6 +47,13 @@ def reread_every(nodes: int) -> float:
     ``nodes`` (as the leader's pace says; 0: not heard): ``REREAD``, or as long as keeps the
     fleet at ``REREAD_RATE`` re-reads a second, at most ``MAX_REREAD``."""
     return min(MAX_REREAD, max(REREAD, nodes / REREAD_RATE))
+
+
+def watch_heartbeat(nodes: int) -> float:
+    """The idle heartbeat a node's watch asks for in a fleet of ``nodes``: ``WATCH_HEARTBEAT``,
+    or as long as keeps the fleet's at ``WATCH_HEARTBEAT_RATE`` a second, at most
+    ``MAX_WATCH_HEARTBEAT``."""
+    return min(MAX_WATCH_HEARTBEAT, max(WATCH_HEARTBEAT, nodes / WATCH_HEARTBEAT_RATE))
 
 
 class DesiredWatch:
@@ -64,6 +73,9 @@ class DesiredWatch:
         self.refused = 0  # desired states refused so far
         self.fleet_nodes = 0  # the fleet's size in the leader's last pace (0: none heard yet)
         self.rereads = 0
+        self.renewals = 0  # watches renewed for another heartbeat
+        self.heartbeat = 0.0  # the idle heartbeat the running watch asked for (0: none yet)
+        self._renew = asyncio.Event()
         self._refused_values: dict[str, bytes] = {}
 
     async def watch(self) -> None:
@@ -72,7 +84,8 @@ class DesiredWatch:
         attempt = 0
         while True:
             try:
-                async for entry in self.bus.watch(bucket, subjects.node_keys(self.node)):
+                async for entry in self.bus.watch(bucket, subjects.node_keys(self.node),
+                                                  heartbeat=self._heartbeat, renew=self._renew):
                     attempt = 0
                     if entry is None or entry.value is None:
                         continue  # end of the initial contents, or a deletion: nothing to accept
@@ -84,12 +97,27 @@ class DesiredWatch:
                 await asyncio.sleep(min(5.0, 0.2 * 2**attempt))
                 attempt += 1
 
+    def _heartbeat(self) -> float:
+        """What a new watch asks for (``watch_heartbeat``), remembered."""
+        self.heartbeat = watch_heartbeat(self.fleet_nodes)
+        return self.heartbeat
+
     async def reread(self) -> None:
         """Offer every value again every ``reread_every`` seconds on average (each wait drawn
-        from half to one and a half of it): the safety net under the watch."""
+        from half to one and a half of it): the safety net under the watch. When the fleet's
+        size calls for another heartbeat than the watch's, the watch is renewed instead (its
+        full read is the re-read): spread so, a fleet that hears a new size does not make its
+        consumers again all at once."""
         bucket = subjects.desired_bucket(self.fleet)
         while True:
             await asyncio.sleep(random.uniform(0.5, 1.5) * reread_every(self.fleet_nodes))
+            if self.heartbeat and watch_heartbeat(self.fleet_nodes) != self.heartbeat:
+                log.info("renewing the watch of desired states: idle heartbeats every %gs "
+                         "(%d nodes), not %gs", watch_heartbeat(self.fleet_nodes),
+                         self.fleet_nodes, self.heartbeat)
+                self.renewals += 1
+                self._renew.set()
+                continue
             self.rereads += 1
             try:
                 async with asyncio.timeout(BUS_TIMEOUT):

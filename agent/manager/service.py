@@ -50,6 +50,15 @@ IDLE_TICK = 2.0  # all settled: wakes bring every change; this only guards again
 REREAD = 30.0
 REREAD_RATE = 100.0
 MAX_REREAD = 600.0
+# The idle heartbeat an agent's watch of its desired states asks the broker for: 1 s
+# (``protocol.bus.WATCH_HEARTBEAT``: a watch whose server died is re-created within about two),
+# or in a large fleet as long as keeps the broker at WATCH_HEARTBEAT_RATE of them a second, at
+# most MAX_WATCH_HEARTBEAT (nats-py's own default). Measured (``tests/perf/bench_reread.py``):
+# ~20 us of nats-server CPU a heartbeat, so 50,000 agents at 1 s kept a whole broker core busy
+# at rest. Taken at the watch's start; a re-read renews a watch whose heartbeat the
+# fleet's size no longer calls for (``desired.DesiredWatch.reread``).
+WATCH_HEARTBEAT_RATE = 10_000.0
+MAX_WATCH_HEARTBEAT = 5.0
 OBSERVE_EVERY = 5.0
 # Reports that carry nothing new but the router's counters (read every STATS_EVERY seconds and
 # stamped with the read's time, so every read changes them) go out at most once a paced

@@ -160,11 +160,15 @@ async def test_bench_reread_and_bench_rest_run_small() -> None:
     """Small runs of the two at-rest benchmarks: every figure there, the policies' rates as
     their arithmetic says (at 200 nodes a re-read every 30 s, a report at every read)."""
     code, out, err = await run(str(PERF / "bench_reread.py"), "--nodes", "200", "--reads", "40",
-                               "--json")
+                               "--watches", "20", "--json")
     assert code == 0, err[-3000:]
-    (r,) = json.loads(out)["rereads"]
+    got = json.loads(out)
+    (r,) = got["rereads"]
     assert r["nodes"] == 200 and r["paced_interval_s"] == 30.0, r
     assert r["server_ms_per_read"] > 0 and r["fixed_server_cores"] == r["paced_server_cores"], r
+    w = got["watches"]
+    assert w["watches"] == 20 and w["server_pct_at_1s"] > 0, w
+    assert w["fleets"]["200"]["now_hb_s"] == 1.0, w
     code, out, err = await run(str(PERF / "bench_rest.py"), "--nodes", "200", "--seconds", "1",
                                "--rollout", "--json")
     assert code == 0, err[-3000:]

@@ -177,6 +177,41 @@ async def test_a_watch_whose_consumer_is_gone_starts_again(broker: Broker) -> No
         await writer.close()
 
 
+async def test_a_renewed_watch_asks_its_heartbeat_again(broker: Broker) -> None:
+    """A watch asks its ``heartbeat`` at every start: renewed (``renew`` set), it starts again
+    with a full read on a new consumer that asks the new heartbeat, the old consumer gone from
+    its watcher, and changes still arrive."""
+    bus = await Bus.connect(broker.url, "t")
+    writer = await Bus.connect(broker.url, "t")
+    try:
+        await bus.ensure_fleet()
+        await writer.kv_put("fw-t-desired", "n1.web", b"1")
+        beat, renew = [1.0], asyncio.Event()
+        seen, task = _followed(bus.watch("fw-t-desired", "n1.*", heartbeat=lambda: beat[0],
+                                         renew=renew))
+        async with asyncio.timeout(10):
+            assert (await seen.get()) is not None and (await seen.get()) is None
+        [w] = list(bus._watchers)
+        info = await w._sub.consumer_info()
+        assert info.config.idle_heartbeat == 1.0
+        beat[0] = 3.0
+        renew.set()
+        async with asyncio.timeout(10):  # the full read again
+            e = await seen.get()
+            assert e is not None and e.value == b"1" and (await seen.get()) is None
+        [w2] = list(bus._watchers)
+        assert w2 is not w and not renew.is_set()
+        info = await w2._sub.consumer_info()
+        assert info.config.idle_heartbeat == 3.0
+        await writer.kv_put("fw-t-desired", "n1.web", b"2")
+        await _expect(seen, b"2")
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    finally:
+        await bus.close()
+        await writer.close()
+
+
 async def test_create_is_a_lock(broker: Broker) -> None:
     """kv_create succeeds once; the second writer gets Conflict."""
     bus = await Bus.connect(broker.url, "t")

@@ -1,6 +1,7 @@
 """What agents' re-reads of their desired states cost the broker, at fleet sizes.
 
-Usage: python tests/perf/bench_reread.py [--nodes 1000,10000,50000] [--reads 2000] [--json]
+Usage: python tests/perf/bench_reread.py [--nodes 1000,10000,50000] [--reads 2000]
+       [--watches 5000] [--json]
 
 Every agent watches its keys of the fleet's desired bucket and, as a safety net under the watch,
 re-reads them now and then (``agent.manager.desired``): a snapshot through an ordered consumer,
@@ -16,6 +17,12 @@ over the nodes. Figures:
   agents re-reading every 30 s (before session 25: ``REREAD`` for every fleet), and at the
   mean interval agents now take from the leader's pace (``reread_every``: 30 s up to 3,000
   nodes, then 100 re-reads a second in all, at most every 10 minutes).
+
+And the watches' idle heartbeats (``--watches`` of them, one a node as agents hold, on one
+fresh server, each held idle for 10 s at 1 s and at 5 s): nats-server's CPU at each, the cost
+of one heartbeat from the difference, and what the fleet's heartbeats cost it for ever at each
+N: every agent at 1 s (before session 25) and at ``watch_heartbeat(N)`` (now: 1 s up to 10,000
+nodes, then 10,000 heartbeats a second in all, at most 5 s).
 """
 
 from __future__ import annotations
@@ -33,12 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from perf_support import emit, run_main
 
-from agent.manager.desired import reread_every
+from agent.manager.desired import reread_every, watch_heartbeat
 from agent.manager.service import REREAD
 from coordinator.dev.broker import Broker
 from protocol import subjects
 from protocol.bus import Bus
 from protocol.codec import encode
+from protocol.loop import bounded
 from protocol.messages import DesiredState, ReleaseRef
 from protocol.signing import generate_seed, sign_batch
 
@@ -109,6 +117,67 @@ async def measure(n: int, reads: int) -> dict[str, Any]:
     }
 
 
+async def idle_watches(count: int, heartbeat: float, seconds: float = 10.0) -> float:
+    """nats-server's CPU (% of a core) while ``count`` watches of one key each, asking for
+    idle heartbeats every ``heartbeat`` s, sit idle for ``seconds``."""
+    async with Broker(max_payload="1MB") as broker:
+        bus = await Bus.connect(broker.url, FLEET, name="bench-watches")
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            await bus.ensure_fleet(1, raise_existing=True)
+            bucket = subjects.desired_bucket(FLEET)
+            written = states(count, generate_seed())
+            for start in range(0, count, BATCH):
+                await bus.kv_put_all(bucket, written[start:start + BATCH])
+            started = asyncio.Semaphore(0)
+
+            async def watch(i: int) -> None:
+                async for e in bus.watch(bucket, subjects.node_keys(f"node-{i}"),
+                                         heartbeat=lambda: heartbeat):
+                    if e is None:
+                        started.release()
+
+            for i in range(count):
+                tasks.append(asyncio.create_task(watch(i)))
+                if i % 200 == 199:
+                    await asyncio.sleep(0.05)  # a fleet's watches start over a moment
+            for _ in range(count):
+                await bounded(started.acquire(), 60)
+            await asyncio.sleep(2 * heartbeat)  # every consumer on its heartbeat
+            server = psutil.Process(broker.pid)
+            cpu0, t0 = sum(server.cpu_times()[:2]), time.perf_counter()
+            await asyncio.sleep(seconds)
+            return (sum(server.cpu_times()[:2]) - cpu0) / (time.perf_counter() - t0) * 100
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await bus.close()
+
+
+async def measure_watches(count: int, sizes: list[int]) -> dict[str, Any]:
+    at_1, at_5 = await idle_watches(count, 1.0), await idle_watches(count, 5.0)
+    each_us = max(0.0, (at_1 - at_5) / 100 / (count - count / 5.0)) * 1e6
+    fleet = {n: {"before_hb_s": 1.0, "before_server_cores": round(n * each_us / 1e6, 3),
+                 "now_hb_s": watch_heartbeat(n),
+                 "now_server_cores": round(n / watch_heartbeat(n) * each_us / 1e6, 3)}
+             for n in sizes}
+    return {"watches": count, "server_pct_at_1s": round(at_1, 1),
+            "server_pct_at_5s": round(at_5, 1), "us_per_heartbeat": round(each_us, 2),
+            "fleets": fleet}
+
+
+def watch_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
+    out = [(f"{r['watches']} idle watches", f"server {r['server_pct_at_1s']:.1f} % of a core at "
+                                            f"1 s heartbeats, {r['server_pct_at_5s']:.1f} % at "
+                                            f"5 s: {r['us_per_heartbeat']:.2f} us a heartbeat")]
+    for n, f in r["fleets"].items():
+        out.append((f"{n} agents' watches", f"at 1 s {f['before_server_cores']:.3f} of a core; "
+                                            f"at {f['now_hb_s']:g} s (now) "
+                                            f"{f['now_server_cores']:.3f}"))
+    return out
+
+
 def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
     return [
         ("a re-read", f"server {r['server_ms_per_read']:.3f} ms CPU, client "
@@ -128,6 +197,8 @@ async def main() -> int:
     ap.add_argument("--nodes", default="1000,10000,50000",
                     help="comma-separated fleet sizes (default 1000,10000,50000)")
     ap.add_argument("--reads", type=int, default=2000, help="re-reads timed at each size")
+    ap.add_argument("--watches", type=int, default=5000,
+                    help="idle watches held to measure a heartbeat's cost (0: skip)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = ap.parse_args()
     sizes = [int(x) for x in args.nodes.split(",") if x.strip()]
@@ -138,8 +209,12 @@ async def main() -> int:
         if not args.json:
             emit(False, f"agents' re-reads of their desired states, {n} nodes, one server", r,
                  rows(r))
+    watches = await measure_watches(args.watches, sizes) if args.watches else None
+    if watches is not None and not args.json:
+        emit(False, "agents' watches of their desired states, idle, one server", watches,
+             watch_rows(watches))
     if args.json:
-        emit(True, "", {"rereads": results}, [])
+        emit(True, "", {"rereads": results, "watches": watches}, [])
     return 0
 
 

@@ -120,3 +120,47 @@ async def test_the_reread_waits_as_the_fleets_size_says(
         await mgr.desired.reread()
     assert waits == [15.0, 45.0, 250.0, 750.0]
     assert bus.reads == [f"{NODE}.*"] * 3 and mgr.desired.rereads == 3
+
+
+def test_watch_heartbeat_keeps_a_large_fleets_at_the_rate() -> None:
+    """1 s up to 10,000 nodes; then nodes / 10,000 a second; never past 5 s."""
+    from agent.manager.desired import watch_heartbeat
+
+    assert watch_heartbeat(0) == 1.0
+    assert watch_heartbeat(10_000) == 1.0
+    assert watch_heartbeat(20_000) == 2.0
+    assert watch_heartbeat(50_000) == 5.0
+    assert watch_heartbeat(10**9) == 5.0
+
+
+async def test_a_reread_renews_a_watch_whose_heartbeat_the_fleet_outgrew(
+    tmp_path: Path, monkeypatch: Any,
+) -> None:
+    """The watch started at 1 s; the pace then names 50,000 nodes: the next re-read renews the
+    watch (whose full read stands for it) instead of reading; once the new watch asked for
+    5 s, re-reads read again."""
+    import asyncio
+    import contextlib
+
+    import agent.manager.desired as desired_mod
+
+    bus = _Rereads()
+    mgr = ServiceManager(bus=bus, fleet=FLEET, node=NODE, data_dir=tmp_path,  # type: ignore[arg-type]
+                         bind_host="127.0.0.1", trusted_keys=[])
+    watch = mgr.desired
+    assert watch._heartbeat() == 1.0  # as the watch asks at its start
+    mgr.paced(Pace(interval=25.0, nodes=50_000, rate=2000.0))
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) == 2:
+            assert watch._renew.is_set() and bus.reads == []
+            assert watch._heartbeat() == 5.0  # the renewed watch's start
+        if len(waits) == 3:
+            raise asyncio.CancelledError
+
+    monkeypatch.setattr(desired_mod.asyncio, "sleep", sleep)
+    with contextlib.suppress(asyncio.CancelledError):
+        await watch.reread()
+    assert watch.renewals == 1 and watch.rereads == 1 and bus.reads == [f"{NODE}.*"]
