@@ -104,7 +104,7 @@ async def cpu_over(fleet: SimFleet, work: Any) -> tuple[Any, float, float, float
 
 
 async def measure(n: int, seconds: float, with_rollout: bool) -> dict[str, Any]:
-    async with SimFleet(n, max_payload="1MB", lease_ttl=10 if n > 20_000 else None) as fleet:
+    async with SimFleet(n, max_payload="1MB") as fleet:
         assert fleet.bus is not None
         rid, _ = await fleet.deploy(rolling("1.0.0"))
         ev, _ = await fleet.finish(rid, timeout=120 + n / 10)
