@@ -118,6 +118,9 @@ class Pace(msgspec.Struct, kw_only=True, frozen=True):
     interval: float
     nodes: int = 0
     rate: float = 0.0
+    # The services whose running rollouts read the routers' counters (a bake, sequential
+    # analysis): their agents report every read of their routers, however large the fleet.
+    reading: list[str] = []
 
 
 # -- desired state ---------------------------------------------------------------------------------

@@ -42,18 +42,29 @@ from protocol.signing import resigns, verify
 log = logging.getLogger("fleetwave.agent.services")
 
 
+def size_step(nodes: int) -> int:
+    """``nodes`` rounded up to 1,000 times a power of two: the fleet sizes the re-reads and the
+    watch's heartbeat follow, so that they move when the fleet doubles, not with every pace of
+    a cold start (a new log line and a renewed watch each time)."""
+    step = 1000
+    while step < nodes:
+        step *= 2
+    return step
+
+
 def reread_every(nodes: int) -> float:
     """The mean time between two full re-reads of one node's desired states in a fleet of
     ``nodes`` (as the leader's pace says; 0: not heard): ``REREAD``, or as long as keeps the
-    fleet at ``REREAD_RATE`` re-reads a second, at most ``MAX_REREAD``."""
-    return min(MAX_REREAD, max(REREAD, nodes / REREAD_RATE))
+    fleet (``size_step``) at ``REREAD_RATE`` re-reads a second, at most ``MAX_REREAD``."""
+    return min(MAX_REREAD, max(REREAD, size_step(nodes) / REREAD_RATE))
 
 
 def watch_heartbeat(nodes: int) -> float:
     """The idle heartbeat a node's watch asks for in a fleet of ``nodes``: ``WATCH_HEARTBEAT``,
     or as long as keeps the fleet's at ``WATCH_HEARTBEAT_RATE`` a second, at most
-    ``MAX_WATCH_HEARTBEAT``."""
-    return min(MAX_WATCH_HEARTBEAT, max(WATCH_HEARTBEAT, nodes / WATCH_HEARTBEAT_RATE))
+    ``MAX_WATCH_HEARTBEAT`` (the fleet's size by ``size_step``)."""
+    return min(MAX_WATCH_HEARTBEAT,
+               max(WATCH_HEARTBEAT, size_step(nodes) / WATCH_HEARTBEAT_RATE))
 
 
 class DesiredWatch:

@@ -25,6 +25,7 @@ from msgspec import UNSET
 from agent.manager.service import (
     BUS_TIMEOUT,
     OBSERVE_EVERY,
+    STATS_EVERY,
     NodeConfig,
     Service,
     Services,
@@ -40,6 +41,12 @@ from protocol.messages import (
 )
 
 log = logging.getLogger("fleetwave.agent.services")
+
+
+# A report of counters alone goes out once the pace's interval is within this of having passed:
+# reads come every STATS_EVERY, a little early or late, and one that came a moment before the
+# interval was up would otherwise wait a whole read more.
+READ_SLACK = STATS_EVERY / 2
 
 
 def report_gaps(paced: float) -> tuple[float, float]:
@@ -78,6 +85,8 @@ class ObservedWriter:
         self._queued = False  # a state is pending, not yet released
         self._bus_failing = False  # the last write failed (logged once until one succeeds)
         self.paced = 0.0  # the interval of the leader's last pace (0: none heard yet)
+        # The services whose running rollouts read their routers' counters (the pace says).
+        self.reading: frozenset[str] = frozenset()
 
     def observe(self, svc: Service) -> None:
         """Queue ``svc``'s observed state if it changed or ``OBSERVE_EVERY`` passed."""
@@ -128,7 +137,8 @@ class ObservedWriter:
             if body == svc.last_observed:
                 if since < unchanged:
                     return
-            elif since < counters and not svc.judged(now):
+            elif since < counters - READ_SLACK and not (
+                    svc.name in self.reading or svc.judged(now)):
                 return  # new counters only, in a large fleet: they go out with the next report
         svc.observed_epoch = epoch
         obs.time = now

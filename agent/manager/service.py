@@ -65,7 +65,8 @@ OBSERVE_EVERY = 5.0
 # heartbeat interval (the leader's pace: ``--max-heartbeats-per-second``), and so does the
 # periodic report of an unchanged state when that is longer than OBSERVE_EVERY
 # (``observed.report_gaps``): at rest the coordinator takes as many reports a second as
-# heartbeats, whatever the fleet's size; a service a rollout judges reports every read.
+# heartbeats, whatever the fleet's size; a service a running rollout reads (``Pace.reading``)
+# reports every read.
 # Measured (``tests/perf/bench_rest.py``): the coordinator spends ~3 % of a core per 1,000
 # reports a second, and 50,000 agents at rest, one service each, sent 25,000 a second.
 # A router that cannot be configured (its public port is taken, ...) for this long fails the
@@ -203,10 +204,12 @@ class Service:
                 or sum(w > 0 for w in self.applied_weights.values()) > 1)
 
     def judged(self, now: float) -> bool:
-        """Whether a rollout reads this service's counters for a decision now: its desired
-        state asks for them (``stats_every``: a wave whose bake a gate judges), its router
+        """Whether this node's own state says a rollout reads its counters now: its desired
+        state asks for them (``stats_every``: a wave sequential analysis judges), its router
         splits or mirrors traffic, or its weights changed within ``STATS_FAST_AFTER_SWITCH``.
-        Such a service reports every read of its router, however large the fleet."""
+        Such a service reports every read of its router, however large the fleet, as does one
+        the leader's pace names (``Pace.reading``: every node of a rollout that reads counters,
+        the old slots' traffic too)."""
         asked = self.desired.stats_every if self.desired is not None else 0.0
         switched = bool(self.weights_changed) and \
             0.0 <= now - self.weights_changed < STATS_FAST_AFTER_SWITCH

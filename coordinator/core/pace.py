@@ -12,10 +12,17 @@ longer of that and its own (``agent.presence.Pacing``), announcing it in its hea
 is still judged per node by the interval it announced (``core.fleet``: 3 missed beats): a fleet of
 10,000 at 2,000 a second beats every 5 s and a node is offline 15 s after its last beat.
 
+The pace also names the services whose running rollouts read the routers' counters
+(``reading``, ``reads_counters``): their agents report every read of their routers, while the
+others report counters alone once a paced interval (``agent.manager.observed``), so that at rest
+the coordinator takes as many reports as heartbeats, and a rollout's gates compare windows of
+fresh counters from every node, the old slots' as well as the new.
+
 ``Pacer.due`` says when to publish: at once when the interval moved by more than ``CHANGE`` (the
-fleet grew or shrank), after registrations (an agent that just started beats at its own interval
-until it hears the pace), and every ``REPEAT`` s anyway (a core NATS message is not kept: an
-agent that was away meanwhile hears the next one); at most once a ``SETTLE``. Pure: the time is
+fleet grew or shrank) or the services read changed, after registrations (an agent that just
+started beats at its own interval until it hears the pace), and every ``REPEAT`` s anyway (a
+core NATS message is not kept: an agent that was away meanwhile hears the next one); at most
+once a ``SETTLE``. Pure: the time is
 given, so tests run in virtual time. When the interval grows, the leader excuses every node's
 silence for one new interval (``Pacer.grace``): a lost announcing beat is no death.
 """
@@ -23,9 +30,10 @@ silence for one new interval (``Pacer.grace``): a lost announcing beat is no dea
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 from coordinator.core.fleet import MAX_INTERVAL, MISSED_BEATS
-from protocol.messages import Pace
+from protocol.messages import Pace, RolloutSpec
 
 DEFAULT_RATE = 2000.0  # heartbeats a second: 4,000 nodes at the agents' default 2 s
 CHANGE = 0.10  # a relative change of the interval that is published at once
@@ -36,6 +44,12 @@ SETTLE = 1.0
 def interval(nodes: int, rate: float) -> float:
     """The shortest interval at which ``nodes`` beat ``rate`` times a second at most."""
     return min(MAX_INTERVAL, round(nodes / rate, 3))
+
+
+def reads_counters(spec: RolloutSpec) -> bool:
+    """Whether a running rollout of ``spec`` reads its nodes' router counters: it bakes (its
+    gates judge the bake's window), weighs evidence sequentially, or mirrors (a shadow)."""
+    return spec.bake > 0 or spec.gates.analysis == "sequential" or spec.strategy == "shadow"
 
 
 def startup_grace(nodes: int, rate: float, floor: float) -> float:
@@ -57,13 +71,17 @@ class Pacer:
         self.sent: Pace | None = None
         self._at = -math.inf
 
-    def due(self, now: float, nodes: int, newcomers: bool) -> Pace | None:
+    def due(self, now: float, nodes: int, newcomers: bool,
+            reading: Iterable[str] = ()) -> Pace | None:
         """The Pace to publish now for a fleet of ``nodes`` (``newcomers``: some registered since
-        the last one was sent), or None; ``published`` once it went out."""
+        the last one was sent) whose running rollouts read the counters of ``reading``'s
+        services, or None; ``published`` once it went out."""
         if now - self._at < SETTLE:
             return None
-        pace = Pace(interval=interval(nodes, self.rate), nodes=nodes, rate=self.rate)
-        if newcomers or now - self._at >= REPEAT or self.moved(pace):
+        pace = Pace(interval=interval(nodes, self.rate), nodes=nodes, rate=self.rate,
+                    reading=sorted(set(reading)))
+        if (newcomers or now - self._at >= REPEAT or self.moved(pace)
+                or self.sent is None or pace.reading != self.sent.reading):
             return pace
         return None
 

@@ -18,19 +18,14 @@ from protocol.messages import SLOTS, CohortSpec, DesiredState, MirrorSpec, Relea
 # the nodes of such a wave read this often (the agent's own period is 2 s, 0.5 s while splitting);
 # 0.25 divides the agent's 2 s tick, so the reads stay on its grid.
 JUDGED_STATS_EVERY = 0.25
-# A node in a wave whose bake a threshold gate judges asks for the agent's usual period (no faster
-# reads): asking at all marks its service judged (``agent.manager.service.Service.judged``), so
-# that in a large fleet, where agents pace reports that carry only new counters
-# (``OBSERVED_RATE``), its reports still come at every read and the bake's window is complete
-# when the bake is. The next write (the old slots' retirement, a rollback) asks nothing again.
-BAKED_STATS_EVERY = 2.0
 
 
 def stats_every_for(spec: RolloutSpec) -> float:
-    """What a wave's desired states ask of the agent's router reads (``stats_every``)."""
-    if spec.gates.analysis == "sequential":
-        return JUDGED_STATS_EVERY
-    return BAKED_STATS_EVERY if spec.bake > 0 else 0.0
+    """What a wave's desired states ask of the agent's router reads (``stats_every``). That a
+    rollout reads every node's counters at all (a bake: the old slots' traffic too) the
+    leader's heartbeat pace says (``core.pace.reads_counters``), not the nodes' states: no
+    write is needed to start or stop it, and it ends with the rollout however it ends."""
+    return JUDGED_STATS_EVERY if spec.gates.analysis == "sequential" else 0.0
 
 
 def serving_slot(desired: DesiredState | None) -> str | None:

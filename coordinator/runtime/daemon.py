@@ -612,12 +612,20 @@ class Coordinator:
         for line in self.lines.due(math.inf if stopping else self._mono()):
             log.info("%s", line)
 
+    def _reading(self) -> list[str]:
+        """The services whose running (not paused) rollouts read their routers' counters."""
+        if self.runner is None:
+            return []
+        return [d.rollout.record.spec.service for d in list(self.runner.drivers.values())
+                if d.rollout.record.state == "running" and pace.reads_counters(
+                    d.rollout.record.spec)]
+
     async def _pace_loop(self, bus: Bus) -> None:
         """The leader's pace of the fleet's heartbeats (``core.pace``), for as long as it leads."""
         warned = False
         while True:
             nodes = self.table.beating(self._clock())  # not those long offline: no beats
-            due = self.pacer.due(time.monotonic(), nodes, self._newcomers)
+            due = self.pacer.due(time.monotonic(), nodes, self._newcomers, self._reading())
             if due is not None:
                 moved = self.pacer.moved(due)
                 try:

@@ -141,13 +141,9 @@ class Ordinary:
 
 
 def retire_old(step: Step) -> None:
-    """Stop every node's old slot: its target again with the new slot only; and a node with no
-    old slot (a first install) whose wave a gate judged gets its target once more asking
-    nothing of its router (``targets.stats_every_for``): an agent reports every read of a
-    router its desired state asks about, however large the fleet (``Service.judged``)."""
+    """Stop every node's old slot: its target again with the new slot only."""
     nodes = step.r.nodes
-    for n in [n for n, p in peek(nodes) if p.target is not None
-              and (len(p.target.slots) > 1 or p.target.stats_every > 0.0)]:
+    for n in [n for n, p in peek(nodes) if p.target is not None and len(p.target.slots) > 1]:
         p = nodes[n]  # taken (copied) only when written: ``NodeTable``
         if p.target is not None:
             step.write(p, retire_target(

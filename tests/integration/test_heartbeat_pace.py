@@ -159,9 +159,9 @@ async def test_a_restarted_coordinator_waits_for_the_first_paced_beats(tmp_path:
 async def test_a_paced_node_reports_counters_alone_once_a_pace(tmp_path: Path) -> None:
     """One node paced every 10 s (a rate of 0.1) serving steady traffic: its router is read
     every 2 s and every read brings new counters, yet its observed reports go out about once a
-    pace (the coordinator takes as many reports as heartbeats); while a wave's bake is judged
-    (its desired state asks for the counters) it reports every read. Before, every read was a
-    report: 50,000 such agents sent 25,000 a second at rest."""
+    pace (the coordinator takes as many reports as heartbeats); while a rollout that bakes runs
+    (the pace names its service) it reports every read. Before, every read was a report:
+    50,000 such agents sent 25,000 a second at rest."""
     fleet = DevFleet(tmp_path / "fleet", agents=1, heartbeat_interval=0.5, subnet=SUBNET)
     fleet.coordinator.argv += ["--max-heartbeats-per-second", "0.1"]
     async with fleet:

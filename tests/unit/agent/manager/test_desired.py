@@ -68,14 +68,17 @@ async def test_a_deposed_leaders_state_is_refused_even_after_a_restart(tmp_path:
 
 
 def test_reread_every_keeps_a_large_fleets_rereads_at_the_rate() -> None:
-    """30 s up to 3,000 nodes (100 a second); then nodes / 100; never past 10 minutes, however
-    large a (forged) pace says the fleet is; a nonsense size changes nothing."""
+    """30 s up to 2,000 nodes; then the size rounded up to 1,000 times a power of two over 100
+    a second (a fleet of 3,000 re-reads every 40 s, of 10,000 every 160 s); never past 10
+    minutes, however large a (forged) pace says the fleet is; a nonsense size changes
+    nothing; sizes between two doublings re-read alike."""
     from agent.manager.desired import reread_every
 
     assert reread_every(0) == 30.0
-    assert reread_every(3_000) == 30.0
-    assert reread_every(10_000) == 100.0
-    assert reread_every(50_000) == 500.0
+    assert reread_every(2_000) == 30.0
+    assert reread_every(3_000) == reread_every(4_000) == 40.0
+    assert reread_every(10_000) == reread_every(16_000) == 160.0
+    assert reread_every(50_000) == 600.0
     assert reread_every(10**9) == 600.0
     assert reread_every(-7) == 30.0
 
@@ -95,7 +98,7 @@ async def test_the_reread_waits_as_the_fleets_size_says(
     tmp_path: Path, monkeypatch: Any,
 ) -> None:
     """Each wait is drawn around ``reread_every`` of the size the pace named (half to one and a
-    half of it), and a read of this node's keys follows each: 30 s alone, 500 s at 50,000."""
+    half of it), and a read of this node's keys follows each: 30 s alone, 600 s at 50,000."""
     import asyncio
     import contextlib
 
@@ -118,17 +121,19 @@ async def test_the_reread_waits_as_the_fleets_size_says(
     monkeypatch.setattr(desired_mod.random, "uniform", lambda a, b: next(draws))
     with contextlib.suppress(asyncio.CancelledError):
         await mgr.desired.reread()
-    assert waits == [15.0, 45.0, 250.0, 750.0]
+    assert waits == [15.0, 45.0, 300.0, 900.0]
     assert bus.reads == [f"{NODE}.*"] * 3 and mgr.desired.rereads == 3
 
 
 def test_watch_heartbeat_keeps_a_large_fleets_at_the_rate() -> None:
-    """1 s up to 10,000 nodes; then nodes / 10,000 a second; never past 5 s."""
+    """1 s up to 8,000 nodes; then the size rounded up to 1,000 times a power of two over
+    10,000 a second; never past 5 s."""
     from agent.manager.desired import watch_heartbeat
 
     assert watch_heartbeat(0) == 1.0
-    assert watch_heartbeat(10_000) == 1.0
-    assert watch_heartbeat(20_000) == 2.0
+    assert watch_heartbeat(8_000) == 1.0
+    assert watch_heartbeat(10_000) == watch_heartbeat(16_000) == 1.6
+    assert watch_heartbeat(20_000) == 3.2
     assert watch_heartbeat(50_000) == 5.0
     assert watch_heartbeat(10**9) == 5.0
 

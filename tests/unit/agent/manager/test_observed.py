@@ -224,3 +224,58 @@ def test_in_a_large_fleet_a_judged_service_reports_every_read(tmp_path: Path) ->
     writer.observe(svc)
     switched = reads(svc, writer, now, 6)
     assert switched[:4] == [True] * 4 and not any(switched[int(STATS_FAST_AFTER_SWITCH // 2):])
+
+
+def test_a_service_a_running_rollout_reads_reports_every_read(tmp_path: Path) -> None:
+    """Paced every 25 s, a service the pace names as read by a running rollout (its old slots'
+    traffic is the gates' comparison too) reports every read; once the rollout ends, counters
+    alone wait for the pace again."""
+    now = [1000.0]
+    writer, svc = _writer(tmp_path, now)
+    writer.paced = 25.0
+    writer.reading = frozenset({"hello"})
+    _busy(svc, 10, now[0])
+    writer.observe(svc)
+    assert _sent(svc)
+    for step in range(1, 4):
+        now[0] += 2.0
+        _busy(svc, 10 + step, now[0])
+        writer.observe(svc)
+        assert _sent(svc), step
+    writer.reading = frozenset({"other"})
+    now[0] += 2.0
+    _busy(svc, 20, now[0])
+    writer.observe(svc)
+    assert not _sent(svc)
+
+
+def test_a_read_a_moment_early_for_the_pace_is_not_held_a_whole_read(tmp_path: Path) -> None:
+    """Reads come every 2 s, a little early or late: paced every 2 s, each one still goes out
+    (a read 10 ms before the pace's interval was up waited a whole read more)."""
+    now = [1000.0]
+    writer, svc = _writer(tmp_path, now)
+    writer.paced = 1.995
+    sent = []
+    for step in range(10):
+        now[0] += 2.0 + (0.01 if step % 2 else -0.01)
+        _busy(svc, 10 + step, now[0])
+        writer.observe(svc)
+        sent.append(_sent(svc))
+    assert all(sent), sent
+
+
+async def test_a_service_the_pace_starts_reading_reports_at_once(tmp_path: Path) -> None:
+    """When the pace first names a service (its rollout starts), its next pass reports its
+    counters at once, paced or not, and the reconcile loop is woken for it."""
+    from agent.manager.shell import ServiceManager
+    from protocol.messages import Pace
+
+    mgr = ServiceManager(bus=SimpleNamespace(reconnects=0), fleet=FLEET, node=NODE,  # type: ignore[arg-type]
+                         data_dir=tmp_path, bind_host="127.0.0.1", trusted_keys=[])
+    svc = mgr.services["hello"] = Service(name="hello")
+    svc.last_observed_state = b"reported"
+    mgr.paced(Pace(interval=25.0, nodes=50_000, rate=2000.0))
+    assert svc.last_observed_state == b"reported" and not mgr.wake.is_set()
+    mgr.paced(Pace(interval=25.0, nodes=50_000, rate=2000.0, reading=["hello"]))
+    assert svc.last_observed_state == b"" and mgr.wake.is_set()
+    assert mgr.observed.reading == {"hello"}

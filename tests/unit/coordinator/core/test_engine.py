@@ -503,44 +503,19 @@ def test_a_staging_node_back_online_fails_at_its_deadline(
 
 
 @pytest.mark.parametrize(("fields", "asked"), [
-    ({}, 0.0),  # no bake: nothing judges the wave's traffic
-    ({"bake": 30.0}, 2.0),  # a threshold gate judges the bake: the usual period, asked
+    ({}, 0.0),
+    ({"bake": 30.0}, 0.0),  # that the rollout reads counters the leader's pace says
     ({"bake": 30.0, "gates": Gates(analysis="sequential")}, 0.25),
 ])
-def test_a_judged_waves_states_ask_for_the_routers_counters(
+def test_only_a_sequential_waves_states_ask_for_faster_reads(
     fields: dict[str, object], asked: float,
 ) -> None:
-    """A wave whose bake a gate judges asks its nodes for their routers' counters (so that a
-    large fleet's agents, which pace reports of counters alone, report each read); the old
-    slots' retirement asks nothing again."""
+    """Sequential analysis asks the wave's nodes to read their routers every 0.25 s; nothing
+    else asks anything in a desired state (a write would be needed to stop asking), and the
+    old slots' retirement asks nothing again."""
     r = rollout(1, **fields)  # type: ignore[arg-type]
     (d,) = writes(r.handle(Start(), 0.0))
     assert d.stats_every == asked
     from coordinator.core.targets import retire_target
 
     assert retire_target(d, slot="b", generation=9, now=1.0).stats_every == 0.0
-
-
-def test_a_judged_first_install_asks_nothing_of_the_router_once_it_succeeded() -> None:
-    """A node's first install (no old slot to retire) whose bake a gate judged gets its state
-    once more at success, asking for no counters: else its agent would report every read of
-    its router for ever (``Service.judged``); an install without a bake writes nothing more."""
-    from protocol.testing import FLEET, spec
-
-    for bake, more in ((30.0, 1), (0.0, 0)):
-        rec = new_record(id="r1", spec=spec(bake=bake), release=NEW,
-                         nodes=[NodeView(id="node-1")], current={}, now=0.0)
-        r = Rollout(rec, fleet=FLEET)
-        (d,) = writes(r.handle(Start(), 0.0))
-        assert list(d.slots) == ["a"] and d.stats_every == (2.0 if bake else 0.0)
-        cmds = r.handle(ObservedChanged("node-1", observed(d, 1.0, router=router(1.0, 10, 0,
-                                                                                 slot="a"))), 1.0)
-        if bake:  # counters spanning the bake: the gates pass
-            cmds = r.handle(ObservedChanged("node-1", observed(d, 40.0, router=router(
-                1.0, 90, 0, slot="a"))), 40.0)
-        assert r.state == "succeeded", r.record.reason
-        last = writes(cmds)
-        assert len(last) == more
-        if more:
-            assert last[0].slots == d.slots and last[0].weights == d.weights
-            assert last[0].stats_every == 0.0 and last[0].generation > d.generation

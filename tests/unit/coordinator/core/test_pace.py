@@ -67,3 +67,32 @@ def test_a_restarted_coordinator_waits_three_paced_intervals_for_a_first_beat() 
     assert pace.startup_grace(3, 2000.0, 10.0) == 10.0
     assert pace.startup_grace(50_000, 2000.0, 10.0) == 75.0
     assert pace.startup_grace(10_000_000, 1.0, 10.0) == 3 * MAX_INTERVAL
+
+
+def test_the_services_read_go_out_at_once_when_they_change() -> None:
+    """A rollout that reads counters starting (or ending) is said at the next chance (within
+    a SETTLE), the services sorted and once each."""
+    p = pace.Pacer(2000.0)
+    first = p.due(100.0, 50_000, newcomers=False)
+    assert first is not None and first.reading == []
+    p.published(100.0, first)
+    assert p.due(101.0, 50_000, newcomers=False) is None
+    started = p.due(101.0, 50_000, newcomers=False, reading=["web", "api", "web"])
+    assert started is not None and started.reading == ["api", "web"]
+    assert started.interval == 25.0
+    p.published(101.0, started)
+    assert p.due(102.0, 50_000, newcomers=False, reading=["web", "api"]) is None
+    ended = p.due(103.0, 50_000, newcomers=False, reading=[])
+    assert ended is not None and ended.reading == []
+
+
+def test_which_rollouts_read_counters() -> None:
+    """A bake, sequential analysis or a shadow reads the nodes' counters; a rollout without
+    a bake judges no traffic."""
+    from protocol.messages import Gates
+    from protocol.testing import spec
+
+    assert not pace.reads_counters(spec())
+    assert pace.reads_counters(spec(bake=30.0))
+    assert pace.reads_counters(spec(gates=Gates(analysis="sequential")))
+    assert pace.reads_counters(spec(strategy="shadow"))
