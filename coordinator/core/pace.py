@@ -22,7 +22,9 @@ fresh counters from every node, the old slots' as well as the new.
 fleet grew or shrank) or the services read changed, after registrations (an agent that just
 started beats at its own interval until it hears the pace), and every ``REPEAT`` s anyway (a
 core NATS message is not kept: an agent that was away meanwhile hears the next one); at most
-once a ``SETTLE``. Pure: the time is
+once a ``SETTLE``, but for a change of the services read, said at once: the old release's
+nodes report fresh counters before the first wave's baseline is taken (the leader wakes its
+pace loop on each rollout event). Pure: the time is
 given, so tests run in virtual time. When the interval grows, the leader excuses every node's
 silence for one new interval (``Pacer.grace``): a lost announcing beat is no death.
 """
@@ -76,12 +78,13 @@ class Pacer:
         """The Pace to publish now for a fleet of ``nodes`` (``newcomers``: some registered since
         the last one was sent) whose running rollouts read the counters of ``reading``'s
         services, or None; ``published`` once it went out."""
-        if now - self._at < SETTLE:
-            return None
         pace = Pace(interval=interval(nodes, self.rate), nodes=nodes, rate=self.rate,
                     reading=sorted(set(reading)))
-        if (newcomers or now - self._at >= REPEAT or self.moved(pace)
-                or self.sent is None or pace.reading != self.sent.reading):
+        if self.sent is None or pace.reading != self.sent.reading:
+            return pace  # a rollout that reads counters started or ended: not held a SETTLE
+        if now - self._at < SETTLE:
+            return None
+        if newcomers or now - self._at >= REPEAT or self.moved(pace):
             return pace
         return None
 

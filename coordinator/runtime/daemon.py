@@ -95,6 +95,7 @@ from protocol.creds import Creds
 from protocol.errors import BusError, NoRoom, ProtocolError, TooFewServers
 from protocol.events import EventPublisher, event_id, received_all
 from protocol.history import RolloutSummary, SummarisedRollout
+from protocol.loop import bounded
 from protocol.messages import (
     ApiReply,
     Cordon,
@@ -211,6 +212,7 @@ class Coordinator:
         # as it is decided (``coordinator.runtime.executor.Observe``); set before ``run``.
         self.on_bus: BusObserver | None = None
         self.on_event: Observe | None = None
+        self._repace = asyncio.Event()  # a rollout event: look at the pace now (``_observe``)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set."""
@@ -371,7 +373,7 @@ class Coordinator:
                                 clock=self._clock, started=self.started,
                                 startup_grace=pace.startup_grace(
                                     len(self.table.nodes), self.pacer.rate, STARTUP_GRACE),
-                                observe=self.on_event, retention=self.retention)
+                                observe=self._observe, retention=self.retention)
                 self.runner = runner
                 log.info("coordinator %s leads fleet %r (term %d)", self.id, self.fleet_name,
                          held.term)
@@ -612,6 +614,15 @@ class Coordinator:
         for line in self.lines.due(math.inf if stopping else self._mono()):
             log.info("%s", line)
 
+    def _observe(self, event: Event, record: RolloutRecord | None) -> None:
+        """Every rollout event as it is decided: the pace is looked at again at once (a rollout
+        that reads counters starting, pausing or ending changes ``_reading``), and the
+        ``on_event`` hook (``--http``'s metrics) is told."""
+        if event.kind.startswith("rollout."):
+            self._repace.set()
+        if self.on_event is not None:
+            self.on_event(event, record)
+
     def _reading(self) -> list[str]:
         """The services whose running (not paused) rollouts read their routers' counters."""
         if self.runner is None:
@@ -624,6 +635,7 @@ class Coordinator:
         """The leader's pace of the fleet's heartbeats (``core.pace``), for as long as it leads."""
         warned = False
         while True:
+            self._repace.clear()  # before looking: an event from now on wakes the next look
             nodes = self.table.beating(self._clock())  # not those long offline: no beats
             due = self.pacer.due(time.monotonic(), nodes, self._newcomers, self._reading())
             if due is not None:
@@ -644,7 +656,8 @@ class Coordinator:
                         log.info("heartbeat pace: %d nodes at most %g heartbeats/s: agents beat "
                                  "every %gs, or at their own --heartbeat-interval if longer",
                                  nodes, due.rate, due.interval)
-            await asyncio.sleep(PACE_TICK)
+            with contextlib.suppress(TimeoutError):
+                await bounded(self._repace.wait(), PACE_TICK)
 
     def _heard_until(self) -> float:
         """The wall time up to which this coordinator has heard the bus: when the last lease

@@ -24,7 +24,7 @@ from coordinator.dev.devfleet import DevFleet
 from protocol import subjects
 from protocol.bus import Bus
 from protocol.codec import decode
-from protocol.messages import Heartbeat, ObservedState
+from protocol.messages import Heartbeat, ObservedState, Pace
 from tests.integration.e2e_support import (
     deploy_detached,
     events_of,
@@ -188,9 +188,15 @@ async def test_a_paced_node_reports_counters_alone_once_a_pace(tmp_path: Path) -
                 before = now
             return out
 
+        paces: list[tuple[float, list[str]]] = []
+
+        async def on_pace(subject: str, data: bytes) -> None:
+            paces.append((time.monotonic(), decode(Pace, data).reading))
+
         try:
             await bus.subscribe(f"$KV.{subjects.observed_bucket(fleet.fleet)}.node-1.hello",
                                 on_report)
+            await bus.subscribe(subjects.pace(fleet.fleet), on_pace)
             await push(url, "1.0.0", "2.0.0")
             await install(fleet, "1.0.0")
             switched = time.monotonic()
@@ -207,6 +213,7 @@ async def test_a_paced_node_reports_counters_alone_once_a_pace(tmp_path: Path) -
                 mark = time.monotonic()
                 await asyncio.sleep(25.0)  # the window measured: 12 reads of the router
                 paced = since(mark)
+                deployed = time.monotonic()
                 rid = await deploy_detached(url, "2.0.0", "--batch", "100%",
                                             "--max-unavailable", "100%", "--bake", "30s")
                 await wait_until(lambda: status(url, rid),
@@ -218,8 +225,21 @@ async def test_a_paced_node_reports_counters_alone_once_a_pace(tmp_path: Path) -
                 final = await wait_until(lambda: status(url, rid),
                                          lambda s: s["state"] != "running", timeout=90,
                                          what="the rollout to end")
+                ended = time.monotonic()
+
+                def cleared(ps: list[tuple[float, list[str]]]) -> bool:
+                    named = [t for t, r in ps if r == ["hello"]]
+                    return bool(named) and any(t > named[0] and r == [] for t, r in ps)
+
+                # The leader said at once that the rollout reads hello's counters, and that it
+                # no longer does once it ended (a pace's repeat is 30 s away).
+                await wait_until(lambda: asyncio.sleep(0, paces), cleared, timeout=5,
+                                 what="the pace to stop naming hello")
         finally:
             await bus.close()
+        named = [t for t, r in paces if r == ["hello"]]
+        assert named[0] - deployed < 3.0, (deployed, paces)
+        assert min(t for t, r in paces if t > named[0] and r == []) < ended + 3.0, paces
         assert 1 <= len(paced) <= 4, paced
         assert len(judged) >= 4, judged
         assert final["state"] == "succeeded", final.get("reason")

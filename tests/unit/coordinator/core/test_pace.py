@@ -70,19 +70,20 @@ def test_a_restarted_coordinator_waits_three_paced_intervals_for_a_first_beat() 
 
 
 def test_the_services_read_go_out_at_once_when_they_change() -> None:
-    """A rollout that reads counters starting (or ending) is said at the next chance (within
-    a SETTLE), the services sorted and once each."""
+    """A rollout that reads counters starting (or ending) is said at once, even within a
+    SETTLE of the last pace (the old release's nodes must report fresh counters before the
+    first wave's baseline), the services sorted and once each."""
     p = pace.Pacer(2000.0)
     first = p.due(100.0, 50_000, newcomers=False)
     assert first is not None and first.reading == []
     p.published(100.0, first)
-    assert p.due(101.0, 50_000, newcomers=False) is None
-    started = p.due(101.0, 50_000, newcomers=False, reading=["web", "api", "web"])
+    assert p.due(100.1, 50_000, newcomers=True) is None  # a newcomer waits for the SETTLE
+    started = p.due(100.1, 50_000, newcomers=False, reading=["web", "api", "web"])
     assert started is not None and started.reading == ["api", "web"]
     assert started.interval == 25.0
-    p.published(101.0, started)
+    p.published(100.1, started)
     assert p.due(102.0, 50_000, newcomers=False, reading=["web", "api"]) is None
-    ended = p.due(103.0, 50_000, newcomers=False, reading=[])
+    ended = p.due(102.1, 50_000, newcomers=False, reading=[])
     assert ended is not None and ended.reading == []
 
 
