@@ -140,6 +140,12 @@ class Fleet:
         self._sorted = []  # (its length alone no longer says it is current)
         return True
 
+    def offline_ids(self, most: int) -> list[str]:
+        """Up to ``most`` offline nodes (not *not heard yet*), those offline longest first."""
+        gone = [r for r in self.nodes.values() if not r.online and r.id not in self._unheard]
+        gone.sort(key=lambda r: r.last_seen or 0.0)
+        return [r.id for r in gone[:most]]
+
     def register(self, info: NodeInfo, now: float) -> list[Transition]:
         """An agent (re)connected and announced itself: a sign of life."""
         rec = self.nodes.setdefault(info.id, NodeRecord(info.id))

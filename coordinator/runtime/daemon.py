@@ -133,6 +133,12 @@ WRITE_VERBS = subjects.WRITE_VERBS
 RETRY_LEAD = 1.0  # after a leadership that failed by itself (fences, a crash): wait, then stand by
 FORWARD_TIMEOUT = HANDLER_TIMEOUT + 5.0
 PACE_TICK = 0.5  # how often the leader looks whether the heartbeat pace is due (``core.pace``)
+# Every coordinator looks this often whether its offline nodes are still registered (a get of
+# each one's key in the nodes bucket, at most FORGOTTEN_MOST a look): one forgotten while it
+# was away or cut off (its node.forgotten event is a core message) left its table, as a restart
+# would have; a standby kept such a node offline for ever.
+FORGOTTEN_EVERY = 10.0
+FORGOTTEN_MOST = 500
 CORDONS_READ = 2.0  # ``nodes`` waits this long for the cordons, then shows them as last read
 # A standby that has not yet been up for one heartbeat interval has not heard every node: its
 # ``nodes`` answer waits until then, this long at most, so that a warm coordinator's answer (the
@@ -235,6 +241,7 @@ class Coordinator:
                     tg.create_task(self._tick_loop(), name="tick"),
                     tg.create_task(self.events.run(bus), name="events"),
                     tg.create_task(self._lead_loop(bus), name="leadership"),
+                    tg.create_task(self._forgotten_loop(bus), name="forgotten"),
                 ]
                 self.ready.set()
                 log.info(
@@ -513,6 +520,21 @@ class Coordinator:
         log.log(logging.INFO if alone else logging.DEBUG, "node %s registered (labels %s)",
                 info.id, info.labels)
         self._emit(transitions)
+
+    async def _forgotten_loop(self, bus: Bus) -> None:
+        """Drop offline nodes whose registration is gone from the nodes bucket: forgotten
+        (``fleetwave forget``, or purged by hand) while this coordinator did not hear it."""
+        bucket = subjects.nodes_bucket(self.fleet_name)
+        while True:
+            await asyncio.sleep(FORGOTTEN_EVERY)
+            for node in self.table.offline_ids(FORGOTTEN_MOST):
+                try:
+                    entry = await bus.kv_get(bucket, node)
+                except BusError:
+                    break  # the bus is away: the next look asks again
+                if entry is None and self.table.forget(node):
+                    log.info("node %s forgotten: its registration is gone from the nodes "
+                             "bucket (forgotten while this coordinator did not hear it)", node)
 
     async def _on_forgotten(self, subject: str, data: bytes) -> None:
         try:

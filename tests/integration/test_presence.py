@@ -13,6 +13,7 @@ import pytest
 from coordinator.auth.enroll import CA, AuthDir
 from coordinator.dev.broker import Broker, find_nats_server, free_port
 from coordinator.dev.devfleet import Child, DevFleet
+from coordinator.runtime.daemon import FORGOTTEN_EVERY
 from protocol import creds as creds_file
 from protocol import subjects
 from protocol.bus import Bus
@@ -127,6 +128,28 @@ async def test_a_forgotten_node_leaves_the_fleet_until_its_agent_comes_back(
         await fleet.agent(2).start()
         await fleet.wait_online(["node-2"], timeout=10)
         assert sorted(await nodes_json(url)) == ["node-1", "node-2"]
+
+
+async def test_a_node_forgotten_unheard_leaves_the_coordinators_table(tmp_path: Path) -> None:
+    """An offline node whose registration left the nodes bucket without the coordinator hearing
+    it (a standby cut off when ``fleetwave forget`` ran, or a key purged by hand) leaves its
+    table at its next look (``FORGOTTEN_EVERY``), as a restart would have done; an offline node
+    still registered stays."""
+    async with DevFleet(tmp_path, agents=3, heartbeat_interval=HEARTBEAT) as fleet:
+        url = fleet.nats_url
+        await fleet.agent(2).kill()
+        await fleet.agent(3).kill()
+        await fleet.wait_online(["node-2", "node-3"], online=False, timeout=3 * HEARTBEAT + 3)
+        bus = await Bus.connect(url, "default")
+        try:
+            await bus.kv_purge_keys(subjects.nodes_bucket("default"), "node-2")
+        finally:
+            await bus.close()
+        await wait_until(lambda: nodes_json(url), lambda rows: "node-2" not in rows,
+                         timeout=FORGOTTEN_EVERY + 10, what="node-2 to leave the table")
+        assert sorted(await nodes_json(url)) == ["node-1", "node-3"]
+        said = await read_text(fleet.coordinator.log_path)
+        assert "node node-2 forgotten: its registration is gone from the nodes bucket" in said
 
 
 async def test_agents_reconnect_after_the_broker_restarts(broker: Broker, tmp_path: Path) -> None:

@@ -320,3 +320,17 @@ def test_only_nodes_whose_agent_says_so_take_batch_signatures() -> None:
     f.heartbeat(hb("beating"), T0)
     assert f.takes_batch_signatures("new")
     assert not any(f.takes_batch_signatures(n) for n in ("old", "beating", "unknown"))
+
+
+def test_offline_ids_are_the_offline_nodes_longest_gone_first() -> None:
+    """What a coordinator's sweep looks up in the nodes bucket: offline nodes only (not the
+    online, not the *not heard yet*), those offline longest first, at most ``most``."""
+    f = Fleet()
+    f.load(NodeInfo(id="loaded"))
+    f.heartbeat(hb("n1", interval=1.0), T0)
+    f.heartbeat(hb("n2", interval=1.0), T0 - 5)
+    f.heartbeat(hb("n3", interval=1.0), T0 + 10)
+    f.listen(T0 + 10, 60)  # "loaded" is not heard yet
+    f.tick(T0 + 10)  # n1, n2 offline; n3 online
+    assert f.offline_ids(9) == ["n2", "n1"]
+    assert f.offline_ids(1) == ["n2"]
