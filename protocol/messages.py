@@ -120,7 +120,9 @@ class Pace(msgspec.Struct, kw_only=True, frozen=True):
     rate: float = 0.0
     # The services whose running rollouts read the routers' counters (a bake, sequential
     # analysis): their agents report every read of their routers, however large the fleet.
-    reading: list[str] = []
+    # None: not known yet (a leader still resuming its rollouts; an older leader): an agent
+    # keeps the services it was last told.
+    reading: list[str] | None = None
 
 
 # -- desired state ---------------------------------------------------------------------------------

@@ -171,12 +171,13 @@ class ServiceManager:
         before = reread_every(self.desired.fleet_nodes)
         self.desired.fleet_nodes = pace.nodes
         self.observed.paced = pace.interval
-        reading = frozenset(pace.reading)
-        for name in reading - self.observed.reading:
-            if (svc := self.services.get(name)) is not None:
-                svc.last_observed_state = b""  # a rollout reads it now: its counters at once
-                self.wake.set()
-        self.observed.reading = reading
+        if pace.reading is not None:  # None: not known (a leader resuming): as it was
+            reading = frozenset(pace.reading)
+            for name in reading - self.observed.reading:
+                if (svc := self.services.get(name)) is not None:
+                    svc.last_observed_state = b""  # a rollout reads it now: counters at once
+                    self.wake.set()
+            self.observed.reading = reading
         if (every := reread_every(pace.nodes)) != before:
             log.info("desired states re-read every %.0fs on average: the coordinator paces %d "
                      "nodes, re-reading at most %g a second in all", every, pace.nodes,

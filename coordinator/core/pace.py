@@ -51,6 +51,8 @@ def interval(nodes: int, rate: float) -> float:
 def reads_counters(spec: RolloutSpec) -> bool:
     """Whether a running rollout of ``spec`` reads its nodes' router counters: it bakes (its
     gates judge the bake's window), weighs evidence sequentially, or mirrors (a shadow)."""
+    if spec.strategy == "remove":
+        return False  # nothing serves to judge (its waves do not bake)
     return spec.bake > 0 or spec.gates.analysis == "sequential" or spec.strategy == "shadow"
 
 
@@ -74,12 +76,13 @@ class Pacer:
         self._at = -math.inf
 
     def due(self, now: float, nodes: int, newcomers: bool,
-            reading: Iterable[str] = ()) -> Pace | None:
+            reading: Iterable[str] | None = ()) -> Pace | None:
         """The Pace to publish now for a fleet of ``nodes`` (``newcomers``: some registered since
         the last one was sent) whose running rollouts read the counters of ``reading``'s
-        services, or None; ``published`` once it went out."""
+        services (None: not known yet, agents keep what they were told), or None;
+        ``published`` once it went out."""
         pace = Pace(interval=interval(nodes, self.rate), nodes=nodes, rate=self.rate,
-                    reading=sorted(set(reading)))
+                    reading=None if reading is None else sorted(set(reading)))
         if self.sent is None or pace.reading != self.sent.reading:
             return pace  # a rollout that reads counters started or ended: not held a SETTLE
         if now - self._at < SETTLE:

@@ -645,10 +645,12 @@ class Coordinator:
         if self.on_event is not None:
             self.on_event(event, record)
 
-    def _reading(self) -> list[str]:
-        """The services whose running (not paused) rollouts read their routers' counters."""
-        if self.runner is None:
-            return []
+    def _reading(self) -> list[str] | None:
+        """The services whose running (not paused) rollouts read their routers' counters; None
+        until the runner has resumed every live rollout (a leader that has just taken over
+        would name none: its agents keep what the last leader told them meanwhile)."""
+        if self.runner is None or not self.runner.ready.is_set():
+            return None
         return [d.rollout.record.spec.service for d in list(self.runner.drivers.values())
                 if d.rollout.record.state == "running" and pace.reads_counters(
                     d.rollout.record.spec)]

@@ -279,3 +279,7 @@ async def test_a_service_the_pace_starts_reading_reports_at_once(tmp_path: Path)
     mgr.paced(Pace(interval=25.0, nodes=50_000, rate=2000.0, reading=["hello"]))
     assert svc.last_observed_state == b"" and mgr.wake.is_set()
     assert mgr.observed.reading == {"hello"}
+    mgr.paced(Pace(interval=25.0, nodes=50_000, rate=2000.0))  # a new leader, not ready yet
+    assert mgr.observed.reading == {"hello"}  # kept
+    mgr.paced(Pace(interval=25.0, nodes=50_000, rate=2000.0, reading=[]))
+    assert mgr.observed.reading == frozenset()

@@ -97,3 +97,16 @@ def test_which_rollouts_read_counters() -> None:
     assert pace.reads_counters(spec(bake=30.0))
     assert pace.reads_counters(spec(gates=Gates(analysis="sequential")))
     assert pace.reads_counters(spec(strategy="shadow"))
+    assert not pace.reads_counters(spec(strategy="remove", bake=30.0))  # nothing serves
+
+
+def test_a_leader_not_ready_says_nothing_of_the_services_read() -> None:
+    """Until the leader has resumed its rollouts it does not know which read counters: its
+    pace says None (agents keep what they were told), then the list at once when known."""
+    p = pace.Pacer(2000.0)
+    first = p.due(100.0, 50_000, newcomers=False, reading=None)
+    assert first is not None and first.reading is None
+    p.published(100.0, first)
+    assert p.due(100.5, 50_000, newcomers=False, reading=None) is None
+    known = p.due(100.5, 50_000, newcomers=False, reading=["web"])
+    assert known is not None and known.reading == ["web"]

@@ -286,3 +286,37 @@ async def test_registrations_of_online_nodes_come_in_bursts_and_a_stop_says_what
     said = lines_said(caplog, " more ")
     assert any(s.startswith(f"{50 - BURST} more online nodes registered again") for s in said)
     assert any(s.startswith(f"{50 - BURST} more nodes came online") for s in said)
+
+
+async def test_the_leader_names_the_services_its_running_rollouts_read() -> None:
+    """``_reading``: None until the runner resumed its rollouts (a leader that has just taken
+    over names none, so agents keep the last leader's word); then the services of running
+    rollouts that read counters, not paused ones, not those without a bake. Every rollout
+    event wakes the pace loop (``_observe``) and reaches the --http hook."""
+    from coordinator.core.engine import Rollout, new_record
+    from protocol.messages import Event, Gates, NodeView
+    from protocol.testing import FLEET, NEW, spec
+
+    def driver(service: str, state: str, **fields: object) -> SimpleNamespace:
+        rec = new_record(id=f"r-{service}", spec=spec(service=service, **fields),  # type: ignore[arg-type]
+                         release=msgspec.structs.replace(NEW, service=service),
+                         nodes=[NodeView(id="node-1")], current={}, now=0.0)
+        rec.state = state  # type: ignore[assignment]
+        return SimpleNamespace(rollout=Rollout(rec, fleet=FLEET))
+
+    c = Coordinator("nats://127.0.0.1:4222", "default", clock=FakeClock(1000.0))
+    assert c._reading() is None  # not leading
+    ready = asyncio.Event()
+    c.runner = SimpleNamespace(ready=ready, drivers={  # type: ignore[assignment]
+        "1": driver("web", "running", bake=30.0), "2": driver("api", "paused", bake=30.0),
+        "3": driver("db", "running"), "4": driver("ui", "running",
+                                                    gates=Gates(analysis="sequential"))})
+    assert c._reading() is None  # still resuming its rollouts
+    ready.set()
+    assert sorted(c._reading() or []) == ["ui", "web"]
+    told: list[str] = []
+    c.on_event = lambda event, record: told.append(event.kind)
+    c._observe(Event(id="1", time=1.0, kind="node.online", fleet="default"), None)
+    assert not c._repace.is_set()
+    c._observe(Event(id="2", time=2.0, kind="rollout.started", fleet="default"), None)
+    assert c._repace.is_set() and told == ["node.online", "rollout.started"]
