@@ -35,7 +35,7 @@ import math
 from collections.abc import Iterable
 
 from coordinator.core.fleet import MAX_INTERVAL, MISSED_BEATS
-from protocol.messages import Pace, RolloutSpec
+from protocol.messages import Pace, RolloutRecord, RolloutSpec
 
 DEFAULT_RATE = 2000.0  # heartbeats a second: 4,000 nodes at the agents' default 2 s
 CHANGE = 0.10  # a relative change of the interval that is published at once
@@ -54,6 +54,19 @@ def reads_counters(spec: RolloutSpec) -> bool:
     if spec.strategy == "remove":
         return False  # nothing serves to judge (its waves do not bake)
     return spec.bake > 0 or spec.gates.analysis == "sequential" or spec.strategy == "shadow"
+
+
+def reads_now(record: RolloutRecord) -> bool:
+    """Whether rollout ``record`` reads its nodes' counters now: it runs forward (not paused,
+    not rolling back: its gates have spoken) with a spec that reads them, and is not past its
+    last wave's gates (a blue-green's keep-warm window). Between two waves it still reads (the
+    next wave's evidence starts at its start): un-naming the service there would make every
+    node report again at each wave's start."""
+    if record.state != "running" or record.phase != "forward" or not reads_counters(record.spec):
+        return False
+    waves = record.waves
+    return not (waves and record.current_wave >= len(waves) - 1
+                and waves[-1].state == "passed")
 
 
 def startup_grace(nodes: int, rate: float, floor: float) -> float:

@@ -646,14 +646,13 @@ class Coordinator:
             self.on_event(event, record)
 
     def _reading(self) -> list[str] | None:
-        """The services whose running (not paused) rollouts read their routers' counters; None
+        """The services whose rollouts read their routers' counters now (``pace.reads_now``); None
         until the runner has resumed every live rollout (a leader that has just taken over
         would name none: its agents keep what the last leader told them meanwhile)."""
         if self.runner is None or not self.runner.ready.is_set():
             return None
         return [d.rollout.record.spec.service for d in list(self.runner.drivers.values())
-                if d.rollout.record.state == "running" and pace.reads_counters(
-                    d.rollout.record.spec)]
+                if pace.reads_now(d.rollout.record)]
 
     async def _pace_loop(self, bus: Bus) -> None:
         """The leader's pace of the fleet's heartbeats (``core.pace``), for as long as it leads."""

@@ -110,3 +110,32 @@ def test_a_leader_not_ready_says_nothing_of_the_services_read() -> None:
     assert p.due(100.5, 50_000, newcomers=False, reading=None) is None
     known = p.due(100.5, 50_000, newcomers=False, reading=["web"])
     assert known is not None and known.reading == ["web"]
+
+
+def test_a_rollout_reads_counters_while_it_runs_forward_up_to_its_last_gates() -> None:
+    """Running forward with a bake: read, between waves too; not paused, not rolling back, not
+    once its last wave passed (a blue-green's keep-warm window), not without a bake."""
+    from coordinator.core.engine import new_record
+    from protocol.messages import NodeView
+    from protocol.testing import NEW, spec
+
+    rec = new_record(id="r1", spec=spec(bake=30.0, batch="1"), release=NEW,
+                     nodes=[NodeView(id="n1"), NodeView(id="n2")], current={}, now=0.0)
+    rec.state = "running"
+    assert pace.reads_now(rec)
+    rec.waves[0].state = "passed"  # between the two waves
+    assert pace.reads_now(rec)
+    rec.current_wave = 1
+    rec.waves[1].state = "baking"
+    assert pace.reads_now(rec)
+    rec.waves[1].state = "passed"  # past the last gates
+    assert not pace.reads_now(rec)
+    rec.waves[1].state = "baking"
+    rec.phase = "rollback"
+    assert not pace.reads_now(rec)
+    rec.phase = "forward"
+    rec.state = "paused"
+    assert not pace.reads_now(rec)
+    rec.state = "running"
+    rec.spec.bake = 0.0
+    assert not pace.reads_now(rec)
