@@ -672,13 +672,9 @@ class Bus:
         log.info("reconnected to NATS%s (reconnect %d)",
                  f" at {redact(url.geturl())}" if url is not None else "", self.reconnects)
         for w in list(self._watchers):
-            while True:
-                try:
-                    w._updates.put_nowait(w.STOP_ITER)
-                    break
-                except asyncio.QueueFull:  # it is restarted and re-reads everything anyway
-                    with contextlib.suppress(asyncio.QueueEmpty):
-                        w._updates.get_nowait()
+            while not _stop_watcher(w):  # it is restarted and re-reads everything anyway
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    w._updates.get_nowait()
 
     @property
     def max_payload(self) -> int:
@@ -1550,9 +1546,7 @@ class Bus:
                 astray = (astray + 1 if info.config.deliver_subject != listening or unfinished
                           else 0)
             if astray >= 2:
-                try:
-                    w._updates.put_nowait(w.STOP_ITER)
-                except asyncio.QueueFull:  # it has updates to deliver: not lost after all
+                if not _stop_watcher(w):  # it has updates to deliver: not lost after all
                     astray = 0
                     continue
                 log.warning("the watch of %s lost its consumer on the server; starting a new "
@@ -2155,16 +2149,24 @@ def _watchable(kv: Any, js: Any, heartbeat: float = WATCH_HEARTBEAT) -> Any:
     return fast
 
 
+def _stop_watcher(w: Any) -> bool:
+    """Put KV watcher ``w``'s stop sentinel on its queue (its ``watch`` then starts a new one);
+    False if the queue is full (updates to deliver first)."""
+    try:
+        w._updates.put_nowait(w.STOP_ITER)
+    except asyncio.QueueFull:
+        return False
+    return True
+
+
 async def _renew_on(renew: asyncio.Event, w: Any) -> None:
-    """Once ``renew`` is set, wake watcher ``w`` with its stop sentinel: its ``watch`` starts a
-    new one (the watchdog's way)."""
+    """Once ``renew`` is set, stop watcher ``w`` (its ``watch`` starts a new one), as soon as
+    its queue has room."""
     await renew.wait()
     while True:
-        try:
-            w._updates.put_nowait(w.STOP_ITER)
+        if _stop_watcher(w):
             return
-        except asyncio.QueueFull:  # updates to deliver first: try again once some are taken
-            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # its queue is full: a read of it makes room
 
 
 def reconnect_delay(attempts: int) -> float:

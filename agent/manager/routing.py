@@ -35,7 +35,6 @@ from agent.manager.service import (
     STATS_EVERY,
     STATS_EVERY_MIN,
     STATS_EVERY_SPLIT,
-    STATS_FAST_AFTER_SWITCH,
     NodeConfig,
     Service,
     Services,
@@ -92,11 +91,8 @@ def stats_period(services: Iterable[Service], now: float = 0.0) -> float:
     for svc in services:
         split = svc.splits
         asked = svc.desired.stats_every if svc.desired is not None else 0.0
-        if asked > 0.0:
-            switched = bool(svc.weights_changed) and \
-                0.0 <= now - svc.weights_changed < STATS_FAST_AFTER_SWITCH
-            if split or switched:
-                period = min(period, max(asked, STATS_EVERY_MIN))
+        if asked > 0.0 and (split or svc.switched(now)):
+            period = min(period, max(asked, STATS_EVERY_MIN))
         if split:
             period = min(period, STATS_EVERY_SPLIT)
     return period

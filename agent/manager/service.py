@@ -211,9 +211,12 @@ class Service:
         the leader's pace names (``Pace.reading``: every node of a rollout that reads counters,
         the old slots' traffic too)."""
         asked = self.desired.stats_every if self.desired is not None else 0.0
-        switched = bool(self.weights_changed) and \
+        return asked > 0.0 or self.splits or self.switched(now)
+
+    def switched(self, now: float) -> bool:
+        """Whether its router took other weights within ``STATS_FAST_AFTER_SWITCH``."""
+        return bool(self.weights_changed) and \
             0.0 <= now - self.weights_changed < STATS_FAST_AFTER_SWITCH
-        return asked > 0.0 or self.splits or switched
 
     @property
     def removed(self) -> bool:

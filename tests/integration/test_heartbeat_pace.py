@@ -207,11 +207,17 @@ async def test_a_paced_node_reports_counters_alone_once_a_pace(tmp_path: Path) -
                 await wait_until(lambda: asyncio.sleep(0, traffic.report.versions["1.0.0"]),
                                  lambda n: n >= 20, timeout=20, what="traffic on 1.0.0")
                 # A router whose weights changed reports every read for a while (its first
-                # seconds are what a gate judges first): measured after that.
-                await asyncio.sleep(max(0.0, switched + STATS_FAST_AFTER_SWITCH + 1.0
-                                        - time.monotonic()))
+                # seconds are what a gate judges first): measured once that is over, when a
+                # read (every 2 s, with traffic) has gone unreported.
+                await wait_until(lambda: asyncio.sleep(0, reports[-1][0] if reports else 0.0),
+                                 lambda last: time.monotonic() - last > 3.0,
+                                 timeout=STATS_FAST_AFTER_SWITCH + 20,
+                                 what="node-1's reports to follow the pace")
+                assert time.monotonic() > switched + STATS_FAST_AFTER_SWITCH
                 mark = time.monotonic()
-                await asyncio.sleep(25.0)  # the window measured: 12 reads of the router
+                # An upper bound on the reports over a window can only be seen over the whole
+                # window: 12 reads of the router.
+                await asyncio.sleep(25.0)
                 paced = since(mark)
                 deployed = time.monotonic()
                 rid = await deploy_detached(url, "2.0.0", "--batch", "100%",
@@ -220,8 +226,9 @@ async def test_a_paced_node_reports_counters_alone_once_a_pace(tmp_path: Path) -
                                  lambda s: s["waves"][0]["state"] == "baking", timeout=60,
                                  what="the wave to bake")
                 mark = time.monotonic()
-                await asyncio.sleep(10.0)  # 5 reads of the router, judged
-                judged = since(mark)
+                judged = await wait_until(lambda: asyncio.sleep(0, since(mark)),
+                                          lambda got: len(got) >= 4, timeout=10.0,
+                                          what="4 reports in 10 s (5 reads) while it bakes")
                 final = await wait_until(lambda: status(url, rid),
                                          lambda s: s["state"] != "running", timeout=90,
                                          what="the rollout to end")
@@ -241,5 +248,5 @@ async def test_a_paced_node_reports_counters_alone_once_a_pace(tmp_path: Path) -
         assert named[0] - deployed < 3.0, (deployed, paces)
         assert min(t for t, r in paces if t > named[0] and r == []) < ended + 3.0, paces
         assert 1 <= len(paced) <= 4, paced
-        assert len(judged) >= 4, judged
+        assert len(judged) >= 4, judged  # (wait_until's bound: within 10 s)
         assert final["state"] == "succeeded", final.get("reason")

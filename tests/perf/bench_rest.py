@@ -103,6 +103,19 @@ async def cpu_over(fleet: SimFleet, work: Any) -> tuple[Any, float, float, float
             (servers_cpu_seconds(fleet) - s0) / wall * 100)
 
 
+async def quiet(fleet: SimFleet, *, below: float = 20.0, timeout: float = 30.0) -> None:
+    """Return once the coordinator spends under ``below`` % of a core over half a second
+    (RuntimeError after ``timeout``): what is measured next is it at rest."""
+    deadline = time.monotonic() + timeout
+    while True:
+        _, _, coordinator, _ = await cpu_over(fleet, asyncio.sleep(0.5))
+        if coordinator < below:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the coordinator did not come to rest within {timeout:g} s "
+                               f"({coordinator:.0f} % of a core)")
+
+
 async def measure(n: int, seconds: float, with_rollout: bool) -> dict[str, Any]:
     async with SimFleet(n, max_payload="1MB") as fleet:
         assert fleet.bus is not None
@@ -115,7 +128,7 @@ async def measure(n: int, seconds: float, with_rollout: bool) -> dict[str, Any]:
                 if e.value is not None}
         if len(base) != n:
             raise RuntimeError(f"{len(base)} observed states after the install, not {n}")
-        await asyncio.sleep(3.0)  # the install's tail (events, retirement) settles
+        await quiet(fleet)  # the install's tail (events, its last writes) done
         _, _, idle, idle_server = await cpu_over(fleet, asyncio.sleep(seconds))
         out: dict[str, Any] = {"nodes": n, "seconds": seconds,
                                "idle_coordinator_pct": round(idle, 1),
