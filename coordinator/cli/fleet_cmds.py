@@ -40,7 +40,7 @@ from coordinator.runtime.lease import LEASE_TTL
 from coordinator.runtime.notify_doc import BadTarget, Target, parse_target
 from protocol.bus import EventsLimits, redact
 from protocol.codec import to_builtins
-from protocol.errors import NoRoom, ProtocolError, TooFewServers
+from protocol.errors import NoRoom, ProtocolError, ServerTooOld, TooFewServers
 
 if TYPE_CHECKING:  # imported where the daemon starts: every other command starts ~1 s sooner
     from coordinator.auth import web_tokens
@@ -265,8 +265,9 @@ async def _run_coordinator(ctx: Ctx, seed: bytes, replicas: int | None,
         await surface.start()  # before the bus: an address in use is one line at once
     try:
         await coord.run(stop)
-    except (TooFewServers, NoRoom) as exc:
-        raise UsageError(str(exc)) from None  # exit 2: an operator's flag, not a failure
+    except (TooFewServers, NoRoom, ServerTooOld) as exc:
+        # exit 2: an operator's flag or server to change, not a failure
+        raise UsageError(str(exc)) from None
     finally:
         if surface is not None:
             await surface.stop()

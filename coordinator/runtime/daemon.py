@@ -92,7 +92,7 @@ from protocol.bus import RECONNECT_CAP, Bus, EventsLimits, Handler, redact
 from protocol.bus import Observer as BusObserver
 from protocol.codec import decode, encode, shared
 from protocol.creds import Creds
-from protocol.errors import BusError, NoRoom, ProtocolError, TooFewServers
+from protocol.errors import BusError, NoRoom, ProtocolError, ServerTooOld, TooFewServers
 from protocol.events import EventPublisher, event_id, received_all
 from protocol.history import RolloutSummary, SummarisedRollout
 from protocol.loop import bounded
@@ -280,8 +280,9 @@ class Coordinator:
                                 stream)
                 await self._load_known(bus)
                 break
-            except (TooFewServers, NoRoom):
-                raise  # the operator's --replicas or --events-max-bytes: retrying cannot help
+            except (TooFewServers, NoRoom, ServerTooOld):
+                raise  # the operator's --replicas or --events-max-bytes, the server's version:
+                # retrying cannot help
             except BusError as exc:
                 cancelled_meanwhile()
                 delay = min(SETUP_RETRY_CAP, 0.25 * 2**attempt)

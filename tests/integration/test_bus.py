@@ -26,7 +26,7 @@ from protocol.bus import (
     Entry,
     EventsLimits,
 )
-from protocol.errors import BusError, Conflict, NotReachable, TooFewServers
+from protocol.errors import BusError, Conflict, NotReachable, ServerTooOld, TooFewServers
 
 
 async def test_watch_survives_a_broker_restart(tmp_path: Path) -> None:
@@ -472,6 +472,25 @@ async def test_one_server_gets_one_replica_and_refuses_more(broker: Broker) -> N
             await bus.ensure_fleet(3, raise_existing=True)
         assert [s async for s in _streams(bus)] == []
         assert (await bus.ensure_fleet()).replicas == 1
+        assert (await bus.ensure_fleet(raise_existing=True)).raised == []
+    finally:
+        await bus.close()
+
+
+async def test_a_coordinator_refuses_a_server_without_atomic_batches(broker: Broker) -> None:
+    """A server older than 2.12 (its INFO's version, the one thing the check reads) is refused
+    by the coordinator's set-up, saying why and what to do, before any stream exists; tools,
+    which write nothing fenced, go on."""
+    bus = await Bus.connect(broker.url, "old")
+    try:
+        real = bus.nc._server_info["version"]
+        bus.nc._server_info["version"] = "2.11.9"
+        with pytest.raises(ServerTooOld, match=r"^nats-server 2\.11\.9 at nats://127\.[0-9.]+:"
+                           r"\d+ is older than 2\.12: .* upgrade the server to 2\.12 or later"):
+            await bus.ensure_fleet(raise_existing=True)
+        assert [s async for s in _streams(bus)] == []
+        assert (await bus.ensure_fleet()).replicas == 1  # a tool's set-up
+        bus.nc._server_info["version"] = real
         assert (await bus.ensure_fleet(raise_existing=True)).raised == []
     finally:
         await bus.close()
