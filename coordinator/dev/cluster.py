@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from coordinator.auth.routes import cluster_block, secure_route
 from coordinator.errors import BrokerError, UsageError
 from protocol.loop import bounded
 
@@ -124,6 +123,10 @@ def broker_flags(spec: ClusterSpec) -> list[str]:
 def render_cluster(spec: ClusterSpec, auth: Path | None = None) -> str:
     """The ``cluster {}`` block of the config (see deploy/nats/cluster-1.conf); with an auth
     directory, routes over mutual TLS with the fleet's route user (``enroll.cluster_block``)."""
+    # Here, not at the top: auth.routes brings cryptography's x509 (~50 ms), which every command
+    # that only parses HOST:PORT (``fleetwave nodes``, the coordinator's config) would pay.
+    from coordinator.auth.routes import cluster_block, secure_route
+
     routes = "\n".join(f'    "{secure_route(r, auth) if auth is not None else r}"'
                        for r in spec.routes)
     secured = cluster_block(auth) if auth is not None else ""
