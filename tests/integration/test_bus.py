@@ -486,7 +486,8 @@ async def test_a_coordinator_refuses_a_server_without_atomic_batches(broker: Bro
         real = bus.nc._server_info["version"]
         bus.nc._server_info["version"] = "2.11.9"
         with pytest.raises(ServerTooOld, match=r"^nats-server 2\.11\.9 at nats://127\.[0-9.]+:"
-                           r"\d+ is older than 2\.12: .* upgrade the server to 2\.12 or later"):
+                           r"\d+ is older than 2\.12: .* upgrade the server \(every server of a "
+                           r"cluster\) to 2\.12 or later"):
             await bus.ensure_fleet(raise_existing=True)
         assert [s async for s in _streams(bus)] == []
         assert (await bus.ensure_fleet()).replicas == 1  # a tool's set-up
