@@ -50,9 +50,11 @@ async def test_three_agents_come_online_with_their_labels(broker: Broker, tmp_pa
     """Three agent processes show online with their labels and figures in `fleetwave nodes`."""
     agents = [spawn_agent(broker.url, n, tmp_path, labels=LABELS[n]) for n in NODES]
     async with reaping(spawn_coordinator(broker.url, tmp_path), *agents):
+        # Online from its registration; its figures come with its first heartbeat after it.
         rows = await wait_until(
-            lambda: nodes_json(broker.url), lambda r: online(r, NODES), timeout=30,
-            what="three nodes online",
+            lambda: nodes_json(broker.url),
+            lambda r: online(r, NODES) and all(r[n]["cpu_percent"] is not None for n in NODES),
+            timeout=30, what="three nodes online with their figures",
         )
         for n in NODES:
             assert rows[n]["labels"] == LABELS[n]
