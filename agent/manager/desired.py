@@ -4,7 +4,10 @@ Theory of operation: ``watch`` watches ``<node>.*`` in the fleet's desired bucke
 survives reconnects; before the coordinator creates the bucket it retries with backoff), and
 ``reread`` re-reads it every ``REREAD`` seconds as a safety net (less often in a fleet so large
 that its nodes' re-reads would load the broker: ``reread_every``, from the leader's pace, spread
-by a random share so that a fleet started together does not re-read together). Each value goes to
+by a random share so that a fleet started together does not re-read together). After a reconnect
+(the broker restarted) the watch starts again within ``restart_spread`` of the fleet's size, not
+at once: a large fleet's consumers made all at once are a load the server does not come out of
+(``tests/perf/bench_restart.py``). Each value goes to
 ``offer``: a signed envelope is accepted only if it verifies against the trusted keys, names this
 fleet, node and service, and has a generation above the service's *floor* (the newest generation
 this node ever accepted, kept even when the remembered envelope no longer verifies, so that an old
@@ -24,10 +27,12 @@ from agent.manager.events import NodeEvents
 from agent.manager.service import (
     BUS_TIMEOUT,
     MAX_REREAD,
+    MAX_RESTART_SPREAD,
     MAX_WATCH_HEARTBEAT,
     REREAD,
     REREAD_RATE,
     WATCH_HEARTBEAT_RATE,
+    WATCH_RESTART_RATE,
     NodeConfig,
     Service,
     Services,
@@ -67,6 +72,13 @@ def watch_heartbeat(nodes: int) -> float:
                max(WATCH_HEARTBEAT, size_step(nodes) / WATCH_HEARTBEAT_RATE))
 
 
+def restart_spread(nodes: int) -> float:
+    """The seconds within which a node's watch starts again after a reconnect, in a fleet of
+    ``nodes`` (0: no pace heard, at once): the fleet's watches at ``WATCH_RESTART_RATE`` a
+    second, within ``MAX_RESTART_SPREAD`` at most."""
+    return min(MAX_RESTART_SPREAD, max(0, nodes) / WATCH_RESTART_RATE)
+
+
 class DesiredWatch:
     """Accepts this node's desired states into ``services`` and wakes the reconcile loop."""
 
@@ -96,7 +108,8 @@ class DesiredWatch:
         while True:
             try:
                 async for entry in self.bus.watch(bucket, subjects.node_keys(self.node),
-                                                  heartbeat=self._heartbeat, renew=self._renew):
+                                                  heartbeat=self._heartbeat, renew=self._renew,
+                                                  spread=self._spread):
                     attempt = 0
                     if entry is None or entry.value is None:
                         continue  # end of the initial contents, or a deletion: nothing to accept
@@ -112,6 +125,10 @@ class DesiredWatch:
         """What a new watch asks for (``watch_heartbeat``), remembered."""
         self.heartbeat = watch_heartbeat(self.fleet_nodes)
         return self.heartbeat
+
+    def _spread(self) -> float:
+        """After a reconnect, the new watch's start within this (``restart_spread``)."""
+        return restart_spread(self.fleet_nodes)
 
     async def reread(self) -> None:
         """Offer every value again every ``reread_every`` seconds on average (each wait drawn

@@ -177,3 +177,16 @@ async def test_bench_reread_and_bench_rest_run_small() -> None:
     assert r["paced"]["achieved"] > 0 and r["paced"]["coordinator_pct"] > 0, r
     for policy in ("alone", "every_read", "paced"):
         assert r[f"rollout_{policy}"]["total_s"] > 0, r
+
+
+async def test_bench_restart_runs_small() -> None:
+    """A small run of the broker-restart benchmark: both ways every watch comes back, with
+    the spread the rate says, and the figures are there."""
+    code, out, err = await run(str(PERF / "bench_restart.py"), "--nodes", "40", "--rate",
+                               "20,0", "--connections", "4", "--give-up", "60", "--json")
+    assert code == 0, err[-3000:]
+    spread, at_once = json.loads(out)["restarts"]
+    assert spread["spread_s"] == 2.0 and at_once["spread_s"] == 0.0, (spread, at_once)
+    for r in (spread, at_once):
+        assert r["converged"] and r["back"] == 40 and r["connections"] == 4, r
+        assert r["last_s"] >= r["p50_s"] > 0 and r["server_cpu_s"] > 0, r

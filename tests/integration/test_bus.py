@@ -53,6 +53,69 @@ async def test_watch_survives_a_broker_restart(tmp_path: Path) -> None:
         await broker.stop()
 
 
+async def test_after_a_reconnect_a_watch_starts_again_within_its_spread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A watch given a spread does not make its new consumer the moment its client reconnects
+    (a large fleet doing so at once outruns the restarted server): it waits the moment drawn
+    within the spread (here drawn at its end), asked after the reconnect, then delivers again.
+    A renewal without a reconnect starts at once."""
+    import protocol.bus as bus_mod
+
+    monkeypatch.setattr(bus_mod.random, "uniform", lambda a, b: b)
+    spread_s = 4.0
+    asked: list[float] = []
+
+    def spread() -> float:
+        asked.append(time.monotonic())
+        return spread_s
+
+    broker = Broker(store_dir=tmp_path / "js")
+    await broker.start()
+    bus = await Bus.connect(broker.url, "t")
+    writer = await Bus.connect(broker.url, "t")
+    renew = asyncio.Event()
+    reads: list[float] = []  # when each full read ended
+    got: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    async def follow() -> None:
+        async for e in bus.watch("fw-t-desired", "n1.*", renew=renew, spread=spread):
+            if e is None:
+                reads.append(time.monotonic())
+            await got.put(None if e is None else e.value)
+
+    async def read_number(k: int) -> None:
+        async with asyncio.timeout(30):
+            while len(reads) < k:
+                await got.get()
+
+    await bus.ensure_fleet()
+    task = asyncio.create_task(follow())
+    try:
+        await read_number(1)
+        renewed = time.monotonic()
+        renew.set()
+        await read_number(2)
+        assert reads[1] - renewed < spread_s - 1 and asked == []  # no reconnect: no spread
+        before, killed = bus.reconnects, time.monotonic()
+        await broker.kill()
+        await broker.start()
+        await read_number(3)
+        assert bus.reconnects == before + 1
+        assert len(asked) == 1 and asked[0] > killed  # asked once, after the reconnect
+        assert reads[2] - asked[0] >= spread_s  # and waited all of it (the draw's end)
+        await writer.kv_put("fw-t-desired", "n1.web", b"after")
+        async with asyncio.timeout(20):
+            while await got.get() != b"after":
+                pass
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await bus.close()
+        await writer.close()
+        await broker.stop()
+
+
 def _followed(watch: AsyncIterator[Entry | None],
               ) -> tuple[asyncio.Queue[Entry | None], asyncio.Task[None]]:
     """A task putting everything ``watch`` yields on a queue (the test cancels it)."""

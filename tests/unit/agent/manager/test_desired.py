@@ -169,3 +169,57 @@ async def test_a_reread_renews_a_watch_whose_heartbeat_the_fleet_outgrew(
     with contextlib.suppress(asyncio.CancelledError):
         await watch.reread()
     assert watch.renewals == 1 and watch.rereads == 1 and bus.reads == [f"{NODE}.*"]
+
+
+def test_restart_spread_keeps_a_fleets_new_watches_at_the_rate() -> None:
+    """After a reconnect a watch starts within the fleet's size over 500 a second: at once
+    before a pace is heard, 2 s at 1,000 nodes, 100 s at 50,000; never past 120 s (a forged
+    pace naming a billion nodes)."""
+    from agent.manager.desired import restart_spread
+
+    assert restart_spread(0) == 0.0
+    assert restart_spread(-5) == 0.0
+    assert restart_spread(1_000) == 2.0
+    assert restart_spread(10_000) == 20.0
+    assert restart_spread(50_000) == 100.0
+    assert restart_spread(10**9) == 120.0
+
+
+class _Watches:
+    """A bus whose watch records the spread it was given, then ends the test."""
+
+    def __init__(self) -> None:
+        self.spreads: list[float] = []
+
+    def watch(self, bucket: str, pattern: str, **kwargs: Any) -> Any:
+        import asyncio
+
+        spread = kwargs["spread"]
+
+        async def gen() -> Any:
+            self.spreads.append(spread())
+            if len(self.spreads) == 2:
+                raise asyncio.CancelledError
+            yield None
+
+        return gen()
+
+
+async def test_the_desired_watch_spreads_its_restarts_by_the_fleets_size(
+    tmp_path: Path,
+) -> None:
+    """The agent's watch hands the bus a spread that follows the size the leader's pace names
+    at the moment of the restart (asked each time, not fixed at the watch's start)."""
+    import asyncio
+    import contextlib
+
+    bus = _Watches()
+    mgr = ServiceManager(bus=bus, fleet=FLEET, node=NODE, data_dir=tmp_path,  # type: ignore[arg-type]
+                         bind_host="127.0.0.1", trusted_keys=[])
+    spread = mgr.desired._spread
+    assert spread() == 0.0
+    mgr.paced(Pace(interval=25.0, nodes=50_000, rate=2000.0))
+    assert spread() == 100.0
+    with contextlib.suppress(asyncio.CancelledError):
+        await mgr.desired.watch()
+    assert bus.spreads[0] == 100.0

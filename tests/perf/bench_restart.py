@@ -1,0 +1,220 @@
+"""A broker restart under a fleet: how long until every agent's watch is back, and the server's
+cost meanwhile.
+
+Usage: python tests/perf/bench_restart.py [--nodes 1000,10000] [--rate 500,0]
+       [--connections 100] [--give-up 300] [--json]
+
+Every agent watches its keys of the fleet's desired bucket (``agent.manager.desired``); when
+its client reconnects after the broker's restart, the watch's consumer must be made again on
+the server. For each N and each rate: a fresh server (R1, file storage, ``sync_interval:
+always``, the server's default 1 MB ``max_payload``), the fleet's buckets as the coordinator
+makes them, N signed desired states (one key a node, ``node-<i>.hello``), then N watches of one
+node's keys each through ``Bus.watch`` (the agent's own call, with the idle heartbeat and the
+spread the fleet's agents take from its size), over ``--connections`` clients (each
+reconnects on its own, with the agents' jittered backoff). Once every watch has delivered its
+first full read, the server is killed (SIGKILL) and started again on the same store and
+port. Timed from the restarted server's start: each watch's next full read (the agent's watch
+is back: a new desired state reaches it again). ``--rate`` is the fleet's watch restarts a
+second (``restart_spread``: a watch waits a random moment within N / rate seconds after its
+reconnect); 0 is every watch at once, as before session 27.
+
+Figures: the last watch back (and p50 / p99), or how many were back when ``--give-up`` seconds
+had passed; nats-server's CPU and peak RSS from its restart to the last watch back (or the
+give-up), and its CPU a watch; the consumers the server held at the most (its ``/jsz``, every
+0.5 s: a watch's start that timed out and was tried again leaves a consumer behind); this
+process's CPU (it plays the N agents' clients on the same two cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import statistics
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_reread import BATCH, FLEET, states
+from perf_support import emit, run_main
+
+from agent.manager.desired import watch_heartbeat
+from agent.manager.service import WATCH_RESTART_RATE
+from coordinator.dev.broker import Broker
+from protocol import subjects
+from protocol.bus import Bus
+from protocol.signing import generate_seed
+
+FIRST_READ = 600.0  # seconds for every watch's first full read, before the restart
+
+
+def consumers(broker: Broker) -> int:
+    """The consumers the server holds now (its monitoring endpoint)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{broker.monitor_port}/jsz",
+                                timeout=2) as answer:
+        return int(json.load(answer).get("consumers", 0))
+
+
+async def measure(n: int, rate: float, connections: int, give_up: float) -> dict[str, Any]:
+    spread = n / rate if rate > 0 else 0.0
+    heartbeat = watch_heartbeat(n)  # as the fleet's agents ask, once they have heard its size
+    async with Broker(max_payload="1MB") as broker:
+        admin = await Bus.connect(broker.url, FLEET, name="bench-restart")
+        clients: list[Bus] = []
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            await admin.ensure_fleet(1, raise_existing=True)
+            bucket = subjects.desired_bucket(FLEET)
+            written = states(n, generate_seed())
+            for start in range(0, n, BATCH):
+                failed = [r for r in await admin.kv_put_all(bucket, written[start:start + BATCH])
+                          if not isinstance(r, int)]
+                if failed:
+                    raise RuntimeError(f"writing the desired states: {failed[0]}")
+            clients = [await Bus.connect(broker.url, FLEET, name=f"bench-restart-{c}")
+                       for c in range(connections)]
+            reads = [0] * n  # full reads each watch has delivered
+            back = [0.0] * n  # when each watch's second full read came (time.monotonic)
+            changed = asyncio.Event()
+
+            async def watch(i: int) -> None:
+                bus = clients[i % connections]
+                async for entry in bus.watch(bucket, subjects.node_keys(f"node-{i}"),
+                                             heartbeat=lambda: heartbeat,
+                                             spread=lambda: spread):
+                    if entry is None:
+                        reads[i] += 1
+                        if reads[i] == 2:
+                            back[i] = time.monotonic()
+                        changed.set()
+
+            async def until(done: Any, timeout: float) -> bool:
+                deadline = time.monotonic() + timeout
+                while not done():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    changed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(min(left, 1.0)):
+                            await changed.wait()
+                return True
+
+            for i in range(n):
+                tasks.append(asyncio.create_task(watch(i)))
+                if i % 500 == 499:  # the fleet's first watches, not a storm of their own
+                    await asyncio.sleep(0.2)
+            if not await until(lambda: min(reads) >= 1, FIRST_READ):
+                raise RuntimeError(f"{reads.count(0)} of {n} watches had no first full read "
+                                   f"within {FIRST_READ:g}s")
+            await asyncio.sleep(2.0)
+            me = psutil.Process()
+            await broker.kill()
+            await broker.start()
+            started = time.monotonic()
+            server = psutil.Process(broker.pid)
+            cpu0, mine0 = sum(server.cpu_times()[:2]), sum(me.cpu_times()[:2])
+            peak = {"consumers": 0, "rss": 0}
+
+            async def sample() -> None:
+                while True:
+                    with contextlib.suppress(OSError, ValueError):
+                        peak["consumers"] = max(peak["consumers"],
+                                                await asyncio.to_thread(consumers, broker))
+                    with contextlib.suppress(psutil.Error):
+                        peak["rss"] = max(peak["rss"], server.memory_info().rss)
+                    await asyncio.sleep(0.5)
+
+            sampler = asyncio.create_task(sample())
+            try:
+                converged = await until(lambda: min(reads) >= 2, give_up)
+            finally:
+                sampler.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sampler
+            wall = time.monotonic() - started
+            server_cpu = sum(server.cpu_times()[:2]) - cpu0
+            mine = sum(me.cpu_times()[:2]) - mine0
+            delays = sorted(b - started for b in back if b)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for bus in clients:
+                with contextlib.suppress(Exception):
+                    await bus.close()
+            await admin.close()
+    came = len(delays)
+    return {
+        "nodes": n, "rate": rate, "spread_s": round(spread, 2), "connections": connections,
+        "converged": converged, "back": came,
+        "last_s": round(delays[-1], 2) if converged and delays else None,
+        "p50_s": round(statistics.median(delays), 2) if delays else None,
+        "p99_s": round(delays[max(0, int(0.99 * came) - 1)], 2) if delays else None,
+        "waited_s": round(wall, 1),
+        "server_cpu_s": round(server_cpu, 2),
+        "server_ms_per_watch": round(server_cpu / max(1, came) * 1e3, 3),
+        "server_peak_rss_mib": round(peak["rss"] / 2**20, 1),
+        "peak_consumers": peak["consumers"],
+        "clients_cpu_s": round(mine, 2),
+    }
+
+
+def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
+    how = (f"within {r['spread_s']:g} s ({r['rate']:g} a second)" if r["rate"]
+           else "all at once")
+    if r["converged"]:
+        back = (f"the last {r['last_s']:.2f} s after the restart (p50 {r['p50_s']:.2f} s, "
+                f"p99 {r['p99_s']:.2f} s)")
+    else:
+        back = (f"NOT ALL: {r['back']} of {r['nodes']} after {r['waited_s']:g} s"
+                + (f" (p50 {r['p50_s']:.2f} s)" if r["p50_s"] is not None else ""))
+    return [
+        ("watches restarted", how),
+        ("every watch back", back),
+        ("nats-server", f"{r['server_cpu_s']:.2f} CPU-s ({r['server_ms_per_watch']:.3f} ms a "
+                        f"watch back), peak RSS {r['server_peak_rss_mib']:.1f} MiB, at most "
+                        f"{r['peak_consumers']} consumers"),
+        ("the clients (this process)",
+         f"{r['clients_cpu_s']:.2f} CPU-s over {r['connections']} connections"),
+    ]
+
+
+async def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nodes", default="1000,10000",
+                    help="comma-separated fleet sizes (default 1000,10000)")
+    ap.add_argument("--rate", default=f"{WATCH_RESTART_RATE:g},0",
+                    help="comma-separated watch restarts a second to measure at each size; 0 "
+                         f"is all at once (default {WATCH_RESTART_RATE:g},0: the agents' rate, "
+                         "then none)")
+    ap.add_argument("--connections", type=int, default=100,
+                    help="clients the watches are spread over (default 100)")
+    ap.add_argument("--give-up", type=float, default=300.0,
+                    help="seconds after the restart to stop waiting (default 300)")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = ap.parse_args()
+    logging.getLogger("fleetwave").setLevel(logging.ERROR)  # a client's reconnect, N times
+    results = []
+    for n in [int(x) for x in args.nodes.split(",") if x.strip()]:
+        for rate in [float(x) for x in args.rate.split(",") if x.strip()]:
+            r = await measure(n, rate, min(args.connections, n), args.give_up)
+            results.append(r)
+            if not args.json:
+                emit(False, f"a broker restart under {n} agents' watches, one server", r,
+                     rows(r))
+    if args.json:
+        emit(True, "", {"restarts": results}, [])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main()))
