@@ -191,10 +191,11 @@ WATCH_HEARTBEAT = 1.0
 # OP_TIMEOUT): while the meta group elects a leader after a server's death the request gets no
 # answer at all, and a watch that waited OP_TIMEOUT for it came back ~10 s late.
 WATCH_START_TIMEOUT = 2.5
-# A failed start of a KV watch is tried again after a backoff doubling from this, drawn at
-# random between half and all of it (``retry_delay``), up to WATCH_RETRY_CAP (or the watch's
-# spread, when larger): a fleet whose watches fail together (no bucket yet, a server that
-# cannot keep up) asks less and less often instead of every half a second.
+# A failed start of a fleet's KV watch (one given a spread) is tried again after a backoff
+# doubling from this, drawn at random between half and all of it (``retry_delay``), up to
+# WATCH_RETRY_CAP (or the watch's spread, when larger): a fleet whose watches fail together
+# (no bucket yet, a server that cannot keep up) asks less and less often instead of every half
+# a second, at about the rate of its spread at most.
 WATCH_RETRY_BASE = 0.25
 WATCH_RETRY_CAP = 10.0
 # A watch consumer nobody listens to (its creation given up on, its client gone) is removed by
@@ -597,6 +598,8 @@ class Bus:
                 holder[0]._reconnected()
 
         async def on_disconnect() -> None:
+            if holder:
+                holder[0]._disconnected()
             if holder and not holder[0].closing:
                 log.warning("lost the connection to NATS at %s; reconnecting", redact(url))
 
@@ -702,6 +705,16 @@ class Bus:
                         "fleetwave; run 'fleetwave auth prune DIR' and reload the broker", exc)
             return
         log.warning("NATS client error (asynchronous): %s: %s", kind, str(exc) or "-")
+
+    def _disconnected(self) -> None:
+        """The client lost its server: stop every watch's check for missed heartbeats until
+        the reconnect starts the watch again (``_reconnected``, within its spread). Left on,
+        nats-py re-creates a watch's consumer after two missed heartbeats, and while the client
+        is disconnected that request waits in its buffer: every watch of a fleet whose broker
+        was down longer than two heartbeats asked for its consumer the moment it reconnected,
+        spread or not."""
+        for w in self._watchers:
+            _hush(w)
 
     def _reconnected(self) -> None:
         """The client reconnected: every ``watch`` must start a new KV watcher (the old one's
@@ -1543,12 +1556,16 @@ class Bus:
 
         ``spread`` (seconds, asked each time): after the client reconnects, the new watch
         starts at a random moment within it, not at once, and a failed start is tried again
-        after a backoff that grows up to it (``retry_delay``). A server restarted under a
-        large fleet gets every watch's consumer to make again; made all at once, the requests
-        outrun the server, time out, and their retries (with the consumers they abandoned)
-        outrun it for good (``tests/perf/bench_restart.py``: of 20,000 watches, 11,813 were
-        back after 5 minutes).
-        Agents spread by the fleet's size (``agent.manager.desired.restart_spread``).
+        after a backoff that grows to WATCH_RETRY_CAP or to the spread when longer
+        (``retry_delay``; without a spread, every 0.25-0.75 s). While the client is
+        disconnected, nats-py's own re-creation of the consumer is held (``_disconnected``).
+        A server restarted under a large fleet gets every watch's consumer to make again; made
+        all at once, the requests outrun the server, time out, and their retries (with the
+        consumers they abandoned) outrun it for good (``tests/perf/bench_restart.py``: of
+        20,000 watches, 11,813 were back after 5 minutes). Agents spread by the fleet's size
+        (``agent.manager.desired.restart_spread``). Not covered: on a cluster, a client whose
+        own server lives on does not reconnect when the server holding its watch's consumer
+        dies, and nats-py re-creates the consumer after two missed heartbeats, unspread.
         """
         failures = 0
         wait = 0.0  # before the next attempt: a reconnect's spread, or a failure's backoff
@@ -1573,8 +1590,11 @@ class Bus:
                     except BusError as err:
                         log.warning("bucket %s is missing and cannot be made yet: %s", bucket,
                                     err)
-                wait = max(retry_delay(failures, spread() if spread is not None else 0.0),
-                           self._spread_after(epoch, spread))
+                # Backing off, with a spread (a fleet's watch); else as ever (the coordinator's
+                # watch, which its rollouts wait for and which is one client, not a fleet).
+                again = (retry_delay(failures, spread()) if spread is not None
+                         else random.uniform(0.25, 0.75))
+                wait = max(again, self._spread_after(epoch, spread))
                 continue
             failures = 0
             self._watchers.add(w)
@@ -2241,6 +2261,15 @@ def _watchable(kv: Any, js: Any, heartbeat: float = WATCH_HEARTBEAT) -> Any:
     fast = copy.copy(kv)
     fast._js = _HeartbeatingJetStream(js, heartbeat)
     return fast
+
+
+def _hush(w: Any) -> None:
+    """Cancel KV watcher ``w``'s missed-heartbeat check (nats-py's ``activity_check``, which
+    re-creates its consumer after two missed heartbeats); its ``stop`` does the same."""
+    psub = getattr(w, "_sub", None)  # its PushSubscription, whose core subscription has it
+    task = getattr(getattr(getattr(psub, "_sub", None), "_jsi", None), "_hbtask", None)
+    if task is not None:
+        task.cancel()
 
 
 def _stop_watcher(w: Any) -> bool:

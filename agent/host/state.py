@@ -67,6 +67,10 @@ class AgentState(msgspec.Struct, kw_only=True):
     schema: int = 1
     node: str = ""
     services: dict[str, ServiceRecord] = {}
+    # The fleet's size as the leader's last pace said it, rounded up (``desired.size_step``;
+    # 0: none heard): a restarted agent's first watch asks for the heartbeat, and backs off
+    # after failures, as the fleet's size says, before a pace reaches it.
+    fleet_nodes: int = 0
 
 
 _decoder = msgspec.json.Decoder(AgentState)

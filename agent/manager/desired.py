@@ -126,6 +126,11 @@ class DesiredWatch:
         self.heartbeat = watch_heartbeat(self.fleet_nodes)
         return self.heartbeat
 
+    def remembered_size(self) -> int:
+        """The fleet's size for the state file: rounded up as its paces are (``size_step``), so
+        that the file changes when the fleet doubles, not with every node that comes or goes."""
+        return size_step(self.fleet_nodes) if self.fleet_nodes > 0 else 0
+
     def _spread(self) -> float:
         """After a reconnect, the new watch's start within this (``restart_spread``)."""
         return restart_spread(self.fleet_nodes)

@@ -2,7 +2,8 @@
 
 Theory of operation: the state file (``state.json``, written atomically) records per service the
 accepted envelope and the replay floor, each slot's process (pid + create_time, so that a reused
-pid is never mistaken for ours), the failed slots, and the router. It is saved after every pass
+pid is never mistaken for ours), the failed slots, and the router; and the fleet's size as the
+leader's last pace said it (``desired.DesiredWatch.remembered_size``). It is saved after every pass
 that changed it (``save``), and at once when a slot process starts (``save_now``, from the
 manager's slot callback): a kill before the end of that pass must not leave a process the
 restarted agent knows nothing of. On start ``restore`` verifies the remembered envelopes again,
@@ -48,6 +49,7 @@ class Restorer:
     def __init__(
         self, config: NodeConfig, services: Services, cache: ReleaseCache, routers: RouterLink,
         *, clock: Callable[[], float] = time.time,
+        fleet_nodes: Callable[[], int] = lambda: 0,
     ) -> None:
         self.config = config
         self.state_path = config.state_path
@@ -55,6 +57,8 @@ class Restorer:
         self.cache = cache
         self.routers = routers
         self.clock = clock
+        self.fleet_nodes = fleet_nodes  # what to save of the fleet's size (AgentState)
+        self.restored_fleet_nodes = 0  # what the state file said of it (``restore``)
         self._saved = b""  # the state file's body as last written
 
     def _snapshot(self) -> AgentState:
@@ -102,7 +106,8 @@ class Restorer:
                 router_socket=str(self.routers.socket(svc.name)),
                 router_weights=dict(svc.applied_weights),
             )
-        return AgentState(node=self.config.node, services=services)
+        return AgentState(node=self.config.node, services=services,
+                          fleet_nodes=self.fleet_nodes())
 
     async def save(self) -> None:
         """Write the state file if it changed since the last write (in a thread)."""
@@ -121,6 +126,7 @@ class Restorer:
         """Load the state file: accepted envelopes, slot processes to adopt (reporting to
         ``on_slot``), routers to find. Returns the adopted runners, for the caller to run."""
         state = await asyncio.to_thread(load_state, self.state_path)
+        self.restored_fleet_nodes = max(0, state.fleet_nodes)
         adopted: list[SlotRunner] = []
         for name, rec in state.services.items():
             svc = Service(name=name, observed_generation=rec.observed_generation)

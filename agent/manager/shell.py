@@ -135,7 +135,7 @@ class ServiceManager:
         self.routers = RouterLink(self.config, self.services, self.wake, clock=clock)
         self.observed = ObservedWriter(bus, self.config, self.services, clock=clock)
         self.restorer = Restorer(self.config, self.services, self.cache, self.routers,
-                                 clock=clock)
+                                 clock=clock, fleet_nodes=self.desired.remembered_size)
         self._tg: asyncio.TaskGroup | None = None
         self._pruned_at = 0.0
 
@@ -143,7 +143,7 @@ class ServiceManager:
 
     async def run(self) -> None:
         """Adopt what the state file remembers, then converge for ever (until cancelled)."""
-        adopted = await self.restorer.restore(self._on_slot)
+        adopted = await self._restore()
         for runner in adopted:  # their claims named this agent's previous process
             claim(self.config.port_claims, runner.spec.port)
         try:
@@ -163,6 +163,14 @@ class ServiceManager:
             self._tg = None
             with contextlib.suppress(OSError):
                 self.restorer.save_now()
+
+    async def _restore(self) -> list[SlotRunner]:
+        """What the state file remembers (``Restorer.restore``), and the fleet's size it last
+        heard, until a pace says it again: the first watch's heartbeat and backoff follow it."""
+        adopted = await self.restorer.restore(self._on_slot)
+        if not self.desired.fleet_nodes:
+            self.desired.fleet_nodes = self.restorer.restored_fleet_nodes
+        return adopted
 
     def paced(self, pace: Pace) -> None:
         """The leader's pace: the fleet's size spaces the re-reads of desired states (said in

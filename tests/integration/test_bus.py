@@ -102,7 +102,9 @@ async def test_after_a_reconnect_a_watch_starts_again_within_its_spread(
         await broker.start()
         await read_number(3)
         assert bus.reconnects == before + 1
-        assert len(asked) == 1 and asked[0] > killed  # asked once, after the reconnect
+        # Asked once, after the reconnect (a start that failed would ask it again: on a
+        # server just restarted and idle, the one start here does not fail).
+        assert len(asked) == 1 and asked[0] > killed
         assert reads[2] - asked[0] >= spread_s  # and waited all of it (the draw's end)
         await writer.kv_put("fw-t-desired", "n1.web", b"after")
         async with asyncio.timeout(20):
@@ -113,6 +115,65 @@ async def test_after_a_reconnect_a_watch_starts_again_within_its_spread(
         await asyncio.gather(task, return_exceptions=True)
         await bus.close()
         await writer.close()
+        await broker.stop()
+
+
+async def test_a_watch_asks_nothing_of_the_server_until_its_spread_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While its client is disconnected, nats-py would make a watch's consumer again after two
+    missed heartbeats, a request that waits in the client's buffer and goes out the moment it
+    reconnects: every watch of a fleet at once, whatever its spread. Held: with the broker
+    down for five of the watch's heartbeats, the restarted server is asked for no consumer
+    until the spread has passed, and then the watch is back."""
+    import urllib.request
+
+    import protocol.bus as bus_mod
+    from tests.integration.procs import wait_until
+
+    monkeypatch.setattr(bus_mod.random, "uniform", lambda a, b: b)
+    spread_s = 5.0
+    broker = Broker(store_dir=tmp_path / "js")
+    await broker.start()
+    bus = await Bus.connect(broker.url, "t")
+
+    async def consumers() -> int:
+        def read() -> int:
+            url = f"http://127.0.0.1:{broker.monitor_port}/jsz"
+            with urllib.request.urlopen(url, timeout=2) as answer:
+                return int(json.load(answer).get("consumers", 0))
+        return await asyncio.to_thread(read)
+
+    reads: list[float] = []
+    await bus.ensure_fleet()
+    durable = await consumers()  # the fleet's own, before the watch's
+    seen, task = _followed(bus.watch("fw-t-desired", "n1.*", heartbeat=lambda: 0.5,
+                                     spread=lambda: spread_s))
+    try:
+        async with asyncio.timeout(30):
+            while await seen.get() is not None:
+                pass
+        assert await consumers() == durable + 1
+        before = bus.reconnects
+        await broker.kill()
+        await asyncio.sleep(2.5)  # five heartbeats: nats-py's check would have fired twice
+        await broker.start()
+        await wait_until(lambda: asyncio.sleep(0, bus.reconnects), lambda n: n > before,
+                         timeout=30, what="the client's reconnect", interval=0.02)
+        reconnected = time.monotonic()
+        assert await consumers() == durable  # none asked for at the reconnect
+        await asyncio.sleep(max(0.0, reconnected + spread_s - 1.0 - time.monotonic()))
+        assert await consumers() == durable  # nor until the spread's end is near
+        async with asyncio.timeout(30):
+            while await seen.get() is not None:
+                pass
+        reads.append(time.monotonic())
+        assert reads[0] - reconnected >= spread_s - 0.5
+        assert await consumers() == durable + 1  # the watch's one consumer, back
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await bus.close()
         await broker.stop()
 
 

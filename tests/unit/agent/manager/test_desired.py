@@ -190,6 +190,7 @@ class _Watches:
 
     def __init__(self) -> None:
         self.spreads: list[float] = []
+        self.between: Any = lambda: None  # what happens between the two watches
 
     def watch(self, bucket: str, pattern: str, **kwargs: Any) -> Any:
         import asyncio
@@ -200,6 +201,7 @@ class _Watches:
             self.spreads.append(spread())
             if len(self.spreads) == 2:
                 raise asyncio.CancelledError
+            self.between()
             yield None
 
         return gen()
@@ -216,10 +218,37 @@ async def test_the_desired_watch_spreads_its_restarts_by_the_fleets_size(
     bus = _Watches()
     mgr = ServiceManager(bus=bus, fleet=FLEET, node=NODE, data_dir=tmp_path,  # type: ignore[arg-type]
                          bind_host="127.0.0.1", trusted_keys=[])
-    spread = mgr.desired._spread
-    assert spread() == 0.0
+    assert mgr.desired._spread() == 0.0
     mgr.paced(Pace(interval=25.0, nodes=50_000, rate=2000.0))
-    assert spread() == 100.0
+    bus.between = lambda: mgr.paced(Pace(interval=25.0, nodes=10_000, rate=2000.0))
     with contextlib.suppress(asyncio.CancelledError):
         await mgr.desired.watch()
-    assert bus.spreads[0] == 100.0
+    assert bus.spreads == [100.0, 20.0]
+
+
+async def test_a_restarted_agent_starts_from_the_fleets_size_it_last_heard(
+    tmp_path: Path,
+) -> None:
+    """The state file keeps the size of the last pace, rounded up as paces are: a restarted
+    agent's first watch asks for the heartbeat (and backs off, and spreads after a reconnect)
+    as a 50,000-node fleet's agent, not as one alone, until a pace says it again. A pace heard
+    before the file is read wins; a file of an older agent (no size) starts from none."""
+    from agent.manager.desired import restart_spread
+
+    mgr = _manager(tmp_path, [])
+    mgr.paced(Pace(interval=25.0, nodes=50_000, rate=2000.0))
+    mgr.restorer.save_now()
+    again = _manager(tmp_path, [])
+    assert again.desired.fleet_nodes == 0
+    await again._restore()
+    assert again.desired.fleet_nodes == 64_000
+    assert again.desired._heartbeat() == 5.0 and again.desired._spread() == restart_spread(64_000)
+    heard = _manager(tmp_path, [])
+    heard.paced(Pace(interval=25.0, nodes=3_000, rate=2000.0))
+    await heard._restore()
+    assert heard.desired.fleet_nodes == 3_000
+    save_state(mgr.restorer.state_path, AgentState(node=NODE))
+    old = _manager(tmp_path, [])
+    await old._restore()
+    assert old.desired.fleet_nodes == 0
+    assert again.restorer._snapshot().fleet_nodes == 64_000  # read back, saved as it was
