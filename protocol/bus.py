@@ -857,15 +857,15 @@ class Bus:
                     await self._allow_atomic(subjects.kv_stream(bucket),
                                              required=raise_existing)
             if have[subjects.object_stream(store)] is None:
-                await self.js.create_object_store(
-                    bucket=store, storage=js_api.StorageType.FILE, replicas=replicas)
+                await _unless_made_meanwhile(self.js.create_object_store(
+                    bucket=store, storage=js_api.StorageType.FILE, replicas=replicas))
             for per_node in (subjects.kv_stream(subjects.desired_bucket(f)),
                              subjects.object_stream(store)):
                 if settable(per_node):
                     await self._allow_consumers(per_node)
             if have[subjects.events_stream(f)] is None:
                 stream.num_replicas = replicas
-                await self.js.add_stream(stream)
+                await _unless_made_meanwhile(self.js.add_stream(stream))
             if settable(subjects.events_stream(f)):
                 await self._allow_atomic(subjects.events_stream(f))  # js_publish_events batches
             return setup
@@ -883,14 +883,10 @@ class Bus:
         return setup
 
     async def _create_bucket(self, bucket: str, history: int, replicas: int) -> None:
-        try:
-            await self.js.create_key_value(
-                bucket=bucket, history=history, storage=_storage(self.fleet, bucket),
-                replicas=replicas,
-            )
-        except nats.js.errors.BadRequestError as exc:
-            if exc.err_code != 10058:  # not "made meanwhile by another client"
-                raise
+        await _unless_made_meanwhile(self.js.create_key_value(
+            bucket=bucket, history=history, storage=_storage(self.fleet, bucket),
+            replicas=replicas,
+        ))
 
     async def ensure_observed(self) -> None:
         """Make the observed bucket where it is missing: a single server restarted, or every
@@ -2261,6 +2257,18 @@ def _watchable(kv: Any, js: Any, heartbeat: float = WATCH_HEARTBEAT) -> Any:
     fast = copy.copy(kv)
     fast._js = _HeartbeatingJetStream(js, heartbeat)
     return fast
+
+
+async def _unless_made_meanwhile(create: Awaitable[Any]) -> None:
+    """Await ``create`` (of a stream, a bucket, an object store), at peace if another client
+    made it meanwhile: 10058 ("stream name already in use with a different configuration"),
+    as its config differs once that client's ``ensure_fleet`` has set its limits (two release
+    pushes at once on a new fleet, a coordinator starting beside a tool)."""
+    try:
+        await create
+    except nats.js.errors.BadRequestError as exc:
+        if exc.err_code != 10058:
+            raise
 
 
 def _hush(w: Any) -> None:

@@ -840,3 +840,29 @@ async def test_snapshots_leave_no_consumers_piling_up(broker: Broker) -> None:
         assert [e.key for e in await bus.kv_entries("fw-t-cordons")] == ["n1"]
     finally:
         await bus.close()
+
+
+async def test_a_fleet_set_up_meanwhile_by_another_client_is_taken_as_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two clients setting a new fleet up at once (two release pushes, a coordinator starting
+    beside a tool): both read its streams as missing, the other made them first and set their
+    limits, so this one's creates meet streams of another config (10058). That is the fleet
+    it wanted: set up, no error (it failed one concurrent push in a CI run: "stream name
+    already in use with a different configuration")."""
+    async with Broker(store_dir=tmp_path / "js") as broker:
+        other = await Bus.connect(broker.url, "t")
+        bus = await Bus.connect(broker.url, "t")
+        try:
+            await other.ensure_fleet()
+
+            async def read_before_the_other_made_them(name: str) -> None:
+                return None
+
+            monkeypatch.setattr(bus, "_stream_config", read_before_the_other_made_them)
+            setup = await bus.ensure_fleet()
+            assert setup.replicas == 1
+            await bus.kv_put("fw-t-desired", "n1.web", b"1")  # and the fleet works
+        finally:
+            await bus.close()
+            await other.close()
