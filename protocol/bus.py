@@ -14,7 +14,11 @@ Known nats-py pitfalls handled here:
   to: when that server dies we do not reconnect, and nats-py notices only after two missed idle
   heartbeats (5 s each: 10-20 s of silence, measured). ``watch`` asks for heartbeats every
   ``WATCH_HEARTBEAT`` instead, so the consumer is re-created within about two of them, and
-  bounds each attempt to create one (``WATCH_START_TIMEOUT``).
+  bounds each attempt to create one (``WATCH_START_TIMEOUT``);
+- nats-py re-creates a silent ordered consumer at once, and while disconnected queues that
+  request for the moment it reconnects: a large fleet's watches all at once, which a server
+  does not come out of. A fleet's watch (given a spread) checks its heartbeats itself and
+  starts again within its spread (``watch``, ``_silence``, ``_disconnected``).
 
 Why one long module: it is the one seam (STYLE: one module imports ``nats``), so every
 nats-py call and every pitfall it handles live here together, behind narrow methods.
@@ -1559,9 +1563,10 @@ class Bus:
         all at once, the requests outrun the server, time out, and their retries (with the
         consumers they abandoned) outrun it for good (``tests/perf/bench_restart.py``: of
         20,000 watches, 11,813 were back after 5 minutes). Agents spread by the fleet's size
-        (``agent.manager.desired.restart_spread``). Not covered: on a cluster, a client whose
-        own server lives on does not reconnect when the server holding its watch's consumer
-        dies, and nats-py re-creates the consumer after two missed heartbeats, unspread.
+        (``agent.manager.desired.restart_spread``). A consumer lost while the client stays
+        connected (on a cluster, its server died and the client's lives on) is noticed by
+        ``_silence`` in place of nats-py's check, and its watch starts again within the spread
+        too: nats-py made every such consumer again at once.
         """
         failures = 0
         wait = 0.0  # before the next attempt: a reconnect's spread, or a failure's backoff
@@ -1571,8 +1576,8 @@ class Bus:
             # A few quick attempts (an election ends within seconds), then longer ones: a
             # loaded server gets longer requests, not more of them. Jitter spreads a fleet.
             bound = min(OP_TIMEOUT, WATCH_START_TIMEOUT * 2 ** max(0, failures - 3))
-            kv = _watchable(await self._bucket(bucket), self._watch_js(bound),
-                            heartbeat() if heartbeat is not None else WATCH_HEARTBEAT)
+            every = heartbeat() if heartbeat is not None else WATCH_HEARTBEAT
+            kv = _watchable(await self._bucket(bucket), self._watch_js(bound), every)
             epoch = self.reconnects
             if renew is not None:
                 renew.clear()
@@ -1597,6 +1602,9 @@ class Bus:
             loop = asyncio.get_running_loop()
             dog = loop.create_task(self._watchdog(w, bucket, verify)) if verify else None
             renewer = loop.create_task(_renew_on(renew, w)) if renew is not None else None
+            lost: list[bool] = []  # the consumer went silent (``_silence``): start again spread
+            silence = (loop.create_task(self._silence(w, bucket, every, lost))
+                       if spread is not None else None)
             try:
                 # No polling: ``_reconnected`` wakes this with the stop sentinel (checked for
                 # here too, in case the reconnect came while the watcher was being created).
@@ -1612,20 +1620,46 @@ class Bus:
             except nats.errors.Error:
                 await asyncio.sleep(0.5)
             finally:
-                for task in (dog, renewer):
+                for task in (dog, renewer, silence):
                     if task is not None:
                         task.cancel()
                 self._watchers.discard(w)
                 with contextlib.suppress(Exception):
                     await bounded(w.stop(), 2)
-            wait = self._spread_after(epoch, spread)
+            wait = self._spread_after(epoch, spread, lost=bool(lost))
 
-    def _spread_after(self, epoch: int, spread: Callable[[], float] | None) -> float:
+    def _spread_after(self, epoch: int, spread: Callable[[], float] | None, *,
+                      lost: bool = False) -> float:
         """A random moment within ``spread()`` seconds if the client reconnected since
-        ``epoch`` (a watch's start), else 0: when its new watch may start."""
-        if spread is None or self.reconnects == epoch:
+        ``epoch`` (a watch's start) or the watch's consumer was ``lost``, else 0: when its new
+        watch may start."""
+        if spread is None or (self.reconnects == epoch and not lost):
             return 0.0
         return random.uniform(0, max(0.0, spread()))
+
+    async def _silence(self, w: Any, bucket: str, every: float, lost: list[bool]) -> None:
+        """For a fleet's watch (one given a spread), in place of nats-py's own check: when two
+        of its heartbeats (``every``) pass with no message and no heartbeat from its consumer
+        while the client is connected, the consumer is gone (its server died: on a cluster a
+        client whose own server lives on does not reconnect; or it was deleted), so stop the
+        watcher (``lost``): its watch starts again within its spread. nats-py's check made the
+        consumer again at once, every watch of the fleet together."""
+        jsi = _jsi(w)
+        if jsi is None:  # not an ordered consumer as nats-py makes them: leave it its check
+            return
+        _hush(w)
+        while True:
+            await asyncio.sleep(2 * every)
+            if jsi._active or not self.nc.is_connected:  # a reconnect starts it again anyway
+                jsi._active = False
+                continue
+            if _stop_watcher(w):
+                lost.append(True)
+                log.info("the watch of %s heard nothing from its consumer for %gs; starting a "
+                         "new watch (a full read) within its spread", bucket, 2 * every)
+                self.lost_watches += 1
+                return
+            jsi._active = False  # updates queued to deliver: not silent after all
 
     async def _watchdog(self, w: Any, bucket: str, every: float) -> None:
         """Wake watcher ``w`` with its stop sentinel (its ``watch`` starts a new one) once the
@@ -2271,11 +2305,17 @@ async def _unless_made_meanwhile(create: Awaitable[Any]) -> None:
             raise
 
 
+def _jsi(w: Any) -> Any:
+    """KV watcher ``w``'s ordered-consumer state in nats-py (None if it has none): its
+    ``_active`` flag (set by every message and heartbeat) and its ``_hbtask``."""
+    psub = getattr(w, "_sub", None)  # its PushSubscription, whose core subscription has it
+    return getattr(getattr(psub, "_sub", None), "_jsi", None)
+
+
 def _hush(w: Any) -> None:
     """Cancel KV watcher ``w``'s missed-heartbeat check (nats-py's ``activity_check``, which
     re-creates its consumer after two missed heartbeats); its ``stop`` does the same."""
-    psub = getattr(w, "_sub", None)  # its PushSubscription, whose core subscription has it
-    task = getattr(getattr(getattr(psub, "_sub", None), "_jsi", None), "_hbtask", None)
+    task = getattr(_jsi(w), "_hbtask", None)
     if task is not None:
         task.cancel()
 

@@ -177,6 +177,47 @@ async def test_a_watch_asks_nothing_of_the_server_until_its_spread_ends(
         await broker.stop()
 
 
+async def test_a_watch_whose_consumer_is_lost_starts_again_within_its_spread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A consumer can go while its client stays connected (on a cluster, the server holding it
+    dies and the client's own lives on; here it is deleted): nats-py made it again after two
+    missed heartbeats, every watch of a fleet at once. A watch given a spread notices the
+    silence itself and starts again within its spread: no consumer is asked for before it."""
+    import protocol.bus as bus_mod
+
+    monkeypatch.setattr(bus_mod.random, "uniform", lambda a, b: b)
+    spread_s = 4.0
+    async with Broker(store_dir=tmp_path / "js") as broker:
+        bus = await Bus.connect(broker.url, "t")
+        other = await Bus.connect(broker.url, "t")
+        await bus.ensure_fleet()
+        stream = "KV_fw-t-desired"
+        seen, task = _followed(bus.watch("fw-t-desired", "n1.*", heartbeat=lambda: 0.5,
+                                         spread=lambda: spread_s))
+        try:
+            async with asyncio.timeout(30):
+                while await seen.get() is not None:
+                    pass
+            [consumer] = await other.js.consumers_info(stream)
+            deleted = time.monotonic()
+            await other.delete_consumer(stream, consumer.name)
+            await asyncio.sleep(spread_s)  # nats-py's own check would have made it again by now
+            assert await other.js.consumers_info(stream) == []
+            async with asyncio.timeout(30):
+                while await seen.get() is not None:
+                    pass
+            assert time.monotonic() - deleted >= spread_s + 1.0  # silence noticed, then spread
+            assert len(await other.js.consumers_info(stream)) == 1 and bus.lost_watches == 1
+            await other.kv_put("fw-t-desired", "n1.web", b"back")
+            await _expect(seen, b"back")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await bus.close()
+            await other.close()
+
+
 def _followed(watch: AsyncIterator[Entry | None],
               ) -> tuple[asyncio.Queue[Entry | None], asyncio.Task[None]]:
     """A task putting everything ``watch`` yields on a queue (the test cancels it)."""
