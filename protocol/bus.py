@@ -564,6 +564,10 @@ class Bus:
         # Pipelined JetStream publishes (js_publish_all): one reply subscription, a future per
         # message awaiting its ack, keyed by the reply subject's last token.
         self._watchers: set[Any] = set()  # live KV watchers of ``watch``, woken on reconnect
+        # Set while connected, from the reconnect callback on (nats-py's own flag comes back a
+        # moment before it): a fleet's watch starts no consumer while it is clear.
+        self._online = asyncio.Event()
+        self._online.set()
         self._acks: dict[str, asyncio.Future[int]] = {}
         self._batch_acks: dict[str, asyncio.Future[dict[str, Any]]] = {}  # atomic commits' acks
         self._ack_prefix = ""
@@ -717,6 +721,7 @@ class Bus:
         is disconnected that request waits in its buffer: every watch of a fleet whose broker
         was down longer than two heartbeats asked for its consumer the moment it reconnected,
         spread or not."""
+        self._online.clear()
         for w in self._watchers:
             _hush(w)
 
@@ -724,6 +729,7 @@ class Bus:
         """The client reconnected: every ``watch`` must start a new KV watcher (the old one's
         consumer may be gone), so each is woken with its stop sentinel now."""
         self.reconnects += 1
+        self._online.set()
         url = self.nc.connected_url
         log.info("reconnected to NATS%s (reconnect %d)",
                  f" at {redact(url.geturl())}" if url is not None else "", self.reconnects)
@@ -819,6 +825,18 @@ class Bus:
         buckets = _fleet_buckets(f)
         names = self.fleet_streams()
 
+        async def settled(replicas: int | None) -> FleetSetup:
+            # A stream another client made meanwhile is read and brought up as asked in
+            # another pass (its limits, replicas and events' limits are that client's).
+            for _ in range(3):
+                made_meanwhile.clear()
+                setup = await once(replicas)
+                if not made_meanwhile:
+                    break
+            return setup
+
+        made_meanwhile: list[str] = []  # streams this pass meant to make, made by another
+
         async def once(replicas: int | None) -> FleetSetup:
             if replicas is not None:
                 await self.check_replicas(replicas)
@@ -848,8 +866,8 @@ class Bus:
                         await self.js.delete_stream(stream_name)
                     setup.moved.append(stream_name)
                     config = None
-                if config is None:
-                    await self._create_bucket(bucket, history, replicas)
+                if config is None and not await self._create_bucket(bucket, history, replicas):
+                    made_meanwhile.append(subjects.events_stream(f))
             def settable(name: str) -> bool:
                 # The coordinator's, or a stream this call made: a tool changes nothing that
                 # exists (an operator may not update streams; a refused update would be its
@@ -860,22 +878,24 @@ class Bus:
                 if settable(subjects.kv_stream(bucket)):
                     await self._allow_atomic(subjects.kv_stream(bucket),
                                              required=raise_existing)
-            if have[subjects.object_stream(store)] is None:
-                await _unless_made_meanwhile(self.js.create_object_store(
-                    bucket=store, storage=js_api.StorageType.FILE, replicas=replicas))
+            if have[subjects.object_stream(store)] is None and not await _unless_made_meanwhile(
+                    self.js.create_object_store(bucket=store, storage=js_api.StorageType.FILE,
+                                                replicas=replicas)):
+                made_meanwhile.append(subjects.object_stream(store))
             for per_node in (subjects.kv_stream(subjects.desired_bucket(f)),
                              subjects.object_stream(store)):
                 if settable(per_node):
                     await self._allow_consumers(per_node)
             if have[subjects.events_stream(f)] is None:
                 stream.num_replicas = replicas
-                await _unless_made_meanwhile(self.js.add_stream(stream))
+                if not await _unless_made_meanwhile(self.js.add_stream(stream)):
+                    made_meanwhile.append(subjects.events_stream(f))
             if settable(subjects.events_stream(f)):
                 await self._allow_atomic(subjects.events_stream(f))  # js_publish_events batches
             return setup
 
         try:
-            setup = await _while_placing(functools.partial(once, replicas))
+            setup = await _while_placing(functools.partial(settled, replicas))
         except (nats.errors.Error, TimeoutError) as exc:
             if getattr(exc, "err_code", None) == NO_STORAGE:
                 raise NoRoom(
@@ -886,8 +906,9 @@ class Bus:
             raise BusError(f"cannot set up fleet {f!r} in JetStream: {exc}") from None
         return setup
 
-    async def _create_bucket(self, bucket: str, history: int, replicas: int) -> None:
-        await _unless_made_meanwhile(self.js.create_key_value(
+    async def _create_bucket(self, bucket: str, history: int, replicas: int) -> bool:
+        """Make ``bucket``; False if another client made it meanwhile."""
+        return await _unless_made_meanwhile(self.js.create_key_value(
             bucket=bucket, history=history, storage=_storage(self.fleet, bucket),
             replicas=replicas,
         ))
@@ -1573,6 +1594,13 @@ class Bus:
         while True:
             if wait > 0:
                 await asyncio.sleep(wait)
+            if spread is not None and not self._online.is_set():
+                # Asked now, the consumer's request would wait in the client's buffer and go
+                # out the moment it reconnects, every watch's together: wait for the reconnect,
+                # then for a moment within the spread.
+                await self._online.wait()
+                wait = random.uniform(0, max(0.0, spread()))
+                continue
             # A few quick attempts (an election ends within seconds), then longer ones: a
             # loaded server gets longer requests, not more of them. Jitter spreads a fleet.
             bound = min(OP_TIMEOUT, WATCH_START_TIMEOUT * 2 ** max(0, failures - 3))
@@ -1584,7 +1612,8 @@ class Bus:
             try:
                 w = await kv.watch(pattern, inactive_threshold=WATCH_INACTIVE)
             except (nats.errors.Error, TimeoutError) as exc:
-                failures += 1
+                if self._online.is_set():  # a server's answer, not the connection's loss
+                    failures += 1
                 if on_missing is not None and isinstance(exc, nats.js.errors.NotFoundError):
                     try:
                         await on_missing()
@@ -1649,8 +1678,16 @@ class Bus:
             return
         _hush(w)
         while True:
+            epoch = self.reconnects
             await asyncio.sleep(2 * every)
-            if jsi._active or not self.nc.is_connected:  # a reconnect starts it again anyway
+            if jsi._active or not self._online.is_set() or self.reconnects != epoch:
+                jsi._active = False  # heard from, or a reconnect starts it again anyway
+                continue
+            try:  # silent: the consumer, or the server? A server that does not answer is the
+                await self.flush(max(1.0, every))  # reconnect's (its pings) to notice
+            except BusError:  # NotReachable too
+                continue
+            if jsi._active or self.reconnects != epoch:
                 jsi._active = False
                 continue
             if _stop_watcher(w):
@@ -2293,16 +2330,19 @@ def _watchable(kv: Any, js: Any, heartbeat: float = WATCH_HEARTBEAT) -> Any:
     return fast
 
 
-async def _unless_made_meanwhile(create: Awaitable[Any]) -> None:
-    """Await ``create`` (of a stream, a bucket, an object store), at peace if another client
-    made it meanwhile: 10058 ("stream name already in use with a different configuration"),
-    as its config differs once that client's ``ensure_fleet`` has set its limits (two release
-    pushes at once on a new fleet, a coordinator starting beside a tool)."""
+async def _unless_made_meanwhile(create: Awaitable[Any]) -> bool:
+    """Await ``create`` (of a stream, a bucket, an object store): True once made, False if
+    another client made it meanwhile: 10058 ("stream name already in use with a different
+    configuration"), as its config differs once that client's ``ensure_fleet`` has set its
+    limits (two release pushes at once on a new fleet, a coordinator starting beside a tool);
+    ``ensure_fleet`` then reads it and brings it up as asked."""
     try:
         await create
     except nats.js.errors.BadRequestError as exc:
         if exc.err_code != 10058:
             raise
+        return False
+    return True
 
 
 def _jsi(w: Any) -> Any:

@@ -121,11 +121,12 @@ async def test_after_a_reconnect_a_watch_starts_again_within_its_spread(
 async def test_a_watch_asks_nothing_of_the_server_until_its_spread_ends(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """While its client is disconnected, nats-py would make a watch's consumer again after two
-    missed heartbeats, a request that waits in the client's buffer and goes out the moment it
-    reconnects: every watch of a fleet at once, whatever its spread. Held: with the broker
-    down for five of the watch's heartbeats, the restarted server is asked for no consumer
-    until the spread has passed, and then the watch is back."""
+    """A request for a consumer made while the client is disconnected waits in its buffer and
+    goes out the moment it reconnects: every watch of a fleet at once, whatever its spread
+    (nats-py's check of missed heartbeats made one; so did a watch whose spread ended while
+    the broker was down again). Held: the broker down for five of the watch's heartbeats,
+    then again from half a second into the spread for as long: at each reconnect the server
+    is asked for no consumer until the spread has passed, and then the watch is back."""
     import urllib.request
 
     import protocol.bus as bus_mod
@@ -160,6 +161,13 @@ async def test_a_watch_asks_nothing_of_the_server_until_its_spread_ends(
         await broker.start()
         await wait_until(lambda: asyncio.sleep(0, bus.reconnects), lambda n: n > before,
                          timeout=30, what="the client's reconnect", interval=0.02)
+        assert await consumers() == durable  # none asked for at the reconnect
+        await asyncio.sleep(0.5)
+        await broker.kill()  # again, during the spread: it ends while the client is away
+        await asyncio.sleep(spread_s)
+        await broker.start()
+        await wait_until(lambda: asyncio.sleep(0, bus.reconnects), lambda n: n > before + 1,
+                         timeout=30, what="the client's second reconnect", interval=0.02)
         reconnected = time.monotonic()
         assert await consumers() == durable  # none asked for at the reconnect
         await asyncio.sleep(max(0.0, reconnected + spread_s - 1.0 - time.monotonic()))
@@ -187,13 +195,13 @@ async def test_a_watch_whose_consumer_is_lost_starts_again_within_its_spread(
     import protocol.bus as bus_mod
 
     monkeypatch.setattr(bus_mod.random, "uniform", lambda a, b: b)
-    spread_s = 4.0
+    spread_s = 5.0
     async with Broker(store_dir=tmp_path / "js") as broker:
         bus = await Bus.connect(broker.url, "t")
         other = await Bus.connect(broker.url, "t")
         await bus.ensure_fleet()
         stream = "KV_fw-t-desired"
-        seen, task = _followed(bus.watch("fw-t-desired", "n1.*", heartbeat=lambda: 0.5,
+        seen, task = _followed(bus.watch("fw-t-desired", "n1.*", heartbeat=lambda: 1.0,
                                          spread=lambda: spread_s))
         try:
             async with asyncio.timeout(30):
@@ -202,13 +210,13 @@ async def test_a_watch_whose_consumer_is_lost_starts_again_within_its_spread(
             [consumer] = await other.js.consumers_info(stream)
             deleted = time.monotonic()
             await other.delete_consumer(stream, consumer.name)
-            await asyncio.sleep(spread_s)  # nats-py's own check would have made it again by now
+            await asyncio.sleep(spread_s)  # nats-py's own check made it again within 4 s
             assert await other.js.consumers_info(stream) == []
             async with asyncio.timeout(30):
                 while await seen.get() is not None:
                     pass
-            assert time.monotonic() - deleted >= spread_s + 1.0  # silence noticed, then spread
-            assert len(await other.js.consumers_info(stream)) == 1 and bus.lost_watches == 1
+            assert time.monotonic() - deleted >= spread_s + 2.0  # silence noticed, then spread
+            assert len(await other.js.consumers_info(stream)) == 1 and bus.lost_watches >= 1
             await other.kv_put("fw-t-desired", "n1.web", b"back")
             await _expect(seen, b"back")
         finally:
@@ -904,6 +912,22 @@ async def test_a_fleet_set_up_meanwhile_by_another_client_is_taken_as_it_is(
             setup = await bus.ensure_fleet()
             assert setup.replicas == 1
             await bus.kv_put("fw-t-desired", "n1.web", b"1")  # and the fleet works
+            # A coordinator that lost the race to a tool reads what the tool made and brings
+            # it up as it asks (here its events' limits), as it would have found it made.
+            real = Bus._stream_config.__get__(bus)
+            reads = 0
+
+            async def missing_in_the_first_pass(name: str) -> Any:
+                nonlocal reads
+                reads += 1
+                return None if reads <= len(bus.fleet_streams()) else await real(name)
+
+            monkeypatch.setattr(bus, "_stream_config", missing_in_the_first_pass)
+            await bus.ensure_fleet(raise_existing=True,
+                                   events=EventsLimits(max_age=3600.0, max_bytes=2**30))
+            assert reads == 2 * len(bus.fleet_streams())  # read again after the first pass
+            info = await other.js.stream_info("FW_t_EVENTS")
+            assert (info.config.max_age, info.config.max_bytes) == (3600.0, 2**30)
         finally:
             await bus.close()
             await other.close()

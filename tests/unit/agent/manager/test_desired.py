@@ -247,7 +247,7 @@ async def test_a_restarted_agent_starts_from_the_fleets_size_it_last_heard(
     heard.paced(Pace(interval=25.0, nodes=3_000, rate=2000.0))
     await heard._restore()
     assert heard.desired.fleet_nodes == 3_000
-    save_state(mgr.restorer.state_path, AgentState(node=NODE))
+    mgr.restorer.state_path.write_text('{"schema":1,"node":"node-1","services":{}}')  # older
     old = _manager(tmp_path, [])
     await old._restore()
     assert old.desired.fleet_nodes == 0
