@@ -1579,15 +1579,17 @@ class Bus:
         starts at a random moment within it, not at once, and a failed start is tried again
         after a backoff that grows to WATCH_RETRY_CAP or to the spread when longer
         (``retry_delay``; without a spread, every 0.25-0.75 s). While the client is
-        disconnected, nats-py's own re-creation of the consumer is held (``_disconnected``).
-        A server restarted under a large fleet gets every watch's consumer to make again; made
+        disconnected, no new watch starts (it waits for the reconnect, then its spread) and
+        nats-py's own re-creation of the consumer is held (``_disconnected``). A server
+        restarted under a large fleet gets every watch's consumer to make again; made
         all at once, the requests outrun the server, time out, and their retries (with the
         consumers they abandoned) outrun it for good (``tests/perf/bench_restart.py``: of
-        20,000 watches, 11,813 were back after 5 minutes). Agents spread by the fleet's size
-        (``agent.manager.desired.restart_spread``). A consumer lost while the client stays
-        connected (on a cluster, its server died and the client's lives on) is noticed by
-        ``_silence`` in place of nats-py's check, and its watch starts again within the spread
-        too: nats-py made every such consumer again at once.
+        20,000 watches, 19,720 were back after 5 minutes; spread at 500 a second, all in
+        61 s). Agents spread by the fleet's size (``agent.manager.desired.restart_spread``).
+        A consumer lost while the client stays connected (on a cluster, its server died and
+        the client's lives on) is noticed by ``_silence`` in place of nats-py's check, and its
+        watch starts again within the spread too: nats-py made every such consumer again at
+        once.
         """
         failures = 0
         wait = 0.0  # before the next attempt: a reconnect's spread, or a failure's backoff

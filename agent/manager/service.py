@@ -64,8 +64,8 @@ MAX_WATCH_HEARTBEAT = 5.0
 # (``desired.restart_spread``; 0 before a pace is heard), at most MAX_RESTART_SPREAD (a forged
 # pace). Every watch is a consumer the server makes again; all at once, a large fleet's
 # requests outran the server, timed out, were tried again while the server still made the
-# abandoned ones, and outran it for good: 20,000 watches, 11,813 back after 5 minutes, the
-# server at a core and 6 GiB; at 500 a second all were back in 54 s, under 0.9 GiB
+# abandoned ones, and outran it for good: of 20,000 watches, 19,720 back after 5 minutes (p50
+# 214 s), the server past a core and at 3 GiB; at 500 a second all were back in 61 s, under 1 GiB
 # (``tests/perf/bench_restart.py``; 1,000 a second left abandoned consumers on this 2-core VM).
 WATCH_RESTART_RATE = 500.0
 MAX_RESTART_SPREAD = 120.0
