@@ -1097,6 +1097,13 @@ class Bus:
                 await self.nc._flush_pending(force_flush=True)
                 await self.nc.flush(timeout=max(int(timeout) + 1, 1))  # ours bounds it
         except TimeoutError:
+            # nats-py leaves the PING's future, cancelled, in its queue of PONGs to come, and
+            # the late PONG's ``set_result`` on it broke its read loop (InvalidStateError: a
+            # reconnect). A fresh one in its place (the order kept) takes that PONG.
+            pongs = self.nc._pongs
+            for k, f in enumerate(pongs):
+                if f.cancelled():
+                    pongs[k] = asyncio.get_running_loop().create_future()
             raise NotReachable(
                 f"the server did not confirm a flush within {timeout:g}s; check that it is "
                 "running and not overloaded") from None

@@ -931,3 +931,29 @@ async def test_a_fleet_set_up_meanwhile_by_another_client_is_taken_as_it_is(
         finally:
             await bus.close()
             await other.close()
+
+
+async def test_a_flush_that_timed_out_leaves_the_connection_whole(tmp_path: Path) -> None:
+    """A flush whose PONG comes after its timeout (a server that stalled a moment): nats-py
+    kept the PING's future, cancelled, in its queue, and the late PONG broke its read loop
+    (InvalidStateError), which reconnected the client. The connection now stays as it was and
+    the next flush is answered."""
+    import os
+    import signal
+
+    async with Broker(store_dir=tmp_path / "js") as broker:
+        bus = await Bus.connect(broker.url, "t")
+        try:
+            assert broker.pid is not None
+            os.kill(broker.pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(NotReachable, match="did not confirm a flush"):
+                    await bus.flush(0.5)
+            finally:
+                os.kill(broker.pid, signal.SIGCONT)
+            await bus.flush(5.0)  # its PONG follows the late one
+            await asyncio.sleep(0.5)
+            assert bus.reconnects == 0 and bus.connected
+            await bus.flush(5.0)
+        finally:
+            await bus.close()
