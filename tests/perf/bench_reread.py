@@ -70,19 +70,26 @@ def states(n: int, seed: bytes) -> list[tuple[str, bytes]]:
     return out
 
 
+async def fleet_of(bus: Bus, n: int) -> list[tuple[str, bytes]]:
+    """The fleet's buckets as the coordinator makes them, and N signed desired states written
+    to them (``states``); those states."""
+    await bus.ensure_fleet(1, raise_existing=True)
+    bucket = subjects.desired_bucket(FLEET)
+    written = states(n, generate_seed())
+    for start in range(0, n, BATCH):
+        failed = [r for r in await bus.kv_put_all(bucket, written[start:start + BATCH])
+                  if not isinstance(r, int)]
+        if failed:
+            raise RuntimeError(f"writing the desired states: {failed[0]}")
+    return written
+
+
 async def measure(n: int, reads: int) -> dict[str, Any]:
     async with Broker(max_payload="1MB") as broker:
         bus = await Bus.connect(broker.url, FLEET, name="bench-reread")
         try:
-            await bus.ensure_fleet(1, raise_existing=True)
             bucket = subjects.desired_bucket(FLEET)
-            written = states(n, generate_seed())
-            for start in range(0, n, BATCH):
-                failed = [r for r in await bus.kv_put_all(bucket, written[start:start + BATCH])
-                          if not isinstance(r, int)]
-                if failed:
-                    raise RuntimeError(f"writing the desired states: {failed[0]}")
-            size = len(written[0][1])
+            size = len((await fleet_of(bus, n))[0][1])
             server = psutil.Process(broker.pid)
             me = psutil.Process()
             gate = asyncio.Semaphore(CONCURRENCY)

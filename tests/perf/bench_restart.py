@@ -45,7 +45,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_reread import BATCH, FLEET, states
+from bench_reread import FLEET, fleet_of
 from perf_support import emit, run_main
 
 from agent.manager.desired import watch_heartbeat
@@ -53,7 +53,6 @@ from agent.manager.service import WATCH_RESTART_RATE
 from coordinator.dev.broker import Broker
 from protocol import subjects
 from protocol.bus import Bus
-from protocol.signing import generate_seed
 
 FIRST_READ = 600.0  # seconds for every watch's first full read, before the restart
 
@@ -73,14 +72,8 @@ async def measure(n: int, rate: float, connections: int, give_up: float) -> dict
         clients: list[Bus] = []
         tasks: list[asyncio.Task[None]] = []
         try:
-            await admin.ensure_fleet(1, raise_existing=True)
+            await fleet_of(admin, n)
             bucket = subjects.desired_bucket(FLEET)
-            written = states(n, generate_seed())
-            for start in range(0, n, BATCH):
-                failed = [r for r in await admin.kv_put_all(bucket, written[start:start + BATCH])
-                          if not isinstance(r, int)]
-                if failed:
-                    raise RuntimeError(f"writing the desired states: {failed[0]}")
             for c in range(connections):  # as agents connect: reconnecting with their backoff
                 clients.append(await Bus.connect(broker.url, FLEET, name=f"bench-restart-{c}",
                                                  reconnect_forever=True))
