@@ -946,6 +946,7 @@ async def test_a_flush_that_timed_out_leaves_the_connection_whole(tmp_path: Path
         try:
             assert broker.pid is not None
             os.kill(broker.pid, signal.SIGSTOP)
+            await _stopped(broker.pid)  # every thread: a running one could still answer a PING
             try:
                 with pytest.raises(NotReachable, match="did not confirm a flush"):
                     await bus.flush(0.5)
@@ -957,3 +958,21 @@ async def test_a_flush_that_timed_out_leaves_the_connection_whole(tmp_path: Path
             await bus.flush(5.0)
         finally:
             await bus.close()
+
+
+async def _stopped(pid: int) -> None:
+    """Wait until every thread of process ``pid`` is stopped (SIGSTOP is taken by each thread
+    as it next runs; kill() returns before)."""
+    def states() -> set[str]:
+        out = set()
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                out.add(task.joinpath("stat").read_text().rsplit(")", 1)[1].split()[0])
+            except (OSError, IndexError):
+                continue
+        return out
+
+    from tests.integration.procs import wait_until
+
+    await wait_until(lambda: asyncio.to_thread(states), lambda got: got <= {"T", "t"},
+                     timeout=10, what=f"every thread of {pid} stopped", interval=0.01)
