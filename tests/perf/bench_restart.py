@@ -111,7 +111,6 @@ async def measure(n: int, rate: float, connections: int, give_up: float) -> dict
             if not await until(lambda: min(reads) >= 1, FIRST_READ):
                 raise RuntimeError(f"{reads.count(0)} of {n} watches had no first full read "
                                    f"within {FIRST_READ:g}s")
-            await asyncio.sleep(2.0)
             me = psutil.Process()
             await broker.kill()
             started = time.monotonic()  # clients may be back before the server says it is ready
