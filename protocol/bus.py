@@ -64,7 +64,7 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, ObjectStore
 
-from protocol import chunks, subjects
+from protocol import chunks, direct, subjects
 from protocol.creds import Creds, expired
 from protocol.errors import (
     AccessDenied,
@@ -1758,7 +1758,10 @@ class Bus:
         it, and no bucket lookup precedes the info's read (which says "not found" for a missing
         bucket too), so the fetch is two round trips where it was four and a consumer (which,
         when a new release reaches 50,000 nodes, is 50,000 consumers made and removed). Larger
-        objects stream through an ordered consumer, with flow control, as before.
+        objects come in batches of direct gets (``protocol.direct``): no consumer either, at
+        most ``direct.BATCH_BYTES`` in flight. The info and a one-chunk object are read from
+        the stream's leader (what a push just stored is there); a batch may be answered by any
+        replica, and one that lags behind a push that just ended fails the fetch, retried.
         """
         stream = subjects.object_stream(store)
         try:
@@ -1770,6 +1773,9 @@ class Bus:
         if not info.size or not info.nuid:
             return True
         chunk_subject = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=store, obj=info.nuid)
+        if not info.chunks or info.chunks < 1:
+            raise BusError(f"cannot fetch {name} from {store}: its info counts no chunks "
+                           f"({info.chunks!r}); push it again")
         if info.chunks == 1:
             try:
                 only = await self.js.get_last_msg(stream, chunk_subject)
@@ -1781,24 +1787,9 @@ class Bus:
             write(only.data or b"")
             return True
         try:
-            sub = await self.js.subscribe(
-                chunk_subject, ordered_consumer=True,
-                idle_heartbeat=WATCH_HEARTBEAT,  # re-created soon if its server dies (see watch)
-                # named: no stream lookup by subject (STREAM.NAMES, which a node may not ask)
-                stream=stream,
-            )
-        except (nats.errors.Error, TimeoutError) as exc:
+            await direct.read_subject(self.nc, stream, chunk_subject, info.chunks, write)
+        except (BusError, nats.errors.Error) as exc:
             raise BusError(f"cannot fetch {name} from {store}: {exc}") from None
-        try:
-            async for msg in sub.messages:
-                write(msg.data)
-                if msg.metadata.num_pending == 0:
-                    break
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise BusError(f"cannot fetch {name} from {store}: {exc}") from None
-        finally:
-            with contextlib.suppress(nats.errors.Error, TimeoutError):
-                await sub.unsubscribe()
         return True
 
     @_timed("obj_info")

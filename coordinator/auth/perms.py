@@ -37,12 +37,15 @@ deposed the coordinator: the lease key). So the fleet lives in three accounts:
 What the server does, checked on nats-server 2.15 (``tests/integration/test_auth_accounts.py``):
 an answer to a request sent from NODES or OPS never reaches FLEET again through a wildcard
 import (its subject there is the ``_R_.`` one), so no import here is a literal subject that
-matters; JetStream exports do not overlap (an import that two wildcard exports match takes
-either's response type, by map order), and the pull ``MSG.NEXT`` one answers a stream of
-messages; an account without JetStream gets the server's own ``$JS.API.>`` import ("JetStream
-not enabled") unless one of its imports covers ``$JS.API.INFO``, which NODES imports and no
-node may publish; a message that came in through a service import is never passed on to a
-stream export, so agents' events reach OPS from NODES directly.
+matters; JetStream's wildcard exports do not overlap (an import that two wildcard exports
+match takes either's response type, by map order), and the pull ``MSG.NEXT`` one answers a
+stream of messages, as does the releases' bare ``DIRECT.GET`` (batches): a literal export,
+which an import of that very subject takes before the wildcard ``DIRECT.GET.>`` (the server
+looks an export up by its subject first); an account without JetStream gets the server's own
+``$JS.API.>`` import ("JetStream not enabled") unless one of its imports covers
+``$JS.API.INFO``, which NODES imports and no node may publish; a message that came in
+through a service import is never passed on to a stream export, so agents' events reach OPS
+from NODES directly.
 
 Older auth directories keep one account (``$G``, the server's global one) until migrated; their
 nodes and operators may use both inbox prefixes (this release's and the one before), once
@@ -121,7 +124,10 @@ def node(fleet: str, node_id: str, *, accounts: bool = True) -> Permissions:
                 f"$JS.FC.KV_{desired}.>",
                 # Releases: every node may read every release (nothing secret to a node in the
                 # names or bodies), so stream info, gets and consumers by body give nothing away.
+                # A release of several chunks comes in batches of direct gets (the bare
+                # subject, the request in the body: ``protocol.direct``).
                 f"$JS.API.STREAM.INFO.{releases}",
+                f"$JS.API.DIRECT.GET.{releases}",
                 f"$JS.API.DIRECT.GET.{releases}.>",
                 f"$JS.API.STREAM.MSG.GET.{releases}",
                 f"$JS.API.CONSUMER.CREATE.{releases}",
@@ -235,7 +241,11 @@ def accounts(fleet: str) -> dict[str, dict[str, list[Any]]]:
                    subjects.agent_events(f, "*", ">"))
     pushes = (f"$KV.{subjects.release_index_bucket(f)}.>", f"$O.{subjects.releases_store(f)}.>")
     api = (f"fw.{f}.api.>", f"fw.{f}.coord.>")
+    # A batch of direct gets is answered by many messages: exported on its own as a stream of
+    # answers (an import takes an export that matches it exactly before a wildcard one).
+    batches = f"$JS.API.DIRECT.GET.{releases}"
     node_reads = (f"$JS.API.CONSUMER.CREATE.{desired}.>", f"$JS.API.STREAM.INFO.{releases}",
+                  batches,
                   f"$JS.API.DIRECT.GET.{releases}.>", f"$JS.API.STREAM.MSG.GET.{releases}",
                   f"$JS.API.CONSUMER.CREATE.{releases}", f"$JS.API.CONSUMER.CREATE.{releases}.>",
                   f"$JS.FC.{desired}.>", f"$JS.FC.{releases}.>",
@@ -253,7 +263,7 @@ def accounts(fleet: str) -> dict[str, dict[str, list[Any]]]:
         FLEET: {"exports": [
             *({"service": s} for s in (*node_writes, *pushes, *OPS_JETSTREAM, "$JS.FC.>",
                                        "$JS.ACK.>")),
-            *({"service": s, **many} for s in (*api, PULL)),
+            *({"service": s, **many} for s in (*api, PULL, batches)),
             *({"stream": s} for s in (*to_nodes, *to_ops)),
         ], "imports": []},
         NODES: {

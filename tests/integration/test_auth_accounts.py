@@ -31,8 +31,8 @@ from tests.integration.procs import (
 SUBNET = "127.0.76"
 F = "default"
 # What the server's answers look like (no value of the fleet's own holds these): a JetStream API
-# answer, a publish acknowledgement, the coordinator's API answer.
-FORGED = (b"io.nats.jetstream.api", b'{"stream":"', b'"ok":')
+# answer, a publish acknowledgement, the coordinator's API answer, a release's metadata.
+FORGED = (b"io.nats.jetstream.api", b'{"stream":"', b'"ok":', b'"nuid":"')
 RELEASES = subjects.object_stream(subjects.releases_store(F))
 INDEX = subjects.release_index_bucket(F)
 INJECT_EVERY = 0.2  # seconds between two rounds of forged requests during a deploy
@@ -66,12 +66,17 @@ async def _node(fleet: DevFleet, node: str) -> Bus:
 
 async def _inject(node1: Bus, op: Bus, targets: list[tuple[str, str]]) -> None:
     """Every way the matrix found to have the server (or the coordinator) answer onto a key:
-    a JetStream API request and a KV put (its acknowledgement) from node-1, an API request and
-    a JetStream API request from the operator, each with the key as its reply subject. Then
-    the same four with an inbox, awaited: once they are answered, the server (and the
-    coordinator) have taken the ones sent before them on the same connections."""
+    a JetStream API request, a batch of direct gets (many answers) and a KV put (its
+    acknowledgement) from node-1, an API request and a JetStream API request from the
+    operator, each with the key as its reply subject. Then the same five with an inbox,
+    awaited: once they are answered, the server (and the coordinator) have taken the ones
+    sent before them on the same connections."""
     own = f"$KV.{subjects.observed_bucket(F)}.node-1.zz-probe"
-    asks = ((node1, f"$JS.API.STREAM.INFO.{RELEASES}", b""), (node1, own, b"{}"),
+    # Answered by many messages (a stream export): the releases' metadata (FORGED's "nuid").
+    batch = json.dumps({"seq": 1, "next_by_subj": f"$O.{subjects.releases_store(F)}.M.>",
+                        "batch": 5}).encode()
+    asks = ((node1, f"$JS.API.DIRECT.GET.{RELEASES}", batch),
+            (node1, f"$JS.API.STREAM.INFO.{RELEASES}", b""), (node1, own, b"{}"),
             (op, subjects.api(F, "admin", "nodes"), b"{}"),
             (op, f"$JS.API.STREAM.INFO.{RELEASES}", b""))
     for bucket, key in targets:

@@ -16,6 +16,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import os
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -363,9 +364,16 @@ async def _matrix(fleet: DevFleet) -> None:
     node1 = await Bus.connect(fleet.nats_url, F, **_access(fleet, "node", "node-1"))
     coord = await Bus.connect(fleet.nats_url, F, **_access(fleet, "coordinator", "coordinator"))
     try:
+        several = os.urandom(300_000)  # three chunks of the object store: batches of direct gets
+        await coord.obj_put(RELEASES, "hello/0.0.1", several)
         before = await _state(coord)
         # Its own keys work: the permissions are not simply closed.
         assert [e.key for e in await node1.kv_entries(DESIRED, "node-1.*")] == ["node-1.hello"]
+        # And a release of several chunks comes whole: the batches' answers (many messages to
+        # one request) pass the accounts' export, where one message alone would have.
+        got = bytearray()
+        assert await node1.obj_get_into(RELEASES, "hello/0.0.1", got.extend)
+        assert bytes(got) == several
         refused = await _jetstream_abuse(fleet, node1, coord)
         refused |= await _object_store_and_buckets(node1)
         refused |= await _api_and_events(fleet, node1, coord)

@@ -190,3 +190,17 @@ async def test_bench_restart_runs_small() -> None:
     for r in (spread, at_once):
         assert r["converged"] and r["back"] == 40 and r["connections"] == 4, r
         assert r["last_s"] >= r["p50_s"] > 0 and r["server_cpu_s"] > 0, r
+
+
+async def test_bench_fetch_runs_small() -> None:
+    """A small run of the fleet-wide fetch benchmark: both ways every fetch is done, whole, and
+    only the consumer way made consumers on the server."""
+    code, out, err = await run(str(PERF / "bench_fetch.py"), "--nodes", "40", "--connections",
+                               "4", "--give-up", "60", "--json")
+    assert code == 0, err[-3000:]
+    direct, consumer = json.loads(out)["fetches"]
+    assert (direct["way"], consumer["way"]) == ("direct", "consumer")
+    for r in (direct, consumer):
+        assert r["converged"] and r["done"] == 40 and r["chunks"] == 3, r
+        assert r["last_s"] >= r["p50_s"] > 0 and r["server_cpu_s"] > 0, r
+    assert direct["peak_consumers"] == 0 < consumer["peak_consumers"], (direct, consumer)

@@ -20,6 +20,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from nats.js import api as js_api
+from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE
 
 from agent.errors import ReleaseError
 from agent.host.releases import ReleaseCache
@@ -32,11 +34,12 @@ from coordinator.releases import (
     push_release,
     resolve_release,
 )
-from protocol import subjects
+from protocol import direct, subjects
 from protocol.bundle import digest, pack
 from protocol.bus import Bus
+from protocol.errors import BusError
 from protocol.messages import ReleaseRef
-from tests.integration.procs import hello_bundle, wait_until
+from tests.integration.procs import hello_bundle
 
 REPO = Path(__file__).resolve().parents[2]
 FLEETWAVE = Path(sys.executable).parent / "fleetwave"
@@ -515,16 +518,19 @@ def test_one_app_and_a_manifest_per_version_make_valid_bundles() -> None:
 # -- the agent's download is streamed and bounded --------------------------------------------------
 
 
-async def test_object_above_its_declared_size_stops_and_leaves_no_consumer(
+async def test_object_above_its_declared_size_stops_and_no_fetch_makes_a_consumer(
     bus: Bus, tmp_path: Path
 ) -> None:
     """An object longer than the ref declares is refused mid-transfer from the real store; a
-    multi-chunk object is fetched intact; neither transfer leaves a consumer behind for good (the
-    server drops an unsubscribed ordered consumer after its inactivity threshold, a few seconds)."""
+    multi-chunk object is fetched intact; neither transfer makes a consumer on the server (the
+    chunks come in batches of direct gets: ``protocol.direct``), which, when a release of
+    several chunks goes to 20,000 nodes at once, was 20,000 consumers asked for at once."""
     big = copy_bundle("1.0.0", tmp_path / "big")
     (big / "noise.bin").write_bytes(os.urandom(600_000))  # several object-store chunks
     pushed = await push_release(bus, big)
     stream = f"OBJ_{subjects.releases_store(FLEET)}"
+    store = await bus.js.object_store(subjects.releases_store(FLEET))
+    assert (await store.get_info("hello/1.0.0")).chunks > 1  # what this test is about
 
     async def consumers() -> int:
         return (await bus.js.stream_info(stream)).state.consumer_count
@@ -535,10 +541,51 @@ async def test_object_above_its_declared_size_stops_and_leaves_no_consumer(
         await cache.ensure(bus, FLEET, short)
     assert not info.value.transient
     assert list((tmp_path / "releases").iterdir()) == []
+    assert await consumers() == 0
 
     path = await cache.ensure(bus, FLEET, pushed.info.ref)
     assert (path / "noise.bin").read_bytes() == (big / "noise.bin").read_bytes()
-    await wait_until(consumers, lambda n: n == 0, timeout=30, what="no consumer left")
+    assert await consumers() == 0
+
+
+async def test_direct_reads_ask_again_past_a_batchs_bytes_and_name_what_is_missing(
+    bus: Bus, tmp_path: Path
+) -> None:
+    """``direct.read_subject`` on the real server: batches bounded by bytes are asked for again
+    from the last sequence received until every chunk is read, in order; a subject with fewer
+    messages than asked, or none, fails in one line; the stream's own bytes are untouched."""
+    store = subjects.releases_store(FLEET)
+    stream = subjects.object_stream(store)
+    await bus.ensure_fleet(1)
+    obs = await bus.js.object_store(store)
+    data = os.urandom(10_000)
+    await bus.obj_put(store, "other", b"interleaved")  # the subject's sequences are not 1, 2, ..
+    await obs.put("x", data, meta=js_api.ObjectMeta(
+        name="x", options=js_api.ObjectMetaOptions(max_chunk_size=1000)))
+    info = await obs.get_info("x")
+    subject = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=store, obj=info.nuid)
+    asked: list[bytes] = []
+    real_publish = bus.nc.publish
+
+    async def publish(subj: str, payload: bytes = b"", **kw: object) -> None:
+        if subj.startswith("$JS.API.DIRECT.GET."):
+            asked.append(payload)
+        await real_publish(subj, payload, **kw)  # type: ignore[arg-type]
+
+    bus.nc.publish = publish  # type: ignore[method-assign]
+    try:
+        got: list[bytes] = []
+        await direct.read_subject(bus.nc, stream, subject, 10, got.append, batch_bytes=2500)
+        assert b"".join(got) == data and len(got) == 10
+        assert len(asked) == 4  # 3 chunks a batch (the server stops past 2,500 bytes), then 1
+        assert [json.loads(a)["batch"] for a in asked] == [10, 7, 4, 1]
+        with pytest.raises(BusError, match="only 10 of its 12 chunks are stored"):
+            await direct.read_subject(bus.nc, stream, subject, 12, lambda _: None)
+        with pytest.raises(BusError, match="only 0 of its 1 chunks are stored"):
+            await direct.read_subject(bus.nc, stream, subject + "x", 1, lambda _: None)
+    finally:
+        bus.nc.publish = real_publish  # type: ignore[method-assign]
+    assert await bus.obj_get_into(store, "x", got.append)
 
 
 async def test_a_one_chunk_release_is_fetched_without_a_consumer(bus: Bus, tmp_path: Path) -> None:

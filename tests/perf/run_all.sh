@@ -34,6 +34,7 @@ run shared tests/perf/bench_shared.py
 run writes tests/perf/bench_writes.py
 run reread tests/perf/bench_reread.py
 run restart tests/perf/bench_restart.py
+run fetch tests/perf/bench_fetch.py
 run rest tests/perf/bench_rest.py --nodes 10000
 run rest50k tests/perf/bench_rest.py --nodes 50000
 run failover tests/perf/bench_failover.py --rounds 2 --kills 20
