@@ -214,6 +214,17 @@ SNAPSHOT_INACTIVE = 2.0
 # that a fleet does not hammer a restarting server in lock-step; see ``reconnect_delay``.
 RECONNECT_BASE = 0.25
 RECONNECT_CAP = 5.0
+# When the client reconnects (the broker restarted, or failed over), an agent's watch of its
+# desired states starts again at a random moment within the fleet's size / WATCH_RESTART_RATE
+# seconds (``restart_spread``; 0 before a pace is heard), at most MAX_RESTART_SPREAD (a forged
+# pace). Every watch is a consumer the server makes again; all at once, a large fleet's
+# requests outran the server, timed out, were tried again while the server still made the
+# abandoned ones, and outran it for good: of 20,000 watches, 19,720 back after 5 minutes (p50
+# 214 s), the server past a core and at 3 GiB; at 500 a second all were back in 61 s, under 1 GiB
+# (``tests/perf/bench_restart.py``; 1,000 a second left abandoned consumers on this 2-core VM).
+# The leader waits as long before a rollout's node is late (``coordinator.runtime.runner``).
+WATCH_RESTART_RATE = 500.0
+MAX_RESTART_SPREAD = 120.0
 # In lame-duck mode a server closes its clients over ``lame_duck_duration``; clients of a cluster
 # move away at a random moment within this spread instead of all at once.
 LAME_DUCK_SPREAD = 5.0
@@ -550,6 +561,7 @@ class Bus:
         self.js = nc.jetstream(timeout=OP_TIMEOUT)
         self.fleet = fleet
         self.reconnects = 0  # watchers compare it to know that they must start again
+        self.reconnected_at: float | None = None  # the wall clock at the last reconnect
         self._async_errors: dict[str, float] = {}  # when each kind was last logged
         self.lost_watches = 0  # watches restarted because their consumer was gone (``watch``)
         self.closing = False
@@ -729,6 +741,7 @@ class Bus:
         """The client reconnected: every ``watch`` must start a new KV watcher (the old one's
         consumer may be gone), so each is woken with its stop sentinel now."""
         self.reconnects += 1
+        self.reconnected_at = time.time()
         self._online.set()
         url = self.nc.connected_url
         log.info("reconnected to NATS%s (reconnect %d)",
@@ -1592,7 +1605,7 @@ class Bus:
         all at once, the requests outrun the server, time out, and their retries (with the
         consumers they abandoned) outrun it for good (``tests/perf/bench_restart.py``: of
         20,000 watches, 19,720 were back after 5 minutes; spread at 500 a second, all in
-        61 s). Agents spread by the fleet's size (``agent.manager.desired.restart_spread``).
+        61 s). Agents spread by the fleet's size (``restart_spread``).
         A consumer lost while the client stays connected (on a cluster, its server died and
         the client's lives on) is noticed by ``_silence`` in place of nats-py's check, and its
         watch starts again within the spread too: nats-py made every such consumer again at
@@ -2386,6 +2399,13 @@ def reconnect_delay(attempts: int) -> float:
     """
     step = min(RECONNECT_CAP, RECONNECT_BASE * 2.0 ** min(attempts, 16))
     return step / 2 + random.uniform(0, step / 2)
+
+
+def restart_spread(nodes: int) -> float:
+    """The seconds within which a node's watch starts again after a reconnect, in a fleet of
+    ``nodes`` (0: no pace heard, at once): the fleet's watches at ``WATCH_RESTART_RATE`` a
+    second, within ``MAX_RESTART_SPREAD`` at most."""
+    return min(MAX_RESTART_SPREAD, max(0, nodes) / WATCH_RESTART_RATE)
 
 
 def retry_delay(failures: int, spread: float = 0.0) -> float:

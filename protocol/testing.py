@@ -59,6 +59,7 @@ class FakeBus:
     max_payload: int = 0  # unknown: the record's size is not checked
     fenced_in_flight: int = FENCED_IN_FLIGHT  # as one server (``Bus.fenced_in_flight``)
     connected: bool = True
+    reconnected_at: float | None = None  # the wall clock at the last reconnect (Bus's)
     kv: dict[str, dict[str, Entry]] = field(default_factory=dict)
     seq: int = 0
     log: list[tuple[str, str, str, bytes | None]] = field(default_factory=list)

@@ -27,18 +27,16 @@ from agent.manager.events import NodeEvents
 from agent.manager.service import (
     BUS_TIMEOUT,
     MAX_REREAD,
-    MAX_RESTART_SPREAD,
     MAX_WATCH_HEARTBEAT,
     REREAD,
     REREAD_RATE,
     WATCH_HEARTBEAT_RATE,
-    WATCH_RESTART_RATE,
     NodeConfig,
     Service,
     Services,
 )
 from protocol import subjects
-from protocol.bus import WATCH_HEARTBEAT, Bus
+from protocol.bus import WATCH_HEARTBEAT, Bus, restart_spread
 from protocol.codec import decode
 from protocol.errors import BusError, ProtocolError
 from protocol.messages import SignedEnvelope
@@ -70,13 +68,6 @@ def watch_heartbeat(nodes: int) -> float:
     ``MAX_WATCH_HEARTBEAT`` (the fleet's size by ``size_step``)."""
     return min(MAX_WATCH_HEARTBEAT,
                max(WATCH_HEARTBEAT, size_step(nodes) / WATCH_HEARTBEAT_RATE))
-
-
-def restart_spread(nodes: int) -> float:
-    """The seconds within which a node's watch starts again after a reconnect, in a fleet of
-    ``nodes`` (0: no pace heard, at once): the fleet's watches at ``WATCH_RESTART_RATE`` a
-    second, within ``MAX_RESTART_SPREAD`` at most."""
-    return min(MAX_RESTART_SPREAD, max(0, nodes) / WATCH_RESTART_RATE)
 
 
 class DesiredWatch:

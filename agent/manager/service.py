@@ -59,16 +59,8 @@ MAX_REREAD = 600.0
 # fleet's size no longer calls for (``desired.DesiredWatch.reread``).
 WATCH_HEARTBEAT_RATE = 10_000.0
 MAX_WATCH_HEARTBEAT = 5.0
-# When the client reconnects (the broker restarted, or failed over), the watch of desired
-# states starts again at a random moment within the fleet's size / WATCH_RESTART_RATE seconds
-# (``desired.restart_spread``; 0 before a pace is heard), at most MAX_RESTART_SPREAD (a forged
-# pace). Every watch is a consumer the server makes again; all at once, a large fleet's
-# requests outran the server, timed out, were tried again while the server still made the
-# abandoned ones, and outran it for good: of 20,000 watches, 19,720 back after 5 minutes (p50
-# 214 s), the server past a core and at 3 GiB; at 500 a second all were back in 61 s, under 1 GiB
-# (``tests/perf/bench_restart.py``; 1,000 a second left abandoned consumers on this 2-core VM).
-WATCH_RESTART_RATE = 500.0
-MAX_RESTART_SPREAD = 120.0
+# After a reconnect the watch of desired states starts again within the fleet's size / 500 a
+# second, at most 120 s (``protocol.bus.restart_spread``, shared with the leader's deadlines).
 OBSERVE_EVERY = 5.0
 # Reports that carry nothing new but the router's counters (read every STATS_EVERY seconds and
 # stamped with the read's time, so every read changes them) go out at most once a paced

@@ -201,6 +201,17 @@ class Rollout:
         # only ones whose progress can differ from it, so the store compares only those.
         self.touched: set[str] = set()
         self._stage_memo = StageMemo()  # pre-staging's, across steps (``Step``)
+        self.excused_until = 0.0  # see ``excuse``
+
+    def excuse(self, until: float) -> None:
+        """The nodes may not have heard the bus until ``until``: the leader's connection was
+        down (so were the agents', or the leader could not hear them), and an agent's watch of
+        its desired states starts again within the fleet's restart spread after it reconnects.
+        No progress deadline of this rollout passes before ``until`` plus a whole
+        ``--progress-deadline``, as if every node had been told its desired state then
+        (``Step.passed``); a node's own failure still fails it at once. Not persisted: a
+        leader that resumes the rollout excuses it as long from its bus's last reconnect."""
+        self.excused_until = max(self.excused_until, until)
 
     def persisted(self, record: RolloutRecord) -> None:
         """``record`` is stored: if it is this rollout's current revision, no node differs
@@ -262,7 +273,8 @@ class Rollout:
             self._down = {n for n, p in self._record.nodes.items() if is_down(p)}
         step = Step(self.fleet, work, self._observed, now, policies=self._policies, who=who,
                     ahead=self._record.prestage, back_memo=self._back_memo, down=self._down,
-                    stage_memo=dataclasses.replace(self._stage_memo))
+                    stage_memo=dataclasses.replace(self._stage_memo),
+                    excused_until=self.excused_until)
         progress = Progress(step)
         try:
             for event in events:

@@ -79,7 +79,7 @@ class Lost:
                 self.fail(p, wave, "while baking" if baking else _WHILE[p.state])
             return []
         deadline = self.deadline(wave, baking=baking)
-        if self.step.now < deadline:
+        if not self.step.passed(deadline):
             return lost
         limit = format_duration(self.step.spec.progress_deadline)
         for p in lost:

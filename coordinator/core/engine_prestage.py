@@ -66,7 +66,7 @@ class Prestage:
                           for index in staging.window(r.current_wave, step.ahead, len(r.waves))
                           for i, n in enumerate(r.waves[index].nodes)}
         names, memo.pending = memo.pending | step.changed(), frozenset()
-        if memo.due is None or step.now >= memo.due:
+        if memo.due is None or step.passed(memo.due):
             found, due = self.ahead(), float("inf")
         else:
             places = sorted((memo.place[n], n) for n in names if n in memo.place)
@@ -102,7 +102,7 @@ class Prestage:
                           f"{p.slot} at weight 0, ahead of wave {index + 1}", p.node,
                           generation=p.generation, slot=p.slot, wave=index)
                 continue
-            elif p.online and step.now >= p.stage_deadline:
+            elif p.online and step.passed(p.stage_deadline):
                 p = self.take(p)
                 limit = format_duration(step.spec.progress_deadline)
                 got = seen.observed_generation if seen else "none"

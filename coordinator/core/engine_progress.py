@@ -273,7 +273,7 @@ class Progress:
             else:
                 blocked.append(n)
         failed = [r.nodes[n] for n in wave.nodes if peek_node(r.nodes, n).state == "failed"]
-        if not failed and self.step.now >= wave.deadline:
+        if not failed and self.step.passed(wave.deadline):
             limit = format_duration(self.step.spec.progress_deadline)
             for n in wave.nodes:
                 if peek_node(r.nodes, n).state not in ("updating", "waiting"):

@@ -100,7 +100,7 @@ class Rollback:
                                     f"rollback failed: {seen.error or 'no reason given'}")
             else:
                 waiting.append(n)
-        if waiting and self.step.now >= r.rollback_deadline:
+        if waiting and self.step.passed(r.rollback_deadline):
             limit = format_duration(self.step.spec.progress_deadline)
             for n in waiting:
                 p = r.nodes[n]

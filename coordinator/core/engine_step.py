@@ -80,9 +80,10 @@ class Step:
         self, fleet: str, record: RolloutRecord, observed: dict[str, ObservedState], now: float,
         *, policies: Sequence[WavePolicy], who: str = "", ahead: int = 0,
         back_memo: BackMemo | None = None, down: set[str] | None = None,
-        stage_memo: StageMemo | None = None,
+        stage_memo: StageMemo | None = None, excused_until: float = 0.0,
     ) -> None:
         self.fleet = fleet
+        self.excused_until = excused_until  # ``Rollout.excuse``: see ``passed``
         # The unavailable nodes of the committed record (kept by the engine across steps), or
         # None: ``unavailable`` scans the fleet then.
         self.down = down
@@ -107,6 +108,15 @@ class Step:
         self.ahead = ahead  # waves staged ahead of the running one (``engine_prestage``)
 
     # -- helpers -----------------------------------------------------------------------------------
+
+    def passed(self, deadline: float) -> bool:
+        """Whether a progress deadline (a wave's, a staging node's, the rollback's, a lost
+        node's) has passed: never before the fleet's excuse plus a whole
+        ``--progress-deadline`` (``Rollout.excuse``: the nodes may not have heard the bus)."""
+        if self.now < deadline:
+            return False
+        return not self.excused_until or (
+            self.now >= self.excused_until + self.spec.progress_deadline)
 
     def emit(self, kind: str, message: str, node: str = "", **data: Any) -> None:
         self.commands.append(EmitEvent(kind, message, node, data, self.now, self.who))

@@ -378,6 +378,7 @@ class Coordinator:
                                 liveness=self.table.liveness,
                                 batchable=self.table.takes_batch_signatures,
                                 unheard=self.table.unheard,
+                                size=lambda: len(self.table.nodes),
                                 clock=self._clock, started=self.started,
                                 startup_grace=pace.startup_grace(
                                     len(self.table.nodes), self.pacer.rate, STARTUP_GRACE),

@@ -14,9 +14,13 @@ class RunnerBus(Protocol):
     """The KV and JetStream calls of the runner, its store and its publisher."""
 
     fleet: str
+    reconnected_at: float | None  # the wall clock at the client's last reconnect; None: never
 
     @property
     def max_payload(self) -> int: ...  # the largest message the server takes; 0: unknown
+
+    @property
+    def connected(self) -> bool: ...
 
     @property
     def fenced_in_flight(self) -> int: ...  # fenced batches of a bucket awaiting acks at once

@@ -88,7 +88,7 @@ from coordinator.runtime.lease import Deposed, Fenced
 from coordinator.runtime.ports import RunnerBus
 from coordinator.runtime.store import RolloutStore
 from protocol import subjects
-from protocol.bus import Entry
+from protocol.bus import RECONNECT_CAP, Entry, restart_spread
 from protocol.codec import decode, shared
 from protocol.errors import BusError, Conflict, ProtocolError
 from protocol.events import EventPublisher
@@ -146,8 +146,13 @@ class Runner:
         retention: Retention | None = None,
         batchable: Callable[[str], bool] | None = None,
         unheard: Callable[[Mapping[str, str]], Sequence[str]] | None = None,
+        size: Callable[[], int] | None = None,
     ) -> None:
         self.bus = bus
+        # The fleet's size, for how long its agents' watches take to start again after a
+        # reconnect (``excused_until``); else counted off nodes()
+        self._size = size or (lambda: len(nodes()))
+        self._logged_back: float | None = None  # the reconnect whose excuse was logged
         self.fleet = bus.fleet
         self._nodes = nodes
         self._liveness = liveness  # O(1) per node for the tick; else read off nodes()
@@ -316,8 +321,10 @@ class Runner:
         if not self.drivers:
             await self._clear_outboxes(now)
             return
+        excused = self.excused_until(now)
         liveness = self._liveness or self._liveness_from_views()
         for driver in list(self.drivers.values()):
+            driver.rollout.excuse(excused)
             events: list[EngineEvent] = []
             for node, progress in driver.rollout.record.nodes.items():
                 online = self._online(liveness(node), now)
@@ -325,6 +332,28 @@ class Runner:
                     events.append(NodeOnline(node) if online else NodeOffline(node))
             await self._feed_quietly(driver, *events, Tick())
         await self._clear_outboxes(now)
+
+    def excused_until(self, now: float) -> float:
+        """Until when the fleet's nodes may not have heard the bus (``Rollout.excuse``; 0:
+        no excuse): while this coordinator's connection is down, and after it is back for as
+        long as agents take to reconnect (their backoff, at most ``RECONNECT_CAP``) and to
+        start their watches again (``restart_spread`` of the fleet's size: 100 s at 50,000
+        nodes). Without it a wave whose progress deadline passed while the broker restarted
+        failed its nodes for the bus's silence (the ticks go on), and a large fleet's nodes,
+        told within their spread, could come back after the deadline: a rollback for
+        nothing. Counted from the bus's last reconnect, so a leader that takes over (or
+        resumes) after one excuses its rollouts as long."""
+        down, back = not self.bus.connected, self.bus.reconnected_at
+        if back is None and not down:
+            return 0.0
+        lag = RECONNECT_CAP + restart_spread(self._size())
+        until = (now if down or back is None else back) + lag
+        if not down and back != self._logged_back and until > now:
+            self._logged_back = back
+            log.info("the bus is back: no rollout's progress deadline passes before %s UTC "
+                     "plus its --progress-deadline (agents reconnect and start their watches "
+                     "again within %.0fs)", time.strftime("%H:%M:%S", time.gmtime(until)), lag)
+        return until
 
     # -- the outbox --------------------------------------------------------------------------------
 

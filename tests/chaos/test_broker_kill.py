@@ -11,6 +11,7 @@ Prints (run with -s) the outage, the requests answered during it and the rollout
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -117,3 +118,43 @@ async def test_broker_killed_mid_rollout_loses_nothing(tmp_path: Path) -> None:
 
 async def _count(traffic: Traffic) -> int:
     return traffic.snapshot().requests
+
+
+# The broker's outage in the test below: past the rollout's --progress-deadline, so that the
+# wave's own deadline passes while the bus is away (the scenario itself, not a wait for anything).
+OUTAGE = 8.0
+
+
+async def test_a_broker_down_past_the_progress_deadline_fails_no_node(tmp_path: Path) -> None:
+    """The broker SIGKILLed as wave 1 starts and kept down longer than the rollout's
+    --progress-deadline, the leader keeping its lease (--lease-ttl 30): its ticks go on
+    meanwhile, yet no node fails for the bus's silence (``Rollout.excuse``); once the broker is
+    back, the agents reconnect and report, and the rollout succeeds without a failed node or a
+    rollback. Before, the wave's deadline passed during the outage: node-1 failed "did not
+    converge within 6s" and the rollout rolled back."""
+    fleet = DevFleet(tmp_path / "fleet", agents=2, heartbeat_interval=0.5, subnet="127.0.14")
+    fleet.coordinator.argv += ["--lease-ttl", "30"]
+    async with fleet:
+        url = fleet.nats_url
+        await push(url, "1.0.0", "2.0.0")
+        await install(fleet, "1.0.0")
+        bus = await Bus.connect(url, fleet.fleet, name="chaos-test")
+        try:
+            rid = await deploy_detached(url, "2.0.0", "--batch", "1", "--bake", "0",
+                                        "--prestage", "0", "--progress-deadline", "6s")
+            await wait_until(lambda: record_of(bus, rid),
+                             lambda r: r.nodes[NODES[0]].state == "updating",
+                             timeout=60, what="wave 1 (node-1) to be updating")
+            await fleet.broker.kill()
+            await asyncio.sleep(OUTAGE)
+            await fleet.broker.start()
+            final = await wait_until(lambda: record_of(bus, rid),
+                                     lambda r: r.state != "running", timeout=90,
+                                     what="the rollout to end after the broker restart")
+            assert final.state == "succeeded", (final.state, final.reason)
+        finally:
+            await bus.close()
+        kinds = [e["kind"] for e in await told(url, rid, "rollout.succeeded")]
+        assert not {"node.failed", "rollout.rolling_back"} & set(kinds), kinds
+        log = (fleet.dir / "logs" / "coordinator.log").read_text()
+        assert "the bus is back: no rollout's progress deadline passes before" in log, log[-3000:]

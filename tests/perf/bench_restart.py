@@ -49,10 +49,9 @@ from bench_reread import FLEET, fleet_of
 from perf_support import emit, run_main
 
 from agent.manager.desired import watch_heartbeat
-from agent.manager.service import WATCH_RESTART_RATE
 from coordinator.dev.broker import Broker
 from protocol import subjects
-from protocol.bus import Bus
+from protocol.bus import WATCH_RESTART_RATE, Bus
 
 FIRST_READ = 600.0  # seconds for every watch's first full read, before the restart
 

@@ -1049,3 +1049,47 @@ async def test_a_desired_key_holding_what_no_coordinator_writes_is_planned_from_
     lone.kept[(DESIRED, "node-3.hello")] = [lone.kept[(DESIRED, "node-3.hello")][-1]]
     with pytest.raises(BusError, match="every revision the bucket keeps"):
         await runner(lone, FakeClock()).deploy(spec(), NEW)
+
+
+async def test_the_bus_away_past_the_deadline_fails_no_node_and_the_excuse_follows_it() -> None:
+    """While the coordinator's connection is down its ticks go on but no progress deadline
+    passes (the nodes' silence is the bus's); once it is back, the excuse lasts as long as
+    agents take to reconnect (RECONNECT_CAP) and start their watches again (the fleet's
+    restart spread: 20 s at 10,000 nodes), plus a whole --progress-deadline."""
+    bus, clock = fleet_bus(), FakeClock()
+    r = runner(bus, clock, size=lambda: 10_000)
+    assert r.excused_until(clock.t) == 0.0  # never disconnected: no excuse
+    rec = await r.deploy(spec(progress_deadline=60.0), NEW)
+    started = clock.t
+    bus.connected = False  # the broker restarts
+    for _ in range(20):
+        clock.t += 5
+        await r.step()
+    assert r.excused_until(clock.t) == clock.t + 5 + 20
+    assert r.drivers[rec.id].rollout.record.nodes["node-1"].state == "updating"
+    bus.connected, bus.reconnected_at = True, clock.t  # back after 100 s
+    back = clock.t
+    await r.step()
+    assert r.excused_until(clock.t) == back + 25
+    clock.t = back + 25 + 60 - 0.1
+    await r.step()
+    assert bus.record(rec.id).nodes["node-1"].state == "updating"
+    clock.t = back + 25 + 60
+    await r.step()
+    failed = bus.record(rec.id)
+    assert failed.phase == "rollback" and "did not converge within 1m" in failed.reason, failed
+    assert started + 60 < back  # its own deadline had long passed
+
+
+async def test_a_leader_that_starts_after_a_reconnect_excuses_its_rollouts_as_long() -> None:
+    """Counted from the bus's last reconnect: a runner made after it (a leader taking over, or
+    leading again) excuses as long; one long after it, no more."""
+    bus, clock = fleet_bus(), FakeClock()
+    bus.reconnected_at = clock.t - 10
+    r = runner(bus, clock, size=lambda: 50_000)
+    assert r.excused_until(clock.t) == clock.t - 10 + 5 + 100
+    rec = await r.deploy(spec(progress_deadline=60.0), NEW)
+    clock.t += 60
+    await r.step()
+    assert r.drivers[rec.id].rollout.excused_until == clock.t - 60 - 10 + 105
+    assert bus.record(rec.id).nodes["node-1"].state == "updating"
