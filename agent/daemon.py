@@ -179,7 +179,12 @@ class Agent:
                     await connecting
         if connecting.cancelled():
             return None
-        return connecting.result()
+        bus = connecting.result()
+        # Its buckets bound without asking their streams' info, credentials or not (a node's
+        # may not ask): at a fleet's cold start, 20,000 agents' info requests at once overflowed
+        # the server's JetStream API queue, which then drops every request it holds.
+        bus.blind = True
+        return bus
 
     async def _register_loop(self, bus: Bus) -> None:
         f, node = self.options.fleet, self.options.node_id

@@ -199,7 +199,10 @@ WATCH_START_TIMEOUT = 2.5
 # doubling from this, drawn at random between half and all of it (``retry_delay``), up to
 # WATCH_RETRY_CAP (or the watch's spread, when larger): a fleet whose watches fail together
 # (no bucket yet, a server that cannot keep up) asks less and less often instead of every half
-# a second, at about the rate of its spread at most.
+# a second, at about the rate of its spread at most. And never sooner than a random moment
+# within the spread: at a fleet's cold start (every agent's first watch at once, not spread)
+# the first failures retried after 0.25, 0.5, 1 s... kept 20,000 watches' storm going, 7,057
+# without a first read after 5 minutes (``tests/perf/bench_restart.py --cold``).
 WATCH_RETRY_BASE = 0.25
 WATCH_RETRY_CAP = 10.0
 # A watch consumer nobody listens to (its creation given up on, its client gone) is removed by
@@ -214,6 +217,9 @@ SNAPSHOT_INACTIVE = 2.0
 # that a fleet does not hammer a restarting server in lock-step; see ``reconnect_delay``.
 RECONNECT_BASE = 0.25
 RECONNECT_CAP = 5.0
+# A first connect that took longer than this waited for its server (a connect is ~10 ms): the
+# client is one of a fleet that waited for it (a power cut, the broker down at their start).
+WAITED_FOR_SERVER = 1.0
 # When the client reconnects (the broker restarted, or failed over), an agent's watch of its
 # desired states starts again at a random moment within the fleet's size / WATCH_RESTART_RATE
 # seconds (``restart_spread``; 0 before a pace is heard), at most MAX_RESTART_SPREAD (a forged
@@ -562,6 +568,9 @@ class Bus:
         self.fleet = fleet
         self.reconnects = 0  # watchers compare it to know that they must start again
         self.reconnected_at: float | None = None  # the wall clock at the last reconnect
+        # The first connect waited for the server (``WAITED_FOR_SERVER``): a fleet's watch
+        # starts within its spread, as after a reconnect (``watch``)
+        self.waited = False
         self._async_errors: dict[str, float] = {}  # when each kind was last logged
         self.lost_watches = 0  # watches restarted because their consumer was gone (``watch``)
         self.closing = False
@@ -661,6 +670,7 @@ class Bus:
         # A cluster is written "nats://a:4222,nats://b:4222"; nats-py wants a list.
         servers = [u.strip() for u in url.split(",") if u.strip()] or [url]
         deadline = loop.time() + connect_deadline
+        began = loop.time()
         delay = 0.05
         while True:
             try:
@@ -699,6 +709,7 @@ class Bus:
                 await asyncio.sleep(delay * (1 + random.random() / 2))
                 delay = min(delay * 2, 1.0)
         bus = cls(nc, fleet)
+        bus.waited = loop.time() - began > WAITED_FOR_SERVER
         # A node may not ask a KV stream's info (its subjects filter would list every key of
         # the bucket: all node ids and services), so it binds its buckets without it.
         bus.blind = creds is not None and creds.role == "node"
@@ -1609,10 +1620,15 @@ class Bus:
         A consumer lost while the client stays connected (on a cluster, its server died and
         the client's lives on) is noticed by ``_silence`` in place of nats-py's check, and its
         watch starts again within the spread too: nats-py made every such consumer again at
-        once.
+        once. So does the first watch of a client whose first connect waited for its server
+        (``waited``: a fleet's cold start after a power cut), and a failed start is retried no
+        sooner than a moment drawn within the spread (``retry_delay``).
         """
         failures = 0
-        wait = 0.0  # before the next attempt: a reconnect's spread, or a failure's backoff
+        # Before the next attempt: a reconnect's spread, or a failure's backoff. A client that
+        # waited for its server at its start is one of a fleet that did (the broker down at a
+        # power cut): its first watch starts within the spread too, not with all the others.
+        wait = random.uniform(0, max(0.0, spread())) if spread is not None and self.waited else 0.0
         while True:
             if wait > 0:
                 await asyncio.sleep(wait)
@@ -1627,8 +1643,21 @@ class Bus:
             # loaded server gets longer requests, not more of them. Jitter spreads a fleet.
             bound = min(OP_TIMEOUT, WATCH_START_TIMEOUT * 2 ** max(0, failures - 3))
             every = heartbeat() if heartbeat is not None else WATCH_HEARTBEAT
-            kv = _watchable(await self._bucket(bucket), self._watch_js(bound), every)
             epoch = self.reconnects
+            try:
+                found = await self._bucket(bucket)
+            except MissingBucket:
+                raise  # the caller waits for a coordinator to make it
+            except BusError:
+                # Its stream's info unanswered (a server that cannot keep up: at a fleet's cold
+                # start the info requests of 20,000 watches at once overflowed its API queue,
+                # which drops every request it holds then): a failed start like any other.
+                if self._online.is_set():
+                    failures += 1
+                wait = (retry_delay(failures, spread()) if spread is not None
+                        else random.uniform(0.25, 0.75))
+                continue
+            kv = _watchable(found, self._watch_js(bound), every)
             if renew is not None:
                 renew.clear()
             try:
@@ -2411,10 +2440,12 @@ def restart_spread(nodes: int) -> float:
 def retry_delay(failures: int, spread: float = 0.0) -> float:
     """Seconds before another try at starting a watch after ``failures`` (≥ 1) in a row: from
     WATCH_RETRY_BASE, doubling, up to WATCH_RETRY_CAP or ``spread`` if larger, with "equal
-    jitter" (half of the step fixed, half random) as ``reconnect_delay``."""
+    jitter" (half of the step fixed, half random) as ``reconnect_delay``; with a spread, never
+    sooner than a random moment within it (a failure at a fleet's scale is the server's)."""
     cap = max(WATCH_RETRY_CAP, spread)
     step = min(cap, WATCH_RETRY_BASE * 2.0 ** min(max(failures - 1, 0), 16))
-    return step / 2 + random.uniform(0, step / 2)
+    backoff = step / 2 + random.uniform(0, step / 2)
+    return max(backoff, random.uniform(0, spread)) if spread > 0 else backoff
 
 
 def _batch_result(future: asyncio.Future[dict[str, Any]], timeout: float) -> int | BusError:

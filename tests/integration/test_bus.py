@@ -977,3 +977,114 @@ async def _stopped(pid: int) -> None:
 
     await wait_until(lambda: asyncio.to_thread(states), lambda got: got <= {"T", "t"},
                      timeout=10, what=f"every thread of {pid} stopped", interval=0.01)
+
+
+async def test_a_watch_whose_bucket_lookup_fails_backs_off_and_starts_later(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A watch whose bucket's info goes unanswered (a server that cannot keep up: at a fleet's
+    cold start the info requests of 20,000 watches at once overflowed its API queue, which
+    drops every request it holds) counts a failed start and tries again after its backoff,
+    drawn within its spread; before, the BusError ended the watch (half of 20,000 never
+    started). A missing bucket still ends it (the agent waits for a coordinator)."""
+    import protocol.bus as bus_mod
+
+    bus = await Bus.connect(broker.url, "t")
+    try:
+        await bus.ensure_fleet()
+        real = bus._bucket
+        failing = [2]
+
+        async def unanswered(bucket: str) -> Any:
+            if failing[0]:
+                failing[0] -= 1
+                raise BusError(f"cannot open bucket {bucket}: nats: timeout")
+            return await real(bucket)
+
+        delays: list[tuple[int, float]] = []
+        real_delay = bus_mod.retry_delay
+
+        def recorded(failures: int, spread: float = 0.0) -> float:
+            delays.append((failures, spread))
+            return min(0.05, real_delay(failures, spread))
+
+        await bus.kv_put("fw-t-desired", "n1.web", b"1")
+        bus._kv.clear()  # looked up again by the watch
+        monkeypatch.setattr(bus, "_bucket", unanswered)
+        monkeypatch.setattr(bus_mod, "retry_delay", recorded)
+        seen, task = _followed(bus.watch("fw-t-desired", "n1.*", spread=lambda: 40.0))
+        try:
+            await _expect(seen, b"1")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        assert delays == [(1, 40.0), (2, 40.0)] and failing == [0]
+
+        async def missing(bucket: str) -> Any:
+            raise bus_mod.MissingBucket(f"bucket {bucket} does not exist")
+
+        monkeypatch.setattr(bus, "_bucket", missing)
+        with pytest.raises(bus_mod.MissingBucket):
+            async with asyncio.timeout(10):
+                async for _ in bus.watch("fw-t-desired", "n1.*", spread=lambda: 40.0):
+                    pass
+    finally:
+        await bus.close()
+
+
+async def test_a_client_that_waited_for_its_server_starts_a_fleets_watch_within_its_spread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An agent whose first connect waited for the server (the broker down at its start: a
+    power cut, where the whole fleet waits with it) starts its fleet's watch at a moment
+    drawn within the spread, as after a reconnect; one that found its server at once starts
+    its watch at once (one agent restarted on a healthy fleet)."""
+    import protocol.bus as bus_mod
+
+    monkeypatch.setattr(bus_mod.random, "uniform", lambda a, b: b)  # the spread's end
+    port = free_port("127.0.0.1")
+    broker = Broker(store_dir=tmp_path / "js", port=port)
+    connecting = asyncio.create_task(
+        Bus.connect(f"nats://127.0.0.1:{port}", "t", connect_deadline=30))
+    # The server's absence is the scenario: it comes up after the agent began connecting.
+    await asyncio.sleep(2 * bus_mod.WAITED_FOR_SERVER)
+    await broker.start()
+    waited = await connecting
+    prompt = await Bus.connect(broker.url, "t")
+    try:
+        assert waited.waited and not prompt.waited
+        await prompt.ensure_fleet()
+        await prompt.kv_put("fw-t-desired", "n1.web", b"1")
+        spread = 3.0
+
+        async def first_read(bus: Bus) -> float:
+            began = time.monotonic()
+            async with asyncio.timeout(30):
+                async for e in bus.watch("fw-t-desired", "n1.*", spread=lambda: spread):
+                    if e is None:
+                        return time.monotonic() - began
+            raise AssertionError("the watch ended")
+
+        at_once, spread_out = await asyncio.gather(first_read(prompt), first_read(waited))
+        assert at_once < spread <= spread_out, (at_once, spread_out)
+    finally:
+        await waited.close()
+        await prompt.close()
+        await broker.stop()
+
+
+async def test_an_agent_binds_its_buckets_without_asking_their_info(broker: Broker) -> None:
+    """An agent's bus is blind with or without credentials: its buckets are bound without a
+    STREAM.INFO each (at a fleet's cold start, 20,000 of them at once overflowed the server's
+    JetStream API queue, which then drops every request it holds); a tool's is not."""
+    from agent.daemon import Agent, AgentOptions
+
+    agent = Agent(AgentOptions(node_id="node-1", nats_url=broker.url, fleet="t"))
+    bus = await agent._connect(asyncio.Event())
+    tool = await Bus.connect(broker.url, "t")
+    try:
+        assert bus is not None and bus.blind and not tool.blind
+    finally:
+        if bus is not None:
+            await bus.close()
+        await tool.close()

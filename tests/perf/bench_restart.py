@@ -2,7 +2,7 @@
 cost meanwhile.
 
 Usage: python tests/perf/bench_restart.py [--nodes 1000,10000] [--rate 500,0]
-       [--connections 100] [--give-up 300] [--json]
+       [--connections 100] [--give-up 300] [--cold [--waited]] [--json]
 
 Every agent watches its keys of the fleet's desired bucket (``agent.manager.desired``); when
 its client reconnects after the broker's restart, the watch's consumer must be made again on
@@ -17,6 +17,12 @@ the kill: each watch's next full read (the agent's watch is back: a new desired 
 it again). ``--rate`` is the fleet's watch restarts a second (``restart_spread``: a watch waits
 a random moment within N / rate seconds after its reconnect); 0 is every watch at once, as
 before session 27.
+
+``--cold``: no restart; every watch starts at once on the fresh server (a fleet's cold start:
+agents started together after a power cut, each remembering the fleet's size from its state
+file, so a failed start is retried within the spread), timed to each first full read;
+``--waited``: each agent waited for the server at its start (the broker down too at a power
+cut), so its first watch starts within the spread (``Bus.waited``).
 
 Figures: the last watch back (and p50 / p99), or how many were back when ``--give-up`` seconds
 had passed (and the p50 of those); all from the kill (the server's start, ~0.1 s, included:
@@ -63,7 +69,11 @@ def consumers(broker: Broker) -> int:
         return int(json.load(answer).get("consumers", 0))
 
 
-async def measure(n: int, rate: float, connections: int, give_up: float) -> dict[str, Any]:
+async def measure(n: int, rate: float, connections: int, give_up: float, *,
+                  cold: bool = False, waited: bool = False) -> dict[str, Any]:
+    """The restart (or, ``cold``, the fleet's first start: every watch at once, each agent
+    remembering the fleet's size; ``waited``: each agent waited for the server at its start,
+    so its first watch starts within the spread) and its figures."""
     spread = n / rate if rate > 0 else 0.0
     heartbeat = watch_heartbeat(n)  # as the fleet's agents ask, once they have heard its size
     async with Broker(max_payload="1MB") as broker:
@@ -76,8 +86,11 @@ async def measure(n: int, rate: float, connections: int, give_up: float) -> dict
             for c in range(connections):  # as agents connect: reconnecting with their backoff
                 clients.append(await Bus.connect(broker.url, FLEET, name=f"bench-restart-{c}",
                                                  reconnect_forever=True))
+                clients[-1].blind = True  # as agents bind their buckets (``agent.daemon``)
+                clients[-1].waited = waited  # as if its first connect had waited
             reads = [0] * n  # full reads each watch has delivered
             back = [0.0] * n  # when each watch's second full read came (time.monotonic)
+            first = [0.0] * n  # and its first
             changed = asyncio.Event()
 
             async def watch(i: int) -> None:
@@ -87,6 +100,8 @@ async def measure(n: int, rate: float, connections: int, give_up: float) -> dict
                                              spread=lambda: spread):
                     if entry is None:
                         reads[i] += 1
+                        if reads[i] == 1:
+                            first[i] = time.monotonic()
                         if reads[i] == 2:
                             back[i] = time.monotonic()
                         changed.set()
@@ -103,6 +118,23 @@ async def measure(n: int, rate: float, connections: int, give_up: float) -> dict
                             await changed.wait()
                 return True
 
+            me = psutil.Process()
+            peak = {"consumers": 0, "rss": 0}
+            if cold:
+                server = psutil.Process(broker.pid)
+                cpu0, mine0 = sum(server.cpu_times()[:2]), sum(me.cpu_times()[:2])
+                started = time.monotonic()
+                tasks.extend(asyncio.create_task(watch(i)) for i in range(n))
+                sampler = asyncio.create_task(sample(broker, server, peak))
+                try:
+                    converged = await until(lambda: min(reads) >= 1, give_up)
+                finally:
+                    await stopped(sampler)
+                return figures(n, rate, spread, connections, converged, started,
+                               [f for f in first if f], time.monotonic() - started,
+                               sum(server.cpu_times()[:2]) - cpu0,
+                               sum(me.cpu_times()[:2]) - mine0, peak, cold=True,
+                               waited=waited)
             for i in range(n):
                 tasks.append(asyncio.create_task(watch(i)))
                 if i % 500 == 499:  # the fleet's first watches, not a storm of their own
@@ -110,46 +142,54 @@ async def measure(n: int, rate: float, connections: int, give_up: float) -> dict
             if not await until(lambda: min(reads) >= 1, FIRST_READ):
                 raise RuntimeError(f"{reads.count(0)} of {n} watches had no first full read "
                                    f"within {FIRST_READ:g}s")
-            me = psutil.Process()
             await broker.kill()
             started = time.monotonic()  # clients may be back before the server says it is ready
             await broker.start()
             server = psutil.Process(broker.pid)
             cpu0, mine0 = sum(server.cpu_times()[:2]), sum(me.cpu_times()[:2])
-            peak = {"consumers": 0, "rss": 0}
 
-            async def sample() -> None:
-                while True:
-                    with contextlib.suppress(OSError, ValueError):
-                        peak["consumers"] = max(peak["consumers"],
-                                                await asyncio.to_thread(consumers, broker))
-                    with contextlib.suppress(psutil.Error):
-                        peak["rss"] = max(peak["rss"], server.memory_info().rss)
-                    await asyncio.sleep(0.5)
-
-            sampler = asyncio.create_task(sample())
+            sampler = asyncio.create_task(sample(broker, server, peak))
             try:
                 converged = await until(lambda: min(reads) >= 2, give_up)
             finally:
-                sampler.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sampler
-            wall = time.monotonic() - started
-            server_cpu = sum(server.cpu_times()[:2]) - cpu0
-            mine = sum(me.cpu_times()[:2]) - mine0
-            delays = sorted(b - started for b in back if b)
+                await stopped(sampler)
+            return figures(n, rate, spread, connections, converged, started,
+                           [b for b in back if b], time.monotonic() - started,
+                           sum(server.cpu_times()[:2]) - cpu0, sum(me.cpu_times()[:2]) - mine0,
+                           peak)
         finally:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            for bus in clients:
-                with contextlib.suppress(Exception):
-                    await bus.close()
+            await asyncio.gather(*(bus.close() for bus in clients), return_exceptions=True)
             await admin.close()
+
+
+async def sample(broker: Broker, server: psutil.Process, peak: dict[str, int]) -> None:
+    """The server's consumers and RSS at their most, every 0.5 s, until cancelled."""
+    while True:
+        with contextlib.suppress(OSError, ValueError):
+            peak["consumers"] = max(peak["consumers"], await asyncio.to_thread(consumers, broker))
+        with contextlib.suppress(psutil.Error):
+            peak["rss"] = max(peak["rss"], server.memory_info().rss)
+        await asyncio.sleep(0.5)
+
+
+async def stopped(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def figures(n: int, rate: float, spread: float, connections: int, converged: bool,
+            started: float, times: list[float], wall: float, server_cpu: float, mine: float,
+            peak: dict[str, int], *, cold: bool = False,
+            waited: bool = False) -> dict[str, Any]:
+    delays = sorted(t - started for t in times)
     came = len(delays)
     return {
         "nodes": n, "rate": rate, "spread_s": round(spread, 2), "connections": connections,
-        "converged": converged, "back": came,
+        "cold": cold, "waited": waited, "converged": converged, "back": came,
         "last_s": round(delays[-1], 2) if converged and delays else None,
         "p50_s": round(statistics.median(delays), 2) if delays else None,
         "p99_s": round(delays[max(0, math.ceil(0.99 * came) - 1)], 2) if delays else None,
@@ -165,16 +205,21 @@ async def measure(n: int, rate: float, connections: int, give_up: float) -> dict
 def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
     how = (f"within {r['spread_s']:g} s ({r['rate']:g} a second)" if r["rate"]
            else "all at once")
+    if r["cold"] and r["waited"]:
+        how = f"{how}: the agents waited for the server (a power cut), as after a restart"
+    elif r["cold"]:
+        how = f"all at once (a cold start); a failed start retried {how}"
+    since = "they began" if r["cold"] else "the restart"
     if r["converged"]:
-        back = (f"the last {r['last_s']:.2f} s after the restart (p50 {r['p50_s']:.2f} s, "
+        back = (f"the last {r['last_s']:.2f} s after {since} (p50 {r['p50_s']:.2f} s, "
                 f"p99 {r['p99_s']:.2f} s)")
     else:
         back = (f"NOT ALL: {r['back']} of {r['nodes']} after {r['waited_s']:g} s"
                 + (f" (p50 of those back {r['p50_s']:.2f} s)" if r["p50_s"] is not None
                    else ""))
     return [
-        ("watches restarted", how),
-        ("every watch back", back),
+        ("watches started" if r["cold"] else "watches restarted", how),
+        ("every first full read" if r["cold"] else "every watch back", back),
         ("nats-server", f"{r['server_cpu_s']:.2f} CPU-s ({r['server_ms_per_watch']:.3f} ms a "
                         f"watch back), peak RSS {r['server_peak_rss_mib']:.1f} MiB, at most "
                         f"{r['peak_consumers']} consumers"),
@@ -195,17 +240,27 @@ async def main() -> int:
                     help="clients the watches are spread over (default 100)")
     ap.add_argument("--give-up", type=float, default=300.0,
                     help="seconds after the restart to stop waiting (default 300)")
+    ap.add_argument("--cold", action="store_true",
+                    help="no restart: every watch's first start at once (a fleet's cold start, "
+                         "each agent remembering the fleet's size), timed to its first full "
+                         "read")
+    ap.add_argument("--waited", action="store_true",
+                    help="with --cold: the agents waited for the server at their start (a "
+                         "power cut), so each first watch starts within the spread")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = ap.parse_args()
+    if args.waited and not args.cold:
+        ap.error("--waited goes with --cold")
     logging.getLogger("fleetwave").setLevel(logging.ERROR)  # a client's reconnect, N times
     results = []
     for n in [int(x) for x in args.nodes.split(",") if x.strip()]:
         for rate in [float(x) for x in args.rate.split(",") if x.strip()]:
-            r = await measure(n, rate, min(args.connections, n), args.give_up)
+            r = await measure(n, rate, min(args.connections, n), args.give_up, cold=args.cold,
+                              waited=args.waited)
             results.append(r)
             if not args.json:
-                emit(False, f"a broker restart under {n} agents' watches, one server", r,
-                     rows(r))
+                emit(False, f"{n} agents' watches start at once, one server" if args.cold
+                     else f"a broker restart under {n} agents' watches, one server", r, rows(r))
     if args.json:
         emit(True, "", {"restarts": results}, [])
     return 0

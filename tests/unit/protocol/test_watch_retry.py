@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+import statistics
 from typing import Any
 
 import protocol.bus as bus_mod
@@ -28,9 +30,27 @@ def test_it_stops_growing_at_the_cap_or_the_spread_if_larger(monkeypatch: Any) -
     assert _bounds(monkeypatch, 50) == (WATCH_RETRY_CAP / 2, WATCH_RETRY_CAP)
     assert _bounds(monkeypatch, 10**6) == (WATCH_RETRY_CAP / 2, WATCH_RETRY_CAP)
     assert _bounds(monkeypatch, 50, spread=60.0) == (30.0, 60.0)
-    assert _bounds(monkeypatch, 1, spread=60.0) == (WATCH_RETRY_BASE / 2, WATCH_RETRY_BASE)
+    assert _bounds(monkeypatch, 1, spread=60.0) == (WATCH_RETRY_BASE / 2, 60.0)
     assert _bounds(monkeypatch, 50, spread=3.0) == (WATCH_RETRY_CAP / 2, WATCH_RETRY_CAP)
 
 
 def test_a_zero_failure_count_is_the_first_step(monkeypatch: Any) -> None:
     assert _bounds(monkeypatch, 0) == _bounds(monkeypatch, 1)
+
+
+def test_a_fleets_watch_retries_within_its_spread_from_the_first_failure() -> None:
+    """A failure at a fleet's scale is the server's: the first retry is drawn within the whole
+    spread, not after 0.25 s (at a cold start of 20,000 watches the quick retries kept the
+    storm going); the later ones no sooner."""
+    rng = random.Random(7)
+    draws = iter(rng.random() for _ in range(10**5))
+    real = bus_mod.random.uniform
+    try:
+        bus_mod.random.uniform = lambda a, b: a + (b - a) * next(draws)  # type: ignore[assignment]
+        first = [retry_delay(1, 40.0) for _ in range(2000)]
+        later = [retry_delay(6, 40.0) for _ in range(2000)]
+    finally:
+        bus_mod.random.uniform = real  # type: ignore[assignment]
+    assert min(first) >= WATCH_RETRY_BASE / 2 and max(first) <= 40.0
+    assert 18.0 < statistics.median(first) < 22.0
+    assert min(later) >= 4.0 and max(later) <= 40.0  # the backoff (4-8 s) or a draw within
