@@ -1308,10 +1308,7 @@ class Bus:
             try:
                 kv = await self.js.key_value(bucket)
             except nats.js.errors.BucketNotFoundError:
-                raise MissingBucket(
-                    f"bucket {bucket} does not exist; is a coordinator running for fleet "
-                    f"{self.fleet!r}? ('fleetwave coordinator' creates it)"
-                ) from None
+                raise MissingBucket(_missing_bucket(bucket, self.fleet)) from None
             except (nats.errors.Error, TimeoutError) as exc:
                 raise BusError(f"cannot open bucket {bucket}: {exc}") from None
             self._kv[bucket] = kv
@@ -1665,6 +1662,10 @@ class Bus:
             except (nats.errors.Error, TimeoutError) as exc:
                 if self._online.is_set():  # a server's answer, not the connection's loss
                     failures += 1
+                if (self.blind and on_missing is None
+                        and isinstance(exc, nats.js.errors.NotFoundError)):
+                    # Bound without a lookup (an agent): the missing stream shows only now.
+                    raise MissingBucket(_missing_bucket(bucket, self.fleet)) from None
                 if on_missing is not None and isinstance(exc, nats.js.errors.NotFoundError):
                     try:
                         await on_missing()
@@ -2428,6 +2429,11 @@ def reconnect_delay(attempts: int) -> float:
     """
     step = min(RECONNECT_CAP, RECONNECT_BASE * 2.0 ** min(attempts, 16))
     return step / 2 + random.uniform(0, step / 2)
+
+
+def _missing_bucket(bucket: str, fleet: str) -> str:
+    return (f"bucket {bucket} does not exist; is a coordinator running for fleet {fleet!r}? "
+            "('fleetwave coordinator' creates it)")
 
 
 def restart_spread(nodes: int) -> float:

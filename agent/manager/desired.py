@@ -36,7 +36,7 @@ from agent.manager.service import (
     Services,
 )
 from protocol import subjects
-from protocol.bus import WATCH_HEARTBEAT, Bus, restart_spread
+from protocol.bus import WATCH_HEARTBEAT, Bus, restart_spread, retry_delay
 from protocol.codec import decode
 from protocol.errors import BusError, ProtocolError
 from protocol.messages import SignedEnvelope
@@ -106,11 +106,12 @@ class DesiredWatch:
                         continue  # end of the initial contents, or a deletion: nothing to accept
                     await self.offer(entry.key, entry.value)
             except BusError as exc:
-                # Typically: no coordinator has created the fleet's buckets yet. Wait for it.
+                # Typically: no coordinator has created the fleet's buckets yet. Wait for it,
+                # the fleet's agents at jittered moments (``retry_delay``), not in step.
                 if attempt == 0:
                     log.warning("cannot watch desired states yet (%s); retrying", exc)
-                await asyncio.sleep(min(5.0, 0.2 * 2**attempt))
                 attempt += 1
+                await asyncio.sleep(retry_delay(attempt, self._spread()))
 
     def _heartbeat(self) -> float:
         """What a new watch asks for (``watch_heartbeat``), remembered."""

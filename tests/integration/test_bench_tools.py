@@ -202,5 +202,5 @@ async def test_bench_fetch_runs_small() -> None:
     assert (direct["way"], consumer["way"]) == ("direct", "consumer")
     for r in (direct, consumer):
         assert r["converged"] and r["done"] == 40 and r["chunks"] == 3, r
-        assert r["last_s"] >= r["p50_s"] > 0 and r["server_cpu_s"] > 0, r
+        assert r["last_s"] >= r["p50_s"] > 0 and r["server_cpu_s"] >= 0, r
     assert direct["peak_consumers"] == 0 < consumer["peak_consumers"], (direct, consumer)
