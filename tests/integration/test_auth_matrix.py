@@ -324,9 +324,18 @@ async def _replays(fleet: DevFleet, coord: Bus) -> None:
     assert code == 0, out + err
     await wait_until(lambda: serving(fleet), lambda v: set(v.values()) == {"2.0.0"},
                      timeout=30, what="every node serving 2.0.0")
-    now = await coord.kv_get(DESIRED, key)
-    assert now is not None
-    env = decode(SignedEnvelope, now.value or b"")
+
+    async def final() -> SignedEnvelope:
+        now = await coord.kv_get(DESIRED, key)
+        assert now is not None
+        return decode(SignedEnvelope, now.value or b"")
+
+    # The rollout's last write to node-1, its old slot retired, lands after the deploy returns
+    # (the record says succeeded first): a replay built on the one before it was refused as
+    # "not newer" instead of for its term (CI at 425f580).
+    env = await wait_until(final, lambda e: [r.version for r in decode(
+        DesiredState, e.payload).slots.values()] == ["2.0.0"], timeout=30,
+        what="node-1's last desired state of the rollout (the old slot retired)")
     assert env.term >= 1
     converged = await wait_until(lambda: _converged(coord, key), lambda g: g == env.generation,
                                  timeout=30, what="node-1 to converge on 2.0.0's generation")
