@@ -22,8 +22,9 @@ Failure modes, each a ``BusError`` (the caller names the object): the subject ho
 messages than asked (404, or the end of the subject before ``count``: the object was replaced or
 deleted meanwhile, or a replica that answered has not yet stored what its leader has); a refused
 request (408 and any other status, no responder: a stream without direct gets); no message for
-``idle`` seconds; a message without a sequence. ``write`` may raise to stop the transfer: its
-exception propagates. The reply inbox is unsubscribed whatever happens.
+``idle`` seconds; a message without a sequence; a batch ended with none (asked again, it would
+loop). ``write`` may raise to stop the transfer: its exception propagates. The reply inbox is
+unsubscribed whatever happens.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ async def read_subject(
     got, seq = 0, 1
     try:
         while got < count:
+            asked_at = got
             ask = {"seq": seq, "next_by_subj": subject, "batch": count - got,
                    "max_bytes": batch_bytes}
             await nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(ask).encode(),
@@ -106,8 +108,11 @@ async def read_subject(
                     got, seq = got + 1, reply.seq + 1
                     if not reply.batched:
                         break  # a server before batches: one message a request
-                elif reply.kind == "end" and reply.pending:
+                elif reply.kind == "end" and reply.pending and got > asked_at:
                     break  # the batch's bytes are sent: ask for the next
+                elif reply.kind == "end" and reply.pending:
+                    raise BusError("the server ended a batch without a message "
+                                   f"({reply.pending} pending): asking again would loop")
                 elif reply.kind in ("end", "absent"):
                     raise BusError(f"only {got} of its {count} chunks are stored (the object was "
                                    "replaced or deleted meanwhile, or a replica lags)")

@@ -120,3 +120,16 @@ async def test_no_answer_within_idle_fails_the_read() -> None:
     with pytest.raises(BusError, match=r"no answer from OBJ_x for 0.05s \(0 of 2 chunks read\)"):
         await direct.read_subject(server, "OBJ_x", "$O.x.C.n", 2, lambda _: None, idle=0.05)
     assert server.sub is not None and server.sub.unsubscribed
+
+
+async def test_a_batch_ended_without_a_message_fails_instead_of_looping() -> None:
+    class Empty(_OldServer):
+        async def publish(self, subject: str, payload: bytes, reply: str) -> None:
+            self.asked.append(json.loads(payload))
+            assert self.cb is not None
+            await self.cb(_Msg(b"", {"Status": "204", "Nats-Num-Pending": "5"}))
+
+    server = Empty([])
+    with pytest.raises(BusError, match="ended a batch without a message"):
+        await direct.read_subject(server, "OBJ_x", "$O.x.C.n", 2, lambda _: None, idle=1)
+    assert len(server.asked) == 1 and server.sub is not None and server.sub.unsubscribed
