@@ -1642,24 +1642,16 @@ class Bus:
             every = heartbeat() if heartbeat is not None else WATCH_HEARTBEAT
             epoch = self.reconnects
             try:
-                found = await self._bucket(bucket)
+                kv = _watchable(await self._bucket(bucket), self._watch_js(bound), every)
+                if renew is not None:
+                    renew.clear()
+                w = await kv.watch(pattern, inactive_threshold=WATCH_INACTIVE)
             except MissingBucket:
                 raise  # the caller waits for a coordinator to make it
-            except BusError:
-                # Its stream's info unanswered (a server that cannot keep up: at a fleet's cold
-                # start the info requests of 20,000 watches at once overflowed its API queue,
-                # which drops every request it holds then): a failed start like any other.
-                if self._online.is_set():
-                    failures += 1
-                wait = (retry_delay(failures, spread()) if spread is not None
-                        else random.uniform(0.25, 0.75))
-                continue
-            kv = _watchable(found, self._watch_js(bound), every)
-            if renew is not None:
-                renew.clear()
-            try:
-                w = await kv.watch(pattern, inactive_threshold=WATCH_INACTIVE)
-            except (nats.errors.Error, TimeoutError) as exc:
+            # A BusError: the bucket's stream info unanswered (a server that cannot keep up: at
+            # a fleet's cold start the info requests of 20,000 watches at once overflowed its
+            # API queue, which drops every request it holds then), a failed start as any other.
+            except (BusError, nats.errors.Error, TimeoutError) as exc:
                 if self._online.is_set():  # a server's answer, not the connection's loss
                     failures += 1
                 if (self.blind and on_missing is None

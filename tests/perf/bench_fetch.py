@@ -41,7 +41,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_restart import consumers
+from bench_restart import consumers, sample, stopped
 from perf_support import emit, run_main
 
 from agent.reconcile import FETCH_RETRY
@@ -93,7 +93,7 @@ async def measure(n: int, way: str, size: int, chunk: int, connections: int,
             server = psutil.Process(broker.pid)
             me = psutil.Process()
             cpu0, mine0 = sum(server.cpu_times()[:2]), sum(me.cpu_times()[:2])
-            peak = 0
+            peak = {"consumers": 0, "rss": 0}
             done: list[float] = []
             failed: list[str] = []
             started = time.perf_counter()
@@ -121,24 +121,19 @@ async def measure(n: int, way: str, size: int, chunk: int, connections: int,
                         failed.append(f"{got} of {size} bytes")
                     await asyncio.sleep(FETCH_RETRY)
 
-            async def watch() -> None:
-                nonlocal peak
-                while True:
-                    with contextlib.suppress(OSError, ValueError):
-                        peak = max(peak, await asyncio.to_thread(consumers, broker))
-                    await asyncio.sleep(0.5)
-
-            watcher = asyncio.create_task(watch())
+            sampler = asyncio.create_task(sample(broker, server, peak))
             tasks = [asyncio.create_task(fetch(i)) for i in range(n)]
             try:
                 await asyncio.wait(tasks, timeout=give_up)
             finally:
-                for t in (*tasks, watcher):
+                for t in tasks:
                     t.cancel()
-                await asyncio.gather(*tasks, watcher, return_exceptions=True)
+                await asyncio.gather(*tasks, return_exceptions=True)
+                await stopped(sampler)
             waited = time.perf_counter() - started
             with contextlib.suppress(OSError, ValueError):  # what the last ones left standing
-                peak = max(peak, await asyncio.to_thread(consumers, broker))
+                peak["consumers"] = max(peak["consumers"],
+                                        await asyncio.to_thread(consumers, broker))
             cpu = sum(server.cpu_times()[:2]) - cpu0
             mine = sum(me.cpu_times()[:2]) - mine0
         finally:
@@ -152,7 +147,8 @@ async def measure(n: int, way: str, size: int, chunk: int, connections: int,
         "last_s": round(done[-1], 2) if done else None,
         "p50_s": round(statistics.median(done), 2) if done else None,
         "failed_attempts": len(failed), "failures": sorted(set(failed))[:3],
-        "server_cpu_s": round(cpu, 2), "peak_consumers": peak, "clients_cpu_s": round(mine, 2),
+        "server_cpu_s": round(cpu, 2), "peak_consumers": peak["consumers"],
+        "clients_cpu_s": round(mine, 2),
     }
 
 

@@ -120,43 +120,33 @@ async def measure(n: int, rate: float, connections: int, give_up: float, *,
 
             me = psutil.Process()
             peak = {"consumers": 0, "rss": 0}
-            if cold:
-                server = psutil.Process(broker.pid)
-                cpu0, mine0 = sum(server.cpu_times()[:2]), sum(me.cpu_times()[:2])
+            if cold:  # timed from the fleet's first watches, all at once, to each first read
                 started = time.monotonic()
                 tasks.extend(asyncio.create_task(watch(i)) for i in range(n))
-                sampler = asyncio.create_task(sample(broker, server, peak))
-                try:
-                    converged = await until(lambda: min(reads) >= 1, give_up)
-                finally:
-                    await stopped(sampler)
-                return figures(n, rate, spread, connections, converged, started,
-                               [f for f in first if f], time.monotonic() - started,
-                               sum(server.cpu_times()[:2]) - cpu0,
-                               sum(me.cpu_times()[:2]) - mine0, peak, cold=True,
-                               waited=waited)
-            for i in range(n):
-                tasks.append(asyncio.create_task(watch(i)))
-                if i % 500 == 499:  # the fleet's first watches, not a storm of their own
-                    await asyncio.sleep(0.2)
-            if not await until(lambda: min(reads) >= 1, FIRST_READ):
-                raise RuntimeError(f"{reads.count(0)} of {n} watches had no first full read "
-                                   f"within {FIRST_READ:g}s")
-            await broker.kill()
-            started = time.monotonic()  # clients may be back before the server says it is ready
-            await broker.start()
+                reads_wanted, times = 1, first
+            else:  # the fleet's first watches paced, then timed from the kill to each next read
+                for i in range(n):
+                    tasks.append(asyncio.create_task(watch(i)))
+                    if i % 500 == 499:  # the fleet's first watches, not a storm of their own
+                        await asyncio.sleep(0.2)
+                if not await until(lambda: min(reads) >= 1, FIRST_READ):
+                    raise RuntimeError(f"{reads.count(0)} of {n} watches had no first full "
+                                       f"read within {FIRST_READ:g}s")
+                await broker.kill()
+                started = time.monotonic()  # clients may be back before the server is ready
+                await broker.start()
+                reads_wanted, times = 2, back
             server = psutil.Process(broker.pid)
             cpu0, mine0 = sum(server.cpu_times()[:2]), sum(me.cpu_times()[:2])
-
             sampler = asyncio.create_task(sample(broker, server, peak))
             try:
-                converged = await until(lambda: min(reads) >= 2, give_up)
+                converged = await until(lambda: min(reads) >= reads_wanted, give_up)
             finally:
                 await stopped(sampler)
             return figures(n, rate, spread, connections, converged, started,
-                           [b for b in back if b], time.monotonic() - started,
+                           [t for t in times if t], time.monotonic() - started,
                            sum(server.cpu_times()[:2]) - cpu0, sum(me.cpu_times()[:2]) - mine0,
-                           peak)
+                           peak, cold=cold, waited=waited)
         finally:
             for t in tasks:
                 t.cancel()
