@@ -5,6 +5,7 @@ The thresholds and the prober's pacing (pure) are in tests/unit/agent/host/test_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -12,13 +13,16 @@ from pathlib import Path
 
 import pytest
 
+from agent.cadence import next_tick
 from agent.host.probes import (
     Prober,
+    ProbeResult,
     exec_probe,
     http_probe,
     tcp_probe,
 )
 from protocol.manifest import HealthConfig
+from tests.integration.procs import wait_until
 
 
 def _free_port() -> int:
@@ -140,4 +144,81 @@ async def test_prober_reports_health_changes(tmp_path: Path) -> None:
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+FAR = 1e6  # a probe period whose next turn is days away: only the port's opening can wake it
+
+
+async def _refused(prober: Prober) -> None:
+    async def last() -> ProbeResult:
+        return prober.last
+
+    await wait_until(last, lambda r: r.refused, timeout=10, what="a refused probe", interval=0.01)
+
+
+async def test_a_starting_slot_is_probed_as_soon_as_it_listens() -> None:
+    """Nothing listens yet, so the first probe is refused; the prober watches the port and
+    probes the moment a server listens there, not at the next ``start_interval`` (here days
+    away), and on the connection that found it listening (one connection in all)."""
+    loop = asyncio.get_running_loop()
+    assert next_tick(loop.time(), FAR) - loop.time() > 60  # the grid cannot wake it in this test
+    port = _free_port()
+    connections = 0
+    answered = asyncio.Event()
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while await r.readuntil(b"\r\n\r\n"):
+                w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                await w.drain()
+                answered.set()
+        w.close()
+
+    changes: asyncio.Queue[tuple[bool, str]] = asyncio.Queue()
+
+    async def on_change(healthy: bool, reason: str) -> None:
+        await changes.put((healthy, reason))
+
+    health = HealthConfig(http="/healthz", interval=FAR, start_interval=FAR, healthy_threshold=1)
+    prober = Prober(health, port, Path("."), {}, on_change)
+    task = asyncio.create_task(prober.run())
+    try:
+        await _refused(prober)  # the first probe found nothing listening
+        srv = await asyncio.start_server(handle, "127.0.0.1", port)
+        async with srv:
+            assert await asyncio.wait_for(changes.get(), 10) == (True, "")
+            assert connections == 1
+    finally:
+        prober.stop()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_a_starting_tcp_slot_is_probed_as_soon_as_it_listens() -> None:
+    """The same for a tcp probe."""
+    loop = asyncio.get_running_loop()
+    assert next_tick(loop.time(), FAR) - loop.time() > 60
+    port = _free_port()
+    healthy = asyncio.Event()
+
+    async def on_change(ok: bool, reason: str) -> None:
+        if ok:
+            healthy.set()
+
+    health = HealthConfig(tcp=True, interval=FAR, start_interval=FAR, healthy_threshold=1)
+    prober = Prober(health, port, Path("."), {}, on_change)
+    task = asyncio.create_task(prober.run())
+    try:
+        await _refused(prober)
+        srv = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", port)
+        async with srv:
+            await asyncio.wait_for(healthy.wait(), 10)
+    finally:
+        prober.stop()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
             await task

@@ -97,3 +97,62 @@ async def test_a_stopped_prober_ends_without_a_cancel(tmp_path: Path) -> None:
     prober.stop()
     await asyncio.wait_for(task, 5)
     assert changes == [True]
+
+
+def test_listen_polls_start_fast_and_settle() -> None:
+    """5 ms after a refused probe, then x1.5 each time up to LISTEN_POLL_MAX (20 ms)."""
+    polls = probes.listen_polls()
+    assert [round(next(polls), 6) for _ in range(6)] == [
+        0.005, 0.0075, 0.01125, 0.016875, 0.02, 0.02]
+
+
+async def test_only_a_refused_probe_of_a_starting_slot_watches_the_port(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused before the first healthy: the port is watched (no wait for the grid), and the
+    probe after the early one comes a whole period later (not at the grid's next point, which
+    may be a few ms away: two passes of the threshold are a period apart). An answer that fails
+    (a 503) waits for the grid as before; once healthy, a refusal does too (a running slot's
+    probe pace is ``interval``, whatever the failure)."""
+    results = iter([
+        ProbeResult(False, "refused", refused=True),  # -> the port watched: listening
+        ProbeResult(True),  # early -> a whole start_interval
+        ProbeResult(False, "status 503"),  # -> the grid's start_interval
+        ProbeResult(True),  # -> the grid's start_interval
+        ProbeResult(True),  # healthy (two in a row) -> the grid's interval
+        ProbeResult(False, "refused", refused=True),  # healthy before -> the grid's interval
+    ] + [ProbeResult(True)] * 100)
+    calls: list[object] = []
+    enough = asyncio.Event()
+
+    async def fake_sleep(period: float) -> None:
+        calls.append(period)
+        if len(calls) >= 6:
+            enough.set()
+        await asyncio.sleep(0)
+
+    async def fake_sleep_for(period: float) -> None:
+        calls.append(("whole", period))
+        await asyncio.sleep(0)
+
+    async def fake_probe(*_: object) -> ProbeResult:
+        return next(results)
+
+    async def fake_listening(self: Prober, http: object, left: float) -> bool:
+        calls.append("listening")
+        return True
+
+    monkeypatch.setattr(probes, "sleep_to_tick", fake_sleep)
+    monkeypatch.setattr(probes, "sleep_for", fake_sleep_for)
+    monkeypatch.setattr(probes, "probe_once", fake_probe)
+    monkeypatch.setattr(Prober, "_listening", fake_listening)
+
+    async def on_change(healthy: bool, reason: str) -> None:
+        pass
+
+    health = HealthConfig(tcp=True, interval=1.0, start_interval=0.2, healthy_threshold=2)
+    task = asyncio.create_task(Prober(health, 8080, tmp_path, {}, on_change).run())
+    await asyncio.wait_for(enough.wait(), 5)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert calls[:6] == ["listening", ("whole", 0.2), 0.2, 0.2, 1.0, 1.0]
