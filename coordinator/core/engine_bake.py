@@ -6,7 +6,9 @@ says it does not bake: a stage wave carries no traffic and is judged at once). M
 fails any node whose new slot stops being healthy, and hands a node that goes offline to ``Lost``
 (``engine_lost``): under ``on_node_lost`` fail it fails, under wait the verdict waits for it (up
 to ``--progress-deadline`` past the bake's end). Once the bake is over and
-every node's counters cover it (``window_covers_bake``, or ``STATS_GRACE`` later at most),
+every node's counters cover it (``window_covers_bake``, or ``STATS_GRACE`` later at most;
+later still under the fleet's excuse, ``Rollout.excuse``: counters held while the bus was away
+predate the outage, and a verdict on them would judge part of the bake),
 ``verdict`` measures the new slots' traffic since the baseline against the old slots' (or the old
 traffic the wave's policy names: ``WavePolicy.old_traffic``) and ``core.gates`` decides, with the
 thresholds the policy gives (a shadow wave's policy judges by its own verdict): pass → the next
@@ -131,7 +133,11 @@ class Bake:
         if self.step.now < wave.bake_until:
             self.early(wave)
             return
-        if self.step.now < wave.bake_until + STATS_GRACE and not self.window_covers_bake(wave):
+        # The grace for counters that cover the bake runs from the fleet's excuse too: while
+        # the leader's bus is down, and until its agents are back on it, the counters it holds
+        # were read before the outage; judging on them could pass a wave on part of its bake.
+        grace = max(wave.bake_until, self.step.excused_until) + STATS_GRACE
+        if self.step.now < grace and not self.window_covers_bake(wave):
             self.early(wave)
             return  # the agents' latest counters were read before the bake ended: wait for them
         self.conclude(wave, self.verdict(wave))

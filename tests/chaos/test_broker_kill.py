@@ -158,3 +158,50 @@ async def test_a_broker_down_past_the_progress_deadline_fails_no_node(tmp_path: 
         assert not {"node.failed", "rollout.rolling_back"} & set(kinds), kinds
         log = (fleet.dir / "logs" / "coordinator.log").read_text()
         assert "the bus is back: no rollout's progress deadline passes before" in log, log[-3000:]
+
+
+# The outage in the test below: past the bake's end plus the engine's STATS_GRACE (10 s), so
+# that the grace for counters covering the bake runs out while the bus is away.
+BAKE_OUTAGE = 15.0
+
+
+async def test_a_bake_that_ends_while_the_broker_is_down_is_judged_on_counters_after_it(
+        tmp_path: Path) -> None:
+    """The broker SIGKILLed as wave 1 starts its 2 s bake, under load, and kept down past the
+    bake's end plus the grace for counters that cover it; the leader keeps its lease. Its ticks
+    go on meanwhile, but no gate judges the wave on the counters it held from before the
+    outage: the verdict waits until the agents' counters span the bake (the grace for them runs
+    from ``Rollout.excuse``), and the rollout succeeds. Before, the gates passed the wave the
+    moment the bus was back, on the counters read as the bake began: 0 requests judged."""
+    fleet = DevFleet(tmp_path / "fleet", agents=2, heartbeat_interval=0.5, subnet="127.0.14")
+    fleet.coordinator.argv += ["--lease-ttl", "30"]
+    async with fleet:
+        url = fleet.nats_url
+        await push(url, "1.0.0", "2.0.0")
+        await install(fleet, "1.0.0")
+        bus = await Bus.connect(url, fleet.fleet, name="chaos-test")
+        try:
+            async with loaded(fleet):
+                rid = await deploy_detached(url, "2.0.0", "--batch", "1", "--bake", "2s",
+                                            "--prestage", "0")
+                await wait_until(lambda: record_of(bus, rid),
+                                 lambda r: r.waves[0].state == "baking",
+                                 timeout=60, what="wave 1 to bake")
+                await fleet.broker.kill()
+                await asyncio.sleep(BAKE_OUTAGE)
+                back = time.time()
+                await fleet.broker.start()
+                final = await wait_until(lambda: record_of(bus, rid),
+                                         lambda r: r.state != "running", timeout=90,
+                                         what="the rollout to end after the broker restart")
+            assert final.state == "succeeded", (final.state, final.reason)
+        finally:
+            await bus.close()
+        events = await told(url, rid, "rollout.succeeded")
+        (verdict,) = [e for e in events if e["kind"].startswith("gate.")
+                      and e["data"].get("wave") == 0]
+        assert verdict["kind"] == "gate.passed", verdict
+        assert verdict["time"] > back, f"judged with the broker down: {verdict}"
+        # The new slot's requests in the window judged: the load (20 req/s, 2 workers) sends at
+        # least 40 in a 2 s bake. Before, 0: the counters read as the bake began.
+        assert verdict["data"]["requests"] >= 40, verdict["data"]

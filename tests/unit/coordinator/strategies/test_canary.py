@@ -185,3 +185,36 @@ def test_promote_skips_one_bake_and_full_every_bake() -> None:
     cmds = r.handle(ObservedChanged("node-3", report(d3, 5.0)), 5.0)
     assert r.state == "succeeded"
     assert [w.gates["outcome"] for w in r.record.waves] == ["promoted"] * 3
+
+
+def test_a_bake_that_ends_while_the_bus_is_away_waits_for_counters_that_cover_it() -> None:
+    """The leader's counters were read before a broker outage that spans the bake's end: the
+    grace for covering counters runs from the fleet's excuse (the bus back, the agents on it
+    again), not from the bake's end, so the gates never pass the wave on the part of its bake
+    before the outage; fresh counters judge the whole bake (here, the errors of the outage)."""
+    r = rollout(2, steps=["1", "100%"], bake=10.0, gates=Gates(max_error_rate=0.05))
+    (d,) = writes(r.handle(Start(), 0.0))
+    r.handle(ObservedChanged("node-1", report(d, 1.0, stats(0.5, b=(0, 0, 5)))), 1.0)
+    r.handle(ObservedChanged("node-1", report(d, 4.0, stats(3.5, b=(300, 0, 5)))), 4.0)
+    r.excuse(40.0)  # the bus went away at 5 s; the agents are back on it by 40 s
+    r.handle(Tick(), 11.0 + STATS_GRACE)  # no gate judges 3 s of a 10 s bake
+    assert r.state == "running" and r.record.waves[0].state == "baking"
+    r.handle(Tick(), 40.0 + STATS_GRACE - 0.1)
+    assert r.state == "running" and r.record.waves[0].state == "baking"
+    cmds = r.handle(ObservedChanged("node-1", report(d, 42.0, stats(41.0, b=(600, 90, 5)))),
+                    42.0)
+    assert "gate.failed" in kinds(cmds)
+    assert r.record.waves[0].gates["requests"] == 600 and r.record.waves[0].gates["errors"] == 90
+
+
+def test_under_an_excuse_stale_counters_are_judged_after_its_grace() -> None:
+    """Counters that never come back still do not hold the rollout: the grace after the
+    excuse's end, then the gates judge what they have (inconclusive, never a pass)."""
+    r = rollout(2, steps=["1", "100%"], bake=10.0, gates=Gates(max_error_rate=0.05))
+    (d,) = writes(r.handle(Start(), 0.0))
+    r.handle(ObservedChanged("node-1", report(d, 1.0, stats(0.5, b=(0, 0, 5)))), 1.0)
+    r.excuse(40.0)
+    r.handle(Tick(), 40.0 + STATS_GRACE - 0.1)
+    assert r.state == "running"
+    r.handle(Tick(), 40.0 + STATS_GRACE)
+    assert r.state == "paused" and "inconclusive" in r.record.reason
