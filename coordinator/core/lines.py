@@ -63,11 +63,12 @@ class Lines:
         w.held += 1
         return False
 
-    def due(self, now: float) -> list[str]:
-        """The summaries of the windows that have closed with lines held back, once each."""
+    def due(self, now: float, *, every: bool = False) -> list[str]:
+        """The summaries of the windows that have closed with lines held back, once each;
+        ``every``: of the open ones too (the process stops)."""
         out = []
         for kind, w in list(self._windows.items()):
-            if now - w.start < self.window:
+            if now - w.start < self.window and not every:
                 continue
             if w.held:
                 (one, several), kept = SAID.get(kind, ((f"{kind} line", f"{kind} lines"), ""))

@@ -50,7 +50,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import math
 import time
 from collections.abc import Callable, Coroutine
 from importlib.metadata import PackageNotFoundError, version
@@ -64,6 +63,7 @@ from coordinator.core.engine import EngineEvent
 from coordinator.core.fleet import Fleet, Transition
 from coordinator.core.history import Retention, newest
 from coordinator.core.lines import Lines
+from coordinator.core.reconnects import Reconnects
 from coordinator.core.rotation import lead_refusal, retired_after, short
 from coordinator.errors import ConfigError, RemoteError
 from coordinator.releases import resolve_release
@@ -196,6 +196,9 @@ class Coordinator:
         # default queue of 10,000 dropped 40,000 node.online); ~0.7 KB each while queued.
         self.events = EventPublisher(fleet, queue=NODE_EVENT_QUEUE, logger=log)
         self.lines = Lines()  # which node transitions are logged one by one (``core.lines``)
+        # Bursts of registrations, the agents' reconnects: heard as a standby too, so that a
+        # coordinator that takes over after one excuses its rollouts (``core.reconnects``)
+        self.reconnects = Reconnects()
         self._mono = time.monotonic  # the bursts' clock (tests give a virtual one)
         self.notifier = notifier
         self._complained: set[tuple[str, str]] = set()
@@ -379,6 +382,7 @@ class Coordinator:
                                 batchable=self.table.takes_batch_signatures,
                                 unheard=self.table.unheard,
                                 size=lambda: len(self.table.nodes),
+                                reconnects=self.reconnects,
                                 clock=self._clock, started=self.started,
                                 startup_grace=pace.startup_grace(
                                     len(self.table.nodes), self.pacer.rate, STARTUP_GRACE),
@@ -513,8 +517,14 @@ class Coordinator:
         except ProtocolError as exc:
             self._complain(node, "registration", str(exc))
             return
-        transitions = self.table.register(info, self._clock())
+        now = self._clock()
+        transitions = self.table.register(info, now)
         self._newcomers = True  # it beats at its own interval until it hears the pace
+        # An agent registers within one heartbeat of its connect or reconnect: over that (and
+        # the agents' reconnect backoff) a burst of registrations is many agents reconnecting.
+        nodes = len(self.table.nodes)
+        self.reconnects.note(now, nodes, RECONNECT_CAP + max(
+            AGENT_BEAT, pace.interval(nodes, self.pacer.rate)))
         # A node coming online says so in its transition's line ("online (registered)"): one
         # line a node, not two, when a fleet of 50,000 registers at a coordinator's start; one
         # already online (its agent reconnected) in a line of its own, in bursts (``core.lines``).
@@ -635,7 +645,7 @@ class Coordinator:
         """Log the summaries of the node transitions held back (``core.lines``): those whose
         window has closed, or, ``stopping``, all of them (a partition's offline count must not
         die with the process)."""
-        for line in self.lines.due(math.inf if stopping else self._mono()):
+        for line in self.lines.due(self._mono(), every=stopping):
             log.info("%s", line)
 
     def _observe(self, event: Event, record: RolloutRecord | None) -> None:

@@ -78,6 +78,7 @@ from coordinator.core.engine import (
 from coordinator.core.fleet import matches
 from coordinator.core.history import Retention, newest, summarise
 from coordinator.core.pages import Layout, fit
+from coordinator.core.reconnects import Reconnects
 from coordinator.errors import RemoteError, UsageError
 from coordinator.runtime.calls import COMMAND_DEADLINE, Retrying, cancelled_meanwhile, stop_all
 from coordinator.runtime.cordons import Cordons, read_cordons
@@ -147,12 +148,17 @@ class Runner:
         batchable: Callable[[str], bool] | None = None,
         unheard: Callable[[Mapping[str, str]], Sequence[str]] | None = None,
         size: Callable[[], int] | None = None,
+        reconnects: Reconnects | None = None,
     ) -> None:
         self.bus = bus
         # The fleet's size, for how long its agents' watches take to start again after a
         # reconnect (``excused_until``); else counted off nodes()
         self._size = size or (lambda: len(nodes()))
         self._logged_back: float | None = None  # the reconnect whose excuse was logged
+        # Bursts of the agents' registrations (fed by the daemon): their reconnects, where this
+        # coordinator's connection stayed up (``excused_until``)
+        self.reconnects = reconnects or Reconnects()
+        self._logged_burst: float | None = None  # the burst whose excuse was logged
         self.fleet = bus.fleet
         self._nodes = nodes
         self._liveness = liveness  # O(1) per node for the tick; else read off nodes()
@@ -342,17 +348,34 @@ class Runner:
         failed its nodes for the bus's silence (the ticks go on), and a large fleet's nodes,
         told within their spread, could come back after the deadline: a rollback for
         nothing. Counted from the bus's last reconnect, so a leader that takes over (or
-        resumes) after one excuses its rollouts as long."""
+        resumes) after one excuses its rollouts as long; and as long from the last of a burst
+        of the agents' registrations (``core.reconnects``: their own reconnects, a server of
+        the cluster gone while this coordinator's connection held)."""
         down, back = not self.bus.connected, self.bus.reconnected_at
-        if back is None and not down:
+        burst = self.reconnects.last
+        if back is None and not down and burst is None:
             return 0.0
         lag = RECONNECT_CAP + restart_spread(self._size())
-        until = (now if down or back is None else back) + lag
-        if not down and back != self._logged_back and until > now:
-            self._logged_back = back
-            log.info("the bus is back: no rollout's progress deadline passes before %s UTC "
-                     "plus its --progress-deadline (agents reconnect and start their watches "
-                     "again within %.0fs)", time.strftime("%H:%M:%S", time.gmtime(until)), lag)
+        until = 0.0
+        if down or back is not None:
+            until = (now if down or back is None else back) + lag
+            if not down and back != self._logged_back and until > now:
+                self._logged_back = back
+                log.info("the bus is back: no rollout's progress deadline passes before %s UTC "
+                         "plus its --progress-deadline (agents reconnect and start their "
+                         "watches again within %.0fs)", _utc(until), lag)
+        if burst is not None and burst + lag > until:
+            # The agents' reconnects, heard as a burst of registrations while this
+            # coordinator's own connection held (a server of the cluster went away):
+            # from the burst's last one, as from a reconnect of its own.
+            until = burst + lag
+            began = self.reconnects.began
+            if began != self._logged_burst and until > now:
+                self._logged_burst = began
+                log.info("%d nodes registered again at once (their agents reconnected: a "
+                         "server of the cluster went away?): no rollout's progress deadline "
+                         "passes before %s UTC plus its --progress-deadline, or later while "
+                         "more come", self.reconnects.counted, _utc(until))
         return until
 
     # -- the outbox --------------------------------------------------------------------------------
@@ -840,6 +863,10 @@ def _accepted(rid: str, exc: Exception) -> RemoteError:
         f"rollout {rid} is recorded but its start failed ({exc}); the coordinator starts it on "
         f"its next resync (within {RESYNC_INTERVAL:g}s): check with 'fleetwave status {rid}'",
         "accepted", {"id": rid})
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%H:%M:%S", time.gmtime(t))
 
 
 def new_rollout_id(service: str, now: float) -> str:

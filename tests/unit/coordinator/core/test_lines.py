@@ -68,3 +68,14 @@ def test_nonsense_limits_are_refused(burst: int, window: float) -> None:
     """A negative burst or a window that is not a positive number is a programming error."""
     with pytest.raises(ValueError):
         Lines(burst=burst, window=window)
+
+
+def test_a_stopping_process_says_its_open_windows_with_their_real_length() -> None:
+    """On the way out every window is said, an open one too, in seconds it really lasted (it
+    read "in infs" when the stop asked with an infinite time)."""
+    lines = Lines(burst=1, window=10.0)
+    for t in (0.0, 1.0, 2.0):
+        lines.admit("node.registered", t)
+    assert lines.due(3.0) == []
+    [said] = lines.due(3.0, every=True)
+    assert said.startswith("2 more online nodes registered again in 3s than the 1 logged")

@@ -1093,3 +1093,27 @@ async def test_a_leader_that_starts_after_a_reconnect_excuses_its_rollouts_as_lo
     await r.step()
     assert r.drivers[rec.id].rollout.excused_until == clock.t - 60 - 10 + 105
     assert bus.record(rec.id).nodes["node-1"].state == "updating"
+
+
+async def test_a_burst_of_registrations_excuses_the_rollouts_as_a_reconnect_would() -> None:
+    """The coordinator's own connection held (a server of its cluster went away, not its own):
+    the agents' burst of registrations (``core.reconnects``) excuses its rollouts from the
+    burst's last registration, as long as a reconnect of its own would (5 s + the restart
+    spread, 20 s at 10,000 nodes), plus a whole --progress-deadline. A lone registration, no."""
+    bus, clock = fleet_bus(), FakeClock()
+    r = runner(bus, clock, size=lambda: 10_000)
+    rec = await r.deploy(spec(progress_deadline=60.0), NEW)
+    r.reconnects.note(clock.t, 10_000, 30.0)  # one agent's reconnect: no burst
+    assert r.excused_until(clock.t) == 0.0
+    clock.t += 50
+    for i in range(500):  # 5 % of the fleet within the window: a burst
+        r.reconnects.note(clock.t + i * 0.01, 10_000, 30.0)
+    last = clock.t + 499 * 0.01
+    assert r.excused_until(clock.t) == last + 25
+    clock.t = last + 25 + 60 - 0.1
+    await r.step()
+    assert bus.record(rec.id).nodes["node-1"].state == "updating"  # its own deadline: 60 s
+    clock.t = last + 25 + 60
+    await r.step()
+    failed = bus.record(rec.id)
+    assert failed.phase == "rollback" and "did not converge within 1m" in failed.reason, failed
