@@ -16,12 +16,13 @@ from tests.integration.procs import wait_until
 from tests.integration.test_record_split import api, simulated
 
 N = 60
+SUBNET = "127.0.78"
 BURST = re.compile(r"(\d+) nodes registered again at once")
 
 
 async def test_agents_registering_again_at_once_excuse_the_leaders_rollouts(
         tmp_path: Path) -> None:
-    async with simulated(tmp_path, N, "1MB", subnet="127.0.78") as (_broker, bus, _c, agent, _k):
+    async with simulated(tmp_path, N, "1MB", subnet=SUBNET) as (_broker, bus, _c, agent, _k):
         spec = RolloutSpec(service="hello", version="1.0.0", batch="100%",
                            max_unavailable="100%", bake=120.0, progress_deadline=120.0)
         rid = str((await api(bus, "deploy", DeployRequest(spec=spec)))["id"])
