@@ -571,6 +571,9 @@ class Bus:
         # The first connect waited for the server (``WAITED_FOR_SERVER``): a fleet's watch
         # starts within its spread, as after a reconnect (``watch``)
         self.waited = False
+        # Told by its owner that many of its fleet start at once (an agent hearing the leader's
+        # ``Pace.burst``): a fleet's watch starts within its spread, as after ``waited``
+        self.crowded = False
         self._async_errors: dict[str, float] = {}  # when each kind was last logged
         self.lost_watches = 0  # watches restarted because their consumer was gone (``watch``)
         self.closing = False
@@ -1618,14 +1621,16 @@ class Bus:
         the client's lives on) is noticed by ``_silence`` in place of nats-py's check, and its
         watch starts again within the spread too: nats-py made every such consumer again at
         once. So does the first watch of a client whose first connect waited for its server
-        (``waited``: a fleet's cold start after a power cut), and a failed start is retried no
-        sooner than a moment drawn within the spread (``retry_delay``).
+        (``waited``: a fleet's cold start after a power cut) or whose owner says its fleet
+        starts at once (``crowded``: the leader's ``Pace.burst``), and a failed start is
+        retried no sooner than a moment drawn within the spread (``retry_delay``).
         """
         failures = 0
         # Before the next attempt: a reconnect's spread, or a failure's backoff. A client that
         # waited for its server at its start is one of a fleet that did (the broker down at a
         # power cut): its first watch starts within the spread too, not with all the others.
-        wait = random.uniform(0, max(0.0, spread())) if spread is not None and self.waited else 0.0
+        first = self.waited or self.crowded  # ...or one of a fleet started at once (``crowded``)
+        wait = random.uniform(0, max(0.0, spread())) if spread is not None and first else 0.0
         while True:
             if wait > 0:
                 await asyncio.sleep(wait)

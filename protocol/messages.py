@@ -123,6 +123,11 @@ class Pace(msgspec.Struct, kw_only=True, frozen=True):
     # None: not known yet (a leader still resuming its rollouts; an older leader): an agent
     # keeps the services it was last told.
     reading: list[str] | None = None
+    # Many agents are registering at once (a fleet-wide restart: an upgrade of every agent, a
+    # site back from a power cut): an agent that waits for this pace before its first watch of
+    # desired states starts it within the fleet's restart spread, not with all the others
+    # (``coordinator.core.reconnects``, ``agent.manager.desired``). False from older leaders.
+    burst: bool = False
 
 
 # -- desired state ---------------------------------------------------------------------------------

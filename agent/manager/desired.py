@@ -20,12 +20,15 @@ An accepted state wakes the reconcile loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 
 from agent.manager.events import NodeEvents
 from agent.manager.service import (
     BUS_TIMEOUT,
+    CROWD_SPREAD,
+    FIRST_PACE_WAIT,
     MAX_REREAD,
     MAX_WATCH_HEARTBEAT,
     REREAD,
@@ -91,11 +94,37 @@ class DesiredWatch:
         self.heartbeat = 0.0  # the idle heartbeat the running watch asked for (0: none yet)
         self._renew = asyncio.Event()
         self._refused_values: dict[str, bytes] = {}
+        self._paced = asyncio.Event()  # a pace was heard (``heard``)
+        self.burst = False  # the last pace said many agents register at once (``Pace.burst``)
+
+    def heard(self, burst: bool) -> None:
+        """The leader's pace came (its fleet's size is ``fleet_nodes`` already), with its word
+        on a burst of registrations."""
+        self.burst = burst
+        self._paced.set()
+
+    async def _before_first_watch(self) -> None:
+        """In a fleet remembered large (a restart spread of ``CROWD_SPREAD`` or more), wait up to
+        ``FIRST_PACE_WAIT`` for the leader's pace: when it says many agents register at once (a
+        fleet-wide restart with the broker up, where no reconnect spreads them), the first
+        watch starts within the spread (``Bus.crowded``), not with 20,000 others. A lone
+        restart hears no burst and starts at once; without a leader, after the wait."""
+        if self._spread() < CROWD_SPREAD:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(FIRST_PACE_WAIT):
+                await self._paced.wait()
+        if self.burst:
+            self.bus.crowded = True
+            log.info("many of the fleet's agents are registering at once (the leader's pace): "
+                     "this one's watch of desired states starts within %.0fs (%d nodes)",
+                     self._spread(), self.fleet_nodes)
 
     async def watch(self) -> None:
         """Offer every value of the watch, for ever; wait for the bucket while there is none."""
         bucket = subjects.desired_bucket(self.fleet)
         attempt = 0
+        await self._before_first_watch()
         while True:
             try:
                 async for entry in self.bus.watch(bucket, subjects.node_keys(self.node),

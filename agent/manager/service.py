@@ -61,6 +61,13 @@ WATCH_HEARTBEAT_RATE = 10_000.0
 MAX_WATCH_HEARTBEAT = 5.0
 # After a reconnect the watch of desired states starts again within the fleet's size / 500 a
 # second, at most 120 s (``protocol.bus.restart_spread``, shared with the leader's deadlines).
+# At its start, an agent that remembers a fleet whose spread is at least CROWD_SPREAD (1,000
+# nodes) waits up to FIRST_PACE_WAIT for the leader's pace before its first watch: if the pace
+# says many agents are registering at once (``Pace.burst``), that watch starts within the spread
+# too (``desired.DesiredWatch.watch``). The leader says its pace within about 1.5 s of a
+# registration (``core.pace.SETTLE`` + the daemon's PACE_TICK); a lone restart waits that long.
+CROWD_SPREAD = 2.0
+FIRST_PACE_WAIT = 3.0
 OBSERVE_EVERY = 5.0
 # Reports that carry nothing new but the router's counters (read every STATS_EVERY seconds and
 # stamped with the read's time, so every read changes them) go out at most once a paced

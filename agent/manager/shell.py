@@ -178,6 +178,7 @@ class ServiceManager:
         (``observed.report_gaps``)."""
         before = reread_every(self.desired.fleet_nodes)
         self.desired.fleet_nodes = pace.nodes
+        self.desired.heard(pace.burst)
         self.observed.paced = pace.interval
         if pace.reading is not None:  # None: not known (a leader resuming): as it was
             reading = frozenset(pace.reading)

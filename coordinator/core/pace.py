@@ -25,7 +25,8 @@ core NATS message is not kept: an agent that was away meanwhile hears the next o
 once a ``SETTLE``, but for a change of the services read, said at once: the old release's
 nodes report fresh counters before the first wave's baseline is taken (the leader wakes its
 pace loop on each rollout event). Pure: the time is
-given, so tests run in virtual time. When the interval grows, the leader excuses every node's
+given, so tests run in virtual time. The start or the end of a burst of registrations
+(``burst``) is said at once too. When the interval grows, the leader excuses every node's
 silence for one new interval (``Pacer.grace``): a lost announcing beat is no death.
 """
 
@@ -89,15 +90,18 @@ class Pacer:
         self._at = -math.inf
 
     def due(self, now: float, nodes: int, newcomers: bool,
-            reading: Iterable[str] | None = ()) -> Pace | None:
+            reading: Iterable[str] | None = (), burst: bool = False) -> Pace | None:
         """The Pace to publish now for a fleet of ``nodes`` (``newcomers``: some registered since
         the last one was sent) whose running rollouts read the counters of ``reading``'s
-        services (None: not known yet, agents keep what they were told), or None;
-        ``published`` once it went out."""
+        services (None: not known yet, agents keep what they were told), with ``burst``
+        (registrations are coming in a burst: ``core.reconnects``), or None; ``published`` once
+        it went out."""
         pace = Pace(interval=interval(nodes, self.rate), nodes=nodes, rate=self.rate,
-                    reading=None if reading is None else sorted(set(reading)))
-        if self.sent is None or pace.reading != self.sent.reading:
-            return pace  # a rollout that reads counters started or ended: not held a SETTLE
+                    reading=None if reading is None else sorted(set(reading)), burst=burst)
+        if self.sent is None or pace.reading != self.sent.reading or pace.burst != self.sent.burst:
+            # A rollout that reads counters started or ended, or a burst of registrations began
+            # or ended (agents wait for it before their first watch): not held a SETTLE
+            return pace
         if now - self._at < SETTLE:
             return None
         if newcomers or now - self._at >= REPEAT or self.moved(pace):

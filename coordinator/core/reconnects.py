@@ -13,7 +13,10 @@ over a sliding window (the agents' reconnect backoff plus a heartbeat interval, 
 takes to be heard), in one-second buckets (a fleet of 50,000 registering at once is a few dozen
 numbers, not 50,000); ``LEAST`` of them, or ``SHARE`` of the fleet if more, make a burst. The
 runner excuses the fleet's rollouts from the last registration of a burst as from a reconnect of
-its own. A lone agent's reconnect is no burst: its node is judged as ever.
+its own. A lone agent's reconnect is no burst: its node is judged as ever. While a burst is
+under way the leader's pace says so (``messages.Pace.burst``): agents that start at once (a
+fleet-wide restart with the broker up, where no reconnect of theirs spreads them) wait for the
+pace and start their first watch within the restart spread too, not 20,000 consumers at once.
 
 Pure: the caller hands in the time, the fleet's size and the window.
 """
@@ -39,12 +42,14 @@ class Reconnects:
         self.last: float | None = None
         self.began: float | None = None
         self.counted = 0  # registrations in the window at the last ``note``
+        self.window = 0.0  # the window of the last ``note``
         self._buckets: deque[list[int]] = deque()  # [second, count], oldest first
         self._total = 0
 
     def note(self, now: float, fleet: int, window: float) -> bool:
         """A node registered at ``now``; True if it is part of a burst (``fleet`` nodes known,
         registrations counted over the last ``window`` seconds)."""
+        self.window = window
         second = math.floor(now)
         if self._buckets and self._buckets[-1][0] == second:
             self._buckets[-1][1] += 1
@@ -60,3 +65,7 @@ class Reconnects:
             self.began = now  # a new burst, not the tail of the last one
         self.last = now
         return True
+
+    def under_way(self, now: float) -> bool:
+        """Whether a burst is going on: its last registration within the window of ``now``."""
+        return self.last is not None and now - self.last <= self.window

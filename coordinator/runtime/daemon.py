@@ -523,8 +523,9 @@ class Coordinator:
         # An agent registers within one heartbeat of its connect or reconnect: over that (and
         # the agents' reconnect backoff) a burst of registrations is many agents reconnecting.
         nodes = len(self.table.nodes)
-        self.reconnects.note(now, nodes, RECONNECT_CAP + max(
-            AGENT_BEAT, pace.interval(nodes, self.pacer.rate)))
+        window = RECONNECT_CAP + max(AGENT_BEAT, pace.interval(nodes, self.pacer.rate))
+        if self.reconnects.note(now, nodes, window) and self.reconnects.began == now:
+            self._repace.set()  # a burst begins: the pace says so at once (``Pace.burst``)
         # A node coming online says so in its transition's line ("online (registered)"): one
         # line a node, not two, when a fleet of 50,000 registers at a coordinator's start; one
         # already online (its agent reconnected) in a line of its own, in bursts (``core.lines``).
@@ -672,7 +673,8 @@ class Coordinator:
         while True:
             self._repace.clear()  # before looking: an event from now on wakes the next look
             nodes = self.table.beating(self._clock())  # not those long offline: no beats
-            due = self.pacer.due(time.monotonic(), nodes, self._newcomers, self._reading())
+            due = self.pacer.due(time.monotonic(), nodes, self._newcomers, self._reading(),
+                                 burst=self.reconnects.under_way(self._clock()))
             if due is not None:
                 moved = self.pacer.moved(due)
                 try:

@@ -1073,6 +1073,38 @@ async def test_a_client_that_waited_for_its_server_starts_a_fleets_watch_within_
         await broker.stop()
 
 
+async def test_a_client_told_its_fleet_starts_at_once_starts_a_fleets_watch_within_its_spread(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``crowded`` (an agent that heard the leader's pace say many agents register at once)
+    starts its fleet's watch at a moment drawn within the spread, as ``waited`` does; a client
+    not told so starts at once."""
+    import protocol.bus as bus_mod
+
+    monkeypatch.setattr(bus_mod.random, "uniform", lambda a, b: b)  # the spread's end
+    crowded = await Bus.connect(broker.url, "t")
+    prompt = await Bus.connect(broker.url, "t")
+    try:
+        crowded.crowded = True
+        await prompt.ensure_fleet()
+        await prompt.kv_put("fw-t-desired", "n1.web", b"1")
+        spread = 3.0
+
+        async def first_read(bus: Bus) -> float:
+            began = time.monotonic()
+            async with asyncio.timeout(30):
+                async for e in bus.watch("fw-t-desired", "n1.*", spread=lambda: spread):
+                    if e is None:
+                        return time.monotonic() - began
+            raise AssertionError("the watch ended")
+
+        at_once, spread_out = await asyncio.gather(first_read(prompt), first_read(crowded))
+        assert at_once < spread <= spread_out, (at_once, spread_out)
+    finally:
+        await crowded.close()
+        await prompt.close()
+
+
 async def test_an_agent_binds_its_buckets_without_asking_their_info(broker: Broker) -> None:
     """An agent's bus is blind with or without credentials: its buckets are bound without a
     STREAM.INFO each (at a fleet's cold start, 20,000 of them at once overflowed the server's

@@ -2,15 +2,21 @@
 server of its cluster dies): its rollouts are excused as from a reconnect of its own
 (``coordinator.core.reconnects``, ``Runner.excused_until``). Real nats-server, coordinator and
 agent (``--simulate``: 60 nodes whose process is killed and started again, so that they all
-register again at once) on 127.0.78.x. The excuse's effect on deadlines is tested in virtual
-time (``tests/unit/coordinator/runtime/test_runner.py``)."""
+register again at once) on 127.0.78.x: the leader logs the excuse, and its pace says the burst
+(``Pace.burst``: agents that start at once spread their first watches by it) and its end. The
+excuse's effect on deadlines is tested in virtual time
+(``tests/unit/coordinator/runtime/test_runner.py``), an agent's wait for the pace in
+``tests/unit/agent/manager/test_desired.py``, the spread first watch in ``test_bus.py``."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 
-from protocol.messages import DeployRequest, RolloutRecord, RolloutSpec
+from protocol import subjects
+from protocol.codec import decode
+from protocol.messages import DeployRequest, Pace, RolloutRecord, RolloutSpec
 from tests.integration.e2e_support import record_of
 from tests.integration.procs import wait_until
 from tests.integration.test_record_split import api, simulated
@@ -32,10 +38,22 @@ async def test_agents_registering_again_at_once_excuse_the_leaders_rollouts(
 
         await wait_until(lambda: record_of(bus, rid), baking, timeout=60,
                          what="the rollout's wave to bake")
+        paces: list[Pace] = []
+
+        async def on_pace(_subject: str, data: bytes) -> None:
+            paces.append(decode(Pace, data))
+
+        await bus.subscribe(subjects.pace(bus.fleet), on_pace)
         log = tmp_path / "logs" / "coordinator.log"
         before = len(log.read_text())
         await agent.kill()  # SIGTERM then SIGKILL, reaped
         await agent.start()  # its 60 nodes register again within a moment
+        # ...and the leader's pace says so at once, for agents that wait for it before their
+        # first watch (``Pace.burst``); then, the burst over, that it is over.
+        await wait_until(lambda: asyncio.sleep(0, paces), lambda ps: any(p.burst for p in ps),
+                         timeout=30, what="a pace that says a burst is under way")
+        await wait_until(lambda: asyncio.sleep(0, paces), lambda ps: not ps[-1].burst,
+                         timeout=60, what="a pace that says the burst is over", interval=0.5)
 
         async def since() -> str:
             return log.read_text()[before:]

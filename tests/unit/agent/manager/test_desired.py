@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from agent.host.state import AgentState, ServiceRecord, save_state
 from agent.manager.shell import ServiceManager
 from protocol.codec import encode
@@ -252,3 +254,55 @@ async def test_a_restarted_agent_starts_from_the_fleets_size_it_last_heard(
     await old._restore()
     assert old.desired.fleet_nodes == 0
     assert again.restorer._snapshot().fleet_nodes == 64_000  # read back, saved as it was
+
+
+class _Crowd:
+    crowded = False
+
+
+async def test_a_large_fleets_agent_waits_for_the_pace_and_spreads_its_first_watch_in_a_burst(
+    tmp_path: Path,
+) -> None:
+    """Remembering a fleet of 20,000 (a spread of 40 s), the agent waits for the leader's pace
+    before its first watch; a pace that says many agents register at once (``Pace.burst``)
+    makes that watch start within the spread (``Bus.crowded``); one that does not lets it
+    start at once, as soon as it is heard."""
+    import asyncio
+
+    for burst in (True, False):
+        bus = _Crowd()
+        mgr = ServiceManager(bus=bus, fleet=FLEET, node=NODE, data_dir=tmp_path,  # type: ignore[arg-type]
+                             bind_host="127.0.0.1", trusted_keys=[])
+        mgr.desired.fleet_nodes = 20_000  # as restored from the state file
+        waiting = asyncio.create_task(mgr.desired._before_first_watch())
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # no pace yet
+        mgr.paced(Pace(interval=10.0, nodes=20_000, rate=2000.0, burst=burst))
+        await asyncio.wait_for(waiting, 1)
+        assert bus.crowded is burst
+
+
+async def test_a_small_fleets_agent_does_not_wait_and_no_pace_holds_it_long(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A fleet of 500 (a spread of 1 s): no wait at all. A large one with no leader to pace
+    it: the wait ends after FIRST_PACE_WAIT and the watch starts as it did before."""
+    import asyncio
+    import time
+
+    import agent.manager.desired as desired_mod
+
+    small = _Crowd()
+    mgr = ServiceManager(bus=small, fleet=FLEET, node=NODE, data_dir=tmp_path,  # type: ignore[arg-type]
+                         bind_host="127.0.0.1", trusted_keys=[])
+    mgr.desired.fleet_nodes = 500
+    await asyncio.wait_for(mgr.desired._before_first_watch(), 0.5)
+    assert small.crowded is False
+    monkeypatch.setattr(desired_mod, "FIRST_PACE_WAIT", 0.2)
+    alone = _Crowd()
+    mgr = ServiceManager(bus=alone, fleet=FLEET, node=NODE, data_dir=tmp_path,  # type: ignore[arg-type]
+                         bind_host="127.0.0.1", trusted_keys=[])
+    mgr.desired.fleet_nodes = 20_000
+    began = time.monotonic()
+    await asyncio.wait_for(mgr.desired._before_first_watch(), 5)
+    assert time.monotonic() - began >= 0.2 and alone.crowded is False

@@ -139,3 +139,22 @@ def test_a_rollout_reads_counters_while_it_runs_forward_up_to_its_last_gates() -
     rec.state = "running"
     rec.spec.bake = 0.0
     assert not pace.reads_now(rec)
+
+
+def test_a_burst_of_registrations_is_said_at_once_when_it_begins_and_ends() -> None:
+    """Agents that start at once wait for the pace before their first watch: the burst's start
+    goes out within a SETTLE of the last pace (not held for it), and so does its end."""
+    p = pace.Pacer(2000.0)
+    first = p.due(100.0, 20_000, newcomers=False)
+    assert first is not None and first.burst is False
+    p.published(100.0, first)
+    assert p.due(100.1, 20_000, newcomers=True) is None  # newcomers alone wait for the SETTLE
+    began = p.due(100.1, 20_000, newcomers=True, burst=True)
+    assert began is not None and began.burst is True
+    p.published(100.1, began)
+    assert p.due(100.2, 20_000, newcomers=True, burst=True) is None
+    again = p.due(101.2, 20_000, newcomers=True, burst=True)
+    assert again is not None and again.burst is True  # newcomers still told, a SETTLE apart
+    p.published(101.2, again)
+    ended = p.due(101.3, 20_000, newcomers=False)
+    assert ended is not None and ended.burst is False

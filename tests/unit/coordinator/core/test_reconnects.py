@@ -52,3 +52,12 @@ def test_a_burst_goes_on_while_more_come_and_a_later_one_is_new() -> None:
 def test_nonsense_settings_are_refused(least: int, share: float) -> None:
     with pytest.raises(ValueError, match="least must be"):
         Reconnects(least, share)
+
+
+def test_a_burst_is_under_way_until_a_window_passes_without_one() -> None:
+    r = Reconnects(least=2)
+    assert not r.under_way(100.0)
+    r.note(100.0, 10, 10.0)
+    r.note(100.5, 10, 10.0)
+    assert r.under_way(100.5) and r.under_way(110.5)
+    assert not r.under_way(110.6)
