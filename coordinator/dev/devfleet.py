@@ -259,6 +259,19 @@ class DevFleet:
         )
         self.agents = [self._agent_child(i) for i in range(1, agents + 1)]
         self._bus: Bus | None = None
+        self._url_in_argv = self.nats_url  # what the children's argv say (``_follow_brokers``)
+
+    def _follow_brokers(self) -> None:
+        """A broker that picked its own port picks another when the first is taken before it
+        binds (``Broker.start``): the coordinator's and agents' ``--nats``, written when this
+        fleet was made, follow it (they connected to the stale port and the fleet never came
+        up, "no coordinator answers")."""
+        url = self.nats_url
+        if url == self._url_in_argv:
+            return
+        for child in (self.coordinator, *self.agents):
+            child.argv = [url if a == self._url_in_argv else a for a in child.argv]
+        self._url_in_argv = url
 
     def _secure_args(self, role: str, name: str) -> list[str]:
         if self.auth_dir is None:
@@ -371,6 +384,7 @@ class DevFleet:
             await self.cluster.start()
         else:
             await self.broker.start()
+        self._follow_brokers()
         await self.coordinator.start()
         self._bus = await Bus.connect(self.nats_url, self.fleet, name="fleetwave-dev",
                                            **self.access())

@@ -57,6 +57,24 @@ async def test_a_port_it_picked_that_gets_taken_is_picked_again(tmp_path: Path) 
             assert broker.port != taken and port_in_use("127.0.0.1", broker.port)
 
 
+async def test_a_dev_fleet_whose_brokers_port_gets_taken_comes_up_on_the_next(
+        tmp_path: Path) -> None:
+    """The same race under a dev fleet: its coordinator's ``--nats`` was written when the fleet
+    was made; it follows the port the broker picked again (before, the coordinator connected
+    to the taken port and the fleet never came up: "no coordinator answers", in CI)."""
+    from coordinator.dev.devfleet import DevFleet
+
+    fleet = DevFleet(tmp_path / "fleet", agents=0)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", fleet.broker.port))
+        squatter.listen()
+        taken = fleet.broker.port
+        async with fleet:
+            assert fleet.broker.port != taken
+            assert fleet.nats_url in fleet.coordinator.argv
+            assert f"nats://127.0.0.1:{taken}" not in fleet.coordinator.argv
+
+
 async def test_port_in_use_is_refused(tmp_path: Path) -> None:
     """A taken port is a clear BrokerError naming the port, not a hang or a crash."""
     with socket.socket() as holder:
