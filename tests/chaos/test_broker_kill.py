@@ -12,7 +12,9 @@ Prints (run with -s) the outage, the requests answered during it and the rollout
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from coordinator.dev.devfleet import DevFleet
@@ -120,6 +122,22 @@ async def _count(traffic: Traffic) -> int:
     return traffic.snapshot().requests
 
 
+@contextlib.asynccontextmanager
+async def _outlasting(tmp_path: Path) -> AsyncIterator[tuple[DevFleet, Bus]]:
+    """2 agents on 1.0.0 (2.0.0 pushed) whose leader keeps its lease through an outage of the
+    broker (--lease-ttl 30), and a bus to watch them with."""
+    fleet = DevFleet(tmp_path / "fleet", agents=2, heartbeat_interval=0.5, subnet="127.0.14")
+    fleet.coordinator.argv += ["--lease-ttl", "30"]
+    async with fleet:
+        await push(fleet.nats_url, "1.0.0", "2.0.0")
+        await install(fleet, "1.0.0")
+        bus = await Bus.connect(fleet.nats_url, fleet.fleet, name="chaos-test")
+        try:
+            yield fleet, bus
+        finally:
+            await bus.close()
+
+
 # The broker's outage in the test below: past the rollout's --progress-deadline, so that the
 # wave's own deadline passes while the bus is away (the scenario itself, not a wait for anything).
 OUTAGE = 8.0
@@ -132,28 +150,20 @@ async def test_a_broker_down_past_the_progress_deadline_fails_no_node(tmp_path: 
     back, the agents reconnect and report, and the rollout succeeds without a failed node or a
     rollback. Before, the wave's deadline passed during the outage: node-1 failed "did not
     converge within 6s" and the rollout rolled back."""
-    fleet = DevFleet(tmp_path / "fleet", agents=2, heartbeat_interval=0.5, subnet="127.0.14")
-    fleet.coordinator.argv += ["--lease-ttl", "30"]
-    async with fleet:
+    async with _outlasting(tmp_path) as (fleet, bus):
         url = fleet.nats_url
-        await push(url, "1.0.0", "2.0.0")
-        await install(fleet, "1.0.0")
-        bus = await Bus.connect(url, fleet.fleet, name="chaos-test")
-        try:
-            rid = await deploy_detached(url, "2.0.0", "--batch", "1", "--bake", "0",
-                                        "--prestage", "0", "--progress-deadline", "6s")
-            await wait_until(lambda: record_of(bus, rid),
-                             lambda r: r.nodes[NODES[0]].state == "updating",
-                             timeout=60, what="wave 1 (node-1) to be updating")
-            await fleet.broker.kill()
-            await asyncio.sleep(OUTAGE)
-            await fleet.broker.start()
-            final = await wait_until(lambda: record_of(bus, rid),
-                                     lambda r: r.state != "running", timeout=90,
-                                     what="the rollout to end after the broker restart")
-            assert final.state == "succeeded", (final.state, final.reason)
-        finally:
-            await bus.close()
+        rid = await deploy_detached(url, "2.0.0", "--batch", "1", "--bake", "0",
+                                    "--prestage", "0", "--progress-deadline", "6s")
+        await wait_until(lambda: record_of(bus, rid),
+                         lambda r: r.nodes[NODES[0]].state == "updating",
+                         timeout=60, what="wave 1 (node-1) to be updating")
+        await fleet.broker.kill()
+        await asyncio.sleep(OUTAGE)
+        await fleet.broker.start()
+        final = await wait_until(lambda: record_of(bus, rid),
+                                 lambda r: r.state != "running", timeout=90,
+                                 what="the rollout to end after the broker restart")
+        assert final.state == "succeeded", (final.state, final.reason)
         kinds = [e["kind"] for e in await told(url, rid, "rollout.succeeded")]
         assert not {"node.failed", "rollout.rolling_back"} & set(kinds), kinds
         log = (fleet.dir / "logs" / "coordinator.log").read_text()
@@ -173,30 +183,22 @@ async def test_a_bake_that_ends_while_the_broker_is_down_is_judged_on_counters_a
     outage: the verdict waits until the agents' counters span the bake (the grace for them runs
     from ``Rollout.excuse``), and the rollout succeeds. Before, the gates passed the wave the
     moment the bus was back, on the counters read as the bake began: 0 requests judged."""
-    fleet = DevFleet(tmp_path / "fleet", agents=2, heartbeat_interval=0.5, subnet="127.0.14")
-    fleet.coordinator.argv += ["--lease-ttl", "30"]
-    async with fleet:
+    async with _outlasting(tmp_path) as (fleet, bus):
         url = fleet.nats_url
-        await push(url, "1.0.0", "2.0.0")
-        await install(fleet, "1.0.0")
-        bus = await Bus.connect(url, fleet.fleet, name="chaos-test")
-        try:
-            async with loaded(fleet):
-                rid = await deploy_detached(url, "2.0.0", "--batch", "1", "--bake", "2s",
-                                            "--prestage", "0")
-                await wait_until(lambda: record_of(bus, rid),
-                                 lambda r: r.waves[0].state == "baking",
-                                 timeout=60, what="wave 1 to bake")
-                await fleet.broker.kill()
-                await asyncio.sleep(BAKE_OUTAGE)
-                back = time.time()
-                await fleet.broker.start()
-                final = await wait_until(lambda: record_of(bus, rid),
-                                         lambda r: r.state != "running", timeout=90,
-                                         what="the rollout to end after the broker restart")
-            assert final.state == "succeeded", (final.state, final.reason)
-        finally:
-            await bus.close()
+        async with loaded(fleet):
+            rid = await deploy_detached(url, "2.0.0", "--batch", "1", "--bake", "2s",
+                                        "--prestage", "0")
+            await wait_until(lambda: record_of(bus, rid),
+                             lambda r: r.waves[0].state == "baking",
+                             timeout=60, what="wave 1 to bake")
+            await fleet.broker.kill()
+            await asyncio.sleep(BAKE_OUTAGE)
+            back = time.time()
+            await fleet.broker.start()
+            final = await wait_until(lambda: record_of(bus, rid),
+                                     lambda r: r.state != "running", timeout=90,
+                                     what="the rollout to end after the broker restart")
+        assert final.state == "succeeded", (final.state, final.reason)
         events = await told(url, rid, "rollout.succeeded")
         (verdict,) = [e for e in events if e["kind"].startswith("gate.")
                       and e["data"].get("wave") == 0]

@@ -1032,6 +1032,16 @@ async def test_a_watch_whose_bucket_lookup_fails_backs_off_and_starts_later(
         await bus.close()
 
 
+async def _first_read(bus: Bus, spread: float) -> float:
+    """Seconds from a fleet's watch (``spread``) being asked to its first full read."""
+    began = time.monotonic()
+    async with asyncio.timeout(30):
+        async for e in bus.watch("fw-t-desired", "n1.*", spread=lambda: spread):
+            if e is None:
+                return time.monotonic() - began
+    raise AssertionError("the watch ended")
+
+
 async def test_a_client_that_waited_for_its_server_starts_a_fleets_watch_within_its_spread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -1056,16 +1066,8 @@ async def test_a_client_that_waited_for_its_server_starts_a_fleets_watch_within_
         await prompt.ensure_fleet()
         await prompt.kv_put("fw-t-desired", "n1.web", b"1")
         spread = 3.0
-
-        async def first_read(bus: Bus) -> float:
-            began = time.monotonic()
-            async with asyncio.timeout(30):
-                async for e in bus.watch("fw-t-desired", "n1.*", spread=lambda: spread):
-                    if e is None:
-                        return time.monotonic() - began
-            raise AssertionError("the watch ended")
-
-        at_once, spread_out = await asyncio.gather(first_read(prompt), first_read(waited))
+        at_once, spread_out = await asyncio.gather(_first_read(prompt, spread),
+                                                   _first_read(waited, spread))
         assert at_once < spread <= spread_out, (at_once, spread_out)
     finally:
         await waited.close()
@@ -1089,16 +1091,8 @@ async def test_a_client_told_its_fleet_starts_at_once_starts_a_fleets_watch_with
         await prompt.ensure_fleet()
         await prompt.kv_put("fw-t-desired", "n1.web", b"1")
         spread = 3.0
-
-        async def first_read(bus: Bus) -> float:
-            began = time.monotonic()
-            async with asyncio.timeout(30):
-                async for e in bus.watch("fw-t-desired", "n1.*", spread=lambda: spread):
-                    if e is None:
-                        return time.monotonic() - began
-            raise AssertionError("the watch ended")
-
-        at_once, spread_out = await asyncio.gather(first_read(prompt), first_read(crowded))
+        at_once, spread_out = await asyncio.gather(_first_read(prompt, spread),
+                                                   _first_read(crowded, spread))
         assert at_once < spread <= spread_out, (at_once, spread_out)
     finally:
         await crowded.close()
