@@ -19,8 +19,9 @@ the coordinator takes as many reports as heartbeats, and a rollout's gates compa
 fresh counters from every node, the old slots' as well as the new.
 
 ``Pacer.due`` says when to publish: at once when the interval moved by more than ``CHANGE`` (the
-fleet grew or shrank) or the services read changed, after registrations (an agent that just
-started beats at its own interval until it hears the pace), and every ``REPEAT`` s anyway (a
+fleet grew or shrank) or the services read changed, ``HOLD`` after registrations were first seen
+(an agent that just started beats at its own interval until it hears the pace; held a moment so
+that a burst of them is counted first), and every ``REPEAT`` s anyway (a
 core NATS message is not kept: an agent that was away meanwhile hears the next one); at most
 once a ``SETTLE``, but for a change of the services read, said at once: the old release's
 nodes report fresh counters before the first wave's baseline is taken (the leader wakes its
@@ -42,6 +43,11 @@ DEFAULT_RATE = 2000.0  # heartbeats a second: 4,000 nodes at the agents' default
 CHANGE = 0.10  # a relative change of the interval that is published at once
 REPEAT = 30.0
 SETTLE = 1.0
+# A pace said for newcomers waits this long after the look that first saw them: at a fleet-wide
+# restart the first registrations would otherwise be told "no burst" before the leader has
+# counted enough of them to know (``burst``; measured: 20,000 agents heard a pace 0.4 s into
+# their start that said none, and all watched at once).
+HOLD = 0.5
 
 
 def interval(nodes: int, rate: float) -> float:
@@ -88,6 +94,7 @@ class Pacer:
         self.rate = rate
         self.sent: Pace | None = None
         self._at = -math.inf
+        self._newcomers_seen: float | None = None  # the look that first saw them (``HOLD``)
 
     def due(self, now: float, nodes: int, newcomers: bool,
             reading: Iterable[str] | None = (), burst: bool = False) -> Pace | None:
@@ -102,9 +109,12 @@ class Pacer:
             # A rollout that reads counters started or ended, or a burst of registrations began
             # or ended (agents wait for it before their first watch): not held a SETTLE
             return pace
+        if newcomers and self._newcomers_seen is None:
+            self._newcomers_seen = now
         if now - self._at < SETTLE:
             return None
-        if newcomers or now - self._at >= REPEAT or self.moved(pace):
+        held = self._newcomers_seen is not None and now - self._newcomers_seen < HOLD
+        if (newcomers and not held) or now - self._at >= REPEAT or self.moved(pace):
             return pace
         return None
 
@@ -125,3 +135,4 @@ class Pacer:
 
     def published(self, now: float, pace: Pace) -> None:
         self.sent, self._at = pace, now
+        self._newcomers_seen = None

@@ -192,6 +192,18 @@ async def test_bench_restart_runs_small() -> None:
         assert r["last_s"] >= r["p50_s"] > 0 and r["server_cpu_s"] > 0, r
 
 
+async def test_bench_restart_runs_small_with_a_leader() -> None:
+    """``--cold --leader``: a real coordinator, agents that register, wait for its pace and are
+    told a burst is under way (every client), then every first watch reads within the spread."""
+    code, out, err = await run(str(PERF / "bench_restart.py"), "--nodes", "40", "--rate",
+                               "20", "--connections", "4", "--give-up", "60", "--cold",
+                               "--leader", "--json")
+    assert code == 0, err[-3000:]
+    (r,) = json.loads(out)["restarts"]
+    assert r["converged"] and r["back"] == 40 and r["leader"], r
+    assert r["clients_paced"] == r["clients_told_burst"] == 4, r
+
+
 async def test_bench_fetch_runs_small() -> None:
     """A small run of the fleet-wide fetch benchmark: both ways every fetch is done, whole, and
     only the consumer way made consumers on the server."""

@@ -2,7 +2,7 @@
 cost meanwhile.
 
 Usage: python tests/perf/bench_restart.py [--nodes 1000,10000] [--rate 500,0]
-       [--connections 100] [--give-up 300] [--cold [--waited]] [--json]
+       [--connections 100] [--give-up 300] [--cold [--waited | --leader]] [--json]
 
 Every agent watches its keys of the fleet's desired bucket (``agent.manager.desired``); when
 its client reconnects after the broker's restart, the watch's consumer must be made again on
@@ -22,7 +22,12 @@ before session 27.
 agents started together after a power cut, each remembering the fleet's size from its state
 file, so a failed start is retried within the spread), timed to each first full read;
 ``--waited``: each agent waited for the server at its start (the broker down too at a power
-cut), so its first watch starts within the spread (``Bus.waited``).
+cut), so its first watch starts within the spread (``Bus.waited``). ``--leader``: a real
+coordinator leads the fleet (it knows the N nodes from the nodes bucket, as one that ran
+before), and each agent, as ``agent.manager.desired`` does in a fleet that large, registers,
+waits for the leader's pace (at most ``FIRST_PACE_WAIT``) and starts its first watch within the
+spread if the pace says a burst of registrations is under way (``Pace.burst``: the leader's
+``core.reconnects``), at once if not: a fleet-wide restart with the broker and the leader up.
 
 Figures: the last watch back (and p50 / p99), or how many were back when ``--give-up`` seconds
 had passed (and the p50 of those); all from the kill (the server's start, ~0.1 s, included:
@@ -52,12 +57,17 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_reread import FLEET, fleet_of
-from perf_support import emit, run_main
+from perf_support import emit, run_dir, run_main
 
 from agent.manager.desired import watch_heartbeat
+from agent.manager.service import FIRST_PACE_WAIT
 from coordinator.dev.broker import Broker
+from coordinator.dev.devfleet import Child, python_module
+from coordinator.runtime.keyfile import coordinator_seed
 from protocol import subjects
 from protocol.bus import WATCH_RESTART_RATE, Bus
+from protocol.codec import decode, encode
+from protocol.messages import ApiReply, NodeInfo, NodesRequest, Pace
 
 FIRST_READ = 600.0  # seconds for every watch's first full read, before the restart
 
@@ -69,19 +79,52 @@ def consumers(broker: Broker) -> int:
         return int(json.load(answer).get("consumers", 0))
 
 
+async def leading(broker: Broker, admin: Bus, n: int, work: Path) -> Child:
+    """A coordinator leading the fleet, which knows its N nodes (their registrations in the
+    nodes bucket, as a fleet that ran before leaves them), once it answers."""
+    bucket = subjects.nodes_bucket(FLEET)
+    for start in range(0, n, 500):
+        await asyncio.gather(*(admin.kv_put(bucket, f"node-{i}", encode(NodeInfo(id=f"node-{i}")))
+                               for i in range(start, min(n, start + 500))))
+    key = work / "coordinator.seed"
+    await asyncio.to_thread(coordinator_seed, key)
+    child = Child("coordinator", python_module(
+        "coordinator.daemon", "--nats", broker.url, "--fleet", FLEET, "coordinator",
+        "--key-file", str(key)), work / "coordinator.log")
+    await child.start()
+    deadline = time.monotonic() + 60
+    while True:
+        with contextlib.suppress(Exception):
+            raw = await admin.request(subjects.api(FLEET, "bench", "nodes"),
+                                      encode(NodesRequest(max_nodes=1)), timeout=2)
+            if decode(ApiReply, raw).ok:
+                return child
+        if time.monotonic() > deadline:
+            await child.stop()
+            raise RuntimeError(f"the coordinator did not answer within 60 s; see {work}")
+        await asyncio.sleep(0.2)
+
+
 async def measure(n: int, rate: float, connections: int, give_up: float, *,
-                  cold: bool = False, waited: bool = False) -> dict[str, Any]:
+                  cold: bool = False, waited: bool = False, leader: bool = False,
+                  work: Path | None = None) -> dict[str, Any]:
     """The restart (or, ``cold``, the fleet's first start: every watch at once, each agent
     remembering the fleet's size; ``waited``: each agent waited for the server at its start,
-    so its first watch starts within the spread) and its figures."""
+    so its first watch starts within the spread; ``leader``: a coordinator leads, and each
+    agent waits for its pace and spreads its first watch in a burst) and its figures."""
     spread = n / rate if rate > 0 else 0.0
     heartbeat = watch_heartbeat(n)  # as the fleet's agents ask, once they have heard its size
     async with Broker(max_payload="1MB") as broker:
         admin = await Bus.connect(broker.url, FLEET, name="bench-restart")
         clients: list[Bus] = []
         tasks: list[asyncio.Task[None]] = []
+        coordinator: Child | None = None
+        heard: list[dict[str, Any]] = []  # per client: its first pace after the start
         try:
             await fleet_of(admin, n)
+            if leader:
+                assert work is not None
+                coordinator = await leading(broker, admin, n, work)
             bucket = subjects.desired_bucket(FLEET)
             for c in range(connections):  # as agents connect: reconnecting with their backoff
                 clients.append(await Bus.connect(broker.url, FLEET, name=f"bench-restart-{c}",
@@ -120,7 +163,36 @@ async def measure(n: int, rate: float, connections: int, give_up: float, *,
 
             me = psutil.Process()
             peak = {"consumers": 0, "rss": 0}
-            if cold:  # timed from the fleet's first watches, all at once, to each first read
+            if cold and leader:
+                # Each client hears the leader's pace; its agents register at once, then each
+                # waits for the first pace its client hears (at most FIRST_PACE_WAIT) and starts
+                # its first watch within the spread if it said a burst (``Bus.crowded``).
+                for bus in clients:
+                    state: dict[str, Any] = {"event": asyncio.Event(), "pace": None, "at": 0.0}
+                    heard.append(state)
+
+                    async def on_pace(_s: str, data: bytes, state: dict[str, Any] = state) -> None:
+                        if state["pace"] is None:
+                            state["pace"], state["at"] = decode(Pace, data), time.monotonic()
+                            state["event"].set()
+
+                    await bus.subscribe(subjects.pace(FLEET), on_pace)
+
+                async def agent(i: int) -> None:
+                    bus, state = clients[i % connections], heard[i % connections]
+                    await bus.publish(subjects.register(FLEET, f"node-{i}"),
+                                      encode(NodeInfo(id=f"node-{i}")))
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(FIRST_PACE_WAIT):
+                            await state["event"].wait()
+                    if state["pace"] is not None and state["pace"].burst:
+                        bus.crowded = True
+                    await watch(i)
+
+                started = time.monotonic()
+                tasks.extend(asyncio.create_task(agent(i)) for i in range(n))
+                reads_wanted, times = 1, first
+            elif cold:  # timed from the fleet's first watches, all at once, to each first read
                 started = time.monotonic()
                 tasks.extend(asyncio.create_task(watch(i)) for i in range(n))
                 reads_wanted, times = 1, first
@@ -143,16 +215,30 @@ async def measure(n: int, rate: float, connections: int, give_up: float, *,
                 converged = await until(lambda: min(reads) >= reads_wanted, give_up)
             finally:
                 await stopped(sampler)
-            return figures(n, rate, spread, connections, converged, started,
-                           [t for t in times if t], time.monotonic() - started,
-                           sum(server.cpu_times()[:2]) - cpu0, sum(me.cpu_times()[:2]) - mine0,
-                           peak, cold=cold, waited=waited)
+            out = figures(n, rate, spread, connections, converged, started,
+                          [t for t in times if t], time.monotonic() - started,
+                          sum(server.cpu_times()[:2]) - cpu0, sum(me.cpu_times()[:2]) - mine0,
+                          peak, cold=cold, waited=waited)
+            if leader:
+                paces = [h for h in heard if h["pace"] is not None]
+                out |= {
+                    "leader": True,
+                    "clients_paced": len(paces),
+                    "clients_told_burst": sum(1 for h in paces if h["pace"].burst),
+                    "first_pace_s": round(min(h["at"] for h in paces) - started, 2)
+                    if paces else None,
+                    "last_first_pace_s": round(max(h["at"] for h in paces) - started, 2)
+                    if paces else None,
+                }
+            return out
         finally:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await asyncio.gather(*(bus.close() for bus in clients), return_exceptions=True)
             await admin.close()
+            if coordinator is not None:
+                await coordinator.stop()
 
 
 async def sample(broker: Broker, server: psutil.Process, peak: dict[str, int]) -> None:
@@ -195,7 +281,10 @@ def figures(n: int, rate: float, spread: float, connections: int, converged: boo
 def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
     how = (f"within {r['spread_s']:g} s ({r['rate']:g} a second)" if r["rate"]
            else "all at once")
-    if r["cold"] and r["waited"]:
+    if r.get("leader"):
+        how = (f"each after the leader's first pace (at most {FIRST_PACE_WAIT:g} s): {how} "
+               "if it said a burst, at once if not")
+    elif r["cold"] and r["waited"]:
         how = f"{how}: the agents waited for the server (a power cut), as after a restart"
     elif r["cold"]:
         how = f"all at once (a cold start); a failed start retried {how}"
@@ -207,8 +296,14 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         back = (f"NOT ALL: {r['back']} of {r['nodes']} after {r['waited_s']:g} s"
                 + (f" (p50 of those back {r['p50_s']:.2f} s)" if r["p50_s"] is not None
                    else ""))
+    told = []
+    if r.get("leader"):
+        told = [("the leader's pace", f"heard by {r['clients_paced']} of {r['connections']} "
+                 f"clients, first {r['first_pace_s']} s after the start, the last client's "
+                 f"first {r['last_first_pace_s']} s; a burst said in "
+                 f"{r['clients_told_burst']} of them")]
     return [
-        ("watches started" if r["cold"] else "watches restarted", how),
+        ("watches started" if r["cold"] else "watches restarted", how), *told,
         ("every first full read" if r["cold"] else "every watch back", back),
         ("nats-server", f"{r['server_cpu_s']:.2f} CPU-s ({r['server_ms_per_watch']:.3f} ms a "
                         f"watch back), peak RSS {r['server_peak_rss_mib']:.1f} MiB, at most "
@@ -237,16 +332,24 @@ async def main() -> int:
     ap.add_argument("--waited", action="store_true",
                     help="with --cold: the agents waited for the server at their start (a "
                          "power cut), so each first watch starts within the spread")
+    ap.add_argument("--leader", action="store_true",
+                    help="with --cold: a coordinator leads the fleet, and each agent waits for "
+                         "its pace before its first watch, spreading it if the pace says a "
+                         "burst of registrations is under way (the broker and leader up)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = ap.parse_args()
     if args.waited and not args.cold:
         ap.error("--waited goes with --cold")
+    if args.leader and (not args.cold or args.waited):
+        ap.error("--leader goes with --cold, without --waited")
     logging.getLogger("fleetwave").setLevel(logging.ERROR)  # a client's reconnect, N times
     results = []
     for n in [int(x) for x in args.nodes.split(",") if x.strip()]:
         for rate in [float(x) for x in args.rate.split(",") if x.strip()]:
-            r = await measure(n, rate, min(args.connections, n), args.give_up, cold=args.cold,
-                              waited=args.waited)
+            with run_dir("bench-restart") as work:
+                r = await measure(n, rate, min(args.connections, n), args.give_up,
+                                  cold=args.cold, waited=args.waited, leader=args.leader,
+                                  work=work)
             results.append(r)
             if not args.json:
                 emit(False, f"{n} agents' watches start at once, one server" if args.cold

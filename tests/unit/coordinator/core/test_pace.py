@@ -158,3 +158,21 @@ def test_a_burst_of_registrations_is_said_at_once_when_it_begins_and_ends() -> N
     p.published(101.2, again)
     ended = p.due(101.3, 20_000, newcomers=False)
     assert ended is not None and ended.burst is False
+
+
+def test_a_pace_for_newcomers_is_held_a_moment_so_that_a_burst_is_counted_first() -> None:
+    """The first look that sees newcomers does not publish: HOLD later it does (a lone
+    restart hears its pace that much later). Meanwhile a burst, once the leader has counted it,
+    goes out at once, saying so: a fleet started at once is not first told "no burst"."""
+    p = pace.Pacer(2000.0)
+    first = p.due(100.0, 20_000, newcomers=False)
+    assert first is not None
+    p.published(100.0, first)
+    assert p.due(110.0, 20_000, newcomers=True) is None  # seen, held
+    assert p.due(110.0 + pace.HOLD - 0.01, 20_000, newcomers=True) is None
+    told = p.due(110.0 + pace.HOLD, 20_000, newcomers=True)
+    assert told is not None and told.burst is False
+    p.published(110.0 + pace.HOLD, told)
+    assert p.due(120.0, 20_000, newcomers=True) is None  # held again after it went out
+    burst = p.due(120.1, 20_000, newcomers=True, burst=True)
+    assert burst is not None and burst.burst is True
