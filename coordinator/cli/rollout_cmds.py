@@ -406,7 +406,9 @@ def deploy(ctx: Ctx, /, service: str | None, version: str | None, file: Path | N
     error, 2 usage, 3 rolled back, 4 paused or failed (an operator must act), 5 the rollout was
     recorded but its start is not confirmed (--detach only; a bus error while starting it: the
     coordinator starts it on its next resync; check with 'fleetwave status ID'). Followed, such
-    a rollout is followed as any other."""
+    a rollout is followed as any other. It ends as its record does: "succeeded" once every
+    node serves VERSION; the old slots' retirement is written just after, and the
+    rollout.succeeded event is published once those writes are acknowledged."""
     settings: dict[str, Any] = read_rollout_file(file) if file is not None else {}
     if service is not None:
         settings["service"] = service

@@ -43,7 +43,8 @@ DEFAULT_RATE = 2000.0  # heartbeats a second: 4,000 nodes at the agents' default
 CHANGE = 0.10  # a relative change of the interval that is published at once
 REPEAT = 30.0
 SETTLE = 1.0
-# A pace said for newcomers waits this long after the look that first saw them: at a fleet-wide
+# A pace said for newcomers (or a repeat or a moved interval due meanwhile) waits this long
+# after the look that first saw them: at a fleet-wide
 # restart the first registrations would otherwise be told "no burst" before the leader has
 # counted enough of them to know (``burst``; measured: 20,000 agents heard a pace 0.4 s into
 # their start that said none, and all watched at once).
@@ -113,8 +114,9 @@ class Pacer:
             self._newcomers_seen = now
         if now - self._at < SETTLE:
             return None
-        held = self._newcomers_seen is not None and now - self._newcomers_seen < HOLD
-        if (newcomers and not held) or now - self._at >= REPEAT or self.moved(pace):
+        if self._newcomers_seen is not None and now - self._newcomers_seen < HOLD:
+            return None  # not a repeat nor a moved interval either: it would say "no burst" too
+        if newcomers or now - self._at >= REPEAT or self.moved(pace):
             return pace
         return None
 

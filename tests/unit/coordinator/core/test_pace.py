@@ -176,3 +176,17 @@ def test_a_pace_for_newcomers_is_held_a_moment_so_that_a_burst_is_counted_first(
     assert p.due(120.0, 20_000, newcomers=True) is None  # held again after it went out
     burst = p.due(120.1, 20_000, newcomers=True, burst=True)
     assert burst is not None and burst.burst is True
+
+
+def test_while_newcomers_are_held_not_even_a_repeat_goes_out() -> None:
+    """A repeat (or a moved interval) due in the moment newcomers were first seen would tell
+    them "no burst" before it is counted: it waits for the hold as well."""
+    p = pace.Pacer(2000.0)
+    first = p.due(100.0, 20_000, newcomers=False)
+    assert first is not None
+    p.published(100.0, first)
+    at = 100.0 + pace.REPEAT
+    assert p.due(at, 20_000, newcomers=True) is None
+    assert p.due(at, 30_000, newcomers=True) is None  # the interval moved: held too
+    repeat = p.due(at + pace.HOLD, 30_000, newcomers=True)
+    assert repeat is not None and repeat.nodes == 30_000
