@@ -44,10 +44,10 @@ CHANGE = 0.10  # a relative change of the interval that is published at once
 REPEAT = 30.0
 SETTLE = 1.0
 # A pace said for newcomers (or a repeat or a moved interval due meanwhile) waits this long
-# after the look that first saw them: at a fleet-wide
-# restart the first registrations would otherwise be told "no burst" before the leader has
-# counted enough of them to know (``burst``; measured: 20,000 agents heard a pace 0.4 s into
-# their start that said none, and all watched at once).
+# after the look that first saw them: at a fleet-wide restart the first registrations would
+# otherwise be told "no burst" before the leader has counted enough of them to know (``burst``;
+# measured: 20,000 agents heard a pace 0.4 s into their start that said none, and all watched
+# at once).
 HOLD = 0.5
 
 
