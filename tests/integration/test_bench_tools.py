@@ -189,7 +189,9 @@ async def test_bench_restart_runs_small() -> None:
     assert spread["spread_s"] == 2.0 and at_once["spread_s"] == 0.0, (spread, at_once)
     for r in (spread, at_once):
         assert r["converged"] and r["back"] == 40 and r["connections"] == 4, r
-        assert r["last_s"] >= r["p50_s"] > 0 and r["server_cpu_s"] > 0, r
+        # The server's CPU is read from its restart on (its own start excluded): 40 watches
+        # can take less than psutil's 10 ms tick, and read 0.0 (it did once, in session 28).
+        assert r["last_s"] >= r["p50_s"] > 0 and r["server_cpu_s"] >= 0, r
 
 
 async def test_bench_restart_runs_small_with_a_leader() -> None:
