@@ -167,11 +167,17 @@ async def test_a_nodes_forged_answer_in_another_nodes_desired_key_blocks_no_depl
         assert code == 0, out + err
         await wait_until(lambda: serving(fleet), lambda v: set(v.values()) == {"2.0.0"},
                          timeout=30, what="every node serving 2.0.0")
-        # The stray value is gone: written over by the coordinator that came after it.
-        entry = await op.kv_get(subjects.desired_bucket(F), "node-2.hello")
-        assert entry is not None and entry.value is not None
-        state = decode(DesiredState, decode(SignedEnvelope, entry.value).payload)
-        assert {r.version for r in state.slots.values()} == {"2.0.0"}, state
+        # The stray value is gone: written over by the coordinator that came after it, up to
+        # the old slot's retirement (written just after the deploy returns: waited for; read at
+        # once, it was still the switch's two slots, once in CI).
+        async def versions() -> set[str]:
+            entry = await op.kv_get(subjects.desired_bucket(F), "node-2.hello")
+            assert entry is not None and entry.value is not None
+            state = decode(DesiredState, decode(SignedEnvelope, entry.value).payload)
+            return {r.version for r in state.slots.values()}
+
+        await wait_until(versions, lambda v: v == {"2.0.0"}, timeout=30,
+                         what="node-2's desired state to name 2.0.0 alone")
 
 
 async def test_the_coordinator_answers_no_request_whose_reply_subject_is_no_inbox(
