@@ -395,14 +395,9 @@ class Prober:
         loop = asyncio.get_running_loop()
         turn = next_tick(loop.time(), period)
         polls = listen_polls()
-        while not self._stopped:
-            left = turn - loop.time()
-            if left <= 0:
-                break
+        while not self._stopped and (left := turn - loop.time()) > 0:
             await asyncio.sleep(min(next(polls), left))
-            if loop.time() >= turn:
-                break
-            if await self._listening(http, turn - loop.time()):
+            if loop.time() < turn and await self._listening(http, turn - loop.time()):
                 return True
         return False
 

@@ -522,9 +522,9 @@ class Coordinator:
         self._newcomers = True  # it beats at its own interval until it hears the pace
         # An agent registers within one heartbeat of its connect or reconnect: over that (and
         # the agents' reconnect backoff) a burst of registrations is many agents reconnecting.
-        nodes = len(self.table.nodes)
-        window = RECONNECT_CAP + max(AGENT_BEAT, pace.interval(nodes, self.pacer.rate))
-        if self.reconnects.note(now, nodes, window) and self.reconnects.began == now:
+        window = RECONNECT_CAP + self._beat()
+        if (self.reconnects.note(now, len(self.table.nodes), window)
+                and self.reconnects.began == now):
             self._repace.set()  # a burst begins: the pace says so at once (``Pace.burst``)
         # A node coming online says so in its transition's line ("online (registered)"): one
         # line a node, not two, when a fleet of 50,000 registers at a coordinator's start; one
@@ -561,7 +561,7 @@ class Coordinator:
 
     async def _nodes(self, req: NodesRequest, caller: str) -> list[NodeView] | dict[str, Any]:
         if self.runner is None:  # a standby: a cold one answers last (COLD_ANSWER_WAIT)
-            beat = max(AGENT_BEAT, pace.interval(len(self.table.nodes), self.pacer.rate))
+            beat = self._beat()
             warm = self.started + beat
             wait = min(warm - self._clock(), COLD_ANSWER_WAIT)
             if wait > 0:
@@ -695,6 +695,10 @@ class Coordinator:
                                  nodes, due.rate, due.interval)
             with contextlib.suppress(TimeoutError):
                 await bounded(self._repace.wait(), PACE_TICK)
+
+    def _beat(self) -> float:
+        """How often the fleet's agents beat: their default, or the leader's pace if longer."""
+        return max(AGENT_BEAT, pace.interval(len(self.table.nodes), self.pacer.rate))
 
     def _heard_until(self) -> float:
         """The wall time up to which this coordinator has heard the bus: when the last lease

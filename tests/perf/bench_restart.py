@@ -57,7 +57,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_reread import FLEET, fleet_of
-from perf_support import emit, run_dir, run_main
+from perf_support import emit, poll, run_dir, run_main
 
 from agent.manager.desired import watch_heartbeat
 from agent.manager.service import FIRST_PACE_WAIT
@@ -92,17 +92,21 @@ async def leading(broker: Broker, admin: Bus, n: int, work: Path) -> Child:
         "coordinator.daemon", "--nats", broker.url, "--fleet", FLEET, "coordinator",
         "--key-file", str(key)), work / "coordinator.log")
     await child.start()
-    deadline = time.monotonic() + 60
-    while True:
+
+    async def answers() -> bool:
         with contextlib.suppress(Exception):
             raw = await admin.request(subjects.api(FLEET, "bench", "nodes"),
                                       encode(NodesRequest(max_nodes=1)), timeout=2)
-            if decode(ApiReply, raw).ok:
-                return child
-        if time.monotonic() > deadline:
-            await child.stop()
-            raise RuntimeError(f"the coordinator did not answer within 60 s; see {work}")
-        await asyncio.sleep(0.2)
+            return decode(ApiReply, raw).ok
+        return False
+
+    try:
+        await poll(answers, bool, timeout=60, what=f"the coordinator to answer (see {work})",
+                   interval=0.2)
+    except BaseException:
+        await child.stop()
+        raise
+    return child
 
 
 async def measure(n: int, rate: float, connections: int, give_up: float, *,
