@@ -523,7 +523,7 @@ class Coordinator:
         # An agent registers within one heartbeat of its connect or reconnect: over that (and
         # the agents' reconnect backoff) a burst of registrations is many agents reconnecting.
         window = RECONNECT_CAP + self._beat()
-        if (self.reconnects.note(now, len(self.table.nodes), window)
+        if (self.reconnects.note(now, len(self.table.nodes), window, node)
                 and self.reconnects.began == now):
             self._repace.set()  # a burst begins: the pace says so at once (``Pace.burst``)
         # A node coming online says so in its transition's line ("online (registered)"): one

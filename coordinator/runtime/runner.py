@@ -348,11 +348,12 @@ class Runner:
         failed its nodes for the bus's silence (the ticks go on), and a large fleet's nodes,
         told within their spread, could come back after the deadline: a rollback for
         nothing. Counted from the bus's last reconnect, so a leader that takes over (or
-        resumes) after one excuses its rollouts as long; and as long from the last of a burst
+        resumes) after one excuses its rollouts as long; and as long from the end of a burst
         of the agents' registrations (``core.reconnects``: their own reconnects, a server of
-        the cluster gone while this coordinator's connection held)."""
+        the cluster gone while this coordinator's connection held; churn past a window from
+        its first registration extends nothing)."""
         down, back = not self.bus.connected, self.bus.reconnected_at
-        burst = self.reconnects.last
+        burst = self.reconnects.end  # a burst's last registration, within a window of its first
         if back is None and not down and burst is None:
             return 0.0
         lag = RECONNECT_CAP + restart_spread(self._size())
@@ -367,7 +368,7 @@ class Runner:
         if burst is not None and burst + lag > until:
             # The agents' reconnects, heard as a burst of registrations while this
             # coordinator's own connection held (a server of the cluster went away):
-            # from the burst's last one, as from a reconnect of its own.
+            # from the burst's end, as from a reconnect of its own.
             until = burst + lag
             began = self.reconnects.began
             if began != self._logged_burst and until > now:

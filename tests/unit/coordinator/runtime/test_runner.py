@@ -1103,11 +1103,11 @@ async def test_a_burst_of_registrations_excuses_the_rollouts_as_a_reconnect_woul
     bus, clock = fleet_bus(), FakeClock()
     r = runner(bus, clock, size=lambda: 10_000)
     rec = await r.deploy(spec(progress_deadline=60.0), NEW)
-    r.reconnects.note(clock.t, 10_000, 30.0)  # one agent's reconnect: no burst
+    r.reconnects.note(clock.t, 10_000, 30.0, "node-1")  # one agent's reconnect: no burst
     assert r.excused_until(clock.t) == 0.0
     clock.t += 50
     for i in range(500):  # 5 % of the fleet within the window: a burst
-        r.reconnects.note(clock.t + i * 0.01, 10_000, 30.0)
+        r.reconnects.note(clock.t + i * 0.01, 10_000, 30.0, f"node-{i}")
     last = clock.t + 499 * 0.01
     assert r.excused_until(clock.t) == last + 25
     clock.t = last + 25 + 60 - 0.1
@@ -1117,3 +1117,26 @@ async def test_a_burst_of_registrations_excuses_the_rollouts_as_a_reconnect_woul
     await r.step()
     failed = bus.record(rec.id)
     assert failed.phase == "rollback" and "did not converge within 1m" in failed.reason, failed
+
+
+async def test_churn_does_not_excuse_the_rollouts_for_ever() -> None:
+    """Registrations that go on past a window from a burst's first (agents in crash loops,
+    flapping links: more than LEAST nodes, again and again) excuse the rollouts from one window
+    after that first registration, no longer: the deadline passes. Found by a review: the
+    excuse ran from each newest registration, and an hour of churn held a rollout that long."""
+    bus, clock = fleet_bus(), FakeClock()
+    r = runner(bus, clock, size=lambda: 400)
+    rec = await r.deploy(spec(progress_deadline=60.0), NEW)
+    began = clock.t
+    while clock.t < began + 3600:  # 25 nodes registering again every 3.5 s, for an hour
+        for i in range(25):
+            r.reconnects.note(clock.t + i * 0.01, 400, 7.0, f"node-{i + 2}")
+        clock.t += 3.5
+        await r.step()
+        if bus.record(rec.id).phase == "rollback":
+            break
+    failed = bus.record(rec.id)
+    assert failed.phase == "rollback" and "did not converge within 1m" in failed.reason, failed
+    # From the burst's first registration: one window, the lag (5 s + 0.8 s at 400 nodes), the
+    # deadline, and the step that saw it (every 3.5 s).
+    assert clock.t - began <= 7.0 + 5.8 + 60 + 3.5 + 0.3, clock.t - began
