@@ -673,19 +673,24 @@ class Coordinator:
         while True:
             self._repace.clear()  # before looking: an event from now on wakes the next look
             nodes = self.table.beating(self._clock())  # not those long offline: no beats
-            due = self.pacer.due(time.monotonic(), nodes, self._newcomers, self._reading(),
+            newcomers = self._newcomers
+            due = self.pacer.due(time.monotonic(), nodes, newcomers, self._reading(),
                                  burst=self.reconnects.under_way(self._clock()))
             if due is not None:
                 moved = self.pacer.moved(due)
+                # Told by this pace: those registered until now. One who registers while it
+                # goes out is a newcomer for the next (cleared after the publish, it waited
+                # for the next REPEAT, 30 s, where it waits FIRST_PACE_WAIT at most).
+                self._newcomers = False
                 try:
                     await bus.publish(subjects.pace(self.fleet_name), encode(due))
                 except BusError as exc:  # disconnected: the next turn tries again
+                    self._newcomers = self._newcomers or newcomers
                     if not warned:
                         log.warning("cannot publish the heartbeat pace: %s", exc)
                     warned = True
                 else:
                     warned = False
-                    self._newcomers = False
                     if (grace := self.pacer.grace(due)) > 0:
                         self.table.excuse(self._clock() + grace, deaf=False)
                     self.pacer.published(time.monotonic(), due)

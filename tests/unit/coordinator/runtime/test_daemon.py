@@ -200,6 +200,46 @@ async def test_the_leader_paces_the_nodes_that_beat_not_the_offline_ones() -> No
     assert subject == subjects.pace("default") and (sent.nodes, sent.interval) == (4, 2.0)
 
 
+async def test_a_node_registering_while_the_pace_goes_out_is_told_by_the_next() -> None:
+    """A registration that arrives while the pace is being published is a newcomer for the next
+    pace, which goes out within a moment (HOLD and a look), not at the next REPEAT (30 s): the
+    agent waits for its first pace before its first watch in a large fleet. Found by a review:
+    the newcomers were cleared after the publish, that one with them."""
+    wall = FakeClock()
+    c = Coordinator("nats://127.0.0.1:4222", "default", clock=wall, heartbeat_rate=2.0)
+    for node in ("node-1", "node-2"):  # node-2's agent restarts: it registers again
+        c.table.load(NodeInfo(id=node))
+        await c._on_heartbeat(f"fw.default.hb.{node}",
+                              encode(Heartbeat(node=node, time=wall.t, interval=2.0)))
+    published: list[bytes] = []
+    sending, more = asyncio.Event(), asyncio.Event()
+    release = asyncio.Event()
+
+    class Bus:  # the first publish is held until a node has registered meanwhile
+        async def publish(self, subject: str, data: bytes) -> None:
+            published.append(data)
+            if len(published) == 1:
+                sending.set()
+                await release.wait()
+            else:
+                more.set()
+
+    loop = asyncio.create_task(c._pace_loop(Bus()))  # type: ignore[arg-type]
+    try:
+        async with asyncio.timeout(5):
+            await sending.wait()
+        await c._on_register(subjects.register("default", "node-2"),
+                             encode(NodeInfo(id="node-2")))
+        release.set()
+        async with asyncio.timeout(5):
+            await more.wait()
+    finally:
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
+    assert len(published) == 2
+
+
 async def test_every_coordinator_drops_a_node_the_leader_forgot() -> None:
     """A standby hears node.forgotten and drops the (offline) node from its table; a malformed
     event is a complaint, nothing dropped; a node online again (its agent came back) stays."""
