@@ -16,10 +16,12 @@ attempt every few milliseconds (5 ms, growing to ``LISTEN_POLL_MAX``) up to the 
 turn, and the probe runs at once when one is accepted (on that connection). A refused connect
 on loopback costs one syscall; a process that takes 0.3 s to start is found within ~10 ms of
 its listen instead of up to a whole ``start_interval`` later (and every rolling wave waits for
-its slowest start: the 0.1-0.2 s of a probe grid came on top of each wave). The probe after
-that early one comes a whole period later (a second pass of ``healthy_threshold`` still means
-one period apart), then the grid again. Only refusals poll fast; a slot that answers, even
-503, is probed on the grid.
+its slowest start: the 0.1-0.2 s of a probe grid came on top of each wave). Every probe
+after that early one, until the slot is first healthy, comes a whole period after the last (the
+passes ``healthy_threshold`` counts are a period apart, a 503 among them or not), then the grid.
+Only refusals poll fast; a slot that answers, even 503, without an early probe before, is
+probed on the grid. A slot healthy before its prober (adopted after the agent's restart) is
+probed as a healthy one: on the grid, where failures turn it unhealthy.
 
 Cost: an interval of 200 ms is five probes a second per slot for the agent's whole life, so
 ``Prober`` keeps its http connection open between probes (``HttpProbeConnection``, HTTP/1.1
@@ -333,6 +335,7 @@ class Prober:
     def __init__(
         self, health: HealthConfig, port: int | None, cwd: Path, env: Mapping[str, str],
         on_change: Callable[[bool, str], Awaitable[None]], *, run_as: RunAs | None = None,
+        healthy: bool = False,
     ) -> None:
         self.health = health
         self.port = port
@@ -340,7 +343,11 @@ class Prober:
         self.env = env
         self.run_as = run_as
         self.on_change = on_change
-        self.thresholds = Thresholds(health.healthy_threshold, health.unhealthy_threshold)
+        # ``healthy``: the slot was healthy before this prober (an adopted slot, after the
+        # agent's restart): it turns unhealthy after ``unhealthy_threshold`` failures, probed
+        # every ``interval``, as if this prober had seen it pass.
+        self.thresholds = Thresholds(health.healthy_threshold, health.unhealthy_threshold,
+                                     healthy=healthy)
         self.last = ProbeResult(False, "not probed yet")
         self._stopped = False
 
@@ -358,8 +365,8 @@ class Prober:
             if self.health.http is not None and self.port is not None else None
         )
         starting = self.health.start_interval or self.health.interval
-        started = False  # healthy once: from then on every ``interval``
-        early = False  # the last probe ran as the port began to listen, off the grid
+        started = self.thresholds.healthy  # healthy once: from then on every ``interval``
+        early = False  # a probe ran as the port began to listen, off the grid, since the start
         try:
             while not self._stopped:
                 if http is not None:
@@ -376,12 +383,14 @@ class Prober:
                     early = await self._until_listening(http, starting)
                     continue
                 period = self.health.interval if started else starting
-                if early:
-                    # A whole period after an early probe, not the grid's next point (which may
-                    # be a few ms away): a second pass must still come a period after the first.
-                    early = False
+                if early and not started:
+                    # Off the grid since an early probe, until first healthy: each probe a whole
+                    # period after the last, never the grid's next point (which may be a few ms
+                    # away): the passes the threshold counts come a period apart (a review found
+                    # a 503, a pass a period later and one 16 ms after that taken as healthy).
                     await sleep_for(period)
                 else:
+                    early = False
                     # On the shared grid (agent.cadence): probes of every slot and the agent's
                     # other timers fall due together instead of each waking the agent alone.
                     await sleep_to_tick(period)

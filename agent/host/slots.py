@@ -314,8 +314,12 @@ class SlotRunner:
         if health.exec is not None:
             # Checked when the manifest was read; should it still fail, run() fails the slot.
             health = msgspec.structs.replace(health, exec=self.spec.argv(health.exec))
+        # An adopted slot that was healthy is probed as one: after the agent's restart a
+        # process that stopped answering turns unhealthy (and is healed), and a refused port
+        # is not a starting slot's to watch for its first listen.
         prober = Prober(health, self.spec.port, self.spec.release_dir,
-                        self.spec.env(), self._on_health, run_as=self.spec.run_as)
+                        self.spec.env(), self._on_health, run_as=self.spec.run_as,
+                        healthy=self._probe_healthy)
         async with asyncio.TaskGroup() as tg:
             probing = tg.create_task(prober.run(), name=f"probe-{self.spec.slot}")
             try:

@@ -309,6 +309,29 @@ async def test_adopted_process_exit_is_noticed_and_restarted(release, tmp_path, 
     assert adopted.pid != r.pid
 
 
+async def test_an_adopted_healthy_slot_that_stopped_answering_turns_unhealthy(
+        release, tmp_path, runners) -> None:
+    """After the agent's restart, a slot adopted as healthy whose process lives on but no longer
+    answers (nothing listens on its port) turns unhealthy after ``unhealthy_threshold`` failed
+    probes, as a slot the agent saw healthy would, so that it is healed. A review found it
+    stayed "healthy" for ever while its port was polled 50 times a second as a starting
+    slot's."""
+    ev = Events()
+    spec = _spec(release, tmp_path, _manifest(release))
+    proc = await asyncio.create_subprocess_exec("sleep", "60", start_new_session=True)
+    try:
+        created = psutil.Process(proc.pid).create_time()
+        adopted = SlotRunner.adopt(spec, proc.pid, created, ev, status="healthy", since=1.0)
+        assert adopted is not None and adopted.status == "healthy"
+        runners.append((adopted, asyncio.create_task(adopted.run())))
+        await ev.until(lambda: adopted.status == "unhealthy", timeout=10)
+        assert [k for k, _ in ev.seen] == ["slot.unhealthy"], ev.seen
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 9)
+        await asyncio.wait_for(proc.wait(), 5)
+
+
 @pytest.mark.parametrize("how", ["stop", "fail"])
 async def test_stop_or_fail_during_a_hook_kills_the_hook_at_once(
     how: str, release, tmp_path, runners

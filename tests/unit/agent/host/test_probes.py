@@ -108,16 +108,17 @@ def test_listen_polls_start_fast_and_settle() -> None:
 
 async def test_only_a_refused_probe_of_a_starting_slot_watches_the_port(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Refused before the first healthy: the port is watched (no wait for the grid), and the
-    probe after the early one comes a whole period later (not at the grid's next point, which
-    may be a few ms away: two passes of the threshold are a period apart). An answer that fails
-    (a 503) waits for the grid as before; once healthy, a refusal does too (a running slot's
-    probe pace is ``interval``, whatever the failure)."""
+    """Refused before the first healthy: the port is watched (no wait for the grid), and every
+    probe after the early one, until the first healthy, comes a whole period after the last
+    (not at the grid's next point, which may be a few ms away: the passes the threshold counts
+    are a period apart, also after a 503 in between: a review found a 503, a pass and one 16 ms
+    later taken as healthy). Once healthy, the grid's ``interval``, and a refusal waits for it
+    too (a running slot's probe pace is ``interval``, whatever the failure)."""
     results = iter([
         ProbeResult(False, "refused", refused=True),  # -> the port watched: listening
         ProbeResult(True),  # early -> a whole start_interval
-        ProbeResult(False, "status 503"),  # -> the grid's start_interval
-        ProbeResult(True),  # -> the grid's start_interval
+        ProbeResult(False, "status 503"),  # -> a whole start_interval
+        ProbeResult(True),  # -> a whole start_interval
         ProbeResult(True),  # healthy (two in a row) -> the grid's interval
         ProbeResult(False, "refused", refused=True),  # healthy before -> the grid's interval
     ] + [ProbeResult(True)] * 100)
@@ -149,10 +150,56 @@ async def test_only_a_refused_probe_of_a_starting_slot_watches_the_port(
     async def on_change(healthy: bool, reason: str) -> None:
         pass
 
-    health = HealthConfig(tcp=True, interval=1.0, start_interval=0.2, healthy_threshold=2)
+    # A start_interval of an hour: the port's watch ends at the grid's next point, which a
+    # loaded test machine must not reach before the first connect attempt (with 0.2 s it did,
+    # one run in a few hundred: no "listening", the early probe never made).
+    start = 3600.0
+    health = HealthConfig(tcp=True, interval=1.0, start_interval=start, healthy_threshold=2)
     task = asyncio.create_task(Prober(health, 8080, tmp_path, {}, on_change).run())
     await asyncio.wait_for(enough.wait(), 5)
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
-    assert calls[:6] == ["listening", ("whole", 0.2), 0.2, 0.2, 1.0, 1.0]
+    assert calls[:6] == ["listening", ("whole", start), ("whole", start), ("whole", start),
+                         1.0, 1.0]
+
+
+async def test_a_prober_of_a_slot_healthy_before_it_turns_unhealthy_on_the_grid(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``healthy=True`` (an adopted slot that was healthy before the agent's restart): refusals
+    are failures probed every ``interval`` on the grid, never a starting slot's watch of its
+    port, and ``unhealthy_threshold`` of them turn it unhealthy. A review found such a slot
+    polled 50 times a second for ever and never turning unhealthy."""
+    calls: list[object] = []
+    enough = asyncio.Event()
+
+    async def fake_sleep(period: float) -> None:
+        calls.append(period)
+        if len(calls) >= 3:
+            enough.set()
+        await asyncio.sleep(0)
+
+    async def fake_probe(*_: object) -> ProbeResult:
+        return ProbeResult(False, "refused", refused=True)
+
+    async def fake_listening(self: Prober, http: object, left: float) -> bool:
+        calls.append("listening")
+        return False
+
+    monkeypatch.setattr(probes, "sleep_to_tick", fake_sleep)
+    monkeypatch.setattr(probes, "probe_once", fake_probe)
+    monkeypatch.setattr(Prober, "_listening", fake_listening)
+    changes: list[tuple[bool, str]] = []
+
+    async def on_change(healthy: bool, reason: str) -> None:
+        changes.append((healthy, reason))
+
+    health = HealthConfig(tcp=True, interval=1.0, start_interval=0.2, unhealthy_threshold=2)
+    task = asyncio.create_task(Prober(health, 8080, tmp_path, {}, on_change,
+                                      healthy=True).run())
+    await asyncio.wait_for(enough.wait(), 5)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert calls[:3] == [1.0, 1.0, 1.0]
+    assert changes == [(False, "refused")]
