@@ -104,13 +104,13 @@ class DesiredWatch:
         self._paced.set()
 
     async def _before_first_watch(self) -> None:
-        """In a fleet remembered large (a restart spread of ``CROWD_SPREAD`` or more), wait up to
+        """In a fleet remembered large (a restart spread over ``CROWD_SPREAD``), wait up to
         ``FIRST_PACE_WAIT`` for the leader's pace: when it says many agents register at once (a
         fleet-wide restart with the broker up, where no reconnect spreads them), the first
         watch starts within the spread (``Bus.crowded``), not with 20,000 others. A lone
         restart hears no burst and starts at once; without a leader, after the wait."""
-        if self._spread() < CROWD_SPREAD:
-            return
+        if self._spread() <= CROWD_SPREAD:
+            return  # a small fleet: every one is remembered as 1,000 nodes (``size_step``)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(FIRST_PACE_WAIT):
                 await self._paced.wait()

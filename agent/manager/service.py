@@ -61,11 +61,13 @@ WATCH_HEARTBEAT_RATE = 10_000.0
 MAX_WATCH_HEARTBEAT = 5.0
 # After a reconnect the watch of desired states starts again within the fleet's size / 500 a
 # second, at most 120 s (``protocol.bus.restart_spread``, shared with the leader's deadlines).
-# At its start, an agent that remembers a fleet whose spread is at least CROWD_SPREAD (1,000
-# nodes) waits up to FIRST_PACE_WAIT for the leader's pace before its first watch: if the pace
-# says many agents are registering at once (``Pace.burst``), that watch starts within the spread
-# too (``desired.DesiredWatch.watch``). The leader says its pace within about 1.5 s of a
-# registration (``core.pace.SETTLE`` + the daemon's PACE_TICK); a lone restart waits that long.
+# At its start, an agent that remembers a fleet whose spread is over CROWD_SPREAD (over 1,000
+# nodes: a fleet's size is remembered rounded up to 1,000 times a power of two, so a fleet of 3
+# is remembered as 1,000 and its agents never wait) waits up to FIRST_PACE_WAIT for the
+# leader's pace before its first watch: if the pace says many agents are registering at once
+# (``Pace.burst``), that watch starts within the spread too (``desired.DesiredWatch.watch``).
+# The leader says its pace within about 1.5 s of a registration (``core.pace.SETTLE`` + the
+# daemon's PACE_TICK); a lone restart waits that long.
 CROWD_SPREAD = 2.0
 FIRST_PACE_WAIT = 3.0
 OBSERVE_EVERY = 5.0

@@ -285,8 +285,10 @@ async def test_a_large_fleets_agent_waits_for_the_pace_and_spreads_its_first_wat
 async def test_a_small_fleets_agent_does_not_wait_and_no_pace_holds_it_long(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A fleet of 500 (a spread of 1 s): no wait at all. A large one with no leader to pace
-    it: the wait ends after FIRST_PACE_WAIT and the watch starts as it did before."""
+    """A small fleet: no wait at all, also as its state file remembers it (any fleet of 1,000
+    or fewer is remembered as 1,000, a spread of 2 s: a review found every restarted agent of
+    a 3-node fleet waiting for the pace, 3 s without a leader). A large one with no leader to
+    pace it: the wait ends after FIRST_PACE_WAIT and the watch starts as it did before."""
     import asyncio
     import time
 
@@ -295,7 +297,9 @@ async def test_a_small_fleets_agent_does_not_wait_and_no_pace_holds_it_long(
     small = _Crowd()
     mgr = ServiceManager(bus=small, fleet=FLEET, node=NODE, data_dir=tmp_path,  # type: ignore[arg-type]
                          bind_host="127.0.0.1", trusted_keys=[])
-    mgr.desired.fleet_nodes = 500
+    mgr.desired.fleet_nodes = 3
+    mgr.desired.fleet_nodes = mgr.desired.remembered_size()  # as restored from the state file
+    assert mgr.desired.fleet_nodes == 1000
     await asyncio.wait_for(mgr.desired._before_first_watch(), 0.5)
     assert small.crowded is False
     monkeypatch.setattr(desired_mod, "FIRST_PACE_WAIT", 0.2)
