@@ -1,8 +1,8 @@
 """The benchmark scripts as an operator runs them (real processes on 127.0.59.x): bench_router's
 relay survives its open-loop run; bench_agent stopped with SIGTERM stops everything it started,
 a later run reaps what a SIGKILLed one left, and a 0-minute soak reports no soak; bench_history
-reads as a leader and as a standby; bench_reread and bench_rest run through a small fleet and
-print their figures."""
+reads as a leader and as a standby; bench_reread, bench_rest and bench_broker run through a
+small fleet and print their figures."""
 
 from __future__ import annotations
 
@@ -205,6 +205,22 @@ async def test_bench_restart_runs_small_with_a_leader() -> None:
     (r,) = json.loads(out)["restarts"]
     assert r["converged"] and r["back"] == 40 and r["leader"], r
     assert r["clients_paced"] == r["clients_told_burst"] == 4, r
+
+
+async def test_bench_broker_runs_small() -> None:
+    """A small run of the broker-sizing benchmark: every step is measured with its agents
+    (raw connections answered, watches made), and the sizing follows from the figures."""
+    code, out, err = await run(str(PERF / "bench_broker.py"), "--agents", "60", "--fleets",
+                               "100,1000", "--idle", "1", "--json")
+    assert code == 0, err[-3000:]
+    r = json.loads(out)
+    assert r["agents"] == 60 and r["server_base_mib"] > 0 and r["disk_bytes_per_agent"] > 0, r
+    # Go's heap grows in steps: a small step can read as no growth, never as a failure.
+    assert r["watch_made_ms"] >= 0 and r["idle_cores"] >= 0, r
+    small, large = r["fleets"]["100"], r["fleets"]["1000"]
+    assert large["disk_mib"] > small["disk_mib"] > 0, r["fleets"]
+    assert large["memory_gib"] >= small["memory_gib"] > 0, r["fleets"]
+    assert (small["restart_s"], large["restart_s"]) == (0.2, 2.0), r["fleets"]  # N / 500 a second
 
 
 async def test_bench_fetch_runs_small() -> None:
