@@ -108,9 +108,13 @@ class DesiredWatch:
         ``FIRST_PACE_WAIT`` for the leader's pace: when it says many agents register at once (a
         fleet-wide restart with the broker up, where no reconnect spreads them), the first
         watch starts within the spread (``Bus.crowded``), not with 20,000 others. A lone
-        restart hears no burst and starts at once; without a leader, after the wait."""
+        restart hears no burst and starts at once; without a leader, after the wait. An agent
+        whose first connect waited for its server (``Bus.waited``) starts its first watch
+        within the spread already: no pace can add to that."""
         if self._spread() <= CROWD_SPREAD:
             return  # a small fleet: every one is remembered as 1,000 nodes (``size_step``)
+        if self.bus.waited:
+            return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(FIRST_PACE_WAIT):
                 await self._paced.wait()
