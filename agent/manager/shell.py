@@ -274,6 +274,12 @@ class ServiceManager:
             self.cache.prune(in_use)
         except OSError as exc:
             log.warning("cannot prune the release cache: %s", exc)
+        # A release pruned from the cache is no longer at hand: the next pass that wants it
+        # fetches it again (a review found a rollback to a pruned release starting its slot in
+        # a directory that no longer existed, failing until the agent restarted).
+        for svc in self.services.values():
+            for digest in [d for d, rel in svc.releases.items() if not rel.path.is_dir()]:
+                del svc.releases[digest]
 
     async def _do(self, svc: Service, action: Action) -> None:
         tg = self._tg
@@ -334,8 +340,13 @@ class ServiceManager:
         try:
             path = await self.cache.ensure(self.bus, self.config.fleet, ref)
             manifest = await asyncio.to_thread(load_manifest, path / MANIFEST_NAME)
+            # Checked at every use, the cache's too (it checks on a fresh fetch only): the
+            # bundle of this digest must be the release the signed desired state names.
             if manifest.name != svc.name:
                 raise ReleaseError(f"bundle is for service {manifest.name!r}, not {svc.name!r}")
+            if manifest.version != ref.version:
+                raise ReleaseError(f"release {ref.service} {ref.version}: the bundle's manifest "
+                                   f"says {manifest.name} {manifest.version}; refused")
         except (ReleaseError, ProtocolError, OSError) as exc:
             reason = getattr(exc, "reason", None) or str(exc)
             transient = isinstance(exc, ReleaseError) and exc.transient

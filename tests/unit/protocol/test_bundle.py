@@ -165,6 +165,33 @@ def _garbage_after_entries() -> bytes:
     return _gzip(end + b"GARBAGE!" * 64 + b"\0" * 1024)
 
 
+def _negative_size() -> bytes:
+    """A member whose size field says -1 in base-256 (tarfile reads it so): ``read(-1)`` would
+    take all the rest of the inflated tar into memory at once (a review: 400 MiB for a 200 KB
+    bundle)."""
+    raw = bytearray(_tar_with_manifest(MANIFEST))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        info = tarfile.TarInfo("a.txt")
+        info.size = 600
+        tf.addfile(info, io.BytesIO(b"x" * 600))
+    member = bytearray(buf.getvalue())
+    member[124:136] = b"\xff" * 12  # base-256, negative: -1
+    member[148:156] = b" " * 8
+    member[148:156] = b"%06o\0 " % sum(member[:512])
+    end = raw.rstrip(b"\0")
+    end += b"\0" * (-len(end) % 512)
+    return _gzip(bytes(end) + bytes(member))
+
+
+def _doubling_links(levels: int) -> bytes:
+    """a0 -> ., and each aN -> a(N-1)/a(N-1): 2 ** N links followed to resolve aN (a review: 467
+    bytes took 17 s, 680 would never end); the kernel refuses past 40 followed in all."""
+    links: list[Member] = [("a0", "sym", ".")]
+    links += [(f"a{n}", "sym", f"a{n - 1}/a{n - 1}") for n in range(1, levels + 1)]
+    return tarball(links)
+
+
 HOSTILE: dict[str, tuple[Callable[[], bytes], str]] = {
     "absolute path": (lambda: tarball([("/etc/evil", "file", b"x")]), "absolute path"),
     "dotdot path": (lambda: tarball([("../evil", "file", b"x")]), "'..' component"),
@@ -183,6 +210,11 @@ HOSTILE: dict[str, tuple[Callable[[], bytes], str]] = {
         "leads out",
     ),
     "symlink loop": (lambda: tarball([("a", "sym", "b"), ("b", "sym", "a")]), "loop"),
+    "symlink chain doubling": (lambda: _doubling_links(15), "more than 40 links followed"),
+    "symlink target too long": (
+        lambda: tarball([("l", "sym", "a/" * 600)]), "target has a NUL or is above",
+    ),
+    "negative size": (_negative_size, "negative size"),
     "write through symlink dir": (
         lambda: tarball([("d", "sym", "."), ("d/x", "file", b"x")]), "which is a symlink",
     ),

@@ -1,0 +1,52 @@
+"""agent.manager.shell: what the agent keeps of the releases it fetched (``_fetch``, ``_prune``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from agent.manager.service import Service
+from agent.manager.shell import ServiceManager
+from protocol.messages import ReleaseRef
+from tests.unit.agent.host.test_releases import FakeStore, bundle, publish
+
+
+def manager(store: FakeStore, data_dir: Path) -> ServiceManager:
+    return ServiceManager(bus=store, fleet="test", node="n1", data_dir=data_dir,  # type: ignore[arg-type]
+                          bind_host="127.0.0.1", trusted_keys=[])
+
+
+async def test_a_release_pruned_from_the_cache_is_fetched_again(tmp_path: Path) -> None:
+    """Seven releases fetched, none running or wanted: the cache keeps its five most recent, and
+    the agent forgets the two it deleted, so that a rollback to one fetches it again. A review
+    found the agent still holding them: the slot started in a directory that no longer
+    existed, and failed until the agent restarted."""
+    store = FakeStore()
+    mgr = manager(store, tmp_path / "agent")
+    svc = mgr.services["hello"] = Service(name="hello")
+    refs = [publish(store, bundle(tmp_path, f"1.0.{i}"), f"1.0.{i}") for i in range(7)]
+    for ref in refs:
+        await mgr._fetch(svc, ref)
+    assert set(svc.releases) == {r.digest for r in refs}
+    mgr._prune()
+    assert set(svc.releases) == {r.digest for r in refs[2:]}
+    assert all(rel.path.is_dir() for rel in svc.releases.values())
+
+
+async def test_a_cached_bundle_is_refused_for_another_version(tmp_path: Path) -> None:
+    """A bundle already in the cache (fetched before the agent's restart) is checked against
+    the release its desired state names, as a fresh fetch is: the same bytes named as another
+    version (the release index is the pusher's to write) are refused, in one line."""
+    store = FakeStore()
+    good = publish(store, bundle(tmp_path, "1.0.0"), "1.0.0")
+    before = manager(store, tmp_path / "agent")
+    svc = before.services["hello"] = Service(name="hello")
+    await before._fetch(svc, good)
+    assert good.digest in svc.releases
+    after = manager(store, tmp_path / "agent")  # the agent restarted: its cache is warm
+    svc = after.services["hello"] = Service(name="hello")
+    forged = ReleaseRef(service="hello", version="9.9.9", digest=good.digest, size=good.size)
+    await after._fetch(svc, forged)
+    assert forged.digest not in svc.releases
+    reason = svc.fetch_errors[forged.digest].reason
+    assert reason == "release hello 9.9.9: the bundle's manifest says hello 1.0.0; refused"
+    assert store.gets == 1  # from the cache, not fetched again
