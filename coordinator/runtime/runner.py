@@ -191,6 +191,7 @@ class Runner:
                                retrying=self._retrying, clock=clock, targeted=self._targeted)
         self._settled: set[str] = set()  # terminal rollouts whose lock is known released
         self._deploying = asyncio.Lock()
+        self._unreadable: set[str] = set()  # open records a resync could not read (logged)
         self.synced = asyncio.Event()  # the observed watch delivered its first snapshot
         self.ready = asyncio.Event()  # ... and every live rollout was resumed
         self._resync_wanted = asyncio.Event()
@@ -261,7 +262,11 @@ class Runner:
     async def _resync_loop(self) -> None:
         await self.synced.wait()
         delay = 0.5
+        gap = 0.0  # before a pass the last one asked for: 0.5 s, doubling to 5 s while asked
         while True:
+            # Cleared before the pass, not after it: a driver dropped during the pass (or a
+            # record it could not read yet) asks for the next at once, not in RESYNC_INTERVAL.
+            self._resync_wanted.clear()
             try:
                 await self.resync()
             except Deposed as exc:
@@ -275,7 +280,12 @@ class Runner:
                 continue
             delay = 0.5
             self.ready.set()
-            self._resync_wanted.clear()
+            # A pass that asked for the next itself (something it could not do yet) waits a
+            # moment that grows while it keeps asking, not none: no busy loop over a record
+            # that stays unreadable.
+            gap = min(max(2 * gap, 0.5), 5.0) if self._resync_wanted.is_set() else 0.0
+            if gap:
+                await asyncio.sleep(gap)
             try:
                 async with asyncio.timeout(RESYNC_INTERVAL):
                     await self._resync_wanted.wait()
@@ -699,7 +709,21 @@ class Runner:
         for rid in await self.store.open_ids():
             if rid in self.drivers or rid in self.closing:
                 continue
-            found = await self.store.load_entry(rid)
+            try:
+                found = await self.store.load_entry(rid)
+            except Deposed:
+                raise
+            except BusError as exc:
+                # One record that cannot be read (a page missing or unreadable) must not keep
+                # the others from being resumed: they come after it in every pass (a review
+                # found a new leader resuming none of them, for ever).
+                cancelled_meanwhile()
+                if rid not in self._unreadable:  # once, until it is read again
+                    self._unreadable.add(rid)
+                    log.warning("cannot resume rollout %s yet (trying again): %s", rid, exc)
+                self._resync_wanted.set()
+                continue
+            self._unreadable.discard(rid)
             if found is None:
                 continue
             record, revision = found
@@ -710,7 +734,12 @@ class Runner:
             if record.state in TERMINAL_STATES:
                 if outbox:  # its last step may not have been carried out: its writes, its events
                     try:
-                        await self._write_intended(Rollout(record, fleet=self.fleet))
+                        # Under the deploys' lock: a deploy of the service (which finds this
+                        # record's lock stale and makes the same writes) must not run between
+                        # this check of the stored generations and these writes, or they could
+                        # land over its newer ones (a review found generations going back).
+                        async with self._deploying:
+                            await self._write_intended(Rollout(record, fleet=self.fleet))
                     except Deposed:
                         raise
                     except BusError as exc:  # the next resync makes them

@@ -1,0 +1,100 @@
+"""Runner.resync: what a leader resumes when it takes over, whatever one record holds, and what
+it writes beside a deploy (found by a review of the write path, session 30)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+
+import pytest
+
+import coordinator.runtime.desired as desired_mod
+from coordinator.core import pages
+from protocol.errors import BusError
+from protocol.messages import DesiredState, ReleaseRef
+from protocol.testing import NEW, OLD, FakeClock, spec
+from tests.unit.coordinator.runtime.test_lease import until
+from tests.unit.coordinator.runtime.test_runner import (
+    DESIRED,
+    ROLLOUTS,
+    fence,
+    fleet_bus,
+    killed_after_the_success,
+    runner,
+)
+from tests.unit.coordinator.runtime.test_store_pages import N, make
+
+
+async def test_one_unreadable_record_does_not_keep_the_others_from_being_resumed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two open rollouts; a page of the one read first is junk (any principal of the bus could
+    have written it): the new leader resumes the other, and keeps trying the first. Before,
+    the pass stopped at the first record, every time: neither was ever resumed."""
+    monkeypatch.setattr(pages, "PAGE_BYTES", 3 * 2600)  # several pages for 12 nodes
+    bus, clock = fleet_bus(N), FakeClock()
+    r = make(bus, clock)
+    a = await r.deploy(spec(batch="3", max_unavailable="3"), NEW)
+    other = ReleaseRef(service="other", version="2.0.0", digest="sha256:o")
+    b = await r.deploy(spec(service="other", version="2.0.0", batch="3", max_unavailable="3"),
+                       other)
+    first, second = sorted([a.id, b.id])
+    bus.set("put", ROLLOUTS, f"{first}.1", b"junk")
+    fence(bus, 2)  # the leader died: a new one takes over
+    successor = make(bus, clock)
+    await successor.resync()
+    assert sorted(successor.drivers) == [second]
+    assert successor._resync_wanted.is_set()  # the unreadable one: another pass, soon
+
+
+async def test_a_pass_that_drops_a_rollout_asks_for_the_next_at_once() -> None:
+    """A rollout the pass could not resume (the bus failed its desired reads) is tried again
+    within a second or so, not after RESYNC_INTERVAL (30 s): the loop cleared the pass's own
+    request after the pass. (The passes that fail again back off 0.5, 1, 2 s: ~3.5 s here.)"""
+    bus, clock = fleet_bus(), FakeClock()
+    rec = await runner(bus, clock).deploy(spec(), NEW)
+    successor = runner(bus, clock, command_deadline=0.05)
+    bus.faults[("get", DESIRED)] = BusError("bus hiccup")
+    bus.fault_count[("get", DESIRED)] = 3  # the first pass's reads only
+    successor.synced.set()
+    loop = asyncio.create_task(successor._resync_loop())
+    try:  # within half RESYNC_INTERVAL
+        await until(lambda: rec.id in successor.drivers, "the rollout resumed", timeout=15)
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+
+
+async def test_a_finished_rollouts_last_writes_never_land_over_a_newer_deploy(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The leader died after persisting a success, before its last desired writes; its
+    successor's resync makes them while a deploy of the same service starts (it finds the lock
+    stale). The resync's writes are signed and sent after their generations were checked: had
+    the deploy's newer writes landed meanwhile, the older ones would replace them (generations
+    going back on the nodes). Under the deploys' lock, the deploy waits for them."""
+    monkeypatch.setattr(desired_mod, "SCAN_FROM", 0)  # as a fleet of > 256 nodes does
+    bus, clock = fleet_bus(), FakeClock()
+    await killed_after_the_success(bus, clock)
+    clock.t += 5
+    successor = runner(bus, clock)
+    gate, signed = threading.Event(), []
+    real = successor.desired._envelopes
+
+    def slow(states: Sequence[DesiredState], term: int, batched: Sequence[bool]) -> list[bytes]:
+        signed.append(len(states))
+        if len(signed) == 1:  # the resync's batch, checked: held while it is signed
+            gate.wait(5)
+        return real(states, term, batched)
+
+    successor.desired._envelopes = slow  # type: ignore[method-assign]
+    resync = asyncio.create_task(successor.resync())
+    await until(lambda: bool(signed), "the resync's batch being signed", timeout=5)
+    deploy = asyncio.create_task(successor.deploy(
+        spec(version=OLD.version, batch="100%", max_unavailable="100%"), OLD))
+    await asyncio.wait({deploy}, timeout=1.0)  # done at once without the lock; with it, waits
+    gate.set()
+    await resync
+    newer = await deploy
+    wanted = {n: p.target.generation for n, p in bus.record(newer.id).nodes.items() if p.target}
+    stored = {n: bus.desired(n).generation for n in wanted}
+    assert stored == wanted, (stored, wanted)
