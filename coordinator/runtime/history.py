@@ -250,6 +250,11 @@ class History:
         entries = core.without(self._indexes.get(service, []), rollout_id)
         return Change([self._index_write(service, entries)], service, entries)
 
+    def reload(self) -> None:
+        """Drop the leader's copy: the next ``ensure`` reads the indexes and ``_latest`` again
+        (a write whose reply was lost changed them, or not)."""
+        self._indexes, self._latest = None, None
+
     def commit(self, change: Change | None) -> None:
         """``change`` was stored: the leader's copy says so too."""
         if change is None or self._indexes is None:

@@ -234,6 +234,10 @@ class RolloutStore:
             if entry is None or entry.value != encode(pages.head(record, layout)):
                 raise
             self._split[record.id] = (layout, record)
+            # The batch landed with its index and ``_latest`` writes, which the leader's copy
+            # of the history never took: read again (a review found ``latest`` naming the
+            # previous rollout for the rest of the leadership).
+            self.history.reload()
             return entry.revision
 
     async def discard(self, record: RolloutRecord) -> None:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
 import coordinator.runtime.desired as desired_mod
 from coordinator.core import pages
+from protocol import subjects
 from protocol.errors import BusError
 from protocol.messages import DesiredState, ReleaseRef
 from protocol.testing import NEW, OLD, FakeClock, spec
@@ -18,6 +20,7 @@ from tests.unit.coordinator.runtime.test_lease import until
 from tests.unit.coordinator.runtime.test_runner import (
     DESIRED,
     ROLLOUTS,
+    drive,
     fence,
     fleet_bus,
     killed_after_the_success,
@@ -98,3 +101,29 @@ async def test_a_finished_rollouts_last_writes_never_land_over_a_newer_deploy(
     wanted = {n: p.target.generation for n, p in bus.record(newer.id).nodes.items() if p.target}
     stored = {n: bus.desired(n).generation for n in wanted}
     assert stored == wanted, (stored, wanted)
+
+
+async def test_a_create_whose_reply_was_lost_leaves_the_history_right() -> None:
+    """The batch that creates a record (its head, its service's index, ``_latest``) landed and
+    its reply was lost: the deploy goes on (the head is there), and the leader's history reads
+    the indexes again: ``latest`` names the new rollout, not the one before it for the rest of
+    the leadership."""
+    bus, clock = fleet_bus(), FakeClock()
+    r = runner(bus, clock)
+    first = await r.deploy(spec(batch="100%", max_unavailable="100%"), NEW)
+    await drive(r, bus, clock, first.id)
+    real = bus.kv_fenced_all
+    lost: list[bool] = []
+
+    async def reply_lost(bucket: str, writes: Sequence[tuple[str, bytes | None]], fence: Any,
+                         **kw: Any) -> list[Any]:
+        out = await real(bucket, writes, fence, **kw)
+        if bucket == ROLLOUTS and not lost and any(k == subjects.LATEST_KEY for k, _ in writes):
+            lost.append(True)
+            return [BusError("no reply")] * len(out)
+        return list(out)
+
+    bus.kv_fenced_all = reply_lost  # type: ignore[method-assign]
+    clock.t += 10
+    second = await r.deploy(spec(version=OLD.version), OLD)
+    assert lost and await r.store.latest() == second.id
