@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from agent.errors import RouterUnavailable
-from agent.router.control import RouterClient, check_socket_path
+from agent.router.control import RouterClient, check_socket_path, remove_stale_socket
 from agent.router.server import RouterServer
 from protocol import loop
 
@@ -25,8 +25,12 @@ async def _serve(socket_path: Path) -> int:
     if socket_path.exists():  # noqa: ASYNC240
         try:
             pid = await RouterClient(socket_path, timeout=1.0).ping()
-        except RouterUnavailable:
-            socket_path.unlink(missing_ok=True)  # noqa: ASYNC240  # stale: its router is gone
+        except RouterUnavailable as exc:
+            try:
+                await remove_stale_socket(socket_path, exc, 1.0)
+            except RouterUnavailable:
+                print(f"router: {exc}; not starting a second one", file=sys.stderr)
+                return 1
         else:
             print(f"router: a router (pid {pid}) already runs on {socket_path}", file=sys.stderr)
             return 1

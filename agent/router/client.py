@@ -23,7 +23,9 @@ two paths:
   when the response is not one it relays (1xx, chunked, until-close).
 
 Either way, once the response is complete the next request already buffered (pipelined) is
-served, in order. Every exchange is counted on its slot (``ROUTER_SLOT`` for the 503 the router
+served, in order: at once, or once the client has read enough of its answers that its write
+buffer is back under ``HIGH_WATER`` (else a client that never reads would have the router hold
+every answer). Every exchange is counted on its slot (``ROUTER_SLOT`` for the 503 the router
 answers when no slot may serve).
 
 Limits at the edge: at most ``max_connections`` client connections at once (one more is handed
@@ -162,6 +164,7 @@ class ClientConn(Channel):
             return
         if (
             not self.busy
+            and not self.write_paused
             and not self.buf
             and data.endswith(_HEAD_END)
             and data.find(_HEAD_END) == len(data) - 4
@@ -172,7 +175,7 @@ class ClientConn(Channel):
                 self.next_request()  # (the router answered it itself: go on as usual)
             return
         self.buf += data
-        if self.busy:  # a later (pipelined) request waits for the current one
+        if self.busy or self.write_paused:  # a later (pipelined) request waits its turn
             if len(self.buf) > PIPELINE_LIMIT and not self._read_paused:
                 assert self.transport is not None
                 self._read_paused = True
@@ -192,6 +195,8 @@ class ClientConn(Channel):
         super().connection_lost(exc)
         self.proxy.clients.discard(self)
         self.abort_exchange()
+        if self.task is not None:  # nobody to answer: free the upstream (and the cap) now
+            self.task.cancel()
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -204,12 +209,20 @@ class ClientConn(Channel):
         if self.up is not None and self.up.transport is not None:
             self.deadline = self._loop.time() + READ_TIMEOUT
             self.up.transport.resume_reading()
+        elif not self.busy and self.task is None:
+            # The requests that waited for the client to read its answers are served now (on
+            # the next turn of the loop: not from inside the transport's write callback).
+            self.deadline = self._loop.time() + IDLE_TIMEOUT
+            self._loop.call_soon(self.next_request)
 
     # -- requests ---------------------------------------------------------------------------------
 
     def next_request(self) -> None:
-        """Serve the requests whose heads are buffered, until one needs to wait for something."""
-        while not self.busy and self.task is None and not self.closed:
+        """Serve the requests whose heads are buffered, until one needs to wait for something.
+
+        None starts while the client's write buffer is over ``HIGH_WATER``: a client that does
+        not read its answers would have them all piled up here (``resume_writing`` goes on)."""
+        while not self.busy and self.task is None and not self.closed and not self.write_paused:
             buf = self.buf
             i = buf.find(_HEAD_END)
             if i < 0 or i + 4 > MAX_HEAD:

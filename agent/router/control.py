@@ -190,9 +190,11 @@ async def start_router(
     The router double-forks (the launcher we wait for exits at once), runs in its own session with
     stdin on /dev/null and output appended to ``log_path``, so it depends on nothing of ours and we
     leave no zombie. If a live router already answers on ``socket_path`` this raises RouterRunning
-    (carrying its pid) and starts nothing; a stale socket file is removed. It faces the internet,
-    so it inherits none of the agent's environment (``agent.host.identity``) and runs as ``run_as``
-    when given (then the socket's directory is handed to that user to create the socket in).
+    (carrying its pid) and starts nothing; a stale socket file (nothing listens on it) is removed,
+    and a router that listens but does not answer in time raises RouterUnavailable (its socket
+    stays). It faces the internet, so it inherits none of the agent's environment
+    (``agent.host.identity``) and runs as ``run_as`` when given (then the socket's directory is
+    handed to that user to create the socket in).
     """
     socket_path = Path(socket_path)
     check_socket_path(socket_path)
@@ -200,9 +202,8 @@ async def start_router(
     if socket_path.exists():
         try:
             pid = await client.ping()
-        except RouterUnavailable:
-            with contextlib.suppress(FileNotFoundError):
-                socket_path.unlink()  # stale: its router is gone
+        except RouterUnavailable as exc:
+            await remove_stale_socket(socket_path, exc, client.timeout)
         else:
             raise RouterRunning(
                 f"a router (pid {pid}) already runs on {socket_path}; use it", pid
@@ -252,6 +253,27 @@ async def start_router(
                 f"the router did not answer within {timeout:g}s ({last}): {_log_tail(log_path)}"
             )
         await asyncio.sleep(0.02)  # polling the socket for readiness, bounded by the deadline
+
+
+async def remove_stale_socket(
+    socket_path: Path, failure: RouterUnavailable, timeout: float
+) -> None:
+    """Remove a control socket whose ping failed with ``failure`` if nothing listens on it (its
+    router is gone); else raise ``failure``: a router that is slow to answer is alive, and
+    removing its socket would leave it running beyond reach while a second one cannot bind."""
+    try:
+        async with asyncio.timeout(timeout):
+            _, writer = await asyncio.open_unix_connection(socket_path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        # Stale: its router is gone. (A local metadata call on a socket file: instant.)
+        socket_path.unlink(missing_ok=True)  # noqa: ASYNC240
+        return
+    except (OSError, TimeoutError):
+        raise failure from None  # (a listener whose queue is full is alive too)
+    writer.close()
+    with contextlib.suppress(OSError):
+        await bounded(writer.wait_closed(), 1.0)
+    raise failure
 
 
 def _log_tail(log_path: Path) -> str:

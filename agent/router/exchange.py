@@ -18,7 +18,8 @@ nothing can be retried: a broken upstream body closes the client connection.
 The fast path enters here at attempt 2 when its pooled connection was stale (``skip_idle``), or
 with the upstream connection whose response head it left unread (``pending``: interim responses,
 chunked and until-close bodies). The mirror copy (if this request is picked) is offered after the
-live response is complete. Every await runs under a timeout.
+live response is complete. Every await runs under a timeout; a cancelled exchange (its client
+gone, or the router stopping) closes the upstream connection it holds.
 """
 
 from __future__ import annotations
@@ -99,8 +100,11 @@ class Exchange:
         body = b"".join(pieces)
         buffered = source.done
         routing = proxy.routing  # the routing in force now: a switch affects the next request
-        if first is None and routing is not None:
-            if capture is None:  # (else the fast path has decided already)
+        if routing is not None and (
+            first is None or (pending is None and first not in routing.upstreams)
+        ):
+            # (A slot the fast path picked before a switch that removed it is picked again.)
+            if first is None and capture is None:  # (else the fast path has decided already)
                 capture = self.mirror_capture(req, routing, len(body))
             if routing.cohort is None:
                 first = routing.pick()
@@ -147,7 +151,7 @@ class Exchange:
                     if not buffered:
                         await self._stream_request(client, source, conn)
                     resp_head = await conn.readuntil(b"\r\n\r\n", MAX_HEAD)
-            except ClientGone:
+            except (ClientGone, asyncio.CancelledError):  # (cancelled: the client left)
                 close_conn(conn)
                 raise
             except TimeoutError:
@@ -224,49 +228,53 @@ class Exchange:
         proxy = self.proxy
         counters = proxy.counters(slot)
         try:
-            if resp_head is None:
-                async with asyncio.timeout(RESPONSE_TIMEOUT):
-                    resp_head = await conn.readuntil(b"\r\n\r\n", MAX_HEAD)
-            resp = parse_response(resp_head, req.method)
-            while 100 <= resp.status < 200:
-                if resp.status == 101:
-                    raise HttpError(502, "upgrades are not supported")
-                if req.version == b"HTTP/1.1":
-                    client.write(client_response_head(resp, keep_alive=True, http10=False))
-                async with asyncio.timeout(RESPONSE_TIMEOUT):
-                    resp_head = await conn.readuntil(b"\r\n\r\n", MAX_HEAD)
-                resp = parse_response(resp_head, req.method)
-        except HttpError as exc:
-            close_conn(conn)
-            return self._fail(client, counters, 502, f"slot {slot}: {exc}", started)
-        except (*_UPSTREAM_ERRORS, TimeoutError) as exc:
-            close_conn(conn)
-            counters.failures += 1
-            return self._fail(client, counters, 502, f"slot {slot} broke: {exc!r}", started)
-        keep = req.keep_alive and resp.body != "close" and not proxy.closing
-        client.write(client_response_head(
-            resp, keep_alive=keep, http10=req.version == b"HTTP/1.0", extra=set_cookie
-        ))
-        reader = BodyReader(conn, resp.body, resp.content_length, READ_TIMEOUT, capture)
-        while True:
             try:
-                piece = await reader.read()
-            except (*_UPSTREAM_ERRORS, TimeoutError):
-                # The head is already with the client: all we can do is cut the connection.
+                if resp_head is None:
+                    async with asyncio.timeout(RESPONSE_TIMEOUT):
+                        resp_head = await conn.readuntil(b"\r\n\r\n", MAX_HEAD)
+                resp = parse_response(resp_head, req.method)
+                while 100 <= resp.status < 200:
+                    if resp.status == 101:
+                        raise HttpError(502, "upgrades are not supported")
+                    if req.version == b"HTTP/1.1":
+                        client.write(client_response_head(resp, keep_alive=True, http10=False))
+                    async with asyncio.timeout(RESPONSE_TIMEOUT):
+                        resp_head = await conn.readuntil(b"\r\n\r\n", MAX_HEAD)
+                    resp = parse_response(resp_head, req.method)
+            except HttpError as exc:
+                close_conn(conn)
+                return self._fail(client, counters, 502, f"slot {slot}: {exc}", started)
+            except (*_UPSTREAM_ERRORS, TimeoutError) as exc:
                 close_conn(conn)
                 counters.failures += 1
-                counters.observe(502, (time.perf_counter() - started) * 1000.0)
-                return False
-            if not piece:
-                break
-            client.write(piece)
-            if client.write_paused:
+                return self._fail(client, counters, 502, f"slot {slot} broke: {exc!r}", started)
+            keep = req.keep_alive and resp.body != "close" and not proxy.closing
+            client.write(client_response_head(
+                resp, keep_alive=keep, http10=req.version == b"HTTP/1.0", extra=set_cookie
+            ))
+            reader = BodyReader(conn, resp.body, resp.content_length, READ_TIMEOUT, capture)
+            while True:
                 try:
-                    async with asyncio.timeout(WRITE_TIMEOUT):
-                        await client.drain()
-                except (OSError, TimeoutError):
+                    piece = await reader.read()
+                except (*_UPSTREAM_ERRORS, TimeoutError):
+                    # The head is already with the client: all we can do is cut the connection.
                     close_conn(conn)
-                    raise ClientGone("client stopped reading") from None
+                    counters.failures += 1
+                    counters.observe(502, (time.perf_counter() - started) * 1000.0)
+                    return False
+                if not piece:
+                    break
+                client.write(piece)
+                if client.write_paused:
+                    try:
+                        async with asyncio.timeout(WRITE_TIMEOUT):
+                            await client.drain()
+                    except (OSError, TimeoutError):
+                        close_conn(conn)
+                        raise ClientGone("client stopped reading") from None
+        except asyncio.CancelledError:
+            close_conn(conn)  # the client left, or the router stops: never pooled nor left open
+            raise
         if resp.keep_alive and proxy.pools.get((pool.host, pool.port)) is pool:
             pool.give_back(conn)  # (a pool dropped by a reconfigure meanwhile gets nothing back)
         else:

@@ -92,7 +92,7 @@ async def close_gracefully(server: asyncio.Server, *, within: float) -> int:
     finally:
         for sock in raw:
             sock.detach()  # the server owns the descriptor: do not close it here
-    server.close()
+        server.close()  # (even if cancelled while waiting: else it would keep the port)
     if queued:
         log.warning("closed the listener with %d connections not yet accepted", queued)
     return queued

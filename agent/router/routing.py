@@ -26,7 +26,6 @@ from protocol.cohort import (
     SPLIT,
     Cohort,
     CohortError,
-    header_value,
     share_of,
 )
 from protocol.messages import SLOTS, CohortSpec, MirrorSpec
@@ -72,9 +71,12 @@ class Routing:
         cohort = self.cohort
         assert cohort is not None  # callers check: the hot path without a rule stays as it was
         if req.forwarded and self.trusts(ip):
-            xff = header_value(req.headers, b"x-forwarded-for")
-            if xff:
-                ip = xff.rsplit(b",", 1)[-1].strip().decode("latin-1")
+            # The last entry of all its lines, joined in order (as they go upstream): a proxy
+            # may add a line of its own below the client's.
+            xff = b",".join(v for n, v in req.headers if v and n.lower() == b"x-forwarded-for")
+            last = xff.rsplit(b",", 1)[-1].strip()
+            if last:
+                ip = last.decode("latin-1")
         side, how, h = cohort.choose(req.headers, ip, self.share)
         cookie = b""
         if how == HOW_ASSIGN:

@@ -106,3 +106,25 @@ def test_bad_cohort_config_is_refused() -> None:
     """A rule the router cannot apply is refused, and the old config stays (RouterConfigError)."""
     with pytest.raises(RouterConfigError, match="cohort"):
         _routing(10, key="query:x")
+
+
+def test_behind_a_trusted_proxy_the_client_cannot_choose_its_ip_bucket() -> None:
+    """A proxy that adds its own X-Forwarded-For line below the client's (HAProxy's option
+    forwardfor) is believed for the last entry over all lines, whatever the client wrote."""
+    spec = {"key": "ip", "salt": "r-1", "new": "b"}
+    r = build_routing(RouterConfig(
+        service="s", listen_host="127.0.0.1", listen_port=8080, trusted_proxies=["10.9.0.0/16"],
+        upstreams=[Upstream(slot="a", port=9001, weight=50, healthy=True),
+                   Upstream(slot="b", port=9002, weight=50, healthy=True)],
+        cohort=CohortSpec(**spec),  # type: ignore[arg-type]
+    ))
+
+    def key_hash(*xff: str) -> int:
+        lines = "".join(f"X-Forwarded-For: {v}\r\n" for v in xff)
+        req = parse_request(f"GET / HTTP/1.1\r\nHost: x\r\n{lines}\r\n".encode())
+        return r.pick_for(req, "10.9.0.1")[2]
+
+    seen = key_hash("192.0.2.7")
+    assert {key_hash(f"198.51.100.{i}", "192.0.2.7") for i in range(40)} == {seen}
+    assert key_hash("198.51.100.1, 203.0.113.5", "192.0.2.7") == seen
+    assert key_hash("192.0.2.99", "192.0.2.7") != key_hash("192.0.2.99")

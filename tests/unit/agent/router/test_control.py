@@ -1,0 +1,84 @@
+"""agent.router.control and ``python -m agent.router``: a control socket is removed only when
+nothing listens on it; a router slow to answer keeps its socket and no second one starts."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+import agent.router.__main__ as router_main
+from agent.errors import RouterUnavailable
+from agent.router.control import start_router
+
+
+async def reachable(path: Path) -> bool:
+    """Whether a listener still takes connections on ``path``."""
+    try:
+        async with asyncio.timeout(5.0):
+            _, writer = await asyncio.open_unix_connection(path)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return True
+
+
+@pytest.fixture
+async def silent(tmp_path: Path) -> AsyncIterator[Path]:
+    """A control socket whose listener takes connections and never answers (a busy router)."""
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the caller gives up and closes
+        writer.close()
+
+    path = tmp_path / "r.sock"
+    server = await asyncio.start_unix_server(never_answer, path=str(path))
+    try:
+        yield path
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_router_that_does_not_answer_in_time_keeps_its_socket(
+    silent: Path, tmp_path: Path
+) -> None:
+    """start_router reports the timeout and starts nothing; the socket stays its router's."""
+    no_python = str(tmp_path / "no-python")  # (were a launch tried, it would fail at once)
+    with pytest.raises(RouterUnavailable, match=r"did not answer within 0\.5s"):
+        await start_router(silent, tmp_path / "r.log", python=no_python, timeout=0.5)
+    assert await reachable(silent)
+
+
+async def test_a_socket_nothing_listens_on_is_removed(tmp_path: Path) -> None:
+    """A socket file left by a router that is gone is removed, and a router is started."""
+    path = tmp_path / "r.sock"
+    with socket.socket(socket.AF_UNIX) as left:
+        left.bind(str(path))  # bound, never listening: connecting is refused
+    no_python = str(tmp_path / "no-python")
+    with pytest.raises(RouterUnavailable, match="cannot start the router with"):
+        await start_router(path, tmp_path / "r.log", python=no_python, timeout=0.5)
+    assert not await asyncio.to_thread(path.exists)
+
+
+async def test_a_second_router_process_leaves_a_slow_one_alone(
+    silent: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``python -m agent.router`` on the socket of a router slow to answer exits 1, saying so,
+    without removing the socket or serving."""
+    started: list[Path] = []
+
+    class Server:
+        def __init__(self, socket_path: Path) -> None:
+            started.append(socket_path)
+
+        async def run(self) -> None:
+            pass
+
+    monkeypatch.setattr(router_main, "RouterServer", Server)
+    assert await router_main._serve(silent) == 1
+    assert await reachable(silent) and not started
+    assert "did not answer within 1s" in capsys.readouterr().err
