@@ -285,7 +285,10 @@ def parse_request(head: bytes) -> RequestHead:
     if len(parts) != 3:
         raise HttpError(400, "malformed request line")
     method, target, version = parts
-    if not _TOKEN.fullmatch(method) or not target or _BAD_VALUE.search(target):
+    # No whitespace in a target either (a tab is a header value's, not a target's): an
+    # upstream that splits the line on any whitespace would read another target or version.
+    if (not _TOKEN.fullmatch(method) or not target or _BAD_VALUE.search(target)
+            or b"\t" in target):
         raise HttpError(400, "malformed request line")
     if version not in (b"HTTP/1.1", b"HTTP/1.0"):
         if version.startswith(b"HTTP/"):

@@ -76,3 +76,12 @@ def test_found_by_fuzzing_response() -> None:
         parse_response(b"HTTP/1.1 200 OK\n\r\n\r\n", "GET")
     assert info.value.status == 502
     hostile.check_response(b"HTTP/1.1 200 OK\n\r\n\r\n")
+
+
+def test_a_tab_in_the_request_target_is_refused() -> None:
+    """``GET /a<TAB>HTTP/1.0 HTTP/1.1`` was forwarded as is: an upstream that splits the request
+    line on any whitespace (RFC 9112 lets it) reads another target and version. Found by a
+    review."""
+    with pytest.raises(HttpError) as info:
+        parse_request(b"GET /a\tHTTP/1.0 HTTP/1.1\r\nHost: svc\r\n\r\n")
+    assert info.value.status == 400
