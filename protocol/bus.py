@@ -905,6 +905,9 @@ class Bus:
                 if settable(subjects.kv_stream(bucket)):
                     await self._allow_atomic(subjects.kv_stream(bucket),
                                              required=raise_existing)
+            for bucket in subjects.node_written_buckets(f):
+                if settable(subjects.kv_stream(bucket)):
+                    await self._deny_rollups(subjects.kv_stream(bucket))
             if have[subjects.object_stream(store)] is None and not await _unless_made_meanwhile(
                     self.js.create_object_store(bucket=store, storage=js_api.StorageType.FILE,
                                                 replicas=replicas)):
@@ -950,6 +953,7 @@ class Bus:
                 return
             await self._create_bucket(bucket, _fleet_buckets(self.fleet)[bucket],
                                       await self.default_replicas())
+            await self._deny_rollups(subjects.kv_stream(bucket))
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusError(f"cannot make bucket {bucket}: {exc}") from None
         log.warning("made the observed bucket %s again (the broker kept no copy); agents fill "
@@ -1013,6 +1017,17 @@ class Bus:
         every reconnect, which may land on another server of a cluster)."""
         url = self.nc.connected_url
         return too_old(self.nc._server_info, redact(url.geturl()) if url is not None else "")
+
+    async def _deny_rollups(self, stream: str) -> None:
+        """Refuse ``Nats-Rollup`` headers on ``stream`` (nats-py makes every bucket with them
+        allowed): a stored ``Nats-Rollup: all`` purges the whole stream, and NATS permissions
+        see subjects, never headers, so a node allowed to write its own key of the observed or
+        nodes bucket could have wiped every node's (found by a review). Nothing writes those
+        buckets with a rollup: agents put, and the coordinator purges by the stream API."""
+        info = await self.js.stream_info(stream)
+        if info.config.allow_rollup_hdrs:
+            info.config.allow_rollup_hdrs = False
+            await self.js.update_stream(info.config)
 
     async def _allow_atomic(self, stream: str, *, required: bool = False) -> None:
         """Let ``stream`` take atomic batches (``kv_fenced_all`` writes through them), and read

@@ -228,6 +228,11 @@ def fenced_buckets(fleet: str) -> tuple[str, ...]:
     return (rollouts_bucket(fleet), desired_bucket(fleet), locks_bucket(fleet))
 
 
+def node_written_buckets(fleet: str) -> tuple[str, ...]:
+    """The buckets agents write (each its own keys): their streams refuse rollup headers."""
+    return (observed_bucket(fleet), nodes_bucket(fleet))
+
+
 def releases_store(fleet: str) -> str:
     return f"fw-{fleet}-releases"
 

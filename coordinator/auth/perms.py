@@ -183,6 +183,13 @@ def operator(fleet: str, name: str, *, accounts: bool = True) -> Permissions:
                 "$JS.API.ACCOUNT.PURGE.>", "$JS.API.ACCOUNT.STREAM.MOVE.>",
                 "$JS.API.ACCOUNT.STREAM.CANCEL_MOVE.>", "$JS.API.META.LEADER.STEPDOWN",
                 "$JS.API.SERVER.REMOVE",
+                # ...and their kin in nats-server 2.16 (a review found them reachable: the
+                # allow above is the whole API less this list, so a server's new verbs need
+                # adding here): moving replicas off a server, undoing a move, resetting a
+                # consumer (an agent's watch), evacuating a server, rescuing the meta group.
+                "$JS.API.STREAM.PEER.EVACUATE.>", "$JS.API.STREAM.CANCEL_MOVE.>",
+                "$JS.API.CONSUMER.PEER.EVACUATE.>", "$JS.API.CONSUMER.PEER.REMOVE.>",
+                "$JS.API.CONSUMER.RESET.>", "$JS.API.SERVER.EVACUATE", "$JS.API.META.RESCUE",
             ],
         },
         "subscribe": {"allow": [f"{operator_inbox(name)}.>", subjects.events(f),

@@ -32,7 +32,14 @@ from protocol import subjects
 from protocol.bus import Bus, Entry
 from protocol.codec import decode, encode
 from protocol.errors import BusError
-from protocol.messages import DesiredState, Event, ObservedState, Pace, SignedEnvelope
+from protocol.messages import (
+    DesiredState,
+    Event,
+    NodeInfo,
+    ObservedState,
+    Pace,
+    SignedEnvelope,
+)
 from protocol.signing import load_seed, sign
 from tests.integration.e2e_support import DEPLOY_TIMEOUT, serving
 from tests.integration.procs import (
@@ -209,13 +216,17 @@ async def _victim(coord: Bus) -> str:
 
 
 async def _operator_abuse(fleet: DevFleet, coord: Bus) -> set[str]:
-    """An operator's credentials (which may list consumers) cannot delete or pause node-2's
-    watch, restore over a stream, or take the JetStream leader away."""
+    """An operator's credentials (which may list consumers) cannot delete, pause or reset
+    node-2's watch, restore over a stream, move a stream's replicas, or take the JetStream
+    leader or a server away."""
     op = await Bus.connect(fleet.nats_url, F, **fleet.access())
     victim = await _victim(coord)
     dropped = [f"$JS.API.CONSUMER.DELETE.{KV_DESIRED}.{victim}",
                f"$JS.API.CONSUMER.PAUSE.{KV_DESIRED}.{victim}",
-               f"$JS.API.STREAM.RESTORE.{KV_DESIRED}", "$JS.API.META.LEADER.STEPDOWN"]
+               f"$JS.API.CONSUMER.RESET.{KV_DESIRED}.{victim}",
+               f"$JS.API.STREAM.RESTORE.{KV_DESIRED}", "$JS.API.META.LEADER.STEPDOWN",
+               f"$JS.API.STREAM.PEER.EVACUATE.{KV_DESIRED}",
+               f"$JS.API.STREAM.CANCEL_MOVE.{KV_DESIRED}", "$JS.API.SERVER.EVACUATE"]
     try:
         await asyncio.gather(*(_unanswered(op, s) for s in dropped))
     finally:
@@ -267,6 +278,21 @@ async def _object_store_and_buckets(node1: Bus) -> set[str]:
             f"$KV.{DESIRED}.node-1.hello",
             f"$KV.{DESIRED}.node-2.hello",
             f"$KV.{subjects.release_index_bucket(F)}.hello.6=2E6=2E6"}
+
+
+async def _rollups(node1: Bus, coord: Bus) -> None:
+    """Its own keys of the buckets agents write, with a rollup header: stored, ``Nats-Rollup:
+    all`` purges the whole stream (every node's observed state, every registration), and a
+    permission sees the subject, not the header: the streams refuse rollups (a review found
+    them allowed, as nats-py makes every bucket)."""
+    nodes = sorted(e.key for e in await coord.kv_entries(subjects.nodes_bucket(F)))
+    assert "node-2" in nodes, nodes
+    for subject, body in ((f"$KV.{OBSERVED}.node-1.hello", b"{}"),
+                          (f"$KV.{subjects.nodes_bucket(F)}.node-1",
+                           encode(NodeInfo(id="node-1")))):
+        [result] = await node1.js_publish_all([(subject, body, {"Nats-Rollup": "all"})])
+        assert isinstance(result, BusError) and "rollup" in str(result).lower(), result
+    assert sorted(e.key for e in await coord.kv_entries(subjects.nodes_bucket(F))) == nodes
 
 
 async def _api_and_events(fleet: DevFleet, node1: Bus, coord: Bus) -> set[str]:
@@ -387,6 +413,7 @@ async def _matrix(fleet: DevFleet) -> None:
         refused |= await _object_store_and_buckets(node1)
         refused |= await _api_and_events(fleet, node1, coord)
         refused |= await _operator_abuse(fleet, coord)
+        await _rollups(node1, coord)
         assert node1.connected
         assert await _state(coord) == before
         log = await _server_log(fleet)
