@@ -194,8 +194,13 @@ class Cordons:
             try:
                 current = decode(DesiredState, decode(SignedEnvelope, entry.value or b"").payload)
             except ProtocolError as exc:
-                raise BusError(f"desired state {entry.key} is unreadable ({exc}); delete the key "
-                               "to start that node's service afresh") from None
+                # Not "delete the key": a deleted key starts again at generation 1, which the
+                # node refuses (its replay floor) for ever. A deploy plans from the last
+                # readable revision and writes the generation after it.
+                service = entry.key.partition(".")[2]
+                raise BusError(f"desired state {entry.key} is unreadable ({exc}); deploy "
+                               f"{service} again to that node to replace it, then drain "
+                               "again") from None
             if (current.drained is None) == (drain is None):
                 continue  # already so (an earlier attempt got this far)
             new = msgspec.structs.replace(current, generation=current.generation + 1,

@@ -10,7 +10,7 @@ from coordinator.errors import UsageError
 from coordinator.runtime.cordons import read_cordons
 from protocol import subjects
 from protocol.codec import decode, encode
-from protocol.errors import Conflict
+from protocol.errors import BusError, Conflict
 from protocol.messages import Cordon, DesiredState, DrainSpec, ObservedState, SignedEnvelope
 from protocol.signing import public_key, verify
 from protocol.testing import FLEET, NEW, FakeBus, FakeClock, spec
@@ -197,3 +197,17 @@ async def test_a_cordon_key_with_no_readable_revision_left_stays_cordoned() -> N
     assert (await read_cordons(bus))["node-3"].by == "unknown"
     rec = await r.deploy(spec(), NEW)
     assert rec.report.skipped_cordoned == ["node-3"]
+
+
+async def test_a_drain_over_an_unreadable_desired_state_says_to_deploy_again() -> None:
+    """node-2's desired state is unreadable (no coordinator wrote it): the drain cannot sign
+    its next generation, and says to deploy again (a deploy plans from the last readable
+    revision); it used to say to delete the key, which starts again at generation 1, which the
+    node refuses for ever (found by a review)."""
+    bus, clock = fleet_bus(), FakeClock()
+    r = runner(bus, clock)
+    bus.set("put", DESIRED, "node-2.hello", b"junk")
+    with pytest.raises(BusError) as info:
+        await r.cordon(["node-2"], drain=True, grace=30.0, who="alice")
+    said = str(info.value)
+    assert "deploy hello again to that node" in said and "delete" not in said, said
