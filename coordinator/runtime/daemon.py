@@ -356,11 +356,15 @@ class Coordinator:
         try:
             while True:
                 held = await lease.acquire()
+                # Renewed from now on, while the buckets are fenced and the desired states
+                # re-signed (seconds at 50,000 nodes): standbys count the ttl from the take.
+                holding = asyncio.create_task(lease.hold(), name="lease")
                 try:
                     markers = await fence_markers(bus)
                     refusal = lead_refusal(markers, own=self.public_key,
                                            previous=self.previous_key)
                     if refusal is not None:
+                        await _stopped(holding)
                         await lease.release()
                         raise ConfigError(f"fleet {self.fleet_name!r}: {refusal}")
                     fence = await write_fences(
@@ -370,12 +374,18 @@ class Coordinator:
                     if self.previous_key is not None:
                         await resign_desired(bus, Fenced(bus, fence), seed=self.seed,
                                              previous={self.previous_key})
+                    if holding.done():
+                        raise BusError(f"the lease was lost meanwhile: {_held_why(holding)}")
                 except BusError as exc:  # Deposed too: a later term fenced first
                     log.warning("took the lease (term %d) but cannot fence the buckets (or "
                                 "re-sign the desired states): %s", held.term, exc)
+                    await _stopped(holding)
                     await lease.release()
                     await asyncio.sleep(RETRY_LEAD)
                     continue
+                except BaseException:
+                    await _stopped(holding)
+                    raise
                 runner = Runner(bus, seed=self.seed, fenced=Fenced(bus, fence),
                                 nodes=lambda: self.table.view(services=False),
                                 liveness=self.table.liveness,
@@ -390,7 +400,7 @@ class Coordinator:
                 self.runner = runner
                 log.info("coordinator %s leads fleet %r (term %d)", self.id, self.fleet_name,
                          held.term)
-                work = [lease.hold(), runner.run(), self._pace_loop(bus),
+                work = [_awaited(holding), runner.run(), self._pace_loop(bus),
                         deliveries.sweep_loop(bus)]
                 if self.notifier is not None:  # only the leader notifies (its own task)
                     work.append(self.notifier.lead(bus, self._clock()))
@@ -793,6 +803,25 @@ def _unavailable(message: str) -> bytes:
 
 async def _pong(subject: str, data: bytes) -> bytes:
     return b"pong"
+
+
+async def _awaited(task: asyncio.Task[T]) -> T:
+    """``task``'s result, as a coroutine (``_first_of`` runs coroutines)."""
+    return await task
+
+
+async def _stopped(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and wait for it to end."""
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+def _held_why(task: asyncio.Task[str]) -> str:
+    """Why a finished ``Lease.hold`` ended."""
+    if task.cancelled():
+        return "cancelled"
+    exc = task.exception()
+    return f"{type(exc).__name__}: {exc}" if exc is not None else task.result()
 
 
 async def _first_of(*work: Coroutine[Any, Any, Any],

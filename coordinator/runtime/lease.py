@@ -424,6 +424,7 @@ class Lease:
         self.current: LeaseRecord | None = None  # the lease as last read (or written) here
         self._rev = 0  # revision of the lease while we hold it
         self._last = 0  # the last revision we wrote (a lease still at it is ours to re-take)
+        self._taken_at: float | None = None  # when the take that won was sent (``_mono``)
         self.takeovers = 0
         self.heard = monotonic()  # when the last call the server answered was sent (docstring)
 
@@ -508,6 +509,7 @@ class Lease:
             log.debug("cannot read the fences: %s", exc)
             return None
         term = max(floor, held.term if held else 0, self.current.term if self.current else 0) + 1
+        sent = self._mono()  # standbys count our ttl from about now: so does ``hold``
         now = self._clock()
         mine = LeaseRecord(holder=self.me, term=term, host=socket.gethostname(), pid=os.getpid(),
                            since=now, renewed=now, ttl=self.ttl, key=self.key)
@@ -523,15 +525,24 @@ class Lease:
             log.warning("took the lease over from coordinator %s (term %d → %d)", held.holder,
                         held.term, term)
         self.current, self._rev, self._last = mine, rev, rev
+        self._taken_at = sent
         self.takeovers += 1
         return mine
 
     # -- leading -----------------------------------------------------------------------------------
 
     async def hold(self) -> str:
-        """Renew the lease until it is lost; why it was lost. Cancel to stop holding."""
+        """Renew the lease until it is lost; why it was lost. Cancel to stop holding.
+
+        Counted from the take's request, not from this call: a standby counts the ttl from
+        when it saw the take, and a new leader fences (and, after a key rotation, re-signs
+        every desired state) before it leads: the daemon starts holding at once, but a
+        leadership that began holding late must not believe it has a whole ttl left (a
+        review found leaders deposing each other for ever after a rotation at 50,000
+        nodes, each re-signing longer than the ttl)."""
         assert self.current is not None
-        last_ok = self._mono()
+        last_ok = self._taken_at if self._taken_at is not None else self._mono()
+        self._taken_at = None
         while True:
             await asyncio.sleep(self.renew)
             sent = self._mono()

@@ -9,6 +9,7 @@ re-sign is decided in ``coordinator.core.rotation.plan_resign``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Collection
 
@@ -31,14 +32,21 @@ async def resign_desired(bus: RunnerBus, fenced: Fenced, *, seed: bytes,
     generation and payload, this leadership's term); BusError (Deposed too) if a write fails."""
     bucket = subjects.desired_bucket(bus.fleet)
     entries = await bounded(bus.kv_entries(bucket))
-    plan = plan_resign({e.key: e.value for e in entries if e.value is not None}, fleet=bus.fleet,
-                       own=public_key(seed), previous=previous)
+    # Verified and signed in a worker thread (~93 µs a state: 4.6 s at 50,000), so that the
+    # loop renews the lease meanwhile (``Lease.hold`` runs from the take on).
+    plan = await asyncio.to_thread(
+        plan_resign, {e.key: e.value for e in entries if e.value is not None}, fleet=bus.fleet,
+        own=public_key(seed), previous=previous)
     for key, why in plan.skipped.items():
         log.warning("not re-signing desired state %s: %s", key, why)
     if not plan.resign:
         return plan
-    writes: list[tuple[str, bytes | None]] = [
-        (key, encode(resign(seed, env, term=fenced.term))) for key, env in plan.resign.items()]
+
+    def signed() -> list[tuple[str, bytes | None]]:
+        return [(key, encode(resign(seed, env, term=fenced.term)))
+                for key, env in plan.resign.items()]
+
+    writes = await asyncio.to_thread(signed)
     for result in await fenced.write_all(bucket, writes):
         if isinstance(result, BusError):
             raise result
