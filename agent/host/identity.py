@@ -90,7 +90,10 @@ class RunAs:
         return None
 
     def spawn_kwargs(self) -> dict[str, Any]:
-        """Arguments for ``asyncio.create_subprocess_exec`` that start the child as this user."""
+        """Arguments for ``asyncio.create_subprocess_exec`` that start the child as this user;
+        none when it is the agent's own (setgroups() needs root even to change nothing)."""
+        if self.uid == os.geteuid():
+            return {}
         return {"user": self.uid, "group": self.gid, "extra_groups": []}
 
 

@@ -58,6 +58,23 @@ def stop_orphans(procs: list[psutil.Process], timeout: float = 10.0) -> None:
     psutil.wait_procs(alive, timeout=timeout)
 
 
+def group_alive(pgid: int) -> bool:
+    """True while group ``pgid`` has a member that is not a zombie (the number of a group with
+    members, zombies included, is never given to another process or group)."""
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    # Members remain; zombies among them (unreaped where init does not reap) count as gone.
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
+                return True
+        except (psutil.Error, ProcessLookupError):
+            continue
+    return False
+
+
 def killpg(pid: int, sig: int) -> None:
     """Signal the process group ``pid`` leads (a slot's session); gone or not ours: nothing."""
     with contextlib.suppress(ProcessLookupError, PermissionError):

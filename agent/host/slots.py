@@ -7,6 +7,8 @@ Theory of operation. A ``SlotRunner`` owns one slot's process from start to stop
         │ crash loop (CRASH_LOOP_RESTARTS within CRASH_LOOP_WINDOW), failing hook ──▶ failed
     draining (set by the shell; the process keeps running) ── stop() ──▶ stopping ──▶ stopped
     (stop() or fail() while a hook runs ends the hook as it ends the service: SIGTERM, SIGKILL)
+    (a stop's SIGKILL goes to whatever of the group outlives the timeout, leader or worker; a
+    crashed leader's group is SIGKILLed before the restart: a worker left would keep the port)
 
 The process is started with argv (never a shell; ``${PORT}`` and the other variables of
 ``SlotSpec.variables`` filled in by ``protocol.expand``, as in the hooks' and exec probe's argv)
@@ -45,7 +47,7 @@ from agent.backoff import Backoff
 from agent.cadence import next_tick
 from agent.host.identity import RunAs, child_env, spawn_kwargs
 from agent.host.probes import Prober, kill_and_reap, spawn_owned
-from agent.host.processes import killpg, process_matches
+from agent.host.processes import group_alive, killpg, process_matches
 from protocol.errors import ProtocolError
 from protocol.expand import expand_argv
 from protocol.loop import bounded
@@ -62,6 +64,7 @@ LOG_MAX_BYTES = 10 * 1024 * 1024
 ADOPTED_POLL = 0.2
 LOG_CAP_EVERY = 5.0
 KILL_WAIT = 5.0
+GROUP_POLL = 0.05  # how often a group whose leader is gone is looked at until it is empty
 
 _LIVE: dict[str, SlotStatusName] = {
     "starting": "starting", "healthy": "healthy", "unhealthy": "unhealthy", "draining": "draining",
@@ -128,6 +131,23 @@ def last_line(path: Path) -> str:
     except OSError:
         return ""
     return lines[-1][:200] if lines else ""
+
+
+async def end_group(pgid: int, deadline: float) -> None:
+    """The leader of group ``pgid`` is gone: what is left of the group (a worker that ignores
+    SIGTERM, a crashed leader's child) has until ``deadline`` (loop time), then gets SIGKILL.
+
+    Checked before each signal: the number names no other group while members remain, and a
+    straggler would keep the slot's port (the restart fails with EADDRINUSE)."""
+    loop = asyncio.get_running_loop()
+    killed = False
+    while group_alive(pgid):
+        if loop.time() >= deadline:
+            if killed:
+                return  # KILL_WAIT after the SIGKILL: not waited for any longer
+            killpg(pgid, signal.SIGKILL)
+            killed, deadline = True, loop.time() + KILL_WAIT
+        await asyncio.sleep(GROUP_POLL)
 
 
 # -- the runner ------------------------------------------------------------------------------------
@@ -202,8 +222,10 @@ class SlotRunner:
             return None
         r = cls(spec, notify, now=now)
         r.pid, r.create_time, r._adopted = pid, create_time, True
-        r._validated = True  # it passed validation before the agent restarted, or is starting
         r.status = _LIVE.get(status, "starting")
+        # Past "starting" it passed validation before the agent restarted; a starting one may
+        # not have (validating again is harmless).
+        r._validated = spec.manifest.hooks.validate is None or r.status != "starting"
         r._probe_healthy = r.status in ("healthy", "draining")
         r.since, r.restarts = since, restarts
         return r
@@ -262,6 +284,8 @@ class SlotRunner:
             code = await self._watch()
             if self._stopping or self.status == "failed":
                 return
+            if self.pid is not None:  # the crashed leader's children must not outlive it
+                await end_group(self.pid, 0.0)
             self.last_exit = code
             delay = self.policy.on_crash(self.now())
             if delay is None:
@@ -299,6 +323,10 @@ class SlotRunner:
                 )
         except OSError as exc:
             self._set_failed(f"cannot start {argv[0]}: {exc.strerror or exc}")
+            return False
+        if self._stopping or self.status == "failed":
+            # stop() or fail() came while the process was being created and found none to end.
+            await kill_and_reap(self._proc)
             return False
         self.pid = self._proc.pid
         try:
@@ -445,10 +473,12 @@ class SlotRunner:
         if self.pid is None or not self._is_ours():
             self._exited.set()
             return
-        killpg(self.pid, signal.SIGTERM)
+        pgid, deadline = self.pid, asyncio.get_running_loop().time() + timeout
+        killpg(pgid, signal.SIGTERM)
         if not await self._wait_gone(timeout):
-            killpg(self.pid, signal.SIGKILL)
+            killpg(pgid, signal.SIGKILL)
             await self._wait_gone(KILL_WAIT)
+        await end_group(pgid, deadline)
         if self._proc is not None and self._proc.returncode is not None:
             self.last_exit = self._proc.returncode
 
@@ -459,11 +489,13 @@ class SlotRunner:
         proc = self._hook_proc
         if proc is None or proc.returncode is not None:
             return
+        deadline = asyncio.get_running_loop().time() + timeout
         killpg(proc.pid, signal.SIGTERM)
         try:
             await bounded(asyncio.shield(proc.wait()), timeout)
         except TimeoutError:
             await kill_and_reap(proc)
+        await end_group(proc.pid, deadline)
 
     def _is_ours(self) -> bool:
         if self._proc is not None:

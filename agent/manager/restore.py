@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -60,6 +61,11 @@ class Restorer:
         self.fleet_nodes = fleet_nodes  # what to save of the fleet's size (AgentState)
         self.restored_fleet_nodes = 0  # what the state file said of it (``restore``)
         self._saved = b""  # the state file's body as last written
+        # One write at a time, and never an older snapshot over a newer one: ``save`` writes
+        # from a worker thread (which goes on even if cancelled), ``save_now`` from the loop's.
+        self._writing = threading.Lock()
+        self._taken = 0  # the number of the last snapshot taken (in the loop's thread)
+        self._written = 0  # the number of the snapshot in the state file
 
     def _snapshot(self) -> AgentState:
         services = {}
@@ -115,12 +121,24 @@ class Restorer:
         body = msgspec.json.encode(state)
         if body == self._saved:
             return
-        await asyncio.to_thread(save_state, self.state_path, state)
-        self._saved = body
+        self._taken += 1
+        if await asyncio.to_thread(self._write, self._taken, state):
+            self._saved = body
 
     def save_now(self) -> None:
         """Write the state file now, in this thread."""
-        save_state(self.state_path, self._snapshot())
+        state = self._snapshot()
+        self._taken += 1
+        self._write(self._taken, state)
+
+    def _write(self, number: int, state: AgentState) -> bool:
+        """Write snapshot ``number`` unless a later one is already written; True if written."""
+        with self._writing:
+            if number < self._written:
+                return False
+            save_state(self.state_path, state)
+            self._written = number
+            return True
 
     async def restore(self, on_slot: Notify) -> list[SlotRunner]:
         """Load the state file: accepted envelopes, slot processes to adopt (reporting to

@@ -11,6 +11,7 @@ import sys
 import urllib.request
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -387,3 +388,196 @@ async def test_stop_or_fail_during_pre_start_hook_starts_no_process(
     assert r.pid is None and r._proc is None
     assert r.status == ("stopped" if how == "stop" else "failed")
     assert "slot.started" not in [k for k, _ in ev.seen]
+
+
+@pytest.mark.parametrize("how", ["stop", "fail"])
+@pytest.mark.parametrize("when", ["first start", "restart"])
+async def test_stop_or_fail_while_the_process_is_created_leaves_none_running(
+    how: str, when: str, release, tmp_path, runners, monkeypatch
+) -> None:
+    """stop() or fail() that lands while the service's process is being created (after the
+    fork, before the runner knows its pid) finds nothing to end; the runner kills and reaps the
+    new process itself and reports no start. A review found it running on under a stopped slot,
+    its supervisor waiting on it for ever."""
+    command = [sys.executable, "-c",
+               "import os, sys, time\nif os.path.exists('crashed'): time.sleep(60)\n"
+               "open('crashed', 'w').close(); sys.exit(3)"]
+    if when == "first start":
+        (release / "crashed").touch()  # the first process lives
+    hold_at = 1 if when == "first start" else 2  # the restart after the first one crashed
+    created: list[asyncio.subprocess.Process] = []
+    held, go = asyncio.Event(), asyncio.Event()
+    real = asyncio.create_subprocess_exec
+
+    async def held_exec(*argv: Any, **kw: Any) -> asyncio.subprocess.Process:
+        proc = await real(*argv, **kw)
+        if list(argv) == command:
+            created.append(proc)
+            if len(created) == hold_at:
+                held.set()
+                await asyncio.wait_for(go.wait(), 10)
+        return proc
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", held_exec)
+    ev = Events()
+    spec = _spec(release, tmp_path, _manifest(release, command=command))
+    r = _start(runners, spec, ev, policy=CrashPolicy(first=0.05))
+    await ev.until(held.is_set)
+    if how == "stop":
+        await asyncio.wait_for(r.stop(1.0), 10)
+    else:
+        await asyncio.wait_for(r.fail("not healthy in time"), 10)
+    ended = len(ev.seen)
+    go.set()
+    await asyncio.wait_for(asyncio.shield(runners[-1][1]), 10)
+    assert created[-1].returncode == -9
+    assert r.status == ("stopped" if how == "stop" else "failed")
+    assert "slot.started" not in [k for k, _ in ev.seen[ended:]]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _kill_left(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+
+
+# A leader that dies of SIGTERM with a worker (in its process group) that ignores it, as a
+# prefork server's worker finishing a request; each worker appends its pid to ``workers``.
+LEADER_AND_WORKER = """
+import os, subprocess, sys, time
+from pathlib import Path
+
+WORKER = (
+    "import os, signal, time\\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\\n"
+    "with open('workers', 'a') as f: f.write(f'{os.getpid()}\\\\n')\\n"
+    "time.sleep(60)\\n"
+)
+worker = subprocess.Popen([sys.executable, "-c", WORKER])
+workers = Path("workers")
+while not workers.exists() or str(worker.pid) not in workers.read_text().split():
+    time.sleep(0.01)
+Path("ready").touch()
+if "EXIT" in os.environ:
+    sys.exit(int(os.environ["EXIT"]))
+time.sleep(60)
+"""
+
+
+def _workers(release: Path) -> list[int]:
+    path = release / "workers"
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+@pytest.mark.parametrize("what", ["service", "pre_start hook"])
+async def test_stop_kills_what_is_left_of_the_group_after_its_leader(
+    what: str, release, tmp_path, runners
+) -> None:
+    """A leader that exits on SIGTERM leaves a worker that ignores it: the stop gives the worker
+    what is left of the timeout, then SIGKILLs the group. A review found such a worker running
+    on after the stop (holding the port), as a pre_start hook's did."""
+    (release / "group.py").write_text(LEADER_AND_WORKER)
+    argv = [sys.executable, "group.py"]
+    if what == "service":
+        m = _manifest(release, command=argv)
+    else:
+        m = _manifest(release, hooks=HooksConfig(pre_start=argv))
+    ev = Events()
+    r = _start(runners, _spec(release, tmp_path, m), ev)
+    try:
+        await ev.until(lambda: (release / "ready").exists())
+        await asyncio.wait_for(r.stop(0.5), 10)
+        assert r.status == "stopped"
+        left = [pid for pid in _workers(release) if not _gone(pid)]
+        assert _workers(release) and not left, f"still running after the stop: {left}"
+    finally:
+        _kill_left(_workers(release))
+
+
+async def test_a_crashed_leaders_group_is_killed_before_the_restart(
+    release, tmp_path, runners
+) -> None:
+    """A leader that crashes leaves its worker behind; the runner SIGKILLs the group before it
+    restarts (the worker would keep the port) and before it fails a crash loop. A review found
+    every crashed leader's worker left running."""
+    (release / "group.py").write_text(LEADER_AND_WORKER)
+    ev = Events()
+    m = _manifest(release, command=[sys.executable, "group.py"], env={"EXIT": "3"})
+    r = _start(runners, _spec(release, tmp_path, m), ev,
+               policy=CrashPolicy(max_restarts=1, window=60, first=0.05, cap=0.05))
+    try:
+        await ev.until(lambda: r.status == "failed")
+        assert "crash loop" in r.reason and "exited with status 3" in r.reason
+        left = [pid for pid in _workers(release) if not _gone(pid)]
+        assert len(_workers(release)) == 2 and not left, f"still running: {left}"
+    finally:
+        _kill_left(_workers(release))
+
+
+async def test_a_slot_adopted_while_starting_is_validated(release, tmp_path, runners) -> None:
+    """A slot adopted as "starting" (the agent restarted mid-rollout, before its validate hook
+    ran) runs the hook once probes pass, and a failing hook fails it. A review found it made
+    healthy without the hook."""
+    m = _manifest(release, hooks=HooksConfig(
+        validate=[sys.executable, "-c", "print('smoke failed'); raise SystemExit(1)"]))
+    m.health.http = None
+    m.health.exec = [sys.executable, "-c", ""]
+    ev = Events()
+    spec = _spec(release, tmp_path, m)
+    proc = await asyncio.create_subprocess_exec("sleep", "60", start_new_session=True)
+    try:
+        created = psutil.Process(proc.pid).create_time()
+        adopted = SlotRunner.adopt(spec, proc.pid, created, ev, status="starting", since=1.0)
+        assert adopted is not None
+        runners.append((adopted, asyncio.create_task(adopted.run())))
+        await ev.until(lambda: adopted.status in ("healthy", "failed"))
+        assert adopted.reason == "hooks.validate exited with status 1: smoke failed"
+        assert "slot.healthy" not in [k for k, _ in ev.seen]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 9)
+        await asyncio.wait_for(proc.wait(), 5)
+
+
+# Spawns a child through spawn_kwargs of its own user, after dropping root as an agent started
+# without it does (the imports come first: the interpreter may sit where nobody can read).
+REPO = Path(__file__).resolve().parents[2]  # where the child imports agent from
+OWN_USER_SPAWN = """
+import asyncio, os
+from agent.host.identity import RunAs, spawn_kwargs
+if os.geteuid() == 0:
+    os.setgroups([]); os.setgid(65534); os.setuid(65534)
+own = RunAs("self", os.geteuid(), os.getegid(), "/")
+async def main():
+    try:
+        proc = await asyncio.create_subprocess_exec("true", **spawn_kwargs(own))
+    except OSError as exc:
+        print(repr(exc))
+    else:
+        print("exit", await proc.wait())
+asyncio.run(main())
+"""
+
+
+async def test_children_run_as_the_agents_own_user_start_without_root() -> None:
+    """--service-user naming the agent's own user is a no-op: a non-root agent starts slots,
+    hooks, probes and routers as before. A review found every spawn failing with EPERM (the
+    child called setgroups(), which needs root even to drop nothing)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", OWN_USER_SPAWN, cwd=REPO,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await asyncio.wait_for(proc.wait(), 5)
+    assert out.decode().strip() == "exit 0", err.decode()
