@@ -118,6 +118,8 @@ def verify(tokens: list[WebToken], presented: str, now: float) -> Verdict:
                        "one (enter it under 'Operator token')")
     if len(presented) > MAX_TOKEN:
         return Verdict(refusal="the operator token is not valid (too long)")
+    if not presented.isascii():  # ours never are; a header's undecodable bytes are surrogates
+        return Verdict(refusal="the operator token is not valid (not ASCII)")
     mine = digest(presented).encode()
     match: WebToken | None = None
     for t in tokens:

@@ -116,7 +116,10 @@ def _events_bytes(_: click.Context, __: click.Parameter, value: str) -> int:
     envvar="FLEETWAVE_HTTP",
     help="Serve HTTP on HOST:PORT: /healthz (liveness), /readyz (set up and connected; the role), "
     "/metrics (Prometheus) and the dashboard at / [default: off; a loopback address such as "
-    "127.0.0.1:9090 unless the page must be reached from elsewhere] (env FLEETWAVE_HTTP).",
+    "127.0.0.1:9090 unless the page must be reached from elsewhere] (env FLEETWAVE_HTTP). "
+    "Requests whose Host is not an IP address, localhost, HOST or a name listed in the env "
+    "FLEETWAVE_HTTP_HOSTS (comma-separated: the name a proxy in front forwards) are answered "
+    "421 (DNS rebinding); /healthz and /readyz answer any Host.",
 )
 @click.option(
     "--http-tokens", "http_tokens", default=None, metavar="FILE",

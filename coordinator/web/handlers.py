@@ -2,10 +2,11 @@
 
 Reading (anyone who reaches the address; the surface defaults to loopback):
 
-    GET /api/fleet                       the nodes (``fleetwave nodes -o json``)
+    GET /api/fleet                       the nodes, at most ``PAGE_NODES`` rows, with counts of
+                                         all (``fleetwave nodes -o json`` with a page size)
     GET /api/rollouts[?service=S]        newest first (``fleetwave rollouts -o json``)
-    GET /api/rollouts/{id}               one rollout, "latest" for the latest
-                                         (``fleetwave status ID -o json``)
+    GET /api/rollouts/{id}               one rollout, "latest" for the latest, at most
+                                         ``PAGE_NODES`` node rows (``fleetwave status ID -o json``)
     GET /api/rollouts/{id}/events        its events, oldest first (``fleetwave events --rollout``)
     GET /api/stream[?rollout=&service=]  server-sent events: a ``snapshot`` of all of the above
                                          (at most ``PAGE_NODES`` node rows of the fleet and of the
@@ -13,11 +14,13 @@ Reading (anyone who reaches the address; the surface defaults to loopback):
                                          (checked every ``POLL`` s and
                                          at each new event; the list of rollouts every
                                          ``LIST_POLL`` s between events), a comment line every
-                                         ``KEEPALIVE`` s
+                                         ``KEEPALIVE`` s; at most ``MAX_STREAMS`` at once (503)
     GET /api/whoami                      the name of the token presented, or 401
 
 Every read goes through the coordinator's own API (``Api.reply``, the handlers the bus serves
 to the CLI), so the page and ``fleetwave status`` show the same facts, figures computed once.
+Reads are shared: an answer younger than ``SHARED`` s, or one under way, serves every request
+that asks the same (all of it runs on the leader's loop: N pages must not cost N reads).
 
 Acting (an operator token, ``Authorization: Bearer``; ``coordinator.auth.web_tokens``):
 
@@ -27,7 +30,8 @@ Acting (an operator token, ``Authorization: Bearer``; ``coordinator.auth.web_tok
 An action is a request on the bus, ``fw.<fleet>.api.<token name>.<verb>``, from the coordinator's
 own connection: the path a CLI request takes, through the queue group to the leader (a standby
 forwards it), so it lands in the audit log with who = the token's name, and is refused for the
-same reasons. No token, a wrong, revoked or expired one: 401 and one line; nothing is sent.
+same reasons. No token, a wrong, revoked or expired one: 401 and one line; nothing is sent
+(and one line in the log per ``REFUSALS_LOGGED`` s, with their count).
 The token travels in a header set by the page's script, never in a cookie, so another site
 cannot make a browser send it (no CSRF).
 """
@@ -38,6 +42,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -79,6 +84,8 @@ SETTLED = 30.0  # a finished rollout's status, read this often at most
 # 50,000 rows, read twice a second, would be ~30 MB of JSON a poll and stall the leader.
 PAGE_NODES = 500
 WRITE_TIMEOUT = 5.0  # a browser that reads nothing for this long is dropped
+MAX_STREAMS = 64  # open event streams; each costs a snapshot's JSON at every change
+REFUSALS_LOGGED = 10.0  # refused actions: one line in the log this often at most
 STATUS_OF = {"usage": 400, "not_found": 404, "conflict": 409, "unavailable": 503}
 LIST_LIMIT = 100
 MAX_READ = 1000  # the API's own cap (coordinator.api.rollouts.MAX_LIMIT)
@@ -98,9 +105,11 @@ class Dashboard:
         self.feed = feed
         self.tokens = tokens
         self.clock = clock
-        self._cache: dict[tuple[str, bytes, int], tuple[float, ApiReply]] = {}
-        self._settled: dict[tuple[str, bytes, int], tuple[float, ApiReply]] = {}
+        self._cache: dict[tuple[str, bytes, int], tuple[float, asyncio.Future[ApiReply]]] = {}
+        self._settled: dict[tuple[str, bytes, int], tuple[float, asyncio.Future[ApiReply]]] = {}
         self.closing = False
+        self.streams = 0
+        self._refusals, self._refusals_logged = 0, -math.inf
 
     async def close(self, app: web.Application) -> None:
         """End every open stream now (aiohttp's on_shutdown): a stopping coordinator does not
@@ -113,9 +122,10 @@ class Dashboard:
 
     async def _read(self, verb: str, request: msgspec.Struct, *, fresh: float = 0.0,
                     settled: bool = False) -> ApiReply:
-        """The API's answer; with ``fresh``, one at most that old may be reused (every open
-        page polls: N pages must not cost N reads of the rollouts bucket). ``settled``: the
-        answer does not change with events (a finished rollout's status)."""
+        """The API's answer; with ``fresh``, one at most that old, or one under way, may be
+        reused (every open page polls, and each event wakes them all at once: N pages must not
+        cost N reads). ``settled``: the answer does not change with events (a finished
+        rollout's status)."""
         if not self.coord.ready.is_set():
             return ApiReply(ok=False, code="unavailable",
                             error="the coordinator is not set up yet (waiting for the bus)")
@@ -126,14 +136,29 @@ class Dashboard:
         cache = self._settled if settled else self._cache
         key = (verb, data, -1 if settled else self.feed.serial)
         now = time.monotonic()
-        if fresh and (hit := cache.get(key)) is not None and now - hit[0] < fresh:
-            return hit[1]
-        reply = await self.coord.api.reply(verb, data, READER)
-        if len(cache) > CACHE_KEYS:
-            cache.clear()
-        if reply.ok or not settled:
-            cache[key] = (now, reply)
+        if fresh and (hit := cache.get(key)) is not None and (
+                not hit[1].done() or now - hit[0] < fresh):
+            return await asyncio.shield(hit[1])  # a page that goes away leaves it to the others
+        # Owned by the cache entry (or this caller); bounded by the API's own timeout.
+        read = asyncio.ensure_future(self.coord.api.reply(verb, data, READER))
+        if len(cache) >= CACHE_KEYS:
+            self._prune(cache, now, SETTLED if settled else LIST_POLL)
+        # Full of live answers (a flood of distinct ?rollout= or IDs): this one is not kept,
+        # rather than pushing out the ones every page shares.
+        if len(cache) < CACHE_KEYS:
+            cache[key] = (now, read)
+        reply = await asyncio.shield(read)
+        if settled and not reply.ok and cache.get(key, (0.0, None))[1] is read:
+            del cache[key]
         return reply
+
+    def _prune(self, cache: dict[tuple[str, bytes, int], tuple[float, asyncio.Future[ApiReply]]],
+               now: float, keep: float) -> None:
+        """Drop the answers no read can reuse: older than ``keep`` s, or from before the
+        latest event."""
+        for key in [k for k, (at, read) in cache.items()
+                    if read.done() and (now - at >= keep or k[2] not in (-1, self.feed.serial))]:
+            del cache[key]
 
     @staticmethod
     def _answer(reply: ApiReply) -> web.Response:
@@ -142,18 +167,21 @@ class Dashboard:
         return _error(STATUS_OF.get(reply.code, 500), reply.error)
 
     async def fleet(self, request: web.Request) -> web.Response:
-        return self._answer(await self._read("nodes", NodesRequest()))
+        return self._answer(await self._read("nodes", NodesRequest(max_nodes=PAGE_NODES),
+                                             fresh=SHARED))
 
     async def rollouts(self, request: web.Request) -> web.Response:
         service = request.query.get("service", "")
         return self._answer(await self._read(
-            "rollouts", ListRolloutsRequest(service=service, limit=LIST_LIMIT)))
+            "rollouts", ListRolloutsRequest(service=service, limit=LIST_LIMIT), fresh=SHARED))
 
     async def rollout(self, request: web.Request) -> web.Response:
-        return self._answer(await self._read("status", RolloutRequest(id=_rid(request))))
+        return self._answer(await self._read(
+            "status", RolloutRequest(id=_rid(request), max_nodes=PAGE_NODES), fresh=SHARED))
 
     async def events(self, request: web.Request) -> web.Response:
-        reply = await self._read("status", RolloutRequest(id=_rid(request)))
+        reply = await self._read(
+            "status", RolloutRequest(id=_rid(request), max_nodes=PAGE_NODES), fresh=SHARED)
         if not reply.ok:
             return self._answer(reply)
         return web.json_response(self._events_of(str(reply.data["id"])))
@@ -171,7 +199,7 @@ class Dashboard:
             "ready": self.coord.ready.is_set(),
             "writable": self.tokens is not None,
         }
-        nodes = await self._read("nodes", NodesRequest(max_nodes=PAGE_NODES))
+        nodes = await self._read("nodes", NodesRequest(max_nodes=PAGE_NODES), fresh=SHARED)
         # One read of the list serves both the service filter's choices and the rows.
         rows = await self._read("rollouts", ListRolloutsRequest(limit=MAX_READ),
                                 fresh=max(list_fresh, SHARED))
@@ -200,6 +228,16 @@ class Dashboard:
         return out
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
+        if self.streams >= MAX_STREAMS:
+            return _error(503, f"{MAX_STREAMS} dashboard streams are open, the most this "
+                          "coordinator serves; close a page or try again later")
+        self.streams += 1
+        try:
+            return await self._follow(request)
+        finally:
+            self.streams -= 1
+
+    async def _follow(self, request: web.Request) -> web.StreamResponse:
         rollout = request.query.get("rollout", "")
         service = request.query.get("service", "")
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
@@ -225,8 +263,13 @@ class Dashboard:
                     # the next event, or the next poll (records change without events)
                     with contextlib.suppress(TimeoutError):
                         await bounded(self.feed.changed.wait(), POLL)
-        except (ConnectionResetError, TimeoutError):
-            pass  # the browser went away (or stopped reading): nothing to clean up but us
+        except ConnectionResetError:
+            pass  # the browser went away: nothing to clean up but us
+        except TimeoutError:
+            # It stopped reading: its socket and the data it left unsent go now, not when (if
+            # ever) it hangs up (aiohttp would wait to send the end of the stream).
+            if request.transport is not None:
+                request.transport.abort()
         return resp
 
     @staticmethod
@@ -248,10 +291,20 @@ class Dashboard:
             return _error(401, "the Authorization header must be 'Bearer TOKEN'")
         verdict = self.tokens.verify(token.strip(), self.clock())
         if verdict.refusal:
-            log.warning("http: refused a dashboard request from %s: %s", request.remote,
-                        verdict.refusal)
+            self._refused(request.remote, verdict.refusal)
             return _error(401, verdict.refusal)
         return verdict.name
+
+    def _refused(self, remote: str | None, why: str) -> None:
+        """One line per ``REFUSALS_LOGGED`` s at most, with the count since the last one:
+        anyone who reaches the address can send refused requests."""
+        self._refusals += 1
+        now = self.clock()
+        if 0 <= now - self._refusals_logged < REFUSALS_LOGGED:
+            return
+        log.warning("http: refused %d dashboard request(s) since the last such line; the latest "
+                    "from %s: %s", self._refusals, remote, why)
+        self._refusals, self._refusals_logged = 0, now
 
     async def whoami(self, request: web.Request) -> web.Response:
         who = self._who(request)
@@ -267,8 +320,10 @@ class Dashboard:
         body = await _body(request)
         if isinstance(body, web.Response):
             return body
-        rid = request.match_info["id"]
-        req = RolloutRequest(id=rid, full=bool(body.get("full", False)))
+        full = body.get("full", False)
+        if not isinstance(full, bool):
+            return _error(400, f"'full' must be true or false, not a JSON {_kind(full)}")
+        req = RolloutRequest(id=request.match_info["id"], full=full)
         return await self._send_request(who, verb, req)
 
     async def rollback(self, request: web.Request) -> web.Response:
@@ -278,8 +333,11 @@ class Dashboard:
         body = await _body(request)
         if isinstance(body, web.Response):
             return body
-        req = RollbackRequest(service=request.match_info["service"],
-                              to_version=str(body.get("to_version", "") or ""))
+        to_version = body.get("to_version", "")
+        if not isinstance(to_version, str):
+            return _error(400, "'to_version' must be a version string (or left out: the one "
+                          f"before), not a JSON {_kind(to_version)}")
+        req = RollbackRequest(service=request.match_info["service"], to_version=to_version)
         return await self._send_request(who, "rollback", req)
 
     async def _send_request(self, who: str, verb: str, req: msgspec.Struct) -> web.Response:
@@ -296,6 +354,12 @@ class Dashboard:
         if not reply.ok:
             return _error(STATUS_OF.get(reply.code, 500), reply.error)
         return web.json_response({"ok": True, "who": who, "data": to_builtins(reply.data)})
+
+
+def _kind(value: object) -> str:
+    """A JSON value's type as the JSON spec names it (what a refusal says, not the value)."""
+    return {bool: "boolean", int: "number", float: "number", str: "string", list: "array",
+            dict: "object"}.get(type(value), "null")
 
 
 def _rid(request: web.Request) -> str:

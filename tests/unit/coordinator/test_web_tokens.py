@@ -27,13 +27,15 @@ def entry(name: str, token: str, expires: float | None = None) -> WebToken:
         ("fwt_nobody", "", "not valid (unknown or revoked)"),
         ("", "", "no operator token given"),
         ("x" * 300, "", "too long"),
+        ("fwt_\udcff\udcfe", "", "not valid (not ASCII)"),
+        ("fwt_é", "", "not valid (not ASCII)"),
     ],
-    ids=["known", "expired", "unknown", "none", "too-long"],
+    ids=["known", "expired", "unknown", "none", "too-long", "undecodable", "not-ascii"],
 )
 def test_verify_names_the_operator_or_says_why_not(presented: str, expect_name: str,
                                                   expect_refusal: str) -> None:
-    """A known token names its operator; an expired, unknown, empty or oversized one is
-    refused with a reason and no name."""
+    """A known token names its operator; an expired, unknown, empty, oversized or non-ASCII one
+    (a header's undecodable bytes included) is refused with a reason and no name."""
     tokens = [entry("alice", "fwt_alice"), entry("bob", "fwt_bob", expires=NOW - 1)]
     v = verify(tokens, presented, NOW)
     assert v.name == expect_name
