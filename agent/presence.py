@@ -40,8 +40,8 @@ MAX_INTERVAL = 300.0
 RETRY_BASE = 0.5
 RETRY_CAP = 15.0
 
-_LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,62}$")
-_LABEL_VALUE = re.compile(r"^[A-Za-z0-9_.-]{1,63}$")
+_LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,62}\Z")
+_LABEL_VALUE = re.compile(r"^[A-Za-z0-9_.-]{1,63}\Z")
 
 
 def parse_labels(items: Iterable[str]) -> dict[str, str]:

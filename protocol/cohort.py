@@ -72,9 +72,12 @@ def parse_rule(text: str, flag: str = "--allow") -> tuple[str, str, str]:
     if kind not in RULE_KINDS:
         raise CohortError(f"{flag} {text!r}: a rule matches a header or a cookie, not {kind}; "
                           "write header:NAME=VALUE or cookie:NAME=VALUE")
-    if not value or not value.isprintable() or value != value.strip() or ";" in value:
-        raise CohortError(f"{flag} {text!r}: the value must be non-empty printable text without "
-                          "';' or surrounding spaces")
+    if (not value or not value.isprintable() or not value.isascii() or value != value.strip()
+            or ";" in value):
+        # ASCII: the router matches header bytes (latin-1); a value it cannot encode broke its
+        # configuration on every node instead of being refused here (found by a review).
+        raise CohortError(f"{flag} {text!r}: the value must be non-empty printable ASCII "
+                          "without ';' or surrounding spaces")
     return kind, name, value
 
 

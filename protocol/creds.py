@@ -37,7 +37,7 @@ ROLES = ("coordinator", "operator", "node")
 BEGIN = "-----BEGIN USER NKEY SEED-----"
 END = "------END USER NKEY SEED------"
 _HEADER = re.compile(r"^#\s*(fleet|role|name|expires):\s*(\S+)\s*$")
-_SEED = re.compile(r"^SU[A-Z2-7]{56}$")
+_SEED = re.compile(r"^SU[A-Z2-7]{56}\Z")
 
 
 class CredsExpired(ProtocolError):

@@ -21,6 +21,9 @@ from protocol.subjects import check_name
 
 MANIFEST_NAME = "fleetwave.toml"
 _PROBE_PATH = re.compile(r"/[!-~]*")  # origin-form: "/" then visible ASCII, no space
+# The shortest probe period taken: an exec probe is a process started each time, and one every
+# microsecond ("0.001ms" was accepted) is a fork bomb of the agent's own making.
+MIN_PROBE_INTERVAL = 0.01
 
 
 class HealthConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -158,10 +161,16 @@ def _check(m: Manifest, source: str) -> None:
     for key in ("healthy_threshold", "unhealthy_threshold"):
         if getattr(m.health, key) < 1:
             raise ProtocolError(f"{source}: health.{key} must be at least 1")
-    if m.health.interval <= 0 or m.health.timeout <= 0:
-        raise ProtocolError(f"{source}: health.interval and health.timeout must be above 0")
-    if m.health.start_interval is not None and m.health.start_interval <= 0:
-        raise ProtocolError(f"{source}: health.start_interval must be above 0")
+    if m.health.interval < MIN_PROBE_INTERVAL or m.health.timeout <= 0:
+        raise ProtocolError(f"{source}: health.interval must be at least "
+                            f"{MIN_PROBE_INTERVAL * 1000:g}ms and health.timeout above 0")
+    if m.health.start_interval is not None and m.health.start_interval < MIN_PROBE_INTERVAL:
+        raise ProtocolError(f"{source}: health.start_interval must be at least "
+                            f"{MIN_PROBE_INTERVAL * 1000:g}ms")
+    if m.health.start_timeout <= 0 or m.hooks.timeout <= 0 or m.stop.timeout <= 0:
+        # 0 would fail every start ("not healthy within 0s") or every hook, or kill at once.
+        raise ProtocolError(f"{source}: health.start_timeout, hooks.timeout and stop.timeout "
+                            "must be above 0")
     if m.health.restart_after < 0:
         raise ProtocolError(f"{source}: health.restart_after must be 0 (off) or a duration")
     for key, value in m.env.items():

@@ -10,7 +10,7 @@ import re
 
 from protocol.errors import ProtocolError
 
-_NAME = re.compile(r"^[A-Za-z0-9-][A-Za-z0-9_-]{0,63}$")
+_NAME = re.compile(r"^[A-Za-z0-9-][A-Za-z0-9_-]{0,63}\Z")
 
 
 def check_name(kind: str, value: str) -> str:

@@ -47,8 +47,8 @@ from protocol.manifest import Manifest
 from protocol.messages import ReleaseRef
 
 FETCH_TIMEOUT = 120.0
-_DIGEST = re.compile(r"^sha256:([0-9a-f]{64})$")
-_HEX = re.compile(r"^[0-9a-f]{64}$")
+_DIGEST = re.compile(r"^sha256:([0-9a-f]{64})\Z")
+_HEX = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 class ObjectSource(Protocol):

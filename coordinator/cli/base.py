@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import importlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,18 @@ COMMANDS = {
     "auth": "auth_cmds", "dev": "dev_cmds", "protocol": "proto", "release": "release_cmds",
     "remove": "remove_cmds",
 }
+
+
+class FiniteRange(click.FloatRange):
+    """``click.FloatRange`` that refuses NaN (which passes every comparison of its range: a
+    --lease-ttl of nan left standbys never taking over a dead leader)."""
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        out = super().convert(value, param, ctx)
+        if not math.isfinite(out):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return out
 
 
 class LazyGroup(click.Group):

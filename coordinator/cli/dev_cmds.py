@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from coordinator.cli.base import Ctx, cli
+from coordinator.cli.base import Ctx, FiniteRange, cli
 from coordinator.dev import examples
 from coordinator.dev.devfleet import MAX_AGENTS, MAX_BROKERS, DevFleet
 from coordinator.errors import BrokerError, FleetwaveError
@@ -33,7 +33,7 @@ def dev() -> None:
               help="NATS port of the embedded broker (with --brokers N: the first of N).")
 @click.option("--brokers", type=click.IntRange(1, MAX_BROKERS), default=1, show_default=True,
               help="Brokers: 1 (R1), or a JetStream cluster of N on 127.0.0.1 (3: R3 buckets).")
-@click.option("--heartbeat-interval", type=click.FloatRange(0.05, 300), default=None, hidden=True)
+@click.option("--heartbeat-interval", type=FiniteRange(0.05, 300), default=None, hidden=True)
 @click.option("--secure", is_flag=True, help="TLS and per-process credentials: a trust root in "
               "DIR/auth (fleetwave auth), each agent its node's, the coordinator its own.")
 @click.pass_obj

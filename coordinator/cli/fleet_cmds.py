@@ -21,6 +21,7 @@ from rich.text import Text
 import coordinator.cli.client as client
 from coordinator.cli.base import (
     Ctx,
+    FiniteRange,
     check_tls_ca,
     cli,
     creds_option,
@@ -76,6 +77,8 @@ def _events_age(_: click.Context, __: click.Parameter, value: str) -> float:
 def _events_bytes(_: click.Context, __: click.Parameter, value: str) -> int:
     try:
         return parse_size(value, what="--events-max-bytes")
+    except OverflowError:
+        raise click.BadParameter(f"{value!r} is far too large: 16MiB-1PiB") from None
     except ValueError as exc:
         raise click.BadParameter(str(exc).removeprefix("--events-max-bytes: ")) from None
 
@@ -157,7 +160,7 @@ def _events_bytes(_: click.Context, __: click.Parameter, value: str) -> int:
     "(env FLEETWAVE_EVENTS_MAX_BYTES).",
 )
 @click.option(
-    "--lease-ttl", type=click.FloatRange(1.0, 120.0), default=LEASE_TTL, show_default=True,
+    "--lease-ttl", type=FiniteRange(1.0, 120.0), default=LEASE_TTL, show_default=True,
     metavar="SECONDS", envvar="FLEETWAVE_LEASE_TTL",
     help="A leader whose lease goes unrenewed this long stops leading, and a standby takes over "
     "(it waits for the longer of its own and the one the lease names). Renewed five times "
@@ -165,7 +168,7 @@ def _events_bytes(_: click.Context, __: click.Parameter, value: str) -> int:
     "of nodes on a small host (see README, Performance); 1-120 (env FLEETWAVE_LEASE_TTL).",
 )
 @click.option(
-    "--max-heartbeats-per-second", "heartbeat_rate", type=click.FloatRange(0.01, 1_000_000.0),
+    "--max-heartbeats-per-second", "heartbeat_rate", type=FiniteRange(0.01, 1_000_000.0),
     default=DEFAULT_RATE, show_default=True, metavar="RATE",
     envvar="FLEETWAVE_MAX_HEARTBEATS_PER_SECOND",
     help="The most heartbeats a second the fleet sends (every coordinator hears them all): the "

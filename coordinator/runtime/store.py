@@ -62,7 +62,7 @@ from protocol.messages import TERMINAL_STATES, DesiredState, RolloutRecord, Sign
 
 log = logging.getLogger("fleetwave.coordinator.runner")
 
-_ROLLOUT_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+_ROLLOUT_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}\Z")
 
 
 class NotLeading(BusError):

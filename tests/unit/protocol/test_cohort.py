@@ -71,6 +71,10 @@ def test_parse_key_refuses(text: str, says: str) -> None:
     ("header:X-Beta=", "non-empty"),
     ("cookie:beta=a;b", "without"),
     ("query:x=1", "not a cohort key"),
+    # The router matches header bytes (latin-1): a value it cannot encode broke its config on
+    # every node instead of being refused (found by a review).
+    ("header:X-Beta=日本", "printable ASCII"),
+    ("cookie:beta=€", "printable ASCII"),
 ])
 def test_parse_rule_refuses(text: str, says: str) -> None:
     """Rules need kind:NAME=VALUE with a header or cookie and a plain value."""

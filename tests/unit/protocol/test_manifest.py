@@ -78,6 +78,14 @@ BASE = 'name="x"\nversion="1.0"\ncommand=["a"]\nport=80\n'
         (BASE + "[health]\nexec=['./check', '${NODE}']\n", "health.exec[1] '${NODE}'"),
         (BASE + "[hooks]\npre_start=['./m', '${X']\n", "hooks.pre_start[1] '${X': '${' has no"),
         (BASE + "[hooks]\nvalidate=['./s', '${x}']\n", "hooks.validate[1] '${x}'"),
+        # Found by a review: an exec probe every microsecond, a start that always fails
+        # ("not healthy within 0s"), hooks that always time out, a service name ending in a
+        # newline (a regex's "$" matches before a final one).
+        (BASE + "[health]\ninterval='0.001ms'\n", "health.interval must be at least 10ms"),
+        (BASE + "[health]\nstart_interval='5ms'\n", "health.start_interval must be at least"),
+        (BASE + "[health]\nstart_timeout='0'\n", "health.start_timeout, hooks.timeout"),
+        (BASE + "[hooks]\ntimeout='0'\n", "health.start_timeout, hooks.timeout"),
+        ('name="x\\n"\nversion="1"\ncommand=["a"]\n', "service name 'x\\n' is not allowed"),
     ],
 )
 def test_refused_with_a_message_naming_it(text: str, message: str) -> None:

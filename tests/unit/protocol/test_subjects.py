@@ -52,3 +52,11 @@ def test_an_os_user_becomes_a_token(name: str, token: str) -> None:
     reserved caller; every result is a name check_name takes."""
     assert subjects.caller_token(name) == token
     assert subjects.check_name("caller", token) == token
+
+
+@pytest.mark.parametrize("name", ["hello\n", "node-1\n", "a\nb"])
+def test_a_name_with_a_newline_is_refused(name: str) -> None:
+    """A regex's "$" matches before a final newline: "hello\\n" passed as a service, node or
+    fleet name and broke the subjects built from it (found by a review)."""
+    with pytest.raises(ProtocolError):
+        subjects.check_name("service", name)

@@ -72,3 +72,20 @@ def test_the_command_tunes_the_gc_and_starts_the_daemon_on_asyncios_loop(
         gc.set_threshold(*before)
     assert code == 0, err
     assert started == ["_run_coordinator"] and (tmp_path / "k").exists()
+
+
+@pytest.mark.parametrize(("flag", "value", "says"), [
+    ("--lease-ttl", "nan", "'nan' is not a finite number"),
+    ("--max-heartbeats-per-second", "nan", "'nan' is not a finite number"),
+    ("--events-max-bytes", "9" * 400 + "GiB", "is far too large"),
+])
+def test_a_number_no_range_can_hold_is_one_line_exit_2(
+        flag: str, value: str, says: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """NaN passes every comparison of a range (a --lease-ttl of nan left standbys never taking
+    over a dead leader) and a size of 400 digits overflowed into a traceback (found by a
+    review): one line and exit 2, before anything starts."""
+    code, err = run(["--nats", "nats://127.0.66.9:1", "coordinator", "--key-file",
+                     str(tmp_path / "k"), flag, value], capsys)
+    assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "k").exists()
