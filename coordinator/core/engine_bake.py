@@ -48,7 +48,8 @@ from coordinator.core.engine_lost import Lost
 from coordinator.core.engine_rollback import Rollback
 from coordinator.core.engine_step import Step
 from coordinator.core.engine_types import move_wave, peek
-from coordinator.core.evidence import Evidence
+from coordinator.core.evidence import Evidence, short, unread
+from coordinator.core.targets import old_slot as old_slot_of
 from coordinator.core.targets import serving_slot
 from protocol.durations import format_duration
 from protocol.messages import WaveRecord
@@ -212,11 +213,8 @@ class Bake:
         """
         for n in wave.nodes:
             seen = self.step.obs.get(n)
-            end = seen.router if seen is not None else None
-            start = wave.baseline.get(n)
-            if end is None or start is None or not end.time or not start.time:
-                continue
-            if start.epoch == end.epoch and end.time - start.time < self.step.spec.bake:
+            if short(wave.baseline.get(n), seen.router if seen is not None else None,
+                     self.step.spec.bake):
                 return False
         return True
 
@@ -229,11 +227,13 @@ class Bake:
         if own is not None:
             return own
         gates = policy.gates(self.step.spec.gates)
+        check_read = over and policy.bakes and gatelib.reads_traffic(gates)
         new, old, mirror, history = [], [], [], []
         cohort: list[NodeWindow] = []
         healthy = 0
         evidence = Evidence()
         since = wave.evidence_from or {}
+        release = self.step.r.release
         members = set(wave.nodes)  # a list: a lookup per node was O(fleet x wave) per verdict
         for n, p in peek(self.step.r.nodes):  # read only
             seen = self.step.obs.get(n)
@@ -241,11 +241,16 @@ class Bake:
             start = since.get(n) or wave.baseline.get(n)
             if start is None and wave.state == "updating":
                 continue  # no count to start from yet: its slot may hold an older release's
-            serving = serving_slot(p.previous)
-            old_slot = serving if serving != p.slot else None
+            old_slot = old_slot_of(p.previous, p.slot, release)
             in_wave = n in members
             # A node's figures are judged only where they are read, and left out as a whole.
-            if (old_slot is not None or in_wave) and evidence.admits(n, start, end):
+            # At the bake's end a new slot with no counters that cover it is left out too (the
+            # grace for them has passed).
+            if (in_wave and check_read and p.slot
+                    and (p.target is None or p.slot in p.target.slots)
+                    and (why := unread(wave.baseline.get(n), end, self.step.spec.bake))):
+                evidence.add({n: why})
+            elif (old_slot is not None or in_wave) and evidence.admits(n, start, end):
                 if old_slot is not None:
                     old.append(gatelib.window(start, end, old_slot))
                     history.append(gatelib.window(None, start, old_slot))

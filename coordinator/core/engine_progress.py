@@ -35,7 +35,7 @@ from coordinator.core.engine_types import (
     move_wave,
     peek_node,
 )
-from coordinator.core.targets import runs
+from coordinator.core.targets import runs, serving_slot
 from protocol.durations import format_duration
 from protocol.messages import NodeProgress, ObservedState, WaveRecord
 
@@ -264,6 +264,9 @@ class Progress:
             if (p.target is None and (wave.weight == 100 or policy.stages)
                     and runs(p.previous, r.release)):
                 move_node(p, "done")
+                # Its serving slot holds the release: that is the slot its health and new
+                # traffic are read from (``Bake.verdict``), and it is no old slot.
+                p.slot = serving_slot(p.previous) or ""
                 self.step.emit("node.done", f"{n}: already runs {r.release.version}", n)
             elif not p.online:
                 continue  # lost, and waited for (``fail`` failed it above): never written to

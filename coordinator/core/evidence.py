@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 
+from protocol.durations import format_duration
 from protocol.histogram import is_count
 from protocol.histogram import problem as histogram_problem
 from protocol.messages import RouterStats
@@ -47,6 +48,27 @@ def distrust(start: RouterStats | None, end: RouterStats | None) -> str | None:
     if why is not None:
         return f"at the window's start: {why}"
     return _backwards(start, end)
+
+
+def short(start: RouterStats | None, end: RouterStats | None, bake: float) -> bool:
+    """Whether one router's counters ``start``..``end`` were read less than ``bake`` apart (one
+    clock per node: no skew between hosts matters). Unknown times (older agents), a missing
+    snapshot or a restarted router cannot be waited for: not short."""
+    if end is None or start is None or not end.time or not start.time:
+        return False
+    return start.epoch == end.epoch and end.time - start.time < bake
+
+
+def unread(start: RouterStats | None, end: RouterStats | None, bake: float) -> str | None:
+    """Why a new slot's counters do not cover a bake of ``bake`` seconds from ``start``, or
+    None: a router that went away (the agent reports none) or counters that stopped moving.
+    Its traffic is then unknown, not zero, and is left out like a lie (never a pass)."""
+    if end is None:
+        return "no router counters reported at the bake's end"
+    if start is not None and short(start, end, bake):
+        return (f"router counters read {end.time - start.time:g}s apart, less than the "
+                f"{format_duration(bake)} bake")
+    return None
 
 
 def _impossible(stats: RouterStats) -> str | None:

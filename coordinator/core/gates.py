@@ -40,6 +40,16 @@ OVERFLOW_MS = round(LATENCY_BOUNDS_MS[-1] * 1.25, 3)
 
 Outcome = Literal["pass", "fail", "inconclusive"]
 
+# The fewest old-release requests a p99 to compare with is read from (or ``--min-requests``, if
+# more): the old slots of a last wave are at weight 0, and the few requests they still answer
+# were in flight at the switch, the slowest by selection; their p99 would pass any regression.
+MIN_OLD_REQUESTS = 100
+
+
+def old_floor(gates: Gates) -> int:
+    """How many old-release requests a p99 comparison needs (``MIN_OLD_REQUESTS``)."""
+    return max(gates.min_requests or 0, MIN_OLD_REQUESTS)
+
 
 @dataclass(frozen=True)
 class Window:
@@ -293,6 +303,11 @@ def threshold_checks(gates: Gates, fig: Figures, fails: list[str], unsure: list[
             fails.append(
                 f"p99 {fig.p99_new}ms vs {fig.p99_old}ms (x{ratio:.2f}) is above "
                 f"max-p99-ratio x{gates.max_p99_ratio:g}"
+            )
+        elif fig.old.requests < (floor := old_floor(gates)):
+            unsure.append(
+                f"p99 of the old release read from {fig.old.requests} requests, fewer than "
+                f"{floor}: too few to pass the p99 gate on"
             )
 
 

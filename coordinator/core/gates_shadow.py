@@ -148,7 +148,7 @@ def evaluate_shadow(gates: Gates, fig: ShadowFigures) -> Verdict:
     pairs = gates.max_mismatch_rate is not None or gates.max_p99_ratio is not None
     errors = gates.max_error_rate is not None
     n = gates.min_requests
-    if n is not None:
+    if n:  # (--min-requests 0 asks for no more than any traffic gate does: at least one)
         compared, sent = m.compared >= n, fig.sent >= n
         if not compared and (pairs or not errors):
             unsure.append(f"{m.compared} mirrored requests compared, fewer than min-requests {n}")

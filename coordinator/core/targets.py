@@ -45,6 +45,16 @@ def idle_slot(desired: DesiredState | None) -> str:
     return "b" if serving == "a" else "a"
 
 
+def old_slot(desired: DesiredState | None, slot: str, release: ReleaseRef) -> str | None:
+    """The slot of ``desired`` that serves the old release, if it is not ``slot`` (the one
+    receiving the release); None when it already holds ``release`` (an aborted rollout left the
+    node on it): its traffic is the new release's, not a baseline to compare with."""
+    serving = serving_slot(desired)
+    if desired is None or serving is None or serving == slot:
+        return None
+    return None if desired.slots[serving].digest == release.digest else serving
+
+
 def runs(desired: DesiredState | None, release: ReleaseRef) -> bool:
     """Whether ``desired`` already serves ``release`` with all of the traffic."""
     serving = serving_slot(desired)

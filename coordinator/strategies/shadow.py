@@ -40,7 +40,7 @@ from msgspec import UNSET
 from coordinator.core import gates as gatelib
 from coordinator.core import gates_shadow as shadowgates
 from coordinator.core import staging
-from coordinator.core.evidence import Evidence
+from coordinator.core.evidence import Evidence, unread
 from coordinator.core.node_table import peek
 from coordinator.core.planning import Wave, WaveKind
 from coordinator.core.targets import restore_target
@@ -55,7 +55,7 @@ if TYPE_CHECKING:  # the engine imports the strategies; this module only needs i
     from coordinator.core.engine_step import Step  # all these hooks use of it
 
 MAX_SAMPLES = 5
-_METHOD = re.compile(r"^[A-Za-z]+$")
+_METHOD = re.compile(r"^[A-Za-z]+\Z")
 HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token (fullmatch)
 
 
@@ -160,6 +160,7 @@ def verdict(step: Step, wave: WaveRecord) -> gatelib.Verdict:
     nodes = healthy = 0
     samples: list[Sample] = []
     evidence = Evidence()
+    read = gatelib.reads_traffic(step.spec.gates)
     for n in wave.nodes:
         p = r.nodes[n]
         if p.target is None:
@@ -169,6 +170,9 @@ def verdict(step: Step, wave: WaveRecord) -> gatelib.Verdict:
         nodes += 1
         slot = seen.slots.get(p.slot) if seen is not None else None
         healthy += slot is not None and slot.status == "healthy"
+        if read and (why := unread(wave.baseline.get(n), end, step.spec.bake)):
+            evidence.add({n: why})  # its mirrored traffic is unknown, not none
+            continue
         if not evidence.admits(n, wave.baseline.get(n), end):
             continue
         window = shadowgates.shadow_window(wave.baseline.get(n), end)

@@ -4,13 +4,15 @@ do where they do nothing special.
 An ordinary wave moves its nodes to the new release at the wave's weight, within max-unavailable,
 bakes for ``--bake`` and is judged by the gates against the old slots' traffic in the same
 window. The last wave of a rolling or canary rollout leaves no old slot serving, so then the
-comparison is with the old traffic of the latest earlier window that had some (kept in
-``record.report.old_window``), or failing that with the old slots' counters up to this bake
-(since their routers started): no old traffic in the window must not make a healthy last step
-inconclusive. When the rollout succeeds, every node's old slot is retired: a second desired write
-per node, off the rollout's path (its success is decided before), and one that an idle copy of
-the old release on every host for every service would cost more than (issue 17 asked for one
-write; a host running a 2 GB service twice for ever is the worse trade).
+comparison is with the old traffic of the latest earlier window that had enough of it
+(``gates.old_floor``; kept in ``record.report.old_window``), or failing that with the old slots'
+counters up to this bake (since their routers started): no old traffic in the window must not
+make a healthy last step inconclusive, and the few requests still in flight at the switch (the
+slowest) must not set the p99 a regression is compared with. When the rollout succeeds, every
+node's old slot is retired: a second desired write per node, off the rollout's path (its
+success is decided before), and one that an idle copy of the old release on every host for every
+service would cost more than (issue 17 asked for one write; a host running a 2 GB service twice
+for ever is the worse trade).
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from coordinator.core.targets import (
     cohort_for,
     forward_target,
     idle_slot,
+    old_slot,
     retire_target,
-    serving_slot,
     stats_every_for,
 )
 from protocol.messages import (
@@ -104,7 +106,11 @@ class Ordinary:
         evidence: Evidence,
     ) -> tuple[list[gatelib.Window], str]:
         total = gatelib.total(old)
-        if total.requests:
+        # (Sequential analysis weighs the old slots' counts over the same span as the new
+        # slots', however few: its bounds allow for small samples.)
+        gates = step.spec.gates
+        if total.requests and (gates.analysis == "sequential"
+                               or total.requests >= gatelib.old_floor(gates)):
             step.r.report.old_window = OldWindow(
                 wave=wave.index, requests=total.requests, errors=total.errors,
                 latency=list(total.latency))
@@ -115,9 +121,9 @@ class Ordinary:
                 f"wave {kept.wave + 1}"
         before = []
         for n, p in peek(step.r.nodes):  # read only
-            serving = serving_slot(p.previous)
+            serving = old_slot(p.previous, p.slot, step.r.release)
             baseline = wave.baseline.get(n)
-            if serving is not None and serving != p.slot and evidence.admits(n, None, baseline):
+            if serving is not None and evidence.admits(n, None, baseline):
                 before.append(gatelib.window(None, baseline, serving))
         return before, "old slots before this bake"
 

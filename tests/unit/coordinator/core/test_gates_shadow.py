@@ -32,6 +32,12 @@ from protocol.messages import Gates
                      "fail", "11 of 100", id="above-threshold"),
         pytest.param(Gates(min_requests=4), ShadowWindow(shadow_errors=12), "inconclusive",
                      "0 mirrored requests compared", id="min-requests-alone-counts-pairs"),
+        pytest.param(Gates(max_mismatch_rate=0.01, min_requests=0), ShadowWindow(),
+                     "inconclusive", "no mirrored request was compared",
+                     id="min-requests-0-mismatch-gate-with-nothing-compared"),
+        pytest.param(Gates(max_error_rate=0.01, min_requests=0), ShadowWindow(),
+                     "inconclusive", "no request was mirrored",
+                     id="min-requests-0-error-gate-with-nothing-sent"),
     ],
 )
 def test_error_gate_over_copies_sent(gates: Gates, window: ShadowWindow, outcome: str,

@@ -141,18 +141,18 @@ def test_last_step_compares_p99_with_the_previous_window() -> None:
                             slots={"a": OLD}, weights={"a": 100})
         r.handle(ObservedChanged("node-2", report(old2, 0.5, stats(0.5, a=(0, 0, 5)))), 0.5)
         r.handle(ObservedChanged("node-1", report(d1, 1.0, stats(1.0, b=(0, 0, 5)))), 1.0)
-        r.handle(ObservedChanged("node-2", report(old2, 11.0, stats(11.0, a=(50, 0, 5)))), 11.0)
+        r.handle(ObservedChanged("node-2", report(old2, 11.0, stats(11.0, a=(500, 0, 5)))), 11.0)
         cmds = r.handle(ObservedChanged("node-1", report(d1, 11.5, stats(11.5, b=(50, 0, 5)))),
                         11.5)
         assert "gate.passed" in kinds(cmds), r.record.waves[0].gates
         (d2,) = writes(cmds)
-        r.handle(ObservedChanged("node-2", report(d2, 12.0, stats(12.0, a=(50, 0, 5)))), 12.0)
+        r.handle(ObservedChanged("node-2", report(d2, 12.0, stats(12.0, a=(500, 0, 5)))), 12.0)
         assert r.record.waves[1].state == "baking"
-        r.handle(ObservedChanged("node-2", report(d2, 23.0, stats(23.0, a=(50, 0, 5),
+        r.handle(ObservedChanged("node-2", report(d2, 23.0, stats(23.0, a=(500, 0, 5),
                                                                   b=(40, 0, bucket)))), 23.0)
         gates = r.record.waves[1].gates
         assert gates["outcome"] == outcome and gates["p99_old_from"] == "wave 1", gates
-        assert gates["old_requests"] == 50
+        assert gates["old_requests"] == 500
         assert r.state == ("succeeded" if outcome == "pass" else "running")
 
 

@@ -158,6 +158,21 @@ def test_gates_pass_without_then_retire_the_shadow_and_succeed_with_a_report() -
     assert r.record.waves[0].gates["compared"] == 200
 
 
+def test_a_node_whose_router_reports_nothing_at_the_end_is_no_pass() -> None:
+    """node-2's mirror figures are unknown, not zero: left out and named, so the shadow pauses
+    as inconclusive rather than pass on node-1's clean pairs alone."""
+    r = rollout(2, gates=Gates(max_mismatch_rate=0.1, min_requests=50))
+    r.handle(Start(), 0.0)
+    report_all(r, 1.0, mirror(100))
+    for d in r.intended():
+        end = None if d.node == "node-2" else mirror(200)
+        r.handle(ObservedChanged(d.node, observed(d, 30.0, end)), 30.0)
+    cmds = r.handle(Tick(), 61.0)
+    assert "gate.inconclusive" in kinds(cmds) and r.state == "paused"
+    assert r.record.waves[0].gates["untrusted"] == {
+        "node-2": "no router counters reported at the bake's end"}
+
+
 def test_a_node_cannot_fail_a_shadow_with_impossible_mismatches() -> None:
     """A node claiming more mismatches than comparisons would fail the shadow; its mirror
     figures are left out, and the rollout pauses naming it (untrusted evidence is no pass)."""
