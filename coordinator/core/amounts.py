@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from coordinator.errors import UsageError
 
-_AMOUNT = re.compile(r"^(?P<n>\d+(?:\.\d+)?)(?P<pct>%?)$")
+# ASCII digits ("\d" takes any script's), to the end ("$" passes a final newline).
+_AMOUNT = re.compile(r"^(?P<n>[0-9]+(?:\.[0-9]+)?)(?P<pct>%?)\Z")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,9 @@ def parse_amount(text: str, *, flag: str) -> Amount:
             "percentage like 25%"
         )
     value = float(m["n"])
+    if not math.isfinite(value):  # 400 digits are infinity as a float
+        raise UsageError(f"{flag} {text[:40]!r}... is far too large; write a count of nodes "
+                         "like 2 or a percentage like 25%")
     if m["pct"]:
         if not 0 < value <= 100:
             raise UsageError(f"{flag} {text!r} is out of range; a percentage must be above 0% "

@@ -41,8 +41,8 @@ MAX_INTERVAL = 300.0
 DEFAULT_INTERVAL = 2.0
 PACE_MEMORY = 600.0  # a node offline this recently still counts in the pace (``Fleet.beating``)
 
-_LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,62}$")
-_LABEL_VALUE = re.compile(r"^[A-Za-z0-9_.-]{1,63}$")
+_LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,62}\Z")
+_LABEL_VALUE = re.compile(r"^[A-Za-z0-9_.-]{1,63}\Z")
 
 TransitionKind = Literal["node.online", "node.offline"]
 

@@ -61,7 +61,7 @@ class Retention:
 EVENTS_AGE_MIN, EVENTS_AGE_MAX = 3600.0, 3650 * 86400.0
 EVENTS_BYTES_MIN, EVENTS_BYTES_MAX = 16 * 2**20, 2**50
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGTP]i?B?|B)?$", re.IGNORECASE)
-_AGE = re.compile(r"^(\d+(?:\.\d+)?)d$")
+_AGE = re.compile(r"^(\d+(?:\.\d+)?)d\Z")
 
 
 def parse_size(text: str, *, what: str) -> int:

@@ -10,21 +10,28 @@ from __future__ import annotations
 import math
 
 from coordinator.core import staging
+from coordinator.core.amounts import parse_amount
 from coordinator.errors import UsageError
 from protocol import subjects
 from protocol.cohort import CohortError, parse_key, parse_rule
+from protocol.durations import MAX_SECONDS
 from protocol.messages import RolloutSpec
 
 
 def check_common(spec: RolloutSpec) -> None:
     """Refuse settings no strategy can carry out (ranges, non-finite numbers, bad names)."""
     subjects.check_name("service", spec.service)
+    # As the CLI's durations (``protocol.durations``): the API is reachable without the CLI.
     for name, value, low in (("--bake", spec.bake, 0.0),
                               ("--scale-down-delay", spec.scale_down_delay, 0.0)):
-        if not math.isfinite(value) or value < low:
-            raise UsageError(f"{name} must be a duration of 0 or more, not {value!r}")
-    if not math.isfinite(spec.progress_deadline) or spec.progress_deadline <= 0:
-        raise UsageError("--progress-deadline must be a positive duration, e.g. 2m")
+        if not math.isfinite(value) or not low <= value <= MAX_SECONDS:
+            raise UsageError(f"{name} must be a duration of 0 to a year, not {value!r}")
+    if not math.isfinite(spec.progress_deadline) or not 0 < spec.progress_deadline <= MAX_SECONDS:
+        raise UsageError("--progress-deadline must be a positive duration up to a year, e.g. 2m")
+    parse_amount(spec.batch, flag="--batch")
+    parse_amount(spec.max_unavailable, flag="--max-unavailable")
+    for step in spec.steps:
+        parse_amount(step, flag="--steps")
     if not 0 <= spec.mirror <= 100:
         raise UsageError(f"--mirror {spec.mirror:g}% is out of range; use 0% to 100%")
     g = spec.gates

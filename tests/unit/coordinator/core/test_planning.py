@@ -62,6 +62,8 @@ def test_max_unavailable_table(name: str, text: str, total: int, expected: int) 
         ("1.5", "whole number"),
         ("", "not a count"),
         ("5 %", "not a count"),
+        ("9" * 400, "far too large"),  # infinity as a float (was an OverflowError)
+        ("\u0661", "not a count"),  # an Arabic-Indic one: "\d" took it
     ],
 )
 def test_bad_amounts_say_why(text: str, why: str) -> None:

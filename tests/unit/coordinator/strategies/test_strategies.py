@@ -57,6 +57,16 @@ def test_each_wave_of_a_plan_has_the_kind_its_strategy_names(
         pytest.param({"strategy": "shadow", "mirror": 0.0}, "--mirror", id="shadow-mirror"),
         pytest.param({"strategy": "shadow", "mirror": 5.0, "mirror_methods": []},
                      "--mirror-methods", id="shadow-methods"),
+        # Found by a review: the API is reachable without the CLI, whose checks these were
+        # (a delay of 1e300 s crashed `status` on time.localtime; 400 digits of batch were an
+        # OverflowError answered as the coordinator's internal error).
+        pytest.param({"strategy": "blue-green", "scale_down_delay": 1e300},
+                     "--scale-down-delay", id="common-delay-past-a-year"),
+        pytest.param({"progress_deadline": 1e300}, "--progress-deadline",
+                     id="common-deadline-past-a-year"),
+        pytest.param({"batch": "9" * 400}, "far too large", id="common-batch-overflow"),
+        pytest.param({"strategy": "canary", "steps": ["1", "9" * 400, "100%"]},
+                     "far too large", id="canary-step-overflow"),
     ],
 )
 def test_validate_refuses_what_no_fleet_could_carry_out(fields: dict[str, object],
