@@ -477,10 +477,12 @@ class Lease:
                     log.info("coordinator %s (%s pid %d) leads, term %d", held.holder, held.host,
                              held.pid, held.term)
                 self.current = held
-            # Ours, untouched since we last renewed it (we were paused, or lost the bus a while):
-            # take it again at once, under a new term (the old term's writes stay fenced off).
-            mine = held is not None and held.holder == self.me and entry is not None \
-                and entry.revision == self._last
+            # Ours (we were paused, or lost the bus a while, or our take landed and its reply
+            # was lost: a revision we never learned): take it again at once, under a new term
+            # (the old term's writes stay fenced off). Ids are random per process, so a record
+            # names us only if we wrote it; waiting a ttl for our own lost reply left the fleet
+            # without a leader that long (found by a review).
+            mine = held is not None and held.holder == self.me
             # The longer of our ttl and the leader's (``--lease-ttl``): never sooner than it
             # promised itself to hold on.
             ttl = max(self.ttl, known.ttl if known is not None else 0.0)
@@ -557,7 +559,11 @@ class Lease:
                                                          encode(renewed), self._rev)
             except Conflict:
                 self._answered(sent)
-                ours = await self._recover()
+                try:  # within what is left of the ttl: its reads may each wait OP_TIMEOUT
+                    async with asyncio.timeout(max(0.1, self.ttl - (self._mono() - last_ok))):
+                        ours = await self._recover()
+                except TimeoutError:
+                    ours = None  # cannot tell in time: the ttl's check below ends the lead
                 if ours:  # our last renewal landed (its answer was lost), or it was forged
                     last_ok = sent
                     continue

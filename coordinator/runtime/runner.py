@@ -511,8 +511,12 @@ class Runner:
                 revision = await self.store.create(record, layout)
                 try:
                     await self.store.take_lock(spec.service, rid)
-                except Deposed:
-                    raise
+                except Deposed as exc:
+                    # The record is stored: the leader after us takes its lock and starts it
+                    # (``_own_lock``). "No rollout was started" would be untrue, and the CLI's
+                    # retry of it a second deploy (found by a review).
+                    self._lose(exc)
+                    raise _accepted(rid, exc) from None
                 except Conflict:  # another coordinator's rollout took it meanwhile
                     await self.store.discard(record)
                     raise

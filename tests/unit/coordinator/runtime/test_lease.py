@@ -433,3 +433,46 @@ async def test_a_new_lease_starts_above_a_forged_fences_kept_markers() -> None:
         await bus.kv_put(bucket, subjects.FENCE_KEY, FORGED)
     won = await asyncio.wait_for(lease(bus, "a", mono).acquire(), 2)
     assert won.term == 8
+
+
+async def test_a_take_whose_reply_was_lost_is_taken_again_at_once() -> None:
+    """The take landed and its reply was lost: the lease names this coordinator at a revision
+    it never learned. It takes it again at once, under a new term, not after a ttl with the
+    fleet leaderless meanwhile (found by a review)."""
+    bus, mono = FakeBus(), FakeClock()
+    real = bus.kv_create
+    lost = [True]
+
+    async def create(bucket: str, key: str, value: bytes) -> int:
+        rev = await real(bucket, key, value)
+        if lost:
+            lost.clear()
+            raise BusError("no answer")  # it landed; the reply did not come
+        return rev
+
+    bus.kv_create = create  # type: ignore[method-assign]
+    a = Lease(bus, me="a", ttl=2.0, renew=0.4, poll=0.001, monotonic=mono)
+    won = await asyncio.wait_for(a.acquire(), 1)  # mono never moves: no ttl passes
+    assert won.holder == "a" and won.term == 2 and not lost
+
+
+async def test_a_recovery_that_hangs_does_not_keep_a_leader_past_its_ttl() -> None:
+    """A renewal refused (another revision), then the reads that tell whether the lease is still
+    ours hang (a slow bus: each may wait OP_TIMEOUT, 12 s): the leader stops leading about a
+    ttl after its last renewal, not after them (found by a review)."""
+    import time
+
+    bus = FakeBus()
+    a = Lease(bus, me="a", ttl=0.3, renew=0.05, poll=0.01, monotonic=time.monotonic)
+    await asyncio.wait_for(a.acquire(), 1)
+    bus.set("put", subjects.lease_bucket(FLEET), subjects.LEASE_KEY,
+            encode(LeaseRecord(holder="b", term=9)))  # its next renewal: a Conflict
+
+    async def hangs() -> bool | None:
+        await asyncio.Event().wait()
+        return None
+
+    a._recover = hangs  # type: ignore[method-assign]
+    began = time.monotonic()
+    why = await asyncio.wait_for(a.hold(), 5)
+    assert "not renewed" in why and time.monotonic() - began < 2.0, why

@@ -12,6 +12,7 @@ import pytest
 
 import coordinator.runtime.desired as desired_mod
 from coordinator.core import pages
+from coordinator.errors import RemoteError
 from protocol import subjects
 from protocol.errors import BusError
 from protocol.messages import DesiredState, ReleaseRef
@@ -127,3 +128,26 @@ async def test_a_create_whose_reply_was_lost_leaves_the_history_right() -> None:
     clock.t += 10
     second = await r.deploy(spec(version=OLD.version), OLD)
     assert lost and await r.store.latest() == second.id
+
+
+async def test_a_deploy_whose_leader_is_deposed_after_its_record_says_it_will_start() -> None:
+    """A standby fences between the leader's create of a record and its take of the service's
+    lock: the record is stored, and the next leader takes its lock and starts it. The operator
+    is told so ("accepted", with its id), not "no rollout was started; try again", whose retry
+    would be a second deploy (found by a review)."""
+    bus, clock = fleet_bus(), FakeClock()
+    old = runner(bus, clock)
+    real = old.store.take_lock
+
+    async def fenced_first(service: str, rid: str) -> None:
+        fence(bus, 2)  # a standby took the lease and fenced (this leader was paused)
+        await real(service, rid)
+
+    old.store.take_lock = fenced_first  # type: ignore[method-assign]
+    with pytest.raises(RemoteError) as info:
+        await old.deploy(spec(), NEW, "alice")
+    assert info.value.code == "accepted" and isinstance(info.value.data, dict), info.value
+    rid = info.value.data["id"]
+    successor = runner(bus, clock)  # the next leader, term 2
+    await successor.resync()
+    assert list(successor.drivers) == [rid]
