@@ -77,23 +77,30 @@ async def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -
     if parts.username is not None:  # https://user:password@host/...: basic authentication
         pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
         head.append(f"Authorization: Basic {base64.b64encode(pair).decode()}")
-    async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_connection(
-            host, port, ssl=ssl.create_default_context() if tls else None)
-        try:
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(
+                host, port, ssl=ssl.create_default_context() if tls else None)
             writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
             await writer.drain()
-            status_line = await reader.readline()
-        except ValueError:  # a line longer than the reader's limit: not HTTP
-            status_line = b"(an endless line)"
-        finally:
+            try:
+                status_line = await reader.readline()
+            except ValueError:  # a line longer than the reader's limit: not HTTP
+                status_line = b"(an endless line)"
+    finally:
+        # Closed outside the answer's timeout: over TLS the close waits for the peer's
+        # close_notify, and a receiver that answered 200 and held the connection had its answer
+        # thrown away as "no answer" (found by a review: six POSTs, six 200s, NOT delivered).
+        if writer is not None:
             writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-    try:
-        return int(status_line.split(b" ", 2)[1])
-    except (IndexError, ValueError):
-        raise OSError(f"not an HTTP answer: {status_line[:60]!r}") from None
+            with contextlib.suppress(OSError, TimeoutError):
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
+    words = status_line.split(None, 2)  # "HTTP/1.1 200 OK", or "HTTP/1.1 200" with no reason
+    code = words[1] if len(words) > 1 else b""
+    if len(code) != 3 or not code.isdigit():  # int() would take "2_00" or " 200"
+        raise OSError(f"not an HTTP answer: {status_line[:60]!r}")
+    return int(code)
 
 
 class Notifier:
@@ -212,8 +219,8 @@ class Notifier:
                 answer = f"HTTP {status}"
             except TimeoutError:
                 answer = f"no answer within {self._timeout:g}s"
-            except (OSError, ssl.SSLError) as exc:
-                answer = f"cannot connect: {exc.strerror or exc}"
+            except (OSError, ssl.SSLError, UnicodeError) as exc:  # (a host IDNA refuses)
+                answer = f"cannot connect: {getattr(exc, 'strerror', None) or exc}"
             if doc.delivered(status):
                 log.info("notify %s: %s delivered, attempt %d/%d: %s", target.shown, what,
                          attempt, self._attempts, answer)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import re
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -96,8 +97,13 @@ def parse_target(text: str) -> Target:
     try:
         parts = urlsplit(url)
         port = parts.port
-    except ValueError as exc:
-        raise BadTarget(f"notify URL {_safe(text)!r} is malformed ({exc}); give "
+        if port == 0:
+            raise ValueError("port 0")
+        if parts.hostname:
+            parts.hostname.encode("idna")  # an empty label or one over 63 characters
+    except (ValueError, UnicodeError):
+        # No ({exc}): urlsplit's words quote the URL's userinfo (a password) or path.
+        raise BadTarget(f"notify URL {_safe(text)!r} is malformed (its host or port); give "
                         "http(s)://HOST[:PORT]/PATH or slack+https://hooks.slack.com/...") from None
     schemes = ("https",) if slack else ("http", "https")
     if parts.scheme not in schemes or not parts.hostname:
@@ -111,8 +117,14 @@ def parse_target(text: str) -> Target:
 
 
 def _safe(text: str) -> str:
-    """``text`` cut before anything secret-looking, for an error message."""
-    return text.split("?", 1)[0].split("@")[-1][:80]
+    """``text`` for an error message: its scheme and host, nothing after (a Slack URL's path
+    is its token; a password may sit in userinfo, a token in the query)."""
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return "(not a URL)"
+    # After the last "@" (userinfo may hold "/" or "?"), up to the path, query or fragment.
+    host = re.split(r"[/?#]", rest.rsplit("@", 1)[-1], maxsplit=1)[0]
+    return f"{scheme}://{host[:60]}/..."[:80]
 
 
 @dataclass(frozen=True)
@@ -168,8 +180,13 @@ def slack_message(n: Notification) -> dict[str, Any]:
     phones show) and the facts as a section's fields."""
     versions = f"{n.from_version or '(nothing)'} → {n.to_version}" if n.to_version else ""
     icon = SLACK_ICONS.get(n.severity, "")
-    head = (f"{icon} *{n.service or n.rollout}* {n.what.replace('_', ' ')}"
-            + (f" ({versions})" if versions else "") + f": {n.message}")
+    # Every value escaped (Slack's control characters: a service's log line in a reason could
+    # say <!channel> or carry a disguised link), and cut to Slack's limits (3,000 characters a
+    # section's text, 2,000 a field: a longer message is refused with a 400, and the alert is
+    # lost; the JSON webhook carries the whole text).
+    head = _cut(f"{icon} *{_esc(n.service or n.rollout)}* {n.what.replace('_', ' ')}"
+                + (f" ({_esc(versions)})" if versions else "") + f": {_esc(n.message)}",
+                SLACK_TEXT_MAX)
     fields = [("Rollout", n.rollout), ("Fleet", n.fleet), ("Strategy", n.strategy),
               ("Wave", "" if n.wave is None else str(n.wave + 1)), ("Who", n.who),
               ("Reason", n.reason), ("At", n.at)]
@@ -179,10 +196,24 @@ def slack_message(n: Notification) -> dict[str, Any]:
         "text": head,
         "blocks": [
             {"type": "section", "text": {"type": "mrkdwn", "text": head}},
-            {"type": "section", "fields": [{"type": "mrkdwn", "text": f"*{k}*\n{v}"}
-                                           for k, v in fields if v != ""][:10]},
+            {"type": "section", "fields": [
+                {"type": "mrkdwn", "text": f"*{_esc(k)}*\n{_cut(_esc(v), SLACK_FIELD_MAX)}"}
+                for k, v in fields if v != ""][:10]},
         ],
     }
+
+
+SLACK_TEXT_MAX = 2900  # Slack's section text: 3,000 characters
+SLACK_FIELD_MAX = 1900  # a section's field: 2,000
+
+
+def _esc(text: str) -> str:
+    """``text`` with Slack's control characters escaped, as its documentation asks."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _cut(text: str, most: int) -> str:
+    return text if len(text) <= most else text[:most - 1] + "…"
 
 
 def _figure(value: float | int | str) -> str:

@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from pathlib import Path
 
 import msgspec
 import pytest
 
 from coordinator.runtime import notify_doc as doc
-from coordinator.runtime.notify import Notifier
+from coordinator.runtime.notify import Notifier, post
 from protocol.codec import encode
 from protocol.messages import Event, ReleaseRef, RolloutRecord, RolloutSpec
 
@@ -183,3 +184,49 @@ async def test_an_event_cut_off_mid_delivery_is_handed_back() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert pulled.done == ["nak"]
+
+
+async def test_a_tls_receiver_that_answers_and_holds_the_connection_is_delivered(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over TLS, closing waits for the peer's close_notify; a receiver that answered 200 and
+    then held the connection had its answer thrown away as "no answer" (the close ran inside
+    the answer's timeout: six POSTs, six 200s, NOT delivered, in the review's run)."""
+    import datetime as dt
+    import socket
+    import ssl
+    import threading
+
+    from coordinator.auth import pki
+
+    now = dt.datetime.now(dt.UTC)
+    ca = pki.make_ca("test", now)
+    server = pki.make_server(ca, pki.server_names(("localhost",)), now)
+    (tmp_path / "ca.pem").write_bytes(ca.cert)
+    (tmp_path / "s.pem").write_bytes(server.cert)
+    (tmp_path / "s-key.pem").write_bytes(server.key)
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(tmp_path / "s.pem", tmp_path / "s-key.pem")
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    done = threading.Event()
+
+    def answer_and_hold() -> None:  # a blocking receiver: it reads nothing after answering
+        conn, _ = listener.accept()
+        with ctx.wrap_socket(conn, server_side=True) as tls:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += tls.recv(65536)
+            tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            done.wait(10)  # held until the test ends
+
+    receiver = threading.Thread(target=answer_and_hold, daemon=True)
+    receiver.start()
+    try:
+        status = await asyncio.wait_for(
+            post(f"https://localhost:{port}/hook", b"{}", {}, 2.0), 10)
+    finally:
+        done.set()
+        receiver.join(10)
+        listener.close()
+    assert status == 200

@@ -115,12 +115,45 @@ def test_targets_are_shown_without_secrets(url: str, shown: str, slack: bool) ->
 
 
 @pytest.mark.parametrize("url", ["ftp://host/x", "slack+http://hooks.slack.com/x", "hooks/x",
-                                 "http://", "http://host:99999/x"])
+                                 "http://", "http://host:99999/x",
+                                 # found by a review: accepted, then every event a traceback,
+                                 # or posted to port 80 while the logs said :0
+                                 "http://hooks..example.com/x", "http://" + "a" * 64 + ".io/x",
+                                 "http://host:0/x"])
 def test_bad_targets_are_refused_in_one_line(url: str) -> None:
     """A URL that is not http(s) or slack+https is refused with what to give instead."""
     with pytest.raises(doc.BadTarget, match="give") as info:
         doc.parse_target(url)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("url", "secret"), [
+    ("slack+http://hooks.slack.com/services/T0/B0/SLACKTOKEN", "SLACKTOKEN"),
+    ("slack+https://hooks.slack.com:99999/services/T0/B0/SLACKTOKEN", "SLACKTOKEN"),
+    ("https://bob:s3cr?et@hooks.example.com/x", "s3cr"),
+    ("https://bob:pa/ss@hooks.example.com/x", "pa"),
+])
+def test_a_refused_target_does_not_show_its_secrets(url: str, secret: str) -> None:
+    """The error names the scheme and host only: a Slack URL's path is its token, userinfo and
+    query may hold passwords (the review saw them in the message, urlsplit quoting them)."""
+    with pytest.raises(doc.BadTarget) as info:
+        doc.parse_target(url)
+    assert secret not in str(info.value), info.value
+
+
+def test_slack_text_is_escaped_and_cut_to_slacks_limits() -> None:
+    """A service's log line in a reason (an agent's failure) can say <!channel> or carry a
+    disguised link: escaped as Slack asks. A reason naming forty nodes is over Slack's 3,000
+    characters a section and 2,000 a field, which it refuses with a 400 (the alert lost): cut."""
+    hostile = "db down <!channel> see <https://evil.example/login|runbook> & more"
+    n = doc.document(event("gate.failed", hostile + " x" * 3000, wave=1, reason=hostile * 60),
+                     FACTS)
+    msg = doc.slack_message(n)
+    head = msg["blocks"][0]["text"]["text"]
+    assert "<!channel>" not in head and "&lt;!channel&gt;" in head and "&amp; more" in head
+    assert len(head) <= 3000 and msg["text"] == head
+    for f in msg["blocks"][1]["fields"]:
+        assert len(f["text"]) <= 2000 and "<https://evil" not in f["text"], f["text"][:80]
 
 
 def test_backoff_doubles_and_stays_near_a_minute() -> None:
