@@ -95,7 +95,7 @@ async def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -
         if writer is not None:
             writer.close()
             with contextlib.suppress(OSError, TimeoutError):
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
+                await bounded(writer.wait_closed(), 1.0)
     words = status_line.split(None, 2)  # "HTTP/1.1 200 OK", or "HTTP/1.1 200" with no reason
     code = words[1] if len(words) > 1 else b""
     if len(code) != 3 or not code.isdigit():  # int() would take "2_00" or " 200"
