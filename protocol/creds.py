@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from protocol.errors import ProtocolError
+from protocol.subjects import check_name
 
 ROLES = ("coordinator", "operator", "node")
 BEGIN = "-----BEGIN USER NKEY SEED-----"
@@ -122,6 +123,9 @@ def parse(text: str, where: str) -> Creds:
         line = line.strip()
         m = _HEADER.match(line)
         if m:
+            if seed or m[1] in fields:  # a line appended later must not override the header
+                raise ProtocolError(f"{where}: a second '# {m[1]}:' line, or one after the "
+                                    "seed; use the file 'fleetwave auth' made, unedited")
             fields[m[1]] = m[2]
         elif _SEED.match(line):
             seed = line
@@ -131,6 +135,11 @@ def parse(text: str, where: str) -> Creds:
             f"{where} is not a fleetwave credentials file (no {', '.join(missing) or 'known role'}"
             "); use a file made by 'fleetwave auth init' or 'fleetwave auth add-node'"
         )
+    for key in ("fleet", "name"):  # the name becomes a node id: subjects, a data dir
+        try:
+            check_name(key, fields[key])
+        except ProtocolError as exc:
+            raise ProtocolError(f"{where}: {exc}") from None
     expires = parse_time(fields["expires"], f"{where}: expires") if "expires" in fields else None
     return Creds(fleet=fields["fleet"], role=fields["role"], name=fields["name"], seed=seed,
                  expires=expires)

@@ -109,23 +109,48 @@ def store_seed(path: Path, seed: bytes) -> None:
 
 
 def load_seed(path: Path) -> bytes:
-    """Read a seed file; refuse one that others can read, or that holds no valid seed."""
+    """Read a seed file; refuse anything but a regular file owned by this user (or root), one
+    that others can read, or one that holds no coordinator seed (SA...). A symbolic link is
+    followed (keys are often managed so), and the checks hold for the file it names: opened,
+    then ``fstat`` (a file another user placed in a shared directory, or linked to, is theirs
+    to know)."""
     path = Path(path)
     try:
-        st = path.stat()
-        text = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:
         raise ProtocolError(f"{path}: cannot read the signing key: {exc.strerror}") from None
-    if stat.S_IMODE(st.st_mode) & 0o077:
-        raise ProtocolError(
-            f"{path}: signing key is readable by others (mode {stat.S_IMODE(st.st_mode):o}); "
-            f"run 'chmod 600 {path}'"
-        )
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ProtocolError(f"{path}: the signing key is not a regular file; pass a key "
+                                "file with --key-file")
+        if st.st_uid not in (os.geteuid(), 0):
+            raise ProtocolError(
+                f"{path}: signing key is owned by uid {st.st_uid}, not by this user "
+                f"(uid {os.geteuid()}); anyone who owns it can replace the key: use a key file "
+                "of your own"
+            )
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            raise ProtocolError(
+                f"{path}: signing key is readable by others (mode {stat.S_IMODE(st.st_mode):o}); "
+                f"run 'chmod 600 {path}'"
+            )
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            text = f.read()
+    except OSError as exc:
+        raise ProtocolError(f"{path}: cannot read the signing key: {exc.strerror}") from None
+    finally:
+        os.close(fd)
     seed = text.strip()
     try:
         public_key(seed)
     except ProtocolError:
         raise ProtocolError(f"{path}: does not hold an nkeys seed (SA...)") from None
+    if not seed.startswith(b"SA"):  # the key agents trust is an account key (generate_seed)
+        kind = seed[:2].decode()
+        raise ProtocolError(f"{path}: holds an nkeys seed of another kind ({kind}...), not a "
+                            "coordinator signing key (SA...); remove it to have one made, or "
+                            "restore the coordinator's key")
     return seed
 
 

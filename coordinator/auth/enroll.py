@@ -149,6 +149,14 @@ def _new_seed() -> tuple[str, str]:
     return seed.decode(), kp.public_key.decode()
 
 
+def _public_key(seed: str) -> str | None:
+    """The public key of a user nkey ``seed``, or None if it is none."""
+    try:
+        return str(nkeys.from_seed(bytearray(seed.encode())).public_key.decode())
+    except (nkeys.NkeysError, ValueError, TypeError, IndexError):
+        return None
+
+
 class AuthDir:
     """One fleet's auth directory (see the module docstring)."""
 
@@ -241,6 +249,10 @@ class AuthDir:
                     f"'fleetwave auth renew {self.path} {name}', or revoke it first with "
                     f"'fleetwave auth revoke {self.path} {name}' to issue new credentials"
                 )
+            other = next((u for u in users if u.name == name), None)
+            if other is not None:  # revoke and renew take a name only: it must be one identity
+                raise UsageError(f"{name!r} is already the {other.role} {name!r} in {self.path}; "
+                                 f"pick another name for the {role}")
             users.append(self._issue(fleet, role, name, when + expires if expires else None))
             self._save(fleet, names, users, when, accounts=self.accounts())
         return self.creds_path(role, name)
@@ -328,6 +340,8 @@ class AuthDir:
         path = self.creds_path(who.role, who.name)
         try:
             old = creds_file.parse(path.read_text(), str(path))
+            if _public_key(old.seed) != who.nkey:  # another key: keeping it would lock out
+                raise ProtocolError(f"{path} holds another key than {who.role} {who.name}'s")
         except (OSError, ProtocolError):
             raise UsageError(
                 f"{path} is missing or damaged, so its key cannot be kept; renew with --new-key "

@@ -28,10 +28,13 @@ the bad write may have been a revocation).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import logging
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +48,7 @@ from protocol.errors import ProtocolError
 log = logging.getLogger("fleetwave.coordinator.http")
 
 FILE_NAME = "web-tokens.json"
+LOCK_NAME = ".web-tokens.lock"  # held (flock) by add and revoke around read and rewrite
 PREFIX = "fwt_"
 MAX_TOKEN = 256  # a longer Authorization value is no token of ours; refused before hashing
 
@@ -152,26 +156,42 @@ def add(directory: Path, name: str, expires: float | None, now: float) -> tuple[
     file's path."""
     check_name(name)
     path = directory / FILE_NAME
-    tokens = _existing(path)
-    if any(t.name == name for t in tokens):
-        raise UsageError(f"{path} already has a token named {name!r}; revoke it first with "
-                         f"'fleetwave auth revoke-web-token {directory} {name}'")
-    token = new_token()
-    tokens.append(WebToken(name=name, sha256=digest(token), created=now, expires=expires))
-    _save(directory, path, tokens)
+    with _locked(directory):
+        tokens = _existing(path)
+        if any(t.name == name for t in tokens):
+            raise UsageError(f"{path} already has a token named {name!r}; revoke it first with "
+                             f"'fleetwave auth revoke-web-token {directory} {name}'")
+        token = new_token()
+        tokens.append(WebToken(name=name, sha256=digest(token), created=now, expires=expires))
+        _save(directory, path, tokens)
     return token, path
 
 
 def revoke(directory: Path, name: str) -> Path:
     """Remove ``name``'s token from ``directory``'s token file; its path."""
     path = directory / FILE_NAME
-    tokens = _existing(path)
-    kept = [t for t in tokens if t.name != name]
-    if len(kept) == len(tokens):
-        raise UsageError(f"{path} has no token named {name!r}; its names: "
-                         f"{', '.join(t.name for t in tokens) or 'none'}")
-    _save(directory, path, kept)
+    with _locked(directory):
+        tokens = _existing(path)
+        kept = [t for t in tokens if t.name != name]
+        if len(kept) == len(tokens):
+            raise UsageError(f"{path} has no token named {name!r}; its names: "
+                             f"{', '.join(t.name for t in tokens) or 'none'}")
+        _save(directory, path, kept)
     return path
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """One change of the token file at a time, across processes (each reads, then rewrites
+    the whole file: two at once would lose one's token or revocation)."""
+    _make(directory)
+    try:
+        lock = (directory / LOCK_NAME).open("a")
+    except OSError as exc:
+        raise UsageError(f"cannot open {directory / LOCK_NAME} ({exc.strerror or exc})") from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _existing(path: Path) -> list[WebToken]:
@@ -183,11 +203,15 @@ def _existing(path: Path) -> list[WebToken]:
         raise UsageError(f"cannot read {path} ({exc.strerror or exc})") from None
 
 
-def _save(directory: Path, path: Path, tokens: list[WebToken]) -> None:
+def _make(directory: Path) -> None:
     try:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         raise UsageError(f"cannot make {directory} ({exc.strerror or exc})") from None
+
+
+def _save(directory: Path, path: Path, tokens: list[WebToken]) -> None:
+    _make(directory)
     write_private(path, msgspec.json.format(msgspec.json.encode(TokenDoc(tokens=tokens))))
 
 

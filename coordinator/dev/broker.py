@@ -43,7 +43,7 @@ from coordinator.auth.enroll import (
 )
 from coordinator.auth.routes import check_serves_routes
 from coordinator.dev.cluster import ClusterSpec, render_cluster
-from coordinator.errors import BrokerError, UsageError
+from coordinator.errors import BrokerError, FleetwaveError, UsageError
 from coordinator.runtime.deliveries import sweep_store
 from protocol.loop import bounded
 
@@ -160,6 +160,7 @@ class Broker:
         self.auth = auth.absolute() if auth is not None else None
         self.reloads = 0
         self._pruned_at = dt.datetime.now(dt.UTC)  # users.conf was last rendered for this time
+        self._prune_failed = False  # said once until a render succeeds again
         self._auth_task: asyncio.Task[None] | None = None
         self._accounts = False  # the layout of the auth directory when the server started
         self._layout_said = False
@@ -360,12 +361,18 @@ class Broker:
         """Render users.conf for now (expired identities left out), saying who was cut off."""
         assert self.auth is not None
         now = dt.datetime.now(dt.UTC)
-        self._pruned_at = now  # (also if it fails: retried at the next expiry or change)
         try:
             expired, changed = AuthDir(self.auth).prune(now)
-        except OSError as exc:  # a read-only DIR: serve it as it is
-            log.warning("cannot re-render %s: %s", self.auth / USERS, exc)
+        except UsageError:
+            raise  # auth.json mid-change: the caller tries again at the next poll
+        except (OSError, FleetwaveError) as exc:  # a full disk, a read-only DIR: serve it as
+            # it is; _pruned_at stays, so the next poll (and every change) tries again
+            if not self._prune_failed:
+                log.warning("cannot re-render %s: %s", self.auth / USERS, exc)
+            self._prune_failed = True
             return
+        self._pruned_at = now
+        self._prune_failed = False
         if changed and expired:
             log.warning("left out of %s as expired: %s", self.auth / USERS,
                         ", ".join(f"{u.role} {u.name}" for u in expired))

@@ -393,3 +393,42 @@ def test_the_store_moves_to_the_fleets_account_or_nothing_changes(tmp_path: Path
     (store / "jetstream" / "$G").rmdir()
     assert move_store(store, revert=True)
     assert (store / "jetstream" / "$G" / "streams" / "KV_x").is_dir()
+
+
+def test_a_name_is_one_identity_whatever_its_role(tmp_path: Path) -> None:
+    """A node may not take an operator's name (nor the coordinator's), so revoke and renew,
+    which take a name only, always find one identity."""
+    d = _auth(tmp_path)
+    before = (d.path / "auth.json").read_text()
+    with pytest.raises(UsageError, match="already the operator 'alice'"):
+        d.add("node", "alice", now=T0)
+    with pytest.raises(UsageError, match="already the coordinator 'coordinator'"):
+        d.add("node", "coordinator", now=T0)
+    d.add("node", "node-1", now=T0)
+    with pytest.raises(UsageError, match="already the node 'node-1'"):
+        d.add("operator", "node-1", now=T0)
+    assert not (d.path / "nodes" / "alice.creds").exists()
+    assert d.revoke("node-1").role == "node"
+    assert (d.path / "auth.json").read_text() == before
+
+
+def test_renew_keeps_only_the_identitys_own_key(tmp_path: Path) -> None:
+    """A creds file holding another identity's seed (or a damaged one) is refused when the
+    key is kept, changing nothing; --new-key still works."""
+    d = _auth(tmp_path)
+    path = d.add("node", "node-3", now=T0)
+    other = creds_file.parse((d.path / "operators" / "alice.creds").read_text(), "x")
+    mine = creds_file.parse(path.read_text(), "x")
+    path.write_text(creds_file.render(creds_file.Creds(
+        fleet="default", role="node", name="node-3", seed=other.seed)))
+    before = (d.path / "auth.json").read_text()
+    with pytest.raises(UsageError, match=r"missing or damaged.*--new-key"):
+        d.renew("node-3", dt.timedelta(days=1), now=T0)
+    bad = mine.seed[:20] + ("A" if mine.seed[20] != "A" else "B") + mine.seed[21:]  # damaged
+    path.write_text(creds_file.render(creds_file.Creds(
+        fleet="default", role="node", name="node-3", seed=bad)))
+    with pytest.raises(UsageError, match=r"missing or damaged.*--new-key"):
+        d.renew("node-3", dt.timedelta(days=1), now=T0)
+    assert (d.path / "auth.json").read_text() == before
+    fresh = d.renew("node-3", None, new_key=True, now=T0)
+    assert fresh.nkey in (d.path / "users.conf").read_text()

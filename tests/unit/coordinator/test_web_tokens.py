@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import stat
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -101,3 +103,26 @@ def test_token_file_rereads_on_change_and_fails_closed(tmp_path: Path) -> None:
     path.unlink()
     web_tokens.add(tmp_path / "web", "carol", None, NOW)
     assert tf.current()[1] == ""
+
+
+def test_parallel_adds_and_revokes_lose_nothing(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Adds and revokes running at once each hold the file from read to rewrite: every token
+    added is kept and every revocation reported done holds."""
+    web_tokens.add(tmp_path, "gone", None, now=1.0)
+    read = web_tokens._existing
+
+    def slow(path: Path) -> list[WebToken]:
+        tokens = read(path)
+        time.sleep(0.02)  # widen the read-to-write window, as a slow disk would
+        return tokens
+
+    monkeypatch.setattr(web_tokens, "_existing", slow)
+    names = [f"op-{i}" for i in range(6)]
+    with ThreadPoolExecutor(len(names) + 1) as pool:
+        done = [pool.submit(web_tokens.add, tmp_path, n, None, 1.0) for n in names]
+        done.append(pool.submit(web_tokens.revoke, tmp_path, "gone"))
+        for f in done:
+            f.result()
+    kept = web_tokens.read(tmp_path / web_tokens.FILE_NAME)
+    assert sorted(t.name for t in kept) == names

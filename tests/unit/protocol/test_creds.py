@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,17 @@ def test_credentials_near_their_expiry_get_a_warning() -> None:
     assert "(in 3 hours)" in str(creds.expiring(c, NOON - dt.timedelta(hours=3)))
     assert creds.expiring(c, NOON) is None
     assert creds.expiring(creds.Creds("default", "node", "n", SEED), NOON) is None
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ("# fleet: default\n# role: node\n# name: ../../etc/x.>\n{seed}", "name '../../etc/x.>'"),
+    ("# fleet: a.b\n# role: node\n# name: n1\n{seed}", "fleet name 'a.b'"),
+    ("# fleet: default\n# role: node\n# name: n1\n{seed}# role: coordinator\n", "after the seed"),
+    ("# fleet: default\n# role: node\n# name: n1\n# name: n2\n{seed}", "a second '# name:'"),
+])
+def test_a_header_that_is_no_identity_is_refused(text: str, why: str) -> None:
+    """A name or fleet no subject may hold, a header line after the seed or a repeated one is
+    one line naming the file: the agent takes its node id from the header."""
+    armoured = f"{creds.BEGIN}\n{SEED}\n{creds.END}\n"
+    with pytest.raises(ProtocolError, match=f"^x: .*{re.escape(why)}"):
+        creds.parse(text.format(seed=armoured), "x")

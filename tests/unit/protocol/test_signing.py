@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 
@@ -217,3 +218,36 @@ def test_a_lower_term_than_the_one_run_is_refused_and_an_equal_or_higher_accepte
 def test_a_negative_term_is_refused() -> None:
     with pytest.raises(ProtocolError, match="lease term"):
         check(sign(SEED, desired(), term=-1))
+
+
+def test_load_seed_refuses_a_key_not_surely_the_coordinators(tmp_path: Path) -> None:
+    """Something not a regular file, or a user seed (SU...), are one-line errors naming the
+    file; a symbolic link to our own key is followed (keys are often managed so)."""
+    path = tmp_path / "k"
+    store_seed(path, SEED)
+    link = tmp_path / "link"
+    link.symlink_to(path)
+    assert load_seed(link) == load_seed(path)
+    with pytest.raises(ProtocolError, match="not a regular file"):
+        load_seed(tmp_path)
+    user = nkeys.encode_seed(bytes(32), nkeys.PREFIX_BYTE_USER)
+    path.write_bytes(user + b"\n")
+    with pytest.raises(ProtocolError, match=r"another kind \(SU\.\.\.\)"):
+        load_seed(path)
+
+
+def test_load_seed_refuses_a_key_another_user_owns(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A private seed file owned by neither this user nor root could have been planted, also
+    behind a symbolic link: the checks hold for the file the link names."""
+    path = tmp_path / "k"
+    store_seed(path, SEED)
+    link = tmp_path / "link"
+    link.symlink_to(path)
+    if os.geteuid() == 0:  # root is trusted as an owner: plant it as nobody
+        os.chown(path, 65534, 65534)
+    else:  # only root may chown: be another user instead
+        monkeypatch.setattr(os, "geteuid", lambda: path.stat().st_uid + 1)
+    for planted in (path, link):
+        with pytest.raises(ProtocolError, match="owned by uid"):
+            load_seed(planted)
