@@ -103,6 +103,8 @@ def parse_lifetime(text: str) -> dt.timedelta:
         seconds = parse_duration(rest, what="--expires") if rest else 0.0
     except ProtocolError as exc:
         raise UsageError(f"{exc} (or days: '90d', '365d')") from None
+    if days > MAX_LIFETIME.days:  # (a timedelta of 99999999999 days is an OverflowError)
+        raise UsageError(f"--expires {text!r} must be more than 0 and at most 3660d")
     life = dt.timedelta(days=days, seconds=seconds)
     if not dt.timedelta(0) < life <= MAX_LIFETIME:
         raise UsageError(f"--expires {text!r} must be more than 0 and at most 3660d")
@@ -206,7 +208,7 @@ class AuthDir:
     def init(self, fleet: str, names: tuple[str, ...], operator: str,
              now: dt.datetime | None = None) -> None:
         """Make the whole trust root; refuses an existing DIR (nothing is overwritten)."""
-        if self.path.exists():
+        if os.path.lexists(self.path):  # (a dangling symlink too: mkdir would fail on it)
             raise UsageError(
                 f"{self.path} already exists; fleetwave auth init never overwrites a trust root: "
                 "pick a new directory, or use 'fleetwave auth add-node' on this one"
@@ -214,7 +216,10 @@ class AuthDir:
         check_name("fleet", fleet)
         _check_operator(operator)
         when = now or _now()
-        all_names = pki.server_names(names)
+        try:
+            all_names = pki.server_names(names)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
         ca = pki.make_ca(fleet, when)
         server = pki.make_server(ca, all_names, when)
         self.path.mkdir(parents=True, mode=0o700)

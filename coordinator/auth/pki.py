@@ -9,8 +9,10 @@ ECDSA P-256: small, fast handshakes, accepted by nats-server and Python's ssl.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
+import re
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -54,12 +56,33 @@ def make_ca(fleet: str, now: dt.datetime) -> Pem:
 
 
 def server_names(given: tuple[str, ...]) -> list[str]:
-    """The names the server certificate holds: those given, then localhost and 127.0.0.1."""
+    """The names the server certificate holds: those given, then localhost and 127.0.0.1;
+    ValueError (one line) for a name no certificate can hold: not an IP address nor a DNS name
+    of ASCII labels (letters, digits, '-', '*' first), each at most 63 characters, at most 253
+    in all (a Unicode name must be given as its A-label, xn--...)."""
     names: list[str] = []
     for n in (*given, "localhost", "127.0.0.1"):
         if n not in names:
+            _check_server_name(n)
             names.append(n)
     return names
+
+
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
+
+
+def _check_server_name(name: str) -> None:
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(name)
+        return
+    labels = name.rstrip(".").split(".")
+    if labels and labels[0] == "*":  # a wildcard certificate's first label
+        labels = labels[1:]
+    if (not name or len(name) > 253 or not labels
+            or not all(_LABEL.match(label) for label in labels)):
+        raise ValueError(f"--server-name {name[:80]!r} is not a host name a certificate can "
+                         "hold: ASCII letters, digits and '-' in dot-separated labels of at most "
+                         "63 characters (a Unicode name as its xn-- form), or an IP address")
 
 
 def make_server(ca: Pem, names: list[str], now: dt.datetime) -> Pem:
@@ -75,7 +98,8 @@ def make_server(ca: Pem, names: list[str], now: dt.datetime) -> Pem:
             sans.append(x509.DNSName(n))
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        # A fixed CN: clients check the SANs, and a name of 64+ characters cannot be a CN.
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fleetwave broker")]))
         .issuer_name(ca_cert.subject).public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))

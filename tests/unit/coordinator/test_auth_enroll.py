@@ -10,10 +10,12 @@ import stat
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 from coordinator.auth import perms, pki
 from coordinator.auth.enroll import (
     NOBODY,
+    SERVER,
     AuthDir,
     move_store,
     next_expiry,
@@ -432,3 +434,37 @@ def test_renew_keeps_only_the_identitys_own_key(tmp_path: Path) -> None:
     assert (d.path / "auth.json").read_text() == before
     fresh = d.renew("node-3", None, new_key=True, now=T0)
     assert fresh.nkey in (d.path / "users.conf").read_text()
+
+
+@pytest.mark.parametrize("name", ["", "a" * 64 + ".example.com", "bücher.example",
+                                  'foo bar"}', "-lead.example", "a..b"])
+def test_a_server_name_no_certificate_can_hold_is_one_line(tmp_path: Path, name: str) -> None:
+    """--server-name values that broke certificate generation with a traceback (a CN of 64+
+    characters, Unicode without its xn-- form, empty) or were taken as garbage SANs are refused
+    in one line, and nothing is made (found by a review)."""
+    with pytest.raises(UsageError, match="not a host name a certificate can hold") as info:
+        AuthDir(tmp_path / "auth").init("default", (name,), "alice", now=T0)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "auth").exists()
+
+
+def test_long_names_and_wildcards_are_held_with_a_fixed_common_name(tmp_path: Path) -> None:
+    """A 63-character label, a 200-character name and a wildcard are fine: clients check the
+    SANs; the CN is fixed (a name over 64 characters cannot be one)."""
+    names = ("b" * 63 + ".example.com", ".".join(["c" * 49] * 4), "*.nats.example.com")
+    AuthDir(tmp_path / "auth").init("default", names, "alice", now=T0)
+    cert = x509.load_pem_x509_certificate((tmp_path / "auth" / SERVER).read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(names) <= set(sans.get_values_for_type(x509.DNSName))
+    assert cert.subject.rfc4514_string() == "CN=fleetwave broker"
+
+
+def test_expires_far_too_long_and_init_over_a_dangling_link_are_one_line(
+        tmp_path: Path) -> None:
+    """--expires 99999999999d overflowed a timedelta, and init over a dangling symlink failed in
+    mkdir: both tracebacks before (found by a review)."""
+    with pytest.raises(UsageError, match="at most 3660d"):
+        parse_lifetime("99999999999d")
+    (tmp_path / "auth").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(UsageError, match="already exists"):
+        AuthDir(tmp_path / "auth").init("default", (), "alice", now=T0)
