@@ -11,8 +11,7 @@ import asyncio
 import hashlib
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -20,73 +19,13 @@ import agent.router.client as client_mod
 import agent.router.proxy as proxy_mod
 from agent.router.client import HIGH_WATER
 from agent.router.control import RouterConfig, Upstream
-from agent.router.proxy import Proxy
 from agent.router.routing import build_routing
-
-# handler(conn_no, req_no, head, reader, writer) -> True to keep the connection open
-Handler = Callable[
-    [int, int, bytes, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[bool]
-]
+from tests.unit.agent.router import rig as rig_kit
+from tests.unit.agent.router.rig import Handler, Scripted, path_of
 
 
 def ok(body: bytes, *, extra: bytes = b"") -> bytes:
     return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
-
-
-@dataclass
-class Scripted:
-    """An upstream server that lets ``handler`` answer each request head."""
-
-    handler: Handler
-    port: int = 0
-    conns: int = 0
-    requests: int = 0
-    writers: list[asyncio.StreamWriter] = field(default_factory=list)
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    server: asyncio.Server | None = None
-
-    async def start(self) -> Scripted:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.conns += 1
-        conn_no, req_no = self.conns, 0
-        self.writers.append(writer)
-        task = asyncio.current_task()
-        assert task is not None
-        self.tasks.add(task)
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                req_no += 1
-                self.requests += 1
-                if not await self.handler(conn_no, req_no, head, reader, writer):
-                    break
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        except asyncio.CancelledError:
-            pass  # stop() ends a handler that is still waiting (a hanging upstream)
-        finally:
-            self.tasks.discard(task)
-            writer.close()
-
-    async def stop(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        for w in self.writers:
-            w.close()
-        tasks = list(self.tasks)
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks)
-        await self.server.wait_closed()
-
-
-def path_of(head: bytes) -> bytes:
-    return head.split(b" ", 2)[1]
 
 
 async def echo_path(c: int, r: int, head: bytes, _: object, w: asyncio.StreamWriter) -> bool:
@@ -94,41 +33,23 @@ async def echo_path(c: int, r: int, head: bytes, _: object, w: asyncio.StreamWri
     return True
 
 
-@dataclass
-class Rig:
-    proxy: Proxy
-    port: int
-    upstreams: list[Scripted]
+class Rig(rig_kit.Rig):
+    """The unit tests' rig (``tests.unit.agent.router.rig``) whose ``upstream`` also routes
+    every request to the upstream it starts (one slot, the weight given)."""
 
-    async def upstream(self, handler: Handler, weight: int = 1, slot: str = "a") -> Scripted:
-        up = await Scripted(handler).start()
-        self.upstreams.append(up)
-        routing = build_routing(
-            RouterConfig(
-                service="svc", listen_host="127.0.0.1", listen_port=self.port,
-                upstreams=[Upstream(slot=slot, port=up.port, weight=weight, healthy=True)],
-            )
-        )
-        self.proxy.apply(routing)
+    async def upstream(self, handler: Handler, weight: int = 1,  # type: ignore[override]
+                       slot: str = "a") -> Scripted:
+        up = await super().upstream(handler)
+        self.proxy.apply(build_routing(RouterConfig(
+            service="svc", listen_host="127.0.0.1", listen_port=self.port,
+            upstreams=[Upstream(slot=slot, port=up.port, weight=weight, healthy=True)])))
         return up
 
 
 @pytest.fixture
 async def rig() -> AsyncIterator[Rig]:
-    proxy = Proxy()
-    proxy.start()
-    server = await asyncio.get_running_loop().create_server(proxy.protocol, "127.0.0.1", 0)
-    r = Rig(proxy, server.sockets[0].getsockname()[1], [])
-    try:
+    async with rig_kit.running(Rig) as r:
         yield r
-    finally:
-        server.close()
-        await proxy.close()
-        for pool in proxy.pools.values():
-            pool.close()
-        for up in r.upstreams:
-            await up.stop()
-        await server.wait_closed()
 
 
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bytes]:

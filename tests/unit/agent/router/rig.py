@@ -9,9 +9,11 @@ would. Every wait is bounded (``until``, ``read_response``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from agent.router.control import RouterConfig, Upstream
 from agent.router.proxy import Proxy
@@ -45,6 +47,7 @@ class Scripted:
     conns: int = 0  # connections accepted
     open: int = 0  # connections still open
     requests: int = 0  # request heads read
+    writers: list[asyncio.StreamWriter] = field(default_factory=list)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     server: asyncio.Server | None = None
 
@@ -57,6 +60,7 @@ class Scripted:
         self.conns += 1
         self.open += 1
         conn_no, req_no = self.conns, 0
+        self.writers.append(writer)
         task = asyncio.current_task()
         assert task is not None
         self.tasks.add(task)
@@ -78,6 +82,8 @@ class Scripted:
     async def stop(self) -> None:
         assert self.server is not None
         self.server.close()
+        for w in self.writers:
+            w.close()
         tasks = list(self.tasks)
         for t in tasks:
             t.cancel()
@@ -104,6 +110,29 @@ class Rig:
                        for s, up in slots.items()],
             **options,  # type: ignore[arg-type]  # each test passes other fields
         )))
+
+
+R = TypeVar("R", bound=Rig)
+
+
+@contextlib.asynccontextmanager
+async def running(kind: type[R] = Rig) -> AsyncIterator[R]:  # type: ignore[assignment]
+    """A started proxy listening on a free loopback port, with no config yet, in a ``kind`` of
+    rig; torn down whole (the proxy, its pools, the upstreams the test started)."""
+    proxy = Proxy()
+    proxy.start()
+    server = await asyncio.get_running_loop().create_server(proxy.protocol, "127.0.0.1", 0)
+    r = kind(proxy, server.sockets[0].getsockname()[1])
+    try:
+        yield r
+    finally:
+        server.close()
+        await proxy.close()
+        for pool in proxy.pools.values():
+            pool.close()
+        for up in r.upstreams:
+            await up.stop()
+        await server.wait_closed()
 
 
 async def until(pred: Callable[[], bool], timeout: float = WAIT) -> None:
