@@ -423,7 +423,6 @@ class Lease:
         self.bucket = subjects.lease_bucket(bus.fleet)
         self.current: LeaseRecord | None = None  # the lease as last read (or written) here
         self._rev = 0  # revision of the lease while we hold it
-        self._last = 0  # the last revision we wrote (a lease still at it is ours to re-take)
         self._taken_at: float | None = None  # when the take that won was sent (``_mono``)
         self.takeovers = 0
         self.heard = monotonic()  # when the last call the server answered was sent (docstring)
@@ -526,7 +525,7 @@ class Lease:
         if held is not None and held.holder not in ("", self.me):
             log.warning("took the lease over from coordinator %s (term %d → %d)", held.holder,
                         held.term, term)
-        self.current, self._rev, self._last = mine, rev, rev
+        self.current, self._rev = mine, rev
         self._taken_at = sent
         self.takeovers += 1
         return mine
@@ -576,7 +575,6 @@ class Lease:
                 continue
             self._answered(sent)
             self.current = renewed
-            self._last = self._rev
             last_ok = sent
 
     def _answered(self, sent: float) -> None:
@@ -600,7 +598,7 @@ class Lease:
                 if held.holder != self.me or held.term != self.current.term:
                     return False
                 assert entry is not None
-                self._rev = self._last = entry.revision
+                self._rev = entry.revision
                 self.current = held
                 return True
             # The forged value may have replaced a successor's record (this one was paused,
@@ -619,7 +617,7 @@ class Lease:
                 continue  # moved again meanwhile: look again
             except BusError:
                 return None
-            self._rev = self._last = rev
+            self._rev = rev
             self.current = renewed
             return True
         return None
