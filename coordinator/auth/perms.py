@@ -14,8 +14,8 @@ Three roles, from least to most trusted:
   registrations (those go through the coordinator's API, or are a node's own), and never a
   purge or delete of a stream. Replies on ``_FWO.<name>``.
 - **coordinator**: the fleet's subjects, buckets and the JetStream API; it answers API requests
-  on the requester's inbox through ``allow_responses`` (so no one else needs to publish there),
-  in up to ``protocol.chunks.MAX_CHUNKS`` messages each.
+  on the requester's reply subject (the server's ``_R_.`` mapping, an operator's inbox; so no
+  one else needs to publish there), in up to ``protocol.chunks.MAX_CHUNKS`` messages each.
 
 **Accounts** (``accounts``; the layout of every auth directory made since session 23, and of an
 older one after ``fleetwave auth migrate``). nats-server checks no reply subject against the
@@ -210,12 +210,20 @@ def coordinator(fleet: str) -> Permissions:
                 f"fw.{f}.>", *(f"$KV.{b}.>" for b in buckets),
                 f"$O.{subjects.releases_store(f)}.>",
                 "$JS.API.>", "$JS.FC.>", "$JS.ACK.>", "$SRV.>", "_INBOX.>",
+                # Answers to operators: through the server's reply mapping (accounts), or on
+                # their inboxes (one account). Allowed outright, not only by allow_responses
+                # below: every reload of the users (an identity added, renewed, revoked)
+                # forgets the answers a client was allowed to send, and an answer under way then
+                # was refused ("Publish Violation"), its operator waiting for nothing.
+                "_R_.>", f"{OPERATOR_INBOXES}.>",
             ],
         },
         "subscribe": {"allow": [f"fw.{f}.>", "$SRV.>", "_INBOX.>"]},
-        # An answer may take up to MAX_CHUNKS messages (``protocol.chunks``), each on the
-        # requester's inbox, within a handler's time (``coordinator.api.verbs``, 30 s) and the
-        # sending: the server counts both limits from when the request reached the responder.
+        # What the allow list above does not cover (an operator inbox of the one-account
+        # layout before session 23, ``legacy_operator_inbox``): an answer may take up to
+        # MAX_CHUNKS messages (``protocol.chunks``), within a handler's time
+        # (``coordinator.api.verbs``, 30 s) and the sending: the server counts both limits from
+        # when the request reached the responder, and forgets them at a reload.
         "allow_responses": {"max": chunks.MAX_CHUNKS, "expires": "2m"},
     }
 

@@ -19,6 +19,7 @@ import pytest
 
 from coordinator.auth.enroll import CA, COORDINATOR, AuthDir
 from coordinator.dev.broker import Broker, free_port
+from coordinator.dev.cluster import monitor_get
 from coordinator.web.handlers import PAGE_NODES
 from protocol import chunks
 from protocol import creds as creds_file
@@ -125,6 +126,50 @@ async def test_the_coordinators_permissions_carry_an_answer_in_many_messages(
         await wait_until(small, lambda got: got == b"small", timeout=15,
                          what="the coordinator's identity answering the operator")
         assert await ops.request(subject, b"all", timeout=10) == answer
+    finally:
+        await ops.close()
+        await coord.close()
+
+
+async def test_an_answer_under_way_when_the_server_reloads_its_users_still_reaches_the_operator(
+        secure_broker: tuple[Broker, AuthDir]) -> None:
+    """Every identity added, renewed or revoked reloads the server's users (``fleetwave auth``,
+    the broker's watch of ``users.conf``), and a reload forgets every answer the server had
+    allowed a client to send (``allow_responses`` is kept per request it delivered): an
+    operator's request the coordinator was answering then was refused ("Publish Violation" on
+    its ``_R_.`` reply) and the operator waited for nothing. Seen in CI as a deploy's status
+    read crossing ``auth add-node``. The coordinator may answer on any reply of its account."""
+    broker, auth = secure_broker
+    tls = str(auth.path / CA)
+    coord = await Bus.connect(broker.url, FLEET, name="test-coordinator", tls_ca=tls,
+                              creds=creds_file.load(auth.creds_path("coordinator", COORDINATOR)))
+    ops = await Bus.connect(broker.url, FLEET, name="test-operator", tls_ca=tls,
+                            creds=creds_file.load(auth.creds_path("operator", "ops")))
+    asked, answer = asyncio.Event(), asyncio.Event()
+
+    async def handler(_subject: str, data: bytes) -> bytes:
+        asked.set()
+        await answer.wait()
+        return data
+
+    def loaded() -> str:
+        return str(monitor_get(broker.monitor_port, "/varz")["config_load_time"])
+
+    try:
+        subject = f"fw.{FLEET}.api.ops.status"
+        await coord.respond(subject, handler)
+        await coord.flush()
+        request = asyncio.ensure_future(ops.request(subject, b"under way", timeout=10))
+        try:
+            await asyncio.wait_for(asked.wait(), 15)
+            before = await asyncio.to_thread(loaded)
+            await asyncio.to_thread(auth.add, "node", "node-9")  # users.conf changes: a reload
+            await wait_until(lambda: asyncio.to_thread(loaded), lambda t: t != before,
+                             timeout=15, what="the server reloading its users")
+            answer.set()
+            assert await request == b"under way"
+        finally:
+            request.cancel()
     finally:
         await ops.close()
         await coord.close()
