@@ -147,6 +147,17 @@ async def test_bench_vs_ansible_at_two_nodes_prints_sane_figures_and_leaves_noth
         # the floors: the loaded start floor and the CLI's start against its libraries
         assert r["start_floor_s"] > 0 and f["start_floor_loaded_s"] > 0, r
         assert 0 < r["cli_libraries_s"] < r["cli_start_s"] * 2 < 10, r
+        # Where each side's CPU went: every role that must work in a deploy is seen working
+        # (new services start on both sides; fleetwave's agents, routers, broker, coordinator
+        # and CLI; Ansible's playbook and its workers, reaped), nothing negative.
+        # (every process is seen; a small one may round to 0 at two nodes)
+        for run in (f, *f["prestaged"].values(), same):
+            cpu = run["cpu_s"]
+            assert {"routers", "broker", "coordinator", "bench (load, events)"} <= set(cpu), cpu
+            assert min(cpu["services"], cpu["agents"], cpu["cli (reaped)"]) > 0, cpu
+            assert min(cpu.values()) >= 0, cpu
+        assert a["cpu_s"]["ansible-playbook (reaped)"] > a["cpu_s"]["services"] > 0, a["cpu_s"]
+        assert min(a["cpu_s"].values()) >= 0, a["cpu_s"]
         await gone(seen)
 
 

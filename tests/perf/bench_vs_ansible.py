@@ -70,6 +70,7 @@ import asyncio
 import functools
 import json
 import os
+import resource
 import shlex
 import shutil
 import statistics
@@ -80,6 +81,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -276,6 +279,77 @@ async def under_load(targets: list[tuple[str, int]], rate: float,
         await traffic.stop()
 
 
+# -- where the CPU goes ----------------------------------------------------------------------------
+
+# A process's role, by its command line (the first that matches): what each side spends its CPU on.
+ROLES = (("nats-server", "broker"), ("coordinator.daemon", "coordinator"),
+         ("agent.router", "routers"), ("agent.main", "agents"), ("app.py", "services"),
+         ("ansible", "ansible"))
+
+
+def _cpu(p: psutil.Process) -> float:
+    t = p.cpu_times()
+    return float(t.user + t.system)
+
+
+class CpuMeter:
+    """CPU-seconds spent between ``start`` and ``stop``, by role, of every process whose command
+    line or working directory lies under ``root`` (the run dir: the fleet's broker,
+    coordinator, agents, routers and services, Ansible's hosts), of this process (the load and
+    the event tap) and of the children it reaped meanwhile (the timed command: fleetwave's CLI,
+    ansible-playbook with the workers it reaped). A process that exits before ``stop`` and is
+    not ours to reap is counted to its last look (``vanished``). On 2 cores the sum over the
+    wall time says how busy the machine was: at 2.0 every process waited for a core."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = str(root)
+        self._before: dict[int, tuple[str, float]] = {}
+        self._own = self._reaped = 0.0
+
+    def _look(self) -> dict[int, tuple[str, float]]:
+        out: dict[int, tuple[str, float]] = {}
+        me = os.getpid()
+        for p in psutil.process_iter(["cmdline", "cwd"]):
+            if p.pid == me:
+                continue
+            cmd = " ".join(p.info["cmdline"] or ())
+            if self.root not in cmd and not (p.info["cwd"] or "").startswith(self.root):
+                continue
+            role = next((r for key, r in ROLES if key in cmd), "other")
+            try:
+                out[p.pid] = (role, _cpu(p))
+            except psutil.Error:
+                continue
+        return out
+
+    @staticmethod
+    def _children() -> float:
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return ru.ru_utime + ru.ru_stime
+
+    def start(self) -> None:
+        self._before = self._look()
+        self._own, self._reaped = _cpu(psutil.Process()), self._children()
+
+    def stop(self, command: str) -> dict[str, float]:
+        after = self._look()
+        spent: dict[str, float] = {}
+        for pid, (role, cpu) in after.items():
+            spent[role] = spent.get(role, 0.0) + cpu - self._before.get(pid, (role, 0.0))[1]
+        spent[command] = self._children() - self._reaped
+        spent["bench (load, events)"] = _cpu(psutil.Process()) - self._own
+        spent = {k: round(v, 3) for k, v in sorted(spent.items(), key=lambda kv: -kv[1])}
+        spent["vanished"] = float(len(set(self._before) - set(after)))
+        return spent
+
+
+def cpu_line(cpu: dict[str, float], seconds: float) -> str:
+    busy = sum(v for k, v in cpu.items() if k != "vanished")
+    parts = ", ".join(f"{k} {v:.2f}" for k, v in cpu.items() if k != "vanished" and v >= 0.005)
+    return (f"{busy:.2f} CPU-s in {seconds:.2f} s ({busy / seconds:.2f} cores of 2): {parts}"
+            if seconds > 0 else parts)
+
+
 # -- Ansible ---------------------------------------------------------------------------------------
 
 
@@ -354,18 +428,22 @@ async def measure_ansible(tmp: Path, n: int, rate: float, binary: str) -> dict[s
         raise RuntimeError(f"Ansible's hosts should serve {OLD} after the install: {answers}")
     marks: list[tuple[float, str]] = []
 
-    async def deploy() -> tuple[float, float]:
-        started = time.monotonic()
-        seconds, _ = await timed(playbook_argv(binary, root, NEW, BATCH), env, root, marks)
-        return started, seconds
+    meter = CpuMeter(tmp)
 
-    (started, seconds), window = await under_load(targets, rate, deploy)
+    async def deploy() -> tuple[float, float, dict[str, float]]:
+        started = time.monotonic()
+        meter.start()
+        seconds, _ = await timed(playbook_argv(binary, root, NEW, BATCH), env, root, marks)
+        return started, seconds, meter.stop("ansible-playbook (reaped)")
+
+    (started, seconds, cpu), window = await under_load(targets, rate, deploy)
     answers = await asyncio.gather(*(probe_version(h, p) for h, p in targets))
     if set(answers) != {NEW}:
         raise RuntimeError(f"Ansible's hosts should serve {NEW} after the update: {answers}")
     batches = sum(1 for _, line in marks if line.startswith("PLAY ["))
     return {"seconds": round(seconds, 2), "batches": batches,
-            "tasks_s": task_seconds(marks, started, started + seconds), **window_figures(window)}
+            "tasks_s": task_seconds(marks, started, started + seconds), "cpu_s": cpu,
+            **window_figures(window)}
 
 
 def window_figures(w: Window) -> dict[str, Any]:
@@ -490,12 +568,15 @@ async def rolled(tmp: Path, bus: Bus, fleet: DevFleet, tap: EventTap, n: int, ra
             "--batch", BATCH, "--max-unavailable", BATCH, "--bake", "0",
             "--prestage", prestage, "-o", "json"]
 
-    async def deploy() -> tuple[float, float, str]:
-        sent = time.time()
-        seconds, out = await timed(argv, env, tmp)
-        return sent, seconds, out
+    meter = CpuMeter(tmp)
 
-    (sent, seconds, out), window = await under_load(targets, rate, deploy)
+    async def deploy() -> tuple[float, float, str, dict[str, float]]:
+        sent = time.time()
+        meter.start()
+        seconds, out = await timed(argv, env, tmp)
+        return sent, seconds, out, meter.stop("cli (reaped)")
+
+    (sent, seconds, out, cpu), window = await under_load(targets, rate, deploy)
     rid = str(json.loads(out)["id"])  # -o json: the last status, as one document
     end = await tap.wait_for(rid, ("rollout.succeeded",), 30)
     begun = tap.of(rid, "rollout.started")
@@ -513,6 +594,7 @@ async def rolled(tmp: Path, bus: Bus, fleet: DevFleet, tap: EventTap, n: int, ra
     return {"seconds": round(seconds, 2), "engine_s": round(engine, 2),
             "cli_before_start_s": round(before, 2),
             "cli_after_end_s": round(sent + seconds - end.event.time, 2), "waves": waves,
+            "cpu_s": cpu,
             "prestageable_s": round(stageable, 2), **window_figures(window)}
 
 
@@ -630,6 +712,8 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         ("Ansible / fleetwave", f"{x(r['ratio'])} (wall); {x(r['ratio_work'])} without "
                                 "either CLI's start-up and exit"),
         ("Ansible's tasks", ", ".join(f"{k} {v:.2f} s" for k, v in a["tasks_s"].items())),
+        ("Ansible's CPU", cpu_line(a["cpu_s"], a["seconds"])),
+        ("fleetwave's CPU", cpu_line(f["cpu_s"], f["seconds"])),
     ]
     for w in f["waves"]:
         out.append((f"fleetwave wave {w['wave']} ({w['nodes']} nodes)",
@@ -647,6 +731,7 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
                     f"{x(r['ratio_work_prestaged'][ahead])} (work)"))
         out.append((f"  its waves (--prestage {ahead})",
                     ", ".join(f"{w['next_s']:.2f}" for w in p["waves"]) + " s each"))
+        out.append((f"  its CPU (--prestage {ahead})", cpu_line(p["cpu_s"], p["seconds"])))
     same = f["same_check"]
     out.append(("fleetwave --prestage all, Ansible's health check",
                 f"{same['seconds']:.2f} s, {same['failed']} of {same['requests']} requests "
@@ -656,6 +741,7 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
                 f"{x(r['ratio_work_same_check'])} (work): {SAME}, {NEW} healthy at the first "
                 "answer polled every 0.1 s, as the playbook checks it (the example: two passes "
                 "200 ms apart)"))
+    out.append(("  its CPU", cpu_line(same["cpu_s"], same["seconds"])))
     out.append(("python3", f"{r['python3']} (the example's interpreter, both tools)"))
     out.append(("start floor", f"{r['start_floor_s']:.2f} s: {r['nodes']} processes of "
                                f"{NEW} spawned at once, to the last one healthy (no load, no "
