@@ -171,8 +171,8 @@ class Prestage:
         step = self.step
         undone = []
         for _, p in self.ahead():
-            if p.target is None:
-                continue
+            if p.target is None or p.state != "waiting":
+                continue  # never written, or a rollback's restore already went out
             p = self.take(p)
             step.write(p, restore_target(
                 p.previous, fleet=step.fleet, node=p.node, service=step.spec.service,

@@ -79,6 +79,12 @@ class Progress:
                     p.online = online
                     if online:
                         self.lost.returned(node)
+                        if p.staged == "staging" and p.wave < 0:
+                            # Staging ahead of its wave and back (a reboot while the running
+                            # wave baked): a whole deadline from now, as if written now; failed
+                            # at once, before it could report, it rolled the rollout back.
+                            p.stage_deadline = max(p.stage_deadline,
+                                                   self.step.now + self.step.spec.progress_deadline)
                     kind = "node.online" if online else "node.offline"
                     self.step.emit(f"rollout.{kind}", f"target node {node} is "
                                    f"{'back online' if online else 'offline'}"
@@ -229,6 +235,11 @@ class Progress:
         step = self.step
         desired = step.policy(wave).target(step, p, wave)
         move_node(p, "updating")
+        # Every node written has a whole --progress-deadline to converge: the wave's deadline
+        # runs from its last start (progress), as a wave wider than max-unavailable starts its
+        # nodes a few at a time (a canary's 100% step, a weighted wave); from the wave's start
+        # alone, its last nodes failed as they were written ("did not converge within 2m").
+        wave.deadline = max(wave.deadline, step.now + step.spec.progress_deadline)
         self.step.write(p, desired)
         if p.slot in desired.slots:
             # ``staged``: its slot was already healthy, so this is a router switch.
@@ -257,8 +268,11 @@ class Progress:
         # the wave's policy says whether max-unavailable bounds it.
         policy = self.step.policy(wave)
         blocked: list[str] = []
+        # A wave with a failed node starts no other: it fails in this step (the pause would
+        # leave a node written forward in a paused rollout; the rollback, a write undone at once).
+        failing = any(peek_node(r.nodes, n).state == "failed" for n in wave.nodes)
         for n in wave.nodes:
-            if peek_node(r.nodes, n).state != "waiting":
+            if failing or peek_node(r.nodes, n).state != "waiting":
                 continue
             p = r.nodes[n]
             if (p.target is None and (wave.weight == 100 or policy.stages)

@@ -111,9 +111,11 @@ class Rollback:
         # what users feel, and retiring the first nodes' slots while the others still wait for
         # theirs would put those writes ahead of the rest of it.
         if back and not any(_keeps_new_slot(peek_node(r.nodes, n)) for n in waiting):
-            # The last ones failed: time to retire the rest.
-            if self.step.now >= r.rollback_deadline:
-                r.rollback_deadline = self.step.now + self.step.spec.progress_deadline
+            # The retirement's writes get a whole deadline of their own (the switch back may
+            # have used nearly all of its: retired with seconds left, nodes back for minutes
+            # failed with "did not converge back" and the rollout ended failed, not rolled back).
+            r.rollback_deadline = max(r.rollback_deadline,
+                                      self.step.now + self.step.spec.progress_deadline)
             # What users feel is done: said before the retirement's writes, so that its event
             # goes out without waiting for them (``Executor.carry_out``).
             for policy in self.step.policies:

@@ -42,7 +42,7 @@ from protocol.messages import (
     SlotTraffic,
 )
 from protocol.testing import NEW, OLD
-from tests.unit.coordinator.kit import kinds, rollout, writes
+from tests.unit.coordinator.kit import events, kinds, rollout, writes
 
 
 def previous(node: str, generation: int = 7) -> DesiredState:
@@ -186,6 +186,49 @@ def test_rollback_that_cannot_converge_ends_failed_with_the_reason() -> None:
     r.handle(Tick(), 31.0)
     assert r.state == "failed"
     assert "node-2" in r.record.reason and "offline" in r.record.reason
+
+
+def test_a_wave_wider_than_max_unavailable_gives_each_node_a_whole_deadline() -> None:
+    """A canary's 100% step over 4 nodes, max-unavailable 1, each node converging 40 s after
+    its write: the last starts at 160 s, past the wave's first deadline (120 s). It converges
+    and the rollout succeeds (it was failed as it was written, and the rollout rolled back);
+    a node that then never converges fails a deadline after its own write."""
+    for stuck in ("", "node-5"):
+        r = rollout(5, strategy="canary", max_unavailable="1", progress_deadline=120.0)
+        due = [(40.0, d) for d in writes(r.handle(Start(), 0.0))]
+        t, failed_at = 0.0, None
+        while not r.done and t < 1000:
+            t += 1.0
+            out = r.handle_all([ObservedChanged(d.node, observed(d, t))
+                                for at, d in due if at == t and d.node != stuck], t)
+            if not r.done:
+                out += r.handle(Tick(), t)
+            due += [(t + 40.0, d) for d in writes(out)]
+            if failed_at is None and kinds(out).count("wave.failed"):
+                failed_at = t
+        if not stuck:
+            assert r.state == "succeeded", r.record.reason
+        else:
+            written = min(at for at, d in due if d.node == stuck) - 40.0
+            assert failed_at == written + 120.0, (failed_at, written)
+            assert "node-5: did not converge within 2m" in r.record.reason
+
+
+def test_a_wave_that_fails_in_a_step_starts_no_other_node_in_it() -> None:
+    """One step where one node of a canary's last wave converges and another fails: the wave
+    fails and the rollout pauses without writing a third node forward (it was left updating
+    in the paused rollout, its node.updating told for a write the pause then stood over)."""
+    r = rollout(5, strategy="canary", max_unavailable="2", on_failure="pause")
+    first = r.handle(Start(), 0.0)
+    wave2 = {d.node: d for d in writes(r.handle_all(
+        [ObservedChanged(d.node, observed(d, 1.0)) for d in writes(first)], 1.0))}
+    assert sorted(wave2) == ["node-2", "node-3"]
+    out = r.handle_all([ObservedChanged("node-2", observed(wave2["node-2"], 2.0)),
+                        ObservedChanged("node-3", observed(wave2["node-3"], 2.0,
+                                                           failed="boom"))], 2.0)
+    assert r.state == "paused" and writes(out) == [] and not events(out, "node.updating")
+    assert {n: p.state for n, p in r.record.nodes.items() if n in ("node-4", "node-5")} == {
+        "node-4": "waiting", "node-5": "waiting"}
 
 
 def test_progress_deadline_fails_the_node_and_pause_keeps_the_reason() -> None:
@@ -471,7 +514,8 @@ def test_pre_staging_judges_only_what_changed_and_decides_as_a_scan_of_its_windo
 def _staging_deadline_after_a_return() -> tuple[Rollout, str]:
     """Nine nodes in batches of 3, two waves staged ahead, a long bake: a node of wave 2 goes
     offline while staging and comes back online (it never reports) before its staging
-    deadline (10 s) passes; time then passes it. The rollout and that node."""
+    deadline (10 s) passes, which gives it a whole deadline from its return (14 s); time then
+    passes that. The rollout and that node."""
     r = rollout(9, batch="3", prestage="2", progress_deadline=10.0, bake=100.0,
                 on_failure="pause")
     told = {d.node: d for d in writes(r.handle(Start(), 0.0))}
@@ -486,6 +530,9 @@ def _staging_deadline_after_a_return() -> tuple[Rollout, str]:
     r.handle(NodeOnline(victim), 4.0)
     for t in (5.0, 11.0, 12.0):
         r.handle(Tick(), t)
+    assert r.state == "running"
+    for t in (14.0, 15.0):
+        r.handle(Tick(), t)
     return r, victim
 
 
@@ -497,6 +544,7 @@ def test_a_staging_node_back_online_fails_at_its_deadline(
     r, victim = _staging_deadline_after_a_return()
     assert r.state == "paused"
     assert f"{victim}: staging for wave 3: not healthy within 10s" in r.record.reason
+    assert r.record.nodes[victim].stage_deadline == 14.0
     monkeypatch.setattr(Prestage, "watched", Prestage.ahead)
     scan, _ = _staging_deadline_after_a_return()
     assert (scan.state, scan.record.reason) == (r.state, r.record.reason)

@@ -13,6 +13,7 @@ from coordinator.core.engine import (
     NodeOnline,
     ObservedChanged,
     Resume,
+    RollbackRequested,
     Rollout,
     Start,
     Tick,
@@ -191,6 +192,19 @@ def test_abort_gives_staged_nodes_their_previous_state_so_no_staged_slot_runs_on
     assert r.state == "aborted" and events(out, "rollout.unstaged")
 
 
+def test_an_abort_during_a_rollback_writes_no_staged_node_again() -> None:
+    """A staged node the rollback already restored is not written again by an abort (it got
+    the same state at the next generation, and "staged nodes back on their previous state")."""
+    r = rollout(3, prestage="1")
+    cmds = r.handle(Start(), 0.0)
+    feed(r, cmds, 1.0, only="node-2")
+    restored = by_node(r.handle(RollbackRequested(reason="operator"), 2.0))
+    assert "node-2" in restored
+    out = r.handle(Abort(reason="operator"), 3.0)
+    assert "node-2" not in by_node(out) and not events(out, "rollout.unstaged")
+    assert r.state == "aborted"
+
+
 def test_an_offline_node_is_staged_once_it_is_back() -> None:
     """A node without heartbeats is not written to; it is staged when it is back."""
     r = rollout(2, prestage="1", max_unavailable="2")
@@ -199,6 +213,29 @@ def test_an_offline_node_is_staged_once_it_is_back() -> None:
     assert set(by_node(cmds)) == {"node-1"}
     back = r.handle(NodeOnline("node-2"), 1.0)
     assert by_node(back)["node-2"].weights == {"a": 100, "b": 0}
+
+
+def test_a_node_back_while_staging_has_a_whole_deadline_to_report() -> None:
+    """A node that went offline after its staging write (a reboot while the running wave
+    bakes) and comes back after --progress-deadline is not failed before it can report: it
+    gets a whole deadline from its return (failed at once, it rolled back a healthy rollout);
+    one that never reports fails that deadline after its return."""
+    for reports in (True, False):
+        r = rollout(3, prestage="1", bake=1000.0, on_node_lost="wait", progress_deadline=120.0)
+        cmds = r.handle(Start(), 0.0)
+        d2 = by_node(cmds)["node-2"]
+        r.handle(NodeOffline("node-2"), 1.0)
+        feed(r, cmds, 5.0, only="node-1")  # wave 1 converged: it bakes until 1005
+        back = r.handle(NodeOnline("node-2"), 200.0)
+        assert not events(back, "node.failed") and r.record.phase == "forward", kinds(back)
+        if reports:
+            out = r.handle(ObservedChanged("node-2", report(d2, 202.0)), 202.0)
+            assert events(out, "node.staged") and r.record.nodes["node-2"].staged == "staged"
+            continue
+        r.handle(Tick(), 319.0)
+        assert r.record.nodes["node-2"].staged == "staging" and r.record.phase == "forward"
+        (failed,) = events(r.handle(Tick(), 320.0), "node.failed")
+        assert "not healthy within 2m" in failed.message and r.record.phase == "rollback"
 
 
 def test_a_restarted_coordinator_resumes_with_staged_nodes_staged() -> None:

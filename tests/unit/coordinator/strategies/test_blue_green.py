@@ -268,6 +268,23 @@ def test_a_rollback_retires_the_new_slots_only_once_every_node_is_back() -> None
     assert told < min(i for i, c in enumerate(last) if isinstance(c, WriteDesired))
 
 
+def test_the_retirement_after_a_slow_switch_back_has_a_whole_deadline() -> None:
+    """The last node back 2 s before the rollback's deadline: the new slots' retirement that
+    follows gets a whole --progress-deadline (with the 2 s left, every node failed "did not
+    converge back" and the rollout ended failed, though users were back on the old slots)."""
+    r = rollout(2, bake=30.0, scale_down_delay=300.0, progress_deadline=120.0)
+    staged_and_switched(r)
+    r.handle(Tick(), 100.0)
+    back = writes(r.handle(RollbackRequested(), 101.0))
+    r.handle(ObservedChanged(back[0].node, observed(back[0], 102.0)), 102.0)
+    retire = r.handle(ObservedChanged(back[1].node, observed(back[1], 219.0)), 219.0)
+    assert sorted(d.node for d in writes(retire)) == ["node-1", "node-2"]
+    r.handle(Tick(), 222.0)
+    assert r.record.phase == "rollback" and not r.done, (r.state, r.record.reason)
+    converge(r, retire, 230.0)
+    assert r.state == "rolled_back", (r.state, r.record.reason)
+
+
 def test_a_switch_back_reads_each_node_back_once_not_every_step(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Nodes reporting back one a step, in order: the check whether every node is back resumes
