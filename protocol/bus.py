@@ -579,6 +579,7 @@ class Bus:
         self.closing = False
         self._kv: dict[str, Any] = {}
         self._services: list[Any] = []
+        self._answers: set[asyncio.Task[None]] = set()  # requests being answered (``_answering``)
         self.lame_ducks = 0  # how many times a server told us it is going away
         self._unanswered = 0  # requests not answered (``_answerable``) since the last line
         self._unanswered_logged = -UNANSWERED_LOG_EVERY
@@ -809,6 +810,10 @@ class Bus:
         # outer bound is only for a drain stuck elsewhere (its final flush).
         with contextlib.suppress(Exception):
             await bounded(self.nc.drain(), DRAIN_TIMEOUT + 2)
+        for task in list(self._answers):  # the connection is gone: no answer can go out
+            task.cancel()
+        if self._answers:
+            await asyncio.wait(list(self._answers), timeout=2)
         if not self.nc.is_closed:
             with contextlib.suppress(Exception):
                 await self.nc.close()
@@ -1234,7 +1239,6 @@ class Bus:
     async def respond(self, subject: str, handler: Handler) -> None:
         """Answer requests on ``subject`` (no queue group: this client alone), each in its own
         task so that a slow one does not hold up the next; the client owns the subscription."""
-        tasks: set[asyncio.Task[None]] = set()
 
         async def answer(msg: Any) -> None:
             with contextlib.suppress(nats.errors.Error):
@@ -1243,14 +1247,18 @@ class Bus:
 
         async def cb(msg: Any) -> None:
             if msg.reply and self._answerable(msg.subject, msg.reply):
-                task = asyncio.get_running_loop().create_task(answer(msg))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                self._answering(answer(msg))
 
         try:
             await self.nc.subscribe(subject, cb=cb)
         except nats.errors.Error as exc:
             raise BusError(f"cannot subscribe to {subject}: {exc}") from None
+
+    def _answering(self, answer: Coroutine[Any, Any, None]) -> None:
+        """Run ``answer`` (one request's) in a task this Bus owns: ``close`` ends those left."""
+        task = asyncio.get_running_loop().create_task(answer)
+        self._answers.add(task)
+        task.add_done_callback(self._answers.discard)
 
     def _answerable(self, subject: str, reply: str) -> bool:
         """Whether a request's ``reply`` subject is an inbox of an asker, which every NATS
@@ -1300,11 +1308,17 @@ class Bus:
             self.nc, ServiceConfig(name=name, version=version, description="fleetwave")
         )
         for ep_name, (subject, handler) in endpoints.items():
+            async def answer(req: Any, handler: Handler) -> None:
+                with contextlib.suppress(nats.errors.Error):
+                    for body, headers in self._replies(await handler(req.subject, req.data)):
+                        await req.respond(body, headers=headers)
+
             async def on_request(req: Any, handler: Handler = handler) -> None:
-                if not self._answerable(req.subject, req._msg.reply or ""):
-                    return
-                for body, headers in self._replies(await handler(req.subject, req.data)):
-                    await req.respond(body, headers=headers)
+                # Each in a task of its own, as ``respond`` does: nats.micro awaits a handler
+                # inline, so one slow write (a standby forwarding to a frozen leader, up to
+                # FORWARD_TIMEOUT) held every request queued behind it until they timed out.
+                if self._answerable(req.subject, req._msg.reply or ""):
+                    self._answering(answer(req, handler))
 
             await svc.add_endpoint(
                 EndpointConfig(name=ep_name, subject=subject, handler=on_request,
@@ -2223,21 +2237,34 @@ class Bus:
                 deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(first, 1)
             ),
         )
+        seq = first - 1
         try:
             while True:
+                if not follow and (seq >= end or end < first):
+                    return
                 try:
-                    msg = await bounded(sub.next_msg(timeout=None), 0.5 if not follow else 3600)
+                    msg = await bounded(sub.next_msg(timeout=None), OP_TIMEOUT if not follow
+                                        else 3600)
                 except (nats.errors.TimeoutError, TimeoutError):
                     if follow:
                         continue
-                    return
+                    # Not the end (a pause of the server or of this loop is no end): a read
+                    # that stopped at its first quiet half-second gave part of the stream as
+                    # all of it ("events --last N" showing older events as the last ones).
+                    raise BusError(f"reading stream {stream} stopped at message {seq} of "
+                                   f"{end}: the server sent nothing for {OP_TIMEOUT:g}s; "
+                                   "try again") from None
+                except nats.errors.Error as exc:
+                    raise BusError(f"reading stream {stream} stopped at message {seq} of "
+                                   f"{end}: {exc}") from None
                 yield msg.subject, msg.data
-                seq = msg.metadata.sequence.stream if msg.metadata else 0
+                meta = msg.metadata
+                seq = meta.sequence.stream if meta else end
+                if not follow and meta is not None and meta.num_pending == 0:
+                    seq = max(seq, end)  # nothing more matches ``subject`` (a filtered read)
                 if seq >= end and caught_up is not None:
                     caught_up()
                     caught_up = None
-                if not follow and seq >= end:
-                    return
         finally:
             with contextlib.suppress(Exception):
                 await bounded(sub.unsubscribe(), 2)

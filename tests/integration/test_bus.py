@@ -1114,3 +1114,62 @@ async def test_an_agent_binds_its_buckets_without_asking_their_info(broker: Brok
         if bus is not None:
             await bus.close()
         await tool.close()
+
+
+async def test_a_slow_write_verb_holds_up_no_other_request(broker: Broker) -> None:
+    """``serve`` (the coordinator's writing verbs, one queue group) answers each request in a
+    task of its own, as ``respond`` does: a request behind a slow one (a standby forwarding to
+    a frozen leader) is answered at once. nats.micro awaited each handler inline, and every
+    request queued behind a slow one timed out."""
+    server = await Bus.connect(broker.url, "t")
+    client = await Bus.connect(broker.url, "t")
+    release = asyncio.Event()
+
+    async def handler(_subject: str, data: bytes) -> bytes:
+        if data == b"slow":
+            await release.wait()
+        return b"done " + data
+
+    try:
+        await server.serve("svc", "1.0.0", {"w": ("t.write", handler)})
+        await server.flush()
+        slow = asyncio.ensure_future(client.request("t.write", b"slow", timeout=10))
+        await asyncio.sleep(0.1)  # the slow one is in its handler
+        assert await client.request("t.write", b"fast", timeout=2) == b"done fast"
+        release.set()
+        assert await slow == b"done slow"
+    finally:
+        release.set()
+        await client.close()
+        await server.close()
+
+
+async def test_a_read_to_the_stream_end_that_stalls_is_not_taken_for_the_end(
+        broker: Broker) -> None:
+    """``stream_records`` without follow reads to the last message the stream held: the server
+    stopped for 1 s mid-read (SIGSTOP), every message still comes (a read that took the first
+    quiet half-second for the end returned 1,602 of 20,000, no error: ``events --last N``
+    then showed older events as the last ones)."""
+    import os
+    import signal
+
+    bus = await Bus.connect(broker.url, "t")
+    try:
+        await bus.ensure_fleet()
+        n = 3000
+        stored = await bus.js_publish_events(
+            [(f"fw.t.evt.x.{i}", b"%06d" % i * 100) for i in range(n)])
+        assert not any(stored)
+        assert broker.pid is not None
+        got = 0
+        async for _subject, _data in bus.stream_records("FW_t_EVENTS", "fw.t.evt.>"):
+            got += 1
+            if got == 200:
+                os.kill(broker.pid, signal.SIGSTOP)
+                asyncio.get_running_loop().call_later(1.0, os.kill, broker.pid, signal.SIGCONT)
+        assert got == n
+        # and a filtered read ends once nothing more matches, not at the stream's end
+        only = [d async for _s, d in bus.stream_records("FW_t_EVENTS", "fw.t.evt.x.7")]
+        assert only == [b"000007" * 100]
+    finally:
+        await bus.close()
