@@ -517,6 +517,9 @@ class RolloutRecord(msgspec.Struct, kw_only=True):
     # 0: the whole record is this one value (as every record written before the split).
     pages: int = 0
     node_count: int = 0
+    # Started by ``fleetwave rollback SERVICE`` (not a deploy): a second such request while it
+    # runs is refused, where rolling it back would return to the version being left.
+    undo: bool = False
 
 
 class Event(msgspec.Struct, kw_only=True):

@@ -94,6 +94,9 @@ class LiveRollout(Protocol):
     @property
     def id(self) -> str: ...
 
+    @property
+    def undo(self) -> bool: ...
+
 
 class Runner(Protocol):
     """What the verbs need of ``coordinator.runtime.runner.Runner`` (the API does not import
@@ -101,8 +104,8 @@ class Runner(Protocol):
 
     fleet: str
 
-    async def deploy(self, spec: RolloutSpec, release: ReleaseRef,
-                     who: str) -> RolloutRecord: ...
+    async def deploy(self, spec: RolloutSpec, release: ReleaseRef, who: str, *,
+                     undo: bool = False) -> RolloutRecord: ...
     async def request(self, rollout_id: str, event: EngineEvent) -> RolloutRecord: ...
     async def find(self, rollout_id: str, *, whole: bool = True,
                    seen: bool = False) -> RolloutRecord | SummarisedRollout | None: ...
@@ -161,8 +164,11 @@ class RolloutsApi:
         self, event: Callable[[RolloutRequest, str], EngineEvent]
     ) -> Callable[[RolloutRequest, str], Awaitable[dict[str, Any]]]:
         async def handler(req: RolloutRequest, caller: str) -> dict[str, Any]:
-            rid = req.id or _id(await self._find(""))
-            return status_dict(await self.runner.request(rid, event(req, caller)))
+            if not req.id.strip():
+                # Never "the newest rollout" (of whichever service): a script's empty variable
+                # paused or aborted someone else's rollout.
+                raise UsageError("name the rollout: its id, as 'fleetwave rollouts' lists them")
+            return status_dict(await self.runner.request(req.id, event(req, caller)))
 
         return handler
 
@@ -170,6 +176,12 @@ class RolloutsApi:
         service = subjects.check_name("service", req.service)
         live = self.runner.active(service)
         if live is not None:
+            if live.undo:
+                # A retried or repeated rollback: rolling this one back would deploy the very
+                # version the first request left.
+                raise RemoteError(
+                    f"rollout {live.id} already rolls {service} back (a 'fleetwave rollback'); "
+                    f"follow it with 'fleetwave status {live.id}'", "conflict")
             if req.to_version:
                 raise RemoteError(
                     f"rollout {live.id} of {service} is running; roll it back with 'fleetwave "
@@ -179,7 +191,7 @@ class RolloutsApi:
         version, spec = await self.rollback_plan(service, req.to_version)
         try:
             release = await self._release(service, version)
-            record = await self.runner.deploy(spec, release, caller)
+            record = await self.runner.deploy(spec, release, caller, undo=True)
         except (FleetwaveError, ProtocolError, BusError) as exc:
             self._refused("rollback", spec, caller, exc)
             raise
@@ -372,5 +384,3 @@ def summary(r: RolloutRecord) -> dict[str, Any]:
     return row(summarise(r))
 
 
-def _id(found: RolloutRecord | SummarisedRollout) -> str:
-    return found.summary.id if isinstance(found, SummarisedRollout) else found.id

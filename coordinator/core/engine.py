@@ -114,7 +114,7 @@ __all__ = [
 def new_record(
     *, id: str, spec: RolloutSpec, release: ReleaseRef, nodes: Iterable[NodeLike],
     current: Mapping[str, DesiredState], now: float, who: str = "",
-    cordoned: Collection[str] = (),
+    cordoned: Collection[str] = (), undo: bool = False,
 ) -> RolloutRecord:
     """Plan ``spec`` over ``nodes`` and record each target node's current desired state; the
     selected nodes in ``cordoned`` are skipped and named in ``report.skipped_cordoned``."""
@@ -143,6 +143,7 @@ def new_record(
         from_version=versions.most_common(1)[0][0] if versions else "",
         waves=[WaveRecord(index=w.index, nodes=list(w.nodes), weight=w.weight) for w in waves],
         nodes=progress, started_by=who, prestage=min(waves_ahead(spec), len(waves) - 1),
+        undo=undo,
     )
     if held := hold_out(select(nodes, spec.selector), cordoned)[1]:
         record.report.skipped_cordoned = held

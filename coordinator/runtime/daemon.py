@@ -738,8 +738,9 @@ class _Current:
                               "unavailable")
         return self._c.runner
 
-    async def deploy(self, spec: RolloutSpec, release: ReleaseRef, who: str) -> RolloutRecord:
-        return await self._runner().deploy(spec, release, who)
+    async def deploy(self, spec: RolloutSpec, release: ReleaseRef, who: str, *,
+                     undo: bool = False) -> RolloutRecord:
+        return await self._runner().deploy(spec, release, who, undo=undo)
 
     async def request(self, rollout_id: str, event: EngineEvent) -> RolloutRecord:
         return await self._runner().request(rollout_id, event)

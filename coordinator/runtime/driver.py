@@ -58,6 +58,11 @@ class Driver:
     def id(self) -> str:
         return self.rollout.record.id
 
+    @property
+    def undo(self) -> bool:
+        """Started by ``rollback SERVICE`` (``RolloutRecord.undo``)."""
+        return self.rollout.record.undo
+
     def bound_outbox(self) -> None:
         """Keep the outbox within what its record can store, dropping the oldest (logged):
         ``OUTBOX_MAX`` events of the rollout's own (kept in the record's head) and

@@ -471,9 +471,11 @@ class Runner:
 
     # -- operator requests -------------------------------------------------------------------------
 
-    async def deploy(self, spec: RolloutSpec, release: ReleaseRef, who: str = "") -> RolloutRecord:
+    async def deploy(self, spec: RolloutSpec, release: ReleaseRef, who: str = "", *,
+                     undo: bool = False) -> RolloutRecord:
         """Plan, lock, persist and start a rollout for ``who`` (the API caller, kept in the
-        record and on every event of its start); UsageError, Conflict (locked) or BusError."""
+        record and on every event of its start); ``undo``: asked by ``rollback SERVICE``.
+        UsageError, Conflict (locked) or BusError."""
         async with self._deploying:
             # What the last rollout of the service left is settled before it is read: the lock
             # decided first (Conflict while one runs), then the last step of one that just
@@ -495,7 +497,8 @@ class Runner:
                 rid = new_rollout_id(spec.service, now)
                 try:
                     record = new_record(id=rid, spec=spec, release=release, nodes=live,
-                                        current=current, now=now, who=who, cordoned=cordoned)
+                                        current=current, now=now, who=who, cordoned=cordoned,
+                                        undo=undo)
                 except UsageError as exc:
                     if live != views and "no node matches" in str(exc):
                         raise UsageError(f"{exc} (offline nodes are not targeted)") from None

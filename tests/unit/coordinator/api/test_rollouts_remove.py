@@ -29,9 +29,10 @@ class Runner:
         self.past = past
         self.deployed: list[tuple[RolloutSpec, ReleaseRef]] = []
 
-    async def deploy(self, spec: RolloutSpec, release: ReleaseRef, who: str) -> RolloutRecord:
+    async def deploy(self, spec: RolloutSpec, release: ReleaseRef, who: str, *,
+                     undo: bool = False) -> RolloutRecord:
         self.deployed.append((spec, release))
-        return RolloutRecord(id=f"r{len(self.deployed)}", spec=spec, release=release)
+        return RolloutRecord(id=f"r{len(self.deployed)}", spec=spec, release=release, undo=undo)
 
     async def request(self, rollout_id: str, event: EngineEvent) -> RolloutRecord:
         raise AssertionError("no live rollout here")

@@ -44,8 +44,10 @@ ADDED = [('"on_failure":"rollback"', '"on_node_lost":"fail"'),
 # (the outbox), and the lease term of the coordinator that wrote it; (issue 14) who started,
 # paused, aborted or rolled it back.
 ADDED_AT_END = ('"outbox":[],"term":0,"started_by":"","paused_by":"","aborted_by":"",'
-                '"rollback_by":"","prestage":0,"pages":0,"node_count":0')  # and (issue 17)
-# the waves staged ahead, how many pages hold its node table (none: it is kept whole)
+                '"rollback_by":"","prestage":0,"pages":0,"node_count":0,'  # and (issue 17)
+                '"undo":false')
+# the waves staged ahead, how many pages hold its node table (none: it is kept whole); whether
+# ``rollback SERVICE`` started it
 
 
 # ... and at the end of every desired state in it (issue 18): the read period a sequential wave
