@@ -33,6 +33,7 @@ from coordinator.core.engine_types import (
     converged,
     move_node,
     move_wave,
+    peek,
     peek_node,
 )
 from coordinator.core.targets import runs, serving_slot
@@ -103,11 +104,32 @@ class Progress:
                     self.resume()
             case Abort(reason=reason):
                 self.prestage.aborted()
+                if r.phase != "rollback":  # a rollback's restores went out already
+                    self.restore_failed()
                 self.step.finish("aborted", reason)
             case RollbackRequested(reason=reason):
                 if r.state == "paused":
                     self.step.move("running")
                 self.rollback.start_rollback(reason)
+
+    def restore_failed(self) -> None:
+        """An abort stops where it is, but a node that failed is given its previous desired
+        state again: its new release never served (its old slot still does), and left
+        wanted at full weight, it was what the next rollout planned from: the failed
+        release taken for the serving one, that rollout failed and rolled back to it (the
+        service took no deploy nor rollback after such an abort)."""
+        step, r = self.step, self.step.r
+        back = []
+        for n, p in peek(r.nodes):
+            if p.state != "failed" or p.target is None:
+                continue
+            p = r.nodes[n]
+            step.write(p, self.rollback.restore(p))
+            back.append(n)
+        if back:
+            step.emit("rollout.restored", f"{len(back)} failed nodes back on their previous "
+                      f"state: {', '.join(back[:5])}" + (" ..." if len(back) > 5 else ""),
+                      nodes=back)
 
     def observe(self, node: str, seen: ObservedState) -> None:
         """Keep ``seen`` as the node's latest report; the node's progress is taken (copied)

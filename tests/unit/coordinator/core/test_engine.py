@@ -231,6 +231,26 @@ def test_a_wave_that_fails_in_a_step_starts_no_other_node_in_it() -> None:
         "node-4": "waiting", "node-5": "waiting"}
 
 
+def test_an_abort_gives_failed_nodes_their_previous_state_and_leaves_the_rest() -> None:
+    """Paused on a failed node, then aborted: the failed node (its new release never served)
+    gets its previous desired state again; a node done stays where it is. Left wanting the
+    failed release at full weight, it was what the next rollout planned from (the failed
+    release taken for the serving one: that deploy failed and rolled back to it)."""
+    r = rollout(3, batch="1", max_unavailable="1", on_failure="pause")
+    d1 = writes(r.handle(Start(), 0.0))[0]
+    d2 = writes(r.handle(ObservedChanged(d1.node, observed(d1, 1.0)), 1.0))[0]
+    r.handle(ObservedChanged(d2.node, observed(d2, 2.0, failed="slot b failed")), 2.0)
+    assert r.state == "paused" and r.record.nodes[d2.node].state == "failed"
+    out = r.handle(Abort(reason="operator"), 3.0)
+    (back,) = writes(out)
+    previous = r.record.nodes[d2.node].previous
+    assert previous is not None
+    assert back.node == d2.node and back.slots == previous.slots
+    assert back.weights == previous.weights and back.generation > d2.generation
+    assert events(out, "rollout.restored") and r.state == "aborted"
+    assert r.record.nodes[d1.node].state == "done"
+
+
 def test_progress_deadline_fails_the_node_and_pause_keeps_the_reason() -> None:
     """A node not converged by the deadline fails the wave; on-failure pause says why."""
     r = rollout(2, on_failure="pause", progress_deadline=60.0)
