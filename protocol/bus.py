@@ -580,6 +580,7 @@ class Bus:
         self._kv: dict[str, Any] = {}
         self._services: list[Any] = []
         self._answers: set[asyncio.Task[None]] = set()  # requests being answered (``_answering``)
+        self.gone = asyncio.Event()  # nats-py closed the connection for good (``_closed``)
         self.lame_ducks = 0  # how many times a server told us it is going away
         self._unanswered = 0  # requests not answered (``_answerable``) since the last line
         self._unanswered_logged = -UNANSWERED_LOG_EVERY
@@ -633,8 +634,12 @@ class Bus:
         async def on_disconnect() -> None:
             if holder:
                 holder[0]._disconnected()
-            if holder and not holder[0].closing:
+            if holder and not holder[0].closing and not holder[0].nc.is_closed:
                 log.warning("lost the connection to NATS at %s; reconnecting", redact(url))
+
+        async def on_closed() -> None:
+            if holder:
+                holder[0]._closed(redact(url))
 
         # A refusal (credentials, TLS) reaches only the error callback while nats-py retries the
         # first connect by itself; it ends the connect at once: retrying cannot help.
@@ -694,6 +699,7 @@ class Bus:
                     max_outstanding_pings=3,
                     drain_timeout=DRAIN_TIMEOUT,
                     lame_duck_mode_cb=on_lame_duck,
+                    closed_cb=on_closed,
                     **forever,
                     **secure,
                 ), refused), timeout=max(deadline - loop.time(), 0.5))
@@ -751,6 +757,23 @@ class Bus:
         self._online.clear()
         for w in self._watchers:
             _hush(w)
+
+    def _closed(self, url: str) -> None:
+        """nats-py closed the connection for good, not at our asking: after its reconnect
+        attempts ran out (a client without ``reconnect_forever``), or on a server's ``-ERR``
+        it does not retry (any client: a message whose headers took it past max_payload). It
+        reconnects no more: every watch and stream read raises BusError from now on (they
+        waited for ever), and ``gone`` is set for the owner, whose process should end (a
+        daemon's supervisor starts it again, with a new connection)."""
+        if self.closing:
+            return
+        why = self.nc.last_error
+        log.error("the connection to NATS at %s is closed for good%s; it is not retried",
+                  url, f" ({why})" if why else "")
+        self.gone.set()
+        self._online.set()  # whoever waits for the reconnect wakes, and finds the client closed
+        for w in list(self._watchers):
+            _stop_watcher(w)
 
     def _reconnected(self) -> None:
         """The client reconnected: every ``watch`` must start a new KV watcher (the old one's
@@ -1663,6 +1686,8 @@ class Bus:
         while True:
             if wait > 0:
                 await asyncio.sleep(wait)
+            if self.nc.is_closed:
+                raise BusError(f"cannot watch {bucket}: the connection to NATS is closed")
             if spread is not None and not self._online.is_set():
                 # Asked now, the consumer's request would wait in the client's buffer and go
                 # out the moment it reconnects, every watch's together: wait for the reconnect,
@@ -2246,8 +2271,11 @@ class Bus:
                     msg = await bounded(sub.next_msg(timeout=None), OP_TIMEOUT if not follow
                                         else 3600)
                 except (nats.errors.TimeoutError, TimeoutError):
-                    if follow:
+                    if follow and not self.nc.is_closed:
                         continue
+                    if follow:
+                        raise BusError(f"reading stream {stream} stopped: the connection to "
+                                       "NATS is closed") from None
                     # Not the end (a pause of the server or of this loop is no end): a read
                     # that stopped at its first quiet half-second gave part of the stream as
                     # all of it ("events --last N" showing older events as the last ones).

@@ -257,9 +257,12 @@ class Coordinator:
                 if self.previous_key is not None:
                     log.info("previous signing key %s (a rotation): takes over from it and "
                              "re-signs what it signed", self.previous_key)
-                await stop.wait()
+                await _first(stop, bus.gone)
                 for t in tasks:
                     t.cancel()
+            if bus.gone.is_set() and not stop.is_set():
+                raise BusError("the connection to NATS was closed for good (see the line "
+                               "before); this coordinator stops: its supervisor starts it again")
         except* ConfigError as group:  # e.g. another signing key: one line for the operator
             raise group.exceptions[0] from None
         finally:
@@ -841,6 +844,16 @@ async def _first_of(*work: Coroutine[Any, Any, Any],
         log.error("leadership ended by an error", exc_info=exc)
         return f"{type(exc).__name__}: {exc}", True
     return str(first.result() or ""), False
+
+
+async def _first(*events: asyncio.Event) -> None:
+    """Wait until one of ``events`` is set."""
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
 
 
 async def _until(stop: asyncio.Event, work: Coroutine[Any, Any, T]) -> T | None:

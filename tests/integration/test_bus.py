@@ -1173,3 +1173,31 @@ async def test_a_read_to_the_stream_end_that_stalls_is_not_taken_for_the_end(
         assert only == [b"000007" * 100]
     finally:
         await bus.close()
+
+
+async def test_a_connection_closed_for_good_ends_the_watches_and_says_so(tmp_path: Path) -> None:
+    """nats-py closes a client for good (it reconnects no more, even with reconnect_forever)
+    on a server's -ERR it does not retry: here a message whose headers take it past
+    max_payload. Every watch then raises BusError and ``gone`` is set for the owner (a
+    daemon ends, its supervisor starts it again); before, a watch waited for ever and the log
+    said "reconnecting"."""
+    broker = Broker(store_dir=tmp_path / "js", max_payload="1MB")
+    await broker.start()
+    bus = await Bus.connect(broker.url, "t", reconnect_forever=True)
+    try:
+        await bus.ensure_fleet()
+
+        async def read() -> None:
+            async for _ in bus.watch("fw-t-desired", "n1.*"):
+                pass
+
+        watching = asyncio.ensure_future(read())
+        await asyncio.sleep(0.5)
+        await bus.nc.publish("fw.t.x", b"x" * (bus.max_payload - 10), headers={"Pad": "p" * 200})
+        async with asyncio.timeout(10):
+            await bus.gone.wait()
+            with pytest.raises(BusError, match="closed"):
+                await watching
+    finally:
+        await bus.close()
+        await broker.stop()
