@@ -92,6 +92,7 @@ R = TypeVar("R")
 # ``Bus.observer``: told of every timed call (op, seconds, whether it raised); the coordinator's
 # /metrics turns it into a histogram. A plain callback keeps prometheus out of ``protocol``.
 Observer = Callable[[str, float, bool], None]
+WAITING_SAY_EVERY = 30.0  # seconds between "waiting for NATS" lines while a first connect fails
 UNANSWERED_LOG_EVERY = 10.0  # seconds between lines about requests not answered (_answerable)
 # Nodes' inbox prefixes (``protocol.creds``: ``_FWN.<node>``; before session 23 ``_INBOX_<node>``)
 NODE_INBOXES = ("_FWN.", "_INBOX_")
@@ -647,6 +648,7 @@ class Bus:
 
         loop = asyncio.get_running_loop()
         grace = _Grace(loop.time() + refused_grace, refused_grace, redact(url), creds)
+        waiting_said = [loop.time()]  # when the next "waiting for NATS" line may be said
 
         async def on_error(exc: Exception) -> None:  # logged by the owner; never raised here
             denied = _denied(exc, url, creds, tls_ca)
@@ -659,6 +661,14 @@ class Bus:
                 log.warning("%s", denied)
             elif denied is None and holder:
                 holder[0]._async_error(exc)
+            elif denied is None and reconnect_forever and loop.time() >= waiting_said[0]:
+                # A daemon's first connect, which nats-py retries by itself for ever: said at
+                # once, then every WAITING_SAY_EVERY, or an agent pointed at a wrong URL (or
+                # started before its broker) waited without a word. (A tool's connect ends in
+                # one NotReachable line instead.)
+                waiting_said[0] = loop.time() + WAITING_SAY_EVERY
+                log.warning("waiting for NATS at %s (%s); retrying", redact(url),
+                            str(exc) or type(exc).__name__)
 
         async def on_lame_duck() -> None:
             if holder:

@@ -1201,3 +1201,18 @@ async def test_a_connection_closed_for_good_ends_the_watches_and_says_so(tmp_pat
     finally:
         await bus.close()
         await broker.stop()
+
+
+async def test_a_daemon_waiting_for_its_first_connect_says_so(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A daemon's first connect (reconnect_forever: retried for ever) says once at once that it
+    waits for NATS and where, not every retry; before, an agent given a wrong URL or started
+    before its broker said nothing at all."""
+    port = free_port("127.0.0.1")
+    caplog.set_level("WARNING", logger="fleetwave.bus")
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(2.5):
+            await Bus.connect(f"nats://127.0.0.1:{port}", "t", connect_deadline=3600,
+                              reconnect_forever=True)
+    said = [r.getMessage() for r in caplog.records if "waiting for NATS" in r.getMessage()]
+    assert len(said) == 1 and f"127.0.0.1:{port}" in said[0], said
