@@ -6,7 +6,8 @@ request (a writing verb straight to the leading coordinator, ``_ask``) on a subj
 caller (``Ctx.caller``: the credentials' name, or the OS user on an open bus), and returns the
 reply's ``data``, or raises:
 
-    NotReachable   no NATS at the URL, or no coordinator answers (one line saying how to start one)
+    NotReachable   no NATS at the URL, or no coordinator answers (one line saying how to start one);
+                   a writing verb that timed out says it may still be carried out (``_unanswered``)
     RemoteError    the coordinator answered ``ok=False``; ``code`` "usage" exits 2, others 1
                    (``data``: what it still says, e.g. the id of a rollout it "accepted")
                    ("unavailable" — no coordinator leads for a moment, during a takeover — is
@@ -29,7 +30,15 @@ from protocol import subjects
 from protocol.bus import REQUEST_TIMEOUT, Bus, redact
 from protocol.codec import decode, encode
 from protocol.errors import NoResponders, NotReachable, ProtocolError
-from protocol.messages import ApiReply, LeaderRequest
+from protocol.messages import (
+    ApiReply,
+    CordonRequest,
+    DeployRequest,
+    ForgetRequest,
+    LeaderRequest,
+    RollbackRequest,
+    RolloutRequest,
+)
 
 CONNECT_TIMEOUT = 3.0
 TAKEOVER_WAIT = 6.0  # a takeover takes at most the lease ttl and a poll (coordinator.runtime.lease)
@@ -70,7 +79,14 @@ async def call(
     loop = asyncio.get_running_loop()
     give_up = loop.time() + TAKEOVER_WAIT
     while True:
-        raw = await _ask(bus, ctx.caller, verb, encode(request), timeout)
+        try:
+            raw = await _ask(bus, ctx.caller, verb, encode(request), timeout)
+        except NoResponders:
+            raise  # nobody got it: nothing can have been done
+        except NotReachable:
+            if verb not in subjects.WRITE_VERBS:
+                raise
+            raise NotReachable(_unanswered(bus.fleet, request, timeout)) from None
         reply = decode(ApiReply, raw)
         if reply.ok or reply.code != "unavailable" or loop.time() >= give_up:
             break
@@ -79,6 +95,24 @@ async def call(
         raise RemoteError(reply.error or f"the coordinator refused {verb!r}", reply.code,
                           reply.data)
     return reply.data
+
+
+def _unanswered(fleet: str, request: Any, timeout: float) -> str:
+    """What a writing request that timed out says: the coordinator may have got it and still
+    carry it out (a frozen leader resumes and starts the rollout), so a blind retry could do it
+    twice; where to look first."""
+    if isinstance(request, DeployRequest):
+        look = f"'fleetwave rollouts --service {request.spec.service}' (or 'fleetwave status')"
+    elif isinstance(request, RollbackRequest):
+        look = f"'fleetwave rollouts --service {request.service}' (or 'fleetwave status')"
+    elif isinstance(request, RolloutRequest) and request.id:
+        look = f"'fleetwave status {request.id}'"
+    elif isinstance(request, CordonRequest | ForgetRequest):
+        look = "'fleetwave nodes'"
+    else:
+        look = "'fleetwave rollouts' (or 'fleetwave status')"
+    return (f"the coordinator of fleet {fleet!r} did not answer within {timeout:g}s; it may "
+            f"still carry the request out: check {look} before you retry")
 
 
 async def _ask(bus: Bus, caller: str, verb: str, data: bytes, timeout: float) -> bytes:

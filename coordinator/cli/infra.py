@@ -15,7 +15,8 @@ from coordinator.dev.cluster import ClusterSpec, cluster_spec, watch_routes
 
 
 @cli.command()
-@click.option("--port", type=click.IntRange(1, 65535), default=4222, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=4222, show_default=True,
+              help="Port clients (agents, coordinators, the CLI) connect to.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option(
     "--store-dir", type=click.Path(file_okay=False, path_type=Path),

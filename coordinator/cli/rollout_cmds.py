@@ -46,7 +46,7 @@ from coordinator.cli.render import (
 from coordinator.cli.waiting import WAITS, reached, reached_lines, wait_point
 from coordinator.core.amounts import parse_amount
 from coordinator.core.fleet import parse_selector
-from coordinator.errors import ConfigError, RemoteError, UsageError
+from coordinator.errors import ConfigError, FleetwaveError, RemoteError, UsageError
 from coordinator.strategies import shadow
 from protocol import subjects
 from protocol.codec import convert, encode
@@ -549,8 +549,23 @@ async def _follow(ctx: Ctx, bus: Any, rid: str, *, output: str, wait: str,
 # -- reading ---------------------------------------------------------------------------------------
 
 
+def _rollout_id(_: click.Context, param: click.Parameter, value: str | None) -> str:
+    """A ROLLOUT (or --rollout) as given; "" when left out. An empty one given (``RID=""; abort
+    "$RID"``) is refused: the coordinator reads "" as the latest rollout of any service, and a
+    script's empty variable must not pause, abort or show that one."""
+    if value is None:
+        return ""
+    if not value.strip():
+        raise click.BadParameter(
+            "is empty; pass a rollout's id, as 'fleetwave rollouts' lists them", param=param)
+    return value
+
+
+rollout_argument = click.argument("rollout", callback=_rollout_id)
+
+
 @cli.command()
-@click.argument("rollout", required=False, default="")
+@click.argument("rollout", required=False, default=None, callback=_rollout_id)
 @output_option
 @click.pass_obj
 def status(ctx: Ctx, rollout: str, output: str) -> None:
@@ -592,12 +607,16 @@ def rollouts(ctx: Ctx, service: str, limit: int, output: str) -> None:
 
 @cli.command()
 @click.option("--follow", is_flag=True, help="Keep printing new events (Ctrl-C stops).")
-@click.option("--rollout", default="", help="Only events of this rollout.")
+@click.option("--rollout", default=None, callback=_rollout_id, metavar="ID",
+              help="Only events of this rollout.")
 @click.option("--last", type=click.IntRange(1), default=None, help="Only the last N events.")
 @output_option
 @click.pass_obj
 def events(ctx: Ctx, follow: bool, rollout: str, last: int | None, output: str) -> None:
     """Print the fleet's events (the audit log), oldest first.
+
+    -o json prints JSON Lines: one event per line, each a JSON object (not one JSON
+    document: read it line by line, e.g. with 'jq -c .' or json.loads per line).
 
     Each event the coordinator records says who caused it (``who`` in -o json; "(by NAME)" on
     a line): the operator whose request it answers, named by their --creds; "coordinator" for
@@ -626,37 +645,90 @@ async def _events(ctx: Ctx, *, follow: bool, rollout: str, last: int | None, out
                 show(event)
         backlog = None
 
+    name = subjects.events_stream(ctx.fleet)
     async with client.connected(ctx) as bus:
-        stream = bus.stream_records(subjects.events_stream(ctx.fleet), subjects.events(ctx.fleet),
-                                    follow=follow, last=last, caught_up=caught_up)
-        async for subject, data in stream:
-            try:
-                events = received_all(ctx.fleet, subject, data)
-            except ProtocolError as exc:
-                # junk, or a node's event naming another node: not the fleet's audit log
-                click.echo(safe(f"skipped a message on {subject}: {exc}"), err=True)
-                continue
-            for event in events:
-                if backlog is not None:
-                    backlog.append(event)
-                else:
-                    show(event)
+        stream = bus.stream_records(name, subjects.events(ctx.fleet), follow=follow, last=last,
+                                    caught_up=caught_up)
+        try:
+            async for subject, data in stream:
+                try:
+                    events = received_all(ctx.fleet, subject, data)
+                except ProtocolError as exc:
+                    # junk, or a node's event naming another node: not the fleet's audit log
+                    click.echo(safe(f"skipped a message on {subject}: {exc}"), err=True)
+                    continue
+                for event in events:
+                    if backlog is not None:
+                        backlog.append(event)
+                    else:
+                        show(event)
+        except BusError as exc:
+            if not _no_stream(exc, name):
+                raise
+            raise FleetwaveError(
+                f"fleet {ctx.fleet!r} has no events yet (no events stream): check --fleet, or "
+                "start a coordinator ('fleetwave coordinator')") from None
         caught_up()
+
+
+def _no_stream(exc: BusError, stream: str) -> bool:
+    """Whether ``exc`` says that ``stream`` does not exist: a wrong --fleet, or a broker where no
+    coordinator ever ran (it makes the stream). ``Bus.stream_records`` names the stream and
+    passes on the server's answer: JetStream's "stream not found" is error code 10059."""
+    text = str(exc)
+    return text.startswith(f"cannot read stream {stream}:") and (
+        "err_code=10059" in text or "stream not found" in text)
 
 
 # -- operator requests -----------------------------------------------------------------------------
 
 
+# The state each request leaves a rollout in. Asked again after its answer was lost (a timeout,
+# a script's retry), the coordinator refuses it as a conflict ("cannot pause rollout X: it is
+# paused"; "rollout X is already aborted"): the CLI then says it is there already and exits 0,
+# as ``cordon`` does for a cordoned node. What the rollout's status says decides, not the
+# refusal's wording: a resume refused while it rolls back (state running, phase rollback) is
+# no resume done.
+REACHES = {"pause": "paused", "resume": "running", "abort": "aborted"}
+
+
 def _operator(verb: str, done: str) -> None:
     @cli.command(name=verb, help=f"{done.capitalize()} a running rollout.")
-    @click.argument("rollout")
+    @rollout_argument
     @output_option
     @click.pass_obj
     def command(ctx: Ctx, rollout: str, output: str) -> None:
-        st = client.request(ctx, verb, RolloutRequest(id=rollout))
+        try:
+            st = client.request(ctx, verb, RolloutRequest(id=rollout))
+        except RemoteError as exc:
+            there = _already(ctx, verb, rollout, exc)
+            if there is None:
+                raise
+            if output == "json":
+                click.echo(json.dumps(there, indent=2, sort_keys=True))
+            else:
+                click.echo(safe(f"rollout {rollout}: {REACHES[verb]} (already)"))
+            return
         _said(st, output)
 
     del command
+
+
+def _already(ctx: Ctx, verb: str, rollout: str, refused: RemoteError) -> dict[str, Any] | None:
+    """The status of ``rollout`` when the coordinator refused ``verb`` as a conflict because the
+    rollout is already where ``verb`` takes it (None otherwise, or if its status cannot be
+    read: then the refusal stands)."""
+    if refused.code != "conflict" or verb not in REACHES:
+        return None
+    try:
+        st = client.request(ctx, "status", RolloutRequest(id=rollout))
+    except (RemoteError, BusError, ProtocolError):
+        return None
+    if not isinstance(st, dict) or st.get("id") != rollout or st.get("state") != REACHES[verb]:
+        return None
+    if verb == "resume" and st.get("phase") == "rollback":
+        return None
+    return st
 
 
 def _said(st: dict[str, Any], output: str) -> None:
@@ -673,7 +745,7 @@ for _verb, _done in (("pause", "pause"), ("resume", "resume"), ("abort", "abort"
 
 
 @cli.command()
-@click.argument("rollout")
+@rollout_argument
 @click.option("--full", is_flag=True, help="Skip every remaining bake and gate, not just this one.")
 @output_option
 @click.pass_obj
