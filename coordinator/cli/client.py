@@ -128,6 +128,16 @@ async def _ask(bus: Bus, caller: str, verb: str, data: bytes, timeout: float) ->
                     timeout=timeout)
             except NoResponders:
                 pass  # that leader is gone: whoever leads now answers through the queue group
+            except NotReachable:
+                # Frozen or cut off: a standby leads within the lease's ttl, by now most often.
+                # Asked again, another that leads gets the request; the silent one, deposed,
+                # carries out nothing of it when it wakes (its writes are fenced).
+                now = await _holder(bus, caller)
+                if not now or now == holder:
+                    raise
+                return await bus.request(
+                    subjects.coordinator_api(bus.fleet, now, caller, verb), data,
+                    timeout=timeout)
     return await bus.request(subjects.api(bus.fleet, caller, verb), data, timeout=timeout)
 
 

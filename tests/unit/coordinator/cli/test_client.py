@@ -90,3 +90,38 @@ async def test_no_responders_is_no_maybe() -> None:
     said = await unanswered("pause", RolloutRequest(id="hello-r1"), bus)
     assert said.startswith("no coordinator answers") and "may still" not in said
     assert bus.asked == ["leader", "pause"]  # asked the leader, then the queue group
+
+
+class TakeoverBus:
+    """The leader ``old`` frozen (its subject answers nothing), then ``new`` leading: the first
+    "leader" answer names ``old``, the next ones ``new``; ``asked``: every subject asked."""
+
+    fleet = "f"
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    async def request(self, subject: str, data: bytes, timeout: float = 5.0) -> bytes:
+        from protocol.codec import encode
+        from protocol.messages import ApiReply
+
+        self.asked.append(subject)
+        if subject.endswith(".leader"):
+            holder = "new" if any(s.endswith(".leader") for s in self.asked[:-1]) else "old"
+            return encode(ApiReply(ok=True, data={"holder": holder}))
+        if ".old." in subject:
+            raise NotReachable(SILENT)
+        return encode(ApiReply(ok=True, data={"id": "hello-r1", "state": "paused"}))
+
+
+async def test_a_write_to_a_leader_frozen_mid_takeover_reaches_the_new_one() -> None:
+    """The leader named froze (SIGSTOP): its direct subject times out. The CLI asks who leads
+    again and, another leading now, sends it there (it failed 'check that it is running', and
+    the same command a moment later succeeded)."""
+    bus = TakeoverBus()
+    got = await client.call(Ctx(nats_url="nats://x", fleet="f"), "pause",
+                            RolloutRequest(id="hello-r1"), timeout=5.0,
+                            bus=bus)  # type: ignore[arg-type]  # a stand-in for Bus
+    assert got == {"id": "hello-r1", "state": "paused"}
+    direct = [s for s in bus.asked if not s.endswith(".leader")]
+    assert len(direct) == 2 and ".old." in direct[0] and ".new." in direct[1], bus.asked
