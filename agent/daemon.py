@@ -95,6 +95,16 @@ class AgentOptions:
     trust_keys: tuple[str, ...] = ()  # coordinator keys whose desired states are accepted
 
 
+async def _first(*events: asyncio.Event) -> None:
+    """Wait until one of ``events`` is set."""
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+
+
 class Agent:
     """One agent: owns its bus connection and every task it starts."""
 
@@ -147,9 +157,14 @@ class Agent:
                 ]
                 if services is not None:
                     tasks.append(tg.create_task(services.run(), name="services"))
-                await stop.wait()
+                await _first(stop, bus.gone)
                 for t in tasks:
                     t.cancel()
+            if bus.gone.is_set() and not stop.is_set():
+                # nats-py closed the connection for good (``Bus._closed``): a new process
+                # connects anew; its slots run on and are adopted (``restore``).
+                raise BusError("the connection to NATS was closed for good (see the line "
+                               "before); the agent stops: its supervisor starts it again")
         finally:
             await bus.close()
             log.info("node %s stopped", self.options.node_id)

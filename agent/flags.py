@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 
 DEFAULT_NATS = "nats://127.0.0.1:4222"
 PROG = "fleetwave-agent"
-SUMMARY = "Run the fleetwave agent for this node in the foreground (SIGTERM or Ctrl-C stops it)."
+SUMMARY = ("Run the fleetwave agent for this node in the foreground (SIGTERM, SIGHUP or Ctrl-C "
+           "stops it cleanly).")
 MAX_SIMULATED = 100_000
 
 def _node_id(value: str) -> str:
@@ -124,6 +125,14 @@ def _tls_ca(value: str) -> str:
     if not Path(value).is_file():
         raise ProtocolError(f"{value} does not exist; pass the fleet's ca.pem (made by "
                             "'fleetwave auth init')")
+    # Read now, as the connection will (it loads ssl: TLS needs it anyway): a file that holds
+    # no certificate is the operator's to fix, not a crash after start-up.
+    from protocol.imports import import_bus  # the bus as the agent imports it (agent.main)
+
+    import_bus()
+    from protocol.bus import tls_context
+
+    tls_context(value)
     return value
 
 

@@ -1,8 +1,12 @@
 """``fleetwave-agent``: the agent's command line (also ``python -m agent.main``).
 
 Parses and checks the flags (``agent.flags``; one-line errors, exit 2), builds the Agent in one
-place (``build_agent``) and runs it until SIGTERM or SIGINT (exit 0). Anything unexpected is a
-bug: it is logged with its traceback and the process exits 1, for systemd to restart it.
+place (``build_agent``) and runs it until SIGTERM, SIGINT or SIGHUP (exit 0; ``STOP_SIGNALS``).
+SIGHUP too: a closed terminal or a session's end must not kill the agent without its last state
+save and without closing its connection; the agent has no configuration to reload. What the
+user can fix (a data dir the agent cannot write, a state file it cannot read: checked before
+connecting) is one line and exit 1. Anything unexpected is a bug: it is logged with its
+traceback and the process exits 1, for systemd to restart it.
 
 Footprint: the agent runs on every host, so what it imports stays resident on every host.
 - The flags are parsed with argparse, not click (see ``agent.flags``); the click command other
@@ -31,7 +35,7 @@ from agent import lean
 from agent.edge import Edge
 from agent.errors import FlagError, StartupError
 from agent.flags import PROG, check_identity, click_command, parse_flags
-from protocol.errors import BusError
+from protocol.errors import BusError, ProtocolError
 from protocol.imports import import_bus
 
 if TYPE_CHECKING:
@@ -39,6 +43,9 @@ if TYPE_CHECKING:
     from agent.metrics import LiveAgent
 
 log = logging.getLogger("fleetwave.agent")
+
+# Each stops the agent cleanly: its last state save, its connection closed (see the docstring).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _import_bus() -> None:
@@ -90,6 +97,41 @@ def metrics_endpoint(values: dict[str, Any]) -> tuple[socket.socket, LiveAgent] 
     return sock, LiveAgent(values["node_id"], values["labels"])
 
 
+def check_data_dir(directory: Path) -> None:
+    """StartupError (one line) unless the agent can work in ``directory``: its releases and
+    logs can be made there, a file written, and the state file read (or there is none yet).
+    Checked before connecting: found later, each would stop the running agent (and systemd
+    would start it again, to fail alike, for ever)."""
+    import os
+
+    from agent.host.state import STATE_NAME, load_state
+
+    probe = directory / f".probe.{os.getpid()}.{os.urandom(4).hex()}"
+    try:
+        for sub in ("releases", "logs"):  # modes as their users make them (ReleaseCache, start)
+            (directory / sub).mkdir(exist_ok=True)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, b"probe")
+        finally:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                probe.unlink()
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise StartupError(
+            f"the data dir {directory} is not writable: {exc.strerror}{where}; make it "
+            "writable by this user or pick another with --data-dir"
+        ) from None
+    try:
+        load_state(directory / STATE_NAME)
+    except ProtocolError as exc:
+        raise StartupError(
+            f"{exc}; make it readable by this user, move it aside (the agent then converges "
+            "again from its desired states) or pick another --data-dir"
+        ) from None
+
+
 def __getattr__(name: str) -> Any:
     if name == "agent_command":  # built on first use only: the agent process never needs click
         command = click_command(start)
@@ -124,6 +166,8 @@ def start(values: dict[str, Any]) -> int:
         raise StartupError(
             f"cannot create the data dir {directory}: {exc.strerror}; pick another with --data-dir"
         ) from None
+    if not values["simulate"]:  # simulated nodes keep no state, releases nor logs
+        check_data_dir(directory)
     options = AgentOptions(
         node_id=node_id,
         nats_url=values["nats_url"],
@@ -164,13 +208,14 @@ def start(values: dict[str, Any]) -> int:
 
 async def _run(agent: Agent, sock: socket.socket | None = None,
                live: LiveAgent | None = None) -> int:
-    """Run ``agent`` until SIGTERM or SIGINT; with a metrics socket, serve ``/metrics`` from
-    the start (while the agent still waits for NATS, too) until the agent has stopped."""
+    """Run ``agent`` until a stop signal (``STOP_SIGNALS``); with a metrics socket, serve
+    ``/metrics`` from the start (while the agent still waits for NATS, too) until the agent has
+    stopped."""
     import asyncio
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
     if sock is None or live is None:
         await agent.run(stop)
@@ -189,7 +234,7 @@ async def _run(agent: Agent, sock: socket.socket | None = None,
 
 
 async def _run_simulated(options: AgentOptions, trusted_keys: tuple[str, ...], count: int) -> int:
-    """Run ``count`` simulated nodes on one connection until SIGTERM or SIGINT."""
+    """Run ``count`` simulated nodes on one connection until a stop signal (``STOP_SIGNALS``)."""
     import asyncio
 
     from agent.host.hostinfo import HostSampler
@@ -198,7 +243,7 @@ async def _run_simulated(options: AgentOptions, trusted_keys: tuple[str, ...], c
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
     connecting = asyncio.create_task(Bus.connect(
         options.nats_url, options.fleet, name=f"fleetwave-sim-{options.node_id}",
@@ -247,16 +292,29 @@ def main(argv: list[str] | None = None) -> None:
     except FlagError as exc:  # --metrics: its address cannot be had (checked before anything)
         print(f"{PROG}: {exc}", file=sys.stderr)
         sys.exit(2)
-    except (StartupError, BusError) as exc:  # BusError: the server refused our creds or TLS
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
-    except Exception:
-        # A bug: the traceback goes to the log (journald), the exit status to systemd.
-        log.exception("fleetwave-agent crashed")
+    except Exception as exc:
+        why = _fixable(exc)
+        if why is None:
+            # A bug: the traceback goes to the log (journald), the exit status to systemd.
+            log.exception("fleetwave-agent crashed")
+        else:
+            print(f"{PROG}: {why}", file=sys.stderr)
         sys.exit(1)
     sys.exit(code)
+
+
+def _fixable(exc: BaseException) -> str | None:
+    """The one line of a failure the user can fix, also raised inside the agent's TaskGroups;
+    None for a bug. StartupError: the host cannot run the agent as asked; BusError: the server
+    refused our creds or TLS; ProtocolError: a backstop (a file of ours the agent cannot read
+    past the start-up checks)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    if isinstance(exc, StartupError | BusError | ProtocolError):
+        return str(exc)
+    return None
 
 
 if __name__ == "__main__":

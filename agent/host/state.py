@@ -65,7 +65,10 @@ class ServiceRecord(msgspec.Struct, kw_only=True):
 
 class AgentState(msgspec.Struct, kw_only=True):
     schema: int = 1
+    # The node and fleet that wrote the file ("": an older agent's file, which named no fleet):
+    # a data dir reused under another name (a cloned VM image) holds another node's state.
     node: str = ""
+    fleet: str = ""
     services: dict[str, ServiceRecord] = {}
     # The fleet's size as the leader's last pace said it, rounded up (``desired.size_step``;
     # 0: none heard): a restarted agent's first watch asks for the heartbeat, and backs off

@@ -181,7 +181,7 @@ class DesiredWatch:
                 async with asyncio.timeout(BUS_TIMEOUT):
                     entries = await self.bus.kv_entries(bucket, subjects.node_keys(self.node))
             except (BusError, TimeoutError) as exc:
-                log.warning("cannot re-read desired states: %s", exc or "timed out")
+                log.warning("cannot re-read desired states: %s", str(exc) or "timed out")
                 continue
             for e in entries:
                 if e.value is not None:

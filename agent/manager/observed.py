@@ -171,9 +171,8 @@ class ObservedWriter:
                         )
                 except (BusError, TimeoutError) as exc:
                     if not self._bus_failing:
-                        log.warning(
-                            "cannot write observed state of %s: %s", svc.name, exc or "timeout"
-                        )
+                        log.warning("cannot write observed state of %s: %s", svc.name,
+                                    str(exc) or "timed out")
                     self._bus_failing = True
                     svc.last_observed = svc.last_observed_state = b""  # again next pass
                     continue

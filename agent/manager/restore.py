@@ -9,7 +9,10 @@ manager's slot callback): a kill before the end of that pass must not leave a pr
 restarted agent knows nothing of. On start ``restore`` verifies the remembered envelopes again,
 adopts the slot processes that are still alive and finds each router again on its socket; slot
 processes of this node that no record accounts for are orphans and are stopped, since the
-reconciler will start what is wanted again.
+reconciler will start what is wanted again. A state file written by another node or fleet (a
+data dir reused under another name: a cloned VM image, a renamed node, a changed ``--fleet``) is
+ignored, and a remembered envelope sets the replay floor and term only if it is addressed to
+this fleet, node and service: another's would refuse this node's own desired states.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from protocol.manifest import MANIFEST_NAME, load_manifest
 from protocol.messages import (
     SLOTS,
     ReleaseRef,
+    SignedEnvelope,
 )
 from protocol.signing import verify
 
@@ -112,7 +116,7 @@ class Restorer:
                 router_socket=str(self.routers.socket(svc.name)),
                 router_weights=dict(svc.applied_weights),
             )
-        return AgentState(node=self.config.node, services=services,
+        return AgentState(node=self.config.node, fleet=self.config.fleet, services=services,
                           fleet_nodes=self.fleet_nodes())
 
     async def save(self) -> None:
@@ -144,28 +148,37 @@ class Restorer:
         """Load the state file: accepted envelopes, slot processes to adopt (reporting to
         ``on_slot``), routers to find. Returns the adopted runners, for the caller to run."""
         state = await asyncio.to_thread(load_state, self.state_path)
+        if not self._ours(state):
+            return await self._stop_orphans([])
         self.restored_fleet_nodes = max(0, state.fleet_nodes)
         adopted: list[SlotRunner] = []
         for name, rec in state.services.items():
             svc = Service(name=name, observed_generation=rec.observed_generation)
-            svc.floor = max(rec.generation, rec.envelope.generation if rec.envelope else 0)
-            if rec.envelope is not None:
+            env, generation = rec.envelope, rec.generation
+            if env is not None and not self._addressed_here(env, name):
+                # Another node's (an older file, which named no node): its generation and term
+                # say nothing of this node's desired states, so they set no floor here.
+                log.warning("remembered desired state of %s is ignored: it is addressed to "
+                            "fleet %r node %r service %r", name, env.fleet, env.node, env.service)
+                env, generation = None, 0
+            svc.floor = max(generation, env.generation if env else 0)
+            if env is not None:
                 try:
                     svc.desired = verify(
-                        rec.envelope,
+                        env,
                         self.config.trusted_keys,
                         fleet=self.config.fleet,
                         node=self.config.node,
                         service=name,
-                        min_generation=rec.envelope.generation - 1,
-                        min_term=rec.envelope.term,
+                        min_generation=env.generation - 1,
+                        min_term=env.term,
                     )
                 except ProtocolError as exc:
                     log.error("remembered desired state of %s is refused: %s", name, exc)
                 # Kept even when refused (its key is no longer trusted: a rotated signing key):
                 # nothing acts on it (no desired state), but the same state signed by a trusted
                 # key is then recognised as a re-signature (``protocol.signing.resigns``).
-                svc.envelope = rec.envelope
+                svc.envelope = env
             self.services[name] = svc
             for slot, srec in rec.slots.items():
                 runner = self._adopt(svc, slot, srec, on_slot)
@@ -184,6 +197,28 @@ class Restorer:
                     svc.router, svc.router_stats = client, stats
                     svc.applied_weights = {s: w for s, w in stats.weights.items() if w > 0}
                     log.info("adopted router of %s (pid %s)", name, svc.router_pid)
+        return await self._stop_orphans(adopted)
+
+    def _ours(self, state: AgentState) -> bool:
+        """Whether the state file was written by this node of this fleet ("" in an older
+        file: not said, taken as ours). Another's (a data dir reused under another node id or
+        fleet: a cloned VM image, a renamed node) is not restored: its floors and terms would
+        refuse this node's own desired states, and its slots are not this node's."""
+        for what, theirs, mine in (("node", state.node, self.config.node),
+                                   ("fleet", state.fleet, self.config.fleet)):
+            if theirs and theirs != mine:
+                log.warning("the state file %s belonged to %s %r, not %r: it is ignored, and the "
+                            "services converge from this node's desired states",
+                            self.state_path, what, theirs, mine)
+                return False
+        return True
+
+    def _addressed_here(self, env: SignedEnvelope, service: str) -> bool:
+        return (env.fleet, env.node, env.service) == (self.config.fleet, self.config.node,
+                                                      service)
+
+    async def _stop_orphans(self, adopted: list[SlotRunner]) -> list[SlotRunner]:
+        """Stop this node's slot processes other than ``adopted``; return ``adopted``."""
         keep = {r.pid for r in adopted if r.pid is not None}
         orphans = await asyncio.to_thread(find_orphans, self.cache.root, self.config.node, keep)
         if orphans:

@@ -208,6 +208,14 @@ class Service:
             else "none",
         )
 
+    def forget_unwanted_fetch_errors(self) -> None:
+        """Drop the fetch errors of releases its desired state no longer names (rolled back or
+        on, removed): nothing retries those, and kept they would hold the service unsettled
+        (``settled``), its loop passing every TICK instead of IDLE_TICK for the agent's life."""
+        wanted = {ref.digest for ref in self.desired.slots.values()} if self.desired else set()
+        for digest in [d for d in self.fetch_errors if d not in wanted]:
+            del self.fetch_errors[digest]
+
     @property
     def splits(self) -> bool:
         """Whether its router mirrors traffic or splits it between slots (a canary, a shadow)."""

@@ -240,6 +240,7 @@ class ServiceManager:
             busy = False
             for svc in list(self.services.values()):
                 try:
+                    svc.forget_unwanted_fetch_errors()  # level-triggered: whatever changed it
                     view = svc.view()
                     actions = reconcile(svc.desired, view, self.clock())
                     busy = busy or bool(actions) or not settled(view)

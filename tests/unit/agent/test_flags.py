@@ -197,6 +197,29 @@ def test_anything_else_is_refused_at_start(text: str, why: str) -> None:
     assert info.value.param is not None and info.value.param.name == "trust_keys"
 
 
+def _ca(tmp_path: Path) -> Path:
+    """A fleet's CA certificate, as 'fleetwave auth init' makes it."""
+    import datetime as dt
+
+    from coordinator.auth.pki import make_ca
+
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(make_ca("default", dt.datetime.now(dt.UTC)).cert)
+    return ca
+
+
+def test_a_tls_ca_that_holds_no_certificate_is_a_flag_error(tmp_path: Path) -> None:
+    """--tls-ca naming a file that holds no certificate is refused at once, in one line that
+    names the file (not a traceback once the agent connects); the fleet's CA is taken."""
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate\n")
+    with pytest.raises(FlagError, match=r"--tls-ca.*bad\.pem holds no usable certificate") as info:
+        parse_flags(["--node-id", "n1", "--tls-ca", str(bad)], environ={})
+    assert "\n" not in str(info.value)
+    ca = _ca(tmp_path)
+    assert parse_flags(["--node-id", "n1", "--tls-ca", str(ca)], environ={})["tls_ca"] == str(ca)
+
+
 def test_creds_of_another_node_or_with_simulate_are_refused(tmp_path: Path) -> None:
     """node-1's credentials given to node-2 (or to simulated nodes) are a flag error naming
     the file node-2 needs; its own are taken, with the fleet's CA, and simulated nodes take the
@@ -205,8 +228,7 @@ def test_creds_of_another_node_or_with_simulate_are_refused(tmp_path: Path) -> N
 
     path = tmp_path / "node-1.creds"
     path.write_text(creds.render(creds.Creds("default", "node", "node-1", "SU" + "A" * 56)))
-    ca = tmp_path / "ca.pem"
-    ca.write_text("x")
+    ca = _ca(tmp_path)
     from agent.flags import check_identity
 
     own = parse_flags(["--node-id", "node-1", "--creds", str(path), "--tls-ca", str(ca)],

@@ -66,6 +66,58 @@ async def test_a_deposed_leaders_state_is_refused_even_after_a_restart(tmp_path:
     assert desired is not None and desired.generation == 9
 
 
+async def test_a_state_file_of_another_node_or_fleet_is_not_restored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A data dir reused under another node id or fleet (a cloned VM image, a renamed node, a
+    changed --fleet): the state file's records are ignored (one line says whose they were), and
+    this node's own first desired state, of a lower generation and term, is accepted."""
+    import logging
+
+    seed = generate_seed()
+    for theirs in (AgentState(node="web-7", fleet=FLEET), AgentState(node=NODE, fleet="other")):
+        theirs.services = {SERVICE: ServiceRecord(
+            service=SERVICE, generation=12,
+            envelope=sign(seed, DesiredState(fleet=theirs.fleet, node=theirs.node,
+                                             service=SERVICE, generation=12), term=3))}
+        save_state(tmp_path / "state.json", theirs)
+        mgr = _manager(tmp_path, [public_key(seed)])
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="fleetwave.agent.services"):
+            await mgr.restorer.restore(lambda *_: None)
+        assert SERVICE not in mgr.services
+        said = [r.getMessage() for r in caplog.records]
+        assert len(said) == 1 and "belonged to" in said[0] and "is ignored" in said[0]
+        await mgr.desired.offer(f"{NODE}.{SERVICE}", encode(_env(seed, 1, term=2)))
+        desired = mgr.services[SERVICE].desired
+        assert desired is not None and desired.generation == 1 and mgr.desired.refused == 0
+
+
+async def test_a_remembered_envelope_addressed_elsewhere_sets_no_floor(tmp_path: Path) -> None:
+    """A file that names no node (an older agent's) holding another node's envelope: neither its
+    generation nor its term refuses this node's own desired states; the file's slots are kept."""
+    seed = generate_seed()
+    other = sign(seed, DesiredState(fleet=FLEET, node="web-7", service=SERVICE, generation=12),
+                 term=3)
+    save_state(tmp_path / "state.json", AgentState(services={
+        SERVICE: ServiceRecord(service=SERVICE, envelope=other, generation=12,
+                               observed_generation=12),
+    }))
+    mgr = _manager(tmp_path, [public_key(seed)])
+    await mgr.restorer.restore(lambda *_: None)
+    svc = mgr.services[SERVICE]
+    assert svc.floor == 0 and svc.envelope is None and svc.desired is None
+    await mgr.desired.offer(f"{NODE}.{SERVICE}", encode(_env(seed, 1, term=2)))
+    desired = mgr.services[SERVICE].desired
+    assert desired is not None and desired.generation == 1 and mgr.desired.refused == 0
+
+
+def test_the_state_file_names_its_node_and_fleet(tmp_path: Path) -> None:
+    """What the agent saves says whose it is, so that a reused data dir is recognised."""
+    mgr = _manager(tmp_path, [])
+    assert (mgr.restorer._snapshot().node, mgr.restorer._snapshot().fleet) == (NODE, FLEET)
+
+
 # -- the re-read's pace ---------------------------------------------------------------------------
 
 
@@ -125,6 +177,43 @@ async def test_the_reread_waits_as_the_fleets_size_says(
         await mgr.desired.reread()
     assert waits == [15.0, 45.0, 300.0, 900.0]
     assert bus.reads == [f"{NODE}.*"] * 3 and mgr.desired.rereads == 3
+
+
+class _Silent:
+    """A bus that never answers (a broker gone quiet): a read waits for ever."""
+
+    async def kv_entries(self, bucket: str, pattern: str) -> list[Any]:
+        import asyncio
+
+        await asyncio.Event().wait()
+        return []
+
+
+async def test_a_reread_that_times_out_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A re-read of desired states that gets no answer within BUS_TIMEOUT: its log line ends
+    with "timed out", not an empty reason."""
+    import asyncio
+    import contextlib
+    import logging
+
+    import agent.manager.desired as desired_mod
+
+    monkeypatch.setattr(desired_mod, "BUS_TIMEOUT", 0.01)
+    monkeypatch.setattr(desired_mod, "reread_every", lambda nodes: 0.01)
+    mgr = ServiceManager(bus=_Silent(), fleet=FLEET, node=NODE, data_dir=tmp_path,  # type: ignore[arg-type]
+                         bind_host="127.0.0.1", trusted_keys=[])
+    with caplog.at_level(logging.WARNING, logger="fleetwave.agent.services"):
+        running = asyncio.create_task(mgr.desired.reread())
+        for _ in range(200):
+            if caplog.records:
+                break
+            await asyncio.sleep(0.01)
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+    assert caplog.records[0].getMessage() == "cannot re-read desired states: timed out"
 
 
 def test_watch_heartbeat_keeps_a_large_fleets_at_the_rate() -> None:

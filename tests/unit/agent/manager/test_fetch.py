@@ -1,12 +1,19 @@
-"""agent.manager.shell: what the agent keeps of the releases it fetched (``_fetch``, ``_prune``)."""
+"""agent.manager.shell: what the agent keeps of the releases it fetched (``_fetch``, ``_prune``)
+and of the fetches that failed."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from pathlib import Path
+from typing import Any
 
-from agent.manager.service import Service
+import pytest
+
+from agent.manager.service import Service, settled
 from agent.manager.shell import ServiceManager
-from protocol.messages import ReleaseRef
+from agent.reconcile import FetchError
+from protocol.messages import DesiredState, ReleaseRef
 from tests.unit.agent.host.test_releases import FakeStore, bundle, publish
 
 
@@ -50,3 +57,44 @@ async def test_a_cached_bundle_is_refused_for_another_version(tmp_path: Path) ->
     reason = svc.fetch_errors[forged.digest].reason
     assert reason == "release hello 9.9.9: the bundle's manifest says hello 1.0.0; refused"
     assert store.gets == 1  # from the cache, not fetched again
+
+
+async def test_a_fetch_error_of_a_release_no_longer_desired_lets_the_loop_idle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rolled back to a state that no longer names the release whose fetch failed: the error is
+    forgotten and the service settles, so the loop waits ``idle_tick`` between passes (a review
+    found it passing every ``tick`` for the agent's life); an error of a release still named is
+    kept (its retry waits on it)."""
+    import agent.manager.shell as shell
+
+    class Connected:  # what the loop asks of the bus (observed states are only queued)
+        reconnects = 0
+
+    mgr = ServiceManager(bus=Connected(), fleet="test", node="n1", data_dir=tmp_path,  # type: ignore[arg-type]
+                         bind_host="127.0.0.1", trusted_keys=[], tick=0.01, idle_tick=30.0)
+    svc = mgr.services["hello"] = Service(name="hello")
+    svc.desired = DesiredState(fleet="test", node="n1", service="hello", generation=3)
+    svc.fetch_errors["sha256:v2"] = FetchError("release hello 2.0 is not stored", 0.0)
+    passes = 0
+    real = shell.reconcile
+
+    def counted(*args: Any) -> Any:
+        nonlocal passes
+        passes += 1
+        return real(*args)
+
+    monkeypatch.setattr(shell, "reconcile", counted)
+    loop = asyncio.create_task(mgr._reconcile_loop())
+    await asyncio.sleep(0.5)  # 50 ticks: a pass each while unsettled
+    loop.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await loop
+    assert passes == 1 and not svc.fetch_errors and settled(svc.view())
+
+    wanted = ReleaseRef(service="hello", version="1.0", digest="sha256:v1")
+    svc.desired = DesiredState(fleet="test", node="n1", service="hello", generation=4,
+                               slots={"a": wanted})
+    svc.fetch_errors = {d: FetchError("not stored", 0.0) for d in ("sha256:v1", "sha256:v2")}
+    svc.forget_unwanted_fetch_errors()
+    assert set(svc.fetch_errors) == {"sha256:v1"}

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from pathlib import Path
 from types import SimpleNamespace
+
+import pytest
 
 from agent.manager.observed import ObservedWriter
 from agent.manager.service import OBSERVE_EVERY, NodeConfig, Service
@@ -283,3 +288,40 @@ async def test_a_service_the_pace_starts_reading_reports_at_once(tmp_path: Path)
     assert mgr.observed.reading == {"hello"}  # kept
     mgr.paced(Pace(interval=25.0, nodes=50_000, rate=2000.0, reading=[]))
     assert mgr.observed.reading == frozenset()
+
+
+class _Silent:
+    """A bus that never answers (a broker gone quiet): every call waits for ever."""
+
+    reconnects = 0
+
+    async def kv_put(self, bucket: str, key: str, value: bytes) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_a_write_that_times_out_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An observed state the bus takes no answer for within BUS_TIMEOUT: the log line ends with
+    "timed out", not an empty reason (a review found "cannot write observed state of hello: ")."""
+    import agent.manager.observed as observed_mod
+
+    monkeypatch.setattr(observed_mod, "BUS_TIMEOUT", 0.01)
+    svc = Service(name="hello")
+    config = NodeConfig(fleet=FLEET, node=NODE, data_dir=tmp_path, bind_host="127.0.0.1",
+                        trusted_keys=frozenset())
+    writer = ObservedWriter(_Silent(), config, {"hello": svc}, clock=lambda: 1.0)  # type: ignore[arg-type]
+    writer.observe(svc)
+    writer.release()
+    with caplog.at_level(logging.WARNING, logger="fleetwave.agent.services"):
+        running = asyncio.create_task(writer.run())
+        for _ in range(200):
+            if caplog.records:
+                break
+            await asyncio.sleep(0.01)
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+    assert [r.getMessage() for r in caplog.records] == [
+        "cannot write observed state of hello: timed out"]
+
