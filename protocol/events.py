@@ -79,6 +79,9 @@ EVENT_BATCH = 1024  # events published (pipelined) before their acks are awaited
 RETRY_DELAY = 0.5  # the first retry's delay; each next one waits twice as long
 PUBLISH_TIMEOUT = 10.0  # one publication's sends and acks (protocol.bus.OP_TIMEOUT)
 DROPS_LOGGED_EVERY = 1.0  # seconds between two lines about dropped events
+# The kinds an agent reports (``agent/manager``): every other kind is the coordinator's to decide,
+# and a reader refuses it on a node's subject (``received``).
+AGENT_KINDS = ("slot.", "router.", "release.", "agent.")
 
 log = logging.getLogger("fleetwave.events")
 
@@ -259,21 +262,31 @@ class _Member(msgspec.Struct):
 def received_all(fleet: str, subject: str, data: bytes) -> list[Event]:
     """``received``, a pack expanded (``unpacked``): the events a reader shows. A node may not
     publish packs (its members could name other nodes): one on a node's subject is refused."""
-    event = received(fleet, subject, data)
-    if event.kind == PACK and subjects.agent_event_node(fleet, subject) is not None:
-        raise ProtocolError(f"event pack on node {event.node!r}'s subject ignored (only the "
-                            "coordinator packs events)")
-    return unpacked(event)
+    return unpacked(received(fleet, subject, data))
 
 
 def received(fleet: str, subject: str, data: bytes) -> Event:
     """The Event a reader of the stream got on ``subject``; ProtocolError if it is malformed or
-    was published on one node's subject but names another (a node forging another's events)."""
+    was published on one node's subject but names another (a node forging another's events),
+    is of a kind only the coordinator decides (``AGENT_KINDS``: a node's ``gate.failed`` drew
+    invented error rates on the dashboard's chart), or says who asked (``who``: only the
+    coordinator knows, from the subject the server let an operator's request through)."""
     event = decode(Event, data)
     sender = subjects.agent_event_node(fleet, subject)
-    if sender is not None and event.node != sender:
+    if sender is None:
+        return event
+    if event.node != sender:
         raise ProtocolError(
             f"event {event.kind} on node {sender!r}'s subject names node {event.node!r}; "
             "ignored (a node may report only its own events)"
         )
+    if event.kind == PACK:
+        raise ProtocolError(f"event pack on node {event.node!r}'s subject ignored (only the "
+                            "coordinator packs events)")
+    if not event.kind.startswith(AGENT_KINDS):
+        raise ProtocolError(f"event {event.kind} on node {sender!r}'s subject ignored (an agent "
+                            f"reports only {', '.join(k + '*' for k in AGENT_KINDS)} events)")
+    if event.who:
+        raise ProtocolError(f"event {event.kind} on node {sender!r}'s subject says it was asked "
+                            f"by {event.who!r}; ignored (only the coordinator says who asked)")
     return event

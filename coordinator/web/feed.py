@@ -22,7 +22,10 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from protocol import subjects
+from protocol.codec import encode
 from protocol.errors import BusError, ProtocolError
 from protocol.events import received_all
 from protocol.messages import Event
@@ -33,6 +36,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("fleetwave.coordinator.http")
 
 KEEP = 5000  # events kept for the page; a rollout's own story is far shorter
+KEEP_BYTES = 16 * 1024**2  # ...and at most this much of them (oldest dropped first)
+# What the page keeps of one event: a node may publish any size on its own subject (up to the
+# server's max_payload), and each page's snapshot carries the last events of its rollout twice a
+# second: 100 events of 200 KB made every snapshot 20 MB and the leader 700 MB with six pages.
+MESSAGE_CHARS = 2000
+DATA_BYTES = 8 * 1024
 BACKFILL = 2000  # events read back from the stream when the surface starts
 BACKFILL_TIMEOUT = 15.0
 
@@ -43,6 +52,8 @@ class Feed:
     def __init__(self, coordinator: Coordinator) -> None:
         self._coord = coordinator
         self._events: OrderedDict[str, Event] = OrderedDict()
+        self._sizes: dict[str, int] = {}  # each kept event's encoded size
+        self._bytes = 0
         self.changed = asyncio.Condition()
         self.serial = 0  # grows with every new event: a stream compares it to what it sent
 
@@ -62,13 +73,16 @@ class Feed:
         await self._keep(events)
 
     async def _keep(self, events: list[Event]) -> None:
-        new = [e for e in events if e.id not in self._events]
+        new = [_lean(e) for e in events if e.id not in self._events]
         if not new:
             return
-        for event in new:
+        for event, size in new:
             self._events[event.id] = event
-        while len(self._events) > KEEP:
-            self._events.popitem(last=False)
+            self._sizes[event.id] = size
+            self._bytes += size
+        while len(self._events) > KEEP or self._bytes > KEEP_BYTES:
+            gone, _ = self._events.popitem(last=False)
+            self._bytes -= self._sizes.pop(gone)
         self.serial += 1
         async with self.changed:
             self.changed.notify_all()
@@ -108,6 +122,21 @@ class Feed:
                 break
         for events in reversed(held):
             await self._keep(events)
+
+
+def _lean(event: Event) -> tuple[Event, int]:
+    """``event`` as the page keeps it (its message cut at MESSAGE_CHARS, its data dropped past
+    DATA_BYTES, both said), and its encoded size."""
+    size = len(encode(event))
+    if size <= DATA_BYTES:
+        return event, size
+    message, data = event.message, event.data
+    if len(message) > MESSAGE_CHARS:
+        message = message[:MESSAGE_CHARS] + f"... ({len(event.message)} characters in all)"
+    if len(encode(data)) > DATA_BYTES:
+        data = {"dropped": f"data over {DATA_BYTES // 1024} KB (see 'fleetwave events')"}
+    lean = msgspec.structs.replace(event, message=message, data=data)
+    return lean, len(encode(lean))
 
 
 async def feed_context(app: Any, feed: Feed) -> AsyncIterator[None]:

@@ -263,7 +263,7 @@ class Dashboard:
                     # the next event, or the next poll (records change without events)
                     with contextlib.suppress(TimeoutError):
                         await bounded(self.feed.changed.wait(), POLL)
-        except ConnectionResetError:
+        except ConnectionError:  # reset, or aiohttp's own "Connection lost" from drain
             pass  # the browser went away: nothing to clean up but us
         except TimeoutError:
             # It stopped reading: its socket and the data it left unsent go now, not when (if

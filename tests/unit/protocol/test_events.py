@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 
+import msgspec
 import pytest
 
 from protocol import subjects
@@ -56,11 +57,37 @@ async def test_an_agents_events_go_on_subjects_naming_each_events_node(
 def test_a_reader_refuses_an_event_naming_another_node_than_its_subject() -> None:
     """received: an event on node-1's subject that names node-2 is a forgery; the same event
     on node-2's subject, or a coordinator's event naming any node, is accepted."""
-    forged = encode(event(1, node="node-2"))
+    crashed = msgspec.structs.replace(event(1, node="node-2"), kind="slot.crashed")
+    forged = encode(crashed)
     with pytest.raises(ProtocolError, match="subject names node 'node-2'"):
-        received(FLEET, subjects.agent_event(FLEET, "node-1", "node.done"), forged)
-    assert received(FLEET, subjects.agent_event(FLEET, "node-2", "node.done"), forged).id == "e1"
-    assert received(FLEET, subjects.event(FLEET, "node.done"), forged).node == "node-2"
+        received(FLEET, subjects.agent_event(FLEET, "node-1", "slot.crashed"), forged)
+    assert received(FLEET, subjects.agent_event(FLEET, "node-2", "slot.crashed"), forged).id == "e1"
+    assert received(FLEET, subjects.event(FLEET, "slot.crashed"), forged).node == "node-2"
+
+
+@pytest.mark.parametrize("kind", ["gate.failed", "rollout.succeeded", "wave.passed",
+                                  "node.done", "bluegreen.switched_back"])
+def test_a_reader_refuses_a_coordinators_kind_on_a_nodes_subject(kind: str) -> None:
+    """A node's credentials may publish any body on its own subject: a gate verdict or a
+    rollout's end there is a forgery (a node's gate.failed drew invented error rates on the
+    dashboard's chart), refused; an agent's own kinds pass."""
+    on_node = subjects.agent_event(FLEET, "node-1", kind)
+    forged = msgspec.structs.replace(event(1, node="node-1"), kind=kind)
+    with pytest.raises(ProtocolError, match="an agent reports only"):
+        received(FLEET, on_node, encode(forged))
+    assert received(FLEET, subjects.event(FLEET, kind), encode(forged)).kind == kind
+    for own in ("slot.started", "router.closing", "release.failed", "agent.refused"):
+        mine = msgspec.structs.replace(forged, kind=own)
+        assert received(FLEET, subjects.agent_event(FLEET, "node-1", own), encode(mine)).kind == own
+
+
+def test_a_reader_refuses_a_who_on_a_nodes_subject() -> None:
+    """Who asked is the coordinator's to say (from the subject the server let an operator's
+    request through): a node's event claiming an operator is refused."""
+    claimed = Event(id="e1", time=1.0, fleet=FLEET, kind="slot.crashed", node="node-1",
+                    who="alice")
+    with pytest.raises(ProtocolError, match="asked by 'alice'"):
+        received(FLEET, subjects.agent_event(FLEET, "node-1", "slot.crashed"), encode(claimed))
 
 
 def test_a_pack_carries_node_events_whole_and_readers_get_each_back() -> None:

@@ -84,7 +84,7 @@ def test_safe_table(text: str, seen: str) -> None:
 
 def test_events_command_escapes_and_json_stays_exact(monkeypatch: pytest.MonkeyPatch) -> None:
     """``fleetwave events`` escapes node text; ``-o json`` prints the event exactly."""
-    hostile = event(message=HOSTILE, node="node-3")
+    hostile = event(message=HOSTILE, node="node-3", kind="slot.crashed")  # an agent's kind
 
     class FakeBus:
         def stream_records(self, *_: Any, **__: Any) -> AsyncIterator[tuple[str, bytes]]:

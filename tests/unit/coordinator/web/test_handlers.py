@@ -229,3 +229,36 @@ async def test_action_bodies_must_be_typed_as_documented(tmp_path: Path) -> None
     sent = coord.bus.sent
     assert [decode(RolloutRequest, d).full for _, d in sent[:2]] == [True, False]
     assert [decode(RollbackRequest, d).to_version for _, d in sent[2:]] == ["1.0.0", ""]
+
+
+async def test_a_page_gone_mid_write_is_no_error(monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """aiohttp says a client gone mid-write with a plain ConnectionError ("Connection lost"),
+    not only ConnectionResetError: the stream ends quietly (it logged an ERROR with a
+    traceback for every page closed while a snapshot went out)."""
+    monkeypatch.setattr(handlers, "POLL", 0.01)
+    sent = asyncio.Event()
+
+    async def lost(resp: web.StreamResponse, text: str) -> None:
+        sent.set()
+        raise ConnectionError("Connection lost")
+
+    monkeypatch.setattr(Dashboard, "_send", staticmethod(lost))
+    caplog.set_level(logging.ERROR)
+    coord: Any = Served()
+    runner = web.AppRunner(build_app(coord), shutdown_timeout=1.0)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        loop = asyncio.get_running_loop()
+        with socket.socket() as sock:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", site.port))
+            await loop.sock_sendall(sock, b"GET /api/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            async with asyncio.timeout(WAIT):
+                await sent.wait()
+            await asyncio.sleep(0.2)  # the handler's end, and what it logs
+    finally:
+        await runner.cleanup()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from coordinator.web.feed import Feed
 from coordinator.web.handlers import PAGE_NODES, Dashboard
-from protocol.codec import decode
+from protocol.codec import decode, encode
 from protocol.messages import ApiReply, NodesRequest, RolloutRequest
 
 
@@ -86,3 +88,33 @@ async def test_a_failed_read_of_a_finished_rollouts_status_is_not_kept() -> None
     for _ in range(3):
         await board.snapshot("", "")
     assert sum(verb == "status" for verb, _ in coord.api.asked) == 4
+
+
+async def test_the_feed_keeps_a_bounded_part_of_each_event_and_of_them_all(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node may publish any size on its own subject (up to max_payload): 100 events of 200 KB
+    made every snapshot of the rollout 20 MB (sent twice a second a page) and the leader 700 MB
+    with six pages open. The feed keeps a message's first MESSAGE_CHARS and no data past
+    DATA_BYTES (saying so), and drops its oldest events past KEEP_BYTES in all."""
+    from coordinator.web import feed as feed_module
+    from protocol.messages import Event
+
+    feed = Feed(Coordinator("running"))  # type: ignore[arg-type]
+    huge = [Event(id=f"e{i}", time=float(i), fleet="default", kind="slot.crashed",
+                  node="node-2", rollout="r1", message="m" * 200_000,
+                  data={"blob": "d" * 200_000}) for i in range(100)]
+    await feed._keep(huge)
+    kept = feed.of("r1", last=300)
+    assert len(kept) == 100
+    assert all(len(e.message) < feed_module.MESSAGE_CHARS + 100 for e in kept)
+    assert all("characters in all" in e.message and "dropped" in e.data for e in kept)
+    assert sum(len(encode(e)) for e in kept) < 100 * (feed_module.DATA_BYTES // 2)
+    small = Event(id="s", time=1e9, fleet="default", kind="gate.passed", rollout="r1",
+                  message="ok", data={"error_rate": 0.0})
+    await feed._keep([small])
+    assert feed.of("r1", last=1) == [small]  # kept as it came
+    monkeypatch.setattr(feed_module, "KEEP_BYTES", 10_000)
+    await feed._keep([Event(id="t", time=2e9, fleet="default", kind="gate.passed",
+                            rollout="r1", message="last")])
+    assert feed._bytes <= 10_000 and feed.of("r1", last=1)[0].id == "t"
+    assert len(feed.of("r1", last=300)) < 10
