@@ -252,7 +252,9 @@ class Dashboard:
                 list_fresh = 0.0 if self.feed.serial != seen else LIST_POLL
                 seen = self.feed.serial
                 snap = await self.snapshot(rollout, service, list_fresh=list_fresh)
-                body = json.dumps(snap, sort_keys=True)
+                # In the order built (the API's own: a rollout's nodes in motion first),
+                # not sorted: sorted, the page listed nodes by id, failed ones far down.
+                body = json.dumps(snap)
                 if body != sent:
                     await self._send(resp, f"event: snapshot\ndata: {body}\n\n")
                     sent, quiet = body, time.monotonic()

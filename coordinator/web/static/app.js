@@ -43,16 +43,32 @@ function ago(t) {
   return s < 60 ? `${s.toFixed(0)}s ago` : s < 3600 ? `${(s / 60).toFixed(0)}m ago` : when(t);
 }
 
-function notice(text, ok) {
+// The notice shown is a snapshot's error (gone with the first snapshot without one), or the
+// answer to something the operator did (an action, a token): that one stays until replaced.
+let noticeOfSnapshot = false;
+
+function notice(text, ok, ofSnapshot = false) {
   const n = $("#notice");
   n.textContent = text;
   n.className = ok ? "ok" : "";
   n.hidden = !text;
+  noticeOfSnapshot = !!text && ofSnapshot;
 }
 
 // -- the live connection --------------------------------------------------------------------------
+//
+// EventSource reconnects by itself after a network error, but an HTTP error status ends it for
+// good (readyState CLOSED): the coordinator's own 503 at its MAX_STREAMS, a proxy's 502 while
+// the coordinator restarts. Then the page opens a new one after RETRY_FIRST_MS, doubling up to
+// RETRY_MOST_MS while they fail, back to the first once a snapshot comes.
+
+const RETRY_FIRST_MS = 1000;
+const RETRY_MOST_MS = 30000;
+const retry = { wait: RETRY_FIRST_MS, at: 0, timer: 0 };
 
 function connect() {
+  clearTimeout(retry.timer);
+  retry.timer = 0;
   if (view.source) view.source.close();
   const q = new URLSearchParams();
   if (view.rollout) q.set("rollout", view.rollout);
@@ -60,11 +76,31 @@ function connect() {
   const source = new EventSource("/api/stream?" + q.toString());
   view.source = source;
   source.addEventListener("snapshot", (e) => {
+    retry.wait = RETRY_FIRST_MS;
     live(true);
     draw(JSON.parse(e.data));
   });
   source.onopen = () => live(true);
-  source.onerror = () => live(false); // EventSource reconnects by itself
+  source.onerror = () => {
+    if (source !== view.source) return; // one replaced meanwhile
+    if (source.readyState !== EventSource.CLOSED) return live(false); // it retries by itself
+    retry.at = Date.now() + retry.wait;
+    retry.wait = Math.min(2 * retry.wait, RETRY_MOST_MS);
+    countdown();
+  };
+}
+
+function countdown() {
+  const left = retry.at - Date.now();
+  if (left <= 0) {
+    live(false);
+    connect();
+    return;
+  }
+  const b = $("#live");
+  b.textContent = `disconnected, retrying in ${Math.ceil(left / 1000)}s`;
+  b.className = "badge off";
+  retry.timer = setTimeout(countdown, left % 1000 || 1000); // at the next whole second
 }
 
 function live(on) {
@@ -94,7 +130,14 @@ function draw(snap) {
   view.last = snap;
   $("#fleet").textContent = `fleet ${snap.fleet} · coordinator ${snap.coordinator} (${snap.role})` +
     (snap.writable ? "" : " · read-only: no --http-tokens");
-  if (snap.error) notice(snap.error);
+  if (snap.error) notice(snap.error, false, true);
+  else if (noticeOfSnapshot) notice("");
+  const now = shownRollout();
+  if (armed && (!now || now.id !== armed.id)) { // a second click would act on another rollout
+    notice(`${armed.button.dataset.verb} of ${armed.id} was not sent: the page now shows ` +
+      `${now ? now.id : "no rollout"}`);
+    disarm();
+  }
   drawNodes(snap.nodes);
   $("#nodes-more").textContent = snap.node_count > snap.nodes.length ?
     `${snap.nodes_online} of ${snap.node_count} nodes online` +
@@ -193,7 +236,9 @@ function drawRollout(st, events) {
     return why.length ? [row, el("tr", { class: "why" }, el("td", {}), el("td", {
       class: "wrap reason", colSpan: 8 }, why.join("; ")))] : [row];
   }));
-  $("#rollout-nodes tbody").replaceChildren(...Object.entries(st.nodes).sort().map(([id, n]) =>
+  // In the server's order: with more nodes than it sends, those in motion first (failed,
+  // rolling back, offline, ...: coordinator/api/rollouts.py _shown), never re-sorted by id.
+  $("#rollout-nodes tbody").replaceChildren(...Object.entries(st.nodes).map(([id, n]) =>
     el("tr", { "data-node": id }, el("td", {}, id), el("td", {}, n.version || "-"),
       stateCell(n.state), el("td", {}, n.healthy ? "yes" : "no"),
       el("td", {}, n.online ? "yes" : "no"), el("td", {}, n.wave === undefined ? "-" : n.wave + 1),
@@ -272,34 +317,64 @@ function chart(box, points, kNew, kOld, labels, floor, fmt) {
 }
 
 // -- actions ------------------------------------------------------------------------------------
+//
+// An action goes to the rollout shown when the operator pressed its button (to that rollout's
+// service, for a rollback), and is sent only if that rollout is still the one shown at the click.
+// The page follows the newest rollout: another one may replace the one the operator looked at
+// between the press and the click, or between the two clicks of Abort (draw() then disarms it).
 
-async function act(verb) {
+const CONFIRM = new Set(["abort", "rollback"]);
+const CONFIRM_MS = 5000;
+let pressed = null; // {button, id, service}: the rollout shown when a button was pressed
+let armed = null; // {button, id, service}: a first click of Abort or Roll back, awaiting the second
+let disarmTimer = 0;
+
+function shownRollout() {
   const st = view.last && view.last.rollout;
-  if (!st) return;
-  const url = verb === "rollback" ? `/api/services/${encodeURIComponent(st.service)}/rollback`
-    : `/api/rollouts/${encodeURIComponent(st.id)}/${verb}`;
+  return st ? { id: st.id, service: st.service } : null;
+}
+
+function press(b) {
+  const st = shownRollout();
+  pressed = st && { button: b, ...st };
+}
+
+function clicked(b) {
+  const verb = b.dataset.verb;
+  const now = shownRollout();
+  const second = armed !== null && armed.button === b;
+  const target = second ? armed : pressed && pressed.button === b ? pressed : now;
+  pressed = null;
+  disarm();
+  if (!target) return;
+  if (!now || now.id !== target.id) {
+    notice(`${verb} of ${target.id} was not sent: the page now shows ${now ? now.id : "no rollout"}`);
+    return;
+  }
+  // Abort and roll back take a second click within CONFIRM_MS: no outage from a slip.
+  if (CONFIRM.has(verb) && !second) return arm(b, target);
+  act(verb, target);
+}
+
+async function act(verb, target) {
+  const url = verb === "rollback" ? `/api/services/${encodeURIComponent(target.service)}/rollback`
+    : `/api/rollouts/${encodeURIComponent(target.id)}/${verb}`;
   const headers = { "Content-Type": "application/json" };
   const token = sessionStorage.getItem(TOKEN_KEY);
   if (token) headers.Authorization = "Bearer " + token;
-  notice(`${verb}: sending...`, true);
+  notice(`${verb} of ${target.id}: sending...`, true);
   try {
     const resp = await fetch(url, { method: "POST", headers, body: "{}" });
     const body = await resp.json();
-    if (resp.ok) notice(`${verb} of ${st.id}: done by ${body.who}`, true);
+    if (resp.ok) notice(`${verb} of ${target.id}: done by ${body.who}`, true);
     else notice(`${verb} refused (${resp.status}): ${body.error}`);
   } catch (err) {
     notice(`${verb} was not sent: ${err.message}; the coordinator may be restarting, try again`);
   }
 }
 
-const CONFIRM = new Set(["abort", "rollback"]);
-const CONFIRM_MS = 5000;
-let armed = null;
-let disarmTimer = 0;
-
-function arm(b) {
-  disarm();
-  armed = b;
+function arm(b, target) {
+  armed = { button: b, id: target.id, service: target.service };
   b.dataset.label = b.textContent;
   b.textContent = `Really ${b.textContent.toLowerCase()}?`;
   disarmTimer = setTimeout(disarm, CONFIRM_MS);
@@ -307,7 +382,7 @@ function arm(b) {
 
 function disarm() {
   if (!armed) return;
-  armed.textContent = armed.dataset.label;
+  armed.button.textContent = armed.button.dataset.label;
   clearTimeout(disarmTimer);
   armed = null;
 }
@@ -349,12 +424,11 @@ function start() {
     notice("");
   });
   for (const b of document.querySelectorAll("#actions button")) {
-    b.addEventListener("click", () => {
-      // Abort and roll back take a second click within CONFIRM_MS: no outage from a slip.
-      if (CONFIRM.has(b.dataset.verb) && armed !== b) return arm(b);
-      disarm();
-      act(b.dataset.verb);
+    b.addEventListener("pointerdown", () => press(b));
+    b.addEventListener("keydown", (e) => {
+      if (e.key === "Enter" || e.key === " ") press(b);
     });
+    b.addEventListener("click", () => clicked(b));
   }
   $("#service-filter").addEventListener("change", (e) => {
     view.service = e.target.value;
