@@ -3,7 +3,8 @@
     main.py        ``fleetwave-agent``: ``build_agent``, the run, exit codes (imports nothing
                    heavy at its top: ``lean`` keeps OpenSSL out of the agent process)
     flags.py       its flags: one table, the argparse parser, the click command built from it
-    daemon.py      Agent: connect, register, heartbeat (``presence``), run the manager
+    daemon.py      Agent: run the manager (its local part before NATS answers), connect,
+                   register, heartbeat (``presence``)
     reconcile.py   the pure reconciler: (desired, local view, now) -> actions, and its slot table
     manager/       the async shell around it, composed by concern (desired states, routers,
                    observed states, the state file, events)

@@ -1,7 +1,10 @@
-"""The agent daemon: connects to NATS, keeps its node registered and beating, runs its services.
+"""The agent daemon: runs its services, connects to NATS, keeps its node registered and beating.
 
-Theory of operation: ``Agent.run(stop)`` connects (waiting as long as it takes for a broker), then
-owns three tasks in one TaskGroup until ``stop`` is set:
+Theory of operation: ``Agent.run(stop)`` starts the part of its services that needs no bus
+(``services.run_local()``: the state file restored, slots adopted, supervised and restarted,
+routers set up), then connects (waiting as long as it takes for a broker: a restarted agent
+serves what its state file remembers meanwhile, as after a site-wide power cut where the hosts
+come back before the broker), then owns three more tasks in one TaskGroup until ``stop`` is set:
 
 - *registration*: publishes the node's NodeInfo on ``register`` and writes it to the nodes bucket,
   on connect and again after every reconnect (``Bus.reconnects`` grows). The bucket may not exist
@@ -18,8 +21,10 @@ owns three tasks in one TaskGroup until ``stop`` is set:
   ones on reconnect. The same loop returns the C heap's free pages to the OS
   (``hostinfo.trim_heap``) once start-up is over and then every ``TRIM_EVERY`` seconds: the agent
   sits on every host, and most of its life is idle.
-- *services*: ``services.run()`` (the service manager), if one is plugged in.
+- *services*: ``services.run_bus(bus)`` (the service manager's watch of desired states, its
+  events and observed states), if one is plugged in.
 
+A stop while it still connects cancels the local part, which saves its state as at any stop.
 A failure of one task is a bug: the TaskGroup cancels the others and ``run`` raises, and the
 process exits 1 (systemd restarts it). Bus errors are expected weather and are retried.
 """
@@ -64,8 +69,11 @@ TRIM_EVERY = 60.0
 class ServiceSource(Protocol):
     """What the service manager offers the daemon (``agent.manager.shell.ServiceManager``)."""
 
-    async def run(self) -> None:
-        """Run until cancelled."""
+    async def run_local(self) -> None:
+        """Restore, supervise and converge what needs no bus, until cancelled."""
+
+    async def run_bus(self, bus: Bus) -> None:
+        """Watch desired states and report, on ``bus``, until cancelled."""
 
     def summary(self) -> tuple[list[ServiceSummary], list[SlotProcess]]:
         """The services and slot processes of this node now, for the next heartbeat."""
@@ -76,7 +84,7 @@ class ServiceSource(Protocol):
         it."""
 
 
-ServiceFactory = Callable[[Bus], ServiceSource]
+ServiceFactory = Callable[[], ServiceSource]
 
 
 @dataclass(frozen=True)
@@ -140,15 +148,39 @@ class Agent:
         return self._info
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Connect, then register, beat and run services until ``stop`` is set."""
-        bus = await self._connect(stop)
-        if bus is None:
-            return
+        """Run services, connect, then register, beat and report until ``stop`` is set."""
+        services = self._services_factory() if self._services_factory else None
+        self._services = services
+        gone = False
+        try:
+            async with asyncio.TaskGroup() as tg:
+                local = None
+                if services is not None:
+                    local = tg.create_task(services.run_local(), name="services-local")
+                try:
+                    bus = await self._connect(stop)
+                    if bus is not None:
+                        gone = await self._online(bus, services, stop)
+                finally:
+                    if local is not None:
+                        local.cancel()  # it saves the state file a last time
+        finally:
+            if self.bus is not None:  # as ever: said once connected (a refusal is one line)
+                log.info("node %s stopped", self.options.node_id)
+        if gone:
+            # nats-py closed the connection for good (``Bus._closed``): a new process
+            # connects anew; its slots run on and are adopted (``restore``).
+            raise BusError("the connection to NATS was closed for good (see the line "
+                           "before); the agent stops: its supervisor starts it again")
+
+    async def _online(
+        self, bus: Bus, services: ServiceSource | None, stop: asyncio.Event
+    ) -> bool:
+        """Register, beat and run the services' bus part until ``stop`` is set or the bus is
+        gone for good (then True); the bus is closed on return."""
         self.bus = bus
         log.info("connected to %s as node %s", redact(self.options.nats_url), self.options.node_id)
         try:
-            services = self._services_factory(bus) if self._services_factory else None
-            self._services = services
             await bus.subscribe(subjects.pace(self.options.fleet), self._on_pace)
             async with asyncio.TaskGroup() as tg:
                 tasks = [
@@ -156,18 +188,13 @@ class Agent:
                     tg.create_task(self._heartbeat_loop(bus, services), name="heartbeat"),
                 ]
                 if services is not None:
-                    tasks.append(tg.create_task(services.run(), name="services"))
+                    tasks.append(tg.create_task(services.run_bus(bus), name="services-bus"))
                 await _first(stop, bus.gone)
                 for t in tasks:
                     t.cancel()
-            if bus.gone.is_set() and not stop.is_set():
-                # nats-py closed the connection for good (``Bus._closed``): a new process
-                # connects anew; its slots run on and are adopted (``restore``).
-                raise BusError("the connection to NATS was closed for good (see the line "
-                               "before); the agent stops: its supervisor starts it again")
+            return bus.gone.is_set() and not stop.is_set()
         finally:
             await bus.close()
-            log.info("node %s stopped", self.options.node_id)
 
     async def _connect(self, stop: asyncio.Event) -> Bus | None:
         """The connected bus, or None if ``stop`` was set first."""

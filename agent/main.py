@@ -62,20 +62,21 @@ def build_agent(options: AgentOptions, live: LiveAgent | None = None) -> Agent:
     from agent.daemon import Agent
     from agent.host.ports import claims_dir
     from agent.manager.shell import ServiceManager  # here: the daemon alone must not need it
-    from protocol.bus import Bus
 
-    def services(bus: Bus) -> ServiceManager:
+    def services() -> ServiceManager:
         manager = ServiceManager(
-            bus=bus, fleet=options.fleet, node=options.node_id, data_dir=options.data_dir,
+            fleet=options.fleet, node=options.node_id, data_dir=options.data_dir,
             bind_host=options.bind_host, trusted_keys=options.trust_keys,
             run_as=options.service_user, edge=options.edge, port_claims=claims_dir(),
         )
         if live is not None:
             live.services = manager.services
-            live.connected = lambda: bus.connected
         return manager
 
-    return Agent(options, services=services)
+    agent = Agent(options, services=services)
+    if live is not None:
+        live.connected = lambda: agent.bus is not None and agent.bus.connected
+    return agent
 
 
 def metrics_endpoint(values: dict[str, Any]) -> tuple[socket.socket, LiveAgent] | None:

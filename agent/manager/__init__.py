@@ -9,8 +9,9 @@
     service.py   Service (one service's record), NodeConfig, the timings; no behaviour
 
 The parts share the ``services`` map and a ``wake`` event, and are given what else they use
-(the bus, the clock, each other) when ``ServiceManager`` builds them. They may import the
-reconciler, ``agent.host``, ``agent.router.control`` (the router's client), ``agent.errors`` and
-``protocol``. A part imports ``service`` and the parts it is handed (``desired`` the events,
-``restore`` the router link); only ``shell`` imports them all.
+(the clock, each other) when ``ServiceManager`` builds them, and the bus once it is connected
+(``ServiceManager.attach``). They may import the reconciler, ``agent.host``,
+``agent.router.control`` (the router's client), ``agent.errors`` and ``protocol``. A part
+imports ``service`` and the parts it is handed (``desired`` the events, ``restore`` the router
+link); only ``shell`` imports them all.
 """

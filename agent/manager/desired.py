@@ -77,10 +77,10 @@ class DesiredWatch:
     """Accepts this node's desired states into ``services`` and wakes the reconcile loop."""
 
     def __init__(
-        self, bus: Bus, config: NodeConfig, services: Services, events: NodeEvents,
+        self, bus: Bus | None, config: NodeConfig, services: Services, events: NodeEvents,
         wake: asyncio.Event,
     ) -> None:
-        self.bus = bus
+        self.bus = bus  # None until the manager attaches it: ``watch`` and ``reread`` need it
         self.fleet = config.fleet
         self.node = config.node
         self.trusted_keys = config.trusted_keys
@@ -111,29 +111,33 @@ class DesiredWatch:
         restart hears no burst and starts at once; without a leader, after the wait. An agent
         whose first connect waited for its server (``Bus.waited``) starts its first watch
         within the spread already: no pace can add to that."""
+        bus = self.bus
+        assert bus is not None, "a watch before the bus is attached"
         if self._spread() <= CROWD_SPREAD:
             return  # a small fleet: every one is remembered as 1,000 nodes (``size_step``)
-        if self.bus.waited:
+        if bus.waited:
             return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(FIRST_PACE_WAIT):
                 await self._paced.wait()
         if self.burst:
-            self.bus.crowded = True
+            bus.crowded = True
             log.info("many of the fleet's agents are registering at once (the leader's pace): "
                      "this one's watch of desired states starts within %.0fs (%d nodes)",
                      self._spread(), self.fleet_nodes)
 
     async def watch(self) -> None:
         """Offer every value of the watch, for ever; wait for the bucket while there is none."""
+        bus = self.bus
+        assert bus is not None, "watch() before the bus is attached"
         bucket = subjects.desired_bucket(self.fleet)
         attempt = 0
         await self._before_first_watch()
         while True:
             try:
-                async for entry in self.bus.watch(bucket, subjects.node_keys(self.node),
-                                                  heartbeat=self._heartbeat, renew=self._renew,
-                                                  spread=self._spread):
+                async for entry in bus.watch(bucket, subjects.node_keys(self.node),
+                                             heartbeat=self._heartbeat, renew=self._renew,
+                                             spread=self._spread):
                     attempt = 0
                     if entry is None or entry.value is None:
                         continue  # end of the initial contents, or a deletion: nothing to accept
@@ -166,6 +170,8 @@ class DesiredWatch:
         size calls for another heartbeat than the watch's, the watch is renewed instead (its
         full read is the re-read): spread so, a fleet that hears a new size does not make its
         consumers again all at once."""
+        bus = self.bus
+        assert bus is not None, "reread() before the bus is attached"
         bucket = subjects.desired_bucket(self.fleet)
         while True:
             await asyncio.sleep(random.uniform(0.5, 1.5) * reread_every(self.fleet_nodes))
@@ -179,7 +185,7 @@ class DesiredWatch:
             self.rereads += 1
             try:
                 async with asyncio.timeout(BUS_TIMEOUT):
-                    entries = await self.bus.kv_entries(bucket, subjects.node_keys(self.node))
+                    entries = await bus.kv_entries(bucket, subjects.node_keys(self.node))
             except (BusError, TimeoutError) as exc:
                 log.warning("cannot re-read desired states: %s", str(exc) or "timed out")
                 continue

@@ -3,8 +3,9 @@
 Every part of the manager reports what happens (a slot started or failed, a desired state
 refused, a release that cannot be fetched) through one ``NodeEvents``: ``emit`` stamps an Event
 with this node, the service, a fresh id and the clock, and queues it on a
-``protocol.events.EventPublisher`` without waiting. The publisher is the coordinator's too: its
-queue, its retry policy and its bounds are documented there; ``run`` is its publishing task.
+``protocol.events.EventPublisher`` without waiting (before the bus is attached too: the queue is
+bounded). The publisher is the coordinator's too: its queue, its retry policy and its bounds are
+documented there; ``run`` is its publishing task, once the manager attached the bus.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ class NodeEvents:
     """This node's events, on their way to the fleet's events stream."""
 
     def __init__(
-        self, bus: EventSink, fleet: str, node: str, *, clock: Callable[[], float] = time.time,
-        publisher: EventPublisher | None = None,
+        self, bus: EventSink | None, fleet: str, node: str, *,
+        clock: Callable[[], float] = time.time, publisher: EventPublisher | None = None,
     ) -> None:
-        self.bus = bus
+        self.bus = bus  # None until the manager attaches it: events queue meanwhile
         self.fleet = fleet
         self.node = node
         self.clock = clock
@@ -48,5 +49,6 @@ class NodeEvents:
         ))
 
     async def run(self) -> None:
-        """Publish the queued events, for ever (until cancelled)."""
+        """Publish the queued events, for ever (until cancelled); the bus is attached."""
+        assert self.bus is not None, "run() before the bus is attached"
         await self.publisher.run(self.bus)

@@ -9,7 +9,9 @@ the agent's state file: a state the coordinator acts on (a generation failed, sa
 that an agent killed a moment later forgets on restart. ``run`` writes the newest released state
 of each service to the observed bucket, each write bounded by ``BUS_TIMEOUT``: a slow or failing
 bus never holds the reconcile loop, and a failed write is written again on the next pass (the
-failure is logged once until a write succeeds).
+failure is logged once until a write succeeds). Before the manager attaches the bus (the agent
+still waits for NATS), states are queued as ever, and ``run`` is not running yet: the newest
+released state of each service goes out once it is.
 """
 
 from __future__ import annotations
@@ -73,10 +75,10 @@ class ObservedWriter:
     """Reports each service's observed state to the fleet's observed bucket."""
 
     def __init__(
-        self, bus: Bus, config: NodeConfig, services: Services, *,
+        self, bus: Bus | None, config: NodeConfig, services: Services, *,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.bus = bus
+        self.bus = bus  # None until the manager attaches it: states are queued meanwhile
         self.fleet = config.fleet
         self.node = config.node
         self.services = services
@@ -130,7 +132,8 @@ class ObservedWriter:
         now = self.clock()
         # After a reconnect, at once: the server may have restarted and kept no observed bucket
         # (it lives in memory, ``protocol.bus._storage``), which the coordinator makes again.
-        epoch = self.bus.reconnects
+        # Before the bus is attached, an epoch of its own: the first pass after reports anew.
+        epoch = self.bus.reconnects if self.bus is not None else -1
         if epoch == svc.observed_epoch and state == svc.last_observed_state:
             counters, unchanged = report_gaps(self.paced)
             since = now - svc.last_observed_at
@@ -154,7 +157,10 @@ class ObservedWriter:
             self._dirty.set()
 
     async def run(self) -> None:
-        """Write the newest observed state of each service; a slow bus never holds the loop."""
+        """Write the newest observed state of each service; a slow bus never holds the loop.
+        The bus is attached."""
+        bus = self.bus
+        assert bus is not None, "run() before the bus is attached"
         while True:
             await self._dirty.wait()
             self._dirty.clear()
@@ -164,7 +170,7 @@ class ObservedWriter:
                     continue
                 try:
                     async with asyncio.timeout(BUS_TIMEOUT):
-                        await self.bus.kv_put(
+                        await bus.kv_put(
                             subjects.observed_bucket(self.fleet),
                             subjects.node_service_key(self.node, svc.name),
                             encode(obs),

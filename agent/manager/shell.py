@@ -1,25 +1,32 @@
 """The service manager: the async shell around the pure reconciler.
 
-Theory of operation. ``ServiceManager.run`` owns every task in one TaskGroup:
+Theory of operation. The manager runs in two parts, each owning its tasks in one TaskGroup:
+``run_local`` needs no bus (restore, runners, reconcile, router stats), ``run_bus`` needs the
+connected bus (watch, events, observed). The daemon starts ``run_local`` at once and ``run_bus``
+once NATS answers: a restarted agent adopts, probes, restarts and routes its services from the
+state file while the broker is away (after a site-wide power cut, say), and does not wait for it.
+Until the bus is attached (``attach``) what would go out waits: events in their bounded queue,
+observed states as pending (the first pass after the attach reports every service again), and a
+release not in the cache cannot be fetched (a transient failure, retried every ``FETCH_RETRY``).
 
-- *watch*: ``bus.watch(desired, "<node>.*")`` (it survives reconnects); each value is a signed
-  envelope, verified against the trusted keys, the node and the service, and accepted only if its
-  generation is newer than the accepted one. Anything else is refused with an ``agent.refused``
-  event saying why, and changes nothing. A full re-read every ``REREAD`` seconds (less often in a
-  large fleet: ``paced``) is a safety net.
-- *reconcile*: on every change (a wake: new desired state, slot event, fetch done, fresh router
-  stats) and, as a safety net, every ``tick`` seconds while something is in motion or every
-  ``IDLE_TICK`` seconds once every service is settled (``settled``: no timer of the reconciler can
-  fire), per service, build the local view, call ``reconcile`` and carry out its actions; then
-  write the state file if it changed and the ObservedState if it changed (and every
-  ``OBSERVE_EVERY`` seconds, with the router's stats). An idle agent thus passes once per stats
-  fetch instead of five times a second.
+- *watch* (``run_bus``, once the state file is restored): ``bus.watch(desired, "<node>.*")``
+  (it survives reconnects); each value is a signed envelope, verified against the trusted keys,
+  the node and the service, and accepted only if its generation is newer than the accepted one.
+  Anything else is refused with an ``agent.refused`` event saying why, and changes nothing. A
+  full re-read every ``REREAD`` seconds (less often in a large fleet: ``paced``) is a safety net.
+- *reconcile* (``run_local``): on every change (a wake: new desired state, slot event, fetch
+  done, fresh router stats) and, as a safety net, every ``tick`` seconds while something is in
+  motion or every ``IDLE_TICK`` seconds once every service is settled (``settled``: no timer of
+  the reconciler can fire), per service, build the local view, call ``reconcile`` and carry out
+  its actions; then write the state file if it changed and the ObservedState if it changed (and
+  every ``OBSERVE_EVERY`` seconds, with the router's stats). An idle agent thus passes once per
+  stats fetch instead of five times a second.
   Actions that take long (fetch, stop, fail) run as their own tasks so that one slow service never
   holds the others; the view says "fetching"/"stopping" meanwhile, so the reconciler waits.
-- *runners*: one ``SlotRunner.run`` task per slot process; cancelling them leaves the processes
-  alive (they outlive the agent by design).
-- *events*: slot and refusal events are queued and published to the events stream in order,
-  in batches, under the one retry policy of ``protocol.events``.
+- *runners* (``run_local``): one ``SlotRunner.run`` task per slot process; cancelling them leaves
+  the processes alive (they outlive the agent by design).
+- *events* (``run_bus``): slot and refusal events are queued and published to the events stream
+  in order, in batches, under the one retry policy of ``protocol.events``.
 
 On start the state file is loaded: accepted envelopes are verified again, slot processes are
 adopted by pid + create_time, and each router is found again on its control socket. Then the loop
@@ -86,7 +93,7 @@ from agent.reconcile import (
     reconcile,
 )
 from protocol.bus import Bus
-from protocol.errors import ProtocolError
+from protocol.errors import BusError, ProtocolError
 from protocol.loop import bounded
 from protocol.manifest import MANIFEST_NAME, load_manifest
 from protocol.messages import (
@@ -99,13 +106,22 @@ from protocol.messages import (
 log = logging.getLogger("fleetwave.agent.services")
 
 
+class _Unattached:
+    """The release store before the bus is attached: nothing can be fetched yet (a transient
+    failure, ``ReleaseCache`` says so), while a release already in the cache is at hand."""
+
+    async def obj_get_into(
+        self, store: str, name: str, write: Callable[[bytes], object]
+    ) -> bool:
+        raise BusError("not connected to NATS yet")
+
+
 class ServiceManager:
     """Runs this node's services as its desired states say; see the module docstring."""
 
     def __init__(
         self,
         *,
-        bus: Bus,
         fleet: str,
         node: str,
         data_dir: Path,
@@ -123,26 +139,28 @@ class ServiceManager:
             trusted_keys=frozenset(trusted_keys), run_as=run_as, edge=edge or Edge(),
             port_claims=port_claims,
         )
-        self.bus = bus
+        self.bus: Bus | None = None  # until ``attach``
         self.tick = tick
         self.idle_tick = idle_tick
         self.clock = clock
         self.cache = ReleaseCache(self.config.data_dir / "releases")
         self.services: Services = {}
         self.wake = asyncio.Event()  # something changed: reconcile now
-        self.events = NodeEvents(bus, fleet, node, clock=clock)
-        self.desired = DesiredWatch(bus, self.config, self.services, self.events, self.wake)
+        self.events = NodeEvents(None, fleet, node, clock=clock)
+        self.desired = DesiredWatch(None, self.config, self.services, self.events, self.wake)
         self.routers = RouterLink(self.config, self.services, self.wake, clock=clock)
-        self.observed = ObservedWriter(bus, self.config, self.services, clock=clock)
+        self.observed = ObservedWriter(None, self.config, self.services, clock=clock)
         self.restorer = Restorer(self.config, self.services, self.cache, self.routers,
                                  clock=clock, fleet_nodes=self.desired.remembered_size)
         self._tg: asyncio.TaskGroup | None = None
         self._pruned_at = 0.0
+        self._restored = asyncio.Event()  # the state file is restored: desired states may come
 
     # -- daemon interface -------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Adopt what the state file remembers, then converge for ever (until cancelled)."""
+    async def run_local(self) -> None:
+        """Adopt what the state file remembers, then converge for ever (until cancelled); no
+        bus needed. The state is saved a last time when cancelled."""
         adopted = await self._restore()
         for runner in adopted:  # their claims named this agent's previous process
             claim(self.config.port_claims, runner.spec.port)
@@ -153,16 +171,36 @@ class ServiceManager:
                     tg.create_task(
                         runner.run(), name=f"slot-{runner.spec.service}-{runner.spec.slot}"
                     )
-                tg.create_task(self.desired.watch(), name="desired-watch")
-                tg.create_task(self.desired.reread(), name="desired-reread")
-                tg.create_task(self.events.run(), name="events")
                 tg.create_task(self.routers.stats_loop(), name="router-stats")
-                tg.create_task(self.observed.run(), name="observed")
+                self._restored.set()
                 await self._reconcile_loop()
         finally:
             self._tg = None
             with contextlib.suppress(OSError):
                 self.restorer.save_now()
+
+    async def run_bus(self, bus: Bus) -> None:
+        """Attach ``bus``, then watch desired states, publish events and write observed states
+        for ever (until cancelled). The watch starts once ``run_local`` has restored the state
+        file: a desired state accepted before would be overwritten by the remembered one."""
+        self.attach(bus)
+        await self._restored.wait()  # run_local's restore: bounded (files, router timeouts)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.desired.watch(), name="desired-watch")
+            tg.create_task(self.desired.reread(), name="desired-reread")
+            tg.create_task(self.events.run(), name="events")
+            tg.create_task(self.observed.run(), name="observed")
+
+    def attach(self, bus: Bus) -> None:
+        """The connected bus, for every part that talks to the fleet. The next pass reports
+        every service again (``ObservedWriter``'s epoch changed), and fetches that failed for
+        want of it are tried again at once."""
+        self.bus = self.desired.bus = self.observed.bus = bus
+        self.events.bus = bus
+        for svc in self.services.values():
+            for digest in [d for d, e in svc.fetch_errors.items() if e.transient]:
+                del svc.fetch_errors[digest]
+        self.wake.set()
 
     async def _restore(self) -> list[SlotRunner]:
         """What the state file remembers (``Restorer.restore``), and the fleet's size it last
@@ -284,7 +322,7 @@ class ServiceManager:
 
     async def _do(self, svc: Service, action: Action) -> None:
         tg = self._tg
-        assert tg is not None  # only called from inside run()
+        assert tg is not None  # only called from inside run_local()
         match action:
             case Fetch(release=ref):
                 svc.fetching.add(ref.digest)
@@ -339,7 +377,8 @@ class ServiceManager:
 
     async def _fetch(self, svc: Service, ref: ReleaseRef) -> None:
         try:
-            path = await self.cache.ensure(self.bus, self.config.fleet, ref)
+            source = self.bus if self.bus is not None else _Unattached()
+            path = await self.cache.ensure(source, self.config.fleet, ref)
             manifest = await asyncio.to_thread(load_manifest, path / MANIFEST_NAME)
             # Checked at every use, the cache's too (it checks on a fresh fetch only): the
             # bundle of this digest must be the release the signed desired state names.

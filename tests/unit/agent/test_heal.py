@@ -293,5 +293,5 @@ async def test_a_restarted_agent_keeps_the_restart_budget(tmp_path: Path) -> Non
 
 
 def _manager(tmp_path: Path) -> ServiceManager:
-    return ServiceManager(bus=None, fleet="default", node="n", data_dir=tmp_path,  # type: ignore[arg-type]
+    return ServiceManager(fleet="default", node="n", data_dir=tmp_path,
                           bind_host="127.0.0.1", trusted_keys=[])

@@ -154,7 +154,10 @@ async def test_the_daemon_tells_its_services_the_pace() -> None:
         def __init__(self) -> None:
             self.paces: list[Pace] = []
 
-        async def run(self) -> None:
+        async def run_local(self) -> None:
+            pass
+
+        async def run_bus(self, bus: object) -> None:
             pass
 
         def summary(self) -> tuple[list[object], list[object]]:
@@ -165,7 +168,7 @@ async def test_the_daemon_tells_its_services_the_pace() -> None:
 
     agent = Agent(AgentOptions(node_id="node-1", nats_url="nats://127.0.0.1:1"))
     services = Services()
-    agent._services = services  # type: ignore[assignment]  # what run() sets once connected
+    agent._services = services  # type: ignore[assignment]  # what run() sets at its start
     await agent._on_pace("pace", encode(Pace(interval=25.0, nodes=50_000, rate=2000.0)))
     await agent._on_pace("pace", encode(Pace(interval=25.0, nodes=50_100, rate=2000.0)))
     await agent._on_pace("pace", b"not a pace")

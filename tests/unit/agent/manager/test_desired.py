@@ -24,7 +24,7 @@ def _env(seed: bytes, generation: int, term: int = 0) -> Any:
 
 
 def _manager(tmp_path: Path, trusted: list[str]) -> ServiceManager:
-    return ServiceManager(bus=None, fleet=FLEET, node=NODE, data_dir=tmp_path,  # type: ignore[arg-type]
+    return ServiceManager(fleet=FLEET, node=NODE, data_dir=tmp_path,
                           bind_host="127.0.0.1", trusted_keys=trusted)
 
 
@@ -159,8 +159,9 @@ async def test_the_reread_waits_as_the_fleets_size_says(
     import agent.manager.desired as desired_mod
 
     bus = _Rereads()
-    mgr = ServiceManager(bus=bus, fleet=FLEET, node=NODE, data_dir=tmp_path,  # type: ignore[arg-type]
+    mgr = ServiceManager(fleet=FLEET, node=NODE, data_dir=tmp_path,
                          bind_host="127.0.0.1", trusted_keys=[])
+    mgr.attach(bus)  # type: ignore[arg-type]
     waits: list[float] = []
 
     async def sleep(seconds: float) -> None:
@@ -202,8 +203,9 @@ async def test_a_reread_that_times_out_says_so(
 
     monkeypatch.setattr(desired_mod, "BUS_TIMEOUT", 0.01)
     monkeypatch.setattr(desired_mod, "reread_every", lambda nodes: 0.01)
-    mgr = ServiceManager(bus=_Silent(), fleet=FLEET, node=NODE, data_dir=tmp_path,  # type: ignore[arg-type]
+    mgr = ServiceManager(fleet=FLEET, node=NODE, data_dir=tmp_path,
                          bind_host="127.0.0.1", trusted_keys=[])
+    mgr.attach(_Silent())  # type: ignore[arg-type]
     with caplog.at_level(logging.WARNING, logger="fleetwave.agent.services"):
         running = asyncio.create_task(mgr.desired.reread())
         for _ in range(200):
@@ -241,8 +243,9 @@ async def test_a_reread_renews_a_watch_whose_heartbeat_the_fleet_outgrew(
     import agent.manager.desired as desired_mod
 
     bus = _Rereads()
-    mgr = ServiceManager(bus=bus, fleet=FLEET, node=NODE, data_dir=tmp_path,  # type: ignore[arg-type]
+    mgr = ServiceManager(fleet=FLEET, node=NODE, data_dir=tmp_path,
                          bind_host="127.0.0.1", trusted_keys=[])
+    mgr.attach(bus)  # type: ignore[arg-type]
     watch = mgr.desired
     assert watch._heartbeat() == 1.0  # as the watch asks at its start
     mgr.paced(Pace(interval=25.0, nodes=50_000, rate=2000.0))
@@ -309,8 +312,9 @@ async def test_the_desired_watch_spreads_its_restarts_by_the_fleets_size(
     import contextlib
 
     bus = _Watches()
-    mgr = ServiceManager(bus=bus, fleet=FLEET, node=NODE, data_dir=tmp_path,  # type: ignore[arg-type]
+    mgr = ServiceManager(fleet=FLEET, node=NODE, data_dir=tmp_path,
                          bind_host="127.0.0.1", trusted_keys=[])
+    mgr.attach(bus)  # type: ignore[arg-type]
     assert mgr.desired._spread() == 0.0
     mgr.paced(Pace(interval=25.0, nodes=50_000, rate=2000.0))
     bus.between = lambda: mgr.paced(Pace(interval=25.0, nodes=10_000, rate=2000.0))
@@ -363,8 +367,9 @@ async def test_a_large_fleets_agent_waits_for_the_pace_and_spreads_its_first_wat
 
     for burst in (True, False):
         bus = _Crowd()
-        mgr = ServiceManager(bus=bus, fleet=FLEET, node=NODE, data_dir=tmp_path,  # type: ignore[arg-type]
+        mgr = ServiceManager(fleet=FLEET, node=NODE, data_dir=tmp_path,
                              bind_host="127.0.0.1", trusted_keys=[])
+        mgr.attach(bus)  # type: ignore[arg-type]
         mgr.desired.fleet_nodes = 20_000  # as restored from the state file
         waiting = asyncio.create_task(mgr.desired._before_first_watch())
         await asyncio.sleep(0)  # a yield: the task runs up to its first wait
@@ -384,8 +389,9 @@ async def test_an_agent_that_waited_for_its_server_does_not_wait_for_the_pace(
 
     bus = _Crowd()
     bus.waited = True
-    mgr = ServiceManager(bus=bus, fleet=FLEET, node=NODE, data_dir=tmp_path,  # type: ignore[arg-type]
+    mgr = ServiceManager(fleet=FLEET, node=NODE, data_dir=tmp_path,
                          bind_host="127.0.0.1", trusted_keys=[])
+    mgr.attach(bus)  # type: ignore[arg-type]
     mgr.desired.fleet_nodes = 20_000  # as restored from the state file
     await asyncio.wait_for(mgr.desired._before_first_watch(), 0.5)
     assert bus.crowded is False
@@ -404,8 +410,9 @@ async def test_a_small_fleets_agent_does_not_wait_and_no_pace_holds_it_long(
     import agent.manager.desired as desired_mod
 
     small = _Crowd()
-    mgr = ServiceManager(bus=small, fleet=FLEET, node=NODE, data_dir=tmp_path,  # type: ignore[arg-type]
+    mgr = ServiceManager(fleet=FLEET, node=NODE, data_dir=tmp_path,
                          bind_host="127.0.0.1", trusted_keys=[])
+    mgr.attach(small)  # type: ignore[arg-type]
     mgr.desired.fleet_nodes = 3
     mgr.desired.fleet_nodes = mgr.desired.remembered_size()  # as restored from the state file
     assert mgr.desired.fleet_nodes == 1000
@@ -413,8 +420,9 @@ async def test_a_small_fleets_agent_does_not_wait_and_no_pace_holds_it_long(
     assert small.crowded is False
     monkeypatch.setattr(desired_mod, "FIRST_PACE_WAIT", 0.2)
     alone = _Crowd()
-    mgr = ServiceManager(bus=alone, fleet=FLEET, node=NODE, data_dir=tmp_path,  # type: ignore[arg-type]
+    mgr = ServiceManager(fleet=FLEET, node=NODE, data_dir=tmp_path,
                          bind_host="127.0.0.1", trusted_keys=[])
+    mgr.attach(alone)  # type: ignore[arg-type]
     mgr.desired.fleet_nodes = 20_000
     began = time.monotonic()
     await asyncio.wait_for(mgr.desired._before_first_watch(), 5)

@@ -18,8 +18,10 @@ from tests.unit.agent.host.test_releases import FakeStore, bundle, publish
 
 
 def manager(store: FakeStore, data_dir: Path) -> ServiceManager:
-    return ServiceManager(bus=store, fleet="test", node="n1", data_dir=data_dir,  # type: ignore[arg-type]
-                          bind_host="127.0.0.1", trusted_keys=[])
+    mgr = ServiceManager(fleet="test", node="n1", data_dir=data_dir,
+                         bind_host="127.0.0.1", trusted_keys=[])
+    mgr.attach(store)  # type: ignore[arg-type]
+    return mgr
 
 
 async def test_a_release_pruned_from_the_cache_is_fetched_again(tmp_path: Path) -> None:
@@ -68,10 +70,7 @@ async def test_a_fetch_error_of_a_release_no_longer_desired_lets_the_loop_idle(
     kept (its retry waits on it)."""
     import agent.manager.shell as shell
 
-    class Connected:  # what the loop asks of the bus (observed states are only queued)
-        reconnects = 0
-
-    mgr = ServiceManager(bus=Connected(), fleet="test", node="n1", data_dir=tmp_path,  # type: ignore[arg-type]
+    mgr = ServiceManager(fleet="test", node="n1", data_dir=tmp_path,
                          bind_host="127.0.0.1", trusted_keys=[], tick=0.01, idle_tick=30.0)
     svc = mgr.services["hello"] = Service(name="hello")
     svc.desired = DesiredState(fleet="test", node="n1", service="hello", generation=3)

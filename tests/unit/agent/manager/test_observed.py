@@ -275,7 +275,7 @@ async def test_a_service_the_pace_starts_reading_reports_at_once(tmp_path: Path)
     from agent.manager.shell import ServiceManager
     from protocol.messages import Pace
 
-    mgr = ServiceManager(bus=SimpleNamespace(reconnects=0), fleet=FLEET, node=NODE,  # type: ignore[arg-type]
+    mgr = ServiceManager(fleet=FLEET, node=NODE,
                          data_dir=tmp_path, bind_host="127.0.0.1", trusted_keys=[])
     svc = mgr.services["hello"] = Service(name="hello")
     svc.last_observed_state = b"reported"
