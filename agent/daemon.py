@@ -50,6 +50,7 @@ from protocol.bus import Bus, redact
 from protocol.codec import encode
 from protocol.creds import Creds
 from protocol.errors import BusError, ProtocolError
+from protocol.loop import first_set
 from protocol.messages import NodeInfo, Pace, ServiceSummary, SlotProcess
 
 log = logging.getLogger("fleetwave.agent")
@@ -101,16 +102,6 @@ class AgentOptions:
     creds: Creds | None = None  # this node's identity on the bus (fleetwave auth add-node)
     tls_ca: str | None = None  # the fleet's CA: TLS on
     trust_keys: tuple[str, ...] = ()  # coordinator keys whose desired states are accepted
-
-
-async def _first(*events: asyncio.Event) -> None:
-    """Wait until one of ``events`` is set."""
-    waits = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waits:
-            w.cancel()
 
 
 class Agent:
@@ -189,7 +180,7 @@ class Agent:
                 ]
                 if services is not None:
                     tasks.append(tg.create_task(services.run_bus(bus), name="services-bus"))
-                await _first(stop, bus.gone)
+                await first_set(stop, bus.gone)
                 for t in tasks:
                     t.cancel()
             return bus.gone.is_set() and not stop.is_set()

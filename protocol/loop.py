@@ -35,3 +35,13 @@ async def bounded(aw: Awaitable[T], timeout: float | None) -> T:
     awaited its end waited for ever. ``asyncio.timeout`` never drops one."""
     async with asyncio.timeout(timeout):
         return await aw
+
+
+async def first_set(*events: asyncio.Event) -> None:
+    """Wait until one of ``events`` is set (a daemon's stop, or its bus gone for good)."""
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()

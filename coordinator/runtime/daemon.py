@@ -95,7 +95,7 @@ from protocol.creds import Creds
 from protocol.errors import BusError, NoRoom, ProtocolError, ServerTooOld, TooFewServers
 from protocol.events import EventPublisher, event_id, received_all
 from protocol.history import RolloutSummary, SummarisedRollout
-from protocol.loop import bounded
+from protocol.loop import bounded, first_set
 from protocol.messages import (
     ApiReply,
     Cordon,
@@ -257,7 +257,7 @@ class Coordinator:
                 if self.previous_key is not None:
                     log.info("previous signing key %s (a rotation): takes over from it and "
                              "re-signs what it signed", self.previous_key)
-                await _first(stop, bus.gone)
+                await first_set(stop, bus.gone)
                 for t in tasks:
                     t.cancel()
             if bus.gone.is_set() and not stop.is_set():
@@ -844,16 +844,6 @@ async def _first_of(*work: Coroutine[Any, Any, Any],
         log.error("leadership ended by an error", exc_info=exc)
         return f"{type(exc).__name__}: {exc}", True
     return str(first.result() or ""), False
-
-
-async def _first(*events: asyncio.Event) -> None:
-    """Wait until one of ``events`` is set."""
-    waits = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waits:
-            w.cancel()
 
 
 async def _until(stop: asyncio.Event, work: Coroutine[Any, Any, T]) -> T | None:
