@@ -54,7 +54,7 @@ from coordinator.auth.web_tokens import TokenFile
 from coordinator.web.feed import Feed
 from protocol import subjects
 from protocol.codec import decode, encode, to_builtins
-from protocol.errors import BusError, ProtocolError
+from protocol.errors import BusError, NoResponders, NotReachable, ProtocolError
 from protocol.loop import bounded
 from protocol.messages import (
     TERMINAL_STATES,
@@ -351,6 +351,12 @@ class Dashboard:
             raw = await bus.request(subjects.api(self.coord.fleet_name, who, verb), encode(req),
                                     timeout=ACTION_TIMEOUT)
             reply = decode(ApiReply, raw)
+        except NoResponders as exc:  # no coordinator got it: nothing can have been done
+            return _error(503, f"{verb} was not carried out: {exc}")
+        except NotReachable:
+            # Sent, unanswered: the leader (frozen, or swamped) may still carry it out.
+            return _error(503, f"no answer to {verb} within {ACTION_TIMEOUT:g}s: it may still be "
+                               "carried out; look at the rollout before you try again")
         except (BusError, ProtocolError) as exc:
             return _error(503, f"{verb} was not carried out: {exc}")
         if not reply.ok:

@@ -262,3 +262,26 @@ async def test_a_page_gone_mid_write_is_no_error(monkeypatch: pytest.MonkeyPatch
     finally:
         await runner.cleanup()
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_an_action_unanswered_may_still_be_carried_out(tmp_path: Path) -> None:
+    """A request the coordinator got but did not answer in time (a frozen leader) is not said
+    to be "not carried out": it may still be. Nobody subscribed at all: that one was not."""
+    from protocol.errors import NoResponders, NotReachable
+
+    token, path = web_tokens.add(tmp_path, "alice", None, time.time())
+    coord = Served()
+    answers: list[Exception] = [NotReachable("the coordinator did not answer within 40s"),
+                                NoResponders("no coordinator answers for fleet 'default'")]
+
+    async def unanswered(subject: str, data: bytes, timeout: float) -> bytes:
+        raise answers.pop(0)
+
+    coord.bus.request = unanswered
+    async with serving(coord, TokenFile(path)) as surface:
+        timed_out = await post(surface.port, "/api/rollouts/r1/abort", token, {})
+        nobody = await post(surface.port, "/api/rollouts/r1/abort", token, {})
+    assert timed_out[0] == nobody[0] == 503
+    assert "it may still be carried out" in timed_out[1]["error"]
+    assert "not carried out" not in timed_out[1]["error"]
+    assert nobody[1]["error"].startswith("abort was not carried out: no coordinator answers")
