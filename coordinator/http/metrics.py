@@ -53,6 +53,7 @@ BUS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5
 ROLLOUT_BUCKETS = (10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0)
 ROLLBACK_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 ROLLBACKS_KEPT = 1024  # rollbacks under way whose start is remembered
+REFUSED_SERVICES = 100  # distinct service names of refused deploys labelled as such; then "(other)"
 
 
 class CoordinatorMetrics:
@@ -88,6 +89,7 @@ class CoordinatorMetrics:
         self.state = StateCollector(coordinator)
         r.register(self.state)
         self._rollback_from: dict[str, float] = {}
+        self._refused_services: set[str] = set()  # labelled so far (``REFUSED_SERVICES``)
         self._decoded: dict[str, tuple[int, RolloutRecord]] = {}  # key -> (revision, record)
 
     # -- observers -------------------------------------------------------------------------------
@@ -103,6 +105,13 @@ class CoordinatorMetrics:
         if event.kind == "rollout.refused":
             # The name came from a refused request: a malformed one is not a new series each.
             service = event.service if _valid("service", event.service) else "(invalid)"
+            # Every name a caller typed (deploy typo1, typo2, ...) was a series for the
+            # process's life: the first REFUSED_SERVICES names, then "(other)".
+            if service not in self._refused_services:
+                if len(self._refused_services) >= REFUSED_SERVICES:
+                    service = "(other)"
+                else:
+                    self._refused_services.add(service)
             code = str(event.data.get("code") or "")
             self.refused.labels(service, code if code in ("usage", "conflict") else "other").inc()
         elif event.kind == "rollout.rolling_back":

@@ -220,3 +220,22 @@ async def test_openmetrics_when_asked() -> None:
     assert types["fleetwave_node_up"] == "gauge"
     assert types["fleetwave_gate_decisions"] == "counter"
     assert types["fleetwave_rollback_duration_seconds"] == "histogram"
+
+
+def test_refused_deploys_of_many_names_are_a_bounded_set_of_series(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every name a caller typed (deploy typo1, typo2, ...) became a series for the process's
+    life: the first REFUSED_SERVICES names are labelled, the rest count as "(other)"."""
+    from coordinator.http import metrics as metrics_module
+
+    monkeypatch.setattr(metrics_module, "REFUSED_SERVICES", 3)
+    m = CoordinatorMetrics(coordinator(Fleet()))
+    for i in range(10):
+        m.on_event(Event(id=f"e{i}", time=1.0, fleet=FLEET, kind="rollout.refused",
+                         service=f"typo{i}", data={"code": "usage"}), None)
+    m.on_event(Event(id="again", time=1.0, fleet=FLEET, kind="rollout.refused",
+                     service="typo1", data={"code": "usage"}), None)
+    get = m.registry.get_sample_value
+    assert [get("fleetwave_rollouts_refused_total", {"service": f"typo{i}", "code": "usage"})
+            for i in range(4)] == [1, 2, 1, None]
+    assert get("fleetwave_rollouts_refused_total", {"service": "(other)", "code": "usage"}) == 7
