@@ -22,6 +22,7 @@ import_bus()  # first, without aiohttp: 0.2 s of every command's start (protocol
 
 # Each module adds its commands to ``cli`` when imported, which ``cli`` does for the command
 # asked for only (``base.COMMANDS``).
+from coordinator.cli import base
 from coordinator.cli.base import Ctx, cli
 from coordinator.errors import FleetwaveError
 from protocol.errors import BusError, CredentialsLapsed, ProtocolError
@@ -35,12 +36,21 @@ __all__ = ["Ctx", "cli", "main"]
 atexit.register(gc.freeze)
 
 
+def _interrupted() -> str:
+    """What a Ctrl-C says: a followed rollout runs on, and how to follow it again."""
+    if not base.followed:
+        return "fleetwave: interrupted"
+    rid = base.followed[-1]
+    return (f"fleetwave: interrupted; rollout {rid} runs on: follow it with 'fleetwave status "
+            f"{rid}' (or stop it with 'fleetwave abort {rid}')")
+
+
 def main(argv: list[str] | None = None) -> Any:
     """Entry point of ``fleetwave``: run the command, turn errors into one line and an exit code."""
     try:
         rv = cli.main(args=argv, prog_name="fleetwave", standalone_mode=False)
     except click.exceptions.Abort:
-        click.echo("fleetwave: interrupted", err=True)
+        click.echo(_interrupted(), err=True)
         sys.exit(130)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
@@ -61,7 +71,7 @@ def main(argv: list[str] | None = None) -> Any:
         click.echo(f"fleetwave: {exc}", err=True)
         sys.exit(2 if isinstance(exc, CredentialsLapsed) else 1)
     except KeyboardInterrupt:
-        click.echo("fleetwave: interrupted", err=True)
+        click.echo(_interrupted(), err=True)
         sys.exit(130)
     if isinstance(rv, int):
         sys.exit(rv)

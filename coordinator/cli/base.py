@@ -39,6 +39,11 @@ class Ctx:
         return self.creds.name if self.creds is not None else os_user()
 
 
+# The rollout this command follows (``deploy``, ``remove``: ``rollout_cmds._follow``), for the
+# line a Ctrl-C leaves (``main``): the rollout runs on, and the id is what to follow it by.
+followed: list[str] = []
+
+
 def os_user() -> str:
     """The OS user as a caller token ("anonymous" when the OS knows no name for this uid)."""
     try:

@@ -32,6 +32,7 @@ import msgspec
 
 import coordinator.cli.client as client
 from coordinator import strategies
+from coordinator.cli import base
 from coordinator.cli.base import Ctx, cli, output_option
 from coordinator.cli.render import (
     brief,
@@ -479,6 +480,7 @@ def _live() -> Live:
 
 async def _follow(ctx: Ctx, bus: Any, rid: str, *, output: str, wait: str,
                   moved: asyncio.Event, scale_down_delay: float) -> int:
+    base.followed[:] = [rid]
     tty = output != "json" and sys.stdout.isatty()
     last: dict[str, Any] | None = None
     said: dict[str, Any] = {}  # every node row the plain output has gone by

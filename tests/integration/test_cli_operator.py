@@ -5,8 +5,11 @@ out; ``events -o json`` is JSON Lines; a fleet with no events stream is one line
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import signal
+import sys
 from pathlib import Path
 
 from coordinator.dev.devfleet import DevFleet
@@ -75,3 +78,30 @@ async def test_retries_empty_ids_timeouts_and_events(tmp_path: Path) -> None:
         assert (code, out) == (1, ""), err
         assert err == ("fleetwave: fleet 'typo' has no events yet (no events stream): check "
                        "--fleet, or start a coordinator ('fleetwave coordinator')\n")
+
+        # Ctrl-C while a deploy is followed: exit 130, the rollout runs on, and the line says
+        # which and how to follow it again.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETWAVE_")}
+        env["FLEETWAVE_NATS"] = url
+        follower = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", "import sys; from coordinator.cli import main; "
+            "main(sys.argv[1:])", "deploy", "hello", "1.0.0", "--batch", "1", "--bake", "1h",
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env=env)
+        try:
+            latest = await wait_until(lambda: status(url, ""),
+                                      lambda s: s["id"] != rid and s["state"] == "running",
+                                      timeout=60, what="the followed deploy to start")
+            await asyncio.sleep(1.0)  # the follower's first status read (it polls)
+            follower.send_signal(signal.SIGINT)
+            async with asyncio.timeout(30):
+                _out, err_bytes = await follower.communicate()
+        finally:
+            if follower.returncode is None:
+                follower.kill()
+                await follower.wait()
+        err = err_bytes.decode()
+        assert follower.returncode == 130, err
+        assert (f"fleetwave: interrupted; rollout {latest['id']} runs on: follow it with "
+                f"'fleetwave status {latest['id']}'") in err, err
+        assert (await status(url, latest["id"]))["state"] == "running"
