@@ -744,7 +744,9 @@ class Bus:
         per kind, the reconnect attempts at debug level (``on_disconnect`` said it)."""
         kind = type(exc).__name__
         now = asyncio.get_running_loop().time()
-        if isinstance(exc, ConnectionError | nats.errors.ConnectionClosedError) \
+        # (a server that went away mid-read is UnexpectedEOF: the disconnect says it already)
+        if isinstance(exc, ConnectionError | nats.errors.ConnectionClosedError
+                      | nats.errors.StaleConnectionError) \
                 or now - self._async_errors.get(kind, -ASYNC_ERRORS_EVERY) < ASYNC_ERRORS_EVERY:
             log.debug("NATS client error: %s: %s", kind, exc)
             return

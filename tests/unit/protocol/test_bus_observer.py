@@ -94,3 +94,17 @@ async def test_a_refused_subscription_says_what_to_do(caplog: pytest.LogCaptureF
     assert len(said) == 2, said
     assert '"fw.default.pace"' in said[0] and "fleetwave auth prune DIR" in said[0], said
     assert said[1].startswith("NATS client error (asynchronous): NoRespondersError"), said
+
+
+async def test_a_server_gone_mid_read_is_no_warning_of_its_own(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """UnexpectedEOF (the server went away mid-read: every restart) and a stale connection come
+    with the disconnect, which the "lost the connection" line says: at debug level, not a second
+    warning for the same event."""
+    import nats.errors
+
+    bus = Bus(Client(), "f")  # type: ignore[arg-type]
+    with caplog.at_level("WARNING", logger="fleetwave.bus"):
+        bus._async_error(nats.errors.UnexpectedEOF())
+        bus._async_error(nats.errors.StaleConnectionError())
+    assert [r.getMessage() for r in caplog.records] == []
