@@ -106,6 +106,7 @@ class StandIn:
         self.asked: list[float] = []
         self.actions: list[str] = []
         self.closing = False
+        self.gateway = False  # actions answered by a proxy's 502 page (``act``)
         self.changed = asyncio.Condition()
 
     async def show(self, snap: dict[str, Any]) -> None:
@@ -151,6 +152,9 @@ class StandIn:
 
     async def act(self, request: web.Request) -> web.Response:
         self.actions.append(request.path)
+        if self.gateway:  # a proxy in front, its coordinator gone: its own page, not JSON
+            return web.Response(status=502, text="<html><body>502 Bad Gateway</body></html>",
+                                content_type="text/html")
         return web.json_response({"ok": True, "who": "alice", "data": {}})
 
 
@@ -406,6 +410,25 @@ async def test_a_snapshot_error_goes_with_the_error_and_an_action_answer_stays(
         await s.show(snapshot(a, a, error="no leader"))
         await page.wait_for(lambda: notice(page), lambda t: t == "no leader", timeout=5,
                             what="a new error")
+
+
+async def test_an_action_answered_by_a_proxys_page_says_it_may_or_may_not_be_done(
+    tmp_path: Path,
+) -> None:
+    """An answer that is not the coordinator's JSON (a proxy's 502 page) said "was not sent ...
+    may be restarting", though the request went out: it says it may or may not be carried out."""
+    a = rollout("hello-20261206-100000-aaaa")
+    async with stand_in() as (s, base), chromium(tmp_path / "profile") as page:
+        await s.show(snapshot(a, a))
+        await page.get(f"{base}/")
+        await shown(page, a["id"])
+        s.gateway = True
+        await page.click(PAUSE)
+        said = await page.wait_for(lambda: notice(page), lambda t: "HTTP 502" in t, timeout=5,
+                                   what="the proxy's answer said")
+        assert said.startswith(f"pause of {a['id']}: no answer from the coordinator (HTTP 502")
+        assert "may or may not be carried out" in said and "was not sent" not in said
+        assert s.actions == [f"/api/rollouts/{a['id']}/pause"]
 
 
 # -- 4: the nodes of a rollout, in the server's order ----------------------------------------------

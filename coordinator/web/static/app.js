@@ -363,14 +363,26 @@ async function act(verb, target) {
   const token = sessionStorage.getItem(TOKEN_KEY);
   if (token) headers.Authorization = "Bearer " + token;
   notice(`${verb} of ${target.id}: sending...`, true);
+  let resp;
   try {
-    const resp = await fetch(url, { method: "POST", headers, body: "{}" });
-    const body = await resp.json();
-    if (resp.ok) notice(`${verb} of ${target.id}: done by ${body.who}`, true);
-    else notice(`${verb} refused (${resp.status}): ${body.error}`);
+    resp = await fetch(url, { method: "POST", headers, body: "{}" });
   } catch (err) {
     notice(`${verb} was not sent: ${err.message}; the coordinator may be restarting, try again`);
+    return;
   }
+  let body = null;
+  try {
+    body = await resp.json();
+  } catch (err) {
+    // Not the coordinator's answer (a proxy's 502 or 504 page, a server's plain 503): the
+    // request was sent and may or may not have reached it.
+    notice(`${verb} of ${target.id}: no answer from the coordinator (HTTP ${resp.status}` +
+      `${resp.statusText ? " " + resp.statusText : ""}); it may or may not be carried out: ` +
+      "look at the rollout before you try again");
+    return;
+  }
+  if (resp.ok) notice(`${verb} of ${target.id}: done by ${body.who}`, true);
+  else notice(`${verb} refused (${resp.status}): ${body.error}`);
 }
 
 function arm(b, target) {
