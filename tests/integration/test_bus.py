@@ -1123,10 +1123,11 @@ async def test_a_slow_write_verb_holds_up_no_other_request(broker: Broker) -> No
     request queued behind a slow one timed out."""
     server = await Bus.connect(broker.url, "t")
     client = await Bus.connect(broker.url, "t")
-    release = asyncio.Event()
+    release, held = asyncio.Event(), asyncio.Event()
 
     async def handler(_subject: str, data: bytes) -> bytes:
         if data == b"slow":
+            held.set()
             await release.wait()
         return b"done " + data
 
@@ -1134,7 +1135,8 @@ async def test_a_slow_write_verb_holds_up_no_other_request(broker: Broker) -> No
         await server.serve("svc", "1.0.0", {"w": ("t.write", handler)})
         await server.flush()
         slow = asyncio.ensure_future(client.request("t.write", b"slow", timeout=10))
-        await asyncio.sleep(0.1)  # the slow one is in its handler
+        async with asyncio.timeout(10):
+            await held.wait()  # the slow one is in its handler
         assert await client.request("t.write", b"fast", timeout=2) == b"done fast"
         release.set()
         assert await slow == b"done slow"
@@ -1191,8 +1193,11 @@ async def test_a_connection_closed_for_good_ends_the_watches_and_says_so(tmp_pat
             async for _ in bus.watch("fw-t-desired", "n1.*"):
                 pass
 
+        from tests.integration.procs import wait_until
+
         watching = asyncio.ensure_future(read())
-        await asyncio.sleep(0.5)
+        await wait_until(lambda: asyncio.sleep(0, len(bus._watchers)), lambda n: n == 1,
+                         timeout=10, what="the watch started")
         await bus.nc.publish("fw.t.x", b"x" * (bus.max_payload - 10), headers={"Pad": "p" * 200})
         async with asyncio.timeout(10):
             await bus.gone.wait()

@@ -89,13 +89,18 @@ async def test_retries_empty_ids_timeouts_and_events(tmp_path: Path) -> None:
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, env=env)
         try:
-            latest = await wait_until(lambda: status(url, ""),
-                                      lambda s: s["id"] != rid and s["state"] == "running",
-                                      timeout=60, what="the followed deploy to start")
-            await asyncio.sleep(1.0)  # the follower's first status read (it polls)
+            assert follower.stderr is not None
+            async with asyncio.timeout(60):  # following: it says so once it has the rollout
+                said = b""
+                while b"following it" not in said:
+                    line = await follower.stderr.readline()
+                    assert line, f"the follower ended: {said!r}"
+                    said += line
             follower.send_signal(signal.SIGINT)
             async with asyncio.timeout(30):
-                _out, err_bytes = await follower.communicate()
+                _out, rest = await follower.communicate()
+            err_bytes = said + rest
+            latest = await status(url, "")
         finally:
             if follower.returncode is None:
                 follower.kill()

@@ -258,7 +258,12 @@ async def test_a_page_gone_mid_write_is_no_error(monkeypatch: pytest.MonkeyPatch
             await loop.sock_sendall(sock, b"GET /api/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             async with asyncio.timeout(WAIT):
                 await sent.wait()
-            await asyncio.sleep(0.2)  # the handler's end, and what it logs
+        assert runner.server is not None
+        for _ in range(500):  # the handler's end, and what it logs: the connection gone
+            if not runner.server.connections:
+                break
+            await asyncio.sleep(0.01)
+        assert not runner.server.connections
     finally:
         await runner.cleanup()
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
