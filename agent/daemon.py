@@ -102,6 +102,7 @@ class AgentOptions:
     creds: Creds | None = None  # this node's identity on the bus (fleetwave auth add-node)
     tls_ca: str | None = None  # the fleet's CA: TLS on
     trust_keys: tuple[str, ...] = ()  # coordinator keys whose desired states are accepted
+    prefetch: bool = True  # fetch a release of a service run here when pushed (--prefetch)
 
 
 class Agent:

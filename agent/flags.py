@@ -145,6 +145,15 @@ def _metrics(value: str) -> tuple[str, int]:
         raise ProtocolError(str(exc)) from None
 
 
+def _on_off(value: str) -> bool:
+    said = value.strip().lower()
+    if said in ("on", "true", "yes", "1"):
+        return True
+    if said in ("off", "false", "no", "0"):
+        return False
+    raise ProtocolError(f"{value!r} is neither on nor off")
+
+
 def _data_dir(value: str) -> Path:
     path = Path(value)
     if path.exists() and not path.is_dir():
@@ -228,6 +237,11 @@ FLAGS: tuple[Flag, ...] = (
          "memory; the agent's own memory and CPU (env FLEETWAVE_METRICS; off by default). "
          "Use an address only your Prometheus reaches: it needs no credentials.", _metrics,
          env="FLEETWAVE_METRICS", metavar="HOST:PORT"),
+    Flag(("--prefetch",), "prefetch", "Fetch a release of a service this node runs as soon as "
+         "it is pushed, so that its deploy finds it at hand: on or off (env "
+         "FLEETWAVE_PREFETCH). Off: a release is fetched when a deploy needs it (a metered link "
+         "where not every push is deployed).", _on_off, default="on", env="FLEETWAVE_PREFETCH",
+         metavar="on|off", show_default=True),
     Flag(("--simulate",), "simulate", "Host N simulated nodes <node-id>-1..N (instant slots) for "
          f"control-plane scale tests.  [0<=x<={MAX_SIMULATED}]", _simulate, default="0",
          metavar="N"),

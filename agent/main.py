@@ -68,6 +68,7 @@ def build_agent(options: AgentOptions, live: LiveAgent | None = None) -> Agent:
             fleet=options.fleet, node=options.node_id, data_dir=options.data_dir,
             bind_host=options.bind_host, trusted_keys=options.trust_keys,
             run_as=options.service_user, edge=options.edge, port_claims=claims_dir(),
+            prefetch=options.prefetch,
         )
         if live is not None:
             live.services = manager.services
@@ -183,6 +184,7 @@ def start(values: dict[str, Any]) -> int:
         edge=Edge(max_connections=values["max_connections"], body_timeout=values["body_timeout"],
                   trusted_proxies=values["trusted_proxies"]),
         trust_keys=values["trust_keys"],
+        prefetch=values["prefetch"],
     )
     trust_keys: tuple[str, ...] = values["trust_keys"]
     if not trust_keys:

@@ -1210,6 +1210,11 @@ class Bus:
         except nats.errors.Error as exc:
             raise BusError(f"cannot subscribe to {subject}: {exc}") from None
 
+    async def unsubscribe(self, sub: Any) -> None:
+        """End a ``subscribe``; quiet when the connection is gone (the server forgot it then)."""
+        with contextlib.suppress(nats.errors.Error, TimeoutError):
+            await bounded(sub.unsubscribe(), 2)
+
     @_timed("request")
     async def request(self, subject: str, data: bytes, timeout: float = REQUEST_TIMEOUT) -> bytes:
         """Request/reply; NotReachable when nobody answers (no coordinator). An answer larger

@@ -142,6 +142,17 @@ class ReleaseRef(msgspec.Struct, kw_only=True, frozen=True):
     size: int = 0
 
 
+class ReleaseNotice(msgspec.Struct, kw_only=True, frozen=True):
+    """The leader's word to every agent on ``subjects.released``: ``release`` is in the fleet's
+    store now (its upload finished). A hint, not an instruction: an agent running that service
+    fetches it ahead of a deploy (``agent.manager.prefetch``), checking the bytes against
+    ``release.digest`` as any fetch does; nothing runs it until a signed desired state names
+    that digest."""
+
+    schema: int = 1
+    release: ReleaseRef
+
+
 class MirrorSpec(msgspec.Struct, kw_only=True, frozen=True):
     """Mirror ``percent`` of the requests with ``methods`` to ``slot`` and compare the answers."""
 

@@ -52,6 +52,13 @@ def pace(fleet: str) -> str:
     return f"fw.{fleet}.pace"
 
 
+def released(fleet: str) -> str:
+    """The leader tells every agent of each release pushed to the fleet's store
+    (``messages.ReleaseNotice``), so that the nodes running that service fetch it before a deploy
+    needs it (``agent.manager.prefetch``). Only a coordinator may publish it."""
+    return f"fw.{fleet}.released"
+
+
 # -- the coordinator's API ------------------------------------------------------------------------
 #
 # Every API request names its caller in its subject, ``fw.<fleet>.api.<caller>.<verb>`` (and
@@ -254,6 +261,12 @@ def kv_stream(bucket: str) -> str:
 def object_stream(store: str) -> str:
     """The stream that holds object store ``store`` (JetStream's own naming)."""
     return f"OBJ_{store}"
+
+
+def object_meta(store: str) -> str:
+    """Every object's info in object store ``store`` (JetStream's own naming): published once
+    an object's upload has finished, after its last chunk."""
+    return f"$O.{store}.M.>"
 
 
 def replicas_probe_stream(fleet: str, replicas: int) -> str:

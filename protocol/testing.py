@@ -70,6 +70,7 @@ class FakeBus:
     # answer in time); a subject not listed answers True.
     pings: dict[str, bool | None] = field(default_factory=dict)
     kept: dict[tuple[str, str], list[Entry]] = field(default_factory=dict)  # every revision
+    subscriptions: list[str] = field(default_factory=list)  # core subscriptions open now
 
     def _fault(self, op: str, bucket: str) -> None:
         key = (op, bucket)
@@ -186,6 +187,15 @@ class FakeBus:
 
     async def ping(self, subject: str, timeout: float) -> bool | None:
         return self.pings.get(subject, True)
+
+    async def subscribe(self, subject: str, cb: Callable[[str, bytes], Awaitable[None]],
+                        queue: str = "") -> tuple[str, Callable[[str, bytes], Awaitable[None]]]:
+        """A core subscription: remembered (``subscriptions``), never delivered to."""
+        self.subscriptions.append(subject)
+        return subject, cb
+
+    async def unsubscribe(self, sub: tuple[str, object]) -> None:
+        self.subscriptions.remove(sub[0])
 
     async def js_publish_events(self, messages: Sequence[tuple[str, bytes]], *,
                                 timeout: float = 5.0) -> list[BusError | None]:

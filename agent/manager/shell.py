@@ -25,6 +25,8 @@ release not in the cache cannot be fetched (a transient failure, retried every `
   holds the others; the view says "fetching"/"stopping" meanwhile, so the reconciler waits.
 - *runners* (``run_local``): one ``SlotRunner.run`` task per slot process; cancelling them leaves
   the processes alive (they outlive the agent by design).
+- *prefetch* (``run_bus``; not with ``--prefetch off``): a release pushed of a service run here is
+  fetched into the cache before its deploy needs it (``agent.manager.prefetch``).
 - *events* (``run_bus``): slot and refusal events are queued and published to the events stream
   in order, in batches, under the one retry policy of ``protocol.events``.
 
@@ -61,6 +63,7 @@ from agent.host.slots import SlotRunner, SlotSpec
 from agent.manager.desired import DesiredWatch, reread_every
 from agent.manager.events import NodeEvents
 from agent.manager.observed import ObservedWriter
+from agent.manager.prefetch import Prefetcher
 from agent.manager.restore import Restorer
 from agent.manager.routing import RouterLink
 from agent.manager.service import (
@@ -133,6 +136,7 @@ class ServiceManager:
         edge: Edge | None = None,
         port_claims: Path | None = None,
         clock: Callable[[], float] = time.time,
+        prefetch: bool = True,
     ) -> None:
         self.config = NodeConfig(
             fleet=fleet, node=node, data_dir=Path(data_dir), bind_host=bind_host,
@@ -152,6 +156,10 @@ class ServiceManager:
         self.observed = ObservedWriter(None, self.config, self.services, clock=clock)
         self.restorer = Restorer(self.config, self.services, self.cache, self.routers,
                                  clock=clock, fleet_nodes=self.desired.remembered_size)
+        # Releases fetched when pushed (``prefetch``); None: when deployed only (--prefetch off).
+        self.prefetcher = Prefetcher(
+            fleet, self.services, self._prefetch, lambda: self.desired.fleet_nodes,
+            max_bytes=self.cache.limits.max_bytes) if prefetch else None
         self._tg: asyncio.TaskGroup | None = None
         self._pruned_at = 0.0
         self._restored = asyncio.Event()  # the state file is restored: desired states may come
@@ -190,6 +198,8 @@ class ServiceManager:
             tg.create_task(self.desired.reread(), name="desired-reread")
             tg.create_task(self.events.run(), name="events")
             tg.create_task(self.observed.run(), name="observed")
+            if self.prefetcher is not None:
+                tg.create_task(self.prefetcher.run(bus), name="prefetch")
 
     def attach(self, bus: Bus) -> None:
         """The connected bus, for every part that talks to the fleet. The next pass reports
@@ -375,18 +385,28 @@ class ServiceManager:
         assert self._tg is not None
         self._tg.create_task(runner.stop(timeout), name=f"restart-{svc.name}-{slot}")
 
+    async def _ready(self, svc: Service, ref: ReleaseRef) -> Release:
+        """``ref`` at hand: from the cache, or fetched into it; raises ReleaseError,
+        ProtocolError (its manifest) or OSError."""
+        source = self.bus if self.bus is not None else _Unattached()
+        path = await self.cache.ensure(source, self.config.fleet, ref)
+        manifest = await asyncio.to_thread(load_manifest, path / MANIFEST_NAME)
+        # Checked at every use, the cache's too (it checks on a fresh fetch only): the
+        # bundle of this digest must be the release the signed desired state names.
+        if manifest.name != svc.name:
+            raise ReleaseError(f"bundle is for service {manifest.name!r}, not {svc.name!r}")
+        if manifest.version != ref.version:
+            raise ReleaseError(f"release {ref.service} {ref.version}: the bundle's manifest "
+                               f"says {manifest.name} {manifest.version}; refused")
+        return Release(path, manifest, release_info(ref.digest, manifest), ref)
+
+    async def _prefetch(self, svc: Service, ref: ReleaseRef) -> None:
+        """A release pushed, fetched ahead of its deploy (``prefetch``): at hand from now on."""
+        svc.releases[ref.digest] = await self._ready(svc, ref)
+
     async def _fetch(self, svc: Service, ref: ReleaseRef) -> None:
         try:
-            source = self.bus if self.bus is not None else _Unattached()
-            path = await self.cache.ensure(source, self.config.fleet, ref)
-            manifest = await asyncio.to_thread(load_manifest, path / MANIFEST_NAME)
-            # Checked at every use, the cache's too (it checks on a fresh fetch only): the
-            # bundle of this digest must be the release the signed desired state names.
-            if manifest.name != svc.name:
-                raise ReleaseError(f"bundle is for service {manifest.name!r}, not {svc.name!r}")
-            if manifest.version != ref.version:
-                raise ReleaseError(f"release {ref.service} {ref.version}: the bundle's manifest "
-                                   f"says {manifest.name} {manifest.version}; refused")
+            release = await self._ready(svc, ref)
         except (ReleaseError, ProtocolError, OSError) as exc:
             reason = getattr(exc, "reason", None) or str(exc)
             transient = isinstance(exc, ReleaseError) and exc.transient
@@ -395,8 +415,7 @@ class ServiceManager:
             self.events.emit("release.failed", svc.name, reason, version=ref.version)
         else:
             svc.fetch_errors.pop(ref.digest, None)
-            info = release_info(ref.digest, manifest)
-            svc.releases[ref.digest] = Release(path, manifest, info, ref)
+            svc.releases[ref.digest] = release
         finally:
             svc.fetching.discard(ref.digest)
             self.wake.set()

@@ -29,7 +29,7 @@ deposed the coordinator: the lease key). So the fleet lives in three accounts:
   others may reach: as services, the subjects nodes and operators publish or ask on (each
   answer goes back through the server's ``_R_.`` reply mapping into the asker's own account,
   where no stream stores it); as streams, the deliveries of their consumers (``_FWN.>``,
-  ``_FWO.>``), the pace and the events.
+  ``_FWO.>``), the pace, the word of releases pushed and the events.
 - ``NODES``: every node; *imports* only what ``node`` allows (the permissions still confine each
   node to its own keys, subjects and inbox).
 - ``OPS``: operators; imports the API, reads of the fleet's state, release pushes.
@@ -135,9 +135,10 @@ def node(fleet: str, node_id: str, *, accounts: bool = True) -> Permissions:
                 f"$JS.FC.{releases}.>",
             ],
         },
-        # Its inbox, and the leader's heartbeat pace (``subjects.pace``; only a coordinator
-        # may publish it).
+        # Its inbox, the leader's heartbeat pace (``subjects.pace``) and its word of the
+        # releases pushed (``subjects.released``); only a coordinator may publish those two.
         "subscribe": {"allow": [f"{node_inbox(node_id)}.>", subjects.pace(fleet),
+                                subjects.released(fleet),
                                 *([] if accounts else [f"{legacy_node_inbox(node_id)}.>"])]},
     }
 
@@ -218,7 +219,10 @@ def coordinator(fleet: str) -> Permissions:
                 "_R_.>", f"{OPERATOR_INBOXES}.>",
             ],
         },
-        "subscribe": {"allow": [f"fw.{f}.>", "$SRV.>", "_INBOX.>"]},
+        # The releases store's object infos too: the leader tells the agents of each release
+        # pushed (``coordinator.runtime.released``).
+        "subscribe": {"allow": [f"fw.{f}.>", "$SRV.>", "_INBOX.>",
+                                subjects.object_meta(subjects.releases_store(f))]},
         # What the allow list above does not cover (an operator inbox of the one-account
         # layout before session 23, ``legacy_operator_inbox``): an answer may take up to
         # MAX_CHUNKS messages (``protocol.chunks``), within a handler's time
@@ -265,7 +269,7 @@ def accounts(fleet: str) -> dict[str, dict[str, list[Any]]]:
                   f"$JS.API.CONSUMER.CREATE.{releases}", f"$JS.API.CONSUMER.CREATE.{releases}.>",
                   f"$JS.FC.{desired}.>", f"$JS.FC.{releases}.>",
                   "$JS.API.INFO")  # no node may publish it: it turns the server's own import off
-    to_nodes = (f"{NODE_INBOXES}.>", subjects.pace(f))
+    to_nodes = (f"{NODE_INBOXES}.>", subjects.pace(f), subjects.released(f))
     to_ops = (f"{OPERATOR_INBOXES}.>", subjects.events(f))
 
     def service(account: str, subject: str) -> dict[str, Any]:

@@ -14,9 +14,10 @@ writing verbs forwarded to it), and then owns three tasks until ``stop`` is set:
   ends it at once); then stand by again.
   On ``stop`` a leader gives the lease up, so a standby takes over within a poll. Beside the
   runner the leader paces the agents' heartbeats (``core.pace``: at most ``heartbeat_rate`` a
-  second in all, whatever the fleet's size) and runs the notifier (``--notify``:
-  ``coordinator.runtime.notify``), which reads the events stream through durable consumers,
-  so the next leader goes on where it was;
+  second in all, whatever the fleet's size), tells them of every release pushed
+  (``coordinator.runtime.released``: they fetch it before a deploy needs it) and runs the
+  notifier (``--notify``: ``coordinator.runtime.notify``), which reads the events stream through
+  durable consumers, so the next leader goes on where it was;
 - the *ticker* lets time pass in the pure node table (``core.fleet``) so that silent nodes
   go offline; not while the coordinator's own connection is down (then the silence is ours), and
   after a reconnect it excuses the fleet for as long as agents may take to reconnect too. A pause
@@ -67,7 +68,7 @@ from coordinator.core.reconnects import Reconnects
 from coordinator.core.rotation import lead_refusal, retired_after, short
 from coordinator.errors import ConfigError, RemoteError
 from coordinator.releases import resolve_release
-from coordinator.runtime import deliveries
+from coordinator.runtime import deliveries, released
 from coordinator.runtime.calls import TEARDOWN, cancelled_meanwhile, stop_all
 from coordinator.runtime.cordons import read_cordons
 from coordinator.runtime.executor import Observe
@@ -404,7 +405,7 @@ class Coordinator:
                 log.info("coordinator %s leads fleet %r (term %d)", self.id, self.fleet_name,
                          held.term)
                 work = [_awaited(holding), runner.run(), self._pace_loop(bus),
-                        deliveries.sweep_loop(bus)]
+                        deliveries.sweep_loop(bus), released.relay(bus)]
                 if self.notifier is not None:  # only the leader notifies (its own task)
                     work.append(self.notifier.lead(bus, self._clock()))
                 why, crashed = await _first_of(*work)

@@ -38,6 +38,8 @@ from protocol.messages import (
     NodeInfo,
     ObservedState,
     Pace,
+    ReleaseNotice,
+    ReleaseRef,
     SignedEnvelope,
 )
 from protocol.signing import load_seed, sign
@@ -63,6 +65,9 @@ RELEASES = subjects.releases_store(F)
 # Verbs the coordinator's API serves (coordinator.api.rollouts, .runtime.daemon); the matrix
 # also tries every endpoint the running coordinator announces ($SRV.INFO).
 API_VERBS = (*subjects.WRITE_VERBS, "status", "rollouts", "nodes", "leader", "key")
+# A forged word of a release pushed: every agent would fetch it (a download of the store's).
+_NOTICE = ReleaseNotice(release=ReleaseRef(service="hello", version="6.6.6",
+                                           digest="sha256:" + "0" * 64))
 REFUSED_WAIT = 2.0  # a refused request gets no answer: how long each waits for one
 
 
@@ -229,10 +234,14 @@ async def _operator_abuse(fleet: DevFleet, coord: Bus) -> set[str]:
                f"$JS.API.STREAM.CANCEL_MOVE.{KV_DESIRED}", "$JS.API.SERVER.EVACUATE"]
     try:
         await asyncio.gather(*(_unanswered(op, s) for s in dropped))
+        # Nor say a release was pushed (only the leader relays what the store says).
+        with contextlib.suppress(BusError):
+            await op.publish(subjects.released(F), encode(_NOTICE))
+        await op.flush()
     finally:
         await op.close()
     assert await _victim(coord) == victim
-    return set(dropped)
+    return {*dropped, subjects.released(F)}
 
 
 async def _endpoints(coord: Bus) -> set[str]:
@@ -321,10 +330,14 @@ async def _api_and_events(fleet: DevFleet, node1: Bus, coord: Bus) -> set[str]:
     for subject in published:
         with contextlib.suppress(BusError):
             await node1.publish(subject, encode(forged))
-    # The heartbeat pace is the leader's alone: a node may hear it, not say it.
+    # The heartbeat pace and the word of releases pushed are the leader's alone: a node may
+    # hear them, not say them.
     published.append(subjects.pace(F))
     with contextlib.suppress(BusError):
         await node1.publish(subjects.pace(F), encode(Pace(interval=300.0)))
+    published.append(subjects.released(F))
+    with contextlib.suppress(BusError):
+        await node1.publish(subjects.released(F), encode(_NOTICE))
     await node1.publish(subjects.agent_event(F, "node-1", "slot.failed"), encode(forged))
     await node1.flush()
     code, out, err = await wait_until(
@@ -419,9 +432,9 @@ async def _matrix(fleet: DevFleet) -> None:
         log = await _server_log(fleet)
         assert not refused - _violations(log), sorted(refused - _violations(log))
         # ... and every agent may hear it (their subscriptions were not refused).
-        assert subjects.pace(F) not in {line.split('Subject "', 1)[1].split('"', 1)[0]
-                                        for line in log.splitlines()
-                                        if "Subscription Violation" in line}, log[-3000:]
+        refused_subs = {line.split('Subject "', 1)[1].split('"', 1)[0]
+                        for line in log.splitlines() if "Subscription Violation" in line}
+        assert not refused_subs & {subjects.pace(F), subjects.released(F)}, log[-3000:]
         assert "$O." in " ".join(_violations(log))  # the object put and delete
         await _replays(fleet, coord)
     finally:

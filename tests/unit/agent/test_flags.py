@@ -26,8 +26,17 @@ def test_defaults_and_types() -> None:
         "nats_url": "nats://127.0.0.1:4222", "fleet": "default", "heartbeat_interval": 2.0,
         "trust_keys": (), "service_user": None, "trusted_proxies": (), "max_connections": 4096,
         "body_timeout": 60.0, "simulate": 0, "verbose": False, "creds": None, "tls_ca": None,
-        "metrics": None,
+        "metrics": None, "prefetch": True,
     }
+
+
+@pytest.mark.parametrize(("args", "env", "want"), [
+    (["--prefetch", "off"], {}, False), (["--prefetch", "ON"], {}, True),
+    ([], {"FLEETWAVE_PREFETCH": "off"}, False),
+    (["--prefetch", "on"], {"FLEETWAVE_PREFETCH": "off"}, True),
+])
+def test_prefetch_is_on_or_off(args: list[str], env: dict[str, str], want: bool) -> None:
+    assert parse_flags(["--node-id", "n1", *args], environ=env)["prefetch"] is want
 
 
 def test_command_line_beats_env_beats_default() -> None:
@@ -66,6 +75,9 @@ def test_command_line_beats_env_beats_default() -> None:
                      "'localhost' is not an IP address", id="metrics-name"),
         pytest.param(["--node-id", "n1", "--metrics", "127.0.0.1:http"], {},
                      "'http' is not a port", id="metrics-port-text"),
+        pytest.param(["--node-id", "n1", "--prefetch", "maybe"], {},
+                     "Invalid value for '--prefetch': 'maybe' is neither on nor off",
+                     id="prefetch-on-or-off"),
         pytest.param(["--node-id", "n1"], {"FLEETWAVE_METRICS": "127.0.0.1:70000"},
                      "'70000' is not a port (1-65535)", id="metrics-env-range"),
     ],

@@ -70,10 +70,11 @@ def test_a_node_may_touch_only_its_own_keys() -> None:
     none lets it list or inspect what other nodes hold."""
     p = perms.node("default", "node-1")
     subjects = [*p["publish"]["allow"], *p["subscribe"]["allow"]]
-    # its inbox, and the leader's heartbeat pace (which names no node and only coordinators
-    # may publish: ``perms.operator`` allows no fw.<fleet> subject but the API's)
-    assert p["subscribe"]["allow"] == ["_FWN.node-1.>", "fw.default.pace"]
-    assert not any(s.startswith("fw.default.pace")
+    # its inbox, the leader's heartbeat pace and its word of the releases pushed (which name
+    # no node and only coordinators may publish: ``perms.operator`` allows no fw.<fleet> subject
+    # but the API's)
+    assert p["subscribe"]["allow"] == ["_FWN.node-1.>", "fw.default.pace", "fw.default.released"]
+    assert not any(s.startswith(("fw.default.pace", "fw.default.released"))
                    for s in perms.operator("default", "alice")["publish"]["allow"])
     assert not any("node-2" in s for s in subjects)
     assert not any(s.startswith(("$KV.fw-default-desired", "fw.default.api", "_INBOX."))

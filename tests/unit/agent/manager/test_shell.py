@@ -136,6 +136,12 @@ class _Bus:
     async def js_publish_events(self, messages: Any, *, timeout: float = 0.0) -> list[None]:
         return [None for _ in messages]
 
+    async def subscribe(self, subject: str, cb: Any, queue: str = "") -> str:
+        return subject
+
+    async def unsubscribe(self, sub: str) -> None:
+        pass
+
 
 async def test_the_bus_part_watches_only_once_the_state_file_is_restored(
     tmp_path: Path,
