@@ -14,9 +14,10 @@ The service is the example hello (``deploy/examples/hello``: ``app.py`` and its 
 **Ansible** (the incumbent's way; made fair and best-case for it): an inventory of N hosts, all
 ``ansible_connection: local``, host i running one instance of hello on ``<SUBNET>.(100+i):8080``
 from its own directory under the run dir, where both releases are already copied (no copy
-step: a best case, where fleetwave's agents fetch the release in each wave). The playbook runs
-with ``serial: 20%``, ``forks`` = N, ``gather_facts: false``, pipelining on, the linear strategy
-(``free`` measured no faster: 42.6 and 27.4 s against 40.5 and 13.0 s at N=10, alternated),
+step; fleetwave's agents fetch a release when it is pushed, before the timed deploy). The
+playbook runs with ``serial: 20%``, ``forks`` = N, ``gather_facts: false``, pipelining on, the
+linear strategy (``free`` measured no faster: 42.6 and 27.4 s against 40.5 and 13.0 s at N=10,
+alternated),
 and per host: stop the old process (SIGTERM; hello finishes its requests in flight and exits;
 the task returns once the process is gone), start the new version (detached, as a service
 manager would), and wait for its health check (``uri`` on ``/healthz`` until 200, every 0.1 s:
@@ -26,19 +27,22 @@ down from its stop to its start; that moment of downtime per host is the point. 
 printed) gives the seconds spent in each task.
 
 **fleetwave**: a dev fleet (``coordinator.dev.devfleet.DevFleet``: broker, coordinator, N real
-agents on ``<SUBNET>.1..N``), hello 1.0.0 installed everywhere, then ``fleetwave deploy hello
-2.0.0 --strategy rolling --batch 20% --max-unavailable 20% --bake 0 --prestage 0`` (the CLI,
-followed to its end); then on the same fleet, 1.0.0 reinstalled before each, the same deploy
-with ``--prestage 1`` and with ``--prestage all`` (``prestaged``: their figures and ratios).
-Each agent fetches the release, starts the new slot beside the old one, waits for its
-health checks (two passes, 200 ms apart), switches its router and drains the old slot. The load
+agents on ``<SUBNET>.1..N``), hello 1.0.0 installed everywhere, then 2.0.0 and 2.0.1 pushed: each
+agent fetches a pushed release of a service it runs at once (``agent.manager.prefetch``), as
+Ansible's hosts have both releases copied already, and the run waits until all have. Then
+``fleetwave deploy hello 2.0.0 --strategy rolling --batch 20% --max-unavailable 20% --bake 0
+--prestage 0`` (the CLI, followed to its end); then on the same fleet, 1.0.0 reinstalled before
+each, the same deploy with ``--prestage 1`` and with ``--prestage all`` (``prestaged``: their
+figures and ratios). Each agent starts the new slot beside the old one, waits for its health
+checks (two passes, 200 ms apart), switches its router and drains the old slot. The load
 goes through the N routers. Timed: the CLI command, start to exit. From the fleet's events the
 run also reports, per wave, where the seconds go: from ``wave.started`` to the last new slot
-started (fetch and spawn), to the last one healthy (health checks), to the last node done (the
-switch and its report), and the coordinator's hand-over to the next wave. Pre-staging (issue 17
-part 1) starts and health-checks the slots of upcoming waves ahead of their turn: the
-"pre-stageable" figure of the run without it is the sum over the waves after the first of their
-fetch, start and health time, i.e. what could leave the critical path; the prestaged runs show
+started (its spawn; a fetch too, of a release not at hand), to the last one healthy (health
+checks), to the last node done (the switch and its report), and the coordinator's hand-over to
+the next wave. Pre-staging (issue 17 part 1) starts and health-checks the slots of upcoming
+waves ahead of their turn: the "pre-stageable" figure of the run without it is the sum over the
+waves after the first of their start and health time, i.e. what could leave the critical
+path; the prestaged runs show
 what did. Last, ``--prestage all`` once more with the health check Ansible's playbook runs
 (``same_check``: release 2.0.1, 2.0.0 healthy at the first answer, polled every 0.1 s, where
 the example's manifest asks for two passes 200 ms apart on the agent's 200 ms grid): the two
@@ -525,6 +529,19 @@ def wave_timeline(tap: EventTap, rid: str, version: str = NEW) -> list[dict[str,
     return out
 
 
+async def fetched_ahead(fleet: DevFleet, n: int, digest: str) -> None:
+    """Wait until every agent has the release of ``digest`` unpacked in its cache (fetched when
+    it was pushed: ``agent.manager.prefetch``)."""
+    dirs = [fleet.dir / f"node-{i}" / "releases" / digest.removeprefix("sha256:")
+            for i in range(1, n + 1)]
+
+    async def missing() -> int:
+        return sum(not d.is_dir() for d in dirs)
+
+    await poll(missing, lambda left: left == 0, timeout=60,
+               what=f"every agent to fetch {digest[:19]}... once pushed", interval=0.05)
+
+
 async def measure_fleetwave(tmp: Path, n: int, rate: float) -> dict[str, Any]:
     """The rolling update without pre-staging (``fleetwave``), then on the same fleet, back on
     OLD each time, with each of ``PRESTAGED`` (``prestaged``), and with ``--prestage all`` of
@@ -536,8 +553,13 @@ async def measure_fleetwave(tmp: Path, n: int, rate: float) -> dict[str, Any]:
         try:
             tap = EventTap()
             await tap.start(bus)
-            for bundle in (assembled(OLD), assembled(NEW), same_check(tmp)):
-                await push_release(bus, bundle)
+            await push_release(bus, assembled(OLD))
+            await install(bus, fleet, n)
+            # Pushed once OLD runs, as a team pushes a release to deploy it: every agent fetches
+            # it then (prefetch), as Ansible's hosts have both releases copied already.
+            for bundle in (assembled(NEW), same_check(tmp)):
+                pushed = await push_release(bus, bundle)
+                await fetched_ahead(fleet, n, pushed.info.digest)
             plain = await rolled(tmp, bus, fleet, tap, n, rate, "0")
             prestaged = {ahead: await rolled(tmp, bus, fleet, tap, n, rate, ahead)
                          for ahead in PRESTAGED}
@@ -584,7 +606,7 @@ async def rolled(tmp: Path, bus: Bus, fleet: DevFleet, tap: EventTap, n: int, ra
     if set(answers) != {version}:
         raise RuntimeError(f"the routers should serve {version} after the deploy: {answers}")
     waves = wave_timeline(tap, rid, version)
-    # What pre-staging would take off the critical path: a later wave's fetch, start and
+    # What pre-staging would take off the critical path: a later wave's start and
     # health checks (the first wave's cannot start earlier than the deploy).
     stageable = sum(w["healthy_s"] for w in waves[1:] if w["healthy_s"] == w["healthy_s"])
     engine = end.event.time - begun[0].time if begun else float("nan")
