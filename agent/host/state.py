@@ -4,8 +4,12 @@ It holds, per service, the last accepted desired envelope (so a restarted agent 
 without the bus and refuses replays of older generations), each slot's process (pid and psutil
 create_time, for adoption that never mistakes a recycled pid), and the router's pid and socket.
 
-Writes are atomic: a temp file in the same directory, fsync, rename over the old file, fsync of
-the directory; a reader sees the old file or the new one, never half of one. A missing file is an
+Writes are atomic: a temp file in the same directory, rename over the old file; a reader sees the
+old file or the new one, never half of one. A *durable* write (``save_state(durable=True)``) is
+also flushed to the disk (fsync of the file before the rename, of the directory after): what must
+survive the host's power loss, not only the agent's crash or restart (which the page cache
+survives). The manager asks for it when the generations accepted change (``Restorer``). A
+missing file is an
 empty state. A corrupt file is refused: it is kept beside as ``<name>.corrupt`` for a person to
 look at, one log line says so, and the agent starts from an empty state (it converges again from
 the desired states on the bus).
@@ -102,13 +106,14 @@ def load_state(path: Path) -> AgentState:
         return AgentState()
 
 
-def save_state(path: Path, state: AgentState) -> None:
-    """Write the state atomically: temp file, fsync, rename, fsync of the directory."""
-    write_atomic(path, _encoder.encode(state))
+def save_state(path: Path, state: AgentState, *, durable: bool = True) -> None:
+    """Write the state atomically (temp file, rename); ``durable``: flushed to the disk too."""
+    write_atomic(path, _encoder.encode(state), durable=durable)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a reader never sees a partial file."""
+def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` so that a reader never sees a partial file; ``durable``:
+    the file's bytes and its new name on the disk before this returns (fsync of both)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # A name of its own per write: the agent saves from a worker thread and again on shutdown,
     # and two writers sharing one temp file could rename a mix of both states into place.
@@ -120,7 +125,8 @@ def write_atomic(path: Path, data: bytes) -> None:
             while view:
                 n = os.write(fd, view)
                 view = view[n:]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         tmp.replace(path)
@@ -128,6 +134,8 @@ def write_atomic(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+    if not durable:
+        return
     dfd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dfd)
