@@ -106,6 +106,21 @@ def load_state(path: Path) -> AgentState:
         return AgentState()
 
 
+def flush_state(path: Path) -> None:
+    """Put the state file at ``path`` as it is now on the disk: its bytes, and its name in the
+    directory (fsync of both)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
 def save_state(path: Path, state: AgentState, *, durable: bool = True) -> None:
     """Write the state atomically (temp file, rename); ``durable``: flushed to the disk too."""
     write_atomic(path, _encoder.encode(state), durable=durable)

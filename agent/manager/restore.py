@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Callable
 
@@ -29,7 +28,14 @@ from agent.errors import RouterUnavailable
 from agent.host.processes import find_orphans, stop_orphans
 from agent.host.releases import ReleaseCache
 from agent.host.slots import Notify, SlotRunner, SlotSpec
-from agent.host.state import AgentState, ServiceRecord, SlotRecord, load_state, save_state
+from agent.host.state import (
+    AgentState,
+    ServiceRecord,
+    SlotRecord,
+    flush_state,
+    load_state,
+    write_atomic,
+)
 from agent.manager.routing import RouterLink
 from agent.manager.service import NodeConfig, Release, Service, Services, release_info
 from agent.reconcile import (
@@ -64,15 +70,12 @@ class Restorer:
         self.clock = clock
         self.fleet_nodes = fleet_nodes  # what to save of the fleet's size (AgentState)
         self.restored_fleet_nodes = 0  # what the state file said of it (``restore``)
-        self._saved = b""  # the state file's body as last written
-        # One write at a time, and never an older snapshot over a newer one: ``save`` writes
-        # from a worker thread (which goes on even if cancelled), ``save_now`` from the loop's.
-        self._writing = threading.Lock()
-        self._taken = 0  # the number of the last snapshot taken (in the loop's thread)
-        self._written = 0  # the number of the snapshot in the state file
-        # The generations accepted, per service, as last flushed to the disk (None: nothing
-        # flushed by this process yet).
+        self._saved = b""  # the state file's body as last written (all in the loop's thread)
+        self._writes = 0  # state files written by this process
+        # The generations accepted, per service, as last put on the disk (None: nothing by this
+        # process yet), and as written since without a flush (None: nothing to flush).
         self._flushed: dict[str, int] | None = None
+        self._unflushed: dict[str, int] | None = None
 
     def _snapshot(self) -> AgentState:
         services = {}
@@ -122,43 +125,54 @@ class Restorer:
         return AgentState(node=self.config.node, fleet=self.config.fleet, services=services,
                           fleet_nodes=self.fleet_nodes())
 
-    async def save(self) -> None:
-        """Write the state file if it changed since the last write (in a thread)."""
+    def save(self) -> None:
+        """Write the state file if it changed since the last write: here and now, unflushed (a
+        small file written beside the old one and renamed over it: a fraction of a millisecond),
+        so that the report that follows a save never waits for the disk; ``flush`` puts it on
+        the disk after, when that matters."""
         state = self._snapshot()
         body = msgspec.json.encode(state)
-        if body == self._saved:
-            return
-        self._taken += 1
-        if await asyncio.to_thread(self._write, self._taken, state):
-            self._saved = body
+        if body != self._saved:
+            self._put(state, body)
 
-    def save_now(self) -> None:
-        """Write the state file now, in this thread."""
+    def save_now(self, *, flush: bool = False) -> None:
+        """Write the state file now (a slot's new pid); ``flush``: and on the disk, if the
+        generations accepted are not there yet (on the way out)."""
         state = self._snapshot()
-        self._taken += 1
-        self._write(self._taken, state)
+        self._put(state, msgspec.json.encode(state))
+        if flush and self._unflushed is not None:
+            flush_state(self.state_path)
+            self._flushed, self._unflushed = self._unflushed, None
 
-    def _write(self, number: int, state: AgentState) -> bool:
-        """Write snapshot ``number`` unless a later one is already written; True if written.
-
-        Flushed to the disk (``durable``) only when the generations accepted changed: they
-        are what must survive a power loss (the replay floor: a restarted host refuses what is
-        not newer). The rest (pids, statuses, weights, restarts) serves a restart of the agent
-        alone, which the page cache survives; after a power loss the processes it names are
-        gone anyway. A deploy so flushes once per desired state accepted, not at every start,
-        health change and switch (10 agents, one ``--prestage all`` deploy: 28 flushes of 78
-        writes, where every write was flushed; each flush competes for the host's disk with
-        the next report, and wears an edge box's flash)."""
+    def _put(self, state: AgentState, body: bytes) -> None:
+        write_atomic(self.state_path, body, durable=False)
+        self._saved = body
+        self._writes += 1
         accepted = {name: rec.generation for name, rec in state.services.items()}
-        with self._writing:
-            if number < self._written:
-                return False
-            durable = accepted != self._flushed
-            save_state(self.state_path, state, durable=durable)
-            self._written = number
-            if durable:
-                self._flushed = accepted
-            return True
+        self._unflushed = None if accepted == self._flushed else accepted
+
+    async def flush(self) -> None:
+        """Put the state file on the disk (fsync of the file and of its directory, in a worker
+        thread) if the generations accepted changed since it last was.
+
+        They are what must survive a power loss (the replay floor: a rebooted host refuses a
+        desired state that is not newer). The rest (pids, statuses, weights, restart budgets)
+        serves a restart of the agent alone, which the page cache survives; after a power loss
+        the processes it names are gone. So a deploy flushes once per desired state accepted,
+        not at every start, health change and switch (10 agents, one ``--prestage all``
+        deploy: 28 flushes of 78 writes, where every write was flushed, each before the report
+        that followed it), and after that report, not before: a power loss between the two
+        leaves the file one generation behind what was reported, which refuses every replay the
+        newer one would (a state one generation older is not newer than it either), and the
+        host, rebooted, converges again from its desired states."""
+        if self._unflushed is None:
+            return
+        accepted, writes = self._unflushed, self._writes
+        await asyncio.to_thread(flush_state, self.state_path)
+        if self._writes == writes:
+            self._flushed, self._unflushed = accepted, None
+        # else: a newer file was renamed in meanwhile, perhaps after this flush opened the older
+        # one; _put decided what the newer needs (the next flush, if its generations differ).
 
     async def restore(self, on_slot: Notify) -> list[SlotRunner]:
         """Load the state file: accepted envelopes, slot processes to adopt (reporting to

@@ -185,7 +185,7 @@ class ServiceManager:
         finally:
             self._tg = None
             with contextlib.suppress(OSError):
-                self.restorer.save_now()
+                self.restorer.save_now(flush=True)
 
     async def run_bus(self, bus: Bus) -> None:
         """Attach ``bus``, then watch desired states, publish events and write observed states
@@ -301,10 +301,14 @@ class ServiceManager:
                     busy = True
                     log.exception("reconciling %s failed; retrying on the next pass", svc.name)
             try:
-                await self.restorer.save()
+                self.restorer.save()
             except OSError as exc:
                 log.error("cannot write the agent state %s: %s", self.restorer.state_path, exc)
             self.observed.release()  # only now: what we report, a restart remembers
+            try:
+                await self.restorer.flush()  # on the disk, if that matters (Restorer.flush)
+            except OSError as exc:
+                log.error("cannot flush the agent state %s: %s", self.restorer.state_path, exc)
             self._prune()
 
     def _prune(self) -> None:

@@ -1,4 +1,5 @@
-"""agent.manager.restore: the state file holds the newest snapshot, whichever write ends last."""
+"""agent.manager.restore: the state file holds the newest snapshot, and the flush that puts it on
+the disk counts only for what it found there."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from agent.host.releases import ReleaseCache
 from agent.host.state import load_state
 from agent.manager.restore import Restorer
 from agent.manager.routing import RouterLink
-from agent.manager.service import NodeConfig, Services
+from agent.manager.service import NodeConfig, Service, Services
 
 
 class HeldExecutor(ThreadPoolExecutor):
@@ -43,19 +44,29 @@ def _restorer(tmp_path: Path, fleet_nodes: Callable[[], int]) -> Restorer:
                     RouterLink(config, services, asyncio.Event()), fleet_nodes=fleet_nodes)
 
 
-async def test_an_older_snapshot_never_lands_over_a_newer_one(tmp_path: Path) -> None:
-    """save() snapshots first but its worker thread writes last: the file keeps save_now()'s
-    newer snapshot (made when a slot started), not save()'s older one."""
+async def test_a_flush_under_way_when_a_newer_file_is_written_is_followed_by_another(
+    tmp_path: Path,
+) -> None:
+    """The flush runs in a worker thread while the loop goes on: a newer state file renamed in
+    meanwhile (save_now, when a slot started) may come after the flush opened the older one,
+    so that flush does not count for the newer one's generations: another follows. Every
+    write is the loop's own, in order: the file is the newest snapshot."""
     size = 1
     restorer = _restorer(tmp_path, lambda: size)
+    restorer.services["hello"] = Service(name="hello", floor=4)
     held = HeldExecutor()
     asyncio.get_running_loop().set_default_executor(held)
-    saving = asyncio.create_task(restorer.save())
-    await asyncio.sleep(0)  # one step of save(): the snapshot, then the write handed to a thread
-    assert held.submitted == 1 and not saving.done()
+    restorer.save()
+    flushing = asyncio.create_task(restorer.flush())
+    await asyncio.sleep(0)  # the flush handed to a thread, held there
+    assert held.submitted == 1 and not flushing.done()
     size = 2
     restorer.save_now()
     held.go.set()
-    await asyncio.wait_for(saving, 10)
+    await asyncio.wait_for(flushing, 10)
     assert load_state(restorer.state_path).fleet_nodes == 2
+    await asyncio.wait_for(restorer.flush(), 10)
+    assert held.submitted == 2  # the newer file's flush
+    await asyncio.wait_for(restorer.flush(), 10)
+    assert held.submitted == 2  # and nothing more
     held.shutdown(wait=True)
