@@ -19,14 +19,19 @@ def desired(generation: int) -> DesiredState:
     return DesiredState(fleet="test", node="n1", service="hello", generation=generation)
 
 
-async def test_only_a_change_of_the_generations_accepted_is_flushed_and_after_the_write(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[ServiceManager, list[int]]:
+    """A manager, and every fsync of the state module (file or directory) from now on."""
     flushes: list[int] = []
     real = state_module.os.fsync
     monkeypatch.setattr(state_module.os, "fsync", lambda fd: (flushes.append(fd), real(fd)))
-    mgr = ServiceManager(fleet="test", node="n1", data_dir=tmp_path, bind_host="127.0.0.1",
-                         trusted_keys=[])
+    return ServiceManager(fleet="test", node="n1", data_dir=tmp_path, bind_host="127.0.0.1",
+                          trusted_keys=[]), flushes
+
+
+async def test_only_a_change_of_the_generations_accepted_is_flushed_and_after_the_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    mgr, flushes = counted(tmp_path, monkeypatch)
     restorer = mgr.restorer
     svc = mgr.services["hello"] = Service(name="hello", desired=desired(3))
 
@@ -58,11 +63,7 @@ async def test_only_a_change_of_the_generations_accepted_is_flushed_and_after_th
 async def test_on_the_way_out_what_is_not_on_the_disk_yet_is_flushed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    flushes: list[int] = []
-    real = state_module.os.fsync
-    monkeypatch.setattr(state_module.os, "fsync", lambda fd: (flushes.append(fd), real(fd)))
-    mgr = ServiceManager(fleet="test", node="n1", data_dir=tmp_path, bind_host="127.0.0.1",
-                         trusted_keys=[])
+    mgr, flushes = counted(tmp_path, monkeypatch)
     mgr.services["hello"] = Service(name="hello", desired=desired(7))
     mgr.restorer.save()
     mgr.restorer.save_now()  # a slot's start: written, not flushed
