@@ -72,6 +72,8 @@ def build_agent(options: AgentOptions, live: LiveAgent | None = None) -> Agent:
         )
         if live is not None:
             live.services = manager.services
+            if (ahead := manager.prefetcher) is not None:
+                live.prefetches = lambda: (ahead.fetched, ahead.failed)
         return manager
 
     agent = Agent(options, services=services)

@@ -88,6 +88,8 @@ class AgentFigures:
     rss: int = 0
     cpu_seconds: float = 0.0
     services: tuple[ServiceFigures, ...] = ()
+    prefetched: int = 0  # releases fetched when pushed, ahead of their deploy
+    prefetch_failed: int = 0
 
 
 # -- the pure core ---------------------------------------------------------------------------------
@@ -111,6 +113,11 @@ def _agent_families(fig: AgentFigures) -> list[Metric]:
                                     labels=("node", "label", "value"))
     for k, v in sorted(fig.labels.items()):
         node_labels.add_metric((fig.node, k, v), 1)
+    prefetches = CounterMetricFamily(
+        "fleetwave_agent_prefetches", "Releases this agent fetched when they were pushed, ahead "
+        "of their deploy (--prefetch), by outcome: fetched or failed.", labels=("outcome",))
+    prefetches.add_metric(("fetched",), fig.prefetched)
+    prefetches.add_metric(("failed",), fig.prefetch_failed)
     return [
         info, node_labels,
         GaugeMetricFamily("fleetwave_agent_connected",
@@ -125,6 +132,7 @@ def _agent_families(fig: AgentFigures) -> list[Metric]:
         CounterMetricFamily("fleetwave_agent_cpu_seconds",
                             "CPU time (user + system) the agent process used.",
                             value=fig.cpu_seconds),
+        prefetches,
     ]
 
 
@@ -273,16 +281,20 @@ class LiveAgent:
         self.started_at = time.time()
         self.services: Mapping[str, Service] = {}
         self.connected: Callable[[], bool] = lambda: False
+        # (fetched, failed) ahead of their deploy so far (``agent.manager.prefetch``)
+        self.prefetches: Callable[[], tuple[int, int]] = lambda: (0, 0)
         self._me = psutil.Process()
 
     def snapshot(self) -> AgentFigures:
         with self._me.oneshot():
             rss = int(self._me.memory_info().rss)
             cpu = self._me.cpu_times()
+        prefetched, prefetch_failed = self.prefetches()
         return AgentFigures(
             node=self.node, labels=self.labels, connected=self.connected(),
             started_at=self.started_at, rss=rss, cpu_seconds=cpu.user + cpu.system,
             services=tuple(service_figures(s) for _, s in sorted(self.services.items())),
+            prefetched=prefetched, prefetch_failed=prefetch_failed,
         )
 
 

@@ -14,10 +14,12 @@ deployed (``agent.manager.prefetch``, told by the leader: ``coordinator.runtime.
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 from pathlib import Path
 
 import psutil
 
+from coordinator.dev.broker import free_port
 from coordinator.dev.devfleet import DevFleet
 from protocol.bundle import digest, pack
 from tests.integration.e2e_support import DEPLOY_TIMEOUT, serving
@@ -39,6 +41,11 @@ async def cli(fleet: DevFleet, *args: str) -> str:
     return out
 
 
+def scrape(host: str, port: int) -> str:
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as answer:
+        return str(answer.read().decode())
+
+
 def slot_dirs(node_dir: Path, version: str) -> set[Path]:
     """The working directories of the hello ``version`` processes the agent of ``node_dir``
     started (found by their environment)."""
@@ -56,6 +63,8 @@ async def test_a_pushed_release_is_fetched_by_the_nodes_that_run_it_before_its_d
 ) -> None:
     fleet = DevFleet(tmp_path / "fleet", agents=3, heartbeat_interval=0.5, subnet=SUBNET)
     fleet.agents[2].argv += ["--prefetch", "off"]  # node-3
+    metrics = (fleet.host(1), free_port(fleet.host(1)))
+    fleet.agents[0].argv += ["--metrics", f"{metrics[0]}:{metrics[1]}"]  # node-1
     async with fleet:
         zone_a = ("--selector", "zone=a")  # node-1 and node-3 (DevFleet.labels)
         await cli(fleet, "release", "push", str(hello_bundle("1.0.0")))
@@ -72,6 +81,8 @@ async def test_a_pushed_release_is_fetched_by_the_nodes_that_run_it_before_its_d
         assert not slot_dirs(fleet.dir / "node-1", "2.0.0"), "nothing runs 2.0.0 before its deploy"
         log = (fleet.dir / "logs" / "node-1.log").read_text()
         assert "fetched hello 2.0.0 ahead of its deploy" in log, log[-2000:]
+        scraped = await asyncio.to_thread(scrape, *metrics)
+        assert 'fleetwave_agent_prefetches_total{outcome="fetched"} 1.0' in scraped, scraped
 
         await cli(fleet, "deploy", "hello", "2.0.0", *zone_a, "--batch", "1", "--bake", "0")
         answers = await serving(fleet)

@@ -60,7 +60,7 @@ def sample(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: 
 
 CANARY = AgentFigures(
     node="node-1", labels={"zone": "a", "role": "web"}, connected=True,
-    started_at=900.0, rss=27 * 2**20, cpu_seconds=1.5,
+    started_at=900.0, rss=27 * 2**20, cpu_seconds=1.5, prefetched=3, prefetch_failed=1,
     services=(ServiceFigures(
         name="hello",
         slots=(SlotFigures("a", "2.0.0", "healthy", restarts=1, rss=9 * 2**20, weight=75),
@@ -129,6 +129,8 @@ def test_the_agent_and_its_node() -> None:
     assert sample(s, "fleetwave_agent_connected") == 1
     assert sample(s, "fleetwave_agent_resident_memory_bytes") == 27 * 2**20
     assert sample(s, "fleetwave_agent_cpu_seconds_total") == 1.5
+    assert sample(s, "fleetwave_agent_prefetches_total", outcome="fetched") == 3
+    assert sample(s, "fleetwave_agent_prefetches_total", outcome="failed") == 1
     assert sample(s, "fleetwave_agent_start_time_seconds") == 900.0
     assert sample(s, "fleetwave_service_observed_generation", service="hello") == 7
     assert sample(s, "fleetwave_router_up", service="hello") == 1
@@ -158,7 +160,8 @@ def test_every_family_is_there_with_no_service_at_all() -> None:
     names = {f.name for f in text_string_to_metric_families(generate_latest(registry).decode())}
     assert {"fleetwave_router_requests", "fleetwave_router_request_duration_seconds",
             "fleetwave_router_mirror_copies", "fleetwave_slot_healthy", "fleetwave_router_weight",
-            "fleetwave_agent_cpu_seconds", "fleetwave_node_label_info"} <= names
+            "fleetwave_agent_cpu_seconds", "fleetwave_node_label_info",
+            "fleetwave_agent_prefetches"} <= names
     assert scrape(AgentFigures(node="n"))[("fleetwave_agent_connected", ())] == 0
 
 
