@@ -77,6 +77,9 @@ async def test_a_finished_rollouts_last_writes_never_land_over_a_newer_deploy(
     the deploy's newer writes landed meanwhile, the older ones would replace them (generations
     going back on the nodes). Under the deploys' lock, the deploy waits for them."""
     monkeypatch.setattr(desired_mod, "SCAN_FROM", 0)  # as a fleet of > 256 nodes does
+    # and signed in a worker thread, as a batch of more than SIGN_HERE states is (the hold
+    # below blocks its thread; on the loop it would block the loop)
+    monkeypatch.setattr(desired_mod, "SIGN_HERE", 0)
     bus, clock = fleet_bus(), FakeClock()
     await killed_after_the_success(bus, clock)
     clock.t += 5
