@@ -130,8 +130,8 @@ def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
     """Replace ``path`` with ``data`` so that a reader never sees a partial file; ``durable``:
     the file's bytes and its new name on the disk before this returns (fsync of both)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A name of its own per write: the agent saves from a worker thread and again on shutdown,
-    # and two writers sharing one temp file could rename a mix of both states into place.
+    # A name of its own per write: two writers (two agents of one data dir by mistake, or a
+    # test's) sharing one temp file could rename a mix of both states into place.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:

@@ -19,8 +19,9 @@ release not in the cache cannot be fetched (a transient failure, retried every `
   motion or every ``IDLE_TICK`` seconds once every service is settled (``settled``: no timer of
   the reconciler can fire), per service, build the local view, call ``reconcile`` and carry out
   its actions; then write the state file if it changed and the ObservedState if it changed (and
-  every ``OBSERVE_EVERY`` seconds, with the router's stats). An idle agent thus passes once per
-  stats fetch instead of five times a second.
+  every ``OBSERVE_EVERY`` seconds, with the router's stats), and flush the state file to the
+  disk when the generations accepted changed (``Restorer.flush``: after the report). An idle
+  agent thus passes once per stats fetch instead of five times a second.
   Actions that take long (fetch, stop, fail) run as their own tasks so that one slow service never
   holds the others; the view says "fetching"/"stopping" meanwhile, so the reconciler waits.
 - *runners* (``run_local``): one ``SlotRunner.run`` task per slot process; cancelling them leaves
