@@ -5,11 +5,11 @@ without the bus and refuses replays of older generations), each slot's process (
 create_time, for adoption that never mistakes a recycled pid), and the router's pid and socket.
 
 Writes are atomic: a temp file in the same directory, rename over the old file; a reader sees the
-old file or the new one, never half of one. A *durable* write (``save_state(durable=True)``) is
-also flushed to the disk (fsync of the file before the rename, of the directory after): what must
-survive the host's power loss, not only the agent's crash or restart (which the page cache
-survives). The manager asks for it when the generations accepted change (``Restorer``). A
-missing file is an
+old file or the new one, never half of one. A *durable* write (``write_atomic(durable=True)``,
+``save_state``) is also flushed to the disk (fsync of the file before the rename, of the directory
+after), and ``flush_state`` flushes a file written without: what must survive the host's power
+loss, not only the agent's crash or restart (which the page cache survives). The manager writes
+without and flushes when the generations accepted change (``Restorer``). A missing file is an
 empty state. A corrupt file is refused: it is kept beside as ``<name>.corrupt`` for a person to
 look at, one log line says so, and the agent starts from an empty state (it converges again from
 the desired states on the bus).
@@ -121,9 +121,9 @@ def flush_state(path: Path) -> None:
         os.close(dfd)
 
 
-def save_state(path: Path, state: AgentState, *, durable: bool = True) -> None:
-    """Write the state atomically (temp file, rename); ``durable``: flushed to the disk too."""
-    write_atomic(path, _encoder.encode(state), durable=durable)
+def save_state(path: Path, state: AgentState) -> None:
+    """Write the state atomically and durably (temp file, fsync, rename, fsync of the directory)."""
+    write_atomic(path, _encoder.encode(state))
 
 
 def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
