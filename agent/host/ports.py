@@ -11,20 +11,27 @@ healthy, its router sends users to a process of another node, and at its next cr
 falls back to the old slot (seen in ``bench_vs_ansible``: a router serving the old version after
 a deploy had succeeded, its new slot crash-looping on a port another agent's slot held).
 
-So a pick is also a **claim**: an empty file named ``<port>-<pid>-<start ms>`` after the
-claiming agent's process, in a directory every agent of the host's user shares (``claims_dir``),
-made under an exclusive lock. A port whose claim's agent still runs (the same pid *and* start
-time: a reused pid is not it) is not given again, by any agent, for as long as that agent runs:
-through the slot's crashes and restarts on the same port too. The claim goes when the slot stops
-or fails (``drop_claim``); one left by an agent that is gone (killed, restarted) is removed at
-the next pick, and a restarted agent claims the ports of the slots it adopts again
-(``claim``). Failure modes: the directory unsafe (not ours, a symlink, or writable by others:
-anyone could fill it and starve the picks) or unwritable, or its lock held longer than
-LOCK_WAIT (an agent stopped in the middle of a pick; the wait blocks the agent's loop, hence
-short): the pick goes on without claims, as before, with one warning. Not covered: a process
-that is not a fleetwave agent binding the very port in that window (the range keeps clear of
-the kernel's picks for outgoing connections; a service with a fixed port is seen by the check),
-and agents of different users or temp dirs (each has its own directory).
+So a pick is also a **claim**: a symlink named after the port, ``<port>``, pointing at the
+claiming agent's process, ``<pid>-<start ms>``, in a directory every agent of the host's user
+shares (``claims_dir``). Making a symlink is atomic and fails if the name exists, so a claim
+needs no lock: ten agents staging at once each make theirs in one system call (a host-wide lock
+held by one agent while the others polled for it blocked each agent's loop ~20 ms a pick on a
+loaded host, on the way to every staged start: issue 17). A port whose claim's agent still runs
+(the same pid *and* start time: a reused pid is not it) is not given again, by any agent, for as
+long as that agent runs: through the slot's crashes and restarts on the same port too. The claim
+goes when the slot stops or fails (``drop_claim``). One left by an agent that is gone (killed,
+restarted) is removed when a pick meets it, under the directory's lock (``.lock``), which only
+such removals and a restarted agent's claims of the slots it adopts (``claim``) take: so a claim
+is only ever removed by its agent or, once its agent is gone, by one holder of the lock that saw
+it gone. A pick never waits for that lock (held: the port is skipped for another); ``claim``, at
+an agent's start, waits LOCK_WAIT at most. Failure modes: the directory unsafe (not ours, a
+symlink, or writable by others: anyone could fill it and starve the picks) or unwritable: the
+pick goes on without claims, as before, with one warning. Not covered: a process that is not a
+fleetwave agent binding the very port in that window (the range keeps clear of the kernel's
+picks for outgoing connections; a service with a fixed port is seen by the check), agents of
+different users or temp dirs (each has its own directory), and claims of agents older than this
+format (empty files named ``<port>-<pid>-<start ms>``, made under the lock), which a pick does
+not see: an agent's ``sweep`` at its start removes those whose agent is gone.
 """
 
 from __future__ import annotations
@@ -53,7 +60,7 @@ log = logging.getLogger("fleetwave.agent.ports")
 SLOT_PORTS = (20000, 32000)
 EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 PORT_TRIES = 64
-LOCK_WAIT = 0.1  # at most this long for the claims' lock (held for well under 1 ms by others)
+LOCK_WAIT = 0.1  # how long ``claim`` and ``sweep`` wait for the claims' lock at most (a pick never)
 LOCK_POLL = 0.005
 LOCK_NAME = ".lock"
 
@@ -88,14 +95,13 @@ def free_port(host: str = "127.0.0.1", avoid: frozenset[int] = frozenset(), *,
     if candidates:
         pick = rng or random.SystemRandom()
         weights = [b - a + 1 for a, b in candidates]
-        with _claiming(claims) as claimed:
-            for _ in range(PORT_TRIES):
-                a, b = pick.choices(candidates, weights)[0]
-                port = pick.randint(a, b)
-                if port in avoid or (claimed and port in claimed) or not _bindable(host, port):
-                    continue
-                if claims is not None and claimed is not None:
-                    _write_claim(claims, port)
+        usable = _usable(claims)
+        for _ in range(PORT_TRIES):
+            a, b = pick.choices(candidates, weights)[0]
+            port = pick.randint(a, b)
+            if port in avoid or not _bindable(host, port):
+                continue
+            if usable is None or _take(usable, port):
                 return port
     for _ in range(20):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -110,27 +116,61 @@ def claim(claims: Path | None, port: int | None) -> None:
     """Claim ``port`` for a slot this agent runs already (one it adopted after a restart: its
     earlier claim named the agent's previous process). Another live agent's claim of it is
     left, with a warning: two slots of this host on one port."""
-    if claims is None or port is None:
+    usable = _usable(claims)
+    if usable is None or port is None:
         return
-    with _claiming(claims) as claimed:
-        if claimed is None:
+    with _locked(usable, wait=LOCK_WAIT) as had:
+        if not had:
             return
-        holder = claimed.get(port)
+        path = usable / str(port)
+        holder = _holder(path)
         if holder is None:
-            _write_claim(claims, port)
-        elif holder != _name(port):
-            _warn_once(f"{claims}:{port}", f"slot port {port} is claimed by another agent of "
-                       f"this host ({holder}): two slots may be using it")
+            _take(usable, port)
+        elif holder != _owner() and process_matches(holder[0], holder[1] / 1000):
+            _warn_once(f"{usable}:{port}", f"slot port {port} is claimed by another agent of "
+                       f"this host ({_text(holder)}): two slots may be using it")
+        elif holder != _owner():  # a gone agent's (this one before its restart): ours now
+            aside = usable / f".{port}.{_text(_owner())}.tmp"
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    aside.unlink()
+                aside.symlink_to(_text(_owner()))
+                aside.replace(path)
+            except OSError as exc:
+                _warn_once(f"{usable}:write", f"cannot claim slot port {port} in {usable}: {exc}")
 
 
 def drop_claim(claims: Path | None, port: int | None) -> None:
-    """The slot on ``port`` stopped: this agent's claim of it goes."""
+    """The slot on ``port`` stopped: this agent's claim of it goes (only this agent's)."""
     if claims is None or port is None:
         return
-    with _claiming(claims) as claimed:
-        if claimed is not None and claimed.get(port) == _name(port):
-            with contextlib.suppress(OSError):
-                (claims / _name(port)).unlink()
+    path = claims / str(port)
+    if _holder(path) == _owner():
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def sweep(claims: Path | None) -> None:
+    """Remove the claims of agents that are gone, in this format and the earlier one (an
+    agent's start: the earlier format's are not seen by picks)."""
+    usable = _usable(claims)
+    if usable is None:
+        return
+    with _locked(usable, wait=LOCK_WAIT) as had:
+        if not had:
+            return
+        with os.scandir(usable) as entries:
+            for entry in entries:
+                parts = entry.name.split("-")
+                if entry.name.isdigit():
+                    holder = _holder(Path(entry.path))
+                elif len(parts) == 3 and all(p.isdigit() for p in parts):
+                    holder = (int(parts[1]), int(parts[2]))
+                else:
+                    continue
+                if holder is None or not process_matches(holder[0], holder[1] / 1000):
+                    with contextlib.suppress(OSError):
+                        Path(entry.path).unlink()
 
 
 _warned: set[str] = set()  # the warnings given already (once per agent process each)
@@ -144,51 +184,85 @@ def _owner() -> tuple[int, int]:
     return _me
 
 
-def _name(port: int) -> str:
-    pid, started = _owner()
-    return f"{port}-{pid}-{started}"
+def _text(owner: tuple[int, int]) -> str:
+    return f"{owner[0]}-{owner[1]}"
 
 
-@contextlib.contextmanager
-def _claiming(claims: Path | None) -> Iterator[dict[int, str] | None]:
-    """Under the claims' lock: the live claims, port -> its file's name (the claims of agents
-    that are gone are removed); None when there is no usable directory or its lock was not had
-    in time."""
-    if claims is None:
-        yield None
-        return
+def _holder(path: Path) -> tuple[int, int] | None:
+    """The agent a claim names, (pid, start ms); None when there is none (or it is not ours to
+    read: then it names nobody who could be alive, and a pick's removal is what cleans it)."""
     try:
-        fd = _lock_file(claims)
+        pid, _, started = str(path.readlink()).partition("-")
+        return int(pid), int(started)
+    except (OSError, ValueError):
+        return None
+
+
+def _usable(claims: Path | None) -> Path | None:
+    """``claims`` if it is a directory of ours alone (made if missing), else None (warned once):
+    anyone able to write into it could claim every port and starve the picks."""
+    if claims is None:
+        return None
+    try:
+        claims.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(claims)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            raise OSError(errno.EPERM, "not a directory of this user")
+        if st.st_mode & 0o022:
+            raise OSError(errno.EPERM, "writable by others")
     except OSError as exc:
         _warn_once(str(claims), f"slot port claims in {claims} not used ({exc}): two agents of "
                    "this host could pick the same port at once")
-        yield None
+        return None
+    return claims
+
+
+def _take(claims: Path, port: int) -> bool:
+    """Claim ``port`` in ``claims`` (a usable directory): False if a live agent (this one
+    included) claims it, or a gone one does and its claim cannot be removed now."""
+    path = claims / str(port)
+    for _ in range(2):
+        try:
+            path.symlink_to(_text(_owner()))
+            return True
+        except FileExistsError:
+            holder = _holder(path)
+            if holder is not None and process_matches(holder[0], holder[1] / 1000):
+                return False
+            with _locked(claims, wait=0.0) as had:  # never waited for on a pick: skip the port
+                if not had or _holder(path) != holder:
+                    return False
+                with contextlib.suppress(OSError):  # (not ours to remove: the retry fails)
+                    path.unlink()
+        except OSError as exc:
+            _warn_once(f"{claims}:write", f"cannot claim slot port {port} in {claims}: {exc}")
+            return True  # picked without a claim, as without the directory
+    return False
+
+
+@contextlib.contextmanager
+def _locked(claims: Path, *, wait: float) -> Iterator[bool]:
+    """The directory's lock, for removing other agents' claims: whether it was had within
+    ``wait`` seconds (0: only if free now)."""
+    try:
+        fd = os.open(claims / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        _warn_once(f"{claims}:lock", f"slot port claims in {claims}: no lock file ({exc})")
+        yield False
         return
     try:
-        if not _lock(fd):
+        had = _lock(fd, wait)
+        if not had and wait > 0:
             _warn_once(f"{claims}:lock", f"slot port claims in {claims}: lock not had within "
-                       f"{LOCK_WAIT:g}s; picking without them")
-            yield None
-            return
-        yield _live_claims(claims)
+                       f"{wait:g}s; going on without it")
+        yield had
     finally:
         os.close(fd)  # (releases the lock)
 
 
-def _lock_file(claims: Path) -> int:
-    """The claims' lock file, opened, after checking the directory is ours alone."""
-    claims.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = os.lstat(claims)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-        raise OSError(errno.EPERM, "not a directory of this user")
-    if st.st_mode & 0o022:
-        raise OSError(errno.EPERM, "writable by others")
-    return os.open(claims / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-
-
-def _lock(fd: int) -> bool:
-    """Take the exclusive lock, waiting LOCK_WAIT at most (a stopped agent may hold it)."""
-    give_up = time.monotonic() + LOCK_WAIT
+def _lock(fd: int, wait: float) -> bool:
+    """Take the exclusive lock, waiting ``wait`` at most (a stopped agent may hold it)."""
+    give_up = time.monotonic() + wait
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -197,32 +271,6 @@ def _lock(fd: int) -> bool:
             if time.monotonic() >= give_up:
                 return False
             time.sleep(LOCK_POLL)
-
-
-def _live_claims(claims: Path) -> dict[int, str]:
-    live: dict[int, str] = {}
-    alive: dict[tuple[int, int], bool] = {_owner(): True}
-    with os.scandir(claims) as entries:
-        for entry in entries:
-            parts = entry.name.split("-")
-            if len(parts) != 3 or not all(p.isdigit() for p in parts):
-                continue
-            port, owner = int(parts[0]), (int(parts[1]), int(parts[2]))
-            if owner not in alive:
-                alive[owner] = process_matches(owner[0], owner[1] / 1000)
-            if alive[owner]:
-                live[port] = entry.name
-            else:
-                with contextlib.suppress(OSError):  # gone meanwhile
-                    Path(entry.path).unlink()
-    return live
-
-
-def _write_claim(claims: Path, port: int) -> None:
-    try:
-        os.close(os.open(claims / _name(port), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
-    except OSError as exc:
-        _warn_once(f"{claims}:write", f"cannot claim slot port {port} in {claims}: {exc}")
 
 
 def _warn_once(key: str, message: str) -> None:

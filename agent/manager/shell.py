@@ -58,7 +58,7 @@ from pathlib import Path
 from agent.edge import Edge
 from agent.errors import ReleaseError
 from agent.host.identity import RunAs
-from agent.host.ports import claim, drop_claim, free_port
+from agent.host.ports import claim, drop_claim, free_port, sweep
 from agent.host.releases import ReleaseCache
 from agent.host.slots import SlotRunner, SlotSpec
 from agent.manager.desired import DesiredWatch, reread_every
@@ -171,6 +171,7 @@ class ServiceManager:
         """Adopt what the state file remembers, then converge for ever (until cancelled); no
         bus needed. The state is saved a last time when cancelled."""
         adopted = await self._restore()
+        sweep(self.config.port_claims)  # gone agents' claims (this one's before a restart too)
         for runner in adopted:  # their claims named this agent's previous process
             claim(self.config.port_claims, runner.spec.port)
         try:

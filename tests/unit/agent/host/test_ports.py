@@ -25,6 +25,7 @@ from agent.host.ports import (
     claim,
     drop_claim,
     free_port,
+    sweep,
 )
 
 
@@ -81,12 +82,28 @@ def _window(free: int = 3) -> tuple[int, int]:
 
 
 def _claims_of(claims: Path, port: int) -> list[str]:
-    return sorted(p.name for p in claims.glob(f"{port}-*"))
+    """Who claims ``port``: the agent its claim names, ``<pid>-<start ms>``."""
+    path = claims / str(port)
+    return [str(path.readlink())] if path.is_symlink() else []
+
+
+def _agent_text(proc: psutil.Process) -> str:
+    return f"{proc.pid}-{round(proc.create_time() * 1000)}"
 
 
 def _mine(port: int) -> str:
-    me = psutil.Process()
-    return f"{port}-{me.pid}-{round(me.create_time() * 1000)}"
+    return _agent_text(psutil.Process())
+
+
+def _claim_as(claims: Path, port: int, agent: str) -> None:
+    """A claim of ``port`` made by the agent ``agent`` names (another process)."""
+    claims.mkdir(mode=0o700, exist_ok=True)
+    (claims / str(port)).symlink_to(agent)
+
+
+def _gone_agent() -> str:
+    pid, started = _gone_process()
+    return f"{pid}-{started}"
 
 
 def _other_agent(claims: Path, window: tuple[int, int]) -> int:
@@ -132,24 +149,21 @@ def test_a_claim_lasts_as_long_as_its_agent_and_goes_with_the_slot(tmp_path: Pat
     window = (low, low)
     assert free_port(ports=window, rng=random.Random(1), claims=claims) == low
     old = time.time() - 86_400
-    os.utime(claims / _mine(low), (old, old))
+    os.utime(claims / str(low), (old, old), follow_symlinks=False)
     assert _other_agent(claims, window) != low
     drop_claim(claims, low)
     assert _claims_of(claims, low) == []
     assert _other_agent(claims, window) == low  # free for any agent now
     # That one was the other agent's (a process gone since): this agent's drop leaves a live
     # agent's claim alone, and a gone agent's claim does not keep the port.
-    parent = psutil.Process(os.getppid())
-    theirs = f"{low}-{parent.pid}-{round(parent.create_time() * 1000)}"
-    for name in _claims_of(claims, low):
-        (claims / name).unlink()
-    (claims / theirs).touch()
+    theirs = _agent_text(psutil.Process(os.getppid()))
+    (claims / str(low)).unlink()
+    _claim_as(claims, low, theirs)
     drop_claim(claims, low)
     assert _claims_of(claims, low) == [theirs]
     assert free_port(ports=window, rng=random.Random(1), claims=claims) != low
-    (claims / theirs).unlink()
-    pid, started = _gone_process()
-    (claims / f"{low}-{pid}-{started}").touch()
+    (claims / str(low)).unlink()
+    _claim_as(claims, low, _gone_agent())
     assert free_port(ports=window, rng=random.Random(1), claims=claims) == low
     assert _claims_of(claims, low) == [_mine(low)]
 
@@ -161,17 +175,21 @@ def test_an_adopted_slots_port_is_claimed_again(tmp_path: Path,
     claims = tmp_path / "claims"
     claims.mkdir(mode=0o700)
     low = _window(2)[0]
-    pid, started = _gone_process()  # this agent before its restart
-    (claims / f"{low}-{pid}-{started}").touch()
+    _claim_as(claims, low, _gone_agent())  # this agent before its restart
     claim(claims, low)
     assert _claims_of(claims, low) == [_mine(low)]
-    parent = psutil.Process(os.getppid())
-    theirs = f"{low + 1}-{parent.pid}-{round(parent.create_time() * 1000)}"
-    (claims / theirs).touch()
+    claim(claims, low)  # (again: nothing changes)
+    assert _claims_of(claims, low) == [_mine(low)]
+    theirs = _agent_text(psutil.Process(os.getppid()))
+    _claim_as(claims, low + 1, theirs)
     ports._warned.clear()
     claim(claims, low + 1)
     assert _claims_of(claims, low + 1) == [theirs]
     assert "claimed by another agent" in caplog.text
+    claim(claims, low + 2)  # not claimed by anyone
+    assert _claims_of(claims, low + 2) == [_mine(low + 2)]
+    assert sorted(p.name for p in claims.iterdir()) == [
+        ".lock", str(low), str(low + 1), str(low + 2)]  # (no temp name left)
 
 
 @pytest.mark.parametrize("unsafe", ["writable by others", "a file", "a symlink"])
@@ -196,24 +214,122 @@ def test_an_unsafe_claims_directory_is_not_used(tmp_path: Path, unsafe: str,
         assert _claims_of(claims, port) == []
 
 
-def test_a_held_lock_is_waited_for_a_bounded_time(tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """Another agent holding the lock (stopped mid-pick) delays a pick LOCK_WAIT at most; the
-    pick then goes on without claims. A lock released meanwhile is taken."""
+def test_a_pick_never_waits_for_the_lock(tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pick takes no lock: with the directory's lock held (another agent stopped in the
+    middle of removing a gone agent's claim, or of claiming its adopted slots), picks are
+    claimed at once; a gone agent's claim is then skipped, not removed (that needs the lock),
+    and removed by the next pick once the lock is free. ``claim`` waits LOCK_WAIT at most, then
+    goes on without claiming; a lock released meanwhile is taken."""
     monkeypatch.setattr(ports, "LOCK_WAIT", 0.2)
     claims = tmp_path / "claims"
     claims.mkdir(mode=0o700)
+    low = _window(2)[0]
+    gone = _gone_agent()
+    _claim_as(claims, low, gone)
     fd = os.open(claims / ports.LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        sleeps: list[float] = []
+        monkeypatch.setattr("agent.host.ports.time.sleep", sleeps.append)
+        assert free_port(ports=(low, low + 1), rng=random.Random(3), claims=claims) == low + 1
+        assert free_port(ports=(low, low), claims=claims) != low  # (the kernel's pick)
+        assert sleeps == []
+        assert _claims_of(claims, low) == [gone] and _claims_of(claims, low + 1) == [_mine(0)]
+        monkeypatch.undo()
+        monkeypatch.setattr(ports, "LOCK_WAIT", 0.2)
         started = time.monotonic()
-        port = free_port(claims=claims)
+        claim(claims, low)  # this agent's adopted slot on that port: the claim waits, then not
         assert time.monotonic() - started >= 0.2
-        assert _claims_of(claims, port) == []  # not claimed: the lock was not had
+        assert _claims_of(claims, low) == [gone]
         release = threading.Timer(0.05, fcntl.flock, (fd, fcntl.LOCK_UN))
         release.start()
-        port = free_port(claims=claims)
+        claim(claims, low)
         release.join()
-        assert _claims_of(claims, port) == [_mine(port)]
+        assert _claims_of(claims, low) == [_mine(low)]
+        (claims / str(low)).unlink()
+        _claim_as(claims, low, gone)
+        assert free_port(ports=(low, low), claims=claims) == low  # the lock is free: removed
+        assert _claims_of(claims, low) == [_mine(low)]
     finally:
         os.close(fd)
+
+
+def test_many_agents_picking_at_once_get_distinct_ports(tmp_path: Path) -> None:
+    """Eight agents (processes) each pick five ports of a window of 48 at the same moment, with
+    no slot binding any of them, and live on (a gone agent's claims are free to take): every
+    port is given once (a claim is made in one step that fails if the port is claimed, with no
+    lock to wait for)."""
+    claims = tmp_path / "claims"
+    window = _window(48)
+    go = tmp_path / "go"
+    code = ("import sys, time; from pathlib import Path; from agent.host.ports import free_port\n"
+            f"while not Path({str(go)!r}).exists(): time.sleep(0.001)\n"
+            f"print(*[free_port(ports={window}, claims=Path({str(claims)!r})) for _ in range(5)],"
+            " flush=True)\n"
+            "sys.stdin.read()")  # (alive until told)
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) for _ in range(8)]
+    try:
+        go.touch()
+        picked = [int(p) for proc in procs for p in _line(proc).split()]
+    finally:
+        for proc in procs:
+            proc.communicate(timeout=60)
+    assert all(proc.returncode == 0 for proc in procs)
+    assert len(picked) == 40 and len(set(picked)) == 40
+    assert all(window[0] <= p <= window[1] for p in picked)
+
+
+def _line(proc: subprocess.Popen[str]) -> str:
+    """The first line ``proc`` prints (within 60 s)."""
+    stdout = proc.stdout
+    assert stdout is not None
+    out: list[str] = []
+    ready = threading.Thread(target=lambda: out.append(stdout.readline()), daemon=True)
+    ready.start()
+    ready.join(timeout=60)
+    assert out, "no ports printed within 60 s"
+    return out[0]
+
+
+def test_the_earlier_formats_claims_of_gone_agents_are_swept(tmp_path: Path) -> None:
+    """An agent's start removes every claim of a gone agent, in this format (a symlink named
+    after the port) and the earlier one (an empty file ``<port>-<pid>-<start ms>``); a live
+    agent's claims, other names and a file named like a port stay."""
+    claims = tmp_path / "claims"
+    low = _window(4)[0]
+    gone, parent = _gone_agent(), _agent_text(psutil.Process(os.getppid()))
+    _claim_as(claims, low, gone)
+    _claim_as(claims, low + 1, parent)
+    (claims / f"{low + 2}-{gone}").touch()
+    (claims / f"{low + 3}-{parent}").touch()
+    (claims / "notes").touch()
+    sweep(claims)
+    assert sorted(p.name for p in claims.iterdir()) == sorted(
+        [".lock", str(low + 1), f"{low + 3}-{parent}", "notes"])
+    sweep(None)  # (no directory: nothing to do)
+
+
+@pytest.mark.parametrize("squatter", ["file", "directory", "not a number"])
+def test_a_port_name_that_is_not_a_claim_is_skipped_or_removed(tmp_path: Path,
+                                                             squatter: str) -> None:
+    """Something of this user's named like a port that is no claim (a file, a directory, a
+    symlink naming nobody) names no live agent: a pick removes what it can and takes the port,
+    and skips it (for another port) when it cannot; never an error."""
+    claims = tmp_path / "claims"
+    claims.mkdir(mode=0o700)
+    low = _window(2)[0]
+    path = claims / str(low)
+    if squatter == "file":
+        path.write_text("x")
+    elif squatter == "directory":
+        path.mkdir()
+        (path / "inside").touch()
+    else:
+        path.symlink_to("nobody")
+    got = free_port(ports=(low, low + 1), rng=random.Random(3), claims=claims)
+    if squatter == "directory":
+        assert got == low + 1 and path.is_dir()
+    else:
+        assert got == low and _claims_of(claims, low) == [_mine(low)]
