@@ -6,17 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agent.cadence import next_tick
+from agent.host import probes
 from agent.host.probes import (
     Prober,
     ProbeResult,
+    connect_now,
     exec_probe,
     http_probe,
     tcp_probe,
@@ -217,6 +221,76 @@ async def test_a_starting_tcp_slot_is_probed_as_soon_as_it_listens() -> None:
         srv = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", port)
         async with srv:
             await asyncio.wait_for(healthy.wait(), 10)
+    finally:
+        prober.stop()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def test_connect_now_tells_refused_accepted_and_unanswered_apart() -> None:
+    """One connect attempt that never waits: refused (nothing listens) is False, accepted is
+    the connected socket, and a handshake the kernel has not answered (here: a listener whose
+    queue is full, so its SYNs are dropped) is True, for the usual connect to wait on; no
+    socket is left open but the one given back."""
+    fds = len(os.listdir("/proc/self/fd"))
+    assert connect_now(_free_port()) is False
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        accepted = connect_now(port)
+        assert isinstance(accepted, socket.socket)
+        peer, _ = listener.accept()
+        with peer, accepted:
+            accepted.setblocking(True)
+            accepted.sendall(b"ping")
+            assert peer.recv(4) == b"ping"
+        # Fill the queue: backlog 0 holds one connection; the next SYNs are dropped.
+        queued = [socket.create_connection(("127.0.0.1", port), timeout=5)]
+        try:
+            assert connect_now(port) is True
+        finally:
+            for s in queued:
+                s.close()
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
+async def test_a_refused_listen_poll_makes_no_asyncio_connect(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a starting slot's port refuses, each listen poll is one non-blocking connect: the
+    asyncio connect (ten times the CPU) is made by the grid's probes only."""
+    loop = asyncio.get_running_loop()
+    assert next_tick(loop.time(), FAR) - loop.time() > 60
+    attempts, asyncio_connects = 0, 0
+    real_now, real_open = probes.connect_now, asyncio.open_connection
+
+    def counted_now(port: int, host: str = "127.0.0.1") -> socket.socket | bool:
+        nonlocal attempts
+        attempts += 1
+        return real_now(port, host)
+
+    async def counted_open(*args: Any, **kwargs: Any) -> Any:
+        nonlocal asyncio_connects
+        asyncio_connects += 1
+        return await real_open(*args, **kwargs)
+
+    monkeypatch.setattr(probes, "connect_now", counted_now)
+    monkeypatch.setattr("agent.host.probes.asyncio.open_connection", counted_open)
+
+    async def on_change(healthy: bool, reason: str) -> None:
+        pass
+
+    health = HealthConfig(http="/healthz", interval=FAR, start_interval=FAR, healthy_threshold=1)
+    prober = Prober(health, _free_port(), Path("."), {}, on_change)
+    task = asyncio.create_task(prober.run())
+    async def polls() -> int:
+        return attempts
+
+    try:
+        await wait_until(polls, lambda n: n >= 5, timeout=10,
+                         what="five listen polls", interval=0.01)
+        assert asyncio_connects == 1  # the first probe's, which was refused
     finally:
         prober.stop()
         task.cancel()
