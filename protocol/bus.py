@@ -831,7 +831,11 @@ class Bus:
         await asyncio.sleep(random.uniform(0, LAME_DUCK_SPREAD))
         await self.nc.force_reconnect()
 
-    async def close(self) -> None:
+    async def close(self, *, drain: bool = True) -> None:
+        """Close the connection; ``drain``: first hand every message already received to its
+        handler (nats-py's drain: an unsubscribe and a round trip to the server per
+        subscription, then one more). A one-shot command that has its answers needs no drain
+        (``drain=False``): what it queued to send still goes out before the socket closes."""
         self.closing = True  # the disconnect that follows is ours: not worth a warning
         if self._ldm_task is not None:
             self._ldm_task.cancel()
@@ -843,15 +847,16 @@ class Bus:
         # gather whose CancelledError nobody retrieved ("_GatheringFuture exception was never
         # retrieved", with a traceback, in the log of a coordinator that stopped cleanly); the
         # outer bound is only for a drain stuck elsewhere (its final flush).
-        with contextlib.suppress(Exception):
-            await bounded(self.nc.drain(), DRAIN_TIMEOUT + 2)
+        if drain:
+            with contextlib.suppress(Exception):
+                await bounded(self.nc.drain(), DRAIN_TIMEOUT + 2)
         for task in list(self._answers):  # the connection is gone: no answer can go out
             task.cancel()
         if self._answers:
             await asyncio.wait(list(self._answers), timeout=2)
         if not self.nc.is_closed:
             with contextlib.suppress(Exception):
-                await self.nc.close()
+                await bounded(self.nc.close(), DRAIN_TIMEOUT + 2)
 
     # -- fleet set-up -----------------------------------------------------------------------------
 

@@ -822,6 +822,43 @@ async def test_closing_a_bus_whose_handler_is_stuck_leaves_no_stray_error(broker
     assert not strays, [str(c.get("message")) for c in strays]
 
 
+async def test_closing_without_a_drain_asks_the_server_nothing_and_sends_what_was_queued(
+        broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A one-shot command's close (``drain=False``, the CLI's): no drain and no round trip to
+    the server, subscriptions or not; a message it queued and never flushed still arrives."""
+    bus = await Bus.connect(broker.url, "default")
+    other = await Bus.connect(broker.url, "default")
+    got: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def heard(subject: str, data: bytes) -> None:
+        await got.put(data)
+
+    async def nothing(subject: str, data: bytes) -> None:
+        pass
+
+    try:
+        await other.subscribe("fw.default.test.queued", heard)
+        await other.flush()
+        await bus.subscribe("fw.default.test.mine", nothing)
+        asked: list[str] = []
+
+        async def drain() -> None:
+            asked.append("drain")
+
+        async def flush(timeout: float = 10) -> None:
+            asked.append("flush")
+
+        monkeypatch.setattr(bus.nc, "drain", drain)
+        monkeypatch.setattr(bus.nc, "flush", flush)
+        await bus.nc.publish("fw.default.test.queued", b"last words")  # queued, not flushed
+        async with asyncio.timeout(10):
+            await bus.close(drain=False)
+        assert bus.nc.is_closed and asked == []
+        assert await asyncio.wait_for(got.get(), 10) == b"last words"
+    finally:
+        await other.close()
+
+
 async def _consumers(bus: Bus, stream: str, n: int) -> list[str]:
     """Make ``n`` push consumers on ``stream`` as n agents' watches would (raw API, 200 at a
     time); the server's errors, if any."""
