@@ -6,8 +6,12 @@ renames a finished temp dir into place). ``.<hex>.tmp-*`` are unpacks in progres
 so a crash at any point leaves nothing that looks like a release and is not one.
 
 Recency: every ``ensure`` stamps the release directory's mtime (strictly increasing within the
-process), and ``prune`` keeps the ``keep`` most recently ensured releases plus those in use, so
-the previous versions stay for a fast rollback.
+process), as ``touch`` does when a release is started from the cache, and ``prune`` keeps the
+``keep`` most recently ensured or started releases plus those in use, so the previous versions
+stay for a fast rollback. A release fetched ahead of its deploy (``ensure(recent=False)``, the
+agent's prefetch) is stamped as the oldest instead: pushing releases that are never deployed
+must not push a rollback's target out of the cache (the manager keeps the one fetched ahead in
+use until it is deployed or replaced).
 
 Fetching. The object is streamed into an unnamed temp file under ``<root>`` as its chunks
 arrive, hashed on the way, and refused as soon as it passes its declared size (``ReleaseRef.size``,
@@ -112,8 +116,11 @@ class ReleaseCache:
         path = self.root / m.group(1)
         return path if path.is_dir() and not path.is_symlink() else None
 
-    async def ensure(self, bus: ObjectSource, fleet: str, ref: ReleaseRef) -> Path:
-        """Return the unpacked release of ``ref``, fetching and verifying it only if absent."""
+    async def ensure(self, bus: ObjectSource, fleet: str, ref: ReleaseRef, *,
+                     recent: bool = True) -> Path:
+        """Return the unpacked release of ``ref``, fetching and verifying it only if absent;
+        ``recent``: count it as just used (module docstring), else leave a release at hand as
+        recent as it was, and stamp one fetched now as the oldest."""
         m = _DIGEST.match(ref.digest)
         if m is None:
             raise ReleaseError(
@@ -127,7 +134,11 @@ class ReleaseCache:
                 path = self.path_for(ref)
                 if path is None:
                     path = await self._fetch(bus, fleet, ref, hexd)
-                self._stamp(path)
+                    if not recent:
+                        with contextlib.suppress(OSError):  # (a hint, as _stamp's)
+                            os.utime(path, ns=(0, 0))
+                if recent:
+                    self._stamp(path)
                 return path
         finally:
             user.count -= 1
@@ -232,6 +243,10 @@ class ReleaseCache:
         for _, name in releases:
             if name not in recent and name not in keep_hex and name not in self._locks:
                 self._discard(self.root / name)
+
+    def touch(self, path: Path) -> None:
+        """Count the release at ``path`` as just used (a slot started from it)."""
+        self._stamp(path)
 
     def _stamp(self, path: Path) -> None:
         stamp = max(time.time_ns(), self._last_stamp + 1)

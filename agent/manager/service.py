@@ -142,6 +142,9 @@ class Service:
     floor: int = 0
     runners: dict[str, SlotRunner] = field(default_factory=dict)
     releases: dict[str, Release] = field(default_factory=dict)
+    # The release fetched ahead of its deploy (``prefetch``), kept from the cache's pruning
+    # until a newer one replaces it (its digest; "" for none).
+    prefetched: str = ""
     fetching: set[str] = field(default_factory=set)
     fetch_errors: dict[str, FetchError] = field(default_factory=dict)
     applied_weights: dict[str, int] = field(default_factory=dict)

@@ -325,6 +325,8 @@ class ServiceManager:
             in_use |= set(svc.fetching)
             if svc.desired is not None:
                 in_use |= {ref.digest for ref in svc.desired.slots.values()}
+            if svc.prefetched:
+                in_use.add(svc.prefetched)
         try:
             self.cache.prune(in_use)
         except OSError as exc:
@@ -391,11 +393,11 @@ class ServiceManager:
         assert self._tg is not None
         self._tg.create_task(runner.stop(timeout), name=f"restart-{svc.name}-{slot}")
 
-    async def _ready(self, svc: Service, ref: ReleaseRef) -> Release:
-        """``ref`` at hand: from the cache, or fetched into it; raises ReleaseError,
-        ProtocolError (its manifest) or OSError."""
+    async def _ready(self, svc: Service, ref: ReleaseRef, *, recent: bool = True) -> Release:
+        """``ref`` at hand: from the cache, or fetched into it (``recent``: ``ensure``'s);
+        raises ReleaseError, ProtocolError (its manifest) or OSError."""
         source = self.bus if self.bus is not None else _Unattached()
-        path = await self.cache.ensure(source, self.config.fleet, ref)
+        path = await self.cache.ensure(source, self.config.fleet, ref, recent=recent)
         manifest = await asyncio.to_thread(load_manifest, path / MANIFEST_NAME)
         # Checked at every use, the cache's too (it checks on a fresh fetch only): the
         # bundle of this digest must be the release the signed desired state names.
@@ -408,7 +410,8 @@ class ServiceManager:
 
     async def _prefetch(self, svc: Service, ref: ReleaseRef) -> None:
         """A release pushed, fetched ahead of its deploy (``prefetch``): at hand from now on."""
-        svc.releases[ref.digest] = await self._ready(svc, ref)
+        svc.releases[ref.digest] = await self._ready(svc, ref, recent=False)
+        svc.prefetched = ref.digest  # kept from pruning; not counted as recently used
 
     async def _fetch(self, svc: Service, ref: ReleaseRef) -> None:
         try:
@@ -428,6 +431,9 @@ class ServiceManager:
 
     def _start(self, svc: Service, slot: str, ref: ReleaseRef, generation: int) -> None:
         rel = svc.releases[ref.digest]
+        self.cache.touch(rel.path)  # recently used: a rollback's target later on
+        if svc.prefetched == ref.digest:
+            svc.prefetched = ""  # deployed: kept as any release in use or recently used
         used = frozenset(
             r.spec.port for r in svc.runners.values() if r.spec.port is not None and r.alive
         )

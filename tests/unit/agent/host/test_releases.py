@@ -218,6 +218,27 @@ async def test_prune_keeps_recent_and_in_use(tmp_path: Path) -> None:
     assert store.gets == 4
 
 
+async def test_a_release_fetched_ahead_ranks_oldest_until_it_is_used(tmp_path: Path) -> None:
+    """``ensure(recent=False)`` (a prefetch) stamps a release it fetches as the oldest and
+    leaves one at hand as recent as it was; ``touch`` (a slot started from it) makes it the
+    most recent."""
+    store = FakeStore()
+    one, two, ahead = (publish(store, bundle(tmp_path, v), v) for v in ("1", "2", "3"))
+    cache = ReleaseCache(tmp_path / "releases", keep=2)
+    for ref in (one, two):
+        await cache.ensure(store, "test", ref)
+    path = await cache.ensure(store, "test", ahead, recent=False)
+    await cache.ensure(store, "test", one, recent=False)  # at hand: as recent as it was
+    cache.prune(set())
+    assert cache.path_for(ahead) is None  # the oldest: out, unless the manager keeps it
+    assert cache.path_for(one) is not None and cache.path_for(two) is not None
+    path = await cache.ensure(store, "test", ahead, recent=False)
+    cache.touch(path)
+    cache.prune(set())
+    assert cache.path_for(ahead) is not None and cache.path_for(two) is not None
+    assert cache.path_for(one) is None
+
+
 # -- hostile sizes: the download and the unpack are bounded, and never raise out -----------------
 
 

@@ -179,6 +179,33 @@ async def test_a_deploy_of_a_release_fetched_ahead_downloads_nothing(tmp_path: P
     assert new.digest in svc.releases and store.gets == 1
 
 
+async def test_releases_pushed_and_never_deployed_keep_the_rollbacks_target(
+        tmp_path: Path) -> None:
+    """Five releases pushed (each fetched ahead, none deployed) do not push the release of the
+    previous deploy, a rollback's target, out of the cache: what is kept is the releases last
+    deployed, the one running, and the newest fetched ahead (until a newer one replaces it)."""
+    store = FakeStore()
+    mgr = ServiceManager(fleet="test", node="n1", data_dir=tmp_path, bind_host="127.0.0.1",
+                         trusted_keys=[])
+    mgr.attach(store)  # type: ignore[arg-type]
+    svc = mgr.services["hello"] = Service(name="hello")
+    mgr.cache.keep = 2
+    before, now = (publish(store, bundle(tmp_path, v), v) for v in ("1.0.0", "2.0.0"))
+    for r in (before, now):  # deployed, one after the other
+        await mgr._fetch(svc, r)
+    svc.desired = DesiredState(fleet="test", node="n1", service="hello", generation=2,
+                               slots={"a": now}, weights={"a": 100})
+    pushed = [publish(store, bundle(tmp_path, f"3.0.{i}"), f"3.0.{i}") for i in range(5)]
+    for r in pushed:
+        await mgr._prefetch(svc, r)
+    mgr._pruned_at = float("-inf")
+    mgr._prune()
+    assert mgr.cache.path_for(before) is not None  # the rollback's target
+    assert mgr.cache.path_for(now) is not None and mgr.cache.path_for(pushed[-1]) is not None
+    assert [r.version for r in pushed if mgr.cache.path_for(r) is not None] == ["3.0.4"]
+    assert set(svc.releases) == {before.digest, now.digest, pushed[-1].digest}
+
+
 def test_with_prefetch_off_the_manager_has_no_prefetcher(tmp_path: Path) -> None:
     mgr = ServiceManager(fleet="test", node="n1", data_dir=tmp_path, bind_host="127.0.0.1",
                          trusted_keys=[], prefetch=False)
