@@ -3,7 +3,7 @@
 Side by side with a peer (issue 17): both update hello on N hosts, 20 % at a time, under the
 same steady HTTP load, one after the other in one run.
 
-Usage: python tests/perf/bench_vs_ansible.py [--nodes 10] [--rate 20] [--json]
+Usage: python tests/perf/bench_vs_ansible.py [--nodes 10] [--rate 20] [--repeat 1] [--json]
 
 Needs ``ansible-core`` (``pip install -e '.[bench]'``); without ``ansible-playbook`` beside this
 Python or on PATH it says so in one line and exits 2. Nothing else is installed at run time.
@@ -47,6 +47,11 @@ what did. Last, ``--prestage all`` once more with the health check Ansible's pla
 (``same_check``: release 2.0.1, 2.0.0 healthy at the first answer, polled every 0.1 s, where
 the example's manifest asks for two passes 200 ms apart on the agent's 200 ms grid): the two
 tools checking the new process the same way.
+
+``--repeat N`` runs the head-to-head pair, Ansible's update and fleetwave's ``--prestage all``
+with Ansible's health check, N times each (OLD installed again before each run, untimed), and
+reports each side's median run and every run's seconds: one run of each is ±10 % on this shared
+2-core machine, enough to move their ratio across a target.
 
 Printed: both wall times and their ratio; the ratio of their work alone too (Ansible from its
 first play to its recap, fleetwave from ``rollout.started`` to ``rollout.succeeded``: neither
@@ -121,6 +126,7 @@ WORKERS = 2  # per host: one keep-alive, one connection a request (Traffic's spl
 TAIL = 1.0  # seconds of load counted after a deploy ends
 ANSIBLE_HOST0 = 100  # Ansible's host i binds <SUBNET>.(100+i): apart from the agents' .1..N
 MAX_NODES = 100
+MAX_REPEAT = 9
 DEPLOY_TIMEOUT = 600.0
 INSTALL_HINT = ("ansible-playbook not found: this benchmark needs ansible-core; install it with "
                 "`pip install -e '.[bench]'` (or `pip install ansible-core`) and run it again")
@@ -423,31 +429,45 @@ def task_seconds(marks: list[tuple[float, str]], started: float, ended: float) -
     return {k: round(v, 2) for k, v in out.items()}
 
 
-async def measure_ansible(tmp: Path, n: int, rate: float, binary: str) -> dict[str, Any]:
+async def measure_ansible(tmp: Path, n: int, rate: float, binary: str,
+                          repeat: int = 1) -> dict[str, Any]:
+    """Ansible's update, ``repeat`` times (OLD installed again before each, untimed): the
+    figures of the median run, and every run's seconds (``runs_s``)."""
     root = tmp / "ansible"
     env, targets = lay_out_ansible(root, n)
-    await timed(playbook_argv(binary, root, OLD, "100%"), env, root)  # the install: untimed
-    answers = await asyncio.gather(*(probe_version(h, p) for h, p in targets))
-    if set(answers) != {OLD}:
-        raise RuntimeError(f"Ansible's hosts should serve {OLD} after the install: {answers}")
-    marks: list[tuple[float, str]] = []
-
     meter = CpuMeter(tmp)
+    runs: list[dict[str, Any]] = []
+    for _ in range(repeat):
+        await timed(playbook_argv(binary, root, OLD, "100%"), env, root)  # the install: untimed
+        answers = await asyncio.gather(*(probe_version(h, p) for h, p in targets))
+        if set(answers) != {OLD}:
+            raise RuntimeError(f"Ansible's hosts should serve {OLD} after the install: {answers}")
+        marks: list[tuple[float, str]] = []
 
-    async def deploy() -> tuple[float, float, dict[str, float]]:
-        started = time.monotonic()
-        meter.start()
-        seconds, _ = await timed(playbook_argv(binary, root, NEW, BATCH), env, root, marks)
-        return started, seconds, meter.stop("ansible-playbook (reaped)")
+        async def deploy(marks: list[tuple[float, str]] = marks
+                         ) -> tuple[float, float, dict[str, float]]:
+            started = time.monotonic()
+            meter.start()
+            seconds, _ = await timed(playbook_argv(binary, root, NEW, BATCH), env, root, marks)
+            return started, seconds, meter.stop("ansible-playbook (reaped)")
 
-    (started, seconds, cpu), window = await under_load(targets, rate, deploy)
-    answers = await asyncio.gather(*(probe_version(h, p) for h, p in targets))
-    if set(answers) != {NEW}:
-        raise RuntimeError(f"Ansible's hosts should serve {NEW} after the update: {answers}")
-    batches = sum(1 for _, line in marks if line.startswith("PLAY ["))
-    return {"seconds": round(seconds, 2), "batches": batches,
-            "tasks_s": task_seconds(marks, started, started + seconds), "cpu_s": cpu,
-            **window_figures(window)}
+        (started, seconds, cpu), window = await under_load(targets, rate, deploy)
+        answers = await asyncio.gather(*(probe_version(h, p) for h, p in targets))
+        if set(answers) != {NEW}:
+            raise RuntimeError(f"Ansible's hosts should serve {NEW} after the update: {answers}")
+        batches = sum(1 for _, line in marks if line.startswith("PLAY ["))
+        runs.append({"seconds": round(seconds, 2), "batches": batches,
+                     "tasks_s": task_seconds(marks, started, started + seconds), "cpu_s": cpu,
+                     **window_figures(window)})
+    return median_run(runs)
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run of median ``seconds`` (the lower of the two middle ones for an even count:
+    a run that happened), with every run's seconds in order (``runs_s``)."""
+    middle = statistics.median_low(r["seconds"] for r in runs)
+    chosen = next(r for r in runs if r["seconds"] == middle)
+    return {**chosen, "runs_s": [r["seconds"] for r in runs]}
 
 
 def window_figures(w: Window) -> dict[str, Any]:
@@ -542,10 +562,11 @@ async def fetched_ahead(fleet: DevFleet, n: int, digest: str) -> None:
                what=f"every agent to fetch {digest[:19]}... once pushed", interval=0.05)
 
 
-async def measure_fleetwave(tmp: Path, n: int, rate: float) -> dict[str, Any]:
+async def measure_fleetwave(tmp: Path, n: int, rate: float, repeat: int = 1) -> dict[str, Any]:
     """The rolling update without pre-staging (``fleetwave``), then on the same fleet, back on
     OLD each time, with each of ``PRESTAGED`` (``prestaged``), and with ``--prestage all`` of
-    the release whose health check is Ansible's (``same_check``)."""
+    the release whose health check is Ansible's (``same_check``: ``repeat`` times, the median
+    run's figures and every run's seconds)."""
     async with DevFleet(tmp / "fleet", agents=n, subnet=SUBNET, fleet="perfvs",
                         heartbeat_interval=2.0) as fleet:
         bus = await Bus.connect(fleet.nats_url, fleet.fleet, name="perf-vs-ansible",
@@ -563,7 +584,8 @@ async def measure_fleetwave(tmp: Path, n: int, rate: float) -> dict[str, Any]:
             plain = await rolled(tmp, bus, fleet, tap, n, rate, "0")
             prestaged = {ahead: await rolled(tmp, bus, fleet, tap, n, rate, ahead)
                          for ahead in PRESTAGED}
-            same = await rolled(tmp, bus, fleet, tap, n, rate, "all", SAME)
+            same = median_run([await rolled(tmp, bus, fleet, tap, n, rate, "all", SAME)
+                               for _ in range(repeat)])
             # The start floor again, under the same load on this fleet (serving OLD): what a
             # staged first wave waits for here, with the traffic competing for the 2 cores.
             await install(bus, fleet, n)
@@ -681,13 +703,13 @@ async def cli_floor() -> dict[str, float]:
     return {k: round(statistics.median(v), 3) for k, v in times.items()}
 
 
-async def measure(n: int, rate: float, binary: str) -> dict[str, Any]:
+async def measure(n: int, rate: float, binary: str, repeat: int = 1) -> dict[str, Any]:
     with run_dir("fw-perf-vs-ansible-") as tmp:
-        ansible = await measure_ansible(tmp, n, rate, binary)
-        fleetwave = await measure_fleetwave(tmp, n, rate)
+        ansible = await measure_ansible(tmp, n, rate, binary, repeat)
+        fleetwave = await measure_fleetwave(tmp, n, rate, repeat)
         floor = await start_floor(tmp, n)
         cli = await cli_floor()
-    return {"nodes": n, "batch": BATCH, "load_per_host_rps": WORKERS * rate,
+    return {"nodes": n, "batch": BATCH, "load_per_host_rps": WORKERS * rate, "repeat": repeat,
             "ansible": ansible, "fleetwave": fleetwave, **ratios(ansible, fleetwave),
             "start_floor_s": round(floor, 2), **cli}
 
@@ -710,6 +732,8 @@ def ratios(a: dict[str, Any], f: dict[str, Any]) -> dict[str, Any]:
             "ratio_work_prestaged": {k: over(a_work, p["engine_s"])
                                      for k, p in f["prestaged"].items()},
             "ratio_same_check": over(a["seconds"], f["same_check"]["seconds"]),
+            "ratio_same_check_runs": [over(x, y) for x, y in zip(
+                a["runs_s"], f["same_check"]["runs_s"], strict=True)],
             "ratio_work_same_check": over(a_work, f["same_check"]["engine_s"]),
             "ratio_if_prestaged": over(a["seconds"], f["seconds"] - f["prestageable_s"]),
             "ratio_work_if_prestaged": over(a_work, f["engine_s"] - f["prestageable_s"])}
@@ -719,13 +743,22 @@ def x(ratio: float | None) -> str:
     return "n/a" if ratio is None else f"{ratio:.1f}x"
 
 
+def runs(figures: dict[str, Any]) -> str:
+    """' (median of 3: 7.1, 7.4, 7.8 s)' when a side ran more than once, else ''."""
+    times = figures["runs_s"]
+    if len(times) < 2:
+        return ""
+    return f" (median of {len(times)}: " + ", ".join(f"{t:.2f}" for t in times) + " s)"
+
+
 def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
     a, f = r["ansible"], r["fleetwave"]
     out = [
         ("load", f"{r['load_per_host_rps']:g} req/s a host ({WORKERS} workers), "
                  f"failures counted to {TAIL:g} s after the deploy"),
-        ("Ansible (serial 20 %, local)", f"{a['seconds']:.2f} s, {a['batches']} batches, "
-                                         f"{a['failed']} of {a['requests']} requests failed"),
+        ("Ansible (serial 20 %, local)", f"{a['seconds']:.2f} s{runs(a)}, {a['batches']} "
+                                         f"batches, {a['failed']} of {a['requests']} requests "
+                                         "failed"),
         ("fleetwave (rolling 20 %)", f"{f['seconds']:.2f} s, {len(f['waves'])} waves, "
                                      f"{f['failed']} of {f['requests']} requests failed"),
         ("fleetwave's CLI vs engine", f"rollout.started -> succeeded {f['engine_s']:.2f} s; "
@@ -756,13 +789,17 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         out.append((f"  its CPU (--prestage {ahead})", cpu_line(p["cpu_s"], p["seconds"])))
     same = f["same_check"]
     out.append(("fleetwave --prestage all, Ansible's health check",
-                f"{same['seconds']:.2f} s, {same['failed']} of {same['requests']} requests "
-                f"failed; engine {same['engine_s']:.2f} s, CLI before "
+                f"{same['seconds']:.2f} s{runs(same)}, {same['failed']} of {same['requests']} "
+                f"requests failed; engine {same['engine_s']:.2f} s, CLI before "
                 f"{same['cli_before_start_s']:.2f} s, after {same['cli_after_end_s']:.2f} s; "
                 f"Ansible / it {x(r['ratio_same_check'])} (wall), "
                 f"{x(r['ratio_work_same_check'])} (work): {SAME}, {NEW} healthy at the first "
                 "answer polled every 0.1 s, as the playbook checks it (the example: two passes "
                 "200 ms apart)"))
+    if len(same["runs_s"]) > 1:
+        out.append(("  Ansible / it, run by run", ", ".join(
+            x(v) for v in r["ratio_same_check_runs"]) + f" (Ansible's run i over fleetwave's; "
+            f"the figures above are each side's median run of {len(same['runs_s'])})"))
     out.append(("  its CPU", cpu_line(same["cpu_s"], same["seconds"])))
     out.append(("python3", f"{r['python3']} (the example's interpreter, both tools)"))
     out.append(("start floor", f"{r['start_floor_s']:.2f} s: {r['nodes']} processes of "
@@ -790,8 +827,14 @@ async def main() -> int:
                     help=f"hosts on each side, 1 to {MAX_NODES} (default 10)")
     ap.add_argument("--rate", type=float, default=20.0,
                     help=f"requests/s of each of the {WORKERS} load workers a host (default 20)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run the head-to-head pair (Ansible's update, fleetwave's --prestage "
+                         "all with Ansible's health check) this many times, 1 to "
+                         f"{MAX_REPEAT}, and report each side's median run (default 1)")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = ap.parse_args()
+    if not 1 <= args.repeat <= MAX_REPEAT:
+        ap.error(f"--repeat {args.repeat} is out of range; use 1 to {MAX_REPEAT}")
     if not 1 <= args.nodes <= MAX_NODES:
         ap.error(f"--nodes {args.nodes} is out of range; use 1 to {MAX_NODES}")
     if not args.rate > 0:
@@ -801,7 +844,7 @@ async def main() -> int:
         print(INSTALL_HINT, file=sys.stderr)
         return 2
     python3 = real_python3()
-    r = {**await measure(args.nodes, args.rate, binary), "python3": python3}
+    r = {**await measure(args.nodes, args.rate, binary, args.repeat), "python3": python3}
     emit(args.json, f"in-place rolling update of {r['nodes']} hosts, 1.0.0 -> 2.0.0: Ansible "
          "vs fleetwave, same run, same load", r, rows(r))
     return 0
