@@ -166,11 +166,12 @@ class FakeBus:
 
     async def kv_fenced_all(self, bucket: str, writes: Sequence[tuple[str, bytes | None]],
                             fence: int, *, timeout: float = 5.0,
-                            rollup: Collection[str] = ()) -> list[int | BusError]:
+                            rollup: Collection[str] = (), atomic: bool = True,
+                            ) -> list[int | BusError]:
         """Each write (a None value: a delete) only while the bucket's fence key is at revision
         ``fence`` (else a Conflict, as the server answers); an injected fault ("create" for a
         key not there, "update", "delete") is that write's result. The fake keeps no history,
-        so a ``rollup`` is a plain write."""
+        so a ``rollup`` is a plain write; its writes are one at a time, ``atomic`` or not."""
         out: list[int | BusError] = []
         for key, value in writes:
             op = ("delete" if value is None else "create" if self.live(bucket, key) is None

@@ -164,9 +164,12 @@ class DesiredWriter:
                     return
                 self._moving(states)
                 try:
+                    # Each node's state stands alone (its result is its own, a failed one
+                    # goes the slow way): a small wave's need not land as one batch.
                     results = await self._fenced.write_all(
                         self.bucket, [(key, body) for (key, _), body in zip(chunk, bodies,
-                                                                              strict=True)])
+                                                                              strict=True)],
+                        atomic=False)
                 except BaseException:
                     for desired in states:
                         self._unsure(desired)

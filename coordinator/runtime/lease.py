@@ -119,9 +119,11 @@ class Fenced:
         return self.fence.term
 
     async def write_all(self, bucket: str, writes: Sequence[tuple[str, bytes | None]], *,
-                        rollup: Collection[str] = ()) -> list[int | BusError]:
+                        rollup: Collection[str] = (), atomic: bool = True,
+                        ) -> list[int | BusError]:
         """Every (key, value; None deletes) of ``bucket`` pipelined; per write its revision or
-        its BusError, where a lost fence is ``Deposed``. Keys in ``rollup`` drop their history.
+        its BusError, where a lost fence is ``Deposed``. Keys in ``rollup`` drop their history;
+        ``atomic=False``: the writes need not land together (``Bus.kv_fenced_all``).
 
         A fence moved by something that is not a coordinator (``_refence``) is put back and the
         writes it stopped are made again: up to ``REFENCES`` times, then a BusError (retried
@@ -131,7 +133,8 @@ class Fenced:
         for attempt in range(REFENCES + 1):
             try:
                 results = await bounded(self.bus.kv_fenced_all(
-                    bucket, [writes[i] for i in todo], self.fence.seq(bucket), rollup=rollup))
+                    bucket, [writes[i] for i in todo], self.fence.seq(bucket), rollup=rollup,
+                    atomic=atomic))
             except BusError as exc:
                 for i in todo:
                     out[i] = exc

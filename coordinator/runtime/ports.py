@@ -44,7 +44,7 @@ class RunnerBus(Protocol):
     ) -> list[int | BusError]: ...
     async def kv_fenced_all(
         self, bucket: str, writes: Sequence[tuple[str, bytes | None]], fence: int, *,
-        timeout: float = ..., rollup: Collection[str] = ...,
+        timeout: float = ..., rollup: Collection[str] = ..., atomic: bool = ...,
     ) -> list[int | BusError]: ...
     async def js_publish_events(
         self, messages: Sequence[tuple[str, bytes]], *, timeout: float = ...,

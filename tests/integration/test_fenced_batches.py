@@ -16,7 +16,7 @@ import pytest
 from coordinator.dev.broker import Broker
 from coordinator.runtime.lease import Fence, write_fences
 from protocol import subjects
-from protocol.bus import FENCED_BATCH, FENCED_IN_FLIGHT, Bus
+from protocol.bus import FENCED_BATCH, FENCED_IN_FLIGHT, FENCED_SINGLES, Bus
 from protocol.errors import BusError, Conflict
 
 FLEET = "fb"
@@ -158,3 +158,72 @@ async def test_a_batch_with_no_ack_in_time_is_given_up_and_frees_its_place(
     assert not bus._fence_lanes[DESIRED].acks
     again = await bus.kv_fenced_all(DESIRED, writes, fence.seq(DESIRED))
     assert all(isinstance(r, int) for r in again)
+
+
+async def watch_headers(bus: Bus) -> list[tuple[str, dict[str, str]]]:
+    """Every message stored on DESIRED's keys from now but its fence's (a core subscriber
+    sees what the stream takes), as (key, headers), once ``bus.flush()``-ed."""
+    seen: list[tuple[str, dict[str, str]]] = []
+    prefix = f"$KV.{DESIRED}."
+
+    async def heard(msg: Any) -> None:
+        key = msg.subject.removeprefix(prefix)
+        if key != subjects.FENCE_KEY:
+            seen.append((key, dict(msg.headers or {})))
+
+    await bus.nc.subscribe(f"{prefix}>", cb=heard)
+    await bus.flush()
+    return seen
+
+
+@pytest.mark.parametrize("atomic", [True, False])
+async def test_one_write_is_one_fenced_message_without_a_batch(
+        fenced: tuple[Bus, Fence], atomic: bool) -> None:
+    """A write of one key goes as one message carrying the fence's headers and no batch (a
+    single server stages every batch in a file store of its own: ~2.5 ms): it lands, and under
+    a fence moved past it is a Conflict and is not stored."""
+    bus, old = fenced
+    seen = await watch_headers(bus)
+    [rev] = await bus.kv_fenced_all(DESIRED, [("node-1.web", b"one")], old.seq(DESIRED),
+                                    atomic=atomic)
+    assert isinstance(rev, int)
+    await bus.flush()
+    [(key, headers)] = seen
+    assert key == "node-1.web" and not any(h.startswith("Nats-Batch") for h in headers)
+    assert headers["Nats-Expected-Last-Subject-Sequence"] == str(old.seq(DESIRED))
+    await write_fences(bus, term=2, holder="next", now=1.0)
+    [stale] = await bus.kv_fenced_all(DESIRED, [("node-1.web", b"stale")], old.seq(DESIRED),
+                                      atomic=atomic)
+    assert isinstance(stale, Conflict), stale
+    entry = await bus.kv_get(DESIRED, "node-1.web")
+    assert entry is not None and entry.value == b"one"
+
+
+async def test_a_few_writes_that_need_not_land_together_go_one_message_each(
+        fenced: tuple[Bus, Fence]) -> None:
+    """``atomic=False`` (a wave's desired states): up to FENCED_SINGLES writes go one fenced
+    message each, in order, each landing with its own revision; more go as a batch, as do
+    atomic writes (a rollout record's head and pages). Under a moved fence every one of them
+    is a Conflict and none lands."""
+    bus, old = fenced
+    seen = await watch_headers(bus)
+    few = [(f"node-{i}.web", b"v") for i in range(FENCED_SINGLES)]
+    revs = await bus.kv_fenced_all(DESIRED, few, old.seq(DESIRED), atomic=False)
+    assert all(isinstance(r, int) for r in revs) and revs == sorted(revs), revs
+    await bus.flush()
+    assert [k for k, _ in seen] == [k for k, _ in few]
+    assert all("Nats-Batch-Id" not in h and "Nats-Expected-Last-Subject-Sequence" in h
+               for _, h in seen), seen
+    for writes, atomic in (([(f"node-{i}.web", b"w") for i in range(FENCED_SINGLES + 1)], False),
+                           (few, True)):
+        seen.clear()
+        assert all(isinstance(r, int) for r in await bus.kv_fenced_all(
+            DESIRED, writes, old.seq(DESIRED), atomic=atomic))
+        await bus.flush()
+        assert len(seen) == len(writes) and len({h["Nats-Batch-Id"] for _, h in seen}) == 1
+    await write_fences(bus, term=2, holder="next", now=1.0)
+    stale = await bus.kv_fenced_all(DESIRED, [(k, b"stale") for k, _ in few], old.seq(DESIRED),
+                                    atomic=False)
+    assert all(isinstance(r, Conflict) for r in stale), stale
+    assert {e.value for e in await bus.kv_entries(DESIRED) if e.key != subjects.FENCE_KEY} == {
+        b"v", b"w"}
