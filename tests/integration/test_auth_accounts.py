@@ -19,6 +19,7 @@ from coordinator.dev.devfleet import DevFleet
 from protocol import creds as creds_file
 from protocol import subjects
 from protocol.bus import Bus
+from protocol.loop import bounded
 from tests.integration.e2e_support import DEPLOY_TIMEOUT, serving
 from tests.integration.procs import (
     fleetwave,
@@ -131,12 +132,14 @@ async def test_no_answer_reaches_the_fleets_state_from_a_node_or_an_operator(
         op = await Bus.connect(fleet.nats_url, F, **fleet.access())
         node1 = await _node(fleet, "node-1")
         try:
-            injecting = asyncio.ensure_future(_inject_for_ever(node1, op))
+            stop = asyncio.Event()
+            injecting = asyncio.ensure_future(_inject_for_ever(node1, op, stop))
             try:
                 await _deploy(fleet, "2.0.0")
             finally:
+                stop.set()
                 injecting.cancel()
-                await asyncio.gather(injecting, return_exceptions=True)
+                await bounded(asyncio.gather(injecting, return_exceptions=True), 60)
             for bucket, key in _targets():
                 assert await _forged(op, bucket, key) == [], (bucket, key)
             log = await read_text(fleet.dir / "logs" / "coordinator.log")
@@ -149,8 +152,13 @@ async def test_no_answer_reaches_the_fleets_state_from_a_node_or_an_operator(
             await op.close()
 
 
-async def _inject_for_ever(node1: Bus, op: Bus) -> None:
-    while True:
+async def _inject_for_ever(node1: Bus, op: Bus, stop: asyncio.Event) -> None:
+    """Rounds of ``_inject`` until ``stop`` is set. Not until cancelled alone: nats-py's
+    request waits with ``asyncio.wait_for``, which on Python 3.11 drops a cancellation that
+    arrives in the same turn as the answer (CPython gh-86296, ``protocol.loop.bounded``), and
+    the loop went on for ever: the test hung past its 120 s in two CI runs (sessions 32, 33), after
+    both deploys had succeeded."""
+    while not stop.is_set():
         await _inject(node1, op, _targets())
         await asyncio.sleep(INJECT_EVERY)  # the pace of the attack, not a wait for anything
 
