@@ -15,13 +15,13 @@ healthy, a probe refused because nothing listens on the port yet is followed by 
 attempt every few milliseconds (5 ms, growing to ``LISTEN_POLL_MAX``) up to the next probe's
 turn, and the probe runs at once when one is accepted (on that connection). A refused connect
 on loopback costs one syscall; a process that takes 0.3 s to start is found within ~10 ms of
-its listen instead of up to a whole ``start_interval`` later. Each attempt is first one
-non-blocking connect (``connect_now``): on loopback the kernel has refused or accepted it by the
-time the call returns, so a refusal costs no event loop work at all (the asyncio connect it
-replaced cost ten times the CPU, 75 against 7 us, about 40 attempts a start: on a host staging
-ten slots at once that CPU was taken from the starting services; issue 17), and an accepted
-connection is the one the probe then uses (and every rolling wave waits for
-its slowest start: the 0.1-0.2 s of a probe grid came on top of each wave). Every probe
+its listen instead of up to a whole ``start_interval`` later (and every rolling wave waits for
+its slowest start: the 0.1-0.2 s of a probe grid came on top of each wave). Each attempt is
+first one non-blocking connect (``connect_now``): on loopback the kernel has refused or accepted
+it by the time the call returns, so a refusal costs no event loop work at all (the asyncio
+connect it replaced cost ten times the CPU, 75 against 7 us, about 40 attempts a start: on a
+host staging ten slots at once that CPU was taken from the starting services; issue 17), and an
+accepted connection is the one the probe then uses. Every probe
 after that early one, until the slot is first healthy, comes a whole period after the last (the
 passes ``healthy_threshold`` counts are a period apart, a 503 among them or not), then the grid.
 Only refusals poll fast; a slot that answers, even 503, without an early probe before, is
