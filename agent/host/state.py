@@ -109,16 +109,17 @@ def load_state(path: Path) -> AgentState:
 def flush_state(path: Path) -> None:
     """Put the state file at ``path`` as it is now on the disk: its bytes, and its name in the
     directory (fsync of both)."""
+    _fsync(path)
+    _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    """fsync the file or directory at ``path``."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def save_state(path: Path, state: AgentState) -> None:
@@ -149,10 +150,5 @@ def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    if not durable:
-        return
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    if durable:
+        _fsync(path.parent)

@@ -511,14 +511,14 @@ async def install(bus: Bus, fleet: DevFleet, n: int) -> None:
     # that: --repeat's runs of SAME did, at 0.46 s against 0.83 s).
     obs = subjects.observed_bucket(bus.fleet)
 
-    async def new_running() -> int:
+    async def others_running() -> int:
         entries = [await bus.kv_get(obs, subjects.node_service_key(f"node-{i}", "hello"))
                    for i in range(1, n + 1)]
         states = [decode(ObservedState, e.value) for e in entries if e and e.value]
         return sum(1 for o in states for st in o.slots.values()
                    if st.version != OLD and st.status in RUNNING) + (n - len(states))
 
-    await poll(new_running, lambda left: left == 0, timeout=60,
+    await poll(others_running, lambda left: left == 0, timeout=60,
                what=f"every node's slots of a run before (not {OLD}) stopped", interval=0.2)
 
 

@@ -264,7 +264,8 @@ def test_many_agents_picking_at_once_get_distinct_ports(tmp_path: Path) -> None:
     window = _window(48)
     go = tmp_path / "go"
     code = ("import sys, time; from pathlib import Path; from agent.host.ports import free_port\n"
-            f"while not Path({str(go)!r}).exists(): time.sleep(0.001)\n"
+            "end = time.monotonic() + 30\n"  # (the start line: all pick together, bounded)
+            f"while not Path({str(go)!r}).exists() and time.monotonic() < end: time.sleep(0.001)\n"
             f"print(*[free_port(ports={window}, claims=Path({str(claims)!r})) for _ in range(5)],"
             " flush=True)\n"
             "sys.stdin.read()")  # (alive until told)
