@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every benchmark of the README's performance table, one after the other, as session 26 ran them
-# (about 35 minutes on the project's 2-core VM). Run it from a clone with its venv set up
+# Every benchmark of the README's performance table, one after the other, as session 34 ran them
+# (about 75 minutes on the project's 2-core VM, 25 of them the 20,000-agent restarts at the end). Run it from a clone with its venv set up
 # (pip install -e '.[dev]'), nothing else running; each script's output goes to OUT/NAME.txt and
 # a line per run to OUT/progress.log.
 #   usage: tests/perf/run_all.sh [OUT]   (default: perf-YYYYmmdd-HHMM)
@@ -25,15 +25,14 @@ run cp_tls tests/perf/bench_control_plane.py --nodes 1000 --compare
 run rollback_1k tests/perf/bench_rollback.py --nodes 1000
 run rollback_10k_a tests/perf/bench_rollback.py --nodes 10000 --max-payload 8MB
 run rollback_10k_b tests/perf/bench_rollback.py --nodes 10000 --max-payload 8MB
-for run_ in a b c; do run "vs_ansible_10_$run_" tests/perf/bench_vs_ansible.py --nodes 10; done
-run vs_ansible_20 tests/perf/bench_vs_ansible.py --nodes 20
+run vs_ansible_10 tests/perf/bench_vs_ansible.py --nodes 10 --repeat 3
+run vs_ansible_20 tests/perf/bench_vs_ansible.py --nodes 20 --repeat 3
 run fanout tests/perf/bench_fanout.py --nodes 1000
 run record tests/perf/bench_record.py --nodes 50000
 run engine tests/perf/bench_engine.py
 run shared tests/perf/bench_shared.py
 run writes tests/perf/bench_writes.py
 run reread tests/perf/bench_reread.py
-run restart tests/perf/bench_restart.py
 run fetch tests/perf/bench_fetch.py
 run rest tests/perf/bench_rest.py --nodes 10000
 run rest50k tests/perf/bench_rest.py --nodes 50000
@@ -47,5 +46,10 @@ run agent_soak tests/perf/bench_agent.py --soak-minutes 10
 run agent_tls tests/perf/bench_agent.py --compare --soak-minutes 0
 run agent_metrics tests/perf/bench_agent.py --compare-metrics --soak-minutes 0
 run history tests/perf/bench_history.py --rollouts 100000
+# The broker's restarts and cold starts under 20,000 agents' watches (the Sizing rows).
+run restart tests/perf/bench_restart.py --nodes 1000,10000,20000
+run restart_cold tests/perf/bench_restart.py --cold --nodes 20000 --rate 500
+run restart_cold_waited tests/perf/bench_restart.py --cold --waited --nodes 20000 --rate 500
+run restart_cold_leader tests/perf/bench_restart.py --cold --leader --nodes 20000 --rate 500
 echo "=== $(date +%T) done; outputs in $OUT" >> "$OUT/progress.log"
 exit "$failed"
