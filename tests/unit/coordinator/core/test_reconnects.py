@@ -3,6 +3,8 @@ window in one-second buckets; at least LEAST of them, or SHARE of the fleet if m
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import pytest
 
 from coordinator.core.reconnects import LEAST, STEP_BACK, Reconnects
@@ -105,3 +107,28 @@ def test_a_clock_that_steps_back_forgets_what_was_counted() -> None:
     assert not r.under_way(5000.2 - STEP_BACK - 3600)
     assert not r.note(1400.0, 10, 10.0, "n9")
     assert r.counted == 1 and r.last is None and r.began is None
+
+
+def test_a_registration_looks_only_at_what_leaves_the_window() -> None:
+    """A fleet-wide restart: 5,000 nodes register within one window, then the window slides over
+    them. Each registration looks at the nodes it drops and at one it keeps, not at every node
+    counted (session 34: a copy of them all at each registration made 20,000 registrations cost
+    the leader 11.8 s of CPU, so its first pace came before it had counted a burst)."""
+    looked = [0]
+
+    class Counting(OrderedDict[str, float]):
+        def items(self):  # type: ignore[override]
+            for item in super().items():
+                looked[0] += 1
+                yield item
+
+    r = Reconnects()
+    r._seen = Counting()
+    n = 5_000
+    for i in range(n):  # all within the window: every one kept
+        r.note(100.0 + i * 0.0001, n, 10.0, f"n{i}")
+    assert r.counted == n
+    for i in range(n):  # one window later: each drops what left it
+        r.note(111.0 + i * 0.0001, n, 10.0, f"m{i}")
+    assert r.counted == n
+    assert looked[0] <= 4 * n, f"{looked[0]} entries looked at for {2 * n} registrations"
