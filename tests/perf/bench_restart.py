@@ -101,12 +101,28 @@ async def leading(broker: Broker, admin: Bus, n: int, work: Path) -> Child:
             return decode(ApiReply, raw).ok
         return False
 
+    # And once it has resumed its rollouts: its pace then says which services it reads
+    # (``reading``, None before), at once. Heard by the clients that subscribe just before the
+    # agents start, that pace would be their first, said before any agent registered: "no
+    # burst" to every one of them (session 34: all 20,000 watched at once, though the leader
+    # said the burst 0.07 s after their first registration).
+    resumed = asyncio.Event()
+
+    async def on_pace(_s: str, data: bytes) -> None:
+        if decode(Pace, data).reading is not None:
+            resumed.set()
+
+    sub = await admin.subscribe(subjects.pace(FLEET), on_pace)
     try:
         await poll(answers, bool, timeout=60, what=f"the coordinator to answer (see {work})",
                    interval=0.2)
+        async with asyncio.timeout(60):
+            await resumed.wait()
     except BaseException:
         await child.stop()
         raise
+    finally:
+        await admin.unsubscribe(sub)
     return child
 
 
