@@ -33,6 +33,8 @@ run engine tests/perf/bench_engine.py
 run shared tests/perf/bench_shared.py
 run writes tests/perf/bench_writes.py
 run reread tests/perf/bench_reread.py
+run broker_5k tests/perf/bench_broker.py --agents 5000  # the Sizing table's two columns
+run broker_10k tests/perf/bench_broker.py --agents 10000
 run fetch tests/perf/bench_fetch.py
 run rest tests/perf/bench_rest.py --nodes 10000
 run rest50k tests/perf/bench_rest.py --nodes 50000
