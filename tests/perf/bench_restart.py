@@ -263,16 +263,12 @@ async def measure(n: int, rate: float, connections: int, give_up: float, *,
                 await asyncio.wait(tasks, timeout=TEARDOWN)
             await asyncio.gather(*(bus.close(drain=False) for bus in clients),
                                  return_exceptions=True)
-            for _ in range(3):
-                left = [t for t in tasks if not t.done()]
-                if not left:
-                    break
+            if left := [t for t in tasks if not t.done()]:
                 for t in left:
                     t.cancel()
                 await asyncio.wait(left, timeout=TEARDOWN)
-            if any(not t.done() for t in tasks):
-                print(f"{sum(not t.done() for t in tasks)} watch tasks did not stop; left behind",
-                      file=sys.stderr)
+                if stuck := sum(not t.done() for t in left):
+                    print(f"{stuck} watch tasks did not stop; left behind", file=sys.stderr)
             await admin.close()
             if coordinator is not None:
                 await coordinator.stop()

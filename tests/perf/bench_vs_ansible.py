@@ -436,7 +436,7 @@ async def measure_ansible(tmp: Path, n: int, rate: float, binary: str,
     root = tmp / "ansible"
     env, targets = lay_out_ansible(root, n)
     meter = CpuMeter(tmp)
-    runs: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
     for _ in range(repeat):
         await timed(playbook_argv(binary, root, OLD, "100%"), env, root)  # the install: untimed
         answers = await asyncio.gather(*(probe_version(h, p) for h, p in targets))
@@ -456,18 +456,18 @@ async def measure_ansible(tmp: Path, n: int, rate: float, binary: str,
         if set(answers) != {NEW}:
             raise RuntimeError(f"Ansible's hosts should serve {NEW} after the update: {answers}")
         batches = sum(1 for _, line in marks if line.startswith("PLAY ["))
-        runs.append({"seconds": round(seconds, 2), "batches": batches,
+        results.append({"seconds": round(seconds, 2), "batches": batches,
                      "tasks_s": task_seconds(marks, started, started + seconds), "cpu_s": cpu,
                      **window_figures(window)})
-    return median_run(runs)
+    return median_run(results)
 
 
-def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def median_run(results: list[dict[str, Any]]) -> dict[str, Any]:
     """The run of median ``seconds`` (the lower of the two middle ones for an even count:
     a run that happened), with every run's seconds in order (``runs_s``)."""
-    middle = statistics.median_low(r["seconds"] for r in runs)
-    chosen = next(r for r in runs if r["seconds"] == middle)
-    return {**chosen, "runs_s": [r["seconds"] for r in runs]}
+    middle = statistics.median_low(r["seconds"] for r in results)
+    chosen = next(r for r in results if r["seconds"] == middle)
+    return {**chosen, "runs_s": [r["seconds"] for r in results]}
 
 
 def window_figures(w: Window) -> dict[str, Any]:

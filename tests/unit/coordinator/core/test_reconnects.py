@@ -1,5 +1,5 @@
-"""coordinator.core.reconnects: a burst of the agents' registrations, counted over a sliding
-window in one-second buckets; at least LEAST of them, or SHARE of the fleet if more."""
+"""coordinator.core.reconnects: a burst of the agents' registrations, the nodes that registered
+counted over a sliding window; at least LEAST of them, or SHARE of the fleet if more."""
 
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def test_a_registration_looks_only_at_what_leaves_the_window() -> None:
     """A fleet-wide restart: 5,000 nodes register within one window, then the window slides over
     them. Each registration looks at the nodes it drops and at one it keeps, not at every node
     counted (session 34: a copy of them all at each registration made 20,000 registrations cost
-    the leader 11.8 s of CPU, so its first pace came before it had counted a burst)."""
+    the leader 11.8 s of CPU)."""
     looked = [0]
 
     class Counting(OrderedDict[str, float]):
