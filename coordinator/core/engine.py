@@ -145,7 +145,7 @@ def new_record(
         nodes=progress, started_by=who, prestage=min(waves_ahead(spec), len(waves) - 1),
         undo=undo,
     )
-    if held := hold_out(select(nodes, spec.selector), cordoned)[1]:
+    if cordoned and (held := hold_out(select(nodes, spec.selector), cordoned)[1]):
         record.report.skipped_cordoned = held
     return record
 

@@ -239,10 +239,12 @@ class Bake:
             seen = self.step.obs.get(n)
             end = seen.router if seen is not None else None
             start = since.get(n) or wave.baseline.get(n)
-            if start is None and wave.state == "updating":
-                continue  # no count to start from yet: its slot may hold an older release's
-            old_slot = old_slot_of(p.previous, p.slot, release)
             in_wave = n in members
+            if start is None and (wave.state == "updating" or (end is None and not in_wave)):
+                # No count to start from yet (its slot may hold an older release's), or a node
+                # of another wave with counters at neither end: no traffic, nothing to distrust.
+                continue
+            old_slot = old_slot_of(p.previous, p.slot, release)
             # A node's figures are judged only where they are read, and left out as a whole.
             # At the bake's end a new slot with no counters that cover it is left out too (the
             # grace for them has passed).

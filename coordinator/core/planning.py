@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 _DIGITS = re.compile(r"(\d+)")
+_NAMED_NUMBER = re.compile(r"(\D*)(\d+)")
 
 
 class NodeLike(Protocol):
@@ -49,6 +50,9 @@ class Wave:
 
 def natural_key(node_id: str) -> tuple[tuple[int, int | str], ...]:
     """Sort key comparing digit runs as numbers: node-2 < node-10."""
+    if m := _NAMED_NUMBER.fullmatch(node_id):  # the usual shape, "web-12": half the time
+        name, number = m.groups()
+        return ((1, name), (0, int(number))) if name else ((0, int(number)),)
     return tuple(
         (0, int(part)) if part.isdigit() else (1, part) for part in _DIGITS.split(node_id) if part
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import msgspec
 from msgspec import UNSET
 
-from protocol.messages import SLOTS, CohortSpec, DesiredState, MirrorSpec, ReleaseRef, RolloutSpec
+from protocol.messages import CohortSpec, DesiredState, MirrorSpec, ReleaseRef, RolloutSpec
 
 # How often a node in a wave judged by sequential analysis is asked to read its router: a bad
 # release's first errors reach the gate a quarter second after they happen, not up to 2 s. Only
@@ -30,13 +30,13 @@ def stats_every_for(spec: RolloutSpec) -> float:
 
 def serving_slot(desired: DesiredState | None) -> str | None:
     """The slot with the largest weight (ties: a before b), or the only slot; None if empty."""
-    if desired is None or not desired.slots:
+    if desired is None:
         return None
-    best, most = None, -1
-    for slot in SLOTS:  # called per node per verdict: a loop, not max() with a key
-        if slot in desired.slots and (weight := desired.weights.get(slot, 0)) > most:
-            best, most = slot, weight
-    return best
+    # Spelled out for the two slots (``SLOTS``): called per node per verdict and per plan.
+    slots, weights = desired.slots, desired.weights
+    if "a" in slots:
+        return "b" if "b" in slots and weights.get("b", 0) > weights.get("a", 0) else "a"
+    return "b" if "b" in slots else None
 
 
 def idle_slot(desired: DesiredState | None) -> str:

@@ -121,8 +121,10 @@ class Ordinary:
                 f"wave {kept.wave + 1}"
         before = []
         for n, p in peek(step.r.nodes):  # read only
-            serving = old_slot(p.previous, p.slot, step.r.release)
             baseline = wave.baseline.get(n)
+            if baseline is None:
+                continue  # no counters: no traffic, nothing to distrust
+            serving = old_slot(p.previous, p.slot, step.r.release)
             if serving is not None and evidence.admits(n, None, baseline):
                 before.append(gatelib.window(None, baseline, serving))
         return before, "old slots before this bake"

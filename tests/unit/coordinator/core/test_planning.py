@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -84,6 +86,18 @@ def test_select_matches_every_label_and_sorts_naturally() -> None:
     assert select(nodes, {"zone": "a", "role": "web"}) == ["node-2", "node-10"]
     assert select(nodes, {}) == ["node-1", "node-2", "node-3", "node-10"]
     assert natural_key("node-2") < natural_key("node-10")
+
+
+def _split_key(node_id: str) -> tuple[tuple[int, int | str], ...]:
+    """The natural key as first written: every digit run a number, every other run a name."""
+    return tuple((0, int(part)) if i % 2 else (1, part)
+                 for i, part in enumerate(re.split(r"(\d+)", node_id)) if part)
+
+
+@given(st.text(alphabet="ab-_.0123456789", max_size=12))
+def test_the_natural_key_of_any_id_is_the_split_one(node_id: str) -> None:
+    """The short way for "name-12" ids gives the key the general split gives, for any id."""
+    assert natural_key(node_id) == _split_key(node_id)
 
 
 def test_no_matching_node_is_a_usage_error() -> None:
