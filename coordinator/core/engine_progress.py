@@ -282,9 +282,21 @@ class Progress:
         of a 5,000-node wave copied all 5,000."""
         r = self.step.r
         lost = self.lost.judge(wave)  # under fail they fail now; under wait, at the deadline
+        # One pass over the wave checks its updating nodes and counts what the rest of the step
+        # asks (a step about a few reports of a big wave made five).
+        done = 0
+        failing = waiting = False
         for n in wave.nodes:
-            if peek_node(r.nodes, n).state == "updating":
+            state = peek_node(r.nodes, n).state
+            if state == "updating":
                 self.check_node(n)
+                state = peek_node(r.nodes, n).state
+            if state == "done":
+                done += 1
+            elif state == "failed":
+                failing = True
+            elif state == "waiting":
+                waiting = True
         unavailable = self.step.unavailable()
         # Staging at weight 0 and switching to a staged healthy slot stop no node from serving:
         # the wave's policy says whether max-unavailable bounds it.
@@ -292,9 +304,9 @@ class Progress:
         blocked: list[str] = []
         # A wave with a failed node starts no other: it fails in this step (the pause would
         # leave a node written forward in a paused rollout; the rollback, a write undone at once).
-        failing = any(peek_node(r.nodes, n).state == "failed" for n in wave.nodes)
-        for n in wave.nodes:
-            if failing or peek_node(r.nodes, n).state != "waiting":
+        starting = waiting and not failing
+        for n in wave.nodes if starting else ():
+            if peek_node(r.nodes, n).state != "waiting":
                 continue
             p = r.nodes[n]
             if (p.target is None and (wave.weight == 100 or policy.stages)
@@ -311,7 +323,9 @@ class Progress:
                 unavailable.add(n)
             else:
                 blocked.append(n)
-        failed = [r.nodes[n] for n in wave.nodes if peek_node(r.nodes, n).state == "failed"]
+        # (Starting fails no node: only a failing wave has failed nodes.)
+        failed = ([r.nodes[n] for n in wave.nodes if peek_node(r.nodes, n).state == "failed"]
+                  if failing else [])
         if not failed and self.step.passed(wave.deadline):
             limit = format_duration(self.step.spec.progress_deadline)
             for n in wave.nodes:
@@ -340,7 +354,9 @@ class Progress:
             why = "; ".join(f"{p.node}: {p.reason}" for p in failed)
             self.rollback.on_failure(wave, f"wave {wave.index + 1} failed: {why}")
             return
-        if not lost and all(peek_node(r.nodes, n).state == "done" for n in wave.nodes):
+        if starting:  # nodes started (or found on the release) since they were counted
+            done = sum(peek_node(r.nodes, n).state == "done" for n in wave.nodes)
+        if not lost and done == len(wave.nodes):
             self.step.emit("wave.converged", f"wave {wave.index + 1}: all {len(wave.nodes)} nodes "
                            "converged", wave=wave.index)
             policy.converged(self.step, wave)
