@@ -129,9 +129,11 @@ def page(record: RolloutRecord, layout: Layout, index: int,
         members = {n: at[n] for n in mine if n in at}
         if members:
             out.waves[w] = members
-        if base := {n: s for n in mine if (s := wave.baseline.get(n)) is not None}:
+        # (Most waves keep no snapshot: only the running one and the one before it.)
+        if wave.baseline and (base := {
+                n: s for n in mine if (s := wave.baseline.get(n)) is not None}):
             out.baseline[w] = base
-        if wave.evidence_from is not UNSET and (ev := {
+        if wave.evidence_from and (ev := {
                 n: s for n in mine if (s := wave.evidence_from.get(n)) is not None}):
             out.evidence[w] = ev
     return out
