@@ -53,7 +53,7 @@ import msgspec
 from msgspec import UNSET, UnsetType
 
 from coordinator.core.engine_bake import STATS_GRACE
-from coordinator.core.engine_progress import Progress
+from coordinator.core.engine_progress import Progress, reported
 from coordinator.core.engine_step import BackMemo, StageMemo, Step, is_down
 from coordinator.core.engine_types import (
     ACCEPTS,
@@ -115,9 +115,13 @@ def new_record(
     *, id: str, spec: RolloutSpec, release: ReleaseRef, nodes: Iterable[NodeLike],
     current: Mapping[str, DesiredState], now: float, who: str = "",
     cordoned: Collection[str] = (), undo: bool = False,
+    observed: Mapping[str, ObservedState] | None = None,
 ) -> RolloutRecord:
     """Plan ``spec`` over ``nodes`` and record each target node's current desired state; the
-    selected nodes in ``cordoned`` are skipped and named in ``report.skipped_cordoned``."""
+    selected nodes in ``cordoned`` are skipped and named in ``report.skipped_cordoned``.
+    ``observed``: each node's latest report of the service, whose health and version the
+    record starts with (as ``ObservedChanged`` would set them: fed to the new rollout, they
+    then change nothing, and its first wave's write holds that wave's pages, not every page)."""
     if release.service != spec.service or release.version != spec.version:
         raise UsageError(
             f"release {release.service} {release.version} does not match the rollout of "
@@ -133,9 +137,13 @@ def new_record(
             previous = current.get(node)
             serving = serving_slot(previous)
             version = previous.slots[serving].version if previous and serving else ""
+            healthy = False
+            seen = observed.get(node) if observed else None
+            if seen is not None and seen.node == node and seen.service == spec.service:
+                healthy, version = reported(seen, version)
             progress[node] = NodeProgress(
                 node=node, previous=previous, generation=previous.generation if previous else 0,
-                version=version,
+                version=version, healthy=healthy,
             )
     versions = Counter(p.version for p in progress.values() if p.version)
     record = RolloutRecord(

@@ -41,6 +41,19 @@ from protocol.durations import format_duration
 from protocol.messages import NodeProgress, ObservedState, WaveRecord
 
 
+def reported(seen: ObservedState, version: str) -> tuple[bool, str]:
+    """What a node's report says of it: whether a slot with traffic is healthy, and the
+    version its heaviest slot serves (``version``, what was known, if it names none)."""
+    healthy = False
+    serving, most = None, 0
+    for slot, weight in seen.weights.items():  # per node per report: a loop, not any() + max()
+        if serving is None or weight > most:
+            serving, most = slot, weight
+        if weight > 0 and not healthy and (s := seen.slots.get(slot)) is not None:
+            healthy = s.status == "healthy"
+    return healthy, seen.slots[serving].version if serving in seen.slots else version
+
+
 class Progress:
     """The events and the forward progress through the waves of one ``handle`` call, over its
     working ``Step`` (the primitives), with the ``Bake`` and ``Rollback`` concerns beside it."""
@@ -142,12 +155,7 @@ class Progress:
         if last is not None and seen.time < last.time:
             return  # a late report: a newer one was already seen
         self.step.see(node, seen)
-        healthy = any(
-            w > 0 and (s := seen.slots.get(slot)) is not None and s.status == "healthy"
-            for slot, w in seen.weights.items()
-        )
-        serving = max(seen.weights, key=lambda s: seen.weights[s], default=None)
-        version = seen.slots[serving].version if serving in seen.slots else p.version
+        healthy, version = reported(seen, p.version)
         if p.target is not None and not p.target.slots and converged(seen, p.target):
             version = ""  # removed: it runs nothing now
         if (p.healthy, p.version) != (healthy, version):

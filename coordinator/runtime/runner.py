@@ -498,7 +498,9 @@ class Runner:
                 try:
                     record = new_record(id=rid, spec=spec, release=release, nodes=live,
                                         current=current, now=now, who=who, cordoned=cordoned,
-                                        undo=undo)
+                                        undo=undo, observed={
+                                            node: seen for (node, service), seen
+                                            in self.observed.items() if service == spec.service})
                 except UsageError as exc:
                     if live != views and "no node matches" in str(exc):
                         raise UsageError(f"{exc} (offline nodes are not targeted)") from None

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from coordinator.core.engine import (
     IllegalTransition,
@@ -13,8 +16,11 @@ from coordinator.core.engine import (
     Rollout,
     Start,
     Tick,
+    new_record,
 )
-from protocol.messages import RouterStats, SlotTraffic
+from coordinator.core.engine_progress import reported
+from protocol.messages import NodeView, ObservedState, RouterStats, SlotStatus, SlotTraffic
+from protocol.testing import NEW, OLD, desired, spec
 from tests.unit.coordinator.core.test_engine import observed
 from tests.unit.coordinator.kit import kinds, rollout, writes
 
@@ -83,3 +89,44 @@ def test_only_the_last_two_waves_keep_their_router_baseline() -> None:
         current = r.record.current_wave
         assert all(not w.baseline for w in r.record.waves[:max(0, current - 1)])
     assert r.state == "succeeded" and r.record.waves[-1].baseline
+
+
+def test_a_record_made_with_the_reports_starts_where_feeding_them_leaves_it() -> None:
+    """``new_record(observed=...)`` sets each node's health and version as the reports fed
+    afterwards would: fed then, they change nothing (no node copied, nothing to persist).
+    A report that claims another node or another service is not taken."""
+    nodes = [NodeView(id=f"node-{i}") for i in range(1, 5)]
+    current = {v.id: desired(v.id) for v in nodes}
+    reports = {n: observed(d, 0.5) for n, d in current.items()}
+    reports["node-2"] = msgspec.structs.replace(reports["node-2"], weights={})  # no traffic
+    reports["node-3"] = msgspec.structs.replace(reports["node-3"], service="other")
+    reports["node-4"] = msgspec.structs.replace(reports["node-4"], node="node-1")
+    fed = [ObservedChanged(n, s) for n, s in reports.items()]
+
+    def made(**kw: object) -> Rollout:
+        return Rollout(new_record(id="r", spec=spec(batch="2"), release=NEW, nodes=nodes,
+                                  current=current, now=0.0, **kw), fleet="f")  # type: ignore[arg-type]
+
+    seeded, plain = made(observed=reports), made()
+    plain.handle_all(fed, 1.0)
+    assert seeded.record.nodes == plain.record.nodes
+    assert [seeded.record.nodes[n].healthy for n in current] == [True, False, False, False]
+    assert seeded.record.nodes["node-1"].version == OLD.version
+    before = seeded.record
+    assert not any(isinstance(c, Persist) for c in seeded.handle_all(fed, 1.0))
+    assert all(seeded.record.nodes[n] is before.nodes[n] for n in current)
+
+
+@given(st.dictionaries(st.sampled_from("abc"), st.integers(-1, 100), max_size=3),
+       st.dictionaries(st.sampled_from("abc"), st.sampled_from(["healthy", "unhealthy"]),
+                       max_size=3))
+def test_what_a_report_says_is_healthy_traffic_and_the_heaviest_slots_version(
+        weights: dict[str, int], statuses: dict[str, str]) -> None:
+    """``reported``: healthy when a slot with traffic is, and the version of the slot with the
+    largest weight (the first of equals), else the version known before."""
+    slots = {s: SlotStatus(slot=s, status=st_, version=f"v-{s}") for s, st_ in statuses.items()}
+    seen = ObservedState(node="n", service="hello", slots=slots, weights=weights)
+    healthy = any(w > 0 and s in slots and slots[s].status == "healthy" for s, w in weights.items())
+    serving = max(weights, key=lambda s: weights[s], default=None)
+    assert reported(seen, "known") == (
+        healthy, slots[serving].version if serving in slots else "known")
