@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import tracemalloc
 from pathlib import Path
 from types import ModuleType
 
@@ -53,3 +54,24 @@ def test_the_engine_bench_runs_a_rollout_to_success(monkeypatch: pytest.MonkeyPa
     r = bench.measure(200, 10)
     assert r["state"] == "succeeded"
     assert r["steps"] >= 200 // 10 and r["engine_s"] > 0
+
+
+def test_the_record_bench_times_its_run_untraced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench_record.py times one run with tracemalloc off (tracing slowed the planning it
+    quotes several times) and reads the heap from a second, traced run."""
+    _support(monkeypatch)
+    spec = importlib.util.spec_from_file_location("bench_record", PERF / "bench_record.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    traced: list[bool] = []
+    real = bench.run
+
+    def run(n: int, max_payload: int) -> dict[str, object]:
+        traced.append(tracemalloc.is_tracing())
+        return real(n, max_payload)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(bench, "run", run)
+    r = bench.measure(200, 1 << 20)
+    assert traced == [False, True]
+    assert r["pages"] >= 1 and r["python_heap_mb"] > 0 and "plan_s" in r
