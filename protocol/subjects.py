@@ -232,7 +232,8 @@ def index_key(service: str) -> str:
 
 def fenced_buckets(fleet: str) -> tuple[str, ...]:
     """The buckets only the leading coordinator writes, each fenced by its own FENCE_KEY."""
-    return (rollouts_bucket(fleet), desired_bucket(fleet), locks_bucket(fleet))
+    return (rollouts_bucket(fleet), desired_bucket(fleet), locks_bucket(fleet),
+            cordons_bucket(fleet))
 
 
 def node_written_buckets(fleet: str) -> tuple[str, ...]:

@@ -14,6 +14,10 @@ an agent restarted while drained reads it again and stays drained (level-trigger
 answer 503 on their readiness path at once and stop accepting after the grace. ``uncordon``
 writes the states again without ``drain`` (the routers serve again), then removes the cordon.
 
+Its writes are fenced like the rest of a leader's (``coordinator.runtime.lease``): a deposed
+leader waking mid-``uncordon`` cannot delete the cordon its successor wrote (it gets Deposed and
+stops leading).
+
 Order, so that a failure half-way leaves the safe side: the cordon is stored before the drained
 states are written (a rollout never starts on a node being drained), and removed only after the
 undrained states are written (a node never looks returned while its routers are still out).
@@ -38,6 +42,7 @@ from msgspec import UNSET
 
 from coordinator.runtime.calls import Retrying, bounded, readable_before
 from coordinator.runtime.desired import DesiredWriter
+from coordinator.runtime.lease import Fenced
 from coordinator.runtime.ports import RunnerBus
 from protocol import subjects
 from protocol.bus import Entry
@@ -61,6 +66,8 @@ async def read_cordons(bus: RunnerBus) -> dict[str, Cordon]:
     bucket = subjects.cordons_bucket(bus.fleet)
     out: dict[str, Cordon] = {}
     for entry in await bounded(bus.kv_entries(bucket)):
+        if entry.key == subjects.FENCE_KEY:
+            continue  # the leader's fence (``coordinator.runtime.lease``), no node's cordon
         try:
             cordon: Cordon | None = decode(Cordon, entry.value or b"")
         except ProtocolError as exc:
@@ -95,10 +102,11 @@ class Cordons:
     ``targeted(node)`` names a live rollout that targets ``node`` (or None).
     """
 
-    def __init__(self, bus: RunnerBus, *, desired: DesiredWriter, events: EventPublisher,
-                 retrying: Retrying, clock: Callable[[], float],
+    def __init__(self, bus: RunnerBus, *, fenced: Fenced, desired: DesiredWriter,
+                 events: EventPublisher, retrying: Retrying, clock: Callable[[], float],
                  targeted: Callable[[str], str | None]) -> None:
         self.bus = bus
+        self._fenced = fenced
         self.fleet = bus.fleet
         self.bucket = subjects.cordons_bucket(bus.fleet)
         self._desired = desired
@@ -211,14 +219,23 @@ class Cordons:
         return sorted(written)
 
     async def _put(self, cordon: Cordon) -> None:
-        await bounded(self.bus.kv_put(self.bucket, cordon.node, encode(cordon)))
+        await self._write(cordon.node, encode(cordon))
 
     async def _delete(self, node: str) -> None:
-        await bounded(self.bus.kv_delete(self.bucket, node))
+        await self._write(node, None)
+
+    async def _write(self, node: str, value: bytes | None) -> None:
+        """Put (None: delete) ``node``'s cordon under this leadership's fence: once a later
+        leader has fenced the bucket, a deposed one waking mid-``uncordon`` cannot delete the
+        cordon its successor wrote (it gets Deposed and stops leading)."""
+        (result,) = await self._fenced.write_all(self.bucket, [(node, value)])
+        if isinstance(result, BusError):
+            raise result
 
     async def _forget(self, node: str) -> None:
         await bounded(self.bus.kv_purge_keys(subjects.observed_bucket(self.fleet), f"{node}.*"))
-        await bounded(self.bus.kv_purge_keys(self.bucket, node))
+        if node in await read_cordons(self.bus):
+            await self._delete(node)
         # Last: while its registration is there, a coordinator that starts knows the node.
         await bounded(self.bus.kv_purge_keys(subjects.nodes_bucket(self.fleet), node))
 

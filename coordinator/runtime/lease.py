@@ -19,8 +19,8 @@ compare-and-set on its revision:
 
 Timing is for liveness only. Safety comes from the *fence*: a new leader, before its first
 write, writes a marker (``FenceMarker``, key ``_fence``) with its term into every bucket it
-writes (``FENCED_BUCKETS``: rollouts, desired, locks), and every write it makes carries the
-marker's revision as a condition the server checks in the same step (``Bus.kv_fenced_all``). A
+writes (``FENCED_BUCKETS``: rollouts, desired, locks, cordons), and every write it makes carries
+the marker's revision as a condition the server checks in the same step (``Bus.kv_fenced_all``). A
 marker only ever moves to a higher term, so once a successor has fenced a bucket, no write of an
 older term lands there, however late it arrives: a leader paused for a minute, or partitioned
 and healed, gets ``Deposed`` from its first write and stops. Its signed desired states carry the
@@ -28,7 +28,7 @@ term too, and agents refuse a lower term than they have run (``protocol.signing.
 
 Takeover: ping strikes take ~2 x ``PING_EVERY`` after a leader's connection drops; a leader that
 hangs (SIGSTOP, a stalled VM) or whose host vanishes without closing its connection is judged by
-the ttl: ``LEASE_TTL`` + ``POLL`` at most, then the fences (three writes), then its runner.
+the ttl: ``LEASE_TTL`` + ``POLL`` at most, then the fences (four writes), then its runner.
 
 Hearing the bus: the lease's calls are this coordinator's regular round trips to the server
 (every ``POLL`` standing by, every ``renew`` leading). ``heard`` is when the last one that the

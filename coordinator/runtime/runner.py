@@ -53,12 +53,13 @@ that a driver's events are handled one at a time under its lock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -187,7 +188,7 @@ class Runner:
                                      on_stored=self._stored)
         self._executor = Executor(store=self.store, desired=self.desired, events=self.events,
                                   retrying=self._retrying, clock=clock, observe=observe)
-        self.cordons = Cordons(bus, desired=self.desired, events=self.events,
+        self.cordons = Cordons(bus, fenced=fenced, desired=self.desired, events=self.events,
                                retrying=self._retrying, clock=clock, targeted=self._targeted)
         self._settled: set[str] = set()  # terminal rollouts whose lock is known released
         self._deploying = asyncio.Lock()
@@ -598,13 +599,25 @@ class Runner:
                      who: str) -> list[dict[str, Any]]:
         """Cordon (and drain) ``nodes`` for ``who`` (``coordinator.runtime.cordons``), under the
         deploys' lock: no rollout starts on a node between the check and the writes."""
-        async with self._deploying:
+        async with self._deploying, self._leading("cordon"):
             return await self.cordons.cordon(nodes, drain=drain, grace=grace, who=who)
 
     async def uncordon(self, nodes: list[str], *, who: str) -> list[dict[str, Any]]:
         """Return ``nodes`` to new rollouts (and undrain them), under the deploys' lock."""
-        async with self._deploying:
+        async with self._deploying, self._leading("uncordon"):
             return await self.cordons.uncordon(nodes, who=who)
+
+    @contextlib.asynccontextmanager
+    async def _leading(self, verb: str) -> AsyncIterator[None]:
+        """A fenced write of ``verb`` met a later leader's fence: stop leading (``_lose``)
+        and say so, with what may have been written before it."""
+        try:
+            yield
+        except Deposed as exc:
+            self._lose(exc)
+            raise RemoteError(f"this coordinator lost the lead during the {verb} (the nodes "
+                              "before the one it stopped at were done); see 'fleetwave nodes' "
+                              "and try again", "unavailable") from None
 
     async def forget(self, nodes: list[str], *, who: str) -> list[dict[str, Any]]:
         """Drop offline ``nodes`` from the fleet (``coordinator.runtime.cordons``), under the
@@ -616,7 +629,8 @@ class Runner:
             if back:
                 raise UsageError(f"node {back[0]} is online again: stop its agent first (a "
                                  "node that beats registers again); nothing forgotten")
-            out = await self.cordons.forget(nodes, who=who)
+            async with self._leading("forget"):
+                out = await self.cordons.forget(nodes, who=who)
         gone = set(nodes)
         for key in [k for k in self.observed if k[0] in gone]:
             del self.observed[key]

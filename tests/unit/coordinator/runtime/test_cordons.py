@@ -6,7 +6,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from coordinator.errors import UsageError
+from coordinator.errors import RemoteError, UsageError
 from coordinator.runtime.cordons import read_cordons
 from protocol import subjects
 from protocol.codec import decode, encode
@@ -18,6 +18,7 @@ from tests.unit.coordinator.runtime.test_runner import (
     DESIRED,
     ROLLOUTS,
     SEED,
+    fence,
     fleet_bus,
     runner,
     views,
@@ -211,3 +212,28 @@ async def test_a_drain_over_an_unreadable_desired_state_says_to_deploy_again() -
         await r.cordon(["node-2"], drain=True, grace=30.0, who="alice")
     said = str(info.value)
     assert "deploy hello again to that node" in said and "delete" not in said, said
+
+
+async def test_a_deposed_leader_cannot_undo_its_successors_cordon() -> None:
+    """Cordons are fenced like every write of a leader: once a successor (term 2) has fenced
+    the bucket and cordoned node-3, the deposed leader (term 1), waking mid-``uncordon``,
+    deletes nothing and stops leading; its own late cordon of node-2 does not land either."""
+    bus, clock = fleet_bus(), FakeClock()
+    old, late = runner(bus, clock), runner(bus, clock)
+    fence(bus, 2)
+    new = runner(bus, clock)
+    await new.cordon(["node-3"], drain=False, grace=0.0, who="bob")
+    with pytest.raises(RemoteError, match="lost the lead during the uncordon"):
+        await old.uncordon(["node-3"], who="alice")
+    assert old.deposed is not None and old.lost.is_set()
+    assert await read_cordons(bus) == {"node-3": Cordon(node="node-3", by="bob", time=clock.t)}
+    with pytest.raises(RemoteError, match="lost the lead during the cordon"):
+        await late.cordon(["node-2"], drain=False, grace=0.0, who="alice")
+    assert "node-2" not in await read_cordons(bus)
+
+
+async def test_the_fence_is_no_cordon() -> None:
+    """The bucket's fence marker (key ``_fence``) is read as nobody's cordon, with no warning."""
+    bus = fleet_bus()
+    assert bus.live(CORDONS, subjects.FENCE_KEY) is not None
+    assert await read_cordons(bus) == {}
