@@ -112,9 +112,16 @@ class Fleet:
         self._went_offline: dict[str, float] = {}  # node -> when, while within ``beating``'s memory
         self.unheard_until = 0.0
         self._unheard_grace = 0.0
+        # Moved by every change of what ``liveness`` answers for some node (a node known,
+        # forgotten, online, offline, no longer *not heard yet*), never by a heartbeat of an
+        # online node: a reader that saw everything consistent at one count need not look at
+        # every node again while it stays (the runner's tick, O(fleet) at every look).
+        self.changes = 0
 
     def load(self, info: NodeInfo) -> None:
         """Know a node from the nodes bucket (at start): not online until it beats."""
+        if info.id not in self.nodes:
+            self.changes += 1
         rec = self.nodes.setdefault(info.id, NodeRecord(info.id))
         rec.info = info
 
@@ -126,6 +133,7 @@ class Fleet:
         self.unheard_until = now + grace
         self._unheard_grace = grace
         self._unheard = {r.id for r in self.nodes.values() if r.last_seen is None}
+        self.changes += 1
 
     def forget(self, node_id: str) -> bool:
         """Drop a node from the table (``fleetwave forget``: an offline node decommissioned);
@@ -135,6 +143,7 @@ class Fleet:
         if rec is None or rec.online:
             return False
         del self.nodes[node_id]
+        self.changes += 1
         self._unheard.discard(node_id)
         self._went_offline.pop(node_id, None)
         self._sorted = []  # (its length alone no longer says it is current)
@@ -177,6 +186,7 @@ class Fleet:
         out: list[Transition] = []
         if self._unheard and now >= self.unheard_until:
             self._unheard = set()  # (they were never online: no transition)
+            self.changes += 1
         if now <= self._check_at:
             return out
         check_at = math.inf
@@ -188,6 +198,7 @@ class Fleet:
                 check_at = min(check_at, deadline)
             else:
                 rec.online = False
+                self.changes += 1
                 self.online_count -= 1
                 self._went_offline[rec.id] = now
                 silent = now - (rec.last_seen or now)
@@ -280,6 +291,8 @@ class Fleet:
         return [v.id for v in self.view(selector) if v.online]
 
     def _alive(self, rec: NodeRecord, now: float, why: str) -> list[Transition]:
+        if rec.last_seen is None or not rec.online:  # (a new record is both)
+            self.changes += 1
         rec.last_seen = now
         self._unheard.discard(rec.id)
         self._check_at = min(self._check_at, now + MISSED_BEATS * rec.interval)

@@ -393,6 +393,7 @@ class Coordinator:
                 runner = Runner(bus, seed=self.seed, fenced=Fenced(bus, fence),
                                 nodes=lambda: self.table.view(services=False),
                                 liveness=self.table.liveness,
+                                liveness_changes=lambda: self.table.changes,
                                 batchable=self.table.takes_batch_signatures,
                                 unheard=self.table.unheard,
                                 size=lambda: len(self.table.nodes),

@@ -53,6 +53,9 @@ class Driver:
     outbox_stored: bool = False
     persisted_at: float = 0.0
     outbox_retried: float = 0.0  # when its old events were last sent again
+    # The node table's count of changes (``Fleet.changes``) at which every target node's
+    # ``online`` last agreed with it (``Runner.step``), None: look again
+    agreed: int | None = None
 
     @property
     def id(self) -> str:

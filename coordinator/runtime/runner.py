@@ -142,6 +142,7 @@ class Runner:
         self, bus: RunnerBus, *, seed: bytes, fenced: Fenced,
         nodes: Callable[[], Sequence[NodeView]],
         liveness: Callable[[str], Liveness | None] | None = None,
+        liveness_changes: Callable[[], int] | None = None,
         clock: Callable[[], float] = time.time, tick: float = TICK,
         startup_grace: float = STARTUP_GRACE, command_deadline: float = COMMAND_DEADLINE,
         started: float | None = None, observe: Observe | None = None,
@@ -163,6 +164,9 @@ class Runner:
         self.fleet = bus.fleet
         self._nodes = nodes
         self._liveness = liveness  # O(1) per node for the tick; else read off nodes()
+        # How often the table's answers changed (``Fleet.changes``): a tick after the startup
+        # grace looks at a rollout's nodes again only once it moved since they all agreed
+        self._liveness_changes = liveness_changes
         # The nodes a selector matches that are not heard yet (``Fleet.unheard``); else read
         # off nodes()
         self._unheard = unheard or (lambda selector: [
@@ -340,13 +344,21 @@ class Runner:
             return
         excused = self.excused_until(now)
         liveness = self._liveness or self._liveness_from_views()
+        # After the grace, what a node's liveness says depends on the table alone (``_online``),
+        # and a record's nodes change their ``online`` only by the events sent here: once every
+        # node agreed with the table at one count of its changes, they agree while it stays.
+        changes = (self._liveness_changes() if self._liveness_changes is not None
+                   and self._liveness is not None and now - self.started >= self._grace
+                   else None)
         for driver in list(self.drivers.values()):
             driver.rollout.excuse(excused)
             events: list[EngineEvent] = []
-            for node, progress in driver.rollout.record.nodes.items():
-                online = self._online(liveness(node), now)
-                if online is not None and online != progress.online:
-                    events.append(NodeOnline(node) if online else NodeOffline(node))
+            if changes is None or driver.agreed != changes:
+                for node, progress in driver.rollout.record.nodes.items():
+                    online = self._online(liveness(node), now)
+                    if online is not None and online != progress.online:
+                        events.append(NodeOnline(node) if online else NodeOffline(node))
+                driver.agreed = None if events else changes
             await self._feed_quietly(driver, *events, Tick())
         await self._clear_outboxes(now)
 

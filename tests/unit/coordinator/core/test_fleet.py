@@ -334,3 +334,40 @@ def test_offline_ids_are_the_offline_nodes_longest_gone_first() -> None:
     f.tick(T0 + 10)  # n1, n2 offline; n3 online
     assert f.offline_ids(9) == ["n2", "n1"]
     assert f.offline_ids(1) == ["n2"]
+
+
+def test_changes_count_every_change_of_liveness_and_no_heartbeat_of_an_online_node() -> None:
+    """``changes`` moves whenever ``liveness`` would answer otherwise for some node (known,
+    heard, online, offline, forgotten, its window over), and stays over heartbeats of online
+    nodes and a reload of a known node: the runner's tick looks at every node only when it
+    moved."""
+    f = Fleet()
+    seen = [f.changes]
+
+    def moved() -> bool:
+        seen.append(f.changes)
+        return seen[-1] != seen[-2]
+
+    f.load(NodeInfo(id="n1"))
+    f.load(NodeInfo(id="n2"))
+    assert moved()
+    f.load(NodeInfo(id="n1"))
+    assert not moved()
+    f.listen(T0, 10)
+    assert moved()
+    f.heartbeat(hb("n1", interval=5.0), T0)
+    assert moved()  # online, heard
+    f.heartbeat(hb("n1", interval=5.0), T0 + 1)
+    f.register(NodeInfo(id="n1"), T0 + 1.5)
+    assert f.tick(T0 + 2) == [] and not moved()
+    f.tick(T0 + 10)  # n2's window is over: offline, never heard
+    assert moved() and f.liveness("n2") == (False, True)
+    f.tick(T0 + 10)
+    assert not moved()
+    [t] = f.tick(T0 + 20)  # n1 silent for three beats of 5 s
+    assert t.kind == "node.offline" and moved()
+    f.heartbeat(hb("n1"), T0 + 21)
+    assert moved() and f.liveness("n1") == (True, True)
+    f.heartbeat(hb("n3"), T0 + 22)  # a new node
+    assert moved()
+    assert f.forget("n2") and moved() and f.liveness("n2") is None

@@ -14,6 +14,7 @@ import pytest
 import coordinator.runtime.runner as runner_mod
 from coordinator.core import pages
 from coordinator.core.engine import Pause, Resume, Rollout
+from coordinator.core.fleet import Fleet
 from coordinator.errors import RemoteError, UsageError
 from coordinator.runtime.desired import SCAN_FROM
 from coordinator.runtime.driver import HOLD_PERSIST
@@ -29,6 +30,7 @@ from protocol.messages import (
     DesiredState,
     Event,
     FenceMarker,
+    Heartbeat,
     NodeView,
     ObservedState,
     ReleaseRef,
@@ -675,6 +677,37 @@ async def test_with_the_node_tables_liveness_its_window_is_the_startup_grace() -
     await r.step()
     assert bus.record(rec.id).nodes["node-1"].online is True
     known["node-1"] = (False, True)  # its window is over, still silent: offline
+    await r.step()
+    record = bus.record(rec.id)
+    assert record.nodes["node-1"].online is False and record.phase == "rollback"
+
+
+async def test_a_tick_looks_at_every_node_only_when_the_table_changed() -> None:
+    """With the table's count of changes (``Fleet.changes``), a tick after the grace reads
+    no node's liveness while the count stays where every node agreed with it; a node that the
+    table then takes offline is told to the rollout at the next tick all the same."""
+    bus, clock = fleet_bus(), FakeClock()
+    table = Fleet()
+    for i in (1, 2, 3):
+        table.heartbeat(Heartbeat(node=f"node-{i}", interval=1.0), clock.t)
+    asked: list[str] = []
+
+    def liveness(node: str) -> tuple[bool, bool] | None:
+        asked.append(node)
+        return table.liveness(node)
+
+    r = Runner(bus, seed=SEED, fenced=fenced(bus), nodes=lambda: views(), clock=clock,
+               startup_grace=0.0, liveness=liveness, liveness_changes=lambda: table.changes)
+    rec = await r.deploy(spec(), NEW)
+    await r.step()
+    assert sorted(set(asked)) == ["node-1", "node-2", "node-3"]  # looked, all agree
+    asked.clear()
+    table.heartbeat(Heartbeat(node="node-2", interval=1.0), clock.t + 0.5)
+    await r.step()
+    await r.step()
+    assert asked == []  # nothing changed since: not looked at again
+    clock.t += 10
+    assert [t.node for t in table.tick(clock.t)] == ["node-1", "node-2", "node-3"]
     await r.step()
     record = bus.record(rec.id)
     assert record.nodes["node-1"].online is False and record.phase == "rollback"
