@@ -120,8 +120,9 @@ def new_record(
     """Plan ``spec`` over ``nodes`` and record each target node's current desired state; the
     selected nodes in ``cordoned`` are skipped and named in ``report.skipped_cordoned``.
     ``observed``: each node's latest report of the service, whose health and version the
-    record starts with (as ``ObservedChanged`` would set them: fed to the new rollout, they
-    then change nothing, and its first wave's write holds that wave's pages, not every page)."""
+    record starts with (as ``ObservedChanged`` would set them: the same reports fed to the new
+    rollout then change nothing, and its first wave's write holds that wave's pages, not every
+    page); ``from_version`` stays the desired states' (what the nodes were told to run)."""
     if release.service != spec.service or release.version != spec.version:
         raise UsageError(
             f"release {release.service} {release.version} does not match the rollout of "
@@ -130,6 +131,9 @@ def new_record(
     nodes = list(nodes)
     waves = plan(nodes, spec, current, cordoned)
     progress: dict[str, NodeProgress] = {}
+    # What the rollout comes from is what the coordinator last wanted of each node, never what
+    # a node says it runs: ``rollback SERVICE`` deploys it again (``core.history``).
+    versions: Counter[str] = Counter()
     for wave in waves:
         for node in wave.nodes:
             if node in progress:
@@ -137,6 +141,8 @@ def new_record(
             previous = current.get(node)
             serving = serving_slot(previous)
             version = previous.slots[serving].version if previous and serving else ""
+            if version:
+                versions[version] += 1
             healthy = False
             seen = observed.get(node) if observed else None
             if seen is not None and seen.node == node and seen.service == spec.service:
@@ -145,7 +151,6 @@ def new_record(
                 node=node, previous=previous, generation=previous.generation if previous else 0,
                 version=version, healthy=healthy,
             )
-    versions = Counter(p.version for p in progress.values() if p.version)
     record = RolloutRecord(
         id=id, spec=spec, release=release, state="pending", created=now, updated=now,
         from_version=versions.most_common(1)[0][0] if versions else "",

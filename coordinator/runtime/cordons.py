@@ -175,8 +175,9 @@ class Cordons:
         nodes = list(nodes)
         for node in nodes:  # every one before the first write: all or, refused, none
             self._refuse_busy(node, "forget")
+        cordoned = await read_cordons(self.bus)
         for node in nodes:
-            await self._retrying(functools.partial(self._forget, node))
+            await self._retrying(functools.partial(self._forget, node, node in cordoned))
             self._emit("node.forgotten", node, who,
                        f"{node} forgotten by {who}: no longer in the fleet (its agent, if it "
                        "comes back, registers again)")
@@ -228,13 +229,15 @@ class Cordons:
         """Put (None: delete) ``node``'s cordon under this leadership's fence: once a later
         leader has fenced the bucket, a deposed one waking mid-``uncordon`` cannot delete the
         cordon its successor wrote (it gets Deposed and stops leading)."""
-        (result,) = await self._fenced.write_all(self.bucket, [(node, value)])
+        # One key: no batch needed (``Bus.kv_fenced_all``: one message is checked and stored
+        # whole, without the batch a single server stages in a store of its own).
+        (result,) = await self._fenced.write_all(self.bucket, [(node, value)], atomic=False)
         if isinstance(result, BusError):
             raise result
 
-    async def _forget(self, node: str) -> None:
+    async def _forget(self, node: str, cordoned: bool) -> None:
         await bounded(self.bus.kv_purge_keys(subjects.observed_bucket(self.fleet), f"{node}.*"))
-        if node in await read_cordons(self.bus):
+        if cordoned:  # a fenced delete (a purge cannot be fenced): it reads as uncordoned
             await self._delete(node)
         # Last: while its registration is there, a coordinator that starts knows the node.
         await bounded(self.bus.kv_purge_keys(subjects.nodes_bucket(self.fleet), node))

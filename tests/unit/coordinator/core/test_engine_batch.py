@@ -110,6 +110,12 @@ def test_a_record_made_with_the_reports_starts_where_feeding_them_leaves_it() ->
     seeded, plain = made(observed=reports), made()
     plain.handle_all(fed, 1.0)
     assert seeded.record.nodes == plain.record.nodes
+    # What the rollout comes from is what the nodes were told, not what they say they run.
+    liar = made(observed={n: msgspec.structs.replace(s, slots={
+        k: msgspec.structs.replace(v, version="0.9.0") for k, v in s.slots.items()})
+        for n, s in ((n, observed(d, 0.5)) for n, d in current.items())})
+    assert [p.version for p in liar.record.nodes.values()] == ["0.9.0"] * 4
+    assert liar.record.from_version == plain.record.from_version == OLD.version
     assert [seeded.record.nodes[n].healthy for n in current] == [True, False, False, False]
     assert seeded.record.nodes["node-1"].version == OLD.version
     before = seeded.record
