@@ -141,10 +141,12 @@ def claim(claims: Path | None, port: int | None) -> None:
 
 
 def drop_claim(claims: Path | None, port: int | None) -> None:
-    """The slot on ``port`` stopped: this agent's claim of it goes (only this agent's)."""
-    if claims is None or port is None:
+    """The slot on ``port`` stopped: this agent's claim of it goes (only this agent's, and
+    only from a directory it may use: nothing is read or removed in one others can write)."""
+    usable = _usable(claims) if port is not None else None
+    if usable is None or port is None:
         return
-    path = claims / str(port)
+    path = usable / str(port)
     if _holder(path) == _owner():
         with contextlib.suppress(OSError):
             path.unlink()

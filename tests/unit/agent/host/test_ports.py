@@ -212,6 +212,10 @@ def test_an_unsafe_claims_directory_is_not_used(tmp_path: Path, unsafe: str,
     assert "claims" in caplog.text and "not used" in caplog.text
     if unsafe != "a file":
         assert _claims_of(claims, port) == []
+        # ...nor removed there: a name that reads as this agent's claim stays
+        _claim_as(claims, port, _mine(port))
+        drop_claim(claims, port)
+        assert _claims_of(claims, port) == [_mine(port)]
 
 
 def test_a_pick_never_waits_for_the_lock(tmp_path: Path,
