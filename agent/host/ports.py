@@ -143,8 +143,7 @@ def claim(claims: Path | None, port: int | None) -> None:
 def drop_claim(claims: Path | None, port: int | None) -> None:
     """The slot on ``port`` stopped: this agent's claim of it goes (only this agent's, and
     only from a directory it may use: nothing is read or removed in one others can write)."""
-    usable = _usable(claims) if port is not None else None
-    if usable is None or port is None:
+    if port is None or (usable := _usable(claims)) is None:
         return
     path = usable / str(port)
     if _holder(path) == _owner():
