@@ -14,8 +14,6 @@ import asyncio
 import re
 from pathlib import Path
 
-from protocol import subjects
-from protocol.codec import decode
 from protocol.messages import DeployRequest, Pace, RolloutRecord, RolloutSpec
 from tests.integration.e2e_support import record_of
 from tests.integration.procs import wait_until
@@ -28,7 +26,9 @@ BURST = re.compile(r"(\d+) nodes registered again at once")
 
 async def test_agents_registering_again_at_once_excuse_the_leaders_rollouts(
         tmp_path: Path) -> None:
-    async with simulated(tmp_path, N, "1MB", subnet=SUBNET) as (_broker, bus, _c, agent, _k):
+    paces: list[Pace] = []  # every pace the leader published, from before it started
+    async with simulated(tmp_path, N, "1MB", subnet=SUBNET, paces=paces) as (
+            _broker, bus, _c, agent, _k):
         spec = RolloutSpec(service="hello", version="1.0.0", batch="100%",
                            max_unavailable="100%", bake=120.0, progress_deadline=120.0)
         rid = str((await api(bus, "deploy", DeployRequest(spec=spec)))["id"])
@@ -38,19 +38,22 @@ async def test_agents_registering_again_at_once_excuse_the_leaders_rollouts(
 
         await wait_until(lambda: record_of(bus, rid), baking, timeout=60,
                          what="the rollout's wave to bake")
-        paces: list[Pace] = []
-
-        async def on_pace(_subject: str, data: bytes) -> None:
-            paces.append(decode(Pace, data))
-
-        await bus.subscribe(subjects.pace(bus.fleet), on_pace)
+        # The agent's first registrations are a burst too when the leader hears them (its
+        # start overtook the agent's): the restart's, within one window of them, would be that
+        # burst's tail, excused already and not logged again (``core.reconnects``). Restart
+        # it once the leader says that burst is over, if it heard one.
+        await wait_until(lambda: asyncio.sleep(0, paces), lambda ps: not ps or not ps[-1].burst,
+                         timeout=60, what="the first registrations' burst to be over",
+                         interval=0.5)
+        first = len(paces)
         log = tmp_path / "logs" / "coordinator.log"
         before = len(log.read_text())
         await agent.kill()  # SIGTERM then SIGKILL, reaped
         await agent.start()  # its 60 nodes register again within a moment
         # ...and the leader's pace says so at once, for agents that wait for it before their
         # first watch (``Pace.burst``); then, the burst over, that it is over.
-        await wait_until(lambda: asyncio.sleep(0, paces), lambda ps: any(p.burst for p in ps),
+        await wait_until(lambda: asyncio.sleep(0, paces[first:]),
+                         lambda ps: any(p.burst for p in ps),
                          timeout=30, what="a pace that says a burst is under way")
         await wait_until(lambda: asyncio.sleep(0, paces), lambda ps: not ps[-1].burst,
                          timeout=60, what="a pace that says the burst is over", interval=0.5)

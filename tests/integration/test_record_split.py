@@ -31,6 +31,7 @@ from protocol.messages import (
     DeployRequest,
     Event,
     NodesRequest,
+    Pace,
     RolloutRecord,
     RolloutRequest,
     RolloutSpec,
@@ -70,10 +71,11 @@ Sim = tuple[Broker, Bus, Child, Child, Path]
 
 
 @contextlib.asynccontextmanager
-async def simulated(tmp_path: Path, n: int, max_payload: str,
-                    subnet: str = SUBNET) -> AsyncIterator[Sim]:
+async def simulated(tmp_path: Path, n: int, max_payload: str, subnet: str = SUBNET,
+                    paces: list[Pace] | None = None) -> AsyncIterator[Sim]:
     """A broker taking messages of up to ``max_payload``, a coordinator, ``n`` simulated nodes
-    (on ``subnet``.1) online, and the hello releases pushed."""
+    (on ``subnet``.1) online, and the hello releases pushed; ``paces``: every pace the leader
+    publishes is appended to it, from before the coordinator and the agent start."""
     broker = Broker(store_dir=tmp_path / "js", max_payload=max_payload)
     key = tmp_path / "coordinator.seed"
     trust = public_key(await asyncio.to_thread(coordinator_seed, key))
@@ -84,17 +86,24 @@ async def simulated(tmp_path: Path, n: int, max_payload: str,
     coord = coordinator(broker.url, tmp_path, key)
     await broker.start()
     try:
-        async with reaping(coord, agent):
-            bus = await Bus.connect(broker.url, FLEET, name="test-record-split")
-            try:
+        bus = await Bus.connect(broker.url, FLEET, name="test-record-split")
+        try:
+            if paces is not None:
+                heard = paces
+
+                async def on_pace(_subject: str, data: bytes) -> None:
+                    heard.append(decode(Pace, data))
+
+                await bus.subscribe(subjects.pace(FLEET), on_pace)
+            async with reaping(coord, agent):
                 for v in ("1.0.0", "2.0.0"):
                     await push_release(bus, assembled(v))
                 await wait_until(lambda: nodes(bus),
                                  lambda rows: sum(r["online"] for r in rows) == n, timeout=60,
                                  what=f"{n} simulated nodes online", interval=0.5)
                 yield broker, bus, coord, agent, key
-            finally:
-                await bus.close()
+        finally:
+            await bus.close()
     finally:
         await broker.stop()
 
