@@ -77,6 +77,12 @@ def _service_user(value: str) -> RunAs:
     return RunAs.lookup(value)
 
 
+def _router_user(value: str) -> RunAs:
+    from agent.host.identity import RunAs
+
+    return RunAs.lookup(value, who="routers", flag="--router-user")
+
+
 def _proxies(values: tuple[str, ...]) -> tuple[str, ...]:
     for value in values:
         try:
@@ -218,6 +224,11 @@ FLAGS: tuple[Flag, ...] = (
          "routers as this user, not as the agent's (the agent must run as root; env "
          "FLEETWAVE_SERVICE_USER). They then cannot read the agent's environment or data.",
          _service_user, env="FLEETWAVE_SERVICE_USER", metavar="USER"),
+    Flag(("--router-user",), "router_user", "Run the routers as this user instead, apart from "
+         "the services (the agent must run as root; env FLEETWAVE_ROUTER_USER): a service then "
+         "can neither stop its router and take its public port nor reach its control socket. "
+         "Default: the --service-user (with it, the agent warns at start).",
+         _router_user, env="FLEETWAVE_ROUTER_USER", metavar="USER"),
     Flag(("--router-trusted-proxy",), "trusted_proxies", "An address or network (CIDR) of a "
          "proxy in front of this node whose X-Forwarded-For the routers keep and append to; "
          "from anyone else it is replaced by the peer's address (repeatable; env "

@@ -40,6 +40,7 @@ from protocol.imports import import_bus
 
 if TYPE_CHECKING:
     from agent.daemon import Agent, AgentOptions
+    from agent.host.identity import RunAs
     from agent.metrics import LiveAgent
 
 log = logging.getLogger("fleetwave.agent")
@@ -67,7 +68,8 @@ def build_agent(options: AgentOptions, live: LiveAgent | None = None) -> Agent:
         manager = ServiceManager(
             fleet=options.fleet, node=options.node_id, data_dir=options.data_dir,
             bind_host=options.bind_host, trusted_keys=options.trust_keys,
-            run_as=options.service_user, edge=options.edge, port_claims=claims_dir(),
+            run_as=options.service_user, router_as=options.router_user, edge=options.edge,
+            port_claims=claims_dir(),
             prefetch=options.prefetch,
         )
         if live is not None:
@@ -144,6 +146,15 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def shared_user(services: RunAs | None, routers: RunAs | None) -> str | None:
+    """The warning for routers that run as the services' user (None: they do not)."""
+    if services is None or (routers is not None and routers.uid != services.uid):
+        return None
+    return (f"the routers run as the services' user {services.name!r}: a service can stop its "
+            "router and take its public port, or reach its control socket; give the routers a "
+            "user of their own with --router-user")
+
+
 def start(values: dict[str, Any]) -> int:
     """Run the agent (or the simulated nodes) with checked flag values until it is stopped."""
     node_id: str = values["node_id"]
@@ -160,9 +171,10 @@ def start(values: dict[str, Any]) -> int:
     directory = (data_dir or Path(f"fleetwave-data/agent-{node_id}")).absolute()
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        if values["service_user"] is not None:
-            # Services run as another user: they may reach their release by path, but list
-            # nothing, and read neither the state file (0600) nor any log.
+        if values["service_user"] is not None or values["router_user"] is not None:
+            # Services (or routers) run as another user: they may reach their release (or
+            # their socket's directory) by path, but list nothing, and read neither the state
+            # file (0600) nor any log.
             directory.chmod(0o711)
             (directory / "logs").mkdir(mode=0o700, exist_ok=True)
             (directory / "logs").chmod(0o700)
@@ -181,6 +193,7 @@ def start(values: dict[str, Any]) -> int:
         bind_host=values["bind_host"],
         heartbeat_interval=values["heartbeat_interval"],
         service_user=values["service_user"],
+        router_user=values["router_user"],
         creds=values["creds"],
         tls_ca=values["tls_ca"],
         edge=Edge(max_connections=values["max_connections"], body_timeout=values["body_timeout"],
@@ -188,6 +201,8 @@ def start(values: dict[str, Any]) -> int:
         trust_keys=values["trust_keys"],
         prefetch=values["prefetch"],
     )
+    if (shared := shared_user(values["service_user"], values["router_user"])) is not None:
+        log.warning("%s", shared)
     trust_keys: tuple[str, ...] = values["trust_keys"]
     if not trust_keys:
         log.warning("no --trust-key given: every desired state will be refused")

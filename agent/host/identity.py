@@ -13,6 +13,10 @@ that face the internet). They get:
   the logs stay 0600/0700). Switching users needs root (or the same user, a no-op), and the user
   must be able to run the agent's Python (the routers are ``python -m agent.router``): the agent
   checks both at start and says what to change, instead of failing on the first service.
+- with ``--router-user NAME`` too, the routers run as a user of their own: a service then can
+  neither signal its router (stop it and take its public port, which
+  ``net.ipv4.ip_unprivileged_port_start`` lets any user bind) nor reach its control socket (the
+  routers' socket directory is theirs, 0700), where with one user for both it could do either.
 """
 
 from __future__ import annotations
@@ -44,8 +48,9 @@ class RunAs:
     home: str
 
     @classmethod
-    def lookup(cls, name: str) -> RunAs:
-        """The user ``name`` (or a numeric uid) as the agent can switch to it, or ProtocolError."""
+    def lookup(cls, name: str, *, who: str = "services", flag: str = "--service-user") -> RunAs:
+        """The user ``name`` (or a numeric uid) as the agent can switch to it, or ProtocolError
+        (saying ``who`` would run as it, and which ``flag`` named it)."""
         try:
             pw = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
         except (KeyError, OverflowError):
@@ -54,11 +59,11 @@ class RunAs:
                 "another"
             ) from None
         if pw.pw_uid == 0:
-            raise ProtocolError("services must not run as root; name an unprivileged user")
+            raise ProtocolError(f"{who} must not run as root; name an unprivileged user")
         if os.geteuid() not in (0, pw.pw_uid):
             raise ProtocolError(
-                f"running services as {pw.pw_name!r} needs an agent started as root; start it "
-                f"as root or drop --service-user"
+                f"running {who} as {pw.pw_name!r} needs an agent started as root; start it "
+                f"as root or drop {flag}"
             )
         run_as = cls(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir)
         for path in _python_paths():

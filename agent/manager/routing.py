@@ -109,6 +109,23 @@ def _process(pid: int | None) -> psutil.Process | None:
         return None
 
 
+def _check_user(service: str, pid: int, run_as: RunAs | None) -> None:
+    """Say so when a running router this agent adopts runs as another user than it starts
+    routers as (its --service-user or --router-user changed since): it serves on as it is."""
+    proc = _process(pid)
+    want = run_as.uid if run_as is not None else os.geteuid()
+    try:
+        uid = proc.uids().real if proc is not None else want
+    except psutil.Error:
+        return
+    if uid != want:
+        log.warning("the router of %s (pid %d) runs as uid %d, not as %s: it serves on as it is; "
+                    "to move it, stop it (kill %d) and the agent starts it again as %s (its "
+                    "port refuses connections for that moment)", service, pid, uid,
+                    run_as.name if run_as is not None else f"uid {want}", pid,
+                    run_as.name if run_as is not None else f"uid {want}")
+
+
 class RouterLink:
     """Each service's router as the manager drives it: started, configured, its stats read."""
 
@@ -118,7 +135,7 @@ class RouterLink:
     ) -> None:
         self.data_dir = config.data_dir
         self.bind_host = config.bind_host
-        self.run_as = config.run_as
+        self.run_as = config.routers_as
         self.edge = config.edge
         self.services = services
         self.wake = wake
@@ -245,6 +262,7 @@ class RouterLink:
                                      run_as=self.run_as)
         except RouterRunning as running:
             pid = running.pid
+            _check_user(svc.name, pid, self.run_as)
         svc.router, svc.router_pid = RouterClient(sock), pid
         return svc.router
 

@@ -108,7 +108,8 @@ class NodeConfig:
     data_dir: Path
     bind_host: str  # the routers' public ports listen here
     trusted_keys: frozenset[str]  # coordinators whose desired states are accepted
-    run_as: RunAs | None = None  # services, hooks, probes and routers run as this user
+    run_as: RunAs | None = None  # services, hooks, probes (and routers) run as this user
+    router_as: RunAs | None = None  # routers run as this user instead (--router-user)
     edge: Edge = field(default_factory=Edge)  # the routers' public-port limits
     # Where slots' ports are claimed host-wide (``agent.host.ports``); None: not claimed.
     port_claims: Path | None = None
@@ -116,6 +117,11 @@ class NodeConfig:
     @property
     def state_path(self) -> Path:
         return self.data_dir / "state.json"
+
+    @property
+    def routers_as(self) -> RunAs | None:
+        """Who the routers run as: their own user, else the services'."""
+        return self.router_as if self.router_as is not None else self.run_as
 
     @property
     def log_dir(self) -> Path:

@@ -134,6 +134,7 @@ class ServiceManager:
         tick: float = TICK,
         idle_tick: float = IDLE_TICK,
         run_as: RunAs | None = None,
+        router_as: RunAs | None = None,
         edge: Edge | None = None,
         port_claims: Path | None = None,
         clock: Callable[[], float] = time.time,
@@ -141,7 +142,8 @@ class ServiceManager:
     ) -> None:
         self.config = NodeConfig(
             fleet=fleet, node=node, data_dir=Path(data_dir), bind_host=bind_host,
-            trusted_keys=frozenset(trusted_keys), run_as=run_as, edge=edge or Edge(),
+            trusted_keys=frozenset(trusted_keys), run_as=run_as, router_as=router_as,
+            edge=edge or Edge(),
             port_claims=port_claims,
         )
         self.bus: Bus | None = None  # until ``attach``

@@ -1,4 +1,8 @@
-"""``python -m agent.router --control SOCK [--detach]``: run one router process.
+"""``python -m agent.router --control SOCK [--control-fd N] [--detach]``: run one router process.
+
+With ``--control-fd`` the control socket is already bound at SOCK and listening on that
+inherited descriptor (the agent makes it: ``agent.router.control.start_router``); without it the
+router makes SOCK itself (a router started by hand, by tests).
 
 With ``--detach`` the process forks at once and the parent exits 0, so whoever started it can reap
 it immediately; the child goes on in its own session with no tie to its starter (which may be
@@ -11,6 +15,7 @@ import argparse
 import contextlib
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -20,9 +25,9 @@ from agent.router.server import RouterServer
 from protocol import loop
 
 
-async def _serve(socket_path: Path) -> int:
+async def _serve(socket_path: Path, control: socket.socket | None) -> int:
     # Local metadata calls on a socket file: instant, and nothing else runs on the loop yet.
-    if socket_path.exists():  # noqa: ASYNC240
+    if control is None and socket_path.exists():  # noqa: ASYNC240
         try:
             pid = await RouterClient(socket_path, timeout=1.0).ping()
         except RouterUnavailable as exc:
@@ -34,16 +39,31 @@ async def _serve(socket_path: Path) -> int:
         else:
             print(f"router: a router (pid {pid}) already runs on {socket_path}", file=sys.stderr)
             return 1
-    await RouterServer(socket_path).run()
+    await RouterServer(socket_path, control).run()
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m agent.router")
     parser.add_argument("--control", required=True, type=Path, help="unix socket to listen on")
+    parser.add_argument("--control-fd", type=int, default=None,
+                        help="the control socket, bound at --control and listening, inherited")
     parser.add_argument("--detach", action="store_true", help="fork and let the parent exit")
     args = parser.parse_args(argv)
     socket_path: Path = args.control
+    control: socket.socket | None = None
+    if args.control_fd is not None:
+        try:
+            control = socket.socket(fileno=args.control_fd)
+        except OSError as exc:
+            print(f"router: no control socket on descriptor {args.control_fd}: {exc.strerror}",
+                  file=sys.stderr)
+            return 2
+        if control.family != socket.AF_UNIX or control.type != socket.SOCK_STREAM:
+            control.detach()  # not ours to close
+            print(f"router: descriptor {args.control_fd} is not a unix stream socket",
+                  file=sys.stderr)
+            return 2
     try:
         check_socket_path(socket_path)
     except RouterUnavailable as exc:
@@ -63,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
     async def go() -> None:
         nonlocal code
-        code = await _serve(socket_path)
+        code = await _serve(socket_path, control)
 
     loop.run(go())
     return code

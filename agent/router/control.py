@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +33,7 @@ from protocol.messages import CohortSpec, MirrorSpec, RouterStats
 MAX_SOCKET_PATH = 100
 MAX_LINE = 1 << 20  # 1 MiB: a config is a few hundred bytes; anything larger is garbage
 DEFAULT_TIMEOUT = 5.0
+CONTROL_BACKLOG = 100  # pending control connections (asyncio's own default for a server)
 # The router must import this package even if the agent runs from a checkout.
 _ROOT = str(Path(__file__).resolve().parents[2])
 
@@ -177,6 +180,38 @@ class RouterClient:
         return reply
 
 
+def _own_directory(path: Path) -> None:
+    """Make ``path`` a directory of the agent's alone (0700): also one an older agent handed to
+    the services' user for its routers to make their sockets in."""
+    with contextlib.suppress(FileExistsError):  # not a directory: said below
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        st = path.lstat()
+        if not stat.S_ISDIR(st.st_mode):
+            raise RouterUnavailable(f"{path} is not a directory; remove it")
+        if st.st_uid != os.geteuid():
+            os.chown(path, os.geteuid(), os.getegid(), follow_symlinks=False)
+        if st.st_mode & 0o7777 != 0o700:
+            path.chmod(0o700)
+    except OSError as exc:
+        raise RouterUnavailable(f"cannot make {path} the agent's alone: {exc.strerror}") from None
+
+
+def _listen(socket_path: Path) -> socket.socket:
+    """The router's control socket, bound and listening, 0600 (in a 0700 directory: no one
+    else can reach it in between)."""
+    control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        control.bind(str(socket_path))
+        socket_path.chmod(0o600)
+        control.listen(CONTROL_BACKLOG)
+    except OSError:
+        control.close()
+        socket_path.unlink(missing_ok=True)
+        raise
+    return control
+
+
 async def start_router(
     socket_path: Path,
     log_path: Path,
@@ -193,8 +228,14 @@ async def start_router(
     (carrying its pid) and starts nothing; a stale socket file (nothing listens on it) is removed,
     and a router that listens but does not answer in time raises RouterUnavailable (its socket
     stays). It faces the internet, so it inherits none of the agent's environment
-    (``agent.host.identity``) and runs as ``run_as`` when given (then the socket's directory is
-    handed to that user to create the socket in).
+    (``agent.host.identity``) and runs as ``run_as`` when given.
+
+    The control socket is made here, by the agent, and the router inherits it listening
+    (``--control-fd``): the socket and its directory are the agent's (0600 in 0700), so neither
+    the services' user nor the routers' own can reach it by path, and an agent held to the
+    capabilities of its systemd drop-in (no ``CAP_DAC_OVERRIDE``) can always connect to it. A
+    socket the router made itself, as another user, refused that agent (``EACCES``: every
+    service of a host with ``--service-user`` and the drop-in was left unrouted).
     """
     socket_path = Path(socket_path)
     check_socket_path(socket_path)
@@ -208,15 +249,18 @@ async def start_router(
             raise RouterRunning(
                 f"a router (pid {pid}) already runs on {socket_path}; use it", pid
             )
-    socket_path.parent.mkdir(parents=True, exist_ok=True)
-    if run_as is not None:
-        os.chown(socket_path.parent, run_as.uid, run_as.gid)
+    _own_directory(socket_path.parent)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    argv = [python, "-m", "agent.router", "--control", str(socket_path), "--detach"]
+    try:
+        control = _listen(socket_path)
+    except OSError as exc:
+        raise RouterUnavailable(f"cannot listen on {socket_path}: {exc.strerror}") from None
+    argv = [python, "-m", "agent.router", "--control", str(socket_path), "--control-fd",
+            str(control.fileno()), "--detach"]
     path = os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH", "")) if p)
     env = child_env(run_as, {"PYTHONPATH": path})
     deadline = asyncio.get_running_loop().time() + timeout
-    with log_path.open("ab") as log:
+    with control, log_path.open("ab") as log:  # the router keeps its own copy of the socket
         try:
             launcher = await asyncio.create_subprocess_exec(
                 *argv,
@@ -225,19 +269,21 @@ async def start_router(
                 stderr=log,
                 start_new_session=True,
                 close_fds=True,
+                pass_fds=(control.fileno(),),
                 env=env,
                 **spawn_kwargs(run_as),
             )
         except OSError as exc:
+            socket_path.unlink(missing_ok=True)
             raise RouterUnavailable(f"cannot start the router with {python}: {exc}") from None
-    try:
-        code = await bounded(launcher.wait(), timeout)
-    except TimeoutError:
-        launcher.kill()
-        await launcher.wait()
-        raise RouterUnavailable(
-            f"the router launcher did not detach within {timeout:g}s; see {log_path}"
-        ) from None
+        try:
+            code = await bounded(launcher.wait(), timeout)
+        except TimeoutError:
+            launcher.kill()
+            await launcher.wait()
+            raise RouterUnavailable(
+                f"the router launcher did not detach within {timeout:g}s; see {log_path}"
+            ) from None
     if code != 0:
         raise RouterUnavailable(
             f"the router failed to start (exit {code}): {_log_tail(log_path)}; see {log_path}"

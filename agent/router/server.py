@@ -23,6 +23,7 @@ import logging
 import os
 import resource
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -70,8 +71,9 @@ def client_fd_budget() -> int:
 class RouterServer:
     """One router process; ``run`` returns when it has drained and stopped."""
 
-    def __init__(self, socket_path: Path) -> None:
+    def __init__(self, socket_path: Path, control: socket.socket | None = None) -> None:
         self.socket_path = socket_path
+        self._control_socket = control  # listening at ``socket_path`` already (the agent's)
         self.proxy = Proxy()
         self.epoch = time.time()
         self.pid = os.getpid()
@@ -86,10 +88,15 @@ class RouterServer:
     async def run(self) -> None:
         """Serve until asked to stop, then drain and return."""
         loop = asyncio.get_running_loop()
-        control = await asyncio.start_unix_server(
-            self._control, path=str(self.socket_path), limit=MAX_LINE
-        )
-        self.socket_path.chmod(0o600)  # only the agent's user may reconfigure the router
+        if self._control_socket is not None:  # made by the agent, 0600 in its own directory
+            control = await asyncio.start_unix_server(
+                self._control, sock=self._control_socket, limit=MAX_LINE
+            )
+        else:
+            control = await asyncio.start_unix_server(
+                self._control, path=str(self.socket_path), limit=MAX_LINE
+            )
+            self.socket_path.chmod(0o600)  # only the agent's user may reconfigure the router
         self.proxy.fd_budget = client_fd_budget()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
@@ -100,7 +107,8 @@ class RouterServer:
             await self.stopping.wait()
         finally:
             control.close()
-            with contextlib.suppress(FileNotFoundError):
+            # The agent's socket is in its own directory: it removes the file as stale.
+            with contextlib.suppress(FileNotFoundError, PermissionError):
                 self.socket_path.unlink()
             await self._stop_maintenance()
             await self._drain()

@@ -1,6 +1,10 @@
 """What the agent's children inherit (issue 20, defect 4): the router and the services never see
 the agent's environment; with --service-user they run as another user who can read neither the
-agent's environment nor its state."""
+agent's environment nor its state; with --router-user the routers run apart from the services.
+The agents that switch users run as root held to the capabilities of the systemd drop-in that
+sets those flags (``deploy/systemd/fleetwave-agent.service.d/service-user.conf``, read here), as
+they run in production: as plain root, an agent had reached routers that the drop-in's agent
+could not (``EACCES`` on a control socket of another user)."""
 
 from __future__ import annotations
 
@@ -24,12 +28,26 @@ from agent.host.identity import RunAs, child_env
 from agent.host.probes import exec_probe
 from agent.router import RouterClient, start_router
 from coordinator.dev.broker import Broker
+from coordinator.dev.devfleet import Child
+from protocol.messages import ObservedState
 from protocol.signing import public_key
 from tests.integration.procs import reaping, spawn_agent, wait_until
-from tests.integration.test_agent_services import NODE, hello_fleet
+from tests.integration.test_agent_services import NODE, Fleet, hello_fleet
 
 SECRET = "nats://node-1:s3cret@127.0.0.1:4222"
 REPO = Path(__file__).resolve().parents[2]
+DROP_IN = REPO / "deploy" / "systemd" / "fleetwave-agent.service.d" / "service-user.conf"
+
+
+def _as_the_drop_in_runs_it(argv: list[str]) -> list[str]:
+    """``argv`` run as systemd runs the agent with the drop-in: root, its capabilities bounded by
+    the drop-in's ``CapabilityBoundingSet`` (``setpriv``, util-linux)."""
+    setpriv = shutil.which("setpriv")
+    assert setpriv is not None, "setpriv (util-linux) is needed: apt-get install util-linux"
+    caps = next(line.partition("=")[2].split() for line in DROP_IN.read_text().splitlines()
+                if line.startswith("CapabilityBoundingSet="))
+    bounding = ",".join(["-all", *(f"+{c.removeprefix('CAP_').lower()}" for c in caps)])
+    return [setpriv, "--bounding-set", bounding, *argv]
 
 
 def _environ(pid: int) -> dict[str, str]:
@@ -77,16 +95,9 @@ async def test_services_and_routers_run_as_the_service_user(
     python = _python_for(RunAs(nobody.pw_name, nobody.pw_uid, nobody.pw_gid, nobody.pw_dir),
                          monkeypatch)
     async with hello_fleet(broker, open_base) as fleet:
-        agent = spawn_agent(broker.url, NODE, fleet.base, python=python, extra=[
-            "--trust-key", public_key(fleet.seed), "--service-user", "nobody"])
+        agent = _bounded_agent(broker, fleet, python, "--service-user", "nobody")
         async with reaping(agent):
-            gen = await fleet.desire({"a": "1.0.0"}, {"a": 100})
-            obs = await fleet.converged(gen)
-            assert obs.phase == "converged" and obs.slots["a"].status == "healthy"
-            body = await wait_until(lambda: _get(fleet.port), lambda b: b is not None,
-                                    timeout=10, what="the router to answer")
-            assert body is not None and body["version"] == "1.0.0"
-
+            obs = await _serving(fleet)
             slot_pid = obs.slots["a"].pid
             assert slot_pid is not None and agent.pid is not None
             router = _router_pid(fleet.base / NODE)
@@ -106,6 +117,74 @@ async def test_services_and_routers_run_as_the_service_user(
             for argv in (["cat", f"/proc/{agent.pid}/environ"], ["cat", str(data / "state.json")],
                          ["ls", str(data)]):
                 assert await _exit_as(nobody.pw_uid, argv) != 0, argv
+            # ...but one user for both lets a service signal its router (stop it, take its
+            # port): the agent says so at start (--router-user keeps them apart, below).
+            assert await _exit_as(nobody.pw_uid, ["kill", "-0", str(router)]) == 0
+        log = (fleet.base / "logs" / f"{NODE}.log").read_text()
+        assert "the routers run as the services' user 'nobody'" in log
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root (CI runs as root)")
+async def test_routers_run_apart_from_the_services_with_router_user(
+    broker: Broker, open_base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --service-user nobody --router-user daemon the slot runs as nobody and the router as
+    daemon. Tried as the service's user, the router can be neither signalled (stopped, its
+    public port taken) nor reached on its control socket; the routers' own user can signal it
+    and the agent's (root) reach it, so the refusals are the users', not a broken check. The
+    socket and its directory are the agent's (the router inherits the socket listening). The
+    agent warns of shared users only when they are shared."""
+    nobody, daemon = pwd.getpwnam("nobody"), pwd.getpwnam("daemon")
+    python = _python_for(RunAs(nobody.pw_name, nobody.pw_uid, nobody.pw_gid, nobody.pw_dir),
+                         monkeypatch)
+    assert _python_for(RunAs(daemon.pw_name, daemon.pw_uid, daemon.pw_gid, daemon.pw_dir),
+                       monkeypatch) == python
+    async with hello_fleet(broker, open_base) as fleet:
+        agent = _bounded_agent(broker, fleet, python, "--service-user", "nobody",
+                               "--router-user", "daemon")
+        async with reaping(agent):
+            obs = await _serving(fleet)
+            slot_pid = obs.slots["a"].pid
+            assert slot_pid is not None
+            router = _router_pid(fleet.base / NODE)
+            assert psutil.Process(slot_pid).uids().real == nobody.pw_uid
+            proc = psutil.Process(router)
+            assert (proc.uids().real, proc.gids().real) == (daemon.pw_uid, daemon.pw_gid)
+            assert _environ(router)["USER"] == "daemon"
+
+            from agent.manager.routing import router_socket
+
+            sock = router_socket(fleet.base / NODE, "hello")
+            for path, mode in ((sock.parent, 0o700), (sock, 0o600)):
+                st = path.stat()
+                assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (os.geteuid(), mode), path
+            reach = [python, "-c", "import socket, sys; "
+                     "socket.socket(socket.AF_UNIX).connect(sys.argv[1])", str(sock)]
+            signal0 = ["kill", "-0", str(router)]
+            for argv in (signal0, reach):
+                assert await _exit_as(nobody.pw_uid, argv) != 0, argv
+            assert await _exit_as(daemon.pw_uid, signal0) == 0
+            assert await _exit_as(os.geteuid(), reach) == 0
+        log = (fleet.base / "logs" / f"{NODE}.log").read_text()
+        assert "give the routers a user of their own" not in log
+
+
+def _bounded_agent(broker: Broker, fleet: Fleet, python: str, *flags: str) -> Child:
+    """The fleet's agent run by ``python`` as the drop-in runs it, with ``flags``."""
+    agent = spawn_agent(broker.url, NODE, fleet.base, python=python, extra=[
+        "--trust-key", public_key(fleet.seed), *flags])
+    agent.argv = _as_the_drop_in_runs_it(agent.argv)
+    return agent
+
+
+async def _serving(fleet: Fleet) -> ObservedState:
+    """1.0.0 desired in slot a: converged, healthy, and served through the router."""
+    obs = await fleet.converged(await fleet.desire({"a": "1.0.0"}, {"a": 100}))
+    assert obs.phase == "converged" and obs.slots["a"].status == "healthy"
+    body = await wait_until(lambda: _get(fleet.port), lambda b: b is not None,
+                            timeout=10, what="the router to answer")
+    assert body is not None and body["version"] == "1.0.0"
+    return obs
 
 
 async def _exit_as(uid: int, argv: list[str]) -> int:

@@ -24,7 +24,8 @@ def test_defaults_and_types() -> None:
     assert v == {
         "node_id": "n1", "labels": {}, "data_dir": None, "bind_host": "127.0.0.1",
         "nats_url": "nats://127.0.0.1:4222", "fleet": "default", "heartbeat_interval": 2.0,
-        "trust_keys": (), "service_user": None, "trusted_proxies": (), "max_connections": 4096,
+        "trust_keys": (), "service_user": None, "router_user": None, "trusted_proxies": (),
+        "max_connections": 4096,
         "body_timeout": 60.0, "simulate": 0, "verbose": False, "creds": None, "tls_ca": None,
         "metrics": None, "prefetch": True,
     }
@@ -37,6 +38,37 @@ def test_defaults_and_types() -> None:
 ])
 def test_prefetch_is_on_or_off(args: list[str], env: dict[str, str], want: bool) -> None:
     assert parse_flags(["--node-id", "n1", *args], environ=env)["prefetch"] is want
+
+
+@pytest.mark.parametrize(("args", "env"), [
+    (["--router-user", "nobody"], {}), ([], {"FLEETWAVE_ROUTER_USER": "nobody"})])
+def test_router_user_is_looked_up(args: list[str], env: dict[str, str],
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """--router-user (or its env var) names the routers' own user, as --service-user does."""
+    monkeypatch.setattr("agent.host.identity._python_paths", list)  # this Python is under /root
+    user = parse_flags(["--node-id", "n1", *args], environ=env)["router_user"]
+    assert user is not None and user.name == "nobody"
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("root", "routers must not run as root"), ("no-such-user-fw", "no user 'no-such-user-fw'")])
+def test_router_user_refuses_root_and_unknown_users(value: str, message: str) -> None:
+    with pytest.raises(FlagError, match=message):
+        parse_flags(["--node-id", "n1", "--router-user", value], environ={})
+
+
+def test_routers_sharing_the_services_user_are_warned_of() -> None:
+    """With --service-user alone (or the same user twice) the routers run as the services: a
+    service could stop its router and take its port; the agent says so at start."""
+    from agent.host.identity import RunAs
+
+    svc, other = RunAs("svc", 1001, 1001, "/"), RunAs("rtr", 1002, 1002, "/")
+    shared = agent_main.shared_user(svc, None)
+    assert shared is not None and "'svc'" in shared and "--router-user" in shared
+    assert agent_main.shared_user(svc, RunAs("svc2", 1001, 1001, "/")) is not None  # same uid
+    assert agent_main.shared_user(svc, other) is None
+    assert agent_main.shared_user(None, other) is None
+    assert agent_main.shared_user(None, None) is None
 
 
 def test_command_line_beats_env_beats_default() -> None:

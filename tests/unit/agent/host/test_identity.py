@@ -51,6 +51,16 @@ def test_lookup_needs_root_to_switch(monkeypatch: pytest.MonkeyPatch) -> None:
         RunAs.lookup("nobody")
 
 
+def test_lookup_names_who_and_the_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The routers' user (``--router-user``) is refused in their words, not the services'."""
+    with pytest.raises(ProtocolError, match=r"^routers must not run as root"):
+        RunAs.lookup("root", who="routers", flag="--router-user")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(ProtocolError, match="running routers as 'nobody' needs an agent started "
+                                            "as root; start it as root or drop --router-user"):
+        RunAs.lookup("nobody", who="routers", flag="--router-user")
+
+
 def test_cannot_read_names_the_directory_in_the_way() -> None:
     """A 0700 directory of another owner above a file makes it unreadable, and is named."""
     base = Path(tempfile.mkdtemp())  # in /tmp itself: pytest's tmp_path sits in a 0700 dir

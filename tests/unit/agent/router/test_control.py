@@ -4,6 +4,8 @@ nothing listens on it; a router slow to answer keeps its socket and no second on
 from __future__ import annotations
 
 import asyncio
+import os
+import pwd
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -79,6 +81,53 @@ async def test_a_second_router_process_leaves_a_slow_one_alone(
             pass
 
     monkeypatch.setattr(router_main, "RouterServer", Server)
-    assert await router_main._serve(silent) == 1
+    assert await router_main._serve(silent, None) == 1
     assert await reachable(silent) and not started
     assert "did not answer within 1s" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("fd", "message"), [
+    ("999", "no control socket on descriptor 999"), ("tcp", "is not a unix stream socket")])
+def test_a_bad_inherited_control_socket_is_refused(
+    tmp_path: Path, fd: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--control-fd`` naming no socket, or not a unix stream one, exits 2 with one line."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+        number = str(tcp.fileno()) if fd == "tcp" else fd
+        code = router_main.main(["--control", str(tmp_path / "r.sock"), "--control-fd", number])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+async def test_the_socket_is_made_in_a_directory_of_the_agent_alone(tmp_path: Path) -> None:
+    """The agent binds the control socket itself, 0600, in a directory it makes 0700 (one left
+    open by an older agent is closed); the launch failing, the socket is gone again."""
+    run = tmp_path / "run"
+    run.mkdir(mode=0o755)
+    run.chmod(0o755)
+    no_python = str(tmp_path / "no-python")
+    with pytest.raises(RouterUnavailable, match="cannot start the router with"):
+        await start_router(run / "r.sock", tmp_path / "r.log", python=no_python, timeout=0.5)
+    st = run.lstat()
+    assert (st.st_uid, st.st_mode & 0o7777) == (os.geteuid(), 0o700)
+    assert not (run / "r.sock").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root (CI runs as root)")
+async def test_a_directory_an_older_agent_handed_over_is_taken_back(tmp_path: Path) -> None:
+    """An older agent gave the routers' socket directory to the service user: the agent takes it
+    back (an agent without CAP_DAC_OVERRIDE could not reach a socket made there)."""
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    nobody = pwd.getpwnam("nobody")
+    os.chown(run, nobody.pw_uid, nobody.pw_gid)
+    with pytest.raises(RouterUnavailable, match="cannot start the router with"):
+        await start_router(run / "r.sock", tmp_path / "r.log",
+                           python=str(tmp_path / "no-python"), timeout=0.5)
+    assert run.lstat().st_uid == os.geteuid()
+
+
+async def test_a_socket_directory_that_is_no_directory_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "run").write_text("")
+    with pytest.raises(RouterUnavailable, match="is not a directory; remove it"):
+        await start_router(tmp_path / "run" / "r.sock", tmp_path / "r.log", timeout=0.5)
