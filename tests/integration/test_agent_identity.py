@@ -14,6 +14,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import site
 import stat
 import sys
@@ -32,7 +33,7 @@ from coordinator.dev.devfleet import Child
 from protocol.messages import ObservedState
 from protocol.signing import public_key
 from tests.integration.procs import reaping, spawn_agent, wait_until
-from tests.integration.test_agent_services import NODE, Fleet, hello_fleet
+from tests.integration.test_agent_services import NODE, Fleet, Load, _const, hello_fleet
 
 SECRET = "nats://node-1:s3cret@127.0.0.1:4222"
 REPO = Path(__file__).resolve().parents[2]
@@ -167,6 +168,38 @@ async def test_routers_run_apart_from_the_services_with_router_user(
             assert await _exit_as(os.geteuid(), reach) == 0
         log = (fleet.base / "logs" / f"{NODE}.log").read_text()
         assert "give the routers a user of their own" not in log
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root (CI runs as root)")
+async def test_the_drop_ins_agent_killed_adopts_its_services_and_routers(
+    broker: Broker, open_base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kill -9 of an agent run as the drop-in runs it (both users apart) under load: no request
+    fails, and the agent started again adopts the service's process and its router (another
+    user's /proc: the drop-in's SYS_PTRACE and DAC_READ_SEARCH) instead of starting them again."""
+    nobody = pwd.getpwnam("nobody")
+    python = _python_for(RunAs(nobody.pw_name, nobody.pw_uid, nobody.pw_gid, nobody.pw_dir),
+                         monkeypatch)
+    async with hello_fleet(broker, open_base) as fleet:
+        agent = _bounded_agent(broker, fleet, python, "--service-user", "nobody",
+                               "--router-user", "daemon")
+        async with reaping(agent):
+            obs = await _serving(fleet)
+            slot, router = obs.slots["a"].pid, _router_pid(fleet.base / NODE)
+            async with Load(fleet.port).running() as load:
+                await wait_until(_const(load), lambda ld: ld.ok > 30, timeout=20, what="load")
+                agent.signal(signal.SIGKILL)
+                await agent.stop(timeout=0)
+                served = load.ok
+                await wait_until(_const(load), lambda ld: ld.ok > served + 50, timeout=20,
+                                 what="traffic with the agent dead")
+                await agent.start()
+                gen = await fleet.desire({"a": "1.0.0", "b": "2.0.0"}, {"a": 50, "b": 50})
+                obs = await fleet.converged(gen)
+            assert load.failed == 0, load.errors
+            assert obs.slots["a"].pid == slot  # adopted, not started again
+            assert obs.slots["b"].status == "healthy" and obs.weights == {"a": 50, "b": 50}
+            assert _router_pid(fleet.base / NODE) == router
 
 
 def _bounded_agent(broker: Broker, fleet: Fleet, python: str, *flags: str) -> Child:
