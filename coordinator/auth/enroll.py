@@ -70,6 +70,8 @@ from protocol.subjects import RESERVED_CALLERS, check_name
 META = "auth.json"
 USERS = "users.conf"
 CA, CA_KEY = "ca.pem", "ca-key.pem"
+# A server certificate this close to its expiry is said at every broker start and prune.
+RENEW_SERVER_WITHIN = dt.timedelta(days=30)
 SERVER, SERVER_KEY = "server.pem", "server-key.pem"
 COORDINATOR = "coordinator"
 LOCK = ".lock"
@@ -292,6 +294,44 @@ class AuthDir:
                        accounts=self.accounts())
         return fresh
 
+    def renew_server(self, names: tuple[str, ...] = (), now: dt.datetime | None = None,
+                     ) -> tuple[list[str], dt.datetime]:
+        """Issue the brokers a new server certificate from the fleet's CA, with a new key: the
+        names the old one held plus ``names``, valid ``pki.SERVER_DAYS`` from ``now``. Returns
+        the names and the new expiry. Clients trust the CA, not this certificate: they accept
+        it at their next connect and keep the connections they hold. The key and certificate
+        are written before ``users.conf`` (rewritten whole, as every change here), whose change
+        is what a broker with ``--auth`` and the systemd path unit reload on: a reload never
+        sees a new key beside the old certificate. Bad names change nothing."""
+        when = now or _now()
+        with self._locked():
+            fleet, held, users = self.load()
+            try:
+                all_names = pki.server_names((*held, *names))
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+            try:
+                ca = pki.Pem((self.path / CA).read_bytes(), (self.path / CA_KEY).read_bytes())
+                server = pki.make_server(ca, all_names, when)
+                until = pki.expires(server.cert)
+            except OSError as exc:
+                raise UsageError(f"cannot read the fleet's CA in {self.path}: {exc.strerror}; "
+                                 "restore ca.pem and ca-key.pem from a backup") from None
+            except (ValueError, TypeError, AssertionError):
+                raise UsageError(f"the fleet's CA in {self.path} (ca.pem, ca-key.pem) is "
+                                 "damaged; restore it from a backup") from None
+            _write(self.path / SERVER_KEY, server.key)
+            _write(self.path / SERVER, server.cert, 0o644)
+            self._save(fleet, all_names, users, when, accounts=self.accounts())
+        return all_names, until
+
+    def server_expiry(self) -> dt.datetime | None:
+        """When the brokers' server certificate expires (None: unreadable)."""
+        try:
+            return pki.expires((self.path / SERVER).read_bytes())
+        except (OSError, ValueError):
+            return None
+
     def prune(self, now: dt.datetime | None = None) -> tuple[list[Identity], bool]:
         """Render ``users.conf`` for ``now``: (the identities left out as expired, whether the
         file changed). ``fleetwave auth prune`` and a broker with ``--auth`` call it: at its
@@ -383,6 +423,19 @@ class AuthDir:
             **({"layout": ACCOUNTS} if accounts else {}),
             "users": [_identity_json(u) for u in users],
         }, indent=2) + "\n")
+
+
+def server_expiry_warning(auth: AuthDir, now: dt.datetime | None = None) -> str | None:
+    """A line for a server certificate within ``RENEW_SERVER_WITHIN`` of its expiry (or past
+    it): once it expires every client refuses the brokers. None while it has longer."""
+    until = auth.server_expiry()
+    when = now or _now()
+    if until is None or until - when > RENEW_SERVER_WITHIN:
+        return None
+    state = "expired at" if until <= when else "expires at"
+    return (f"the brokers' server certificate in {auth.path} {state} "
+            f"{creds_file.format_time(until)}: every client refuses the brokers then; renew it "
+            f"with 'fleetwave auth renew-server {auth.path}'")
 
 
 def _now() -> dt.datetime:

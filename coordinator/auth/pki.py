@@ -117,6 +117,11 @@ def make_server(ca: Pem, names: list[str], now: dt.datetime) -> Pem:
     return Pem(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
 
 
+def expires(cert_pem: bytes) -> dt.datetime:
+    """When a certificate stops being valid (UTC); ValueError if ``cert_pem`` is not one."""
+    return x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc
+
+
 def serves_routes(cert_pem: bytes) -> bool:
     """Whether a server certificate may also authenticate its broker on cluster routes (it
     names clientAuth; those made before routes were secured do not)."""

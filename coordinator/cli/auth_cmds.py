@@ -16,7 +16,15 @@ import click
 
 import coordinator.cli.client as client
 from coordinator.auth import web_tokens
-from coordinator.auth.enroll import CA, USERS, AuthDir, Identity, parse_lifetime
+from coordinator.auth.enroll import (
+    CA,
+    SERVER,
+    USERS,
+    AuthDir,
+    Identity,
+    parse_lifetime,
+    server_expiry_warning,
+)
 from coordinator.cli.base import Ctx, cli, output_option
 from coordinator.core.rotation import Status, named, short
 from coordinator.errors import FleetwaveError, UsageError
@@ -168,6 +176,24 @@ def renew(directory: Path, name: str, expires: dt.timedelta | None, new_key: boo
     click.echo(f"renewed {who.role} {name!r}, {_until(who)}: {path}; {copy}")
 
 
+@auth.command("renew-server")
+@click.argument("directory", type=DirArg)
+@click.option("--server-name", "names", multiple=True, metavar="HOST",
+              help="Another host name or IP address the brokers are reached by (repeatable); "
+              "the names the certificate held are kept.")
+def renew_server(directory: Path, names: tuple[str, ...]) -> None:
+    """Issue the brokers a new server certificate (and key) from the fleet's CA, valid 825
+    days: before the old one expires (every client would then refuse the brokers), or to add a
+    name. Clients trust the CA, not the certificate: they keep their connections and accept the
+    new one at their next."""
+    held, until = AuthDir(directory).renew_server(names)
+    click.echo(f"{directory / SERVER} renewed for {', '.join(held)}, valid until "
+               f"{format_time(until)}; a broker run with 'fleetwave broker --auth' reloads it by "
+               "itself, a nats-server run by systemd with fleetwave-auth-reload.path (or "
+               "'systemctl reload nats-server'); copy server.pem and server-key.pem to every "
+               "broker host that has its own copy of the directory")
+
+
 @auth.command("prune")
 @click.argument("directory", type=DirArg)
 def prune(directory: Path) -> None:
@@ -183,6 +209,8 @@ def prune(directory: Path) -> None:
         soon is not None and soon.expires is not None) else ""
     what = "rewritten: reload the nats-server" if changed else "unchanged"
     click.echo(f"{directory / USERS} {what}; expired: {gone}{nxt}")
+    if (warning := server_expiry_warning(d)) is not None:
+        click.echo(f"fleetwave: {warning}", err=True)
 @auth.command("migrate")
 @click.argument("directory", type=DirArg)
 @click.option("--store", type=click.Path(file_okay=False, path_type=Path), required=True,

@@ -40,6 +40,7 @@ from coordinator.auth.enroll import (
     check_store,
     move_store,
     next_expiry,
+    server_expiry_warning,
 )
 from coordinator.auth.routes import check_serves_routes
 from coordinator.dev.cluster import ClusterSpec, render_cluster
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 AUTH_POLL = 0.5  # how often a broker with --auth looks for a changed users.conf
+CERT_CHECK_EVERY = 6 * 3600.0  # ...and at its server certificate's expiry (said when near)
 
 
 def find_nats_server() -> str:
@@ -226,6 +228,7 @@ class Broker:
             # for now: whoever expired while no broker watched is left out, and an older
             # fleetwave's users get this release's permissions.
             self._prune()
+            self._check_certificate()
             if self.cluster is not None:
                 check_serves_routes(self.auth)
             self._accounts = AuthDir(self.auth).accounts()
@@ -314,8 +317,13 @@ class Broker:
             return (st.st_mtime_ns, st.st_ino, st.st_size)
 
         seen = stamp()
+        loop = asyncio.get_running_loop()
+        check_certificate = loop.time() + CERT_CHECK_EVERY
         while True:
             await asyncio.sleep(AUTH_POLL)
+            if loop.time() >= check_certificate:
+                check_certificate = loop.time() + CERT_CHECK_EVERY
+                self._check_certificate()
             due = self._next_expiry()
             if due is not None and dt.datetime.now(dt.UTC) >= due:
                 with contextlib.suppress(UsageError):  # auth.json mid-change: next poll
@@ -327,6 +335,13 @@ class Broker:
                     continue
                 self.signal(signal.SIGHUP)
                 self.reloads += 1
+
+    def _check_certificate(self) -> None:
+        """Warn while the server certificate is within a month of its expiry (or past it): at
+        the start and every ``CERT_CHECK_EVERY`` while it runs (``auth renew-server``)."""
+        if self.auth is not None and (
+                warning := server_expiry_warning(AuthDir(self.auth))) is not None:
+            log.warning("%s", warning)
 
     def _layout_changed(self) -> bool:
         """Whether the auth directory's layout (one account or the fleet's three) is no longer

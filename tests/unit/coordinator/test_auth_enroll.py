@@ -469,3 +469,101 @@ def test_expires_far_too_long_and_init_over_a_dangling_link_are_one_line(
     (tmp_path / "auth").symlink_to(tmp_path / "nowhere")
     with pytest.raises(UsageError, match="already exists"):
         AuthDir(tmp_path / "auth").init("default", (), "alice", now=T0)
+
+
+def _verified_by_ca(auth: Path) -> x509.Certificate:
+    """The server certificate, checked to be signed by the directory's CA."""
+    cert = x509.load_pem_x509_certificate((auth / SERVER).read_bytes())
+    ca = x509.load_pem_x509_certificate((auth / "ca.pem").read_bytes())
+    cert.verify_directly_issued_by(ca)  # raises unless the CA signed it
+    return cert
+
+
+def _names(cert: x509.Certificate) -> list[str]:
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return [str(n.value) for n in sans]
+
+
+def test_renew_server_issues_a_new_certificate_from_the_same_ca(tmp_path: Path) -> None:
+    """A new key and certificate, signed by the fleet's CA, valid SERVER_DAYS from the renewal,
+    with the names it held plus those given (kept in auth.json); users.conf is written after
+    them (what the brokers reload on). The CA and the identities are untouched."""
+    auth = tmp_path / "auth"
+    d = AuthDir(auth)
+    d.init("default", ("nats-1.example",), "alice", now=dt.datetime(2025, 1, 1, tzinfo=dt.UTC))
+    old = _verified_by_ca(auth)
+    ca, key, creds = ((auth / n).read_bytes() for n in ("ca.pem", "server-key.pem",
+                                                         "coordinator.creds"))
+    users = (auth / "users.conf").stat()
+    when = dt.datetime(2027, 3, 1, tzinfo=dt.UTC)
+    names, until = d.renew_server(("10.0.0.7",), now=when)
+    new = _verified_by_ca(auth)
+    assert names == _names(new) == ["nats-1.example", "localhost", "127.0.0.1", "10.0.0.7"]
+    assert until == new.not_valid_after_utc == when + dt.timedelta(days=pki.SERVER_DAYS)
+    assert new.serial_number != old.serial_number
+    assert (auth / "server-key.pem").read_bytes() != key
+    assert _mode(auth / "server-key.pem") == 0o600
+    assert (auth / "ca.pem").read_bytes() == ca
+    assert (auth / "coordinator.creds").read_bytes() == creds
+    assert json.loads((auth / "auth.json").read_text())["server_names"] == names
+    after = (auth / "users.conf").stat()
+    assert after.st_ino != users.st_ino  # rewritten: a broker with --auth reloads on it
+    assert after.st_mtime_ns >= (auth / "server.pem").stat().st_mtime_ns
+    assert d.server_expiry() == until
+
+
+@pytest.mark.parametrize("case", ["bad-name", "no-ca-key", "damaged-ca"])
+def test_renew_server_refusals_are_one_line_and_change_nothing(tmp_path: Path, case: str) -> None:
+    auth = tmp_path / "auth"
+    d = AuthDir(auth)
+    d.init("default", (), "alice")
+    names: tuple[str, ...] = ()
+    if case == "bad-name":
+        names, message = ("bad name",), "is not a host name a certificate can hold"
+    elif case == "no-ca-key":
+        (auth / "ca-key.pem").unlink()
+        message = "cannot read the fleet's CA in .*restore ca.pem and ca-key.pem"
+    else:
+        (auth / "ca-key.pem").write_text("not a key\n")
+        message = "is damaged; restore it from a backup"
+    before = {n: (auth / n).read_bytes() for n in ("server.pem", "server-key.pem", "auth.json",
+                                                   "users.conf")}
+    with pytest.raises(UsageError, match=message):
+        d.renew_server(names)
+    assert {n: (auth / n).read_bytes() for n in before} == before
+
+
+def test_a_server_certificate_near_its_expiry_is_said(tmp_path: Path) -> None:
+    """Within 30 days of its expiry (or past it) a line says when and how to renew; before
+    that, and after a renewal, nothing."""
+    from coordinator.auth.enroll import server_expiry_warning
+
+    d = AuthDir(tmp_path / "auth")
+    born = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
+    d.init("default", (), "alice", now=born)
+    until = born + dt.timedelta(days=pki.SERVER_DAYS)
+    assert server_expiry_warning(d, until - dt.timedelta(days=31)) is None
+    near = server_expiry_warning(d, until - dt.timedelta(days=29))
+    assert near is not None and "expires at" in near and "fleetwave auth renew-server" in near
+    past = server_expiry_warning(d, until + dt.timedelta(days=1))
+    assert past is not None and "expired at" in past
+    d.renew_server(now=until)
+    assert server_expiry_warning(d, until + dt.timedelta(days=1)) is None
+
+
+def test_prune_says_when_the_server_certificate_expires_soon(tmp_path: Path) -> None:
+    """``fleetwave auth prune`` (the systemd timer's, every minute) says on stderr that the
+    server certificate expired and how to renew it; after ``renew-server`` it says nothing."""
+    from click.testing import CliRunner
+
+    from coordinator.cli import cli
+
+    d = AuthDir(tmp_path / "auth")
+    d.init("default", (), "alice", now=dt.datetime(2020, 1, 1, tzinfo=dt.UTC))
+    result = CliRunner().invoke(cli, ["auth", "prune", str(d.path)])
+    assert result.exit_code == 0, result.output
+    assert "expired at 2022-04-05" in result.stderr and "auth renew-server" in result.stderr
+    renewed = CliRunner().invoke(cli, ["auth", "renew-server", str(d.path)])
+    assert renewed.exit_code == 0 and "renewed for localhost, 127.0.0.1" in renewed.stdout
+    result = CliRunner().invoke(cli, ["auth", "prune", str(d.path)])
+    assert result.exit_code == 0 and result.stderr == ""

@@ -43,3 +43,21 @@ def test_a_failed_re_render_is_retried_and_keeps_the_expiry_due(
     b._prune()
     assert b._pruned_at > T0 and b._next_expiry() is None
     assert "# node short: expired at" in (d.path / USERS).read_text()
+
+
+def test_a_broker_says_when_its_server_certificate_expires_soon(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A certificate made in 2020 expired long ago: the broker's check says so and how to renew
+    (at its start and every few hours while it runs); renewed, it says nothing."""
+    d = AuthDir(tmp_path / "auth")
+    d.init("default", (), "alice", now=T0)
+    b = Broker(auth=d.path, store_dir=tmp_path / "store")
+    with caplog.at_level(logging.WARNING):
+        b._check_certificate()
+        [said] = [r.getMessage() for r in caplog.records]
+        assert "server certificate" in said and "expired at 2022-04-05" in said
+        assert f"fleetwave auth renew-server {d.path}" in said
+        caplog.clear()
+        d.renew_server()
+        b._check_certificate()
+    assert not caplog.records
