@@ -269,7 +269,13 @@ async def test_env_replicas_is_read_and_checked(cluster: BrokerCluster, tmp_path
 async def test_a_broker_that_cannot_reach_its_route_says_so_once(tmp_path: Path) -> None:
     """`fleetwave broker` whose only route is down says which route and what to do, once, keeps
     running, and says the routes are up once the other broker starts."""
-    port, cport, other = free_port(), free_port(), free_port()
+    port, cport = free_port(), free_port()
+    # The missing broker's port is held (bound, not listening: a connect is refused) until the
+    # peer starts on it: a port merely found free was once taken meanwhile by another test's
+    # listener, and the route then "answered" instead of refusing.
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    holder.bind(("127.0.0.1", 0))
+    other = holder.getsockname()[1]
     missing = f"nats-route://127.0.0.1:{other}"
     member = Child("member", [sys.executable, "-c", "from coordinator.cli import main; main()",
                               "broker", "--port", str(port), "--store-dir", str(tmp_path / "a"),
@@ -289,6 +295,7 @@ async def test_a_broker_that_cannot_reach_its_route_says_so_once(tmp_path: Path)
         line = next(ln for ln in text.splitlines() if "cannot reach" in ln)
         assert f"route {missing} (connection refused)" in line and "--routes" in line, line
         assert member.running
+        holder.close()
         await peer.start()
         text = await wait_until(lambda: read_text(member.log_path),
                                 lambda t: "routes up" in t, timeout=30,
@@ -296,6 +303,7 @@ async def test_a_broker_that_cannot_reach_its_route_says_so_once(tmp_path: Path)
         assert text.count("cannot reach") == 1, text  # once, not a flood
         assert "Traceback" not in text
     finally:
+        holder.close()
         await asyncio.gather(member.stop(), peer.stop())
 
 
