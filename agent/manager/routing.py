@@ -56,14 +56,28 @@ CLOSE_GRACE = 5.0
 
 
 def router_socket(data_dir: Path, service: str) -> Path:
-    """``<data_dir>/run/router-<service>.sock``; when that path is too long for a unix socket
-    (about 100 bytes), a short one in the temp dir derived from the data dir, so that a restarted
-    agent finds the same router again."""
-    path = data_dir / "run" / f"router-{service}.sock"
-    if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
-        return path
+    """Where ``service``'s router listens, the same for every agent of ``data_dir`` (a restarted
+    agent finds its router again): ``<data_dir>/run/router-<service>.sock``; when that is too
+    long for a unix socket (about 100 bytes: a long service name, a deep data dir), the same
+    with a hash of the name; only when that is too long too, in the temp dir, under a hash of
+    the data dir. The data dir first: the agent's unit has ``PrivateTmp=yes``, and systemd
+    empties that temp dir when the agent stops, while its routers run on (a restarted agent
+    would not find them, nor bind their ports again). A router an older agent started in the
+    temp dir under the service's own name is used while its socket is there."""
+    def fits(path: Path) -> bool:
+        return len(os.fsencode(path)) <= MAX_SOCKET_PATH
+
+    readable = data_dir / "run" / f"router-{service}.sock"
+    if fits(readable):
+        return readable
     tag = hashlib.sha256(os.fsencode(data_dir.resolve())).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"fleetwave-{tag}" / f"router-{service}.sock"
+    temp = Path(tempfile.gettempdir()) / f"fleetwave-{tag}"
+    older = temp / f"router-{service}.sock"
+    if fits(older) and older.exists():
+        return older
+    hashed = f"router-{hashlib.sha256(service.encode()).hexdigest()[:16]}.sock"
+    here = data_dir / "run" / hashed
+    return here if fits(here) else temp / hashed
 
 
 def _private_dir(path: Path, run_as: RunAs | None = None) -> None:
