@@ -36,7 +36,7 @@ from agent.host.state import (
     load_state,
     write_atomic,
 )
-from agent.manager.routing import RouterLink
+from agent.manager.routing import RouterLink, check_user
 from agent.manager.service import NodeConfig, Release, Service, Services, release_info
 from agent.reconcile import (
     SlotView,
@@ -227,6 +227,7 @@ class Restorer:
                     svc.router, svc.router_stats = client, stats
                     svc.applied_weights = {s: w for s, w in stats.weights.items() if w > 0}
                     log.info("adopted router of %s (pid %s)", name, svc.router_pid)
+                    check_user(name, svc.router_pid, self.routers.run_as)
         return await self._stop_orphans(adopted)
 
     def _ours(self, state: AgentState) -> bool:

@@ -123,7 +123,7 @@ def _process(pid: int | None) -> psutil.Process | None:
         return None
 
 
-def _check_user(service: str, pid: int, run_as: RunAs | None) -> None:
+def check_user(service: str, pid: int, run_as: RunAs | None) -> None:
     """Say so when a running router this agent adopts runs as another user than it starts
     routers as (its --service-user or --router-user changed since): it serves on as it is."""
     proc = _process(pid)
@@ -276,7 +276,7 @@ class RouterLink:
                                      run_as=self.run_as)
         except RouterRunning as running:
             pid = running.pid
-            _check_user(svc.name, pid, self.run_as)
+            check_user(svc.name, pid, self.run_as)
         svc.router, svc.router_pid = RouterClient(sock), pid
         return svc.router
 

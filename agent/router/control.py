@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import socket
 import stat
@@ -180,21 +181,73 @@ class RouterClient:
         return reply
 
 
-def _own_directory(path: Path) -> None:
+def _own_directory(path: Path, *, take: bool = True) -> None:
     """Make ``path`` a directory of the agent's alone (0700): also one an older agent handed to
-    the services' user for its routers to make their sockets in."""
-    with contextlib.suppress(FileExistsError):  # not a directory: said below
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    the services' user for its routers to make their sockets in, unless ``take`` is False (then
+    such a directory is left as it is)."""
     try:
-        st = path.lstat()
-        if not stat.S_ISDIR(st.st_mode):
-            raise RouterUnavailable(f"{path} is not a directory; remove it")
-        if st.st_uid != os.geteuid():
-            os.chown(path, os.geteuid(), os.getegid(), follow_symlinks=False)
-        if st.st_mode & 0o7777 != 0o700:
-            path.chmod(0o700)
+        with contextlib.suppress(FileExistsError):  # not a directory: said below
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Changed through a descriptor of the directory itself, never by its name: a name
+        # swapped for a symlink meanwhile (by a router's user, in the temp dir) changes nothing.
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                raise RouterUnavailable(f"{path} is not a directory; remove it") from None
+            raise
+        try:
+            st = os.fstat(fd)
+            if st.st_uid != os.geteuid():
+                if not take:
+                    return
+                os.fchown(fd, os.geteuid(), os.getegid())
+            if st.st_mode & 0o7777 != 0o700:
+                os.fchmod(fd, 0o700)
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise RouterUnavailable(f"cannot make {path} the agent's alone: {exc.strerror}") from None
+
+
+def _others_listen_in(path: Path) -> bool:
+    """Whether a socket of another user is in ``path``: an older agent's router, running as
+    the services' user. Its directory is left to it while it runs (it removes its socket from
+    there when it stops, before it drains: taken, the removal fails and the drain is skipped)."""
+    try:
+        with os.scandir(path) as entries:
+            for entry in entries:
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISSOCK(st.st_mode) and st.st_uid != os.geteuid():
+                    return True
+        return False
+    except OSError:
+        return False
+
+
+def _listen_in_own(socket_path: Path) -> socket.socket:
+    """``_listen`` in a directory of the agent's (``_own_directory``). One an older agent gave
+    the services' user is taken only once no router of that user is left in it, or when the
+    agent cannot make its socket there otherwise (the systemd drop-in's, without
+    ``CAP_DAC_OVERRIDE``)."""
+    parent = socket_path.parent
+    _own_directory(parent, take=not _others_listen_in(parent))
+    try:
+        return _listen(socket_path)
+    except PermissionError:
+        _own_directory(parent)
+        return _listen(socket_path)
+
+
+def _take_socket(socket_path: Path) -> None:
+    """A socket an older agent's router made as another user (0600), which this agent may not
+    write (it lacks ``CAP_DAC_OVERRIDE``: the systemd drop-in's): the agent's own now, so that
+    it can reach that router to adopt it rather than be refused it for ever. Nothing else is
+    touched: not a socket, or already the agent's, or gone."""
+    with contextlib.suppress(OSError):
+        st = socket_path.lstat()
+        if stat.S_ISSOCK(st.st_mode) and st.st_uid != os.geteuid():
+            os.chown(socket_path, os.geteuid(), os.getegid(), follow_symlinks=False)
 
 
 def _listen(socket_path: Path) -> socket.socket:
@@ -241,6 +294,8 @@ async def start_router(
     check_socket_path(socket_path)
     client = RouterClient(socket_path, timeout=min(timeout, 2.0))
     if socket_path.exists():
+        if not os.access(socket_path, os.W_OK):  # (for root: without CAP_DAC_OVERRIDE)
+            _take_socket(socket_path)
         try:
             pid = await client.ping()
         except RouterUnavailable as exc:
@@ -249,10 +304,9 @@ async def start_router(
             raise RouterRunning(
                 f"a router (pid {pid}) already runs on {socket_path}; use it", pid
             )
-    _own_directory(socket_path.parent)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        control = _listen(socket_path)
+        control = _listen_in_own(socket_path)
     except OSError as exc:
         raise RouterUnavailable(f"cannot listen on {socket_path}: {exc.strerror}") from None
     argv = [python, "-m", "agent.router", "--control", str(socket_path), "--control-fd",

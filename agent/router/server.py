@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import resource
@@ -26,6 +27,7 @@ import signal
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -68,6 +70,18 @@ def client_fd_budget() -> int:
     return max(1, (soft - RESERVED_FDS) // 2)
 
 
+def keep_socket(loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
+    """``cleanup_socket=False`` where ``loop`` takes it (asyncio from Python 3.13, uvloop):
+    the control socket is the agent's, in a directory the router's user cannot look into, and
+    a server that cleans its socket up stats its path when it starts: PermissionError there,
+    and the router would not start (asyncio catches only FileNotFoundError)."""
+    try:
+        params = inspect.signature(loop.create_unix_server).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"cleanup_socket": False} if "cleanup_socket" in params else {}
+
+
 class RouterServer:
     """One router process; ``run`` returns when it has drained and stopped."""
 
@@ -90,7 +104,7 @@ class RouterServer:
         loop = asyncio.get_running_loop()
         if self._control_socket is not None:  # made by the agent, 0600 in its own directory
             control = await asyncio.start_unix_server(
-                self._control, sock=self._control_socket, limit=MAX_LINE
+                self._control, sock=self._control_socket, limit=MAX_LINE, **keep_socket(loop)
             )
         else:
             control = await asyncio.start_unix_server(

@@ -202,6 +202,35 @@ async def test_the_drop_ins_agent_killed_adopts_its_services_and_routers(
             assert _router_pid(fleet.base / NODE) == router
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root (CI runs as root)")
+async def test_a_router_adopted_as_the_old_user_after_router_user_is_named(
+    broker: Broker, open_base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Routers started as the service user, then the agent restarted with --router-user: it
+    adopts the running router (at its start, from its state) and names it in the log as
+    running as the old user, with how to move it; the router serves on."""
+    nobody = pwd.getpwnam("nobody")
+    python = _python_for(RunAs(nobody.pw_name, nobody.pw_uid, nobody.pw_gid, nobody.pw_dir),
+                         monkeypatch)
+    async with hello_fleet(broker, open_base) as fleet:
+        agent = _bounded_agent(broker, fleet, python, "--service-user", "nobody")
+        async with reaping(agent):
+            await _serving(fleet)
+            router = _router_pid(fleet.base / NODE)
+            agent.signal(signal.SIGKILL)
+            await agent.stop(timeout=0)
+            agent.argv = [*agent.argv, "--router-user", "daemon"]
+            await agent.start()
+            log = fleet.base / "logs" / f"{NODE}.log"
+            said = await wait_until(lambda: asyncio.to_thread(log.read_text),
+                                    lambda t: "not as daemon" in t, timeout=30,
+                                    what="the agent to name the router of the old user")
+            assert (f"the router of hello (pid {router}) runs as uid {nobody.pw_uid}, not as "
+                    f"daemon" in said and f"kill {router}" in said)
+            assert _router_pid(fleet.base / NODE) == router  # adopted, serving on
+            assert await _get(fleet.port) is not None
+
+
 def _bounded_agent(broker: Broker, fleet: Fleet, python: str, *flags: str) -> Child:
     """The fleet's agent run by ``python`` as the drop-in runs it, with ``flags``."""
     agent = spawn_agent(broker.url, NODE, fleet.base, python=python, extra=[

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.host.identity import RunAs
-from agent.manager.routing import _check_user
+from agent.manager.routing import check_user
 from agent.manager.service import NodeConfig
 
 SVC = RunAs("svc", 1001, 1001, "/home/svc")
@@ -36,9 +36,9 @@ def test_an_adopted_router_of_another_user_is_named(caplog: pytest.LogCaptureFix
     user, nothing is said."""
     nobody = pwd.getpwnam("nobody")
     with caplog.at_level(logging.WARNING, logger="fleetwave.agent.services"):
-        _check_user("hello", os.getpid(), None)
+        check_user("hello", os.getpid(), None)
         assert not caplog.records
-        _check_user("hello", os.getpid(),
+        check_user("hello", os.getpid(),
                     RunAs(nobody.pw_name, nobody.pw_uid, nobody.pw_gid, nobody.pw_dir))
     [record] = caplog.records
     assert (f"the router of hello (pid {os.getpid()}) runs as uid {os.geteuid()}, not as "
@@ -48,5 +48,5 @@ def test_an_adopted_router_of_another_user_is_named(caplog: pytest.LogCaptureFix
 
 def test_a_router_gone_meanwhile_is_not_named(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="fleetwave.agent.services"):
-        _check_user("hello", 2 ** 22 + 12345, ROUTER)  # above pid_max's default: no process
+        check_user("hello", 2 ** 22 + 12345, ROUTER)  # above pid_max's default: no process
     assert not caplog.records

@@ -131,3 +131,78 @@ async def test_a_socket_directory_that_is_no_directory_is_refused(tmp_path: Path
     (tmp_path / "run").write_text("")
     with pytest.raises(RouterUnavailable, match="is not a directory; remove it"):
         await start_router(tmp_path / "run" / "r.sock", tmp_path / "r.log", timeout=0.5)
+
+
+def test_the_agents_socket_is_never_cleaned_up_by_the_router() -> None:
+    """Where a loop cleans a given socket up at close (asyncio from 3.13; uvloop takes the
+    argument), the router asks it not to: that stats the socket's path at the start, in a
+    directory the router's user cannot look into, and the router would not start."""
+    import inspect
+
+    from agent.router.server import keep_socket
+
+    class Loop313:
+        async def create_unix_server(self, factory: object, path: object = None, *,
+                                     sock: object = None, cleanup_socket: bool = True) -> None:
+            pass
+
+    assert keep_socket(Loop313()) == {"cleanup_socket": False}  # type: ignore[arg-type]
+    loop = asyncio.new_event_loop()
+    try:
+        takes = "cleanup_socket" in inspect.signature(loop.create_unix_server).parameters
+        assert keep_socket(loop) == ({"cleanup_socket": False} if takes else {})
+    finally:
+        loop.close()
+    import uvloop  # a dependency of the agent on Linux
+
+    fast = uvloop.new_event_loop()
+    try:
+        assert keep_socket(fast) == {"cleanup_socket": False}
+    finally:
+        fast.close()
+
+
+def _socket_of(path: Path, uid: int, gid: int) -> socket.socket:
+    """A listening unix socket at ``path`` whose file is ``uid``'s (as an older agent's router
+    running as the services' user left it)."""
+    listening = socket.socket(socket.AF_UNIX)
+    listening.bind(str(path))
+    listening.listen()
+    os.chown(path, uid, gid)
+    return listening
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root (CI runs as root)")
+async def test_a_directory_an_older_router_still_uses_is_left_to_it(tmp_path: Path) -> None:
+    """An older agent's router, running as the services' user, still listens in the directory
+    the older agent gave that user: a new router's socket is made there, the directory stays
+    that user's (that router removes its socket when it stops, then drains: taken, the removal
+    would fail and the drain be skipped) and the old socket stays that user's too."""
+    nobody = pwd.getpwnam("nobody")
+    run = tmp_path / "run"
+    run.mkdir(mode=0o755)
+    os.chown(run, nobody.pw_uid, nobody.pw_gid)
+    with _socket_of(run / "old.sock", nobody.pw_uid, nobody.pw_gid):
+        with pytest.raises(RouterUnavailable, match="cannot start the router with"):
+            await start_router(run / "new.sock", tmp_path / "r.log",
+                               python=str(tmp_path / "no-python"), timeout=0.5)
+        assert run.lstat().st_uid == nobody.pw_uid
+        assert (run / "old.sock").lstat().st_uid == nobody.pw_uid
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root (CI runs as root)")
+async def test_an_older_routers_socket_the_agent_may_not_write_is_taken(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the agent may not write an older router's socket (no CAP_DAC_OVERRIDE: the
+    drop-in's; stood for here by ``os.access``), the socket becomes the agent's before the
+    ping, so that the router is reached; one it may write is left as it is."""
+    nobody = pwd.getpwnam("nobody")
+    path = tmp_path / "old.sock"
+    with _socket_of(path, nobody.pw_uid, nobody.pw_gid):
+        with pytest.raises(RouterUnavailable, match="did not answer"):
+            await start_router(path, tmp_path / "r.log", timeout=0.3)
+        assert path.lstat().st_uid == nobody.pw_uid  # writable to this root: left
+        monkeypatch.setattr(os, "access", lambda p, mode: False)
+        with pytest.raises(RouterUnavailable, match="did not answer"):
+            await start_router(path, tmp_path / "r.log", timeout=0.3)
+        assert path.lstat().st_uid == os.geteuid()
