@@ -320,10 +320,33 @@ class AuthDir:
             except (ValueError, TypeError, AssertionError):
                 raise UsageError(f"the fleet's CA in {self.path} (ca.pem, ca-key.pem) is "
                                  "damaged; restore it from a backup") from None
-            _write(self.path / SERVER_KEY, server.key)
-            _write(self.path / SERVER, server.cert, 0o644)
+            self._replace_pair(server)
             self._save(fleet, all_names, users, when, accounts=self.accounts())
         return all_names, until
+
+    def _replace_pair(self, server: pki.Pem) -> None:
+        """The server's key and certificate replaced together: both written aside first, then
+        renamed in turn (the old key put back if the certificate's rename fails), so that no
+        reload, ours or anyone's, finds a key beside a certificate that is not its own but for
+        the moment between two renames."""
+        key, cert = self.path / SERVER_KEY, self.path / SERVER
+        staged_key, staged_cert = (self.path / f".{SERVER_KEY}.new", self.path / f".{SERVER}.new")
+        try:
+            old_key = key.read_bytes()
+            _write(staged_key, server.key)
+            _write(staged_cert, server.cert, 0o644)
+            staged_key.replace(key)
+            try:
+                staged_cert.replace(cert)
+            except OSError:
+                _write(key, old_key)
+                raise
+        except OSError as exc:
+            raise _unwritable(cert, exc) from None
+        finally:
+            for staged in (staged_key, staged_cert):
+                with contextlib.suppress(OSError):
+                    staged.unlink()
 
     def server_expiry(self) -> dt.datetime | None:
         """When the brokers' server certificate expires (None: unreadable)."""

@@ -103,7 +103,8 @@ def make_server(ca: Pem, names: list[str], now: dt.datetime) -> Pem:
         .issuer_name(ca_cert.subject).public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=SERVER_DAYS))
+        # Never past the CA's own expiry: clients would refuse it from then on anyway.
+        .not_valid_after(min(now + dt.timedelta(days=SERVER_DAYS), ca_cert.not_valid_after_utc))
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         # clientAuth too: brokers of a cluster show this certificate to each other on their

@@ -189,9 +189,10 @@ def renew_server(directory: Path, names: tuple[str, ...]) -> None:
     held, until = AuthDir(directory).renew_server(names)
     click.echo(f"{directory / SERVER} renewed for {', '.join(held)}, valid until "
                f"{format_time(until)}; a broker run with 'fleetwave broker --auth' reloads it by "
-               "itself, a nats-server run by systemd with fleetwave-auth-reload.path (or "
-               "'systemctl reload nats-server'); copy server.pem and server-key.pem to every "
-               "broker host that has its own copy of the directory")
+               "itself, a nats-server run by systemd at its reload (fleetwave-auth-reload.path, "
+               "or 'systemctl reload nats-server' / each 'fleetwave-broker@N' of a cluster); "
+               "copy server.pem and server-key.pem to every broker host that has its own copy "
+               "of the directory")
 
 
 @auth.command("prune")

@@ -567,3 +567,35 @@ def test_prune_says_when_the_server_certificate_expires_soon(tmp_path: Path) -> 
     assert renewed.exit_code == 0 and "renewed for localhost, 127.0.0.1" in renewed.stdout
     result = CliRunner().invoke(cli, ["auth", "prune", str(d.path)])
     assert result.exit_code == 0 and result.stderr == ""
+
+
+def test_renew_server_keeps_key_and_certificate_a_pair(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both are written aside and renamed in turn: the certificate's rename failing puts the
+    old key back (a reload would otherwise find a key beside another's certificate), one line,
+    and no staged file is left."""
+    d = AuthDir(tmp_path / "auth")
+    d.init("default", (), "alice")
+    before = {n: (d.path / n).read_bytes() for n in ("server.pem", "server-key.pem")}
+    real = Path.replace
+
+    def failing(self: Path, target: Path) -> Path:  # type: ignore[override]
+        if Path(target).name == "server.pem":
+            raise OSError(28, "No space left on device")
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "replace", failing)
+    with pytest.raises(FleetwaveError, match=r"cannot write .*server\.pem: No space left"):
+        d.renew_server()
+    monkeypatch.undo()
+    assert {n: (d.path / n).read_bytes() for n in before} == before
+    assert sorted(p.name for p in d.path.iterdir() if p.name.endswith(".new")) == []
+
+
+def test_a_renewed_server_certificate_never_outlives_the_ca(tmp_path: Path) -> None:
+    d = AuthDir(tmp_path / "auth")
+    d.init("default", (), "alice", now=dt.datetime(2020, 1, 1, tzinfo=dt.UTC))
+    ca = x509.load_pem_x509_certificate((d.path / "ca.pem").read_bytes())
+    _, until = d.renew_server(now=dt.datetime(2029, 6, 1, tzinfo=dt.UTC))
+    assert until == ca.not_valid_after_utc < dt.datetime(2029, 6, 1, tzinfo=dt.UTC) + \
+        dt.timedelta(days=pki.SERVER_DAYS)
