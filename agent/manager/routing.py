@@ -133,11 +133,10 @@ def check_user(service: str, pid: int, run_as: RunAs | None) -> None:
     except psutil.Error:
         return
     if uid != want:
+        who = run_as.name if run_as is not None else f"uid {want}"
         log.warning("the router of %s (pid %d) runs as uid %d, not as %s: it serves on as it is; "
                     "to move it, stop it (kill %d) and the agent starts it again as %s (its "
-                    "port refuses connections for that moment)", service, pid, uid,
-                    run_as.name if run_as is not None else f"uid {want}", pid,
-                    run_as.name if run_as is not None else f"uid {want}")
+                    "port refuses connections for that moment)", service, pid, uid, who, pid, who)
 
 
 class RouterLink:

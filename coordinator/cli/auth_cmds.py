@@ -212,6 +212,8 @@ def prune(directory: Path) -> None:
     click.echo(f"{directory / USERS} {what}; expired: {gone}{nxt}")
     if (warning := server_expiry_warning(d)) is not None:
         click.echo(f"fleetwave: {warning}", err=True)
+
+
 @auth.command("migrate")
 @click.argument("directory", type=DirArg)
 @click.option("--store", type=click.Path(file_okay=False, path_type=Path), required=True,

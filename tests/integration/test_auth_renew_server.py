@@ -10,15 +10,14 @@ import json
 import socket
 import ssl
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlparse
 
 from cryptography import x509
 
 from coordinator.auth.enroll import CA, SERVER
-from coordinator.dev.cluster import monitor_get
 from coordinator.dev.devfleet import DevFleet
 from tests.integration.procs import fleetwave, wait_until
+from tests.integration.test_auth_expiry import _agent_conns
 
 SUBNET = "127.0.91"
 
@@ -38,13 +37,6 @@ def _served_serial(host: str, port: int, ca: Path) -> int:
             der = tls.getpeercert(binary_form=True)
     assert der is not None
     return x509.load_der_x509_certificate(der).serial_number
-
-
-async def _agent_conns(fleet: DevFleet) -> dict[str, int]:
-    doc: dict[str, Any] = await asyncio.to_thread(
-        monitor_get, fleet.broker.monitor_port, "/connz?limit=1024")
-    return {c["name"]: c["cid"] for c in doc.get("connections") or []
-            if str(c.get("name", "")).startswith("fleetwave-agent-")}
 
 
 async def test_a_renewed_server_certificate_is_served_and_no_client_is_dropped(
