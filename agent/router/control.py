@@ -126,8 +126,9 @@ class RouterClient:
         self.timeout = timeout
 
     async def ping(self) -> int:
-        """Return the router's pid; raises RouterUnavailable if nothing answers."""
-        return (await self._call(Ping())).pid
+        """Return the router's pid; raises RouterUnavailable if nothing answers, or if the pid
+        it names is not a router on this socket (``router_pid``)."""
+        return router_pid((await self._call(Ping())).pid, self.socket_path)
 
     async def configure(self, cfg: RouterConfig) -> RouterStats:
         """Apply ``cfg`` atomically; returns the stats as applied or raises with the reason."""
@@ -179,6 +180,29 @@ class RouterClient:
         if not reply.ok:
             raise RouterUnavailable(f"{what} refused: {reply.error}")
         return reply
+
+
+def router_pid(pid: int, socket_path: Path) -> int:
+    """``pid`` if it is a process running ``agent.router --control socket_path``; else raise
+    RouterUnavailable. The agent later signals the pid its router names (a router that does not
+    exit after its drain is killed), as root under the systemd drop-in, with ``CAP_KILL``: a
+    listener on the socket that is not our router (one planted by the services' user in a
+    directory an older agent gave it, or a router of that user's under its control) must not
+    make it kill another process. Whoever runs a router on that socket can only name itself."""
+    import psutil  # the agent's side alone: the router process never needs it (its memory)
+
+    want = os.path.realpath(socket_path)
+    try:
+        argv = psutil.Process(pid).cmdline() if pid > 0 else []
+    except psutil.Error:
+        argv = []
+    control = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--control"]
+    if "agent.router" in argv and any(os.path.realpath(c) == want for c in control):
+        return pid
+    raise RouterUnavailable(
+        f"the listener on {socket_path} names pid {pid}, which is not a router on that socket; "
+        "stop whatever listens there (ss -xlp) and remove the socket"
+    )
 
 
 def _own_directory(path: Path, *, take: bool = True) -> None:

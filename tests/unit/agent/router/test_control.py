@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pwd
+import signal
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 
 import agent.router.__main__ as router_main
 from agent.errors import RouterUnavailable
-from agent.router.control import start_router
+from agent.router.control import Reply, RouterClient, encode_reply, router_pid, start_router
 
 
 async def reachable(path: Path) -> bool:
@@ -206,3 +207,59 @@ async def test_an_older_routers_socket_the_agent_may_not_write_is_taken(
         with pytest.raises(RouterUnavailable, match="did not answer"):
             await start_router(path, tmp_path / "r.log", timeout=0.3)
         assert path.lstat().st_uid == os.geteuid()
+
+
+@pytest.fixture
+async def imposter(tmp_path: Path) -> AsyncIterator[tuple[Path, int]]:
+    """A listener on a router's control socket that answers every call as a router would, naming
+    the pid of another process (a ``sleep``: what the agent might then kill)."""
+    victim = await asyncio.create_subprocess_exec("sleep", "60")
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        writer.write(encode_reply(Reply(ok=True, pid=victim.pid)))
+        await writer.drain()
+        writer.close()
+
+    path = tmp_path / "r.sock"
+    server = await asyncio.start_unix_server(answer, path=str(path))
+    try:
+        yield path, victim.pid
+    finally:
+        server.close()
+        await server.wait_closed()
+        victim.kill()
+        await victim.wait()
+
+
+async def test_a_listener_naming_a_pid_that_is_no_router_of_its_socket_is_refused(
+    imposter: tuple[Path, int], tmp_path: Path
+) -> None:
+    """The agent signals the pid its router names (a router that does not exit after its drain
+    is killed): a listener that names another process is not adopted as the router, its socket
+    is left to it, and no router is started beside it."""
+    path, victim = imposter
+    with pytest.raises(RouterUnavailable, match=f"names pid {victim}, which is not a router"):
+        await RouterClient(path).ping()
+    with pytest.raises(RouterUnavailable, match="not a router on that socket"):
+        await start_router(path, tmp_path / "r.log", python=str(tmp_path / "no-python"),
+                           timeout=0.5)
+    assert await reachable(path)
+
+
+async def test_a_router_of_another_socket_is_no_router_of_this_one(tmp_path: Path) -> None:
+    """A real router is the router of its own socket (reached through a symlink to it too), not
+    of another one; pid 0 is no process."""
+    mine = tmp_path / "mine.sock"
+    pid = await start_router(mine, tmp_path / "r.log", timeout=10.0)
+    try:
+        assert router_pid(pid, mine) == pid
+        link = tmp_path / "link.sock"
+        link.symlink_to(mine)
+        assert router_pid(pid, link) == pid
+        with pytest.raises(RouterUnavailable, match="not a router on that socket"):
+            router_pid(pid, tmp_path / "other.sock")
+        with pytest.raises(RouterUnavailable, match="names pid 0"):
+            router_pid(0, mine)
+    finally:
+        os.kill(pid, signal.SIGKILL)
