@@ -44,6 +44,7 @@ from agent.router.control import (
     RouterClient,
     RouterConfig,
     Upstream,
+    router_pid,
     start_router,
 )
 from protocol.loop import bounded
@@ -112,11 +113,17 @@ def stats_period(services: Iterable[Service], now: float = 0.0) -> float:
     return period
 
 
-def _process(pid: int | None) -> psutil.Process | None:
+def _process(pid: int | None, sock: Path | None = None) -> psutil.Process | None:
     """The router's process, pinned by its create time (psutil refuses to signal a reused pid),
-    or None if it is gone already."""
+    or None if it is gone already; with ``sock``, None too when ``pid`` is no longer a router on
+    that socket (it exited since it was adopted and the pid went to another process)."""
     if pid is None:
         return None
+    if sock is not None:
+        try:
+            router_pid(pid, sock)
+        except RouterUnavailable:
+            return None
     try:
         return psutil.Process(pid)
     except psutil.Error:
@@ -232,7 +239,7 @@ class RouterLink:
         drain = max((r.spec.manifest.stop.drain for r in svc.runners.values()), default=2.0)
         svc.router, svc.router_closing = None, True  # the stats loop leaves it alone now
         try:
-            proc = _process(pid)
+            proc = _process(pid, self.socket(svc.name))
             if client is not None:
                 try:
                     await client.shutdown()  # it answers before draining

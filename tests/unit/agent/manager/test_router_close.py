@@ -39,6 +39,14 @@ def removed_desired() -> DesiredState:
     return DesiredState(fleet="f", node="n", service="hello", generation=9)
 
 
+def as_router(tmp_path: Path, seconds: float) -> subprocess.Popen[bytes]:
+    """A process that sleeps ``seconds`` with a router's command line on hello's socket (what
+    the agent checks before it waits for or kills a router's pid)."""
+    sock = routing.router_socket(tmp_path, "hello")
+    return subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})",
+                             "-m", "agent.router", "--control", str(sock)])
+
+
 def routed(client: Any, pid: int | None) -> Service:
     svc = Service(name="hello", desired=removed_desired())
     svc.router, svc.router_pid = client, pid
@@ -70,7 +78,7 @@ def test_a_removed_service_is_removed_only_once_nothing_runs() -> None:
 def test_close_asks_the_router_to_exit_waits_for_it_and_forgets_it(tmp_path: Path) -> None:
     """The router is asked to shut down, its process waited for; then its weights, pid and
     stats are forgotten and the manager woken."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"])
+    proc = as_router(tmp_path, 0.3)
     client = Client()
     svc = routed(client, proc.pid)
     rl = link(tmp_path, svc)
@@ -86,7 +94,7 @@ def test_a_router_that_does_not_exit_after_draining_is_killed(
 ) -> None:
     """Past its drain timeout and the grace, a router still running is killed (and said so)."""
     monkeypatch.setattr(routing, "CLOSE_GRACE", 0.1)
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    proc = as_router(tmp_path, 60)
     svc = routed(Client(), proc.pid)
     started = time.monotonic()
     try:
@@ -104,3 +112,20 @@ def test_a_router_already_gone_is_simply_forgotten(tmp_path: Path) -> None:
     svc = routed(None, None)
     asyncio.run(link(tmp_path, svc).close(svc))
     assert (svc.router_closing, svc.applied_weights) == (False, {})
+
+
+def test_a_pid_that_is_no_longer_the_router_is_neither_waited_for_nor_killed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The router exited since it was adopted and its pid went to another process (or a
+    listener named a process that never was the router): close leaves that process alone."""
+    monkeypatch.setattr(routing, "CLOSE_GRACE", 0.1)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    svc = routed(Client(), other.pid)
+    try:
+        asyncio.run(link(tmp_path, svc).close(svc))
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+    assert svc.router_pid is None and not svc.router_closing
