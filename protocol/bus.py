@@ -598,6 +598,9 @@ class Bus:
         # moment before it): a fleet's watch starts no consumer while it is clear.
         self._online = asyncio.Event()
         self._online.set()
+        self.revived = 0  # read loops found stopped while connected, and reconnected (``_guard``)
+        self._revival: asyncio.Task[None] | None = None
+        self._guard()
         self._acks: dict[str, asyncio.Future[int]] = {}
         self._batch_acks: dict[str, asyncio.Future[dict[str, Any]]] = {}  # atomic commits' acks
         self._ack_prefix = ""
@@ -796,6 +799,7 @@ class Bus:
         self.reconnects += 1
         self.reconnected_at = time.time()
         self._online.set()
+        self._guard()
         url = self.nc.connected_url
         log.info("reconnected to NATS%s (reconnect %d)",
                  f" at {redact(url.geturl())}" if url is not None else "", self.reconnects)
@@ -805,6 +809,30 @@ class Bus:
             while not _stop_watcher(w):  # it is restarted and re-reads everything anyway
                 with contextlib.suppress(asyncio.QueueEmpty):
                     w._updates.get_nowait()
+
+    def _guard(self) -> None:
+        """Watch the client's read loop (a task per connection): nats-py ends it without a
+        reconnect on an exception it does not expect (nats.py PR #914: "read() called while
+        another coroutine is already waiting for incoming data" after a reconnect race), and the
+        client stays connected and deaf, sending but hearing nothing, until its pings run out
+        (``ping_interval`` x ``max_outstanding_pings``: about 20 s; for a coordinator, long
+        enough to take a fleet's heartbeats for missing). Found stopped while the client is
+        connected, it is reconnected at once, as a stale connection is, and said so."""
+        reader = getattr(self.nc, "_reading_task", None)
+        if isinstance(reader, asyncio.Task):  # (one that ended already: called back at once)
+            reader.add_done_callback(self._reader_ended)
+
+    def _reader_ended(self, reader: asyncio.Task[None]) -> None:
+        nc = self.nc
+        if (reader is not getattr(nc, "_reading_task", None) or reader.cancelled()
+                or self.closing or not nc.is_connected or nc.is_draining
+                or (self._revival is not None and not self._revival.done())):
+            return  # a reconnect (or our close) under way ended it, or replaced it already
+        self.revived += 1
+        log.warning("the NATS client stopped reading while connected (a client bug: see the "
+                    "log line before); reconnecting")
+        self._revival = asyncio.get_running_loop().create_task(
+            nc._process_op_err(nats.errors.StaleConnectionError()))
 
     @property
     def max_payload(self) -> int:
@@ -840,8 +868,9 @@ class Bus:
         subscription, then one more). A one-shot command that has its answers needs no drain
         (``drain=False``): what it queued to send still goes out before the socket closes."""
         self.closing = True  # the disconnect that follows is ours: not worth a warning
-        if self._ldm_task is not None:
-            self._ldm_task.cancel()
+        for task in (self._ldm_task, self._revival):
+            if task is not None:
+                task.cancel()
         for svc in self._services:
             with contextlib.suppress(Exception):
                 await bounded(svc.stop(), 2)

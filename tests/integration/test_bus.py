@@ -1258,3 +1258,46 @@ async def test_a_daemon_waiting_for_its_first_connect_says_so(
                               reconnect_forever=True)
     said = [r.getMessage() for r in caplog.records if "waiting for NATS" in r.getMessage()]
     assert len(said) == 1 and f"127.0.0.1:{port}" in said[0], said
+
+
+async def test_a_read_loop_that_stops_while_connected_is_reconnected_at_once(
+    broker: Broker, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """nats-py ends its read loop, without a reconnect, on an exception it does not expect
+    (nats.py PR #914: "read() called while another coroutine is already waiting..."): the
+    client stays connected and hears nothing until its pings run out (about 20 s). The bus
+    notices the loop ended while connected, reconnects at once and says so; messages arrive
+    again on the subscriptions it had."""
+    bus = await Bus.connect(broker.url, "t")
+    sender = await Bus.connect(broker.url, "t")
+    got: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def heard(msg: Any) -> None:
+        await got.put(msg.data)
+
+    try:
+        await bus.nc.subscribe("t.heard", cb=heard)
+        await bus.flush()
+        parser = bus.nc._ps
+        parse = parser.parse
+
+        async def broken(data: bytes) -> None:
+            parser.parse = parse  # once
+            raise RuntimeError("read() called while another coroutine is already waiting "
+                               "for incoming data")
+
+        parser.parse = broken
+        await sender.nc.publish("t.heard", b"lost with the read that failed")
+        await sender.flush()
+        async with asyncio.timeout(10):  # (without the bus's guard: ~20 s, the pings' limit)
+            while bus.reconnects == 0:
+                await asyncio.sleep(0.05)
+        assert bus.revived == 1 and bus.connected
+        assert "stopped reading while connected" in caplog.text
+        await sender.nc.publish("t.heard", b"after")
+        await sender.flush()
+        async with asyncio.timeout(10):
+            assert await got.get() == b"after"
+    finally:
+        await bus.close()
+        await sender.close()
