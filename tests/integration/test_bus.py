@@ -1286,12 +1286,19 @@ async def test_a_read_loop_that_stops_while_connected_is_reconnected_at_once(
             raise RuntimeError("read() called while another coroutine is already waiting "
                                "for incoming data")
 
+        reconnected = asyncio.Event()
+        was = bus._reconnected
+
+        def on_reconnect() -> None:
+            was()
+            reconnected.set()
+
+        bus._reconnected = on_reconnect  # type: ignore[method-assign]
         parser.parse = broken
         await sender.nc.publish("t.heard", b"lost with the read that failed")
         await sender.flush()
         async with asyncio.timeout(10):  # (without the bus's guard: ~20 s, the pings' limit)
-            while bus.reconnects == 0:
-                await asyncio.sleep(0.05)
+            await reconnected.wait()
         assert bus.revived == 1 and bus.connected
         assert "stopped reading while connected" in caplog.text
         await sender.nc.publish("t.heard", b"after")
