@@ -58,6 +58,9 @@ from protocol.manifest import HealthConfig
 
 PROBE_HOST = "127.0.0.1"
 _MAX_STATUS_LINE = 1024
+# A status or header line past asyncio's StreamReader limit (readline raises ValueError): a
+# failed probe, not an error of the agent (it took the slot's supervisor, and the slot, down).
+_TOO_LONG = "a line longer than 65536 bytes"
 _MAX_HEADERS = 100
 _MAX_KEEPALIVE_BODY = 64 * 1024  # a bigger health body is read by closing, not kept alive for
 LISTEN_POLL_FIRST = 0.005  # after a refused probe of a starting slot, first connect attempt
@@ -113,6 +116,8 @@ async def http_probe(port: int, path: str, timeout: float, host: str = PROBE_HOS
         return ProbeResult(False, f"http {path}: no answer within {timeout:g}s")
     except OSError as exc:
         return ProbeResult(False, f"http {path}: {_os_reason(exc)}")
+    except ValueError:  # StreamReader.readline: a line past its limit
+        return ProbeResult(False, f"http {path}: not an HTTP answer: {_TOO_LONG}")
     finally:
         if writer is not None:
             writer.close()
@@ -166,6 +171,9 @@ class HttpProbeConnection:
         except AnswerMalformed as exc:
             await self.close()
             return ProbeResult(False, f"http {self.path}: not an HTTP answer: {exc}")
+        except ValueError:  # StreamReader.readline: a line past its limit (not our error)
+            await self.close()
+            return ProbeResult(False, f"http {self.path}: not an HTTP answer: {_TOO_LONG}")
         except BaseException:
             await self.close()  # cancelled mid-answer: the connection is out of step
             raise

@@ -82,6 +82,28 @@ async def test_http_garbage_fails(serve) -> None:
     assert not r.ok and "not an HTTP answer" in r.reason
 
 
+@pytest.mark.parametrize(("answer", "status_line"), [
+    (b"HTTP/1.1 200 " + b"O" * 70_000 + b"\r\n\r\n", True),  # past the reader's limit
+    (b"HTTP/1.1 200 OK\r\nX-Big: " + b"x" * 70_000 + b"\r\n\r\n", False),  # a header line
+])
+async def test_an_answer_with_a_line_too_long_fails_the_probe(
+    serve, answer: bytes, status_line: bool
+) -> None:
+    """A line past the reader's 64 KiB limit is a failed probe, not an error of the agent (which
+    took down the slot's supervisor: a serving slot killed where an unhealthy one belongs).
+    ``http_probe`` reads the status line alone: only that one can be too long for it."""
+    port = await serve(answer)
+    r = await http_probe(port, "/h", 1.0)
+    assert r.ok is not status_line and ("line longer than" in r.reason) is status_line, r
+    for _ in range(2):  # a fresh keep-alive connection, then one reopened after the failure
+        conn = probes.HttpProbeConnection(port, "/h")
+        try:
+            r = await conn.probe(1.0)
+        finally:
+            await conn.close()
+        assert not r.ok and "line longer than" in r.reason, r
+
+
 async def test_http_slow_answer_times_out(serve) -> None:
     """An answer later than the timeout fails."""
     r = await http_probe(await serve(b"HTTP/1.1 200 OK\r\n\r\n", 2.0), "/h", 0.2)
