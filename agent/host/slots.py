@@ -50,6 +50,7 @@ from agent.host.probes import Prober, kill_and_reap, spawn_owned
 from agent.host.processes import group_alive, killpg, process_matches
 from protocol.errors import ProtocolError
 from protocol.expand import expand_argv
+from protocol.logs import last_line
 from protocol.loop import bounded
 from protocol.manifest import Manifest
 from protocol.messages import SlotStatusName
@@ -125,12 +126,26 @@ def cap_log(path: Path, max_bytes: int = LOG_MAX_BYTES) -> bool:
     return True
 
 
-def last_line(path: Path) -> str:
-    try:
-        lines = path.read_bytes()[-4096:].decode("utf-8", "replace").strip().splitlines()
-    except OSError:
-        return ""
-    return lines[-1][:200] if lines else ""
+def last_output(log_path: Path) -> str:
+    """The last line a child wrote to its log: in the capped-off tail (``<log>.1``) when the
+    live file holds none since it was capped."""
+    return last_line(log_path) or last_line(log_path.with_name(log_path.name + ".1"))
+
+
+async def _wait_capping(proc: asyncio.subprocess.Process, log_path: Path,
+                        timeout: float) -> int:
+    """``proc``'s exit status, capping its log every ``LOG_CAP_EVERY`` meanwhile (a hook that
+    writes without end must not fill the disk of the state file); TimeoutError after
+    ``timeout`` seconds. The deadline is kept here, not by a surrounding ``asyncio.timeout``
+    (on 3.11 its cancel can be taken for an inner wait's own timeout, and lost)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (left := deadline - loop.time()) > 0:
+        try:
+            return await bounded(proc.wait(), min(LOG_CAP_EVERY, left))
+        except TimeoutError:
+            cap_log(log_path)
+    raise TimeoutError
 
 
 async def end_group(pgid: int, deadline: float) -> None:
@@ -291,7 +306,8 @@ class SlotRunner:
             if delay is None:
                 self._set_failed(
                     f"crash loop: {describe_exit(code)} after {self.restarts} restarts "
-                    f"within {self.policy.window:g}s; last output: {last_line(self.spec.log_path)}"
+                    f"within {self.policy.window:g}s; "
+                    f"last output: {last_output(self.spec.log_path)}"
                 )
                 return
             self._set("starting", f"{describe_exit(code)}; restarting in {delay:g}s")
@@ -413,7 +429,11 @@ class SlotRunner:
         self.spec.log_dir.mkdir(parents=True, exist_ok=True)
         hook_log = self.spec.log_dir / f"{self.spec.service}-{self.spec.slot}.{name}.log"
         try:
-            with hook_log.open("wb") as out:
+            # A new file each run, appended to (O_APPEND): capped while the hook runs, its next
+            # write lands at the new end (written from an offset, it would leave a sparse file
+            # as large as before).
+            hook_log.unlink(missing_ok=True)
+            with hook_log.open("ab") as out:
                 proc = await spawn_owned(
                     argv, cwd=self.spec.release_dir, env=self.spec.env(), stdout=out, stderr=out,
                     **spawn_kwargs(self.spec.run_as),
@@ -423,8 +443,7 @@ class SlotRunner:
             return False
         self._hook_proc = proc
         try:
-            async with asyncio.timeout(timeout):
-                code = await proc.wait()
+            code = await _wait_capping(proc, hook_log, timeout)
         except TimeoutError:
             await kill_and_reap(proc)
             self._set_failed(f"hooks.{name} did not finish within {timeout:g}s")
@@ -438,7 +457,7 @@ class SlotRunner:
             return False  # stop() or fail() ended the hook: their status says why
         if code != 0:
             self.last_exit = code
-            self._set_failed(f"hooks.{name} {describe_exit(code)}: {last_line(hook_log)}")
+            self._set_failed(f"hooks.{name} {describe_exit(code)}: {last_output(hook_log)}")
             return False
         return True
 

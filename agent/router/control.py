@@ -27,6 +27,7 @@ import msgspec
 from agent.edge import BODY_TIMEOUT, MAX_CONNECTIONS
 from agent.errors import RouterRunning, RouterUnavailable
 from agent.host.identity import RunAs, child_env, spawn_kwargs
+from protocol.logs import last_line
 from protocol.loop import bounded
 from protocol.messages import CohortSpec, MirrorSpec, RouterStats
 
@@ -402,11 +403,7 @@ async def remove_stale_socket(
 
 def _log_tail(log_path: Path) -> str:
     """The last non-empty line of the router log, for error messages."""
-    try:
-        lines = log_path.read_bytes()[-4096:].decode("utf-8", "replace").strip().splitlines()
-    except OSError:
-        return "no log"
-    return lines[-1] if lines else "empty log"
+    return last_line(log_path, missing="no log", empty="empty log")
 
 
 def encode_reply(reply: Reply) -> bytes:

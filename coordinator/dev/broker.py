@@ -46,6 +46,7 @@ from coordinator.auth.routes import check_serves_routes
 from coordinator.dev.cluster import ClusterSpec, render_cluster
 from coordinator.errors import BrokerError, FleetwaveError, UsageError
 from coordinator.runtime.deliveries import sweep_store
+from protocol.logs import last_line
 from protocol.loop import bounded
 
 log = logging.getLogger(__name__)
@@ -445,8 +446,4 @@ def _healthy(url: str) -> bool:
 
 
 def _last_line(log: Path) -> str:
-    try:
-        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return "no log"
-    return lines[-1].strip() if lines else "no output"
+    return last_line(log, missing="no log", empty="no output")

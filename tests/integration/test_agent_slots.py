@@ -16,7 +16,7 @@ from typing import Any
 import psutil
 import pytest
 
-from agent.host import probes
+from agent.host import probes, slots
 from agent.host.ports import free_port
 from agent.host.processes import process_matches
 from agent.host.slots import CrashPolicy, SlotRunner, SlotSpec
@@ -187,6 +187,34 @@ async def test_failing_pre_start_hook_fails_the_slot(release, tmp_path, runners)
     await ev.until(lambda: r.status == "failed")
     assert r.pid is None
     assert r.reason == "hooks.pre_start exited with status 4: db locked"
+
+
+@pytest.mark.parametrize("after", ["print('db locked')", ""])
+async def test_a_hook_that_writes_without_end_has_its_log_capped(
+    release, tmp_path, runners, monkeypatch: pytest.MonkeyPatch, after: str,
+) -> None:
+    """A hook's log is capped while it runs, as a service's is (a hook that wrote 2 GB filled
+    the disk of the state file, and reading the log whole took the agent to 1.9 GiB); the
+    failure still names its last line, from the capped-off tail when it wrote none since."""
+    monkeypatch.setattr(slots, "LOG_CAP_EVERY", 0.05)
+    # One write (a cap's size check sees all of it or none: a cap takes the tail, then
+    # truncates, and what is written in between is lost, as with logrotate's copytruncate),
+    # then time for the cap, then the exit with a last line or none.
+    (release / "migrate.py").write_text(
+        "import os, time\n"
+        f"os.write(1, (b'x' * 99 + b'\\n') * {slots.LOG_MAX_BYTES // 80} + b'db locked\\n')\n"
+        "time.sleep(1.0)\n"
+        f"{after}\n"
+        "raise SystemExit(4)\n")
+    ev = Events()
+    m = _manifest(release, hooks=HooksConfig(pre_start=[sys.executable, "migrate.py"]))
+    spec = _spec(release, tmp_path, m)
+    r = _start(runners, spec, ev)
+    await ev.until(lambda: r.status == "failed", timeout=30)
+    assert r.reason == "hooks.pre_start exited with status 4: db locked"
+    hook_log = spec.log_dir / "hello-a.pre_start.log"
+    assert hook_log.stat().st_size <= slots.LOG_MAX_BYTES
+    assert hook_log.with_name(hook_log.name + ".1").stat().st_size <= slots.LOG_MAX_BYTES
 
 
 async def test_hung_hook_is_killed_at_its_timeout(release, tmp_path, runners) -> None:
