@@ -513,8 +513,20 @@ class ClientConn(Channel):
         counters.observe(status, (time.perf_counter() - self.started) * 1000.0)
         self.close()
 
+    def close(self) -> None:
+        """Close once what is queued for the client is sent: within ``WRITE_TIMEOUT``, else the
+        sweeper aborts it (``expire``). A closing transport flushes with no bound of its own: a
+        client that reads nothing held its connection, and its place under
+        ``max_connections``, for ever (a few thousand such clients lock a service out)."""
+        super().close()
+        self.deadline = self._loop.time() + WRITE_TIMEOUT
+
     def expire(self) -> None:
-        """A deadline passed: an idle connection closes, a stuck exchange fails."""
+        """A deadline passed: an idle connection closes, a stuck exchange fails, a connection
+        closed with answers its client never read is dropped."""
+        if self.transport is not None and self.transport.is_closing():
+            self.abort()
+            return
         if self.phase == _HEAD:
             self._fast_fail(504, f"slot {self.slot} did not answer", count=False)
         elif self.phase == _BODY:

@@ -220,6 +220,38 @@ async def test_large_response_pauses_the_upstream_while_the_client_does_not_read
     assert rig.proxy.slots["a"].requests == 2
 
 
+@pytest.mark.parametrize("extra", ["Connection: close\r\n", ""])
+async def test_a_client_that_never_reads_its_last_answer_is_dropped(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, extra: str,
+) -> None:
+    """The answer is whole in the router's buffer, the connection closing (asked, or idle too
+    long after it): a closing transport flushes with no bound of its own, so a client that
+    reads nothing held its connection and its place under max_connections for ever (a review
+    locked a service out with three such clients at a cap of three). It is dropped once
+    WRITE_TIMEOUT has passed. (HIGH_WATER is raised here so that the unsent rest of the answer
+    never pauses the connection: the case where nothing else would end it.)"""
+    monkeypatch.setattr(client_mod, "HIGH_WATER", 1 << 30)
+    monkeypatch.setattr(client_mod, "WRITE_TIMEOUT", 0.3)
+    monkeypatch.setattr(client_mod, "IDLE_TIMEOUT", 0.3)
+    monkeypatch.setattr(proxy_mod, "SWEEP_EVERY", 0.05)
+    body = b"x" * (16 * 1024 * 1024)  # more than loopback's socket buffers take
+
+    async def large(c: int, r: int, head: bytes, _: object, w: asyncio.StreamWriter) -> bool:
+        w.write(ok(b"warm") if r == 1 else ok(body))
+        return True
+
+    await rig.upstream(large)
+    reader, writer = await connect(rig.port)
+    writer.write(get("/warm"))
+    assert (await read_response(reader))[2] == b"warm"
+    writer.write(get("/big", extra))
+    await until(lambda: rig.proxy.slots["a"].requests == 2)  # answered, as the router sees it
+    (client,) = rig.proxy.clients
+    assert client.transport is not None and client.transport.get_write_buffer_size() > 0
+    await until(lambda: not rig.proxy.clients)
+    writer.close()
+
+
 async def test_upstream_dying_mid_body_cuts_the_client_and_counts(rig: Rig) -> None:
     """A body cut short upstream closes the client connection; the slot counts a 502."""
 
