@@ -17,11 +17,17 @@ import psutil
 
 
 def process_matches(pid: int, create_time: float) -> bool:
-    """True if ``pid`` is alive and is the very process started at ``create_time``."""
+    """True if ``pid`` is alive and is the very process started at ``create_time``.
+
+    A pid of 0 or less is never a process of ours (a hand-edited or damaged state file): psutil
+    refuses a negative one (ValueError), and 0 or -1 given to ``killpg`` would signal the
+    agent's own group or every process it may signal."""
+    if pid <= 0:
+        return False
     try:
         p = psutil.Process(pid)
         return abs(p.create_time() - create_time) < 0.01 and p.status() != psutil.STATUS_ZOMBIE
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
+    except (psutil.Error, ValueError, OverflowError):
         return False
 
 
@@ -61,6 +67,8 @@ def stop_orphans(procs: list[psutil.Process], timeout: float = 10.0) -> None:
 def group_alive(pgid: int) -> bool:
     """True while group ``pgid`` has a member that is not a zombie (the number of a group with
     members, zombies included, is never given to another process or group)."""
+    if pgid <= 0:
+        return False  # 0 is the caller's own group
     try:
         os.killpg(pgid, 0)
     except (ProcessLookupError, PermissionError):
@@ -76,7 +84,10 @@ def group_alive(pgid: int) -> bool:
 
 
 def killpg(pid: int, sig: int) -> None:
-    """Signal the process group ``pid`` leads (a slot's session); gone or not ours: nothing."""
+    """Signal the process group ``pid`` leads (a slot's session); gone or not ours: nothing.
+    (0 or less names no such group: the caller's own, or every process; never signalled.)"""
+    if pid <= 0:
+        return
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
 

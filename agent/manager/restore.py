@@ -9,10 +9,13 @@ manager's slot callback): a kill before the end of that pass must not leave a pr
 restarted agent knows nothing of. On start ``restore`` verifies the remembered envelopes again,
 adopts the slot processes that are still alive and finds each router again on its socket; slot
 processes of this node that no record accounts for are orphans and are stopped, since the
-reconciler will start what is wanted again. A state file written by another node or fleet (a
-data dir reused under another name: a cloned VM image, a renamed node, a changed ``--fleet``) is
-ignored, and a remembered envelope sets the replay floor and term only if it is addressed to
-this fleet, node and service: another's would refuse this node's own desired states.
+reconciler will start what is wanted again. A slot record that names no possible process (a pid
+of 0 or less, a port outside 1..65535: a damaged or hand-edited file that still decodes) is
+skipped with one line, and its slot started again, as a corrupt file is set aside. A state file
+written by another node or fleet (a data dir reused under another name: a cloned VM image, a
+renamed node, a changed ``--fleet``) is ignored, and a remembered envelope sets the replay floor
+and term only if it is addressed to this fleet, node and service: another's would refuse this
+node's own desired states.
 """
 
 from __future__ import annotations
@@ -280,6 +283,10 @@ class Restorer:
             return None
         if slot not in SLOTS or rec.pid is None or rec.create_time is None or not rec.digest:
             return None
+        if (why := _unusable(rec)) is not None:
+            log.warning("slot %s/%s of the state file is skipped: %s; it will be started again",
+                        svc.name, slot, why)
+            return None
         ref = ReleaseRef(service=svc.name, version=rec.version, digest=rec.digest)
         path = self.cache.path_for(ref)
         if path is None:
@@ -320,3 +327,14 @@ class Restorer:
         svc.runners[slot] = runner
         log.info("adopted slot %s/%s pid %s", svc.name, slot, rec.pid)
         return runner
+
+
+def _unusable(rec: SlotRecord) -> str | None:
+    """Why a slot record cannot describe a process of ours (a damaged or hand-edited state file
+    that still decodes), or None. Such a record is skipped as a corrupt file is set aside: the
+    slot is started again, and a process of ours it hid is stopped as an orphan."""
+    if rec.pid is not None and rec.pid <= 0:
+        return f"pid {rec.pid} is not a process id"
+    if rec.port is not None and not 1 <= rec.port <= 65535:
+        return f"port {rec.port} is not a TCP port"
+    return None
