@@ -49,6 +49,7 @@ from typing import Protocol
 from agent.router.channel import Channel
 from agent.router.errors import ClientGone, HttpError
 from agent.router.exchange import (
+    IDEMPOTENT,
     IDLE_TIMEOUT,
     READ_TIMEOUT,
     RESPONSE_TIMEOUT,
@@ -474,11 +475,15 @@ class ClientConn(Channel):
             return
         counters = self.proxy.counters(self.slot)
         counters.failures += 1
-        if self.phase == _HEAD and not channel.buf:
-            # A stale keep-alive the upstream closed, before any response byte: retry.
+        req = self.req
+        if self.phase == _HEAD and not channel.buf and req is not None \
+                and req.method in IDEMPOTENT:
+            # A stale keep-alive the upstream closed, before any response byte: retry (only an
+            # idempotent request: one the upstream took and died on must not be sent twice).
             self._handover(resp_pending=False)
         elif self.phase == _HEAD:
-            self._fast_fail(502, f"slot {self.slot} closed the connection mid-head", count=False)
+            when = "mid-head" if channel.buf else "before answering"
+            self._fast_fail(502, f"slot {self.slot} closed the connection {when}", count=False)
         else:
             # The head is with the client (or is sent now, with what came of the body): all we
             # can do is cut the connection.

@@ -10,9 +10,12 @@ path already did, and exchange with it (the whole body must arrive within the co
     attempt 3+: each other serving slot, heaviest first
 
 An attempt fails over to the next when the connect fails, or when the connection breaks before any
-response byte and the request is buffered and either the connection was a reused one (a stale
-keep-alive the upstream closed) or the method is idempotent; each such failure is counted on its
-slot. Anything else answers 502 (504 on a timeout). Once the response head is sent to the client
+response byte and the request is buffered and its method idempotent; each such failure is
+counted on its slot. Anything else answers 502 (504 on a timeout). A request that is not
+idempotent (POST, PATCH) is never sent twice: an upstream that closes a reused connection
+before answering may have closed an idle one (a stale keep-alive, which the pool checks for
+before it hands one out) or may have acted on the request and died, and only the first is safe
+to retry; nginx and Go's client draw the same line. Once the response head is sent to the client
 nothing can be retried: a broken upstream body closes the client connection.
 
 The fast path enters here at attempt 2 when its pooled connection was stale (``skip_idle``), or
@@ -52,6 +55,13 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 _UPSTREAM_ERRORS = (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, Broken)
+
+
+def _answered(exc: BaseException, conn: Conn) -> bool:
+    """Whether any byte of a response came before ``exc`` ended the exchange: part of a head
+    (left in the buffer, or in the error), or a head past ``MAX_HEAD``."""
+    return bool(conn.buf) or isinstance(exc, asyncio.LimitOverrunError) or bool(
+        isinstance(exc, asyncio.IncompleteReadError) and exc.partial)
 
 
 class Exchange:
@@ -135,7 +145,6 @@ class Exchange:
             pool = proxy.pool_for(up.host, up.port)
             counters = proxy.counters(slot)
             idle = pool.take_idle() if allow_idle else None
-            reused = idle is not None
             if idle is not None:
                 conn = idle
             else:
@@ -161,8 +170,7 @@ class Exchange:
                 close_conn(conn)
                 counters.failures += 1
                 failure = f"slot {slot} closed the connection ({exc.__class__.__name__})"
-                nothing = not (isinstance(exc, asyncio.IncompleteReadError) and exc.partial)
-                if buffered and nothing and (reused or req.method in IDEMPOTENT):
+                if buffered and req.method in IDEMPOTENT and not _answered(exc, conn):
                     continue
                 return self._fail(client, counters, 502, failure, started)
             return await self._respond(

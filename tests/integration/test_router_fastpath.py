@@ -129,6 +129,47 @@ async def test_stale_pooled_connection_is_retried_on_a_fresh_one(rig: Rig) -> No
     assert rig.proxy.slots["a"].requests == 4 and rig.proxy.slots["a"].errors == 0
 
 
+@pytest.mark.parametrize("post", [
+    b"POST /pay HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\namount=10",  # general path
+    b"POST /pay?amount=10 HTTP/1.1\r\nHost: x\r\n\r\n",  # no body: the fast path
+])
+@pytest.mark.parametrize("dies", ["closes", "half a head", "a head too large"])
+async def test_a_request_that_is_not_idempotent_is_never_sent_twice(
+    rig: Rig, post: bytes, dies: str,
+) -> None:
+    """A POST on a reused connection whose upstream took it and died (closed, reset after half
+    a head, or sent a head past MAX_HEAD) is answered 502: the upstream may have acted on it,
+    and a second copy would act twice (a review had the same payment POSTed twice). A stale
+    keep-alive is told from it only for idempotent methods (above), as nginx and Go do."""
+    seen: list[bytes] = []
+
+    async def dying(c: int, r: int, head: bytes, rd: asyncio.StreamReader,
+                    w: asyncio.StreamWriter) -> bool:
+        if r == 1 and c == 1:
+            w.write(ok(b"warm"))  # the first exchange pools the connection
+            return True
+        seen.append(head.split(b" ")[1])
+        if b"Content-Length: 9" in head:
+            await rd.readexactly(9)
+        if dies == "half a head":
+            w.write(b"HTTP/1.1 200 OK\r\nContent-")
+            await w.drain()
+            w.transport.abort()
+        elif dies == "a head too large":
+            w.write(b"HTTP/1.1 200 OK\r\nX: " + b"y" * (70 * 1024) + b"\r\n\r\n")
+        return False
+
+    await rig.upstream(dying)
+    reader, writer = await connect(rig.port)
+    writer.write(get("/warm"))
+    assert (await read_response(reader))[2] == b"warm"
+    writer.write(post)
+    status, _, _ = await read_response(reader)
+    writer.close()
+    assert status == 502
+    assert len(seen) == 1, seen
+
+
 async def test_bytes_past_the_body_keep_a_connection_out_of_the_pool(rig: Rig) -> None:
     """An upstream sending more than its Content-Length has its connection dropped, not reused."""
 
