@@ -33,6 +33,11 @@ form (one ``Transfer-Encoding`` field in lower case with ``chunked`` last, or on
 does), one ``Host``, and an origin-form target (an absolute-form target is rewritten to origin
 form and its authority becomes the Host, RFC 9112 3.2.2). ``CONNECT`` is refused (501): the router
 does not tunnel.
+
+What the head says about the client is the router's to say: X-Forwarded-For is set to the peer's
+address, and the other forwarding headers (``FORWARDING``) are dropped, unless the peer is a
+trusted proxy. A field whose name holds an underscore is dropped whoever sent it, as nginx does:
+CGI-style servers read ``X_Forwarded_For`` as X-Forwarded-For.
 """
 
 from __future__ import annotations
@@ -87,7 +92,13 @@ _NOT_HOP_BY_HOP = frozenset({b"content-length", b"transfer-encoding", b"host"})
 # The headers the index holds: those whose values the router reads, and the hop-by-hop ones (so
 # that a head without any needs no filtering).
 _READ = frozenset({b"connection", b"content-length", b"transfer-encoding", b"host", b"expect"})
-_INDEXED = _READ | HOP_BY_HOP | {b"x-forwarded-for"}
+# What a proxy in front says about the client (its address, the host and scheme it was asked
+# for): believed only from a trusted proxy; from anyone else dropped (X-Forwarded-For replaced by
+# the peer's address), since the router cannot vouch for them and a service cannot tell whose
+# they are. The whole X-Forwarded- family counts (-Host, -Proto, -Port, -Prefix, -Ssl, ...).
+FORWARDING = frozenset({b"x-forwarded-for", b"forwarded", b"x-real-ip"})
+_FORWARDING_PREFIX = b"x-forwarded-"
+_INDEXED = _READ | HOP_BY_HOP | FORWARDING
 
 
 @dataclass(slots=True)
@@ -105,7 +116,9 @@ class RequestHead:
     # The head as received when it can go upstream as it is (plus X-Forwarded-For): it had
     # nothing to remove. b"" when it must be rebuilt from ``headers``.
     raw: bytes = b""
-    forwarded: bool = False  # the client sent X-Forwarded-For (trusted or replaced upstream)
+    # The client sent a forwarding header (``is_forwarding``): kept from a trusted proxy,
+    # dropped (X-Forwarded-For replaced) from anyone else.
+    forwarded: bool = False
 
     @property
     def has_body(self) -> bool:
@@ -150,9 +163,27 @@ def _split_headers(lines: list[bytes]) -> tuple[Headers, dict[bytes, list[bytes]
             raise HttpError(400, "control character in a header value")
         pairs.append((name, value))
         lower = name.lower()
-        if lower in _INDEXED:
+        if lower in _INDEXED or lower.startswith(_FORWARDING_PREFIX):
             index.setdefault(lower, []).append(value)
     return pairs, index
+
+
+def is_forwarding(lower: bytes) -> bool:
+    """Whether a (lower-case) header name says where a request came from or how it was asked."""
+    return lower in FORWARDING or lower.startswith(_FORWARDING_PREFIX)
+
+
+def _without_underscores(headers: Headers) -> Headers:
+    """``headers`` without the fields whose names hold an underscore (itself if none do).
+
+    CGI, WSGI, PHP and Rack servers turn both ``-`` and ``_`` into ``_`` (``HTTP_X_FORWARDED_FOR``),
+    so ``X_Forwarded_For`` would reach a service as the X-Forwarded-For the router rewrites, and
+    ``X_Remote_User`` as a header an authenticating layer sets. nginx drops such fields by default
+    (``underscores_in_headers off``) and so do we: all of them, not a list of names to protect,
+    since no list covers what every service reads; no common client sends one."""
+    if not any(b"_" in name for name, _ in headers):
+        return headers
+    return [(n, v) for n, v in headers if b"_" not in n]
 
 
 def _connection_tokens(index: dict[bytes, list[bytes]]) -> set[bytes]:
@@ -324,9 +355,12 @@ def parse_request(head: bytes) -> RequestHead:
         headers = _canonical(headers, index, content_length)
     if authority is not None:
         headers = _replace(headers, b"host", authority)  # RFC 9112 3.2.2: the URI's authority wins
+    if b"_" in head:  # (a cheap test first: most heads have no underscore at all)
+        headers = _without_underscores(headers)
+    forwarded = any(is_forwarding(name) for name in index)
     verbatim = (
         headers is pairs  # (a rewritten target or framing comes with rewritten headers)
-        and b"x-forwarded-for" not in index
+        and not forwarded
         and head.endswith(b"\r\n\r\n")
         and not head.startswith(b"\r\n")
     )
@@ -340,7 +374,7 @@ def parse_request(head: bytes) -> RequestHead:
         expect_continue=expect_continue,
         headers=headers,
         raw=head if verbatim else b"",
-        forwarded=b"x-forwarded-for" in index,
+        forwarded=forwarded,
     )
 
 
@@ -349,8 +383,10 @@ def upstream_request_head(
 ) -> bytes:
     """The head to send upstream: the client's, hop-by-hop removed, X-Forwarded-For set.
 
-    X-Forwarded-For is the peer's address alone: what a client says it forwards is its own
-    claim. Only a ``trusted_proxy`` peer's list is kept (all its lines, in order) and appended to.
+    X-Forwarded-For is the peer's address alone, and the other forwarding headers (Forwarded,
+    X-Real-IP, X-Forwarded-Host, -Proto, ...) are dropped: what a client says it forwards is its
+    own claim. Only a ``trusted_proxy`` peer's are kept: its X-Forwarded-For list (all its lines,
+    in order) appended to, the others as it sent them.
     """
     peer = client_ip.encode("ascii")
     if req.raw:
@@ -358,10 +394,14 @@ def upstream_request_head(
     out = [f"{req.method} {req.target} ".encode("latin-1") + req.version]
     chain: list[bytes] = []
     for name, value in req.headers:
-        if name.lower() == b"x-forwarded-for":
-            if trusted_proxy and value:
-                chain.append(value)
-            continue
+        if req.forwarded:
+            lower = name.lower()
+            if lower == b"x-forwarded-for":
+                if trusted_proxy and value:
+                    chain.append(value)
+                continue
+            if not trusted_proxy and is_forwarding(lower):
+                continue
         out.append(name + b": " + value)
     chain.append(peer)
     out.append(b"X-Forwarded-For: " + b", ".join(chain))

@@ -68,6 +68,48 @@ def test_x_forwarded_for_of_a_trusted_proxy_is_appended_to() -> None:
 
 
 @pytest.mark.parametrize(
+    "name", [b"X_Forwarded_For", b"x-forwarded_for", b"X_Real_IP", b"X_Remote_User"]
+)
+@pytest.mark.parametrize("trusted", [False, True])
+def test_a_header_whose_name_has_an_underscore_is_dropped(name: bytes, trusted: bool) -> None:
+    """``X_Forwarded_For`` went upstream as sent, beside the X-Forwarded-For the router set: a
+    CGI/WSGI server maps both to HTTP_X_FORWARDED_FOR and merges them (a review spoofed the
+    client address through wsgiref so). Every name with an underscore is dropped, as nginx does,
+    whoever the peer; other headers and underscores in values stay."""
+    req = parse_request(
+        b"GET /a_b HTTP/1.1\r\nHost: x\r\n" + name + b": 6.6.6.6\r\nCookie: fw_id=a_b\r\n\r\n"
+    )
+    head = upstream_request_head(req, "192.0.2.7", trusted_proxy=trusted)
+    assert head == (
+        b"GET /a_b HTTP/1.1\r\nHost: x\r\nCookie: fw_id=a_b\r\nX-Forwarded-For: 192.0.2.7\r\n\r\n"
+    )
+
+
+FORWARDING = (
+    b"Forwarded: for=6.6.6.6;proto=https\r\nX-Real-IP: 6.6.6.6\r\n"
+    b"X-Forwarded-Host: bank.example\r\nx-forwarded-proto: https\r\nX-Forwarded-Port: 443\r\n"
+)
+
+
+def test_forwarding_headers_of_an_untrusted_client_are_dropped() -> None:
+    """Forwarded, X-Real-IP and the X-Forwarded- family from a peer that is no trusted proxy are
+    its own claims about its address, host and scheme: dropped, like its X-Forwarded-For."""
+    req = parse_request(b"GET / HTTP/1.1\r\nHost: x\r\n" + FORWARDING + b"Accept: */*\r\n\r\n")
+    assert req.forwarded and not req.raw
+    assert upstream_request_head(req, "192.0.2.7") == (
+        b"GET / HTTP/1.1\r\nHost: x\r\nAccept: */*\r\nX-Forwarded-For: 192.0.2.7\r\n\r\n"
+    )
+
+
+def test_forwarding_headers_of_a_trusted_proxy_are_kept() -> None:
+    """A trusted proxy's forwarding headers go on as it sent them (X-Forwarded-For appended to)."""
+    req = parse_request(b"GET / HTTP/1.1\r\nHost: x\r\n" + FORWARDING + b"\r\n")
+    assert upstream_request_head(req, "192.0.2.7", trusted_proxy=True) == (
+        b"GET / HTTP/1.1\r\nHost: x\r\n" + FORWARDING + b"X-Forwarded-For: 192.0.2.7\r\n\r\n"
+    )
+
+
+@pytest.mark.parametrize(
     "connection",
     [b"Content-Length", b"transfer-encoding", b"HOST", b"keep-alive, Content-Length",
      b"close,Transfer-Encoding"],
