@@ -156,6 +156,7 @@ def add(directory: Path, name: str, expires: float | None, now: float) -> tuple[
     file's path."""
     check_name(name)
     path = directory / FILE_NAME
+    _make(directory)  # only add makes the directory (and the file)
     with _locked(directory):
         tokens = _existing(path)
         if any(t.name == name for t in tokens):
@@ -168,8 +169,15 @@ def add(directory: Path, name: str, expires: float | None, now: float) -> tuple[
 
 
 def revoke(directory: Path, name: str) -> Path:
-    """Remove ``name``'s token from ``directory``'s token file; its path."""
+    """Remove ``name``'s token from ``directory``'s token file; its path. A directory or a
+    file that is not there is refused before anything is touched (a typo makes nothing)."""
     path = directory / FILE_NAME
+    if not directory.is_dir():
+        raise UsageError(f"{directory} is no directory of web tokens (it does not exist); pass "
+                         "the DIR given to 'fleetwave auth add-web-token'")
+    if not path.is_file():
+        raise UsageError(f"{directory} holds no {FILE_NAME}: no token to revoke there; pass the "
+                         "DIR given to 'fleetwave auth add-web-token'")
     with _locked(directory):
         tokens = _existing(path)
         kept = [t for t in tokens if t.name != name]
@@ -183,8 +191,8 @@ def revoke(directory: Path, name: str) -> Path:
 @contextlib.contextmanager
 def _locked(directory: Path) -> Iterator[None]:
     """One change of the token file at a time, across processes (each reads, then rewrites
-    the whole file: two at once would lose one's token or revocation)."""
-    _make(directory)
+    the whole file: two at once would lose one's token or revocation). ``directory`` must
+    exist: the lock never makes it."""
     try:
         lock = (directory / LOCK_NAME).open("a")
     except OSError as exc:

@@ -126,3 +126,17 @@ def test_parallel_adds_and_revokes_lose_nothing(tmp_path: Path,
             f.result()
     kept = web_tokens.read(tmp_path / web_tokens.FILE_NAME)
     assert sorted(t.name for t in kept) == names
+
+
+@pytest.mark.parametrize("made", [False, True], ids=["no-directory", "no-file"])
+def test_revoke_in_a_wrong_directory_changes_nothing(tmp_path: Path, made: bool) -> None:
+    """``revoke`` given a directory that does not exist, or one without a token file (a
+    typo), is refused before anything is made: no directory, no lock file."""
+    typo = tmp_path / "typo-web"
+    if made:
+        typo.mkdir()
+    with pytest.raises(UsageError, match="typo-web") as err:
+        web_tokens.revoke(typo, "alice")
+    assert "\n" not in str(err.value)
+    assert typo.is_dir() == made
+    assert not made or list(typo.iterdir()) == []
