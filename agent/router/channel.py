@@ -21,9 +21,13 @@ timeout. The errors are the ones asyncio streams raise (``IncompleteReadError`` 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
 from typing import Protocol, cast
 
 DEFAULT_LIMIT = 256 * 1024
+_LINGER_NONE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
 
 class Readable(Protocol):
@@ -144,6 +148,17 @@ class Channel(asyncio.Protocol):
         """Drop the connection now, unsent bytes included."""
         if self.transport is not None:
             self.transport.abort()
+
+    def reset(self) -> None:
+        """Drop the connection with a reset (RST), unsent bytes included. ``abort`` alone ends
+        it with a FIN when nothing is unread, which the peer cannot tell from a clean close."""
+        if self.transport is None:
+            return
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):  # (already gone: nothing left to reset)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_NONE)
+        self.transport.abort()
 
     def is_closing(self) -> bool:
         return self.closed or self.transport is None or self.transport.is_closing()

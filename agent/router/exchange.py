@@ -16,7 +16,10 @@ idempotent (POST, PATCH) is never sent twice: an upstream that closes a reused c
 before answering may have closed an idle one (a stale keep-alive, which the pool checks for
 before it hands one out) or may have acted on the request and died, and only the first is safe
 to retry; nginx and Go's client draw the same line. Once the response head is sent to the client
-nothing can be retried: a broken upstream body closes the client connection.
+nothing can be retried: a broken upstream body aborts the client connection (a reset). A clean
+close (FIN) would tell the client a read-until-close body was whole, truncated as it is; a reset
+says it is not, whatever the framing. (The fast path relays Content-Length bodies only, whose
+length already tells a client a cut, and closes.)
 
 The fast path enters here at attempt 2 when its pooled connection was stale (``skip_idle``), or
 with the upstream connection whose response head it left unread (``pending``: interim responses,
@@ -265,8 +268,10 @@ class Exchange:
                 try:
                     piece = await reader.read()
                 except (*_UPSTREAM_ERRORS, TimeoutError):
-                    # The head is already with the client: all we can do is cut the connection.
+                    # The head is already with the client: all we can do is cut the connection,
+                    # with a reset (a FIN would end a read-until-close body as if it were whole).
                     close_conn(conn)
+                    client.reset()
                     counters.failures += 1
                     counters.observe(502, (time.perf_counter() - started) * 1000.0)
                     return False

@@ -30,6 +30,8 @@ class Client(Readable, Protocol):
 
     async def drain(self) -> None: ...
 
+    def reset(self) -> None: ...  # drop the connection now with a reset (RST)
+
 
 class ProxyState(Protocol):
     """The proxy as the exchange uses it: what is in force now, and where to count."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -316,6 +318,40 @@ async def test_upstream_dying_mid_body_cuts_the_client_and_counts(rig: Rig) -> N
     assert head.startswith(b"HTTP/1.1 200") and rest == b"only ten b"
     c = rig.proxy.slots["a"]
     assert c.failures == 1 and c.errors == 1 and c.requests == 2
+
+
+@pytest.mark.parametrize("framing", [b"", b"Transfer-Encoding: chunked\r\n"])
+async def test_an_upstream_reset_mid_body_resets_the_client(rig: Rig, framing: bytes) -> None:
+    """A body with no Content-Length (read until close, or chunked: the general path) that the
+    upstream breaks off with a reset reaches the client as a reset, not as a clean close: a
+    review's read-until-close body ``{"balance": 10`` cut short read as whole through the router
+    (the FIN that ends such a body), while the upstream's reset said it was not."""
+    sent = asyncio.Event()
+
+    async def crash(c: int, r: int, head: bytes, _: object, w: asyncio.StreamWriter) -> bool:
+        w.write(b"HTTP/1.1 200 OK\r\n" + framing + b"\r\n"
+                + (b"e\r\n" if framing else b"") + b'{"balance": 10')
+        await w.drain()
+        async with asyncio.timeout(10):
+            await sent.wait()  # the client has the head: the body is being relayed
+        w.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+        w.transport.abort()
+        return False
+
+    await rig.upstream(crash)
+    reader, writer = await connect(rig.port)
+    writer.write(get("/account"))
+    async with asyncio.timeout(10):
+        head = await reader.readuntil(b"\r\n\r\n")
+        sent.set()
+        with pytest.raises(ConnectionResetError):
+            while await reader.read(65536):
+                pass  # a clean end of stream (b"") fails the test
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 200")
+    c = rig.proxy.slots["a"]
+    assert c.failures == 1 and c.errors == 1
 
 
 async def test_client_leaving_mid_response_drops_that_upstream_connection(rig: Rig) -> None:
