@@ -4,6 +4,11 @@ A slot process runs in its own session (it outlives the agent), so it is known b
 psutil's create_time (a recycled pid never matches), signalled by process group, and, when an
 agent was killed before it recorded one, found again by its working directory and
 ``FLEETWAVE_NODE`` (``find_orphans``) to be stopped.
+
+What a slot process looks like: it leads its session, works in its release directory (or below
+it), and its environment says ``FLEETWAVE_NODE`` and ``FLEETWAVE_SLOT``. A state file is trusted
+for the pid only as far as the process it names looks so (``not_the_slot``): the agent signals
+the process group of every slot it adopts, and a pid with its create_time names any process.
 """
 
 from __future__ import annotations
@@ -29,6 +34,56 @@ def process_matches(pid: int, create_time: float) -> bool:
         return abs(p.create_time() - create_time) < 0.01 and p.status() != psutil.STATUS_ZOMBIE
     except (psutil.Error, ValueError, OverflowError):
         return False
+
+
+def not_the_slot(pid: int, release_dir: Path, node: str, slot: str, uid: int) -> str | None:
+    """Why the live process ``pid`` is not the process of ``slot`` on ``node`` started in
+    ``release_dir`` as ``uid`` (the services' user), or None when it is.
+
+    It must lead its own session, work in ``release_dir`` or below it, and have this node's
+    ``FLEETWAVE_NODE`` and this slot's ``FLEETWAVE_SLOT`` in its environment. Reading another
+    process's working directory and environment takes what the agent has when it starts
+    processes as another user (root, or ``CAP_SYS_PTRACE`` under the systemd drop-in) and is
+    always allowed for its own user's; should either be refused all the same (``AccessDenied``),
+    what could be read must match and the process must run as ``uid``: a process of the services'
+    user is one the agent's services could signal anyway.
+    """
+    try:
+        proc = psutil.Process(pid)
+        if os.getsid(pid) != pid:
+            return "it does not lead its own session"
+        unread: list[str] = []
+        try:
+            cwd: str | None = proc.cwd()
+        except psutil.AccessDenied:
+            cwd = None
+            unread.append("working directory")
+        if cwd is not None and not _within(cwd, release_dir):
+            return f"it works in {cwd}, not in {release_dir}"
+        try:
+            env: dict[str, str] | None = proc.environ()
+        except psutil.AccessDenied:
+            env = None
+            unread.append("environment")
+        if env is not None:
+            for name, want in (("FLEETWAVE_NODE", node), ("FLEETWAVE_SLOT", slot)):
+                if env.get(name) != want:
+                    return f"its {name} is {env.get(name)!r}, not {want!r}"
+        if unread and (owner := proc.uids().real) != uid:
+            return (f"its {' and '.join(unread)} cannot be read and it runs as uid {owner}, "
+                    f"not the services' {uid}")
+    except (psutil.NoSuchProcess, ProcessLookupError):
+        return "it is gone"
+    except psutil.AccessDenied:
+        return "it cannot be looked at"
+    return None
+
+
+def _within(path: str, directory: Path) -> bool:
+    """Whether ``path`` (as the kernel resolves a working directory) is ``directory`` or lies
+    below it."""
+    root = os.path.realpath(directory)
+    return path == root or path.startswith(root + os.sep)
 
 
 def find_orphans(releases_dir: Path, node: str, keep: set[int]) -> list[psutil.Process]:

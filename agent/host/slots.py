@@ -19,9 +19,13 @@ in ``<log>.1`` and the live file truncated; the service opened it with O_APPEND,
 write lands at the new end).
 
 Adoption: a restarted agent rebuilds runners from its state file with ``SlotRunner.adopt``, which
-accepts a pid only if psutil's create_time matches the recorded one (never a recycled pid). An
-adopted process is not our child, so it is watched by polling psutil and its exit status is not
-known (init reaps it).
+accepts a pid only if psutil's create_time matches the recorded one (never a recycled pid) and
+the process looks like this slot's (``processes.not_the_slot``: session leader, in the release
+directory, this node's and slot's ``FLEETWAVE_*``): the runner signals the process group of what
+it adopts, and a state file could name any process. A process refused is not the runner's (one
+log line says why) and the slot counts as gone; only if it is one of this node's slot processes
+after all is it stopped, as an orphan (``processes.find_orphans``). An adopted process is not
+our child, so it is watched by polling psutil and its exit status is not known (init reaps it).
 
 The runner never raises out of ``run``: a bug becomes a ``failed`` slot with the reason, so one
 slot cannot take the agent down. Cancelling ``run`` stops watching but leaves the process alive.
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -47,7 +52,7 @@ from agent.backoff import Backoff
 from agent.cadence import next_tick
 from agent.host.identity import RunAs, child_env, spawn_kwargs
 from agent.host.probes import Prober, kill_and_reap, spawn_owned
-from agent.host.processes import group_alive, killpg, process_matches
+from agent.host.processes import group_alive, killpg, not_the_slot, process_matches
 from protocol.errors import ProtocolError
 from protocol.expand import expand_argv
 from protocol.logs import last_line
@@ -232,8 +237,16 @@ class SlotRunner:
     def adopt(cls, spec: SlotSpec, pid: int, create_time: float, notify: Notify, *,
               status: str, since: float, restarts: int = 0,
               now: Callable[[], float] = time.time) -> SlotRunner | None:
-        """A runner for a live process from the state file, or None if that process is gone."""
+        """A runner for a live process from the state file, or None (said in one log line) if
+        that process is gone or is not this slot's; a process refused is never signalled."""
+        where = f"slot {spec.service}/{spec.slot} (pid {pid})"
         if not process_matches(pid, create_time):
+            log.info("%s is gone; it will be started again", where)
+            return None
+        uid = spec.run_as.uid if spec.run_as is not None else os.geteuid()
+        why = not_the_slot(pid, spec.release_dir, spec.node, spec.slot, uid)
+        if why is not None:
+            log.warning("%s is not adopted: %s; the slot will be started again", where, why)
             return None
         r = cls(spec, notify, now=now)
         r.pid, r.create_time, r._adopted = pid, create_time, True

@@ -319,10 +319,7 @@ class Restorer:
             restarts=rec.restarts,
             now=self.clock,
         )
-        if runner is None:
-            log.info(
-                "slot %s/%s (pid %s) is gone; it will be started again", svc.name, slot, rec.pid
-            )
+        if runner is None:  # gone, or not this slot's process (adopt said which)
             return None
         svc.runners[slot] = runner
         log.info("adopted slot %s/%s pid %s", svc.name, slot, rec.pid)

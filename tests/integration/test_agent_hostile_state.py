@@ -3,10 +3,12 @@ tampered with, started again. It must come up, leave alone what is not its own, 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from coordinator.dev.broker import Broker
@@ -68,3 +70,37 @@ async def test_a_negative_pid_in_the_state_file_is_skipped_and_the_agent_converg
     assert ("slot hello/a of the state file is skipped: pid -1 is not a process id; it will be "
             "started again") in log
     assert f"stopping 1 slot process(es) no state record accounts for: pids {old}" in log
+
+
+async def test_a_process_that_is_not_a_slot_named_by_the_state_file_is_never_signalled(
+    fleet: Fleet, broker: Broker
+) -> None:
+    """Slot a's record pointed (pid and create_time) at an unrelated process that leads its own
+    session (a ``sleep``, standing for any daemon of the host) while the agent was stopped: the
+    agent does not adopt it (one line says why), starts slot a again, and a deploy that stops
+    slot a leaves that process alone. A review found it adopted, and its group SIGTERMed by
+    that deploy."""
+    agent = _agent(fleet, broker)
+    victim = await asyncio.create_subprocess_exec("sleep", "600", start_new_session=True)
+    try:
+        async with reaping(agent):
+            await fleet.converged(await fleet.desire({"a": "1.0.0"}, {"a": 100}))
+            await agent.stop()
+            _tamper(fleet, pid=victim.pid, create_time=psutil.Process(victim.pid).create_time())
+            await agent.start()
+            gen = await fleet.desire({"a": "1.0.0"}, {"a": 100})
+            obs = await _converged_or_dead(fleet, agent, gen)
+            assert obs is not None, f"the agent exited {agent.returncode}: {agent.log_tail()}"
+            assert obs.slots["a"].status == "healthy" and obs.slots["a"].pid != victim.pid
+            gen = await fleet.desire({"b": "2.0.0"}, {"b": 100})  # slot a is stopped
+            obs = await wait_until(
+                fleet.observed, lambda o: o is not None and o.observed_generation >= gen
+                and o.phase == "converged" and o.slots["a"].status == "stopped",
+                timeout=40, what="slot a stopped")
+            assert victim.returncode is None
+        log = (fleet.base / "logs" / f"{NODE}.log").read_text()
+        assert (f"slot hello/a (pid {victim.pid}) is not adopted: it works in {Path.cwd()}, not "
+                f"in {fleet.base / NODE / 'releases'}/") in log
+    finally:
+        victim.kill()
+        await asyncio.wait_for(victim.wait(), 5)

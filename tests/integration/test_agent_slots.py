@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import os
 import shutil
@@ -17,6 +18,7 @@ import psutil
 import pytest
 
 from agent.host import probes, slots
+from agent.host.identity import RunAs
 from agent.host.ports import free_port
 from agent.host.processes import process_matches
 from agent.host.slots import CrashPolicy, SlotRunner, SlotSpec
@@ -105,6 +107,16 @@ def _spec(release: Path, tmp_path: Path, manifest: Manifest, slot: str = "a") ->
         port=free_port(),
         log_dir=tmp_path / "logs",
     )
+
+
+async def _slot_like(spec: SlotSpec, argv: tuple[str, ...] = ("sleep", "60"), *,
+                     cwd: Path | None = None, session: bool = True,
+                     **env: str) -> asyncio.subprocess.Process:
+    """``argv`` started as the runner starts ``spec``'s process (its own session, in its release
+    dir, its env), for adoption; ``cwd``, ``session`` and ``env`` change what it looks like."""
+    return await asyncio.create_subprocess_exec(
+        *argv, cwd=cwd or spec.release_dir, env={**spec.env(), **env},
+        start_new_session=session)
 
 
 def _start(runners: list, spec: SlotSpec, events: Events, **kw) -> SlotRunner:
@@ -338,6 +350,69 @@ async def test_adopted_process_exit_is_noticed_and_restarted(release, tmp_path, 
     assert adopted.pid != r.pid
 
 
+@pytest.mark.parametrize(("looks", "why"), [
+    ("elsewhere", "it works in {tmp}, not in {release}"),
+    ("in no session of its own", "it does not lead its own session"),
+    ("of another node", "its FLEETWAVE_NODE is 'n2', not 'n1'"),
+    ("of another slot", "its FLEETWAVE_SLOT is 'b', not 'a'"),
+])
+async def test_a_live_process_that_is_not_the_slots_is_not_adopted(
+    looks: str, why: str, release: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A state file's pid and create_time name a live process, but not one that looks like
+    this slot's (a session leader in its release dir with this node's and slot's FLEETWAVE_*):
+    adopt() refuses it with one line saying why, so nothing ever signals its group. A review
+    found any process named by a state file adopted, and SIGTERMed at the next deploy."""
+    spec = _spec(release, tmp_path, _manifest(release))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = await _slot_like(
+        spec, cwd=elsewhere if looks == "elsewhere" else None,
+        session=looks != "in no session of its own",
+        **{"of another node": {"FLEETWAVE_NODE": "n2"},
+           "of another slot": {"FLEETWAVE_SLOT": "b"}}.get(looks, {}))
+    try:
+        created = psutil.Process(proc.pid).create_time()
+        with caplog.at_level("INFO", "fleetwave.agent.slots"):
+            adopted = SlotRunner.adopt(spec, proc.pid, created, Events(), status="healthy",
+                                       since=1.0)
+        assert adopted is None
+        said = why.format(tmp=elsewhere, release=release)
+        assert [r.getMessage() for r in caplog.records] == [
+            f"slot hello/a (pid {proc.pid}) is not adopted: {said}; the slot will be started "
+            "again"]
+        assert proc.returncode is None
+    finally:
+        proc.kill()
+        await asyncio.wait_for(proc.wait(), 5)
+
+
+@pytest.mark.parametrize("unreadable", ["cwd", "environ"])
+async def test_a_slot_whose_proc_files_cannot_be_read_is_adopted_if_it_runs_as_the_services_user(
+    unreadable: str, release: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the agent may not read a process's working directory or environment
+    (AccessDenied), a session leader is adopted only if it runs as the services' user, and what
+    could be read still has to match."""
+    spec = _spec(release, tmp_path, _manifest(release))
+    proc = await _slot_like(spec)
+    try:
+        def denied(self: psutil.Process) -> None:
+            raise psutil.AccessDenied(self.pid)
+
+        monkeypatch.setattr(psutil.Process, unreadable, denied)
+        created = psutil.Process(proc.pid).create_time()
+        assert SlotRunner.adopt(spec, proc.pid, created, Events(), status="healthy",
+                                since=1.0) is not None
+        other = RunAs("other", os.geteuid() + 4242, os.getegid(), "/")
+        apart = dataclasses.replace(spec, run_as=other)
+        assert SlotRunner.adopt(apart, proc.pid, created, Events(), status="healthy",
+                                since=1.0) is None
+    finally:
+        proc.kill()
+        await asyncio.wait_for(proc.wait(), 5)
+
+
 async def test_an_adopted_healthy_slot_that_stopped_answering_turns_unhealthy(
         release, tmp_path, runners) -> None:
     """After the agent's restart, a slot adopted as healthy whose process lives on but no longer
@@ -347,7 +422,7 @@ async def test_an_adopted_healthy_slot_that_stopped_answering_turns_unhealthy(
     slot's."""
     ev = Events()
     spec = _spec(release, tmp_path, _manifest(release))
-    proc = await asyncio.create_subprocess_exec("sleep", "60", start_new_session=True)
+    proc = await _slot_like(spec)
     try:
         created = psutil.Process(proc.pid).create_time()
         adopted = SlotRunner.adopt(spec, proc.pid, created, ev, status="healthy", since=1.0)
@@ -559,7 +634,7 @@ async def test_a_slot_adopted_while_starting_is_validated(release, tmp_path, run
     m.health.exec = [sys.executable, "-c", ""]
     ev = Events()
     spec = _spec(release, tmp_path, m)
-    proc = await asyncio.create_subprocess_exec("sleep", "60", start_new_session=True)
+    proc = await _slot_like(spec)
     try:
         created = psutil.Process(proc.pid).create_time()
         adopted = SlotRunner.adopt(spec, proc.pid, created, ev, status="starting", since=1.0)
