@@ -93,7 +93,9 @@ class Exchange:
         """
         proxy = self.proxy
         started = client.started
-        if req.expect_continue and req.has_body:
+        if req.expect_continue and req.has_body and req.version == b"HTTP/1.1":
+            # (RFC 9110 10.1.1, 15.2: an HTTP/1.0 client's expectation is ignored, and no 1xx is
+            # ever sent to one: it would take the 100 for the answer.)
             client.write(CONTINUE)
         source = BodyReader(
             client, "chunked" if req.chunked else "length", req.content_length or 0, READ_TIMEOUT,

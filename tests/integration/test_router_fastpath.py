@@ -172,6 +172,23 @@ async def test_a_request_that_is_not_idempotent_is_never_sent_twice(
     assert len(seen) == 1, seen
 
 
+@pytest.mark.parametrize("version", ["1.0", "1.1"])
+async def test_100_continue_goes_to_http_11_clients_only(rig: Rig, version: str) -> None:
+    """``Expect: 100-continue`` is answered 100 Continue for an HTTP/1.1 client; an HTTP/1.0
+    client's is ignored (RFC 9110 10.1.1), since no 1xx may go to one (15.2): a review's HTTP/1.0
+    client got ``HTTP/1.1 100 Continue`` and would take it for the answer."""
+    await rig.upstream(echo_path)
+    reader, writer = await connect(rig.port)
+    writer.write(f"POST /up HTTP/{version}\r\nHost: x\r\nExpect: 100-continue\r\n"
+                 "Content-Length: 2\r\n\r\nhi".encode())
+    if version == "1.1":
+        async with asyncio.timeout(10):
+            assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+    status, _, body = await read_response(reader)  # (the first response on 1.0)
+    writer.close()
+    assert (status, body) == (200, b"/up conn=1")
+
+
 async def test_bytes_past_the_body_keep_a_connection_out_of_the_pool(rig: Rig) -> None:
     """An upstream sending more than its Content-Length has its connection dropped, not reused."""
 
