@@ -599,6 +599,8 @@ class Bus:
         self._online = asyncio.Event()
         self._online.set()
         self.revived = 0  # read loops found stopped while connected, and reconnected (``_guard``)
+        self.astray = 0  # messages dropped as delivered onto a subscription (``_delivered_astray``)
+        self._astray_said = -ASYNC_ERRORS_EVERY
         self._revival: asyncio.Task[None] | None = None
         self._guard()
         self._acks: dict[str, asyncio.Future[int]] = {}
@@ -1232,11 +1234,15 @@ class Bus:
     async def subscribe(
         self, subject: str, cb: Callable[[str, bytes], Awaitable[None]], queue: str = ""
     ) -> Any:
+        """Hand ``cb`` every message on ``subject`` (a pattern), and only those: see
+        ``_delivered_astray``."""
         loop = asyncio.get_running_loop()
         turn = loop.time()
 
         async def handler(msg: Any) -> None:
             nonlocal turn
+            if self._delivered_astray(subject, msg.subject):
+                return
             await cb(msg.subject, msg.data)
             if loop.time() - turn >= YIELD_EVERY:
                 await asyncio.sleep(0)
@@ -1246,6 +1252,26 @@ class Bus:
             return await self.nc.subscribe(subject, queue=queue, cb=handler)
         except nats.errors.Error as exc:
             raise BusError(f"cannot subscribe to {subject}: {exc}") from None
+
+    def _delivered_astray(self, pattern: str, subject: str) -> bool:
+        """Whether a message that reached a subscription on ``pattern`` was published on another
+        subject: a JetStream push consumer's delivery, which keeps the subject the message was
+        stored under. The deliver subject is in the body of a consumer's create request, where
+        no permission looks: a node or an operator could have a consumer of a stream it may
+        read deliver onto the pace every agent obeys, or onto the coordinator's own
+        ``node.forgotten`` (a review did: release bytes taken for a pace, a release-index value
+        an operator wrote shown as the coordinator's event). Such messages are dropped and said
+        (once a minute), never handed on; the leader's sweep deletes the consumer."""
+        if subject_matches(pattern, subject):
+            return False
+        now = time.monotonic()
+        if now - self._astray_said >= ASYNC_ERRORS_EVERY:
+            self._astray_said = now
+            log.warning("dropped a message on %s delivered to our subscription on %s: a "
+                        "JetStream consumer someone with the fleet's credentials made delivers "
+                        "there (the leader's consumer sweep removes it)", subject[:120], pattern)
+        self.astray += 1
+        return True
 
     async def unsubscribe(self, sub: Any) -> None:
         """End a ``subscribe``; quiet when the connection is gone (the server forgot it then)."""
@@ -1323,6 +1349,8 @@ class Bus:
                     await self.nc.publish(msg.reply, body, headers=headers)
 
         async def cb(msg: Any) -> None:
+            if self._delivered_astray(subject, msg.subject):
+                return
             if msg.reply and self._answerable(msg.subject, msg.reply):
                 self._answering(answer(msg))
 
@@ -2417,6 +2445,18 @@ class Durable:
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             await bounded(self._sub.unsubscribe(), 2)
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """Whether ``subject`` matches the NATS subscription ``pattern`` (``*`` one token, ``>`` one
+    or more at the end)."""
+    want, got = pattern.split("."), subject.split(".")
+    for i, part in enumerate(want):
+        if part == ">":
+            return len(got) > i
+        if i >= len(got) or part not in ("*", got[i]):
+            return False
+    return len(got) == len(want)
 
 
 class _HeartbeatingJetStream:

@@ -274,6 +274,13 @@ def received(fleet: str, subject: str, data: bytes) -> Event:
     event = decode(Event, data)
     sender = subjects.agent_event_node(fleet, subject)
     if sender is None:
+        if not subjects.is_event(fleet, subject):
+            # Stored in the events stream under another subject: delivered onto an events
+            # subject by a push consumer someone made (its deliver subject is not
+            # permission-checked), e.g. a release-index value an operator wrote, which was
+            # shown as the coordinator's own event, ``who`` and all.
+            raise ProtocolError(f"a message on {subject[:120]!r} in the events ignored (not an "
+                                "events subject: delivered there by a JetStream consumer)")
         return event
     if event.node != sender:
         raise ProtocolError(

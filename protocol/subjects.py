@@ -179,6 +179,12 @@ def events(fleet: str) -> str:
     return f"fw.{fleet}.evt.>"
 
 
+def is_event(fleet: str, subject: str) -> bool:
+    """Whether ``subject`` is one of the fleet's events subjects (``events``)."""
+    prefix = f"fw.{fleet}.evt."
+    return subject.startswith(prefix) and len(subject) > len(prefix)
+
+
 def rollout_events(fleet: str) -> str:
     return f"fw.{fleet}.evt.rollout.>"
 

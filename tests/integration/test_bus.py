@@ -26,7 +26,14 @@ from protocol.bus import (
     Entry,
     EventsLimits,
 )
-from protocol.errors import BusError, Conflict, NotReachable, ServerTooOld, TooFewServers
+from protocol.errors import (
+    BusError,
+    Conflict,
+    NotReachable,
+    ProtocolError,
+    ServerTooOld,
+    TooFewServers,
+)
 
 
 async def test_watch_survives_a_broker_restart(tmp_path: Path) -> None:
@@ -1308,3 +1315,60 @@ async def test_a_read_loop_that_stops_while_connected_is_reconnected_at_once(
     finally:
         await bus.close()
         await sender.close()
+
+
+async def test_a_consumer_delivering_onto_a_subscribed_subject_reaches_no_handler(
+    broker: Broker,
+) -> None:
+    """A push consumer's deliver subject is not permission-checked: one made by a client that
+    may read a stream delivers its messages onto any subject of the account, keeping the
+    subject each was stored under. A review delivered release bytes onto the pace every agent
+    obeys, and a release-index value an operator wrote onto the coordinator's
+    ``node.forgotten`` (the events stream stored it; the dashboard showed it as the
+    coordinator's event). A subscription hands on only what was published on its subject; the
+    events' readers refuse what the stream stored under another subject."""
+    from protocol import subjects
+    from protocol.codec import encode
+    from protocol.events import received
+    from protocol.messages import Event
+    from tests.integration.procs import wait_until
+
+    bus = await Bus.connect(broker.url, "t")
+    rogue = await Bus.connect(broker.url, "t")
+    heard: list[tuple[str, bytes]] = []
+    got = asyncio.Event()
+
+    async def on(subject: str, data: bytes) -> None:
+        heard.append((subject, data))
+        got.set()
+
+    try:
+        await bus.ensure_fleet()
+        forged = encode(Event(id="f" * 32, time=time.time(), fleet="t", kind="node.forgotten",
+                              node="n1", who="bob", message="FORGED"))
+        index = subjects.release_index_bucket("t")
+        await rogue.kv_put(index, "zz", forged)
+        await bus.subscribe(subjects.pace("t"), on)
+        await bus.subscribe(subjects.event("t", "node.forgotten"), on)
+        await bus.flush()
+        jsm = JetStreamManager(rogue.nc)
+        for target in (subjects.pace("t"), subjects.event("t", "node.forgotten")):
+            await jsm.add_consumer(subjects.kv_stream(index), deliver_subject=target,
+                                   filter_subject=f"$KV.{index}.zz")
+        await rogue.flush()
+        # Delivered meanwhile (and dropped); a real publish on each subject comes after them.
+        async def dropped() -> int:
+            return bus.astray
+
+        await wait_until(dropped, lambda n: n >= 2, timeout=10, what="both deliveries dropped")
+        await rogue.publish(subjects.pace("t"), b"real")
+        async with asyncio.timeout(10):
+            await got.wait()
+        assert heard == [(subjects.pace("t"), b"real")]
+        # The events stream stored the delivery under the release index's subject: refused.
+        stored = await rogue.js.get_last_msg(subjects.events_stream("t"), f"$KV.{index}.zz")
+        with pytest.raises(ProtocolError, match="not an events subject"):
+            received("t", stored.subject, stored.data)
+    finally:
+        await bus.close()
+        await rogue.close()
