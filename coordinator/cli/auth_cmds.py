@@ -115,8 +115,21 @@ def revoke(directory: Path, name: str) -> None:
     """Revoke a node's or an operator's credentials; a running broker with --auth disconnects
     them within a second."""
     gone = AuthDir(directory).revoke(name)
-    click.echo(f"revoked {gone.role} {name!r}: removed from {directory / 'users.conf'} and its "
-               "credentials file deleted; brokers with --auth reload it by themselves")
+    said = (f"revoked {gone.role} {name!r}: removed from {directory / 'users.conf'} and its "
+            "credentials file deleted; brokers with --auth reload it by themselves")
+    if gone.role != "operator":
+        click.echo(said)
+        return
+    try:
+        dropped = web_tokens.forget(directory, name)
+    except UsageError as exc:
+        raise FleetwaveError(f"{said}; but its dashboard token could not be removed: {exc}; "
+                             "a coordinator whose token file is bound to "
+                             f"{directory} refuses it all the same") from None
+    click.echo(said + (f"; its dashboard token removed from {dropped}" if dropped else "")
+               + f"; a dashboard token of {name!r} is refused from the next request where the "
+               f"token file is bound to {directory}, elsewhere remove it with 'fleetwave auth "
+               f"revoke-web-token DIR {name}'")
 
 
 @auth.command("add-web-token")
@@ -125,26 +138,43 @@ def revoke(directory: Path, name: str) -> None:
 @click.option("--expires", "expires", default=None, metavar="DURATION", callback=_lifetime,
               help="Valid for this long from now ('90d', '12h'); then the dashboard refuses it. "
               "Default: until revoked.")
+@click.option("--auth-dir", "auth_dir", default=None, metavar="AUTH_DIR",
+              type=click.Path(file_okay=False, path_type=Path),
+              help="The fleet's auth directory (made by 'fleetwave auth init'), when DIRECTORY "
+              "is not it: NAME must be an operator enrolled there whose credentials have not "
+              "expired, and the token file is bound to it, so the coordinator refuses the token "
+              "of an operator revoked or expired there (it must be able to read AUTH_DIR). "
+              "Not needed when DIRECTORY is the auth directory or the file is bound already.")
 @output_option
-def add_web_token(directory: Path, name: str, expires: dt.timedelta | None, output: str) -> None:
+def add_web_token(directory: Path, name: str, expires: dt.timedelta | None,
+                  auth_dir: Path | None, output: str) -> None:
     """Make an operator token NAME for the web dashboard; print it once.
 
     Only its SHA-256 is kept, in DIRECTORY/web-tokens.json (0600), which the coordinator reads
     with --http-tokens FILE. An action taken with the token (pause, resume, promote, abort,
-    rollback) is recorded with who = NAME in the audit log ('fleetwave events')."""
+    rollback) is recorded with who = NAME in the audit log ('fleetwave events').
+
+    When the file is bound to the fleet's auth directory (DIRECTORY is that directory, or
+    --auth-dir names it), NAME must be an enrolled operator, and the coordinator refuses the
+    token once NAME is revoked ('fleetwave auth revoke') or its credentials expire. A file
+    bound to nothing takes any name, and only revoke-web-token ends its tokens."""
     now = dt.datetime.now(dt.UTC).timestamp()
     until = now + expires.total_seconds() if expires is not None else None
-    token, path = web_tokens.add(directory, name, until, now)
+    token, path = web_tokens.add(directory, name, until, now, auth_dir)
     when = format_time(dt.datetime.fromtimestamp(until, dt.UTC)) if until else "revoked"
+    bound = web_tokens.bound_to(path, web_tokens.read_doc(path))
     if output == "json":
         click.echo(json.dumps({"name": name, "token": token, "file": str(path),
-                               "expires": until}))
+                               "expires": until, "auth_dir": str(bound) if bound else None}))
         return
     click.echo(token)
+    checked = (f"bound to the auth directory {bound}: refused once {name!r} is revoked there"
+               if bound is not None else "bound to no auth directory (pass --auth-dir to have "
+               f"the coordinator refuse it once {name!r} is revoked)")
     click.echo(f"token {name!r} for the dashboard, valid until {when}: shown once, only its "
-               f"hash is kept in {path}; start the coordinator with '--http HOST:PORT "
-               f"--http-tokens {path}' and enter the token in the page (it reads the file "
-               "again when it changes)", err=True)
+               f"hash is kept in {path}, {checked}; start the coordinator with '--http "
+               f"HOST:PORT --http-tokens {path}' and enter the token in the page (it reads the "
+               "file again when it changes)", err=True)
 
 
 @auth.command("revoke-web-token")

@@ -30,8 +30,9 @@ Acting (an operator token, ``Authorization: Bearer``; ``coordinator.auth.web_tok
 An action is a request on the bus, ``fw.<fleet>.api.<token name>.<verb>``, from the coordinator's
 own connection: the path a CLI request takes, through the queue group to the leader (a standby
 forwards it), so it lands in the audit log with who = the token's name, and is refused for the
-same reasons. No token, a wrong, revoked or expired one: 401 and one line; nothing is sent
-(and one line in the log per ``REFUSALS_LOGGED`` s, with their count).
+same reasons. No token, a wrong, revoked or expired one, or one whose operator is revoked or
+expired in the auth directory its file is bound to: 401 and one line; nothing is sent (and one
+line in the log per ``REFUSALS_LOGGED`` s, with their count).
 The token travels in a header set by the page's script, never in a cookie, so another site
 cannot make a browser send it (no CSRF).
 """

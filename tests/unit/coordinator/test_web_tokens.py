@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import stat
 import time
@@ -11,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from coordinator.auth import web_tokens
-from coordinator.auth.web_tokens import TokenFile, WebToken, digest, verify
+from coordinator.auth.enroll import META, AuthDir
+from coordinator.auth.web_tokens import TokenDoc, TokenFile, WebToken, digest, verify
 from coordinator.errors import UsageError
 
 NOW = 1_800_000_000.0
@@ -112,7 +114,7 @@ def test_parallel_adds_and_revokes_lose_nothing(tmp_path: Path,
     web_tokens.add(tmp_path, "gone", None, now=1.0)
     read = web_tokens._existing
 
-    def slow(path: Path) -> list[WebToken]:
+    def slow(path: Path) -> TokenDoc:
         tokens = read(path)
         time.sleep(0.02)  # widen the read-to-write window, as a slow disk would
         return tokens
@@ -140,3 +142,100 @@ def test_revoke_in_a_wrong_directory_changes_nothing(tmp_path: Path, made: bool)
     assert "\n" not in str(err.value)
     assert typo.is_dir() == made
     assert not made or list(typo.iterdir()) == []
+
+
+@pytest.fixture
+def auth(tmp_path: Path) -> AuthDir:
+    """A fleet's auth directory with operators admin, alice and bob (bob's credentials valid
+    for an hour from NOW) and node node-1."""
+    d = AuthDir(tmp_path / "auth")
+    when = dt.datetime.fromtimestamp(NOW, dt.UTC)
+    d.init("default", (), "admin", now=when)
+    d.add("operator", "alice", now=when)
+    d.add("operator", "bob", dt.timedelta(hours=1), now=when)
+    d.add("node", "node-1", now=when)
+    return d
+
+
+def test_a_bound_file_takes_only_a_live_operators_name(tmp_path: Path, auth: AuthDir) -> None:
+    """``add`` bound to an auth directory refuses a name that is not an operator there (never
+    enrolled, a node's, expired) before it makes anything; it records the directory, and later
+    adds to that file are checked against it without naming it again, and refused against
+    another."""
+    web = tmp_path / "web"
+    for name, why in [("carol", "not an enrolled operator"), ("node-1", "not an enrolled "),
+                      ("bob", "expired")]:
+        with pytest.raises(UsageError, match=why):
+            web_tokens.add(web, name, None, NOW + 7200, auth_dir=auth.path)
+        assert not web.exists()
+    _, path = web_tokens.add(web, "alice", None, NOW, auth_dir=auth.path)
+    assert json.loads(path.read_text())["auth_dir"] == str(auth.path.resolve())
+    with pytest.raises(UsageError, match="not an enrolled operator"):
+        web_tokens.add(web, "carol", None, NOW)
+    with pytest.raises(UsageError, match="is bound to the auth directory"):
+        web_tokens.add(web, "bob", None, NOW, auth_dir=tmp_path / "other")
+    web_tokens.add(web, "bob", None, NOW)
+    assert [t.name for t in web_tokens.read(path)] == ["alice", "bob"]
+
+
+def test_binding_a_file_refuses_while_it_holds_a_non_operators_token(tmp_path: Path,
+                                                                   auth: AuthDir) -> None:
+    """A file bound to nothing whose tokens name someone who is no operator is not bound by a
+    later ``--auth-dir`` (the coordinator would then refuse that token): refused, unchanged."""
+    _, path = web_tokens.add(tmp_path / "web", "dashboard-only", None, NOW)
+    before = path.read_bytes()
+    with pytest.raises(UsageError, match="holds tokens of dashboard-only"):
+        web_tokens.add(tmp_path / "web", "alice", None, NOW, auth_dir=auth.path)
+    assert path.read_bytes() == before
+
+
+def test_the_coordinator_refuses_a_revoked_or_expired_operators_token(tmp_path: Path,
+                                                                     auth: AuthDir) -> None:
+    """A token file bound to an auth directory (apart from it, or in it): once alice is
+    revoked there, her token is refused at the next check with the file unchanged, bob's is
+    taken until his credentials expire; a file bound to nothing takes any name."""
+    apart = tmp_path / "web"
+    a, path = web_tokens.add(apart, "alice", None, NOW, auth_dir=auth.path)
+    b, _ = web_tokens.add(apart, "bob", None, NOW)
+    a_in, path_in = web_tokens.add(auth.path, "alice", None, NOW)
+    files = [TokenFile(path), TokenFile(path_in)]
+    assert (files[0].verify(a, NOW).name, files[1].verify(a_in, NOW).name) == ("alice", "alice")
+    auth.revoke("alice")
+    assert "'alice' is not an enrolled operator" in files[0].verify(a, NOW).refusal
+    assert "'alice' is not an enrolled operator" in files[1].verify(a_in, NOW).refusal
+    assert [t.name for t in web_tokens.read(path)] == ["alice", "bob"]
+    assert files[0].verify(b, NOW).name == "bob"
+    assert "expired at" in files[0].verify(b, NOW + 3601).refusal
+    loose, loose_path = web_tokens.add(tmp_path / "loose", "carol", None, NOW)
+    assert TokenFile(loose_path).verify(loose, NOW).name == "carol"
+
+
+def test_a_bound_auth_directory_the_coordinator_cannot_read_refuses_every_token(
+        tmp_path: Path, auth: AuthDir) -> None:
+    """Unreadable at start: one line (exit 2); turned bad while running: every token refused
+    until it reads again."""
+    token, path = web_tokens.add(tmp_path / "web", "alice", None, NOW, auth_dir=auth.path)
+    tf = TokenFile(path)
+    meta = auth.path / META
+    good = meta.read_bytes()
+    meta.write_text("{damaged")
+    assert "cannot read the auth directory" in tf.verify(token, NOW).refusal
+    with pytest.raises(UsageError, match="checked against the auth directory") as err:
+        TokenFile(path)
+    assert "\n" not in str(err.value)
+    meta.write_bytes(good)
+    assert tf.verify(token, NOW).name == "alice"
+
+
+def test_forget_removes_only_that_operators_token_and_makes_nothing(tmp_path: Path,
+                                                                   auth: AuthDir) -> None:
+    """``forget`` (what ``auth revoke`` calls) drops the name's token from the auth
+    directory's own token file and keeps the others; with no such file it makes none."""
+    assert web_tokens.forget(auth.path, "alice") is None
+    assert not (auth.path / web_tokens.FILE_NAME).exists()
+    assert not (auth.path / web_tokens.LOCK_NAME).exists()
+    web_tokens.add(auth.path, "alice", None, NOW)
+    web_tokens.add(auth.path, "admin", None, NOW)
+    assert web_tokens.forget(auth.path, "alice") == auth.path / web_tokens.FILE_NAME
+    assert [t.name for t in web_tokens.read(auth.path / web_tokens.FILE_NAME)] == ["admin"]
+    assert web_tokens.forget(auth.path, "alice") is None
