@@ -3,7 +3,8 @@
 Per request: read the body into memory when it is small enough (then the request can be retried
 and mirrored; larger bodies are streamed), pick a slot from the *current* routing unless the fast
 path already did, and exchange with it (the whole body must arrive within the config's
-``body_timeout`` of the head, else 408: a trickle holds no buffer and descriptor for long):
+``body_timeout`` of the head, else 408: a trickle holds no buffer and descriptor for long; the
+wait for the response head, ``RESPONSE_TIMEOUT``, starts once the body is sent):
 
     attempt 1: the chosen slot, an idle pooled connection if there is one
     attempt 2: the chosen slot, a fresh connection
@@ -50,9 +51,10 @@ from agent.router.upstream import BodyReader, Capture, Conn, Pool, close_conn
 
 IDLE_TIMEOUT = 15.0  # a client connection with no request for this long is closed
 CONNECT_TIMEOUT = 2.0
-RESPONSE_TIMEOUT = 60.0  # from the request sent to the response head
+RESPONSE_TIMEOUT = 60.0  # from the request sent (its body whole) to the response head
 READ_TIMEOUT = 60.0  # per body read, either side
-WRITE_TIMEOUT = 60.0  # a client that does not read its response for this long is dropped
+WRITE_TIMEOUT = 60.0  # a peer that takes nothing we write for this long is dropped (a client
+# not reading its response; an upstream not reading a streamed request body: 504)
 BUFFER_LIMIT = 1024 * 1024  # request bodies up to this are buffered (retryable, mirrorable)
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -160,10 +162,10 @@ class Exchange:
                     failure = f"slot {slot} refused the connection ({exc.__class__.__name__})"
                     continue
             try:
-                async with asyncio.timeout(RESPONSE_TIMEOUT):
-                    conn.write(head + body)
-                    if not buffered:
-                        await self._stream_request(client, source, conn)
+                conn.write(head + body)
+                if not buffered:
+                    await self._stream_request(client, source, conn)
+                async with asyncio.timeout(RESPONSE_TIMEOUT):  # (from the last body byte)
                     resp_head = await conn.readuntil(b"\r\n\r\n", MAX_HEAD)
             except (ClientGone, asyncio.CancelledError):  # (cancelled: the client left)
                 close_conn(conn)
@@ -186,7 +188,11 @@ class Exchange:
         return self._fail(client, counters, 502, failure or "no upstream answered", started)
 
     async def _stream_request(self, client: Client, source: BodyReader, conn: Conn) -> None:
-        """Send the rest of a large request body as it arrives from the client."""
+        """Send the rest of a large request body as it arrives from the client.
+
+        Not under ``RESPONSE_TIMEOUT``: a large upload takes what its client takes, within the
+        body's own bounds (``body_timeout`` for the whole, ``READ_TIMEOUT`` a piece); an upstream
+        that stops taking it for ``WRITE_TIMEOUT`` fails the exchange (TimeoutError: 504)."""
         while True:
             try:
                 piece = await source.read()
@@ -195,7 +201,8 @@ class Exchange:
             if not piece:
                 return
             conn.write(piece)
-            await conn.drain()
+            async with asyncio.timeout(WRITE_TIMEOUT):
+                await conn.drain()
 
     def _body_failed(self, client: Client, exc: Exception) -> ClientGone:
         """Tell a client whose body was late (408) or malformed (400) why, and count it; the

@@ -18,9 +18,11 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 import agent.router.client as client_mod
+import agent.router.exchange as exchange_mod
 import agent.router.proxy as proxy_mod
 from agent.router.client import HIGH_WATER
 from agent.router.control import RouterConfig, Upstream
+from agent.router.exchange import BUFFER_LIMIT
 from agent.router.routing import build_routing
 from tests.unit.agent.router import rig as rig_kit
 from tests.unit.agent.router.rig import Handler, Scripted, path_of
@@ -417,6 +419,69 @@ async def test_fast_path_timeout_answers_504(rig: Rig, monkeypatch: pytest.Monke
     assert status == 504 and b"did not answer" in body and b"Connection: close" in head
     assert time.monotonic() - started < 5
     assert rig.proxy.slots["a"].errors == 1
+
+
+async def _upload(rig: Rig, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                  size: int, pause: float = 0.0) -> tuple[int, bytes, bytes]:
+    """POST a body of ``size`` bytes (over BUFFER_LIMIT: streamed), ``pause`` seconds in the
+    middle, once the upstream has its first part; the answer."""
+    writer.write(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
+    half = size // 2
+    writer.write(b"u" * half)
+    if pause:
+        await until(lambda: rig.upstreams[0].requests == 1)
+        await asyncio.sleep(pause)  # a slow client, longer than RESPONSE_TIMEOUT (not a race)
+    writer.write(b"u" * (size - half))
+    return await read_response(reader)
+
+
+async def test_a_slow_upload_is_not_cut_by_the_response_timeout(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A streamed upload taking longer than RESPONSE_TIMEOUT (but within body_timeout) is
+    answered: a review's slow large upload was cut with 504 at 60 s, whatever body_timeout said,
+    since the wait for the answer ran from the head sent, over the body. It now starts once the
+    body is sent: an upstream that then never answers still gets its 504."""
+    monkeypatch.setattr(exchange_mod, "RESPONSE_TIMEOUT", 0.2)
+    size = 3 * BUFFER_LIMIT  # (its first half is over the limit: the upload is streamed)
+
+    async def store(c: int, r: int, head: bytes, rd: asyncio.StreamReader,
+                    w: asyncio.StreamWriter) -> bool:
+        await rd.readexactly(size)
+        if r == 1:
+            w.write(ok(b"stored"))
+            return True
+        await asyncio.sleep(30)  # never answers within the test
+        return False
+
+    await rig.upstream(store)
+    reader, writer = await connect(rig.port)
+    status, _, body = await _upload(rig, reader, writer, size, pause=1.0)
+    assert (status, body) == (200, b"stored")
+    status, _, body = await _upload(rig, reader, writer, size)
+    writer.close()
+    assert status == 504 and b"did not answer" in body
+
+
+async def test_an_upstream_that_stops_taking_an_upload_is_dropped(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Streaming a body outside RESPONSE_TIMEOUT leaves each wait for the upstream to take
+    more bounded by WRITE_TIMEOUT: one that reads none of it is answered 504."""
+    monkeypatch.setattr(exchange_mod, "WRITE_TIMEOUT", 0.2)
+    size = 64 * 1024 * 1024  # more than loopback's socket buffers take
+
+    async def deaf(c: int, r: int, head: bytes, rd: asyncio.StreamReader, _: object) -> bool:
+        await asyncio.sleep(30)  # reads no body byte within the test
+        return False
+
+    await rig.upstream(deaf)
+    _, writer = await connect(rig.port)
+    writer.write(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
+    writer.write(b"u" * size)
+    await until(lambda: rig.proxy.slots["a"].errors == 1)
+    writer.transport.abort()
+    await until(lambda: not rig.proxy.clients)
 
 
 async def test_idle_client_is_closed_after_the_idle_timeout(
