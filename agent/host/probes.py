@@ -53,6 +53,7 @@ from typing import Any
 from agent.cadence import next_tick, sleep_to_tick
 from agent.errors import AnswerClosed, AnswerMalformed
 from agent.host.identity import RunAs, spawn_kwargs
+from agent.host.processes import end_leftovers
 from protocol.loop import bounded
 from protocol.manifest import HealthConfig
 
@@ -301,7 +302,8 @@ async def exec_probe(
     run_as: RunAs | None = None,
 ) -> ProbeResult:
     """Run ``argv`` in the release dir (as ``run_as``, like the service); exit 0 passes; killed
-    (and reaped) at ``timeout``."""
+    (and reaped) at ``timeout``. Whatever it left running in its process group is ended when it
+    exits (``processes.end_leftovers``)."""
     try:
         proc = await spawn_owned(
             argv, cwd=cwd, env=dict(env), stdout=asyncio.subprocess.DEVNULL,
@@ -318,6 +320,7 @@ async def exec_probe(
     except asyncio.CancelledError:
         await kill_and_reap(proc)
         raise
+    await end_leftovers(proc.pid)  # what it started in the background (``cmd &``) ends with it
     return ProbeResult(code == 0, "" if code == 0 else f"exec {argv[0]}: exit status {code}")
 
 

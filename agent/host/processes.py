@@ -1,4 +1,5 @@
-"""Slot processes seen from outside the runner: is a pid still ours, and orphans.
+"""Slot processes seen from outside the runner: is a pid still ours, orphans, and what is left
+of a process group once its leader is gone.
 
 A slot process runs in its own session (it outlives the agent), so it is known by pid and
 psutil's create_time (a recycled pid never matches), signalled by process group, and, when an
@@ -9,16 +10,27 @@ What a slot process looks like: it leads its session, works in its release direc
 it), and its environment says ``FLEETWAVE_NODE`` and ``FLEETWAVE_SLOT``. A state file is trusted
 for the pid only as far as the process it names looks so (``not_the_slot``): the agent signals
 the process group of every slot it adopts, and a pid with its create_time names any process.
+
+A hook or exec probe runs in a session of its own too, and what it starts in the background
+(``sh -c "cmd & exit 0"``) stays in its group when it exits: ``end_leftovers`` ends that group
+after every hook and probe, or a probe run every interval would leave a process each time,
+outliving the slot and the agent. (A child that makes a session of its own leaves the group:
+nothing short of a cgroup follows it.)
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
 from pathlib import Path
 
 import psutil
+
+KILL_WAIT = 5.0  # after a SIGKILL, how long a process or group is waited for at most
+GROUP_POLL = 0.05  # how often a group whose leader is gone is looked at until it is empty
+LEFTOVER_GRACE = 1.0  # what a hook or exec probe left running has from SIGTERM to SIGKILL
 
 
 def process_matches(pid: int, create_time: float) -> bool:
@@ -146,3 +158,42 @@ def killpg(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
 
+
+
+async def end_group(pgid: int, deadline: float) -> None:
+    """The leader of group ``pgid`` is gone: what is left of the group (a worker that ignores
+    SIGTERM, a crashed leader's child) has until ``deadline`` (loop time), then gets SIGKILL.
+
+    Checked before each signal: the number names no other group while members remain, and a
+    straggler would keep the slot's port (the restart fails with EADDRINUSE)."""
+    loop = asyncio.get_running_loop()
+    killed = False
+    while group_alive(pgid):
+        if loop.time() >= deadline:
+            if killed:
+                return  # KILL_WAIT after the SIGKILL: not waited for any longer
+            killpg(pgid, signal.SIGKILL)
+            killed, deadline = True, loop.time() + KILL_WAIT
+        await asyncio.sleep(GROUP_POLL)
+
+
+async def end_leftovers(pgid: int, grace: float = LEFTOVER_GRACE) -> None:
+    """The leader of group ``pgid`` (a hook or an exec probe) exited: SIGTERM what it left in
+    its group, SIGKILL what is left of that after ``grace`` (``end_group``).
+
+    An empty group, the common case, costs one ``killpg`` that fails with ESRCH: an exec probe
+    runs every interval. Right after the leader's exit the number still names its group
+    while any member remains, and no process once none does (a new process would have to
+    take that very pid and lead a group of its own in between). Cancelled meanwhile, the group
+    gets SIGKILL at once."""
+    if pgid <= 0:
+        return
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return
+    try:
+        await end_group(pgid, asyncio.get_running_loop().time() + grace)
+    except asyncio.CancelledError:
+        killpg(pgid, signal.SIGKILL)
+        raise

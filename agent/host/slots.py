@@ -9,6 +9,7 @@ Theory of operation. A ``SlotRunner`` owns one slot's process from start to stop
     (stop() or fail() while a hook runs ends the hook as it ends the service: SIGTERM, SIGKILL)
     (a stop's SIGKILL goes to whatever of the group outlives the timeout, leader or worker; a
     crashed leader's group is SIGKILLed before the restart: a worker left would keep the port)
+    (what a hook or exec probe leaves in its group is ended when it exits: end_leftovers)
 
 The process is started with argv (never a shell; ``${PORT}`` and the other variables of
 ``SlotSpec.variables`` filled in by ``protocol.expand``, as in the hooks' and exec probe's argv)
@@ -52,7 +53,14 @@ from agent.backoff import Backoff
 from agent.cadence import next_tick
 from agent.host.identity import RunAs, child_env, spawn_kwargs
 from agent.host.probes import Prober, kill_and_reap, spawn_owned
-from agent.host.processes import group_alive, killpg, not_the_slot, process_matches
+from agent.host.processes import (
+    KILL_WAIT,
+    end_group,
+    end_leftovers,
+    killpg,
+    not_the_slot,
+    process_matches,
+)
 from protocol.errors import ProtocolError
 from protocol.expand import expand_argv
 from protocol.logs import last_line
@@ -69,8 +77,6 @@ BACKOFF_MAX = 10.0
 LOG_MAX_BYTES = 10 * 1024 * 1024
 ADOPTED_POLL = 0.2
 LOG_CAP_EVERY = 5.0
-KILL_WAIT = 5.0
-GROUP_POLL = 0.05  # how often a group whose leader is gone is looked at until it is empty
 
 _LIVE: dict[str, SlotStatusName] = {
     "starting": "starting", "healthy": "healthy", "unhealthy": "unhealthy", "draining": "draining",
@@ -151,23 +157,6 @@ async def _wait_capping(proc: asyncio.subprocess.Process, log_path: Path,
         except TimeoutError:
             cap_log(log_path)
     raise TimeoutError
-
-
-async def end_group(pgid: int, deadline: float) -> None:
-    """The leader of group ``pgid`` is gone: what is left of the group (a worker that ignores
-    SIGTERM, a crashed leader's child) has until ``deadline`` (loop time), then gets SIGKILL.
-
-    Checked before each signal: the number names no other group while members remain, and a
-    straggler would keep the slot's port (the restart fails with EADDRINUSE)."""
-    loop = asyncio.get_running_loop()
-    killed = False
-    while group_alive(pgid):
-        if loop.time() >= deadline:
-            if killed:
-                return  # KILL_WAIT after the SIGKILL: not waited for any longer
-            killpg(pgid, signal.SIGKILL)
-            killed, deadline = True, loop.time() + KILL_WAIT
-        await asyncio.sleep(GROUP_POLL)
 
 
 # -- the runner ------------------------------------------------------------------------------------
@@ -466,6 +455,7 @@ class SlotRunner:
             raise
         finally:
             self._hook_proc = None
+        await end_leftovers(proc.pid)  # what it started in the background (``cmd &``) ends too
         if self._stopping:
             return False  # stop() or fail() ended the hook: their status says why
         if code != 0:

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from agent.cadence import next_tick
@@ -135,6 +136,32 @@ async def test_exec_timeout_kills_the_probe(tmp_path: Path) -> None:
     """A probe that hangs is killed at the timeout and fails."""
     r = await exec_probe([sys.executable, "-c", "import time; time.sleep(30)"], tmp_path, {}, 0.3)
     assert not r.ok and "no exit within" in r.reason
+
+
+@pytest.mark.parametrize("status", [0, 1])
+async def test_what_an_exec_probe_leaves_in_the_background_ends_with_it(
+    tmp_path: Path, status: int
+) -> None:
+    """A probe that exits (passing or not) after starting ``sleep &`` leaves nothing running:
+    the rest of its process group is ended before the probe's result is given. A review found
+    one ``sleep`` left per probe, every interval, outliving the slot and the agent."""
+    argv = ["sh", "-c", f"sleep 300 & echo $! > child; exit {status}"]
+    r = await exec_probe(argv, tmp_path, {"PATH": "/usr/bin:/bin"}, 5)
+    child = int((tmp_path / "child").read_text())
+    try:
+        assert r.ok is (status == 0)
+        assert _gone(child), psutil.Process(child).cmdline()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, 9)
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or a zombie (a leftover reparented to an init that does not reap)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 async def test_exec_missing_program_fails(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from agent.host.ports import free_port
 from agent.host.processes import process_matches
 from agent.host.slots import CrashPolicy, SlotRunner, SlotSpec
 from protocol.manifest import HealthConfig, HooksConfig, Manifest, StopConfig
-from tests.integration.procs import hello_bundle
+from tests.integration.procs import hello_bundle, wait_until
 
 
 @pytest.fixture
@@ -549,6 +549,41 @@ def _kill_left(pids: list[int]) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, 9)
+
+
+async def test_what_hooks_and_exec_probes_leave_in_the_background_is_ended(
+    release, tmp_path, runners
+) -> None:
+    """A pre_start hook and an exec probe (every 50 ms) that each start ``sleep &`` and exit 0
+    leave nothing running: by the time the slot runs, the hook's sleep is gone, and by the time
+    a probe runs, the sleeps of the probes before it. A review found one sleep left by the hook
+    and one by every probe, outliving the slot and the agent."""
+    def leaving(name: str) -> list[str]:
+        return ["sh", "-c", f"sleep 300 & echo $! >> {name}; exit 0"]
+
+    m = _manifest(release, command=["sleep", "60"], hooks=HooksConfig(pre_start=leaving("hook")))
+    m.health.http = None
+    m.health.exec = leaving("probes")
+    ev = Events()
+    r = _start(runners, _spec(release, tmp_path, m), ev)
+    try:
+        await ev.until(lambda: len(_pids(release / "probes")) >= 3)
+        hook, probed = _pids(release / "hook"), _pids(release / "probes")
+        assert len(hook) == 1 and _gone(hook[0])
+        assert [pid for pid in probed[:-1] if not _gone(pid)] == []
+        await asyncio.wait_for(r.stop(5.0), 10)
+        await asyncio.wait_for(runners[-1][1], 10)  # its probe ended: SIGKILLed, if under way
+
+        async def left() -> list[int]:
+            return [pid for pid in _pids(release / "probes") if not _gone(pid)]
+
+        await wait_until(left, lambda pids: pids == [], timeout=10, what="the last probe's sleep")
+    finally:
+        _kill_left(_pids(release / "hook") + _pids(release / "probes"))
+
+
+def _pids(path: Path) -> list[int]:
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
 
 
 # A leader that dies of SIGTERM with a worker (in its process group) that ignores it, as a

@@ -1,5 +1,6 @@
 """agent.host.processes, the parts that need no process of their own: what a pid from a state
-file may name. Real processes are in tests/integration/test_agent_slots*.py."""
+file may name, and what ending an empty group costs. Real processes are in
+tests/integration/test_agent_slots*.py and test_agent_probes.py."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import psutil
 import pytest
 
 from agent.host import processes
-from agent.host.processes import group_alive, killpg, process_matches
+from agent.host.processes import end_leftovers, group_alive, killpg, process_matches
 
 
 @pytest.mark.parametrize("pid", [0, -1, -4242])
@@ -40,3 +41,24 @@ def test_no_group_is_signalled_or_alive_for_a_pid_of_zero_or_less(
     assert not group_alive(pid)
     assert sent == []
     assert os.getpgid(0) > 0  # (this test's own group: untouched)
+
+
+async def test_ending_the_leftovers_of_an_empty_group_costs_one_signal(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hook or exec probe that left nothing in its group (the common case, and a probe runs
+    every interval): ``end_leftovers`` sends one SIGTERM that finds no one, and neither scans
+    the process table nor waits."""
+    sent: list[tuple[int, int]] = []
+
+    def no_group(pgid: int, sig: int) -> None:
+        sent.append((pgid, sig))
+        raise ProcessLookupError
+
+    def scanned(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the process table was scanned")
+
+    monkeypatch.setattr(processes.os, "killpg", no_group)
+    monkeypatch.setattr(processes.psutil, "process_iter", scanned)
+    await end_leftovers(4242)
+    assert sent == [(4242, signal.SIGTERM)]
