@@ -20,7 +20,9 @@ to retry; nginx and Go's client draw the same line. Once the response head is se
 nothing can be retried: a broken upstream body aborts the client connection (a reset). A clean
 close (FIN) would tell the client a read-until-close body was whole, truncated as it is; a reset
 says it is not, whatever the framing. (The fast path relays Content-Length bodies only, whose
-length already tells a client a cut, and closes.)
+length already tells a client a cut, and closes.) An upstream that answers a streamed body
+before its end (413) and closes or stops reading has that answer relayed, and both connections
+closed after it (``_stream_request``).
 
 The fast path enters here at attempt 2 when its pooled connection was stale (``skip_idle``), or
 with the upstream connection whose response head it left unread (``pending``: interim responses,
@@ -161,10 +163,11 @@ class Exchange:
                     counters.failures += 1
                     failure = f"slot {slot} refused the connection ({exc.__class__.__name__})"
                     continue
+            whole = True
             try:
                 conn.write(head + body)
                 if not buffered:
-                    await self._stream_request(client, source, conn)
+                    whole = await self._stream_request(client, source, conn)
                 async with asyncio.timeout(RESPONSE_TIMEOUT):  # (from the last body byte)
                     resp_head = await conn.readuntil(b"\r\n\r\n", MAX_HEAD)
             except (ClientGone, asyncio.CancelledError):  # (cancelled: the client left)
@@ -182,27 +185,41 @@ class Exchange:
                 return self._fail(client, counters, 502, failure, started)
             return await self._respond(
                 client, req, routing, slot, pool, conn, resp_head, head, body, capture, started,
-                set_cookie,
+                set_cookie, cut=not whole,
             )
         counters = proxy.counters(first)
         return self._fail(client, counters, 502, failure or "no upstream answered", started)
 
-    async def _stream_request(self, client: Client, source: BodyReader, conn: Conn) -> None:
-        """Send the rest of a large request body as it arrives from the client.
+    async def _stream_request(self, client: Client, source: BodyReader, conn: Conn) -> bool:
+        """Send the rest of a large request body as it arrives from the client; False if the
+        upstream answered early and the rest is not sent (nor read from the client).
 
         Not under ``RESPONSE_TIMEOUT``: a large upload takes what its client takes, within the
         body's own bounds (``body_timeout`` for the whole, ``READ_TIMEOUT`` a piece); an upstream
-        that stops taking it for ``WRITE_TIMEOUT`` fails the exchange (TimeoutError: 504)."""
+        that stops taking it for ``WRITE_TIMEOUT`` fails the exchange (TimeoutError: 504).
+
+        An upstream may answer before the body is whole (413, 401) and close, or stop reading:
+        the body is then stopped once it has closed (FIN), or once sending fails with its whole
+        response head already received, and that answer is relayed (by the caller, as the
+        next thing in ``conn``), not a 502 charged to the slot. One that answers and reads on
+        gets the whole body, its answer relayed after it."""
         while True:
+            if conn.eof:  # the upstream will say nothing more: its answer, if any, is here
+                return False
             try:
                 piece = await source.read()
             except (Broken, TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
                 raise self._body_failed(client, exc) from None
             if not piece:
-                return
+                return True
             conn.write(piece)
-            async with asyncio.timeout(WRITE_TIMEOUT):
-                await conn.drain()
+            try:
+                async with asyncio.timeout(WRITE_TIMEOUT):
+                    await conn.drain()
+            except (OSError, TimeoutError):
+                if b"\r\n\r\n" in conn.buf:
+                    return False
+                raise
 
     def _body_failed(self, client: Client, exc: Exception) -> ClientGone:
         """Tell a client whose body was late (408) or malformed (400) why, and count it; the
@@ -240,10 +257,14 @@ class Exchange:
         capture: Capture | None,
         started: float,
         set_cookie: bytes = b"",
+        *,
+        cut: bool = False,
     ) -> bool:
         """Relay the upstream's response to the client; then maybe offer a mirror copy.
 
-        ``resp_head`` None: the head is still at the front of ``conn``'s buffer.
+        ``resp_head`` None: the head is still at the front of ``conn``'s buffer. ``cut``: the
+        upstream answered before the request body was whole, whose rest neither connection can
+        skip: both close after the response.
         """
         proxy = self.proxy
         counters = proxy.counters(slot)
@@ -268,7 +289,7 @@ class Exchange:
                 close_conn(conn)
                 counters.failures += 1
                 return self._fail(client, counters, 502, f"slot {slot} broke: {exc!r}", started)
-            keep = req.keep_alive and resp.body != "close" and not proxy.closing
+            keep = req.keep_alive and resp.body != "close" and not proxy.closing and not cut
             client.write(client_response_head(
                 resp, keep_alive=keep, http10=req.version == b"HTTP/1.0", extra=set_cookie
             ))
@@ -297,7 +318,7 @@ class Exchange:
         except asyncio.CancelledError:
             close_conn(conn)  # the client left, or the router stops: never pooled nor left open
             raise
-        if resp.keep_alive and proxy.pools.get((pool.host, pool.port)) is pool:
+        if resp.keep_alive and not cut and proxy.pools.get((pool.host, pool.port)) is pool:
             pool.give_back(conn)  # (a pool dropped by a reconfigure meanwhile gets nothing back)
         else:
             close_conn(conn)

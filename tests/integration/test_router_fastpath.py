@@ -484,6 +484,36 @@ async def test_an_upstream_that_stops_taking_an_upload_is_dropped(
     await until(lambda: not rig.proxy.clients)
 
 
+@pytest.mark.parametrize("then", ["closes", "stops reading"])
+async def test_an_early_answer_to_an_upload_is_relayed(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, then: str,
+) -> None:
+    """An upstream that answers a streamed upload before its end (413) and closes, or stops
+    reading it, has that answer relayed, with Connection: close, and counted as its 4xx: a
+    review's upload got the router's 502 instead, charged to the slot as a failure."""
+    monkeypatch.setattr(exchange_mod, "WRITE_TIMEOUT", 0.2)
+    size = 64 * 1024 * 1024  # more than loopback's socket buffers take
+
+    async def refuse(c: int, r: int, head: bytes, rd: asyncio.StreamReader,
+                     w: asyncio.StreamWriter) -> bool:
+        w.write(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 9\r\n\r\ntoo large")
+        await w.drain()
+        if then == "stops reading":
+            await asyncio.sleep(30)  # reads no body byte within the test
+        return False  # (closed with the body unread: a reset)
+
+    await rig.upstream(refuse)
+    reader, writer = await connect(rig.port)
+    writer.write(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
+    writer.write(b"u" * size)
+    status, head, body = await read_response(reader)
+    writer.transport.abort()
+    assert (status, body) == (413, b"too large") and b"Connection: close" in head
+    await until(lambda: not rig.proxy.clients)
+    c = rig.proxy.slots["a"]
+    assert (c.requests, c.errors, c.failures) == (1, 0, 0)
+
+
 async def test_idle_client_is_closed_after_the_idle_timeout(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
