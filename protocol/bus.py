@@ -1814,7 +1814,8 @@ class Bus:
             failures = 0
             self._watchers.add(w)
             loop = asyncio.get_running_loop()
-            dog = loop.create_task(self._watchdog(w, bucket, verify)) if verify else None
+            dog = (loop.create_task(self._watchdog(w, bucket, verify, f"{kv._pre}{pattern}"))
+                   if verify else None)
             renewer = loop.create_task(_renew_on(renew, w)) if renew is not None else None
             lost: list[bool] = []  # the consumer went silent (``_silence``): start again spread
             silence = (loop.create_task(self._silence(w, bucket, every, lost))
@@ -1881,11 +1882,15 @@ class Bus:
                 return
             jsi._active = False  # updates queued to deliver: not silent after all
 
-    async def _watchdog(self, w: Any, bucket: str, every: float) -> None:
+    async def _watchdog(self, w: Any, bucket: str, every: float, keys: str) -> None:
         """Wake watcher ``w`` with its stop sentinel (its ``watch`` starts a new one) once the
-        server has no consumer for it, or twice in a row one that delivers where it no longer
-        listens (nats-py moved it to a new inbox and could not make the consumer there) or that
-        has delivered everything while the first read has not ended here."""
+        server has no consumer for it, or one whose filter is no longer ``keys`` (changed by
+        someone with the fleet's JetStream rights: a review re-pointed the coordinator's watch of
+        the observed states at no key with one consumer update, and every rollout failed
+        while it waited for reports that never came), or twice in a row one that delivers
+        where it no longer listens (nats-py moved it to a new inbox and could not make the
+        consumer there) or that has delivered everything while the first read has not ended
+        here."""
         astray = 0
         while True:
             await asyncio.sleep(every)
@@ -1897,11 +1902,21 @@ class Bus:
             except (nats.errors.Error, TimeoutError):
                 continue  # cannot tell now: the next round asks again
             else:
+                config = info.config
+                if config.filter_subject != keys or config.filter_subjects:
+                    if not _stop_watcher(w):
+                        continue  # it has updates to deliver: the next round looks again
+                    log.warning("the consumer of the watch of %s was changed on the server (it "
+                                "filters %r, not %r): someone with the fleet's JetStream rights "
+                                "changed it; starting a new watch (a full read)", bucket,
+                                config.filter_subjects or config.filter_subject, keys)
+                    self.lost_watches += 1
+                    return
                 listening = psub._sub._subject
                 # Delivered everything, yet the first read never ended here: its last
                 # messages were dropped on the way (see ``_HeartbeatingJetStream``).
                 unfinished = not w._init_done and not info.num_pending
-                astray = (astray + 1 if info.config.deliver_subject != listening or unfinished
+                astray = (astray + 1 if config.deliver_subject != listening or unfinished
                           else 0)
             if astray >= 2:
                 if not _stop_watcher(w):  # it has updates to deliver: not lost after all

@@ -191,6 +191,14 @@ def operator(fleet: str, name: str, *, accounts: bool = True) -> Permissions:
                 "$JS.API.STREAM.PEER.EVACUATE.>", "$JS.API.STREAM.CANCEL_MOVE.>",
                 "$JS.API.CONSUMER.PEER.EVACUATE.>", "$JS.API.CONSUMER.PEER.REMOVE.>",
                 "$JS.API.CONSUMER.RESET.>", "$JS.API.SERVER.EVACUATE", "$JS.API.META.RESCUE",
+                # The names of others' consumers: a create that names an existing consumer
+                # updates it, so an operator who could list the names re-pointed the
+                # coordinator's watch of the observed states at no key (a review: every
+                # rollout failed, and no API call said who). A watch's name follows its random
+                # inbox; the CLI lists none (the leader's sweep does, as the coordinator), and
+                # makes no durable consumer.
+                "$JS.API.CONSUMER.LIST.>", "$JS.API.CONSUMER.NAMES.>",
+                "$JS.API.CONSUMER.DURABLE.>",
             ],
         },
         "subscribe": {"allow": [f"{operator_inbox(name)}.>", subjects.events(f),

@@ -221,12 +221,14 @@ async def _victim(coord: Bus) -> str:
 
 
 async def _operator_abuse(fleet: DevFleet, coord: Bus) -> set[str]:
-    """An operator's credentials (which may list consumers) cannot delete, pause or reset
-    node-2's watch, restore over a stream, move a stream's replicas, or take the JetStream
-    leader or a server away."""
+    """An operator's credentials cannot list consumers (a create naming one updates it: its
+    filter re-pointed), delete, pause or reset node-2's watch, restore over a stream, move a
+    stream's replicas, or take the JetStream leader or a server away."""
     op = await Bus.connect(fleet.nats_url, F, **fleet.access())
     victim = await _victim(coord)
-    dropped = [f"$JS.API.CONSUMER.DELETE.{KV_DESIRED}.{victim}",
+    dropped = [f"$JS.API.CONSUMER.LIST.{KV_DESIRED}", f"$JS.API.CONSUMER.NAMES.{KV_DESIRED}",
+               f"$JS.API.CONSUMER.DURABLE.CREATE.{KV_DESIRED}.{victim}",
+               f"$JS.API.CONSUMER.DELETE.{KV_DESIRED}.{victim}",
                f"$JS.API.CONSUMER.PAUSE.{KV_DESIRED}.{victim}",
                f"$JS.API.CONSUMER.RESET.{KV_DESIRED}.{victim}",
                f"$JS.API.STREAM.RESTORE.{KV_DESIRED}", "$JS.API.META.LEADER.STEPDOWN",

@@ -1372,3 +1372,36 @@ async def test_a_consumer_delivering_onto_a_subscribed_subject_reaches_no_handle
     finally:
         await bus.close()
         await rogue.close()
+
+
+async def test_a_watch_whose_consumer_is_re_pointed_starts_again(
+    broker: Broker, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Anyone with JetStream rights over the stream can update a consumer by name (a create with
+    its name: the filter in the subject, the rest in the body): a review re-pointed the
+    coordinator's watch of the observed states at no key, and every rollout failed waiting for
+    reports. The watchdog sees the filter is no longer the watch's and starts a new watch."""
+    bus = await Bus.connect(broker.url, "t")
+    rogue = await Bus.connect(broker.url, "t")
+    try:
+        await bus.ensure_fleet()
+        seen, task = _followed(bus.watch("fw-t-observed", "n1.*", verify=0.2))
+        await rogue.kv_put("fw-t-observed", "n1.web", b"1")
+        await _expect(seen, b"1")
+        stream = "KV_fw-t-observed"
+        ((name, _),) = await rogue.push_consumers(stream)
+        jsm = JetStreamManager(rogue.nc)
+        info = await jsm.consumer_info(stream, name)
+        config = info.config
+        config.filter_subject = "$KV.fw-t-observed.nobody.*"
+        await jsm.add_consumer(stream, config)  # an update: the same name, another filter
+        assert (await jsm.consumer_info(stream, name)).config.filter_subject.endswith("nobody.*")
+        await rogue.kv_put("fw-t-observed", "n1.web", b"2")
+        await _expect(seen, b"2")  # (from the new watch's full read, or its updates)
+        assert "was changed on the server" in caplog.text
+        assert bus.lost_watches >= 1
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    finally:
+        await bus.close()
+        await rogue.close()
