@@ -114,8 +114,8 @@ def check_data_dir(directory: Path) -> None:
 
     probe = directory / f".probe.{os.getpid()}.{os.urandom(4).hex()}"
     try:
-        for sub in ("releases", "logs"):  # modes as their users make them (ReleaseCache, start)
-            (directory / sub).mkdir(exist_ok=True)
+        (directory / "releases").mkdir(mode=0o711, exist_ok=True)  # as ReleaseCache makes it
+        (directory / "logs").mkdir(exist_ok=True)
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.write(fd, b"probe")
@@ -173,11 +173,13 @@ def start(values: dict[str, Any]) -> int:
         directory.mkdir(parents=True, exist_ok=True)
         if values["service_user"] is not None or values["router_user"] is not None:
             # Services (or routers) run as another user: they may reach their release (or
-            # their socket's directory) by path, but list nothing, and read neither the state
-            # file (0600) nor any log.
+            # their socket's directory) by path, but list nothing (neither the data dir nor
+            # releases/, whose names lead to every service's manifest and its [env]), and read
+            # neither the state file (0600) nor any log. An older agent made releases/ 0755.
             directory.chmod(0o711)
-            (directory / "logs").mkdir(mode=0o700, exist_ok=True)
-            (directory / "logs").chmod(0o700)
+            for sub, mode in (("releases", 0o711), ("logs", 0o700)):
+                (directory / sub).mkdir(mode=mode, exist_ok=True)
+                (directory / sub).chmod(mode)
     except OSError as exc:
         raise StartupError(
             f"cannot create the data dir {directory}: {exc.strerror}; pick another with --data-dir"

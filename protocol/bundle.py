@@ -190,7 +190,10 @@ def _unpack(entries: list[_Entry], archive: _Archive, dest: Path, limits: Limits
         raise BundleError(f"{dest}: cannot create a directory beside it: {exc.strerror}") from None
     try:
         _extract(entries, tmp, archive, limits)
-        tmp.chmod(0o755)  # mkdtemp makes 0700; a release dir is readable by the services
+        # mkdtemp makes 0700. Its service (perhaps another user) must read and list a release
+        # (Python lists each import directory, its working one included); what must not be
+        # listed is the parent, where every release's name is (the agent keeps it 0711).
+        tmp.chmod(0o755)
         _fsync_dir(tmp)
         tmp.rename(dest)
         _fsync_dir(parent)

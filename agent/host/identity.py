@@ -9,10 +9,15 @@ that face the internet). They get:
   the manifest's ``env``...), never the agent's own: ``FLEETWAVE_NATS`` stays with the agent;
 - with ``--service-user NAME`` (``RunAs``), another user's uid, primary gid and no supplementary
   groups, so that they can read neither ``/proc/<agent>/environ`` nor the agent's data dir (the
-  agent keeps it 0711: releases are reachable by path, nothing can be listed, the state file and
-  the logs stay 0600/0700). Switching users needs root (or the same user, a no-op), and the user
-  must be able to run the agent's Python (the routers are ``python -m agent.router``): the agent
-  checks both at start and says what to change, instead of failing on the first service.
+  agent keeps it and its ``releases/`` 0711: each release is reachable by path, and readable by
+  its service, but no release can be listed, nor its digest found there; the state file and the
+  logs stay 0600/0700). One user for every service does not keep the services apart from one
+  another: a service may read another's ``/proc/<pid>/environ`` and ``cwd`` while it runs (same
+  uid), so the listing refused protects the releases that do not run (older versions, stopped
+  services), not the secrets of a running neighbour. Switching users needs root (or the same
+  user, a no-op), and the user must be able to run the agent's Python (the routers are ``python
+  -m agent.router``): the agent checks both at start and says what to change, instead of failing
+  on the first service.
 - with ``--router-user NAME`` too, the routers run as a user of their own: a service then can
   neither signal its router (stop it and take its public port, which
   ``net.ipv4.ip_unprivileged_port_start`` lets any user bind) nor reach its control socket (the

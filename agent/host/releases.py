@@ -1,9 +1,11 @@
 """The agent's release cache: fetch each release once per digest, verify it, unpack it safely.
 
 Layout: ``<root>/<sha256-hex>/`` is one unpacked release, complete or absent (``safe_unpack``
-renames a finished temp dir into place). ``.<hex>.tmp-*`` are unpacks in progress, and
-``.<hex>.trash-*`` releases being deleted; both are swept by ``prune`` when nobody owns them,
-so a crash at any point leaves nothing that looks like a release and is not one.
+renames a finished temp dir into place). ``<root>`` is 0711 (reached by path, never listed);
+each release 0755, as its service reads and lists its own files. ``.<hex>.tmp-*`` are unpacks
+in progress, and ``.<hex>.trash-*`` releases being deleted; both are swept by ``prune`` when
+nobody owns them, so a crash at any point leaves nothing that looks like a release and is not
+one.
 
 Recency: every ``ensure`` stamps the release directory's mtime (strictly increasing within the
 process), as ``touch`` does when a release is started from the cache, and ``prune`` keeps the
@@ -106,7 +108,9 @@ class ReleaseCache:
         self.fetches = 0  # how many times a bundle was downloaded (tests and metrics)
         self._locks: dict[str, _Users] = {}  # digest hex -> ensure() calls on it now
         self._last_stamp = 0
-        self.root.mkdir(parents=True, exist_ok=True)
+        # Traversable, not listable: a service (another user with --service-user) reaches its
+        # own release by path but cannot list the others (agent.host.identity).
+        self.root.mkdir(mode=0o711, parents=True, exist_ok=True)
 
     def path_for(self, ref: ReleaseRef) -> Path | None:
         """The unpacked release directory of ``ref`` if it is in the cache, else None."""

@@ -90,12 +90,17 @@ async def test_services_and_routers_run_as_the_service_user(
     broker: Broker, open_base: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With --service-user nobody the slot, its probes and the router run as nobody, serve
-    traffic, and can read neither the agent's environment nor its state file."""
+    traffic, and can read neither the agent's environment nor its state file, nor list the
+    releases (0711, also when an older agent left the directory 0755), while the slot lists and
+    reads its own. A review found releases/ listable, and every service's manifest readable."""
     nobody = pwd.getpwnam("nobody")
     monkeypatch.setenv("FLEETWAVE_NATS", broker.url)  # the agent's secret, in its environment
     python = _python_for(RunAs(nobody.pw_name, nobody.pw_uid, nobody.pw_gid, nobody.pw_dir),
                          monkeypatch)
     async with hello_fleet(broker, open_base) as fleet:
+        data = fleet.base / NODE
+        (data / "releases").mkdir(parents=True)
+        (data / "releases").chmod(0o755)  # as an older agent left it: made 0711 at the start
         agent = _bounded_agent(broker, fleet, python, "--service-user", "nobody")
         async with reaping(agent):
             obs = await _serving(fleet)
@@ -110,14 +115,20 @@ async def test_services_and_routers_run_as_the_service_user(
                 assert "FLEETWAVE_NATS" not in env and env["HOME"] == nobody.pw_dir
                 assert env["USER"] == "nobody"
 
-            data = fleet.base / NODE
             assert stat.S_IMODE(data.stat().st_mode) == 0o711
+            assert stat.S_IMODE((data / "releases").stat().st_mode) == 0o711
             assert stat.S_IMODE((data / "state.json").stat().st_mode) == 0o600
             assert stat.S_IMODE((data / "logs").stat().st_mode) == 0o700
-            # What the service's user can actually do, tried as that user.
+            # What the service's user can actually do, tried as that user: not list the
+            # releases (each one's fleetwave.toml holds its service's [env])...
             for argv in (["cat", f"/proc/{agent.pid}/environ"], ["cat", str(data / "state.json")],
-                         ["ls", str(data)]):
+                         ["ls", str(data)], ["ls", str(data / "releases")]):
                 assert await _exit_as(nobody.pw_uid, argv) != 0, argv
+            # ...but list and read its own release, where it runs.
+            own = Path(psutil.Process(slot_pid).cwd())
+            assert own.parent == data / "releases"
+            for argv in (["ls", str(own)], ["cat", str(own / "fleetwave.toml")]):
+                assert await _exit_as(nobody.pw_uid, argv) == 0, argv
             # ...but one user for both lets a service signal its router (stop it, take its
             # port): the agent says so at start (--router-user keeps them apart, below).
             assert await _exit_as(nobody.pw_uid, ["kill", "-0", str(router)]) == 0

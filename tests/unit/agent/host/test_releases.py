@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import stat
 import tarfile
 import tracemalloc
 from collections.abc import Callable
@@ -310,3 +311,10 @@ async def test_fetch_and_unpack_hold_neither_the_object_nor_a_file_whole(tmp_pat
     assert (path / "blob.bin").read_bytes() == payload
     assert peak < 2 * 1024 * 1024, f"{peak} bytes allocated for an 8 MiB release"
     assert names(tmp_path / "releases") == [path.name]  # no download or temp file left behind
+
+
+def test_the_cache_directory_is_made_traversable_but_not_listable(tmp_path: Path) -> None:
+    """A new cache directory is 0711: a service (another user) reaches its release by path but
+    cannot list the releases, each with its service's manifest and [env]."""
+    cache = ReleaseCache(tmp_path / "data" / "releases")
+    assert stat.S_IMODE(cache.root.stat().st_mode) == 0o711
