@@ -59,6 +59,11 @@ def parse_key(text: str, flag: str = "--cohort-key") -> tuple[str, str]:
         what = "header name" if kind == "header" else "cookie name (an HTTP token)"
         example = "header:X-User" if kind == "header" else "cookie:fw_cohort"
         raise CohortError(f"{flag} {text!r}: {name!r} is not a {what}; write e.g. {example}")
+    if kind == "header" and "_" in name:
+        # The router drops such headers from every request, as nginx does (CGI and WSGI
+        # servers read X_Forwarded_For as X-Forwarded-For): a rule on one would never match.
+        raise CohortError(f"{flag} {text!r}: the router drops header names with '_' (as nginx "
+                          f"does); name the header with '-', e.g. header:{name.replace('_', '-')}")
     return kind, name.lower() if kind == "header" else name
 
 

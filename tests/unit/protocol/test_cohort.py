@@ -58,6 +58,8 @@ def test_parse_key(text: str, want: tuple[str, str]) -> None:
     ("header:", "not a header name"),
     ("cookie:a=b", "not a cookie name"),
     ("cookie:sess;x", "not a cookie name"),
+    # The router drops header names with '_' (as nginx does): a key on one never matches.
+    ("header:X_User", "e.g. header:X-User"),
 ])
 def test_parse_key_refuses(text: str, says: str) -> None:
     """Unknown kinds and malformed names are refused with the fix in one line."""
@@ -75,6 +77,7 @@ def test_parse_key_refuses(text: str, says: str) -> None:
     # every node instead of being refused (found by a review).
     ("header:X-Beta=日本", "printable ASCII"),
     ("cookie:beta=€", "printable ASCII"),
+    ("header:X_Beta=1", "drops header names with '_'"),
 ])
 def test_parse_rule_refuses(text: str, says: str) -> None:
     """Rules need kind:NAME=VALUE with a header or cookie and a plain value."""
