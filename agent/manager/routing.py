@@ -31,6 +31,7 @@ import psutil
 from agent.cadence import next_tick
 from agent.errors import RouterRunning, RouterUnavailable
 from agent.host.identity import RunAs
+from agent.host.slots import cap_log
 from agent.manager.service import (
     STATS_EVERY,
     STATS_EVERY_MIN,
@@ -166,6 +167,10 @@ class RouterLink:
         """The control socket of ``service``'s router."""
         return router_socket(self.data_dir, service)
 
+    def log(self, service: str) -> Path:
+        """The log of ``service``'s router (its output, appended to: O_APPEND)."""
+        return self.data_dir / "logs" / f"router-{service}.log"
+
     async def route(
         self, svc: Service, weights: dict[str, int], mirror: MirrorSpec | None,
         drained: DrainSpec | None = None, cohort: CohortSpec | None = None,
@@ -278,7 +283,7 @@ class RouterLink:
         if not sock.is_relative_to(self.data_dir):
             _private_dir(sock.parent, self.run_as)
         try:
-            pid = await start_router(sock, self.data_dir / "logs" / f"router-{svc.name}.log",
+            pid = await start_router(sock, self.log(svc.name),
                                      run_as=self.run_as)
         except RouterRunning as running:
             pid = running.pid
@@ -305,6 +310,10 @@ class RouterLink:
             for svc in list(self.services.values()):
                 if svc.router is None:
                     continue
+                # Its log is capped as a slot's is (the tail kept in ``.1``): a router logs each
+                # request that meets a bug of its own, with a traceback, and a request that
+                # did so could fill the disk of the agent's state file at the router's pace.
+                cap_log(self.log(svc.name))
                 try:
                     stats = await svc.router.stats()
                     stats.time = self.clock()  # the gates measure their window with it

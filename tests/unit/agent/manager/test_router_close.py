@@ -129,3 +129,48 @@ def test_a_pid_that_is_no_longer_the_router_is_neither_waited_for_nor_killed(
         other.kill()
         other.wait()
     assert svc.router_pid is None and not svc.router_closing
+
+
+def test_the_stats_loop_caps_each_routers_log(tmp_path: Path) -> None:
+    """A router's log is capped as a slot's is, at each read of its counters: a router logs
+    every request that meets a bug of its own with a traceback, and nothing else capped it."""
+    from agent.host.slots import LOG_MAX_BYTES
+    from protocol.messages import RouterStats
+
+    class Reading(Client):
+        async def stats(self) -> RouterStats:
+            read.set()
+            return RouterStats()
+
+    read = asyncio.Event()
+    svc = routed(Reading(), None)
+    rl = link(tmp_path, svc)
+    log_path = rl.log("hello")
+    log_path.parent.mkdir(parents=True)
+    with log_path.open("wb") as f:
+        f.truncate(3 * LOG_MAX_BYTES)  # (sparse: no disk)
+        f.seek(0, 2)
+        f.write(b"Traceback: the last line\n")
+    turns = 0
+
+    async def next_read() -> None:
+        nonlocal turns
+        turns += 1
+        if turns > 1:
+            await asyncio.Event().wait()  # one pass is enough
+
+    rl.next_read = next_read  # type: ignore[method-assign]
+
+    async def one_pass() -> None:
+        task = asyncio.create_task(rl.stats_loop())
+        try:
+            async with asyncio.timeout(10):
+                await read.wait()
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(one_pass())
+    assert log_path.stat().st_size == 0
+    tail = log_path.with_name(log_path.name + ".1").read_bytes()
+    assert tail.endswith(b"the last line\n") and len(tail) <= LOG_MAX_BYTES
