@@ -223,6 +223,11 @@ def _framing(index: dict[bytes, list[bytes]], *, request: bool) -> tuple[int | N
             raise HttpError(400, "Transfer-Encoding without chunked last: the length is unknown")
         if codings.count(b"chunked") != 1:
             raise HttpError(400, "Transfer-Encoding applies chunked more than once")
+        if request and codings != [b"chunked"]:
+            # A coding before chunked (gzip, chunked) is valid HTTP/1.1 that no client sends,
+            # and an upstream that reads only an exact "chunked" would take the body for the
+            # next request (smuggling); nginx answers 501 too.
+            raise HttpError(501, "Transfer-Encoding other than chunked alone is not supported")
         return None, True
     if cl is not None:
         values = [c.strip() for v in cl for c in v.split(b",")]
