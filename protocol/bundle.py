@@ -371,6 +371,8 @@ def _read_tar(tar: IO[bytes], length: int, limits: Limits) -> list[_Entry]:
                         f"{limits.max_bytes} bytes (the byte limit; hardlink copies count in full)"
                     )
             end = tf.offset
+    except BundleError:  # a ValueError (via ProtocolError), and already its own one-line reason
+        raise
     except tarfile.TarError as exc:
         raise BundleError(f"bundle is not a valid tar: {exc}") from None
     except (EOFError, ValueError) as exc:
@@ -519,9 +521,21 @@ def _clean(name: str, limits: Limits) -> str | None:
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise BundleError(f"bundle entry {name!r} has a '..' component")
-    if any(len(p.encode()) > 255 for p in parts):
+    try:
+        encoded = [p.encode() for p in parts]
+    except UnicodeError:  # tarfile and os.walk give undecodable bytes as surrogate escapes
+        raise BundleError(f"bundle entry {_raw(name)} has a name that is not UTF-8") from None
+    if any(len(p) > 255 for p in encoded):
         raise BundleError(f"bundle entry {name!r} has a path component above 255 bytes")
     return "/".join(parts) if parts else None
+
+
+def _raw(name: str) -> str:
+    """A name shown as the bytes it stands for (b'\\xff'), which a str repr would hide."""
+    try:
+        return repr(name.encode("utf-8", "surrogateescape"))
+    except UnicodeError:  # a surrogate that no byte stands for
+        return repr(name)
 
 
 # -- the canonical form ----------------------------------------------------------------------------

@@ -249,6 +249,11 @@ HOSTILE: dict[str, tuple[Callable[[], bytes], str]] = {
         lambda: tarball([(f"f{i}", "file", b"") for i in range(30)]), "entries",
     ),
     "long path": (lambda: tarball([("d/" * 600 + "x", "file", b"x")]), "path above"),
+    # tarfile reads a PAX name with hdrcharset=BINARY as surrogate escapes ("\udcff")
+    "non-UTF-8 name": (
+        lambda: tarball([("ok/\udcff", "file", b"x")]), "bundle entry b'ok/\\xff' has a name "
+        "that is not UTF-8",
+    ),
 }
 
 
@@ -279,6 +284,16 @@ def test_hostile_tarball_is_refused_and_nothing_is_written(case: str, tmp_path: 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["releases"]
     with pytest.raises(BundleError):
         inspect(data, limits=SMALL)
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_a_refused_member_is_not_called_corrupt(case: str) -> None:
+    """A refusal reads as its own reason, not as "truncated or corrupt" (the agent shows it)."""
+    make, reason = HOSTILE[case]
+    with pytest.raises(BundleError) as info:
+        inspect(make(), limits=SMALL)
+    assert "truncated or corrupt" not in str(info.value)
+    assert reason in str(info.value)
 
 
 @pytest.mark.parametrize("case", ["absolute path", "symlink escapes", "character device"])
