@@ -13,7 +13,7 @@ fractions 0-1.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import UNSET, UnsetType
@@ -60,16 +60,29 @@ class NodeInfo(msgspec.Struct, kw_only=True):
     features: list[str] = []
 
 
+# What a peer (an agent, a router) states as an integer, bounded where it is decoded. A node's
+# credentials let it write any value into its own reports, and the coordinator computes with
+# them: a review's node reported generation 10**4300 (an f-string then raised ValueError past
+# Python's 4,300 digits) and router counters of 10**400 (OverflowError to float): each crashed
+# the leader's runner, then every resync of that rollout, one leadership a second. A report
+# outside these bounds is malformed: refused at decode, like any other.
+Generation = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**53)]  # a float holds it exactly
+Weight = Annotated[int, msgspec.Meta(ge=0, le=1_000_000)]
+Pid = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+
+
 class SlotProcess(msgspec.Struct, kw_only=True):
     """psutil figures of one slot's process, carried in heartbeats."""
 
     service: str
     slot: str
     version: str = ""
-    pid: int | None = None
-    rss: int = 0
+    pid: Pid | None = None
+    rss: Count = 0
     cpu_percent: float = 0.0
-    restarts: int = 0
+    restarts: Count = 0
 
 
 DrainPhase = Literal["", "draining", "drained"]
@@ -81,8 +94,8 @@ class ServiceSummary(msgspec.Struct, kw_only=True):
     service: str
     version: str = ""
     healthy: bool = False
-    generation: int = 0
-    observed_generation: int = 0
+    generation: Generation = 0
+    observed_generation: Generation = 0
     # Out of service for maintenance (``fleetwave drain``): "draining" while the router still
     # accepts (the grace) or holds connections, "drained" once it does neither; "" otherwise.
     drain: DrainPhase = ""
@@ -93,7 +106,7 @@ class Heartbeat(msgspec.Struct, kw_only=True):
 
     schema: int = 1
     node: str
-    seq: int = 0
+    seq: Count = 0
     time: float = 0.0
     interval: float = 2.0
     labels: dict[str, str] = {}
@@ -101,7 +114,7 @@ class Heartbeat(msgspec.Struct, kw_only=True):
     mem_percent: float = 0.0
     disk_percent: float = 0.0
     load1: float = 0.0
-    agent_rss: int = 0
+    agent_rss: Count = 0
     agent_cpu_percent: float = 0.0
     services: list[ServiceSummary] = []
     slots: list[SlotProcess] = []
@@ -276,9 +289,9 @@ class SlotStatus(msgspec.Struct, kw_only=True):
     status: SlotStatusName = "empty"
     version: str = ""
     digest: str = ""
-    pid: int | None = None
-    port: int | None = None
-    restarts: int = 0
+    pid: Pid | None = None
+    port: Port | None = None
+    restarts: Count = 0
     reason: str = ""
     since: float = 0.0
     last_exit: int | None = None
@@ -290,15 +303,15 @@ class SlotTraffic(msgspec.Struct, kw_only=True):
     ``latency`` has one count per bucket of LATENCY_BOUNDS_MS plus a last overflow bucket.
     """
 
-    requests: int = 0
-    errors: int = 0  # 5xx answers and failed upstream attempts that reached the user
-    failures: int = 0  # upstream connection errors (retried elsewhere when possible)
-    latency: list[int] = []
+    requests: Count = 0
+    errors: Count = 0  # 5xx answers and failed upstream attempts that reached the user
+    failures: Count = 0  # upstream connection errors (retried elsewhere when possible)
+    latency: list[Count] = []
     # Answers by status class ("2xx", "3xx", "4xx", "5xx"; absent: none), and the sum of every
     # latency in ``latency`` in ms (Prometheus histograms carry a true sum). Empty and 0 from a
     # router older than these fields: only ``errors`` (5xx) is known there.
-    codes: dict[str, int] = {}
-    latency_sum_ms: float = 0.0
+    codes: dict[str, Count] = {}
+    latency_sum_ms: Annotated[float, msgspec.Meta(ge=0.0, le=2.0**53)] = 0.0
 
 
 class MismatchSample(msgspec.Struct, kw_only=True):
@@ -312,13 +325,13 @@ class MismatchSample(msgspec.Struct, kw_only=True):
 class MirrorTraffic(msgspec.Struct, kw_only=True):
     """Shadow comparison counters, cumulative since the router started."""
 
-    mirrored: int = 0
-    compared: int = 0
-    mismatched: int = 0
-    dropped: int = 0  # copies not sent because the shadow fell behind
-    shadow_errors: int = 0
-    shadow_latency: list[int] = []
-    live_latency: list[int] = []
+    mirrored: Count = 0
+    compared: Count = 0
+    mismatched: Count = 0
+    dropped: Count = 0  # copies not sent because the shadow fell behind
+    shadow_errors: Count = 0
+    shadow_latency: list[Count] = []
+    live_latency: list[Count] = []
     samples: list[MismatchSample] = []
 
 
@@ -330,19 +343,25 @@ class CohortTraffic(msgspec.Struct, kw_only=True):
     node's sketches merge by union);
     ``protocol.cohort.estimate_users`` turns one into an approximate count of distinct users."""
 
-    by_key: int = 0  # requests decided by their key
-    fallback: int = 0  # requests without the key (decided by the fallback)
-    assigned: int = 0  # cohort cookies handed out
-    allowed: int = 0  # requests an allow or preview rule sent to the new slot
-    denied: int = 0  # requests a deny rule kept on the old slot
+    by_key: Count = 0  # requests decided by their key
+    fallback: Count = 0  # requests without the key (decided by the fallback)
+    assigned: Count = 0  # cohort cookies handed out
+    allowed: Count = 0  # requests an allow or preview rule sent to the new slot
+    denied: Count = 0  # requests a deny rule kept on the old slot
     users: dict[str, list[int]] = {}
+
+    def __post_init__(self) -> None:
+        # 64-bit hashes (msgspec bounds ints to int64 only, and takes any size unbounded).
+        for sketch in self.users.values():
+            if any(not 0 <= h < 2**64 for h in sketch):
+                raise ValueError("a user hash of a cohort sketch is not a 64-bit unsigned int")
 
 
 class RouterStats(msgspec.Struct, kw_only=True):
     epoch: float = 0.0  # router start time; counters reset when it changes
-    pid: int | None = None
-    port: int | None = None
-    weights: dict[str, int] = {}  # as applied
+    pid: Pid | None = None
+    port: Port | None = None
+    weights: dict[str, Weight] = {}  # as applied
     slots: dict[str, SlotTraffic] = {}
     mirror: MirrorTraffic | None = None
     # Set while a cohort rule is in force; UNSET (absent) otherwise, so stats kept in rollout
@@ -363,10 +382,10 @@ class ObservedState(msgspec.Struct, kw_only=True):
     schema: int = 1
     node: str
     service: str
-    generation: int = 0  # the newest desired generation the agent has seen
-    observed_generation: int = 0  # the generation it has fully converged on
+    generation: Generation = 0  # the newest desired generation the agent has seen
+    observed_generation: Generation = 0  # the generation it has fully converged on
     slots: dict[str, SlotStatus] = {}
-    weights: dict[str, int] = {}
+    weights: dict[str, Weight] = {}
     router: RouterStats | None = None
     phase: Literal["converging", "converged", "failed"] = "converging"
     error: str = ""

@@ -197,6 +197,7 @@ class Runner:
         self._settled: set[str] = set()  # terminal rollouts whose lock is known released
         self._deploying = asyncio.Lock()
         self._unreadable: set[str] = set()  # open records a resync could not read (logged)
+        self._crashed: set[str] = set()  # rollouts whose resume crashed (logged once)
         self.synced = asyncio.Event()  # the observed watch delivered its first snapshot
         self.ready = asyncio.Event()  # ... and every live rollout was resumed
         self._resync_wanted = asyncio.Event()
@@ -280,6 +281,12 @@ class Runner:
             except BusError as exc:
                 cancelled_meanwhile()
                 log.warning("cannot load rollouts yet (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            except Exception:  # our bug: it must not end the leadership (every resync again)
+                cancelled_meanwhile()
+                log.exception("resuming the rollouts failed; retrying in %.1fs", delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
@@ -813,6 +820,18 @@ class Runner:
                 self._drop(driver, f"cannot resume it yet: {exc}")
             except RemoteError as exc:  # no longer ours: feed() logged it
                 log.debug("%s", exc)
+            except Exception as exc:
+                # Our bug (or a figure we failed to bound): this rollout is dropped and tried
+                # again at the next resync, the others resumed, the leadership kept. A review
+                # had one node's report crash every resync, so the leader lost its lease every
+                # second and no rollout of the fleet moved.
+                cancelled_meanwhile()
+                if record.id not in self._crashed:  # the traceback once, until it resumes
+                    self._crashed.add(record.id)
+                    log.exception("rollout %s: crashed resuming it", record.id)
+                self._drop(driver, f"crashed resuming it ({type(exc).__name__})")
+            else:
+                self._crashed.discard(record.id)
 
     async def _own_lock(self, record: RolloutRecord) -> bool:
         """Whether a never-started record holds (or now takes) its service's lock; one that

@@ -154,3 +154,49 @@ async def test_a_deploy_whose_leader_is_deposed_after_its_record_says_it_will_st
     successor = runner(bus, clock)  # the next leader, term 2
     await successor.resync()
     assert list(successor.drivers) == [rid]
+
+
+async def test_a_rollout_whose_resume_crashes_keeps_the_others_and_the_leadership(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A bug while resuming one rollout (a review's node made the engine raise ValueError on a
+    figure it reported) ended the runner, so the leader lost its lease every second and no
+    rollout of the fleet moved. Now that rollout is dropped until the next pass (its traceback
+    logged once), the other one resumed, and the resync loop goes on."""
+    from coordinator.runtime import runner as runner_mod
+
+    bus, clock = fleet_bus(N), FakeClock()
+    r = make(bus, clock)
+    a = await r.deploy(spec(batch="3", max_unavailable="3"), NEW)
+    other = ReleaseRef(service="other", version="2.0.0", digest="sha256:o")
+    b = await r.deploy(spec(service="other", version="2.0.0", batch="3", max_unavailable="3"),
+                       other)
+    fence(bus, 2)
+    successor = make(bus, clock)
+    real = runner_mod.Runner._write_intended
+
+    async def crashing(self: Any, rollout: Any) -> None:
+        if rollout.record.id == a.id:
+            raise ValueError("Exceeds the limit (4300 digits) for integer string conversion")
+        await real(self, rollout)
+
+    monkeypatch.setattr(runner_mod.Runner, "_write_intended", crashing)
+    await successor.resync()
+    await successor.resync()
+    assert sorted(successor.drivers) == [b.id]
+    assert successor._resync_wanted.is_set()
+    assert caplog.text.count(f"rollout {a.id}: crashed resuming it") == 1
+    # The loop survives a pass that raises outright, too.
+    successor.synced.set()
+
+    async def broken() -> None:
+        raise ValueError("boom")
+
+    successor.resync = broken  # type: ignore[method-assign]
+    loop = asyncio.create_task(successor._resync_loop())
+    try:
+        await until(lambda: caplog.text.count("resuming the rollouts failed") >= 2,
+                    "two failed passes", timeout=10)
+        assert not loop.done()
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
