@@ -22,7 +22,9 @@ def wave_size(total: int, spec: RolloutSpec) -> int:
 
 
 def validate(spec: RolloutSpec) -> None:
-    """Nothing to refuse before the fleet is known: the amounts are checked by every spec."""
+    """Nothing of its own to refuse before the fleet is known: the amounts are checked by every
+    spec, and the settings only other strategies read (``--weights``, ``--mirror``, ...) are
+    refused by ``spec.check_meaning``."""
 
 
 def wave(spec: RolloutSpec, index: int) -> Ordinary:

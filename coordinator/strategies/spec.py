@@ -56,7 +56,39 @@ def check_common(spec: RolloutSpec) -> None:
     staging.check(spec.prestage)
     if spec.then is not None and spec.strategy != "shadow":
         raise UsageError("--then only follows --strategy shadow")
+    check_meaning(spec)
     check_cohort(spec)
+
+
+# The settings only some strategies read: (field, flag, the strategies that read it, what to
+# say). A strategy that does not read a setting would ignore it, and ``deploy hello 2.0.0
+# --weights 5,100`` would roll every node to 100% where a 5% canary was meant; so a setting
+# other than its default is refused where it means nothing, as ``--prestage`` and
+# ``--cohort-key`` are. A shadow ``--then blue-green`` ends with a blue-green switch.
+_CANARY = "only a canary moves by steps and traffic weights; use --strategy canary"
+_SHADOW = "only a shadow mirrors requests; use --strategy shadow --mirror 10%"
+ONLY: tuple[tuple[str, str, frozenset[str], str], ...] = (
+    ("steps", "--steps", frozenset({"canary"}), _CANARY),
+    ("weights", "--weights", frozenset({"canary"}), _CANARY),
+    ("mirror", "--mirror", frozenset({"shadow"}), _SHADOW),
+    ("mirror_methods", "--mirror-methods", frozenset({"shadow"}), _SHADOW),
+    ("ignore_headers", "--ignore-header", frozenset({"shadow"}), _SHADOW),
+    ("ignore_json_fields", "--ignore-json-field", frozenset({"shadow"}), _SHADOW),
+    ("mirror_keep_headers", "--mirror-keep-header", frozenset({"shadow"}), _SHADOW),
+    ("scale_down_delay", "--scale-down-delay", frozenset({"blue-green"}),
+     "only a blue-green switch keeps the old slots warm; use --strategy blue-green (or "
+     "shadow --then blue-green)"),
+)
+_DEFAULTS = RolloutSpec(service="", version="")
+
+
+def check_meaning(spec: RolloutSpec) -> None:
+    """Refuse a setting the strategy would ignore (``ONLY``), naming the flag and what to use."""
+    strategies = {spec.strategy} | ({spec.then} if spec.then else set())
+    for field, flag, readers, hint in ONLY:
+        if strategies.isdisjoint(readers) and getattr(spec, field) != getattr(_DEFAULTS, field):
+            raise UsageError(f"{flag} has no meaning with --strategy {spec.strategy}: {hint}, "
+                             f"or leave {flag} out")
 
 
 def check_cohort(spec: RolloutSpec) -> None:
