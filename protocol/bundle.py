@@ -7,7 +7,9 @@ PAX tar with fixed mtime, uid/gid 0 and no owner names, gzip-compressed with a z
 no file name, so the same content always gives the same bytes and the same sha256 (with the same
 zlib). A ``.tar.gz`` given to ``pack`` is validated with the unpacking rules and *re-packed*, never
 used as is: its digest then depends on its content only, not on the tool, clock or user that made
-it, and a directory and a tarball of the same tree are the same release.
+it, and a directory and a tarball of the same tree are the same release. A directory's entries
+pass the same name and link-target checks as a tarball's members, and ``pack`` then runs
+``inspect`` (the agent's own reading) on the bytes it made: what it returns, every agent accepts.
 
 ``safe_unpack`` trusts nothing in the archive and checks every member itself before writing any
 byte (Python 3.11's tarfile extraction filters are not relied on). Refused, with the entry named:
@@ -159,6 +161,13 @@ def _pack(
         raise BundleError(
             f"{source}: bundle is {len(data)} bytes, above the {limits.max_bytes} limit"
         )
+    # The agent's own reading of these very bytes: whatever the checks above miss (a rule added
+    # to unpacking only, a name tarfile writes otherwise than it reads), a bundle that every node
+    # would refuse is refused here and never uploaded.
+    try:
+        inspect(data, limits=limits)
+    except BundleError as exc:
+        raise BundleError(f"{source}: {exc}") from None
     return data, manifest
 
 
@@ -217,9 +226,18 @@ def _read_dir(root: Path, limits: Limits) -> list[_Entry]:
             rel = full.relative_to(root).as_posix()
             if name.endswith(_SKIP_SUFFIXES) and name in filenames:
                 continue
-            st = full.lstat()
+            try:
+                _clean(rel, limits)  # the checks unpacking applies to the same name
+                st = full.lstat()
+                if stat.S_ISLNK(st.st_mode):
+                    target = str(full.readlink())
+                    _check_target(rel, target, limits)
+            except BundleError as exc:
+                raise BundleError(f"{root}: {exc}") from None
+            except OSError as exc:
+                raise BundleError(f"{full}: cannot read: {exc.strerror}") from None
             if stat.S_ISLNK(st.st_mode):
-                entries.append(_Entry(rel, "symlink", 0o777, target=str(full.readlink())))
+                entries.append(_Entry(rel, "symlink", 0o777, target=target))
             elif stat.S_ISDIR(st.st_mode):
                 entries.append(_Entry(rel, "dir", st.st_mode))
             elif stat.S_ISREG(st.st_mode):
@@ -476,13 +494,7 @@ def _member(
     if m.isdir():
         return _Entry(path, "dir", m.mode)
     if m.issym():
-        if not m.linkname:
-            raise BundleError(f"bundle entry {m.name!r} is a symlink with an empty target")
-        if "\0" in m.linkname or len(m.linkname) > limits.max_path:
-            raise BundleError(
-                f"bundle entry {m.name!r} is a symlink whose target has a NUL or is above "
-                f"{limits.max_path} chars"
-            )
+        _check_target(m.name, m.linkname, limits)
         return _Entry(path, "symlink", 0o777, target=m.linkname)
     if m.islnk():
         try:
@@ -501,6 +513,17 @@ def _member(
         f"bundle entry {m.name!r} is a {_TAR_KINDS.get(m.type, f'type {m.type!r} member')}; "
         "bundles hold only regular files, directories and in-tree links"
     )
+
+
+def _check_target(name: str, target: str, limits: Limits) -> None:
+    """Refuse a symlink target that cannot be checked as a tree path (the rest is _canonical's)."""
+    if not target:
+        raise BundleError(f"bundle entry {name!r} is a symlink with an empty target")
+    if "\0" in target or len(target) > limits.max_path:
+        raise BundleError(
+            f"bundle entry {name!r} is a symlink whose target has a NUL or is above "
+            f"{limits.max_path} chars"
+        )
 
 
 _TAR_KINDS = {  # POSIX ustar typeflags (tarfile.CHRTYPE, BLKTYPE, FIFOTYPE)

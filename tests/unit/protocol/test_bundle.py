@@ -317,6 +317,56 @@ def test_pack_refuses_symlink_out_of_directory(tmp_path: Path) -> None:
         pack(a)
 
 
+def _non_utf8_name(a: Path) -> None:
+    (Path(os.fsdecode(bytes(a) + b"/\xff"))).write_text("x")
+
+
+def _deep_path(a: Path) -> None:
+    deep = a.joinpath(*["d" * 60] * 17)  # 17 * 61 = 1037 chars below the bundle's root
+    deep.mkdir(parents=True)
+
+
+def _long_link_target(a: Path) -> None:
+    (a / "l").symlink_to("a/" * 600)
+
+
+def _empty_file_in_a_deep_dir(a: Path) -> None:
+    deep = a.joinpath(*["d" * 50] * 20)  # the directories fit; the file's path does not
+    deep.mkdir(parents=True)
+    (deep / ("f" * 6)).write_text("x")  # 1019 + 7 chars
+
+
+REFUSED_DIRS: dict[str, tuple[Callable[[Path], None], str]] = {
+    "non-UTF-8 name": (_non_utf8_name, "bundle entry b'\\xff' has a name that is not UTF-8"),
+    "nested path above 1024 chars": (_deep_path, "has a path above 1024 chars"),
+    "file path above 1024 chars": (_empty_file_in_a_deep_dir, "has a path above 1024 chars"),
+    "symlink target above 1024 chars": (_long_link_target, "target has a NUL or is above 1024"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED_DIRS))
+def test_pack_refuses_in_a_directory_what_the_agent_would_refuse(
+    case: str, tmp_path: Path,
+) -> None:
+    """A directory entry that the agent's unpacking would refuse is refused by pack() itself,
+    naming the entry, so no bundle that every node refuses is ever pushed."""
+    a = make_dir(tmp_path / "a")
+    REFUSED_DIRS[case][0](a)
+    with pytest.raises(BundleError) as info:
+        pack(a)
+    assert REFUSED_DIRS[case][1] in str(info.value), str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_pack_refuses_files_that_fit_in_a_tar_that_does_not(tmp_path: Path) -> None:
+    """Files just under the byte limit whose tar (headers counted) is above it, which the agent
+    refuses as a decompression bomb, are refused by pack() with the agent's own reason."""
+    a = make_dir(tmp_path / "a")
+    (a / "big.bin").write_bytes(b"\0" * (SMALL.max_bytes - 200))
+    with pytest.raises(BundleError, match="decompression limit"):
+        pack(a, limits=SMALL)
+
+
 def test_pack_refuses_fifo_in_directory(tmp_path: Path) -> None:
     """A fifo in a bundle directory is named and refused."""
     a = make_dir(tmp_path / "a")
