@@ -219,7 +219,7 @@ def _unpack(entries: list[_Entry], archive: _Archive, dest: Path, limits: Limits
 def _read_dir(root: Path, limits: Limits) -> list[_Entry]:
     entries: list[_Entry] = []
     total = 0
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=_unlisted):
         dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
         for name in sorted(dirnames + filenames):
             full = Path(dirpath) / name
@@ -257,6 +257,11 @@ def _read_dir(root: Path, limits: Limits) -> list[_Entry]:
             if len(entries) > limits.max_entries:
                 raise BundleError(f"{root}: more than {limits.max_entries} entries")
     return entries
+
+
+def _unlisted(exc: OSError) -> None:
+    """os.walk's onerror: a directory it cannot list would otherwise be left out silently."""
+    raise BundleError(f"{exc.filename}: cannot list it: {exc.strerror or exc}")
 
 
 class _Archive:

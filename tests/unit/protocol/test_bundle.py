@@ -367,6 +367,29 @@ def test_pack_refuses_files_that_fit_in_a_tar_that_does_not(tmp_path: Path) -> N
         pack(a, limits=SMALL)
 
 
+def test_pack_refuses_a_subdirectory_it_cannot_list(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A subdirectory that cannot be listed is named with the OS's reason, not left out.
+
+    Tests run as root in CI, where a 0000 directory can still be listed, so the refusal is
+    injected where os.walk lists a directory (os.scandir raising EACCES for that one path)."""
+    a = make_dir(tmp_path / "a")
+    (a / "secret").mkdir()
+    (a / "secret" / "data").write_text("x")
+    real_scandir = os.scandir
+
+    def scandir(path: str) -> object:
+        if Path(path) == a / "secret":
+            raise PermissionError(13, "Permission denied", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(BundleError) as info:
+        pack(a)
+    assert str(info.value) == f"{a / 'secret'}: cannot list it: Permission denied"
+
+
 def test_pack_refuses_fifo_in_directory(tmp_path: Path) -> None:
     """A fifo in a bundle directory is named and refused."""
     a = make_dir(tmp_path / "a")
