@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import signal
 import sys
@@ -164,14 +165,33 @@ def _router_socket_dirs(directory: Path, depth: int = 4) -> set[str]:
     return found
 
 
-def reap_leftovers(directory: Path, *, exclude: set[int | None], timeout: float = 5.0) -> int:
+# What a fleet's own processes look like (``reap_leftovers(ours_only=True)``): one of its
+# programs, or a child an agent started (a service, a hook, a probe: the agent sets these).
+_OURS_ARGV = ("agent.main", "agent.router", "coordinator.daemon", "nats-server")
+_OURS_ENV = ("FLEETWAVE_NODE", "FLEETWAVE_SLOT")
+
+
+def _ours(proc: psutil.Process, argv: list[str]) -> bool:
+    if any(part in arg for arg in argv for part in _OURS_ARGV):
+        return True
+    try:
+        env = proc.environ()
+    except psutil.Error:
+        return False
+    return all(name in env for name in _OURS_ENV)
+
+
+def reap_leftovers(directory: Path, *, exclude: set[int | None], timeout: float = 5.0,
+                   ours_only: bool = False) -> int:
     """Stop every process still working under ``directory``: services and routers.
 
     By design they outlive their agent (a restarted agent adopts them), so stopping the agents
     leaves them running; a throwaway dev fleet must not. A process belongs to the fleet when its
     working directory or one of its arguments lies under ``directory`` or is the control socket
-    of a router of a data dir there. SIGTERM, then SIGKILL after ``timeout``; returns how many
-    there were.
+    of a router of a data dir there; with ``ours_only`` (``fleetwave dev up``, whose ``--dir``
+    may hold anything of its user's) only if it is also one of a fleet's programs or a child an
+    agent started: a review's ``dev up`` that failed to start killed a ``sleep`` working in its
+    directory. SIGTERM, then SIGKILL after ``timeout``; returns how many there were.
     """
     roots = [str(directory), *_router_socket_dirs(directory)]
     me = psutil.Process()
@@ -182,7 +202,8 @@ def reap_leftovers(directory: Path, *, exclude: set[int | None], timeout: float 
             continue
         cwd = proc.info.get("cwd") or ""
         argv = proc.info.get("cmdline") or []
-        if any(_names_path_under(text, root) for text in (cwd, *argv) for root in roots):
+        if any(_names_path_under(text, root) for text in (cwd, *argv) for root in roots) \
+                and (not ours_only or _ours(proc, argv)):
             found.append(proc)
     for proc in found:
         with contextlib.suppress(psutil.Error):
@@ -260,6 +281,7 @@ class DevFleet:
         self.agents = [self._agent_child(i) for i in range(1, agents + 1)]
         self._bus: Bus | None = None
         self._url_in_argv = self.nats_url  # what the children's argv say (``_follow_brokers``)
+        self._lock: int | None = None  # DIR/dev.lock while this fleet runs (``hold``)
 
     def _follow_brokers(self) -> None:
         """A broker that picked its own port picks another when the first is taken before it
@@ -356,12 +378,30 @@ class DevFleet:
     # -- lifecycle --------------------------------------------------------------------------------
 
     async def __aenter__(self) -> DevFleet:
+        self.hold()
         try:
             await self.start()
         except BaseException:
             await self.stop()
             raise
         return self
+
+    def hold(self) -> None:
+        """Take ``DIR/dev.lock`` for as long as this fleet runs (``stop`` lets it go): a second
+        fleet in the same directory is refused before it starts or stops anything. A review's
+        second ``dev up`` in one directory failed to start and, stopping what it had started,
+        reaped the first fleet's processes (they work under the same directory)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.dir / "dev.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UsageError(f"another dev fleet runs in {self.dir}; stop it (Ctrl-C in its "
+                             "terminal) or give this one another --dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock = fd
 
     async def __aexit__(
         self,
@@ -405,9 +445,12 @@ class DevFleet:
                     *(c.stop() for c in [*self.agents, self.coordinator]), return_exceptions=True
                 )
                 await asyncio.to_thread(reap_leftovers, self.dir,
-                                        exclude={b.pid for b in self.brokers})
+                                        exclude={b.pid for b in self.brokers}, ours_only=True)
             finally:
                 await asyncio.gather(*(b.stop() for b in self.brokers), return_exceptions=True)
+                if self._lock is not None:
+                    os.close(self._lock)  # (the lock goes with its descriptor)
+                    self._lock = None
 
     # -- looking at it ----------------------------------------------------------------------------
 
