@@ -32,7 +32,9 @@ release cache's disk and not in a RAM-backed /tmp), members are remembered as sp
 and files are copied out of it in ``CHUNK``-sized pieces. Sparse members are refused while their
 header is parsed, before tarfile builds their map or reads a byte of them, and the sizes that
 header blocks declare are bounded before tarfile reads them. Unpacking counts every byte it writes
-against ``Limits.max_bytes`` as well as checking the sum beforehand.
+against ``Limits.max_bytes`` as well as checking the sum beforehand. Packing a directory counts
+its files' sizes from ``lstat`` before reading any, and streams each into the tar when it is
+written (a file whose size changed since it was listed is refused).
 
 Decision: hardlinks become independent copies, counted in full against the byte limit, not real
 links. ``pack`` re-packs a tarball's links as copies, so a release unpacks to the same tree
@@ -118,17 +120,27 @@ class _Span:
 
 
 @dataclass(frozen=True)
+class _DirFile:
+    """A file of a bundle directory: read only when written into the tar, ``CHUNK`` at a time."""
+
+    path: Path
+    size: int  # as lstat saw it when the directory was read; the file must still have it
+
+
+@dataclass(frozen=True)
 class _Entry:
     path: str  # normalised, relative, "/"-separated, never "" or "."
     kind: Kind
     mode: int = 0
-    data: bytes = b""  # files read from a directory
+    file: _DirFile | None = None  # files read from a directory
     target: str = ""  # symlinks only
     span: _Span | None = None  # files read from a tarball
 
     @property
     def size(self) -> int:
-        return self.span.size if self.span is not None else len(self.data)
+        if self.span is not None:
+            return self.span.size
+        return self.file.size if self.file is not None else 0
 
 
 def digest(data: bytes) -> str:
@@ -241,14 +253,15 @@ def _read_dir(root: Path, limits: Limits) -> list[_Entry]:
             elif stat.S_ISDIR(st.st_mode):
                 entries.append(_Entry(rel, "dir", st.st_mode))
             elif stat.S_ISREG(st.st_mode):
-                try:
-                    data = full.read_bytes()
-                except OSError as exc:
-                    raise BundleError(f"{full}: cannot read: {exc.strerror}") from None
-                total += len(data)
+                # Counted from lstat, before a byte is read: a 2 GiB file is refused as such,
+                # not after it is in memory (a review saw 2.1 GB resident).
+                total += st.st_size
                 if total > limits.max_bytes:
-                    raise BundleError(f"{root}: more than {limits.max_bytes} bytes of files")
-                entries.append(_Entry(rel, "file", st.st_mode, data))
+                    raise BundleError(
+                        f"{root}: more than {limits.max_bytes} bytes of files (with {rel!r}, "
+                        f"{st.st_size} bytes)"
+                    )
+                entries.append(_Entry(rel, "file", st.st_mode, file=_DirFile(full, st.st_size)))
             else:
                 raise BundleError(
                     f"{root}: entry {rel!r} is a {_kind_name(st.st_mode)}; bundles hold only "
@@ -650,7 +663,12 @@ def _manifest(entries: list[_Entry], archive: _Archive | None, source: str) -> M
         raise BundleError(
             f"{source}: {MANIFEST_NAME} is {entry.size} bytes, above the {MAX_MANIFEST} limit"
         )
-    raw = entry.data if entry.span is None or archive is None else archive.read(entry.span)
+    if entry.file is not None:
+        raw = _read_small(entry.file)
+    elif entry.span is not None and archive is not None:
+        raw = archive.read(entry.span)
+    else:  # unreachable: a file entry comes from a directory or from an archive
+        raise BundleError(f"{source}: {MANIFEST_NAME} has no data")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -707,10 +725,12 @@ def _write_tar(entries: list[_Entry], archive: _Archive | None) -> bytes:
             if e.kind == "file":
                 info.type = tarfile.REGTYPE
                 info.size = e.size
-                if e.span is not None and archive is not None:
+                if e.file is not None:
+                    _add_dir_file(tf, info, e.file)
+                elif e.span is not None and archive is not None:
                     tf.addfile(info, archive.seek(e.span))
-                else:
-                    tf.addfile(info, io.BytesIO(e.data))
+                else:  # unreachable: a file entry comes from a directory or from an archive
+                    raise BundleError(f"bundle entry {e.path!r} has no data")
             elif e.kind == "dir":
                 info.type = tarfile.DIRTYPE
                 tf.addfile(info)
@@ -719,6 +739,49 @@ def _write_tar(entries: list[_Entry], archive: _Archive | None) -> bytes:
                 info.linkname = e.target
                 tf.addfile(info)
     return out.getvalue()
+
+
+def _open_dir_file(file: _DirFile) -> IO[bytes]:
+    """Open a bundle directory's file as the regular file of the size it was listed with.
+
+    O_NOFOLLOW and O_NONBLOCK: if it was replaced since it was listed, by a symlink or a fifo,
+    opening it neither follows the link nor waits for a writer."""
+    try:
+        fd = os.open(file.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        raise BundleError(f"{file.path}: cannot read: {exc.strerror}") from None
+    f = os.fdopen(fd, "rb")
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size != file.size:
+        f.close()
+        raise BundleError(f"{file.path}: changed while it was being packed; push again")
+    return f
+
+
+def _read_small(file: _DirFile) -> bytes:
+    """The whole of a file its caller has bounded (the manifest)."""
+    with _open_dir_file(file) as f:
+        try:
+            data = f.read(file.size + 1)
+        except OSError as exc:
+            raise BundleError(f"{file.path}: cannot read: {exc.strerror}") from None
+    if len(data) != file.size:
+        raise BundleError(f"{file.path}: changed while it was being packed; push again")
+    return data
+
+
+def _add_dir_file(tf: tarfile.TarFile, info: tarfile.TarInfo, file: _DirFile) -> None:
+    """Copy a directory's file into the tar ``info.size`` bytes at a time (tarfile's own copy)."""
+    with _open_dir_file(file) as f:
+        try:
+            tf.addfile(info, f)  # reads exactly info.size bytes; OSError if the file is shorter
+            grew = f.read(1) != b""
+        except OSError as exc:
+            if exc.strerror is not None:
+                raise BundleError(f"{file.path}: cannot read: {exc.strerror}") from None
+            grew = True  # tarfile's "unexpected end of data": the file shrank
+    if grew:
+        raise BundleError(f"{file.path}: changed while it was being packed; push again")
 
 
 def _extract(entries: list[_Entry], root: Path, archive: _Archive, limits: Limits) -> None:
@@ -737,12 +800,11 @@ def _extract(entries: list[_Entry], root: Path, archive: _Archive, limits: Limit
             written += e.size
             if written > limits.max_bytes:
                 raise BundleError(f"bundle files add up to more than {limits.max_bytes} bytes")
+            if e.span is None:  # unreachable: unpacked entries all come from the archive
+                raise BundleError(f"bundle entry {e.path!r} has no data")
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "wb") as f:
-                if e.span is not None:
-                    archive.copy(e.span, f)
-                else:
-                    f.write(e.data)
+                archive.copy(e.span, f)
                 f.flush()
                 os.fsync(f.fileno())
             target.chmod(e.mode)

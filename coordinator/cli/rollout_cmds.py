@@ -20,7 +20,9 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import re
+import stat
 import sys
 import time
 import tomllib
@@ -286,10 +288,13 @@ def _fraction(flag: str, value: str | float) -> float:
     return number
 
 
+MAX_ROLLOUT_FILE = 1024 * 1024  # a real rollout.toml is a few hundred bytes
+
+
 def read_rollout_file(path: Path) -> dict[str, Any]:
     """The settings of a rollout.toml; ConfigError (exit 2) if it is not readable TOML."""
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(_read_capped(path).decode("utf-8"))
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read it: {exc.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -298,6 +303,19 @@ def read_rollout_file(path: Path) -> dict[str, Any]:
         convert(RolloutFile, data, what=str(path))  # unknown keys named with the file
     except ProtocolError as exc:
         raise ConfigError(str(exc)) from None
+    return data
+
+
+def _read_capped(path: Path) -> bytes:
+    """A regular file of at most MAX_ROLLOUT_FILE bytes: ``-f /dev/zero`` would never end, and a
+    fifo would wait for a writer (O_NONBLOCK opens it without waiting, to refuse it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"{path}: not a regular file; -f takes a rollout.toml")
+        data = f.read(MAX_ROLLOUT_FILE + 1)
+    if len(data) > MAX_ROLLOUT_FILE:
+        raise ConfigError(f"{path}: larger than 1 MiB, the limit for a rollout file")
     return data
 
 

@@ -601,3 +601,54 @@ def test_repack_is_byte_identical_to_the_whole_buffer_form(tmp_path: Path) -> No
     raw = gzip.decompress(data)
     comp = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
     assert data == comp.compress(raw) + comp.flush()
+
+
+def test_a_directory_above_the_byte_limit_is_refused_before_reading(tmp_path: Path) -> None:
+    """A file above the byte limit (sparse: 8 MiB of holes) is refused by its size, naming it,
+    before any of it is read (a review: a 2 GiB file reached 2.1 GB resident first)."""
+    a = make_dir(tmp_path / "a")
+    with (a / "huge.bin").open("wb") as f:
+        f.truncate(8 * MIB)
+    tracemalloc.start()
+    try:
+        with pytest.raises(BundleError, match=r"more than 1048576 bytes of files \(with 'huge"):
+            pack(a, limits=SMALL)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < MIB // 2, f"{peak} bytes allocated to refuse an 8 MiB file"
+
+
+def test_a_directory_is_packed_in_bounded_memory(tmp_path: Path) -> None:
+    """A 16 MiB file of a directory is streamed into the bundle, never held whole."""
+    a = make_dir(tmp_path / "a")
+    (a / "big.bin").write_bytes(b"\0" * (16 * MIB))
+    tracemalloc.start()
+    try:
+        data, _ = pack(a)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * MIB, f"{peak} bytes allocated to pack a 16 MiB file"
+    safe_unpack(data, tmp_path / "rel")
+    assert (tmp_path / "rel" / "big.bin").read_bytes() == b"\0" * (16 * MIB)
+
+
+def test_a_file_that_changes_while_packed_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A file whose size differs from the one it was listed with is refused, not half packed."""
+    import protocol.bundle as bundle
+
+    a = make_dir(tmp_path / "a")
+    real = bundle._read_dir
+
+    def read_then_grow(root: Path, limits: Limits) -> object:
+        entries = real(root, limits)
+        (a / "app.py").write_text("print('grown')\n")
+        return entries
+
+    monkeypatch.setattr(bundle, "_read_dir", read_then_grow)
+    with pytest.raises(BundleError, match=r"app\.py: changed while it was being packed"):
+        pack(a)
+

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -257,3 +258,31 @@ def test_following_a_large_rollout_prints_counts_and_failures_not_every_node() -
     lines = [line.split(" ", 1)[1] for line in progress_lines(before, after)]
     assert lines == ["nodes: done 35, failed 2, updating 3, waiting 60 (of 100)",
                      "n036: failed: bad"]
+
+
+@pytest.mark.parametrize(
+    ("make", "why"),
+    [
+        pytest.param(lambda d: Path("/dev/null"), "not a regular file", id="character-device"),
+        pytest.param(
+            lambda d: _written(d / "big.toml", b"# padding\n" * 110_000), "larger than 1 MiB",
+            id="above-1-MiB",
+        ),
+    ],
+)
+def test_a_rollout_file_must_be_a_small_regular_file(
+    make: Callable[[Path], Path], why: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """-f reads only a regular file of at most 1 MiB, else one line and exit 2 (``-f /dev/zero``
+    grew without end; /dev/null stands for any device here, so the old code cannot hang the
+    test)."""
+    with pytest.raises(SystemExit) as info:
+        main(["--nats", "nats://127.0.0.1:1", "deploy", "-f", str(make(tmp_path)), "--detach"])
+    out, err = capsys.readouterr()
+    assert info.value.code == 2, err
+    assert out == "" and len(err.strip().splitlines()) == 1 and why in err, err
+
+
+def _written(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
