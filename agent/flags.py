@@ -24,6 +24,7 @@ from agent.edge import BODY_TIMEOUT, MAX_CONNECTIONS
 from agent.errors import FlagError
 from protocol.errors import ProtocolError
 from protocol.subjects import check_name
+from protocol.urls import check_servers
 
 if TYPE_CHECKING:
     import click
@@ -160,6 +161,11 @@ def _on_off(value: str) -> bool:
     raise ProtocolError(f"{value!r} is neither on nor off")
 
 
+def _nats(value: str) -> str:
+    check_servers(value, flag="the URL")  # malformed: one line now, not a deadline later
+    return value
+
+
 def _data_dir(value: str) -> Path:
     path = Path(value)
     if path.exists() and not path.is_dir():
@@ -200,7 +206,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--bind-host",), "bind_host", "Address the node's routers and slots listen on.",
          _bind_host, default="127.0.0.1", metavar="TEXT", show_default=True),
     Flag(("--nats",), "nats_url", "NATS server URL, or several separated by commas (env "
-         "FLEETWAVE_NATS).", default=DEFAULT_NATS, env="FLEETWAVE_NATS", metavar="TEXT",
+         "FLEETWAVE_NATS).", _nats, default=DEFAULT_NATS, env="FLEETWAVE_NATS", metavar="TEXT",
          show_default=True),
     Flag(("--fleet",), "fleet", "Fleet namespace (env FLEETWAVE_FLEET).", _fleet,
          default="default", env="FLEETWAVE_FLEET", metavar="TEXT", show_default=True),

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from coordinator.cli.base import Ctx
-from coordinator.errors import RemoteError
+from coordinator.errors import RemoteError, UsageError
 from protocol import subjects
 from protocol.bus import REQUEST_TIMEOUT, Bus, redact
 from protocol.codec import decode, encode
@@ -39,6 +39,7 @@ from protocol.messages import (
     RollbackRequest,
     RolloutRequest,
 )
+from protocol.urls import check_servers
 
 CONNECT_TIMEOUT = 3.0
 TAKEOVER_WAIT = 6.0  # a takeover takes at most the lease ttl and a poll (coordinator.runtime.lease)
@@ -47,7 +48,9 @@ LEADER_TIMEOUT = 2.0
 
 @contextlib.asynccontextmanager
 async def connected(ctx: Ctx, *, timeout: float = CONNECT_TIMEOUT) -> AsyncIterator[Bus]:
-    """A Bus for one CLI command; NotReachable within ``timeout`` if NATS does not answer."""
+    """A Bus for one CLI command; NotReachable within ``timeout`` if NATS does not answer,
+    UsageError at once if ``--nats`` is no URL to try (``check_nats``)."""
+    check_nats(ctx.nats_url)
     try:
         async with asyncio.timeout(timeout):
             bus = await Bus.connect(
@@ -68,6 +71,16 @@ async def connected(ctx: Ctx, *, timeout: float = CONNECT_TIMEOUT) -> AsyncItera
         # server (one per subscription, then one more: 2-10 ms on a busy broker) came on top
         # of each command's exit, a followed deploy's included (issue 17).
         await bus.close(drain=False)
+
+
+def check_nats(url: str) -> None:
+    """UsageError (exit 2, one line) if ``url`` (``--nats``) is not one or more NATS server URLs
+    (``protocol.urls``): a malformed one would otherwise wait out the connect deadline and read
+    as a server that does not answer."""
+    try:
+        check_servers(url)
+    except ProtocolError as exc:
+        raise UsageError(str(exc)) from None
 
 
 async def call(

@@ -189,6 +189,7 @@ def coordinator(ctx: Ctx, verbose: bool, key_file: Path | None, replicas: int | 
     """Run the coordinator daemon in the foreground (SIGTERM or Ctrl-C stops it)."""
     if config is not None:  # first: a bad file is one line before anything starts
         notify, http = load_config(config).under(notify, http)
+    client.check_nats(ctx.nats_url)
     # Given here or globally (before the command word); a coordinator takes only its own role's.
     if creds is not None:
         ctx.creds = load_creds(creds, ctx.fleet)
