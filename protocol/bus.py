@@ -475,12 +475,53 @@ async def _unless_refused(connecting: Awaitable[Client],
     return task.result()
 
 
+class _PlainServer(nats.errors.Error):
+    """A server that did not start TLS although we were told to use it (``--tls-ca``, or a
+    ``tls://`` URL)."""
+
+
+class _TlsOnlyClient(nats.aio.client.Client):
+    """nats-py's client, which never authenticates in clear when it was given a TLS context.
+
+    nats-py upgrades a connection to TLS only when the server's INFO says ``tls_required``; a
+    server that does not say so (an impostor on the path, or one relaying to the real broker)
+    got our CONNECT in clear, credentials' nonce signature and all, and everything after it: a
+    review's ``fleetwave --tls-ca ca.pem`` listed the nodes of a plain server, exit 0. Checked
+    where the CONNECT is built, after the upgrade and before anything is sent, at every
+    (re)connect."""
+
+    def _connect_command(self) -> bytes:
+        told = self.options.get("tls") is not None or (
+            self._current_server is not None and self._current_server.uri.scheme == "tls")
+        if told and not _speaks_tls(self._transport):
+            raise _PlainServer("the server did not start TLS")
+        return bytes(super()._connect_command())
+
+
+def _speaks_tls(transport: Any) -> bool:
+    writer = getattr(transport, "_io_writer", None)
+    if writer is None:  # a websocket transport: its wss:// scheme is its own TLS
+        return True
+    return writer.get_extra_info("ssl_object") is not None
+
+
+async def _nats_connect(servers: list[str], **options: Any) -> Client:
+    nc = _TlsOnlyClient()
+    await nc.connect(servers, **options)
+    return nc
+
+
 def _denied(
     exc: BaseException, url: str, creds: Creds | None, tls_ca: str | None,
 ) -> AccessDenied | None:
     """The AccessDenied that ``exc`` (a failed connect) means, or None if it is not a refusal."""
     text = str(exc).lower()
     where = redact(url)
+    if isinstance(exc, _PlainServer):
+        return AccessDenied(
+            f"the server at {where} does not speak TLS, though --tls-ca (or FLEETWAVE_TLS_CA) "
+            "says it must: nothing was sent to it; check the URL, and the server's tls block"
+        )
     if isinstance(exc, ssl.SSLCertVerificationError) or "certificate verify failed" in text:
         ca = f"the CA in {tls_ca}" if tls_ca else "the system's CAs"
         return AccessDenied(
@@ -703,7 +744,7 @@ class Bus:
             try:
                 # nats-py retries the first connect max_reconnect_attempts times by itself (a
                 # minute with 120 x 0.5 s, for ever for agents): bound it by our deadline.
-                nc = await bounded(_unless_refused(nats.connect(
+                nc = await bounded(_unless_refused(_nats_connect(
                     servers,
                     name=name,
                     connect_timeout=2,

@@ -1405,3 +1405,38 @@ async def test_a_watch_whose_consumer_is_re_pointed_starts_again(
     finally:
         await bus.close()
         await rogue.close()
+
+
+@pytest.mark.parametrize("how", ["--tls-ca", "tls://"])
+async def test_told_to_use_tls_a_client_sends_nothing_to_a_server_that_does_not_start_it(
+    tmp_path: Path, how: str,
+) -> None:
+    """nats-py upgrades to TLS only when the server's INFO asks for it: an impostor (or a relay
+    to the real broker) that does not got our CONNECT in clear, the nonce signature of our
+    credentials with it (a review's ``fleetwave --tls-ca ca.pem nodes`` listed a plain server's
+    nodes). Refused in one line before the CONNECT: the server's trace shows none."""
+    import datetime as dt
+
+    from coordinator.auth.pki import make_ca
+    from protocol.errors import AccessDenied
+
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(make_ca("t", dt.datetime.now(dt.UTC)).cert)
+    log = tmp_path / "trace.log"
+    port = free_port()
+    server = await asyncio.create_subprocess_exec(
+        find_nats_server(), "-a", "127.0.0.1", "-p", str(port), "-V", "-l", str(log),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL)
+    try:
+        plain = await Bus.connect(f"nats://127.0.0.1:{port}", "t")  # up, and it traces
+        await plain.close()
+        before = log.read_text().count("CONNECT")
+        url = f"tls://127.0.0.1:{port}" if how == "tls://" else f"nats://127.0.0.1:{port}"
+        with pytest.raises(AccessDenied, match="does not speak TLS"):
+            await Bus.connect(url, "t", connect_deadline=3.0,
+                              tls_ca=str(ca) if how == "--tls-ca" else None)
+        assert log.read_text().count("CONNECT") == before
+    finally:
+        server.terminate()
+        await server.wait()
