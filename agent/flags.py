@@ -167,6 +167,9 @@ def _nats(value: str) -> str:
 
 
 def _data_dir(value: str) -> Path:
+    if not value:  # Path("") is ".": the agent would fill the directory it was started in
+        raise ProtocolError("it is empty; give a directory, e.g. /var/lib/fleetwave/agent, or "
+                            "leave --data-dir out for ./fleetwave-data/agent-<node-id>")
     path = Path(value)
     if path.exists() and not path.is_dir():
         raise ProtocolError(f"Directory '{value}' is a file.")
