@@ -42,6 +42,10 @@ def up(
     heartbeat_interval: float | None, secure: bool,
 ) -> int:
     """Run broker(s) + coordinator + agents in the foreground; Ctrl-C stops them all."""
+    if port + brokers - 1 > 65535:  # the brokers listen on PORT..PORT+N-1 (``BrokerCluster``)
+        raise click.BadParameter(
+            f"--brokers {brokers} listen on ports {port} to {port + brokers - 1}, past 65535; "
+            f"use --port {65535 - brokers + 1} or lower", param_hint="'--port'")
     return asyncio.run(_up(ctx, agents, directory, port, heartbeat_interval, brokers, secure))
 
 
