@@ -18,8 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import errno
+import ipaddress
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -85,13 +88,46 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+# A host name as DNS writes one (RFC 1123 labels): checked before any lookup, so that text
+# such as 'not a host' is refused without asking a resolver.
+_HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                        r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
+
+
+def check_host(host: str, *, flag: str = "--host") -> str:
+    """``host`` if it is an IP address or a name that resolves; UsageError otherwise."""
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    shown = host if len(host) <= 80 else host[:80] + "..."
+    if not _HOST_NAME.match(host):
+        raise UsageError(f"{flag} {shown!r} is neither an IP address nor a host name; give the "
+                         "address to listen on, e.g. 127.0.0.1 or 0.0.0.0")
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise UsageError(f"{flag} {host!r} does not resolve ({exc.strerror or exc}); give an "
+                         "address of this host, e.g. 127.0.0.1 or 0.0.0.0") from None
+    return host
+
+
 def port_in_use(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
+    """Whether ``port`` on ``host`` is taken (EADDRINUSE); UsageError saying why for any other
+    reason the address cannot be bound (not this host's address, a port out of range)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind((host, port))
-        except OSError:
+    except OverflowError:
+        raise UsageError(f"port {port} is out of range; use 1-65535") from None
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
             return True
+        raise UsageError(f"cannot listen on {host} port {port}: {exc.strerror or exc}; give an "
+                          "address of this host, e.g. 127.0.0.1 or 0.0.0.0") from None
     return False
 
 
@@ -180,7 +216,8 @@ class Broker:
 
     @property
     def url(self) -> str:
-        return f"nats://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 address
+        return f"nats://{host}:{self.port}"
 
     @property
     def pid(self) -> int | None:
@@ -208,6 +245,7 @@ class Broker:
         then it picks again, up to PORT_ATTEMPTS times. A port the caller asked for is refused
         with a clear error instead.
         """
+        check_host(self.host)  # before anything is created
         for attempt in range(PORT_ATTEMPTS):
             try:
                 await self._start_once()

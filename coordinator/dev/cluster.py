@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import socket
 import time
 import urllib.error
@@ -98,9 +99,25 @@ def parse_routes(value: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(routes))
 
 
+# What nats-server takes as a server name and our config can quote: no spaces (the server
+# refuses them, after the config is written), no quotes.
+_SERVER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_server_name(name: str) -> str:
+    """``name`` if it can name a nats-server; UsageError (before anything is written) if not."""
+    if not _SERVER_NAME.match(name):
+        shown = name if len(name) <= 80 else name[:80] + "..."
+        raise UsageError(f"--name {shown!r} cannot name a server: use 1-64 letters, digits, "
+                         "'.', '_' or '-' (starting with a letter or digit), e.g. fleetwave-1")
+    return name
+
+
 def cluster_spec(name: str | None, listen: str | None, routes: str | None) -> ClusterSpec | None:
     """The broker's cluster settings from its flags (None: a single server); UsageError when
     they do not fit together, before anything is created."""
+    if name is not None:
+        check_server_name(name)
     if listen is None and routes is None:
         return None  # a single server (a --name alone just names it)
     if listen is None:
