@@ -138,6 +138,14 @@ PACE_TICK = 0.5  # how often the leader looks whether the heartbeat pace is due 
 # each one's key in the nodes bucket, at most FORGOTTEN_MOST a look): one forgotten while it
 # was away or cut off (its node.forgotten event is a core message) left its table, as a restart
 # would have; a standby kept such a node offline for ever.
+# What one node may send the coordinators: every coordinator hears every heartbeat, so one
+# node sending large ones fast (a review: 1 MB each, 28 ms to decode, 40 a second) got them all
+# cut off by the server as slow consumers. A real heartbeat is a few KB (100 services: ~30 KB),
+# every 2 s or longer (the pace; 0.05 s at the shortest an agent takes, ``presence``); one over
+# the size, or sooner than the gap after the node's last, is dropped before it is decoded.
+HEARTBEAT_MAX = 128 * 1024
+HEARTBEAT_MIN_GAP = 0.04
+COMPLAINED_MOST = 1_000  # sources of malformed input named one by one (then a count a minute)
 FORGOTTEN_EVERY = 10.0
 FORGOTTEN_MOST = 500
 CORDONS_READ = 2.0  # ``nodes`` waits this long for the cordons, then shows them as last read
@@ -203,6 +211,8 @@ class Coordinator:
         self._mono = time.monotonic  # the bursts' clock (tests give a virtual one)
         self.notifier = notifier
         self._complained: set[tuple[str, str]] = set()
+        self._complained_said = -60.0
+        self._beat_at: dict[str, float] = {}  # when each node's last heartbeat was taken
         # The key that signs desired states; without a key file (tests) a throwaway one, which
         # agents trust only if told its public key (API verb ``key``).
         self.seed = seed if seed is not None else generate_seed()
@@ -510,7 +520,18 @@ class Coordinator:
 
     async def _on_heartbeat(self, subject: str, data: bytes) -> None:
         node = subject.rsplit(".", 1)[-1]
+        now = self._clock()
+        if 0.0 <= now - self._beat_at.get(node, -HEARTBEAT_MIN_GAP) < HEARTBEAT_MIN_GAP:
+            self.malformed += 1  # too soon after its last: not even decoded
+            return  # (a wall clock stepped back drops none: the gap is negative then)
+        self._beat_at[node] = now
         try:
+            if len(data) > HEARTBEAT_MAX:
+                # Refused before it is decoded: a review's node sent 1 MB heartbeats as fast
+                # as it could, each 28 ms to decode, until the server cut the coordinator off
+                # as a slow consumer (and its lease lapsed: every coordinator hears them all).
+                raise ProtocolError(f"a heartbeat of {len(data)} bytes (at most "
+                                    f"{HEARTBEAT_MAX}): not decoded")
             hb = shared(decode(Heartbeat, data))  # kept per node: see ``shared``
             if hb.node != node:
                 raise ProtocolError(f"heartbeat on {subject} claims to be from node {hb.node!r}")
@@ -605,9 +626,19 @@ class Coordinator:
 
     def _complain(self, node: str, kind: str, message: str) -> None:
         self.malformed += 1
-        if (node, kind) not in self._complained:  # once per source: a flood must not fill the log
-            self._complained.add((node, kind))
-            log.warning("ignored malformed %s from %s: %s", kind, node, message)
+        if (node, kind) in self._complained:  # once per source: a flood must not fill the log
+            return
+        if len(self._complained) >= COMPLAINED_MOST:
+            # The sources are names the senders choose (a review's junk on 2,000 subjects gave
+            # 2,000 lines and a set that grew for ever): past the bound, a count a minute.
+            now = time.monotonic()
+            if now - self._complained_said >= 60.0:
+                self._complained_said = now
+                log.warning("ignored %d malformed messages in all so far (from more sources "
+                            "than are named one by one)", self.malformed)
+            return
+        self._complained.add((node, kind))
+        log.warning("ignored malformed %s from %s: %s", kind, node, message)
 
     # -- outputs ----------------------------------------------------------------------------------
 

@@ -114,6 +114,11 @@ EVENT_QUEUE = NODE_OUTBOX_MAX * 50_000 + 10 * OUTBOX_MAX
 # How often the observed watch's consumer is checked on the server (``Bus.watch``): every
 # rollout waits on what it delivers, so a lost one must not go unnoticed.
 WATCH_VERIFY = 5.0
+# A node's observed state is a few KB (two slots, the router's counters, cohort sketches): one
+# larger is not decoded nor kept. A review's node wrote 8 MB ones under keys of its own, each
+# ~90 MiB of the coordinator's memory once decoded.
+OBSERVED_MAX = 256 * 1024
+COMPLAINED_MOST = 1_000  # nodes named one by one for a malformed observed state
 
 log = logging.getLogger("fleetwave.coordinator.runner")
 
@@ -321,13 +326,18 @@ class Runner:
                 changed.pop((node, service), None)
                 continue
             try:
+                if len(entry.value) > OBSERVED_MAX:
+                    raise ProtocolError(f"{len(entry.value)} bytes (at most {OBSERVED_MAX})")
                 seen = shared(decode(ObservedState, entry.value))  # kept per node
                 if (seen.node, seen.service) != (node, service):
                     raise ProtocolError(f"it claims to be {seen.node}.{seen.service}")
             except ProtocolError as exc:
-                if entry.key not in self._complained:  # once per key: a flood must not fill log
-                    self._complained.add(entry.key)
+                # Once per node, for a bounded number of nodes: the keys are a node's to name (a
+                # review's node wrote junk under 2,000 keys of its own: 2,000 lines).
+                if node not in self._complained and len(self._complained) < COMPLAINED_MOST:
+                    self._complained.add(node)
                     log.warning("ignoring observed state %s: %s", entry.key, exc)
+                self.observed.pop((node, service), None)  # (what it said before is void too)
                 continue
             self.observed[(node, service)] = seen
             changed[(node, service)] = seen

@@ -360,3 +360,39 @@ async def test_the_leader_names_the_services_its_running_rollouts_read() -> None
     assert not c._repace.is_set()
     c._observe(Event(id="2", time=2.0, kind="rollout.started", fleet="default"), None)
     assert c._repace.is_set() and told == ["node.online", "rollout.started"]
+
+
+async def test_a_node_cannot_make_the_coordinators_decode_without_bound(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Every coordinator hears every heartbeat: a review's node sent 1 MB ones as fast as it
+    could and the server cut the coordinator off as a slow consumer. A heartbeat over
+    HEARTBEAT_MAX, or sooner than HEARTBEAT_MIN_GAP after the node's last, is dropped before it
+    is decoded; junk from names the sender chooses is named once each up to COMPLAINED_MOST,
+    then counted."""
+    from coordinator.runtime import daemon as daemon_mod
+
+    decoded: list[int] = []
+    real = daemon_mod.decode
+
+    def counting(tp: type, data: bytes) -> object:
+        decoded.append(len(data))
+        return real(tp, data)
+
+    monkeypatch.setattr(daemon_mod, "decode", counting)
+    wall = FakeClock()
+    c = coordinator(wall, heard_ago=0.0)
+    big = Heartbeat(node="node-1", time=wall.t, labels={"x": "y" * daemon_mod.HEARTBEAT_MAX})
+    await c._on_heartbeat("fw.default.hb.node-1", encode(big))
+    assert decoded == [] and c.malformed == 1 and not c.table.view()
+    wall.t += 1.0
+    await beat(c, "node-1")
+    await beat(c, "node-1")  # at once: too soon
+    assert len(decoded) == 1 and c.malformed == 2 and c.heartbeats == 1
+    wall.t += 1.0
+    await beat(c, "node-1")
+    assert len(decoded) == 2 and c.heartbeats == 2
+    monkeypatch.setattr(daemon_mod, "COMPLAINED_MOST", 5)
+    for i in range(50):
+        await c._on_heartbeat(f"fw.default.hb.x{i}", b"junk")
+    assert caplog.text.count("ignored malformed heartbeat") == 5
+    assert "malformed messages in all so far" in caplog.text

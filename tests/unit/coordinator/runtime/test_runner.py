@@ -740,6 +740,26 @@ async def test_malformed_or_misaddressed_observed_states_are_ignored() -> None:
     assert r.observed == {}
 
 
+async def test_an_observed_state_too_large_is_neither_decoded_nor_kept(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A node may write any value under its own keys: a review's 8 MB ones cost ~90 MiB of the
+    coordinator's memory each once decoded. One over OBSERVED_MAX voids what that key said
+    before; a node is named once, however many keys it spoils."""
+    from coordinator.runtime import runner as runner_mod
+
+    bus, clock = fleet_bus(), FakeClock()
+    r = runner(bus, clock)
+    ok = ObservedState(node="node-1", service="hello", time=clock.t)
+    await r.on_observed(Entry("node-1.hello", encode(ok), 1))
+    assert ("node-1", "hello") in r.observed
+    huge = ObservedState(node="node-1", service="hello", error="x" * runner_mod.OBSERVED_MAX)
+    await r.on_observed(Entry("node-1.hello", encode(huge), 2))
+    assert r.observed == {}
+    for i in range(20):
+        await r.on_observed(Entry(f"node-1.s{i}", b"junk", 3 + i))
+    assert caplog.text.count("ignoring observed state node-1.") == 1
+
+
 async def test_node_progress_is_held_for_the_next_persist_and_never_published_before_it() -> None:
     """Reports that only mark nodes done are persisted together, by the next step that changes
     nothing (a tick) or decides something; their events follow that Persist, never precede it."""
