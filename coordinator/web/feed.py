@@ -73,14 +73,17 @@ class Feed:
         await self._keep(events)
 
     async def _keep(self, events: list[Event]) -> None:
-        new = [_lean(e) for e in events if e.id not in self._events]
+        # One entry per id, its size counted once: a pack whose members shared an id (open bus)
+        # counted each member's size against one kept entry, and the eviction below then emptied
+        # the list and failed on an empty dict at every new event, for good (a review).
+        new = {e.id: e for e in events if e.id not in self._events}
         if not new:
             return
-        for event, size in new:
+        for event, size in map(_lean, new.values()):
             self._events[event.id] = event
             self._sizes[event.id] = size
             self._bytes += size
-        while len(self._events) > KEEP or self._bytes > KEEP_BYTES:
+        while self._events and (len(self._events) > KEEP or self._bytes > KEEP_BYTES):
             gone, _ = self._events.popitem(last=False)
             self._bytes -= self._sizes.pop(gone)
         self.serial += 1

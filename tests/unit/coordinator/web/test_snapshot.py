@@ -11,7 +11,7 @@ import pytest
 from coordinator.web.feed import Feed
 from coordinator.web.handlers import PAGE_NODES, Dashboard
 from protocol.codec import decode, encode
-from protocol.messages import ApiReply, NodesRequest, RolloutRequest
+from protocol.messages import ApiReply, Event, NodesRequest, RolloutRequest
 
 
 class Api:
@@ -118,3 +118,23 @@ async def test_the_feed_keeps_a_bounded_part_of_each_event_and_of_them_all(
                             rollout="r1", message="last")])
     assert feed._bytes <= 10_000 and feed.of("r1", last=1)[0].id == "t"
     assert len(feed.of("r1", last=300)) < 10
+
+
+async def test_a_pack_whose_members_share_an_id_leaves_the_feed_whole(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One entry per id, its size counted once: a pack of 120 members sharing an id (anyone may
+    publish on an open bus) counted 120 sizes against one entry; the eviction then emptied the
+    list and failed on the empty dict at every later event: no event showed again."""
+    import coordinator.web.feed as feed_mod
+
+    monkeypatch.setattr(feed_mod, "KEEP_BYTES", 50_000)
+    feed = Feed(None)  # type: ignore[arg-type]  # _keep reads no coordinator
+    same = [Event(id="dup", time=float(i), fleet="f", kind="node.online", node="n1",
+                  message="m" * 1000) for i in range(120)]
+    for _ in range(3):
+        await feed._keep(same)
+    assert list(feed._events) == ["dup"]
+    fresh = Event(id="new", time=200.0, fleet="f", kind="node.online", node="n1")
+    await feed._keep([fresh])
+    assert list(feed._events) == ["dup", "new"]
+    assert feed._bytes == sum(feed._sizes.values())
