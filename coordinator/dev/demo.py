@@ -30,6 +30,7 @@ import click
 from coordinator.dev import examples
 from coordinator.dev.devfleet import DevFleet
 from coordinator.dev.traffic import Traffic, TrafficReport, probe_version
+from coordinator.errors import UsageError
 from coordinator.releases import push_release
 from protocol.bus import Bus
 from protocol.loop import bounded
@@ -51,10 +52,18 @@ class Step:
 
 def examples_dir(given: Path | None) -> Path:
     """The hello example's folder (its app and a manifest per version): ``given`` or the one
-    shipped with fleetwave; FleetwaveError with what to do when it is not there."""
-    if given is not None:
-        return examples.examples_root(given.parent, given.name) / given.name
-    return examples.examples_root() / "hello"
+    shipped with fleetwave (FleetwaveError with what to do when it is not there); ``given`` may
+    also be the folder that holds ``hello``. UsageError, naming ``given``, if it holds neither."""
+    if given is None:
+        return examples.examples_root() / "hello"
+    given = given.absolute()  # "." has no name, and the name is the service's
+    for folder in (given, given / "hello"):
+        if any(folder.glob("*/fleetwave.toml")):
+            return folder
+    raise UsageError(
+        f"--examples {given} holds no <version>/fleetwave.toml (nor hello/<version>/"
+        "fleetwave.toml); pass the hello example's folder (its app.py and a fleetwave.toml per "
+        "version: deploy/examples/hello in a clone), or leave --examples out")
 
 
 async def run_demo(examples_of: Path, *, keep_dir: bool = False, secure: bool = False,
