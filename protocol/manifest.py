@@ -122,9 +122,12 @@ def _check(m: Manifest, source: str) -> None:
         check_name("service", m.name)
     except ProtocolError as exc:
         raise ProtocolError(f"{source}: name: {exc}") from None
-    if not m.version or len(m.version) > 64 or not all(
-        c.isalnum() or c in ".-_+" for c in m.version
-    ):
+    if len(m.version) > 64:  # shown cut: a long value would bury the message
+        raise ProtocolError(
+            f"{source}: version is {len(m.version)} characters; at most 64 "
+            f"({m.version[:20]!r}...); write a short one, e.g. 2.0.0"
+        )
+    if not m.version or not all(c.isalnum() or c in ".-_+" for c in m.version):
         raise ProtocolError(
             f"{source}: version {m.version!r} is not allowed: use letters, digits and '.-_+'"
         )

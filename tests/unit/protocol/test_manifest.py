@@ -111,3 +111,13 @@ def test_argv_variables_are_accepted() -> None:
         + "validate=['./s', '${FLEETWAVE_SLOT}']\n"
     )
     assert m.command == ["uvicorn", "--port", "${PORT}", "$${HOME}"]  # filled by the agent
+
+
+def test_a_long_version_is_counted_not_echoed() -> None:
+    """Found by a review: a 5000-character version was repeated whole; now its length, the
+    limit and the value cut."""
+    with pytest.raises(ProtocolError) as info:
+        parse_manifest(f'name="x"\nversion="{"1" * 5000}"\ncommand=["a"]\n', source="f.toml")
+    text = str(info.value)
+    assert text.startswith("f.toml: version is 5000 characters; at most 64 ('11111")
+    assert len(text) < 200 and "\n" not in text
