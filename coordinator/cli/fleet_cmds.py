@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -216,19 +218,39 @@ def coordinator(ctx: Ctx, verbose: bool, key_file: Path | None, replicas: int | 
     from coordinator.runtime.notify import Notifier
 
     tokens = web_tokens.TokenFile(http_tokens) if http_tokens is not None else None
-    path = key_file or Path("fleetwave-data/coordinator/coordinator.seed")
-    seed = coordinator_seed(path)
     notifier = (Notifier(notify, secret=notify_secret.encode() if notify_secret else None)
                 if notify else None)
     history = History(Retention(keep_rollouts),
                       EventsLimits(max_age=events_max_age, max_bytes=events_max_bytes),
                       lease_ttl, heartbeat_rate)
+    path = key_file or Path("fleetwave-data/coordinator/coordinator.seed")
+    # Made after every check (an --http address that cannot be listened on included): a run
+    # refused at start leaves no new signing key behind.
+    if http is not None:
+        _check_listen(*http)
+    seed = coordinator_seed(path)
     tune_gc()
     # asyncio's own loop, not uvloop (``protocol.loop``): measured at 50,000 simulated nodes,
     # uvloop raised the coordinator's peak RSS from 445 to 532 MiB (past the 500 MB target) for
     # a rollout time within the machine's noise (77.5 against 80.0 s).
     return asyncio.run(_run_coordinator(ctx, seed, replicas, previous_key(path, seed), notifier,
                                         http, tokens, history))
+
+
+def _check_listen(host: str, port: int) -> None:
+    """UsageError, in the HTTP surface's words, if ``host``:``port`` cannot be listened on now
+    (``HttpSurface.start`` binds it for good later, once the coordinator is built)."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(addr)
+    except (OSError, OverflowError) as exc:
+        why = ("address already in use" if getattr(exc, "errno", None) == errno.EADDRINUSE
+               else getattr(exc, "strerror", None) or str(exc))
+        raise UsageError(f"--http {host}:{port}: cannot listen ({why}); choose another address "
+                         "or stop what holds it") from None
 
 
 @dataclass(frozen=True)
