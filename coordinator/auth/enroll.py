@@ -382,6 +382,7 @@ class AuthDir:
         (``check_store``: UsageError, nothing changed); the streams move first, then the
         layout: a run cut between the two is finished by running it again."""
         when = now or _now()
+        check_store_dir(store_dir)  # first: "already so" must not be said of no store at all
         with self._locked():
             if self.accounts() != revert:
                 return False
@@ -487,6 +488,13 @@ def _check_operator(name: str) -> None:
                          "coordinator's own decisions; pick another name")
 
 
+def check_store_dir(store_dir: Path) -> None:
+    """UsageError (one line) unless ``store_dir`` is a directory."""
+    if not store_dir.is_dir():
+        raise UsageError(f"{store_dir} is no directory: pass the JetStream store_dir of the "
+                         "nats-server that serves this fleet (fleetwave broker's --store-dir)")
+
+
 def check_store(store_dir: Path, *, revert: bool = False) -> None:
     """UsageError (one line) unless the fleet's streams in ``store_dir`` may move between the
     global account and the fleet's (``move_store``): a running nats-server holding files in
@@ -495,9 +503,7 @@ def check_store(store_dir: Path, *, revert: bool = False) -> None:
     accounts (a human must choose), a cluster member's store (the cluster's meta group records
     each stream's account: the streams would not follow the files)."""
     js, src, dst = _account_dirs(store_dir, revert)
-    if not store_dir.is_dir():
-        raise UsageError(f"{store_dir} is no directory: pass the JetStream store_dir of the "
-                         "nats-server that serves this fleet (fleetwave broker's --store-dir)")
+    check_store_dir(store_dir)
     held = holder(store_dir)
     if held is not None:
         raise UsageError(f"a nats-server (pid {held}) holds files in {store_dir}: stop it first, "
