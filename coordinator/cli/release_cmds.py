@@ -15,6 +15,7 @@ from typing import TypeVar
 
 import click
 
+from coordinator.cli import client
 from coordinator.cli.base import Ctx, cli, output_option
 from coordinator.releases import ReleaseInfo, list_releases, push_release
 from protocol.bus import Bus
@@ -65,11 +66,11 @@ def list_cmd(ctx: Ctx, service: str | None, output: str) -> None:
 
 
 async def _with_bus(ctx: Ctx, fn: Callable[[Bus], Awaitable[T]]) -> T:
-    bus = await Bus.connect(ctx.nats_url, ctx.fleet, name="fleetwave-cli", **ctx.access())
-    try:
+    """``fn`` on a connection made as every command makes one (``client.connected``): a
+    malformed --nats is a usage error at once, a broker that does not answer one line within
+    the CLI's connect deadline (here it waited 5 s for "TimeoutError")."""
+    async with client.connected(ctx) as bus:
         return await fn(bus)
-    finally:
-        await bus.close()
 
 
 def _table(rows: list[ReleaseInfo]) -> str:

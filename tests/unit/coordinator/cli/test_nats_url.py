@@ -11,7 +11,7 @@ from coordinator.cli import main
 @pytest.mark.parametrize("url", [
     "nats://127.0.0.1:99999", "http://127.0.0.1:4222", "nats://[::1", "", "nats://127.0.0.1:abc",
 ])
-@pytest.mark.parametrize("command", [["status"], ["nodes"], ["coordinator"]])
+@pytest.mark.parametrize("command", [["status"], ["nodes"], ["coordinator"], ["release", "list"]])
 def test_a_malformed_nats_url_exits_2_in_one_line(
     url: str, command: list[str], capsys: pytest.CaptureFixture[str],
 ) -> None:
