@@ -11,6 +11,7 @@ import asyncio
 import datetime as dt
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -33,7 +34,18 @@ from coordinator.runtime.rotation import read_status
 from protocol.codec import to_builtins
 from protocol.creds import format_time
 
-DirArg = click.Path(file_okay=False, path_type=Path)
+
+class _Directory(click.Path):
+    """An auth directory argument; an empty one is refused (``Path('')`` is the current
+    directory: ``auth init ''`` said ". already exists")."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and not value.strip():
+            self.fail("is empty: name the auth directory (e.g. ./fleet-auth)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+DirArg = _Directory(file_okay=False, path_type=Path)
 
 
 def _lifetime(_: click.Context, __: click.Parameter, value: str | None) -> dt.timedelta | None:

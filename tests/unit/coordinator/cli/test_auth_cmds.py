@@ -58,3 +58,15 @@ def test_revoke_of_an_operator_removes_its_token_from_the_auth_directorys_file(
     assert f"its dashboard token removed from {tmp_path / 'auth' / web_tokens.FILE_NAME}" in out
     kept = web_tokens.read(tmp_path / "auth" / web_tokens.FILE_NAME)
     assert [t.name for t in kept] == ["admin"]
+
+
+@pytest.mark.parametrize("command", [["init", ""], ["add-node", "", "n1"], ["prune", " "]])
+def test_an_empty_auth_directory_is_refused_in_one_line(
+        command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Path('')`` is the current directory: ``auth init ''`` said ". already exists"."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, *command)
+    assert (code, out) == (2, "")
+    assert len(err.strip().splitlines()) == 1 and "is empty" in err, err
+    assert list(tmp_path.iterdir()) == []
