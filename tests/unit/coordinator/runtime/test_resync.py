@@ -30,18 +30,24 @@ from tests.unit.coordinator.runtime.test_runner import (
 from tests.unit.coordinator.runtime.test_store_pages import N, make
 
 
-async def test_one_unreadable_record_does_not_keep_the_others_from_being_resumed(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two open rollouts; a page of the one read first is junk (any principal of the bus could
-    have written it): the new leader resumes the other, and keeps trying the first. Before,
-    the pass stopped at the first record, every time: neither was ever resumed."""
-    monkeypatch.setattr(pages, "PAGE_BYTES", 3 * 2600)  # several pages for 12 nodes
+async def two_open_rollouts() -> tuple[Any, FakeClock, Any, Any]:
+    """A fleet of N nodes with two rollouts under way (hello and other), one leader's."""
     bus, clock = fleet_bus(N), FakeClock()
     r = make(bus, clock)
     a = await r.deploy(spec(batch="3", max_unavailable="3"), NEW)
     other = ReleaseRef(service="other", version="2.0.0", digest="sha256:o")
     b = await r.deploy(spec(service="other", version="2.0.0", batch="3", max_unavailable="3"),
                        other)
+    return bus, clock, a, b
+
+
+async def test_one_unreadable_record_does_not_keep_the_others_from_being_resumed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two open rollouts; a page of the one read first is junk (any principal of the bus could
+    have written it): the new leader resumes the other, and keeps trying the first. Before,
+    the pass stopped at the first record, every time: neither was ever resumed."""
+    monkeypatch.setattr(pages, "PAGE_BYTES", 3 * 2600)  # several pages for 12 nodes
+    bus, clock, a, b = await two_open_rollouts()
     first, second = sorted([a.id, b.id])
     bus.set("put", ROLLOUTS, f"{first}.1", b"junk")
     fence(bus, 2)  # the leader died: a new one takes over
@@ -164,12 +170,7 @@ async def test_a_rollout_whose_resume_crashes_keeps_the_others_and_the_leadershi
     logged once), the other one resumed, and the resync loop goes on."""
     from coordinator.runtime import runner as runner_mod
 
-    bus, clock = fleet_bus(N), FakeClock()
-    r = make(bus, clock)
-    a = await r.deploy(spec(batch="3", max_unavailable="3"), NEW)
-    other = ReleaseRef(service="other", version="2.0.0", digest="sha256:o")
-    b = await r.deploy(spec(service="other", version="2.0.0", batch="3", max_unavailable="3"),
-                       other)
+    bus, clock, a, b = await two_open_rollouts()
     fence(bus, 2)
     successor = make(bus, clock)
     real = runner_mod.Runner._write_intended
