@@ -61,7 +61,7 @@ from coordinator.api.rollouts import LiveRollout, RolloutsApi
 from coordinator.api.verbs import HANDLER_TIMEOUT, Api
 from coordinator.core import pace
 from coordinator.core.engine import EngineEvent
-from coordinator.core.fleet import Fleet, Transition
+from coordinator.core.fleet import MIN_INTERVAL, Fleet, Transition
 from coordinator.core.history import Retention, newest
 from coordinator.core.lines import Lines
 from coordinator.core.reconnects import Reconnects
@@ -86,7 +86,7 @@ from coordinator.runtime.lease import (
 )
 from coordinator.runtime.notify import Notifier
 from coordinator.runtime.rotation import resign_desired
-from coordinator.runtime.runner import STARTUP_GRACE, TICK, Runner
+from coordinator.runtime.runner import COMPLAINED_MOST, STARTUP_GRACE, TICK, Runner
 from coordinator.runtime.store import RolloutStore
 from protocol import chunks, subjects
 from protocol.bus import RECONNECT_CAP, Bus, EventsLimits, Handler, redact
@@ -144,8 +144,7 @@ PACE_TICK = 0.5  # how often the leader looks whether the heartbeat pace is due 
 # every 2 s or longer (the pace; 0.05 s at the shortest an agent takes, ``presence``); one over
 # the size, or sooner than the gap after the node's last, is dropped before it is decoded.
 HEARTBEAT_MAX = 128 * 1024
-HEARTBEAT_MIN_GAP = 0.04
-COMPLAINED_MOST = 1_000  # sources of malformed input named one by one (then a count a minute)
+HEARTBEAT_MIN_GAP = 0.8 * MIN_INTERVAL  # below the shortest interval a node may announce
 FORGOTTEN_EVERY = 10.0
 FORGOTTEN_MOST = 500
 CORDONS_READ = 2.0  # ``nodes`` waits this long for the cordons, then shows them as last read

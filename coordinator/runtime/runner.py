@@ -118,7 +118,8 @@ WATCH_VERIFY = 5.0
 # larger is not decoded nor kept. A review's node wrote 8 MB ones under keys of its own, each
 # ~90 MiB of the coordinator's memory once decoded.
 OBSERVED_MAX = 256 * 1024
-COMPLAINED_MOST = 1_000  # nodes named one by one for a malformed observed state
+COMPLAINED_MOST = 1_000  # sources of malformed input named one by one (observed states here,
+# heartbeats and registrations in the daemon); past it, counted
 
 log = logging.getLogger("fleetwave.coordinator.runner")
 

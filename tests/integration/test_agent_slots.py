@@ -211,11 +211,15 @@ async def test_a_hook_that_writes_without_end_has_its_log_capped(
     monkeypatch.setattr(slots, "LOG_CAP_EVERY", 0.05)
     # One write (a cap's size check sees all of it or none: a cap takes the tail, then
     # truncates, and what is written in between is lost, as with logrotate's copytruncate),
-    # then time for the cap, then the exit with a last line or none.
+    # then the cap awaited (its tail appears beside the log; bounded), then the exit with a
+    # last line or none.
     (release / "migrate.py").write_text(
         "import os, time\n"
         f"os.write(1, (b'x' * 99 + b'\\n') * {slots.LOG_MAX_BYTES // 80} + b'db locked\\n')\n"
-        "time.sleep(1.0)\n"
+        "tail = os.readlink('/proc/self/fd/1') + '.1'\n"
+        "deadline = time.monotonic() + 20\n"
+        "while not os.path.exists(tail) and time.monotonic() < deadline:\n"
+        "    time.sleep(0.01)\n"
         f"{after}\n"
         "raise SystemExit(4)\n")
     ev = Events()
