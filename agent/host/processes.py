@@ -3,13 +3,17 @@ of a process group once its leader is gone.
 
 A slot process runs in its own session (it outlives the agent), so it is known by pid and
 psutil's create_time (a recycled pid never matches), signalled by process group, and, when an
-agent was killed before it recorded one, found again by its working directory and
+agent was killed before it recorded one, found again by where it was started and its
 ``FLEETWAVE_NODE`` (``find_orphans``) to be stopped.
 
-What a slot process looks like: it leads its session, works in its release directory (or below
-it), and its environment says ``FLEETWAVE_NODE`` and ``FLEETWAVE_SLOT``. A state file is trusted
-for the pid only as far as the process it names looks so (``not_the_slot``): the agent signals
-the process group of every slot it adopts, and a pid with its create_time names any process.
+What a slot process looks like: it leads its session, was started in its release directory, and
+its environment says ``FLEETWAVE_NODE`` and ``FLEETWAVE_SLOT``. Where it was started is its
+environment's ``FLEETWAVE_RELEASE_DIR``, which the agent sets: many servers ``chdir`` elsewhere
+once started (a daemon to ``/``, ``gunicorn --chdir``), so the working directory proves it only
+for a process an older agent started, without that variable. A state file is trusted for the pid
+only as far as the process it names looks so (``not_the_slot``): the agent signals the process
+group of every slot it adopts, and a pid with its create_time names any process. Paths are
+compared as the kernel resolves them (a data dir reached through a symlink is still ours).
 
 A hook or exec probe runs in a session of its own too, and what it starts in the background
 (``sh -c "cmd & exit 0"``) stays in its group when it exits: ``end_leftovers`` ends that group
@@ -31,6 +35,7 @@ import psutil
 KILL_WAIT = 5.0  # after a SIGKILL, how long a process or group is waited for at most
 GROUP_POLL = 0.05  # how often a group whose leader is gone is looked at until it is empty
 LEFTOVER_GRACE = 1.0  # what a hook or exec probe left running has from SIGTERM to SIGKILL
+RELEASE_VAR = "FLEETWAVE_RELEASE_DIR"  # where the agent started a slot's process (its env)
 
 
 def process_matches(pid: int, create_time: float) -> bool:
@@ -52,8 +57,10 @@ def not_the_slot(pid: int, release_dir: Path, node: str, slot: str, uid: int) ->
     """Why the live process ``pid`` is not the process of ``slot`` on ``node`` started in
     ``release_dir`` as ``uid`` (the services' user), or None when it is.
 
-    It must lead its own session, work in ``release_dir`` or below it, and have this node's
-    ``FLEETWAVE_NODE`` and this slot's ``FLEETWAVE_SLOT`` in its environment. Reading another
+    It must lead its own session, have been started in ``release_dir`` (its environment's
+    ``FLEETWAVE_RELEASE_DIR``; without one, an older agent's process, its working directory must
+    be ``release_dir`` or below it), and have this node's ``FLEETWAVE_NODE`` and this slot's
+    ``FLEETWAVE_SLOT`` in its environment. Reading another
     process's working directory and environment takes what the agent has when it starts
     processes as another user (root, or ``CAP_SYS_PTRACE`` under the systemd drop-in) and is
     always allowed for its own user's; should either be refused all the same (``AccessDenied``),
@@ -66,17 +73,22 @@ def not_the_slot(pid: int, release_dir: Path, node: str, slot: str, uid: int) ->
             return "it does not lead its own session"
         unread: list[str] = []
         try:
-            cwd: str | None = proc.cwd()
-        except psutil.AccessDenied:
-            cwd = None
-            unread.append("working directory")
-        if cwd is not None and not _within(cwd, release_dir):
-            return f"it works in {cwd}, not in {release_dir}"
-        try:
             env: dict[str, str] | None = proc.environ()
         except psutil.AccessDenied:
             env = None
             unread.append("environment")
+        started = env.get(RELEASE_VAR) if env is not None else None
+        if started is not None:
+            if not _same_dir(started, release_dir):
+                return f"its {RELEASE_VAR} is {started!r}, not {str(release_dir)!r}"
+        else:
+            try:
+                cwd: str | None = proc.cwd()
+            except psutil.AccessDenied:
+                cwd = None
+                unread.append("working directory")
+            if cwd is not None and not _within(cwd, release_dir):
+                return f"it works in {cwd}, not in {release_dir}"
         if env is not None:
             for name, want in (("FLEETWAVE_NODE", node), ("FLEETWAVE_SLOT", slot)):
                 if env.get(name) != want:
@@ -91,11 +103,16 @@ def not_the_slot(pid: int, release_dir: Path, node: str, slot: str, uid: int) ->
     return None
 
 
-def _within(path: str, directory: Path) -> bool:
+def _within(path: str, directory: Path | str) -> bool:
     """Whether ``path`` (as the kernel resolves a working directory) is ``directory`` or lies
     below it."""
     root = os.path.realpath(directory)
     return path == root or path.startswith(root + os.sep)
+
+
+def _same_dir(path: str, directory: Path) -> bool:
+    """Whether ``path`` (a process's own word for it) names ``directory``, both resolved."""
+    return os.path.realpath(path) == os.path.realpath(directory)
 
 
 def find_orphans(releases_dir: Path, node: str, keep: set[int]) -> list[psutil.Process]:
@@ -103,18 +120,23 @@ def find_orphans(releases_dir: Path, node: str, keep: set[int]) -> list[psutil.P
 
     An agent killed between starting a slot and saving its state file leaves a process nobody
     watches; its restarted self would start the slot again beside it and leak it for good. A slot
-    process is recognised as a session leader (slots get their own session) whose working
-    directory lies under this agent's ``releases_dir`` and whose ``FLEETWAVE_NODE`` is ``node``;
-    ``keep`` holds the pids adopted from the state file.
+    process is recognised as a session leader (slots get their own session) whose
+    ``FLEETWAVE_NODE`` is ``node`` and that was started under this agent's ``releases_dir``: its
+    ``FLEETWAVE_RELEASE_DIR`` lies there, or (an older agent's process, without one) its working
+    directory does. ``keep`` holds the pids adopted from the state file.
     """
-    root = str(releases_dir.absolute()) + os.sep
+    root = os.path.realpath(releases_dir)
     found: list[psutil.Process] = []
     for proc in psutil.process_iter(["pid", "cwd"]):
         try:
-            cwd = proc.info.get("cwd") or ""
-            if proc.pid in keep or not cwd.startswith(root) or os.getsid(proc.pid) != proc.pid:
+            if proc.pid in keep or os.getsid(proc.pid) != proc.pid:
                 continue
-            if proc.environ().get("FLEETWAVE_NODE") == node:
+            env = proc.environ()
+            if env.get("FLEETWAVE_NODE") != node:
+                continue
+            started = env.get(RELEASE_VAR)
+            where = os.path.realpath(started) if started is not None else proc.info.get("cwd")
+            if where and _within(where, root) and where != root:
                 found.append(proc)
         except (psutil.Error, ProcessLookupError, PermissionError):
             continue

@@ -21,12 +21,13 @@ write lands at the new end).
 
 Adoption: a restarted agent rebuilds runners from its state file with ``SlotRunner.adopt``, which
 accepts a pid only if psutil's create_time matches the recorded one (never a recycled pid) and
-the process looks like this slot's (``processes.not_the_slot``: session leader, in the release
-directory, this node's and slot's ``FLEETWAVE_*``): the runner signals the process group of what
-it adopts, and a state file could name any process. A process refused is not the runner's (one
-log line says why) and the slot counts as gone; only if it is one of this node's slot processes
-after all is it stopped, as an orphan (``processes.find_orphans``). An adopted process is not
-our child, so it is watched by polling psutil and its exit status is not known (init reaps it).
+the process looks like this slot's (``processes.not_the_slot``: session leader, started in the
+release directory, this node's and slot's ``FLEETWAVE_*``): the runner signals the process group
+of what it adopts, and a state file could name any process. A process refused is not the
+runner's (one log line says why) and the slot counts as gone; only if it is one of this node's
+slot processes after all is it stopped, as an orphan (``processes.find_orphans``). An adopted
+process is not our child, so it is watched by polling psutil and its exit status is not known
+(init reaps it).
 
 The runner never raises out of ``run``: a bug becomes a ``failed`` slot with the reason, so one
 slot cannot take the agent down. Cancelling ``run`` stops watching but leaves the process alive.
@@ -55,6 +56,7 @@ from agent.host.identity import RunAs, child_env, spawn_kwargs
 from agent.host.probes import Prober, kill_and_reap, spawn_owned
 from agent.host.processes import (
     KILL_WAIT,
+    RELEASE_VAR,
     end_group,
     end_leftovers,
     killpg,
@@ -187,6 +189,7 @@ class SlotSpec:
         values = {"PORT": str(self.port)} if self.port is not None else {}
         values.update(FLEETWAVE_NODE=self.node, FLEETWAVE_SLOT=self.slot,
                       FLEETWAVE_VERSION=self.manifest.version)
+        values[RELEASE_VAR] = str(self.release_dir)  # where it started, should it chdir away
         return values
 
     def env(self) -> dict[str, str]:

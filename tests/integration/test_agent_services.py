@@ -469,6 +469,48 @@ async def test_kill_9_of_the_agent_loses_nothing_and_adopts(fleet: Fleet, broker
         assert [p.pid for p in hello_a] == [pid]
 
 
+# The hello app run from its release dir, after a chdir to / (as a daemon does once started).
+ROAMER = ("import os, runpy, sys; os.chdir('/'); sys.argv = sys.argv[1:]; "
+          "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+async def test_a_service_that_chdirs_away_is_adopted_after_kill_9(
+    fleet: Fleet, broker: Broker, tmp_path: Path
+) -> None:
+    """A service that leaves its release dir once started (a daemon's chdir to /, gunicorn's
+    --chdir) is adopted by the restarted agent, not started again beside the one still running
+    (which nothing then watched or stopped, for good)."""
+    src = _bundle(hello_bundle("1.0.0"), tmp_path / "roamer", fleet.port)
+    m = src / "fleetwave.toml"
+    command = (f'command = ["python3", "-c", {json.dumps(ROAMER)}, '
+               '"${FLEETWAVE_RELEASE_DIR}/app.py"]')
+    m.write_text(m.read_text().replace('version = "1.0.0"', 'version = "1.0.1"')
+                 .replace('command = ["python3", "app.py"]', command))
+    fleet.refs["1.0.1"] = (await push_release(fleet.bus, src)).info.ref
+    agent = _agent(fleet, broker)
+    async with reaping(agent):
+        obs = await fleet.converged(await fleet.desire({"a": "1.0.1"}, {"a": 100}))
+        pid = obs.slots["a"].pid
+        assert pid is not None and psutil.Process(pid).cwd() == "/"
+        agent.signal(signal.SIGKILL)
+        await agent.stop(timeout=0)
+        await agent.start()
+        obs = await fleet.converged(await fleet.desire({"a": "1.0.1"}, {"a": 100}))
+        assert obs.slots["a"].pid == pid and obs.slots["a"].status == "healthy"
+        slot_a = [p.pid for p in psutil.process_iter()
+                  if _environ(p).get("FLEETWAVE_SLOT") == "a"
+                  and _environ(p).get("FLEETWAVE_NODE") == NODE
+                  and str(fleet.base) in _environ(p).get("FLEETWAVE_RELEASE_DIR", "")]
+        assert slot_a == [pid]
+
+
+def _environ(p: psutil.Process) -> dict[str, str]:
+    try:
+        return p.environ()
+    except psutil.Error:
+        return {}
+
+
 def _const(load: Load):  # type: ignore[no-untyped-def]
     async def probe() -> Load:
         return load

@@ -110,12 +110,14 @@ def _spec(release: Path, tmp_path: Path, manifest: Manifest, slot: str = "a") ->
 
 
 async def _slot_like(spec: SlotSpec, argv: tuple[str, ...] = ("sleep", "60"), *,
-                     cwd: Path | None = None, session: bool = True,
+                     cwd: Path | None = None, session: bool = True, without: str = "",
                      **env: str) -> asyncio.subprocess.Process:
     """``argv`` started as the runner starts ``spec``'s process (its own session, in its release
-    dir, its env), for adoption; ``cwd``, ``session`` and ``env`` change what it looks like."""
+    dir, its env), for adoption; ``cwd``, ``session``, ``env`` and ``without`` (a variable left
+    out) change what it looks like."""
     return await asyncio.create_subprocess_exec(
-        *argv, cwd=cwd or spec.release_dir, env={**spec.env(), **env},
+        *argv, cwd=cwd or spec.release_dir,
+        env={k: v for k, v in {**spec.env(), **env}.items() if k != without},
         start_new_session=session)
 
 
@@ -355,7 +357,8 @@ async def test_adopted_process_exit_is_noticed_and_restarted(release, tmp_path, 
 
 
 @pytest.mark.parametrize(("looks", "why"), [
-    ("elsewhere", "it works in {tmp}, not in {release}"),
+    ("started elsewhere", "its FLEETWAVE_RELEASE_DIR is '{tmp}', not '{release}'"),
+    ("an older agent's, elsewhere", "it works in {tmp}, not in {release}"),
     ("in no session of its own", "it does not lead its own session"),
     ("of another node", "its FLEETWAVE_NODE is 'n2', not 'n1'"),
     ("of another slot", "its FLEETWAVE_SLOT is 'b', not 'a'"),
@@ -371,10 +374,12 @@ async def test_a_live_process_that_is_not_the_slots_is_not_adopted(
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     proc = await _slot_like(
-        spec, cwd=elsewhere if looks == "elsewhere" else None,
+        spec, cwd=elsewhere if "elsewhere" in looks else None,
         session=looks != "in no session of its own",
+        without="FLEETWAVE_RELEASE_DIR" if looks == "an older agent's, elsewhere" else "",
         **{"of another node": {"FLEETWAVE_NODE": "n2"},
-           "of another slot": {"FLEETWAVE_SLOT": "b"}}.get(looks, {}))
+           "of another slot": {"FLEETWAVE_SLOT": "b"},
+           "started elsewhere": {"FLEETWAVE_RELEASE_DIR": str(elsewhere)}}.get(looks, {}))
     try:
         created = psutil.Process(proc.pid).create_time()
         with caplog.at_level("INFO", "fleetwave.agent.slots"):
@@ -391,15 +396,40 @@ async def test_a_live_process_that_is_not_the_slots_is_not_adopted(
         await asyncio.wait_for(proc.wait(), 5)
 
 
+@pytest.mark.parametrize("through", ["its release dir", "a symlink to it"])
+@pytest.mark.parametrize("moved", [False, True])
+async def test_a_slot_that_moved_away_from_its_release_dir_is_adopted(
+    moved: bool, through: str, release: Path, tmp_path: Path
+) -> None:
+    """Many servers chdir once started (a daemon to /, ``gunicorn --chdir``): the slot's
+    ``FLEETWAVE_RELEASE_DIR`` says where it was started, so the restarted agent adopts it
+    instead of starting it again beside the one still holding its port (a review found such a
+    slot left running unwatched, for good). A data dir reached through a symlink is ours too."""
+    link = tmp_path / "link"
+    link.symlink_to(release)
+    spec = _spec(release if through == "its release dir" else link, tmp_path,
+                 _manifest(release))
+    proc = await _slot_like(spec, cwd=Path("/") if moved else None)
+    try:
+        created = psutil.Process(proc.pid).create_time()
+        adopted = SlotRunner.adopt(spec, proc.pid, created, Events(), status="healthy",
+                                   since=1.0)
+        assert adopted is not None and adopted.pid == proc.pid
+    finally:
+        proc.kill()
+        await asyncio.wait_for(proc.wait(), 5)
+
+
 @pytest.mark.parametrize("unreadable", ["cwd", "environ"])
 async def test_a_slot_whose_proc_files_cannot_be_read_is_adopted_if_it_runs_as_the_services_user(
     unreadable: str, release: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """When the agent may not read a process's working directory or environment
     (AccessDenied), a session leader is adopted only if it runs as the services' user, and what
-    could be read still has to match."""
+    could be read still has to match. (The working directory is read only for an older agent's
+    process, without FLEETWAVE_RELEASE_DIR.)"""
     spec = _spec(release, tmp_path, _manifest(release))
-    proc = await _slot_like(spec)
+    proc = await _slot_like(spec, without="FLEETWAVE_RELEASE_DIR" if unreadable == "cwd" else "")
     try:
         def denied(self: psutil.Process) -> None:
             raise psutil.AccessDenied(self.pid)

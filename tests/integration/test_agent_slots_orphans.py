@@ -26,10 +26,14 @@ def spawned() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 
 def _slot(procs: list[subprocess.Popen[bytes]], cwd: Path, node: str, *,
-          session: bool = True) -> subprocess.Popen[bytes]:
+          session: bool = True, started: Path | None = None) -> subprocess.Popen[bytes]:
+    """A slot-like process in ``cwd``; ``started``: its FLEETWAVE_RELEASE_DIR (none: an
+    older agent's process, known by its working directory)."""
     cwd.mkdir(parents=True, exist_ok=True)
-    p = subprocess.Popen(SLEEP, cwd=cwd, env={**os.environ, "FLEETWAVE_NODE": node},
-                         start_new_session=session)
+    env = {**os.environ, "FLEETWAVE_NODE": node}
+    if started is not None:
+        env["FLEETWAVE_RELEASE_DIR"] = str(started)
+    p = subprocess.Popen(SLEEP, cwd=cwd, env=env, start_new_session=session)
     procs.append(p)
     return p
 
@@ -49,3 +53,23 @@ def test_only_unaccounted_slots_of_this_node_are_orphans(
     stop_orphans(found, timeout=5)
     assert orphan.wait(timeout=5) is not None
     assert kept.poll() is None
+
+
+def test_orphans_that_moved_away_or_live_through_a_symlink_are_found(
+    tmp_path: Path, spawned: list[subprocess.Popen[bytes]]
+) -> None:
+    """A slot process that chdir'd away from its release dir is found by its
+    FLEETWAVE_RELEASE_DIR; a data dir reached through a symlink is searched as the kernel
+    resolves it (both were missed: such an orphan ran on unwatched beside its new slot)."""
+    real = tmp_path / "disk" / "node-1"
+    (real / "releases").mkdir(parents=True)
+    link = tmp_path / "data"
+    link.symlink_to(real)
+    releases = link / "releases"
+    moved = _slot(spawned, tmp_path / "elsewhere", "node-1", started=releases / "abc")
+    stayed = _slot(spawned, releases / "abc", "node-1", started=releases / "abc")
+    older = _slot(spawned, releases / "def", "node-1")  # no FLEETWAVE_RELEASE_DIR: by its cwd
+    _slot(spawned, tmp_path / "elsewhere", "node-1", started=tmp_path / "other" / "abc")
+    _slot(spawned, tmp_path / "elsewhere", "node-1")  # nothing says it was started here
+    found = find_orphans(releases, "node-1", keep=set())
+    assert sorted(p.pid for p in found) == sorted([moved.pid, stayed.pid, older.pid])

@@ -50,7 +50,8 @@ def test_a_slot_gets_the_same_variables_in_its_env_and_its_argv() -> None:
                     manifest=manifest, digest="sha256:x", port=41234, log_dir=Path("/l"))
     env = spec.env()
     assert spec.variables() == {"PORT": "41234", "FLEETWAVE_NODE": "web-7",
-                                "FLEETWAVE_SLOT": "b", "FLEETWAVE_VERSION": "2.0.0"}
+                                "FLEETWAVE_SLOT": "b", "FLEETWAVE_VERSION": "2.0.0",
+                                "FLEETWAVE_RELEASE_DIR": "/r"}
     assert {k: env[k] for k in spec.variables()} == spec.variables() and env["GREETING"] == "hi"
     assert spec.argv(manifest.command) == ["uvicorn", "--port", "41234"]
     worker = SlotSpec(service="web", slot="a", node="n", release_dir=Path("/r"),
