@@ -64,6 +64,7 @@ from coordinator.core.engine import Abort, EngineEvent, Pause, Promote, Resume, 
 from coordinator.core.history import rollback_choice, row, summarise
 from coordinator.errors import ConfigError, FleetwaveError, RemoteError, UsageError
 from coordinator.releases import UnknownRelease
+from coordinator.strategies.spec import without_ignored
 from protocol import subjects
 from protocol.cohort import describe
 from protocol.errors import BusError, Conflict, ProtocolError
@@ -220,7 +221,10 @@ class RolloutsApi:
                               f"deploy {service} {choice.version}'", "not_found")
         if strategies.removes(base.spec):
             return choice.version, undo_removal(base.spec, choice.version)
-        return choice.version, msgspec.structs.replace(base.spec, version=choice.version)
+        # Without what its strategy ignores: a record an older coordinator accepted with such a
+        # setting would have its rollback refused for it.
+        return choice.version, msgspec.structs.replace(without_ignored(base.spec),
+                                                       version=choice.version)
 
     async def key(self, req: KeyRequest, caller: str) -> dict[str, Any]:
         return {"public_key": self.public_key}

@@ -8,6 +8,9 @@ API before accepting one.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+
+import msgspec
 
 from coordinator.core import staging
 from coordinator.core.amounts import parse_amount
@@ -67,7 +70,11 @@ def check_common(spec: RolloutSpec) -> None:
 # ``--cohort-key`` are. A shadow ``--then blue-green`` ends with a blue-green switch.
 _CANARY = "only a canary moves by steps and traffic weights; use --strategy canary"
 _SHADOW = "only a shadow mirrors requests; use --strategy shadow --mirror 10%"
+_ROLLING = ("only a rolling update moves nodes in batches (a canary moves them by --steps, a "
+            "blue-green switch or a shadow all at once); use --strategy rolling (or shadow "
+            "--then rolling)")
 ONLY: tuple[tuple[str, str, frozenset[str], str], ...] = (
+    ("batch", "--batch", frozenset({"rolling", "remove"}), _ROLLING),
     ("steps", "--steps", frozenset({"canary"}), _CANARY),
     ("weights", "--weights", frozenset({"canary"}), _CANARY),
     ("mirror", "--mirror", frozenset({"shadow"}), _SHADOW),
@@ -75,6 +82,9 @@ ONLY: tuple[tuple[str, str, frozenset[str], str], ...] = (
     ("ignore_headers", "--ignore-header", frozenset({"shadow"}), _SHADOW),
     ("ignore_json_fields", "--ignore-json-field", frozenset({"shadow"}), _SHADOW),
     ("mirror_keep_headers", "--mirror-keep-header", frozenset({"shadow"}), _SHADOW),
+    ("gates.max_mismatch_rate", "--max-mismatch-rate", frozenset({"shadow"}),
+     "only a shadow compares the new release's answers with the old one's; use --strategy "
+     "shadow --mirror 10%"),
     ("scale_down_delay", "--scale-down-delay", frozenset({"blue-green"}),
      "only a blue-green switch keeps the old slots warm; use --strategy blue-green (or "
      "shadow --then blue-green)"),
@@ -82,13 +92,42 @@ ONLY: tuple[tuple[str, str, frozenset[str], str], ...] = (
 _DEFAULTS = RolloutSpec(service="", version="")
 
 
-def check_meaning(spec: RolloutSpec) -> None:
-    """Refuse a setting the strategy would ignore (``ONLY``), naming the flag and what to use."""
+def _ignored(spec: RolloutSpec) -> Iterator[tuple[str, str, str]]:
+    """(field, flag, hint) of each setting ``spec`` gives that its strategy would ignore."""
     strategies = {spec.strategy} | ({spec.then} if spec.then else set())
     for field, flag, readers, hint in ONLY:
-        if strategies.isdisjoint(readers) and getattr(spec, field) != getattr(_DEFAULTS, field):
-            raise UsageError(f"{flag} has no meaning with --strategy {spec.strategy}: {hint}, "
-                             f"or leave {flag} out")
+        if strategies.isdisjoint(readers) and _get(spec, field) != _get(_DEFAULTS, field):
+            yield field, flag, hint
+
+
+def _get(spec: RolloutSpec, field: str) -> object:
+    """``field`` of ``spec``, a dotted path for a gate (``gates.max_mismatch_rate``)."""
+    value: object = spec
+    for name in field.split("."):
+        value = getattr(value, name)
+    return value
+
+
+def check_meaning(spec: RolloutSpec) -> None:
+    """Refuse a setting the strategy would ignore (``ONLY``), naming the flag and what to use."""
+    for _, flag, hint in _ignored(spec):
+        raise UsageError(f"{flag} has no meaning with --strategy {spec.strategy}: {hint}, "
+                         f"or leave {flag} out")
+
+
+def without_ignored(spec: RolloutSpec) -> RolloutSpec:
+    """``spec`` with every setting its strategy ignores back at its default: what a rollback
+    reuses of a record that an older coordinator accepted with one (``--batch`` on a canary,
+    say), so that its rollback is not refused for a setting that never meant anything."""
+    for field, _, _ in list(_ignored(spec)):
+        if "." in field:
+            group, name = field.split(".")
+            part = getattr(spec, group)
+            spec = msgspec.structs.replace(spec, **{group: msgspec.structs.replace(
+                part, **{name: _get(_DEFAULTS, field)})})
+        else:
+            spec = msgspec.structs.replace(spec, **{field: _get(_DEFAULTS, field)})
+    return spec
 
 
 def check_cohort(spec: RolloutSpec) -> None:

@@ -57,7 +57,7 @@ async def measure(n: int, brokers: int = 1, max_payload: str = "1MB",
         if ev.kind != "rollout.succeeded":
             raise RuntimeError(f"install of 1.0.0 ended {ev.kind}: {ev.message}")
 
-        spec = RolloutSpec(service="hello", version="2.0.0", strategy="blue-green", batch="100%",
+        spec = RolloutSpec(service="hello", version="2.0.0", strategy="blue-green",
                            max_unavailable="100%", gates=Gates(max_error_rate=0.01),
                            scale_down_delay=600.0, progress_deadline=120.0)
         rid, _ = await fleet.deploy(spec)

@@ -95,3 +95,20 @@ def test_a_rollback_of_a_running_deploy_rolls_it_back() -> None:
     out = asyncio.run(api.rollback(RollbackRequest(service="hello"), "ops"))
     assert out == {"id": "r-deploy", "action": "rolling back"}
     assert [rid for rid, _ in runner.asked] == ["r-deploy"]
+
+
+def test_a_rollback_reuses_a_spec_without_the_settings_its_strategy_ignored() -> None:
+    """A canary accepted with --batch and --max-mismatch-rate (before they were refused there):
+    its rollback is deployed, without them, rather than refused for a setting that never
+    meant anything."""
+    old = spec(version=NEW.version, strategy="canary", steps=["1", "100%"], batch="50%")
+    old.gates.max_mismatch_rate = 0.01
+    runner = Driving([RolloutRecord(id="r-new", spec=old, release=NEW,
+                                    from_version=OLD.version, state="succeeded"),
+                      past()[1]])
+    api = RolloutsApi(runner, resolve=resolve, public_key="K")
+    out = asyncio.run(api.rollback(RollbackRequest(service="hello"), "ops"))
+    assert out["action"] == f"deploying hello {OLD.version}"
+    ((again, _),) = runner.deployed
+    assert again.strategy == "canary" and again.steps == ["1", "100%"]
+    assert again.batch == "1" and again.gates.max_mismatch_rate is None

@@ -9,6 +9,7 @@ import pytest
 from coordinator import strategies
 from coordinator.cli import main
 from coordinator.errors import UsageError
+from protocol.messages import Gates
 from protocol.testing import spec
 
 
@@ -33,6 +34,16 @@ from protocol.testing import spec
                  "--scale-down-delay", id="shadow-delay"),
     pytest.param({"strategy": "shadow", "mirror": 10.0, "then": "rolling",
                   "scale_down_delay": 5.0}, "--scale-down-delay", id="shadow-then-rolling-delay"),
+    pytest.param({"strategy": "canary", "batch": "50%"}, "--batch", id="canary-batch"),
+    pytest.param({"strategy": "blue-green", "batch": "2"}, "--batch", id="blue-green-batch"),
+    pytest.param({"strategy": "shadow", "mirror": 10.0, "batch": "2"}, "--batch",
+                 id="shadow-batch"),
+    pytest.param({"strategy": "shadow", "mirror": 10.0, "then": "blue-green", "batch": "2"},
+                 "--batch", id="shadow-then-blue-green-batch"),
+    pytest.param({"gates": Gates(max_mismatch_rate=0.01)}, "--max-mismatch-rate",
+                 id="rolling-mismatch"),
+    pytest.param({"strategy": "canary", "gates": Gates(max_mismatch_rate=0.01)},
+                 "--max-mismatch-rate", id="canary-mismatch"),
 ])
 def test_a_setting_the_strategy_ignores_is_refused(fields: dict[str, object], flag: str) -> None:
     """The flag, the strategy and what to do instead, in one line."""
@@ -54,6 +65,10 @@ def test_a_setting_the_strategy_ignores_is_refused(fields: dict[str, object], fl
                   "scale_down_delay": 5.0}, id="shadow-then-blue-green-delay"),
     pytest.param({"scale_down_delay": 300.0, "mirror_methods": ["GET", "HEAD"]},
                  id="rolling-defaults-written-out"),
+    pytest.param({"batch": "20%"}, id="rolling-batch"),
+    pytest.param({"strategy": "shadow", "mirror": 10.0, "then": "rolling", "batch": "2",
+                  "gates": Gates(max_mismatch_rate=0.01)}, id="shadow-then-rolling-batch"),
+    pytest.param({"strategy": "canary", "batch": "1"}, id="canary-batch-default-written-out"),
 ])
 def test_a_setting_the_strategy_reads_is_accepted(fields: dict[str, object]) -> None:
     """Each strategy keeps the settings it acts on, and a default written out is no setting."""
@@ -70,3 +85,20 @@ def test_deploy_weights_on_the_default_strategy_exits_2_in_one_line(
     assert info.value.code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1
     assert "--weights has no meaning with --strategy rolling" in err, err
+
+
+@pytest.mark.parametrize(("argv", "flag"), [
+    (["--strategy", "blue-green", "--batch", "2"], "--batch"),
+    (["--strategy", "canary", "--max-mismatch-rate", "1%"], "--max-mismatch-rate"),
+])
+def test_deploy_with_a_flag_its_strategy_ignores_exits_2_in_one_line(
+    argv: list[str], flag: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--batch`` on a blue-green and ``--max-mismatch-rate`` outside a shadow were ignored
+    without a word; now exit 2, one line, nothing sent."""
+    with pytest.raises(SystemExit) as info:
+        main(["--nats", "nats://127.0.0.1:1", "deploy", "hello", "2.0.0", *argv])
+    out, err = capsys.readouterr()
+    assert info.value.code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1
+    assert f"{flag} has no meaning with --strategy" in err, err
