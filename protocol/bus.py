@@ -1273,10 +1273,12 @@ class Bus:
             raise BusError(f"cannot flush: {exc}") from None
 
     async def subscribe(
-        self, subject: str, cb: Callable[[str, bytes], Awaitable[None]], queue: str = ""
+        self, subject: str, cb: Callable[[str, bytes], Awaitable[None]], queue: str = "",
+        *, pending_bytes: int = 0,
     ) -> Any:
         """Hand ``cb`` every message on ``subject`` (a pattern), and only those: see
-        ``_delivered_astray``."""
+        ``_delivered_astray``. ``pending_bytes``: what may wait for ``cb`` before the client
+        drops messages (nats-py's default when 0)."""
         loop = asyncio.get_running_loop()
         turn = loop.time()
 
@@ -1289,8 +1291,9 @@ class Bus:
                 await asyncio.sleep(0)
                 turn = loop.time()
 
+        limits: dict[str, Any] = {"pending_bytes_limit": pending_bytes} if pending_bytes else {}
         try:
-            return await self.nc.subscribe(subject, queue=queue, cb=handler)
+            return await self.nc.subscribe(subject, queue=queue, cb=handler, **limits)
         except nats.errors.Error as exc:
             raise BusError(f"cannot subscribe to {subject}: {exc}") from None
 

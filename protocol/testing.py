@@ -190,7 +190,8 @@ class FakeBus:
         return self.pings.get(subject, True)
 
     async def subscribe(self, subject: str, cb: Callable[[str, bytes], Awaitable[None]],
-                        queue: str = "") -> tuple[str, Callable[[str, bytes], Awaitable[None]]]:
+                        queue: str = "", *, pending_bytes: int = 0,
+                        ) -> tuple[str, Callable[[str, bytes], Awaitable[None]]]:
         """A core subscription: remembered (``subscriptions``), never delivered to."""
         self.subscriptions.append(subject)
         return subject, cb

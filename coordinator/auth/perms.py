@@ -229,8 +229,11 @@ def coordinator(fleet: str) -> Permissions:
         },
         # The releases store's object infos too: the leader tells the agents of each release
         # pushed (``coordinator.runtime.released``).
+        # ...and JetStream's audit of its API calls: the leader deletes a consumer made to
+        # deliver onto the fleet's subjects as soon as it is made (``runtime.deliveries``).
         "subscribe": {"allow": [f"fw.{f}.>", "$SRV.>", "_INBOX.>",
-                                subjects.object_meta(subjects.releases_store(f))]},
+                                subjects.object_meta(subjects.releases_store(f)),
+                                "$JS.EVENT.ADVISORY.API"]},
         # What the allow list above does not cover (an operator inbox of the one-account
         # layout before session 23, ``legacy_operator_inbox``): an answer may take up to
         # MAX_CHUNKS messages (``protocol.chunks``), within a handler's time

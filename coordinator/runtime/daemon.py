@@ -415,7 +415,8 @@ class Coordinator:
                 log.info("coordinator %s leads fleet %r (term %d)", self.id, self.fleet_name,
                          held.term)
                 work = [_awaited(holding), runner.run(), self._pace_loop(bus),
-                        deliveries.sweep_loop(bus), released.relay(bus)]
+                        deliveries.sweep_loop(bus), deliveries.guard(bus),
+                        released.relay(bus)]
                 if self.notifier is not None:  # only the leader notifies (its own task)
                     work.append(self.notifier.lead(bus, self._clock()))
                 why, crashed = await _first_of(*work)

@@ -15,10 +15,20 @@ Every client of the fleet's delivers to an inbox (``INBOXES``: nats-py's ``_INBO
 ``_FWN.<node>``, operators' ``_FWO.<name>``, and the names of releases before session 23), and
 no stream of the fleet takes a subject starting with ``_``. So:
 
+- ``guard`` (the leader, for as long as it leads): each such consumer is deleted as soon as the
+  server audits its creation (or its update: a create naming an existing consumer re-points it),
+  and said with who made it. JetStream publishes an audit of every API call it answers
+  (``$JS.EVENT.ADVISORY.API``: the subject, the request, the response, the client), in the
+  account that holds the streams, for calls that came from the nodes' and operators' accounts
+  too. The response names the consumer and its deliver subject: no request of ours is needed
+  for the thousands of watches a fleet makes (the sweep costs a consumer info each).
+  Measured before (session 37): a node's consumer of the releases delivering onto the pace
+  every agent hears cost every agent that traffic until the next sweep, up to 5 minutes.
 - ``sweep`` (the leader, when it starts leading, after each reconnect and every
   ``SWEEP_EVERY``): every consumer of
   the fleet's streams with another deliver subject is deleted, and said (a warning per
-  consumer: someone with credentials of the fleet made it).
+  consumer: someone with credentials of the fleet made it). It catches what the guard missed:
+  advisories are not stored (one sent while no leader listened, or dropped by a slow consumer).
 - ``sweep_store`` (``fleetwave broker``, before its server starts): the same consumers' files
   in a stopped server's store are removed, so that a restart never wakes them (the leader's
   sweep comes after the server has recovered them). Not for a cluster member's store: the
@@ -34,6 +44,8 @@ import logging
 import shutil
 from pathlib import Path
 
+import msgspec
+
 from protocol.bus import Bus
 from protocol.errors import BusError
 
@@ -47,9 +59,125 @@ RETRY = 30.0
 LOOK = 0.5  # how often the loop looks for a reconnect
 
 
+AUDIT = "$JS.EVENT.ADVISORY.API"  # JetStream's audit of each API call it answers
+CREATES = ("$JS.API.CONSUMER.CREATE.", "$JS.API.CONSUMER.DURABLE.CREATE.")
+# The audits' pending bytes the leader may hold: a fleet of 50,000 re-making its watches at
+# once (a server restart) is ~50,000 audits of ~1.5 KB. Beyond it the client drops audits
+# (the sweep still comes).
+AUDIT_PENDING = 256 * 1024 * 1024
+
+
 def foreign(deliver_subject: str) -> bool:
     """Whether a push consumer delivers somewhere else than a client's inbox."""
     return bool(deliver_subject) and not deliver_subject.startswith(INBOXES)
+
+
+class _Client(msgspec.Struct):
+    """Who made an API call, as the server's audit says it (``ClientInfo``)."""
+
+    acc: str = ""
+    user: str = ""
+    name: str = ""
+
+
+class _Audit(msgspec.Struct):
+    """The parts of JetStream's API audit advisory read here (the rest is ignored)."""
+
+    subject: str = ""
+    response: str = ""
+    client: _Client = msgspec.field(default_factory=_Client)
+
+
+class _Config(msgspec.Struct):
+    deliver_subject: str = ""
+
+
+class _Made(msgspec.Struct):
+    """A consumer create's response: the consumer as the server made it (an error has none)."""
+
+    stream_name: str = ""
+    name: str = ""
+    config: _Config = msgspec.field(default_factory=_Config)
+
+
+_AUDIT = msgspec.json.Decoder(_Audit)
+_MADE = msgspec.json.Decoder(_Made)
+
+
+def made_foreign(audit: bytes, streams: frozenset[str]) -> tuple[str, str, str, str] | None:
+    """(stream, consumer, deliver subject, who) when ``audit`` (an API audit advisory) says a
+    consumer of one of ``streams`` was made or updated to deliver elsewhere than an inbox; else
+    None (another call, another stream, an error, or anything that does not parse)."""
+    if b"CONSUMER.CREATE." not in audit and b"CONSUMER.DURABLE.CREATE." not in audit:
+        return None  # most audits: cheaper than decoding them
+    try:
+        a = _AUDIT.decode(audit)
+        if not a.subject.startswith(CREATES):
+            return None
+        made = _MADE.decode(a.response)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    if made.stream_name not in streams or not made.name or not foreign(made.config.deliver_subject):
+        return None
+    return made.stream_name, made.name, made.config.deliver_subject, _who(a.client)
+
+
+# Whose credentials act in each account of a fleet with accounts (``coordinator.auth.perms``).
+ROLES = {"OPS": "an operator's", "NODES": "a node's", "FLEET": "the coordinators'"}
+
+
+def _who(c: _Client) -> str:
+    """Whose credentials an audited call came with, as far as the audit says: across accounts
+    (a fleet with accounts) the server shares only the caller's account, so its role; within
+    one (``$G``, an open fleet) its user and connection name too."""
+    said = f"{ROLES.get(c.acc, 'the fleet')}'s credentials" if c.acc not in ROLES \
+        else f"{ROLES[c.acc]} credentials"
+    facts = [f"account {c.acc}" if c.acc else "", f"user {c.user}" if c.user else "",
+             f"connection {c.name!r}" if c.name else ""]
+    shown = ", ".join(f for f in facts if f)
+    return f"{said} ({shown})" if shown else said
+
+
+async def guard(bus: Bus, retry: float = RETRY) -> None:
+    """Delete each foreign consumer of the fleet's streams as the server audits its creation,
+    for as long as it runs (the leader's task; see the module docstring). A subscription the
+    server refuses (a ``users.conf`` rendered by an older release) is said and tried again
+    after ``retry``; the sweep still runs meanwhile."""
+    streams = frozenset(bus.fleet_streams())
+
+    async def audited(_: str, data: bytes) -> None:
+        found = made_foreign(data, streams)
+        if found is None:
+            return
+        stream, name, subject, who = found
+        try:
+            await bus.delete_consumer(stream, name)
+        except BusError as exc:
+            log.warning("consumer %s of %s delivers onto %r, which is no inbox (made with %s), "
+                        "and cannot be deleted: %s; the next sweep tries again", name, stream,
+                        subject[:120], who, exc)
+            return
+        log.warning("deleted consumer %s of %s: it delivered onto %r, which is no inbox "
+                    "(made with %s)", name, stream, subject[:120], who)
+
+    while True:
+        try:
+            sub = await bus.subscribe(AUDIT, audited, pending_bytes=AUDIT_PENDING)
+        except BusError as exc:
+            log.warning("cannot watch the server's audit of consumers made: %s; the sweep "
+                        "every %gs still removes foreign ones; trying again in %gs", exc,
+                        SWEEP_EVERY, retry)
+            await asyncio.sleep(retry)
+            continue
+        except Exception:  # a guard's bug must never end the leadership it runs in
+            log.exception("watching the server's audit of consumers made failed; trying "
+                          "again in %gs", retry)
+            await asyncio.sleep(retry)
+            continue
+        try:
+            await asyncio.Future()  # nats-py makes the subscription again after a reconnect
+        finally:
+            await bus.unsubscribe(sub)
 
 
 async def sweep(bus: Bus) -> list[str]:

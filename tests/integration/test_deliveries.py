@@ -11,9 +11,13 @@ import asyncio
 import json
 from pathlib import Path
 
+import pytest
+
+from coordinator.auth.enroll import CA, AuthDir
 from coordinator.dev.broker import Broker
 from coordinator.dev.devfleet import DevFleet
 from coordinator.runtime.deliveries import sweep
+from protocol import creds as creds_file
 from protocol import subjects
 from protocol.bus import Bus
 from tests.integration.procs import fleetwave, read_text, wait_until
@@ -139,3 +143,51 @@ async def test_broker_sweep_store_cleans_a_stopped_servers_store(tmp_path: Path)
     code, out, err = await fleetwave("broker", "--store-dir", str(store), "--sweep-store")
     assert code == 0 and "removed 2 consumer(s)" in out, out + err
     assert not any(p.exists() for p in planted)
+
+
+@pytest.mark.parametrize(("role", "name", "stream", "onto"), [
+    # An operator's consumer of the audit log re-delivering it onto the lease key.
+    ("operator", "admin", EVENTS, f"$KV.{subjects.lease_bucket(F)}.leader"),
+    # A node's consumer of the releases delivering their chunks onto the pace every agent hears.
+    ("node", "node-1", subjects.object_stream(subjects.releases_store(F)), subjects.pace(F)),
+])
+async def test_the_leader_deletes_a_foreign_consumer_as_it_is_made(
+    role: str, name: str, stream: str, onto: str, tmp_path: Path,
+) -> None:
+    """A consumer made (on a secure fleet, by an operator's or a node's credentials) to deliver
+    onto the fleet's subjects is deleted by the leader within moments of its making, not at the
+    next sweep (every 5 minutes: the releases' chunks reached every agent meanwhile), and the
+    leader's log names the key that made it."""
+    async with DevFleet(tmp_path / "fleet", agents=1, heartbeat_interval=0.5, secure=True,
+                        subnet=SUBNET) as fleet:
+        assert fleet.auth_dir is not None
+        creds = creds_file.load(AuthDir(fleet.auth_dir).creds_path(role, name))
+        ca = str(fleet.auth_dir / CA)
+        them = await Bus.connect(fleet.nats_url, F, creds=creds, tls_ca=ca)
+        coord = await Bus.connect(fleet.nats_url, F, tls_ca=ca, creds=creds_file.load(
+            AuthDir(fleet.auth_dir).creds_path("coordinator", "coordinator")))
+        try:
+            await wait_until(lambda: read_text(fleet.dir / "logs" / "coordinator.log"),
+                             lambda log: "leads fleet" in log, timeout=20, what="a leader")
+            body = {"stream_name": stream, "config": {
+                "name": "astray", "durable_name": "astray", "deliver_subject": onto,
+                "ack_policy": "none",
+                "deliver_policy": "new", "inactive_threshold": 3_600_000_000_000}}
+            made = json.loads(await them.request(f"$JS.API.CONSUMER.CREATE.{stream}.astray",
+                                                 json.dumps(body).encode(), timeout=5))
+            assert "error" not in made, made
+
+            async def names() -> set[str]:
+                return {n for n, _ in await coord.push_consumers(stream)}
+            await wait_until(names, lambda left: "astray" not in left, timeout=10,
+                             what="the leader's guard deleting the consumer")
+            who = {"operator": "an operator's credentials (account OPS)",
+                   "node": "a node's credentials (account NODES)"}[role]
+            said = (f"deleted consumer astray of {stream}: it delivered onto {onto!r}, which "
+                    f"is no inbox (made with {who})")
+            # (said once the delete is answered: a moment after the consumer is gone)
+            await wait_until(lambda: read_text(fleet.dir / "logs" / "coordinator.log"),
+                             lambda log: said in log, timeout=10, what=said)
+        finally:
+            await them.close()
+            await coord.close()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.runtime.deliveries import foreign, sweep_loop, sweep_store
+from coordinator.runtime.deliveries import foreign, guard, made_foreign, sweep_loop, sweep_store
 from protocol.errors import BusError
 
 
@@ -124,6 +124,88 @@ async def test_a_failing_sweep_never_ends_the_loop(caplog: pytest.LogCaptureFixt
                 tried.clear()
                 bus.reconnects += 1  # a sweep at once, not after RETRY
             await bus.until(["evil"])
+        assert not task.done()
+        assert "no answer" in caplog.text and "a bug" in caplog.text
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+STREAMS = frozenset({"FW_default_EVENTS", "OBJ_fw-default-releases"})
+
+
+def _audit(deliver: str, *, subject: str = "$JS.API.CONSUMER.CREATE.FW_default_EVENTS.x1",
+           stream: str = "FW_default_EVENTS", client: dict[str, object] | None = None,
+           response: str | None = None) -> bytes:
+    """JetStream's API audit advisory of a consumer create, in the shape nats-server 2.15
+    sends it (captured from a secure dev fleet: an operator's create, seen by the FLEET
+    account)."""
+    made = {"type": "io.nats.jetstream.api.v1.consumer_create_response",
+            "stream_name": stream, "name": "x1", "created": "2026-12-07T08:54:32.79Z",
+            "config": {"durable_name": "x1", "name": "x1", "deliver_policy": "all",
+                       "ack_policy": "none", "deliver_subject": deliver, "num_replicas": 0}}
+    return json.dumps({
+        "type": "io.nats.jetstream.advisory.v1.api_audit", "id": "1Fyyoq3BJr0d21M9oqYv9s",
+        "timestamp": "2026-12-07T08:54:32.800211736Z", "server": "fleetwave",
+        "client": client if client is not None else {"acc": "OPS", "svc": "FLEET",
+                                                     "rtt": 2539201, "server": "fleetwave"},
+        "subject": subject, "request": json.dumps({"stream_name": stream}),
+        "response": response if response is not None else json.dumps(made)}).encode()
+
+
+def test_an_audited_foreign_consumer_is_found_with_whose_credentials_made_it() -> None:
+    assert made_foreign(_audit("$KV.fw-default-lease.leader"), STREAMS) == (
+        "FW_default_EVENTS", "x1", "$KV.fw-default-lease.leader",
+        "an operator's credentials (account OPS)")
+    durable = _audit("fw.default.pace", subject="$JS.API.CONSUMER.DURABLE.CREATE.OBJ_x.x1",
+                     stream="OBJ_fw-default-releases", client={"acc": "NODES"})
+    assert made_foreign(durable, STREAMS) == (
+        "OBJ_fw-default-releases", "x1", "fw.default.pace", "a node's credentials (account NODES)")
+    one = _audit("fw.default.pace", client={"acc": "$G", "user": "UABC", "name": "bob's cli"})
+    assert made_foreign(one, STREAMS)[3] == (  # type: ignore[index]
+        "the fleet's credentials (account $G, user UABC, connection \"bob's cli\")")
+
+
+@pytest.mark.parametrize("audit", [
+    pytest.param(_audit("_FWO.admin.q"), id="an-inbox"),
+    pytest.param(_audit("_INBOX.abc"), id="nats-py-inbox"),
+    pytest.param(_audit(""), id="a-pull-consumer"),
+    pytest.param(_audit("fw.default.pace", stream="KV_other"), id="another-stream"),
+    pytest.param(_audit("fw.default.pace", subject="$JS.API.STREAM.INFO.FW_default_EVENTS"),
+                 id="another-call"),
+    pytest.param(_audit("fw.default.pace", response=json.dumps(
+        {"type": "io.nats.jetstream.api.v1.consumer_create_response",
+         "error": {"code": 400, "err_code": 10013, "description": "consumer name in use"}})),
+        id="a-refused-create"),
+    pytest.param(_audit("fw.default.pace", response="not json"), id="a-response-not-json"),
+    pytest.param(b"\x00 not an audit CONSUMER.CREATE.", id="not-json"),
+    pytest.param(b'{"subject": 5, "response": "CONSUMER.CREATE."}', id="another-shape"),
+])
+def test_anything_else_audited_is_no_foreign_consumer(audit: bytes) -> None:
+    assert made_foreign(audit, STREAMS) is None
+
+
+async def test_the_guard_never_ends_the_leadership_it_runs_in(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A subscription refused (a bus error, or a bug) is said and tried again: the guard runs
+    among the leader's tasks, the first of which to end ends the leadership."""
+    failures: list[Exception] = [BusError("no answer"), RuntimeError("a bug")]
+    subscribed = asyncio.Event()
+
+    class Flaky(_Bus):
+        async def subscribe(self, subject: str, cb: object, *, pending_bytes: int = 0) -> str:
+            if failures:
+                raise failures.pop(0)
+            subscribed.set()
+            return subject
+
+        async def unsubscribe(self, sub: object) -> None:
+            pass
+
+    task = asyncio.ensure_future(guard(Flaky(), retry=0.01))  # type: ignore[arg-type]
+    try:
+        async with asyncio.timeout(5):
+            await subscribed.wait()
         assert not task.done()
         assert "no answer" in caplog.text and "a bug" in caplog.text
     finally:
