@@ -74,6 +74,10 @@ from agent.router.upstream import Pool
 log = logging.getLogger("agent.router.proxy")  # one logger for the proxy and its connections
 
 HIGH_WATER = 256 * 1024  # client write buffer above which the upstream is paused
+# After an answer that leaves the client's request unread (an upstream's early 413, a malformed
+# request), how long the router goes on reading and dropping what the client sends, once the
+# answer is flushed (nginx's lingering_timeout; see ``ClientConn.close``).
+LINGER = 5.0
 PIPELINE_LIMIT = 2 * MAX_HEAD  # buffered bytes of later requests before we stop reading a client
 SINGLE_WRITE = 64 * 1024  # bodies up to this go out joined to the head in one write
 _HEAD_END = b"\r\n\r\n"
@@ -105,6 +109,7 @@ class ClientConn(Channel):
         "held",
         "ip",
         "keep",
+        "lingering",
         "opened",
         "phase",
         "pool",
@@ -142,6 +147,8 @@ class ClientConn(Channel):
         self.keep = False  # the client connection stays open after this response
         self.reusable = False  # the upstream connection may go back to its pool
         self.scanned = 0  # bytes of an incomplete head already looked at for a bare CR or LF
+        self.lingering = False  # answered and half-closed: reading and dropping until the client
+        # closes (``close(linger=True)``)
 
     # -- asyncio.Protocol -------------------------------------------------------------------------
 
@@ -160,6 +167,8 @@ class ClientConn(Channel):
 
     def data_received(self, data: bytes) -> None:
         self.fresh = False
+        if self.lingering:
+            return  # the rest of a request already answered: dropped
         if self.task is not None:  # the general path reads through awaits
             super().data_received(data)
             return
@@ -186,6 +195,9 @@ class ClientConn(Channel):
 
     def eof_received(self) -> bool:
         self.eof = True
+        if self.lingering:
+            super().close()  # the client has closed its side, having read the answer
+            return True
         if self.task is not None:
             self._wake()
         elif not self.busy:
@@ -207,6 +219,9 @@ class ClientConn(Channel):
 
     def resume_writing(self) -> None:
         super().resume_writing()
+        if self.lingering:  # its answer flushed at last: LINGER from now
+            self.deadline = self._loop.time() + LINGER
+            return
         if self.up is not None and self.up.transport is not None:
             self.deadline = self._loop.time() + READ_TIMEOUT
             self.up.transport.resume_reading()
@@ -223,7 +238,8 @@ class ClientConn(Channel):
 
         None starts while the client's write buffer is over ``HIGH_WATER``: a client that does
         not read its answers would have them all piled up here (``resume_writing`` goes on)."""
-        while not self.busy and self.task is None and not self.closed and not self.write_paused:
+        while (not self.busy and self.task is None and not self.closed and not self.write_paused
+               and not self.lingering):
             buf = self.buf
             i = buf.find(_HEAD_END)
             if i < 0 or i + 4 > MAX_HEAD:
@@ -326,11 +342,15 @@ class ClientConn(Channel):
             self.deadline = self._loop.time() + IDLE_TIMEOUT
             self.next_request()
         else:
-            self.close()
+            # A request with a body may have been answered before its end (an upstream's
+            # early 413, the router's 408 or 400): the client may still be sending it.
+            self.close(linger=req.has_body)
 
     def _answer_and_close(self, data: bytes) -> None:
+        """Answer a request the router refuses (a malformed head) and close, lingering: its
+        client may be sending a body after it."""
         self.write(data)
-        self.close()
+        self.close(linger=True)
 
     def _done(self, counters: SlotCounters, status: int, keep: bool) -> None:
         """Count the request just answered, then serve the next one or close."""
@@ -518,17 +538,44 @@ class ClientConn(Channel):
         counters.observe(status, (time.perf_counter() - self.started) * 1000.0)
         self.close()
 
-    def close(self) -> None:
+    def close(self, *, linger: bool = False) -> None:
         """Close once what is queued for the client is sent: within ``WRITE_TIMEOUT``, else the
         sweeper aborts it (``expire``). A closing transport flushes with no bound of its own: a
         client that reads nothing held its connection, and its place under
-        ``max_connections``, for ever (a few thousand such clients lock a service out)."""
+        ``max_connections``, for ever (a few thousand such clients lock a service out).
+
+        ``linger``: the client may still be sending a request this answer ends (its body's
+        rest). Closing a socket with bytes unread makes the kernel reset the connection, and a
+        client that sends its whole body before it reads (most do) then fails its send and
+        never reads the answer. So, as nginx's lingering close: the answer, then a FIN
+        (``write_eof``), then what the client sends is read and dropped until it closes its
+        side, for at most ``LINGER`` seconds once the answer is flushed (``expire``). Not for
+        a client that has closed its side, nor one over the cap (``Owner.refuse``: it holds no
+        place to linger in)."""
+        if self.lingering:
+            return
+        transport = self.transport
+        if (linger and not self.eof and not self.closed and transport is not None
+                and not transport.is_closing() and transport.can_write_eof()
+                and self in self.proxy.clients):
+            self.lingering = True
+            self.buf.clear()
+            if self._read_paused:
+                self._read_paused = False
+                transport.resume_reading()
+            transport.write_eof()
+            self.deadline = self._loop.time() + (WRITE_TIMEOUT if self.write_paused else LINGER)
+            return
         super().close()
         self.deadline = self._loop.time() + WRITE_TIMEOUT
 
     def expire(self) -> None:
         """A deadline passed: an idle connection closes, a stuck exchange fails, a connection
-        closed with answers its client never read is dropped."""
+        closed with answers its client never read is dropped, a lingering one too once its
+        answer is flushed and ``LINGER`` is over."""
+        if self.lingering:
+            self.abort()
+            return
         if self.transport is not None and self.transport.is_closing():
             self.abort()
             return

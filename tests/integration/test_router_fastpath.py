@@ -514,6 +514,59 @@ async def test_an_early_answer_to_an_upload_is_relayed(
     assert (c.requests, c.errors, c.failures) == (1, 0, 0)
 
 
+@pytest.mark.parametrize("then", ["closes", "stops reading"])
+async def test_a_client_sending_its_whole_upload_before_reading_gets_the_early_answer(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, then: str,
+) -> None:
+    """Most clients (Python's http.client, requests, many SDKs) send the whole body before
+    they read any answer. After an upstream's early 413 the router closed the connection with
+    the rest of the body unread, which the kernel turns into a reset: the client's send failed
+    (ECONNRESET, EPIPE) and it never saw the 413. The router now closes as nginx does
+    (lingering): its answer, then a FIN, then it reads and drops what the client still sends,
+    until the client closes."""
+    monkeypatch.setattr(exchange_mod, "WRITE_TIMEOUT", 0.2)
+    size = 64 * 1024 * 1024  # more than loopback's socket buffers take
+
+    async def refuse(c: int, r: int, head: bytes, rd: asyncio.StreamReader,
+                     w: asyncio.StreamWriter) -> bool:
+        w.write(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 9\r\n\r\ntoo large")
+        await w.drain()
+        if then == "stops reading":
+            await asyncio.sleep(30)  # reads no body byte within the test
+        return False
+
+    await rig.upstream(refuse)
+    reader, writer = await connect(rig.port)
+    writer.write(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
+    writer.write(b"u" * size)
+    async with asyncio.timeout(20):
+        await writer.drain()  # the whole body sent, none of the answer read yet
+    status, head, body = await read_response(reader)
+    assert (status, body) == (413, b"too large") and b"Connection: close" in head
+    async with asyncio.timeout(5):
+        assert await reader.read() == b""  # the router's FIN after its answer
+    assert rig.proxy.clients  # still reading what the client may send, until it closes
+    writer.close()
+    await until(lambda: not rig.proxy.clients)
+
+
+async def test_a_lingering_client_that_never_closes_is_dropped(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The lingering after an early answer is bounded (``LINGER``): a client that goes on
+    sending, or just never closes, is dropped then."""
+    monkeypatch.setattr(client_mod, "LINGER", 0.3)
+    monkeypatch.setattr(proxy_mod, "SWEEP_EVERY", 0.05)
+    await rig.upstream(echo_path)
+    reader, writer = await connect(rig.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nX: \x00\r\n\r\n")  # a 400: answered, closed
+    status, _, _ = await read_response(reader)
+    assert status == 400
+    writer.write(b"more of whatever it was sending")
+    await until(lambda: not rig.proxy.clients)
+    writer.close()
+
+
 async def test_idle_client_is_closed_after_the_idle_timeout(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
