@@ -30,7 +30,11 @@ The file (``auth_dir`` only when bound by ``--auth-dir``; an older fleetwave ref
 that has it)::
 
     {"version": 1, "auth_dir": "/etc/fleetwave/auth",
-     "tokens": [{"name": "alice", "sha256": "<64 hex>", "created": 1.7e9, "expires": null}]}
+     "tokens": [{"name": "alice", "sha256": "<64 hex>", "created": 1.7e9, "key": "U..."}]}
+
+(``expires`` when the token has one; ``key``, the operator's public nkey when the token was
+made, in a bound file: a token is refused once its operator holds another key, enrolled again
+under the same name or renewed with ``--new-key``. An older fleetwave refuses a file with it.)
 
 A name is a caller token (``protocol.subjects.check_name``), never one of the coordinator's own
 ("coordinator", "unknown"), and at most once in a file. ``TokenFile`` re-reads the file when it
@@ -70,11 +74,15 @@ PREFIX = "fwt_"
 MAX_TOKEN = 256  # a longer Authorization value is no token of ours; refused before hashing
 
 
-class WebToken(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class WebToken(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
     name: str
     sha256: str
     created: float
     expires: float | None = None
+    # The operator's nkey (public) when the token was made, in a bound file: a name revoked
+    # and enrolled again (a new key) does not bring its old tokens back. None: made before
+    # this, or in a file bound to nothing (checked by name alone).
+    key: str | None = None
 
 
 class TokenDoc(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -89,6 +97,7 @@ class Verdict:
 
     name: str = ""
     refusal: str = ""
+    key: str | None = None  # the operator key the token was made for, if it says
 
 
 def new_token() -> str:
@@ -140,14 +149,23 @@ def parse(data: bytes, where: str) -> list[WebToken]:
     return parse_doc(data, where).tokens
 
 
-def not_operator(users: list[Identity], name: str, now: float) -> str:
+def operator(users: list[Identity], name: str) -> Identity | None:
+    """The operator ``name`` among ``users``, if enrolled."""
+    return next((u for u in users if u.role == "operator" and u.name == name), None)
+
+
+def not_operator(users: list[Identity], name: str, now: float, key: str | None = None) -> str:
     """Why ``name`` may not act as an operator of an auth directory whose identities are
-    ``users`` ("" when it may: enrolled as an operator, its credentials not expired)."""
-    who = next((u for u in users if u.role == "operator" and u.name == name), None)
+    ``users`` ("" when it may: enrolled as an operator, its credentials not expired, and, for
+    a token that names the ``key`` it was made for, still holding that key)."""
+    who = operator(users, name)
     if who is None:
         return f"{name!r} is not an enrolled operator (revoked, or never enrolled)"
     if who.expires is not None and not who.live(dt.datetime.fromtimestamp(now, dt.UTC)):
         return f"operator {name!r}'s credentials expired at {format_time(who.expires)}"
+    if key is not None and who.nkey != key:
+        return (f"operator {name!r} has a new key since the token was made (enrolled again, or "
+                "renewed with --new-key); make a new token")
     return ""
 
 
@@ -179,7 +197,7 @@ def verify(tokens: list[WebToken], presented: str, now: float) -> Verdict:
     if match.expires is not None and match.expires <= now:
         return Verdict(refusal=f"the operator token {match.name!r} has expired; ask for a new "
                        "one")
-    return Verdict(name=match.name)
+    return Verdict(name=match.name, key=match.key)
 
 
 # -- the file ----------------------------------------------------------------------------------
@@ -214,8 +232,9 @@ def add(directory: Path, name: str, expires: float | None, now: float,
         doc = _existing(path)
         bound = _admit(directory, doc, name, auth_dir, now)  # again: it may have changed
         token = new_token()
+        who = operator(AuthDir(bound).load()[2], name) if bound is not None else None
         doc.tokens.append(WebToken(name=name, sha256=digest(token), created=now,
-                                   expires=expires))
+                                   expires=expires, key=who.nkey if who else None))
         doc.auth_dir = str(bound) if bound is not None and bound != directory.resolve() else None
         _save(directory, path, doc)
     return token, path
@@ -352,8 +371,9 @@ class Operators:
                              f"directory {directory}: {exc}") from None
         self._broken = ""
 
-    def refusal(self, name: str, now: float) -> str:
-        """Why the token of ``name`` may not act now ("" when it may)."""
+    def refusal(self, name: str, now: float, key: str | None = None) -> str:
+        """Why the token of ``name`` (made for operator ``key``, if it says) may not act now
+        ("" when it may)."""
         stamp = _stamp(self.directory / META)
         if stamp != self._stamp:
             self._stamp = stamp
@@ -368,7 +388,7 @@ class Operators:
             return ("the coordinator cannot read the auth directory its token file is bound "
                     "to; no action is allowed until an operator fixes it (see the coordinator's "
                     "log)")
-        if why := not_operator(self._users, name, now):
+        if why := not_operator(self._users, name, now, key):
             return f"the operator token {name!r} is no longer valid: {why}"
         return ""
 
@@ -415,5 +435,5 @@ class TokenFile:
         verdict = verify(tokens, presented, now)
         if verdict.refusal or self._operators is None:
             return verdict
-        why = self._operators.refusal(verdict.name, now)
+        why = self._operators.refusal(verdict.name, now, verdict.key)
         return Verdict(refusal=why) if why else verdict

@@ -210,6 +210,34 @@ def test_the_coordinator_refuses_a_revoked_or_expired_operators_token(tmp_path: 
     assert TokenFile(loose_path).verify(loose, NOW).name == "carol"
 
 
+@pytest.mark.parametrize("how", ["enrolled again", "renewed with --new-key"])
+def test_an_operators_token_ends_with_the_key_it_was_made_for(tmp_path: Path, auth: AuthDir,
+                                                              how: str) -> None:
+    """A bound token names its operator's key: alice revoked and enrolled again under the same
+    name (or given a new key) no longer passes with the token made for her old key, where a
+    review found it passing again by name; a token made after passes, and so does renewing
+    her expiry alone (same key). A token without a key (made before) is checked by name."""
+    when = dt.datetime.fromtimestamp(NOW, dt.UTC)
+    old, path = web_tokens.add(tmp_path / "web", "alice", None, NOW, auth_dir=auth.path)
+    tf = TokenFile(path)
+    auth.renew("alice", None, now=when)  # the same key: the token still works
+    assert tf.verify(old, NOW).name == "alice"
+    if how == "enrolled again":
+        auth.revoke("alice")
+        auth.add("operator", "alice", now=when)
+    else:
+        auth.renew("alice", None, new_key=True, now=when)
+    refusal = tf.verify(old, NOW).refusal
+    assert "operator 'alice' has a new key since the token was made" in refusal, refusal
+    web_tokens.revoke(tmp_path / "web", "alice")
+    new, _ = web_tokens.add(tmp_path / "web", "alice", None, NOW)
+    assert tf.verify(new, NOW).name == "alice"
+    doc = json.loads(path.read_text())  # a token of an older fleetwave: no key, by name
+    del doc["tokens"][0]["key"]
+    path.write_text(json.dumps(doc))
+    assert TokenFile(path).verify(new, NOW).name == "alice"
+
+
 def test_a_bound_auth_directory_the_coordinator_cannot_read_refuses_every_token(
         tmp_path: Path, auth: AuthDir) -> None:
     """Unreadable at start: one line (exit 2); turned bad while running: every token refused
