@@ -60,6 +60,7 @@ WRITE_TIMEOUT = 60.0  # a peer that takes nothing we write for this long is drop
 BUFFER_LIMIT = 1024 * 1024  # request bodies up to this are buffered (retryable, mirrorable)
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+CHUNKED = b"Transfer-Encoding: chunked\r\n"  # added to an until-close answer (``_respond``)
 
 _UPSTREAM_ERRORS = (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, Broken)
 
@@ -289,9 +290,15 @@ class Exchange:
                 close_conn(conn)
                 counters.failures += 1
                 return self._fail(client, counters, 502, f"slot {slot} broke: {exc!r}", started)
-            keep = req.keep_alive and resp.body != "close" and not proxy.closing and not cut
+            keep = req.keep_alive and not proxy.closing and not cut
+            # A body read until the upstream closes goes to an HTTP/1.1 client chunked, so that
+            # its connection stays open for the next request (nginx does the same); an HTTP/1.0
+            # client cannot read chunked and gets it until close.
+            rechunk = keep and resp.body == "close" and req.version == b"HTTP/1.1"
+            keep = keep and (resp.body != "close" or rechunk)
             client.write(client_response_head(
-                resp, keep_alive=keep, http10=req.version == b"HTTP/1.0", extra=set_cookie
+                resp, keep_alive=keep, http10=req.version == b"HTTP/1.0",
+                extra=set_cookie + (CHUNKED if rechunk else b""),
             ))
             reader = BodyReader(conn, resp.body, resp.content_length, READ_TIMEOUT, capture)
             while True:
@@ -306,8 +313,10 @@ class Exchange:
                     counters.observe(502, (time.perf_counter() - started) * 1000.0)
                     return False
                 if not piece:
+                    if rechunk:
+                        client.write(b"0\r\n\r\n")
                     break
-                client.write(piece)
+                client.write(b"%x\r\n%b\r\n" % (len(piece), piece) if rechunk else piece)
                 if client.write_paused:
                     try:
                         async with asyncio.timeout(WRITE_TIMEOUT):

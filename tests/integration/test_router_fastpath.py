@@ -567,6 +567,46 @@ async def test_a_lingering_client_that_never_closes_is_dropped(
     writer.close()
 
 
+@pytest.mark.parametrize("version", [b"HTTP/1.1", b"HTTP/1.0"])
+async def test_an_until_close_answer_is_chunked_for_a_client_that_reads_chunked(
+    rig: Rig, version: bytes,
+) -> None:
+    """An upstream's body read until it closes (no Content-Length, not chunked) reaches an
+    HTTP/1.1 client chunked, and that client's connection serves its next request (before, it
+    was closed after every such answer); an HTTP/1.0 client, which cannot read chunked, gets it
+    until close as before."""
+    async def until_close(c: int, r: int, head: bytes, _: object,
+                          w: asyncio.StreamWriter) -> bool:
+        if b"/old" in head:
+            w.write(b"HTTP/1.1 200 OK\r\nX-A: 1\r\n\r\n" + b"legacy " * 3000)
+            return False  # (closed: the end of its body)
+        w.write(ok(b"next"))
+        return True
+
+    await rig.upstream(until_close)
+    reader, writer = await connect(rig.port)
+    keep = b"Connection: keep-alive\r\n" if version == b"HTTP/1.0" else b""
+    writer.write(b"GET /old " + version + b"\r\nHost: x\r\n" + keep + b"\r\n")
+    async with asyncio.timeout(10):
+        head = await reader.readuntil(b"\r\n\r\n")
+        if version == b"HTTP/1.0":
+            assert b"Transfer-Encoding" not in head and b"Connection: close" in head
+            assert await reader.read() == b"legacy " * 3000  # until the router closes
+            writer.close()
+            return
+        assert b"Transfer-Encoding: chunked\r\n" in head and b"Connection" not in head
+        body = b""
+        while size := int((await reader.readuntil(b"\r\n"))[:-2], 16):
+            body += (await reader.readexactly(size + 2))[:-2]
+        assert await reader.readexactly(2) == b"\r\n" and body == b"legacy " * 3000
+    writer.write(get("/next"))
+    status, _, body = await read_response(reader)
+    writer.close()
+    assert (status, body) == (200, b"next")
+    c = rig.proxy.slots["a"]
+    assert (c.requests, c.errors, c.failures) == (2, 0, 0)
+
+
 async def test_idle_client_is_closed_after_the_idle_timeout(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
