@@ -107,15 +107,25 @@ def _not_counts(obj: object, names: Iterable[str]) -> str | None:
 
 
 def _backwards(start: RouterStats, end: RouterStats) -> str | None:
-    """A counter or bucket of one router epoch that went down, or a slot that vanished."""
+    """A counter or bucket of one router epoch that went down, a slot that vanished, or more
+    errors than requests (mismatches than comparisons) over the window: each snapshot may hold
+    and their difference not (100 requests with 0 errors, then 100 with 50)."""
     for slot, before in sorted(start.slots.items()):
         after = end.slots.get(slot)
         why = ("vanished within one router epoch" if after is None
                else _went_back(before, after, _SLOT_COUNTERS, ("latency",)))
+        if why is None and after is not None and (
+                after.errors - before.errors > after.requests - before.requests):
+            why = (f"errors grew by {after.errors - before.errors}, requests by "
+                   f"{after.requests - before.requests}, within one router epoch")
         if why is not None:
             return f"slot {_label(slot)}: {why}"
     if start.mirror is not None and end.mirror is not None:
-        why = _went_back(start.mirror, end.mirror, MIRROR_COUNTERS, _MIRROR_HISTOGRAMS)
+        b, a = start.mirror, end.mirror
+        why = _went_back(b, a, MIRROR_COUNTERS, _MIRROR_HISTOGRAMS)
+        if why is None and a.mismatched - b.mismatched > a.compared - b.compared:
+            why = (f"mismatched grew by {a.mismatched - b.mismatched}, compared by "
+                   f"{a.compared - b.compared}, within one router epoch")
         if why is not None:
             return f"mirror: {why}"
     return None

@@ -294,9 +294,17 @@ class Test:
     figures: dict[str, float | int | None]
 
 
+def counted(w: gatelib.Window) -> Counts:
+    """A window's errors of its requests. More errors than requests is no router's figure
+    (``evidence.distrust`` leaves such a node out); one that came in all the same (a record of
+    an older coordinator) is taken as every request failing, never a math domain error that
+    would stop the rollout's driver."""
+    return Counts(min(max(0, w.errors), max(0, w.requests)), max(0, w.requests))
+
+
 def error_test(new: gatelib.Window, old: gatelib.Window, delta: float, alpha: float,
                over: bool, names: tuple[str, str]) -> Test:
-    n, o = Counts(new.errors, new.requests), Counts(old.errors, old.requests)
+    n, o = counted(new), counted(old)
     # A tolerance of 100 % is refused with the spec; a record from elsewhere must not crash.
     delta = min(delta, MAX_TOLERANCE)
     ev = evidence(n, o, delta, alpha)

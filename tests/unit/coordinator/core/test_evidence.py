@@ -70,6 +70,15 @@ def mirrored(**fields: object) -> RouterStats:
         pytest.param(mirrored(mismatched=5), mirrored(mismatched=2),
                      "mirror: mismatched went from 5 to 2 within one router epoch",
                      id="mirror-backwards"),
+        # Each snapshot holds, their difference does not: a node's way to feed the gates more
+        # errors than requests (the sequential analysis then raised a math domain error,
+        # dropping the rollout's driver at every resync: a hung rollout).
+        pytest.param(lying(), lying(errors=5),
+                     "slot 'b': errors grew by 5, requests by 0, within one router epoch",
+                     id="errors-grew-more-than-requests"),
+        pytest.param(mirrored(), mirrored(mismatched=6),
+                     "mirror: mismatched grew by 5, compared by 0, within one router epoch",
+                     id="mismatches-grew-more-than-comparisons"),
     ],
 )
 def test_distrust_table(start: RouterStats | None, end: RouterStats | None,

@@ -6,7 +6,7 @@ import math
 import random
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coordinator.core import sequential as seq
@@ -200,3 +200,28 @@ def test_a_tolerance_of_everything_does_not_crash_the_engine() -> None:
     gates = Gates(analysis="sequential", max_error_rate=1.0)
     v = seq.evaluate(gates, figures(1, 1, [Window(60, 60)], [Window(600, 0)]), over=True)
     assert v.outcome == "inconclusive"
+
+
+BIG = 2**53  # the largest count a node's report may hold (protocol.messages)
+in_bounds = st.one_of(st.integers(0, 10), st.integers(0, BIG), st.sampled_from([BIG, BIG - 1]))
+histograms = st.lists(st.one_of(st.integers(0, 5), st.integers(0, BIG)), max_size=60).map(tuple)
+
+
+@settings(max_examples=400, deadline=None)
+@given(new=st.builds(Window, in_bounds, in_bounds, histograms),
+       old=st.builds(Window, in_bounds, in_bounds, histograms), reference=histograms,
+       rise=st.one_of(st.none(), st.floats(0, 1)),
+       ratio=st.one_of(st.none(), st.floats(0.001, 1e6)), alpha=st.floats(1e-12, 0.999),
+       over=st.booleans())
+def test_no_figures_within_the_reports_bounds_crash_the_analysis(
+        new: Window, old: Window, reference: tuple[int, ...], rise: float | None,
+        ratio: float | None, alpha: float, over: bool) -> None:
+    """Whatever windows reach it (counts up to 2**53, more errors than requests, histograms of
+    any length and total), the analysis gives a verdict: a review made ``math.lgamma`` raise
+    "math domain error" with an old window of 0 requests and 2**52 errors (two valid snapshots
+    of one node, 100 requests with no error, then 100 with 50, make such a window: the driver
+    of the rollout then crashed at every resync, and the rollout hung)."""
+    gates = Gates(analysis="sequential", max_error_rate=rise, max_p99_ratio=ratio, alpha=alpha)
+    fig = figures(3, 3, [new], [old])
+    verdict = seq.evaluate(gates, fig, reference, over=over)
+    assert verdict.outcome in ("pass", "fail", "inconclusive")
