@@ -8,8 +8,9 @@ Vocabulary and rules (one scan, left to right, no recursion: a value is never sc
 
 - ``${NAME}`` with NAME one of ``AGENT_VARS`` is replaced by the value the agent also puts in the
   child's environment: ``PORT`` (the slot's private port; only for a service with a ``port``),
-  ``FLEETWAVE_NODE``, ``FLEETWAVE_SLOT`` (``a`` or ``b``), ``FLEETWAVE_VERSION`` and
-  ``FLEETWAVE_RELEASE_DIR`` (the release's directory on the host, where the slot starts).
+  ``FLEETWAVE_NODE``, ``FLEETWAVE_SLOT`` (``a`` or ``b``) and ``FLEETWAVE_VERSION``. (The
+  environment also holds ``FLEETWAVE_RELEASE_DIR``, never put in an argv: a command line is
+  readable by every user of the host, and the release's path is what keeps its files apart.)
 - ``$$`` is one literal ``$`` (so ``$${PORT}`` is the text ``${PORT}``).
 - ``$`` followed by anything else stays as it is: ``["sh", "-c", "exec app --port $PORT"]`` is
   left for the shell to expand from the environment, as before this existed.
@@ -31,8 +32,7 @@ from collections.abc import Mapping, Sequence
 
 from protocol.errors import ProtocolError
 
-AGENT_VARS = ("PORT", "FLEETWAVE_NODE", "FLEETWAVE_SLOT", "FLEETWAVE_VERSION",
-              "FLEETWAVE_RELEASE_DIR")
+AGENT_VARS = ("PORT", "FLEETWAVE_NODE", "FLEETWAVE_SLOT", "FLEETWAVE_VERSION")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _KNOWN = ", ".join(f"${{{n}}}" for n in AGENT_VARS)
 

@@ -189,11 +189,16 @@ class SlotSpec:
         values = {"PORT": str(self.port)} if self.port is not None else {}
         values.update(FLEETWAVE_NODE=self.node, FLEETWAVE_SLOT=self.slot,
                       FLEETWAVE_VERSION=self.manifest.version)
-        values[RELEASE_VAR] = str(self.release_dir)  # where it started, should it chdir away
         return values
 
     def env(self) -> dict[str, str]:
-        return child_env(self.run_as, {**self.manifest.env, **self.variables()})
+        """The slot's environment: the manifest's ``env``, the variables, and where it starts
+        (``FLEETWAVE_RELEASE_DIR``, should it chdir away: ``processes.not_the_slot``). That one
+        is in the environment only, never an argv variable: a command line is readable by every
+        user of the host (``ps``), and the release's path, a digest no one can guess, is what
+        keeps its files from the host's other users."""
+        return child_env(self.run_as, {**self.manifest.env, **self.variables(),
+                                       RELEASE_VAR: str(self.release_dir)})
 
     def argv(self, argv: list[str]) -> list[str]:
         """``argv`` with ``${PORT}`` and the other variables filled (protocol.expand)."""

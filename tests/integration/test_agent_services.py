@@ -195,8 +195,9 @@ def _leftovers(base: Path) -> list[psutil.Process]:
             cwd = p.info["cwd"] or ""
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if str(base) in cmd or cwd.startswith(str(base)) or sock in cmd:
-            found.append(p)
+        if (str(base) in cmd or cwd.startswith(str(base)) or sock in cmd
+                or _environ(p).get("FLEETWAVE_RELEASE_DIR", "").startswith(str(base))):
+            found.append(p)  # (the last: a slot that chdir'd away, its argv naming nothing)
     return found
 
 
@@ -470,8 +471,8 @@ async def test_kill_9_of_the_agent_loses_nothing_and_adopts(fleet: Fleet, broker
 
 
 # The hello app run from its release dir, after a chdir to / (as a daemon does once started).
-ROAMER = ("import os, runpy, sys; os.chdir('/'); sys.argv = sys.argv[1:]; "
-          "runpy.run_path(sys.argv[0], run_name='__main__')")
+ROAMER = ("import os, runpy, sys; app = os.path.abspath('app.py'); os.chdir('/'); "
+          "sys.argv = [app]; runpy.run_path(app, run_name='__main__')")
 
 
 async def test_a_service_that_chdirs_away_is_adopted_after_kill_9(
@@ -482,8 +483,7 @@ async def test_a_service_that_chdirs_away_is_adopted_after_kill_9(
     (which nothing then watched or stopped, for good)."""
     src = _bundle(hello_bundle("1.0.0"), tmp_path / "roamer", fleet.port)
     m = src / "fleetwave.toml"
-    command = (f'command = ["python3", "-c", {json.dumps(ROAMER)}, '
-               '"${FLEETWAVE_RELEASE_DIR}/app.py"]')
+    command = f'command = ["python3", "-c", {json.dumps(ROAMER)}, "roamer"]'
     m.write_text(m.read_text().replace('version = "1.0.0"', 'version = "1.0.1"')
                  .replace('command = ["python3", "app.py"]', command))
     fleet.refs["1.0.1"] = (await push_release(fleet.bus, src)).info.ref

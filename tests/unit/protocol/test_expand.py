@@ -9,7 +9,7 @@ from protocol.errors import ProtocolError
 from protocol.expand import AGENT_VARS, check_argv, expand_argv, names_in
 
 VALUES = {"PORT": "41234", "FLEETWAVE_NODE": "web-7", "FLEETWAVE_SLOT": "b",
-          "FLEETWAVE_VERSION": "2.0.0", "FLEETWAVE_RELEASE_DIR": "/var/lib/fleetwave/r/x"}
+          "FLEETWAVE_VERSION": "2.0.0"}
 
 
 @pytest.mark.parametrize(
@@ -19,7 +19,6 @@ VALUES = {"PORT": "41234", "FLEETWAVE_NODE": "web-7", "FLEETWAVE_SLOT": "b",
         ("${PORT}", "41234"),
         ("--bind=127.0.0.1:${PORT}", "--bind=127.0.0.1:41234"),
         ("${FLEETWAVE_NODE}-${FLEETWAVE_SLOT}@${FLEETWAVE_VERSION}", "web-7-b@2.0.0"),
-        ("${FLEETWAVE_RELEASE_DIR}/bin/app", "/var/lib/fleetwave/r/x/bin/app"),
         ("$${PORT}", "${PORT}"),  # $$ escapes: the text itself
         ("$$${PORT}", "$41234"),  # $$ then ${PORT}
         ("$$$${PORT}", "$${PORT}"),
@@ -50,8 +49,7 @@ def test_names_in_lists_the_references_in_order() -> None:
     ("arg", "message"),
     [
         ("--port=${PROT}", "${PROT} is not a variable fleetwave sets: use one of ${PORT}, "
-                           "${FLEETWAVE_NODE}, ${FLEETWAVE_SLOT}, ${FLEETWAVE_VERSION}, "
-                           "${FLEETWAVE_RELEASE_DIR}, or $$"),
+                           "${FLEETWAVE_NODE}, ${FLEETWAVE_SLOT}, ${FLEETWAVE_VERSION}, or $$"),
         ("${HOME}", "${HOME} is not a variable fleetwave sets"),
         ("${port}", "${port} is not a variable fleetwave sets"),  # names are case-sensitive
         ("${}", "${} is not a variable name"),

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from agent.host.slots import CrashPolicy, SlotSpec, cap_log, describe_exit
+from protocol.errors import ProtocolError
 from protocol.manifest import Manifest
 
 
@@ -50,9 +53,12 @@ def test_a_slot_gets_the_same_variables_in_its_env_and_its_argv() -> None:
                     manifest=manifest, digest="sha256:x", port=41234, log_dir=Path("/l"))
     env = spec.env()
     assert spec.variables() == {"PORT": "41234", "FLEETWAVE_NODE": "web-7",
-                                "FLEETWAVE_SLOT": "b", "FLEETWAVE_VERSION": "2.0.0",
-                                "FLEETWAVE_RELEASE_DIR": "/r"}
+                                "FLEETWAVE_SLOT": "b", "FLEETWAVE_VERSION": "2.0.0"}
     assert {k: env[k] for k in spec.variables()} == spec.variables() and env["GREETING"] == "hi"
+    # Where it starts, in its environment only: a command line is every local user's to read.
+    assert env["FLEETWAVE_RELEASE_DIR"] == "/r"
+    with pytest.raises(ProtocolError, match="FLEETWAVE_RELEASE_DIR"):
+        spec.argv(["app", "${FLEETWAVE_RELEASE_DIR}/x"])
     assert spec.argv(manifest.command) == ["uvicorn", "--port", "41234"]
     worker = SlotSpec(service="web", slot="a", node="n", release_dir=Path("/r"),
                       manifest=manifest, digest="sha256:x", port=None, log_dir=Path("/l"))
