@@ -98,6 +98,7 @@ class AgentOptions:
     bind_host: str = "127.0.0.1"
     heartbeat_interval: float = presence.DEFAULT_INTERVAL
     service_user: RunAs | None = None  # see agent.host.identity
+    service_users: dict[str, RunAs] = field(default_factory=dict)  # SERVICE=USER, each its own
     router_user: RunAs | None = None  # the routers' (None: the service user's)
     edge: Edge = field(default_factory=Edge)  # every router's public-port limits
     creds: Creds | None = None  # this node's identity on the bus (fleetwave auth add-node)

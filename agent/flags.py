@@ -29,7 +29,7 @@ from protocol.urls import check_servers
 if TYPE_CHECKING:
     import click
 
-    from agent.host.identity import RunAs
+    from agent.host.identity import RunAs, ServiceUsers
     from protocol.creds import Creds
 
 DEFAULT_NATS = "nats://127.0.0.1:4222"
@@ -72,10 +72,10 @@ def _interval(value: str) -> float:
     return presence.check_interval(seconds)
 
 
-def _service_user(value: str) -> RunAs:
-    from agent.host.identity import RunAs
+def _service_users(values: tuple[str, ...]) -> ServiceUsers:
+    from agent.host.identity import ServiceUsers
 
-    return RunAs.lookup(value)
+    return ServiceUsers.parse(values)
 
 
 def _router_user(value: str) -> RunAs:
@@ -231,8 +231,11 @@ FLAGS: tuple[Flag, ...] = (
          default=(), env="FLEETWAVE_TRUST_KEYS", metavar="KEY", repeat=True),
     Flag(("--service-user",), "service_user", "Run services, their hooks and probes, and the "
          "routers as this user, not as the agent's (the agent must run as root; env "
-         "FLEETWAVE_SERVICE_USER). They then cannot read the agent's environment or data.",
-         _service_user, env="FLEETWAVE_SERVICE_USER", metavar="USER"),
+         "FLEETWAVE_SERVICE_USER, space-separated). They then cannot read the agent's "
+         "environment or data. SERVICE=USER (repeatable) runs that service as a user of its "
+         "own: services then cannot read one another's environment either.",
+         _service_users, default=(), env="FLEETWAVE_SERVICE_USER", metavar="[SERVICE=]USER",
+         repeat=True),
     Flag(("--router-user",), "router_user", "Run the routers as this user instead, apart from "
          "the services (the agent must run as root; env FLEETWAVE_ROUTER_USER): a service then "
          "can neither stop its router and take its public port nor reach its control socket. "

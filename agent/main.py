@@ -39,6 +39,8 @@ from protocol.errors import BusError, ProtocolError
 from protocol.imports import import_bus
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from agent.daemon import Agent, AgentOptions
     from agent.host.identity import RunAs
     from agent.metrics import LiveAgent
@@ -69,6 +71,7 @@ def build_agent(options: AgentOptions, live: LiveAgent | None = None) -> Agent:
             fleet=options.fleet, node=options.node_id, data_dir=options.data_dir,
             bind_host=options.bind_host, trusted_keys=options.trust_keys,
             run_as=options.service_user, router_as=options.router_user, edge=options.edge,
+            service_users=options.service_users,
             port_claims=claims_dir(),
             prefetch=options.prefetch,
         )
@@ -146,13 +149,22 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def shared_user(services: RunAs | None, routers: RunAs | None) -> str | None:
-    """The warning for routers that run as the services' user (None: they do not)."""
-    if services is None or (routers is not None and routers.uid != services.uid):
+def shared_user(services: RunAs | None, routers: RunAs | None,
+                own: Mapping[str, RunAs] | None = None) -> str | None:
+    """The warning for routers that run as a service's user (None: none does)."""
+    effective = routers if routers is not None else services
+    if effective is None:
         return None
-    return (f"the routers run as the services' user {services.name!r}: a service can stop its "
-            "router and take its public port, or reach its control socket; give the routers a "
-            "user of their own with --router-user")
+    if services is not None and effective.uid == services.uid:
+        return (f"the routers run as the services' user {services.name!r}: a service can stop "
+                "its router and take its public port, or reach its control socket; give the "
+                "routers a user of their own with --router-user")
+    shared = sorted(s for s, u in (own or {}).items() if u.uid == effective.uid)
+    if shared:
+        return (f"the routers run as {effective.name!r}, the user of {', '.join(shared)}: it "
+                "can stop its router and take its public port, or reach its control socket; "
+                "give the routers a user of their own with --router-user")
+    return None
 
 
 def start(values: dict[str, Any]) -> int:
@@ -171,7 +183,7 @@ def start(values: dict[str, Any]) -> int:
     directory = (data_dir or Path(f"fleetwave-data/agent-{node_id}")).absolute()
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        if values["service_user"] is not None or values["router_user"] is not None:
+        if values["service_user"].given or values["router_user"] is not None:
             # Services (or routers) run as another user: they may reach their release (or
             # their socket's directory) by path, but list nothing (neither the data dir nor
             # releases/, whose names lead to every service's manifest and its [env]), and read
@@ -194,7 +206,8 @@ def start(values: dict[str, Any]) -> int:
         data_dir=directory,
         bind_host=values["bind_host"],
         heartbeat_interval=values["heartbeat_interval"],
-        service_user=values["service_user"],
+        service_user=values["service_user"].default,
+        service_users=dict(values["service_user"].by_service),
         router_user=values["router_user"],
         creds=values["creds"],
         tls_ca=values["tls_ca"],
@@ -203,7 +216,8 @@ def start(values: dict[str, Any]) -> int:
         trust_keys=values["trust_keys"],
         prefetch=values["prefetch"],
     )
-    if (shared := shared_user(values["service_user"], values["router_user"])) is not None:
+    if (shared := shared_user(values["service_user"].default, values["router_user"],
+                              values["service_user"].by_service)) is not None:
         log.warning("%s", shared)
     trust_keys: tuple[str, ...] = values["trust_keys"]
     if not trust_keys:

@@ -18,6 +18,11 @@ that face the internet). They get:
   user, a no-op), and the user must be able to run the agent's Python (the routers are ``python
   -m agent.router``): the agent checks both at start and says what to change, instead of failing
   on the first service.
+- with ``--service-user SERVICE=NAME`` (repeatable; ``ServiceUsers``), that service (its
+  processes, hooks and probes) runs as a user of its own instead: it then can read neither the
+  other services' ``/proc/<pid>/environ`` nor their working directories, nor signal them. Its
+  release stays readable by path to any user, as every release is (a full digest no one can
+  guess: never put in a command line, which ``ps`` shows to everyone).
 - with ``--router-user NAME`` too, the routers run as a user of their own: a service then can
   neither signal its router (stop it and take its public port, which
   ``net.ipv4.ip_unprivileged_port_start`` lets any user bind) nor reach its control socket (the
@@ -32,7 +37,7 @@ import stat
 import sys
 import sysconfig
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +110,62 @@ class RunAs:
         if self.uid == os.geteuid():
             return {}
         return {"user": self.uid, "group": self.gid, "extra_groups": []}
+
+
+@dataclass(frozen=True)
+class ServiceUsers:
+    """``--service-user``: the user services run as (``default``; None: the agent's own), and
+    the services that run as a user of their own (``SERVICE=USER``)."""
+
+    default: RunAs | None = None
+    by_service: Mapping[str, RunAs] = field(default_factory=dict)
+
+    def of(self, service: str) -> RunAs | None:
+        """Who ``service``'s processes, hooks and probes run as."""
+        return self.by_service.get(service, self.default)
+
+    @property
+    def given(self) -> bool:
+        """Whether any service runs as another user than the agent's."""
+        return self.default is not None or bool(self.by_service)
+
+    def all(self) -> list[RunAs]:
+        """Every user named, the default first."""
+        return [*([self.default] if self.default is not None else []),
+                *self.by_service.values()]
+
+    @classmethod
+    def parse(cls, values: tuple[str, ...]) -> ServiceUsers:
+        """The flag's values: at most one ``USER`` (every service's), any ``SERVICE=USER``;
+        ProtocolError (one line) for a second default, a service named twice, a malformed
+        service name, or a user ``RunAs.lookup`` refuses."""
+        from protocol.subjects import check_name  # (a name as the fleet's subjects take it)
+
+        default: RunAs | None = None
+        by_service: dict[str, RunAs] = {}
+        looked: dict[str, RunAs] = {}  # a user named for several services is checked once
+
+        def lookup(name: str, who: str) -> RunAs:
+            if name not in looked:
+                looked[name] = RunAs.lookup(name, who=who)
+            return looked[name]
+
+        for value in values:
+            service, sep, user = value.partition("=")
+            if not sep:
+                if default is not None:
+                    raise ProtocolError(
+                        f"{value!r}: a second user for every service ({default.name!r} was "
+                        "given); name a service's own user as SERVICE=USER")
+                default = lookup(value, "services")
+                continue
+            check_name("service", service)
+            if service in by_service:
+                raise ProtocolError(f"service {service!r} is given a user twice; keep one")
+            if not user:
+                raise ProtocolError(f"{value!r} names no user; write SERVICE=USER")
+            by_service[service] = lookup(user, f"service {service!r}")
+        return cls(default, by_service)
 
 
 def spawn_kwargs(run_as: RunAs | None) -> dict[str, Any]:

@@ -306,7 +306,7 @@ class Restorer:
             digest=rec.digest,
             port=rec.port,
             log_dir=self.config.log_dir,
-            run_as=self.config.run_as,
+            run_as=self.config.run_as_for(svc.name),
             generation=rec.generation,
         )
         runner = SlotRunner.adopt(

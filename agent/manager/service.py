@@ -11,6 +11,7 @@ with, the same for every part.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -110,6 +111,8 @@ class NodeConfig:
     trusted_keys: frozenset[str]  # coordinators whose desired states are accepted
     run_as: RunAs | None = None  # services, hooks, probes (and routers) run as this user
     router_as: RunAs | None = None  # routers run as this user instead (--router-user)
+    # Services that run as a user of their own instead (--service-user SERVICE=USER).
+    service_users: Mapping[str, RunAs] = field(default_factory=dict)
     edge: Edge = field(default_factory=Edge)  # the routers' public-port limits
     # Where slots' ports are claimed host-wide (``agent.host.ports``); None: not claimed.
     port_claims: Path | None = None
@@ -117,6 +120,10 @@ class NodeConfig:
     @property
     def state_path(self) -> Path:
         return self.data_dir / "state.json"
+
+    def run_as_for(self, service: str) -> RunAs | None:
+        """Who ``service``'s processes, hooks and probes run as."""
+        return self.service_users.get(service, self.run_as)
 
     @property
     def routers_as(self) -> RunAs | None:

@@ -52,7 +52,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
 from agent.edge import Edge
@@ -135,6 +135,7 @@ class ServiceManager:
         idle_tick: float = IDLE_TICK,
         run_as: RunAs | None = None,
         router_as: RunAs | None = None,
+        service_users: Mapping[str, RunAs] | None = None,
         edge: Edge | None = None,
         port_claims: Path | None = None,
         clock: Callable[[], float] = time.time,
@@ -143,6 +144,7 @@ class ServiceManager:
         self.config = NodeConfig(
             fleet=fleet, node=node, data_dir=Path(data_dir), bind_host=bind_host,
             trusted_keys=frozenset(trusted_keys), run_as=run_as, router_as=router_as,
+            service_users=dict(service_users or {}),
             edge=edge or Edge(),
             port_claims=port_claims,
         )
@@ -450,7 +452,7 @@ class ServiceManager:
             digest=ref.digest,
             port=port,
             log_dir=self.config.log_dir,
-            run_as=self.config.run_as,
+            run_as=self.config.run_as_for(svc.name),
             generation=generation,
         )
         runner = SlotRunner(spec, self._on_slot, now=self.clock)

@@ -182,6 +182,43 @@ async def test_routers_run_apart_from_the_services_with_router_user(
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root (CI runs as root)")
+async def test_a_service_of_its_own_user_is_kept_from_the_others(
+    broker: Broker, open_base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --service-user nobody --service-user hello=daemon, hello runs as daemon (its
+    probes too) and its router as nobody, the services' user: the other services' user can no
+    longer read hello's environment (its secrets), signal it, or see where it runs, which with
+    one user for every service it could (session 37's review). The agent killed and started
+    again adopts hello as daemon's."""
+    nobody, daemon = pwd.getpwnam("nobody"), pwd.getpwnam("daemon")
+    python = _python_for(RunAs(nobody.pw_name, nobody.pw_uid, nobody.pw_gid, nobody.pw_dir),
+                         monkeypatch)
+    assert _python_for(RunAs(daemon.pw_name, daemon.pw_uid, daemon.pw_gid, daemon.pw_dir),
+                       monkeypatch) == python
+    async with hello_fleet(broker, open_base) as fleet:
+        agent = _bounded_agent(broker, fleet, python, "--service-user", "nobody",
+                               "--service-user", "hello=daemon")
+        async with reaping(agent):
+            obs = await _serving(fleet)
+            slot_pid = obs.slots["a"].pid
+            assert slot_pid is not None
+            proc = psutil.Process(slot_pid)
+            assert (proc.uids().real, proc.gids().real) == (daemon.pw_uid, daemon.pw_gid)
+            assert _environ(slot_pid)["USER"] == "daemon"
+            assert psutil.Process(_router_pid(fleet.base / NODE)).uids().real == nobody.pw_uid
+            for argv in (["cat", f"/proc/{slot_pid}/environ"], ["kill", "-0", str(slot_pid)],
+                         ["ls", f"/proc/{slot_pid}/cwd/"]):
+                # (as the user and its group: /proc/<pid>/environ wants both to match)
+                assert await _exit_as(nobody.pw_uid, argv, nobody.pw_gid) != 0, argv  # another
+                assert await _exit_as(daemon.pw_uid, argv, daemon.pw_gid) == 0, argv  # its own
+            agent.signal(signal.SIGKILL)
+            await agent.stop(timeout=0)
+            await agent.start()
+            again = await fleet.converged(await fleet.desire({"a": "1.0.0"}, {"a": 100}))
+            assert again.slots["a"].pid == slot_pid and again.slots["a"].status == "healthy"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root (CI runs as root)")
 async def test_the_drop_ins_agent_killed_adopts_its_services_and_routers(
     broker: Broker, open_base: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -260,9 +297,12 @@ async def _serving(fleet: Fleet) -> ObservedState:
     return obs
 
 
-async def _exit_as(uid: int, argv: list[str]) -> int:
+async def _exit_as(uid: int, argv: list[str], gid: int | None = None) -> int:
+    """``argv``'s exit status run as ``uid`` (and ``gid`` with no other group, if given)."""
+    group = {} if gid is None else {"group": gid, "extra_groups": []}
     proc = await asyncio.create_subprocess_exec(
-        *argv, user=uid, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        *argv, user=uid, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        **group)  # type: ignore[arg-type]
     return await asyncio.wait_for(proc.wait(), 10)
 
 

@@ -12,6 +12,7 @@ import pytest
 from agent import main as agent_main
 from agent.errors import FlagError
 from agent.flags import FLAGS, check_identity, parse_flags
+from agent.host.identity import ServiceUsers
 from agent.main import agent_command
 from protocol.creds import Creds
 from protocol.errors import ProtocolError
@@ -24,7 +25,8 @@ def test_defaults_and_types() -> None:
     assert v == {
         "node_id": "n1", "labels": {}, "data_dir": None, "bind_host": "127.0.0.1",
         "nats_url": "nats://127.0.0.1:4222", "fleet": "default", "heartbeat_interval": 2.0,
-        "trust_keys": (), "service_user": None, "router_user": None, "trusted_proxies": (),
+        "trust_keys": (), "service_user": ServiceUsers(), "router_user": None,
+        "trusted_proxies": (),
         "max_connections": 4096,
         "body_timeout": 60.0, "simulate": 0, "verbose": False, "creds": None, "tls_ca": None,
         "metrics": None, "prefetch": True,
@@ -69,6 +71,12 @@ def test_routers_sharing_the_services_user_are_warned_of() -> None:
     assert agent_main.shared_user(svc, other) is None
     assert agent_main.shared_user(None, other) is None
     assert agent_main.shared_user(None, None) is None
+    # A service of its own user that is the routers' too (--service-user web=rtr --router-user
+    # rtr) could do the same to its router.
+    own = agent_main.shared_user(svc, other, {"web": RunAs("rtr", 1002, 1002, "/"),
+                                              "db": RunAs("db", 1003, 1003, "/")})
+    assert own is not None and "the user of web" in own and "db" not in own
+    assert agent_main.shared_user(None, other, {"db": RunAs("db", 1003, 1003, "/")}) is None
 
 
 def test_command_line_beats_env_beats_default() -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from agent.errors import FlagError
 from agent.flags import parse_flags
-from agent.host.identity import BASE_ENV, RunAs, child_env
+from agent.host.identity import BASE_ENV, RunAs, ServiceUsers, child_env
 from protocol.errors import ProtocolError
 
 USER = RunAs("svc", 4242, 4242, "/home/svc")
@@ -84,3 +84,51 @@ def test_service_user_flag_errors_are_usage_errors() -> None:
     """--service-user with an unknown user stops the agent before it connects (exit 2)."""
     with pytest.raises(FlagError, match=r"--service-user.*no user 'no-such-user-fw'"):
         parse_flags(["--node-id", "n1", "--service-user", "no-such-user-fw"], environ={})
+
+
+def _user(name: str) -> RunAs:
+    import pwd
+
+    pw = pwd.getpwnam(name)
+    return RunAs(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir)
+
+
+@pytest.fixture
+def any_python(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Users may run this Python, wherever it is (this checkout's may be under /root): the
+    check itself is tested above."""
+    monkeypatch.setattr("agent.host.identity._python_paths", lambda: [])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="another user is switched to by root only")
+@pytest.mark.usefixtures("any_python")
+def test_services_get_the_default_user_or_one_of_their_own() -> None:
+    """``--service-user nobody --service-user web=daemon --service-user db=daemon``: web and db
+    run as daemon, every other service as nobody; the flag's env var takes the same words."""
+    nobody, daemon = _user("nobody"), _user("daemon")
+    users = ServiceUsers.parse(("nobody", "web=daemon", "db=daemon"))
+    assert (users.of("web"), users.of("db"), users.of("api")) == (daemon, daemon, nobody)
+    assert users.given and users.all() == [nobody, daemon, daemon]
+    own = ServiceUsers.parse(("web=daemon",))
+    assert (own.of("web"), own.of("api"), own.given) == (daemon, None, True)
+    assert not ServiceUsers.parse(()).given
+    env = parse_flags(["--node-id", "n1"], environ={"FLEETWAVE_SERVICE_USER": "nobody web=daemon"})
+    assert env["service_user"] == ServiceUsers(nobody, {"web": daemon})
+
+
+@pytest.mark.parametrize(("values", "needle"), [
+    (("nobody", "daemon"), "a second user for every service ('nobody' was given)"),
+    (("web=nobody", "web=daemon"), "service 'web' is given a user twice"),
+    (("web=",), "'web=' names no user; write SERVICE=USER"),
+    (("we b=nobody",), "service name 'we b' is not allowed"),
+    (("web=no-such-user-fw",), "no user 'no-such-user-fw'"),
+    (("web=root",), "service 'web' must not run as root"),
+])
+@pytest.mark.skipif(os.geteuid() != 0, reason="another user is switched to by root only")
+@pytest.mark.usefixtures("any_python")
+def test_a_bad_service_user_is_one_line_naming_it(values: tuple[str, ...], needle: str) -> None:
+    """Each is refused before the agent connects (exit 2), saying what to write instead."""
+    args = [a for v in values for a in ("--service-user", v)]
+    with pytest.raises(FlagError) as err:
+        parse_flags(["--node-id", "n1", *args], environ={})
+    assert needle in str(err.value) and "\n" not in str(err.value), err.value
