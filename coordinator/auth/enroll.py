@@ -72,6 +72,9 @@ USERS = "users.conf"
 CA, CA_KEY = "ca.pem", "ca-key.pem"
 # A server certificate this close to its expiry is said at every broker start and prune.
 RENEW_SERVER_WITHIN = dt.timedelta(days=30)
+# A new CA takes every host's FLEETWAVE_TLS_CA (and every broker's certificate) replaced:
+# said long before the old one ends.
+CA_WARN_WITHIN = dt.timedelta(days=90)
 SERVER, SERVER_KEY = "server.pem", "server-key.pem"
 COORDINATOR = "coordinator"
 LOCK = ".lock"
@@ -460,6 +463,29 @@ def server_expiry_warning(auth: AuthDir, now: dt.datetime | None = None) -> str 
     return (f"the brokers' server certificate in {auth.path} {state} "
             f"{creds_file.format_time(until)}: every client refuses the brokers then; renew it "
             f"with 'fleetwave auth renew-server {auth.path}'")
+
+
+def ca_expiry_warning(auth: AuthDir, now: dt.datetime | None = None) -> str | None:
+    """A line for a CA within ``CA_WARN_WITHIN`` of its expiry (or past it): from then no client
+    trusts the brokers, and a server certificate renewed meanwhile ends with it. None while it
+    has longer, or when it cannot be read (the commands that need it say so)."""
+    try:
+        until = pki.expires((auth.path / CA).read_bytes())
+    except (OSError, ValueError):
+        return None
+    when = now or _now()
+    if until - when > CA_WARN_WITHIN:
+        return None
+    state = "expired at" if until <= when else "expires at"
+    return (f"the fleet's CA in {auth.path} {state} {creds_file.format_time(until)}: no client "
+            "trusts the brokers from then, and no renewed server certificate outlives it; make "
+            "a new auth directory ('fleetwave auth init') and move every host to it before then")
+
+
+def expiry_warnings(auth: AuthDir, now: dt.datetime | None = None) -> list[str]:
+    """What of the fleet's TLS expires soon (the CA, the brokers' server certificate)."""
+    return [w for w in (ca_expiry_warning(auth, now), server_expiry_warning(auth, now))
+            if w is not None]
 
 
 def _now() -> dt.datetime:

@@ -23,8 +23,8 @@ from coordinator.auth.enroll import (
     USERS,
     AuthDir,
     Identity,
+    expiry_warnings,
     parse_lifetime,
-    server_expiry_warning,
 )
 from coordinator.cli.base import Ctx, cli, output_option
 from coordinator.core.rotation import Status, named, short
@@ -252,7 +252,7 @@ def prune(directory: Path) -> None:
         soon is not None and soon.expires is not None) else ""
     what = "rewritten: reload the nats-server" if changed else "unchanged"
     click.echo(f"{directory / USERS} {what}; expired: {gone}{nxt}")
-    if (warning := server_expiry_warning(d)) is not None:
+    for warning in expiry_warnings(d):
         click.echo(f"fleetwave: {warning}", err=True)
 
 

@@ -41,9 +41,9 @@ from coordinator.auth.enroll import (
     AuthDir,
     broker_block,
     check_store,
+    expiry_warnings,
     move_store,
     next_expiry,
-    server_expiry_warning,
 )
 from coordinator.auth.routes import check_serves_routes
 from coordinator.dev.cluster import ClusterSpec, render_cluster
@@ -376,11 +376,12 @@ class Broker:
                 self.reloads += 1
 
     def _check_certificate(self) -> None:
-        """Warn while the server certificate is within a month of its expiry (or past it): at
-        the start and every ``CERT_CHECK_EVERY`` while it runs (``auth renew-server``)."""
-        if self.auth is not None and (
-                warning := server_expiry_warning(AuthDir(self.auth))) is not None:
-            log.warning("%s", warning)
+        """Warn while the server certificate is within a month of its expiry, or the CA within
+        three (or past it): at the start and every ``CERT_CHECK_EVERY`` while it runs
+        (``auth renew-server``; a new auth directory for the CA)."""
+        if self.auth is not None:
+            for warning in expiry_warnings(AuthDir(self.auth)):
+                log.warning("%s", warning)
 
     def _layout_changed(self) -> bool:
         """Whether the auth directory's layout (one account or the fleet's three) is no longer

@@ -551,6 +551,29 @@ def test_a_server_certificate_near_its_expiry_is_said(tmp_path: Path) -> None:
     assert server_expiry_warning(d, until + dt.timedelta(days=1)) is None
 
 
+def test_a_ca_near_its_expiry_is_said_three_months_ahead(tmp_path: Path) -> None:
+    """The CA (ten years) is said within 90 days of its end, and past it: a new one takes
+    every host's CA file replaced, and a server certificate renewed then ends with it. A
+    review found nothing said at all: the whole fleet would have stopped trusting its brokers
+    on the day."""
+    from coordinator.auth.enroll import ca_expiry_warning, expiry_warnings
+
+    d = AuthDir(tmp_path / "auth")
+    born = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
+    d.init("default", (), "alice", now=born)
+    until = born + dt.timedelta(days=pki.CA_DAYS)
+    assert ca_expiry_warning(d, until - dt.timedelta(days=91)) is None
+    near = ca_expiry_warning(d, until - dt.timedelta(days=89))
+    assert near is not None and "the fleet's CA in" in near and "expires at" in near
+    assert "fleetwave auth init" in near and "\n" not in near
+    past = ca_expiry_warning(d, until + dt.timedelta(days=1))
+    assert past is not None and "expired at" in past
+    # A renewal near the CA's end gets a certificate that ends with it: both are said.
+    d.renew_server(now=until - dt.timedelta(days=10))
+    both = expiry_warnings(d, until - dt.timedelta(days=9))
+    assert [w.split(" in ")[0] for w in both] == ["the fleet's CA", "the brokers' server certificate"]
+
+
 def test_prune_says_when_the_server_certificate_expires_soon(tmp_path: Path) -> None:
     """``fleetwave auth prune`` (the systemd timer's, every minute) says on stderr that the
     server certificate expired and how to renew it; after ``renew-server`` it says nothing."""
