@@ -146,11 +146,7 @@ async def test_routers_run_apart_from_the_services_with_router_user(
     and the agent's (root) reach it, so the refusals are the users', not a broken check. The
     socket and its directory are the agent's (the router inherits the socket listening). The
     agent warns of shared users only when they are shared."""
-    nobody, daemon = pwd.getpwnam("nobody"), pwd.getpwnam("daemon")
-    python = _python_for(RunAs(nobody.pw_name, nobody.pw_uid, nobody.pw_gid, nobody.pw_dir),
-                         monkeypatch)
-    assert _python_for(RunAs(daemon.pw_name, daemon.pw_uid, daemon.pw_gid, daemon.pw_dir),
-                       monkeypatch) == python
+    nobody, daemon, python = _two_users(monkeypatch)
     async with hello_fleet(broker, open_base) as fleet:
         agent = _bounded_agent(broker, fleet, python, "--service-user", "nobody",
                                "--router-user", "daemon")
@@ -190,11 +186,7 @@ async def test_a_service_of_its_own_user_is_kept_from_the_others(
     longer read hello's environment (its secrets), signal it, or see where it runs, which with
     one user for every service it could (session 37's review). The agent killed and started
     again adopts hello as daemon's."""
-    nobody, daemon = pwd.getpwnam("nobody"), pwd.getpwnam("daemon")
-    python = _python_for(RunAs(nobody.pw_name, nobody.pw_uid, nobody.pw_gid, nobody.pw_dir),
-                         monkeypatch)
-    assert _python_for(RunAs(daemon.pw_name, daemon.pw_uid, daemon.pw_gid, daemon.pw_dir),
-                       monkeypatch) == python
+    nobody, daemon, python = _two_users(monkeypatch)
     async with hello_fleet(broker, open_base) as fleet:
         agent = _bounded_agent(broker, fleet, python, "--service-user", "nobody",
                                "--service-user", "hello=daemon")
@@ -330,6 +322,17 @@ def _router_pid(data_dir: Path) -> int:
         if "agent.router" in cmd and sock in cmd:
             return p.pid
     raise AssertionError(f"no router runs on {sock}")
+
+
+def _two_users(monkeypatch: pytest.MonkeyPatch) -> tuple[pwd.struct_passwd, pwd.struct_passwd,
+                                                          str]:
+    """The users nobody and daemon, and a Python both can run (``_python_for``)."""
+    nobody, daemon = pwd.getpwnam("nobody"), pwd.getpwnam("daemon")
+    python = _python_for(RunAs(nobody.pw_name, nobody.pw_uid, nobody.pw_gid, nobody.pw_dir),
+                         monkeypatch)
+    assert _python_for(RunAs(daemon.pw_name, daemon.pw_uid, daemon.pw_gid, daemon.pw_dir),
+                       monkeypatch) == python
+    return nobody, daemon, python
 
 
 def _python_for(user: RunAs, monkeypatch: pytest.MonkeyPatch) -> str:

@@ -484,15 +484,14 @@ async def test_an_upstream_that_stops_taking_an_upload_is_dropped(
     await until(lambda: not rig.proxy.clients)
 
 
-@pytest.mark.parametrize("then", ["closes", "stops reading"])
-async def test_an_early_answer_to_an_upload_is_relayed(
-    rig: Rig, monkeypatch: pytest.MonkeyPatch, then: str,
-) -> None:
-    """An upstream that answers a streamed upload before its end (413) and closes, or stops
-    reading it, has that answer relayed, with Connection: close, and counted as its 4xx: a
-    review's upload got the router's 502 instead, charged to the slot as a failure."""
+UPLOAD = 64 * 1024 * 1024  # more than loopback's socket buffers take
+
+
+async def _upload_answered_early(rig: Rig, monkeypatch: pytest.MonkeyPatch, then: str,
+                                 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client's UPLOAD on its way (written, not yet sent) to an upstream that answers it
+    413 at once and then ``then``: closes, or stops reading."""
     monkeypatch.setattr(exchange_mod, "WRITE_TIMEOUT", 0.2)
-    size = 64 * 1024 * 1024  # more than loopback's socket buffers take
 
     async def refuse(c: int, r: int, head: bytes, rd: asyncio.StreamReader,
                      w: asyncio.StreamWriter) -> bool:
@@ -504,8 +503,19 @@ async def test_an_early_answer_to_an_upload_is_relayed(
 
     await rig.upstream(refuse)
     reader, writer = await connect(rig.port)
-    writer.write(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
-    writer.write(b"u" * size)
+    writer.write(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % UPLOAD)
+    writer.write(b"u" * UPLOAD)
+    return reader, writer
+
+
+@pytest.mark.parametrize("then", ["closes", "stops reading"])
+async def test_an_early_answer_to_an_upload_is_relayed(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, then: str,
+) -> None:
+    """An upstream that answers a streamed upload before its end (413) and closes, or stops
+    reading it, has that answer relayed, with Connection: close, and counted as its 4xx: a
+    review's upload got the router's 502 instead, charged to the slot as a failure."""
+    reader, writer = await _upload_answered_early(rig, monkeypatch, then)
     status, head, body = await read_response(reader)
     writer.transport.abort()
     assert (status, body) == (413, b"too large") and b"Connection: close" in head
@@ -524,21 +534,7 @@ async def test_a_client_sending_its_whole_upload_before_reading_gets_the_early_a
     (ECONNRESET, EPIPE) and it never saw the 413. The router now closes as nginx does
     (lingering): its answer, then a FIN, then it reads and drops what the client still sends,
     until the client closes."""
-    monkeypatch.setattr(exchange_mod, "WRITE_TIMEOUT", 0.2)
-    size = 64 * 1024 * 1024  # more than loopback's socket buffers take
-
-    async def refuse(c: int, r: int, head: bytes, rd: asyncio.StreamReader,
-                     w: asyncio.StreamWriter) -> bool:
-        w.write(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 9\r\n\r\ntoo large")
-        await w.drain()
-        if then == "stops reading":
-            await asyncio.sleep(30)  # reads no body byte within the test
-        return False
-
-    await rig.upstream(refuse)
-    reader, writer = await connect(rig.port)
-    writer.write(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
-    writer.write(b"u" * size)
+    reader, writer = await _upload_answered_early(rig, monkeypatch, then)
     async with asyncio.timeout(20):
         await writer.drain()  # the whole body sent, none of the answer read yet
     status, head, body = await read_response(reader)

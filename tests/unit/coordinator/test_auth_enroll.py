@@ -533,15 +533,20 @@ def test_renew_server_refusals_are_one_line_and_change_nothing(tmp_path: Path, c
     assert {n: (auth / n).read_bytes() for n in before} == before
 
 
+def _made(tmp_path: Path, days: int) -> tuple[AuthDir, dt.datetime]:
+    """An auth directory made on 2025-01-01, and that day plus ``days`` (an end to look at)."""
+    d = AuthDir(tmp_path / "auth")
+    born = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
+    d.init("default", (), "alice", now=born)
+    return d, born + dt.timedelta(days=days)
+
+
 def test_a_server_certificate_near_its_expiry_is_said(tmp_path: Path) -> None:
     """Within 30 days of its expiry (or past it) a line says when and how to renew; before
     that, and after a renewal, nothing."""
     from coordinator.auth.enroll import server_expiry_warning
 
-    d = AuthDir(tmp_path / "auth")
-    born = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
-    d.init("default", (), "alice", now=born)
-    until = born + dt.timedelta(days=pki.SERVER_DAYS)
+    d, until = _made(tmp_path, pki.SERVER_DAYS)
     assert server_expiry_warning(d, until - dt.timedelta(days=31)) is None
     near = server_expiry_warning(d, until - dt.timedelta(days=29))
     assert near is not None and "expires at" in near and "fleetwave auth renew-server" in near
@@ -558,10 +563,7 @@ def test_a_ca_near_its_expiry_is_said_three_months_ahead(tmp_path: Path) -> None
     on the day."""
     from coordinator.auth.enroll import ca_expiry_warning, expiry_warnings
 
-    d = AuthDir(tmp_path / "auth")
-    born = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
-    d.init("default", (), "alice", now=born)
-    until = born + dt.timedelta(days=pki.CA_DAYS)
+    d, until = _made(tmp_path, pki.CA_DAYS)
     assert ca_expiry_warning(d, until - dt.timedelta(days=91)) is None
     near = ca_expiry_warning(d, until - dt.timedelta(days=89))
     assert near is not None and "the fleet's CA in" in near and "expires at" in near
@@ -571,7 +573,8 @@ def test_a_ca_near_its_expiry_is_said_three_months_ahead(tmp_path: Path) -> None
     # A renewal near the CA's end gets a certificate that ends with it: both are said.
     d.renew_server(now=until - dt.timedelta(days=10))
     both = expiry_warnings(d, until - dt.timedelta(days=9))
-    assert [w.split(" in ")[0] for w in both] == ["the fleet's CA", "the brokers' server certificate"]
+    assert [w.split(" in ")[0] for w in both] == ["the fleet's CA",
+                                                 "the brokers' server certificate"]
 
 
 def test_prune_says_when_the_server_certificate_expires_soon(tmp_path: Path) -> None:
