@@ -48,7 +48,7 @@ import socket
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from agent.cadence import next_tick, sleep_to_tick
 from agent.errors import AnswerClosed, AnswerMalformed
@@ -357,7 +357,15 @@ def _keep(fut: asyncio.Future[Any]) -> None:
 _reaping: set[asyncio.Future[Any]] = set()
 
 
-async def kill_and_reap(proc: asyncio.subprocess.Process, timeout: float = 5.0) -> None:
+class Reapable(Protocol):
+    """A child the agent waits for: asyncio's ``Process`` or a slot's ``child.Child``."""
+
+    pid: int
+
+    async def wait(self) -> int: ...
+
+
+async def kill_and_reap(proc: Reapable, timeout: float = 5.0) -> None:
     """SIGKILL a child's session and wait for it; a second cancel does not stop the reaping.
 
     The wait runs shielded and is kept referenced until done, so the child is always reaped even

@@ -42,6 +42,7 @@ import asyncio
 import logging
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ import psutil
 
 from agent.backoff import Backoff
 from agent.cadence import next_tick
+from agent.host import child
 from agent.host.identity import RunAs, child_env, spawn_kwargs
 from agent.host.probes import Prober, kill_and_reap, spawn_owned
 from agent.host.processes import (
@@ -221,7 +223,7 @@ class SlotRunner:
         self.last_exit: int | None = None
         self.pid: int | None = None
         self.create_time: float | None = None
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: child.Child | None = None
         self._adopted = False
         self._validated = spec.manifest.hooks.validate is None
         self._probe_healthy = False
@@ -332,6 +334,11 @@ class SlotRunner:
 
     async def _spawn(self) -> bool:
         spec = self.spec
+        if self._stopping or self.status == "failed":
+            # stop() or fail() landed at the last await before this (a restart's backoff, the
+            # pre_start hook): nothing is started. (The start itself does not await: nothing
+            # lands while the process is being created.)
+            return False
         spec.log_dir.mkdir(parents=True, exist_ok=True)
         self._exited = asyncio.Event()
         self._probe_healthy = False
@@ -342,17 +349,15 @@ class SlotRunner:
             return False
         try:
             with spec.log_path.open("ab") as out:
-                self._proc = await asyncio.create_subprocess_exec(
-                    *argv, cwd=spec.release_dir, env=spec.env(),
-                    stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
+                # Not asyncio's subprocess: its transport kills a child still running when it is
+                # collected, which Python 3.13 does as the agent exits (``agent.host.child``).
+                self._proc = child.start(
+                    argv, cwd=spec.release_dir, env=spec.env(),
+                    stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                     start_new_session=True, close_fds=True, **spawn_kwargs(spec.run_as),
                 )
         except OSError as exc:
             self._set_failed(f"cannot start {argv[0]}: {exc.strerror or exc}")
-            return False
-        if self._stopping or self.status == "failed":
-            # stop() or fail() came while the process was being created and found none to end.
-            await kill_and_reap(self._proc)
             return False
         self.pid = self._proc.pid
         try:
