@@ -211,13 +211,17 @@ async def test_a_hook_that_writes_without_end_has_its_log_capped(
     the disk of the state file, and reading the log whole took the agent to 1.9 GiB); the
     failure still names its last line, from the capped-off tail when it wrote none since."""
     monkeypatch.setattr(slots, "LOG_CAP_EVERY", 0.05)
-    # One write (a cap's size check sees all of it or none: a cap takes the tail, then
-    # truncates, and what is written in between is lost, as with logrotate's copytruncate),
-    # then the cap awaited (its tail appears beside the log; bounded), then the exit with a
-    # last line or none.
+    # Exactly the cap's size first (no cap yet), then the last line in one small write that
+    # takes the log past it, so that a cap's tail ends with that line. (One large write did
+    # not do: a cap can read the log while a write of megabytes is half done, its tail then
+    # ending in x's; CI saw it.) Then the cap awaited (its tail appears beside the log;
+    # bounded), then the exit with a last line or none.
+    lines, rest = divmod(slots.LOG_MAX_BYTES, 100)
+    assert rest >= 1  # (a last line of ``rest`` bytes pads it to the cap's size exactly)
     (release / "migrate.py").write_text(
         "import os, time\n"
-        f"os.write(1, (b'x' * 99 + b'\\n') * {slots.LOG_MAX_BYTES // 80} + b'db locked\\n')\n"
+        f"os.write(1, (b'x' * 99 + b'\\n') * {lines} + b'x' * {rest - 1} + b'\\n')\n"
+        "os.write(1, b'db locked\\n')\n"
         "tail = os.readlink('/proc/self/fd/1') + '.1'\n"
         "deadline = time.monotonic() + 20\n"
         "while not os.path.exists(tail) and time.monotonic() < deadline:\n"
