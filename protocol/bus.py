@@ -130,6 +130,8 @@ class _QuietTlsClose(logging.Filter):
 
 logging.getLogger("asyncio").addFilter(_QuietTlsClose())
 log = logging.getLogger("fleetwave.bus")
+# nats-py's words for a subscription the server refused: "... for subscription to "SUBJECT""
+_REFUSED_SUB = re.compile(r'[Ss]ubscription to "([^"]+)"')
 _USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)?(?P<info>[^@/]*)@")
 
 
@@ -620,6 +622,11 @@ class Bus:
         # ``Pace.burst``): a fleet's watch starts within its spread, as after ``waited``
         self.crowded = False
         self._async_errors: dict[str, float] = {}  # when each kind was last logged
+        # The subjects the server refused a subscription to (a users.conf older than this
+        # release), lowercased as nats-py words the error: a subscriber that can try again
+        # looks here (``refused_subscription``).
+        self.refused_subscriptions: set[str] = set()
+        self.subscription_refused = asyncio.Event()  # set with each one added
         self.lost_watches = 0  # watches restarted because their consumer was gone (``watch``)
         self.closing = False
         self._kv: dict[str, Any] = {}
@@ -787,10 +794,22 @@ class Bus:
             log.info("the server at %s accepted our credentials now", redact(url))
         return bus
 
+    def refused_subscription(self, subject: str) -> bool:
+        """Whether the server refused a subscription to ``subject`` (since ``forgive``)."""
+        return subject.lower() in self.refused_subscriptions
+
+    def forgive(self, subject: str) -> None:
+        """Forget a refusal of ``subject``: the subscriber is about to try again."""
+        self.refused_subscriptions.discard(subject.lower())
+
     def _async_error(self, exc: Exception) -> None:
         """An error nats-py met off any call of ours (a watch's consumer it could not re-create,
         a slow consumer, a failed reconnect attempt): said at most once per ``ASYNC_ERRORS_EVERY``
-        per kind, the reconnect attempts at debug level (``on_disconnect`` said it)."""
+        per kind, the reconnect attempts at debug level (``on_disconnect`` said it). A refused
+        subscription's subject is kept (``refused_subscriptions``)."""
+        if (m := _REFUSED_SUB.search(str(exc))) is not None:
+            self.refused_subscriptions.add(m.group(1).lower())
+            self.subscription_refused.set()
         kind = type(exc).__name__
         now = asyncio.get_running_loop().time()
         # (a server that went away mid-read is UnexpectedEOF: the disconnect says it already)

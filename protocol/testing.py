@@ -15,6 +15,7 @@ coordinator's own helpers over its engine (``rollout()``, ``writes()``, ...) liv
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -71,6 +72,15 @@ class FakeBus:
     pings: dict[str, bool | None] = field(default_factory=dict)
     kept: dict[tuple[str, str], list[Entry]] = field(default_factory=dict)  # every revision
     subscriptions: list[str] = field(default_factory=list)  # core subscriptions open now
+    # As ``Bus``: the subjects a server refused a subscription to, and an event set with each.
+    refused_subscriptions: set[str] = field(default_factory=set)
+    subscription_refused: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def refused_subscription(self, subject: str) -> bool:
+        return subject.lower() in self.refused_subscriptions
+
+    def forgive(self, subject: str) -> None:
+        self.refused_subscriptions.discard(subject.lower())
 
     def _fault(self, op: str, bucket: str) -> None:
         key = (op, bucket)

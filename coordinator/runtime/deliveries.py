@@ -42,6 +42,7 @@ import asyncio
 import json
 import logging
 import shutil
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import msgspec
@@ -141,8 +142,10 @@ def _who(c: _Client) -> str:
 async def guard(bus: Bus, retry: float = RETRY) -> None:
     """Delete each foreign consumer of the fleet's streams as the server audits its creation,
     for as long as it runs (the leader's task; see the module docstring). A subscription the
-    server refuses (a ``users.conf`` rendered by an older release) is said and tried again
-    after ``retry``; the sweep still runs meanwhile."""
+    server refuses (a ``users.conf`` rendered by an older release: the server answers the SUB
+    later, as an error ``Bus`` keeps in ``refused_subscriptions``) is tried again every
+    ``retry``, so that it takes once the broker reloads a new ``users.conf``; the sweep still
+    runs meanwhile."""
     streams = frozenset(bus.fleet_streams())
 
     async def audited(_: str, data: bytes) -> None:
@@ -162,22 +165,34 @@ async def guard(bus: Bus, retry: float = RETRY) -> None:
 
     while True:
         try:
-            sub = await bus.subscribe(AUDIT, audited, pending_bytes=AUDIT_PENDING)
+            await _audited_until_refused(bus, audited)
+            log.warning("the server refused the subscription to its audit of consumers made "
+                        "(this coordinator's permissions in users.conf predate it: run "
+                        "'fleetwave auth prune DIR' and reload the broker); the sweep every %gs "
+                        "still removes foreign consumers; trying again every %gs", SWEEP_EVERY,
+                        retry)
         except BusError as exc:
             log.warning("cannot watch the server's audit of consumers made: %s; the sweep "
                         "every %gs still removes foreign ones; trying again in %gs", exc,
                         SWEEP_EVERY, retry)
-            await asyncio.sleep(retry)
-            continue
         except Exception:  # a guard's bug must never end the leadership it runs in
             log.exception("watching the server's audit of consumers made failed; trying "
                           "again in %gs", retry)
-            await asyncio.sleep(retry)
-            continue
-        try:
-            await asyncio.Future()  # nats-py makes the subscription again after a reconnect
-        finally:
-            await bus.unsubscribe(sub)
+        await asyncio.sleep(retry)  # (a broker not reloaded yet refuses it again)
+
+
+async def _audited_until_refused(bus: Bus, audited: Callable[[str, bytes], Awaitable[None]],
+                                 ) -> None:
+    """Hand ``audited`` the server's audits until the server refuses the subscription (nats-py
+    makes it again after each reconnect by itself). BusError if it cannot be made."""
+    sub = await bus.subscribe(AUDIT, audited, pending_bytes=AUDIT_PENDING)
+    try:
+        while not bus.refused_subscription(AUDIT):
+            bus.subscription_refused.clear()
+            await bus.subscription_refused.wait()
+        bus.forgive(AUDIT)
+    finally:
+        await bus.unsubscribe(sub)
 
 
 async def sweep(bus: Bus) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -191,3 +192,78 @@ async def test_the_leader_deletes_a_foreign_consumer_as_it_is_made(
         finally:
             await them.close()
             await coord.close()
+
+
+async def test_a_refused_audit_subscription_takes_once_the_broker_reloads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A coordinator whose users.conf predates the audit's permission: the server refuses the
+    subscription (later, as an asynchronous error; nothing raises), the guard says so and
+    tries again; once the users are rendered anew and the broker reloads them, it takes, and a
+    foreign consumer is deleted as made. A review found the refusal never retried: the guard
+    sat on a dead subscription for the whole leadership."""
+    from coordinator.auth import perms
+    from coordinator.auth.enroll import COORDINATOR
+    from coordinator.runtime.deliveries import AUDIT, guard
+
+    current = perms.coordinator
+
+    def older(fleet: str) -> perms.Permissions:
+        p = current(fleet)
+        p["subscribe"]["allow"] = [s for s in p["subscribe"]["allow"] if s != AUDIT]
+        return p
+
+    monkeypatch.setattr(perms, "coordinator", older)
+    auth = AuthDir(tmp_path / "auth")
+    await asyncio.to_thread(auth.init, F, (), "ops")
+    broker = Broker(store_dir=tmp_path / "js", auth=auth.path)
+    await broker.start()
+    try:
+        ca = str(auth.path / CA)
+        coord = await Bus.connect(broker.url, F, tls_ca=ca, creds=creds_file.load(
+            auth.creds_path("coordinator", COORDINATOR)))
+        ops = await Bus.connect(broker.url, F, tls_ca=ca, creds=creds_file.load(
+            auth.creds_path("operator", "ops")))
+        task = asyncio.ensure_future(guard(coord, retry=0.3))
+        try:
+            await coord.ensure_fleet()
+            refused = "the server refused the subscription to its audit of consumers made"
+            await wait_until(lambda: _said(caplog), lambda text: refused in text, timeout=10,
+                             what="the refusal said")
+            monkeypatch.setattr(perms, "coordinator", current)
+            reloads = broker.reloads
+            assert (await asyncio.to_thread(auth.prune))[1]  # users.conf rendered anew
+            await wait_until(lambda: _value([broker.reloads]), lambda r: r[0] > reloads,
+                             timeout=10, what="the broker's reload")
+
+            async def made() -> bool:  # an operator's consumer of the events onto the lease
+                body = {"stream_name": EVENTS, "config": {
+                    "name": "astray", "durable_name": "astray", "ack_policy": "none",
+                    "deliver_subject": f"$KV.{subjects.lease_bucket(F)}.leader"}}
+                raw = await ops.request(f"$JS.API.CONSUMER.CREATE.{EVENTS}.astray",
+                                        json.dumps(body).encode(), timeout=5)
+                assert "error" not in json.loads(raw), raw
+                return True
+
+            deleted = "deleted consumer astray of " + EVENTS
+            # (made again until the guard's new subscription takes: each make is audited)
+            await wait_until(lambda: _made_then_said(made, caplog),
+                             lambda text: deleted in text, timeout=20,
+                             what="the consumer deleted as made, once the guard took")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await ops.close()
+            await coord.close()
+    finally:
+        await broker.stop()
+
+
+async def _said(caplog: pytest.LogCaptureFixture) -> str:
+    return caplog.text
+
+
+async def _made_then_said(make: Callable[[], Awaitable[bool]],
+                          caplog: pytest.LogCaptureFixture) -> str:
+    await make()
+    return caplog.text
