@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import socket
 import sys
@@ -154,6 +155,10 @@ def shared_user(services: RunAs | None, routers: RunAs | None,
     """The warning for routers that run as a service's user (None: none does)."""
     effective = routers if routers is not None else services
     if effective is None:
+        if own and os.geteuid() == 0:
+            return ("services run as users of their own (--service-user SERVICE=USER) but the "
+                    "routers, which face the internet, run as the agent's user, root; give them "
+                    "a user of their own with --router-user")
         return None
     if services is not None and effective.uid == services.uid:
         return (f"the routers run as the services' user {services.name!r}: a service can stop "

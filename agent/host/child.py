@@ -40,7 +40,11 @@ class Child:
             self._pidfd = os.pidfd_open(popen.pid)
         except (AttributeError, OSError):  # no pidfd here: ``wait`` polls
             return
-        self._loop.add_reader(self._pidfd, self._check)
+        try:
+            self._loop.add_reader(self._pidfd, self._check)
+        except (NotImplementedError, OSError, ValueError):  # a loop without readers: poll
+            os.close(self._pidfd)
+            self._pidfd = None
 
     @property
     def returncode(self) -> int | None:

@@ -58,9 +58,12 @@ class RunAs:
     home: str
 
     @classmethod
-    def lookup(cls, name: str, *, who: str = "services", flag: str = "--service-user") -> RunAs:
+    def lookup(cls, name: str, *, who: str = "services", flag: str = "--service-user",
+               python: bool = True) -> RunAs:
         """The user ``name`` (or a numeric uid) as the agent can switch to it, or ProtocolError
-        (saying ``who`` would run as it, and which ``flag`` named it)."""
+        (saying ``who`` would run as it, and which ``flag`` named it). ``python``: the user
+        must be able to run the agent's Python (routers are Python, and run as the default
+        service user unless ``--router-user``); a service's own user need not."""
         try:
             pw = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
         except (KeyError, OverflowError):
@@ -76,7 +79,7 @@ class RunAs:
                 f"as root or drop {flag}"
             )
         run_as = cls(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir)
-        for path in _python_paths():
+        for path in _python_paths() if python else []:
             if (why := run_as.cannot_read(path)) is not None:
                 raise ProtocolError(
                     f"user {pw.pw_name!r} cannot run this agent's Python ({why}); install "
@@ -145,10 +148,11 @@ class ServiceUsers:
         by_service: dict[str, RunAs] = {}
         looked: dict[str, RunAs] = {}  # a user named for several services is checked once
 
-        def lookup(name: str, who: str) -> RunAs:
-            if name not in looked:
-                looked[name] = RunAs.lookup(name, who=who)
-            return looked[name]
+        def lookup(name: str, who: str, python: bool) -> RunAs:
+            key = f"{name}/{python}"
+            if key not in looked:
+                looked[key] = RunAs.lookup(name, who=who, python=python)
+            return looked[key]
 
         for value in values:
             service, sep, user = value.partition("=")
@@ -157,14 +161,14 @@ class ServiceUsers:
                     raise ProtocolError(
                         f"{value!r}: a second user for every service ({default.name!r} was "
                         "given); name a service's own user as SERVICE=USER")
-                default = lookup(value, "services")
+                default = lookup(value, "services", True)
                 continue
             check_name("service", service)
             if service in by_service:
                 raise ProtocolError(f"service {service!r} is given a user twice; keep one")
             if not user:
                 raise ProtocolError(f"{value!r} names no user; write SERVICE=USER")
-            by_service[service] = lookup(user, f"service {service!r}")
+            by_service[service] = lookup(user, f"service {service!r}", False)
         return cls(default, by_service)
 
 

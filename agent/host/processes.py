@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import os
 import signal
+from collections.abc import Collection
 from pathlib import Path
 
 import psutil
@@ -115,7 +116,8 @@ def _same_dir(path: str, directory: Path) -> bool:
     return os.path.realpath(path) == os.path.realpath(directory)
 
 
-def find_orphans(releases_dir: Path, node: str, keep: set[int]) -> list[psutil.Process]:
+def find_orphans(releases_dir: Path, node: str, keep: set[int],
+                 kept_slots: Collection[tuple[Path | str, str]] = ()) -> list[psutil.Process]:
     """Slot processes of this node that no state record accounts for.
 
     An agent killed between starting a slot and saving its state file leaves a process nobody
@@ -123,8 +125,12 @@ def find_orphans(releases_dir: Path, node: str, keep: set[int]) -> list[psutil.P
     process is recognised as a session leader (slots get their own session) whose
     ``FLEETWAVE_NODE`` is ``node`` and that was started under this agent's ``releases_dir``: its
     ``FLEETWAVE_RELEASE_DIR`` lies there, or (an older agent's process, without one) its working
-    directory does. ``keep`` holds the pids adopted from the state file.
+    directory does. ``keep`` holds the pids adopted from the state file, ``kept_slots`` their
+    (release dir, slot): a session leader of one of those is a helper its adopted process
+    started (a daemon of the service's own, which inherited its environment), not an orphan (a
+    slot has one process; a start after the last save would not have been adopted).
     """
+    kept = {(os.path.realpath(d), slot) for d, slot in kept_slots}
     root = os.path.realpath(releases_dir)
     found: list[psutil.Process] = []
     for proc in psutil.process_iter(["pid", "cwd"]):
@@ -136,6 +142,8 @@ def find_orphans(releases_dir: Path, node: str, keep: set[int]) -> list[psutil.P
                 continue
             started = env.get(RELEASE_VAR)
             where = os.path.realpath(started) if started is not None else proc.info.get("cwd")
+            if started is not None and (where, env.get("FLEETWAVE_SLOT")) in kept:
+                continue  # a helper of an adopted slot
             if where and _within(where, root) and where != root:
                 found.append(proc)
         except (psutil.Error, ProcessLookupError, PermissionError):

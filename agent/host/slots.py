@@ -141,6 +141,14 @@ def cap_log(path: Path, max_bytes: int = LOG_MAX_BYTES) -> bool:
     return True
 
 
+def _owner(pid: int) -> int | None:
+    """The real uid ``pid`` runs as (None: gone, or not to be read)."""
+    try:
+        return int(psutil.Process(pid).uids().real)
+    except (psutil.Error, ValueError):
+        return None
+
+
 def last_output(log_path: Path) -> str:
     """The last line a child wrote to its log: in the capped-off tail (``<log>.1``) when the
     live file holds none since it was capped."""
@@ -247,6 +255,12 @@ class SlotRunner:
         if why is not None:
             log.warning("%s is not adopted: %s; the slot will be started again", where, why)
             return None
+        if (owner := _owner(pid)) is not None and owner != uid:
+            # Its user changed since it started (--service-user SERVICE=USER given since): it
+            # serves on as it was; the service's next deploy starts it as its user.
+            log.warning("%s runs as uid %d, not %d as its user now is: it is adopted and serves "
+                        "on; the service's next deploy starts its slots as their user", where,
+                        owner, uid)
         r = cls(spec, notify, now=now)
         r.pid, r.create_time, r._adopted = pid, create_time, True
         r.status = _LIVE.get(status, "starting")

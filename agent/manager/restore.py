@@ -254,7 +254,9 @@ class Restorer:
     async def _stop_orphans(self, adopted: list[SlotRunner]) -> list[SlotRunner]:
         """Stop this node's slot processes other than ``adopted``; return ``adopted``."""
         keep = {r.pid for r in adopted if r.pid is not None}
-        orphans = await asyncio.to_thread(find_orphans, self.cache.root, self.config.node, keep)
+        slots = [(r.spec.release_dir, r.spec.slot) for r in adopted]
+        orphans = await asyncio.to_thread(find_orphans, self.cache.root, self.config.node, keep,
+                                          slots)
         if orphans:
             # Started by our previous life after its last state save: nothing watches them and
             # the reconciler will start what is wanted again, so they must go.

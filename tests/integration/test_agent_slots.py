@@ -424,6 +424,29 @@ async def test_a_slot_that_moved_away_from_its_release_dir_is_adopted(
         await asyncio.wait_for(proc.wait(), 5)
 
 
+async def test_a_slot_adopted_as_another_user_than_its_own_is_said(
+    release: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A slot's user changed since it started (--service-user SERVICE=USER given since): it is
+    adopted and serves on as it was, and one line says so and when it changes (a review found
+    it silent)."""
+    spec = _spec(release, tmp_path, _manifest(release))
+    proc = await _slot_like(spec)
+    try:
+        other = RunAs("other", os.geteuid() + 4242, os.getegid(), "/")
+        apart = dataclasses.replace(spec, run_as=other)
+        created = psutil.Process(proc.pid).create_time()
+        with caplog.at_level("WARNING", "fleetwave.agent.slots"):
+            adopted = SlotRunner.adopt(apart, proc.pid, created, Events(), status="healthy",
+                                       since=1.0)
+        assert adopted is not None and adopted.pid == proc.pid
+        assert (f"slot hello/a (pid {proc.pid}) runs as uid {os.geteuid()}, not "
+                f"{os.geteuid() + 4242} as its user now is") in caplog.text
+    finally:
+        proc.kill()
+        await asyncio.wait_for(proc.wait(), 5)
+
+
 @pytest.mark.parametrize("unreadable", ["cwd", "environ"])
 async def test_a_slot_whose_proc_files_cannot_be_read_is_adopted_if_it_runs_as_the_services_user(
     unreadable: str, release: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

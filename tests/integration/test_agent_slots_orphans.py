@@ -26,11 +26,12 @@ def spawned() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 
 def _slot(procs: list[subprocess.Popen[bytes]], cwd: Path, node: str, *,
-          session: bool = True, started: Path | None = None) -> subprocess.Popen[bytes]:
+          session: bool = True, started: Path | None = None,
+          slot: str = "a") -> subprocess.Popen[bytes]:
     """A slot-like process in ``cwd``; ``started``: its FLEETWAVE_RELEASE_DIR (none: an
     older agent's process, known by its working directory)."""
     cwd.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "FLEETWAVE_NODE": node}
+    env = {**os.environ, "FLEETWAVE_NODE": node, "FLEETWAVE_SLOT": slot}
     if started is not None:
         env["FLEETWAVE_RELEASE_DIR"] = str(started)
     p = subprocess.Popen(SLEEP, cwd=cwd, env=env, start_new_session=session)
@@ -73,3 +74,19 @@ def test_orphans_that_moved_away_or_live_through_a_symlink_are_found(
     _slot(spawned, tmp_path / "elsewhere", "node-1")  # nothing says it was started here
     found = find_orphans(releases, "node-1", keep=set())
     assert sorted(p.pid for p in found) == sorted([moved.pid, stayed.pid, older.pid])
+
+
+def test_a_daemon_an_adopted_slot_started_is_no_orphan(
+    tmp_path: Path, spawned: list[subprocess.Popen[bytes]]
+) -> None:
+    """A session leader with an adopted slot's release and slot in its environment is a helper
+    that slot's process started (a daemon of its own: setsid, chdir /), not an orphan: a
+    review found such helpers killed at every agent restart. The same release's other slot is
+    still an orphan."""
+    releases = tmp_path / "node-1" / "releases"
+    adopted = _slot(spawned, releases / "abc", "node-1", started=releases / "abc")
+    helper = _slot(spawned, tmp_path / "elsewhere", "node-1", started=releases / "abc")
+    other = _slot(spawned, tmp_path / "elsewhere", "node-1", started=releases / "abc", slot="b")
+    found = find_orphans(releases, "node-1", keep={adopted.pid},
+                         kept_slots=[(releases / "abc", "a")])
+    assert [p.pid for p in found] == [other.pid] and helper.pid not in {p.pid for p in found}

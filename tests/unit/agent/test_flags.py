@@ -79,6 +79,21 @@ def test_routers_sharing_the_services_user_are_warned_of() -> None:
     assert agent_main.shared_user(None, other, {"db": RunAs("db", 1003, 1003, "/")}) is None
 
 
+def test_routers_left_to_root_beside_services_of_their_own_users_are_warned_of(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only SERVICE=USER given: the routers (facing the internet) run as the agent's user, root;
+    the agent says so at start (a review found it silent)."""
+    from agent.host.identity import RunAs
+
+    own = {"db": RunAs("db", 1003, 1003, "/")}
+    monkeypatch.setattr(agent_main.os, "geteuid", lambda: 0)
+    said = agent_main.shared_user(None, None, own)
+    assert said is not None and "root" in said and "--router-user" in said
+    assert agent_main.shared_user(None, None, {}) is None  # no service user at all, as before
+    monkeypatch.setattr(agent_main.os, "geteuid", lambda: 1000)
+    assert agent_main.shared_user(None, None, own) is None  # not root: nothing to say
+
+
 def test_command_line_beats_env_beats_default() -> None:
     """A flag given wins over its env var, which wins over the default; keys split on spaces."""
     k1, k2 = public_key(generate_seed()), public_key(generate_seed())

@@ -132,3 +132,18 @@ def test_a_bad_service_user_is_one_line_naming_it(values: tuple[str, ...], needl
     with pytest.raises(FlagError) as err:
         parse_flags(["--node-id", "n1", *args], environ={})
     assert needle in str(err.value) and "\n" not in str(err.value), err.value
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="another user is switched to by root only")
+def test_only_the_default_service_user_must_run_the_agents_python(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The routers (Python) run as the default service user, so it must be able to run the
+    agent's Python; a service's own user need not (a review found a locked-down user of one
+    service refused for it)."""
+    private = tmp_path / "python"
+    private.write_text("")
+    private.chmod(0o600)  # root's alone
+    monkeypatch.setattr("agent.host.identity._python_paths", lambda: [private])
+    assert ServiceUsers.parse(("web=nobody",)).of("web") == _user("nobody")
+    with pytest.raises(ProtocolError, match="user 'nobody' cannot run this agent's Python"):
+        ServiceUsers.parse(("nobody",))
