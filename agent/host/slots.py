@@ -61,6 +61,7 @@ from agent.host.processes import (
     RELEASE_VAR,
     end_group,
     end_leftovers,
+    group_alive,
     killpg,
     not_the_slot,
     process_matches,
@@ -520,6 +521,13 @@ class SlotRunner:
     async def _terminate(self, timeout: float) -> None:
         await self._end_hook(timeout)
         if self.pid is None or not self._is_ours():
+            # Our child exited on its own just before this stop (its runner had not yet ended
+            # its group): what is left of its group goes too, or a worker of it would keep the
+            # port. (An adopted process that is gone is not ours to judge: its number may name
+            # another group by now.)
+            if self.pid is not None and self._proc is not None and group_alive(self.pid):
+                killpg(self.pid, signal.SIGTERM)
+                await end_group(self.pid, asyncio.get_running_loop().time() + timeout)
             self._exited.set()
             return
         pgid, deadline = self.pid, asyncio.get_running_loop().time() + timeout

@@ -424,6 +424,37 @@ async def test_a_slot_that_moved_away_from_its_release_dir_is_adopted(
         await asyncio.wait_for(proc.wait(), 5)
 
 
+async def test_a_stop_just_after_the_leader_exited_ends_what_is_left_of_its_group(
+    release: Path, tmp_path: Path, runners, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The service's leader exits on its own, leaving a worker in its group, and stop() lands
+    before the runner has ended that group (its watch still winding down: a probe being
+    cancelled): the stop ends the worker, which would keep the slot's port. A review found it
+    left running (the stop took the slot for gone, and the runner then saw the stop)."""
+    command = ["sh", "-c", "sleep 60 & echo $! > worker.pid; exit 0"]
+    held, go = asyncio.Event(), asyncio.Event()
+    real = SlotRunner._watch
+
+    async def slow_watch(self: SlotRunner) -> int | None:
+        code = await real(self)
+        held.set()
+        await go.wait()  # the watch's wind-down, held for the stop to land in
+        return code
+
+    monkeypatch.setattr(SlotRunner, "_watch", slow_watch)
+    r = _start(runners, _spec(release, tmp_path, _manifest(release, command=command)), Events())
+    await asyncio.wait_for(held.wait(), 10)
+    worker = int((release / "worker.pid").read_text())
+    assert not _gone(worker)
+    try:
+        await asyncio.wait_for(r.stop(2.0), 10)
+        assert _gone(worker), "the crashed leader's worker outlived the stop"
+    finally:
+        go.set()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, 9)
+
+
 async def test_a_slot_adopted_as_another_user_than_its_own_is_said(
     release: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
