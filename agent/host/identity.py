@@ -21,8 +21,9 @@ that face the internet). They get:
 - with ``--service-user SERVICE=NAME`` (repeatable; ``ServiceUsers``), that service (its
   processes, hooks and probes) runs as a user of its own instead: it then can read neither the
   other services' ``/proc/<pid>/environ`` nor their working directories, nor signal them. Its
-  release stays readable by path to any user, as every release is (a full digest no one can
-  guess: never put in a command line, which ``ps`` shows to everyone).
+  release is readable by that user's group alone (``releases.keep_to_group``); every other
+  release by path to any user (a full digest no one can guess: never put in a command line,
+  which ``ps`` shows to everyone).
 - with ``--router-user NAME`` too, the routers run as a user of their own: a service then can
   neither signal its router (stop it and take its public port, which
   ``net.ipv4.ip_unprivileged_port_start`` lets any user bind) nor reach its control socket (the

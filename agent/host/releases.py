@@ -39,6 +39,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable
@@ -266,3 +267,38 @@ class ReleaseCache:
         except OSError:
             return
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def keep_to_group(path: Path, gid: int | None) -> None:
+    """Make the unpacked release ``path`` readable by group ``gid`` alone (and the agent): its
+    directories 0750, its files 0640 (0750 with an execute bit), group ``gid``; with None,
+    readable by all again (0755/0644, the agent's group), as it was unpacked.
+
+    A service that runs as a user of its own (``--service-user SERVICE=USER``) then keeps its
+    release from the host's other services' users, who could read it by path before (the
+    path is a full digest, which a command line could leak). The owner stays the agent's, so a
+    service cannot change its own release. Links are left as they are (their targets are
+    inside the release: ``protocol.bundle``). A tree already so is left as it is (the top's
+    group and mode say), so that a deploy of a release at hand walks nothing."""
+    top = path.stat()
+    want_gid = os.getegid() if gid is None else gid
+    want_dir = 0o755 if gid is None else 0o750
+    if top.st_gid == want_gid and (top.st_mode & 0o777) == want_dir:
+        return
+    for top_down, _dirs, files in os.walk(path):  # (follows no links; Path.walk is 3.12's)
+        dirpath = Path(top_down)
+        if dirpath != path:  # (the top last, below)
+            os.chown(dirpath, -1, want_gid)
+            dirpath.chmod(want_dir)
+        for name in files:
+            file = dirpath / name
+            st = file.lstat()
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            os.chown(file, -1, want_gid, follow_symlinks=False)
+            runs = st.st_mode & 0o111
+            file.chmod((0o755 if runs else 0o644) if gid is None
+                       else (0o750 if runs else 0o640))
+    # The top last: it says the tree is done (a walk cut short is done again next time).
+    os.chown(path, -1, want_gid)
+    path.chmod(want_dir)

@@ -59,7 +59,7 @@ from agent.edge import Edge
 from agent.errors import ReleaseError
 from agent.host.identity import RunAs
 from agent.host.ports import claim, drop_claim, free_port, sweep
-from agent.host.releases import ReleaseCache
+from agent.host.releases import ReleaseCache, keep_to_group
 from agent.host.slots import SlotRunner, SlotSpec
 from agent.manager.desired import DesiredWatch, reread_every
 from agent.manager.events import NodeEvents
@@ -410,6 +410,10 @@ class ServiceManager:
         if manifest.version != ref.version:
             raise ReleaseError(f"release {ref.service} {ref.version}: the bundle's manifest "
                                f"says {manifest.name} {manifest.version}; refused")
+        # A service of its own user keeps its release from the other services' users (the
+        # release readable by its group alone); any other, as unpacked (a no-op then).
+        own = self.config.service_users.get(svc.name)
+        await asyncio.to_thread(keep_to_group, path, own.gid if own is not None else None)
         return Release(path, manifest, release_info(ref.digest, manifest), ref)
 
     async def _prefetch(self, svc: Service, ref: ReleaseRef) -> None:

@@ -203,6 +203,16 @@ async def test_a_service_of_its_own_user_is_kept_from_the_others(
                 # (as the user and its group: /proc/<pid>/environ wants both to match)
                 assert await _exit_as(nobody.pw_uid, argv, nobody.pw_gid) != 0, argv  # another
                 assert await _exit_as(daemon.pw_uid, argv, daemon.pw_gid) == 0, argv  # its own
+            # Its release is its group's alone (the agent's own, not its to change): the other
+            # services' user cannot read it even knowing the path; its own can.
+            release = Path(_environ(slot_pid)["FLEETWAVE_RELEASE_DIR"])
+            st = os.stat(release)
+            assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, daemon.pw_gid, 0o750)
+            manifest = ["cat", str(release / "fleetwave.toml")]
+            assert await _exit_as(nobody.pw_uid, manifest, nobody.pw_gid) != 0
+            assert await _exit_as(daemon.pw_uid, manifest, daemon.pw_gid) == 0
+            assert await _exit_as(daemon.pw_uid, ["touch", str(release / "app.py")],
+                                  daemon.pw_gid) != 0
             agent.signal(signal.SIGKILL)
             await agent.stop(timeout=0)
             await agent.start()

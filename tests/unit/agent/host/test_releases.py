@@ -318,3 +318,39 @@ def test_the_cache_directory_is_made_traversable_but_not_listable(tmp_path: Path
     cannot list the releases, each with its service's manifest and [env]."""
     cache = ReleaseCache(tmp_path / "data" / "releases")
     assert stat.S_IMODE(cache.root.stat().st_mode) == 0o711
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another group takes root")
+def test_a_release_kept_to_its_services_group_and_given_back(tmp_path: Path) -> None:
+    """keep_to_group: directories 0750 and files 0640 (0750 if executable) of the group, the
+    owner kept, links left; None gives it back as unpacked (0755/0644, the agent's group); a
+    tree already so is not walked again."""
+    import grp
+
+    from agent.host.releases import keep_to_group
+
+    gid = grp.getgrnam("daemon").gr_gid
+    rel = tmp_path / "abc"
+    (rel / "lib").mkdir(parents=True)
+    (rel / "app.py").write_text("print()")
+    (rel / "run").write_text("#!/bin/sh\n")
+    (rel / "run").chmod(0o755)
+    (rel / "lib" / "x.py").write_text("")
+    (rel / "link").symlink_to("app.py")
+    rel.chmod(0o755)
+
+    def modes() -> dict[str, tuple[int, int]]:
+        return {str(p.relative_to(tmp_path)): (p.lstat().st_gid, stat.S_IMODE(p.lstat().st_mode))
+                for p in [rel, *sorted(rel.rglob("*"))] if not p.is_symlink()}
+
+    keep_to_group(rel, gid)
+    assert modes() == {"abc": (gid, 0o750), "abc/app.py": (gid, 0o640), "abc/lib": (gid, 0o750),
+                       "abc/lib/x.py": (gid, 0o640), "abc/run": (gid, 0o750)}
+    assert (rel / "link").lstat().st_gid == os.getegid() and rel.stat().st_uid == os.geteuid()
+    (rel / "lib" / "x.py").chmod(0o600)  # the top says it is done: not walked again
+    keep_to_group(rel, gid)
+    assert stat.S_IMODE((rel / "lib" / "x.py").stat().st_mode) == 0o600
+    keep_to_group(rel, None)
+    me = os.getegid()
+    assert modes() == {"abc": (me, 0o755), "abc/app.py": (me, 0o644), "abc/lib": (me, 0o755),
+                       "abc/lib/x.py": (me, 0o644), "abc/run": (me, 0o755)}
