@@ -279,12 +279,16 @@ def keep_to_group(path: Path, gid: int | None) -> None:
     path is a full digest, which a command line could leak). The owner stays the agent's, so a
     service cannot change its own release. Links are left as they are (their targets are
     inside the release: ``protocol.bundle``). A tree already so is left as it is (the top's
-    group and mode say), so that a deploy of a release at hand walks nothing."""
+    group and mode say), so that a deploy of a release at hand walks nothing; with None, so is
+    one this never kept to a group (its top not 0750), whatever its group (a data dir with the
+    set-group-ID bit gives its own)."""
     top = path.stat()
     want_gid = os.getegid() if gid is None else gid
     want_dir = 0o755 if gid is None else 0o750
     if top.st_gid == want_gid and (top.st_mode & 0o777) == want_dir:
         return
+    if gid is None and (top.st_mode & 0o777) != 0o750:
+        return  # never kept to a group by us: left exactly as unpacked
     for top_down, _dirs, files in os.walk(path):  # (follows no links; Path.walk is 3.12's)
         dirpath = Path(top_down)
         if dirpath != path:  # (the top last, below)

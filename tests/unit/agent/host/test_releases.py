@@ -354,3 +354,9 @@ def test_a_release_kept_to_its_services_group_and_given_back(tmp_path: Path) -> 
     me = os.getegid()
     assert modes() == {"abc": (me, 0o755), "abc/app.py": (me, 0o644), "abc/lib": (me, 0o755),
                        "abc/lib/x.py": (me, 0o644), "abc/run": (me, 0o755)}
+    # A release never kept to a group is left as unpacked, whatever its group (a set-group-ID
+    # data dir): its files' modes are the bundle's.
+    os.chown(rel, -1, gid)
+    (rel / "app.py").chmod(0o600)
+    keep_to_group(rel, None)
+    assert rel.stat().st_gid == gid and stat.S_IMODE((rel / "app.py").stat().st_mode) == 0o600
