@@ -104,6 +104,14 @@ def not_the_slot(pid: int, release_dir: Path, node: str, slot: str, uid: int) ->
     return None
 
 
+def runs_as(pid: int) -> int | None:
+    """The real uid ``pid`` runs as (None: gone, or not to be read)."""
+    try:
+        return int(psutil.Process(pid).uids().real)
+    except (psutil.Error, ValueError):
+        return None
+
+
 def _within(path: str, directory: Path | str) -> bool:
     """Whether ``path`` (as the kernel resolves a working directory) is ``directory`` or lies
     below it."""

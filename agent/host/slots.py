@@ -65,6 +65,7 @@ from agent.host.processes import (
     killpg,
     not_the_slot,
     process_matches,
+    runs_as,
 )
 from protocol.errors import ProtocolError
 from protocol.expand import expand_argv
@@ -140,14 +141,6 @@ def cap_log(path: Path, max_bytes: int = LOG_MAX_BYTES) -> bool:
     with path.open("r+b") as f:
         f.truncate(0)
     return True
-
-
-def _owner(pid: int) -> int | None:
-    """The real uid ``pid`` runs as (None: gone, or not to be read)."""
-    try:
-        return int(psutil.Process(pid).uids().real)
-    except (psutil.Error, ValueError):
-        return None
 
 
 def last_output(log_path: Path) -> str:
@@ -256,7 +249,7 @@ class SlotRunner:
         if why is not None:
             log.warning("%s is not adopted: %s; the slot will be started again", where, why)
             return None
-        if (owner := _owner(pid)) is not None and owner != uid:
+        if (owner := runs_as(pid)) is not None and owner != uid:
             # Its user changed since it started (--service-user SERVICE=USER given since): it
             # serves on as it was; the service's next deploy starts it as its user.
             log.warning("%s runs as uid %d, not %d as its user now is: it is adopted and serves "

@@ -656,10 +656,11 @@ async def main() -> None:
         watcher = asyncio.PidfdChildWatcher()
         watcher.attach_loop(asyncio.get_running_loop())
         asyncio.set_child_watcher(watcher)
-    runner = SlotRunner(spec, lambda *a: None)
+    started = asyncio.Event()
+    runner = SlotRunner(spec, lambda r, kind, msg: kind == "slot.started" and started.set())
     task = asyncio.create_task(runner.run())
-    while runner.pid is None:
-        await asyncio.sleep(0.01)
+    async with asyncio.timeout(10):
+        await started.wait()
     out.write_text(str(runner.pid))
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)

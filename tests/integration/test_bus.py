@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import time
@@ -262,12 +263,7 @@ async def test_flush_returns_once_the_server_took_what_was_sent_before_it(tmp_pa
     SUBs: its PONG then comes before they are in place, and a publisher on another
     connection finds no subscriber (test_a_burst_of_messages... lost its whole burst so)."""
     log = tmp_path / "trace.log"
-    port = free_port()
-    server = await asyncio.create_subprocess_exec(
-        find_nats_server(), "-a", "127.0.0.1", "-p", str(port), "-V", "-l", str(log),
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL)
-    try:
+    async with tracing_server(log) as port:
         bus = await Bus.connect(f"nats://127.0.0.1:{port}", "t")
         try:
             for i in range(3):
@@ -280,6 +276,19 @@ async def test_flush_returns_once_the_server_took_what_was_sent_before_it(tmp_pa
             assert len(subs) == 3 and pings and max(subs) < pings[-1], read
         finally:
             await bus.close()
+
+
+@contextlib.asynccontextmanager
+async def tracing_server(log: Path) -> AsyncIterator[int]:
+    """A bare nats-server on a free loopback port (its port), tracing what it reads to
+    ``log``; stopped on the way out."""
+    port = free_port()
+    server = await asyncio.create_subprocess_exec(
+        find_nats_server(), "-a", "127.0.0.1", "-p", str(port), "-V", "-l", str(log),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL)
+    try:
+        yield port
     finally:
         server.terminate()
         await server.wait()
@@ -1423,12 +1432,7 @@ async def test_told_to_use_tls_a_client_sends_nothing_to_a_server_that_does_not_
     ca = tmp_path / "ca.pem"
     ca.write_bytes(make_ca("t", dt.datetime.now(dt.UTC)).cert)
     log = tmp_path / "trace.log"
-    port = free_port()
-    server = await asyncio.create_subprocess_exec(
-        find_nats_server(), "-a", "127.0.0.1", "-p", str(port), "-V", "-l", str(log),
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL)
-    try:
+    async with tracing_server(log) as port:
         plain = await Bus.connect(f"nats://127.0.0.1:{port}", "t")  # up, and it traces
         await plain.close()
         before = log.read_text().count("CONNECT")
@@ -1437,6 +1441,3 @@ async def test_told_to_use_tls_a_client_sends_nothing_to_a_server_that_does_not_
             await Bus.connect(url, "t", connect_deadline=3.0,
                               tls_ca=str(ca) if how == "--tls-ca" else None)
         assert log.read_text().count("CONNECT") == before
-    finally:
-        server.terminate()
-        await server.wait()
