@@ -12,7 +12,9 @@ import pytest
 
 from agent.host.processes import find_orphans, stop_orphans
 
-SLEEP = [sys.executable, "-c", "import time; time.sleep(60)"]
+# Says it runs (so it has exec'd: until then /proc shows pytest's environ and session, and a
+# search can miss it; CI once did) and sleeps.
+SLEEP = [sys.executable, "-c", "import sys, time; print('up', flush=True); time.sleep(60)"]
 
 
 @pytest.fixture
@@ -23,6 +25,8 @@ def spawned() -> Iterator[list[subprocess.Popen[bytes]]]:
         if p.poll() is None:
             p.kill()
         p.wait()
+        if p.stdout is not None:
+            p.stdout.close()
 
 
 def _slot(procs: list[subprocess.Popen[bytes]], cwd: Path, node: str, *,
@@ -34,8 +38,10 @@ def _slot(procs: list[subprocess.Popen[bytes]], cwd: Path, node: str, *,
     env = {**os.environ, "FLEETWAVE_NODE": node, "FLEETWAVE_SLOT": slot}
     if started is not None:
         env["FLEETWAVE_RELEASE_DIR"] = str(started)
-    p = subprocess.Popen(SLEEP, cwd=cwd, env=env, start_new_session=session)
+    p = subprocess.Popen(SLEEP, cwd=cwd, env=env, start_new_session=session,
+                         stdout=subprocess.PIPE)
     procs.append(p)
+    assert p.stdout is not None and p.stdout.readline() == b"up\n"
     return p
 
 
@@ -89,4 +95,6 @@ def test_a_daemon_an_adopted_slot_started_is_no_orphan(
     other = _slot(spawned, tmp_path / "elsewhere", "node-1", started=releases / "abc", slot="b")
     found = find_orphans(releases, "node-1", keep={adopted.pid},
                          kept_slots=[(releases / "abc", "a")])
-    assert [p.pid for p in found] == [other.pid] and helper.pid not in {p.pid for p in found}
+    # (CI once found none: if ``other`` was ended meanwhile, from outside, its exit says so.)
+    assert [p.pid for p in found] == [other.pid], f"the other slot's exit: {other.poll()}"
+    assert helper.pid not in {p.pid for p in found}
