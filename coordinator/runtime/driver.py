@@ -1,10 +1,12 @@
 """One live rollout as the runner drives it, and the progress it may hold back.
 
 A ``Driver`` is the engine's ``Rollout``, the KV revision of its record, and the lock that
-serialises its events. It also holds back a step that records node progress only (nodes done or
-rolled back, health and versions seen) for up to ``HOLD_PERSIST`` (``coalesce``), so that the
-reports of a big wave, arriving in many batches, cost a few record writes instead of one each (the
-record is megabytes at thousands of nodes). What is held is persisted, then its events published,
+serialises its events. It also holds back a step that records node progress only (nodes done,
+rolled back or staged ahead of their wave, health and versions seen) for up to ``HOLD_PERSIST``
+(``coalesce``), so that the reports of a big wave, arriving in many batches, cost a few record
+writes instead of one each (the record is megabytes at thousands of nodes), and the slots staged
+for later waves do not each cost a record write (an atomic batch on the broker) while the first
+wave's are starting. What is held is persisted, then its events published,
 ahead of the next step's commands, or by the next step that changes nothing (every tick is one).
 Nothing is lost by holding: a coordinator that dies meanwhile never published those events, and
 its successor derives the same progress again from the observed states.
@@ -33,7 +35,7 @@ EVENT_BYTES = 512  # what a record keeps free per event of its outbox (``Runner.
 
 # How long a record change of node progress only may wait for the next Persist.
 HOLD_PERSIST = 0.25
-PROGRESS_EVENTS = frozenset({"node.done", "node.rolled_back"})
+PROGRESS_EVENTS = frozenset({"node.done", "node.rolled_back", "node.staged"})
 
 
 @dataclass(eq=False)

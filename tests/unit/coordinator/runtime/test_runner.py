@@ -802,6 +802,37 @@ async def test_held_progress_is_written_within_the_hold_time_however_many_report
         "done", "done", "updating"]
 
 
+async def test_a_staged_node_is_progress_held_for_the_next_persist() -> None:
+    """A node staged ahead of its wave (healthy at weight 0) is progress as a node done is: the
+    record is not written for it alone (each such write was an atomic batch on the broker,
+    while the first wave's slots were starting), nor its ``node.staged`` published before the
+    Persist that holds it: a tick, or the wave's end, writes it."""
+    bus, clock = fleet_bus(), FakeClock()
+    r = runner(bus, clock)
+    rec = await r.deploy(spec(batch="1", max_unavailable="1", prestage="all"), NEW)
+    r.events.pending()
+    persisted = len([1 for _, b, k, v in bus.log
+                     if b == ROLLOUTS and v is not None and not k.startswith("_") and "." not in k])
+    clock.t += 0.01
+    await report(r, bus, "node-3", clock.t)  # its staged slot is healthy
+    assert bus.record(rec.id).nodes["node-3"].staged == "staging"  # held
+    live = await r.get(rec.id)
+    assert live is not None and live.nodes["node-3"].staged == "staged"
+    assert [e.kind for e in r.events.pending()] == []
+    await r.step()  # the tick: nothing to decide, so the held change is written now
+    assert bus.record(rec.id).nodes["node-3"].staged == "staged"
+    assert [(e.kind, e.node) for e in r.events.pending()] == [("node.staged", "node-3")]
+    assert len([1 for _, b, k, v in bus.log if b == ROLLOUTS and v is not None
+                and not k.startswith("_") and "." not in k]) == persisted + 1
+    clock.t += 0.01
+    await report(r, bus, "node-2", clock.t)  # staged, held again
+    await report(r, bus, "node-1", clock.t)  # wave 1 converges: decided, written with it
+    assert bus.record(rec.id).nodes["node-2"].staged == "staged"
+    assert bus.record(rec.id).current_wave == 1
+    kinds = [e.kind for e in r.events.pending()]
+    assert kinds[0] == "node.staged" and "wave.started" in kinds
+
+
 async def test_held_progress_lost_with_its_coordinator_is_derived_again_once() -> None:
     """A coordinator that dies holding progress published none of it; the next one derives it
     from the observed states and emits each node's event exactly once."""
