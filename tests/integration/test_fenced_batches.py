@@ -138,25 +138,29 @@ async def test_a_moved_fence_stops_every_batch_and_writes_nothing(
                await bus.kv_fenced_all(DESIRED, writes[:10], new.seq(DESIRED)))
 
 
+@pytest.mark.parametrize("atomic", [True, False])
 async def test_a_batch_with_no_ack_in_time_is_given_up_and_frees_its_place(
-        fenced: tuple[Bus, Fence], broker: Broker) -> None:
-    """A server that stops answering (SIGSTOP) mid-call: each batch is a BusError after the
-    timeout, not a Conflict, nothing waits longer than it, and the bucket's lane holds no
-    batch afterwards (the next call, once the server answers again, writes at once)."""
+        fenced: tuple[Bus, Fence], broker: Broker, atomic: bool) -> None:
+    """A server that stops answering (SIGSTOP) mid-call: each batch (or, ``atomic=False``,
+    each of a few single messages) is a BusError after the timeout, not a Conflict, nothing
+    waits longer than it, and the bucket's lane holds no batch afterwards (the next call, once
+    the server answers again, writes at once)."""
     bus, fence = fenced
-    writes = [(f"node-{i}.web", b"x") for i in range(2 * FENCED_BATCH)]
+    writes = [(f"node-{i}.web", b"x")
+              for i in range(2 * FENCED_BATCH if atomic else FENCED_SINGLES)]
     assert broker.pid is not None
     os.kill(broker.pid, signal.SIGSTOP)
     try:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        results = await bus.kv_fenced_all(DESIRED, writes, fence.seq(DESIRED), timeout=0.5)
+        results = await bus.kv_fenced_all(DESIRED, writes, fence.seq(DESIRED), timeout=0.5,
+                                          atomic=atomic)
         assert loop.time() - started < 3.0
     finally:
         os.kill(broker.pid, signal.SIGCONT)
     assert all(isinstance(r, BusError) and not isinstance(r, Conflict) for r in results)
-    assert not bus._fence_lanes[DESIRED].acks
-    again = await bus.kv_fenced_all(DESIRED, writes, fence.seq(DESIRED))
+    assert not bus._fence_lanes[DESIRED].acks and not bus._batch_acks
+    again = await bus.kv_fenced_all(DESIRED, writes, fence.seq(DESIRED), atomic=atomic)
     assert all(isinstance(r, int) for r in again)
 
 
@@ -202,14 +206,18 @@ async def test_one_write_is_one_fenced_message_without_a_batch(
 async def test_a_few_writes_that_need_not_land_together_go_one_message_each(
         fenced: tuple[Bus, Fence]) -> None:
     """``atomic=False`` (a wave's desired states): up to FENCED_SINGLES writes go one fenced
-    message each, in order, each landing with its own revision; more go as a batch, as do
+    message each, in order, all sent before the first is acked (one round trip for all, where
+    one after another took one each), each landing with its own revision; more go as a batch, as do
     atomic writes (a rollout record's head and pages). Under a moved fence every one of them
     is a Conflict and none lands."""
     bus, old = fenced
     seen = await watch_headers(bus)
     few = [(f"node-{i}.web", b"v") for i in range(FENCED_SINGLES)]
+    awaiting = watch_sends(bus)
     revs = await bus.kv_fenced_all(DESIRED, few, old.seq(DESIRED), atomic=False)
     assert all(isinstance(r, int) for r in revs) and revs == sorted(revs), revs
+    assert awaiting == list(range(FENCED_SINGLES))  # none waited for the one before it
+    assert not bus._fence_lanes[DESIRED].acks and not bus._batch_acks
     await bus.flush()
     assert [k for k, _ in seen] == [k for k, _ in few]
     assert all("Nats-Batch-Id" not in h and "Nats-Expected-Last-Subject-Sequence" in h
