@@ -147,7 +147,7 @@ class _Cli:
     """Runs the real ``fleetwave`` CLI against the demo fleet; its output goes to the terminal."""
 
     def __init__(self, global_args: list[str]) -> None:
-        self.prefix = [sys.executable, "-c", "from coordinator.cli import main; main()",
+        self.prefix = [sys.executable, "-c", "from coordinator.console import run; run()",
                        *global_args]
 
     async def deploy(self, *args: str) -> int:

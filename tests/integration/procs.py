@@ -92,7 +92,7 @@ async def fleetwave(
     if nats_url is not None:
         env["FLEETWAVE_NATS"] = nats_url
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", "import sys; from coordinator.cli import main; main(sys.argv[1:])",
+        sys.executable, "-c", "from coordinator.console import run; run()",
         *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE, env=env,
     )

@@ -16,7 +16,7 @@ from coordinator.dev.broker import Broker, find_nats_server, free_port, port_in_
 from coordinator.errors import BrokerError
 from protocol.bus import Bus
 
-FLEETWAVE = [sys.executable, "-c", "from coordinator.cli import main; main()"]
+FLEETWAVE = [sys.executable, "-c", "from coordinator.console import run; run()"]
 
 
 async def test_jetstream_data_survives_a_crash(tmp_path: Path) -> None:

@@ -116,7 +116,7 @@ async def test_dev_up_runs_a_fleet_and_stops_it_on_sigint(tmp_path: Path) -> Non
     out_path = tmp_path / "dev-up.out"
     dev = Child(
         "dev-up",
-        [sys.executable, "-c", "import sys; from coordinator.cli import main; main(sys.argv[1:])",
+        [sys.executable, "-c", "from coordinator.console import run; run()",
          "dev", "up", "--agents", "2", "--dir", str(tmp_path / "fleet"), "--port", str(port),
          "--heartbeat-interval", "0.3"],
         out_path,

@@ -84,8 +84,8 @@ async def test_retries_empty_ids_timeouts_and_events(tmp_path: Path) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETWAVE_")}
         env["FLEETWAVE_NATS"] = url
         follower = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", "import sys; from coordinator.cli import main; "
-            "main(sys.argv[1:])", "deploy", "hello", "1.0.0", "--batch", "1", "--bake", "1h",
+            sys.executable, "-c", "from coordinator.console import run; run()", "deploy",
+            "hello", "1.0.0", "--batch", "1", "--bake", "1h",
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, env=env)
         try:

@@ -277,12 +277,12 @@ async def test_a_broker_that_cannot_reach_its_route_says_so_once(tmp_path: Path)
     holder.bind(("127.0.0.1", 0))
     other = holder.getsockname()[1]
     missing = f"nats-route://127.0.0.1:{other}"
-    member = Child("member", [sys.executable, "-c", "from coordinator.cli import main; main()",
+    member = Child("member", [sys.executable, "-c", "from coordinator.console import run; run()",
                               "broker", "--port", str(port), "--store-dir", str(tmp_path / "a"),
                               "--name", "fw-a", "--cluster-listen", f"127.0.0.1:{cport}",
                               "--routes", f"nats-route://127.0.0.1:{cport},{missing}"],
                    tmp_path / "a.log")
-    peer = Child("peer", [sys.executable, "-c", "from coordinator.cli import main; main()",
+    peer = Child("peer", [sys.executable, "-c", "from coordinator.console import run; run()",
                           "broker", "--port", str(free_port()), "--store-dir", str(tmp_path / "b"),
                           "--name", "fw-b", "--cluster-listen", f"127.0.0.1:{other}",
                           "--routes", f"127.0.0.1:{cport}"],

@@ -70,7 +70,7 @@ NATS_PORT = 4222
 CLUSTER_PORT = 6222
 SERVICE_PORT = 8080
 READY_TIMEOUT = 40.0
-CLI = "import sys; from coordinator.cli import main; main(sys.argv[1:])"
+CLI = "from coordinator.console import run; run()"
 
 
 class NetFleet:

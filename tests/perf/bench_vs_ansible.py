@@ -608,7 +608,7 @@ async def rolled(tmp: Path, bus: Bus, fleet: DevFleet, tap: EventTap, n: int, ra
     targets = [(fleet.host(i), port) for i in range(1, n + 1)]
     env = {**os.environ, **fleet.client_env()}
     argv = [sys.executable, "-c",
-            "import sys; from coordinator.cli import main; main(sys.argv[1:])",
+            "from coordinator.console import run; run()",
             *fleet.client_args(), "deploy", "hello", version, "--strategy", "rolling",
             "--batch", BATCH, "--max-unavailable", BATCH, "--bake", "0",
             "--prestage", prestage, "-o", "json"]
@@ -691,8 +691,8 @@ async def start_floor(tmp: Path, n: int) -> float:
 CLI_LIBRARIES = ("import sys\nsys.modules['aiohttp'] = None\n"
                  "sys.modules['importlib.metadata'] = None\n"
                  "import asyncio, nats, click, msgspec")
-CLI_START = ("from coordinator.cli import main\ntry:\n    main(['deploy', '--help'])\n"
-             "except SystemExit:\n    pass")
+CLI_START = ("import sys\nsys.argv[1:] = ['deploy', '--help']\n"
+             "from coordinator.console import run\nrun()")
 CLI_RUNS = 15
 
 

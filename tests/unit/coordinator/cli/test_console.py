@@ -1,0 +1,86 @@
+"""``fleetwave``'s console script (``coordinator.console``): it ends without the interpreter's
+teardown, and loses nothing by it: exit statuses, exit handlers, whatever is still buffered
+for stdout, and a thread left running."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from coordinator.console import exit_status
+
+# ``fleetwave ARGS`` as the console script runs it, after ``SETUP`` (Python statements).
+SCRIPT = """
+import atexit, sys, threading, time
+from pathlib import Path
+OUT = Path(sys.argv.pop(1))
+{setup}
+from coordinator.console import run
+run()
+"""
+
+
+def fleetwave(tmp_path: Path, *args: str, setup: str = "",
+              buffered: bool = False) -> subprocess.CompletedProcess[bytes]:
+    """``buffered``: stdout is, whatever PYTHONUNBUFFERED says here."""
+    env = {k: v for k, v in os.environ.items() if not (buffered and k == "PYTHONUNBUFFERED")}
+    return subprocess.run([sys.executable, "-c", SCRIPT.format(setup=setup), str(tmp_path),
+                           *args], capture_output=True, timeout=60, check=False, env=env)
+
+
+def test_exit_statuses_and_the_output_are_the_commands(tmp_path: Path) -> None:
+    """0 and the whole help; 2 and one line for a bad flag (``main``'s statuses, unchanged)."""
+    ok = fleetwave(tmp_path, "deploy", "--help")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith(b"Usage: fleetwave deploy") and b"-h, --help" in ok.stdout
+    bad = fleetwave(tmp_path, "deploy", "--bogus")
+    assert bad.returncode == 2
+    assert bad.stderr.decode().splitlines() == [
+        "fleetwave: No such option '--bogus'. (see 'fleetwave deploy --help')"]
+
+
+def test_exit_handlers_run_and_what_they_print_is_flushed(tmp_path: Path) -> None:
+    """A handler registered by the command runs, and 1 MB it prints (past any pipe buffer)
+    reaches the reader whole: os._exit comes after both."""
+    setup = ("atexit.register(lambda: (OUT.joinpath('ran').write_text('yes'), "
+             "print('x' * (1 << 20), end='END')))")
+    done = fleetwave(tmp_path, "--help", setup=setup, buffered=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "ran").read_text() == "yes"
+    assert done.stdout.endswith(b"x" * (1 << 20) + b"END")
+
+
+def test_a_thread_left_running_is_waited_for(tmp_path: Path) -> None:
+    """A command that leaves a (non-daemon) thread running exits the interpreter's way, which
+    waits for the thread: it finishes its work."""
+    setup = ("threading.Thread(target=lambda: (time.sleep(0.5), "
+             "OUT.joinpath('thread').write_text('done'))).start()")
+    done = fleetwave(tmp_path, "deploy", "--bogus", setup=setup)
+    assert done.returncode == 2
+    assert (tmp_path / "thread").read_text() == "done"
+
+
+def test_a_reader_gone_is_exit_status_120(tmp_path: Path) -> None:
+    """stdout that cannot be flushed at the end (its reader closed the pipe) is status 120,
+    as the interpreter makes it. (Buffered: PYTHONUNBUFFERED would write it at once.)"""
+    setup = "atexit.register(lambda: sys.stdout.write('x' * 100))"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT.format(setup=setup), str(tmp_path),
+                             "deploy", "--bogus"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, env=env)
+    assert proc.stdout is not None
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == 120
+
+
+@pytest.mark.parametrize(("code", "status", "said"), [
+    (None, 0, ""), (0, 0, ""), (3, 3, ""), (256, 0, ""), (-1, 255, ""), ("no way", 1, "no way\n"),
+])
+def test_exit_status_is_the_interpreters(code: str | int | None, status: int, said: str,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert exit_status(code) == status
+    assert capsys.readouterr().err == said
