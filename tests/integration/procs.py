@@ -24,6 +24,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psutil
+
 from coordinator.auth.enroll import CA, META, SERVER, SERVER_KEY, USERS, AuthDir
 from coordinator.dev.cluster import ClusterSpec
 from coordinator.dev.devfleet import OPERATOR, Child, python_module
@@ -152,6 +154,18 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}; last: {last}")
         await asyncio.sleep(interval)
+
+
+async def execed(pid: int) -> None:
+    """Wait until process ``pid`` is done with its exec. Popen (and asyncio's subprocess) return
+    once the exec has begun, and until the kernel has laid out the new program's arguments and
+    environment, /proc reads them empty: a test that looks at them at once (adoption, the orphan
+    search, a router's command line) flaked on it."""
+
+    async def argv() -> list[str]:
+        return list(psutil.Process(pid).cmdline())
+
+    await wait_until(argv, bool, timeout=10, what=f"pid {pid}'s exec", interval=0.001)
 
 
 def online(rows: dict[str, dict[str, Any]], ids: list[str], state: bool = True) -> bool:

@@ -23,7 +23,7 @@ from agent.host.ports import free_port
 from agent.host.processes import process_matches
 from agent.host.slots import CrashPolicy, SlotRunner, SlotSpec
 from protocol.manifest import HealthConfig, HooksConfig, Manifest, StopConfig
-from tests.integration.procs import hello_bundle, wait_until
+from tests.integration.procs import execed, hello_bundle, wait_until
 
 
 @pytest.fixture
@@ -115,10 +115,12 @@ async def _slot_like(spec: SlotSpec, argv: tuple[str, ...] = ("sleep", "60"), *,
     """``argv`` started as the runner starts ``spec``'s process (its own session, in its release
     dir, its env), for adoption; ``cwd``, ``session``, ``env`` and ``without`` (a variable left
     out) change what it looks like."""
-    return await asyncio.create_subprocess_exec(
+    proc = await asyncio.create_subprocess_exec(
         *argv, cwd=cwd or spec.release_dir,
         env={k: v for k, v in {**spec.env(), **env}.items() if k != without},
         start_new_session=session)
+    await execed(proc.pid)
+    return proc
 
 
 def _start(runners: list, spec: SlotSpec, events: Events, **kw) -> SlotRunner:

@@ -12,8 +12,9 @@ import pytest
 
 from agent.host.processes import find_orphans, stop_orphans
 
-# Says it runs (so it has exec'd: until then /proc shows pytest's environ and session, and a
-# search can miss it; CI once did) and sleeps.
+# Says it runs, then sleeps: Popen returns once the exec has begun, and until the kernel has
+# laid out the new program's environment /proc reads it empty (``procs.execed``), so a search
+# right after the start missed the last one started (CI once did).
 SLEEP = [sys.executable, "-c", "import sys, time; print('up', flush=True); time.sleep(60)"]
 
 
@@ -95,6 +96,5 @@ def test_a_daemon_an_adopted_slot_started_is_no_orphan(
     other = _slot(spawned, tmp_path / "elsewhere", "node-1", started=releases / "abc", slot="b")
     found = find_orphans(releases, "node-1", keep={adopted.pid},
                          kept_slots=[(releases / "abc", "a")])
-    # (CI once found none: if ``other`` was ended meanwhile, from outside, its exit says so.)
     assert [p.pid for p in found] == [other.pid], f"the other slot's exit: {other.poll()}"
     assert helper.pid not in {p.pid for p in found}

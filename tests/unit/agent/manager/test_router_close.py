@@ -41,10 +41,19 @@ def removed_desired() -> DesiredState:
 
 def as_router(tmp_path: Path, seconds: float) -> subprocess.Popen[bytes]:
     """A process that sleeps ``seconds`` with a router's command line on hello's socket (what
-    the agent checks before it waits for or kills a router's pid)."""
+    the agent checks before it waits for or kills a router's pid), once it says it runs: a
+    process Popen has just returned is not always done with its exec, and until it is its
+    command line reads empty (the kernel resumes the parent before it lays out the new argv),
+    so the agent took it for no router at all (one run in 50 on Python 3.11, most runs of
+    this file on 3.13)."""
     sock = routing.router_socket(tmp_path, "hello")
-    return subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})",
-                             "-m", "agent.router", "--control", str(sock)])
+    proc = subprocess.Popen([sys.executable, "-c",
+                             f"import time; print('up', flush=True); time.sleep({seconds})",
+                             "-m", "agent.router", "--control", str(sock)],
+                            stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == b"up\n"
+    proc.stdout.close()
+    return proc
 
 
 def routed(client: Any, pid: int | None) -> Service:
