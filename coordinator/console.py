@@ -16,7 +16,8 @@ command should be (pyproject's ``[project.scripts]``; scripts and tests that run
   the interpreter's way, which waits for it.
 
 Exit statuses are the interpreter's: ``SystemExit``'s code (None is 0; a string is
-printed to stderr and is 1), and 120 when stdout cannot be flushed (a reader gone: ``| head``).
+printed to stderr and is 1), and 120 when stdout or stderr cannot be flushed (a reader gone:
+``| head``); a stream missing or closed is skipped.
 A crash is not caught here: it gets the interpreter's traceback and exit.
 """
 
@@ -28,7 +29,7 @@ import gc
 import os
 import sys
 import threading
-from typing import NoReturn
+from typing import NoReturn, TextIO
 
 
 def run() -> NoReturn:
@@ -52,13 +53,23 @@ def end(code: str | int | None) -> NoReturn:
         sys.exit(code)  # a thread to wait for: the interpreter's teardown joins it first
     status = exit_status(code)
     atexit._run_exitfuncs()
-    try:
-        sys.stdout.flush()
-    except (OSError, ValueError):  # the reader is gone, or stdout was closed
+    out, err = flushed(sys.stdout), flushed(sys.stderr)  # both, whatever the first did
+    if not (out and err):
         status = 120
-    with contextlib.suppress(OSError, ValueError):
-        sys.stderr.flush()
     os._exit(status)
+
+
+def flushed(stream: TextIO | None) -> bool:
+    """Flush ``stream`` as the interpreter does at its exit: a missing one (its descriptor was
+    closed when the process started: ``>&-``) or a closed one is skipped; False if the flush
+    failed (the reader is gone)."""
+    if stream is None or stream.closed:
+        return True
+    try:
+        stream.flush()
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def exit_status(code: str | int | None) -> int:

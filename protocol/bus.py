@@ -2232,7 +2232,8 @@ class Bus:
         out: list[int | BusError] = []
         sent: asyncio.Future[dict[str, Any]] | None = None  # the batch awaiting its ack
         failure: BusError | None = None
-        if not atomic and len(writes) <= FENCED_SINGLES and not self.clustered():
+        if (not atomic and len(writes) <= FENCED_SINGLES and not self.clustered()
+                and lane.limit > 1):
             return await self._singles(kv._pre, lane, writes, fence, rollup, timeout)
         try:
             size = FENCED_BATCH
@@ -2268,7 +2269,9 @@ class Bus:
         cluster: one fenced message each, all sent before the first ack is awaited (one round
         trip for all where one after another took one each: 0.77 against 1.17 ms for a wave's
         two, 2.7 against 5.4 ms for ten, on an idle machine). Each result is its own: its
-        revision, or its error (a moved fence refuses each, as it would a batch)."""
+        revision, or its error (a moved fence refuses each, as it would a batch). A refusal
+        for a busy fence key (a clustered stream, which ``clustered`` missed) turns the lane to
+        one at a time for good, as ``_landed`` does: batches from then on."""
         sent: list[asyncio.Future[dict[str, Any]]] = []
         try:
             async with lane.send:
@@ -2283,7 +2286,10 @@ class Bus:
             for future in sent:
                 if not future.done():
                     future.cancel()
-            return [_batch_result(future, timeout) for future in sent]
+            results = [_batch_result(future, timeout) for future in sent]
+            if any(isinstance(r, _Busy) for r in results):
+                lane.limit = 1  # a clustered stream after all: one at a time, as batches
+            return results
         finally:
             for future in sent:
                 if not future.done():

@@ -32,7 +32,9 @@ __all__ = ["Ctx", "cli", "main"]
 # The interpreter's last full collection at exit walks every object the imports made (nats-py's
 # dataclasses, click, rich, msgspec types): 25-60 ms of every command's exit, measured, against
 # 6 ms with them frozen first (gc.freeze: left to the OS; the modules' teardown still runs, and
-# every file the CLI writes is closed by then). A followed deploy is done when it exits.
+# every file the CLI writes is closed by then). A followed deploy is done when it exits. (The
+# ``fleetwave`` script, ``coordinator.console``, skips the teardown altogether; this is for
+# ``main`` run otherwise: ``python -m coordinator.daemon``.)
 atexit.register(gc.freeze)
 
 

@@ -160,12 +160,13 @@ async def execed(pid: int) -> None:
     """Wait until process ``pid`` is done with its exec. Popen (and asyncio's subprocess) return
     once the exec has begun, and until the kernel has laid out the new program's arguments and
     environment, /proc reads them empty: a test that looks at them at once (adoption, the orphan
-    search, a router's command line) flaked on it."""
+    search, a router's command line) flaked on it. The environment is laid out last (after the
+    arguments), so it is what is waited for: the process must have one."""
 
-    async def argv() -> list[str]:
-        return list(psutil.Process(pid).cmdline())
+    async def environment() -> dict[str, str]:
+        return dict(psutil.Process(pid).environ())
 
-    await wait_until(argv, bool, timeout=10, what=f"pid {pid}'s exec", interval=0.001)
+    await wait_until(environment, bool, timeout=10, what=f"pid {pid}'s exec", interval=0.001)
 
 
 def online(rows: dict[str, dict[str, Any]], ids: list[str], state: bool = True) -> bool:

@@ -15,6 +15,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import nats.errors
 import pytest
@@ -199,6 +200,54 @@ async def test_fenced_batches_on_r3_streams_go_one_at_a_time(cluster: BrokerClus
         assert bus.clustered()
         final = [(k, b"after") for k, _ in writes]
         assert all(isinstance(r, int) for r in await bus.kv_fenced_all(bucket, final, seq))
+        got = {e.key: e.value for e in await bus.kv_entries(bucket)}
+        assert {k: got.get(k) for k, _ in final} == dict(final)
+    finally:
+        await bus.close()
+
+
+async def test_fenced_singles_a_cluster_refuses_turn_the_lane_to_batches(
+        cluster: BrokerCluster) -> None:
+    """A wave's few desired states go as single messages sent at once on a server not in a
+    cluster (``Bus._singles``). Told it is not on one when it is, a refusal of the busy fence
+    key is a BusError to retry, never a Conflict, and turns the lane to one at a time for
+    good: the next such call goes as a batch, and lands whole."""
+    from coordinator.runtime.lease import write_fences
+    from protocol.bus import _FENCED_BUSY, FENCED_SINGLES
+    from protocol.errors import Conflict
+
+    bus = await Bus.connect(cluster.url, "singles3")
+    bucket = subjects.desired_bucket("singles3")
+    try:
+        await bus.ensure_fleet(3)
+        seq = (await write_fences(bus, term=1, holder="t", now=0.0)).seq(bucket)
+        bus.clustered = lambda: False  # type: ignore[method-assign]  # as if not a cluster
+        refused: list[BusError] = []
+        for round_ in range(20):
+            bus._fence_lanes.clear()  # a fresh lane: singles at once
+            results = await bus.kv_fenced_all(
+                bucket, [(f"node-{i}.web", f"{round_}".encode()) for i in range(FENCED_SINGLES)],
+                seq, atomic=False)
+            assert not any(isinstance(r, Conflict) for r in results), results
+            refused = [r for r in results if isinstance(r, BusError)]
+            if refused:
+                break
+        assert refused, "no single was refused: R3 took concurrent fenced messages"
+        assert all(_FENCED_BUSY in str(r) for r in refused), {str(r) for r in refused}
+        assert bus._fence_lanes[bucket].limit == 1
+        sends = 0
+        send = bus._send_atomic
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            nonlocal sends
+            sends += 1
+            return await send(*args, **kwargs)
+
+        bus._send_atomic = counted  # type: ignore[method-assign]
+        final = [(f"node-{i}.web", b"after") for i in range(FENCED_SINGLES)]
+        assert all(isinstance(r, int) for r in await bus.kv_fenced_all(
+            bucket, final, seq, atomic=False))
+        assert sends == 1  # one batch
         got = {e.key: e.value for e in await bus.kv_entries(bucket)}
         assert {k: got.get(k) for k, _ in final} == dict(final)
     finally:

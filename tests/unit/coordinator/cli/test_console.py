@@ -54,6 +54,38 @@ def test_exit_handlers_run_and_what_they_print_is_flushed(tmp_path: Path) -> Non
     assert done.stdout.endswith(b"x" * (1 << 20) + b"END")
 
 
+def test_the_interpreters_teardown_is_skipped(tmp_path: Path) -> None:
+    """What only the teardown does (its full collection: gc's callbacks hear it, armed by the
+    last exit handler to run) is not done: the process ends at os._exit, after the handlers
+    and the flush."""
+    setup = ("def arm():\n"
+             "    path, write = str(OUT / 'collected'), open\n"
+             "    def heard(phase, info):\n"
+             "        if info['generation'] == 2:\n"
+             "            with write(path, 'a') as f:\n"
+             "                f.write(phase)\n"
+             "    import gc\n"
+             "    gc.callbacks.append(heard)\n"
+             "atexit.register(arm)")  # registered first: run last
+    done = fleetwave(tmp_path, "--help", setup=setup)
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "collected").exists()
+
+
+@pytest.mark.parametrize("fd", [1, 2])
+def test_a_stream_closed_from_the_start_is_skipped(tmp_path: Path, fd: int) -> None:
+    """``fleetwave ... >&-`` (or ``2>&-``): no stdout (stderr) at all is skipped at the end, as
+    the interpreter skips it; the status is the command's (0 for --help, 2 for a bad flag)."""
+    for args, status in ((["--help"], 0), (["deploy", "--bogus"], 2)):
+        done = subprocess.run(
+            [sys.executable, "-c", SCRIPT.format(setup=""), str(tmp_path), *args],
+            stdin=subprocess.DEVNULL, capture_output=False, timeout=60, check=False,
+            stdout=subprocess.DEVNULL if fd == 2 else None,
+            stderr=subprocess.DEVNULL if fd == 1 else None,
+            close_fds=True, preexec_fn=lambda: os.close(fd))
+        assert done.returncode == status, (args, done.returncode)
+
+
 def test_a_thread_left_running_is_waited_for(tmp_path: Path) -> None:
     """A command that leaves a (non-daemon) thread running exits the interpreter's way, which
     waits for the thread: it finishes its work."""
