@@ -28,7 +28,7 @@ from coordinator.dev.cluster import BrokerCluster, ClusterSpec, monitor_get, not
 from coordinator.dev.devfleet import Child, DevFleet
 from protocol import creds as creds_file
 from protocol import subjects
-from protocol.bus import Bus, Entry
+from protocol.bus import Bus, Entry, EventsLimits
 from protocol.errors import BusError
 from tests.integration.procs import (
     fleetwave,
@@ -219,7 +219,9 @@ async def test_fenced_singles_a_cluster_refuses_turn_the_lane_to_batches(
     bus = await Bus.connect(cluster.url, "singles3")
     bucket = subjects.desired_bucket("singles3")
     try:
-        await bus.ensure_fleet(3)
+        # Its events stream small, and every stream gone at the end: the module's cluster
+        # reserves each fleet's storage, and its last test's fleet must still find room.
+        await bus.ensure_fleet(3, events=EventsLimits(max_bytes=1 << 20))
         seq = (await write_fences(bus, term=1, holder="t", now=0.0)).seq(bucket)
         bus.clustered = lambda: False  # type: ignore[method-assign]  # as if not a cluster
         refused: list[BusError] = []
@@ -251,7 +253,12 @@ async def test_fenced_singles_a_cluster_refuses_turn_the_lane_to_batches(
         got = {e.key: e.value for e in await bus.kv_entries(bucket)}
         assert {k: got.get(k) for k, _ in final} == dict(final)
     finally:
-        await bus.close()
+        try:
+            for info in await bus.js.streams_info():
+                if "singles3" in info.config.name:
+                    await bus.js.delete_stream(info.config.name)
+        finally:
+            await bus.close()
 
 
 
