@@ -41,12 +41,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import msgspec
+import psutil
 
+from coordinator.errors import BrokerError
 from protocol.bus import Bus
 from protocol.errors import BusError
 
@@ -232,11 +235,40 @@ async def sweep_loop(bus: Bus, every: float = SWEEP_EVERY) -> None:
         await asyncio.sleep(LOOK)
 
 
+class StoreInUse(BrokerError):
+    """A running process holds files of the store: it is a live server's."""
+
+
+def store_user(store_dir: Path) -> int | None:
+    """The pid of a live process (a nats-server) with a file of ``<store_dir>/jetstream`` open,
+    or None. nats-server takes no lock on its store: two servers on one store, or a sweep of a
+    live one, would each change files the other has open. Processes this user may not look
+    into are passed over (as root, none is)."""
+    js = os.path.realpath(store_dir / "jetstream") + os.sep
+    me = os.getpid()
+    for proc in psutil.process_iter():
+        if proc.pid == me:
+            continue
+        try:
+            if any(f.path.startswith(js) for f in proc.open_files()):
+                return proc.pid
+        except psutil.Error:
+            continue
+    return None
+
+
 def sweep_store(store_dir: Path) -> list[Path]:
     """Remove, from a stopped server's store (``<store_dir>/jetstream``), the files of every
     consumer that delivers elsewhere than an inbox (``foreign``); the directories removed.
-    Nothing in a cluster member's store (see the module docstring)."""
+    Nothing in a cluster member's store (see the module docstring). StoreInUse, and nothing
+    removed, if a running process holds files of it (``store_user``)."""
     js = store_dir / "jetstream"
+    pid = store_user(store_dir)
+    if pid is not None:
+        raise StoreInUse(
+            f"the JetStream store in {store_dir} is in use by a running process (pid {pid}, a "
+            "nats-server?): a live server's store is neither swept nor shared; stop that "
+            "server first, or give this broker another --store-dir")
     if (js / "$SYS" / "_js_").exists():
         return []
     removed: list[Path] = []

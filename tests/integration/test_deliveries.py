@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.auth.enroll import CA, AuthDir
-from coordinator.dev.broker import Broker
+from coordinator.dev.broker import Broker, free_port
 from coordinator.dev.devfleet import DevFleet
 from coordinator.runtime.deliveries import sweep
 from protocol import creds as creds_file
@@ -144,6 +144,38 @@ async def test_broker_sweep_store_cleans_a_stopped_servers_store(tmp_path: Path)
     code, out, err = await fleetwave("broker", "--store-dir", str(store), "--sweep-store")
     assert code == 0 and "removed 2 consumer(s)" in out, out + err
     assert not any(p.exists() for p in planted)
+
+
+async def test_a_live_servers_store_is_neither_swept_nor_shared(tmp_path: Path) -> None:
+    """nats-server takes no lock on its store. ``--sweep-store`` on the store of a server that
+    runs is refused in one line (exit 1) and removes nothing; a second broker started on it is
+    refused the same way before it sweeps or starts anything (it swept the live store, then ran
+    a second server on it)."""
+    store = tmp_path / "store"
+    async with Broker(store_dir=store) as broker:
+        bus = await Bus.connect(broker.url, F)
+        try:
+            await bus.ensure_fleet()
+            await _plant(bus)
+        finally:
+            await bus.close()
+        planted = sorted(store.glob("jetstream/*/streams/*/obs/*"))
+        assert len(planted) == 2
+        code, out, err = await fleetwave("broker", "--store-dir", str(store), "--sweep-store")
+        assert code == 1, out + err
+        assert err.splitlines() == [
+            f"fleetwave: the JetStream store in {store} is in use by a running process (pid "
+            f"{broker.pid}, a nats-server?): a live server's store is neither swept nor shared; "
+            "stop that server first, or give this broker another --store-dir"]
+        code, out, err = await fleetwave("broker", "--store-dir", str(store), "--port",
+                                         str(free_port()))
+        assert code == 1 and f"in use by a running process (pid {broker.pid}" in err, out + err
+        assert all(p.exists() for p in planted)
+        bus = await Bus.connect(broker.url, F)  # the live server is unharmed
+        try:
+            assert await _planted(bus) == {"evt2lease", "lease2evt"}
+        finally:
+            await bus.close()
 
 
 @pytest.mark.parametrize(("role", "name", "stream", "onto"), [
