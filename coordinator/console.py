@@ -79,6 +79,7 @@ def exit_status(code: str | int | None) -> int:
         return 0
     if isinstance(code, int):
         return code & 0xFF
-    with contextlib.suppress(OSError, ValueError):
-        print(code, file=sys.stderr)
+    if sys.stderr is not None:  # (print to None would write to stdout)
+        with contextlib.suppress(OSError, ValueError):
+            print(code, file=sys.stderr)
     return 1

@@ -116,3 +116,11 @@ def test_exit_status_is_the_interpreters(code: str | int | None, status: int, sa
                                           capsys: pytest.CaptureFixture[str]) -> None:
     assert exit_status(code) == status
     assert capsys.readouterr().err == said
+
+
+def test_a_message_without_stderr_is_said_nowhere(capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """``2>&-`` (no sys.stderr): a string code is 1 and is not printed to stdout instead."""
+    monkeypatch.setattr(sys, "stderr", None)
+    assert exit_status("no way") == 1
+    assert capsys.readouterr().out == ""
