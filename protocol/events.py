@@ -108,6 +108,7 @@ class EventPublisher:
                  logger: logging.Logger = log,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  on_stored: Callable[[Sequence[Event]], None] | None = None,
+                 on_lost: Callable[[Sequence[Event]], None] | None = None,
                  agent: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
         self._fleet = fleet
         self._agent = agent  # an agent's: each event on its node's own subject
@@ -118,6 +119,7 @@ class EventPublisher:
         self._log = logger
         self._sleep = sleep  # the backoff's wait; tests pass one that moves a fake clock
         self._on_stored = on_stored  # told of the events the stream acknowledged, per attempt
+        self._on_lost = on_lost  # told of the events given up on, after the last attempt
         self._clock = clock
         self._dropped: Counter[str] = Counter()  # kinds dropped since the last line said so
         self._last_drop: Event | None = None
@@ -193,6 +195,8 @@ class EventPublisher:
                 for (_, _, event), error in failed:
                     self._log.error("event %s of %s not recorded: %s", event.kind,
                                     _source(event), str(error) or "timed out")
+                if self._on_lost is not None:
+                    self._on_lost([event for (_, _, event), _ in failed])
                 return
             pending = [item for item, _ in failed]
             await self._sleep(RETRY_DELAY * 2**attempt)

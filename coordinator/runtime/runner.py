@@ -195,7 +195,10 @@ class Runner:
         self.desired = DesiredWriter(bus, seed=seed, fenced=fenced, retrying=self._retrying,
                                      batchable=batchable)
         self.events = EventPublisher(self.fleet, queue=EVENT_QUEUE, logger=log,
-                                     on_stored=self._stored)
+                                     on_stored=self._stored, on_lost=self._lost_events)
+        # Events the publisher gave up on (the stream away past its retries): sent again from
+        # their outboxes as soon as the stream stores anything again (``_stored``).
+        self._given_up: set[str] = set()
         self._executor = Executor(store=self.store, desired=self.desired, events=self.events,
                                   retrying=self._retrying, clock=clock, observe=observe)
         self.cordons = Cordons(bus, fenced=fenced, desired=self.desired, events=self.events,
@@ -423,11 +426,25 @@ class Runner:
     # -- the outbox --------------------------------------------------------------------------------
 
     def _stored(self, events: Sequence[Event]) -> None:
-        """The stream acknowledged ``events``: they leave their rollouts' outboxes."""
+        """The stream acknowledged ``events``: they leave their rollouts' outboxes. The stream
+        answers again, so what the publisher gave up on meanwhile is sent again now: a cluster
+        electing the events stream's leader (its broker killed) answered no one for ~8 s, and
+        a decision's events waited OUTBOX_RETRY (30 s) in its outbox, the rollout's success
+        published before them."""
         for event in events:
             driver = self.drivers.get(event.rollout) or self.closing.get(event.rollout)
             if driver is not None:
                 driver.outbox.pop(event.id, None)
+        if events and self._given_up:
+            given_up, self._given_up = self._given_up, set()
+            for driver in [*self.drivers.values(), *self.closing.values()]:
+                for eid, event in list(driver.outbox.items()):
+                    if eid in given_up:
+                        self.events.put(event)
+
+    def _lost_events(self, events: Sequence[Event]) -> None:
+        """The publisher gave up on ``events``: those in an outbox go again (``_stored``)."""
+        self._given_up.update(e.id for e in events if e.rollout)
 
     async def _clear_outboxes(self, now: float) -> None:
         """Rewrite with an empty outbox each record whose stored outbox was all acknowledged a

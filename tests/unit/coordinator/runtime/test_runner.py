@@ -24,7 +24,7 @@ from protocol import subjects
 from protocol.bus import FENCED_BATCH, FENCED_IN_FLIGHT, Entry
 from protocol.codec import decode, encode
 from protocol.errors import BusError, Conflict
-from protocol.events import PACK, unpacked
+from protocol.events import EVENT_ATTEMPTS, PACK, unpacked
 from protocol.history import RolloutPage, assemble, unpack_page
 from protocol.messages import (
     DesiredState,
@@ -39,7 +39,7 @@ from protocol.messages import (
     SlotStatus,
 )
 from protocol.signing import generate_seed, public_key, sign, verify
-from protocol.testing import FLEET, NEW, OLD, FakeBus, FakeClock, desired, spec
+from protocol.testing import FLEET, NEW, OLD, PUBLISH, FakeBus, FakeClock, desired, spec
 
 SEED = generate_seed()
 DESIRED = subjects.desired_bucket(FLEET)
@@ -915,6 +915,33 @@ async def test_events_the_publisher_gave_up_on_are_sent_again_from_the_outbox() 
     await r.step()
     again = r.events.pending()
     assert {e.id for e in lost} <= {e.id for e in again}
+    await r.events.publish(bus, again)
+    assert r.drivers[rec.id].outbox == {}
+
+
+async def test_events_given_up_on_go_again_as_soon_as_the_stream_stores_anything() -> None:
+    """The stream answered no one past the publisher's retries (a cluster electing the events
+    stream's leader): the events it gave up on go again from the outbox as soon as a later
+    publication is stored, not OUTBOX_RETRY later (the rollout's success was published before
+    them: a chaos test's audit log lacked a wave's node.done when read)."""
+    bus, clock = fleet_bus(), FakeClock()
+    r = runner(bus, clock)
+
+    async def at_once(_: float) -> None:
+        return None
+
+    r.events._sleep = at_once  # the publisher's backoff, in no time
+    rec = await r.deploy(spec(), NEW)
+    decided = r.events.pending(expand=False)
+    bus.faults[(PUBLISH, PUBLISH)] = BusError("no JetStream stream answers on that subject")
+    bus.fault_count[(PUBLISH, PUBLISH)] = EVENT_ATTEMPTS
+    await r.events.publish(bus, decided)  # every attempt refused: given up
+    assert bus.published == [] and set(r.drivers[rec.id].outbox) == {e.id for e in decided}
+    later = Event(id="later", time=clock.t, fleet=FLEET, kind="node.heard", message="",
+                  rollout=rec.id)
+    await r.events.publish(bus, [later])  # the stream answers again
+    again = r.events.pending(expand=False)
+    assert {e.id for e in again} == {e.id for e in decided}
     await r.events.publish(bus, again)
     assert r.drivers[rec.id].outbox == {}
 
