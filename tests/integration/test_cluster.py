@@ -10,6 +10,7 @@ of its own on it. The failover test kills one of its brokers, so it comes last.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import socket
 import sys
@@ -322,10 +323,22 @@ async def test_env_replicas_is_read_and_checked(cluster: BrokerCluster, tmp_path
     assert proc.returncode == 2 and b"--replicas 4 is more" in err, err
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports free a moment ago: each held while the next is chosen."""
+    with contextlib.ExitStack() as held:
+        socks = [held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                 for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+
+
 async def test_a_broker_that_cannot_reach_its_route_says_so_once(tmp_path: Path) -> None:
     """`fleetwave broker` whose only route is down says which route and what to do, once, keeps
     running, and says the routes are up once the other broker starts."""
-    port, cport = free_port(), free_port()
+    # Three ports chosen together (each held while the next is chosen): one after another,
+    # free_port gave the peer the member's port once (not bound yet), and the peer refused it.
+    port, cport, peer_port = free_ports(3)
     # The missing broker's port is held (bound, not listening: a connect is refused) until the
     # peer starts on it: a port merely found free was once taken meanwhile by another test's
     # listener, and the route then "answered" instead of refusing.
@@ -339,7 +352,7 @@ async def test_a_broker_that_cannot_reach_its_route_says_so_once(tmp_path: Path)
                               "--routes", f"nats-route://127.0.0.1:{cport},{missing}"],
                    tmp_path / "a.log")
     peer = Child("peer", [sys.executable, "-c", "from coordinator.console import run; run()",
-                          "broker", "--port", str(free_port()), "--store-dir", str(tmp_path / "b"),
+                          "broker", "--port", str(peer_port), "--store-dir", str(tmp_path / "b"),
                           "--name", "fw-b", "--cluster-listen", f"127.0.0.1:{other}",
                           "--routes", f"127.0.0.1:{cport}"],
                  tmp_path / "b.log")
