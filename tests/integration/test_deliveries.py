@@ -128,17 +128,22 @@ async def test_a_coordinator_sweeps_when_it_starts_leading(tmp_path: Path) -> No
             await bus.close()
 
 
+async def _planted_on(broker: Broker) -> None:
+    """The fleet set up on ``broker``, with ``_plant``'s two consumers."""
+    bus = await Bus.connect(broker.url, F)
+    try:
+        await bus.ensure_fleet()
+        await _plant(bus)
+    finally:
+        await bus.close()
+
+
 async def test_broker_sweep_store_cleans_a_stopped_servers_store(tmp_path: Path) -> None:
     """``fleetwave broker --sweep-store`` (a nats-server of one's own: its ExecStartPre) does
     what the broker does before its server starts, and exits."""
     store = tmp_path / "store"
     async with Broker(store_dir=store) as broker:
-        bus = await Bus.connect(broker.url, F)
-        try:
-            await bus.ensure_fleet()
-            await _plant(bus)
-        finally:
-            await bus.close()
+        await _planted_on(broker)
     planted = sorted(store.glob("jetstream/*/streams/*/obs/*"))
     assert sorted(p.name for p in planted) == ["evt2lease", "lease2evt"]
     code, out, err = await fleetwave("broker", "--store-dir", str(store), "--sweep-store")
@@ -153,12 +158,7 @@ async def test_a_live_servers_store_is_neither_swept_nor_shared(tmp_path: Path) 
     a second server on it)."""
     store = tmp_path / "store"
     async with Broker(store_dir=store) as broker:
-        bus = await Bus.connect(broker.url, F)
-        try:
-            await bus.ensure_fleet()
-            await _plant(bus)
-        finally:
-            await bus.close()
+        await _planted_on(broker)
         planted = sorted(store.glob("jetstream/*/streams/*/obs/*"))
         assert len(planted) == 2
         code, out, err = await fleetwave("broker", "--store-dir", str(store), "--sweep-store")
