@@ -197,8 +197,10 @@ class Runner:
         self.events = EventPublisher(self.fleet, queue=EVENT_QUEUE, logger=log,
                                      on_stored=self._stored, on_lost=self._lost_events)
         # Events the publisher gave up on (the stream away past its retries): sent again from
-        # their outboxes as soon as the stream stores anything again (``_stored``).
+        # their outboxes as soon as the stream stores anything again (``_stored``), once each
+        # (``_resent``): one the stream refuses for good waits for ``_retry_outbox``.
         self._given_up: set[str] = set()
+        self._resent: set[str] = set()
         self._executor = Executor(store=self.store, desired=self.desired, events=self.events,
                                   retrying=self._retrying, clock=clock, observe=observe)
         self.cordons = Cordons(bus, fenced=fenced, desired=self.desired, events=self.events,
@@ -435,16 +437,26 @@ class Runner:
             driver = self.drivers.get(event.rollout) or self.closing.get(event.rollout)
             if driver is not None:
                 driver.outbox.pop(event.id, None)
+            self._resent.discard(event.id)
         if events and self._given_up:
             given_up, self._given_up = self._given_up, set()
             for driver in [*self.drivers.values(), *self.closing.values()]:
                 for eid, event in list(driver.outbox.items()):
                     if eid in given_up:
+                        self._resent.add(eid)
                         self.events.put(event)
 
     def _lost_events(self, events: Sequence[Event]) -> None:
-        """The publisher gave up on ``events``: those in an outbox go again (``_stored``)."""
-        self._given_up.update(e.id for e in events if e.rollout)
+        """The publisher gave up on ``events``: those still in an outbox and not sent again
+        this way before go again at the next store (``_stored``)."""
+        for event in events:
+            driver = self.drivers.get(event.rollout) or self.closing.get(event.rollout)
+            if driver is None or event.id not in driver.outbox:
+                continue
+            if event.id in self._resent:  # refused again: left to _retry_outbox
+                self._resent.discard(event.id)
+            else:
+                self._given_up.add(event.id)
 
     async def _clear_outboxes(self, now: float) -> None:
         """Rewrite with an empty outbox each record whose stored outbox was all acknowledged a

@@ -919,6 +919,39 @@ async def test_events_the_publisher_gave_up_on_are_sent_again_from_the_outbox() 
     assert r.drivers[rec.id].outbox == {}
 
 
+async def test_an_event_the_stream_refuses_for_good_is_sent_again_once_not_in_a_loop() -> None:
+    """An event refused at every attempt while others are stored (too large, say) is sent
+    again once at the next store; refused again, it waits for OUTBOX_RETRY (a review's sink
+    published it 50 times in 20 batches, 75 s of backoff)."""
+    bus, clock = fleet_bus(), FakeClock()
+    r = runner(bus, clock)
+
+    async def at_once(_: float) -> None:
+        return None
+
+    r.events._sleep = at_once
+    rec = await r.deploy(spec(), NEW)
+    r.events.pending(expand=False)
+    refused = next(iter(r.drivers[rec.id].outbox.values()))
+    stored = Event(id="stored", time=clock.t, fleet=FLEET, kind="node.heard", message="",
+                   rollout=rec.id)
+
+
+    async def refusing(events: list[Event]) -> None:
+        bus.faults[(PUBLISH, PUBLISH)] = BusError("maximum message size exceeded")
+        bus.fault_count[(PUBLISH, PUBLISH)] = EVENT_ATTEMPTS
+        await r.events.publish(bus, events)
+
+    await refusing([refused])  # given up
+    await r.events.publish(bus, [stored])  # stored: what was given up goes again
+    again = r.events.pending(expand=False)
+    assert [e.id for e in again] == [refused.id]
+    await refusing(again)  # given up again
+    await r.events.publish(bus, [stored])  # left to OUTBOX_RETRY this time
+    assert r.events.pending(expand=False) == []
+    assert refused.id in r.drivers[rec.id].outbox
+
+
 async def test_events_given_up_on_go_again_as_soon_as_the_stream_stores_anything() -> None:
     """The stream answered no one past the publisher's retries (a cluster electing the events
     stream's leader): the events it gave up on go again from the outbox as soon as a later
