@@ -58,7 +58,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nkeys
-import psutil
 
 from coordinator.auth import perms, pki
 from coordinator.errors import FleetwaveError, UsageError
@@ -532,8 +531,8 @@ def check_store(store_dir: Path, *, revert: bool = False) -> None:
     check_store_dir(store_dir)
     held = holder(store_dir)
     if held is not None:
-        raise UsageError(f"a nats-server (pid {held}) holds files in {store_dir}: stop it first, "
-                         "then run this again and start it")
+        raise UsageError(f"a running process (pid {held}) serves the store in {store_dir}: stop "
+                         "it first, then run this again and start it")
     if src.is_dir():
         _refuse_both(js, dst)
     if (js / "$SYS" / "_js_").exists():
@@ -558,17 +557,11 @@ def _refuse_both(js: Path, dst: Path) -> None:
 
 
 def holder(store_dir: Path) -> int | None:
-    """The pid of a running nats-server with a file open under ``store_dir`` (a server
-    serving a store holds its message blocks open), or None."""
-    root = str(store_dir.resolve()) + os.sep
-    for proc in psutil.process_iter(["name"]):
-        try:
-            if "nats-server" in (proc.info["name"] or "") and any(
-                    f.path.startswith(root) for f in proc.open_files()):
-                return int(proc.pid)
-        except (psutil.Error, OSError):
-            continue
-    return None
+    """The pid of a running process that serves ``store_dir`` (``store_server``), or None."""
+    from coordinator.runtime.deliveries import store_server  # (the bus: CLI paths need it)
+
+    server = store_server(store_dir)
+    return server[0] if server is not None else None
 
 
 def move_store(store_dir: Path, *, revert: bool = False) -> bool:

@@ -40,8 +40,9 @@ from coordinator.dev.cluster import ClusterSpec, cluster_spec, watch_routes
               help="Only remove, from --store-dir (a stopped server's), the consumers that "
               "deliver elsewhere than an inbox, and exit: what this broker does before its "
               "server starts, for a nats-server of your own (ExecStartPre in "
-              "deploy/systemd/nats-server.service). A store a running server holds is refused "
-              "(exit 1), as is a broker started on it.")
+              "deploy/systemd/nats-server.service). A store a running server serves (a file of "
+              "it open, or its command line or config naming it) is refused (exit 1), as is a "
+              "broker started on it.")
 def broker(port: int, host: str, store_dir: Path, name: str | None,
            cluster_listen: str | None, routes: str | None, auth_dir: Path | None,
            sweep_store: bool) -> int:

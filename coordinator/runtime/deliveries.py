@@ -42,6 +42,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -239,36 +240,61 @@ class StoreInUse(BrokerError):
     """A running process holds files of the store: it is a live server's."""
 
 
-def store_user(store_dir: Path) -> int | None:
-    """The pid of a live process (a nats-server) with a file of ``<store_dir>/jetstream`` open,
-    or None. nats-server takes no lock on its store: two servers on one store, or a sweep of a
-    live one, would each change files the other has open. Processes this user may not look
-    into are passed over (as root, none is)."""
-    js = os.path.realpath(store_dir / "jetstream") + os.sep
+def store_server(store_dir: Path) -> tuple[int, str] | None:
+    """(pid, name) of a running process that serves the store in ``store_dir``, or None: one
+    with a file in it open (a server's message blocks, its log), or a nats-server whose command
+    line names it (``-sd``, ``--store_dir``) or names a config file that does (``store_dir:``,
+    as ``fleetwave broker`` writes one into the store). nats-server takes no lock on its store,
+    and an idle one closes its message blocks (after 30 s): its files alone do not tell.
+    Processes this user may not look into are passed over (as root, none is)."""
+    root = os.path.realpath(store_dir)
     me = os.getpid()
-    for proc in psutil.process_iter():
+    for proc in psutil.process_iter(["name", "cmdline"]):
         if proc.pid == me:
             continue
+        name = proc.info.get("name") or ""
         try:
-            if any(f.path.startswith(js) for f in proc.open_files()):
-                return proc.pid
-        except psutil.Error:
+            if any(f.path.startswith(root + os.sep) for f in proc.open_files()):
+                return proc.pid, name
+            if "nats-server" in name and root in _stores_named(proc):
+                return proc.pid, name
+        except (psutil.Error, OSError):
             continue
     return None
+
+
+_STORE_DIR = re.compile(r"""^\s*store_dir\s*[:=]?\s*["']?([^"'\s#]+)""", re.MULTILINE)
+
+
+def _stores_named(proc: psutil.Process) -> set[str]:
+    """The store dirs a nats-server's command line names, directly or in its config file."""
+    argv = proc.info.get("cmdline") or []
+    named: list[str] = []
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        if flag in ("-sd", "--store_dir", "-c", "--config") and not eq:
+            value = argv[i + 1] if i + 1 < len(argv) else ""
+        if flag in ("-sd", "--store_dir"):
+            named.append(value)
+        elif flag in ("-c", "--config") and value:
+            with (Path(proc.cwd()) / value).open(encoding="utf-8", errors="replace") as f:
+                named += _STORE_DIR.findall(f.read(1 << 20))
+    return {os.path.realpath(Path(proc.cwd()) / d) for d in named if d}
 
 
 def sweep_store(store_dir: Path) -> list[Path]:
     """Remove, from a stopped server's store (``<store_dir>/jetstream``), the files of every
     consumer that delivers elsewhere than an inbox (``foreign``); the directories removed.
     Nothing in a cluster member's store (see the module docstring). StoreInUse, and nothing
-    removed, if a running process holds files of it (``store_user``)."""
+    removed, if a running process serves it (``store_server``)."""
     js = store_dir / "jetstream"
-    pid = store_user(store_dir)
-    if pid is not None:
+    server = store_server(store_dir)
+    if server is not None:
+        pid, name = server
         raise StoreInUse(
-            f"the JetStream store in {store_dir} is in use by a running process (pid {pid}, a "
-            "nats-server?): a live server's store is neither swept nor shared; stop that "
-            "server first, or give this broker another --store-dir")
+            f"the JetStream store in {store_dir} is in use by {name or 'a process'} (pid {pid}): "
+            "a live server's store is neither swept nor shared; stop it first, or give this "
+            "broker another --store-dir")
     if (js / "$SYS" / "_js_").exists():
         return []
     removed: list[Path] = []

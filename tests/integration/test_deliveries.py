@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -17,11 +20,11 @@ import pytest
 from coordinator.auth.enroll import CA, AuthDir
 from coordinator.dev.broker import Broker, free_port
 from coordinator.dev.devfleet import DevFleet
-from coordinator.runtime.deliveries import sweep
+from coordinator.runtime.deliveries import StoreInUse, store_server, sweep, sweep_store
 from protocol import creds as creds_file
 from protocol import subjects
 from protocol.bus import Bus
-from tests.integration.procs import fleetwave, read_text, wait_until
+from tests.integration.procs import execed, fleetwave, read_text, wait_until
 
 F = "default"
 SUBNET = "127.0.77"
@@ -164,18 +167,54 @@ async def test_a_live_servers_store_is_neither_swept_nor_shared(tmp_path: Path) 
         code, out, err = await fleetwave("broker", "--store-dir", str(store), "--sweep-store")
         assert code == 1, out + err
         assert err.splitlines() == [
-            f"fleetwave: the JetStream store in {store} is in use by a running process (pid "
-            f"{broker.pid}, a nats-server?): a live server's store is neither swept nor shared; "
-            "stop that server first, or give this broker another --store-dir"]
+            f"fleetwave: the JetStream store in {store} is in use by nats-server (pid "
+            f"{broker.pid}): a live server's store is neither swept nor shared; stop it first, "
+            "or give this broker another --store-dir"]
         code, out, err = await fleetwave("broker", "--store-dir", str(store), "--port",
                                          str(free_port()))
-        assert code == 1 and f"in use by a running process (pid {broker.pid}" in err, out + err
+        assert code == 1 and f"in use by nats-server (pid {broker.pid})" in err, out + err
         assert all(p.exists() for p in planted)
         bus = await Bus.connect(broker.url, F)  # the live server is unharmed
         try:
             assert await _planted(bus) == {"evt2lease", "lease2evt"}
         finally:
             await bus.close()
+
+
+@pytest.mark.parametrize("names", ["-sd", "--store_dir=", "-c", "--config="])
+def test_an_idle_server_is_known_by_its_command_line(tmp_path: Path, names: str) -> None:
+    """An idle nats-server closes its message blocks (after 30 s): a server is also known by
+    its command line naming the store, or a config file that does (relative paths from its
+    working directory). A process named nats-server with no file of the store open, and
+    one naming another store, stand for them."""
+    store, other = tmp_path / "store", tmp_path / "store2"
+    (store / "jetstream").mkdir(parents=True)
+    server = tmp_path / "bin" / "nats-server"  # a script: the process is named after it
+    server.parent.mkdir()
+    server.write_text("#!/bin/sh\nsleep 60\n")
+    server.chmod(0o755)
+    conf = tmp_path / "nats.conf"
+
+    def naming(path: str) -> list[str]:
+        flag = names.rstrip("=")
+        value = path if flag in ("-sd", "--store_dir") else str(conf)
+        if flag in ("-c", "--config"):
+            conf.write_text(f'jetstream {{\n  store_dir: "{path}"\n}}\n')
+        return [f"{flag}={value}"] if names.endswith("=") else [flag, value]
+
+    for path, found in (("store2", False), ("store", True)):
+        proc = subprocess.Popen([str(server), *naming(path)], cwd=tmp_path,
+                                start_new_session=True)
+        try:
+            asyncio.run(execed(proc.pid))
+            assert (store_server(store) is not None) is found, (path, proc.args)
+            if found:
+                with pytest.raises(StoreInUse, match=rf"in use by nats-server \(pid {proc.pid}\)"):
+                    sweep_store(store)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert store_server(store) is None and not other.exists()
 
 
 @pytest.mark.parametrize(("role", "name", "stream", "onto"), [
