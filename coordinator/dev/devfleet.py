@@ -181,6 +181,9 @@ def _ours(proc: psutil.Process, argv: list[str]) -> bool:
     return all(name in env for name in _OURS_ENV)
 
 
+REAP_ROUNDS = 3  # looks for leftovers, each after the last one's are gone (``reap_leftovers``)
+
+
 def reap_leftovers(directory: Path, *, exclude: set[int | None], timeout: float = 5.0,
                    ours_only: bool = False) -> int:
     """Stop every process still working under ``directory``: services and routers.
@@ -191,29 +194,37 @@ def reap_leftovers(directory: Path, *, exclude: set[int | None], timeout: float 
     of a router of a data dir there; with ``ours_only`` (``fleetwave dev up``, whose ``--dir``
     may hold anything of its user's) only if it is also one of a fleet's programs or a child an
     agent started: a review's ``dev up`` that failed to start killed a ``sleep`` working in its
-    directory. SIGTERM, then SIGKILL after ``timeout``; returns how many there were.
+    directory. SIGTERM, then SIGKILL after ``timeout``; returns how many there were. Looked for
+    again once they are gone, up to ``REAP_ROUNDS`` times: one may start another as it stops
+    (an agent, given SIGTERM with its router, started a new router before it exited: a CI run
+    found it serving the port after the reap).
     """
     roots = [str(directory), *_router_socket_dirs(directory)]
     me = psutil.Process()
     spared = {me.pid, *exclude, *(p.pid for p in me.parents())}  # never our own callers
-    found: list[psutil.Process] = []
-    for proc in psutil.process_iter(["pid", "cwd", "cmdline"]):
-        if proc.pid in spared:
-            continue
-        cwd = proc.info.get("cwd") or ""
-        argv = proc.info.get("cmdline") or []
-        if any(_names_path_under(text, root) for text in (cwd, *argv) for root in roots) \
-                and (not ours_only or _ours(proc, argv)):
-            found.append(proc)
-    for proc in found:
-        with contextlib.suppress(psutil.Error):
-            proc.terminate()
-    _, alive = psutil.wait_procs(found, timeout=timeout)
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=timeout)
-    return len(found)
+    total = 0
+    for _ in range(REAP_ROUNDS):
+        found: list[psutil.Process] = []
+        for proc in psutil.process_iter(["pid", "cwd", "cmdline"]):
+            if proc.pid in spared:
+                continue
+            cwd = proc.info.get("cwd") or ""
+            argv = proc.info.get("cmdline") or []
+            if any(_names_path_under(text, root) for text in (cwd, *argv) for root in roots) \
+                    and (not ours_only or _ours(proc, argv)):
+                found.append(proc)
+        if not found:
+            break
+        for proc in found:
+            with contextlib.suppress(psutil.Error):
+                proc.terminate()
+        _, alive = psutil.wait_procs(found, timeout=timeout)
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=timeout)
+        total += len(found)
+    return total
 
 
 def _agent_has_trust_key() -> bool:
