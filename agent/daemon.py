@@ -24,7 +24,9 @@ come back before the broker), then owns three more tasks in one TaskGroup until 
 - *services*: ``services.run_bus(bus)`` (the service manager's watch of desired states, its
   events and observed states), if one is plugged in.
 
-A stop while it still connects cancels the local part, which saves its state as at any stop.
+From the moment ``stop`` is set the local part starts nothing (no slot, no router, no restart),
+and it is cancelled (saving its state) before the bus is closed; a stop while it still connects
+cancels it too.
 A failure of one task is a bug: the TaskGroup cancels the others and ``run`` raises, and the
 process exits 1 (systemd restarts it). Bus errors are expected weather and are retried.
 """
@@ -70,8 +72,9 @@ TRIM_EVERY = 60.0
 class ServiceSource(Protocol):
     """What the service manager offers the daemon (``agent.manager.shell.ServiceManager``)."""
 
-    async def run_local(self) -> None:
-        """Restore, supervise and converge what needs no bus, until cancelled."""
+    async def run_local(self, stop: asyncio.Event) -> None:
+        """Restore, supervise and converge what needs no bus, until cancelled; once ``stop`` is
+        set, start nothing more (the agent stops)."""
 
     async def run_bus(self, bus: Bus) -> None:
         """Watch desired states and report, on ``bus``, until cancelled."""
@@ -150,11 +153,12 @@ class Agent:
             async with asyncio.TaskGroup() as tg:
                 local = None
                 if services is not None:
-                    local = tg.create_task(services.run_local(), name="services-local")
+                    local = tg.create_task(services.run_local(stop), name="services-local")
                 try:
                     bus = await self._connect(stop)
                     if bus is not None:
-                        gone = await self._online(bus, services, stop)
+                        gone = await self._online(bus, services, stop,
+                                                  local.cancel if local is not None else None)
                 finally:
                     if local is not None:
                         local.cancel()  # it saves the state file a last time
@@ -168,10 +172,13 @@ class Agent:
                            "before); the agent stops: its supervisor starts it again")
 
     async def _online(
-        self, bus: Bus, services: ServiceSource | None, stop: asyncio.Event
+        self, bus: Bus, services: ServiceSource | None, stop: asyncio.Event,
+        halt: Callable[[], object] | None = None,
     ) -> bool:
         """Register, beat and run the services' bus part until ``stop`` is set or the bus is
-        gone for good (then True); the bus is closed on return."""
+        gone for good (then True); the bus is closed on return. ``halt`` (the local part's
+        cancel) is called first, on a stop: the state is saved before the bus's close, which
+        can take seconds (a drain, a broker that does not answer)."""
         self.bus = bus
         log.info("connected to %s as node %s", redact(self.options.nats_url), self.options.node_id)
         try:
@@ -184,6 +191,8 @@ class Agent:
                 if services is not None:
                     tasks.append(tg.create_task(services.run_bus(bus), name="services-bus"))
                 await first_set(stop, bus.gone)
+                if stop.is_set() and halt is not None:
+                    halt()
                 for t in tasks:
                     t.cancel()
             return bus.gone.is_set() and not stop.is_set()

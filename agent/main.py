@@ -40,6 +40,7 @@ from protocol.errors import BusError, ProtocolError
 from protocol.imports import import_bus
 
 if TYPE_CHECKING:
+    import asyncio
     from collections.abc import Mapping
 
     from agent.daemon import Agent, AgentOptions
@@ -247,6 +248,15 @@ def start(values: dict[str, Any]) -> int:
     return asyncio.run(_run(build_agent(options, live), sock, live))
 
 
+def _stopping(stop: asyncio.Event, sig: signal.Signals) -> None:
+    """A stop signal: said once, then ``stop`` set (``Agent.run``: from now on it starts
+    nothing; the services and routers serve on, for the next agent to adopt)."""
+    if not stop.is_set():
+        log.info("stopping on %s: nothing is started any more; the services and their routers "
+                 "run on, for the next agent to adopt", sig.name)
+    stop.set()
+
+
 async def _run(agent: Agent, sock: socket.socket | None = None,
                live: LiveAgent | None = None) -> int:
     """Run ``agent`` until a stop signal (``STOP_SIGNALS``); with a metrics socket, serve
@@ -257,7 +267,7 @@ async def _run(agent: Agent, sock: socket.socket | None = None,
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in STOP_SIGNALS:
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, _stopping, stop, sig)
     if sock is None or live is None:
         await agent.run(stop)
         return 0

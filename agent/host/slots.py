@@ -213,10 +213,14 @@ class SlotRunner:
     """Supervises one slot's process; see the module docstring for the life cycle."""
 
     def __init__(self, spec: SlotSpec, notify: Notify, *, now: Callable[[], float] = time.time,
-                 policy: CrashPolicy | None = None) -> None:
+                 policy: CrashPolicy | None = None,
+                 halted: Callable[[], bool] = lambda: False) -> None:
         self.spec = spec
         self.notify = notify
         self.now = now
+        # The agent stops: nothing is started any more, not even a crashed slot again (a stop
+        # that signals the agent and its services at once must not see it start them anew).
+        self.halted = halted
         self.policy = policy or CrashPolicy()
         self.status: SlotStatusName = "starting"
         self.since = now()
@@ -237,7 +241,8 @@ class SlotRunner:
     @classmethod
     def adopt(cls, spec: SlotSpec, pid: int, create_time: float, notify: Notify, *,
               status: str, since: float, restarts: int = 0,
-              now: Callable[[], float] = time.time) -> SlotRunner | None:
+              now: Callable[[], float] = time.time,
+              halted: Callable[[], bool] = lambda: False) -> SlotRunner | None:
         """A runner for a live process from the state file, or None (said in one log line) if
         that process is gone or is not this slot's; a process refused is never signalled."""
         where = f"slot {spec.service}/{spec.slot} (pid {pid})"
@@ -255,7 +260,7 @@ class SlotRunner:
             log.warning("%s runs as uid %d, not %d as its user now is: it is adopted and serves "
                         "on; the service's next deploy starts its slots as their user", where,
                         owner, uid)
-        r = cls(spec, notify, now=now)
+        r = cls(spec, notify, now=now, halted=halted)
         r.pid, r.create_time, r._adopted = pid, create_time, True
         r.status = _LIVE.get(status, "starting")
         # Past "starting" it passed validation before the agent restarted; a starting one may
@@ -309,6 +314,8 @@ class SlotRunner:
 
     async def _run(self) -> None:
         if not self._adopted:
+            if self.halted():
+                return  # the agent stopped before this slot's supervisor ran: nothing starts
             if not await self._hook("pre_start"):
                 return
             if self._stopping:
@@ -342,10 +349,10 @@ class SlotRunner:
 
     async def _spawn(self) -> bool:
         spec = self.spec
-        if self._stopping or self.status == "failed":
+        if self._stopping or self.status == "failed" or self.halted():
             # stop() or fail() landed at the last await before this (a restart's backoff, the
-            # pre_start hook): nothing is started. (The start itself does not await: nothing
-            # lands while the process is being created.)
+            # pre_start hook), or the agent stops: nothing is started. (The start itself does
+            # not await: nothing lands while the process is being created.)
             return False
         spec.log_dir.mkdir(parents=True, exist_ok=True)
         self._exited = asyncio.Event()

@@ -64,6 +64,7 @@ class Restorer:
         self, config: NodeConfig, services: Services, cache: ReleaseCache, routers: RouterLink,
         *, clock: Callable[[], float] = time.time,
         fleet_nodes: Callable[[], int] = lambda: 0,
+        halted: Callable[[], bool] = lambda: False,
     ) -> None:
         self.config = config
         self.state_path = config.state_path
@@ -72,6 +73,7 @@ class Restorer:
         self.routers = routers
         self.clock = clock
         self.fleet_nodes = fleet_nodes  # what to save of the fleet's size (AgentState)
+        self.halted = halted  # the agent stops: an adopted slot that crashes is not started again
         self.restored_fleet_nodes = 0  # what the state file said of it (``restore``)
         self._saved = b""  # the state file's body as last written (all in the loop's thread)
         self._writes = 0  # state files written by this process
@@ -320,6 +322,7 @@ class Restorer:
             since=rec.since,
             restarts=rec.restarts,
             now=self.clock,
+            halted=self.halted,
         )
         if runner is None:  # gone, or not this slot's process (adopt said which)
             return None

@@ -160,20 +160,30 @@ class ServiceManager:
         self.routers = RouterLink(self.config, self.services, self.wake, clock=clock)
         self.observed = ObservedWriter(None, self.config, self.services, clock=clock)
         self.restorer = Restorer(self.config, self.services, self.cache, self.routers,
-                                 clock=clock, fleet_nodes=self.desired.remembered_size)
+                                 clock=clock, fleet_nodes=self.desired.remembered_size,
+                                 halted=self.halted)
         # Releases fetched when pushed (``prefetch``); None: when deployed only (--prefetch off).
         self.prefetcher = Prefetcher(
             fleet, self.services, self._prefetch, lambda: self.desired.fleet_nodes,
             max_bytes=self.cache.limits.max_bytes) if prefetch else None
         self._tg: asyncio.TaskGroup | None = None
+        self._stop = asyncio.Event()  # the agent's stop (``run_local``): start nothing then
         self._pruned_at = 0.0
         self._restored = asyncio.Event()  # the state file is restored: desired states may come
 
     # -- daemon interface -------------------------------------------------------------------------
 
-    async def run_local(self) -> None:
+    async def run_local(self, stop: asyncio.Event | None = None) -> None:
         """Adopt what the state file remembers, then converge for ever (until cancelled); no
-        bus needed. The state is saved a last time when cancelled."""
+        bus needed. The state is saved a last time when cancelled.
+
+        Once ``stop`` (the agent's) is set, nothing is started any more, at once and until the
+        daemon cancels this: no slot, no router, no restart of a crashed slot (``halted``). A
+        stop that signals the agent together with its routers and slots (``systemctl kill
+        --kill-whom=all``, a test's reap) would otherwise see the agent start again what it just
+        lost, after the stop, outliving it."""
+        if stop is not None:
+            self._stop = stop
         adopted = await self._restore()
         sweep(self.config.port_claims)  # gone agents' claims (this one's before a restart too)
         for runner in adopted:  # their claims named this agent's previous process
@@ -342,9 +352,15 @@ class ServiceManager:
             for digest in [d for d, rel in svc.releases.items() if not rel.path.is_dir()]:
                 del svc.releases[digest]
 
+    def halted(self) -> bool:
+        """Whether the agent stops (``run_local``): nothing is started any more."""
+        return self._stop.is_set()
+
     async def _do(self, svc: Service, action: Action) -> None:
         tg = self._tg
         assert tg is not None  # only called from inside run_local()
+        if self.halted() and isinstance(action, Start | Restart | Route):
+            return  # the agent stops: it starts nothing (a slot, a router) the next one adopts
         match action:
             case Fetch(release=ref):
                 svc.fetching.add(ref.digest)
@@ -459,7 +475,7 @@ class ServiceManager:
             run_as=self.config.run_as_for(svc.name),
             generation=generation,
         )
-        runner = SlotRunner(spec, self._on_slot, now=self.clock)
+        runner = SlotRunner(spec, self._on_slot, now=self.clock, halted=self.halted)
         runner.restarts = svc.carried_restarts.pop((slot, ref.digest), 0)
         svc.runners[slot] = runner
         svc.idle.pop(slot, None)

@@ -22,8 +22,10 @@ class Services:
         self.saved = False  # run_local ended (the real one saves its state file then)
         self.buses: list[object] = []
         self.online = asyncio.Event()  # run_bus is running
+        self.stop: asyncio.Event | None = None  # what run_local was told to heed
 
-    async def run_local(self) -> None:
+    async def run_local(self, stop: asyncio.Event) -> None:
+        self.stop = stop
         self.local.set()
         try:
             await asyncio.Event().wait()
@@ -45,16 +47,20 @@ class Services:
 class Bus:
     """A connected bus that never delivers: the daemon's loops idle on it."""
 
-    def __init__(self) -> None:
+    def __init__(self, services: Services) -> None:
         self.gone = asyncio.Event()
         self.connected = False  # no heartbeat nor registration goes out
         self.reconnects = 0
         self.closed = False
+        self.services = services
+        self.saved_before = False  # the local part had ended when the close began
 
     async def subscribe(self, subject: str, handler: Any) -> None:
         pass
 
     async def close(self) -> None:
+        await asyncio.sleep(0)  # the local part's cancel is taken at its next step
+        self.saved_before = self.services.saved
         self.closed = True
 
 
@@ -94,10 +100,11 @@ async def test_the_bus_part_starts_once_connected(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The broker answers after the local part started: the bus part runs on that bus; a stop
-    ends both and closes the bus."""
+    ends both and closes the bus, the local part first (it heeds the same stop: it starts
+    nothing more; and its state is saved before a close that can take seconds)."""
     services = Services()
     agent = _agent(tmp_path, services)
-    bus = Bus()
+    bus = Bus(services)
     broker_up = asyncio.Event()
 
     async def late_broker(stop: asyncio.Event) -> Bus:
@@ -113,8 +120,8 @@ async def test_the_bus_part_starts_once_connected(
     broker_up.set()
     async with asyncio.timeout(5):
         await services.online.wait()
-    assert services.buses == [bus] and agent.bus is bus
+    assert services.buses == [bus] and agent.bus is bus and services.stop is stop
     stop.set()
     async with asyncio.timeout(5):
         await running
-    assert services.saved and bus.closed
+    assert services.saved and bus.closed and bus.saved_before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from pathlib import Path
 
@@ -154,7 +155,7 @@ async def test_the_daemon_tells_its_services_the_pace() -> None:
         def __init__(self) -> None:
             self.paces: list[Pace] = []
 
-        async def run_local(self) -> None:
+        async def run_local(self, stop: asyncio.Event) -> None:
             pass
 
         async def run_bus(self, bus: object) -> None:

@@ -163,3 +163,33 @@ async def test_the_bus_part_watches_only_once_the_state_file_is_restored(
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+
+
+async def test_a_stopping_agent_starts_nothing(tmp_path: Path) -> None:
+    """The agent's stop is set: the state file is restored and the passes run (the release
+    the desired state wants is taken from the cache), but the slot is not started, in the
+    pass after that nor later (nor would a router be): a stop that signals the agent and its
+    services at once must not see it start them again."""
+    seed = generate_seed()
+    store = FakeStore()
+    ref = publish(store, bundle(tmp_path, "1.0.0"), "1.0.0")
+    before = _manager(tmp_path / "agent", [public_key(seed)])
+    before.attach(store)  # type: ignore[arg-type]
+    await before._fetch(Service(name="hello"), ref)  # in the cache: at hand without a bus
+    mgr = _manager(tmp_path / "agent", [public_key(seed)])
+    _remember(mgr, seed, ref)
+    passes = []
+    observe = mgr.observed.observe
+    mgr.observed.observe = lambda svc: (passes.append(ref.digest in svc.releases),  # type: ignore[method-assign]
+                                        observe(svc))[1]
+    stop = asyncio.Event()
+    stop.set()
+    running = asyncio.create_task(mgr.run_local(stop))
+    try:
+        # a pass that began with the release at hand, then the next: a Start was asked for
+        await _until(lambda: passes.count(True) >= 2, "two passes with the release")
+        assert mgr.services["hello"].runners == {}
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
