@@ -63,6 +63,9 @@ CONNECT_FOREVER = 10 * 365 * 24 * 3600.0
 # then the agent at once): its key is retried this long before the refusal is final (exit 1).
 REFUSED_GRACE = 30.0
 REGISTER_TIMEOUT = 5.0  # one publish + one KV put; bounded so a dead link cannot hang the loop
+# How long a stopping agent waits for its local part to end (its runners' hooks and probes
+# killed and reaped, the state file saved) before it closes the bus anyway.
+HALT_TIMEOUT = 5.0
 # First trim once start-up is done (connected, registered, services started), then now and then:
 # a trim walks the heap (about a millisecond), so once a minute costs nothing measurable.
 TRIM_AFTER_START = 10.0
@@ -157,8 +160,7 @@ class Agent:
                 try:
                     bus = await self._connect(stop)
                     if bus is not None:
-                        gone = await self._online(bus, services, stop,
-                                                  local.cancel if local is not None else None)
+                        gone = await self._online(bus, services, stop, local)
                 finally:
                     if local is not None:
                         local.cancel()  # it saves the state file a last time
@@ -173,12 +175,14 @@ class Agent:
 
     async def _online(
         self, bus: Bus, services: ServiceSource | None, stop: asyncio.Event,
-        halt: Callable[[], object] | None = None,
+        local: asyncio.Task[None] | None = None,
     ) -> bool:
         """Register, beat and run the services' bus part until ``stop`` is set or the bus is
-        gone for good (then True); the bus is closed on return. ``halt`` (the local part's
-        cancel) is called first, on a stop: the state is saved before the bus's close, which
-        can take seconds (a drain, a broker that does not answer)."""
+        gone for good (then True); the bus is closed on return. On a stop, the services'
+        ``local`` part is ended first (up to HALT_TIMEOUT): its state saved before the bus's
+        close, which can take seconds (a drain, a broker that does not answer). Slot stops
+        under way are cut short as at any stop (a slot left running is adopted by the next
+        agent); a router start under way completes, found again by its socket."""
         self.bus = bus
         log.info("connected to %s as node %s", redact(self.options.nats_url), self.options.node_id)
         try:
@@ -191,8 +195,9 @@ class Agent:
                 if services is not None:
                     tasks.append(tg.create_task(services.run_bus(bus), name="services-bus"))
                 await first_set(stop, bus.gone)
-                if stop.is_set() and halt is not None:
-                    halt()
+                if stop.is_set() and local is not None:
+                    local.cancel()
+                    await asyncio.wait({local}, timeout=HALT_TIMEOUT)
                 for t in tasks:
                     t.cancel()
             return bus.gone.is_set() and not stop.is_set()

@@ -587,14 +587,15 @@ async def test_stop_or_fail_during_pre_start_hook_starts_no_process(
     assert "slot.started" not in [k for k, _ in ev.seen]
 
 
-@pytest.mark.parametrize("how", ["stop", "fail"])
+@pytest.mark.parametrize("how", ["stop", "fail", "halt"])
 async def test_stop_or_fail_while_a_restart_waits_starts_nothing(
     how: str, release, tmp_path, runners, monkeypatch
 ) -> None:
     """stop() or fail() that lands while a crashed slot waits for its restart (the last await
     before a start; the start itself does not await) starts no process and reports no start. A
     review had found a process started under a stopped slot, its supervisor waiting on it for
-    ever."""
+    ever. The same when the agent stops meanwhile (``halted``): its supervisor ends, the slot
+    left as it is for the next agent."""
     command = [sys.executable, "-c", "import sys; sys.exit(3)"]
     started: list[int] = []
     real = child.start
@@ -607,14 +608,19 @@ async def test_stop_or_fail_while_a_restart_waits_starts_nothing(
     monkeypatch.setattr(child, "start", counted)
     ev = Events()
     spec = _spec(release, tmp_path, _manifest(release, command=command))
-    r = _start(runners, spec, ev, policy=CrashPolicy(first=2.0))  # a backoff to land in
+    halted = False
+    r = _start(runners, spec, ev, policy=CrashPolicy(first=2.0),  # a backoff to land in
+               halted=lambda: halted)
     await ev.until(lambda: ("slot.crashed" in [k for k, _ in ev.seen]))
     if how == "stop":
         await asyncio.wait_for(r.stop(1.0), 10)
-    else:
+    elif how == "fail":
         await asyncio.wait_for(r.fail("not healthy in time"), 10)
+    else:
+        halted = True
     await asyncio.wait_for(asyncio.shield(runners[-1][1]), 10)
-    assert len(started) == 1 and r.status == ("stopped" if how == "stop" else "failed")
+    status = {"stop": "stopped", "fail": "failed", "halt": "starting"}[how]
+    assert len(started) == 1 and r.status == status
     assert [k for k, _ in ev.seen].count("slot.started") == 1
 
 

@@ -30,6 +30,7 @@ class Services:
         try:
             await asyncio.Event().wait()
         finally:
+            await asyncio.sleep(0.01)  # as the real one reaps its runners' children first
             self.saved = True
 
     async def run_bus(self, bus: object) -> None:
@@ -59,7 +60,6 @@ class Bus:
         pass
 
     async def close(self) -> None:
-        await asyncio.sleep(0)  # the local part's cancel is taken at its next step
         self.saved_before = self.services.saved
         self.closed = True
 

@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from agent.host.state import AgentState, ServiceRecord, load_state, save_state
 from agent.manager.service import Service
 from agent.manager.shell import ServiceManager
@@ -165,11 +167,13 @@ async def test_the_bus_part_watches_only_once_the_state_file_is_restored(
                     await task
 
 
-async def test_a_stopping_agent_starts_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stopping", [True, False])
+async def test_a_stopping_agent_starts_nothing(tmp_path: Path, stopping: bool) -> None:
     """The agent's stop is set: the state file is restored and the passes run (the release
     the desired state wants is taken from the cache), but the slot is not started, in the
     pass after that nor later (nor would a router be): a stop that signals the agent and its
-    services at once must not see it start them again."""
+    services at once must not see it start them again. (Not stopping, the same agent starts
+    it.)"""
     seed = generate_seed()
     store = FakeStore()
     ref = publish(store, bundle(tmp_path, "1.0.0"), "1.0.0")
@@ -183,13 +187,17 @@ async def test_a_stopping_agent_starts_nothing(tmp_path: Path) -> None:
     mgr.observed.observe = lambda svc: (passes.append(ref.digest in svc.releases),  # type: ignore[method-assign]
                                         observe(svc))[1]
     stop = asyncio.Event()
-    stop.set()
+    if stopping:
+        stop.set()
     running = asyncio.create_task(mgr.run_local(stop))
     try:
         # a pass that began with the release at hand, then the next: a Start was asked for
         await _until(lambda: passes.count(True) >= 2, "two passes with the release")
-        assert mgr.services["hello"].runners == {}
+        assert list(mgr.services["hello"].runners) == ([] if stopping else ["a"])
     finally:
+        stop.set()  # no restart of what is stopped below
+        for runner in mgr.services["hello"].runners.values():
+            await runner.stop(2.0)  # the slot started when not stopping, and reaped
         running.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await running
