@@ -20,7 +20,7 @@ run() {
   [ "$rc" -eq 0 ] || failed=1
 }
 run cp_r1 tests/perf/bench_control_plane.py --nodes 1000,10000,50000
-run cp_r3 tests/perf/bench_control_plane.py --nodes 1000,10000 --brokers 3
+run cp_r3 tests/perf/bench_control_plane.py --nodes 1000,10000,50000 --brokers 3
 run cp_tls tests/perf/bench_control_plane.py --nodes 1000 --compare
 run rollback_1k tests/perf/bench_rollback.py --nodes 1000
 run rollback_10k_a tests/perf/bench_rollback.py --nodes 10000 --max-payload 8MB
