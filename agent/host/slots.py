@@ -340,8 +340,8 @@ class SlotRunner:
             self._set("starting", f"{describe_exit(code)}; restarting in {delay:g}s")
             self.notify(self, "slot.crashed", self.reason)
             await asyncio.sleep(delay)
-            if self._stopping:
-                return
+            if self._stopping or self.halted():
+                return  # (halted: the agent stops; the next one starts it, not counted here)
             self.restarts += 1
             self._adopted = False
             if not await self._spawn():

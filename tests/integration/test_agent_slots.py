@@ -362,6 +362,30 @@ async def test_adopted_process_exit_is_noticed_and_restarted(release, tmp_path, 
     assert adopted.pid != r.pid
 
 
+async def test_an_adopted_slot_is_not_started_again_once_the_agent_stops(
+    release, tmp_path, runners
+) -> None:
+    """The agent stops (``halted``) and an adopted slot's process dies: its runner ends, the
+    slot not started again (the next agent starts it from its state file)."""
+    ev = Events()
+    spec = _spec(release, tmp_path, _manifest(release))
+    r = _start(runners, spec, ev)
+    await ev.until(lambda: r.status == "healthy")
+    runners[-1][1].cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await runners[-1][1]
+    adopted = SlotRunner.adopt(spec, r.pid, r.create_time, ev, status="healthy", since=1.0,
+                               halted=lambda: True)
+    assert adopted is not None
+    adopted.policy = CrashPolicy(first=0.05)
+    runners.append((adopted, asyncio.create_task(adopted.run())))
+    os.killpg(r.pid, 9)
+    await asyncio.wait_for(r._proc.wait(), 5)
+    await asyncio.wait_for(asyncio.shield(runners[-1][1]), 10)  # its supervisor ended
+    assert adopted.restarts == 0 and adopted.pid == r.pid  # not started, nor counted
+    assert [k for k, _ in ev.seen].count("slot.started") == 1  # the first runner's only
+
+
 @pytest.mark.parametrize(("looks", "why"), [
     ("started elsewhere", "its FLEETWAVE_RELEASE_DIR is '{tmp}', not '{release}'"),
     ("an older agent's, elsewhere", "it works in {tmp}, not in {release}"),
