@@ -20,6 +20,7 @@ import contextlib
 import datetime as dt
 import errno
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -328,13 +329,19 @@ class Broker:
             raise
 
     async def _wait_ready(self, log: Path) -> None:
+        """Until our nats-server answers healthy on its monitor port. Healthy is not enough: a
+        monitor port taken between its pick and the bind (``start``) is another server's, which
+        answers for itself while ours exits ("can't listen to the monitor port"), so the answer
+        must name our store (``_serves``). Seen in CI: a cluster member taken for started, the
+        cluster waited 30 s for a member that had exited, instead of picking another port."""
         assert self._proc is not None
         deadline = time.monotonic() + READY_TIMEOUT
         url = f"http://127.0.0.1:{self.monitor_port}/healthz?js-enabled-only=true"
         while time.monotonic() < deadline:
             if self._proc.returncode is not None:
                 raise BrokerError(f"nats-server exited at start: {_last_line(log)}")
-            if await asyncio.to_thread(_healthy, url):
+            if (await asyncio.to_thread(_healthy, url)
+                    and await asyncio.to_thread(_serves, self.monitor_port, self.store_dir)):
                 return
             await asyncio.sleep(0.05)
         await self.kill()
@@ -482,6 +489,21 @@ def _healthy(url: str) -> bool:
             return bool(resp.status == 200)
     except (urllib.error.URLError, OSError, ValueError):
         return False
+
+
+def _serves(monitor_port: int, store_dir: Path) -> bool:
+    """Whether the nats-server answering on ``monitor_port`` keeps its JetStream in
+    ``store_dir`` (its ``/varz``): ours, not another that holds the port."""
+    url = f"http://127.0.0.1:{monitor_port}/varz"
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as resp:
+            varz = json.loads(resp.read())
+        where = varz["jetstream"]["config"]["store_dir"]
+    except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError):
+        return False
+    if not isinstance(where, str):
+        return False
+    return Path(where).resolve().parent == store_dir.resolve()
 
 
 def _last_line(log: Path) -> str:

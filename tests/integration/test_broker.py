@@ -57,6 +57,20 @@ async def test_a_port_it_picked_that_gets_taken_is_picked_again(tmp_path: Path) 
             assert broker.port != taken and port_in_use("127.0.0.1", broker.port)
 
 
+async def test_a_monitor_port_taken_by_another_server_is_picked_again(tmp_path: Path) -> None:
+    """The monitor port picked for a broker taken meanwhile by another nats-server, which
+    answers its health checks for itself while ours exits ("can't listen to the monitor
+    port"): the broker is not taken for started (in CI a cluster then waited 30 s for a member
+    that had exited); it picks another port, and its own server serves."""
+    async with Broker(store_dir=tmp_path / "other") as other:
+        broker = Broker(store_dir=tmp_path / "js")
+        broker.monitor_port = other.monitor_port  # as if the other took it after the pick
+        async with broker:
+            assert broker.monitor_port != other.monitor_port
+            bus = await Bus.connect(broker.url, "t")  # ours answers, not only the other
+            await bus.close()
+
+
 async def test_a_dev_fleet_whose_brokers_port_gets_taken_comes_up_on_the_next(
         tmp_path: Path) -> None:
     """The same race under a dev fleet: its coordinator's ``--nats`` was written when the fleet
