@@ -224,6 +224,17 @@ class Broker:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
+    @property
+    def exited(self) -> int | None:
+        """The exit status of a server that exited by itself (not through ``stop`` or
+        ``kill``, which forget it), once reaped; else None."""
+        return self._proc.returncode if self._proc else None
+
+    @property
+    def log_path(self) -> Path:
+        """The server's output."""
+        return self.log_file or (self.store_dir / "nats-server.log")
+
     async def __aenter__(self) -> Broker:
         await self.start()
         return self
@@ -308,7 +319,7 @@ class Broker:
                 sync_always=self.sync_always,
             )
         )
-        server_log = self.log_file or (self.store_dir / "nats-server.log")
+        server_log = self.log_path
         with server_log.open("ab") as out:
             self._proc = await asyncio.create_subprocess_exec(
                 binary, "-c", str(self._conf), stdout=out, stderr=out,

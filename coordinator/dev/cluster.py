@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from coordinator.errors import BrokerError, UsageError
+from protocol.logs import last_line
 from protocol.loop import bounded
 
 if TYPE_CHECKING:  # broker.py imports this module for ClusterSpec
@@ -345,11 +346,18 @@ class BrokerCluster:
         """Until every running broker (or those in ``among``) reports JetStream healthy (a meta
         leader known, every stream current: ``/healthz``) and the meta leader sees each of them
         current (before that, JetStream places no replica on it: "peer offline");
-        BrokerError after ``timeout``."""
+        BrokerError after ``timeout``, or at once when one of them exited by itself (it would
+        not come back: waiting for it, the health asked on its monitor port was whoever took
+        the port since)."""
         deadline = time.monotonic() + timeout
         last = "not asked yet"
         while True:
             running = [b for b in (among or self.brokers) if b.pid is not None]
+            if gone := [b for b in running if b.exited is not None]:
+                raise BrokerError("; ".join(
+                    f"{b.server_name}'s nats-server exited (status {b.exited}): "
+                    f"{last_line(b.log_path, missing='no log', empty='no output')}"
+                    for b in gone))
             states = await asyncio.gather(*(asyncio.to_thread(_health, b.monitor_port)
                                             for b in running))
             bad = [f"{b.server_name}: {s}" for b, s in zip(running, states, strict=True) if s]

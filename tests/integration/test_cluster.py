@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
+import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,6 +29,7 @@ from coordinator.auth.enroll import CA, AuthDir
 from coordinator.dev.broker import find_nats_server, free_port
 from coordinator.dev.cluster import BrokerCluster, ClusterSpec, monitor_get, not_current_peers
 from coordinator.dev.devfleet import Child, DevFleet
+from coordinator.errors import BrokerError
 from protocol import creds as creds_file
 from protocol import subjects
 from protocol.bus import Bus, Entry, EventsLimits
@@ -414,6 +417,18 @@ async def test_a_cluster_port_taken_before_its_broker_binds_is_picked_again(
             jsz = await c.jsz()
             assert jsz["meta_cluster"]["cluster_size"] == 3
             assert taken not in {b.cluster.listen_port for b in c.brokers if b.cluster}
+
+
+async def test_a_member_that_exited_by_itself_is_said_at_once(tmp_path: Path) -> None:
+    """A member whose nats-server exited by itself (killed behind the cluster's back) will not
+    come back: waiting for the cluster to form says so at once, naming it, instead of waiting
+    out its timeout asking whoever holds its monitor port since."""
+    async with BrokerCluster(tmp_path / "cluster", 3) as c:
+        victim = c.brokers[2]
+        assert victim.pid is not None
+        os.kill(victim.pid, signal.SIGKILL)
+        with pytest.raises(BrokerError, match="fleetwave-3's nats-server exited"):
+            await c.wait_formed(20)  # (before: "did not form within 20s", after those 20 s)
 
 
 async def test_the_shipped_cluster_configs_start_a_cluster(tmp_path: Path) -> None:
