@@ -321,15 +321,21 @@ async def test_an_unfillable_command_fails_the_slot_with_the_reason(
     assert r.reason.startswith("command: argument 2 '--x=${NOPE}': ${NOPE} is not a variable")
 
 
-async def test_process_survives_the_supervisor_and_is_adopted(release, tmp_path, runners) -> None:
-    """Cancelling the supervisor leaves the process running; adopt() finds it by pid+create_time."""
-    ev = Events()
+async def _left_running(release, tmp_path, runners, ev: Events) -> tuple[SlotSpec, SlotRunner]:
+    """A healthy slot whose supervisor was cancelled: its process runs on, to be adopted."""
     spec = _spec(release, tmp_path, _manifest(release))
     r = _start(runners, spec, ev)
     await ev.until(lambda: r.status == "healthy")
     runners[-1][1].cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await runners[-1][1]
+    return spec, r
+
+
+async def test_process_survives_the_supervisor_and_is_adopted(release, tmp_path, runners) -> None:
+    """Cancelling the supervisor leaves the process running; adopt() finds it by pid+create_time."""
+    ev = Events()
+    spec, r = await _left_running(release, tmp_path, runners, ev)
     assert r.pid is not None and r.create_time is not None
     assert process_matches(r.pid, r.create_time)
 
@@ -346,12 +352,7 @@ async def test_process_survives_the_supervisor_and_is_adopted(release, tmp_path,
 async def test_adopted_process_exit_is_noticed_and_restarted(release, tmp_path, runners) -> None:
     """An adopted process that dies is seen by polling and the slot is started again."""
     ev = Events()
-    spec = _spec(release, tmp_path, _manifest(release))
-    r = _start(runners, spec, ev)
-    await ev.until(lambda: r.status == "healthy")
-    runners[-1][1].cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await runners[-1][1]
+    spec, r = await _left_running(release, tmp_path, runners, ev)
     adopted = SlotRunner.adopt(spec, r.pid, r.create_time, ev, status="healthy", since=1.0)
     assert adopted is not None
     adopted.policy = CrashPolicy(first=0.05)
@@ -368,12 +369,7 @@ async def test_an_adopted_slot_is_not_started_again_once_the_agent_stops(
     """The agent stops (``halted``) and an adopted slot's process dies: its runner ends, the
     slot not started again (the next agent starts it from its state file)."""
     ev = Events()
-    spec = _spec(release, tmp_path, _manifest(release))
-    r = _start(runners, spec, ev)
-    await ev.until(lambda: r.status == "healthy")
-    runners[-1][1].cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await runners[-1][1]
+    spec, r = await _left_running(release, tmp_path, runners, ev)
     adopted = SlotRunner.adopt(spec, r.pid, r.create_time, ev, status="healthy", since=1.0,
                                halted=lambda: True)
     assert adopted is not None
