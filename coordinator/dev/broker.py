@@ -20,7 +20,6 @@ import contextlib
 import datetime as dt
 import errno
 import ipaddress
-import json
 import logging
 import os
 import re
@@ -47,7 +46,7 @@ from coordinator.auth.enroll import (
     next_expiry,
 )
 from coordinator.auth.routes import check_serves_routes
-from coordinator.dev.cluster import ClusterSpec, render_cluster
+from coordinator.dev.cluster import ClusterSpec, monitor_get, render_cluster
 from coordinator.errors import BrokerError, FleetwaveError, UsageError
 from coordinator.runtime.deliveries import sweep_store
 from protocol.logs import last_line
@@ -505,12 +504,9 @@ def _healthy(url: str) -> bool:
 def _serves(monitor_port: int, store_dir: Path) -> bool:
     """Whether the nats-server answering on ``monitor_port`` keeps its JetStream in
     ``store_dir`` (its ``/varz``): ours, not another that holds the port."""
-    url = f"http://127.0.0.1:{monitor_port}/varz"
     try:
-        with urllib.request.urlopen(url, timeout=1.0) as resp:
-            varz = json.loads(resp.read())
-        where = varz["jetstream"]["config"]["store_dir"]
-    except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError):
+        where = monitor_get(monitor_port, "/varz", timeout=1.0)["jetstream"]["config"]["store_dir"]
+    except (OSError, ValueError, KeyError, TypeError):
         return False
     if not isinstance(where, str):
         return False

@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -154,6 +155,15 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}; last: {last}")
         await asyncio.sleep(interval)
+
+
+def ended(proc: subprocess.Popen[bytes]) -> None:
+    """A test's child process killed if it still runs, reaped, its stdout pipe closed."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
 
 
 async def execed(pid: int) -> None:

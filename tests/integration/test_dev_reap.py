@@ -11,6 +11,7 @@ from pathlib import Path
 import psutil
 
 from coordinator.dev.devfleet import reap_leftovers
+from tests.integration.procs import ended
 
 # Under SIGTERM, start a successor working in the same directory (its pid written down), then
 # exit; say "up" once the trap is set.
@@ -40,10 +41,6 @@ def test_a_process_started_while_the_leftovers_stop_is_stopped_too(tmp_path: Pat
             psutil.Process(successor).status() == psutil.STATUS_ZOMBIE)
         assert gone, "the successor started during the reap still runs"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+        ended(proc)
         if successor is not None and psutil.pid_exists(successor):
             psutil.Process(successor).kill()

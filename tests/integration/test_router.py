@@ -29,6 +29,7 @@ from agent.router import (
     start_router,
 )
 from protocol.messages import MirrorSpec, RouterStats
+from tests.integration.procs import ended
 
 # An upstream service: ThreadingHTTPServer in its own process. argv: NAME MODE. Prints its port.
 # On SIGTERM it stops accepting, finishes the requests in flight, and exits (a graceful stop).
@@ -516,11 +517,7 @@ async def test_router_survives_sigkill_of_its_spawner(
         await RouterClient(sock).shutdown()
         assert await asyncio.to_thread(_wait_gone, pid)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+        ended(proc)
         with contextlib.suppress(ProcessLookupError):
             if not _gone(pid):
                 os.kill(pid, signal.SIGKILL)
