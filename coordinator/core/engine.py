@@ -129,7 +129,13 @@ def new_record(
             f"{spec.service} {spec.version}; push the release first with 'fleetwave release push'"
         )
     nodes = list(nodes)
-    waves = plan(nodes, spec, current, cordoned)
+    # The nodes meant to serve and reported without a healthy serving slot: they count
+    # against max-unavailable (``engine_step.down_why``), so they go first.
+    unhealthy = {node for node, report in (observed or {}).items()
+                 if report.node == node and report.service == spec.service
+                 and serving_slot(current.get(node)) is not None
+                 and not reported(report, "")[0]}
+    waves = plan(nodes, spec, current, cordoned, first=unhealthy)
     progress: dict[str, NodeProgress] = {}
     # What the rollout comes from is what the coordinator last wanted of each node, never what
     # a node says it runs: ``rollback SERVICE`` deploys it again (``core.history``).
@@ -284,7 +290,8 @@ class Rollout:
     def _step(self, events: Sequence[EngineEvent], now: float, *, who: str) -> list[Command]:
         work = working_copy(self._record)
         if self._down is None:
-            self._down = {n for n, p in self._record.nodes.items() if is_down(p)}
+            self._down = {n for n, p in self._record.nodes.items()
+                          if is_down(p, self._observed.get(n))}
         step = Step(self.fleet, work, self._observed, now, policies=self._policies, who=who,
                     ahead=self._record.prestage, back_memo=self._back_memo, down=self._down,
                     stage_memo=dataclasses.replace(self._stage_memo),
@@ -311,8 +318,9 @@ class Rollout:
             self.touched.update(work.nodes)
         else:
             self.touched |= taken
-            for n in taken:
-                if n in work.nodes and is_down(dict.__getitem__(work.nodes, n)):
+            for n in taken | step.reported():
+                if n in work.nodes and is_down(dict.__getitem__(work.nodes, n),
+                                               self._observed.get(n)):
                     self._down.add(n)
                 else:
                     self._down.discard(n)

@@ -17,7 +17,7 @@ from coordinator.core.engine_bake import Bake
 from coordinator.core.engine_lost import Lost
 from coordinator.core.engine_prestage import Prestage
 from coordinator.core.engine_rollback import Rollback
-from coordinator.core.engine_step import Step
+from coordinator.core.engine_step import Step, down_why
 from coordinator.core.engine_types import (
     Abort,
     EngineEvent,
@@ -261,6 +261,16 @@ class Progress:
                        nodes=wave.nodes, weight=wave.weight, wave_kind=kind)
         policy.started(self.step, wave)
 
+    def short_of_room(self, unavailable: set[str]) -> str:
+        """Why a wave's node cannot start: the nodes without a healthy serving slot, each with
+        why (``down_why``), against max-unavailable."""
+        r, names = self.step.r, sorted(unavailable)
+        who = ", ".join(f"{n} {down_why(peek_node(r.nodes, n), self.step.obs.get(n))}"
+                        for n in names[:3]) + (f" and {len(names) - 3} more"
+                                               if len(names) > 3 else "")
+        return (f"{len(names)} target nodes unavailable ({who}; max-unavailable "
+                f"{self.step.cap})")
+
     def start_node(self, p: NodeProgress, wave: WaveRecord) -> None:
         step = self.step
         desired = step.policy(wave).target(step, p, wave)
@@ -309,7 +319,6 @@ class Progress:
         # Staging at weight 0 and switching to a staged healthy slot stop no node from serving:
         # the wave's policy says whether max-unavailable bounds it.
         policy = self.step.policy(wave)
-        blocked: list[str] = []
         # A wave with a failed node starts no other: it fails in this step (the pause would
         # leave a node written forward in a paused rollout; the rollback, a write undone at once).
         starting = waiting and not failing
@@ -326,11 +335,12 @@ class Progress:
                 self.step.emit("node.done", f"{n}: already runs {r.release.version}", n)
             elif not p.online:
                 continue  # lost, and waited for (``fail`` failed it above): never written to
-            elif not policy.bounded or len(unavailable) + (n not in unavailable) <= self.step.cap:
+            elif not policy.bounded or n in unavailable or len(unavailable) < self.step.cap:
+                # (A waiting node counted already is unhealthy on its own: starting it takes
+                # nothing more out of service, whatever the count.)
                 self.start_node(p, wave)
                 unavailable.add(n)
-            else:
-                blocked.append(n)
+            # (else it waits for room; at the deadline it fails, saying which nodes took it)
         # (Starting fails no node: only a failing wave has failed nodes.)
         failed = ([r.nodes[n] for n in wave.nodes if peek_node(r.nodes, n).state == "failed"]
                   if failing else [])
@@ -350,11 +360,8 @@ class Progress:
                     # Never started, so not disrupted: it stays waiting (and does not count as
                     # unavailable), but the wave cannot pass without it.
                     # Named, so that a node lost in an earlier wave is seen to be the cause.
-                    names = sorted(unavailable)
-                    who = ", ".join(names[:3]) + (f" and {len(names) - 3} more"
-                                                  if len(names) > 3 else "")
-                    p.reason = (f"could not start within {limit}: {len(unavailable)} target "
-                                f"nodes unavailable ({who}; max-unavailable {self.step.cap})")
+                    p.reason = (f"could not start within {limit}: "
+                                f"{self.short_of_room(unavailable)}")
                     failed.append(p)
         if failed:
             move_wave(wave, "failed")

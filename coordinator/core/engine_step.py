@@ -39,6 +39,7 @@ from coordinator.core.engine_types import (
     move_node,
     peek,
 )
+from coordinator.core.targets import serving_slot
 from protocol.messages import (
     CohortTraffic,
     DesiredState,
@@ -167,16 +168,21 @@ class Step:
         """What ``wave`` does, where waves differ."""
         return self._policies[wave.index]
 
+    def reported(self) -> set[str]:
+        """The nodes whose report this step changed (reported, or forgotten)."""
+        return set(self._replaced)
+
     def unavailable(self) -> set[str]:
-        """The target nodes being updated, failed or offline now. Only the nodes this step
-        took (``NodeTable``) can have changed since the committed record, whose set the engine
-        keeps (``down``): O(those), where a scan of every node was O(fleet) a step."""
-        nodes = self.r.nodes
+        """The target nodes without a healthy serving slot now (``down_why``). Only the nodes
+        this step took (``NodeTable``) or heard from can have changed since the committed
+        record, whose set the engine keeps (``down``): O(those), where a scan of every node was
+        O(fleet) a step."""
+        nodes, obs = self.r.nodes, self.obs
         if self.down is None or not isinstance(nodes, NodeTable):
-            return {n for n, p in peek(nodes) if is_down(p)}
+            return {n for n, p in peek(nodes) if down_why(p, obs.get(n))}
         out = set(self.down)
-        for n in nodes.taken():
-            if is_down(dict.__getitem__(nodes, n)):
+        for n in nodes.taken() | self._replaced.keys():
+            if n in nodes and down_why(dict.__getitem__(nodes, n), obs.get(n)):
                 out.add(n)
             else:
                 out.discard(n)
@@ -221,6 +227,27 @@ def _lean(stats: RouterStats) -> RouterStats:
     return stats
 
 
-def is_down(p: NodeProgress) -> bool:
-    """Whether a target node is unavailable: being updated, failed, or offline."""
-    return p.state in ("updating", "failed") or not p.online
+def down_why(p: NodeProgress, seen: ObservedState | None) -> str:
+    """Why a target node counts against max-unavailable, or "" if it does not: "updating",
+    "failed", "offline", or "unhealthy": on its own, no slot with traffic is healthy in its
+    latest report (``seen``; ``p.healthy`` is that report's), though it is meant to serve: the
+    state it was told before the rollout, or the one it has reached (a removal's empty
+    target serves nothing by design; a first install had nothing to serve). Such a node
+    counts like one being updated, so that a rollout never takes more nodes out of service
+    than max-unavailable allows with it; a wave still starts its own unhealthy nodes (they
+    are down already, and the release may be their fix), and ``new_record`` puts the nodes
+    unhealthy at the start in the first waves. A node not heard from in this rollout's
+    engine (a coordinator just taken over) is not judged by health until it reports."""
+    if p.state in ("updating", "failed"):
+        return p.state
+    if not p.online:
+        return "offline"
+    if (seen is not None and not p.healthy and p.state in ("waiting", "done")
+            and serving_slot(p.target if p.target is not None else p.previous) is not None):
+        return "unhealthy"
+    return ""
+
+
+def is_down(p: NodeProgress, seen: ObservedState | None) -> bool:
+    """Whether a target node counts against max-unavailable (``down_why``)."""
+    return bool(down_why(p, seen))

@@ -104,10 +104,14 @@ def plan_strategy(selected: list[str], spec: RolloutSpec) -> list[Wave]:
 def plan(
     nodes: Iterable[NodeLike], spec: RolloutSpec,
     current: Mapping[str, DesiredState] | None = None, cordoned: Collection[str] = (),
+    first: Collection[str] = (),
 ) -> list[Wave]:
     """Select the target nodes of ``spec``, hold the ``cordoned`` ones out
     (``core.planning.hold_out``), keep the strategy's ``targets`` among the rest (``current``:
-    each node's desired state of the service now) and cut them into waves with its strategy."""
+    each node's desired state of the service now) and cut them into waves with its strategy,
+    the nodes in ``first`` (those unhealthy now: ``core.engine.new_record``) at the front, in
+    their order: they count against max-unavailable already, so the first waves take them,
+    where a later wave would have them block every wave before it."""
     chosen = select(nodes, spec.selector)
     where = ",".join(f"{k}={v}" for k, v in sorted(spec.selector.items())) or "(any)"
     if not chosen:
@@ -122,6 +126,8 @@ def plan(
             "return one with 'fleetwave uncordon NODE'"
         )
     selected = strategy(spec).targets(selected, spec, current or {})
+    if first:
+        selected = sorted(selected, key=lambda n: n not in first)  # stable: order kept
     max_unavailable(spec.max_unavailable, len(selected))  # every strategy honours it: check it now
     waves = plan_strategy(selected, spec)
     return [Wave(i, w.nodes, w.weight) for i, w in enumerate(waves)]

@@ -4,7 +4,8 @@ Formula: ``size = min(batch, max_unavailable)`` where both are resolved against 
 selected nodes ``n`` (see ``planning`` for rounding); waves are ``ceil(n / size)`` consecutive
 chunks, the last one possibly smaller. Capping the wave at max-unavailable means that a wave whose
 every node is mid-update can never exceed the bound; the engine still checks the bound against
-nodes that are offline or failed before it starts each node.
+nodes that are offline, failed or unhealthy on their own before it starts each node
+(``engine_step.down_why``).
 """
 
 from __future__ import annotations

@@ -65,6 +65,13 @@ def observed(d: DesiredState, t: float, *, healthy: bool = True, failed: str = "
                          phase="converged", time=t, router=router)
 
 
+def sick(d: DesiredState, t: float) -> ObservedState:
+    """What an agent reports when every slot of ``d`` went unhealthy on its own."""
+    seen = observed(d, t)
+    return msgspec.structs.replace(seen, slots={
+        s: msgspec.structs.replace(v, status="unhealthy") for s, v in seen.slots.items()})
+
+
 def converge(r: Rollout, cmds: list[Command], t: float) -> list[Command]:
     """Let every written node converge at time ``t``; return all commands this caused."""
     out: list[Command] = []
@@ -478,7 +485,8 @@ def _play(seed: int, check: bool, prestage: str = "1") -> list[list[Command]]:
         told.update((d.node, d) for d in writes(cmds))
         out.append(cmds)
         if check:
-            assert r._down == {n for n, p in r.record.nodes.items() if is_down(p)}
+            assert r._down == {n for n, p in r.record.nodes.items()
+                               if is_down(p, r._observed.get(n))}
 
     handle(Start(), 0.0)
     t = 0.0
@@ -486,14 +494,18 @@ def _play(seed: int, check: bool, prestage: str = "1") -> list[list[Command]]:
         if r.done:
             break
         t += rng.choice((0.1, 0.5, 2.0))
-        what = rng.choices(("converge", "fail", "offline", "online", "tick"),
-                           weights=(20, 1, 1, 2, 2))[0]
+        what = rng.choices(("converge", "fail", "offline", "online", "tick", "sick"),
+                           weights=(20, 1, 1, 2, 2, 2))[0]
         node = rng.choice(sorted(told)) if told and what in ("converge", "fail") else \
             f"node-{rng.randint(1, 12)}"
         if what == "offline":
             handle(NodeOffline(node), t)
         elif what == "online":
             handle(NodeOnline(node), t)
+        elif what == "sick":  # its serving slots unhealthy on their own, until it reports again
+            was = told.get(node) or r.record.nodes[node].previous
+            assert was is not None
+            handle(ObservedChanged(node, sick(was, t)), t)
         elif what == "tick" or node not in told:
             handle(Tick(), t)
         else:
@@ -513,7 +525,7 @@ def test_the_kept_unavailable_set_decides_as_a_scan_of_every_node(
     every step decides what it decided with that scan."""
     kept = _play(seed, check=True)
     monkeypatch.setattr(Step, "unavailable", lambda self: {
-        n for n, p in peek(self.r.nodes) if is_down(p)})
+        n for n, p in peek(self.r.nodes) if is_down(p, self.obs.get(n))})
     assert kept == _play(seed, check=False)
 
 

@@ -136,23 +136,3 @@ def test_what_a_report_says_is_healthy_traffic_and_the_heaviest_slots_version(
     serving = max(weights, key=lambda s: weights[s], default=None)
     assert reported(seen, "known") == (
         healthy, slots[serving].version if serving in slots else "known")
-
-
-def test_nodes_unhealthy_before_the_rollout_do_not_hold_back_max_unavailable() -> None:
-    """``--max-unavailable`` counts the nodes the rollout takes out of service (updating,
-    failed, offline): two nodes whose old release is already unhealthy do not keep a budget of
-    one from starting the first wave (a rollout that fixes a crash on some nodes is not held
-    back by them; the README says so)."""
-    nodes = [NodeView(id=f"node-{i}") for i in range(1, 5)]
-    current = {v.id: desired(v.id) for v in nodes}
-    reports = {n: observed(d, 0.5, healthy=n in ("node-1", "node-2")) for n, d in current.items()}
-    for n in ("node-3", "node-4"):  # their one slot serves OLD, reported unhealthy
-        reports[n] = msgspec.structs.replace(reports[n], slots={
-            k: msgspec.structs.replace(v, status="unhealthy") for k, v in reports[n].slots.items()})
-    r = Rollout(new_record(id="r", spec=spec(batch="1", max_unavailable="1", prestage="0"),
-                           release=NEW, nodes=nodes, current=current, now=0.0,
-                           observed=reports), fleet="f")
-    assert [r.record.nodes[n].healthy for n in current] == [True, True, False, False]
-    cmds = r.handle(Start(), 1.0)
-    assert [d.node for d in writes(cmds)] == ["node-1"]
-    assert r.record.nodes["node-1"].state == "updating"

@@ -263,5 +263,5 @@ def test_a_node_that_could_not_start_names_the_lost_node_that_held_it() -> None:
     assert writes(r.handle(ObservedChanged("node-2", observed(d2, 3.0)), 3.0)) == []
     r.handle(Tick(), 40.0)
     assert r.state == "paused"
-    assert ("node-3: could not start within 30s: 1 target nodes unavailable (node-1; "
+    assert ("node-3: could not start within 30s: 1 target nodes unavailable (node-1 offline; "
             "max-unavailable 1)" in r.record.reason)

@@ -10,8 +10,9 @@ healthy, and an older generation is ignored.
 
 Invariants checked over every seed: the rollout ends within a bound of virtual time; no node is
 moved forward while it is reported offline (lost); whenever the engine disrupts a node that was
-serving, the target nodes in flight (a forward desired state not yet converged on) or reported
-offline, that node included, do not exceed max-unavailable (nodes that die on their own may
+serving, the target nodes in flight (a forward desired state not yet converged on), reported
+offline, or serving from no healthy slot (unhealthy on their own, from the start or later),
+that node included, do not exceed max-unavailable (nodes that die or sicken on their own may
 exceed it, but then the engine disrupts no other); generations only grow per node; a rollout
 that ends rolled back leaves every node serving its previous release, one that ends failed names
 every node that is not; a pause always has a reason.
@@ -165,11 +166,20 @@ class World:
                           slots={"a": Slot(OLD, "healthy")}, weights={"a": 100},
                           observed_generation=prev.generation)
             self.agents[node] = agent
+        # Nodes whose old release is unhealthy on its own: some from the start (the deploy sees
+        # their reports), some later in the rollout, maybe for good (its own generator).
+        sick = self.sick_rng = random.Random(f"sick {seed}")
+        for node in self.ids:
+            if sick.random() < 0.1:
+                self.agents[node].slots["a"].status = "unhealthy"
+        self.planned_on = {n: self.observation(a) for n, a in self.agents.items()}
         record = new_record(id=f"sim-{seed}", spec=self.spec, release=NEW,
                             nodes=[NodeView(id=i) for i in self.ids], current=self.previous,
-                            now=0.0)
+                            now=0.0, observed=self.planned_on)
         self.engine = Rollout(record, fleet="f")
         self.offline: set[str] = set()  # as reported to the engine
+        self.failed: set[str] = set()  # the nodes the engine had failed before its last step
+        self.heard: dict[str, ObservedState] = {}  # each node's latest report, as fed to it
         self.lost_mid_wave = False  # a node went offline while its own wave was under way
         self.resumes = 0
         self.max_operator_actions = 6
@@ -183,6 +193,10 @@ class World:
     def feed(self, event: EngineEvent) -> None:
         if self.engine.done:
             return
+        if isinstance(event, ObservedChanged) and (
+                (last := self.heard.get(event.node)) is None or event.observed.time >= last.time):
+            self.heard[event.node] = event.observed
+        self.failed = {n for n, p in self.engine.record.nodes.items() if p.state == "failed"}
         self.carry_out(self.engine.handle(event, self.now))
 
     # -- the engine's commands ---------------------------------------------------------------------
@@ -203,7 +217,9 @@ class World:
                    and c.desired.node in forward
                    and any(c.desired.weights.get(s, 0) > 0
                            for s, r in c.desired.slots.items() if r == NEW)}
-        before = self.unavailable()
+        # A node the engine failed is unavailable by its count (DESIGN): a resumed rollout
+        # retries it whatever the count.
+        before = self.unavailable() | self.failed
         last = {}  # a batch may start a node and roll it back: judge its last write
         for c in cmds:
             if isinstance(c, WriteDesired):
@@ -238,7 +254,7 @@ class World:
         in_flight = {n for n, d in self.store.items()
                      if any(d.weights.get(s, 0) > 0 for s, r in d.slots.items() if r == NEW)
                      and not self.converged(n, d)}
-        return in_flight | self.offline
+        return in_flight | self.offline | self.sick()
 
     def converged(self, node: str, d: DesiredState) -> bool:
         a = self.agents[node]
@@ -298,9 +314,15 @@ class World:
     def report(self, a: Agent) -> None:
         if not a.alive:
             return
+        obs = self.observation(a)
+        # Late and reordered delivery: the engine must judge by the report's time.
+        self.at(self.now + self.rng.choice([0.0, 0.1, 0.5, 3.0]),
+                lambda: self.feed(ObservedChanged(a.node, obs)))
+
+    def observation(self, a: Agent) -> ObservedState:
         d = a.desired
         m = a.mirror
-        obs = ObservedState(
+        return ObservedState(
             node=a.node, service="hello", generation=d.generation if d else 0,
             observed_generation=a.observed_generation, phase=a.phase,  # type: ignore[arg-type]
             error=a.error, weights=dict(a.weights), time=self.now,
@@ -313,9 +335,34 @@ class World:
                                      shadow_latency=list(m.shadow_latency),
                                      live_latency=list(m.live_latency))),
         )
-        # Late and reordered delivery: the engine must judge by the report's time.
-        self.at(self.now + self.rng.choice([0.0, 0.1, 0.5, 3.0]),
-                lambda: self.feed(ObservedChanged(a.node, obs)))
+
+    def fall_sick(self, node: str, back_after: float | None) -> None:
+        """``node``'s slots with traffic go unhealthy on their own (a write heals them: the
+        agent starts them again), back by themselves ``back_after`` later unless written."""
+        a = self.agents[node]
+        serving = [s for s, w in a.weights.items() if w > 0 and s in a.slots
+                   and a.slots[s].status == "healthy"]
+        if not a.alive or not serving:
+            return
+        for s in serving:
+            a.slots[s].status = "unhealthy"
+        self.report(a)
+        if back_after is not None:
+            self.at(self.now + back_after, lambda t=a.token: self.get_well(a, t, serving))
+
+    def get_well(self, a: Agent, token: int, slots: list[str]) -> None:
+        if a.token == token and a.alive:
+            for s in slots:
+                if a.slots[s].status == "unhealthy":
+                    a.slots[s].status = "healthy"
+            self.report(a)
+
+    def sick(self) -> set[str]:
+        """Nodes whose latest report the engine heard (as ``offline``: what it was told) has
+        slots with traffic and none of them healthy."""
+        return {n for n, seen in self.heard.items()
+                if (weighted := [s for s, w in seen.weights.items() if w > 0 and s in seen.slots])
+                and all(seen.slots[s].status != "healthy" for s in weighted)}
 
     def traffic(self) -> None:
         for a in self.agents.values():
@@ -416,8 +463,15 @@ class World:
                 self.at(rng.uniform(0.0, 150.0),
                         lambda node=node: self.die(
                             node, None if rng.random() < 0.3 else rng.uniform(3.0, 90.0)))
+        for node in self.ids:
+            if self.sick_rng.random() < 0.08:
+                back = None if self.sick_rng.random() < 0.3 else self.sick_rng.uniform(5.0, 120.0)
+                self.at(self.sick_rng.uniform(0.0, 150.0),
+                        lambda node=node, back=back: self.fall_sick(node, back))
         if rng.random() < 0.3:
             self.at(rng.uniform(0.0, 100.0), self.operator_whim)
+        for node, seen in self.planned_on.items():  # as the runner feeds them, before Start
+            self.at(0.0, lambda node=node, seen=seen: self.feed(ObservedChanged(node, seen)))
         self.at(0.0, lambda: self.feed(Start()))
         self.at(0.5, self.periodic)
         self.at(1.0, self.ticker)

@@ -1,0 +1,135 @@
+"""Nodes unhealthy on their own count against ``--max-unavailable`` (``engine_step.down_why``).
+
+DESIGN: at no moment are more than max-unavailable target nodes without a healthy serving slot.
+A node whose serving slot is unhealthy by itself is one of them, so the rollout takes no other
+node out of service beyond the budget; it still starts such a node whenever its wave comes (it
+is down already, and the release may be its fix), and a deploy puts the nodes unhealthy at the
+start in its first waves, so that a rollout fixing them is not held back by them.
+"""
+
+from __future__ import annotations
+
+from coordinator.core.engine import (
+    ObservedChanged,
+    Rollout,
+    Start,
+    Tick,
+    new_record,
+)
+from protocol.messages import DesiredState, NodeView, ObservedState, SlotStatus
+from protocol.testing import NEW, OLD, desired, spec
+from tests.unit.coordinator.core.test_engine import observed, sick
+from tests.unit.coordinator.kit import rollout, writes
+
+
+def fleet(n: int, unhealthy: tuple[str, ...] = (), **kw: object) -> Rollout:
+    """``n`` nodes serving OLD, the ``unhealthy`` ones reported so before the deploy; batches
+    of one, max-unavailable 1, nothing staged ahead unless ``kw`` says otherwise."""
+    nodes = [NodeView(id=f"node-{i}") for i in range(1, n + 1)]
+    current = {v.id: desired(v.id) for v in nodes}
+    reports = {node: (sick if node in unhealthy else observed)(d, 0.5)
+               for node, d in current.items()}
+    fields = {"batch": "1", "max_unavailable": "1", "prestage": "0", **kw}
+    r = Rollout(new_record(id="r", spec=spec(**fields), release=NEW, nodes=nodes,
+                           current=current, now=0.0, observed=reports), fleet="f")
+    # As the runner does: the reports the deploy was planned with, fed before the start.
+    r.handle_all([ObservedChanged(node, seen) for node, seen in reports.items()], 0.5)
+    return r
+
+
+def converge(r: Rollout, d: DesiredState, t: float) -> list[str]:
+    """``d``'s node reports it converged and healthy; the nodes written then."""
+    return [w.node for w in writes(r.handle(ObservedChanged(d.node, observed(d, t)), t))]
+
+
+def test_nodes_unhealthy_at_the_deploy_go_first_and_start_whatever_the_count() -> None:
+    """Two of four nodes crash on the old release: they make the first waves and each starts
+    though both count against a budget of one; the healthy ones wait until the fixed nodes
+    serve again, one at a time."""
+    r = fleet(4, unhealthy=("node-3", "node-4"))
+    assert [w.nodes for w in r.record.waves] == [["node-3"], ["node-4"], ["node-1"], ["node-2"]]
+    assert [r.record.nodes[n].healthy for n in ("node-1", "node-2", "node-3", "node-4")] == [
+        True, True, False, False]
+    first = writes(r.handle(Start(), 1.0))
+    assert [d.node for d in first] == ["node-3"]
+    # node-3 serves the release, healthy: node-4 is the one node down, and it is next.
+    second = writes(r.handle(ObservedChanged("node-3", observed(first[0], 2.0)), 2.0))
+    assert [d.node for d in second] == ["node-4"]
+    third = writes(r.handle(ObservedChanged("node-4", observed(second[0], 3.0)), 3.0))
+    assert [d.node for d in third] == ["node-1"]
+    fourth = writes(r.handle(ObservedChanged("node-1", observed(third[0], 4.0)), 4.0))
+    assert [d.node for d in fourth] == ["node-2"]
+    converge(r, fourth[0], 5.0)
+    assert r.state == "succeeded", r.record.reason
+
+
+def test_a_node_that_sickens_mid_rollout_holds_the_next_wave_until_it_is_well() -> None:
+    """node-3 (a later wave) goes unhealthy on its own while node-1's wave runs: node-2 is not
+    started beside it (two nodes out of a budget of one); once node-3 is well, it is."""
+    r = fleet(3)
+    d1 = writes(r.handle(Start(), 1.0))[0]
+    r.handle(ObservedChanged("node-3", sick(desired("node-3"), 1.5)), 1.5)
+    assert converge(r, d1, 2.0) == []
+    assert r.record.nodes["node-2"].state == "waiting"
+    assert writes(r.handle(Tick(), 3.0)) == []
+    # Well again (its next report): node-2's wave starts at once.
+    assert [d.node for d in writes(r.handle(
+        ObservedChanged("node-3", observed(desired("node-3"), 4.0)), 4.0))] == ["node-2"]
+
+
+def test_a_wave_held_past_its_deadline_by_an_unhealthy_node_fails_naming_it() -> None:
+    """node-3 never gets well: node-2's wave cannot start, and at its deadline it fails with a
+    reason that names node-3 and why (then ``--on-failure pause`` pauses)."""
+    r = fleet(3, progress_deadline=30.0, on_failure="pause")
+    d1 = writes(r.handle(Start(), 1.0))[0]
+    r.handle(ObservedChanged("node-3", sick(desired("node-3"), 1.5)), 1.5)
+    converge(r, d1, 2.0)
+    r.handle(Tick(), 40.0)
+    assert r.state == "paused"
+    assert ("node-2: could not start within 30s: 1 target nodes unavailable (node-3 unhealthy; "
+            "max-unavailable 1)") in r.record.reason
+
+
+def test_a_node_done_that_sickens_on_the_release_holds_the_next_wave() -> None:
+    """node-1's wave passed; then, while node-2's runs, node-1's new slot goes unhealthy: it
+    serves from no healthy slot, so node-3's wave waits for it. (While its own wave bakes,
+    the bake fails the wave instead, "new slot b is unhealthy during the bake".)"""
+    r = fleet(3)
+    d1 = writes(r.handle(Start(), 1.0))[0]
+    d2 = writes(r.handle(ObservedChanged("node-1", observed(d1, 2.0)), 2.0))[0]
+    assert d2.node == "node-2"
+    r.handle(ObservedChanged("node-1", sick(d1, 2.5)), 2.5)
+    assert converge(r, d2, 3.0) == []
+    assert r.record.nodes["node-3"].state == "waiting"
+    assert converge(r, d1, 4.0) == ["node-3"]
+
+
+def test_a_first_report_in_the_same_step_counts() -> None:
+    """A node first heard from in the step that would start the next wave, unhealthy: that
+    step already counts it (the engine's kept set of unavailable nodes is updated with the
+    nodes a step heard from, not only with those it moved)."""
+    r = rollout(3, batch="1", max_unavailable="1")  # no reports at the deploy
+    d1 = writes(r.handle(Start(), 1.0))[0]
+    cmds = r.handle_all([ObservedChanged("node-3", sick(desired("node-3"), 1.5)),
+                         ObservedChanged("node-1", observed(d1, 2.0))], 2.0)
+    assert writes(cmds) == []
+    assert r.record.nodes["node-1"].state == "done"
+    assert r.record.nodes["node-2"].state == "waiting"
+
+
+def test_a_first_install_is_not_held_by_nodes_that_served_nothing() -> None:
+    """Nothing was meant to serve on a first install: nodes reporting a failed slot of their
+    own (node-2, node-3) are not unavailable for want of a healthy one, and node-1 starts.
+    (A removal's removed nodes, whose empty target serves nothing by design, are not either:
+    ``test_remove``'s wave-by-wave removal.)"""
+    nodes = [NodeView(id=f"node-{i}") for i in range(1, 4)]
+    failed = {v.id: ObservedState(node=v.id, service="hello", time=0.5,
+                                  slots={"a": SlotStatus(slot="a", status="failed",
+                                                         version=OLD.version)})
+              for v in nodes[1:]}
+    r = Rollout(new_record(id="r", spec=spec(batch="1", max_unavailable="1"), release=NEW,
+                           nodes=nodes, current={}, now=0.0, observed=failed), fleet="f")
+    r.handle_all([ObservedChanged(node, seen) for node, seen in failed.items()], 0.5)
+    assert [w.nodes for w in r.record.waves] == [["node-1"], ["node-2"], ["node-3"]]
+    d1 = writes(r.handle(Start(), 1.0))[0]
+    assert converge(r, d1, 2.0) == ["node-2"]
