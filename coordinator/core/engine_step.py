@@ -39,7 +39,7 @@ from coordinator.core.engine_types import (
     move_node,
     peek,
 )
-from coordinator.core.targets import serving_slot
+from coordinator.core.targets import serves_unhealthy
 from protocol.messages import (
     CohortTraffic,
     DesiredState,
@@ -229,23 +229,16 @@ def _lean(stats: RouterStats) -> RouterStats:
 
 def down_why(p: NodeProgress, seen: ObservedState | None) -> str:
     """Why a target node counts against max-unavailable, or "" if it does not: "updating",
-    "failed", "offline", or "unhealthy": on its own, no slot with traffic is healthy in its
-    latest report (``seen``; ``p.healthy`` is that report's), though it is meant to serve: the
-    state it was told before the rollout, or the one it has reached (a removal's empty
-    target serves nothing by design; a first install had nothing to serve). Such a node
+    "failed", "offline", or "unhealthy" on its own (``targets.serves_unhealthy``). Such a node
     counts like one being updated, so that a rollout never takes more nodes out of service
     than max-unavailable allows with it; a wave still starts its own unhealthy nodes (they
     are down already, and the release may be their fix), and ``new_record`` puts the nodes
-    unhealthy at the start in the first waves. A node not heard from in this rollout's
-    engine (a coordinator just taken over) is not judged by health until it reports."""
+    unhealthy at the start in the first waves."""
     if p.state in ("updating", "failed"):
         return p.state
     if not p.online:
         return "offline"
-    if (seen is not None and not p.healthy and p.state in ("waiting", "done")
-            and serving_slot(p.target if p.target is not None else p.previous) is not None):
-        return "unhealthy"
-    return ""
+    return "unhealthy" if serves_unhealthy(p, seen) else ""
 
 
 def is_down(p: NodeProgress, seen: ObservedState | None) -> bool:

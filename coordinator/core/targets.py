@@ -11,7 +11,15 @@ from __future__ import annotations
 import msgspec
 from msgspec import UNSET
 
-from protocol.messages import CohortSpec, DesiredState, MirrorSpec, ReleaseRef, RolloutSpec
+from protocol.messages import (
+    CohortSpec,
+    DesiredState,
+    MirrorSpec,
+    NodeProgress,
+    ObservedState,
+    ReleaseRef,
+    RolloutSpec,
+)
 
 # How often a node in a wave judged by sequential analysis is asked to read its router: a bad
 # release's first errors reach the gate a quarter second after they happen, not up to 2 s. Only
@@ -37,6 +45,16 @@ def serving_slot(desired: DesiredState | None) -> str | None:
     if "a" in slots:
         return "b" if "b" in slots and weights.get("b", 0) > weights.get("a", 0) else "a"
     return "b" if "b" in slots else None
+
+
+def serves_unhealthy(p: NodeProgress, seen: ObservedState | None) -> bool:
+    """Whether a target node is unhealthy on its own: meant to serve (the state it was told
+    before the rollout, or the one it reached: a removal's empty target and a first install
+    serve nothing), waiting or done, and its latest report (``seen``; ``p.healthy`` is that
+    report's) has no healthy slot with traffic. Not heard from in this rollout's engine (a
+    coordinator just taken over): not judged until it reports."""
+    return (seen is not None and not p.healthy and p.state in ("waiting", "done")
+            and serving_slot(p.target if p.target is not None else p.previous) is not None)
 
 
 def idle_slot(desired: DesiredState | None) -> str:
@@ -81,16 +99,17 @@ def cohort_for(spec: RolloutSpec, *, slot: str, rollout: str, weight: int) -> Co
 def forward_target(
     previous: DesiredState | None, *, fleet: str, node: str, release: ReleaseRef, slot: str,
     weight: int, generation: int, rollout: str, now: float, mirror: MirrorSpec | None = None,
-    stats_every: float = 0.0, cohort: CohortSpec | None = None,
+    stats_every: float = 0.0, cohort: CohortSpec | None = None, keep_old: bool = True,
 ) -> DesiredState:
-    """The new release in ``slot`` at ``weight`` percent, the old serving slot kept for the rest;
+    """The new release in ``slot`` at ``weight`` percent, the old serving slot kept for the rest
+    (unless not ``keep_old``: a node at weight 100 with no healthy old slot to keep warm);
     ``mirror`` (shadow) copies a share of the requests to ``slot``; ``stats_every``: how often
     the agent should read the router while the wave is judged (0: its own periods); ``cohort``
     makes the weight a share of users, or adds allow/deny/preview rules (``cohort_for``)."""
     slots: dict[str, ReleaseRef] = {}
     weights: dict[str, int] = {}
     serving = serving_slot(previous)
-    if previous is not None and serving is not None and serving != slot:
+    if previous is not None and serving is not None and serving != slot and keep_old:
         slots[serving] = previous.slots[serving]
         weights[serving] = 100 - weight
     slots[slot] = release

@@ -33,6 +33,7 @@ from coordinator.core.targets import (
     idle_slot,
     old_slot,
     retire_target,
+    serving_slot,
     stats_every_for,
 )
 from protocol.messages import (
@@ -77,6 +78,7 @@ class Ordinary:
             now=step.now, mirror=self.mirror(step.spec, p.slot),
             stats_every=stats_every_for(step.spec),
             cohort=cohort_for(step.spec, slot=p.slot, rollout=step.r.id, weight=wave.weight),
+            keep_old=wave.weight < 100 or warm(p, step.obs.get(p.node)),
         )
 
     def stage(self, step: Step, p: NodeProgress, wave: WaveRecord) -> DesiredState | None:
@@ -146,6 +148,21 @@ class Ordinary:
 
     def rollback_advanced(self, step: Step) -> None:
         pass
+
+
+def warm(p: NodeProgress, seen: ObservedState | None) -> bool:
+    """Whether a node's old serving slot is worth keeping warm when the node is moved whole:
+    not if its latest report has it other than healthy with the old release (hung, crashing,
+    gone). Kept at weight 0 it would hold the node's convergence (an agent converges once
+    every slot it is given is healthy) until it healed, if ever, and a release fixing it could
+    never pass; stopped instead, and started again by a rollback, as it was. Not heard from:
+    kept."""
+    old = serving_slot(p.previous)
+    if seen is None or old is None or p.previous is None or old == p.slot:
+        return True
+    s = seen.slots.get(old)
+    return (s is not None and s.status == "healthy"
+            and s.digest in ("", p.previous.slots[old].digest))
 
 
 def retire_old(step: Step) -> None:

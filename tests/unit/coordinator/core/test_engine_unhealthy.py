@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from coordinator.core.engine import (
     ObservedChanged,
+    Resume,
     Rollout,
     Start,
     Tick,
@@ -61,6 +62,36 @@ def test_nodes_unhealthy_at_the_deploy_go_first_and_start_whatever_the_count() -
     assert [d.node for d in fourth] == ["node-2"]
     converge(r, fourth[0], 5.0)
     assert r.state == "succeeded", r.record.reason
+
+
+def test_a_node_moved_while_its_old_slot_is_unhealthy_keeps_no_warm_copy() -> None:
+    """node-2's old slot is unhealthy: its target has the new slot only (kept at weight 0,
+    the old slot would hold the agent's convergence until it healed, if ever); node-1's keeps
+    its healthy old slot warm at weight 0, as every move does; a rollback gives node-2 its old
+    state again."""
+    r = fleet(2, unhealthy=("node-2",), on_failure="rollback")
+    (d2,) = writes(r.handle(Start(), 1.0))
+    assert (d2.node, d2.slots, d2.weights) == ("node-2", {"b": NEW}, {"b": 100})
+    (d1,) = writes(r.handle(ObservedChanged("node-2", observed(d2, 2.0)), 2.0))
+    assert (d1.node, d1.slots, d1.weights) == ("node-1", {"a": OLD, "b": NEW}, {"a": 0, "b": 100})
+    back = {d.node: d for d in writes(r.handle(ObservedChanged(
+        "node-1", observed(d1, 3.0, failed="crashed")), 3.0))}
+    assert (back["node-2"].slots, back["node-2"].weights) == ({"a": OLD}, {"a": 100})
+
+
+def test_a_retried_node_whose_new_slot_failed_keeps_its_healthy_old_slot() -> None:
+    """node-1's new slot goes unhealthy in its bake (the node serves from no healthy slot),
+    the rollout pauses, and a resume retries it: its old slot, healthy at weight 0, is still
+    kept warm (it is the new slot that is unhealthy)."""
+    r = fleet(2, bake=10.0, on_failure="pause")
+    (d1,) = writes(r.handle(Start(), 1.0))
+    r.handle(ObservedChanged("node-1", observed(d1, 2.0)), 2.0)
+    r.handle(ObservedChanged("node-1", observed(d1, 5.0, healthy=False)), 5.0)
+    r.handle(Tick(), 12.5)
+    assert r.state == "paused", r.record.reason
+    (again,) = writes(r.handle(Resume(), 13.0))
+    assert (again.node, again.slots, again.weights) == (
+        "node-1", {"a": OLD, "b": NEW}, {"a": 0, "b": 100})
 
 
 def test_a_node_that_sickens_mid_rollout_holds_the_next_wave_until_it_is_well() -> None:

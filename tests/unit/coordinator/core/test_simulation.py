@@ -104,6 +104,11 @@ class Agent:
                 if w > 0 and s in self.slots}
 
 
+def whole(d: DesiredState) -> bool:
+    """Whether ``d`` gives the new release all of the traffic."""
+    return any(r == NEW and d.weights.get(s, 0) == 100 for s, r in d.slots.items())
+
+
 class World:
     def __init__(self, seed: int, strategy: str = "") -> None:
         self.seed = seed
@@ -180,6 +185,7 @@ class World:
         self.offline: set[str] = set()  # as reported to the engine
         self.failed: set[str] = set()  # the nodes the engine had failed before its last step
         self.heard: dict[str, ObservedState] = {}  # each node's latest report, as fed to it
+        self.cold: set[str] = set()  # moved without their old slot (it was unhealthy)
         self.lost_mid_wave = False  # a node went offline while its own wave was under way
         self.resumes = 0
         self.max_operator_actions = 6
@@ -236,9 +242,22 @@ class World:
                         d.weights.get(s, 0) > 0 for s, r in d.slots.items() if r == NEW):
                     self.new_weight_at = self.now
                 if record.phase == "rollback" and d.generation == last[d.node]:
-                    # A rollback starts no release: every slot it names already runs that one.
-                    assert all(old.slots.get(s) == r for s, r in d.slots.items()), (
+                    # A rollback starts no release: every slot it names already runs that one,
+                    # but for a node moved while unhealthy (its old slot was not kept warm).
+                    assert d.node in self.cold or all(
+                        old.slots.get(s) == r for s, r in d.slots.items()), (
                         f"seed {self.seed}: rollback of {d.node} starts {d.slots}")
+                if (record.phase == "forward" and whole(d) and not whole(old)
+                        and OLD not in d.slots.values()):
+                    # Moved whole without its old slot: only a node whose old slot was not
+                    # healthy, by what the engine heard (a retirement is no move).
+                    seen = self.heard.get(d.node)
+                    olds = [s for s, r in old.slots.items() if r == OLD]
+                    assert d.node in self.cold or not olds or (seen is not None and all(
+                        (st := seen.slots.get(s)) is None or st.status != "healthy"
+                        for s in olds)), (
+                        f"seed {self.seed}: {d.node} moved without its old slot while healthy")
+                    self.cold.add(d.node)
                 self.store[d.node] = d
                 self.at(self.now + self.rng.uniform(0.05, 2.0), lambda d=d: self.deliver(d))
         if forward - before:  # the engine disrupts a node that was serving: is there room?
