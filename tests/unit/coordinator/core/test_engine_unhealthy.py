@@ -164,3 +164,26 @@ def test_a_first_install_is_not_held_by_nodes_that_served_nothing() -> None:
     assert [w.nodes for w in r.record.waves] == [["node-1"], ["node-2"], ["node-3"]]
     d1 = writes(r.handle(Start(), 1.0))[0]
     assert converge(r, d1, 2.0) == ["node-2"]
+
+
+def test_a_node_staged_while_its_old_slot_hangs_is_staged() -> None:
+    """node-2 is staged ahead of its wave (--prestage 1) while its old slot hangs: its agent
+    never converges (the old slot is not healthy), but the staged slot is healthy on the
+    release, so the node is staged, not failed at the stage deadline; at its wave it is moved
+    without the hung slot."""
+    r = fleet(3, prestage="1", progress_deadline=30.0, bake=60.0)
+    w = {d.node: d for d in writes(r.handle(Start(), 1.0))}
+    r.handle(ObservedChanged("node-1", observed(w["node-1"], 1.5)), 1.5)  # wave 0 bakes
+    stage = w["node-2"]
+    assert stage.weights == {"a": 100, "b": 0}
+    hung = ObservedState(
+        node="node-2", service="hello", generation=stage.generation,
+        observed_generation=stage.generation - 1, phase="converging", time=2.0,
+        slots={"a": SlotStatus(slot="a", status="unhealthy", version=OLD.version),
+               "b": SlotStatus(slot="b", status="healthy", version=NEW.version)})
+    r.handle(ObservedChanged("node-2", hung), 2.0)
+    assert r.record.nodes["node-2"].staged == "staged"
+    r.handle(Tick(), 40.0)  # past the stage deadline: still staged, nothing failed
+    assert r.state == "running" and r.record.nodes["node-2"].staged == "staged"
+    (moved,) = [d for d in writes(r.handle(Tick(), 62.0)) if d.node == "node-2"]
+    assert (moved.slots, moved.weights) == ({"b": NEW}, {"b": 100})
