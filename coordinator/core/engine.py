@@ -14,8 +14,10 @@ only on success).
 
 Vocabulary: the *mode* of a rollout is its state, except that a running rollout restoring its
 touched nodes is in mode ``rolling_back``. A node is *touched* once a desired state was written for
-it. A node is *unavailable* while it is being updated, has failed, or is offline; a node is only
-started when the number of unavailable target nodes stays within max-unavailable. A node is *done*
+it. A node is *unavailable* while it is being updated, has failed, is offline, or is unhealthy
+on its own (``engine_step.down_why``); a node is only started when the number of unavailable
+target nodes stays within max-unavailable, but for an unhealthy one (starting it takes nothing
+more out of service). A node is *done*
 with a wave when it reports ``observed_generation`` at least the written generation, a healthy new
 slot and the wave's weights applied. It *fails* when it reports phase ``failed`` for that
 generation or has not converged by the wave's deadline; one that goes offline while its wave is
@@ -215,7 +217,7 @@ class Rollout:
         self._policies = wave_policies(record.spec, len(record.waves))
         self._back_memo: BackMemo = {}  # the rollback's verdicts, across steps (``Step``)
         # The committed record's unavailable nodes (``Step.unavailable``), made at the first
-        # step and kept up to date with the nodes each step took.
+        # step and kept up to date with the nodes each step took or heard from.
         self._down: set[str] | None = None
         # The nodes any step took since the record was last persisted (``persisted``): the
         # only ones whose progress can differ from it, so the store compares only those.

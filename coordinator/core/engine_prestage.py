@@ -4,17 +4,18 @@ Theory of operation (``core.staging`` has the vocabulary and the arithmetic): wh
 runs forward, the nodes of the ``Step.ahead`` waves after the running one that were never written
 to are given their wave policy's ``stage`` target (the new release in the idle slot at weight 0;
 ``p.staged = "staging"``). Level-triggered on every step, ``check`` watches them until their own
-wave starts: converged on that target with the new slot healthy is ``staged`` (on a node whose
-old slot is not healthy, which may never converge, the new slot healthy is); the agent reporting
+wave starts: the new slot healthy on that target (``node_table.settled``) is ``staged``; the
+agent reporting
 failure, or no healthy slot by ``--progress-deadline`` after the write, is a staging failure. A
 staging failure is handled as a failed update is, before its wave: ``--on-failure rollback``
 rolls back every touched node (staged ones included: their previous desired state again stops
 the staged slot), ``pause`` pauses with the reason, and ``resume`` stages the node again.
 
-A staged node stays ``waiting`` (its old slot serves all of its traffic), so it never counts
-against max-unavailable. When its wave starts, the policy's ``target`` reuses ``p.slot``: the
-agent finds the slot running and healthy and only moves the router's weights. An abort gives the
-staged nodes their previous desired state, so no staged slot is left running.
+A staged node stays ``waiting`` (its old slot serves all of its traffic), so being staged never
+counts against max-unavailable (an old slot unhealthy on its own does, staged or not). When its
+wave starts, the policy's ``target`` reuses ``p.slot``: the agent finds the slot running and
+healthy and only moves the router's weights. An abort gives the staged nodes their previous
+desired state, so no staged slot is left running.
 """
 
 from __future__ import annotations
@@ -22,28 +23,10 @@ from __future__ import annotations
 from coordinator.core import staging
 from coordinator.core.engine_rollback import Rollback
 from coordinator.core.engine_step import Step
-from coordinator.core.engine_types import converged, peek_node
-from coordinator.core.targets import restore_target, runs, serving_slot
+from coordinator.core.engine_types import peek_node, settled
+from coordinator.core.targets import restore_target, runs
 from protocol.durations import format_duration
-from protocol.messages import DesiredState, NodeProgress, ObservedState
-
-
-def staged(seen: ObservedState, target: DesiredState, slot: str) -> bool:
-    """Whether a node reports its staging ``target`` done: converged on it with the new
-    ``slot`` healthy; or, its old slot not healthy (hung, crashing: the agent converges once
-    every slot is, so it may never), having seen the target with ``slot`` healthy on the
-    release. Its old slot is its own business: it counts against max-unavailable by itself,
-    and the switch at its wave leaves it out (``strategies.waves.warm``)."""
-    s = seen.slots.get(slot)
-    if s is None or s.status != "healthy":
-        return False
-    if converged(seen, target):
-        return True
-    ref, old = target.slots.get(slot), serving_slot(target)
-    o = seen.slots.get(old) if old is not None and old != slot else None
-    return (seen.generation >= target.generation and seen.phase != "failed" and ref is not None
-            and s.digest in ("", ref.digest) and old is not None and old != slot
-            and (o is None or o.status != "healthy"))
+from protocol.messages import NodeProgress
 
 
 class Prestage:
@@ -113,7 +96,7 @@ class Prestage:
                 self.fail(p, index, f"agent reports failure: {seen.error or 'no reason given'}")
             elif p.staged == "staged":
                 continue
-            elif seen is not None and staged(seen, target, p.slot):
+            elif seen is not None and settled(seen, target, p.slot):
                 p = self.take(p)
                 p.staged = "staged"
                 step.emit("node.staged", f"{p.node}: {step.r.release.version} healthy in slot "

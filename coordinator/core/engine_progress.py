@@ -11,6 +11,8 @@ the vocabulary.
 
 from __future__ import annotations
 
+import heapq
+
 from msgspec import UNSET
 
 from coordinator.core.engine_bake import Bake
@@ -35,6 +37,7 @@ from coordinator.core.engine_types import (
     move_wave,
     peek,
     peek_node,
+    settled,
 )
 from coordinator.core.targets import runs, serving_slot
 from protocol.durations import format_duration
@@ -264,11 +267,11 @@ class Progress:
     def short_of_room(self, unavailable: set[str]) -> str:
         """Why a wave's node cannot start: the nodes without a healthy serving slot, each with
         why (``down_why``), against max-unavailable."""
-        r, names = self.step.r, sorted(unavailable)
+        r, names = self.step.r, heapq.nsmallest(3, unavailable)
+        more = len(unavailable) - len(names)
         who = ", ".join(f"{n} {down_why(peek_node(r.nodes, n), self.step.obs.get(n))}"
-                        for n in names[:3]) + (f" and {len(names) - 3} more"
-                                               if len(names) > 3 else "")
-        return (f"{len(names)} target nodes unavailable ({who}; max-unavailable "
+                        for n in names) + (f" and {more} more" if more else "")
+        return (f"{len(unavailable)} target nodes unavailable ({who}; max-unavailable "
                 f"{self.step.cap})")
 
     def start_node(self, p: NodeProgress, wave: WaveRecord) -> None:
@@ -346,6 +349,7 @@ class Progress:
                   if failing else [])
         if not failed and self.step.passed(wave.deadline):
             limit = format_duration(self.step.spec.progress_deadline)
+            room = ""
             for n in wave.nodes:
                 if peek_node(r.nodes, n).state not in ("updating", "waiting"):
                     continue
@@ -360,8 +364,9 @@ class Progress:
                     # Never started, so not disrupted: it stays waiting (and does not count as
                     # unavailable), but the wave cannot pass without it.
                     # Named, so that a node lost in an earlier wave is seen to be the cause.
-                    p.reason = (f"could not start within {limit}: "
-                                f"{self.short_of_room(unavailable)}")
+                    # Said once for the wave (its unavailable nodes may be most of a fleet).
+                    room = room or self.short_of_room(unavailable)
+                    p.reason = f"could not start within {limit}: {room}"
                     failed.append(p)
         if failed:
             move_wave(wave, "failed")
@@ -390,11 +395,12 @@ class Progress:
                                 f"agent reports failure: {seen.error or 'no reason given'}")
         elif not p.online:
             pass  # lost and waited for: not done until it is back (the deadline bounds it)
-        elif (seen is not None and p.target is not None and converged(seen, p.target)
-              and (p.slot not in p.target.slots
-                   or ((s := seen.slots.get(p.slot)) is not None and s.status == "healthy"))):
-            # Converged says the traffic slots are healthy; a staged slot (weight 0) must be too
-            # (a removal's target has no slot: converged on it is done).
+        elif (seen is not None and p.target is not None
+              and (settled(seen, p.target, p.slot) if p.slot in p.target.slots
+                   else converged(seen, p.target))):
+            # Its new slot healthy, at weight 0 too (a blue-green's or shadow's stage), and
+            # converged unless its old slot is not healthy (``settled``); a removal's target has
+            # no slot: converged on it is done.
             p = self.step.r.nodes[node]
             move_node(p, "done")
             self.step.emit("node.done", f"{p.node}: converged on generation {p.generation}", p.node,

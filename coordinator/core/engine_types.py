@@ -18,6 +18,7 @@ from coordinator.core.node_table import NodeTable as NodeTable
 from coordinator.core.node_table import converged as converged
 from coordinator.core.node_table import peek as peek
 from coordinator.core.node_table import peek_node as peek_node
+from coordinator.core.node_table import settled as settled
 from coordinator.errors import FleetwaveError
 from protocol.messages import (
     DesiredState,

@@ -25,6 +25,27 @@ def converged(seen: ObservedState, target: DesiredState) -> bool:
     return _positive(seen.weights) == _positive(target.weights)
 
 
+def settled(seen: ObservedState, target: DesiredState, slot: str) -> bool:
+    """Whether a node has done what ``target`` asks of its new ``slot``: converged on it with
+    ``slot`` healthy; or, its old slot (the target's other one) not healthy, having seen the
+    target with ``slot`` healthy on the release, and carrying traffic if the target gives it
+    some. An agent converges once every slot it is given is healthy, so a node whose old slot
+    hangs or crashes might never: it is judged by its new slot (its old one counts against
+    max-unavailable by itself, and a node moved whole keeps no such slot:
+    ``strategies.waves.warm``)."""
+    s = seen.slots.get(slot)
+    ref = target.slots.get(slot)
+    if s is None or s.status != "healthy" or ref is None:
+        return False
+    if converged(seen, target):
+        return True
+    olds = [k for k in target.slots if k != slot]
+    return (seen.generation >= target.generation and seen.phase != "failed"
+            and s.digest in ("", ref.digest) and bool(olds)
+            and all((o := seen.slots.get(k)) is None or o.status != "healthy" for k in olds)
+            and (target.weights.get(slot, 0) == 0 or seen.weights.get(slot, 0) > 0))
+
+
 def _positive(weights: Mapping[str, int]) -> dict[str, int]:
     return {s: w for s, w in weights.items() if w > 0}
 

@@ -11,9 +11,10 @@
 May import ``protocol``, ``coordinator.errors`` and the core's planning, amounts, targets and
 gates (the engine's ``Step`` for types only); never the runtime, the API or the CLI.
 
-``plan(nodes, spec, current, cordoned)`` selects the nodes (``core.planning.select``), holds the
-cordoned ones out (``core.planning.hold_out``), keeps the strategy's ``targets`` among the rest (a
-removal: those that have the service) and hands them to
+``plan(nodes, spec, current, cordoned, first)`` selects the nodes (``core.planning.select``),
+holds the cordoned ones out (``core.planning.hold_out``), keeps the strategy's ``targets`` among
+the rest (a removal: those that have the service), puts ``first`` at the front for a rolling
+update or a removal, and hands them to
 ``plan_strategy(selected, spec)``, which dispatches on ``spec.strategy``. Every strategy returns
 waves that together hold every selected node, each node's final wave with weight 100. The desired
 state one node is given for a wave, a rollback or the retirement of its old slot is built by
@@ -108,10 +109,12 @@ def plan(
 ) -> list[Wave]:
     """Select the target nodes of ``spec``, hold the ``cordoned`` ones out
     (``core.planning.hold_out``), keep the strategy's ``targets`` among the rest (``current``:
-    each node's desired state of the service now) and cut them into waves with its strategy,
-    the nodes in ``first`` (those unhealthy now: ``core.engine.new_record``) at the front, in
-    their order: they count against max-unavailable already, so the first waves take them,
-    where a later wave would have them block every wave before it."""
+    each node's desired state of the service now) and cut them into waves with its strategy.
+    A rolling update or a removal puts the nodes in ``first`` (those unhealthy now:
+    ``core.engine.new_record``) at the front, in their order: they count against
+    max-unavailable already, so the first waves take them, where a later wave would have them
+    block every wave before it. A canary does not: its first steps must judge the release on
+    healthy hosts, not on a broken one."""
     chosen = select(nodes, spec.selector)
     where = ",".join(f"{k}={v}" for k, v in sorted(spec.selector.items())) or "(any)"
     if not chosen:
@@ -126,7 +129,7 @@ def plan(
             "return one with 'fleetwave uncordon NODE'"
         )
     selected = strategy(spec).targets(selected, spec, current or {})
-    if first:
+    if first and strategy(spec) in (rolling, remove):
         selected = sorted(selected, key=lambda n: n not in first)  # stable: order kept
     max_unavailable(spec.max_unavailable, len(selected))  # every strategy honours it: check it now
     waves = plan_strategy(selected, spec)

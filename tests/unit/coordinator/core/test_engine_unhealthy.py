@@ -187,3 +187,57 @@ def test_a_node_staged_while_its_old_slot_hangs_is_staged() -> None:
     assert r.state == "running" and r.record.nodes["node-2"].staged == "staged"
     (moved,) = [d for d in writes(r.handle(Tick(), 62.0)) if d.node == "node-2"]
     assert (moved.slots, moved.weights) == ({"b": NEW}, {"b": 100})
+
+
+def hung_report(d: DesiredState, t: float, *, new: str = "b", old: str = "a") -> ObservedState:
+    """An agent that has seen ``d`` and runs its ``new`` slot healthy (with the traffic ``d``
+    gives it), while its ``old`` slot hangs: it never converges."""
+    return ObservedState(
+        node=d.node, service="hello", generation=d.generation,
+        observed_generation=d.generation - 1, phase="converging", time=t,
+        weights={new: 100} if d.weights.get(new, 0) > 0 else {},
+        slots={old: SlotStatus(slot=old, status="unhealthy", version=OLD.version),
+               new: SlotStatus(slot=new, status="healthy", version=NEW.version)})
+
+
+def test_a_blue_green_over_a_node_whose_old_slot_hangs_stages_switches_and_succeeds() -> None:
+    """Blue-green's stage keeps the old slot serving: node-2's agent never converges on it
+    while that slot hangs, and the node is judged by its new slot, so the stage is not failed
+    for it; the switch moves node-2 without the hung slot (node-1 keeps its old one warm for
+    the switch back) and the rollout succeeds."""
+    r = fleet(2, unhealthy=("node-2",), strategy="blue-green", prestage="")
+    stage = {d.node: d for d in writes(r.handle(Start(), 1.0))}
+    r.handle(ObservedChanged("node-1", observed(stage["node-1"], 2.0)), 2.0)
+    switch = {d.node: d for d in writes(r.handle(
+        ObservedChanged("node-2", hung_report(stage["node-2"], 2.0)), 2.0))}
+    assert set(switch) == {"node-1", "node-2"}, r.record.reason
+    assert switch["node-1"].weights == {"a": 0, "b": 100}
+    assert (switch["node-2"].slots, switch["node-2"].weights) == ({"b": NEW}, {"b": 100})
+    r.handle(ObservedChanged("node-1", observed(switch["node-1"], 3.0)), 3.0)
+    # Not given the hung slot any more, its agent stops it and converges.
+    r.handle(ObservedChanged("node-2", observed(switch["node-2"], 3.0)), 3.0)
+    r.handle(Tick(), 400.0)  # past --scale-down-delay
+    assert r.state == "succeeded", r.record.reason
+
+
+def test_a_canary_judges_its_first_step_on_healthy_nodes() -> None:
+    """A canary's first step is the release's test: the unhealthy node (node-2) is not put
+    first, as a rolling update would."""
+    r = fleet(3, unhealthy=("node-2",), strategy="canary", steps=["1", "100%"])
+    assert r.record.waves[0].nodes == ["node-1"]  # the canary's own order
+
+
+def test_a_weighted_step_over_a_node_whose_old_slot_hangs_is_judged_by_its_new_slot() -> None:
+    """A canary at 10 % keeps both slots (its old one serves the other 90 %): on node-2, whose
+    old slot hangs, the agent never converges, and the node is done once its new slot is
+    healthy with traffic, not failed at the deadline."""
+    r = fleet(2, unhealthy=("node-2",), strategy="canary", weights=[10, 100],
+              max_unavailable="2", progress_deadline=30.0, bake=60.0)
+    first = {d.node: d for d in writes(r.handle(Start(), 1.0))}
+    assert first["node-2"].weights == {"a": 90, "b": 10}
+    r.handle(ObservedChanged("node-1", observed(first["node-1"], 2.0)), 2.0)
+    r.handle(ObservedChanged("node-2", hung_report(first["node-2"], 2.0)), 2.0)
+    assert r.record.nodes["node-2"].state == "done"
+    assert r.record.waves[0].state == "baking"
+    r.handle(Tick(), 40.0)
+    assert r.state == "running" and r.record.waves[0].state == "baking", r.record.reason
