@@ -131,12 +131,20 @@ def new_record(
             f"{spec.service} {spec.version}; push the release first with 'fleetwave release push'"
         )
     nodes = list(nodes)
-    # The nodes meant to serve and reported without a healthy serving slot: they count
-    # against max-unavailable (``engine_step.down_why``), so they go first.
-    unhealthy = {node for node, report in (observed or {}).items()
-                 if report.node == node and report.service == spec.service
-                 and serving_slot(current.get(node)) is not None
-                 and not reported(report, "")[0]}
+    # Each reporting node's health and version by its latest report (``reported``): the
+    # record starts with them, and the nodes meant to serve that report no healthy serving
+    # slot count against max-unavailable (``engine_step.down_why``), so they go first.
+    said: dict[str, tuple[bool, str]] = {}
+    unhealthy: set[str] = set()
+    for node, seen in (observed or {}).items():
+        if seen.node != node or seen.service != spec.service:
+            continue
+        previous = current.get(node)
+        serving = serving_slot(previous)
+        known = previous.slots[serving].version if previous and serving else ""
+        said[node] = healthy_version = reported(seen, known)
+        if serving is not None and not healthy_version[0]:
+            unhealthy.add(node)
     waves = plan(nodes, spec, current, cordoned, first=unhealthy)
     progress: dict[str, NodeProgress] = {}
     # What the rollout comes from is what the coordinator last wanted of each node, never what
@@ -151,10 +159,7 @@ def new_record(
             version = previous.slots[serving].version if previous and serving else ""
             if version:
                 versions[version] += 1
-            healthy = False
-            seen = observed.get(node) if observed else None
-            if seen is not None and seen.node == node and seen.service == spec.service:
-                healthy, version = reported(seen, version)
+            healthy, version = said.get(node, (False, version))
             progress[node] = NodeProgress(
                 node=node, previous=previous, generation=previous.generation if previous else 0,
                 version=version, healthy=healthy,

@@ -6,9 +6,10 @@ time out, its agent takes its slot out of the router and reports it unhealthy (t
 restart comes only after ``health.restart_after``, 30 s). Then, with one node a wave and a
 budget of one:
 
-- a deploy puts the unhealthy node in the first wave and starts it (the release is its fix)
-  without keeping its hung old slot warm; the healthy nodes move one at a time after it serves
-  again, their old slots kept warm until the rollout succeeds;
+- a deploy puts the two unhealthy nodes in the first waves and starts each (the release is its
+  fix) without keeping its hung old slot warm; the second is staged ahead of its wave though
+  its agent cannot converge (its staged slot is healthy); the healthy node moves after them,
+  its old slot kept warm until the rollout succeeds;
 - a node that sickens while an earlier wave bakes holds the next wave (none of its nodes is
   started) until it is well again, and the rollout then goes on and succeeds.
 """
@@ -16,6 +17,7 @@ budget of one:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -43,7 +45,8 @@ from tests.integration.e2e_support import (
 from tests.integration.procs import fleetwave, wait_until
 
 SUBNET = "127.0.93"
-ONE_A_WAVE = ("--batch", "1", "--max-unavailable", "1", "--prestage", "0")
+# One node a wave, the next one staged ahead (rolling's default --prestage 1).
+ONE_A_WAVE = ("--batch", "1", "--max-unavailable", "1")
 
 
 async def observed(bus: Bus, node: str) -> ObservedState | None:
@@ -74,6 +77,18 @@ def stopped(pid: int) -> Iterator[None]:
             os.kill(pid, signal.SIGCONT)
 
 
+async def moved_with(url: str, rid: str, version: str) -> dict[str, set[str]]:
+    """The slots of each node's move in rollout ``rid`` (its first desired state giving
+    ``version`` all of the traffic; not a staging, not the retirement after it)."""
+    moves: dict[str, set[str]] = {}
+    for env in await desired_log(url):
+        d = decode(DesiredState, env.payload)
+        if d.rollout == rid and any(d.weights.get(k) == 100 and r.version == version
+                                    for k, r in d.slots.items()):
+            moves.setdefault(d.node, set(d.slots))
+    return moves
+
+
 def updating_order(events: list[dict[str, Any]]) -> list[str]:
     return [e["node"] for e in events if e["kind"] == "node.updating"]
 
@@ -87,10 +102,13 @@ async def test_unhealthy_nodes_go_first_and_a_sick_node_holds_the_next_wave(
         await install(fleet, "1.0.0")
         bus = await Bus.connect(url, fleet.fleet, name="unhealthy-test")
         try:
-            # 1. node-2's 1.0.0 hangs: reported unhealthy, it is the first wave of the deploy.
-            with stopped(await serving_pid(fleet, "node-2", "1.0.0")):
-                await wait_until(lambda: observed(bus, "node-2"), sick, timeout=20,
-                                 what="node-2 reported unhealthy")
+            # 1. node-2's and node-3's 1.0.0 hang: reported unhealthy, they are the first
+            # waves; node-3 is staged ahead of its wave while hung (its agent cannot converge).
+            with (stopped(await serving_pid(fleet, "node-2", "1.0.0")),
+                  stopped(await serving_pid(fleet, "node-3", "1.0.0"))):
+                for node in ("node-2", "node-3"):
+                    await wait_until(functools.partial(observed, bus, node), sick, timeout=20,
+                                     what=f"{node} reported unhealthy")
                 code, out, err = await fleetwave("deploy", "hello", "2.0.0", *ONE_A_WAVE,
                                                  nats_url=url, timeout=DEPLOY_TIMEOUT)
                 assert code == 0, f"the deploy failed ({code}): {out}{err}"
@@ -100,23 +118,16 @@ async def test_unhealthy_nodes_go_first_and_a_sick_node_holds_the_next_wave(
             assert code == 0, err
             rid = str(json.loads(out)["id"])
             record = await record_of(bus, rid)
-            assert [w.nodes for w in record.waves] == [["node-2"], ["node-1"], ["node-3"]]
-            # Its hung old slot was not kept warm (it held the agent's convergence until its
-            # health.restart_after); the healthy nodes' were, until the rollout succeeded.
-            first = [e for e in await told(url, rid, "rollout.succeeded")
-                     if e["kind"] == "node.updating"]
-            assert [(e["node"], e["data"]["slot"]) for e in first] == [
-                ("node-2", "b"), ("node-1", "b"), ("node-3", "b")]
-            moves: dict[str, dict[str, Any]] = {}
-            for env in await desired_log(url):
-                d = decode(DesiredState, env.payload)
-                if d.rollout == rid:
-                    moves.setdefault(d.node, d.slots)  # each node's first write of it
-            assert {n: set(slots) for n, slots in moves.items()} == {
-                "node-2": {"b"}, "node-1": {"a", "b"}, "node-3": {"a", "b"}}
+            assert [w.nodes for w in record.waves] == [["node-2"], ["node-3"], ["node-1"]]
+            assert [record.nodes[n].staged for n in ("node-2", "node-3", "node-1")] == [
+                "", "staged", "staged"]
             events = await told(url, rid, "rollout.succeeded")
             audit(events)
-            assert updating_order(events) == ["node-2", "node-1", "node-3"]
+            assert updating_order(events) == ["node-2", "node-3", "node-1"]
+            # Their hung old slots were not kept warm (one held its agent's convergence until
+            # health.restart_after); node-1's was, until the rollout succeeded.
+            assert await moved_with(url, rid, "2.0.0") == {
+                "node-2": {"b"}, "node-3": {"b"}, "node-1": {"a", "b"}}
 
             # 2. Back to 1.0.0, wave 0 baking 12 s; node-3 (the last wave) hangs meanwhile.
             rid = await deploy_detached(url, "1.0.0", *ONE_A_WAVE, "--bake", "12s")
