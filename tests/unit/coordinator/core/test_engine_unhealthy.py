@@ -108,17 +108,37 @@ def test_a_node_that_sickens_mid_rollout_holds_the_next_wave_until_it_is_well() 
         ObservedChanged("node-3", observed(desired("node-3"), 4.0)), 4.0))] == ["node-2"]
 
 
-def test_a_wave_held_past_its_deadline_by_an_unhealthy_node_fails_naming_it() -> None:
-    """node-3 never gets well: node-2's wave cannot start, and at its deadline it fails with a
-    reason that names node-3 and why (then ``--on-failure pause`` pauses)."""
-    r = fleet(3, progress_deadline=30.0, on_failure="pause")
+def test_a_wave_held_past_its_deadline_by_an_unhealthy_node_pauses_naming_it() -> None:
+    """node-3 (never moved) does not get well: node-2's wave cannot start, and at its deadline
+    the rollout pauses, whatever --on-failure says (no failure of the release: a rollback
+    would move node-1 back), naming node-3 and why; a resume once node-3 is well goes on."""
+    r = fleet(3, progress_deadline=30.0, on_failure="rollback")
     d1 = writes(r.handle(Start(), 1.0))[0]
     r.handle(ObservedChanged("node-3", sick(desired("node-3"), 1.5)), 1.5)
     converge(r, d1, 2.0)
-    r.handle(Tick(), 40.0)
+    assert writes(r.handle(Tick(), 40.0)) == []
     assert r.state == "paused"
-    assert ("node-2: could not start within 30s: 1 target nodes unavailable (node-3 unhealthy; "
-            "max-unavailable 1)") in r.record.reason
+    assert r.record.reason == (
+        "wave 2: 1 nodes could not start within 30s: 1 target nodes unavailable (node-3 "
+        "unhealthy; max-unavailable 1); nodes unhealthy on their own hold the room: resume "
+        "once they are well, or roll back")
+    r.handle(ObservedChanged("node-3", observed(desired("node-3"), 41.0)), 41.0)
+    assert [d.node for d in writes(r.handle(Resume(), 42.0))] == ["node-2"]
+
+
+def test_a_wave_held_by_a_node_the_release_made_unhealthy_fails() -> None:
+    """node-1, moved to the release, goes unhealthy after its wave passed: it holds node-2's
+    wave, and at the deadline that is a failure (--on-failure rollback rolls back), not a
+    pause: the release may be the cause."""
+    r = fleet(3, progress_deadline=30.0, on_failure="rollback")
+    d1 = writes(r.handle(Start(), 1.0))[0]
+    d2 = writes(r.handle(ObservedChanged("node-1", observed(d1, 2.0)), 2.0))[0]
+    r.handle(ObservedChanged("node-1", sick(d1, 2.5)), 2.5)
+    converge(r, d2, 3.0)
+    r.handle(Tick(), 40.0)
+    assert r.record.phase == "rollback", (r.state, r.record.reason)
+    assert "node-3: could not start within 30s: 1 target nodes unavailable (node-1 unhealthy; " \
+        "max-unavailable 1)" in r.record.reason
 
 
 def test_a_node_done_that_sickens_on_the_release_holds_the_next_wave() -> None:
