@@ -5,11 +5,11 @@ runs forward, the nodes of the ``Step.ahead`` waves after the running one that w
 to are given their wave policy's ``stage`` target (the new release in the idle slot at weight 0;
 ``p.staged = "staging"``). Level-triggered on every step, ``check`` watches them until their own
 wave starts: the new slot healthy on that target (``node_table.settled``) is ``staged``; the
-agent reporting
-failure, or no healthy slot by ``--progress-deadline`` after the write, is a staging failure. A
-staging failure is handled as a failed update is, before its wave: ``--on-failure rollback``
-rolls back every touched node (staged ones included: their previous desired state again stops
-the staged slot), ``pause`` pauses with the reason, and ``resume`` stages the node again.
+agent reporting failure, or no healthy slot by ``--progress-deadline`` after the write, is a
+staging failure. A staging failure is handled as a failed update is, before its wave:
+``--on-failure rollback`` rolls back every touched node (staged ones included: their previous
+desired state again stops the staged slot), ``pause`` pauses with the reason, and ``resume``
+stages the node again.
 
 A staged node stays ``waiting`` (its old slot serves all of its traffic), so being staged never
 counts against max-unavailable (an old slot unhealthy on its own does, staged or not). When its

@@ -343,7 +343,8 @@ class Progress:
                 # nothing more out of service, whatever the count.)
                 self.start_node(p, wave)
                 unavailable.add(n)
-            # (else it waits for room; at the deadline it fails, saying which nodes took it)
+            # (else it waits for room; at the deadline the wave fails, or the rollout pauses,
+            # saying which nodes took it)
         # (Starting fails no node: only a failing wave has failed nodes.)
         failed = ([r.nodes[n] for n in wave.nodes if peek_node(r.nodes, n).state == "failed"]
                   if failing else [])
@@ -375,8 +376,9 @@ class Progress:
                                         f"generation {got}, wanted {p.generation})")
                     failed.append(p)
                 elif p.state == "waiting":
-                    # Never started, so not disrupted: it stays waiting (and does not count as
-                    # unavailable), but the wave cannot pass without it.
+                    # Never started, so not disrupted: it stays waiting (and counts as
+                    # unavailable only if unhealthy on its own), but the wave cannot pass
+                    # without it.
                     # Named, so that a node lost in an earlier wave is seen to be the cause.
                     # Said once for the wave (its unavailable nodes may be most of a fleet).
                     room = room or self.short_of_room(unavailable)
