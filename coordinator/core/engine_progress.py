@@ -353,8 +353,8 @@ class Progress:
             room = ""
             held = [n for n in wave.nodes if peek_node(r.nodes, n).state == "waiting"]
             if held and not any(peek_node(r.nodes, n).state == "updating" for n in wave.nodes):
-                # Only nodes unhealthy on their own, which this rollout never moved, keep the
-                # held ones from starting: no failure of the release, and a rollback would
+                # Only nodes this rollout never moved (unhealthy or offline on their own) keep
+                # the held ones from starting: no failure of the release, and a rollback would
                 # move back every node it fixed. Paused, whatever --on-failure says.
                 members = set(wave.nodes)
                 own = {n for n in unavailable if n not in members
@@ -362,8 +362,8 @@ class Progress:
                 if own and len(unavailable) - len(own) < self.step.cap:
                     self.step.pause(
                         f"wave {wave.index + 1}: {len(held)} nodes could not start within "
-                        f"{limit}: {self.short_of_room(unavailable)}; nodes unhealthy on their "
-                        "own hold the room: resume once they are well, or roll back")
+                        f"{limit}: {self.short_of_room(unavailable)}; nodes this rollout never "
+                        "moved hold the room: resume once they are back and well, or roll back")
                     return
             for n in wave.nodes:
                 if peek_node(r.nodes, n).state not in ("updating", "waiting"):

@@ -10,6 +10,7 @@ start in its first waves, so that a rollout fixing them is not held back by them
 from __future__ import annotations
 
 from coordinator.core.engine import (
+    NodeOffline,
     ObservedChanged,
     Resume,
     Rollout,
@@ -120,10 +121,21 @@ def test_a_wave_held_past_its_deadline_by_an_unhealthy_node_pauses_naming_it() -
     assert r.state == "paused"
     assert r.record.reason == (
         "wave 2: 1 nodes could not start within 30s: 1 target nodes unavailable (node-3 "
-        "unhealthy; max-unavailable 1); nodes unhealthy on their own hold the room: resume "
-        "once they are well, or roll back")
+        "unhealthy; max-unavailable 1); nodes this rollout never moved hold the room: resume "
+        "once they are back and well, or roll back")
     r.handle(ObservedChanged("node-3", observed(desired("node-3"), 41.0)), 41.0)
     assert [d.node for d in writes(r.handle(Resume(), 42.0))] == ["node-2"]
+
+
+def test_a_wave_held_by_a_node_offline_that_was_never_moved_pauses() -> None:
+    """node-3's agent goes away before its wave: offline, it holds node-2's wave too, and at
+    the deadline the rollout pauses as for an unhealthy one (nothing the release did)."""
+    r = fleet(3, progress_deadline=30.0, on_failure="rollback")
+    d1 = writes(r.handle(Start(), 1.0))[0]
+    r.handle(NodeOffline("node-3"), 1.5)
+    converge(r, d1, 2.0)
+    r.handle(Tick(), 40.0)
+    assert r.state == "paused" and "(node-3 offline; max-unavailable 1)" in r.record.reason
 
 
 def test_a_wave_held_by_a_node_the_release_made_unhealthy_fails() -> None:
