@@ -17,10 +17,12 @@ touched nodes is in mode ``rolling_back``. A node is *touched* once a desired st
 it. A node is *unavailable* while it is being updated, has failed, is offline, or is unhealthy
 on its own (``engine_step.down_why``); a node is only started when the number of unavailable
 target nodes stays within max-unavailable, but for an unhealthy one (starting it takes nothing
-more out of service). A node is *done*
-with a wave when it reports ``observed_generation`` at least the written generation, a healthy new
-slot and the wave's weights applied. It *fails* when it reports phase ``failed`` for that
-generation or has not converged by the wave's deadline; one that goes offline while its wave is
+more out of service). A node is *done* with a wave when it reports ``observed_generation`` at
+least the written generation, a healthy new slot and the wave's weights applied (or, its old
+slot not healthy, which its agent's convergence waits for, that generation seen with the new
+slot healthy: ``node_table.settled``). It *fails* when it reports phase ``failed`` for that
+generation (but for its old slot's failure alone) or has not converged by the wave's deadline;
+one that goes offline while its wave is
 in progress or baking is *lost*, and fails at once or is waited for up to the deadline, as the
 rollout's ``on_node_lost`` says (``engine_lost``). When every node of a wave
 is done the wave *bakes* for ``spec.bake`` seconds, and then, once every node's router counters

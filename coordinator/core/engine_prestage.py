@@ -91,7 +91,8 @@ class Prestage:
             if p.staged == "failed" or target is None:
                 continue
             seen = step.obs.get(p.node)
-            if seen is not None and seen.generation >= p.generation and seen.phase == "failed":
+            if (seen is not None and seen.generation >= p.generation and seen.phase == "failed"
+                    and not settled(seen, target, p.slot)):  # (not its old slot's failure)
                 p = self.take(p)
                 self.fail(p, index, f"agent reports failure: {seen.error or 'no reason given'}")
             elif p.staged == "staged":

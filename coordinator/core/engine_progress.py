@@ -357,9 +357,9 @@ class Progress:
                 # the held ones from starting: no failure of the release, and a rollback would
                 # move back every node it fixed. Paused, whatever --on-failure says.
                 members = set(wave.nodes)
-                own = {n for n in unavailable if n not in members
-                       and peek_node(r.nodes, n).state == "waiting"}
-                if own and len(unavailable) - len(own) < self.step.cap:
+                outside = [n for n in unavailable if n not in members]
+                if outside and all((q := peek_node(r.nodes, n)).state == "waiting"
+                                   and not q.staged for n in outside):
                     self.step.pause(
                         f"wave {wave.index + 1}: {len(held)} nodes could not start within "
                         f"{limit}: {self.short_of_room(unavailable)}; nodes this rollout never "
@@ -406,7 +406,10 @@ class Progress:
         """An updating node against its latest report; read only until it changes."""
         p = peek_node(self.step.r.nodes, node)
         seen = self.step.obs.get(node)
-        if seen is not None and seen.generation >= p.generation and seen.phase == "failed":
+        new = p.target is not None and p.slot in p.target.slots
+        if (seen is not None and seen.generation >= p.generation and seen.phase == "failed"
+                and not (new and p.target is not None and settled(seen, p.target, p.slot))):
+            # (A failure of the old slot alone, its new one healthy, is no failure of it.)
             self.step.fail_node(self.step.r.nodes[node],
                                 f"agent reports failure: {seen.error or 'no reason given'}")
         elif not p.online:

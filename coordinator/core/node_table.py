@@ -39,8 +39,10 @@ def settled(seen: ObservedState, target: DesiredState, slot: str) -> bool:
         return False
     if converged(seen, target):
         return True
+    # (Its phase may say failed: the agent reports a crash-looping or failed slot of its
+    # desired state so, and here that is the old one.)
     olds = [k for k in target.slots if k != slot]
-    return (seen.generation >= target.generation and seen.phase != "failed"
+    return (seen.generation >= target.generation
             and s.digest in ("", ref.digest) and bool(olds)
             and all((o := seen.slots.get(k)) is None or o.status != "healthy" for k in olds)
             and (target.weights.get(slot, 0) == 0 or seen.weights.get(slot, 0) > 0))

@@ -13,8 +13,8 @@ gates (the engine's ``Step`` for types only); never the runtime, the API or the 
 
 ``plan(nodes, spec, current, cordoned, first)`` selects the nodes (``core.planning.select``),
 holds the cordoned ones out (``core.planning.hold_out``), keeps the strategy's ``targets`` among
-the rest (a removal: those that have the service), puts ``first`` at the front for a rolling
-update or a removal, and hands them to
+the rest (a removal: those that have the service), puts ``first`` at the front, and hands
+them to
 ``plan_strategy(selected, spec)``, which dispatches on ``spec.strategy``. Every strategy returns
 waves that together hold every selected node, each node's final wave with weight 100. The desired
 state one node is given for a wave, a rollback or the retirement of its old slot is built by
@@ -110,11 +110,11 @@ def plan(
     """Select the target nodes of ``spec``, hold the ``cordoned`` ones out
     (``core.planning.hold_out``), keep the strategy's ``targets`` among the rest (``current``:
     each node's desired state of the service now) and cut them into waves with its strategy.
-    A rolling update or a removal puts the nodes in ``first`` (those unhealthy now:
-    ``core.engine.new_record``) at the front, in their order: they count against
-    max-unavailable already, so the first waves take them, where a later wave would have them
-    block every wave before it. A canary does not: its first steps must judge the release on
-    healthy hosts, not on a broken one."""
+    The nodes in ``first`` (those unhealthy now: ``core.engine.new_record``) go to the front,
+    in their order: they count against max-unavailable already, so the first waves take them,
+    where a later wave would have them block every wave before it (a canary's too: with a
+    budget of one, none of its healthy nodes could start). A step over such a node is judged
+    by its new slot (``node_table.settled``)."""
     chosen = select(nodes, spec.selector)
     where = ",".join(f"{k}={v}" for k, v in sorted(spec.selector.items())) or "(any)"
     if not chosen:
@@ -129,7 +129,7 @@ def plan(
             "return one with 'fleetwave uncordon NODE'"
         )
     selected = strategy(spec).targets(selected, spec, current or {})
-    if first and strategy(spec) in (rolling, remove):
+    if first:
         selected = sorted(selected, key=lambda n: n not in first)  # stable: order kept
     max_unavailable(spec.max_unavailable, len(selected))  # every strategy honours it: check it now
     waves = plan_strategy(selected, spec)

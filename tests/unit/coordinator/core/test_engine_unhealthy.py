@@ -9,6 +9,8 @@ start in its first waves, so that a rollout fixing them is not held back by them
 
 from __future__ import annotations
 
+import msgspec
+
 from coordinator.core.engine import (
     NodeOffline,
     ObservedChanged,
@@ -138,6 +140,26 @@ def test_a_wave_held_by_a_node_offline_that_was_never_moved_pauses() -> None:
     assert r.state == "paused" and "(node-3 offline; max-unavailable 1)" in r.record.reason
 
 
+def test_a_wave_held_by_a_moved_node_and_a_never_moved_one_fails() -> None:
+    """node-1, moved, goes unhealthy on the release after its wave and node-6, never moved, on
+    its own: with a budget of two, node-4 (wave 2) is held by both, and at the deadline that
+    is a failure (the release may be the cause), not a pause."""
+    r = fleet(6, progress_deadline=30.0, on_failure="rollback", max_unavailable="2",
+              batch="2")
+    first = writes(r.handle(Start(), 1.0))
+    assert [d.node for d in first] == ["node-1", "node-2"]
+    r.handle(ObservedChanged("node-6", sick(desired("node-6"), 1.5)), 1.5)
+    r.handle(ObservedChanged("node-1", observed(first[0], 2.0)), 2.0)
+    # Wave 1 starts node-3 beside node-6; node-4 waits for room.
+    (d3,) = writes(r.handle(ObservedChanged("node-2", observed(first[1], 3.0)), 3.0))
+    assert d3.node == "node-3"
+    r.handle(ObservedChanged("node-1", sick(first[0], 3.5)), 3.5)
+    assert writes(r.handle(ObservedChanged("node-3", observed(d3, 4.0)), 4.0)) == []
+    assert r.record.nodes["node-4"].state == "waiting"
+    r.handle(Tick(), 40.0)
+    assert r.record.phase == "rollback", (r.state, r.record.reason)
+
+
 def test_a_wave_held_by_a_node_the_release_made_unhealthy_fails() -> None:
     """node-1, moved to the release, goes unhealthy after its wave passed: it holds node-2's
     wave, and at the deadline that is a failure (--on-failure rollback rolls back), not a
@@ -252,11 +274,34 @@ def test_a_blue_green_over_a_node_whose_old_slot_hangs_stages_switches_and_succe
     assert r.state == "succeeded", r.record.reason
 
 
-def test_a_canary_judges_its_first_step_on_healthy_nodes() -> None:
-    """A canary's first step is the release's test: the unhealthy node (node-2) is not put
-    first, as a rolling update would."""
-    r = fleet(3, unhealthy=("node-2",), strategy="canary", steps=["1", "100%"])
-    assert r.record.waves[0].nodes == ["node-1"]  # the canary's own order
+def test_a_canary_puts_an_unhealthy_node_first_too() -> None:
+    """With a budget of one and node-3 unhealthy, none of a canary's healthy nodes could ever
+    start: node-3 is its first step, as in a rolling update, and starts."""
+    r = fleet(3, unhealthy=("node-3",), strategy="canary", steps=["1", "100%"])
+    assert r.record.waves[0].nodes == ["node-3"]
+    assert [d.node for d in writes(r.handle(Start(), 1.0))] == ["node-3"]
+
+
+def looping(d: DesiredState, t: float) -> ObservedState:
+    """``hung_report``, but the old slot crash-loops: the agent reports phase failed for it."""
+    return msgspec.structs.replace(
+        hung_report(d, t), phase="failed", error="slot a (1.0.0) is in a restart loop")
+
+
+def test_a_crash_looping_old_slot_fails_neither_staging_nor_a_weighted_step() -> None:
+    """The agent says failed for a crash-looping slot of its desired state: node-2's old one,
+    kept in its staging target (weight 100) and in a canary's 10 % step (weight 90). Its new
+    slot healthy, that is not its failure: staged; done."""
+    r = fleet(3, prestage="1", bake=60.0)
+    w = {d.node: d for d in writes(r.handle(Start(), 1.0))}
+    r.handle(ObservedChanged("node-2", looping(w["node-2"], 2.0)), 2.0)
+    assert r.state == "running", r.record.reason
+    assert r.record.nodes["node-2"].staged == "staged"
+    c = fleet(2, unhealthy=("node-2",), strategy="canary", weights=[10, 100],
+              max_unavailable="2", bake=60.0)
+    first = {d.node: d for d in writes(c.handle(Start(), 1.0))}
+    c.handle(ObservedChanged("node-2", looping(first["node-2"], 2.0)), 2.0)
+    assert c.state == "running" and c.record.nodes["node-2"].state == "done", c.record.reason
 
 
 def test_a_weighted_step_over_a_node_whose_old_slot_hangs_is_judged_by_its_new_slot() -> None:
