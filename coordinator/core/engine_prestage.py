@@ -23,7 +23,7 @@ from __future__ import annotations
 from coordinator.core import staging
 from coordinator.core.engine_rollback import Rollback
 from coordinator.core.engine_step import Step
-from coordinator.core.engine_types import peek_node, settled
+from coordinator.core.engine_types import old_slot_failing, peek_node, settled
 from coordinator.core.targets import restore_target, runs
 from protocol.durations import format_duration
 from protocol.messages import NodeProgress
@@ -92,7 +92,7 @@ class Prestage:
                 continue
             seen = step.obs.get(p.node)
             if (seen is not None and seen.generation >= p.generation and seen.phase == "failed"
-                    and not settled(seen, target, p.slot)):  # (not its old slot's failure)
+                    and not old_slot_failing(seen, target, p.slot)):
                 p = self.take(p)
                 self.fail(p, index, f"agent reports failure: {seen.error or 'no reason given'}")
             elif p.staged == "staged":

@@ -35,6 +35,7 @@ from coordinator.core.engine_types import (
     converged,
     move_node,
     move_wave,
+    old_slot_failing,
     peek,
     peek_node,
     settled,
@@ -406,10 +407,10 @@ class Progress:
         """An updating node against its latest report; read only until it changes."""
         p = peek_node(self.step.r.nodes, node)
         seen = self.step.obs.get(node)
-        new = p.target is not None and p.slot in p.target.slots
         if (seen is not None and seen.generation >= p.generation and seen.phase == "failed"
-                and not (new and p.target is not None and settled(seen, p.target, p.slot))):
-            # (A failure of the old slot alone, its new one healthy, is no failure of it.)
+                and not (p.target is not None and p.slot in p.target.slots
+                         and old_slot_failing(seen, p.target, p.slot))):
+            # (A failure of its old slot alone is none of its own: ``old_slot_failing``.)
             self.step.fail_node(self.step.r.nodes[node],
                                 f"agent reports failure: {seen.error or 'no reason given'}")
         elif not p.online:

@@ -16,6 +16,7 @@ from typing import Any, Literal
 # check a spec, need it without the dataclasses here); the engine imports it from here as before.
 from coordinator.core.node_table import NodeTable as NodeTable
 from coordinator.core.node_table import converged as converged
+from coordinator.core.node_table import old_slot_failing as old_slot_failing
 from coordinator.core.node_table import peek as peek
 from coordinator.core.node_table import peek_node as peek_node
 from coordinator.core.node_table import settled as settled

@@ -48,6 +48,19 @@ def settled(seen: ObservedState, target: DesiredState, slot: str) -> bool:
             and (target.weights.get(slot, 0) == 0 or seen.weights.get(slot, 0) > 0))
 
 
+def old_slot_failing(seen: ObservedState, target: DesiredState, slot: str) -> bool:
+    """Whether a node's reported failure is its old slot's alone: every part of its error
+    names another slot of ``target`` than the new ``slot`` (the agent's ``assess`` writes each
+    as "slot S (VERSION) ..."; a router's or a fetch's failure is the node's), and that slot
+    is not healthy. Such a node, whose old slot crash-loops or gave up, has failed nothing of
+    what it was asked: it is judged by its new slot (``settled``), by the deadline at worst."""
+    olds = [k for k in target.slots if k != slot]
+    parts = [part.strip() for part in seen.error.split(";") if part.strip()]
+    return bool(olds and parts) and all(
+        any(part.startswith(f"slot {k} (") for k in olds) for part in parts) and all(
+        (o := seen.slots.get(k)) is None or o.status != "healthy" for k in olds)
+
+
 def _positive(weights: Mapping[str, int]) -> dict[str, int]:
     return {s: w for s, w in weights.items() if w > 0}
 

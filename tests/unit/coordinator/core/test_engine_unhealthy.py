@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import msgspec
 
+from agent.reconcile import LOOP, SlotView, assess
 from coordinator.core.engine import (
     NodeOffline,
     ObservedChanged,
@@ -20,8 +21,11 @@ from coordinator.core.engine import (
     Tick,
     new_record,
 )
+from coordinator.core.node_table import old_slot_failing
 from protocol.messages import DesiredState, NodeView, ObservedState, SlotStatus
 from protocol.testing import NEW, OLD, desired, spec
+from tests.unit.agent.test_reconcile import V1, V2, view
+from tests.unit.agent.test_reconcile import desired as wanted
 from tests.unit.coordinator.core.test_engine import observed, sick
 from tests.unit.coordinator.kit import rollout, writes
 
@@ -39,6 +43,14 @@ def fleet(n: int, unhealthy: tuple[str, ...] = (), **kw: object) -> Rollout:
     # As the runner does: the reports the deploy was planned with, fed before the start.
     r.handle_all([ObservedChanged(node, seen) for node, seen in reports.items()], 0.5)
     return r
+
+
+def staged_of(r: Rollout, node: str) -> str:
+    return r.record.nodes[node].staged
+
+
+def state_of(r: Rollout, node: str) -> str:
+    return r.record.nodes[node].state
 
 
 def converge(r: Rollout, d: DesiredState, t: float) -> list[str]:
@@ -282,10 +294,14 @@ def test_a_canary_puts_an_unhealthy_node_first_too() -> None:
     assert [d.node for d in writes(r.handle(Start(), 1.0))] == ["node-3"]
 
 
-def looping(d: DesiredState, t: float) -> ObservedState:
-    """``hung_report``, but the old slot crash-loops: the agent reports phase failed for it."""
+def looping(d: DesiredState, t: float, *, new: str = "healthy") -> ObservedState:
+    """``hung_report``, but the old slot crash-loops: the agent reports phase failed for it
+    (as ``agent.reconcile.assess`` words it), its new slot ``new``."""
+    seen = hung_report(d, t)
     return msgspec.structs.replace(
-        hung_report(d, t), phase="failed", error="slot a (1.0.0) is in a restart loop")
+        seen, phase="failed", error="slot a (1.0.0) is in a restart loop after 5 restarts",
+        slots={**seen.slots, "b": msgspec.structs.replace(seen.slots["b"], status=new)},
+        weights=seen.weights if new == "healthy" else {})
 
 
 def test_a_crash_looping_old_slot_fails_neither_staging_nor_a_weighted_step() -> None:
@@ -294,14 +310,29 @@ def test_a_crash_looping_old_slot_fails_neither_staging_nor_a_weighted_step() ->
     slot healthy, that is not its failure: staged; done."""
     r = fleet(3, prestage="1", bake=60.0)
     w = {d.node: d for d in writes(r.handle(Start(), 1.0))}
-    r.handle(ObservedChanged("node-2", looping(w["node-2"], 2.0)), 2.0)
-    assert r.state == "running", r.record.reason
-    assert r.record.nodes["node-2"].staged == "staged"
+    r.handle(ObservedChanged("node-2", looping(w["node-2"], 2.0, new="starting")), 2.0)
+    assert (r.state, staged_of(r, "node-2")) == ("running", "staging"), r.record.reason
+    r.handle(ObservedChanged("node-2", looping(w["node-2"], 3.0)), 3.0)
+    assert (r.state, staged_of(r, "node-2")) == ("running", "staged"), r.record.reason
     c = fleet(2, unhealthy=("node-2",), strategy="canary", weights=[10, 100],
               max_unavailable="2", bake=60.0)
     first = {d.node: d for d in writes(c.handle(Start(), 1.0))}
-    c.handle(ObservedChanged("node-2", looping(first["node-2"], 2.0)), 2.0)
-    assert c.state == "running" and c.record.nodes["node-2"].state == "done", c.record.reason
+    c.handle(ObservedChanged("node-2", looping(first["node-2"], 2.0, new="starting")), 2.0)
+    assert (c.state, state_of(c, "node-2")) == ("running", "updating"), c.record.reason
+    c.handle(ObservedChanged("node-2", looping(first["node-2"], 3.0)), 3.0)
+    assert (c.state, state_of(c, "node-2")) == ("running", "done"), c.record.reason
+
+
+def test_a_failure_of_the_new_slot_or_the_router_beside_a_looping_old_slot_fails() -> None:
+    """The exemption is for the old slot's failure alone: the agent reporting its new slot
+    failed, or its router, beside the old slot's loop, fails the staging."""
+    for error in ("slot a (1.0.0) is in a restart loop; slot b (2.0.0) failed: exit 3",
+                  "slot a (1.0.0) is in a restart loop; router: cannot bind"):
+        r = fleet(3, prestage="1", bake=60.0, on_failure="pause")
+        w = {d.node: d for d in writes(r.handle(Start(), 1.0))}
+        seen = msgspec.structs.replace(looping(w["node-2"], 2.0, new="starting"), error=error)
+        r.handle(ObservedChanged("node-2", seen), 2.0)
+        assert r.state == "paused" and error in r.record.reason, r.record.reason
 
 
 def test_a_weighted_step_over_a_node_whose_old_slot_hangs_is_judged_by_its_new_slot() -> None:
@@ -318,3 +349,24 @@ def test_a_weighted_step_over_a_node_whose_old_slot_hangs_is_judged_by_its_new_s
     assert r.record.waves[0].state == "baking"
     r.handle(Tick(), 40.0)
     assert r.state == "running" and r.record.waves[0].state == "baking", r.record.reason
+
+
+def test_the_agents_own_words_for_a_looping_old_slot_are_read_as_its_failure_alone() -> None:
+    """``old_slot_failing`` reads the error the agent's ``assess`` writes: a staging target
+    whose old slot crash-loops (its new one starting) is the old slot's failure alone; the
+    same with the new slot failed too is the node's."""
+    target = wanted(8, {"a": V1, "b": V2}, {"a": 100, "b": 0})
+    old = SlotView(slot="a", status="unhealthy", digest=V1.digest, version=V1.version,
+                   reason=f"{LOOP} after 5 restarts")
+    for new, alone in ((SlotView(slot="b", status="starting", digest=V2.digest,
+                                 version=V2.version, generation=8), True),
+                       (SlotView(slot="b", status="failed", digest=V2.digest,
+                                 version=V2.version, generation=8, reason="exit 3"), False)):
+        said = assess(target, view(old, new))
+        assert said.phase == "failed"
+        seen = ObservedState(
+            node="n", service="hello", generation=8, observed_generation=7,
+            phase=said.phase, error=said.error,
+            slots={s.slot: SlotStatus(slot=s.slot, status=s.status, version=s.version)
+                   for s in (old, new)})
+        assert old_slot_failing(seen, target, "b") is alone, said.error
