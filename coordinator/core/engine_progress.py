@@ -408,8 +408,7 @@ class Progress:
         p = peek_node(self.step.r.nodes, node)
         seen = self.step.obs.get(node)
         if (seen is not None and seen.generation >= p.generation and seen.phase == "failed"
-                and not (p.target is not None and p.slot in p.target.slots
-                         and old_slot_failing(seen, p.target, p.slot))):
+                and not (p.target is not None and old_slot_failing(seen, p.target, p.slot))):
             # (A failure of its old slot alone is none of its own: ``old_slot_failing``.)
             self.step.fail_node(self.step.r.nodes[node],
                                 f"agent reports failure: {seen.error or 'no reason given'}")

@@ -148,7 +148,7 @@ class Step:
     def changed(self) -> set[str]:
         """The nodes whose report or progress this step changed so far (reported, forgotten, or
         taken: ``NodeTable``)."""
-        out = set(self._replaced)
+        out = self.reported()
         if isinstance(self.r.nodes, NodeTable):
             out |= self.r.nodes.taken()
         else:

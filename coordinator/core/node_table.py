@@ -41,10 +41,8 @@ def settled(seen: ObservedState, target: DesiredState, slot: str) -> bool:
         return True
     # (Its phase may say failed: the agent reports a crash-looping or failed slot of its
     # desired state so, and here that is the old one.)
-    olds = [k for k in target.slots if k != slot]
-    return (seen.generation >= target.generation
-            and s.digest in ("", ref.digest) and bool(olds)
-            and all((o := seen.slots.get(k)) is None or o.status != "healthy" for k in olds)
+    return (seen.generation >= target.generation and s.digest in ("", ref.digest)
+            and bool(_olds_down(seen, target, slot))
             and (target.weights.get(slot, 0) == 0 or seen.weights.get(slot, 0) > 0))
 
 
@@ -54,11 +52,18 @@ def old_slot_failing(seen: ObservedState, target: DesiredState, slot: str) -> bo
     as "slot S (VERSION) ..."; a router's or a fetch's failure is the node's), and that slot
     is not healthy. Such a node, whose old slot crash-loops or gave up, has failed nothing of
     what it was asked: it is judged by its new slot (``settled``), by the deadline at worst."""
-    olds = [k for k in target.slots if k != slot]
+    olds = _olds_down(seen, target, slot)
     parts = [part.strip() for part in seen.error.split(";") if part.strip()]
     return bool(olds and parts) and all(
-        any(part.startswith(f"slot {k} (") for k in olds) for part in parts) and all(
-        (o := seen.slots.get(k)) is None or o.status != "healthy" for k in olds)
+        any(part.startswith(f"slot {k} (") for k in olds) for part in parts)
+
+
+def _olds_down(seen: ObservedState, target: DesiredState, slot: str) -> list[str]:
+    """The slots of ``target`` other than ``slot`` if there are some and ``seen`` has none of
+    them healthy; else none."""
+    olds = [k for k in target.slots if k != slot]
+    down = all((o := seen.slots.get(k)) is None or o.status != "healthy" for k in olds)
+    return olds if down else []
 
 
 def _positive(weights: Mapping[str, int]) -> dict[str, int]:
